@@ -1,0 +1,35 @@
+"""Scheduling, pure: which stacks each device should run, given groups and device labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from tether.protocol.models import StackRef
+
+from .models import Group, Stack
+from .selectors import matches, parse_selector
+
+
+def members(group: Group, labels: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """The devices of ``group``: its named devices, or those whose labels match its selector.
+
+    ``labels`` maps every known device to its labels.
+    """
+    if group.selector is None:
+        return sorted(set(group.devices))
+    selector = parse_selector(group.selector)
+    return sorted(d for d, lbl in labels.items() if matches(selector, lbl))
+
+
+def desired_stacks(
+    stacks: Iterable[Stack], groups: Mapping[str, Group], labels: Mapping[str, Mapping[str, str]]
+) -> dict[str, tuple[StackRef, ...]]:
+    """Map every targeted device to the stacks it should run, sorted by name."""
+    result: dict[str, list[StackRef]] = {}
+    for stack in stacks:
+        group = groups.get(stack.group)
+        if group is None:
+            continue
+        for device_id in members(group, labels):
+            result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=stack.spec_hash))
+    return {d: tuple(sorted(refs, key=lambda r: r.name)) for d, refs in result.items()}

@@ -1,0 +1,515 @@
+"""The controller service: MQTT in, state store, desired states out.
+
+Theory of operation
+-------------------
+One worker thread owns the store and handles, in arrival order, everything the MQTT
+thread puts on the inbox: presence, reported state, events and requests.
+
+After every change that can move stacks (a deploy, a removal, a group change, a device
+whose labels changed or that appeared) :meth:`Controller.sync` recomputes each device's
+stacks with the pure scheduler. A device whose stacks differ from its stored desired
+record gets the next generation, written in the same transaction as the change that
+caused it. Then everything not yet on the broker is published, each publish awaited
+(QoS 1 PUBACK) before it is marked published: stack definitions first, then desired
+states, then definitions no longer referenced are cleared. A publish that fails (broker
+gone) stays marked unpublished and is retried on reconnect, so nothing is lost and, after
+a restart, nothing unchanged is published again.
+
+Presence follows the agent's session numbers: an ``offline`` (the will) only counts if its
+session is not older than the last ``online``, so a late will never hides a live device.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+from tether.protocol import codec, topics
+from tether.protocol.errors import ComposeError, PayloadError, StoreError, TetherError, TopicError
+from tether.protocol.models import (
+    COMMAND_ADAPTER,
+    NAME_PATTERN,
+    DesiredState,
+    DevicesList,
+    DevicesShow,
+    Event,
+    GroupsCreate,
+    GroupsList,
+    GroupsRemove,
+    GroupsShow,
+    Presence,
+    Reply,
+    ReportedState,
+    Request,
+    StackDefinition,
+    StacksDeploy,
+    StacksList,
+    StacksRemove,
+    StacksStatus,
+)
+from tether.protocol.mqtt import BrokerAddress, MqttClient
+from tether.protocol.topics import DeviceTopic
+
+from .compose import parse_compose
+from .models import DesiredRecord, Device, Group, Stack
+from .scheduler import desired_stacks, members
+from .selectors import parse_selector
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+_CONNECTED = "\x00connected"
+_STOP = "\x00stop"
+EVENTS_KEPT = 50
+
+
+class Controller:
+    """Schedules stacks onto devices and answers requests, over one MQTT connection."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.clock = clock
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.events: dict[str, deque[dict[str, Any]]] = {}
+        self.client: MqttClient | None = None
+        self.ready = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---
+
+    def start(self, broker: BrokerAddress, *, fresh_broker: bool, connect_timeout: float = 15.0) -> None:
+        """Connect and start the worker. ``fresh_broker``: the broker holds none of our retained state."""
+        if fresh_broker:
+            self.store.mark_all_unpublished()
+        self.client = MqttClient(
+            [broker],
+            client_id=f"tether-controller-{uuid.uuid4().hex[:8]}",
+            clean_session=True,
+            keepalive=30,
+            on_message=lambda t, p, r: self.inbox.put((t, p)),
+            on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
+        )
+        for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS):
+            self.client.subscribe(topics.all_devices(kind))
+        self.client.subscribe(topics.REQUESTS)
+        self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
+        self._thread.start()
+        self.client.connect(connect_timeout)
+
+    def stop(self) -> None:
+        self.inbox.put((_STOP, b""))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.client is not None:
+            self.client.stop()
+
+    def _run(self) -> None:
+        while True:
+            topic, payload = self.inbox.get()
+            if topic == _STOP:
+                return
+            try:
+                self.handle(topic, payload)
+            except Exception:
+                log.exception("failed to handle a message on %s", topic)
+
+    # --- dispatch ---
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Handle one incoming message (on the worker thread)."""
+        if topic == _CONNECTED:
+            self.publish_pending()
+            self.ready.set()
+            return
+        parsed = topics.parse(topic)
+        if parsed is None:
+            return
+        if parsed.kind == "requests":
+            self._on_request(payload)
+        elif parsed.kind == "device" and parsed.device_id is not None and payload:
+            if parsed.device_topic == DeviceTopic.PRESENCE:
+                self._on_presence(parsed.device_id, payload)
+            elif parsed.device_topic == DeviceTopic.REPORTED:
+                self._on_reported(parsed.device_id, payload)
+            elif parsed.device_topic == DeviceTopic.EVENTS:
+                self._on_event(parsed.device_id, payload)
+
+    # --- device messages ---
+
+    def _on_presence(self, device_id: str, payload: bytes) -> None:
+        try:
+            presence = codec.decode(payload, Presence)
+        except PayloadError as exc:
+            log.warning("device %s: ignoring presence: %s", device_id, exc)
+            return
+        if presence.device_id != device_id:
+            log.warning("device %s: presence names device %r; ignored", device_id, presence.device_id)
+            return
+        device = self.store.get_device(device_id) or Device(id=device_id)
+        if presence.session < device.session:
+            return  # from an older connection: a late will or a stale retained message
+        now = self.clock()
+        update: dict[str, Any] = {"session": presence.session, "status": presence.status}
+        if presence.status != device.status:
+            update["since"] = now
+        if presence.facts is not None:
+            update["facts"] = presence.facts
+        labels_changed = presence.facts is not None and presence.facts.labels != device.labels
+        new_device = self.store.get_device(device_id) is None
+        self.store.put_device(device.model_copy(update=update))
+        if presence.status != device.status:
+            log.info("device %s is %s (session %d)", device_id, presence.status, presence.session)
+        if labels_changed or new_device:
+            self.sync()
+
+    def _on_reported(self, device_id: str, payload: bytes) -> None:
+        try:
+            reported = codec.decode(payload, ReportedState)
+        except PayloadError as exc:
+            log.warning("device %s: ignoring reported state: %s", device_id, exc)
+            return
+        if reported.device_id != device_id:
+            log.warning("device %s: reported state names device %r; ignored", device_id, reported.device_id)
+            return
+        device = self.store.get_device(device_id) or Device(id=device_id)
+        if device.reported is not None and reported.generation < device.reported.generation:
+            return
+        self.store.put_device(device.model_copy(update={"reported": reported}))
+
+    def _on_event(self, device_id: str, payload: bytes) -> None:
+        try:
+            event = codec.decode(payload, Event)
+        except PayloadError as exc:
+            log.warning("device %s: ignoring event: %s", device_id, exc)
+            return
+        if event.device_id != device_id:
+            return
+        level = logging.WARNING if event.level != "info" else logging.INFO
+        log.log(level, "device %s: %s: %s", device_id, event.kind, event.message)
+        self.events.setdefault(device_id, deque(maxlen=EVENTS_KEPT)).append(event.model_dump(mode="json"))
+
+    # --- scheduling and publishing ---
+
+    def sync(self) -> None:
+        """Recompute desired states, store changed ones at a new generation, publish."""
+        with self.store.transaction():
+            self._recompute()
+        self.publish_pending()
+
+    def _recompute(self) -> None:
+        labels = {d.id: d.labels for d in self.store.list_devices()}
+        groups = {g.name: g for g in self.store.list_groups()}
+        stacks = self.store.list_stacks()
+        wanted = desired_stacks(stacks, groups, labels)
+        existing = {r.device_id: r for r in self.store.list_desired()}
+        for device_id in sorted(set(wanted) | set(existing)):
+            refs = wanted.get(device_id, ())
+            record = existing.get(device_id)
+            if record is None and not refs:
+                continue
+            if record is None or record.stacks != refs:
+                generation = record.generation + 1 if record else 1
+                self.store.put_desired(DesiredRecord(device_id=device_id, generation=generation, stacks=refs))
+        needed = {ref.spec_hash for r in self.store.list_desired() for ref in r.stacks}
+        known = self.store.definitions()
+        for spec_hash in needed - set(known):
+            self.store.set_definition(spec_hash, False)
+
+    def publish_pending(self) -> None:
+        """Publish what the broker does not have yet; each one is marked once acknowledged."""
+        client = self.client
+        if client is None or not client.connected:
+            return
+        specs = {s.spec_hash: s.spec for s in self.store.list_stacks()}
+        records = self.store.list_desired()
+        needed = {ref.spec_hash for r in records for ref in r.stacks}
+        definitions = self.store.definitions()
+        for spec_hash, published in sorted(definitions.items()):
+            if spec_hash in needed and not published and spec_hash in specs:
+                payload = codec.encode(StackDefinition(spec_hash=spec_hash, spec=specs[spec_hash]))
+                if not client.publish_confirmed(topics.stack(spec_hash), payload, retain=True):
+                    return
+                self.store.set_definition(spec_hash, True)
+        for record in records:
+            if record.published:
+                continue
+            desired = DesiredState(
+                device_id=record.device_id,
+                generation=record.generation,
+                stacks=record.stacks,
+                issued_at=self.clock(),
+            )
+            try:
+                topic = topics.device(record.device_id, DeviceTopic.DESIRED)
+            except TopicError:
+                continue
+            if not client.publish_confirmed(topic, codec.encode(desired), retain=True):
+                return
+            self.store.put_desired(record.model_copy(update={"published": True}))
+        for spec_hash in sorted(set(definitions) - needed):
+            # No device references it any more: clear the retained definition.
+            if not client.publish_confirmed(topics.stack(spec_hash), b"", retain=True):
+                return
+            self.store.delete_definition(spec_hash)
+
+    # --- requests ---
+
+    def _on_request(self, payload: bytes) -> None:
+        try:
+            request = codec.decode(payload, Request)
+        except PayloadError as exc:
+            log.warning("ignoring malformed request: %s", exc)
+            return
+        parsed = topics.parse(request.reply_to)
+        if parsed is None or parsed.kind != "replies":
+            log.warning(
+                "ignoring request %s: reply_to %r is not a client reply topic", request.id, request.reply_to
+            )
+            return
+        try:
+            command = COMMAND_ADAPTER.validate_python(request.command)
+            result = self.execute(command)
+            reply = Reply(id=request.id, ok=True, result=result)
+        except ValidationError as exc:
+            reply = Reply(id=request.id, ok=False, error=f"invalid request: {codec.describe(exc)}")
+        except TetherError as exc:
+            reply = Reply(id=request.id, ok=False, error=str(exc))
+        except Exception as exc:
+            log.exception("request %s failed", request.id)
+            reply = Reply(id=request.id, ok=False, error=f"internal error: {exc.__class__.__name__}: {exc}")
+        if self.client is not None:
+            self.client.publish(request.reply_to, codec.encode(reply), qos=1)
+
+    def execute(self, command: Any) -> Any:
+        """Carry out one command; return its result (plain data) or raise a TetherError."""
+        handlers: dict[type, Callable[[Any], Any]] = {
+            DevicesList: self._devices_ls,
+            DevicesShow: self._devices_show,
+            GroupsCreate: self._groups_create,
+            GroupsList: self._groups_ls,
+            GroupsShow: self._groups_show,
+            GroupsRemove: self._groups_rm,
+            StacksDeploy: self._stacks_deploy,
+            StacksList: self._stacks_ls,
+            StacksStatus: self._stacks_status,
+            StacksRemove: self._stacks_rm,
+        }
+        return handlers[type(command)](command)
+
+    # --- views ---
+
+    def _all_devices(self) -> dict[str, Device]:
+        """Devices heard from, plus devices named by groups or desired states but never seen."""
+        devices = {d.id: d for d in self.store.list_devices()}
+        for record in self.store.list_desired():
+            devices.setdefault(record.device_id, Device(id=record.device_id))
+        for group in self.store.list_groups():
+            for device_id in group.devices:
+                devices.setdefault(device_id, Device(id=device_id))
+        return dict(sorted(devices.items()))
+
+    def _device_view(self, device: Device, full: bool = False) -> dict[str, Any]:
+        record = self.store.get_desired(device.id)
+        reported = device.reported
+        view: dict[str, Any] = {
+            "id": device.id,
+            "status": device.status,
+            "since": device.since,
+            "session": device.session,
+            "labels": device.labels,
+            "desired_generation": record.generation if record else None,
+            "applied_generation": reported.generation if reported else None,
+            "stacks": {name: s.state for name, s in (reported.stacks.items() if reported else ())},
+        }
+        if full:
+            view["facts"] = device.facts.model_dump(mode="json") if device.facts else None
+            view["desired"] = [r.model_dump(mode="json") for r in record.stacks] if record else []
+            view["reported"] = reported.model_dump(mode="json") if reported else None
+            view["events"] = list(self.events.get(device.id, ()))
+        return view
+
+    def _devices_ls(self, cmd: DevicesList) -> Any:
+        return {"devices": [self._device_view(d) for d in self._all_devices().values()]}
+
+    def _devices_show(self, cmd: DevicesShow) -> Any:
+        device = self._all_devices().get(cmd.device_id)
+        if device is None:
+            raise StoreError(f"unknown device {cmd.device_id!r}")
+        return {"device": self._device_view(device, full=True)}
+
+    def _labels(self) -> dict[str, dict[str, str]]:
+        return {d.id: d.labels for d in self.store.list_devices()}
+
+    def _group_view(self, group: Group) -> dict[str, Any]:
+        return {
+            "name": group.name,
+            "kind": group.kind,
+            "devices": list(group.devices),
+            "selector": group.selector,
+            "members": members(group, self._labels()),
+            "stacks": [s.name for s in self.store.list_stacks() if s.group == group.name],
+        }
+
+    def _groups_create(self, cmd: GroupsCreate) -> Any:
+        if bool(cmd.devices) == bool(cmd.selector):
+            raise StoreError("a group needs either devices or a selector (not both)")
+        if cmd.selector:
+            parse_selector(cmd.selector)
+        for device_id in cmd.devices:
+            topics.check_device_id(device_id)
+        try:
+            group = Group(
+                name=cmd.name,
+                devices=tuple(sorted(set(cmd.devices))),
+                selector=cmd.selector,
+                created=self.clock(),
+            )
+        except ValidationError as exc:
+            raise StoreError(
+                f"invalid group name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')"
+            ) from exc
+        with self.store.transaction():
+            self.store.create_group(group)
+            self._recompute()
+        self.publish_pending()
+        return {"group": self._group_view(group)}
+
+    def _groups_ls(self, cmd: GroupsList) -> Any:
+        return {"groups": [self._group_view(g) for g in self.store.list_groups()]}
+
+    def _groups_show(self, cmd: GroupsShow) -> Any:
+        group = self.store.get_group(cmd.name)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.name!r}")
+        return {"group": self._group_view(group)}
+
+    def _groups_rm(self, cmd: GroupsRemove) -> Any:
+        group = self.store.get_group(cmd.name)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.name!r}")
+        used = [s.name for s in self.store.list_stacks() if s.group == cmd.name]
+        if used:
+            raise StoreError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")
+        with self.store.transaction():
+            self.store.delete_group(cmd.name)
+        return {"removed": cmd.name}
+
+    def _stacks_deploy(self, cmd: StacksDeploy) -> Any:
+        if not re.match(NAME_PATTERN, cmd.name):
+            raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        try:
+            spec = parse_compose(cmd.compose)
+        except ComposeError as exc:
+            raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
+        group = self.store.get_group(cmd.group)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.group!r}")
+        existing = self.store.get_stack(cmd.name)
+        if existing is not None and existing.group != cmd.group:
+            raise StoreError(
+                f"stack {cmd.name!r} is already deployed to group {existing.group!r}; remove it first or use that group"
+            )
+        spec_hash = spec.spec_hash()
+        now = self.clock()
+        changed = existing is None or existing.spec_hash != spec_hash
+        if changed:
+            stack = Stack(
+                name=cmd.name,
+                group=cmd.group,
+                spec_hash=spec_hash,
+                spec=spec,
+                compose=cmd.compose,
+                version=(existing.version + 1) if existing else 1,
+                created=existing.created if existing else now,
+                updated=now,
+            )
+            with self.store.transaction():
+                self.store.put_stack(stack)
+                self._recompute()
+            self.publish_pending()
+        else:
+            stack = existing  # type: ignore[assignment]
+        return {
+            "stack": self._stack_view(stack),
+            "changed": changed,
+            "devices": members(group, self._labels()),
+        }
+
+    def _stack_view(self, stack: Stack) -> dict[str, Any]:
+        return {
+            "name": stack.name,
+            "group": stack.group,
+            "spec_hash": stack.spec_hash,
+            "version": stack.version,
+            "services": [s.name for s in stack.spec.services],
+            "updated": stack.updated,
+        }
+
+    def _stacks_ls(self, cmd: StacksList) -> Any:
+        out = []
+        for stack in self.store.list_stacks():
+            rows = self._stack_devices(stack.name, stack.spec_hash)
+            view = self._stack_view(stack)
+            view["devices"] = len(rows)
+            view["running"] = sum(1 for r in rows if r["state"] == "running")
+            out.append(view)
+        return {"stacks": out}
+
+    def _stack_devices(self, name: str, spec_hash: str | None) -> list[dict[str, Any]]:
+        """Per device that should run (or still runs) stack ``name``: where it stands."""
+        devices = self._all_devices()
+        rows = []
+        for record in self.store.list_desired():
+            ref = next((r for r in record.stacks if r.name == name), None)
+            device = devices.get(record.device_id) or Device(id=record.device_id)
+            reported = device.reported
+            status = reported.stacks.get(name) if reported else None
+            if ref is None and status is None:
+                continue
+            if ref is None:
+                state = "removing"
+            elif status is None or status.spec_hash != ref.spec_hash:
+                state = "pending"
+                if reported is not None and reported.error and reported.generation < record.generation:
+                    state = "rejected"
+            else:
+                state = status.state
+            rows.append(
+                {
+                    "device": record.device_id,
+                    "presence": device.status,
+                    "state": state,
+                    "desired_generation": record.generation,
+                    "applied_generation": reported.generation if reported else None,
+                    "error": reported.error if reported else None,
+                    "services": {k: v.model_dump(mode="json") for k, v in status.services.items()}
+                    if status
+                    else {},
+                }
+            )
+        return rows
+
+    def _stacks_status(self, cmd: StacksStatus) -> Any:
+        stack = self.store.get_stack(cmd.name)
+        rows = self._stack_devices(cmd.name, stack.spec_hash if stack else None)
+        if stack is None and not rows:
+            raise StoreError(f"unknown stack {cmd.name!r}")
+        return {"stack": self._stack_view(stack) if stack else None, "devices": rows}
+
+    def _stacks_rm(self, cmd: StacksRemove) -> Any:
+        stack = self.store.get_stack(cmd.name)
+        if stack is None:
+            raise StoreError(f"unknown stack {cmd.name!r}")
+        with self.store.transaction():
+            self.store.delete_stack(cmd.name)
+            self._recompute()
+        self.publish_pending()
+        return {"removed": cmd.name}

@@ -1,0 +1,163 @@
+"""The controller's state in SQLite (WAL), behind one small interface.
+
+Schema migrations are numbered and recorded in ``PRAGMA user_version``; each runs in a
+transaction, so running them twice is harmless. Rows hold JSON renderings of the
+pydantic models in :mod:`.models`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from tether.protocol.errors import StoreError
+
+from .models import DesiredRecord, Device, Group, Stack
+
+MIGRATIONS = [
+    """
+    CREATE TABLE devices (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE groups (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE stacks (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE desired (device_id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE definitions (spec_hash TEXT PRIMARY KEY, published INTEGER NOT NULL DEFAULT 0);
+    """,
+]
+
+
+class Store:
+    """SQLite-backed state. Use from one thread; group writes with :meth:`transaction`."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = str(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self._in_tx = False
+        self.migrate()
+
+    def migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.transaction():
+                for statement in filter(str.strip, script.split(";")):
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {number}")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together or not at all."""
+        if self._in_tx:
+            yield
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        self._in_tx = True
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- generic helpers ---
+
+    def _get(self, table: str, key: str, value: str) -> str | None:
+        row = self.db.execute(f"SELECT body FROM {table} WHERE {key} = ?", (value,)).fetchone()
+        return row[0] if row else None
+
+    def _all(self, table: str, key: str) -> list[str]:
+        return [r[0] for r in self.db.execute(f"SELECT body FROM {table} ORDER BY {key}")]
+
+    def _put(self, table: str, key: str, value: str, body: str) -> None:
+        self.db.execute(
+            f"INSERT INTO {table} ({key}, body) VALUES (?, ?) ON CONFLICT({key}) DO UPDATE SET body = excluded.body",
+            (value, body),
+        )
+
+    # --- devices ---
+
+    def get_device(self, device_id: str) -> Device | None:
+        body = self._get("devices", "id", device_id)
+        return Device.model_validate_json(body) if body else None
+
+    def list_devices(self) -> list[Device]:
+        return [Device.model_validate_json(b) for b in self._all("devices", "id")]
+
+    def put_device(self, device: Device) -> None:
+        self._put("devices", "id", device.id, device.model_dump_json())
+
+    # --- groups ---
+
+    def get_group(self, name: str) -> Group | None:
+        body = self._get("groups", "name", name)
+        return Group.model_validate_json(body) if body else None
+
+    def list_groups(self) -> list[Group]:
+        return [Group.model_validate_json(b) for b in self._all("groups", "name")]
+
+    def create_group(self, group: Group) -> None:
+        if self.get_group(group.name) is not None:
+            raise StoreError(f"group {group.name!r} already exists")
+        self._put("groups", "name", group.name, group.model_dump_json())
+
+    def delete_group(self, name: str) -> None:
+        self.db.execute("DELETE FROM groups WHERE name = ?", (name,))
+
+    # --- stacks ---
+
+    def get_stack(self, name: str) -> Stack | None:
+        body = self._get("stacks", "name", name)
+        return Stack.model_validate_json(body) if body else None
+
+    def list_stacks(self) -> list[Stack]:
+        return [Stack.model_validate_json(b) for b in self._all("stacks", "name")]
+
+    def put_stack(self, stack: Stack) -> None:
+        self._put("stacks", "name", stack.name, stack.model_dump_json())
+
+    def delete_stack(self, name: str) -> None:
+        self.db.execute("DELETE FROM stacks WHERE name = ?", (name,))
+
+    # --- desired states ---
+
+    def get_desired(self, device_id: str) -> DesiredRecord | None:
+        body = self._get("desired", "device_id", device_id)
+        return DesiredRecord.model_validate_json(body) if body else None
+
+    def list_desired(self) -> list[DesiredRecord]:
+        return [DesiredRecord.model_validate_json(b) for b in self._all("desired", "device_id")]
+
+    def put_desired(self, record: DesiredRecord) -> None:
+        self._put("desired", "device_id", record.device_id, record.model_dump_json())
+
+    def mark_all_unpublished(self) -> None:
+        """The broker lost its retained messages (a fresh embedded broker): publish all again."""
+        with self.transaction():
+            for record in self.list_desired():
+                self.put_desired(record.model_copy(update={"published": False}))
+            self.db.execute("UPDATE definitions SET published = 0")
+
+    # --- stack definitions on the broker ---
+
+    def definitions(self) -> dict[str, bool]:
+        """Every definition hash the broker should (True) or may still (False) hold."""
+        return {h: bool(p) for h, p in self.db.execute("SELECT spec_hash, published FROM definitions")}
+
+    def set_definition(self, spec_hash: str, published: bool) -> None:
+        self.db.execute(
+            "INSERT INTO definitions (spec_hash, published) VALUES (?, ?) "
+            "ON CONFLICT(spec_hash) DO UPDATE SET published = excluded.published",
+            (spec_hash, int(published)),
+        )
+
+    def delete_definition(self, spec_hash: str) -> None:
+        self.db.execute("DELETE FROM definitions WHERE spec_hash = ?", (spec_hash,))

@@ -1,0 +1,40 @@
+"""Shared fixtures: a Docker engine, the local busybox image, a private mosquitto broker."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.infra import MOSQUITTO_BIN, Mosquitto, docker_client, ensure_busybox_image
+
+
+def _required(var: str) -> bool:
+    return os.environ.get(var) == "1"
+
+
+@pytest.fixture(scope="session")
+def docker_engine() -> Any:
+    client = docker_client()
+    if client is None:
+        if _required("TETHER_REQUIRE_DOCKER"):
+            pytest.fail("TETHER_REQUIRE_DOCKER=1 but no Docker engine answers ping() (is dockerd running?)")
+        pytest.skip("no Docker engine reachable (set TETHER_REQUIRE_DOCKER=1 to fail instead)")
+    return client
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker_engine: Any) -> str:
+    return ensure_busybox_image(docker_engine)
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    if not os.access(MOSQUITTO_BIN, os.X_OK):
+        if _required("TETHER_REQUIRE_MOSQUITTO"):
+            pytest.fail(f"TETHER_REQUIRE_MOSQUITTO=1 but {MOSQUITTO_BIN} is missing")
+        pytest.skip(f"{MOSQUITTO_BIN} not installed (set TETHER_REQUIRE_MOSQUITTO=1 to fail instead)")
+    with Mosquitto(tmp_path) as broker:
+        yield broker
