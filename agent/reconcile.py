@@ -148,7 +148,17 @@ def plan(
                     waiting.add(key)
 
     order = {stack: i for i, stack in enumerate(desired)}
-    removals.sort(key=lambda r: (order.get(r.instance.stack, -1), r.instance.stack), reverse=True)
+    # Reverse service order within a stack (dependents before their dependencies); instances
+    # of services no longer in the stack go first. sort(reverse=True) keeps ties stable.
+    position = {(st, s.name): i for st, sp in desired.items() for i, s in enumerate(sp.services)}
+    removals.sort(
+        key=lambda r: (
+            order.get(r.instance.stack, -1),
+            r.instance.stack,
+            position.get((r.instance.stack, r.instance.service), len(position)),
+        ),
+        reverse=True,
+    )
     return Plan(tuple(removals) + tuple(starts), frozenset(waiting))
 
 

@@ -351,7 +351,7 @@ class Agent:
         desired, hashes = self.desired_stacks()
         try:
             observed = self.driver.observe()
-        except DriverError as exc:
+        except Exception as exc:  # noqa: BLE001 - recorded and retried next round
             log.error("observe failed: %s", exc)
             self._event("driver.error", str(exc), level="error")
             return
@@ -362,7 +362,7 @@ class Agent:
             try:
                 observed = self.driver.observe()
                 self.driver.prune(set(desired))
-            except DriverError as exc:
+            except Exception as exc:  # noqa: BLE001 - recorded and retried next round
                 self._event("driver.error", str(exc), level="error")
         keys = {(stack, s.name) for stack, spec in desired.items() for s in spec.services}
         self.errors = {k: v for k, v in self.errors.items() if k in keys}
@@ -401,7 +401,12 @@ class Agent:
             else:
                 log.info("remove %s/%s (%s)", key[0], key[1], action.reason)
                 self.driver.remove(action.instance, action.grace)
-        except DriverError as exc:
+        except Exception as exc:  # a driver bug must not take the agent (and the device) down
+            if not isinstance(exc, DriverError):
+                log.exception("driver failed unexpectedly")
+                exc = DriverError(
+                    f"{key[0]}/{key[1]}: unexpected driver error: {exc.__class__.__name__}: {exc}"
+                )
             log.error("%s", exc)
             self.errors[key] = str(exc)
             if isinstance(action, Create):

@@ -181,7 +181,6 @@ class DockerDriver:
                 "retries": hc.retries,
                 "start_period": int(hc.start_period_s * _NS),
             }
-        kwargs["stop_timeout"] = int(service.stop_grace_period_s)
         try:
             container = self.client.containers.create(service.image, **kwargs)
         except docker.errors.DockerException as exc:

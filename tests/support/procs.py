@@ -1,0 +1,158 @@
+"""Real Tether processes for end-to-end tests: `tether up`, `tether-agent` and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from support.infra import wait_until
+
+PY = sys.executable
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TETHER_BROKER", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class _Proc:
+    """A child process whose combined output is collected line by line."""
+
+    def __init__(self, argv: list[str], log_path: Path) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        with open(self.log_path, "a") as log:
+            for line in self.proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                log.write(line)
+                log.flush()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        regex = re.compile(pattern)
+
+        def found() -> re.Match[str] | None:
+            if self.proc.poll() is not None and not any(regex.search(line) for line in self.lines):
+                raise AssertionError(f"{self.argv[2:4]} exited with {self.proc.returncode}:\n{self.output()}")
+            return next((m for m in map(regex.search, list(self.lines)) if m), None)
+
+        return wait_until(found, timeout, message=f"line matching {pattern!r}")
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        self.signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, the broker publishes the will."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+class ControllerProcess(_Proc):
+    """`tether up` on an ephemeral port (embedded broker) or against ``broker``."""
+
+    def __init__(self, data_dir: Path, broker: str | None = None, port: int = 0) -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [PY, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir)]
+        argv += ["--broker", broker] if broker else ["--port", str(port)]
+        super().__init__(argv, data_dir / "controller.log")
+        if broker:
+            self.url = broker
+        else:
+            m = self.wait_for_line(r"embedded broker listening on mqtt://[\d.]+:(\d+)")
+            self.port = int(m.group(1))
+            self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.wait_for_line(r"controller ready")
+
+
+class AgentProcess(_Proc):
+    """`tether-agent` for one device."""
+
+    def __init__(
+        self,
+        broker: str | list[str],
+        device_id: str,
+        data_dir: Path,
+        driver: str = "process",
+        labels: dict[str, str] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
+        self.device_id = device_id
+        data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [PY, "-m", "tether.agent.main", "--device-id", device_id, "--data-dir", str(data_dir)]
+        for url in [broker] if isinstance(broker, str) else broker:
+            argv += ["--broker", url]
+        argv += ["--driver", driver, "--reconcile-interval", "2", "--keepalive", "10"]
+        for k, v in (labels or {}).items():
+            argv += ["--label", f"{k}={v}"]
+        argv += extra or []
+        super().__init__(argv, data_dir / "agent.log")
+
+
+def cli(
+    broker: str, *args: str, timeout: float = 120.0, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the operator CLI against ``broker``."""
+    return subprocess.run(
+        [PY, "-m", "tether.cli.main", *args, "--broker", broker],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        input=stdin,
+    )
+
+
+def cli_json(broker: str, *args: str, timeout: float = 120.0) -> Any:
+    """Run a CLI command with ``-o json``; fail the test on a non-zero exit."""
+    result = cli(broker, *args, "-o", "json", timeout=timeout)
+    assert result.returncode == 0, f"tether {' '.join(args)} failed ({result.returncode}): {result.stderr}"
+    return json.loads(result.stdout)
+
+
+def device_view(broker: str, device_id: str) -> dict[str, Any] | None:
+    devices = cli_json(broker, "devices", "ls")
+    return next((d for d in devices if d["id"] == device_id), None)
+
+
+def wait_online(broker: str, device_id: str, timeout: float = 30.0) -> dict[str, Any]:
+    return wait_until(
+        lambda: (d := device_view(broker, device_id)) is not None and d["status"] == "online" and d,
+        timeout,
+        interval=0.2,
+        message=f"device {device_id} online",
+    )
