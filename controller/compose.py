@@ -244,8 +244,32 @@ def _restart(value: Any, where: str) -> str:
     raise ComposeError(f"{where}: must be no, always, on-failure or unless-stopped, not {value!r}")
 
 
+_VARIABLE_RE = re.compile(r"\$(?:\{|[A-Za-z_])")
+
+
+def _unescape(value: Any, where: str) -> Any:
+    """Compose's ``$$`` is a literal ``$``. Interpolation of the operator's shell variables
+    (``$VAR``, ``${VAR}``) is refused: the device would get values from the wrong machine."""
+    if isinstance(value, str):
+        parts = value.split("$$")
+        for part in parts:
+            if _VARIABLE_RE.search(part):
+                raise ComposeError(
+                    f"{where}: variable interpolation ({part[part.index('$'):][:20]!r}) is not supported; "
+                    "write $$ for a literal $"
+                )
+        return "$".join(parts)
+    if isinstance(value, list):
+        return [_unescape(v, where) for v in value]
+    if isinstance(value, dict):
+        return {k: _unescape(v, f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
 def _service(name: str, body: Any, declared: set[str]) -> ServiceSpec:
     where = f"service {name!r}"
+    if isinstance(body, dict):
+        body = {k: _unescape(v, f"{where}: {k}") for k, v in body.items()}
     if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
         raise ComposeError(f"{where}: invalid service name (lower-case letters, digits, '.', '_', '-')")
     if not isinstance(body, dict):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import ssl
 import threading
 import time
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BrokerAddress", "MqttClient", "Will", "parse_broker_url"]
 
+_HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+"""A host name, an IPv4 or an (unbracketed) IPv6 literal."""
+
 
 @dataclass(frozen=True)
 class BrokerAddress:
@@ -45,7 +49,8 @@ class BrokerAddress:
     tls: bool = False
 
     def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 def parse_broker_url(url: str) -> BrokerAddress:
@@ -62,6 +67,8 @@ def parse_broker_url(url: str) -> BrokerAddress:
         raise ConfigError(f"invalid broker URL {url!r}: scheme must be mqtt:// or mqtts://")
     if not parts.hostname:
         raise ConfigError(f"invalid broker URL {url!r}: no host")
+    if not _HOST_RE.match(parts.hostname):
+        raise ConfigError(f"invalid broker URL {url!r}: bad host {parts.hostname!r}")
     tls = parts.scheme in ("mqtts", "ssl")
     return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
 

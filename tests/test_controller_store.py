@@ -1,0 +1,176 @@
+"""The controller's SQLite store: migrations, WAL, transactions, and every record kind."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tether.controller.models import DesiredRecord, Device, Group, Stack
+from tether.controller.store import MIGRATIONS, Store
+from tether.protocol.errors import StoreError
+from tether.protocol.models import DeviceFacts, ReportedState, ServiceSpec, StackRef, StackSpec
+
+SPEC = StackSpec(services=(ServiceSpec(name="web", image="web:1"),))
+REF = StackRef(name="web", spec_hash=SPEC.spec_hash())
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "tether.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    s = Store(db_path)
+    yield s
+    s.close()
+
+
+def device(device_id: str, **labels: str) -> Device:
+    return Device(
+        id=device_id,
+        status="online",
+        session=2,
+        since=10.0,
+        facts=DeviceFacts(agent_version="0.1.0", driver="docker", arch="aarch64", os="Linux", labels=labels),
+        reported=ReportedState(device_id=device_id, generation=3),
+    )
+
+
+def web_stack(version: int = 1) -> Stack:
+    return Stack(name="web", group="edge", spec_hash=SPEC.spec_hash(), spec=SPEC, compose="services: {}", version=version)
+
+
+def test_migrations_run_once_and_reopening_is_harmless(db_path: Path) -> None:
+    """Opening the same file twice (even while open) leaves the schema at the latest version."""
+    first = Store(db_path)
+    first.put_device(device("pi-1"))
+    second = Store(db_path)
+    try:
+        assert second.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert second.get_device("pi-1") == device("pi-1")
+        tables = {r[0] for r in second.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"devices", "groups", "stacks", "desired", "definitions"} <= tables
+    finally:
+        second.close()
+        first.close()
+
+
+def test_wal_mode_is_on(store: Store, db_path: Path) -> None:
+    """The database runs in WAL mode, persistently (another connection sees it too)."""
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other = sqlite3.connect(db_path)
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        other.close()
+
+
+def test_failed_transaction_leaves_nothing_half_written(store: Store, db_path: Path) -> None:
+    """An exception inside a transaction rolls back every write in it, nested ones included."""
+    store.create_group(Group(name="kept", devices=("pi-0",)))
+    with pytest.raises(RuntimeError, match="midway"), store.transaction():
+        store.put_device(device("pi-1"))
+        store.create_group(Group(name="edge", devices=("pi-1",)))
+        with store.transaction():
+            store.put_stack(web_stack())
+        store.delete_group("kept")
+        raise RuntimeError("midway")
+    assert store.get_device("pi-1") is None
+    assert store.get_group("edge") is None
+    assert store.get_stack("web") is None
+    assert store.get_group("kept") is not None
+    # The connection is usable again and a fresh reader sees the same.
+    with store.transaction():
+        store.put_device(device("pi-2"))
+    reader = Store(db_path)
+    try:
+        assert [d.id for d in reader.list_devices()] == ["pi-2"]
+    finally:
+        reader.close()
+
+
+def test_duplicate_group_is_a_store_error(store: Store) -> None:
+    """Creating a group whose name exists raises StoreError and keeps the original."""
+    store.create_group(Group(name="edge", devices=("pi-1",)))
+    with pytest.raises(StoreError, match="'edge' already exists"):
+        store.create_group(Group(name="edge", selector="site=x"))
+    assert store.get_group("edge") == Group(name="edge", devices=("pi-1",))
+
+
+def test_devices_put_get_list(store: Store) -> None:
+    """Devices are stored whole, replaced on put, listed by id."""
+    store.put_device(device("pi-2", site="b"))
+    store.put_device(device("pi-1"))
+    store.put_device(device("pi-2", site="c"))
+    assert store.get_device("pi-2") == device("pi-2", site="c")
+    assert store.get_device("pi-2").labels == {"site": "c"}  # type: ignore[union-attr]
+    assert store.get_device("nope") is None
+    assert [d.id for d in store.list_devices()] == ["pi-1", "pi-2"]
+
+
+def test_groups_put_get_list_delete(store: Store) -> None:
+    """Static and selector groups round-trip, are listed by name and can be deleted."""
+    static = Group(name="lab", devices=("pi-1", "pi-2"), created=5.0)
+    dynamic = Group(name="berlin", selector="site=berlin")
+    store.create_group(static)
+    store.create_group(dynamic)
+    assert store.get_group("lab") == static
+    assert store.get_group("berlin").kind == "selector"  # type: ignore[union-attr]
+    assert store.list_groups() == [dynamic, static]
+    store.delete_group("lab")
+    assert store.list_groups() == [dynamic]
+
+
+def test_stacks_put_get_list_delete(store: Store) -> None:
+    """Stacks round-trip with their spec, are replaced on put and can be deleted."""
+    store.put_stack(web_stack(1))
+    store.put_stack(web_stack(2))
+    assert store.get_stack("web") == web_stack(2)
+    assert store.list_stacks() == [web_stack(2)]
+    store.delete_stack("web")
+    assert store.get_stack("web") is None
+    assert store.list_stacks() == []
+
+
+def test_desired_records_and_definitions_and_mark_all_unpublished(store: Store) -> None:
+    """Desired records and definition flags round-trip; mark_all_unpublished clears every flag."""
+    store.put_desired(DesiredRecord(device_id="pi-2", generation=4, stacks=(REF,), published=True))
+    store.put_desired(DesiredRecord(device_id="pi-1", generation=1, published=True))
+    store.set_definition("a" * 64, True)
+    store.set_definition("b" * 64, False)
+    store.set_definition("b" * 64, True)
+    assert store.get_desired("pi-2") == DesiredRecord(device_id="pi-2", generation=4, stacks=(REF,), published=True)
+    assert store.get_desired("pi-3") is None
+    assert [r.device_id for r in store.list_desired()] == ["pi-1", "pi-2"]
+    assert store.definitions() == {"a" * 64: True, "b" * 64: True}
+
+    store.mark_all_unpublished()
+    assert [r.published for r in store.list_desired()] == [False, False]
+    assert store.get_desired("pi-2").stacks == (REF,)  # type: ignore[union-attr]
+    assert store.definitions() == {"a" * 64: False, "b" * 64: False}
+    store.delete_definition("a" * 64)
+    assert store.definitions() == {"b" * 64: False}
+
+
+def test_data_survives_closing_and_reopening(db_path: Path) -> None:
+    """Everything written is there again after the store is closed and opened anew."""
+    first = Store(db_path)
+    first.put_device(device("pi-1", site="x"))
+    first.create_group(Group(name="edge", devices=("pi-1",)))
+    first.put_stack(web_stack(3))
+    first.put_desired(DesiredRecord(device_id="pi-1", generation=9, stacks=(REF,)))
+    first.set_definition(SPEC.spec_hash(), True)
+    first.close()
+
+    again = Store(db_path)
+    try:
+        assert again.list_devices() == [device("pi-1", site="x")]
+        assert again.list_groups() == [Group(name="edge", devices=("pi-1",))]
+        assert again.get_stack("web") == web_stack(3)
+        assert again.get_desired("pi-1") == DesiredRecord(device_id="pi-1", generation=9, stacks=(REF,))
+        assert again.definitions() == {SPEC.spec_hash(): True}
+    finally:
+        again.close()

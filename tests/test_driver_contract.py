@@ -1,0 +1,253 @@
+"""One contract every runtime driver must honour: fake (memory), process (host) and docker (engine)."""
+
+from __future__ import annotations
+
+import contextlib
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.infra import wait_until
+from tether.agent.drivers.base import (
+    LABEL_DEVICE,
+    LABEL_MANAGED,
+    LABEL_SERVICE,
+    LABEL_SPEC_HASH,
+    LABEL_STACK,
+    Driver,
+    InstanceState,
+    Observed,
+)
+from tether.agent.drivers.fake import LABEL_EXIT_CODE, LABEL_START_ERROR, FakeDriver
+from tether.agent.drivers.process import ProcessDriver
+from tether.protocol.errors import DriverError
+from tether.protocol.models import PortSpec, ServiceSpec, StackSpec
+
+STACK = "contract"
+# Exits with 3 the first time; once started again (same instance, same filesystem) it keeps running.
+EXIT_ONCE = "[ -e once ] || { touch once; exit 3; }; exec sleep 300"
+TIMEOUT = 30.0
+
+
+@dataclass
+class Harness:
+    """One driver kind, the services that script it, and cleanup of whatever a test left running."""
+
+    kind: str
+    make: Callable[[str], Driver]
+    device_id: str
+    image: str | None = None
+    client: Any = None
+    drivers: list[tuple[str, Driver]] = field(default_factory=list)
+
+    def driver(self, device_id: str | None = None) -> Driver:
+        device = device_id or self.device_id
+        drv = self.make(device)
+        self.drivers.append((device, drv))
+        return drv
+
+    def long_running(self, name: str = "app") -> ServiceSpec:
+        if self.kind == "docker":
+            return ServiceSpec(name=name, image=self.image, command=("sleep", "300"))
+        return ServiceSpec(name=name, image="fake:1", command=("sh", "-c", "sleep 300"))
+
+    def script(self, name: str, script: str, exit_code: int) -> ServiceSpec:
+        """A service running ``script``; for the fake driver, one created exited with ``exit_code``."""
+        labels = {LABEL_EXIT_CODE: str(exit_code)} if self.kind == "fake" else {}
+        return ServiceSpec(name=name, image=self.image or "fake:1", command=("sh", "-c", script), labels=labels)
+
+    def broken(self) -> tuple[ServiceSpec, str]:
+        """A service whose creation must fail, and a fragment of the expected error message."""
+        if self.kind == "fake":
+            return ServiceSpec(name="bad", image="fake:1", labels={LABEL_START_ERROR: "boom: scripted"}), "boom"
+        if self.kind == "process":
+            return ServiceSpec(name="bad", command=("/nonexistent/tether-nope", "x")), "tether-nope"
+        return ServiceSpec(name="bad", image="tether-test/nope:1", command=("sleep", "1")), "tether-test/nope:1"
+
+    def cleanup(self) -> None:
+        for _device, drv in reversed(self.drivers):
+            with contextlib.suppress(DriverError):
+                for inst in drv.observe():
+                    drv.remove(inst, 0)
+                drv.prune(set())
+            drv.close()
+        if self.client is not None:  # safety net: only this test's devices, never other tests'
+            for device in {d for d, _ in self.drivers}:
+                selector = {"label": [f"{LABEL_DEVICE}={device}"]}
+                for container in self.client.containers.list(all=True, filters=selector):
+                    with contextlib.suppress(Exception):
+                        container.remove(force=True)
+                for network in self.client.networks.list(filters=selector):
+                    with contextlib.suppress(Exception):
+                        network.remove()
+
+
+def make_harness(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    device_id = f"contract-{uuid.uuid4().hex[:8]}"
+    if kind == "fake":
+        host: dict[str, Any] = {}
+        return Harness("fake", lambda d: FakeDriver(d, host), device_id)
+    if kind == "process":
+        return Harness("process", lambda d: ProcessDriver(d, tmp_path / "agent"), device_id)
+    client = request.getfixturevalue("docker_engine")
+    image = request.getfixturevalue("busybox_image")
+    from tether.agent.drivers.docker import DockerDriver
+
+    return Harness("docker", lambda d: DockerDriver(d), device_id, image=image, client=client)
+
+
+@pytest.fixture(params=["fake", "process", pytest.param("docker", marks=pytest.mark.docker)])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    h = make_harness(request.param, request, tmp_path)
+    try:
+        yield h
+    finally:
+        h.cleanup()
+
+
+@pytest.fixture
+def docker_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    h = make_harness("docker", request, tmp_path)
+    try:
+        yield h
+    finally:
+        h.cleanup()
+
+
+def stack_of(*services: ServiceSpec) -> StackSpec:
+    return StackSpec(services=services)
+
+
+def wait_for(driver: Driver, state: InstanceState, service: str) -> Observed:
+    """Poll observe() until ``service`` has an instance in ``state``; return it."""
+
+    def found() -> Observed | None:
+        return next((i for i in driver.observe() if i.service == service and i.state == state), None)
+
+    return wait_until(found, timeout=TIMEOUT, message=f"{service} to be {state}")
+
+
+def test_create_shows_one_running_instance(harness: Harness) -> None:
+    """create() starts an instance that observe() reports running, with its stack, service and hash."""
+    driver = harness.driver()
+    svc = harness.long_running()
+    driver.create(STACK, stack_of(svc), svc)
+    inst = wait_for(driver, "running", "app")
+    assert (inst.stack, inst.service, inst.spec_hash) == (STACK, "app", svc.spec_hash())
+    assert inst.exit_code is None
+    assert driver.observe() == [inst]
+
+
+def test_exited_instance_reports_its_exit_code(harness: Harness) -> None:
+    """An instance whose process exits is observed as exited, with its exit code."""
+    driver = harness.driver()
+    svc = harness.script("job", "exit 3", 3)
+    driver.create(STACK, stack_of(svc), svc)
+    inst = wait_for(driver, "exited", "job")
+    assert inst.exit_code == 3
+    assert inst.spec_hash == svc.spec_hash()
+    assert len(driver.observe()) == 1
+
+
+def test_start_restarts_the_same_exited_instance(harness: Harness) -> None:
+    """start() runs an exited instance again: it is then running under the same id."""
+    driver = harness.driver()
+    svc = harness.script("job", EXIT_ONCE, 3)
+    driver.create(STACK, stack_of(svc), svc)
+    exited = wait_for(driver, "exited", "job")
+    assert exited.exit_code == 3
+    driver.start(exited, svc)
+    running = wait_for(driver, "running", "job")
+    assert running.id == exited.id
+    assert running.exit_code is None
+    assert len(driver.observe()) == 1
+
+
+def test_remove_makes_the_instance_disappear(harness: Harness) -> None:
+    """remove() stops and deletes an instance (running or exited); removing it again is a no-op."""
+    driver = harness.driver()
+    app, job = harness.long_running(), harness.script("job", "exit 3", 3)
+    driver.create(STACK, stack_of(app, job), app)
+    driver.create(STACK, stack_of(app, job), job)
+    running, exited = wait_for(driver, "running", "app"), wait_for(driver, "exited", "job")
+    driver.remove(running, 0)
+    assert [i.service for i in driver.observe()] == ["job"]
+    driver.remove(exited, 0)
+    assert driver.observe() == []
+    driver.remove(running, 0)
+    assert driver.observe() == []
+
+
+def test_another_device_never_sees_these_instances(harness: Harness) -> None:
+    """A driver for device B on the same host observes none of device A's instances."""
+    mine = harness.driver()
+    theirs = harness.driver(f"{harness.device_id}-b")
+    svc = harness.long_running()
+    mine.create(STACK, stack_of(svc), svc)
+    wait_for(mine, "running", "app")
+    assert theirs.observe() == []
+    assert len(mine.observe()) == 1
+
+
+def test_failed_create_raises_driver_error_and_leaves_nothing(harness: Harness) -> None:
+    """A create that cannot succeed raises DriverError naming the cause, and no instance remains."""
+    driver = harness.driver()
+    svc, fragment = harness.broken()
+    with pytest.raises(DriverError, match=fragment.replace(".", r"\.")):
+        driver.create(STACK, stack_of(svc), svc)
+    assert driver.observe() == []
+
+
+# --- docker only -------------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+def test_docker_published_port_answers_http(docker_harness: Harness) -> None:
+    """A port published on 127.0.0.1 without a host port gets one from Docker that serves HTTP."""
+    driver = docker_harness.driver()
+    svc = ServiceSpec(
+        name="web",
+        image=docker_harness.image,
+        command=("sh", "-c", "echo hello > /www/index.html && exec httpd -f -p 80 -h /www"),
+        ports=(PortSpec(container=80, host_ip="127.0.0.1"),),
+    )
+    driver.create(STACK, stack_of(svc), svc)
+    inst = wait_for(driver, "running", "web")
+    container = docker_harness.client.containers.get(inst.id)
+
+    def binding() -> dict[str, str] | None:
+        container.reload()
+        bindings = container.ports.get("80/tcp") or []
+        return bindings[0] if bindings else None
+
+    bound = wait_until(binding, timeout=TIMEOUT, message="Docker to publish 80/tcp")
+    assert bound["HostIp"] == "127.0.0.1"
+
+    def fetch() -> bytes | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{bound['HostPort']}/index.html", timeout=2) as r:
+                return bytes(r.read())
+        except OSError:
+            return None
+
+    assert wait_until(fetch, timeout=TIMEOUT, message="httpd to answer") == b"hello\n"
+
+
+@pytest.mark.docker
+def test_docker_container_carries_tether_labels(docker_harness: Harness) -> None:
+    """Containers carry the managed, device, stack, service and spec-hash labels plus the service's own."""
+    driver = docker_harness.driver()
+    svc = docker_harness.long_running().model_copy(update={"labels": {"team": "edge"}})
+    driver.create(STACK, stack_of(svc), svc)
+    inst = wait_for(driver, "running", "app")
+    labels = docker_harness.client.containers.get(inst.id).labels
+    assert labels[LABEL_MANAGED] == "true"
+    assert labels[LABEL_DEVICE] == docker_harness.device_id
+    assert labels[LABEL_STACK] == STACK
+    assert labels[LABEL_SERVICE] == "app"
+    assert labels[LABEL_SPEC_HASH] == svc.spec_hash()
+    assert labels["team"] == "edge"

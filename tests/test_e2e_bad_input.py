@@ -1,0 +1,190 @@
+"""Bad input anywhere gets one clear error, and the previous state stays in force."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from support.infra import Mosquitto, free_port, wait_until
+from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+
+from tether.protocol import codec
+from tether.protocol.models import Presence
+
+pytestmark = pytest.mark.e2e
+
+GOOD = """
+services:
+  app:
+    command: ["sh", "-c", "echo $$$$ > {pidfile}; exec sleep 600"]
+    restart: always
+"""
+
+
+def _publish(url: str, topic: str, payload: bytes, retain: bool = False) -> None:
+    port = int(url.rsplit(":", 1)[1])
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def _one_line_error(result: Any, *needles: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("bad-input")
+    device = f"bad-{uuid.uuid4().hex[:6]}"
+    controller = ControllerProcess(tmp / "controller")
+    agent = AgentProcess(controller.url, device, tmp / "agent", driver="process")
+    try:
+        wait_online(controller.url, device)
+        assert cli(controller.url, "groups", "create", "g1", "--device", device).returncode == 0
+        pidfile = tmp / "app.pid"
+        good = tmp / "good.yml"
+        good.write_text(GOOD.format(pidfile=pidfile))
+        deploy = cli(
+            controller.url,
+            "stacks",
+            "deploy",
+            str(good),
+            "--name",
+            "app",
+            "--group",
+            "g1",
+            "--wait",
+            "--timeout",
+            "60",
+        )
+        assert deploy.returncode == 0, deploy.stderr
+        yield {"url": controller.url, "device": device, "tmp": tmp, "pidfile": pidfile, "agent": agent}
+    finally:
+        agent.stop()
+        controller.stop()
+
+
+def _unchanged(fleet: dict[str, Any]) -> None:
+    """The good stack is still version 1, applied, and its process still runs."""
+    stacks = cli_json(fleet["url"], "stacks", "ls")
+    assert [(s["name"], s["version"]) for s in stacks] == [("app", 1)]
+    device = cli_json(fleet["url"], "devices", "show", fleet["device"])
+    assert device["desired_generation"] == device["applied_generation"] == 1
+    pid = int(fleet["pidfile"].read_text())
+    assert Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.parametrize(
+    ("compose", "needles"),
+    [
+        ("services:\n  app:\n    image: x\n    build: .\n", ["service 'app'", "build"]),
+        (
+            "services:\n  app:\n    image: x\n    privileged: true\n",
+            ["service 'app'", "unsupported key 'privileged'"],
+        ),
+        ("services:\n  app:\n    image: x\n    env_file: .env\n", ["service 'app'", "env_file"]),
+        ("services:\n  app:\n    image: [unclosed\n", ["not valid YAML"]),
+        ("services:\n  app:\n    image: x\n    depends_on: [db]\n", ["unknown service 'db'"]),
+        ("services: {}\n", ["no services"]),
+    ],
+)
+def test_invalid_compose_is_rejected_and_nothing_changes(
+    fleet: dict[str, Any], compose: str, needles: list[str]
+) -> None:
+    """An invalid Compose file gets one clear error and leaves the deployed stack in force."""
+    bad = fleet["tmp"] / "bad.yml"
+    bad.write_text(compose)
+    result = cli(fleet["url"], "stacks", "deploy", str(bad), "--name", "app", "--group", "g1")
+    _one_line_error(result, *needles)
+    _unchanged(fleet)
+
+
+def test_unknown_names_and_duplicates(fleet: dict[str, Any]) -> None:
+    """Unknown group, device or stack, and a duplicate group, are refused by name."""
+    good = fleet["tmp"] / "good.yml"
+    _one_line_error(
+        cli(fleet["url"], "stacks", "deploy", str(good), "--name", "other", "--group", "nope"),
+        "unknown group 'nope'",
+    )
+    _one_line_error(cli(fleet["url"], "devices", "show", "ghost"), "unknown device 'ghost'")
+    _one_line_error(cli(fleet["url"], "stacks", "status", "ghost"), "unknown stack 'ghost'")
+    _one_line_error(cli(fleet["url"], "groups", "create", "g1", "--device", "x"), "already exists")
+    _one_line_error(cli(fleet["url"], "groups", "create", "g2", "--select", "a=b=c"), "invalid selector")
+    _one_line_error(cli(fleet["url"], "groups", "create", "g3", "--device", "bad/id"), "invalid device id")
+    _one_line_error(cli(fleet["url"], "groups", "rm", "g1"), "still has stacks")
+    assert cli(fleet["url"], "groups", "create", "g4", "--device", "x").returncode == 0
+    _one_line_error(
+        cli(fleet["url"], "stacks", "deploy", str(good), "--name", "app", "--group", "g4"),
+        "already deployed to group 'g1'",
+    )
+    _unchanged(fleet)
+
+
+def test_malformed_payloads_do_no_harm(fleet: dict[str, Any]) -> None:
+    """Garbage on the request, presence and desired topics changes nothing that runs."""
+    url, device = fleet["url"], fleet["device"]
+    _publish(url, "tether/v1/controller/requests", b"\xc1 not msgpack")
+    _publish(
+        url,
+        "tether/v1/controller/requests",
+        codec.encode(Presence(device_id="x", status="online", session=1)),
+    )
+    _publish(url, f"tether/v1/devices/{device}/presence", b"\x93\x01\x02\x03")
+    _publish(url, f"tether/v1/devices/{device}/reported", b"garbage")
+    assert cli_json(url, "devices", "show", device)["status"] == "online"
+
+    # A malformed desired state: the agent keeps running what it has and says why.
+    _publish(url, f"tether/v1/devices/{device}/desired", b"\x81\xa1v\xa3bad", retain=True)
+    shown = wait_until(
+        lambda: (d := cli_json(url, "devices", "show", device))["reported"]["error"] and d, 30, interval=0.2
+    )
+    assert "malformed desired state" in shown["reported"]["error"]
+    assert any(e["kind"] == "desired.rejected" for e in shown["events"])
+    _unchanged(fleet)
+
+
+def test_unreachable_broker_and_missing_controller(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    """No broker, or a broker without a controller: a one-line error, not a hang or a traceback."""
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    _one_line_error(cli(dead, "devices", "ls"), "cannot connect to broker")
+    result = cli(mosquitto.url, "devices", "ls", "--request-timeout", "1")
+    _one_line_error(result, "no reply from the controller")
+    _one_line_error(cli("not a url:::", "devices", "ls"), "invalid broker URL")
+
+
+def test_agent_rejects_bad_configuration(tmp_path: Path) -> None:
+    """The agent refuses a bad config file or flag with one line naming the problem."""
+    import subprocess
+    import sys
+
+    conf = tmp_path / "agent.toml"
+    conf.write_text('brokers = ["mqtt://127.0.0.1:1"]\ndevcie_id = "typo"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "tether.agent.main", "--config", str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    _one_line_error(result, "devcie_id")
+    result = subprocess.run(
+        [sys.executable, "-m", "tether.agent.main", "--device-id", "no/slash", "--driver", "process"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    _one_line_error(result, "invalid device id")

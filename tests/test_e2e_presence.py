@@ -1,0 +1,121 @@
+"""Presence: last will, session numbers, and a late will never hiding a live device."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from support.infra import Mosquitto, wait_until
+from support.procs import AgentProcess, ControllerProcess, cli_json, wait_online
+
+from tether.protocol import codec
+from tether.protocol.models import Presence
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    started: list[Any] = []
+    yield started
+    for proc in reversed(started):
+        proc.stop()
+
+
+def _retained_presence(url: str, device: str) -> Presence:
+    """Read the retained presence message as a new subscriber sees it."""
+    port = int(url.rsplit(":", 1)[1])
+    got: list[bytes] = []
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    topic = f"tether/v1/devices/{device}/presence"
+    client.on_message = lambda c, u, m: got.append(m.payload) if m.topic == topic else None
+    client.connect("127.0.0.1", port)
+    client.subscribe(topic, 1)
+    client.loop_start()
+    try:
+        wait_until(lambda: got, 10, message="retained presence")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codec.decode(got[-1], Presence)
+
+
+def _status(url: str, device: str) -> tuple[str, int]:
+    d = cli_json(url, "devices", "show", device)
+    return d["status"], d["session"]
+
+
+def test_presence_will_and_sessions(tmp_path: Path, mosquitto: Mosquitto, procs: list[Any]) -> None:
+    """A killed agent goes offline by its will; a restart is a newer session; a late
+    will of an older session neither marks the device offline nor sticks on the broker."""
+    device = f"pres-{uuid.uuid4().hex[:6]}"
+    controller = ControllerProcess(tmp_path / "controller", broker=mosquitto.url)
+    procs.append(controller)
+    agent = AgentProcess(mosquitto.url, device, tmp_path / "agent", labels={"site": "x"})
+    procs.append(agent)
+    view = wait_online(mosquitto.url, device)
+    assert view["labels"] == {"site": "x"}
+    assert _status(mosquitto.url, device) == ("online", 1)
+
+    agent.kill()  # no DISCONNECT: the broker publishes the will
+    wait_until(
+        lambda: _status(mosquitto.url, device) == ("offline", 1), 30, interval=0.2, message="offline by will"
+    )
+    listed = next(d for d in cli_json(mosquitto.url, "devices", "ls") if d["id"] == device)
+    assert listed["since"] is not None
+
+    agent = AgentProcess(mosquitto.url, device, tmp_path / "agent", labels={"site": "x"})
+    procs.append(agent)
+    wait_until(lambda: _status(mosquitto.url, device) == ("online", 2), 30, interval=0.2)
+
+    # A will from session 1 arriving late must not override session 2's "online".
+    late = Presence(device_id=device, status="offline", session=1)
+    port = mosquitto.port
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(
+        f"tether/v1/devices/{device}/presence", codec.encode(late), qos=1, retain=True
+    ).wait_for_publish(10)
+    client.disconnect()
+    client.loop_stop()
+    wait_until(
+        lambda: (p := _retained_presence(mosquitto.url, device)).status == "online" and p.session == 2,
+        15,
+        interval=0.2,
+        message="agent restores its online presence",
+    )
+    assert _status(mosquitto.url, device) == ("online", 2)
+
+    # A clean stop says goodbye explicitly.
+    assert agent.stop() == 0
+    wait_until(lambda: _status(mosquitto.url, device) == ("offline", 2), 15, interval=0.2)
+
+
+def test_never_seen_devices_are_listed(tmp_path: Path, procs: list[Any]) -> None:
+    """A device named by a static group but never connected is listed as never seen,
+    and gets its stacks as soon as it first connects."""
+    controller = ControllerProcess(tmp_path / "controller")
+    procs.append(controller)
+    device = f"late-{uuid.uuid4().hex[:6]}"
+    assert cli_json(controller.url, "groups", "create", "later", "--device", device)["members"] == [device]
+    stack = tmp_path / "s.yml"
+    stack.write_text('services:\n  s:\n    command: ["sleep", "600"]\n')
+    cli_json(controller.url, "stacks", "deploy", str(stack), "--name", "s", "--group", "later")
+    row = next(d for d in cli_json(controller.url, "devices", "ls") if d["id"] == device)
+    assert row["status"] == "never seen" and row["desired_generation"] == 1
+
+    agent = AgentProcess(controller.url, device, tmp_path / "agent")
+    procs.append(agent)
+    wait_until(
+        lambda: (
+            [r["state"] for r in cli_json(controller.url, "stacks", "status", "s")["devices"]] == ["running"]
+        ),
+        30,
+        interval=0.2,
+    )
