@@ -33,6 +33,10 @@ from .drivers.base import Observed
 
 RESTART_BACKOFF_BASE = 1.0
 RESTART_BACKOFF_CAP = 300.0
+CRASH_LOOP_RESTARTS = 5
+"""Consecutive restarts (without 60 s of running in between) after which a service is
+reported ``failed`` (a crash loop). It is still restarted, but only every
+:data:`RESTART_BACKOFF_CAP` seconds at most, so it does not hammer the device."""
 
 ServiceKey = tuple[str, str]  # (stack, service)
 
@@ -174,6 +178,7 @@ def status(
     errors: Mapping[ServiceKey, str],
     restarts: Mapping[ServiceKey, RestartRecord],
     waiting: frozenset[ServiceKey] = frozenset(),
+    log_tails: Mapping[ServiceKey, str] | None = None,
 ) -> dict[str, StackStatus]:
     """What to report for every desired stack. Pure.
 
@@ -195,7 +200,8 @@ def status(
             key = (stack, svc.name)
             inst = by_key.get(key)
             err = errors.get(key)
-            restarted = restarts.get(key, RestartRecord()).total
+            record = restarts.get(key, RestartRecord())
+            restarted = record.total
             if inst is None:
                 state = "failed" if err else "pending"
                 services[svc.name] = ServiceStatus(
@@ -203,8 +209,13 @@ def status(
                 )
                 continue
             state_name: str = inst.state
+            tail = None
             if inst.state == "exited" and (key in waiting or wants_restart(svc, inst.exit_code)):
                 state_name = "restarting"
+            if inst.state != "running" and record.count >= CRASH_LOOP_RESTARTS:
+                state_name = "failed"
+                err = err or f"crash loop: restarted {record.count} times, last exit code {inst.exit_code}"
+                tail = (log_tails or {}).get(key)
             if err and inst.state != "running":
                 state_name = "failed"
             services[svc.name] = ServiceStatus(
@@ -214,6 +225,7 @@ def status(
                 exit_code=inst.exit_code if inst.state == "exited" else None,
                 restarts=restarted,
                 last_error=err or inst.error,
+                log_tail=tail,
             )
         result[stack] = StackStatus(
             spec_hash=hashes.get(stack, spec.spec_hash()),

@@ -255,7 +255,7 @@ def _unescape(value: Any, where: str) -> Any:
         for part in parts:
             if _VARIABLE_RE.search(part):
                 raise ComposeError(
-                    f"{where}: variable interpolation ({part[part.index('$'):][:20]!r}) is not supported; "
+                    f"{where}: variable interpolation ({part[part.index('$') :][:20]!r}) is not supported; "
                     "write $$ for a literal $"
                 )
         return "$".join(parts)

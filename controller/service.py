@@ -21,13 +21,13 @@ session is not older than the last ``online``, so a late will never hides a live
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import re
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 _CONNECTED = "\x00connected"
 _STOP = "\x00stop"
-EVENTS_KEPT = 50
 
 
 class Controller:
@@ -78,7 +77,6 @@ class Controller:
         self.store = store
         self.clock = clock
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.events: dict[str, deque[dict[str, Any]]] = {}
         self.client: MqttClient | None = None
         self.ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -192,9 +190,10 @@ class Controller:
             return
         if event.device_id != device_id:
             return
+        if not self.store.add_event(device_id, event.seq, event.model_dump_json()):
+            return  # delivered twice (at least once on the wire): already stored
         level = logging.WARNING if event.level != "info" else logging.INFO
         log.log(level, "device %s: %s: %s", device_id, event.kind, event.message)
-        self.events.setdefault(device_id, deque(maxlen=EVENTS_KEPT)).append(event.model_dump(mode="json"))
 
     # --- scheduling and publishing ---
 
@@ -333,7 +332,7 @@ class Controller:
             view["facts"] = device.facts.model_dump(mode="json") if device.facts else None
             view["desired"] = [r.model_dump(mode="json") for r in record.stacks] if record else []
             view["reported"] = reported.model_dump(mode="json") if reported else None
-            view["events"] = list(self.events.get(device.id, ()))
+            view["events"] = [json.loads(b) for b in self.store.list_events(device.id)]
         return view
 
     def _devices_ls(self, cmd: DevicesList) -> Any:

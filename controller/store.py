@@ -24,7 +24,14 @@ MIGRATIONS = [
     CREATE TABLE desired (device_id TEXT PRIMARY KEY, body TEXT NOT NULL);
     CREATE TABLE definitions (spec_hash TEXT PRIMARY KEY, published INTEGER NOT NULL DEFAULT 0);
     """,
+    """
+    CREATE TABLE events (device_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+                         PRIMARY KEY (device_id, seq));
+    """,
 ]
+
+EVENTS_KEPT = 200
+"""Events kept per device (the newest)."""
 
 
 class Store:
@@ -145,6 +152,27 @@ class Store:
             for record in self.list_desired():
                 self.put_desired(record.model_copy(update={"published": False}))
             self.db.execute("UPDATE definitions SET published = 0")
+
+    # --- events ---
+
+    def add_event(self, device_id: str, seq: int, body: str) -> bool:
+        """Store an event once; False if this (device, seq) was already stored (a duplicate)."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO events (device_id, seq, body) VALUES (?, ?, ?)", (device_id, seq, body)
+        )
+        if cur.rowcount:
+            self.db.execute(
+                "DELETE FROM events WHERE device_id = ? AND seq <= ("
+                "SELECT seq FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (device_id, device_id, EVENTS_KEPT),
+            )
+        return bool(cur.rowcount)
+
+    def list_events(self, device_id: str, limit: int = 50) -> list[str]:
+        rows = self.db.execute(
+            "SELECT body FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)
+        ).fetchall()
+        return [r[0] for r in reversed(rows)]
 
     # --- stack definitions on the broker ---
 

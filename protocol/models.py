@@ -154,6 +154,7 @@ class ServiceStatus(WireModel):
     exit_code: int | None = None
     restarts: int = 0
     last_error: str | None = None
+    log_tail: str | None = None
 
 
 class StackStatus(WireModel):
@@ -171,6 +172,7 @@ class ReportedState(Message):
     generation: int = Field(ge=-1)
     stacks: dict[str, StackStatus] = Field(default_factory=dict)
     error: str | None = None
+    events_dropped: int = 0
     at: float = 0.0
 
 
@@ -200,9 +202,14 @@ class Presence(Message):
 
 
 class Event(Message):
-    """Payload of ``.../events``: something worth telling an operator."""
+    """Payload of ``.../events``: something worth telling an operator.
+
+    ``seq`` increases per device and survives agent restarts: events are delivered at
+    least once (queued on disk while offline), receivers drop a ``seq`` they have seen.
+    """
 
     device_id: str
+    seq: int = Field(default=0, ge=0)
     kind: str
     message: str
     level: Literal["info", "warning", "error"] = "info"

@@ -82,7 +82,11 @@ def test_precedence_is_file_then_env_then_flags(tmp_path: Path) -> None:
     from_env = load_config(path, env, NO_FLAGS)
     from_flags = load_config(path, env, flags)
 
-    assert (from_file.device_id, from_env.device_id, from_flags.device_id) == ("pi-042", "from-env", "from-flag")
+    assert (from_file.device_id, from_env.device_id, from_flags.device_id) == (
+        "pi-042",
+        "from-env",
+        "from-flag",
+    )
     assert (from_file.keepalive, from_env.keepalive, from_flags.keepalive) == (30, 45, 90)
     assert from_env.brokers == ("mqtt://env-a:1883", "mqtt://env-b:1884")
     assert from_env.labels == {"site": "paris", "rack": "7"}

@@ -40,7 +40,14 @@ def device(device_id: str, **labels: str) -> Device:
 
 
 def web_stack(version: int = 1) -> Stack:
-    return Stack(name="web", group="edge", spec_hash=SPEC.spec_hash(), spec=SPEC, compose="services: {}", version=version)
+    return Stack(
+        name="web",
+        group="edge",
+        spec_hash=SPEC.spec_hash(),
+        spec=SPEC,
+        compose="services: {}",
+        version=version,
+    )
 
 
 def test_migrations_run_once_and_reopening_is_harmless(db_path: Path) -> None:
@@ -142,7 +149,9 @@ def test_desired_records_and_definitions_and_mark_all_unpublished(store: Store) 
     store.set_definition("a" * 64, True)
     store.set_definition("b" * 64, False)
     store.set_definition("b" * 64, True)
-    assert store.get_desired("pi-2") == DesiredRecord(device_id="pi-2", generation=4, stacks=(REF,), published=True)
+    assert store.get_desired("pi-2") == DesiredRecord(
+        device_id="pi-2", generation=4, stacks=(REF,), published=True
+    )
     assert store.get_desired("pi-3") is None
     assert [r.device_id for r in store.list_desired()] == ["pi-1", "pi-2"]
     assert store.definitions() == {"a" * 64: True, "b" * 64: True}

@@ -58,15 +58,21 @@ class Harness:
     def script(self, name: str, script: str, exit_code: int) -> ServiceSpec:
         """A service running ``script``; for the fake driver, one created exited with ``exit_code``."""
         labels = {LABEL_EXIT_CODE: str(exit_code)} if self.kind == "fake" else {}
-        return ServiceSpec(name=name, image=self.image or "fake:1", command=("sh", "-c", script), labels=labels)
+        return ServiceSpec(
+            name=name, image=self.image or "fake:1", command=("sh", "-c", script), labels=labels
+        )
 
     def broken(self) -> tuple[ServiceSpec, str]:
         """A service whose creation must fail, and a fragment of the expected error message."""
         if self.kind == "fake":
-            return ServiceSpec(name="bad", image="fake:1", labels={LABEL_START_ERROR: "boom: scripted"}), "boom"
+            return ServiceSpec(
+                name="bad", image="fake:1", labels={LABEL_START_ERROR: "boom: scripted"}
+            ), "boom"
         if self.kind == "process":
             return ServiceSpec(name="bad", command=("/nonexistent/tether-nope", "x")), "tether-nope"
-        return ServiceSpec(name="bad", image="tether-test/nope:1", command=("sleep", "1")), "tether-test/nope:1"
+        return ServiceSpec(
+            name="bad", image="tether-test/nope:1", command=("sleep", "1")
+        ), "tether-test/nope:1"
 
     def cleanup(self) -> None:
         for _device, drv in reversed(self.drivers):

@@ -12,7 +12,6 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import Mosquitto, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli_json, wait_online
-
 from tether.protocol import codec
 from tether.protocol.models import Presence
 

@@ -20,7 +20,7 @@ class Import:
     module: str  # absolute, e.g. "tether.protocol.models" or "docker.errors"
     line: int
     in_function: bool
-    noqa: str  # the line's "# noqa: ..." codes, if any
+    noqa: str  # the codes listed after noqa on the import's line, if any
 
 
 def package_of(rel: str) -> str:
@@ -75,7 +75,9 @@ def importers(prefix: str) -> list[Import]:
 
 def test_scanner_resolves_relative_imports_and_sees_nested_ones() -> None:
     """The checker itself works: relative imports resolve, imports inside functions are flagged."""
-    source = "from .base import Observed\nfrom .. import reconcile\ndef f():\n    import docker  # noqa: TID251\n"
+    source = (
+        "from .base import Observed\nfrom .. import reconcile\ndef f():\n    import docker  # noqa: TID251\n"
+    )
     found = imports_in(source, "agent/drivers/x.py")
     modules = {(i.module, i.in_function, i.noqa) for i in found}
     assert ("tether.agent.drivers.base", False, "") in modules
@@ -134,11 +136,11 @@ def test_device_install_requires_neither_amqtt_nor_pyyaml() -> None:
     """The installed distribution's base requirements (no extras) leave out amqtt and PyYAML."""
     requires = distribution("tether").requires or []
     assert requires, "no Requires-Dist metadata found"
-    base = {
-        re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requires if "extra ==" not in r
-    }
+    base = {re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requires if "extra ==" not in r}
     assert {"paho-mqtt", "msgpack", "pydantic"} <= base
     assert "amqtt" not in base
     assert "pyyaml" not in base
-    extras = {re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requires if 'extra == "controller"' in r}
+    extras = {
+        re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requires if 'extra == "controller"' in r
+    }
     assert {"amqtt", "pyyaml"} <= extras

@@ -26,19 +26,19 @@ from tether.protocol.models import (
     HealthcheckSpec,
     PortSpec,
     Presence,
-    ReportedState,
     Reply,
+    ReportedState,
     Request,
     ServiceSpec,
     ServiceStatus,
     StackDefinition,
     StackRef,
     StacksDeploy,
-    StackSpec,
     StacksList,
+    StackSpec,
     StacksRemove,
-    StackStatus,
     StacksStatus,
+    StackStatus,
     VolumeSpec,
 )
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
@@ -53,7 +53,10 @@ SPEC = StackSpec(
             image="web:1",
             command=("serve", "--port", "80"),
             entrypoint=("/bin/tini", "--"),
-            ports=(PortSpec(container=80, host=8080, host_ip="127.0.0.1"), PortSpec(container=53, protocol="udp")),
+            ports=(
+                PortSpec(container=80, host=8080, host_ip="127.0.0.1"),
+                PortSpec(container=53, protocol="udp"),
+            ),
             volumes=(
                 VolumeSpec(type="bind", source="/srv", target="/srv", read_only=True),
                 VolumeSpec(type="volume", source="data", target="/data"),
@@ -70,7 +73,9 @@ SPEC = StackSpec(
 
 MESSAGES: list[BaseModel] = [
     StackDefinition(spec_hash=SPEC.spec_hash(), spec=SPEC),
-    DesiredState(device_id="pi-1", generation=7, stacks=(StackRef(name="shop", spec_hash=HASH),), issued_at=1.5),
+    DesiredState(
+        device_id="pi-1", generation=7, stacks=(StackRef(name="shop", spec_hash=HASH),), issued_at=1.5
+    ),
     DesiredState(device_id="pi-1", generation=0),
     ReportedState(
         device_id="pi-1",
@@ -93,7 +98,9 @@ MESSAGES: list[BaseModel] = [
         device_id="pi-1",
         status="online",
         session=3,
-        facts=DeviceFacts(agent_version="0.1.0", driver="docker", arch="aarch64", os="Linux", labels={"site": "b"}),
+        facts=DeviceFacts(
+            agent_version="0.1.0", driver="docker", arch="aarch64", os="Linux", labels={"site": "b"}
+        ),
         at=3.0,
     ),
     Presence(device_id="pi-1", status="offline", session=0),
@@ -189,7 +196,9 @@ def test_unknown_fields_are_tolerated_on_receipt() -> None:
         "future": {"nested": [1, 2]},
     }
     state = codec.decode(msgpack.packb(raw, use_bin_type=True), DesiredState)
-    assert state == DesiredState(v=2, device_id="pi-1", generation=4, stacks=(StackRef(name="shop", spec_hash=HASH),))
+    assert state == DesiredState(
+        v=2, device_id="pi-1", generation=4, stacks=(StackRef(name="shop", spec_hash=HASH),)
+    )
 
 
 # --- topics ------------------------------------------------------------------------------------

@@ -93,7 +93,10 @@ def test_spec_change_removes_the_stale_instance_before_creating() -> None:
 
 def test_instances_of_undesired_stacks_are_removed() -> None:
     """Every instance of a stack that is no longer desired is removed with the default grace."""
-    old = [inst("1", "gone", "web", spec_hash=STALE), inst("2", "gone", "db", spec_hash=STALE, state="exited")]
+    old = [
+        inst("1", "gone", "web", spec_hash=STALE),
+        inst("2", "gone", "db", spec_hash=STALE, state="exited"),
+    ]
     p = plan({}, old, NOW)
     assert sorted(a.instance.id for a in p.actions if isinstance(a, Remove)) == ["1", "2"]
     assert all(isinstance(a, Remove) and a.reason == "not desired" and a.grace == 10.0 for a in p.actions)
@@ -304,7 +307,9 @@ def stack_specs(draw: st.DrawFn) -> StackSpec:
         ServiceSpec(
             name=name,
             image=draw(st.sampled_from(["app:1", "app:2", "db:16"])),
-            command=draw(st.none() | st.lists(st.sampled_from(["run", "-v", "serve"]), max_size=3).map(tuple)),
+            command=draw(
+                st.none() | st.lists(st.sampled_from(["run", "-v", "serve"]), max_size=3).map(tuple)
+            ),
             restart=draw(st.sampled_from(POLICIES)),
         )
         for name in names
@@ -366,7 +371,9 @@ def check_converged(desired: Mapping[str, StackSpec], before: list[Observed], af
         assert i.spec_hash == service.spec_hash()
         # Left as they are: starting instances and exited ones their policy does not restart.
         assert i.state in ("running", "starting") or not wants_restart(service, i.exit_code)
-        earlier = [b for b in before if (b.stack, b.service, b.spec_hash) == (i.stack, i.service, i.spec_hash)]
+        earlier = [
+            b for b in before if (b.stack, b.service, b.spec_hash) == (i.stack, i.service, i.spec_hash)
+        ]
         if earlier:
             assert i.id in {b.id for b in earlier}, "a current instance was needlessly recreated"
         else:

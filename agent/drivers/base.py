@@ -57,6 +57,10 @@ class Driver(Protocol):
         """Stop (SIGTERM, then SIGKILL after ``grace`` seconds) and delete an instance."""
         ...
 
+    def logs(self, instance: Observed, tail: int) -> str:
+        """The last ``tail`` lines of an instance's output ("" if none)."""
+        ...
+
     def prune(self, stacks: set[str]) -> None:
         """Delete stack-level resources (networks...) of stacks not in ``stacks``."""
         ...

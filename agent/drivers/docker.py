@@ -6,8 +6,9 @@ lists only containers with this device's labels and never touches any other. A s
 by its service name (as with Compose). Named volumes are ``tether-{device}-{stack}-{name}``
 and outlive the stack (as ``docker compose down`` without ``-v``).
 
-The container's restart policy is also given to Docker, so containers come back after a
-reboot even before the agent starts; the agent's own reconcile covers the rest.
+Restarts are the agent's job, not Docker's (containers get Docker's ``no`` policy): the
+agent applies the service's restart policy with backoff and crash-loop detection the same
+way for every driver (docs/adr/0003-agent-owns-restarts.md).
 Docker SDK errors are translated into :class:`DriverError` here and nowhere else.
 """
 
@@ -142,7 +143,6 @@ class DockerDriver:
             "detach": True,
             "environment": dict(service.environment),
             "stop_signal": "SIGTERM",
-            "restart_policy": {"Name": service.restart},
         }
         if service.command is not None:
             kwargs["command"] = list(service.command)
@@ -227,6 +227,13 @@ class DockerDriver:
             return
         except docker.errors.DockerException as exc:
             raise _error(f"remove {instance.stack}/{instance.service}", exc) from exc
+
+    def logs(self, instance: Observed, tail: int) -> str:
+        try:
+            data = self.client.containers.get(instance.id).logs(tail=tail, stdout=True, stderr=True)
+        except docker.errors.DockerException:
+            return ""
+        return bytes(data).decode(errors="replace")
 
     def prune(self, stacks: set[str]) -> None:
         try:

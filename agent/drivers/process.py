@@ -166,6 +166,17 @@ class ProcessDriver:
         if child is not None:
             child.wait(timeout=5)
 
+    def logs(self, instance: Observed, tail: int) -> str:
+        path = self.dir / f"{instance.id}.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-tail:])
+
     def prune(self, stacks: set[str]) -> None:
         return None
 
