@@ -36,7 +36,8 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
 class EmbeddedBroker:
     """An amqtt broker in a background thread. :meth:`start` returns the bound port."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, stock: bool = False) -> None:
+        self.stock = stock
         self.host = host
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None

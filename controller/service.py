@@ -33,7 +33,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from tether.protocol import codec, topics
-from tether.protocol.errors import ComposeError, PayloadError, StoreError, TetherError, TopicError
+from tether.protocol.errors import ComposeError, PayloadError, StoreError, TetherError
 from tether.protocol.models import (
     COMMAND_ADAPTER,
     NAME_PATTERN,
@@ -166,7 +166,7 @@ class Controller:
         if presence.status != device.status:
             log.info("device %s is %s (session %d)", device_id, presence.status, presence.session)
         if labels_changed or new_device:
-            self.sync()
+            self.sync({device_id})
 
     def _on_reported(self, device_id: str, payload: bytes) -> None:
         try:
@@ -197,67 +197,116 @@ class Controller:
 
     # --- scheduling and publishing ---
 
-    def sync(self) -> None:
-        """Recompute desired states, store changed ones at a new generation, publish."""
+    def sync(self, device_ids: set[str] | None = None) -> None:
+        """Recompute desired states (of ``device_ids``, or all), store changes, publish."""
         with self.store.transaction():
-            self._recompute()
-        self.publish_pending()
+            self._recompute(device_ids)
+        self.publish_pending(device_ids)
 
-    def _recompute(self) -> None:
-        labels = {d.id: d.labels for d in self.store.list_devices()}
+    def _recompute(self, device_ids: set[str] | None = None) -> None:
+        """Give every device whose stacks changed the next generation (in the caller's transaction).
+
+        With ``device_ids`` only those devices are looked at: a device that appears or
+        changes labels costs O(groups + stacks), not O(fleet).
+        """
         groups = {g.name: g for g in self.store.list_groups()}
         stacks = self.store.list_stacks()
-        wanted = desired_stacks(stacks, groups, labels)
-        existing = {r.device_id: r for r in self.store.list_desired()}
-        for device_id in sorted(set(wanted) | set(existing)):
+        if device_ids is None:
+            labels = {d.id: d.labels for d in self.store.list_devices()}
+            existing = {r.device_id: r for r in self.store.list_desired()}
+            wanted = desired_stacks(stacks, groups, labels)
+            candidates = set(wanted) | set(existing)
+        else:
+            labels = {}
+            existing = {}
+            for device_id in device_ids:
+                device = self.store.get_device(device_id)
+                labels[device_id] = device.labels if device else {}
+                record = self.store.get_desired(device_id)
+                if record is not None:
+                    existing[device_id] = record
+            wanted = {
+                d: refs for d, refs in desired_stacks(stacks, groups, labels).items() if d in device_ids
+            }
+            candidates = set(device_ids)
+        needed: set[str] = set()
+        for device_id in sorted(candidates):
             refs = wanted.get(device_id, ())
+            needed.update(ref.spec_hash for ref in refs)
             record = existing.get(device_id)
             if record is None and not refs:
                 continue
             if record is None or record.stacks != refs:
                 generation = record.generation + 1 if record else 1
                 self.store.put_desired(DesiredRecord(device_id=device_id, generation=generation, stacks=refs))
-        needed = {ref.spec_hash for r in self.store.list_desired() for ref in r.stacks}
         known = self.store.definitions()
         for spec_hash in needed - set(known):
             self.store.set_definition(spec_hash, False)
 
-    def publish_pending(self) -> None:
-        """Publish what the broker does not have yet; each one is marked once acknowledged."""
+    PUBLISH_BATCH = 500
+
+    def publish_pending(self, device_ids: set[str] | None = None) -> None:
+        """Publish what the broker does not have yet, in acknowledged batches.
+
+        Order: stack definitions, then desired states, then (on a full pass) clearing the
+        definitions no device references any more. Each message is marked published only
+        once the broker acknowledged it; whatever is not stays pending for the next pass.
+        """
         client = self.client
         if client is None or not client.connected:
             return
-        specs = {s.spec_hash: s.spec for s in self.store.list_stacks()}
-        records = self.store.list_desired()
+        if device_ids is None:
+            records = self.store.list_desired()
+        else:
+            records = [r for d in sorted(device_ids) if (r := self.store.get_desired(d)) is not None]
         needed = {ref.spec_hash for r in records for ref in r.stacks}
         definitions = self.store.definitions()
-        for spec_hash, published in sorted(definitions.items()):
-            if spec_hash in needed and not published and spec_hash in specs:
-                payload = codec.encode(StackDefinition(spec_hash=spec_hash, spec=specs[spec_hash]))
-                if not client.publish_confirmed(topics.stack(spec_hash), payload, retain=True):
-                    return
-                self.store.set_definition(spec_hash, True)
-        for record in records:
-            if record.published:
-                continue
-            desired = DesiredState(
-                device_id=record.device_id,
-                generation=record.generation,
-                stacks=record.stacks,
-                issued_at=self.clock(),
+        to_define = sorted(h for h, published in definitions.items() if h in needed and not published)
+        if to_define:
+            specs = {s.spec_hash: s.spec for s in self.store.list_stacks()}
+            to_define = [h for h in to_define if h in specs]
+            acked = client.publish_many(
+                [
+                    (topics.stack(h), codec.encode(StackDefinition(spec_hash=h, spec=specs[h])), 1, True)
+                    for h in to_define
+                ]
             )
-            try:
-                topic = topics.device(record.device_id, DeviceTopic.DESIRED)
-            except TopicError:
-                continue
-            if not client.publish_confirmed(topic, codec.encode(desired), retain=True):
+            with self.store.transaction():
+                for spec_hash, ok in zip(to_define, acked, strict=True):
+                    if ok:
+                        self.store.set_definition(spec_hash, True)
+            if not all(acked):
                 return
-            self.store.put_desired(record.model_copy(update={"published": True}))
-        for spec_hash in sorted(set(definitions) - needed):
-            # No device references it any more: clear the retained definition.
-            if not client.publish_confirmed(topics.stack(spec_hash), b"", retain=True):
+        unpublished = [r for r in records if not r.published and topics.DEVICE_ID_RE.match(r.device_id)]
+        now = self.clock()
+        for start in range(0, len(unpublished), self.PUBLISH_BATCH):
+            batch = unpublished[start : start + self.PUBLISH_BATCH]
+            messages = [
+                (
+                    topics.device(r.device_id, DeviceTopic.DESIRED),
+                    codec.encode(
+                        DesiredState(
+                            device_id=r.device_id, generation=r.generation, stacks=r.stacks, issued_at=now
+                        )
+                    ),
+                    1,
+                    True,
+                )
+                for r in batch
+            ]
+            acked = client.publish_many(messages)
+            with self.store.transaction():
+                for record, ok in zip(batch, acked, strict=True):
+                    if ok:
+                        self.store.put_desired(record.model_copy(update={"published": True}))
+            if not all(acked):
                 return
-            self.store.delete_definition(spec_hash)
+        if device_ids is None:
+            for spec_hash in sorted(set(definitions) - needed):
+                # No device references it any more: clear the retained definition.
+                if not client.publish_confirmed(topics.stack(spec_hash), b"", retain=True):
+                    return
+                self.store.delete_definition(spec_hash)
 
     # --- requests ---
 

@@ -224,6 +224,28 @@ class MqttClient:
             return False
         return info.is_published()
 
+    def publish_many(self, messages: list[tuple[str, bytes, int, bool]], timeout: float = 30.0) -> list[bool]:
+        """Publish a batch without waiting between messages, then await every acknowledgement.
+
+        Returns, per message, whether the broker acknowledged it within ``timeout``.
+        """
+        if not self.connected:
+            return [False] * len(messages)
+        infos = [self._paho.publish(t, p, qos=q, retain=r) for t, p, q, r in messages]
+        deadline = time.monotonic() + timeout
+        results = []
+        for info in infos:
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                results.append(False)
+                continue
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                results.append(False)
+                continue
+            results.append(info.is_published())
+        return results
+
     # --- internals ---
 
     def _run(self) -> None:
