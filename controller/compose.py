@@ -26,7 +26,9 @@ from tether.protocol.models import (
     VolumeSpec,
 )
 
-TOP_LEVEL_KEYS = {"services", "volumes", "version", "name"}
+from .placement import Placement
+
+TOP_LEVEL_KEYS = {"services", "volumes", "version", "name", "x-tether"}
 SERVICE_KEYS = {
     "image",
     "command",
@@ -355,8 +357,59 @@ def _start_order(services: list[ServiceSpec]) -> list[ServiceSpec]:
     return ordered
 
 
+def _placement(value: Any) -> Placement:
+    """The ``x-tether`` extension: placement and disconnect policy (controller-side only)."""
+    if value is None:
+        return Placement()
+    if not isinstance(value, dict):
+        raise ComposeError("x-tether must be a map")
+    unknown = set(value) - {"placement", "replicas", "disconnect"}
+    if unknown:
+        raise ComposeError(f"x-tether: unsupported key {sorted(unknown)[0]!r}")
+    replicas = value.get("replicas")
+    mode = value.get("placement", "replicas" if replicas is not None else "global")
+    if mode not in ("global", "replicas"):
+        raise ComposeError(f"x-tether.placement must be global or replicas, not {mode!r}")
+    fields: dict[str, Any] = {"mode": mode}
+    if mode == "replicas":
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+            raise ComposeError("x-tether.replicas must be a positive integer")
+        fields["replicas"] = replicas
+    elif replicas is not None:
+        raise ComposeError("x-tether.replicas cannot be combined with placement: global")
+    disconnect = value.get("disconnect")
+    if disconnect is not None:
+        if not isinstance(disconnect, dict):
+            raise ComposeError("x-tether.disconnect must be a map")
+        unknown = set(disconnect) - {"lost_after", "replace", "reconcile"}
+        if unknown:
+            raise ComposeError(f"x-tether.disconnect: unsupported key {sorted(unknown)[0]!r}")
+        if "lost_after" in disconnect:
+            fields["lost_after_s"] = parse_duration(
+                disconnect["lost_after"], "x-tether.disconnect.lost_after"
+            )
+        if "replace" in disconnect:
+            if not isinstance(disconnect["replace"], bool):
+                raise ComposeError("x-tether.disconnect.replace must be true or false")
+            fields["replace"] = disconnect["replace"]
+        if "reconcile" in disconnect:
+            if disconnect["reconcile"] not in ("keep_original", "keep_replacement", "best_score"):
+                raise ComposeError(
+                    "x-tether.disconnect.reconcile must be keep_original, keep_replacement or best_score"
+                )
+            fields["reconcile"] = disconnect["reconcile"]
+        if fields.get("replace") and fields.get("lost_after_s") is None:
+            raise ComposeError("x-tether.disconnect.replace needs lost_after")
+    return Placement.model_validate(fields)
+
+
 def parse_compose(text: str) -> StackSpec:
     """Parse and validate a Compose file; raise :class:`ComposeError` on the first problem."""
+    return parse_stack(text)[0]
+
+
+def parse_stack(text: str) -> tuple[StackSpec, Placement]:
+    """Parse a Compose file into the spec devices run and the controller's placement policy."""
     if len(text.encode()) > MAX_COMPOSE_BYTES:
         raise ComposeError(f"compose file is larger than {MAX_COMPOSE_BYTES // 1024} KiB")
     try:
@@ -384,4 +437,5 @@ def parse_compose(text: str) -> StackSpec:
             raise ComposeError(f"volume {vname!r}: invalid name")
     declared = set(volumes)
     parsed = [_service(name, body, declared) for name, body in services.items()]
-    return StackSpec(services=tuple(_start_order(parsed)), volumes=tuple(sorted(declared)))
+    placement = _placement(doc.get("x-tether"))
+    return StackSpec(services=tuple(_start_order(parsed)), volumes=tuple(sorted(declared))), placement

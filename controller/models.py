@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from tether.protocol.models import NAME_PATTERN, DeviceFacts, ReportedState, StackRef, StackSpec
 
+from .placement import Assignment, Placement
+
 
 class Stored(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -48,6 +50,8 @@ class Stack(Stored):
     spec_hash: str
     spec: StackSpec
     compose: str
+    placement: Placement = Field(default_factory=Placement)
+    assignment: tuple[Assignment, ...] = ()
     version: int = 1
     created: float = 0.0
     updated: float = 0.0

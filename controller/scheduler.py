@@ -24,12 +24,21 @@ def members(group: Group, labels: Mapping[str, Mapping[str, str]]) -> list[str]:
 def desired_stacks(
     stacks: Iterable[Stack], groups: Mapping[str, Group], labels: Mapping[str, Mapping[str, str]]
 ) -> dict[str, tuple[StackRef, ...]]:
-    """Map every targeted device to the stacks it should run, sorted by name."""
+    """Map every targeted device to the stacks it should run, sorted by name.
+
+    A ``global`` stack targets every member of its group; a ``replicas`` stack only the
+    devices of its current assignment (see :mod:`.placement`).
+    """
     result: dict[str, list[StackRef]] = {}
     for stack in stacks:
         group = groups.get(stack.group)
         if group is None:
             continue
-        for device_id in members(group, labels):
+        targets = (
+            [a.device_id for a in stack.assignment]
+            if stack.placement.mode == "replicas"
+            else members(group, labels)
+        )
+        for device_id in targets:
             result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=stack.spec_hash))
     return {d: tuple(sorted(refs, key=lambda r: r.name)) for d, refs in result.items()}

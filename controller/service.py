@@ -58,8 +58,9 @@ from tether.protocol.models import (
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
-from .compose import parse_compose
+from .compose import parse_stack
 from .models import DesiredRecord, Device, Group, Stack
+from .placement import Assignment, Candidate, place
 from .scheduler import desired_stacks, members
 from .selectors import parse_selector
 from .store import Store
@@ -68,6 +69,8 @@ log = logging.getLogger(__name__)
 
 _CONNECTED = "\x00connected"
 _STOP = "\x00stop"
+_TICK = "\x00tick"
+TICK_SECONDS = 1.0
 
 
 class Controller:
@@ -111,13 +114,27 @@ class Controller:
 
     def _run(self) -> None:
         while True:
-            topic, payload = self.inbox.get()
+            try:
+                topic, payload = self.inbox.get(timeout=TICK_SECONDS)
+            except queue.Empty:
+                topic, payload = _TICK, b""
             if topic == _STOP:
                 return
             try:
-                self.handle(topic, payload)
+                if topic == _TICK:
+                    self.tick()
+                else:
+                    self.handle(topic, payload)
             except Exception:
                 log.exception("failed to handle a message on %s", topic)
+
+    def tick(self) -> None:
+        """Time-driven work: replicas whose devices have just become lost get replaced."""
+        stacks = [
+            s for s in self.store.list_stacks() if s.placement.mode == "replicas" and s.placement.lost_after_s
+        ]
+        if stacks and self._placements_changed(stacks):
+            self.sync()
 
     # --- dispatch ---
 
@@ -165,7 +182,11 @@ class Controller:
         self.store.put_device(device.model_copy(update=update))
         if presence.status != device.status:
             log.info("device %s is %s (session %d)", device_id, presence.status, presence.session)
-        if labels_changed or new_device:
+        if presence.status != device.status and any(
+            s.placement.mode == "replicas" for s in self.store.list_stacks()
+        ):
+            self.sync()  # replicas may move: a full pass restores the exact count
+        elif labels_changed or new_device:
             self.sync({device_id})
 
     def _on_reported(self, device_id: str, payload: bytes) -> None:
@@ -210,6 +231,8 @@ class Controller:
         changes labels costs O(groups + stacks), not O(fleet).
         """
         groups = {g.name: g for g in self.store.list_groups()}
+        if device_ids is None:
+            self._update_placements()
         stacks = self.store.list_stacks()
         if device_ids is None:
             labels = {d.id: d.labels for d in self.store.list_devices()}
@@ -242,6 +265,45 @@ class Controller:
         known = self.store.definitions()
         for spec_hash in needed - set(known):
             self.store.set_definition(spec_hash, False)
+
+    def _next_placements(self, stacks: list[Stack]) -> dict[str, tuple[Assignment, ...]]:
+        devices = self.store.list_devices()
+        labels = {d.id: d.labels for d in devices}
+        load: dict[str, int] = {}
+        for record in self.store.list_desired():
+            load[record.device_id] = len(record.stacks)
+        candidates = {
+            d.id: Candidate(
+                d.id, d.status == "online", d.since if d.status != "online" else None, load.get(d.id, 0)
+            )
+            for d in devices
+        }
+        groups = {g.name: g for g in self.store.list_groups()}
+        now = self.clock()
+        result = {}
+        for stack in stacks:
+            group = groups.get(stack.group)
+            group_members = members(group, labels) if group else []
+            result[stack.name] = place(stack.placement, group_members, candidates, stack.assignment, now)
+        return result
+
+    def _placements_changed(self, stacks: list[Stack]) -> bool:
+        nxt = self._next_placements(stacks)
+        return any(nxt[s.name] != s.assignment for s in stacks)
+
+    def _update_placements(self) -> None:
+        stacks = [s for s in self.store.list_stacks() if s.placement.mode == "replicas"]
+        if not stacks:
+            return
+        nxt = self._next_placements(stacks)
+        for stack in stacks:
+            if nxt[stack.name] != stack.assignment:
+                log.info(
+                    "stack %s placed on %s",
+                    stack.name,
+                    ", ".join(a.device_id for a in nxt[stack.name]) or "nothing",
+                )
+                self.store.put_stack(stack.model_copy(update={"assignment": nxt[stack.name]}))
 
     PUBLISH_BATCH = 500
 
@@ -454,7 +516,7 @@ class Controller:
         if not re.match(NAME_PATTERN, cmd.name):
             raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
         try:
-            spec = parse_compose(cmd.compose)
+            spec, placement = parse_stack(cmd.compose)
         except ComposeError as exc:
             raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
         group = self.store.get_group(cmd.group)
@@ -467,14 +529,17 @@ class Controller:
             )
         spec_hash = spec.spec_hash()
         now = self.clock()
-        changed = existing is None or existing.spec_hash != spec_hash
+        changed = existing is None or existing.spec_hash != spec_hash or existing.placement != placement
         if changed:
+            keep = existing.assignment if existing is not None and placement.mode == "replicas" else ()
             stack = Stack(
                 name=cmd.name,
                 group=cmd.group,
                 spec_hash=spec_hash,
                 spec=spec,
                 compose=cmd.compose,
+                placement=placement,
+                assignment=keep,
                 version=(existing.version + 1) if existing else 1,
                 created=existing.created if existing else now,
                 updated=now,
@@ -485,11 +550,13 @@ class Controller:
             self.publish_pending()
         else:
             stack = existing  # type: ignore[assignment]
-        return {
-            "stack": self._stack_view(stack),
-            "changed": changed,
-            "devices": members(group, self._labels()),
-        }
+        stack = self.store.get_stack(cmd.name) or stack
+        targets = (
+            [a.device_id for a in stack.assignment]
+            if stack.placement.mode == "replicas"
+            else members(group, self._labels())
+        )
+        return {"stack": self._stack_view(stack), "changed": changed, "devices": targets}
 
     def _stack_view(self, stack: Stack) -> dict[str, Any]:
         return {
@@ -498,6 +565,8 @@ class Controller:
             "spec_hash": stack.spec_hash,
             "version": stack.version,
             "services": [s.name for s in stack.spec.services],
+            "placement": stack.placement.model_dump(mode="json"),
+            "assignment": [a.model_dump(mode="json") for a in stack.assignment],
             "updated": stack.updated,
         }
 
@@ -530,9 +599,12 @@ class Controller:
                     state = "rejected"
             else:
                 state = status.state
+            stack = self.store.get_stack(name)
+            role = next((a.role for a in stack.assignment if a.device_id == record.device_id), None) if stack else None
             rows.append(
                 {
                     "device": record.device_id,
+                    "role": role,
                     "presence": device.status,
                     "state": state,
                     "desired_generation": record.generation,
