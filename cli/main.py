@@ -73,6 +73,12 @@ def main() -> None:
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("tether-data"), show_default=True)
 @click.option(
+    "--db",
+    envvar="TETHER_DB",
+    default=None,
+    help="State store: postgresql://user@host/db (default: SQLite in --data-dir).",
+)
+@click.option(
     "--broker", default=None, help="Use this external broker (mqtt://host:port) instead of the embedded one."
 )
 @click.option(
@@ -86,6 +92,7 @@ def main() -> None:
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 def up(
     data_dir: Path,
+    db: str | None,
     broker: str | None,
     bind: str,
     port: int,
@@ -105,7 +112,7 @@ def up(
         fail(f"the controller is not installed ({exc.name} missing): pip install 'tether[controller]'", 2)
     try:
         code = serve(
-            UpOptions(data_dir, broker, bind, port, with_agent, agent_driver),
+            UpOptions(data_dir, db, broker, bind, port, with_agent, agent_driver),
             lambda line: click.echo(line, err=False),
         )
     except TetherError as exc:

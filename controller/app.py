@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class UpOptions:
     data_dir: Path
+    db: str | None
     broker: str | None
     bind: str
     port: int
@@ -64,7 +65,7 @@ def _docker_reachable() -> bool:
 def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: ignore[valid-type]
     """Run until SIGTERM/SIGINT. Returns the exit status."""
     options.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(options.data_dir / "tether.db")
+    store = Store(options.db or options.data_dir / "tether.db")
     embedded = None
     if options.broker is None:
         from tether.broker import EmbeddedBroker

@@ -600,7 +600,11 @@ class Controller:
             else:
                 state = status.state
             stack = self.store.get_stack(name)
-            role = next((a.role for a in stack.assignment if a.device_id == record.device_id), None) if stack else None
+            role = (
+                next((a.role for a in stack.assignment if a.device_id == record.device_id), None)
+                if stack
+                else None
+            )
             rows.append(
                 {
                     "device": record.device_id,

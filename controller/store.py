@@ -1,8 +1,10 @@
-"""The controller's state in SQLite (WAL), behind one small interface.
+"""The controller's state, in SQLite (WAL; the default) or PostgreSQL, behind one interface.
 
-Schema migrations are numbered and recorded in ``PRAGMA user_version``; each runs in a
-transaction, so running them twice is harmless. Rows hold JSON renderings of the
-pydantic models in :mod:`.models`.
+One set of numbered migrations serves both, recorded in ``schema_migrations``; each runs in
+a transaction (on PostgreSQL under an advisory lock, so two controllers starting together
+do not race), so running them twice is harmless. Rows hold JSON renderings of the pydantic
+models in :mod:`.models`; the SQL is the common subset of both databases, written with
+``?`` placeholders (translated for psycopg).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from tether.protocol.errors import StoreError
 
@@ -33,26 +36,72 @@ MIGRATIONS = [
 EVENTS_KEPT = 200
 """Events kept per device (the newest)."""
 
+MIGRATION_LOCK = 0x7E7E_0001
+"""PostgreSQL advisory lock key held while migrating."""
+
+
+def is_postgres_url(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+class _Postgres:
+    """A psycopg 3 connection with sqlite3's ``execute`` shape (``?`` placeholders)."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise StoreError("PostgreSQL support is not installed: pip install 'tether[postgres]'") from exc
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {str(exc).strip().splitlines()[0]}") from exc
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.conn.close()
+
 
 class Store:
-    """SQLite-backed state. Use from one thread; group writes with :meth:`transaction`."""
+    """The controller's state. Use from one thread; group writes with :meth:`transaction`.
 
-    def __init__(self, path: Path | str) -> None:
-        self.path = str(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA busy_timeout=5000")
+    ``target`` is a SQLite file path, or a ``postgresql://`` URL.
+    """
+
+    def __init__(self, target: Path | str) -> None:
+        self.target = str(target)
+        self.db: Any
+        if is_postgres_url(self.target):
+            self.kind = "postgresql"
+            self.db = _Postgres(self.target)
+        else:
+            self.kind = "sqlite"
+            self.db = sqlite3.connect(self.target, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
         self._in_tx = False
         self.migrate()
 
     def migrate(self) -> None:
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            with self.transaction():
+        """Apply the migrations not yet recorded; safe to run twice, and concurrently."""
+        self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+        with self.transaction():
+            if self.kind == "postgresql":
+                self.db.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            done = {row[0] for row in self.db.execute("SELECT version FROM schema_migrations")}
+            for number, script in enumerate(MIGRATIONS, start=1):
+                if number in done:
+                    continue
                 for statement in filter(str.strip, script.split(";")):
                     self.db.execute(statement)
-                self.db.execute(f"PRAGMA user_version = {number}")
+                self.db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (number,))
+
+    def schema_version(self) -> int:
+        row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -60,7 +109,7 @@ class Store:
         if self._in_tx:
             yield
             return
-        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("BEGIN IMMEDIATE" if self.kind == "sqlite" else "BEGIN")
         self._in_tx = True
         try:
             yield
@@ -158,7 +207,8 @@ class Store:
     def add_event(self, device_id: str, seq: int, body: str) -> bool:
         """Store an event once; False if this (device, seq) was already stored (a duplicate)."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO events (device_id, seq, body) VALUES (?, ?, ?)", (device_id, seq, body)
+            "INSERT INTO events (device_id, seq, body) VALUES (?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING",
+            (device_id, seq, body),
         )
         if cur.rowcount:
             self.db.execute(

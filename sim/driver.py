@@ -17,10 +17,9 @@ import random
 import time
 from collections.abc import Callable
 
+from tether.agent.drivers.base import Observed
 from tether.protocol.errors import DriverError
 from tether.protocol.models import ServiceSpec, StackSpec
-
-from tether.agent.drivers.base import Observed
 
 LABEL_FAIL = "tether.sim/fail"
 """A service with this label fails to start on every simulated device (the value is the message)."""

@@ -103,7 +103,9 @@ def connect_packet(
     return packet(CONNECT, header + payload)
 
 
-def publish_packet(topic: str, payload: bytes, qos: int, retain: bool, pid: int = 0, dup: bool = False) -> bytes:
+def publish_packet(
+    topic: str, payload: bytes, qos: int, retain: bool, pid: int = 0, dup: bool = False
+) -> bytes:
     first = PUBLISH | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
     body = _str(topic) + (_PACK_H.pack(pid) if qos else b"") + payload
     return packet(first, body)
@@ -168,24 +170,28 @@ class MqttSession(asyncio.Protocol):
 
     # --- connection ---
 
-    async def open(self, host: str, port: int, timeout: float, ssl: object = None) -> bool:
+    async def open(self, host: str, port: int, timeout: float) -> bool:
         """Connect, send CONNECT (with a fresh will) and wait for CONNACK. True on success."""
         loop = asyncio.get_running_loop()
         self._closing = False
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: self, host, port, ssl=ssl),  # type: ignore[arg-type]
+                loop.create_connection(lambda: self, host, port),
                 timeout,
             )
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             self.counters.refused += 1
             return False
         will = self._will() if self._will else None
         self._connack = loop.create_future()
-        self._send(connect_packet(self.client_id, clean_session=self.clean_session, keepalive=self.keepalive, will=will))
+        self._send(
+            connect_packet(
+                self.client_id, clean_session=self.clean_session, keepalive=self.keepalive, will=will
+            )
+        )
         try:
             return await asyncio.wait_for(self._connack, timeout)
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             self.counters.refused += 1
             self.abort()
             return False

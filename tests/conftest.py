@@ -38,3 +38,31 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
         pytest.skip(f"{MOSQUITTO_BIN} not installed (set TETHER_REQUIRE_MOSQUITTO=1 to fail instead)")
     with Mosquitto(tmp_path) as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A private PostgreSQL cluster for the session (skipped where none is installed)."""
+    from support.infra import Postgres, _pg_bin
+
+    if _pg_bin("initdb") is None:
+        if _required("TETHER_REQUIRE_POSTGRES"):
+            pytest.fail("TETHER_REQUIRE_POSTGRES=1 but PostgreSQL is not installed")
+        pytest.skip("PostgreSQL not installed (set TETHER_REQUIRE_POSTGRES=1 to fail instead)")
+    with Postgres(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any) -> str:
+    """A fresh, empty database for one test."""
+    import uuid
+
+    return str(postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}"))
+
+
+@pytest.fixture(autouse=True)
+def _controller_database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With TETHER_TEST_DB=postgres, every controller a test starts uses a fresh PostgreSQL database."""
+    if os.environ.get("TETHER_TEST_DB") == "postgres":
+        monkeypatch.setenv("TETHER_DB", request.getfixturevalue("postgres_url"))

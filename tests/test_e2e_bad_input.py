@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,10 +48,13 @@ def _one_line_error(result: Any, *needles: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def fleet(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("bad-input")
     device = f"bad-{uuid.uuid4().hex[:6]}"
-    controller = ControllerProcess(tmp / "controller")
+    db = None
+    if os.environ.get("TETHER_TEST_DB") == "postgres":
+        db = request.getfixturevalue("postgres_server").create_database(f"t_{uuid.uuid4().hex[:12]}")
+    controller = ControllerProcess(tmp / "controller", db=db)
     agent = AgentProcess(controller.url, device, tmp / "agent", driver="process")
     try:
         wait_online(controller.url, device)

@@ -185,3 +185,73 @@ def remove_tether_containers(client: Any) -> None:
     for network in client.networks.list(filters={"label": MANAGED_LABEL}):
         with contextlib.suppress(docker.errors.NotFound):
             network.remove()
+
+
+def _pg_bin(name: str) -> str | None:
+    import glob
+
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found[-1] if found else None
+
+
+class Postgres:
+    """A private PostgreSQL cluster on 127.0.0.1, in ``tmp_path``, run as the ``postgres`` user.
+
+    Use as a context manager; :meth:`create_database` gives each test its own database.
+    """
+
+    def __init__(self, tmp_path: Path) -> None:
+        import pwd
+        import tempfile
+
+        # pytest's tmp dirs are private to root; the server runs as `postgres`.
+        del tmp_path
+        self.dir = Path(tempfile.mkdtemp(prefix="tether-pg-")) / "pgdata"
+        self.user = "postgres"
+        self.uid = pwd.getpwnam(self.user).pw_uid
+        self.port = 0
+        self.url = ""
+
+    def _run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        import os
+
+        prefix = ["runuser", "-u", self.user, "--"] if os.geteuid() == 0 else []
+        return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=120, check=False)
+
+    def __enter__(self) -> Postgres:
+        import os
+
+        initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+        if not initdb or not pg_ctl:
+            raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        os.chown(self.dir.parent, self.uid, -1)
+        result = self._run(initdb, "-D", str(self.dir), "--auth=trust", "-U", self.user, "--no-sync")
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb failed: {result.stderr}")
+        for _ in range(5):
+            self.port = free_port()
+            result = self._run(
+                pg_ctl, "-D", str(self.dir), "-w", "-t", "60", "-l", str(self.dir / "server.log"),
+                "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off",
+                "start",
+            )  # fmt: skip
+            if result.returncode == 0:
+                self.url = f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+                return self
+        raise RuntimeError(f"pg_ctl start failed: {result.stderr}\n{(self.dir / 'server.log').read_text()}")
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
+
+    def __exit__(self, *exc: object) -> None:
+        import shutil
+
+        pg_ctl = _pg_bin("pg_ctl")
+        if pg_ctl:
+            self._run(pg_ctl, "-D", str(self.dir), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(self.dir.parent, ignore_errors=True)

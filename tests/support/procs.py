@@ -85,9 +85,11 @@ class _Proc:
 class ControllerProcess(_Proc):
     """`tether up` on an ephemeral port (embedded broker) or against ``broker``."""
 
-    def __init__(self, data_dir: Path, broker: str | None = None, port: int = 0) -> None:
+    def __init__(self, data_dir: Path, broker: str | None = None, port: int = 0, db: str | None = None) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         argv = [PY, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir)]
+        if db:
+            argv += ["--db", db]
         argv += ["--broker", broker] if broker else ["--port", str(port)]
         super().__init__(argv, data_dir / "controller.log")
         if broker:

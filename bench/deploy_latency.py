@@ -1,0 +1,239 @@
+"""Deploy latency: from the deploy request to every device reporting the new generation applied.
+
+    .venv/bin/python bench/deploy_latency.py --devices 1000 [--broker mosquitto|embedded]
+
+A broker (Mosquitto, or the controller's embedded one), a real controller process
+(``tether up``) and ``--devices`` simulated devices (:mod:`tether.sim`, in this process)
+labelled ``bench=deploy``; a selector group ``fleet`` matches them all. Once the
+controller knows every device, a 3-service stack is deployed to the group (first
+deploy: a new stack), then a new version of it (an update). For each deploy:
+
+* *request*: until the controller's reply (it replies after publishing every desired state);
+* *accepted*: per device, until it published a report naming the new generation;
+* *applied*: per device, until it published a report of that generation with nothing
+  converging (its simulated instances take ``--start-delay`` seconds to start);
+* *controller sees all*: until ``tether stacks ls`` counts every device running.
+
+The clock starts just before the request leaves this process. Devices report their
+timestamps from the same monotonic clock (same machine, same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    Controller,
+    CpuMeter,
+    Mosquitto,
+    Row,
+    compose_stack,
+    latency_stats,
+    log,
+    memory,
+    report,
+    rnd,
+    wait_until,
+)
+from tether.cli.client import ControllerClient
+from tether.protocol.models import GroupsCreate, GroupsShow, StacksDeploy, StacksList
+from tether.sim import Fleet, FleetConfig, FleetThread
+
+NAME = "deploy_latency"
+
+
+def target_for(devices: int) -> float:
+    """Issue 7: 1,000 devices all applied within 2 s; 10,000 within 10 s (linear in between)."""
+    if devices <= 1000:
+        return 2.0
+    return 2.0 + 8.0 * min(1.0, (devices - 1000) / 9000)
+
+
+def wait_registered(url: str, devices: int, timeout: float) -> float:
+    """Until the controller's group ``fleet`` has every device as a member; seconds taken."""
+    t0 = time.monotonic()
+    with ControllerClient(url, timeout=120) as client:
+
+        def members() -> bool:
+            group = client.request(GroupsShow(name="fleet"))["group"]
+            return len(group["members"]) >= devices
+
+        wait_until(members, timeout, interval=1.0, message=f"controller to know {devices} devices")
+    return time.monotonic() - t0
+
+
+def snapshot_generations(fleet: Fleet) -> list[int]:
+    return [d.generation for d in fleet.devices]
+
+
+def progress(fleet: Fleet, base: list[int]) -> tuple[list[float], list[float], int]:
+    """(accepted times, applied times, failed devices) for generations newer than ``base``."""
+    accepted: list[float] = []
+    applied: list[float] = []
+    failed = 0
+    for d, before in zip(fleet.devices, base, strict=True):
+        newer = [g for g in d.marks if g > before]
+        if not newer:
+            continue
+        gen = min(newer)
+        first, done = d.marks[gen]
+        accepted.append(first)  # type: ignore[arg-type]
+        if done is not None:
+            applied.append(done)
+        if d.failed:
+            failed += 1
+    return accepted, applied, failed
+
+
+def deploy(
+    sim: FleetThread, url: str, devices: int, version: int, services: int, timeout: float
+) -> dict[str, Any]:
+    base = sim.call(snapshot_generations)
+    compose = compose_stack(services, version)
+    with ControllerClient(url, timeout=timeout) as client:
+        t0 = time.monotonic()
+        reply = client.request(StacksDeploy(name="app", group="fleet", compose=compose))
+        t_reply = time.monotonic() - t0
+        log(f"deploy v{version}: controller replied after {t_reply:.2f} s ({len(reply['devices'])} devices)")
+
+        try:
+            sim.wait(lambda f: len(progress(f, base)[1]) >= devices, timeout, interval=0.05, message="all applied")
+        except TimeoutError:
+            log(f"deploy v{version}: not every device applied within {timeout:g} s")
+        t_all = time.monotonic() - t0
+        accepted, applied, failed = sim.call(lambda f: progress(f, base))
+
+        def controller_sees_all() -> bool:
+            stacks = client.request(StacksList())["stacks"]
+            app = next((s for s in stacks if s["name"] == "app"), None)
+            return app is not None and app["version"] == version and app["running"] >= devices
+
+        seen: float | None = None
+        try:
+            wait_until(controller_sees_all, max(10.0, timeout - t_all), interval=0.5)
+            seen = time.monotonic() - t0
+        except TimeoutError:
+            log(f"deploy v{version}: the controller did not see every device running")
+    return {
+        "version": version,
+        "request_s": rnd(t_reply),
+        "accepted": latency_stats([t - t0 for t in accepted], devices),
+        "applied": latency_stats([t - t0 for t in applied], devices),
+        "failed_devices": failed,
+        "wall_until_all_applied_s": rnd(t_all),
+        "controller_sees_all_running_s": rnd(seen),
+    }
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    broker: Mosquitto | None = None
+    if args.broker == "mosquitto":
+        broker = Mosquitto(workdir / "mosquitto").start()
+        controller = Controller(workdir / "controller", broker.url)
+    else:
+        controller = Controller(workdir / "controller")
+    url = controller.url
+    log(f"{args.broker} broker at {url}; controller pid {controller.pid}")
+    config = FleetConfig(
+        broker=url,
+        devices=args.devices,
+        prefix="dl",
+        labels={"bench": "deploy"},
+        start_delay=args.start_delay,
+        connect_rate=args.connect_rate,
+        connect_concurrency=args.connect_concurrency,
+        reconcile_interval=args.reconcile_interval,
+    )
+    sim = FleetThread(config)
+    try:
+        with ControllerClient(url, timeout=60) as client:
+            client.request(GroupsCreate(name="fleet", selector="bench=deploy"))
+        t0 = time.monotonic()
+        sim.start()
+        sim.wait(lambda f: f.connected() >= args.devices, args.timeout, interval=0.2, message="all connected")
+        connect_s = time.monotonic() - t0
+        log(f"{args.devices} devices connected in {connect_s:.1f} s")
+        registered_s = wait_registered(url, args.devices, args.timeout) + connect_s
+        log(f"controller knows all {args.devices} devices after {registered_s:.1f} s")
+        cpu = CpuMeter(controller.pid)
+        results = [deploy(sim, url, args.devices, v, args.services, args.timeout) for v in (1, 2)]
+        controller_cpu_s = cpu.seconds()
+        summary = sim.call(lambda f: f.summary())
+        ctl_mem = memory(controller.pid)
+    finally:
+        sim.stop()
+        controller.stop()
+        if broker is not None:
+            broker.stop()
+    return {
+        "broker": args.broker,
+        "devices": args.devices,
+        "services": args.services,
+        "start_delay_s": args.start_delay,
+        "connect_s": rnd(connect_s),
+        "registered_s": rnd(registered_s),
+        "deploys": results,
+        "controller_cpu_s_during_deploys": rnd(controller_cpu_s),
+        "controller_memory": ctl_mem,
+        "sim": summary,
+    }
+
+
+def rows(data: dict[str, Any]) -> list[Row]:
+    n = data["devices"]
+    target = target_for(n)
+    out = [
+        Row("devices (simulated)", n),
+        Row("broker", data["broker"]),
+        Row("all connected after", data["connect_s"], " s"),
+        Row("controller knows all after", data["registered_s"], " s"),
+    ]
+    for d, label in zip(data["deploys"], ("new stack", "new version"), strict=True):
+        applied = d["applied"]
+        complete = applied["missing"] == 0 and applied["max_s"] is not None
+        out += [
+            Row(f"{label}: controller reply", d["request_s"], " s"),
+            Row(f"{label}: accepted p50", d["accepted"]["p50_s"], " s"),
+            Row(f"{label}: applied p50", applied["p50_s"], " s"),
+            Row(f"{label}: applied p99", applied["p99_s"], " s"),
+            Row(
+                f"{label}: applied max (all devices)",
+                applied["max_s"],
+                " s",
+                f"<= {target:g} s",
+                complete and applied["max_s"] <= target,
+            ),
+            Row(f"{label}: devices not applied", applied["missing"], "", "0", applied["missing"] == 0),
+            Row(f"{label}: controller sees all running", d["controller_sees_all_running_s"], " s"),
+        ]
+    out.append(Row("controller CPU during both deploys", data["controller_cpu_s_during_deploys"], " s"))
+    out.append(Row("controller RSS after", data["controller_memory"]["rss_mb"], " MB"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=int, default=1000)
+    p.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
+    p.add_argument("--services", type=int, default=3, help="services in the deployed stack")
+    p.add_argument("--start-delay", type=float, default=0.2, help="seconds a simulated instance takes to start")
+    p.add_argument("--connect-rate", type=float, default=1000.0, help="new simulated devices per second")
+    p.add_argument("--connect-concurrency", type=int, default=200)
+    p.add_argument("--reconcile-interval", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds each phase may take")
+    p.add_argument("--json", type=Path, default=None, help="default: bench/results/deploy_latency-N-BROKER.json")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tether-deploy-") as tmp:
+        data = run(args, Path(tmp))
+    json_path = args.json or Path(__file__).parent / "results" / f"{NAME}-{args.devices}-{args.broker}.json"
+    report(NAME, f"Deploy latency: {args.devices} simulated devices, {args.broker}", rows(data), data, json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
