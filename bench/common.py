@@ -423,9 +423,15 @@ class Controller(Proc):
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.profiled and self.proc.poll() is None:
+            child = self.pid
             os.killpg(self.proc.pid, signal.SIGINT)  # py-spy writes its profile once the controller exits
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout)
+            if child != self.proc.pid:
+                with contextlib.suppress(TimeoutError):
+                    wait_until(lambda: not Path(f"/proc/{child}").exists(), 15, interval=0.1)
+                with contextlib.suppress(OSError):
+                    os.kill(child, signal.SIGKILL)
         return super().stop(timeout)
 
     @property

@@ -79,6 +79,9 @@ def main() -> None:
     help="State store: postgresql://user@host/db (default: SQLite in --data-dir).",
 )
 @click.option(
+    "--ha", is_flag=True, help="High availability: several controllers on one PostgreSQL and broker."
+)
+@click.option(
     "--broker", default=None, help="Use this external broker (mqtt://host:port) instead of the embedded one."
 )
 @click.option(
@@ -93,6 +96,7 @@ def main() -> None:
 def up(
     data_dir: Path,
     db: str | None,
+    ha: bool,
     broker: str | None,
     bind: str,
     port: int,
@@ -112,7 +116,7 @@ def up(
         fail(f"the controller is not installed ({exc.name} missing): pip install 'tether[controller]'", 2)
     try:
         code = serve(
-            UpOptions(data_dir, db, broker, bind, port, with_agent, agent_driver),
+            UpOptions(data_dir, db, ha, broker, bind, port, with_agent, agent_driver),
             lambda line: click.echo(line, err=False),
         )
     except TetherError as exc:

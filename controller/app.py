@@ -12,10 +12,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from tether.protocol.errors import StoreError
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
 
+from .lease import lease_for
 from .service import Controller
-from .store import Store
+from .store import Store, is_postgres_url
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 class UpOptions:
     data_dir: Path
     db: str | None
+    ha: bool
     broker: str | None
     bind: str
     port: int
@@ -65,7 +68,13 @@ def _docker_reachable() -> bool:
 def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: ignore[valid-type]
     """Run until SIGTERM/SIGINT. Returns the exit status."""
     options.data_dir.mkdir(parents=True, exist_ok=True)
-    store = Store(options.db or options.data_dir / "tether.db")
+    target = options.db or str(options.data_dir / "tether.db")
+    if options.ha and not is_postgres_url(target):
+        raise StoreError("--ha needs a PostgreSQL store (--db postgresql://...) shared by every controller")
+    if options.ha and options.broker is None:
+        raise StoreError("--ha needs an external broker with shared subscriptions (--broker mqtt://...)")
+    lease = lease_for(target)
+    store = Store(target)
     embedded = None
     if options.broker is None:
         from tether.broker import EmbeddedBroker
@@ -78,20 +87,27 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     else:
         address = parse_broker_url(options.broker)
         echo(f"tether: using broker {address.url()}")
-    controller = Controller(store)
+    controller = Controller(store, lease=lease, ha=options.ha)
     agent: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
+    code = 0
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         controller.start(address, fresh_broker=embedded is not None)
         controller.ready.wait(15)
-        echo(f"tether: controller ready (data in {options.data_dir})")
+        role = "leader" if controller.leading.is_set() else "standby"
+        echo(
+            f"tether: controller ready ({role}; state in {'PostgreSQL' if store.kind == 'postgresql' else target})"
+        )
         if options.with_agent:
             cmd = _agent_command(address.url(), options)
             agent = subprocess.Popen(cmd, env=dict(os.environ))
             echo(f"tether: local agent started (device 'local', driver {cmd[cmd.index('--driver') + 1]})")
-        stop.wait()
+        while not stop.wait(0.5):
+            if controller.lost_leadership.is_set():
+                code = 3
+                break
     finally:
         echo("tether: shutting down")
         if agent is not None:
@@ -104,4 +120,5 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         if embedded is not None:
             embedded.stop()
         store.close()
-    return 0
+        lease.release()
+    return code

@@ -59,6 +59,7 @@ from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
 from .compose import parse_stack
+from .lease import Lease
 from .models import DesiredRecord, Device, Group, Stack
 from .placement import Assignment, Candidate, place
 from .scheduler import desired_stacks, members
@@ -73,15 +74,29 @@ _TICK = "\x00tick"
 TICK_SECONDS = 1.0
 
 
+READ_COMMANDS = (DevicesList, DevicesShow, GroupsList, GroupsShow, StacksList, StacksStatus)
+
+
 class Controller:
     """Schedules stacks onto devices and answers requests, over one MQTT connection."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        lease: Lease | None = None,
+        ha: bool = False,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.lease = lease
+        self.ha = ha
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.client: MqttClient | None = None
         self.ready = threading.Event()
+        self.leading = threading.Event()
+        self.lost_leadership = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ---
@@ -98,12 +113,28 @@ class Controller:
             on_message=lambda t, p, r: self.inbox.put((t, p)),
             on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
         )
-        for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS):
-            self.client.subscribe(topics.all_devices(kind))
-        self.client.subscribe(topics.REQUESTS)
+        if self.ha:
+            self.client.subscribe(topics.SHARED_REQUESTS)
+        if self.lease is None or self.lease.try_acquire():
+            self._become_leader()
+        else:
+            log.info("standing by: another controller leads")
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._thread.start()
         self.client.connect(connect_timeout)
+
+    def _become_leader(self) -> None:
+        """Take over scheduling: device topics, write requests, and everything unpublished."""
+        assert self.client is not None
+        for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS):
+            self.client.subscribe(topics.all_devices(kind))
+        self.client.subscribe(topics.LEADER_REQUESTS)
+        if not self.ha:
+            self.client.subscribe(topics.REQUESTS)
+        self.leading.set()
+        log.info("this controller leads")
+        if self.client.connected:
+            self.inbox.put((_CONNECTED, b""))
 
     def stop(self) -> None:
         self.inbox.put((_STOP, b""))
@@ -129,7 +160,17 @@ class Controller:
                 log.exception("failed to handle a message on %s", topic)
 
     def tick(self) -> None:
-        """Time-driven work: replicas whose devices have just become lost get replaced."""
+        """Time-driven work: leadership, and replicas whose devices have just become lost."""
+        if self.lease is not None:
+            if self.leading.is_set() and not self.lease.still_held():
+                log.critical("lost the leader lease: stepping down")
+                self.leading.clear()
+                self.lost_leadership.set()
+                return
+            if not self.leading.is_set():
+                if self.lease.try_acquire():
+                    self._become_leader()
+                return
         stacks = [
             s for s in self.store.list_stacks() if s.placement.mode == "replicas" and s.placement.lost_after_s
         ]
@@ -141,14 +182,17 @@ class Controller:
     def handle(self, topic: str, payload: bytes) -> None:
         """Handle one incoming message (on the worker thread)."""
         if topic == _CONNECTED:
-            self.publish_pending()
+            if self.leading.is_set():
+                self.publish_pending()
             self.ready.set()
             return
         parsed = topics.parse(topic)
         if parsed is None:
             return
-        if parsed.kind == "requests":
+        if parsed.kind in ("requests", "leader-requests"):
             self._on_request(payload)
+        elif not self.leading.is_set():
+            return
         elif parsed.kind == "device" and parsed.device_id is not None and payload:
             if parsed.device_topic == DeviceTopic.PRESENCE:
                 self._on_presence(parsed.device_id, payload)
@@ -386,6 +430,11 @@ class Controller:
             return
         try:
             command = COMMAND_ADAPTER.validate_python(request.command)
+            if not self.leading.is_set() and not isinstance(command, READ_COMMANDS):
+                # A standby answers reads from the shared store; writes go to the leader.
+                if self.client is not None:
+                    self.client.publish(topics.LEADER_REQUESTS, payload, qos=1)
+                return
             result = self.execute(command)
             reply = Reply(id=request.id, ok=True, result=result)
         except ValidationError as exc:

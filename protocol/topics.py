@@ -6,6 +6,7 @@
     tether/v1/devices/{device_id}/events     QoS 1,           agent -> anyone      Event
     tether/v1/stacks/{spec_hash}             retained, QoS 1, controller -> agents StackDefinition
     tether/v1/controller/requests            QoS 1,           clients -> controller Request
+    tether/v1/controller/leader              QoS 1,           standby -> leader     Request
     tether/v1/clients/{client_id}/replies    QoS 1,           controller -> client Reply
 
 Incoming topics are never trusted to be ones we subscribed to (some brokers deliver
@@ -26,6 +27,10 @@ SPEC_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 REQUESTS = f"{ROOT}/controller/requests"
+SHARED_REQUESTS = f"$share/tether-controllers/{REQUESTS}"
+"""With several controllers (``tether up --ha``) each request goes to one of them."""
+LEADER_REQUESTS = f"{ROOT}/controller/leader"
+"""Write requests a standby controller hands to the leader, unchanged."""
 
 
 class DeviceTopic(StrEnum):
@@ -75,7 +80,7 @@ def replies(client_id: str) -> str:
 class ParsedTopic:
     """What an incoming topic is: a device topic, a stack definition, a request or a reply."""
 
-    kind: str  # "device" | "stack" | "requests" | "replies"
+    kind: str  # "device" | "stack" | "requests" | "leader-requests" | "replies"
     device_id: str | None = None
     device_topic: DeviceTopic | None = None
     spec_hash: str | None = None
@@ -98,6 +103,8 @@ def parse(topic: str) -> ParsedTopic | None:
         return ParsedTopic("stack", spec_hash=rest[1])
     if rest == ["controller", "requests"]:
         return ParsedTopic("requests")
+    if rest == ["controller", "leader"]:
+        return ParsedTopic("leader-requests")
     if len(rest) == 3 and rest[0] == "clients" and rest[2] == "replies" and CLIENT_ID_RE.match(rest[1]):
         return ParsedTopic("replies", client_id=rest[1])
     return None

@@ -134,7 +134,10 @@ def wait_for(driver: Driver, state: InstanceState, service: str) -> Observed:
     def found() -> Observed | None:
         return next((i for i in driver.observe() if i.service == service and i.state == state), None)
 
-    return wait_until(found, timeout=TIMEOUT, message=f"{service} to be {state}")
+    try:
+        return wait_until(found, timeout=TIMEOUT, message=f"{service} to be {state}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; observed {driver.observe()}") from None
 
 
 def test_create_shows_one_running_instance(harness: Harness) -> None:

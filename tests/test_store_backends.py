@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tether.controller.models import DesiredRecord, Group
 from tether.controller.store import Store
 from tether.protocol.errors import StoreError

@@ -70,7 +70,9 @@ class ProcessDriver:
                 continue
             pid = int(rec.get("pid", 0))
             exit_code = rec.get("exit_code")
-            alive = pid > 0 and _proc_start_ticks(pid) == rec.get("start_ticks")
+            # No start time recorded: the process had already exited when it was launched.
+            ticks = rec.get("start_ticks")
+            alive = pid > 0 and ticks is not None and _proc_start_ticks(pid) == ticks
             child = self._children.get(pid)
             if child is not None:
                 code = child.poll()
@@ -141,7 +143,8 @@ class ProcessDriver:
         rec = self._read(path)
         if rec is not None:
             pid = int(rec.get("pid", 0))
-            if pid > 0 and _proc_start_ticks(pid) == rec.get("start_ticks"):
+            ticks = rec.get("start_ticks")
+            if pid > 0 and ticks is not None and _proc_start_ticks(pid) == ticks:
                 self._terminate(pid, grace)
         path.unlink(missing_ok=True)
 

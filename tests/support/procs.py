@@ -25,7 +25,11 @@ def _env() -> dict[str, str]:
 
 
 class _Proc:
-    """A child process whose combined output is collected line by line."""
+    """A child process whose combined output is collected line by line.
+
+    ``argv_prefix`` (on the subclasses) runs the command under a wrapper that execs it,
+    e.g. ``["ip", "netns", "exec", NS]``, so that ``proc.pid`` is still the program's.
+    """
 
     def __init__(self, argv: list[str], log_path: Path) -> None:
         self.argv = argv
@@ -85,13 +89,21 @@ class _Proc:
 class ControllerProcess(_Proc):
     """`tether up` on an ephemeral port (embedded broker) or against ``broker``."""
 
-    def __init__(self, data_dir: Path, broker: str | None = None, port: int = 0, db: str | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        broker: str | None = None,
+        port: int = 0,
+        db: str | None = None,
+        argv_prefix: list[str] | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        argv = [PY, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir)]
+        argv = [PY, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir), *(extra or [])]
         if db:
             argv += ["--db", db]
         argv += ["--broker", broker] if broker else ["--port", str(port)]
-        super().__init__(argv, data_dir / "controller.log")
+        super().__init__([*(argv_prefix or []), *argv], data_dir / "controller.log")
         if broker:
             self.url = broker
         else:
@@ -112,6 +124,7 @@ class AgentProcess(_Proc):
         driver: str = "process",
         labels: dict[str, str] | None = None,
         extra: list[str] | None = None,
+        argv_prefix: list[str] | None = None,
     ) -> None:
         self.device_id = device_id
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +135,7 @@ class AgentProcess(_Proc):
         for k, v in (labels or {}).items():
             argv += ["--label", f"{k}={v}"]
         argv += extra or []
-        super().__init__(argv, data_dir / "agent.log")
+        super().__init__([*(argv_prefix or []), *argv], data_dir / "agent.log")
 
 
 def cli(
