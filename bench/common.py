@@ -243,7 +243,9 @@ def write_json(path: Path | str | None, name: str, data: dict[str, Any]) -> Path
     return target
 
 
-def report(name: str, title: str, rows: list[Row], data: dict[str, Any], json_path: Path | str | None) -> Path:
+def report(
+    name: str, title: str, rows: list[Row], data: dict[str, Any], json_path: Path | str | None
+) -> Path:
     """Print the table and write the JSON (rows included)."""
     print(table(title, rows), flush=True)
     path = write_json(json_path, name, {**data, "rows": rows_json(rows)})
@@ -258,7 +260,9 @@ class Mosquitto:
     """A private mosquitto on 127.0.0.1. :meth:`restart` keeps the port (and, with
     ``persistence``, the retained messages and sessions, as a production broker would)."""
 
-    def __init__(self, workdir: Path, *, persistence: bool = False, tls: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, persistence: bool = False, tls: dict[str, str] | None = None
+    ) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.persistence = persistence

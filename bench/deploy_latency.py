@@ -54,16 +54,15 @@ def target_for(devices: int) -> float:
     return 2.0 + 8.0 * min(1.0, (devices - 1000) / 9000)
 
 
-def wait_registered(url: str, devices: int, timeout: float) -> float:
+def wait_registered(client: ControllerClient, devices: int, timeout: float) -> float:
     """Until the controller's group ``fleet`` has every device as a member; seconds taken."""
     t0 = time.monotonic()
-    with ControllerClient(url, timeout=120) as client:
 
-        def members() -> bool:
-            group = client.request(GroupsShow(name="fleet"))["group"]
-            return len(group["members"]) >= devices
+    def members() -> bool:
+        group = client.request(GroupsShow(name="fleet"))["group"]
+        return len(group["members"]) >= devices
 
-        wait_until(members, timeout, interval=1.0, message=f"controller to know {devices} devices")
+    wait_until(members, timeout, interval=1.0, message=f"controller to know {devices} devices")
     return time.monotonic() - t0
 
 
@@ -91,34 +90,35 @@ def progress(fleet: Fleet, base: list[int]) -> tuple[list[float], list[float], i
 
 
 def deploy(
-    sim: FleetThread, url: str, devices: int, version: int, services: int, timeout: float
+    sim: FleetThread, client: ControllerClient, devices: int, version: int, services: int, timeout: float
 ) -> dict[str, Any]:
     base = sim.call(snapshot_generations)
     compose = compose_stack(services, version)
-    with ControllerClient(url, timeout=timeout) as client:
-        t0 = time.monotonic()
-        reply = client.request(StacksDeploy(name="app", group="fleet", compose=compose))
-        t_reply = time.monotonic() - t0
-        log(f"deploy v{version}: controller replied after {t_reply:.2f} s ({len(reply['devices'])} devices)")
+    t0 = time.monotonic()
+    reply = client.request(StacksDeploy(name="app", group="fleet", compose=compose))
+    t_reply = time.monotonic() - t0
+    log(f"deploy v{version}: controller replied after {t_reply:.2f} s ({len(reply['devices'])} devices)")
 
-        try:
-            sim.wait(lambda f: len(progress(f, base)[1]) >= devices, timeout, interval=0.05, message="all applied")
-        except TimeoutError:
-            log(f"deploy v{version}: not every device applied within {timeout:g} s")
-        t_all = time.monotonic() - t0
-        accepted, applied, failed = sim.call(lambda f: progress(f, base))
+    try:
+        sim.wait(
+            lambda f: len(progress(f, base)[1]) >= devices, timeout, interval=0.05, message="all applied"
+        )
+    except TimeoutError:
+        log(f"deploy v{version}: not every device applied within {timeout:g} s")
+    t_all = time.monotonic() - t0
+    accepted, applied, failed = sim.call(lambda f: progress(f, base))
 
-        def controller_sees_all() -> bool:
-            stacks = client.request(StacksList())["stacks"]
-            app = next((s for s in stacks if s["name"] == "app"), None)
-            return app is not None and app["version"] == version and app["running"] >= devices
+    def controller_sees_all() -> bool:
+        stacks = client.request(StacksList())["stacks"]
+        app = next((s for s in stacks if s["name"] == "app"), None)
+        return app is not None and app["version"] == version and app["running"] >= devices
 
-        seen: float | None = None
-        try:
-            wait_until(controller_sees_all, max(10.0, timeout - t_all), interval=0.5)
-            seen = time.monotonic() - t0
-        except TimeoutError:
-            log(f"deploy v{version}: the controller did not see every device running")
+    seen: float | None = None
+    try:
+        wait_until(controller_sees_all, max(10.0, timeout - t_all), interval=0.5)
+        seen = time.monotonic() - t0
+    except TimeoutError:
+        log(f"deploy v{version}: the controller did not see every device running")
     return {
         "version": version,
         "request_s": rnd(t_reply),
@@ -150,23 +150,25 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         reconcile_interval=args.reconcile_interval,
     )
     sim = FleetThread(config)
+    # Opened before the simulated devices: paho select()s, which needs a file descriptor < 1024.
+    client = ControllerClient(url, timeout=args.timeout)
     try:
-        with ControllerClient(url, timeout=60) as client:
-            client.request(GroupsCreate(name="fleet", selector="bench=deploy"))
+        client.request(GroupsCreate(name="fleet", selector="bench=deploy"))
         t0 = time.monotonic()
         sim.start()
         sim.wait(lambda f: f.connected() >= args.devices, args.timeout, interval=0.2, message="all connected")
         connect_s = time.monotonic() - t0
         log(f"{args.devices} devices connected in {connect_s:.1f} s")
-        registered_s = wait_registered(url, args.devices, args.timeout) + connect_s
+        registered_s = wait_registered(client, args.devices, args.timeout) + connect_s
         log(f"controller knows all {args.devices} devices after {registered_s:.1f} s")
         cpu = CpuMeter(controller.pid)
-        results = [deploy(sim, url, args.devices, v, args.services, args.timeout) for v in (1, 2)]
+        results = [deploy(sim, client, args.devices, v, args.services, args.timeout) for v in (1, 2)]
         controller_cpu_s = cpu.seconds()
         summary = sim.call(lambda f: f.summary())
         ctl_mem = memory(controller.pid)
     finally:
         sim.stop()
+        client.close()
         controller.stop()
         if broker is not None:
             broker.stop()
@@ -221,17 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=1000)
     p.add_argument("--broker", choices=["mosquitto", "embedded"], default="mosquitto")
     p.add_argument("--services", type=int, default=3, help="services in the deployed stack")
-    p.add_argument("--start-delay", type=float, default=0.2, help="seconds a simulated instance takes to start")
+    p.add_argument(
+        "--start-delay", type=float, default=0.2, help="seconds a simulated instance takes to start"
+    )
     p.add_argument("--connect-rate", type=float, default=1000.0, help="new simulated devices per second")
     p.add_argument("--connect-concurrency", type=int, default=200)
     p.add_argument("--reconcile-interval", type=float, default=10.0)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds each phase may take")
-    p.add_argument("--json", type=Path, default=None, help="default: bench/results/deploy_latency-N-BROKER.json")
+    p.add_argument(
+        "--json", type=Path, default=None, help="default: bench/results/deploy_latency-N-BROKER.json"
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tether-deploy-") as tmp:
         data = run(args, Path(tmp))
     json_path = args.json or Path(__file__).parent / "results" / f"{NAME}-{args.devices}-{args.broker}.json"
-    report(NAME, f"Deploy latency: {args.devices} simulated devices, {args.broker}", rows(data), data, json_path)
+    report(
+        NAME, f"Deploy latency: {args.devices} simulated devices, {args.broker}", rows(data), data, json_path
+    )
     return 0
 
 

@@ -22,7 +22,7 @@ from tether.agent.drivers.base import (
     InstanceState,
     Observed,
 )
-from tether.agent.drivers.fake import LABEL_EXIT_CODE, LABEL_START_ERROR, FakeDriver
+from tether.agent.drivers.fake import LABEL_EXIT_CODE, LABEL_LOGS, LABEL_START_ERROR, FakeDriver
 from tether.agent.drivers.process import ProcessDriver
 from tether.protocol.errors import DriverError
 from tether.protocol.models import PortSpec, ServiceSpec, StackSpec
@@ -55,9 +55,9 @@ class Harness:
             return ServiceSpec(name=name, image=self.image, command=("sleep", "300"))
         return ServiceSpec(name=name, image="fake:1", command=("sh", "-c", "sleep 300"))
 
-    def script(self, name: str, script: str, exit_code: int) -> ServiceSpec:
+    def script(self, name: str, script: str, exit_code: int, output: str = "") -> ServiceSpec:
         """A service running ``script``; for the fake driver, one created exited with ``exit_code``."""
-        labels = {LABEL_EXIT_CODE: str(exit_code)} if self.kind == "fake" else {}
+        labels = {LABEL_EXIT_CODE: str(exit_code), LABEL_LOGS: output} if self.kind == "fake" else {}
         return ServiceSpec(
             name=name, image=self.image or "fake:1", command=("sh", "-c", script), labels=labels
         )
@@ -209,6 +209,19 @@ def test_failed_create_raises_driver_error_and_leaves_nothing(harness: Harness) 
     with pytest.raises(DriverError, match=fragment.replace(".", r"\.")):
         driver.create(STACK, stack_of(svc), svc)
     assert driver.observe() == []
+
+
+def test_logs_return_the_tail_of_an_instances_output(harness: Harness) -> None:
+    """logs() gives the last lines an instance wrote; an unknown instance has no output."""
+    driver = harness.driver()
+    svc = harness.script("job", "echo first-line; echo last-line; exit 3", 3, "first-line\nlast-line")
+    driver.create(STACK, stack_of(svc), svc)
+    inst = wait_for(driver, "exited", "job")
+    text = wait_until(lambda: driver.logs(inst, 10), timeout=TIMEOUT, message="job output")
+    assert text.split() == ["first-line", "last-line"]
+    assert driver.logs(inst, 1).split() == ["last-line"]
+    ghost = Observed("no-such-instance", STACK, "ghost", inst.spec_hash, "exited", 0)
+    assert driver.logs(ghost, 10) == ""
 
 
 # --- docker only -------------------------------------------------------------------------------

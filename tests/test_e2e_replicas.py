@@ -70,7 +70,7 @@ def test_replicas_replace_lost_device_and_keep_original(tmp_path: Path, mosquitt
         agents[victim].kill()  # the device vanishes; its workload keeps running
         replaced = wait_until(
             lambda: spare in (r := _running(mosquitto.url)) and r,
-            30,
+            60,
             interval=0.2,
             message="replacement placed",
         )
@@ -79,7 +79,7 @@ def test_replicas_replace_lost_device_and_keep_original(tmp_path: Path, mosquitt
         agents[victim] = AgentProcess(mosquitto.url, victim, tmp_path / victim, labels={"pool": run})
         final = wait_until(
             lambda: set(r := _running(mosquitto.url)) == set(first) and r,
-            30,
+            60,
             interval=0.2,
             message="back to originals",
         )

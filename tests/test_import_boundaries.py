@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
 from dataclasses import dataclass
 from importlib.metadata import distribution
@@ -21,6 +22,7 @@ class Import:
     line: int
     in_function: bool
     noqa: str  # the codes listed after noqa on the import's line, if any
+    is_module: bool = True  # False for "base.name" of "from base import name" (maybe not a module)
 
 
 def package_of(rel: str) -> str:
@@ -49,7 +51,11 @@ def imports_in(source: str, rel: str) -> list[Import]:
             if modules:
                 match = re.search(r"#\s*noqa:\s*([A-Z0-9, ]+)", lines[child.lineno - 1])
                 noqa = match.group(1).strip() if match else ""
-                found.extend(Import(rel, m, child.lineno, in_function, noqa) for m in modules)
+                is_from = isinstance(child, ast.ImportFrom)
+                found.extend(
+                    Import(rel, m, child.lineno, in_function, noqa, not (is_from and n > 0))
+                    for n, m in enumerate(modules)
+                )
             visit(child, nested)
 
     visit(ast.parse(source, filename=rel), False)
@@ -82,12 +88,21 @@ def test_scanner_resolves_relative_imports_and_sees_nested_ones() -> None:
     modules = {(i.module, i.in_function, i.noqa) for i in found}
     assert ("tether.agent.drivers.base", False, "") in modules
     assert ("tether.agent.drivers.base.Observed", False, "") in modules
+    assert [i.module for i in found if not i.is_module] == [
+        "tether.agent.drivers.base.Observed",
+        "tether.agent.reconcile",
+    ]
     assert ("tether.agent.reconcile", False, "") in modules
     assert ("docker", True, "TID251") in modules
     # And the real tree is actually scanned (a broken scanner would find nothing to forbid).
     assert len({i.file for i in IMPORTS}) >= 20
     assert any(i.file == "protocol/mqtt.py" and i.module.startswith("paho") for i in IMPORTS)
-    assert any(i.file == "agent/runner.py" and i.module == "tether.agent.reconcile" for i in IMPORTS)
+    internal = [i for i in IMPORTS if i.is_module and i.module.startswith("tether.")]
+    assert len(internal) >= 20
+    unresolved = [
+        f"{i.file}:{i.line} {i.module}" for i in internal if importlib.util.find_spec(i.module) is None
+    ]
+    assert unresolved == [], "relative imports resolved to modules that do not exist"
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ Like Nomad's mock driver, it is scripted through service labels:
 
 * ``tether.fake/start_error``: :meth:`FakeDriver.create` raises :class:`DriverError` with
   this message and leaves nothing behind;
-* ``tether.fake/exit_code``: the instance is created already exited with this code.
+* ``tether.fake/exit_code``: the instance is created already exited with this code;
+* ``tether.fake/logs``: the instance's output, as :meth:`FakeDriver.logs` returns it.
 
 Tests change the world behind the agent's back with :meth:`FakeDriver.crash`,
 :meth:`FakeDriver.remove_by_hand` and :meth:`FakeDriver.add`. Several drivers may share
@@ -23,6 +24,7 @@ from .base import Observed
 
 LABEL_START_ERROR = "tether.fake/start_error"
 LABEL_EXIT_CODE = "tether.fake/exit_code"
+LABEL_LOGS = "tether.fake/logs"
 
 Host = dict[str, tuple[str, Observed]]
 """Instance id -> (device id, instance)."""
@@ -37,6 +39,7 @@ class FakeDriver:
         self.device_id = device_id
         self.host: Host = {} if host is None else host
         self._ids = itertools.count(1)
+        self._output: dict[str, str] = {}
 
     def observe(self) -> list[Observed]:
         return [inst for device, inst in self.host.values() if device == self.device_id]
@@ -54,6 +57,7 @@ class FakeDriver:
             exit_code=None if code is None else int(code),
         )
         self.add(inst)
+        self._output[inst.id] = service.labels.get(LABEL_LOGS, "")
 
     def start(self, instance: Observed, service: ServiceSpec) -> None:
         current = self._get(instance.id)
@@ -62,6 +66,10 @@ class FakeDriver:
     def remove(self, instance: Observed, grace: float) -> None:
         if self.host.get(instance.id, ("", None))[0] == self.device_id:
             del self.host[instance.id]
+
+    def logs(self, instance: Observed, tail: int) -> str:
+        lines = self._output.get(instance.id, "").splitlines()
+        return "\n".join(lines[-tail:]) if tail > 0 else ""
 
     def prune(self, stacks: set[str]) -> None:
         return None

@@ -146,6 +146,8 @@ class ProcessDriver:
             ticks = rec.get("start_ticks")
             if pid > 0 and ticks is not None and _proc_start_ticks(pid) == ticks:
                 self._terminate(pid, grace)
+            elif (child := self._children.pop(pid, None)) is not None:
+                child.poll()  # reap it
         path.unlink(missing_ok=True)
 
     def _terminate(self, pid: int, grace: float) -> None:
