@@ -93,6 +93,12 @@ def main() -> None:
 @click.option("--with-agent/--no-agent", default=False, help="Also run a local agent (device id 'local').")
 @click.option("--agent-driver", type=click.Choice(["docker", "process"]), default=None)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-format", default="text", type=click.Choice(["text", "json"]), help="json: one object per line."
+)
+@click.option(
+    "--http", default=None, help="Serve /healthz, /readyz and /metrics on HOST:PORT (port 0 picks one)."
+)
 def up(
     data_dir: Path,
     db: str | None,
@@ -103,10 +109,18 @@ def up(
     with_agent: bool,
     agent_driver: str | None,
     log_level: str,
+    log_format: str,
+    http: str | None,
 ) -> None:
     """Start the controller (and the embedded broker unless --broker is given)."""
     import logging
 
+    if log_format == "json":
+        from tether.controller.observability import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -116,7 +130,7 @@ def up(
         fail(f"the controller is not installed ({exc.name} missing): pip install 'tether[controller]'", 2)
     try:
         code = serve(
-            UpOptions(data_dir, db, ha, broker, bind, port, with_agent, agent_driver),
+            UpOptions(data_dir, db, ha, broker, bind, port, with_agent, agent_driver, http),
             lambda line: click.echo(line, err=False),
         )
     except TetherError as exc:

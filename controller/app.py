@@ -16,6 +16,7 @@ from tether.protocol.errors import StoreError
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
 
 from .lease import lease_for
+from .observability import HealthServer
 from .service import Controller
 from .store import Store, is_postgres_url
 
@@ -32,6 +33,7 @@ class UpOptions:
     port: int
     with_agent: bool
     agent_driver: str | None
+    http: str | None = None
 
 
 def _agent_command(url: str, options: UpOptions) -> list[str]:
@@ -88,6 +90,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         address = parse_broker_url(options.broker)
         echo(f"tether: using broker {address.url()}")
     controller = Controller(store, lease=lease, ha=options.ha)
+    http: HealthServer | None = None
     agent: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
     code = 0
@@ -95,6 +98,11 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         controller.start(address, fresh_broker=embedded is not None)
+        if options.http:
+            host, _, port_text = options.http.rpartition(":")
+            http = HealthServer(controller, host or "127.0.0.1", int(port_text))
+            http.start()
+            echo(f"tether: health and metrics on http://{host or '127.0.0.1'}:{http.port}/metrics")
         controller.ready.wait(15)
         role = "leader" if controller.leading.is_set() else "standby"
         echo(
@@ -116,6 +124,8 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
                 agent.wait(15)
             except subprocess.TimeoutExpired:
                 agent.kill()
+        if http is not None:
+            http.stop()
         controller.stop()
         if embedded is not None:
             embedded.stop()

@@ -61,6 +61,7 @@ from tether.protocol.topics import DeviceTopic
 from .compose import parse_stack
 from .lease import Lease
 from .models import DesiredRecord, Device, Group, Stack
+from .observability import REFRESH_SECONDS, Metrics
 from .placement import Assignment, Candidate, place
 from .scheduler import desired_stacks, members
 from .selectors import parse_selector
@@ -97,6 +98,8 @@ class Controller:
         self.ready = threading.Event()
         self.leading = threading.Event()
         self.lost_leadership = threading.Event()
+        self.metrics = Metrics()
+        self._next_refresh = 0.0
         self._thread: threading.Thread | None = None
 
     # --- lifecycle ---
@@ -159,8 +162,25 @@ class Controller:
             except Exception:
                 log.exception("failed to handle a message on %s", topic)
 
+    def is_ready(self) -> bool:
+        """Connected to the broker and past the first sync (readiness)."""
+        return self.ready.is_set() and self.client is not None and self.client.connected
+
+    def refresh_metrics(self) -> None:
+        """Recompute the gauges that need the store (on the worker thread)."""
+        counts = {"online": 0, "offline": 0, "never seen": 0}
+        for device in self._all_devices().values():
+            counts[device.status] = counts.get(device.status, 0) + 1
+        for presence, n in counts.items():
+            self.metrics.devices.labels(presence=presence).set(n)
+        self.metrics.stacks.set(len(self.store.list_stacks()))
+        self.metrics.leader.set(1 if self.leading.is_set() else 0)
+
     def tick(self) -> None:
-        """Time-driven work: leadership, and replicas whose devices have just become lost."""
+        """Time-driven work: metrics, leadership, and replicas whose devices have just become lost."""
+        if time.monotonic() >= self._next_refresh:
+            self._next_refresh = time.monotonic() + REFRESH_SECONDS
+            self.refresh_metrics()
         if self.lease is not None:
             if self.leading.is_set() and not self.lease.still_held():
                 log.critical("lost the leader lease: stepping down")
@@ -189,6 +209,9 @@ class Controller:
         parsed = topics.parse(topic)
         if parsed is None:
             return
+        self.metrics.messages.labels(
+            kind=parsed.device_topic.value if parsed.device_topic else parsed.kind
+        ).inc()
         if parsed.kind in ("requests", "leader-requests"):
             self._on_request(payload)
         elif not self.leading.is_set():
@@ -405,6 +428,7 @@ class Controller:
                 for record, ok in zip(batch, acked, strict=True):
                     if ok:
                         self.store.put_desired(record.model_copy(update={"published": True}))
+                        self.metrics.published.inc()
             if not all(acked):
                 return
         if device_ids is None:
@@ -437,10 +461,14 @@ class Controller:
                 return
             result = self.execute(command)
             reply = Reply(id=request.id, ok=True, result=result)
+            self.metrics.requests.labels(command=command.kind, outcome="ok").inc()
         except ValidationError as exc:
             reply = Reply(id=request.id, ok=False, error=f"invalid request: {codec.describe(exc)}")
         except TetherError as exc:
             reply = Reply(id=request.id, ok=False, error=str(exc))
+            self.metrics.requests.labels(
+                command=str(request.command.get("kind", "?"))[:40], outcome="error"
+            ).inc()
         except Exception as exc:
             log.exception("request %s failed", request.id)
             reply = Reply(id=request.id, ok=False, error=f"internal error: {exc.__class__.__name__}: {exc}")

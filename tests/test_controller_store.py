@@ -56,7 +56,9 @@ def test_migrations_run_once_and_reopening_is_harmless(db_path: Path) -> None:
     first.put_device(device("pi-1"))
     second = Store(db_path)
     try:
-        assert second.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+        assert second.schema_version() == len(MIGRATIONS)
+        applied = [r[0] for r in second.db.execute("SELECT version FROM schema_migrations ORDER BY version")]
+        assert applied == list(range(1, len(MIGRATIONS) + 1))
         assert second.get_device("pi-1") == device("pi-1")
         tables = {r[0] for r in second.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"devices", "groups", "stacks", "desired", "definitions"} <= tables
