@@ -138,7 +138,8 @@ class SimDevice:
         self.connected_at: float | None = None
         self.connects = 0
         self.attempt = 0
-        self.gave_up = False
+        self.max_attempt = 0
+        self.lost_at: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._kick_pending = False
         self._connecting = False
@@ -214,6 +215,7 @@ class SimDevice:
         if ok:
             return
         self.attempt += 1
+        self.max_attempt = max(self.max_attempt, self.attempt)
         if not self._stopped:
             self.fleet.loop.call_later(fleet.backoff.delay(self.attempt), self._connect_soon)
 
@@ -227,10 +229,12 @@ class SimDevice:
             self.kick()
 
     def _on_lost(self) -> None:
+        # As MqttClient: after a session that was up, the backoff starts again from attempt 0.
         self.connected_at = None
+        self.lost_at = time.monotonic()
         if not self._stopped:
-            self.attempt += 1
-            self.fleet.loop.call_later(self.fleet.backoff.delay(self.attempt), self._connect_soon)
+            self.attempt = 0
+            self.fleet.loop.call_later(self.fleet.backoff.delay(0), self._connect_soon)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         try:

@@ -247,7 +247,7 @@ def test_docker_published_port_answers_http(docker_harness: Harness) -> None:
         return bindings[0] if bindings else None
 
     bound = wait_until(binding, timeout=TIMEOUT, message="Docker to publish 80/tcp")
-    assert bound["HostIp"] == "127.0.0.1"
+    assert bound is not None and bound["HostIp"] == "127.0.0.1"
 
     def fetch() -> bytes | None:
         try:

@@ -48,7 +48,7 @@ def imports_in(source: str, rel: str) -> list[Import]:
                     parent = parts[: len(parts) - child.level + 1]
                     base = ".".join([*parent, base] if base else parent)
                 modules = [base] + [f"{base}.{alias.name}" for alias in child.names if alias.name != "*"]
-            if modules:
+            if isinstance(child, ast.Import | ast.ImportFrom) and modules:
                 match = re.search(r"#\s*noqa:\s*([A-Z0-9, ]+)", lines[child.lineno - 1])
                 noqa = match.group(1).strip() if match else ""
                 is_from = isinstance(child, ast.ImportFrom)
