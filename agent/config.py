@@ -8,12 +8,16 @@ increasing precedence. The same file can be baked into every device image of a b
     driver = "docker"             # or "process"
     keepalive = 60                # seconds
     reconcile_interval = 10       # seconds
+    metrics_interval = 60         # seconds between metric samples; 0: no metrics
+    metrics_full_interval = 900   # a full sample at least this often (seconds)
+    metrics_threshold = 5         # send a value when it moved more than this (% points)
     [labels]
     site = "berlin"
 
 Environment: ``TETHER_BROKERS`` (comma-separated), ``TETHER_DEVICE_ID``, ``TETHER_LABELS``
 (``k=v,k=v``), ``TETHER_DATA_DIR``, ``TETHER_DRIVER``, ``TETHER_KEEPALIVE``,
-``TETHER_RECONCILE_INTERVAL``, ``TETHER_CONFIG`` (the file).
+``TETHER_RECONCILE_INTERVAL``, ``TETHER_METRICS_INTERVAL``, ``TETHER_METRICS_FULL_INTERVAL``,
+``TETHER_METRICS_THRESHOLD``, ``TETHER_CONFIG`` (the file).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class AgentConfig(BaseModel):
     driver: Literal["docker", "process"] = "docker"
     keepalive: int = Field(default=60, ge=5, le=65535)
     reconcile_interval: float = Field(default=10.0, gt=0, le=3600)
+    metrics_interval: float = Field(default=60.0, ge=0, le=86400)
+    metrics_full_interval: float = Field(default=900.0, gt=0, le=86400)
+    metrics_threshold: float = Field(default=5.0, ge=0, le=100)
 
     @field_validator("brokers")
     @classmethod
@@ -117,6 +124,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         ("TETHER_DRIVER", "driver"),
         ("TETHER_KEEPALIVE", "keepalive"),
         ("TETHER_RECONCILE_INTERVAL", "reconcile_interval"),
+        ("TETHER_METRICS_INTERVAL", "metrics_interval"),
+        ("TETHER_METRICS_FULL_INTERVAL", "metrics_full_interval"),
+        ("TETHER_METRICS_THRESHOLD", "metrics_threshold"),
     ):
         if env.get(var):
             out[key] = env[var]

@@ -21,10 +21,15 @@ and keeps its files in a :class:`~.store.StateStore`.
 * **Events** go through an on-disk outbox (bounded; the oldest are dropped and counted)
   and are delivered oldest first once connected; each carries a per-device ``seq`` so
   receivers can drop duplicates.
+* **Hold**: while the device holds updates (``is_held``; the agent's ``hold`` file, like
+  balena's update lock), a new generation stays pending, fetched but not applied, and the
+  report says ``held``; it is applied as soon as the hold is released.
 * **Presence**: before every CONNECT, :meth:`AgentCore.make_will` takes a new session
   number for the ``offline`` will; after CONNACK, ``online`` with the same number and the
   device's facts is published retained. A retained ``offline`` of an older session (a late
   will) seen on our own presence topic is overwritten at once.
+* **Remote operations** (``.../requests``) go to :mod:`.remote`, which answers on the
+  request's reply topic and runs anything slow on worker threads, never on this one.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from tether.protocol.models import (
 from tether.protocol.mqtt import Will
 from tether.protocol.topics import DeviceTopic
 
-from . import reconcile
+from . import reconcile, remote
 from .drivers.base import Driver
 from .reconcile import CRASH_LOOP_RESTARTS, Create, Remove, RestartRecord, ServiceKey, Start
 from .store import StateStore
@@ -103,14 +108,18 @@ class AgentCore:
         *,
         clock: Callable[[], float] = time.time,
         facts: DeviceFacts | None = None,
+        is_held: Callable[[], bool] = lambda: False,
     ) -> None:
         self.device_id = device_id
+        self.is_held = is_held
+        self.held = False
         self.labels = dict(labels)
         self.driver = driver
         self.store = store
         self.link = link
         self.clock = clock
         self._facts = facts
+        self.remote: remote.RemoteOps | None = None  # remote operations; the runner sets it
         self.desired: DesiredState | None = store.load_desired()
         self.specs: dict[str, StackSpec] = {}
         self.pending: DesiredState | None = None
@@ -137,7 +146,7 @@ class AgentCore:
 
     def subscriptions(self) -> list[str]:
         """The filters the agent always holds (stack definitions come and go)."""
-        return [self.topic(DeviceTopic.DESIRED), self.topic(DeviceTopic.PRESENCE)]
+        return [self.topic(k) for k in (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REQUESTS)]
 
     # --- connection ---
 
@@ -162,7 +171,7 @@ class AgentCore:
                 hostname=socket.gethostname(),
                 labels=dict(self.labels),
             )
-        return self._facts
+        return self.remote.extend_facts(self._facts) if self.remote else self._facts
 
     def publish_online(self) -> None:
         presence = Presence(
@@ -195,6 +204,8 @@ class AgentCore:
                 self._on_desired(payload)
             elif parsed.device_topic == DeviceTopic.PRESENCE:
                 self._on_own_presence(payload)
+            elif parsed.device_topic == DeviceTopic.REQUESTS and payload:
+                remote.handle_request(self, payload)  # answers on the request's reply_to only
         elif parsed.kind == "stack" and parsed.spec_hash in self.awaiting:
             self._on_definition(parsed.spec_hash, payload)
 
@@ -247,6 +258,16 @@ class AgentCore:
         if missing:
             log.info("generation %d waits for %d stack definition(s)", pending.generation, len(missing))
             return
+        if self.is_held():
+            if not self.held:
+                log.info("generation %d is held: updates wait until the hold is released", pending.generation)
+                self.event(
+                    "desired.held", f"generation {pending.generation} waits: updates are held on this device"
+                )
+            self.held = True
+            self.wake = True
+            return
+        self.held = False
         self.store.save_desired(pending)
         self.desired = pending
         self.pending = None
@@ -303,6 +324,8 @@ class AgentCore:
     def reconcile_once(self) -> None:
         """Observe, plan, apply, report. Driver failures are recorded, never raised."""
         self.wake = False
+        if self.pending is not None and not self.awaiting:
+            self._try_accept()  # a hold may have been released
         now = self.clock()
         desired, hashes = self.desired_stacks()
         try:
@@ -340,6 +363,7 @@ class AgentCore:
             generation=self.desired.generation if self.desired else -1,
             stacks=stacks,
             error=self.rejection,
+            held=self.held,
             events_dropped=self.store.outbox_dropped(),
             at=now,
         )

@@ -29,6 +29,20 @@ def make_driver(config: AgentConfig) -> Driver:
     return ProcessDriver(config.device_id, config.data_dir)
 
 
+def set_hold(config: AgentConfig, on: bool) -> None:
+    """Create or remove the hold file that a running agent checks before applying updates."""
+    from .runner import HOLD_FILE
+
+    path = config.data_dir / HOLD_FILE
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if on:
+        path.touch()
+        click.echo(f"tether-agent: updates held on {config.device_id} ({path}); release with --release")
+    else:
+        path.unlink(missing_ok=True)
+        click.echo(f"tether-agent: updates released on {config.device_id}")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--broker", "brokers", multiple=True, help="Broker URL (mqtt://host:port); repeat for fallbacks."
@@ -40,7 +54,22 @@ def make_driver(config: AgentConfig) -> Driver:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--keepalive", type=int, help="MQTT keepalive in seconds (default 60).")
 @click.option("--reconcile-interval", type=float, help="Seconds between reconciles (default 10).")
+@click.option("--metrics-interval", type=float, help="Seconds between metric samples (default 60; 0: off).")
+@click.option(
+    "--metrics-full-interval", type=float, help="Seconds between full metric samples (default 900)."
+)
+@click.option(
+    "--metrics-threshold",
+    type=float,
+    help="Send a metric when it moved more than this, % points (default 5).",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--hold", "hold", flag_value="hold", default=None, help="Hold updates on this device, then exit."
+)
+@click.option(
+    "--release", "hold", flag_value="release", help="Release a hold (updates apply again), then exit."
+)
 @click.version_option(__version__, prog_name="tether-agent")
 def main(
     brokers: tuple[str, ...],
@@ -51,7 +80,11 @@ def main(
     config_file: Path | None,
     keepalive: int | None,
     reconcile_interval: float | None,
+    metrics_interval: float | None,
+    metrics_full_interval: float | None,
+    metrics_threshold: float | None,
     log_level: str,
+    hold: str | None,
 ) -> None:
     """Run the Tether device agent: keep this device's stacks as the controller wants them."""
     logging.basicConfig(
@@ -68,8 +101,14 @@ def main(
             "driver": driver,
             "keepalive": keepalive,
             "reconcile_interval": reconcile_interval,
+            "metrics_interval": metrics_interval,
+            "metrics_full_interval": metrics_full_interval,
+            "metrics_threshold": metrics_threshold,
         }
         config = load_config(config_file, os.environ, flags)
+        if hold is not None:
+            set_hold(config, hold == "hold")
+            return
         runtime = make_driver(config)
     except (ConfigError, DriverError) as exc:
         click.echo(f"tether-agent: {exc}", err=True)

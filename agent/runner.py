@@ -14,6 +14,7 @@ import time
 
 from tether.protocol.mqtt import MqttClient
 
+from . import remote
 from .config import AgentConfig
 from .core import AgentCore
 from .drivers.base import Driver
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 _CONNECTED = "\x00connected"
 FAST_INTERVAL = 1.0
+HOLD_FILE = "hold"
+"""While ``{data_dir}/hold`` exists, the device applies no new desired state."""
 
 
 class Agent:
@@ -40,9 +43,16 @@ class Agent:
             on_message=lambda topic, payload, retained: self.inbox.put((topic, payload)),
             on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
         )
+        hold_file = config.data_dir / HOLD_FILE
         self.core = AgentCore(
-            config.device_id, config.labels, driver, LocalStore(config.data_dir), self.client
+            config.device_id,
+            config.labels,
+            driver,
+            LocalStore(config.data_dir),
+            self.client,
+            is_held=hold_file.exists,
         )
+        self.metrics = remote.attach(self.core, config)  # remote operations and device metrics
         for topic_filter in self.core.subscriptions():
             self.client.subscribe(topic_filter)
         self.stopped = threading.Event()
@@ -50,6 +60,7 @@ class Agent:
     def run(self, stop: threading.Event) -> None:
         """Run until ``stop`` is set; then say goodbye (``offline``) and disconnect."""
         self.client.start()
+        self.metrics.start()
         next_reconcile = 0.0
         try:
             while not stop.is_set():
@@ -71,6 +82,7 @@ class Agent:
                         FAST_INTERVAL if busy else self.config.reconcile_interval
                     )
         finally:
+            remote.detach(self.core, self.metrics)
             self.client.stop(publish_first=self.core.goodbye())
             self.core.driver.close()
             self.stopped.set()

@@ -1,5 +1,6 @@
-"""Tether's embedded MQTT broker (amqtt), for a controller started without ``--broker``."""
+"""Tether's embedded MQTT broker (amqtt 0.12.1 with Tether's fixes), for a controller started without ``--broker``."""
 
 from .embedded import EmbeddedBroker
+from .errors import BrokerStartError
 
-__all__ = ["EmbeddedBroker"]
+__all__ = ["BrokerStartError", "EmbeddedBroker"]

@@ -1,9 +1,16 @@
 """Run amqtt in its own thread and event loop, listening on a TCP port (0 = ephemeral).
 
-amqtt 0.12.1 has known defects (retained-message leak across sessions, no will on
-keepalive expiry, no offline queueing); Tether's protocol does not rely on any of them:
-every receiver classifies incoming topics itself and state lives in retained topics that
-the controller republishes from its store when it starts the broker. See docs/architecture.md.
+By default the broker is :class:`~tether.broker.amqtt_fixes.TetherBroker`, amqtt 0.12.1
+with Tether's fixes (no retained-message leak between sessions, no dropped connections
+in a connect storm, indexed retained messages and subscriptions, will on keepalive
+expiry, persistent sessions with offline queueing); see
+docs/adr/0004-embedded-broker-fixes.md. ``stock=True`` runs amqtt's own Broker instead,
+for tests and benchmarks that show the difference; never use it for a fleet.
+
+The broker speaks MQTT 3.1.1 only (amqtt refuses an MQTT 5 CONNECT). Tether's protocol
+does not rely on the broker for state it cannot rebuild: every receiver classifies
+incoming topics itself, and the controller republishes its retained topics from its
+store when it starts the broker.
 """
 
 from __future__ import annotations
@@ -14,13 +21,13 @@ import threading
 from typing import Any
 
 from amqtt.broker import Broker
-from tether.protocol.errors import TetherError
+
+from .amqtt_fixes import TetherBroker, check_amqtt_version
+from .errors import BrokerStartError
 
 log = logging.getLogger(__name__)
 
-
-class BrokerStartError(TetherError):
-    """The embedded broker could not start (port in use, bad address...)."""
+__all__ = ["BrokerStartError", "EmbeddedBroker", "broker_config"]
 
 
 def broker_config(host: str, port: int) -> dict[str, Any]:
@@ -34,7 +41,10 @@ def broker_config(host: str, port: int) -> dict[str, Any]:
 
 
 class EmbeddedBroker:
-    """An amqtt broker in a background thread. :meth:`start` returns the bound port."""
+    """An amqtt broker in a background thread. :meth:`start` returns the bound port.
+
+    ``stock=True`` runs amqtt's unmodified Broker (for comparisons only).
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, stock: bool = False) -> None:
         self.stock = stock
@@ -48,6 +58,8 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 15.0) -> int:
         """Start listening; return the actual port. Raise :class:`BrokerStartError` on failure."""
+        if not self.stock:
+            check_amqtt_version()  # raises a BrokerStartError subclass that says what to do
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
@@ -76,7 +88,8 @@ class EmbeddedBroker:
             loop.close()
 
     async def _start(self) -> None:
-        self._broker = Broker(broker_config(self.host, self.port))
+        config = broker_config(self.host, self.port)
+        self._broker = Broker(config) if self.stock else TetherBroker(config)
         await self._broker.start()
         server = self._broker._servers["default"].instance  # amqtt exposes no public accessor
         sockets = getattr(server, "sockets", None) or []

@@ -7,14 +7,17 @@ publish a :class:`Request` to ``tether/v1/controller/requests`` and match the re
 from __future__ import annotations
 
 import queue
+import time
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from tether.protocol import codec, topics
 from tether.protocol.errors import PayloadError, RequestError, RequestTimeout
 from tether.protocol.models import Reply, Request
 from tether.protocol.mqtt import MqttClient, parse_broker_url
+
+R = TypeVar("R", bound=Reply)
 
 
 class ControllerClient:
@@ -25,6 +28,8 @@ class ControllerClient:
         self.client_id = f"tether-cli-{uuid.uuid4().hex[:12]}"
         self.reply_topic = topics.replies(self.client_id)
         self._replies: queue.Queue[bytes] = queue.Queue()
+        self.watched: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._watching: set[str] = set()
         self._mqtt = MqttClient(
             [parse_broker_url(broker_url)],
             client_id=self.client_id,
@@ -39,6 +44,39 @@ class ControllerClient:
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         if topic == self.reply_topic:
             self._replies.put(payload)
+        elif topic in self._watching:
+            self.watched.put((topic, payload))
+
+    def watch(self, topic: str) -> None:
+        """Also receive messages on ``topic`` (exact, no wildcards) into :attr:`watched`."""
+        self._watching.add(topic)
+        self._mqtt.subscribe(topic)
+
+    def send(self, topic: str, command: BaseModel) -> str:
+        """Publish a request for ``command`` on ``topic`` (a device's requests topic); return its id.
+
+        Replies come to :meth:`receive`. :meth:`request` is the controller's round trip.
+        """
+        request_id = uuid.uuid4().hex
+        request = Request(id=request_id, reply_to=self.reply_topic, command=command.model_dump(mode="json"))
+        if not self._mqtt.publish_confirmed(topic, codec.encode(request), qos=1):
+            raise RequestError("lost the connection to the broker while sending the request")
+        return request_id
+
+    def receive(self, request_id: str, timeout: float, model: type[R]) -> R | None:
+        """The next reply to ``request_id`` decoded as ``model``, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                payload = self._replies.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            try:
+                reply = codec.decode(payload, model)
+            except PayloadError:
+                continue
+            if reply.id == request_id:
+                return reply
 
     def request(self, command: BaseModel, timeout: float | None = None) -> Any:
         """Send ``command``; return the reply's result or raise :class:`RequestError`."""

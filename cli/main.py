@@ -15,14 +15,19 @@ from typing import Any
 
 import click
 from tether.protocol import __version__
+from tether.protocol.durations import parse_duration
 from tether.protocol.errors import TetherError
 from tether.protocol.models import (
+    DeploymentsAction,
+    DeploymentsList,
+    DeploymentsStatus,
     DevicesList,
     DevicesShow,
     GroupsCreate,
     GroupsList,
     GroupsRemove,
     GroupsShow,
+    RolloutStrategy,
     StacksDeploy,
     StacksList,
     StacksRemove,
@@ -331,22 +336,109 @@ def _service_errors(row: dict[str, Any]) -> str:
     return "; ".join(errors)
 
 
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, param.name or "duration")
+    except TetherError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _wait_deployment(
+    client: ControllerClient, deployment_id: int, timeout: float, fmt: str
+) -> dict[str, Any]:
+    """Follow a deployment, printing each device's progress by batch, until it settles."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, str] = {}
+    while True:
+        d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
+        for device, r in d["devices"].items():
+            line = r["state"] + (f" (batch {r['batch']})" if r["batch"] else "")
+            if seen.get(device) != line:
+                seen[device] = line
+                if fmt == "table":
+                    click.echo(f"  {device}: {line}" + (f": {r['error']}" if r.get("error") else ""))
+        if d["state"] in ("failed", "reverted", "superseded"):
+            raise TetherError(
+                f"deployment {deployment_id} {d['state']}: {d.get('message') or ''}".rstrip(": ")
+            )
+        if d["state"] in ("succeeded", "awaiting-promotion", "paused"):
+            return d
+        if time.monotonic() >= deadline:
+            busy = [
+                k
+                for k, r in d["devices"].items()
+                if r["state"] not in ("healthy", "pending (offline)", "held")
+            ]
+            raise TetherError(
+                f"timed out after {timeout:g}s; deployment {deployment_id} still waits for {', '.join(busy)}"
+            )
+        time.sleep(0.5)
+
+
 @stacks.command("deploy")
 @click.argument("file", type=click.File("r"))
 @click.option("--name", required=True, help="Stack name.")
 @click.option("--group", required=True, help="Target group.")
-@click.option("--wait", is_flag=True, help="Wait until every device of the group runs it.")
+@click.option(
+    "--strategy",
+    type=click.Choice(["all-at-once", "rolling", "canary"]),
+    default="all-at-once",
+    show_default=True,
+)
+@click.option(
+    "--max-parallel",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="Devices per batch (0 = all).",
+)
+@click.option(
+    "--canary", "canary", type=click.IntRange(1), default=1, show_default=True, help="Canary devices."
+)
+@click.option("--min-healthy-time", callback=_duration, default="10s", show_default=True)
+@click.option("--healthy-deadline", callback=_duration, default="5m", show_default=True)
+@click.option(
+    "--auto-revert", is_flag=True, help="On failure, move every device back to the previous version."
+)
+@click.option("--auto-promote", is_flag=True, help="Promote canaries once healthy for --min-healthy-time.")
+@click.option("--wait", is_flag=True, help="Follow the deployment until it succeeds or fails.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for --wait.")
 @common
 def stacks_deploy(
-    client: ControllerClient, fmt: str, file: Any, name: str, group: str, wait: bool, timeout: float
+    client: ControllerClient,
+    fmt: str,
+    file: Any,
+    name: str,
+    group: str,
+    strategy: str,
+    max_parallel: int,
+    canary: int,
+    min_healthy_time: float,
+    healthy_deadline: float,
+    auto_revert: bool,
+    auto_promote: bool,
+    wait: bool,
+    timeout: float,
 ) -> None:
     """Deploy (or update) a Compose FILE as stack NAME on GROUP."""
     try:
         text = file.read()
     except UnicodeDecodeError as exc:
         raise TetherError(f"{file.name}: not a text file ({exc.reason})") from exc
-    result = client.request(StacksDeploy(name=name, group=group, compose=text))
+    if healthy_deadline <= 0:
+        raise TetherError("--healthy-deadline must be positive")
+    rollout = RolloutStrategy(
+        kind=strategy,  # type: ignore[arg-type]
+        max_parallel=max_parallel,
+        canary=canary,
+        min_healthy_time_s=min_healthy_time,
+        healthy_deadline_s=healthy_deadline,
+        auto_revert=auto_revert,
+        auto_promote=auto_promote,
+    )
+    result = client.request(StacksDeploy(name=name, group=group, compose=text, strategy=rollout))
     stack = result["stack"]
     if fmt == "json" and not wait:
         click.echo(output.to_json(result))
@@ -357,8 +449,21 @@ def stacks_deploy(
             f"stack {stack['name']} {verb}: version {stack['version']} ({stack['spec_hash'][:12]}) "
             f"on group {stack['group']}, {len(result['devices'])} device(s)"
         )
+    if fmt == "table" and result.get("deployment"):
+        click.echo(f"deployment {result['deployment']} ({strategy})")
     if wait:
-        _wait(client, name, lambda rows: all(r["state"] == "running" for r in rows), timeout, fmt)
+        if result.get("deployment"):
+            d = _wait_deployment(client, result["deployment"], timeout, fmt)
+            if d["state"] != "succeeded":
+                if fmt == "json":
+                    click.echo(output.to_json(d))
+                else:
+                    click.echo(
+                        f"deployment {d['id']} is {d['state']}: tether deployments promote|resume {d['id']}"
+                    )
+                return
+        else:
+            _wait(client, name, lambda rows: all(r["state"] == "running" for r in rows), timeout, fmt)
         if fmt == "json":
             click.echo(output.to_json(client.request(StacksStatus(name=name))))
         else:
@@ -419,6 +524,85 @@ def stacks_rm(client: ControllerClient, fmt: str, name: str, wait: bool, timeout
             click.echo(f"stack {name} is gone from every device")
     if fmt == "json":
         click.echo(output.to_json(result))
+
+
+# --- deployments ----------------------------------------------------------------------------
+
+
+@main.group()
+def deployments() -> None:
+    """Deployments: versions of a stack rolling out to its group."""
+
+
+@deployments.command("ls")
+@click.option("--stack", default=None, help="Only this stack's deployments.")
+@common
+def deployments_ls(client: ControllerClient, fmt: str, stack: str | None) -> None:
+    """List recent deployments, newest first."""
+    result = client.request(DeploymentsList(stack=stack))["deployments"]
+    if fmt == "json":
+        click.echo(output.to_json(result))
+        return
+    rows = [
+        (
+            d["id"],
+            d["stack"],
+            d["state"],
+            d["strategy"]["kind"],
+            (d["from_hash"] or "-")[:12],
+            d["to_hash"][:12],
+            ", ".join(f"{k}:{v}" for k, v in sorted(d["counts"].items())),
+            output.when(d["updated"]),
+        )
+        for d in result
+    ]
+    click.echo(output.table(["ID", "STACK", "STATE", "STRATEGY", "FROM", "TO", "DEVICES", "UPDATED"], rows))
+
+
+@deployments.command("status")
+@click.argument("deployment_id", type=int)
+@common
+def deployments_status(client: ControllerClient, fmt: str, deployment_id: int) -> None:
+    """Show a deployment and every device's progress."""
+    d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
+    if fmt == "json":
+        click.echo(output.to_json(d))
+        return
+    s = d["strategy"]
+    click.echo(
+        f"deployment {d['id']} of {d['stack']}: {d['state']}" + (f" ({d['message']})" if d["message"] else "")
+    )
+    click.echo(
+        f"strategy:   {s['kind']} (max_parallel {s['max_parallel']}, canary {s['canary']}, "
+        f"min_healthy_time {s['min_healthy_time_s']:g}s, healthy_deadline {s['healthy_deadline_s']:g}s, "
+        f"auto_revert {s['auto_revert']}, auto_promote {s['auto_promote']})"
+    )
+    click.echo(f"version:    {(d['from_hash'] or '-')[:12]} -> {d['to_hash'][:12]}, batch {d['batch']}")
+    rows = [(k, r["state"], r["batch"] or "", r.get("error") or "") for k, r in d["devices"].items()]
+    click.echo("")
+    click.echo(output.table(["DEVICE", "STATE", "BATCH", "ERROR"], rows))
+
+
+def _deployment_action(kind: str, verb: str) -> Callable[..., Any]:
+    @click.argument("deployment_id", type=int)
+    @common
+    def command(client: ControllerClient, fmt: str, deployment_id: int) -> None:
+        d = client.request(DeploymentsAction(kind=kind, id=deployment_id))["deployment"]  # type: ignore[arg-type]
+        if fmt == "json":
+            click.echo(output.to_json(d))
+        else:
+            click.echo(f"deployment {d['id']} of {d['stack']}: {d['state']}")
+
+    command.__doc__ = f"{verb} a deployment."
+    return command
+
+
+deployments.command("pause")(_deployment_action("deployments.pause", "Pause (move no more devices)"))
+deployments.command("resume")(_deployment_action("deployments.resume", "Resume"))
+deployments.command("promote")(_deployment_action("deployments.promote", "Promote the canaries of"))
+deployments.command("rollback")(
+    _deployment_action("deployments.rollback", "Roll back (deploy the previous version of)")
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 from tether.protocol.codec import describe
+from tether.protocol.durations import parse_duration
 from tether.protocol.errors import ComposeError
 from tether.protocol.models import (
     NAME_PATTERN,
@@ -51,31 +52,6 @@ _HINTS = {
     "or use network_mode: host",
 }
 MAX_COMPOSE_BYTES = 256 * 1024
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
-
-
-def parse_duration(value: Any, where: str) -> float:
-    """Compose durations (``1m30s``, ``500ms``, ``10``) in seconds."""
-    if isinstance(value, bool):
-        raise ComposeError(f"{where}: invalid duration {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ComposeError(f"{where}: negative duration")
-        return float(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ComposeError(f"{where}: invalid duration {value!r}")
-    text = value.strip()
-    pos = 0
-    total = 0.0
-    scale = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for match in _DURATION_RE.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * scale[match.group(2)]
-        pos = match.end()
-    if pos != len(text):
-        raise ComposeError(f"{where}: invalid duration {value!r} (use e.g. 10s, 1m30s, 500ms)")
-    return total
 
 
 def _argv(value: Any, where: str) -> tuple[str, ...]:

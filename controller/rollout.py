@@ -35,24 +35,16 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from tether.protocol.models import RolloutStrategy
 
 DeviceRolloutState = Literal["pending", "pending (offline)", "updating", "held", "healthy", "failed"]
-DeploymentState = Literal["running", "paused", "awaiting-promotion", "succeeded", "failed", "reverted", "superseded"]
+DeploymentState = Literal[
+    "running", "paused", "awaiting-promotion", "succeeded", "failed", "reverted", "superseded"
+]
 ACTIVE_STATES = ("running", "paused", "awaiting-promotion")
 
 
-class Strategy(BaseModel):
-    """How a deployment moves devices."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    kind: Literal["all-at-once", "rolling", "canary"] = "all-at-once"
-    max_parallel: int = Field(default=1, ge=0)
-    canary: int = Field(default=1, ge=1)
-    min_healthy_time_s: float = Field(default=10.0, ge=0)
-    healthy_deadline_s: float = Field(default=300.0, gt=0)
-    auto_revert: bool = False
-    auto_promote: bool = False
+Strategy = RolloutStrategy
 
 
 class DeviceRollout(BaseModel):
@@ -97,7 +89,9 @@ class Deployment(BaseModel):
             return {d: self.from_hash for d in self.devices}
         if self.state in ("succeeded", "superseded"):
             return {}
-        return {d: self.from_hash for d, r in self.devices.items() if r.state in ("pending", "pending (offline)")}
+        return {
+            d: self.from_hash for d, r in self.devices.items() if r.state in ("pending", "pending (offline)")
+        }
 
 
 @dataclass(frozen=True)
@@ -175,12 +169,14 @@ def step(
     for d in list(devices):
         if d not in members and devices[d].state in ("pending", "pending (offline)"):
             del devices[d]
+    # A first deployment has nothing to protect: running is healthy at once.
+    judged = dep.strategy if dep.from_hash else dep.strategy.model_copy(update={"min_healthy_time_s": 0.0})
     for d, r in devices.items():
         obs = observed.get(d, Observation(online=False))
         if r.state in ("pending", "pending (offline)"):
             devices[d] = r.model_copy(update={"state": "pending" if obs.online else "pending (offline)"})
         else:
-            devices[d] = _judge(r, obs, dep.to_hash, dep.strategy, now)
+            devices[d] = _judge(r, obs, dep.to_hash, judged, now)
 
     failed = sorted(d for d, r in devices.items() if r.state == "failed")
     if failed:
@@ -195,7 +191,12 @@ def step(
                 }
             )
         return dep.model_copy(
-            update={"devices": devices, "state": "failed", "updated": now, "message": f"{failed[0]}: {reason}"}
+            update={
+                "devices": devices,
+                "state": "failed",
+                "updated": now,
+                "message": f"{failed[0]}: {reason}",
+            }
         )
 
     state = dep.state
@@ -234,4 +235,6 @@ def step(
 
 def promote(dep: Deployment, now: float) -> Deployment:
     """Let a canary deployment go on to the rest of the group."""
-    return dep.model_copy(update={"promoted": True, "state": "running" if dep.active else dep.state, "updated": now})
+    return dep.model_copy(
+        update={"promoted": True, "state": "running" if dep.active else dep.state, "updated": now}
+    )

@@ -22,13 +22,18 @@ def members(group: Group, labels: Mapping[str, Mapping[str, str]]) -> list[str]:
 
 
 def desired_stacks(
-    stacks: Iterable[Stack], groups: Mapping[str, Group], labels: Mapping[str, Mapping[str, str]]
+    stacks: Iterable[Stack],
+    groups: Mapping[str, Group],
+    labels: Mapping[str, Mapping[str, str]],
+    pins: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, tuple[StackRef, ...]]:
     """Map every targeted device to the stacks it should run, sorted by name.
 
     A ``global`` stack targets every member of its group; a ``replicas`` stack only the
-    devices of its current assignment (see :mod:`.placement`).
+    devices of its current assignment (see :mod:`.placement`). ``pins`` maps a stack to
+    the devices a running deployment keeps on another version (see :mod:`.rollout`).
     """
+    pins = pins or {}
     result: dict[str, list[StackRef]] = {}
     for stack in stacks:
         group = groups.get(stack.group)
@@ -40,5 +45,6 @@ def desired_stacks(
             else members(group, labels)
         )
         for device_id in targets:
-            result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=stack.spec_hash))
+            spec_hash = pins.get(stack.name, {}).get(device_id, stack.spec_hash)
+            result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=spec_hash))
     return {d: tuple(sorted(refs, key=lambda r: r.name)) for d, refs in result.items()}

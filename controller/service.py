@@ -33,13 +33,18 @@ from typing import Any
 
 from pydantic import ValidationError
 from tether.protocol import codec, topics
+from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import ComposeError, PayloadError, StoreError, TetherError
 from tether.protocol.models import (
     COMMAND_ADAPTER,
     NAME_PATTERN,
+    DeploymentsAction,
+    DeploymentsList,
+    DeploymentsStatus,
     DesiredState,
     DevicesList,
     DevicesShow,
+    DevicesTop,
     Event,
     GroupsCreate,
     GroupsList,
@@ -58,11 +63,13 @@ from tether.protocol.models import (
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
+from . import rollout
 from .compose import parse_stack
 from .lease import Lease
 from .models import DesiredRecord, Device, Group, Stack
 from .observability import REFRESH_SECONDS, Metrics
 from .placement import Assignment, Candidate, place
+from .rollout import Observation
 from .scheduler import desired_stacks, members
 from .selectors import parse_selector
 from .store import Store
@@ -73,6 +80,7 @@ _CONNECTED = "\x00connected"
 _STOP = "\x00stop"
 _TICK = "\x00tick"
 TICK_SECONDS = 1.0
+MAX_METRICS_DEVICES = 100_000
 
 
 READ_COMMANDS = (DevicesList, DevicesShow, GroupsList, GroupsShow, StacksList, StacksStatus)
@@ -99,6 +107,7 @@ class Controller:
         self.leading = threading.Event()
         self.lost_leadership = threading.Event()
         self.metrics = Metrics()
+        self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self._next_refresh = 0.0
         self._thread: threading.Thread | None = None
 
@@ -129,7 +138,7 @@ class Controller:
     def _become_leader(self) -> None:
         """Take over scheduling: device topics, write requests, and everything unpublished."""
         assert self.client is not None
-        for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS):
+        for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS, DeviceTopic.METRICS):
             self.client.subscribe(topics.all_devices(kind))
         self.client.subscribe(topics.LEADER_REQUESTS)
         if not self.ha:
@@ -147,18 +156,20 @@ class Controller:
             self.client.stop()
 
     def _run(self) -> None:
+        next_tick = time.monotonic() + TICK_SECONDS
         while True:
             try:
-                topic, payload = self.inbox.get(timeout=TICK_SECONDS)
+                topic, payload = self.inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
             except queue.Empty:
                 topic, payload = _TICK, b""
             if topic == _STOP:
                 return
             try:
-                if topic == _TICK:
-                    self.tick()
-                else:
+                if topic != _TICK:
                     self.handle(topic, payload)
+                if time.monotonic() >= next_tick:  # ticks run on time, however busy the inbox
+                    next_tick = time.monotonic() + TICK_SECONDS
+                    self.tick()
             except Exception:
                 log.exception("failed to handle a message on %s", topic)
 
@@ -196,6 +207,95 @@ class Controller:
         ]
         if stacks and self._placements_changed(stacks):
             self.sync()
+        self.advance_deployments()
+
+    # --- deployments ---
+
+    def _pins(self) -> dict[str, dict[str, str]]:
+        """Per stack, the devices its latest deployment keeps on the previous version."""
+        return {name: d.pins() for name, d in self.store.latest_deployments().items() if d.pins()}
+
+    def _targets(self, stack: Stack) -> list[str]:
+        if stack.placement.mode == "replicas":
+            return sorted(a.device_id for a in stack.assignment)
+        group = self.store.get_group(stack.group)
+        return members(group, self._labels()) if group else []
+
+    def _observe(self, stack: str, device_ids: list[str]) -> dict[str, Observation]:
+        observed = {}
+        for device_id in device_ids:
+            device = self.store.get_device(device_id)
+            if device is None:
+                observed[device_id] = Observation(online=False)
+                continue
+            reported = device.reported
+            status = reported.stacks.get(stack) if reported else None
+            errors = [s.last_error for s in status.services.values() if s.last_error] if status else []
+            observed[device_id] = Observation(
+                online=device.status == "online",
+                spec_hash=status.spec_hash if status else None,
+                state=status.state if status else None,
+                held=bool(reported and reported.held),
+                error=(reported.error if reported and reported.error else None)
+                or (errors[0] if errors else None),
+            )
+        return observed
+
+    def advance_deployments(self) -> None:
+        """Step every active deployment; store, revert and publish what changed."""
+        changed = False
+        for deployment in self.store.latest_deployments().values():
+            if not deployment.active:
+                continue
+            stack = self.store.get_stack(deployment.stack)
+            if stack is None:
+                continue
+            targets = self._targets(stack)
+            nxt = rollout.step(
+                deployment,
+                targets,
+                self._observe(stack.name, list(deployment.devices) + targets),
+                self.clock(),
+            )
+            if nxt == deployment:
+                continue
+            changed = True
+            with self.store.transaction():
+                self.store.put_deployment(nxt)
+                if nxt.state != deployment.state:
+                    log.info("deployment %d of %s: %s %s", nxt.id, nxt.stack, nxt.state, nxt.message or "")
+                if nxt.state == "reverted" and nxt.from_hash is not None:
+                    self._revert(stack, nxt.from_hash)
+        if changed:
+            self.sync()
+
+    def _revert(self, stack: Stack, spec_hash: str) -> None:
+        spec = self.store.get_spec(spec_hash)
+        if spec is None:
+            log.error("cannot revert %s: version %s is unknown", stack.name, spec_hash[:12])
+            return
+        now = self.clock()
+        self.store.put_stack(
+            stack.model_copy(
+                update={"spec_hash": spec_hash, "spec": spec, "version": stack.version + 1, "updated": now}
+            )
+        )
+
+    def _start_deployment(
+        self, stack: Stack, from_hash: str | None, strategy: rollout.Strategy
+    ) -> rollout.Deployment:
+        """Create the deployment of ``stack``'s current version (inside the caller's transaction)."""
+        now = self.clock()
+        previous = self.store.latest_deployments().get(stack.name)
+        if previous is not None and previous.active:
+            self.store.put_deployment(previous.model_copy(update={"state": "superseded", "updated": now}))
+        targets = self._targets(stack)
+        deployment = rollout.start(
+            self.store.next_deployment_id(), stack.name, from_hash, stack.spec_hash, strategy, targets, now
+        )
+        deployment = rollout.step(deployment, targets, self._observe(stack.name, targets), now)
+        self.store.put_deployment(deployment)
+        return deployment
 
     # --- dispatch ---
 
@@ -223,6 +323,8 @@ class Controller:
                 self._on_reported(parsed.device_id, payload)
             elif parsed.device_topic == DeviceTopic.EVENTS:
                 self._on_event(parsed.device_id, payload)
+            elif parsed.device_topic == DeviceTopic.METRICS:
+                self._on_metrics(parsed.device_id, payload)
 
     # --- device messages ---
 
@@ -304,7 +406,7 @@ class Controller:
         if device_ids is None:
             labels = {d.id: d.labels for d in self.store.list_devices()}
             existing = {r.device_id: r for r in self.store.list_desired()}
-            wanted = desired_stacks(stacks, groups, labels)
+            wanted = desired_stacks(stacks, groups, labels, self._pins())
             candidates = set(wanted) | set(existing)
         else:
             labels = {}
@@ -316,7 +418,9 @@ class Controller:
                 if record is not None:
                     existing[device_id] = record
             wanted = {
-                d: refs for d, refs in desired_stacks(stacks, groups, labels).items() if d in device_ids
+                d: refs
+                for d, refs in desired_stacks(stacks, groups, labels, self._pins()).items()
+                if d in device_ids
             }
             candidates = set(device_ids)
         needed: set[str] = set()
@@ -392,7 +496,7 @@ class Controller:
         definitions = self.store.definitions()
         to_define = sorted(h for h, published in definitions.items() if h in needed and not published)
         if to_define:
-            specs = {s.spec_hash: s.spec for s in self.store.list_stacks()}
+            specs = {h: spec for h in to_define if (spec := self.store.get_spec(h)) is not None}
             to_define = [h for h in to_define if h in specs]
             acked = client.publish_many(
                 [
@@ -480,6 +584,7 @@ class Controller:
         handlers: dict[type, Callable[[Any], Any]] = {
             DevicesList: self._devices_ls,
             DevicesShow: self._devices_show,
+            DevicesTop: self._devices_top,
             GroupsCreate: self._groups_create,
             GroupsList: self._groups_ls,
             GroupsShow: self._groups_show,
@@ -488,6 +593,9 @@ class Controller:
             StacksList: self._stacks_ls,
             StacksStatus: self._stacks_status,
             StacksRemove: self._stacks_rm,
+            DeploymentsList: self._deployments_ls,
+            DeploymentsStatus: self._deployments_status,
+            DeploymentsAction: self._deployments_action,
         }
         return handlers[type(command)](command)
 
@@ -531,6 +639,38 @@ class Controller:
         if device is None:
             raise StoreError(f"unknown device {cmd.device_id!r}")
         return {"device": self._device_view(device, full=True)}
+
+    # --- device metrics (latest sample per device, in memory; see protocol/device_api.py) ---
+
+    def _on_metrics(self, device_id: str, payload: bytes) -> None:
+        try:
+            sample = codec.decode(payload, MetricsSample)
+        except PayloadError as exc:
+            log.debug("device %s: ignoring metrics: %s", device_id, exc)
+            return
+        previous = self.device_metrics.get(device_id)
+        if previous is None and len(self.device_metrics) >= MAX_METRICS_DEVICES:
+            return  # bounded memory, whoever publishes on metrics topics
+        if previous is not None and sample.at < previous["at"]:
+            return  # older than what we have (QoS 0 may reorder across reconnects)
+        self.device_metrics[device_id] = merge_sample(previous, sample, self.clock())
+
+    def _devices_top(self, cmd: DevicesTop) -> Any:
+        devices = self._all_devices()
+        for device_id in cmd.device_ids:
+            if device_id not in devices:
+                raise StoreError(f"unknown device {device_id!r}")
+        wanted = cmd.device_ids or tuple(devices)
+        rows = [
+            {
+                "id": d,
+                "status": devices[d].status,
+                "since": devices[d].since,
+                "sample": self.device_metrics.get(d),
+            }
+            for d in wanted
+        ]
+        return {"devices": rows}
 
     def _labels(self) -> dict[str, dict[str, str]]:
         return {d.id: d.labels for d in self.store.list_devices()}
@@ -609,6 +749,7 @@ class Controller:
         changed = existing is None or existing.spec_hash != spec_hash or existing.placement != placement
         if changed:
             keep = existing.assignment if existing is not None and placement.mode == "replicas" else ()
+            new_version = existing is None or existing.spec_hash != spec_hash
             stack = Stack(
                 name=cmd.name,
                 group=cmd.group,
@@ -621,19 +762,32 @@ class Controller:
                 created=existing.created if existing else now,
                 updated=now,
             )
+            deployment = None
             with self.store.transaction():
+                self.store.put_spec(spec_hash, spec)
                 self.store.put_stack(stack)
+                self._update_placements()
+                stack = self.store.get_stack(cmd.name) or stack
+                if new_version:
+                    from_hash = existing.spec_hash if existing is not None else None
+                    deployment = self._start_deployment(stack, from_hash, cmd.strategy)
                 self._recompute()
             self.publish_pending()
         else:
             stack = existing  # type: ignore[assignment]
+            deployment = None
         stack = self.store.get_stack(cmd.name) or stack
         targets = (
             [a.device_id for a in stack.assignment]
             if stack.placement.mode == "replicas"
             else members(group, self._labels())
         )
-        return {"stack": self._stack_view(stack), "changed": changed, "devices": targets}
+        return {
+            "stack": self._stack_view(stack),
+            "changed": changed,
+            "devices": targets,
+            "deployment": deployment.id if deployment else None,
+        }
 
     def _stack_view(self, stack: Stack) -> dict[str, Any]:
         return {
@@ -660,6 +814,7 @@ class Controller:
     def _stack_devices(self, name: str, spec_hash: str | None) -> list[dict[str, Any]]:
         """Per device that should run (or still runs) stack ``name``: where it stands."""
         devices = self._all_devices()
+        latest = self.store.latest_deployments().get(name)
         rows = []
         for record in self.store.list_desired():
             ref = next((r for r in record.stacks if r.name == name), None)
@@ -682,10 +837,13 @@ class Controller:
                 if stack
                 else None
             )
+            rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
             rows.append(
                 {
                     "device": record.device_id,
                     "role": role,
+                    "rollout": rolling.state if rolling else None,
+                    "held": bool(reported and reported.held),
                     "presence": device.status,
                     "state": state,
                     "desired_generation": record.generation,
@@ -704,6 +862,85 @@ class Controller:
         if stack is None and not rows:
             raise StoreError(f"unknown stack {cmd.name!r}")
         return {"stack": self._stack_view(stack) if stack else None, "devices": rows}
+
+    # --- deployments ---
+
+    def _deployment_view(self, d: rollout.Deployment, full: bool = False) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for r in d.devices.values():
+            counts[r.state] = counts.get(r.state, 0) + 1
+        view: dict[str, Any] = {
+            "id": d.id,
+            "stack": d.stack,
+            "state": d.state,
+            "from_hash": d.from_hash,
+            "to_hash": d.to_hash,
+            "strategy": d.strategy.model_dump(mode="json"),
+            "batch": d.batch,
+            "promoted": d.promoted,
+            "counts": counts,
+            "message": d.message,
+            "created": d.created,
+            "updated": d.updated,
+        }
+        if full:
+            view["devices"] = {k: v.model_dump(mode="json") for k, v in sorted(d.devices.items())}
+        return view
+
+    def _deployments_ls(self, cmd: DeploymentsList) -> Any:
+        return {"deployments": [self._deployment_view(d) for d in self.store.list_deployments(cmd.stack)]}
+
+    def _deployment(self, deployment_id: int) -> rollout.Deployment:
+        deployment = self.store.get_deployment(deployment_id)
+        if deployment is None:
+            raise StoreError(f"unknown deployment {deployment_id}")
+        return deployment
+
+    def _deployments_status(self, cmd: DeploymentsStatus) -> Any:
+        return {"deployment": self._deployment_view(self._deployment(cmd.id), full=True)}
+
+    def _deployments_action(self, cmd: DeploymentsAction) -> Any:
+        d = self._deployment(cmd.id)
+        latest = self.store.latest_deployments().get(d.stack)
+        action = cmd.kind.split(".", 1)[1]
+        now = self.clock()
+        if action == "rollback":
+            stack = self.store.get_stack(d.stack)
+            if stack is None or d.from_hash is None:
+                raise StoreError(f"deployment {d.id} has no previous version to roll back to")
+            spec = self.store.get_spec(d.from_hash)
+            if spec is None:
+                raise StoreError(f"deployment {d.id}: previous version {d.from_hash[:12]} is unknown")
+            with self.store.transaction():
+                reverted = stack.model_copy(
+                    update={
+                        "spec_hash": d.from_hash,
+                        "spec": spec,
+                        "version": stack.version + 1,
+                        "updated": now,
+                    }
+                )
+                self.store.put_stack(reverted)
+                new = self._start_deployment(reverted, stack.spec_hash, d.strategy)
+                self._recompute()
+            self.publish_pending()
+            return {"deployment": self._deployment_view(new)}
+        if latest is None or latest.id != d.id or not d.active:
+            raise StoreError(
+                f"deployment {d.id} is {d.state}; only the active deployment of a stack can {action}"
+            )
+        if action == "pause":
+            d = d.model_copy(update={"state": "paused", "updated": now})
+        elif action == "resume":
+            d = d.model_copy(update={"state": "running", "updated": now})
+        elif action == "promote":
+            if d.strategy.kind != "canary":
+                raise StoreError(f"deployment {d.id} is not a canary deployment")
+            d = rollout.promote(d, now)
+        with self.store.transaction():
+            self.store.put_deployment(d)
+        self.advance_deployments()
+        return {"deployment": self._deployment_view(self._deployment(d.id))}
 
     def _stacks_rm(self, cmd: StacksRemove) -> Any:
         stack = self.store.get_stack(cmd.name)

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from tether.protocol.errors import StoreError
+from tether.protocol.models import StackSpec
 
 from .models import DesiredRecord, Device, Group, Stack
+from .rollout import Deployment
 
 MIGRATIONS = [
     """
@@ -30,6 +32,11 @@ MIGRATIONS = [
     """
     CREATE TABLE events (device_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
                          PRIMARY KEY (device_id, seq));
+    """,
+    """
+    CREATE TABLE deployments (id INTEGER PRIMARY KEY, stack TEXT NOT NULL, body TEXT NOT NULL);
+    CREATE INDEX deployments_stack ON deployments (stack, id);
+    CREATE TABLE specs (spec_hash TEXT PRIMARY KEY, body TEXT NOT NULL);
     """,
 ]
 
@@ -201,6 +208,51 @@ class Store:
             for record in self.list_desired():
                 self.put_desired(record.model_copy(update={"published": False}))
             self.db.execute("UPDATE definitions SET published = 0")
+
+    # --- deployments and every version of every stack ---
+
+    def next_deployment_id(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM deployments").fetchone()
+        return int(row[0]) + 1
+
+    def put_deployment(self, deployment: Deployment) -> None:
+        self.db.execute(
+            "INSERT INTO deployments (id, stack, body) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+            (deployment.id, deployment.stack, deployment.model_dump_json()),
+        )
+
+    def get_deployment(self, deployment_id: int) -> Deployment | None:
+        row = self.db.execute("SELECT body FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
+        return Deployment.model_validate_json(row[0]) if row else None
+
+    def list_deployments(self, stack: str | None = None, limit: int = 50) -> list[Deployment]:
+        if stack is None:
+            rows = self.db.execute("SELECT body FROM deployments ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self.db.execute(
+                "SELECT body FROM deployments WHERE stack = ? ORDER BY id DESC LIMIT ?", (stack, limit)
+            )
+        return [Deployment.model_validate_json(r[0]) for r in rows]
+
+    def latest_deployments(self) -> dict[str, Deployment]:
+        """The newest deployment of every stack."""
+        rows = self.db.execute(
+            "SELECT d.body FROM deployments d JOIN (SELECT stack, MAX(id) AS id FROM deployments GROUP BY stack) m "
+            "ON d.id = m.id"
+        )
+        latest = [Deployment.model_validate_json(r[0]) for r in rows]
+        return {d.stack: d for d in latest}
+
+    def put_spec(self, spec_hash: str, spec: StackSpec) -> None:
+        self.db.execute(
+            "INSERT INTO specs (spec_hash, body) VALUES (?, ?) ON CONFLICT(spec_hash) DO NOTHING",
+            (spec_hash, spec.model_dump_json()),
+        )
+
+    def get_spec(self, spec_hash: str) -> StackSpec | None:
+        row = self.db.execute("SELECT body FROM specs WHERE spec_hash = ?", (spec_hash,)).fetchone()
+        return StackSpec.model_validate_json(row[0]) if row else None
 
     # --- events ---
 

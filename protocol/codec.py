@@ -15,9 +15,9 @@ MAX_PAYLOAD = 4 * 1024 * 1024
 """Refuse to decode anything larger: a payload this big is a mistake or an attack."""
 
 
-def encode(model: BaseModel) -> bytes:
-    """Encode a wire model as msgpack (a map of its fields)."""
-    data: bytes = msgpack.packb(model.model_dump(mode="json"), use_bin_type=True)
+def encode(model: BaseModel, *, compact: bool = False) -> bytes:
+    """Encode a wire model as msgpack (a map of its fields); ``compact`` leaves out fields that are None."""
+    data: bytes = msgpack.packb(model.model_dump(mode="json", exclude_none=compact), use_bin_type=True)
     return data
 
 

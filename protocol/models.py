@@ -172,6 +172,7 @@ class ReportedState(Message):
     generation: int = Field(ge=-1)
     stacks: dict[str, StackStatus] = Field(default_factory=dict)
     error: str | None = None
+    held: bool = False
     events_dropped: int = 0
     at: float = 0.0
 
@@ -185,6 +186,14 @@ class DeviceFacts(WireModel):
     os: str
     hostname: str = ""
     labels: dict[str, str] = Field(default_factory=dict)
+    # Host facts (absent from older agents; the live values: the device's `facts` request).
+    kernel: str | None = None
+    cpu_count: int | None = None
+    cpu_model: str | None = None
+    memory_total: int | None = None
+    disk_total: int | None = None
+    docker_version: str | None = None
+    addresses: dict[str, tuple[str, ...]] = Field(default_factory=dict)
 
 
 class Presence(Message):
@@ -230,6 +239,13 @@ class DevicesShow(WireModel):
     device_id: str
 
 
+class DevicesTop(WireModel):
+    """The latest metrics sample of each device (all, or ``device_ids``), kept in memory."""
+
+    kind: Literal["devices.top"] = "devices.top"
+    device_ids: tuple[str, ...] = ()
+
+
 class GroupsCreate(WireModel):
     kind: Literal["groups.create"] = "groups.create"
     name: str
@@ -251,11 +267,24 @@ class GroupsRemove(WireModel):
     name: str
 
 
+class RolloutStrategy(WireModel):
+    """How a deployment moves a group to a new version (see docs/rollouts.md)."""
+
+    kind: Literal["all-at-once", "rolling", "canary"] = "all-at-once"
+    max_parallel: int = Field(default=1, ge=0)
+    canary: int = Field(default=1, ge=1)
+    min_healthy_time_s: float = Field(default=10.0, ge=0)
+    healthy_deadline_s: float = Field(default=300.0, gt=0)
+    auto_revert: bool = False
+    auto_promote: bool = False
+
+
 class StacksDeploy(WireModel):
     kind: Literal["stacks.deploy"] = "stacks.deploy"
     name: str
     group: str
     compose: str
+    strategy: RolloutStrategy = Field(default_factory=RolloutStrategy)
 
 
 class StacksList(WireModel):
@@ -272,9 +301,27 @@ class StacksRemove(WireModel):
     name: str
 
 
+class DeploymentsList(WireModel):
+    kind: Literal["deployments.ls"] = "deployments.ls"
+    stack: str | None = None
+
+
+class DeploymentsStatus(WireModel):
+    kind: Literal["deployments.status"] = "deployments.status"
+    id: int
+
+
+class DeploymentsAction(WireModel):
+    """Pause, resume, promote or roll back a deployment."""
+
+    kind: Literal["deployments.pause", "deployments.resume", "deployments.promote", "deployments.rollback"]
+    id: int
+
+
 Command = Annotated[
     DevicesList
     | DevicesShow
+    | DevicesTop
     | GroupsCreate
     | GroupsList
     | GroupsShow
@@ -282,7 +329,10 @@ Command = Annotated[
     | StacksDeploy
     | StacksList
     | StacksStatus
-    | StacksRemove,
+    | StacksRemove
+    | DeploymentsList
+    | DeploymentsStatus
+    | DeploymentsAction,
     Field(discriminator="kind"),
 ]
 COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)

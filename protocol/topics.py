@@ -4,10 +4,12 @@
     tether/v1/devices/{device_id}/reported   retained, QoS 1, agent -> controller  ReportedState
     tether/v1/devices/{device_id}/presence   retained, QoS 1, agent (and its will) Presence
     tether/v1/devices/{device_id}/events     QoS 1,           agent -> anyone      Event
+    tether/v1/devices/{device_id}/requests   QoS 1,           clients -> agent     Request (device_api)
+    tether/v1/devices/{device_id}/metrics    QoS 0,           agent -> anyone      MetricsSample
     tether/v1/stacks/{spec_hash}             retained, QoS 1, controller -> agents StackDefinition
     tether/v1/controller/requests            QoS 1,           clients -> controller Request
     tether/v1/controller/leader              QoS 1,           standby -> leader     Request
-    tether/v1/clients/{client_id}/replies    QoS 1,           controller -> client Reply
+    tether/v1/clients/{client_id}/replies    QoS 1,           controller/agent -> client Reply
 
 Incoming topics are never trusted to be ones we subscribed to (some brokers deliver
 more than asked): :func:`parse` tells what a topic is, or ``None``.
@@ -40,6 +42,8 @@ class DeviceTopic(StrEnum):
     REPORTED = "reported"
     PRESENCE = "presence"
     EVENTS = "events"
+    REQUESTS = "requests"
+    METRICS = "metrics"
 
 
 def check_device_id(device_id: str) -> str:

@@ -89,6 +89,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 @click.option("--connect-concurrency", type=int, default=200, show_default=True, help="Handshakes in flight.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
+    "--hash-cache/--no-hash-cache",
+    default=True,
+    show_default=True,
+    help="Memoise spec hashes (pure, saves CPU; see tether.sim.hashcache).",
+)
+@click.option(
     "--progress", type=float, default=5.0, show_default=True, help="Seconds between progress lines."
 )
 @click.option("--json", "json_path", default=None, help="Also write the summary as JSON to this file.")
@@ -109,6 +115,7 @@ def main(
     connect_rate: float,
     connect_concurrency: int,
     seed: int,
+    hash_cache: bool,
     progress: float,
     json_path: str | None,
     log_level: str,
@@ -145,6 +152,7 @@ def main(
         connect_concurrency=connect_concurrency,
         duration=duration,
         seed=seed,
+        cache_hashes=hash_cache,
     )
     fleet = Fleet(config)
 

@@ -79,7 +79,7 @@ def lifecycle(broker: str, docker: Any, tmp_path: Path, procs: list[Any]) -> Non
         "web",
         "--group",
         "lab",
-        "--wait",
+        "--wait", "--min-healthy-time", "1s",
         "--timeout",
         "90",
     )
@@ -103,7 +103,7 @@ def lifecycle(broker: str, docker: Any, tmp_path: Path, procs: list[Any]) -> Non
         "web",
         "--group",
         "lab",
-        "--wait",
+        "--wait", "--min-healthy-time", "1s",
         "--timeout",
         "90",
     )

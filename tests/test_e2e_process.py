@@ -78,7 +78,7 @@ def test_process_driver_lifecycle_and_offline_autonomy(tmp_path: Path, procs: li
         "worker",
         "--group",
         "solo",
-        "--wait",
+        "--wait", "--min-healthy-time", "1s",
         "--timeout",
         "60",
     )
@@ -97,7 +97,7 @@ def test_process_driver_lifecycle_and_offline_autonomy(tmp_path: Path, procs: li
         "worker",
         "--group",
         "solo",
-        "--wait",
+        "--wait", "--min-healthy-time", "1s",
         "--timeout",
         "60",
     )

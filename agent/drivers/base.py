@@ -8,6 +8,8 @@ Drivers are synchronous (docker-py blocks); the agent calls them from its own th
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -59,6 +61,24 @@ class Driver(Protocol):
 
     def logs(self, instance: Observed, tail: int) -> str:
         """The last ``tail`` lines of an instance's output ("" if none)."""
+        ...
+
+    def log_stream(
+        self, instance: Observed, tail: int | None, since: float | None, follow: bool, stop: threading.Event
+    ) -> Iterator[str]:
+        """An instance's output as text chunks, for remote ``logs``: the last ``tail`` lines
+        (all if None) of what it wrote at or after ``since`` (epoch seconds; None: any time);
+        with ``follow``, then what it writes, until ``stop`` is set (the iterator then ends
+        within a second) or, where the runtime says so, the instance stops.
+
+        Called on a worker thread, not the agent's: it must not change the driver's state.
+        Raises :class:`DriverError` if the instance is gone or ``since`` is not supported.
+        """
+        ...
+
+    def usage(self) -> dict[str, tuple[float | None, int | None]]:
+        """Per running instance, ``"stack/service"`` to (CPU seconds used since it started,
+        memory in use in bytes), for metrics. Read-only: called on the metrics thread."""
         ...
 
     def prune(self, stacks: set[str]) -> None:

@@ -14,7 +14,11 @@ Docker SDK errors are translated into :class:`DriverError` here and nowhere else
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -234,6 +238,78 @@ class DockerDriver:
         except docker.errors.DockerException:
             return ""
         return bytes(data).decode(errors="replace")
+
+    def log_stream(
+        self, instance: Observed, tail: int | None, since: float | None, follow: bool, stop: threading.Event
+    ) -> Iterator[str]:
+        what = f"{instance.stack}/{instance.service}"
+        kwargs: dict[str, Any] = {"stdout": True, "stderr": True, "tail": "all" if tail is None else tail}
+        if since is not None:
+            kwargs["since"] = max(since, 1.0)
+        try:
+            container = self.client.containers.get(instance.id)
+            if not follow:
+                data = container.logs(**kwargs)
+                yield bytes(data).decode(errors="replace")
+                return
+            stream = container.logs(stream=True, follow=True, **kwargs)
+        except docker.errors.NotFound as exc:
+            raise DriverError(f"{what}: the container is gone") from exc
+        except docker.errors.DockerException as exc:
+            raise _error(f"logs of {what}", exc) from exc
+        done = threading.Event()
+
+        def close_on_stop() -> None:
+            # The stream blocks until the container writes: closing its response unblocks it.
+            while not stop.wait(0.2):
+                if done.is_set():
+                    return
+            with contextlib.suppress(Exception):
+                stream.close()
+
+        threading.Thread(target=close_on_stop, name="docker-logs-stop", daemon=True).start()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            for chunk in stream:
+                if stop.is_set():
+                    return
+                text = decoder.decode(bytes(chunk))
+                if text:
+                    yield text
+        except Exception:  # the response was closed under the iterator (stop), or the engine went away
+            if not stop.is_set():
+                raise
+        finally:
+            done.set()
+
+    def usage(self) -> dict[str, tuple[float | None, int | None]]:
+        try:
+            containers = self.client.containers.list(filters=self._filters())
+        except docker.errors.DockerException as exc:
+            raise _error("list containers", exc) from exc
+        out: dict[str, tuple[float | None, int | None]] = {}
+        for c in containers:
+            labels = c.labels or {}
+            try:
+                try:
+                    stats = c.stats(stream=False, one_shot=True)
+                except docker.errors.InvalidVersion:
+                    stats = c.stats(stream=False)  # an engine older than API 1.41: slower
+            except docker.errors.DockerException:
+                continue  # gone meanwhile
+            cpu_ns = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+            mem_stats = stats.get("memory_stats") or {}
+            mem = mem_stats.get("usage")
+            if mem is not None:
+                detail = mem_stats.get("stats") or {}
+                # As `docker stats` does: page cache that can be dropped is not "in use".
+                mem -= detail.get("inactive_file", detail.get("total_inactive_file", 0))
+            key = f"{labels.get(LABEL_STACK, '')}/{labels.get(LABEL_SERVICE, '')}"
+            out[key] = (
+                cpu_ns / 1e9 if cpu_ns is not None else None,
+                max(0, mem) if mem is not None else None,
+            )
+        return out
 
     def prune(self, stacks: set[str]) -> None:
         try:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
+from collections.abc import Iterator
 
 from tether.protocol.errors import DriverError
 from tether.protocol.models import ServiceSpec, StackSpec
@@ -71,6 +73,28 @@ class FakeDriver:
         lines = self._output.get(instance.id, "").splitlines()
         return "\n".join(lines[-tail:]) if tail > 0 else ""
 
+    def log_stream(
+        self, instance: Observed, tail: int | None, since: float | None, follow: bool, stop: threading.Event
+    ) -> Iterator[str]:
+        """The output (``since`` is ignored: fake output has no timestamps); following, what :meth:`emit` adds."""
+        if instance.id not in self.host:
+            raise DriverError(f"{instance.stack}/{instance.service}: the instance is gone")
+        text = self._output.get(instance.id, "")
+        lines = text.splitlines(keepends=True)
+        if tail is not None:
+            lines = lines[-tail:] if tail > 0 else []
+        if lines:
+            yield "".join(lines)
+        pos = len(text)
+        while follow and not stop.wait(0.05):
+            text = self._output.get(instance.id, "")
+            if len(text) > pos:
+                yield text[pos:]
+                pos = len(text)
+
+    def usage(self) -> dict[str, tuple[float | None, int | None]]:
+        return {f"{i.stack}/{i.service}": (0.0, 0) for i in self.observe() if i.state == "running"}
+
     def prune(self, stacks: set[str]) -> None:
         return None
 
@@ -78,6 +102,10 @@ class FakeDriver:
         return None
 
     # --- for tests ---
+
+    def emit(self, instance_id: str, text: str) -> None:
+        """Append ``text`` to an instance's output, as if it had written it."""
+        self._output[instance_id] = self._output.get(instance_id, "") + text
 
     def add(self, instance: Observed) -> None:
         """Put ``instance`` on this device as it is (any id, hash or state)."""

@@ -11,11 +11,14 @@ not apply (every process shares the host network, like ``network_mode: host``).
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tether.agent.store import atomic_write
@@ -23,6 +26,11 @@ from tether.protocol.errors import DriverError
 from tether.protocol.models import ServiceSpec, StackSpec
 
 from .base import Observed
+
+FOLLOW_POLL_S = 0.25
+"""How often a followed log file is checked for growth."""
+TAIL_WINDOW = 4 * 1024 * 1024
+"""Most bytes read back from the end of a log file to find its last lines."""
 
 
 def _proc_start_ticks(pid: int) -> int | None:
@@ -181,6 +189,96 @@ class ProcessDriver:
         except OSError:
             return ""
         return "\n".join(lines[-tail:])
+
+    def log_stream(
+        self, instance: Observed, tail: int | None, since: float | None, follow: bool, stop: threading.Event
+    ) -> Iterator[str]:
+        if since is not None:
+            raise DriverError(
+                "the process driver does not timestamp output, so 'since' is not available (use tail)"
+            )
+        path = self.dir / f"{instance.id}.log"
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - held open while following
+        except FileNotFoundError:
+            if not follow:
+                return
+            f = None
+        except OSError as exc:
+            raise DriverError(f"logs of {instance.stack}/{instance.service}: {exc}") from exc
+        try:
+            pos = 0
+            if f is not None:
+                end = f.seek(0, os.SEEK_END)
+                start = max(0, end - TAIL_WINDOW)
+                f.seek(start)
+                data = f.read(end - start)
+                pos = end
+                if start > 0:
+                    data = data[data.find(b"\n") + 1 :]  # drop the partial first line
+                if tail is not None:
+                    lines = data.splitlines(keepends=True)
+                    data = b"".join(lines[-tail:]) if tail > 0 else b""
+                if data:
+                    yield data.decode(errors="replace")
+            if not follow:
+                return
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            while not stop.wait(FOLLOW_POLL_S):
+                if f is None:
+                    try:
+                        f = open(path, "rb")  # noqa: SIM115
+                    except FileNotFoundError:
+                        continue
+                size = os.fstat(f.fileno()).st_size
+                if size < pos:
+                    pos = 0  # truncated
+                if size == pos:
+                    continue
+                f.seek(pos)
+                data = f.read(size - pos)
+                pos += len(data)
+                text = decoder.decode(data)
+                if text:
+                    yield text
+        finally:
+            if f is not None:
+                f.close()
+
+    def usage(self) -> dict[str, tuple[float | None, int | None]]:
+        # Read-only: records are read, never rewritten, and each service counts every
+        # process of its session (it is started as a session leader), children included.
+        sessions: dict[int, str] = {}
+        for path in sorted(self.dir.glob("*.json")):
+            rec = self._read(path)
+            if rec is None or rec.get("device") != self.device_id or rec.get("state") != "running":
+                continue
+            pid = int(rec.get("pid", 0))
+            ticks = rec.get("start_ticks")
+            if pid > 0 and ticks is not None and _proc_start_ticks(pid) == ticks:
+                sessions[pid] = f"{rec['stack']}/{rec['service']}"
+        if not sessions:
+            return {}
+        hz = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+        totals = {key: [0, 0] for key in sessions.values()}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    data = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            fields = data[data.rfind(")") + 2 :].split()
+            try:
+                key = sessions.get(int(fields[3]))
+                if key is not None:
+                    totals[key][0] += int(fields[11]) + int(fields[12])
+                    totals[key][1] += int(fields[21]) * page
+            except (IndexError, ValueError):
+                continue
+        return {key: (cpu / hz, mem) for key, (cpu, mem) in totals.items()}
 
     def prune(self, stacks: set[str]) -> None:
         return None

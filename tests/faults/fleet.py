@@ -366,8 +366,8 @@ class Fleet:
         self.deploy("steady", STEADY)
         self.deploy("noise", NOISE)
         wait_until(lambda: self.converged(names, {"steady", "noise"}), 40, 0.1, "steady running everywhere")
-        for name in names:
-            wait_until(lambda n=name: self.agent_seq(n) >= 2, 20, 0.1, f"{name}: first noise event")
+        for name in names:  # seq 1 and 2: generations accepted; 3: noise's first failure
+            wait_until(lambda n=name: self.agent_seq(n) >= 3, 20, 0.1, f"{name}: first noise event")
         return names
 
     def stop(self) -> None:
@@ -421,12 +421,15 @@ class Fleet:
         self.late_tag = f"late-{uuid.uuid4().hex[:8]}"
         return self.deploy("late", LATE.format(tag=self.late_tag))
 
-    def cli_json(self, *args: str) -> Any:
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The real CLI, run where the hub is reachable."""
         argv = [*self.backend.hub_prefix(), sys.executable, "-m", "tether.cli.main", *args]
-        argv += ["--broker", self.backend.hub_url, "-o", "json"]
+        argv += ["--broker", self.backend.hub_url]
         env = {k: v for k, v in os.environ.items() if k != "TETHER_BROKER"}
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+
+    def cli_json(self, *args: str) -> Any:
+        result = self.cli(*args, "-o", "json")
         assert result.returncode == 0, f"tether {' '.join(args)}: {result.stderr}"
         return json.loads(result.stdout)
 

@@ -1,0 +1,1 @@
+"""The Tether device agent: observe -> plan -> apply -> report, online or not."""

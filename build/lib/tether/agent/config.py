@@ -1,0 +1,143 @@
+"""Agent configuration: one TOML file, environment variables and flags, in that order of
+increasing precedence. The same file can be baked into every device image of a batch.
+
+    # /etc/tether/agent.toml
+    brokers = ["mqtt://10.0.0.5:1883", "mqtt://backup.example:1883"]
+    device_id = "pi-042"          # default: the host name
+    data_dir = "/var/lib/tether-agent"
+    driver = "docker"             # or "process"
+    keepalive = 60                # seconds
+    reconcile_interval = 10       # seconds
+    [labels]
+    site = "berlin"
+
+Environment: ``TETHER_BROKERS`` (comma-separated), ``TETHER_DEVICE_ID``, ``TETHER_LABELS``
+(``k=v,k=v``), ``TETHER_DATA_DIR``, ``TETHER_DRIVER``, ``TETHER_KEEPALIVE``,
+``TETHER_RECONCILE_INTERVAL``, ``TETHER_CONFIG`` (the file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tether.protocol.codec import describe
+from tether.protocol.errors import ConfigError, TopicError
+from tether.protocol.mqtt import BrokerAddress, parse_broker_url
+from tether.protocol.topics import check_device_id
+
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
+
+
+def default_data_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/tether-agent")
+    return Path.home() / ".local" / "share" / "tether-agent"
+
+
+def default_device_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-.")[:64]
+    return name or "device"
+
+
+class AgentConfig(BaseModel):
+    """Validated agent settings. Unknown keys are errors: a typo must not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    brokers: tuple[str, ...] = ("mqtt://127.0.0.1:1883",)
+    device_id: str = Field(default_factory=default_device_id)
+    labels: dict[str, str] = Field(default_factory=dict)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    driver: Literal["docker", "process"] = "docker"
+    keepalive: int = Field(default=60, ge=5, le=65535)
+    reconcile_interval: float = Field(default=10.0, gt=0, le=3600)
+
+    @field_validator("brokers")
+    @classmethod
+    def _brokers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one broker is needed")
+        for url in value:
+            try:
+                parse_broker_url(url)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        try:
+            return check_device_id(value)
+        except TopicError as exc:
+            raise ValueError(str(exc)) from exc
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, val in value.items():
+            if not LABEL_KEY_RE.match(key):
+                raise ValueError(f"invalid label key {key!r}")
+            if not isinstance(val, str) or len(val) > 128 or "," in val:
+                raise ValueError(f"invalid value for label {key!r}")
+        return value
+
+    def broker_addresses(self) -> list[BrokerAddress]:
+        return [parse_broker_url(url) for url in self.brokers]
+
+
+def parse_labels(items: list[str] | tuple[str, ...], source: str) -> dict[str, str]:
+    """Parse ``k=v`` items; raise :class:`ConfigError` naming ``source`` on a bad one."""
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{source}: label {item!r} is not of the form key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if env.get("TETHER_BROKERS"):
+        out["brokers"] = [b for b in env["TETHER_BROKERS"].split(",") if b.strip()]
+    if env.get("TETHER_DEVICE_ID"):
+        out["device_id"] = env["TETHER_DEVICE_ID"]
+    if env.get("TETHER_LABELS"):
+        out["labels"] = parse_labels(env["TETHER_LABELS"].split(","), "TETHER_LABELS")
+    for var, key in (
+        ("TETHER_DATA_DIR", "data_dir"),
+        ("TETHER_DRIVER", "driver"),
+        ("TETHER_KEEPALIVE", "keepalive"),
+        ("TETHER_RECONCILE_INTERVAL", "reconcile_interval"),
+    ):
+        if env.get(var):
+            out[key] = env[var]
+    return out
+
+
+def load_config(file: Path | None, env: Mapping[str, str], flags: Mapping[str, Any]) -> AgentConfig:
+    """Merge file < environment < flags and validate; raise :class:`ConfigError` on any problem."""
+    merged: dict[str, Any] = {}
+    path = file or (Path(env["TETHER_CONFIG"]) if env.get("TETHER_CONFIG") else None)
+    if path is not None:
+        try:
+            merged.update(tomllib.loads(path.read_text()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+    merged.update(_from_env(env))
+    merged.update({k: v for k, v in flags.items() if v not in (None, (), [], {})})
+    try:
+        return AgentConfig.model_validate(merged)
+    except ValidationError as exc:
+        where = f"config file {path}" if path else "agent configuration"
+        raise ConfigError(f"{where}: {describe(exc)}") from exc

@@ -1,0 +1,459 @@
+"""The agent's logic without threads or sockets: messages in, reconcile, messages out.
+
+Theory of operation
+-------------------
+:class:`AgentCore` holds all the agent's state and is driven from one thread: the real
+agent (:mod:`.runner`) feeds it MQTT messages and timer ticks; the fleet simulator drives
+thousands of them from one event loop. It talks to the broker only through a :class:`Link`
+and keeps its files in a :class:`~.store.StateStore`.
+
+* **Desired state** arrives retained on ``.../desired``. A newer generation is held as
+  *pending* until every stack definition it references is known (from the store, or the
+  retained ``tether/v1/stacks/{hash}`` topics, subscribed to only while needed), then
+  saved atomically and made current. Older or equal generations are duplicates and are
+  dropped. A payload that does not validate is *rejected*: the current desired state stays
+  in force; the error goes out as an event and in the reported state.
+* **Reconcile** (:meth:`AgentCore.reconcile_once`) runs whether or not the broker is
+  reachable: the device enforces its last accepted desired state offline and after a
+  restart. Driver failures are recorded in the report, never raised.
+* **Reported state** is published retained when it changes (not on a timer) and once after
+  every (re)connect, so it converges to the latest truth whatever was missed offline.
+* **Events** go through an on-disk outbox (bounded; the oldest are dropped and counted)
+  and are delivered oldest first once connected; each carries a per-device ``seq`` so
+  receivers can drop duplicates.
+* **Hold**: while the device holds updates (``is_held``; the agent's ``hold`` file, like
+  balena's update lock), a new generation stays pending, fetched but not applied, and the
+  report says ``held``; it is applied as soon as the hold is released.
+* **Presence**: before every CONNECT, :meth:`AgentCore.make_will` takes a new session
+  number for the ``offline`` will; after CONNACK, ``online`` with the same number and the
+  device's facts is published retained. A retained ``offline`` of an older session (a late
+  will) seen on our own presence topic is overwritten at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import socket
+import time
+from collections.abc import Callable
+from typing import Literal, Protocol
+
+from tether.protocol import codec, topics
+from tether.protocol.errors import DriverError, PayloadError
+from tether.protocol.models import (
+    DesiredState,
+    DeviceFacts,
+    Event,
+    Presence,
+    ReportedState,
+    StackDefinition,
+    StackSpec,
+    content_hash,
+)
+from tether.protocol.mqtt import Will
+from tether.protocol.topics import DeviceTopic
+
+from . import reconcile
+from .drivers.base import Driver
+from .reconcile import CRASH_LOOP_RESTARTS, Create, Remove, RestartRecord, ServiceKey, Start
+from .store import StateStore
+
+log = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 20
+STEADY_RUN_SECONDS = 60.0
+
+
+class Link(Protocol):
+    """The agent's view of its MQTT session."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool: ...
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
+    def unsubscribe(self, topic_filter: str) -> None: ...
+
+
+def agent_version() -> str:
+    from tether.protocol import __version__
+
+    return __version__
+
+
+def os_name() -> str:
+    try:
+        with open("/etc/os-release") as f:
+            for line in f:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.release()}"
+
+
+class AgentCore:
+    """One device's agent state machine."""
+
+    def __init__(
+        self,
+        device_id: str,
+        labels: dict[str, str],
+        driver: Driver,
+        store: StateStore,
+        link: Link,
+        *,
+        clock: Callable[[], float] = time.time,
+        facts: DeviceFacts | None = None,
+        is_held: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.device_id = device_id
+        self.is_held = is_held
+        self.held = False
+        self.labels = dict(labels)
+        self.driver = driver
+        self.store = store
+        self.link = link
+        self.clock = clock
+        self._facts = facts
+        self.desired: DesiredState | None = store.load_desired()
+        self.specs: dict[str, StackSpec] = {}
+        self.pending: DesiredState | None = None
+        self.awaiting: set[str] = set()
+        self.rejection: str | None = None
+        self.errors: dict[ServiceKey, str] = {}
+        self.restarts: dict[ServiceKey, RestartRecord] = {}
+        self.log_tails: dict[ServiceKey, str] = {}
+        self.session = 0
+        self.wake = True
+        self.converging = False
+        self.waiting: frozenset[ServiceKey] = frozenset()
+        self._candidate: ReportedState | None = None
+        self._last_report: ReportedState | None = None
+        self._report_published = False
+        if self.desired is not None:
+            for ref in self.desired.stacks:
+                definition = store.load_definition(ref.spec_hash)
+                if definition is not None:
+                    self.specs[ref.spec_hash] = definition.spec
+
+    def topic(self, kind: DeviceTopic) -> str:
+        return topics.device(self.device_id, kind)
+
+    def subscriptions(self) -> list[str]:
+        """The filters the agent always holds (stack definitions come and go)."""
+        return [self.topic(DeviceTopic.DESIRED), self.topic(DeviceTopic.PRESENCE)]
+
+    # --- connection ---
+
+    def make_will(self) -> Will:
+        """Called before every CONNECT: a new session number and its ``offline`` will."""
+        self.session = self.store.next_session()
+        presence = Presence(device_id=self.device_id, status="offline", session=self.session, at=self.clock())
+        return Will(self.topic(DeviceTopic.PRESENCE), codec.encode(presence), qos=1, retain=True)
+
+    def goodbye(self) -> tuple[str, bytes, int, bool]:
+        """The ``offline`` message to publish before a clean disconnect."""
+        presence = Presence(device_id=self.device_id, status="offline", session=self.session, at=self.clock())
+        return (self.topic(DeviceTopic.PRESENCE), codec.encode(presence), 1, True)
+
+    def facts(self) -> DeviceFacts:
+        if self._facts is None:
+            self._facts = DeviceFacts(
+                agent_version=agent_version(),
+                driver=self.driver.name,
+                arch=platform.machine(),
+                os=os_name(),
+                hostname=socket.gethostname(),
+                labels=dict(self.labels),
+            )
+        return self._facts
+
+    def publish_online(self) -> None:
+        presence = Presence(
+            device_id=self.device_id,
+            status="online",
+            session=self.session,
+            facts=self.facts(),
+            at=self.clock(),
+        )
+        self.link.publish(self.topic(DeviceTopic.PRESENCE), codec.encode(presence), qos=1, retain=True)
+
+    def on_connected(self) -> None:
+        """After CONNACK: presence, pending subscriptions, queued events, the latest report."""
+        self.publish_online()
+        for spec_hash in self.awaiting:
+            self.link.subscribe(topics.stack(spec_hash))
+        self.flush_events()
+        self._report_published = False
+        self.publish_report()
+
+    # --- inbound ---
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One incoming message. Topics we did not ask for are ignored."""
+        parsed = topics.parse(topic)
+        if parsed is None:
+            return
+        if parsed.kind == "device" and parsed.device_id == self.device_id:
+            if parsed.device_topic == DeviceTopic.DESIRED:
+                self._on_desired(payload)
+            elif parsed.device_topic == DeviceTopic.PRESENCE:
+                self._on_own_presence(payload)
+        elif parsed.kind == "stack" and parsed.spec_hash in self.awaiting:
+            self._on_definition(parsed.spec_hash, payload)
+
+    def _on_own_presence(self, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            presence = codec.decode(payload, Presence)
+        except PayloadError:
+            return
+        if presence.session < self.session and self.link.connected:
+            # A will from an older connection arrived after our ``online``: restore it.
+            self.publish_online()
+
+    def _on_desired(self, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            desired = codec.decode(payload, DesiredState)
+        except PayloadError as exc:
+            self._reject(f"malformed desired state: {exc}")
+            return
+        if desired.device_id != self.device_id:
+            self._reject(f"desired state names device {desired.device_id!r}, not {self.device_id!r}")
+            return
+        current = self.desired.generation if self.desired else -1
+        if desired.generation <= current:
+            return
+        if self.pending is not None and desired.generation <= self.pending.generation:
+            return
+        self.pending = desired
+        self._try_accept()
+
+    def _try_accept(self) -> None:
+        pending = self.pending
+        if pending is None:
+            return
+        missing = set()
+        for ref in pending.stacks:
+            if ref.spec_hash in self.specs:
+                continue
+            cached = self.store.load_definition(ref.spec_hash)
+            if cached is not None:
+                self.specs[ref.spec_hash] = cached.spec
+            else:
+                missing.add(ref.spec_hash)
+        for spec_hash in missing - self.awaiting:
+            self.awaiting.add(spec_hash)
+            self.link.subscribe(topics.stack(spec_hash))
+        if missing:
+            log.info("generation %d waits for %d stack definition(s)", pending.generation, len(missing))
+            return
+        if self.is_held():
+            if not self.held:
+                log.info("generation %d is held: updates wait until the hold is released", pending.generation)
+                self.event(
+                    "desired.held", f"generation {pending.generation} waits: updates are held on this device"
+                )
+            self.held = True
+            self.wake = True
+            return
+        self.held = False
+        self.store.save_desired(pending)
+        self.desired = pending
+        self.pending = None
+        self.rejection = None
+        keep = {ref.spec_hash for ref in pending.stacks}
+        for spec_hash in self.awaiting - keep:
+            self.link.unsubscribe(topics.stack(spec_hash))
+        self.awaiting &= keep
+        self.specs = {h: s for h, s in self.specs.items() if h in keep}
+        self.store.prune_definitions(keep)
+        self.event(
+            "desired.accepted", f"generation {pending.generation} accepted ({len(pending.stacks)} stacks)"
+        )
+        self.wake = True
+
+    def _on_definition(self, spec_hash: str, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            definition = codec.decode(payload, StackDefinition)
+            if definition.spec_hash != spec_hash or content_hash(definition.spec) != spec_hash:
+                raise PayloadError("StackDefinition: content does not match its hash")
+        except PayloadError as exc:
+            self.awaiting.discard(spec_hash)
+            self.link.unsubscribe(topics.stack(spec_hash))
+            self.pending = None
+            self._reject(f"stack definition {spec_hash[:12]}: {exc}")
+            return
+        self.store.save_definition(definition)
+        self.specs[spec_hash] = definition.spec
+        self.awaiting.discard(spec_hash)
+        self.link.unsubscribe(topics.stack(spec_hash))
+        self._try_accept()
+
+    def _reject(self, message: str) -> None:
+        log.error("rejected: %s", message)
+        self.rejection = message
+        self.event("desired.rejected", message, level="error")
+        self.wake = True
+
+    # --- reconcile ---
+
+    def desired_stacks(self) -> tuple[dict[str, StackSpec], dict[str, str]]:
+        specs: dict[str, StackSpec] = {}
+        hashes: dict[str, str] = {}
+        if self.desired is not None:
+            for ref in self.desired.stacks:
+                spec = self.specs.get(ref.spec_hash)
+                if spec is not None:
+                    specs[ref.name] = spec
+                    hashes[ref.name] = ref.spec_hash
+        return specs, hashes
+
+    def reconcile_once(self) -> None:
+        """Observe, plan, apply, report. Driver failures are recorded, never raised."""
+        self.wake = False
+        if self.pending is not None and not self.awaiting:
+            self._try_accept()  # a hold may have been released
+        now = self.clock()
+        desired, hashes = self.desired_stacks()
+        try:
+            observed = self.driver.observe()
+        except Exception as exc:  # noqa: BLE001 - recorded and retried next round
+            log.error("observe failed: %s", exc)
+            self.event("driver.error", str(exc), level="error")
+            return
+        plan = reconcile.plan(desired, observed, now, self.restarts)
+        for action in plan.actions:
+            self._apply(action, desired, now)
+        if plan.actions:
+            try:
+                observed = self.driver.observe()
+                self.driver.prune(set(desired))
+            except Exception as exc:  # noqa: BLE001 - recorded and retried next round
+                self.event("driver.error", str(exc), level="error")
+        keys = {(stack, s.name) for stack, spec in desired.items() for s in spec.services}
+        self.errors = {k: v for k, v in self.errors.items() if k in keys}
+        self.restarts = {k: v for k, v in self.restarts.items() if k in keys}
+        self.log_tails = {k: v for k, v in self.log_tails.items() if k in keys}
+        for inst in observed:
+            key = (inst.stack, inst.service)
+            rec = self.restarts.get(key)
+            if rec and rec.count and inst.state == "running" and now - rec.last_at > STEADY_RUN_SECONDS:
+                self.restarts[key] = RestartRecord(0, rec.last_at, rec.total)
+                self.log_tails.pop(key, None)
+        self.waiting = plan.waiting
+        stacks = reconcile.status(
+            desired, hashes, observed, self.errors, self.restarts, plan.waiting, self.log_tails
+        )
+        self.converging = any(s.state == "converging" for s in stacks.values()) or bool(plan.actions)
+        self._candidate = ReportedState(
+            device_id=self.device_id,
+            generation=self.desired.generation if self.desired else -1,
+            stacks=stacks,
+            error=self.rejection,
+            held=self.held,
+            events_dropped=self.store.outbox_dropped(),
+            at=now,
+        )
+        self.publish_report()
+
+    def _apply(self, action: reconcile.Action, desired: dict[str, StackSpec], now: float) -> None:
+        if isinstance(action, Create | Start):
+            key = (action.stack, action.service.name)
+        else:
+            key = (action.instance.stack, action.instance.service)
+        try:
+            if isinstance(action, Create):
+                log.info("create %s/%s", action.stack, action.service.name)
+                self.driver.create(action.stack, desired[action.stack], action.service)
+            elif isinstance(action, Start):
+                rec = self.restarts.get(key, RestartRecord())
+                self.restarts[key] = RestartRecord(rec.count + 1, now, rec.total + 1)
+                if rec.count + 1 >= CRASH_LOOP_RESTARTS:
+                    self._crash_loop(action, rec.count + 1)
+                log.info("restart %s/%s", action.stack, action.service.name)
+                self.driver.start(action.instance, action.service)
+            else:
+                log.info("remove %s/%s (%s)", key[0], key[1], action.reason)
+                self.driver.remove(action.instance, action.grace)
+        except Exception as exc:  # a driver bug must not take the agent (and the device) down
+            if not isinstance(exc, DriverError):
+                log.exception("driver failed unexpectedly")
+                exc = DriverError(
+                    f"{key[0]}/{key[1]}: unexpected driver error: {exc.__class__.__name__}: {exc}"
+                )
+            log.error("%s", exc)
+            self.errors[key] = str(exc)
+            if isinstance(action, Create):
+                rec = self.restarts.get(key, RestartRecord())
+                self.restarts[key] = RestartRecord(rec.count + 1, now, rec.total)
+            self.event("action.failed", str(exc), level="error", stack=key[0], service=key[1])
+        else:
+            if not isinstance(action, Remove):
+                self.errors.pop(key, None)
+
+    def _crash_loop(self, action: Start, count: int) -> None:
+        key = (action.stack, action.service.name)
+        try:
+            self.log_tails[key] = self.driver.logs(action.instance, LOG_TAIL_LINES)[-4000:]
+        except Exception:  # noqa: BLE001 - the log tail is a courtesy
+            self.log_tails[key] = ""
+        if count == CRASH_LOOP_RESTARTS:
+            self.event(
+                "service.crash_loop",
+                f"exited {count} times (last exit code {action.instance.exit_code}); restarting with backoff",
+                level="error",
+                stack=action.stack,
+                service=action.service.name,
+            )
+
+    # --- outbound ---
+
+    def publish_report(self) -> None:
+        candidate = self._candidate
+        if candidate is None:
+            return
+        comparable = candidate.model_copy(update={"at": 0.0})
+        if self._report_published and comparable == self._last_report:
+            return
+        if self.link.publish(self.topic(DeviceTopic.REPORTED), codec.encode(candidate), qos=1, retain=True):
+            self._last_report = comparable
+            self._report_published = True
+
+    def event(
+        self,
+        kind: str,
+        message: str,
+        level: Literal["info", "warning", "error"] = "info",
+        stack: str | None = None,
+        service: str | None = None,
+    ) -> None:
+        """Queue an event (on disk) and send what the link accepts."""
+        event = Event(
+            device_id=self.device_id,
+            seq=self.store.next_event_seq(),
+            kind=kind,
+            message=message,
+            level=level,
+            stack=stack,
+            service=service,
+            at=self.clock(),
+        )
+        self.store.outbox_put(event)
+        self.flush_events()
+
+    def flush_events(self) -> None:
+        """Send queued events, oldest first, while the link takes them."""
+        if not self.link.connected:
+            return
+        while (event := self.store.outbox_peek()) is not None:
+            if not self.link.publish(self.topic(DeviceTopic.EVENTS), codec.encode(event), qos=1):
+                return
+            self.store.outbox_pop()

@@ -1,0 +1,1 @@
+"""Runtime drivers: one small interface (:class:`base.Driver`), several implementations."""

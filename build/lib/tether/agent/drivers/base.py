@@ -1,0 +1,95 @@
+"""The driver interface and what a driver observes.
+
+A driver runs service instances (containers or host processes) and reports what exists.
+It must only ever see and touch instances it created for *this* device: everything it
+creates carries :data:`LABEL_MANAGED` and :data:`LABEL_DEVICE` (or the equivalent record).
+Drivers are synchronous (docker-py blocks); the agent calls them from its own thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from tether.protocol.models import HealthState, ServiceSpec, StackSpec
+
+LABEL_MANAGED = "io.tether.managed"
+LABEL_DEVICE = "io.tether.device"
+LABEL_STACK = "io.tether.stack"
+LABEL_SERVICE = "io.tether.service"
+LABEL_SPEC_HASH = "io.tether.spec-hash"
+
+InstanceState = Literal["running", "starting", "restarting", "exited"]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One instance of a service as the driver sees it now."""
+
+    id: str
+    stack: str
+    service: str
+    spec_hash: str
+    state: InstanceState
+    exit_code: int | None = None
+    health: HealthState | None = None
+    error: str | None = None
+
+
+class Driver(Protocol):
+    """What the agent needs from a runtime."""
+
+    name: str
+
+    def observe(self) -> list[Observed]:
+        """Every instance this driver created for this device, whatever its state."""
+        ...
+
+    def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+        """Create and start an instance of ``service`` (pull its image first if needed)."""
+        ...
+
+    def start(self, instance: Observed, service: ServiceSpec) -> None:
+        """Start an existing instance that has exited."""
+        ...
+
+    def remove(self, instance: Observed, grace: float) -> None:
+        """Stop (SIGTERM, then SIGKILL after ``grace`` seconds) and delete an instance."""
+        ...
+
+    def logs(self, instance: Observed, tail: int) -> str:
+        """The last ``tail`` lines of an instance's output ("" if none)."""
+        ...
+
+    def log_stream(
+        self, instance: Observed, tail: int | None, since: float | None, follow: bool, stop: threading.Event
+    ) -> Iterator[str]:
+        """An instance's output as text chunks, for remote ``logs``: the last ``tail`` lines
+        (all if None) of what it wrote at or after ``since`` (epoch seconds; None: any time);
+        with ``follow``, then what it writes, until ``stop`` is set (the iterator then ends
+        within a second) or, where the runtime says so, the instance stops.
+
+        Called on a worker thread, not the agent's: it must not change the driver's state.
+        Raises :class:`DriverError` if the instance is gone or ``since`` is not supported.
+        """
+        ...
+
+    def usage(self) -> dict[str, tuple[float | None, int | None]]:
+        """Per running instance, ``"stack/service"`` to (CPU seconds used since it started,
+        memory in use in bytes), for metrics. Read-only: called on the metrics thread."""
+        ...
+
+    def prune(self, stacks: set[str]) -> None:
+        """Delete stack-level resources (networks...) of stacks not in ``stacks``."""
+        ...
+
+    def close(self) -> None:
+        """Release the driver's resources; running instances keep running."""
+        ...
+
+
+def instance_name(device_id: str, stack: str, service: str) -> str:
+    """The name of a service instance: unique per device, readable in `docker ps`."""
+    return f"tether-{device_id}-{stack}-{service}"

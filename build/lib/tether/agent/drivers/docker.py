@@ -1,0 +1,328 @@
+"""The Docker driver: service instances are containers on the local Docker engine.
+
+Every container carries Tether's labels (stack, service, spec hash, device); the driver
+lists only containers with this device's labels and never touches any other. A stack in
+``bridge`` network mode gets its own user-defined network, where each service is reachable
+by its service name (as with Compose). Named volumes are ``tether-{device}-{stack}-{name}``
+and outlive the stack (as ``docker compose down`` without ``-v``).
+
+Restarts are the agent's job, not Docker's (containers get Docker's ``no`` policy): the
+agent applies the service's restart policy with backoff and crash-loop detection the same
+way for every driver (docs/adr/0003-agent-owns-restarts.md).
+Docker SDK errors are translated into :class:`DriverError` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import docker.errors
+from tether.protocol.errors import DriverError
+from tether.protocol.models import ServiceSpec, StackSpec
+
+from .base import (
+    LABEL_DEVICE,
+    LABEL_MANAGED,
+    LABEL_SERVICE,
+    LABEL_SPEC_HASH,
+    LABEL_STACK,
+    InstanceState,
+    Observed,
+    instance_name,
+)
+
+log = logging.getLogger(__name__)
+
+_NS = 1_000_000_000
+
+
+def _error(action: str, exc: Exception) -> DriverError:
+    detail = getattr(exc, "explanation", None) or str(exc)
+    return DriverError(f"{action}: {detail}")
+
+
+class DockerDriver:
+    """Runs services as containers through the Docker SDK."""
+
+    name = "docker"
+
+    def __init__(self, device_id: str, client: Any = None) -> None:
+        self.device_id = device_id
+        try:
+            self.client = client or docker.from_env(timeout=60)
+            self.client.ping()
+        except docker.errors.DockerException as exc:
+            raise DriverError(f"cannot reach the Docker engine: {exc}") from exc
+
+    def _labels(self, stack: str) -> dict[str, str]:
+        return {LABEL_MANAGED: "true", LABEL_DEVICE: self.device_id, LABEL_STACK: stack}
+
+    def _filters(self) -> dict[str, Any]:
+        return {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_DEVICE}={self.device_id}"]}
+
+    def version(self) -> str:
+        try:
+            return str(self.client.version().get("Version", "?"))
+        except docker.errors.DockerException:
+            return "?"
+
+    def observe(self) -> list[Observed]:
+        try:
+            containers = self.client.containers.list(all=True, filters=self._filters())
+        except docker.errors.DockerException as exc:
+            raise _error("list containers", exc) from exc
+        result = []
+        for c in containers:
+            labels = c.labels or {}
+            state = c.attrs.get("State", {})
+            status = state.get("Status", "exited")
+            mapped: InstanceState
+            if status == "running":
+                mapped = "running"
+            elif status == "restarting":
+                mapped = "restarting"
+            elif status == "created":
+                mapped = "starting"
+            else:
+                mapped = "exited"
+            health = (state.get("Health") or {}).get("Status")
+            result.append(
+                Observed(
+                    id=c.id,
+                    stack=labels.get(LABEL_STACK, ""),
+                    service=labels.get(LABEL_SERVICE, ""),
+                    spec_hash=labels.get(LABEL_SPEC_HASH, ""),
+                    state=mapped,
+                    exit_code=state.get("ExitCode") if mapped == "exited" else None,
+                    health=health if health in ("starting", "healthy", "unhealthy") else None,
+                    error=state.get("Error") or None,
+                )
+            )
+        return result
+
+    def _ensure_image(self, image: str) -> None:
+        try:
+            self.client.images.get(image)
+            return
+        except docker.errors.ImageNotFound:
+            pass
+        except docker.errors.DockerException as exc:
+            raise _error(f"inspect image {image}", exc) from exc
+        try:
+            log.info("pulling %s", image)
+            self.client.images.pull(image)
+        except docker.errors.DockerException as exc:
+            raise _error(f"image {image} is not on the device and pulling it failed", exc) from exc
+
+    def _ensure_network(self, stack: str) -> str:
+        name = f"tether-{self.device_id}-{stack}"
+        try:
+            existing = self.client.networks.list(names=[name])
+            if not any(n.name == name for n in existing):
+                self.client.networks.create(name, driver="bridge", labels=self._labels(stack))
+        except docker.errors.DockerException as exc:
+            raise _error(f"create network {name}", exc) from exc
+        return name
+
+    def _volume_name(self, stack: str, volume: str) -> str:
+        return f"tether-{self.device_id}-{stack}-{volume}"
+
+    def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+        if not service.image:
+            raise DriverError(f"service {service.name}: no image (the docker driver needs one)")
+        self._ensure_image(service.image)
+        labels = dict(service.labels)
+        labels.update(self._labels(stack))
+        labels[LABEL_SERVICE] = service.name
+        labels[LABEL_SPEC_HASH] = service.spec_hash()
+        kwargs: dict[str, Any] = {
+            "name": instance_name(self.device_id, stack, service.name),
+            "labels": labels,
+            "detach": True,
+            "environment": dict(service.environment),
+            "stop_signal": "SIGTERM",
+        }
+        if service.command is not None:
+            kwargs["command"] = list(service.command)
+        if service.entrypoint is not None:
+            kwargs["entrypoint"] = list(service.entrypoint)
+        if service.network_mode == "host":
+            kwargs["network_mode"] = "host"
+        else:
+            network = self._ensure_network(stack)
+            kwargs["network"] = network
+            kwargs["networking_config"] = {
+                network: self.client.api.create_endpoint_config(aliases=[service.name])
+            }
+            ports: dict[str, Any] = {}
+            for p in service.ports:
+                key = f"{p.container}/{p.protocol}"
+                host: Any = p.host
+                if p.host_ip:
+                    host = (p.host_ip, p.host) if p.host else (p.host_ip,)
+                ports[key] = host
+            kwargs["ports"] = ports
+        volumes: dict[str, dict[str, str]] = {}
+        for v in service.volumes:
+            source = v.source if v.type == "bind" else self._volume_name(stack, v.source)
+            if v.type == "volume":
+                self._ensure_volume(stack, source)
+            volumes[source] = {"bind": v.target, "mode": "ro" if v.read_only else "rw"}
+        if volumes:
+            kwargs["volumes"] = volumes
+        if service.healthcheck is not None:
+            hc = service.healthcheck
+            kwargs["healthcheck"] = {
+                "test": list(hc.test),
+                "interval": int(hc.interval_s * _NS),
+                "timeout": int(hc.timeout_s * _NS),
+                "retries": hc.retries,
+                "start_period": int(hc.start_period_s * _NS),
+            }
+        try:
+            container = self.client.containers.create(service.image, **kwargs)
+        except docker.errors.DockerException as exc:
+            raise _error(f"create {stack}/{service.name}", exc) from exc
+        try:
+            container.start()
+        except docker.errors.DockerException as exc:
+            # Leave nothing half-made: a container that cannot start is removed again.
+            try:
+                container.remove(force=True)
+            except docker.errors.DockerException:
+                log.warning("could not remove failed container %s", container.id)
+            raise _error(f"start {stack}/{service.name}", exc) from exc
+
+    def _ensure_volume(self, stack: str, name: str) -> None:
+        try:
+            self.client.volumes.get(name)
+        except docker.errors.NotFound:
+            try:
+                self.client.volumes.create(name, labels=self._labels(stack))
+            except docker.errors.DockerException as exc:
+                raise _error(f"create volume {name}", exc) from exc
+        except docker.errors.DockerException as exc:
+            raise _error(f"inspect volume {name}", exc) from exc
+
+    def start(self, instance: Observed, service: ServiceSpec) -> None:
+        try:
+            self.client.containers.get(instance.id).start()
+        except docker.errors.DockerException as exc:
+            raise _error(f"start {instance.stack}/{instance.service}", exc) from exc
+
+    def remove(self, instance: Observed, grace: float) -> None:
+        try:
+            container = self.client.containers.get(instance.id)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.DockerException as exc:
+            raise _error(f"inspect {instance.stack}/{instance.service}", exc) from exc
+        try:
+            if container.status in ("running", "restarting"):
+                container.stop(timeout=int(grace))
+            container.remove(force=True)
+        except docker.errors.NotFound:
+            return
+        except docker.errors.DockerException as exc:
+            raise _error(f"remove {instance.stack}/{instance.service}", exc) from exc
+
+    def logs(self, instance: Observed, tail: int) -> str:
+        try:
+            data = self.client.containers.get(instance.id).logs(tail=tail, stdout=True, stderr=True)
+        except docker.errors.DockerException:
+            return ""
+        return bytes(data).decode(errors="replace")
+
+    def log_stream(
+        self, instance: Observed, tail: int | None, since: float | None, follow: bool, stop: threading.Event
+    ) -> Iterator[str]:
+        what = f"{instance.stack}/{instance.service}"
+        kwargs: dict[str, Any] = {"stdout": True, "stderr": True, "tail": "all" if tail is None else tail}
+        if since is not None:
+            kwargs["since"] = max(since, 1.0)
+        try:
+            container = self.client.containers.get(instance.id)
+            if not follow:
+                data = container.logs(**kwargs)
+                yield bytes(data).decode(errors="replace")
+                return
+            stream = container.logs(stream=True, follow=True, **kwargs)
+        except docker.errors.NotFound as exc:
+            raise DriverError(f"{what}: the container is gone") from exc
+        except docker.errors.DockerException as exc:
+            raise _error(f"logs of {what}", exc) from exc
+        done = threading.Event()
+
+        def close_on_stop() -> None:
+            # The stream blocks until the container writes: closing its response unblocks it.
+            while not stop.wait(0.2):
+                if done.is_set():
+                    return
+            with contextlib.suppress(Exception):
+                stream.close()
+
+        threading.Thread(target=close_on_stop, name="docker-logs-stop", daemon=True).start()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            for chunk in stream:
+                if stop.is_set():
+                    return
+                text = decoder.decode(bytes(chunk))
+                if text:
+                    yield text
+        except Exception:  # the response was closed under the iterator (stop), or the engine went away
+            if not stop.is_set():
+                raise
+        finally:
+            done.set()
+
+    def usage(self) -> dict[str, tuple[float | None, int | None]]:
+        try:
+            containers = self.client.containers.list(filters=self._filters())
+        except docker.errors.DockerException as exc:
+            raise _error("list containers", exc) from exc
+        out: dict[str, tuple[float | None, int | None]] = {}
+        for c in containers:
+            labels = c.labels or {}
+            try:
+                try:
+                    stats = c.stats(stream=False, one_shot=True)
+                except docker.errors.InvalidVersion:
+                    stats = c.stats(stream=False)  # an engine older than API 1.41: slower
+            except docker.errors.DockerException:
+                continue  # gone meanwhile
+            cpu_ns = ((stats.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage")
+            mem_stats = stats.get("memory_stats") or {}
+            mem = mem_stats.get("usage")
+            if mem is not None:
+                detail = mem_stats.get("stats") or {}
+                # As `docker stats` does: page cache that can be dropped is not "in use".
+                mem -= detail.get("inactive_file", detail.get("total_inactive_file", 0))
+            key = f"{labels.get(LABEL_STACK, '')}/{labels.get(LABEL_SERVICE, '')}"
+            out[key] = (cpu_ns / 1e9 if cpu_ns is not None else None, max(0, mem) if mem is not None else None)
+        return out
+
+    def prune(self, stacks: set[str]) -> None:
+        try:
+            networks = self.client.networks.list(filters=self._filters())
+        except docker.errors.DockerException as exc:
+            raise _error("list networks", exc) from exc
+        for net in networks:
+            stack = (net.attrs.get("Labels") or {}).get(LABEL_STACK)
+            if stack is not None and stack not in stacks:
+                try:
+                    net.remove()
+                except docker.errors.DockerException:
+                    log.debug("network %s still in use", net.name)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # closing a client must never fail the agent
+            log.debug("docker client close failed", exc_info=True)

@@ -1,0 +1,287 @@
+"""The process driver: service instances are supervised host processes (no Docker).
+
+A service's ``entrypoint`` + ``command`` is run directly on the host with its
+``environment`` added to the agent's, in its own session (so it outlives an agent restart),
+stdout and stderr appended to ``{data_dir}/processes/{stack}.{service}.log``. Each
+instance is recorded in ``{data_dir}/processes/{stack}.{service}.json`` with its pid and the
+kernel's start time of that pid, so a restarted agent re-attaches to processes that still
+run and never mistakes a recycled pid for its own. Images, ports, volumes and networks do
+not apply (every process shares the host network, like ``network_mode: host``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tether.agent.store import atomic_write
+from tether.protocol.errors import DriverError
+from tether.protocol.models import ServiceSpec, StackSpec
+
+from .base import Observed
+
+FOLLOW_POLL_S = 0.25
+"""How often a followed log file is checked for growth."""
+TAIL_WINDOW = 4 * 1024 * 1024
+"""Most bytes read back from the end of a log file to find its last lines."""
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may contain spaces, so split after its ')'.
+    fields = data[data.rfind(")") + 2 :].split()
+    try:
+        if fields[0] == "Z":
+            return None
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+class ProcessDriver:
+    """Runs services as host processes, supervised by the agent."""
+
+    name = "process"
+
+    def __init__(self, device_id: str, data_dir: Path) -> None:
+        self.device_id = device_id
+        self.dir = Path(data_dir) / "processes"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _record_path(self, stack: str, service: str) -> Path:
+        return self.dir / f"{stack}.{service}.json"
+
+    def _read(self, path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def observe(self) -> list[Observed]:
+        result = []
+        for path in sorted(self.dir.glob("*.json")):
+            rec = self._read(path)
+            if rec is None or rec.get("device") != self.device_id:
+                continue
+            pid = int(rec.get("pid", 0))
+            exit_code = rec.get("exit_code")
+            # No start time recorded: the process had already exited when it was launched.
+            ticks = rec.get("start_ticks")
+            alive = pid > 0 and ticks is not None and _proc_start_ticks(pid) == ticks
+            child = self._children.get(pid)
+            if child is not None:
+                code = child.poll()
+                if code is not None:
+                    alive = False
+                    exit_code = code if code >= 0 else 128 - code
+                    self._children.pop(pid, None)
+            if not alive and rec.get("state") == "running":
+                rec["state"] = "exited"
+                rec["exit_code"] = exit_code
+                atomic_write(path, json.dumps(rec).encode())
+            result.append(
+                Observed(
+                    id=path.stem,
+                    stack=rec["stack"],
+                    service=rec["service"],
+                    spec_hash=rec["spec_hash"],
+                    state="running" if alive else "exited",
+                    exit_code=None if alive else rec.get("exit_code"),
+                )
+            )
+        return result
+
+    def _launch(self, stack: str, service: ServiceSpec) -> None:
+        argv = list(service.entrypoint or ()) + list(service.command or ())
+        if not argv:
+            raise DriverError(f"service {service.name}: the process driver needs a command or entrypoint")
+        env = dict(os.environ)
+        env.update(service.environment)
+        log_path = self.dir / f"{stack}.{service.name}.log"
+        workdir = self.dir.parent / "work" / stack / service.name
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(log_path, "ab") as log:
+                child = subprocess.Popen(
+                    argv,
+                    env=env,
+                    cwd=workdir,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        except OSError as exc:
+            raise DriverError(f"start {stack}/{service.name}: {exc}") from exc
+        self._children[child.pid] = child
+        record = {
+            "device": self.device_id,
+            "stack": stack,
+            "service": service.name,
+            "spec_hash": service.spec_hash(),
+            "pid": child.pid,
+            "start_ticks": _proc_start_ticks(child.pid),
+            "state": "running",
+            "exit_code": None,
+            "started_at": time.time(),
+        }
+        atomic_write(self._record_path(stack, service.name), json.dumps(record).encode())
+
+    def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+        self._launch(stack, service)
+
+    def start(self, instance: Observed, service: ServiceSpec) -> None:
+        self._launch(instance.stack, service)
+
+    def remove(self, instance: Observed, grace: float) -> None:
+        path = self.dir / f"{instance.id}.json"
+        rec = self._read(path)
+        if rec is not None:
+            pid = int(rec.get("pid", 0))
+            ticks = rec.get("start_ticks")
+            if pid > 0 and ticks is not None and _proc_start_ticks(pid) == ticks:
+                self._terminate(pid, grace)
+            elif (child := self._children.pop(pid, None)) is not None:
+                child.poll()  # reap it
+        path.unlink(missing_ok=True)
+
+    def _terminate(self, pid: int, grace: float) -> None:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        child = self._children.pop(pid, None)
+        while time.monotonic() < deadline:
+            if child is not None:
+                if child.poll() is not None:
+                    return
+            elif _proc_start_ticks(pid) is None:
+                return
+            time.sleep(0.05)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        if child is not None:
+            child.wait(timeout=5)
+
+    def logs(self, instance: Observed, tail: int) -> str:
+        path = self.dir / f"{instance.id}.log"
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-tail:])
+
+    def log_stream(
+        self, instance: Observed, tail: int | None, since: float | None, follow: bool, stop: threading.Event
+    ) -> Iterator[str]:
+        if since is not None:
+            raise DriverError(
+                "the process driver does not timestamp output, so 'since' is not available (use tail)"
+            )
+        path = self.dir / f"{instance.id}.log"
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - held open while following
+        except FileNotFoundError:
+            if not follow:
+                return
+            f = None
+        except OSError as exc:
+            raise DriverError(f"logs of {instance.stack}/{instance.service}: {exc}") from exc
+        try:
+            pos = 0
+            if f is not None:
+                end = f.seek(0, os.SEEK_END)
+                start = max(0, end - TAIL_WINDOW)
+                f.seek(start)
+                data = f.read(end - start)
+                pos = end
+                if start > 0:
+                    data = data[data.find(b"\n") + 1 :]  # drop the partial first line
+                if tail is not None:
+                    lines = data.splitlines(keepends=True)
+                    data = b"".join(lines[-tail:]) if tail > 0 else b""
+                if data:
+                    yield data.decode(errors="replace")
+            if not follow:
+                return
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            while not stop.wait(FOLLOW_POLL_S):
+                if f is None:
+                    try:
+                        f = open(path, "rb")  # noqa: SIM115
+                    except FileNotFoundError:
+                        continue
+                size = os.fstat(f.fileno()).st_size
+                if size < pos:
+                    pos = 0  # truncated
+                if size == pos:
+                    continue
+                f.seek(pos)
+                data = f.read(size - pos)
+                pos += len(data)
+                text = decoder.decode(data)
+                if text:
+                    yield text
+        finally:
+            if f is not None:
+                f.close()
+
+    def usage(self) -> dict[str, tuple[float | None, int | None]]:
+        # Read-only: records are read, never rewritten, and each service counts every
+        # process of its session (it is started as a session leader), children included.
+        sessions: dict[int, str] = {}
+        for path in sorted(self.dir.glob("*.json")):
+            rec = self._read(path)
+            if rec is None or rec.get("device") != self.device_id or rec.get("state") != "running":
+                continue
+            pid = int(rec.get("pid", 0))
+            ticks = rec.get("start_ticks")
+            if pid > 0 and ticks is not None and _proc_start_ticks(pid) == ticks:
+                sessions[pid] = f"{rec['stack']}/{rec['service']}"
+        if not sessions:
+            return {}
+        hz = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+        totals = {key: [0, 0] for key in sessions.values()}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    data = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            fields = data[data.rfind(")") + 2 :].split()
+            try:
+                key = sessions.get(int(fields[3]))
+                if key is not None:
+                    totals[key][0] += int(fields[11]) + int(fields[12])
+                    totals[key][1] += int(fields[21]) * page
+            except (IndexError, ValueError):
+                continue
+        return {key: (cpu / hz, mem) for key, (cpu, mem) in totals.items()}
+
+    def prune(self, stacks: set[str]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None

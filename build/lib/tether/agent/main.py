@@ -1,0 +1,117 @@
+"""``tether-agent``: the device agent's command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+from tether.protocol import __version__
+from tether.protocol.errors import ConfigError, DriverError
+
+from .config import AgentConfig, load_config, parse_labels
+from .drivers.base import Driver
+
+
+def make_driver(config: AgentConfig) -> Driver:
+    """The runtime driver the configuration asks for."""
+    if config.driver == "docker":
+        from .drivers.docker import DockerDriver
+
+        return DockerDriver(config.device_id)
+    from .drivers.process import ProcessDriver
+
+    return ProcessDriver(config.device_id, config.data_dir)
+
+
+def set_hold(config: AgentConfig, on: bool) -> None:
+    """Create or remove the hold file that a running agent checks before applying updates."""
+    from .runner import HOLD_FILE
+
+    path = config.data_dir / HOLD_FILE
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if on:
+        path.touch()
+        click.echo(f"tether-agent: updates held on {config.device_id} ({path}); release with --release")
+    else:
+        path.unlink(missing_ok=True)
+        click.echo(f"tether-agent: updates released on {config.device_id}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--broker", "brokers", multiple=True, help="Broker URL (mqtt://host:port); repeat for fallbacks."
+)
+@click.option("--device-id", help="This device's id (default: the host name).")
+@click.option("--label", "labels", multiple=True, help="A device label key=value; repeatable.")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Where the agent keeps its state.")
+@click.option("--driver", type=click.Choice(["docker", "process"]), help="Runtime driver (default docker).")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
+@click.option("--keepalive", type=int, help="MQTT keepalive in seconds (default 60).")
+@click.option("--reconcile-interval", type=float, help="Seconds between reconciles (default 10).")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--hold", "hold", flag_value="hold", default=None, help="Hold updates on this device, then exit."
+)
+@click.option(
+    "--release", "hold", flag_value="release", help="Release a hold (updates apply again), then exit."
+)
+@click.version_option(__version__, prog_name="tether-agent")
+def main(
+    brokers: tuple[str, ...],
+    device_id: str | None,
+    labels: tuple[str, ...],
+    data_dir: Path | None,
+    driver: str | None,
+    config_file: Path | None,
+    keepalive: int | None,
+    reconcile_interval: float | None,
+    log_level: str,
+    hold: str | None,
+) -> None:
+    """Run the Tether device agent: keep this device's stacks as the controller wants them."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        flags: dict[str, Any] = {
+            "brokers": list(brokers),
+            "device_id": device_id,
+            "labels": parse_labels(labels, "--label") if labels else None,
+            "data_dir": data_dir,
+            "driver": driver,
+            "keepalive": keepalive,
+            "reconcile_interval": reconcile_interval,
+        }
+        config = load_config(config_file, os.environ, flags)
+        if hold is not None:
+            set_hold(config, hold == "hold")
+            return
+        runtime = make_driver(config)
+    except (ConfigError, DriverError) as exc:
+        click.echo(f"tether-agent: {exc}", err=True)
+        sys.exit(2)
+
+    from .runner import Agent
+
+    agent = Agent(config, runtime)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    click.echo(
+        f"tether-agent {__version__}: device {config.device_id}, driver {runtime.name}, "
+        f"brokers {', '.join(config.brokers)}",
+        err=True,
+    )
+    agent.run(stop)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

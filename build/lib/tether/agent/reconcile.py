@@ -1,0 +1,253 @@
+"""Reconcile: a pure function from (desired, observed, now, restart history) to a plan.
+
+Theory of operation
+-------------------
+The agent loops observe -> :func:`plan` -> apply -> :func:`status` -> report. :func:`plan`
+does no I/O and reads no clock, so it is property-tested: applying a plan and planning
+again yields an empty plan (tests/test_reconcile.py).
+
+For every desired stack, services are visited in the stack's order (dependencies first;
+the Compose parser sorts by ``depends_on``):
+
+* an instance whose spec hash differs from the service's is *stale*: removed, then a
+  fresh instance is created (remove first, so published ports are free again);
+* a second instance of the same service is removed;
+* no instance: create one (after a failed attempt, not before its backoff has passed);
+* an exited instance is started again when its restart policy asks for it
+  (``always``/``unless-stopped``; ``on-failure`` with a non-zero exit code), but not
+  before its backoff (1 s, 2 s, 4 s ... capped at :data:`RESTART_BACKOFF_CAP`) has passed.
+
+Every instance of a stack that is not desired is removed. Removals come first (in reverse
+service order), then creations and starts in service order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from tether.protocol.models import ServiceSpec, ServiceStatus, StackSpec, StackStatus
+
+from .drivers.base import Observed
+
+RESTART_BACKOFF_BASE = 1.0
+RESTART_BACKOFF_CAP = 300.0
+CRASH_LOOP_RESTARTS = 5
+"""Consecutive restarts (without 60 s of running in between) after which a service is
+reported ``failed`` (a crash loop). It is still restarted, but only every
+:data:`RESTART_BACKOFF_CAP` seconds at most, so it does not hammer the device."""
+
+ServiceKey = tuple[str, str]  # (stack, service)
+
+
+@dataclass(frozen=True)
+class RestartRecord:
+    """How often the agent restarted a service, and when it last did."""
+
+    count: int = 0
+    last_at: float = 0.0
+    total: int = 0
+
+    def next_allowed(self) -> float:
+        if self.count == 0:
+            return self.last_at
+        return self.last_at + min(RESTART_BACKOFF_CAP, RESTART_BACKOFF_BASE * 2 ** (self.count - 1))
+
+
+@dataclass(frozen=True)
+class Create:
+    stack: str
+    service: ServiceSpec
+    kind: Literal["create"] = "create"
+
+
+@dataclass(frozen=True)
+class Start:
+    stack: str
+    service: ServiceSpec
+    instance: Observed
+    kind: Literal["start"] = "start"
+
+
+@dataclass(frozen=True)
+class Remove:
+    instance: Observed
+    grace: float
+    reason: str
+    kind: Literal["remove"] = "remove"
+
+
+Action = Create | Start | Remove
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do, in order. ``waiting`` names services held back by restart backoff."""
+
+    actions: tuple[Action, ...] = ()
+    waiting: frozenset[ServiceKey] = field(default_factory=frozenset)
+
+    def __bool__(self) -> bool:
+        return bool(self.actions)
+
+
+def wants_restart(service: ServiceSpec, exit_code: int | None) -> bool:
+    """Whether the restart policy restarts an instance that exited with ``exit_code``."""
+    if service.restart in ("always", "unless-stopped"):
+        return True
+    if service.restart == "on-failure":
+        return exit_code != 0
+    return False
+
+
+def plan(
+    desired: Mapping[str, StackSpec],
+    observed: Sequence[Observed],
+    now: float,
+    restarts: Mapping[ServiceKey, RestartRecord] | None = None,
+) -> Plan:
+    """The actions that take ``observed`` to ``desired``. Pure."""
+    restarts = restarts or {}
+    by_key: dict[ServiceKey, list[Observed]] = {}
+    for inst in observed:
+        by_key.setdefault((inst.stack, inst.service), []).append(inst)
+
+    removals: list[Remove] = []
+    starts: list[Action] = []
+    waiting: set[ServiceKey] = set()
+
+    # Instances of stacks or services that are no longer desired.
+    for (stack, service), instances in by_key.items():
+        spec = desired.get(stack)
+        if spec is None or spec.service(service) is None:
+            for inst in instances:
+                removals.append(Remove(inst, _grace(spec, service), "not desired"))
+
+    for stack, spec in desired.items():
+        for service in spec.services:
+            key = (stack, service.name)
+            want_hash = service.spec_hash()
+            instances = by_key.get(key, [])
+            current = [i for i in instances if i.spec_hash == want_hash]
+            for inst in instances:
+                if inst.spec_hash != want_hash:
+                    removals.append(Remove(inst, service.stop_grace_period_s, "spec changed"))
+            # Keep the best current instance: a running one if there is one.
+            current.sort(key=lambda i: (i.state != "running", i.id))
+            for extra in current[1:]:
+                removals.append(Remove(extra, service.stop_grace_period_s, "duplicate"))
+            record = restarts.get(key, RestartRecord())
+            if not current:
+                if now >= record.next_allowed():
+                    starts.append(Create(stack, service))
+                else:
+                    waiting.add(key)
+                continue
+            keep = current[0]
+            if keep.state == "exited" and wants_restart(service, keep.exit_code):
+                if now >= record.next_allowed():
+                    starts.append(Start(stack, service, keep))
+                else:
+                    waiting.add(key)
+
+    order = {stack: i for i, stack in enumerate(desired)}
+    # Reverse service order within a stack (dependents before their dependencies); instances
+    # of services no longer in the stack go first. sort(reverse=True) keeps ties stable.
+    position = {(st, s.name): i for st, sp in desired.items() for i, s in enumerate(sp.services)}
+    removals.sort(
+        key=lambda r: (
+            order.get(r.instance.stack, -1),
+            r.instance.stack,
+            position.get((r.instance.stack, r.instance.service), len(position)),
+        ),
+        reverse=True,
+    )
+    return Plan(tuple(removals) + tuple(starts), frozenset(waiting))
+
+
+def _grace(spec: StackSpec | None, service: str) -> float:
+    svc = spec.service(service) if spec else None
+    return svc.stop_grace_period_s if svc else 10.0
+
+
+def status(
+    desired: Mapping[str, StackSpec],
+    hashes: Mapping[str, str],
+    observed: Sequence[Observed],
+    errors: Mapping[ServiceKey, str],
+    restarts: Mapping[ServiceKey, RestartRecord],
+    waiting: frozenset[ServiceKey] = frozenset(),
+    log_tails: Mapping[ServiceKey, str] | None = None,
+) -> dict[str, StackStatus]:
+    """What to report for every desired stack. Pure.
+
+    ``hashes`` maps stack name to its definition hash; ``errors`` holds the last error of
+    an action on a service (cleared by the caller when the action later succeeds).
+    """
+    by_key: dict[ServiceKey, Observed] = {}
+    for inst in observed:
+        spec = desired.get(inst.stack)
+        svc = spec.service(inst.service) if spec else None
+        if svc is not None and inst.spec_hash == svc.spec_hash():
+            prev = by_key.get((inst.stack, inst.service))
+            if prev is None or (prev.state != "running" and inst.state == "running"):
+                by_key[(inst.stack, inst.service)] = inst
+    result: dict[str, StackStatus] = {}
+    for stack, spec in desired.items():
+        services: dict[str, ServiceStatus] = {}
+        for svc in spec.services:
+            key = (stack, svc.name)
+            inst = by_key.get(key)
+            err = errors.get(key)
+            record = restarts.get(key, RestartRecord())
+            restarted = record.total
+            if inst is None:
+                state = "failed" if err else "pending"
+                services[svc.name] = ServiceStatus(
+                    state=state, spec_hash=svc.spec_hash(), last_error=err, restarts=restarted
+                )
+                continue
+            state_name: str = inst.state
+            tail = None
+            if inst.state == "exited" and (key in waiting or wants_restart(svc, inst.exit_code)):
+                state_name = "restarting"
+            if inst.state != "running" and record.count >= CRASH_LOOP_RESTARTS:
+                state_name = "failed"
+                err = err or f"crash loop: restarted {record.count} times, last exit code {inst.exit_code}"
+                tail = (log_tails or {}).get(key)
+            if err and inst.state != "running":
+                state_name = "failed"
+            services[svc.name] = ServiceStatus(
+                state=state_name,  # type: ignore[arg-type]
+                spec_hash=svc.spec_hash(),
+                health=inst.health,
+                exit_code=inst.exit_code if inst.state == "exited" else None,
+                restarts=restarted,
+                last_error=err or inst.error,
+                log_tail=tail,
+            )
+        result[stack] = StackStatus(
+            spec_hash=hashes.get(stack, spec.spec_hash()),
+            state=_stack_state(spec, services),
+            services=services,
+        )
+    return result
+
+
+def _stack_state(
+    spec: StackSpec, services: Mapping[str, ServiceStatus]
+) -> Literal["converging", "running", "failed"]:
+    states = [services[s.name] for s in spec.services]
+    if any(
+        s.state == "failed"
+        or s.health == "unhealthy"
+        or (s.state == "exited" and s.exit_code not in (0, None))
+        for s in states
+    ):
+        return "failed"
+    done = all(
+        (s.state == "running" and s.health in (None, "healthy")) or (s.state == "exited" and s.exit_code == 0)
+        for s in states
+    )
+    return "running" if done else "converging"

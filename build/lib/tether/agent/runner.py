@@ -1,0 +1,92 @@
+"""The real agent: an :class:`~.core.AgentCore` driven by one thread and one MQTT session.
+
+The MQTT client thread only puts incoming messages on :attr:`Agent.inbox`; the thread in
+:meth:`Agent.run` owns the core and calls it for messages, connects and reconcile ticks
+(every ``reconcile_interval``, or every second while something is converging).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from tether.protocol.mqtt import MqttClient
+
+from .config import AgentConfig
+from .core import AgentCore
+from .drivers.base import Driver
+from .store import LocalStore
+
+log = logging.getLogger(__name__)
+
+_CONNECTED = "\x00connected"
+FAST_INTERVAL = 1.0
+HOLD_FILE = "hold"
+"""While ``{data_dir}/hold`` exists, the device applies no new desired state."""
+
+
+class Agent:
+    """A device agent: one MQTT session, one driver, one local store."""
+
+    def __init__(self, config: AgentConfig, driver: Driver) -> None:
+        self.config = config
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client = MqttClient(
+            config.broker_addresses(),
+            client_id=f"tether-{config.device_id}",
+            clean_session=False,
+            keepalive=config.keepalive,
+            will=lambda: self.core.make_will(),
+            on_message=lambda topic, payload, retained: self.inbox.put((topic, payload)),
+            on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
+        )
+        hold_file = config.data_dir / HOLD_FILE
+        self.core = AgentCore(
+            config.device_id,
+            config.labels,
+            driver,
+            LocalStore(config.data_dir),
+            self.client,
+            is_held=hold_file.exists,
+        )
+        for topic_filter in self.core.subscriptions():
+            self.client.subscribe(topic_filter)
+        self.stopped = threading.Event()
+
+    def run(self, stop: threading.Event) -> None:
+        """Run until ``stop`` is set; then say goodbye (``offline``) and disconnect."""
+        self.client.start()
+        next_reconcile = 0.0
+        try:
+            while not stop.is_set():
+                timeout = max(0.0, min(next_reconcile - time.monotonic(), 0.5))
+                try:
+                    item = self.inbox.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                while item is not None:
+                    self._dispatch(*item)
+                    try:
+                        item = self.inbox.get_nowait()
+                    except queue.Empty:
+                        item = None
+                if self.core.wake or time.monotonic() >= next_reconcile:
+                    self.core.reconcile_once()
+                    busy = self.core.converging or self.core.waiting
+                    next_reconcile = time.monotonic() + (
+                        FAST_INTERVAL if busy else self.config.reconcile_interval
+                    )
+        finally:
+            self.client.stop(publish_first=self.core.goodbye())
+            self.core.driver.close()
+            self.stopped.set()
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == _CONNECTED:
+            broker = self.client.current_broker
+            log.info("connected to %s (session %d)", broker.url() if broker else "?", self.core.session)
+            self.core.on_connected()
+        else:
+            self.core.handle(topic, payload)

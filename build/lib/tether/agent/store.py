@@ -1,0 +1,228 @@
+"""The agent's local state: what survives a restart or a reboot without a broker.
+
+    {data_dir}/desired.msgpack         the last accepted DesiredState
+    {data_dir}/stacks/{hash}.msgpack   definitions of the stacks it references
+    {data_dir}/session                 the presence session counter
+    {data_dir}/outbox/{seq}.msgpack    events not yet handed to the broker, oldest first
+    {data_dir}/outbox/state            next event sequence number and events dropped
+
+Every write is atomic (write a temporary file, fsync, rename over, fsync the directory),
+so a power cut leaves either the old or the new file, never a torn one.
+
+:class:`MemoryStore` keeps the same things in memory, for the fleet simulator and tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections import deque
+from pathlib import Path
+from typing import Protocol
+
+from tether.protocol import codec
+from tether.protocol.errors import PayloadError
+from tether.protocol.models import DesiredState, Event, StackDefinition, content_hash
+
+log = logging.getLogger(__name__)
+
+OUTBOX_LIMIT = 1000
+"""Events kept while offline; past this the oldest are dropped (and counted)."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` atomically and durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class StateStore(Protocol):
+    """What the agent core needs to keep."""
+
+    def load_desired(self) -> DesiredState | None: ...
+    def save_desired(self, desired: DesiredState) -> None: ...
+    def load_definition(self, spec_hash: str) -> StackDefinition | None: ...
+    def save_definition(self, definition: StackDefinition) -> None: ...
+    def prune_definitions(self, keep: set[str]) -> None: ...
+    def next_session(self) -> int: ...
+    def next_event_seq(self) -> int: ...
+    def outbox_put(self, event: Event) -> None: ...
+    def outbox_peek(self) -> Event | None: ...
+    def outbox_pop(self) -> None: ...
+    def outbox_dropped(self) -> int: ...
+
+
+class MemoryStore:
+    """Everything in memory: nothing survives the process."""
+
+    def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
+        self.desired: DesiredState | None = None
+        self.definitions: dict[str, StackDefinition] = {}
+        self.session = 0
+        self.seq = 0
+        self.outbox: deque[Event] = deque()
+        self.limit = limit
+        self.dropped = 0
+
+    def load_desired(self) -> DesiredState | None:
+        return self.desired
+
+    def save_desired(self, desired: DesiredState) -> None:
+        self.desired = desired
+
+    def load_definition(self, spec_hash: str) -> StackDefinition | None:
+        return self.definitions.get(spec_hash)
+
+    def save_definition(self, definition: StackDefinition) -> None:
+        self.definitions[definition.spec_hash] = definition
+
+    def prune_definitions(self, keep: set[str]) -> None:
+        self.definitions = {h: d for h, d in self.definitions.items() if h in keep}
+
+    def next_session(self) -> int:
+        self.session += 1
+        return self.session
+
+    def next_event_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def outbox_put(self, event: Event) -> None:
+        self.outbox.append(event)
+        while len(self.outbox) > self.limit:
+            self.outbox.popleft()
+            self.dropped += 1
+
+    def outbox_peek(self) -> Event | None:
+        return self.outbox[0] if self.outbox else None
+
+    def outbox_pop(self) -> None:
+        if self.outbox:
+            self.outbox.popleft()
+
+    def outbox_dropped(self) -> int:
+        return self.dropped
+
+
+class LocalStore:
+    """The agent's files under ``data_dir``."""
+
+    def __init__(self, data_dir: Path, outbox_limit: int = OUTBOX_LIMIT) -> None:
+        self.dir = Path(data_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "stacks").mkdir(exist_ok=True)
+        self.outbox_dir = self.dir / "outbox"
+        self.outbox_dir.mkdir(exist_ok=True)
+        self.outbox_limit = outbox_limit
+        self._outbox_state = self._read_outbox_state()
+        self._queued = sorted(p.name for p in self.outbox_dir.glob("*.msgpack"))
+
+    # --- desired state and definitions ---
+
+    def load_desired(self) -> DesiredState | None:
+        path = self.dir / "desired.msgpack"
+        try:
+            return codec.decode(path.read_bytes(), DesiredState)
+        except FileNotFoundError:
+            return None
+        except (OSError, PayloadError) as exc:
+            log.error("ignoring unreadable %s: %s", path, exc)
+            return None
+
+    def save_desired(self, desired: DesiredState) -> None:
+        atomic_write(self.dir / "desired.msgpack", codec.encode(desired))
+
+    def load_definition(self, spec_hash: str) -> StackDefinition | None:
+        path = self.dir / "stacks" / f"{spec_hash}.msgpack"
+        try:
+            definition = codec.decode(path.read_bytes(), StackDefinition)
+        except FileNotFoundError:
+            return None
+        except (OSError, PayloadError) as exc:
+            log.error("ignoring unreadable %s: %s", path, exc)
+            return None
+        if content_hash(definition.spec) != spec_hash:
+            log.error("ignoring %s: content does not match its hash", path)
+            return None
+        return definition
+
+    def save_definition(self, definition: StackDefinition) -> None:
+        atomic_write(self.dir / "stacks" / f"{definition.spec_hash}.msgpack", codec.encode(definition))
+
+    def prune_definitions(self, keep: set[str]) -> None:
+        for path in (self.dir / "stacks").glob("*.msgpack"):
+            if path.stem not in keep:
+                path.unlink(missing_ok=True)
+
+    def next_session(self) -> int:
+        """Increment and persist the presence session counter; return the new value."""
+        path = self.dir / "session"
+        try:
+            current = int(path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            current = 0
+        atomic_write(path, str(current + 1).encode())
+        return current + 1
+
+    # --- outbox ---
+
+    def _read_outbox_state(self) -> dict[str, int]:
+        try:
+            state = json.loads((self.outbox_dir / "state").read_text())
+            return {"seq": int(state["seq"]), "dropped": int(state["dropped"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"seq": 0, "dropped": 0}
+
+    def _write_outbox_state(self) -> None:
+        atomic_write(self.outbox_dir / "state", json.dumps(self._outbox_state).encode())
+
+    def next_event_seq(self) -> int:
+        self._outbox_state["seq"] += 1
+        self._write_outbox_state()
+        return self._outbox_state["seq"]
+
+    def outbox_put(self, event: Event) -> None:
+        name = f"{event.seq:016d}.msgpack"
+        atomic_write(self.outbox_dir / name, codec.encode(event))
+        self._queued.append(name)
+        dropped = 0
+        while len(self._queued) > self.outbox_limit:
+            (self.outbox_dir / self._queued.pop(0)).unlink(missing_ok=True)
+            dropped += 1
+        if dropped:
+            self._outbox_state["dropped"] += dropped
+            self._write_outbox_state()
+
+    def outbox_peek(self) -> Event | None:
+        while self._queued:
+            path = self.outbox_dir / self._queued[0]
+            try:
+                return codec.decode(path.read_bytes(), Event)
+            except (OSError, PayloadError) as exc:
+                log.error("dropping unreadable queued event %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+                self._queued.pop(0)
+        return None
+
+    def outbox_pop(self) -> None:
+        if self._queued:
+            (self.outbox_dir / self._queued.pop(0)).unlink(missing_ok=True)
+
+    def outbox_dropped(self) -> int:
+        return self._outbox_state["dropped"]

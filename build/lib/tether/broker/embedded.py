@@ -1,0 +1,111 @@
+"""Run amqtt in its own thread and event loop, listening on a TCP port (0 = ephemeral).
+
+By default the broker is :class:`~tether.broker.amqtt_fixes.TetherBroker`, amqtt 0.12.1
+with Tether's fixes (no retained-message leak between sessions, no dropped connections
+in a connect storm, indexed retained messages and subscriptions, will on keepalive
+expiry, persistent sessions with offline queueing); see
+docs/adr/0004-embedded-broker-fixes.md. ``stock=True`` runs amqtt's own Broker instead,
+for tests and benchmarks that show the difference; never use it for a fleet.
+
+The broker speaks MQTT 3.1.1 only (amqtt refuses an MQTT 5 CONNECT). Tether's protocol
+does not rely on the broker for state it cannot rebuild: every receiver classifies
+incoming topics itself, and the controller republishes its retained topics from its
+store when it starts the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from amqtt.broker import Broker
+
+from .amqtt_fixes import TetherBroker, check_amqtt_version
+from .errors import BrokerStartError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BrokerStartError", "EmbeddedBroker", "broker_config"]
+
+
+def broker_config(host: str, port: int) -> dict[str, Any]:
+    """The amqtt configuration for one plain TCP listener, anonymous clients allowed."""
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
+        "plugins": {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+        },
+    }
+
+
+class EmbeddedBroker:
+    """An amqtt broker in a background thread. :meth:`start` returns the bound port.
+
+    ``stock=True`` runs amqtt's unmodified Broker (for comparisons only).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, stock: bool = False) -> None:
+        self.stock = stock
+        self.host = host
+        self.port = port
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._broker: Broker | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self, timeout: float = 15.0) -> int:
+        """Start listening; return the actual port. Raise :class:`BrokerStartError` on failure."""
+        if not self.stock:
+            check_amqtt_version()  # raises a BrokerStartError subclass that says what to do
+        for name in ("amqtt", "transitions"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise BrokerStartError("embedded broker did not start in time")
+        if self._error is not None:
+            raise BrokerStartError(f"cannot start embedded broker on {self.host}:{self.port}: {self._error}")
+        return self.port
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._start())
+        except BaseException as exc:  # reported to start()
+            self._error = exc.__cause__ or exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _start(self) -> None:
+        config = broker_config(self.host, self.port)
+        self._broker = Broker(config) if self.stock else TetherBroker(config)
+        await self._broker.start()
+        server = self._broker._servers["default"].instance  # amqtt exposes no public accessor
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        """Shut the broker down and join its thread."""
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None or not loop.is_running():
+            return
+        fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
+        try:
+            fut.result(timeout=10)
+        except Exception:  # shutting down anyway
+            log.debug("embedded broker shutdown raised", exc_info=True)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -1,0 +1,1 @@
+"""The operator CLI, ``tether``: talks to the controller over MQTT request/response."""

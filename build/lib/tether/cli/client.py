@@ -1,0 +1,74 @@
+"""Request/response over MQTT 3.1.1: the reply topic and correlation id ride in the payload.
+
+Any integration can do the same: subscribe to ``tether/v1/clients/{client_id}/replies``,
+publish a :class:`Request` to ``tether/v1/controller/requests`` and match the reply's ``id``.
+"""
+
+from __future__ import annotations
+
+import queue
+import uuid
+from typing import Any
+
+from pydantic import BaseModel
+from tether.protocol import codec, topics
+from tether.protocol.errors import PayloadError, RequestError, RequestTimeout
+from tether.protocol.models import Reply, Request
+from tether.protocol.mqtt import MqttClient, parse_broker_url
+
+
+class ControllerClient:
+    """A short-lived MQTT session that sends requests to the controller."""
+
+    def __init__(self, broker_url: str, timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self.client_id = f"tether-cli-{uuid.uuid4().hex[:12]}"
+        self.reply_topic = topics.replies(self.client_id)
+        self._replies: queue.Queue[bytes] = queue.Queue()
+        self._mqtt = MqttClient(
+            [parse_broker_url(broker_url)],
+            client_id=self.client_id,
+            clean_session=True,
+            reconnect=False,
+            keepalive=30,
+            on_message=self._on_message,
+        )
+        self._mqtt.subscribe(self.reply_topic)
+        self._mqtt.connect(timeout)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if topic == self.reply_topic:
+            self._replies.put(payload)
+
+    def request(self, command: BaseModel, timeout: float | None = None) -> Any:
+        """Send ``command``; return the reply's result or raise :class:`RequestError`."""
+        request_id = uuid.uuid4().hex
+        request = Request(id=request_id, reply_to=self.reply_topic, command=command.model_dump(mode="json"))
+        if not self._mqtt.publish_confirmed(topics.REQUESTS, codec.encode(request), qos=1):
+            raise RequestError("lost the connection to the broker while sending the request")
+        wait = self.timeout if timeout is None else timeout
+        while True:
+            try:
+                payload = self._replies.get(timeout=wait)
+            except queue.Empty:
+                raise RequestTimeout(
+                    f"no reply from the controller within {wait:g}s (is `tether up` running on this broker?)"
+                ) from None
+            try:
+                reply = codec.decode(payload, Reply)
+            except PayloadError:
+                continue
+            if reply.id != request_id:
+                continue  # a late reply to an earlier request
+            if not reply.ok:
+                raise RequestError(reply.error or "request failed")
+            return reply.result
+
+    def close(self) -> None:
+        self._mqtt.stop()
+
+    def __enter__(self) -> ControllerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

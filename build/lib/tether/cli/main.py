@@ -1,0 +1,609 @@
+"""``tether``: start the controller (``tether up``) and operate the fleet.
+
+Every command except ``up`` talks to the controller over MQTT (see docs/topics.md),
+through the broker given by ``--broker`` or ``TETHER_BROKER``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from tether.protocol import __version__
+from tether.protocol.durations import parse_duration
+from tether.protocol.errors import TetherError
+from tether.protocol.models import (
+    DeploymentsAction,
+    DeploymentsList,
+    DeploymentsStatus,
+    DevicesList,
+    DevicesShow,
+    GroupsCreate,
+    GroupsList,
+    GroupsRemove,
+    GroupsShow,
+    RolloutStrategy,
+    StacksDeploy,
+    StacksList,
+    StacksRemove,
+    StacksStatus,
+)
+
+from . import output
+from .client import ControllerClient
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"tether: error: {message}", err=True)
+    sys.exit(code)
+
+
+def common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--broker, -o and --timeout on every command; TetherError becomes a one-line message."""
+
+    @click.option(
+        "--broker", envvar="TETHER_BROKER", default=DEFAULT_BROKER, show_default=True, help="Broker URL."
+    )
+    @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table")
+    @click.option(
+        "--request-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a reply."
+    )
+    @functools.wraps(fn)
+    def wrapper(broker: str, fmt: str, request_timeout: float, **kwargs: Any) -> None:
+        try:
+            with ControllerClient(broker, timeout=request_timeout) as client:
+                fn(client, fmt, **kwargs)
+        except TetherError as exc:
+            fail(str(exc))
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tether")
+def main() -> None:
+    """Tether: run Compose stacks on fleets of edge devices over MQTT."""
+
+
+# --- up -------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("tether-data"), show_default=True)
+@click.option(
+    "--db",
+    envvar="TETHER_DB",
+    default=None,
+    help="State store: postgresql://user@host/db (default: SQLite in --data-dir).",
+)
+@click.option(
+    "--ha", is_flag=True, help="High availability: several controllers on one PostgreSQL and broker."
+)
+@click.option(
+    "--broker", default=None, help="Use this external broker (mqtt://host:port) instead of the embedded one."
+)
+@click.option(
+    "--bind", default="127.0.0.1", show_default=True, help="Address the embedded broker listens on."
+)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=1883, show_default=True, help="0 picks a free port."
+)
+@click.option("--with-agent/--no-agent", default=False, help="Also run a local agent (device id 'local').")
+@click.option("--agent-driver", type=click.Choice(["docker", "process"]), default=None)
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-format", default="text", type=click.Choice(["text", "json"]), help="json: one object per line."
+)
+@click.option(
+    "--http", default=None, help="Serve /healthz, /readyz and /metrics on HOST:PORT (port 0 picks one)."
+)
+def up(
+    data_dir: Path,
+    db: str | None,
+    ha: bool,
+    broker: str | None,
+    bind: str,
+    port: int,
+    with_agent: bool,
+    agent_driver: str | None,
+    log_level: str,
+    log_format: str,
+    http: str | None,
+) -> None:
+    """Start the controller (and the embedded broker unless --broker is given)."""
+    import logging
+
+    if log_format == "json":
+        from tether.controller.observability import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        from tether.controller.app import UpOptions, serve
+    except ImportError as exc:
+        fail(f"the controller is not installed ({exc.name} missing): pip install 'tether[controller]'", 2)
+    try:
+        code = serve(
+            UpOptions(data_dir, db, ha, broker, bind, port, with_agent, agent_driver, http),
+            lambda line: click.echo(line, err=False),
+        )
+    except TetherError as exc:
+        fail(str(exc))
+    sys.exit(code)
+
+
+# --- devices --------------------------------------------------------------------------------
+
+
+@main.group()
+def devices() -> None:
+    """Devices of the fleet."""
+
+
+@devices.command("ls")
+@common
+def devices_ls(client: ControllerClient, fmt: str) -> None:
+    """List devices with their presence and stacks."""
+    result = client.request(DevicesList())
+    if fmt == "json":
+        click.echo(output.to_json(result["devices"]))
+        return
+    rows = [
+        (
+            d["id"],
+            output.presence(d),
+            output.labels(d["labels"]),
+            f"{d['applied_generation'] if d['applied_generation'] is not None else '-'}/"
+            f"{d['desired_generation'] if d['desired_generation'] is not None else '-'}",
+            ", ".join(f"{k}:{v}" for k, v in sorted(d["stacks"].items())) or "-",
+        )
+        for d in result["devices"]
+    ]
+    click.echo(output.table(["DEVICE", "PRESENCE", "LABELS", "GEN (APPLIED/DESIRED)", "STACKS"], rows))
+
+
+@devices.command("show")
+@click.argument("device_id")
+@common
+def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
+    """Show one device: facts, desired and reported state, recent events."""
+    d = client.request(DevicesShow(device_id=device_id))["device"]
+    if fmt == "json":
+        click.echo(output.to_json(d))
+        return
+    facts = d.get("facts") or {}
+    click.echo(f"device:     {d['id']}")
+    click.echo(f"presence:   {output.presence(d)} (session {d['session']})")
+    click.echo(f"labels:     {output.labels(d['labels'])}")
+    for key in ("agent_version", "driver", "arch", "os", "hostname"):
+        if key in facts:
+            click.echo(f"{key + ':':<11} {facts[key]}")
+    click.echo(f"generation: applied {d['applied_generation']} / desired {d['desired_generation']}")
+    reported = d.get("reported") or {}
+    if reported.get("error"):
+        click.echo(f"error:      {reported['error']}")
+    rows = []
+    for stack, status in sorted((reported.get("stacks") or {}).items()):
+        for svc, s in status["services"].items():
+            rows.append(
+                (
+                    stack,
+                    svc,
+                    s["state"],
+                    s.get("health") or "",
+                    s.get("restarts", 0),
+                    s.get("last_error") or "",
+                )
+            )
+    if rows:
+        click.echo("")
+        click.echo(output.table(["STACK", "SERVICE", "STATE", "HEALTH", "RESTARTS", "LAST ERROR"], rows))
+    if d.get("events"):
+        click.echo("\nrecent events:")
+        for e in d["events"][-10:]:
+            click.echo(f"  {output.when(e['at'])} {e['level']:<7} {e['kind']}: {e['message']}")
+
+
+# --- groups ---------------------------------------------------------------------------------
+
+
+@main.group()
+def groups() -> None:
+    """Device groups: static lists or label selectors."""
+
+
+@groups.command("create")
+@click.argument("name")
+@click.option("--device", "device_ids", multiple=True, help="A member device id; repeatable.")
+@click.option("--select", "selector", help="Label selector, e.g. site=berlin,arch=arm64.")
+@common
+def groups_create(
+    client: ControllerClient, fmt: str, name: str, device_ids: tuple[str, ...], selector: str | None
+) -> None:
+    """Create a group of named devices (--device) or of devices matching labels (--select)."""
+    if bool(device_ids) == bool(selector):
+        raise TetherError("give either --device (one or more) or --select, not both")
+    group = client.request(GroupsCreate(name=name, devices=device_ids, selector=selector))["group"]
+    if fmt == "json":
+        click.echo(output.to_json(group))
+    else:
+        click.echo(f"group {group['name']} created ({len(group['members'])} members now)")
+
+
+def _group_rows(groups: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            g["name"],
+            g["kind"],
+            g["selector"] or ",".join(g["devices"]),
+            len(g["members"]),
+            ",".join(g["stacks"]) or "-",
+        )
+        for g in groups
+    ]
+
+
+@groups.command("ls")
+@common
+def groups_ls(client: ControllerClient, fmt: str) -> None:
+    """List groups."""
+    result = client.request(GroupsList())["groups"]
+    if fmt == "json":
+        click.echo(output.to_json(result))
+    else:
+        click.echo(output.table(["GROUP", "KIND", "DEFINITION", "MEMBERS", "STACKS"], _group_rows(result)))
+
+
+@groups.command("show")
+@click.argument("name")
+@common
+def groups_show(client: ControllerClient, fmt: str, name: str) -> None:
+    """Show a group and its current members."""
+    g = client.request(GroupsShow(name=name))["group"]
+    if fmt == "json":
+        click.echo(output.to_json(g))
+        return
+    click.echo(output.table(["GROUP", "KIND", "DEFINITION", "MEMBERS", "STACKS"], _group_rows([g])))
+    click.echo("\nmembers: " + (", ".join(g["members"]) or "(none)"))
+
+
+@groups.command("rm")
+@click.argument("name")
+@common
+def groups_rm(client: ControllerClient, fmt: str, name: str) -> None:
+    """Remove a group (it must have no stacks)."""
+    result = client.request(GroupsRemove(name=name))
+    click.echo(output.to_json(result) if fmt == "json" else f"group {name} removed")
+
+
+# --- stacks ---------------------------------------------------------------------------------
+
+
+@main.group()
+def stacks() -> None:
+    """Stacks: Compose files deployed to groups."""
+
+
+def _wait(
+    client: ControllerClient,
+    name: str,
+    done: Callable[[list[dict[str, Any]]], bool],
+    timeout: float,
+    fmt: str,
+) -> None:
+    """Poll the stack's status, print each device's changes, until ``done`` or failure/timeout."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, str] = {}
+    while True:
+        try:
+            rows = client.request(StacksStatus(name=name))["devices"]
+        except TetherError as exc:
+            if "unknown stack" in str(exc):
+                rows = []
+            else:
+                raise
+        for row in rows:
+            line = f"{row['state']}" + (f" ({row['presence']})" if row["presence"] != "online" else "")
+            if seen.get(row["device"]) != line:
+                seen[row["device"]] = line
+                detail = row.get("error") or _service_errors(row)
+                if fmt == "table":
+                    click.echo(f"  {row['device']}: {line}" + (f": {detail}" if detail else ""))
+        failed = [r for r in rows if r["state"] in ("failed", "rejected")]
+        if failed:
+            raise TetherError(f"stack {name} failed on {', '.join(r['device'] for r in failed)}")
+        if done(rows):
+            return
+        if time.monotonic() >= deadline:
+            waiting = [r["device"] for r in rows if not done([r])]
+            raise TetherError(f"timed out after {timeout:g}s waiting for {', '.join(waiting) or 'devices'}")
+        time.sleep(0.5)
+
+
+def _service_errors(row: dict[str, Any]) -> str:
+    errors = [f"{k}: {v['last_error']}" for k, v in row.get("services", {}).items() if v.get("last_error")]
+    return "; ".join(errors)
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value, param.name or "duration")
+    except TetherError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _wait_deployment(
+    client: ControllerClient, deployment_id: int, timeout: float, fmt: str
+) -> dict[str, Any]:
+    """Follow a deployment, printing each device's progress by batch, until it settles."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, str] = {}
+    while True:
+        d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
+        for device, r in d["devices"].items():
+            line = r["state"] + (f" (batch {r['batch']})" if r["batch"] else "")
+            if seen.get(device) != line:
+                seen[device] = line
+                if fmt == "table":
+                    click.echo(f"  {device}: {line}" + (f": {r['error']}" if r.get("error") else ""))
+        if d["state"] in ("failed", "reverted", "superseded"):
+            raise TetherError(
+                f"deployment {deployment_id} {d['state']}: {d.get('message') or ''}".rstrip(": ")
+            )
+        if d["state"] in ("succeeded", "awaiting-promotion", "paused"):
+            return d
+        if time.monotonic() >= deadline:
+            busy = [
+                k
+                for k, r in d["devices"].items()
+                if r["state"] not in ("healthy", "pending (offline)", "held")
+            ]
+            raise TetherError(
+                f"timed out after {timeout:g}s; deployment {deployment_id} still waits for {', '.join(busy)}"
+            )
+        time.sleep(0.5)
+
+
+@stacks.command("deploy")
+@click.argument("file", type=click.File("r"))
+@click.option("--name", required=True, help="Stack name.")
+@click.option("--group", required=True, help="Target group.")
+@click.option(
+    "--strategy",
+    type=click.Choice(["all-at-once", "rolling", "canary"]),
+    default="all-at-once",
+    show_default=True,
+)
+@click.option(
+    "--max-parallel",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="Devices per batch (0 = all).",
+)
+@click.option(
+    "--canary", "canary", type=click.IntRange(1), default=1, show_default=True, help="Canary devices."
+)
+@click.option("--min-healthy-time", callback=_duration, default="10s", show_default=True)
+@click.option("--healthy-deadline", callback=_duration, default="5m", show_default=True)
+@click.option(
+    "--auto-revert", is_flag=True, help="On failure, move every device back to the previous version."
+)
+@click.option("--auto-promote", is_flag=True, help="Promote canaries once healthy for --min-healthy-time.")
+@click.option("--wait", is_flag=True, help="Follow the deployment until it succeeds or fails.")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for --wait.")
+@common
+def stacks_deploy(
+    client: ControllerClient,
+    fmt: str,
+    file: Any,
+    name: str,
+    group: str,
+    strategy: str,
+    max_parallel: int,
+    canary: int,
+    min_healthy_time: float,
+    healthy_deadline: float,
+    auto_revert: bool,
+    auto_promote: bool,
+    wait: bool,
+    timeout: float,
+) -> None:
+    """Deploy (or update) a Compose FILE as stack NAME on GROUP."""
+    try:
+        text = file.read()
+    except UnicodeDecodeError as exc:
+        raise TetherError(f"{file.name}: not a text file ({exc.reason})") from exc
+    if healthy_deadline <= 0:
+        raise TetherError("--healthy-deadline must be positive")
+    rollout = RolloutStrategy(
+        kind=strategy,  # type: ignore[arg-type]
+        max_parallel=max_parallel,
+        canary=canary,
+        min_healthy_time_s=min_healthy_time,
+        healthy_deadline_s=healthy_deadline,
+        auto_revert=auto_revert,
+        auto_promote=auto_promote,
+    )
+    result = client.request(StacksDeploy(name=name, group=group, compose=text, strategy=rollout))
+    stack = result["stack"]
+    if fmt == "json" and not wait:
+        click.echo(output.to_json(result))
+        return
+    if fmt == "table":
+        verb = "deployed" if result["changed"] else "unchanged"
+        click.echo(
+            f"stack {stack['name']} {verb}: version {stack['version']} ({stack['spec_hash'][:12]}) "
+            f"on group {stack['group']}, {len(result['devices'])} device(s)"
+        )
+    if fmt == "table" and result.get("deployment"):
+        click.echo(f"deployment {result['deployment']} ({strategy})")
+    if wait:
+        if result.get("deployment"):
+            d = _wait_deployment(client, result["deployment"], timeout, fmt)
+            if d["state"] != "succeeded":
+                if fmt == "json":
+                    click.echo(output.to_json(d))
+                else:
+                    click.echo(
+                        f"deployment {d['id']} is {d['state']}: tether deployments promote|resume {d['id']}"
+                    )
+                return
+        else:
+            _wait(client, name, lambda rows: all(r["state"] == "running" for r in rows), timeout, fmt)
+        if fmt == "json":
+            click.echo(output.to_json(client.request(StacksStatus(name=name))))
+        else:
+            click.echo(f"stack {name} is running on every device of group {group}")
+
+
+@stacks.command("ls")
+@common
+def stacks_ls(client: ControllerClient, fmt: str) -> None:
+    """List stacks."""
+    result = client.request(StacksList())["stacks"]
+    if fmt == "json":
+        click.echo(output.to_json(result))
+        return
+    rows = [
+        (
+            s["name"],
+            s["group"],
+            s["version"],
+            s["spec_hash"][:12],
+            f"{s['running']}/{s['devices']}",
+            output.when(s["updated"]),
+        )
+        for s in result
+    ]
+    click.echo(output.table(["STACK", "GROUP", "VERSION", "HASH", "RUNNING", "UPDATED"], rows))
+
+
+@stacks.command("status")
+@click.argument("name")
+@common
+def stacks_status(client: ControllerClient, fmt: str, name: str) -> None:
+    """Show where a stack stands on each device."""
+    result = client.request(StacksStatus(name=name))
+    if fmt == "json":
+        click.echo(output.to_json(result))
+        return
+    rows = []
+    for r in result["devices"]:
+        services = ", ".join(f"{k}:{v['state']}" for k, v in r["services"].items()) or "-"
+        rows.append((r["device"], r["presence"], r["state"], services, r.get("error") or _service_errors(r)))
+    click.echo(output.table(["DEVICE", "PRESENCE", "STATE", "SERVICES", "ERROR"], rows))
+
+
+@stacks.command("rm")
+@click.argument("name")
+@click.option("--wait", is_flag=True, help="Wait until every device has removed it.")
+@click.option("--timeout", type=float, default=300.0, show_default=True)
+@common
+def stacks_rm(client: ControllerClient, fmt: str, name: str, wait: bool, timeout: float) -> None:
+    """Remove a stack from every device."""
+    result = client.request(StacksRemove(name=name))
+    if fmt == "table":
+        click.echo(f"stack {name} removed from the controller; devices are removing it")
+    if wait:
+        _wait(client, name, lambda rows: not rows, timeout, fmt)
+        if fmt == "table":
+            click.echo(f"stack {name} is gone from every device")
+    if fmt == "json":
+        click.echo(output.to_json(result))
+
+
+# --- deployments ----------------------------------------------------------------------------
+
+
+@main.group()
+def deployments() -> None:
+    """Deployments: versions of a stack rolling out to its group."""
+
+
+@deployments.command("ls")
+@click.option("--stack", default=None, help="Only this stack's deployments.")
+@common
+def deployments_ls(client: ControllerClient, fmt: str, stack: str | None) -> None:
+    """List recent deployments, newest first."""
+    result = client.request(DeploymentsList(stack=stack))["deployments"]
+    if fmt == "json":
+        click.echo(output.to_json(result))
+        return
+    rows = [
+        (
+            d["id"],
+            d["stack"],
+            d["state"],
+            d["strategy"]["kind"],
+            (d["from_hash"] or "-")[:12],
+            d["to_hash"][:12],
+            ", ".join(f"{k}:{v}" for k, v in sorted(d["counts"].items())),
+            output.when(d["updated"]),
+        )
+        for d in result
+    ]
+    click.echo(output.table(["ID", "STACK", "STATE", "STRATEGY", "FROM", "TO", "DEVICES", "UPDATED"], rows))
+
+
+@deployments.command("status")
+@click.argument("deployment_id", type=int)
+@common
+def deployments_status(client: ControllerClient, fmt: str, deployment_id: int) -> None:
+    """Show a deployment and every device's progress."""
+    d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
+    if fmt == "json":
+        click.echo(output.to_json(d))
+        return
+    s = d["strategy"]
+    click.echo(
+        f"deployment {d['id']} of {d['stack']}: {d['state']}" + (f" ({d['message']})" if d["message"] else "")
+    )
+    click.echo(
+        f"strategy:   {s['kind']} (max_parallel {s['max_parallel']}, canary {s['canary']}, "
+        f"min_healthy_time {s['min_healthy_time_s']:g}s, healthy_deadline {s['healthy_deadline_s']:g}s, "
+        f"auto_revert {s['auto_revert']}, auto_promote {s['auto_promote']})"
+    )
+    click.echo(f"version:    {(d['from_hash'] or '-')[:12]} -> {d['to_hash'][:12]}, batch {d['batch']}")
+    rows = [(k, r["state"], r["batch"] or "", r.get("error") or "") for k, r in d["devices"].items()]
+    click.echo("")
+    click.echo(output.table(["DEVICE", "STATE", "BATCH", "ERROR"], rows))
+
+
+def _deployment_action(kind: str, verb: str) -> Callable[..., Any]:
+    @click.argument("deployment_id", type=int)
+    @common
+    def command(client: ControllerClient, fmt: str, deployment_id: int) -> None:
+        d = client.request(DeploymentsAction(kind=kind, id=deployment_id))["deployment"]  # type: ignore[arg-type]
+        if fmt == "json":
+            click.echo(output.to_json(d))
+        else:
+            click.echo(f"deployment {d['id']} of {d['stack']}: {d['state']}")
+
+    command.__doc__ = f"{verb} a deployment."
+    return command
+
+
+deployments.command("pause")(_deployment_action("deployments.pause", "Pause (move no more devices)"))
+deployments.command("resume")(_deployment_action("deployments.resume", "Resume"))
+deployments.command("promote")(_deployment_action("deployments.promote", "Promote the canaries of"))
+deployments.command("rollback")(
+    _deployment_action("deployments.rollback", "Roll back (deploy the previous version of)")
+)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,36 @@
+"""Rendering results: readable tables by default, JSON with ``-o json``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def labels(value: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+
+
+def presence(device: dict[str, Any]) -> str:
+    if device["status"] == "offline":
+        return f"offline (since {when(device.get('since'))})"
+    return str(device["status"])

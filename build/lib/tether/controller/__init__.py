@@ -1,0 +1,1 @@
+"""The Tether controller: state store, scheduler and the MQTT service around them."""

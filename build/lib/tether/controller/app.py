@@ -1,0 +1,134 @@
+"""``tether up``: the controller process, with the embedded broker unless given another."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tether.protocol.errors import StoreError
+from tether.protocol.mqtt import BrokerAddress, parse_broker_url
+
+from .lease import lease_for
+from .observability import HealthServer
+from .service import Controller
+from .store import Store, is_postgres_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    data_dir: Path
+    db: str | None
+    ha: bool
+    broker: str | None
+    bind: str
+    port: int
+    with_agent: bool
+    agent_driver: str | None
+    http: str | None = None
+
+
+def _agent_command(url: str, options: UpOptions) -> list[str]:
+    exe = shutil.which("tether-agent")
+    base = [exe] if exe else [sys.executable, "-m", "tether.agent.main"]
+    driver = options.agent_driver
+    if driver is None:
+        driver = "docker" if _docker_reachable() else "process"
+    return [
+        *base,
+        "--broker",
+        url,
+        "--device-id",
+        "local",
+        "--label",
+        "role=local",
+        "--data-dir",
+        str(options.data_dir / "agent"),
+        "--driver",
+        driver,
+    ]
+
+
+def _docker_reachable() -> bool:
+    try:
+        import docker  # noqa: TID251 - only a probe for the local agent's default driver
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: ignore[valid-type]
+    """Run until SIGTERM/SIGINT. Returns the exit status."""
+    options.data_dir.mkdir(parents=True, exist_ok=True)
+    target = options.db or str(options.data_dir / "tether.db")
+    if options.ha and not is_postgres_url(target):
+        raise StoreError("--ha needs a PostgreSQL store (--db postgresql://...) shared by every controller")
+    if options.ha and options.broker is None:
+        raise StoreError("--ha needs an external broker with shared subscriptions (--broker mqtt://...)")
+    lease = lease_for(target)
+    store = Store(target)
+    embedded = None
+    if options.broker is None:
+        from tether.broker import EmbeddedBroker
+
+        embedded = EmbeddedBroker(options.bind, options.port)
+        port = embedded.start()
+        host = "127.0.0.1" if options.bind in ("0.0.0.0", "", "::") else options.bind
+        address = BrokerAddress(host, port)
+        echo(f"tether: embedded broker listening on mqtt://{options.bind}:{port}")
+    else:
+        address = parse_broker_url(options.broker)
+        echo(f"tether: using broker {address.url()}")
+    controller = Controller(store, lease=lease, ha=options.ha)
+    http: HealthServer | None = None
+    agent: subprocess.Popen[bytes] | None = None
+    stop = threading.Event()
+    code = 0
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        controller.start(address, fresh_broker=embedded is not None)
+        if options.http:
+            host, _, port_text = options.http.rpartition(":")
+            http = HealthServer(controller, host or "127.0.0.1", int(port_text))
+            http.start()
+            echo(f"tether: health and metrics on http://{host or '127.0.0.1'}:{http.port}/metrics")
+        controller.ready.wait(15)
+        role = "leader" if controller.leading.is_set() else "standby"
+        echo(
+            f"tether: controller ready ({role}; state in {'PostgreSQL' if store.kind == 'postgresql' else target})"
+        )
+        if options.with_agent:
+            cmd = _agent_command(address.url(), options)
+            agent = subprocess.Popen(cmd, env=dict(os.environ))
+            echo(f"tether: local agent started (device 'local', driver {cmd[cmd.index('--driver') + 1]})")
+        while not stop.wait(0.5):
+            if controller.lost_leadership.is_set():
+                code = 3
+                break
+    finally:
+        echo("tether: shutting down")
+        if agent is not None:
+            agent.terminate()
+            try:
+                agent.wait(15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        if http is not None:
+            http.stop()
+        controller.stop()
+        if embedded is not None:
+            embedded.stop()
+        store.close()
+        lease.release()
+    return code

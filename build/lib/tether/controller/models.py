@@ -1,0 +1,66 @@
+"""What the controller stores: pydantic models, strict about their fields."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from tether.protocol.models import NAME_PATTERN, DeviceFacts, ReportedState, StackRef, StackSpec
+
+from .placement import Assignment, Placement
+
+
+class Stored(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Device(Stored):
+    """A device the controller has heard from (presence) or been told about (a group)."""
+
+    id: str
+    status: Literal["online", "offline", "never seen"] = "never seen"
+    session: int = -1
+    since: float | None = None
+    facts: DeviceFacts | None = None
+    reported: ReportedState | None = None
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.facts.labels) if self.facts else {}
+
+
+class Group(Stored):
+    """Static (named devices) when ``selector`` is None, else dynamic (label selector)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    devices: tuple[str, ...] = ()
+    selector: str | None = None
+    created: float = 0.0
+
+    @property
+    def kind(self) -> Literal["static", "selector"]:
+        return "static" if self.selector is None else "selector"
+
+
+class Stack(Stored):
+    """A deployed stack: its name, target group and current definition."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    group: str
+    spec_hash: str
+    spec: StackSpec
+    compose: str
+    placement: Placement = Field(default_factory=Placement)
+    assignment: tuple[Assignment, ...] = ()
+    version: int = 1
+    created: float = 0.0
+    updated: float = 0.0
+
+
+class DesiredRecord(Stored):
+    """The desired state last computed for a device, and whether the broker has it."""
+
+    device_id: str
+    generation: int
+    stacks: tuple[StackRef, ...] = ()
+    published: bool = False

@@ -1,0 +1,107 @@
+"""Operations: JSON logs, liveness/readiness and Prometheus metrics over local HTTP.
+
+``tether up --http 127.0.0.1:9100`` serves:
+
+    /healthz   200 while the process runs (liveness)
+    /readyz    200 once connected to the broker and the store answers, else 503 (readiness)
+    /metrics   Prometheus text format: devices by presence, stacks, leadership,
+               messages received by kind, requests by command and outcome
+
+Gauges that need the store (devices, stacks) are refreshed by the controller's worker
+thread every :data:`REFRESH_SECONDS`, so the HTTP thread never touches the database.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .service import Controller
+
+REFRESH_SECONDS = 5.0
+
+
+class Metrics:
+    """The controller's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.devices = Gauge("tether_devices", "Devices by presence", ["presence"], registry=self.registry)
+        self.stacks = Gauge("tether_stacks", "Stacks deployed", registry=self.registry)
+        self.leader = Gauge("tether_leader", "1 if this controller leads", registry=self.registry)
+        self.messages = Counter(
+            "tether_messages_received", "MQTT messages received", ["kind"], registry=self.registry
+        )
+        self.requests = Counter(
+            "tether_requests", "Requests handled", ["command", "outcome"], registry=self.registry
+        )
+        self.published = Counter(
+            "tether_desired_published", "Desired states acknowledged by the broker", registry=self.registry
+        )
+
+
+class HealthServer:
+    """A tiny HTTP server for /healthz, /readyz and /metrics, on its own thread."""
+
+    def __init__(self, controller: Controller, host: str, port: int) -> None:
+        self.controller = controller
+        handler = self._handler()
+        self.httpd = ThreadingHTTPServer((host, port), handler)
+        self.port = self.httpd.server_address[1]
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        controller = self.controller
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path == "/healthz":
+                    self._send(200, b"ok\n", "text/plain")
+                elif self.path == "/readyz":
+                    ready = controller.is_ready()
+                    self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain")
+                elif self.path == "/metrics":
+                    self._send(200, generate_latest(controller.metrics.registry), CONTENT_TYPE_LATEST)
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return
+
+        return Handler
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and the exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)

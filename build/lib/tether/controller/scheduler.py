@@ -1,0 +1,50 @@
+"""Scheduling, pure: which stacks each device should run, given groups and device labels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from tether.protocol.models import StackRef
+
+from .models import Group, Stack
+from .selectors import matches, parse_selector
+
+
+def members(group: Group, labels: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """The devices of ``group``: its named devices, or those whose labels match its selector.
+
+    ``labels`` maps every known device to its labels.
+    """
+    if group.selector is None:
+        return sorted(set(group.devices))
+    selector = parse_selector(group.selector)
+    return sorted(d for d, lbl in labels.items() if matches(selector, lbl))
+
+
+def desired_stacks(
+    stacks: Iterable[Stack],
+    groups: Mapping[str, Group],
+    labels: Mapping[str, Mapping[str, str]],
+    pins: Mapping[str, Mapping[str, str]] | None = None,
+) -> dict[str, tuple[StackRef, ...]]:
+    """Map every targeted device to the stacks it should run, sorted by name.
+
+    A ``global`` stack targets every member of its group; a ``replicas`` stack only the
+    devices of its current assignment (see :mod:`.placement`). ``pins`` maps a stack to
+    the devices a running deployment keeps on another version (see :mod:`.rollout`).
+    """
+    pins = pins or {}
+    result: dict[str, list[StackRef]] = {}
+    for stack in stacks:
+        group = groups.get(stack.group)
+        if group is None:
+            continue
+        targets = (
+            [a.device_id for a in stack.assignment]
+            if stack.placement.mode == "replicas"
+            else members(group, labels)
+        )
+        for device_id in targets:
+            spec_hash = pins.get(stack.name, {}).get(device_id, stack.spec_hash)
+            result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=spec_hash))
+    return {d: tuple(sorted(refs, key=lambda r: r.name)) for d, refs in result.items()}

@@ -1,0 +1,912 @@
+"""The controller service: MQTT in, state store, desired states out.
+
+Theory of operation
+-------------------
+One worker thread owns the store and handles, in arrival order, everything the MQTT
+thread puts on the inbox: presence, reported state, events and requests.
+
+After every change that can move stacks (a deploy, a removal, a group change, a device
+whose labels changed or that appeared) :meth:`Controller.sync` recomputes each device's
+stacks with the pure scheduler. A device whose stacks differ from its stored desired
+record gets the next generation, written in the same transaction as the change that
+caused it. Then everything not yet on the broker is published, each publish awaited
+(QoS 1 PUBACK) before it is marked published: stack definitions first, then desired
+states, then definitions no longer referenced are cleared. A publish that fails (broker
+gone) stays marked unpublished and is retried on reconnect, so nothing is lost and, after
+a restart, nothing unchanged is published again.
+
+Presence follows the agent's session numbers: an ``offline`` (the will) only counts if its
+session is not older than the last ``online``, so a late will never hides a live device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+from tether.protocol import codec, topics
+from tether.protocol.errors import ComposeError, PayloadError, StoreError, TetherError
+from tether.protocol.models import (
+    COMMAND_ADAPTER,
+    NAME_PATTERN,
+    DeploymentsAction,
+    DeploymentsList,
+    DeploymentsStatus,
+    DesiredState,
+    DevicesList,
+    DevicesShow,
+    Event,
+    GroupsCreate,
+    GroupsList,
+    GroupsRemove,
+    GroupsShow,
+    Presence,
+    Reply,
+    ReportedState,
+    Request,
+    StackDefinition,
+    StacksDeploy,
+    StacksList,
+    StacksRemove,
+    StacksStatus,
+)
+from tether.protocol.mqtt import BrokerAddress, MqttClient
+from tether.protocol.topics import DeviceTopic
+
+from . import rollout
+from .compose import parse_stack
+from .lease import Lease
+from .models import DesiredRecord, Device, Group, Stack
+from .observability import REFRESH_SECONDS, Metrics
+from .placement import Assignment, Candidate, place
+from .rollout import Observation
+from .scheduler import desired_stacks, members
+from .selectors import parse_selector
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+_CONNECTED = "\x00connected"
+_STOP = "\x00stop"
+_TICK = "\x00tick"
+TICK_SECONDS = 1.0
+
+
+READ_COMMANDS = (DevicesList, DevicesShow, GroupsList, GroupsShow, StacksList, StacksStatus)
+
+
+class Controller:
+    """Schedules stacks onto devices and answers requests, over one MQTT connection."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        lease: Lease | None = None,
+        ha: bool = False,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.lease = lease
+        self.ha = ha
+        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.client: MqttClient | None = None
+        self.ready = threading.Event()
+        self.leading = threading.Event()
+        self.lost_leadership = threading.Event()
+        self.metrics = Metrics()
+        self._next_refresh = 0.0
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---
+
+    def start(self, broker: BrokerAddress, *, fresh_broker: bool, connect_timeout: float = 15.0) -> None:
+        """Connect and start the worker. ``fresh_broker``: the broker holds none of our retained state."""
+        if fresh_broker:
+            self.store.mark_all_unpublished()
+        self.client = MqttClient(
+            [broker],
+            client_id=f"tether-controller-{uuid.uuid4().hex[:8]}",
+            clean_session=True,
+            keepalive=30,
+            on_message=lambda t, p, r: self.inbox.put((t, p)),
+            on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
+        )
+        if self.ha:
+            self.client.subscribe(topics.SHARED_REQUESTS)
+        if self.lease is None or self.lease.try_acquire():
+            self._become_leader()
+        else:
+            log.info("standing by: another controller leads")
+        self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
+        self._thread.start()
+        self.client.connect(connect_timeout)
+
+    def _become_leader(self) -> None:
+        """Take over scheduling: device topics, write requests, and everything unpublished."""
+        assert self.client is not None
+        for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS):
+            self.client.subscribe(topics.all_devices(kind))
+        self.client.subscribe(topics.LEADER_REQUESTS)
+        if not self.ha:
+            self.client.subscribe(topics.REQUESTS)
+        self.leading.set()
+        log.info("this controller leads")
+        if self.client.connected:
+            self.inbox.put((_CONNECTED, b""))
+
+    def stop(self) -> None:
+        self.inbox.put((_STOP, b""))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.client is not None:
+            self.client.stop()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                topic, payload = self.inbox.get(timeout=TICK_SECONDS)
+            except queue.Empty:
+                topic, payload = _TICK, b""
+            if topic == _STOP:
+                return
+            try:
+                if topic == _TICK:
+                    self.tick()
+                else:
+                    self.handle(topic, payload)
+            except Exception:
+                log.exception("failed to handle a message on %s", topic)
+
+    def is_ready(self) -> bool:
+        """Connected to the broker and past the first sync (readiness)."""
+        return self.ready.is_set() and self.client is not None and self.client.connected
+
+    def refresh_metrics(self) -> None:
+        """Recompute the gauges that need the store (on the worker thread)."""
+        counts = {"online": 0, "offline": 0, "never seen": 0}
+        for device in self._all_devices().values():
+            counts[device.status] = counts.get(device.status, 0) + 1
+        for presence, n in counts.items():
+            self.metrics.devices.labels(presence=presence).set(n)
+        self.metrics.stacks.set(len(self.store.list_stacks()))
+        self.metrics.leader.set(1 if self.leading.is_set() else 0)
+
+    def tick(self) -> None:
+        """Time-driven work: metrics, leadership, and replicas whose devices have just become lost."""
+        if time.monotonic() >= self._next_refresh:
+            self._next_refresh = time.monotonic() + REFRESH_SECONDS
+            self.refresh_metrics()
+        if self.lease is not None:
+            if self.leading.is_set() and not self.lease.still_held():
+                log.critical("lost the leader lease: stepping down")
+                self.leading.clear()
+                self.lost_leadership.set()
+                return
+            if not self.leading.is_set():
+                if self.lease.try_acquire():
+                    self._become_leader()
+                return
+        stacks = [
+            s for s in self.store.list_stacks() if s.placement.mode == "replicas" and s.placement.lost_after_s
+        ]
+        if stacks and self._placements_changed(stacks):
+            self.sync()
+        self.advance_deployments()
+
+    # --- deployments ---
+
+    def _pins(self) -> dict[str, dict[str, str]]:
+        """Per stack, the devices its latest deployment keeps on the previous version."""
+        return {name: d.pins() for name, d in self.store.latest_deployments().items() if d.pins()}
+
+    def _targets(self, stack: Stack) -> list[str]:
+        if stack.placement.mode == "replicas":
+            return sorted(a.device_id for a in stack.assignment)
+        group = self.store.get_group(stack.group)
+        return members(group, self._labels()) if group else []
+
+    def _observe(self, stack: str, device_ids: list[str]) -> dict[str, Observation]:
+        observed = {}
+        for device_id in device_ids:
+            device = self.store.get_device(device_id)
+            if device is None:
+                observed[device_id] = Observation(online=False)
+                continue
+            reported = device.reported
+            status = reported.stacks.get(stack) if reported else None
+            errors = [s.last_error for s in status.services.values() if s.last_error] if status else []
+            observed[device_id] = Observation(
+                online=device.status == "online",
+                spec_hash=status.spec_hash if status else None,
+                state=status.state if status else None,
+                held=bool(reported and reported.held),
+                error=(reported.error if reported and reported.error else None)
+                or (errors[0] if errors else None),
+            )
+        return observed
+
+    def advance_deployments(self) -> None:
+        """Step every active deployment; store, revert and publish what changed."""
+        changed = False
+        for deployment in self.store.latest_deployments().values():
+            if not deployment.active:
+                continue
+            stack = self.store.get_stack(deployment.stack)
+            if stack is None:
+                continue
+            targets = self._targets(stack)
+            nxt = rollout.step(
+                deployment,
+                targets,
+                self._observe(stack.name, list(deployment.devices) + targets),
+                self.clock(),
+            )
+            if nxt == deployment:
+                continue
+            changed = True
+            with self.store.transaction():
+                self.store.put_deployment(nxt)
+                if nxt.state != deployment.state:
+                    log.info("deployment %d of %s: %s %s", nxt.id, nxt.stack, nxt.state, nxt.message or "")
+                if nxt.state == "reverted" and nxt.from_hash is not None:
+                    self._revert(stack, nxt.from_hash)
+        if changed:
+            self.sync()
+
+    def _revert(self, stack: Stack, spec_hash: str) -> None:
+        spec = self.store.get_spec(spec_hash)
+        if spec is None:
+            log.error("cannot revert %s: version %s is unknown", stack.name, spec_hash[:12])
+            return
+        now = self.clock()
+        self.store.put_stack(
+            stack.model_copy(
+                update={"spec_hash": spec_hash, "spec": spec, "version": stack.version + 1, "updated": now}
+            )
+        )
+
+    def _start_deployment(
+        self, stack: Stack, from_hash: str | None, strategy: rollout.Strategy
+    ) -> rollout.Deployment:
+        """Create the deployment of ``stack``'s current version (inside the caller's transaction)."""
+        now = self.clock()
+        previous = self.store.latest_deployments().get(stack.name)
+        if previous is not None and previous.active:
+            self.store.put_deployment(previous.model_copy(update={"state": "superseded", "updated": now}))
+        targets = self._targets(stack)
+        deployment = rollout.start(
+            self.store.next_deployment_id(), stack.name, from_hash, stack.spec_hash, strategy, targets, now
+        )
+        deployment = rollout.step(deployment, targets, self._observe(stack.name, targets), now)
+        self.store.put_deployment(deployment)
+        return deployment
+
+    # --- dispatch ---
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """Handle one incoming message (on the worker thread)."""
+        if topic == _CONNECTED:
+            if self.leading.is_set():
+                self.publish_pending()
+            self.ready.set()
+            return
+        parsed = topics.parse(topic)
+        if parsed is None:
+            return
+        self.metrics.messages.labels(
+            kind=parsed.device_topic.value if parsed.device_topic else parsed.kind
+        ).inc()
+        if parsed.kind in ("requests", "leader-requests"):
+            self._on_request(payload)
+        elif not self.leading.is_set():
+            return
+        elif parsed.kind == "device" and parsed.device_id is not None and payload:
+            if parsed.device_topic == DeviceTopic.PRESENCE:
+                self._on_presence(parsed.device_id, payload)
+            elif parsed.device_topic == DeviceTopic.REPORTED:
+                self._on_reported(parsed.device_id, payload)
+            elif parsed.device_topic == DeviceTopic.EVENTS:
+                self._on_event(parsed.device_id, payload)
+
+    # --- device messages ---
+
+    def _on_presence(self, device_id: str, payload: bytes) -> None:
+        try:
+            presence = codec.decode(payload, Presence)
+        except PayloadError as exc:
+            log.warning("device %s: ignoring presence: %s", device_id, exc)
+            return
+        if presence.device_id != device_id:
+            log.warning("device %s: presence names device %r; ignored", device_id, presence.device_id)
+            return
+        device = self.store.get_device(device_id) or Device(id=device_id)
+        if presence.session < device.session:
+            return  # from an older connection: a late will or a stale retained message
+        now = self.clock()
+        update: dict[str, Any] = {"session": presence.session, "status": presence.status}
+        if presence.status != device.status:
+            update["since"] = now
+        if presence.facts is not None:
+            update["facts"] = presence.facts
+        labels_changed = presence.facts is not None and presence.facts.labels != device.labels
+        new_device = self.store.get_device(device_id) is None
+        self.store.put_device(device.model_copy(update=update))
+        if presence.status != device.status:
+            log.info("device %s is %s (session %d)", device_id, presence.status, presence.session)
+        if presence.status != device.status and any(
+            s.placement.mode == "replicas" for s in self.store.list_stacks()
+        ):
+            self.sync()  # replicas may move: a full pass restores the exact count
+        elif labels_changed or new_device:
+            self.sync({device_id})
+
+    def _on_reported(self, device_id: str, payload: bytes) -> None:
+        try:
+            reported = codec.decode(payload, ReportedState)
+        except PayloadError as exc:
+            log.warning("device %s: ignoring reported state: %s", device_id, exc)
+            return
+        if reported.device_id != device_id:
+            log.warning("device %s: reported state names device %r; ignored", device_id, reported.device_id)
+            return
+        device = self.store.get_device(device_id) or Device(id=device_id)
+        if device.reported is not None and reported.generation < device.reported.generation:
+            return
+        self.store.put_device(device.model_copy(update={"reported": reported}))
+
+    def _on_event(self, device_id: str, payload: bytes) -> None:
+        try:
+            event = codec.decode(payload, Event)
+        except PayloadError as exc:
+            log.warning("device %s: ignoring event: %s", device_id, exc)
+            return
+        if event.device_id != device_id:
+            return
+        if not self.store.add_event(device_id, event.seq, event.model_dump_json()):
+            return  # delivered twice (at least once on the wire): already stored
+        level = logging.WARNING if event.level != "info" else logging.INFO
+        log.log(level, "device %s: %s: %s", device_id, event.kind, event.message)
+
+    # --- scheduling and publishing ---
+
+    def sync(self, device_ids: set[str] | None = None) -> None:
+        """Recompute desired states (of ``device_ids``, or all), store changes, publish."""
+        with self.store.transaction():
+            self._recompute(device_ids)
+        self.publish_pending(device_ids)
+
+    def _recompute(self, device_ids: set[str] | None = None) -> None:
+        """Give every device whose stacks changed the next generation (in the caller's transaction).
+
+        With ``device_ids`` only those devices are looked at: a device that appears or
+        changes labels costs O(groups + stacks), not O(fleet).
+        """
+        groups = {g.name: g for g in self.store.list_groups()}
+        if device_ids is None:
+            self._update_placements()
+        stacks = self.store.list_stacks()
+        if device_ids is None:
+            labels = {d.id: d.labels for d in self.store.list_devices()}
+            existing = {r.device_id: r for r in self.store.list_desired()}
+            wanted = desired_stacks(stacks, groups, labels, self._pins())
+            candidates = set(wanted) | set(existing)
+        else:
+            labels = {}
+            existing = {}
+            for device_id in device_ids:
+                device = self.store.get_device(device_id)
+                labels[device_id] = device.labels if device else {}
+                record = self.store.get_desired(device_id)
+                if record is not None:
+                    existing[device_id] = record
+            wanted = {
+                d: refs
+                for d, refs in desired_stacks(stacks, groups, labels, self._pins()).items()
+                if d in device_ids
+            }
+            candidates = set(device_ids)
+        needed: set[str] = set()
+        for device_id in sorted(candidates):
+            refs = wanted.get(device_id, ())
+            needed.update(ref.spec_hash for ref in refs)
+            record = existing.get(device_id)
+            if record is None and not refs:
+                continue
+            if record is None or record.stacks != refs:
+                generation = record.generation + 1 if record else 1
+                self.store.put_desired(DesiredRecord(device_id=device_id, generation=generation, stacks=refs))
+        known = self.store.definitions()
+        for spec_hash in needed - set(known):
+            self.store.set_definition(spec_hash, False)
+
+    def _next_placements(self, stacks: list[Stack]) -> dict[str, tuple[Assignment, ...]]:
+        devices = self.store.list_devices()
+        labels = {d.id: d.labels for d in devices}
+        load: dict[str, int] = {}
+        for record in self.store.list_desired():
+            load[record.device_id] = len(record.stacks)
+        candidates = {
+            d.id: Candidate(
+                d.id, d.status == "online", d.since if d.status != "online" else None, load.get(d.id, 0)
+            )
+            for d in devices
+        }
+        groups = {g.name: g for g in self.store.list_groups()}
+        now = self.clock()
+        result = {}
+        for stack in stacks:
+            group = groups.get(stack.group)
+            group_members = members(group, labels) if group else []
+            result[stack.name] = place(stack.placement, group_members, candidates, stack.assignment, now)
+        return result
+
+    def _placements_changed(self, stacks: list[Stack]) -> bool:
+        nxt = self._next_placements(stacks)
+        return any(nxt[s.name] != s.assignment for s in stacks)
+
+    def _update_placements(self) -> None:
+        stacks = [s for s in self.store.list_stacks() if s.placement.mode == "replicas"]
+        if not stacks:
+            return
+        nxt = self._next_placements(stacks)
+        for stack in stacks:
+            if nxt[stack.name] != stack.assignment:
+                log.info(
+                    "stack %s placed on %s",
+                    stack.name,
+                    ", ".join(a.device_id for a in nxt[stack.name]) or "nothing",
+                )
+                self.store.put_stack(stack.model_copy(update={"assignment": nxt[stack.name]}))
+
+    PUBLISH_BATCH = 500
+
+    def publish_pending(self, device_ids: set[str] | None = None) -> None:
+        """Publish what the broker does not have yet, in acknowledged batches.
+
+        Order: stack definitions, then desired states, then (on a full pass) clearing the
+        definitions no device references any more. Each message is marked published only
+        once the broker acknowledged it; whatever is not stays pending for the next pass.
+        """
+        client = self.client
+        if client is None or not client.connected:
+            return
+        if device_ids is None:
+            records = self.store.list_desired()
+        else:
+            records = [r for d in sorted(device_ids) if (r := self.store.get_desired(d)) is not None]
+        needed = {ref.spec_hash for r in records for ref in r.stacks}
+        definitions = self.store.definitions()
+        to_define = sorted(h for h, published in definitions.items() if h in needed and not published)
+        if to_define:
+            specs = {h: spec for h in to_define if (spec := self.store.get_spec(h)) is not None}
+            to_define = [h for h in to_define if h in specs]
+            acked = client.publish_many(
+                [
+                    (topics.stack(h), codec.encode(StackDefinition(spec_hash=h, spec=specs[h])), 1, True)
+                    for h in to_define
+                ]
+            )
+            with self.store.transaction():
+                for spec_hash, ok in zip(to_define, acked, strict=True):
+                    if ok:
+                        self.store.set_definition(spec_hash, True)
+            if not all(acked):
+                return
+        unpublished = [r for r in records if not r.published and topics.DEVICE_ID_RE.match(r.device_id)]
+        now = self.clock()
+        for start in range(0, len(unpublished), self.PUBLISH_BATCH):
+            batch = unpublished[start : start + self.PUBLISH_BATCH]
+            messages = [
+                (
+                    topics.device(r.device_id, DeviceTopic.DESIRED),
+                    codec.encode(
+                        DesiredState(
+                            device_id=r.device_id, generation=r.generation, stacks=r.stacks, issued_at=now
+                        )
+                    ),
+                    1,
+                    True,
+                )
+                for r in batch
+            ]
+            acked = client.publish_many(messages)
+            with self.store.transaction():
+                for record, ok in zip(batch, acked, strict=True):
+                    if ok:
+                        self.store.put_desired(record.model_copy(update={"published": True}))
+                        self.metrics.published.inc()
+            if not all(acked):
+                return
+        if device_ids is None:
+            for spec_hash in sorted(set(definitions) - needed):
+                # No device references it any more: clear the retained definition.
+                if not client.publish_confirmed(topics.stack(spec_hash), b"", retain=True):
+                    return
+                self.store.delete_definition(spec_hash)
+
+    # --- requests ---
+
+    def _on_request(self, payload: bytes) -> None:
+        try:
+            request = codec.decode(payload, Request)
+        except PayloadError as exc:
+            log.warning("ignoring malformed request: %s", exc)
+            return
+        parsed = topics.parse(request.reply_to)
+        if parsed is None or parsed.kind != "replies":
+            log.warning(
+                "ignoring request %s: reply_to %r is not a client reply topic", request.id, request.reply_to
+            )
+            return
+        try:
+            command = COMMAND_ADAPTER.validate_python(request.command)
+            if not self.leading.is_set() and not isinstance(command, READ_COMMANDS):
+                # A standby answers reads from the shared store; writes go to the leader.
+                if self.client is not None:
+                    self.client.publish(topics.LEADER_REQUESTS, payload, qos=1)
+                return
+            result = self.execute(command)
+            reply = Reply(id=request.id, ok=True, result=result)
+            self.metrics.requests.labels(command=command.kind, outcome="ok").inc()
+        except ValidationError as exc:
+            reply = Reply(id=request.id, ok=False, error=f"invalid request: {codec.describe(exc)}")
+        except TetherError as exc:
+            reply = Reply(id=request.id, ok=False, error=str(exc))
+            self.metrics.requests.labels(
+                command=str(request.command.get("kind", "?"))[:40], outcome="error"
+            ).inc()
+        except Exception as exc:
+            log.exception("request %s failed", request.id)
+            reply = Reply(id=request.id, ok=False, error=f"internal error: {exc.__class__.__name__}: {exc}")
+        if self.client is not None:
+            self.client.publish(request.reply_to, codec.encode(reply), qos=1)
+
+    def execute(self, command: Any) -> Any:
+        """Carry out one command; return its result (plain data) or raise a TetherError."""
+        handlers: dict[type, Callable[[Any], Any]] = {
+            DevicesList: self._devices_ls,
+            DevicesShow: self._devices_show,
+            GroupsCreate: self._groups_create,
+            GroupsList: self._groups_ls,
+            GroupsShow: self._groups_show,
+            GroupsRemove: self._groups_rm,
+            StacksDeploy: self._stacks_deploy,
+            StacksList: self._stacks_ls,
+            StacksStatus: self._stacks_status,
+            StacksRemove: self._stacks_rm,
+            DeploymentsList: self._deployments_ls,
+            DeploymentsStatus: self._deployments_status,
+            DeploymentsAction: self._deployments_action,
+        }
+        return handlers[type(command)](command)
+
+    # --- views ---
+
+    def _all_devices(self) -> dict[str, Device]:
+        """Devices heard from, plus devices named by groups or desired states but never seen."""
+        devices = {d.id: d for d in self.store.list_devices()}
+        for record in self.store.list_desired():
+            devices.setdefault(record.device_id, Device(id=record.device_id))
+        for group in self.store.list_groups():
+            for device_id in group.devices:
+                devices.setdefault(device_id, Device(id=device_id))
+        return dict(sorted(devices.items()))
+
+    def _device_view(self, device: Device, full: bool = False) -> dict[str, Any]:
+        record = self.store.get_desired(device.id)
+        reported = device.reported
+        view: dict[str, Any] = {
+            "id": device.id,
+            "status": device.status,
+            "since": device.since,
+            "session": device.session,
+            "labels": device.labels,
+            "desired_generation": record.generation if record else None,
+            "applied_generation": reported.generation if reported else None,
+            "stacks": {name: s.state for name, s in (reported.stacks.items() if reported else ())},
+        }
+        if full:
+            view["facts"] = device.facts.model_dump(mode="json") if device.facts else None
+            view["desired"] = [r.model_dump(mode="json") for r in record.stacks] if record else []
+            view["reported"] = reported.model_dump(mode="json") if reported else None
+            view["events"] = [json.loads(b) for b in self.store.list_events(device.id)]
+        return view
+
+    def _devices_ls(self, cmd: DevicesList) -> Any:
+        return {"devices": [self._device_view(d) for d in self._all_devices().values()]}
+
+    def _devices_show(self, cmd: DevicesShow) -> Any:
+        device = self._all_devices().get(cmd.device_id)
+        if device is None:
+            raise StoreError(f"unknown device {cmd.device_id!r}")
+        return {"device": self._device_view(device, full=True)}
+
+    def _labels(self) -> dict[str, dict[str, str]]:
+        return {d.id: d.labels for d in self.store.list_devices()}
+
+    def _group_view(self, group: Group) -> dict[str, Any]:
+        return {
+            "name": group.name,
+            "kind": group.kind,
+            "devices": list(group.devices),
+            "selector": group.selector,
+            "members": members(group, self._labels()),
+            "stacks": [s.name for s in self.store.list_stacks() if s.group == group.name],
+        }
+
+    def _groups_create(self, cmd: GroupsCreate) -> Any:
+        if bool(cmd.devices) == bool(cmd.selector):
+            raise StoreError("a group needs either devices or a selector (not both)")
+        if cmd.selector:
+            parse_selector(cmd.selector)
+        for device_id in cmd.devices:
+            topics.check_device_id(device_id)
+        try:
+            group = Group(
+                name=cmd.name,
+                devices=tuple(sorted(set(cmd.devices))),
+                selector=cmd.selector,
+                created=self.clock(),
+            )
+        except ValidationError as exc:
+            raise StoreError(
+                f"invalid group name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')"
+            ) from exc
+        with self.store.transaction():
+            self.store.create_group(group)
+            self._recompute()
+        self.publish_pending()
+        return {"group": self._group_view(group)}
+
+    def _groups_ls(self, cmd: GroupsList) -> Any:
+        return {"groups": [self._group_view(g) for g in self.store.list_groups()]}
+
+    def _groups_show(self, cmd: GroupsShow) -> Any:
+        group = self.store.get_group(cmd.name)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.name!r}")
+        return {"group": self._group_view(group)}
+
+    def _groups_rm(self, cmd: GroupsRemove) -> Any:
+        group = self.store.get_group(cmd.name)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.name!r}")
+        used = [s.name for s in self.store.list_stacks() if s.group == cmd.name]
+        if used:
+            raise StoreError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")
+        with self.store.transaction():
+            self.store.delete_group(cmd.name)
+        return {"removed": cmd.name}
+
+    def _stacks_deploy(self, cmd: StacksDeploy) -> Any:
+        if not re.match(NAME_PATTERN, cmd.name):
+            raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        try:
+            spec, placement = parse_stack(cmd.compose)
+        except ComposeError as exc:
+            raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
+        group = self.store.get_group(cmd.group)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.group!r}")
+        existing = self.store.get_stack(cmd.name)
+        if existing is not None and existing.group != cmd.group:
+            raise StoreError(
+                f"stack {cmd.name!r} is already deployed to group {existing.group!r}; remove it first or use that group"
+            )
+        spec_hash = spec.spec_hash()
+        now = self.clock()
+        changed = existing is None or existing.spec_hash != spec_hash or existing.placement != placement
+        if changed:
+            keep = existing.assignment if existing is not None and placement.mode == "replicas" else ()
+            new_version = existing is None or existing.spec_hash != spec_hash
+            stack = Stack(
+                name=cmd.name,
+                group=cmd.group,
+                spec_hash=spec_hash,
+                spec=spec,
+                compose=cmd.compose,
+                placement=placement,
+                assignment=keep,
+                version=(existing.version + 1) if existing else 1,
+                created=existing.created if existing else now,
+                updated=now,
+            )
+            deployment = None
+            with self.store.transaction():
+                self.store.put_spec(spec_hash, spec)
+                self.store.put_stack(stack)
+                self._update_placements()
+                stack = self.store.get_stack(cmd.name) or stack
+                if new_version:
+                    from_hash = existing.spec_hash if existing is not None else None
+                    deployment = self._start_deployment(stack, from_hash, cmd.strategy)
+                self._recompute()
+            self.publish_pending()
+        else:
+            stack = existing  # type: ignore[assignment]
+            deployment = None
+        stack = self.store.get_stack(cmd.name) or stack
+        targets = (
+            [a.device_id for a in stack.assignment]
+            if stack.placement.mode == "replicas"
+            else members(group, self._labels())
+        )
+        return {
+            "stack": self._stack_view(stack),
+            "changed": changed,
+            "devices": targets,
+            "deployment": deployment.id if deployment else None,
+        }
+
+    def _stack_view(self, stack: Stack) -> dict[str, Any]:
+        return {
+            "name": stack.name,
+            "group": stack.group,
+            "spec_hash": stack.spec_hash,
+            "version": stack.version,
+            "services": [s.name for s in stack.spec.services],
+            "placement": stack.placement.model_dump(mode="json"),
+            "assignment": [a.model_dump(mode="json") for a in stack.assignment],
+            "updated": stack.updated,
+        }
+
+    def _stacks_ls(self, cmd: StacksList) -> Any:
+        out = []
+        for stack in self.store.list_stacks():
+            rows = self._stack_devices(stack.name, stack.spec_hash)
+            view = self._stack_view(stack)
+            view["devices"] = len(rows)
+            view["running"] = sum(1 for r in rows if r["state"] == "running")
+            out.append(view)
+        return {"stacks": out}
+
+    def _stack_devices(self, name: str, spec_hash: str | None) -> list[dict[str, Any]]:
+        """Per device that should run (or still runs) stack ``name``: where it stands."""
+        devices = self._all_devices()
+        latest = self.store.latest_deployments().get(name)
+        rows = []
+        for record in self.store.list_desired():
+            ref = next((r for r in record.stacks if r.name == name), None)
+            device = devices.get(record.device_id) or Device(id=record.device_id)
+            reported = device.reported
+            status = reported.stacks.get(name) if reported else None
+            if ref is None and status is None:
+                continue
+            if ref is None:
+                state = "removing"
+            elif status is None or status.spec_hash != ref.spec_hash:
+                state = "pending"
+                if reported is not None and reported.error and reported.generation < record.generation:
+                    state = "rejected"
+            else:
+                state = status.state
+            stack = self.store.get_stack(name)
+            role = (
+                next((a.role for a in stack.assignment if a.device_id == record.device_id), None)
+                if stack
+                else None
+            )
+            rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
+            rows.append(
+                {
+                    "device": record.device_id,
+                    "role": role,
+                    "rollout": rolling.state if rolling else None,
+                    "held": bool(reported and reported.held),
+                    "presence": device.status,
+                    "state": state,
+                    "desired_generation": record.generation,
+                    "applied_generation": reported.generation if reported else None,
+                    "error": reported.error if reported else None,
+                    "services": {k: v.model_dump(mode="json") for k, v in status.services.items()}
+                    if status
+                    else {},
+                }
+            )
+        return rows
+
+    def _stacks_status(self, cmd: StacksStatus) -> Any:
+        stack = self.store.get_stack(cmd.name)
+        rows = self._stack_devices(cmd.name, stack.spec_hash if stack else None)
+        if stack is None and not rows:
+            raise StoreError(f"unknown stack {cmd.name!r}")
+        return {"stack": self._stack_view(stack) if stack else None, "devices": rows}
+
+    # --- deployments ---
+
+    def _deployment_view(self, d: rollout.Deployment, full: bool = False) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for r in d.devices.values():
+            counts[r.state] = counts.get(r.state, 0) + 1
+        view: dict[str, Any] = {
+            "id": d.id,
+            "stack": d.stack,
+            "state": d.state,
+            "from_hash": d.from_hash,
+            "to_hash": d.to_hash,
+            "strategy": d.strategy.model_dump(mode="json"),
+            "batch": d.batch,
+            "promoted": d.promoted,
+            "counts": counts,
+            "message": d.message,
+            "created": d.created,
+            "updated": d.updated,
+        }
+        if full:
+            view["devices"] = {k: v.model_dump(mode="json") for k, v in sorted(d.devices.items())}
+        return view
+
+    def _deployments_ls(self, cmd: DeploymentsList) -> Any:
+        return {"deployments": [self._deployment_view(d) for d in self.store.list_deployments(cmd.stack)]}
+
+    def _deployment(self, deployment_id: int) -> rollout.Deployment:
+        deployment = self.store.get_deployment(deployment_id)
+        if deployment is None:
+            raise StoreError(f"unknown deployment {deployment_id}")
+        return deployment
+
+    def _deployments_status(self, cmd: DeploymentsStatus) -> Any:
+        return {"deployment": self._deployment_view(self._deployment(cmd.id), full=True)}
+
+    def _deployments_action(self, cmd: DeploymentsAction) -> Any:
+        d = self._deployment(cmd.id)
+        latest = self.store.latest_deployments().get(d.stack)
+        action = cmd.kind.split(".", 1)[1]
+        now = self.clock()
+        if action == "rollback":
+            stack = self.store.get_stack(d.stack)
+            if stack is None or d.from_hash is None:
+                raise StoreError(f"deployment {d.id} has no previous version to roll back to")
+            spec = self.store.get_spec(d.from_hash)
+            if spec is None:
+                raise StoreError(f"deployment {d.id}: previous version {d.from_hash[:12]} is unknown")
+            with self.store.transaction():
+                reverted = stack.model_copy(
+                    update={
+                        "spec_hash": d.from_hash,
+                        "spec": spec,
+                        "version": stack.version + 1,
+                        "updated": now,
+                    }
+                )
+                self.store.put_stack(reverted)
+                new = self._start_deployment(reverted, stack.spec_hash, d.strategy)
+                self._recompute()
+            self.publish_pending()
+            return {"deployment": self._deployment_view(new)}
+        if latest is None or latest.id != d.id or not d.active:
+            raise StoreError(
+                f"deployment {d.id} is {d.state}; only the active deployment of a stack can {action}"
+            )
+        if action == "pause":
+            d = d.model_copy(update={"state": "paused", "updated": now})
+        elif action == "resume":
+            d = d.model_copy(update={"state": "running", "updated": now})
+        elif action == "promote":
+            if d.strategy.kind != "canary":
+                raise StoreError(f"deployment {d.id} is not a canary deployment")
+            d = rollout.promote(d, now)
+        with self.store.transaction():
+            self.store.put_deployment(d)
+        self.advance_deployments()
+        return {"deployment": self._deployment_view(self._deployment(d.id))}
+
+    def _stacks_rm(self, cmd: StacksRemove) -> Any:
+        stack = self.store.get_stack(cmd.name)
+        if stack is None:
+            raise StoreError(f"unknown stack {cmd.name!r}")
+        with self.store.transaction():
+            self.store.delete_stack(cmd.name)
+            self._recompute()
+        self.publish_pending()
+        return {"removed": cmd.name}

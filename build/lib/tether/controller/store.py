@@ -1,0 +1,293 @@
+"""The controller's state, in SQLite (WAL; the default) or PostgreSQL, behind one interface.
+
+One set of numbered migrations serves both, recorded in ``schema_migrations``; each runs in
+a transaction (on PostgreSQL under an advisory lock, so two controllers starting together
+do not race), so running them twice is harmless. Rows hold JSON renderings of the pydantic
+models in :mod:`.models`; the SQL is the common subset of both databases, written with
+``?`` placeholders (translated for psycopg).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tether.protocol.errors import StoreError
+from tether.protocol.models import StackSpec
+
+from .models import DesiredRecord, Device, Group, Stack
+from .rollout import Deployment
+
+MIGRATIONS = [
+    """
+    CREATE TABLE devices (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE groups (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE stacks (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE desired (device_id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE definitions (spec_hash TEXT PRIMARY KEY, published INTEGER NOT NULL DEFAULT 0);
+    """,
+    """
+    CREATE TABLE events (device_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+                         PRIMARY KEY (device_id, seq));
+    """,
+    """
+    CREATE TABLE deployments (id INTEGER PRIMARY KEY, stack TEXT NOT NULL, body TEXT NOT NULL);
+    CREATE INDEX deployments_stack ON deployments (stack, id);
+    CREATE TABLE specs (spec_hash TEXT PRIMARY KEY, body TEXT NOT NULL);
+    """,
+]
+
+EVENTS_KEPT = 200
+"""Events kept per device (the newest)."""
+
+MIGRATION_LOCK = 0x7E7E_0001
+"""PostgreSQL advisory lock key held while migrating."""
+
+
+def is_postgres_url(target: str) -> bool:
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+class _Postgres:
+    """A psycopg 3 connection with sqlite3's ``execute`` shape (``?`` placeholders)."""
+
+    def __init__(self, url: str) -> None:
+        try:
+            import psycopg
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise StoreError("PostgreSQL support is not installed: pip install 'tether[postgres]'") from exc
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {str(exc).strip().splitlines()[0]}") from exc
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Store:
+    """The controller's state. Use from one thread; group writes with :meth:`transaction`.
+
+    ``target`` is a SQLite file path, or a ``postgresql://`` URL.
+    """
+
+    def __init__(self, target: Path | str) -> None:
+        self.target = str(target)
+        self.db: Any
+        if is_postgres_url(self.target):
+            self.kind = "postgresql"
+            self.db = _Postgres(self.target)
+        else:
+            self.kind = "sqlite"
+            self.db = sqlite3.connect(self.target, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+        self._in_tx = False
+        self.migrate()
+
+    def migrate(self) -> None:
+        """Apply the migrations not yet recorded; safe to run twice, and concurrently."""
+        self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)")
+        with self.transaction():
+            if self.kind == "postgresql":
+                self.db.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+            done = {row[0] for row in self.db.execute("SELECT version FROM schema_migrations")}
+            for number, script in enumerate(MIGRATIONS, start=1):
+                if number in done:
+                    continue
+                for statement in filter(str.strip, script.split(";")):
+                    self.db.execute(statement)
+                self.db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (number,))
+
+    def schema_version(self) -> int:
+        row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
+        return int(row[0] or 0)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All writes inside commit together or not at all."""
+        if self._in_tx:
+            yield
+            return
+        self.db.execute("BEGIN IMMEDIATE" if self.kind == "sqlite" else "BEGIN")
+        self._in_tx = True
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        else:
+            self.db.execute("COMMIT")
+        finally:
+            self._in_tx = False
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- generic helpers ---
+
+    def _get(self, table: str, key: str, value: str) -> str | None:
+        row = self.db.execute(f"SELECT body FROM {table} WHERE {key} = ?", (value,)).fetchone()
+        return row[0] if row else None
+
+    def _all(self, table: str, key: str) -> list[str]:
+        return [r[0] for r in self.db.execute(f"SELECT body FROM {table} ORDER BY {key}")]
+
+    def _put(self, table: str, key: str, value: str, body: str) -> None:
+        self.db.execute(
+            f"INSERT INTO {table} ({key}, body) VALUES (?, ?) ON CONFLICT({key}) DO UPDATE SET body = excluded.body",
+            (value, body),
+        )
+
+    # --- devices ---
+
+    def get_device(self, device_id: str) -> Device | None:
+        body = self._get("devices", "id", device_id)
+        return Device.model_validate_json(body) if body else None
+
+    def list_devices(self) -> list[Device]:
+        return [Device.model_validate_json(b) for b in self._all("devices", "id")]
+
+    def put_device(self, device: Device) -> None:
+        self._put("devices", "id", device.id, device.model_dump_json())
+
+    # --- groups ---
+
+    def get_group(self, name: str) -> Group | None:
+        body = self._get("groups", "name", name)
+        return Group.model_validate_json(body) if body else None
+
+    def list_groups(self) -> list[Group]:
+        return [Group.model_validate_json(b) for b in self._all("groups", "name")]
+
+    def create_group(self, group: Group) -> None:
+        if self.get_group(group.name) is not None:
+            raise StoreError(f"group {group.name!r} already exists")
+        self._put("groups", "name", group.name, group.model_dump_json())
+
+    def delete_group(self, name: str) -> None:
+        self.db.execute("DELETE FROM groups WHERE name = ?", (name,))
+
+    # --- stacks ---
+
+    def get_stack(self, name: str) -> Stack | None:
+        body = self._get("stacks", "name", name)
+        return Stack.model_validate_json(body) if body else None
+
+    def list_stacks(self) -> list[Stack]:
+        return [Stack.model_validate_json(b) for b in self._all("stacks", "name")]
+
+    def put_stack(self, stack: Stack) -> None:
+        self._put("stacks", "name", stack.name, stack.model_dump_json())
+
+    def delete_stack(self, name: str) -> None:
+        self.db.execute("DELETE FROM stacks WHERE name = ?", (name,))
+
+    # --- desired states ---
+
+    def get_desired(self, device_id: str) -> DesiredRecord | None:
+        body = self._get("desired", "device_id", device_id)
+        return DesiredRecord.model_validate_json(body) if body else None
+
+    def list_desired(self) -> list[DesiredRecord]:
+        return [DesiredRecord.model_validate_json(b) for b in self._all("desired", "device_id")]
+
+    def put_desired(self, record: DesiredRecord) -> None:
+        self._put("desired", "device_id", record.device_id, record.model_dump_json())
+
+    def mark_all_unpublished(self) -> None:
+        """The broker lost its retained messages (a fresh embedded broker): publish all again."""
+        with self.transaction():
+            for record in self.list_desired():
+                self.put_desired(record.model_copy(update={"published": False}))
+            self.db.execute("UPDATE definitions SET published = 0")
+
+    # --- deployments and every version of every stack ---
+
+    def next_deployment_id(self) -> int:
+        row = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM deployments").fetchone()
+        return int(row[0]) + 1
+
+    def put_deployment(self, deployment: Deployment) -> None:
+        self.db.execute(
+            "INSERT INTO deployments (id, stack, body) VALUES (?, ?, ?) "
+            "ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+            (deployment.id, deployment.stack, deployment.model_dump_json()),
+        )
+
+    def get_deployment(self, deployment_id: int) -> Deployment | None:
+        row = self.db.execute("SELECT body FROM deployments WHERE id = ?", (deployment_id,)).fetchone()
+        return Deployment.model_validate_json(row[0]) if row else None
+
+    def list_deployments(self, stack: str | None = None, limit: int = 50) -> list[Deployment]:
+        if stack is None:
+            rows = self.db.execute("SELECT body FROM deployments ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self.db.execute(
+                "SELECT body FROM deployments WHERE stack = ? ORDER BY id DESC LIMIT ?", (stack, limit)
+            )
+        return [Deployment.model_validate_json(r[0]) for r in rows]
+
+    def latest_deployments(self) -> dict[str, Deployment]:
+        """The newest deployment of every stack."""
+        rows = self.db.execute(
+            "SELECT d.body FROM deployments d JOIN (SELECT stack, MAX(id) AS id FROM deployments GROUP BY stack) m "
+            "ON d.id = m.id"
+        )
+        latest = [Deployment.model_validate_json(r[0]) for r in rows]
+        return {d.stack: d for d in latest}
+
+    def put_spec(self, spec_hash: str, spec: StackSpec) -> None:
+        self.db.execute(
+            "INSERT INTO specs (spec_hash, body) VALUES (?, ?) ON CONFLICT(spec_hash) DO NOTHING",
+            (spec_hash, spec.model_dump_json()),
+        )
+
+    def get_spec(self, spec_hash: str) -> StackSpec | None:
+        row = self.db.execute("SELECT body FROM specs WHERE spec_hash = ?", (spec_hash,)).fetchone()
+        return StackSpec.model_validate_json(row[0]) if row else None
+
+    # --- events ---
+
+    def add_event(self, device_id: str, seq: int, body: str) -> bool:
+        """Store an event once; False if this (device, seq) was already stored (a duplicate)."""
+        cur = self.db.execute(
+            "INSERT INTO events (device_id, seq, body) VALUES (?, ?, ?) ON CONFLICT (device_id, seq) DO NOTHING",
+            (device_id, seq, body),
+        )
+        if cur.rowcount:
+            self.db.execute(
+                "DELETE FROM events WHERE device_id = ? AND seq <= ("
+                "SELECT seq FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                (device_id, device_id, EVENTS_KEPT),
+            )
+        return bool(cur.rowcount)
+
+    def list_events(self, device_id: str, limit: int = 50) -> list[str]:
+        rows = self.db.execute(
+            "SELECT body FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)
+        ).fetchall()
+        return [r[0] for r in reversed(rows)]
+
+    # --- stack definitions on the broker ---
+
+    def definitions(self) -> dict[str, bool]:
+        """Every definition hash the broker should (True) or may still (False) hold."""
+        return {h: bool(p) for h, p in self.db.execute("SELECT spec_hash, published FROM definitions")}
+
+    def set_definition(self, spec_hash: str, published: bool) -> None:
+        self.db.execute(
+            "INSERT INTO definitions (spec_hash, published) VALUES (?, ?) "
+            "ON CONFLICT(spec_hash) DO UPDATE SET published = excluded.published",
+            (spec_hash, int(published)),
+        )
+
+    def delete_definition(self, spec_hash: str) -> None:
+        self.db.execute("DELETE FROM definitions WHERE spec_hash = ?", (spec_hash,))

@@ -1,0 +1,359 @@
+"""Wire models: every payload Tether puts on MQTT, as frozen pydantic models.
+
+Rules (see docs/topics.md):
+
+* Every message carries ``v``, the schema version (:data:`SCHEMA_VERSION`). A receiver
+  accepts any ``v`` >= 1 of the same topic tree and ignores fields it does not know, so an
+  old agent survives a newer controller. Breaking changes get a new topic tree (``tether/v2``).
+* Desired state carries a monotonic ``generation``; reported state names the generation it
+  has applied. Receivers drop anything not newer than what they hold, so duplicates and
+  out-of-order deliveries (QoS 1 allows both) are harmless.
+* A stack's definition is content-addressed: :func:`content_hash` of its :class:`StackSpec`
+  names a retained topic; desired states only reference it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+SCHEMA_VERSION = 1
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+"""Stack, service and group names: lower case, usable in container names and topics."""
+
+
+class WireModel(BaseModel):
+    """Base of every wire model: immutable, tolerant of unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Message(WireModel):
+    """A top-level payload: carries the schema version."""
+
+    v: int = Field(default=SCHEMA_VERSION, ge=1)
+
+
+def content_hash(model: BaseModel) -> str:
+    """SHA-256 of a canonical JSON rendering of ``model``: equal content, equal hash."""
+    canonical = json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- stack specification ------------------------------------------------------------------
+
+
+class PortSpec(WireModel):
+    """A published port: ``host_ip:host -> container/protocol``."""
+
+    container: int = Field(ge=1, le=65535)
+    host: int | None = Field(default=None, ge=1, le=65535)
+    host_ip: str | None = None
+    protocol: Literal["tcp", "udp"] = "tcp"
+
+
+class VolumeSpec(WireModel):
+    """A bind mount (absolute host path) or a named volume."""
+
+    type: Literal["bind", "volume"]
+    source: str
+    target: str
+    read_only: bool = False
+
+
+class HealthcheckSpec(WireModel):
+    """A Compose healthcheck, durations in seconds. ``test`` is in Docker's form."""
+
+    test: tuple[str, ...]
+    interval_s: float = 30.0
+    timeout_s: float = 30.0
+    retries: int = 3
+    start_period_s: float = 0.0
+
+
+RestartPolicy = Literal["no", "always", "on-failure", "unless-stopped"]
+
+
+class ServiceSpec(WireModel):
+    """One service of a stack, normalised from Compose."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    image: str | None = None
+    command: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    ports: tuple[PortSpec, ...] = ()
+    volumes: tuple[VolumeSpec, ...] = ()
+    restart: RestartPolicy = "no"
+    network_mode: Literal["bridge", "host"] = "bridge"
+    labels: dict[str, str] = Field(default_factory=dict)
+    healthcheck: HealthcheckSpec | None = None
+    depends_on: tuple[str, ...] = ()
+    stop_grace_period_s: float = Field(default=10.0, ge=0)
+
+    def spec_hash(self) -> str:
+        """Content hash of this service: a container is replaced when it changes."""
+        return content_hash(self)
+
+
+class StackSpec(WireModel):
+    """A whole stack: services in start order (dependencies first) and named volumes."""
+
+    services: tuple[ServiceSpec, ...]
+    volumes: tuple[str, ...] = ()
+
+    def spec_hash(self) -> str:
+        """Content hash of the stack: names its definition topic."""
+        return content_hash(self)
+
+    def service(self, name: str) -> ServiceSpec | None:
+        """The service called ``name``, if any."""
+        return next((s for s in self.services if s.name == name), None)
+
+
+class StackDefinition(Message):
+    """Payload of ``tether/v1/stacks/{spec_hash}``: the spec, sent once for all devices."""
+
+    spec_hash: str
+    spec: StackSpec
+
+
+# --- device state -------------------------------------------------------------------------
+
+
+class StackRef(WireModel):
+    """A stack a device should run: its deployment name and the hash of its definition."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    spec_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class DesiredState(Message):
+    """Payload of ``.../desired``: everything one device should run, at one generation."""
+
+    device_id: str
+    generation: int = Field(ge=0)
+    stacks: tuple[StackRef, ...] = ()
+    issued_at: float = 0.0
+
+
+ServiceState = Literal["pending", "starting", "running", "restarting", "exited", "failed", "removing"]
+HealthState = Literal["starting", "healthy", "unhealthy"]
+
+
+class ServiceStatus(WireModel):
+    """What one service is doing on the device."""
+
+    state: ServiceState
+    spec_hash: str | None = None
+    health: HealthState | None = None
+    exit_code: int | None = None
+    restarts: int = 0
+    last_error: str | None = None
+    log_tail: str | None = None
+
+
+class StackStatus(WireModel):
+    """What one stack is doing on the device. ``state`` summarises its services."""
+
+    spec_hash: str
+    state: Literal["converging", "running", "failed", "removing"]
+    services: dict[str, ServiceStatus] = Field(default_factory=dict)
+
+
+class ReportedState(Message):
+    """Payload of ``.../reported``: what the agent has applied and observes."""
+
+    device_id: str
+    generation: int = Field(ge=-1)
+    stacks: dict[str, StackStatus] = Field(default_factory=dict)
+    error: str | None = None
+    held: bool = False
+    events_dropped: int = 0
+    at: float = 0.0
+
+
+class DeviceFacts(WireModel):
+    """What an agent tells about its device when it comes online."""
+
+    agent_version: str
+    driver: str
+    arch: str
+    os: str
+    hostname: str = ""
+    labels: dict[str, str] = Field(default_factory=dict)
+    # Host facts (absent from older agents; the live values: the device's `facts` request).
+    kernel: str | None = None
+    cpu_count: int | None = None
+    cpu_model: str | None = None
+    memory_total: int | None = None
+    disk_total: int | None = None
+    docker_version: str | None = None
+    addresses: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+
+class Presence(Message):
+    """Payload of ``.../presence``: ``online`` on connect, ``offline`` as the last will.
+
+    ``session`` increases with every connection of the agent, so a will from an older
+    connection that arrives late never overrides a newer ``online``.
+    """
+
+    device_id: str
+    status: Literal["online", "offline"]
+    session: int = Field(ge=0)
+    facts: DeviceFacts | None = None
+    at: float = 0.0
+
+
+class Event(Message):
+    """Payload of ``.../events``: something worth telling an operator.
+
+    ``seq`` increases per device and survives agent restarts: events are delivered at
+    least once (queued on disk while offline), receivers drop a ``seq`` they have seen.
+    """
+
+    device_id: str
+    seq: int = Field(default=0, ge=0)
+    kind: str
+    message: str
+    level: Literal["info", "warning", "error"] = "info"
+    stack: str | None = None
+    service: str | None = None
+    at: float = 0.0
+
+
+# --- request / response (MQTT 3.1.1: reply topic and correlation id ride in the payload) ---
+
+
+class DevicesList(WireModel):
+    kind: Literal["devices.ls"] = "devices.ls"
+
+
+class DevicesShow(WireModel):
+    kind: Literal["devices.show"] = "devices.show"
+    device_id: str
+
+
+class DevicesTop(WireModel):
+    """The latest metrics sample of each device (all, or ``device_ids``), kept in memory."""
+
+    kind: Literal["devices.top"] = "devices.top"
+    device_ids: tuple[str, ...] = ()
+
+
+class GroupsCreate(WireModel):
+    kind: Literal["groups.create"] = "groups.create"
+    name: str
+    devices: tuple[str, ...] = ()
+    selector: str | None = None
+
+
+class GroupsList(WireModel):
+    kind: Literal["groups.ls"] = "groups.ls"
+
+
+class GroupsShow(WireModel):
+    kind: Literal["groups.show"] = "groups.show"
+    name: str
+
+
+class GroupsRemove(WireModel):
+    kind: Literal["groups.rm"] = "groups.rm"
+    name: str
+
+
+class RolloutStrategy(WireModel):
+    """How a deployment moves a group to a new version (see docs/rollouts.md)."""
+
+    kind: Literal["all-at-once", "rolling", "canary"] = "all-at-once"
+    max_parallel: int = Field(default=1, ge=0)
+    canary: int = Field(default=1, ge=1)
+    min_healthy_time_s: float = Field(default=10.0, ge=0)
+    healthy_deadline_s: float = Field(default=300.0, gt=0)
+    auto_revert: bool = False
+    auto_promote: bool = False
+
+
+class StacksDeploy(WireModel):
+    kind: Literal["stacks.deploy"] = "stacks.deploy"
+    name: str
+    group: str
+    compose: str
+    strategy: RolloutStrategy = Field(default_factory=RolloutStrategy)
+
+
+class StacksList(WireModel):
+    kind: Literal["stacks.ls"] = "stacks.ls"
+
+
+class StacksStatus(WireModel):
+    kind: Literal["stacks.status"] = "stacks.status"
+    name: str
+
+
+class StacksRemove(WireModel):
+    kind: Literal["stacks.rm"] = "stacks.rm"
+    name: str
+
+
+class DeploymentsList(WireModel):
+    kind: Literal["deployments.ls"] = "deployments.ls"
+    stack: str | None = None
+
+
+class DeploymentsStatus(WireModel):
+    kind: Literal["deployments.status"] = "deployments.status"
+    id: int
+
+
+class DeploymentsAction(WireModel):
+    """Pause, resume, promote or roll back a deployment."""
+
+    kind: Literal["deployments.pause", "deployments.resume", "deployments.promote", "deployments.rollback"]
+    id: int
+
+
+Command = Annotated[
+    DevicesList
+    | DevicesShow
+    | DevicesTop
+    | GroupsCreate
+    | GroupsList
+    | GroupsShow
+    | GroupsRemove
+    | StacksDeploy
+    | StacksList
+    | StacksStatus
+    | StacksRemove
+    | DeploymentsList
+    | DeploymentsStatus
+    | DeploymentsAction,
+    Field(discriminator="kind"),
+]
+COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)
+
+
+class Request(Message):
+    """Payload on ``tether/v1/controller/requests``.
+
+    ``command`` is validated separately (see :data:`COMMAND_ADAPTER`) so that a request with
+    an unknown or malformed command can still be answered on ``reply_to``.
+    """
+
+    id: str = Field(min_length=1, max_length=128)
+    reply_to: str
+    command: dict[str, Any]
+
+
+class Reply(Message):
+    """Payload on a client's reply topic: ``result`` when ``ok``, else ``error``."""
+
+    id: str
+    ok: bool
+    result: Any = None
+    error: str | None = None

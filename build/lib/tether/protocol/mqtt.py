@@ -1,0 +1,321 @@
+"""The one module that imports paho: an MQTT 3.1.1 client with a small interface.
+
+Theory of operation
+-------------------
+:class:`MqttClient` owns one paho client and one thread. The thread connects to the
+configured brokers in turn; after a failed attempt or a lost connection it waits a
+capped exponential backoff with full jitter (:mod:`.backoff`) and tries the next broker.
+The will is set anew before every CONNECT (MQTT 3.1.1 section 3.1.2.5), because callers
+put a per-connection session number in it. Subscriptions are remembered and renewed
+on every CONNACK, whatever the broker kept of the session (section 3.2.2.2).
+
+Callbacks (``on_connect``, ``on_message``) run on the client thread and must not block:
+callers hand the work to their own thread. Nothing here trusts that an incoming topic
+matches one of our subscriptions; callers classify topics with :func:`topics.parse`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .backoff import Backoff
+from .errors import ConfigError, TransportError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BrokerAddress", "MqttClient", "Will", "parse_broker_url"]
+
+_HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+"""A host name, an IPv4 or an (unbracketed) IPv6 literal."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where a broker listens. ``tls`` for ``mqtts://``."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Parse ``mqtt://host:port``, ``mqtts://host:port`` or ``host[:port]``."""
+    text = url.strip()
+    if "://" not in text:
+        text = "mqtt://" + text
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"invalid broker URL {url!r}: {exc}") from exc
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConfigError(f"invalid broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ConfigError(f"invalid broker URL {url!r}: no host")
+    if not _HOST_RE.match(parts.hostname):
+        raise ConfigError(f"invalid broker URL {url!r}: bad host {parts.hostname!r}")
+    tls = parts.scheme in ("mqtts", "ssl")
+    return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
+
+
+@dataclass(frozen=True)
+class Will:
+    """A last-will message, published by the broker if we vanish without DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+MessageHandler = Callable[[str, bytes, bool], None]
+
+
+class MqttClient:
+    """One MQTT 3.1.1 session to one of several brokers, kept alive by a background thread."""
+
+    def __init__(
+        self,
+        brokers: list[BrokerAddress],
+        client_id: str,
+        *,
+        clean_session: bool = True,
+        keepalive: int = 60,
+        reconnect: bool = True,
+        backoff: Backoff | None = None,
+        will: Callable[[], Will | None] | None = None,
+        on_message: MessageHandler | None = None,
+        on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+    ) -> None:
+        if not brokers:
+            raise ConfigError("no broker configured")
+        self.brokers = list(brokers)
+        self.client_id = client_id
+        self.keepalive = keepalive
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self._will = will
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.on_disconnect = on_disconnect
+        self._subscriptions: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._gave_up = threading.Event()
+        self.last_error: str | None = None
+        self.current_broker: BrokerAddress | None = None
+        self._thread: threading.Thread | None = None
+        self._paho = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean_session,
+            protocol=paho.MQTTv311,
+        )
+        self._paho.max_inflight_messages_set(100)
+        self._paho.max_queued_messages_set(0)
+        if username is not None:
+            self._paho.username_pw_set(username, password)
+        if any(b.tls for b in self.brokers):
+            ctx = ssl.create_default_context(cafile=ca_file)
+            self._paho.tls_set_context(ctx)
+        self._paho.on_connect = self._handle_connect
+        self._paho.on_message = self._handle_message
+        self._paho.on_disconnect = self._handle_disconnect
+
+    # --- lifecycle ---
+
+    def start(self) -> None:
+        """Start connecting in the background."""
+        self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
+        self._thread.start()
+
+    def connect(self, timeout: float = 10.0) -> None:
+        """Start and wait until connected; raise :class:`TransportError` if that fails."""
+        self.start()
+        if not self.wait_connected(timeout):
+            self.stop()
+            tried = ", ".join(b.url() for b in self.brokers)
+            raise TransportError(f"cannot connect to broker {tried}: {self.last_error or 'timed out'}")
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until connected (True), or until the client gave up or ``timeout`` passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._connected.is_set():
+            if self._gave_up.is_set():
+                return False
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._connected.wait(0.05 if remaining is None else min(0.05, remaining))
+        return True
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, publish_first: tuple[str, bytes, int, bool] | None = None) -> None:
+        """Disconnect cleanly (no will is published) and stop the thread.
+
+        ``publish_first`` is sent and awaited before the DISCONNECT, for a goodbye message.
+        """
+        if publish_first is not None and self.connected:
+            topic, payload, qos, retain = publish_first
+            with contextlib.suppress(RuntimeError, ValueError):
+                self._paho.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(2.0)
+        self._stop.set()
+        self._paho.disconnect()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    # --- messaging ---
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now if connected, and again after every reconnect."""
+        with self._lock:
+            self._subscriptions[topic_filter] = qos
+        if self.connected:
+            self._paho.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        if self.connected:
+            self._paho.unsubscribe(topic_filter)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Hand a message to the client; False if not connected (the caller re-publishes later)."""
+        if not self.connected:
+            return False
+        info = self._paho.publish(topic, payload, qos=qos, retain=retain)
+        return info.rc == paho.MQTT_ERR_SUCCESS
+
+    def publish_confirmed(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
+    ) -> bool:
+        """Publish and wait for the broker's acknowledgement (PUBACK for QoS 1)."""
+        if not self.connected:
+            return False
+        info = self._paho.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return False
+        try:
+            info.wait_for_publish(timeout)
+        except (RuntimeError, ValueError):
+            return False
+        return info.is_published()
+
+    def publish_many(self, messages: list[tuple[str, bytes, int, bool]], timeout: float = 30.0) -> list[bool]:
+        """Publish a batch without waiting between messages, then await every acknowledgement.
+
+        Returns, per message, whether the broker acknowledged it within ``timeout``.
+        """
+        if not self.connected:
+            return [False] * len(messages)
+        infos = [self._paho.publish(t, p, qos=q, retain=r) for t, p, q, r in messages]
+        deadline = time.monotonic() + timeout
+        results = []
+        for info in infos:
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                results.append(False)
+                continue
+            try:
+                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                results.append(False)
+                continue
+            results.append(info.is_published())
+        return results
+
+    # --- internals ---
+
+    def _run(self) -> None:
+        attempt = 0
+        index = 0
+        while not self._stop.is_set():
+            broker = self.brokers[index % len(self.brokers)]
+            self.current_broker = broker
+            will = self._will() if self._will else None
+            self._paho.will_clear()
+            if will is not None:
+                self._paho.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+            self._session_ok = False
+            try:
+                self._paho.connect(broker.host, broker.port, keepalive=self.keepalive)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self.last_error = f"{broker.url()}: {exc}"
+                log.info("connect failed: %s", self.last_error)
+            else:
+                while not self._stop.is_set():
+                    rc = self._paho.loop(timeout=0.5)
+                    if rc != paho.MQTT_ERR_SUCCESS:
+                        break
+                self._connected.clear()
+            if self._stop.is_set():
+                break
+            if not self.reconnect:
+                self._gave_up.set()
+                break
+            if self._session_ok:
+                attempt = 0
+            else:
+                attempt += 1
+                index += 1
+            self._stop.wait(self.backoff.delay(attempt))
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        if reason_code.is_failure:
+            self.last_error = (
+                f"{self.current_broker.url() if self.current_broker else '?'} refused: {reason_code}"
+            )
+            log.warning("connection refused: %s", self.last_error)
+            client.disconnect()
+            return
+        self._session_ok = True
+        self.last_error = None
+        with self._lock:
+            subs = list(self._subscriptions.items())
+        if subs:
+            client.subscribe(subs)
+        self._connected.set()
+        if self.on_connect:
+            try:
+                self.on_connect()
+            except Exception:
+                log.exception("on_connect handler failed")
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and self.on_disconnect:
+            try:
+                self.on_disconnect()
+            except Exception:
+                log.exception("on_disconnect handler failed")
+
+    def _handle_message(self, client, userdata, message) -> None:  # type: ignore[no-untyped-def]
+        if self.on_message is None:
+            return
+        try:
+            self.on_message(message.topic, bytes(message.payload), bool(message.retain))
+        except Exception:
+            log.exception("message handler failed for %s", message.topic)

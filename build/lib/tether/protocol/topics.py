@@ -1,0 +1,114 @@
+"""The Tether topic tree (version 1). docs/topics.md is the reference for integrators.
+
+    tether/v1/devices/{device_id}/desired    retained, QoS 1, controller -> agent  DesiredState
+    tether/v1/devices/{device_id}/reported   retained, QoS 1, agent -> controller  ReportedState
+    tether/v1/devices/{device_id}/presence   retained, QoS 1, agent (and its will) Presence
+    tether/v1/devices/{device_id}/events     QoS 1,           agent -> anyone      Event
+    tether/v1/devices/{device_id}/requests   QoS 1,           clients -> agent     Request (device_api)
+    tether/v1/devices/{device_id}/metrics    QoS 0,           agent -> anyone      MetricsSample
+    tether/v1/stacks/{spec_hash}             retained, QoS 1, controller -> agents StackDefinition
+    tether/v1/controller/requests            QoS 1,           clients -> controller Request
+    tether/v1/controller/leader              QoS 1,           standby -> leader     Request
+    tether/v1/clients/{client_id}/replies    QoS 1,           controller/agent -> client Reply
+
+Incoming topics are never trusted to be ones we subscribed to (some brokers deliver
+more than asked): :func:`parse` tells what a topic is, or ``None``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .errors import TopicError
+
+ROOT = "tether/v1"
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SPEC_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+REQUESTS = f"{ROOT}/controller/requests"
+SHARED_REQUESTS = f"$share/tether-controllers/{REQUESTS}"
+"""With several controllers (``tether up --ha``) each request goes to one of them."""
+LEADER_REQUESTS = f"{ROOT}/controller/leader"
+"""Write requests a standby controller hands to the leader, unchanged."""
+
+
+class DeviceTopic(StrEnum):
+    """The kinds of per-device topic."""
+
+    DESIRED = "desired"
+    REPORTED = "reported"
+    PRESENCE = "presence"
+    EVENTS = "events"
+    REQUESTS = "requests"
+    METRICS = "metrics"
+
+
+def check_device_id(device_id: str) -> str:
+    """Return ``device_id`` if it is usable as a topic level, else raise :class:`TopicError`."""
+    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
+        raise TopicError(
+            f"invalid device id {device_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return device_id
+
+
+def device(device_id: str, kind: DeviceTopic) -> str:
+    """The topic of one kind for one device."""
+    return f"{ROOT}/devices/{check_device_id(device_id)}/{kind.value}"
+
+
+def all_devices(kind: DeviceTopic) -> str:
+    """A subscription filter matching one kind of topic for every device."""
+    return f"{ROOT}/devices/+/{kind.value}"
+
+
+def stack(spec_hash: str) -> str:
+    """The retained topic holding the definition of the stack with this content hash."""
+    if not SPEC_HASH_RE.match(spec_hash):
+        raise TopicError(f"invalid stack hash {spec_hash!r}")
+    return f"{ROOT}/stacks/{spec_hash}"
+
+
+def replies(client_id: str) -> str:
+    """The topic a request client receives its replies on."""
+    if not CLIENT_ID_RE.match(client_id):
+        raise TopicError(f"invalid client id {client_id!r}")
+    return f"{ROOT}/clients/{client_id}/replies"
+
+
+@dataclass(frozen=True)
+class ParsedTopic:
+    """What an incoming topic is: a device topic, a stack definition, a request or a reply."""
+
+    kind: str  # "device" | "stack" | "requests" | "leader-requests" | "replies"
+    device_id: str | None = None
+    device_topic: DeviceTopic | None = None
+    spec_hash: str | None = None
+    client_id: str | None = None
+
+
+def parse(topic: str) -> ParsedTopic | None:
+    """Classify ``topic``; ``None`` if it is not a well-formed Tether v1 topic."""
+    parts = topic.split("/")
+    if len(parts) < 3 or parts[0] != "tether" or parts[1] != "v1":
+        return None
+    rest = parts[2:]
+    if len(rest) == 3 and rest[0] == "devices" and DEVICE_ID_RE.match(rest[1]):
+        try:
+            kind = DeviceTopic(rest[2])
+        except ValueError:
+            return None
+        return ParsedTopic("device", device_id=rest[1], device_topic=kind)
+    if len(rest) == 2 and rest[0] == "stacks" and SPEC_HASH_RE.match(rest[1]):
+        return ParsedTopic("stack", spec_hash=rest[1])
+    if rest == ["controller", "requests"]:
+        return ParsedTopic("requests")
+    if rest == ["controller", "leader"]:
+        return ParsedTopic("leader-requests")
+    if len(rest) == 3 and rest[0] == "clients" and rest[2] == "replies" and CLIENT_ID_RE.match(rest[1]):
+        return ParsedTopic("replies", client_id=rest[1])
+    return None

@@ -1,0 +1,497 @@
+"""A simulated fleet: N devices, each an :class:`AgentCore` on its own MQTT session.
+
+Theory of operation
+-------------------
+Everything runs on one asyncio event loop (one thread): the sessions (:mod:`.mqtt`), the
+agent cores (synchronous; each call returns quickly because the driver is simulated and
+the store is in memory) and the timers. A device does what :class:`tether.agent.runner.Agent`
+does, event-driven instead of with a thread of its own:
+
+* before every CONNECT it takes a will from ``core.make_will()``; after CONNACK it calls
+  ``core.on_connected()``; every incoming message goes to ``core.handle()``;
+* it reconciles at once when the core asks (``core.wake``), then again every
+  ``reconcile_interval`` seconds, or after at most one second while something is
+  converging - sooner if the simulated runtime says when an instance will be up, which
+  stands for the real driver's ``create`` returning once the container runs;
+* a lost connection is retried after the agent's own :class:`~tether.protocol.backoff.Backoff`
+  (capped exponential, full jitter): simulated devices storm a restarted broker exactly
+  as real ones would.
+
+The first connections are spread over time: at most ``connect_rate`` new devices per
+second (each at a jittered instant), and at most ``connect_concurrency`` TCP+CONNECT
+handshakes in flight at once (reconnects included), so the simulator neither exhausts
+the broker's listen backlog nor its own loop. The fleet stops by itself after
+``duration`` seconds (or when :meth:`Fleet.stop` is called): every device publishes its
+``offline`` goodbye and disconnects cleanly, like a stopped agent.
+
+Per device the simulator records, for every generation it reported, when it first
+published a report naming it and when that report first showed nothing converging
+(:attr:`SimDevice.marks`); the benchmarks compute latencies from these.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import random
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tether.agent.core import AgentCore
+from tether.agent.runner import FAST_INTERVAL
+from tether.agent.store import MemoryStore
+from tether.protocol import __version__
+from tether.protocol.backoff import Backoff
+from tether.protocol.models import DeviceFacts
+from tether.protocol.mqtt import Will, parse_broker_url
+from tether.protocol.topics import DeviceTopic
+
+from . import hashcache
+from .driver import SimDriver
+from .mqtt import Counters, MqttSession
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class FleetConfig:
+    """What to simulate. Device ``i`` is ``{prefix}-{i:05d}`` (from ``first_index``)."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    devices: int = 100
+    prefix: str = "sim"
+    first_index: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    shard_label: tuple[str, int] | None = None
+    """``(key, n)``: device ``i`` also gets label ``key=str(i % n)``."""
+    start_delay: float = 0.2
+    start_jitter: float = 0.25
+    fail_fraction: float = 0.0
+    fail_labels: dict[str, str] | None = None
+    """Devices whose labels include all of these fail every create."""
+    keepalive: int = 60
+    reconcile_interval: float = 10.0
+    connect_rate: float = 1000.0
+    connect_concurrency: int = 200
+    connect_timeout: float = 15.0
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+    duration: float | None = None
+    seed: int = 0
+    cache_hashes: bool = True
+    """Memoise spec hashes (:mod:`.hashcache`): behaviour-neutral, saves the one shared core."""
+
+    def device_id(self, i: int) -> str:
+        return f"{self.prefix}-{i + self.first_index:05d}"
+
+    def device_labels(self, i: int) -> dict[str, str]:
+        labels = dict(self.labels)
+        if self.shard_label is not None:
+            key, n = self.shard_label
+            labels[key] = str((i + self.first_index) % n)
+        return labels
+
+
+class SimDevice:
+    """One simulated device: its session, its core and its simulated runtime."""
+
+    def __init__(self, fleet: Fleet, index: int, device_id: str, labels: dict[str, str], fail: bool) -> None:
+        self.fleet = fleet
+        self.index = index
+        self.device_id = device_id
+        self.labels = labels
+        self.fails = fail
+        cfg = fleet.config
+        self.driver = SimDriver(
+            device_id, start_delay=cfg.start_delay, jitter=cfg.start_jitter, fail=fail, rng=fleet.rng
+        )
+        self.session = MqttSession(
+            f"tether-{device_id}",
+            counters=fleet.counters,
+            keepalive=cfg.keepalive,
+            clean_session=False,
+            will=self._make_will,
+            on_message=self._on_message,
+            on_connect=self._on_connect,
+            on_lost=self._on_lost,
+        )
+        facts = DeviceFacts(
+            agent_version=__version__,
+            driver=SimDriver.name,
+            arch=platform.machine(),
+            os="tether-sim",
+            hostname=device_id,
+            labels=labels,
+        )
+        self.core = AgentCore(device_id, labels, self.driver, MemoryStore(), self, facts=facts)
+        for topic_filter in self.core.subscriptions():
+            self.session.subscribe(topic_filter)
+        self._reported_topic = self.core.topic(DeviceTopic.REPORTED)
+        self.marks: dict[int, list[float | None]] = {}
+        """generation -> [first report naming it, first such report with nothing converging]."""
+        self.failed = False
+        self.connected_at: float | None = None
+        self.connects = 0
+        self.attempt = 0
+        self.max_attempt = 0
+        self.lost_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._kick_pending = False
+        self._connecting = False
+        self._stopped = False
+
+    # --- Link (what the core sees) ---
+
+    @property
+    def connected(self) -> bool:
+        return self.session.connected
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        ok = self.session.publish(topic, payload, qos, retain)
+        if ok and topic == self._reported_topic:
+            self._note_report()
+        return ok
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self.session.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.session.unsubscribe(topic_filter)
+
+    # --- state for the benchmarks ---
+
+    @property
+    def generation(self) -> int:
+        desired = self.core.desired
+        return desired.generation if desired is not None else -1
+
+    def _note_report(self) -> None:
+        now = time.monotonic()
+        core = self.core
+        gen = self.generation
+        mark = self.marks.get(gen)
+        if mark is None:
+            mark = self.marks[gen] = [now, None]
+        self.failed = bool(core.errors)
+        if mark[1] is None and not core.converging:
+            mark[1] = now
+
+    def done_at(self, generation: int) -> float | None:
+        mark = self.marks.get(generation)
+        return None if mark is None else mark[1]
+
+    # --- lifecycle ---
+
+    def _make_will(self) -> Will:
+        return self.core.make_will()
+
+    def start(self, delay: float = 0.0) -> None:
+        loop = self.fleet.loop
+        loop.call_later(delay, self._connect_soon)
+        self.kick()
+
+    def _connect_soon(self) -> None:
+        if self._stopped or self._connecting or self.session.connected:
+            return
+        self._connecting = True
+        self.fleet.loop.create_task(self._connect())
+
+    async def _connect(self) -> None:
+        fleet = self.fleet
+        try:
+            async with fleet.handshakes:
+                if self._stopped:
+                    return
+                ok = await self.session.open(
+                    fleet.address.host, fleet.address.port, fleet.config.connect_timeout
+                )
+        finally:
+            self._connecting = False
+        if ok:
+            return
+        self.attempt += 1
+        self.max_attempt = max(self.max_attempt, self.attempt)
+        if not self._stopped:
+            self.fleet.loop.call_later(fleet.backoff.delay(self.attempt), self._connect_soon)
+
+    def _on_connect(self, session_present: bool) -> None:
+        self.attempt = 0
+        self.connects += 1
+        self.connected_at = time.monotonic()
+        self.fleet.connack_times.append(self.connected_at)
+        self.core.on_connected()
+        if self.core.wake:
+            self.kick()
+
+    def _on_lost(self) -> None:
+        # As MqttClient: after a session that was up, the backoff starts again from attempt 0.
+        self.connected_at = None
+        self.lost_at = time.monotonic()
+        if not self._stopped:
+            self.attempt = 0
+            self.fleet.loop.call_later(self.fleet.backoff.delay(0), self._connect_soon)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        try:
+            self.core.handle(topic, payload)
+        except Exception:  # the real runner would log and go on, too
+            log.exception("%s: handling %s failed", self.device_id, topic)
+        if self.core.wake:
+            self.kick()
+
+    def kick(self) -> None:
+        """Reconcile as soon as the loop gets to it."""
+        if not self._kick_pending and not self._stopped:
+            self._kick_pending = True
+            self.fleet.loop.call_soon(self.reconcile)
+
+    def reconcile(self) -> None:
+        self._kick_pending = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._stopped:
+            return
+        core = self.core
+        try:
+            core.reconcile_once()
+        except Exception:
+            log.exception("%s: reconcile failed", self.device_id)
+        self.fleet.reconciles += 1
+        if core.converging or core.waiting:
+            delay = FAST_INTERVAL
+            ready = self.driver.next_change()
+            if ready is not None:
+                delay = min(delay, max(0.0, ready - time.time()) + 0.001)
+        else:
+            delay = self.fleet.config.reconcile_interval * self.fleet.rng.uniform(0.9, 1.1)
+        self._timer = self.fleet.loop.call_later(delay, self.reconcile)
+
+    def stop(self) -> None:
+        """Say goodbye (``offline``) and disconnect; stop reconciling."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.session.close(self.core.goodbye())
+
+    def crash(self) -> None:
+        """Drop the connection without a goodbye (the broker publishes the will); no reconnect."""
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self.session.abort()
+
+
+class Fleet:
+    """N simulated devices on the running event loop. Use :meth:`run`, or :class:`FleetThread`."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.config = config
+        self.address = parse_broker_url(config.broker)
+        if self.address.tls:
+            raise ValueError("the simulator speaks plain MQTT only (mqtt://)")
+        self.rng = random.Random(config.seed)
+        if config.cache_hashes:
+            hashcache.install()
+        self.counters = Counters()
+        self.backoff = Backoff(config.backoff_base, config.backoff_cap, self.rng)
+        self.devices: list[SimDevice] = []
+        self.connack_times: list[float] = []
+        self.reconciles = 0
+        self.started_at = 0.0
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.handshakes: asyncio.Semaphore = None  # type: ignore[assignment]
+        self._stop: asyncio.Event | None = None
+        self.ramp_done = False
+
+    def _build(self) -> None:
+        cfg = self.config
+        fail_rng = random.Random(cfg.seed + 1)
+        for i in range(cfg.devices):
+            labels = cfg.device_labels(i)
+            fail = fail_rng.random() < cfg.fail_fraction
+            if cfg.fail_labels and all(labels.get(k) == v for k, v in cfg.fail_labels.items()):
+                fail = True
+            self.devices.append(SimDevice(self, i, cfg.device_id(i), labels, fail))
+
+    async def run(self, on_tick: Callable[[Fleet], None] | None = None, tick: float = 5.0) -> dict[str, Any]:
+        """Build and connect the fleet, run until ``duration`` or :meth:`stop`; return :meth:`summary`."""
+        raise_fd_limit()
+        self.loop = asyncio.get_running_loop()
+        self.handshakes = asyncio.Semaphore(self.config.connect_concurrency)
+        self._stop = asyncio.Event()
+        self.started_at = time.monotonic()
+        self._build()
+        ramp = self.loop.create_task(self._ramp())
+        deadline = None if self.config.duration is None else self.started_at + self.config.duration
+        try:
+            while not self._stop.is_set():
+                timeout = tick if deadline is None else min(tick, deadline - time.monotonic())
+                if timeout <= 0:
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout)
+                if on_tick is not None and not self._stop.is_set():
+                    on_tick(self)
+            summary = self.summary()
+        finally:
+            ramp.cancel()
+            await self._shutdown()
+        return summary
+
+    async def _ramp(self) -> None:
+        rate = max(self.config.connect_rate, 0.001)
+        t0 = time.monotonic()
+        for i, device in enumerate(self.devices):
+            at = t0 + (i + self.rng.random()) / rate
+            wait = at - time.monotonic()
+            if wait > 0.005:
+                await asyncio.sleep(wait)
+            device.start()
+        self.ramp_done = True
+
+    async def _shutdown(self) -> None:
+        for device in self.devices:
+            device.stop()
+        await asyncio.sleep(0.2)  # let the transports flush and close
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (from the loop thread)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    # --- views ---
+
+    def connected(self) -> int:
+        return sum(1 for d in self.devices if d.session.connected)
+
+    def generation_counts(self) -> dict[int, dict[str, int]]:
+        """Per desired generation: devices holding it, and of those converged and failed."""
+        out: dict[int, dict[str, int]] = {}
+        for d in self.devices:
+            row = out.setdefault(d.generation, {"devices": 0, "converged": 0, "failed": 0})
+            row["devices"] += 1
+            if d.done_at(d.generation) is not None:
+                row["converged"] += 1
+            if d.failed:
+                row["failed"] += 1
+        return dict(sorted(out.items()))
+
+    def peak_connect_rate(self, since: float = 0.0) -> int:
+        """The most CONNACKs received within one second (a sliding window)."""
+        times = sorted(t for t in self.connack_times if t >= since)
+        best = 0
+        j = 0
+        for i, t in enumerate(times):
+            while times[j] < t - 1.0:
+                j += 1
+            best = max(best, i - j + 1)
+        return best
+
+    def summary(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "devices": len(self.devices),
+            "connected": self.connected(),
+            "connects": sum(d.connects for d in self.devices),
+            "failing_devices": sum(1 for d in self.devices if d.fails),
+            "generations": {str(g): row for g, row in self.generation_counts().items()},
+            "reconciles": self.reconciles,
+            "messages_in": c.messages_in,
+            "messages_out": c.messages_out,
+            "bytes_in": c.bytes_in,
+            "bytes_out": c.bytes_out,
+            "refused_or_failed_connects": c.refused,
+            "connections_lost": c.lost,
+            "elapsed_s": round(time.monotonic() - self.started_at, 3),
+            "hash_cache": hashcache.installed(),
+        }
+
+
+def raise_fd_limit() -> None:
+    """One socket per device: lift the soft limit on open files to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class FleetThread:
+    """A :class:`Fleet` on its own event loop in a background thread, for the benchmarks.
+
+    The loop thread owns the fleet; read it through :meth:`call`, which runs a function
+    on the loop and returns its result.
+    """
+
+    def __init__(self, config: FleetConfig) -> None:
+        self.fleet = Fleet(config)
+        self.loop = asyncio.new_event_loop()
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="tether-sim", daemon=True)
+        self._built = threading.Event()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def go() -> dict[str, Any]:
+            self.loop.call_soon(self._built.set)
+            return await self.fleet.run()
+
+        try:
+            self.result = self.loop.run_until_complete(go())
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller
+            self.error = exc
+            self._built.set()
+        finally:
+            self.loop.close()
+
+    def start(self) -> FleetThread:
+        self._thread.start()
+        self._built.wait(60)
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def call(self, fn: Callable[[Fleet], T], timeout: float = 60.0) -> T:
+        """Run ``fn(fleet)`` on the loop thread and return its result."""
+
+        async def run() -> T:
+            return fn(self.fleet)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(timeout)
+
+    def wait(
+        self, predicate: Callable[[Fleet], Any], timeout: float, interval: float = 0.1, message: str = ""
+    ) -> Any:
+        """Poll ``predicate(fleet)`` on the loop until it is truthy; TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.call(predicate)
+            if value:
+                return value
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"timed out after {timeout:g}s waiting for {message or predicate!r}")
+            time.sleep(interval)
+
+    def stop(self, timeout: float = 60.0) -> dict[str, Any] | None:
+        if self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self.fleet.stop)
+            self._thread.join(timeout)
+        return self.result
+
+    def __enter__(self) -> FleetThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

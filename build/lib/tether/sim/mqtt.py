@@ -1,0 +1,417 @@
+"""A minimal MQTT 3.1.1 client session for asyncio: thousands of them on one event loop.
+
+Why not paho here
+-----------------
+The real agent uses paho (:mod:`tether.protocol.mqtt`); the simulator does not, for
+three measured reasons. First, paho's ``connect()``/``reconnect()`` open the socket with a
+*blocking* ``socket.create_connection``: during a reconnect storm, when the broker's listen
+backlog is full and SYNs are retransmitted after 1 s, each one would stall the single
+event loop that runs every device. Second, each paho client carries its own locks,
+message-info objects and per-packet bookkeeping; at 10,000 devices on a 2-core machine
+that shares its CPU with the broker and the controller, the client library would dominate
+what the benchmarks measure. Third, the external-loop integration (``on_socket_*``
+callbacks plus ``loop_read``/``loop_write``/``loop_misc`` per client) still needs a
+per-client keepalive poll. An :class:`asyncio.Protocol` per device has none of that: the
+connect is non-blocking, reads and writes are one callback each, keepalive is one lazily
+rescheduled timer, and everything a device sends in one loop iteration goes out in one
+``send()``.
+
+What stays real is everything above the socket: the device's :class:`AgentCore` sees the
+same :class:`~tether.agent.core.Link` contract as with :class:`~tether.protocol.mqtt.MqttClient`,
+and this session keeps that client's semantics: a fresh will from a callback before every
+CONNECT, subscriptions remembered and renewed after every CONNACK, ``publish`` returning
+False while disconnected, and unacknowledged QoS 1 messages sent again (DUP) after a
+reconnect, as paho does. Only QoS 0 and 1 are sent; QoS 2 is answered if received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tether.protocol.mqtt import Will
+
+CONNECT = 0x10
+CONNACK = 0x20
+PUBLISH = 0x30
+PUBACK = 0x40
+PUBREC = 0x50
+PUBREL = 0x60
+PUBCOMP = 0x70
+SUBSCRIBE = 0x80
+SUBACK = 0x90
+UNSUBSCRIBE = 0xA0
+UNSUBACK = 0xB0
+PINGREQ = 0xC0
+PINGRESP = 0xD0
+DISCONNECT = 0xE0
+
+_PINGREQ = bytes((PINGREQ, 0))
+_DISCONNECT = bytes((DISCONNECT, 0))
+_PACK_H = struct.Struct("!H")
+
+
+class ProtocolError(Exception):
+    """The broker sent something that is not MQTT 3.1.1."""
+
+
+def varint(n: int) -> bytes:
+    """The MQTT remaining-length encoding of ``n``."""
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return _PACK_H.pack(len(b)) + b
+
+
+def packet(first: int, body: bytes) -> bytes:
+    return bytes((first,)) + varint(len(body)) + body
+
+
+def connect_packet(
+    client_id: str,
+    *,
+    clean_session: bool,
+    keepalive: int,
+    will: Will | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> bytes:
+    flags = 0x02 if clean_session else 0
+    payload = _str(client_id)
+    if will is not None:
+        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0)
+        payload += _str(will.topic) + _str(will.payload)
+    if username is not None:
+        flags |= 0x80
+        payload += _str(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _str(password)
+    header = _str("MQTT") + bytes((4, flags)) + _PACK_H.pack(keepalive)
+    return packet(CONNECT, header + payload)
+
+
+def publish_packet(
+    topic: str, payload: bytes, qos: int, retain: bool, pid: int = 0, dup: bool = False
+) -> bytes:
+    first = PUBLISH | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
+    body = _str(topic) + (_PACK_H.pack(pid) if qos else b"") + payload
+    return packet(first, body)
+
+
+@dataclass
+class Counters:
+    """Traffic of a whole fleet (shared by its sessions)."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+    connacks: int = 0
+    refused: int = 0
+    lost: int = 0
+
+
+class MqttSession(asyncio.Protocol):
+    """One device's MQTT session. The owner connects it (:meth:`open`) and reconnects it.
+
+    Callbacks run on the event loop and must not block: ``on_message(topic, payload)``,
+    ``on_connect(session_present)``, ``on_lost()`` (after a connection that had a CONNACK, or
+    a failed handshake, is gone).
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        counters: Counters,
+        keepalive: int = 60,
+        clean_session: bool = False,
+        will: Callable[[], Will | None] | None = None,
+        on_message: Callable[[str, bytes], None] | None = None,
+        on_connect: Callable[[bool], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.counters = counters
+        self.keepalive = keepalive
+        self.clean_session = clean_session
+        self._will = will
+        self.on_message = on_message
+        self.on_connect = on_connect
+        self.on_lost = on_lost
+        self.subscriptions: dict[str, int] = {}
+        self.connected = False
+        self.transport: asyncio.Transport | None = None
+        self._rbuf = bytearray()
+        self._wbuf: list[bytes] = []
+        self._flush_pending = False
+        self._pid = 0
+        self._inflight: dict[int, tuple[str, bytes, int, bool]] = {}
+        self._qos2_in: set[int] = set()
+        self._connack: asyncio.Future[bool] | None = None
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._last_out = 0.0
+        self._ping_sent = 0.0
+        self._closing = False
+
+    # --- connection ---
+
+    async def open(self, host: str, port: int, timeout: float) -> bool:
+        """Connect, send CONNECT (with a fresh will) and wait for CONNACK. True on success."""
+        loop = asyncio.get_running_loop()
+        self._closing = False
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: self, host, port),
+                timeout,
+            )
+        except (TimeoutError, OSError):
+            self.counters.refused += 1
+            return False
+        will = self._will() if self._will else None
+        self._connack = loop.create_future()
+        self._send(
+            connect_packet(
+                self.client_id, clean_session=self.clean_session, keepalive=self.keepalive, will=will
+            )
+        )
+        try:
+            return await asyncio.wait_for(self._connack, timeout)
+        except (TimeoutError, ConnectionError):
+            self.counters.refused += 1
+            self.abort()
+            return False
+        finally:
+            self._connack = None
+
+    def close(self, goodbye: tuple[str, bytes, int, bool] | None = None) -> None:
+        """Send ``goodbye`` (if connected) and DISCONNECT, then close: the broker drops the will."""
+        self._closing = True
+        if self.transport is None:
+            return
+        if self.connected and goodbye is not None:
+            topic, payload, qos, retain = goodbye
+            self.publish(topic, payload, qos, retain)
+        if self.connected:
+            self._send(_DISCONNECT)
+        self._flush()
+        self.connected = False
+        self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection without DISCONNECT (the broker publishes the will)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- Link ---
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        if not self.connected:
+            return False
+        pid = 0
+        if qos:
+            pid = self._next_pid()
+            self._inflight[pid] = (topic, payload, qos, retain)
+        self._send(publish_packet(topic, payload, qos, retain, pid))
+        self.counters.messages_out += 1
+        return True
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self.subscriptions[topic_filter] = qos
+        if self.connected:
+            self._send_subscribe([(topic_filter, qos)])
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.subscriptions.pop(topic_filter, None)
+        if self.connected:
+            body = _PACK_H.pack(self._next_pid()) + _str(topic_filter)
+            self._send(packet(UNSUBSCRIBE | 0x02, body))
+
+    # --- asyncio.Protocol ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._rbuf.clear()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.connected
+        self.connected = False
+        self.transport = None
+        self._wbuf.clear()
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_exception(ConnectionError("connection lost before CONNACK"))
+            return  # the opener handles a failed handshake
+        if was:
+            self.counters.lost += 0 if self._closing else 1
+            if self.on_lost is not None and not self._closing:
+                self.on_lost()
+
+    def data_received(self, data: bytes) -> None:
+        self.counters.bytes_in += len(data)
+        buf = self._rbuf
+        if buf:
+            buf += data
+            view: bytes | bytearray = buf
+        else:
+            view = data
+        pos = 0
+        end_all = len(view)
+        try:
+            while end_all - pos >= 2:
+                length = 0
+                shift = 0
+                i = pos + 1
+                complete = False
+                while i < end_all:
+                    byte = view[i]
+                    i += 1
+                    length |= (byte & 0x7F) << shift
+                    if byte < 0x80:
+                        complete = True
+                        break
+                    shift += 7
+                    if shift > 21:
+                        raise ProtocolError("remaining length too long")
+                if not complete:
+                    break
+                end = i + length
+                if end > end_all:
+                    break
+                self._packet(view[pos], bytes(view[i:end]))
+                pos = end
+        except ProtocolError:
+            self.abort()
+            return
+        if buf:
+            del buf[:pos]
+        elif pos < end_all:
+            buf += data[pos:]
+
+    # --- internals ---
+
+    def _next_pid(self) -> int:
+        for _ in range(65535):
+            self._pid = self._pid % 65535 + 1
+            if self._pid not in self._inflight:
+                return self._pid
+        raise RuntimeError("no free packet id")
+
+    def _send_subscribe(self, filters: list[tuple[str, int]]) -> None:
+        body = _PACK_H.pack(self._next_pid()) + b"".join(_str(f) + bytes((q,)) for f, q in filters)
+        self._send(packet(SUBSCRIBE | 0x02, body))
+
+    def _send(self, data: bytes) -> None:
+        self._wbuf.append(data)
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if not self._wbuf or self.transport is None:
+            self._wbuf.clear()
+            return
+        data = b"".join(self._wbuf) if len(self._wbuf) > 1 else self._wbuf[0]
+        self._wbuf.clear()
+        self.counters.bytes_out += len(data)
+        self.transport.write(data)
+        self._last_out = asyncio.get_running_loop().time()
+
+    def _packet(self, first: int, body: bytes) -> None:
+        self.counters.packets_in += 1
+        kind = first & 0xF0
+        if kind == PUBLISH:
+            qos = (first >> 1) & 0x03
+            tlen = _PACK_H.unpack_from(body)[0]
+            topic = body[2 : 2 + tlen].decode()
+            pos = 2 + tlen
+            if qos:
+                pid = _PACK_H.unpack_from(body, pos)[0]
+                pos += 2
+                if qos == 1:
+                    self._send(bytes((PUBACK, 2)) + _PACK_H.pack(pid))
+                else:
+                    self._send(bytes((PUBREC, 2)) + _PACK_H.pack(pid))
+                    if pid in self._qos2_in:
+                        return
+                    self._qos2_in.add(pid)
+            self.counters.messages_in += 1
+            if self.on_message is not None:
+                self.on_message(topic, body[pos:])
+        elif kind == PUBACK:
+            self._inflight.pop(_PACK_H.unpack_from(body)[0], None)
+        elif kind == PUBREL:
+            pid = _PACK_H.unpack_from(body)[0]
+            self._qos2_in.discard(pid)
+            self._send(bytes((PUBCOMP, 2)) + _PACK_H.pack(pid))
+        elif kind == CONNACK:
+            self._on_connack(body)
+        elif kind == PINGRESP:
+            self._ping_sent = 0.0
+        elif kind in (SUBACK, UNSUBACK, PUBREC, PUBCOMP):
+            pass
+        else:
+            raise ProtocolError(f"unexpected packet type {kind:#x}")
+
+    def _on_connack(self, body: bytes) -> None:
+        if len(body) != 2:
+            raise ProtocolError("bad CONNACK")
+        present, code = body[0] & 1, body[1]
+        waiter = self._connack
+        if code != 0:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(False)
+            self.abort()
+            return
+        self.connected = True
+        self.counters.connacks += 1
+        if self.subscriptions:
+            self._send_subscribe(list(self.subscriptions.items()))
+        # Unacknowledged QoS 1 messages from the last connection go again, flagged DUP.
+        for pid, (topic, payload, qos, retain) in sorted(self._inflight.items()):
+            self._send(publish_packet(topic, payload, qos, retain, pid, dup=True))
+        loop = asyncio.get_running_loop()
+        self._last_out = loop.time()
+        self._ping_sent = 0.0
+        if self.keepalive:
+            self._ping_timer = loop.call_at(self._last_out + self.keepalive, self._keepalive)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)
+        if self.on_connect is not None:
+            self.on_connect(bool(present))
+
+    def _keepalive(self) -> None:
+        """Send PINGREQ when nothing went out for a keepalive; drop a silent broker."""
+        self._ping_timer = None
+        if not self.connected or self.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._ping_sent and now - self._ping_sent >= self.keepalive:
+            self.abort()  # no PINGRESP within a keepalive: the connection is dead
+            return
+        due = self._last_out + self.keepalive
+        if now >= due - 0.001:
+            self._send(_PINGREQ)
+            self._flush()
+            if not self._ping_sent:
+                self._ping_sent = now
+            due = now + self.keepalive
+        self._ping_timer = loop.call_at(due, self._keepalive)
