@@ -384,7 +384,7 @@ class Proc:
     def wait_for_line(self, pattern: str, timeout: float = 60.0) -> re.Match[str]:
         regex = re.compile(pattern)
 
-        def found() -> re.Match[str] | None:
+        def found() -> Any:
             match = next((m for m in map(regex.search, list(self.lines)) if m), None)
             if match is None and self.proc.poll() is not None:
                 tail = "\n".join(self.lines[-30:])

@@ -96,6 +96,18 @@ class EmbeddedBroker:
         if sockets:
             self.port = sockets[0].getsockname()[1]
 
+    def session_state(self, client_id: str, timeout: float = 5.0) -> str | None:
+        """The broker's session of ``client_id``: "connected", "disconnected", or None if it has none."""
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None or not loop.is_running():
+            return None
+
+        async def read() -> str | None:
+            entry = broker.sessions.get(client_id)
+            return None if entry is None else str(entry[0].transitions.state)
+
+        return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout)
+
     def stop(self) -> None:
         """Shut the broker down and join its thread."""
         loop, broker = self._loop, self._broker

@@ -34,7 +34,7 @@ from tether.protocol.models import (
     StacksStatus,
 )
 
-from . import output
+from . import output, remote
 from .client import ControllerClient
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -179,6 +179,7 @@ def devices_ls(client: ControllerClient, fmt: str) -> None:
 def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
     """Show one device: facts, desired and reported state, recent events."""
     d = client.request(DevicesShow(device_id=device_id))["device"]
+    remote.add_live_facts(client, d)  # asks the device itself when it is online
     if fmt == "json":
         click.echo(output.to_json(d))
         return
@@ -189,6 +190,7 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
     for key in ("agent_version", "driver", "arch", "os", "hostname"):
         if key in facts:
             click.echo(f"{key + ':':<11} {facts[key]}")
+    remote.echo_host_facts(d)
     click.echo(f"generation: applied {d['applied_generation']} / desired {d['desired_generation']}")
     reported = d.get("reported") or {}
     if reported.get("error"):
@@ -440,9 +442,6 @@ def stacks_deploy(
     )
     result = client.request(StacksDeploy(name=name, group=group, compose=text, strategy=rollout))
     stack = result["stack"]
-    if fmt == "json" and not wait:
-        click.echo(output.to_json(result))
-        return
     if fmt == "table":
         verb = "deployed" if result["changed"] else "unchanged"
         click.echo(
@@ -454,20 +453,17 @@ def stacks_deploy(
     if wait:
         if result.get("deployment"):
             d = _wait_deployment(client, result["deployment"], timeout, fmt)
-            if d["state"] != "succeeded":
-                if fmt == "json":
-                    click.echo(output.to_json(d))
-                else:
-                    click.echo(
-                        f"deployment {d['id']} is {d['state']}: tether deployments promote|resume {d['id']}"
-                    )
-                return
+            result["final"] = d
+            if d["state"] != "succeeded" and fmt == "table":
+                click.echo(
+                    f"deployment {d['id']} is {d['state']}: tether deployments promote|resume {d['id']}"
+                )
         else:
             _wait(client, name, lambda rows: all(r["state"] == "running" for r in rows), timeout, fmt)
-        if fmt == "json":
-            click.echo(output.to_json(client.request(StacksStatus(name=name))))
-        else:
+        if fmt == "table" and result.get("final", {}).get("state", "succeeded") == "succeeded":
             click.echo(f"stack {name} is running on every device of group {group}")
+    if fmt == "json":
+        click.echo(output.to_json(result))
 
 
 @stacks.command("ls")
@@ -503,9 +499,18 @@ def stacks_status(client: ControllerClient, fmt: str, name: str) -> None:
         return
     rows = []
     for r in result["devices"]:
-        services = ", ".join(f"{k}:{v['state']}" for k, v in r["services"].items()) or "-"
-        rows.append((r["device"], r["presence"], r["state"], services, r.get("error") or _service_errors(r)))
-    click.echo(output.table(["DEVICE", "PRESENCE", "STATE", "SERVICES", "ERROR"], rows))
+        services = (
+            ", ".join(
+                f"{k}:{v['state']}" + (f"({v['health']})" if v.get("health") else "")
+                for k, v in r["services"].items()
+            )
+            or "-"
+        )
+        rollout = r.get("rollout") or ("held" if r.get("held") else "-")
+        rows.append(
+            (r["device"], r["presence"], r["state"], rollout, services, r.get("error") or _service_errors(r))
+        )
+    click.echo(output.table(["DEVICE", "PRESENCE", "STATE", "ROLLOUT", "SERVICES", "ERROR"], rows))
 
 
 @stacks.command("rm")
@@ -604,6 +609,8 @@ deployments.command("rollback")(
     _deployment_action("deployments.rollback", "Roll back (deploy the previous version of)")
 )
 
+
+remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remote.py)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

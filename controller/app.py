@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,17 @@ def _docker_reachable() -> bool:
         return False
 
 
+def _session(data_dir: Path) -> tuple[str, bool]:
+    """This controller's MQTT client id, kept in ``data_dir``, and whether it existed already."""
+    path = data_dir / "mqtt-session"
+    try:
+        return path.read_text().strip(), True
+    except FileNotFoundError:
+        session_id = f"tether-controller-{uuid.uuid4().hex[:12]}"
+        path.write_text(session_id + "\n")
+        return session_id, False
+
+
 def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: ignore[valid-type]
     """Run until SIGTERM/SIGINT. Returns the exit status."""
     options.data_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +109,10 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        controller.start(address, fresh_broker=embedded is not None)
+        session_id, session_known = (None, False) if embedded or options.ha else _session(options.data_dir)
+        controller.start(
+            address, fresh_broker=embedded is not None, session_id=session_id, session_known=session_known
+        )
         if options.http:
             host, _, port_text = options.http.rpartition(":")
             http = HealthServer(controller, host or "127.0.0.1", int(port_text))

@@ -110,17 +110,39 @@ class Controller:
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self._next_refresh = 0.0
         self._thread: threading.Thread | None = None
+        self._session_id: str | None = None
+        self._session_known = False
+        self._request_qos = 1
 
     # --- lifecycle ---
 
-    def start(self, broker: BrokerAddress, *, fresh_broker: bool, connect_timeout: float = 15.0) -> None:
-        """Connect and start the worker. ``fresh_broker``: the broker holds none of our retained state."""
+    def start(
+        self,
+        broker: BrokerAddress,
+        *,
+        fresh_broker: bool,
+        connect_timeout: float = 15.0,
+        session_id: str | None = None,
+        session_known: bool = False,
+    ) -> None:
+        """Connect and start the worker. ``fresh_broker``: the broker holds none of our retained state.
+
+        With ``session_id`` the controller keeps a persistent MQTT session under that client
+        id: what devices publish while it is away (a restart, a broker restart) is queued by
+        the broker and delivered when it returns. Requests are subscribed at QoS 0, so they
+        are not queued: a client has given up on its request by then. ``session_known``: this
+        id has had a session on this broker before; a CONNACK without it then means the
+        broker lost its state (and so our retained messages), and everything is republished.
+        """
         if fresh_broker:
             self.store.mark_all_unpublished()
+        self._session_id = session_id
+        self._session_known = session_known
+        self._request_qos = 0 if session_id else 1
         self.client = MqttClient(
             [broker],
-            client_id=f"tether-controller-{uuid.uuid4().hex[:8]}",
-            clean_session=True,
+            client_id=session_id or f"tether-controller-{uuid.uuid4().hex[:8]}",
+            clean_session=session_id is None,
             keepalive=30,
             on_message=lambda t, p, r: self.inbox.put((t, p)),
             on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
@@ -140,9 +162,9 @@ class Controller:
         assert self.client is not None
         for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS, DeviceTopic.METRICS):
             self.client.subscribe(topics.all_devices(kind))
-        self.client.subscribe(topics.LEADER_REQUESTS)
+        self.client.subscribe(topics.LEADER_REQUESTS, qos=self._request_qos)
         if not self.ha:
-            self.client.subscribe(topics.REQUESTS)
+            self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
         self.leading.set()
         log.info("this controller leads")
         if self.client.connected:
@@ -302,7 +324,12 @@ class Controller:
     def handle(self, topic: str, payload: bytes) -> None:
         """Handle one incoming message (on the worker thread)."""
         if topic == _CONNECTED:
+            lost = self._session_known and self.client is not None and not self.client.session_present
+            self._session_known = self._session_id is not None
             if self.leading.is_set():
+                if lost:
+                    log.warning("the broker lost our session (restarted without persistence?): republishing")
+                    self.store.mark_all_unpublished()
                 self.publish_pending()
             self.ready.set()
             return

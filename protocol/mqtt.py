@@ -124,6 +124,8 @@ class MqttClient:
         self._gave_up = threading.Event()
         self.last_error: str | None = None
         self.current_broker: BrokerAddress | None = None
+        self.session_present = False
+        """From the last CONNACK: the broker still had our session (MQTT 3.1.1 section 3.2.2.2)."""
         self._thread: threading.Thread | None = None
         self._paho = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -292,6 +294,7 @@ class MqttClient:
             return
         self._session_ok = True
         self.last_error = None
+        self.session_present = bool(getattr(flags, "session_present", False))
         with self._lock:
             subs = list(self._subscriptions.items())
         if subs:

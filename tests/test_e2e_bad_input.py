@@ -48,7 +48,9 @@ def _one_line_error(result: Any, *needles: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("bad-input")
     device = f"bad-{uuid.uuid4().hex[:6]}"
     db = None

@@ -79,7 +79,9 @@ def lifecycle(broker: str, docker: Any, tmp_path: Path, procs: list[Any]) -> Non
         "web",
         "--group",
         "lab",
-        "--wait", "--min-healthy-time", "1s",
+        "--wait",
+        "--min-healthy-time",
+        "1s",
         "--timeout",
         "90",
     )
@@ -103,7 +105,9 @@ def lifecycle(broker: str, docker: Any, tmp_path: Path, procs: list[Any]) -> Non
         "web",
         "--group",
         "lab",
-        "--wait", "--min-healthy-time", "1s",
+        "--wait",
+        "--min-healthy-time",
+        "1s",
         "--timeout",
         "90",
     )

@@ -31,7 +31,19 @@ def test_failover_to_standby(tmp_path: Path, mosquitto: Mosquitto, postgres_url:
         stack = tmp_path / "s.yml"
         stack.write_text(STACK.format(v="v1"))
         deploy = cli(
-            url, "stacks", "deploy", str(stack), "--name", "s", "--group", "solo", "--wait", "--min-healthy-time", "1s", "--timeout", "60"
+            url,
+            "stacks",
+            "deploy",
+            str(stack),
+            "--name",
+            "s",
+            "--group",
+            "solo",
+            "--wait",
+            "--min-healthy-time",
+            "1s",
+            "--timeout",
+            "60",
         )
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         for _ in range(6):  # reads are answered by either controller
@@ -45,7 +57,19 @@ def test_failover_to_standby(tmp_path: Path, mosquitto: Mosquitto, postgres_url:
 
         stack.write_text(STACK.format(v="v2"))
         update = cli(
-            url, "stacks", "deploy", str(stack), "--name", "s", "--group", "solo", "--wait", "--min-healthy-time", "1s", "--timeout", "60"
+            url,
+            "stacks",
+            "deploy",
+            str(stack),
+            "--name",
+            "s",
+            "--group",
+            "solo",
+            "--wait",
+            "--min-healthy-time",
+            "1s",
+            "--timeout",
+            "60",
         )
         assert update.returncode == 0, update.stdout + update.stderr
         after = wait_until(

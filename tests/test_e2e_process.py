@@ -78,7 +78,9 @@ def test_process_driver_lifecycle_and_offline_autonomy(tmp_path: Path, procs: li
         "worker",
         "--group",
         "solo",
-        "--wait", "--min-healthy-time", "1s",
+        "--wait",
+        "--min-healthy-time",
+        "1s",
         "--timeout",
         "60",
     )
@@ -97,7 +99,9 @@ def test_process_driver_lifecycle_and_offline_autonomy(tmp_path: Path, procs: li
         "worker",
         "--group",
         "solo",
-        "--wait", "--min-healthy-time", "1s",
+        "--wait",
+        "--min-healthy-time",
+        "1s",
         "--timeout",
         "60",
     )

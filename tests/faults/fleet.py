@@ -87,6 +87,7 @@ class NetnsBackend:
     """Real packets: namespaces, a bridge, nft, tc and NFQUEUE (see netns.py)."""
 
     name = "netns"
+    drops_packets = True
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -149,6 +150,7 @@ class ProxyBackend:
     """Loopback only: one fault proxy in front of the broker per device (see faultproxy.py)."""
 
     name = "proxy"
+    drops_packets = False
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
@@ -354,11 +356,22 @@ class Fleet:
         self.agents[name] = agent
         return agent
 
-    def boot(self, count: int = 2, brokers: dict[str, list[str]] | None = None) -> list[str]:
-        """Start ``count`` agents, deploy ``steady`` and ``noise`` to all and wait until they run."""
+    def boot(
+        self,
+        count: int = 2,
+        brokers: dict[int, list[str]] | None = None,
+        prepare: Callable[[str], None] | None = None,
+    ) -> list[str]:
+        """Start ``count`` agents, deploy ``steady`` and ``noise`` to all and wait until they run.
+
+        ``brokers`` maps a device's index (0-based) to broker URLs tried before the real one;
+        ``prepare(name)`` runs between creating a device's network and starting its agent.
+        """
         names = [f"d{i}-{self.run}" for i in range(1, count + 1)]
-        for name in names:
-            self.add_device(name, (brokers or {}).get(name))
+        for index, name in enumerate(names):
+            self.add_device(name, (brokers or {}).get(index))
+            if prepare is not None:
+                prepare(name)
             self.start_agent(name)
         for name in names:
             wait_until(lambda n=name: self.show(n)["status"] == "online", 40, 0.1, f"{name} online")
@@ -390,7 +403,9 @@ class Fleet:
         while True:
             try:
                 if self._ops is None:
-                    self._ops = self.backend.in_hub(lambda: ControllerClient(self.backend.hub_url, timeout=10))
+                    self._ops = self.backend.in_hub(
+                        lambda: ControllerClient(self.backend.hub_url, timeout=10)
+                    )
                 return self._ops.request(command)
             except TetherError as exc:
                 if "unknown" in str(exc) or time.monotonic() >= deadline:
@@ -510,11 +525,41 @@ class Fleet:
         return True
 
     def wait_converged(
-        self, since: float, names: list[str], stacks: set[str], timeout: float = 90.0
+        self,
+        since: float,
+        names: list[str],
+        stacks: set[str],
+        timeout: float = 90.0,
+        extra: Callable[[], bool] | None = None,
     ) -> float:
-        """Poll until :meth:`converged`; return the seconds since ``since`` (a monotonic time)."""
-        wait_until(lambda: self.converged(names, stacks), timeout, 0.1, f"fleet converged ({stacks})")
+        """Poll until :meth:`converged` (and ``extra``); return the seconds since ``since`` (monotonic)."""
+        try:
+            wait_until(
+                lambda: self.converged(names, stacks) and (extra is None or extra()),
+                timeout,
+                0.1,
+                f"fleet converged ({sorted(stacks)})",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.describe(names)}") from None
         return time.monotonic() - since
+
+    def describe(self, names: list[str]) -> str:
+        """Where each device stands (for failure messages)."""
+        lines = []
+        for name in names:
+            view = self.show(name)
+            lines.append(
+                f"{name}: {view.get('status')} gen {view.get('applied_generation')}/"
+                f"{view.get('desired_generation')} stacks {view.get('stacks')} "
+                f"events stored {[e['seq'] for e in view.get('events', [])]} produced {self.agent_seq(name)} "
+                f"queued {self.outbox_len(name)}; log {self.agent_dir(name) / 'agent.log'}"
+            )
+        return "\n".join(lines)
+
+    def reconnects(self, name: str) -> int:
+        """How many times the agent (this process) connected."""
+        return sum("connected to" in line for line in self.agents[name].lines)
 
     def signal_agent(self, name: str, sig: int) -> None:
         os.kill(self.agents[name].proc.pid, sig)

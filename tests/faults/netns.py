@@ -196,7 +196,9 @@ class Lab:
 
     def add_device(self, name: str) -> Device:
         index = len(self.devices) + 1
-        device = Device(name, f"{self.prefix}-d{index}", f"p-{self.prefix}-{index}", f"{self.subnet}.{10 + index}")
+        device = Device(
+            name, f"{self.prefix}-d{index}", f"p-{self.prefix}-{index}", f"{self.subnet}.{10 + index}"
+        )
         self._attach(device.ns, device.port, device.addr)
         self.ns_sh(device.ns, "sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1")
         self.devices[name] = device
@@ -293,7 +295,18 @@ class Lab:
         for chain, iface in (("OUTPUT", "-o"), ("INPUT", "-i")):
             self.ns_sh(
                 device.ns,
-                *("iptables", "-A", chain, iface, "eth0", "-j", "NFQUEUE", "--queue-num", "7", "--queue-bypass"),
+                *(
+                    "iptables",
+                    "-A",
+                    chain,
+                    iface,
+                    "eth0",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    "7",
+                    "--queue-bypass",
+                ),
             )
 
     def unimpair(self, name: str) -> None:

@@ -75,7 +75,9 @@ def nfq_message(msg_type: int, queue: int, attrs: bytes, flags: int = NLM_F_REQU
 
 
 def verdict_message(queue: int, packet_id: int, verdict: int) -> bytes:
-    return nfq_message(NFQNL_MSG_VERDICT, queue, _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id)))
+    return nfq_message(
+        NFQNL_MSG_VERDICT, queue, _attr(NFQA_VERDICT_HDR, struct.pack("!II", verdict, packet_id))
+    )
 
 
 def parse_messages(data: bytes) -> list[tuple[int, int | None]]:
@@ -198,7 +200,11 @@ class NfQueue:
     def close(self) -> None:
         try:
             self.sock.send(
-                nfq_message(NFQNL_MSG_CONFIG, self.queue, _attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_UNBIND, 0)))
+                nfq_message(
+                    NFQNL_MSG_CONFIG,
+                    self.queue,
+                    _attr(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_UNBIND, 0)),
+                )
             )
         finally:
             self.sock.close()

@@ -116,6 +116,27 @@ class ControllerProcess(_Proc):
 class AgentProcess(_Proc):
     """`tether-agent` for one device."""
 
+    def run_cli(self, args: list[str]) -> subprocess.CompletedProcess[str]:
+        """Run `tether-agent` with this agent's device id and data dir (e.g. ``--hold``)."""
+        result = subprocess.run(
+            [
+                PY,
+                "-m",
+                "tether.agent.main",
+                "--device-id",
+                self.device_id,
+                "--data-dir",
+                str(self.data_dir),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=_env(),
+        )
+        assert result.returncode == 0, result.stderr
+        return result
+
     def __init__(
         self,
         broker: str | list[str],
@@ -127,6 +148,7 @@ class AgentProcess(_Proc):
         argv_prefix: list[str] | None = None,
     ) -> None:
         self.device_id = device_id
+        self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         argv = [PY, "-m", "tether.agent.main", "--device-id", device_id, "--data-dir", str(data_dir)]
         for url in [broker] if isinstance(broker, str) else broker:
