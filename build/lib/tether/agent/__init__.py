@@ -1,1 +1,0 @@
-"""The Tether device agent: observe -> plan -> apply -> report, online or not."""

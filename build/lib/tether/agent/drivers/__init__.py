@@ -1,1 +1,0 @@
-"""Runtime drivers: one small interface (:class:`base.Driver`), several implementations."""

@@ -1,1 +1,0 @@
-"""The operator CLI, ``tether``: talks to the controller over MQTT request/response."""

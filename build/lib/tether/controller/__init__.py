@@ -1,1 +1,0 @@
-"""The Tether controller: state store, scheduler and the MQTT service around them."""
