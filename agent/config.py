@@ -62,6 +62,9 @@ class AgentConfig(BaseModel):
     driver: Literal["docker", "process"] = "docker"
     keepalive: int = Field(default=60, ge=5, le=65535)
     reconcile_interval: float = Field(default=10.0, gt=0, le=3600)
+    labels_command: str | None = None
+    """A shell command printing ``key=value`` lines: dynamic labels, merged over ``labels``."""
+    labels_interval: float = Field(default=300.0, gt=0)
     metrics_interval: float = Field(default=60.0, ge=0, le=86400)
     metrics_full_interval: float = Field(default=900.0, gt=0, le=86400)
     metrics_threshold: float = Field(default=5.0, ge=0, le=100)
@@ -124,6 +127,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         ("TETHER_DRIVER", "driver"),
         ("TETHER_KEEPALIVE", "keepalive"),
         ("TETHER_RECONCILE_INTERVAL", "reconcile_interval"),
+        ("TETHER_LABELS_COMMAND", "labels_command"),
         ("TETHER_METRICS_INTERVAL", "metrics_interval"),
         ("TETHER_METRICS_FULL_INTERVAL", "metrics_full_interval"),
         ("TETHER_METRICS_THRESHOLD", "metrics_threshold"),

@@ -173,6 +173,15 @@ class AgentCore:
             )
         return self.remote.extend_facts(self._facts) if self.remote else self._facts
 
+    def set_labels(self, labels: dict[str, str]) -> None:
+        """New labels (e.g. from the labels command): republish presence when they changed."""
+        if labels == self.labels:
+            return
+        self.labels = dict(labels)
+        self._facts = None
+        if self.link.connected:
+            self.publish_online()
+
     def publish_online(self) -> None:
         presence = Presence(
             device_id=self.device_id,

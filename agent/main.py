@@ -54,6 +54,8 @@ def set_hold(config: AgentConfig, on: bool) -> None:
 @click.option("--config", "config_file", type=click.Path(path_type=Path), help="TOML config file.")
 @click.option("--keepalive", type=int, help="MQTT keepalive in seconds (default 60).")
 @click.option("--reconcile-interval", type=float, help="Seconds between reconciles (default 10).")
+@click.option("--labels-command", help="Shell command printing key=value lines: dynamic labels.")
+@click.option("--labels-interval", type=float, help="Seconds between runs of --labels-command (default 300).")
 @click.option("--metrics-interval", type=float, help="Seconds between metric samples (default 60; 0: off).")
 @click.option(
     "--metrics-full-interval", type=float, help="Seconds between full metric samples (default 900)."
@@ -83,6 +85,8 @@ def main(
     metrics_interval: float | None,
     metrics_full_interval: float | None,
     metrics_threshold: float | None,
+    labels_command: str | None,
+    labels_interval: float | None,
     log_level: str,
     hold: str | None,
 ) -> None:
@@ -101,6 +105,8 @@ def main(
             "driver": driver,
             "keepalive": keepalive,
             "reconcile_interval": reconcile_interval,
+            "labels_command": labels_command,
+            "labels_interval": labels_interval,
             "metrics_interval": metrics_interval,
             "metrics_full_interval": metrics_full_interval,
             "metrics_threshold": metrics_threshold,

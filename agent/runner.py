@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import queue
+import subprocess
 import threading
 import time
 
 from tether.protocol.mqtt import MqttClient
 
 from . import remote
-from .config import AgentConfig
+from .config import LABEL_KEY_RE, AgentConfig
 from .core import AgentCore
 from .drivers.base import Driver
 from .store import LocalStore
@@ -23,7 +24,9 @@ from .store import LocalStore
 log = logging.getLogger(__name__)
 
 _CONNECTED = "\x00connected"
+LABELS_TIMEOUT = 10.0
 FAST_INTERVAL = 1.0
+LABELS_TIMEOUT = 10.0
 HOLD_FILE = "hold"
 """While ``{data_dir}/hold`` exists, the device applies no new desired state."""
 
@@ -57,13 +60,44 @@ class Agent:
             self.client.subscribe(topic_filter)
         self.stopped = threading.Event()
 
+    def refresh_labels(self) -> None:
+        """Run the labels command; merge its ``key=value`` lines over the configured labels."""
+        command = self.config.labels_command
+        if not command:
+            return
+        try:
+            result = subprocess.run(
+                ["/bin/sh", "-c", command], capture_output=True, text=True, timeout=LABELS_TIMEOUT, check=False
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("labels command failed: %s", exc)
+            return
+        if result.returncode != 0:
+            log.warning("labels command exited with %d: %s", result.returncode, result.stderr.strip()[:200])
+            return
+        labels = dict(self.config.labels)
+        for line in result.stdout.splitlines():
+            key, sep, value = line.strip().partition("=")
+            if not line.strip():
+                continue
+            if not sep or not LABEL_KEY_RE.match(key.strip()) or "," in value or len(value) > 128:
+                log.warning("labels command: ignoring %r (expected key=value)", line[:80])
+                continue
+            labels[key.strip()] = value.strip()
+        self.core.set_labels(labels)
+
     def run(self, stop: threading.Event) -> None:
         """Run until ``stop`` is set; then say goodbye (``offline``) and disconnect."""
+        self.refresh_labels()
         self.client.start()
         self.metrics.start()
         next_reconcile = 0.0
+        next_labels = time.monotonic() + self.config.labels_interval
         try:
             while not stop.is_set():
+                if self.config.labels_command and time.monotonic() >= next_labels:
+                    next_labels = time.monotonic() + self.config.labels_interval
+                    self.refresh_labels()
                 timeout = max(0.0, min(next_reconcile - time.monotonic(), 0.5))
                 try:
                     item = self.inbox.get(timeout=timeout)

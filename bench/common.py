@@ -474,15 +474,17 @@ def request(broker: str, command: Any, timeout: float = 300.0) -> Any:
 
 
 def compose_stack(services: int = 3, version: int = 1, image: str | None = None) -> str:
-    """A Compose file of ``services`` services; ``version`` changes every service's spec."""
+    """A Compose file of ``services`` long-running services; ``version`` changes every service.
+
+    Without ``image`` the services are host processes (process driver, or simulated).
+    """
     lines = ["services:"]
     for i in range(services):
         lines.append(f"  svc{i}:")
         if image:
             lines.append(f"    image: {image}")
-            lines.append(f'    command: ["sh", "-c", "echo v{version}; exec sleep 100000"]')
-        else:
-            lines.append(f'    command: ["sh", "-c", "echo v{version}; exec sleep 100000"]')
+        lines.append(f'    command: ["sh", "-c", "echo v{version}; exec sleep 100000"]')
         lines.append("    restart: always")
+        lines.append("    stop_grace_period: 1s")
         lines.append(f"    environment:\n      VERSION: '{version}'")
     return "\n".join(lines) + "\n"

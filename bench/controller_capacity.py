@@ -65,7 +65,18 @@ def time_cli(url: str, *args: str, runs: int) -> dict[str, Any]:
     for _ in range(runs):
         t0 = time.monotonic()
         result = subprocess.run(
-            [PY, "-m", "tether.cli.main", "devices", "ls", *args, "--broker", url, "--request-timeout", "300"],
+            [
+                PY,
+                "-m",
+                "tether.cli.main",
+                "devices",
+                "ls",
+                *args,
+                "--broker",
+                url,
+                "--request-timeout",
+                "300",
+            ],
             capture_output=True,
             text=True,
             env=child_env(),

@@ -21,6 +21,7 @@ from tether.protocol.models import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
+    DevicesLabel,
     DevicesList,
     DevicesShow,
     GroupsCreate,
@@ -215,6 +216,26 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
         click.echo("\nrecent events:")
         for e in d["events"][-10:]:
             click.echo(f"  {output.when(e['at'])} {e['level']:<7} {e['kind']}: {e['message']}")
+
+
+@devices.command("label")
+@click.argument("device_id")
+@click.argument("changes", nargs=-1, required=True)
+@common
+def devices_label(client: ControllerClient, fmt: str, device_id: str, changes: tuple[str, ...]) -> None:
+    """Set labels (k=v) or remove them (k-) on a device, from the controller."""
+    to_set: dict[str, str] = {}
+    to_remove: list[str] = []
+    for change in changes:
+        if change.endswith("-") and "=" not in change:
+            to_remove.append(change[:-1])
+        elif "=" in change:
+            key, _, value = change.partition("=")
+            to_set[key] = value
+        else:
+            raise TetherError(f"{change!r}: use key=value to set or key- to remove")
+    d = client.request(DevicesLabel(device_id=device_id, set=to_set, remove=tuple(to_remove)))["device"]
+    click.echo(output.to_json(d) if fmt == "json" else f"{d['id']}: {output.labels(d['labels'])}")
 
 
 # --- groups ---------------------------------------------------------------------------------

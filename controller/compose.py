@@ -17,7 +17,7 @@ import yaml
 from pydantic import ValidationError
 from tether.protocol.codec import describe
 from tether.protocol.durations import parse_duration
-from tether.protocol.errors import ComposeError
+from tether.protocol.errors import ComposeError, StoreError
 from tether.protocol.models import (
     NAME_PATTERN,
     HealthcheckSpec,
@@ -28,6 +28,7 @@ from tether.protocol.models import (
 )
 
 from .placement import Placement
+from .selectors import parse_selector
 
 TOP_LEVEL_KEYS = {"services", "volumes", "version", "name", "x-tether"}
 SERVICE_KEYS = {
@@ -343,10 +344,26 @@ def _placement(value: Any) -> Placement:
     if unknown:
         raise ComposeError(f"x-tether: unsupported key {sorted(unknown)[0]!r}")
     replicas = value.get("replicas")
-    mode = value.get("placement", "replicas" if replicas is not None else "global")
+    placement = value.get("placement")
+    constraints: list[str] = []
+    if isinstance(placement, dict):
+        unknown = set(placement) - {"mode", "constraints"}
+        if unknown:
+            raise ComposeError(f"x-tether.placement: unsupported key {sorted(unknown)[0]!r}")
+        raw = placement.get("constraints") or []
+        if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+            raise ComposeError("x-tether.placement.constraints must be a list of strings")
+        for c in raw:
+            try:
+                parse_selector(c)
+            except StoreError as exc:
+                raise ComposeError(f"x-tether.placement.constraints: {exc}") from exc
+        constraints = list(raw)
+        placement = placement.get("mode")
+    mode = placement or ("replicas" if replicas is not None else "global")
     if mode not in ("global", "replicas"):
         raise ComposeError(f"x-tether.placement must be global or replicas, not {mode!r}")
-    fields: dict[str, Any] = {"mode": mode}
+    fields: dict[str, Any] = {"mode": mode, "constraints": tuple(constraints)}
     if mode == "replicas":
         if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
             raise ComposeError("x-tether.replicas must be a positive integer")

@@ -23,10 +23,29 @@ class Device(Stored):
     since: float | None = None
     facts: DeviceFacts | None = None
     reported: ReportedState | None = None
+    operator_labels: dict[str, str] = Field(default_factory=dict)
 
     @property
     def labels(self) -> dict[str, str]:
-        return dict(self.facts.labels) if self.facts else {}
+        """The device's own labels, overridden by labels an operator set on the controller."""
+        merged = dict(self.facts.labels) if self.facts else {}
+        merged.update(self.operator_labels)
+        return merged
+
+    def attributes(self) -> dict[str, str]:
+        """What selectors and placement constraints match: facts (``arch``, ``os``, ``driver``,
+        ``hostname``, ``agent_version``) overlaid by labels (a label wins over a fact)."""
+        attrs: dict[str, str] = {}
+        if self.facts is not None:
+            attrs = {
+                "arch": self.facts.arch,
+                "os": self.facts.os,
+                "driver": self.facts.driver,
+                "hostname": self.facts.hostname,
+                "agent_version": self.facts.agent_version,
+            }
+        attrs.update(self.labels)
+        return attrs
 
 
 class Group(Stored):

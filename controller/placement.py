@@ -37,6 +37,8 @@ class Placement(BaseModel):
 
     mode: Literal["global", "replicas"] = "global"
     replicas: int = Field(default=0, ge=0, le=100_000)
+    constraints: tuple[str, ...] = ()
+    """Selector terms a device must match to run the stack (``arch == arm64``, ``gpu``...)."""
     lost_after_s: float | None = Field(default=None, ge=0)
     replace: bool = False
     reconcile: ReconcilePolicy = "keep_original"

@@ -1,4 +1,8 @@
-"""Scheduling, pure: which stacks each device should run, given groups and device labels."""
+"""Scheduling, pure: which stacks each device should run, given groups and device attributes.
+
+"Labels" here are a device's attributes: its facts (arch, os, driver...) overlaid by its
+labels (see :meth:`.models.Device.attributes`).
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,14 @@ def members(group: Group, labels: Mapping[str, Mapping[str, str]]) -> list[str]:
         return sorted(set(group.devices))
     selector = parse_selector(group.selector)
     return sorted(d for d, lbl in labels.items() if matches(selector, lbl))
+
+
+def eligible(stack: Stack, candidates: list[str], attributes: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """The candidates that satisfy the stack's placement constraints."""
+    if not stack.placement.constraints:
+        return candidates
+    terms = [t for c in stack.placement.constraints for t in parse_selector(c)]
+    return [d for d in candidates if matches(tuple(terms), attributes.get(d, {}))]
 
 
 def desired_stacks(
@@ -42,7 +54,7 @@ def desired_stacks(
         targets = (
             [a.device_id for a in stack.assignment]
             if stack.placement.mode == "replicas"
-            else members(group, labels)
+            else eligible(stack, members(group, labels), labels)
         )
         for device_id in targets:
             spec_hash = pins.get(stack.name, {}).get(device_id, stack.spec_hash)

@@ -42,6 +42,7 @@ from tether.protocol.models import (
     DeploymentsList,
     DeploymentsStatus,
     DesiredState,
+    DevicesLabel,
     DevicesList,
     DevicesShow,
     DevicesTop,
@@ -70,13 +71,14 @@ from .models import DesiredRecord, Device, Group, Stack
 from .observability import REFRESH_SECONDS, Metrics
 from .placement import Assignment, Candidate, place
 from .rollout import Observation
-from .scheduler import desired_stacks, members
+from .scheduler import desired_stacks, eligible, members
 from .selectors import parse_selector
 from .store import Store
 
 log = logging.getLogger(__name__)
 
 _CONNECTED = "\x00connected"
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _STOP = "\x00stop"
 _TICK = "\x00tick"
 TICK_SECONDS = 1.0
@@ -241,7 +243,8 @@ class Controller:
         if stack.placement.mode == "replicas":
             return sorted(a.device_id for a in stack.assignment)
         group = self.store.get_group(stack.group)
-        return members(group, self._labels()) if group else []
+        attributes = self._labels()
+        return eligible(stack, members(group, attributes), attributes) if group else []
 
     def _observe(self, stack: str, device_ids: list[str]) -> dict[str, Observation]:
         observed = {}
@@ -373,9 +376,11 @@ class Controller:
             update["since"] = now
         if presence.facts is not None:
             update["facts"] = presence.facts
-        labels_changed = presence.facts is not None and presence.facts.labels != device.labels
+        before = device.attributes()
         new_device = self.store.get_device(device_id) is None
-        self.store.put_device(device.model_copy(update=update))
+        updated = device.model_copy(update=update)
+        labels_changed = updated.attributes() != before
+        self.store.put_device(updated)
         if presence.status != device.status:
             log.info("device %s is %s (session %d)", device_id, presence.status, presence.session)
         if presence.status != device.status and any(
@@ -431,7 +436,7 @@ class Controller:
             self._update_placements()
         stacks = self.store.list_stacks()
         if device_ids is None:
-            labels = {d.id: d.labels for d in self.store.list_devices()}
+            labels = {d.id: d.attributes() for d in self.store.list_devices()}
             existing = {r.device_id: r for r in self.store.list_desired()}
             wanted = desired_stacks(stacks, groups, labels, self._pins())
             candidates = set(wanted) | set(existing)
@@ -440,7 +445,7 @@ class Controller:
             existing = {}
             for device_id in device_ids:
                 device = self.store.get_device(device_id)
-                labels[device_id] = device.labels if device else {}
+                labels[device_id] = device.attributes() if device else {}
                 record = self.store.get_desired(device_id)
                 if record is not None:
                     existing[device_id] = record
@@ -466,7 +471,7 @@ class Controller:
 
     def _next_placements(self, stacks: list[Stack]) -> dict[str, tuple[Assignment, ...]]:
         devices = self.store.list_devices()
-        labels = {d.id: d.labels for d in devices}
+        labels = {d.id: d.attributes() for d in devices}
         load: dict[str, int] = {}
         for record in self.store.list_desired():
             load[record.device_id] = len(record.stacks)
@@ -481,7 +486,7 @@ class Controller:
         result = {}
         for stack in stacks:
             group = groups.get(stack.group)
-            group_members = members(group, labels) if group else []
+            group_members = eligible(stack, members(group, labels), labels) if group else []
             result[stack.name] = place(stack.placement, group_members, candidates, stack.assignment, now)
         return result
 
@@ -611,6 +616,7 @@ class Controller:
         handlers: dict[type, Callable[[Any], Any]] = {
             DevicesList: self._devices_ls,
             DevicesShow: self._devices_show,
+            DevicesLabel: self._devices_label,
             DevicesTop: self._devices_top,
             GroupsCreate: self._groups_create,
             GroupsList: self._groups_ls,
@@ -699,8 +705,25 @@ class Controller:
         ]
         return {"devices": rows}
 
+    def _devices_label(self, cmd: DevicesLabel) -> Any:
+        device = self._all_devices().get(cmd.device_id)
+        if device is None:
+            raise StoreError(f"unknown device {cmd.device_id!r}")
+        for key, value in cmd.set.items():
+            if not LABEL_KEY_RE.match(key) or "," in value or "=" in value or len(value) > 128:
+                raise StoreError(f"invalid label {key}={value!r}")
+        labels = {k: v for k, v in device.operator_labels.items() if k not in cmd.remove}
+        labels.update(cmd.set)
+        with self.store.transaction():
+            self.store.put_device(device.model_copy(update={"operator_labels": labels}))
+        if any(s.placement.mode == "replicas" for s in self.store.list_stacks()):
+            self.sync()
+        else:
+            self.sync({cmd.device_id})
+        return {"device": self._device_view(self._all_devices()[cmd.device_id])}
+
     def _labels(self) -> dict[str, dict[str, str]]:
-        return {d.id: d.labels for d in self.store.list_devices()}
+        return {d.id: d.attributes() for d in self.store.list_devices()}
 
     def _group_view(self, group: Group) -> dict[str, Any]:
         return {

@@ -36,5 +36,3 @@ def parse_duration(value: Any, where: str) -> float:
     if pos != len(text):
         raise DurationError(f"{where}: invalid duration {value!r} (use e.g. 10s, 1m30s, 500ms)")
     return total
-
-

@@ -246,6 +246,15 @@ class DevicesTop(WireModel):
     device_ids: tuple[str, ...] = ()
 
 
+class DevicesLabel(WireModel):
+    """Set (``set``) and remove (``remove``) operator labels of a device."""
+
+    kind: Literal["devices.label"] = "devices.label"
+    device_id: str
+    set: dict[str, str] = Field(default_factory=dict)
+    remove: tuple[str, ...] = ()
+
+
 class GroupsCreate(WireModel):
     kind: Literal["groups.create"] = "groups.create"
     name: str
@@ -322,6 +331,7 @@ Command = Annotated[
     DevicesList
     | DevicesShow
     | DevicesTop
+    | DevicesLabel
     | GroupsCreate
     | GroupsList
     | GroupsShow
