@@ -47,6 +47,8 @@ from tether.protocol.models import (
     DesiredState,
     DeviceFacts,
     Event,
+    JobResult,
+    JobSpec,
     Presence,
     ReportedState,
     StackDefinition,
@@ -58,6 +60,7 @@ from tether.protocol.topics import DeviceTopic
 
 from . import reconcile, remote
 from .drivers.base import Driver
+from .jobs import JobScheduler
 from .reconcile import CRASH_LOOP_RESTARTS, Create, Remove, RestartRecord, ServiceKey, Start
 from .store import StateStore
 
@@ -113,6 +116,9 @@ class AgentCore:
         self.device_id = device_id
         self.is_held = is_held
         self.held = False
+        self.jobs = JobScheduler.from_state(store.load_json("jobs"))
+        self.launch_job: Callable[[JobSpec, str], None] | None = None
+        """Set by the runner: start a job run off this thread; it calls :meth:`job_finished`."""
         self.labels = dict(labels)
         self.driver = driver
         self.store = store
@@ -136,6 +142,7 @@ class AgentCore:
         self._last_report: ReportedState | None = None
         self._report_published = False
         if self.desired is not None:
+            self.jobs.set_jobs(self.desired.jobs, clock())
             for ref in self.desired.stacks:
                 definition = store.load_definition(ref.spec_hash)
                 if definition is not None:
@@ -278,6 +285,8 @@ class AgentCore:
             return
         self.held = False
         self.store.save_desired(pending)
+        self.jobs.set_jobs(pending.jobs, self.clock())
+        self.store.save_json("jobs", self.jobs.state())
         self.desired = pending
         self.pending = None
         self.rejection = None
@@ -428,6 +437,37 @@ class AgentCore:
                 service=action.service.name,
             )
 
+    # --- jobs ---
+
+    def tick_jobs(self) -> None:
+        """Start the jobs that are due (runs happen off this thread, via ``launch_job``)."""
+        if self.launch_job is None or not self.jobs.jobs:
+            return
+        now = self.clock()
+        start, skipped = self.jobs.due(now)
+        if start or skipped:
+            self.store.save_json("jobs", self.jobs.state())
+        for job, run in skipped:
+            result = JobResult(job=job.name, run=run, started=now, duration_s=0.0, skipped=True)
+            self.event("job.result", f"job {job.name}: skipped (previous run still running)", data=result)
+        for job, run in start:
+            self.launch_job(job, run)
+
+    def job_finished(self, result: JobResult) -> None:
+        """A run ended: record it, and start a queued run if there is one."""
+        again = self.jobs.finished(result.job, result.run)
+        self.store.save_json("jobs", self.jobs.state())
+        outcome = "timed out" if result.timed_out else f"exit code {result.exit_code}"
+        level: Literal["info", "warning", "error"] = "info" if result.exit_code == 0 else "warning"
+        self.event(
+            "job.result",
+            f"job {result.job}: {outcome} after {result.duration_s:g}s",
+            level=level,
+            data=result,
+        )
+        if again is not None and self.launch_job is not None:
+            self.launch_job(again, f"{again.name}@{int(self.clock())}")
+
     # --- outbound ---
 
     def publish_report(self) -> None:
@@ -448,6 +488,7 @@ class AgentCore:
         level: Literal["info", "warning", "error"] = "info",
         stack: str | None = None,
         service: str | None = None,
+        data: JobResult | None = None,
     ) -> None:
         """Queue an event (on disk) and send what the link accepts."""
         event = Event(
@@ -458,6 +499,7 @@ class AgentCore:
             level=level,
             stack=stack,
             service=service,
+            data=data.model_dump(mode="json") if data is not None else None,
             at=self.clock(),
         )
         self.store.outbox_put(event)

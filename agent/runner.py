@@ -13,17 +13,21 @@ import subprocess
 import threading
 import time
 
+from tether.protocol import codec
+from tether.protocol.models import JobResult, JobSpec
 from tether.protocol.mqtt import MqttClient
 
 from . import remote
 from .config import LABEL_KEY_RE, AgentConfig
 from .core import AgentCore
 from .drivers.base import Driver
+from .jobs import run_host_command, run_job
 from .store import LocalStore
 
 log = logging.getLogger(__name__)
 
 _CONNECTED = "\x00connected"
+_JOB = "\x00job"
 LABELS_TIMEOUT = 10.0
 FAST_INTERVAL = 1.0
 LABELS_TIMEOUT = 10.0
@@ -55,6 +59,7 @@ class Agent:
             self.client,
             is_held=hold_file.exists,
         )
+        self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics
         for topic_filter in self.core.subscriptions():
             self.client.subscribe(topic_filter)
@@ -67,7 +72,11 @@ class Agent:
             return
         try:
             result = subprocess.run(
-                ["/bin/sh", "-c", command], capture_output=True, text=True, timeout=LABELS_TIMEOUT, check=False
+                ["/bin/sh", "-c", command],
+                capture_output=True,
+                text=True,
+                timeout=LABELS_TIMEOUT,
+                check=False,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("labels command failed: %s", exc)
@@ -109,6 +118,7 @@ class Agent:
                         item = self.inbox.get_nowait()
                     except queue.Empty:
                         item = None
+                self.core.tick_jobs()
                 if self.core.wake or time.monotonic() >= next_reconcile:
                     self.core.reconcile_once()
                     busy = self.core.converging or self.core.waiting
@@ -121,7 +131,20 @@ class Agent:
             self.core.driver.close()
             self.stopped.set()
 
+    def _launch_job(self, job: JobSpec, run: str) -> None:
+        """Run a job on its own thread; its result comes back through the inbox."""
+        runner = getattr(self.core.driver, "run_job", None) or run_host_command
+
+        def work() -> None:
+            result = run_job(job, run, runner)
+            self.inbox.put((_JOB, codec.encode(result)))
+
+        threading.Thread(target=work, name=f"job-{job.name}", daemon=True).start()
+
     def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == _JOB:
+            self.core.job_finished(codec.decode(payload, JobResult))
+            return
         if topic == _CONNECTED:
             broker = self.client.current_broker
             log.info("connected to %s (session %d)", broker.url() if broker else "?", self.core.session)

@@ -5,6 +5,7 @@
     {data_dir}/session                 the presence session counter
     {data_dir}/outbox/{seq}.msgpack    events not yet handed to the broker, oldest first
     {data_dir}/outbox/state            next event sequence number and events dropped
+    {data_dir}/jobs.json               the job scheduler's state (finished one-shot runs...)
 
 Every write is atomic (write a temporary file, fsync, rename over, fsync the directory),
 so a power cut leaves either the old or the new file, never a torn one.
@@ -20,7 +21,7 @@ import os
 import tempfile
 from collections import deque
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tether.protocol import codec
 from tether.protocol.errors import PayloadError
@@ -66,6 +67,8 @@ class StateStore(Protocol):
     def outbox_peek(self) -> Event | None: ...
     def outbox_pop(self) -> None: ...
     def outbox_dropped(self) -> int: ...
+    def load_json(self, name: str) -> Any: ...
+    def save_json(self, name: str, value: Any) -> None: ...
 
 
 class MemoryStore:
@@ -79,6 +82,7 @@ class MemoryStore:
         self.outbox: deque[Event] = deque()
         self.limit = limit
         self.dropped = 0
+        self.blobs: dict[str, Any] = {}
 
     def load_desired(self) -> DesiredState | None:
         return self.desired
@@ -118,6 +122,12 @@ class MemoryStore:
 
     def outbox_dropped(self) -> int:
         return self.dropped
+
+    def load_json(self, name: str) -> Any:
+        return self.blobs.get(name)
+
+    def save_json(self, name: str, value: Any) -> None:
+        self.blobs[name] = json.loads(json.dumps(value))
 
 
 class LocalStore:
@@ -226,3 +236,17 @@ class LocalStore:
 
     def outbox_dropped(self) -> int:
         return self._outbox_state["dropped"]
+
+    # --- small JSON documents (e.g. the job scheduler's state) ---
+
+    def load_json(self, name: str) -> Any:
+        try:
+            return json.loads((self.dir / f"{name}.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("ignoring unreadable %s.json: %s", name, exc)
+            return None
+
+    def save_json(self, name: str, value: Any) -> None:
+        atomic_write(self.dir / f"{name}.json", json.dumps(value).encode())

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
 import random
@@ -50,6 +49,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Row, log, report  # noqa: E402  (bench/common.py: tables, JSON, machine info)
 
 MOSQUITTO_BIN = "/usr/sbin/mosquitto"
 TOPIC = "tether/v1/devices/dev-{}/desired"
@@ -606,6 +608,35 @@ def print_table(results: list[dict[str, Any]]) -> None:
             print(f"{r['broker']}: broker log {r['broker_log']}")
 
 
+def target_rows(res: dict[str, Any]) -> list[Row]:
+    """Issue 3's targets: performance for the fixed embedded broker, correctness for every broker."""
+    n, kind = res["devices"], res["broker"]
+    rows: list[Row] = []
+    perf = kind == "embedded" and n <= 5000
+    scale = 1000 if n <= 1000 else 5000
+    storm_t, replay_t, rss_t = (3.0, 5.0, 60.0) if scale == 1000 else (20.0, 10.0, 200.0)
+
+    def upto(metric: str, value: float | None, unit: str, limit: float) -> None:
+        if perf:
+            met = value is not None and value <= limit
+            rows.append(Row(f"{kind}: {metric}", value, unit, f"<= {limit:g}{unit} (for {scale:,})", met))
+        else:
+            rows.append(Row(f"{kind}: {metric}", value, unit))
+
+    upto("connect+subscribe storm", res.get("storm_s"), " s", storm_t)
+    upto("retained replay after restart, p99", res.get("replay_p99_s"), " s", replay_t)
+    upto("broker RSS, peak", res.get("rss_peak_mb"), " MB", rss_t)
+    for metric, key in (
+        ("unsolicited messages", "unsolicited"),
+        ("connections dropped after CONNACK", "dropped"),
+        ("connects without CONNACK", "connect_failures"),
+    ):
+        rows.append(Row(f"{kind}: {metric}", res.get(key), "", "= 0", res.get(key) == 0))
+    missing = n - (res.get("replay_received") or 0)
+    rows.append(Row(f"{kind}: devices without their state after restart", missing, "", "= 0", missing == 0))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, default=1000)
@@ -618,7 +649,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=500, help="connection handshakes in flight at once")
     p.add_argument("--phase-timeout", type=float, default=60.0, help="seconds each phase may take")
     p.add_argument("--clean-session", action="store_true", help="devices use clean sessions")
-    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument(
+        "--json", type=Path, help="write the results here (default bench/results/broker_bench.json)"
+    )
     p.add_argument("--serve", choices=["embedded", "embedded-stock"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
@@ -632,12 +665,13 @@ def main(argv: list[str] | None = None) -> int:
     for kind in kinds:
         args.broker = kind
         with tempfile.TemporaryDirectory(prefix="broker-bench-") as tmp:
-            print(f"running {kind} with {args.devices} devices...", file=sys.stderr, flush=True)
+            log(f"broker_bench: {kind} with {args.devices} devices")
             results.append(asyncio.run(bench(args, Path(tmp))))
     print_table(results)
-    if args.json:
-        data: Any = results[0] if len(results) == 1 else results
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+    print()
+    rows = [row for res in results for row in target_rows(res)]
+    title = f"Broker benchmark: {args.devices:,} devices, one {args.payload} B retained message each"
+    report("broker_bench", title, rows, {"devices": args.devices, "results": results}, args.json)
     return 0
 
 

@@ -38,6 +38,7 @@ Everything here depends on amqtt internals, so it refuses to run on any amqtt ve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -60,6 +61,7 @@ from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.packet import (
+    CONNECT,
     DISCONNECT,
     PINGREQ,
     PUBACK,
@@ -270,8 +272,17 @@ class TetherHandler(BrokerProtocolHandler):
         plugins_manager: PluginManager[Any],
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> tuple[TetherHandler, Session]:
-        """amqtt's ``BrokerProtocolHandler.init_from_connect``, building a :class:`TetherSession`."""
-        connect = await ConnectPacket.from_stream(reader)
+        """amqtt's ``BrokerProtocolHandler.init_from_connect``, building a :class:`TetherSession`.
+
+        Unlike amqtt, a first packet that is not a CONNECT is refused at once [MQTT-3.1.0-1]
+        instead of being parsed as one (and waited for) whatever its type.
+        """
+        fixed_header = await MQTTFixedHeader.from_stream(reader)
+        if fixed_header is None:
+            raise NoDataError("connection closed before CONNECT")
+        if fixed_header.packet_type != CONNECT:
+            raise MQTTError(f"[MQTT-3.1.0-1] first packet has type {fixed_header.packet_type}, not CONNECT")
+        connect = await ConnectPacket.from_stream(reader, fixed_header=fixed_header)
         await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
         if connect.variable_header is None or connect.payload is None:
             raise MQTTError("CONNECT packet: header or payload missing")
@@ -292,7 +303,10 @@ class TetherHandler(BrokerProtocolHandler):
             remote_address, remote_port = remote_info
             refusal: tuple[int, str] | None = None
             if connect.proto_level != 4:
-                refusal = (UNACCEPTABLE_PROTOCOL_VERSION, f"protocol level {connect.proto_level} (MQTT 3.1.1 only)")
+                refusal = (
+                    UNACCEPTABLE_PROTOCOL_VERSION,
+                    f"protocol level {connect.proto_level} (MQTT 3.1.1 only)",
+                )
             elif not connect.username_flag and connect.password_flag:
                 refusal = (BAD_USERNAME_PASSWORD, "password without username")
             elif connect.username_flag and connect.username is None:
@@ -304,8 +318,10 @@ class TetherHandler(BrokerProtocolHandler):
             if refusal is not None:
                 connack = ConnackPacket.build(0, refusal[0])
                 await plugins_manager.fire_event(MQTTEvents.PACKET_SENT, packet=connack)
-                await connack.to_stream(writer)
-                await writer.close()
+                try:
+                    await connack.to_stream(writer)
+                finally:
+                    await _close_quietly(writer)
                 raise MQTTError(f"CONNECT from {remote_address}:{remote_port} refused: {refusal[1]}")
 
         session = TetherSession()
@@ -324,7 +340,12 @@ class TetherHandler(BrokerProtocolHandler):
         session.keep_alive = max(connect.keep_alive, 0)
         handler = cls(plugins_manager, loop=loop)
         if connect.will_flag and connect.will_topic is not None and connect.will_message is not None:
-            handler.will = (connect.will_topic, connect.will_message, connect.will_qos or 0, bool(connect.will_retain_flag))
+            handler.will = (
+                connect.will_topic,
+                connect.will_message,
+                connect.will_qos or 0,
+                bool(connect.will_retain_flag),
+            )
         return handler, session
 
     # --- background work owned by this connection ---------------------------------------
@@ -360,10 +381,8 @@ class TetherHandler(BrokerProtocolHandler):
             task.cancel()
             await asyncio.wait([task])
         if self.writer is not None:
-            try:
+            with contextlib.suppress(OSError, asyncio.CancelledError, TimeoutError):
                 await self.writer.close()
-            except (OSError, asyncio.CancelledError, TimeoutError):
-                pass
         for delivery in list(self._tasks):
             delivery.cancel()
         waiter = self._disconnect_waiter
@@ -429,7 +448,9 @@ class TetherHandler(BrokerProtocolHandler):
                 self._last_rx = self._loop.time()
                 ptype = fixed_header.packet_type
                 packet: Any = await packet_class(fixed_header).from_stream(reader, fixed_header=fixed_header)
-                await self.plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=packet, session=session)
+                await self.plugins_manager.fire_event(
+                    MQTTEvents.PACKET_RECEIVED, packet=packet, session=session
+                )
                 if ptype == PUBLISH:
                     if packet.qos == QOS_2:
                         self.spawn(self.handle_publish(packet))
@@ -611,13 +632,14 @@ class TetherBroker(Broker):
         ssl_context: Any,
     ) -> Any:
         if listener_type != ListenerType.TCP:
-            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+            return await super()._create_server_instance(
+                listener_name, listener_type, address, port, ssl_context
+            )
 
         async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
+            # when the loop closes, asyncio would log a cancelled connection task as an error
+            with contextlib.suppress(asyncio.CancelledError):
                 await self.stream_connected(reader, writer, listener_name)
-            except asyncio.CancelledError:
-                pass  # the loop is closing; asyncio would log a cancelled connection task as an error
 
         return await asyncio.start_server(
             connected, address, port, reuse_address=True, ssl=ssl_context, backlog=LISTEN_BACKLOG
@@ -657,7 +679,9 @@ class TetherBroker(Broker):
 
     # --- connections -------------------------------------------------------------------
 
-    async def _client_connected(self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter) -> None:
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
         server = self._servers.get(listener_name)
         if server is None:
             raise BrokerError(f"invalid listener name {listener_name!r}")
@@ -672,9 +696,13 @@ class TetherBroker(Broker):
             except (AMQTTError, MQTTError, NoDataError) as exc:
                 log.info("connection from %s:%s not accepted: %s", remote[0], remote[1], exc)
                 return
+            except Exception:
+                log.warning("connection from %s:%s failed", remote[0], remote[1], exc_info=True)
+                await _close_quietly(writer)
+                return
             try:
                 await self._handle_client_session(reader, writer, session, handler, server, listener_name)
-            except (AMQTTError, MQTTError, NoDataError, ConnectionError) as exc:
+            except (AMQTTError, MQTTError, NoDataError, OSError) as exc:
                 log.info("client %s: %r", session.client_id, exc)
             except Exception:
                 log.warning("client %s: unexpected error", session.client_id, exc_info=True)
@@ -690,7 +718,7 @@ class TetherBroker(Broker):
                 TetherHandler.init_from_connect(reader, writer, self.plugins_manager, loop=self._loop),
                 CONNECT_TIMEOUT,
             )
-        except (MQTTError, AMQTTError, NoDataError, TimeoutError, ConnectionError, ValueError) as exc:
+        except (MQTTError, AMQTTError, NoDataError, TimeoutError, OSError, ValueError) as exc:
             await _close_quietly(writer)
             if isinstance(exc, (MQTTError, AMQTTError, NoDataError)):
                 raise
@@ -805,7 +833,12 @@ class TetherBroker(Broker):
     ) -> None:
         """Will (unless a clean DISCONNECT or a takeover), stop, and forget a clean session."""
         cid = session.client_id
-        if goodbye is None and handler.will is not None and not handler.taken_over and not self._shutting_down:
+        if (
+            goodbye is None
+            and handler.will is not None
+            and not handler.taken_over
+            and not self._shutting_down
+        ):
             topic, message, qos, retain = handler.will
             log.debug("client %s vanished: publishing its will on %s", cid, topic)
             await self._broadcast_message(session, topic, message, qos)
@@ -835,11 +868,16 @@ class TetherBroker(Broker):
             if granted == SUBACK_FAILURE:
                 continue
             await self.plugins_manager.fire_event(
-                BrokerEvents.CLIENT_SUBSCRIBED, client_id=client_session.client_id, topic=topic_filter, qos=requested
+                BrokerEvents.CLIENT_SUBSCRIBED,
+                client_id=client_session.client_id,
+                topic=topic_filter,
+                qos=requested,
             )
             await self._send_retained(client_session, handler, topic_filter, granted)
 
-    async def _send_retained(self, session: Session, handler: TetherHandler, topic_filter: str, qos: int) -> None:
+    async def _send_retained(
+        self, session: Session, handler: TetherHandler, topic_filter: str, qos: int
+    ) -> None:
         if is_wildcard(topic_filter):
             topics = self._retained_topics.match(topic_filter)
             messages = [self._retained_messages[t] for t in topics if t in self._retained_messages]
@@ -848,7 +886,9 @@ class TetherBroker(Broker):
             messages = [one] if one is not None else []
         filtering = self.plugins_manager.is_topic_filtering_enabled()
         for message in messages:
-            if filtering and not await self._topic_filtering(session, topic=message.topic, action=Action.RECEIVE):
+            if filtering and not await self._topic_filtering(
+                session, topic=message.topic, action=Action.RECEIVE
+            ):
                 continue
             msg_qos = message.qos if message.qos is not None else qos
             handler.spawn(handler.mqtt_publish(message.topic, message.data, min(qos, msg_qos), retain=True))
@@ -913,7 +953,9 @@ class TetherBroker(Broker):
         filters = getattr(session, "filters", None)
         if filters is None:  # a session amqtt code created: find its filters the slow way
             candidates = [
-                f for f, subs in self._subscriptions.items() if any(s.client_id == session.client_id for s, _ in subs)
+                f
+                for f, subs in self._subscriptions.items()
+                if any(s.client_id == session.client_id for s, _ in subs)
             ]
         else:
             candidates = list(filters)

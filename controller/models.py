@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from tether.protocol.models import NAME_PATTERN, DeviceFacts, ReportedState, StackRef, StackSpec
+from tether.protocol.models import NAME_PATTERN, DeviceFacts, JobSpec, ReportedState, StackRef, StackSpec
 
 from .placement import Assignment, Placement
 
@@ -76,10 +76,20 @@ class Stack(Stored):
     updated: float = 0.0
 
 
+class Job(Stored):
+    """An edge job on a group (one-shot or scheduled)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    group: str
+    spec: JobSpec
+    created: float = 0.0
+
+
 class DesiredRecord(Stored):
     """The desired state last computed for a device, and whether the broker has it."""
 
     device_id: str
     generation: int
     stacks: tuple[StackRef, ...] = ()
+    jobs: tuple[JobSpec, ...] = ()
     published: bool = False

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from tether.protocol.models import StackRef
+from tether.protocol.models import JobSpec, StackRef
 
-from .models import Group, Stack
+from .models import Group, Job, Stack
 from .selectors import matches, parse_selector
 
 
@@ -60,3 +60,17 @@ def desired_stacks(
             spec_hash = pins.get(stack.name, {}).get(device_id, stack.spec_hash)
             result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=spec_hash))
     return {d: tuple(sorted(refs, key=lambda r: r.name)) for d, refs in result.items()}
+
+
+def desired_jobs(
+    jobs: Iterable[Job], groups: Mapping[str, Group], labels: Mapping[str, Mapping[str, str]]
+) -> dict[str, tuple[JobSpec, ...]]:
+    """Map every device to the jobs of its groups, sorted by name."""
+    result: dict[str, list[JobSpec]] = {}
+    for job in jobs:
+        group = groups.get(job.group)
+        if group is None:
+            continue
+        for device_id in members(group, labels):
+            result.setdefault(device_id, []).append(job.spec)
+    return {d: tuple(sorted(specs, key=lambda j: j.name)) for d, specs in result.items()}

@@ -51,6 +51,14 @@ from tether.protocol.models import (
     GroupsList,
     GroupsRemove,
     GroupsShow,
+    JobResult,
+    JobsList,
+    JobsLogs,
+    JobSpec,
+    JobsRemove,
+    JobsRun,
+    JobsSchedule,
+    JobsStatus,
     Presence,
     Reply,
     ReportedState,
@@ -62,16 +70,17 @@ from tether.protocol.models import (
     StacksStatus,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
+from tether.protocol.schedule import cron_error
 from tether.protocol.topics import DeviceTopic
 
 from . import rollout
 from .compose import parse_stack
 from .lease import Lease
-from .models import DesiredRecord, Device, Group, Stack
+from .models import DesiredRecord, Device, Group, Job, Stack
 from .observability import REFRESH_SECONDS, Metrics
 from .placement import Assignment, Candidate, place
 from .rollout import Observation
-from .scheduler import desired_stacks, eligible, members
+from .scheduler import desired_jobs, desired_stacks, eligible, members
 from .selectors import parse_selector
 from .store import Store
 
@@ -414,6 +423,15 @@ class Controller:
             return
         if not self.store.add_event(device_id, event.seq, event.model_dump_json()):
             return  # delivered twice (at least once on the wire): already stored
+        if event.kind == "job.result" and event.data is not None:
+            try:
+                result = JobResult.model_validate(event.data)
+            except ValidationError as exc:
+                log.warning("device %s: ignoring malformed job result: %s", device_id, codec.describe(exc))
+            else:
+                self.store.add_job_result(
+                    result.job, device_id, result.run, result.started, result.model_dump_json()
+                )
         level = logging.WARNING if event.level != "info" else logging.INFO
         log.log(level, "device %s: %s: %s", device_id, event.kind, event.message)
 
@@ -439,7 +457,8 @@ class Controller:
             labels = {d.id: d.attributes() for d in self.store.list_devices()}
             existing = {r.device_id: r for r in self.store.list_desired()}
             wanted = desired_stacks(stacks, groups, labels, self._pins())
-            candidates = set(wanted) | set(existing)
+            jobs = desired_jobs(self.store.list_jobs(), groups, labels)
+            candidates = set(wanted) | set(existing) | set(jobs)
         else:
             labels = {}
             existing = {}
@@ -454,17 +473,25 @@ class Controller:
                 for d, refs in desired_stacks(stacks, groups, labels, self._pins()).items()
                 if d in device_ids
             }
+            jobs = {
+                d: j
+                for d, j in desired_jobs(self.store.list_jobs(), groups, labels).items()
+                if d in device_ids
+            }
             candidates = set(device_ids)
         needed: set[str] = set()
         for device_id in sorted(candidates):
             refs = wanted.get(device_id, ())
+            device_jobs = jobs.get(device_id, ())
             needed.update(ref.spec_hash for ref in refs)
             record = existing.get(device_id)
-            if record is None and not refs:
+            if record is None and not refs and not device_jobs:
                 continue
-            if record is None or record.stacks != refs:
+            if record is None or record.stacks != refs or record.jobs != device_jobs:
                 generation = record.generation + 1 if record else 1
-                self.store.put_desired(DesiredRecord(device_id=device_id, generation=generation, stacks=refs))
+                self.store.put_desired(
+                    DesiredRecord(device_id=device_id, generation=generation, stacks=refs, jobs=device_jobs)
+                )
         known = self.store.definitions()
         for spec_hash in needed - set(known):
             self.store.set_definition(spec_hash, False)
@@ -551,7 +578,11 @@ class Controller:
                     topics.device(r.device_id, DeviceTopic.DESIRED),
                     codec.encode(
                         DesiredState(
-                            device_id=r.device_id, generation=r.generation, stacks=r.stacks, issued_at=now
+                            device_id=r.device_id,
+                            generation=r.generation,
+                            stacks=r.stacks,
+                            jobs=r.jobs,
+                            issued_at=now,
                         )
                     ),
                     1,
@@ -629,6 +660,12 @@ class Controller:
             DeploymentsList: self._deployments_ls,
             DeploymentsStatus: self._deployments_status,
             DeploymentsAction: self._deployments_action,
+            JobsRun: self._jobs_run,
+            JobsSchedule: self._jobs_schedule,
+            JobsList: self._jobs_ls,
+            JobsStatus: self._jobs_status,
+            JobsLogs: self._jobs_logs,
+            JobsRemove: self._jobs_rm,
         }
         return handlers[type(command)](command)
 
@@ -912,6 +949,124 @@ class Controller:
         if stack is None and not rows:
             raise StoreError(f"unknown stack {cmd.name!r}")
         return {"stack": self._stack_view(stack) if stack else None, "devices": rows}
+
+    # --- jobs ---
+
+    def _add_job(self, job: Job) -> Any:
+        if not re.match(NAME_PATTERN, job.name):
+            raise StoreError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
+        if self.store.get_group(job.group) is None:
+            raise StoreError(f"unknown group {job.group!r}")
+        if not job.spec.command:
+            raise StoreError("a job needs a command")
+        if self.store.get_job(job.name) is not None:
+            raise StoreError(f"job {job.name!r} already exists; remove it first")
+        with self.store.transaction():
+            self.store.put_job(job)
+            self._recompute()
+        self.publish_pending()
+        return {"job": self._job_view(job)}
+
+    def _jobs_run(self, cmd: JobsRun) -> Any:
+        spec = (
+            JobSpec(
+                name=cmd.name,
+                command=cmd.command,
+                image=cmd.image,
+                timeout_s=cmd.timeout_s,
+                run_id=uuid.uuid4().hex[:12],
+            )
+            if re.match(NAME_PATTERN, cmd.name)
+            else None
+        )
+        if spec is None:
+            raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        return self._add_job(Job(name=cmd.name, group=cmd.group, spec=spec, created=self.clock()))
+
+    def _jobs_schedule(self, cmd: JobsSchedule) -> Any:
+        if (cmd.cron is None) == (cmd.every_s is None):
+            raise StoreError("a scheduled job needs either a cron expression or an interval (not both)")
+        if cmd.cron is not None and (problem := cron_error(cmd.cron)) is not None:
+            raise StoreError(f"invalid cron expression {cmd.cron!r}: {problem}")
+        if not re.match(NAME_PATTERN, cmd.name):
+            raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        spec = JobSpec(
+            name=cmd.name,
+            command=cmd.command,
+            image=cmd.image,
+            timeout_s=cmd.timeout_s,
+            cron=cmd.cron,
+            every_s=cmd.every_s,
+            concurrency=cmd.concurrency,
+        )
+        return self._add_job(Job(name=cmd.name, group=cmd.group, spec=spec, created=self.clock()))
+
+    def _job_view(self, job: Job) -> dict[str, Any]:
+        spec = job.spec
+        trigger = f"cron {spec.cron}" if spec.cron else f"every {spec.every_s:g}s" if spec.every_s else "once"
+        return {
+            "name": job.name,
+            "group": job.group,
+            "trigger": trigger,
+            "command": list(spec.command),
+            "image": spec.image,
+            "timeout_s": spec.timeout_s,
+            "concurrency": spec.concurrency,
+            "created": job.created,
+        }
+
+    def _job(self, name: str) -> Job:
+        job = self.store.get_job(name)
+        if job is None:
+            raise StoreError(f"unknown job {name!r}")
+        return job
+
+    def _jobs_ls(self, cmd: JobsList) -> Any:
+        out = []
+        for job in self.store.list_jobs():
+            view = self._job_view(job)
+            latest = self._latest_results(job.name)
+            view["devices"] = len(latest)
+            view["succeeded"] = sum(1 for r in latest.values() if r["exit_code"] == 0)
+            out.append(view)
+        return {"jobs": out}
+
+    def _latest_results(self, name: str) -> dict[str, dict[str, Any]]:
+        latest: dict[str, dict[str, Any]] = {}
+        for device_id, body in self.store.list_job_results(name, None, 100_000):
+            result = json.loads(body)
+            if device_id not in latest or result["started"] >= latest[device_id]["started"]:
+                latest[device_id] = result
+        return latest
+
+    def _jobs_status(self, cmd: JobsStatus) -> Any:
+        job = self._job(cmd.name)
+        group = self.store.get_group(job.group)
+        targets = members(group, self._labels()) if group else []
+        latest = self._latest_results(job.name)
+        rows = []
+        for device_id in sorted(set(targets) | set(latest)):
+            r = latest.get(device_id)
+            rows.append(
+                {"device": device_id, "last": {k: v for k, v in r.items() if k != "output"} if r else None}
+            )
+        return {"job": self._job_view(job), "devices": rows}
+
+    def _jobs_logs(self, cmd: JobsLogs) -> Any:
+        self._job(cmd.name)
+        results = [
+            {"device": d, **json.loads(b)}
+            for d, b in self.store.list_job_results(cmd.name, cmd.device_id, cmd.limit)
+        ]
+        return {"results": results}
+
+    def _jobs_rm(self, cmd: JobsRemove) -> Any:
+        self._job(cmd.name)
+        with self.store.transaction():
+            self.store.delete_job(cmd.name)
+            self._recompute()
+        self.publish_pending()
+        return {"removed": cmd.name}
 
     # --- deployments ---
 

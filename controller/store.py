@@ -18,7 +18,7 @@ from typing import Any
 from tether.protocol.errors import StoreError
 from tether.protocol.models import StackSpec
 
-from .models import DesiredRecord, Device, Group, Stack
+from .models import DesiredRecord, Device, Group, Job, Stack
 from .rollout import Deployment
 
 MIGRATIONS = [
@@ -38,8 +38,15 @@ MIGRATIONS = [
     CREATE INDEX deployments_stack ON deployments (stack, id);
     CREATE TABLE specs (spec_hash TEXT PRIMARY KEY, body TEXT NOT NULL);
     """,
+    """
+    CREATE TABLE jobs (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE job_results (job TEXT NOT NULL, device_id TEXT NOT NULL, run TEXT NOT NULL,
+                              started REAL NOT NULL, body TEXT NOT NULL, PRIMARY KEY (job, device_id, run));
+    """,
 ]
 
+JOB_RESULTS_KEPT = 50
+"""Results kept per job and device (the newest)."""
 EVENTS_KEPT = 200
 """Events kept per device (the newest)."""
 
@@ -253,6 +260,49 @@ class Store:
     def get_spec(self, spec_hash: str) -> StackSpec | None:
         row = self.db.execute("SELECT body FROM specs WHERE spec_hash = ?", (spec_hash,)).fetchone()
         return StackSpec.model_validate_json(row[0]) if row else None
+
+    # --- jobs ---
+
+    def get_job(self, name: str) -> Job | None:
+        body = self._get("jobs", "name", name)
+        return Job.model_validate_json(body) if body else None
+
+    def list_jobs(self) -> list[Job]:
+        return [Job.model_validate_json(b) for b in self._all("jobs", "name")]
+
+    def put_job(self, job: Job) -> None:
+        self._put("jobs", "name", job.name, job.model_dump_json())
+
+    def delete_job(self, name: str) -> None:
+        self.db.execute("DELETE FROM jobs WHERE name = ?", (name,))
+        self.db.execute("DELETE FROM job_results WHERE job = ?", (name,))
+
+    def add_job_result(self, job: str, device_id: str, run: str, started: float, body: str) -> None:
+        """Store a run's result (once per run); keep the newest JOB_RESULTS_KEPT per job and device."""
+        self.db.execute(
+            "INSERT INTO job_results (job, device_id, run, started, body) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (job, device_id, run) DO UPDATE SET body = excluded.body",
+            (job, device_id, run, started, body),
+        )
+        self.db.execute(
+            "DELETE FROM job_results WHERE job = ? AND device_id = ? AND started < ("
+            "SELECT started FROM job_results WHERE job = ? AND device_id = ? ORDER BY started DESC LIMIT 1 OFFSET ?)",
+            (job, device_id, job, device_id, JOB_RESULTS_KEPT - 1),
+        )
+
+    def list_job_results(self, job: str, device_id: str | None, limit: int) -> list[tuple[str, str]]:
+        """(device, result JSON) pairs, oldest first, the newest ``limit``."""
+        if device_id is None:
+            rows = self.db.execute(
+                "SELECT device_id, body FROM job_results WHERE job = ? ORDER BY started DESC LIMIT ?",
+                (job, limit),
+            ).fetchall()
+        else:
+            rows = self.db.execute(
+                "SELECT device_id, body FROM job_results WHERE job = ? AND device_id = ? ORDER BY started DESC LIMIT ?",
+                (job, device_id, limit),
+            ).fetchall()
+        return [(r[0], r[1]) for r in reversed(rows)]
 
     # --- events ---
 

@@ -132,12 +132,31 @@ class StackRef(WireModel):
     spec_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class JobSpec(WireModel):
+    """An edge job: a command (process driver) or an image + command (docker driver).
+
+    Exactly one trigger: ``run_id`` (run once per id), ``cron`` (a 5-field cron expression,
+    evaluated on the device in UTC, so it runs while offline) or ``every_s`` (an interval).
+    """
+
+    name: str = Field(pattern=NAME_PATTERN)
+    command: tuple[str, ...]
+    image: str | None = None
+    environment: dict[str, str] = Field(default_factory=dict)
+    run_id: str | None = None
+    cron: str | None = None
+    every_s: float | None = Field(default=None, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0)
+    concurrency: Literal["skip", "queue"] = "skip"
+
+
 class DesiredState(Message):
     """Payload of ``.../desired``: everything one device should run, at one generation."""
 
     device_id: str
     generation: int = Field(ge=0)
     stacks: tuple[StackRef, ...] = ()
+    jobs: tuple[JobSpec, ...] = ()
     issued_at: float = 0.0
 
 
@@ -224,7 +243,21 @@ class Event(Message):
     level: Literal["info", "warning", "error"] = "info"
     stack: str | None = None
     service: str | None = None
+    data: dict[str, Any] | None = None
     at: float = 0.0
+
+
+class JobResult(WireModel):
+    """One run of a job, carried as the ``data`` of a ``job.result`` event."""
+
+    job: str
+    run: str
+    started: float
+    duration_s: float
+    exit_code: int | None = None
+    timed_out: bool = False
+    skipped: bool = False
+    output: str = ""
 
 
 # --- request / response (MQTT 3.1.1: reply topic and correlation id ride in the payload) ---
@@ -310,6 +343,52 @@ class StacksRemove(WireModel):
     name: str
 
 
+class JobsRun(WireModel):
+    """Run a job once on every device of a group."""
+
+    kind: Literal["jobs.run"] = "jobs.run"
+    name: str
+    group: str
+    command: tuple[str, ...]
+    image: str | None = None
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
+class JobsSchedule(WireModel):
+    """Run a job on a schedule (cron or interval), evaluated on each device of a group."""
+
+    kind: Literal["jobs.schedule"] = "jobs.schedule"
+    name: str
+    group: str
+    command: tuple[str, ...]
+    cron: str | None = None
+    every_s: float | None = Field(default=None, gt=0)
+    image: str | None = None
+    timeout_s: float = Field(default=300.0, gt=0)
+    concurrency: Literal["skip", "queue"] = "skip"
+
+
+class JobsList(WireModel):
+    kind: Literal["jobs.ls"] = "jobs.ls"
+
+
+class JobsStatus(WireModel):
+    kind: Literal["jobs.status"] = "jobs.status"
+    name: str
+
+
+class JobsLogs(WireModel):
+    kind: Literal["jobs.logs"] = "jobs.logs"
+    name: str
+    device_id: str | None = None
+    limit: int = Field(default=10, ge=1, le=200)
+
+
+class JobsRemove(WireModel):
+    kind: Literal["jobs.rm"] = "jobs.rm"
+    name: str
+
+
 class DeploymentsList(WireModel):
     kind: Literal["deployments.ls"] = "deployments.ls"
     stack: str | None = None
@@ -342,7 +421,13 @@ Command = Annotated[
     | StacksRemove
     | DeploymentsList
     | DeploymentsStatus
-    | DeploymentsAction,
+    | DeploymentsAction
+    | JobsRun
+    | JobsSchedule
+    | JobsList
+    | JobsStatus
+    | JobsLogs
+    | JobsRemove,
     Field(discriminator="kind"),
 ]
 COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)

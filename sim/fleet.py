@@ -136,7 +136,7 @@ class SimDevice:
             self.session.subscribe(topic_filter)
         self._reported_topic = self.core.topic(DeviceTopic.REPORTED)
         self.marks: dict[int, list[float | None]] = {}
-        """generation -> [first report naming it, first such report with nothing converging]."""
+        """generation -> [first report naming it, first such report with every stack settled]."""
         self.failed = False
         self.connected_at: float | None = None
         self.connects = 0
@@ -181,7 +181,10 @@ class SimDevice:
         if mark is None:
             mark = self.marks[gen] = [now, None]
         self.failed = bool(core.errors)
-        if mark[1] is None and not core.converging:
+        # Settled: nothing converging, or only failed creates left (retried with backoff) and
+        # nothing still starting - the report then shows every stack running or failed.
+        settled = not core.converging or (self.failed and self.driver.next_change() is None)
+        if mark[1] is None and settled:
             mark[1] = now
 
     def done_at(self, generation: int) -> float | None:

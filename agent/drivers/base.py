@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from tether.protocol.models import HealthState, ServiceSpec, StackSpec
+from tether.protocol.models import HealthState, JobSpec, ServiceSpec, StackSpec
 
 LABEL_MANAGED = "io.tether.managed"
 LABEL_DEVICE = "io.tether.device"
@@ -79,6 +79,10 @@ class Driver(Protocol):
     def usage(self) -> dict[str, tuple[float | None, int | None]]:
         """Per running instance, ``"stack/service"`` to (CPU seconds used since it started,
         memory in use in bytes), for metrics. Read-only: called on the metrics thread."""
+        ...
+
+    def run_job(self, job: JobSpec) -> tuple[int | None, str, bool]:
+        """Run an edge job to completion: (exit code or None, output, timed out)."""
         ...
 
     def prune(self, stacks: set[str]) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import docker
 import docker.errors
 from tether.protocol.errors import DriverError
-from tether.protocol.models import ServiceSpec, StackSpec
+from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
 
 from .base import (
     LABEL_DEVICE,
@@ -310,6 +310,37 @@ class DockerDriver:
                 max(0, mem) if mem is not None else None,
             )
         return out
+
+    def run_job(self, job: JobSpec) -> tuple[int | None, str, bool]:
+        """Run a job's image + command in a throwaway container; (exit code, output, timed out)."""
+        if not job.image:
+            return None, "the docker driver runs jobs from an image: give the job an image", False
+        self._ensure_image(job.image)
+        try:
+            container = self.client.containers.run(
+                job.image,
+                list(job.command),
+                detach=True,
+                environment=dict(job.environment),
+                labels={LABEL_MANAGED: "job", LABEL_DEVICE: self.device_id, "io.tether.job": job.name},
+            )
+        except docker.errors.DockerException as exc:
+            raise _error(f"run job {job.name}", exc) from exc
+        timed_out = False
+        exit_code: int | None = None
+        try:
+            try:
+                exit_code = int(container.wait(timeout=job.timeout_s).get("StatusCode", -1))
+            except Exception:  # noqa: BLE001 - requests raises its own timeout types
+                timed_out = True
+                container.kill()
+            output = bytes(container.logs(stdout=True, stderr=True)).decode(errors="replace")
+        finally:
+            try:
+                container.remove(force=True)
+            except docker.errors.DockerException:
+                log.warning("could not remove job container %s", container.id)
+        return exit_code, output, timed_out
 
     def prune(self, stacks: set[str]) -> None:
         try:

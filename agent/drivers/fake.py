@@ -20,7 +20,7 @@ import threading
 from collections.abc import Iterator
 
 from tether.protocol.errors import DriverError
-from tether.protocol.models import ServiceSpec, StackSpec
+from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
 
 from .base import Observed
 
@@ -130,3 +130,7 @@ class FakeDriver:
         if entry is None or entry[0] != self.device_id:
             raise DriverError(f"no instance {instance_id}")
         return entry[1]
+
+    def run_job(self, job: JobSpec) -> tuple[int | None, str, bool]:
+        """Jobs "run" instantly: exit code from ``TETHER_FAKE_EXIT`` in the job's environment."""
+        return int(job.environment.get("TETHER_FAKE_EXIT", "0")), f"fake run of {job.name}\n", False

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tether.agent.store import atomic_write
 from tether.protocol.errors import DriverError
-from tether.protocol.models import ServiceSpec, StackSpec
+from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
 
 from .base import Observed
 
@@ -279,6 +279,12 @@ class ProcessDriver:
             except (IndexError, ValueError):
                 continue
         return {key: (cpu / hz, mem) for key, (cpu, mem) in totals.items()}
+
+    def run_job(self, job: JobSpec) -> tuple[int | None, str, bool]:
+        """Run a job's command on the host; (exit code, output, timed out)."""
+        from tether.agent.jobs import run_host_command
+
+        return run_host_command(job)
 
     def prune(self, stacks: set[str]) -> None:
         return None

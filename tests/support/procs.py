@@ -163,20 +163,23 @@ class AgentProcess(_Proc):
 def cli(
     broker: str, *args: str, timeout: float = 120.0, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run the operator CLI against ``broker``."""
+    """Run the operator CLI against ``broker`` (given as TETHER_BROKER, so ``--`` arguments stay intact)."""
+    env = _env()
+    env["TETHER_BROKER"] = broker
     return subprocess.run(
-        [PY, "-m", "tether.cli.main", *args, "--broker", broker],
+        [PY, "-m", "tether.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env=env,
         input=stdin,
     )
 
 
 def cli_json(broker: str, *args: str, timeout: float = 120.0) -> Any:
     """Run a CLI command with ``-o json``; fail the test on a non-zero exit."""
-    result = cli(broker, *args, "-o", "json", timeout=timeout)
+    split = args.index("--") if "--" in args else len(args)
+    result = cli(broker, *args[:split], "-o", "json", *args[split:], timeout=timeout)
     assert result.returncode == 0, f"tether {' '.join(args)} failed ({result.returncode}): {result.stderr}"
     return json.loads(result.stdout)
 

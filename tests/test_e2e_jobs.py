@@ -1,0 +1,107 @@
+"""Edge jobs with real agents: one-shot runs once, schedules run on the device even offline,
+and results produced offline arrive after the link is back."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from support.infra import wait_until
+from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+
+pytestmark = pytest.mark.e2e
+
+
+def _lines(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def _results(url: str, job: str) -> list[dict]:
+    return cli_json(url, "jobs", "logs", job, "--limit", "200")
+
+
+def test_jobs_run_once_and_on_schedule_offline(tmp_path: Path) -> None:
+    """A one-shot job runs once (not again after an agent restart); a scheduled job keeps
+    running while the broker is gone and its results arrive, each once, after reconnect."""
+    device = f"job-{uuid.uuid4().hex[:6]}"
+    ticks = tmp_path / "ticks"
+    controller = ControllerProcess(tmp_path / "c")
+    url = controller.url
+    agent = AgentProcess(url, device, tmp_path / "agent")
+    try:
+        wait_online(url, device)
+        cli_json(url, "groups", "create", "g", "--device", device)
+
+        run = cli_json(
+            url, "jobs", "run", "hello", "--group", "g", "--", "sh", "-c", "echo hello from $0", "dev"
+        )
+        assert run["trigger"] == "once"
+        first = wait_until(lambda: _results(url, "hello"), 30, message="one-shot result")
+        assert first[0]["exit_code"] == 0 and "hello from dev" in first[0]["output"]
+
+        cli_json(
+            url,
+            "jobs",
+            "schedule",
+            "tick",
+            "--group",
+            "g",
+            "--every",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            f"date +%s >> {ticks}",
+        )
+        wait_until(lambda: _results(url, "tick"), 30, message="scheduled result")
+
+        # Offline: the controller and its embedded broker are gone; the job keeps running.
+        assert controller.stop() == 0
+        offline_from = _lines(ticks)
+        wait_until(lambda: _lines(ticks) >= offline_from + 3, 30, message="ticks while offline")
+        controller = ControllerProcess(tmp_path / "c")
+        url = controller.url
+        # The agent was started with the old URL: the broker port changed, so restart the agent on the new one.
+        agent.stop()
+        agent = AgentProcess(url, device, tmp_path / "agent")
+        wait_online(url, device)
+        produced = _lines(ticks)
+        results = wait_until(
+            lambda: (r := _results(url, "tick")) and len(r) >= produced and r, 60, message="offline results"
+        )
+        runs = [r["run"] for r in results]
+        assert len(runs) == len(set(runs)), "a result was delivered twice"
+        assert all(r["exit_code"] == 0 for r in results)
+        assert len(_results(url, "hello")) == 1, "a one-shot job ran again after an agent restart"
+
+        status = cli_json(url, "jobs", "status", "tick")
+        assert status["devices"][0]["last"]["exit_code"] == 0
+        assert {j["name"] for j in cli_json(url, "jobs", "ls")} == {"hello", "tick"}
+        assert cli(url, "jobs", "rm", "tick").returncode == 0
+        assert {j["name"] for j in cli_json(url, "jobs", "ls")} == {"hello"}
+    finally:
+        agent.stop()
+        controller.stop()
+
+
+def test_job_bad_input(tmp_path: Path) -> None:
+    """Bad cron, both triggers, unknown group and duplicate names are refused by name."""
+    controller = ControllerProcess(tmp_path / "c")
+    url = controller.url
+    try:
+        cli_json(url, "groups", "create", "g", "--device", "nobody")
+        bad = cli(url, "jobs", "schedule", "x", "--group", "g", "--cron", "61 * * * *", "--", "true")
+        assert bad.returncode != 0 and "invalid cron expression" in bad.stderr
+        both = cli(
+            url, "jobs", "schedule", "x", "--group", "g", "--cron", "* * * * *", "--every", "5s", "--", "true"
+        )
+        assert both.returncode != 0 and "not both" in both.stderr
+        assert "unknown group" in cli(url, "jobs", "run", "x", "--group", "nope", "--", "true").stderr
+        assert cli(url, "jobs", "run", "x", "--group", "g", "--", "true").returncode == 0
+        assert "already exists" in cli(url, "jobs", "run", "x", "--group", "g", "--", "true").stderr
+    finally:
+        controller.stop()

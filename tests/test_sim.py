@@ -1,0 +1,267 @@
+"""The fleet simulator: its MQTT session, its simulated runtime, and fleets against real brokers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from support.infra import Mosquitto, wait_until
+from support.procs import ControllerProcess
+from tether.cli.client import ControllerClient
+from tether.protocol import codec, topics
+from tether.protocol.errors import DriverError
+from tether.protocol.models import (
+    GroupsCreate,
+    GroupsShow,
+    Presence,
+    ServiceSpec,
+    StacksDeploy,
+    StackSpec,
+    StacksStatus,
+)
+from tether.protocol.mqtt import Will
+from tether.sim import FleetConfig, FleetThread, SimDriver, hashcache
+from tether.sim.mqtt import Counters, MqttSession, connect_packet, publish_packet, varint
+
+COMPOSE = """
+services:
+  web:
+    command: ["sleep", "1000"]
+    restart: always
+  worker:
+    command: ["sleep", "1000"]
+    restart: always
+"""
+
+# --- the MQTT session, without a broker -------------------------------------------------------
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+def test_varint_matches_the_spec_examples() -> None:
+    assert varint(0) == b"\x00"
+    assert varint(127) == b"\x7f"
+    assert varint(128) == b"\x80\x01"
+    assert varint(16_383) == b"\xff\x7f"
+    assert varint(2_097_152) == b"\x80\x80\x80\x01"
+
+
+def test_connect_packet_carries_will_and_persistent_session() -> None:
+    will = Will("t/w", b"gone", qos=1, retain=True)
+    pkt = connect_packet("tether-dev", clean_session=False, keepalive=60, will=will)
+    assert pkt[0] == 0x10
+    body = pkt[2:]
+    assert body[:6] == b"\x00\x04MQTT" and body[6] == 4
+    flags = body[7]
+    assert flags & 0x02 == 0  # clean session off
+    assert flags & 0x04 and (flags >> 3) & 0x03 == 1 and flags & 0x20  # will, QoS 1, retained
+    assert body[8:10] == b"\x00\x3c"
+    assert b"tether-dev" in body and b"t/w" in body and body.endswith(b"gone")
+
+
+def test_session_parses_fragmented_input_and_acknowledges_qos1() -> None:
+    async def go() -> None:
+        got: list[tuple[str, bytes]] = []
+        session = MqttSession("c", counters=Counters(), on_message=lambda t, p: got.append((t, p)))
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(b"\x20\x02\x00\x00")  # CONNACK
+        assert session.connected
+        stream = publish_packet("a/b", b"x" * 300, 1, False, pid=7) + publish_packet("c", b"", 0, True)
+        for i in range(len(stream)):  # one byte at a time: lengths and bodies split anywhere
+            session.data_received(stream[i : i + 1])
+        assert got == [("a/b", b"x" * 300), ("c", b"")]
+        await asyncio.sleep(0)  # writes are flushed once per loop iteration
+        assert b"\x40\x02\x00\x07" in transport.written  # PUBACK for packet 7
+
+    asyncio.run(go())
+
+
+def test_session_renews_subscriptions_and_resends_unacknowledged_publishes() -> None:
+    async def go() -> None:
+        session = MqttSession("c", counters=Counters())
+        session.subscribe("s/1")
+        transport = FakeTransport()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        session.data_received(b"\x20\x02\x00\x00")
+        assert session.publish("p/1", b"hello", qos=1)
+        await asyncio.sleep(0)
+        assert b"s/1" in transport.written and b"hello" in transport.written
+        session.connection_lost(None)
+        assert not session.connected and not session.publish("p/2", b"no")
+        again = FakeTransport()
+        session.connection_made(again)  # type: ignore[arg-type]
+        session.data_received(b"\x20\x02\x01\x00")
+        await asyncio.sleep(0)
+        assert b"s/1" in again.written  # subscriptions renewed after every CONNACK
+        resent = again.written[again.written.index(b"p/1") - 4 :]
+        assert resent[0] & 0x08 and b"hello" in resent  # the unacknowledged QoS 1 message, DUP
+
+    asyncio.run(go())
+
+
+# --- the simulated runtime --------------------------------------------------------------------
+
+
+def test_sim_driver_starts_after_a_delay_and_fails_on_demand() -> None:
+    now = [100.0]
+    driver = SimDriver("d1", start_delay=2.0, jitter=0.0, clock=lambda: now[0])
+    spec = StackSpec(services=(ServiceSpec(name="web"),))
+    driver.create("app", spec, spec.services[0])
+    assert [i.state for i in driver.observe()] == ["starting"]
+    assert driver.next_change() == 102.0
+    now[0] = 102.0
+    assert [i.state for i in driver.observe()] == ["running"]
+    assert driver.next_change() is None
+    failing = SimDriver("d2", fail=True)
+    with pytest.raises(DriverError, match="simulated failure"):
+        failing.create("app", spec, spec.services[0])
+    labelled = ServiceSpec(name="bad", labels={"tether.sim/fail": "no image"})
+    with pytest.raises(DriverError, match="no image"):
+        SimDriver("d3").create("app", spec, labelled)
+
+
+def test_hash_cache_gives_the_same_hashes() -> None:
+    spec = StackSpec(services=(ServiceSpec(name="web", environment={"A": "1"}),))
+    before = (spec.spec_hash(), spec.services[0].spec_hash())
+    hashcache.install()
+    assert hashcache.installed()
+    assert (spec.spec_hash(), spec.services[0].spec_hash()) == before
+    other = StackSpec(services=(ServiceSpec(name="web", environment={"A": "2"}),))
+    assert other.spec_hash() != before[0]
+
+
+# --- fleets against Mosquitto -----------------------------------------------------------------
+
+
+def retained(url_port: int, topic: str, timeout: float = 5.0) -> bytes | None:
+    """The retained message on ``topic`` (None if there is none)."""
+    got: list[bytes] = []
+    client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    client.on_message = lambda c, u, m: got.append(bytes(m.payload))
+    client.connect("127.0.0.1", url_port)
+    client.subscribe(topic, 1)
+    client.loop_start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got[0] if got else None
+
+
+def presence(broker: Mosquitto, device_id: str) -> Presence | None:
+    payload = retained(broker.port, topics.device(device_id, topics.DeviceTopic.PRESENCE))
+    return codec.decode(payload, Presence) if payload else None
+
+
+@pytest.mark.mosquitto
+def test_fleet_connects_each_device_with_its_own_session_and_will(mosquitto: Mosquitto) -> None:
+    config = FleetConfig(broker=mosquitto.url, devices=20, prefix="t", labels={"site": "x"}, connect_rate=200)
+    with FleetThread(config) as sim:
+        sim.wait(lambda f: f.connected() == 20, 20, message="20 connected")
+        log = mosquitto.log_text()
+        assert "as tether-t-00000 (p2, c0, k60)" in log and "as tether-t-00019 (p2, c0, k60)" in log
+        online = presence(mosquitto, "t-00003")
+        assert online is not None and online.status == "online"
+        assert online.facts is not None and online.facts.labels == {"site": "x"}
+        sim.call(lambda f: f.devices[3].crash())  # vanish without DISCONNECT: the broker sends the will
+        wait_until(
+            lambda: (p := presence(mosquitto, "t-00003")) is not None and p.status == "offline",
+            10,
+            message="the will of t-00003",
+        )
+        summary = sim.stop()
+    assert summary is not None and summary["devices"] == 20 and summary["connects"] == 20
+
+
+@pytest.mark.mosquitto
+def test_fleet_reconnects_after_the_broker_restarts(mosquitto: Mosquitto) -> None:
+    config = FleetConfig(broker=mosquitto.url, devices=10, prefix="r", backoff_base=0.2, backoff_cap=1.0)
+    with FleetThread(config) as sim:
+        sim.wait(lambda f: f.connected() == 10, 20)
+        mosquitto.stop()
+        sim.wait(lambda f: f.connected() == 0, 10)
+        assert mosquitto._launch(), mosquitto.log_text()  # the same port again
+        sim.wait(lambda f: f.connected() == 10 and all(d.connects == 2 for d in f.devices), 30)
+
+
+@pytest.mark.mosquitto
+@pytest.mark.e2e
+def test_fleet_deploy_through_a_real_controller(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    controller = ControllerProcess(tmp_path / "controller", broker=mosquitto.url)
+    try:
+        with ControllerClient(mosquitto.url, timeout=30) as client:
+            client.request(GroupsCreate(name="sim", selector="site=sim"))
+            config = FleetConfig(
+                broker=mosquitto.url,
+                devices=20,
+                prefix="e",
+                labels={"site": "sim"},
+                shard_label=("ring", 4),
+                fail_labels={"ring": "3"},  # 5 of the 20 devices
+                start_delay=0.3,
+            )
+            with FleetThread(config) as sim:
+                sim.wait(lambda f: f.connected() == 20, 20)
+                wait_until(
+                    lambda: len(client.request(GroupsShow(name="sim"))["group"]["members"]) == 20,
+                    20,
+                    interval=0.2,
+                )
+                client.request(StacksDeploy(name="app", group="sim", compose=COMPOSE))
+                sim.wait(
+                    lambda f: all(d.done_at(1) is not None for d in f.devices), 30, message="all applied"
+                )
+                counts = sim.call(lambda f: f.generation_counts())
+                assert counts == {1: {"devices": 20, "converged": 20, "failed": 5}}
+                failing = sim.call(lambda f: sorted(d.device_id for d in f.devices if d.failed))
+                assert failing == [f"e-{i:05d}" for i in (3, 7, 11, 15, 19)]
+
+                def states() -> dict[str, str]:
+                    rows = client.request(StacksStatus(name="app"))["devices"]
+                    return {r["device"]: r["state"] for r in rows}
+
+                wait_until(lambda: list(states().values()).count("running") == 15, 20, interval=0.3)
+                assert {d for d, s in states().items() if s == "failed"} == set(failing)
+    finally:
+        controller.stop()
+
+
+@pytest.mark.mosquitto
+def test_tether_sim_command_stops_by_itself_and_summarises(mosquitto: Mosquitto) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tether.sim", "--broker", mosquitto.url, "--devices", "15"]
+        + ["--labels", "site=cli", "--prefix", "cli", "--duration", "3", "--progress", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "connected:   15" in result.stdout
+    assert "none: 15 devices" in result.stdout
+    assert "15/15 connected" in result.stderr
+    # Stopped cleanly: every device said goodbye (retained offline), no will needed.
+    goodbye = presence(mosquitto, "cli-00007")
+    assert goodbye is not None and goodbye.status == "offline"
