@@ -139,7 +139,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     agent_bin = BIN / "tether-agent"
     argv = [str(agent_bin)] if agent_bin.exists() else [PY, "-m", "tether.agent.main"]
     argv += ["--broker", broker.url, "--device-id", device, "--driver", "docker"]
-    argv += ["--data-dir", str(workdir / "agent"), "--label", "bench=footprint", "--log-level", "warning"]
+    argv += ["--data-dir", str(workdir / "agent"), "--label", "bench=footprint", "--log-level", "info"]
     agent = Proc(argv, workdir / "agent.log")
     result: dict[str, Any] = {"device": device, "image": image, "window_s": args.window}
     try:

@@ -20,10 +20,11 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from tether.agent.store import atomic_write
 from tether.protocol.errors import DriverError
-from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
+from tether.protocol.models import HealthcheckSpec, HealthState, JobSpec, ServiceSpec, StackSpec
 
 from .base import Observed
 
@@ -60,6 +61,7 @@ class ProcessDriver:
         self.dir = Path(data_dir) / "processes"
         self.dir.mkdir(parents=True, exist_ok=True)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._checks: dict[str, HealthChecker] = {}
 
     def _record_path(self, stack: str, service: str) -> Path:
         return self.dir / f"{stack}.{service}.json"
@@ -92,6 +94,7 @@ class ProcessDriver:
                 rec["state"] = "exited"
                 rec["exit_code"] = exit_code
                 atomic_write(path, json.dumps(rec).encode())
+            health = self._health(path.stem, rec, alive)
             result.append(
                 Observed(
                     id=path.stem,
@@ -100,9 +103,31 @@ class ProcessDriver:
                     spec_hash=rec["spec_hash"],
                     state="running" if alive else "exited",
                     exit_code=None if alive else rec.get("exit_code"),
+                    health=health,
                 )
             )
         return result
+
+    def _health(self, key: str, rec: dict[str, Any], alive: bool) -> HealthState | None:
+        """The healthcheck status of a running instance (checks run on their own thread)."""
+        spec = rec.get("healthcheck")
+        checker = self._checks.get(key)
+        if not alive or not spec:
+            if checker is not None:
+                checker.stop()
+                del self._checks[key]
+            return None
+        if checker is None or checker.pid != rec.get("pid"):
+            if checker is not None:
+                checker.stop()
+            checker = HealthChecker(
+                HealthcheckSpec.model_validate(spec),
+                int(rec["pid"]),
+                self.dir.parent / "work" / rec["stack"] / rec["service"],
+            )
+            self._checks[key] = checker
+            checker.start()
+        return checker.status
 
     def _launch(self, stack: str, service: ServiceSpec) -> None:
         argv = list(service.entrypoint or ()) + list(service.command or ())
@@ -137,6 +162,7 @@ class ProcessDriver:
             "state": "running",
             "exit_code": None,
             "started_at": time.time(),
+            "healthcheck": service.healthcheck.model_dump(mode="json") if service.healthcheck else None,
         }
         atomic_write(self._record_path(stack, service.name), json.dumps(record).encode())
 
@@ -290,4 +316,56 @@ class ProcessDriver:
         return None
 
     def close(self) -> None:
-        return None
+        for checker in self._checks.values():
+            checker.stop()
+        self._checks.clear()
+
+
+class HealthChecker:
+    """Runs a Compose healthcheck against a host process, like Docker does for a container.
+
+    ``starting`` until the first success (failures during ``start_period`` do not count),
+    ``healthy`` after a success, ``unhealthy`` after ``retries`` consecutive failures.
+    ``CMD`` runs the command directly; ``CMD-SHELL`` through ``/bin/sh -c``.
+    """
+
+    def __init__(self, spec: HealthcheckSpec, pid: int, cwd: Path) -> None:
+        self.spec = spec
+        self.pid = pid
+        self.cwd = cwd
+        self.status: HealthState = "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"health-{pid}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _argv(self) -> list[str]:
+        kind, *rest = self.spec.test
+        return ["/bin/sh", "-c", " ".join(rest)] if kind == "CMD-SHELL" else list(rest)
+
+    def _run(self) -> None:
+        started = time.monotonic()
+        failures = 0
+        delay = 0.0  # the first check runs at once
+        while not self._stop.wait(delay):
+            delay = self.spec.interval_s
+            try:
+                done = subprocess.run(
+                    self._argv(), cwd=self.cwd, capture_output=True, timeout=self.spec.timeout_s, check=False
+                )
+                ok = done.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+            if ok:
+                failures = 0
+                self.status = "healthy"
+                continue
+            if self.status == "starting" and time.monotonic() - started < self.spec.start_period_s:
+                continue
+            failures += 1
+            if failures >= max(1, self.spec.retries):
+                self.status = "unhealthy"

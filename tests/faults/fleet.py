@@ -565,8 +565,12 @@ class Fleet:
         os.kill(self.agents[name].proc.pid, sig)
 
     def kill_device_processes(self, name: str) -> None:
-        """A power cut: SIGKILL the agent and every workload it started."""
+        """A power cut: SIGKILL the agent and every workload it started; return once all are gone."""
         self.agents[name].kill()
+        pids = []
         for pid_file in (self.agent_dir(name) / "processes").glob("*.json"):
             with contextlib.suppress(OSError, ValueError, KeyError, ProcessLookupError):
-                os.killpg(int(json.loads(pid_file.read_text())["pid"]), signal.SIGKILL)
+                pid = int(json.loads(pid_file.read_text())["pid"])
+                os.killpg(pid, signal.SIGKILL)
+                pids.append(pid)
+        wait_until(lambda: not any(self.alive(p) for p in pids), 10, 0.05, f"{name}: workloads dead")
