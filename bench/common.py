@@ -154,6 +154,7 @@ def machine() -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "mosquitto": mosquitto,
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }
 
 

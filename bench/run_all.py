@@ -42,7 +42,10 @@ QUICK: dict[str, list[tuple[str, list[str]]]] = {
     "deploy_latency": [("deploy_latency-30-mosquitto", ["--devices", "30", "--timeout", "60"])],
     "reconnect_storm": [("reconnect_storm-30", ["--devices", "30", "--timeout", "60", "--settle", "0.5"])],
     "controller_capacity": [
-        ("controller_capacity-30", ["--devices", "30", "--window", "2", "--runs", "1", "--timeout", "60"])
+        (
+            "controller_capacity-30",
+            ["--devices", "30", "--window", "2", "--settle", "0.5", "--runs", "1", "--timeout", "60"],
+        )
     ],
     "broker_bench": [("broker_bench", ["--devices", "30", "--broker", "mosquitto", "--phase-timeout", "30"])],
 }

@@ -74,6 +74,7 @@ from amqtt.mqtt.packet import (
     MQTTFixedHeader,
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
+from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import OUTGOING, ApplicationMessage, Session
@@ -240,8 +241,10 @@ class TetherHandler(BrokerProtocolHandler):
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.read_timeout: float | None = None
-        super().__init__(plugins_manager, session, loop)
-        # amqtt's queues and events (about 3 KB and 1.5 KB each) that this class does not use
+        # Not BrokerProtocolHandler.__init__: its two queues (about 3 KB each, and a
+        # noticeable share of a connect storm's CPU) are not used by this class.
+        ProtocolHandler.__init__(self, plugins_manager, session, loop)
+        self._disconnect_waiter = None
         self._pending_subscriptions = None  # type: ignore[assignment]
         self._pending_unsubscriptions = None  # type: ignore[assignment]
         self._reader_stopped = None  # type: ignore[assignment]
@@ -391,14 +394,7 @@ class TetherHandler(BrokerProtocolHandler):
 
     def abort(self) -> None:
         """Close the connection now; the reader sees EOF and the session loop ends it."""
-        writer = self.writer
-        transport = None
-        if isinstance(writer, StreamWriterAdapter):
-            transport = getattr(getattr(writer, "_writer", None), "transport", None)
-        if transport is not None:
-            transport.abort()
-        elif self.reader is not None:
-            self.reader.feed_eof()
+        _abort(self.reader, self.writer)
 
     def _signal_end(self, packet: DisconnectPacket | None) -> None:
         """Tell the session loop, once, that this connection has ended (``packet`` if cleanly)."""
@@ -713,16 +709,19 @@ class TetherBroker(Broker):
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
     ) -> tuple[BrokerProtocolHandler, Session]:
         """Read and check the CONNECT (within :data:`CONNECT_TIMEOUT`); no session lookup yet."""
+        # a timer that closes the connection costs less than wait_for's extra task
+        timer = self._loop.call_later(CONNECT_TIMEOUT, _abort, reader, writer)
         try:
-            return await asyncio.wait_for(
-                TetherHandler.init_from_connect(reader, writer, self.plugins_manager, loop=self._loop),
-                CONNECT_TIMEOUT,
+            return await TetherHandler.init_from_connect(
+                reader, writer, self.plugins_manager, loop=self._loop
             )
-        except (MQTTError, AMQTTError, NoDataError, TimeoutError, OSError, ValueError) as exc:
+        except (MQTTError, AMQTTError, NoDataError, OSError, ValueError, asyncio.IncompleteReadError) as exc:
             await _close_quietly(writer)
             if isinstance(exc, (MQTTError, AMQTTError, NoDataError)):
                 raise
             raise AMQTTError(f"no valid CONNECT: {exc!r}") from exc
+        finally:
+            timer.cancel()
 
     async def _handle_client_session(
         self,
@@ -1078,6 +1077,17 @@ class TetherBroker(Broker):
             await self.plugins_manager.fire_event(
                 BrokerEvents.RETAINED_MESSAGE, client_id=None, retained_message=cleared
             )
+
+
+def _abort(reader: ReaderAdapter | None, writer: WriterAdapter | None) -> None:
+    """Close a connection at once (no flush): the reader sees EOF."""
+    transport = None
+    if isinstance(writer, StreamWriterAdapter):
+        transport = getattr(getattr(writer, "_writer", None), "transport", None)
+    if transport is not None:
+        transport.abort()
+    elif reader is not None:
+        reader.feed_eof()
 
 
 async def _close_quietly(writer: WriterAdapter) -> None:

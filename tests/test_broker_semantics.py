@@ -355,3 +355,13 @@ def test_garbage_before_connect_is_dropped_and_the_broker_keeps_serving(broker: 
         assert s.recv(16) == b""  # closed
     with Probe(broker.port, "after") as probe:
         assert probe.subscribe("a/b") == 1
+
+
+def test_a_connection_that_never_sends_connect_is_closed(
+    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tether.broker.amqtt_fixes as fixes
+
+    monkeypatch.setattr(fixes, "CONNECT_TIMEOUT", 1.0)
+    with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as s:
+        assert s.recv(16) == b""  # closed by the broker after CONNECT_TIMEOUT

@@ -485,10 +485,11 @@ class Fleet:
     def outbox_len(self, name: str) -> int:
         return len(list((self.agent_dir(name) / "outbox").glob("*.msgpack")))
 
-    def events_complete(self, name: str, view: dict[str, Any]) -> bool:
+    def events_complete(self, name: str, view: dict[str, Any], excused: set[int] = frozenset()) -> bool:  # type: ignore[assignment]
+        """Nothing queued on the device, and every event it numbered (but ``excused``) stored."""
         produced = self.agent_seq(name)
         stored = [e["seq"] for e in view.get("events", [])]
-        expected = set(range(max(1, produced - 49), produced + 1))
+        expected = set(range(max(1, produced - 49), produced + 1)) - excused
         return self.outbox_len(name) == 0 and expected <= set(stored)
 
     def event_report(self, name: str) -> dict[str, Any]:
@@ -509,8 +510,9 @@ class Fleet:
 
     # --- convergence ---
 
-    def converged(self, names: list[str], stacks: set[str]) -> bool:
-        """Every device online, generation applied == desired, ``stacks`` running, events stored."""
+    def converged(self, names: list[str], stacks: set[str], excused: dict[str, set[int]] | None = None) -> bool:
+        """Every device online, generation applied == desired, ``stacks`` running, events stored
+        (but the ``excused`` ones: a known loss, checked by the caller)."""
         for name in names:
             view = self.show(name)
             if view["status"] != "online" or view["applied_generation"] != view["desired_generation"]:
@@ -520,7 +522,7 @@ class Fleet:
                 return False
             if any(view["stacks"].get(s) != "running" for s in stacks - {"noise"}):
                 return False
-            if not self.events_complete(name, view):
+            if not self.events_complete(name, view, (excused or {}).get(name, set())):
                 return False
         return True
 
@@ -531,11 +533,12 @@ class Fleet:
         stacks: set[str],
         timeout: float = 90.0,
         extra: Callable[[], bool] | None = None,
+        excused: dict[str, set[int]] | None = None,
     ) -> float:
         """Poll until :meth:`converged` (and ``extra``); return the seconds since ``since`` (monotonic)."""
         try:
             wait_until(
-                lambda: self.converged(names, stacks) and (extra is None or extra()),
+                lambda: self.converged(names, stacks, excused) and (extra is None or extra()),
                 timeout,
                 0.1,
                 f"fleet converged ({sorted(stacks)})",

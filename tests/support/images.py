@@ -1,0 +1,265 @@
+"""A Debian root filesystem with Python, made locally (no registry needed), and images built on it.
+
+``debootstrap --variant=minbase`` from the Debian mirror this machine's apt uses gives a
+root filesystem with Debian's python3; it is cached in :func:`cache_dir` and imported
+once as the image :data:`DEBIAN_PYTHON_TAG`, the ``BASE`` of the Tether Dockerfiles in
+tests. Both caches live across test runs: delete the directory or the image to rebuild.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEBIAN_SUITE = "bookworm"
+DEBIAN_PYTHON_TAG = "tether-test/debian-python:12"
+DEBIAN_PACKAGES = ("python3", "python3-venv", "python3-pip", "ca-certificates")
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+IMAGE_CHANGES = (
+    "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "ENV LANG=C.UTF-8",
+    'CMD ["/bin/bash"]',
+)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# What a copy of the repository for an install leaves out (as a clean checkout would).
+COPY_IGNORE = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "tether-data", "results")
+
+
+def cache_dir() -> Path:
+    """Where the root filesystem is cached: $TETHER_TEST_CACHE, else a system or user cache."""
+    if os.environ.get("TETHER_TEST_CACHE"):
+        return Path(os.environ["TETHER_TEST_CACHE"])
+    if os.geteuid() == 0:
+        return Path("/var/cache/tether-test")
+    return Path.home() / ".cache" / "tether-test"
+
+
+def _sources_entries(etc_apt: Path) -> Iterator[tuple[str, list[str]]]:
+    """(URI, suites) of every enabled ``deb`` entry in sources.list and sources.list.d."""
+    files = [etc_apt / "sources.list"] + sorted((etc_apt / "sources.list.d").glob("*.list"))
+    for path in files:
+        with contextlib.suppress(OSError):
+            for line in path.read_text().splitlines():
+                words = re.sub(r"\[[^\]]*\]", " ", line.split("#", 1)[0]).split()
+                if len(words) >= 3 and words[0] == "deb":
+                    yield words[1], [words[2]]
+    for path in sorted((etc_apt / "sources.list.d").glob("*.sources")):
+        with contextlib.suppress(OSError):
+            for stanza in re.split(r"\n\s*\n", path.read_text()):
+                fields: dict[str, str] = {}
+                for line in stanza.splitlines():
+                    if line.startswith("#") or ":" not in line or line[:1].isspace():
+                        continue
+                    key, _, value = line.partition(":")
+                    fields[key.strip().lower()] = value.strip()
+                if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get("types", "").split():
+                    continue
+                for uri in fields.get("uris", "").split():
+                    yield uri, fields.get("suites", "").split()
+
+
+def debian_mirror(etc_apt: Path = Path("/etc/apt")) -> str:
+    """The Debian archive this machine's apt uses ($TETHER_TEST_DEBIAN_MIRROR overrides).
+
+    The first entry for a Debian release suite (not -security, -updates or -backports)
+    whose URI looks like a Debian archive; deb.debian.org if there is none.
+    """
+    if os.environ.get("TETHER_TEST_DEBIAN_MIRROR"):
+        return os.environ["TETHER_TEST_DEBIAN_MIRROR"]
+    candidates = [
+        (uri, suites)
+        for uri, suites in _sources_entries(etc_apt)
+        if uri.startswith(("http://", "https://", "file:/"))
+        and "security" not in uri
+        and any(re.fullmatch(r"[a-z]+", suite) for suite in suites)
+    ]
+    for uri, suites in candidates:
+        if DEBIAN_SUITE in suites:
+            return uri.rstrip("/")
+    for uri, _suites in candidates:
+        if re.search(r"/debian/?$", uri):
+            return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock file, so that concurrent test sessions build a cache once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def rootfs_dir() -> Path:
+    return cache_dir() / f"debian-{DEBIAN_SUITE}-python"
+
+
+def image_exists(client: Any, tag: str) -> bool:
+    import docker.errors
+
+    try:
+        client.images.get(tag)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def ensure_debian_rootfs(client: Any | None = None) -> Path:
+    """The cached Debian root filesystem with python3 (made on first use; root needed).
+
+    From the image :data:`DEBIAN_PYTHON_TAG` if ``client`` has it, else with debootstrap.
+    """
+    root = rootfs_dir()
+    done = root / ".tether-rootfs-complete"
+    if done.exists():
+        return root
+    with _locked(root.with_name(root.name + ".lock")):
+        if done.exists():
+            return root
+        shutil.rmtree(root, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+        try:
+            if client is not None and image_exists(client, DEBIAN_PYTHON_TAG):
+                _export_image(client, DEBIAN_PYTHON_TAG, work)
+            else:
+                _debootstrap(work)
+            (work / done.name).write_text(f"{DEBIAN_SUITE} {' '.join(DEBIAN_PACKAGES)}\n")
+            work.rename(root)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return root
+
+
+def _debootstrap(target: Path) -> None:
+    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    argv = [
+        debootstrap, "--variant=minbase", f"--include={','.join(DEBIAN_PACKAGES)}",
+        DEBIAN_SUITE, str(target), debian_mirror(),
+    ]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
+    if result.returncode != 0:
+        log = target / "debootstrap" / "debootstrap.log"
+        detail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stderr[-4000:]}\n{detail}")
+    # The downloaded packages are installed; an image does not need them.
+    for deb in (target / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
+
+
+def _export_image(client: Any, tag: str, target: Path) -> None:
+    """Unpack the filesystem of image ``tag`` into ``target``."""
+    container = client.containers.create(tag, command=["true"])
+    try:
+        with subprocess.Popen(["tar", "-x", "-C", str(target)], stdin=subprocess.PIPE) as tar:
+            assert tar.stdin is not None
+            for chunk in container.export():
+                tar.stdin.write(chunk)
+            tar.stdin.close()
+            if tar.wait() != 0:
+                raise RuntimeError(f"unpacking the filesystem of {tag} failed")
+    finally:
+        container.remove(force=True)
+
+
+def ensure_debian_python_image(client: Any, tag: str = DEBIAN_PYTHON_TAG) -> str:
+    """Make sure image ``tag`` exists: the cached root filesystem, imported (no registry needed)."""
+    if image_exists(client, tag):
+        return tag
+    root = ensure_debian_rootfs()
+    with _locked(root.with_name(root.name + ".image.lock")):
+        if image_exists(client, tag):
+            return tag
+        repository, _, version = tag.rpartition(":")
+        with tempfile.TemporaryDirectory(prefix="tether-rootfs-tar.") as tmp:
+            archive = Path(tmp) / "rootfs.tar"
+            subprocess.run(
+                ["tar", "-C", str(root), "--exclude", "./.tether-rootfs-complete", "-cf", str(archive), "."],
+                check=True,
+                timeout=600,
+            )
+            client.api.import_image_from_file(
+                str(archive), repository=repository, tag=version, changes=list(IMAGE_CHANGES)
+            )
+        client.images.get(tag)  # raises if the import did not produce the image
+    return tag
+
+
+def build_image(
+    client: Any, dockerfile: str, tag: str, buildargs: dict[str, str], timeout: float = 1800
+) -> tuple[str, float]:
+    """``docker build -f dockerfile -t tag`` with the repository as context; (log, seconds).
+
+    Host networking, so that pip reaches PyPI wherever the host does. Layers are cached by
+    the engine: a second build with unchanged inputs takes seconds.
+    """
+    import docker.errors
+
+    started = time.monotonic()
+    lines: list[str] = []
+    try:
+        for chunk in client.api.build(
+            path=str(REPO_ROOT),
+            dockerfile=dockerfile,
+            tag=tag,
+            buildargs=buildargs,
+            network_mode="host",
+            rm=True,
+            forcerm=True,
+            decode=True,
+            timeout=int(timeout),
+        ):
+            if "stream" in chunk:
+                lines.append(chunk["stream"])
+            if "error" in chunk:
+                raise RuntimeError(f"docker build {dockerfile} failed: {chunk['error']}\n{''.join(lines)}")
+    except docker.errors.APIError as exc:
+        raise RuntimeError(f"docker build {dockerfile} failed: {exc}\n{''.join(lines)}") from exc
+    return "".join(lines), time.monotonic() - started
+
+
+def copy_repo(target: Path) -> Path:
+    """A copy of the repository's working tree without build products, virtualenvs and .git."""
+    shutil.copytree(REPO_ROOT, target, ignore=shutil.ignore_patterns(*COPY_IGNORE), symlinks=True)
+    return target
+
+
+def chroot_run(
+    root: Path, argv: list[str], binds: dict[Path, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` chrooted into ``root``, with /proc and /dev, in a private mount namespace.
+
+    The mounts (and ``binds``: host path to path in the root) exist only for this command:
+    they vanish with its namespace, whatever happens. Root and util-linux's unshare needed.
+    """
+    script = ["set -e", f'R="{root}"', 'mount -t proc proc "$R/proc"', 'mount --rbind /dev "$R/dev"']
+    for host, inside in (binds or {}).items():
+        script += [f'mkdir -p "$R{inside}"', f'mount --bind "{host}" "$R{inside}"']
+    script.append('exec chroot "$R" "$@"')
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/root",
+        "LANG": "C.UTF-8",
+        "DEBIAN_FRONTEND": "noninteractive",
+    }
+    env.update({k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")})
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "sh", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )

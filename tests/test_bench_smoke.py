@@ -1,0 +1,102 @@
+"""The benchmarks still run: each one in a small, fast configuration (not a timed test).
+
+The figures are not checked against targets here (a loaded CI machine is no benchmark
+machine); only that each benchmark completes, writes its JSON and measured what it says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.infra import MOSQUITTO_BIN
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.mosquitto,
+    pytest.mark.skipif(not os.access(MOSQUITTO_BIN, os.X_OK), reason="mosquitto not installed"),
+]
+
+
+def bench(tmp_path: Path, name: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+    out = tmp_path / f"{name}.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / f"{name}.py"), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=BENCH.parent,
+    )
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert "metric" in result.stdout  # the table
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["benchmark"] == name and data["rows"] and data["machine"]["cores"]
+    return data
+
+
+def test_deploy_latency(tmp_path: Path) -> None:
+    data = bench(tmp_path, "deploy_latency", "--devices", "30", "--timeout", "60")
+    for deploy in data["deploys"]:
+        assert deploy["applied"]["count"] == 30 and deploy["applied"]["missing"] == 0
+        assert deploy["controller_sees_all_running_s"] is not None
+
+
+def test_deploy_latency_embedded_broker(tmp_path: Path) -> None:
+    data = bench(tmp_path, "deploy_latency", "--devices", "20", "--broker", "embedded", "--timeout", "60")
+    assert all(d["applied"]["missing"] == 0 for d in data["deploys"])
+
+
+def test_reconnect_storm(tmp_path: Path) -> None:
+    data = bench(tmp_path, "reconnect_storm", "--devices", "30", "--timeout", "60", "--settle", "0.5")
+    assert data["not_reconnected"] == 0 and data["all_converged_s"] is not None
+    assert data["controller_sees_all_s"] is not None and data["peak_connacks_per_s"] > 0
+
+
+def test_controller_capacity(tmp_path: Path) -> None:
+    data = bench(
+        tmp_path, "controller_capacity", "--devices", "30", "--window", "2", "--settle", "0.5", "--runs", "1"
+    )
+    assert data["devices_ls_rows"] == 30 and data["reporting"]["store_writes"] > 30
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_bandwidth(tmp_path: Path) -> None:
+    data = bench(tmp_path, "bandwidth", "--window", "2", "--quiet", "1.5")
+    for name in ("plain-60", "tls-60"):
+        assert data["new_stack"][name]["app_up"] > 0 and data["new_stack"][name]["app_down"] > 0
+    plain = data["noop_redeploy"]["plain-60"]["mqtt_packets"]
+    assert not [k for k in plain if k.startswith("down ") and k != "down PINGRESP"]
+
+
+@pytest.mark.docker
+def test_footprint(tmp_path: Path, busybox_image: str) -> None:
+    data = bench(tmp_path, "footprint", "--window", "2", "--settle", "1", "--no-install-size")
+    assert data["rss_mb"] > 0 and data["uss_mb"] > 0 and data["floor"]["rss_mb"] > 0
+
+
+def test_run_all_collects_results(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "run_all.py"),
+            "--quick",
+            "--only",
+            "deploy_latency",
+            "--results",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "all.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["ok"]
