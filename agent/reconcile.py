@@ -35,8 +35,8 @@ RESTART_BACKOFF_BASE = 1.0
 RESTART_BACKOFF_CAP = 300.0
 CRASH_LOOP_RESTARTS = 5
 """Consecutive restarts (without 60 s of running in between) after which a service is
-reported ``failed`` (a crash loop). It is still restarted, but only every
-:data:`RESTART_BACKOFF_CAP` seconds at most, so it does not hammer the device."""
+reported ``failed`` (a crash loop). It is still restarted, with the backoff doubling up to
+:data:`RESTART_BACKOFF_CAP` seconds between attempts, so it does not hammer the device."""
 
 ServiceKey = tuple[str, str]  # (stack, service)
 
@@ -122,7 +122,7 @@ def plan(
         spec = desired.get(stack)
         if spec is None or spec.service(service) is None:
             for inst in instances:
-                removals.append(Remove(inst, _grace(spec, service), "not desired"))
+                removals.append(Remove(inst, _grace(spec, service, inst), "not desired"))
 
     for stack, spec in desired.items():
         for service in spec.services:
@@ -166,9 +166,12 @@ def plan(
     return Plan(tuple(removals) + tuple(starts), frozenset(waiting))
 
 
-def _grace(spec: StackSpec | None, service: str) -> float:
+def _grace(spec: StackSpec | None, service: str, inst: Observed) -> float:
+    """The grace period of a service being removed: from its spec, else as recorded at creation."""
     svc = spec.service(service) if spec else None
-    return svc.stop_grace_period_s if svc else 10.0
+    if svc is not None:
+        return svc.stop_grace_period_s
+    return inst.stop_grace if inst.stop_grace is not None else 10.0
 
 
 def status(

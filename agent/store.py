@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Protocol
@@ -181,14 +182,20 @@ class LocalStore:
                 path.unlink(missing_ok=True)
 
     def next_session(self) -> int:
-        """Increment and persist the presence session counter; return the new value."""
+        """Persist and return the next presence session number.
+
+        It is the larger of the last one + 1 and the current Unix time in seconds, so it keeps
+        increasing even when the data dir is wiped (a reinstalled device is not mistaken
+        for an older session of itself), and even when the clock steps back.
+        """
         path = self.dir / "session"
         try:
             current = int(path.read_text().strip() or 0)
         except (OSError, ValueError):
             current = 0
-        atomic_write(path, str(current + 1).encode())
-        return current + 1
+        session = max(current + 1, int(time.time()))
+        atomic_write(path, str(session).encode())
+        return session
 
     # --- outbox ---
 

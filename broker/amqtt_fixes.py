@@ -614,7 +614,10 @@ class TetherBroker(Broker):
         await super().start()
 
     async def shutdown(self) -> None:
-        self._shutting_down = True
+        self._shutting_down = True  # no wills: the clients did not go away, the broker did
+        for _, handler in list(self._sessions.values()):
+            if isinstance(handler, TetherHandler):
+                handler.abort()  # so that stopping each connection does not wait on its peer
         await super().shutdown()
         self._retained_topics.clear()
         self._wildcard_filters.clear()

@@ -62,9 +62,14 @@ class EmbeddedBroker:
             check_amqtt_version()  # raises a BrokerStartError subclass that says what to do
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # A failed start is reported once, by us; amqtt would log it with a traceback first.
+        quiet = logging.getLogger("amqtt.broker")
+        quiet.setLevel(logging.CRITICAL)
         self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout):
+        ready = self._ready.wait(timeout)
+        quiet.setLevel(logging.WARNING)
+        if not ready:
             raise BrokerStartError("embedded broker did not start in time")
         if self._error is not None:
             raise BrokerStartError(f"cannot start embedded broker on {self.host}:{self.port}: {self._error}")

@@ -171,7 +171,7 @@ def devices_ls(client: ControllerClient, fmt: str) -> None:
             d["id"],
             output.presence(d),
             output.labels(d["labels"]),
-            f"{d['applied_generation'] if d['applied_generation'] is not None else '-'}/"
+            f"{d['applied_generation'] if (d['applied_generation'] or -1) >= 0 else '-'}/"
             f"{d['desired_generation'] if d['desired_generation'] is not None else '-'}",
             ", ".join(f"{k}:{v}" for k, v in sorted(d["stacks"].items())) or "-",
         )
@@ -194,9 +194,15 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
     click.echo(f"device:     {d['id']}")
     click.echo(f"presence:   {output.presence(d)} (session {d['session']})")
     click.echo(f"labels:     {output.labels(d['labels'])}")
-    for key in ("agent_version", "driver", "arch", "os", "hostname"):
+    for key, title in (
+        ("agent_version", "agent"),
+        ("driver", "driver"),
+        ("arch", "arch"),
+        ("os", "os"),
+        ("hostname", "hostname"),
+    ):
         if key in facts:
-            click.echo(f"{key + ':':<11} {facts[key]}")
+            click.echo(f"{title + ':':<11} {facts[key]}")
     remote.echo_host_facts(d)
     click.echo(f"generation: applied {d['applied_generation']} / desired {d['desired_generation']}")
     reported = d.get("reported") or {}
@@ -487,8 +493,18 @@ def stacks_deploy(
                 )
         else:
             _wait(client, name, lambda rows: all(r["state"] == "running" for r in rows), timeout, fmt)
-        if fmt == "table" and result.get("final", {}).get("state", "succeeded") == "succeeded":
-            click.echo(f"stack {name} is running on every device of group {group}")
+        final = result.get("final", {})
+        if fmt == "table" and final.get("state", "succeeded") == "succeeded":
+            later = [
+                k for k, r in final.get("devices", {}).items() if r["state"] in ("held", "pending (offline)")
+            ]
+            if later:
+                click.echo(
+                    f"stack {name} is running on every available device of group {group}; "
+                    f"{', '.join(later)} will update when released or back online"
+                )
+            else:
+                click.echo(f"stack {name} is running on every device of group {group}")
     if fmt == "json":
         click.echo(output.to_json(result))
 

@@ -156,8 +156,10 @@ class MqttClient:
         self.start()
         if not self.wait_connected(timeout):
             self.stop()
+            if self.last_error:  # it names the broker
+                raise TransportError(f"cannot connect to broker {self.last_error}")
             tried = ", ".join(b.url() for b in self.brokers)
-            raise TransportError(f"cannot connect to broker {tried}: {self.last_error or 'timed out'}")
+            raise TransportError(f"cannot connect to broker {tried}: timed out")
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until connected (True), or until the client gave up or ``timeout`` passed (False)."""

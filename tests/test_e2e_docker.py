@@ -27,9 +27,15 @@ services:
 
 
 def _containers(docker: Any, device_id: str) -> list[Any]:
-    return docker.containers.list(
-        all=True, filters={"label": ["io.tether.managed=true", f"io.tether.device={device_id}"]}
-    )
+    """The device's containers now (a container removed while listing makes the list empty: poll again)."""
+    import docker.errors as errors
+
+    try:
+        return docker.containers.list(
+            all=True, filters={"label": ["io.tether.managed=true", f"io.tether.device={device_id}"]}
+        )
+    except errors.NotFound:
+        return []
 
 
 def _get(docker: Any, device_id: str) -> str | None:
@@ -53,7 +59,7 @@ def cleanup(docker_engine: Any) -> Iterator[list[Any]]:
     yield procs
     for proc in reversed(procs):
         proc.stop()
-    remove_tether_containers(docker_engine)
+    remove_tether_containers(docker_engine, "dock-")
 
 
 def lifecycle(broker: str, docker: Any, tmp_path: Path, procs: list[Any]) -> None:
@@ -122,7 +128,11 @@ def lifecycle(broker: str, docker: Any, tmp_path: Path, procs: list[Any]) -> Non
     victim = _containers(docker, devices[0])[0]
     victim.remove(force=True)
     wait_until(
-        lambda: _get(docker, devices[0]) == "v2" and _containers(docker, devices[0])[0].id != victim.id,
+        lambda: (
+            _get(docker, devices[0]) == "v2"
+            and (c := _containers(docker, devices[0]))
+            and c[0].id != victim.id
+        ),
         60,
         message="container recreated after removal by hand",
     )

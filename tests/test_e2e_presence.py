@@ -59,21 +59,24 @@ def test_presence_will_and_sessions(tmp_path: Path, mosquitto: Mosquitto, procs:
     procs.append(agent)
     view = wait_online(mosquitto.url, device)
     assert view["labels"] == {"site": "x"}
-    assert _status(mosquitto.url, device) == ("online", 1)
+    status, s1 = _status(mosquitto.url, device)
+    assert status == "online" and s1 > 0
 
     agent.kill()  # no DISCONNECT: the broker publishes the will
     wait_until(
-        lambda: _status(mosquitto.url, device) == ("offline", 1), 30, interval=0.2, message="offline by will"
+        lambda: _status(mosquitto.url, device) == ("offline", s1), 30, interval=0.2, message="offline by will"
     )
     listed = next(d for d in cli_json(mosquitto.url, "devices", "ls") if d["id"] == device)
     assert listed["since"] is not None
 
     agent = AgentProcess(mosquitto.url, device, tmp_path / "agent", labels={"site": "x"})
     procs.append(agent)
-    wait_until(lambda: _status(mosquitto.url, device) == ("online", 2), 30, interval=0.2)
+    status, s2 = wait_until(
+        lambda: (st := _status(mosquitto.url, device))[0] == "online" and st[1] > s1 and st, 30, interval=0.2
+    )
 
     # A will from session 1 arriving late must not override session 2's "online".
-    late = Presence(device_id=device, status="offline", session=1)
+    late = Presence(device_id=device, status="offline", session=s1)
     port = mosquitto.port
     client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     client.connect("127.0.0.1", port)
@@ -84,16 +87,16 @@ def test_presence_will_and_sessions(tmp_path: Path, mosquitto: Mosquitto, procs:
     client.disconnect()
     client.loop_stop()
     wait_until(
-        lambda: (p := _retained_presence(mosquitto.url, device)).status == "online" and p.session == 2,
+        lambda: (p := _retained_presence(mosquitto.url, device)).status == "online" and p.session == s2,
         15,
         interval=0.2,
         message="agent restores its online presence",
     )
-    assert _status(mosquitto.url, device) == ("online", 2)
+    assert _status(mosquitto.url, device) == ("online", s2)
 
     # A clean stop says goodbye explicitly.
     assert agent.stop() == 0
-    wait_until(lambda: _status(mosquitto.url, device) == ("offline", 2), 15, interval=0.2)
+    wait_until(lambda: _status(mosquitto.url, device) == ("offline", s2), 15, interval=0.2)
 
 
 def test_never_seen_devices_are_listed(tmp_path: Path, procs: list[Any]) -> None:

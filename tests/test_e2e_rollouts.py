@@ -146,4 +146,4 @@ def test_canary_failing_healthcheck_is_reverted(
         for agent in agents:
             agent.stop()
         controller.stop()
-        remove_tether_containers(docker_engine)
+        remove_tether_containers(docker_engine, "can-")

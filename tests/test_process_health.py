@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from support.infra import wait_until
-
 from tether.agent.drivers.process import ProcessDriver
 from tether.controller.compose import parse_compose
 
@@ -30,9 +29,11 @@ def test_healthchecks_of_host_processes(tmp_path: Path) -> None:
         for service in spec.services:
             driver.create("s", spec, service)
         health = wait_until(
-            lambda: (h := {o.service: o.health for o in driver.observe()})["ok"] == "healthy"
-            and h["bad"] == "unhealthy"
-            and h,
+            lambda: (
+                (h := {o.service: o.health for o in driver.observe()})["ok"] == "healthy"
+                and h["bad"] == "unhealthy"
+                and h
+            ),
             15,
         )
         assert health["plain"] is None

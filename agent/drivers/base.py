@@ -20,6 +20,7 @@ LABEL_DEVICE = "io.tether.device"
 LABEL_STACK = "io.tether.stack"
 LABEL_SERVICE = "io.tether.service"
 LABEL_SPEC_HASH = "io.tether.spec-hash"
+LABEL_STOP_GRACE = "io.tether.stop-grace"
 
 InstanceState = Literal["running", "starting", "restarting", "exited"]
 
@@ -36,6 +37,8 @@ class Observed:
     exit_code: int | None = None
     health: HealthState | None = None
     error: str | None = None
+    stop_grace: float | None = None
+    """The service's stop grace period, recorded at creation: used once the spec is gone."""
 
 
 class Driver(Protocol):

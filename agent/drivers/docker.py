@@ -32,6 +32,7 @@ from .base import (
     LABEL_SERVICE,
     LABEL_SPEC_HASH,
     LABEL_STACK,
+    LABEL_STOP_GRACE,
     InstanceState,
     Observed,
     instance_name,
@@ -40,6 +41,13 @@ from .base import (
 log = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _error(action: str, exc: Exception) -> DriverError:
@@ -102,6 +110,7 @@ class DockerDriver:
                     exit_code=state.get("ExitCode") if mapped == "exited" else None,
                     health=health if health in ("starting", "healthy", "unhealthy") else None,
                     error=state.get("Error") or None,
+                    stop_grace=_float(labels.get(LABEL_STOP_GRACE)),
                 )
             )
         return result
@@ -141,6 +150,7 @@ class DockerDriver:
         labels.update(self._labels(stack))
         labels[LABEL_SERVICE] = service.name
         labels[LABEL_SPEC_HASH] = service.spec_hash()
+        labels[LABEL_STOP_GRACE] = f"{service.stop_grace_period_s:g}"
         kwargs: dict[str, Any] = {
             "name": instance_name(self.device_id, stack, service.name),
             "labels": labels,

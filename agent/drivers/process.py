@@ -104,6 +104,7 @@ class ProcessDriver:
                     state="running" if alive else "exited",
                     exit_code=None if alive else rec.get("exit_code"),
                     health=health,
+                    stop_grace=rec.get("stop_grace"),
                 )
             )
         return result
@@ -162,6 +163,7 @@ class ProcessDriver:
             "state": "running",
             "exit_code": None,
             "started_at": time.time(),
+            "stop_grace": service.stop_grace_period_s,
             "healthcheck": service.healthcheck.model_dump(mode="json") if service.healthcheck else None,
         }
         atomic_write(self._record_path(stack, service.name), json.dumps(record).encode())

@@ -510,7 +510,9 @@ class Fleet:
 
     # --- convergence ---
 
-    def converged(self, names: list[str], stacks: set[str], excused: dict[str, set[int]] | None = None) -> bool:
+    def converged(
+        self, names: list[str], stacks: set[str], excused: dict[str, set[int]] | None = None
+    ) -> bool:
         """Every device online, generation applied == desired, ``stacks`` running, events stored
         (but the ``excused`` ones: a known loss, checked by the caller)."""
         for name in names:

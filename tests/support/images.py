@@ -61,7 +61,10 @@ def _sources_entries(etc_apt: Path) -> Iterator[tuple[str, list[str]]]:
                         continue
                     key, _, value = line.partition(":")
                     fields[key.strip().lower()] = value.strip()
-                if fields.get("enabled", "yes").lower() == "no" or "deb" not in fields.get("types", "").split():
+                if (
+                    fields.get("enabled", "yes").lower() == "no"
+                    or "deb" not in fields.get("types", "").split()
+                ):
                     continue
                 for uri in fields.get("uris", "").split():
                     yield uri, fields.get("suites", "").split()

@@ -175,16 +175,25 @@ def ensure_busybox_image(client: Any, tag: str = BUSYBOX_TAG) -> str:
     return tag
 
 
-def remove_tether_containers(client: Any) -> None:
-    """Force-remove every container and network labelled io.tether.managed=true."""
+def remove_tether_containers(client: Any, device_prefix: str = "") -> None:
+    """Force-remove Tether's containers and networks (of devices whose id starts with ``device_prefix``).
+
+    Tests pass the prefix of their own device ids, so that they never touch containers of
+    anything else running on the same engine.
+    """
     import docker.errors
 
-    for container in client.containers.list(all=True, filters={"label": MANAGED_LABEL}):
-        with contextlib.suppress(docker.errors.NotFound):
-            container.remove(force=True)
+    def mine(labels: dict[str, str] | None) -> bool:
+        return (labels or {}).get("io.tether.device", "").startswith(device_prefix)
+
+    for container in client.containers.list(all=True, filters={"label": "io.tether.managed"}):
+        if mine(container.labels):
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
     for network in client.networks.list(filters={"label": MANAGED_LABEL}):
-        with contextlib.suppress(docker.errors.NotFound):
-            network.remove()
+        if mine(network.attrs.get("Labels")):
+            with contextlib.suppress(docker.errors.NotFound):
+                network.remove()
 
 
 def _pg_bin(name: str) -> str | None:
