@@ -1,4 +1,4 @@
-"""The controller's SQLite store: migrations, WAL, transactions, and every record kind."""
+"""The controller's store on SQLite and PostgreSQL: migrations, WAL, transactions, every record kind."""
 
 from __future__ import annotations
 
@@ -16,13 +16,19 @@ SPEC = StackSpec(services=(ServiceSpec(name="web", image="web:1"),))
 REF = StackRef(name="web", spec_hash=SPEC.spec_hash())
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "tether.db"
+pytestmark = pytest.mark.store
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store's target: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "tether.db")
 
 
 @pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
+def store(db_path: str) -> Iterator[Store]:
     s = Store(db_path)
     yield s
     s.close()
@@ -50,7 +56,7 @@ def web_stack(version: int = 1) -> Stack:
     )
 
 
-def test_migrations_run_once_and_reopening_is_harmless(db_path: Path) -> None:
+def test_migrations_run_once_and_reopening_is_harmless(db_path: str) -> None:
     """Opening the same file twice (even while open) leaves the schema at the latest version."""
     first = Store(db_path)
     first.put_device(device("pi-1"))
@@ -60,15 +66,22 @@ def test_migrations_run_once_and_reopening_is_harmless(db_path: Path) -> None:
         applied = [r[0] for r in second.db.execute("SELECT version FROM schema_migrations ORDER BY version")]
         assert applied == list(range(1, len(MIGRATIONS) + 1))
         assert second.get_device("pi-1") == device("pi-1")
-        tables = {r[0] for r in second.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        query = (
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            if second.kind == "sqlite"
+            else "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+        )
+        tables = {r[0] for r in second.db.execute(query)}
         assert {"devices", "groups", "stacks", "desired", "definitions"} <= tables
     finally:
         second.close()
         first.close()
 
 
-def test_wal_mode_is_on(store: Store, db_path: Path) -> None:
-    """The database runs in WAL mode, persistently (another connection sees it too)."""
+def test_wal_mode_is_on(store: Store, db_path: str) -> None:
+    """SQLite runs in WAL mode, persistently (another connection sees it too)."""
+    if store.kind != "sqlite":
+        pytest.skip("WAL is SQLite's")
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     other = sqlite3.connect(db_path)
     try:
@@ -77,7 +90,7 @@ def test_wal_mode_is_on(store: Store, db_path: Path) -> None:
         other.close()
 
 
-def test_failed_transaction_leaves_nothing_half_written(store: Store, db_path: Path) -> None:
+def test_failed_transaction_leaves_nothing_half_written(store: Store, db_path: str) -> None:
     """An exception inside a transaction rolls back every write in it, nested ones included."""
     store.create_group(Group(name="kept", devices=("pi-0",)))
     with pytest.raises(RuntimeError, match="midway"), store.transaction():
@@ -166,7 +179,7 @@ def test_desired_records_and_definitions_and_mark_all_unpublished(store: Store) 
     assert store.definitions() == {"b" * 64: False}
 
 
-def test_data_survives_closing_and_reopening(db_path: Path) -> None:
+def test_data_survives_closing_and_reopening(db_path: str) -> None:
     """Everything written is there again after the store is closed and opened anew."""
     first = Store(db_path)
     first.put_device(device("pi-1", site="x"))
