@@ -11,6 +11,10 @@ format is in :mod:`tether.protocol.device_api` and docs/topics.md ("Remote opera
   publishes a reply anywhere else. Anything else that is wrong (no ``id``, an unknown
   ``kind``, a bad field, a stack that is not on the device) gets ``ok: false`` with one
   line saying what.
+* **Delivery.** The agent subscribes to its requests at QoS 0 (:func:`subscription_qos`):
+  its MQTT session is persistent, and at QoS 1 the broker would queue a request sent while
+  the device is away and deliver it on reconnect, long after the client gave up. A request
+  is carried out now or never; a client that gets no answer says so and may ask again.
 * **Threads.** The agent's thread must stay free for reconciling, so only what is quick
   and must not race the reconciler runs there: finding the instances (``observe``),
   ``restart`` (remove the instances, then reconcile at once, which creates new ones), and
@@ -102,6 +106,14 @@ class _Envelope(WireModel):
 
 def _publish_reply(core: AgentCore, reply_to: str, reply: DeviceReply) -> bool:
     return core.link.publish(reply_to, codec.encode(reply), qos=1)
+
+
+def subscription_qos(topic_filter: str) -> int:
+    """QoS 0 for the requests topic: the agent's session is persistent, and a request must
+    not be queued by the broker while the device is away and carried out long after its
+    client gave up (a restart an hour late). QoS 1 for everything else."""
+    parsed = topics.parse(topic_filter)
+    return 0 if parsed is not None and parsed.device_topic == DeviceTopic.REQUESTS else 1
 
 
 def handle_request(core: AgentCore, payload: bytes) -> None:
@@ -442,7 +454,7 @@ class RemoteOps:
             try:
                 for thread in readers:
                     thread.start()
-                self._pump(request, stream, items, len(readers))
+                self._pump(request, stream, items, tuple(inst.service for inst in instances))
             finally:
                 stream.stop.set()
                 with self._lock:
@@ -464,7 +476,7 @@ class RemoteOps:
         request: Request,
         stream: _Stream,
         items: queue.Queue[tuple[str, str | None, str | None]],
-        readers: int,
+        services: tuple[str, ...],
     ) -> None:
         """Batch what the readers produce into chunks until the stream ends; then its last message."""
         budget = float(MAX_LOG_BYTES)
@@ -499,7 +511,7 @@ class RemoteOps:
             return True
 
         reason: StreamEndReason = "duration"
-        if not send(LogChunk()):  # tells the client the stream has started
+        if not send(LogChunk(services=services)):  # tells the client the stream has started
             return
         first_pending = None
         while True:
@@ -512,7 +524,7 @@ class RemoteOps:
                 break
             if error is not None:
                 break
-            if ended >= readers:
+            if ended >= len(services):
                 reason = "exited"
                 break
             if now >= stream.deadline:

@@ -62,7 +62,7 @@ class Agent:
         self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics
         for topic_filter in self.core.subscriptions():
-            self.client.subscribe(topic_filter)
+            self.client.subscribe(topic_filter, remote.subscription_qos(topic_filter))
         self.stopped = threading.Event()
 
     def refresh_labels(self) -> None:

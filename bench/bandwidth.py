@@ -152,7 +152,11 @@ class MqttTally:
                     break
             if not complete or i + length > len(buf):
                 break
-            key = f"{self.direction} {MQTT_TYPES.get(buf[pos] >> 4, '?')}"
+            kind = MQTT_TYPES.get(buf[pos] >> 4, "?")
+            if kind == "PUBLISH" and length >= 2:  # name the topic's last level: reported, events...
+                tlen = int.from_bytes(buf[i : i + 2], "big")
+                kind += " " + bytes(buf[i + 2 : i + 2 + tlen]).decode(errors="replace").rsplit("/", 1)[-1][:20]
+            key = f"{self.direction} {kind}"
             self.counts.mqtt[key] = self.counts.mqtt.get(key, 0) + 1
             pos = i + length
         del buf[:pos]

@@ -498,6 +498,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         res["storm_retained_received"] = len(got)
         res["storm_retained_p99_s"] = _r(percentile(got, n, 99))
         res["rss_after_storm_mb"] = round(broker.rss()[0], 1)
+        res["rss_per_device_kb"] = round((res["rss_after_storm_mb"] - res["rss_baseline_mb"]) * 1024 / n, 1)
 
         # 3. a fleet-wide update
         start = time.monotonic()
@@ -588,6 +589,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
         ("restart: replay received", "replay_received", ""),
         ("RSS baseline", "rss_baseline_mb", " MB"),
         ("RSS after storm", "rss_after_storm_mb", " MB"),
+        ("RSS per connected device", "rss_per_device_kb", " KB"),
         ("RSS peak", "rss_peak_mb", " MB"),
         ("unsolicited messages", "unsolicited", ""),
         ("dropped after CONNACK", "dropped", ""),

@@ -186,10 +186,10 @@ def devices_ls(client: ControllerClient, fmt: str) -> None:
 def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
     """Show one device: facts, desired and reported state, recent events."""
     d = client.request(DevicesShow(device_id=device_id))["device"]
-    remote.add_live_facts(client, d)  # asks the device itself when it is online
     if fmt == "json":
         click.echo(output.to_json(d))
         return
+    remote.add_live_facts(client, d)  # asks the device itself when it is online
     facts = d.get("facts") or {}
     click.echo(f"device:     {d['id']}")
     click.echo(f"presence:   {output.presence(d)} (session {d['session']})")

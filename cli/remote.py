@@ -244,7 +244,7 @@ def _follow_logs(
     started = last_message = time.monotonic()
     renew_at = started + LEASE_S / 3
     idle = max(3 * HEARTBEAT_S, client.timeout)
-    printer = _Printer(command.service is None, 0)
+    printer = _Printer(False, 0)
     seen = 0
     cancelled = False
     first = True
@@ -278,6 +278,9 @@ def _follow_logs(
                 printer.close()
                 raise RequestError(reply.error or "the log stream failed")
             result = reply.result or {}
+            if result.get("services") is not None:  # the first message: what is followed
+                printer.prefix = len(result["services"]) > 1
+                printer.width = max((len(name) for name in result["services"]), default=0)
             if not reply.more:
                 printer.close()
                 _stream_end(device_id, result, cancelled)
@@ -286,7 +289,6 @@ def _follow_logs(
                 if fmt == "json":
                     click.echo(json.dumps(result, sort_keys=True))
                 else:
-                    printer.width = max(printer.width, len(result.get("service") or ""))
                     printer.write(result.get("service") or "", result["text"])
     except KeyboardInterrupt:
         printer.close()

@@ -129,10 +129,12 @@ class LogsResult(WireModel):
 
 class LogChunk(WireModel):
     """One message of a ``logs`` stream: text a service wrote (``service`` None and ``text``
-    empty: a heartbeat)."""
+    empty: a heartbeat). The stream's first message is such an empty chunk that lists the
+    ``services`` followed."""
 
     service: str | None = None
     text: str = ""
+    services: tuple[str, ...] | None = None
 
 
 StreamEndReason = Literal["duration", "cancelled", "exited", "stopped"]

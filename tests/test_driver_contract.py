@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -222,6 +223,55 @@ def test_logs_return_the_tail_of_an_instances_output(harness: Harness) -> None:
     assert driver.logs(inst, 1).split() == ["last-line"]
     ghost = Observed("no-such-instance", STACK, "ghost", inst.spec_hash, "exited", 0)
     assert driver.logs(ghost, 10) == ""
+
+
+def _talker(harness: Harness) -> ServiceSpec:
+    """Prints one and two, then (after a second) a tick every 0.2 s; the fake driver gets ticks by emit()."""
+    if harness.kind == "fake":
+        return ServiceSpec(name="talk", image="fake:1", labels={LABEL_LOGS: "one\ntwo\n"})
+    script = "echo one; echo two; sleep 1; while true; do echo tick; sleep 0.2; done"
+    return ServiceSpec(name="talk", image=harness.image or "fake:1", command=("sh", "-c", script))
+
+
+def test_log_stream_gives_the_output_then_follows_until_stopped(harness: Harness) -> None:
+    """log_stream(): the output so far, then (following) what is written next, ending soon after stop."""
+    driver = harness.driver()
+    svc = _talker(harness)
+    driver.create(STACK, stack_of(svc), svc)
+    inst = wait_for(driver, "running", "talk")
+    wait_until(lambda: "two" in driver.logs(inst, 10), timeout=TIMEOUT, message="talk output")
+    stop = threading.Event()
+    assert "".join(driver.log_stream(inst, None, None, False, stop)).startswith("one\ntwo\n")
+    assert "".join(driver.log_stream(inst, 0, None, False, stop)) == ""
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(driver.log_stream(inst, 0, None, True, stop)))
+    reader.start()
+    try:
+        if harness.kind == "fake":
+            assert isinstance(driver, FakeDriver)
+            driver.emit(inst.id, "tick\n")
+        wait_until(lambda: "tick" in "".join(seen), timeout=TIMEOUT, message="a line written while following")
+    finally:
+        stop.set()
+        reader.join(timeout=5)
+    assert not reader.is_alive(), "log_stream did not end after stop was set"
+    if harness.kind == "process":
+        with pytest.raises(DriverError, match="does not timestamp"):
+            list(driver.log_stream(inst, 10, 1.0, False, stop))
+    else:
+        assert "one" in "".join(driver.log_stream(inst, None, 1.0, False, stop))
+
+
+def test_usage_reports_each_running_instance(harness: Harness) -> None:
+    """usage(): CPU seconds and memory in use per running instance, keyed stack/service."""
+    driver = harness.driver()
+    svc = harness.long_running()
+    driver.create(STACK, stack_of(svc), svc)
+    wait_for(driver, "running", "app")
+    usage = wait_until(lambda: driver.usage().get(f"{STACK}/app"), timeout=TIMEOUT, message="usage")
+    cpu, mem = usage
+    assert cpu is not None and cpu >= 0.0 and mem is not None
+    assert mem > 0 or harness.kind == "fake"
 
 
 # --- docker only -------------------------------------------------------------------------------

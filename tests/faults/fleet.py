@@ -493,10 +493,16 @@ class Fleet:
         return self.outbox_len(name) == 0 and expected <= set(stored)
 
     def event_report(self, name: str) -> dict[str, Any]:
-        """Produced by the agent, stored by the controller (via the real CLI), seen on the wire."""
-        view = self.cli_json("devices", "show", name)
-        stored = [e["seq"] for e in view["events"]]
+        """Produced by the agent, stored by the controller (via the real CLI), seen on the wire.
+
+        An event produced a moment ago is in flight, not lost: what the agent has numbered
+        is given a few seconds to land before the comparison.
+        """
+        with contextlib.suppress(AssertionError):
+            wait_until(lambda: self.events_complete(name, self.show(name)), 10, 0.1)
         produced = self.agent_seq(name)
+        view = self.cli_json("devices", "show", name)
+        stored = [e["seq"] for e in view["events"] if e["seq"] <= produced]
         assert produced <= 50, "the device view lists the newest 50 events: keep scenarios under that"
         wire = self.observer.seqs(name) if self.observer else []
         return {

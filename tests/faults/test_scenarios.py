@@ -182,10 +182,10 @@ def test_dns_failure(fleet: Fleet, record: Any) -> None:
     cut = time.monotonic()
     fleet.deploy_late()
     wait_until(lambda: fleet.show(d1)["status"] == "offline", 30, 0.2, "d1 seen offline")
-    hold(cut, 25)
+    hold(cut, 22)
     fleet.backend.heal(d1)
     entry = settle(fleet, record, "04-dns-failure", time.monotonic(), steady, [d1],
-                   first_online_s=round(first_online, 1), held_s=25)  # fmt: skip
+                   first_online_s=round(first_online, 1), held_s=22)  # fmt: skip
     entry["dns_failures_logged"] = sum("does-not-resolve.invalid" in line for line in agent.lines)
 
 

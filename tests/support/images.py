@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 DEBIAN_SUITE = "bookworm"
 DEBIAN_PYTHON_TAG = "tether-test/debian-python:12"
@@ -32,6 +32,15 @@ IMAGE_CHANGES = (
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What a copy of the repository for an install leaves out (as a clean checkout would).
 COPY_IGNORE = (".git", ".venv", "build", "*.egg-info", "__pycache__", ".*_cache", "tether-data", "results")
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip the test for ``reason``, or fail it with TETHER_REQUIRE_DOCKER=1 (as on CI)."""
+    import pytest
+
+    if os.environ.get("TETHER_REQUIRE_DOCKER") == "1":
+        pytest.fail(f"TETHER_REQUIRE_DOCKER=1 but {reason}")
+    pytest.skip(f"{reason} (set TETHER_REQUIRE_DOCKER=1 to fail instead)")
 
 
 def cache_dir() -> Path:
@@ -160,6 +169,26 @@ def _debootstrap(target: Path) -> None:
     # The downloaded packages are installed; an image does not need them.
     for deb in (target / "var/cache/apt/archives").glob("*.deb"):
         deb.unlink()
+    _add_local_cas(target)
+
+
+def _add_local_cas(target: Path) -> None:
+    """Trust this machine's local CAs (/usr/local/share/ca-certificates) in ``target`` too.
+
+    Where HTTPS goes through an intercepting proxy, pip in the image (which trusts the
+    system store on Debian) then reaches PyPI as the host does. Nothing to do elsewhere.
+    """
+    local = Path("/usr/local/share/ca-certificates")
+    certs = sorted(local.rglob("*.crt")) if local.is_dir() else []
+    if not certs:
+        return
+    for cert in certs:
+        dest = target / "usr/local/share/ca-certificates" / cert.relative_to(local)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cert, dest)
+    subprocess.run(
+        ["chroot", str(target), "update-ca-certificates"], capture_output=True, check=True, timeout=300
+    )
 
 
 def _export_image(client: Any, tag: str, target: Path) -> None:
@@ -239,18 +268,22 @@ def copy_repo(target: Path) -> Path:
     return target
 
 
-def chroot_run(
-    root: Path, argv: list[str], binds: dict[Path, str] | None = None, timeout: float = 900
-) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` chrooted into ``root``, with /proc and /dev, in a private mount namespace.
+def chroot_command(root: Path, argv: list[str], binds: dict[Path, str] | None = None) -> list[str]:
+    """``argv`` chrooted into ``root``, with /proc and /dev, in a private mount namespace.
 
     The mounts (and ``binds``: host path to path in the root) exist only for this command:
-    they vanish with its namespace, whatever happens. Root and util-linux's unshare needed.
+    they vanish with its namespace, whatever happens. Every step execs the next, so the
+    pid of the process started is the command's. Root and util-linux's unshare needed.
     """
     script = ["set -e", f'R="{root}"', 'mount -t proc proc "$R/proc"', 'mount --rbind /dev "$R/dev"']
     for host, inside in (binds or {}).items():
         script += [f'mkdir -p "$R{inside}"', f'mount --bind "{host}" "$R{inside}"']
     script.append('exec chroot "$R" "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "sh", *argv]
+
+
+def chroot_env() -> dict[str, str]:
+    """A plain root environment (and this machine's proxy settings) for commands in a chroot."""
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "HOME": "/root",
@@ -258,11 +291,18 @@ def chroot_run(
         "DEBIAN_FRONTEND": "noninteractive",
     }
     env.update({k: v for k, v in os.environ.items() if k.lower().endswith("_proxy")})
+    return env
+
+
+def chroot_run(
+    root: Path, argv: list[str], binds: dict[Path, str] | None = None, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` in ``root`` (see :func:`chroot_command`) to completion."""
     return subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(script), "sh", *argv],
+        chroot_command(root, argv, binds),
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=chroot_env(),
         check=False,
     )

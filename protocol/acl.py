@@ -1,0 +1,101 @@
+"""Who may publish and subscribe to what: the topic ACL, as pure functions.
+
+The embedded broker's plugins call :func:`may_publish` / :func:`may_subscribe` for every
+PUBLISH and SUBSCRIBE; the Mosquitto ACL file Tether generates says the same thing in
+Mosquitto's syntax. Rules (``D`` is the device's id, ``C`` the connection's client id):
+
+=============  ===========================================================  ===========================================
+identity       may subscribe                                                may publish
+=============  ===========================================================  ===========================================
+device D       ``devices/D/{desired,presence,requests}``, the stack         ``devices/D/{presence,reported,events,
+               definitions assigned to it (``stacks/{hash}``), exact only    metrics}``, ``clients/+/replies``
+operator       ``clients/C/replies``; ``devices/+/{presence,reported,       ``controller/requests``, ``devices/+/requests``
+               events,metrics}`` (or one device's)
+enrolling D    ``enroll/D/response``                                         ``enroll/D/request``
+controller     everything under ``tether/v1/`` (and shared subscriptions)   everything under ``tether/v1/``
+=============  ===========================================================  ===========================================
+
+(all topics under ``tether/v1/``). A subscription filter is allowed only when every topic
+it can match is allowed (MQTT 3.1.1 section 4.7 wildcards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Literal
+
+from .topics import ROOT
+
+Role = Literal["device", "controller", "operator", "enrolling"]
+DEVICE_READS = ("desired", "presence", "requests")
+DEVICE_WRITES = ("presence", "reported", "events", "metrics")
+WATCHABLE = ("presence", "reported", "events", "metrics")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An authenticated connection: its role, its name (device id or user) and client id."""
+
+    role: Role
+    name: str
+    client_id: str = ""
+
+
+def _levels(topic: str) -> list[str]:
+    return topic.split("/")
+
+
+def covers(pattern: str, topic_filter: str) -> bool:
+    """Whether every topic ``topic_filter`` can match is matched by ``pattern``.
+
+    ``pattern`` may use ``+`` and a trailing ``#``; so may ``topic_filter``.
+    """
+    pat, flt = _levels(pattern), _levels(topic_filter)
+    for i, p in enumerate(pat):
+        if p == "#":
+            return True
+        if i >= len(flt):
+            return False
+        f = flt[i]
+        if f == "#":
+            return False  # the filter reaches further than the pattern allows
+        if p == "+":
+            continue
+        if f != p:  # a literal pattern level allows only that literal (not '+')
+            return False
+    return len(flt) == len(pat)
+
+
+def may_subscribe(identity: Identity, topic_filter: str, stack_hashes: Collection[str] = ()) -> bool:
+    """May ``identity`` subscribe to ``topic_filter``? ``stack_hashes``: a device's assigned stacks."""
+    if identity.role == "controller":
+        return covers(f"{ROOT}/#", topic_filter) or covers(f"$share/+/{ROOT}/#", topic_filter)
+    if identity.role == "device":
+        allowed = [f"{ROOT}/devices/{identity.name}/{kind}" for kind in DEVICE_READS]
+        allowed += [f"{ROOT}/stacks/{h}" for h in stack_hashes]
+        return topic_filter in allowed  # exact topics only: no wildcard can reach another device
+    if identity.role == "operator":
+        if identity.client_id and topic_filter == f"{ROOT}/clients/{identity.client_id}/replies":
+            return True
+        return any(covers(f"{ROOT}/devices/+/{kind}", topic_filter) for kind in WATCHABLE)
+    if identity.role == "enrolling":
+        return topic_filter == f"{ROOT}/enroll/{identity.name}/response"
+    return False
+
+
+def may_publish(identity: Identity, topic: str) -> bool:
+    """May ``identity`` publish to ``topic`` (a topic name, never a filter)?"""
+    if "+" in topic or "#" in topic:
+        return False
+    if identity.role == "controller":
+        return covers(f"{ROOT}/#", topic)
+    if identity.role == "device":
+        if topic in {f"{ROOT}/devices/{identity.name}/{kind}" for kind in DEVICE_WRITES}:
+            return True
+        return covers(f"{ROOT}/clients/+/replies", topic)
+    if identity.role == "operator":
+        return topic == f"{ROOT}/controller/requests" or covers(f"{ROOT}/devices/+/requests", topic)
+    if identity.role == "enrolling":
+        return topic == f"{ROOT}/enroll/{identity.name}/request"
+    return False

@@ -1,0 +1,301 @@
+"""packaging/install-agent.sh in a clean Debian root filesystem, and the systemd units.
+
+The root filesystem is a fresh copy of the debootstrap one of tests/support/images.py
+(cached across runs), without python3-venv, as on a minimal Raspberry Pi OS or Debian:
+the script has to install it with apt-get. The script installs the agent from a copy of
+this repository (``--from``); pip reaches PyPI for the dependencies. systemd does not run
+in the chroot, so the script installs the unit without enabling it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.images import (
+    REPO_ROOT,
+    chroot_command,
+    chroot_run,
+    copy_repo,
+    ensure_debian_rootfs,
+    rootfs_dir,
+    skip_or_fail,
+)
+from support.infra import docker_client
+from support.procs import ControllerProcess, _Proc, cli_json, wait_online
+
+SCRIPT = REPO_ROOT / "packaging" / "install-agent.sh"
+AGENT_UNIT = REPO_ROOT / "packaging" / "tether-agent.service"
+CONTROLLER_UNIT = REPO_ROOT / "packaging" / "tether-controller.service"
+ARGS = [
+    "--broker", "mqtt://ctl.example:1883", "--broker", "mqtts://backup.example:8883",
+    "--label", "site=berlin", "--label", "example.com/role=edge gateway",
+    "--token", 'tok-"quoted"', "--driver", "process", "--device-id", "pi-1",
+    "--from", "/src/tether",
+]  # fmt: skip
+# systemd >= 254 keys in the units, which older versions (Debian 12: 252) ignore with a warning.
+NEWER_SYSTEMD_KEYS = ("RestartSteps", "RestartMaxDelaySec")
+
+
+@dataclass
+class Installed:
+    root: Path
+    first: subprocess.CompletedProcess[str]
+    seconds: float
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        return chroot_run(self.root, list(argv))
+
+    def install(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run("sh", "/src/tether/packaging/install-agent.sh", *args)
+
+    def path(self, inside: str) -> Path:
+        return self.root / inside.lstrip("/")
+
+
+def _check_tools() -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("the install test chroots into a Debian root filesystem, which needs root")
+    for tool in ("unshare", "chroot", "mount"):
+        if shutil.which(tool) is None:
+            skip_or_fail(f"{tool} is not installed (util-linux / coreutils)")
+    cached = (rootfs_dir() / ".tether-rootfs-complete").exists()
+    if not cached and shutil.which("debootstrap") is None and not os.access("/usr/sbin/debootstrap", os.X_OK):
+        skip_or_fail("debootstrap is not installed, so no Debian root filesystem can be made (apt-get install debootstrap)")
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
+    _check_tools()
+    base = ensure_debian_rootfs(docker_client())
+    root = tmp_path_factory.mktemp("install") / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(root)], check=True, timeout=600)
+    try:
+        shutil.copyfile("/etc/resolv.conf", root / "etc" / "resolv.conf")
+        copy_repo(root / "src" / "tether")
+        purge = chroot_run(root, ["dpkg", "--purge", "python3-venv", "python3.11-venv"])
+        assert purge.returncode == 0, purge.stderr
+        assert chroot_run(root, ["python3", "-c", "import ensurepip"]).returncode != 0
+        started = time.monotonic()
+        first = chroot_run(root, ["sh", "/src/tether/packaging/install-agent.sh", *ARGS])
+        seconds = time.monotonic() - started
+        print(f"\ninstall-agent.sh in a clean chroot: {seconds:.1f}s")
+        yield Installed(root, first, seconds)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_install_in_a_clean_root(installed: Installed) -> None:
+    result = installed.first
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "apt-get install python3-venv" in out
+    assert "creating the virtualenv /opt/tether-agent" in out
+    assert "wrote /etc/tether/agent.toml (device pi-1)" in out
+    # No systemd in a chroot: the unit is in place, and the script says how to start.
+    assert "systemd is not running here" in out
+    assert "/opt/tether-agent/bin/tether-agent --config /etc/tether/agent.toml" in out
+
+    config_path = installed.path("/etc/tether/agent.toml")
+    assert stat.S_IMODE(config_path.stat().st_mode) == 0o600
+    config = tomllib.loads(config_path.read_text())
+    assert config == {
+        "brokers": ["mqtt://ctl.example:1883", "mqtts://backup.example:8883"],
+        "device_id": "pi-1",
+        "driver": "process",
+        "data_dir": "/var/lib/tether-agent",
+        "labels": {"site": "berlin", "example.com/role": "edge gateway"},
+    }
+    # The token only as a comment: enrollment is not built, and the agent rejects unknown keys.
+    assert '# enrollment_token = "tok-\\"quoted\\""' in config_path.read_text()
+
+    unit = installed.path("/etc/systemd/system/tether-agent.service")
+    assert unit.read_text() == AGENT_UNIT.read_text()
+    assert os.readlink(installed.path("/usr/local/bin/tether-agent")) == "/opt/tether-agent/bin/tether-agent"
+    assert stat.S_IMODE(installed.path("/var/lib/tether-agent").stat().st_mode) == 0o700
+
+
+def test_installed_agent_accepts_the_config(installed: Installed) -> None:
+    agent = "/opt/tether-agent/bin/tether-agent"
+    held = installed.run(agent, "--config", "/etc/tether/agent.toml", "--hold")
+    assert held.returncode == 0, held.stderr
+    assert "updates held on pi-1 (/var/lib/tether-agent/hold)" in held.stdout
+    released = installed.run(agent, "--config", "/etc/tether/agent.toml", "--release")
+    assert released.returncode == 0, released.stderr
+    # The agent only: no controller dependencies in the device's virtualenv.
+    probe = "import importlib.util as u; print([m for m in ('amqtt', 'yaml', 'psycopg') if u.find_spec(m)])"
+    assert installed.run("/opt/tether-agent/bin/python", "-c", probe).stdout.strip() == "[]"
+
+
+def test_installed_agent_comes_online(installed: Installed, tmp_path: Path) -> None:
+    """The installed agent, run in the chroot as the unit would, reaches a controller here.
+
+    The chroot shares this machine's network, so the controller's loopback address works;
+    ``--broker`` (over the file's brokers) points the agent at it.
+    """
+    controller = ControllerProcess(tmp_path / "controller")
+    argv = [
+        "/opt/tether-agent/bin/tether-agent", "--config", "/etc/tether/agent.toml",
+        "--broker", controller.url,
+    ]  # fmt: skip
+    agent = _Proc(chroot_command(installed.root, argv), tmp_path / "agent.log")
+    try:
+        try:
+            device = wait_online(controller.url, "pi-1", timeout=60)
+        except AssertionError:
+            raise AssertionError(agent.output()) from None
+        assert device["labels"] == {"site": "berlin", "example.com/role": "edge gateway"}
+        facts = cli_json(controller.url, "devices", "show", "pi-1")["facts"]
+        assert facts["driver"] == "process"
+        assert facts["os"].startswith("Debian GNU/Linux 12")
+        assert agent.stop() == 0
+    finally:
+        agent.stop()
+        controller.stop()
+
+
+def test_install_again(installed: Installed) -> None:
+    """Idempotent: the same arguments change nothing; new ones rewrite the config (kept .bak)."""
+    config = installed.path("/etc/tether/agent.toml")
+    unit = installed.path("/etc/systemd/system/tether-agent.service")
+    before, unit_mtime = config.read_bytes(), unit.stat().st_mtime_ns
+
+    again = installed.install(*ARGS)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "apt-get" not in again.stdout
+    assert "reusing the virtualenv /opt/tether-agent" in again.stdout
+    assert "/etc/tether/agent.toml unchanged (device pi-1)" in again.stdout
+    assert config.read_bytes() == before
+    assert unit.stat().st_mtime_ns == unit_mtime
+    assert not installed.path("/etc/tether/agent.toml.bak").exists()
+
+    # A configuration the agent would reject is refused before it replaces the good one.
+    bad = installed.install(*ARGS, "--label", "not a key=1")
+    assert bad.returncode == 1
+    assert "the configuration is not valid" in bad.stderr and "/etc/tether/agent.toml" in bad.stderr
+    assert config.read_bytes() == before
+    assert not list(installed.path("/etc/tether").glob(".agent.toml.*"))
+
+    changed = installed.install(*[a if a != "site=berlin" else "site=hamburg" for a in ARGS])
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert tomllib.loads(config.read_text())["labels"]["site"] == "hamburg"
+    assert installed.path("/etc/tether/agent.toml.bak").read_bytes() == before
+
+
+# --- without a chroot -------------------------------------------------------------------------
+
+
+def _shells() -> list[list[str]]:
+    found = [[s] for s in ("dash", "sh") if shutil.which(s)]
+    if shutil.which("busybox"):
+        found.append(["busybox", "sh"])
+    if shutil.which("bash"):
+        found.append(["bash", "--posix"])
+    return found
+
+
+@pytest.mark.parametrize("shell", _shells(), ids=" ".join)
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "at least one --broker is needed"),
+        (["--broker"], "--broker needs a value"),
+        (["--broker", "mqtt://x", "--driver", "kubernetes"], "--driver must be docker or process"),
+        (["--broker", "mqtt://x", "--label", "novalue"], "expected KEY=VALUE"),
+        (["--broker", "mqtt://x", "--frobnicate", "1"], "unknown option: --frobnicate"),
+        (["--broker=mqtt://x", "stray"], "unexpected argument: stray"),
+    ],
+)
+def test_bad_arguments_change_nothing(shell: list[str], args: list[str], message: str) -> None:
+    """Argument errors stop the script before it touches anything (and without root)."""
+    result = subprocess.run([*shell, str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert message in result.stderr
+    assert "Usage: install-agent.sh" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("shell", _shells(), ids=" ".join)
+def test_help(shell: list[str]) -> None:
+    result = subprocess.run([*shell, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "--broker URL" in result.stdout
+
+
+def test_script_embeds_the_unit_file() -> None:
+    """The script carries packaging/tether-agent.service (curl | sh has no checkout to copy from)."""
+    text = SCRIPT.read_text()
+    m = re.search(r"<<'UNIT'\n(.*?\n)UNIT\n", text, re.S)
+    assert m is not None
+    assert m.group(1) == AGENT_UNIT.read_text()
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` on both units, in a root with stand-ins for their programs."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (package systemd)")
+    root = tmp_path / "root"
+    for system_units in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
+        if system_units.is_dir() and not system_units.is_symlink():
+            shutil.copytree(system_units, root / "usr/lib/systemd/system", symlinks=True, dirs_exist_ok=True)
+    for program in ("/opt/tether-agent/bin/tether-agent", "/opt/tether/bin/tether"):
+        stub = root / program.lstrip("/")
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\n")
+        stub.chmod(0o755)
+    units = root / "etc/systemd/system"
+    units.mkdir(parents=True)
+    for unit in (AGENT_UNIT, CONTROLLER_UNIT):
+        shutil.copyfile(unit, units / unit.name)
+    result = subprocess.run(
+        [analyze, "verify", f"--root={root}", AGENT_UNIT.name, CONTROLLER_UNIT.name],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    problems = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if line.strip() and not any(f"Unknown key '{key}'" in line for key in NEWER_SYSTEMD_KEYS)
+    ]
+    assert result.returncode == 0 and problems == [], result.stdout + result.stderr
+    for unit in (AGENT_UNIT, CONTROLLER_UNIT):
+        security = subprocess.run(
+            [analyze, "security", "--offline=yes", f"--root={root}", unit.name],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        exposure = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+        print(f"\n{unit.name}: systemd-analyze security exposure {exposure.group(1) if exposure else '?'}")
+
+
+def _unit_settings(path: Path) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_agent_unit_settings() -> None:
+    s: dict[str, Any] = _unit_settings(AGENT_UNIT)
+    assert s["Restart"] == ["always"]
+    assert s["After"] == ["network-online.target docker.service"]
+    assert s["Wants"] == ["network-online.target"]
+    assert s["ProtectSystem"] == ["strict"]
+    assert s["ReadWritePaths"] == ["/var/lib/tether-agent"]
+    for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
+        assert s[key] == ["yes"], key
+    assert s["ExecStart"] == ["/opt/tether-agent/bin/tether-agent --config /etc/tether/agent.toml"]
