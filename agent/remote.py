@@ -34,6 +34,7 @@ format is in :mod:`tether.protocol.device_api` and docs/topics.md ("Remote opera
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import ipaddress
@@ -412,11 +413,19 @@ class RemoteOps:
 
         def read() -> Any:
             parts = []
+            cut = False
             for inst in instances:
-                text = "".join(driver.log_stream(inst, cmd.tail, since, False, self.closing))
-                parts.append(LogText(service=inst.service, text=text))
+                kept: collections.deque[str] = collections.deque()
+                size = 0
+                for text in driver.log_stream(inst, cmd.tail, since, False, self.closing):
+                    kept.append(text)
+                    size += len(text)
+                    while size > MAX_LOG_BYTES and len(kept) > 1:  # bounded memory, whatever the log
+                        size -= len(kept.popleft())
+                        cut = True
+                parts.append(LogText(service=inst.service, text="".join(kept)))
             total = sum(len(p.text.encode()) for p in parts)
-            truncated = total > MAX_LOG_BYTES
+            truncated = cut or total > MAX_LOG_BYTES
             if truncated:
                 share = MAX_LOG_BYTES // len(parts)
                 parts = [LogText(service=p.service, text=_last_bytes(p.text, share)) for p in parts]
@@ -481,7 +490,7 @@ class RemoteOps:
         """Batch what the readers produce into chunks until the stream ends; then its last message."""
         budget = float(MAX_LOG_BYTES)
         last_refill = time.monotonic()
-        dropped = 0
+        dropped = unreported = 0
         pending: dict[str, list[str]] = {}
         pending_bytes = 0
         ended = 0
@@ -543,18 +552,20 @@ class RemoteOps:
                     last_refill = now
                     size = len(text.encode())
                     if size > budget:
-                        kept = _last_bytes(text, int(budget)) if budget >= 1 else ""
-                        lost = size - len(kept.encode())
+                        text = _last_bytes(text, int(budget)) if budget >= 1 else ""
+                        lost = size - len(text.encode())
                         dropped += lost
-                        text = (
-                            f"[tether: {lost} bytes of output left out: the stream is rate-limited]\n{kept}"
-                        )
+                        unreported += lost
                         budget = 0.0
                     else:
                         budget -= size
-                    pending.setdefault(service, []).append(text)
-                    pending_bytes += size
-                    first_pending = first_pending or now
+                    if text:
+                        if unreported:  # one notice per gap, where the gap is
+                            text = f"[tether: {unreported} bytes of output left out (rate limit)]\n{text}"
+                            unreported = 0
+                        pending.setdefault(service, []).append(text)
+                        pending_bytes += len(text)
+                        first_pending = first_pending or now
             now = time.monotonic()
             if pending and (pending_bytes >= CHUNK_BYTES or now - (first_pending or now) >= FLUSH_S):
                 if not flush():

@@ -236,10 +236,34 @@ def default_json(name: str) -> Path:
     return RESULTS / f"{name}.json"
 
 
+def source_version() -> str:
+    """The commit measured (``+dirty`` with uncommitted changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def write_json(path: Path | str | None, name: str, data: dict[str, Any]) -> Path:
     target = Path(path) if path else default_json(name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **data}
+    data = {
+        "benchmark": name,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": source_version(),
+        "machine": machine(),
+        **data,
+    }
     target.write_text(json.dumps(data, indent=2, default=str) + "\n")
     return target
 

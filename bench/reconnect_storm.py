@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import Controller, Mosquitto, Row, cli, compose_stack, log, report, rnd, wait_until
+from common import Controller, CpuMeter, Mosquitto, Row, cli, compose_stack, log, report, rnd, wait_until
 from tether.cli.client import ControllerClient
-from tether.protocol.models import GroupsCreate, GroupsShow, StacksDeploy
+from tether.protocol.models import GroupsCreate, GroupsShow, StacksDeploy, StacksList
 from tether.sim import Fleet, FleetConfig, FleetThread
 
 NAME = "reconnect_storm"
@@ -52,7 +52,7 @@ def converged(fleet: Fleet, since: float) -> int:
 
 def controller_view(url: str) -> list[dict[str, Any]]:
     """``tether devices ls -o json`` (a separate process: this one holds thousands of sockets)."""
-    result = cli(url, "devices", "ls", "-o", "json", "--request-timeout", "120")
+    result = cli(url, "devices", "ls", "-o", "json", "--request-timeout", "300")
     if result.returncode != 0:
         raise RuntimeError(result.stderr.strip())
     return list(json.loads(result.stdout))
@@ -88,12 +88,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         client.request(StacksDeploy(name="app", group="fleet", compose=compose_stack(3, 1)))
         sim.wait(lambda f: converged(f, 0.0) >= n, args.timeout, interval=0.2, message="all running")
         log("stack running on every device")
+        # Let the controller catch up first, so the storm is not measured with a backlog.
+        wait_until(lambda: _running(client) >= n, args.timeout, interval=1.0, message="controller sees all")
         client.close()
-        before = {d["id"]: d["session"] for d in controller_view(url)}
+        log("the controller sees every device running")
+        before = sim.call(lambda f: {d.device_id: d.core.session for d in f.devices})
         time.sleep(args.settle)
 
+        ctl_cpu, sim_cpu0 = CpuMeter(controller.pid), time.process_time()
         t0 = time.monotonic()
         down_s = broker.restart(kill=args.kill)
+        broker_cpu = CpuMeter(broker.pid)
         log(f"broker restarted in {down_s:.2f} s")
         online_s = converged_s = None
         try:
@@ -110,6 +115,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             log(f"all {n} devices converged after {converged_s:.1f} s")
         except TimeoutError as exc:
             log(str(exc))
+        cpu = {
+            "simulator": rnd(time.process_time() - sim_cpu0, 2),
+            "mosquitto": rnd(broker_cpu.seconds(), 2),
+            "controller": rnd(ctl_cpu.seconds(), 2),
+        }
 
         def controller_sees_all() -> bool:
             rows = controller_view(url)
@@ -159,7 +169,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         **{k: v for k, v in stats.items() if k != "summary"},
         "sim": stats["summary"],
         "connect_concurrency": args.connect_concurrency,
+        "cpu_s_until_converged": cpu,
     }
+
+
+def _running(client: ControllerClient) -> int:
+    stacks = client.request(StacksList())["stacks"]
+    return next((int(s["running"]) for s in stacks if s["name"] == "app"), 0)
 
 
 def _members(client: ControllerClient) -> int:
@@ -181,6 +197,10 @@ def rows(data: dict[str, Any]) -> list[Row]:
         ),
         Row("controller sees all back", data["controller_sees_all_s"], " s"),
         Row("peak connection rate", data["peak_connacks_per_s"], " /s"),
+        Row(
+            "CPU s until converged",
+            " / ".join(f"{k} {v:g}" for k, v in data["cpu_s_until_converged"].items()),
+        ),
         Row("failed connect attempts", data["failed_connect_attempts"]),
         Row("most attempts by one device", data["max_attempts_one_device"]),
         Row("devices that gave up", data["not_reconnected"], "", "0", data["not_reconnected"] == 0),

@@ -61,6 +61,11 @@ usage_error() {
     exit 2
 }
 
+# Everything runs inside main, called on the last line: `curl ... | sh` then has read the
+# whole script before anything runs, so a command reading standard input cannot swallow the
+# rest of it, and a download cut short runs nothing.
+main() {
+
 # --- arguments -----------------------------------------------------------------------------
 while [ $# -gt 0 ]; do
     opt=$1
@@ -124,8 +129,8 @@ has_venv() { "$1" -c 'import venv, ensurepip' >/dev/null 2>&1; }
 apt_install() {
     command -v apt-get >/dev/null 2>&1 || return 1
     say "apt-get install $*"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq || return 1
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq </dev/null || return 1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" </dev/null >/dev/null
 }
 
 python=$(find_python || true)
@@ -153,7 +158,7 @@ else
 fi
 source=${from:-$package}
 say "pip install $source"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade "$source" ||
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --upgrade "$source" </dev/null ||
     die "pip install $source failed"
 "$VENV/bin/tether-agent" --version >/dev/null || die "$VENV/bin/tether-agent does not run"
 ln -sf "$VENV/bin/tether-agent" /usr/local/bin/tether-agent
@@ -344,3 +349,6 @@ else
     say "  $VENV/bin/tether-agent --config $CONFIG"
     say "or, once booted with systemd: systemctl enable --now tether-agent"
 fi
+}
+
+main "$@"

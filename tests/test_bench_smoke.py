@@ -70,9 +70,9 @@ def test_controller_capacity(tmp_path: Path) -> None:
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_bandwidth(tmp_path: Path) -> None:
     data = bench(tmp_path, "bandwidth", "--window", "2", "--quiet", "1.5")
-    for name in ("plain-60", "tls-60"):
+    for name in ("plain-60-nometrics", "tls-60-nometrics"):
         assert data["new_stack"][name]["app_up"] > 0 and data["new_stack"][name]["app_down"] > 0
-    plain = data["noop_redeploy"]["plain-60"]["mqtt_packets"]
+    plain = data["noop_redeploy"]["plain-60-nometrics"]["mqtt_packets"]
     assert not [k for k in plain if k.startswith("down ") and k != "down PINGRESP"]
 
 

@@ -321,7 +321,7 @@ def test_metrics_arrive_per_their_settings(mosquitto: Mosquitto, tmp_path: Path,
         quiet_samples = [s for s, _size in _samples(sniffer, quiet)]
         assert all(s.full for s in quiet_samples), "a device that did not move sent a partial sample"
         gaps = [b.at - a.at for a, b in zip(quiet_samples, quiet_samples[1:], strict=False)]
-        assert all(2.9 <= gap <= 5.0 for gap in gaps), gaps
+        assert all(2.9 <= gap <= 8.0 for gap in gaps), gaps
 
         chatty_samples = wait_until(
             lambda: len(s := _samples(sniffer, chatty)) >= 5 and s,
@@ -345,7 +345,7 @@ def test_metrics_arrive_per_their_settings(mosquitto: Mosquitto, tmp_path: Path,
         assert table.returncode == 0 and "no sample yet" in table.stdout
 
         # Live samples on request, while the command runs.
-        live = cli(url, "devices", "top", off, "--follow", "--for", "3s", timeout=60)
+        live = cli(url, "devices", "top", off, "--follow", "--for", "5s", timeout=60)
         assert live.returncode == 0, live.stderr
         assert len([line for line in live.stdout.splitlines() if " cpu " in line]) >= 2, live.stdout
         live_samples = [s for s, _size in _samples(sniffer, off)]

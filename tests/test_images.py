@@ -49,7 +49,9 @@ def debian_python_image(docker_engine: Any) -> str:
         if os.geteuid() != 0:
             skip_or_fail(f"making {DEBIAN_PYTHON_TAG} with debootstrap needs root")
         if shutil.which("debootstrap") is None and not os.access("/usr/sbin/debootstrap", os.X_OK):
-            skip_or_fail(f"debootstrap is not installed, so {DEBIAN_PYTHON_TAG} cannot be made (apt-get install debootstrap)")
+            skip_or_fail(
+                f"debootstrap is not installed, so {DEBIAN_PYTHON_TAG} cannot be made (apt-get install debootstrap)"
+            )
     started = time.monotonic()
     tag = ensure_debian_python_image(docker_engine)
     print(f"\n{DEBIAN_PYTHON_TAG} ready in {time.monotonic() - started:.1f}s")
@@ -161,8 +163,16 @@ def test_agent_container_comes_online(
             agent_image,
             containers,
             command=[
-                "--broker", controller.url, "--device-id", device_id, "--driver", driver,
-                "--label", f"site={run}", "--label", "source=image",
+                "--broker",
+                controller.url,
+                "--device-id",
+                device_id,
+                "--driver",
+                driver,
+                "--label",
+                f"site={run}",
+                "--label",
+                "source=image",
             ],  # fmt: skip
             network_mode="host",
             **kwargs,
@@ -239,6 +249,25 @@ def _production_healthcheck(container_port: str) -> dict[str, Any]:
     }
 
 
+def test_controller_image_default_command(
+    docker_engine: Any, controller_image: str, containers: list[Any]
+) -> None:
+    """As compose/quickstart.yml runs it: the image's own command, port 1883 published."""
+    controller = _run(docker_engine, controller_image, containers, ports={"1883/tcp": ("127.0.0.1", None)})
+
+    def ready() -> bool:
+        controller.reload()
+        if controller.status == "exited":
+            raise AssertionError(f"controller container exited:\n{_logs(controller)}")
+        return "controller ready (leader; state in /data/tether.db)" in _logs(controller)
+
+    wait_until(ready, 60, interval=0.2, message="controller ready in the container")
+    host_port = controller.attrs["NetworkSettings"]["Ports"]["1883/tcp"][0]["HostPort"]
+    assert cli_json(f"mqtt://127.0.0.1:{host_port}", "devices", "ls") == []
+    code, listing = _exec(controller, ["ls", "-ln", "/data"])
+    assert code == 0 and " 10001 10001 " in listing, listing
+
+
 def test_controller_image_with_agent_image(
     docker_engine: Any, controller_image: str, agent_image: str, containers: list[Any]
 ) -> None:
@@ -252,8 +281,16 @@ def test_controller_image_with_agent_image(
         controller_image,
         containers,
         command=[
-            "tether", "up", "--bind", "0.0.0.0", "--data-dir", "/data",
-            "--http", "0.0.0.0:9100", "--log-format", "json",
+            "tether",
+            "up",
+            "--bind",
+            "0.0.0.0",
+            "--data-dir",
+            "/data",
+            "--http",
+            "0.0.0.0:9100",
+            "--log-format",
+            "json",
         ],  # fmt: skip
         healthcheck=_production_healthcheck("9100"),
         ports={"1883/tcp": ("127.0.0.1", None)},  # an ephemeral port on the host's loopback
@@ -295,4 +332,6 @@ def test_controller_image_with_agent_image(
     wait_until(metrics, 30, interval=0.5, message="/metrics counts the agent container online")
 
 
-METRICS = "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics').read().decode())"
+METRICS = (
+    "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9100/metrics').read().decode())"
+)

@@ -269,3 +269,37 @@ def test_live_metrics_publish_full_samples(device: tuple[AgentCore, FakeDriver, 
     decoded = [codec.decode(s, MetricsSample) for s in samples]
     assert all(s.full and s.mem_total for s in decoded)
     assert {q for t, _p, q, r in link.published if t == topic} == {0}
+
+
+def test_a_stream_is_rate_limited_and_says_what_it_left_out(
+    device: tuple[AgentCore, FakeDriver, RecordingLink],
+) -> None:
+    """Output beyond the burst allowance is left out, marked in the text and counted at the end."""
+    core, driver, link = device
+    send(core, {"kind": "logs", "stack": "web", "service": "app", "tail": 0, "follow": True}, "f5")
+    wait_until(lambda: link.replies("f5"), 10)
+    app = next(i for i in driver.observe() if i.service == "app")
+    driver.emit(app.id, "x" * 1023 + "\n" + ("y" * 1023 + "\n") * 600)
+    wait_until(lambda: sum(len((r.result or {}).get("text", "")) for r in link.replies("f5")) >= 500_000, 10)
+    send(core, {"kind": "stream", "request_id": "f5", "action": "cancel"}, "c5")
+    last = wait_until(lambda: next((r for r in link.replies("f5") if not r.more), None), 10)
+    text = "".join((r.result or {}).get("text", "") for r in link.replies("f5"))
+    assert 0 < last.result["dropped"] < 100_000
+    assert text.startswith(f"[tether: {last.result['dropped']} bytes of output left out (rate limit)]\ny")
+    assert "x" not in text and all(
+        len((r.result or {}).get("text", "").encode()) <= 32 * 1024 for r in link.replies("f5")
+    )
+
+
+def test_a_large_log_is_cut_to_its_most_recent_part(
+    device: tuple[AgentCore, FakeDriver, RecordingLink],
+) -> None:
+    """More than the reply limit: the newest output comes back, whole lines, marked truncated."""
+    core, driver, link = device
+    app = next(i for i in driver.observe() if i.service == "app")
+    driver.emit(app.id, "".join(f"line {n:06d} {'z' * 90}\n" for n in range(8000)))
+    send(core, {"kind": "logs", "stack": "web", "service": "app", "tail": None})
+    result = reply(link).result
+    text = result["logs"][0]["text"]
+    assert result["truncated"] and len(text.encode()) <= 512 * 1024
+    assert text.startswith("line ") and text.endswith(f"line 007999 {'z' * 90}\n")

@@ -258,11 +258,7 @@ class DockerDriver:
             kwargs["since"] = max(since, 1.0)
         try:
             container = self.client.containers.get(instance.id)
-            if not follow:
-                data = container.logs(**kwargs)
-                yield bytes(data).decode(errors="replace")
-                return
-            stream = container.logs(stream=True, follow=True, **kwargs)
+            stream = container.logs(stream=True, follow=follow, **kwargs)  # chunks: never all in memory
         except docker.errors.NotFound as exc:
             raise DriverError(f"{what}: the container is gone") from exc
         except docker.errors.DockerException as exc:

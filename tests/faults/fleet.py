@@ -119,6 +119,10 @@ class NetnsBackend:
     def block(self, name: str, direction: str) -> None:
         self.lab.block(name, direction)
 
+    def isolate_broker(self, cut: bool = True) -> None:
+        """Every device loses (or gets back) the broker at once."""
+        self.lab.isolate_hub(cut)
+
     def carrier(self, name: str, up: bool) -> None:
         self.lab.carrier(name, up)
 
@@ -184,6 +188,13 @@ class ProxyBackend:
 
     def block(self, name: str, direction: str) -> None:
         self.proxies[name].set(**{f"{direction}_paused": True, "accept": "hang"})
+
+    def isolate_broker(self, cut: bool = True) -> None:
+        for name in self.proxies:
+            if cut:
+                self.partition(name)
+            else:
+                self.heal(name)
 
     def carrier(self, name: str, up: bool) -> None:
         if up:
@@ -345,12 +356,13 @@ class Fleet:
         self.backend.add_device(name)
         self.brokers[name] = [*(brokers or []), self.backend.device_url(name)]
 
-    def start_agent(self, name: str) -> AgentProcess:
+    def start_agent(self, name: str, extra: list[str] | None = None) -> AgentProcess:
         agent = AgentProcess(
             self.brokers[name],
             name,
             self.agent_dir(name),
             labels={"lab": self.run},
+            extra=extra,
             argv_prefix=self.backend.device_prefix(name),
         )
         self.agents[name] = agent
@@ -384,6 +396,8 @@ class Fleet:
         return names
 
     def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.signal(signal.SIGTERM)  # all at once: a big fleet stops in parallel
         for agent in self.agents.values():
             agent.stop(10)
         if self.observer is not None:

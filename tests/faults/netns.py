@@ -36,6 +36,7 @@ import contextlib
 import ctypes
 import os
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -177,7 +178,7 @@ class Lab:
         self._add_ns(self.switch)
         sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.switch, "link", "set", "br0", "up")
-        self._attach(self.hub, f"p-{self.prefix}-h", self.hub_addr)
+        self._attach(self.hub, self.hub_port, self.hub_addr)
         # The hub answers for its own address only: nothing it receives is routed on.
         self.ns_sh(self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=0")
         return self
@@ -212,9 +213,13 @@ class Lab:
 
     # --- faults at the switch ---
 
-    def _switch_rules(self, device: Device, rules: list[str]) -> None:
-        """Replace ``device``'s fault rules in the switch's bridge forward path."""
-        table = f"fault_{device.ns.rsplit('-', 1)[1]}"
+    @property
+    def hub_port(self) -> str:
+        return f"p-{self.prefix}-h"
+
+    def _switch_rules(self, key: str, rules: list[str]) -> None:
+        """Replace the fault rules named ``key`` in the switch's bridge forward path."""
+        table = "fault_" + re.sub(r"[^A-Za-z0-9_]", "_", key)
         self.ns_sh(self.switch, "nft", "delete", "table", "bridge", table, check=False)
         if rules:
             body = "\n".join(f"    {r}" for r in rules)
@@ -227,13 +232,13 @@ class Lab:
     def partition(self, name: str) -> None:
         """Nothing passes to or from the device (the endpoints see silence)."""
         port = self.devices[name].port
-        self._switch_rules(self.devices[name], [f'iifname "{port}" drop', f'oifname "{port}" drop'])
+        self._switch_rules(name, [f'iifname "{port}" drop', f'oifname "{port}" drop'])
 
     def block(self, name: str, direction: str) -> None:
         """One-way cut of IPv4 (ARP still passes): ``"down"`` toward the device, ``"up"`` from it."""
         port = self.devices[name].port
         match = "oifname" if direction == "down" else "iifname"
-        self._switch_rules(self.devices[name], [f'{match} "{port}" ether type ip drop'])
+        self._switch_rules(name, [f'{match} "{port}" ether type ip drop'])
 
     def blackhole_dns(self, name: str) -> None:
         """The device's resolver becomes unreachable in silence: a default route to the hub,
@@ -241,15 +246,17 @@ class Lab:
         device = self.devices[name]
         self.ns_sh(device.ns, "ip", "route", "replace", "default", "via", self.hub_addr)
         port = device.port
-        self._switch_rules(
-            device, [f'iifname "{port}" udp dport 53 drop', f'iifname "{port}" tcp dport 53 drop']
-        )
+        self._switch_rules(name, [f'iifname "{port}" udp dport 53 drop', f'iifname "{port}" tcp dport 53 drop'])
 
     def heal(self, name: str) -> None:
         """Remove the device's switch rules and bring its port up."""
-        device = self.devices[name]
-        self._switch_rules(device, [])
-        sh("ip", "-n", self.switch, "link", "set", device.port, "up")
+        self._switch_rules(name, [])
+        sh("ip", "-n", self.switch, "link", "set", self.devices[name].port, "up")
+
+    def isolate_hub(self, cut: bool = True) -> None:
+        """Cut (or restore) the hub's port: every device loses the broker at once."""
+        port = self.hub_port
+        self._switch_rules("hub", [f'iifname "{port}" drop', f'oifname "{port}" drop'] if cut else [])
 
     def carrier(self, name: str, up: bool) -> None:
         """The far end of the device's cable: down means NO-CARRIER on its eth0."""

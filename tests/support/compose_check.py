@@ -200,14 +200,11 @@ def _check_volumes(where: str, volumes: Any, declared: set[str], base: Path, err
             errors.append(f"{where}: volume {item!r}: the target must be an absolute path")
         if kind == "volume" and source and source not in declared:
             errors.append(f"{where}: named volume {source!r} is not declared under top-level volumes")
-        if kind == "bind" and source.startswith("."):
-            if not (base / source).exists():
-                errors.append(f"{where}: bind mount source {source} ({(base / source).resolve()}) is missing")
+        if kind == "bind" and source.startswith(".") and not (base / source).exists():
+            errors.append(f"{where}: bind mount source {source} ({(base / source).resolve()}) is missing")
 
 
-def _check_service(
-    name: str, svc: Any, doc: dict[str, Any], base: Path, errors: list[str]
-) -> None:
+def _check_service(name: str, svc: Any, doc: dict[str, Any], base: Path, errors: list[str]) -> None:
     where = f"service {name}"
     if not _is_mapping(svc):
         errors.append(f"{where}: must be a mapping")
@@ -225,7 +222,9 @@ def _check_service(
         if key in svc and not (isinstance(svc[key], str) or _str_list(svc[key]) or svc[key] is None):
             errors.append(f"{where}: {key} must be a string or a list of strings")
     if "restart" in svc and not (isinstance(svc["restart"], str) and RESTART_RE.match(svc["restart"])):
-        errors.append(f"{where}: restart {svc['restart']!r} is not no, always, on-failure[:N] or unless-stopped")
+        errors.append(
+            f"{where}: restart {svc['restart']!r} is not no, always, on-failure[:N] or unless-stopped"
+        )
     env = svc.get("environment")
     if env is not None:
         if isinstance(env, list):

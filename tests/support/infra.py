@@ -56,9 +56,11 @@ def _accepts(port: int) -> bool:
 class Mosquitto:
     """A private mosquitto broker on 127.0.0.1, logging into `tmp_path`. Use as a context manager."""
 
-    def __init__(self, tmp_path: Path, attempts: int = 5) -> None:
+    def __init__(self, tmp_path: Path, attempts: int = 5, extra_conf: str = "") -> None:
         self.dir = Path(tmp_path)
         self.attempts = attempts
+        self.extra_conf = extra_conf
+        """Appended to the generated mosquitto.conf (e.g. a bridge: ``connection ...``)."""
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "mosquitto.log"
@@ -93,6 +95,7 @@ class Mosquitto:
             "log_type all\n"
             # As root, mosquitto would drop to its own user, which cannot write into tmp_path.
             "user root\n"
+            f"{self.extra_conf}\n"
         )
         with self.output_path.open("wb") as out:
             proc = subprocess.Popen([MOSQUITTO_BIN, "-c", str(self.conf_path)], stdout=out, stderr=out)
