@@ -6,7 +6,6 @@ through the broker given by ``--broker`` or ``TETHER_BROKER``.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 from collections.abc import Callable
@@ -43,34 +42,7 @@ from tether.protocol.models import (
 
 from . import output, remote
 from .client import ControllerClient
-
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
-
-
-def fail(message: str, code: int = 1) -> None:
-    click.echo(f"tether: error: {message}", err=True)
-    sys.exit(code)
-
-
-def common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--broker, -o and --timeout on every command; TetherError becomes a one-line message."""
-
-    @click.option(
-        "--broker", envvar="TETHER_BROKER", default=DEFAULT_BROKER, show_default=True, help="Broker URL."
-    )
-    @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table")
-    @click.option(
-        "--request-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a reply."
-    )
-    @functools.wraps(fn)
-    def wrapper(broker: str, fmt: str, request_timeout: float, **kwargs: Any) -> None:
-        try:
-            with ControllerClient(broker, timeout=request_timeout) as client:
-                fn(client, fmt, **kwargs)
-        except TetherError as exc:
-            fail(str(exc))
-
-    return wrapper
+from .common import common, fail
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -15,12 +15,10 @@ Ctrl-C, so a CLI that dies costs the device at most one lease.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import queue
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -45,8 +43,8 @@ from tether.protocol.topics import DeviceTopic
 
 from . import output
 from .client import ControllerClient
+from .common import common
 
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 LEASE_S = 60.0
 """Seconds a stream lasts unless renewed; the CLI renews it every third of that."""
 LIVE_S = 30.0
@@ -61,32 +59,6 @@ def register(main: click.Group) -> None:
     assert isinstance(devices, click.Group)
     for command in (restart, facts, top):
         devices.add_command(command)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"tether: error: {message}", err=True)
-    sys.exit(code)
-
-
-def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--broker, -o and --request-timeout, as on every command; TetherError becomes one line."""
-
-    @click.option(
-        "--broker", envvar="TETHER_BROKER", default=DEFAULT_BROKER, show_default=True, help="Broker URL."
-    )
-    @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table")
-    @click.option(
-        "--request-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a reply."
-    )
-    @functools.wraps(fn)
-    def wrapper(broker: str, fmt: str, request_timeout: float, **kwargs: Any) -> None:
-        try:
-            with ControllerClient(broker, timeout=request_timeout) as client:
-                fn(client, fmt, **kwargs)
-        except TetherError as exc:
-            _fail(str(exc))
-
-    return wrapper
 
 
 # --- talking to a device --------------------------------------------------------------------
@@ -195,7 +167,7 @@ class _Printer:
 @click.option("--since", "since_text", default=None, help="Only output of the last DURATION (10m, 1h30m).")
 @click.option("-f", "--follow", is_flag=True, help="Then stream new output until Ctrl-C (or --for).")
 @click.option("--for", "for_text", default=None, help="With --follow: stop after DURATION.")
-@_common
+@common
 def logs(
     client: ControllerClient,
     fmt: str,
@@ -324,7 +296,7 @@ def _stream_end(device_id: str, result: dict[str, Any], cancelled: bool) -> None
     show_default=True,
     help="Seconds to wait for the device.",
 )
-@_common
+@common
 def restart(
     client: ControllerClient, fmt: str, device_id: str, stack: str, service: str | None, timeout: float
 ) -> None:
@@ -418,7 +390,7 @@ def echo_host_facts(device: dict[str, Any]) -> None:
 
 @click.command("facts")
 @click.argument("device_id", metavar="DEVICE")
-@_common
+@common
 def facts(client: ControllerClient, fmt: str, device_id: str) -> None:
     """Ask DEVICE what it is: OS, CPU, memory, disk, Docker version, addresses."""
     require_online(client, device_id)
@@ -473,7 +445,7 @@ TOP_HEADERS = ["DEVICE", "PRESENCE", "CPU", "MEMORY", "DISK", "INSTANCES", "SAMP
 @click.argument("device_id", metavar="[DEVICE]", required=False)
 @click.option("-f", "--follow", is_flag=True, help="Ask DEVICE for a sample every second until Ctrl-C.")
 @click.option("--for", "for_text", default=None, help="With --follow: stop after DURATION.")
-@_common
+@common
 def top(
     client: ControllerClient, fmt: str, device_id: str | None, follow: bool, for_text: str | None
 ) -> None:

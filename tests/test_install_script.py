@@ -56,6 +56,10 @@ class Installed:
     def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return chroot_run(self.root, list(argv))
 
+    def install_piped(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """As ``curl -fsSL .../install-agent.sh | sh -s -- ARGS`` runs it: the script on stdin."""
+        return chroot_run(self.root, ["sh", "-s", "--", *args], stdin=SCRIPT.read_text())
+
     def install(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.run("sh", "/src/tether/packaging/install-agent.sh", *args)
 
@@ -167,12 +171,15 @@ def test_installed_agent_comes_online(installed: Installed, tmp_path: Path) -> N
 
 
 def test_install_again(installed: Installed) -> None:
-    """Idempotent: the same arguments change nothing; new ones rewrite the config (kept .bak)."""
+    """Idempotent: the same arguments change nothing; new ones rewrite the config (kept .bak).
+
+    The second run reads the script from standard input, as ``curl ... | sh -s --`` does.
+    """
     config = installed.path("/etc/tether/agent.toml")
     unit = installed.path("/etc/systemd/system/tether-agent.service")
     before, unit_mtime = config.read_bytes(), unit.stat().st_mtime_ns
 
-    again = installed.install(*ARGS)
+    again = installed.install_piped(*ARGS)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "apt-get" not in again.stdout
     assert "reusing the virtualenv /opt/tether-agent" in again.stdout

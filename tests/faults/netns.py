@@ -246,7 +246,9 @@ class Lab:
         device = self.devices[name]
         self.ns_sh(device.ns, "ip", "route", "replace", "default", "via", self.hub_addr)
         port = device.port
-        self._switch_rules(name, [f'iifname "{port}" udp dport 53 drop', f'iifname "{port}" tcp dport 53 drop'])
+        self._switch_rules(
+            name, [f'iifname "{port}" udp dport 53 drop', f'iifname "{port}" tcp dport 53 drop']
+        )
 
     def heal(self, name: str) -> None:
         """Remove the device's switch rules and bring its port up."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import socket
 import struct
@@ -180,7 +181,10 @@ def test_nfq_messages_round_trip() -> None:
     body = struct.pack("=BBH", 2, 0, socket.htons(7)) + hdr_attr
     packet = struct.pack("=IHHII", 16 + len(body), 3 << 8, 0, 0, 0) + body
     ack = struct.pack("=IHHIIi", 36, nfq_delay.NLMSG_ERROR, 0, 0, 0, 0) + b"\0" * 16
-    assert nfq_delay.parse_messages(packet + ack) == [(nfq_delay.NFQNL_MSG_PACKET, 99), (nfq_delay.NLMSG_ERROR, 0)]
+    assert nfq_delay.parse_messages(packet + ack) == [
+        (nfq_delay.NFQNL_MSG_PACKET, 99),
+        (nfq_delay.NLMSG_ERROR, 0),
+    ]
 
 
 def test_nfq_scheduler_keeps_order_and_drops_at_the_rate() -> None:
@@ -197,11 +201,17 @@ def test_nfq_scheduler_keeps_order_and_drops_at_the_rate() -> None:
     assert sched.due(now=20.05) == [] and sched.next_due() == pytest.approx(20.1)
 
 
-_NO_NETNS = unavailable_reason()
-needs_netns = pytest.mark.skipif(_NO_NETNS is not None, reason=str(_NO_NETNS))
+@pytest.fixture
+def netns() -> None:
+    """Skip without network namespaces (fail instead with TETHER_REQUIRE_NETNS=1)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        if os.environ.get("TETHER_REQUIRE_NETNS") == "1":
+            pytest.fail(f"TETHER_REQUIRE_NETNS=1 but {reason}")
+        pytest.skip(reason)
 
 
-@needs_netns
+@pytest.mark.usefixtures("netns")
 def test_lab_delays_real_packets_and_leaves_nothing_behind(tmp_path: Path) -> None:
     """A lab with two devices: nfq_delay adds its delay to a TCP handshake between them, a
     partition silences one device; destroy removes namespaces, processes and the guard route."""

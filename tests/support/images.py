@@ -295,9 +295,13 @@ def chroot_env() -> dict[str, str]:
 
 
 def chroot_run(
-    root: Path, argv: list[str], binds: dict[Path, str] | None = None, timeout: float = 900
+    root: Path,
+    argv: list[str],
+    binds: dict[Path, str] | None = None,
+    timeout: float = 900,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` in ``root`` (see :func:`chroot_command`) to completion."""
+    """Run ``argv`` in ``root`` (see :func:`chroot_command`) to completion, ``stdin`` as its input."""
     return subprocess.run(
         chroot_command(root, argv, binds),
         capture_output=True,
@@ -305,4 +309,5 @@ def chroot_run(
         timeout=timeout,
         env=chroot_env(),
         check=False,
+        input=stdin if stdin is not None else "",
     )

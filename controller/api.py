@@ -1,0 +1,562 @@
+"""The controller's request handlers: one method per command, views of the stored state.
+
+:class:`RequestHandlers` is mixed into :class:`~.service.Controller`: handlers run on the
+controller's worker thread and use its store, scheduling (``_recompute``, ``sync``) and
+publishing (``publish_pending``). Each returns plain data (the reply's ``result``) or
+raises a :class:`~tether.protocol.errors.TetherError`, which becomes the reply's ``error``.
+docs/topics.md documents every command and the shape of its result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+from tether.protocol import topics
+from tether.protocol.errors import ComposeError, StoreError
+from tether.protocol.models import (
+    NAME_PATTERN,
+    DeploymentsAction,
+    DeploymentsList,
+    DeploymentsStatus,
+    DevicesLabel,
+    DevicesList,
+    DevicesShow,
+    DevicesTop,
+    GroupsCreate,
+    GroupsList,
+    GroupsRemove,
+    GroupsShow,
+    JobsList,
+    JobsLogs,
+    JobSpec,
+    JobsRemove,
+    JobsRun,
+    JobsSchedule,
+    JobsStatus,
+    StacksDeploy,
+    StacksList,
+    StacksRemove,
+    StacksStatus,
+)
+from tether.protocol.schedule import cron_error
+
+from . import rollout
+from .compose import parse_stack
+from .models import Device, Group, Job, Stack
+from .scheduler import members
+from .selectors import parse_selector
+
+log = logging.getLogger(__name__)
+
+
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+
+
+class RequestHandlers:
+    """Command handlers and views; mixed into the Controller (see the module docstring)."""
+
+    def execute(self, command: Any) -> Any:
+        """Carry out one command; return its result (plain data) or raise a TetherError."""
+        handlers: dict[type, Callable[[Any], Any]] = {
+            DevicesList: self._devices_ls,
+            DevicesShow: self._devices_show,
+            DevicesLabel: self._devices_label,
+            DevicesTop: self._devices_top,
+            GroupsCreate: self._groups_create,
+            GroupsList: self._groups_ls,
+            GroupsShow: self._groups_show,
+            GroupsRemove: self._groups_rm,
+            StacksDeploy: self._stacks_deploy,
+            StacksList: self._stacks_ls,
+            StacksStatus: self._stacks_status,
+            StacksRemove: self._stacks_rm,
+            DeploymentsList: self._deployments_ls,
+            DeploymentsStatus: self._deployments_status,
+            DeploymentsAction: self._deployments_action,
+            JobsRun: self._jobs_run,
+            JobsSchedule: self._jobs_schedule,
+            JobsList: self._jobs_ls,
+            JobsStatus: self._jobs_status,
+            JobsLogs: self._jobs_logs,
+            JobsRemove: self._jobs_rm,
+        }
+        return handlers[type(command)](command)
+
+    # --- views ---
+
+    def _all_devices(self) -> dict[str, Device]:
+        """Devices heard from, plus devices named by groups or desired states but never seen."""
+        devices = {d.id: d for d in self.store.list_devices()}
+        for record in self.store.list_desired():
+            devices.setdefault(record.device_id, Device(id=record.device_id))
+        for group in self.store.list_groups():
+            for device_id in group.devices:
+                devices.setdefault(device_id, Device(id=device_id))
+        return dict(sorted(devices.items()))
+
+    def _device_view(self, device: Device, full: bool = False) -> dict[str, Any]:
+        record = self.store.get_desired(device.id)
+        reported = device.reported
+        view: dict[str, Any] = {
+            "id": device.id,
+            "status": device.status,
+            "since": device.since,
+            "session": device.session,
+            "labels": device.labels,
+            "desired_generation": record.generation if record else None,
+            "applied_generation": reported.generation if reported else None,
+            "stacks": {name: s.state for name, s in (reported.stacks.items() if reported else ())},
+        }
+        if full:
+            view["facts"] = device.facts.model_dump(mode="json") if device.facts else None
+            view["desired"] = [r.model_dump(mode="json") for r in record.stacks] if record else []
+            view["reported"] = reported.model_dump(mode="json") if reported else None
+            view["events"] = [json.loads(b) for b in self.store.list_events(device.id)]
+        return view
+
+    def _devices_ls(self, cmd: DevicesList) -> Any:
+        return {"devices": [self._device_view(d) for d in self._all_devices().values()]}
+
+    def _devices_show(self, cmd: DevicesShow) -> Any:
+        device = self._all_devices().get(cmd.device_id)
+        if device is None:
+            raise StoreError(f"unknown device {cmd.device_id!r}")
+        return {"device": self._device_view(device, full=True)}
+
+    def _devices_top(self, cmd: DevicesTop) -> Any:
+        devices = self._all_devices()
+        for device_id in cmd.device_ids:
+            if device_id not in devices:
+                raise StoreError(f"unknown device {device_id!r}")
+        wanted = cmd.device_ids or tuple(devices)
+        rows = [
+            {
+                "id": d,
+                "status": devices[d].status,
+                "since": devices[d].since,
+                "sample": self.device_metrics.get(d),
+            }
+            for d in wanted
+        ]
+        return {"devices": rows}
+
+    def _devices_label(self, cmd: DevicesLabel) -> Any:
+        device = self._all_devices().get(cmd.device_id)
+        if device is None:
+            raise StoreError(f"unknown device {cmd.device_id!r}")
+        for key, value in cmd.set.items():
+            if not LABEL_KEY_RE.match(key) or "," in value or "=" in value or len(value) > 128:
+                raise StoreError(f"invalid label {key}={value!r}")
+        labels = {k: v for k, v in device.operator_labels.items() if k not in cmd.remove}
+        labels.update(cmd.set)
+        with self.store.transaction():
+            self.store.put_device(device.model_copy(update={"operator_labels": labels}))
+        if any(s.placement.mode == "replicas" for s in self.store.list_stacks()):
+            self.sync()
+        else:
+            self.sync({cmd.device_id})
+        return {"device": self._device_view(self._all_devices()[cmd.device_id])}
+
+    def _labels(self) -> dict[str, dict[str, str]]:
+        return {d.id: d.attributes() for d in self.store.list_devices()}
+
+    def _group_view(self, group: Group) -> dict[str, Any]:
+        return {
+            "name": group.name,
+            "kind": group.kind,
+            "devices": list(group.devices),
+            "selector": group.selector,
+            "members": members(group, self._labels()),
+            "stacks": [s.name for s in self.store.list_stacks() if s.group == group.name],
+        }
+
+    def _groups_create(self, cmd: GroupsCreate) -> Any:
+        if bool(cmd.devices) == bool(cmd.selector):
+            raise StoreError("a group needs either devices or a selector (not both)")
+        if cmd.selector:
+            parse_selector(cmd.selector)
+        for device_id in cmd.devices:
+            topics.check_device_id(device_id)
+        try:
+            group = Group(
+                name=cmd.name,
+                devices=tuple(sorted(set(cmd.devices))),
+                selector=cmd.selector,
+                created=self.clock(),
+            )
+        except ValidationError as exc:
+            raise StoreError(
+                f"invalid group name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')"
+            ) from exc
+        with self.store.transaction():
+            self.store.create_group(group)
+            self._recompute()
+        self.publish_pending()
+        return {"group": self._group_view(group)}
+
+    def _groups_ls(self, cmd: GroupsList) -> Any:
+        return {"groups": [self._group_view(g) for g in self.store.list_groups()]}
+
+    def _groups_show(self, cmd: GroupsShow) -> Any:
+        group = self.store.get_group(cmd.name)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.name!r}")
+        return {"group": self._group_view(group)}
+
+    def _groups_rm(self, cmd: GroupsRemove) -> Any:
+        group = self.store.get_group(cmd.name)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.name!r}")
+        used = [s.name for s in self.store.list_stacks() if s.group == cmd.name]
+        if used:
+            raise StoreError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")
+        with self.store.transaction():
+            self.store.delete_group(cmd.name)
+        return {"removed": cmd.name}
+
+    def _stacks_deploy(self, cmd: StacksDeploy) -> Any:
+        if not re.match(NAME_PATTERN, cmd.name):
+            raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        try:
+            spec, placement = parse_stack(cmd.compose)
+        except ComposeError as exc:
+            raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
+        group = self.store.get_group(cmd.group)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.group!r}")
+        existing = self.store.get_stack(cmd.name)
+        if existing is not None and existing.group != cmd.group:
+            raise StoreError(
+                f"stack {cmd.name!r} is already deployed to group {existing.group!r}; remove it first or use that group"
+            )
+        spec_hash = spec.spec_hash()
+        now = self.clock()
+        changed = existing is None or existing.spec_hash != spec_hash or existing.placement != placement
+        if changed:
+            keep = existing.assignment if existing is not None and placement.mode == "replicas" else ()
+            new_version = existing is None or existing.spec_hash != spec_hash
+            stack = Stack(
+                name=cmd.name,
+                group=cmd.group,
+                spec_hash=spec_hash,
+                spec=spec,
+                compose=cmd.compose,
+                placement=placement,
+                assignment=keep,
+                version=(existing.version + 1) if existing else 1,
+                created=existing.created if existing else now,
+                updated=now,
+            )
+            deployment = None
+            with self.store.transaction():
+                self.store.put_spec(spec_hash, spec)
+                self.store.put_stack(stack)
+                self._update_placements()
+                stack = self.store.get_stack(cmd.name) or stack
+                if new_version:
+                    from_hash = existing.spec_hash if existing is not None else None
+                    deployment = self._start_deployment(stack, from_hash, cmd.strategy)
+                self._recompute()
+            self.publish_pending()
+        else:
+            stack = existing  # type: ignore[assignment]
+            deployment = None
+        stack = self.store.get_stack(cmd.name) or stack
+        targets = (
+            [a.device_id for a in stack.assignment]
+            if stack.placement.mode == "replicas"
+            else members(group, self._labels())
+        )
+        return {
+            "stack": self._stack_view(stack),
+            "changed": changed,
+            "devices": targets,
+            "deployment": deployment.id if deployment else None,
+        }
+
+    def _stack_view(self, stack: Stack) -> dict[str, Any]:
+        return {
+            "name": stack.name,
+            "group": stack.group,
+            "spec_hash": stack.spec_hash,
+            "version": stack.version,
+            "services": [s.name for s in stack.spec.services],
+            "placement": stack.placement.model_dump(mode="json"),
+            "assignment": [a.model_dump(mode="json") for a in stack.assignment],
+            "updated": stack.updated,
+        }
+
+    def _stacks_ls(self, cmd: StacksList) -> Any:
+        out = []
+        for stack in self.store.list_stacks():
+            rows = self._stack_devices(stack.name, stack.spec_hash)
+            view = self._stack_view(stack)
+            view["devices"] = len(rows)
+            view["running"] = sum(1 for r in rows if r["state"] == "running")
+            out.append(view)
+        return {"stacks": out}
+
+    def _stack_devices(self, name: str, spec_hash: str | None) -> list[dict[str, Any]]:
+        """Per device that should run (or still runs) stack ``name``: where it stands."""
+        devices = self._all_devices()
+        latest = self.store.latest_deployments().get(name)
+        rows = []
+        for record in self.store.list_desired():
+            ref = next((r for r in record.stacks if r.name == name), None)
+            device = devices.get(record.device_id) or Device(id=record.device_id)
+            reported = device.reported
+            status = reported.stacks.get(name) if reported else None
+            if ref is None and status is None:
+                continue
+            if ref is None:
+                state = "removing"
+            elif status is None or status.spec_hash != ref.spec_hash:
+                state = "pending"
+                if reported is not None and reported.error and reported.generation < record.generation:
+                    state = "rejected"
+            else:
+                state = status.state
+            stack = self.store.get_stack(name)
+            role = (
+                next((a.role for a in stack.assignment if a.device_id == record.device_id), None)
+                if stack
+                else None
+            )
+            rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
+            rows.append(
+                {
+                    "device": record.device_id,
+                    "role": role,
+                    "rollout": rolling.state if rolling else None,
+                    "held": bool(reported and reported.held),
+                    "presence": device.status,
+                    "state": state,
+                    "desired_generation": record.generation,
+                    "applied_generation": reported.generation if reported else None,
+                    "error": reported.error if reported else None,
+                    "services": {k: v.model_dump(mode="json") for k, v in status.services.items()}
+                    if status
+                    else {},
+                }
+            )
+        return rows
+
+    def _stacks_status(self, cmd: StacksStatus) -> Any:
+        stack = self.store.get_stack(cmd.name)
+        rows = self._stack_devices(cmd.name, stack.spec_hash if stack else None)
+        if stack is None and not rows:
+            raise StoreError(f"unknown stack {cmd.name!r}")
+        return {"stack": self._stack_view(stack) if stack else None, "devices": rows}
+
+    # --- jobs ---
+
+    def _add_job(self, job: Job) -> Any:
+        if not re.match(NAME_PATTERN, job.name):
+            raise StoreError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
+        if self.store.get_group(job.group) is None:
+            raise StoreError(f"unknown group {job.group!r}")
+        if not job.spec.command:
+            raise StoreError("a job needs a command")
+        if self.store.get_job(job.name) is not None:
+            raise StoreError(f"job {job.name!r} already exists; remove it first")
+        with self.store.transaction():
+            self.store.put_job(job)
+            self._recompute()
+        self.publish_pending()
+        return {"job": self._job_view(job)}
+
+    def _jobs_run(self, cmd: JobsRun) -> Any:
+        spec = (
+            JobSpec(
+                name=cmd.name,
+                command=cmd.command,
+                image=cmd.image,
+                timeout_s=cmd.timeout_s,
+                run_id=uuid.uuid4().hex[:12],
+            )
+            if re.match(NAME_PATTERN, cmd.name)
+            else None
+        )
+        if spec is None:
+            raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        return self._add_job(Job(name=cmd.name, group=cmd.group, spec=spec, created=self.clock()))
+
+    def _jobs_schedule(self, cmd: JobsSchedule) -> Any:
+        if (cmd.cron is None) == (cmd.every_s is None):
+            raise StoreError("a scheduled job needs either a cron expression or an interval (not both)")
+        if cmd.cron is not None and (problem := cron_error(cmd.cron)) is not None:
+            raise StoreError(f"invalid cron expression {cmd.cron!r}: {problem}")
+        if not re.match(NAME_PATTERN, cmd.name):
+            raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        spec = JobSpec(
+            name=cmd.name,
+            command=cmd.command,
+            image=cmd.image,
+            timeout_s=cmd.timeout_s,
+            cron=cmd.cron,
+            every_s=cmd.every_s,
+            concurrency=cmd.concurrency,
+        )
+        return self._add_job(Job(name=cmd.name, group=cmd.group, spec=spec, created=self.clock()))
+
+    def _job_view(self, job: Job) -> dict[str, Any]:
+        spec = job.spec
+        trigger = f"cron {spec.cron}" if spec.cron else f"every {spec.every_s:g}s" if spec.every_s else "once"
+        return {
+            "name": job.name,
+            "group": job.group,
+            "trigger": trigger,
+            "command": list(spec.command),
+            "image": spec.image,
+            "timeout_s": spec.timeout_s,
+            "concurrency": spec.concurrency,
+            "created": job.created,
+        }
+
+    def _job(self, name: str) -> Job:
+        job = self.store.get_job(name)
+        if job is None:
+            raise StoreError(f"unknown job {name!r}")
+        return job
+
+    def _jobs_ls(self, cmd: JobsList) -> Any:
+        out = []
+        for job in self.store.list_jobs():
+            view = self._job_view(job)
+            latest = self._latest_results(job.name)
+            view["devices"] = len(latest)
+            view["succeeded"] = sum(1 for r in latest.values() if r["exit_code"] == 0)
+            out.append(view)
+        return {"jobs": out}
+
+    def _latest_results(self, name: str) -> dict[str, dict[str, Any]]:
+        latest: dict[str, dict[str, Any]] = {}
+        for device_id, body in self.store.list_job_results(name, None, 100_000):
+            result = json.loads(body)
+            if device_id not in latest or result["started"] >= latest[device_id]["started"]:
+                latest[device_id] = result
+        return latest
+
+    def _jobs_status(self, cmd: JobsStatus) -> Any:
+        job = self._job(cmd.name)
+        group = self.store.get_group(job.group)
+        targets = members(group, self._labels()) if group else []
+        latest = self._latest_results(job.name)
+        rows = []
+        for device_id in sorted(set(targets) | set(latest)):
+            r = latest.get(device_id)
+            rows.append(
+                {"device": device_id, "last": {k: v for k, v in r.items() if k != "output"} if r else None}
+            )
+        return {"job": self._job_view(job), "devices": rows}
+
+    def _jobs_logs(self, cmd: JobsLogs) -> Any:
+        self._job(cmd.name)
+        results = [
+            {"device": d, **json.loads(b)}
+            for d, b in self.store.list_job_results(cmd.name, cmd.device_id, cmd.limit)
+        ]
+        return {"results": results}
+
+    def _jobs_rm(self, cmd: JobsRemove) -> Any:
+        self._job(cmd.name)
+        with self.store.transaction():
+            self.store.delete_job(cmd.name)
+            self._recompute()
+        self.publish_pending()
+        return {"removed": cmd.name}
+
+    # --- deployments ---
+
+    def _deployment_view(self, d: rollout.Deployment, full: bool = False) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for r in d.devices.values():
+            counts[r.state] = counts.get(r.state, 0) + 1
+        view: dict[str, Any] = {
+            "id": d.id,
+            "stack": d.stack,
+            "state": d.state,
+            "from_hash": d.from_hash,
+            "to_hash": d.to_hash,
+            "strategy": d.strategy.model_dump(mode="json"),
+            "batch": d.batch,
+            "promoted": d.promoted,
+            "counts": counts,
+            "message": d.message,
+            "created": d.created,
+            "updated": d.updated,
+        }
+        if full:
+            view["devices"] = {k: v.model_dump(mode="json") for k, v in sorted(d.devices.items())}
+        return view
+
+    def _deployments_ls(self, cmd: DeploymentsList) -> Any:
+        return {"deployments": [self._deployment_view(d) for d in self.store.list_deployments(cmd.stack)]}
+
+    def _deployment(self, deployment_id: int) -> rollout.Deployment:
+        deployment = self.store.get_deployment(deployment_id)
+        if deployment is None:
+            raise StoreError(f"unknown deployment {deployment_id}")
+        return deployment
+
+    def _deployments_status(self, cmd: DeploymentsStatus) -> Any:
+        return {"deployment": self._deployment_view(self._deployment(cmd.id), full=True)}
+
+    def _deployments_action(self, cmd: DeploymentsAction) -> Any:
+        d = self._deployment(cmd.id)
+        latest = self.store.latest_deployments().get(d.stack)
+        action = cmd.kind.split(".", 1)[1]
+        now = self.clock()
+        if action == "rollback":
+            stack = self.store.get_stack(d.stack)
+            if stack is None or d.from_hash is None:
+                raise StoreError(f"deployment {d.id} has no previous version to roll back to")
+            spec = self.store.get_spec(d.from_hash)
+            if spec is None:
+                raise StoreError(f"deployment {d.id}: previous version {d.from_hash[:12]} is unknown")
+            with self.store.transaction():
+                reverted = stack.model_copy(
+                    update={
+                        "spec_hash": d.from_hash,
+                        "spec": spec,
+                        "version": stack.version + 1,
+                        "updated": now,
+                    }
+                )
+                self.store.put_stack(reverted)
+                new = self._start_deployment(reverted, stack.spec_hash, d.strategy)
+                self._recompute()
+            self.publish_pending()
+            return {"deployment": self._deployment_view(new)}
+        if latest is None or latest.id != d.id or not d.active:
+            raise StoreError(
+                f"deployment {d.id} is {d.state}; only the active deployment of a stack can {action}"
+            )
+        if action == "pause":
+            d = d.model_copy(update={"state": "paused", "updated": now})
+        elif action == "resume":
+            d = d.model_copy(update={"state": "running", "updated": now})
+        elif action == "promote":
+            if d.strategy.kind != "canary":
+                raise StoreError(f"deployment {d.id} is not a canary deployment")
+            d = rollout.promote(d, now)
+        with self.store.transaction():
+            self.store.put_deployment(d)
+        self.advance_deployments()
+        return {"deployment": self._deployment_view(self._deployment(d.id))}
+
+    def _stacks_rm(self, cmd: StacksRemove) -> Any:
+        stack = self.store.get_stack(cmd.name)
+        if stack is None:
+            raise StoreError(f"unknown stack {cmd.name!r}")
+        with self.store.transaction():
+            self.store.delete_stack(cmd.name)
+            self._recompute()
+        self.publish_pending()
+        return {"removed": cmd.name}
