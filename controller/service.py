@@ -27,9 +27,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from tether.protocol import codec, topics
 from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import PayloadError, TetherError
@@ -65,6 +65,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=BaseModel)
 _CONNECTED = "\x00connected"
 _STOP = "\x00stop"
 _TICK = "\x00tick"
@@ -345,14 +346,21 @@ class Controller(RequestHandlers):
 
     # --- device messages ---
 
-    def _on_presence(self, device_id: str, payload: bytes) -> None:
+    def _decode_from(self, device_id: str, payload: bytes, model: type[M]) -> M | None:
+        """A device's message, validated and really about that device; None (logged) otherwise."""
         try:
-            presence = codec.decode(payload, Presence)
+            message = codec.decode(payload, model)
         except PayloadError as exc:
-            log.warning("device %s: ignoring presence: %s", device_id, exc)
-            return
-        if presence.device_id != device_id:
-            log.warning("device %s: presence names device %r; ignored", device_id, presence.device_id)
+            log.warning("device %s: ignoring %s", device_id, exc)
+            return None
+        if message.device_id != device_id:  # type: ignore[attr-defined]
+            log.warning("device %s: %s names another device; ignored", device_id, model.__name__)
+            return None
+        return message
+
+    def _on_presence(self, device_id: str, payload: bytes) -> None:
+        presence = self._decode_from(device_id, payload, Presence)
+        if presence is None:
             return
         device = self.store.get_device(device_id) or Device(id=device_id)
         if presence.session < device.session:
@@ -378,13 +386,8 @@ class Controller(RequestHandlers):
             self.sync({device_id})
 
     def _on_reported(self, device_id: str, payload: bytes) -> None:
-        try:
-            reported = codec.decode(payload, ReportedState)
-        except PayloadError as exc:
-            log.warning("device %s: ignoring reported state: %s", device_id, exc)
-            return
-        if reported.device_id != device_id:
-            log.warning("device %s: reported state names device %r; ignored", device_id, reported.device_id)
+        reported = self._decode_from(device_id, payload, ReportedState)
+        if reported is None:
             return
         device = self.store.get_device(device_id) or Device(id=device_id)
         if device.reported is not None and reported.generation < device.reported.generation:
@@ -392,12 +395,8 @@ class Controller(RequestHandlers):
         self.store.put_device(device.model_copy(update={"reported": reported}))
 
     def _on_event(self, device_id: str, payload: bytes) -> None:
-        try:
-            event = codec.decode(payload, Event)
-        except PayloadError as exc:
-            log.warning("device %s: ignoring event: %s", device_id, exc)
-            return
-        if event.device_id != device_id:
+        event = self._decode_from(device_id, payload, Event)
+        if event is None:
             return
         if not self.store.add_event(device_id, event.seq, event.model_dump_json()):
             return  # delivered twice (at least once on the wire): already stored
