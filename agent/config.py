@@ -11,13 +11,15 @@ increasing precedence. The same file can be baked into every device image of a b
     metrics_interval = 60         # seconds between metric samples; 0: no metrics
     metrics_full_interval = 900   # a full sample at least this often (seconds)
     metrics_threshold = 5         # send a value when it moved more than this (% points)
+    username = "pi-042"           # broker credentials (`tether devices credentials ID`); default:
+    password = "..."              #   {data_dir}/credentials.json if it exists
     [labels]
     site = "berlin"
 
 Environment: ``TETHER_BROKERS`` (comma-separated), ``TETHER_DEVICE_ID``, ``TETHER_LABELS``
 (``k=v,k=v``), ``TETHER_DATA_DIR``, ``TETHER_DRIVER``, ``TETHER_KEEPALIVE``,
 ``TETHER_RECONCILE_INTERVAL``, ``TETHER_METRICS_INTERVAL``, ``TETHER_METRICS_FULL_INTERVAL``,
-``TETHER_METRICS_THRESHOLD``, ``TETHER_CONFIG`` (the file).
+``TETHER_METRICS_THRESHOLD``, ``TETHER_USERNAME``, ``TETHER_PASSWORD``, ``TETHER_CONFIG`` (the file).
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tether.protocol.codec import describe
 from tether.protocol.errors import ConfigError, TopicError
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
+from tether.protocol.secret_files import read_credentials
 from tether.protocol.topics import check_device_id
 
+CREDENTIALS_FILE = "credentials.json"
+"""The agent's own broker credentials in its data dir (0600), e.g. saved after enrollment."""
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
 
 
@@ -68,6 +73,18 @@ class AgentConfig(BaseModel):
     metrics_interval: float = Field(default=60.0, ge=0, le=86400)
     metrics_full_interval: float = Field(default=900.0, gt=0, le=86400)
     metrics_threshold: float = Field(default=5.0, ge=0, le=100)
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+
+    def credentials(self) -> tuple[str | None, str | None]:
+        """(username, password): configured, else ``{data_dir}/credentials.json``, else none."""
+        if self.username is not None:
+            return self.username, self.password
+        path = self.data_dir / CREDENTIALS_FILE
+        if path.is_file():
+            saved = read_credentials(path)
+            return saved["username"], saved["password"]
+        return None, None
 
     @field_validator("brokers")
     @classmethod
@@ -131,6 +148,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         ("TETHER_METRICS_INTERVAL", "metrics_interval"),
         ("TETHER_METRICS_FULL_INTERVAL", "metrics_full_interval"),
         ("TETHER_METRICS_THRESHOLD", "metrics_threshold"),
+        ("TETHER_USERNAME", "username"),
+        ("TETHER_PASSWORD", "password"),
     ):
         if env.get(var):
             out[key] = env[var]

@@ -65,6 +65,10 @@ def set_hold(config: AgentConfig, on: bool) -> None:
     type=float,
     help="Send a metric when it moved more than this, % points (default 5).",
 )
+@click.option("--username", help="Broker username (default: {data-dir}/credentials.json if it exists).")
+@click.option(
+    "--password", help="Broker password (prefer TETHER_PASSWORD or the config file: argv is public)."
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
     "--hold", "hold", flag_value="hold", default=None, help="Hold updates on this device, then exit."
@@ -87,6 +91,8 @@ def main(
     metrics_threshold: float | None,
     labels_command: str | None,
     labels_interval: float | None,
+    username: str | None,
+    password: str | None,
     log_level: str,
     hold: str | None,
 ) -> None:
@@ -110,8 +116,11 @@ def main(
             "metrics_interval": metrics_interval,
             "metrics_full_interval": metrics_full_interval,
             "metrics_threshold": metrics_threshold,
+            "username": username,
+            "password": password,
         }
         config = load_config(config_file, os.environ, flags)
+        config.credentials()  # a broken credentials file is a config error, said once
         if hold is not None:
             set_hold(config, hold == "hold")
             return

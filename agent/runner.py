@@ -41,6 +41,7 @@ class Agent:
     def __init__(self, config: AgentConfig, driver: Driver) -> None:
         self.config = config
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        username, password = config.credentials()
         self.client = MqttClient(
             config.broker_addresses(),
             client_id=f"tether-{config.device_id}",
@@ -49,6 +50,8 @@ class Agent:
             will=lambda: self.core.make_will(),
             on_message=lambda topic, payload, retained: self.inbox.put((topic, payload)),
             on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
+            username=username,
+            password=password,
         )
         hold_file = config.data_dir / HOLD_FILE
         self.core = AgentCore(

@@ -435,7 +435,9 @@ class Controller(Proc):
     def __init__(self, data_dir: Path, broker: str | None = None, log_level: str = "warning") -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         argv = [PY, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir), "--log-level", log_level]
-        argv += ["--broker", broker] if broker else ["--port", "0"]
+        # The simulated devices and the benchmark's requests do not log in: the embedded
+        # broker (which refuses anonymous clients by default) is told to let them.
+        argv += ["--broker", broker] if broker else ["--port", "0", "--allow-anonymous"]
         profile = os.environ.get("TETHER_BENCH_PROFILE_CONTROLLER")
         if profile:
             # py-spy (pip install py-spy; not a project dependency) samples the controller.

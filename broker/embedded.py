@@ -21,8 +21,10 @@ import threading
 from typing import Any
 
 from amqtt.broker import Broker
+from tether.protocol.credentials import CredentialTable  # authentication (issue 5)
 
 from .amqtt_fixes import TetherBroker, check_amqtt_version
+from .auth import auth_plugins, disconnect_users  # authentication (issue 5)
 from .errors import BrokerStartError
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,19 @@ log = logging.getLogger(__name__)
 __all__ = ["BrokerStartError", "EmbeddedBroker", "broker_config"]
 
 
-def broker_config(host: str, port: int) -> dict[str, Any]:
-    """The amqtt configuration for one plain TCP listener, anonymous clients allowed."""
+def broker_config(host: str, port: int, table: CredentialTable | None = None) -> dict[str, Any]:
+    """The amqtt configuration for one plain TCP listener.
+
+    Without ``table`` anonymous clients are allowed everything; with it, connections and
+    topics are checked against it (broker/auth.py).
+    """
     return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
-        "plugins": {
-            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
-        },
+        "plugins": (
+            auth_plugins(table)  # authentication (issue 5)
+            if table is not None
+            else {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        ),
     }
 
 
@@ -46,8 +54,16 @@ class EmbeddedBroker:
     ``stock=True`` runs amqtt's unmodified Broker (for comparisons only).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *, stock: bool = False) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        stock: bool = False,
+        table: CredentialTable | None = None,
+    ) -> None:
         self.stock = stock
+        self.table = table  # authentication (issue 5): None = anonymous clients allowed everything
         self.host = host
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -93,7 +109,7 @@ class EmbeddedBroker:
             loop.close()
 
     async def _start(self) -> None:
-        config = broker_config(self.host, self.port)
+        config = broker_config(self.host, self.port, self.table)
         self._broker = Broker(config) if self.stock else TetherBroker(config)
         await self._broker.start()
         server = self._broker._servers["default"].instance  # amqtt exposes no public accessor
@@ -112,6 +128,17 @@ class EmbeddedBroker:
             return None if entry is None else str(entry[0].transitions.state)
 
         return asyncio.run_coroutine_threadsafe(read(), loop).result(timeout)
+
+    # --- authentication (issue 5) -----------------------------------------------------------
+
+    def disconnect_users(self, usernames: set[str], timeout: float = 5.0) -> int:
+        """Close the live connections of ``usernames`` now (e.g. revoked); how many were closed."""
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None or not loop.is_running():
+            return 0
+        return asyncio.run_coroutine_threadsafe(disconnect_users(broker, usernames), loop).result(timeout)
+
+    # --- end authentication ----------------------------------------------------------------
 
     def stop(self) -> None:
         """Shut the broker down and join its thread."""

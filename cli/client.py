@@ -23,7 +23,14 @@ R = TypeVar("R", bound=Reply)
 class ControllerClient:
     """A short-lived MQTT session that sends requests to the controller."""
 
-    def __init__(self, broker_url: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        timeout: float = 10.0,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
         self.timeout = timeout
         self.client_id = f"tether-cli-{uuid.uuid4().hex[:12]}"
         self.reply_topic = topics.replies(self.client_id)
@@ -37,6 +44,8 @@ class ControllerClient:
             reconnect=False,
             keepalive=30,
             on_message=self._on_message,
+            username=username,
+            password=password,
         )
         self._mqtt.subscribe(self.reply_topic)
         self._mqtt.connect(timeout)

@@ -5,14 +5,35 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 from tether.protocol.errors import TetherError
+from tether.protocol.secret_files import read_credentials
 
 from .client import ControllerClient
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_CREDENTIALS = Path("tether-data") / "operator.json"
+"""What `tether up` writes in its default data dir: used when it exists and nothing else is given."""
+
+
+def resolve_connection(broker: str | None, credentials: Path | None) -> tuple[str, str | None, str | None]:
+    """(broker URL, username, password) from the options, the credentials file and the defaults.
+
+    The file is ``--credentials``/``TETHER_CREDENTIALS``, else ``./tether-data/operator.json``
+    if it exists. The broker is ``--broker``/``TETHER_BROKER``, else the file's ``broker``,
+    else :data:`DEFAULT_BROKER`.
+    """
+    path = (
+        credentials
+        if credentials is not None
+        else (DEFAULT_CREDENTIALS if DEFAULT_CREDENTIALS.is_file() else None)
+    )
+    found = read_credentials(path) if path is not None else {}
+    url = broker or found.get("broker") or DEFAULT_BROKER
+    return url, found.get("username"), found.get("password")
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -22,19 +43,34 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--broker, -o and --request-timeout on every command; TetherError becomes a one-line message."""
+    """--broker, --credentials, -o and --request-timeout on every command; TetherError becomes one line."""
 
     @click.option(
-        "--broker", envvar="TETHER_BROKER", default=DEFAULT_BROKER, show_default=True, help="Broker URL."
+        "--broker",
+        envvar="TETHER_BROKER",
+        default=None,
+        help=f"Broker URL (default: the credentials file's, else {DEFAULT_BROKER}).",
+    )
+    @click.option(
+        "--credentials",
+        envvar="TETHER_CREDENTIALS",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help=f"Operator credentials file (default: ./{DEFAULT_CREDENTIALS} if it exists).",
     )
     @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table")
     @click.option(
         "--request-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a reply."
     )
     @functools.wraps(fn)
-    def wrapper(broker: str, fmt: str, request_timeout: float, **kwargs: Any) -> None:
+    def wrapper(
+        broker: str | None, credentials: Path | None, fmt: str, request_timeout: float, **kwargs: Any
+    ) -> None:
         try:
-            with ControllerClient(broker, timeout=request_timeout) as client:
+            url, username, password = resolve_connection(broker, credentials)
+            with ControllerClient(
+                url, timeout=request_timeout, username=username, password=password
+            ) as client:
                 fn(client, fmt, **kwargs)
         except TetherError as exc:
             fail(str(exc))

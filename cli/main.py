@@ -20,8 +20,11 @@ from tether.protocol.models import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
+    DevicesCredentials,
     DevicesLabel,
     DevicesList,
+    DevicesRemove,
+    DevicesRevoke,
     DevicesShow,
     GroupsCreate,
     GroupsList,
@@ -83,6 +86,17 @@ def main() -> None:
 @click.option(
     "--http", default=None, help="Serve /healthz, /readyz and /metrics on HOST:PORT (port 0 picks one)."
 )
+@click.option(
+    "--allow-anonymous",
+    is_flag=True,
+    help="Let clients without credentials do anything (a local demo only; default: refused).",
+)
+@click.option(
+    "--mosquitto-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Keep Mosquitto's password/ACL files here, rewritten on every credential or stack change.",
+)
 def up(
     data_dir: Path,
     db: str | None,
@@ -95,6 +109,8 @@ def up(
     log_level: str,
     log_format: str,
     http: str | None,
+    allow_anonymous: bool,
+    mosquitto_dir: Path | None,
 ) -> None:
     """Start the controller (and the embedded broker unless --broker is given)."""
     import logging
@@ -114,12 +130,65 @@ def up(
         fail(f"the controller is not installed ({exc.name} missing): pip install 'tether[controller]'", 2)
     try:
         code = serve(
-            UpOptions(data_dir, db, ha, broker, bind, port, with_agent, agent_driver, http),
+            UpOptions(
+                data_dir,
+                db,
+                ha,
+                broker,
+                bind,
+                port,
+                with_agent,
+                agent_driver,
+                http,
+                allow_anonymous=allow_anonymous,
+                mosquitto_dir=mosquitto_dir,
+            ),
             lambda line: click.echo(line, err=False),
         )
     except TetherError as exc:
         fail(str(exc))
     sys.exit(code)
+
+
+@main.command("mosquitto-config")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True, help="Directory.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("tether-data"), show_default=True)
+@click.option("--db", envvar="TETHER_DB", default=None, help="State store (default: SQLite in --data-dir).")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="For the snippet."
+)
+def mosquitto_config(out: Path, data_dir: Path, db: str | None, port: int) -> None:
+    """Write Mosquitto's password file, ACL file and a mosquitto.conf snippet (docs/security.md)."""
+    try:
+        from tether.controller.mosquitto import write_mosquitto_files
+        from tether.controller.security import (
+            ensure_controller_credentials,
+            ensure_operator_credentials,
+            load_table,
+        )
+        from tether.controller.store import Store
+    except ImportError as exc:
+        fail(f"the controller is not installed ({exc.name} missing): pip install 'tether[controller]'", 2)
+    target = db or str(data_dir / "tether.db")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(target)
+        try:  # what `tether up` would create first, so that Mosquitto knows them before it starts
+            with store.transaction():
+                ensure_controller_credentials(store, data_dir, time.time())
+                operator_file = ensure_operator_credentials(
+                    store, data_dir, f"mqtt://127.0.0.1:{port}", time.time()
+                )
+            table = load_table(store, allow_anonymous=False)
+        finally:
+            store.close()
+        written = write_mosquitto_files(out, table.credentials(), table.all_stacks(), port)
+    except (TetherError, OSError) as exc:
+        fail(str(exc))
+    for path in written:
+        click.echo(f"wrote {path}")
+    if operator_file is not None:
+        click.echo(f"operator credentials in {operator_file.resolve()}")
 
 
 # --- devices --------------------------------------------------------------------------------
@@ -220,6 +289,59 @@ def devices_label(client: ControllerClient, fmt: str, device_id: str, changes: t
             raise TetherError(f"{change!r}: use key=value to set or key- to remove")
     d = client.request(DevicesLabel(device_id=device_id, set=to_set, remove=tuple(to_remove)))["device"]
     click.echo(output.to_json(d) if fmt == "json" else f"{d['id']}: {output.labels(d['labels'])}")
+
+
+@devices.command("credentials")
+@click.argument("device_id")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write them to this file (0600, the agent's credentials.json format) instead of stdout.",
+)
+@common
+def devices_credentials(client: ControllerClient, fmt: str, device_id: str, out: Path | None) -> None:
+    """Create (or rotate) a device's broker credentials; the password is shown only once."""
+    result = client.request(DevicesCredentials(device_id=device_id))
+    data = {"username": result["username"], "password": result["password"]}
+    if out is not None:
+        from tether.protocol.secret_files import write_secret_json
+
+        write_secret_json(out, data)
+        if fmt == "json":
+            click.echo(output.to_json({"device_id": device_id, "written": str(out)}))
+        else:
+            click.echo(f"{device_id}: credentials written to {out}")
+    elif fmt == "json":
+        click.echo(output.to_json(result))
+    else:
+        click.echo(f"username: {data['username']}\npassword: {data['password']}")
+
+
+@devices.command("revoke")
+@click.argument("device_ids", nargs=-1, required=True)
+@common
+def devices_revoke(client: ControllerClient, fmt: str, device_ids: tuple[str, ...]) -> None:
+    """Cut devices off now: credentials revoked, live session closed, out of every group."""
+    result = client.request(DevicesRevoke(device_ids=device_ids))
+    if fmt == "json":
+        click.echo(output.to_json(result))
+    else:
+        for device_id in result["revoked"]:
+            click.echo(f"{device_id}: revoked")
+
+
+@devices.command("rm")
+@click.argument("device_ids", nargs=-1, required=True)
+@common
+def devices_rm(client: ControllerClient, fmt: str, device_ids: tuple[str, ...]) -> None:
+    """Forget devices: record, desired state (cleared on the broker), events and credentials."""
+    result = client.request(DevicesRemove(device_ids=device_ids))
+    if fmt == "json":
+        click.echo(output.to_json(result))
+    else:
+        for device_id in result["removed"]:
+            click.echo(f"{device_id}: removed")
 
 
 # --- groups ---------------------------------------------------------------------------------

@@ -24,8 +24,11 @@ from tether.protocol.models import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
+    DevicesCredentials,
     DevicesLabel,
     DevicesList,
+    DevicesRemove,
+    DevicesRevoke,
     DevicesShow,
     DevicesTop,
     GroupsCreate,
@@ -68,6 +71,9 @@ class RequestHandlers:
             DevicesShow: self._devices_show,
             DevicesLabel: self._devices_label,
             DevicesTop: self._devices_top,
+            DevicesCredentials: self._devices_credentials,  # type: ignore[attr-defined]  # security.py
+            DevicesRevoke: self._devices_revoke,  # type: ignore[attr-defined]
+            DevicesRemove: self._devices_rm,  # type: ignore[attr-defined]
             GroupsCreate: self._groups_create,
             GroupsList: self._groups_ls,
             GroupsShow: self._groups_show,

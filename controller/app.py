@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,14 @@ from tether.protocol.errors import StoreError
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
 
 from .lease import lease_for
+from .mosquitto import write_mosquitto_files
 from .observability import HealthServer
+from .security import (
+    ensure_controller_credentials,
+    ensure_operator_credentials,
+    issue_device_credentials,
+    load_table,
+)
 from .service import Controller
 from .store import Store, is_postgres_url
 
@@ -35,6 +43,18 @@ class UpOptions:
     with_agent: bool
     agent_driver: str | None
     http: str | None = None
+    allow_anonymous: bool = False
+    mosquitto_dir: Path | None = None
+    """Keep Mosquitto's password and ACL files here, rewritten on every change."""
+    """Let clients without credentials do anything (a local demo); the default refuses them."""
+
+
+def _agent_env(password: str | None) -> dict[str, str]:
+    """The local agent's environment: its credentials for device ``local`` (never on its argv)."""
+    env = dict(os.environ)
+    if password is not None:
+        env.update({"TETHER_USERNAME": "local", "TETHER_PASSWORD": password})
+    return env
 
 
 def _agent_command(url: str, options: UpOptions) -> list[str]:
@@ -89,19 +109,54 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         raise StoreError("--ha needs an external broker with shared subscriptions (--broker mqtt://...)")
     lease = lease_for(target)
     store = Store(target)
+    now = time.time()
+    with store.transaction():
+        credentials = ensure_controller_credentials(store, options.data_dir, now)
+    table = load_table(store, options.allow_anonymous)
     embedded = None
     if options.broker is None:
         from tether.broker import EmbeddedBroker
 
-        embedded = EmbeddedBroker(options.bind, options.port)
+        embedded = EmbeddedBroker(options.bind, options.port, table=table)
         port = embedded.start()
         host = "127.0.0.1" if options.bind in ("0.0.0.0", "", "::") else options.bind
         address = BrokerAddress(host, port)
         echo(f"tether: embedded broker listening on mqtt://{options.bind}:{port}")
+        if options.allow_anonymous:
+            echo("tether: WARNING: anonymous clients allowed (--allow-anonymous): for a local demo only")
     else:
         address = parse_broker_url(options.broker)
         echo(f"tether: using broker {address.url()}")
-    controller = Controller(store, lease=lease, ha=options.ha)
+    with store.transaction():
+        operator_file = ensure_operator_credentials(store, options.data_dir, address.url(), now)
+    use_credentials = embedded is not None or not options.allow_anonymous
+    local_password = None
+    if options.with_agent and use_credentials:
+        local_password = issue_device_credentials(store, "local", now)
+    table.replace(store.list_credentials())
+    if operator_file is not None:
+        echo(f"tether: operator credentials in {operator_file.resolve()} (tether --credentials FILE)")
+    controller = Controller(
+        store,
+        lease=lease,
+        ha=options.ha,
+        table=table,
+        credentials=credentials if use_credentials else None,
+    )
+    if embedded is not None:
+        controller.disconnect_users = embedded.disconnect_users
+    if options.mosquitto_dir is not None:
+        mosquitto_dir = options.mosquitto_dir
+
+        def write_mosquitto() -> None:
+            write_mosquitto_files(mosquitto_dir, table.credentials(), table.all_stacks())
+            log.info(
+                "Mosquitto password and ACL files rewritten in %s (reload Mosquitto: SIGHUP)", mosquitto_dir
+            )
+
+        controller.on_credentials_changed = write_mosquitto
+        write_mosquitto()
+        echo(f"tether: Mosquitto password and ACL files in {mosquitto_dir.resolve()}")
     http: HealthServer | None = None
     agent: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
@@ -125,7 +180,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         )
         if options.with_agent:
             cmd = _agent_command(address.url(), options)
-            agent = subprocess.Popen(cmd, env=dict(os.environ))
+            agent = subprocess.Popen(cmd, env=_agent_env(local_password))
             echo(f"tether: local agent started (device 'local', driver {cmd[cmd.index('--driver') + 1]})")
         while not stop.wait(0.5):
             if controller.lost_leadership.is_set():

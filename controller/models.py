@@ -24,6 +24,8 @@ class Device(Stored):
     facts: DeviceFacts | None = None
     reported: ReportedState | None = None
     operator_labels: dict[str, str] = Field(default_factory=dict)
+    revoked: bool = False
+    """Cut off (``tether devices revoke``): matches no group until it gets new credentials."""
 
     @property
     def labels(self) -> dict[str, str]:

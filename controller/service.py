@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from tether.protocol import codec, topics
+from tether.protocol.credentials import CredentialTable
 from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import PayloadError, TetherError
 from tether.protocol.models import (
@@ -61,6 +62,7 @@ from .observability import REFRESH_SECONDS, Metrics
 from .placement import Assignment, Candidate, place
 from .rollout import Observation
 from .scheduler import desired_jobs, desired_stacks, eligible, members
+from .security import SecurityHandlers
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ MAX_METRICS_DEVICES = 100_000
 READ_COMMANDS = (DevicesList, DevicesShow, GroupsList, GroupsShow, StacksList, StacksStatus)
 
 
-class Controller(RequestHandlers):
+class Controller(RequestHandlers, SecurityHandlers):
     """Schedules stacks onto devices and answers requests, over one MQTT connection."""
 
     def __init__(
@@ -86,8 +88,14 @@ class Controller(RequestHandlers):
         clock: Callable[[], float] = time.time,
         lease: Lease | None = None,
         ha: bool = False,
+        table: CredentialTable | None = None,
+        credentials: tuple[str, str] | None = None,
     ) -> None:
+        """``table``: the embedded broker's credentials (kept in sync); ``credentials``: our own."""
         self.store = store
+        self.table = table
+        self.credentials = credentials
+        self.disconnect_users: Callable[[set[str]], int] = lambda usernames: 0
         self.clock = clock
         self.lease = lease
         self.ha = ha
@@ -136,6 +144,8 @@ class Controller(RequestHandlers):
             keepalive=30,
             on_message=lambda t, p, r: self.inbox.put((t, p)),
             on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
+            username=self.credentials[0] if self.credentials else None,
+            password=self.credentials[1] if self.credentials else None,
         )
         if self.ha:
             self.client.subscribe(topics.SHARED_REQUESTS)
@@ -431,7 +441,7 @@ class Controller(RequestHandlers):
             self._update_placements()
         stacks = self.store.list_stacks()
         if device_ids is None:
-            labels = {d.id: d.attributes() for d in self.store.list_devices()}
+            labels = {d.id: d.attributes() for d in self.store.list_devices() if not d.revoked}
             existing = {r.device_id: r for r in self.store.list_desired()}
             wanted = desired_stacks(stacks, groups, labels, self._pins())
             jobs = desired_jobs(self.store.list_jobs(), groups, labels)
@@ -441,6 +451,8 @@ class Controller(RequestHandlers):
             existing = {}
             for device_id in device_ids:
                 device = self.store.get_device(device_id)
+                if device is not None and device.revoked:
+                    continue  # matches no selector (and has left every static group)
                 labels[device_id] = device.attributes() if device else {}
                 record = self.store.get_desired(device_id)
                 if record is not None:
@@ -474,7 +486,7 @@ class Controller(RequestHandlers):
             self.store.set_definition(spec_hash, False)
 
     def _next_placements(self, stacks: list[Stack]) -> dict[str, tuple[Assignment, ...]]:
-        devices = self.store.list_devices()
+        devices = [d for d in self.store.list_devices() if not d.revoked]
         labels = {d.id: d.attributes() for d in devices}
         load: dict[str, int] = {}
         for record in self.store.list_desired():
@@ -550,6 +562,12 @@ class Controller(RequestHandlers):
         now = self.clock()
         for start in range(0, len(unpublished), self.PUBLISH_BATCH):
             batch = unpublished[start : start + self.PUBLISH_BATCH]
+            if self.table is not None:  # before the device hears of them: it may subscribe to these
+                assigned = {r.device_id: frozenset(ref.spec_hash for ref in r.stacks) for r in batch}
+                if any(self.table.stacks_of(d) != h for d, h in assigned.items()):
+                    self.table.set_stacks(assigned)
+                    if self.on_credentials_changed is not None:
+                        self.on_credentials_changed()
             messages = [
                 (
                     topics.device(r.device_id, DeviceTopic.DESIRED),

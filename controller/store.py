@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
 from tether.protocol.models import StackSpec
 
@@ -42,6 +43,12 @@ MIGRATIONS = [
     CREATE TABLE jobs (name TEXT PRIMARY KEY, body TEXT NOT NULL);
     CREATE TABLE job_results (job TEXT NOT NULL, device_id TEXT NOT NULL, run TEXT NOT NULL,
                               started REAL NOT NULL, body TEXT NOT NULL, PRIMARY KEY (job, device_id, run));
+    """,
+    """
+    CREATE TABLE credentials (username TEXT PRIMARY KEY, role TEXT NOT NULL, device_id TEXT,
+                              password_hash TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
+                              created REAL NOT NULL DEFAULT 0);
+    CREATE INDEX credentials_device ON credentials (device_id);
     """,
 ]
 
@@ -164,6 +171,12 @@ class Store:
 
     def put_device(self, device: Device) -> None:
         self._put("devices", "id", device.id, device.model_dump_json())
+
+    def forget_device(self, device_id: str) -> None:
+        """Delete the device's record, desired state, events and job results."""
+        for table, key in (("devices", "id"), ("desired", "device_id"), ("events", "device_id"),
+                           ("job_results", "device_id")):  # fmt: skip
+            self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
 
     # --- groups ---
 
@@ -341,3 +354,45 @@ class Store:
 
     def delete_definition(self, spec_hash: str) -> None:
         self.db.execute("DELETE FROM definitions WHERE spec_hash = ?", (spec_hash,))
+
+    # --- broker credentials (hashes only; see tether.protocol.credentials) ---
+
+    def put_credential(self, credential: Credential, created: float = 0.0) -> None:
+        """Create or replace a credential (a new password hash un-revokes it)."""
+        device_id = credential.name if credential.role == "device" else None
+        self.db.execute(
+            "INSERT INTO credentials (username, role, device_id, password_hash, revoked, created) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(username) DO UPDATE SET role = excluded.role, "
+            "device_id = excluded.device_id, password_hash = excluded.password_hash, "
+            "revoked = excluded.revoked, created = excluded.created",
+            (credential.username, credential.role, device_id, credential.password_hash,
+             int(credential.revoked), created),
+        )  # fmt: skip
+
+    def _credential(self, row: Any) -> Credential:
+        username, role, device_id, password_hash, revoked = row
+        return Credential(username, role, device_id or username, password_hash, bool(revoked))
+
+    def get_credential(self, username: str) -> Credential | None:
+        row = self.db.execute(
+            "SELECT username, role, device_id, password_hash, revoked FROM credentials WHERE username = ?",
+            (username,),
+        ).fetchone()
+        return self._credential(row) if row else None
+
+    def list_credentials(self) -> list[Credential]:
+        rows = self.db.execute(
+            "SELECT username, role, device_id, password_hash, revoked FROM credentials ORDER BY username"
+        )
+        return [self._credential(r) for r in rows]
+
+    def revoke_device_credentials(self, device_id: str) -> list[str]:
+        """Mark every credential of ``device_id`` revoked; their usernames."""
+        rows = self.db.execute(
+            "SELECT username FROM credentials WHERE device_id = ?", (device_id,)
+        ).fetchall()
+        self.db.execute("UPDATE credentials SET revoked = 1 WHERE device_id = ?", (device_id,))
+        return [r[0] for r in rows]
+
+    def delete_credential(self, username: str) -> None:
+        self.db.execute("DELETE FROM credentials WHERE username = ?", (username,))

@@ -4,7 +4,11 @@
 #
 #   curl -fsSL https://YOUR-HOST/install-agent.sh | sudo sh -s -- \
 #       --broker mqtt://ctl.example:1883 --label site=berlin [--label k=v ...] \
-#       [--device-id ID] [--driver docker|process] [--token TOKEN] [--from PATH] [--no-start]
+#       [--device-id ID] [--driver docker|process] [--credentials FILE | --username ID --password PW] \
+#       [--token TOKEN] [--from PATH] [--no-start]
+#
+# Credentials: `tether devices credentials ID --out ID.json` on the operator's machine, copy
+# the file to the device, --credentials ID.json (the password stays off the command line).
 #
 # What it does (running it again with the same arguments changes nothing but the agent's
 # version, which it upgrades):
@@ -13,6 +17,7 @@
 #      a wheel or a source checkout; --package SPEC for another requirement, e.g. tether==0.1.0),
 #   3. /etc/tether/agent.toml from the arguments (a changed file's old version is kept as
 #      agent.toml.bak), checked by the agent's own config loader before it is put in place,
+#      and the broker credentials (in agent.toml, or credentials.json in the data dir),
 #   4. the systemd unit /etc/systemd/system/tether-agent.service, enabled and (re)started when
 #      systemd runs; elsewhere (a container, a chroot) it prints how to start the agent.
 set -eu
@@ -27,6 +32,9 @@ DATA_DIR=/var/lib/tether-agent
 brokers=""
 labels=""
 token=""
+username=""
+password=""
+credentials=""
 driver=docker
 device_id=""
 from=""
@@ -45,6 +53,10 @@ Usage: install-agent.sh --broker URL [options]
   --label KEY=VALUE    a device label (repeatable)
   --device-id ID       the device id (default: the host name, read when the agent starts)
   --driver NAME        docker (default) or process
+  --username USER      the device's broker credentials, from `tether devices credentials ID`
+  --password PASS      (the username is the device id); written to agent.toml (0600)
+  --credentials FILE   the same as a file, from `tether devices credentials ID --out FILE`;
+                       copied to the data dir as credentials.json (0600)
   --token TOKEN        an enrollment token; enrollment is not built yet, so it is only
                        written as a comment in agent.toml for when it is
   --data-dir DIR       the agent's state (default /var/lib/tether-agent; the systemd unit's
@@ -89,6 +101,9 @@ while [ $# -gt 0 ]; do
             esac
             ;;
         --token) token=$value ;;
+        --username) username=$value ;;
+        --password) password=$value ;;
+        --credentials) credentials=$value ;;
         --driver)
             case $value in
                 docker | process) driver=$value ;;
@@ -105,6 +120,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$brokers" ] || usage_error "at least one --broker is needed"
+if [ -n "$username" ] || [ -n "$password" ]; then
+    [ -n "$username" ] && [ -n "$password" ] || usage_error "--username and --password go together"
+    [ -z "$credentials" ] || usage_error "--credentials or --username/--password, not both"
+fi
 [ "$(id -u)" = 0 ] || die "run as root (curl ... | sudo sh -s -- ...)"
 if [ -n "$from" ]; then
     [ -e "$from" ] || die "--from $from: no such file or directory"
@@ -163,6 +182,23 @@ say "pip install $source"
 "$VENV/bin/tether-agent" --version >/dev/null || die "$VENV/bin/tether-agent does not run"
 ln -sf "$VENV/bin/tether-agent" /usr/local/bin/tether-agent
 
+# --- credentials -----------------------------------------------------------------------------
+# A device's broker username is its id: it names the device when --device-id does not.
+if [ -n "$credentials" ]; then
+    [ -f "$credentials" ] || die "--credentials $credentials: no such file"
+    username_in_file=$("$VENV/bin/python" -c '
+import json, sys
+data = json.load(open(sys.argv[1]))
+assert isinstance(data["username"], str) and isinstance(data["password"], str) and data["username"]
+print(data["username"])
+' "$credentials" 2>/dev/null) || die "--credentials $credentials: not a credentials file (JSON with username and password)"
+fi
+for user in "$username" "${username_in_file:-}"; do
+    [ -n "$user" ] || continue
+    [ -n "$device_id" ] || device_id=$user
+    [ "$device_id" = "$user" ] || die "the credentials are for device '$user', not '$device_id'"
+done
+
 # --- the configuration -----------------------------------------------------------------------
 toml_string() {
     printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g')"
@@ -186,6 +222,13 @@ write_config() {
     fi
     printf 'driver = %s\n' "$(toml_string "$driver")"
     printf 'data_dir = %s\n' "$(toml_string "$DATA_DIR")"
+    if [ -n "$username" ]; then
+        echo "# Broker credentials (\`tether devices credentials $username\`)."
+        printf 'username = %s\n' "$(toml_string "$username")"
+        printf 'password = %s\n' "$(toml_string "$password")"
+    elif [ -n "$credentials" ]; then
+        echo "# Broker credentials: $DATA_DIR/credentials.json."
+    fi
     echo
     echo "# Enrollment (a per-device token exchanged for credentials) is not built yet: the agent"
     echo "# does not read this key and rejects it, so it stays a comment until enrollment lands."
@@ -232,6 +275,14 @@ fi
 trap - EXIT
 mkdir -p "$DATA_DIR"
 chmod 0700 "$DATA_DIR"
+if [ -n "$credentials" ]; then
+    if cmp -s "$credentials" "$DATA_DIR/credentials.json"; then
+        say "$DATA_DIR/credentials.json unchanged"
+    else
+        install -m 0600 "$credentials" "$DATA_DIR/credentials.json"
+        say "installed the broker credentials as $DATA_DIR/credentials.json"
+    fi
+fi
 
 if [ "$driver" = docker ] && ! command -v docker >/dev/null 2>&1 && [ ! -S /var/run/docker.sock ]; then
     say "warning: Docker was not found. Install it (apt-get install docker.io, or Docker's own"

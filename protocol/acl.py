@@ -42,6 +42,30 @@ class Identity:
     client_id: str = ""
 
 
+def client_id_allowed(identity: Identity) -> bool:
+    """Whether ``identity`` may use its client id: nobody may take over another's session.
+
+    A device connects as ``tether-{device id}`` (the agent's id), an enrolling device as
+    ``tether-enroll-{device id}``, the controller as ``tether-controller-*``; an operator
+    or integration as ``tether-cli-*`` or any id not starting with ``tether-``.
+    (MQTT 3.1.1 section 3.1.4: a second CONNECT with the same client id ends the first.)
+    """
+    cid = identity.client_id
+    if identity.role == "device":
+        return cid == f"tether-{identity.name}"
+    if identity.role == "enrolling":
+        return cid == f"tether-enroll-{identity.name}"
+    if identity.role == "controller":
+        return cid.startswith("tether-controller-")
+    if identity.role == "operator":
+        return cid.startswith("tether-cli-") or not cid.startswith("tether-")
+    return False
+
+
+RESERVED_DEVICE_PREFIXES = ("cli-", "controller-", "enroll-")
+"""Device ids that would give a device another role's client id; refused for credentials."""
+
+
 def _levels(topic: str) -> list[str]:
     return topic.split("/")
 

@@ -288,6 +288,27 @@ class DevicesLabel(WireModel):
     remove: tuple[str, ...] = ()
 
 
+class DevicesCredentials(WireModel):
+    """Create (or rotate) a device's broker credentials; the reply holds the password, once."""
+
+    kind: Literal["devices.credentials"] = "devices.credentials"
+    device_id: str
+
+
+class DevicesRevoke(WireModel):
+    """Cut devices off: credentials revoked, live sessions closed, removed from static groups."""
+
+    kind: Literal["devices.revoke"] = "devices.revoke"
+    device_ids: tuple[str, ...] = Field(min_length=1)
+
+
+class DevicesRemove(WireModel):
+    """Forget devices: their record, desired state (cleared on the broker), events, credentials."""
+
+    kind: Literal["devices.rm"] = "devices.rm"
+    device_ids: tuple[str, ...] = Field(min_length=1)
+
+
 class GroupsCreate(WireModel):
     kind: Literal["groups.create"] = "groups.create"
     name: str
@@ -411,6 +432,9 @@ Command = Annotated[
     | DevicesShow
     | DevicesTop
     | DevicesLabel
+    | DevicesCredentials
+    | DevicesRevoke
+    | DevicesRemove
     | GroupsCreate
     | GroupsList
     | GroupsShow

@@ -11,6 +11,7 @@ unchanged inputs takes seconds.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import re
@@ -262,17 +263,28 @@ def test_controller_image_default_command(
         return "controller ready (leader; state in /data/tether.db)" in _logs(controller)
 
     wait_until(ready, 60, interval=0.2, message="controller ready in the container")
-    host_port = controller.attrs["NetworkSettings"]["Ports"]["1883/tcp"][0]["HostPort"]
-    assert cli_json(f"mqtt://127.0.0.1:{host_port}", "devices", "ls") == []
+    # The CLI in the container, as the operator of /data/operator.json (TETHER_CREDENTIALS).
+    code, out = _exec(controller, ["tether", "devices", "ls", "-o", "json"])
+    assert code == 0 and json.loads(out) == [], out
     code, listing = _exec(controller, ["ls", "-ln", "/data"])
     assert code == 0 and " 10001 10001 " in listing, listing
+    # From the host, without credentials, the published broker refuses.
+    host_port = controller.attrs["NetworkSettings"]["Ports"]["1883/tcp"][0]["HostPort"]
+    refused = cli(f"mqtt://127.0.0.1:{host_port}", "devices", "ls", timeout=30)
+    assert refused.returncode != 0 and "Not authorized" in refused.stderr, refused.stderr
 
 
 def test_controller_image_with_agent_image(
-    docker_engine: Any, controller_image: str, agent_image: str, containers: list[Any]
+    docker_engine: Any,
+    controller_image: str,
+    agent_image: str,
+    containers: list[Any],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The controller image (embedded broker, --http as in production.yml), health checked as
-    Compose would, with an agent container in its network namespace and the CLI from here."""
+    Compose would, with an agent container in its network namespace, the device's credentials
+    issued by the controller, and the CLI from here with the operator's."""
     probe = "import amqtt, yaml, psycopg, prometheus_client, os; print('uid', os.getuid())"
     assert "uid 10001" in _one_shot(docker_engine, controller_image, ["python3", "-c", probe])
 
@@ -310,13 +322,21 @@ def test_controller_image_with_agent_image(
     assert re.search(r'"level": "info"', _logs(controller)), _logs(controller)
     host_port = controller.attrs["NetworkSettings"]["Ports"]["1883/tcp"][0]["HostPort"]
     broker = f"mqtt://127.0.0.1:{host_port}"
+    code, operator = _exec(controller, ["cat", "/data/operator.json"])
+    assert code == 0, operator
+    (tmp_path / "operator.json").write_text(operator)
+    monkeypatch.setenv("TETHER_CREDENTIALS", str(tmp_path / "operator.json"))
 
     device_id = f"{DEVICE_PREFIX}pair-{uuid.uuid4().hex[:6]}"
+    code, out = _exec(controller, ["tether", "devices", "credentials", device_id, "-o", "json"])
+    assert code == 0, out
+    issued = json.loads(out)
     agent = _run(
         docker_engine,
         agent_image,
         containers,
         command=["--broker", "mqtt://127.0.0.1:1883", "--device-id", device_id, "--driver", "process"],
+        environment={"TETHER_USERNAME": issued["username"], "TETHER_PASSWORD": issued["password"]},
         network_mode=f"container:{controller.id}",
     )
     try:

@@ -4,7 +4,8 @@ The root filesystem is a fresh copy of the debootstrap one of tests/support/imag
 (cached across runs), without python3-venv, as on a minimal Raspberry Pi OS or Debian:
 the script has to install it with apt-get. The script installs the agent from a copy of
 this repository (``--from``); pip reaches PyPI for the dependencies. systemd does not run
-in the chroot, so the script installs the unit without enabling it.
+in the chroot, so the script installs the unit without enabling it. The chroot tests share
+one installation and run in the order they are written, each building on the last.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from support.images import (
     skip_or_fail,
 )
 from support.infra import docker_client
-from support.procs import ControllerProcess, _Proc, cli_json, wait_online
+from support.procs import ControllerProcess, _Proc, cli, cli_json, wait_online
 
 SCRIPT = REPO_ROOT / "packaging" / "install-agent.sh"
 AGENT_UNIT = REPO_ROOT / "packaging" / "tether-agent.service"
@@ -143,33 +144,6 @@ def test_installed_agent_accepts_the_config(installed: Installed) -> None:
     assert installed.run("/opt/tether-agent/bin/python", "-c", probe).stdout.strip() == "[]"
 
 
-def test_installed_agent_comes_online(installed: Installed, tmp_path: Path) -> None:
-    """The installed agent, run in the chroot as the unit would, reaches a controller here.
-
-    The chroot shares this machine's network, so the controller's loopback address works;
-    ``--broker`` (over the file's brokers) points the agent at it.
-    """
-    controller = ControllerProcess(tmp_path / "controller")
-    argv = [
-        "/opt/tether-agent/bin/tether-agent", "--config", "/etc/tether/agent.toml",
-        "--broker", controller.url,
-    ]  # fmt: skip
-    agent = _Proc(chroot_command(installed.root, argv), tmp_path / "agent.log")
-    try:
-        try:
-            device = wait_online(controller.url, "pi-1", timeout=60)
-        except AssertionError:
-            raise AssertionError(agent.output()) from None
-        assert device["labels"] == {"site": "berlin", "example.com/role": "edge gateway"}
-        facts = cli_json(controller.url, "devices", "show", "pi-1")["facts"]
-        assert facts["driver"] == "process"
-        assert facts["os"].startswith("Debian GNU/Linux 12")
-        assert agent.stop() == 0
-    finally:
-        agent.stop()
-        controller.stop()
-
-
 def test_install_again(installed: Installed) -> None:
     """Idempotent: the same arguments change nothing; new ones rewrite the config (kept .bak).
 
@@ -195,10 +169,62 @@ def test_install_again(installed: Installed) -> None:
     assert config.read_bytes() == before
     assert not list(installed.path("/etc/tether").glob(".agent.toml.*"))
 
-    changed = installed.install(*[a if a != "site=berlin" else "site=hamburg" for a in ARGS])
+    hamburg = [a if a != "site=berlin" else "site=hamburg" for a in ARGS]
+    changed = installed.install(*hamburg, "--username", "pi-1", "--password", 'pa"ss')
     assert changed.returncode == 0, changed.stdout + changed.stderr
-    assert tomllib.loads(config.read_text())["labels"]["site"] == "hamburg"
+    settings = tomllib.loads(config.read_text())
+    assert settings["labels"]["site"] == "hamburg"
+    assert (settings["username"], settings["password"]) == ("pi-1", 'pa"ss')
     assert installed.path("/etc/tether/agent.toml.bak").read_bytes() == before
+    # Credentials name their device: another id is refused.
+    other = installed.install(*hamburg, "--username", "pi-2", "--password", "x")
+    assert other.returncode == 1 and "the credentials are for device 'pi-2', not 'pi-1'" in other.stderr
+
+
+def test_installed_agent_comes_online(
+    installed: Installed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials from the controller, installed with --credentials, and the installed agent,
+    run in the chroot as the unit runs it, comes online at a controller that refuses
+    anonymous clients. The chroot shares this machine's network, so the controller's
+    loopback address works; ``--broker`` (over the file's brokers) points the agent at it.
+    Runs last: it changes the installation the tests above look at.
+    """
+    controller = ControllerProcess(tmp_path / "controller", auth=True)
+    monkeypatch.setenv("TETHER_CREDENTIALS", str(controller.operator_file))
+    issued = tmp_path / "pi-1.json"
+    result = cli(controller.url, "devices", "credentials", "pi-1", "--out", str(issued))
+    assert result.returncode == 0, result.stderr
+    shutil.copyfile(issued, installed.path("/root/pi-1.json"))
+    again = installed.install(*ARGS, "--credentials", "/root/pi-1.json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "installed the broker credentials as /var/lib/tether-agent/credentials.json" in again.stdout
+    saved = installed.path("/var/lib/tether-agent/credentials.json")
+    assert saved.read_bytes() == issued.read_bytes()
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert "username" not in tomllib.loads(installed.path("/etc/tether/agent.toml").read_text())
+
+    argv = [
+        "/opt/tether-agent/bin/tether-agent",
+        "--config",
+        "/etc/tether/agent.toml",
+        "--broker",
+        controller.url,
+    ]
+    agent = _Proc(chroot_command(installed.root, argv), tmp_path / "agent.log")
+    try:
+        try:
+            device = wait_online(controller.url, "pi-1", timeout=60)
+        except AssertionError:
+            raise AssertionError(agent.output()) from None
+        assert device["labels"] == {"site": "berlin", "example.com/role": "edge gateway"}
+        facts = cli_json(controller.url, "devices", "show", "pi-1")["facts"]
+        assert facts["driver"] == "process"
+        assert facts["os"].startswith("Debian GNU/Linux 12")
+        assert agent.stop() == 0
+    finally:
+        agent.stop()
+        controller.stop()
 
 
 # --- without a chroot -------------------------------------------------------------------------
@@ -223,6 +249,11 @@ def _shells() -> list[list[str]]:
         (["--broker", "mqtt://x", "--label", "novalue"], "expected KEY=VALUE"),
         (["--broker", "mqtt://x", "--frobnicate", "1"], "unknown option: --frobnicate"),
         (["--broker=mqtt://x", "stray"], "unexpected argument: stray"),
+        (["--broker", "mqtt://x", "--username", "pi-1"], "--username and --password go together"),
+        (
+            ["--broker", "mqtt://x", "--username", "a", "--password", "b", "--credentials", "c.json"],
+            "--credentials or --username/--password, not both",
+        ),
     ],
 )
 def test_bad_arguments_change_nothing(shell: list[str], args: list[str], message: str) -> None:

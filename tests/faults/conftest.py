@@ -50,12 +50,17 @@ def _controller_database(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, backend_name: str) -> Iterator[Fleet]:
-    """A running broker and controller on a fresh network; agents are started by the test."""
+def fleet_prerequisites() -> None:
+    """Mosquitto is installed (skip without it, fail with TETHER_REQUIRE_MOSQUITTO=1)."""
     if not os.access(MOSQUITTO_BIN, os.X_OK):
         if os.environ.get("TETHER_REQUIRE_MOSQUITTO") == "1":
             pytest.fail(f"TETHER_REQUIRE_MOSQUITTO=1 but {MOSQUITTO_BIN} is missing")
         pytest.skip(f"{MOSQUITTO_BIN} not installed")
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, backend_name: str, fleet_prerequisites: None) -> Iterator[Fleet]:
+    """A running broker and controller on a fresh network; agents are started by the test."""
     backend = NetnsBackend(tmp_path) if backend_name == "netns" else ProxyBackend(tmp_path)
     fleet = Fleet(backend, tmp_path)
     try:

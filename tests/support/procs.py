@@ -87,7 +87,11 @@ class _Proc:
 
 
 class ControllerProcess(_Proc):
-    """`tether up` on an ephemeral port (embedded broker) or against ``broker``."""
+    """`tether up` on an ephemeral port (embedded broker) or against ``broker``.
+
+    Anonymous clients are allowed (``--allow-anonymous``) unless ``auth``; with ``auth``,
+    :attr:`operator_file` holds the operator credentials (for ``TETHER_CREDENTIALS``).
+    """
 
     def __init__(
         self,
@@ -97,9 +101,13 @@ class ControllerProcess(_Proc):
         db: str | None = None,
         argv_prefix: list[str] | None = None,
         extra: list[str] | None = None,
+        auth: bool = False,
     ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.operator_file = data_dir / "operator.json"
         argv = [PY, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir), *(extra or [])]
+        if not auth:
+            argv.append("--allow-anonymous")
         if db:
             argv += ["--db", db]
         argv += ["--broker", broker] if broker else ["--port", str(port)]

@@ -1,0 +1,114 @@
+"""Authentication and topic ACL for the embedded amqtt broker: thin plugins over pure policy.
+
+amqtt 0.12.1 calls every auth plugin's ``authenticate(session=...)`` on CONNECT (all
+non-None answers must be True) and every topic plugin's ``topic_filtering(session=,
+topic=, action=)`` on SUBSCRIBE (the filter), PUBLISH (the topic) and RECEIVE (each
+delivery, retained messages included). Both plugins here delegate at once to a
+:class:`~tether.protocol.credentials.CredentialTable` (the controller's in-memory
+snapshot; the broker thread never touches the database) and to the pure rules of
+:mod:`tether.protocol.acl`. The table is passed through the plugin configuration as an
+object (``{"table": table}``).
+
+RECEIVE is allowed for any identity the table still knows: what a client receives was
+checked when it subscribed, and a revoked or removed user receives nothing more, even
+before :func:`disconnect_users` has closed its connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+from tether.protocol.acl import may_publish, may_subscribe
+from tether.protocol.credentials import CredentialTable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TetherAuthPlugin", "TetherTopicPlugin", "auth_plugins", "disconnect_users"]
+
+
+def auth_plugins(table: CredentialTable) -> dict[str, Any]:
+    """The ``plugins`` section of an amqtt configuration that enforces ``table``."""
+    return {
+        f"{__name__}.TetherAuthPlugin": {"table": table},
+        f"{__name__}.TetherTopicPlugin": {"table": table},
+    }
+
+
+class TetherAuthPlugin(BaseAuthPlugin):
+    """Accept a CONNECT only with a valid, unrevoked username/password (or anonymously if allowed)."""
+
+    @dataclass
+    class Config:
+        table: Any = None
+
+    async def authenticate(self, *, session: Session) -> bool | None:
+        table: CredentialTable = self.context.config.table  # type: ignore[union-attr]
+        identity = table.authenticate(session.username, session.password, session.client_id or "")
+        if identity is None:
+            log.warning(
+                "refused connection from %s (client %r, user %r): bad credentials or client id",
+                session.remote_address,
+                session.client_id,
+                session.username,
+            )
+            return False
+        return True
+
+
+class TetherTopicPlugin(BaseTopicPlugin):
+    """Allow a SUBSCRIBE or PUBLISH only if :mod:`tether.protocol.acl` does."""
+
+    @dataclass
+    class Config:
+        table: Any = None
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        table: CredentialTable = self.context.config.table  # type: ignore[union-attr]
+        if session is None or topic is None:
+            return False
+        identity = table.identity(session.username, session.client_id or "")
+        if identity is None:
+            return False
+        if action == Action.RECEIVE:
+            return True
+        if action == Action.SUBSCRIBE:
+            stacks = table.stacks_of(identity.name) if identity.role == "device" else ()
+            allowed = may_subscribe(identity, topic, stacks)
+        else:
+            allowed = may_publish(identity, topic)
+        if not allowed:
+            log.warning(
+                "denied %s on %s to %s %r (client %r)",
+                action.value if action else "?",
+                topic,
+                identity.role,
+                identity.name,
+                session.client_id,
+            )
+        return allowed
+
+
+async def disconnect_users(broker: Broker, usernames: set[str]) -> int:
+    """Close the live connections of ``usernames`` at once; how many were closed.
+
+    Their wills are published (a revoked device goes ``offline``); nothing is queued for
+    their persistent sessions afterwards, since RECEIVE is refused to unknown users.
+    """
+    closed = 0
+    for session, handler in list(broker._sessions.values()):  # amqtt has no public accessor
+        if session.username in usernames and session.transitions.state == "connected":
+            abort = getattr(handler, "abort", None)
+            if abort is not None:  # TetherHandler: closes the socket; its session loop ends it
+                abort()
+            else:
+                await handler.stop()
+            closed += 1
+    return closed

@@ -1,0 +1,185 @@
+"""Who may connect: broker credentials, revocation and forgetting devices (issue 5).
+
+The store holds credentials (password hashes only, never a password); the controller
+mirrors them into a :class:`~tether.protocol.credentials.CredentialTable`, which the
+embedded broker authenticates against from its own thread. Every change here writes the
+store first, then updates the table, then (for a revocation) asks the broker to close
+the live connections, through :attr:`SecurityHandlers.disconnect_users` (set by
+``tether up`` when it runs the embedded broker; a no-op with an external broker, whose
+password file must be regenerated: see ``tether mosquitto-config``).
+
+:class:`SecurityHandlers` is mixed into :class:`~.service.Controller` like
+:class:`~.api.RequestHandlers`: its methods run on the controller's worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tether.protocol import topics
+from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
+from tether.protocol.credentials import Credential, CredentialTable, hash_password, new_password
+from tether.protocol.errors import StoreError
+from tether.protocol.models import DevicesCredentials, DevicesRemove, DevicesRevoke
+from tether.protocol.secret_files import write_secret_json
+from tether.protocol.topics import DeviceTopic
+
+from .models import Device
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+OPERATOR_USER = "admin"
+
+
+def load_table(store: Store, allow_anonymous: bool) -> CredentialTable:
+    """The broker's view of the store's credentials and of each device's assigned stacks."""
+    table = CredentialTable(store.list_credentials(), allow_anonymous=allow_anonymous)
+    table.set_stacks({r.device_id: {ref.spec_hash for ref in r.stacks} for r in store.list_desired()})
+    return table
+
+
+def ensure_controller_credentials(store: Store, data_dir: Path, now: float) -> tuple[str, str]:
+    """This controller's own username and password, kept in ``{data_dir}/controller.json`` (0600)."""
+    path = data_dir / "controller.json"
+    try:
+        saved = json.loads(path.read_text())
+        username, password = str(saved["username"]), str(saved["password"])
+    except (OSError, ValueError, KeyError, TypeError):
+        username, password = f"controller-{os.urandom(4).hex()}", new_password()
+    current = store.get_credential(username)
+    if current is None or current.revoked or current.role != "controller":
+        store.put_credential(Credential(username, "controller", "controller", hash_password(password)), now)
+    write_secret_json(path, {"username": username, "password": password})
+    return username, password
+
+
+def ensure_operator_credentials(store: Store, data_dir: Path, broker_url: str, now: float) -> Path | None:
+    """Create the ``admin`` operator on first start and write ``{data_dir}/operator.json`` (0600).
+
+    Returns the file's path, or None if the operator exists but its file is not here
+    (it was created by another controller of the same store).
+    """
+    path = data_dir / "operator.json"
+    if store.get_credential(OPERATOR_USER) is None:
+        password = new_password()
+        store.put_credential(
+            Credential(OPERATOR_USER, "operator", OPERATOR_USER, hash_password(password)), now
+        )
+        write_secret_json(path, {"username": OPERATOR_USER, "password": password, "broker": broker_url})
+        return path
+    return path if path.exists() else None
+
+
+def issue_device_credentials(store: Store, device_id: str, now: float) -> str:
+    """Create or rotate ``device_id``'s credentials in ``store``; return the new password."""
+    topics.check_device_id(device_id)
+    if device_id.startswith(RESERVED_DEVICE_PREFIXES):
+        raise StoreError(f"device id {device_id!r} is reserved (starts with {device_id.split('-')[0]}-)")
+    existing = store.get_credential(device_id)
+    if existing is not None and existing.role != "device":
+        raise StoreError(f"{device_id!r} is the name of a {existing.role} user, not a device")
+    password = new_password()
+    with store.transaction():
+        store.put_credential(Credential(device_id, "device", device_id, hash_password(password)), now)
+        device = store.get_device(device_id)
+        if device is not None and device.revoked:
+            store.put_device(device.model_copy(update={"revoked": False}))
+    return password
+
+
+class SecurityHandlers:
+    """Credential commands; mixed into the Controller (see the module docstring)."""
+
+    store: Store
+    table: CredentialTable | None
+    disconnect_users: Callable[[set[str]], int]
+    clock: Callable[[], float]
+
+    on_credentials_changed: Callable[[], None] | None = None
+    """Called after credentials or a device's stacks changed (``tether up --mosquitto-dir``)."""
+
+    def _sync_table(self) -> None:
+        """Mirror the store's credentials into the broker's table (after a committed change)."""
+        if self.table is not None:
+            self.table.replace(self.store.list_credentials())
+        if self.on_credentials_changed is not None:
+            self.on_credentials_changed()
+
+    def device_credentials(self, device_id: str) -> str:
+        """Create or rotate ``device_id``'s credentials; return the new password (shown once)."""
+        was = self.store.get_device(device_id)
+        password = issue_device_credentials(self.store, device_id, self.clock())
+        self._sync_table()
+        if was is not None and was.revoked:
+            self.sync({device_id})  # matches its groups again
+        log.info("device %s: new broker credentials", device_id)
+        return password
+
+    def _devices_credentials(self, cmd: DevicesCredentials) -> Any:
+        password = self.device_credentials(cmd.device_id)
+        return {"device_id": cmd.device_id, "username": cmd.device_id, "password": password}
+
+    def _devices_revoke(self, cmd: DevicesRevoke) -> Any:
+        known = {d.id for d in self.store.list_devices()} | {
+            c.name for c in self.store.list_credentials() if c.role == "device"
+        }
+        for device_id in cmd.device_ids:
+            if device_id not in known:
+                raise StoreError(f"unknown device {device_id!r}")
+        usernames: set[str] = set()
+        with self.store.transaction():
+            for device_id in cmd.device_ids:
+                usernames.update(self.store.revoke_device_credentials(device_id))
+                device = self.store.get_device(device_id) or Device(id=device_id)
+                self.store.put_device(device.model_copy(update={"revoked": True}))
+                self._leave_static_groups(device_id)
+        self._sync_table()
+        closed = self.disconnect_users(usernames) if usernames else 0
+        for device_id in cmd.device_ids:
+            log.warning("device %s revoked (%d live connection(s) closed)", device_id, closed)
+        self.sync()
+        return {"revoked": list(cmd.device_ids), "closed": closed}
+
+    def _leave_static_groups(self, device_id: str) -> None:
+        for group in self.store.list_groups():
+            if group.selector is None and device_id in group.devices:
+                remaining = tuple(d for d in group.devices if d != device_id)
+                self.store.delete_group(group.name)
+                self.store.create_group(group.model_copy(update={"devices": remaining}))
+
+    def _devices_rm(self, cmd: DevicesRemove) -> Any:
+        for device_id in cmd.device_ids:
+            topics.check_device_id(device_id)
+        usernames: set[str] = set()
+        with self.store.transaction():
+            for device_id in cmd.device_ids:
+                usernames.update(self.store.revoke_device_credentials(device_id))
+                for username in usernames:
+                    self.store.delete_credential(username)
+                self._leave_static_groups(device_id)
+                self.store.forget_device(device_id)
+        self._sync_table()
+        if usernames:
+            self.disconnect_users(usernames)
+        cleared = self._clear_retained(cmd.device_ids)
+        self.sync()
+        for device_id in cmd.device_ids:
+            log.warning("device %s forgotten", device_id)
+        return {"removed": list(cmd.device_ids), "cleared": cleared}
+
+    def _clear_retained(self, device_ids: tuple[str, ...]) -> bool:
+        """Clear the devices' retained desired state and presence (empty retained publishes)."""
+        client = getattr(self, "client", None)
+        if client is None:
+            return False
+        ok = True
+        for device_id in device_ids:
+            for kind in (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REPORTED):
+                ok = client.publish_confirmed(topics.device(device_id, kind), b"", retain=True) and ok
+        return ok

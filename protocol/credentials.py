@@ -1,0 +1,168 @@
+"""Broker credentials: password hashes and the in-memory table the broker authenticates against.
+
+Theory of operation
+-------------------
+The controller owns the credentials (its store holds username, role, device id, password
+hash, revoked flag; never a password). It keeps a :class:`CredentialTable` up to date: a
+snapshot of those rows plus, per device, the stack hashes its desired state names. The
+embedded broker's plugins (``tether.broker.auth``) read the table from the broker thread;
+they never touch the database. Every update replaces whole dictionaries (one reference
+assignment each), so a reader sees either the old or the new snapshot, never half of one.
+
+Password hashes use Mosquitto 2.0's ``$7$`` format (PBKDF2-HMAC-SHA512, 12-byte salt,
+64-byte key: ``$7$ITERATIONS$base64(salt)$base64(key)``), so the very same hash goes into
+the Mosquitto password file Tether generates. Tether's passwords are 256-bit random
+strings, so the iteration count only adds defence in depth; verified passwords are cached
+(by a SHA-256 of username, password and hash) so that a reconnect storm does not cost a
+PBKDF2 run per connection.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import threading
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+
+from .acl import Identity, Role, client_id_allowed
+
+__all__ = [
+    "Credential",
+    "CredentialTable",
+    "hash_password",
+    "new_password",
+    "verify_password",
+]
+
+ITERATIONS = 10_000
+SALT_BYTES = 12  # what mosquitto_passwd uses
+KEY_BYTES = 64  # SHA-512's output
+
+
+def new_password() -> str:
+    """A fresh random password (256 bits, URL-safe text)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_password(password: str, *, iterations: int = ITERATIONS, salt: bytes | None = None) -> str:
+    """The ``$7$`` (Mosquitto 2.0 PBKDF2-SHA512) hash of ``password`` with a fresh salt."""
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, KEY_BYTES)
+    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
+
+
+def verify_password(password: str, password_hash: str) -> bool:
+    """Whether ``password`` matches a ``$7$`` hash; False (never an exception) for a malformed hash."""
+    parts = password_hash.split("$")
+    if len(parts) != 5 or parts[0] != "" or parts[1] != "7":
+        return False
+    try:
+        iterations = int(parts[2])
+        salt = base64.b64decode(parts[3], validate=True)
+        expected = base64.b64decode(parts[4], validate=True)
+    except (ValueError, binascii.Error):
+        return False
+    if not 1 <= iterations <= 10_000_000 or not expected:
+        return False
+    key = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, len(expected))
+    return hmac.compare_digest(key, expected)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One broker user: a device (``name`` = device id), the controller, or an operator."""
+
+    username: str
+    role: Role
+    name: str
+    password_hash: str
+    revoked: bool = False
+
+    def identity(self, client_id: str) -> Identity:
+        return Identity(self.role, self.name, client_id)
+
+
+class CredentialTable:
+    """What the broker checks connections and topics against; the controller updates it.
+
+    ``allow_anonymous``: clients without a username get full access (a local demo only).
+    """
+
+    def __init__(self, credentials: Iterable[Credential] = (), *, allow_anonymous: bool = False) -> None:
+        self.allow_anonymous = allow_anonymous
+        self._users: dict[str, Credential] = {c.username: c for c in credentials}
+        self._stacks: dict[str, frozenset[str]] = {}
+        self._verified: dict[bytes, str] = {}
+        self._lock = threading.Lock()  # writers only; readers use whole-dict snapshots
+
+    # --- updates (the controller's thread) ---
+
+    def replace(self, credentials: Iterable[Credential]) -> None:
+        """Replace every credential at once."""
+        self._users = {c.username: c for c in credentials}
+
+    def put(self, credential: Credential) -> None:
+        with self._lock:
+            users = dict(self._users)
+            users[credential.username] = credential
+            self._users = users
+
+    def remove(self, username: str) -> None:
+        with self._lock:
+            users = dict(self._users)
+            users.pop(username, None)
+            self._users = users
+
+    def set_stacks(self, assigned: Mapping[str, Collection[str]]) -> None:
+        """Set the stack hashes of some devices (device id -> hashes); others keep theirs."""
+        with self._lock:
+            stacks = dict(self._stacks)
+            for device_id, hashes in assigned.items():
+                stacks[device_id] = frozenset(hashes)
+            self._stacks = stacks
+
+    # --- lookups (any thread, e.g. the broker's) ---
+
+    def get(self, username: str) -> Credential | None:
+        return self._users.get(username)
+
+    def credentials(self) -> list[Credential]:
+        return sorted(self._users.values(), key=lambda c: c.username)
+
+    def all_stacks(self) -> dict[str, frozenset[str]]:
+        return dict(self._stacks)
+
+    def stacks_of(self, device_id: str) -> frozenset[str]:
+        return self._stacks.get(device_id, frozenset())
+
+    def authenticate(self, username: str | None, password: str | None, client_id: str) -> Identity | None:
+        """The identity of a CONNECT, or None to refuse it. Anonymous: ``Identity("controller", "")``."""
+        if not username:
+            return Identity("controller", "", client_id) if self.allow_anonymous else None
+        credential = self._users.get(username)
+        if credential is None or credential.revoked or password is None:
+            return None
+        identity = credential.identity(client_id)
+        if not client_id_allowed(identity):
+            return None
+        key = hashlib.sha256(f"{username}\x00{password}\x00{credential.password_hash}".encode()).digest()
+        if self._verified.get(key) != credential.password_hash:
+            if not verify_password(password, credential.password_hash):
+                return None
+            if len(self._verified) > 100_000:
+                self._verified = {}
+            self._verified[key] = credential.password_hash
+        return identity
+
+    def identity(self, username: str | None, client_id: str) -> Identity | None:
+        """The current identity of a connected session (None once revoked or removed)."""
+        if not username:
+            return Identity("controller", "", client_id) if self.allow_anonymous else None
+        credential = self._users.get(username)
+        if credential is None or credential.revoked:
+            return None
+        return credential.identity(client_id)

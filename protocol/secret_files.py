@@ -1,0 +1,45 @@
+"""Files that hold secrets (credentials): written 0600 and atomically, read with clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["read_credentials", "write_secret_json", "write_secret_text"]
+
+
+def write_secret_text(path: Path, text: str) -> None:
+    """Write ``text``, readable by the owner only (0600), replacing ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def write_secret_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` as JSON (0600, atomically)."""
+    write_secret_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def read_credentials(path: Path) -> dict[str, str]:
+    """``{"username", "password"[, "broker"]}`` from a credentials file; :class:`ConfigError` if unusable."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read credentials file {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"credentials file {path}: not JSON ({exc})") from exc
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("username"), str)
+        or not isinstance(data.get("password"), str)
+    ):
+        raise ConfigError(f"credentials file {path}: needs string fields 'username' and 'password'")
+    return {k: v for k, v in data.items() if k in ("username", "password", "broker") and isinstance(v, str)}
