@@ -449,98 +449,96 @@ def measure_deploy(
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     certs = make_certs(workdir)
-    broker = Mosquitto(workdir / "mosquitto", tls=certs).start()
-    controller = Controller(workdir / "controller", broker.url)
-    proxies = ProxyThread()
-    devices: list[Device] = []
-    floors: list[Proxy] = []
-    for tls in (False, True):
-        for ka in (60, 300):
-            base = f"{'tls' if tls else 'plain'}-{ka}"
-            target = broker.tls_port if tls else broker.port
-            floor = proxies.add(f"floor-{base}", target, parse_mqtt=not tls)
-            floors.append(floor)
-            for metrics in (True, False):
-                name = base if metrics else f"{base}-nometrics"
-                proxy = proxies.add(name, target, parse_mqtt=not tls)
-                devices.append(Device(name, tls, ka, metrics, proxy, floor, device_id=f"bw-{name}"))
-    all_proxies = [d.proxy for d in devices] + floors
-    capture: Capture | None = None
-    if args.capture:
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, in reverse order
+        broker = stack.enter_context(Mosquitto(workdir / "mosquitto", tls=certs))
+        stack.enter_context(Controller(workdir / "controller", broker.url))
+        proxies = ProxyThread()
+        stack.callback(proxies.stop)
+        devices: list[Device] = []
+        floors: list[Proxy] = []
+        for tls in (False, True):
+            for ka in (60, 300):
+                base = f"{'tls' if tls else 'plain'}-{ka}"
+                target = broker.tls_port if tls else broker.port
+                floor = proxies.add(f"floor-{base}", target, parse_mqtt=not tls)
+                floors.append(floor)
+                for metrics in (True, False):
+                    name = base if metrics else f"{base}-nometrics"
+                    proxy = proxies.add(name, target, parse_mqtt=not tls)
+                    devices.append(Device(name, tls, ka, metrics, proxy, floor, device_id=f"bw-{name}"))
+        all_proxies = [d.proxy for d in devices] + floors
+        capture: Capture | None = None
+        if args.capture:
+            try:
+                capture = Capture({p.port: p for p in all_proxies})
+                stack.callback(capture.stop)
+            except (PermissionError, OSError) as exc:
+                log(
+                    f"no packet capture ({exc}); falling back to application bytes + {HEADER_ESTIMATE} B per read"
+                )
+        floor_clients: list[Any] = []
+        result: dict[str, Any] = {"capture": capture is not None, "window_s": args.window}
         try:
-            capture = Capture({p.port: p for p in all_proxies})
-        except (PermissionError, OSError) as exc:
-            log(
-                f"no packet capture ({exc}); falling back to application bytes + {HEADER_ESTIMATE} B per read"
+            request(broker.url, GroupsCreate(name="bw", selector="bench=bw"))
+            t_start = proxies.snapshot(all_proxies)
+            for dev in devices:
+                dev.agent = start_agent(dev, workdir, certs["cafile"])
+                if dev.metrics:  # one floor client per (TLS, keepalive)
+                    floor_clients.append(start_floor_client(dev, certs["cafile"]))
+
+            def online() -> bool:
+                states = device_states(broker.url)
+                return all(states.get(d.device_id, {}).get("status") == "online" for d in devices)
+
+            wait_until(online, 60, interval=0.5, message="agents online")
+            quiet(proxies, devices, args.quiet, 60)
+            t_online = proxies.snapshot(all_proxies)
+            result["connect"] = {d.name: t_online[d.name].minus(t_start[d.name]) for d in devices}
+            log("agents online; deploying a new stack")
+            result["new_stack"] = measure_deploy(
+                "new stack", broker.url, proxies, devices, compose_stack(3, 1), True, args
             )
-    floor_clients: list[Any] = []
-    result: dict[str, Any] = {"capture": capture is not None, "window_s": args.window}
-    try:
-        request(broker.url, GroupsCreate(name="bw", selector="bench=bw"))
-        t_start = proxies.snapshot(all_proxies)
-        for dev in devices:
-            dev.agent = start_agent(dev, workdir, certs["cafile"])
-            if dev.metrics:  # one floor client per (TLS, keepalive)
-                floor_clients.append(start_floor_client(dev, certs["cafile"]))
-
-        def online() -> bool:
-            states = device_states(broker.url)
-            return all(states.get(d.device_id, {}).get("status") == "online" for d in devices)
-
-        wait_until(online, 60, interval=0.5, message="agents online")
-        quiet(proxies, devices, args.quiet, 60)
-        t_online = proxies.snapshot(all_proxies)
-        result["connect"] = {d.name: t_online[d.name].minus(t_start[d.name]) for d in devices}
-        log("agents online; deploying a new stack")
-        result["new_stack"] = measure_deploy(
-            "new stack", broker.url, proxies, devices, compose_stack(3, 1), True, args
-        )
-        log("deploying a new version")
-        result["new_version"] = measure_deploy(
-            "new version", broker.url, proxies, devices, compose_stack(3, 2), True, args
-        )
-        log("redeploying the same version (no-op)")
-        result["noop_redeploy"] = measure_deploy(
-            "no-op redeploy", broker.url, proxies, devices, compose_stack(3, 2), False, args
-        )
-        log(f"idle for {args.window:g} s")
-        before = proxies.snapshot(all_proxies)
-        time.sleep(args.window)
-        after = proxies.snapshot(all_proxies)
-        idle = {}
-        for d in devices:
-            agent = after[d.name].minus(before[d.name])
-            floor = after[d.floor_proxy.name].minus(before[d.floor_proxy.name])
-            key = "ip_total" if capture is not None else "app_with_header_estimate"
-            per_hour = agent[key] * 3600 / args.window
-            floor_per_hour = floor[key] * 3600 / args.window
-            idle[d.name] = {
-                "tls": d.tls,
-                "keepalive_s": d.keepalive,
-                "metrics": d.metrics,
-                "bytes": agent[key],
-                "bytes_per_hour": round(per_hour),
-                "floor_bytes": floor[key],
-                "floor_bytes_per_hour": round(floor_per_hour),
-                "vs_floor": rnd(per_hour / floor_per_hour, 3) if floor_per_hour else None,
-                "agent": agent,
-                "floor": floor,
-            }
-        result["idle"] = idle
-        result["tcp_connections"] = {d.name: after[d.name].connections for d in devices}
-    finally:
-        for client in floor_clients:
-            with contextlib.suppress(Exception):
-                client.disconnect()
-                client.loop_stop()
-        for dev in devices:
-            if dev.agent is not None:
-                dev.agent.stop()
-        controller.stop()
-        broker.stop()
-        if capture is not None:
-            capture.stop()
-        proxies.stop()
+            log("deploying a new version")
+            result["new_version"] = measure_deploy(
+                "new version", broker.url, proxies, devices, compose_stack(3, 2), True, args
+            )
+            log("redeploying the same version (no-op)")
+            result["noop_redeploy"] = measure_deploy(
+                "no-op redeploy", broker.url, proxies, devices, compose_stack(3, 2), False, args
+            )
+            log(f"idle for {args.window:g} s")
+            before = proxies.snapshot(all_proxies)
+            time.sleep(args.window)
+            after = proxies.snapshot(all_proxies)
+            idle = {}
+            for d in devices:
+                agent = after[d.name].minus(before[d.name])
+                floor = after[d.floor_proxy.name].minus(before[d.floor_proxy.name])
+                key = "ip_total" if capture is not None else "app_with_header_estimate"
+                per_hour = agent[key] * 3600 / args.window
+                floor_per_hour = floor[key] * 3600 / args.window
+                idle[d.name] = {
+                    "tls": d.tls,
+                    "keepalive_s": d.keepalive,
+                    "metrics": d.metrics,
+                    "bytes": agent[key],
+                    "bytes_per_hour": round(per_hour),
+                    "floor_bytes": floor[key],
+                    "floor_bytes_per_hour": round(floor_per_hour),
+                    "vs_floor": rnd(per_hour / floor_per_hour, 3) if floor_per_hour else None,
+                    "agent": agent,
+                    "floor": floor,
+                }
+            result["idle"] = idle
+            result["tcp_connections"] = {d.name: after[d.name].connections for d in devices}
+        finally:
+            for client in floor_clients:
+                with contextlib.suppress(Exception):
+                    client.disconnect()
+                    client.loop_stop()
+            for dev in devices:
+                if dev.agent is not None:
+                    dev.agent.stop()
     return result
 
 

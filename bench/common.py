@@ -445,12 +445,16 @@ class Controller(Proc):
             argv = [spy, "record", "--format", "raw", "-r", "200", "-o", profile, "--", *argv]
         super().__init__(argv, data_dir / "controller.log")
         self.profiled = bool(profile)
-        if broker:
-            self.url = broker
-        else:
-            m = self.wait_for_line(r"embedded broker listening on mqtt://[\d.]+:(\d+)")
-            self.url = f"mqtt://127.0.0.1:{int(m.group(1))}"
-        self.wait_for_line(r"controller ready")
+        try:
+            if broker:
+                self.url = broker
+            else:
+                m = self.wait_for_line(r"embedded broker listening on mqtt://[\d.]+:(\d+)")
+                self.url = f"mqtt://127.0.0.1:{int(m.group(1))}"
+            self.wait_for_line(r"controller ready")
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.profiled and self.proc.poll() is None:

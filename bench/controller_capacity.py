@@ -91,21 +91,23 @@ def time_cli(url: str, *args: str, runs: int) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     n = args.devices
-    broker = Mosquitto(workdir / "mosquitto").start()
-    controller = Controller(workdir / "controller", broker.url)
-    pid = controller.pid
-    config = FleetConfig(
-        broker=broker.url,
-        devices=n,
-        prefix="cap",
-        labels={"bench": "capacity"},
-        start_delay=args.start_delay,
-        connect_rate=args.connect_rate,
-    )
-    sim = FleetThread(config)
-    client = ControllerClient(broker.url, timeout=600)  # before the devices: paho select()s, fds < 1024
     out: dict[str, Any] = {"devices": n, "window_s": args.window}
-    try:
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, in reverse order
+        broker = stack.enter_context(Mosquitto(workdir / "mosquitto"))
+        controller = stack.enter_context(Controller(workdir / "controller", broker.url))
+        pid = controller.pid
+        config = FleetConfig(
+            broker=broker.url,
+            devices=n,
+            prefix="cap",
+            labels={"bench": "capacity"},
+            start_delay=args.start_delay,
+            connect_rate=args.connect_rate,
+        )
+        client = ControllerClient(broker.url, timeout=600)  # before the devices: paho select()s, fds < 1024
+        stack.callback(client.close)
+        sim = FleetThread(config)
+        stack.callback(sim.stop)
         client.request(GroupsCreate(name="fleet", selector="bench=capacity"))
         client.request(StacksDeploy(name="app", group="fleet", compose=compose_stack(3, 1)))
         out["memory_empty"] = memory(pid)
@@ -171,12 +173,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         out["devices_ls_cli_json"] = time_cli(broker.url, "-o", "json", runs=args.runs)
         log(f"devices ls: {out['devices_ls_cli_table']}")
         out["sim"] = sim.call(lambda f: f.summary())
-    finally:
-        sim.stop()
-        with contextlib.suppress(Exception):
-            client.close()
-        controller.stop()
-        broker.stop()
     return out
 
 

@@ -21,6 +21,7 @@ timestamps from the same monotonic clock (same machine, same process).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -142,28 +143,30 @@ def deploy(
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    broker: Mosquitto | None = None
-    if args.broker == "mosquitto":
-        broker = Mosquitto(workdir / "mosquitto").start()
-        controller = Controller(workdir / "controller", broker.url)
-    else:
-        controller = Controller(workdir / "controller")
-    url = controller.url
-    log(f"{args.broker} broker at {url}; controller pid {controller.pid}")
-    config = FleetConfig(
-        broker=url,
-        devices=args.devices,
-        prefix="dl",
-        labels={"bench": "deploy"},
-        start_delay=args.start_delay,
-        connect_rate=args.connect_rate,
-        connect_concurrency=args.connect_concurrency,
-        reconcile_interval=args.reconcile_interval,
-    )
-    sim = FleetThread(config)
-    # Opened before the simulated devices: paho select()s, which needs a file descriptor < 1024.
-    client = ControllerClient(url, timeout=args.timeout)
-    try:
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, in reverse order
+        broker: Mosquitto | None = None
+        if args.broker == "mosquitto":
+            broker = stack.enter_context(Mosquitto(workdir / "mosquitto"))
+            controller = stack.enter_context(Controller(workdir / "controller", broker.url))
+        else:
+            controller = stack.enter_context(Controller(workdir / "controller"))
+        url = controller.url
+        log(f"{args.broker} broker at {url}; controller pid {controller.pid}")
+        config = FleetConfig(
+            broker=url,
+            devices=args.devices,
+            prefix="dl",
+            labels={"bench": "deploy"},
+            start_delay=args.start_delay,
+            connect_rate=args.connect_rate,
+            connect_concurrency=args.connect_concurrency,
+            reconcile_interval=args.reconcile_interval,
+        )
+        # Opened before the simulated devices: paho select()s, which needs a file descriptor < 1024.
+        client = ControllerClient(url, timeout=args.timeout)
+        stack.callback(client.close)
+        sim = FleetThread(config)
+        stack.callback(sim.stop)
         client.request(GroupsCreate(name="fleet", selector="bench=deploy"))
         t0 = time.monotonic()
         sim.start()
@@ -180,12 +183,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         controller_cpu_s = cpu.seconds()
         summary = sim.call(lambda f: f.summary())
         ctl_mem = memory(controller.pid)
-    finally:
-        sim.stop()
-        client.close()
-        controller.stop()
-        if broker is not None:
-            broker.stop()
     return {
         "broker": args.broker,
         "devices": args.devices,

@@ -22,6 +22,7 @@ seconds (issue 7 asks for 5 minutes); then:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -134,15 +135,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         raise SystemExit("footprint: no Docker engine answers (the agent runs its stack on Docker)")
     image = ensure_busybox_image(docker)
     device = f"fp-{uuid.uuid4().hex[:6]}"
-    broker = Mosquitto(workdir / "mosquitto").start()
-    controller = Controller(workdir / "controller", broker.url)
     agent_bin = BIN / "tether-agent"
     argv = [str(agent_bin)] if agent_bin.exists() else [PY, "-m", "tether.agent.main"]
-    argv += ["--broker", broker.url, "--device-id", device, "--driver", "docker"]
-    argv += ["--data-dir", str(workdir / "agent"), "--label", "bench=footprint", "--log-level", "warning"]
-    agent = Proc(argv, workdir / "agent.log")
+    argv += ["--device-id", device, "--driver", "docker", "--data-dir", str(workdir / "agent")]
+    argv += ["--label", "bench=footprint", "--log-level", "warning"]
     result: dict[str, Any] = {"device": device, "image": image, "window_s": args.window}
-    try:
+    with contextlib.ExitStack() as stack:  # whatever started is stopped, in reverse order
+        stack.callback(_remove_containers, docker, device)
+        broker = stack.enter_context(Mosquitto(workdir / "mosquitto"))
+        stack.enter_context(Controller(workdir / "controller", broker.url))
+        agent = Proc([*argv, "--broker", broker.url], workdir / "agent.log")
+        stack.callback(agent.stop)
         request(broker.url, GroupsCreate(name="fp", selector="bench=footprint"))
         wait_until(
             lambda: _status(broker.url, device) == "online",
@@ -166,21 +169,20 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         threads = len(os.listdir(f"/proc/{agent.pid}/task"))
         result.update({**mem, "cpu_percent": rnd(cpu, 3), "threads": threads})
         log(f"agent: RSS {mem['rss_mb']} MB, USS {mem['uss_mb']} MB, idle CPU {cpu:.3f} %")
-    finally:
-        agent.stop()
-        controller.stop()
-        broker.stop()
-        # The containers go with docker rm -f: removing the stack through Tether would wait
-        # out a stop grace period per service, which measures nothing here.
-        for c in docker.containers.list(all=True, filters={"label": f"io.tether.device={device}"}):
-            c.remove(force=True)
-        for n in docker.networks.list(filters={"label": f"io.tether.device={device}"}):
-            n.remove()
     result["floor"] = floor(args.window)
     if args.install_size:
         log("measuring an agent-only install (pip install <repo> into a fresh venv)...")
         result["install"] = install_size(workdir)
     return result
+
+
+def _remove_containers(docker: Any, device: str) -> None:
+    """docker rm -f: removing the stack through Tether would wait out each service's stop
+    grace period, which measures nothing here."""
+    for c in docker.containers.list(all=True, filters={"label": f"io.tether.device={device}"}):
+        c.remove(force=True)
+    for n in docker.networks.list(filters={"label": f"io.tether.device={device}"}):
+        n.remove()
 
 
 def _status(url: str, device: str) -> str | None:

@@ -23,6 +23,7 @@ Measured from the moment the broker was stopped:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -59,22 +60,25 @@ def controller_view(url: str) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    broker = Mosquitto(workdir / "mosquitto", persistence=not args.no_persistence).start()
-    controller = Controller(workdir / "controller", broker.url)
-    url = broker.url
-    n = args.devices
-    config = FleetConfig(
-        broker=url,
-        devices=n,
-        prefix="rs",
-        labels={"bench": "storm"},
-        start_delay=args.start_delay,
-        connect_rate=args.connect_rate,
-        connect_concurrency=args.connect_concurrency,
-    )
-    sim = FleetThread(config)
-    client = ControllerClient(url, timeout=args.timeout)  # before the devices: see deploy_latency.py
-    try:
+    stack = contextlib.ExitStack()  # whatever started is stopped, in reverse order
+    with stack:
+        broker = stack.enter_context(Mosquitto(workdir / "mosquitto", persistence=not args.no_persistence))
+        controller = stack.enter_context(Controller(workdir / "controller", broker.url))
+        url = broker.url
+        n = args.devices
+        config = FleetConfig(
+            broker=url,
+            devices=n,
+            prefix="rs",
+            labels={"bench": "storm"},
+            start_delay=args.start_delay,
+            connect_rate=args.connect_rate,
+            connect_concurrency=args.connect_concurrency,
+        )
+        client = ControllerClient(url, timeout=args.timeout)  # before the devices: see deploy_latency.py
+        stack.callback(client.close)
+        sim = FleetThread(config)
+        stack.callback(sim.stop)
         client.request(GroupsCreate(name="fleet", selector="bench=storm"))
         sim.start()
         sim.wait(lambda f: f.connected() >= n, args.timeout, interval=0.2, message="all connected")
@@ -153,11 +157,6 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             }
 
         stats = sim.call(storm_stats)
-    finally:
-        sim.stop()
-        client.close()
-        controller.stop()
-        broker.stop()
     return {
         "devices": n,
         "persistence": not args.no_persistence,

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 # name -> list of (result file stem, arguments); full sizes and quick sizes.
 FULL: dict[str, list[tuple[str, list[str]]]] = {
     "footprint": [("footprint", ["--window", "300"])],
-    "bandwidth": [("bandwidth", ["--window", "600"])],
+    "bandwidth": [("bandwidth", ["--window", "900"])],
     "deploy_latency": [
         ("deploy_latency-1000-mosquitto", ["--devices", "1000"]),
         ("deploy_latency-1000-embedded", ["--devices", "1000", "--broker", "embedded"]),

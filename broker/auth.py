@@ -74,6 +74,8 @@ class TetherTopicPlugin(BaseTopicPlugin):
         table: CredentialTable = self.context.config.table  # type: ignore[union-attr]
         if session is None or topic is None:
             return False
+        if not session.username and table.allow_anonymous:
+            return True  # `tether up --allow-anonymous`: anonymous clients may do anything
         identity = table.identity(session.username, session.client_id or "")
         if identity is None:
             return False

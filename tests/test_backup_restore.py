@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 from support.infra import _pg_bin
 from support.procs import ControllerProcess, cli_json
+
+PYTHON_BACKUP = "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))"
 
 
 def _make_state(url: str) -> str:
@@ -45,9 +48,10 @@ def test_sqlite_online_backup_and_restore(tmp_path: Path, monkeypatch: pytest.Mo
             subprocess.run(
                 ["sqlite3", str(live / "tether.db"), f".backup '{backup}'"], check=True, timeout=60
             )
-        else:
-            with sqlite3.connect(live / "tether.db") as src, sqlite3.connect(backup) as dst:
-                src.backup(dst)
+        else:  # the one-liner of docs/operations.md
+            subprocess.run(
+                [sys.executable, "-c", PYTHON_BACKUP, str(live / "tether.db"), str(backup)], check=True
+            )
         assert _groups(controller.url) == [group]
     finally:
         controller.stop()

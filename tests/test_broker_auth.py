@@ -163,3 +163,19 @@ def test_revoked_user_is_cut_off(broker, connect) -> None:  # type: ignore[no-un
     assert embedded.disconnect_users({"dev-a"}) == 1
     assert a.disconnected.wait(10)
     assert connect("tether-dev-a", "dev-a").rc in REFUSED
+
+
+def test_allow_anonymous_keeps_the_open_broker() -> None:
+    """With allow_anonymous, a client without a username may subscribe to '#'; a bad login still fails."""
+    table = _table()
+    table.allow_anonymous = True
+    embedded = EmbeddedBroker("127.0.0.1", 0, table=table)
+    port = embedded.start()
+    clients = [Client(port, "anything", None, None), Client(port, "tether-dev-a", "dev-a", "wrong")]
+    try:
+        assert clients[0].rc == 0 and clients[0].subscribe("#") == 1
+        assert clients[1].rc in REFUSED
+    finally:
+        for c in clients:
+            c.close()
+        embedded.stop()

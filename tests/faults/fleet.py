@@ -454,8 +454,9 @@ class Fleet:
         """The real CLI, run where the hub is reachable."""
         argv = [*self.backend.hub_prefix(), sys.executable, "-m", "tether.cli.main", *args]
         argv += ["--broker", self.backend.hub_url]
-        env = {k: v for k, v in os.environ.items() if k != "TETHER_BROKER"}
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        env = {k: v for k, v in os.environ.items() if k not in ("TETHER_BROKER", "TETHER_CREDENTIALS")}
+        # cwd: no ./tether-data/operator.json there, so the CLI connects anonymously as the controller allows.
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, cwd=self.tmp)
 
     def cli_json(self, *args: str) -> Any:
         result = self.cli(*args, "-o", "json")

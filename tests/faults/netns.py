@@ -175,12 +175,16 @@ class Lab:
             break
         else:
             raise NetnsError("no free 10.201.N.0/24 for the lab")
-        self._add_ns(self.switch)
-        sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
-        sh("ip", "-n", self.switch, "link", "set", "br0", "up")
-        self._attach(self.hub, self.hub_port, self.hub_addr)
-        # The hub answers for its own address only: nothing it receives is routed on.
-        self.ns_sh(self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        try:
+            self._add_ns(self.switch)
+            sh("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
+            sh("ip", "-n", self.switch, "link", "set", "br0", "up")
+            self._attach(self.hub, self.hub_port, self.hub_addr)
+            # The hub answers for its own address only: nothing it receives is routed on.
+            self.ns_sh(self.hub, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        except BaseException:
+            self.destroy()
+            raise
         return self
 
     def _add_ns(self, ns: str) -> None:
