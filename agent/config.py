@@ -13,13 +13,17 @@ increasing precedence. The same file can be baked into every device image of a b
     metrics_threshold = 5         # send a value when it moved more than this (% points)
     username = "pi-042"           # broker credentials (`tether devices credentials ID`); default:
     password = "..."              #   {data_dir}/credentials.json if it exists
+    ca_file = "/etc/tether/ca.pem" # with mqtts:// brokers: the CA to verify them with
+    enrollment_token = "tet_..."  # without credentials: enroll with this fleet token (docs/onboarding.md)
     [labels]
     site = "berlin"
 
 Environment: ``TETHER_BROKERS`` (comma-separated), ``TETHER_DEVICE_ID``, ``TETHER_LABELS``
 (``k=v,k=v``), ``TETHER_DATA_DIR``, ``TETHER_DRIVER``, ``TETHER_KEEPALIVE``,
 ``TETHER_RECONCILE_INTERVAL``, ``TETHER_METRICS_INTERVAL``, ``TETHER_METRICS_FULL_INTERVAL``,
-``TETHER_METRICS_THRESHOLD``, ``TETHER_USERNAME``, ``TETHER_PASSWORD``, ``TETHER_CONFIG`` (the file).
+``TETHER_METRICS_THRESHOLD``, ``TETHER_USERNAME``, ``TETHER_PASSWORD``, ``TETHER_ENROLLMENT_TOKEN``,
+``TETHER_CA_FILE``,
+``TETHER_CONFIG`` (the file).
 """
 
 from __future__ import annotations
@@ -75,6 +79,10 @@ class AgentConfig(BaseModel):
     metrics_threshold: float = Field(default=5.0, ge=0, le=100)
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
+    ca_file: Path | None = None
+    """The CA certificate that signed the broker's (``mqtts://``); default: the system's CAs."""
+    enrollment_token: str | None = Field(default=None, repr=False)
+    """A fleet token: with no credentials yet, the agent enrolls with it (agent/enroll.py)."""
 
     def credentials(self) -> tuple[str | None, str | None]:
         """(username, password): configured, else ``{data_dir}/credentials.json``, else none."""
@@ -150,6 +158,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         ("TETHER_METRICS_THRESHOLD", "metrics_threshold"),
         ("TETHER_USERNAME", "username"),
         ("TETHER_PASSWORD", "password"),
+        ("TETHER_ENROLLMENT_TOKEN", "enrollment_token"),
+        ("TETHER_CA_FILE", "ca_file"),
     ):
         if env.get(var):
             out[key] = env[var]

@@ -69,6 +69,13 @@ def set_hold(config: AgentConfig, on: bool) -> None:
 @click.option(
     "--password", help="Broker password (prefer TETHER_PASSWORD or the config file: argv is public)."
 )
+@click.option(
+    "--ca-file", type=click.Path(path_type=Path), help="CA certificate to verify mqtts:// brokers with."
+)
+@click.option(
+    "--enrollment-token",
+    help="Fleet enrollment token: without credentials, join with it (prefer TETHER_ENROLLMENT_TOKEN).",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
     "--hold", "hold", flag_value="hold", default=None, help="Hold updates on this device, then exit."
@@ -93,6 +100,8 @@ def main(
     labels_interval: float | None,
     username: str | None,
     password: str | None,
+    ca_file: Path | None,
+    enrollment_token: str | None,
     log_level: str,
     hold: str | None,
 ) -> None:
@@ -118,6 +127,8 @@ def main(
             "metrics_threshold": metrics_threshold,
             "username": username,
             "password": password,
+            "enrollment_token": enrollment_token,
+            "ca_file": ca_file,
         }
         config = load_config(config_file, os.environ, flags)
         config.credentials()  # a broken credentials file is a config error, said once
@@ -129,12 +140,22 @@ def main(
         click.echo(f"tether-agent: {exc}", err=True)
         sys.exit(2)
 
-    from .runner import Agent
-
-    agent = Agent(config, runtime)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    from . import enroll
+
+    if enroll.needs_enrollment(config):
+        try:
+            if not enroll.enroll(config, stop):
+                return
+        except ConfigError as exc:
+            click.echo(f"tether-agent: {exc}", err=True)
+            sys.exit(2)
+
+    from .runner import Agent
+
+    agent = Agent(config, runtime)
     click.echo(
         f"tether-agent {__version__}: device {config.device_id}, driver {runtime.name}, "
         f"brokers {', '.join(config.brokers)}",

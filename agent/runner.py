@@ -52,6 +52,7 @@ class Agent:
             on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
             username=username,
             password=password,
+            ca_file=str(config.ca_file) if config.ca_file else None,
         )
         hold_file = config.data_dir / HOLD_FILE
         self.core = AgentCore(

@@ -32,14 +32,19 @@ log = logging.getLogger(__name__)
 __all__ = ["BrokerStartError", "EmbeddedBroker", "broker_config"]
 
 
-def broker_config(host: str, port: int, table: CredentialTable | None = None) -> dict[str, Any]:
-    """The amqtt configuration for one plain TCP listener.
+def broker_config(
+    host: str, port: int, table: CredentialTable | None = None, tls: tuple[str, str] | None = None
+) -> dict[str, Any]:
+    """The amqtt configuration for one TCP listener (TLS with ``tls``: certificate and key files).
 
     Without ``table`` anonymous clients are allowed everything; with it, connections and
     topics are checked against it (broker/auth.py).
     """
+    listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}
+    if tls is not None:  # TLS (issue 5): amqtt wraps the listener in an ssl.SSLContext
+        listener.update({"ssl": True, "certfile": tls[0], "keyfile": tls[1]})
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}},
+        "listeners": {"default": listener},
         "plugins": (
             auth_plugins(table)  # authentication (issue 5)
             if table is not None
@@ -61,8 +66,10 @@ class EmbeddedBroker:
         *,
         stock: bool = False,
         table: CredentialTable | None = None,
+        tls: tuple[str, str] | None = None,
     ) -> None:
         self.stock = stock
+        self.tls = tls  # (certificate file, key file): listen with TLS only
         self.table = table  # authentication (issue 5): None = anonymous clients allowed everything
         self.host = host
         self.port = port
@@ -109,7 +116,7 @@ class EmbeddedBroker:
             loop.close()
 
     async def _start(self) -> None:
-        config = broker_config(self.host, self.port, self.table)
+        config = broker_config(self.host, self.port, self.table, self.tls)
         self._broker = Broker(config) if self.stock else TetherBroker(config)
         await self._broker.start()
         server = self._broker._servers["default"].instance  # amqtt exposes no public accessor

@@ -30,6 +30,7 @@ class ControllerClient:
         *,
         username: str | None = None,
         password: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.timeout = timeout
         self.client_id = f"tether-cli-{uuid.uuid4().hex[:12]}"
@@ -46,6 +47,7 @@ class ControllerClient:
             on_message=self._on_message,
             username=username,
             password=password,
+            ca_file=ca_file,
         )
         self._mqtt.subscribe(self.reply_topic)
         self._mqtt.connect(timeout)

@@ -19,12 +19,15 @@ DEFAULT_CREDENTIALS = Path("tether-data") / "operator.json"
 """What `tether up` writes in its default data dir: used when it exists and nothing else is given."""
 
 
-def resolve_connection(broker: str | None, credentials: Path | None) -> tuple[str, str | None, str | None]:
-    """(broker URL, username, password) from the options, the credentials file and the defaults.
+def resolve_connection(
+    broker: str | None, credentials: Path | None, ca_file: Path | None = None
+) -> tuple[str, str | None, str | None, str | None]:
+    """(broker URL, username, password, CA file) from the options, the credentials file and the defaults.
 
     The file is ``--credentials``/``TETHER_CREDENTIALS``, else ``./tether-data/operator.json``
     if it exists. The broker is ``--broker``/``TETHER_BROKER``, else the file's ``broker``,
-    else :data:`DEFAULT_BROKER`.
+    else :data:`DEFAULT_BROKER`. The CA (for ``mqtts://``) is ``--ca-file``/``TETHER_CA_FILE``,
+    else the file's ``ca_file`` (what ``tether up --tls`` writes), else the system's CAs.
     """
     path = (
         credentials
@@ -33,7 +36,8 @@ def resolve_connection(broker: str | None, credentials: Path | None) -> tuple[st
     )
     found = read_credentials(path) if path is not None else {}
     url = broker or found.get("broker") or DEFAULT_BROKER
-    return url, found.get("username"), found.get("password")
+    ca = str(ca_file) if ca_file is not None else found.get("ca_file")
+    return url, found.get("username"), found.get("password"), ca
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -58,18 +62,30 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         help=f"Operator credentials file (default: ./{DEFAULT_CREDENTIALS} if it exists).",
     )
+    @click.option(
+        "--ca-file",
+        envvar="TETHER_CA_FILE",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help="CA certificate to verify an mqtts:// broker (default: the credentials file's ca_file).",
+    )
     @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table")
     @click.option(
         "--request-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a reply."
     )
     @functools.wraps(fn)
     def wrapper(
-        broker: str | None, credentials: Path | None, fmt: str, request_timeout: float, **kwargs: Any
+        broker: str | None,
+        credentials: Path | None,
+        ca_file: Path | None,
+        fmt: str,
+        request_timeout: float,
+        **kwargs: Any,
     ) -> None:
         try:
-            url, username, password = resolve_connection(broker, credentials)
+            url, username, password, ca = resolve_connection(broker, credentials, ca_file)
             with ControllerClient(
-                url, timeout=request_timeout, username=username, password=password
+                url, timeout=request_timeout, username=username, password=password, ca_file=ca
             ) as client:
                 fn(client, fmt, **kwargs)
         except TetherError as exc:

@@ -43,7 +43,7 @@ from tether.protocol.models import (
     StacksStatus,
 )
 
-from . import output, remote
+from . import enroll, output, remote
 from .client import ControllerClient
 from .common import common, fail
 
@@ -97,6 +97,21 @@ def main() -> None:
     default=None,
     help="Keep Mosquitto's password/ACL files here, rewritten on every credential or stack change.",
 )
+@click.option(
+    "--tls", is_flag=True, help="Embedded broker with TLS only (a quick-start CA in --data-dir/tls)."
+)
+@click.option(
+    "--tls-cert", type=click.Path(path_type=Path, dir_okay=False), help="Your server certificate (PEM)."
+)
+@click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False), help="Its private key (PEM).")
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The CA clients verify the broker with (written to operator.json).",
+)
+@click.option(
+    "--tls-san", multiple=True, help="Another host name or address for the quick-start certificate."
+)
 def up(
     data_dir: Path,
     db: str | None,
@@ -111,6 +126,11 @@ def up(
     http: str | None,
     allow_anonymous: bool,
     mosquitto_dir: Path | None,
+    tls: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    tls_ca: Path | None,
+    tls_san: tuple[str, ...],
 ) -> None:
     """Start the controller (and the embedded broker unless --broker is given)."""
     import logging
@@ -142,6 +162,11 @@ def up(
                 http,
                 allow_anonymous=allow_anonymous,
                 mosquitto_dir=mosquitto_dir,
+                tls=tls,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_ca=tls_ca,
+                tls_san=tls_san,
             ),
             lambda line: click.echo(line, err=False),
         )
@@ -890,6 +915,7 @@ deployments.command("rollback")(
 
 
 remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remote.py)
+enroll.register(main)  # tether tokens, tether devices pending|approve|reject (cli/enroll.py)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -24,9 +24,12 @@ from tether.protocol.models import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
+    DevicesApprove,
     DevicesCredentials,
     DevicesLabel,
     DevicesList,
+    DevicesPending,
+    DevicesReject,
     DevicesRemove,
     DevicesRevoke,
     DevicesShow,
@@ -46,6 +49,9 @@ from tether.protocol.models import (
     StacksList,
     StacksRemove,
     StacksStatus,
+    TokensCreate,
+    TokensList,
+    TokensRemove,
 )
 from tether.protocol.schedule import cron_error
 
@@ -74,6 +80,12 @@ class RequestHandlers:
             DevicesCredentials: self._devices_credentials,  # type: ignore[attr-defined]  # security.py
             DevicesRevoke: self._devices_revoke,  # type: ignore[attr-defined]
             DevicesRemove: self._devices_rm,  # type: ignore[attr-defined]
+            DevicesPending: self._devices_pending,  # type: ignore[attr-defined]  # enrollment.py
+            DevicesApprove: self._devices_approve,  # type: ignore[attr-defined]
+            DevicesReject: self._devices_reject,  # type: ignore[attr-defined]
+            TokensCreate: self._tokens_create,  # type: ignore[attr-defined]
+            TokensList: self._tokens_ls,  # type: ignore[attr-defined]
+            TokensRemove: self._tokens_rm,  # type: ignore[attr-defined]
             GroupsCreate: self._groups_create,
             GroupsList: self._groups_ls,
             GroupsShow: self._groups_show,

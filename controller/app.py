@@ -46,7 +46,14 @@ class UpOptions:
     allow_anonymous: bool = False
     mosquitto_dir: Path | None = None
     """Keep Mosquitto's password and ACL files here, rewritten on every change."""
-    """Let clients without credentials do anything (a local demo); the default refuses them."""
+    tls: bool = False
+    """The embedded broker listens with TLS only (quick-start CA unless ``tls_cert``/``tls_key``)."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    """The CA clients verify the broker with (the operator's own; or for an external mqtts:// broker)."""
+    tls_san: tuple[str, ...] = ()
+    """More host names or addresses for the quick-start server certificate."""
 
 
 def _agent_env(password: str | None) -> dict[str, str]:
@@ -114,21 +121,41 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         credentials = ensure_controller_credentials(store, options.data_dir, now)
     table = load_table(store, options.allow_anonymous)
     embedded = None
+    ca_file = options.tls_ca
     if options.broker is None:
         from tether.broker import EmbeddedBroker
 
-        embedded = EmbeddedBroker(options.bind, options.port, table=table)
+        tls = None
+        if options.tls or options.tls_cert:
+            from .tls import operator_files, quickstart
+
+            if options.tls_cert or options.tls_key:
+                if not (options.tls_cert and options.tls_key):
+                    raise StoreError("--tls-cert and --tls-key go together")
+                files = operator_files(options.tls_cert, options.tls_key, options.tls_ca)
+            else:
+                extra = options.tls_san + (
+                    (options.bind,) if options.bind not in ("0.0.0.0", "", "::") else ()
+                )
+                files = quickstart(options.data_dir, extra)
+                echo(f"tether: TLS with the quick-start CA {files.ca.resolve() if files.ca else ''}")
+            tls = (str(files.cert), str(files.key))
+            ca_file = files.ca
+        embedded = EmbeddedBroker(options.bind, options.port, table=table, tls=tls)
         port = embedded.start()
         host = "127.0.0.1" if options.bind in ("0.0.0.0", "", "::") else options.bind
-        address = BrokerAddress(host, port)
-        echo(f"tether: embedded broker listening on mqtt://{options.bind}:{port}")
+        address = BrokerAddress(host, port, tls=tls is not None)
+        scheme = "mqtts" if tls else "mqtt"
+        echo(f"tether: embedded broker listening on {scheme}://{options.bind}:{port}")
         if options.allow_anonymous:
             echo("tether: WARNING: anonymous clients allowed (--allow-anonymous): for a local demo only")
     else:
         address = parse_broker_url(options.broker)
         echo(f"tether: using broker {address.url()}")
     with store.transaction():
-        operator_file = ensure_operator_credentials(store, options.data_dir, address.url(), now)
+        operator_file = ensure_operator_credentials(
+            store, options.data_dir, address.url(), now, ca_file if address.tls else None
+        )
     use_credentials = embedded is not None or not options.allow_anonymous
     local_password = None
     if options.with_agent and use_credentials:
@@ -142,6 +169,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         ha=options.ha,
         table=table,
         credentials=credentials if use_credentials else None,
+        ca_file=ca_file if address.tls else None,
     )
     if embedded is not None:
         controller.disconnect_users = embedded.disconnect_users
@@ -180,6 +208,8 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         )
         if options.with_agent:
             cmd = _agent_command(address.url(), options)
+            if address.tls and ca_file is not None:
+                cmd += ["--ca-file", str(ca_file)]
             agent = subprocess.Popen(cmd, env=_agent_env(local_password))
             echo(f"tether: local agent started (device 'local', driver {cmd[cmd.index('--driver') + 1]})")
         while not stop.wait(0.5):

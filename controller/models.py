@@ -95,3 +95,38 @@ class DesiredRecord(Stored):
     stacks: tuple[StackRef, ...] = ()
     jobs: tuple[JobSpec, ...] = ()
     published: bool = False
+
+
+class EnrollmentToken(Stored):
+    """A fleet enrollment token (``tether tokens create``): only its SHA-256 is kept."""
+
+    id: str
+    token_hash: str
+    group: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    auto_approve: bool = False
+    expires: float | None = None
+    uses: int | None = None
+    devices: tuple[str, ...] = ()
+    """Devices admitted with it (each used one of ``uses``)."""
+    created: float = 0.0
+
+    def uses_left(self) -> int | None:
+        return None if self.uses is None else max(0, self.uses - len(self.devices))
+
+
+class Enrollment(Stored):
+    """A device in the waiting room (or through it): what it asked with and what was decided."""
+
+    device_id: str
+    state: Literal["pending", "approved", "rejected"] = "pending"
+    token_id: str
+    public_key: str
+    facts: DeviceFacts
+    requested: float = 0.0
+    decided: float | None = None
+    sealed: str | None = None
+    """The answer (sealed to ``public_key``: ciphertext only), retained until the device is seen."""
+    cleared: bool = False
+    """The device came online with its credentials: the retained answer was cleared."""
+    last_error: str | None = None

@@ -23,7 +23,7 @@ from typing import Any
 
 from tether.protocol import topics
 from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
-from tether.protocol.credentials import Credential, CredentialTable, hash_password, new_password
+from tether.protocol.credentials import Credential, CredentialTable, TokenGrant, hash_password, new_password
 from tether.protocol.errors import StoreError
 from tether.protocol.models import DevicesCredentials, DevicesRemove, DevicesRevoke
 from tether.protocol.secret_files import write_secret_json
@@ -40,6 +40,12 @@ OPERATOR_USER = "admin"
 def load_table(store: Store, allow_anonymous: bool) -> CredentialTable:
     """The broker's view of the store's credentials and of each device's assigned stacks."""
     table = CredentialTable(store.list_credentials(), allow_anonymous=allow_anonymous)
+    table.set_tokens(
+        {
+            t.token_hash: TokenGrant(t.id, t.expires, t.uses_left(), frozenset(t.devices))
+            for t in store.list_tokens()
+        }
+    )
     table.set_stacks({r.device_id: {ref.spec_hash for ref in r.stacks} for r in store.list_desired()})
     return table
 
@@ -59,21 +65,32 @@ def ensure_controller_credentials(store: Store, data_dir: Path, now: float) -> t
     return username, password
 
 
-def ensure_operator_credentials(store: Store, data_dir: Path, broker_url: str, now: float) -> Path | None:
+def ensure_operator_credentials(
+    store: Store, data_dir: Path, broker_url: str, now: float, ca_file: Path | None = None
+) -> Path | None:
     """Create the ``admin`` operator on first start and write ``{data_dir}/operator.json`` (0600).
 
-    Returns the file's path, or None if the operator exists but its file is not here
-    (it was created by another controller of the same store).
+    With ``ca_file`` (``tether up --tls``) the file names it, and an existing file is brought
+    up to date with the broker URL and CA. Returns the file's path, or None if the operator
+    exists but its file is not here (it was created by another controller of the same store).
     """
     path = data_dir / "operator.json"
+    extra = {"ca_file": str(ca_file.resolve())} if ca_file is not None else {}
     if store.get_credential(OPERATOR_USER) is None:
         password = new_password()
         store.put_credential(
             Credential(OPERATOR_USER, "operator", OPERATOR_USER, hash_password(password)), now
         )
-        write_secret_json(path, {"username": OPERATOR_USER, "password": password, "broker": broker_url})
+        write_secret_json(
+            path, {"username": OPERATOR_USER, "password": password, "broker": broker_url, **extra}
+        )
         return path
-    return path if path.exists() else None
+    if not path.exists():
+        return None
+    if ca_file is not None:
+        saved = json.loads(path.read_text())
+        write_secret_json(path, {**saved, "broker": broker_url, **extra})
+    return path
 
 
 def issue_device_credentials(store: Store, device_id: str, now: float) -> str:
@@ -182,4 +199,5 @@ class SecurityHandlers:
         for device_id in device_ids:
             for kind in (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REPORTED):
                 ok = client.publish_confirmed(topics.device(device_id, kind), b"", retain=True) and ok
+            ok = client.publish_confirmed(topics.enroll_response(device_id), b"", retain=True) and ok
         return ok

@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -38,6 +39,7 @@ from tether.protocol.models import (
     COMMAND_ADAPTER,
     DesiredState,
     DevicesList,
+    DevicesPending,
     DevicesShow,
     Event,
     GroupsList,
@@ -50,12 +52,14 @@ from tether.protocol.models import (
     StackDefinition,
     StacksList,
     StacksStatus,
+    TokensList,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
 from . import rollout
 from .api import RequestHandlers
+from .enrollment import EnrollmentHandlers
 from .lease import Lease
 from .models import DesiredRecord, Device, Stack
 from .observability import REFRESH_SECONDS, Metrics
@@ -75,10 +79,19 @@ TICK_SECONDS = 1.0
 MAX_METRICS_DEVICES = 100_000
 
 
-READ_COMMANDS = (DevicesList, DevicesShow, GroupsList, GroupsShow, StacksList, StacksStatus)
+READ_COMMANDS = (
+    DevicesList,
+    DevicesPending,
+    DevicesShow,
+    GroupsList,
+    GroupsShow,
+    StacksList,
+    StacksStatus,
+    TokensList,
+)
 
 
-class Controller(RequestHandlers, SecurityHandlers):
+class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
     """Schedules stacks onto devices and answers requests, over one MQTT connection."""
 
     def __init__(
@@ -90,8 +103,11 @@ class Controller(RequestHandlers, SecurityHandlers):
         ha: bool = False,
         table: CredentialTable | None = None,
         credentials: tuple[str, str] | None = None,
+        ca_file: Path | None = None,
     ) -> None:
-        """``table``: the embedded broker's credentials (kept in sync); ``credentials``: our own."""
+        """``table``: the embedded broker's credentials (kept in sync); ``credentials``: our own;
+        ``ca_file``: the CA that signed an ``mqtts://`` broker's certificate."""
+        self.ca_file = ca_file
         self.store = store
         self.table = table
         self.credentials = credentials
@@ -146,6 +162,7 @@ class Controller(RequestHandlers, SecurityHandlers):
             on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
             username=self.credentials[0] if self.credentials else None,
             password=self.credentials[1] if self.credentials else None,
+            ca_file=str(self.ca_file) if self.ca_file else None,
         )
         if self.ha:
             self.client.subscribe(topics.SHARED_REQUESTS)
@@ -163,6 +180,7 @@ class Controller(RequestHandlers, SecurityHandlers):
         for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS, DeviceTopic.METRICS):
             self.client.subscribe(topics.all_devices(kind))
         self.client.subscribe(topics.LEADER_REQUESTS, qos=self._request_qos)
+        self.client.subscribe(topics.ALL_ENROLL_REQUESTS)
         if not self.ha:
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
         self.leading.set()
@@ -332,6 +350,7 @@ class Controller(RequestHandlers, SecurityHandlers):
                     log.warning("the broker lost our session (restarted without persistence?): republishing")
                     self.store.mark_all_unpublished()
                 self.publish_pending()
+                self.publish_enrollment_answers()
             self.ready.set()
             return
         parsed = topics.parse(topic)
@@ -344,6 +363,8 @@ class Controller(RequestHandlers, SecurityHandlers):
             self._on_request(payload)
         elif not self.leading.is_set():
             return
+        elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
+            self._on_enroll_request(parsed.device_id, payload)
         elif parsed.kind == "device" and parsed.device_id is not None and payload:
             if parsed.device_topic == DeviceTopic.PRESENCE:
                 self._on_presence(parsed.device_id, payload)
@@ -388,6 +409,8 @@ class Controller(RequestHandlers, SecurityHandlers):
         self.store.put_device(updated)
         if presence.status != device.status:
             log.info("device %s is %s (session %d)", device_id, presence.status, presence.session)
+        if presence.status == "online":
+            self.enrollment_seen(device_id)
         if presence.status != device.status and any(
             s.placement.mode == "replicas" for s in self.store.list_stacks()
         ):

@@ -19,7 +19,7 @@ from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
 from tether.protocol.models import StackSpec
 
-from .models import DesiredRecord, Device, Group, Job, Stack
+from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Stack
 from .rollout import Deployment
 
 MIGRATIONS = [
@@ -49,6 +49,10 @@ MIGRATIONS = [
                               password_hash TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
                               created REAL NOT NULL DEFAULT 0);
     CREATE INDEX credentials_device ON credentials (device_id);
+    """,
+    """
+    CREATE TABLE tokens (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE enrollments (device_id TEXT PRIMARY KEY, body TEXT NOT NULL);
     """,
 ]
 
@@ -173,9 +177,9 @@ class Store:
         self._put("devices", "id", device.id, device.model_dump_json())
 
     def forget_device(self, device_id: str) -> None:
-        """Delete the device's record, desired state, events and job results."""
+        """Delete the device's record, desired state, events, job results and enrollment."""
         for table, key in (("devices", "id"), ("desired", "device_id"), ("events", "device_id"),
-                           ("job_results", "device_id")):  # fmt: skip
+                           ("job_results", "device_id"), ("enrollments", "device_id")):  # fmt: skip
             self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
 
     # --- groups ---
@@ -396,3 +400,31 @@ class Store:
 
     def delete_credential(self, username: str) -> None:
         self.db.execute("DELETE FROM credentials WHERE username = ?", (username,))
+
+    # --- enrollment tokens (hashes only) and the waiting room ---
+
+    def get_token(self, token_id: str) -> EnrollmentToken | None:
+        body = self._get("tokens", "id", token_id)
+        return EnrollmentToken.model_validate_json(body) if body else None
+
+    def list_tokens(self) -> list[EnrollmentToken]:
+        return [EnrollmentToken.model_validate_json(b) for b in self._all("tokens", "id")]
+
+    def put_token(self, token: EnrollmentToken) -> None:
+        self._put("tokens", "id", token.id, token.model_dump_json())
+
+    def delete_token(self, token_id: str) -> None:
+        self.db.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+
+    def get_enrollment(self, device_id: str) -> Enrollment | None:
+        body = self._get("enrollments", "device_id", device_id)
+        return Enrollment.model_validate_json(body) if body else None
+
+    def list_enrollments(self) -> list[Enrollment]:
+        return [Enrollment.model_validate_json(b) for b in self._all("enrollments", "device_id")]
+
+    def put_enrollment(self, enrollment: Enrollment) -> None:
+        self._put("enrollments", "device_id", enrollment.device_id, enrollment.model_dump_json())
+
+    def delete_enrollment(self, device_id: str) -> None:
+        self.db.execute("DELETE FROM enrollments WHERE device_id = ?", (device_id,))

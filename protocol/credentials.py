@@ -25,14 +25,19 @@ import hashlib
 import hmac
 import secrets
 import threading
+import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from .acl import Identity, Role, client_id_allowed
+from .topics import DEVICE_ID_RE
 
 __all__ = [
+    "ENROLL_PREFIX",
     "Credential",
     "CredentialTable",
+    "TokenGrant",
+    "hash_token",
     "hash_password",
     "new_password",
     "verify_password",
@@ -46,6 +51,35 @@ KEY_BYTES = 64  # SHA-512's output
 def new_password() -> str:
     """A fresh random password (256 bits, URL-safe text)."""
     return secrets.token_urlsafe(32)
+
+
+ENROLL_PREFIX = "enroll:"
+"""An enrolling device connects as ``enroll:{device_id}`` with the fleet token as its password."""
+
+
+def hash_token(token: str) -> str:
+    """How an enrollment token is stored: SHA-256 (hex). Tokens are 256-bit random, so a
+    fast hash is enough, and it lets the broker look a token up without a PBKDF2 run."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What the broker needs to know of an enrollment token (the controller's snapshot).
+
+    ``uses_left`` None: unlimited. ``devices``: ids already admitted with it (they may
+    reconnect even when no use is left). ``expires`` None: never.
+    """
+
+    id: str
+    expires: float | None = None
+    uses_left: int | None = None
+    devices: frozenset[str] = frozenset()
+
+    def admits(self, device_id: str, now: float) -> bool:
+        if self.expires is not None and now >= self.expires:
+            return False
+        return device_id in self.devices or self.uses_left is None or self.uses_left > 0
 
 
 def hash_password(password: str, *, iterations: int = ITERATIONS, salt: bytes | None = None) -> str:
@@ -97,6 +131,7 @@ class CredentialTable:
         self._users: dict[str, Credential] = {c.username: c for c in credentials}
         self._stacks: dict[str, frozenset[str]] = {}
         self._verified: dict[bytes, str] = {}
+        self._tokens: dict[str, TokenGrant] = {}  # token hash -> grant
         self._lock = threading.Lock()  # writers only; readers use whole-dict snapshots
 
     # --- updates (the controller's thread) ---
@@ -125,7 +160,21 @@ class CredentialTable:
                 stacks[device_id] = frozenset(hashes)
             self._stacks = stacks
 
+    def set_tokens(self, grants: Mapping[str, TokenGrant]) -> None:
+        """Replace the enrollment tokens (token hash -> grant) at once."""
+        self._tokens = dict(grants)
+
     # --- lookups (any thread, e.g. the broker's) ---
+
+    def token_grant(self, token: str) -> TokenGrant | None:
+        return self._tokens.get(hash_token(token))
+
+    def _enrolling(self, username: str, client_id: str) -> Identity | None:
+        device_id = username[len(ENROLL_PREFIX) :]
+        if not DEVICE_ID_RE.match(device_id):
+            return None
+        identity = Identity("enrolling", device_id, client_id)
+        return identity if client_id_allowed(identity) else None
 
     def get(self, username: str) -> Credential | None:
         return self._users.get(username)
@@ -143,6 +192,12 @@ class CredentialTable:
         """The identity of a CONNECT, or None to refuse it. Anonymous: ``Identity("controller", "")``."""
         if not username:
             return Identity("controller", "", client_id) if self.allow_anonymous else None
+        if username.startswith(ENROLL_PREFIX):  # a new device with a fleet token
+            identity = self._enrolling(username, client_id)
+            grant = self.token_grant(password) if password else None
+            if identity is None or grant is None or not grant.admits(identity.name, time.time()):
+                return None
+            return identity
         credential = self._users.get(username)
         if credential is None or credential.revoked or password is None:
             return None
@@ -162,6 +217,8 @@ class CredentialTable:
         """The current identity of a connected session (None once revoked or removed)."""
         if not username:
             return Identity("controller", "", client_id) if self.allow_anonymous else None
+        if username.startswith(ENROLL_PREFIX):
+            return self._enrolling(username, client_id)
         credential = self._users.get(username)
         if credential is None or credential.revoked:
             return None

@@ -260,6 +260,41 @@ class JobResult(WireModel):
     output: str = ""
 
 
+# --- enrollment (docs/onboarding.md) -------------------------------------------------------
+
+
+class EnrollmentRequest(Message):
+    """Payload on ``enroll/{device_id}/request``: a new device asks to join the fleet.
+
+    ``token`` is the fleet enrollment token (only the controller can read this topic);
+    ``public_key`` the device's X25519 public key (base64, 32 bytes): the controller seals
+    its answer to it.
+    """
+
+    device_id: str
+    token: str = Field(min_length=1, max_length=256)
+    public_key: str = Field(min_length=1, max_length=128)
+    facts: DeviceFacts
+
+
+class EnrollmentResponse(Message):
+    """Payload on ``enroll/{device_id}/response`` (retained): ``sealed`` is a libsodium sealed
+    box (base64) to the device's public key holding an :class:`EnrollmentGrant`."""
+
+    device_id: str
+    sealed: str
+
+
+class EnrollmentGrant(WireModel):
+    """What only the enrolling device can read: approved (with its credentials) or rejected."""
+
+    device_id: str
+    status: Literal["approved", "rejected"]
+    username: str | None = None
+    password: str | None = None
+    message: str = ""
+
+
 # --- request / response (MQTT 3.1.1: reply topic and correlation id ride in the payload) ---
 
 
@@ -307,6 +342,46 @@ class DevicesRemove(WireModel):
 
     kind: Literal["devices.rm"] = "devices.rm"
     device_ids: tuple[str, ...] = Field(min_length=1)
+
+
+class DevicesPending(WireModel):
+    """The waiting room: devices that asked to join (pending, and rejected ones)."""
+
+    kind: Literal["devices.pending"] = "devices.pending"
+
+
+class DevicesApprove(WireModel):
+    """Approve waiting devices: ``device_ids``, or every pending one (``all``) matching ``selector``."""
+
+    kind: Literal["devices.approve"] = "devices.approve"
+    device_ids: tuple[str, ...] = ()
+    all: bool = False
+    selector: str | None = None
+
+
+class DevicesReject(WireModel):
+    kind: Literal["devices.reject"] = "devices.reject"
+    device_ids: tuple[str, ...] = Field(min_length=1)
+
+
+class TokensCreate(WireModel):
+    """Create a fleet enrollment token; the reply holds the token, once."""
+
+    kind: Literal["tokens.create"] = "tokens.create"
+    group: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    auto_approve: bool = False
+    expires_s: float | None = Field(default=None, gt=0)
+    uses: int | None = Field(default=None, ge=1)
+
+
+class TokensList(WireModel):
+    kind: Literal["tokens.ls"] = "tokens.ls"
+
+
+class TokensRemove(WireModel):
+    kind: Literal["tokens.rm"] = "tokens.rm"
+    ids: tuple[str, ...] = Field(min_length=1)
 
 
 class GroupsCreate(WireModel):
@@ -435,6 +510,12 @@ Command = Annotated[
     | DevicesCredentials
     | DevicesRevoke
     | DevicesRemove
+    | DevicesPending
+    | DevicesApprove
+    | DevicesReject
+    | TokensCreate
+    | TokensList
+    | TokensRemove
     | GroupsCreate
     | GroupsList
     | GroupsShow

@@ -149,6 +149,12 @@ class MqttClient:
     def start(self) -> None:
         """Start connecting in the background."""
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{self.client_id}", daemon=True)
+        if any(b.tls for b in self.brokers):
+            # An SSL socket must not be written by one thread while another reads it (OpenSSL
+            # corrupts the stream: "bad record mac"). paho writes from the caller's thread
+            # unless it believes a loop thread runs: tell it ours does, so publishes are queued
+            # and our thread, woken through paho's socket pair, does all the socket I/O.
+            self._paho._thread = self._thread
         self._thread.start()
 
     def connect(self, timeout: float = 10.0) -> None:

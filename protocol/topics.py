@@ -10,6 +10,8 @@
     tether/v1/controller/requests            QoS 1,           clients -> controller Request
     tether/v1/controller/leader              QoS 1,           standby -> leader     Request
     tether/v1/clients/{client_id}/replies    QoS 1,           controller/agent -> client Reply
+    tether/v1/enroll/{device_id}/request     QoS 1,           enrolling agent -> controller EnrollmentRequest
+    tether/v1/enroll/{device_id}/response    retained, QoS 1, controller -> enrolling agent EnrollmentResponse
 
 Incoming topics are never trusted to be ones we subscribed to (some brokers deliver
 more than asked): :func:`parse` tells what a topic is, or ``None``.
@@ -80,11 +82,24 @@ def replies(client_id: str) -> str:
     return f"{ROOT}/clients/{client_id}/replies"
 
 
+def enroll_request(device_id: str) -> str:
+    """Where an enrolling device asks to join (docs/onboarding.md)."""
+    return f"{ROOT}/enroll/{check_device_id(device_id)}/request"
+
+
+def enroll_response(device_id: str) -> str:
+    """Where the controller answers an enrolling device (retained, sealed to its key)."""
+    return f"{ROOT}/enroll/{check_device_id(device_id)}/response"
+
+
+ALL_ENROLL_REQUESTS = f"{ROOT}/enroll/+/request"
+
+
 @dataclass(frozen=True)
 class ParsedTopic:
     """What an incoming topic is: a device topic, a stack definition, a request or a reply."""
 
-    kind: str  # "device" | "stack" | "requests" | "leader-requests" | "replies"
+    kind: str  # "device" | "stack" | "requests" | "leader-requests" | "replies" | "enroll-request"
     device_id: str | None = None
     device_topic: DeviceTopic | None = None
     spec_hash: str | None = None
@@ -111,4 +126,6 @@ def parse(topic: str) -> ParsedTopic | None:
         return ParsedTopic("leader-requests")
     if len(rest) == 3 and rest[0] == "clients" and rest[2] == "replies" and CLIENT_ID_RE.match(rest[1]):
         return ParsedTopic("replies", client_id=rest[1])
+    if len(rest) == 3 and rest[0] == "enroll" and rest[2] == "request" and DEVICE_ID_RE.match(rest[1]):
+        return ParsedTopic("enroll-request", device_id=rest[1])
     return None

@@ -111,10 +111,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     for r in _results:
         converge = r.get("converge_s")
         shown = f"{converge:6.1f}s" if converge is not None else "     -"
-        events = r.get("events", {})
-        tr.write_line(
-            f"{r['scenario']:<34} {r['backend']:<6} {shown}  "
-            f"events {events.get('produced', '-')} produced, {len(events.get('lost', []))} lost, "
-            f"{events.get('duplicates_on_wire', '-')} duplicate(s) dropped"
+        events = r.get("events")
+        detail = (
+            f"events {events['produced']} produced, {len(events['lost'])} lost, "
+            f"{events['duplicates_on_wire']} duplicate(s) dropped"
+            if events
+            else "events not checked"
         )
+        if r.get("known_bug"):
+            detail += " (known bug: see docs/reliability.md)"
+        tr.write_line(f"{r['scenario']:<34} {r['backend']:<6} {shown}  {detail}")
     tr.write_line(f"(written to {RESULTS})")

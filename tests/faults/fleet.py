@@ -275,6 +275,10 @@ class Broker:
         if proc.poll() is not None:
             raise RuntimeError(f"mosquitto exited: {self.log_text()[-2000:]}")
 
+    def forget(self) -> None:
+        """Delete what the stopped broker saved: it starts again with no retained message or session."""
+        (self.dir / "mosquitto.db").unlink(missing_ok=True)
+
     def stop(self) -> None:
         """SIGTERM: a planned restart (the broker saves its retained messages and sessions)."""
         if self.proc is not None and self.proc.poll() is None:

@@ -115,9 +115,9 @@ class ControllerProcess(_Proc):
         if broker:
             self.url = broker
         else:
-            m = self.wait_for_line(r"embedded broker listening on mqtt://[\d.]+:(\d+)")
-            self.port = int(m.group(1))
-            self.url = f"mqtt://127.0.0.1:{self.port}"
+            m = self.wait_for_line(r"embedded broker listening on (mqtts?)://[\d.]+:(\d+)")
+            self.port = int(m.group(2))
+            self.url = f"{m.group(1)}://127.0.0.1:{self.port}"
         self.wait_for_line(r"controller ready")
 
 

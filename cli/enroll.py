@@ -1,0 +1,192 @@
+"""Enrollment commands: ``tether tokens create|ls|rm`` and ``tether devices pending|approve|reject``.
+
+See docs/onboarding.md for the flow.
+"""
+
+from __future__ import annotations
+
+import re
+
+import click
+from tether.protocol.durations import parse_duration
+from tether.protocol.errors import TetherError
+from tether.protocol.models import (
+    DevicesApprove,
+    DevicesPending,
+    DevicesReject,
+    TokensCreate,
+    TokensList,
+    TokensRemove,
+)
+
+from . import output
+from .client import ControllerClient
+from .common import common
+
+_DAYS = re.compile(r"^(\d+(?:\.\d+)?)([dw])$")
+
+
+def parse_expiry(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """``7d``, ``2w``, ``12h``, ``30m``, ``90s`` (or plain seconds) in seconds."""
+    if value is None:
+        return None
+    m = _DAYS.match(value.strip())
+    if m:
+        seconds = float(m.group(1)) * (86400 if m.group(2) == "d" else 7 * 86400)
+    else:
+        try:
+            seconds = parse_duration(value, "--expires")
+        except TetherError as exc:
+            raise click.BadParameter(f"{value!r}: use e.g. 7d, 2w, 12h, 30m") from exc
+    if seconds <= 0:
+        raise click.BadParameter("must be more than zero")
+    return seconds
+
+
+def _labels(items: tuple[str, ...]) -> dict[str, str]:
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--label")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+@click.group()
+def tokens() -> None:
+    """Fleet enrollment tokens (docs/onboarding.md)."""
+
+
+@tokens.command("create")
+@click.option("--group", default=None, help="Put enrolled devices in this group.")
+@click.option("--label", "labels", multiple=True, help="A label key=value for enrolled devices; repeatable.")
+@click.option("--auto-approve", is_flag=True, help="Approve devices at once (no waiting room).")
+@click.option("--expires", callback=parse_expiry, default=None, help="Valid for this long (e.g. 7d, 12h).")
+@click.option("--uses", type=click.IntRange(min=1), default=None, help="At most this many devices.")
+@common
+def tokens_create(
+    client: ControllerClient,
+    fmt: str,
+    group: str | None,
+    labels: tuple[str, ...],
+    auto_approve: bool,
+    expires: float | None,
+    uses: int | None,
+) -> None:
+    """Create an enrollment token; it is shown only once (only its hash is kept)."""
+    result = client.request(
+        TokensCreate(
+            group=group, labels=_labels(labels), auto_approve=auto_approve, expires_s=expires, uses=uses
+        )
+    )
+    if fmt == "json":
+        click.echo(output.to_json(result))
+        return
+    click.echo(result["token"])
+    click.echo(
+        f"token {result['id']}: shown once; put it in the agent's config (enrollment_token) "
+        f"or TETHER_ENROLLMENT_TOKEN",
+        err=True,
+    )
+
+
+@tokens.command("ls")
+@common
+def tokens_ls(client: ControllerClient, fmt: str) -> None:
+    """List enrollment tokens (never the tokens themselves)."""
+    rows = client.request(TokensList())["tokens"]
+    if fmt == "json":
+        click.echo(output.to_json(rows))
+        return
+    table = [
+        (
+            t["id"],
+            t["group"] or "-",
+            output.labels(t["labels"]),
+            "yes" if t["auto_approve"] else "no",
+            ("expired " if t["expired"] else "") + (output.when(t["expires"]) or "never"),
+            f"{t['used']}/{t['uses'] if t['uses'] is not None else 'unlimited'}",
+        )
+        for t in rows
+    ]
+    click.echo(output.table(["ID", "GROUP", "LABELS", "AUTO-APPROVE", "EXPIRES", "USED"], table))
+
+
+@tokens.command("rm")
+@click.argument("ids", nargs=-1, required=True)
+@common
+def tokens_rm(client: ControllerClient, fmt: str, ids: tuple[str, ...]) -> None:
+    """Remove tokens: no new device can enroll with them (enrolled devices keep their credentials)."""
+    result = client.request(TokensRemove(ids=ids))
+    if fmt == "json":
+        click.echo(output.to_json(result))
+    else:
+        for token_id in result["removed"]:
+            click.echo(f"token {token_id}: removed")
+
+
+@click.command("pending")
+@common
+def pending(client: ControllerClient, fmt: str) -> None:
+    """The waiting room: devices that asked to join (pending or rejected)."""
+    rows = client.request(DevicesPending())["devices"]
+    if fmt == "json":
+        click.echo(output.to_json(rows))
+        return
+    table = [
+        (
+            d["id"],
+            d["state"],
+            d["token"],
+            d["group"] or "-",
+            output.labels(d["labels"]),
+            output.when(d["requested"]),
+            d["error"] or "",
+        )
+        for d in rows
+    ]
+    click.echo(output.table(["DEVICE", "STATE", "TOKEN", "GROUP", "LABELS", "ASKED", "LAST ERROR"], table))
+
+
+@click.command("approve")
+@click.argument("device_ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every pending device (with --select: those matching).")
+@click.option("--select", "selector", default=None, help="With --all: a label selector, e.g. site=berlin.")
+@common
+def approve(
+    client: ControllerClient, fmt: str, device_ids: tuple[str, ...], all_: bool, selector: str | None
+) -> None:
+    """Approve devices of the waiting room: they get their credentials and join the fleet."""
+    if bool(device_ids) == all_:
+        raise click.UsageError("name devices to approve, or use --all")
+    result = client.request(DevicesApprove(device_ids=device_ids, all=all_, selector=selector))
+    if fmt == "json":
+        click.echo(output.to_json(result))
+    elif not result["approved"]:
+        click.echo("no pending device matched")
+    else:
+        for device_id in result["approved"]:
+            click.echo(f"{device_id}: approved")
+
+
+@click.command("reject")
+@click.argument("device_ids", nargs=-1, required=True)
+@common
+def reject(client: ControllerClient, fmt: str, device_ids: tuple[str, ...]) -> None:
+    """Reject pending devices: they get no credentials."""
+    result = client.request(DevicesReject(device_ids=device_ids))
+    if fmt == "json":
+        click.echo(output.to_json(result))
+    else:
+        for device_id in result["rejected"]:
+            click.echo(f"{device_id}: rejected")
+
+
+def register(main: click.Group) -> None:
+    """Add ``tokens`` to ``main`` and ``pending``, ``approve``, ``reject`` to its ``devices`` group."""
+    main.add_command(tokens)
+    devices = main.commands["devices"]
+    assert isinstance(devices, click.Group)
+    for command in (pending, approve, reject):
+        devices.add_command(command)

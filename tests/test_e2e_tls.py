@@ -1,0 +1,68 @@
+"""TLS end to end: `tether up --tls` (quick-start CA), agents and the CLI over mqtts:// verifying
+the server; clients with the wrong CA, or without TLS, are refused."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+from tether.controller.tls import quickstart
+from tether.protocol.errors import TransportError
+from tether.protocol.mqtt import MqttClient, parse_broker_url
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    ctl = ControllerProcess(tmp_path / "ctl", auth=True, extra=["--tls"])
+    monkeypatch.setenv("TETHER_CREDENTIALS", str(ctl.operator_file))
+    yield ctl
+    ctl.stop()
+
+
+def test_agents_and_cli_over_tls(controller: ControllerProcess, tmp_path: Path) -> None:
+    url = controller.url
+    assert url.startswith("mqtts://")
+    tls = controller.operator_file.parent / "tls"
+    ca = tls / "ca.pem"
+    assert stat.S_IMODE((tls / "server.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tls / "ca.key").stat().st_mode) == 0o600
+    assert json.loads(controller.operator_file.read_text())["ca_file"] == str(ca.resolve())
+    assert cli_json(url, "devices", "ls") == []  # the CA from operator.json
+
+    creds = tmp_path / "dev-a.json"
+    cli_json(url, "devices", "credentials", "dev-a", "--out", str(creds))
+    saved = json.loads(creds.read_text())
+    agent = AgentProcess(
+        url,
+        "dev-a",
+        tmp_path / "dev-a",
+        extra=["--username", saved["username"], "--password", saved["password"], "--ca-file", str(ca)],
+    )
+    token = cli_json(url, "tokens", "create", "--auto-approve")["token"]
+    config = tmp_path / "agent.toml"
+    config.write_text(f'brokers = ["{url}"]\nenrollment_token = "{token}"\nca_file = "{ca}"\n')
+    enrolling = AgentProcess(url, "dev-b", tmp_path / "dev-b", extra=["--config", str(config)])
+    try:
+        wait_online(url, "dev-a")
+        wait_online(url, "dev-b")  # enrolled over TLS too
+    finally:
+        agent.stop()
+        enrolling.stop()
+
+
+def test_wrong_ca_and_plain_mqtt_are_refused(controller: ControllerProcess, tmp_path: Path) -> None:
+    url = controller.url
+    other = quickstart(tmp_path / "other")
+    wrong = cli(url, "devices", "ls", "--ca-file", str(other.ca))
+    assert wrong.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in wrong.stderr, wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    client = MqttClient([parse_broker_url(url)], "tether-cli-wrongca", reconnect=False, ca_file=str(other.ca))
+    with pytest.raises(TransportError):
+        client.connect(5)
+    plain = cli(url.replace("mqtts://", "mqtt://"), "devices", "ls", "--request-timeout", "3")
+    assert plain.returncode != 0 and "Traceback" not in plain.stderr
