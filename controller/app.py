@@ -99,11 +99,14 @@ def _session(data_dir: Path) -> tuple[str, bool]:
     """This controller's MQTT client id, kept in ``data_dir``, and whether it existed already."""
     path = data_dir / "mqtt-session"
     try:
-        return path.read_text().strip(), True
+        existing = path.read_text().strip()
     except FileNotFoundError:
-        session_id = f"tether-controller-{uuid.uuid4().hex[:12]}"
-        path.write_text(session_id + "\n")
-        return session_id, False
+        existing = ""
+    if existing.startswith("tether-controller-"):
+        return existing, True
+    session_id = f"tether-controller-{uuid.uuid4().hex[:12]}"
+    path.write_text(session_id + "\n")
+    return session_id, False
 
 
 def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: ignore[valid-type]

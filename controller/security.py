@@ -88,8 +88,12 @@ def ensure_operator_credentials(
     if not path.exists():
         return None
     if ca_file is not None:
-        saved = json.loads(path.read_text())
-        write_secret_json(path, {**saved, "broker": broker_url, **extra})
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return path  # not ours to repair; the CLI says what is wrong with it
+        if isinstance(saved, dict):
+            write_secret_json(path, {**saved, "broker": broker_url, **extra})
     return path
 
 

@@ -242,6 +242,10 @@ def build_image(
     started = time.monotonic()
     lines: list[str] = []
     try:
+        previous = client.images.get(tag).id
+    except docker.errors.ImageNotFound:
+        previous = None
+    try:
         for chunk in client.api.build(
             path=str(REPO_ROOT),
             dockerfile=dockerfile,
@@ -259,6 +263,10 @@ def build_image(
                 raise RuntimeError(f"docker build {dockerfile} failed: {chunk['error']}\n{''.join(lines)}")
     except docker.errors.APIError as exc:
         raise RuntimeError(f"docker build {dockerfile} failed: {exc}\n{''.join(lines)}") from exc
+    # The image this tag named before is garbage now (its layers still shared stay).
+    if previous is not None and previous != client.images.get(tag).id:
+        with contextlib.suppress(docker.errors.APIError):
+            client.images.remove(previous)
     return "".join(lines), time.monotonic() - started
 
 
