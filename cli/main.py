@@ -168,11 +168,21 @@ def up(
                 tls_ca=tls_ca,
                 tls_san=tls_san,
             ),
-            lambda line: click.echo(line, err=False),
+            _status_line(log_format),
         )
     except TetherError as exc:
         fail(str(exc))
     sys.exit(code)
+
+
+def _status_line(log_format: str) -> Callable[[str], None]:
+    """How `tether up` reports its status lines: plain on stdout, or as JSON log records."""
+    if log_format != "json":
+        return lambda line: click.echo(line, err=False)
+    import logging
+
+    logger = logging.getLogger("tether.up")
+    return lambda line: logger.info(line.removeprefix("tether: "))
 
 
 @main.command("mosquitto-config")

@@ -4,7 +4,7 @@
 
     /healthz   200 while the process runs (liveness)
     /readyz    200 once connected to the broker and the store answers, else 503 (readiness)
-    /metrics   Prometheus text format: devices by presence, stacks, leadership,
+    /metrics   Prometheus text format: devices by presence, stacks, deployments by state, leadership,
                messages received by kind, requests by command and outcome
 
 Gauges that need the store (devices, stacks) are refreshed by the controller's worker
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,12 @@ class Metrics:
         self.devices = Gauge("tether_devices", "Devices by presence", ["presence"], registry=self.registry)
         self.stacks = Gauge("tether_stacks", "Stacks deployed", registry=self.registry)
         self.leader = Gauge("tether_leader", "1 if this controller leads", registry=self.registry)
+        self.deployments = Gauge(
+            "tether_deployments",
+            "Latest deployment of each stack, by state",
+            ["state"],
+            registry=self.registry,
+        )
         self.messages = Counter(
             "tether_messages_received", "MQTT messages received", ["kind"], registry=self.registry
         )
@@ -97,7 +104,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),

@@ -226,6 +226,19 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
             self.metrics.devices.labels(presence=presence).set(n)
         self.metrics.stacks.set(len(self.store.list_stacks()))
         self.metrics.leader.set(1 if self.leading.is_set() else 0)
+        states: dict[str, int] = {}
+        for deployment in self.store.latest_deployments().values():
+            states[deployment.state] = states.get(deployment.state, 0) + 1
+        for state in (
+            "running",
+            "paused",
+            "awaiting-promotion",
+            "succeeded",
+            "failed",
+            "reverted",
+            "superseded",
+        ):
+            self.metrics.deployments.labels(state=state).set(states.get(state, 0))
 
     def tick(self) -> None:
         """Time-driven work: metrics, leadership, and replicas whose devices have just become lost."""
@@ -423,7 +436,23 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
         if reported is None:
             return
         device = self.store.get_device(device_id) or Device(id=device_id)
-        if device.reported is not None and reported.generation < device.reported.generation:
+        record = self.store.get_desired(device_id)
+        if record is not None and reported.generation > record.generation:
+            # The device applied a generation we never issued: our state is older than the
+            # device's (a restored backup). Jump past it, or the device would ignore us forever.
+            log.warning(
+                "device %s applied generation %d, newer than our %d: republishing as %d",
+                device_id,
+                reported.generation,
+                record.generation,
+                reported.generation + 1,
+            )
+            with self.store.transaction():
+                self.store.put_desired(
+                    record.model_copy(update={"generation": reported.generation + 1, "published": False})
+                )
+            self.publish_pending({device_id})
+        elif device.reported is not None and reported.generation < device.reported.generation:
             return
         self.store.put_device(device.model_copy(update={"reported": reported}))
 

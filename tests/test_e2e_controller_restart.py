@@ -106,3 +106,40 @@ def test_definition_is_published_once_for_many_devices(tmp_path: Path, mosquitto
     finally:
         sniffer.close()
         controller.stop()
+
+
+def test_controller_state_older_than_the_device(tmp_path: Path) -> None:
+    """A controller whose state is older than what a device applied (a restored backup)
+    jumps past the device's generation, so the device follows it instead of ignoring it."""
+    device = f"old-{uuid.uuid4().hex[:6]}"
+    stack = tmp_path / "s.yml"
+    version = tmp_path / "agent" / "work" / "s" / "s" / "version"
+    controller = ControllerProcess(tmp_path / "c1")
+    agent = AgentProcess(controller.url, device, tmp_path / "agent")
+    try:
+        wait_online(controller.url, device)
+        cli_json(controller.url, "groups", "create", "g", "--device", device)
+        for v in ("v1", "v2", "v3"):
+            stack.write_text(
+                f'services:\n  s:\n    command: ["sh", "-c", "echo {v} > version; exec sleep 600"]\n'
+            )
+            cli_json(controller.url, "stacks", "deploy", str(stack), "--name", "s", "--group", "g")
+        wait_until(lambda: version.exists() and version.read_text().strip() == "v3", 30)
+        agent.stop()
+        controller.stop()
+
+        # A fresh controller (an empty store stands in for an old backup) on a new broker.
+        controller = ControllerProcess(tmp_path / "c2")
+        agent = AgentProcess(controller.url, device, tmp_path / "agent")
+        wait_online(controller.url, device)
+        cli_json(controller.url, "groups", "create", "g", "--device", device)
+        stack.write_text('services:\n  s:\n    command: ["sh", "-c", "echo v4 > version; exec sleep 600"]\n')
+        cli_json(controller.url, "stacks", "deploy", str(stack), "--name", "s", "--group", "g")
+        wait_until(
+            lambda: version.read_text().strip() == "v4", 30, message="device follows the older controller"
+        )
+        shown = cli_json(controller.url, "devices", "show", device)
+        assert shown["desired_generation"] == shown["applied_generation"] > 3
+    finally:
+        agent.stop()
+        controller.stop()

@@ -181,6 +181,7 @@ def cli(
         timeout=timeout,
         env=env,
         input=stdin,
+        cwd="/",  # never pick up a ./tether-data/operator.json of whoever runs the tests
     )
 
 
