@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -74,7 +75,6 @@ from amqtt.mqtt.packet import (
     MQTTFixedHeader,
 )
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscription, UnSubscription
-from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import OUTGOING, ApplicationMessage, Session
@@ -84,6 +84,7 @@ from .errors import BrokerStartError
 from .topic_index import FilterTrie, TopicTrie, is_wildcard, valid_filter
 
 log = logging.getLogger("tether.broker")
+_amqtt_handler_log = logging.getLogger("amqtt.mqtt.protocol.handler")
 
 AMQTT_VERSION = "0.12.1"
 """The only amqtt version these overrides were written and tested against."""
@@ -204,9 +205,37 @@ class TetherSession(Session):
     """An amqtt session with a light state machine and the set of its own subscriptions."""
 
     def __init__(self) -> None:
-        super().__init__()
+        # amqtt 0.12.1's Session.__init__, without building two asyncio.Queues only to
+        # replace them (tests/test_broker.py checks that no attribute is missing).
+        self._init_states()
+        self.remote_address: str | None = None
+        self.remote_port: int | None = None
+        self.client_id: str | None = None
+        self.clean_session: bool | None = None
+        self.will_flag = False
+        self.will_message: bytes | bytearray | None = None
+        self.will_qos: int | None = None
+        self.will_retain: bool | None = None
+        self.will_topic: str | None = None
+        self.keep_alive = 0
+        self.publish_retry_delay = 0
+        self.broker_uri: str | None = None
+        self.username: str | None = None
+        self.password: str | None = None
+        self.cafile: str | None = None
+        self.capath: str | None = None
+        self.cadata: bytes | None = None
+        self._packet_id = 0
+        self.parent = 0
+        self.last_connect_time: int | None = None
+        self.ssl_object = None
+        self.last_disconnect_time: int | None = None
+        self.attributes: dict[str, Any] = {}
+        self.inflight_out: OrderedDict[int, Any] = OrderedDict()
+        self.inflight_in: OrderedDict[int, Any] = OrderedDict()
         self.retained_messages = _Inbox()  # type: ignore[assignment]  # queued while offline
         self.delivered_message_queue = _Inbox()  # type: ignore[assignment]  # the session loop's inbox
+        self.is_anonymous = False
         self.filters: dict[str, int] = {}
         """This session's subscriptions: topic filter -> granted QoS."""
         self.queue_overflows = 0
@@ -240,14 +269,31 @@ class TetherHandler(BrokerProtocolHandler):
         session: Session | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        # amqtt 0.12.1's ProtocolHandler and BrokerProtocolHandler __init__, without the
+        # two queues and the event this class does not use (about 7 KB, and a noticeable
+        # share of a connect storm's CPU); tests/test_broker.py checks nothing is missing.
         self.read_timeout: float | None = None
-        # Not BrokerProtocolHandler.__init__: its two queues (about 3 KB each, and a
-        # noticeable share of a connect storm's CPU) are not used by this class.
-        ProtocolHandler.__init__(self, plugins_manager, session, loop)
+        self.keepalive_timeout: int | None = None
+        self.logger = _amqtt_handler_log
+        self.session: Session | None = None
+        if session is not None:
+            self._init_session(session)
+        self.reader: ReaderAdapter | None = None
+        self.writer: WriterAdapter | None = None
+        self.plugins_manager = plugins_manager
+        self._loop = loop if loop is not None else asyncio.get_running_loop()
+        self._reader_task: asyncio.Task[None] | None = None
+        self._keepalive_task: asyncio.TimerHandle | None = None
+        self._reader_ready = None
+        self._reader_stopped = None  # type: ignore[assignment]
+        self._puback_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._pubrec_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._pubrel_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._pubcomp_waiters: dict[int, asyncio.Future[Any]] = {}
+        self._write_lock = asyncio.Lock()
         self._disconnect_waiter = None
         self._pending_subscriptions = None  # type: ignore[assignment]
         self._pending_unsubscriptions = None  # type: ignore[assignment]
-        self._reader_stopped = None  # type: ignore[assignment]
         self.will: tuple[str, bytes | bytearray, int, bool] | None = None
         self.taken_over = False
         self.keepalive_expired = False
@@ -763,6 +809,18 @@ class TetherBroker(Broker):
         finally:
             if not handler.loop_done.done():
                 handler.loop_done.set_result(None)
+
+    async def _authenticate(self, session: Session, listener: Any) -> bool:
+        """amqtt's rule (at least one auth plugin answers, and all that answer say yes),
+        asking the plugins in turn instead of through a task each."""
+        answers = []
+        for plugin in self.plugins_manager._auth_plugins:
+            authenticate = getattr(plugin, "authenticate", None)
+            if authenticate is not None:
+                answer = await authenticate(session=session)
+                if answer is not None:
+                    answers.append(bool(answer))
+        return bool(answers) and all(answers)
 
     async def _claim_session(self, cid: str, incoming: Session) -> Session:
         """The session for a new connection of ``cid``: taken over, resumed or new."""

@@ -492,8 +492,11 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
         if device_ids is None:
             self._update_placements()
         stacks = self.store.list_stacks()
+        applied: dict[str, int] = {}  # the generation each device reports having applied
         if device_ids is None:
-            labels = {d.id: d.attributes() for d in self.store.list_devices() if not d.revoked}
+            devices = self.store.list_devices()
+            labels = {d.id: d.attributes() for d in devices if not d.revoked}
+            applied = {d.id: d.reported.generation for d in devices if d.reported is not None}
             existing = {r.device_id: r for r in self.store.list_desired()}
             wanted = desired_stacks(stacks, groups, labels, self._pins())
             jobs = desired_jobs(self.store.list_jobs(), groups, labels)
@@ -506,6 +509,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
                 if device is not None and device.revoked:
                     continue  # matches no selector (and has left every static group)
                 labels[device_id] = device.attributes() if device else {}
+                if device is not None and device.reported is not None:
+                    applied[device_id] = device.reported.generation
                 record = self.store.get_desired(device_id)
                 if record is not None:
                     existing[device_id] = record
@@ -529,7 +534,9 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
             if record is None and not refs and not device_jobs:
                 continue
             if record is None or record.stacks != refs or record.jobs != device_jobs:
-                generation = record.generation + 1 if record else 1
+                # Past whatever the device applied, even from a store older than the device's
+                # state (a restored backup): a lower generation would be ignored as a duplicate.
+                generation = max(record.generation + 1 if record else 1, applied.get(device_id, 0) + 1)
                 self.store.put_desired(
                     DesiredRecord(device_id=device_id, generation=generation, stacks=refs, jobs=device_jobs)
                 )

@@ -437,3 +437,53 @@ def test_pinned_amqtt_version_matches() -> None:
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     assert f"amqtt=={AMQTT_VERSION}" in pyproject["project"]["optional-dependencies"]["controller"]
+
+
+def test_light_session_and_handler_have_every_attribute_amqtt_sets() -> None:
+    """TetherSession and TetherHandler replace amqtt's __init__ (to skip unused queues)."""
+    import asyncio
+
+    from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+    from amqtt.plugins.manager import PluginManager
+    from amqtt.session import Session
+    from tether.broker.amqtt_fixes import TetherHandler, TetherSession
+
+    assert set(vars(Session())) <= set(vars(TetherSession()))
+
+    async def handlers() -> tuple[set[str], set[str]]:
+        manager: PluginManager[Any] = PluginManager("tether.test.none", None)
+        stock = BrokerProtocolHandler(manager, Session())
+        ours = TetherHandler(manager, TetherSession())
+        return set(vars(stock)), set(vars(ours))
+
+    stock_attrs, our_attrs = asyncio.run(handlers())
+    assert stock_attrs <= our_attrs
+
+
+@pytest.mark.parametrize("broker", [FIXED], indirect=True)
+def test_anonymous_clients_can_be_refused(monkeypatch: pytest.MonkeyPatch, broker: EmbeddedBroker) -> None:
+    import tether.broker.embedded as embedded
+
+    def strict(host: str, port: int) -> dict[str, Any]:
+        config = embedded.broker_config.__wrapped__(host, port)  # type: ignore[attr-defined]
+        config["plugins"]["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": False}
+        return config
+
+    strict_config = embedded.broker_config
+    monkeypatch.setattr(embedded, "broker_config", strict)
+    strict.__wrapped__ = strict_config  # type: ignore[attr-defined]
+    other = EmbeddedBroker("127.0.0.1", 0)
+    other.start()
+    try:
+        anonymous = Probe(other.port, "anon")
+        anonymous.client.connect("127.0.0.1", other.port)
+        anonymous.client.loop_start()
+        wait_until(lambda: anonymous.disconnects, 10, message="refused")
+        anonymous.client.loop_stop()
+        assert other.session_state("anon") is None
+        named = Probe(other.port, "named")
+        named.client.username_pw_set("device-1")
+        with named:
+            assert named.subscribe("a/b") == 1
+    finally:
+        other.stop()
