@@ -67,6 +67,8 @@ from .store import StateStore
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 20
+EVENTS_IN_FLIGHT = 50
+"""Events sent but not yet acknowledged, at most."""
 STEADY_RUN_SECONDS = 60.0
 
 
@@ -116,6 +118,7 @@ class AgentCore:
         self.device_id = device_id
         self.is_held = is_held
         self.held = False
+        self._inflight: dict[int, Callable[[], bool]] = {}  # event seq -> acknowledged yet?
         self.jobs = JobScheduler.from_state(store.load_json("jobs"))
         self.launch_job: Callable[[JobSpec, str], None] | None = None
         """Set by the runner: start a job run off this thread; it calls :meth:`job_finished`."""
@@ -204,6 +207,7 @@ class AgentCore:
         self.publish_online()
         for spec_hash in self.awaiting:
             self.link.subscribe(topics.stack(spec_hash))
+        self._inflight.clear()  # what the last connection did not get acknowledged goes again
         self.flush_events()
         self._report_published = False
         self.publish_report()
@@ -506,10 +510,32 @@ class AgentCore:
         self.flush_events()
 
     def flush_events(self) -> None:
-        """Send queued events, oldest first, while the link takes them."""
-        if not self.link.connected:
-            return
-        while (event := self.store.outbox_peek()) is not None:
-            if not self.link.publish(self.topic(DeviceTopic.EVENTS), codec.encode(event), qos=1):
+        """Send queued events, oldest first; forget each one only once the broker has it.
+
+        An event stays on disk until its PUBACK (with a link that can tell, see
+        ``publish_tracked``): one sent into a connection that is already dead, or lost with
+        the device's power, goes out again on the next connection. Duplicates are dropped
+        by receivers on ``seq``.
+        """
+        tracked = getattr(self.link, "publish_tracked", None)
+        if tracked is None:  # a link that cannot tell: forget once handed over
+            if not self.link.connected:
                 return
-            self.store.outbox_pop()
+            while (event := self.store.outbox_peek()) is not None:
+                if not self.link.publish(self.topic(DeviceTopic.EVENTS), codec.encode(event), qos=1):
+                    return
+                self.store.outbox_pop()
+            return
+        for seq, acked in list(self._inflight.items()):
+            if acked():
+                self.store.outbox_ack(seq)
+                del self._inflight[seq]
+        if not self.link.connected or self.store.outbox_size() <= len(self._inflight):
+            return
+        for event in self.store.outbox_head(len(self._inflight) + EVENTS_IN_FLIGHT):
+            if event.seq in self._inflight:
+                continue
+            acked = tracked(self.topic(DeviceTopic.EVENTS), codec.encode(event), 1)
+            if acked is None:
+                return
+            self._inflight[event.seq] = acked

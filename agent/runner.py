@@ -123,6 +123,7 @@ class Agent:
                     except queue.Empty:
                         item = None
                 self.core.tick_jobs()
+                self.core.flush_events()  # forget what the broker acknowledged; send the rest
                 if self.core.wake or time.monotonic() >= next_reconcile:
                     self.core.reconcile_once()
                     busy = self.core.converging or self.core.waiting

@@ -68,6 +68,9 @@ class StateStore(Protocol):
     def outbox_peek(self) -> Event | None: ...
     def outbox_pop(self) -> None: ...
     def outbox_dropped(self) -> int: ...
+    def outbox_head(self, n: int) -> list[Event]: ...
+    def outbox_ack(self, seq: int) -> None: ...
+    def outbox_size(self) -> int: ...
     def load_json(self, name: str) -> Any: ...
     def save_json(self, name: str, value: Any) -> None: ...
 
@@ -123,6 +126,15 @@ class MemoryStore:
 
     def outbox_dropped(self) -> int:
         return self.dropped
+
+    def outbox_head(self, n: int) -> list[Event]:
+        return list(self.outbox)[:n]
+
+    def outbox_ack(self, seq: int) -> None:
+        self.outbox = deque(e for e in self.outbox if e.seq != seq)
+
+    def outbox_size(self) -> int:
+        return len(self.outbox)
 
     def load_json(self, name: str) -> Any:
         return self.blobs.get(name)
@@ -243,6 +255,29 @@ class LocalStore:
 
     def outbox_dropped(self) -> int:
         return self._outbox_state["dropped"]
+
+    def outbox_head(self, n: int) -> list[Event]:
+        """The oldest ``n`` queued events (unreadable files are dropped)."""
+        events = []
+        for name in list(self._queued[:n]):
+            path = self.outbox_dir / name
+            try:
+                events.append(codec.decode(path.read_bytes(), Event))
+            except (OSError, PayloadError) as exc:
+                log.error("dropping unreadable queued event %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+                self._queued.remove(name)
+        return events
+
+    def outbox_ack(self, seq: int) -> None:
+        """The broker has the event ``seq``: forget it (if still queued)."""
+        name = f"{seq:016d}.msgpack"
+        if name in self._queued:
+            self._queued.remove(name)
+            (self.outbox_dir / name).unlink(missing_ok=True)
+
+    def outbox_size(self) -> int:
+        return len(self._queued)
 
     # --- small JSON documents (e.g. the job scheduler's state) ---
 

@@ -57,8 +57,8 @@ Usage: install-agent.sh --broker URL [options]
   --password PASS      (the username is the device id); written to agent.toml (0600)
   --credentials FILE   the same as a file, from `tether devices credentials ID --out FILE`;
                        copied to the data dir as credentials.json (0600)
-  --token TOKEN        an enrollment token; enrollment is not built yet, so it is only
-                       written as a comment in agent.toml for when it is
+  --token TOKEN        a fleet enrollment token (tether tokens create): the device enrolls
+                       with it and waits for approval
   --data-dir DIR       the agent's state (default /var/lib/tether-agent; the systemd unit's
                        ReadWritePaths= must be changed to match in a drop-in)
   --from PATH          install the agent from a wheel or a source directory instead of PyPI
@@ -230,12 +230,10 @@ write_config() {
         echo "# Broker credentials: $DATA_DIR/credentials.json."
     fi
     echo
-    echo "# Enrollment (a per-device token exchanged for credentials) is not built yet: the agent"
-    echo "# does not read this key and rejects it, so it stays a comment until enrollment lands."
     if [ -n "$token" ]; then
-        printf '# enrollment_token = %s\n' "$(toml_string "$token")"
-    else
-        echo '# enrollment_token = "TOKEN"'
+        echo "# Fleet enrollment token (tether tokens create): used only while the device has no"
+        echo "# credentials; the device then waits for approval (docs/onboarding.md)."
+        printf 'enrollment_token = %s\n' "$(toml_string "$token")"
     fi
     echo
     echo "[labels]"

@@ -219,6 +219,18 @@ class MqttClient:
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == paho.MQTT_ERR_SUCCESS
 
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Callable[[], bool] | None:
+        """Publish without waiting; return a check that is true once the broker acknowledged it
+        (PUBACK for QoS 1), or None if the message could not be handed over (not connected)."""
+        if not self.connected:
+            return None
+        info = self._paho.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            return None
+        return info.is_published
+
     def publish_confirmed(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
     ) -> bool:

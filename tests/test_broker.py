@@ -460,30 +460,30 @@ def test_light_session_and_handler_have_every_attribute_amqtt_sets() -> None:
     assert stock_attrs <= our_attrs
 
 
-@pytest.mark.parametrize("broker", [FIXED], indirect=True)
-def test_anonymous_clients_can_be_refused(monkeypatch: pytest.MonkeyPatch, broker: EmbeddedBroker) -> None:
+def test_anonymous_clients_can_be_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The authentication override keeps amqtt's rule (here: AnonymousAuthPlugin, anonymous off)."""
     import tether.broker.embedded as embedded
 
-    def strict(host: str, port: int) -> dict[str, Any]:
-        config = embedded.broker_config.__wrapped__(host, port)  # type: ignore[attr-defined]
-        config["plugins"]["amqtt.plugins.authentication.AnonymousAuthPlugin"] = {"allow_anonymous": False}
+    original = embedded.broker_config
+
+    def strict(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        config = original(*args, **kwargs)
+        config["plugins"] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}}
         return config
 
-    strict_config = embedded.broker_config
     monkeypatch.setattr(embedded, "broker_config", strict)
-    strict.__wrapped__ = strict_config  # type: ignore[attr-defined]
-    other = EmbeddedBroker("127.0.0.1", 0)
-    other.start()
+    broker = EmbeddedBroker("127.0.0.1", 0)
+    broker.start()
     try:
-        anonymous = Probe(other.port, "anon")
-        anonymous.client.connect("127.0.0.1", other.port)
+        anonymous = Probe(broker.port, "anon")
+        anonymous.client.connect("127.0.0.1", broker.port)
         anonymous.client.loop_start()
         wait_until(lambda: anonymous.disconnects, 10, message="refused")
         anonymous.client.loop_stop()
-        assert other.session_state("anon") is None
-        named = Probe(other.port, "named")
+        assert broker.session_state("anon") is None
+        named = Probe(broker.port, "named")
         named.client.username_pw_set("device-1")
         with named:
             assert named.subscribe("a/b") == 1
     finally:
-        other.stop()
+        broker.stop()
