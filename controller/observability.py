@@ -26,7 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 if TYPE_CHECKING:
     from .service import Controller
 
-REFRESH_SECONDS = 5.0
+REFRESH_SECONDS = 15.0
 
 
 class Metrics:

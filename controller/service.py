@@ -76,6 +76,7 @@ _CONNECTED = "\x00connected"
 _STOP = "\x00stop"
 _TICK = "\x00tick"
 TICK_SECONDS = 1.0
+DEPLOYMENT_IDLE_STEP = 2.0
 MAX_METRICS_DEVICES = 100_000
 
 
@@ -121,6 +122,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
         self.leading = threading.Event()
         self.lost_leadership = threading.Event()
         self.metrics = Metrics()
+        self._deployments_dirty = True
+        self._next_deployment_step = 0.0
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self._next_refresh = 0.0
         self._thread: threading.Thread | None = None
@@ -208,8 +211,10 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
                 if topic != _TICK:
                     self.handle(topic, payload)
                 if time.monotonic() >= next_tick:  # ticks run on time, however busy the inbox
-                    next_tick = time.monotonic() + TICK_SECONDS
                     self.tick()
+                    # Counted from the end of the tick: a slow tick (a huge fleet) leaves the
+                    # inbox a full period to drain instead of starving it.
+                    next_tick = time.monotonic() + TICK_SECONDS
             except Exception:
                 log.exception("failed to handle a message on %s", topic)
 
@@ -260,7 +265,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
         ]
         if stacks and self._placements_changed(stacks):
             self.sync()
-        self.advance_deployments()
+        self.advance_deployments(force=False)
 
     # --- deployments ---
 
@@ -295,8 +300,18 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
             )
         return observed
 
-    def advance_deployments(self) -> None:
-        """Step every active deployment; store, revert and publish what changed."""
+    def advance_deployments(self, force: bool = True) -> None:
+        """Step every active deployment; store, revert and publish what changed.
+
+        From the tick (``force=False``) only when a device reported or changed presence
+        since the last step, or every :data:`DEPLOYMENT_IDLE_STEP` seconds for the clock's
+        sake (min_healthy_time, deadlines): a step reads every device of the group.
+        """
+        now = time.monotonic()
+        if not force and not self._deployments_dirty and now < self._next_deployment_step:
+            return
+        self._deployments_dirty = False
+        self._next_deployment_step = now + DEPLOYMENT_IDLE_STEP
         changed = False
         for deployment in self.store.latest_deployments().values():
             if not deployment.active:
@@ -420,6 +435,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
         updated = device.model_copy(update=update)
         labels_changed = updated.attributes() != before
         self.store.put_device(updated)
+        self._deployments_dirty = True
         if presence.status != device.status:
             log.info("device %s is %s (session %d)", device_id, presence.status, presence.session)
         if presence.status == "online":
@@ -455,6 +471,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
         elif device.reported is not None and reported.generation < device.reported.generation:
             return
         self.store.put_device(device.model_copy(update={"reported": reported}))
+        self._deployments_dirty = True
 
     def _on_event(self, device_id: str, payload: bytes) -> None:
         event = self._decode_from(device_id, payload, Event)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -97,6 +98,10 @@ class ServiceSpec(WireModel):
 
     def spec_hash(self) -> str:
         """Content hash of this service: a container is replaced when it changes."""
+        return self._content_hash
+
+    @cached_property
+    def _content_hash(self) -> str:  # computed once per (immutable) instance
         return content_hash(self)
 
 
@@ -108,6 +113,10 @@ class StackSpec(WireModel):
 
     def spec_hash(self) -> str:
         """Content hash of the stack: names its definition topic."""
+        return self._content_hash
+
+    @cached_property
+    def _content_hash(self) -> str:  # computed once per (immutable) instance
         return content_hash(self)
 
     def service(self, name: str) -> ServiceSpec | None:
