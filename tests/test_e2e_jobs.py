@@ -58,11 +58,29 @@ def test_jobs_run_once_and_on_schedule_offline(tmp_path: Path) -> None:
             f"date +%s >> {ticks}",
         )
         wait_until(lambda: _results(url, "tick"), 30, message="scheduled result")
+        minutes = tmp_path / "minutes"
+        cli_json(
+            url,
+            "jobs",
+            "schedule",
+            "minute",
+            "--group",
+            "g",
+            "--cron",
+            "* * * * *",
+            "--",
+            "sh",
+            "-c",
+            f"date +%s >> {minutes}",
+        )
+        wait_until(lambda: cli_json(url, "devices", "show", device)["applied_generation"] >= 3, 30)
 
-        # Offline: the controller and its embedded broker are gone; the job keeps running.
+        # Offline: the controller and its embedded broker are gone; the jobs keep running,
+        # the cron one at the next minute, evaluated on the device.
         assert controller.stop() == 0
         offline_from = _lines(ticks)
         wait_until(lambda: _lines(ticks) >= offline_from + 3, 30, message="ticks while offline")
+        wait_until(lambda: _lines(minutes) >= 1, 75, interval=0.5, message="the cron job ran while offline")
         controller = ControllerProcess(tmp_path / "c")
         url = controller.url
         # The agent was started with the old URL: the broker port changed, so restart the agent on the new one.
@@ -77,12 +95,14 @@ def test_jobs_run_once_and_on_schedule_offline(tmp_path: Path) -> None:
         assert len(runs) == len(set(runs)), "a result was delivered twice"
         assert all(r["exit_code"] == 0 for r in results)
         assert len(_results(url, "hello")) == 1, "a one-shot job ran again after an agent restart"
+        cron_results = wait_until(lambda: _results(url, "minute"), 30, message="the cron result arrived")
+        assert cron_results[0]["exit_code"] == 0
 
         status = cli_json(url, "jobs", "status", "tick")
         assert status["devices"][0]["last"]["exit_code"] == 0
-        assert {j["name"] for j in cli_json(url, "jobs", "ls")} == {"hello", "tick"}
+        assert {j["name"] for j in cli_json(url, "jobs", "ls")} == {"hello", "tick", "minute"}
         assert cli(url, "jobs", "rm", "tick").returncode == 0
-        assert {j["name"] for j in cli_json(url, "jobs", "ls")} == {"hello"}
+        assert {j["name"] for j in cli_json(url, "jobs", "ls")} == {"hello", "minute"}
     finally:
         agent.stop()
         controller.stop()
@@ -104,4 +124,59 @@ def test_job_bad_input(tmp_path: Path) -> None:
         assert cli(url, "jobs", "run", "x", "--group", "g", "--", "true").returncode == 0
         assert "already exists" in cli(url, "jobs", "run", "x", "--group", "g", "--", "true").stderr
     finally:
+        controller.stop()
+
+
+@pytest.mark.docker
+def test_container_job_on_the_docker_driver(
+    docker_engine: object, busybox_image: str, tmp_path: Path
+) -> None:
+    """With the docker driver a job runs in a throwaway container of its image; the output
+    comes back, a timeout is reported, and no job container is left behind."""
+    device = f"djob-{uuid.uuid4().hex[:6]}"
+    controller = ControllerProcess(tmp_path / "c")
+    url = controller.url
+    agent = AgentProcess(url, device, tmp_path / "agent", driver="docker")
+    try:
+        wait_online(url, device)
+        cli_json(url, "groups", "create", "g", "--device", device)
+        cli_json(
+            url,
+            "jobs",
+            "run",
+            "hi",
+            "--group",
+            "g",
+            "--image",
+            busybox_image,
+            "--",
+            "sh",
+            "-c",
+            "echo from-container; exit 4",
+        )
+        cli_json(
+            url,
+            "jobs",
+            "run",
+            "slow",
+            "--group",
+            "g",
+            "--image",
+            busybox_image,
+            "--timeout",
+            "1s",
+            "--",
+            "sleep",
+            "30",
+        )
+        hi = wait_until(lambda: _results(url, "hi"), 60, message="container job result")[0]
+        assert hi["exit_code"] == 4 and "from-container" in hi["output"]
+        slow = wait_until(lambda: _results(url, "slow"), 60, message="timed-out job result")[0]
+        assert slow["timed_out"] is True
+        leftovers = docker_engine.containers.list(
+            all=True, filters={"label": [f"io.tether.device={device}", "io.tether.managed=job"]}
+        )  # type: ignore[attr-defined]
+        assert leftovers == []
+    finally:
+        agent.stop()
         controller.stop()
