@@ -39,7 +39,6 @@ import os
 import random
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Row, log, report  # noqa: E402  (bench/common.py: tables, JSON, machine info)
+from common import Row, accepts, free_port, log, report  # noqa: E402  (bench/common.py: tables, JSON, machine info)
 
 MOSQUITTO_BIN = "/usr/sbin/mosquitto"
 TOPIC = "tether/v1/devices/dev-{}/desired"
@@ -73,20 +72,6 @@ def _serve_embedded(stock: bool) -> None:
     print(f"PORT {port}", flush=True)
     sys.stdin.read()  # until the parent closes the pipe (or kills us)
     os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class BrokerProcess:
@@ -121,7 +106,7 @@ class BrokerProcess:
         if not os.access(MOSQUITTO_BIN, os.X_OK):
             raise RuntimeError(f"{MOSQUITTO_BIN} is not installed (apt-get install mosquitto)")
         for _ in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             conf = self.workdir / "mosquitto.conf"
             conf.write_text(
                 f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
@@ -130,9 +115,9 @@ class BrokerProcess:
             with log_path.open("wb") as err:
                 self.proc = subprocess.Popen([MOSQUITTO_BIN, "-c", str(conf)], stderr=err, stdout=err)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self.proc.poll() is None and not _accepts(self.port):
+            while time.monotonic() < deadline and self.proc.poll() is None and not accepts(self.port):
                 time.sleep(0.02)
-            if self.proc.poll() is None and _accepts(self.port):
+            if self.proc.poll() is None and accepts(self.port):
                 return self.port
             self.kill()
         raise RuntimeError(f"mosquitto did not start: {log_path.read_text()[-2000:]}")

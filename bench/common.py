@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,6 +34,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 if str(REPO / "tests") not in sys.path:
     sys.path.insert(0, str(REPO / "tests"))  # support.infra: the busybox image, free ports
+from support.infra import accepts, free_port  # noqa: E402  (one implementation for tests and benchmarks)
+from support.infra import wait_until as _wait_until  # noqa: E402
 
 T = TypeVar("T")
 
@@ -45,28 +46,11 @@ def log(message: str) -> None:
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.05, message: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:g}s: {message or predicate!r}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """The tests' polling wait, raising TimeoutError (what the benchmarks catch) on timeout."""
     try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+        return _wait_until(predicate, timeout, interval, message)
+    except AssertionError as exc:
+        raise TimeoutError(str(exc)) from None
 
 
 def child_env(**extra: str) -> dict[str, str]:

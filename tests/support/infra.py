@@ -45,9 +45,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _accepts(port: int) -> bool:
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on ``host:port`` now."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except OSError:
         return False
@@ -103,7 +104,7 @@ class Mosquitto:
         # Another program may hold the port, so a connection alone proves nothing: wait for
         # mosquitto's own "running" line (logged once its listeners are open) as well.
         wait_until(
-            lambda: proc.poll() is not None or (" running" in self.log_text() and _accepts(self.port)),
+            lambda: proc.poll() is not None or (" running" in self.log_text() and accepts(self.port)),
             timeout=15,
             message=f"mosquitto to listen on {self.port}",
         )
