@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from pathlib import Path
@@ -108,7 +109,7 @@ def test_definition_is_published_once_for_many_devices(tmp_path: Path, mosquitto
         controller.stop()
 
 
-def test_controller_state_older_than_the_device(tmp_path: Path) -> None:
+def test_controller_state_older_than_the_device(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """A controller whose state is older than what a device applied (a restored backup)
     jumps past the device's generation, so the device follows it instead of ignoring it."""
     device = f"old-{uuid.uuid4().hex[:6]}"
@@ -129,7 +130,10 @@ def test_controller_state_older_than_the_device(tmp_path: Path) -> None:
         controller.stop()
 
         # A fresh controller (an empty store stands in for an old backup) on a new broker.
-        controller = ControllerProcess(tmp_path / "c2")
+        fresh_db = None
+        if os.environ.get("TETHER_TEST_DB") == "postgres":
+            fresh_db = request.getfixturevalue("postgres_server").create_database(f"t_{uuid.uuid4().hex[:12]}")
+        controller = ControllerProcess(tmp_path / "c2", db=fresh_db)
         agent = AgentProcess(controller.url, device, tmp_path / "agent")
         wait_online(controller.url, device)
         cli_json(controller.url, "groups", "create", "g", "--device", device)
