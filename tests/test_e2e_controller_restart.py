@@ -132,7 +132,9 @@ def test_controller_state_older_than_the_device(tmp_path: Path, request: pytest.
         # A fresh controller (an empty store stands in for an old backup) on a new broker.
         fresh_db = None
         if os.environ.get("TETHER_TEST_DB") == "postgres":
-            fresh_db = request.getfixturevalue("postgres_server").create_database(f"t_{uuid.uuid4().hex[:12]}")
+            fresh_db = request.getfixturevalue("postgres_server").create_database(
+                f"t_{uuid.uuid4().hex[:12]}"
+            )
         controller = ControllerProcess(tmp_path / "c2", db=fresh_db)
         agent = AgentProcess(controller.url, device, tmp_path / "agent")
         wait_online(controller.url, device)
