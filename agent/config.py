@@ -14,6 +14,8 @@ increasing precedence. The same file can be baked into every device image of a b
     username = "pi-042"           # broker credentials (`tether devices credentials ID`); default:
     password = "..."              #   {data_dir}/credentials.json if it exists
     ca_file = "/etc/tether/ca.pem" # with mqtts:// brokers: the CA to verify them with
+    tls_cert = "/etc/tether/pi-042.pem"  # a client certificate, if the broker requires one (mTLS;
+    tls_key = "/etc/tether/pi-042.key"   #   `tether devices credentials ID --cert`): no password then
     enrollment_token = "tet_..."  # without credentials: enroll with this fleet token (docs/onboarding.md)
     [labels]
     site = "berlin"
@@ -22,7 +24,7 @@ Environment: ``TETHER_BROKERS`` (comma-separated), ``TETHER_DEVICE_ID``, ``TETHE
 (``k=v,k=v``), ``TETHER_DATA_DIR``, ``TETHER_DRIVER``, ``TETHER_KEEPALIVE``,
 ``TETHER_RECONCILE_INTERVAL``, ``TETHER_METRICS_INTERVAL``, ``TETHER_METRICS_FULL_INTERVAL``,
 ``TETHER_METRICS_THRESHOLD``, ``TETHER_USERNAME``, ``TETHER_PASSWORD``, ``TETHER_ENROLLMENT_TOKEN``,
-``TETHER_CA_FILE``,
+``TETHER_CA_FILE``, ``TETHER_TLS_CERT``, ``TETHER_TLS_KEY``,
 ``TETHER_CONFIG`` (the file).
 """
 
@@ -36,10 +38,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from tether.protocol.codec import describe
 from tether.protocol.errors import ConfigError, TopicError
-from tether.protocol.mqtt import BrokerAddress, parse_broker_url
+from tether.protocol.mqtt import BrokerAddress, parse_broker_url, tls_context
 from tether.protocol.secret_files import read_credentials
 from tether.protocol.topics import check_device_id
 
@@ -81,8 +83,25 @@ class AgentConfig(BaseModel):
     password: str | None = Field(default=None, repr=False)
     ca_file: Path | None = None
     """The CA certificate that signed the broker's (``mqtts://``); default: the system's CAs."""
+    tls_cert: Path | None = None
+    """A client certificate (PEM) whose common name is this device's id, for a broker that
+    requires one (``tether up --require-client-cert``); with ``tls_key``."""
+    tls_key: Path | None = None
     enrollment_token: str | None = Field(default=None, repr=False)
     """A fleet token: with no credentials yet, the agent enrolls with it (agent/enroll.py)."""
+
+    def client_cert(self) -> tuple[str, str] | None:
+        """(certificate file, key file) to present to the broker, or None."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return str(self.tls_cert), str(self.tls_key)
+
+    def check_tls(self) -> None:
+        """Raise :class:`ConfigError` naming a missing or wrong CA, certificate or key file."""
+        if self.client_cert() is not None and not any(b.tls for b in self.broker_addresses()):
+            raise ConfigError("tls_cert/tls_key need an mqtts:// broker")
+        if any(b.tls for b in self.broker_addresses()):
+            tls_context(str(self.ca_file) if self.ca_file else None, self.client_cert())
 
     def credentials(self) -> tuple[str | None, str | None]:
         """(username, password): configured, else ``{data_dir}/credentials.json``, else none."""
@@ -93,6 +112,12 @@ class AgentConfig(BaseModel):
             saved = read_credentials(path)
             return saved["username"], saved["password"]
         return None, None
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> AgentConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
 
     @field_validator("brokers")
     @classmethod
@@ -160,6 +185,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         ("TETHER_PASSWORD", "password"),
         ("TETHER_ENROLLMENT_TOKEN", "enrollment_token"),
         ("TETHER_CA_FILE", "ca_file"),
+        ("TETHER_TLS_CERT", "tls_cert"),
+        ("TETHER_TLS_KEY", "tls_key"),
     ):
         if env.get(var):
             out[key] = env[var]

@@ -99,7 +99,11 @@ def device_facts(config: AgentConfig) -> DeviceFacts:
 
 
 def needs_enrollment(config: AgentConfig) -> bool:
-    return bool(config.enrollment_token) and config.credentials() == (None, None)
+    return (
+        bool(config.enrollment_token)
+        and config.credentials() == (None, None)
+        and config.client_cert() is None
+    )
 
 
 # --- the loop ---

@@ -73,6 +73,12 @@ def set_hold(config: AgentConfig, on: bool) -> None:
     "--ca-file", type=click.Path(path_type=Path), help="CA certificate to verify mqtts:// brokers with."
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path),
+    help="Client certificate (PEM, CN = device id) for a broker that requires one; with --tls-key.",
+)
+@click.option("--tls-key", type=click.Path(path_type=Path), help="The client certificate's private key.")
+@click.option(
     "--enrollment-token",
     help="Fleet enrollment token: without credentials, join with it (prefer TETHER_ENROLLMENT_TOKEN).",
 )
@@ -101,6 +107,8 @@ def main(
     username: str | None,
     password: str | None,
     ca_file: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     enrollment_token: str | None,
     log_level: str,
     hold: str | None,
@@ -129,9 +137,12 @@ def main(
             "password": password,
             "enrollment_token": enrollment_token,
             "ca_file": ca_file,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
         }
         config = load_config(config_file, os.environ, flags)
         config.credentials()  # a broken credentials file is a config error, said once
+        config.check_tls()  # so is a missing or wrong CA, certificate or key file
         if hold is not None:
             set_hold(config, hold == "hold")
             return

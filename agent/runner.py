@@ -53,6 +53,7 @@ class Agent:
             username=username,
             password=password,
             ca_file=str(config.ca_file) if config.ca_file else None,
+            client_cert=config.client_cert(),
         )
         hold_file = config.data_dir / HOLD_FILE
         self.core = AgentCore(

@@ -9,6 +9,12 @@ snapshot; the broker thread never touches the database) and to the pure rules of
 :mod:`tether.protocol.acl`. The table is passed through the plugin configuration as an
 object (``{"table": table}``).
 
+With client certificates (``tether up --require-client-cert``) the auth plugin takes the
+verified certificate's common name as the session's username, whatever the client sent
+(like Mosquitto's ``use_identity_as_username``), and ignores the password: the TLS
+handshake proved the identity, and the table still decides whether that user exists and
+is not revoked.
+
 RECEIVE is allowed for any identity the table still knows: what a client receives was
 checked when it subscribed, and a revoked or removed user receives nothing more, even
 before :func:`disconnect_users` has closed its connection.
@@ -32,10 +38,12 @@ log = logging.getLogger(__name__)
 __all__ = ["TetherAuthPlugin", "TetherTopicPlugin", "auth_plugins", "disconnect_users"]
 
 
-def auth_plugins(table: CredentialTable) -> dict[str, Any]:
-    """The ``plugins`` section of an amqtt configuration that enforces ``table``."""
+def auth_plugins(table: CredentialTable, *, client_certs: bool = False) -> dict[str, Any]:
+    """The ``plugins`` section of an amqtt configuration that enforces ``table``.
+
+    ``client_certs``: identities come from client certificates (their common names)."""
     return {
-        f"{__name__}.TetherAuthPlugin": {"table": table},
+        f"{__name__}.TetherAuthPlugin": {"table": table, "client_certs": client_certs},
         f"{__name__}.TetherTopicPlugin": {"table": table},
     }
 
@@ -46,9 +54,12 @@ class TetherAuthPlugin(BaseAuthPlugin):
     @dataclass
     class Config:
         table: Any = None
+        client_certs: bool = False
 
     async def authenticate(self, *, session: Session) -> bool | None:
         table: CredentialTable = self.context.config.table  # type: ignore[union-attr]
+        if self.context.config.client_certs:  # type: ignore[union-attr]
+            return self._authenticate_certificate(table, session)
         identity = table.authenticate(session.username, session.password, session.client_id or "")
         if identity is None:
             log.warning(
@@ -59,6 +70,32 @@ class TetherAuthPlugin(BaseAuthPlugin):
             )
             return False
         return True
+
+    def _authenticate_certificate(self, table: CredentialTable, session: Session) -> bool:
+        name = certificate_name(session)
+        identity = table.authenticate_certificate(name, session.client_id or "") if name else None
+        if identity is None:
+            log.warning(
+                "refused connection from %s (client %r, certificate %r): %s",
+                session.remote_address,
+                session.client_id,
+                name,
+                "no client certificate" if name is None else "unknown or revoked user, or bad client id",
+            )
+            return False
+        session.username, session.password = name, None  # the certificate's name is the username
+        return True
+
+
+def certificate_name(session: Session) -> str | None:
+    """The common name of the session's verified client certificate, or None without one."""
+    ssl_object = session.ssl_object
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 class TetherTopicPlugin(BaseTopicPlugin):

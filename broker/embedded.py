@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import threading
 from typing import Any
 
@@ -33,24 +34,49 @@ __all__ = ["BrokerStartError", "EmbeddedBroker", "broker_config"]
 
 
 def broker_config(
-    host: str, port: int, table: CredentialTable | None = None, tls: tuple[str, str] | None = None
+    host: str,
+    port: int,
+    table: CredentialTable | None = None,
+    tls: tuple[str, str] | None = None,
+    client_ca: str | None = None,
 ) -> dict[str, Any]:
     """The amqtt configuration for one TCP listener (TLS with ``tls``: certificate and key files).
 
     Without ``table`` anonymous clients are allowed everything; with it, connections and
-    topics are checked against it (broker/auth.py).
+    topics are checked against it (broker/auth.py). ``client_ca``: every client must present
+    a certificate signed by this CA, and its common name is its username (mTLS).
     """
     listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}
     if tls is not None:  # TLS (issue 5): amqtt wraps the listener in an ssl.SSLContext
         listener.update({"ssl": True, "certfile": tls[0], "keyfile": tls[1]})
+        if client_ca is not None:  # amqtt verifies a presented client certificate against cafile
+            listener["cafile"] = client_ca
     return {
         "listeners": {"default": listener},
         "plugins": (
-            auth_plugins(table)  # authentication (issue 5)
+            auth_plugins(table, client_certs=client_ca is not None)  # authentication (issue 5)
             if table is not None
             else {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
         ),
     }
+
+
+def _requiring_client_certs(base: type[Broker]) -> type[Broker]:
+    """``base`` with TLS listeners that refuse a handshake without a valid client certificate.
+
+    amqtt 0.12.1 builds its listener context with ``CERT_OPTIONAL`` (a certificate, if sent,
+    is verified against ``cafile``); a client sending none would only be refused at CONNECT
+    by the auth plugin. ``CERT_REQUIRED`` refuses it in the handshake already.
+    """
+
+    class RequiringClientCerts(base):  # type: ignore[misc, valid-type]
+        @staticmethod
+        def _create_ssl_context(listener: Any) -> ssl.SSLContext:
+            context = base._create_ssl_context(listener)
+            context.verify_mode = ssl.CERT_REQUIRED
+            return context
+
+    return RequiringClientCerts
 
 
 class EmbeddedBroker:
@@ -67,9 +93,13 @@ class EmbeddedBroker:
         stock: bool = False,
         table: CredentialTable | None = None,
         tls: tuple[str, str] | None = None,
+        client_ca: str | None = None,
     ) -> None:
+        if client_ca is not None and (tls is None or table is None):
+            raise BrokerStartError("client certificates need TLS and authentication")
         self.stock = stock
         self.tls = tls  # (certificate file, key file): listen with TLS only
+        self.client_ca = client_ca  # mTLS: clients need a certificate from this CA (its CN = username)
         self.table = table  # authentication (issue 5): None = anonymous clients allowed everything
         self.host = host
         self.port = port
@@ -116,8 +146,11 @@ class EmbeddedBroker:
             loop.close()
 
     async def _start(self) -> None:
-        config = broker_config(self.host, self.port, self.table, self.tls)
-        self._broker = Broker(config) if self.stock else TetherBroker(config)
+        config = broker_config(self.host, self.port, self.table, self.tls, self.client_ca)
+        cls: type[Broker] = Broker if self.stock else TetherBroker
+        if self.client_ca is not None:
+            cls = _requiring_client_certs(cls)
+        self._broker = cls(config)
         await self._broker.start()
         server = self._broker._servers["default"].instance  # amqtt exposes no public accessor
         sockets = getattr(server, "sockets", None) or []

@@ -31,6 +31,7 @@ class ControllerClient:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        client_cert: tuple[str, str] | None = None,
     ) -> None:
         self.timeout = timeout
         self.client_id = f"tether-cli-{uuid.uuid4().hex[:12]}"
@@ -48,6 +49,7 @@ class ControllerClient:
             username=username,
             password=password,
             ca_file=ca_file,
+            client_cert=client_cert,
         )
         self._mqtt.subscribe(self.reply_topic)
         self._mqtt.connect(timeout)

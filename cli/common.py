@@ -20,14 +20,21 @@ DEFAULT_CREDENTIALS = Path("tether-data") / "operator.json"
 
 
 def resolve_connection(
-    broker: str | None, credentials: Path | None, ca_file: Path | None = None
-) -> tuple[str, str | None, str | None, str | None]:
-    """(broker URL, username, password, CA file) from the options, the credentials file and the defaults.
+    broker: str | None,
+    credentials: Path | None,
+    ca_file: Path | None = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> tuple[str, str | None, str | None, str | None, tuple[str, str] | None]:
+    """(broker URL, username, password, CA file, client certificate and key) from the options,
+    the credentials file and the defaults.
 
     The file is ``--credentials``/``TETHER_CREDENTIALS``, else ``./tether-data/operator.json``
     if it exists. The broker is ``--broker``/``TETHER_BROKER``, else the file's ``broker``,
     else :data:`DEFAULT_BROKER`. The CA (for ``mqtts://``) is ``--ca-file``/``TETHER_CA_FILE``,
-    else the file's ``ca_file`` (what ``tether up --tls`` writes), else the system's CAs.
+    else the file's ``ca_file`` (what ``tether up --tls`` writes), else the system's CAs. The
+    client certificate (mTLS) is ``--tls-cert``/``--tls-key`` (``TETHER_TLS_CERT``/``_KEY``),
+    else the file's ``tls_cert``/``tls_key`` (``tether up --require-client-cert``), else none.
     """
     path = (
         credentials
@@ -37,7 +44,11 @@ def resolve_connection(
     found = read_credentials(path) if path is not None else {}
     url = broker or found.get("broker") or DEFAULT_BROKER
     ca = str(ca_file) if ca_file is not None else found.get("ca_file")
-    return url, found.get("username"), found.get("password"), ca
+    if (tls_cert is None) != (tls_key is None):
+        raise TetherError("--tls-cert and --tls-key go together")
+    cert = str(tls_cert) if tls_cert is not None else found.get("tls_cert")
+    key = str(tls_key) if tls_key is not None else found.get("tls_key")
+    return url, found.get("username"), found.get("password"), ca, (cert, key) if cert and key else None
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -69,6 +80,20 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         help="CA certificate to verify an mqtts:// broker (default: the credentials file's ca_file).",
     )
+    @click.option(
+        "--tls-cert",
+        envvar="TETHER_TLS_CERT",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help="Client certificate for a broker requiring one (default: the credentials file's tls_cert).",
+    )
+    @click.option(
+        "--tls-key",
+        envvar="TETHER_TLS_KEY",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=None,
+        help="Its private key (default: the credentials file's tls_key).",
+    )
     @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table")
     @click.option(
         "--request-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a reply."
@@ -78,14 +103,23 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
         broker: str | None,
         credentials: Path | None,
         ca_file: Path | None,
+        tls_cert: Path | None,
+        tls_key: Path | None,
         fmt: str,
         request_timeout: float,
         **kwargs: Any,
     ) -> None:
         try:
-            url, username, password, ca = resolve_connection(broker, credentials, ca_file)
+            url, username, password, ca, cert = resolve_connection(
+                broker, credentials, ca_file, tls_cert, tls_key
+            )
             with ControllerClient(
-                url, timeout=request_timeout, username=username, password=password, ca_file=ca
+                url,
+                timeout=request_timeout,
+                username=username,
+                password=password,
+                ca_file=ca,
+                client_cert=cert,
             ) as client:
                 fn(client, fmt, **kwargs)
         except TetherError as exc:

@@ -112,6 +112,11 @@ def main() -> None:
 @click.option(
     "--tls-san", multiple=True, help="Another host name or address for the quick-start certificate."
 )
+@click.option(
+    "--require-client-cert",
+    is_flag=True,
+    help="mTLS: every client needs a certificate from the quick-start CA; its CN is its username.",
+)
 def up(
     data_dir: Path,
     db: str | None,
@@ -131,6 +136,7 @@ def up(
     tls_key: Path | None,
     tls_ca: Path | None,
     tls_san: tuple[str, ...],
+    require_client_cert: bool,
 ) -> None:
     """Start the controller (and the embedded broker unless --broker is given)."""
     import logging
@@ -167,6 +173,7 @@ def up(
                 tls_key=tls_key,
                 tls_ca=tls_ca,
                 tls_san=tls_san,
+                require_client_cert=require_client_cert,
             ),
             _status_line(log_format),
         )
@@ -332,11 +339,22 @@ def devices_label(client: ControllerClient, fmt: str, device_id: str, changes: t
     "--out",
     type=click.Path(path_type=Path),
     default=None,
-    help="Write them to this file (0600, the agent's credentials.json format) instead of stdout.",
+    help="Write them to this file (0600, the agent's credentials.json format) instead of stdout; "
+    "with --cert, a directory.",
+)
+@click.option(
+    "--cert",
+    is_flag=True,
+    help="A client certificate and key instead of a password (tether up --require-client-cert).",
 )
 @common
-def devices_credentials(client: ControllerClient, fmt: str, device_id: str, out: Path | None) -> None:
+def devices_credentials(
+    client: ControllerClient, fmt: str, device_id: str, out: Path | None, cert: bool
+) -> None:
     """Create (or rotate) a device's broker credentials; the password is shown only once."""
+    if cert:
+        _device_certificate(client, fmt, device_id, out)
+        return
     result = client.request(DevicesCredentials(device_id=device_id))
     data = {"username": result["username"], "password": result["password"]}
     if out is not None:
@@ -351,6 +369,32 @@ def devices_credentials(client: ControllerClient, fmt: str, device_id: str, out:
         click.echo(output.to_json(result))
     else:
         click.echo(f"username: {data['username']}\npassword: {data['password']}")
+
+
+def _device_certificate(client: ControllerClient, fmt: str, device_id: str, out: Path | None) -> None:
+    """`tether devices credentials ID --cert --out DIR`: DIR/ID.pem, DIR/ID.key (0600), DIR/ca.pem."""
+    if out is None:
+        raise TetherError("--cert needs --out DIR (the private key is written to a file, never printed)")
+    if out.exists() and not out.is_dir():
+        raise TetherError(f"--out {out}: not a directory (with --cert, --out names a directory)")
+    result = client.request(DevicesCredentials(device_id=device_id, certificate=True))
+    from tether.protocol.secret_files import write_secret_text
+
+    out = out.resolve()
+    cert_file, key_file, ca_file = out / f"{device_id}.pem", out / f"{device_id}.key", out / "ca.pem"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_secret_text(key_file, result["key"])
+        cert_file.write_text(result["certificate"])
+        ca_file.write_text(result["ca"])
+    except OSError as exc:
+        raise TetherError(f"cannot write the certificate files in {out}: {exc.strerror or exc}") from exc
+    if fmt == "json":
+        written = {"certificate": str(cert_file), "key": str(key_file), "ca": str(ca_file)}
+        click.echo(output.to_json({"device_id": device_id, **written}))
+        return
+    click.echo(f"{device_id}: certificate {cert_file}, key {key_file}, CA {ca_file}")
+    click.echo(f'agent config: tls_cert = "{cert_file}"  tls_key = "{key_file}"  ca_file = "{ca_file}"')
 
 
 @devices.command("revoke")

@@ -21,13 +21,15 @@ from .lease import lease_for
 from .mosquitto import write_mosquitto_files
 from .observability import HealthServer
 from .security import (
+    OPERATOR_USER,
     ensure_controller_credentials,
     ensure_operator_credentials,
     issue_device_credentials,
     load_table,
 )
-from .service import Controller
+from .service import Controller, tune_gc
 from .store import Store, is_postgres_url
+from .variables import SecretsKey
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,8 @@ class UpOptions:
     """The CA clients verify the broker with (the operator's own; or for an external mqtts:// broker)."""
     tls_san: tuple[str, ...] = ()
     """More host names or addresses for the quick-start server certificate."""
+    require_client_cert: bool = False
+    """mTLS: every client presents a certificate from the quick-start CA; its CN is its username."""
 
 
 def _agent_env(password: str | None) -> dict[str, str]:
@@ -62,6 +66,27 @@ def _agent_env(password: str | None) -> dict[str, str]:
     if password is not None:
         env.update({"TETHER_USERNAME": "local", "TETHER_PASSWORD": password})
     return env
+
+
+def _check_client_cert_options(options: UpOptions) -> None:
+    if options.tls_cert or options.tls_key:
+        raise StoreError(
+            "--require-client-cert signs client certificates with the quick-start CA: use --tls, "
+            "not --tls-cert/--tls-key"
+        )
+    if options.broker is None and not options.tls:
+        raise StoreError("--require-client-cert needs --tls (or an mqtts:// --broker)")
+    if options.broker is not None and not parse_broker_url(options.broker).tls:
+        raise StoreError("--require-client-cert needs an mqtts:// --broker")
+
+
+def _client_certificates(options: UpOptions, controller_user: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """mTLS: (our own, the operator's) client certificate and key files, from the quick-start CA."""
+    from .tls import client_files
+
+    ours = client_files(options.data_dir, controller_user, "controller")
+    operator = client_files(options.data_dir, OPERATOR_USER, "operator")
+    return (str(ours[0]), str(ours[1])), (str(operator[0]), str(operator[1]))
 
 
 def _agent_command(url: str, options: UpOptions) -> list[str]:
@@ -125,6 +150,13 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     table = load_table(store, options.allow_anonymous)
     embedded = None
     ca_file = options.tls_ca
+    client_cert: tuple[str, str] | None = None
+    operator_cert: tuple[str, str] | None = None
+    client_ca: str | None = None
+    if options.require_client_cert:
+        _check_client_cert_options(options)
+        if options.broker is not None and ca_file is None:  # the CA `tether mosquitto-config` made
+            ca_file = options.data_dir / "tls" / "ca.pem"
     if options.broker is None:
         from tether.broker import EmbeddedBroker
 
@@ -144,20 +176,32 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
                 echo(f"tether: TLS with the quick-start CA {files.ca.resolve() if files.ca else ''}")
             tls = (str(files.cert), str(files.key))
             ca_file = files.ca
-        embedded = EmbeddedBroker(options.bind, options.port, table=table, tls=tls)
+            if options.require_client_cert and files.ca is not None:
+                client_ca = str(files.ca)
+        embedded = EmbeddedBroker(
+            options.bind,
+            options.port,
+            table=table,
+            tls=tls,
+            client_ca=client_ca,
+        )
         port = embedded.start()
         host = "127.0.0.1" if options.bind in ("0.0.0.0", "", "::") else options.bind
         address = BrokerAddress(host, port, tls=tls is not None)
         scheme = "mqtts" if tls else "mqtt"
         echo(f"tether: embedded broker listening on {scheme}://{options.bind}:{port}")
+        if options.require_client_cert:
+            echo("tether: clients need a certificate from the quick-start CA (its CN is the username)")
         if options.allow_anonymous:
             echo("tether: WARNING: anonymous clients allowed (--allow-anonymous): for a local demo only")
     else:
         address = parse_broker_url(options.broker)
         echo(f"tether: using broker {address.url()}")
+    if options.require_client_cert:
+        client_cert, operator_cert = _client_certificates(options, credentials[0])
     with store.transaction():
         operator_file = ensure_operator_credentials(
-            store, options.data_dir, address.url(), now, ca_file if address.tls else None
+            store, options.data_dir, address.url(), now, ca_file if address.tls else None, operator_cert
         )
     use_credentials = embedded is not None or not options.allow_anonymous
     local_password = None
@@ -173,7 +217,14 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         table=table,
         credentials=credentials if use_credentials else None,
         ca_file=ca_file if address.tls else None,
+        secrets=SecretsKey.load_or_create(options.data_dir),
     )
+    if client_cert is not None:
+        from .tls import issue_client
+
+        controller.client_cert = client_cert
+        ca_pem = (options.data_dir / "tls" / "ca.pem").read_text()
+        controller.issue_certificate = lambda name: (*issue_client(options.data_dir, name), ca_pem)
     if embedded is not None:
         controller.disconnect_users = embedded.disconnect_users
     if options.mosquitto_dir is not None:
@@ -199,6 +250,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         controller.start(
             address, fresh_broker=embedded is not None, session_id=session_id, session_known=session_known
         )
+        tune_gc()  # after start-up: a long-lived heap, see controller/service.py
         if options.http:
             host, _, port_text = options.http.rpartition(":")
             http = HealthServer(controller, host or "127.0.0.1", int(port_text))
@@ -213,6 +265,11 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
             cmd = _agent_command(address.url(), options)
             if address.tls and ca_file is not None:
                 cmd += ["--ca-file", str(ca_file)]
+            if client_cert is not None:
+                from .tls import client_files
+
+                local_cert, local_key = client_files(options.data_dir, "local", "local")
+                cmd += ["--tls-cert", str(local_cert), "--tls-key", str(local_key)]
             agent = subprocess.Popen(cmd, env=_agent_env(local_password))
             echo(f"tether: local agent started (device 'local', driver {cmd[cmd.index('--driver') + 1]})")
         while not stop.wait(0.5):

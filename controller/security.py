@@ -66,16 +66,26 @@ def ensure_controller_credentials(store: Store, data_dir: Path, now: float) -> t
 
 
 def ensure_operator_credentials(
-    store: Store, data_dir: Path, broker_url: str, now: float, ca_file: Path | None = None
+    store: Store,
+    data_dir: Path,
+    broker_url: str,
+    now: float,
+    ca_file: Path | None = None,
+    client_cert: tuple[str, str] | None = None,
 ) -> Path | None:
     """Create the ``admin`` operator on first start and write ``{data_dir}/operator.json`` (0600).
 
     With ``ca_file`` (``tether up --tls``) the file names it, and an existing file is brought
-    up to date with the broker URL and CA. Returns the file's path, or None if the operator
+    up to date with the broker URL and CA; likewise ``client_cert`` (certificate and key files,
+    ``--require-client-cert``) as ``tls_cert``/``tls_key``. Returns the file's path, or None if the operator
     exists but its file is not here (it was created by another controller of the same store).
     """
     path = data_dir / "operator.json"
     extra = {"ca_file": str(ca_file.resolve())} if ca_file is not None else {}
+    if client_cert is not None:
+        extra.update(
+            tls_cert=str(Path(client_cert[0]).resolve()), tls_key=str(Path(client_cert[1]).resolve())
+        )
     if store.get_credential(OPERATOR_USER) is None:
         password = new_password()
         store.put_credential(
@@ -87,7 +97,7 @@ def ensure_operator_credentials(
         return path
     if not path.exists():
         return None
-    if ca_file is not None:
+    if extra:
         try:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -97,14 +107,18 @@ def ensure_operator_credentials(
     return path
 
 
-def issue_device_credentials(store: Store, device_id: str, now: float) -> str:
-    """Create or rotate ``device_id``'s credentials in ``store``; return the new password."""
+def _check_new_device_user(store: Store, device_id: str) -> None:
     topics.check_device_id(device_id)
     if device_id.startswith(RESERVED_DEVICE_PREFIXES):
         raise StoreError(f"device id {device_id!r} is reserved (starts with {device_id.split('-')[0]}-)")
     existing = store.get_credential(device_id)
     if existing is not None and existing.role != "device":
         raise StoreError(f"{device_id!r} is the name of a {existing.role} user, not a device")
+
+
+def issue_device_credentials(store: Store, device_id: str, now: float) -> str:
+    """Create or rotate ``device_id``'s credentials in ``store``; return the new password."""
+    _check_new_device_user(store, device_id)
     password = new_password()
     with store.transaction():
         store.put_credential(Credential(device_id, "device", device_id, hash_password(password)), now)
@@ -114,6 +128,23 @@ def issue_device_credentials(store: Store, device_id: str, now: float) -> str:
     return password
 
 
+def admit_certificate_user(store: Store, device_id: str, now: float) -> None:
+    """Make ``device_id`` a known, unrevoked broker user for a client certificate (mTLS).
+
+    An existing password is kept (a revoked one works again); a new user gets a random
+    password nobody is told, so only its certificate lets it in.
+    """
+    _check_new_device_user(store, device_id)
+    existing = store.get_credential(device_id)
+    with store.transaction():
+        if existing is None or existing.revoked:
+            password_hash = existing.password_hash if existing else hash_password(new_password())
+            store.put_credential(Credential(device_id, "device", device_id, password_hash), now)
+        device = store.get_device(device_id)
+        if device is not None and device.revoked:
+            store.put_device(device.model_copy(update={"revoked": False}))
+
+
 class SecurityHandlers:
     """Credential commands; mixed into the Controller (see the module docstring)."""
 
@@ -121,6 +152,12 @@ class SecurityHandlers:
     table: CredentialTable | None
     disconnect_users: Callable[[set[str]], int]
     clock: Callable[[], float]
+
+    client_cert: tuple[str, str] | None = None
+    """Our own client certificate and key files (mTLS: ``tether up --require-client-cert``)."""
+    issue_certificate: Callable[[str], tuple[str, str, str]] | None = None
+    """Sign a client certificate for a user: (certificate, key, CA) PEMs; set by ``tether up``
+    when it holds the quick-start CA."""
 
     on_credentials_changed: Callable[[], None] | None = None
     """Called after credentials or a device's stacks changed (``tether up --mosquitto-dir``)."""
@@ -143,8 +180,33 @@ class SecurityHandlers:
         return password
 
     def _devices_credentials(self, cmd: DevicesCredentials) -> Any:
+        if cmd.certificate:
+            return self._device_certificate(cmd.device_id)
         password = self.device_credentials(cmd.device_id)
         return {"device_id": cmd.device_id, "username": cmd.device_id, "password": password}
+
+    def _device_certificate(self, device_id: str) -> dict[str, Any]:
+        """A new client certificate and key for ``device_id`` (its common name), shown once."""
+        if self.issue_certificate is None:
+            raise StoreError(
+                "this controller holds no CA to sign client certificates (it signs with the quick-start "
+                "CA of `tether up --tls`); with your own CA, sign one with common name "
+                f"{device_id!r} and run `tether devices credentials {device_id}` to register it"
+            )
+        was = self.store.get_device(device_id)
+        admit_certificate_user(self.store, device_id, self.clock())
+        certificate, key, ca = self.issue_certificate(device_id)
+        self._sync_table()
+        if was is not None and was.revoked:
+            self.sync({device_id})  # matches its groups again
+        log.info("device %s: new client certificate", device_id)
+        return {
+            "device_id": device_id,
+            "username": device_id,
+            "certificate": certificate,
+            "key": key,
+            "ca": ca,
+        }
 
     def _devices_revoke(self, cmd: DevicesRevoke) -> Any:
         known = {d.id for d in self.store.list_devices()} | {

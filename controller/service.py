@@ -166,6 +166,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers):
             username=self.credentials[0] if self.credentials else None,
             password=self.credentials[1] if self.credentials else None,
             ca_file=str(self.ca_file) if self.ca_file else None,
+            client_cert=self.client_cert,  # mTLS (security.py)
         )
         if self.ha:
             self.client.subscribe(topics.SHARED_REQUESTS)

@@ -213,6 +213,16 @@ class CredentialTable:
             self._verified[key] = credential.password_hash
         return identity
 
+    def authenticate_certificate(self, name: str, client_id: str) -> Identity | None:
+        """The identity of a CONNECT with a verified client certificate whose common name is
+        ``name``, or None to refuse it: the user must exist (a device, the controller or an
+        operator; not an enrolling one) and not be revoked, and the client id must fit it."""
+        credential = self._users.get(name)
+        if credential is None or credential.revoked or credential.role == "enrolling":
+            return None
+        identity = credential.identity(client_id)
+        return identity if client_id_allowed(identity) else None
+
     def identity(self, username: str | None, client_id: str) -> Identity | None:
         """The current identity of a connected session (None once revoked or removed)."""
         if not username:

@@ -333,10 +333,14 @@ class DevicesLabel(WireModel):
 
 
 class DevicesCredentials(WireModel):
-    """Create (or rotate) a device's broker credentials; the reply holds the password, once."""
+    """Create (or rotate) a device's broker credentials; the reply holds the password, once.
+
+    ``certificate``: a client certificate and key instead (mTLS), signed by the controller's
+    quick-start CA; the reply holds both (and the CA), once."""
 
     kind: Literal["devices.credentials"] = "devices.credentials"
     device_id: str
+    certificate: bool = False
 
 
 class DevicesRevoke(WireModel):

@@ -34,7 +34,7 @@ from .errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BrokerAddress", "MqttClient", "Will", "parse_broker_url"]
+__all__ = ["BrokerAddress", "MqttClient", "Will", "parse_broker_url", "tls_context"]
 
 _HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
 """A host name, an IPv4 or an (unbracketed) IPv6 literal."""
@@ -86,6 +86,46 @@ class Will:
 MessageHandler = Callable[[str, bytes, bool], None]
 
 
+def tls_context(ca_file: str | None, client_cert: tuple[str, str] | None = None) -> ssl.SSLContext:
+    """A client TLS context verifying the server (against ``ca_file``, else the system's CAs),
+    presenting ``client_cert`` (certificate file, key file) if given. A missing or wrong file
+    is a :class:`ConfigError` that names it."""
+    if ca_file is not None:
+        _check_pem("CA file", ca_file, "CERTIFICATE-----")
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"CA file {ca_file}: {_reason(exc)}") from exc
+    if client_cert is not None:
+        cert, key = client_cert
+        _check_pem("client certificate", cert, "CERTIFICATE-----")
+        _check_pem("client key", key, "PRIVATE KEY-----")
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                raise ConfigError(f"client key {key} does not belong to client certificate {cert}") from exc
+            raise ConfigError(f"client certificate {cert} / key {key}: {_reason(exc)}") from exc
+    return ctx
+
+
+def _check_pem(label: str, path: str, marker: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1_000_000)
+    except OSError as exc:
+        raise ConfigError(f"{label} {path}: {_reason(exc)}") from exc
+    if marker.encode() not in text:
+        what = "private key" if "KEY" in marker else "certificate"
+        raise ConfigError(f"{label} {path} is not a PEM {what}")
+
+
+def _reason(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return exc.strerror or str(exc)
+
+
 class MqttClient:
     """One MQTT 3.1.1 session to one of several brokers, kept alive by a background thread."""
 
@@ -105,7 +145,10 @@ class MqttClient:
         username: str | None = None,
         password: str | None = None,
         ca_file: str | None = None,
+        client_cert: tuple[str, str] | None = None,
     ) -> None:
+        """``ca_file``: the CA that signed an ``mqtts://`` broker's certificate (default: the
+        system's); ``client_cert``: (certificate file, key file) to present (mTLS identity)."""
         if not brokers:
             raise ConfigError("no broker configured")
         self.brokers = list(brokers)
@@ -138,8 +181,9 @@ class MqttClient:
         if username is not None:
             self._paho.username_pw_set(username, password)
         if any(b.tls for b in self.brokers):
-            ctx = ssl.create_default_context(cafile=ca_file)
-            self._paho.tls_set_context(ctx)
+            self._paho.tls_set_context(tls_context(ca_file, client_cert))
+        elif client_cert is not None:
+            raise ConfigError("a client certificate needs an mqtts:// broker")
         self._paho.on_connect = self._handle_connect
         self._paho.on_message = self._handle_message
         self._paho.on_disconnect = self._handle_disconnect

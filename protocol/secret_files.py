@@ -29,7 +29,7 @@ def write_secret_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def read_credentials(path: Path) -> dict[str, str]:
-    """``{"username", "password"[, "broker", "ca_file"]}`` from a credentials file; :class:`ConfigError` if unusable."""
+    """``{"username", "password"[, "broker", "ca_file", "tls_cert", "tls_key"]}`` from a credentials file; :class:`ConfigError` if unusable."""
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
@@ -42,5 +42,5 @@ def read_credentials(path: Path) -> dict[str, str]:
         or not isinstance(data.get("password"), str)
     ):
         raise ConfigError(f"credentials file {path}: needs string fields 'username' and 'password'")
-    keep = ("username", "password", "broker", "ca_file")
+    keep = ("username", "password", "broker", "ca_file", "tls_cert", "tls_key")
     return {k: v for k, v in data.items() if k in keep and isinstance(v, str)}
