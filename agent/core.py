@@ -28,6 +28,12 @@ and keeps its files in a :class:`~.store.StateStore`.
   number for the ``offline`` will; after CONNACK, ``online`` with the same number and the
   device's facts is published retained. A retained ``offline`` of an older session (a late
   will) seen on our own presence topic is overwritten at once.
+* **Variables** (``${var:PATH/KEY}`` in environment values and config files) are rendered
+  here, just before reconciling: the desired state carries a binding per reference, a
+  secret sealed to this device's key (opened only here). A rendering that fails (a missing
+  value, a tampered secret) leaves the stack as it was rendered last; config files are
+  written under the data directory and a changed one restarts, signals or leaves the
+  service as its ``change_mode`` says.
 * **Remote operations** (``.../requests``) go to :mod:`.remote`, which answers on the
   request's reply topic and runs anything slow on worker threads, never on this one.
 """
@@ -39,9 +45,12 @@ import platform
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from nacl.public import PrivateKey
 from tether.protocol import codec, topics
+from tether.protocol.enrollment import open_text, public_key_b64
 from tether.protocol.errors import DriverError, PayloadError
 from tether.protocol.models import (
     DesiredState,
@@ -53,13 +62,15 @@ from tether.protocol.models import (
     ReportedState,
     StackDefinition,
     StackSpec,
+    VarBinding,
     content_hash,
 )
 from tether.protocol.mqtt import Will
 from tether.protocol.topics import DeviceTopic
+from tether.protocol.variables import RenderError, render_stack
 
 from . import reconcile, remote
-from .drivers.base import Driver
+from .drivers.base import Driver, Observed
 from .jobs import JobScheduler
 from .reconcile import CRASH_LOOP_RESTARTS, Create, Remove, RestartRecord, ServiceKey, Start
 from .store import StateStore
@@ -70,6 +81,15 @@ LOG_TAIL_LINES = 20
 EVENTS_IN_FLIGHT = 50
 """Events sent but not yet acknowledged, at most."""
 STEADY_RUN_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """A stack as last rendered for this device: ``spec`` is what runs (None: never rendered)."""
+
+    key: tuple[object, ...]
+    spec: StackSpec | None
+    error: str | None = None
 
 
 class Link(Protocol):
@@ -114,8 +134,14 @@ class AgentCore:
         clock: Callable[[], float] = time.time,
         facts: DeviceFacts | None = None,
         is_held: Callable[[], bool] = lambda: False,
+        private_key: PrivateKey | None = None,
     ) -> None:
+        """``private_key``: the device's X25519 key (secrets are sealed to it); without one,
+        stacks that use secrets cannot be rendered."""
         self.device_id = device_id
+        self.private_key = private_key
+        self.renderings: dict[str, Rendering] = {}
+        self._signals: set[tuple[str, str, str]] = set()  # (stack, service, signal) to send
         self.is_held = is_held
         self.held = False
         self._inflight: dict[int, Callable[[], bool]] = {}  # event seq -> acknowledged yet?
@@ -180,6 +206,7 @@ class AgentCore:
                 os=os_name(),
                 hostname=socket.gethostname(),
                 labels=dict(self.labels),
+                public_key=public_key_b64(self.private_key) if self.private_key is not None else None,
             )
         return self.remote.extend_facts(self._facts) if self.remote else self._facts
 
@@ -343,26 +370,143 @@ class AgentCore:
                     hashes[ref.name] = ref.spec_hash
         return specs, hashes
 
+    # --- variables ---
+
+    def render(self, specs: dict[str, StackSpec]) -> tuple[dict[str, StackSpec], dict[str, str]]:
+        """The stacks to run, rendered for this device, and the stacks whose rendering failed
+        (name to error). A failed stack runs as last rendered, or is left alone if it never
+        was; a stack without references or config files is its own rendering."""
+        bindings: dict[str, list[VarBinding]] = {}
+        for binding in self.desired.vars if self.desired is not None else ():
+            bindings.setdefault(binding.stack, []).append(binding)
+        rendered: dict[str, StackSpec] = {}
+        errors: dict[str, str] = {}
+        for name, spec in specs.items():
+            mine = bindings.get(name, [])
+            if not mine and not spec.configs:
+                rendered[name] = spec
+                continue
+            key = (spec.spec_hash(), *((b.ref, b.digest, b.value, b.sealed, b.error) for b in mine))
+            previous = self.renderings.get(name)
+            if previous is None or previous.key != key:
+                self.renderings[name] = self._render_stack(name, spec, mine, key, previous)
+            current = self.renderings[name]
+            if current.spec is not None:
+                rendered[name] = current.spec
+            if current.error is not None:
+                errors[name] = current.error
+        if set(self.renderings) - set(specs):
+            self.renderings = {n: r for n, r in self.renderings.items() if n in specs}
+            self.store.prune_configs(set(self.renderings))
+        return rendered, errors
+
+    def _render_stack(
+        self,
+        name: str,
+        spec: StackSpec,
+        bindings: list[VarBinding],
+        key: tuple[object, ...],
+        previous: Rendering | None,
+    ) -> Rendering:
+        values: dict[str, str] = {}
+        problems: list[str] = []
+        for b in bindings:
+            if b.error is not None:
+                problems.append(f"variable {b.ref!r}: {b.error}")
+            elif b.sealed is not None:
+                if self.private_key is None:
+                    problems.append(f"secret {b.ref!r}: this agent has no key to open secrets")
+                    continue
+                try:
+                    values[b.ref] = open_text(self.private_key, b.sealed, f"secret {b.ref!r}")
+                except PayloadError as exc:
+                    problems.append(str(exc))
+            elif b.value is not None:
+                values[b.ref] = b.value
+        try:
+            if problems:
+                raise RenderError(f"stack {name}: " + "; ".join(problems))
+            spec_r, files = render_stack(
+                name, spec, values, lambda config: self.store.config_path(name, config)
+            )
+        except RenderError as exc:
+            message = str(exc)
+            if previous is None or previous.error != message:
+                kept = "keeps running as rendered before" if previous and previous.spec else "is not started"
+                self.event("stack.render_failed", f"{message} (the stack {kept})", level="error", stack=name)
+            return Rendering(key, previous.spec if previous else None, message)
+        modes = {m.source: m.mode for s in reversed(spec.services) for m in s.configs}
+        changed = {
+            config
+            for config, content in files.items()
+            if self.store.write_config(name, config, content, modes.get(config, 0o444))
+        }
+        for service in spec_r.services:
+            for mount in service.configs:
+                if mount.source not in changed or previous is None or previous.spec is None:
+                    continue
+                if mount.change_mode == "signal":
+                    self._signals.add((name, service.name, mount.change_signal))
+                action = {
+                    "restart": "restarting",
+                    "signal": f"sending {mount.change_signal}",
+                    "noop": "not restarting",
+                }
+                self.event(
+                    "config.changed",
+                    f"config {mount.source} changed: {action[mount.change_mode]} {service.name}",
+                    stack=name,
+                    service=service.name,
+                )
+        return Rendering(key, spec_r)
+
+    def _send_signals(self, observed: list[Observed], desired: dict[str, StackSpec]) -> None:
+        """Signal the running instances whose config changed (``change_mode: signal``)."""
+        signals, self._signals = self._signals, set()
+        for stack, service, signame in sorted(signals):
+            spec = desired.get(stack)
+            svc = spec.service(service) if spec is not None else None
+            for inst in observed:
+                if (inst.stack, inst.service) != (stack, service) or inst.state != "running":
+                    continue
+                if svc is None or inst.spec_hash != svc.spec_hash():
+                    continue  # replaced in this round: it read the new file when it started
+                try:
+                    self.driver.signal(inst, signame)
+                except Exception as exc:  # noqa: BLE001 - recorded, like every driver failure
+                    self.event(
+                        "action.failed", f"{signame}: {exc}", level="error", stack=stack, service=service
+                    )
+
+    # --- reconcile ---
+
     def reconcile_once(self) -> None:
         """Observe, plan, apply, report. Driver failures are recorded, never raised."""
         self.wake = False
         if self.pending is not None and not self.awaiting:
             self._try_accept()  # a hold may have been released
         now = self.clock()
-        desired, hashes = self.desired_stacks()
+        specs, hashes = self.desired_stacks()
+        desired, render_errors = self.render(specs)
         try:
             observed = self.driver.observe()
         except Exception as exc:  # noqa: BLE001 - recorded and retried next round
             log.error("observe failed: %s", exc)
             self.event("driver.error", str(exc), level="error")
             return
-        plan = reconcile.plan(desired, observed, now, self.restarts)
+        # A stack that could never be rendered is left alone: its instances are neither
+        # created nor removed until it can be.
+        unrendered = set(specs) - set(desired)
+        before = observed
+        plan = reconcile.plan(desired, [i for i in observed if i.stack not in unrendered], now, self.restarts)
         for action in plan.actions:
             self._apply(action, desired, now)
+        if self._signals:
+            self._send_signals(before, desired)
         if plan.actions:
             try:
                 observed = self.driver.observe()
-                self.driver.prune(set(desired))
+                self.driver.prune(set(specs))
             except Exception as exc:  # noqa: BLE001 - recorded and retried next round
                 self.event("driver.error", str(exc), level="error")
         keys = {(stack, s.name) for stack, spec in desired.items() for s in spec.services}
@@ -376,8 +520,17 @@ class AgentCore:
                 self.restarts[key] = RestartRecord(0, rec.last_at, rec.total)
                 self.log_tails.pop(key, None)
         self.waiting = plan.waiting
+        errors = dict(self.errors)
+        for stack, message in render_errors.items():
+            errors.update({(stack, s.name): message for s in specs[stack].services})
         stacks = reconcile.status(
-            desired, hashes, observed, self.errors, self.restarts, plan.waiting, self.log_tails
+            {name: desired.get(name, spec) for name, spec in specs.items()},
+            hashes,
+            observed,
+            errors,
+            self.restarts,
+            plan.waiting,
+            self.log_tails,
         )
         self.converging = any(s.state == "converging" for s in stacks.values()) or bool(plan.actions)
         self._candidate = ReportedState(

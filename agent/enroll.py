@@ -71,7 +71,8 @@ def open_response(payload: bytes, private_key: PrivateKey, device_id: str) -> En
 
 
 def load_or_create_key(data_dir: Path) -> PrivateKey:
-    """This device's enrollment key pair, created on first use (``{data_dir}/enroll.key``, 0600)."""
+    """This device's key pair, created on first use (``{data_dir}/enroll.key``, 0600): its
+    enrollment answer and its secrets are sealed to it."""
     path = data_dir / KEY_FILE
     if path.exists():
         try:

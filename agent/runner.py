@@ -21,6 +21,7 @@ from . import remote
 from .config import LABEL_KEY_RE, AgentConfig
 from .core import AgentCore
 from .drivers.base import Driver
+from .enroll import load_or_create_key
 from .jobs import run_host_command, run_job
 from .store import LocalStore
 
@@ -63,6 +64,7 @@ class Agent:
             LocalStore(config.data_dir),
             self.client,
             is_held=hold_file.exists,
+            private_key=load_or_create_key(config.data_dir),
         )
         self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics

@@ -6,6 +6,7 @@
     {data_dir}/outbox/{seq}.msgpack    events not yet handed to the broker, oldest first
     {data_dir}/outbox/state            next event sequence number and events dropped
     {data_dir}/jobs.json               the job scheduler's state (finished one-shot runs...)
+    {data_dir}/configs/{stack}/{name}  config files rendered from variables (bind-mounted)
 
 Every write is atomic (write a temporary file, fsync, rename over, fsync the directory),
 so a power cut leaves either the old or the new file, never a torn one.
@@ -73,6 +74,9 @@ class StateStore(Protocol):
     def outbox_size(self) -> int: ...
     def load_json(self, name: str) -> Any: ...
     def save_json(self, name: str, value: Any) -> None: ...
+    def config_path(self, stack: str, name: str) -> str: ...
+    def write_config(self, stack: str, name: str, content: bytes, mode: int) -> bool: ...
+    def prune_configs(self, stacks: set[str]) -> None: ...
 
 
 class MemoryStore:
@@ -87,6 +91,7 @@ class MemoryStore:
         self.limit = limit
         self.dropped = 0
         self.blobs: dict[str, Any] = {}
+        self.configs: dict[tuple[str, str], bytes] = {}
 
     def load_desired(self) -> DesiredState | None:
         return self.desired
@@ -141,6 +146,17 @@ class MemoryStore:
 
     def save_json(self, name: str, value: Any) -> None:
         self.blobs[name] = json.loads(json.dumps(value))
+
+    def config_path(self, stack: str, name: str) -> str:
+        return f"memory:/configs/{stack}/{name}"
+
+    def write_config(self, stack: str, name: str, content: bytes, mode: int) -> bool:
+        changed = self.configs.get((stack, name)) != content
+        self.configs[(stack, name)] = content
+        return changed
+
+    def prune_configs(self, stacks: set[str]) -> None:
+        self.configs = {k: v for k, v in self.configs.items() if k[0] in stacks}
 
 
 class LocalStore:
@@ -292,3 +308,44 @@ class LocalStore:
 
     def save_json(self, name: str, value: Any) -> None:
         atomic_write(self.dir / f"{name}.json", json.dumps(value).encode())
+
+    # --- rendered config files ---
+
+    def config_path(self, stack: str, name: str) -> str:
+        return str(self.dir / "configs" / stack / name)
+
+    def write_config(self, stack: str, name: str, content: bytes, mode: int) -> bool:
+        """Write a rendered config file if its content changed; True if it did.
+
+        Written in place, not renamed over: a running container bind-mounts the file's
+        inode, and must see the new content (``change_mode: signal`` or ``noop``). A torn
+        write (power cut) is repaired at the next start, which renders and compares again.
+        The directory is the agent's only (0700); the file has the mount's mode.
+        """
+        path = Path(self.config_path(stack, name))
+        try:
+            if path.read_bytes() == content:
+                if path.stat().st_mode & 0o777 != mode:
+                    os.chmod(path, mode)
+                return False
+        except FileNotFoundError:
+            pass
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent.parent, 0o700)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+            f.truncate(0)
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), mode)
+        return True
+
+    def prune_configs(self, stacks: set[str]) -> None:
+        root = self.dir / "configs"
+        if not root.is_dir():
+            return
+        for stack_dir in root.iterdir():
+            if stack_dir.name not in stacks:
+                for f in stack_dir.iterdir():
+                    f.unlink(missing_ok=True)
+                stack_dir.rmdir()

@@ -43,7 +43,7 @@ from tether.protocol.models import (
     StacksStatus,
 )
 
-from . import enroll, output, remote
+from . import enroll, output, remote, variables
 from .client import ControllerClient
 from .common import common, fail
 
@@ -199,10 +199,27 @@ def _status_line(log_format: str) -> Callable[[str], None]:
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="For the snippet."
 )
-def mosquitto_config(out: Path, data_dir: Path, db: str | None, port: int) -> None:
+@click.option("--tls", is_flag=True, help="A TLS listener with the quick-start CA in --data-dir/tls.")
+@click.option("--tls-san", multiple=True, help="Another host name or address for its server certificate.")
+@click.option(
+    "--require-client-cert",
+    is_flag=True,
+    help="mTLS (with --tls): clients need a certificate from the quick-start CA; its CN is the username.",
+)
+def mosquitto_config(
+    out: Path,
+    data_dir: Path,
+    db: str | None,
+    port: int,
+    tls: bool,
+    tls_san: tuple[str, ...],
+    require_client_cert: bool,
+) -> None:
     """Write Mosquitto's password file, ACL file and a mosquitto.conf snippet (docs/security.md)."""
+    if require_client_cert and not tls:
+        fail("--require-client-cert needs --tls")
     try:
-        from tether.controller.mosquitto import write_mosquitto_files
+        from tether.controller.mosquitto import quickstart_tls, write_mosquitto_files
         from tether.controller.security import (
             ensure_controller_credentials,
             ensure_operator_credentials,
@@ -214,17 +231,30 @@ def mosquitto_config(out: Path, data_dir: Path, db: str | None, port: int) -> No
     target = db or str(data_dir / "tether.db")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
+        listener = quickstart_tls(data_dir, tls_san, require_client_cert) if tls else None
+        operator_cert = None
+        if require_client_cert:
+            from tether.controller.security import OPERATOR_USER
+            from tether.controller.tls import client_files
+
+            cert_file, key_file = client_files(data_dir, OPERATOR_USER, "operator")
+            operator_cert = (str(cert_file), str(key_file))
         store = Store(target)
         try:  # what `tether up` would create first, so that Mosquitto knows them before it starts
             with store.transaction():
                 ensure_controller_credentials(store, data_dir, time.time())
                 operator_file = ensure_operator_credentials(
-                    store, data_dir, f"mqtt://127.0.0.1:{port}", time.time()
+                    store,
+                    data_dir,
+                    f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{port}",
+                    time.time(),
+                    listener.cafile if listener else None,
+                    operator_cert,
                 )
             table = load_table(store, allow_anonymous=False)
         finally:
             store.close()
-        written = write_mosquitto_files(out, table.credentials(), table.all_stacks(), port)
+        written = write_mosquitto_files(out, table.credentials(), table.all_stacks(), port, listener)
     except (TetherError, OSError) as exc:
         fail(str(exc))
     for path in written:
@@ -970,6 +1000,7 @@ deployments.command("rollback")(
 
 remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remote.py)
 enroll.register(main)  # tether tokens, tether devices pending|approve|reject (cli/enroll.py)
+variables.register(main)  # tether vars (cli/variables.py)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

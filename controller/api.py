@@ -52,8 +52,14 @@ from tether.protocol.models import (
     TokensCreate,
     TokensList,
     TokensRemove,
+    VarsGet,
+    VarsKey,
+    VarsList,
+    VarsRemove,
+    VarsSet,
 )
 from tether.protocol.schedule import cron_error
+from tether.protocol.variables import stack_references
 
 from . import rollout
 from .compose import parse_stack
@@ -86,6 +92,11 @@ class RequestHandlers:
             TokensCreate: self._tokens_create,  # type: ignore[attr-defined]
             TokensList: self._tokens_ls,  # type: ignore[attr-defined]
             TokensRemove: self._tokens_rm,  # type: ignore[attr-defined]
+            VarsKey: self._vars_key,  # type: ignore[attr-defined]  # variables.py
+            VarsSet: self._vars_set,  # type: ignore[attr-defined]
+            VarsGet: self._vars_get,  # type: ignore[attr-defined]
+            VarsList: self._vars_ls,  # type: ignore[attr-defined]
+            VarsRemove: self._vars_rm,  # type: ignore[attr-defined]
             GroupsCreate: self._groups_create,
             GroupsList: self._groups_ls,
             GroupsShow: self._groups_show,
@@ -253,6 +264,9 @@ class RequestHandlers:
             raise StoreError(
                 f"stack {cmd.name!r} is already deployed to group {existing.group!r}; remove it first or use that group"
             )
+        refs = stack_references(spec)
+        if refs:  # every device it goes to must have a value for every reference
+            self.check_stack_variables(cmd.name, refs, members(group, self._labels()), cmd.group)  # type: ignore[attr-defined]
         spec_hash = spec.spec_hash()
         now = self.clock()
         changed = existing is None or existing.spec_hash != spec_hash or existing.placement != placement

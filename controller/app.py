@@ -18,7 +18,7 @@ from tether.protocol.errors import StoreError
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
 
 from .lease import lease_for
-from .mosquitto import write_mosquitto_files
+from .mosquitto import quickstart_tls, write_mosquitto_files
 from .observability import HealthServer
 from .security import (
     OPERATOR_USER,
@@ -230,8 +230,14 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     if options.mosquitto_dir is not None:
         mosquitto_dir = options.mosquitto_dir
 
+        listener = None  # the quick-start CA's files, if the broker uses them (mosquitto-config --tls)
+        if address.tls and (options.data_dir / "tls" / "server.pem").is_file():
+            listener = quickstart_tls(options.data_dir, (), options.require_client_cert)
+
         def write_mosquitto() -> None:
-            write_mosquitto_files(mosquitto_dir, table.credentials(), table.all_stacks())
+            write_mosquitto_files(
+                mosquitto_dir, table.credentials(), table.all_stacks(), address.port, listener
+            )
             log.info(
                 "Mosquitto password and ACL files rewritten in %s (reload Mosquitto: SIGHUP)", mosquitto_dir
             )

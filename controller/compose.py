@@ -5,6 +5,11 @@ out. Supported service keys are listed in :data:`SERVICE_KEYS`; every other key 
 rejected at deploy time, so nothing is silently ignored on a device. ``env_file`` is
 rejected on purpose: the file lives on the operator's machine, not on the device; put the
 variables under ``environment``. Relative bind-mount paths are rejected for the same reason.
+
+Variables (``${var:PATH/KEY}``, set with ``tether vars``) may appear in environment values
+and in config file templates (top-level ``configs`` with ``content``); they are rendered on
+the device. Anywhere else, and for the operator's shell variables (``$VAR``), interpolation
+is refused.
 """
 
 from __future__ import annotations
@@ -19,18 +24,21 @@ from tether.protocol.codec import describe
 from tether.protocol.durations import parse_duration
 from tether.protocol.errors import ComposeError, StoreError
 from tether.protocol.models import (
+    CONFIG_NAME_PATTERN,
     NAME_PATTERN,
+    ConfigMount,
     HealthcheckSpec,
     PortSpec,
     ServiceSpec,
     StackSpec,
     VolumeSpec,
 )
+from tether.protocol.variables import check_refs, references
 
 from .placement import Placement
 from .selectors import parse_selector
 
-TOP_LEVEL_KEYS = {"services", "volumes", "version", "name", "x-tether"}
+TOP_LEVEL_KEYS = {"services", "volumes", "configs", "version", "name", "x-tether"}
 SERVICE_KEYS = {
     "image",
     "command",
@@ -44,6 +52,16 @@ SERVICE_KEYS = {
     "healthcheck",
     "depends_on",
     "stop_grace_period",
+    "configs",
+}
+CONFIG_MOUNT_KEYS = {
+    "source",
+    "target",
+    "mode",
+    "uid",
+    "gid",
+    "x-tether-change-mode",
+    "x-tether-change-signal",
 }
 _HINTS = {
     "env_file": "env_file is not supported (the file is on your machine, not the device); "
@@ -224,31 +242,123 @@ def _restart(value: Any, where: str) -> str:
 
 
 _VARIABLE_RE = re.compile(r"\$(?:\{|[A-Za-z_])")
+_TETHER_VARIABLE_RE = re.compile(r"\$\{var:[^}]*\}")
 
 
-def _unescape(value: Any, where: str) -> Any:
+def _unescape(value: Any, where: str, variables: bool = False) -> Any:
     """Compose's ``$$`` is a literal ``$``. Interpolation of the operator's shell variables
-    (``$VAR``, ``${VAR}``) is refused: the device would get values from the wrong machine."""
+    (``$VAR``, ``${VAR}``) is refused: the device would get values from the wrong machine.
+    With ``variables``, Tether's ``${var:PATH/KEY}`` references are kept (and checked)."""
     if isinstance(value, str):
         parts = value.split("$$")
         for part in parts:
+            if variables:
+                try:
+                    check_refs(references(part), where)
+                except ValueError as exc:
+                    raise ComposeError(str(exc)) from exc
+                part = _TETHER_VARIABLE_RE.sub("", part)
             if _VARIABLE_RE.search(part):
+                hint = "" if variables else " here (${var:PATH/KEY} only in environment values and configs)"
                 raise ComposeError(
-                    f"{where}: variable interpolation ({part[part.index('$') :][:20]!r}) is not supported; "
+                    f"{where}: variable interpolation ({part[part.index('$') :][:20]!r}) is not supported{hint}; "
                     "write $$ for a literal $"
                 )
         return "$".join(parts)
     if isinstance(value, list):
-        return [_unescape(v, where) for v in value]
+        return [_unescape(v, where, variables) for v in value]
     if isinstance(value, dict):
-        return {k: _unescape(v, f"{where}.{k}") for k, v in value.items()}
+        return {k: _unescape(v, f"{where}.{k}", variables) for k, v in value.items()}
     return value
 
 
-def _service(name: str, body: Any, declared: set[str]) -> ServiceSpec:
+def _configs(value: Any) -> dict[str, str]:
+    """Top-level ``configs``: name to template (``content``, rendered on the device)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ComposeError("top-level configs must be a map")
+    out = {}
+    for name, body in value.items():
+        where = f"config {name!r}"
+        if not isinstance(name, str) or not re.match(CONFIG_NAME_PATTERN, name):
+            raise ComposeError(f"{where}: invalid name (letters, digits, '.', '_', '-')")
+        if not isinstance(body, dict):
+            raise ComposeError(f"{where}: must be a map with content")
+        unknown = set(body) - {"content", "name"}
+        if unknown:
+            key = sorted(unknown)[0]
+            hint = {
+                "file": "file is not supported (the file is on your machine, not the device); "
+                "put the text under content",
+                "external": "external configs are not supported; put the text under content",
+                "environment": "environment is not supported; put the text under content",
+            }.get(key, f"unsupported key {key!r}")
+            raise ComposeError(f"{where}: {hint}")
+        content = body.get("content")
+        if not isinstance(content, str):
+            raise ComposeError(f"{where}: content must be a string (the file's text)")
+        out[name] = _unescape(content, f"{where}: content", variables=True)
+    return out
+
+
+def _file_mode(value: Any, where: str) -> int:
+    """A file mode: an octal string (``"0440"``) or a number (YAML reads ``0440`` as octal)."""
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ComposeError(f"{where}: mode must be an octal file mode such as 0440, not {value!r}") from None
+    if isinstance(value, bool) or not 0 <= mode <= 0o777:
+        raise ComposeError(f"{where}: mode must be an octal file mode such as 0440, not {value!r}")
+    return mode
+
+
+def _config_mount(value: Any, where: str, configs: dict[str, str]) -> ConfigMount:
+    """A service's ``configs`` entry: a name (mounted at ``/NAME``) or the long form."""
+    body = {"source": value} if isinstance(value, str) else value
+    if not isinstance(body, dict):
+        raise ComposeError(f"{where}: each entry must be a config name or a map with source")
+    unknown = set(body) - CONFIG_MOUNT_KEYS
+    if unknown:
+        raise ComposeError(f"{where}: unsupported key {sorted(unknown)[0]!r}")
+    source = body.get("source")
+    if source not in configs:
+        raise ComposeError(f"{where}: config {source!r} is not declared under the top-level configs")
+    for key in ("uid", "gid"):
+        if key in body:
+            raise ComposeError(f"{where}: {key} is not supported (the file belongs to the agent's user)")
+    target = body.get("target", f"/{source}")
+    if not isinstance(target, str) or not target or "\x00" in target:
+        raise ComposeError(f"{where}: target must be a path")
+    fields: dict[str, Any] = {"source": source, "target": target}
+    if "mode" in body:
+        fields["mode"] = _file_mode(body["mode"], f"{where}: {source}")
+    if "x-tether-change-mode" in body:
+        change = body["x-tether-change-mode"]
+        if change not in ("restart", "signal", "noop"):
+            raise ComposeError(
+                f"{where}: {source}: x-tether-change-mode must be restart, signal or noop, not {change!r}"
+            )
+        fields["change_mode"] = change
+    if "x-tether-change-signal" in body:
+        signame = body["x-tether-change-signal"]
+        if not isinstance(signame, str) or not re.match(r"^SIG[A-Z0-9]+$", signame.upper()):
+            raise ComposeError(
+                f"{where}: {source}: x-tether-change-signal must be a signal name such as SIGHUP"
+            )
+        fields["change_signal"] = signame.upper()
+    elif fields.get("change_mode") == "signal":
+        fields["change_signal"] = "SIGHUP"
+    try:
+        return ConfigMount.model_validate(fields)
+    except ValidationError as exc:
+        raise ComposeError(f"{where}: {source}: {describe(exc)}") from exc
+
+
+def _service(name: str, body: Any, declared: set[str], configs: dict[str, str]) -> ServiceSpec:
     where = f"service {name!r}"
     if isinstance(body, dict):
-        body = {k: _unescape(v, f"{where}: {k}") for k, v in body.items()}
+        body = {k: _unescape(v, f"{where}: {k}", variables=k == "environment") for k, v in body.items()}
     if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
         raise ComposeError(f"{where}: invalid service name (lower-case letters, digits, '.', '_', '-')")
     if not isinstance(body, dict):
@@ -299,6 +409,14 @@ def _service(name: str, body: Any, declared: set[str]) -> ServiceSpec:
         fields["stop_grace_period_s"] = parse_duration(
             body["stop_grace_period"], f"{where}: stop_grace_period"
         )
+    if "configs" in body and body["configs"] is not None:
+        if not isinstance(body["configs"], list):
+            raise ComposeError(f"{where}: configs must be a list")
+        mounts = tuple(_config_mount(c, f"{where}: configs", configs) for c in body["configs"])
+        targets = [m.target for m in mounts]
+        if len(set(targets)) != len(targets):
+            raise ComposeError(f"{where}: configs: two configs have the same target")
+        fields["configs"] = mounts
     try:
         return ServiceSpec.model_validate(fields)
     except ValidationError as exc:
@@ -429,6 +547,8 @@ def parse_stack(text: str) -> tuple[StackSpec, Placement]:
         if not isinstance(vname, str) or not re.match(NAME_PATTERN, vname):
             raise ComposeError(f"volume {vname!r}: invalid name")
     declared = set(volumes)
-    parsed = [_service(name, body, declared) for name, body in services.items()]
+    configs = _configs(doc.get("configs"))
+    parsed = [_service(name, body, declared, configs) for name, body in services.items()]
     placement = _placement(doc.get("x-tether"))
-    return StackSpec(services=tuple(_start_order(parsed)), volumes=tuple(sorted(declared))), placement
+    spec = StackSpec(services=tuple(_start_order(parsed)), volumes=tuple(sorted(declared)), configs=configs)
+    return spec, placement

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from tether.protocol.models import NAME_PATTERN, DeviceFacts, JobSpec, ReportedState, StackRef, StackSpec
+from tether.protocol.models import (
+    NAME_PATTERN,
+    DeviceFacts,
+    JobSpec,
+    ReportedState,
+    StackRef,
+    StackSpec,
+    VarBinding,
+)
 
 from .placement import Assignment, Placement
 
@@ -26,6 +34,11 @@ class Device(Stored):
     operator_labels: dict[str, str] = Field(default_factory=dict)
     revoked: bool = False
     """Cut off (``tether devices revoke``): matches no group until it gets new credentials."""
+
+    @property
+    def public_key(self) -> str | None:
+        """The X25519 key its agent announced (secrets are sealed to it)."""
+        return self.facts.public_key if self.facts is not None else None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -94,6 +107,8 @@ class DesiredRecord(Stored):
     generation: int
     stacks: tuple[StackRef, ...] = ()
     jobs: tuple[JobSpec, ...] = ()
+    vars: tuple[VarBinding, ...] = ()
+    """Values for the variables its stacks reference (a secret sealed to the device's key)."""
     published: bool = False
 
 
@@ -130,3 +145,21 @@ class Enrollment(Stored):
     cleared: bool = False
     """The device came online with its credentials: the retained answer was cleared."""
     last_error: str | None = None
+
+
+class Variable(Stored):
+    """A variable (``tether vars set``): keys and values at a path, in one scope.
+
+    ``scope`` is ``fleet``, ``group:NAME`` or ``device:ID``. A plain variable keeps its
+    values in ``items``; a secret keeps them only in ``sealed`` (a sealed box to the
+    controller's secrets key, see :mod:`.variables`), and its key names in ``keys``.
+    """
+
+    scope: str
+    path: str
+    secret: bool = False
+    items: dict[str, str] = Field(default_factory=dict)
+    sealed: str | None = None
+    keys: tuple[str, ...] = ()
+    version: int = 1
+    updated: float = 0.0

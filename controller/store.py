@@ -19,7 +19,7 @@ from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
 from tether.protocol.models import StackSpec
 
-from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Stack
+from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Stack, Variable
 from .rollout import Deployment
 
 MIGRATIONS = [
@@ -53,6 +53,9 @@ MIGRATIONS = [
     """
     CREATE TABLE tokens (id TEXT PRIMARY KEY, body TEXT NOT NULL);
     CREATE TABLE enrollments (device_id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    """,
+    """
+    CREATE TABLE variables (id TEXT PRIMARY KEY, body TEXT NOT NULL);
     """,
 ]
 
@@ -108,6 +111,7 @@ class Store:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=5000")
         self._in_tx = False
+        self._savepoints = 0
         self.migrate()
 
     def migrate(self) -> None:
@@ -130,9 +134,27 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All writes inside commit together or not at all."""
+        """All writes inside commit together or not at all.
+
+        Nested inside another, it is a savepoint: if its block raises, its own writes are
+        undone and the exception goes on; the outer transaction decides about the rest. So
+        a batch of messages handled in one transaction (the controller's inbox) can drop one
+        message's writes without losing the others'.
+        """
         if self._in_tx:
-            yield
+            self._savepoints += 1
+            name = f"sp{self._savepoints}"
+            self.db.execute(f"SAVEPOINT {name}")
+            try:
+                yield
+            except BaseException:
+                self.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                self.db.execute(f"RELEASE SAVEPOINT {name}")
+                raise
+            else:
+                self.db.execute(f"RELEASE SAVEPOINT {name}")
+            finally:
+                self._savepoints -= 1
             return
         self.db.execute("BEGIN IMMEDIATE" if self.kind == "sqlite" else "BEGIN")
         self._in_tx = True
@@ -428,3 +450,18 @@ class Store:
 
     def delete_enrollment(self, device_id: str) -> None:
         self.db.execute("DELETE FROM enrollments WHERE device_id = ?", (device_id,))
+
+    # --- variables (a secret's values only as ciphertext) ---
+
+    def get_variable(self, scope: str, path: str) -> Variable | None:
+        body = self._get("variables", "id", f"{scope}|{path}")
+        return Variable.model_validate_json(body) if body else None
+
+    def list_variables(self) -> list[Variable]:
+        return [Variable.model_validate_json(b) for b in self._all("variables", "id")]
+
+    def put_variable(self, variable: Variable) -> None:
+        self._put("variables", "id", f"{variable.scope}|{variable.path}", variable.model_dump_json())
+
+    def delete_variable(self, scope: str, path: str) -> None:
+        self.db.execute("DELETE FROM variables WHERE id = ?", (f"{scope}|{path}",))

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from functools import cached_property
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -46,6 +47,19 @@ def content_hash(model: BaseModel) -> str:
 
 
 # --- stack specification ------------------------------------------------------------------
+
+
+class HashedModel(WireModel):
+    """A wire model whose content hash is computed once per (immutable) instance."""
+
+    @cached_property
+    def _content_hash(self) -> str:
+        return content_hash(self)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("_content_hash", None)  # a copy with other content has another hash
+        return copied
 
 
 class PortSpec(WireModel):
@@ -77,9 +91,37 @@ class HealthcheckSpec(WireModel):
 
 
 RestartPolicy = Literal["no", "always", "on-failure", "unless-stopped"]
+ChangeMode = Literal["restart", "signal", "noop"]
+
+CONFIG_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 
 
-class ServiceSpec(WireModel):
+def _unset(value: Any) -> bool:
+    """Fields added after schema v1 are left out of payloads (and content hashes) while unset,
+    so the hash of a stack written before they existed does not change."""
+    return not value
+
+
+class ConfigMount(WireModel):
+    """A config file of the stack (``configs`` in Compose) mounted into a service.
+
+    The file is rendered on the device from the stack's template (``${var:...}`` replaced
+    with variable values, secrets decrypted there). ``change_mode`` says what a changed
+    file does to a running service: ``restart`` (replaced), ``signal`` (sent
+    ``change_signal``), ``noop`` (read on its next start). ``host_path`` and ``digest`` are
+    set by the agent when it renders (never sent by the controller).
+    """
+
+    source: str = Field(pattern=CONFIG_NAME_PATTERN)
+    target: str = Field(min_length=1, max_length=1024)
+    mode: int = Field(default=0o444, ge=0, le=0o777)
+    change_mode: ChangeMode = "restart"
+    change_signal: str = Field(default="SIGHUP", pattern=r"^SIG[A-Z0-9]+$")
+    host_path: str | None = Field(default=None, exclude_if=_unset)
+    digest: str | None = Field(default=None, exclude_if=_unset)
+
+
+class ServiceSpec(HashedModel):
     """One service of a stack, normalised from Compose."""
 
     name: str = Field(pattern=NAME_PATTERN)
@@ -95,29 +137,24 @@ class ServiceSpec(WireModel):
     healthcheck: HealthcheckSpec | None = None
     depends_on: tuple[str, ...] = ()
     stop_grace_period_s: float = Field(default=10.0, ge=0)
+    configs: tuple[ConfigMount, ...] = Field(default=(), exclude_if=_unset)
 
     def spec_hash(self) -> str:
         """Content hash of this service: a container is replaced when it changes."""
         return self._content_hash
 
-    @cached_property
-    def _content_hash(self) -> str:  # computed once per (immutable) instance
-        return content_hash(self)
 
-
-class StackSpec(WireModel):
+class StackSpec(HashedModel):
     """A whole stack: services in start order (dependencies first) and named volumes."""
 
     services: tuple[ServiceSpec, ...]
     volumes: tuple[str, ...] = ()
+    configs: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
+    """Config file templates by name (``configs`` in Compose), rendered on the device."""
 
     def spec_hash(self) -> str:
         """Content hash of the stack: names its definition topic."""
         return self._content_hash
-
-    @cached_property
-    def _content_hash(self) -> str:  # computed once per (immutable) instance
-        return content_hash(self)
 
     def service(self, name: str) -> ServiceSpec | None:
         """The service called ``name``, if any."""
@@ -159,6 +196,27 @@ class JobSpec(WireModel):
     concurrency: Literal["skip", "queue"] = "skip"
 
 
+VAR_REF_PATTERN = r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*/[A-Za-z0-9_.-]+$"
+"""``PATH/KEY`` as in ``${var:PATH/KEY}``: a variable's path and one of its keys."""
+
+
+class VarBinding(WireModel):
+    """The value one of a device's stacks gets for a ``${var:PATH/KEY}`` reference.
+
+    Exactly one of ``value`` (a plain variable), ``sealed`` (a secret: a sealed box to this
+    device's public key, base64; only the device can open it) or ``error`` (why there is no
+    value: not set, or no public key known for the device yet). ``digest`` changes when the
+    value does (a keyed MAC, so it says nothing about the value).
+    """
+
+    stack: str = Field(pattern=NAME_PATTERN)
+    ref: str = Field(pattern=VAR_REF_PATTERN)
+    digest: str = ""
+    value: str | None = None
+    sealed: str | None = None
+    error: str | None = None
+
+
 class DesiredState(Message):
     """Payload of ``.../desired``: everything one device should run, at one generation."""
 
@@ -166,6 +224,7 @@ class DesiredState(Message):
     generation: int = Field(ge=0)
     stacks: tuple[StackRef, ...] = ()
     jobs: tuple[JobSpec, ...] = ()
+    vars: tuple[VarBinding, ...] = Field(default=(), exclude_if=_unset)
     issued_at: float = 0.0
 
 
@@ -222,6 +281,8 @@ class DeviceFacts(WireModel):
     disk_total: int | None = None
     docker_version: str | None = None
     addresses: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    public_key: str | None = None
+    """The device's X25519 public key (base64): secrets are sealed to it."""
 
 
 class Presence(Message):
@@ -397,6 +458,54 @@ class TokensRemove(WireModel):
     ids: tuple[str, ...] = Field(min_length=1)
 
 
+class VarsKey(WireModel):
+    """The controller's public key for secrets: ``vars.set`` seals a secret's keys to it."""
+
+    kind: Literal["vars.key"] = "vars.key"
+
+
+class VarsSet(WireModel):
+    """Set keys of a variable (merged into the keys it has).
+
+    A plain variable's keys come in ``items``. A secret's never travel in plaintext: they
+    come in ``sealed``, a sealed box to the controller's key (``vars.key``) holding a JSON
+    object of keys to values. Scope: the fleet (neither ``group`` nor ``device_id``), one
+    group, or one device.
+    """
+
+    kind: Literal["vars.set"] = "vars.set"
+    path: str
+    items: dict[str, str] = Field(default_factory=dict)
+    secret: bool = False
+    sealed: str | None = None
+    group: str | None = None
+    device_id: str | None = None
+
+
+class VarsGet(WireModel):
+    """A variable's keys and plain values (a secret's values are never sent back)."""
+
+    kind: Literal["vars.get"] = "vars.get"
+    path: str
+    group: str | None = None
+    device_id: str | None = None
+
+
+class VarsList(WireModel):
+    kind: Literal["vars.ls"] = "vars.ls"
+    prefix: str = ""
+
+
+class VarsRemove(WireModel):
+    """Remove a variable, or only some of its ``keys``."""
+
+    kind: Literal["vars.rm"] = "vars.rm"
+    path: str
+    keys: tuple[str, ...] = ()
+    group: str | None = None
+    device_id: str | None = None
+
+
 class GroupsCreate(WireModel):
     kind: Literal["groups.create"] = "groups.create"
     name: str
@@ -529,6 +638,11 @@ Command = Annotated[
     | TokensCreate
     | TokensList
     | TokensRemove
+    | VarsKey
+    | VarsSet
+    | VarsGet
+    | VarsList
+    | VarsRemove
     | GroupsCreate
     | GroupsList
     | GroupsShow

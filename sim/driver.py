@@ -91,6 +91,10 @@ class SimDriver:
         inst.observed = dataclasses.replace(inst.observed, state="starting", exit_code=None)
         inst.ready_at = self.clock() + self.start_delay
 
+    def signal(self, instance: Observed, signame: str) -> None:
+        if instance.id not in self.instances:
+            raise DriverError(f"no instance {instance.id}")
+
     def remove(self, instance: Observed, grace: float) -> None:
         self.instances.pop(instance.id, None)
 

@@ -62,6 +62,11 @@ class Driver(Protocol):
         """Stop (SIGTERM, then SIGKILL after ``grace`` seconds) and delete an instance."""
         ...
 
+    def signal(self, instance: Observed, signame: str) -> None:
+        """Send ``signame`` (a signal name such as ``SIGHUP``) to a running instance's main process
+        (a config file it reads changed: ``change_mode: signal``)."""
+        ...
+
     def logs(self, instance: Observed, tail: int) -> str:
         """The last ``tail`` lines of an instance's output ("" if none)."""
         ...

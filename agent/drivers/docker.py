@@ -184,6 +184,10 @@ class DockerDriver:
             if v.type == "volume":
                 self._ensure_volume(stack, source)
             volumes[source] = {"bind": v.target, "mode": "ro" if v.read_only else "rw"}
+        for mount in service.configs:  # rendered on the device (see protocol/variables.py)
+            if mount.host_path is None:
+                raise DriverError(f"service {service.name}: config {mount.source} was not rendered")
+            volumes[mount.host_path] = {"bind": mount.target, "mode": "ro"}
         if volumes:
             kwargs["volumes"] = volumes
         if service.healthcheck is not None:
@@ -225,6 +229,12 @@ class DockerDriver:
             self.client.containers.get(instance.id).start()
         except docker.errors.DockerException as exc:
             raise _error(f"start {instance.stack}/{instance.service}", exc) from exc
+
+    def signal(self, instance: Observed, signame: str) -> None:
+        try:
+            self.client.containers.get(instance.id).kill(signal=signame)
+        except docker.errors.DockerException as exc:
+            raise _error(f"signal {instance.stack}/{instance.service}", exc) from exc
 
     def remove(self, instance: Observed, grace: float) -> None:
         try:

@@ -42,6 +42,7 @@ class FakeDriver:
         self.host: Host = {} if host is None else host
         self._ids = itertools.count(1)
         self._output: dict[str, str] = {}
+        self.signals: list[tuple[str, str, str]] = []
 
     def observe(self) -> list[Observed]:
         return [inst for device, inst in self.host.values() if device == self.device_id]
@@ -64,6 +65,10 @@ class FakeDriver:
     def start(self, instance: Observed, service: ServiceSpec) -> None:
         current = self._get(instance.id)
         self.add(dataclasses.replace(current, state="running", exit_code=None))
+
+    def signal(self, instance: Observed, signame: str) -> None:
+        self._get(instance.id)
+        self.signals.append((instance.stack, instance.service, signame))
 
     def remove(self, instance: Observed, grace: float) -> None:
         if self.host.get(instance.id, ("", None))[0] == self.device_id:

@@ -139,6 +139,19 @@ class ProcessDriver:
         log_path = self.dir / f"{stack}.{service.name}.log"
         workdir = self.dir.parent / "work" / stack / service.name
         workdir.mkdir(parents=True, exist_ok=True)
+        for mount in service.configs:
+            # No container filesystem: a config's target is a path under the working
+            # directory (``/etc/app.conf`` -> ``./etc/app.conf``), a link to the rendered file.
+            if mount.host_path is None:
+                raise DriverError(f"service {service.name}: config {mount.source} was not rendered")
+            link = workdir / mount.target.lstrip("/")
+            if workdir.resolve() not in link.resolve().parents:
+                raise DriverError(
+                    f"service {service.name}: config target {mount.target!r} leaves the work directory"
+                )
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.unlink(missing_ok=True)
+            link.symlink_to(mount.host_path)
         try:
             with open(log_path, "ab") as log:
                 child = subprocess.Popen(
@@ -173,6 +186,16 @@ class ProcessDriver:
 
     def start(self, instance: Observed, service: ServiceSpec) -> None:
         self._launch(instance.stack, service)
+
+    def signal(self, instance: Observed, signame: str) -> None:
+        rec = self._read(self.dir / f"{instance.id}.json")
+        pid = int(rec.get("pid", 0)) if rec else 0
+        if pid <= 0 or rec is None or _proc_start_ticks(pid) != rec.get("start_ticks"):
+            raise DriverError(f"signal {instance.stack}/{instance.service}: not running")
+        try:
+            os.kill(pid, getattr(signal, signame))
+        except (AttributeError, ProcessLookupError) as exc:
+            raise DriverError(f"signal {instance.stack}/{instance.service}: {signame}: {exc}") from exc
 
     def remove(self, instance: Observed, grace: float) -> None:
         path = self.dir / f"{instance.id}.json"

@@ -1,0 +1,173 @@
+"""Variables and secrets end to end: `tether vars`, ${var:...} rendered on the device,
+secrets sealed end to end, rotation per change_mode.
+
+Real processes: `tether up` (embedded broker, anonymous clients allowed so that a wiretap
+may subscribe to ``#``), `tether-agent` with the process driver, the CLI. The wiretap records
+every byte the broker delivers, to prove that a secret never crosses it in plaintext.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from support.infra import wait_until
+from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+
+pytestmark = pytest.mark.e2e
+
+STACK = """
+services:
+  env:
+    command: ["sh", "-c", "echo $$$$ > {out}/env.pid; echo \\"$$DB_PASSWORD $$GREETING\\" > {out}/env.seen; exec sleep 600"]
+    environment:
+      DB_PASSWORD: ${{var:db/password}}
+      GREETING: ${{var:app/greeting}}
+  signalled:
+    command:
+      - sh
+      - -c
+      - >-
+        echo $$$$ > {out}/signalled.pid;
+        trap 'cat etc/app.conf > {out}/signalled.seen' HUP;
+        cat etc/app.conf > {out}/signalled.seen;
+        while true; do sleep 1 & wait $$!; done
+    configs:
+      - source: app.conf
+        target: /etc/app.conf
+        x-tether-change-mode: signal
+  untouched:
+    command: ["sh", "-c", "echo $$$$ > {out}/untouched.pid; cat app.conf > {out}/untouched.seen; exec sleep 600"]
+    configs:
+      - source: app.conf
+        target: app.conf
+        x-tether-change-mode: noop
+configs:
+  app.conf:
+    content: |
+      password=${{var:db/password}}
+      greeting=${{var:app/greeting}}
+"""
+
+
+class Wiretap:
+    """A client subscribed to ``#``: every topic and payload the broker delivers."""
+
+    def __init__(self, port: int) -> None:
+        self.seen = bytearray()
+        self.count = 0
+        self.lock = threading.Lock()
+        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe("#", 1)
+        self.client.loop_start()
+
+    def _on_message(self, client: object, userdata: object, msg: paho.MQTTMessage) -> None:
+        with self.lock:
+            self.seen += msg.topic.encode() + b"\n" + msg.payload + b"\n"
+            self.count += 1
+
+    def saw(self, text: str) -> bool:
+        with self.lock:
+            return text.encode() in self.seen
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _files_containing(root: Path, text: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and text.encode() in p.read_bytes()]
+
+
+def test_secrets_rendered_on_device_and_rotated_per_change_mode(tmp_path: Path) -> None:
+    controller = ControllerProcess(tmp_path / "ctl")
+    out = tmp_path / "out"
+    out.mkdir()
+    device = f"vars-{uuid.uuid4().hex[:6]}"
+    agent = AgentProcess(controller.url, device, tmp_path / "agent")
+    wiretap = Wiretap(controller.port)
+    secret, rotated = f"s3cret-{uuid.uuid4().hex}", f"r0tated-{uuid.uuid4().hex}"
+    try:
+        wait_online(controller.url, device)
+        cli_json(controller.url, "groups", "create", "site", "--device", device)
+        stack = tmp_path / "stack.yml"
+        stack.write_text(STACK.format(out=out))
+
+        # A reference without a value: refused at deploy, naming it; nothing deployed.
+        refused = cli(controller.url, "stacks", "deploy", str(stack), "--name", "app", "--group", "site")
+        assert refused.returncode != 0
+        assert "${var:app/greeting}" in refused.stderr and "Traceback" not in refused.stderr
+        assert cli_json(controller.url, "stacks", "ls") == []
+
+        # The secret goes in on stdin (not on the command line), sealed to the controller.
+        assert (
+            cli(controller.url, "vars", "set", "db", "password=-", "--secret", stdin=secret).returncode == 0
+        )
+        cli_json(controller.url, "vars", "set", "app", "greeting=hello")
+        listed = cli_json(controller.url, "vars", "ls")
+        assert [(v["path"], v["secret"], v["keys"]) for v in listed] == [
+            ("app", False, ["greeting"]),
+            ("db", True, ["password"]),
+        ]
+        shown = cli_json(controller.url, "vars", "get", "db")
+        assert shown["keys"] == ["password"] and "items" not in shown
+
+        deploy = cli(
+            controller.url, "stacks", "deploy", str(stack), "--name", "app", "--group", "site", "--wait",
+            "--min-healthy-time", "1s", "--timeout", "60",
+        )  # fmt: skip
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        wait_until(lambda: _read(out / "env.seen") == f"{secret} hello", 20, message="env rendered")
+        wait_until(lambda: _read(out / "signalled.seen") == f"password={secret}\ngreeting=hello", 20)
+        wait_until(lambda: _read(out / "untouched.seen") == f"password={secret}\ngreeting=hello", 20)
+        pids = {name: _read(out / f"{name}.pid") for name in ("env", "signalled", "untouched")}
+        rendered = tmp_path / "agent" / "configs" / "app" / "app.conf"
+        assert (rendered.stat().st_mode & 0o777) == 0o444
+
+        # Rotation: every device that uses the secret gets it; each service as its change_mode says.
+        assert (
+            cli(controller.url, "vars", "set", "db", "password=-", "--secret", stdin=rotated).returncode == 0
+        )
+        wait_until(lambda: _read(out / "env.seen") == f"{rotated} hello", 30, message="env restarted")
+        assert _read(out / "env.pid") != pids["env"]  # restart (an environment value changed)
+        wait_until(lambda: _read(out / "signalled.seen") == f"password={rotated}\ngreeting=hello", 30)
+        assert _read(out / "signalled.pid") == pids["signalled"]  # signalled, not restarted
+        assert rendered.read_text() == f"password={rotated}\ngreeting=hello\n"
+        assert _read(out / "untouched.pid") == pids["untouched"]  # noop: not restarted...
+        assert _read(out / "untouched.seen") == f"password={secret}\ngreeting=hello"  # ...not told
+
+        # Removing a value a stack needs is refused; the variable stays.
+        in_use = cli(controller.url, "vars", "rm", "db")
+        assert in_use.returncode != 0 and "app" in in_use.stderr
+        assert cli_json(controller.url, "vars", "get", "db")["version"] == 2
+
+        # Nothing on the broker and nothing the controller keeps holds a secret in plaintext.
+        assert wiretap.count > 0 and wiretap.saw(f"tether/v1/devices/{device}/desired")
+        assert wiretap.saw("hello")  # plain variables do travel in plaintext: the tap works
+        for text in (secret, rotated):
+            assert not wiretap.saw(text)
+            assert _files_containing(tmp_path / "ctl", text) == []
+    finally:
+        wiretap.close()
+        agent.stop()
+        controller.stop()
+        for name in ("env", "signalled", "untouched"):
+            pid = _read(out / f"{name}.pid")
+            if pid:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), 9)
