@@ -189,9 +189,9 @@ class SecurityHandlers:
         """A new client certificate and key for ``device_id`` (its common name), shown once."""
         if self.issue_certificate is None:
             raise StoreError(
-                "this controller holds no CA to sign client certificates (it signs with the quick-start "
-                "CA of `tether up --tls`); with your own CA, sign one with common name "
-                f"{device_id!r} and run `tether devices credentials {device_id}` to register it"
+                "this controller does not sign client certificates (start it with `tether up --tls "
+                "--require-client-cert`); with your own CA, sign one with common name "
+                f"{device_id!r} and register the device with `tether devices credentials {device_id}`"
             )
         was = self.store.get_device(device_id)
         admit_certificate_user(self.store, device_id, self.clock())

@@ -66,3 +66,13 @@ def test_wrong_ca_and_plain_mqtt_are_refused(controller: ControllerProcess, tmp_
         client.connect(5)
     plain = cli(url.replace("mqtts://", "mqtt://"), "devices", "ls", "--request-timeout", "3")
     assert plain.returncode != 0 and "Traceback" not in plain.stderr
+
+
+def test_certificates_need_require_client_cert(controller: ControllerProcess, tmp_path: Path) -> None:
+    """Without --require-client-cert the controller signs no client certificate, and says so."""
+    result = cli(controller.url, "devices", "credentials", "dev-a", "--cert", "--out", str(tmp_path / "c"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "does not sign client certificates" in result.stderr and "--require-client-cert" in result.stderr
+    assert not (tmp_path / "c").exists()
+    no_out = cli(controller.url, "devices", "credentials", "dev-a", "--cert")
+    assert no_out.returncode != 0 and "--cert needs --out DIR" in no_out.stderr, no_out.stderr
