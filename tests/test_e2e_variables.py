@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import urllib.request
 import uuid
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from support.infra import wait_until
+from support.infra import Mosquitto, remove_tether_containers, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
 
 pytestmark = pytest.mark.e2e
@@ -171,3 +173,98 @@ def test_secrets_rendered_on_device_and_rotated_per_change_mode(tmp_path: Path) 
             if pid:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), 9)
+
+
+DOCKER_STACK = """
+services:
+  web:
+    image: tether-test/busybox:1
+    command:
+      - sh
+      - -c
+      - >-
+        mkdir -p /www;
+        trap 'cat /etc/app.conf > /www/signalled.txt' HUP;
+        cat /etc/app.conf > /www/signalled.txt;
+        echo "$$TOKEN" > /www/env.txt;
+        httpd -p 8080 -h /www;
+        while true; do sleep 1 & wait $$!; done
+    environment:
+      TOKEN: ${var:api/token}
+    ports: ["127.0.0.1::8080"]
+    configs:
+      - source: app.conf
+        target: /etc/app.conf
+        x-tether-change-mode: signal
+      - source: app.conf
+        target: /www/live.txt
+        mode: 0440
+        x-tether-change-mode: noop
+configs:
+  app.conf:
+    content: "motd=${var:site/motd}"
+"""
+
+
+def _web(engine: Any, device_id: str, name: str) -> tuple[str, str] | None:
+    """(container id, body of /NAME) of the device's running web container, or None."""
+    import docker.errors
+
+    try:
+        running = engine.containers.list(filters={"label": [f"io.tether.device={device_id}"]})
+    except docker.errors.NotFound:
+        return None
+    if len(running) != 1 or not running[0].ports.get("8080/tcp"):
+        return None
+    port = running[0].ports["8080/tcp"][0]["HostPort"]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=2) as resp:
+            return running[0].id, resp.read().decode().strip()
+    except OSError:
+        return None
+
+
+@pytest.mark.docker
+def test_secrets_in_containers_on_mosquitto(
+    docker_engine: Any, busybox_image: str, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Docker driver, Mosquitto: a secret reaches the container's environment, a config file is
+    bind-mounted read-only; a plain change signals (same container) and shows through the
+    noop mount at once; a secret rotation replaces the container."""
+    controller = ControllerProcess(tmp_path / "ctl", broker=mosquitto.url)
+    device = f"dock-vars-{uuid.uuid4().hex[:6]}"
+    agent = AgentProcess(mosquitto.url, device, tmp_path / "agent", driver="docker")
+    token, rotated = f"tok-{uuid.uuid4().hex}", f"tok2-{uuid.uuid4().hex}"
+    try:
+        wait_online(mosquitto.url, device)
+        cli_json(mosquitto.url, "groups", "create", "edge", "--device", device)
+        assert cli(mosquitto.url, "vars", "set", "api", "token=-", "--secret", stdin=token).returncode == 0
+        cli_json(mosquitto.url, "vars", "set", "site", "motd=hello", "--group", "edge")
+        stack = tmp_path / "web.yml"
+        stack.write_text(DOCKER_STACK)
+        deploy = cli(
+            mosquitto.url, "stacks", "deploy", str(stack), "--name", "web", "--group", "edge", "--wait"
+        )
+        assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        first, body = wait_until(lambda: _web(docker_engine, device, "env.txt"), 30, message="web serving")
+        assert body == token
+        assert _web(docker_engine, device, "signalled.txt") == (first, "motd=hello")
+        mounts = {m["Destination"]: m for m in docker_engine.containers.get(first).attrs["Mounts"]}
+        assert mounts["/etc/app.conf"]["Type"] == "bind" and mounts["/etc/app.conf"]["RW"] is False
+
+        # A plain value in a config changes: signal mode, the same container reads it again.
+        cli_json(mosquitto.url, "vars", "set", "site", "motd=world", "--group", "edge")
+        wait_until(lambda: _web(docker_engine, device, "signalled.txt") == (first, "motd=world"), 30)
+        assert _web(docker_engine, device, "live.txt") == (first, "motd=world")  # in place (noop)
+
+        # A secret rotation changes the environment: the container is replaced.
+        assert cli(mosquitto.url, "vars", "set", "api", "token=-", "--secret", stdin=rotated).returncode == 0
+        second, body = wait_until(
+            lambda: (r := _web(docker_engine, device, "env.txt")) and r[1] == rotated and r, 40
+        )
+        assert second != first
+        assert token not in mosquitto.log_text()
+    finally:
+        agent.stop()
+        controller.stop()
+        remove_tether_containers(docker_engine, "dock-vars-")

@@ -184,12 +184,15 @@ class DockerDriver:
             if v.type == "volume":
                 self._ensure_volume(stack, source)
             volumes[source] = {"bind": v.target, "mode": "ro" if v.read_only else "rw"}
+        if volumes:
+            kwargs["volumes"] = volumes
+        mounts = []
         for mount in service.configs:  # rendered on the device (see protocol/variables.py)
             if mount.host_path is None:
                 raise DriverError(f"service {service.name}: config {mount.source} was not rendered")
-            volumes[mount.host_path] = {"bind": mount.target, "mode": "ro"}
-        if volumes:
-            kwargs["volumes"] = volumes
+            mounts.append(docker.types.Mount(mount.target, mount.host_path, type="bind", read_only=True))
+        if mounts:  # one file may be mounted at several targets: `volumes` is keyed by source
+            kwargs["mounts"] = mounts
         if service.healthcheck is not None:
             hc = service.healthcheck
             kwargs["healthcheck"] = {
