@@ -8,6 +8,7 @@ every byte the broker delivers, to prove that a secret never crosses it in plain
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import threading
@@ -21,6 +22,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import Mosquitto, remove_tether_containers, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+from tether.protocol import codec
+from tether.protocol.models import DesiredState
 
 pytestmark = pytest.mark.e2e
 
@@ -64,6 +67,7 @@ class Wiretap:
     def __init__(self, port: int) -> None:
         self.seen = bytearray()
         self.count = 0
+        self.last: dict[str, bytes] = {}
         self.lock = threading.Lock()
         self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
         self.client.on_message = self._on_message
@@ -75,6 +79,11 @@ class Wiretap:
         with self.lock:
             self.seen += msg.topic.encode() + b"\n" + msg.payload + b"\n"
             self.count += 1
+            self.last[msg.topic] = msg.payload
+
+    def latest(self, topic: str) -> bytes | None:
+        with self.lock:
+            return self.last.get(topic)
 
     def saw(self, text: str) -> bool:
         with self.lock:
@@ -83,6 +92,13 @@ class Wiretap:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _flip(sealed: str) -> str:
+    """The sealed box with one ciphertext byte changed."""
+    raw = bytearray(base64.b64decode(sealed))
+    raw[-1] ^= 0x01
+    return base64.b64encode(bytes(raw)).decode()
 
 
 def _read(path: Path) -> str | None:
@@ -157,6 +173,36 @@ def test_secrets_rendered_on_device_and_rotated_per_change_mode(tmp_path: Path) 
         in_use = cli(controller.url, "vars", "rm", "db")
         assert in_use.returncode != 0 and "app" in in_use.stderr
         assert cli_json(controller.url, "vars", "get", "db")["version"] == 2
+
+        # A tampered secret (published by hand, as a newer generation): the device refuses to
+        # render it, keeps every service as it was and says why; the controller then issues
+        # a generation past it and the device is whole again.
+        desired_topic = f"tether/v1/devices/{device}/desired"
+        running = {name: _read(out / f"{name}.pid") for name in pids}
+        current = codec.decode(wiretap.latest(desired_topic) or b"", DesiredState)
+        tampered = [b.model_copy(update={"sealed": _flip(b.sealed)}) if b.sealed else b for b in current.vars]
+        forged = current.model_copy(update={"generation": current.generation + 1, "vars": tuple(tampered)})
+        wiretap.client.publish(desired_topic, codec.encode(forged), qos=1, retain=True).wait_for_publish(10)
+        show = wait_until(
+            lambda: (
+                (d := cli_json(controller.url, "devices", "show", device))
+                and any(e["kind"] == "stack.render_failed" for e in d["events"])
+                and d
+            ),
+            30,
+            message="render failure reported",
+        )
+        failure = next(e for e in show["events"] if e["kind"] == "stack.render_failed")
+        assert "cannot be opened" in failure["message"] and "db/password" in failure["message"]
+        assert {name: _read(out / f"{name}.pid") for name in pids} == running
+        assert _read(out / "env.seen") == f"{rotated} hello"
+        wait_until(
+            lambda: (
+                cli_json(controller.url, "devices", "show", device)["desired_generation"] > forged.generation
+            ),
+            30,
+            message="controller issues a generation past the forged one",
+        )
 
         # Nothing on the broker and nothing the controller keeps holds a secret in plaintext.
         assert wiretap.count > 0 and wiretap.saw(f"tether/v1/devices/{device}/desired")
