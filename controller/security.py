@@ -103,6 +103,8 @@ def ensure_operator_credentials(
         except (OSError, ValueError):
             return path  # not ours to repair; the CLI says what is wrong with it
         if isinstance(saved, dict):
+            if client_cert is None:  # no longer mTLS: a stale certificate would be refused
+                saved = {k: v for k, v in saved.items() if k not in ("tls_cert", "tls_key")}
             write_secret_json(path, {**saved, "broker": broker_url, **extra})
     return path
 

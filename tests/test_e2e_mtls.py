@@ -239,3 +239,24 @@ def test_bad_certificate_files_are_named(tmp_path: Path) -> None:
         assert result.returncode == 2, (extra, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_local_agent_and_switching_mtls_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--with-agent` gets device `local` a certificate; without the flag again, operator.json
+    no longer names a client certificate (the broker would refuse one it cannot verify)."""
+    data = tmp_path / "ctl"
+    ctl = ControllerProcess(
+        data, auth=True, extra=["--tls", "--require-client-cert", "--with-agent", "--agent-driver", "process"]
+    )
+    monkeypatch.setenv("TETHER_CREDENTIALS", str(ctl.operator_file))
+    try:
+        wait_online(ctl.url, "local")
+    finally:
+        ctl.stop()
+    ctl = ControllerProcess(data, auth=True, extra=["--tls"])
+    try:
+        saved = json.loads(ctl.operator_file.read_text())
+        assert "tls_cert" not in saved and "tls_key" not in saved
+        assert cli_json(ctl.url, "devices", "ls")[0]["id"] == "local"
+    finally:
+        ctl.stop()
