@@ -251,7 +251,12 @@ def _unescape(value: Any, where: str, variables: bool = False) -> Any:
     With ``variables``, Tether's ``${var:PATH/KEY}`` references are kept (and checked)."""
     if isinstance(value, str):
         parts = value.split("$$")
-        for part in parts:
+        for index, part in enumerate(parts):
+            if variables and index > 0 and part.startswith("{var:"):
+                raise ComposeError(
+                    f"{where}: $${{var:...}} would be rendered as a reference on the device; "
+                    "a literal ${var: cannot be written here"
+                )
             if variables:
                 try:
                     check_refs(references(part), where)

@@ -65,7 +65,7 @@ class SecretsKey:
         if path.exists():
             try:
                 return cls(PrivateKey(base64.b64decode(path.read_text().strip(), validate=True)))
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, TypeError) as exc:  # PyNaCl: TypeError for a wrong length
                 raise StoreError(f"secrets key {path} is unreadable: {exc}") from exc
         key = new_private_key()
         write_secret_text(path, base64.b64encode(bytes(key)).decode() + "\n")

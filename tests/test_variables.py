@@ -384,11 +384,6 @@ def test_compose_double_dollar_is_a_literal_dollar() -> None:
     assert stack_references(spec) == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG controller/compose.py _unescape: '$${var:a/b}' (a literal '${var:a/b}') turns into a "
-    "live reference after $$ is unescaped, so it is rendered (a secret can land where a literal was meant)",
-)
 @pytest.mark.parametrize("place", ["environment", "config"])
 def test_compose_escaped_var_reference_is_not_a_reference(place: str) -> None:
     """$${var:a/b} is the literal text ${var:a/b}: it must not become a reference (or must be refused)."""
@@ -628,11 +623,6 @@ def test_never_rendered_stack_is_left_alone() -> None:
     assert status.state != "running"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG agent/core.py:386 AgentCore.render: a stack with no bindings and no configs is run "
-    "as is, so a ${var:...} reference without a binding reaches the container literally",
-)
 def test_missing_binding_is_a_render_error() -> None:
     """A reference the desired state has no binding for is a render failure: the literal
     ``${var:...}`` text must never reach a container."""
@@ -778,11 +768,6 @@ def test_unreadable_secrets_key_is_a_clear_error(tmp_path: Path) -> None:
         SecretsKey.load_or_create(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG controller/variables.py:68 SecretsKey.load_or_create catches (OSError, ValueError); "
-    "a key of the wrong length raises nacl.exceptions.TypeError, which escapes as a traceback",
-)
 @pytest.mark.parametrize("content", ["", base64.b64encode(b"truncated key").decode()])
 def test_secrets_key_of_the_wrong_length_is_a_clear_error(tmp_path: Path, content: str) -> None:
     """An empty or truncated key file is a StoreError naming the file, like any unreadable one."""
