@@ -312,7 +312,8 @@ class LocalStore:
     # --- rendered config files ---
 
     def config_path(self, stack: str, name: str) -> str:
-        return str(self.dir / "configs" / stack / name)
+        # Absolute: bind mounts and the process driver's links need it with a relative data dir.
+        return str((self.dir / "configs" / stack / name).absolute())
 
     def write_config(self, stack: str, name: str, content: bytes, mode: int) -> bool:
         """Write a rendered config file if its content changed; True if it did.

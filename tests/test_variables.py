@@ -821,3 +821,46 @@ def test_seal_text_round_trip_and_tamper() -> None:
     assert open_text(key, sealed, "secret 'db/password'") == "s3cret"
     with pytest.raises(PayloadError, match="secret 'db/password': cannot be opened"):
         open_text(key, tamper(sealed), "secret 'db/password'")
+
+
+# --- relative data directories (the quick start runs with ./tether-data) ---
+
+
+def test_config_path_is_absolute_with_a_relative_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tether.agent.store import LocalStore
+
+    monkeypatch.chdir(tmp_path)
+    store = LocalStore(Path("data"))
+    path = store.config_path("web", "app.conf")
+    assert Path(path).is_absolute() and path == str(tmp_path / "data" / "configs" / "web" / "app.conf")
+    assert store.write_config("web", "app.conf", b"x=1\n", 0o440) is True
+    assert store.write_config("web", "app.conf", b"x=1\n", 0o440) is False
+    assert Path(path).read_bytes() == b"x=1\n" and Path(path).stat().st_mode & 0o777 == 0o440
+
+
+def test_process_driver_links_configs_again_and_refuses_escapes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative data dir, a second start over the existing link, and a target leaving the work dir."""
+    from tether.agent.drivers.process import ProcessDriver
+    from tether.protocol.errors import DriverError
+
+    monkeypatch.chdir(tmp_path)
+    rendered = tmp_path / "rendered.conf"
+    rendered.write_text("hello\n")
+    driver = ProcessDriver("dev", Path("data"))
+    mount = ConfigMount(source="app.conf", target="/etc/app.conf", host_path=str(rendered))
+    service = ServiceSpec(name="svc", command=("true",), configs=(mount,))
+    try:
+        for _ in range(2):
+            driver.create("st", StackSpec(services=(service,)), service)
+            link = tmp_path / "data" / "work" / "st" / "svc" / "etc" / "app.conf"
+            assert link.is_symlink() and link.read_text() == "hello\n"
+        escape = service.model_copy(update={"configs": (mount.model_copy(update={"target": "../../../x"}),)})
+        with pytest.raises(DriverError, match="leaves the work directory"):
+            driver.create("st", StackSpec(services=(escape,)), escape)
+    finally:
+        for inst in driver.observe():
+            driver.remove(inst, 1.0)

@@ -144,8 +144,8 @@ class ProcessDriver:
             # directory (``/etc/app.conf`` -> ``./etc/app.conf``), a link to the rendered file.
             if mount.host_path is None:
                 raise DriverError(f"service {service.name}: config {mount.source} was not rendered")
-            link = workdir / mount.target.lstrip("/")
-            if workdir.resolve() not in link.resolve().parents:
+            link = Path(os.path.abspath(workdir / mount.target.lstrip("/")))  # no symlinks followed
+            if Path(os.path.abspath(workdir)) not in link.parents:
                 raise DriverError(
                     f"service {service.name}: config target {mount.target!r} leaves the work directory"
                 )
