@@ -125,13 +125,21 @@ def test_mosquitto_logins(secured) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_mosquitto_device_cannot_read_or_write_another(secured) -> None:  # type: ignore[no-untyped-def]
-    """On Mosquitto too, device A never receives B's desired state or stacks, nor writes B's topics."""
+    """On Mosquitto too, device A never receives B's desired state or stacks, nor replies, nor
+    writes B's topics."""
     ctl = secured("tether-controller-1", "controller-1")
     ctl.publish(f"{R}/devices/dev-b/desired", b"secret-b", retain=True)
     ctl.publish(f"{R}/stacks/{HASH_B}", b"stack-b", retain=True)
+    ctl.publish(f"{R}/clients/tether-dev-a/replies", b"an operator's reply", retain=True)
     assert ctl.subscribe(f"{R}/devices/+/reported") in (0, 1)
     a = secured("tether-dev-a", "dev-a")
-    for topic in (f"{R}/devices/dev-b/desired", f"{R}/stacks/{HASH_B}", f"{R}/devices/+/desired", "#"):
+    for topic in (
+        f"{R}/devices/dev-b/desired",
+        f"{R}/stacks/{HASH_B}",
+        f"{R}/devices/+/desired",
+        f"{R}/clients/tether-dev-a/replies",  # replies are the operator's, even to "its" client id
+        "#",
+    ):
         a.subscribe(topic)  # Mosquitto may grant and then deliver nothing; either way nothing comes
     assert a.subscribe(f"{R}/devices/dev-a/desired") in (0, 1)
     assert a.subscribe(f"{R}/stacks/{HASH_A}") in (0, 1)
