@@ -325,21 +325,28 @@ class VariableHandlers:
             "version": existing.version + 1 if existing else 1,
             "updated": now,
         }
-        if cmd.secret:
-            assert self.secrets is not None
-            fields["sealed"] = self.secrets.seal_items(merged)
-        else:
-            fields["items"] = merged
-        variable = Variable(**fields)
+        variable = Variable(**fields, **self._holding(cmd.secret, merged))
         self._save_variables([variable], [])
         return {"variable": self._variable_view(variable, values=True), "changed": True}
 
-    def _vars_get(self, cmd: VarsGet) -> Any:
-        self._check_path(cmd.path)
-        scope = self._check_scope(cmd.group, cmd.device_id)
-        variable = self.store.get_variable(scope, cmd.path)
+    def _holding(self, secret: bool, items: dict[str, str]) -> dict[str, Any]:
+        """The fields that keep ``items``: in plain, or only sealed to the secrets key."""
+        if not secret:
+            return {"items": items, "sealed": None}
+        assert self.secrets is not None
+        return {"items": {}, "sealed": self.secrets.seal_items(items)}
+
+    def _existing(self, path: str, group: str | None, device_id: str | None) -> tuple[str, Variable]:
+        """The scope and variable a ``get`` or ``rm`` names; a clear error if there is none."""
+        self._check_path(path)
+        scope = self._check_scope(group, device_id)
+        variable = self.store.get_variable(scope, path)
         if variable is None:
-            raise StoreError(f"no variable {cmd.path} ({scope})")
+            raise StoreError(f"no variable {path} ({scope})")
+        return scope, variable
+
+    def _vars_get(self, cmd: VarsGet) -> Any:
+        _, variable = self._existing(cmd.path, cmd.group, cmd.device_id)
         return {"variable": self._variable_view(variable, values=True)}
 
     def _vars_ls(self, cmd: VarsList) -> Any:
@@ -348,11 +355,7 @@ class VariableHandlers:
         return {"variables": [self._variable_view(v, values=False) for v in found]}
 
     def _vars_rm(self, cmd: VarsRemove) -> Any:
-        self._check_path(cmd.path)
-        scope = self._check_scope(cmd.group, cmd.device_id)
-        variable = self.store.get_variable(scope, cmd.path)
-        if variable is None:
-            raise StoreError(f"no variable {cmd.path} ({scope})")
+        scope, variable = self._existing(cmd.path, cmd.group, cmd.device_id)
         unknown = [k for k in cmd.keys if k not in variable.keys]
         if unknown:
             raise StoreError(f"variable {cmd.path} ({scope}) has no key {unknown[0]!r}")
@@ -363,12 +366,7 @@ class VariableHandlers:
         if rest:
             fields: dict[str, Any] = {"keys": tuple(sorted(rest)), "version": variable.version + 1}
             fields["updated"] = self.clock()  # type: ignore[attr-defined]
-            if variable.secret:
-                assert self.secrets is not None
-                fields["sealed"] = self.secrets.seal_items(rest)
-            else:
-                fields["items"] = rest
-            replacement = variable.model_copy(update=fields)
+            replacement = variable.model_copy(update={**fields, **self._holding(variable.secret, rest)})
             after[(scope, cmd.path)] = replacement
         else:
             after.pop((scope, cmd.path), None)

@@ -173,6 +173,13 @@ def test_secrets_rendered_on_device_and_rotated_per_change_mode(tmp_path: Path) 
         in_use = cli(controller.url, "vars", "rm", "db")
         assert in_use.returncode != 0 and "app" in in_use.stderr
         assert cli_json(controller.url, "vars", "get", "db")["version"] == 2
+        # Keys merge; removing one the stack does not use is fine; an unknown key is an error.
+        cli_json(controller.url, "vars", "set", "app", "unused=1")
+        assert cli_json(controller.url, "vars", "get", "app")["items"] == {"greeting": "hello", "unused": "1"}
+        assert cli_json(controller.url, "vars", "rm", "app", "unused")["removed"] == ["unused"]
+        unknown = cli(controller.url, "vars", "rm", "app", "nope")
+        assert unknown.returncode != 0 and "no key 'nope'" in unknown.stderr
+        assert cli_json(controller.url, "vars", "get", "app")["keys"] == ["greeting"]
 
         # A tampered secret (published by hand, as a newer generation): the device refuses to
         # render it, keeps every service as it was and says why; the controller then issues
