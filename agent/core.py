@@ -63,7 +63,6 @@ from tether.protocol.models import (
     StackDefinition,
     StackSpec,
     VarBinding,
-    content_hash,
 )
 from tether.protocol.mqtt import Will
 from tether.protocol.topics import DeviceTopic
@@ -338,7 +337,7 @@ class AgentCore:
             return
         try:
             definition = codec.decode(payload, StackDefinition)
-            if definition.spec_hash != spec_hash or content_hash(definition.spec) != spec_hash:
+            if definition.spec_hash != spec_hash or definition.spec.spec_hash() != spec_hash:
                 raise PayloadError("StackDefinition: content does not match its hash")
         except PayloadError as exc:
             self.awaiting.discard(spec_hash)

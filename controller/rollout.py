@@ -143,10 +143,13 @@ def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy,
         state: DeviceRolloutState = "healthy" if now - since >= strategy.min_healthy_time_s else "updating"
         if r.state == "healthy":
             state = "healthy"
+        if r.state == state and r.healthy_since == since:
+            return r  # unchanged: no copy (a step looks at every device of the group)
         return r.model_copy(update={"state": state, "healthy_since": since})
     if r.state == "healthy":
         return r  # once healthy for long enough, a later blip is the stack's business, not the rollout's
-    r = r.model_copy(update={"healthy_since": None})
+    if r.healthy_since is not None:
+        r = r.model_copy(update={"healthy_since": None})
     if r.moved_at is not None and now - r.moved_at > strategy.healthy_deadline_s:
         return r.model_copy(
             update={"state": "failed", "error": f"not healthy within {strategy.healthy_deadline_s:g}s"}
@@ -166,15 +169,18 @@ def step(
     devices = dict(dep.devices)
     for d in members:  # devices that joined the group during the deployment
         devices.setdefault(d, DeviceRollout())
+    member_set = set(members)  # a list of 10,000 would make this loop quadratic
     for d in list(devices):
-        if d not in members and devices[d].state in ("pending", "pending (offline)"):
+        if d not in member_set and devices[d].state in ("pending", "pending (offline)"):
             del devices[d]
     # A first deployment has nothing to protect: running is healthy at once.
     judged = dep.strategy if dep.from_hash else dep.strategy.model_copy(update={"min_healthy_time_s": 0.0})
     for d, r in devices.items():
         obs = observed.get(d, Observation(online=False))
         if r.state in ("pending", "pending (offline)"):
-            devices[d] = r.model_copy(update={"state": "pending" if obs.online else "pending (offline)"})
+            pending = "pending" if obs.online else "pending (offline)"
+            if r.state != pending:
+                devices[d] = r.model_copy(update={"state": pending})
         else:
             devices[d] = _judge(r, obs, dep.to_hash, judged, now)
 

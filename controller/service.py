@@ -277,22 +277,22 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         its own savepoint, so one that fails leaves nothing behind and the others still
         count. Returns the first message that is not of the kind (handled next, in order).
         """
-        following: tuple[str, bytes] | None = None
         with self.store.transaction():
-            for _ in range(INGEST_BATCH):
+            for handled in range(1, INGEST_BATCH + 1):
                 try:
                     with self.store.transaction():
                         self.handle(topic, payload)
                 except Exception:
                     log.exception("failed to handle a message on %s", topic)
+                if handled == INGEST_BATCH:
+                    break
                 try:
                     topic, payload = self.inbox.get_nowait()
                 except queue.Empty:
                     break
                 if topic in (_STOP, _CONNECTED) or topic.rpartition("/")[2] not in _BATCHED:
-                    following = (topic, payload)
-                    break
-        return following
+                    return (topic, payload)  # committed on the way out, then handled by the caller
+        return None
 
     def is_ready(self) -> bool:
         """Connected to the broker and past the first sync (readiness)."""
@@ -416,7 +416,9 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             )
             if nxt == deployment:
                 continue
-            changed = True
+            # Desired states only change when devices are let go or sent back (pins), or a
+            # revert changes the stack: then a full sync; otherwise only the record is stored.
+            changed = changed or nxt.pins() != deployment.pins() or nxt.state == "reverted"
             with self.store.transaction():
                 self.store.put_deployment(nxt)
                 if nxt.state != deployment.state:

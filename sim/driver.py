@@ -65,10 +65,15 @@ class SimDriver:
             out.append(inst.observed)
         return out
 
-    def next_change(self) -> float | None:
-        """When an instance will change state by itself (the earliest start), if ever."""
+    def all_up_at(self) -> float | None:
+        """When every starting instance will be running (the latest start); None if none is starting.
+
+        A real driver's ``create`` returns once the container runs, so a real agent's
+        reconcile creates every service and reports them all running at once: a simulated
+        device reconciles again at this moment, not once per instance.
+        """
         pending = [i.ready_at for i in self.instances.values() if i.observed.state == "starting"]
-        return min(pending) if pending else None
+        return max(pending) if pending else None
 
     def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
         self.creates += 1

@@ -11,8 +11,9 @@ does, event-driven instead of with a thread of its own:
   ``core.on_connected()``; every incoming message goes to ``core.handle()``;
 * it reconciles at once when the core asks (``core.wake``), then again every
   ``reconcile_interval`` seconds, or after at most one second while something is
-  converging - sooner if the simulated runtime says when an instance will be up, which
-  stands for the real driver's ``create`` returning once the container runs;
+  converging - sooner if the simulated runtime says when its starting instances will all be
+  up, which stands for the real driver's ``create`` returning once the container runs (a
+  real reconcile reports the services it created all running at once);
 * a lost connection is retried after the agent's own :class:`~tether.protocol.backoff.Backoff`
   (capped exponential, full jitter): simulated devices storm a restarted broker exactly
   as real ones would.
@@ -183,7 +184,7 @@ class SimDevice:
         self.failed = bool(core.errors)
         # Settled: nothing converging, or only failed creates left (retried with backoff) and
         # nothing still starting - the report then shows every stack running or failed.
-        settled = not core.converging or (self.failed and self.driver.next_change() is None)
+        settled = not core.converging or (self.failed and self.driver.all_up_at() is None)
         if mark[1] is None and settled:
             mark[1] = now
 
@@ -271,7 +272,7 @@ class SimDevice:
         self.fleet.reconciles += 1
         if core.converging or core.waiting:
             delay = FAST_INTERVAL
-            ready = self.driver.next_change()
+            ready = self.driver.all_up_at()
             if ready is not None:
                 delay = min(delay, max(0.0, ready - time.time()) + 0.001)
         else:

@@ -114,6 +114,20 @@ def test_failed_transaction_leaves_nothing_half_written(store: Store, db_path: s
         reader.close()
 
 
+def test_nested_transaction_that_fails_undoes_only_its_own_writes(store: Store) -> None:
+    """A nested transaction is a savepoint: its writes go if it raises, the outer ones stay."""
+    with store.transaction():
+        store.put_device(device("pi-1"))
+        with pytest.raises(RuntimeError, match="one message"), store.transaction():
+            store.put_device(device("pi-2"))
+            store.create_group(Group(name="edge", devices=("pi-2",)))
+            raise RuntimeError("one message")
+        with store.transaction():
+            store.put_device(device("pi-3"))
+    assert [d.id for d in store.list_devices()] == ["pi-1", "pi-3"]
+    assert store.get_group("edge") is None
+
+
 def test_duplicate_group_is_a_store_error(store: Store) -> None:
     """Creating a group whose name exists raises StoreError and keeps the original."""
     store.create_group(Group(name="edge", devices=("pi-1",)))

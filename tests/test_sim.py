@@ -128,10 +128,10 @@ def test_sim_driver_starts_after_a_delay_and_fails_on_demand() -> None:
     spec = StackSpec(services=(ServiceSpec(name="web"),))
     driver.create("app", spec, spec.services[0])
     assert [i.state for i in driver.observe()] == ["starting"]
-    assert driver.next_change() == 102.0
+    assert driver.all_up_at() == 102.0
     now[0] = 102.0
     assert [i.state for i in driver.observe()] == ["running"]
-    assert driver.next_change() is None
+    assert driver.all_up_at() is None
     failing = SimDriver("d2", fail=True)
     with pytest.raises(DriverError, match="simulated failure"):
         failing.create("app", spec, spec.services[0])
