@@ -8,7 +8,7 @@ increasing precedence. The same file can be baked into every device image of a b
     driver = "docker"             # or "process"
     keepalive = 60                # seconds
     reconcile_interval = 10       # seconds
-    metrics_interval = 60         # seconds between metric samples; 0: no metrics
+    metrics_interval = 300        # seconds between metric samples (5-minute averages); 0: none
     metrics_full_interval = 900   # a full sample at least this often (seconds)
     metrics_threshold = 5         # send a value when it moved more than this (% points)
     username = "pi-042"           # broker credentials (`tether devices credentials ID`); default:
@@ -76,7 +76,7 @@ class AgentConfig(BaseModel):
     labels_command: str | None = None
     """A shell command printing ``key=value`` lines: dynamic labels, merged over ``labels``."""
     labels_interval: float = Field(default=300.0, gt=0)
-    metrics_interval: float = Field(default=60.0, ge=0, le=86400)
+    metrics_interval: float = Field(default=300.0, ge=0, le=86400)
     metrics_full_interval: float = Field(default=900.0, gt=0, le=86400)
     metrics_threshold: float = Field(default=5.0, ge=0, le=100)
     username: str | None = None

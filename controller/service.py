@@ -546,10 +546,14 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if reported is None:
             return
         device = self.store.get_device(device_id) or Device(id=device_id)
-        record = self.store.get_desired(device_id)
+        known = device.reported.generation if device.reported is not None else None
+        if known is not None and reported.generation < known:
+            return  # older than what we have (QoS 1 may deliver twice, or late)
+        record = self.store.get_desired(device_id) if reported.generation != known else None
         if record is not None and reported.generation > record.generation:
             # The device applied a generation we never issued: our state is older than the
             # device's (a restored backup). Jump past it, or the device would ignore us forever.
+            # (Checked when a generation is first reported: later reports of it change nothing.)
             log.warning(
                 "device %s applied generation %d, newer than our %d: republishing as %d",
                 device_id,
@@ -562,8 +566,6 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                     record.model_copy(update={"generation": reported.generation + 1, "published": False})
                 )
             self._publish_after.add(device_id)  # once committed (reports are handled in batches)
-        elif device.reported is not None and reported.generation < device.reported.generation:
-            return
         self.store.put_device(device.model_copy(update={"reported": reported}))
         self._deployments_dirty = True
 
