@@ -65,14 +65,15 @@ class ControllerClient:
         self._watching.add(topic)
         self._mqtt.subscribe(topic)
 
-    def send(self, topic: str, command: BaseModel) -> str:
+    def send(self, topic: str, command: BaseModel, timeout: float = 10.0) -> str:
         """Publish a request for ``command`` on ``topic`` (a device's requests topic); return its id.
 
         Replies come to :meth:`receive`. :meth:`request` is the controller's round trip.
+        ``timeout`` bounds the wait for the broker's acknowledgement.
         """
         request_id = uuid.uuid4().hex
         request = Request(id=request_id, reply_to=self.reply_topic, command=command.model_dump(mode="json"))
-        if not self._mqtt.publish_confirmed(topic, codec.encode(request), qos=1):
+        if not self._mqtt.publish_confirmed(topic, codec.encode(request), qos=1, timeout=timeout):
             raise RequestError("lost the connection to the broker while sending the request")
         return request_id
 

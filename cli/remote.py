@@ -263,9 +263,10 @@ def _follow_logs(
                 else:
                     printer.write(result.get("service") or "", result["text"])
     except KeyboardInterrupt:
+        # Ctrl-C exits at once: the cancel is a courtesy (the device's lease ends the stream anyway).
         printer.close()
-        with contextlib.suppress(TetherError):
-            client.send(requests, StreamCommand(request_id=request_id, action="cancel"))
+        with contextlib.suppress(TetherError, KeyboardInterrupt):
+            client.send(requests, StreamCommand(request_id=request_id, action="cancel"), timeout=2.0)
         sys.exit(130)
 
 
