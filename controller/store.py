@@ -199,10 +199,13 @@ class Store:
         self._put("devices", "id", device.id, device.model_dump_json())
 
     def forget_device(self, device_id: str) -> None:
-        """Delete the device's record, desired state, events, job results and enrollment."""
+        """Delete the device's record, desired state, events, job results, enrollment and the
+        variables scoped to it."""
         for table, key in (("devices", "id"), ("desired", "device_id"), ("events", "device_id"),
                            ("job_results", "device_id"), ("enrollments", "device_id")):  # fmt: skip
             self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
+        prefix = f"device:{device_id}|"  # not LIKE: '_' in a device id would be a wildcard
+        self.db.execute("DELETE FROM variables WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))
 
     # --- groups ---
 
