@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,6 +109,45 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What a deployment step needs of one device (:meth:`Controller._fleet_view`)."""
+
+    attributes: dict[str, str]
+    online: bool
+    held: bool
+    error: str | None
+    stacks: dict[str, tuple[str, str, str | None]]
+    """Per reported stack: its spec hash, its state and the first error of its services."""
+
+    @classmethod
+    def of(cls, device: Device) -> Seen:
+        reported = device.reported
+        stacks = {}
+        for name, status in (reported.stacks if reported else {}).items():
+            errors = [s.last_error for s in status.services.values() if s.last_error]
+            stacks[name] = (status.spec_hash, status.state, errors[0] if errors else None)
+        return cls(
+            attributes=device.attributes(),
+            online=device.status == "online",
+            held=bool(reported and reported.held),
+            error=reported.error if reported and reported.error else None,
+            stacks=stacks,
+        )
+
+    def observe(self, stack: str) -> Observation:
+        status = self.stacks.get(stack)
+        if status is None:
+            return Observation(online=self.online, held=self.held, error=self.error)
+        return Observation(
+            online=self.online,
+            spec_hash=status[0],
+            state=status[1],
+            held=self.held,
+            error=self.error or status[2],
+        )
+
+
 READ_COMMANDS = (
     DevicesList,
     DevicesPending,
@@ -161,6 +201,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         self._deployments_dirty = True
         self._next_deployment_step = 0.0
         self._step_not_before = 0.0
+        self._fleet: dict[str, Seen] | None = None  # see _fleet_view
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self._next_refresh = 0.0
         self._publish_after: set[str] = set()  # devices to publish once the worker's transaction is committed
@@ -226,6 +267,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if not self.ha:
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
         self._variables = None  # another controller may have changed them while we stood by
+        self._fleet = None  # and the devices
         self.leading.set()
         log.info("this controller leads")
         if self.client.connected:
@@ -360,28 +402,31 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             attributes = self._labels()
         return eligible(stack, members(group, attributes), attributes)
 
-    def _observe(
-        self, stack: str, device_ids: Iterable[str], devices: dict[str, Device] | None = None
-    ) -> dict[str, Observation]:
-        """What each device reports of ``stack``; ``devices``: every device (else read one by one)."""
-        observed = {}
-        for device_id in device_ids:
-            device = devices.get(device_id) if devices is not None else self.store.get_device(device_id)
-            if device is None:
-                observed[device_id] = Observation(online=False)
-                continue
-            reported = device.reported
-            status = reported.stacks.get(stack) if reported else None
-            errors = [s.last_error for s in status.services.values() if s.last_error] if status else []
-            observed[device_id] = Observation(
-                online=device.status == "online",
-                spec_hash=status.spec_hash if status else None,
-                state=status.state if status else None,
-                held=bool(reported and reported.held),
-                error=(reported.error if reported and reported.error else None)
-                or (errors[0] if errors else None),
-            )
-        return observed
+    def _fleet_view(self) -> dict[str, Seen]:
+        """Every device as a deployment step sees it: kept in memory, re-read only where written.
+
+        A step looks at every device of the group, every second while devices report; parsing
+        every device row each time was most of the controller's work during a deploy to
+        10,000 devices. The store says which devices it wrote since the last call (and
+        "anything" after a rollback), so only those are read again.
+        """
+        written = self.store.devices_written()
+        if self._fleet is None or written is None:
+            self._fleet = {d.id: Seen.of(d) for d in self.store.list_devices()}
+        else:
+            for device_id in written:
+                device = self.store.get_device(device_id)
+                if device is None:
+                    self._fleet.pop(device_id, None)
+                else:
+                    self._fleet[device_id] = Seen.of(device)
+        return self._fleet
+
+    @staticmethod
+    def _observe(stack: str, device_ids: Iterable[str], fleet: dict[str, Seen]) -> dict[str, Observation]:
+        """What each device reports of ``stack``."""
+        unknown = Observation(online=False)
+        return {d: seen.observe(stack) if (seen := fleet.get(d)) else unknown for d in device_ids}
 
     def advance_deployments(self, force: bool = True) -> None:
         """Step every active deployment; store, revert and publish what changed.
@@ -401,8 +446,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if not active:
             return
         changed = False
-        devices = {d.id: d for d in self.store.list_devices()}  # read once for every deployment
-        attributes = {d.id: d.attributes() for d in devices.values()}
+        fleet = self._fleet_view()
+        attributes = {d: seen.attributes for d, seen in fleet.items()}
         for deployment in active:
             stack = self.store.get_stack(deployment.stack)
             if stack is None:
@@ -411,7 +456,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             nxt = rollout.step(
                 deployment,
                 targets,
-                self._observe(stack.name, set(deployment.devices).union(targets), devices),
+                self._observe(stack.name, set(deployment.devices).union(targets), fleet),
                 self.clock(),
             )
             if nxt == deployment:
@@ -451,12 +496,12 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         previous = self.store.latest_deployments().get(stack.name)
         if previous is not None and previous.active:
             self.store.put_deployment(previous.model_copy(update={"state": "superseded", "updated": now}))
-        devices = {d.id: d for d in self.store.list_devices()}  # read once
-        targets = self._targets(stack, {d.id: d.attributes() for d in devices.values()})
+        fleet = self._fleet_view()
+        targets = self._targets(stack, {d: seen.attributes for d, seen in fleet.items()})
         deployment = rollout.start(
             self.store.next_deployment_id(), stack.name, from_hash, stack.spec_hash, strategy, targets, now
         )
-        deployment = rollout.step(deployment, targets, self._observe(stack.name, targets, devices), now)
+        deployment = rollout.step(deployment, targets, self._observe(stack.name, targets, fleet), now)
         self.store.put_deployment(deployment)
         return deployment
 

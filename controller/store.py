@@ -112,6 +112,7 @@ class Store:
             self.db.execute("PRAGMA busy_timeout=5000")
         self._in_tx = False
         self._savepoints = 0
+        self._devices_written: set[str] | None = None  # see devices_written
         self.migrate()
 
     def migrate(self) -> None:
@@ -148,6 +149,7 @@ class Store:
             try:
                 yield
             except BaseException:
+                self._devices_written = None
                 self.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
                 self.db.execute(f"RELEASE SAVEPOINT {name}")
                 raise
@@ -161,6 +163,7 @@ class Store:
         try:
             yield
         except BaseException:
+            self._devices_written = None  # what was read inside may be gone: anything may have changed
             self.db.execute("ROLLBACK")
             raise
         else:
@@ -197,6 +200,18 @@ class Store:
 
     def put_device(self, device: Device) -> None:
         self._put("devices", "id", device.id, device.model_dump_json())
+        if self._devices_written is not None:
+            self._devices_written.add(device.id)
+
+    def devices_written(self) -> set[str] | None:
+        """Ids of the devices written (or forgotten) since the last call; None: any may have changed.
+
+        None on the first call and after a rollback. For a reader that keeps devices in
+        memory (the controller's deployment steps); with several controllers on one
+        database only the leader writes devices.
+        """
+        written, self._devices_written = self._devices_written, set()
+        return written
 
     def forget_device(self, device_id: str) -> None:
         """Delete the device's record, desired state, events, job results, enrollment and the
@@ -204,6 +219,8 @@ class Store:
         for table, key in (("devices", "id"), ("desired", "device_id"), ("events", "device_id"),
                            ("job_results", "device_id"), ("enrollments", "device_id")):  # fmt: skip
             self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
+        if self._devices_written is not None:
+            self._devices_written.add(device_id)
         prefix = f"device:{device_id}|"  # not LIKE: '_' in a device id would be a wildcard
         self.db.execute("DELETE FROM variables WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))
 

@@ -128,6 +128,21 @@ def test_nested_transaction_that_fails_undoes_only_its_own_writes(store: Store) 
     assert store.get_group("edge") is None
 
 
+def test_the_store_says_which_devices_it_wrote(store: Store) -> None:
+    """devices_written: None at first and after a rollback (anything may have changed), else the ids."""
+    assert store.devices_written() is None
+    store.put_device(device("pi-1"))
+    with store.transaction():
+        store.put_device(device("pi-2"))
+        store.forget_device("pi-1")
+    assert store.devices_written() == {"pi-1", "pi-2"}
+    assert store.devices_written() == set()
+    with pytest.raises(RuntimeError), store.transaction():
+        store.put_device(device("pi-3"))
+        raise RuntimeError("rolled back")
+    assert store.devices_written() is None
+
+
 def test_duplicate_group_is_a_store_error(store: Store) -> None:
     """Creating a group whose name exists raises StoreError and keeps the original."""
     store.create_group(Group(name="edge", devices=("pi-1",)))
