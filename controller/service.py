@@ -590,8 +590,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         reported = self._decode_from(device_id, payload, ReportedState)
         if reported is None:
             return
-        device = self.store.get_device(device_id) or Device(id=device_id)
-        known = device.reported.generation if device.reported is not None else None
+        known = self.store.reported_generation(device_id)  # not the whole device: reports are many
         if known is not None and reported.generation < known:
             return  # older than what we have (QoS 1 may deliver twice, or late)
         record = self.store.get_desired(device_id) if reported.generation != known else None
@@ -611,7 +610,11 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                     record.model_copy(update={"generation": reported.generation + 1, "published": False})
                 )
             self._publish_after.add(device_id)  # once committed (reports are handled in batches)
-        self.store.put_device(device.model_copy(update={"reported": reported}))
+        if known is None:  # its first report: the device row may not exist yet, or holds an old one
+            device = self.store.get_device(device_id) or Device(id=device_id)
+            self.store.put_device(device.model_copy(update={"reported": reported}))
+        else:
+            self.store.put_reported(device_id, reported)
         self._deployments_dirty = True
 
     def _on_event(self, device_id: str, payload: bytes) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
-from tether.protocol.models import StackSpec
+from tether.protocol.models import ReportedState, StackSpec
 
 from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Stack, Variable
 from .rollout import Deployment
@@ -56,6 +56,9 @@ MIGRATIONS = [
     """,
     """
     CREATE TABLE variables (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    """,
+    """
+    CREATE TABLE reported (device_id TEXT PRIMARY KEY, generation INTEGER NOT NULL, body TEXT NOT NULL);
     """,
 ]
 
@@ -191,17 +194,52 @@ class Store:
 
     # --- devices ---
 
+    # A device's reported state has a row of its own (table ``reported``): it changes with
+    # every report, the rest of the device rarely, so a report rewrites only that row.
+    # Rows written before the table existed keep it inside the device's body until then.
+
+    _DEVICES = "SELECT d.body, r.body FROM devices d LEFT JOIN reported r ON r.device_id = d.id"
+
+    @staticmethod
+    def _device(row: Any) -> Device:
+        device = Device.model_validate_json(row[0])
+        if row[1] is None:
+            return device
+        return device.model_copy(update={"reported": ReportedState.model_validate_json(row[1])})
+
     def get_device(self, device_id: str) -> Device | None:
-        body = self._get("devices", "id", device_id)
-        return Device.model_validate_json(body) if body else None
+        row = self.db.execute(f"{self._DEVICES} WHERE d.id = ?", (device_id,)).fetchone()
+        return self._device(row) if row else None
 
     def list_devices(self) -> list[Device]:
-        return [Device.model_validate_json(b) for b in self._all("devices", "id")]
+        return [self._device(r) for r in self.db.execute(f"{self._DEVICES} ORDER BY d.id")]
 
     def put_device(self, device: Device) -> None:
-        self._put("devices", "id", device.id, device.model_dump_json())
+        self._put("devices", "id", device.id, device.model_dump_json(exclude={"reported"}))
+        if device.reported is not None:
+            self.put_reported(device.id, device.reported)
+        else:
+            self.db.execute("DELETE FROM reported WHERE device_id = ?", (device.id,))
         if self._devices_written is not None:
             self._devices_written.add(device.id)
+
+    def reported_generation(self, device_id: str) -> int | None:
+        """The generation of the device's stored reported state; None if it has none (or no row)."""
+        row = self.db.execute("SELECT generation FROM reported WHERE device_id = ?", (device_id,)).fetchone()
+        if row is not None:
+            return int(row[0])
+        device = self.get_device(device_id)  # a row from before the table, or none
+        return device.reported.generation if device is not None and device.reported is not None else None
+
+    def put_reported(self, device_id: str, reported: ReportedState) -> None:
+        """Store a device's reported state (its device row must exist: see :meth:`put_device`)."""
+        self.db.execute(
+            "INSERT INTO reported (device_id, generation, body) VALUES (?, ?, ?) ON CONFLICT(device_id) "
+            "DO UPDATE SET generation = excluded.generation, body = excluded.body",
+            (device_id, reported.generation, reported.model_dump_json()),
+        )
+        if self._devices_written is not None:
+            self._devices_written.add(device_id)
 
     def devices_written(self) -> set[str] | None:
         """Ids of the devices written (or forgotten) since the last call; None: any may have changed.
@@ -216,8 +254,9 @@ class Store:
     def forget_device(self, device_id: str) -> None:
         """Delete the device's record, desired state, events, job results, enrollment and the
         variables scoped to it."""
-        for table, key in (("devices", "id"), ("desired", "device_id"), ("events", "device_id"),
-                           ("job_results", "device_id"), ("enrollments", "device_id")):  # fmt: skip
+        for table, key in (("devices", "id"), ("reported", "device_id"), ("desired", "device_id"),
+                           ("events", "device_id"), ("job_results", "device_id"),
+                           ("enrollments", "device_id")):  # fmt: skip
             self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
         if self._devices_written is not None:
             self._devices_written.add(device_id)

@@ -128,6 +128,25 @@ def test_nested_transaction_that_fails_undoes_only_its_own_writes(store: Store) 
     assert store.get_group("edge") is None
 
 
+def test_a_report_rewrites_only_the_reported_state(store: Store) -> None:
+    """put_reported replaces the reported state alone; a device row from before keeps working."""
+    store.put_device(device("pi-1", zone="a"))
+    assert store.reported_generation("pi-1") == 3
+    store.put_reported("pi-1", ReportedState(device_id="pi-1", generation=5))
+    got = store.get_device("pi-1")
+    assert got is not None and got.reported is not None and got.reported.generation == 5
+    assert got.labels == {"zone": "a"} and got.status == "online"
+    assert [d.reported.generation for d in store.list_devices() if d.reported] == [5]
+    assert store.reported_generation("pi-9") is None
+    # A row written before the reported table existed carries its state in the body.
+    legacy = device("pi-2")
+    store.db.execute("INSERT INTO devices (id, body) VALUES (?, ?)", ("pi-2", legacy.model_dump_json()))
+    assert store.reported_generation("pi-2") == 3
+    assert store.get_device("pi-2") == legacy
+    store.forget_device("pi-1")
+    assert store.reported_generation("pi-1") is None and store.get_device("pi-1") is None
+
+
 def test_the_store_says_which_devices_it_wrote(store: Store) -> None:
     """devices_written: None at first and after a rollback (anything may have changed), else the ids."""
     assert store.devices_written() is None
