@@ -24,6 +24,10 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class _Proc:
     """A child process whose combined output is collected line by line.
 
@@ -42,6 +46,9 @@ class _Proc:
             text=True,
             env=_env(),
             start_new_session=True,
+            # SIGINT as a terminal gives it, even when the suite runs in the background (where
+            # the shell hands children SIGINT ignored and Ctrl-C would do nothing).
+            preexec_fn=_default_sigint,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
