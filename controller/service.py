@@ -122,14 +122,17 @@ class Seen:
 
     @classmethod
     def of(cls, device: Device) -> Seen:
-        reported = device.reported
+        return cls(device.attributes(), device.status == "online", False, None, {}).reporting(device.reported)
+
+    def reporting(self, reported: ReportedState | None) -> Seen:
+        """The same device with another reported state."""
         stacks = {}
         for name, status in (reported.stacks if reported else {}).items():
             errors = [s.last_error for s in status.services.values() if s.last_error]
             stacks[name] = (status.spec_hash, status.state, errors[0] if errors else None)
-        return cls(
-            attributes=device.attributes(),
-            online=device.status == "online",
+        return Seen(
+            attributes=self.attributes,
+            online=self.online,
             held=bool(reported and reported.held),
             error=reported.error if reported and reported.error else None,
             stacks=stacks,
@@ -408,18 +411,23 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         A step looks at every device of the group, every second while devices report; parsing
         every device row each time was most of the controller's work during a deploy to
         10,000 devices. The store says which devices it wrote since the last call (and
-        "anything" after a rollback), so only those are read again.
+        "anything" after a rollback): a new reported state is taken as written, any other
+        change is read again.
         """
         written = self.store.devices_written()
         if self._fleet is None or written is None:
             self._fleet = {d.id: Seen.of(d) for d in self.store.list_devices()}
-        else:
-            for device_id in written:
-                device = self.store.get_device(device_id)
-                if device is None:
-                    self._fleet.pop(device_id, None)
-                else:
-                    self._fleet[device_id] = Seen.of(device)
+            return self._fleet
+        for device_id, reported in written.items():
+            seen = self._fleet.get(device_id)
+            if reported is not None and seen is not None:
+                self._fleet[device_id] = seen.reporting(reported)
+                continue
+            device = self.store.get_device(device_id)
+            if device is None:
+                self._fleet.pop(device_id, None)
+            else:
+                self._fleet[device_id] = Seen.of(device)
         return self._fleet
 
     @staticmethod

@@ -115,7 +115,7 @@ class Store:
             self.db.execute("PRAGMA busy_timeout=5000")
         self._in_tx = False
         self._savepoints = 0
-        self._devices_written: set[str] | None = None  # see devices_written
+        self._devices_written: dict[str, ReportedState | None] | None = None  # see devices_written
         self.migrate()
 
     def migrate(self) -> None:
@@ -221,7 +221,7 @@ class Store:
         else:
             self.db.execute("DELETE FROM reported WHERE device_id = ?", (device.id,))
         if self._devices_written is not None:
-            self._devices_written.add(device.id)
+            self._devices_written[device.id] = None
 
     def reported_generation(self, device_id: str) -> int | None:
         """The generation of the device's stored reported state; None if it has none (or no row)."""
@@ -238,17 +238,18 @@ class Store:
             "DO UPDATE SET generation = excluded.generation, body = excluded.body",
             (device_id, reported.generation, reported.model_dump_json()),
         )
-        if self._devices_written is not None:
-            self._devices_written.add(device_id)
+        if self._devices_written is not None and self._devices_written.get(device_id, reported) is not None:
+            self._devices_written[device_id] = reported
 
-    def devices_written(self) -> set[str] | None:
-        """Ids of the devices written (or forgotten) since the last call; None: any may have changed.
+    def devices_written(self) -> dict[str, ReportedState | None] | None:
+        """The devices written (or forgotten) since the last call; None: any may have changed.
 
-        None on the first call and after a rollback. For a reader that keeps devices in
-        memory (the controller's deployment steps); with several controllers on one
-        database only the leader writes devices.
+        Per device id, its new reported state if that is all that was written to it
+        (:meth:`put_reported`), else None. None on the first call and after a rollback.
+        For a reader that keeps devices in memory (the controller's deployment steps); with
+        several controllers on one database only the leader writes devices.
         """
-        written, self._devices_written = self._devices_written, set()
+        written, self._devices_written = self._devices_written, {}
         return written
 
     def forget_device(self, device_id: str) -> None:
@@ -259,7 +260,7 @@ class Store:
                            ("enrollments", "device_id")):  # fmt: skip
             self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
         if self._devices_written is not None:
-            self._devices_written.add(device_id)
+            self._devices_written[device_id] = None
         prefix = f"device:{device_id}|"  # not LIKE: '_' in a device id would be a wildcard
         self.db.execute("DELETE FROM variables WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))
 

@@ -148,14 +148,19 @@ def test_a_report_rewrites_only_the_reported_state(store: Store) -> None:
 
 
 def test_the_store_says_which_devices_it_wrote(store: Store) -> None:
-    """devices_written: None at first and after a rollback (anything may have changed), else the ids."""
+    """devices_written: None at first and after a rollback (anything may have changed), else the
+    devices, each with its new reported state when nothing else was written to it."""
     assert store.devices_written() is None
     store.put_device(device("pi-1"))
     with store.transaction():
         store.put_device(device("pi-2"))
         store.forget_device("pi-1")
-    assert store.devices_written() == {"pi-1", "pi-2"}
-    assert store.devices_written() == set()
+    store.put_reported("pi-2", ReportedState(device_id="pi-2", generation=4))
+    assert store.devices_written() == {"pi-1": None, "pi-2": None}  # more than a report: read again
+    assert store.devices_written() == {}
+    report = ReportedState(device_id="pi-2", generation=5)
+    store.put_reported("pi-2", report)
+    assert store.devices_written() == {"pi-2": report}
     with pytest.raises(RuntimeError), store.transaction():
         store.put_device(device("pi-3"))
         raise RuntimeError("rolled back")
