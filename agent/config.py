@@ -8,7 +8,7 @@ increasing precedence. The same file can be baked into every device image of a b
     driver = "docker"             # or "process"
     keepalive = 60                # seconds
     reconcile_interval = 10       # seconds
-    metrics_interval = 300        # seconds between metric samples (5-minute averages); 0: none
+    metrics_interval = 300        # seconds between metric samples (default: 300, or 2 keepalives); 0: none
     metrics_full_interval = 900   # a full sample at least this often (seconds)
     metrics_threshold = 5         # send a value when it moved more than this (% points)
     username = "pi-042"           # broker credentials (`tether devices credentials ID`); default:
@@ -61,6 +61,10 @@ def default_device_id() -> str:
     return name or "device"
 
 
+DEFAULT_METRICS_INTERVAL = 300.0
+"""Seconds between metric samples by default, unless two keepalives are longer."""
+
+
 class AgentConfig(BaseModel):
     """Validated agent settings. Unknown keys are errors: a typo must not pass silently."""
 
@@ -76,7 +80,8 @@ class AgentConfig(BaseModel):
     labels_command: str | None = None
     """A shell command printing ``key=value`` lines: dynamic labels, merged over ``labels``."""
     labels_interval: float = Field(default=300.0, gt=0)
-    metrics_interval: float = Field(default=300.0, ge=0, le=86400)
+    metrics_interval: float | None = Field(default=None, ge=0, le=86400)
+    """Seconds between metric samples; 0: none. Default (None): :meth:`metrics_every`."""
     metrics_full_interval: float = Field(default=900.0, gt=0, le=86400)
     metrics_threshold: float = Field(default=5.0, ge=0, le=100)
     username: str | None = None
@@ -89,6 +94,16 @@ class AgentConfig(BaseModel):
     tls_key: Path | None = None
     enrollment_token: str | None = Field(default=None, repr=False)
     """A fleet token: with no credentials yet, the agent enrolls with it (agent/enroll.py)."""
+
+    def metrics_every(self) -> float:
+        """Seconds between metric samples: as configured, else 300 s or two keepalives if longer.
+
+        A long keepalive says the link is precious: metrics then stay within the same share
+        of the traffic (at most one message per keepalive on average, full samples included).
+        """
+        if self.metrics_interval is not None:
+            return self.metrics_interval
+        return max(DEFAULT_METRICS_INTERVAL, 2.0 * self.keepalive)
 
     def client_cert(self) -> tuple[str, str] | None:
         """(certificate file, key file) to present to the broker, or None."""

@@ -56,7 +56,11 @@ def set_hold(config: AgentConfig, on: bool) -> None:
 @click.option("--reconcile-interval", type=float, help="Seconds between reconciles (default 10).")
 @click.option("--labels-command", help="Shell command printing key=value lines: dynamic labels.")
 @click.option("--labels-interval", type=float, help="Seconds between runs of --labels-command (default 300).")
-@click.option("--metrics-interval", type=float, help="Seconds between metric samples (default 300; 0: off).")
+@click.option(
+    "--metrics-interval",
+    type=float,
+    help="Seconds between metric samples (default 300, or 2 keepalives if longer; 0: off).",
+)
 @click.option(
     "--metrics-full-interval", type=float, help="Seconds between full metric samples (default 900)."
 )

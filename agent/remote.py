@@ -691,7 +691,7 @@ def attach(core: AgentCore, config: AgentConfig) -> metrics.MetricsLoop:
         topic,
         core.link.publish,
         sampler,
-        interval=config.metrics_interval,
+        interval=config.metrics_every(),
         full_interval=config.metrics_full_interval,
         threshold=config.metrics_threshold,
     )

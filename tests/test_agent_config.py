@@ -117,6 +117,14 @@ def test_defaults_without_any_source() -> None:
     assert config.labels == {}
 
 
+def test_metrics_interval_defaults_to_300_s_or_two_keepalives() -> None:
+    """Unset, metrics are sampled every 300 s, or every two keepalives when that is longer."""
+    assert load_config(None, {}, NO_FLAGS).metrics_every() == 300.0
+    assert load_config(None, {"TETHER_KEEPALIVE": "300"}, NO_FLAGS).metrics_every() == 600.0
+    assert load_config(None, {"TETHER_METRICS_INTERVAL": "60"}, NO_FLAGS).metrics_every() == 60.0
+    assert load_config(None, {"TETHER_METRICS_INTERVAL": "0"}, NO_FLAGS).metrics_every() == 0.0
+
+
 def test_unknown_key_in_file_is_an_error_naming_it(tmp_path: Path) -> None:
     """A misspelt key is refused (not ignored), naming the key and the file."""
     path = write(tmp_path, 'device_id = "pi"\nreconcile_intervall = 5\n')
