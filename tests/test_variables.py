@@ -7,11 +7,11 @@ from __future__ import annotations
 import base64
 import json
 import stat
-import textwrap
 from pathlib import Path
 
 import pytest
 from nacl.public import PrivateKey
+from test_compose import parse
 from tether.agent.core import AgentCore
 from tether.agent.drivers.base import Observed
 from tether.agent.drivers.fake import FakeDriver
@@ -202,17 +202,7 @@ def test_hashes_without_configs_are_unchanged() -> None:
 # --- controller/compose.py: configs and ${var:...} ----------------------------------------------
 
 
-def parse(text: str) -> StackSpec:
-    return parse_compose(textwrap.dedent(text))
-
-
-def rejects(text: str, *fragments: str) -> str:
-    with pytest.raises(ComposeError) as info:
-        parse(text)
-    message = str(info.value)
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    return message
+# parse() and rejects() are test_compose.py's.
 
 
 def test_compose_configs_short_and_long_syntax() -> None:
