@@ -148,6 +148,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     with store.transaction():
         credentials = ensure_controller_credentials(store, options.data_dir, now)
     table = load_table(store, options.allow_anonymous)
+    secrets = SecretsKey.for_store(store, options.data_dir)  # before anything starts
     embedded = None
     ca_file = options.tls_ca
     client_cert: tuple[str, str] | None = None
@@ -217,7 +218,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         table=table,
         credentials=credentials if use_credentials else None,
         ca_file=ca_file if address.tls else None,
-        secrets=SecretsKey.load_or_create(options.data_dir),
+        secrets=secrets,
     )
     if client_cert is not None:
         from .tls import issue_client

@@ -59,6 +59,20 @@ class SecretsKey:
         self._mac_key = hashlib.sha256(b"tether vars digest\x00" + bytes(private_key)).digest()
 
     @classmethod
+    def for_store(cls, store: Store, data_dir: Path) -> SecretsKey:
+        """The key of ``data_dir`` checked against the store's secrets, made only if the store
+        has none (a new key could never open them)."""
+        path = Path(data_dir) / KEY_FILE
+        if not path.exists() and any(v.secret for v in store.list_variables()):
+            raise StoreError(
+                f"{path} is missing but this database holds secrets sealed to it: restore the "
+                "secrets.key backed up with the database, or copy it from the other controller"
+            )
+        key = cls.load_or_create(data_dir)
+        key.check_store(store, data_dir)
+        return key
+
+    @classmethod
     def load_or_create(cls, data_dir: Path) -> SecretsKey:
         """``{data_dir}/secrets.key``, made on first use; a clear error if it is unreadable."""
         path = Path(data_dir) / KEY_FILE
@@ -73,6 +87,20 @@ class SecretsKey:
             "made the secrets key %s (keep it with the database: secrets cannot be read without it)", path
         )
         return cls(key)
+
+    def check_store(self, store: Store, data_dir: Path) -> None:
+        """Refuse to start with a key that cannot open the store's secrets (another controller's,
+        or a new one after a restore without the old file): say so at once, not per device."""
+        stored = next((v for v in store.list_variables() if v.secret and v.sealed), None)
+        if stored is None:
+            return
+        try:
+            self.open_items(stored.sealed or "", f"secret {stored.path}")
+        except PayloadError as exc:
+            raise StoreError(
+                f"{Path(data_dir) / KEY_FILE} cannot open the secrets in this database ({exc}): "
+                "restore the secrets.key backed up with it, or copy it from the other controller"
+            ) from exc
 
     def seal_items(self, items: Mapping[str, str]) -> str:
         """``items`` sealed to this key (how a secret is kept at rest, and how the CLI sends one)."""

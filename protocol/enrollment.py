@@ -78,7 +78,7 @@ def open_bytes(private_key: PrivateKey, sealed: str, what: str) -> bytes:
         return SealedBox(private_key).decrypt(ciphertext)
     except CryptoError as exc:
         raise PayloadError(
-            f"{what}: cannot be opened with this device's key (tampered with, or sealed for another key)"
+            f"{what}: cannot be opened with this key (tampered with, or sealed for another key)"
         ) from exc
 
 

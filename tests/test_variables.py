@@ -854,3 +854,30 @@ def test_process_driver_links_configs_again_and_refuses_escapes(
     finally:
         for inst in driver.observe():
             driver.remove(inst, 1.0)
+
+
+def test_a_controller_key_that_cannot_open_the_stored_secrets_is_refused(tmp_path: Path) -> None:
+    """Another controller's key (or a new one after a restore without the old file) is a clear
+    error at start, naming the file; the right key passes."""
+    from tether.controller.models import Variable
+    from tether.controller.store import Store
+
+    right = SecretsKey.load_or_create(tmp_path / "right")
+    wrong = SecretsKey.load_or_create(tmp_path / "wrong")
+    store = Store(tmp_path / "t.db")
+    try:
+        wrong.check_store(store, tmp_path / "wrong")  # no secrets yet: any key will do
+        store.put_variable(
+            Variable(
+                scope="fleet", path="db", secret=True, sealed=right.seal_items({"pw": "x"}), keys=("pw",)
+            )
+        )
+        right.check_store(store, tmp_path / "right")
+        with pytest.raises(StoreError, match=r"wrong/secrets.key cannot open the secrets in this database"):
+            wrong.check_store(store, tmp_path / "wrong")
+        with pytest.raises(StoreError, match=r"missing but this database holds secrets"):
+            SecretsKey.for_store(store, tmp_path / "new")
+        assert not (tmp_path / "new" / KEY_FILE).exists()  # no new key that could never open them
+        assert SecretsKey.for_store(store, tmp_path / "right").public_key == right.public_key
+    finally:
+        store.close()
