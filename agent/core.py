@@ -66,7 +66,7 @@ from tether.protocol.models import (
 )
 from tether.protocol.mqtt import Will
 from tether.protocol.topics import DeviceTopic
-from tether.protocol.variables import RenderError, render_stack, stack_references
+from tether.protocol.variables import RenderError, render_stack
 
 from . import reconcile, remote
 from .drivers.base import Driver, Observed
@@ -140,7 +140,6 @@ class AgentCore:
         self.device_id = device_id
         self.private_key = private_key
         self.renderings: dict[str, Rendering] = {}
-        self._has_references: dict[str, bool] = {}
         self._signals: set[tuple[str, str, str]] = set()  # (stack, service, signal) to send
         self.is_held = is_held
         self.held = False
@@ -375,7 +374,7 @@ class AgentCore:
     def render(self, specs: dict[str, StackSpec]) -> tuple[dict[str, StackSpec], dict[str, str]]:
         """The stacks to run, rendered for this device, and the stacks whose rendering failed
         (name to error). A failed stack runs as last rendered, or is left alone if it never
-        was; a stack without references or config files is its own rendering."""
+        was. Renderings are cached per stack until its definition or bindings change."""
         bindings: dict[str, list[VarBinding]] = {}
         for binding in self.desired.vars if self.desired is not None else ():
             bindings.setdefault(binding.stack, []).append(binding)
@@ -383,9 +382,6 @@ class AgentCore:
         errors: dict[str, str] = {}
         for name, spec in specs.items():
             mine = bindings.get(name, [])
-            if not mine and not spec.configs and not self._references(spec):
-                rendered[name] = spec
-                continue
             key = (spec.spec_hash(), *((b.ref, b.digest, b.value, b.sealed, b.error) for b in mine))
             previous = self.renderings.get(name)
             if previous is None or previous.key != key:
@@ -395,20 +391,10 @@ class AgentCore:
                 rendered[name] = current.spec
             if current.error is not None:
                 errors[name] = current.error
-        if len(self._has_references) > 2 * len(specs) + 16:
-            current = {spec.spec_hash() for spec in specs.values()}
-            self._has_references = {h: v for h, v in self._has_references.items() if h in current}
         if set(self.renderings) - set(specs):
             self.renderings = {n: r for n, r in self.renderings.items() if n in specs}
             self.store.prune_configs(set(self.renderings))
         return rendered, errors
-
-    def _references(self, spec: StackSpec) -> bool:
-        """Whether a stack references variables (cached per definition)."""
-        found = self._has_references.get(spec.spec_hash())
-        if found is None:
-            found = self._has_references[spec.spec_hash()] = bool(stack_references(spec))
-        return found
 
     def _render_stack(
         self,

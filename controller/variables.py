@@ -341,8 +341,9 @@ class VariableHandlers:
             raise StoreError(
                 f"variable {cmd.path} ({scope}) is {kind}: set it the same way, or remove it first (tether vars rm)"
             )
-        merged = {**(self._items(existing) if existing else {}), **items}
-        if existing is not None and merged == self._items(existing):
+        current = self._items(existing) if existing else {}
+        merged = {**current, **items}
+        if existing is not None and merged == current:
             return {"variable": self._variable_view(existing, values=True), "changed": False}
         now = self.clock()  # type: ignore[attr-defined]
         fields: dict[str, Any] = {

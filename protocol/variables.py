@@ -17,12 +17,12 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 
 from .errors import TetherError
-from .models import ServiceSpec, StackSpec
+from .models import VAR_REF_PATTERN, ServiceSpec, StackSpec
 
 REFERENCE_RE = re.compile(r"\$\{var:([^}]*)\}")
 PATH_RE = re.compile(r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*$")
 KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-REF_RE = re.compile(r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*/[A-Za-z0-9_.-]+$")
+REF_RE = re.compile(VAR_REF_PATTERN)
 
 
 class RenderError(TetherError):
