@@ -61,13 +61,14 @@ MB = 1024 * 1024
 
 
 def _serve_embedded(stock: bool) -> None:
-    """Child process: run an EmbeddedBroker on an ephemeral port until stdin closes."""
+    """Child process: run the broker (in this process, as ``tether up``'s broker process does)
+    on an ephemeral port until stdin closes."""
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
-    from tether.broker import EmbeddedBroker
+    from tether.broker.child import BrokerThread
 
-    broker = EmbeddedBroker("127.0.0.1", 0, stock=stock)
+    broker = BrokerThread("127.0.0.1", 0, stock=stock)
     port = broker.start()
     print(f"PORT {port}", flush=True)
     sys.stdin.read()  # until the parent closes the pipe (or kills us)

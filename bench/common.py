@@ -424,9 +424,22 @@ class Controller(Proc):
         argv += ["--broker", broker] if broker else ["--port", "0", "--allow-anonymous"]
         profile = os.environ.get("TETHER_BENCH_PROFILE_CONTROLLER")
         if profile:
-            # py-spy (pip install py-spy; not a project dependency) samples the controller.
+            # py-spy (pip install py-spy; not a project dependency) samples the controller
+            # and its embedded broker's process.
             spy = str(BIN / "py-spy") if (BIN / "py-spy").exists() else "py-spy"
-            argv = [spy, "record", "--format", "raw", "-r", "200", "-o", profile, "--", *argv]
+            argv = [
+                spy,
+                "record",
+                "--subprocesses",
+                "--format",
+                "raw",
+                "-r",
+                "200",
+                "-o",
+                profile,
+                "--",
+                *argv,
+            ]
         super().__init__(argv, data_dir / "controller.log")
         self.profiled = bool(profile)
         try:
@@ -461,6 +474,17 @@ class Controller(Proc):
                 children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
                 return int(children[0])
         return self.proc.pid
+
+    @property
+    def broker_pid(self) -> int | None:
+        """The embedded broker's process (a child of the controller), or None with another broker."""
+        with contextlib.suppress(OSError):
+            task = Path(f"/proc/{self.pid}/task")
+            for child in (c for t in task.iterdir() for c in (t / "children").read_text().split()):
+                with contextlib.suppress(OSError):
+                    if b"tether.broker.child" in Path(f"/proc/{child}/cmdline").read_bytes():
+                        return int(child)
+        return None
 
     def __enter__(self) -> Controller:
         return self

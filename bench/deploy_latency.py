@@ -179,10 +179,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         pids = {"controller": controller.pid}
         if broker is not None:
             pids["mosquitto"] = broker.pid
+        embedded_pid = controller.broker_pid
+        if embedded_pid is not None:
+            pids["embedded broker"] = embedded_pid
+        broker_cpu = CpuMeter(embedded_pid) if embedded_pid is not None else None
         results = [deploy(sim, client, args.devices, v, args.services, args.timeout, pids) for v in (1, 2)]
         controller_cpu_s = cpu.seconds()
+        broker_cpu_s = broker_cpu.seconds() if broker_cpu is not None else None
         summary = sim.call(lambda f: f.summary())
         ctl_mem = memory(controller.pid)
+        broker_mem = memory(embedded_pid) if embedded_pid is not None else None
     return {
         "broker": args.broker,
         "devices": args.devices,
@@ -192,7 +198,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "registered_s": rnd(registered_s),
         "deploys": results,
         "controller_cpu_s_during_deploys": rnd(controller_cpu_s),
+        "embedded_broker_cpu_s_during_deploys": rnd(broker_cpu_s) if broker_cpu_s is not None else None,
         "controller_memory": ctl_mem,
+        "embedded_broker_memory": broker_mem,
         "sim": summary,
     }
 
@@ -229,7 +237,20 @@ def rows(data: dict[str, Any]) -> list[Row]:
             ),
         ]
     out.append(Row("controller CPU during both deploys", data["controller_cpu_s_during_deploys"], " s"))
+    if data.get("embedded_broker_cpu_s_during_deploys") is not None:
+        out.append(
+            Row(
+                "embedded broker process CPU during both deploys",
+                data["embedded_broker_cpu_s_during_deploys"],
+                " s",
+            )
+        )
     out.append(Row("controller RSS after", data["controller_memory"]["rss_mb"], " MB"))
+    broker_mem = data.get("embedded_broker_memory")
+    if broker_mem:  # the embedded broker's own process
+        out.append(Row("embedded broker process RSS after", broker_mem["rss_mb"], " MB"))
+        total = data["controller_memory"]["rss_mb"] + broker_mem["rss_mb"]
+        out.append(Row("controller + broker process RSS", round(total, 2), " MB"))
     return out
 
 

@@ -34,7 +34,7 @@ In short, :class:`TetherBroker` replaces amqtt's per-connection and per-message 
   need: about 16 KB per connected device instead of about 54 KB.
 
 Everything here depends on amqtt internals, so it refuses to run on any amqtt version but
-:data:`AMQTT_VERSION`; tests/test_broker*.py cover each override against the stock path.
+:data:`AMQTT_VERSION` (``broker/version.py``); tests/test_broker*.py cover each override against the stock path.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
@@ -82,14 +81,11 @@ from amqtt.plugins.manager import PluginManager
 from amqtt.session import OUTGOING, ApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
-from .errors import BrokerStartError
 from .topic_index import FilterTrie, TopicTrie, is_wildcard, valid_filter
+from .version import AMQTT_VERSION, UnsupportedAmqttVersion, check_amqtt_version  # noqa: F401  (re-exported)
 
 log = logging.getLogger("tether.broker")
 _amqtt_handler_log = logging.getLogger("amqtt.mqtt.protocol.handler")
-
-AMQTT_VERSION = "0.12.1"
-"""The only amqtt version these overrides were written and tested against."""
 
 CONNECT_TIMEOUT = 20.0
 """Seconds a new TCP connection may take to send its CONNECT packet."""
@@ -101,26 +97,6 @@ LISTEN_BACKLOG = 1024
 """TCP accept backlog (asyncio's default of 100 overflows in a reconnect storm)."""
 
 SUBACK_FAILURE = 0x80
-
-
-class UnsupportedAmqttVersion(BrokerStartError):
-    """The installed amqtt is not the version Tether's broker fixes were built on."""
-
-
-def check_amqtt_version() -> str:
-    """Return the installed amqtt version; raise :class:`UnsupportedAmqttVersion` if it is not ours."""
-    try:
-        installed = version("amqtt")
-    except PackageNotFoundError as exc:
-        raise UnsupportedAmqttVersion("amqtt is not installed (pip install 'tether[controller]')") from exc
-    if installed != AMQTT_VERSION:
-        raise UnsupportedAmqttVersion(
-            f"Tether's embedded broker overrides internals of amqtt {AMQTT_VERSION}, but amqtt "
-            f"{installed} is installed; refusing to start it (the stock amqtt broker leaks retained "
-            f"messages between devices). Install amqtt=={AMQTT_VERSION}, or run Mosquitto and start "
-            "the controller with --broker mqtt://HOST:PORT."
-        )
-    return installed
 
 
 # --- sessions ----------------------------------------------------------------------------

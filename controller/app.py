@@ -1,4 +1,4 @@
-"""``tether up``: the controller process, with the embedded broker unless given another."""
+"""``tether up``: the controller process, with the embedded broker (its child process) unless given another."""
 
 from __future__ import annotations
 
@@ -147,7 +147,12 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     now = time.time()
     with store.transaction():
         credentials = ensure_controller_credentials(store, options.data_dir, now)
-    table = load_table(store, options.allow_anonymous)
+    if options.broker is None:  # the embedded broker, in a child process, keeps a copy of the table
+        from tether.broker import BrokerTable
+
+        table = load_table(store, options.allow_anonymous, BrokerTable)
+    else:
+        table = load_table(store, options.allow_anonymous)
     secrets = SecretsKey.for_store(store, options.data_dir)  # before anything starts
     embedded = None
     ca_file = options.tls_ca
@@ -282,6 +287,9 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         while not stop.wait(0.5):
             if controller.lost_leadership.is_set():
                 code = 3
+                break
+            if embedded is not None and not embedded.running:  # its process died (logged)
+                code = 1
                 break
     finally:
         echo("tether: shutting down")

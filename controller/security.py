@@ -2,7 +2,8 @@
 
 The store holds credentials (password hashes only, never a password); the controller
 mirrors them into a :class:`~tether.protocol.credentials.CredentialTable`, which the
-embedded broker authenticates against from its own thread. Every change here writes the
+embedded broker authenticates against (in its own process, a copy kept up to date by
+:class:`tether.broker.BrokerTable`). Every change here writes the
 store first, then updates the table, then (for a revocation) asks the broker to close
 the live connections, through :attr:`SecurityHandlers.disconnect_users` (set by
 ``tether up`` when it runs the embedded broker; a no-op with an external broker, whose
@@ -37,9 +38,14 @@ log = logging.getLogger(__name__)
 OPERATOR_USER = "admin"
 
 
-def load_table(store: Store, allow_anonymous: bool) -> CredentialTable:
-    """The broker's view of the store's credentials and of each device's assigned stacks."""
-    table = CredentialTable(store.list_credentials(), allow_anonymous=allow_anonymous)
+def load_table(
+    store: Store, allow_anonymous: bool, kind: type[CredentialTable] = CredentialTable
+) -> CredentialTable:
+    """The broker's view of the store's credentials and of each device's assigned stacks.
+
+    ``kind``: :class:`tether.broker.BrokerTable` for the embedded broker (it forwards updates
+    to the broker's process)."""
+    table = kind(store.list_credentials(), allow_anonymous=allow_anonymous)
     table.set_tokens(
         {
             t.token_hash: TokenGrant(t.id, t.expires, t.uses_left(), frozenset(t.devices))

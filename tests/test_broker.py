@@ -11,6 +11,7 @@ the session's message loop, after anything it sends on connect or for earlier pa
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import wait_until
 from tether.broker import EmbeddedBroker
-from tether.broker.amqtt_fixes import AMQTT_VERSION, UnsupportedAmqttVersion, check_amqtt_version
+from tether.broker.version import AMQTT_VERSION, UnsupportedAmqttVersion, check_amqtt_version
 
 BARRIER_TOPIC = "tether/test/barrier"
 
@@ -401,7 +402,10 @@ def test_takeover_closes_the_old_connection_without_a_will(broker: EmbeddedBroke
 
 @pytest.mark.parametrize("broker", [FIXED], indirect=True)
 def test_offline_queue_is_bounded(broker: EmbeddedBroker) -> None:
-    limit = broker._broker.max_queued_messages  # type: ignore[union-attr]
+    from tether.broker.amqtt_fixes import TetherBroker
+
+    # the broker runs in its own process with the default bound
+    limit = inspect.signature(TetherBroker).parameters["max_queued_messages"].default
     device = Probe(broker.port, "tether-dev-b", clean_session=False).connect()
     device.subscribe(desired("dev-b"), qos=1)
     device.close()
@@ -422,10 +426,10 @@ def test_version_check() -> None:
 
 
 def test_version_check_refuses_another_amqtt(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tether.broker.amqtt_fixes as fixes
+    import tether.broker.version as amqtt_version
 
-    monkeypatch.setattr(fixes, "version", lambda name: "0.13.0")
-    with pytest.raises(UnsupportedAmqttVersion, match=r"amqtt==0\.12\.1"):
+    monkeypatch.setattr(amqtt_version, "version", lambda name: "0.13.0")
+    with pytest.raises(UnsupportedAmqttVersion, match=r"amqtt==0\.12\.1"):  # checked before the child starts
         EmbeddedBroker("127.0.0.1", 0).start()
     assert EmbeddedBroker("127.0.0.1", 0, stock=True).stock  # the stock path does not check
 
@@ -461,18 +465,20 @@ def test_light_session_and_handler_have_every_attribute_amqtt_sets() -> None:
 
 
 def test_anonymous_clients_can_be_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The authentication override keeps amqtt's rule (here: AnonymousAuthPlugin, anonymous off)."""
-    import tether.broker.embedded as embedded
+    """The authentication override keeps amqtt's rule (here: AnonymousAuthPlugin, anonymous off).
 
-    original = embedded.broker_config
+    The configuration is patched, so the broker runs in this process (BrokerThread)."""
+    import tether.broker.child as child
+
+    original = child.broker_config
 
     def strict(*args: Any, **kwargs: Any) -> dict[str, Any]:
         config = original(*args, **kwargs)
         config["plugins"] = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": False}}
         return config
 
-    monkeypatch.setattr(embedded, "broker_config", strict)
-    broker = EmbeddedBroker("127.0.0.1", 0)
+    monkeypatch.setattr(child, "broker_config", strict)
+    broker = child.BrokerThread("127.0.0.1", 0)
     broker.start()
     try:
         anonymous = Probe(broker.port, "anon")

@@ -8,6 +8,8 @@ arrived before it (one client's messages are routed in order).
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -15,8 +17,9 @@ from collections.abc import Iterator
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from tether.broker import EmbeddedBroker
-from tether.protocol.credentials import Credential, CredentialTable, hash_password
+from support.infra import wait_until
+from tether.broker import BrokerTable, EmbeddedBroker
+from tether.protocol.credentials import Credential, CredentialTable, TokenGrant, hash_password, hash_token
 
 R = "tether/v1"
 HASH_A = "a" * 64
@@ -25,8 +28,9 @@ REFUSED = {134, 135}  # paho 2's reason codes for MQTT 3.1.1 CONNACK 4 (bad cred
 PASSWORDS = {"dev-a": "pw-a", "dev-b": "pw-b", "admin": "pw-admin", "ctl": "pw-ctl"}
 
 
-def _table() -> CredentialTable:
-    table = CredentialTable(
+def _table() -> BrokerTable:
+    """The controller's side of the table; the broker's process keeps a copy up to date."""
+    table = BrokerTable(
         [
             Credential("dev-a", "device", "dev-a", hash_password("pw-a", iterations=1000)),
             Credential("dev-b", "device", "dev-b", hash_password("pw-b", iterations=1000)),
@@ -163,6 +167,42 @@ def test_revoked_user_is_cut_off(broker, connect) -> None:  # type: ignore[no-un
     assert embedded.disconnect_users({"dev-a"}) == 1
     assert a.disconnected.wait(10)
     assert connect("tether-dev-a", "dev-a").rc in REFUSED
+
+
+def test_table_updates_are_in_force_in_the_broker_process_when_they_return(broker, connect) -> None:  # type: ignore[no-untyped-def]
+    """Each update of the controller's BrokerTable reaches the broker's copy before it returns."""
+    _, _, table = broker
+    table.put(Credential("dev-c", "device", "dev-c", hash_password("pw-c", iterations=1000)))
+    assert connect("tether-dev-c", "dev-c", "pw-c").rc == 0
+    table.replace([c for c in table.credentials() if c.username != "dev-b"])
+    assert connect("tether-dev-b", "dev-b").rc in REFUSED
+    a = connect("tether-dev-a", "dev-a")
+    assert a.subscribe(f"{R}/stacks/{HASH_B}") == 0x80
+    table.set_stacks({"dev-a": {HASH_A, HASH_B}})
+    assert a.subscribe(f"{R}/stacks/{HASH_B}") == 1
+    assert connect("tether-enroll-dev-n", "enroll:dev-n", "fleet-token").rc in REFUSED
+    table.set_tokens({hash_token("fleet-token"): TokenGrant("t1")})
+    assert connect("tether-enroll-dev-n", "enroll:dev-n", "fleet-token").rc == 0
+    table.remove("dev-c")
+    assert connect("tether-dev-c", "dev-c", "pw-c").rc in REFUSED
+
+
+def test_broker_process_logs_reach_the_controllers_logging(
+    broker: tuple[EmbeddedBroker, int, CredentialTable], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused CONNECT is logged in the broker's process and handed to this process's logging."""
+    caplog.set_level(logging.WARNING, logger="tether.broker")
+    c = Client(broker[1], "tether-dev-a", "dev-a", "wrong")
+    c.close()
+    assert c.rc in REFUSED
+    wait_until(
+        lambda: any(
+            "refused connection" in r.getMessage() and r.name == "tether.broker.auth" for r in caplog.records
+        ),
+        10,
+        message="the broker's warning, forwarded",
+    )
+    assert broker[0].pid is not None and broker[0].pid != os.getpid()
 
 
 def test_allow_anonymous_keeps_the_open_broker() -> None:

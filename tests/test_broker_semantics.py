@@ -17,6 +17,7 @@ import pytest
 from support.infra import wait_until
 from test_broker import Probe, desired
 from tether.broker import EmbeddedBroker
+from tether.broker.child import BrokerThread
 
 MOSQUITTO_SUB = "/usr/bin/mosquitto_sub"
 MOSQUITTO_PUB = "/usr/bin/mosquitto_pub"
@@ -294,8 +295,20 @@ def test_unsubscribe_stops_delivery(broker: EmbeddedBroker) -> None:
         assert [m.payload for m in sub.received()] == [b"1"]
 
 
-def test_dollar_topics_are_not_matched_by_leading_wildcards(broker: EmbeddedBroker) -> None:
+@pytest.fixture
+def in_process() -> Iterator[BrokerThread]:
+    """The same broker in this process, for tests that reach into it."""
+    broker = BrokerThread("127.0.0.1", 0)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def test_dollar_topics_are_not_matched_by_leading_wildcards(in_process: BrokerThread) -> None:
     """[MQTT-4.7.2-1]: clients cannot publish to $ topics, so the broker itself publishes one."""
+    broker = in_process
     with Probe(broker.port, "all") as everything, Probe(broker.port, "sys") as sys_sub:
         everything.subscribe("#", qos=0)
         everything.subscribe("+/uptime", qos=0)
@@ -358,10 +371,10 @@ def test_garbage_before_connect_is_dropped_and_the_broker_keeps_serving(broker: 
 
 
 def test_a_connection_that_never_sends_connect_is_closed(
-    broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch
+    in_process: BrokerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import tether.broker.amqtt_fixes as fixes
 
     monkeypatch.setattr(fixes, "CONNECT_TIMEOUT", 1.0)
-    with socket.create_connection(("127.0.0.1", broker.port), timeout=10) as s:
+    with socket.create_connection(("127.0.0.1", in_process.port), timeout=10) as s:
         assert s.recv(16) == b""  # closed by the broker after CONNECT_TIMEOUT

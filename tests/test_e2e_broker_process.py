@@ -1,0 +1,73 @@
+"""`tether up` runs its embedded broker in a child process that never outlives it.
+
+Real processes: `tether up` (embedded broker) and its broker process
+(``python -m tether.broker.child``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from support.infra import accepts, wait_until
+from support.procs import ControllerProcess, cli_json
+
+pytestmark = pytest.mark.e2e
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(c) for c in (task / "children").read_text().split()]
+    return children
+
+
+def _broker_process(controller: ControllerProcess) -> int:
+    """The pid of the controller's broker process (its child running tether.broker.child)."""
+    brokers = [
+        pid
+        for pid in _children(controller.proc.pid)
+        if b"tether.broker.child" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert len(brokers) == 1, brokers
+    return brokers[0]
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie waiting for init to reap it counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def test_broker_process_dies_with_a_sigkilled_controller(tmp_path: Path) -> None:
+    controller = ControllerProcess(tmp_path / "ctl")
+    try:
+        broker = _broker_process(controller)
+        assert accepts(controller.port)
+        controller.kill()  # SIGKILL: the controller cannot stop its broker
+        wait_until(lambda: _gone(broker), 20, message="broker process exited after its controller")
+        assert not accepts(controller.port)
+    finally:
+        controller.kill()
+
+
+def test_broker_process_ignores_ctrl_c_and_stops_with_the_controller(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group: the broker ignores it, and the
+    controller, stopping, stops its broker last."""
+    controller = ControllerProcess(tmp_path / "ctl")
+    try:
+        broker = _broker_process(controller)
+        os.kill(broker, signal.SIGINT)
+        assert cli_json(controller.url, "devices", "ls") == []  # a request through the broker
+        assert not _gone(broker)
+        controller.signal(signal.SIGINT)
+        assert controller.proc.wait(30) == 0
+        assert _gone(broker)  # stopped before the controller exited
+        assert "embedded broker process exited" not in controller.output()  # stopped, it did not die
+    finally:
+        controller.kill()
