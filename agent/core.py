@@ -48,9 +48,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from nacl.public import PrivateKey
 from tether.protocol import codec, topics
-from tether.protocol.enrollment import open_text, public_key_b64
+from tether.protocol.enrollment import DeviceKey
 from tether.protocol.errors import DriverError, PayloadError
 from tether.protocol.models import (
     DesiredState,
@@ -133,12 +132,12 @@ class AgentCore:
         clock: Callable[[], float] = time.time,
         facts: DeviceFacts | None = None,
         is_held: Callable[[], bool] = lambda: False,
-        private_key: PrivateKey | None = None,
+        key: DeviceKey | None = None,
     ) -> None:
-        """``private_key``: the device's X25519 key (secrets are sealed to it); without one,
+        """``key``: the device's X25519 key pair (secrets are sealed to it); without one,
         stacks that use secrets cannot be rendered."""
         self.device_id = device_id
-        self.private_key = private_key
+        self.key = key
         self.renderings: dict[str, Rendering] = {}
         self._signals: set[tuple[str, str, str]] = set()  # (stack, service, signal) to send
         self.is_held = is_held
@@ -205,7 +204,7 @@ class AgentCore:
                 os=os_name(),
                 hostname=socket.gethostname(),
                 labels=dict(self.labels),
-                public_key=public_key_b64(self.private_key) if self.private_key is not None else None,
+                public_key=self.key.public if self.key is not None else None,
             )
         return self.remote.extend_facts(self._facts) if self.remote else self._facts
 
@@ -410,11 +409,11 @@ class AgentCore:
             if b.error is not None:
                 problems.append(f"variable {b.ref!r}: {b.error}")
             elif b.sealed is not None:
-                if self.private_key is None:
+                if self.key is None:
                     problems.append(f"secret {b.ref!r}: this agent has no key to open secrets")
                     continue
                 try:
-                    values[b.ref] = open_text(self.private_key, b.sealed, f"secret {b.ref!r}")
+                    values[b.ref] = self.key.open_text(b.sealed, f"secret {b.ref!r}")
                 except PayloadError as exc:
                     problems.append(str(exc))
             elif b.value is not None:

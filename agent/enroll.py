@@ -14,21 +14,21 @@ returns; the agent then connects as the device. The X25519 private key stays in
 
 from __future__ import annotations
 
-import base64
 import binascii
 import logging
 import platform
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-from nacl.public import PrivateKey
 from tether.protocol import codec, topics
 from tether.protocol.backoff import Backoff
 from tether.protocol.credentials import ENROLL_PREFIX
-from tether.protocol.enrollment import new_private_key, open_grant, public_key_b64
+from tether.protocol.enrollment import DeviceKey
 from tether.protocol.errors import ConfigError, PayloadError
 from tether.protocol.models import DeviceFacts, EnrollmentGrant, EnrollmentRequest, EnrollmentResponse
 from tether.protocol.mqtt import MqttClient
@@ -46,20 +46,18 @@ _CONNECTED = b"\x00connected"
 # --- pure core ---
 
 
-def build_request(device_id: str, token: str, private_key: PrivateKey, facts: DeviceFacts) -> bytes:
+def build_request(device_id: str, token: str, key: DeviceKey, facts: DeviceFacts) -> bytes:
     """The enrollment request payload for ``device_id``."""
-    request = EnrollmentRequest(
-        device_id=device_id, token=token, public_key=public_key_b64(private_key), facts=facts
-    )
+    request = EnrollmentRequest(device_id=device_id, token=token, public_key=key.public, facts=facts)
     return codec.encode(request)
 
 
-def open_response(payload: bytes, private_key: PrivateKey, device_id: str) -> EnrollmentGrant:
+def open_response(payload: bytes, key: DeviceKey, device_id: str) -> EnrollmentGrant:
     """The controller's answer, opened; :class:`PayloadError` if malformed, tampered or not ours."""
     response = codec.decode(payload, EnrollmentResponse)
     if response.device_id != device_id:
         raise PayloadError(f"enrollment response for {response.device_id!r}, not {device_id!r}")
-    grant = open_grant(private_key, response.sealed)
+    grant = key.open_grant(response.sealed)
     if grant.device_id != device_id:
         raise PayloadError(f"enrollment grant for {grant.device_id!r}, not {device_id!r}")
     if grant.status == "approved" and (not grant.username or not grant.password):
@@ -70,20 +68,45 @@ def open_response(payload: bytes, private_key: PrivateKey, device_id: str) -> En
 # --- files ---
 
 
-def load_or_create_key(data_dir: Path) -> PrivateKey:
+def load_or_create_key(data_dir: Path) -> DeviceKey:
     """This device's key pair, created on first use (``{data_dir}/enroll.key``, 0600): its
-    enrollment answer and its secrets are sealed to it."""
+    enrollment answer and its secrets are sealed to it. A file from before the public key
+    was kept in it gets that line added."""
     path = data_dir / KEY_FILE
     if path.exists():
         try:
-            return PrivateKey(base64.b64decode(path.read_text().strip(), validate=True))
+            text = path.read_text()
+            key = DeviceKey.from_text(text)
         except (OSError, ValueError, binascii.Error) as exc:
             raise ConfigError(
                 f"enrollment key {path} is unreadable ({exc}); remove it to make a new one"
             ) from exc
-    key = new_private_key()
-    write_secret_text(path, base64.b64encode(bytes(key)).decode() + "\n")
+        if len(text.split()) == 1:
+            write_secret_text(path, key.save_text())
+        return key
+    key = _generate_apart()
+    write_secret_text(path, key.save_text())
     return key
+
+
+def _generate_apart() -> DeviceKey:
+    """A new key pair, made by a short-lived child process (as ssh-keygen is apart from sshd).
+
+    Making a key loads PyNaCl and libsodium, 1.2 MB of resident memory the agent would then
+    keep for good; made apart, the agent maps them only if it opens a sealed box (a secret,
+    an enrollment answer). In-process if the child cannot run.
+    """
+    program = (
+        "from tether.protocol.enrollment import DeviceKey; print(DeviceKey.generate().save_text(), end='')"
+    )
+    try:
+        made = subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True
+        )
+        return DeviceKey.from_text(made.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.debug("key pair made in-process: the child failed (%s)", exc)
+        return DeviceKey.generate()
 
 
 def device_facts(config: AgentConfig) -> DeviceFacts:

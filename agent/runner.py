@@ -64,7 +64,7 @@ class Agent:
             LocalStore(config.data_dir),
             self.client,
             is_held=hold_file.exists,
-            private_key=load_or_create_key(config.data_dir),
+            key=load_or_create_key(config.data_dir),
         )
         self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics

@@ -11,23 +11,31 @@ credentials; the broker, other clients and the controller's database at rest see
 ciphertext. A sealed box does not say who sealed it: the topic ACL (only the controller
 may publish on ``enroll/{id}/response``) is what vouches for the sender. Any change to
 the ciphertext fails authentication: :func:`open_grant` raises :class:`PayloadError`.
+
+PyNaCl is imported only where a box is made or opened: it costs an agent about 1.2 MB of
+resident memory, and a device without secrets never opens one after it has enrolled.
+:class:`DeviceKey` holds the device's key pair as bytes for that reason (the public key is
+kept beside the private one in ``enroll.key``, so announcing it needs no PyNaCl either).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from typing import TYPE_CHECKING
 
-from nacl.exceptions import CryptoError
-from nacl.public import PrivateKey, PublicKey, SealedBox
 from pydantic import ValidationError
 
 from .codec import describe
 from .errors import PayloadError
 from .models import EnrollmentGrant
 
+if TYPE_CHECKING:
+    from nacl.public import PrivateKey
+
 __all__ = [
     "KEY_BYTES",
+    "DeviceKey",
     "decode_public_key",
     "new_private_key",
     "open_bytes",
@@ -43,6 +51,8 @@ KEY_BYTES = 32
 
 
 def new_private_key() -> PrivateKey:
+    from nacl.public import PrivateKey
+
     return PrivateKey.generate()
 
 
@@ -63,6 +73,8 @@ def decode_public_key(text: str) -> bytes:
 
 def seal_bytes(public_key: str, plaintext: bytes) -> str:
     """``plaintext`` sealed to ``public_key`` (base64 X25519), as base64 text."""
+    from nacl.public import PublicKey, SealedBox
+
     box = SealedBox(PublicKey(decode_public_key(public_key)))
     return base64.b64encode(box.encrypt(plaintext)).decode()
 
@@ -70,6 +82,9 @@ def seal_bytes(public_key: str, plaintext: bytes) -> str:
 def open_bytes(private_key: PrivateKey, sealed: str, what: str) -> bytes:
     """Open a sealed box; :class:`PayloadError` naming ``what`` if it is tampered with,
     sealed for another key, or not base64."""
+    from nacl.exceptions import CryptoError
+    from nacl.public import SealedBox
+
     try:
         ciphertext = base64.b64decode(sealed, validate=True)
     except (binascii.Error, ValueError) as exc:
@@ -105,3 +120,63 @@ def open_grant(private_key: PrivateKey, sealed: str) -> EnrollmentGrant:
         return EnrollmentGrant.model_validate_json(plaintext)
     except ValidationError as exc:
         raise PayloadError(f"enrollment response: {describe(exc)}") from exc
+
+
+class DeviceKey:
+    """A device's X25519 key pair as bytes; PyNaCl is loaded on the first box opened.
+
+    ``public`` is the public key in base64, as announced in the device's facts and its
+    enrollment request. :meth:`save_text` / :meth:`from_text` are the ``enroll.key`` format:
+    the private key in base64, then the public key (derived again if the line is missing,
+    as in files written before it was kept).
+    """
+
+    def __init__(self, private: bytes, public: str) -> None:
+        self.private = private
+        self.public = public
+        self._nacl: PrivateKey | None = None
+
+    @classmethod
+    def generate(cls) -> DeviceKey:
+        return cls.of(new_private_key())
+
+    @classmethod
+    def of(cls, key: PrivateKey) -> DeviceKey:
+        device_key = cls(bytes(key), public_key_b64(key))
+        device_key._nacl = key
+        return device_key
+
+    @classmethod
+    def from_text(cls, text: str) -> DeviceKey:
+        """Parse ``enroll.key``; ValueError (binascii.Error) if it is not one or two base64 keys."""
+        lines = text.split()
+        if not 1 <= len(lines) <= 2:
+            raise ValueError(f"expected 1 or 2 lines, found {len(lines)}")
+        private = base64.b64decode(lines[0], validate=True)
+        if len(private) != KEY_BYTES:
+            raise ValueError(f"private key of {len(private)} bytes, expected {KEY_BYTES}")
+        if len(lines) == 1:
+            from nacl.public import PrivateKey
+
+            return cls.of(PrivateKey(private))
+        try:
+            decode_public_key(lines[1])
+        except PayloadError as exc:
+            raise ValueError(str(exc)) from None
+        return cls(private, lines[1])
+
+    def save_text(self) -> str:
+        return f"{base64.b64encode(self.private).decode()}\n{self.public}\n"
+
+    def nacl(self) -> PrivateKey:
+        if self._nacl is None:
+            from nacl.public import PrivateKey
+
+            self._nacl = PrivateKey(self.private)
+        return self._nacl
+
+    def open_text(self, sealed: str, what: str) -> str:
+        return open_text(self.nacl(), sealed, what)
+
+    def open_grant(self, sealed: str) -> EnrollmentGrant:
+        return open_grant(self.nacl(), sealed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,8 +14,8 @@ from tether.agent.enroll import build_request, load_or_create_key, open_response
 from tether.protocol import codec
 from tether.protocol.acl import Identity, may_publish, may_subscribe
 from tether.protocol.credentials import CredentialTable, TokenGrant, hash_token
-from tether.protocol.enrollment import decode_public_key, new_private_key, seal_grant
-from tether.protocol.errors import PayloadError
+from tether.protocol.enrollment import DeviceKey, decode_public_key, seal_grant
+from tether.protocol.errors import ConfigError, PayloadError
 from tether.protocol.models import (
     DeviceFacts,
     EnrollmentGrant,
@@ -32,24 +34,24 @@ def _answer(public_key: str, device_id: str = "pi-1", **grant: object) -> bytes:
 
 
 def test_request_carries_identity_and_public_key() -> None:
-    key = new_private_key()
+    key = DeviceKey.generate()
     request = codec.decode(build_request("pi-1", "tet_x", key, FACTS), EnrollmentRequest)
     assert request.device_id == "pi-1" and request.token == "tet_x" and request.v >= 1
-    assert decode_public_key(request.public_key) == bytes(key.public_key)
+    assert decode_public_key(request.public_key) == bytes(key.nacl().public_key)
 
 
 def test_response_opens_only_with_the_right_key() -> None:
-    key = new_private_key()
-    public = base64.b64encode(bytes(key.public_key)).decode()
+    key = DeviceKey.generate()
+    public = key.public
     grant = open_response(_answer(public), key, "pi-1")
     assert (grant.status, grant.username, grant.password) == ("approved", "pi-1", "s3cret")
     with pytest.raises(PayloadError, match="cannot be opened"):
-        open_response(_answer(public), new_private_key(), "pi-1")
+        open_response(_answer(public), DeviceKey.generate(), "pi-1")
 
 
 def test_tampered_response_is_refused() -> None:
-    key = new_private_key()
-    public = base64.b64encode(bytes(key.public_key)).decode()
+    key = DeviceKey.generate()
+    public = key.public
     response = codec.decode(_answer(public), EnrollmentResponse)
     raw = bytearray(base64.b64decode(response.sealed))
     raw[-1] ^= 0x01
@@ -65,8 +67,8 @@ def test_tampered_response_is_refused() -> None:
 
 
 def test_approved_without_credentials_is_refused() -> None:
-    key = new_private_key()
-    public = base64.b64encode(bytes(key.public_key)).decode()
+    key = DeviceKey.generate()
+    public = key.public
     with pytest.raises(PayloadError, match="without credentials"):
         open_response(_answer(public, password=None), key, "pi-1")
     rejected = open_response(_answer(public, status="rejected", username=None, password=None), key, "pi-1")
@@ -83,7 +85,42 @@ def test_public_key_must_be_32_bytes() -> None:
 def test_key_file_is_private_and_stable(tmp_path: Path) -> None:
     key = load_or_create_key(tmp_path)
     assert stat.S_IMODE((tmp_path / "enroll.key").stat().st_mode) == 0o600
-    assert bytes(load_or_create_key(tmp_path)) == bytes(key)
+    again = load_or_create_key(tmp_path)
+    assert (again.private, again.public) == (key.private, key.public)
+    assert key.public == base64.b64encode(bytes(again.nacl().public_key)).decode()
+
+
+def test_key_file_without_its_public_line_gets_it(tmp_path: Path) -> None:
+    """An ``enroll.key`` written before the public key was kept in it: derived and added."""
+    key = DeviceKey.generate()
+    (tmp_path / "enroll.key").write_text(base64.b64encode(key.private).decode() + "\n")
+    loaded = load_or_create_key(tmp_path)
+    assert (loaded.private, loaded.public) == (key.private, key.public)
+    assert (tmp_path / "enroll.key").read_text() == key.save_text()
+
+
+@pytest.mark.parametrize("text", ["", "%%%\n", "YWJj\n", "a b c\n"])
+def test_unreadable_key_file_is_one_clear_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "enroll.key").write_text(text)
+    with pytest.raises(ConfigError, match="enrollment key .* is unreadable"):
+        load_or_create_key(tmp_path)
+    assert (tmp_path / "enroll.key").read_text() == text  # left as it was
+
+
+def test_agent_without_secrets_does_not_load_pynacl(tmp_path: Path) -> None:
+    """PyNaCl (about 1.2 MB resident) is loaded only when a box is opened: a new key pair
+    is made by a child process, and loading it again needs no PyNaCl either."""
+    code = (
+        "import sys; from pathlib import Path; from tether.agent.enroll import load_or_create_key;"
+        "import tether.agent.runner;"
+        f"k = load_or_create_key(Path({str(tmp_path)!r})); assert k.public;"
+        "print('nacl' in sys.modules)"
+    )
+    for _ in range(2):  # made, then loaded
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "False"
+    key = DeviceKey.from_text((tmp_path / "enroll.key").read_text())
+    assert key.public == base64.b64encode(bytes(key.nacl().public_key)).decode()
 
 
 def test_table_admits_enrolling_devices_only_with_a_valid_token() -> None:

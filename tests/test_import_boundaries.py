@@ -128,7 +128,7 @@ def test_packages_do_not_import_across_layers(package: str, forbidden: tuple[str
     ("library", "allowed"),
     [
         ("paho", ("protocol/mqtt.py",)),
-        ("docker", ("agent/drivers/docker.py",)),
+        ("docker", ("agent/drivers/docker_sdk.py",)),
         ("amqtt", ("broker/",)),
         ("msgpack", ("protocol/codec.py",)),
     ],

@@ -20,7 +20,7 @@ from tether.controller.compose import parse_compose
 from tether.controller.models import Variable
 from tether.controller.variables import KEY_FILE, SecretsKey, resolve, unresolved
 from tether.protocol import codec, topics
-from tether.protocol.enrollment import open_text, public_key_b64, seal_text
+from tether.protocol.enrollment import DeviceKey, open_text, public_key_b64, seal_text
 from tether.protocol.errors import ComposeError, PayloadError, StoreError
 from tether.protocol.models import (
     ConfigMount,
@@ -445,13 +445,13 @@ class Device:
     """An AgentCore on the fake driver and a memory store, with a key pair for secrets."""
 
     def __init__(self, with_key: bool = True) -> None:
-        self.key = PrivateKey.generate()
-        self.public = public_key_b64(self.key)
+        self.key = DeviceKey.generate()
+        self.public = self.key.public
         self.driver = RecordingDriver(DEVICE)
         self.store = MemoryStore()
         self.link = Link()
         self.core = AgentCore(
-            DEVICE, {}, self.driver, self.store, self.link, private_key=self.key if with_key else None
+            DEVICE, {}, self.driver, self.store, self.link, key=self.key if with_key else None
         )
         self.generation = 0
 

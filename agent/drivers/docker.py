@@ -21,8 +21,6 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import docker
-import docker.errors
 from tether.protocol.errors import DriverError
 from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
 
@@ -37,6 +35,7 @@ from .base import (
     Observed,
     instance_name,
 )
+from .docker_sdk import docker
 
 log = logging.getLogger(__name__)
 
