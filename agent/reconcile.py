@@ -231,7 +231,7 @@ def status(
                 log_tail=tail,
             )
         result[stack] = StackStatus(
-            spec_hash=hashes.get(stack, spec.spec_hash()),
+            spec_hash=hashes[stack] if stack in hashes else spec.spec_hash(),
             state=_stack_state(spec, services),
             services=services,
         )

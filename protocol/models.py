@@ -42,8 +42,15 @@ class Message(WireModel):
 
 def content_hash(model: BaseModel) -> str:
     """SHA-256 of a canonical JSON rendering of ``model``: equal content, equal hash."""
-    canonical = json.dumps(model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return _sha256(_canonical(model.model_dump(mode="json")))
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --- stack specification ------------------------------------------------------------------
@@ -155,6 +162,20 @@ class StackSpec(HashedModel):
     def spec_hash(self) -> str:
         """Content hash of the stack: names its definition topic."""
         return self._content_hash
+
+    @cached_property
+    def _content_hash(self) -> str:
+        # content_hash(self), from one dump: each service's canonical JSON is the stack's JSON
+        # for that element (sorted keys, no spaces), so the services' hashes come on the way.
+        data = self.model_dump(mode="json")
+        parts = []
+        for service, dumped in zip(self.services, data["services"], strict=True):
+            text = _canonical(dumped)
+            service.__dict__.setdefault("_content_hash", _sha256(text))
+            parts.append(text)
+        data["services"] = None
+        head, _, tail = _canonical(data).partition('"services":null')
+        return _sha256(f'{head}"services":[{",".join(parts)}]{tail}')
 
     def service(self, name: str) -> ServiceSpec | None:
         """The service called ``name``, if any."""

@@ -101,6 +101,8 @@ def render_stack(
                 for mount in service.configs
             )
         services.append(service.model_copy(update=update) if update else service)
+    if all(a is b for a, b in zip(services, spec.services, strict=True)):
+        return spec, files  # nothing to render: the same object (its hashes stay computed)
     return spec.model_copy(update={"services": tuple(services)}), files
 
 

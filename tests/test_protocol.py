@@ -40,6 +40,7 @@ from tether.protocol.models import (
     StacksStatus,
     StackStatus,
     VolumeSpec,
+    content_hash,
 )
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
 
@@ -153,6 +154,21 @@ def test_spec_hash_is_stable_across_the_wire() -> None:
     """A decoded stack definition hashes to the hash it was sent under."""
     received = codec.decode(codec.encode(MESSAGES[0]), StackDefinition)
     assert received.spec.spec_hash() == received.spec_hash == SPEC.spec_hash()
+
+
+@given(
+    env=st.dictionaries(st.text(min_size=1, max_size=8), st.text(max_size=12), max_size=3),
+    configs=st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True), st.text(max_size=20), max_size=2),
+)
+def test_a_stack_hashes_its_services_on_the_way(env: dict[str, str], configs: dict[str, str]) -> None:
+    """The stack's hash is computed from one dump that also gives its services' hashes: both
+    must be exactly the content hashes of the models (canonical JSON of each on its own)."""
+    services = (SPEC.services[0].model_copy(update={"environment": env}), *SPEC.services[1:])
+    fresh = StackSpec.model_validate(
+        StackSpec(services=services, volumes=SPEC.volumes, configs=configs).model_dump()
+    )
+    assert fresh.spec_hash() == content_hash(fresh)
+    assert [s.spec_hash() for s in fresh.services] == [content_hash(s) for s in fresh.services]
 
 
 @pytest.mark.parametrize(
