@@ -167,6 +167,7 @@ class AgentCore:
         self.waiting: frozenset[ServiceKey] = frozenset()
         self._candidate: ReportedState | None = None
         self._last_report: ReportedState | None = None
+        self._quiet: tuple[object, ...] | None = None  # see reconcile_once
         self._report_published = False
         if self.desired is not None:
             self.jobs.set_jobs(self.desired.jobs, clock())
@@ -489,6 +490,18 @@ class AgentCore:
             log.error("observe failed: %s", exc)
             self.event("driver.error", str(exc), level="error")
             return
+        # What the plan and the report are computed from. After a reconcile that left nothing
+        # to do and nothing waiting on the clock (no action, no backoff, nothing converging,
+        # no restart count to forget after a steady run), the same inputs give the same empty
+        # plan and the same report: skip them. The driver is still asked every time, so an
+        # instance that crashed, exited or changed health is seen and handled at once.
+        quiet = (self.desired, hashes, self.rejection, self.held, self.store.outbox_dropped(), observed)
+        if quiet == self._quiet and not self._signals:
+            if not self._report_published and self._candidate is not None:
+                self._candidate = self._candidate.model_copy(update={"at": now})
+                self.publish_report()
+            return
+        self._quiet = None
         # A stack that could never be rendered is left alone: its instances are neither
         # created nor removed until it can be.
         unrendered = set(specs) - set(desired)
@@ -528,6 +541,8 @@ class AgentCore:
             self.log_tails,
         )
         self.converging = any(s.state == "converging" for s in stacks.values()) or bool(plan.actions)
+        if not (self.converging or plan.waiting or any(r.count for r in self.restarts.values())):
+            self._quiet = quiet
         self._candidate = ReportedState(
             device_id=self.device_id,
             generation=self.desired.generation if self.desired else -1,
