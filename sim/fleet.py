@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import platform
 import random
@@ -60,6 +61,9 @@ from .mqtt import Counters, MqttSession
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+GC_THRESHOLDS = (50_000, 20, 10)
+"""The simulator's garbage-collector thresholds while a fleet runs (CPython's default: 700, 10, 10)."""
 
 
 @dataclass
@@ -89,6 +93,8 @@ class FleetConfig:
     seed: int = 0
     cache_hashes: bool = True
     """Memoise spec hashes (:mod:`.hashcache`): behaviour-neutral, saves the one shared core."""
+    tune_gc: bool = True
+    """Freeze the fleet's objects and collect garbage less often (:meth:`Fleet.run`); saves CPU."""
 
     def device_id(self, i: int) -> str:
         return f"{self.prefix}-{i + self.first_index:05d}"
@@ -335,6 +341,16 @@ class Fleet:
         self._stop = asyncio.Event()
         self.started_at = time.monotonic()
         self._build()
+        gc_before = gc.get_threshold()
+        if self.config.tune_gc:
+            # 10,000 devices are millions of long-lived objects (cores, sessions, models):
+            # with CPython's default thresholds the cyclic collector walked them all again and
+            # again (measured: 40 % of the simulator's CPU at 10,000 devices). They are moved
+            # out of its sight once built and once connected; reference counting still frees
+            # what dies, and young collections run every 50,000 allocations. A real agent
+            # holds one device's state and is unaffected.
+            gc.freeze()
+            gc.set_threshold(*GC_THRESHOLDS)
         ramp = self.loop.create_task(self._ramp())
         deadline = None if self.config.duration is None else self.started_at + self.config.duration
         try:
@@ -350,6 +366,9 @@ class Fleet:
         finally:
             ramp.cancel()
             await self._shutdown()
+            if self.config.tune_gc:
+                gc.unfreeze()
+                gc.set_threshold(*gc_before)
         return summary
 
     async def _ramp(self) -> None:
@@ -362,6 +381,8 @@ class Fleet:
                 await asyncio.sleep(wait)
             device.start()
         self.ramp_done = True
+        if self.config.tune_gc:
+            gc.freeze()  # what the connections added
 
     async def _shutdown(self) -> None:
         for device in self.devices:
