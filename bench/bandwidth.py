@@ -60,7 +60,7 @@ from common import (
     rnd,
     wait_until,
 )
-from tether.protocol.models import DevicesList, GroupsCreate, StacksDeploy
+from tether.protocol.commands import DevicesList, GroupsCreate, StacksDeploy
 
 NAME = "bandwidth"
 HEADER_ESTIMATE = 52  # IPv4 (20) + TCP (20) + TCP timestamps option (12)

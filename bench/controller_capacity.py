@@ -45,7 +45,7 @@ from common import (
     wait_until,
 )
 from tether.cli.client import ControllerClient
-from tether.protocol.models import DevicesList, GroupsCreate, GroupsShow, StacksDeploy, StacksList
+from tether.protocol.commands import DevicesList, GroupsCreate, GroupsShow, StacksDeploy, StacksList
 from tether.sim import FleetConfig, FleetThread
 
 NAME = "controller_capacity"

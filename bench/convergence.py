@@ -42,7 +42,7 @@ if str(REPO / "tests") not in sys.path:
 from faults.fleet import STEADY, Fleet, NetnsBackend, ProxyBackend  # noqa: E402
 from faults.netns import unavailable_reason  # noqa: E402
 from tether.protocol.backoff import Backoff  # noqa: E402
-from tether.protocol.models import DevicesList, GroupsCreate  # noqa: E402
+from tether.protocol.commands import DevicesList, GroupsCreate
 
 NAME = "convergence"
 

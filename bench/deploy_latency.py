@@ -42,7 +42,7 @@ from common import (
     wait_until,
 )
 from tether.cli.client import ControllerClient
-from tether.protocol.models import GroupsCreate, GroupsShow, StacksDeploy, StacksList
+from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksList
 from tether.sim import Fleet, FleetConfig, FleetThread
 
 NAME = "deploy_latency"

@@ -50,8 +50,8 @@ from common import (
     rnd,
     wait_until,
 )
+from tether.protocol.commands import DevicesShow, GroupsCreate, StacksDeploy
 from tether.protocol.errors import RequestError
-from tether.protocol.models import DevicesShow, GroupsCreate, StacksDeploy
 
 NAME = "footprint"
 TARGETS = {"rss_mb": 45.0, "uss_mb": 32.0, "cpu_percent": 0.5, "install_mb": 25.0}

@@ -33,7 +33,7 @@ from typing import Any
 
 from common import Controller, CpuMeter, Mosquitto, Row, cli, compose_stack, log, report, rnd, wait_until
 from tether.cli.client import ControllerClient
-from tether.protocol.models import GroupsCreate, GroupsShow, StacksDeploy, StacksList
+from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksList
 from tether.sim import Fleet, FleetConfig, FleetThread
 
 NAME = "reconnect_storm"

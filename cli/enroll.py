@@ -8,9 +8,7 @@ from __future__ import annotations
 import re
 
 import click
-from tether.protocol.durations import parse_duration
-from tether.protocol.errors import TetherError
-from tether.protocol.models import (
+from tether.protocol.commands import (
     DevicesApprove,
     DevicesPending,
     DevicesReject,
@@ -18,6 +16,8 @@ from tether.protocol.models import (
     TokensList,
     TokensRemove,
 )
+from tether.protocol.durations import parse_duration
+from tether.protocol.errors import TetherError
 
 from . import output
 from .client import ControllerClient

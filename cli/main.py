@@ -14,9 +14,7 @@ from typing import Any
 
 import click
 from tether.protocol import __version__
-from tether.protocol.durations import parse_duration
-from tether.protocol.errors import TetherError
-from tether.protocol.models import (
+from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
@@ -42,6 +40,8 @@ from tether.protocol.models import (
     StacksRemove,
     StacksStatus,
 )
+from tether.protocol.durations import parse_duration
+from tether.protocol.errors import TetherError
 
 from . import enroll, output, remote, variables
 from .client import ControllerClient

@@ -24,6 +24,7 @@ from typing import Any
 import click
 from pydantic import BaseModel
 from tether.protocol import codec, topics
+from tether.protocol.commands import DevicesShow, DevicesTop
 from tether.protocol.device_api import (
     HEARTBEAT_S,
     MAX_TAIL,
@@ -38,7 +39,6 @@ from tether.protocol.device_api import (
 )
 from tether.protocol.durations import parse_duration
 from tether.protocol.errors import PayloadError, RequestError, RequestTimeout, TetherError
-from tether.protocol.models import DevicesShow, DevicesTop
 from tether.protocol.topics import DeviceTopic
 
 from . import output

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+from tether.protocol.commands import VarsGet, VarsKey, VarsList, VarsRemove, VarsSet
 from tether.protocol.enrollment import seal_text
-from tether.protocol.models import VarsGet, VarsKey, VarsList, VarsRemove, VarsSet
 
 from . import output
 from .client import ControllerClient

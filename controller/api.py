@@ -18,9 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from tether.protocol import topics
-from tether.protocol.errors import ComposeError, StoreError
-from tether.protocol.models import (
-    NAME_PATTERN,
+from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
@@ -40,7 +38,6 @@ from tether.protocol.models import (
     GroupsShow,
     JobsList,
     JobsLogs,
-    JobSpec,
     JobsRemove,
     JobsRun,
     JobsSchedule,
@@ -58,6 +55,8 @@ from tether.protocol.models import (
     VarsRemove,
     VarsSet,
 )
+from tether.protocol.errors import ComposeError, StoreError
+from tether.protocol.models import NAME_PATTERN, JobSpec
 from tether.protocol.schedule import cron_error
 from tether.protocol.variables import stack_references
 

@@ -22,20 +22,18 @@ from collections.abc import Callable
 from typing import Any
 
 from tether.protocol import codec, topics
-from tether.protocol.credentials import CredentialTable, TokenGrant, hash_token
-from tether.protocol.enrollment import decode_public_key, seal_grant
-from tether.protocol.errors import PayloadError, StoreError
-from tether.protocol.models import (
+from tether.protocol.commands import (
     DevicesApprove,
     DevicesPending,
     DevicesReject,
-    EnrollmentGrant,
-    EnrollmentRequest,
-    EnrollmentResponse,
     TokensCreate,
     TokensList,
     TokensRemove,
 )
+from tether.protocol.credentials import CredentialTable, TokenGrant, hash_token
+from tether.protocol.enrollment import decode_public_key, seal_grant
+from tether.protocol.errors import PayloadError, StoreError
+from tether.protocol.models import EnrollmentGrant, EnrollmentRequest, EnrollmentResponse
 from tether.protocol.mqtt import MqttClient
 
 from .models import Device, Enrollment, EnrollmentToken

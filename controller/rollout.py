@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from tether.protocol.models import RolloutStrategy
+from tether.protocol.commands import RolloutStrategy
 
 DeviceRolloutState = Literal["pending", "pending (offline)", "updating", "held", "healthy", "failed"]
 DeploymentState = Literal[

@@ -24,9 +24,9 @@ from typing import Any
 
 from tether.protocol import topics
 from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
+from tether.protocol.commands import DevicesCredentials, DevicesRemove, DevicesRevoke
 from tether.protocol.credentials import Credential, CredentialTable, TokenGrant, hash_password, new_password
 from tether.protocol.errors import StoreError
-from tether.protocol.models import DevicesCredentials, DevicesRemove, DevicesRevoke
 from tether.protocol.secret_files import write_secret_json
 from tether.protocol.topics import DeviceTopic
 

@@ -34,29 +34,31 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from tether.protocol import codec, topics
+from tether.protocol.commands import (
+    COMMAND_ADAPTER,
+    DevicesList,
+    DevicesPending,
+    DevicesShow,
+    GroupsList,
+    GroupsShow,
+    StacksList,
+    StacksStatus,
+    TokensList,
+    VarsGet,
+    VarsList,
+)
 from tether.protocol.credentials import CredentialTable
 from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import PayloadError, TetherError
 from tether.protocol.models import (
-    COMMAND_ADAPTER,
     DesiredState,
-    DevicesList,
-    DevicesPending,
-    DevicesShow,
     Event,
-    GroupsList,
-    GroupsShow,
     JobResult,
     Presence,
     Reply,
     ReportedState,
     Request,
     StackDefinition,
-    StacksList,
-    StacksStatus,
-    TokensList,
-    VarsGet,
-    VarsList,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic

@@ -34,9 +34,10 @@ from typing import Any
 
 from nacl.public import PrivateKey
 from tether.protocol import topics
+from tether.protocol.commands import VarsGet, VarsKey, VarsList, VarsRemove, VarsSet
 from tether.protocol.enrollment import new_private_key, open_bytes, public_key_b64, seal_bytes, seal_text
 from tether.protocol.errors import PayloadError, StoreError
-from tether.protocol.models import StackRef, VarBinding, VarsGet, VarsKey, VarsList, VarsRemove, VarsSet
+from tether.protocol.models import StackRef, VarBinding
 from tether.protocol.secret_files import write_secret_text
 from tether.protocol.variables import KEY_RE, PATH_RE, split_ref, stack_references
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from importlib.metadata import distribution
 from pathlib import Path
@@ -159,3 +161,17 @@ def test_device_install_requires_neither_amqtt_nor_pyyaml() -> None:
         re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requires if 'extra == "controller"' in r
     }
     assert {"amqtt", "pyyaml"} <= extras
+
+
+def test_agent_loads_neither_the_controllers_commands_nor_pynacl_nor_charset_detection() -> None:
+    """What the agent leaves out to stay small (docs/performance.md, agent footprint): the
+    controller's command models (protocol/commands.py), PyNaCl until a sealed box is opened,
+    and requests' charset detection (the Docker SDK needs none)."""
+    code = (
+        "import sys, tether.agent.main, tether.agent.runner, tether.agent.drivers.docker, "
+        "tether.agent.drivers.process; "
+        "print(sorted(m for m in ('tether.protocol.commands', 'nacl', 'charset_normalizer') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert "Warning" not in out.stderr, out.stderr

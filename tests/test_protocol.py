@@ -11,18 +11,24 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 from tether.protocol import codec, topics
 from tether.protocol.backoff import Backoff
-from tether.protocol.errors import ConfigError, PayloadError, TopicError
-from tether.protocol.models import (
+from tether.protocol.commands import (
     COMMAND_ADAPTER,
-    DesiredState,
-    DeviceFacts,
     DevicesList,
     DevicesShow,
-    Event,
     GroupsCreate,
     GroupsList,
     GroupsRemove,
     GroupsShow,
+    StacksDeploy,
+    StacksList,
+    StacksRemove,
+    StacksStatus,
+)
+from tether.protocol.errors import ConfigError, PayloadError, TopicError
+from tether.protocol.models import (
+    DesiredState,
+    DeviceFacts,
+    Event,
     HealthcheckSpec,
     PortSpec,
     Presence,
@@ -33,11 +39,7 @@ from tether.protocol.models import (
     ServiceStatus,
     StackDefinition,
     StackRef,
-    StacksDeploy,
-    StacksList,
     StackSpec,
-    StacksRemove,
-    StacksStatus,
     StackStatus,
     VolumeSpec,
     content_hash,

@@ -15,16 +15,9 @@ from support.infra import Mosquitto, wait_until
 from support.procs import ControllerProcess
 from tether.cli.client import ControllerClient
 from tether.protocol import codec, topics
+from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksStatus
 from tether.protocol.errors import DriverError
-from tether.protocol.models import (
-    GroupsCreate,
-    GroupsShow,
-    Presence,
-    ServiceSpec,
-    StacksDeploy,
-    StackSpec,
-    StacksStatus,
-)
+from tether.protocol.models import Presence, ServiceSpec, StackSpec
 from tether.protocol.mqtt import Will
 from tether.sim import FleetConfig, FleetThread, SimDriver, hashcache
 from tether.sim.mqtt import Counters, MqttSession, connect_packet, publish_packet, varint

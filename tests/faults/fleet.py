@@ -45,8 +45,9 @@ from support.infra import MOSQUITTO_BIN, free_port, wait_until
 from support.procs import AgentProcess, ControllerProcess
 from tether.cli.client import ControllerClient
 from tether.protocol import codec, topics
+from tether.protocol.commands import DevicesShow, GroupsCreate, StacksDeploy, StacksStatus
 from tether.protocol.errors import RequestError, TetherError
-from tether.protocol.models import DevicesShow, Event, GroupsCreate, StacksDeploy, StacksStatus
+from tether.protocol.models import Event
 from tether.protocol.mqtt import MqttClient, parse_broker_url
 from tether.protocol.topics import DeviceTopic
 

@@ -1,0 +1,311 @@
+"""The controller's commands: what a :class:`~.models.Request` carries in ``command``.
+
+Kept apart from :mod:`.models` because only the controller and the CLI use them: the agent
+answers its own device commands (:mod:`.device_api`) and never loads these 36 models and
+their discriminated union (1.0 MB of resident memory on a device).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, TypeAdapter
+
+from .models import WireModel
+
+
+class DevicesList(WireModel):
+    kind: Literal["devices.ls"] = "devices.ls"
+
+
+class DevicesShow(WireModel):
+    kind: Literal["devices.show"] = "devices.show"
+    device_id: str
+
+
+class DevicesTop(WireModel):
+    """The latest metrics sample of each device (all, or ``device_ids``), kept in memory."""
+
+    kind: Literal["devices.top"] = "devices.top"
+    device_ids: tuple[str, ...] = ()
+
+
+class DevicesLabel(WireModel):
+    """Set (``set``) and remove (``remove``) operator labels of a device."""
+
+    kind: Literal["devices.label"] = "devices.label"
+    device_id: str
+    set: dict[str, str] = Field(default_factory=dict)
+    remove: tuple[str, ...] = ()
+
+
+class DevicesCredentials(WireModel):
+    """Create (or rotate) a device's broker credentials; the reply holds the password, once.
+
+    ``certificate``: a client certificate and key instead (mTLS), signed by the controller's
+    quick-start CA; the reply holds both (and the CA), once."""
+
+    kind: Literal["devices.credentials"] = "devices.credentials"
+    device_id: str
+    certificate: bool = False
+
+
+class DevicesRevoke(WireModel):
+    """Cut devices off: credentials revoked, live sessions closed, removed from static groups."""
+
+    kind: Literal["devices.revoke"] = "devices.revoke"
+    device_ids: tuple[str, ...] = Field(min_length=1)
+
+
+class DevicesRemove(WireModel):
+    """Forget devices: their record, desired state (cleared on the broker), events, credentials."""
+
+    kind: Literal["devices.rm"] = "devices.rm"
+    device_ids: tuple[str, ...] = Field(min_length=1)
+
+
+class DevicesPending(WireModel):
+    """The waiting room: devices that asked to join (pending, and rejected ones)."""
+
+    kind: Literal["devices.pending"] = "devices.pending"
+
+
+class DevicesApprove(WireModel):
+    """Approve waiting devices: ``device_ids``, or every pending one (``all``) matching ``selector``."""
+
+    kind: Literal["devices.approve"] = "devices.approve"
+    device_ids: tuple[str, ...] = ()
+    all: bool = False
+    selector: str | None = None
+
+
+class DevicesReject(WireModel):
+    kind: Literal["devices.reject"] = "devices.reject"
+    device_ids: tuple[str, ...] = Field(min_length=1)
+
+
+class TokensCreate(WireModel):
+    """Create a fleet enrollment token; the reply holds the token, once."""
+
+    kind: Literal["tokens.create"] = "tokens.create"
+    group: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    auto_approve: bool = False
+    expires_s: float | None = Field(default=None, gt=0)
+    uses: int | None = Field(default=None, ge=1)
+
+
+class TokensList(WireModel):
+    kind: Literal["tokens.ls"] = "tokens.ls"
+
+
+class TokensRemove(WireModel):
+    kind: Literal["tokens.rm"] = "tokens.rm"
+    ids: tuple[str, ...] = Field(min_length=1)
+
+
+class VarsKey(WireModel):
+    """The controller's public key for secrets: ``vars.set`` seals a secret's keys to it."""
+
+    kind: Literal["vars.key"] = "vars.key"
+
+
+class VarsSet(WireModel):
+    """Set keys of a variable (merged into the keys it has).
+
+    A plain variable's keys come in ``items``. A secret's never travel in plaintext: they
+    come in ``sealed``, a sealed box to the controller's key (``vars.key``) holding a JSON
+    object of keys to values. Scope: the fleet (neither ``group`` nor ``device_id``), one
+    group, or one device.
+    """
+
+    kind: Literal["vars.set"] = "vars.set"
+    path: str
+    items: dict[str, str] = Field(default_factory=dict)
+    secret: bool = False
+    sealed: str | None = None
+    group: str | None = None
+    device_id: str | None = None
+
+
+class VarsGet(WireModel):
+    """A variable's keys and plain values (a secret's values are never sent back)."""
+
+    kind: Literal["vars.get"] = "vars.get"
+    path: str
+    group: str | None = None
+    device_id: str | None = None
+
+
+class VarsList(WireModel):
+    kind: Literal["vars.ls"] = "vars.ls"
+    prefix: str = ""
+
+
+class VarsRemove(WireModel):
+    """Remove a variable, or only some of its ``keys``."""
+
+    kind: Literal["vars.rm"] = "vars.rm"
+    path: str
+    keys: tuple[str, ...] = ()
+    group: str | None = None
+    device_id: str | None = None
+
+
+class GroupsCreate(WireModel):
+    kind: Literal["groups.create"] = "groups.create"
+    name: str
+    devices: tuple[str, ...] = ()
+    selector: str | None = None
+
+
+class GroupsList(WireModel):
+    kind: Literal["groups.ls"] = "groups.ls"
+
+
+class GroupsShow(WireModel):
+    kind: Literal["groups.show"] = "groups.show"
+    name: str
+
+
+class GroupsRemove(WireModel):
+    kind: Literal["groups.rm"] = "groups.rm"
+    name: str
+
+
+class RolloutStrategy(WireModel):
+    """How a deployment moves a group to a new version (see docs/rollouts.md)."""
+
+    kind: Literal["all-at-once", "rolling", "canary"] = "all-at-once"
+    max_parallel: int = Field(default=1, ge=0)
+    canary: int = Field(default=1, ge=1)
+    min_healthy_time_s: float = Field(default=10.0, ge=0)
+    healthy_deadline_s: float = Field(default=300.0, gt=0)
+    auto_revert: bool = False
+    auto_promote: bool = False
+
+
+class StacksDeploy(WireModel):
+    kind: Literal["stacks.deploy"] = "stacks.deploy"
+    name: str
+    group: str
+    compose: str
+    strategy: RolloutStrategy = Field(default_factory=RolloutStrategy)
+
+
+class StacksList(WireModel):
+    kind: Literal["stacks.ls"] = "stacks.ls"
+
+
+class StacksStatus(WireModel):
+    kind: Literal["stacks.status"] = "stacks.status"
+    name: str
+
+
+class StacksRemove(WireModel):
+    kind: Literal["stacks.rm"] = "stacks.rm"
+    name: str
+
+
+class JobsRun(WireModel):
+    """Run a job once on every device of a group."""
+
+    kind: Literal["jobs.run"] = "jobs.run"
+    name: str
+    group: str
+    command: tuple[str, ...]
+    image: str | None = None
+    timeout_s: float = Field(default=300.0, gt=0)
+
+
+class JobsSchedule(WireModel):
+    """Run a job on a schedule (cron or interval), evaluated on each device of a group."""
+
+    kind: Literal["jobs.schedule"] = "jobs.schedule"
+    name: str
+    group: str
+    command: tuple[str, ...]
+    cron: str | None = None
+    every_s: float | None = Field(default=None, gt=0)
+    image: str | None = None
+    timeout_s: float = Field(default=300.0, gt=0)
+    concurrency: Literal["skip", "queue"] = "skip"
+
+
+class JobsList(WireModel):
+    kind: Literal["jobs.ls"] = "jobs.ls"
+
+
+class JobsStatus(WireModel):
+    kind: Literal["jobs.status"] = "jobs.status"
+    name: str
+
+
+class JobsLogs(WireModel):
+    kind: Literal["jobs.logs"] = "jobs.logs"
+    name: str
+    device_id: str | None = None
+    limit: int = Field(default=10, ge=1, le=200)
+
+
+class JobsRemove(WireModel):
+    kind: Literal["jobs.rm"] = "jobs.rm"
+    name: str
+
+
+class DeploymentsList(WireModel):
+    kind: Literal["deployments.ls"] = "deployments.ls"
+    stack: str | None = None
+
+
+class DeploymentsStatus(WireModel):
+    kind: Literal["deployments.status"] = "deployments.status"
+    id: int
+
+
+class DeploymentsAction(WireModel):
+    """Pause, resume, promote or roll back a deployment."""
+
+    kind: Literal["deployments.pause", "deployments.resume", "deployments.promote", "deployments.rollback"]
+    id: int
+
+
+Command = Annotated[
+    DevicesList
+    | DevicesShow
+    | DevicesTop
+    | DevicesLabel
+    | DevicesCredentials
+    | DevicesRevoke
+    | DevicesRemove
+    | DevicesPending
+    | DevicesApprove
+    | DevicesReject
+    | TokensCreate
+    | TokensList
+    | TokensRemove
+    | VarsKey
+    | VarsSet
+    | VarsGet
+    | VarsList
+    | VarsRemove
+    | GroupsCreate
+    | GroupsList
+    | GroupsShow
+    | GroupsRemove
+    | StacksDeploy
+    | StacksList
+    | StacksStatus
+    | StacksRemove
+    | DeploymentsList
+    | DeploymentsStatus
+    | DeploymentsAction
+    | JobsRun
+    | JobsSchedule
+    | JobsList
+    | JobsStatus
+    | JobsLogs
+    | JobsRemove,
+    Field(discriminator="kind"),
+]
+COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)
