@@ -30,6 +30,9 @@ In short, :class:`TetherBroker` replaces amqtt's per-connection and per-message 
   subscription's QoS); one copy per client at the highest matching QoS.
 * **Authentication before session handling**: an unauthenticated CONNECT can no longer
   delete the existing session of the client id it claims.
+* **Topic checks without tasks**: amqtt runs the topic plugins (the ACL) as one task per
+  plugin, gathered, for every SUBSCRIBE, every PUBLISH and every delivery; here they are
+  awaited in turn (a fifth of the broker's CPU in a 1,000-device deploy).
 * **Memory**: no ``transitions.Machine`` per session and no ``asyncio.Queue`` it does not
   need: about 16 KB per connected device instead of about 54 KB.
 
@@ -941,6 +944,19 @@ class TetherBroker(Broker):
                 BrokerEvents.CLIENT_UNSUBSCRIBED, client_id=client_session.client_id, topic=topic_filter
             )
         await handler.mqtt_acknowledge_unsubscription(unsubscription.packet_id)
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        """Whether every topic plugin allows ``action`` on ``topic`` (amqtt's rule: all truthy).
+
+        amqtt wraps each plugin's call in a task and gathers them, for every check; the
+        plugins' answers do not depend on running concurrently, so await them in turn."""
+        manager = self.plugins_manager
+        if not manager.is_topic_filtering_enabled():
+            return True
+        for plugin in manager._topic_plugins:  # amqtt exposes no public accessor
+            if not await plugin.topic_filtering(session=session, topic=topic, action=action):
+                return False
+        return True
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
         """Add or replace (MQTT-3.8.4-3) one subscription; the granted QoS or 0x80."""
