@@ -299,11 +299,11 @@ class RequestHandlers:
             stack = existing  # type: ignore[assignment]
             deployment = None
         stack = self.store.get_stack(cmd.name) or stack
-        targets = (
-            [a.device_id for a in stack.assignment]
-            if stack.placement.mode == "replicas"
-            else members(group, self._labels())
-        )
+        if stack.placement.mode == "replicas":
+            targets = [a.device_id for a in stack.assignment]
+        else:  # the fleet as the deployment sees it (in memory), not every device row read again
+            fleet = self._fleet_view()  # type: ignore[attr-defined]
+            targets = members(group, {d: seen.attributes for d, seen in fleet.items()})
         return {
             "stack": self._stack_view(stack),
             "changed": changed,
