@@ -809,6 +809,34 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                 return
         unpublished = [r for r in records if not r.published and topics.DEVICE_ID_RE.match(r.device_id)]
         now = self.clock()
+        acknowledged: list[DesiredRecord] = []
+        try:
+            complete = self._publish_desired(client, unpublished, now, acknowledged)
+        finally:
+            # Marked once the broker has them all (or the rest failed): while the next batch
+            # waited on these writes, 10,000 devices waited on them too.
+            with self.store.transaction():
+                for record in acknowledged:
+                    self.store.put_desired(record.model_copy(update={"published": True}))
+            self.metrics.published.inc(len(acknowledged))
+        if not complete:
+            return
+        if device_ids is None:
+            for spec_hash in sorted(set(definitions) - needed):
+                # No device references it any more: clear the retained definition.
+                if not client.publish_confirmed(topics.stack(spec_hash), b"", retain=True):
+                    return
+                self.store.delete_definition(spec_hash)
+
+    def _publish_desired(
+        self,
+        client: MqttClient,
+        unpublished: list[DesiredRecord],
+        now: float,
+        acknowledged: list[DesiredRecord],
+    ) -> bool:
+        """Publish desired states in acknowledged batches; collect the acknowledged records.
+        False if one was not acknowledged (the rest stays unpublished)."""
         for start in range(0, len(unpublished), self.PUBLISH_BATCH):
             batch = unpublished[start : start + self.PUBLISH_BATCH]
             if self.table is not None:  # before the device hears of them: it may subscribe to these
@@ -836,19 +864,10 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                 for r in batch
             ]
             acked = client.publish_many(messages)
-            with self.store.transaction():
-                for record, ok in zip(batch, acked, strict=True):
-                    if ok:
-                        self.store.put_desired(record.model_copy(update={"published": True}))
-                        self.metrics.published.inc()
+            acknowledged.extend(record for record, ok in zip(batch, acked, strict=True) if ok)
             if not all(acked):
-                return
-        if device_ids is None:
-            for spec_hash in sorted(set(definitions) - needed):
-                # No device references it any more: clear the retained definition.
-                if not client.publish_confirmed(topics.stack(spec_hash), b"", retain=True):
-                    return
-                self.store.delete_definition(spec_hash)
+                return False
+        return True
 
     # --- device metrics (latest sample per device, in memory; see protocol/device_api.py) ---
 
