@@ -4,8 +4,9 @@ amqtt 0.12.1 calls every auth plugin's ``authenticate(session=...)`` on CONNECT 
 non-None answers must be True) and every topic plugin's ``topic_filtering(session=,
 topic=, action=)`` on SUBSCRIBE (the filter), PUBLISH (the topic) and RECEIVE (each
 delivery, retained messages included). Both plugins here delegate at once to a
-:class:`~tether.protocol.credentials.CredentialTable` (the controller's in-memory
-snapshot; the broker thread never touches the database) and to the pure rules of
+:class:`~tether.protocol.credentials.CredentialTable` (in the broker's process, the copy of
+the controller's table that :class:`~tether.broker.embedded.BrokerTable` keeps up to date;
+the broker never touches the database) and to the pure rules of
 :mod:`tether.protocol.acl`. The table is passed through the plugin configuration as an
 object (``{"table": table}``).
 

@@ -291,8 +291,10 @@ def serve(conn: Connection) -> int:
 
     request_id, op, options = conn.recv()
     assert op == "start", op
-    logging.getLogger().setLevel(options["log_level"])
-    logging.getLogger().addHandler(_ForwardingHandler(send))
+    root = logging.getLogger()
+    root.setLevel(options["log_level"])
+    forwarding = _ForwardingHandler(send)
+    root.addHandler(forwarding)
     table = _table(options["table"])
     try:
         broker = BrokerThread(
@@ -310,19 +312,20 @@ def serve(conn: Connection) -> int:
     reply(request_id, True, port)
     handlers = _handlers(broker, table)
     stop_id: int | None = None
-    while True:
-        try:
+    try:
+        while True:
             request_id, op, args = conn.recv()
-        except (EOFError, OSError):  # the controller is gone
-            break
-        if op == "stop":
-            stop_id = request_id
-            break
-        try:
-            reply(request_id, True, handlers[op](*args))
-        except Exception as exc:
-            log.exception("embedded broker: %s failed", op)
-            reply(request_id, False, f"{type(exc).__name__}: {exc}")
+            if op == "stop":
+                stop_id = request_id
+                break
+            try:
+                ok, value = True, handlers[op](*args)
+            except Exception as exc:
+                log.exception("embedded broker: %s failed", op)
+                ok, value = False, f"{type(exc).__name__}: {exc}"
+            reply(request_id, ok, value)
+    except (EOFError, OSError):  # the controller is gone: nobody to log to or answer
+        root.removeHandler(forwarding)
     broker.stop()
     if stop_id is not None:
         reply(stop_id, True, None)

@@ -138,7 +138,8 @@ class EmbeddedBroker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._conn: Connection | None = None
-        self._send_lock = threading.Lock()  # also guards _pending and _gone
+        self._send_lock = threading.Lock()  # one message at a time on the socket
+        self._pending_lock = threading.Lock()  # guards _pending and _gone (never held while sending)
         self._gone = False
         self._ids = itertools.count(1)
         self._pending: dict[int, Future[Any]] = {}
@@ -226,7 +227,7 @@ class EmbeddedBroker:
                     _log_record(message[1])
                     continue
                 _, request_id, ok, value = message
-                with self._send_lock:
+                with self._pending_lock:
                     future = self._pending.pop(request_id, None)
                 if future is None:
                     continue
@@ -236,7 +237,7 @@ class EmbeddedBroker:
                     future.set_exception(RuntimeError(f"embedded broker: {value}"))
         except (EOFError, OSError):
             pass
-        with self._send_lock:
+        with self._pending_lock:
             self._gone = True
             pending, self._pending = self._pending, {}
         for future in pending.values():
@@ -247,16 +248,17 @@ class EmbeddedBroker:
     def _request(self, op: str, *args: Any, timeout: float = REQUEST_TIMEOUT) -> Any:
         """Send one request to the broker process and wait for its answer (None if it is gone)."""
         future: Future[Any] = Future()
-        with self._send_lock:
-            if self._gone or self._conn is None:
+        conn = self._conn
+        with self._pending_lock:
+            if self._gone or conn is None:
                 return None
             request_id = next(self._ids)
             self._pending[request_id] = future
-            try:
-                self._conn.send((request_id, op, args))
-            except OSError:
-                self._pending.pop(request_id, None)
-                return None
+        try:
+            with self._send_lock:
+                conn.send((request_id, op, args))
+        except OSError:  # it exited: our reader fails the future
+            pass
         try:
             return future.result(timeout)
         except ConnectionError:  # it exited meanwhile: nothing is connected to it any more
