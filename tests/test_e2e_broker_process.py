@@ -71,3 +71,14 @@ def test_broker_process_ignores_ctrl_c_and_stops_with_the_controller(tmp_path: P
         assert "embedded broker process exited" not in controller.output()  # stopped, it did not die
     finally:
         controller.kill()
+
+
+def test_controller_exits_when_its_broker_process_dies(tmp_path: Path) -> None:
+    """Without its broker the controller is useless: it says so and exits (status 1) to be restarted."""
+    controller = ControllerProcess(tmp_path / "ctl")
+    try:
+        os.kill(_broker_process(controller), signal.SIGKILL)
+        assert controller.proc.wait(30) == 1
+        controller.wait_for_line(r"the embedded broker process exited")
+    finally:
+        controller.kill()
