@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,3 +85,20 @@ def test_controller_exits_when_its_broker_process_dies(tmp_path: Path) -> None:
         controller.wait_for_line(r"the embedded broker process exited")
     finally:
         controller.kill()
+
+
+def test_a_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
+    """The broker process's failure to listen is `tether up`'s one-line error, as before."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "tether.cli.main", "up", "--data-dir", str(tmp_path), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"tether: error: cannot start embedded broker on 127.0.0.1:{port}: " in result.stderr
+    assert "address already in use" in result.stderr and "Traceback" not in result.stderr
