@@ -815,10 +815,11 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         finally:
             # Marked once the broker has them all (or the rest failed): while the next batch
             # waited on these writes, 10,000 devices waited on them too.
-            with self.store.transaction():
-                for record in acknowledged:
-                    self.store.put_desired(record.model_copy(update={"published": True}))
-            self.metrics.published.inc(len(acknowledged))
+            if acknowledged:
+                with self.store.transaction():
+                    for record in acknowledged:
+                        self.store.put_desired(record.model_copy(update={"published": True}))
+                self.metrics.published.inc(len(acknowledged))
         if not complete:
             return
         if device_ids is None:
