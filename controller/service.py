@@ -265,17 +265,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
     def _become_leader(self) -> None:
         """Take over scheduling: device topics, write requests, and everything unpublished."""
         assert self.client is not None
-        # Presence and reported state are retained: what matters is each device's latest
-        # message, which every (re)subscription delivers again. At QoS 0 the broker passes
-        # them on without its per-client queue: a broker bounds the QoS 1 messages queued for
-        # one client (Mosquitto's max_queued_messages, 1,000 by default) and drops the rest,
-        # so a controller subscribing at QoS 1 to a fleet's retained state got only the
-        # first thousand or so, and lost device messages in every reconnect storm.
-        for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED):
-            self.client.subscribe(topics.all_devices(kind), qos=0)
-        # Events are history, not state: QoS 1, queued while the controller is away.
-        self.client.subscribe(topics.all_devices(DeviceTopic.EVENTS))
-        self.client.subscribe(topics.all_devices(DeviceTopic.METRICS), qos=0)  # published at QoS 0
+        for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS, DeviceTopic.METRICS):
+            self.client.subscribe(topics.all_devices(kind))
         self.client.subscribe(topics.LEADER_REQUESTS, qos=self._request_qos)
         self.client.subscribe(topics.ALL_ENROLL_REQUESTS)
         if not self.ha:

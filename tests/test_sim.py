@@ -15,7 +15,7 @@ from support.infra import Mosquitto, wait_until
 from support.procs import ControllerProcess
 from tether.cli.client import ControllerClient
 from tether.protocol import codec, topics
-from tether.protocol.commands import DevicesList, GroupsCreate, GroupsShow, StacksDeploy, StacksStatus
+from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksStatus
 from tether.protocol.errors import DriverError
 from tether.protocol.models import Presence, ServiceSpec, StackSpec
 from tether.protocol.mqtt import Will
@@ -258,34 +258,3 @@ def test_tether_sim_command_stops_by_itself_and_summarises(mosquitto: Mosquitto)
     # Stopped cleanly: every device said goodbye (retained offline), no will needed.
     goodbye = presence(mosquitto, "cli-00007")
     assert goodbye is not None and goodbye.status == "offline"
-
-
-@pytest.mark.mosquitto
-@pytest.mark.e2e
-def test_controller_takes_every_retained_device_state_past_the_brokers_queue_limit(tmp_path: Path) -> None:
-    """A broker bounds the QoS 1 messages queued for one client and drops the rest
-    (Mosquitto's max_queued_messages); the controller must still learn the retained presence
-    and report of every device when it (re)subscribes to a fleet larger than that bound."""
-    devices = 120
-    (tmp_path / "mosquitto").mkdir()
-    with Mosquitto(
-        tmp_path / "mosquitto", extra_conf="max_queued_messages 10\nmax_inflight_messages 5\n"
-    ) as broker:
-        config = FleetConfig(
-            broker=broker.url, devices=devices, prefix="q", labels={"site": "q"}, connect_rate=500
-        )
-        with FleetThread(config) as sim:
-            sim.wait(lambda f: f.connected() == devices, 30, message="the fleet connected")
-            # The devices' presence and reports are retained before the controller starts.
-            controller = ControllerProcess(tmp_path / "controller", broker=broker.url)
-            try:
-                with ControllerClient(broker.url, timeout=30) as client:
-
-                    def online() -> int:
-                        rows = client.request(DevicesList())["devices"]
-                        return sum(1 for r in rows if r["status"] == "online")
-
-                    wait_until(lambda: online() == devices, 30, interval=0.3, message="every device online")
-                    assert "Outgoing messages are being dropped" not in broker.log_text()
-            finally:
-                controller.stop()
