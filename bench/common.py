@@ -297,7 +297,7 @@ class Mosquitto:
             "allow_anonymous true",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.dir}/",
-            "max_queued_messages 10000",
+            "max_queued_messages 100000",  # >= 3 x the fleet, as compose/mosquitto.conf says
             "log_type error",
             "log_type warning",
             "log_type notice",
