@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from support.infra import wait_until
+from support.links import RecordingLink
 from tether.agent import core as core_module
 from tether.agent.core import AgentCore
 from tether.agent.drivers.base import Driver
@@ -22,7 +23,6 @@ from tether.agent.store import MemoryStore
 from tether.protocol import codec, topics
 from tether.protocol.models import (
     DesiredState,
-    ReportedState,
     ServiceSpec,
     StackDefinition,
     StackRef,
@@ -31,29 +31,6 @@ from tether.protocol.models import (
 from tether.protocol.topics import DeviceTopic
 
 DEVICE = "core-1"
-REPORTED = topics.device(DEVICE, DeviceTopic.REPORTED)
-
-
-class Link:
-    connected = True
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
-        if not self.connected:
-            return False
-        self.published.append((topic, payload))
-        return True
-
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        return None
-
-    def unsubscribe(self, topic_filter: str) -> None:
-        return None
-
-    def reports(self) -> list[ReportedState]:
-        return [codec.decode(p, ReportedState) for t, p in self.published if t == REPORTED]
 
 
 class CountingPlan:
@@ -71,7 +48,7 @@ class CountingPlan:
 
 
 def deploy(
-    driver: Driver, link: Link, services: tuple[ServiceSpec, ...], clock: Callable[[], float]
+    driver: Driver, link: RecordingLink, services: tuple[ServiceSpec, ...], clock: Callable[[], float]
 ) -> AgentCore:
     core = AgentCore(DEVICE, {}, driver, MemoryStore(), link, clock=clock)
     spec = StackSpec(services=services)
@@ -90,7 +67,7 @@ def test_an_unchanged_device_skips_planning_and_a_crash_is_still_restarted(
 ) -> None:
     now = [1000.0]
     driver = FakeDriver(DEVICE)
-    link = Link()
+    link = RecordingLink()
     services = (
         ServiceSpec(name="db", image="fake:1", restart="always"),
         ServiceSpec(name="web", image="fake:1", restart="always", depends_on=("db",)),
@@ -127,7 +104,7 @@ def test_quiet_reconciles_resume_planning_while_a_restart_waits_for_its_backoff(
     now = [1000.0]
     driver = FakeDriver(DEVICE)
     core = deploy(
-        driver, Link(), (ServiceSpec(name="web", image="fake:1", restart="always"),), lambda: now[0]
+        driver, RecordingLink(), (ServiceSpec(name="web", image="fake:1", restart="always"),), lambda: now[0]
     )
     core.reconcile_once()
     driver.crash("app", "web", exit_code=1)
@@ -150,7 +127,7 @@ def test_quiet_reconciles_resume_planning_while_a_restart_waits_for_its_backoff(
 
 def test_a_report_that_could_not_be_sent_goes_out_on_a_quiet_reconcile() -> None:
     now = [1000.0]
-    link = Link()
+    link = RecordingLink()
     core = deploy(FakeDriver(DEVICE), link, (ServiceSpec(name="web", image="fake:1"),), lambda: now[0])
     core.reconcile_once()
     core.reconcile_once()
@@ -168,7 +145,7 @@ def test_a_killed_process_is_restarted_after_quiet_reconciles(tmp_path: Path) ->
     """The real process driver: after reconciles that found nothing to do, a process killed
     behind the agent's back is seen exited and started again."""
     driver = ProcessDriver(DEVICE, tmp_path)
-    link = Link()
+    link = RecordingLink()
     services = (ServiceSpec(name="sleeper", command=("sleep", "1000"), restart="always"),)
     core = deploy(driver, link, services, time.time)
     record = tmp_path / "processes" / "app.sleeper.json"

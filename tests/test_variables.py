@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from nacl.public import PrivateKey
+from support.links import RecordingLink
 from test_compose import parse
 from tether.agent.core import AgentCore
 from tether.agent.drivers.base import Observed
@@ -25,9 +26,7 @@ from tether.protocol.errors import ComposeError, PayloadError, StoreError
 from tether.protocol.models import (
     ConfigMount,
     DesiredState,
-    Event,
     PortSpec,
-    ReportedState,
     ServiceSpec,
     StackDefinition,
     StackRef,
@@ -396,34 +395,6 @@ DEVICE = "dev-1"
 STACK = "shop"
 
 
-class Link:
-    """A connected link that keeps what was published."""
-
-    connected = True
-
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
-        self.published.append((topic, payload))
-        return True
-
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        return None
-
-    def unsubscribe(self, topic_filter: str) -> None:
-        return None
-
-    def events(self, kind: str | None = None) -> list[Event]:
-        found = [codec.decode(p, Event) for t, p in self.published if t.endswith("/events")]
-        return [e for e in found if kind is None or e.kind == kind]
-
-    def report(self) -> ReportedState:
-        reports = [codec.decode(p, ReportedState) for t, p in self.published if t.endswith("/reported")]
-        assert reports, "nothing reported"
-        return reports[-1]
-
-
 class RecordingDriver(FakeDriver):
     """The fake driver, remembering the service specs it created instances from and removals."""
 
@@ -449,7 +420,7 @@ class Device:
         self.public = self.key.public
         self.driver = RecordingDriver(DEVICE)
         self.store = MemoryStore()
-        self.link = Link()
+        self.link = RecordingLink()
         self.core = AgentCore(
             DEVICE, {}, self.driver, self.store, self.link, key=self.key if with_key else None
         )
