@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether.protocol.errors import StoreError
+from tether.protocol.heap import tune_gc
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
 
 from .lease import lease_for
@@ -27,7 +28,7 @@ from .security import (
     issue_device_credentials,
     load_table,
 )
-from .service import Controller, tune_gc
+from .service import Controller
 from .store import Store, is_postgres_url
 from .variables import SecretsKey
 
@@ -262,7 +263,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         controller.start(
             address, fresh_broker=embedded is not None, session_id=session_id, session_known=session_known
         )
-        tune_gc()  # after start-up: a long-lived heap, see controller/service.py
+        tune_gc()  # after start-up: a long-lived heap, see protocol/heap.py
         if options.http:
             host, _, port_text = options.http.rpartition(":")
             http = HealthServer(controller, host or "127.0.0.1", int(port_text))

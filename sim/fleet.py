@@ -50,6 +50,7 @@ from tether.agent.runner import FAST_INTERVAL
 from tether.agent.store import MemoryStore
 from tether.protocol import __version__
 from tether.protocol.backoff import Backoff
+from tether.protocol.heap import tune_gc
 from tether.protocol.models import DeviceFacts
 from tether.protocol.mqtt import Will, parse_broker_url
 from tether.protocol.topics import DeviceTopic
@@ -61,9 +62,6 @@ from .mqtt import Counters, MqttSession
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-GC_THRESHOLDS = (50_000, 20, 10)
-"""The simulator's garbage-collector thresholds while a fleet runs (CPython's default: 700, 10, 10)."""
 
 
 @dataclass
@@ -344,13 +342,8 @@ class Fleet:
         gc_before = gc.get_threshold()
         if self.config.tune_gc:
             # 10,000 devices are millions of long-lived objects (cores, sessions, models):
-            # with CPython's default thresholds the cyclic collector walked them all again and
-            # again (measured: 40 % of the simulator's CPU at 10,000 devices). They are moved
-            # out of its sight once built and once connected; reference counting still frees
-            # what dies, and young collections run every 50,000 allocations. A real agent
-            # holds one device's state and is unaffected.
-            gc.freeze()
-            gc.set_threshold(*GC_THRESHOLDS)
+            # out of the collector's sight once built, and again once connected (protocol/heap.py).
+            tune_gc()
         ramp = self.loop.create_task(self._ramp())
         deadline = None if self.config.duration is None else self.started_at + self.config.duration
         try:
