@@ -275,3 +275,51 @@ def test_invalid_files_are_rejected_with_a_message_naming_the_problem(
 def test_oversize_file_is_rejected() -> None:
     """A compose file larger than 256 KiB is refused before YAML parsing."""
     rejects("services: {a: {image: x}}\n" + "#" * (256 * 1024), "larger than")
+
+
+def _alias_bomb(levels: int, key: str) -> str:
+    """A billion laughs under a service key: each level is nine aliases of the one below."""
+    lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    body = "\n".join("      " + line for line in lines)
+    return f"services:\n  web:\n    image: busybox\n    {key}:\n{body}\n"
+
+
+@pytest.mark.parametrize("key", ["labels", "environment", "x-unknown"])
+def test_alias_bomb_is_refused_before_it_is_expanded(key: str) -> None:
+    """A few hundred bytes of nested anchors are refused at once (not walked for seconds)."""
+    import time
+
+    text = _alias_bomb(8, key)  # 9**8 = 43 million nodes once expanded
+    assert len(text) < 600
+    started = time.monotonic()
+    rejects(text, "expands to more than")
+    assert time.monotonic() - started < 1.0
+
+
+def test_self_referring_alias_and_deep_nesting_are_one_clear_error() -> None:
+    """A recursive alias and a document nested past Python's stack are ComposeErrors, not crashes."""
+    rejects("services:\n  a: &a\n    image: x\n    labels: [*a]\n", "refers to itself")
+    rejects("services: " + "[" * 50_000 + "]" * 50_000 + "\n", "nested too deeply")
+
+
+def test_small_anchors_and_merge_keys_still_work() -> None:
+    """Ordinary anchors, aliases and << merge keys parse as before."""
+    spec = parse_compose(
+        textwrap.dedent(
+            """
+            services:
+              a:
+                image: busybox
+                environment: &env {MODE: prod, LEVEL: "3"}
+              b:
+                image: busybox
+                environment:
+                  <<: *env
+                  EXTRA: "1"
+            """
+        )
+    )
+    env = {s.name: dict(s.environment) for s in spec.services}
+    assert env["a"] == {"MODE": "prod", "LEVEL": "3"}
+    assert env["b"] == {"MODE": "prod", "LEVEL": "3", "EXTRA": "1"}
