@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+from pydantic import ValidationError
+from tether.protocol.codec import describe
 from tether.protocol.errors import TetherError
 from tether.protocol.secret_files import read_credentials
 
@@ -124,5 +126,7 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
                 fn(client, fmt, **kwargs)
         except TetherError as exc:
             fail(str(exc))
+        except ValidationError as exc:  # a command built from out-of-bounds options
+            fail(f"invalid {exc.title}: {describe(exc)}")
 
     return wrapper

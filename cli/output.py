@@ -23,7 +23,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def when(ts: float | None) -> str:
     if ts is None:
         return ""
-    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError, OSError):  # stored before durations were bounded
+        return f"{ts:g}"
 
 
 def labels(value: dict[str, str]) -> str:

@@ -39,7 +39,7 @@ class Placement(BaseModel):
     replicas: int = Field(default=0, ge=0, le=100_000)
     constraints: tuple[str, ...] = ()
     """Selector terms a device must match to run the stack (``arch == arm64``, ``gpu``...)."""
-    lost_after_s: float | None = Field(default=None, ge=0)
+    lost_after_s: float | None = Field(default=None, ge=0, le=366 * 86400)
     replace: bool = False
     reconcile: ReconcilePolicy = "keep_original"
 

@@ -13,6 +13,21 @@ from pydantic import Field, TypeAdapter
 
 from .models import WireModel
 
+# Bounds on every duration and count an operator can send: a value outside is one clear
+# validation error (naming the field) before anything is stored, never a crash later.
+DAY_S = 86400.0
+MAX_TOKEN_LIFETIME_S = 3660 * DAY_S
+"""Ten years: the longest an enrollment token may stay valid."""
+MAX_TIMEOUT_S = 7 * DAY_S
+"""The longest job timeout or rollout health deadline."""
+MAX_MIN_HEALTHY_S = DAY_S
+MIN_JOB_INTERVAL_S = 1.0
+MAX_JOB_INTERVAL_S = 366 * DAY_S
+MAX_COUNT = 1_000_000
+"""Token uses, rollout batch and canary sizes."""
+MAX_ID = 2**63 - 1
+"""Deployment ids are 64-bit integers in the store."""
+
 
 class DevicesList(WireModel):
     kind: Literal["devices.ls"] = "devices.ls"
@@ -91,8 +106,8 @@ class TokensCreate(WireModel):
     group: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     auto_approve: bool = False
-    expires_s: float | None = Field(default=None, gt=0)
-    uses: int | None = Field(default=None, ge=1)
+    expires_s: float | None = Field(default=None, gt=0, le=MAX_TOKEN_LIFETIME_S)
+    uses: int | None = Field(default=None, ge=1, le=MAX_COUNT)
 
 
 class TokensList(WireModel):
@@ -177,10 +192,10 @@ class RolloutStrategy(WireModel):
     """How a deployment moves a group to a new version (see docs/rollouts.md)."""
 
     kind: Literal["all-at-once", "rolling", "canary"] = "all-at-once"
-    max_parallel: int = Field(default=1, ge=0)
-    canary: int = Field(default=1, ge=1)
-    min_healthy_time_s: float = Field(default=10.0, ge=0)
-    healthy_deadline_s: float = Field(default=300.0, gt=0)
+    max_parallel: int = Field(default=1, ge=0, le=MAX_COUNT)
+    canary: int = Field(default=1, ge=1, le=MAX_COUNT)
+    min_healthy_time_s: float = Field(default=10.0, ge=0, le=MAX_MIN_HEALTHY_S)
+    healthy_deadline_s: float = Field(default=300.0, gt=0, le=MAX_TIMEOUT_S)
     auto_revert: bool = False
     auto_promote: bool = False
 
@@ -215,7 +230,7 @@ class JobsRun(WireModel):
     group: str
     command: tuple[str, ...]
     image: str | None = None
-    timeout_s: float = Field(default=300.0, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0, le=MAX_TIMEOUT_S)
 
 
 class JobsSchedule(WireModel):
@@ -226,9 +241,9 @@ class JobsSchedule(WireModel):
     group: str
     command: tuple[str, ...]
     cron: str | None = None
-    every_s: float | None = Field(default=None, gt=0)
+    every_s: float | None = Field(default=None, ge=MIN_JOB_INTERVAL_S, le=MAX_JOB_INTERVAL_S)
     image: str | None = None
-    timeout_s: float = Field(default=300.0, gt=0)
+    timeout_s: float = Field(default=300.0, gt=0, le=MAX_TIMEOUT_S)
     concurrency: Literal["skip", "queue"] = "skip"
 
 
@@ -260,14 +275,14 @@ class DeploymentsList(WireModel):
 
 class DeploymentsStatus(WireModel):
     kind: Literal["deployments.status"] = "deployments.status"
-    id: int
+    id: int = Field(ge=1, le=MAX_ID)
 
 
 class DeploymentsAction(WireModel):
     """Pause, resume, promote or roll back a deployment."""
 
     kind: Literal["deployments.pause", "deployments.resume", "deployments.promote", "deployments.rollback"]
-    id: int
+    id: int = Field(ge=1, le=MAX_ID)
 
 
 Command = Annotated[

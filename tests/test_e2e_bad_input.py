@@ -193,3 +193,32 @@ def test_agent_rejects_bad_configuration(tmp_path: Path) -> None:
         timeout=30,
     )
     _one_line_error(result, "invalid device id")
+
+
+def test_absurd_durations_and_counts_are_refused(fleet: dict[str, Any]) -> None:
+    """Out-of-bounds durations and counts get one error naming the field (CLI and raw request); nothing is stored."""
+    from tether.cli.client import ControllerClient
+    from tether.protocol.commands import JobsSchedule, TokensCreate
+    from tether.protocol.errors import TetherError
+
+    url = fleet["url"]
+    _one_line_error(cli(url, "tokens", "create", "--expires", "99999999999d"), "expires_s", "less than")
+    _one_line_error(cli(url, "tokens", "create", "--uses", "99999999999"), "uses", "less than")
+    _one_line_error(
+        cli(url, "jobs", "schedule", "fast", "--group", "g1", "--every", "0.000000001s", "--", "true"),
+        "every_s",
+        "greater than",
+    )
+    _one_line_error(cli(url, "deployments", "status", str(2**70)), "id", "less than")
+    # The controller refuses them too, whoever builds the request.
+    with ControllerClient(url) as client:
+        for command in (
+            TokensCreate.model_construct(expires_s=1e308),
+            JobsSchedule.model_construct(name="fast", group="g1", command=("true",), every_s=1e-9),
+        ):
+            with pytest.raises(TetherError, match="invalid request"):
+                client.request(command)
+    assert cli_json(url, "tokens", "ls") == []
+    assert cli_json(url, "jobs", "ls") == []
+    assert cli(url, "tokens", "ls").returncode == 0
+    _unchanged(fleet)
