@@ -238,14 +238,37 @@ class VarBinding(WireModel):
     error: str | None = None
 
 
+class RegistryAuth(WireModel):
+    """Credentials for one image registry (``tether registries add``), for this device only.
+
+    ``sealed`` is a sealed box to the device's public key (base64) of the JSON object
+    ``{"username": ..., "password": ...}``: neither travels or rests in plain. ``host`` is
+    the registry as image references name it (``registry.example:5000``; ``docker.io`` for
+    Docker Hub). ``digest`` changes when the credentials do (a keyed MAC). ``error`` says
+    why there is no sealed box (the device has not announced its public key yet).
+    """
+
+    host: str = Field(min_length=1, max_length=255)
+    digest: str = ""
+    sealed: str | None = None
+    error: str | None = None
+
+
 class DesiredState(Message):
-    """Payload of ``.../desired``: everything one device should run, at one generation."""
+    """Payload of ``.../desired``: everything one device should run, at one generation.
+
+    ``stage`` names stack versions to download only (``tether stacks deploy --stage-only``):
+    the agent fetches their definitions and images and runs nothing of them until a later
+    generation moves them into ``stacks``.
+    """
 
     device_id: str
     generation: int = Field(ge=0)
     stacks: tuple[StackRef, ...] = ()
     jobs: tuple[JobSpec, ...] = ()
     vars: tuple[VarBinding, ...] = Field(default=(), exclude_if=_unset)
+    stage: tuple[StackRef, ...] = Field(default=(), exclude_if=_unset)
+    registries: tuple[RegistryAuth, ...] = Field(default=(), exclude_if=_unset)
     issued_at: float = 0.0
 
 
@@ -273,8 +296,42 @@ class StackStatus(WireModel):
     services: dict[str, ServiceStatus] = Field(default_factory=dict)
 
 
+class ImageDownload(WireModel):
+    """One image of a version being downloaded: bytes on the device and in all (None: not known yet)."""
+
+    image: str
+    done: int = Field(default=0, ge=0)
+    total: int | None = Field(default=None, ge=0)
+
+
+DownloadState = Literal["downloading", "retrying", "staged", "failed"]
+
+
+class DownloadStatus(WireModel):
+    """The images of one stack version being fetched while the current version keeps running.
+
+    ``downloading`` (bytes moving), ``retrying`` (a transient error, ``reason``; retried
+    with backoff), ``staged`` (every image is on the device, not switched yet: held, or
+    staged only), ``failed`` (a permanent error, ``reason`` in the registry's words).
+    ``rate`` in bytes/s; ``eta_s`` in seconds.
+    """
+
+    spec_hash: str
+    state: DownloadState
+    done: int = Field(default=0, ge=0)
+    total: int | None = Field(default=None, ge=0)
+    rate: float = Field(default=0.0, ge=0)
+    eta_s: float | None = Field(default=None, ge=0)
+    reason: str | None = None
+    images: tuple[ImageDownload, ...] = ()
+
+
 class ReportedState(Message):
-    """Payload of ``.../reported``: what the agent has applied and observes."""
+    """Payload of ``.../reported``: what the agent has applied and observes.
+
+    ``downloads`` (by stack name): stack versions whose images are being fetched (or are
+    staged), until that version runs.
+    """
 
     device_id: str
     generation: int = Field(ge=-1)
@@ -282,6 +339,7 @@ class ReportedState(Message):
     error: str | None = None
     held: bool = False
     events_dropped: int = 0
+    downloads: dict[str, DownloadStatus] = Field(default_factory=dict, exclude_if=_unset)
     at: float = 0.0
 
 

@@ -28,11 +28,14 @@ from tether.protocol.errors import ConfigError, PayloadError, TopicError
 from tether.protocol.models import (
     DesiredState,
     DeviceFacts,
+    DownloadStatus,
     Event,
     HealthcheckSpec,
+    ImageDownload,
     PortSpec,
     Presence,
     Reply,
+    RegistryAuth,
     ReportedState,
     Request,
     ServiceSpec,
@@ -80,6 +83,28 @@ MESSAGES: list[BaseModel] = [
         device_id="pi-1", generation=7, stacks=(StackRef(name="shop", spec_hash=HASH),), issued_at=1.5
     ),
     DesiredState(device_id="pi-1", generation=0),
+    DesiredState(
+        device_id="pi-1",
+        generation=8,
+        stage=(StackRef(name="shop", spec_hash=HASH),),
+        registries=(RegistryAuth(host="registry.example:5000", digest="d1", sealed="c2VhbGVk"),),
+    ),
+    ReportedState(
+        device_id="pi-1",
+        generation=8,
+        downloads={
+            "shop": DownloadStatus(
+                spec_hash=HASH,
+                state="retrying",
+                done=3_400_000,
+                total=8_000_000,
+                rate=12_000.0,
+                eta_s=383.0,
+                reason="connection refused",
+                images=(ImageDownload(image="web:2", done=3_400_000, total=8_000_000),),
+            )
+        },
+    ),
     ReportedState(
         device_id="pi-1",
         generation=7,
@@ -201,6 +226,14 @@ def test_decode_rejects_oversize_payloads() -> None:
     payload = msgpack.packb({"device_id": "x", "kind": "k", "message": "m" * codec.MAX_PAYLOAD})
     with pytest.raises(PayloadError, match=r"^Event: payload of \d+ bytes exceeds"):
         codec.decode(payload, Event)
+
+
+def test_fields_added_for_updates_are_absent_while_empty() -> None:
+    """stage, registries and downloads stay off the wire when empty, so old receivers see the same payload."""
+    desired = msgpack.unpackb(codec.encode(DesiredState(device_id="pi-1", generation=1)))
+    reported = msgpack.unpackb(codec.encode(ReportedState(device_id="pi-1", generation=1)))
+    assert not {"stage", "registries", "vars"} & set(desired)
+    assert "downloads" not in reported
 
 
 def test_unknown_fields_are_tolerated_on_receipt() -> None:
