@@ -278,7 +278,12 @@ class AgentCore:
             self._reject(f"desired state names device {desired.device_id!r}, not {self.device_id!r}")
             return
         current = self.desired.generation if self.desired else -1
-        if desired.generation <= current:
+        if desired.generation < current:
+            # The broker holds an older desired state than the one applied (restored from an
+            # older snapshot?): ours stays in force, it is newer and on disk.
+            log.info("ignoring desired generation %d: generation %d is applied", desired.generation, current)
+            return
+        if desired.generation == current:
             return
         if self.pending is not None and desired.generation <= self.pending.generation:
             return

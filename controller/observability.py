@@ -52,6 +52,11 @@ class Metrics:
         self.published = Counter(
             "tether_desired_published", "Desired states acknowledged by the broker", registry=self.registry
         )
+        self.republished = Counter(
+            "tether_desired_republished",
+            "Desired states published again to devices that stayed behind (the broker lost them?)",
+            registry=self.registry,
+        )
 
 
 class HealthServer:

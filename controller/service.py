@@ -89,6 +89,11 @@ MAX_METRICS_DEVICES = 100_000
 INGEST_BATCH = 500
 """Device messages handled in one store transaction, at most (see :meth:`Controller._ingest`)."""
 _BATCHED = frozenset({DeviceTopic.REPORTED.value, DeviceTopic.EVENTS.value, DeviceTopic.METRICS.value})
+BEHIND_GRACE = 15.0
+"""Seconds an online device may report an older generation than the one published to it
+before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
+BEHIND_BACKOFF_MAX = 300.0
+"""Republishing to a device that stays behind backs off (doubling from the grace) up to this."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +106,8 @@ class Seen:
     error: str | None
     stacks: dict[str, tuple[str, str, str | None]]
     """Per reported stack: its spec hash, its state and the first error of its services."""
+    generation: int = -1
+    """The generation the device reports having applied (-1: none reported)."""
 
     @classmethod
     def of(cls, device: Device) -> Seen:
@@ -118,6 +125,7 @@ class Seen:
             held=bool(reported and reported.held),
             error=reported.error if reported and reported.error else None,
             stacks=stacks,
+            generation=reported.generation if reported else -1,
         )
 
     def observe(self, stack: str) -> Observation:
@@ -190,6 +198,10 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self._next_refresh = 0.0
         self._publish_after: set[str] = set()  # devices to publish once the worker's transaction is committed
+        self._published_gen: dict[str, int] | None = (
+            None  # per device, the generation the broker acknowledged
+        )
+        self._behind: dict[str, tuple[float, float, float]] = {}  # see repair_behind
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
         self._session_known = False
@@ -253,6 +265,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
         self._variables = None  # another controller may have changed them while we stood by
         self._fleet = None  # and the devices
+        self._published_gen = None  # and what was published
         self.leading.set()
         log.info("this controller leads")
         if self.client.connected:
@@ -369,6 +382,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if stacks and self._placements_changed(stacks):
             self.sync()
         self.advance_deployments(force=False)
+        self.repair_behind()
 
     # --- deployments ---
 
@@ -800,6 +814,9 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                     for record in acknowledged:
                         self.store.put_desired(record.model_copy(update={"published": True}))
                 self.metrics.published.inc(len(acknowledged))
+                published = self._published_generations()
+                for record in acknowledged:
+                    published[record.device_id] = record.generation
         if not complete:
             return
         if device_ids is None:
@@ -849,6 +866,75 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             if not all(acked):
                 return False
         return True
+
+    def _published_generations(self) -> dict[str, int]:
+        """Per device, the generation of the desired state the broker acknowledged (in memory,
+        read from the store once per leadership)."""
+        if self._published_gen is None:
+            self._published_gen = {
+                r.device_id: r.generation for r in self.store.list_desired() if r.published
+            }
+        return self._published_gen
+
+    def repair_behind(self) -> None:
+        """Publish again the desired state (and definitions) of online devices that stay behind.
+
+        A broker can forget what it acknowledged: Mosquitto killed between two autosaves
+        restarts from its last snapshot, with our session (so nothing says it lost anything)
+        but older retained desired states and definitions. A device that reconnects then gets
+        an old generation and would stay on it for good. So whenever an online device, not
+        held and not rejecting, reports an older generation than the one published to it for
+        :data:`BEHIND_GRACE` seconds, its desired state and the definitions it references are
+        published again: idempotent (same generation; the agent drops what it has), and
+        rate-limited per device (the wait doubles up to :data:`BEHIND_BACKOFF_MAX`).
+        """
+        client = self.client
+        if client is None or not client.connected:
+            return
+        published = self._published_generations()
+        fleet = self._fleet_view()
+        now = time.monotonic()
+        due: list[str] = []
+        for device_id in list(self._behind):
+            seen = fleet.get(device_id)
+            if seen is None or seen.generation >= published.get(device_id, -1) or not seen.online:
+                del self._behind[device_id]
+        for device_id, generation in published.items():
+            seen = fleet.get(device_id)
+            if seen is None or not seen.online or seen.held or seen.error or seen.generation >= generation:
+                continue
+            since, wait, next_at = self._behind.setdefault(device_id, (now, BEHIND_GRACE, now + BEHIND_GRACE))
+            if now >= next_at and len(due) < self.PUBLISH_BATCH:
+                due.append(device_id)
+                self._behind[device_id] = (since, min(2 * wait, BEHIND_BACKOFF_MAX), now + wait)
+        if not due:
+            return
+        records = [r for d in due if (r := self.store.get_desired(d)) is not None and r.published]
+        hashes = sorted({ref.spec_hash for r in records for ref in r.stacks})
+        specs = {h: spec for h in hashes if (spec := self.store.get_spec(h)) is not None}
+        example = records[0] if records else None
+        if example is not None:
+            log.warning(
+                "%d device(s) report an older generation than published to them for %.0fs or more "
+                "(%s: %d, published %d): publishing their desired state and %d definition(s) again "
+                "(did the broker lose them?)",
+                len(records),
+                BEHIND_GRACE,
+                example.device_id,
+                fleet[example.device_id].generation,
+                example.generation,
+                len(specs),
+            )
+        acked = client.publish_many(
+            [
+                (topics.stack(h), codec.encode(StackDefinition(spec_hash=h, spec=spec)), 1, True)
+                for h, spec in specs.items()
+            ]
+        )
+        if not all(acked):
+            return
+        self._publish_desired(client, records, self.clock(), [])
+        self.metrics.republished.inc(len(records))
 
     # --- device metrics (latest sample per device, in memory; see protocol/device_api.py) ---
 

@@ -276,6 +276,20 @@ class Broker:
         if proc.poll() is not None:
             raise RuntimeError(f"mosquitto exited: {self.log_text()[-2000:]}")
 
+    def snapshot(self) -> None:
+        """Have Mosquitto write its persistence file now (SIGUSR1), as an autosave would."""
+        db = self.dir / "mosquitto.db"
+        before = db.stat().st_mtime_ns if db.exists() else 0
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_until(lambda: db.exists() and db.stat().st_mtime_ns != before, 10, 0.05, "mosquitto.db written")
+
+    def crash(self) -> None:
+        """SIGKILL: nothing is saved; a restart comes back from the last snapshot."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def forget(self) -> None:
         """Delete what the stopped broker saved: it starts again with no retained message or session."""
         (self.dir / "mosquitto.db").unlink(missing_ok=True)

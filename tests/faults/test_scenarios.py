@@ -372,3 +372,26 @@ def test_reboot_while_offline(fleet: Fleet, record: Any) -> None:
         [d1],
         restored_offline_s=round(restored, 1),
     )
+
+
+def test_broker_crash_between_autosaves(fleet: Fleet, record: Any) -> None:
+    """(13) Mosquitto is killed between two autosaves, a deploy made after its last snapshot
+    and a device cut off: it comes back with the controller's session (CONNACK says session
+    present) but the older retained desired state and no definition of the new stack. The
+    controller sees the device report an older generation than it published and publishes
+    it again: the deploy lands once, nothing running is touched."""
+    d1, d2 = fleet.boot()
+    steady = {n: fleet.pid(n) for n in (d1, d2)}
+    fleet.backend.partition(d1)
+    fleet.broker.snapshot()  # the last autosave: before the deploy
+    fleet.deploy_late()
+    wait_until(lambda: fleet.converged([d2], STACKS), 30, 0.1, "the healthy device applies the deploy")
+    fleet.broker.crash()
+    fleet.broker.start()
+    restarted = time.monotonic()
+    fleet.backend.heal(d1)
+    assert fleet.controller is not None
+    settle(fleet, record, "13-broker-crash-between-autosaves", restarted, steady, [d1, d2])
+    assert "the broker lost our session" not in fleet.controller.output(), (
+        "the broker kept the session: this scenario is about retained messages it lost, not the session"
+    )
