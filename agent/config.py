@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from tether.protocol import names
 from tether.protocol.codec import describe
 from tether.protocol.errors import ConfigError, TopicError
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url, tls_context
@@ -47,7 +48,7 @@ from tether.protocol.topics import check_device_id
 
 CREDENTIALS_FILE = "credentials.json"
 """The agent's own broker credentials in its data dir (0600), e.g. saved after enrollment."""
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,62})$")
+LABEL_KEY_RE = names.LABEL_KEY.regex
 
 
 def default_data_dir() -> Path:

@@ -13,6 +13,7 @@ from typing import Any
 import click
 from tether.protocol import __version__
 from tether.protocol.errors import ConfigError, DriverError
+from tether.protocol.secret_files import private_dir
 
 from .config import AgentConfig, load_config, parse_labels
 from .drivers.base import Driver
@@ -34,7 +35,7 @@ def set_hold(config: AgentConfig, on: bool) -> None:
     from .runner import HOLD_FILE
 
     path = config.data_dir / HOLD_FILE
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(config.data_dir)
     if on:
         path.touch()
         click.echo(f"tether-agent: updates held on {config.device_id} ({path}); release with --release")
@@ -150,6 +151,7 @@ def main(
         if hold is not None:
             set_hold(config, hold == "hold")
             return
+        private_dir(config.data_dir)  # before anything is written into it
         runtime = make_driver(config)
     except (ConfigError, DriverError) as exc:
         click.echo(f"tether-agent: {exc}", err=True)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from tether.protocol import codec
 from tether.protocol.errors import PayloadError
 from tether.protocol.models import DesiredState, Event, StackDefinition, content_hash
+from tether.protocol.secret_files import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class LocalStore:
 
     def __init__(self, data_dir: Path, outbox_limit: int = OUTBOX_LIMIT) -> None:
         self.dir = Path(data_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.dir)
         (self.dir / "stacks").mkdir(exist_ok=True)
         self.outbox_dir = self.dir / "outbox"
         self.outbox_dir.mkdir(exist_ok=True)

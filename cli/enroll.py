@@ -23,14 +23,14 @@ from . import output
 from .client import ControllerClient
 from .common import common
 
-_DAYS = re.compile(r"^(\d+(?:\.\d+)?)([dw])$")
+_DAYS = re.compile(r"\A(\d+(?:\.\d+)?)([dw])\Z")
 
 
 def parse_expiry(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     """``7d``, ``2w``, ``12h``, ``30m``, ``90s`` (or plain seconds) in seconds."""
     if value is None:
         return None
-    m = _DAYS.match(value.strip())
+    m = _DAYS.fullmatch(value.strip())
     if m:
         seconds = float(m.group(1)) * (86400 if m.group(2) == "d" else 7 * 86400)
     else:

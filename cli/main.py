@@ -200,6 +200,11 @@ def _status_line(log_format: str) -> Callable[[str], None]:
     "--port", type=click.IntRange(1, 65535), default=1883, show_default=True, help="For the snippet."
 )
 @click.option("--tls", is_flag=True, help="A TLS listener with the quick-start CA in --data-dir/tls.")
+@click.option(
+    "--bind",
+    default=None,
+    help="The listener's address (default: 127.0.0.1 without --tls, every interface with --tls).",
+)
 @click.option("--tls-san", multiple=True, help="Another host name or address for its server certificate.")
 @click.option(
     "--require-client-cert",
@@ -212,6 +217,7 @@ def mosquitto_config(
     db: str | None,
     port: int,
     tls: bool,
+    bind: str | None,
     tls_san: tuple[str, ...],
     require_client_cert: bool,
 ) -> None:
@@ -226,11 +232,12 @@ def mosquitto_config(
             load_table,
         )
         from tether.controller.store import Store
+        from tether.protocol.secret_files import private_dir
     except ImportError as exc:
         fail(f"the controller is not installed ({exc.name} missing): pip install 'tether[controller]'", 2)
     target = db or str(data_dir / "tether.db")
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(data_dir)
         listener = quickstart_tls(data_dir, tls_san, require_client_cert) if tls else None
         operator_cert = None
         if require_client_cert:
@@ -254,7 +261,9 @@ def mosquitto_config(
             table = load_table(store, allow_anonymous=False)
         finally:
             store.close()
-        written = write_mosquitto_files(out, table.credentials(), table.all_stacks(), port, listener)
+        written = write_mosquitto_files(
+            out, table.credentials(), table.all_stacks(), port, listener, bind=bind
+        )
     except (TetherError, OSError) as exc:
         fail(str(exc))
     for path in written:

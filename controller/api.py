@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
-from tether.protocol import topics
+from tether.protocol import names, topics
 from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
@@ -56,7 +55,7 @@ from tether.protocol.commands import (
     VarsSet,
 )
 from tether.protocol.errors import ComposeError, StoreError
-from tether.protocol.models import NAME_PATTERN, JobSpec
+from tether.protocol.models import JobSpec
 from tether.protocol.schedule import cron_error
 from tether.protocol.variables import stack_references
 
@@ -69,7 +68,7 @@ from .selectors import parse_selector
 log = logging.getLogger(__name__)
 
 
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+LABEL_KEY_RE = names.LABEL_KEY.regex
 
 
 class RequestHandlers:
@@ -249,7 +248,7 @@ class RequestHandlers:
         return {"removed": cmd.name}
 
     def _stacks_deploy(self, cmd: StacksDeploy) -> Any:
-        if not re.match(NAME_PATTERN, cmd.name):
+        if not names.NAME.ok(cmd.name):
             raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
         try:
             spec, placement = parse_stack(cmd.compose)
@@ -388,7 +387,7 @@ class RequestHandlers:
     # --- jobs ---
 
     def _add_job(self, job: Job) -> Any:
-        if not re.match(NAME_PATTERN, job.name):
+        if not names.NAME.ok(job.name):
             raise StoreError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
         if self.store.get_group(job.group) is None:
             raise StoreError(f"unknown group {job.group!r}")
@@ -411,7 +410,7 @@ class RequestHandlers:
                 timeout_s=cmd.timeout_s,
                 run_id=uuid.uuid4().hex[:12],
             )
-            if re.match(NAME_PATTERN, cmd.name)
+            if names.NAME.ok(cmd.name)
             else None
         )
         if spec is None:
@@ -423,7 +422,7 @@ class RequestHandlers:
             raise StoreError("a scheduled job needs either a cron expression or an interval (not both)")
         if cmd.cron is not None and (problem := cron_error(cmd.cron)) is not None:
             raise StoreError(f"invalid cron expression {cmd.cron!r}: {problem}")
-        if not re.match(NAME_PATTERN, cmd.name):
+        if not names.NAME.ok(cmd.name):
             raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
         spec = JobSpec(
             name=cmd.name,

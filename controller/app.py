@@ -14,9 +14,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tether.protocol import names
 from tether.protocol.errors import StoreError
 from tether.protocol.heap import tune_gc
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url
+from tether.protocol.secret_files import private_dir, private_file, write_secret_text
 
 from .lease import lease_for
 from .mosquitto import quickstart_tls, write_mosquitto_files
@@ -128,16 +130,17 @@ def _session(data_dir: Path) -> tuple[str, bool]:
         existing = path.read_text().strip()
     except FileNotFoundError:
         existing = ""
-    if existing.startswith("tether-controller-"):
+    if existing.startswith("tether-controller-") and names.CLIENT_ID.ok(existing):
+        private_file(path)  # anyone who reads it can take the controller's session over
         return existing, True
     session_id = f"tether-controller-{uuid.uuid4().hex[:12]}"
-    path.write_text(session_id + "\n")
+    write_secret_text(path, session_id + "\n")
     return session_id, False
 
 
 def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: ignore[valid-type]
     """Run until SIGTERM/SIGINT. Returns the exit status."""
-    options.data_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(options.data_dir)
     target = options.db or str(options.data_dir / "tether.db")
     if options.ha and not is_postgres_url(target):
         raise StoreError("--ha needs a PostgreSQL store (--db postgresql://...) shared by every controller")
@@ -242,8 +245,13 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
             listener = quickstart_tls(options.data_dir, (), options.require_client_cert)
 
         def write_mosquitto() -> None:
-            write_mosquitto_files(
-                mosquitto_dir, table.credentials(), table.all_stacks(), address.port, listener
+            write_mosquitto_files(  # mosquitto.conf: `tether mosquitto-config`'s, kept as it is
+                mosquitto_dir,
+                table.credentials(),
+                table.all_stacks(),
+                address.port,
+                listener,
+                conf=not (mosquitto_dir / "mosquitto.conf").exists(),
             )
             log.info(
                 "Mosquitto password and ACL files rewritten in %s (reload Mosquitto: SIGHUP)", mosquitto_dir

@@ -20,12 +20,11 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from tether.protocol import names
 from tether.protocol.codec import describe
 from tether.protocol.durations import parse_duration
 from tether.protocol.errors import ComposeError, StoreError
 from tether.protocol.models import (
-    CONFIG_NAME_PATTERN,
-    NAME_PATTERN,
     ConfigMount,
     HealthcheckSpec,
     PortSpec,
@@ -289,7 +288,7 @@ def _configs(value: Any) -> dict[str, str]:
     out = {}
     for name, body in value.items():
         where = f"config {name!r}"
-        if not isinstance(name, str) or not re.match(CONFIG_NAME_PATTERN, name):
+        if not isinstance(name, str) or not names.CONFIG_NAME.ok(name):
             raise ComposeError(f"{where}: invalid name (letters, digits, '.', '_', '-')")
         if not isinstance(body, dict):
             raise ComposeError(f"{where}: must be a map with content")
@@ -350,7 +349,7 @@ def _config_mount(value: Any, where: str, configs: dict[str, str]) -> ConfigMoun
         fields["change_mode"] = change
     if "x-tether-change-signal" in body:
         signame = body["x-tether-change-signal"]
-        if not isinstance(signame, str) or not re.match(r"^SIG[A-Z0-9]+$", signame.upper()):
+        if not isinstance(signame, str) or not names.SIGNAL.ok(signame.upper()):
             raise ComposeError(
                 f"{where}: {source}: x-tether-change-signal must be a signal name such as SIGHUP"
             )
@@ -367,7 +366,7 @@ def _service(name: str, body: Any, declared: set[str], configs: dict[str, str]) 
     where = f"service {name!r}"
     if isinstance(body, dict):
         body = {k: _unescape(v, f"{where}: {k}", variables=k == "environment") for k, v in body.items()}
-    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+    if not isinstance(name, str) or not names.NAME.ok(name):
         raise ComposeError(f"{where}: invalid service name (lower-case letters, digits, '.', '_', '-')")
     if not isinstance(body, dict):
         raise ComposeError(f"{where}: must be a map")
@@ -602,7 +601,7 @@ def parse_stack(text: str) -> tuple[StackSpec, Placement]:
     for vname, vbody in volumes.items():
         if vbody not in (None, {}):
             raise ComposeError(f"volume {vname!r}: driver options are not supported")
-        if not isinstance(vname, str) or not re.match(NAME_PATTERN, vname):
+        if not isinstance(vname, str) or not names.NAME.ok(vname):
             raise ComposeError(f"volume {vname!r}: invalid name")
     declared = set(volumes)
     configs = _configs(doc.get("configs"))

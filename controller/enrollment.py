@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-from tether.protocol import codec, topics
+from tether.protocol import codec, names, topics
 from tether.protocol.commands import (
     DevicesApprove,
     DevicesPending,
@@ -115,6 +115,9 @@ class EnrollmentHandlers:
 
     def _tokens_rm(self, cmd: TokensRemove) -> Any:
         for token_id in cmd.ids:
+            problem = names.TOKEN_ID.problem(token_id)
+            if problem is not None:
+                raise StoreError(problem)
             if self.store.get_token(token_id) is None:
                 raise StoreError(f"unknown token {token_id!r}")
         with self.store.transaction():

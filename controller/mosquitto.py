@@ -16,17 +16,26 @@ embedded broker (docs/security.md).
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tether.protocol import names
 from tether.protocol.acl import DEVICE_READS, DEVICE_WRITES, WATCHABLE
 from tether.protocol.credentials import Credential
+from tether.protocol.errors import StoreError
 from tether.protocol.secret_files import write_secret_text
 from tether.protocol.topics import ROOT
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "MosquittoFileError",
     "MosquittoTls",
+    "check_files",
+    "credential_problem",
     "quickstart_tls",
     "render_acl",
     "render_conf",
@@ -56,9 +65,46 @@ def quickstart_tls(
     return MosquittoTls(files.ca, files.cert, files.key, require_client_cert)
 
 
+_HASH_RE = re.compile(r"\A\$7\$[0-9]{1,8}\$[A-Za-z0-9+/]+={0,2}\$[A-Za-z0-9+/]+={0,2}\Z")
+_ACL_LINE_RE = re.compile(
+    r"\A(?:|# [ -~]*|user [A-Za-z0-9][A-Za-z0-9._-]{0,63}|topic (?:read|write|readwrite) [A-Za-z0-9._/+#-]+)\Z"
+)
+_PASSWORD_LINE_RE = re.compile(rf"\A[A-Za-z0-9][A-Za-z0-9._-]{{0,63}}:{_HASH_RE.pattern[2:-2]}\Z")
+
+
+class MosquittoFileError(StoreError):
+    """A generated Mosquitto file failed its own check: nothing was written."""
+
+
+def credential_problem(c: Credential) -> str | None:
+    """Why ``c`` cannot be written into Mosquitto's files (a control character, a separator,
+    a malformed hash: it would corrupt or reinterpret the file), or None."""
+    problem = names.USERNAME.problem(c.username)
+    if problem is None and c.role == "device":
+        problem = names.DEVICE_ID.problem(c.name)
+    if problem is None and not _HASH_RE.fullmatch(c.password_hash):
+        problem = f"user {c.username!r}: the stored password hash is not in Mosquitto's $7$ format"
+    return problem
+
+
+def _listed(credentials: Collection[Credential]) -> list[Credential]:
+    """The users Mosquitto should know: unrevoked, not enrolling, and safe to write. Any other
+    is left out (so it can neither log in nor do anything) and logged."""
+    listed = []
+    for c in sorted(credentials, key=lambda c: c.username):
+        if c.revoked or c.role == "enrolling":
+            continue
+        problem = credential_problem(c)
+        if problem is not None:
+            log.error("left out of Mosquitto's files: %s", problem)
+            continue
+        listed.append(c)
+    return listed
+
+
 def render_passwords(credentials: Collection[Credential]) -> str:
     """``username:hash`` lines for every unrevoked user (Mosquitto's password_file)."""
-    return "".join(f"{c.username}:{c.password_hash}\n" for c in credentials if not c.revoked)
+    return "".join(f"{c.username}:{c.password_hash}\n" for c in _listed(credentials))
 
 
 def render_acl(credentials: Collection[Credential], stacks: Mapping[str, Collection[str]]) -> str:
@@ -70,9 +116,7 @@ def render_acl(credentials: Collection[Credential], stacks: Mapping[str, Collect
         "# a %c pattern would let a device that takes an operator's client id read its replies).",
         "",
     ]
-    for c in sorted(credentials, key=lambda c: c.username):
-        if c.revoked or c.role == "enrolling":
-            continue
+    for c in _listed(credentials):
         lines.append(f"user {c.username}")
         if c.role == "controller":
             lines.append(f"topic readwrite {ROOT}/#")
@@ -91,16 +135,54 @@ def render_acl(credentials: Collection[Credential], stacks: Mapping[str, Collect
                 if kind not in DEVICE_READS
             ]
             lines.append(f"topic write {ROOT}/clients/+/replies")
-            lines += [f"topic read {ROOT}/stacks/{h}" for h in sorted(stacks.get(c.name, ()))]
+            hashes = sorted(h for h in stacks.get(c.name, ()) if names.SPEC_HASH.ok(h))
+            lines += [f"topic read {ROOT}/stacks/{h}" for h in hashes]
         lines.append("")
     return "\n".join(lines)
 
 
-def render_conf(directory: Path, port: int = 1883, tls: MosquittoTls | None = None) -> str:
-    """A mosquitto.conf snippet using the generated files (no anonymous clients)."""
+def check_files(passwords: str, acl: str) -> None:
+    """Parse our own output back: every line as Mosquitto 2.0 would read it, each password
+    user with its ACL block. :class:`MosquittoFileError` naming the first bad line otherwise."""
+    users = set()
+    for number, line in enumerate(passwords.split("\n")[:-1], 1):
+        if not _PASSWORD_LINE_RE.fullmatch(line):
+            raise MosquittoFileError(f"generated password file, line {number}: {line[:80]!r} is malformed")
+        users.add(line.partition(":")[0])
+    blocks = set()
+    for number, line in enumerate(acl.split("\n"), 1):
+        if not _ACL_LINE_RE.fullmatch(line):
+            raise MosquittoFileError(f"generated ACL file, line {number}: {line[:80]!r} is malformed")
+        if line.startswith("user "):
+            blocks.add(line[5:])
+    if users != blocks:
+        raise MosquittoFileError(
+            f"generated files disagree: users without an ACL block: {sorted(users - blocks)}, "
+            f"ACL blocks without a password: {sorted(blocks - users)}"
+        )
+
+
+def render_conf(
+    directory: Path, port: int = 1883, tls: MosquittoTls | None = None, bind: str | None = None
+) -> str:
+    """A mosquitto.conf snippet using the generated files (no anonymous clients).
+
+    Without TLS the listener is on the loopback interface only (passwords would cross the
+    network in clear text); with TLS on every interface. ``bind`` overrides either."""
+    address = bind if bind is not None else ("" if tls is not None else "127.0.0.1")
+    if tls is None:
+        where = (
+            "# Clear text (no TLS): on the loopback interface only. For devices on the network,\n"
+            "# use `tether mosquitto-config --tls` (or your own TLS listener).\n"
+            if address in ("127.0.0.1", "::1", "localhost")
+            else "# WARNING: clear text (no TLS) on the network: credentials can be read on the way.\n"
+        )
+    else:
+        where = "# TLS: clients verify the server with the CA below.\n"
     text = (
         "# Generated by `tether mosquitto-config`: include it from mosquitto.conf or use it as is.\n"
-        f"listener {port}\n"
+        f"{where}"
+        f"listener {port}{' ' + address if address else ''}\n"
         "allow_anonymous false\n"
         f"password_file {directory.resolve() / 'passwords'}\n"
         f"acl_file {directory.resolve() / 'acl'}\n"
@@ -122,15 +204,21 @@ def write_mosquitto_files(
     stacks: Mapping[str, Collection[str]],
     port: int = 1883,
     tls: MosquittoTls | None = None,
+    bind: str | None = None,
+    conf: bool = True,
 ) -> list[Path]:
-    """Write ``passwords`` (0600), ``acl`` and ``mosquitto.conf`` into ``directory``; their paths."""
+    """Write ``acl``, ``passwords`` and (``conf``) ``mosquitto.conf`` (each 0600, atomically) into
+    ``directory``; their paths. All three are rendered and checked first: if a check fails,
+    :class:`MosquittoFileError` and the previous files stay as they were (fail closed)."""
+    passwords = render_passwords(credentials)
+    acl = render_acl(credentials, stacks)
+    check_files(passwords, acl)
+    files = [("acl", acl), ("passwords", passwords)]
+    if conf:
+        files.append(("mosquitto.conf", render_conf(directory, port, tls, bind)))
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (
-        ("passwords", render_passwords(credentials)),
-        ("acl", render_acl(credentials, stacks)),
-        ("mosquitto.conf", render_conf(directory, port, tls)),
-    ):
+    for name, text in files:
         path = directory / name
         write_secret_text(path, text)
         written.append(path)

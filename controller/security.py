@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tether.protocol import topics
+from tether.protocol import names, topics
 from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
 from tether.protocol.commands import DevicesCredentials, DevicesRemove, DevicesRevoke
 from tether.protocol.credentials import Credential, CredentialTable, TokenGrant, hash_password, new_password
@@ -245,8 +245,12 @@ class SecurityHandlers:
                 self.store.create_group(group.model_copy(update={"devices": remaining}))
 
     def _devices_rm(self, cmd: DevicesRemove) -> Any:
+        known = {d.id for d in self.store.list_devices()} | {
+            c.name for c in self.store.list_credentials() if c.role == "device"
+        }
         for device_id in cmd.device_ids:
-            topics.check_device_id(device_id)
+            if device_id not in known:  # a malformed id stored before it was refused may go
+                topics.check_device_id(device_id)
         usernames: set[str] = set()
         with self.store.transaction():
             for device_id in cmd.device_ids:
@@ -272,6 +276,8 @@ class SecurityHandlers:
             return False
         ok = True
         for device_id in device_ids:
+            if not names.DEVICE_ID.ok(device_id):
+                continue  # it has no topic: publishing on a malformed one gets us disconnected
             for kind in (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REPORTED):
                 ok = client.publish_confirmed(topics.device(device_id, kind), b"", retain=True) and ok
             ok = client.publish_confirmed(topics.enroll_response(device_id), b"", retain=True) and ok

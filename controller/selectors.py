@@ -41,7 +41,7 @@ def parse_selector(text: str) -> tuple[Term, ...]:
         raise StoreError("empty selector")
     terms = []
     for raw in text.split(","):
-        m = _TERM.match(raw)
+        m = _TERM.fullmatch(raw)
         if not m:
             raise StoreError(
                 f"invalid selector term {raw.strip()!r} (use key=value, key!=value, key or !key)"

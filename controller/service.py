@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from tether.protocol import codec, topics
+from tether.protocol import codec, names, topics
 from tether.protocol.commands import (
     COMMAND_ADAPTER,
     DevicesList,
@@ -801,7 +801,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                         self.store.set_definition(spec_hash, True)
             if not all(acked):
                 return
-        unpublished = [r for r in records if not r.published and topics.DEVICE_ID_RE.match(r.device_id)]
+        unpublished = [r for r in records if not r.published and names.DEVICE_ID.ok(r.device_id)]
         now = self.clock()
         acknowledged: list[DesiredRecord] = []
         try:

@@ -18,6 +18,7 @@ from typing import Any
 from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
 from tether.protocol.models import ReportedState, StackSpec
+from tether.protocol.secret_files import private_file
 
 from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Stack, Variable
 from .rollout import Deployment
@@ -95,6 +96,16 @@ class _Postgres:
         self.conn.close()
 
 
+def _private_sqlite_files(db: Path) -> None:
+    """Make the database file 0600 before SQLite opens it: SQLite gives its ``-wal`` and
+    ``-shm`` files the database's mode. Existing ones (made before) are tightened too."""
+    if str(db) == ":memory:" or str(db).startswith("file:") or not db.parent.is_dir():
+        return
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal")):
+        if path == db or path.exists():
+            private_file(path)
+
+
 class Store:
     """The controller's state. Use from one thread; group writes with :meth:`transaction`.
 
@@ -109,6 +120,7 @@ class Store:
             self.db = _Postgres(self.target)
         else:
             self.kind = "sqlite"
+            _private_sqlite_files(Path(self.target))
             self.db = sqlite3.connect(self.target, isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from nacl.public import PrivateKey
-from tether.protocol import topics
+from tether.protocol import names
 from tether.protocol.commands import VarsGet, VarsKey, VarsList, VarsRemove, VarsSet
 from tether.protocol.enrollment import new_private_key, open_bytes, public_key_b64, seal_bytes, seal_text
 from tether.protocol.errors import PayloadError, StoreError
@@ -295,7 +295,7 @@ class VariableHandlers:
         scope = scope_of(group, device_id)
         if group is not None and self.store.get_group(group) is None:
             raise StoreError(f"unknown group {group!r}")
-        if device_id is not None and not topics.DEVICE_ID_RE.match(device_id):
+        if device_id is not None and not names.DEVICE_ID.ok(device_id):
             raise StoreError(f"invalid device id {device_id!r}")
         return scope
 

@@ -29,8 +29,8 @@ import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from . import names
 from .acl import Identity, Role, client_id_allowed
-from .topics import DEVICE_ID_RE
 
 __all__ = [
     "ENROLL_PREFIX",
@@ -171,7 +171,7 @@ class CredentialTable:
 
     def _enrolling(self, username: str, client_id: str) -> Identity | None:
         device_id = username[len(ENROLL_PREFIX) :]
-        if not DEVICE_ID_RE.match(device_id):
+        if not names.DEVICE_ID.ok(device_id):
             return None
         identity = Identity("enrolling", device_id, client_id)
         return identity if client_id_allowed(identity) else None

@@ -22,9 +22,11 @@ from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import names
+
 SCHEMA_VERSION = 1
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+NAME_PATTERN = names.NAME.pattern
 """Stack, service and group names: lower case, usable in container names and topics."""
 
 
@@ -100,7 +102,7 @@ class HealthcheckSpec(WireModel):
 RestartPolicy = Literal["no", "always", "on-failure", "unless-stopped"]
 ChangeMode = Literal["restart", "signal", "noop"]
 
-CONFIG_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+CONFIG_NAME_PATTERN = names.CONFIG_NAME.pattern
 
 
 def _unset(value: Any) -> bool:
@@ -123,7 +125,7 @@ class ConfigMount(WireModel):
     target: str = Field(min_length=1, max_length=1024)
     mode: int = Field(default=0o444, ge=0, le=0o777)
     change_mode: ChangeMode = "restart"
-    change_signal: str = Field(default="SIGHUP", pattern=r"^SIG[A-Z0-9]+$")
+    change_signal: str = Field(default="SIGHUP", pattern=names.SIGNAL.pattern)
     host_path: str | None = Field(default=None, exclude_if=_unset)
     digest: str | None = Field(default=None, exclude_if=_unset)
 
@@ -196,7 +198,7 @@ class StackRef(WireModel):
     """A stack a device should run: its deployment name and the hash of its definition."""
 
     name: str = Field(pattern=NAME_PATTERN)
-    spec_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    spec_hash: str = Field(pattern=names.SPEC_HASH.pattern)
 
 
 class JobSpec(WireModel):
@@ -217,7 +219,7 @@ class JobSpec(WireModel):
     concurrency: Literal["skip", "queue"] = "skip"
 
 
-VAR_REF_PATTERN = r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*/[A-Za-z0-9_.-]+$"
+VAR_REF_PATTERN = names.VAR_REF.pattern
 """``PATH/KEY`` as in ``${var:PATH/KEY}``: a variable's path and one of its keys."""
 
 

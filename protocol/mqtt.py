@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["BrokerAddress", "MqttClient", "Will", "parse_broker_url", "tls_context"]
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9._:-]+$")
+_HOST_RE = re.compile(r"\A[A-Za-z0-9._:-]+\Z")
 """A host name, an IPv4 or an (unbracketed) IPv6 literal."""
 
 

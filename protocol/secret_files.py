@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["read_credentials", "write_secret_json", "write_secret_text"]
+__all__ = ["private_dir", "private_file", "read_credentials", "write_secret_json", "write_secret_text"]
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` (with any missing parents) a directory only its owner may enter (0700).
+
+    For data directories (the controller's, the agent's): what they hold (the database,
+    credentials, logs, rendered configs) is nobody else's business. An existing one that
+    others may read is tightened."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` empty if missing, and make it readable by its owner only (0600)."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        os.chmod(path, mode & 0o600)
+    return path
 
 
 def write_secret_text(path: Path, text: str) -> None:

@@ -19,16 +19,16 @@ more than asked): :func:`parse` tells what a topic is, or ``None``.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from . import names
 from .errors import TopicError
 
 ROOT = "tether/v1"
-DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-SPEC_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
-CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEVICE_ID_RE = names.DEVICE_ID.regex
+SPEC_HASH_RE = names.SPEC_HASH.regex
+CLIENT_ID_RE = names.CLIENT_ID.regex
 
 REQUESTS = f"{ROOT}/controller/requests"
 SHARED_REQUESTS = f"$share/tether-controllers/{REQUESTS}"
@@ -50,11 +50,9 @@ class DeviceTopic(StrEnum):
 
 def check_device_id(device_id: str) -> str:
     """Return ``device_id`` if it is usable as a topic level, else raise :class:`TopicError`."""
-    if not isinstance(device_id, str) or not DEVICE_ID_RE.match(device_id):
-        raise TopicError(
-            f"invalid device id {device_id!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
+    problem = names.DEVICE_ID.problem(device_id)
+    if problem is not None:
+        raise TopicError(problem)
     return device_id
 
 

@@ -16,13 +16,14 @@ import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 
+from . import names
 from .errors import TetherError
-from .models import VAR_REF_PATTERN, ServiceSpec, StackSpec
+from .models import ServiceSpec, StackSpec
 
 REFERENCE_RE = re.compile(r"\$\{var:([^}]*)\}")
-PATH_RE = re.compile(r"^[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*$")
-KEY_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-REF_RE = re.compile(VAR_REF_PATTERN)
+PATH_RE = names.VAR_PATH.regex
+KEY_RE = names.VAR_KEY.regex
+REF_RE = names.VAR_REF.regex
 
 
 class RenderError(TetherError):

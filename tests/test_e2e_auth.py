@@ -34,8 +34,14 @@ def _agent(url: str, tmp_path: Path, device_id: str, credentials: Path | None) -
 
 
 def test_operator_credentials_written_and_required(controller: ControllerProcess, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """`tether up` writes operator.json (0600) and says where; without it the CLI is refused."""
+    """`tether up` writes operator.json (0600) and says where, in a data directory only its owner
+    may enter (the database and its WAL 0600); without it the CLI is refused."""
     assert stat.S_IMODE(controller.operator_file.stat().st_mode) == 0o600
+    data = controller.operator_file.parent
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    for name in ("tether.db", "tether.db-wal", "controller.json"):
+        if (data / name).exists():  # (no tether.db with PostgreSQL)
+            assert stat.S_IMODE((data / name).stat().st_mode) == 0o600, name
     assert str(controller.operator_file.resolve()) in controller.output()
     assert cli_json(controller.url, "devices", "ls") == []
     monkeypatch.delenv("TETHER_CREDENTIALS")
@@ -92,10 +98,13 @@ def test_revoked_device_is_cut_off(controller: ControllerProcess, tmp_path: Path
 
 
 def test_bad_credential_requests_change_nothing(controller: ControllerProcess) -> None:
-    """Credentials for a reserved or malformed device id, or revoking an unknown one: one clear error."""
-    for device_id in ("cli-x", "bad/id", "admin"):
+    """Credentials for a reserved or malformed device id (a final newline too), or revoking an
+    unknown one: one clear error."""
+    for device_id in ("cli-x", "bad/id", "admin", "pi-9\n"):
         result = cli(controller.url, "devices", "credentials", device_id)
         assert result.returncode != 0 and result.stderr.startswith("tether: error:"), result.stderr
+    newline = cli(controller.url, "devices", "credentials", "pi-9\n")
+    assert "invalid device id 'pi-9\\n'" in newline.stderr, newline.stderr
     unknown = cli(controller.url, "devices", "revoke", "ghost")
     assert unknown.returncode != 0 and "unknown device" in unknown.stderr
     assert cli_json(controller.url, "devices", "ls") == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,10 @@ def test_process_driver_lifecycle_and_offline_autonomy(tmp_path: Path, procs: li
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     first = wait_until(lambda: _pid(pidfile), 10)
     assert _alive(first)
+    # The agent's data directory is its own (0700); service output is not world-readable.
+    assert stat.S_IMODE((tmp_path / "agent").stat().st_mode) == 0o700
+    logs = list((tmp_path / "agent" / "processes").glob("*.log"))
+    assert logs and {stat.S_IMODE(p.stat().st_mode) for p in logs} == {0o600}
 
     # Update: the process is replaced by one running the new version.
     stack.write_text(SERVICE.format(pidfile=pidfile, version="v2"))

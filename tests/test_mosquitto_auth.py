@@ -62,7 +62,10 @@ class Client:
 
 @pytest.fixture
 def secured(tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A store with controller, operator and two devices; Mosquitto running on its generated files."""
+    """A store with controller, operator and two devices; Mosquitto running on its generated files.
+
+    The store also holds a device whose id ends in a newline (written before ids were matched
+    in full): it must be left out, or Mosquitto 2.0 runs without an ACL."""
     if not Path(MOSQUITTO_BIN).exists():
         pytest.skip("mosquitto not installed")
     data = tmp_path / "data"
@@ -74,6 +77,7 @@ def secured(tmp_path: Path):  # type: ignore[no-untyped-def]
         "dev-a": ("device", "dev-a"),
         "dev-b": ("device", "dev-b"),
         "dev-c": ("device", "dev-c"),
+        "pi-9\n": ("device", "pi-9\n"),
     }
     for username, (role, name) in users.items():
         revoked = username == "dev-c"
@@ -101,6 +105,10 @@ def secured(tmp_path: Path):  # type: ignore[no-untyped-def]
     )
     assert result.returncode == 0, result.stderr
     assert (out / "passwords").stat().st_mode & 0o077 == 0
+    assert "pi-9" not in (out / "passwords").read_text() and "pi-9" not in (out / "acl").read_text()
+    assert "left out of Mosquitto's files: invalid username 'pi-9\\n'" in result.stderr
+    conf = (out / "mosquitto.conf").read_text()
+    assert "listener 1883 127.0.0.1\n" in conf and "loopback" in conf  # clear text: not on the network
     conf = f"allow_anonymous false\npassword_file {out / 'passwords'}\nacl_file {out / 'acl'}\n"
     opened: list[Client] = []
     with Mosquitto(tmp_path, extra_conf=conf) as broker:
@@ -151,13 +159,32 @@ def test_mosquitto_device_cannot_read_or_write_another(secured) -> None:  # type
     assert a.messages.empty()
 
 
+def test_a_malformed_generated_file_is_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files are checked before they are written: a malformed line (or users without an ACL
+    block) raises and leaves the previous files in force (fail closed)."""
+    from tether.controller import mosquitto
+
+    creds = [Credential("dev-a", "device", "dev-a", hash_password("pw", iterations=1000))]
+    mosquitto.write_mosquitto_files(tmp_path, creds, {"dev-a": [HASH_A]})
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    for bad_acl in ("user dev-a\ntopic read tether/v1/a b\n", "user dev-a\x00\n", "# fine\n"):
+        monkeypatch.setattr(mosquitto, "render_acl", lambda c, s, text=bad_acl: text)
+        with pytest.raises(mosquitto.MosquittoFileError):
+            mosquitto.write_mosquitto_files(tmp_path, [*creds, creds[0]], {})
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before
+    with pytest.raises(mosquitto.MosquittoFileError, match="password file, line 2"):
+        mosquitto.check_files("dev-a:$7$1$AAAA$AAAA\nx\n", "user dev-a\n")
+
+
 @pytest.mark.e2e
 def test_controller_keeps_mosquitto_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`tether up --mosquitto-dir` rewrites the files on a new device; after a reload it logs in."""
+    """`tether up --mosquitto-dir` rewrites the files on a new device; after a reload it logs in.
+    A device stored with a malformed id (a final newline) is left out and `devices rm` of it
+    works without ever publishing on its (malformed) topics: the controller stays connected."""
     if not Path(MOSQUITTO_BIN).exists():
         pytest.skip("mosquitto not installed")
     from support.infra import wait_until
-    from support.procs import AgentProcess, ControllerProcess, cli_json, wait_online
+    from support.procs import AgentProcess, ControllerProcess, cli_json, device_view, wait_online
 
     data, out = tmp_path / "ctl", tmp_path / "mosq"
     setup = subprocess.run(
@@ -176,6 +203,9 @@ def test_controller_keeps_mosquitto_files(tmp_path: Path, monkeypatch: pytest.Mo
         timeout=60,
     )
     assert setup.returncode == 0, setup.stderr
+    store = Store(data / "tether.db")
+    store.put_credential(Credential("pi-9\n", "device", "pi-9\n", hash_password("pw")))
+    store.close()
     conf = f"allow_anonymous false\npassword_file {out / 'passwords'}\nacl_file {out / 'acl'}\n"
     with Mosquitto(tmp_path, extra_conf=conf) as broker:
         ctl = ControllerProcess(data, broker=broker.url, auth=True, extra=["--mosquitto-dir", str(out)])
@@ -197,6 +227,12 @@ def test_controller_keeps_mosquitto_files(tmp_path: Path, monkeypatch: pytest.Mo
                 extra=["--username", saved["username"], "--password", saved["password"]],
             )
             wait_online(broker.url, "dev-a")
+            logins = broker.log_text().count("u'controller-")
+            assert logins == 1
+            assert cli_json(broker.url, "devices", "rm", "pi-9\n") == {"removed": ["pi-9\n"], "cleared": True}
+            assert device_view(broker.url, "dev-a") is not None
+            assert broker.log_text().count("u'controller-") == logins  # never dropped and back
+            assert "pi-9" not in (out / "acl").read_text()
         finally:
             if agent is not None:
                 agent.stop()

@@ -153,7 +153,7 @@ class ProcessDriver:
             link.unlink(missing_ok=True)
             link.symlink_to(mount.host_path)
         try:
-            with open(log_path, "ab") as log:
+            with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
                 child = subprocess.Popen(
                     argv,
                     env=env,
