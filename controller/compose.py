@@ -18,10 +18,10 @@ import re
 import shlex
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 from tether.protocol import names
 from tether.protocol.codec import describe
+from tether.protocol.compose_yaml import load_yaml, scalar_text
 from tether.protocol.durations import parse_duration
 from tether.protocol.errors import ComposeError, StoreError
 from tether.protocol.models import (
@@ -69,10 +69,6 @@ _HINTS = {
     "networks": "custom networks are not supported: each stack gets one bridge network, "
     "or use network_mode: host",
 }
-MAX_COMPOSE_BYTES = 256 * 1024
-MAX_YAML_NODES = 100_000
-"""YAML nodes a Compose file may expand to, aliases counted at every use (a billion laughs
-of a few hundred bytes would otherwise cost seconds to minutes to walk)."""
 
 
 def _argv(value: Any, where: str) -> tuple[str, ...]:
@@ -89,10 +85,8 @@ def _argv(value: Any, where: str) -> tuple[str, ...]:
 def _scalar(value: Any, where: str) -> str:
     if value is None:
         raise ComposeError(f"{where}: has no value (values from the operator's shell are not supported)")
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | int | float):
-        return str(value)
+    if isinstance(value, str | int | float):  # bool too: true/false, numbers as Compose prints them
+        return scalar_text(value)
     raise ComposeError(f"{where}: must be a string or a number")
 
 
@@ -521,56 +515,6 @@ def _placement(value: Any) -> Placement:
     return Placement.model_validate(fields)
 
 
-def _load_yaml(text: str) -> Any:
-    """``yaml.safe_load``, refusing a document that expands (aliases included) to more than
-    :data:`MAX_YAML_NODES` nodes, refers to itself, or nests too deeply: checked on the node
-    graph, before anything is built from it."""
-    loader = yaml.SafeLoader(text)
-    try:
-        try:
-            node = loader.get_single_node()
-        except RecursionError:
-            raise ComposeError("compose file is nested too deeply") from None
-        if node is None:
-            return None
-        _check_expansion(node)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _check_expansion(root: yaml.Node) -> None:
-    """Count the nodes of ``root`` as if every alias were copied out (each node once, iteratively)."""
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-    todo: list[tuple[yaml.Node, bool]] = [(root, False)]
-
-    def children(node: yaml.Node) -> list[yaml.Node]:
-        if isinstance(node, yaml.MappingNode):
-            return [n for pair in node.value for n in pair]
-        if isinstance(node, yaml.SequenceNode):
-            return list(node.value)
-        return []
-
-    while todo:
-        node, finished = todo.pop()
-        key = id(node)
-        if finished:
-            open_nodes.discard(key)
-            size = 1 + sum(sizes[id(c)] for c in children(node))
-            if size > MAX_YAML_NODES:
-                raise ComposeError(
-                    f"compose file expands to more than {MAX_YAML_NODES} YAML nodes (through aliases: *name)"
-                )
-            sizes[key] = size
-        elif key in open_nodes:
-            raise ComposeError("compose file has an alias that refers to itself")
-        elif key not in sizes:
-            open_nodes.add(key)
-            todo.append((node, True))
-            todo.extend((c, False) for c in children(node) if id(c) not in sizes)
-
-
 def parse_compose(text: str) -> StackSpec:
     """Parse and validate a Compose file; raise :class:`ComposeError` on the first problem."""
     return parse_stack(text)[0]
@@ -578,14 +522,7 @@ def parse_compose(text: str) -> StackSpec:
 
 def parse_stack(text: str) -> tuple[StackSpec, Placement]:
     """Parse a Compose file into the spec devices run and the controller's placement policy."""
-    if len(text.encode()) > MAX_COMPOSE_BYTES:
-        raise ComposeError(f"compose file is larger than {MAX_COMPOSE_BYTES // 1024} KiB")
-    try:
-        doc = _load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ComposeError(f"compose file is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    doc = load_yaml(text)  # YAML as Compose reads it, bounded in size, nesting and aliases
     if not isinstance(doc, dict):
         raise ComposeError("compose file must be a map with a 'services' key")
     for key in doc:

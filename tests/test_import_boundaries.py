@@ -133,10 +133,11 @@ def test_packages_do_not_import_across_layers(package: str, forbidden: tuple[str
         ("docker", ("agent/drivers/docker_sdk.py",)),
         ("amqtt", ("broker/",)),
         ("msgpack", ("protocol/codec.py",)),
+        ("yaml", ("protocol/compose_yaml.py",)),
     ],
 )
 def test_third_party_libraries_stay_in_their_module(library: str, allowed: tuple[str, ...]) -> None:
-    """paho, docker, amqtt and msgpack are each imported only by the one module wrapping them."""
+    """paho, docker, amqtt, msgpack and PyYAML are each imported only by the one module wrapping them."""
     users = importers(library)
     assert users, f"nothing imports {library}: is the scanner broken?"
     outside = [i for i in users if not i.file.startswith(allowed)]
@@ -150,7 +151,8 @@ def test_third_party_libraries_stay_in_their_module(library: str, allowed: tuple
 
 
 def test_device_install_requires_neither_amqtt_nor_pyyaml() -> None:
-    """The installed distribution's base requirements (no extras) leave out amqtt and PyYAML."""
+    """The installed distribution's base requirements (no extras) leave out amqtt and PyYAML
+    (the operator's CLI gets PyYAML from the `cli` extra)."""
     requires = distribution("tether").requires or []
     assert requires, "no Requires-Dist metadata found"
     base = {re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requires if "extra ==" not in r}
@@ -161,16 +163,19 @@ def test_device_install_requires_neither_amqtt_nor_pyyaml() -> None:
         re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requires if 'extra == "controller"' in r
     }
     assert {"amqtt", "pyyaml"} <= extras
+    cli = {re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0].lower() for r in requires if 'extra == "cli"' in r}
+    assert cli == {"pyyaml"}
 
 
 def test_agent_loads_neither_the_controllers_commands_nor_pynacl_nor_charset_detection() -> None:
     """What the agent leaves out to stay small (docs/performance.md, agent footprint): the
     controller's command models (protocol/commands.py), PyNaCl until a sealed box is opened,
-    and requests' charset detection (the Docker SDK needs none)."""
+    requests' charset detection (the Docker SDK needs none), and the Compose YAML reader."""
     code = (
         "import sys, tether.agent.main, tether.agent.runner, tether.agent.drivers.docker, "
         "tether.agent.drivers.process; "
-        "print(sorted(m for m in ('tether.protocol.commands', 'nacl', 'charset_normalizer') if m in sys.modules))"
+        "print(sorted(m for m in ('tether.protocol.commands', 'nacl', 'charset_normalizer', 'yaml', "
+        "'tether.protocol.compose_yaml') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
