@@ -133,10 +133,13 @@ class AgentCore:
         facts: DeviceFacts | None = None,
         is_held: Callable[[], bool] = lambda: False,
         key: DeviceKey | None = None,
+        keepalive: int | None = None,
     ) -> None:
         """``key``: the device's X25519 key pair (secrets are sealed to it); without one,
-        stacks that use secrets cannot be rendered."""
+        stacks that use secrets cannot be rendered. ``keepalive``: the MQTT keepalive, told
+        in the device's facts."""
         self.device_id = device_id
+        self.keepalive = keepalive
         self.key = key
         self.renderings: dict[str, Rendering] = {}
         self._signals: set[tuple[str, str, str]] = set()  # (stack, service, signal) to send
@@ -206,6 +209,7 @@ class AgentCore:
                 hostname=socket.gethostname(),
                 labels=dict(self.labels),
                 public_key=self.key.public if self.key is not None else None,
+                keepalive=self.keepalive,
             )
         return self.remote.extend_facts(self._facts) if self.remote else self._facts
 

@@ -65,6 +65,7 @@ class Agent:
             self.client,
             is_held=hold_file.exists,
             key=load_or_create_key(config.data_dir),
+            keepalive=config.keepalive,
         )
         self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics

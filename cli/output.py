@@ -36,4 +36,6 @@ def labels(value: dict[str, str]) -> str:
 def presence(device: dict[str, Any]) -> str:
     if device["status"] == "offline":
         return f"offline (since {when(device.get('since'))})"
+    if device["status"] == "unknown":
+        return f"unknown (not heard from since {when(device.get('since'))})"
     return str(device["status"])

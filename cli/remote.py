@@ -91,6 +91,10 @@ def require_online(client: ControllerClient, device_id: str) -> dict[str, Any]:
             if since
             else f"device {device_id} is offline"
         )
+    if device["status"] == "unknown":
+        raise RequestError(
+            f"device {device_id} has not been heard from since the controller or the broker restarted"
+        )
     if device["status"] != "online":
         raise RequestError(f"device {device_id} has never connected")
     return device

@@ -26,7 +26,9 @@ class Device(Stored):
     """A device the controller has heard from (presence) or been told about (a group)."""
 
     id: str
-    status: Literal["online", "offline", "never seen"] = "never seen"
+    status: Literal["online", "offline", "unknown", "never seen"] = "never seen"
+    """``unknown``: shown online before the controller (or the broker) restarted, not heard from
+    since; ``offline`` once its keepalive allowance has passed without news."""
     session: int = -1
     since: float | None = None
     facts: DeviceFacts | None = None

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from tether.protocol import codec, names, topics
+from tether.protocol.backoff import Backoff
 from tether.protocol.commands import (
     COMMAND_ADAPTER,
     DevicesList,
@@ -89,6 +90,8 @@ MAX_METRICS_DEVICES = 100_000
 INGEST_BATCH = 500
 """Device messages handled in one store transaction, at most (see :meth:`Controller._ingest`)."""
 _BATCHED = frozenset({DeviceTopic.REPORTED.value, DeviceTopic.EVENTS.value, DeviceTopic.METRICS.value})
+STALE_DEFAULT_KEEPALIVE = 60
+"""The keepalive assumed for a device that does not tell its own (an older agent)."""
 BEHIND_GRACE = 15.0
 """Seconds an online device may report an older generation than the one published to it
 before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
@@ -202,6 +205,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             None  # per device, the generation the broker acknowledged
         )
         self._behind: dict[str, tuple[float, float, float]] = {}  # see repair_behind
+        self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
+        self._presence_trusted = False  # see _presence_stale
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
         self._session_known = False
@@ -340,7 +345,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
 
     def refresh_metrics(self) -> None:
         """Recompute the gauges that need the store (on the worker thread)."""
-        counts = {"online": 0, "offline": 0, "never seen": 0}
+        counts = {"online": 0, "offline": 0, "unknown": 0, "never seen": 0}
         for device in self._all_devices().values():
             counts[device.status] = counts.get(device.status, 0) + 1
         for presence, n in counts.items():
@@ -381,6 +386,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         ]
         if stacks and self._placements_changed(stacks):
             self.sync()
+        self.expire_stale()
         self.advance_deployments(force=False)
         self.repair_behind()
 
@@ -520,6 +526,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                 if lost:
                     log.warning("the broker lost our session (restarted without persistence?): republishing")
                     self.store.mark_all_unpublished()
+                if lost or not self._presence_trusted:
+                    self._presence_stale()
                 self.publish_pending()
                 self.publish_enrollment_answers()
             self.ready.set()
@@ -560,6 +568,60 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             return None
         return message
 
+    def _presence_stale(self) -> None:
+        """Every device shown online becomes ``unknown`` until it is heard from again.
+
+        Called when the controller starts and when the broker lost our session: presence in
+        the store may be stale (the embedded broker died with ``tether up``, and no will was
+        ever published for the devices that were connected to it). A presence message turns
+        a device back online (a reconnecting agent sends one; a broker that kept running
+        sends the retained one, which its wills keep true); one not heard from within its
+        keepalive allowance (:meth:`_allowance`) becomes ``offline``.
+        """
+        self._presence_trusted = True
+        now = self.clock()
+        stale = 0
+        with self.store.transaction():
+            for device in self.store.list_devices():
+                if device.status not in ("online", "unknown"):
+                    continue
+                if device.status == "online":
+                    self.store.put_device(device.model_copy(update={"status": "unknown", "since": now}))
+                    stale += 1
+                self._stale[device.id] = now + self._allowance(device)
+        if stale:
+            log.info("%d device(s) shown online before: unknown until heard from again", stale)
+            self._deployments_dirty = True
+            self._next_refresh = 0.0  # the gauges too, at the next tick
+
+    @staticmethod
+    def _allowance(device: Device) -> float:
+        """How long a device may stay silent after a restart before it counts as offline: the
+        broker's 1.5 x keepalive for a dead link, plus the agent's longest reconnect backoff."""
+        keepalive = device.facts.keepalive if device.facts and device.facts.keepalive else None
+        return 1.5 * (keepalive or STALE_DEFAULT_KEEPALIVE) + Backoff().cap
+
+    def expire_stale(self) -> None:
+        """Devices still ``unknown`` past their allowance become ``offline`` (from the tick)."""
+        if not self._stale:
+            return
+        now = self.clock()
+        expired = [d for d, deadline in self._stale.items() if now >= deadline]
+        changed = False
+        for device_id in expired:
+            del self._stale[device_id]
+            device = self.store.get_device(device_id)
+            if device is None or device.status != "unknown":
+                continue
+            self.store.put_device(device.model_copy(update={"status": "offline", "since": now}))
+            log.info("device %s is offline (not heard from since the restart)", device_id)
+            changed = True
+        if changed:
+            self._deployments_dirty = True
+            self._next_refresh = 0.0
+            if any(s.placement.mode == "replicas" for s in self.store.list_stacks()):
+                self.sync()
+
     def _on_presence(self, device_id: str, payload: bytes) -> None:
         presence = self._decode_from(device_id, payload, Presence)
         if presence is None:
@@ -567,6 +629,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         device = self.store.get_device(device_id) or Device(id=device_id)
         if presence.session < device.session:
             return  # from an older connection: a late will or a stale retained message
+        self._stale.pop(device_id, None)
         now = self.clock()
         update: dict[str, Any] = {"session": presence.session, "status": presence.status}
         if presence.status != device.status:

@@ -364,6 +364,9 @@ class DeviceFacts(WireModel):
     addresses: dict[str, tuple[str, ...]] = Field(default_factory=dict)
     public_key: str | None = None
     """The device's X25519 public key (base64): secrets are sealed to it."""
+    keepalive: int | None = Field(default=None, exclude_if=_unset)
+    """The agent's MQTT keepalive in seconds: how long it may stay silent before it counts as
+    gone (the controller's allowance after a restart; absent from older agents)."""
 
 
 class Presence(Message):

@@ -135,6 +135,7 @@ class SimDevice:
             os="tether-sim",
             hostname=device_id,
             labels=labels,
+            keepalive=cfg.keepalive,
         )
         self.core = AgentCore(device_id, labels, self.driver, MemoryStore(), self, facts=facts)
         for topic_filter in self.core.subscriptions():

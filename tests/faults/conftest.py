@@ -74,6 +74,21 @@ def fleet(tmp_path: Path, backend_name: str, fleet_prerequisites: None) -> Itera
 
 
 @pytest.fixture
+def embedded_fleet(tmp_path: Path, backend_name: str) -> Iterator[Fleet]:
+    """Like ``fleet``, with the controller's embedded broker instead of Mosquitto."""
+    backend = NetnsBackend(tmp_path) if backend_name == "netns" else ProxyBackend(tmp_path)
+    fleet = Fleet(backend, tmp_path, embedded=True)
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        try:
+            fleet.stop()
+        finally:
+            backend.close()
+
+
+@pytest.fixture
 def record(request: pytest.FixtureRequest, backend_name: str) -> Callable[..., dict[str, Any]]:
     """``record(scenario, converge_s=..., **details)``: print one result and keep it for the JSON file."""
 

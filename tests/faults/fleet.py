@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -341,9 +342,12 @@ class Observer:
 class Fleet:
     """Broker, controller and agents for one scenario; see the module docstring."""
 
-    def __init__(self, backend: Backend, tmp: Path) -> None:
+    def __init__(self, backend: Backend, tmp: Path, embedded: bool = False) -> None:
+        """``embedded``: the controller's own broker (it lives and dies with ``tether up``)
+        instead of Mosquitto, listening where Mosquitto would."""
         self.backend = backend
         self.tmp = tmp
+        self.embedded = embedded
         self.run = uuid.uuid4().hex[:6]
         self.group = "fleet"
         self.broker = Broker(tmp / "broker", backend.broker_listeners, backend.hub_prefix())
@@ -357,15 +361,41 @@ class Fleet:
     # --- processes ---
 
     def start(self) -> Fleet:
-        self.broker.start()
+        if not self.embedded:
+            self.broker.start()
         self.start_controller()
         self.observer = self.backend.in_hub(lambda: Observer(self.backend.hub_url, self.run))
         return self
 
     def start_controller(self) -> None:
+        if self.embedded:
+            host, port = self.backend.broker_listeners[0]
+            self.controller = ControllerProcess(
+                self.tmp / "controller",
+                port=port,
+                argv_prefix=self.backend.hub_prefix(),
+                extra=[
+                    "--bind",
+                    "0.0.0.0" if self.backend.name == "netns" else host,
+                    "--http",
+                    "127.0.0.1:0",
+                ],
+            )
+            return
         self.controller = ControllerProcess(
             self.tmp / "controller", broker=self.backend.hub_url, argv_prefix=self.backend.hub_prefix()
         )
+
+    def metrics(self) -> str:
+        """The controller's /metrics (``--http``, embedded mode), fetched where the hub is reachable."""
+        assert self.controller is not None
+        port = self.controller.wait_for_line(r"health and metrics on http://127.0.0.1:(\d+)/").group(1)
+
+        def get() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                return resp.read().decode()
+
+        return self.backend.in_hub(get)  # type: ignore[no-any-return]
 
     def agent_dir(self, name: str) -> Path:
         return self.tmp / name
@@ -426,7 +456,8 @@ class Fleet:
                 self._ops.close()
         if self.controller is not None:
             self.controller.stop(10)
-        self.broker.stop()
+        if not self.embedded:
+            self.broker.stop()
 
     # --- requests, like the CLI ---
 

@@ -9,6 +9,7 @@ the time from healing to convergence is recorded (bench/results/faults.json).
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -395,3 +396,35 @@ def test_broker_crash_between_autosaves(fleet: Fleet, record: Any) -> None:
     assert "the broker lost our session" not in fleet.controller.output(), (
         "the broker kept the session: this scenario is about retained messages it lost, not the session"
     )
+
+
+def test_embedded_broker_restart_presence(embedded_fleet: Fleet, record: Any) -> None:
+    """(14) With the embedded broker, ``tether up`` is killed (its broker dies with it, so no
+    will is ever published) and one device dies while it is down: after the restart no
+    device is shown online before it is heard from again (``unknown``, in the CLI and in
+    /metrics), the live one comes back online, and the dead one turns offline within its
+    keepalive allowance instead of staying online for good."""
+    fleet = embedded_fleet
+    d1, d2 = fleet.boot()
+    assert fleet.controller is not None
+    fleet.controller.kill()
+    fleet.kill_device_processes(d2)
+    fleet.start_controller()
+    restarted = time.monotonic()
+    first = fleet.show(d2)["status"]
+    assert first == "unknown", f"{d2} died while the controller was down, shown {first!r} after the restart"
+    listing = fleet.cli("devices", "ls")
+    assert listing.returncode == 0, listing.stderr
+    row = next(line for line in listing.stdout.splitlines() if d2 in line)
+    assert "unknown" in row, row
+    wait_until(lambda: re.search(r'tether_devices\{presence="unknown"\} [12]\.0', fleet.metrics()), 10, 0.2,
+               "/metrics counts the unknown device")  # fmt: skip
+    wait_until(lambda: fleet.show(d1)["status"] == "online", 60, 0.1, f"{d1} online again")
+    back_online = time.monotonic() - restarted
+    wait_until(lambda: fleet.show(d2)["status"] == "offline", 90, 0.2, f"{d2} offline")
+    offline_after = time.monotonic() - restarted
+    assert fleet.show(d1)["status"] == "online"
+    wait_until(lambda: 'tether_devices{presence="offline"} 1.0' in (m := fleet.metrics())
+               and 'tether_devices{presence="online"} 1.0' in m, 20, 0.2, "/metrics: 1 online, 1 offline")  # fmt: skip
+    record("14-embedded-broker-restart-presence", converge_s=round(offline_after, 2),
+           live_device_online_after_s=round(back_online, 1), dead_device_offline_after_s=round(offline_after, 1))  # fmt: skip
