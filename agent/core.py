@@ -167,6 +167,7 @@ class AgentCore:
         self.session = 0
         self.wake = True
         self.converging = False
+        self.watch_until = 0.0
         self.waiting: frozenset[ServiceKey] = frozenset()
         self._candidate: ReportedState | None = None
         self._last_report: ReportedState | None = None
@@ -536,6 +537,7 @@ class AgentCore:
             if rec and rec.count and inst.state == "running" and now - rec.last_at > STEADY_RUN_SECONDS:
                 self.restarts[key] = RestartRecord(0, rec.last_at, rec.total)
                 self.log_tails.pop(key, None)
+            self._keep_tail(inst, desired.get(inst.stack), rec)
         self.waiting = plan.waiting
         errors = dict(self.errors)
         for stack, message in render_errors.items():
@@ -569,6 +571,8 @@ class AgentCore:
         else:
             key = (action.instance.stack, action.instance.service)
         try:
+            if not isinstance(action, Remove):
+                self.watch_until = now + STEADY_RUN_SECONDS
             if isinstance(action, Create):
                 log.info("create %s/%s", action.stack, action.service.name)
                 self.driver.create(action.stack, desired[action.stack], action.service)
@@ -597,6 +601,27 @@ class AgentCore:
         else:
             if not isinstance(action, Remove):
                 self.errors.pop(key, None)
+
+    def _keep_tail(self, inst: Observed, spec: StackSpec | None, rec: RestartRecord | None) -> None:
+        """Read an instance's last log lines once when it fails without a restart (exited non-zero,
+        unhealthy): the report says why. Forget them once it runs well again."""
+        key = (inst.stack, inst.service)
+        service = spec.service(inst.service) if spec is not None else None
+        if service is None or inst.spec_hash != service.spec_hash():
+            return
+        if reconcile.needs_tail(service, inst):
+            if key not in self.log_tails:
+                try:
+                    self.log_tails[key] = self.driver.logs(inst, LOG_TAIL_LINES)[-4000:]
+                except Exception:  # noqa: BLE001 - the log tail is a courtesy
+                    self.log_tails[key] = ""
+        elif inst.state == "running" and inst.health != "unhealthy" and not (rec and rec.count):
+            self.log_tails.pop(key, None)
+
+    def watching(self) -> bool:
+        """Whether an instance started in the last minute: the runner then reconciles every second,
+        so a crash is reported at once (the controller's health gate depends on it)."""
+        return self.clock() < self.watch_until
 
     def _crash_loop(self, action: Start, count: int) -> None:
         key = (action.stack, action.service.name)

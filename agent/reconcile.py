@@ -101,6 +101,18 @@ def wants_restart(service: ServiceSpec, exit_code: int | None) -> bool:
     return False
 
 
+def needs_tail(service: ServiceSpec, inst: Observed) -> bool:
+    """Whether an instance's last log lines belong in the report: it is unhealthy, or it exited
+    non-zero and will not be restarted (a crash loop gets its tail when it is restarted)."""
+    if inst.health == "unhealthy":
+        return True
+    return (
+        inst.state == "exited"
+        and inst.exit_code not in (0, None)
+        and not wants_restart(service, inst.exit_code)
+    )
+
+
 def plan(
     desired: Mapping[str, StackSpec],
     observed: Sequence[Observed],
@@ -221,6 +233,8 @@ def status(
                 tail = (log_tails or {}).get(key)
             if err and inst.state != "running":
                 state_name = "failed"
+            if needs_tail(svc, inst) or state_name == "failed":
+                tail = (log_tails or {}).get(key)
             services[svc.name] = ServiceStatus(
                 state=state_name,  # type: ignore[arg-type]
                 spec_hash=svc.spec_hash(),
@@ -229,6 +243,7 @@ def status(
                 restarts=restarted,
                 last_error=err or inst.error,
                 log_tail=tail,
+                health_output=inst.health_output if inst.health == "unhealthy" else None,
             )
         result[stack] = StackStatus(
             spec_hash=hashes[stack] if stack in hashes else spec.spec_hash(),

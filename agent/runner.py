@@ -130,7 +130,7 @@ class Agent:
                 self.core.flush_events()  # forget what the broker acknowledged; send the rest
                 if self.core.wake or time.monotonic() >= next_reconcile:
                     self.core.reconcile_once()
-                    busy = self.core.converging or self.core.waiting
+                    busy = self.core.converging or self.core.waiting or self.core.watching()
                     next_reconcile = time.monotonic() + (
                         FAST_INTERVAL if busy else self.config.reconcile_interval
                     )

@@ -6,6 +6,7 @@ through the broker given by ``--broker`` or ``TETHER_BROKER``.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from tether.protocol.commands import (
     StacksRemove,
     StacksStatus,
 )
-from tether.protocol.durations import parse_duration
+from tether.protocol.durations import format_duration, parse_duration
 from tether.protocol.errors import TetherError
 
 from . import enroll, output, remote, variables
@@ -562,9 +563,11 @@ def _wait(
                 raise
         for row in rows:
             line = f"{row['state']}" + (f" ({row['presence']})" if row["presence"] != "online" else "")
+            if row.get("progress"):
+                line += f", {row['progress']}"
             if seen.get(row["device"]) != line:
                 seen[row["device"]] = line
-                detail = row.get("error") or _service_errors(row)
+                detail = row.get("error") or row.get("why") or _service_errors(row)
                 if fmt == "table":
                     click.echo(f"  {row['device']}: {line}" + (f": {detail}" if detail else ""))
         failed = [r for r in rows if r["state"] in ("failed", "rejected")]
@@ -592,6 +595,18 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(str(exc)) from exc
 
 
+def _rollout_line(r: dict[str, Any], min_healthy: float) -> str:
+    """``updating (batch 1), healthy in 8s`` or ``downloading (batch 1), downloading 43% (...)``:
+    the countdown ticks in steps of a tenth of min_healthy_time (at least a second)."""
+    line = r["state"] + (f" (batch {r['batch']})" if r["batch"] else "")
+    if r.get("progress"):
+        line += f", {r['progress']}"
+    if r.get("healthy_in") is not None:
+        tick = max(1.0, min_healthy / 10)
+        line += f", healthy in {format_duration(math.ceil(r['healthy_in'] / tick) * tick)}"
+    return line
+
+
 def _wait_deployment(
     client: ControllerClient, deployment_id: int, timeout: float, fmt: str
 ) -> dict[str, Any]:
@@ -601,11 +616,12 @@ def _wait_deployment(
     while True:
         d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
         for device, r in d["devices"].items():
-            line = r["state"] + (f" (batch {r['batch']})" if r["batch"] else "")
+            line = _rollout_line(r, d["strategy"]["min_healthy_time_s"])
             if seen.get(device) != line:
                 seen[device] = line
                 if fmt == "table":
-                    click.echo(f"  {device}: {line}" + (f": {r['error']}" if r.get("error") else ""))
+                    detail = r.get("error") or r.get("reason")
+                    click.echo(f"  {device}: {line}" + (f": {detail}" if detail else ""))
         if d["state"] in ("failed", "reverted", "superseded"):
             raise TetherError(
                 f"deployment {deployment_id} {d['state']}: {d.get('message') or ''}".rstrip(": ")
@@ -647,6 +663,13 @@ def _wait_deployment(
 @click.option("--min-healthy-time", callback=_duration, default="10s", show_default=True)
 @click.option("--healthy-deadline", callback=_duration, default="5m", show_default=True)
 @click.option(
+    "--download-deadline",
+    callback=_duration,
+    default="24h",
+    show_default=True,
+    help="How long a device may take to download the new images, retrying network errors, before it fails.",
+)
+@click.option(
     "--auto-revert", is_flag=True, help="On failure, move every device back to the previous version."
 )
 @click.option("--auto-promote", is_flag=True, help="Promote canaries once healthy for --min-healthy-time.")
@@ -664,6 +687,7 @@ def stacks_deploy(
     canary: int,
     min_healthy_time: float,
     healthy_deadline: float,
+    download_deadline: float,
     auto_revert: bool,
     auto_promote: bool,
     wait: bool,
@@ -682,6 +706,7 @@ def stacks_deploy(
         canary=canary,
         min_healthy_time_s=min_healthy_time,
         healthy_deadline_s=healthy_deadline,
+        download_deadline_s=download_deadline,
         auto_revert=auto_revert,
         auto_promote=auto_promote,
     )
@@ -762,9 +787,9 @@ def stacks_status(client: ControllerClient, fmt: str, name: str) -> None:
             or "-"
         )
         rollout = r.get("rollout") or ("held" if r.get("held") else "-")
-        rows.append(
-            (r["device"], r["presence"], r["state"], rollout, services, r.get("error") or _service_errors(r))
-        )
+        state = r["state"] + (f", {r['progress']}" if r.get("progress") else "")
+        why = r.get("error") or r.get("why") or _service_errors(r)
+        rows.append((r["device"], r["presence"], state, rollout, services, why))
     click.echo(output.table(["DEVICE", "PRESENCE", "STATE", "ROLLOUT", "SERVICES", "ERROR"], rows))
 
 
@@ -977,12 +1002,23 @@ def deployments_status(client: ControllerClient, fmt: str, deployment_id: int) -
     click.echo(
         f"strategy:   {s['kind']} (max_parallel {s['max_parallel']}, canary {s['canary']}, "
         f"min_healthy_time {s['min_healthy_time_s']:g}s, healthy_deadline {s['healthy_deadline_s']:g}s, "
+        f"download_deadline {format_duration(s.get('download_deadline_s', 86400))}, "
         f"auto_revert {s['auto_revert']}, auto_promote {s['auto_promote']})"
     )
     click.echo(f"version:    {(d['from_hash'] or '-')[:12]} -> {d['to_hash'][:12]}, batch {d['batch']}")
-    rows = [(k, r["state"], r["batch"] or "", r.get("error") or "") for k, r in d["devices"].items()]
+    rows = [
+        (
+            k,
+            r["state"],
+            r["batch"] or "",
+            r.get("progress")
+            or (f"healthy in {format_duration(r['healthy_in'])}" if "healthy_in" in r else ""),
+            r.get("error") or r.get("reason") or "",
+        )
+        for k, r in d["devices"].items()
+    ]
     click.echo("")
-    click.echo(output.table(["DEVICE", "STATE", "BATCH", "ERROR"], rows))
+    click.echo(output.table(["DEVICE", "STATE", "BATCH", "PROGRESS", "WHY"], rows))
 
 
 def _deployment_action(kind: str, verb: str) -> Callable[..., Any]:

@@ -37,6 +37,7 @@ from tether.protocol.device_api import (
     StreamCommand,
     merge_sample,
 )
+from tether.protocol.durations import format_duration as _duration
 from tether.protocol.durations import parse_duration
 from tether.protocol.errors import PayloadError, RequestError, RequestTimeout, TetherError
 from tether.protocol.topics import DeviceTopic
@@ -68,16 +69,6 @@ def _ago(ts: float | None) -> str:
     if ts is None:
         return ""
     return _duration(max(0.0, time.time() - ts)) + " ago"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            rest = seconds % size
-            small = {"d": ("h", 3600), "h": ("m", 60), "m": ("s", 1)}[unit]
-            return f"{seconds // size}{unit}" + (f"{rest // small[1]}{small[0]}" if rest // small[1] else "")
-    return f"{seconds}s"
 
 
 def require_online(client: ControllerClient, device_id: str) -> dict[str, Any]:

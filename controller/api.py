@@ -359,6 +359,7 @@ class RequestHandlers:
                 else None
             )
             rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
+            download = reported.downloads.get(name) if reported else None
             rows.append(
                 {
                     "device": record.device_id,
@@ -373,6 +374,9 @@ class RequestHandlers:
                     "services": {k: v.model_dump(mode="json") for k, v in status.services.items()}
                     if status
                     else {},
+                    "download": download.model_dump(mode="json") if download else None,
+                    "progress": rollout.progress(download) if download else None,
+                    "why": rollout.explain(status) if status and status.state != "running" else None,
                 }
             )
         return rows
@@ -523,7 +527,20 @@ class RequestHandlers:
             "updated": d.updated,
         }
         if full:
-            view["devices"] = {k: v.model_dump(mode="json") for k, v in sorted(d.devices.items())}
+            fleet = self._fleet_view()  # type: ignore[attr-defined]
+            now = self.clock()  # type: ignore[attr-defined]
+            devices = {}
+            for k, r in sorted(d.devices.items()):
+                row = r.model_dump(mode="json")
+                seen = fleet.get(k)
+                download = seen.downloads.get(d.stack) if seen is not None else None
+                if download is not None and download.spec_hash == d.to_hash and r.state != "healthy":
+                    row["download"] = download.model_dump(mode="json")
+                    row["progress"] = rollout.progress(download)
+                if r.state == "updating" and r.healthy_since is not None:
+                    row["healthy_in"] = max(0.0, d.strategy.min_healthy_time_s - (now - r.healthy_since))
+                devices[k] = row
+            view["devices"] = devices
         return view
 
     def _deployments_ls(self, cmd: DeploymentsList) -> Any:

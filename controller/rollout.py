@@ -11,11 +11,25 @@ the next deployment state; it is the whole policy and does no I/O.
 
 Per device: ``pending`` -> ``updating`` (moved; waiting to be healthy) -> ``healthy``
 (reported running the new version for ``min_healthy_time``, on the controller's clock),
-or ``failed`` (not healthy by ``healthy_deadline`` after it was moved, or the stack
-failed on it). ``held``: the device accepted the new version but its owner holds updates
-(a hold file on the device); it blocks no one and has no deadline until released.
-``pending (offline)``: not moved because it is offline; it does not block the deployment
-and gets the final version when it returns.
+or ``failed``. ``downloading``: moved, and the device reports that it is still fetching the
+new version's images (its current version keeps running); a transient error there
+(``retrying``) is not a failure: it fails only past ``download_deadline`` after the move,
+and ``healthy_deadline`` counts from the end of the download. ``held``: the device accepted
+the new version but its owner holds updates (a hold file on the device); it blocks no one
+and has no deadline until released. ``pending (offline)``: not moved because it is
+offline; it does not block the deployment and gets the final version when it returns.
+
+Health is judged as Nomad does: the ``min_healthy_time`` timer starts when the device
+reports the new version running, and any restart, exit or failing health check of its
+services before the timer ends stops it; it starts again from zero when the stack runs
+again (``DeviceRollout.reason`` says what happened). A restart is seen through the
+services' restart counters, which only grow, so one the controller did not witness between
+two reports still counts. A device fails when it reports the stack ``failed`` (a crash
+loop, an unhealthy service, a non-zero exit without restart, an action that failed), when
+a download fails permanently, or when it is not healthy by its deadline; every failure
+says why (:func:`explain`: exit code, restarts, failing check, last log lines). A first
+deployment is judged the same way: ``--wait`` reports success only after
+``min_healthy_time`` of health.
 
 Strategies: ``all-at-once`` moves every device at once; ``rolling`` moves ``max_parallel``
 devices at a time and the next batch only once the whole current batch is healthy;
@@ -36,8 +50,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from tether.protocol.commands import RolloutStrategy
+from tether.protocol.durations import format_duration
+from tether.protocol.models import DownloadStatus, StackStatus
 
-DeviceRolloutState = Literal["pending", "pending (offline)", "updating", "held", "healthy", "failed"]
+DeviceRolloutState = Literal[
+    "pending", "pending (offline)", "downloading", "updating", "held", "healthy", "failed"
+]
+MOVING = ("downloading", "updating")
+"""Moved and not yet judged healthy: a rolling batch waits for these."""
+REASON_CHARS = 600
+"""The longest reason kept per device (remote text: a log tail is cut to its last lines)."""
 DeploymentState = Literal[
     "running", "paused", "awaiting-promotion", "succeeded", "failed", "reverted", "superseded"
 ]
@@ -57,6 +79,12 @@ class DeviceRollout(BaseModel):
     moved_at: float | None = None
     healthy_since: float | None = None
     error: str | None = None
+    restarts: int | None = None
+    """The stack's restart counter when the healthy timer started: a change restarts the timer."""
+    ready_at: float | None = None
+    """When the device stopped downloading: ``healthy_deadline`` counts from here (else from moved_at)."""
+    reason: str | None = None
+    """Why the device is not healthy yet (the last thing that stopped its healthy timer)."""
 
 
 class Deployment(BaseModel):
@@ -103,6 +131,76 @@ class Observation:
     state: str | None = None  # the stack state it reports (running, failed, converging...)
     held: bool = False
     error: str | None = None
+    restarts: int = 0  # the stack's restart counter (sum of its services'): it only grows
+    status: StackStatus | None = None  # what it reports of the stack, for explain()
+    download: DownloadStatus | None = None  # what it reports of the stack's download, if any
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())  # one line: a device's text never spans the operator's screen
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def explain(status: StackStatus | None) -> str | None:
+    """Why a stack is not healthy, from what the device reports: per failing service its state,
+    exit code, restart count, failing health check output and last log lines. Pure."""
+    if status is None:
+        return None
+    parts = []
+    for name, svc in sorted(status.services.items()):
+        bad = svc.state not in ("running",) or svc.health == "unhealthy" or svc.last_error
+        if not bad or (svc.state == "exited" and svc.exit_code == 0 and not svc.last_error):
+            continue
+        words = [f"{name}: {svc.state}"]
+        if svc.health == "unhealthy":
+            words.append("unhealthy")
+        if svc.exit_code is not None:
+            words.append(f"exit code {svc.exit_code}")
+        if svc.restarts:
+            words.append(f"{svc.restarts} restart{'s' if svc.restarts != 1 else ''}")
+        if svc.last_error:
+            words.append(_clip(svc.last_error, 200))
+        if svc.health_output:
+            words.append("health check: " + _clip(svc.health_output, 160))
+        if svc.log_tail:
+            lines = [line for line in svc.log_tail.splitlines() if line.strip()][-3:]
+            if lines:
+                words.append("last log lines: " + _clip(" | ".join(lines), 240))
+        parts.append(", ".join(words))
+    return _clip("; ".join(parts), REASON_CHARS) if parts else None
+
+
+def progress(download: DownloadStatus) -> str:
+    """``downloading 43% (3.4 of 8.0 MB, 12 KB/s, ETA 6m)``, or ``retrying: <reason>``. Pure."""
+    if download.state == "failed":
+        return f"download failed: {_clip(download.reason or 'no reason given', 200)}"
+    if download.state == "staged":
+        return "staged (every image on the device)"
+    words = []
+    if download.total:
+        words.append(f"{_mb(download.done)} of {_mb(download.total)} MB")
+    elif download.done:
+        words.append(f"{_mb(download.done)} MB")
+    if download.rate:
+        words.append(f"{_rate(download.rate)}")
+    if download.eta_s is not None and download.state == "downloading":
+        words.append(f"ETA {format_duration(download.eta_s)}")
+    percent = f" {min(100, download.done * 100 // download.total)}%" if download.total else ""
+    text = f"downloading{percent}" + (f" ({', '.join(words)})" if words else "")
+    if download.state == "retrying":
+        text += f" (retrying: {_clip(download.reason or 'no reason given', 200)})"
+    return text
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1_000_000:.1f}"
+
+
+def _rate(bytes_per_s: float) -> str:
+    for unit, size in (("MB/s", 1_000_000), ("KB/s", 1_000)):
+        if bytes_per_s >= size:
+            return f"{bytes_per_s / size:.0f} {unit}"
+    return f"{bytes_per_s:.0f} B/s"
 
 
 def start(
@@ -128,33 +226,88 @@ def start(
 
 
 def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy, now: float) -> DeviceRollout:
-    """Advance one moved device: held, healthy, failed or still updating."""
-    if r.state not in ("updating", "held", "healthy"):
+    """Advance one moved device: held, downloading, healthy, failed or still updating."""
+    if r.state not in ("downloading", "updating", "held", "healthy"):
         return r
     if obs.held and obs.spec_hash != to_hash:
         return r.model_copy(update={"state": "held", "healthy_since": None})
     if r.state == "held":  # released: the deadline starts now
-        r = r.model_copy(update={"state": "updating", "moved_at": now})
+        r = r.model_copy(update={"state": "updating", "moved_at": now, "ready_at": None})
     on_new = obs.spec_hash == to_hash
+    download = obs.download if obs.download is not None and obs.download.spec_hash == to_hash else None
+    if download is not None and download.state == "failed":
+        return _fail(r, progress(download))
     if on_new and obs.state == "failed":
-        return r.model_copy(update={"state": "failed", "error": obs.error or "stack failed on the device"})
+        return _fail(r, explain(obs.status) or obs.error or "stack failed on the device")
+    if download is not None and download.state in ("downloading", "retrying") and r.state != "healthy":
+        moved = r.moved_at if r.moved_at is not None else now
+        if now - moved > strategy.download_deadline_s:
+            return _fail(
+                r,
+                f"download not finished within {format_duration(strategy.download_deadline_s)} "
+                f"({progress(download)})",
+            )
+        if r.state == "downloading":
+            return r  # unchanged: progress is read from the reported state, not stored per step
+        return r.model_copy(update={"state": "downloading", "healthy_since": None, "restarts": None})
+    if r.state == "downloading":  # the images are on the device: the switch is under way
+        r = r.model_copy(update={"state": "updating", "ready_at": now})
     if on_new and obs.state == "running":
-        since = r.healthy_since if r.healthy_since is not None else now
-        state: DeviceRolloutState = "healthy" if now - since >= strategy.min_healthy_time_s else "updating"
         if r.state == "healthy":
-            state = "healthy"
-        if r.state == state and r.healthy_since == since:
+            return r  # healthy for min_healthy_time: later blips are the stack's business, unless it fails
+        since, restarts, reason = r.healthy_since, r.restarts, r.reason
+        if since is None:
+            since, restarts = now, obs.restarts
+        elif obs.restarts != restarts:  # restarted (or the agent did) since the timer started
+            reason = _restarted(obs, restarts, now)
+            since, restarts = now, obs.restarts
+        state: DeviceRolloutState = "healthy" if now - since >= strategy.min_healthy_time_s else "updating"
+        if state == "healthy":
+            reason = None
+        elif _past_deadline(r, strategy, now):  # it keeps restarting: running now is not enough
+            why = reason or explain(obs.status) or "never running for min_healthy_time"
+            return _fail(r, f"not healthy within {format_duration(strategy.healthy_deadline_s)}: {why}")
+        if (r.state, r.healthy_since, r.restarts, r.reason) == (state, since, restarts, reason):
             return r  # unchanged: no copy (a step looks at every device of the group)
-        return r.model_copy(update={"state": state, "healthy_since": since})
+        return r.model_copy(
+            update={"state": state, "healthy_since": since, "restarts": restarts, "reason": reason}
+        )
     if r.state == "healthy":
         return r  # once healthy for long enough, a later blip is the stack's business, not the rollout's
-    if r.healthy_since is not None:
-        r = r.model_copy(update={"healthy_since": None})
-    if r.moved_at is not None and now - r.moved_at > strategy.healthy_deadline_s:
-        return r.model_copy(
-            update={"state": "failed", "error": f"not healthy within {strategy.healthy_deadline_s:g}s"}
+    if r.healthy_since is not None:  # it ran, and now it does not: the timer stops
+        why = explain(obs.status) or f"stack {obs.state or 'not reported'}"
+        r = r.model_copy(
+            update={
+                "healthy_since": None,
+                "restarts": None,
+                "reason": _clip(f"not running after {now - r.healthy_since:.0f}s ({why})", REASON_CHARS),
+            }
         )
+    if _past_deadline(r, strategy, now):
+        why = explain(obs.status) if on_new else None
+        why = why or r.reason or (f"reports version {obs.spec_hash[:12]}" if obs.spec_hash else "no report")
+        return _fail(r, f"not healthy within {format_duration(strategy.healthy_deadline_s)}: {why}")
     return r
+
+
+def _past_deadline(r: DeviceRollout, strategy: Strategy, now: float) -> bool:
+    start = r.ready_at if r.ready_at is not None else r.moved_at
+    return start is not None and now - start > strategy.healthy_deadline_s
+
+
+def _fail(r: DeviceRollout, why: str) -> DeviceRollout:
+    return r.model_copy(update={"state": "failed", "error": _clip(why, REASON_CHARS), "healthy_since": None})
+
+
+def _restarted(obs: Observation, before: int | None, now: float) -> str:
+    """Why the healthy timer restarted: which services restarted, and how they last ended."""
+    names = []
+    if obs.status is not None:
+        names = [n for n, s in sorted(obs.status.services.items()) if s.restarts]
+    what = ", ".join(names) or "a service"
+    count = obs.restarts - before if before is not None and obs.restarts > before else None
+    times = f" {count} time{'s' if count != 1 else ''}" if count else ""
+    return f"{what} restarted{times} within min_healthy_time; the healthy timer started again"
 
 
 def step(
@@ -173,8 +326,7 @@ def step(
     for d in list(devices):
         if d not in member_set and devices[d].state in ("pending", "pending (offline)"):
             del devices[d]
-    # A first deployment has nothing to protect: running is healthy at once.
-    judged = dep.strategy if dep.from_hash else dep.strategy.model_copy(update={"min_healthy_time_s": 0.0})
+    judged = dep.strategy  # a first deployment too: a crash-looping one must not be reported healthy
     for d, r in devices.items():
         obs = observed.get(d, Observation(online=False))
         if r.state in ("pending", "pending (offline)"):
@@ -208,7 +360,7 @@ def step(
     state = dep.state
     batch = dep.batch
     strategy = dep.strategy
-    moving = [d for d, r in devices.items() if r.state in ("updating",)]
+    moving = [d for d, r in devices.items() if r.state in MOVING]
     waiting = sorted(d for d, r in devices.items() if r.state == "pending")
 
     def move(names: Sequence[str]) -> None:

@@ -52,6 +52,7 @@ from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import PayloadError, TetherError
 from tether.protocol.models import (
     DesiredState,
+    DownloadStatus,
     Event,
     JobResult,
     Presence,
@@ -59,6 +60,7 @@ from tether.protocol.models import (
     ReportedState,
     Request,
     StackDefinition,
+    StackStatus,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
@@ -107,40 +109,45 @@ class Seen:
     online: bool
     held: bool
     error: str | None
-    stacks: dict[str, tuple[str, str, str | None]]
-    """Per reported stack: its spec hash, its state and the first error of its services."""
+    stacks: dict[str, StackStatus]
+    """Per stack, what the device reports (the parsed models, shared with the report)."""
+    downloads: dict[str, DownloadStatus]
     generation: int = -1
     """The generation the device reports having applied (-1: none reported)."""
 
     @classmethod
     def of(cls, device: Device) -> Seen:
-        return cls(device.attributes(), device.status == "online", False, None, {}).reporting(device.reported)
+        return cls(device.attributes(), device.status == "online", False, None, {}, {}).reporting(
+            device.reported
+        )
 
     def reporting(self, reported: ReportedState | None) -> Seen:
         """The same device with another reported state."""
-        stacks = {}
-        for name, status in (reported.stacks if reported else {}).items():
-            errors = [s.last_error for s in status.services.values() if s.last_error]
-            stacks[name] = (status.spec_hash, status.state, errors[0] if errors else None)
         return Seen(
             attributes=self.attributes,
             online=self.online,
             held=bool(reported and reported.held),
             error=reported.error if reported and reported.error else None,
-            stacks=stacks,
+            stacks=reported.stacks if reported else {},
+            downloads=reported.downloads if reported else {},
             generation=reported.generation if reported else -1,
         )
 
     def observe(self, stack: str) -> Observation:
         status = self.stacks.get(stack)
+        download = self.downloads.get(stack)
         if status is None:
-            return Observation(online=self.online, held=self.held, error=self.error)
+            return Observation(online=self.online, held=self.held, error=self.error, download=download)
+        error = self.error or next((s.last_error for s in status.services.values() if s.last_error), None)
         return Observation(
             online=self.online,
-            spec_hash=status[0],
-            state=status[1],
+            spec_hash=status.spec_hash,
+            state=status.state,
             held=self.held,
-            error=self.error or status[2],
+            error=error,
+            restarts=sum(s.restarts for s in status.services.values()),
+            status=status,
+            download=download,
         )
 
 

@@ -196,6 +196,8 @@ class RolloutStrategy(WireModel):
     canary: int = Field(default=1, ge=1, le=MAX_COUNT)
     min_healthy_time_s: float = Field(default=10.0, ge=0, le=MAX_MIN_HEALTHY_S)
     healthy_deadline_s: float = Field(default=300.0, gt=0, le=MAX_TIMEOUT_S)
+    download_deadline_s: float = Field(default=DAY_S, gt=0, le=MAX_TIMEOUT_S)
+    """How long a device may take to download a version's images (retrying transient errors)."""
     auto_revert: bool = False
     auto_promote: bool = False
 

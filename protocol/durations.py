@@ -36,3 +36,14 @@ def parse_duration(value: Any, where: str) -> float:
     if pos != len(text):
         raise DurationError(f"{where}: invalid duration {value!r} (use e.g. 10s, 1m30s, 500ms)")
     return total
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``1h2m``: the two largest units, whole seconds (for people, not parsers)."""
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            rest = seconds % size
+            small = {"d": ("h", 3600), "h": ("m", 60), "m": ("s", 1)}[unit]
+            return f"{seconds // size}{unit}" + (f"{rest // small[1]}{small[0]}" if rest // small[1] else "")
+    return f"{seconds}s"

@@ -288,6 +288,8 @@ class ServiceStatus(WireModel):
     restarts: int = 0
     last_error: str | None = None
     log_tail: str | None = None
+    health_output: str | None = Field(default=None, exclude_if=_unset)
+    """The output of the last failing health check, while the service is not healthy."""
 
 
 class StackStatus(WireModel):

@@ -15,14 +15,15 @@ services:
     healthcheck: {test: ["CMD", "true"], interval: 0.2s, retries: 1}
   bad:
     command: ["sleep", "60"]
-    healthcheck: {test: "exit 1", interval: 0.2s, retries: 2}
+    healthcheck: {test: "echo db refused >&2; exit 1", interval: 0.2s, retries: 2}
   plain:
     command: ["sleep", "60"]
 """
 
 
 def test_healthchecks_of_host_processes(tmp_path: Path) -> None:
-    """A passing check makes a process healthy, a failing one unhealthy; no check, no health."""
+    """A passing check makes a process healthy, a failing one unhealthy (with the check's output);
+    no check, no health."""
     spec = parse_compose(SPEC)
     driver = ProcessDriver("hc", tmp_path)
     try:
@@ -37,6 +38,8 @@ def test_healthchecks_of_host_processes(tmp_path: Path) -> None:
             15,
         )
         assert health["plain"] is None
+        outputs = {o.service: o.health_output for o in driver.observe()}
+        assert outputs == {"ok": None, "bad": "db refused", "plain": None}
     finally:
         for instance in driver.observe():
             driver.remove(instance, 1)

@@ -292,6 +292,20 @@ def test_status_stack_state_follows_exit_codes_and_health() -> None:
     assert state(2, None) == "failed"
 
 
+def test_status_says_why_a_service_failed() -> None:
+    """A failed service reports its exit code and last log lines; an unhealthy one its check's output."""
+    job, web = svc("job"), svc("web")
+    desired = {"s": stack(job, web)}
+    sick = Observed("2", "s", "web", web.spec_hash(), "running", health="unhealthy", health_output="refused")
+    observed = [inst("1", "s", job, state="exited", exit_code=3), sick]
+    tails = {("s", "job"): "panic: no config\n"}
+    services = status(desired, {}, observed, {}, {}, log_tails=tails)["s"].services
+    assert (services["job"].exit_code, services["job"].log_tail) == (3, "panic: no config\n")
+    assert (services["web"].health, services["web"].health_output) == ("unhealthy", "refused")
+    healthy = status(desired, {}, [inst("2", "s", web, health="healthy")], {}, {}, log_tails=tails)["s"]
+    assert healthy.services["web"].health_output is None and healthy.services["job"].log_tail is None
+
+
 # --- properties ------------------------------------------------------------------------------
 
 STACK_NAMES = ["alpha", "beta", "gamma"]

@@ -21,6 +21,8 @@ LABEL_STACK = "io.tether.stack"
 LABEL_SERVICE = "io.tether.service"
 LABEL_SPEC_HASH = "io.tether.spec-hash"
 LABEL_STOP_GRACE = "io.tether.stop-grace"
+HEALTH_OUTPUT_CHARS = 500
+"""The most of a failing health check's output an instance reports (its end)."""
 
 InstanceState = Literal["running", "starting", "restarting", "exited"]
 
@@ -39,6 +41,8 @@ class Observed:
     error: str | None = None
     stop_grace: float | None = None
     """The service's stop grace period, recorded at creation: used once the spec is gone."""
+    health_output: str | None = None
+    """The output of the last failing health check, while ``health`` is ``unhealthy``."""
 
 
 class Driver(Protocol):

@@ -25,6 +25,7 @@ from tether.protocol.errors import DriverError
 from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
 
 from .base import (
+    HEALTH_OUTPUT_CHARS,
     LABEL_DEVICE,
     LABEL_MANAGED,
     LABEL_SERVICE,
@@ -99,6 +100,10 @@ class DockerDriver:
             else:
                 mapped = "exited"
             health = (state.get("Health") or {}).get("Status")
+            checks = (state.get("Health") or {}).get("Log") or []
+            output = None
+            if health == "unhealthy" and checks and isinstance(checks[-1], dict):
+                output = str(checks[-1].get("Output") or "").strip()[-HEALTH_OUTPUT_CHARS:] or None
             result.append(
                 Observed(
                     id=c.id,
@@ -110,6 +115,7 @@ class DockerDriver:
                     health=health if health in ("starting", "healthy", "unhealthy") else None,
                     error=state.get("Error") or None,
                     stop_grace=_float(labels.get(LABEL_STOP_GRACE)),
+                    health_output=output,
                 )
             )
         return result

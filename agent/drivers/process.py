@@ -26,7 +26,7 @@ from tether.agent.store import atomic_write
 from tether.protocol.errors import DriverError
 from tether.protocol.models import HealthcheckSpec, HealthState, JobSpec, ServiceSpec, StackSpec
 
-from .base import Observed
+from .base import HEALTH_OUTPUT_CHARS, Observed
 
 FOLLOW_POLL_S = 0.25
 """How often a followed log file is checked for growth."""
@@ -95,6 +95,7 @@ class ProcessDriver:
                 rec["exit_code"] = exit_code
                 atomic_write(path, json.dumps(rec).encode())
             health = self._health(path.stem, rec, alive)
+            checker = self._checks.get(path.stem)
             result.append(
                 Observed(
                     id=path.stem,
@@ -105,6 +106,7 @@ class ProcessDriver:
                     exit_code=None if alive else rec.get("exit_code"),
                     health=health,
                     stop_grace=rec.get("stop_grace"),
+                    health_output=checker.output if checker is not None and health == "unhealthy" else None,
                 )
             )
         return result
@@ -359,6 +361,8 @@ class HealthChecker:
         self.pid = pid
         self.cwd = cwd
         self.status: HealthState = "starting"
+        self.output: str | None = None
+        """What the last failing check printed (its end), or why it could not run."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"health-{pid}", daemon=True)
 
@@ -383,8 +387,14 @@ class HealthChecker:
                     self._argv(), cwd=self.cwd, capture_output=True, timeout=self.spec.timeout_s, check=False
                 )
                 ok = done.returncode == 0
-            except (OSError, subprocess.TimeoutExpired):
-                ok = False
+                output = (done.stdout + done.stderr).decode(errors="replace").strip()
+                output = output or f"exit code {done.returncode}"
+            except subprocess.TimeoutExpired:
+                ok, output = False, f"timed out after {self.spec.timeout_s:g}s"
+            except OSError as exc:
+                ok, output = False, f"cannot run the check: {exc}"
+            if not ok:
+                self.output = output[-HEALTH_OUTPUT_CHARS:]
             if ok:
                 failures = 0
                 self.status = "healthy"
