@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 import click
 from tether.protocol import __version__
 from tether.protocol.errors import ConfigError, DriverError
+from tether.protocol.logsafe import log_to_stderr
 from tether.protocol.secret_files import private_dir
 
 from .config import AgentConfig, load_config, parse_labels
@@ -119,11 +119,7 @@ def main(
     hold: str | None,
 ) -> None:
     """Run the Tether device agent: keep this device's stacks as the controller wants them."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_to_stderr(log_level)
     try:
         flags: dict[str, Any] = {
             "brokers": list(brokers),

@@ -479,7 +479,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         floor_clients: list[Any] = []
         result: dict[str, Any] = {"capture": capture is not None, "window_s": args.window}
         try:
-            request(broker.url, GroupsCreate(name="bw", selector="bench=bw"))
+            request(broker.url, GroupsCreate(name="bw", selector="bench=bw", trust_device_labels=True))
             t_start = proxies.snapshot(all_proxies)
             for dev in devices:
                 dev.agent = start_agent(dev, workdir, certs["cafile"])

@@ -108,7 +108,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stack.callback(client.close)
         sim = FleetThread(config)
         stack.callback(sim.stop)
-        client.request(GroupsCreate(name="fleet", selector="bench=capacity"))
+        client.request(GroupsCreate(name="fleet", selector="bench=capacity", trust_device_labels=True))
         client.request(StacksDeploy(name="app", group="fleet", compose=compose_stack(3, 1)))
         out["memory_empty"] = memory(pid)
 

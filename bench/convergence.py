@@ -82,7 +82,7 @@ def run(
             "every agent online",
         )
         log(f"{count} agent(s): online in {time.monotonic() - started:.1f} s; deploying")
-        fleet.request(GroupsCreate(name=fleet.group, selector=f"lab={fleet.run}"))
+        fleet.request(GroupsCreate(name=fleet.group, selector=f"lab={fleet.run}", trust_device_labels=True))
         fleet.deploy("steady", STEADY)
         wait_until(
             lambda: all(is_converged(v, {"steady"}) for v in devices(fleet).values()),

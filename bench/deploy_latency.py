@@ -167,7 +167,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stack.callback(client.close)
         sim = FleetThread(config)
         stack.callback(sim.stop)
-        client.request(GroupsCreate(name="fleet", selector="bench=deploy"))
+        client.request(GroupsCreate(name="fleet", selector="bench=deploy", trust_device_labels=True))
         t0 = time.monotonic()
         sim.start()
         sim.wait(lambda f: f.connected() >= args.devices, args.timeout, interval=0.2, message="all connected")

@@ -146,7 +146,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stack.enter_context(Controller(workdir / "controller", broker.url))
         agent = Proc([*argv, "--broker", broker.url], workdir / "agent.log")
         stack.callback(agent.stop)
-        request(broker.url, GroupsCreate(name="fp", selector="bench=footprint"))
+        request(broker.url, GroupsCreate(name="fp", selector="bench=footprint", trust_device_labels=True))
         wait_until(
             lambda: _status(broker.url, device) == "online",
             60,

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stack.callback(client.close)
         sim = FleetThread(config)
         stack.callback(sim.stop)
-        client.request(GroupsCreate(name="fleet", selector="bench=storm"))
+        client.request(GroupsCreate(name="fleet", selector="bench=storm", trust_device_labels=True))
         sim.start()
         sim.wait(lambda f: f.connected() >= n, args.timeout, interval=0.2, message="all connected")
         log(f"{n} devices connected")

@@ -153,14 +153,31 @@ def pending(client: ControllerClient, fmt: str) -> None:
 @click.argument("device_ids", nargs=-1)
 @click.option("--all", "all_", is_flag=True, help="Every pending device (with --select: those matching).")
 @click.option("--select", "selector", default=None, help="With --all: a label selector, e.g. site=berlin.")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    help="Pin a label key=value on the approved devices (trusted: selector groups match it); repeatable.",
+)
 @common
 def approve(
-    client: ControllerClient, fmt: str, device_ids: tuple[str, ...], all_: bool, selector: str | None
+    client: ControllerClient,
+    fmt: str,
+    device_ids: tuple[str, ...],
+    all_: bool,
+    selector: str | None,
+    labels: tuple[str, ...],
 ) -> None:
-    """Approve devices of the waiting room: they get their credentials and join the fleet."""
+    """Approve devices of the waiting room: they get their credentials and join the fleet.
+
+    --select matches what the devices report (under their token's labels): it chooses whom
+    to admit. Groups are chosen by the token's group and by trusted labels (the token's,
+    --label, or tether devices label)."""
     if bool(device_ids) == all_:
         raise click.UsageError("name devices to approve, or use --all")
-    result = client.request(DevicesApprove(device_ids=device_ids, all=all_, selector=selector))
+    result = client.request(
+        DevicesApprove(device_ids=device_ids, all=all_, selector=selector, labels=_labels(labels))
+    )
     if fmt == "json":
         click.echo(output.to_json(result))
     elif not result["approved"]:

@@ -29,6 +29,7 @@ from tether.protocol.commands import (
     GroupsList,
     GroupsRemove,
     GroupsShow,
+    GroupsTrust,
     JobsList,
     JobsLogs,
     JobsRemove,
@@ -43,6 +44,7 @@ from tether.protocol.commands import (
 )
 from tether.protocol.durations import format_duration, parse_duration
 from tether.protocol.errors import TetherError
+from tether.protocol.logsafe import log_to_stderr
 
 from . import enroll, output, remote, variables
 from .client import ControllerClient
@@ -148,9 +150,8 @@ def up(
         handler = logging.StreamHandler()
         handler.setFormatter(JsonFormatter())
         logging.basicConfig(level=getattr(logging, log_level.upper()), handlers=[handler])
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    else:
+        log_to_stderr(log_level)  # text lines, control characters in messages escaped
     try:
         from tether.controller.app import UpOptions, serve
     except ImportError as exc:
@@ -314,9 +315,12 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
         return
     remote.add_live_facts(client, d)  # asks the device itself when it is online
     facts = d.get("facts") or {}
-    click.echo(f"device:     {d['id']}")
+    show = output.printable
+    click.echo(f"device:     {show(d['id'])}")
     click.echo(f"presence:   {output.presence(d)} (session {d['session']})")
-    click.echo(f"labels:     {output.labels(d['labels'])}")
+    click.echo(f"labels:     {output.labels(d['labels'], d.get('label_sources', {}))}")
+    if any(source == "device" for source in d.get("label_sources", {}).values()):
+        click.echo("            ([device] labels and facts match only groups that trust device labels)")
     for key, title in (
         ("agent_version", "agent"),
         ("driver", "driver"),
@@ -325,12 +329,12 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
         ("hostname", "hostname"),
     ):
         if key in facts:
-            click.echo(f"{title + ':':<11} {facts[key]}")
+            click.echo(f"{title + ':':<11} {show(facts[key])}")
     remote.echo_host_facts(d)
     click.echo(f"generation: applied {d['applied_generation']} / desired {d['desired_generation']}")
     reported = d.get("reported") or {}
     if reported.get("error"):
-        click.echo(f"error:      {reported['error']}")
+        click.echo(f"error:      {show(reported['error'])}")
     rows = []
     for stack, status in sorted((reported.get("stacks") or {}).items()):
         for svc, s in status["services"].items():
@@ -350,7 +354,9 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
     if d.get("events"):
         click.echo("\nrecent events:")
         for e in d["events"][-10:]:
-            click.echo(f"  {output.when(e['at'])} {e['level']:<7} {e['kind']}: {e['message']}")
+            click.echo(
+                f"  {output.when(e['at'])} {show(e['level']):<7} {show(e['kind'])}: {show(e['message'])}"
+            )
 
 
 @devices.command("label")
@@ -475,25 +481,60 @@ def groups() -> None:
 @click.argument("name")
 @click.option("--device", "device_ids", multiple=True, help="A member device id; repeatable.")
 @click.option("--select", "selector", help="Label selector, e.g. site=berlin,arch=arm64.")
+@click.option(
+    "--trust-device-labels",
+    is_flag=True,
+    help="The selector also matches labels and facts devices report about themselves "
+    "(any device can then join the group and get its stacks and secrets).",
+)
 @common
 def groups_create(
-    client: ControllerClient, fmt: str, name: str, device_ids: tuple[str, ...], selector: str | None
+    client: ControllerClient,
+    fmt: str,
+    name: str,
+    device_ids: tuple[str, ...],
+    selector: str | None,
+    trust_device_labels: bool,
 ) -> None:
-    """Create a group of named devices (--device) or of devices matching labels (--select)."""
+    """Create a group of named devices (--device) or of devices matching labels (--select).
+
+    A selector matches labels set with `tether devices label` or pinned at enrollment (token
+    --label, approve --label); not what devices report, unless --trust-device-labels."""
     if bool(device_ids) == bool(selector):
         raise TetherError("give either --device (one or more) or --select, not both")
-    group = client.request(GroupsCreate(name=name, devices=device_ids, selector=selector))["group"]
+    group = client.request(
+        GroupsCreate(
+            name=name, devices=device_ids, selector=selector, trust_device_labels=trust_device_labels
+        )
+    )["group"]
     if fmt == "json":
         click.echo(output.to_json(group))
     else:
         click.echo(f"group {group['name']} created ({len(group['members'])} members now)")
 
 
+@groups.command("trust")
+@click.argument("name")
+@click.option("--off", is_flag=True, help="Match only labels set by an operator or at enrollment again.")
+@common
+def groups_trust(client: ControllerClient, fmt: str, name: str, off: bool) -> None:
+    """Let a selector group match the labels and facts devices report about themselves.
+
+    Any device can then claim the labels and join the group (its stacks, variables and
+    secrets): only for fleets whose every device is trusted."""
+    group = client.request(GroupsTrust(name=name, trust=not off))["group"]
+    if fmt == "json":
+        click.echo(output.to_json(group))
+    else:
+        what = "labels devices report, too" if group["trust_device_labels"] else "trusted labels only"
+        click.echo(f"group {group['name']} matches {what} ({len(group['members'])} members now)")
+
+
 def _group_rows(groups: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [
         (
             g["name"],
-            g["kind"],
+            g["kind"] + (" (trusts device labels)" if g.get("trust_device_labels") else ""),
             g["selector"] or ",".join(g["devices"]),
             len(g["members"]),
             ",".join(g["stacks"]) or "-",

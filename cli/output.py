@@ -7,14 +7,16 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from tether.protocol.logsafe import printable
+
 
 def to_json(value: Any) -> str:
     return json.dumps(value, indent=2, sort_keys=True)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A plain aligned text table."""
-    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    """A plain aligned text table; every cell printable only (remote strings cannot drive the terminal)."""
+    cells = [[printable(h) for h in headers]] + [[printable(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     return "\n".join(lines)
@@ -29,8 +31,11 @@ def when(ts: float | None) -> str:
         return f"{ts:g}"
 
 
-def labels(value: dict[str, str]) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+def labels(value: dict[str, str], sources: dict[str, str] | None = None) -> str:
+    """``k=v,...``; with ``sources``, each label followed by where it comes from (``[operator]``)."""
+    if sources is None:
+        return printable(",".join(f"{k}={v}" for k, v in sorted(value.items())) or "-")
+    return printable(", ".join(f"{k}={v} [{sources.get(k, '?')}]" for k, v in sorted(value.items())) or "-")
 
 
 def presence(device: dict[str, Any]) -> str:

@@ -381,7 +381,7 @@ def echo_host_facts(device: dict[str, Any]) -> None:
     if device.get("facts_note"):
         lines.append(("facts", device["facts_note"]))
     for key, value in lines:
-        click.echo(f"{key + ':':<11} {value}")
+        click.echo(f"{key + ':':<11} {output.printable(value)}")
 
 
 @click.command("facts")

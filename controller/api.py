@@ -35,6 +35,7 @@ from tether.protocol.commands import (
     GroupsList,
     GroupsRemove,
     GroupsShow,
+    GroupsTrust,
     JobsList,
     JobsLogs,
     JobsRemove,
@@ -63,12 +64,9 @@ from . import rollout
 from .compose import parse_stack
 from .models import Device, Group, Job, Stack
 from .scheduler import members
-from .selectors import parse_selector
+from .selectors import Attributes, check_labels, parse_selector
 
 log = logging.getLogger(__name__)
-
-
-LABEL_KEY_RE = names.LABEL_KEY.regex
 
 
 class RequestHandlers:
@@ -98,6 +96,7 @@ class RequestHandlers:
             GroupsCreate: self._groups_create,
             GroupsList: self._groups_ls,
             GroupsShow: self._groups_show,
+            GroupsTrust: self._groups_trust,
             GroupsRemove: self._groups_rm,
             StacksDeploy: self._stacks_deploy,
             StacksList: self._stacks_ls,
@@ -136,6 +135,7 @@ class RequestHandlers:
             "since": device.since,
             "session": device.session,
             "labels": device.labels,
+            "label_sources": device.label_sources(),
             "desired_generation": record.generation if record else None,
             "applied_generation": reported.generation if reported else None,
             "stacks": {name: s.state for name, s in (reported.stacks.items() if reported else ())},
@@ -174,23 +174,29 @@ class RequestHandlers:
         return {"devices": rows}
 
     def _devices_label(self, cmd: DevicesLabel) -> Any:
+        """Operator labels: trusted, so selector groups match them. Removing a key also
+        removes it where the device's enrollment pinned it."""
         device = self._all_devices().get(cmd.device_id)
+        if device is None and (cred := self.store.get_credential(cmd.device_id)) is not None:
+            device = Device(id=cmd.device_id) if cred.device_id == cmd.device_id else None
         if device is None:
             raise StoreError(f"unknown device {cmd.device_id!r}")
-        for key, value in cmd.set.items():
-            if not LABEL_KEY_RE.match(key) or "," in value or "=" in value or len(value) > 128:
-                raise StoreError(f"invalid label {key}={value!r}")
+        check_labels(cmd.set)
         labels = {k: v for k, v in device.operator_labels.items() if k not in cmd.remove}
         labels.update(cmd.set)
+        check_labels(labels)
+        pinned = {k: v for k, v in device.pinned_labels.items() if k not in cmd.remove}
         with self.store.transaction():
-            self.store.put_device(device.model_copy(update={"operator_labels": labels}))
+            self.store.put_device(
+                device.model_copy(update={"operator_labels": labels, "pinned_labels": pinned})
+            )
         if any(s.placement.mode == "replicas" for s in self.store.list_stacks()):
             self.sync()
         else:
             self.sync({cmd.device_id})
         return {"device": self._device_view(self._all_devices()[cmd.device_id])}
 
-    def _labels(self) -> dict[str, dict[str, str]]:
+    def _labels(self) -> dict[str, Attributes]:
         return {d.id: d.attributes() for d in self.store.list_devices()}
 
     def _group_view(self, group: Group) -> dict[str, Any]:
@@ -199,6 +205,7 @@ class RequestHandlers:
             "kind": group.kind,
             "devices": list(group.devices),
             "selector": group.selector,
+            "trust_device_labels": group.trust_device_labels,
             "members": members(group, self._labels()),
             "stacks": [s.name for s in self.store.list_stacks() if s.group == group.name],
         }
@@ -208,6 +215,8 @@ class RequestHandlers:
             raise StoreError("a group needs either devices or a selector (not both)")
         if cmd.selector:
             parse_selector(cmd.selector)
+        if cmd.trust_device_labels and not cmd.selector:
+            raise StoreError("only a selector group can trust device labels")
         for device_id in cmd.devices:
             topics.check_device_id(device_id)
         try:
@@ -215,6 +224,7 @@ class RequestHandlers:
                 name=cmd.name,
                 devices=tuple(sorted(set(cmd.devices))),
                 selector=cmd.selector,
+                trust_device_labels=cmd.trust_device_labels,
                 created=self.clock(),
             )
         except ValidationError as exc:
@@ -226,6 +236,28 @@ class RequestHandlers:
             self._recompute()
         self.publish_pending()
         return {"group": self._group_view(group)}
+
+    def _groups_trust(self, cmd: GroupsTrust) -> Any:
+        """Whether a selector group matches what devices report about themselves: recomputed at once."""
+        group = self.store.get_group(cmd.name)
+        if group is None:
+            raise StoreError(f"unknown group {cmd.name!r}")
+        if group.selector is None:
+            raise StoreError(f"group {cmd.name!r} is static: only a selector group can trust device labels")
+        if group.trust_device_labels != cmd.trust:
+            with self.store.transaction():
+                self.store.delete_group(group.name)
+                self.store.create_group(group.model_copy(update={"trust_device_labels": cmd.trust}))
+                self._recompute()
+            self.publish_pending()
+            log.warning(
+                "group %s: %s",
+                group.name,
+                "its selector now also matches labels and facts devices report"
+                if cmd.trust
+                else "its selector now matches only labels set by an operator or at enrollment",
+            )
+        return {"group": self._group_view(self.store.get_group(cmd.name) or group)}
 
     def _groups_ls(self, cmd: GroupsList) -> Any:
         return {"groups": [self._group_view(g) for g in self.store.list_groups()]}

@@ -38,7 +38,7 @@ from tether.protocol.mqtt import MqttClient
 
 from .models import Device, Enrollment, EnrollmentToken
 from .security import issue_device_credentials
-from .selectors import matches, parse_selector
+from .selectors import Attributes, check_labels, matches, parse_selector
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,9 @@ class EnrollmentHandlers:
     # --- tokens ---
 
     def _tokens_create(self, cmd: TokensCreate) -> Any:
-        from .api import LABEL_KEY_RE
-
         if cmd.group is not None and self.store.get_group(cmd.group) is None:
             raise StoreError(f"unknown group {cmd.group!r} (create it first: tether groups create)")
-        for key, value in cmd.labels.items():
-            if not LABEL_KEY_RE.match(key) or "," in value or "=" in value or len(value) > 128:
-                raise StoreError(f"invalid label {key}={value!r}")
+        check_labels(cmd.labels)
         token_id = secrets.token_hex(4)
         token = f"{TOKEN_PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
         now = self.clock()
@@ -212,7 +208,7 @@ class EnrollmentHandlers:
             "state": e.state,
             "token": e.token_id,
             "group": token.group if token else None,
-            "labels": self._entry_attributes(e, token),
+            "labels": dict(self._entry_attributes(e, token)),
             "hostname": e.facts.hostname,
             "arch": e.facts.arch,
             "requested": e.requested,
@@ -220,8 +216,9 @@ class EnrollmentHandlers:
             "error": e.last_error,
         }
 
-    def _entry_attributes(self, e: Enrollment, token: EnrollmentToken | None) -> dict[str, str]:
-        device = Device(id=e.device_id, facts=e.facts, operator_labels=token.labels if token else {})
+    def _entry_attributes(self, e: Enrollment, token: EnrollmentToken | None) -> Attributes:
+        """What ``approve --all --select`` matches: what the device reports, under its token's labels."""
+        device = Device(id=e.device_id, facts=e.facts, pinned_labels=token.labels if token else {})
         return device.attributes()
 
     def _devices_pending(self, cmd: DevicesPending) -> Any:
@@ -229,6 +226,7 @@ class EnrollmentHandlers:
         return {"devices": rows}
 
     def _devices_approve(self, cmd: DevicesApprove) -> Any:
+        check_labels(cmd.labels)
         if bool(cmd.device_ids) == cmd.all:
             raise StoreError("name devices to approve, or --all (not both)")
         if cmd.selector and not cmd.all:
@@ -250,7 +248,7 @@ class EnrollmentHandlers:
                 if entry.state == "approved":
                     raise StoreError(f"{device_id!r} is already approved")
                 entries.append(entry)
-        self._approve(entries)
+        self._approve(entries, cmd.labels)
         return {"approved": [e.device_id for e in entries]}
 
     def _devices_reject(self, cmd: DevicesReject) -> Any:
@@ -281,8 +279,11 @@ class EnrollmentHandlers:
             self._publish_answer(entry)
         return {"rejected": [e.device_id for e in rejected]}
 
-    def _approve(self, entries: list[Enrollment]) -> None:
-        """Give each device its credentials, labels and group; publish them sealed."""
+    def _approve(self, entries: list[Enrollment], labels: dict[str, str] | None = None) -> None:
+        """Give each device its credentials, labels and group; publish them sealed.
+
+        The token's labels and ``labels`` (given at approval, winning) are pinned: trusted,
+        so selector groups match them (docs/security.md, "Labels and groups")."""
         now = self.clock()
         approved = []
         with self.store.transaction():
@@ -290,11 +291,9 @@ class EnrollmentHandlers:
                 token = self.store.get_token(entry.token_id)
                 password = issue_device_credentials(self.store, entry.device_id, now)
                 device = self.store.get_device(entry.device_id) or Device(id=entry.device_id)
-                labels = {**(token.labels if token else {}), **device.operator_labels}
+                pinned = {**(token.labels if token else {}), **(labels or {})}
                 self.store.put_device(
-                    device.model_copy(
-                        update={"operator_labels": labels, "facts": device.facts or entry.facts}
-                    )
+                    device.model_copy(update={"pinned_labels": pinned, "facts": device.facts or entry.facts})
                 )
                 if token is not None and token.group:
                     self._join_group(entry.device_id, token.group)
@@ -325,7 +324,7 @@ class EnrollmentHandlers:
             log.warning("device %s: the token's group %r no longer exists", device_id, name)
             return
         if group.selector is not None:
-            return  # a selector group: the token's labels are what makes it match
+            return  # a selector group: the token's (pinned) labels are what makes it match
         if device_id not in group.devices:
             self.store.delete_group(name)
             self.store.create_group(

@@ -16,6 +16,12 @@ from tether.protocol.models import (
 )
 
 from .placement import Assignment, Placement
+from .selectors import Attributes
+
+LabelSource = Literal["operator", "enrollment", "device"]
+"""Where a device's label comes from: set by an operator (``devices label``), pinned at
+enrollment (by its token or at approval), or reported by the device. The first two are
+trusted: group selectors match them (facts, like the device's own labels, are reported)."""
 
 
 class Stored(BaseModel):
@@ -34,6 +40,9 @@ class Device(Stored):
     facts: DeviceFacts | None = None
     reported: ReportedState | None = None
     operator_labels: dict[str, str] = Field(default_factory=dict)
+    """Set by an operator (``tether devices label``); trusted."""
+    pinned_labels: dict[str, str] = Field(default_factory=dict)
+    """Pinned at enrollment: its token's labels and those given at approval; trusted."""
     revoked: bool = False
     """Cut off (``tether devices revoke``): matches no group until it gets new credentials."""
 
@@ -43,26 +52,44 @@ class Device(Stored):
         return self.facts.public_key if self.facts is not None else None
 
     @property
+    def trusted_labels(self) -> dict[str, str]:
+        """Labels the controller vouches for: pinned at enrollment, overridden by the operator's."""
+        return {**self.pinned_labels, **self.operator_labels}
+
+    @property
     def labels(self) -> dict[str, str]:
-        """The device's own labels, overridden by labels an operator set on the controller."""
+        """The device's own labels, overridden by the trusted ones."""
         merged = dict(self.facts.labels) if self.facts else {}
-        merged.update(self.operator_labels)
+        merged.update(self.trusted_labels)
         return merged
 
-    def attributes(self) -> dict[str, str]:
+    def _facts(self) -> dict[str, str]:
+        if self.facts is None:
+            return {}
+        return {
+            "arch": self.facts.arch,
+            "os": self.facts.os,
+            "driver": self.facts.driver,
+            "hostname": self.facts.hostname,
+            "agent_version": self.facts.agent_version,
+        }
+
+    def attributes(self) -> Attributes:
         """What selectors and placement constraints match: facts (``arch``, ``os``, ``driver``,
-        ``hostname``, ``agent_version``) overlaid by labels (a label wins over a fact)."""
-        attrs: dict[str, str] = {}
+        ``hostname``, ``agent_version``) overlaid by the device's labels (a label wins over a
+        fact), overlaid by the trusted labels; group selectors see only the trusted ones
+        unless the group trusts device labels (:class:`~.selectors.Attributes`)."""
+        reported = self._facts()
         if self.facts is not None:
-            attrs = {
-                "arch": self.facts.arch,
-                "os": self.facts.os,
-                "driver": self.facts.driver,
-                "hostname": self.facts.hostname,
-                "agent_version": self.facts.agent_version,
-            }
-        attrs.update(self.labels)
-        return attrs
+            reported.update(self.facts.labels)
+        return Attributes(trusted=self.trusted_labels, reported=reported)
+
+    def label_sources(self) -> dict[str, LabelSource]:
+        """Where each of :attr:`labels` comes from (the source whose value is in force)."""
+        sources: dict[str, LabelSource] = {k: "device" for k in (self.facts.labels if self.facts else {})}
+        sources.update({k: "enrollment" for k in self.pinned_labels})
+        sources.update({k: "operator" for k in self.operator_labels})
+        return dict(sorted(sources.items()))
 
 
 class Group(Stored):
@@ -71,6 +98,9 @@ class Group(Stored):
     name: str = Field(pattern=NAME_PATTERN)
     devices: tuple[str, ...] = ()
     selector: str | None = None
+    trust_device_labels: bool = False
+    """The selector also matches what devices report about themselves (their own labels and
+    facts); by default only labels set by an operator or pinned at enrollment count."""
     created: float = 0.0
 
     @property

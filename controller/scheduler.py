@@ -1,7 +1,9 @@
 """Scheduling, pure: which stacks each device should run, given groups and device attributes.
 
-"Labels" here are a device's attributes: its facts (arch, os, driver...) overlaid by its
-labels (see :meth:`.models.Device.attributes`).
+"Labels" here are a device's :class:`~.selectors.Attributes`: its facts (arch, os,
+driver...) and its own labels, overlaid by the labels an operator or its enrollment set (see
+:meth:`.models.Device.attributes`). Group selectors match only the latter unless the group
+trusts device labels; placement constraints choose among a group's members with all of them.
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ from collections.abc import Iterable, Mapping
 from tether.protocol.models import JobSpec, StackRef
 
 from .models import Group, Job, Stack
-from .selectors import matches, parse_selector
+from .selectors import Attributes, matches, parse_selector
 
 
-def members(group: Group, labels: Mapping[str, Mapping[str, str]]) -> list[str]:
+def members(group: Group, labels: Mapping[str, Attributes]) -> list[str]:
     """The devices of ``group``: its named devices, or those whose labels match its selector.
 
-    ``labels`` maps every known device to its labels.
+    ``labels`` maps every known device to its attributes. Only trusted labels count unless
+    the group trusts device labels (``trust_device_labels``): a device never joins a group
+    by saying so.
     """
     if group.selector is None:
         return sorted(set(group.devices))
     selector = parse_selector(group.selector)
-    return sorted(d for d, lbl in labels.items() if matches(selector, lbl))
+    trust = group.trust_device_labels
+    return sorted(d for d, attrs in labels.items() if matches(selector, attrs.selectable(trust)))
 
 
 def eligible(stack: Stack, candidates: list[str], attributes: Mapping[str, Mapping[str, str]]) -> list[str]:
@@ -36,7 +41,7 @@ def eligible(stack: Stack, candidates: list[str], attributes: Mapping[str, Mappi
 def desired_stacks(
     stacks: Iterable[Stack],
     groups: Mapping[str, Group],
-    labels: Mapping[str, Mapping[str, str]],
+    labels: Mapping[str, Attributes],
     pins: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, tuple[StackRef, ...]]:
     """Map every targeted device to the stacks it should run, sorted by name.
@@ -63,7 +68,7 @@ def desired_stacks(
 
 
 def desired_jobs(
-    jobs: Iterable[Job], groups: Mapping[str, Group], labels: Mapping[str, Mapping[str, str]]
+    jobs: Iterable[Job], groups: Mapping[str, Group], labels: Mapping[str, Attributes]
 ) -> dict[str, tuple[JobSpec, ...]]:
     """Map every device to the jobs of its groups, sorted by name."""
     result: dict[str, list[JobSpec]] = {}

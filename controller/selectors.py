@@ -2,21 +2,63 @@
 
 Terms are joined by commas and must all hold: ``key=value`` (or ``==``), ``key!=value``,
 ``key`` (the label exists) and ``!key`` (it does not).
+
+What a selector matches is a device's :class:`Attributes`: the labels the controller vouches
+for (``trusted``: set by an operator, or pinned by its enrollment token or at approval) and
+what the device reports about itself (``reported``: its facts and its own labels). A group's
+selector matches only the trusted ones unless the group trusts device labels.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
+from tether.protocol import names
 from tether.protocol.errors import StoreError
 
 _KEY = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}"
+MAX_LABELS = 64
+"""Labels an operator or a token may set on one device (device-reported ones are the agent's)."""
 _TERM = re.compile(
     rf"^\s*(?:(?P<not>!)\s*(?P<nkey>{_KEY})|(?P<key>{_KEY})\s*(?:(?P<op>==|!=|=)\s*(?P<value>[^,=!]*))?)\s*$"
 )
+
+
+@dataclass(frozen=True)
+class Attributes(Mapping[str, str]):
+    """A device's attributes; as a mapping, all of them (a trusted label wins over a reported one)."""
+
+    trusted: Mapping[str, str] = field(default_factory=dict)
+    """Set by an operator, or pinned by the device's enrollment token or at its approval."""
+    reported: Mapping[str, str] = field(default_factory=dict)
+    """What the device says of itself: its facts (``arch``, ``hostname``...) and its own labels."""
+    _merged: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_merged", {**self.reported, **self.trusted})
+
+    def __getitem__(self, key: str) -> str:
+        return self._merged[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._merged)
+
+    def __len__(self) -> int:
+        return len(self._merged)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Attributes):
+            return dict(self.trusted) == dict(other.trusted) and dict(self.reported) == dict(other.reported)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def selectable(self, trust_device: bool) -> Mapping[str, str]:
+        """What a group selector may match: all of it if the group trusts device labels, else the trusted part."""
+        return self if trust_device else self.trusted
 
 
 @dataclass(frozen=True)
@@ -33,6 +75,26 @@ class Term:
         if self.op == "=":
             return labels.get(self.key) == self.value
         return labels.get(self.key) != self.value
+
+
+def _label_value_ok(value: str) -> bool:
+    return len(value) <= 128 and value.isprintable() and not any(c in value for c in ",=!")
+
+
+def check_labels(labels: Mapping[str, str]) -> None:
+    """Refuse labels a selector could not match (or a terminal would show wrongly), all named in one error."""
+    bad = [
+        f"{key}={value!r}" if names.LABEL_KEY.ok(key) else f"{key!r}"
+        for key, value in labels.items()
+        if not names.LABEL_KEY.ok(key) or not _label_value_ok(value)
+    ]
+    if bad:
+        raise StoreError(
+            f"invalid label {', '.join(bad)} (keys: letters, digits and '._/-', at most 63; "
+            "values: at most 128 printable characters, none of ',=!')"
+        )
+    if len(labels) > MAX_LABELS:
+        raise StoreError(f"too many labels ({len(labels)}; at most {MAX_LABELS})")
 
 
 def parse_selector(text: str) -> tuple[Term, ...]:

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,6 +75,7 @@ from .placement import Assignment, Candidate, place
 from .rollout import Observation
 from .scheduler import desired_jobs, desired_stacks, eligible, members
 from .security import SecurityHandlers
+from .selectors import Attributes
 from .store import Store
 from .variables import SecretsKey, VariableHandlers
 
@@ -105,7 +106,7 @@ BEHIND_BACKOFF_MAX = 300.0
 class Seen:
     """What a deployment step needs of one device (:meth:`Controller._fleet_view`)."""
 
-    attributes: dict[str, str]
+    attributes: Attributes
     online: bool
     held: bool
     error: str | None
@@ -403,7 +404,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         """Per stack, the devices its latest deployment keeps on the previous version."""
         return {name: d.pins() for name, d in self.store.latest_deployments().items() if d.pins()}
 
-    def _targets(self, stack: Stack, attributes: dict[str, dict[str, str]] | None = None) -> list[str]:
+    def _targets(self, stack: Stack, attributes: Mapping[str, Attributes] | None = None) -> list[str]:
         """The devices ``stack`` goes to; ``attributes``: every device's (read from the store if None)."""
         if stack.placement.mode == "replicas":
             return sorted(a.device_id for a in stack.assignment)
@@ -730,6 +731,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         stack_groups = {s.name: s.group for s in stacks}
         applied: dict[str, int] = {}  # the generation each device reports having applied
         public_keys: dict[str, str | None] = {}  # secrets are sealed to them
+        labels: dict[str, Attributes]
         if device_ids is None:
             devices = self.store.list_devices()
             labels = {d.id: d.attributes() for d in devices if not d.revoked}
@@ -746,7 +748,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                 device = self.store.get_device(device_id)
                 if device is not None and device.revoked:
                     continue  # matches no selector (and has left every static group)
-                labels[device_id] = device.attributes() if device else {}
+                labels[device_id] = device.attributes() if device else Attributes()
                 if device is not None and device.reported is not None:
                     applied[device_id] = device.reported.generation
                 if device is not None:

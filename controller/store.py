@@ -9,8 +9,9 @@ models in :mod:`.models`; the SQL is the common subset of both databases, writte
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,48 @@ from tether.protocol.secret_files import private_file
 from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Stack, Variable
 from .rollout import Deployment
 
-MIGRATIONS = [
+log = logging.getLogger(__name__)
+
+
+def _untrust_device_labels(store: Store) -> None:
+    """Selector groups stop matching what devices report about themselves (issue 13).
+
+    Nothing is rewritten: a group without ``trust_device_labels`` now matches only labels
+    set by an operator or pinned at enrollment (a token's labels, already stored as operator
+    labels). This logs, per selector group, the devices that leave it and how to bring them
+    back; the controller's first sync then takes their stacks away.
+    """
+    from .scheduler import members
+
+    attributes = {d.id: d.attributes() for d in store.list_devices() if not d.revoked}
+    for group in store.list_groups():
+        if group.selector is None:
+            continue
+        before = members(group.model_copy(update={"trust_device_labels": True}), attributes)
+        after = set(members(group, attributes))
+        leaving = [d for d in before if d not in after]
+        if not leaving:
+            log.info(
+                "migration: group %s (selector %s) keeps its %d members",
+                group.name,
+                group.selector,
+                len(after),
+            )
+            continue
+        log.warning(
+            "migration: group %s (selector %s) now matches only labels set by an operator or at "
+            "enrollment; %d device(s) that matched through labels or facts they report leave it: %s. "
+            "To keep one: tether devices label ID KEY=VALUE; to trust every device's own labels: "
+            "tether groups trust %s",
+            group.name,
+            group.selector,
+            len(leaving),
+            ", ".join(leaving[:20]) + (f" (+{len(leaving) - 20} more)" if len(leaving) > 20 else ""),
+            group.name,
+        )
+
+
+MIGRATIONS: list[str | Callable[[Store], None]] = [
     """
     CREATE TABLE devices (id TEXT PRIMARY KEY, body TEXT NOT NULL);
     CREATE TABLE groups (name TEXT PRIMARY KEY, body TEXT NOT NULL);
@@ -61,7 +103,9 @@ MIGRATIONS = [
     """
     CREATE TABLE reported (device_id TEXT PRIMARY KEY, generation INTEGER NOT NULL, body TEXT NOT NULL);
     """,
+    _untrust_device_labels,
 ]
+"""SQL scripts, or functions changing data through the store (inside the migration's transaction)."""
 
 JOB_RESULTS_KEPT = 50
 """Results kept per job and device (the newest)."""
@@ -140,8 +184,11 @@ class Store:
             for number, script in enumerate(MIGRATIONS, start=1):
                 if number in done:
                     continue
-                for statement in filter(str.strip, script.split(";")):
-                    self.db.execute(statement)
+                if callable(script):
+                    script(self)
+                else:
+                    for statement in filter(str.strip, script.split(";")):
+                        self.db.execute(statement)
                 self.db.execute("INSERT INTO schema_migrations (version) VALUES (?)", (number,))
 
     def schema_version(self) -> int:

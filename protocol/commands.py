@@ -86,12 +86,15 @@ class DevicesPending(WireModel):
 
 
 class DevicesApprove(WireModel):
-    """Approve waiting devices: ``device_ids``, or every pending one (``all``) matching ``selector``."""
+    """Approve waiting devices: ``device_ids``, or every pending one (``all``) matching ``selector``.
+
+    ``labels`` are pinned on them (with their token's, winning): trusted, like operator labels."""
 
     kind: Literal["devices.approve"] = "devices.approve"
     device_ids: tuple[str, ...] = ()
     all: bool = False
     selector: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class DevicesReject(WireModel):
@@ -168,10 +171,23 @@ class VarsRemove(WireModel):
 
 
 class GroupsCreate(WireModel):
+    """A static group (``devices``) or a selector group. A selector matches only labels set by
+    an operator or pinned at enrollment, unless ``trust_device_labels``: then also what devices
+    report about themselves (their own labels and facts), so any device can join it."""
+
     kind: Literal["groups.create"] = "groups.create"
     name: str
     devices: tuple[str, ...] = ()
     selector: str | None = None
+    trust_device_labels: bool = False
+
+
+class GroupsTrust(WireModel):
+    """Make a selector group trust device-reported labels and facts (``trust``), or stop."""
+
+    kind: Literal["groups.trust"] = "groups.trust"
+    name: str
+    trust: bool = True
 
 
 class GroupsList(WireModel):
@@ -309,6 +325,7 @@ Command = Annotated[
     | GroupsCreate
     | GroupsList
     | GroupsShow
+    | GroupsTrust
     | GroupsRemove
     | StacksDeploy
     | StacksList

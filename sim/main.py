@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
 import sys
 from typing import Any
 
 import click
 from tether.protocol.errors import ConfigError
+from tether.protocol.logsafe import log_to_stderr
 from tether.protocol.mqtt import parse_broker_url
 
 from .fleet import Fleet, FleetConfig
@@ -121,9 +121,7 @@ def main(
     log_level: str,
 ) -> None:
     """Simulate a fleet of Tether agents in one process."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s"
-    )
+    log_to_stderr(log_level, "%(levelname)s %(name)s: %(message)s")
     try:
         address = parse_broker_url(broker)
     except ConfigError as exc:

@@ -251,3 +251,32 @@ def test_data_survives_closing_and_reopening(db_path: str) -> None:
         assert again.definitions() == {SPEC.spec_hash(): True}
     finally:
         again.close()
+
+
+def test_migration_says_which_devices_leave_selector_groups(
+    db_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upgrading: a selector group stops matching device-reported labels, and the migration
+    names each device that leaves (and keeps those an operator or a token labelled)."""
+    import logging
+
+    old = Store(db_path)
+    old.db.execute("DELETE FROM schema_migrations WHERE version = ?", (len(MIGRATIONS),))
+    with old.transaction():
+        old.put_device(device("claims", pool="pB"))
+        old.put_device(device("vouched", pool="pB").model_copy(update={"operator_labels": {"pool": "pB"}}))
+        old.create_group(Group(name="pb", selector="pool=pB"))
+        old.create_group(Group(name="any-arm", selector="arch=aarch64", trust_device_labels=True))
+    old.close()
+    with caplog.at_level(logging.INFO, logger="tether.controller.store"):
+        new = Store(db_path)
+    try:
+        assert new.schema_version() == len(MIGRATIONS)
+        group = new.get_group("pb")
+        assert group is not None and not group.trust_device_labels
+    finally:
+        new.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "group pb" in warnings[0] and "claims" in warnings[0] and "vouched" not in warnings[0]
+    assert "tether groups trust pb" in warnings[0]

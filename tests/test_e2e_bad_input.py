@@ -14,7 +14,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import Mosquitto, free_port, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
 from tether.protocol import codec
-from tether.protocol.models import Presence
+from tether.protocol.models import DeviceFacts, Event, Presence
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +78,14 @@ def fleet(
             "60",
         )
         assert deploy.returncode == 0, deploy.stderr
-        yield {"url": controller.url, "device": device, "tmp": tmp, "pidfile": pidfile, "agent": agent}
+        yield {
+            "url": controller.url,
+            "device": device,
+            "tmp": tmp,
+            "pidfile": pidfile,
+            "agent": agent,
+            "controller": controller,
+        }
     finally:
         agent.stop()
         controller.stop()
@@ -221,4 +228,31 @@ def test_absurd_durations_and_counts_are_refused(fleet: dict[str, Any]) -> None:
     assert cli_json(url, "tokens", "ls") == []
     assert cli_json(url, "jobs", "ls") == []
     assert cli(url, "tokens", "ls").returncode == 0
+    _unchanged(fleet)
+
+
+def test_remote_strings_cannot_forge_log_lines_or_drive_the_terminal(fleet: dict[str, Any]) -> None:
+    """A device's newline stays inside one escaped controller log line; its ESC[2K label is shown escaped."""
+    url = fleet["url"]
+    ghost, marker = f"ghost-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    facts = DeviceFacts(
+        agent_version="0", driver="process", arch="x", os="Linux", labels={"x": "\x1b[2K\rfake healthy"}
+    )
+    presence = Presence(device_id=ghost, status="online", session=1, facts=facts)
+    _publish(url, f"tether/v1/devices/{ghost}/presence", codec.encode(presence))
+    forged = (
+        f"{marker}\n2025-01-01 00:00:00,000 WARNING tether.controller.security: FORGED device devB revoked"
+    )
+    event = Event(device_id=ghost, seq=1, kind="note", message=forged, level="warning")
+    _publish(url, f"tether/v1/devices/{ghost}/events", codec.encode(event))
+    log = fleet["controller"].log_path
+    wait_until(lambda: marker in log.read_text(), 30, message="the event was logged")
+    lines = [line for line in log.read_text().splitlines() if marker in line or "FORGED" in line]
+    assert len(lines) == 1 and "\\x0a2025-01-01" in lines[0], lines
+    listed = wait_until(lambda: ghost in (r := cli(url, "devices", "ls")).stdout and r, 30)
+    assert "\x1b" not in listed.stdout and "\r" not in listed.stdout
+    assert "x=\\x1b[2K\\x0dfake healthy" in listed.stdout
+    shown = cli(url, "devices", "show", ghost)
+    assert "\x1b" not in shown.stdout and "\\x0a2025" in shown.stdout
+    assert cli(url, "devices", "rm", ghost).returncode == 0
     _unchanged(fleet)

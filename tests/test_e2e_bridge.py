@@ -61,7 +61,18 @@ def test_device_behind_a_bridged_regional_broker(tmp_path: Path, mosquitto: Mosq
             # Presence crosses the bridge outwards; the desired state and the stack
             # definition inwards; the reported state back out.
             assert wait_online(central.url, device)["labels"] == {"region": run}
-            assert cli(central.url, "groups", "create", "region", "--select", f"region={run}").returncode == 0
+            assert (
+                cli(
+                    central.url,
+                    "groups",
+                    "create",
+                    "region",
+                    "--select",
+                    f"region={run}",
+                    "--trust-device-labels",
+                ).returncode
+                == 0
+            )
             stack = tmp_path / "s.yml"
             stack.write_text(STACK.format(v="v1"))
             deploy = cli(

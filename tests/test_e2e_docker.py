@@ -73,7 +73,10 @@ def lifecycle(broker: str, docker: Any, tmp_path: Path, procs: list[Any]) -> Non
     for device_id in devices:
         wait_online(broker, device_id)
 
-    assert cli(broker, "groups", "create", "lab", "--select", f"site={run}").returncode == 0
+    assert (
+        cli(broker, "groups", "create", "lab", "--select", f"site={run}", "--trust-device-labels").returncode
+        == 0
+    )
     stack_file = tmp_path / "web.yml"
     stack_file.write_text(WEB.format(version="v1"))
     deploy = cli(

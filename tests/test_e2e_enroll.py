@@ -61,6 +61,8 @@ def test_batch_waits_then_approved_devices_run_a_stack(controller: ControllerPro
     their own credentials, match the token's group through its label, and run a stack."""
     url = controller.url
     cli_json(url, "groups", "create", "batch", "--select", "batch=b1")
+    cli_json(url, "groups", "create", "zoned", "--select", "zone=z1")
+    cli_json(url, "groups", "create", "claimed", "--select", "site=lab")  # what the devices say of themselves
     created = cli_json(url, "tokens", "create", "--group", "batch", "--label", "batch=b1", "--uses", "5")
     assert created["token"].startswith("tet_") and created["uses"] == 5
     config = _config(tmp_path, url, created["token"], {"site": "lab"})
@@ -85,7 +87,7 @@ def test_batch_waits_then_approved_devices_run_a_stack(controller: ControllerPro
 
         nothing = cli_json(url, "devices", "approve", "--all", "--select", "site=elsewhere")
         assert nothing["approved"] == []
-        approved = cli_json(url, "devices", "approve", "--all", "--select", "site=lab")
+        approved = cli_json(url, "devices", "approve", "--all", "--select", "site=lab", "--label", "zone=z1")
         assert sorted(approved["approved"]) == ["batch-1", "batch-2"]
         for agent in agents:
             wait_online(url, agent.device_id)
@@ -97,6 +99,11 @@ def test_batch_waits_then_approved_devices_run_a_stack(controller: ControllerPro
         assert _pending(url) == {}
         group = cli_json(url, "groups", "show", "batch")
         assert sorted(group["members"]) == ["batch-1", "batch-2"]
+        # Labels pinned by the token and at approval are trusted; the device's own are not.
+        assert sorted(cli_json(url, "groups", "show", "zoned")["members"]) == ["batch-1", "batch-2"]
+        assert cli_json(url, "groups", "show", "claimed")["members"] == []
+        shown = cli_json(url, "devices", "show", "batch-1")
+        assert shown["label_sources"] == {"batch": "enrollment", "site": "device", "zone": "enrollment"}
 
         out = tmp_path / "worker.out"
         stack = tmp_path / "worker.yml"

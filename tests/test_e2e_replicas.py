@@ -45,7 +45,9 @@ def test_replicas_replace_lost_device_and_keep_original(tmp_path: Path, mosquitt
     try:
         for n in names:
             wait_online(mosquitto.url, n)
-        cli_json(mosquitto.url, "groups", "create", "pool", "--select", f"pool={run}")
+        cli_json(
+            mosquitto.url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels"
+        )
         stack = tmp_path / "rep.yml"
         stack.write_text(STACK)
         deploy = cli(

@@ -37,7 +37,7 @@ def test_rolling_hold_and_offline(tmp_path: Path) -> None:
     try:
         for n in names:
             wait_online(url, n)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}")
+        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
         stack = tmp_path / "app.yml"
         stack.write_text(PROCESS.format(v="v1"))
         _deploy(url, stack, "--wait", "--min-healthy-time", "0s")
@@ -116,7 +116,7 @@ def test_canary_failing_healthcheck_is_reverted(
     try:
         for n in names:
             wait_online(url, n)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}")
+        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
         stack = tmp_path / "web.yml"
         stack.write_text(WEB.format(v="v1", check="true"))
         good = cli_json(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "pool", "--wait")

@@ -218,7 +218,12 @@ def _deploy_through_the_socket(
     client: Any, broker: str, image: str, device_id: str, run: str, tmp_path: Path
 ) -> None:
     """A stack deployed to the containerized agent runs as a container on the host engine."""
-    assert cli(broker, "groups", "create", f"g-{run}", "--select", f"site={run}").returncode == 0
+    assert (
+        cli(
+            broker, "groups", "create", f"g-{run}", "--select", f"site={run}", "--trust-device-labels"
+        ).returncode
+        == 0
+    )
     stack = tmp_path / "stack.yml"
     stack.write_text(f"services:\n  idle:\n    image: {image}\n    command: [sleep, '3600']\n")
     deploy = cli(

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 from tether.controller.models import Group, Stack
-from tether.controller.scheduler import desired_stacks, members
+from tether.controller.scheduler import desired_jobs, desired_stacks, members
+from tether.controller.selectors import Attributes
 from tether.protocol.errors import StoreError
 from tether.protocol.models import ServiceSpec, StackRef, StackSpec
 
 SPEC = StackSpec(services=(ServiceSpec(name="web", image="web:1"),))
-LABELS = {
+TRUSTED = {
     "pi-1": {"site": "berlin", "arch": "arm64"},
     "pi-2": {"site": "berlin", "arch": "amd64"},
     "pi-3": {"site": "paris"},
     "pi-4": {},
 }
+LABELS = {d: Attributes(trusted=labels) for d, labels in TRUSTED.items()}
 
 
 def stack(name: str, group: str, spec_hash: str = "a" * 64) -> Stack:
@@ -47,10 +49,10 @@ def test_selector_membership_follows_label_changes() -> None:
     """Relabelling a device moves it into or out of a selector group (and its stacks)."""
     group = Group(name="berlin", selector="site=berlin")
     stacks = [stack("web", "berlin")]
-    labels = {k: dict(v) for k, v in LABELS.items()}
+    labels = dict(LABELS)
     assert members(group, labels) == ["pi-1", "pi-2"]
-    labels["pi-3"]["site"] = "berlin"
-    labels["pi-1"]["site"] = "paris"
+    labels["pi-3"] = Attributes(trusted={"site": "berlin"})
+    labels["pi-1"] = Attributes(trusted={"site": "paris", "arch": "arm64"})
     assert members(group, labels) == ["pi-2", "pi-3"]
     assert sorted(desired_stacks(stacks, {"berlin": group}, labels)) == ["pi-2", "pi-3"]
 
@@ -95,3 +97,26 @@ def test_stacks_on_missing_groups_are_ignored() -> None:
     result = desired_stacks([stack("orphan", "deleted"), stack("web", "lab")], groups, LABELS)
     assert result == {"pi-1": (StackRef(name="web", spec_hash="a" * 64),)}
     assert desired_stacks([stack("orphan", "deleted")], groups, LABELS) == {}
+
+
+def test_a_selector_matches_only_trusted_labels_unless_the_group_trusts_devices() -> None:
+    """A label or fact a device reports about itself puts it in no group (nor its stacks or
+    jobs) unless the group trusts device labels; a trusted label wins over a reported one."""
+    labels = {
+        "honest": Attributes(trusted={"pool": "pB"}),
+        "liar": Attributes(reported={"pool": "pB", "arch": "arm64"}),
+        "overridden": Attributes(trusted={"pool": "pA"}, reported={"pool": "pB"}),
+    }
+    strict = Group(name="pb", selector="pool=pB")
+    trusting = strict.model_copy(update={"trust_device_labels": True})
+    assert members(strict, labels) == ["honest"]
+    assert members(trusting, labels) == ["honest", "liar"]
+    assert members(Group(name="arm", selector="arch=arm64"), labels) == []
+    assert members(Group(name="none", selector="!pool"), labels) == ["liar"]  # absent from its trusted labels
+    assert sorted(desired_stacks([stack("secret-app", "pb")], {"pb": strict}, labels)) == ["honest"]
+    from tether.controller.models import Job
+    from tether.protocol.models import JobSpec
+
+    job = Job(name="j", group="pb", spec=JobSpec(name="j", command=("true",), run_id="r1"))
+    assert sorted(desired_jobs([job], {"pb": strict}, labels)) == ["honest"]
+    assert dict(labels["overridden"]) == {"pool": "pA"}

@@ -206,7 +206,7 @@ def test_fleet_deploy_through_a_real_controller(mosquitto: Mosquitto, tmp_path: 
     controller = ControllerProcess(tmp_path / "controller", broker=mosquitto.url)
     try:
         with ControllerClient(mosquitto.url, timeout=30) as client:
-            client.request(GroupsCreate(name="sim", selector="site=sim"))
+            client.request(GroupsCreate(name="sim", selector="site=sim", trust_device_labels=True))
             config = FleetConfig(
                 broker=mosquitto.url,
                 devices=20,

@@ -436,7 +436,7 @@ class Fleet:
             self.start_agent(name)
         for name in names:
             wait_until(lambda n=name: self.show(n)["status"] == "online", 40, 0.1, f"{name} online")
-        self.request(GroupsCreate(name=self.group, selector=f"lab={self.run}"))
+        self.request(GroupsCreate(name=self.group, selector=f"lab={self.run}", trust_device_labels=True))
         self.deploy("steady", STEADY)
         self.deploy("noise", NOISE)
         wait_until(lambda: self.converged(names, {"steady", "noise"}), 40, 0.1, "steady running everywhere")
