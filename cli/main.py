@@ -681,8 +681,81 @@ def _wait_deployment(
         time.sleep(0.5)
 
 
+def compose_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The Compose file options of `stacks deploy` and `stacks config` (as docker compose's)."""
+    for option in reversed(
+        [
+            click.argument("file", required=False),
+            click.option(
+                "-f",
+                "--file",
+                "more_files",
+                multiple=True,
+                help="Compose file (repeatable: later files are merged over earlier ones).",
+            ),
+            click.option(
+                "--env-file",
+                "env_files",
+                multiple=True,
+                help="Variables for interpolation (repeatable; default: .env beside the first file).",
+            ),
+            click.option(
+                "-e",
+                "--env",
+                "env",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="A variable for interpolation, over the shell's and the env files'.",
+            ),
+            click.option("--profile", "profiles", multiple=True, help="Enable services of this profile."),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _resolve(
+    file: str | None,
+    more_files: tuple[str, ...],
+    env_files: tuple[str, ...],
+    env: tuple[str, ...],
+    profiles: tuple[str, ...],
+) -> Any:
+    """The stack's Compose files resolved here (warnings on stderr), as docker compose would."""
+    from .compose_files import resolve_files
+
+    resolved = resolve_files([*([file] if file else []), *more_files], env_files, env, profiles)
+    for warning in resolved.warnings:
+        click.echo(f"tether: warning: {warning}", err=True)
+    return resolved
+
+
+@stacks.command("config")
+@compose_options
+def stacks_config(
+    file: str | None,
+    more_files: tuple[str, ...],
+    env_files: tuple[str, ...],
+    env: tuple[str, ...],
+    profiles: tuple[str, ...],
+) -> None:
+    """Print the stack as resolved here (interpolated, merged, included, extended), like
+    `docker compose config`: what `stacks deploy` sends to the controller."""
+    from tether.protocol.compose_yaml import dump_yaml
+
+    try:
+        resolved = _resolve(file, more_files, env_files, env, profiles)
+    except TetherError as exc:
+        fail(str(exc))
+    click.echo(dump_yaml(resolved.doc), nl=False)
+    if resolved.files:
+        click.echo("# shipped with the stack (the stack's directory on each device):")
+        for path, shipped in sorted(resolved.files.items()):
+            click.echo(f"#   {path or '.'} ({len(shipped.data)} bytes, mode {shipped.mode:04o})")
+
+
 @stacks.command("deploy")
-@click.argument("file", type=click.File("r"))
+@compose_options
 @click.option("--name", required=True, help="Stack name.")
 @click.option("--group", required=True, help="Target group.")
 @click.option(
@@ -720,7 +793,11 @@ def _wait_deployment(
 def stacks_deploy(
     client: ControllerClient,
     fmt: str,
-    file: Any,
+    file: str | None,
+    more_files: tuple[str, ...],
+    env_files: tuple[str, ...],
+    env: tuple[str, ...],
+    profiles: tuple[str, ...],
     name: str,
     group: str,
     strategy: str,
@@ -734,11 +811,13 @@ def stacks_deploy(
     wait: bool,
     timeout: float,
 ) -> None:
-    """Deploy (or update) a Compose FILE as stack NAME on GROUP."""
-    try:
-        text = file.read()
-    except UnicodeDecodeError as exc:
-        raise TetherError(f"{file.name}: not a text file ({exc.reason})") from exc
+    """Deploy (or update) a Compose FILE (and -f overlays) as stack NAME on GROUP.
+
+    The files are resolved here first, as docker compose resolves them (`tether stacks
+    config` prints the result); ${var:PATH/KEY} references are left for the device."""
+    from tether.protocol.compose_yaml import dump_yaml
+
+    text = dump_yaml(_resolve(file, more_files, env_files, env, profiles).doc)
     if healthy_deadline <= 0:
         raise TetherError("--healthy-deadline must be positive")
     rollout = RolloutStrategy(
