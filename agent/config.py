@@ -17,6 +17,8 @@ increasing precedence. The same file can be baked into every device image of a b
     tls_cert = "/etc/tether/pi-042.pem"  # a client certificate, if the broker requires one (mTLS;
     tls_key = "/etc/tether/pi-042.key"   #   `tether devices credentials ID --cert`): no password then
     enrollment_token = "tet_..."  # without credentials: enroll with this fleet token (docs/onboarding.md)
+    download_rate_limit = "2mbit" # image downloads at most this fast (bit/s: kbit, mbit; bytes/s: KB, MB)
+    insecure_registries = ["registry.lan:5000"]  # registries spoken to over plain HTTP (loopback always is)
     [labels]
     site = "berlin"
 
@@ -24,7 +26,7 @@ Environment: ``TETHER_BROKERS`` (comma-separated), ``TETHER_DEVICE_ID``, ``TETHE
 (``k=v,k=v``), ``TETHER_DATA_DIR``, ``TETHER_DRIVER``, ``TETHER_KEEPALIVE``,
 ``TETHER_RECONCILE_INTERVAL``, ``TETHER_METRICS_INTERVAL``, ``TETHER_METRICS_FULL_INTERVAL``,
 ``TETHER_METRICS_THRESHOLD``, ``TETHER_USERNAME``, ``TETHER_PASSWORD``, ``TETHER_ENROLLMENT_TOKEN``,
-``TETHER_CA_FILE``, ``TETHER_TLS_CERT``, ``TETHER_TLS_KEY``,
+``TETHER_CA_FILE``, ``TETHER_TLS_CERT``, ``TETHER_TLS_KEY``, ``TETHER_DOWNLOAD_RATE_LIMIT``,
 ``TETHER_CONFIG`` (the file).
 """
 
@@ -62,6 +64,25 @@ def default_device_id() -> str:
     return name or "device"
 
 
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|b|kb|mb|gb)?(?:/s)?\s*$", re.IGNORECASE)
+_RATE_UNITS = {
+    "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
+    "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9,
+}  # fmt: skip
+
+
+def parse_rate(value: str | float) -> float:
+    """A rate in bytes/s: a number (bytes/s) or text with a unit (``2mbit``, ``500KB``)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("must be positive")
+        return float(value)
+    match = _RATE_RE.match(str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"{value!r} is not a rate (e.g. 2mbit, 256kbit, 500KB: bytes or bits per second)")
+    return float(match.group(1)) * _RATE_UNITS[(match.group(2) or "b").lower()]
+
+
 DEFAULT_METRICS_INTERVAL = 300.0
 """Seconds between metric samples by default, unless two keepalives are longer."""
 
@@ -95,6 +116,22 @@ class AgentConfig(BaseModel):
     tls_key: Path | None = None
     enrollment_token: str | None = Field(default=None, repr=False)
     """A fleet token: with no credentials yet, the agent enrolls with it (agent/enroll.py)."""
+    download_rate_limit: str | float | None = None
+    """Image downloads at most this fast (``2mbit``, ``500KB``, a number: bytes/s); None: no limit.
+    Keeps a narrow link usable for the workload and the control channel during an update."""
+    insecure_registries: tuple[str, ...] = ()
+    """Registries (``host:port``) the agent speaks plain HTTP to; loopback registries always."""
+
+    def download_rate(self) -> float | None:
+        """The download rate limit in bytes/s, or None."""
+        return None if self.download_rate_limit is None else parse_rate(self.download_rate_limit)
+
+    @field_validator("download_rate_limit")
+    @classmethod
+    def _rate(cls, value: str | float | None) -> str | float | None:
+        if value is not None:
+            parse_rate(value)
+        return value
 
     def metrics_every(self) -> float:
         """Seconds between metric samples: as configured, else 300 s or two keepalives if longer.
@@ -203,6 +240,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         ("TETHER_CA_FILE", "ca_file"),
         ("TETHER_TLS_CERT", "tls_cert"),
         ("TETHER_TLS_KEY", "tls_key"),
+        ("TETHER_DOWNLOAD_RATE_LIMIT", "download_rate_limit"),
     ):
         if env.get(var):
             out[key] = env[var]

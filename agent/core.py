@@ -21,6 +21,13 @@ and keeps its files in a :class:`~.store.StateStore`.
 * **Events** go through an on-disk outbox (bounded; the oldest are dropped and counted)
   and are delivered oldest first once connected; each carries a per-device ``seq`` so
   receivers can drop duplicates.
+* **Stage, then switch**: with an image stager (the docker driver), a stack moves to a
+  new version only once every image of that version is on the device; until then the
+  version it runs (``applied``, kept on disk) keeps running and restarting, and the report
+  carries the download's progress (``downloads``). A stack never run before waits, left
+  alone. Stack versions in the desired state's ``stage`` are downloaded and never run.
+  After a switch where every stack runs, images no stack (nor the previous version of
+  one) uses are pruned, among those the stager loaded itself.
 * **Hold**: while the device holds updates (``is_held``; the agent's ``hold`` file, like
   balena's update lock), a new generation stays pending, fetched but not applied, and the
   report says ``held``; it is applied as soon as the hold is released.
@@ -40,13 +47,14 @@ and keeps its files in a :class:`~.store.StateStore`.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from tether.protocol import codec, topics
 from tether.protocol.enrollment import DeviceKey
@@ -54,13 +62,16 @@ from tether.protocol.errors import DriverError, PayloadError
 from tether.protocol.models import (
     DesiredState,
     DeviceFacts,
+    DownloadStatus,
     Event,
+    ImageDownload,
     JobResult,
     JobSpec,
     Presence,
     ReportedState,
     StackDefinition,
     StackSpec,
+    StackStatus,
     VarBinding,
 )
 from tether.protocol.mqtt import Will
@@ -73,12 +84,18 @@ from .jobs import JobScheduler
 from .reconcile import CRASH_LOOP_RESTARTS, Create, Remove, RestartRecord, ServiceKey, Start
 from .store import StateStore
 
+if TYPE_CHECKING:  # the stager brings the registry client (requests): only agents with images load it
+    from .staging import ImageStager, ImageStatus
+
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 20
 EVENTS_IN_FLIGHT = 50
 """Events sent but not yet acknowledged, at most."""
 STEADY_RUN_SECONDS = 60.0
+PROGRESS_INTERVAL = 10.0
+"""Download progress (bytes, rate, ETA) changes the reported state at most this often;
+a change of state (downloading, retrying, staged, failed) is reported at once."""
 
 
 @dataclass(frozen=True)
@@ -134,12 +151,15 @@ class AgentCore:
         is_held: Callable[[], bool] = lambda: False,
         key: DeviceKey | None = None,
         keepalive: int | None = None,
+        images: ImageStager | None = None,
     ) -> None:
         """``key``: the device's X25519 key pair (secrets are sealed to it); without one,
         stacks that use secrets cannot be rendered. ``keepalive``: the MQTT keepalive, told
-        in the device's facts."""
+        in the device's facts. ``images``: the image stager (drivers that run images);
+        without one, images are the driver's business."""
         self.device_id = device_id
         self.keepalive = keepalive
+        self.images = images
         self.key = key
         self.renderings: dict[str, Rendering] = {}
         self._signals: set[tuple[str, str, str]] = set()  # (stack, service, signal) to send
@@ -173,12 +193,25 @@ class AgentCore:
         self._last_report: ReportedState | None = None
         self._quiet: tuple[object, ...] | None = None  # see reconcile_once
         self._report_published = False
+        saved = store.load_json("applied") or {}
+        self.applied: dict[str, str] = dict(saved.get("applied", {}))
+        """Stack name -> the version (hash) the device runs: the desired one once staged."""
+        self.previous: dict[str, str] = dict(saved.get("previous", {}))
+        """Stack name -> the version it ran before its last switch (its images are kept)."""
+        self._downloads: dict[str, DownloadStatus] = {}
+        self._downloads_key: object = None
+        self._downloads_at = 0.0
+        self._pruned_for: object = None
+        self._failed_seen: set[tuple[str, str]] = set()
         if self.desired is not None:
             self.jobs.set_jobs(self.desired.jobs, clock())
-            for ref in self.desired.stacks:
-                definition = store.load_definition(ref.spec_hash)
+            wanted = {ref.spec_hash for ref in (*self.desired.stacks, *self.desired.stage)}
+            for spec_hash in wanted | set(self.applied.values()) | set(self.previous.values()):
+                definition = store.load_definition(spec_hash)
                 if definition is not None:
-                    self.specs[ref.spec_hash] = definition.spec
+                    self.specs[spec_hash] = definition.spec
+            # Definitions of staged versions not fetched yet: subscribed to once connected.
+            self.awaiting |= {ref.spec_hash for ref in self.desired.stage} - set(self.specs)
 
     def topic(self, kind: DeviceTopic) -> str:
         return topics.device(self.device_id, kind)
@@ -308,7 +341,12 @@ class AgentCore:
                 self.specs[ref.spec_hash] = cached.spec
             else:
                 missing.add(ref.spec_hash)
-        for spec_hash in missing - self.awaiting:
+        staged = {r.spec_hash for r in pending.stage if r.spec_hash not in self.specs}
+        for spec_hash in staged - self.awaiting:
+            cached = self.store.load_definition(spec_hash)
+            if cached is not None:
+                self.specs[spec_hash] = cached.spec
+        for spec_hash in (missing | {h for h in staged if h not in self.specs}) - self.awaiting:
             self.awaiting.add(spec_hash)
             self.link.subscribe(topics.stack(spec_hash))
         if missing:
@@ -330,7 +368,7 @@ class AgentCore:
         self.desired = pending
         self.pending = None
         self.rejection = None
-        keep = {ref.spec_hash for ref in pending.stacks}
+        keep = self._kept_hashes()
         for spec_hash in self.awaiting - keep:
             self.link.unsubscribe(topics.stack(spec_hash))
         self.awaiting &= keep
@@ -366,18 +404,183 @@ class AgentCore:
         self.event("desired.rejected", message, level="error")
         self.wake = True
 
+    def _kept_hashes(self) -> set[str]:
+        """Stack versions whose definitions stay on disk: desired, pending, staged, running, previous."""
+        keep = set(self.applied.values()) | set(self.previous.values())
+        for state in (self.desired, self.pending):
+            if state is not None:
+                keep |= {ref.spec_hash for ref in (*state.stacks, *state.stage)}
+        return keep
+
     # --- reconcile ---
 
     def desired_stacks(self) -> tuple[dict[str, StackSpec], dict[str, str]]:
+        """The stacks to run now and their versions: the desired version once its images
+        are on the device, else the version the device runs (see :meth:`choose`)."""
+        specs, hashes, _blocked = self.choose()
+        return specs, hashes
+
+    def _staged(self, spec: StackSpec) -> bool:
+        """Whether every image of ``spec`` is on the device (always, without a stager)."""
+        if self.images is None:
+            return True
+        return all(self.images.present(s.image) for s in spec.services if s.image)
+
+    def choose(self) -> tuple[dict[str, StackSpec], dict[str, str], set[str]]:
+        """Per desired stack, the version to run: the desired one if staged, else the applied
+        one. ``blocked``: stacks with neither (never run, images not here yet): left alone.
+        Reads state only: remote operations call it from worker threads."""
         specs: dict[str, StackSpec] = {}
         hashes: dict[str, str] = {}
+        blocked: set[str] = set()
         if self.desired is not None:
             for ref in self.desired.stacks:
                 spec = self.specs.get(ref.spec_hash)
-                if spec is not None:
-                    specs[ref.name] = spec
-                    hashes[ref.name] = ref.spec_hash
-        return specs, hashes
+                if spec is None:
+                    continue
+                chosen = ref.spec_hash
+                if not self._staged(spec):
+                    old = self.applied.get(ref.name)
+                    old_spec = self.specs.get(old) if old is not None else None
+                    if old is None or old == ref.spec_hash or old_spec is None:
+                        blocked.add(ref.name)
+                    else:
+                        chosen, spec = old, old_spec
+                specs[ref.name] = spec
+                hashes[ref.name] = chosen
+        return specs, hashes, blocked
+
+    def _note_applied(self, hashes: dict[str, str], blocked: set[str]) -> None:
+        """Remember which version of each stack now runs (and the one it ran before)."""
+        applied = {name: h for name, h in hashes.items() if name not in blocked}
+        applied.update({name: h for name, h in self.applied.items() if name in blocked})
+        if applied == self.applied:
+            return
+        for name, spec_hash in applied.items():
+            old = self.applied.get(name)
+            if old is not None and old != spec_hash:
+                self.previous[name] = old
+                log.info("stack %s switches to %s (from %s)", name, spec_hash[:12], old[:12])
+        self.previous = {n: h for n, h in self.previous.items() if n in applied}
+        self.applied = applied
+        self.store.save_json("applied", {"applied": self.applied, "previous": self.previous})
+
+    def _images_of(self, spec_hash: str) -> set[str] | None:
+        spec = self.specs.get(spec_hash)
+        if spec is None:
+            return None
+        return {s.image for s in spec.services if s.image}
+
+    def _want_images(self) -> None:
+        """Tell the stager every image of every version the device runs, will run or stages."""
+        if self.images is None:
+            return
+        hashes = set(self.applied.values())
+        credentials: dict[str, tuple[str, str]] = {}
+        for state in (self.desired, self.pending):
+            if state is None:
+                continue
+            hashes |= {ref.spec_hash for ref in (*state.stacks, *state.stage)}
+            credentials.update(self._registry_credentials(state))
+        wanted: set[str] = set()
+        for spec_hash in hashes:
+            wanted |= self._images_of(spec_hash) or set()
+        self.images.want(wanted, credentials)
+
+    def _registry_credentials(self, state: DesiredState) -> dict[str, tuple[str, str]]:
+        """The registry credentials sealed to this device in ``state`` (those that open)."""
+        out: dict[str, tuple[str, str]] = {}
+        for auth in state.registries:
+            if auth.sealed is None or self.key is None:
+                continue
+            try:
+                data = json.loads(self.key.open_text(auth.sealed, f"registry {auth.host!r} credentials"))
+                out[auth.host] = (str(data["username"]), str(data["password"]))
+            except (PayloadError, ValueError, KeyError, TypeError) as exc:
+                log.error("registry %s: credentials do not open: %s", auth.host, exc)
+        return out
+
+    def _download_status(
+        self, spec_hash: str, statuses: dict[str, ImageStatus], rate: float, *, switching: bool
+    ) -> DownloadStatus | None:
+        """Where the images of one stack version stand (None: all there and switching now)."""
+        images = self._images_of(spec_hash)
+        if images is None:  # definition not here yet: its images are not known
+            return DownloadStatus(spec_hash=spec_hash, state="downloading")
+        parts = [(ref, statuses[ref]) for ref in sorted(images) if ref in statuses]
+        if len(parts) < len(images):  # not told to the stager yet: next round
+            return DownloadStatus(spec_hash=spec_hash, state="downloading")
+        if all(st.state == "present" for _, st in parts):
+            if switching:
+                return None
+            state = "staged"
+        elif failed := [st for _, st in parts if st.state == "failed"]:
+            state = "failed"
+        elif any(st.state == "retrying" for _, st in parts):
+            state = "retrying"
+        else:
+            state = "downloading"
+        reason = None
+        if state == "failed":
+            reason = failed[0].reason
+        elif state == "retrying":
+            reason = next(st.reason for _, st in parts if st.state == "retrying")
+        done = sum(st.done for _, st in parts)
+        totals = [st.total if st.state != "present" else (st.total or st.done) for _, st in parts]
+        total = None if any(t is None for t in totals) else sum(t or 0 for t in totals)
+        moving = state in ("downloading", "retrying")
+        eta = (total - done) / rate if moving and rate > 0 and total is not None and total >= done else None
+        return DownloadStatus(
+            spec_hash=spec_hash,
+            state=state,  # type: ignore[arg-type]
+            done=done,
+            total=total,
+            rate=round(rate, 1) if moving else 0.0,
+            eta_s=round(eta, 1) if eta is not None else None,
+            reason=reason,
+            images=tuple(ImageDownload(image=ref, done=st.done, total=st.total) for ref, st in parts),
+        )
+
+    def downloads(self, hashes: dict[str, str], now: float) -> dict[str, DownloadStatus]:
+        """Per stack, the version whose images are fetched or staged, for the report; the
+        bytes, rate and ETA move at most every :data:`PROGRESS_INTERVAL` seconds."""
+        if self.images is None:
+            return {}
+        statuses = self.images.status()
+        rate = self.images.rate()
+        result: dict[str, DownloadStatus] = {}
+        candidates: list[tuple[str, str, bool]] = []
+        if self.desired is not None:
+            candidates += [(r.name, r.spec_hash, True) for r in self.desired.stacks]
+        if self.pending is not None:  # held: downloaded, not switched
+            candidates += [(r.name, r.spec_hash, False) for r in self.pending.stacks]
+        for state in (self.desired, self.pending):
+            if state is not None:
+                candidates += [(r.name, r.spec_hash, False) for r in state.stage]
+        for name, spec_hash, switching in candidates:
+            if name in result or hashes.get(name) == spec_hash:
+                continue
+            status = self._download_status(spec_hash, statuses, rate, switching=switching)
+            if status is not None:
+                result[name] = status
+        for status in result.values():
+            if (
+                status.state == "failed"
+                and status.reason
+                and (status.spec_hash, status.reason) not in self._failed_seen
+            ):
+                self._failed_seen.add((status.spec_hash, status.reason))
+                self.event("download.failed", status.reason, level="error")
+        key = {n: (d.spec_hash, d.state, d.reason) for n, d in result.items()}
+        if key == self._downloads_key and now - self._downloads_at < PROGRESS_INTERVAL:
+            return self._downloads
+        self._downloads, self._downloads_key, self._downloads_at = result, key, now
+        return result
+
+    @property
+    def downloading(self) -> bool:
+        """Whether a download is under way (the report's progress moves)."""
+        return any(d.state in ("downloading", "retrying") for d in self._downloads.values())
 
     # --- variables ---
 
@@ -489,10 +692,13 @@ class AgentCore:
     def reconcile_once(self) -> None:
         """Observe, plan, apply, report. Driver failures are recorded, never raised."""
         self.wake = False
-        if self.pending is not None and not self.awaiting:
+        if self.pending is not None and not self.awaiting & {r.spec_hash for r in self.pending.stacks}:
             self._try_accept()  # a hold may have been released
         now = self.clock()
-        specs, hashes = self.desired_stacks()
+        self._want_images()
+        specs, hashes, blocked = self.choose()
+        self._note_applied(hashes, blocked)
+        downloads = self.downloads(hashes, now)
         desired, render_errors = self.render(specs)
         try:
             observed = self.driver.observe()
@@ -505,7 +711,16 @@ class AgentCore:
         # no restart count to forget after a steady run), the same inputs give the same empty
         # plan and the same report: skip them. The driver is still asked every time, so an
         # instance that crashed, exited or changed health is seen and handled at once.
-        quiet = (self.desired, hashes, self.rejection, self.held, self.store.outbox_dropped(), observed)
+        quiet = (
+            self.desired,
+            hashes,
+            self.rejection,
+            self.held,
+            self.store.outbox_dropped(),
+            observed,
+            downloads,
+            blocked,
+        )
         if quiet == self._quiet and not self._signals:
             if not self._report_published and self._candidate is not None:
                 self._candidate = self._candidate.model_copy(update={"at": now})
@@ -514,11 +729,15 @@ class AgentCore:
         self._quiet = None
         # A stack that could never be rendered is left alone: its instances are neither
         # created nor removed until it can be.
-        unrendered = set(specs) - set(desired)
+        # So is a stack whose images are still on their way and that never ran before.
+        unrendered = (set(specs) - set(desired)) | blocked
         before = observed
-        plan = reconcile.plan(desired, [i for i in observed if i.stack not in unrendered], now, self.restarts)
+        runnable = {name: spec for name, spec in desired.items() if name not in blocked}
+        plan = reconcile.plan(
+            runnable, [i for i in observed if i.stack not in unrendered], now, self.restarts
+        )
         for action in plan.actions:
-            self._apply(action, desired, now)
+            self._apply(action, runnable, now)
         if self._signals:
             self._send_signals(before, desired)
         if plan.actions:
@@ -561,9 +780,30 @@ class AgentCore:
             error=self.rejection,
             held=self.held,
             events_dropped=self.store.outbox_dropped(),
+            downloads=downloads,
             at=now,
         )
         self.publish_report()
+        self._prune_images(stacks, blocked)
+
+    def _prune_images(self, stacks: dict[str, StackStatus], blocked: set[str]) -> None:
+        """After a switch, once every stack runs: remove the images the stager loaded that
+        no stack uses, keeping the previous version's (a fast rollback)."""
+        if self.images is None or blocked or self.desired is None:
+            return
+        if any(s.state != "running" for s in stacks.values()):
+            return
+        key = (tuple(sorted(self.applied.items())), tuple(sorted(self.previous.items())))
+        if key == self._pruned_for:
+            return
+        keep: set[str] = set()
+        for spec_hash in self._kept_hashes():
+            images = self._images_of(spec_hash)
+            if images is None:
+                return  # a definition is still on its way: its images are not known
+            keep |= images
+        self._pruned_for = key
+        self.images.prune(keep)
 
     def _apply(self, action: reconcile.Action, desired: dict[str, StackSpec], now: float) -> None:
         if isinstance(action, Create | Start):

@@ -87,6 +87,10 @@ def set_hold(config: AgentConfig, on: bool) -> None:
     "--enrollment-token",
     help="Fleet enrollment token: without credentials, join with it (prefer TETHER_ENROLLMENT_TOKEN).",
 )
+@click.option(
+    "--download-rate-limit",
+    help="Image downloads at most this fast: 2mbit, 256kbit, 500KB (default: no limit).",
+)
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option(
     "--hold", "hold", flag_value="hold", default=None, help="Hold updates on this device, then exit."
@@ -115,6 +119,7 @@ def main(
     tls_cert: Path | None,
     tls_key: Path | None,
     enrollment_token: str | None,
+    download_rate_limit: str | None,
     log_level: str,
     hold: str | None,
 ) -> None:
@@ -140,6 +145,7 @@ def main(
             "ca_file": ca_file,
             "tls_cert": tls_cert,
             "tls_key": tls_key,
+            "download_rate_limit": download_rate_limit,
         }
         config = load_config(config_file, os.environ, flags)
         config.credentials()  # a broken credentials file is a config error, said once

@@ -8,10 +8,12 @@ The MQTT client thread only puts incoming messages on :attr:`Agent.inbox`; the t
 from __future__ import annotations
 
 import logging
+import platform
 import queue
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 from tether.protocol import codec
 from tether.protocol.models import JobResult, JobSpec
@@ -19,21 +21,40 @@ from tether.protocol.mqtt import MqttClient
 
 from . import remote
 from .config import LABEL_KEY_RE, AgentConfig
-from .core import AgentCore
+from .core import PROGRESS_INTERVAL, AgentCore
 from .drivers.base import Driver
 from .enroll import load_or_create_key
 from .jobs import run_host_command, run_job
+from .staging import ImageEngine, ImageStager
 from .store import LocalStore
 
 log = logging.getLogger(__name__)
 
 _CONNECTED = "\x00connected"
 _JOB = "\x00job"
+_WAKE = "\x00wake"
 LABELS_TIMEOUT = 10.0
 FAST_INTERVAL = 1.0
 LABELS_TIMEOUT = 10.0
 HOLD_FILE = "hold"
 """While ``{data_dir}/hold`` exists, the device applies no new desired state."""
+
+
+def make_stager(config: AgentConfig, driver: Driver, on_change: Callable[[], None]) -> ImageStager | None:
+    """The image stager for a driver that runs images (the docker driver), else None."""
+    if not hasattr(driver, "load_image"):
+        return None
+    from .registry import Platform
+
+    engine: ImageEngine = driver  # type: ignore[assignment]
+    return ImageStager(
+        config.data_dir / "images",
+        engine,
+        platform=Platform.from_machine(platform.machine()),
+        rate_limit=config.download_rate(),
+        insecure=frozenset(config.insecure_registries),
+        on_change=on_change,
+    )
 
 
 class Agent:
@@ -57,6 +78,7 @@ class Agent:
             client_cert=config.client_cert(),
         )
         hold_file = config.data_dir / HOLD_FILE
+        self.images = make_stager(config, driver, lambda: self.inbox.put((_WAKE, b"")))
         self.core = AgentCore(
             config.device_id,
             config.labels,
@@ -66,6 +88,7 @@ class Agent:
             is_held=hold_file.exists,
             key=load_or_create_key(config.data_dir),
             keepalive=config.keepalive,
+            images=self.images,
         )
         self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics
@@ -108,6 +131,8 @@ class Agent:
         self.refresh_labels()
         self.client.start()
         self.metrics.start()
+        if self.images is not None:
+            self.images.start()
         next_reconcile = 0.0
         next_labels = time.monotonic() + self.config.labels_interval
         try:
@@ -131,11 +156,14 @@ class Agent:
                 if self.core.wake or time.monotonic() >= next_reconcile:
                     self.core.reconcile_once()
                     busy = self.core.converging or self.core.waiting or self.core.watching()
-                    next_reconcile = time.monotonic() + (
-                        FAST_INTERVAL if busy else self.config.reconcile_interval
-                    )
+                    interval = self.config.reconcile_interval
+                    if self.core.downloading:  # progress goes out every PROGRESS_INTERVAL
+                        interval = min(interval, PROGRESS_INTERVAL)
+                    next_reconcile = time.monotonic() + (FAST_INTERVAL if busy else interval)
         finally:
             remote.detach(self.core, self.metrics)
+            if self.images is not None:
+                self.images.close()
             self.client.stop(publish_first=self.core.goodbye())
             self.core.driver.close()
             self.stopped.set()
@@ -153,6 +181,9 @@ class Agent:
     def _dispatch(self, topic: str, payload: bytes) -> None:
         if topic == _JOB:
             self.core.job_finished(codec.decode(payload, JobResult))
+            return
+        if topic == _WAKE:  # the image stager moved: an image arrived, failed or retries
+            self.core.wake = True
             return
         if topic == _CONNECTED:
             broker = self.client.current_broker

@@ -18,7 +18,7 @@ import codecs
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from tether.protocol.errors import DriverError
@@ -133,6 +133,62 @@ class DockerDriver:
             self.client.images.pull(image)
         except docker.errors.DockerException as exc:
             raise _error(f"image {image} is not on the device and pulling it failed", exc) from exc
+
+    # --- images: what the agent's image stager needs (agent/staging.py: ImageEngine) ---
+
+    def image_id(self, ref: str) -> str | None:
+        try:
+            return str(self.client.api.inspect_image(ref)["Id"])
+        except docker.errors.ImageNotFound:
+            return None
+        except docker.errors.APIError as exc:
+            if exc.status_code in (400, 404):  # a name the engine cannot parse is not here either
+                return None
+            raise _error(f"inspect image {ref}", exc) from exc
+        except docker.errors.DockerException as exc:
+            raise _error(f"inspect image {ref}", exc) from exc
+
+    def layer_chains(self) -> set[tuple[str, ...]]:
+        chains: set[tuple[str, ...]] = set()
+        try:
+            for summary in self.client.api.images(all=False):
+                try:
+                    layers = (
+                        self.client.api.inspect_image(summary["Id"]).get("RootFS", {}).get("Layers") or []
+                    )
+                except docker.errors.NotFound:
+                    continue
+                chains.update(tuple(layers[: i + 1]) for i in range(len(layers)))
+        except docker.errors.DockerException as exc:
+            raise _error("list images", exc) from exc
+        return chains
+
+    def load_image(self, archive: Iterable[bytes]) -> None:
+        try:
+            self.client.images.load(iter(archive))
+        except docker.errors.DockerException as exc:
+            raise _error("load image", exc) from exc
+
+    def pull_image(self, ref: str, credentials: tuple[str, str] | None) -> None:
+        auth = {"username": credentials[0], "password": credentials[1]} if credentials else None
+        try:
+            self.client.images.pull(ref, auth_config=auth)
+        except docker.errors.DockerException as exc:
+            raise _error(f"pull {ref}", exc) from exc
+
+    def remove_image(self, ref: str) -> None:
+        try:
+            self.client.api.remove_image(ref, force=False)
+        except docker.errors.ImageNotFound:
+            return
+        except docker.errors.DockerException as exc:
+            raise _error(f"remove image {ref}", exc) from exc
+
+    def storage_path(self) -> str | None:
+        try:
+            return str(self.client.info().get("DockerRootDir") or "") or None
+        except docker.errors.DockerException:
+            return None
 
     def _ensure_network(self, stack: str) -> str:
         name = f"tether-{self.device_id}-{stack}"

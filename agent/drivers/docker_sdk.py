@@ -1,4 +1,4 @@
-"""The Docker SDK, imported without requests' character-set detection.
+"""The Docker SDK (and requests, which it brings), imported without requests' character-set detection.
 
 The SDK talks to the Docker Engine API over a local socket, whose answers are JSON (UTF-8)
 and log streams the driver decodes itself; requests never needs to guess an encoding for
@@ -8,6 +8,9 @@ the SDK while ``charset_normalizer`` is marked absent makes requests fall back t
 which it documents and supports (``requests.compat.chardet`` is None); its warning about
 the missing detector is silenced for that import only. If requests or the detector is
 already loaded (a process that also runs other code), nothing is changed.
+
+``agent/registry.py`` fetches image blobs from registries with the same requests, so it
+imports it from here (registries answer JSON and binary blobs: no guessing needed either).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ try:
         warnings.filterwarnings("ignore", message="Unable to find acceptable character detection")
         import docker
         import docker.errors
+        import requests
 finally:
     if _MARK_ABSENT:
         del sys.modules["charset_normalizer"]  # anything else may import it for real
 
-__all__ = ["docker"]
+__all__ = ["docker", "requests"]
