@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.images import skip_or_fail
 from support.infra import wait_until
 from support.linkproxy import LinkProxy
 from support.registry import Registry, layer_size, push_image, registry_available
@@ -25,7 +26,7 @@ MB = 1_000_000
 def registry(tmp_path: Path) -> Iterator[Registry]:
     reason = registry_available()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     with Registry(tmp_path / "registry") as reg:
         yield reg
 
@@ -164,7 +165,7 @@ def test_credentials_open_a_private_registry_and_wrong_ones_fail_clearly(
     """htpasswd registry: no or wrong credentials fail as unauthorized; the right ones fetch the image."""
     reason = registry_available()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     with Registry(tmp_path / "registry", htpasswd={"edge": "s3cret"}) as reg:
         name = _name()
         ref = push_image(docker_engine, reg.host, name, MB, auth=("edge", "s3cret"))
