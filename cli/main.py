@@ -46,7 +46,7 @@ from tether.protocol.durations import format_duration, parse_duration
 from tether.protocol.errors import TetherError
 from tether.protocol.logsafe import log_to_stderr
 
-from . import enroll, output, remote, variables
+from . import enroll, output, registries, remote, variables
 from .client import ControllerClient
 from .common import common, fail
 
@@ -1166,6 +1166,7 @@ deployments.command("rollback")(
 remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remote.py)
 enroll.register(main)  # tether tokens, tether devices pending|approve|reject (cli/enroll.py)
 variables.register(main)  # tether vars (cli/variables.py)
+registries.register(main)  # tether registries (cli/registries.py)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -42,6 +42,9 @@ from tether.protocol.commands import (
     JobsRun,
     JobsSchedule,
     JobsStatus,
+    RegistriesAdd,
+    RegistriesList,
+    RegistriesRemove,
     StacksDeploy,
     StacksList,
     StacksRemove,
@@ -104,6 +107,9 @@ class RequestHandlers:
             StacksRemove: self._stacks_rm,
             DeploymentsList: self._deployments_ls,
             DeploymentsStatus: self._deployments_status,
+            RegistriesAdd: self._registries_add,  # type: ignore[attr-defined]
+            RegistriesList: self._registries_ls,  # type: ignore[attr-defined]
+            RegistriesRemove: self._registries_rm,  # type: ignore[attr-defined]
             DeploymentsAction: self._deployments_action,
             JobsRun: self._jobs_run,
             JobsSchedule: self._jobs_schedule,

@@ -9,6 +9,7 @@ from tether.protocol.models import (
     NAME_PATTERN,
     DeviceFacts,
     JobSpec,
+    RegistryAuth,
     ReportedState,
     StackRef,
     StackSpec,
@@ -141,6 +142,8 @@ class DesiredRecord(Stored):
     jobs: tuple[JobSpec, ...] = ()
     vars: tuple[VarBinding, ...] = ()
     """Values for the variables its stacks reference (a secret sealed to the device's key)."""
+    registries: tuple[RegistryAuth, ...] = ()
+    """Credentials for the registries its images come from (sealed to the device's key)."""
     published: bool = False
 
 
@@ -193,5 +196,19 @@ class Variable(Stored):
     items: dict[str, str] = Field(default_factory=dict)
     sealed: str | None = None
     keys: tuple[str, ...] = ()
+    version: int = 1
+    updated: float = 0.0
+
+
+class Registry(Stored):
+    """Credentials for an image registry (``tether registries add``), in one scope.
+
+    ``scope`` is ``fleet``, ``group:NAME`` or ``device:ID``, as for variables. The username
+    and password are kept only in ``sealed``, a sealed box to the controller's secrets key.
+    """
+
+    scope: str
+    host: str
+    sealed: str
     version: int = 1
     updated: float = 0.0

@@ -72,6 +72,7 @@ from .lease import Lease
 from .models import DesiredRecord, Device, Stack
 from .observability import REFRESH_SECONDS, Metrics
 from .placement import Assignment, Candidate, place
+from .registries import RegistryHandlers
 from .rollout import Observation
 from .scheduler import desired_jobs, desired_stacks, eligible, members
 from .security import SecurityHandlers
@@ -166,7 +167,7 @@ READ_COMMANDS = (
 )
 
 
-class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, VariableHandlers):
+class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, VariableHandlers, RegistryHandlers):
     """Schedules stacks onto devices and answers requests, over one MQTT connection."""
 
     def __init__(
@@ -189,6 +190,9 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         self._variables = None
         self._secret_items = {}
         self._spec_refs = {}
+        self._registries = None
+        self._registry_items = {}
+        self._spec_hosts = {}
         self.store = store
         self.table = table
         self.credentials = credentials
@@ -778,11 +782,20 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             bindings = self.var_bindings(
                 device_id, refs, stack_groups, public_keys.get(device_id), record.vars if record else ()
             )
+            auths = self.registry_auths(
+                device_id,
+                refs,
+                device_jobs,
+                stack_groups,
+                public_keys.get(device_id),
+                record.registries if record else (),
+            )
             if (
                 record is None
                 or record.stacks != refs
                 or record.jobs != device_jobs
                 or record.vars != bindings
+                or record.registries != auths
             ):
                 # Past whatever the device applied, even from a store older than the device's
                 # state (a restored backup): a lower generation would be ignored as a duplicate.
@@ -794,6 +807,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                         stacks=refs,
                         jobs=device_jobs,
                         vars=bindings,
+                        registries=auths,
                     )
                 )
         known = self.store.definitions()
@@ -925,6 +939,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                             stacks=r.stacks,
                             jobs=r.jobs,
                             vars=r.vars,
+                            registries=r.registries,
                             issued_at=now,
                         )
                     ),

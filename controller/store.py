@@ -21,7 +21,7 @@ from tether.protocol.errors import StoreError
 from tether.protocol.models import ReportedState, StackSpec
 from tether.protocol.secret_files import private_file
 
-from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Stack, Variable
+from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Registry, Stack, Variable
 from .rollout import Deployment
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,9 @@ MIGRATIONS: list[str | Callable[[Store], None]] = [
     CREATE TABLE reported (device_id TEXT PRIMARY KEY, generation INTEGER NOT NULL, body TEXT NOT NULL);
     """,
     _untrust_device_labels,
+    """
+    CREATE TABLE registries (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    """,
 ]
 """SQL scripts, or functions changing data through the store (inside the migration's transaction)."""
 
@@ -322,6 +325,7 @@ class Store:
             self._devices_written[device_id] = None
         prefix = f"device:{device_id}|"  # not LIKE: '_' in a device id would be a wildcard
         self.db.execute("DELETE FROM variables WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))
+        self.db.execute("DELETE FROM registries WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))
 
     # --- groups ---
 
@@ -584,3 +588,18 @@ class Store:
 
     def delete_variable(self, scope: str, path: str) -> None:
         self.db.execute("DELETE FROM variables WHERE id = ?", (f"{scope}|{path}",))
+
+    # --- registries (credentials only as ciphertext) ---
+
+    def get_registry(self, scope: str, host: str) -> Registry | None:
+        body = self._get("registries", "id", f"{scope}|{host}")
+        return Registry.model_validate_json(body) if body else None
+
+    def list_registries(self) -> list[Registry]:
+        return [Registry.model_validate_json(b) for b in self._all("registries", "id")]
+
+    def put_registry(self, registry: Registry) -> None:
+        self._put("registries", "id", f"{registry.scope}|{registry.host}", registry.model_dump_json())
+
+    def delete_registry(self, scope: str, host: str) -> None:
+        self.db.execute("DELETE FROM registries WHERE id = ?", (f"{scope}|{host}",))

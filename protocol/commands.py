@@ -170,6 +170,31 @@ class VarsRemove(WireModel):
     device_id: str | None = None
 
 
+class RegistriesAdd(WireModel):
+    """Credentials for a private image registry, for the fleet, one group or one device.
+
+    They never travel in plaintext: ``sealed`` is a sealed box to the controller's key
+    (``vars.key``) holding the JSON object ``{"username": ..., "password": ...}``.
+    """
+
+    kind: Literal["registries.add"] = "registries.add"
+    host: str = Field(max_length=255)
+    sealed: str = Field(min_length=1, max_length=8192)
+    group: str | None = None
+    device_id: str | None = None
+
+
+class RegistriesList(WireModel):
+    kind: Literal["registries.ls"] = "registries.ls"
+
+
+class RegistriesRemove(WireModel):
+    kind: Literal["registries.rm"] = "registries.rm"
+    host: str = Field(max_length=255)
+    group: str | None = None
+    device_id: str | None = None
+
+
 class GroupsCreate(WireModel):
     """A static group (``devices``) or a selector group. A selector matches only labels set by
     an operator or pinned at enrollment, unless ``trust_device_labels``: then also what devices
@@ -322,6 +347,9 @@ Command = Annotated[
     | VarsGet
     | VarsList
     | VarsRemove
+    | RegistriesAdd
+    | RegistriesList
+    | RegistriesRemove
     | GroupsCreate
     | GroupsList
     | GroupsShow

@@ -25,6 +25,7 @@ __all__ = [
     "DEVICE_ID",
     "LABEL_KEY",
     "NAME",
+    "REGISTRY_HOST",
     "SIGNAL",
     "SPEC_HASH",
     "TOKEN_ID",
@@ -33,6 +34,7 @@ __all__ = [
     "VAR_PATH",
     "VAR_REF",
     "Identifier",
+    "registry_of",
 ]
 
 
@@ -110,3 +112,20 @@ VAR_REF = Identifier(
     "write PATH/KEY (letters, digits, '_', '.', '-', and '/' between parts)",
 )
 SIGNAL = Identifier("signal", r"SIG[A-Z0-9]+", "a signal name such as SIGHUP")
+REGISTRY_HOST = Identifier(
+    "registry host",
+    r"(?:localhost|[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*)(?::[0-9]{1,5})?",
+    "write the registry as image references name it: HOST or HOST:PORT (docker.io for Docker Hub)",
+)
+"""An image registry as image references name it: ``registry.example:5000``, ``docker.io``."""
+DOCKER_HUB = "docker.io"
+
+
+def registry_of(image: str) -> str:
+    """The registry an image reference names, as Docker reads it: a first component with a
+    dot, a colon or ``localhost`` is a host (``registry.example:5000/app:1``); otherwise the
+    image is on Docker Hub (``busybox``, ``library/busybox``)."""
+    host, sep, _ = image.partition("/")
+    if sep and ("." in host or ":" in host or host == "localhost"):
+        return host
+    return DOCKER_HUB

@@ -11,17 +11,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import threading
 import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import Mosquitto, remove_tether_containers, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+from support.wiretap import Wiretap
 from tether.protocol import codec
 from tether.protocol.models import DesiredState
 
@@ -59,39 +57,6 @@ configs:
       password=${{var:db/password}}
       greeting=${{var:app/greeting}}
 """
-
-
-class Wiretap:
-    """A client subscribed to ``#``: every topic and payload the broker delivers."""
-
-    def __init__(self, port: int) -> None:
-        self.seen = bytearray()
-        self.count = 0
-        self.last: dict[str, bytes] = {}
-        self.lock = threading.Lock()
-        self.client = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe("#", 1)
-        self.client.loop_start()
-
-    def _on_message(self, client: object, userdata: object, msg: paho.MQTTMessage) -> None:
-        with self.lock:
-            self.seen += msg.topic.encode() + b"\n" + msg.payload + b"\n"
-            self.count += 1
-            self.last[msg.topic] = msg.payload
-
-    def latest(self, topic: str) -> bytes | None:
-        with self.lock:
-            return self.last.get(topic)
-
-    def saw(self, text: str) -> bool:
-        with self.lock:
-            return text.encode() in self.seen
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def _flip(sealed: str) -> str:
