@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from tether.controller.models import DesiredRecord, Device, Group, Stack
-from tether.controller.store import MIGRATIONS, Store
+from tether.controller.store import MIGRATIONS, Store, _untrust_device_labels
 from tether.protocol.errors import StoreError
 from tether.protocol.models import DeviceFacts, ReportedState, ServiceSpec, StackRef, StackSpec
 
@@ -261,7 +261,8 @@ def test_migration_says_which_devices_leave_selector_groups(
     import logging
 
     old = Store(db_path)
-    old.db.execute("DELETE FROM schema_migrations WHERE version = ?", (len(MIGRATIONS),))
+    version = MIGRATIONS.index(_untrust_device_labels) + 1  # as a store from before it
+    old.db.execute("DELETE FROM schema_migrations WHERE version = ?", (version,))
     with old.transaction():
         old.put_device(device("claims", pool="pB"))
         old.put_device(device("vouched", pool="pB").model_copy(update={"operator_labels": {"pool": "pB"}}))
