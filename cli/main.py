@@ -351,6 +351,9 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
     if rows:
         click.echo("")
         click.echo(output.table(["STACK", "SERVICE", "STATE", "HEALTH", "RESTARTS", "LAST ERROR"], rows))
+    if d.get("dropped"):
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(d["dropped"].items()))
+        click.echo(f"dropped:    {show(counts)} (messages not stored as sent: docs/security.md)")
     if d.get("events"):
         click.echo("\nrecent events:")
         for e in d["events"][-10:]:

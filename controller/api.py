@@ -151,6 +151,7 @@ class RequestHandlers:
             view["desired"] = [r.model_dump(mode="json") for r in record.stacks] if record else []
             view["reported"] = reported.model_dump(mode="json") if reported else None
             view["events"] = [json.loads(b) for b in self.store.list_events(device.id)]
+            view["dropped"] = self.store.dropped(device.id)
         return view
 
     def _devices_ls(self, cmd: DevicesList) -> Any:

@@ -5,7 +5,8 @@
     /healthz   200 while the process runs (liveness)
     /readyz    200 once connected to the broker and the store answers, else 503 (readiness)
     /metrics   Prometheus text format: devices by presence, stacks, deployments by state, leadership,
-               messages received by kind, requests by command and outcome
+               messages received by kind, device messages dropped or trimmed by reason, requests by
+               command and outcome
 
 Gauges that need the store (devices, stacks) are refreshed by the controller's worker
 thread every :data:`REFRESH_SECONDS`, so the HTTP thread never touches the database.
@@ -45,6 +46,12 @@ class Metrics:
         )
         self.messages = Counter(
             "tether_messages_received", "MQTT messages received", ["kind"], registry=self.registry
+        )
+        self.dropped = Counter(
+            "tether_device_messages_dropped",
+            "Device messages not stored as sent (trimmed, or results of unknown jobs), by reason",
+            ["reason"],
+            registry=self.registry,
         )
         self.requests = Counter(
             "tether_requests", "Requests handled", ["command", "outcome"], registry=self.registry

@@ -21,6 +21,7 @@ session is not older than the last ``online``, so a late will never hides a live
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -91,6 +92,13 @@ DEPLOYMENT_IDLE_STEP = 2.0
 STEP_SHARE = 3.0
 """After a deployment step that took t seconds, the next waits at least STEP_SHARE * t."""
 MAX_METRICS_DEVICES = 100_000
+MAX_EVENT_MESSAGE = 2048
+"""Characters of an event's message the controller keeps (and logs)."""
+MAX_EVENT_DATA = 16 * 1024
+"""Bytes (as JSON) of an event's data kept with it; larger data is left out of the stored event."""
+MAX_JOB_OUTPUT = 16 * 1024
+"""Characters of a job's output kept (the end; the agent sends at most 4096)."""
+MAX_RUN_ID = 128
 INGEST_BATCH = 500
 """Device messages handled in one store transaction, at most (see :meth:`Controller._ingest`)."""
 _BATCHED = frozenset({DeviceTopic.REPORTED.value, DeviceTopic.EVENTS.value, DeviceTopic.METRICS.value})
@@ -101,6 +109,20 @@ BEHIND_GRACE = 15.0
 before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
 BEHIND_BACKOFF_MAX = 300.0
 """Republishing to a device that stays behind backs off (doubling from the grace) up to this."""
+
+
+def _bounded_event(event: Event) -> tuple[Event, bool]:
+    """The event as stored: message and data within bounds; and whether anything was cut."""
+    update: dict[str, Any] = {}
+    if len(event.message) > MAX_EVENT_MESSAGE:
+        update["message"] = event.message[:MAX_EVENT_MESSAGE] + "..."
+    for name in ("kind", "stack", "service"):
+        value = getattr(event, name)
+        if value is not None and len(value) > MAX_RUN_ID:
+            update[name] = value[:MAX_RUN_ID]
+    if event.data is not None and len(json.dumps(event.data, default=str)) > MAX_EVENT_DATA:
+        update["data"] = {"dropped": f"more than {MAX_EVENT_DATA} bytes"}
+    return (event.model_copy(update=update), True) if update else (event, False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -697,22 +719,47 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         self._deployments_dirty = True
 
     def _on_event(self, device_id: str, payload: bytes) -> None:
+        """Store an event (bounded: see :data:`MAX_EVENT_MESSAGE`) and a job's result.
+
+        What one device can make the controller keep is bounded: the newest EVENTS_KEPT
+        events, each trimmed to MAX_EVENT_MESSAGE characters and MAX_EVENT_DATA bytes of
+        data; results only of jobs the controller has, JOB_RESULTS_KEPT per job, each output
+        trimmed to MAX_JOB_OUTPUT. What is dropped or trimmed is counted per device and
+        reason (``devices show``, ``/metrics``)."""
         event = self._decode_from(device_id, payload, Event)
         if event is None:
             return
-        if not self.store.add_event(device_id, event.seq, event.model_dump_json()):
+        stored, trimmed = _bounded_event(event)
+        if not self.store.add_event(device_id, event.seq, stored.model_dump_json()):
             return  # delivered twice (at least once on the wire): already stored
+        if trimmed:
+            self._dropped(device_id, "event_trimmed")
         if event.kind == "job.result" and event.data is not None:
-            try:
-                result = JobResult.model_validate(event.data)
-            except ValidationError as exc:
-                log.warning("device %s: ignoring malformed job result: %s", device_id, codec.describe(exc))
-            else:
-                self.store.add_job_result(
-                    result.job, device_id, result.run, result.started, result.model_dump_json()
-                )
+            self._on_job_result(device_id, event.data)
         level = logging.WARNING if event.level != "info" else logging.INFO
-        log.log(level, "device %s: %s: %s", device_id, event.kind, event.message)
+        log.log(level, "device %s: %s: %s", device_id, stored.kind, stored.message)
+
+    def _on_job_result(self, device_id: str, data: dict[str, Any]) -> None:
+        try:
+            result = JobResult.model_validate(data)
+        except ValidationError as exc:
+            log.warning("device %s: ignoring malformed job result: %s", device_id, codec.describe(exc))
+            self._dropped(device_id, "job_result_malformed")
+            return
+        if len(result.run) > MAX_RUN_ID or self.store.get_job(result.job) is None:
+            self._dropped(device_id, "job_result_unknown_job")
+            return
+        if len(result.output) > MAX_JOB_OUTPUT:
+            result = result.model_copy(update={"output": result.output[-MAX_JOB_OUTPUT:]})
+            self._dropped(device_id, "job_output_trimmed")
+        self.store.add_job_result(result.job, device_id, result.run, result.started, result.model_dump_json())
+
+    def _dropped(self, device_id: str, reason: str) -> None:
+        """Count a message of ``device_id`` not stored as sent; log at the 1st, 10th, 100th..."""
+        count = self.store.count_dropped(device_id, reason)
+        self.metrics.dropped.labels(reason=reason).inc()
+        if str(count).rstrip("0") == "1":
+            log.warning("device %s: %d message(s) not stored as sent: %s", device_id, count, reason)
 
     # --- scheduling and publishing ---
 

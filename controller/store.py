@@ -107,6 +107,10 @@ MIGRATIONS: list[str | Callable[[Store], None]] = [
     """
     CREATE TABLE registries (id TEXT PRIMARY KEY, body TEXT NOT NULL);
     """,
+    """
+    CREATE TABLE dropped (device_id TEXT NOT NULL, reason TEXT NOT NULL, count INTEGER NOT NULL,
+                          PRIMARY KEY (device_id, reason));
+    """,
 ]
 """SQL scripts, or functions changing data through the store (inside the migration's transaction)."""
 
@@ -319,7 +323,7 @@ class Store:
         variables scoped to it."""
         for table, key in (("devices", "id"), ("reported", "device_id"), ("desired", "device_id"),
                            ("events", "device_id"), ("job_results", "device_id"),
-                           ("enrollments", "device_id")):  # fmt: skip
+                           ("enrollments", "device_id"), ("dropped", "device_id")):  # fmt: skip
             self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
         if self._devices_written is not None:
             self._devices_written[device_id] = None
@@ -481,6 +485,25 @@ class Store:
                 (device_id, device_id, EVENTS_KEPT),
             )
         return bool(cur.rowcount)
+
+    def count_dropped(self, device_id: str, reason: str) -> int:
+        """One more message of ``device_id`` not stored (or stored trimmed) for ``reason``; the new count."""
+        self.db.execute(
+            "INSERT INTO dropped (device_id, reason, count) VALUES (?, ?, 1) "
+            "ON CONFLICT (device_id, reason) DO UPDATE SET count = dropped.count + 1",
+            (device_id, reason),
+        )
+        row = self.db.execute(
+            "SELECT count FROM dropped WHERE device_id = ? AND reason = ?", (device_id, reason)
+        ).fetchone()
+        return int(row[0])
+
+    def dropped(self, device_id: str) -> dict[str, int]:
+        """Per reason, how many of the device's messages were not stored as sent."""
+        rows = self.db.execute(
+            "SELECT reason, count FROM dropped WHERE device_id = ? ORDER BY reason", (device_id,)
+        ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     def list_events(self, device_id: str, limit: int = 50) -> list[str]:
         rows = self.db.execute(
