@@ -45,10 +45,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeGuard
 
 from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.broker import Broker, RetainedApplicationMessage, Server
@@ -59,6 +60,7 @@ from amqtt.mqtt import packet_class
 from amqtt.mqtt.connack import (
     BAD_USERNAME_PASSWORD,
     IDENTIFIER_REJECTED,
+    NOT_AUTHORIZED,
     UNACCEPTABLE_PROTOCOL_VERSION,
     ConnackPacket,
 )
@@ -82,7 +84,8 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscripti
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import OUTGOING, ApplicationMessage, Session
-from amqtt.utils import gen_client_id
+from tether.protocol.acl import client_id_problem
+from tether.protocol.codec import MAX_PACKET_SIZE, packet_size
 
 from .topic_index import FilterTrie, TopicTrie, is_wildcard, valid_filter
 from .version import AMQTT_VERSION, UnsupportedAmqttVersion, check_amqtt_version  # noqa: F401  (re-exported)
@@ -312,6 +315,10 @@ class TetherHandler(BrokerProtocolHandler):
             raise NoDataError("connection closed before CONNECT")
         if fixed_header.packet_type != CONNECT:
             raise MQTTError(f"[MQTT-3.1.0-1] first packet has type {fixed_header.packet_type}, not CONNECT")
+        if _oversized(fixed_header):
+            raise MQTTError(
+                f"CONNECT of {_size(fixed_header)} bytes exceeds the {MAX_PACKET_SIZE}-byte limit"
+            )
         connect = await ConnectPacket.from_stream(reader, fixed_header=fixed_header)
         await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
         if connect.variable_header is None or connect.payload is None:
@@ -356,6 +363,8 @@ class TetherHandler(BrokerProtocolHandler):
 
         session = TetherSession()
         session.client_id = connect.client_id
+        if connect.payload.client_id_is_random:  # the server's choice (MQTT-3.1.3-6): one topic level,
+            session.client_id = f"auto-{secrets.token_hex(8)}"  # not amqtt's "amqtt/..."
         session.clean_session = connect.clean_session_flag
         session.will_flag = connect.will_flag
         session.will_retain = connect.will_retain_flag
@@ -469,6 +478,14 @@ class TetherHandler(BrokerProtocolHandler):
                 if fixed_header is None:
                     break  # EOF, reset, or aborted by us
                 self._last_rx = self._loop.time()
+                if _oversized(fixed_header):  # refused before its body is read (and buffered)
+                    log.warning(
+                        "client %s sent a packet of %d bytes (limit %d): closing",
+                        session.client_id,
+                        _size(fixed_header),
+                        MAX_PACKET_SIZE,
+                    )
+                    break
                 ptype = fixed_header.packet_type
                 packet: Any = await packet_class(fixed_header).from_stream(reader, fixed_header=fixed_header)
                 await self.plugins_manager.fire_event(
@@ -764,14 +781,31 @@ class TetherBroker(Broker):
     ) -> None:
         assert isinstance(handler, TetherHandler)
         incoming = client_session
+        problem = client_id_problem(incoming.client_id or "")
+        if problem is not None:
+            log.warning(
+                "refused connection from %s: client id %r %s (it would be a topic level)",
+                incoming.remote_address,
+                incoming.client_id,
+                problem,
+            )
+            await self._refuse(handler, incoming, reader, writer, IDENTIFIER_REJECTED)
+            return
         if not await self._authenticate(incoming, self.listeners_config[listener_name]):
-            incoming.parent = 0
-            handler.attach(incoming, reader, writer)
-            await handler.mqtt_connack_authorize(False)
-            await _close_quietly(writer)
+            await self._refuse(handler, incoming, reader, writer, NOT_AUTHORIZED)
             return
         if not incoming.client_id:
-            incoming.client_id = gen_client_id()
+            incoming.client_id = f"auto-{secrets.token_hex(8)}"
+        if handler.will is not None and not await self._will_allowed(incoming, handler.will[0]):
+            log.warning(
+                "refused connection from %s (client %r, user %r): may not publish its will on %r",
+                incoming.remote_address,
+                incoming.client_id,
+                incoming.username,
+                handler.will[0],
+            )
+            await self._refuse(handler, incoming, reader, writer, NOT_AUTHORIZED)
+            return
         cid = incoming.client_id
         session = await self._claim_session(cid, incoming)
 
@@ -790,6 +824,27 @@ class TetherBroker(Broker):
         finally:
             if not handler.loop_done.done():
                 handler.loop_done.set_result(None)
+
+    async def _refuse(
+        self,
+        handler: TetherHandler,
+        session: Session,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        code: int,
+    ) -> None:
+        """Answer a CONNECT with CONNACK ``code`` (a refusal) and close the connection."""
+        session.parent = 0
+        handler.attach(session, reader, writer)
+        await handler._send_packet(ConnackPacket.build(0, code))
+        await _close_quietly(writer)
+
+    async def _will_allowed(self, session: Session, topic: str) -> bool:
+        """Whether ``session`` may have its will published on ``topic``: a valid topic name
+        that the ACL lets it publish to, as if it published the message itself."""
+        if not _valid_topic_name(topic) or topic.startswith("$"):
+            return False
+        return await self._topic_filtering(session, topic=topic, action=Action.PUBLISH)
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
         """amqtt's rule (at least one auth plugin answers, and all that answer say yes),
@@ -881,10 +936,13 @@ class TetherBroker(Broker):
             and not self._shutting_down
         ):
             topic, message, qos, retain = handler.will
-            log.debug("client %s vanished: publishing its will on %s", cid, topic)
-            await self._broadcast_message(session, topic, message, qos)
-            if retain:
-                await self.retain_message(session, topic, message, qos)
+            if not await self._will_allowed(session, topic):  # rights may have changed (revoked)
+                log.warning("client %s vanished: its will on %s is no longer allowed, dropped", cid, topic)
+            else:
+                log.debug("client %s vanished: publishing its will on %s", cid, topic)
+                await self._broadcast_message(session, topic, message, qos)
+                if retain:
+                    await self.retain_message(session, topic, message, qos)
         await handler.stop()
         current = self._sessions.get(cid) if cid else None
         if not handler.taken_over and current is not None and current[1] is handler:
@@ -1024,7 +1082,7 @@ class TetherBroker(Broker):
             BrokerEvents.MESSAGE_RECEIVED, client_id=client_session.client_id, message=app_message
         )
         topic = app_message.topic
-        if not topic or "#" in topic or "+" in topic or "\x00" in topic:
+        if not _valid_topic_name(topic):
             log.warning("client %s published to invalid topic %r: closing", client_session.client_id, topic)
             return False
         if topic.startswith("$"):
@@ -1132,6 +1190,20 @@ class TetherBroker(Broker):
             await self.plugins_manager.fire_event(
                 BrokerEvents.RETAINED_MESSAGE, client_id=None, retained_message=cleared
             )
+
+
+def _size(header: MQTTFixedHeader) -> int:
+    return packet_size(header.remaining_length)
+
+
+def _oversized(header: MQTTFixedHeader) -> bool:
+    """Whether a packet exceeds :data:`MAX_PACKET_SIZE` (Mosquitto's ``max_packet_size`` rule)."""
+    return _size(header) > MAX_PACKET_SIZE
+
+
+def _valid_topic_name(topic: str | None) -> TypeGuard[str]:
+    """A topic name a client may publish to (MQTT 3.1.1 section 4.7.3): not empty, no wildcard, no NUL."""
+    return topic is not None and topic != "" and "#" not in topic and "+" not in topic and "\x00" not in topic
 
 
 def _abort(reader: ReaderAdapter | None, writer: WriterAdapter | None) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tether.protocol import names
 from tether.protocol.acl import DEVICE_READS, DEVICE_WRITES, WATCHABLE
+from tether.protocol.codec import MAX_PACKET_SIZE
 from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
 from tether.protocol.secret_files import write_secret_text
@@ -186,6 +187,7 @@ def render_conf(
         "allow_anonymous false\n"
         f"password_file {directory.resolve() / 'passwords'}\n"
         f"acl_file {directory.resolve() / 'acl'}\n"
+        f"max_packet_size {MAX_PACKET_SIZE}\n"  # Tether's limit (protocol/codec.py): bigger packets disconnect
     )
     if tls is not None:
         text += (

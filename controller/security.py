@@ -22,11 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tether.protocol import names, topics
+from tether.protocol import codec, names, topics
 from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
 from tether.protocol.commands import DevicesCredentials, DevicesRemove, DevicesRevoke
 from tether.protocol.credentials import Credential, CredentialTable, TokenGrant, hash_password, new_password
 from tether.protocol.errors import StoreError
+from tether.protocol.models import Presence
 from tether.protocol.secret_files import write_secret_json
 from tether.protocol.topics import DeviceTopic
 
@@ -234,8 +235,21 @@ class SecurityHandlers:
         closed = self.disconnect_users(usernames) if usernames else 0
         for device_id in cmd.device_ids:
             log.warning("device %s revoked (%d live connection(s) closed)", device_id, closed)
+            self._publish_offline(device_id)
         self.sync()
         return {"revoked": list(cmd.device_ids), "closed": closed}
+
+    def _publish_offline(self, device_id: str) -> None:
+        """Say a revoked device is offline: the broker no longer publishes its will (a
+        revoked identity may publish nothing, its will included)."""
+        client = getattr(self, "client", None)
+        device = self.store.get_device(device_id)
+        if client is None or device is None or device.status == "offline":
+            return
+        presence = Presence(device_id=device_id, status="offline", session=device.session, at=self.clock())
+        client.publish_confirmed(
+            topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(presence), retain=True
+        )
 
     def _leave_static_groups(self, device_id: str) -> None:
         for group in self.store.list_groups():

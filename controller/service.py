@@ -921,13 +921,11 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         to_define = sorted(h for h, published in definitions.items() if h in needed and not published)
         if to_define:
             specs = {h: spec for h in to_define if (spec := self.store.get_spec(h)) is not None}
-            to_define = [h for h in to_define if h in specs]
-            acked = client.publish_many(
-                [
-                    (topics.stack(h), codec.encode(StackDefinition(spec_hash=h, spec=specs[h])), 1, True)
-                    for h in to_define
-                ]
-            )
+            payloads = {h: codec.encode(StackDefinition(spec_hash=h, spec=specs[h])) for h in specs}
+            to_define = [
+                h for h in to_define if h in specs and _fits(f"stack definition {h[:12]}", payloads[h])
+            ]
+            acked = client.publish_many([(topics.stack(h), payloads[h], 1, True) for h in to_define])
             with self.store.transaction():
                 for spec_hash, ok in zip(to_define, acked, strict=True):
                     if ok:
@@ -976,25 +974,29 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                     self.table.set_stacks(assigned)
                     if self.on_credentials_changed is not None:
                         self.on_credentials_changed()
-            messages = [
-                (
-                    topics.device(r.device_id, DeviceTopic.DESIRED),
-                    codec.encode(
-                        DesiredState(
-                            device_id=r.device_id,
-                            generation=r.generation,
-                            stacks=r.stacks,
-                            jobs=r.jobs,
-                            vars=r.vars,
-                            registries=r.registries,
-                            issued_at=now,
-                        )
-                    ),
-                    1,
-                    True,
+            payloads = [
+                codec.encode(
+                    DesiredState(
+                        device_id=r.device_id,
+                        generation=r.generation,
+                        stacks=r.stacks,
+                        jobs=r.jobs,
+                        vars=r.vars,
+                        registries=r.registries,
+                        issued_at=now,
+                    )
                 )
                 for r in batch
             ]
+            # One that can never be sent stays unpublished (the device keeps its current
+            # state) and does not hold back the others.
+            sized = [
+                (r, p)
+                for r, p in zip(batch, payloads, strict=True)
+                if _fits(f"desired state of {r.device_id}", p)
+            ]
+            batch = [r for r, _ in sized]
+            messages = [(topics.device(r.device_id, DeviceTopic.DESIRED), p, 1, True) for r, p in sized]
             acked = client.publish_many(messages)
             acknowledged.extend(record for record, ok in zip(batch, acked, strict=True) if ok)
             if not all(acked):
@@ -1119,5 +1121,29 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         except Exception as exc:
             log.exception("request %s failed", request.id)
             reply = Reply(id=request.id, ok=False, error=f"internal error: {exc.__class__.__name__}: {exc}")
+        data = codec.encode(reply)
+        if len(data) > codec.MAX_PAYLOAD:  # a broker would close our connection over it
+            error = f"the reply ({len(data)} bytes) exceeds the {codec.MAX_PAYLOAD}-byte message limit"
+            log.error("request %s: %s", request.id, error)
+            data = codec.encode(Reply(id=request.id, ok=False, error=error))
         if self.client is not None:
-            self.client.publish(request.reply_to, codec.encode(reply), qos=1)
+            self.client.publish(request.reply_to, data, qos=1)
+
+
+_TOO_LARGE: set[tuple[str, int]] = set()
+"""What :func:`_fits` refused and logged already (every publishing pass tries again)."""
+
+
+def _fits(what: str, payload: bytes) -> bool:
+    """Whether ``payload`` fits in a message (:data:`codec.MAX_PAYLOAD`); logs an error (once) if not."""
+    if len(payload) <= codec.MAX_PAYLOAD:
+        return True
+    if (what, len(payload)) in _TOO_LARGE:
+        return False
+    if len(_TOO_LARGE) > 10_000:
+        _TOO_LARGE.clear()
+    _TOO_LARGE.add((what, len(payload)))
+    log.error(
+        "%s is %d bytes, over the %d-byte message limit: not published", what, len(payload), codec.MAX_PAYLOAD
+    )
+    return False

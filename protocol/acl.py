@@ -42,6 +42,19 @@ class Identity:
     client_id: str = ""
 
 
+CLIENT_ID_FORBIDDEN = frozenset("/+#")
+"""Characters a client id may not contain: it is a topic level (``clients/C/replies``)."""
+
+
+def client_id_problem(client_id: str) -> str | None:
+    """Why ``client_id`` cannot be one topic level (None if it can): a separator, a wildcard
+    or a non-printable character. The brokers refuse such an id at CONNECT."""
+    bad = sorted({ch for ch in client_id if ch in CLIENT_ID_FORBIDDEN or not ch.isprintable()})
+    if bad:
+        return "contains " + ", ".join(repr(ch) for ch in bad)
+    return None
+
+
 def client_id_allowed(identity: Identity) -> bool:
     """Whether ``identity`` may use its client id: nobody may take over another's session.
 
@@ -49,8 +62,11 @@ def client_id_allowed(identity: Identity) -> bool:
     ``tether-enroll-{device id}``, the controller as ``tether-controller-*``; an operator
     or integration as ``tether-cli-*`` or any id not starting with ``tether-``.
     (MQTT 3.1.1 section 3.1.4: a second CONNECT with the same client id ends the first.)
+    An id that is not one topic level (:func:`client_id_problem`) is never allowed.
     """
     cid = identity.client_id
+    if client_id_problem(cid) is not None:
+        return False
     if identity.role == "device":
         return cid == f"tether-{identity.name}"
     if identity.role == "enrolling":
@@ -100,8 +116,9 @@ def may_subscribe(identity: Identity, topic_filter: str, stack_hashes: Collectio
         allowed += [f"{ROOT}/stacks/{h}" for h in stack_hashes]
         return topic_filter in allowed  # exact topics only: no wildcard can reach another device
     if identity.role == "operator":
-        if identity.client_id and topic_filter == f"{ROOT}/clients/{identity.client_id}/replies":
-            return True
+        cid = identity.client_id
+        if cid and client_id_problem(cid) is None and topic_filter == f"{ROOT}/clients/{cid}/replies":
+            return True  # its own replies only: a client id is never a wildcard
         return any(covers(f"{ROOT}/devices/+/{kind}", topic_filter) for kind in WATCHABLE)
     if identity.role == "enrolling":
         return topic_filter == f"{ROOT}/enroll/{identity.name}/response"

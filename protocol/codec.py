@@ -11,8 +11,25 @@ from .errors import PayloadError
 
 M = TypeVar("M", bound=BaseModel)
 
-MAX_PAYLOAD = 4 * 1024 * 1024
-"""Refuse to decode anything larger: a payload this big is a mistake or an attack."""
+MAX_PACKET_SIZE = 4 * 1024 * 1024
+"""The largest MQTT packet, headers included, that Tether's brokers accept (4 MiB).
+
+The embedded broker closes a connection whose packet header announces more, before it
+reads the body; the Mosquitto configuration Tether writes sets ``max_packet_size`` to it.
+Tether's largest legitimate messages are far smaller: a stack definition (from at most
+256 KiB of Compose), a logs reply (at most 512 KiB of output), a desired state (64 KiB
+per variable value). See docs/security.md."""
+
+MAX_PAYLOAD = MAX_PACKET_SIZE - 64 * 1024
+"""Refuse to encode for the wire or decode anything larger: it would not fit in a packet
+(the room left is for the topic and headers). A payload this big is a mistake or an attack."""
+
+
+def packet_size(remaining_length: int) -> int:
+    """The size of an MQTT packet whose fixed header announces ``remaining_length`` bytes:
+    the type byte, 1 to 4 bytes of length (MQTT 3.1.1 section 2.2.3), then the rest."""
+    r = remaining_length
+    return 1 + (1 if r < 128 else 2 if r < 16_384 else 3 if r < 2_097_152 else 4) + r
 
 
 def encode(model: BaseModel, *, compact: bool = False) -> bytes:

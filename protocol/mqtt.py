@@ -31,6 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from .backoff import Backoff
+from .codec import MAX_PACKET_SIZE, packet_size
 from .errors import ConfigError, TransportError
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,18 @@ RECV_SIZE = 65536
 COALESCE_LIMIT = 65536
 MAX_INFLIGHT = 1000
 """QoS 1 messages sent and not yet acknowledged, at most (paho queues the rest in order)."""
+
+
+def _fits(topic: str, payload: bytes, qos: int) -> bool:
+    """Whether a PUBLISH fits the brokers' limit; logs the refusal (a broker would close the
+    connection over it, and a client that published it again on reconnect would loop)."""
+    size = packet_size(2 + len(topic.encode()) + (2 if qos else 0) + len(payload))
+    if size <= MAX_PACKET_SIZE:
+        return True
+    log.error(
+        "not publishing %d bytes on %s: larger than the %d-byte packet limit", size, topic, MAX_PACKET_SIZE
+    )
+    return False
 
 
 class _Paho(paho.Client):
@@ -366,7 +379,7 @@ class MqttClient:
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Hand a message to the client; False if not connected (the caller re-publishes later)."""
-        if not self.connected:
+        if not self.connected or not _fits(topic, payload, qos):
             return False
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == paho.MQTT_ERR_SUCCESS
@@ -376,7 +389,7 @@ class MqttClient:
     ) -> Callable[[], bool] | None:
         """Publish without waiting; return a check that is true once the broker acknowledged it
         (PUBACK for QoS 1), or None if the message could not be handed over (not connected)."""
-        if not self.connected:
+        if not self.connected or not _fits(topic, payload, qos):
             return None
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
@@ -387,7 +400,7 @@ class MqttClient:
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
     ) -> bool:
         """Publish and wait for the broker's acknowledgement (PUBACK for QoS 1)."""
-        if not self.connected:
+        if not self.connected or not _fits(topic, payload, qos):
             return False
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
@@ -405,11 +418,13 @@ class MqttClient:
         """
         if not self.connected:
             return [False] * len(messages)
-        infos = [self._paho.publish(t, p, qos=q, retain=r) for t, p, q, r in messages]
+        infos = [
+            self._paho.publish(t, p, qos=q, retain=r) if _fits(t, p, q) else None for t, p, q, r in messages
+        ]
         deadline = time.monotonic() + timeout
         results = []
         for info in infos:
-            if info.rc != paho.MQTT_ERR_SUCCESS:
+            if info is None or info.rc != paho.MQTT_ERR_SUCCESS:
                 results.append(False)
                 continue
             try:

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from tether.protocol.acl import Identity, covers, may_publish, may_subscribe
+from tether.protocol.acl import (
+    Identity,
+    client_id_allowed,
+    client_id_problem,
+    covers,
+    may_publish,
+    may_subscribe,
+)
 
 R = "tether/v1"
 A = Identity("device", "dev-a")
@@ -76,3 +83,15 @@ def test_enrolling_and_controller() -> None:
     assert may_subscribe(CTL, f"$share/tether-controllers/{R}/controller/requests")
     assert may_publish(CTL, f"{R}/devices/dev-a/desired")
     assert not may_subscribe(CTL, "$SYS/#")
+
+
+@pytest.mark.parametrize("client_id", ["+", "#", "a/b", "x+", "cli\n", "cli\x1b[2K", "cli\u200b"])
+def test_client_id_is_one_topic_level(client_id: str) -> None:
+    """A client id with a wildcard, '/' or a non-printable character is never allowed, and never
+    lets an operator subscribe to replies beyond its own (client id '+' read everyone's)."""
+    assert client_id_problem(client_id) is not None
+    op = Identity("operator", "admin", client_id)
+    assert not client_id_allowed(op)
+    assert not may_subscribe(op, f"{R}/clients/{client_id}/replies")
+    assert not may_subscribe(op, f"{R}/clients/+/replies")
+    assert client_id_problem("tether-cli-1") is None and client_id_problem("dashboard é") is None
