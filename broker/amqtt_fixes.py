@@ -84,7 +84,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler, Subscripti
 from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.plugins.manager import PluginManager
 from amqtt.session import OUTGOING, ApplicationMessage, Session
-from tether.protocol.acl import client_id_problem
+from tether.protocol import names
 from tether.protocol.codec import MAX_PACKET_SIZE, packet_size
 
 from .topic_index import FilterTrie, TopicTrie, is_wildcard, valid_filter
@@ -781,21 +781,14 @@ class TetherBroker(Broker):
     ) -> None:
         assert isinstance(handler, TetherHandler)
         incoming = client_session
-        problem = client_id_problem(incoming.client_id or "")
-        if problem is not None:
-            log.warning(
-                "refused connection from %s: client id %r %s (it would be a topic level)",
-                incoming.remote_address,
-                incoming.client_id,
-                problem,
-            )
+        problem = names.CLIENT_ID.problem(incoming.client_id)
+        if problem is not None:  # it is a topic level (clients/C/replies): never a wildcard
+            log.warning("refused connection from %s: %s", incoming.remote_address, problem)
             await self._refuse(handler, incoming, reader, writer, IDENTIFIER_REJECTED)
             return
         if not await self._authenticate(incoming, self.listeners_config[listener_name]):
             await self._refuse(handler, incoming, reader, writer, NOT_AUTHORIZED)
             return
-        if not incoming.client_id:
-            incoming.client_id = f"auto-{secrets.token_hex(8)}"
         if handler.will is not None and not await self._will_allowed(incoming, handler.will[0]):
             log.warning(
                 "refused connection from %s (client %r, user %r): may not publish its will on %r",

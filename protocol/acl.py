@@ -25,6 +25,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Literal
 
+from . import names
 from .topics import ROOT
 
 Role = Literal["device", "controller", "operator", "enrolling"]
@@ -42,19 +43,6 @@ class Identity:
     client_id: str = ""
 
 
-CLIENT_ID_FORBIDDEN = frozenset("/+#")
-"""Characters a client id may not contain: it is a topic level (``clients/C/replies``)."""
-
-
-def client_id_problem(client_id: str) -> str | None:
-    """Why ``client_id`` cannot be one topic level (None if it can): a separator, a wildcard
-    or a non-printable character. The brokers refuse such an id at CONNECT."""
-    bad = sorted({ch for ch in client_id if ch in CLIENT_ID_FORBIDDEN or not ch.isprintable()})
-    if bad:
-        return "contains " + ", ".join(repr(ch) for ch in bad)
-    return None
-
-
 def client_id_allowed(identity: Identity) -> bool:
     """Whether ``identity`` may use its client id: nobody may take over another's session.
 
@@ -62,10 +50,11 @@ def client_id_allowed(identity: Identity) -> bool:
     ``tether-enroll-{device id}``, the controller as ``tether-controller-*``; an operator
     or integration as ``tether-cli-*`` or any id not starting with ``tether-``.
     (MQTT 3.1.1 section 3.1.4: a second CONNECT with the same client id ends the first.)
-    An id that is not one topic level (:func:`client_id_problem`) is never allowed.
+    An id that is not a valid :data:`~.names.CLIENT_ID` (it is a topic level in
+    ``clients/C/replies``: no ``/``, ``+``, ``#`` or control character) is never allowed.
     """
     cid = identity.client_id
-    if client_id_problem(cid) is not None:
+    if not names.CLIENT_ID.ok(cid):
         return False
     if identity.role == "device":
         return cid == f"tether-{identity.name}"
@@ -117,7 +106,7 @@ def may_subscribe(identity: Identity, topic_filter: str, stack_hashes: Collectio
         return topic_filter in allowed  # exact topics only: no wildcard can reach another device
     if identity.role == "operator":
         cid = identity.client_id
-        if cid and client_id_problem(cid) is None and topic_filter == f"{ROOT}/clients/{cid}/replies":
+        if names.CLIENT_ID.ok(cid) and topic_filter == f"{ROOT}/clients/{cid}/replies":
             return True  # its own replies only: a client id is never a wildcard
         return any(covers(f"{ROOT}/devices/+/{kind}", topic_filter) for kind in WATCHABLE)
     if identity.role == "enrolling":
