@@ -638,6 +638,7 @@ class AgentCore:
             spec_r, files = render_stack(
                 name, spec, values, lambda config: self.store.config_path(name, config)
             )
+            spec_r = self._place_stack_volumes(name, spec_r)
         except RenderError as exc:
             message = str(exc)
             if previous is None or previous.error != message:
@@ -668,6 +669,27 @@ class AgentCore:
                     service=service.name,
                 )
         return Rendering(key, spec_r)
+
+    def _place_stack_volumes(self, name: str, spec: StackSpec) -> StackSpec:
+        """Relative bind mounts (``stack`` volumes) pointed at the stack's directory on this
+        device, made ready (shipped files written there); raise :class:`RenderError`."""
+        sources = {v.source for s in spec.services for v in s.volumes if v.type == "stack"}
+        if not sources:
+            return spec
+        try:
+            paths = self.store.stack_paths(name, sources, spec.files)
+        except (OSError, ValueError) as exc:
+            raise RenderError(f"stack {name}: its directory: {exc}") from exc
+        services = []
+        for service in spec.services:
+            if any(v.type == "stack" for v in service.volumes):
+                volumes = tuple(
+                    v.model_copy(update={"source": paths[v.source]}) if v.type == "stack" else v
+                    for v in service.volumes
+                )
+                service = service.model_copy(update={"volumes": volumes})
+            services.append(service)
+        return spec.model_copy(update={"services": tuple(services)})
 
     def _send_signals(self, observed: list[Observed], desired: dict[str, StackSpec]) -> None:
         """Signal the running instances whose config changed (``change_mode: signal``)."""

@@ -7,6 +7,10 @@
     {data_dir}/outbox/state            next event sequence number and events dropped
     {data_dir}/jobs.json               the job scheduler's state (finished one-shot runs...)
     {data_dir}/configs/{stack}/{name}  config files rendered from variables (bind-mounted)
+    {data_dir}/volumes/{stack}/        the stack's directory: its relative bind mounts
+                                       (``./data``) and the files shipped with it; kept
+                                       across updates and removal, like named volumes
+    {data_dir}/volumes/{stack}.shipped.json  digest of each shipped file as last written
 
 Every write is atomic (write a temporary file, fsync, rename over, fsync the directory),
 so a power cut leaves either the old or the new file, never a torn one.
@@ -16,6 +20,7 @@ so a power cut leaves either the old or the new file, never a torn one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +32,7 @@ from typing import Any, Protocol
 
 from tether.protocol import codec
 from tether.protocol.errors import PayloadError
-from tether.protocol.models import DesiredState, Event, StackDefinition, content_hash
+from tether.protocol.models import DesiredState, Event, StackDefinition, StackFile, content_hash
 from tether.protocol.secret_files import private_dir
 
 log = logging.getLogger(__name__)
@@ -78,6 +83,21 @@ class StateStore(Protocol):
     def config_path(self, stack: str, name: str) -> str: ...
     def write_config(self, stack: str, name: str, content: bytes, mode: int) -> bool: ...
     def prune_configs(self, stacks: set[str]) -> None: ...
+    def stack_paths(self, stack: str, sources: set[str], files: tuple[StackFile, ...]) -> dict[str, str]: ...
+
+
+def shipped_layout(sources: set[str], files: tuple[StackFile, ...]) -> tuple[set[str], set[str]]:
+    """(directories to create, sources that are shipped files) in a stack's directory: a
+    source that is not a shipped file is a directory (created empty if nothing is shipped
+    there, as Docker creates a missing bind source), and so is every parent of a file."""
+    shipped = {f.path for f in files}
+    dirs = {s for s in sources if s not in shipped and s != "."}
+    for path in shipped:
+        parent = path.rpartition("/")[0]
+        while parent:
+            dirs.add(parent)
+            parent = parent.rpartition("/")[0]
+    return dirs, sources & shipped
 
 
 class MemoryStore:
@@ -93,6 +113,7 @@ class MemoryStore:
         self.dropped = 0
         self.blobs: dict[str, Any] = {}
         self.configs: dict[tuple[str, str], bytes] = {}
+        self.stack_files: dict[tuple[str, str], bytes] = {}
 
     def load_desired(self) -> DesiredState | None:
         return self.desired
@@ -158,6 +179,11 @@ class MemoryStore:
 
     def prune_configs(self, stacks: set[str]) -> None:
         self.configs = {k: v for k, v in self.configs.items() if k[0] in stacks}
+
+    def stack_paths(self, stack: str, sources: set[str], files: tuple[StackFile, ...]) -> dict[str, str]:
+        for f in files:
+            self.stack_files[(stack, f.path)] = f.content()
+        return {source: f"memory:/volumes/{stack}/{source}" for source in sources}
 
 
 class LocalStore:
@@ -341,6 +367,53 @@ class LocalStore:
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), mode)
         return True
+
+    # --- the stacks' own directories (relative bind mounts) ---
+
+    def stack_paths(self, stack: str, sources: set[str], files: tuple[StackFile, ...]) -> dict[str, str]:
+        """The absolute path of each ``stack`` volume source in the stack's directory, made
+        ready: directories created, shipped files written where the shipped content changed
+        since it was last written (a file the service changed in place is left alone until
+        the operator ships another version). Nothing is ever deleted here.
+
+        A path that leads out of the directory through a link (which a container could have
+        planted in its bind mount) is refused: :class:`OSError`."""
+        root = (self.dir / "volumes" / stack).absolute()
+        root.mkdir(parents=True, exist_ok=True)
+        real_root = os.path.realpath(root)
+        manifest_path = self.dir / "volumes" / f"{stack}.shipped.json"
+        try:
+            written: dict[str, str] = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            written = {}
+
+        def inside(path: Path) -> Path:
+            real = os.path.realpath(path)
+            if real != real_root and not real.startswith(real_root + os.sep):
+                raise OSError(f"{path.relative_to(root)} leads out of the stack's directory")
+            return path
+
+        dirs, _ = shipped_layout(sources, files)
+        for d in sorted(dirs):
+            path = root / d
+            inside(path.parent)
+            path.mkdir(parents=True, exist_ok=True)
+            inside(path)
+        changed = False
+        for f in files:
+            path = root / f.path
+            inside(path.parent)
+            data = f.content()
+            digest = hashlib.sha256(data).hexdigest() + f":{f.mode:o}"
+            if written.get(f.path) == digest and path.is_file() and not path.is_symlink():
+                continue
+            atomic_write(path, data)  # renamed over: never follows a link planted at the name
+            os.chmod(path, f.mode)
+            written[f.path] = digest
+            changed = True
+        if changed:
+            atomic_write(manifest_path, json.dumps(written, sort_keys=True).encode())
+        return {source: str(inside(root / source) if source != "." else root) for source in sources}
 
     def prune_configs(self, stacks: set[str]) -> None:
         root = self.dir / "configs"

@@ -820,7 +820,9 @@ def stacks_deploy(
     config` prints the result); ${var:PATH/KEY} references are left for the device."""
     from tether.protocol.compose_yaml import dump_yaml
 
-    text = dump_yaml(_resolve(file, more_files, env_files, env, profiles).doc)
+    resolved = _resolve(file, more_files, env_files, env, profiles)
+    text = dump_yaml(resolved.doc)
+    shipped = tuple(f.wire() for _, f in sorted(resolved.files.items()))
     if healthy_deadline <= 0:
         raise TetherError("--healthy-deadline must be positive")
     rollout = RolloutStrategy(
@@ -833,7 +835,9 @@ def stacks_deploy(
         auto_revert=auto_revert,
         auto_promote=auto_promote,
     )
-    result = client.request(StacksDeploy(name=name, group=group, compose=text, strategy=rollout))
+    result = client.request(
+        StacksDeploy(name=name, group=group, compose=text, files=shipped, strategy=rollout)
+    )
     stack = result["stack"]
     if fmt == "table":
         verb = "deployed" if result["changed"] else "unchanged"

@@ -290,7 +290,7 @@ class RequestHandlers:
         if not names.NAME.ok(cmd.name):
             raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
         try:
-            spec, placement = parse_stack(cmd.compose)
+            spec, placement = parse_stack(cmd.compose, cmd.files)
         except ComposeError as exc:
             raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
         group = self.store.get_group(cmd.group)

@@ -14,6 +14,8 @@ is refused.
 
 from __future__ import annotations
 
+import hashlib
+import posixpath
 import re
 import shlex
 from typing import Any
@@ -25,12 +27,15 @@ from tether.protocol.compose_yaml import load_yaml, scalar_text
 from tether.protocol.durations import parse_duration
 from tether.protocol.errors import ComposeError, StoreError
 from tether.protocol.models import (
+    MAX_STACK_FILE_BYTES,
     ConfigMount,
     HealthcheckSpec,
     PortSpec,
     ServiceSpec,
+    StackFile,
     StackSpec,
     VolumeSpec,
+    stack_path_problem,
 )
 from tether.protocol.variables import check_refs, references
 
@@ -155,7 +160,53 @@ def _port(value: Any, where: str) -> PortSpec:
         raise ComposeError(f"{where}: invalid port {value!r}") from exc
 
 
-def _volume(value: Any, where: str, declared: set[str]) -> VolumeSpec:
+def _stack_volume(
+    source: str, target: str, read_only: bool, where: str, shipped: dict[str, StackFile]
+) -> VolumeSpec:
+    """A relative bind mount: a path in the stack's own directory on the device, with the
+    digest of what is shipped there (so a service is replaced when its files change)."""
+    path = posixpath.normpath(source)
+    problem = stack_path_problem(path)
+    if problem is not None:
+        raise ComposeError(f"{where}: bind mount source {source!r} {problem}")
+    under = [f for p, f in sorted(shipped.items()) if path == "." or p == path or p.startswith(path + "/")]
+    digest = None
+    if under:
+        h = hashlib.sha256()
+        for f in under:
+            h.update(f"{f.path}\0{f.mode:o}\0{f.data}\0".encode())
+        digest = h.hexdigest()
+    return VolumeSpec(type="stack", source=path, target=target, read_only=read_only, digest=digest)
+
+
+def _shipped(files: tuple[StackFile, ...]) -> dict[str, StackFile]:
+    """The files sent with a deploy, checked: unique, bounded, not a file inside a file."""
+    by_path: dict[str, StackFile] = {}
+    total = 0
+    for f in files:
+        if f.path in by_path:
+            raise ComposeError(f"shipped file {f.path!r} is sent twice")
+        try:
+            total += len(f.content())
+        except ValueError:
+            raise ComposeError(f"shipped file {f.path!r}: data is not base64") from None
+        by_path[f.path] = f
+    if total > MAX_STACK_FILE_BYTES:
+        raise ComposeError(
+            f"the files shipped with the stack are larger than {MAX_STACK_FILE_BYTES // 1024} KiB"
+        )
+    for path in by_path:
+        parent = path.rpartition("/")[0]
+        while parent:
+            if parent in by_path:
+                raise ComposeError(f"shipped file {path!r} is inside the shipped file {parent!r}")
+            parent = parent.rpartition("/")[0]
+    return by_path
+
+
+def _volume(
+    value: Any, where: str, declared: set[str], shipped: dict[str, StackFile] | None = None
+) -> VolumeSpec:
     if isinstance(value, dict):
         unknown = set(value) - {"type", "source", "target", "read_only"}
         if unknown:
@@ -177,8 +228,13 @@ def _volume(value: Any, where: str, declared: set[str]) -> VolumeSpec:
         raise ComposeError(f"{where}: invalid volume {value!r}")
     if not isinstance(source, str) or not source or not isinstance(target, str) or not target.startswith("/"):
         raise ComposeError(f"{where}: a volume needs a source and an absolute target path")
+    if vtype == "bind" and (source == "." or source.startswith("./")):
+        return _stack_volume(source, target, read_only, where, shipped or {})
     if vtype == "bind" and not source.startswith("/"):
-        raise ComposeError(f"{where}: bind mount source {source!r} must be an absolute path on the device")
+        raise ComposeError(
+            f"{where}: bind mount source {source!r} is outside the stack's directory: deploy with the "
+            "tether CLI (it maps ../ and ~/ paths into the stack's directory), or give an absolute path"
+        )
     if vtype == "volume" and source not in declared:
         raise ComposeError(f"{where}: named volume {source!r} is not declared under top-level volumes")
     return VolumeSpec(type=vtype, source=source, target=target, read_only=read_only)
@@ -356,7 +412,13 @@ def _config_mount(value: Any, where: str, configs: dict[str, str]) -> ConfigMoun
         raise ComposeError(f"{where}: {source}: {describe(exc)}") from exc
 
 
-def _service(name: str, body: Any, declared: set[str], configs: dict[str, str]) -> ServiceSpec:
+def _service(
+    name: str,
+    body: Any,
+    declared: set[str],
+    configs: dict[str, str],
+    shipped: dict[str, StackFile] | None = None,
+) -> ServiceSpec:
     where = f"service {name!r}"
     if isinstance(body, dict):
         body = {k: _unescape(v, f"{where}: {k}", variables=k == "environment") for k, v in body.items()}
@@ -393,7 +455,7 @@ def _service(name: str, body: Any, declared: set[str], configs: dict[str, str]) 
     if "volumes" in body and body["volumes"] is not None:
         if not isinstance(body["volumes"], list):
             raise ComposeError(f"{where}: volumes must be a list")
-        fields["volumes"] = tuple(_volume(v, f"{where}: volumes", declared) for v in body["volumes"])
+        fields["volumes"] = tuple(_volume(v, f"{where}: volumes", declared, shipped) for v in body["volumes"])
     if "restart" in body:
         fields["restart"] = _restart(body["restart"], f"{where}: restart")
     if "network_mode" in body:
@@ -515,13 +577,16 @@ def _placement(value: Any) -> Placement:
     return Placement.model_validate(fields)
 
 
-def parse_compose(text: str) -> StackSpec:
+def parse_compose(text: str, files: tuple[StackFile, ...] = ()) -> StackSpec:
     """Parse and validate a Compose file; raise :class:`ComposeError` on the first problem."""
-    return parse_stack(text)[0]
+    return parse_stack(text, files)[0]
 
 
-def parse_stack(text: str) -> tuple[StackSpec, Placement]:
-    """Parse a Compose file into the spec devices run and the controller's placement policy."""
+def parse_stack(text: str, files: tuple[StackFile, ...] = ()) -> tuple[StackSpec, Placement]:
+    """Parse a Compose file into the spec devices run and the controller's placement policy.
+
+    ``files`` are shipped with the stack for its relative bind mounts (``./conf``)."""
+    shipped = _shipped(files)
     doc = load_yaml(text)  # YAML as Compose reads it, bounded in size, nesting and aliases
     if not isinstance(doc, dict):
         raise ComposeError("compose file must be a map with a 'services' key")
@@ -542,7 +607,16 @@ def parse_stack(text: str) -> tuple[StackSpec, Placement]:
             raise ComposeError(f"volume {vname!r}: invalid name")
     declared = set(volumes)
     configs = _configs(doc.get("configs"))
-    parsed = [_service(name, body, declared, configs) for name, body in services.items()]
+    parsed = [_service(name, body, declared, configs, shipped) for name, body in services.items()]
     placement = _placement(doc.get("x-tether"))
-    spec = StackSpec(services=tuple(_start_order(parsed)), volumes=tuple(sorted(declared)), configs=configs)
+    used = {v.source for s in parsed for v in s.volumes if v.type == "stack"}
+    for path in shipped:
+        if not any(u == "." or path == u or path.startswith(u + "/") for u in used):
+            raise ComposeError(f"shipped file {path!r} is not under any relative bind mount of the stack")
+    spec = StackSpec(
+        services=tuple(_start_order(parsed)),
+        volumes=tuple(sorted(declared)),
+        configs=configs,
+        files=tuple(shipped[p] for p in sorted(shipped)),
+    )
     return spec, placement

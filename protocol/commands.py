@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter
 
-from .models import WireModel
+from .models import MAX_STACK_FILES, StackFile, WireModel
 
 # Bounds on every duration and count an operator can send: a value outside is one clear
 # validation error (naming the field) before anything is stored, never a crash later.
@@ -244,10 +244,16 @@ class RolloutStrategy(WireModel):
 
 
 class StacksDeploy(WireModel):
+    """Deploy ``compose`` (one Compose file, resolved by the CLI) as stack ``name``.
+
+    ``files``: the files beside the Compose file that its relative bind mounts name,
+    shipped with the stack (protocol/compose_resolve.py)."""
+
     kind: Literal["stacks.deploy"] = "stacks.deploy"
     name: str
     group: str
     compose: str
+    files: tuple[StackFile, ...] = Field(default=(), max_length=MAX_STACK_FILES, exclude_if=lambda v: not v)
     strategy: RolloutStrategy = Field(default_factory=RolloutStrategy)
 
 

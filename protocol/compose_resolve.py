@@ -35,6 +35,7 @@ controller, which reads it with the same meaning.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import posixpath
 import re
@@ -44,10 +45,11 @@ from typing import Any, Protocol
 
 from tether.protocol.compose_yaml import MAX_BYTES, Override, Reset, dump_yaml, load_yaml, strip_markers
 from tether.protocol.errors import ComposeError
+from tether.protocol.models import MAX_STACK_FILE_BYTES, MAX_STACK_FILES, StackFile
 
-MAX_SHIPPED_BYTES = 1024 * 1024
+MAX_SHIPPED_BYTES = MAX_STACK_FILE_BYTES
 """Files shipped with a stack (bind-mounted files and directories beside the Compose file)."""
-MAX_SHIPPED_FILES = 500
+MAX_SHIPPED_FILES = MAX_STACK_FILES
 PARENT = "_parent"
 """How a leading ``..`` of a relative bind source is written in the stack's directory."""
 
@@ -79,6 +81,10 @@ class ShippedFile:
     @property
     def digest(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
+
+    def wire(self) -> StackFile:
+        """As sent to the controller (``StacksDeploy.files``)."""
+        return StackFile(path=self.path, data=base64.b64encode(self.data).decode(), mode=self.mode)
 
 
 @dataclass

@@ -14,13 +14,14 @@ Rules (see docs/topics.md):
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections.abc import Mapping
 from functools import cached_property
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from . import names
 
@@ -80,13 +81,46 @@ class PortSpec(WireModel):
     protocol: Literal["tcp", "udp"] = "tcp"
 
 
-class VolumeSpec(WireModel):
-    """A bind mount (absolute host path) or a named volume."""
+MAX_STACK_FILES = 500
+"""Most files shipped with one stack."""
+MAX_STACK_FILE_BYTES = 1024 * 1024
+"""Most bytes (before base64) shipped with one stack: definitions stay well under the 4 MiB
+payload bound of every receiver."""
 
-    type: Literal["bind", "volume"]
+
+def stack_path_problem(path: str) -> str | None:
+    """Why ``path`` is not a path inside a stack's directory (None if it is): relative,
+    ``/``-separated, no empty, ``.`` or ``..`` part, no NUL; ``"."`` is the directory itself."""
+    if path == ".":
+        return None
+    if not path or len(path) > 1024 or "\x00" in path or path.startswith("/"):
+        return "must be a relative path"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "must not have empty, '.' or '..' parts"
+    return None
+
+
+class VolumeSpec(WireModel):
+    """A bind mount (absolute host path), a named volume, or (``stack``) a path in the
+    stack's own directory on the device (a relative bind mount in Compose: ``./data``).
+
+    For ``stack``, ``digest`` (absent when nothing is shipped there) is the SHA-256 of the
+    files shipped under ``source`` (:attr:`StackSpec.files`), so the service is replaced
+    when they change; the agent renders ``source`` to the absolute path on the device."""
+
+    type: Literal["bind", "volume", "stack"]
     source: str
     target: str
     read_only: bool = False
+    digest: str | None = Field(default=None, exclude_if=lambda v: not v)
+
+    @model_validator(mode="after")
+    def _stack_source(self) -> Self:
+        if self.type == "stack" and not self.source.startswith("/"):  # absolute once rendered
+            problem = stack_path_problem(self.source)
+            if problem is not None:
+                raise ValueError(f"stack volume source {self.source[:80]!r} {problem}")
+        return self
 
 
 class HealthcheckSpec(WireModel):
@@ -153,6 +187,27 @@ class ServiceSpec(HashedModel):
         return self._content_hash
 
 
+class StackFile(WireModel):
+    """A file shipped with a stack (beside the Compose file, bind-mounted by a service):
+    written to ``path`` in the stack's directory on the device, ``data`` base64-encoded."""
+
+    path: str
+    data: str
+    mode: int = Field(default=0o644, ge=0, le=0o777)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        problem = stack_path_problem(value)
+        if problem is not None or value == ".":
+            raise ValueError(f"file path {value[:80]!r} {problem or 'must name a file'}")
+        return value
+
+    def content(self) -> bytes:
+        """The file's bytes."""
+        return base64.b64decode(self.data, validate=True)
+
+
 class StackSpec(HashedModel):
     """A whole stack: services in start order (dependencies first) and named volumes."""
 
@@ -160,6 +215,8 @@ class StackSpec(HashedModel):
     volumes: tuple[str, ...] = ()
     configs: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
     """Config file templates by name (``configs`` in Compose), rendered on the device."""
+    files: tuple[StackFile, ...] = Field(default=(), max_length=MAX_STACK_FILES, exclude_if=_unset)
+    """Files shipped with the stack, for its ``stack`` volumes (sorted by path)."""
 
     def spec_hash(self) -> str:
         """Content hash of the stack: names its definition topic."""

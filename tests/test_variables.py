@@ -320,7 +320,8 @@ def test_compose_config_errors(service_configs: str, top_configs: str, fragments
 def test_compose_var_reference_outside_env_and_configs_is_refused(key: str) -> None:
     """${var:...} in an image or a command is refused, with a hint where it is allowed."""
     value = "app:${var:app/tag}" if key == "image" else "echo ${var:app/word}"
-    text = f"services:\n  app:\n    image: app:1\n    {key}: {json.dumps(value)}\n"
+    image = "" if key == "image" else "    image: app:1\n"  # one image key: duplicates are refused
+    text = f"services:\n  app:\n{image}    {key}: {json.dumps(value)}\n"
     with pytest.raises(ComposeError) as info:
         parse_compose(text)
     message = str(info.value)

@@ -241,7 +241,11 @@ class DockerDriver:
             kwargs["ports"] = ports
         volumes: dict[str, dict[str, str]] = {}
         for v in service.volumes:
-            source = v.source if v.type == "bind" else self._volume_name(stack, v.source)
+            if v.type == "stack" and not v.source.startswith("/"):
+                raise DriverError(
+                    f"service {service.name}: volume {v.source} was not placed in the stack's directory"
+                )
+            source = v.source if v.type in ("bind", "stack") else self._volume_name(stack, v.source)
             if v.type == "volume":
                 self._ensure_volume(stack, source)
             volumes[source] = {"bind": v.target, "mode": "ro" if v.read_only else "rw"}

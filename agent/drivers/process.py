@@ -5,8 +5,9 @@ A service's ``entrypoint`` + ``command`` is run directly on the host with its
 stdout and stderr appended to ``{data_dir}/processes/{stack}.{service}.log``. Each
 instance is recorded in ``{data_dir}/processes/{stack}.{service}.json`` with its pid and the
 kernel's start time of that pid, so a restarted agent re-attaches to processes that still
-run and never mistakes a recycled pid for its own. Images, ports, volumes and networks do
-not apply (every process shares the host network, like ``network_mode: host``).
+run and never mistakes a recycled pid for its own. Images, ports, named volumes, absolute
+bind mounts and networks do not apply (every process shares the host network, like
+``network_mode: host``); relative bind mounts and configs are links in its working directory.
 """
 
 from __future__ import annotations
@@ -141,19 +142,22 @@ class ProcessDriver:
         log_path = self.dir / f"{stack}.{service.name}.log"
         workdir = self.dir.parent / "work" / stack / service.name
         workdir.mkdir(parents=True, exist_ok=True)
-        for mount in service.configs:
-            # No container filesystem: a config's target is a path under the working
-            # directory (``/etc/app.conf`` -> ``./etc/app.conf``), a link to the rendered file.
-            if mount.host_path is None:
-                raise DriverError(f"service {service.name}: config {mount.source} was not rendered")
-            link = Path(os.path.abspath(workdir / mount.target.lstrip("/")))  # no symlinks followed
+        links = [(m.target, m.host_path, f"config {m.source}") for m in service.configs]
+        # Relative bind mounts (the stack's directory) apply to a process too; other volumes do not.
+        links += [(v.target, v.source, f"volume {v.source}") for v in service.volumes if v.type == "stack"]
+        for target, host_path, what in links:
+            # No container filesystem: a target is a path under the working directory
+            # (``/etc/app.conf`` -> ``./etc/app.conf``), a link to the file on the device.
+            if host_path is None or not host_path.startswith("/"):
+                raise DriverError(f"service {service.name}: {what} was not rendered")
+            link = Path(os.path.abspath(workdir / target.lstrip("/")))  # no symlinks followed
             if Path(os.path.abspath(workdir)) not in link.parents:
                 raise DriverError(
-                    f"service {service.name}: config target {mount.target!r} leaves the work directory"
+                    f"service {service.name}: {what}: target {target!r} leaves the work directory"
                 )
             link.parent.mkdir(parents=True, exist_ok=True)
             link.unlink(missing_ok=True)
-            link.symlink_to(mount.host_path)
+            link.symlink_to(host_path)
         try:
             with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
                 child = subprocess.Popen(
