@@ -541,7 +541,7 @@ class AgentCore:
             images=tuple(ImageDownload(image=ref, done=st.done, total=st.total) for ref, st in parts),
         )
 
-    def downloads(self, hashes: dict[str, str], now: float) -> dict[str, DownloadStatus]:
+    def downloads(self, hashes: dict[str, str], blocked: set[str], now: float) -> dict[str, DownloadStatus]:
         """Per stack, the version whose images are fetched or staged, for the report; the
         bytes, rate and ETA move at most every :data:`PROGRESS_INTERVAL` seconds."""
         if self.images is None:
@@ -558,7 +558,7 @@ class AgentCore:
             if state is not None:
                 candidates += [(r.name, r.spec_hash, False) for r in state.stage]
         for name, spec_hash, switching in candidates:
-            if name in result or hashes.get(name) == spec_hash:
+            if name in result or (hashes.get(name) == spec_hash and name not in blocked):
                 continue
             status = self._download_status(spec_hash, statuses, rate, switching=switching)
             if status is not None:
@@ -720,7 +720,7 @@ class AgentCore:
         self._want_images()
         specs, hashes, blocked = self.choose()
         self._note_applied(hashes, blocked)
-        downloads = self.downloads(hashes, now)
+        downloads = self.downloads(hashes, blocked, now)
         desired, render_errors = self.render(specs)
         try:
             observed = self.driver.observe()
