@@ -9,16 +9,18 @@ again yields an empty plan (tests/test_reconcile.py).
 For every desired stack, services are visited in the stack's order (dependencies first;
 the Compose parser sorts by ``depends_on``):
 
-* an instance whose spec hash differs from the service's is *stale*: removed, then a
-  fresh instance is created (remove first, so published ports are free again);
+* an instance whose spec hash differs from the service's is *stale*: removed, and a
+  fresh instance created right after it (remove first, so published ports are free
+  again): one service at a time, so each service is down only for its own stop and start;
 * a second instance of the same service is removed;
 * no instance: create one (after a failed attempt, not before its backoff has passed);
 * an exited instance is started again when its restart policy asks for it
   (``always``/``unless-stopped``; ``on-failure`` with a non-zero exit code), but not
   before its backoff (1 s, 2 s, 4 s ... capped at :data:`RESTART_BACKOFF_CAP`) has passed.
 
-Every instance of a stack that is not desired is removed. Removals come first (in reverse
-service order), then creations and starts in service order.
+Every instance of a stack that is not desired is removed. Those removals (in reverse
+service order) and of duplicates come first, then, in service order, each service's
+replacement (remove the stale instance, create the new one), creations and starts.
 """
 
 from __future__ import annotations
@@ -143,8 +145,8 @@ def plan(
             instances = by_key.get(key, [])
             current = [i for i in instances if i.spec_hash == want_hash]
             for inst in instances:
-                if inst.spec_hash != want_hash:
-                    removals.append(Remove(inst, service.stop_grace_period_s, "spec changed"))
+                if inst.spec_hash != want_hash:  # replaced right before its successor is created
+                    starts.append(Remove(inst, service.stop_grace_period_s, "spec changed"))
             # Keep the best current instance: a running one if there is one.
             current.sort(key=lambda i: (i.state != "running", i.id))
             for extra in current[1:]:

@@ -190,30 +190,34 @@ def test_backoff_holds_a_create_after_failed_attempts() -> None:
 
 
 def test_removals_come_before_creations_and_starts() -> None:
-    """Every Remove precedes every Create and Start, whatever stack they belong to."""
+    """Instances no longer desired are removed before anything is created or started."""
     a1, a2 = svc("one"), svc("two", restart="always")
     b1 = svc("web")
     observed = [
         inst("x", "a", a2, state="exited", exit_code=1),
-        inst("y", "b", b1, spec_hash=STALE),
         inst("z", "gone", "web", spec_hash=STALE),
     ]
     p = plan({"a": stack(a1, a2), "b": stack(b1)}, observed, NOW)
-    assert [a.kind for a in p.actions] == ["remove", "remove", "create", "start", "create"]
-    assert kinds(p)[2:] == [("create", "a", "one"), ("start", "a", "two"), ("create", "b", "web")]
+    assert kinds(p) == [
+        ("remove", "gone", "web"),
+        ("create", "a", "one"),
+        ("start", "a", "two"),
+        ("create", "b", "web"),
+    ]
 
 
-def test_removals_within_a_stack_go_in_reverse_service_order() -> None:
-    """Stale instances are removed dependents first (reverse service order), then recreated in order."""
+def test_stale_services_are_replaced_one_at_a_time_in_service_order() -> None:
+    """Each stale instance is removed right before its successor is created, dependencies first:
+    a service is down only for its own stop and start."""
     db, api, web = svc("db"), svc("api", depends_on=["db"]), svc("web", depends_on=["api"])
     observed = [inst(n, "shop", n, spec_hash=STALE) for n in ("db", "api", "web")]
     p = plan({"shop": stack(db, api, web)}, observed, NOW)
     assert kinds(p) == [
-        ("remove", "shop", "web"),
-        ("remove", "shop", "api"),
         ("remove", "shop", "db"),
         ("create", "shop", "db"),
+        ("remove", "shop", "api"),
         ("create", "shop", "api"),
+        ("remove", "shop", "web"),
         ("create", "shop", "web"),
     ]
 
@@ -447,6 +451,16 @@ def test_plan_is_deterministic(world: World, now: float) -> None:
         dict(history),
     )
     assert first == again
-    assert [a.kind for a in first.actions] == sorted(
-        (a.kind for a in first.actions), key=lambda k: k != "remove"
-    ), "removals first"
+    early = [a.kind == "remove" and a.reason != "spec changed" for a in first.actions]
+    assert early == sorted(early, reverse=True), "removals of what is not desired come first"
+    acts = first.actions
+    for i, action in enumerate(acts):
+        if isinstance(action, Remove) and action.reason == "spec changed":
+            key = (action.instance.stack, action.instance.service)
+            rest = acts[i + 1 :]
+            created = any(isinstance(a, Create) and (a.stack, a.service.name) == key for a in rest)
+            if created:  # its successor comes right after it (after other stale copies of it)
+                j = next(k for k, a in enumerate(rest) if isinstance(a, Create))
+                assert all(
+                    isinstance(a, Remove) and (a.instance.stack, a.instance.service) == key for a in rest[:j]
+                ), "a stale instance is replaced right away"
