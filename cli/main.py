@@ -39,12 +39,13 @@ from tether.protocol.commands import (
     RolloutStrategy,
     StacksDeploy,
     StacksList,
+    StacksPlan,
     StacksRemove,
     StacksStatus,
 )
 from tether.protocol.durations import format_duration, parse_duration
 from tether.protocol.errors import TetherError
-from tether.protocol.logsafe import log_to_stderr
+from tether.protocol.logsafe import log_to_stderr, printable
 
 from . import enroll, output, registries, remote, variables
 from .client import ControllerClient
@@ -733,6 +734,24 @@ def _resolve(
     return resolved
 
 
+def _plan(plan: dict[str, Any], fmt: str) -> None:
+    """What `stacks deploy --dry-run` prints: the version, the devices, each service's fate."""
+    if fmt == "json":
+        click.echo(output.to_json(plan))
+        return
+    devices = plan["devices"]
+    if not plan["changed"]:
+        head = f"stack {plan['name']}: no change (version {plan['version']})"
+    else:
+        head = f"stack {plan['name']}: would deploy version {plan['version']} ({plan['spec_hash'][:12]})"
+    click.echo(
+        f"{head} on group {plan['group']}, {len(devices)} device(s)"
+        + (f": {printable(', '.join(devices))}" if devices else "")
+    )
+    rows = [(s["name"], s["change"]) for s in plan["services"]]
+    click.echo(output.table(["SERVICE", "CHANGE"], rows))
+
+
 @stacks.command("config")
 @compose_options
 def stacks_config(
@@ -792,6 +811,11 @@ def stacks_config(
 @click.option("--auto-promote", is_flag=True, help="Promote canaries once healthy for --min-healthy-time.")
 @click.option("--wait", is_flag=True, help="Follow the deployment until it succeeds or fails.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for --wait.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate on the controller and show what would change (devices, services); deploy nothing.",
+)
 @common
 def stacks_deploy(
     client: ControllerClient,
@@ -813,6 +837,7 @@ def stacks_deploy(
     auto_promote: bool,
     wait: bool,
     timeout: float,
+    dry_run: bool,
 ) -> None:
     """Deploy (or update) a Compose FILE (and -f overlays) as stack NAME on GROUP.
 
@@ -823,6 +848,9 @@ def stacks_deploy(
     resolved = _resolve(file, more_files, env_files, env, profiles)
     text = dump_yaml(resolved.doc)
     shipped = tuple(f.wire() for _, f in sorted(resolved.files.items()))
+    if dry_run:
+        _plan(client.request(StacksPlan(name=name, group=group, compose=text, files=shipped)), fmt)
+        return
     if healthy_deadline <= 0:
         raise TetherError("--healthy-deadline must be positive")
     rollout = RolloutStrategy(

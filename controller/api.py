@@ -47,6 +47,7 @@ from tether.protocol.commands import (
     RegistriesRemove,
     StacksDeploy,
     StacksList,
+    StacksPlan,
     StacksRemove,
     StacksStatus,
     TokensCreate,
@@ -102,6 +103,7 @@ class RequestHandlers:
             GroupsTrust: self._groups_trust,
             GroupsRemove: self._groups_rm,
             StacksDeploy: self._stacks_deploy,
+            StacksPlan: self._stacks_plan,
             StacksList: self._stacks_ls,
             StacksStatus: self._stacks_status,
             StacksRemove: self._stacks_rm,
@@ -347,6 +349,55 @@ class RequestHandlers:
             "changed": changed,
             "devices": targets,
             "deployment": deployment.id if deployment else None,
+        }
+
+    def _stacks_plan(self, cmd: StacksPlan) -> Any:
+        """``stacks.deploy`` checked in full and compared with what runs, nothing stored."""
+        errors: list[str] = []
+        spec = placement = group = None
+        if not names.NAME.ok(cmd.name):
+            errors.append(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        try:
+            spec, placement = parse_stack(cmd.compose, cmd.files)
+        except ComposeError as exc:
+            errors.append(f"stack {cmd.name!r}: {exc}")
+        group = self.store.get_group(cmd.group)
+        if group is None:
+            errors.append(f"unknown group {cmd.group!r}")
+        existing = self.store.get_stack(cmd.name) if names.NAME.ok(cmd.name) else None
+        if existing is not None and existing.group != cmd.group:
+            errors.append(
+                f"stack {cmd.name!r} is already deployed to group {existing.group!r}; remove it first or use that group"
+            )
+        if spec is not None and group is not None and (refs := stack_references(spec)):
+            try:
+                self.check_stack_variables(cmd.name, refs, members(group, self._labels()), cmd.group)  # type: ignore[attr-defined]
+            except StoreError as exc:
+                errors.append(str(exc))
+        if errors or spec is None or placement is None or group is None:
+            raise ComposeError("\n".join(errors))
+        before = {s.name: s.spec_hash() for s in existing.spec.services} if existing is not None else {}
+        services = []
+        for service in spec.services:
+            old = before.get(service.name)
+            change = "added" if old is None else "kept" if old == service.spec_hash() else "replaced"
+            services.append({"name": service.name, "change": change})
+        services += [{"name": n, "change": "removed"} for n in before if spec.service(n) is None]
+        new_version = existing is None or existing.spec_hash != spec.spec_hash()
+        if placement.mode == "replicas":
+            targets = [a.device_id for a in existing.assignment] if existing is not None else []
+        else:
+            fleet = self._fleet_view()  # type: ignore[attr-defined]
+            targets = members(group, {d: seen.attributes for d, seen in fleet.items()})
+        return {
+            "name": cmd.name,
+            "group": cmd.group,
+            "spec_hash": spec.spec_hash(),
+            "changed": new_version or existing is None or existing.placement != placement,
+            "version": (existing.version + 1 if new_version else existing.version) if existing else 1,
+            "placement": placement.model_dump(mode="json"),
+            "devices": targets,
+            "services": services,
         }
 
     def _stack_view(self, stack: Stack) -> dict[str, Any]:

@@ -257,6 +257,18 @@ class StacksDeploy(WireModel):
     strategy: RolloutStrategy = Field(default_factory=RolloutStrategy)
 
 
+class StacksPlan(WireModel):
+    """What ``stacks.deploy`` with these fields would do, changing nothing (``tether stacks
+    deploy --dry-run``): the file validated in full, every problem in one error, or the
+    devices targeted and each service added, replaced, kept or removed."""
+
+    kind: Literal["stacks.plan"] = "stacks.plan"
+    name: str
+    group: str
+    compose: str
+    files: tuple[StackFile, ...] = Field(default=(), max_length=MAX_STACK_FILES, exclude_if=lambda v: not v)
+
+
 class StacksList(WireModel):
     kind: Literal["stacks.ls"] = "stacks.ls"
 
@@ -362,6 +374,7 @@ Command = Annotated[
     | GroupsTrust
     | GroupsRemove
     | StacksDeploy
+    | StacksPlan
     | StacksList
     | StacksStatus
     | StacksRemove

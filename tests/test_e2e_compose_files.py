@@ -160,3 +160,42 @@ def test_relative_config_file_and_env_on_the_process_driver(tmp_path: Path, proc
     )
     stacks = cli_json(controller.url, "stacks", "ls")
     assert [(s["name"], s["version"]) for s in stacks] == [("worker", 1)]
+
+
+def test_deploy_dry_run_validates_on_the_controller_and_changes_nothing(
+    tmp_path: Path, procs: list[Any]
+) -> None:
+    """`stacks deploy --dry-run`: every problem at once (file, group), else the version, the
+    devices and what happens to each service; the stack stays as it was."""
+    controller = ControllerProcess(tmp_path / "controller")
+    procs.append(controller)
+    url = controller.url
+    assert cli(url, "groups", "create", "plan", "--device", "pi-1", "--device", "pi-2").returncode == 0
+    v1 = tmp_path / "v1.yml"
+    v1.write_text("services:\n  db: {image: db:1}\n  web: {image: web:1}\n  old: {image: old:1}\n")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("services:\n  web: {image: web:1, restart: sometimes}\n")
+    refused = cli(url, "stacks", "deploy", str(bad), "--name", "shop", "--group", "nowhere", "--dry-run")
+    assert refused.returncode == 1
+    assert "restart" in refused.stderr and "unknown group 'nowhere'" in refused.stderr
+
+    first = cli_json(url, "stacks", "deploy", str(v1), "--name", "shop", "--group", "plan", "--dry-run")
+    assert first["version"] == 1 and first["changed"] and sorted(first["devices"]) == ["pi-1", "pi-2"]
+    assert {s["name"]: s["change"] for s in first["services"]} == {
+        "db": "added",
+        "web": "added",
+        "old": "added",
+    }
+    assert cli_json(url, "stacks", "ls") == []
+
+    assert cli(url, "stacks", "deploy", str(v1), "--name", "shop", "--group", "plan").returncode == 0
+    v2 = tmp_path / "v2.yml"
+    v2.write_text("services:\n  db: {image: db:1}\n  web: {image: web:2}\n  cache: {image: cache:1}\n")
+    plan = cli(url, "stacks", "deploy", str(v2), "--name", "shop", "--group", "plan", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert "would deploy version 2" in plan.stdout and "2 device(s): pi-1, pi-2" in plan.stdout
+    changes = dict(line.split() for line in plan.stdout.splitlines()[2:])
+    assert changes == {"db": "kept", "web": "replaced", "cache": "added", "old": "removed"}
+    same = cli_json(url, "stacks", "deploy", str(v1), "--name", "shop", "--group", "plan", "--dry-run")
+    assert not same["changed"] and {s["change"] for s in same["services"]} == {"kept"}
+    assert [(s["name"], s["version"]) for s in cli_json(url, "stacks", "ls")] == [("shop", 1)]
