@@ -761,6 +761,8 @@ class Resolver:
     def resolve(self, paths: list[str], env: Mapping[str, str], profiles: tuple[str, ...] = ()) -> Resolved:
         """Resolve the stack made of ``paths`` (absolute, merged in order)."""
         self.root = posixpath.dirname(paths[0])
+        if not profiles and env.get("COMPOSE_PROFILES"):  # as docker compose reads it (.env too)
+            profiles = tuple(p.strip() for p in env["COMPOSE_PROFILES"].split(",") if p.strip())
         doc = strip_markers(self._project(paths, _Project(self.root, env)))
         services = doc.get("services")
         if isinstance(services, dict):
@@ -795,7 +797,10 @@ class Resolver:
                     self.errors.append(f"service {name!r}: env_file {path} not found")
                 continue
             try:
-                values = parse_env_file(_text(data, path), env.get, path, self.warnings)
+                if entry.get("format") == "raw":  # Compose's raw format: KEY=VALUE lines taken as they are
+                    values = _raw_env(_text(data, path))
+                else:
+                    values = parse_env_file(_text(data, path), env.get, path, self.warnings)
             except ComposeError as exc:
                 self.errors.append(f"service {name!r}: {exc}")
                 continue
@@ -887,6 +892,15 @@ class Resolver:
                     )
                 shipped[path] = ShippedFile(path, data, self.fs.mode(full) & 0o777)
         return shipped
+
+
+def _raw_env(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value
+    return out
 
 
 def _text(data: bytes, path: str) -> str:

@@ -374,11 +374,26 @@ def test_include_is_a_project_of_its_own(tmp_path: Path) -> None:
 
 
 def test_profiles_disable_services_unless_enabled(tmp_path: Path) -> None:
-    """A service with profiles runs only when one of them is enabled (--profile)."""
+    """A service with profiles runs only when one of them is enabled (--profile, or
+    COMPOSE_PROFILES as docker compose reads it)."""
     write(tmp_path, {"compose.yaml": "services:\n  a: {image: x}\n  dbg: {image: y, profiles: [debug]}\n"})
     assert list(resolve(tmp_path, "compose.yaml").doc["services"]) == ["a"]
     doc = resolve(tmp_path, "compose.yaml", profiles=("debug",)).doc
     assert doc["services"]["dbg"] == {"image": "y"}
+    doc = resolve(tmp_path, "compose.yaml", env={"COMPOSE_PROFILES": "other, debug"}).doc
+    assert list(doc["services"]) == ["a", "dbg"]
+
+
+def test_raw_env_file_format(tmp_path: Path) -> None:
+    """env_file with format: raw takes each KEY=VALUE line as it is (no quotes, no $)."""
+    write(
+        tmp_path,
+        {
+            "compose.yaml": "services:\n  a: {image: x, env_file: [{path: raw.env, format: raw}]}\n",
+            "raw.env": "# comment\nQ='quoted' $HOME\n",
+        },
+    )
+    assert resolve(tmp_path, "compose.yaml").doc["services"]["a"]["environment"] == {"Q": "'quoted' $$HOME"}
 
 
 def test_relative_bind_sources_and_shipped_files(tmp_path: Path) -> None:
