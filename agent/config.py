@@ -64,7 +64,7 @@ def default_device_id() -> str:
     return name or "device"
 
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|b|kb|mb|gb)?(?:/s)?\s*$", re.IGNORECASE)
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|b|kb|mb|gb)?(?:/s)?\s*\Z", re.IGNORECASE)
 _RATE_UNITS = {
     "bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8,
     "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9,

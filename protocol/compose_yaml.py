@@ -55,14 +55,14 @@ class Override:
 
 # --- scalars: YAML 1.2 core schema, with Compose's octal ---------------------------------------
 
-_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
-_NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
-_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|[-+]?0o[0-7_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0b[01_]+)$")
+_BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)\Z")
+_NULL = re.compile(r"^(?:~|null|Null|NULL|)\Z")
+_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|[-+]?0o[0-7_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?0b[01_]+)\Z")
 _FLOAT = re.compile(
     r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*\.[0-9_]*)(?:[eE][-+]?[0-9]+)?"
-    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))\Z"
 )
-_LEGACY_OCTAL = re.compile(r"^[-+]?0[0-7]+$")
+_LEGACY_OCTAL = re.compile(r"^[-+]?0[0-7]+\Z")
 
 
 def _int(text: str) -> int:
@@ -169,7 +169,7 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL, list("tTfF"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:null", _NULL, ["~", "n", "N", ""])
 _Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)$"), ["<"])
+_Loader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)\Z"), ["<"])
 _Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: _int(node.value))  # type: ignore[type-var]
 _Loader.add_constructor("tag:yaml.org,2002:float", lambda loader, node: _float(node.value))  # type: ignore[type-var]
 _Loader.add_constructor(

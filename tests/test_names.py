@@ -28,6 +28,7 @@ GOOD = {
     "variable path": "db/main",
     "variable reference": "db/main/password",
     "signal": "SIGHUP",
+    "registry host": "registry.example:5000",
 }
 
 
