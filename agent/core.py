@@ -203,6 +203,7 @@ class AgentCore:
         self._downloads_at = 0.0
         self._pruned_for: object = None
         self._failed_seen: set[tuple[str, str]] = set()
+        self.storage_error: str | None = None  # what the store could not write (see reconcile_once)
         if self.desired is not None:
             self.jobs.set_jobs(self.desired.jobs, clock())
             wanted = {ref.spec_hash for ref in (*self.desired.stacks, *self.desired.stage)}
@@ -646,11 +647,18 @@ class AgentCore:
                 self.event("stack.render_failed", f"{message} (the stack {kept})", level="error", stack=name)
             return Rendering(key, previous.spec if previous else None, message)
         modes = {m.source: m.mode for s in reversed(spec.services) for m in s.configs}
-        changed = {
-            config
-            for config, content in files.items()
-            if self.store.write_config(name, config, content, modes.get(config, 0o444))
-        }
+        try:
+            changed = {
+                config
+                for config, content in files.items()
+                if self.store.write_config(name, config, content, modes.get(config, 0o444))
+            }
+        except OSError as exc:  # a full disk: rendered again next round (a key that never matches)
+            message = f"stack {name}: cannot write config file {exc.filename}: {exc.strerror or exc}"
+            if previous is None or previous.error != message:
+                kept = "keeps running as rendered before" if previous and previous.spec else "is not started"
+                self.event("stack.render_failed", f"{message} (the stack {kept})", level="error", stack=name)
+            return Rendering(("unwritten",), previous.spec if previous else None, message)
         for service in spec_r.services:
             for mount in service.configs:
                 if mount.source not in changed or previous is None or previous.spec is None:
@@ -714,6 +722,7 @@ class AgentCore:
     def reconcile_once(self) -> None:
         """Observe, plan, apply, report. Driver failures are recorded, never raised."""
         self.wake = False
+        self._check_storage()
         if self.pending is not None and not self.awaiting & {r.spec_hash for r in self.pending.stacks}:
             self._try_accept()  # a hold may have been released
         now = self.clock()
@@ -739,6 +748,7 @@ class AgentCore:
             self.rejection,
             self.held,
             self.store.outbox_dropped(),
+            self.storage_error,
             observed,
             downloads,
             blocked,
@@ -803,6 +813,7 @@ class AgentCore:
             held=self.held,
             events_dropped=self.store.outbox_dropped(),
             downloads=downloads,
+            storage_error=self.storage_error,
             at=now,
         )
         self.publish_report()
@@ -826,6 +837,24 @@ class AgentCore:
             keep |= images
         self._pruned_for = key
         self.images.prune(keep)
+
+    def _check_storage(self) -> None:
+        """Write what the store could not, and tell when storage fails or recovers.
+
+        A full disk or a read-only file system never stops the agent: the store keeps what
+        it could not write in memory (the device runs from there) and writes it when it
+        can. Meanwhile the report carries ``storage_error`` and an event says so.
+        """
+        self.store.retry()
+        problem = self.store.problem()
+        message = problem.message() if problem is not None else None
+        if message == self.storage_error:
+            return
+        was, self.storage_error = self.storage_error, message
+        if problem is not None and was is None:
+            self.event("storage.error", message or "", level="error")
+        elif problem is None:
+            self.event("storage.recovered", "the data directory is writable again: everything is saved")
 
     def _apply(self, action: reconcile.Action, desired: dict[str, StackSpec], now: float) -> None:
         if isinstance(action, Create | Start):

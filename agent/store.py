@@ -15,6 +15,11 @@
 Every write is atomic (write a temporary file, fsync, rename over, fsync the directory),
 so a power cut leaves either the old or the new file, never a torn one.
 
+A write that fails (a full disk, a read-only file system) never stops the agent: the
+previous file stays whole, the new content is kept in memory (and read from there) and
+written again by :meth:`LocalStore.retry` until it succeeds; meanwhile
+:meth:`LocalStore.problem` says what is wrong (path, error, free bytes), for the report.
+
 :class:`MemoryStore` keeps the same things in memory, for the fleet simulator and tests.
 """
 
@@ -27,6 +32,7 @@ import os
 import tempfile
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -61,6 +67,30 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def free_bytes(path: Path) -> int | None:
+    """Bytes available to us on the file system holding ``path`` (None if unknown)."""
+    for candidate in (path, *path.parents):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+@dataclass(frozen=True)
+class StorageProblem:
+    """A write that failed: what, why, and how much space was left."""
+
+    path: str
+    error: str
+    free_bytes: int | None
+
+    def message(self) -> str:
+        free = "unknown" if self.free_bytes is None else f"{self.free_bytes}"
+        return f"cannot write {self.path}: {self.error} (free bytes: {free}); running from memory, retrying"
+
+
 class StateStore(Protocol):
     """What the agent core needs to keep."""
 
@@ -84,6 +114,8 @@ class StateStore(Protocol):
     def write_config(self, stack: str, name: str, content: bytes, mode: int) -> bool: ...
     def prune_configs(self, stacks: set[str]) -> None: ...
     def stack_paths(self, stack: str, sources: set[str], files: tuple[StackFile, ...]) -> dict[str, str]: ...
+    def problem(self) -> StorageProblem | None: ...
+    def retry(self) -> None: ...
 
 
 def shipped_layout(sources: set[str], files: tuple[StackFile, ...]) -> tuple[set[str], set[str]]:
@@ -185,6 +217,12 @@ class MemoryStore:
             self.stack_files[(stack, f.path)] = f.content()
         return {source: f"memory:/volumes/{stack}/{source}" for source in sources}
 
+    def problem(self) -> StorageProblem | None:
+        return None
+
+    def retry(self) -> None:
+        return None
+
 
 class LocalStore:
     """The agent's files under ``data_dir``."""
@@ -196,15 +234,61 @@ class LocalStore:
         self.outbox_dir = self.dir / "outbox"
         self.outbox_dir.mkdir(exist_ok=True)
         self.outbox_limit = outbox_limit
+        self._unsaved: dict[Path, bytes] = {}  # content whose write failed, newest per path
+        self._problem: StorageProblem | None = None
+        self._session = 0
         self._outbox_state = self._read_outbox_state()
         self._queued = sorted(p.name for p in self.outbox_dir.glob("*.msgpack"))
+
+    # --- writes that may fail ---
+
+    def _write(self, path: Path, data: bytes) -> bool:
+        """Write ``path`` atomically; on failure keep ``data`` in memory to retry (False)."""
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            self._unsaved[path] = data
+            problem = StorageProblem(str(path), exc.strerror or str(exc), free_bytes(path.parent))
+            if self._problem is None:
+                log.error("%s", problem.message())
+            self._problem = problem
+            return False
+        self._unsaved.pop(path, None)
+        return True
+
+    def _read(self, path: Path) -> bytes:
+        """The content of ``path``: what is waiting to be written, else the file."""
+        unsaved = self._unsaved.get(path)
+        return unsaved if unsaved is not None else path.read_bytes()
+
+    def _delete(self, path: Path) -> None:
+        self._unsaved.pop(path, None)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only file system: it goes at the next start (a duplicate at worst)
+            log.warning("cannot delete %s: %s", path, exc.strerror or exc)
+
+    def problem(self) -> StorageProblem | None:
+        """The last write that failed, while something is still unwritten; else None."""
+        return self._problem
+
+    def retry(self) -> None:
+        """Write again what could not be written, oldest first; clear the problem once all is."""
+        if not self._unsaved:
+            self._problem = None
+            return
+        for path, data in list(self._unsaved.items()):
+            if not self._write(path, data):
+                return
+        log.warning("storage writable again: everything kept in memory is on disk")
+        self._problem = None
 
     # --- desired state and definitions ---
 
     def load_desired(self) -> DesiredState | None:
         path = self.dir / "desired.msgpack"
         try:
-            return codec.decode(path.read_bytes(), DesiredState)
+            return codec.decode(self._read(path), DesiredState)
         except FileNotFoundError:
             return None
         except (OSError, PayloadError) as exc:
@@ -212,12 +296,12 @@ class LocalStore:
             return None
 
     def save_desired(self, desired: DesiredState) -> None:
-        atomic_write(self.dir / "desired.msgpack", codec.encode(desired))
+        self._write(self.dir / "desired.msgpack", codec.encode(desired))
 
     def load_definition(self, spec_hash: str) -> StackDefinition | None:
         path = self.dir / "stacks" / f"{spec_hash}.msgpack"
         try:
-            definition = codec.decode(path.read_bytes(), StackDefinition)
+            definition = codec.decode(self._read(path), StackDefinition)
         except FileNotFoundError:
             return None
         except (OSError, PayloadError) as exc:
@@ -229,40 +313,43 @@ class LocalStore:
         return definition
 
     def save_definition(self, definition: StackDefinition) -> None:
-        atomic_write(self.dir / "stacks" / f"{definition.spec_hash}.msgpack", codec.encode(definition))
+        self._write(self.dir / "stacks" / f"{definition.spec_hash}.msgpack", codec.encode(definition))
 
     def prune_definitions(self, keep: set[str]) -> None:
-        for path in (self.dir / "stacks").glob("*.msgpack"):
+        stacks = self.dir / "stacks"
+        for path in {*stacks.glob("*.msgpack"), *(p for p in self._unsaved if p.parent == stacks)}:
             if path.stem not in keep:
-                path.unlink(missing_ok=True)
+                self._delete(path)
 
     def next_session(self) -> int:
         """Persist and return the next presence session number.
 
         It is the larger of the last one + 1 and the current Unix time in seconds, so it keeps
         increasing even when the data dir is wiped (a reinstalled device is not mistaken
-        for an older session of itself), and even when the clock steps back.
+        for an older session of itself), and even when the clock steps back. It also
+        increases when the file cannot be written (kept in memory meanwhile).
         """
         path = self.dir / "session"
         try:
-            current = int(path.read_text().strip() or 0)
+            current = int(self._read(path).decode().strip() or 0)
         except (OSError, ValueError):
             current = 0
-        session = max(current + 1, int(time.time()))
-        atomic_write(path, str(session).encode())
+        session = max(current + 1, self._session + 1, int(time.time()))
+        self._session = session
+        self._write(path, str(session).encode())
         return session
 
     # --- outbox ---
 
     def _read_outbox_state(self) -> dict[str, int]:
         try:
-            state = json.loads((self.outbox_dir / "state").read_text())
+            state = json.loads(self._read(self.outbox_dir / "state"))
             return {"seq": int(state["seq"]), "dropped": int(state["dropped"])}
         except (OSError, ValueError, KeyError, TypeError):
             return {"seq": 0, "dropped": 0}
 
     def _write_outbox_state(self) -> None:
-        atomic_write(self.outbox_dir / "state", json.dumps(self._outbox_state).encode())
+        self._write(self.outbox_dir / "state", json.dumps(self._outbox_state).encode())
 
     def next_event_seq(self) -> int:
         self._outbox_state["seq"] += 1
@@ -271,11 +358,11 @@ class LocalStore:
 
     def outbox_put(self, event: Event) -> None:
         name = f"{event.seq:016d}.msgpack"
-        atomic_write(self.outbox_dir / name, codec.encode(event))
+        self._write(self.outbox_dir / name, codec.encode(event))
         self._queued.append(name)
         dropped = 0
         while len(self._queued) > self.outbox_limit:
-            (self.outbox_dir / self._queued.pop(0)).unlink(missing_ok=True)
+            self._delete(self.outbox_dir / self._queued.pop(0))
             dropped += 1
         if dropped:
             self._outbox_state["dropped"] += dropped
@@ -285,16 +372,16 @@ class LocalStore:
         while self._queued:
             path = self.outbox_dir / self._queued[0]
             try:
-                return codec.decode(path.read_bytes(), Event)
+                return codec.decode(self._read(path), Event)
             except (OSError, PayloadError) as exc:
                 log.error("dropping unreadable queued event %s: %s", path, exc)
-                path.unlink(missing_ok=True)
+                self._delete(path)
                 self._queued.pop(0)
         return None
 
     def outbox_pop(self) -> None:
         if self._queued:
-            (self.outbox_dir / self._queued.pop(0)).unlink(missing_ok=True)
+            self._delete(self.outbox_dir / self._queued.pop(0))
 
     def outbox_dropped(self) -> int:
         return self._outbox_state["dropped"]
@@ -305,10 +392,10 @@ class LocalStore:
         for name in list(self._queued[:n]):
             path = self.outbox_dir / name
             try:
-                events.append(codec.decode(path.read_bytes(), Event))
+                events.append(codec.decode(self._read(path), Event))
             except (OSError, PayloadError) as exc:
                 log.error("dropping unreadable queued event %s: %s", path, exc)
-                path.unlink(missing_ok=True)
+                self._delete(path)
                 self._queued.remove(name)
         return events
 
@@ -317,7 +404,7 @@ class LocalStore:
         name = f"{seq:016d}.msgpack"
         if name in self._queued:
             self._queued.remove(name)
-            (self.outbox_dir / name).unlink(missing_ok=True)
+            self._delete(self.outbox_dir / name)
 
     def outbox_size(self) -> int:
         return len(self._queued)
@@ -326,7 +413,7 @@ class LocalStore:
 
     def load_json(self, name: str) -> Any:
         try:
-            return json.loads((self.dir / f"{name}.json").read_text())
+            return json.loads(self._read(self.dir / f"{name}.json"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
@@ -334,7 +421,7 @@ class LocalStore:
             return None
 
     def save_json(self, name: str, value: Any) -> None:
-        atomic_write(self.dir / f"{name}.json", json.dumps(value).encode())
+        self._write(self.dir / f"{name}.json", json.dumps(value).encode())
 
     # --- rendered config files ---
 

@@ -294,7 +294,7 @@ def devices_ls(client: ControllerClient, fmt: str) -> None:
     rows = [
         (
             d["id"],
-            output.presence(d),
+            output.presence(d) + (", storage error" if d.get("storage_error") else ""),
             output.labels(d["labels"]),
             f"{d['applied_generation'] if (d['applied_generation'] or -1) >= 0 else '-'}/"
             f"{d['desired_generation'] if d['desired_generation'] is not None else '-'}",
@@ -336,6 +336,8 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
     reported = d.get("reported") or {}
     if reported.get("error"):
         click.echo(f"error:      {show(reported['error'])}")
+    if reported.get("storage_error"):
+        click.echo(f"storage:    {show(reported['storage_error'])}")
     rows = []
     for stack, status in sorted((reported.get("stacks") or {}).items()):
         for svc, s in status["services"].items():

@@ -147,6 +147,7 @@ class RequestHandlers:
             "desired_generation": record.generation if record else None,
             "applied_generation": reported.generation if reported else None,
             "stacks": {name: s.state for name, s in (reported.stacks.items() if reported else ())},
+            "storage_error": reported.storage_error if reported else None,
         }
         if full:
             view["facts"] = device.facts.model_dump(mode="json") if device.facts else None

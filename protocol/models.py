@@ -401,6 +401,9 @@ class ReportedState(Message):
     held: bool = False
     events_dropped: int = 0
     downloads: dict[str, DownloadStatus] = Field(default_factory=dict, exclude_if=_unset)
+    storage_error: str | None = Field(default=None, exclude_if=_unset)
+    """The agent cannot write its data directory (a full disk, a read-only file system): it
+    runs from memory meanwhile. Names the path, the error and the bytes free."""
     at: float = 0.0
 
 

@@ -8,12 +8,17 @@ kernel's start time of that pid, so a restarted agent re-attaches to processes t
 run and never mistakes a recycled pid for its own. Images, ports, named volumes, absolute
 bind mounts and networks do not apply (every process shares the host network, like
 ``network_mode: host``); relative bind mounts and configs are links in its working directory.
+
+A record that cannot be written (a full disk, a read-only file system) is kept in memory,
+used as if written, and written at the next :meth:`ProcessDriver.observe` that can: the
+processes stay supervised; only an agent restart before then loses track of them.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -28,6 +33,8 @@ from tether.protocol.errors import DriverError
 from tether.protocol.models import HealthcheckSpec, HealthState, JobSpec, ServiceSpec, StackSpec
 
 from .base import HEALTH_OUTPUT_CHARS, Observed
+
+log = logging.getLogger(__name__)
 
 FOLLOW_POLL_S = 0.25
 """How often a followed log file is checked for growth."""
@@ -63,19 +70,46 @@ class ProcessDriver:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._children: dict[int, subprocess.Popen[bytes]] = {}
         self._checks: dict[str, HealthChecker] = {}
+        self._unsaved: dict[Path, dict[str, Any]] = {}  # records whose write failed
+        self._deleted: set[Path] = set()  # records removed whose file could not be deleted
 
     def _record_path(self, stack: str, service: str) -> Path:
         return self.dir / f"{stack}.{service}.json"
 
+    def _paths(self) -> list[Path]:
+        """Every record: on disk, or waiting in memory to be written."""
+        return sorted({*self.dir.glob("*.json"), *list(self._unsaved)} - set(self._deleted))
+
     def _read(self, path: Path) -> dict | None:
+        unsaved = self._unsaved.get(path)
+        if unsaved is not None:
+            return dict(unsaved)
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
             return None
 
+    def _save(self, path: Path, rec: dict[str, Any]) -> bool:
+        """Write a record; if that fails, keep it in memory (written later). False if it failed."""
+        self._deleted.discard(path)
+        try:
+            atomic_write(path, json.dumps(rec).encode())
+        except OSError as exc:
+            if path not in self._unsaved:
+                log.error("cannot write %s: %s: keeping it in memory", path, exc.strerror or exc)
+            self._unsaved[path] = rec
+            return False
+        self._unsaved.pop(path, None)
+        return True
+
     def observe(self) -> list[Observed]:
+        for path, rec in list(self._unsaved.items()):
+            if not self._save(path, rec):
+                break
+        for path in list(self._deleted):
+            self._delete(path)
         result = []
-        for path in sorted(self.dir.glob("*.json")):
+        for path in self._paths():
             rec = self._read(path)
             if rec is None or rec.get("device") != self.device_id:
                 continue
@@ -94,7 +128,7 @@ class ProcessDriver:
             if not alive and rec.get("state") == "running":
                 rec["state"] = "exited"
                 rec["exit_code"] = exit_code
-                atomic_write(path, json.dumps(rec).encode())
+                self._save(path, rec)
             health = self._health(path.stem, rec, alive)
             checker = self._checks.get(path.stem)
             result.append(
@@ -159,13 +193,20 @@ class ProcessDriver:
             link.unlink(missing_ok=True)
             link.symlink_to(host_path)
         try:
-            with open(os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
+            output = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        except OSError as exc:  # a read-only file system: run it anyway, without its log
+            log.error(
+                "cannot open %s: %s: %s/%s runs without a log", log_path, exc.strerror, stack, service.name
+            )
+            output = os.open(os.devnull, os.O_WRONLY)
+        try:
+            with open(output, "ab") as out:
                 child = subprocess.Popen(
                     argv,
                     env=env,
                     cwd=workdir,
                     stdin=subprocess.DEVNULL,
-                    stdout=log,
+                    stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                 )
@@ -185,7 +226,7 @@ class ProcessDriver:
             "stop_grace": service.stop_grace_period_s,
             "healthcheck": service.healthcheck.model_dump(mode="json") if service.healthcheck else None,
         }
-        atomic_write(self._record_path(stack, service.name), json.dumps(record).encode())
+        self._save(self._record_path(stack, service.name), record)
 
     def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
         self._launch(stack, service)
@@ -213,7 +254,18 @@ class ProcessDriver:
                 self._terminate(pid, grace)
             elif (child := self._children.pop(pid, None)) is not None:
                 child.poll()  # reap it
-        path.unlink(missing_ok=True)
+        self._unsaved.pop(path, None)
+        self._delete(path)
+
+    def _delete(self, path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # read-only: gone as far as we are concerned, deleted later
+            if path not in self._deleted:
+                log.error("cannot delete %s: %s", path, exc.strerror or exc)
+            self._deleted.add(path)
+        else:
+            self._deleted.discard(path)
 
     def _terminate(self, pid: int, grace: float) -> None:
         try:
@@ -306,7 +358,7 @@ class ProcessDriver:
         # Read-only: records are read, never rewritten, and each service counts every
         # process of its session (it is started as a session leader), children included.
         sessions: dict[int, str] = {}
-        for path in sorted(self.dir.glob("*.json")):
+        for path in self._paths():
             rec = self._read(path)
             if rec is None or rec.get("device") != self.device_id or rec.get("state") != "running":
                 continue

@@ -524,6 +524,11 @@ class Fleet:
         except (OSError, ValueError):
             return None
 
+    def process_pid(self, name: str, stack: str, service: str) -> int:
+        """The pid the process driver recorded for a service instance."""
+        record = json.loads((self.agent_dir(name) / "processes" / f"{stack}.{service}.json").read_text())
+        return int(record["pid"])
+
     def starts(self, name: str, stack: str, service: str) -> list[str]:
         path = self.workdir(name, stack, service) / "starts"
         return path.read_text().split() if path.exists() else []

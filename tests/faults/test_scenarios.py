@@ -9,14 +9,21 @@ the time from healing to convergence is recorded (bench/results/faults.json).
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import signal
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 from support.infra import wait_until
+from tether.protocol import codec
+from tether.protocol.models import DesiredState
 
-from .fleet import Fleet
+from .fleet import NOISE, Fleet
 
 pytestmark = pytest.mark.e2e
 
@@ -428,3 +435,120 @@ def test_embedded_broker_restart_presence(embedded_fleet: Fleet, record: Any) ->
                and 'tether_devices{presence="online"} 1.0' in m, 20, 0.2, "/metrics: 1 online, 1 offline")  # fmt: skip
     record("14-embedded-broker-restart-presence", converge_s=round(offline_after, 2),
            live_device_online_after_s=round(back_online, 1), dead_device_offline_after_s=round(offline_after, 1))  # fmt: skip
+
+
+NOISE_V2 = NOISE.replace("tether-fault-noise", "tether-fault-noise-v2")
+NOISE_V3 = NOISE.replace("tether-fault-noise", "tether-fault-noise-v3")
+
+
+def test_data_disk_full_then_read_only(fleet: Fleet, record: Any, tmp_path: Path) -> None:
+    """(15) The agent's data directory is a small tmpfs that fills up, later one that turns
+    read-only: the agent keeps running (no crash loop), keeps its MQTT session and reconnects
+    (the session counter cannot be saved), restarts a killed service and applies a deploy
+    from memory, reports the condition (``storage_error``: path, error, free bytes; a
+    ``storage.error`` event), and once the space is back writes everything it kept in
+    memory, nothing corrupted, and converges by itself."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounts: list[Path] = []
+
+    def small_disk(name: str) -> None:
+        if name.startswith("d1-"):
+            path = fleet.agent_dir(name)
+            path.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], check=True)
+            mounts.append(path)
+
+    try:
+        d1, d2 = fleet.boot(prepare=small_disk)
+        data = fleet.agent_dir(d1)
+        filler = data / "filler"
+        fill(filler)
+        full = degrade_and_recover(fleet, d1, d2, "No space left on device", NOISE_V2, filler.unlink)
+        # Read-only from now on: a read-only bind mount over it (files open for writing, the
+        # services' logs, would refuse a plain remount), made and removed (to heal) in the
+        # agent's mount namespace (``ip netns exec`` gives it its own).
+        agent_ns = ["nsenter", "-t", str(fleet.agents[d1].proc.pid), "-m"]
+        subprocess.run([*agent_ns, "mount", "--bind", str(data), str(data)], check=True)
+        subprocess.run([*agent_ns, "mount", "-o", "remount,bind,ro", str(data)], check=True)
+        read_only = degrade_and_recover(
+            fleet,
+            d1,
+            d2,
+            "Read-only file system",
+            NOISE_V3,
+            lambda: subprocess.run([*agent_ns, "umount", "-l", str(data)], check=True),
+        )
+        events = fleet.event_report(d1)
+        assert not events["lost"] and not events["duplicates_stored"], events
+        record("15-data-disk-full-then-read-only", converge_s=round(full, 2),
+               read_only_converge_s=round(read_only, 2), events=events)  # fmt: skip
+    finally:
+        for path in mounts:
+            while (
+                subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False).returncode == 0
+            ):
+                pass  # the read-only bind mount (if still there), then the tmpfs
+
+
+def degrade_and_recover(fleet: Fleet, d1: str, d2: str, error: str, noise: str, heal: Any) -> float:
+    """With d1's data disk failing with ``error``: kill its steady service, deploy ``noise``
+    and restart the broker (a reconnect), then check d1 supervises from memory and reports
+    the condition; ``heal()``, and return the seconds from healing to convergence."""
+    data = fleet.agent_dir(d1)
+    restarts = service_restarts(fleet.show(d1))
+    connects = fleet.reconnects(d1)
+    os.kill(fleet.process_pid(d1, "steady", "steady"), signal.SIGKILL)  # it must come back
+    fleet.deploy("noise", noise)  # a new definition and generation
+    fleet.broker.stop()  # every agent reconnects: a new session number, not saveable
+    fleet.broker.start()
+    wait_until(lambda: fleet.reconnects(d1) > connects, 60, 0.1, f"{d1} reconnected ({error})")
+
+    def degraded() -> bool:
+        view = fleet.show(d1)
+        storage = (view.get("reported") or {}).get("storage_error") or ""
+        return (
+            view["status"] == "online"
+            and view["applied_generation"] == view["desired_generation"]
+            and view["stacks"].get("steady") == "running"
+            and service_restarts(view) > restarts
+            and error in storage
+            and "free bytes" in storage
+            and any(e["kind"] == "storage.error" and error in e["message"] for e in view["events"])
+        )
+
+    wait_until(degraded, 60, 0.2, f"{d1} supervising from memory and reporting: {error}")
+    assert fleet.agents[d1].proc.poll() is None, f"{d1}: agent exited ({error})"
+    assert "Traceback" not in fleet.agents[d1].output(), f"{d1}: agent logged a traceback"
+    heal()
+    healed = time.monotonic()
+
+    def recovered() -> bool:
+        view = fleet.show(d1)
+        return not (view.get("reported") or {}).get("storage_error") and any(
+            e["kind"] == "storage.recovered" for e in view["events"]
+        )
+
+    converged = fleet.wait_converged(healed, [d1, d2], {"steady", "noise"}, extra=recovered)
+    desired = codec.decode((data / "desired.msgpack").read_bytes(), DesiredState)
+    assert desired.generation == fleet.show(d1)["desired_generation"], "desired state not saved"
+    return converged
+
+
+def fill(path: Path) -> None:
+    """Write ``path`` until its file system is full."""
+    chunk = b"\0" * 65536
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+
+
+def service_restarts(view: dict[str, Any]) -> int:
+    """How many times the device says it restarted ``steady``."""
+    stacks = (view.get("reported") or {}).get("stacks") or {}
+    services = (stacks.get("steady") or {}).get("services") or {}
+    return int((services.get("steady") or {}).get("restarts", 0))
