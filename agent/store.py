@@ -235,6 +235,7 @@ class LocalStore:
         self.outbox_dir.mkdir(exist_ok=True)
         self.outbox_limit = outbox_limit
         self._unsaved: dict[Path, bytes] = {}  # content whose write failed, newest per path
+        self._undeleted: set[Path] = set()  # files to delete that could not be (read-only)
         self._problem: StorageProblem | None = None
         self._session = 0
         self._outbox_state = self._read_outbox_state()
@@ -244,41 +245,53 @@ class LocalStore:
 
     def _write(self, path: Path, data: bytes) -> bool:
         """Write ``path`` atomically; on failure keep ``data`` in memory to retry (False)."""
+        self._undeleted.discard(path)
         try:
             atomic_write(path, data)
         except OSError as exc:
             self._unsaved[path] = data
-            problem = StorageProblem(str(path), exc.strerror or str(exc), free_bytes(path.parent))
-            if self._problem is None:
-                log.error("%s", problem.message())
-            self._problem = problem
+            self._failed(path, exc)
             return False
         self._unsaved.pop(path, None)
         return True
+
+    def _failed(self, path: Path, exc: OSError) -> None:
+        problem = StorageProblem(str(path), exc.strerror or str(exc), free_bytes(path.parent))
+        if self._problem is None:
+            log.error("%s", problem.message())
+        self._problem = problem
 
     def _read(self, path: Path) -> bytes:
         """The content of ``path``: what is waiting to be written, else the file."""
         unsaved = self._unsaved.get(path)
         return unsaved if unsaved is not None else path.read_bytes()
 
-    def _delete(self, path: Path) -> None:
+    def _delete(self, path: Path) -> bool:
+        """Delete ``path``; if that fails (read-only), remember to delete it later (False)."""
         self._unsaved.pop(path, None)
         try:
             path.unlink(missing_ok=True)
-        except OSError as exc:  # a read-only file system: it goes at the next start (a duplicate at worst)
-            log.warning("cannot delete %s: %s", path, exc.strerror or exc)
+        except OSError as exc:
+            self._undeleted.add(path)
+            self._failed(path, exc)
+            return False
+        self._undeleted.discard(path)
+        return True
 
     def problem(self) -> StorageProblem | None:
         """The last write that failed, while something is still unwritten; else None."""
         return self._problem
 
     def retry(self) -> None:
-        """Write again what could not be written, oldest first; clear the problem once all is."""
-        if not self._unsaved:
-            self._problem = None
+        """Write again what could not be written (and delete what could not be deleted), oldest
+        first; clear the problem once all is done."""
+        if self._problem is None:
             return
         for path, data in list(self._unsaved.items()):
             if not self._write(path, data):
+                return
+        for path in list(self._undeleted):
+            if not self._delete(path):
                 return
         log.warning("storage writable again: everything kept in memory is on disk")
         self._problem = None
