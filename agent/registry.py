@@ -60,10 +60,10 @@ TIMEOUT = (10.0, 30.0)
 
 _REF_RE = re.compile(
     r"^(?P<name>[a-z0-9]+(?:[._-]+[a-z0-9]+|__)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?\Z"
 )
-_HOST_RE = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?$")
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9a-fA-F:]+\])(?::[0-9]{1,5})?\Z")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}\Z")
 
 
 class RegistryError(TetherError):
@@ -494,7 +494,7 @@ def _blob(entry: Any, what: str) -> Blob:
 
 
 def _range_start(content_range: str) -> int | None:
-    match = re.match(r"^bytes (\d+)-\d+/(?:\d+|\*)$", content_range.strip())
+    match = re.match(r"^bytes (\d+)-\d+/(?:\d+|\*)\Z", content_range.strip())
     return int(match.group(1)) if match else None
 
 
