@@ -12,7 +12,12 @@ and keeps its files in a :class:`~.store.StateStore`.
   retained ``tether/v1/stacks/{hash}`` topics, subscribed to only while needed), then
   saved atomically and made current. Older or equal generations are duplicates and are
   dropped. A payload that does not validate is *rejected*: the current desired state stays
-  in force; the error goes out as an event and in the reported state.
+  in force; the error goes out as an event and in the reported state. A forged desired
+  state cannot wedge the device: one more than :data:`MAX_GENERATION_STEP` beyond the
+  applied generation is rejected; a pending one is replaced by the next desired state that
+  arrives (the latest publish wins, even with a lower generation, as long as it is newer
+  than the applied one); and one whose definitions have not arrived after
+  :data:`DEFINITION_TIMEOUT` seconds connected is rejected.
 * **Reconcile** (:meth:`AgentCore.reconcile_once`) runs whether or not the broker is
   reachable: the device enforces its last accepted desired state offline and after a
   restart. Driver failures are recorded in the report, never raised.
@@ -93,6 +98,14 @@ LOG_TAIL_LINES = 20
 EVENTS_IN_FLIGHT = 50
 """Events sent but not yet acknowledged, at most."""
 STEADY_RUN_SECONDS = 60.0
+MAX_GENERATION_STEP = 2**32
+"""How far beyond the applied generation a desired state may be. The controller counts a
+device's generations up by one per change (and past a generation the device reports, by
+one), so a bigger jump is forged: accepted, it would make every later real one look older."""
+DEFINITION_TIMEOUT = 120.0
+"""Seconds (while connected) a pending desired state may wait for its stack definitions.
+The controller publishes them, retained, before the desired state: one that never arrives
+names a definition nobody published, and the pending state is rejected."""
 PROGRESS_INTERVAL = 10.0
 """Download progress (bytes, rate, ETA) changes the reported state at most this often;
 a change of state (downloading, retrying, staged, failed) is reported at once."""
@@ -152,6 +165,7 @@ class AgentCore:
         key: DeviceKey | None = None,
         keepalive: int | None = None,
         images: ImageStager | None = None,
+        definition_timeout: float = DEFINITION_TIMEOUT,
     ) -> None:
         """``key``: the device's X25519 key pair (secrets are sealed to it); without one,
         stacks that use secrets cannot be rendered. ``keepalive``: the MQTT keepalive, told
@@ -180,6 +194,8 @@ class AgentCore:
         self.specs: dict[str, StackSpec] = {}
         self.pending: DesiredState | None = None
         self.awaiting: set[str] = set()
+        self.definition_timeout = definition_timeout
+        self._pending_since = 0.0  # when the pending state (or this connection) began waiting
         self.rejection: str | None = None
         self.errors: dict[ServiceKey, str] = {}
         self.restarts: dict[ServiceKey, RestartRecord] = {}
@@ -272,6 +288,7 @@ class AgentCore:
         self.publish_online()
         for spec_hash in self.awaiting:
             self.link.subscribe(topics.stack(spec_hash))
+        self._pending_since = self.clock()  # definitions can arrive again from now on
         self._inflight.clear()  # what the last connection did not get acknowledged goes again
         self.flush_events()
         self._report_published = False
@@ -324,10 +341,55 @@ class AgentCore:
             return
         if desired.generation == current:
             return
-        if self.pending is not None and desired.generation <= self.pending.generation:
+        if desired.generation > max(current, 0) + MAX_GENERATION_STEP:
+            self._reject(
+                f"desired state generation {desired.generation} is implausibly far beyond the applied "
+                f"generation {current} (more than {MAX_GENERATION_STEP} ahead): refused"
+            )
             return
+        pending = self.pending
+        if pending is not None:
+            if desired.generation == pending.generation:
+                return  # the same one again (QoS 1, or republished)
+            if desired.generation < pending.generation:
+                # Published after it (one topic, in order): the pending one was not the
+                # controller's latest (forged?). Waiting for it would make this one look older.
+                log.warning(
+                    "desired generation %d replaces pending generation %d",
+                    desired.generation,
+                    pending.generation,
+                )
+            self._drop_pending(desired)
         self.pending = desired
+        self._pending_since = self.clock()
         self._try_accept()
+
+    def _drop_pending(self, successor: DesiredState | None) -> None:
+        """Forget the pending state: stop waiting for the definitions only it needed."""
+        self.pending = None
+        self.held = False
+        keep = self._kept_hashes()
+        if successor is not None:
+            keep |= {r.spec_hash for r in (*successor.stacks, *successor.stage)}
+        for spec_hash in self.awaiting - keep:
+            self.link.unsubscribe(topics.stack(spec_hash))
+        self.awaiting &= keep
+
+    def _check_pending_timeout(self) -> None:
+        """Reject a pending state whose definitions have not come in :attr:`definition_timeout`."""
+        pending = self.pending
+        if pending is None or not self.link.connected:
+            return
+        missing = self.awaiting & {r.spec_hash for r in pending.stacks}
+        if not missing or self.clock() - self._pending_since < self.definition_timeout:
+            return
+        names = ", ".join(sorted(h[:12] for h in missing))
+        current = self.desired.generation if self.desired else -1
+        self._drop_pending(None)
+        self._reject(
+            f"desired state generation {pending.generation} refused: stack definition(s) {names} did not "
+            f"arrive within {self.definition_timeout:g} s; generation {current} stays in force"
+        )
 
     def _try_accept(self) -> None:
         pending = self.pending
@@ -723,6 +785,7 @@ class AgentCore:
         """Observe, plan, apply, report. Driver failures are recorded, never raised."""
         self.wake = False
         self._check_storage()
+        self._check_pending_timeout()
         if self.pending is not None and not self.awaiting & {r.spec_hash for r in self.pending.stacks}:
             self._try_accept()  # a hold may have been released
         now = self.clock()

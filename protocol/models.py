@@ -37,6 +37,14 @@ class WireModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
 
+MAX_COUNTER = 2**53 - 1
+"""The largest generation, session number or event sequence number on the wire.
+
+Each of these counts up by one from a small number, so a value beyond this (the largest
+integer a double holds exactly) is forged or corrupt; refusing it at decoding keeps it out
+of the agent's state and of the controller's 64-bit database columns."""
+
+
 class Message(WireModel):
     """A top-level payload: carries the schema version."""
 
@@ -322,7 +330,7 @@ class DesiredState(Message):
     """
 
     device_id: str
-    generation: int = Field(ge=0)
+    generation: int = Field(ge=0, le=MAX_COUNTER)
     stacks: tuple[StackRef, ...] = ()
     jobs: tuple[JobSpec, ...] = ()
     vars: tuple[VarBinding, ...] = Field(default=(), exclude_if=_unset)
@@ -395,7 +403,7 @@ class ReportedState(Message):
     """
 
     device_id: str
-    generation: int = Field(ge=-1)
+    generation: int = Field(ge=-1, le=MAX_COUNTER)
     stacks: dict[str, StackStatus] = Field(default_factory=dict)
     error: str | None = None
     held: bool = False
@@ -440,7 +448,7 @@ class Presence(Message):
 
     device_id: str
     status: Literal["online", "offline"]
-    session: int = Field(ge=0)
+    session: int = Field(ge=0, le=MAX_COUNTER)
     facts: DeviceFacts | None = None
     at: float = 0.0
 
@@ -453,7 +461,7 @@ class Event(Message):
     """
 
     device_id: str
-    seq: int = Field(default=0, ge=0)
+    seq: int = Field(default=0, ge=0, le=MAX_COUNTER)
     kind: str
     message: str
     level: Literal["info", "warning", "error"] = "info"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from support.infra import wait_until
 from support.links import RecordingLink
@@ -171,3 +172,110 @@ def test_a_killed_process_is_restarted_after_quiet_reconciles(tmp_path: Path) ->
         for instance in driver.observe():
             driver.remove(instance, 1)
         driver.close()
+
+
+# --- forged desired states (issue 13) -----------------------------------------------------
+
+
+class SubscribingLink(RecordingLink):
+    """A recording link that also keeps its current subscriptions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.filters: set[str] = set()
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self.filters.add(topic_filter)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.filters.discard(topic_filter)
+
+
+def _desired(generation: int, spec: StackSpec | None = None, spec_hash: str | None = None) -> bytes:
+    """A desired state payload (encoded without validation, so absurd values can be sent)."""
+    h = spec_hash or (spec.spec_hash() if spec is not None else None)
+    stacks = [{"name": "app", "spec_hash": h}] if h else []
+    return msgpack.packb({"v": 1, "device_id": DEVICE, "generation": generation, "stacks": stacks})
+
+
+def _legit(core: AgentCore, generation: int, image: str) -> StackSpec:
+    """What the controller does: the definition (retained, before), then the desired state."""
+    spec = StackSpec(services=(ServiceSpec(name="web", image=image),))
+    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(generation, spec))
+    core.handle(
+        topics.stack(spec.spec_hash()), codec.encode(StackDefinition(spec_hash=spec.spec_hash(), spec=spec))
+    )
+    return spec
+
+
+def _forged_core(now: list[float], link: RecordingLink | None = None) -> AgentCore:
+    core = AgentCore(
+        DEVICE, {}, FakeDriver(DEVICE), MemoryStore(), link or RecordingLink(), clock=lambda: now[0]
+    )
+    _legit(core, 1, "fake:1")
+    assert core.desired is not None and core.desired.generation == 1
+    return core
+
+
+@pytest.mark.parametrize("generation", [2**64 - 1, 2**53, 1 + 2**32 + 1])
+def test_absurd_generation_is_rejected_and_the_next_real_one_applies(generation: int) -> None:
+    """A desired state with an absurd generation (2^64-1, past 2^53, or more than 2^32 beyond the
+    applied one) is rejected and reported; the controller's next generation is applied."""
+    now = [1000.0]
+    link = RecordingLink()
+    core = _forged_core(now, link)
+    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(generation, spec_hash="f" * 64))
+    assert core.pending is None and core.desired is not None and core.desired.generation == 1
+    assert core.rejection is not None and "generation" in core.rejection
+    assert link.events("desired.rejected")
+    spec = _legit(core, 2, "fake:2")
+    assert core.desired.generation == 2 and core.desired.stacks[0].spec_hash == spec.spec_hash()
+    core.reconcile_once()
+    assert link.report().generation == 2 and link.report().error is None
+
+
+def test_a_forged_pending_state_does_not_hold_back_the_next_real_one() -> None:
+    """A forged state with a high generation naming a definition nobody publishes waits as pending;
+    the controller's next desired state (lower generation, published later) replaces it, is
+    applied, and the forged definition is no longer subscribed to."""
+    now = [1000.0]
+    link = SubscribingLink()
+    core = _forged_core(now, link)
+    forged = "f" * 64
+    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(1000, spec_hash=forged))
+    assert core.pending is not None and core.pending.generation == 1000
+    assert topics.stack(forged) in link.filters
+    spec = _legit(core, 2, "fake:2")
+    assert core.pending is None and core.desired is not None and core.desired.generation == 2
+    assert core.desired.stacks[0].spec_hash == spec.spec_hash()
+    assert topics.stack(forged) not in link.filters
+    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(1000, spec_hash=forged))
+    _legit(core, 3, "fake:3")  # and again: it never wedges
+    assert core.desired.generation == 3
+
+
+def test_a_pending_state_whose_definition_never_arrives_is_rejected() -> None:
+    """A pending state still missing a definition after DEFINITION_TIMEOUT s of connection is
+    rejected (reported, unsubscribed); time offline does not count; later states apply."""
+    now = [1000.0]
+    link = SubscribingLink()
+    core = _forged_core(now, link)
+    forged = "f" * 64
+    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(7, spec_hash=forged))
+    link.connected = False
+    now[0] += core_module.DEFINITION_TIMEOUT * 2
+    core.reconcile_once()
+    assert core.pending is not None, "offline: the definition could not arrive"
+    link.connected = True
+    core.on_connected()
+    now[0] += core_module.DEFINITION_TIMEOUT - 1
+    core.reconcile_once()
+    assert core.pending is not None
+    now[0] += 2
+    core.reconcile_once()
+    assert core.pending is None and core.desired is not None and core.desired.generation == 1
+    report = link.report()
+    assert report.generation == 1 and report.error is not None and "did not arrive" in report.error
+    assert topics.stack(forged) not in link.filters
+    _legit(core, 2, "fake:2")
+    assert core.desired.generation == 2
