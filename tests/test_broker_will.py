@@ -27,13 +27,19 @@ from support.infra import wait_until
 from tether.broker import BrokerTable, EmbeddedBroker
 from tether.controller.tls import client_files, quickstart
 from tether.protocol import codec
-from tether.protocol.credentials import Credential, hash_password
+from tether.protocol.credentials import Credential, TokenGrant, hash_password, hash_token
 from tether.protocol.models import DesiredState
 
 R = "tether/v1"
 NOT_AUTHORIZED = 135  # paho 2's reason code for MQTT 3.1.1 CONNACK 5
 IDENTIFIER_REJECTED = 133  # CONNACK 2
-PASSWORDS = {"dev-a": "pw-a", "dev-b": "pw-b", "admin": "pw-admin", "ctl": "pw-ctl"}
+PASSWORDS = {
+    "dev-a": "pw-a",
+    "dev-b": "pw-b",
+    "admin": "pw-admin",
+    "ctl": "pw-ctl",
+    "enroll:dev-n": "fleet-token",
+}
 
 
 @dataclass
@@ -169,9 +175,9 @@ def test_will_on_another_devices_desired_state_is_refused(connect, fleet: Fleet)
     _nothing_before_barrier(b, ctl, target)
 
 
-def test_will_on_controller_requests_is_refused(connect) -> None:  # type: ignore[no-untyped-def]
-    """A device may not send the controller a request through its will; the same device with
-    a will on its own presence topic is accepted and that will is published."""
+def test_will_on_controller_requests_is_refused(connect, fleet: Fleet) -> None:  # type: ignore[no-untyped-def]
+    """A device or a fleet token holder may not send the controller a request through its will; the
+    device with a will on its own presence topic is accepted and that will is published."""
     ctl = connect("tether-controller-1", "ctl")
     watcher = connect("tether-controller-2", "ctl")
     assert watcher.subscribe(f"{R}/#") == 1
@@ -180,6 +186,12 @@ def test_will_on_controller_requests_is_refused(connect) -> None:  # type: ignor
     assert attacker.rc == NOT_AUTHORIZED
     for topic in (f"{R}/#", "#", "$SYS/broker/x", f"{R}/devices/+/desired"):  # no filter is a will topic
         assert connect("tether-dev-a", "dev-a", will=(topic, b"x", False)).rc == NOT_AUTHORIZED
+    if fleet.mode != "mtls":  # a fleet token holder (enrollment needs a broker without mTLS)
+        fleet.table.set_tokens({hash_token("fleet-token"): TokenGrant("t1")})
+        assert (
+            connect("tether-enroll-dev-n", "enroll:dev-n", will=(requests, b"x", False)).rc == NOT_AUTHORIZED
+        )
+        assert connect("tether-enroll-dev-n", "enroll:dev-n").rc == 0
     _nothing_before_barrier(watcher, ctl, requests)
     presence = f"{R}/devices/dev-a/presence"
     honest = connect("tether-dev-a", "dev-a", will=(presence, b"offline", True))

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgpack
+import pytest
+from support.links import RecordingLink
 from tether.controller.service import INGEST_BATCH, Controller
 from tether.controller.store import Store
 from tether.protocol import codec, topics
-from tether.protocol.models import Presence, ReportedState
+from tether.protocol.models import Presence, Reply, ReportedState, Request
 from tether.protocol.topics import DeviceTopic
 
 
@@ -59,4 +62,41 @@ def test_a_bad_message_in_a_batch_leaves_no_trace_and_the_rest_count(tmp_path: P
     assert following == presence
     assert {d.id: d.reported.generation for d in store.list_devices() if d.reported} == {"d-0": 2, "d-1": 4}
     assert controller.inbox.get_nowait() == reported("d-3", 1)
+    store.close()
+
+
+def test_absurd_counters_from_a_device_are_dropped_alone(tmp_path: Path) -> None:
+    """A report or presence with a generation or session beyond 2^53-1 (2^64-1 once overflowed the
+    database's integers) is refused at decoding; the device's next real report counts."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    forged = msgpack.packb({"v": 1, "device_id": "d-1", "generation": 2**64 - 1})
+    forged_presence = msgpack.packb({"v": 1, "device_id": "d-1", "status": "online", "session": 2**63})
+    controller.inbox.put(reported("d-1", 3))
+    assert controller._ingest(topics.device("d-1", DeviceTopic.REPORTED), forged) is None
+    assert controller._ingest(topics.device("d-1", DeviceTopic.PRESENCE), forged_presence) is None
+    assert {d.id: (d.reported.generation, d.session) for d in store.list_devices() if d.reported} == {
+        "d-1": (3, -1)
+    }
+    store.close()
+
+
+def test_a_reply_too_large_for_one_message_becomes_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply that would exceed the message size limit is not sent (a broker would disconnect
+    the controller); the client gets an error reply saying so."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    link = RecordingLink()
+    controller.client = link  # type: ignore[assignment]
+    monkeypatch.setattr(controller, "execute", lambda command: {"blob": "x" * codec.MAX_PAYLOAD})
+    reply_to = topics.replies("tether-cli-1")
+    controller._on_request(codec.encode(Request(id="r1", reply_to=reply_to, command={"kind": "devices.ls"})))
+    [(topic, payload)] = link.published
+    reply = codec.decode(payload, Reply)
+    assert topic == reply_to and not reply.ok and reply.error is not None and "exceeds" in reply.error
+    assert len(payload) < 1024
     store.close()
