@@ -5,7 +5,8 @@ configured nor in ``{data_dir}/credentials.json``); otherwise the agent starts a
 
 Pure core: :func:`build_request` (the :class:`EnrollmentRequest` payload) and
 :func:`open_response` (check and open the controller's sealed answer). The loop,
-:func:`enroll`, connects as ``enroll:{device_id}`` with the token as password, subscribes
+:func:`enroll`, connects as ``enroll-{token id}`` (client id ``tether-enroll-{device_id}``)
+with the token as password, subscribes
 to its response topic, publishes the request (again with a growing backoff, up to every
 five minutes, until an answer arrives), and on approval saves the credentials (0600) and
 returns; the agent then connects as the device. The X25519 private key stays in
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from tether.protocol import codec, topics
 from tether.protocol.backoff import Backoff
-from tether.protocol.credentials import ENROLL_PREFIX
+from tether.protocol.credentials import enroll_username
 from tether.protocol.enrollment import DeviceKey
 from tether.protocol.errors import ConfigError, PayloadError
 from tether.protocol.models import DeviceFacts, EnrollmentGrant, EnrollmentRequest, EnrollmentResponse
@@ -147,7 +148,7 @@ def enroll(config: AgentConfig, stop: threading.Event) -> bool:
         keepalive=config.keepalive,
         on_message=lambda topic, payload, retained: inbox.put(payload) if topic == response_topic else None,
         on_connect=lambda: inbox.put(_CONNECTED),
-        username=f"{ENROLL_PREFIX}{device_id}",
+        username=enroll_username(config.enrollment_token, device_id),
         password=config.enrollment_token,
         ca_file=str(config.ca_file) if config.ca_file else None,
     )

@@ -214,6 +214,13 @@ def _status_line(log_format: str) -> Callable[[str], None]:
     is_flag=True,
     help="mTLS (with --tls): clients need a certificate from the quick-start CA; its CN is the username.",
 )
+@click.option(
+    "--files",
+    is_flag=True,
+    help="Static password and ACL files instead of the dynamic security plugin (no enrollment; "
+    "a revocation needs a Mosquitto restart).",
+)
+@click.option("--plugin", default=None, help="The dynamic security plugin's path (default: found).")
 def mosquitto_config(
     out: Path,
     data_dir: Path,
@@ -223,12 +230,15 @@ def mosquitto_config(
     bind: str | None,
     tls_san: tuple[str, ...],
     require_client_cert: bool,
+    files: bool,
+    plugin: str | None,
 ) -> None:
-    """Write Mosquitto's password file, ACL file and a mosquitto.conf snippet (docs/security.md)."""
+    """Write Mosquitto's dynamic security file (or password and ACL files) and a mosquitto.conf
+    snippet from the store (docs/security.md). Stop Mosquitto first, start it after."""
     if require_client_cert and not tls:
         fail("--require-client-cert needs --tls")
     try:
-        from tether.controller.mosquitto import quickstart_tls, write_mosquitto_files
+        from tether.controller.mosquitto import quickstart_tls, write_dynsec_files, write_mosquitto_files
         from tether.controller.security import (
             ensure_controller_credentials,
             ensure_operator_credentials,
@@ -264,9 +274,15 @@ def mosquitto_config(
             table = load_table(store, allow_anonymous=False)
         finally:
             store.close()
-        written = write_mosquitto_files(
-            out, table.credentials(), table.all_stacks(), port, listener, bind=bind
-        )
+        if files:
+            (out / "dynamic-security.json").unlink(missing_ok=True)  # back to the static files
+            written = write_mosquitto_files(
+                out, table.credentials(), table.all_stacks(), port, listener, bind=bind
+            )
+        else:
+            written = write_dynsec_files(
+                out, table.credentials(), table.all_stacks(), port, listener, bind, plugin
+            )
     except (TetherError, OSError) as exc:
         fail(str(exc))
     for path in written:

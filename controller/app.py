@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -15,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether.protocol import names
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import StoreError, TransportError
 from tether.protocol.heap import tune_gc
-from tether.protocol.mqtt import BrokerAddress, parse_broker_url
+from tether.protocol.mqtt import BrokerAddress, MqttClient, parse_broker_url
 from tether.protocol.secret_files import private_dir, private_file, write_secret_text
 
+from .dynsec import DynsecAdmin, DynsecTable
 from .lease import lease_for
-from .mosquitto import quickstart_tls, write_mosquitto_files
+from .mosquitto import quickstart_tls, uses_dynsec, write_mosquitto_files
 from .observability import HealthServer
 from .security import (
     OPERATOR_USER,
@@ -123,6 +126,45 @@ def _docker_reachable() -> bool:
         return False
 
 
+def _dynsec_admin(
+    table: DynsecTable,
+    address: BrokerAddress,
+    credentials: tuple[str, str],
+    ca_file: Path | None,
+    client_cert: tuple[str, str] | None,
+) -> MqttClient:
+    """Connect the admin session for Mosquitto's dynamic security and bring it in step with
+    the store (again after every reconnect, on a thread of its own)."""
+    client = MqttClient(
+        [address],
+        client_id=f"tether-controller-admin-{uuid.uuid4().hex[:8]}",
+        keepalive=30,
+        username=credentials[0],
+        password=credentials[1],
+        ca_file=str(ca_file) if ca_file else None,
+        client_cert=client_cert,
+    )
+    admin = DynsecAdmin(client)
+    try:
+        client.connect(15)
+    except TransportError as exc:
+        raise StoreError(
+            f"{exc}: does Mosquitto load the dynamic security file written by `tether mosquitto-config` "
+            "for this data directory (write it with Mosquitto stopped, then start it)?"
+        ) from exc
+    table.attach(admin)
+    table.sync(time.time())
+
+    def resync() -> None:
+        try:
+            table.sync(time.time())
+        except StoreError as exc:
+            log.error("%s", exc)
+
+    client.on_connect = lambda: threading.Thread(target=resync, name="dynsec-sync", daemon=True).start()
+    return client
+
+
 def _session(data_dir: Path) -> tuple[str, bool]:
     """This controller's MQTT client id, kept in ``data_dir``, and whether it existed already."""
     path = data_dir / "mqtt-session"
@@ -151,10 +193,13 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     now = time.time()
     with store.transaction():
         credentials = ensure_controller_credentials(store, options.data_dir, now)
+    dynsec = options.mosquitto_dir is not None and uses_dynsec(options.mosquitto_dir)
     if options.broker is None:  # the embedded broker, in a child process, keeps a copy of the table
         from tether.broker import BrokerTable
 
         table = load_table(store, options.allow_anonymous, BrokerTable)
+    elif dynsec:  # Mosquitto's dynamic security plugin, updated at run time
+        table = load_table(store, options.allow_anonymous, DynsecTable)
     else:
         table = load_table(store, options.allow_anonymous)
     secrets = SecretsKey.for_store(store, options.data_dir)  # before anything starts
@@ -217,6 +262,10 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
     local_password = None
     if options.with_agent and use_credentials:
         local_password = issue_device_credentials(store, "local", now)
+        table.new_secret("local", local_password)
+    if operator_file is not None and dynsec:  # Mosquitto may not know it yet (a new store)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            table.new_secret(OPERATOR_USER, str(json.loads(operator_file.read_text())["password"]))
     table.replace(store.list_credentials())
     if operator_file is not None:
         echo(f"tether: operator credentials in {operator_file.resolve()} (tether --credentials FILE)")
@@ -237,7 +286,15 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         controller.issue_certificate = lambda name: (*issue_client(options.data_dir, name), ca_pem)
     if embedded is not None:
         controller.disconnect_users = embedded.disconnect_users
-    if options.mosquitto_dir is not None:
+    elif isinstance(table, DynsecTable):  # deleting a client disconnected it: those that were online
+        controller.disconnect_users = lambda users: sum(
+            1 for d in store.list_devices() if d.id in users and d.status == "online"
+        )
+    admin: MqttClient | None = None
+    if isinstance(table, DynsecTable):
+        admin = _dynsec_admin(table, address, credentials, ca_file if address.tls else None, client_cert)
+        echo(f"tether: Mosquitto's dynamic security in step with the store ({options.mosquitto_dir})")
+    elif options.mosquitto_dir is not None:
         mosquitto_dir = options.mosquitto_dir
 
         listener = None  # the quick-start CA's files, if the broker uses them (mosquitto-config --tls)
@@ -311,6 +368,8 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         if http is not None:
             http.stop()
         controller.stop()
+        if admin is not None:
+            admin.stop()
         if embedded is not None:
             embedded.stop()
         store.close()

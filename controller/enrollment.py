@@ -30,7 +30,13 @@ from tether.protocol.commands import (
     TokensList,
     TokensRemove,
 )
-from tether.protocol.credentials import CredentialTable, TokenGrant, hash_token
+from tether.protocol.credentials import (
+    TOKEN_PREFIX,
+    TOKEN_USER_PREFIX,
+    CredentialTable,
+    TokenGrant,
+    hash_token,
+)
 from tether.protocol.enrollment import decode_public_key, seal_grant
 from tether.protocol.errors import PayloadError, StoreError
 from tether.protocol.models import EnrollmentGrant, EnrollmentRequest, EnrollmentResponse
@@ -42,8 +48,6 @@ from .selectors import Attributes, check_labels, matches, parse_selector
 from .store import Store
 
 log = logging.getLogger(__name__)
-
-TOKEN_PREFIX = "tet"
 
 
 class EnrollmentHandlers:
@@ -88,6 +92,8 @@ class EnrollmentHandlers:
         )
         with self.store.transaction():
             self.store.put_token(record)
+        if self.table is not None:
+            self.table.new_secret(f"{TOKEN_USER_PREFIX}{token_id}", token)
         self.sync_tokens()
         log.info("enrollment token %s created", token_id)
         return {"token": token, **self._token_view(record)}
@@ -290,6 +296,8 @@ class EnrollmentHandlers:
             for entry in entries:
                 token = self.store.get_token(entry.token_id)
                 password = issue_device_credentials(self.store, entry.device_id, now)
+                if self.table is not None:
+                    self.table.new_secret(entry.device_id, password)
                 device = self.store.get_device(entry.device_id) or Device(id=entry.device_id)
                 pinned = {**(token.labels if token else {}), **(labels or {})}
                 self.store.put_device(

@@ -16,6 +16,7 @@ embedded broker (docs/security.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Collection, Mapping
@@ -25,7 +26,7 @@ from pathlib import Path
 from tether.protocol import names
 from tether.protocol.acl import DEVICE_READS, DEVICE_WRITES, WATCHABLE
 from tether.protocol.codec import MAX_PACKET_SIZE
-from tether.protocol.credentials import Credential
+from tether.protocol.credentials import TOKEN_USER_PREFIX, Credential
 from tether.protocol.errors import StoreError
 from tether.protocol.secret_files import write_secret_text
 from tether.protocol.topics import ROOT
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "MosquittoFileError",
     "MosquittoTls",
+    "find_plugin",
+    "uses_dynsec",
+    "write_dynsec_files",
     "check_files",
     "credential_problem",
     "quickstart_tls",
@@ -164,9 +168,14 @@ def check_files(passwords: str, acl: str) -> None:
 
 
 def render_conf(
-    directory: Path, port: int = 1883, tls: MosquittoTls | None = None, bind: str | None = None
+    directory: Path,
+    port: int = 1883,
+    tls: MosquittoTls | None = None,
+    bind: str | None = None,
+    plugin: str | None = None,
 ) -> str:
-    """A mosquitto.conf snippet using the generated files (no anonymous clients).
+    """A mosquitto.conf snippet using the generated files (no anonymous clients): the dynamic
+    security plugin at ``plugin`` with its file, or (``plugin`` None) the password and ACL files.
 
     Without TLS the listener is on the loopback interface only (passwords would cross the
     network in clear text); with TLS on every interface. ``bind`` overrides either."""
@@ -185,10 +194,16 @@ def render_conf(
         f"{where}"
         f"listener {port}{' ' + address if address else ''}\n"
         "allow_anonymous false\n"
-        f"password_file {directory.resolve() / 'passwords'}\n"
-        f"acl_file {directory.resolve() / 'acl'}\n"
         f"max_packet_size {MAX_PACKET_SIZE}\n"  # Tether's limit (protocol/codec.py): bigger packets disconnect
     )
+    if plugin is not None:
+        text += (
+            "# Clients, roles and ACLs: Mosquitto's dynamic security, kept in step by `tether up`.\n"
+            f"plugin {plugin}\n"
+            f"plugin_opt_config_file {directory.resolve() / DYNSEC_FILE}\n"
+        )
+    else:
+        text += f"password_file {directory.resolve() / 'passwords'}\nacl_file {directory.resolve() / 'acl'}\n"
     if tls is not None:
         text += (
             f"cafile {tls.cafile.resolve()}\n"
@@ -225,3 +240,62 @@ def write_mosquitto_files(
         write_secret_text(path, text)
         written.append(path)
     return written
+
+
+DYNSEC_FILE = "dynamic-security.json"
+PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/arm-linux-gnueabihf/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/lib64/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+
+
+def find_plugin() -> str:
+    """Where Mosquitto's dynamic security plugin is installed (Debian's path if none is found)."""
+    return next((p for p in PLUGIN_PATHS if Path(p).is_file()), PLUGIN_PATHS[0])
+
+
+def uses_dynsec(directory: Path) -> bool:
+    """Whether ``directory`` holds Mosquitto's dynamic security file (else the password/ACL files)."""
+    return (directory / DYNSEC_FILE).is_file()
+
+
+def write_dynsec_files(
+    directory: Path,
+    credentials: Collection[Credential],
+    stacks: Mapping[str, Collection[str]],
+    port: int = 1883,
+    tls: MosquittoTls | None = None,
+    bind: str | None = None,
+    plugin: str | None = None,
+) -> list[Path]:
+    """Write the dynamic security plugin's file (the store's users with their hashes: nobody's
+    password changes) and ``mosquitto.conf`` loading it, each 0600 and atomically.
+
+    Mosquitto must be stopped meanwhile: it keeps the file in memory and writes it back on
+    every change. Enrollment-token clients of an existing file are kept (only their hashes
+    exist; the controller deletes those of removed tokens when it connects)."""
+    from .dynsec import TEXT, seed_config
+
+    seed = seed_config(_listed(credentials), stacks)  # (logs those left out)
+    path = directory / DYNSEC_FILE
+    try:
+        old = json.loads(path.read_text())
+        kept = [
+            c
+            for c in old.get("clients", [])
+            if isinstance(c, dict)
+            and c.get("textname") == TEXT
+            and str(c.get("username", "")).startswith(TOKEN_USER_PREFIX)
+        ]
+    except (OSError, ValueError, AttributeError):
+        kept = []
+    seed["clients"] += kept
+    directory.mkdir(parents=True, exist_ok=True)
+    write_secret_text(path, json.dumps(seed, indent=1) + "\n")
+    conf = directory / "mosquitto.conf"
+    write_secret_text(conf, render_conf(directory, port, tls, bind, plugin or find_plugin()))
+    return [path, conf]

@@ -182,6 +182,8 @@ class SecurityHandlers:
         """Create or rotate ``device_id``'s credentials; return the new password (shown once)."""
         was = self.store.get_device(device_id)
         password = issue_device_credentials(self.store, device_id, self.clock())
+        if self.table is not None:
+            self.table.new_secret(device_id, password)
         self._sync_table()
         if was is not None and was.revoked:
             self.sync({device_id})  # matches its groups again
@@ -244,7 +246,12 @@ class SecurityHandlers:
         revoked identity may publish nothing, its will included)."""
         client = getattr(self, "client", None)
         device = self.store.get_device(device_id)
-        if client is None or device is None or device.status == "offline":
+        if (
+            client is None
+            or device is None
+            or device.status == "offline"
+            or not names.DEVICE_ID.ok(device_id)
+        ):
             return
         presence = Presence(device_id=device_id, status="offline", session=device.session, at=self.clock())
         client.publish_confirmed(

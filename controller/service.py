@@ -423,6 +423,11 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         self.expire_stale()
         self.advance_deployments(force=False)
         self.repair_behind()
+        if self.table is not None:
+            try:
+                self.table.expire(self.clock())
+            except TetherError as exc:
+                log.error("%s", exc)
 
     # --- deployments ---
 

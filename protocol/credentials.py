@@ -34,12 +34,15 @@ from .acl import Identity, Role, client_id_allowed
 
 __all__ = [
     "ENROLL_PREFIX",
+    "TOKEN_USER_PREFIX",
     "Credential",
     "CredentialTable",
     "TokenGrant",
+    "enroll_username",
     "hash_token",
     "hash_password",
     "new_password",
+    "token_id_of",
     "verify_password",
 ]
 
@@ -54,7 +57,27 @@ def new_password() -> str:
 
 
 ENROLL_PREFIX = "enroll:"
-"""An enrolling device connects as ``enroll:{device_id}`` with the fleet token as its password."""
+"""Agents before issue 13 enrolled as user ``enroll:{device_id}`` (the embedded broker still
+accepts it)."""
+TOKEN_USER_PREFIX = "enroll-"
+"""An enrolling device connects as user ``enroll-{token id}`` with the fleet token as its
+password and ``tether-enroll-{device_id}`` as its client id: a username known before the
+device exists, which Mosquitto's dynamic security needs (one client per token). Device ids
+starting ``enroll-`` are reserved, so it is never a device's username."""
+TOKEN_PREFIX = "tet"
+
+
+def token_id_of(token: str) -> str | None:
+    """The id in a fleet token (``tet_{id}_{secret}``), or None if it is not one."""
+    prefix, _, rest = token.partition("_")
+    token_id, _, secret = rest.partition("_")
+    return token_id if prefix == TOKEN_PREFIX and names.TOKEN_ID.ok(token_id) and secret else None
+
+
+def enroll_username(token: str, device_id: str) -> str:
+    """The username an enrolling device connects with (``enroll-{token id}``)."""
+    token_id = token_id_of(token)
+    return f"{TOKEN_USER_PREFIX}{token_id}" if token_id else f"{ENROLL_PREFIX}{device_id}"
 
 
 def hash_token(token: str) -> str:
@@ -160,6 +183,15 @@ class CredentialTable:
                 stacks[device_id] = frozenset(hashes)
             self._stacks = stacks
 
+    def new_secret(self, username: str, secret: str) -> None:
+        """A password (or fleet token, for ``enroll-{token id}``) just made for ``username``,
+        given before the update that stores its hash. This table keeps hashes only; a broker
+        that wants plain text at creation (Mosquitto's dynamic security) overrides this."""
+
+    def expire(self, now: float) -> None:
+        """Called every tick: drop what expired by ``now``. This table checks a token's expiry at
+        each connect, so nothing to do here; Mosquitto's dynamic security needs it."""
+
     def set_tokens(self, grants: Mapping[str, TokenGrant]) -> None:
         """Replace the enrollment tokens (token hash -> grant) at once."""
         self._tokens = dict(grants)
@@ -170,7 +202,10 @@ class CredentialTable:
         return self._tokens.get(hash_token(token))
 
     def _enrolling(self, username: str, client_id: str) -> Identity | None:
-        device_id = username[len(ENROLL_PREFIX) :]
+        if username.startswith(TOKEN_USER_PREFIX):  # enroll-{token id}: the device is in the client id
+            device_id = client_id.removeprefix("tether-enroll-")
+        else:
+            device_id = username[len(ENROLL_PREFIX) :]
         if not names.DEVICE_ID.ok(device_id):
             return None
         identity = Identity("enrolling", device_id, client_id)
@@ -192,10 +227,12 @@ class CredentialTable:
         """The identity of a CONNECT, or None to refuse it. Anonymous: ``Identity("controller", "")``."""
         if not username:
             return Identity("controller", "", client_id) if self.allow_anonymous else None
-        if username.startswith(ENROLL_PREFIX):  # a new device with a fleet token
+        if username.startswith((ENROLL_PREFIX, TOKEN_USER_PREFIX)):  # a new device with a fleet token
             identity = self._enrolling(username, client_id)
             grant = self.token_grant(password) if password else None
             if identity is None or grant is None or not grant.admits(identity.name, time.time()):
+                return None
+            if username.startswith(TOKEN_USER_PREFIX) and username != f"{TOKEN_USER_PREFIX}{grant.id}":
                 return None
             return identity
         credential = self._users.get(username)
@@ -227,7 +264,7 @@ class CredentialTable:
         """The current identity of a connected session (None once revoked or removed)."""
         if not username:
             return Identity("controller", "", client_id) if self.allow_anonymous else None
-        if username.startswith(ENROLL_PREFIX):
+        if username.startswith((ENROLL_PREFIX, TOKEN_USER_PREFIX)):
             return self._enrolling(username, client_id)
         credential = self._users.get(username)
         if credential is None or credential.revoked:

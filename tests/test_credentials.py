@@ -57,3 +57,26 @@ def test_client_ids_belong_to_their_roles() -> None:
     assert not client_id_allowed(Identity("operator", "admin", "tether-a"))
     assert client_id_allowed(Identity("enrolling", "n", "tether-enroll-n"))
     assert not client_id_allowed(Identity("enrolling", "n", "tether-n"))
+
+
+def test_enrolling_as_the_token_user() -> None:
+    """An enrolling device connects as ``enroll-{token id}`` (the id inside its token) with the
+    token as password; its device id is in its client id. Another token's id, a client id
+    that is not ``tether-enroll-{valid id}``, or a removed token: refused."""
+    from tether.protocol.credentials import TokenGrant, enroll_username, hash_token, token_id_of
+
+    token = "tet_0a1b2c3d_secret-part_with_underscores"
+    assert token_id_of(token) == "0a1b2c3d" and token_id_of("tet_x") is None
+    assert enroll_username(token, "pi-1") == "enroll-0a1b2c3d"
+    assert enroll_username("not-a-fleet-token", "pi-1") == "enroll:pi-1"
+    table = CredentialTable()
+    table.set_tokens({hash_token(token): TokenGrant("0a1b2c3d")})
+    assert table.authenticate("enroll-0a1b2c3d", token, "tether-enroll-pi-1") == Identity(
+        "enrolling", "pi-1", "tether-enroll-pi-1"
+    )
+    assert table.authenticate("enroll-ffffffff", token, "tether-enroll-pi-1") is None
+    assert table.authenticate("enroll-0a1b2c3d", token, "tether-enroll-pi-1\n") is None
+    assert table.authenticate("enroll-0a1b2c3d", token, "tether-pi-1") is None
+    assert table.authenticate("enroll-0a1b2c3d", "tet_0a1b2c3d_other", "tether-enroll-pi-1") is None
+    table.set_tokens({})
+    assert table.authenticate("enroll-0a1b2c3d", token, "tether-enroll-pi-1") is None

@@ -12,17 +12,26 @@ from pathlib import Path
 
 import pytest
 from support.infra import wait_until
-from support.procs import AgentProcess, ControllerProcess, cli, cli_json, device_view, wait_online
+from support.procs import (
+    BROKERS,
+    AgentProcess,
+    ControllerProcess,
+    cli,
+    cli_json,
+    device_view,
+    secured_controller,
+    wait_online,
+)
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def controller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    ctl = ControllerProcess(tmp_path / "ctl", auth=True)
-    monkeypatch.setenv("TETHER_CREDENTIALS", str(ctl.operator_file))
-    yield ctl
-    ctl.stop()
+@pytest.fixture(params=BROKERS)
+def controller(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """`tether up` with authentication, on the embedded broker and on Mosquitto (dynamic security)."""
+    with secured_controller(request.param, tmp_path) as ctl:
+        monkeypatch.setenv("TETHER_CREDENTIALS", str(ctl.operator_file))
+        yield ctl
 
 
 def _agent(url: str, tmp_path: Path, device_id: str, credentials: Path | None) -> AgentProcess:

@@ -17,7 +17,9 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import MOSQUITTO_BIN, Mosquitto
+from support.procs import mosquitto_dynsec_conf
 from tether.controller.models import DesiredRecord
+from tether.controller.mosquitto import DYNSEC_FILE
 from tether.controller.store import Store
 from tether.protocol.credentials import Credential, hash_password
 from tether.protocol.models import StackRef
@@ -60,8 +62,8 @@ class Client:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def secured(tmp_path: Path):  # type: ignore[no-untyped-def]
+@pytest.fixture(params=["dynsec", "files"])
+def secured(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
     """A store with controller, operator and two devices; Mosquitto running on its generated files.
 
     The store also holds a device whose id ends in a newline (written before ids were matched
@@ -98,18 +100,24 @@ def secured(tmp_path: Path):  # type: ignore[no-untyped-def]
             str(out),
             "--data-dir",
             str(data),
+            *(["--files"] if request.param == "files" else []),
         ],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert (out / "passwords").stat().st_mode & 0o077 == 0
-    assert "pi-9" not in (out / "passwords").read_text() and "pi-9" not in (out / "acl").read_text()
+    written = ["passwords", "acl"] if request.param == "files" else [DYNSEC_FILE]
+    for name in written:
+        assert (out / name).stat().st_mode & 0o077 == 0
+        assert "pi-9" not in (out / name).read_text()
     assert "left out of Mosquitto's files: invalid username 'pi-9\\n'" in result.stderr
     conf = (out / "mosquitto.conf").read_text()
     assert "listener 1883 127.0.0.1\n" in conf and "loopback" in conf  # clear text: not on the network
-    conf = f"allow_anonymous false\npassword_file {out / 'passwords'}\nacl_file {out / 'acl'}\n"
+    if request.param == "files":
+        conf = f"allow_anonymous false\npassword_file {out / 'passwords'}\nacl_file {out / 'acl'}\n"
+    else:
+        conf = mosquitto_dynsec_conf(out)
     opened: list[Client] = []
     with Mosquitto(tmp_path, extra_conf=conf) as broker:
 
@@ -118,6 +126,7 @@ def secured(tmp_path: Path):  # type: ignore[no-untyped-def]
             opened.append(c)
             return c
 
+        connect.mode = request.param  # type: ignore[attr-defined]
         yield connect
         for c in opened:
             c.close()
@@ -130,6 +139,16 @@ def test_mosquitto_logins(secured) -> None:  # type: ignore[no-untyped-def]
     assert secured("anon", None).rc in REFUSED
     assert secured("tether-dev-a2", "dev-a", "wrong").rc in REFUSED
     assert secured("tether-dev-c", "dev-c").rc in REFUSED
+
+
+def test_mosquitto_client_ids_are_bound_to_devices(secured) -> None:  # type: ignore[no-untyped-def]
+    """With the dynamic security plugin a device may connect only as ``tether-{its id}``: it can
+    take over neither another device's session nor the controller's."""
+    if secured.mode != "dynsec":
+        pytest.skip("Mosquitto's password and ACL files cannot bind client ids to users")
+    assert secured("tether-dev-b", "dev-a").rc in REFUSED
+    assert secured("tether-controller-1", "dev-a").rc in REFUSED
+    assert secured("tether-dev-a", "dev-a").rc == 0
 
 
 def test_mosquitto_device_cannot_read_or_write_another(secured) -> None:  # type: ignore[no-untyped-def]
@@ -197,6 +216,7 @@ def test_controller_keeps_mosquitto_files(tmp_path: Path, monkeypatch: pytest.Mo
             str(out),
             "--data-dir",
             str(data),
+            "--files",
         ],
         capture_output=True,
         text=True,

@@ -2,8 +2,9 @@
 
 The generated snippet (minus its `listener` line: the test broker picks a free port) runs
 a real Mosquitto with `require_certificate` and `use_identity_as_username`; `tether up`
-keeps the ACL file and connects with its own certificate. Mosquitto reads the files on
-SIGHUP, so each change is followed by a reload that the test waits for in its log.
+keeps its dynamic security (or, with `--files`, the ACL file) and connects with its own
+certificate. Mosquitto reads the files on SIGHUP, so with files each change is followed by
+a reload that the test waits for in its log; the dynamic security needs none.
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ def reload(broker: Mosquitto) -> None:
     wait_until(lambda: broker.log_text().count("Reloading config") > reloads, 15, message="reload")
 
 
-def test_mosquitto_client_certificates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("mode", ["dynsec", "files"])
+def test_mosquitto_client_certificates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    """A certificate from the CA is its CN's identity, with that user's rights only; another CA's
+    or none is refused; a revoked device's certificate may still connect but do nothing."""
     if not Path(MOSQUITTO_BIN).exists():
         pytest.skip("mosquitto not installed")
     data, out = tmp_path / "ctl", tmp_path / "mosq"
     setup = subprocess.run(
         [sys.executable, "-m", "tether.cli.main", "mosquitto-config", "--out", str(out)]
-        + ["--data-dir", str(data), "--tls", "--require-client-cert"],
+        + ["--data-dir", str(data), "--tls", "--require-client-cert"]
+        + (["--files"] if mode == "files" else []),
         capture_output=True,
         text=True,
         timeout=60,
@@ -60,8 +65,9 @@ def test_mosquitto_client_certificates(tmp_path: Path, monkeypatch: pytest.Monke
             certs = tmp_path / "certs"
             for device in ("dev-a", "dev-b"):
                 cli_json(url, "devices", "credentials", device, "--cert", "--out", str(certs))
-            assert "user dev-a" in (out / "acl").read_text()
-            reload(broker)
+            if mode == "files":
+                assert "user dev-a" in (out / "acl").read_text()
+                reload(broker)
             cert, key = certs / "dev-a.pem", certs / "dev-a.key"
 
             # Without a certificate, or with one from another CA: refused in the handshake.
@@ -101,8 +107,9 @@ def test_mosquitto_client_certificates(tmp_path: Path, monkeypatch: pytest.Monke
             # Revoked: gone from the ACL file; after the reload its valid certificate still
             # connects (Mosquitto does not check the password file for it) but may do nothing.
             cli_json(url, "devices", "revoke", "dev-a")
-            assert "user dev-a" not in (out / "acl").read_text()
-            reload(broker)
+            if mode == "files":
+                assert "user dev-a" not in (out / "acl").read_text()
+                reload(broker)
             revoked = Probe(url, "tether-dev-a", ca, (cert, key))
             assert revoked.connected  # Mosquitto: the CA vouches for it; the ACL file takes its rights
             probes.append(revoked)

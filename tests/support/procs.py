@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +217,55 @@ def wait_online(broker: str, device_id: str, timeout: float = 30.0) -> dict[str,
         interval=0.2,
         message=f"device {device_id} online",
     )
+
+
+BROKERS = ["embedded", "mosquitto"]
+"""What the broker-parametrized end-to-end tests run on (see :func:`secured_controller`)."""
+
+
+def mosquitto_dynsec_conf(out: Path) -> str:
+    """Mosquitto configuration lines for the dynamic security file `tether mosquitto-config` wrote."""
+    from tether.controller.mosquitto import DYNSEC_FILE, find_plugin
+
+    return f"allow_anonymous false\nplugin {find_plugin()}\nplugin_opt_config_file {out / DYNSEC_FILE}\n"
+
+
+@contextlib.contextmanager
+def secured_controller(kind: str, tmp_path: Path) -> Iterator[ControllerProcess]:
+    """`tether up` with authentication on ``kind`` of broker: the embedded one, or a private
+    Mosquitto running Tether's dynamic security file (`tether mosquitto-config`, then
+    `tether up --broker ... --mosquitto-dir`), as an operator would set it up."""
+    from support.infra import MOSQUITTO_BIN, Mosquitto
+
+    data = tmp_path / "ctl"
+    if kind == "embedded":
+        ctl = ControllerProcess(data, auth=True)
+        try:
+            yield ctl
+        finally:
+            ctl.stop()
+        return
+    if not os.access(MOSQUITTO_BIN, os.X_OK):
+        if os.environ.get("TETHER_REQUIRE_MOSQUITTO") == "1":
+            raise AssertionError(f"TETHER_REQUIRE_MOSQUITTO=1 but {MOSQUITTO_BIN} is missing")
+        import pytest
+
+        pytest.skip(f"{MOSQUITTO_BIN} not installed")
+    out = tmp_path / "mosq"
+    setup = subprocess.run(
+        [PY, "-m", "tether.cli.main", "mosquitto-config", "--out", str(out), "--data-dir", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert setup.returncode == 0, setup.stderr
+    broker_dir = tmp_path / "mosquitto"
+    broker_dir.mkdir()
+    with Mosquitto(broker_dir, extra_conf=mosquitto_dynsec_conf(out)) as broker:
+        ctl = ControllerProcess(data, broker=broker.url, auth=True, extra=["--mosquitto-dir", str(out)])
+        ctl.broker = broker  # type: ignore[attr-defined]
+        try:
+            yield ctl
+        finally:
+            ctl.stop()
