@@ -37,6 +37,7 @@ GOOD = {
 def test_every_identifier_refuses_a_trailing_control_character(kind: names.Identifier, suffix: str) -> None:
     """Each kind accepts its example and refuses it with a newline or control character after it,
     with Python's re (match, search, fullmatch) and with pydantic's pattern (Rust regex)."""
+    assert kind.what in GOOD, f"give tests/test_names.py an example {kind.what}"
     good = GOOD[kind.what]
     assert kind.ok(good) and kind.problem(good) is None
     bad = good + suffix
