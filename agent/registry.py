@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from tether.protocol.errors import TetherError
+from tether.protocol.names import DOCKER_HUB, registry_of
 
 from .drivers.docker_sdk import requests
 
-DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 
 MANIFEST_V2 = "application/vnd.docker.distribution.manifest.v2+json"
@@ -110,12 +110,9 @@ class ImageRef:
 
 def parse_reference(text: str) -> ImageRef:
     """Normalise ``text`` as Docker does; :class:`RegistryError` (permanent) if it is not one."""
-    host, sep, rest = text.partition("/")
-    if sep and ("." in host or ":" in host or host == "localhost") and _HOST_RE.match(host):
-        registry = host
-    else:
-        registry, rest = DOCKER_HUB, text
-    match = _REF_RE.match(rest)
+    registry = registry_of(text)
+    rest = text[len(registry) + 1 :] if text.startswith(registry + "/") else text
+    match = _REF_RE.match(rest) if _HOST_RE.match(registry) else None
     if not match or len(text) > 512:
         raise RegistryError(f"{_safe(text)!r} is not a valid image reference", transient=False)
     name = match.group("name")
@@ -238,7 +235,7 @@ class RegistryClient:
         session: Any = None,
         timeout: tuple[float, float] = TIMEOUT,
     ) -> None:
-        self.credentials = dict(credentials or {})
+        self.credentials = {host.lower(): creds for host, creds in (credentials or {}).items()}
         self.platform = platform or Platform()
         self.insecure = insecure
         self.session = session or requests.Session()
@@ -274,7 +271,7 @@ class RegistryClient:
 
     def _authenticate(self, ref: ImageRef, challenge: str) -> dict[str, str]:
         scheme, _, params = challenge.partition(" ")
-        creds = self.credentials.get(ref.registry)
+        creds = self.credentials.get(ref.registry.lower())
         if scheme.lower() == "basic":
             if creds is None:
                 raise self._unauthorized(ref, "the registry asks for credentials and this device has none")
@@ -309,7 +306,7 @@ class RegistryClient:
         return {"Authorization": f"Bearer {token}"}
 
     def _unauthorized(self, ref: ImageRef, reason: str) -> RegistryError:
-        hint = "" if ref.registry in self.credentials else " (tether registries add)"
+        hint = "" if ref.registry.lower() in self.credentials else " (tether registries add)"
         return RegistryError(f"{ref.registry}: unauthorized: {reason}{hint}", transient=False)
 
     def _small(self, ref: ImageRef, url: str, accept: str, what: str) -> tuple[bytes, Any]:

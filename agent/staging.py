@@ -246,7 +246,7 @@ class ImageStager:
     def want(self, images: Iterable[str], credentials: Mapping[str, tuple[str, str]]) -> None:
         """The images the agent needs now, and the registry credentials it has."""
         wanted = frozenset(images)
-        creds = dict(credentials)
+        creds = {host.lower(): pair for host, pair in credentials.items()}
         with self._lock:
             if wanted == self._wanted and creds == self._credentials:
                 return
@@ -367,7 +367,7 @@ class ImageStager:
                     parsed = parse_reference(ref)
                     if parsed.digest:
                         self._set(ref, replace(self._get(ref), state="downloading", reason=None))
-                        self.engine.pull_image(ref, creds.get(parsed.registry))
+                        self.engine.pull_image(ref, creds.get(parsed.registry.lower()))
                         self._done(ref)
                         continue
                     resolved[ref] = client.resolve(parsed)
