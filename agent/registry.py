@@ -54,7 +54,8 @@ OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 ACCEPT = ", ".join((MANIFEST_V2, MANIFEST_LIST, OCI_MANIFEST, OCI_INDEX))
 MANIFEST_LIMIT = 4 * 1024 * 1024
 """Manifests and image configs larger than this are refused (a registry is not trusted)."""
-CHUNK = 64 * 1024
+CHUNK = 16 * 1024
+"""Bytes read and written at a time: what a cut can cost (a partly read chunk is lost)."""
 TIMEOUT = (10.0, 30.0)
 """(connect, read) seconds: a stalled connection is given up and resumed."""
 
@@ -440,7 +441,9 @@ class RegistryClient:
                     raise self._unauthorized(ref, _registry_reason(resp))
                 else:
                     raise _status_error(f"{ref} blob {blob.digest[:19]}", resp)
-                with partial.open("r+b" if have else "wb") as out:
+                # Unbuffered: every byte received is the kernel's at once, so a killed agent
+                # loses nothing it has read (a power cut is caught by the digest check).
+                with partial.open("r+b" if have else "wb", buffering=0) as out:
                     out.seek(have)
                     out.truncate()
                     try:
@@ -459,8 +462,6 @@ class RegistryClient:
                         raise RegistryError(
                             f"{ref.registry}: {_network_reason(exc)}", transient=True
                         ) from exc
-                    finally:
-                        out.flush()
         if have < blob.size:
             raise RegistryError(f"{ref.registry}: connection closed before the blob ended", transient=True)
         if "sha256:" + hasher.hexdigest() != blob.digest:

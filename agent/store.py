@@ -6,6 +6,8 @@
     {data_dir}/outbox/{seq}.msgpack    events not yet handed to the broker, oldest first
     {data_dir}/outbox/state            next event sequence number and events dropped
     {data_dir}/jobs.json               the job scheduler's state (finished one-shot runs...)
+    {data_dir}/applied.json            per stack, the version that runs and the one it replaced
+    {data_dir}/images/                 the image stager's content store (agent/staging.py)
     {data_dir}/configs/{stack}/{name}  config files rendered from variables (bind-mounted)
     {data_dir}/volumes/{stack}/        the stack's directory: its relative bind mounts
                                        (``./data``) and the files shipped with it; kept

@@ -35,6 +35,7 @@ FULL: dict[str, list[tuple[str, list[str]]]] = {
     "reconnect_storm": [("reconnect_storm-10000", ["--devices", "10000"])],
     "controller_capacity": [("controller_capacity-10000", ["--devices", "10000"])],
     "broker_bench": [("broker_bench", ["--devices", "1000", "--broker", "embedded,mosquitto"])],
+    "update_over_weak_link": [("update_over_weak_link", [])],
 }
 QUICK: dict[str, list[tuple[str, list[str]]]] = {
     "footprint": [("footprint", ["--window", "3", "--settle", "1", "--no-install-size"])],
@@ -48,6 +49,7 @@ QUICK: dict[str, list[tuple[str, list[str]]]] = {
         )
     ],
     "broker_bench": [("broker_bench", ["--devices", "30", "--broker", "mosquitto", "--phase-timeout", "30"])],
+    "update_over_weak_link": [("update_over_weak_link", ["--quick"])],
 }
 
 
