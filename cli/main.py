@@ -287,6 +287,11 @@ def mosquitto_config(
         fail(str(exc))
     for path in written:
         click.echo(f"wrote {path}")
+    if not files:
+        click.echo(
+            "Mosquitto keeps dynamic-security.json in memory and writes it back: it must not run while "
+            "the file is written; (re)start it now, then `tether up --mosquitto-dir` with this directory"
+        )
     if operator_file is not None:
         click.echo(f"operator credentials in {operator_file.resolve()}")
 
