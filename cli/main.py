@@ -694,13 +694,13 @@ def _wait_deployment(
             raise TetherError(
                 f"deployment {deployment_id} {d['state']}: {d.get('message') or ''}".rstrip(": ")
             )
-        if d["state"] in ("succeeded", "awaiting-promotion", "paused"):
+        if d["state"] in ("succeeded", "awaiting-promotion", "paused", "staged"):
             return d
         if time.monotonic() >= deadline:
             busy = [
                 k
                 for k, r in d["devices"].items()
-                if r["state"] not in ("healthy", "pending (offline)", "held")
+                if r["state"] not in ("healthy", "pending (offline)", "held", "staged")
             ]
             raise TetherError(
                 f"timed out after {timeout:g}s; deployment {deployment_id} still waits for {', '.join(busy)}"
@@ -832,6 +832,11 @@ def stacks_config(
     "--auto-revert", is_flag=True, help="On failure, move every device back to the previous version."
 )
 @click.option("--auto-promote", is_flag=True, help="Promote canaries once healthy for --min-healthy-time.")
+@click.option(
+    "--stage-only",
+    is_flag=True,
+    help="Download the new version on every device, run nothing new: switch later (tether deployments switch ID).",
+)
 @click.option("--wait", is_flag=True, help="Follow the deployment until it succeeds or fails.")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for --wait.")
 @click.option(
@@ -858,6 +863,7 @@ def stacks_deploy(
     download_deadline: float,
     auto_revert: bool,
     auto_promote: bool,
+    stage_only: bool,
     wait: bool,
     timeout: float,
     dry_run: bool,
@@ -885,6 +891,7 @@ def stacks_deploy(
         download_deadline_s=download_deadline,
         auto_revert=auto_revert,
         auto_promote=auto_promote,
+        stage_only=stage_only,
     )
     result = client.request(
         StacksDeploy(name=name, group=group, compose=text, files=shipped, strategy=rollout)
@@ -902,7 +909,12 @@ def stacks_deploy(
         if result.get("deployment"):
             d = _wait_deployment(client, result["deployment"], timeout, fmt)
             result["final"] = d
-            if d["state"] != "succeeded" and fmt == "table":
+            if d["state"] == "staged" and fmt == "table":
+                click.echo(
+                    f"stack {name} is staged on every available device of group {group}: "
+                    f"switch with tether deployments switch {d['id']}"
+                )
+            elif d["state"] != "succeeded" and fmt == "table":
                 click.echo(
                     f"deployment {d['id']} is {d['state']}: tether deployments promote|resume {d['id']}"
                 )
@@ -1181,7 +1193,13 @@ def deployments_status(client: ControllerClient, fmt: str, deployment_id: int) -
         f"strategy:   {s['kind']} (max_parallel {s['max_parallel']}, canary {s['canary']}, "
         f"min_healthy_time {s['min_healthy_time_s']:g}s, healthy_deadline {s['healthy_deadline_s']:g}s, "
         f"download_deadline {format_duration(s.get('download_deadline_s', 86400))}, "
-        f"auto_revert {s['auto_revert']}, auto_promote {s['auto_promote']})"
+        f"auto_revert {s['auto_revert']}, auto_promote {s['auto_promote']}"
+        + (
+            f", stage_only, {'switched' if d.get('switched') else 'not switched yet'}"
+            if s.get("stage_only")
+            else ""
+        )
+        + ")"
     )
     click.echo(f"version:    {(d['from_hash'] or '-')[:12]} -> {d['to_hash'][:12]}, batch {d['batch']}")
     rows = [
@@ -1216,6 +1234,9 @@ def _deployment_action(kind: str, verb: str) -> Callable[..., Any]:
 deployments.command("pause")(_deployment_action("deployments.pause", "Pause (move no more devices)"))
 deployments.command("resume")(_deployment_action("deployments.resume", "Resume"))
 deployments.command("promote")(_deployment_action("deployments.promote", "Promote the canaries of"))
+deployments.command("switch")(
+    _deployment_action("deployments.switch", "Switch devices to the version staged by (--stage-only)")
+)
 deployments.command("rollback")(
     _deployment_action("deployments.rollback", "Roll back (deploy the previous version of)")
 )

@@ -612,6 +612,7 @@ class RequestHandlers:
             "strategy": d.strategy.model_dump(mode="json"),
             "batch": d.batch,
             "promoted": d.promoted,
+            "switched": d.switched,
             "counts": counts,
             "message": d.message,
             "created": d.created,
@@ -625,7 +626,11 @@ class RequestHandlers:
                 row = r.model_dump(mode="json")
                 seen = fleet.get(k)
                 download = seen.downloads.get(d.stack) if seen is not None else None
-                if download is not None and download.spec_hash == d.to_hash and r.state != "healthy":
+                if (
+                    download is not None
+                    and download.spec_hash == d.to_hash
+                    and r.state not in ("healthy", "staged")
+                ):
                     row["download"] = download.model_dump(mode="json")
                     row["progress"] = rollout.progress(download)
                 if r.state == "updating" and r.healthy_since is not None:
@@ -684,6 +689,10 @@ class RequestHandlers:
             if d.strategy.kind != "canary":
                 raise StoreError(f"deployment {d.id} is not a canary deployment")
             d = rollout.promote(d, now)
+        elif action == "switch":
+            if not d.strategy.stage_only or d.switched:
+                raise StoreError(f"deployment {d.id} is not waiting for a switch (deploy with --stage-only)")
+            d = rollout.switch(d, now)
         with self.store.transaction():
             self.store.put_deployment(d)
         self.advance_deployments()

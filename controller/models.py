@@ -144,7 +144,13 @@ class DesiredRecord(Stored):
     """Values for the variables its stacks reference (a secret sealed to the device's key)."""
     registries: tuple[RegistryAuth, ...] = ()
     """Credentials for the registries its images come from (sealed to the device's key)."""
+    stage: tuple[StackRef, ...] = ()
+    """Stack versions to download only (a stage-only deployment before its switch)."""
     published: bool = False
+
+    def hashes(self) -> frozenset[str]:
+        """Every stack definition the device may fetch (the broker's ACL): run or staged."""
+        return frozenset(ref.spec_hash for ref in (*self.stacks, *self.stage))
 
 
 class EnrollmentToken(Stored):

@@ -54,16 +54,34 @@ from tether.protocol.durations import format_duration
 from tether.protocol.models import DownloadStatus, StackStatus
 
 DeviceRolloutState = Literal[
-    "pending", "pending (offline)", "downloading", "updating", "held", "healthy", "failed"
+    "pending",
+    "pending (offline)",
+    "staging",
+    "staged",
+    "downloading",
+    "updating",
+    "held",
+    "healthy",
+    "failed",
 ]
+WAITING = ("pending", "staging", "staged")
+"""Not moved yet: kept on the previous version (staging and staged ones download the new one)."""
 MOVING = ("downloading", "updating")
 """Moved and not yet judged healthy: a rolling batch waits for these."""
 REASON_CHARS = 600
 """The longest reason kept per device (remote text: a log tail is cut to its last lines)."""
 DeploymentState = Literal[
-    "running", "paused", "awaiting-promotion", "succeeded", "failed", "reverted", "superseded"
+    "staging",
+    "staged",
+    "running",
+    "paused",
+    "awaiting-promotion",
+    "succeeded",
+    "failed",
+    "reverted",
+    "superseded",
 ]
-ACTIVE_STATES = ("running", "paused", "awaiting-promotion")
+ACTIVE_STATES = ("staging", "staged", "running", "paused", "awaiting-promotion")
 
 
 Strategy = RolloutStrategy
@@ -99,6 +117,8 @@ class Deployment(BaseModel):
     strategy: Strategy = Field(default_factory=Strategy)
     state: DeploymentState = "running"
     promoted: bool = False
+    switched: bool = False
+    """A stage-only deployment: ``deployments switch`` was given (devices move from then on)."""
     batch: int = 0
     devices: dict[str, DeviceRollout] = Field(default_factory=dict)
     created: float = 0.0
@@ -111,15 +131,23 @@ class Deployment(BaseModel):
 
     def pins(self) -> dict[str, str]:
         """Devices that must stay on (or go back to) ``from_hash`` now."""
-        if self.from_hash is None:
-            return {}
-        if self.state == "reverted":
+        if self.state == "reverted" and self.from_hash is not None:
             return {d: self.from_hash for d in self.devices}
         if self.state in ("succeeded", "superseded"):
             return {}
+        if self.from_hash is None:  # "": a first deployment staged only runs nowhere before the switch
+            if not self.strategy.stage_only or self.switched:
+                return {}
+            return {d: "" for d, r in self.devices.items() if r.state in (*WAITING, "pending (offline)")}
         return {
-            d: self.from_hash for d, r in self.devices.items() if r.state in ("pending", "pending (offline)")
+            d: self.from_hash for d, r in self.devices.items() if r.state in (*WAITING, "pending (offline)")
         }
+
+    def stages(self) -> dict[str, str]:
+        """Devices that must download ``to_hash`` without running it (a stage-only deployment)."""
+        if not self.active or not self.strategy.stage_only:
+            return {}
+        return {d: self.to_hash for d, r in self.devices.items() if r.state in ("staging", "staged")}
 
 
 @dataclass(frozen=True)
@@ -290,6 +318,28 @@ def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy,
     return r
 
 
+def _stage(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy, now: float) -> DeviceRollout:
+    """A device of a stage-only deployment before the switch: it downloads, and runs nothing new."""
+    if r.state in ("pending", "pending (offline)"):
+        if not obs.online:
+            return (
+                r if r.state == "pending (offline)" else r.model_copy(update={"state": "pending (offline)"})
+            )
+        r = r.model_copy(update={"state": "staging", "moved_at": now})
+    download = obs.download if obs.download is not None and obs.download.spec_hash == to_hash else None
+    if download is not None and download.state == "failed":
+        return _fail(r, progress(download))
+    state: DeviceRolloutState = "staging"
+    if (download is not None and download.state == "staged") or obs.spec_hash == to_hash:
+        state = "staged"
+    elif r.state == "staged":
+        state = "staged"  # staged stays staged (offline, or a report without it): the images are there
+    elif r.moved_at is not None and now - r.moved_at > strategy.download_deadline_s:
+        why = progress(download) if download is not None else "no download reported"
+        return _fail(r, f"not staged within {format_duration(strategy.download_deadline_s)} ({why})")
+    return r if r.state == state else r.model_copy(update={"state": state})
+
+
 def _past_deadline(r: DeviceRollout, strategy: Strategy, now: float) -> bool:
     start = r.ready_at if r.ready_at is not None else r.moved_at
     return start is not None and now - start > strategy.healthy_deadline_s
@@ -327,9 +377,14 @@ def step(
         if d not in member_set and devices[d].state in ("pending", "pending (offline)"):
             del devices[d]
     judged = dep.strategy  # a first deployment too: a crash-looping one must not be reported healthy
+    staging = dep.strategy.stage_only and not dep.switched
     for d, r in devices.items():
         obs = observed.get(d, Observation(online=False))
-        if r.state in ("pending", "pending (offline)"):
+        if staging and r.state in (*WAITING, "pending (offline)"):
+            devices[d] = _stage(r, obs, dep.to_hash, judged, now)
+        elif r.state in ("staging", "staged"):
+            continue  # switched: waits to be moved like a pending device, its images already there
+        elif r.state in ("pending", "pending (offline)"):
             pending = "pending" if obs.online else "pending (offline)"
             if r.state != pending:
                 devices[d] = r.model_copy(update={"state": pending})
@@ -357,11 +412,18 @@ def step(
             }
         )
 
+    if staging:
+        state = dep.state
+        if state != "paused":
+            ready = all(r.state in ("staged", "pending (offline)") for r in devices.values())
+            state = "staged" if ready else "staging"
+        return dep.model_copy(update={"devices": devices, "state": state, "updated": now})
+
     state = dep.state
     batch = dep.batch
     strategy = dep.strategy
     moving = [d for d, r in devices.items() if r.state in MOVING]
-    waiting = sorted(d for d, r in devices.items() if r.state == "pending")
+    waiting = sorted(d for d, r in devices.items() if r.state in WAITING)
 
     def move(names: Sequence[str]) -> None:
         for d in names:
@@ -386,9 +448,16 @@ def step(
             move(waiting if strategy.max_parallel == 0 else waiting[: strategy.max_parallel])
 
     done = all(r.state in ("healthy", "held", "pending (offline)") for r in devices.values())
-    if state == "running" and done and not any(r.state == "pending" for r in devices.values()):
+    if state == "running" and done and not any(r.state in WAITING for r in devices.values()):
         state = "succeeded"
     return dep.model_copy(update={"devices": devices, "state": state, "batch": batch, "updated": now})
+
+
+def switch(dep: Deployment, now: float) -> Deployment:
+    """Let a stage-only deployment move its devices (under its strategy) to the staged version."""
+    return dep.model_copy(
+        update={"switched": True, "state": "running" if dep.active else dep.state, "updated": now}
+    )
 
 
 def promote(dep: Deployment, now: float) -> Deployment:

@@ -48,7 +48,8 @@ def desired_stacks(
 
     A ``global`` stack targets every member of its group; a ``replicas`` stack only the
     devices of its current assignment (see :mod:`.placement`). ``pins`` maps a stack to
-    the devices a running deployment keeps on another version (see :mod:`.rollout`).
+    the devices a running deployment keeps on another version (see :mod:`.rollout`); a pin
+    to ``""`` keeps the stack off the device (a first deployment staged, not switched yet).
     """
     pins = pins or {}
     result: dict[str, list[StackRef]] = {}
@@ -63,7 +64,8 @@ def desired_stacks(
         )
         for device_id in targets:
             spec_hash = pins.get(stack.name, {}).get(device_id, stack.spec_hash)
-            result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=spec_hash))
+            if spec_hash:
+                result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=spec_hash))
     return {d: tuple(sorted(refs, key=lambda r: r.name)) for d, refs in result.items()}
 
 

@@ -53,7 +53,7 @@ def load_table(
             for t in store.list_tokens()
         }
     )
-    table.set_stacks({r.device_id: {ref.spec_hash for ref in r.stacks} for r in store.list_desired()})
+    table.set_stacks({r.device_id: set(r.hashes()) for r in store.list_desired()})
     return table
 
 

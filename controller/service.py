@@ -61,6 +61,7 @@ from tether.protocol.models import (
     ReportedState,
     Request,
     StackDefinition,
+    StackRef,
     StackStatus,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
@@ -435,6 +436,14 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         """Per stack, the devices its latest deployment keeps on the previous version."""
         return {name: d.pins() for name, d in self.store.latest_deployments().items() if d.pins()}
 
+    def _stages(self) -> dict[str, tuple[StackRef, ...]]:
+        """Per device, the stack versions it downloads without running them (stage-only deployments)."""
+        result: dict[str, list[StackRef]] = {}
+        for name, deployment in sorted(self.store.latest_deployments().items()):
+            for device_id, spec_hash in deployment.stages().items():
+                result.setdefault(device_id, []).append(StackRef(name=name, spec_hash=spec_hash))
+        return {d: tuple(refs) for d, refs in result.items()}
+
     def _targets(self, stack: Stack, attributes: Mapping[str, Attributes] | None = None) -> list[str]:
         """The devices ``stack`` goes to; ``attributes``: every device's (read from the store if None)."""
         if stack.placement.mode == "replicas":
@@ -512,7 +521,12 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                 continue
             # Desired states only change when devices are let go or sent back (pins), or a
             # revert changes the stack: then a full sync; otherwise only the record is stored.
-            changed = changed or nxt.pins() != deployment.pins() or nxt.state == "reverted"
+            changed = (
+                changed
+                or nxt.pins() != deployment.pins()
+                or nxt.stages() != deployment.stages()
+                or nxt.state == "reverted"
+            )
             with self.store.transaction():
                 self.store.put_deployment(nxt)
                 if nxt.state != deployment.state:
@@ -796,7 +810,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             existing = {r.device_id: r for r in self.store.list_desired()}
             wanted = desired_stacks(stacks, groups, labels, self._pins())
             jobs = desired_jobs(self.store.list_jobs(), groups, labels)
-            candidates = set(wanted) | set(existing) | set(jobs)
+            stages = self._stages()
+            candidates = set(wanted) | set(existing) | set(jobs) | set(stages)
         else:
             labels = {}
             existing = {}
@@ -822,21 +837,23 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                 for d, j in desired_jobs(self.store.list_jobs(), groups, labels).items()
                 if d in device_ids
             }
+            stages = self._stages()
             candidates = set(device_ids)
         needed: set[str] = set()
         for device_id in sorted(candidates):
             refs = wanted.get(device_id, ())
             device_jobs = jobs.get(device_id, ())
-            needed.update(ref.spec_hash for ref in refs)
+            stage = stages.get(device_id, ()) if device_id in labels else ()
+            needed.update(ref.spec_hash for ref in (*refs, *stage))
             record = existing.get(device_id)
-            if record is None and not refs and not device_jobs:
+            if record is None and not refs and not device_jobs and not stage:
                 continue
             bindings = self.var_bindings(
                 device_id, refs, stack_groups, public_keys.get(device_id), record.vars if record else ()
             )
             auths = self.registry_auths(
                 device_id,
-                refs,
+                (*refs, *stage),
                 device_jobs,
                 stack_groups,
                 public_keys.get(device_id),
@@ -848,6 +865,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                 or record.jobs != device_jobs
                 or record.vars != bindings
                 or record.registries != auths
+                or record.stage != stage
             ):
                 # Past whatever the device applied, even from a store older than the device's
                 # state (a restored backup): a lower generation would be ignored as a duplicate.
@@ -860,6 +878,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                         jobs=device_jobs,
                         vars=bindings,
                         registries=auths,
+                        stage=stage,
                     )
                 )
         known = self.store.definitions()
@@ -921,7 +940,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             records = self.store.list_desired()
         else:
             records = [r for d in sorted(device_ids) if (r := self.store.get_desired(d)) is not None]
-        needed = {ref.spec_hash for r in records for ref in r.stacks}
+        needed = {h for r in records for h in r.hashes()}
         definitions = self.store.definitions()
         to_define = sorted(h for h, published in definitions.items() if h in needed and not published)
         if to_define:
@@ -974,7 +993,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         for start in range(0, len(unpublished), self.PUBLISH_BATCH):
             batch = unpublished[start : start + self.PUBLISH_BATCH]
             if self.table is not None:  # before the device hears of them: it may subscribe to these
-                assigned = {r.device_id: frozenset(ref.spec_hash for ref in r.stacks) for r in batch}
+                assigned = {r.device_id: r.hashes() for r in batch}
                 if any(self.table.stacks_of(d) != h for d, h in assigned.items()):
                     self.table.set_stacks(assigned)
                     if self.on_credentials_changed is not None:
@@ -988,6 +1007,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                         jobs=r.jobs,
                         vars=r.vars,
                         registries=r.registries,
+                        stage=r.stage,
                         issued_at=now,
                     )
                 )
@@ -1051,7 +1071,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if not due:
             return
         records = [r for d in due if (r := self.store.get_desired(d)) is not None and r.published]
-        hashes = sorted({ref.spec_hash for r in records for ref in r.stacks})
+        hashes = sorted({h for r in records for h in r.hashes()})
         specs = {h: spec for h in hashes if (spec := self.store.get_spec(h)) is not None}
         example = records[0] if records else None
         if example is not None:

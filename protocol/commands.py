@@ -241,6 +241,8 @@ class RolloutStrategy(WireModel):
     """How long a device may take to download a version's images (retrying transient errors)."""
     auto_revert: bool = False
     auto_promote: bool = False
+    stage_only: bool = False
+    """Download the new version on every device first; switch on ``deployments.switch``."""
 
 
 class StacksDeploy(WireModel):
@@ -340,9 +342,15 @@ class DeploymentsStatus(WireModel):
 
 
 class DeploymentsAction(WireModel):
-    """Pause, resume, promote or roll back a deployment."""
+    """Pause, resume, promote, switch (a staged deployment) or roll back a deployment."""
 
-    kind: Literal["deployments.pause", "deployments.resume", "deployments.promote", "deployments.rollback"]
+    kind: Literal[
+        "deployments.pause",
+        "deployments.resume",
+        "deployments.promote",
+        "deployments.switch",
+        "deployments.rollback",
+    ]
     id: int = Field(ge=1, le=MAX_ID)
 
 

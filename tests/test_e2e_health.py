@@ -45,7 +45,7 @@ def test_update_crashing_within_min_healthy_time_is_reverted(tmp_path: Path) -> 
     agent = AgentProcess(url, device, tmp_path / device, labels={"pool": run})
     try:
         wait_online(url, device)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}")
+        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
         stack = tmp_path / "app.yml"
         stack.write_text(STABLE)
         good = _deploy(url, stack, "--wait", "--min-healthy-time", "1s")
@@ -75,7 +75,7 @@ def test_first_deploy_of_a_crash_loop_fails_wait(tmp_path: Path) -> None:
     agent = AgentProcess(url, device, tmp_path / device, labels={"pool": run})
     try:
         wait_online(url, device)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}")
+        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
         stack = tmp_path / "app.yml"
         stack.write_text(CRASHING)
         result = _deploy(url, stack, "--min-healthy-time", "5s", "--wait", "--timeout", "150")
@@ -111,7 +111,7 @@ def test_first_docker_deploy_of_a_crash_loop_fails_wait(
     agent = AgentProcess(url, device, tmp_path / device, driver="docker", labels={"pool": run})
     try:
         wait_online(url, device)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}")
+        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
         stack = tmp_path / "web.yml"
         stack.write_text(DOCKER_CRASHING)
         result = cli(

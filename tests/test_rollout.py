@@ -6,7 +6,7 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tether.controller.rollout import Observation, Strategy, progress, promote, start, step
+from tether.controller.rollout import Observation, Strategy, progress, promote, start, step, switch
 from tether.protocol.models import DownloadStatus, ServiceStatus, StackStatus
 
 OLD, NEW = "a" * 64, "b" * 64
@@ -291,3 +291,57 @@ def test_health_gate_is_sound(min_healthy: float, first: bool, reports: list[tup
         if was != "healthy" and good_since is not None and now - good_since >= min_healthy:
             assert state == "healthy"
     assert (dep.state == "succeeded") == (dep.devices["d1"].state == "healthy")
+
+
+# --- stage now, switch later ----------------------------------------------------------------
+
+
+def _staged(devices: set[str], offline: frozenset[str] = frozenset()) -> dict[str, Observation]:
+    return {
+        d: Observation(
+            online=d not in offline,
+            spec_hash=OLD,
+            state="running",
+            download=DownloadStatus(spec_hash=NEW, state="staged" if d in devices else "downloading"),
+        )
+        for d in DEVICES
+    }
+
+
+def test_stage_only_downloads_everywhere_and_switches_on_command() -> None:
+    """--stage-only: every device downloads (pinned to the old version, staging the new) and nobody
+    moves until the switch; then the strategy moves them as usual."""
+    strategy = Strategy(kind="rolling", max_parallel=2, min_healthy_time_s=0, stage_only=True)
+    dep = step(start(1, "s", OLD, NEW, strategy, DEVICES, 0), DEVICES, _staged(set()), 0)
+    assert dep.state == "staging" and {r.state for r in dep.devices.values()} == {"staging"}
+    assert dep.pins() == {d: OLD for d in DEVICES} and dep.stages() == {d: NEW for d in DEVICES}
+    dep = step(dep, DEVICES, _staged({"d1", "d2", "d3"}, offline=frozenset({"d4"})), 5)
+    assert dep.state == "staging"  # d4 was seen staging, not staged
+    dep = step(dep, DEVICES, _staged(set(DEVICES)), 9)
+    assert dep.state == "staged" and _updating(dep) == []
+    dep = step(dep, DEVICES, _staged(set(DEVICES)), 3600)
+    assert dep.state == "staged"  # waits for the operator, however long
+    dep = step(switch(dep, 3601), DEVICES, _staged(set(DEVICES)), 3601)
+    assert _updating(dep) == ["d1", "d2"]
+    assert dep.pins() == {"d3": OLD, "d4": OLD} and dep.stages() == {"d3": NEW, "d4": NEW}  # kept staged
+
+
+def test_stage_only_first_deployment_runs_nowhere_before_the_switch() -> None:
+    """A first deployment staged only keeps the stack off every device until the switch."""
+    strategy = Strategy(min_healthy_time_s=0, stage_only=True)
+    dep = step(start(1, "s", None, NEW, strategy, DEVICES, 0), DEVICES, _staged(set()), 0)
+    assert dep.pins() == {d: "" for d in DEVICES}
+    dep = step(switch(dep, 1), DEVICES, _staged(set(DEVICES)), 1)
+    assert dep.pins() == {} and _updating(dep) == DEVICES
+
+
+def test_stage_only_permanent_error_fails_before_anything_switches() -> None:
+    """A permanent download error while staging fails the deployment; nobody moved."""
+    strategy = Strategy(stage_only=True, auto_revert=True)
+    dep = step(start(1, "s", OLD, NEW, strategy, DEVICES, 0), DEVICES, _staged(set()), 0)
+    bad = dict(_staged(set()))
+    bad["d2"] = Observation(online=True, spec_hash=OLD, state="running",
+                            download=_download("failed", reason="manifest unknown"))  # fmt: skip
+    dep = step(dep, DEVICES, bad, 3)
+    assert dep.state == "reverted" and "manifest unknown" in (dep.message or "")
+    assert dep.stages() == {} and dep.pins() == {d: OLD for d in DEVICES}
