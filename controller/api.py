@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
-from tether.protocol import names, topics
+from tether.protocol import codec, names, topics
 from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
@@ -60,7 +60,7 @@ from tether.protocol.commands import (
     VarsSet,
 )
 from tether.protocol.errors import ComposeError, StoreError
-from tether.protocol.models import JobSpec
+from tether.protocol.models import JobSpec, StackDefinition
 from tether.protocol.schedule import cron_error
 from tether.protocol.variables import stack_references
 
@@ -308,6 +308,11 @@ class RequestHandlers:
         if refs:  # every device it goes to must have a value for every reference
             self.check_stack_variables(cmd.name, refs, members(group, self._labels()), cmd.group)  # type: ignore[attr-defined]
         spec_hash = spec.spec_hash()
+        size = len(codec.encode(StackDefinition(spec_hash=spec_hash, spec=spec)))
+        if size > codec.MAX_PAYLOAD:  # it could never be sent to a device (YAML aliases expand)
+            raise ComposeError(
+                f"stack {cmd.name!r}: its definition is {size} bytes, over the {codec.MAX_PAYLOAD}-byte message limit"
+            )
         now = self.clock()
         changed = existing is None or existing.spec_hash != spec_hash or existing.placement != placement
         if changed:

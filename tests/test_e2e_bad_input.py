@@ -231,6 +231,20 @@ def test_absurd_durations_and_counts_are_refused(fleet: dict[str, Any]) -> None:
     _unchanged(fleet)
 
 
+def test_a_stack_too_large_to_send_is_refused_at_deploy(fleet: dict[str, Any]) -> None:
+    """22 KB of Compose whose aliases expand to a 4.4 MB definition (sent as a raw request; the CLI
+    refuses it itself) is refused with one error: it could never reach a device."""
+    from tether.cli.client import ControllerClient
+    from tether.protocol.commands import StacksDeploy
+    from tether.protocol.errors import TetherError
+
+    compose = "services:\n  app:\n    image: x\n    environment:\n      K0: &big " + "x" * 4000 + "\n"
+    compose += "".join(f"      K{i}: *big\n" for i in range(1, 1100))
+    with ControllerClient(fleet["url"]) as client, pytest.raises(TetherError, match="message limit"):
+        client.request(StacksDeploy(name="app", group="g1", compose=compose))
+    _unchanged(fleet)
+
+
 def test_remote_strings_cannot_forge_log_lines_or_drive_the_terminal(fleet: dict[str, Any]) -> None:
     """A device's newline stays inside one escaped controller log line; its ESC[2K label is shown escaped."""
     url = fleet["url"]
