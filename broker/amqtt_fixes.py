@@ -30,6 +30,11 @@ In short, :class:`TetherBroker` replaces amqtt's per-connection and per-message 
   subscription's QoS); one copy per client at the highest matching QoS.
 * **Authentication before session handling**: an unauthenticated CONNECT can no longer
   delete the existing session of the client id it claims.
+* **Wills, client ids, packet size** (issue 13): a will is a publish like any other: a
+  CONNECT whose will topic the ACL refuses gets CONNACK 5, and the will is checked again
+  when it goes out (amqtt published it unchecked); a client id that is not one topic level
+  (``names.CLIENT_ID``) gets CONNACK 2 (amqtt's own ids were ``amqtt/...``); a packet whose
+  header announces more than ``MAX_PACKET_SIZE`` closes the connection before its body is read.
 * **Topic checks without tasks**: amqtt runs the topic plugins (the ACL) as one task per
   plugin, gathered, for every SUBSCRIBE, every PUBLISH and every delivery; here they are
   awaited in turn (a fifth of the broker's CPU in a 1,000-device deploy).

@@ -139,8 +139,9 @@ class TetherTopicPlugin(BaseTopicPlugin):
 async def disconnect_users(broker: Broker, usernames: set[str]) -> int:
     """Close the live connections of ``usernames`` at once; how many were closed.
 
-    Their wills are published (a revoked device goes ``offline``); nothing is queued for
-    their persistent sessions afterwards, since RECEIVE is refused to unknown users.
+    Their wills are checked again before they go out: a revoked or removed user's will is
+    dropped (the controller publishes a revoked device's ``offline`` itself); nothing is
+    queued for their persistent sessions afterwards, since RECEIVE is refused to unknown users.
     """
     closed = 0
     for session, handler in list(broker._sessions.values()):  # amqtt has no public accessor
