@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -21,14 +20,8 @@ from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
-    DevicesApprove,
-    DevicesCredentials,
     DevicesLabel,
     DevicesList,
-    DevicesPending,
-    DevicesReject,
-    DevicesRemove,
-    DevicesRevoke,
     DevicesShow,
     DevicesTop,
     GroupsCreate,
@@ -42,22 +35,11 @@ from tether.protocol.commands import (
     JobsRun,
     JobsSchedule,
     JobsStatus,
-    RegistriesAdd,
-    RegistriesList,
-    RegistriesRemove,
     StacksDeploy,
     StacksList,
     StacksPlan,
     StacksRemove,
     StacksStatus,
-    TokensCreate,
-    TokensList,
-    TokensRemove,
-    VarsGet,
-    VarsKey,
-    VarsList,
-    VarsRemove,
-    VarsSet,
 )
 from tether.protocol.errors import ComposeError, StoreError
 from tether.protocol.models import JobSpec, StackDefinition
@@ -67,60 +49,17 @@ from tether.protocol.variables import stack_references
 from . import rollout
 from .compose import parse_stack
 from .models import Device, Group, Job, Stack
+from .registry import CommandRegistry
 from .scheduler import members
 from .selectors import Attributes, check_labels, parse_selector
 
 log = logging.getLogger(__name__)
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
 
 
 class RequestHandlers:
     """Command handlers and views; mixed into the Controller (see the module docstring)."""
-
-    def execute(self, command: Any) -> Any:
-        """Carry out one command; return its result (plain data) or raise a TetherError."""
-        handlers: dict[type, Callable[[Any], Any]] = {
-            DevicesList: self._devices_ls,
-            DevicesShow: self._devices_show,
-            DevicesLabel: self._devices_label,
-            DevicesTop: self._devices_top,
-            DevicesCredentials: self._devices_credentials,  # type: ignore[attr-defined]  # security.py
-            DevicesRevoke: self._devices_revoke,  # type: ignore[attr-defined]
-            DevicesRemove: self._devices_rm,  # type: ignore[attr-defined]
-            DevicesPending: self._devices_pending,  # type: ignore[attr-defined]  # enrollment.py
-            DevicesApprove: self._devices_approve,  # type: ignore[attr-defined]
-            DevicesReject: self._devices_reject,  # type: ignore[attr-defined]
-            TokensCreate: self._tokens_create,  # type: ignore[attr-defined]
-            TokensList: self._tokens_ls,  # type: ignore[attr-defined]
-            TokensRemove: self._tokens_rm,  # type: ignore[attr-defined]
-            VarsKey: self._vars_key,  # type: ignore[attr-defined]  # variables.py
-            VarsSet: self._vars_set,  # type: ignore[attr-defined]
-            VarsGet: self._vars_get,  # type: ignore[attr-defined]
-            VarsList: self._vars_ls,  # type: ignore[attr-defined]
-            VarsRemove: self._vars_rm,  # type: ignore[attr-defined]
-            GroupsCreate: self._groups_create,
-            GroupsList: self._groups_ls,
-            GroupsShow: self._groups_show,
-            GroupsTrust: self._groups_trust,
-            GroupsRemove: self._groups_rm,
-            StacksDeploy: self._stacks_deploy,
-            StacksPlan: self._stacks_plan,
-            StacksList: self._stacks_ls,
-            StacksStatus: self._stacks_status,
-            StacksRemove: self._stacks_rm,
-            DeploymentsList: self._deployments_ls,
-            DeploymentsStatus: self._deployments_status,
-            RegistriesAdd: self._registries_add,  # type: ignore[attr-defined]
-            RegistriesList: self._registries_ls,  # type: ignore[attr-defined]
-            RegistriesRemove: self._registries_rm,  # type: ignore[attr-defined]
-            DeploymentsAction: self._deployments_action,
-            JobsRun: self._jobs_run,
-            JobsSchedule: self._jobs_schedule,
-            JobsList: self._jobs_ls,
-            JobsStatus: self._jobs_status,
-            JobsLogs: self._jobs_logs,
-            JobsRemove: self._jobs_rm,
-        }
-        return handlers[type(command)](command)
 
     # --- views ---
 
@@ -157,15 +96,18 @@ class RequestHandlers:
             view["dropped"] = self.store.dropped(device.id)
         return view
 
+    @commands.command(DevicesList, read_only=True)
     def _devices_ls(self, cmd: DevicesList) -> Any:
         return {"devices": [self._device_view(d) for d in self._all_devices().values()]}
 
+    @commands.command(DevicesShow, read_only=True)
     def _devices_show(self, cmd: DevicesShow) -> Any:
         device = self._all_devices().get(cmd.device_id)
         if device is None:
             raise StoreError(f"unknown device {cmd.device_id!r}")
         return {"device": self._device_view(device, full=True)}
 
+    @commands.command(DevicesTop)
     def _devices_top(self, cmd: DevicesTop) -> Any:
         devices = self._all_devices()
         for device_id in cmd.device_ids:
@@ -183,6 +125,7 @@ class RequestHandlers:
         ]
         return {"devices": rows}
 
+    @commands.command(DevicesLabel)
     def _devices_label(self, cmd: DevicesLabel) -> Any:
         """Operator labels: trusted, so selector groups match them. Removing a key also
         removes it where the device's enrollment pinned it."""
@@ -220,6 +163,7 @@ class RequestHandlers:
             "stacks": [s.name for s in self.store.list_stacks() if s.group == group.name],
         }
 
+    @commands.command(GroupsCreate)
     def _groups_create(self, cmd: GroupsCreate) -> Any:
         if bool(cmd.devices) == bool(cmd.selector):
             raise StoreError("a group needs either devices or a selector (not both)")
@@ -247,6 +191,7 @@ class RequestHandlers:
         self.publish_pending()
         return {"group": self._group_view(group)}
 
+    @commands.command(GroupsTrust)
     def _groups_trust(self, cmd: GroupsTrust) -> Any:
         """Whether a selector group matches what devices report about themselves: recomputed at once."""
         group = self.store.get_group(cmd.name)
@@ -269,15 +214,18 @@ class RequestHandlers:
             )
         return {"group": self._group_view(self.store.get_group(cmd.name) or group)}
 
+    @commands.command(GroupsList, read_only=True)
     def _groups_ls(self, cmd: GroupsList) -> Any:
         return {"groups": [self._group_view(g) for g in self.store.list_groups()]}
 
+    @commands.command(GroupsShow, read_only=True)
     def _groups_show(self, cmd: GroupsShow) -> Any:
         group = self.store.get_group(cmd.name)
         if group is None:
             raise StoreError(f"unknown group {cmd.name!r}")
         return {"group": self._group_view(group)}
 
+    @commands.command(GroupsRemove)
     def _groups_rm(self, cmd: GroupsRemove) -> Any:
         group = self.store.get_group(cmd.name)
         if group is None:
@@ -289,6 +237,7 @@ class RequestHandlers:
             self.store.delete_group(cmd.name)
         return {"removed": cmd.name}
 
+    @commands.command(StacksDeploy)
     def _stacks_deploy(self, cmd: StacksDeploy) -> Any:
         if not names.NAME.ok(cmd.name):
             raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
@@ -357,6 +306,7 @@ class RequestHandlers:
             "deployment": deployment.id if deployment else None,
         }
 
+    @commands.command(StacksPlan)
     def _stacks_plan(self, cmd: StacksPlan) -> Any:
         """``stacks.deploy`` checked in full and compared with what runs, nothing stored."""
         errors: list[str] = []
@@ -418,6 +368,7 @@ class RequestHandlers:
             "updated": stack.updated,
         }
 
+    @commands.command(StacksList, read_only=True)
     def _stacks_ls(self, cmd: StacksList) -> Any:
         out = []
         for stack in self.store.list_stacks():
@@ -477,6 +428,7 @@ class RequestHandlers:
             )
         return rows
 
+    @commands.command(StacksStatus, read_only=True)
     def _stacks_status(self, cmd: StacksStatus) -> Any:
         stack = self.store.get_stack(cmd.name)
         rows = self._stack_devices(cmd.name, stack.spec_hash if stack else None)
@@ -501,6 +453,7 @@ class RequestHandlers:
         self.publish_pending()
         return {"job": self._job_view(job)}
 
+    @commands.command(JobsRun)
     def _jobs_run(self, cmd: JobsRun) -> Any:
         spec = (
             JobSpec(
@@ -517,6 +470,7 @@ class RequestHandlers:
             raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
         return self._add_job(Job(name=cmd.name, group=cmd.group, spec=spec, created=self.clock()))
 
+    @commands.command(JobsSchedule)
     def _jobs_schedule(self, cmd: JobsSchedule) -> Any:
         if (cmd.cron is None) == (cmd.every_s is None):
             raise StoreError("a scheduled job needs either a cron expression or an interval (not both)")
@@ -555,6 +509,7 @@ class RequestHandlers:
             raise StoreError(f"unknown job {name!r}")
         return job
 
+    @commands.command(JobsList)
     def _jobs_ls(self, cmd: JobsList) -> Any:
         out = []
         for job in self.store.list_jobs():
@@ -573,6 +528,7 @@ class RequestHandlers:
                 latest[device_id] = result
         return latest
 
+    @commands.command(JobsStatus)
     def _jobs_status(self, cmd: JobsStatus) -> Any:
         job = self._job(cmd.name)
         group = self.store.get_group(job.group)
@@ -586,6 +542,7 @@ class RequestHandlers:
             )
         return {"job": self._job_view(job), "devices": rows}
 
+    @commands.command(JobsLogs)
     def _jobs_logs(self, cmd: JobsLogs) -> Any:
         self._job(cmd.name)
         results = [
@@ -594,6 +551,7 @@ class RequestHandlers:
         ]
         return {"results": results}
 
+    @commands.command(JobsRemove)
     def _jobs_rm(self, cmd: JobsRemove) -> Any:
         self._job(cmd.name)
         with self.store.transaction():
@@ -644,6 +602,7 @@ class RequestHandlers:
             view["devices"] = devices
         return view
 
+    @commands.command(DeploymentsList)
     def _deployments_ls(self, cmd: DeploymentsList) -> Any:
         return {"deployments": [self._deployment_view(d) for d in self.store.list_deployments(cmd.stack)]}
 
@@ -653,9 +612,11 @@ class RequestHandlers:
             raise StoreError(f"unknown deployment {deployment_id}")
         return deployment
 
+    @commands.command(DeploymentsStatus)
     def _deployments_status(self, cmd: DeploymentsStatus) -> Any:
         return {"deployment": self._deployment_view(self._deployment(cmd.id), full=True)}
 
+    @commands.command(DeploymentsAction)
     def _deployments_action(self, cmd: DeploymentsAction) -> Any:
         d = self._deployment(cmd.id)
         latest = self.store.latest_deployments().get(d.stack)
@@ -703,6 +664,7 @@ class RequestHandlers:
         self.advance_deployments()
         return {"deployment": self._deployment_view(self._deployment(d.id))}
 
+    @commands.command(StacksRemove)
     def _stacks_rm(self, cmd: StacksRemove) -> Any:
         stack = self.store.get_stack(cmd.name)
         if stack is None:

@@ -43,11 +43,14 @@ from tether.protocol.models import EnrollmentGrant, EnrollmentRequest, Enrollmen
 from tether.protocol.mqtt import MqttClient
 
 from .models import Device, Enrollment, EnrollmentToken
+from .registry import CommandRegistry
 from .security import issue_device_credentials
 from .selectors import Attributes, check_labels, matches, parse_selector
 from .store import Store
 
 log = logging.getLogger(__name__)
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
 
 
 class EnrollmentHandlers:
@@ -73,6 +76,7 @@ class EnrollmentHandlers:
 
     # --- tokens ---
 
+    @commands.command(TokensCreate)
     def _tokens_create(self, cmd: TokensCreate) -> Any:
         if cmd.group is not None and self.store.get_group(cmd.group) is None:
             raise StoreError(f"unknown group {cmd.group!r} (create it first: tether groups create)")
@@ -112,9 +116,11 @@ class EnrollmentHandlers:
             "created": t.created,
         }
 
+    @commands.command(TokensList, read_only=True)
     def _tokens_ls(self, cmd: TokensList) -> Any:
         return {"tokens": [self._token_view(t) for t in self.store.list_tokens()]}
 
+    @commands.command(TokensRemove)
     def _tokens_rm(self, cmd: TokensRemove) -> Any:
         for token_id in cmd.ids:
             problem = names.TOKEN_ID.problem(token_id)
@@ -227,10 +233,12 @@ class EnrollmentHandlers:
         device = Device(id=e.device_id, facts=e.facts, pinned_labels=token.labels if token else {})
         return device.attributes()
 
+    @commands.command(DevicesPending, read_only=True)
     def _devices_pending(self, cmd: DevicesPending) -> Any:
         rows = [self._entry_view(e) for e in self.store.list_enrollments() if e.state != "approved"]
         return {"devices": rows}
 
+    @commands.command(DevicesApprove)
     def _devices_approve(self, cmd: DevicesApprove) -> Any:
         check_labels(cmd.labels)
         if bool(cmd.device_ids) == cmd.all:
@@ -257,6 +265,7 @@ class EnrollmentHandlers:
         self._approve(entries, cmd.labels)
         return {"approved": [e.device_id for e in entries]}
 
+    @commands.command(DevicesReject)
     def _devices_reject(self, cmd: DevicesReject) -> Any:
         entries = []
         for device_id in cmd.device_ids:

@@ -29,10 +29,14 @@ from tether.protocol.models import JobSpec, RegistryAuth, StackRef
 from tether.protocol.names import REGISTRY_HOST, registry_of
 
 from .models import Registry
+from .registry import CommandRegistry
 from .store import Store
 from .variables import FLEET, SecretsKey
 
 MAX_CREDENTIAL_BYTES = 4096
+
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
 
 
 def _host(host: str) -> str:
@@ -137,6 +141,7 @@ class RegistryHandlers:
     def _registry_view(r: Registry) -> dict[str, Any]:
         return {"host": r.host, "scope": r.scope, "version": r.version, "updated": r.updated}
 
+    @commands.command(RegistriesAdd)
     def _registries_add(self, cmd: RegistriesAdd) -> Any:
         host = _host(cmd.host)
         scope = self._check_scope(cmd.group, cmd.device_id)  # type: ignore[attr-defined]
@@ -172,10 +177,12 @@ class RegistryHandlers:
         self._save_registries(put=registry)
         return {"registry": self._registry_view(registry), "changed": True}
 
+    @commands.command(RegistriesList)
     def _registries_ls(self, cmd: RegistriesList) -> Any:
         found = sorted(self.store.list_registries(), key=lambda r: (r.host, r.scope))
         return {"registries": [self._registry_view(r) for r in found]}
 
+    @commands.command(RegistriesRemove)
     def _registries_rm(self, cmd: RegistriesRemove) -> Any:
         host = _host(cmd.host)
         scope = self._check_scope(cmd.group, cmd.device_id)  # type: ignore[attr-defined]

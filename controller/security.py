@@ -32,9 +32,12 @@ from tether.protocol.secret_files import write_secret_json
 from tether.protocol.topics import DeviceTopic
 
 from .models import Device
+from .registry import CommandRegistry
 from .store import Store
 
 log = logging.getLogger(__name__)
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
 
 OPERATOR_USER = "admin"
 
@@ -190,6 +193,7 @@ class SecurityHandlers:
         log.info("device %s: new broker credentials", device_id)
         return password
 
+    @commands.command(DevicesCredentials)
     def _devices_credentials(self, cmd: DevicesCredentials) -> Any:
         if cmd.certificate:
             return self._device_certificate(cmd.device_id)
@@ -219,6 +223,7 @@ class SecurityHandlers:
             "ca": ca,
         }
 
+    @commands.command(DevicesRevoke)
     def _devices_revoke(self, cmd: DevicesRevoke) -> Any:
         known = {d.id for d in self.store.list_devices()} | {
             c.name for c in self.store.list_credentials() if c.role == "device"
@@ -265,6 +270,7 @@ class SecurityHandlers:
                 self.store.delete_group(group.name)
                 self.store.create_group(group.model_copy(update={"devices": remaining}))
 
+    @commands.command(DevicesRemove)
     def _devices_rm(self, cmd: DevicesRemove) -> Any:
         known = {d.id for d in self.store.list_devices()} | {
             c.name for c in self.store.list_credentials() if c.role == "device"

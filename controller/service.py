@@ -35,19 +35,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from tether.protocol import codec, names, topics
 from tether.protocol.backoff import Backoff
-from tether.protocol.commands import (
-    COMMAND_ADAPTER,
-    DevicesList,
-    DevicesPending,
-    DevicesShow,
-    GroupsList,
-    GroupsShow,
-    StacksList,
-    StacksStatus,
-    TokensList,
-    VarsGet,
-    VarsList,
-)
+from tether.protocol.commands import COMMAND_ADAPTER, CommandModel
 from tether.protocol.credentials import CredentialTable
 from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import PayloadError, TetherError
@@ -67,7 +55,7 @@ from tether.protocol.models import (
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
-from . import rollout
+from . import api, enrollment, registries, rollout, security, variables
 from .api import RequestHandlers
 from .enrollment import EnrollmentHandlers
 from .lease import Lease
@@ -75,6 +63,7 @@ from .models import DesiredRecord, Device, Stack
 from .observability import REFRESH_SECONDS, Metrics
 from .placement import Assignment, Candidate, place
 from .registries import RegistryHandlers
+from .registry import CommandRegistry
 from .rollout import Observation
 from .scheduler import desired_jobs, desired_stacks, eligible, members
 from .security import SecurityHandlers
@@ -176,18 +165,10 @@ class Seen:
         )
 
 
-READ_COMMANDS = (
-    DevicesList,
-    DevicesPending,
-    DevicesShow,
-    GroupsList,
-    GroupsShow,
-    StacksList,
-    StacksStatus,
-    TokensList,
-    VarsGet,
-    VarsList,
+COMMANDS = CommandRegistry.of(
+    api.commands, security.commands, enrollment.commands, variables.commands, registries.commands
 )
+"""Every command the controller answers, with its handler (see :mod:`.registry`)."""
 
 
 class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, VariableHandlers, RegistryHandlers):
@@ -1114,6 +1095,10 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
 
     # --- requests ---
 
+    def execute(self, command: CommandModel) -> Any:
+        """Carry out one command; return its result (plain data) or raise a TetherError."""
+        return COMMANDS.handler(command).run(self, command)
+
     def _on_request(self, payload: bytes) -> None:
         try:
             request = codec.decode(payload, Request)
@@ -1128,7 +1113,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             return
         try:
             command = COMMAND_ADAPTER.validate_python(request.command)
-            if not self.leading.is_set() and not isinstance(command, READ_COMMANDS):
+            if not self.leading.is_set() and not COMMANDS.handler(command).read_only:
                 # A standby answers reads from the shared store; writes go to the leader.
                 if self.client is not None:
                     self.client.publish(topics.LEADER_REQUESTS, payload, qos=1)

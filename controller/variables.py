@@ -42,9 +42,12 @@ from tether.protocol.secret_files import write_secret_text
 from tether.protocol.variables import KEY_RE, PATH_RE, split_ref, stack_references
 
 from .models import Variable
+from .registry import CommandRegistry
 from .store import Store
 
 log = logging.getLogger(__name__)
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
 
 KEY_FILE = "secrets.key"
 MAX_VALUE_BYTES = 64 * 1024
@@ -306,11 +309,13 @@ class VariableHandlers:
                 f"invalid variable path {path!r}: letters, digits, '_', '.', '-', and '/' between parts"
             )
 
+    @commands.command(VarsKey)
     def _vars_key(self, cmd: VarsKey) -> Any:
         if self.secrets is None:
             raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
         return {"public_key": self.secrets.public_key}
 
+    @commands.command(VarsSet)
     def _vars_set(self, cmd: VarsSet) -> Any:
         self._check_path(cmd.path)
         scope = self._check_scope(cmd.group, cmd.device_id)
@@ -375,15 +380,18 @@ class VariableHandlers:
             raise StoreError(f"no variable {path} ({scope})")
         return scope, variable
 
+    @commands.command(VarsGet, read_only=True)
     def _vars_get(self, cmd: VarsGet) -> Any:
         _, variable = self._existing(cmd.path, cmd.group, cmd.device_id)
         return {"variable": self._variable_view(variable, values=True)}
 
+    @commands.command(VarsList, read_only=True)
     def _vars_ls(self, cmd: VarsList) -> Any:
         found = [v for v in self.store.list_variables() if v.path.startswith(cmd.prefix)]
         found.sort(key=lambda v: (v.path, v.scope))
         return {"variables": [self._variable_view(v, values=False) for v in found]}
 
+    @commands.command(VarsRemove)
     def _vars_rm(self, cmd: VarsRemove) -> Any:
         scope, variable = self._existing(cmd.path, cmd.group, cmd.device_id)
         unknown = [k for k in cmd.keys if k not in variable.keys]

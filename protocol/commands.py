@@ -1,13 +1,17 @@
 """The controller's commands: what a :class:`~.models.Request` carries in ``command``.
 
 Kept apart from :mod:`.models` because only the controller and the CLI use them: the agent
-answers its own device commands (:mod:`.device_api`) and never loads these 36 models and
+answers its own device commands (:mod:`.device_api`) and never loads these models and
 their discriminated union (1.0 MB of resident memory on a device).
+
+A command is a :class:`CommandModel` subclass defined here; defining it adds it to
+:data:`Command`. Its handler is declared once in the controller's registry
+(controller/registry.py).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import Field, TypeAdapter
 
@@ -28,24 +32,46 @@ MAX_COUNT = 1_000_000
 MAX_ID = 2**63 - 1
 """Deployment ids are 64-bit integers in the store."""
 
+COMMANDS: list[type[CommandModel]] = []
+"""Every command model, in the order defined: the members of :data:`COMMAND_ADAPTER`'s union."""
 
-class DevicesList(WireModel):
+
+class CommandModel(WireModel):
+    """Base of every controller command: a subclass with a ``kind`` literal is one.
+
+    Defining it here is all the wire needs: it joins the discriminated union that
+    :data:`COMMAND_ADAPTER` validates. The controller declares its handler once, in its
+    command registry (controller/registry.py), and a test checks that every command has one.
+    """
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        COMMANDS.append(cls)
+
+    @classmethod
+    def kinds(cls) -> tuple[str, ...]:
+        """The ``kind`` values this model carries (one, or several for :class:`DeploymentsAction`)."""
+        return tuple(get_args(cls.model_fields["kind"].annotation))
+
+
+class DevicesList(CommandModel):
     kind: Literal["devices.ls"] = "devices.ls"
 
 
-class DevicesShow(WireModel):
+class DevicesShow(CommandModel):
     kind: Literal["devices.show"] = "devices.show"
     device_id: str
 
 
-class DevicesTop(WireModel):
+class DevicesTop(CommandModel):
     """The latest metrics sample of each device (all, or ``device_ids``), kept in memory."""
 
     kind: Literal["devices.top"] = "devices.top"
     device_ids: tuple[str, ...] = ()
 
 
-class DevicesLabel(WireModel):
+class DevicesLabel(CommandModel):
     """Set (``set``) and remove (``remove``) operator labels of a device."""
 
     kind: Literal["devices.label"] = "devices.label"
@@ -54,7 +80,7 @@ class DevicesLabel(WireModel):
     remove: tuple[str, ...] = ()
 
 
-class DevicesCredentials(WireModel):
+class DevicesCredentials(CommandModel):
     """Create (or rotate) a device's broker credentials; the reply holds the password, once.
 
     ``certificate``: a client certificate and key instead (mTLS), signed by the controller's
@@ -65,27 +91,27 @@ class DevicesCredentials(WireModel):
     certificate: bool = False
 
 
-class DevicesRevoke(WireModel):
+class DevicesRevoke(CommandModel):
     """Cut devices off: credentials revoked, live sessions closed, removed from static groups."""
 
     kind: Literal["devices.revoke"] = "devices.revoke"
     device_ids: tuple[str, ...] = Field(min_length=1)
 
 
-class DevicesRemove(WireModel):
+class DevicesRemove(CommandModel):
     """Forget devices: their record, desired state (cleared on the broker), events, credentials."""
 
     kind: Literal["devices.rm"] = "devices.rm"
     device_ids: tuple[str, ...] = Field(min_length=1)
 
 
-class DevicesPending(WireModel):
+class DevicesPending(CommandModel):
     """The waiting room: devices that asked to join (pending, and rejected ones)."""
 
     kind: Literal["devices.pending"] = "devices.pending"
 
 
-class DevicesApprove(WireModel):
+class DevicesApprove(CommandModel):
     """Approve waiting devices: ``device_ids``, or every pending one (``all``) matching ``selector``.
 
     ``labels`` are pinned on them (with their token's, winning): trusted, like operator labels."""
@@ -97,12 +123,12 @@ class DevicesApprove(WireModel):
     labels: dict[str, str] = Field(default_factory=dict)
 
 
-class DevicesReject(WireModel):
+class DevicesReject(CommandModel):
     kind: Literal["devices.reject"] = "devices.reject"
     device_ids: tuple[str, ...] = Field(min_length=1)
 
 
-class TokensCreate(WireModel):
+class TokensCreate(CommandModel):
     """Create a fleet enrollment token; the reply holds the token, once."""
 
     kind: Literal["tokens.create"] = "tokens.create"
@@ -113,22 +139,22 @@ class TokensCreate(WireModel):
     uses: int | None = Field(default=None, ge=1, le=MAX_COUNT)
 
 
-class TokensList(WireModel):
+class TokensList(CommandModel):
     kind: Literal["tokens.ls"] = "tokens.ls"
 
 
-class TokensRemove(WireModel):
+class TokensRemove(CommandModel):
     kind: Literal["tokens.rm"] = "tokens.rm"
     ids: tuple[str, ...] = Field(min_length=1)
 
 
-class VarsKey(WireModel):
+class VarsKey(CommandModel):
     """The controller's public key for secrets: ``vars.set`` seals a secret's keys to it."""
 
     kind: Literal["vars.key"] = "vars.key"
 
 
-class VarsSet(WireModel):
+class VarsSet(CommandModel):
     """Set keys of a variable (merged into the keys it has).
 
     A plain variable's keys come in ``items``. A secret's never travel in plaintext: they
@@ -146,7 +172,7 @@ class VarsSet(WireModel):
     device_id: str | None = None
 
 
-class VarsGet(WireModel):
+class VarsGet(CommandModel):
     """A variable's keys and plain values (a secret's values are never sent back)."""
 
     kind: Literal["vars.get"] = "vars.get"
@@ -155,12 +181,12 @@ class VarsGet(WireModel):
     device_id: str | None = None
 
 
-class VarsList(WireModel):
+class VarsList(CommandModel):
     kind: Literal["vars.ls"] = "vars.ls"
     prefix: str = ""
 
 
-class VarsRemove(WireModel):
+class VarsRemove(CommandModel):
     """Remove a variable, or only some of its ``keys``."""
 
     kind: Literal["vars.rm"] = "vars.rm"
@@ -170,7 +196,7 @@ class VarsRemove(WireModel):
     device_id: str | None = None
 
 
-class RegistriesAdd(WireModel):
+class RegistriesAdd(CommandModel):
     """Credentials for a private image registry, for the fleet, one group or one device.
 
     They never travel in plaintext: ``sealed`` is a sealed box to the controller's key
@@ -184,18 +210,18 @@ class RegistriesAdd(WireModel):
     device_id: str | None = None
 
 
-class RegistriesList(WireModel):
+class RegistriesList(CommandModel):
     kind: Literal["registries.ls"] = "registries.ls"
 
 
-class RegistriesRemove(WireModel):
+class RegistriesRemove(CommandModel):
     kind: Literal["registries.rm"] = "registries.rm"
     host: str = Field(max_length=255)
     group: str | None = None
     device_id: str | None = None
 
 
-class GroupsCreate(WireModel):
+class GroupsCreate(CommandModel):
     """A static group (``devices``) or a selector group. A selector matches only labels set by
     an operator or pinned at enrollment, unless ``trust_device_labels``: then also what devices
     report about themselves (their own labels and facts), so any device can join it."""
@@ -207,7 +233,7 @@ class GroupsCreate(WireModel):
     trust_device_labels: bool = False
 
 
-class GroupsTrust(WireModel):
+class GroupsTrust(CommandModel):
     """Make a selector group trust device-reported labels and facts (``trust``), or stop."""
 
     kind: Literal["groups.trust"] = "groups.trust"
@@ -215,16 +241,16 @@ class GroupsTrust(WireModel):
     trust: bool = True
 
 
-class GroupsList(WireModel):
+class GroupsList(CommandModel):
     kind: Literal["groups.ls"] = "groups.ls"
 
 
-class GroupsShow(WireModel):
+class GroupsShow(CommandModel):
     kind: Literal["groups.show"] = "groups.show"
     name: str
 
 
-class GroupsRemove(WireModel):
+class GroupsRemove(CommandModel):
     kind: Literal["groups.rm"] = "groups.rm"
     name: str
 
@@ -245,7 +271,7 @@ class RolloutStrategy(WireModel):
     """Download the new version on every device first; switch on ``deployments.switch``."""
 
 
-class StacksDeploy(WireModel):
+class StacksDeploy(CommandModel):
     """Deploy ``compose`` (one Compose file, resolved by the CLI) as stack ``name``.
 
     ``files``: the files beside the Compose file that its relative bind mounts name,
@@ -259,7 +285,7 @@ class StacksDeploy(WireModel):
     strategy: RolloutStrategy = Field(default_factory=RolloutStrategy)
 
 
-class StacksPlan(WireModel):
+class StacksPlan(CommandModel):
     """What ``stacks.deploy`` with these fields would do, changing nothing (``tether stacks
     deploy --dry-run``): the file validated in full, every problem in one error, or the
     devices targeted and each service added, replaced, kept or removed."""
@@ -271,21 +297,21 @@ class StacksPlan(WireModel):
     files: tuple[StackFile, ...] = Field(default=(), max_length=MAX_STACK_FILES, exclude_if=lambda v: not v)
 
 
-class StacksList(WireModel):
+class StacksList(CommandModel):
     kind: Literal["stacks.ls"] = "stacks.ls"
 
 
-class StacksStatus(WireModel):
+class StacksStatus(CommandModel):
     kind: Literal["stacks.status"] = "stacks.status"
     name: str
 
 
-class StacksRemove(WireModel):
+class StacksRemove(CommandModel):
     kind: Literal["stacks.rm"] = "stacks.rm"
     name: str
 
 
-class JobsRun(WireModel):
+class JobsRun(CommandModel):
     """Run a job once on every device of a group."""
 
     kind: Literal["jobs.run"] = "jobs.run"
@@ -296,7 +322,7 @@ class JobsRun(WireModel):
     timeout_s: float = Field(default=300.0, gt=0, le=MAX_TIMEOUT_S)
 
 
-class JobsSchedule(WireModel):
+class JobsSchedule(CommandModel):
     """Run a job on a schedule (cron or interval), evaluated on each device of a group."""
 
     kind: Literal["jobs.schedule"] = "jobs.schedule"
@@ -310,38 +336,38 @@ class JobsSchedule(WireModel):
     concurrency: Literal["skip", "queue"] = "skip"
 
 
-class JobsList(WireModel):
+class JobsList(CommandModel):
     kind: Literal["jobs.ls"] = "jobs.ls"
 
 
-class JobsStatus(WireModel):
+class JobsStatus(CommandModel):
     kind: Literal["jobs.status"] = "jobs.status"
     name: str
 
 
-class JobsLogs(WireModel):
+class JobsLogs(CommandModel):
     kind: Literal["jobs.logs"] = "jobs.logs"
     name: str
     device_id: str | None = None
     limit: int = Field(default=10, ge=1, le=200)
 
 
-class JobsRemove(WireModel):
+class JobsRemove(CommandModel):
     kind: Literal["jobs.rm"] = "jobs.rm"
     name: str
 
 
-class DeploymentsList(WireModel):
+class DeploymentsList(CommandModel):
     kind: Literal["deployments.ls"] = "deployments.ls"
     stack: str | None = None
 
 
-class DeploymentsStatus(WireModel):
+class DeploymentsStatus(CommandModel):
     kind: Literal["deployments.status"] = "deployments.status"
     id: int = Field(ge=1, le=MAX_ID)
 
 
-class DeploymentsAction(WireModel):
+class DeploymentsAction(CommandModel):
     """Pause, resume, promote, switch (a staged deployment) or roll back a deployment."""
 
     kind: Literal[
@@ -354,47 +380,6 @@ class DeploymentsAction(WireModel):
     id: int = Field(ge=1, le=MAX_ID)
 
 
-Command = Annotated[
-    DevicesList
-    | DevicesShow
-    | DevicesTop
-    | DevicesLabel
-    | DevicesCredentials
-    | DevicesRevoke
-    | DevicesRemove
-    | DevicesPending
-    | DevicesApprove
-    | DevicesReject
-    | TokensCreate
-    | TokensList
-    | TokensRemove
-    | VarsKey
-    | VarsSet
-    | VarsGet
-    | VarsList
-    | VarsRemove
-    | RegistriesAdd
-    | RegistriesList
-    | RegistriesRemove
-    | GroupsCreate
-    | GroupsList
-    | GroupsShow
-    | GroupsTrust
-    | GroupsRemove
-    | StacksDeploy
-    | StacksPlan
-    | StacksList
-    | StacksStatus
-    | StacksRemove
-    | DeploymentsList
-    | DeploymentsStatus
-    | DeploymentsAction
-    | JobsRun
-    | JobsSchedule
-    | JobsList
-    | JobsStatus
-    | JobsLogs
-    | JobsRemove,
-    Field(discriminator="kind"),
-]
+Command: Any = Annotated[Union[tuple(COMMANDS)], Field(discriminator="kind")]  # noqa: UP007
+"""Any command, told apart by ``kind``."""
 COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)

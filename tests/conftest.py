@@ -66,3 +66,13 @@ def _controller_database(request: pytest.FixtureRequest, monkeypatch: pytest.Mon
     """With TETHER_TEST_DB=postgres, every controller a test starts uses a fresh PostgreSQL database."""
     if os.environ.get("TETHER_TEST_DB") == "postgres":
         monkeypatch.setenv("TETHER_DB", request.getfixturevalue("postgres_url"))
+
+
+_UNIT = Path(__file__).parent / "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests under tests/unit/ are marked ``unit``: fast, in-process, no broker nor process started."""
+    for item in items:
+        if item.path.is_relative_to(_UNIT):
+            item.add_marker(pytest.mark.unit)

@@ -1,0 +1,81 @@
+"""Every controller command, declared once: its request model, its handler, and who may answer it.
+
+A handler is registered where it is written, next to the other handlers of its domain::
+
+    commands = CommandRegistry()
+
+    @commands.command(GroupsShow, read_only=True)
+    def _groups_show(self, cmd: GroupsShow) -> Any: ...
+
+and the controller answers with :data:`~.service.COMMANDS`, the union of every domain's
+registry. ``read_only`` means the command changes nothing and needs nothing that only the
+leader keeps in memory, so a standby controller (``tether up --ha``) answers it from the
+shared store; every other command is forwarded to the leader. Marking a write read-only
+would make a standby execute it: tests/unit/test_commands.py runs every read-only command
+on a store that refuses writes, and checks every command of protocol/commands.py has one
+handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from tether.protocol.commands import CommandModel
+
+C = TypeVar("C", bound=CommandModel)
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class CommandHandler:
+    """One registered command."""
+
+    model: type[CommandModel]
+    run: Callable[[Any, Any], Any]
+    """``run(controller, command)``: the result (plain data), or raises a TetherError."""
+    read_only: bool
+    """Changes nothing and needs only the store: a standby answers it (see the module docstring)."""
+
+
+class CommandRegistry:
+    """Command models mapped to their handlers; each model at most once."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[type[CommandModel], CommandHandler] = {}
+
+    def command(self, model: type[C], *, read_only: bool = False) -> Callable[[H], H]:
+        """Register the decorated function as ``model``'s handler."""
+
+        def register(run: H) -> H:
+            self._add(CommandHandler(model, run, read_only))
+            return run
+
+        return register
+
+    def _add(self, handler: CommandHandler) -> None:
+        if not (isinstance(handler.model, type) and issubclass(handler.model, CommandModel)):
+            raise TypeError(f"{handler.model!r} is not a CommandModel (protocol/commands.py)")
+        if handler.model in self._handlers:
+            raise ValueError(f"{handler.model.__name__} has two handlers")
+        self._handlers[handler.model] = handler
+
+    @classmethod
+    def of(cls, *registries: CommandRegistry) -> CommandRegistry:
+        """One registry holding every handler of ``registries`` (a model registered twice is an error)."""
+        merged = cls()
+        for registry in registries:
+            for handler in registry:
+                merged._add(handler)
+        return merged
+
+    def handler(self, command: CommandModel) -> CommandHandler:
+        """The handler of ``command`` (KeyError if none is registered)."""
+        return self._handlers[type(command)]
+
+    def __iter__(self) -> Iterator[CommandHandler]:
+        return iter(self._handlers.values())
+
+    def __contains__(self, model: object) -> bool:
+        return model in self._handlers

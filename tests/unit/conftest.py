@@ -1,0 +1,27 @@
+"""Fixtures of the fast unit tests: a controller on a real SQLite store, publishing to a recorder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.recording import Clock, RecordingPublisher
+from tether.controller.service import Controller
+from tether.controller.store import Store
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def controller(tmp_path: Path, publisher: RecordingPublisher) -> Iterator[Controller]:
+    """A leading controller on a fresh SQLite store, its publishes recorded, its clock still."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store, clock=Clock())
+    controller.client = publisher  # type: ignore[assignment]
+    controller.leading.set()
+    yield controller
+    store.close()
