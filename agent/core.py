@@ -25,7 +25,8 @@ and keeps its files in a :class:`~.store.StateStore`.
   every (re)connect, so it converges to the latest truth whatever was missed offline.
 * **Events** go through an on-disk outbox (bounded; the oldest are dropped and counted)
   and are delivered oldest first once connected; each carries a per-device ``seq`` so
-  receivers can drop duplicates.
+  receivers can drop duplicates. An event leaves the outbox once the controller says it
+  stored it (``.../acked``), not merely once the broker has it (:meth:`AgentCore.flush_events`).
 * **Stage, then switch**: with an image stager (the docker driver), a stack moves to a
   new version only once every image of that version is on the device; until then the
   version it runs (``applied``, kept on disk) keeps running and restarting, and the report
@@ -69,6 +70,7 @@ from tether.protocol.models import (
     DeviceFacts,
     DownloadStatus,
     Event,
+    EventsAcked,
     ImageDownload,
     JobResult,
     JobSpec,
@@ -96,7 +98,11 @@ log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 20
 EVENTS_IN_FLIGHT = 50
-"""Events sent but not yet acknowledged, at most."""
+"""Events sent but not yet acknowledged by the broker, at most."""
+RESEND_AFTER = 60.0
+"""Events the broker has but the controller has not acknowledged go again after this long..."""
+RESEND_MAX = 900.0
+"""...doubling while nothing is acknowledged (a controller down for hours), up to this."""
 STEADY_RUN_SECONDS = 60.0
 MAX_GENERATION_STEP = 2**32
 """How far beyond the applied generation a desired state may be. The controller counts a
@@ -127,6 +133,13 @@ class Link(Protocol):
     def connected(self) -> bool: ...
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool: ...
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Callable[[], bool] | None:
+        """Publish without waiting; a check that is true once the broker acknowledged it, or
+        None if it could not be handed over (not connected)."""
+        ...
+
     def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
     def unsubscribe(self, topic_filter: str) -> None: ...
 
@@ -179,7 +192,9 @@ class AgentCore:
         self._signals: set[tuple[str, str, str]] = set()  # (stack, service, signal) to send
         self.is_held = is_held
         self.held = False
-        self._inflight: dict[int, Callable[[], bool]] = {}  # event seq -> acknowledged yet?
+        self._inflight: dict[int, Callable[[], bool]] = {}  # event seq -> has the broker acknowledged it?
+        self._delivered: dict[int, float] = {}  # event seq -> when the broker acknowledged it
+        self._resend_wait = RESEND_AFTER
         self.jobs = JobScheduler.from_state(store.load_json("jobs"))
         self.launch_job: Callable[[JobSpec, str], None] | None = None
         """Set by the runner: start a job run off this thread; it calls :meth:`job_finished`."""
@@ -235,7 +250,8 @@ class AgentCore:
 
     def subscriptions(self) -> list[str]:
         """The filters the agent always holds (stack definitions come and go)."""
-        return [self.topic(k) for k in (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REQUESTS)]
+        kinds = (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REQUESTS, DeviceTopic.ACKED)
+        return [self.topic(k) for k in kinds]
 
     # --- connection ---
 
@@ -289,7 +305,7 @@ class AgentCore:
         for spec_hash in self.awaiting:
             self.link.subscribe(topics.stack(spec_hash))
         self._pending_since = self.clock()  # definitions can arrive again from now on
-        self._inflight.clear()  # what the last connection did not get acknowledged goes again
+        self._inflight.clear()  # what the broker did not acknowledge on the last connection goes again
         self.flush_events()
         self._report_published = False
         self.publish_report()
@@ -308,6 +324,8 @@ class AgentCore:
                 self._on_own_presence(payload)
             elif parsed.device_topic == DeviceTopic.REQUESTS and payload:
                 remote.handle_request(self, payload)  # answers on the request's reply_to only
+            elif parsed.device_topic == DeviceTopic.ACKED:
+                self._on_acked(payload)
         elif parsed.kind == "stack" and parsed.spec_hash in self.awaiting:
             self._on_definition(parsed.spec_hash, payload)
 
@@ -1061,32 +1079,73 @@ class AgentCore:
         self.flush_events()
 
     def flush_events(self) -> None:
-        """Send queued events, oldest first; forget each one only once the broker has it.
+        """Send queued events, oldest first; forget each one only once it is safe.
 
-        An event stays on disk until its PUBACK (with a link that can tell, see
-        ``publish_tracked``): one sent into a connection that is already dead, or lost with
-        the device's power, goes out again on the next connection. Duplicates are dropped
-        by receivers on ``seq``.
+        Safe means stored by the controller (its acknowledgement on ``.../acked``, see
+        :meth:`_on_acked`): the broker's PUBACK alone is not enough, a broker that comes
+        back empty or a controller that was not subscribed at that moment loses what it
+        acknowledged. Until this device has had a first acknowledgement (a controller that
+        does not send them) the PUBACK counts. An event the broker has (``_delivered``) but
+        the controller did not acknowledge is sent again when an acknowledgement shows it
+        lost, or when it waited :data:`RESEND_AFTER` (doubling while nothing is
+        acknowledged); one sent into a connection that died, or lost with the device's
+        power, goes out again on the next connection. Receivers drop duplicates on ``seq``.
         """
-        tracked = getattr(self.link, "publish_tracked", None)
-        if tracked is None:  # a link that cannot tell: forget once handed over
-            if not self.link.connected:
-                return
-            while (event := self.store.outbox_peek()) is not None:
-                if not self.link.publish(self.topic(DeviceTopic.EVENTS), codec.encode(event), qos=1):
-                    return
-                self.store.outbox_pop()
-            return
+        now = time.monotonic()
         for seq, acked in list(self._inflight.items()):
             if acked():
-                self.store.outbox_ack(seq)
                 del self._inflight[seq]
-        if not self.link.connected or self.store.outbox_size() <= len(self._inflight):
+                if self.store.events_acked() is None:
+                    self.store.outbox_ack(seq)
+                else:
+                    self._delivered[seq] = now
+        if self._delivered and now - min(self._delivered.values()) >= self._resend_wait:
+            log.info(
+                "%d event(s) not acknowledged by the controller after %.0fs: sending them again",
+                len(self._delivered),
+                self._resend_wait,
+            )
+            self._delivered.clear()
+            self._resend_wait = min(2 * self._resend_wait, RESEND_MAX)
+        sent = len(self._inflight) + len(self._delivered)
+        if not self.link.connected or self.store.outbox_size() <= sent:
             return
-        for event in self.store.outbox_head(len(self._inflight) + EVENTS_IN_FLIGHT):
-            if event.seq in self._inflight:
+        head = self.store.outbox_head(sent + EVENTS_IN_FLIGHT)
+        oldest = head[0].seq if head else 0
+        for event in head:
+            if event.seq in self._inflight or event.seq in self._delivered:
                 continue
-            acked = tracked(self.topic(DeviceTopic.EVENTS), codec.encode(event), 1)
+            if len(self._inflight) >= EVENTS_IN_FLIGHT:
+                return
+            payload = codec.encode(event.model_copy(update={"oldest": oldest}))
+            acked = self.link.publish_tracked(self.topic(DeviceTopic.EVENTS), payload, 1)
             if acked is None:
                 return
             self._inflight[event.seq] = acked
+
+    def _on_acked(self, payload: bytes) -> None:
+        """The controller's acknowledgement: forget what it stored, resend what it lost."""
+        if not payload:
+            return
+        try:
+            ack = codec.decode(payload, EventsAcked)
+        except PayloadError as exc:
+            log.warning("ignoring an acknowledgement: %s", exc)
+            return
+        if ack.device_id != self.device_id or ack.seq > self.store.last_event_seq():
+            return  # not ours, or about events of a previous installation of this device
+        current = self.store.events_acked()
+        if current is None or ack.seq > current:
+            self.store.set_events_acked(ack.seq)
+            self.store.outbox_ack_through(ack.seq)
+            self._resend_wait = RESEND_AFTER  # progress
+        covered = max(ack.seq, current or 0)
+        self._inflight = {s: a for s, a in self._inflight.items() if s > covered}
+        if ack.resend:
+            lost = [s for s in self._delivered if s > covered]
+        else:
+            lost = [s for s in self._delivered if covered < s < ack.last]  # ``last`` itself is stored
+        self._delivered = {s: t for s, t in self._delivered.items() if s > covered and s not in lost}
+        if lost:
+            log.info("%d event(s) lost on the way to the controller: sending them again", len(lost))
+        self.flush_events()

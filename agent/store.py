@@ -104,12 +104,14 @@ class StateStore(Protocol):
     def next_session(self) -> int: ...
     def next_event_seq(self) -> int: ...
     def outbox_put(self, event: Event) -> None: ...
-    def outbox_peek(self) -> Event | None: ...
-    def outbox_pop(self) -> None: ...
     def outbox_dropped(self) -> int: ...
     def outbox_head(self, n: int) -> list[Event]: ...
     def outbox_ack(self, seq: int) -> None: ...
+    def outbox_ack_through(self, seq: int) -> None: ...
     def outbox_size(self) -> int: ...
+    def last_event_seq(self) -> int: ...
+    def events_acked(self) -> int | None: ...
+    def set_events_acked(self, seq: int) -> None: ...
     def load_json(self, name: str) -> Any: ...
     def save_json(self, name: str, value: Any) -> None: ...
     def config_path(self, stack: str, name: str) -> str: ...
@@ -145,6 +147,7 @@ class MemoryStore:
         self.outbox: deque[Event] = deque()
         self.limit = limit
         self.dropped = 0
+        self.acked: int | None = None
         self.blobs: dict[str, Any] = {}
         self.configs: dict[tuple[str, str], bytes] = {}
         self.stack_files: dict[tuple[str, str], bytes] = {}
@@ -178,13 +181,6 @@ class MemoryStore:
             self.outbox.popleft()
             self.dropped += 1
 
-    def outbox_peek(self) -> Event | None:
-        return self.outbox[0] if self.outbox else None
-
-    def outbox_pop(self) -> None:
-        if self.outbox:
-            self.outbox.popleft()
-
     def outbox_dropped(self) -> int:
         return self.dropped
 
@@ -194,8 +190,21 @@ class MemoryStore:
     def outbox_ack(self, seq: int) -> None:
         self.outbox = deque(e for e in self.outbox if e.seq != seq)
 
+    def outbox_ack_through(self, seq: int) -> None:
+        while self.outbox and self.outbox[0].seq <= seq:
+            self.outbox.popleft()
+
     def outbox_size(self) -> int:
         return len(self.outbox)
+
+    def last_event_seq(self) -> int:
+        return self.seq
+
+    def events_acked(self) -> int | None:
+        return self.acked
+
+    def set_events_acked(self, seq: int) -> None:
+        self.acked = seq
 
     def load_json(self, name: str) -> Any:
         return self.blobs.get(name)
@@ -242,6 +251,7 @@ class LocalStore:
         self._session = 0
         self._outbox_state = self._read_outbox_state()
         self._queued = sorted(p.name for p in self.outbox_dir.glob("*.msgpack"))
+        self._events: dict[str, Event] = {}  # queued events already decoded (or just written)
 
     # --- writes that may fail ---
 
@@ -271,6 +281,8 @@ class LocalStore:
     def _delete(self, path: Path) -> bool:
         """Delete ``path``; if that fails (read-only), remember to delete it later (False)."""
         self._unsaved.pop(path, None)
+        if path.parent == self.outbox_dir:
+            self._events.pop(path.name, None)
         try:
             path.unlink(missing_ok=True)
         except OSError as exc:
@@ -359,7 +371,10 @@ class LocalStore:
     def _read_outbox_state(self) -> dict[str, int]:
         try:
             state = json.loads(self._read(self.outbox_dir / "state"))
-            return {"seq": int(state["seq"]), "dropped": int(state["dropped"])}
+            result = {"seq": int(state["seq"]), "dropped": int(state["dropped"])}
+            if "acked" in state:
+                result["acked"] = int(state["acked"])
+            return result
         except (OSError, ValueError, KeyError, TypeError):
             return {"seq": 0, "dropped": 0}
 
@@ -375,6 +390,7 @@ class LocalStore:
         name = f"{event.seq:016d}.msgpack"
         self._write(self.outbox_dir / name, codec.encode(event))
         self._queued.append(name)
+        self._events[name] = event
         dropped = 0
         while len(self._queued) > self.outbox_limit:
             self._delete(self.outbox_dir / self._queued.pop(0))
@@ -383,31 +399,38 @@ class LocalStore:
             self._outbox_state["dropped"] += dropped
             self._write_outbox_state()
 
-    def outbox_peek(self) -> Event | None:
-        while self._queued:
-            path = self.outbox_dir / self._queued[0]
-            try:
-                return codec.decode(self._read(path), Event)
-            except (OSError, PayloadError) as exc:
-                log.error("dropping unreadable queued event %s: %s", path, exc)
-                self._delete(path)
-                self._queued.pop(0)
-        return None
-
-    def outbox_pop(self) -> None:
-        if self._queued:
-            self._delete(self.outbox_dir / self._queued.pop(0))
-
     def outbox_dropped(self) -> int:
         return self._outbox_state["dropped"]
+
+    def last_event_seq(self) -> int:
+        return self._outbox_state["seq"]
+
+    def events_acked(self) -> int | None:
+        """The controller's last acknowledgement (every event up to it is stored); None
+        before the first (a controller that does not acknowledge: the broker's PUBACK counts)."""
+        return self._outbox_state.get("acked")
+
+    def set_events_acked(self, seq: int) -> None:
+        self._outbox_state["acked"] = seq
+        self._write_outbox_state()
+
+    def outbox_ack_through(self, seq: int) -> None:
+        """The controller stored every event up to ``seq``: forget them."""
+        while self._queued and int(self._queued[0].split(".")[0]) <= seq:
+            self._delete(self.outbox_dir / self._queued.pop(0))
 
     def outbox_head(self, n: int) -> list[Event]:
         """The oldest ``n`` queued events (unreadable files are dropped)."""
         events = []
         for name in list(self._queued[:n]):
             path = self.outbox_dir / name
+            cached = self._events.get(name)
+            if cached is not None:
+                events.append(cached)
+                continue
             try:
-                events.append(codec.decode(self._read(path), Event))
+                events.append(event := codec.decode(self._read(path), Event))
+                self._events[name] = event
             except (OSError, PayloadError) as exc:
                 log.error("dropping unreadable queued event %s: %s", path, exc)
                 self._delete(path)

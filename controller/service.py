@@ -43,6 +43,7 @@ from tether.protocol.models import (
     DesiredState,
     DownloadStatus,
     Event,
+    EventsAcked,
     JobResult,
     Presence,
     Reply,
@@ -113,6 +114,15 @@ def _bounded_event(event: Event) -> tuple[Event, bool]:
     if event.data is not None and len(json.dumps(event.data, default=str)) > MAX_EVENT_DATA:
         update["data"] = {"dropped": f"more than {MAX_EVENT_DATA} bytes"}
     return (event.model_copy(update=update), True) if update else (event, False)
+
+
+@dataclass(slots=True)
+class _Marks:
+    """Which events of a device are stored: every ``seq`` up to ``acked``, and ``above`` it."""
+
+    acked: int
+    last: int
+    above: set[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +232,9 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         )
         self._behind: dict[str, tuple[float, float, float]] = {}  # see repair_behind
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
+        self._event_marks: dict[str, _Marks] = {}  # see _note_stored
+        self._acks_due: set[str] = set()
+        self._acks_resend = False
         self._presence_trusted = False  # see _presence_stale
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
@@ -287,6 +300,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         self._variables = None  # another controller may have changed them while we stood by
         self._fleet = None  # and the devices
         self._published_gen = None  # and what was published
+        self._event_marks = {}  # and which events are stored
         self.leading.set()
         log.info("this controller leads")
         if self.client.connected:
@@ -403,6 +417,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if stacks and self._placements_changed(stacks):
             self.sync()
         self.expire_stale()
+        self.publish_acks()
         self.advance_deployments(force=False)
         self.repair_behind()
         if self.table is not None:
@@ -562,6 +577,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
                     self.store.mark_all_unpublished()
                 if lost or not self._presence_trusted:
                     self._presence_stale()
+                if self.client is not None and not self.client.session_present:
+                    self._acks_resend = True  # events may have been published with nobody subscribed
                 self.publish_pending()
                 self.publish_enrollment_answers()
             self.ready.set()
@@ -729,8 +746,11 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         event = self._decode_from(device_id, payload, Event)
         if event is None:
             return
-        stored, trimmed = _bounded_event(event)
-        if not self.store.add_event(device_id, event.seq, stored.model_dump_json()):
+        stored, trimmed = _bounded_event(event.model_copy(update={"oldest": 0}))
+        added = self.store.add_event(device_id, event.seq, stored.model_dump_json())
+        if event.oldest:
+            self._note_stored(device_id, event.seq, event.oldest)
+        if not added:
             return  # delivered twice (at least once on the wire): already stored
         if trimmed:
             self._dropped(device_id, "event_trimmed")
@@ -738,6 +758,53 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             self._on_job_result(device_id, event.data)
         level = logging.WARNING if event.level != "info" else logging.INFO
         log.log(level, "device %s: %s: %s", device_id, stored.kind, stored.message)
+
+    # --- acknowledging events (end to end: the agent keeps each until we have it) ---
+
+    def _note_stored(self, device_id: str, seq: int, oldest: int) -> None:
+        """Event ``seq`` of ``device_id`` is stored; ``oldest``: the device will send nothing
+        below it. Advance the device's acknowledgement: every ``seq`` up to it stored."""
+        marks = self._event_marks.get(device_id)
+        if marks is None:  # first heard of since we started: what is stored above its oldest
+            above = set(self.store.event_seqs_above(device_id, oldest - 1))
+            marks = self._event_marks[device_id] = _Marks(oldest - 1, max(above, default=0), above)
+        marks.acked = max(marks.acked, oldest - 1)
+        marks.last = max(marks.last, seq)
+        if seq > marks.acked:
+            marks.above.add(seq)
+        while marks.acked + 1 in marks.above:
+            marks.acked += 1
+        marks.above = {s for s in marks.above if s > marks.acked}
+        self._acks_due.add(device_id)  # also when unchanged: a resent event means ours was missed
+
+    def publish_acks(self) -> None:
+        """Publish the acknowledgements due (from the tick: at most one per device a second).
+
+        Retained, so an agent that reconnects has the latest at once; QoS 0: a lost one is
+        repeated when the device sends again. After a connection on which the broker had no
+        session of ours (we start, or it lost its state) every device is told to resend what
+        it delivered and we do not acknowledge: it may have reached a broker with nobody
+        subscribed.
+        """
+        client = self.client
+        if client is None or not client.connected or not self.leading.is_set():
+            return
+        resend = self._acks_resend
+        if resend:
+            self._acks_resend = False
+            self._acks_due.update(self._fleet_view())
+        due, self._acks_due = sorted(self._acks_due), set()
+        for device_id in due:
+            if not topics.DEVICE_ID_RE.match(device_id):
+                continue
+            marks = self._event_marks.get(device_id)
+            ack = EventsAcked(
+                device_id=device_id,
+                seq=marks.acked if marks else 0,
+                last=marks.last if marks else 0,
+                resend=resend,
+            )
+            client.publish(topics.device(device_id, DeviceTopic.ACKED), codec.encode(ack), qos=0, retain=True)
 
     def _on_job_result(self, device_id: str, data: dict[str, Any]) -> None:
         try:

@@ -505,6 +505,13 @@ class Store:
         ).fetchall()
         return {r[0]: int(r[1]) for r in rows}
 
+    def event_seqs_above(self, device_id: str, seq: int) -> list[int]:
+        """The sequence numbers of the device's stored events above ``seq``, in order."""
+        rows = self.db.execute(
+            "SELECT seq FROM events WHERE device_id = ? AND seq > ? ORDER BY seq", (device_id, seq)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
     def list_events(self, device_id: str, limit: int = 50) -> list[str]:
         rows = self.db.execute(
             "SELECT body FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT ?", (device_id, limit)

@@ -7,7 +7,7 @@ Mosquitto's syntax. Rules (``D`` is the device's id, ``C`` the connection's clie
 =============  ===========================================================  ===========================================
 identity       may subscribe                                                may publish
 =============  ===========================================================  ===========================================
-device D       ``devices/D/{desired,presence,requests}``, the stack         ``devices/D/{presence,reported,events,
+device D       ``devices/D/{desired,presence,requests,acked}``, the stack   ``devices/D/{presence,reported,events,
                definitions assigned to it (``stacks/{hash}``), exact only    metrics}``, ``clients/+/replies``
 operator       ``clients/C/replies``; ``devices/+/{presence,reported,       ``controller/requests``, ``devices/+/requests``
                events,metrics}`` (or one device's)
@@ -29,7 +29,7 @@ from . import names
 from .topics import ROOT
 
 Role = Literal["device", "controller", "operator", "enrolling"]
-DEVICE_READS = ("desired", "presence", "requests")
+DEVICE_READS = ("desired", "presence", "requests", "acked")
 DEVICE_WRITES = ("presence", "reported", "events", "metrics")
 WATCHABLE = ("presence", "reported", "events", "metrics")
 

@@ -469,6 +469,29 @@ class Event(Message):
     service: str | None = None
     data: dict[str, Any] | None = None
     at: float = 0.0
+    oldest: int = Field(default=0, ge=0, exclude_if=_unset)
+    """The oldest event the device still queued when it sent this one: every ``seq`` below
+    it was acknowledged by the controller or dropped, and will not come (0: not told)."""
+
+
+class EventsAcked(Message):
+    """Payload of ``.../acked`` (retained, controller -> agent): which events are stored.
+
+    The agent keeps each event in its outbox until ``seq`` covers it (not merely until the
+    broker has it: a broker that lost its state, or a controller not subscribed at that
+    moment, would lose it), and sends again at once those it delivered with a ``seq`` below
+    ``last`` that ``seq`` does not cover (they got lost on the way: a later one arrived), or
+    every one it delivered when ``resend`` is set.
+    """
+
+    device_id: str
+    seq: int = Field(ge=0)
+    """Every event up to this one is stored (or will never come: see ``Event.oldest``)."""
+    last: int = Field(default=0, ge=0)
+    """The highest ``seq`` stored."""
+    resend: bool = False
+    """The controller was not subscribed for a while (it started, or the broker lost its
+    session): what was delivered and is not covered by ``seq`` may be lost; send it again."""
 
 
 class JobResult(WireModel):

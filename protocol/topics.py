@@ -6,6 +6,7 @@
     tether/v1/devices/{device_id}/events     QoS 1,           agent -> anyone      Event
     tether/v1/devices/{device_id}/requests   QoS 1,           clients -> agent     Request (device_api)
     tether/v1/devices/{device_id}/metrics    QoS 0,           agent -> anyone      MetricsSample
+    tether/v1/devices/{device_id}/acked      retained, QoS 0, controller -> agent  EventsAcked
     tether/v1/stacks/{spec_hash}             retained, QoS 1, controller -> agents StackDefinition
     tether/v1/controller/requests            QoS 1,           clients -> controller Request
     tether/v1/controller/leader              QoS 1,           standby -> leader     Request
@@ -46,6 +47,7 @@ class DeviceTopic(StrEnum):
     EVENTS = "events"
     REQUESTS = "requests"
     METRICS = "metrics"
+    ACKED = "acked"
 
 
 def check_device_id(device_id: str) -> str:

@@ -166,6 +166,11 @@ class SimDevice:
             self._note_report()
         return ok
 
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Callable[[], bool] | None:
+        return self.session.publish_tracked(topic, payload, qos, retain)
+
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self.session.subscribe(topic_filter, qos)
 

@@ -220,15 +220,26 @@ class MqttSession(asyncio.Protocol):
     # --- Link ---
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        return self.publish_tracked(topic, payload, qos, retain) is not None
+
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Callable[[], bool] | None:
+        """Publish; a check that is true once the broker acknowledged it (PUBACK; at once for
+        QoS 0), or None if not connected."""
         if not self.connected:
-            return False
+            return None
         pid = 0
+        entry = (topic, payload, qos, retain)
         if qos:
             pid = self._next_pid()
-            self._inflight[pid] = (topic, payload, qos, retain)
+            self._inflight[pid] = entry
         self._send(publish_packet(topic, payload, qos, retain, pid))
         self.counters.messages_out += 1
-        return True
+        if not qos:
+            return lambda: True
+        inflight = self._inflight
+        return lambda: inflight.get(pid) is not entry  # identity: the packet id may be reused later
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self.subscriptions[topic_filter] = qos

@@ -6,6 +6,7 @@ and the worker's batching (:meth:`Controller._ingest`) runs on a real SQLite sto
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import msgpack
@@ -14,7 +15,7 @@ from support.links import RecordingLink
 from tether.controller.service import INGEST_BATCH, Controller
 from tether.controller.store import Store
 from tether.protocol import codec, topics
-from tether.protocol.models import Presence, Reply, ReportedState, Request
+from tether.protocol.models import Event, EventsAcked, Presence, Reply, ReportedState, Request
 from tether.protocol.topics import DeviceTopic
 
 
@@ -99,4 +100,81 @@ def test_a_reply_too_large_for_one_message_becomes_an_error(
     reply = codec.decode(payload, Reply)
     assert topic == reply_to and not reply.ok and reply.error is not None and "exceeds" in reply.error
     assert len(payload) < 1024
+
+
+class PublishingClient:
+    """Stands in for the controller's MQTT client: connected, keeps what is published."""
+
+    connected = True
+    session_present = True
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes, int, bool]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        self.published.append((topic, payload, qos, retain))
+        return True
+
+
+def event(device_id: str, seq: int, oldest: int) -> tuple[str, bytes]:
+    body = Event(device_id=device_id, seq=seq, kind="k", message=str(seq), oldest=oldest)
+    return topics.device(device_id, DeviceTopic.EVENTS), codec.encode(body)
+
+
+def test_events_are_acknowledged_up_to_the_first_gap(tmp_path: Path) -> None:
+    """The acknowledgement covers every event stored without a gap from the device's oldest
+    queued one; a later arrival moves ``last``; the missing one, once stored, closes the gap;
+    acknowledgements are retained and go out from the tick, one per device."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    client = PublishingClient()
+    controller.client = client  # type: ignore[assignment]
+
+    def acks() -> list[EventsAcked]:
+        found = [
+            codec.decode(p, EventsAcked) for t, p, q, r in client.published if r and t.endswith("/acked")
+        ]
+        client.published.clear()
+        return found
+
+    for message in (event("d-1", 4, 4), event("d-1", 5, 4), event("d-1", 7, 4)):
+        controller.handle(*message)
+    controller.publish_acks()
+    assert [(a.device_id, a.seq, a.last, a.resend) for a in acks()] == [("d-1", 5, 7, False)]
+    controller.publish_acks()
+    assert acks() == []  # nothing new
+    controller.handle(*event("d-1", 6, 4))
+    controller.handle(*event("d-1", 6, 4))  # a duplicate: acknowledged again all the same
+    controller.publish_acks()
+    assert [(a.seq, a.last) for a in acks()] == [(7, 7)]
+    assert [json.loads(b)["seq"] for b in store.list_events("d-1")] == [4, 5, 6, 7]
+    store.close()
+
+
+def test_a_connection_without_our_session_asks_every_device_to_resend(tmp_path: Path) -> None:
+    """After a CONNACK without our session (the broker lost it: events may have found nobody
+    subscribed), every device gets an acknowledgement that asks it to resend, keeping what is
+    known to be stored."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    client = PublishingClient()
+    controller.client = client  # type: ignore[assignment]
+    controller.handle(*event("d-1", 3, 1))
+    controller.handle(*event("d-1", 1, 1))
+    controller.handle(
+        topics.device("d-2", DeviceTopic.PRESENCE),
+        codec.encode(Presence(device_id="d-2", status="online", session=1)),
+    )
+    client.published.clear()
+    client.session_present = False
+    controller.handle("\x00connected", b"")
+    controller.publish_acks()
+    found = {
+        a.device_id: (a.seq, a.last, a.resend)
+        for t, p, q, r in client.published
+        if t.endswith("/acked") and (a := codec.decode(p, EventsAcked))
+    }
+    assert found == {"d-1": (1, 3, True), "d-2": (0, 0, True)}
     store.close()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from tether.agent import core as core_module
 from tether.agent.core import AgentCore
 from tether.agent.drivers.fake import FakeDriver
 from tether.agent.store import LocalStore
-from tether.protocol import codec
-from tether.protocol.models import Event, ReportedState
+from tether.protocol import codec, topics
+from tether.protocol.models import Event, EventsAcked, ReportedState
+from tether.protocol.topics import DeviceTopic
 
 
 def _event(seq: int) -> Event:
@@ -85,3 +88,87 @@ def test_dropped_events_are_reported(tmp_path: Path) -> None:
     core.reconcile_once()
     reported = [codec.decode(p, ReportedState) for t, p in link.sent if t.endswith("/reported")]
     assert reported and reported[-1].events_dropped == 3
+
+
+def _ack(core: AgentCore, seq: int, last: int = 0, resend: bool = False) -> None:
+    payload = codec.encode(EventsAcked(device_id="d", seq=seq, last=last, resend=resend))
+    core.handle(topics.device("d", DeviceTopic.ACKED), payload)
+
+
+def test_after_a_first_controller_acknowledgement_events_stay_until_the_controller_has_them(
+    tmp_path: Path,
+) -> None:
+    """Once the controller acknowledges events, the broker's PUBACK no longer frees one: it
+    stays queued (across a restart too) until an acknowledgement covers it; each event tells
+    the oldest one still queued."""
+    link = TrackedLink()
+    core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
+    core.event("one", "first")
+    link.acks[1] = True
+    core.flush_events()
+    assert core.store.outbox_size() == 0  # no acknowledgement seen yet: the PUBACK counts
+    _ack(core, 1, last=1)
+    core.event("two", "second")
+    core.event("three", "third")
+    link.acks.update({2: True, 3: True})
+    core.flush_events()
+    assert [e.seq for e in core.store.outbox_head(10)] == [2, 3]  # the broker has them; we wait
+    assert [codec.decode(p, Event).oldest for t, p in link.sent if t.endswith("/events")] == [1, 2, 2]
+    _ack(core, 2, last=2)
+    assert [e.seq for e in core.store.outbox_head(10)] == [3]
+    restarted = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
+    assert restarted.store.events_acked() == 2 and restarted.store.outbox_size() == 1
+
+
+def test_an_event_the_controller_missed_is_sent_again_at_once(tmp_path: Path) -> None:
+    """An acknowledgement that stops below an event it saw stored after (a gap), or one that
+    asks to resend, sends the delivered but unacknowledged events again; an acknowledgement
+    of events this device never numbered (a previous installation) is ignored."""
+    link = TrackedLink()
+    core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
+    _ack(core, 0)
+    for kind in ("one", "two", "three"):
+        core.event(kind, kind)
+    link.acks.update({1: True, 2: True, 3: True})
+    core.flush_events()
+    link.sent.clear()
+    _ack(core, 1, last=3)  # 2 was lost on the way (3 arrived)
+    assert _events_sent(link) == [2]
+    link.acks[2] = False  # its new copy is in flight
+    link.sent.clear()
+    _ack(core, 1, last=3, resend=True)  # the controller was away: 3 may be lost too
+    assert _events_sent(link) == [3]
+    _ack(core, 99, last=99)  # not ours
+    assert [e.seq for e in core.store.outbox_head(10)] == [2, 3]
+    _ack(core, 3, last=3)
+    assert core.store.outbox_size() == 0
+
+
+def test_unacknowledged_events_go_again_after_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Delivered events that no acknowledgement covers are sent again after RESEND_AFTER,
+    then after twice as long while still nothing is acknowledged."""
+    now = [1000.0]
+    monkeypatch.setattr(core_module.time, "monotonic", lambda: now[0])
+    link = TrackedLink()
+    core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
+    _ack(core, 0)
+    core.event("one", "first")
+    link.acks[1] = True
+    core.flush_events()
+    link.sent.clear()
+    now[0] += core_module.RESEND_AFTER - 1
+    core.flush_events()
+    assert _events_sent(link) == []
+    now[0] += 1
+    core.flush_events()  # resent ...
+    core.flush_events()  # ... and delivered again
+    assert _events_sent(link) == [1]
+    link.sent.clear()
+    now[0] += core_module.RESEND_AFTER
+    core.flush_events()
+    assert _events_sent(link) == []  # the wait doubled
+    now[0] += core_module.RESEND_AFTER
+    core.flush_events()
+    assert _events_sent(link) == [1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tether.protocol import codec
 from tether.protocol.models import Event, ReportedState
 
@@ -19,6 +21,12 @@ class RecordingLink:
             return False
         self.published.append((topic, payload))
         return True
+
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Callable[[], bool] | None:
+        """Kept like :meth:`publish`; acknowledged by the broker at once."""
+        return (lambda: True) if self.publish(topic, payload, qos, retain) else None
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         return None
