@@ -19,6 +19,7 @@ increasing precedence. The same file can be baked into every device image of a b
     enrollment_token = "tet_..."  # without credentials: enroll with this fleet token (docs/onboarding.md)
     download_rate_limit = "2mbit" # image downloads at most this fast (bit/s: kbit, mbit; bytes/s: KB, MB)
     insecure_registries = ["registry.lan:5000"]  # registries spoken to over plain HTTP (loopback always is)
+    host_access = "default"       # or "locked", or a [host_access] table (agent/policy.py, docs/compose.md)
     [labels]
     site = "berlin"
 
@@ -27,6 +28,7 @@ Environment: ``TETHER_BROKERS`` (comma-separated), ``TETHER_DEVICE_ID``, ``TETHE
 ``TETHER_RECONCILE_INTERVAL``, ``TETHER_METRICS_INTERVAL``, ``TETHER_METRICS_FULL_INTERVAL``,
 ``TETHER_METRICS_THRESHOLD``, ``TETHER_USERNAME``, ``TETHER_PASSWORD``, ``TETHER_ENROLLMENT_TOKEN``,
 ``TETHER_CA_FILE``, ``TETHER_TLS_CERT``, ``TETHER_TLS_KEY``, ``TETHER_DOWNLOAD_RATE_LIMIT``,
+``TETHER_HOST_ACCESS`` (a preset),
 ``TETHER_CONFIG`` (the file).
 """
 
@@ -47,6 +49,8 @@ from tether.protocol.errors import ConfigError, TopicError
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url, tls_context
 from tether.protocol.secret_files import read_credentials
 from tether.protocol.topics import check_device_id
+
+from .policy import HostAccess
 
 CREDENTIALS_FILE = "credentials.json"
 """The agent's own broker credentials in its data dir (0600), e.g. saved after enrollment."""
@@ -132,6 +136,9 @@ class AgentConfig(BaseModel):
         if value is not None:
             parse_rate(value)
         return value
+
+    host_access: HostAccess = Field(default_factory=HostAccess)
+    """What stacks may do to the device itself (privileged, devices, host paths...): agent/policy.py."""
 
     def metrics_every(self) -> float:
         """Seconds between metric samples: as configured, else 300 s or two keepalives if longer.
@@ -241,6 +248,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         ("TETHER_TLS_CERT", "tls_cert"),
         ("TETHER_TLS_KEY", "tls_key"),
         ("TETHER_DOWNLOAD_RATE_LIMIT", "download_rate_limit"),
+        ("TETHER_HOST_ACCESS", "host_access"),
     ):
         if env.get(var):
             out[key] = env[var]

@@ -88,6 +88,7 @@ from tether.protocol.variables import RenderError, render_stack
 from . import reconcile, remote
 from .drivers.base import Driver, Observed
 from .jobs import JobScheduler
+from .policy import HostAccess, refusals
 from .reconcile import CRASH_LOOP_RESTARTS, Create, Remove, RestartRecord, ServiceKey, Start
 from .store import StateStore
 
@@ -179,15 +180,18 @@ class AgentCore:
         keepalive: int | None = None,
         images: ImageStager | None = None,
         definition_timeout: float = DEFINITION_TIMEOUT,
+        host_access: HostAccess | None = None,
     ) -> None:
         """``key``: the device's X25519 key pair (secrets are sealed to it); without one,
         stacks that use secrets cannot be rendered. ``keepalive``: the MQTT keepalive, told
         in the device's facts. ``images``: the image stager (drivers that run images);
-        without one, images are the driver's business."""
+        without one, images are the driver's business. ``host_access``: what stacks may do to
+        the device (agent/policy.py); a stack asking for more is refused on this device."""
         self.device_id = device_id
         self.keepalive = keepalive
         self.images = images
         self.key = key
+        self.host_access = host_access or HostAccess()
         self.renderings: dict[str, Rendering] = {}
         self._signals: set[tuple[str, str, str]] = set()  # (stack, service, signal) to send
         self.is_held = is_held
@@ -679,7 +683,11 @@ class AgentCore:
             key = (spec.spec_hash(), *((b.ref, b.digest, b.value, b.sealed, b.error) for b in mine))
             previous = self.renderings.get(name)
             if previous is None or previous.key != key:
-                self.renderings[name] = self._render_stack(name, spec, mine, key, previous)
+                refused = self.refusals(spec)
+                if refused:
+                    self.renderings[name] = self._refuse(name, refused, key, previous)
+                else:
+                    self.renderings[name] = self._render_stack(name, spec, mine, key, previous)
             current = self.renderings[name]
             if current.spec is not None:
                 rendered[name] = current.spec
@@ -689,6 +697,26 @@ class AgentCore:
             self.renderings = {n: r for n, r in self.renderings.items() if n in specs}
             self.store.prune_configs(set(self.renderings))
         return rendered, errors
+
+    def refusals(self, spec: StackSpec) -> list[str]:
+        """What this device will not run of ``spec``: its host access policy, and keys its driver
+        cannot apply (the process driver has no container to put them in)."""
+        found = refusals(spec, self.host_access)
+        unsupported = getattr(self.driver, "unsupported", None)
+        if unsupported is not None:
+            found.extend(unsupported(spec))
+        return found
+
+    def _refuse(
+        self, name: str, refused: list[str], key: tuple[object, ...], previous: Rendering | None
+    ) -> Rendering:
+        """A stack this device will not run: one error naming everything refused. What ran
+        before keeps running; no other stack is touched."""
+        message = f"stack {name}: refused on this device: " + "; ".join(refused)
+        kept = "keeps running as before" if previous and previous.spec else "is not started"
+        if previous is None or previous.error != message:
+            self.event("stack.refused", f"{message} (the stack {kept})", level="error", stack=name)
+        return Rendering(key, previous.spec if previous else None, message)
 
     def _render_stack(
         self,

@@ -94,8 +94,11 @@ class Plan:
         return bool(self.actions)
 
 
-def wants_restart(service: ServiceSpec, exit_code: int | None) -> bool:
-    """Whether the restart policy restarts an instance that exited with ``exit_code``."""
+def wants_restart(service: ServiceSpec, exit_code: int | None, restarted: int = 0) -> bool:
+    """Whether the restart policy restarts an instance that exited with ``exit_code``, after
+    ``restarted`` consecutive restarts (``deploy.restart_policy.max_attempts`` caps them)."""
+    if service.restart_max_attempts is not None and restarted >= service.restart_max_attempts:
+        return False
     if service.restart in ("always", "unless-stopped"):
         return True
     if service.restart == "on-failure":
@@ -139,6 +142,7 @@ def plan(
                 removals.append(Remove(inst, _grace(spec, service, inst), "not desired"))
 
     for stack, spec in desired.items():
+        replaced: set[str] = set()  # services of this stack whose instance is replaced now
         for service in spec.services:
             key = (stack, service.name)
             want_hash = service.spec_hash()
@@ -147,19 +151,29 @@ def plan(
             for inst in instances:
                 if inst.spec_hash != want_hash:  # replaced right before its successor is created
                     starts.append(Remove(inst, service.stop_grace_period_s, "spec changed"))
+                    replaced.add(service.name)
+            again = [d for d, dep in service.dependencies.items() if dep.restart and d in replaced]
+            if again and current:  # depends_on ... restart: true: replaced with its dependency
+                for inst in current:
+                    starts.append(Remove(inst, service.stop_grace_period_s, f"{again[0]} replaced"))
+                current = []
+            if again or service.name in replaced:
+                replaced.add(service.name)
             # Keep the best current instance: a running one if there is one.
             current.sort(key=lambda i: (i.state != "running", i.id))
             for extra in current[1:]:
                 removals.append(Remove(extra, service.stop_grace_period_s, "duplicate"))
             record = restarts.get(key, RestartRecord())
             if not current:
+                if not _dependencies_ready(stack, spec, service, by_key):
+                    continue  # pending until its dependencies are healthy or done
                 if now >= record.next_allowed():
                     starts.append(Create(stack, service))
                 else:
                     waiting.add(key)
                 continue
             keep = current[0]
-            if keep.state == "exited" and wants_restart(service, keep.exit_code):
+            if keep.state == "exited" and wants_restart(service, keep.exit_code, record.count):
                 if now >= record.next_allowed():
                     starts.append(Start(stack, service, keep))
                 else:
@@ -178,6 +192,29 @@ def plan(
         reverse=True,
     )
     return Plan(tuple(removals) + tuple(starts), frozenset(waiting))
+
+
+def _dependencies_ready(
+    stack: str, spec: StackSpec, service: ServiceSpec, by_key: Mapping[ServiceKey, list[Observed]]
+) -> bool:
+    """Whether ``service`` may be created: each ``service_healthy`` dependency runs healthy and
+    each ``service_completed_successfully`` one exited 0 (at its current spec). A dependency
+    that is not ``required`` and has failed does not hold it back."""
+    for name, dep in service.dependencies.items():
+        if dep.condition == "service_started":
+            continue
+        other = spec.service(name)
+        if other is None:
+            continue
+        current = [i for i in by_key.get((stack, name), []) if i.spec_hash == other.spec_hash()]
+        if dep.condition == "service_healthy":
+            ready = any(i.state == "running" and i.health == "healthy" for i in current)
+        else:
+            ready = any(i.state == "exited" and i.exit_code == 0 for i in current)
+        failed = any(i.state == "exited" and i.exit_code not in (0, None) for i in current)
+        if not ready and not (failed and not dep.required):
+            return False
+    return True
 
 
 def _grace(spec: StackSpec | None, service: str, inst: Observed) -> float:
@@ -227,7 +264,9 @@ def status(
                 continue
             state_name: str = inst.state
             tail = None
-            if inst.state == "exited" and (key in waiting or wants_restart(svc, inst.exit_code)):
+            if inst.state == "exited" and (
+                key in waiting or wants_restart(svc, inst.exit_code, record.count)
+            ):
                 state_name = "restarting"
             if inst.state != "running" and record.count >= CRASH_LOOP_RESTARTS:
                 state_name = "failed"

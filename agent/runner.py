@@ -89,6 +89,7 @@ class Agent:
             key=load_or_create_key(config.data_dir),
             keepalive=config.keepalive,
             images=self.images,
+            host_access=config.host_access,
         )
         self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics

@@ -44,7 +44,7 @@ from tether.protocol.commands import (
     StacksStatus,
 )
 from tether.protocol.durations import format_duration, parse_duration
-from tether.protocol.errors import TetherError
+from tether.protocol.errors import RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
 from . import enroll, output, registries, remote, variables
@@ -877,8 +877,15 @@ def stacks_deploy(
     resolved = _resolve(file, more_files, env_files, env, profiles)
     text = dump_yaml(resolved.doc)
     shipped = tuple(f.wire() for _, f in sorted(resolved.files.items()))
+    label = " + ".join([*([file] if file else []), *more_files]) or "compose file"
     if dry_run:
-        _plan(client.request(StacksPlan(name=name, group=group, compose=text, files=shipped)), fmt)
+        try:
+            plan = client.request(StacksPlan(name=name, group=group, compose=text, files=shipped))
+        except RequestError as exc:
+            raise RequestError(f"{label}: {exc}") from exc
+        for warning in plan.get("warnings") or ():
+            click.echo(f"tether: warning: {label}: {warning}", err=True)
+        _plan(plan, fmt)
         return
     if healthy_deadline <= 0:
         raise TetherError("--healthy-deadline must be positive")
@@ -893,9 +900,14 @@ def stacks_deploy(
         auto_promote=auto_promote,
         stage_only=stage_only,
     )
-    result = client.request(
-        StacksDeploy(name=name, group=group, compose=text, files=shipped, strategy=rollout)
-    )
+    try:
+        result = client.request(
+            StacksDeploy(name=name, group=group, compose=text, files=shipped, strategy=rollout)
+        )
+    except RequestError as exc:
+        raise RequestError(f"{label}: {exc}") from exc  # the controller never saw the file's name
+    for warning in result.get("warnings") or ():
+        click.echo(f"tether: warning: {label}: {warning}", err=True)
     stack = result["stack"]
     if fmt == "table":
         verb = "deployed" if result["changed"] else "unchanged"

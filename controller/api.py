@@ -47,7 +47,7 @@ from tether.protocol.schedule import cron_error
 from tether.protocol.variables import stack_references
 
 from . import rollout
-from .compose import parse_stack
+from .compose import parse_stack_warnings
 from .models import Device, Group, Job, Stack
 from .registry import CommandRegistry
 from .scheduler import members
@@ -242,7 +242,7 @@ class RequestHandlers:
         if not names.NAME.ok(cmd.name):
             raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
         try:
-            spec, placement = parse_stack(cmd.compose, cmd.files)
+            spec, placement, warnings = parse_stack_warnings(cmd.compose, cmd.files)
         except ComposeError as exc:
             raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
         group = self.store.get_group(cmd.group)
@@ -304,6 +304,7 @@ class RequestHandlers:
             "changed": changed,
             "devices": targets,
             "deployment": deployment.id if deployment else None,
+            "warnings": warnings,
         }
 
     @commands.command(StacksPlan)
@@ -311,10 +312,11 @@ class RequestHandlers:
         """``stacks.deploy`` checked in full and compared with what runs, nothing stored."""
         errors: list[str] = []
         spec = placement = group = None
+        warnings: list[str] = []
         if not names.NAME.ok(cmd.name):
             errors.append(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
         try:
-            spec, placement = parse_stack(cmd.compose, cmd.files)
+            spec, placement, warnings = parse_stack_warnings(cmd.compose, cmd.files)
         except ComposeError as exc:
             errors.append(f"stack {cmd.name!r}: {exc}")
         group = self.store.get_group(cmd.group)
@@ -354,6 +356,7 @@ class RequestHandlers:
             "placement": placement.model_dump(mode="json"),
             "devices": targets,
             "services": services,
+            "warnings": warnings,
         }
 
     def _stack_view(self, stack: Stack) -> dict[str, Any]:

@@ -26,7 +26,14 @@ class TopicError(TetherError):
 
 
 class ComposeError(TetherError):
-    """A Compose file is invalid or uses a key Tether does not support."""
+    """A Compose file is invalid or uses a key Tether does not support.
+
+    ``problems`` lists every problem found (each naming the service and key); the message
+    says them all."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
 
 
 class ConfigError(TetherError):

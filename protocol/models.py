@@ -108,19 +108,37 @@ def stack_path_problem(path: str) -> str | None:
     return None
 
 
+def _unset(value: Any) -> bool:
+    """Fields added after schema v1 are left out of payloads (and content hashes) while unset,
+    so the hash of a stack written before they existed does not change."""
+    return not value
+
+
 class VolumeSpec(WireModel):
-    """A bind mount (absolute host path), a named volume, or (``stack``) a path in the
-    stack's own directory on the device (a relative bind mount in Compose: ``./data``).
+    """A bind mount (absolute host path), a named volume, an anonymous volume (``volume`` with
+    an empty ``source``: the service's own, kept across updates), a ``tmpfs`` (``source``
+    empty), or (``stack``) a path in the stack's own directory on the device (a relative bind
+    mount in Compose: ``./data``).
 
     For ``stack``, ``digest`` (absent when nothing is shipped there) is the SHA-256 of the
     files shipped under ``source`` (:attr:`StackSpec.files`), so the service is replaced
     when they change; the agent renders ``source`` to the absolute path on the device."""
 
-    type: Literal["bind", "volume", "stack"]
+    type: Literal["bind", "volume", "stack", "tmpfs"]
     source: str
     target: str
     read_only: bool = False
     digest: str | None = Field(default=None, exclude_if=lambda v: not v)
+    propagation: str | None = Field(default=None, exclude_if=_unset)
+    """Bind mounts: rprivate, private, rshared, shared, rslave or slave."""
+    selinux: Literal["z", "Z"] | None = Field(default=None, exclude_if=_unset)
+    strict: bool = Field(default=False, exclude_if=_unset)
+    """Bind mounts: the host path must exist (Compose's ``create_host_path: false``); by
+    default a missing one is created as a directory, as ``docker run -v`` does."""
+    nocopy: bool = Field(default=False, exclude_if=_unset)
+    subpath: str | None = Field(default=None, exclude_if=_unset)
+    tmpfs_size: int | None = Field(default=None, ge=0, exclude_if=_unset)
+    tmpfs_mode: int | None = Field(default=None, ge=0, le=0o7777, exclude_if=_unset)
 
     @model_validator(mode="after")
     def _stack_source(self) -> Self:
@@ -132,25 +150,110 @@ class VolumeSpec(WireModel):
 
 
 class HealthcheckSpec(WireModel):
-    """A Compose healthcheck, durations in seconds. ``test`` is in Docker's form."""
+    """A Compose healthcheck, durations in seconds. ``test`` is in Docker's form: ``("NONE",)``
+    disables the image's healthcheck; empty keeps the image's test with these timings."""
 
-    test: tuple[str, ...]
+    test: tuple[str, ...] = Field(default=(), exclude_if=_unset)
     interval_s: float = 30.0
     timeout_s: float = 30.0
     retries: int = 3
     start_period_s: float = 0.0
+    start_interval_s: float = Field(default=0.0, ge=0, exclude_if=_unset)
+
+
+class DeviceMapping(WireModel):
+    """A host device made available in a container (``devices``)."""
+
+    source: str = Field(min_length=1, max_length=1024)
+    target: str = Field(min_length=1, max_length=1024)
+    permissions: str = Field(default="rwm", pattern=r"^[rwm]{1,3}$")
+
+
+class Ulimit(WireModel):
+    name: str = Field(pattern=r"^[a-z]+$")
+    soft: int
+    hard: int
+
+
+class GpuRequest(WireModel):
+    """A device request (``deploy.resources.reservations.devices``, ``gpus``): GPUs and the like."""
+
+    driver: str | None = None
+    count: int | None = None
+    """How many devices; -1: all."""
+    device_ids: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ()
+    options: dict[str, str] = Field(default_factory=dict)
+
+
+class LoggingSpec(WireModel):
+    """A service's log driver and its options (``logging``)."""
+
+    driver: str = Field(default="json-file", min_length=1, max_length=64)
+    options: dict[str, str] = Field(default_factory=dict)
+
+
+class NetworkAttachment(WireModel):
+    """How a service joins one of the stack's networks (``services.X.networks.NET``)."""
+
+    aliases: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    ipv4_address: str | None = Field(default=None, exclude_if=_unset)
+    ipv6_address: str | None = Field(default=None, exclude_if=_unset)
+    mac_address: str | None = Field(default=None, exclude_if=_unset)
+    priority: int = Field(default=0, exclude_if=_unset)
+
+
+DependencyCondition = Literal["service_started", "service_healthy", "service_completed_successfully"]
+
+
+class Dependency(WireModel):
+    """A ``depends_on`` entry that asks for more than "started first"."""
+
+    condition: DependencyCondition = "service_started"
+    restart: bool = Field(default=False, exclude_if=_unset)
+    """Replace this service when the dependency is replaced."""
+    required: bool = True
+    """False: do not wait for a dependency that failed or is missing."""
+
+
+class IpamPool(WireModel):
+    subnet: str | None = None
+    ip_range: str | None = None
+    gateway: str | None = None
+    aux_addresses: dict[str, str] = Field(default_factory=dict)
+
+
+class NetworkSpec(WireModel):
+    """A top-level network of the stack. ``external``: an existing network, used by ``name``."""
+
+    name: str | None = Field(default=None, exclude_if=_unset)
+    external: bool = Field(default=False, exclude_if=_unset)
+    driver: str | None = Field(default=None, exclude_if=_unset)
+    driver_opts: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
+    internal: bool = Field(default=False, exclude_if=_unset)
+    attachable: bool = Field(default=False, exclude_if=_unset)
+    enable_ipv6: bool = Field(default=False, exclude_if=_unset)
+    ipam_driver: str | None = Field(default=None, exclude_if=_unset)
+    ipam_config: tuple[IpamPool, ...] = Field(default=(), exclude_if=_unset)
+    ipam_options: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
+    labels: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
+
+
+class VolumeOptions(WireModel):
+    """A top-level named volume's options. ``external``: an existing volume, used by ``name``;
+    ``name``: the engine's name for it (else ``tether-{device}-{stack}-{volume}``)."""
+
+    name: str | None = Field(default=None, exclude_if=_unset)
+    external: bool = Field(default=False, exclude_if=_unset)
+    driver: str | None = Field(default=None, exclude_if=_unset)
+    driver_opts: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
+    labels: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
 
 
 RestartPolicy = Literal["no", "always", "on-failure", "unless-stopped"]
 ChangeMode = Literal["restart", "signal", "noop"]
 
 CONFIG_NAME_PATTERN = names.CONFIG_NAME.pattern
-
-
-def _unset(value: Any) -> bool:
-    """Fields added after schema v1 are left out of payloads (and content hashes) while unset,
-    so the hash of a stack written before they existed does not change."""
-    return not value
 
 
 class ConfigMount(WireModel):
@@ -183,12 +286,79 @@ class ServiceSpec(HashedModel):
     ports: tuple[PortSpec, ...] = ()
     volumes: tuple[VolumeSpec, ...] = ()
     restart: RestartPolicy = "no"
-    network_mode: Literal["bridge", "host"] = "bridge"
+    network_mode: str = Field(
+        default="bridge", pattern=r"^(bridge|host|none|service:[a-z0-9][a-z0-9_.-]{0,62})$"
+    )
+    """``bridge``: the stack's networks (``networks``); ``host``; ``none``; ``service:NAME``."""
     labels: dict[str, str] = Field(default_factory=dict)
     healthcheck: HealthcheckSpec | None = None
     depends_on: tuple[str, ...] = ()
     stop_grace_period_s: float = Field(default=10.0, ge=0)
     configs: tuple[ConfigMount, ...] = Field(default=(), exclude_if=_unset)
+    # Added with issue 14 (docs/compose.md says how each is honoured); left out while unset.
+    dependencies: dict[str, Dependency] = Field(default_factory=dict, exclude_if=_unset)
+    """``depends_on`` entries with a condition other than ``service_started``, ``restart`` or
+    ``required: false`` (their names are in ``depends_on`` too)."""
+    container_name: str | None = Field(default=None, exclude_if=_unset)
+    """A name the stack's other services resolve (a network alias); the container itself keeps
+    Tether's name, so two devices or stacks on one engine cannot collide."""
+    hostname: str | None = Field(default=None, exclude_if=_unset)
+    domainname: str | None = Field(default=None, exclude_if=_unset)
+    user: str | None = Field(default=None, exclude_if=_unset)
+    working_dir: str | None = Field(default=None, exclude_if=_unset)
+    networks: dict[str, NetworkAttachment] = Field(default_factory=dict, exclude_if=_unset)
+    """The stack networks the service joins (empty: ``default``, the stack's own network)."""
+    links: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
+    """Service to the alias it is known by in this service."""
+    expose: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    privileged: bool = Field(default=False, exclude_if=_unset)
+    read_only: bool = Field(default=False, exclude_if=_unset)
+    init: bool = Field(default=False, exclude_if=_unset)
+    tty: bool = Field(default=False, exclude_if=_unset)
+    stdin_open: bool = Field(default=False, exclude_if=_unset)
+    cap_add: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    cap_drop: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    security_opt: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    devices: tuple[DeviceMapping, ...] = Field(default=(), exclude_if=_unset)
+    device_cgroup_rules: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    group_add: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    tmpfs: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
+    """Target path to tmpfs mount options (``size=64m,mode=1777``)."""
+    dns: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    dns_search: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    dns_opt: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    extra_hosts: tuple[str, ...] = Field(default=(), exclude_if=_unset)
+    """``host:address`` entries for /etc/hosts."""
+    sysctls: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
+    shm_size: int | None = Field(default=None, ge=0, exclude_if=_unset)
+    stop_signal: str | None = Field(default=None, pattern=r"^SIG[A-Z0-9+-]+$", exclude_if=_unset)
+    platform: str | None = Field(default=None, exclude_if=_unset)
+    pid: str | None = Field(default=None, exclude_if=_unset)
+    """``host``, or ``service:NAME`` (another service of the stack)."""
+    ipc: str | None = Field(default=None, exclude_if=_unset)
+    """``host``, ``private``, ``shareable``, ``none`` or ``service:NAME``."""
+    userns_mode: str | None = Field(default=None, exclude_if=_unset)
+    cgroup: str | None = Field(default=None, exclude_if=_unset)
+    runtime: str | None = Field(default=None, exclude_if=_unset)
+    mac_address: str | None = Field(default=None, exclude_if=_unset)
+    mem_limit: int | None = Field(default=None, ge=0, exclude_if=_unset)
+    mem_reservation: int | None = Field(default=None, ge=0, exclude_if=_unset)
+    memswap_limit: int | None = Field(default=None, ge=-1, exclude_if=_unset)
+    mem_swappiness: int | None = Field(default=None, ge=0, le=100, exclude_if=_unset)
+    oom_kill_disable: bool = Field(default=False, exclude_if=_unset)
+    oom_score_adj: int | None = Field(default=None, ge=-1000, le=1000, exclude_if=_unset)
+    cpus: float | None = Field(default=None, ge=0, exclude_if=_unset)
+    cpu_shares: int | None = Field(default=None, ge=0, exclude_if=_unset)
+    cpu_period: int | None = Field(default=None, ge=0, exclude_if=_unset)
+    cpu_quota: int | None = Field(default=None, ge=-1, exclude_if=_unset)
+    cpuset: str | None = Field(default=None, exclude_if=_unset)
+    pids_limit: int | None = Field(default=None, ge=-1, exclude_if=_unset)
+    ulimits: tuple[Ulimit, ...] = Field(default=(), exclude_if=_unset)
+    gpus: tuple[GpuRequest, ...] = Field(default=(), exclude_if=_unset)
+    logging: LoggingSpec | None = Field(default=None, exclude_if=_unset)
+    """None: the agent's rotating default (json-file, a few MB), never an unbounded log."""
+    restart_max_attempts: int | None = Field(default=None, ge=0, exclude_if=_unset)
+    """``deploy.restart_policy.max_attempts``: give up after this many restarts."""
 
     def spec_hash(self) -> str:
         """Content hash of this service: a container is replaced when it changes."""
@@ -222,9 +392,14 @@ class StackSpec(HashedModel):
     services: tuple[ServiceSpec, ...]
     volumes: tuple[str, ...] = ()
     configs: dict[str, str] = Field(default_factory=dict, exclude_if=_unset)
-    """Config file templates by name (``configs`` in Compose), rendered on the device."""
+    """Config file templates by name (``configs`` in Compose), rendered on the device. Compose
+    ``secrets`` are here too, named ``secret.NAME`` (mounted at ``/run/secrets/NAME``)."""
     files: tuple[StackFile, ...] = Field(default=(), max_length=MAX_STACK_FILES, exclude_if=_unset)
     """Files shipped with the stack, for its ``stack`` volumes (sorted by path)."""
+    networks: dict[str, NetworkSpec] = Field(default_factory=dict, exclude_if=_unset)
+    """Top-level networks (``default`` is the stack's own network, options or not)."""
+    volume_options: dict[str, VolumeOptions] = Field(default_factory=dict, exclude_if=_unset)
+    """Options of the named volumes in ``volumes`` that have any."""
 
     def spec_hash(self) -> str:
         """Content hash of the stack: names its definition topic."""

@@ -128,7 +128,7 @@ def test_every_supported_key_is_parsed(full: StackSpec) -> None:
     assert agent.restart == "on-failure"
     assert agent.depends_on == ("db",)
     assert cron.restart == "always"
-    assert cron.healthcheck is None
+    assert cron.healthcheck == HealthcheckSpec(test=("NONE",))  # the image's HEALTHCHECK is off
     assert full.volumes == ("cache", "data")
 
 
@@ -207,11 +207,11 @@ def test_same_content_same_hash_and_changed_command_another() -> None:
 @pytest.mark.parametrize(
     ("key", "value", "fragments"),
     [
-        ("build", ".", ("'web'", "build")),
-        ("privileged", "true", ("'web'", "unsupported key 'privileged'")),
-        ("cap_add", "[NET_ADMIN]", ("'web'", "unsupported key 'cap_add'")),
+        ("blkio_config", "{weight: 300}", ("'web'", "blkio_config", "not supported")),
+        ("cpu_count", "2", ("'web'", "cpu_count", "Windows only")),
         ("env_file", ".env", ("'web'", "env_file", "environment")),
-        ("networks", "[front]", ("'web'", "networks")),
+        ("volumes_from", "[db]", ("'web'", "volumes_from", "named volume")),
+        ("bogus", "1", ("'web'", "additional property 'bogus' not allowed")),
     ],
 )
 def test_unsupported_service_keys_are_rejected(key: str, value: str, fragments: tuple[str, ...]) -> None:
@@ -222,14 +222,18 @@ def test_unsupported_service_keys_are_rejected(key: str, value: str, fragments: 
 @pytest.mark.parametrize(
     ("text", "fragments"),
     [
-        ("services: {a: {image: x}}\nnetworks: {front: {}}\n", ("top-level", "networks")),
-        ("services: {a: {image: x}}\nsecrets: {}\n", ("top-level key 'secrets'",)),
-        ("services: {a: {image: x}}\nvolumes: {data: {driver: nfs}}\n", ("'data'", "driver")),
+        (
+            "services: {a: {image: x}}\nnetworks: {front: {external: true, driver: x}}\n",
+            ("'front'", "external"),
+        ),
+        ("services: {a: {image: x}}\nsecrets: {s: {external: true}}\n", ("secret 's'", "external")),
+        ("services: {a: {image: x}}\nvolumes: {data: {drivr: nfs}}\n", ("'data'", "'drivr' not allowed")),
+        ("services: {web: {build: .}}\n", ("'web'", "build without image", "prebuilt")),
         ("services: {web: {image: x, volumes: ['data:/data']}}\n", ("'web'", "'data'", "not declared")),
         ("services: {web: {image: x, volumes: ['../data:/data']}}\n", ("'web'", "'../data'", "outside")),
         ("services: {web: {image: x, volumes: ['~/data:/data']}}\n", ("'web'", "'~/data'", "tether CLI")),
-        ("services: {web: {image: x, volumes: ['/data:rel']}}\n", ("'web'", "absolute target")),
-        ("services: {web: {image: x, volumes: ['/anon']}}\n", ("'web'", "anonymous")),
+        ("services: {web: {image: x, volumes: ['/data:rel']}}\n", ("'web'", "volume option 'rel'")),
+        ("services: {web: {image: x, volumes: ['/a:/b:ro', '/c:/b']}}\n", ("'web'", "same target '/b'")),
         ("services: {web: {image: x, depends_on: [db]}}\n", ("'web'", "unknown service 'db'")),
         ("services: {web: {image: x, depends_on: [web]}}\n", ("'web'", "itself")),
         (
@@ -238,15 +242,15 @@ def test_unsupported_service_keys_are_rejected(key: str, value: str, fragments: 
             ("cycle", "a -> b -> c -> a"),
         ),
         (
-            "services: {web: {image: x, depends_on: {db: {condition: service_healthy}}}, db: {image: y}}\n",
-            ("'web'", "service_healthy"),
+            "services: {web: {image: x, depends_on: {db: {condition: service_ready}}}, db: {image: y}}\n",
+            ("'web'", "service_healthy", "service_ready"),
         ),
         ("services: {web: {image: x, stop_grace_period: 10x}}\n", ("'web'", "stop_grace_period", "10x")),
         ("services: {web: {image: x, stop_grace_period: -1}}\n", ("'web'", "negative")),
         ("services: {web: {image: x, healthcheck: {test: t, interval: soon}}}\n", ("'web'", "interval")),
         ("services: {web: {image: x, ports: ['http:80']}}\n", ("'web'", "ports", "http:80")),
         ("services: {web: {image: x, ports: ['70000:80']}}\n", ("'web'", "ports", "70000:80")),
-        ("services: {web: {image: x, ports: ['8000-8010:80']}}\n", ("'web'", "ranges")),
+        ("services: {web: {image: x, ports: ['8000-8010:80']}}\n", ("'web'", "range must be as long")),
         ("services: {web: {image: x, ports: [{published: 80}]}}\n", ("'web'", "invalid port")),
         (
             "services: {web: {image: x, network_mode: host, ports: ['80:80']}}\n",

@@ -104,10 +104,10 @@ def _unchanged(fleet: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     ("compose", "needles"),
     [
-        ("services:\n  app:\n    image: x\n    build: .\n", ["service 'app'", "build"]),
+        ("services:\n  app:\n    build: .\n", ["bad.yml: ", "service 'app'", "build without image"]),
         (
-            "services:\n  app:\n    image: x\n    privileged: true\n",
-            ["service 'app'", "unsupported key 'privileged'"],
+            "services:\n  app:\n    image: x\n    volumes_from: [db]\n",
+            ["service 'app'", "volumes_from", "named volume"],
         ),
         ("services:\n  app:\n    image: x\n    env_file: .env\n", ["service 'app'", "env_file"]),
         ("services:\n  app:\n    image: [unclosed\n", ["not valid YAML"]),

@@ -304,7 +304,7 @@ def test_compose_configs_short_and_long_syntax() -> None:
             ["service 'app'", "same target"],
         ),
         ("[a.conf, a.conf]", "{a.conf: {content: x}}", ["same target"]),
-        ("[{source: a.conf, bogus: 1}]", "{a.conf: {content: x}}", ["unsupported key 'bogus'"]),
+        ("[{source: a.conf, bogus: 1}]", "{a.conf: {content: x}}", ["'bogus' not allowed"]),
     ],
 )
 def test_compose_config_errors(service_configs: str, top_configs: str, fragments: list[str]) -> None:

@@ -34,13 +34,11 @@ from .base import (
     LABEL_STOP_GRACE,
     InstanceState,
     Observed,
-    instance_name,
 )
 from .docker_sdk import docker
+from .docker_spec import NetworkPlan, VolumePlan, plan_container
 
 log = logging.getLogger(__name__)
-
-_NS = 1_000_000_000
 
 
 def _float(text: str | None) -> float | None:
@@ -190,103 +188,125 @@ class DockerDriver:
         except docker.errors.DockerException:
             return None
 
-    def _ensure_network(self, stack: str) -> str:
-        name = f"tether-{self.device_id}-{stack}"
+    def _ensure_network(self, stack: str, net: NetworkPlan) -> str:
+        """The engine's id of one of the stack's networks, created if it is the stack's own."""
         try:
-            existing = self.client.networks.list(names=[name])
-            if not any(n.name == name for n in existing):
-                self.client.networks.create(name, driver="bridge", labels=self._labels(stack))
+            existing = [n for n in self.client.networks.list(names=[net.name]) if n.name == net.name]
+            if net.spec.external:
+                if not existing:
+                    raise DriverError(
+                        f"network {net.key}: the external network {net.name!r} does not exist on this device"
+                    )
+                return str(existing[0].id)
+            if existing:
+                labels = existing[0].attrs.get("Labels") or {}
+                owner = (labels.get(LABEL_DEVICE), labels.get(LABEL_STACK))
+                if not net.spec.name and owner != (self.device_id, stack):
+                    raise DriverError(
+                        f"network {net.key}: {net.name!r} exists and belongs to {owner[1] or 'something else'} "
+                        f"on {owner[0] or 'this engine'}"
+                    )
+                return str(existing[0].id)
+            ipam = None
+            if net.spec.ipam_driver or net.spec.ipam_config or net.spec.ipam_options:
+                ipam = docker.types.IPAMConfig(
+                    driver=net.spec.ipam_driver or "default",
+                    pool_configs=[
+                        docker.types.IPAMPool(
+                            subnet=p.subnet,
+                            iprange=p.ip_range,
+                            gateway=p.gateway,
+                            aux_addresses=p.aux_addresses or None,
+                        )
+                        for p in net.spec.ipam_config
+                    ],
+                    options=net.spec.ipam_options or None,
+                )
+            created = self.client.networks.create(
+                net.name,
+                driver=net.spec.driver or "bridge",
+                options=net.spec.driver_opts or None,
+                ipam=ipam,
+                internal=net.spec.internal,
+                enable_ipv6=net.spec.enable_ipv6,
+                attachable=net.spec.attachable or None,
+                labels={**net.spec.labels, **self._labels(stack)},
+            )
+            return str(created.id)
         except docker.errors.DockerException as exc:
-            raise _error(f"create network {name}", exc) from exc
-        return name
-
-    def _volume_name(self, stack: str, volume: str) -> str:
-        return f"tether-{self.device_id}-{stack}-{volume}"
+            raise _error(f"create network {net.name}", exc) from exc
 
     def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
         if not service.image:
             raise DriverError(f"service {service.name}: no image (the docker driver needs one)")
+        for mount in service.configs:
+            if mount.host_path is None:
+                raise DriverError(f"service {service.name}: config {mount.source} was not rendered")
         self._ensure_image(service.image)
         labels = dict(service.labels)
         labels.update(self._labels(stack))
         labels[LABEL_SERVICE] = service.name
         labels[LABEL_SPEC_HASH] = service.spec_hash()
         labels[LABEL_STOP_GRACE] = f"{service.stop_grace_period_s:g}"
-        kwargs: dict[str, Any] = {
-            "name": instance_name(self.device_id, stack, service.name),
-            "labels": labels,
-            "detach": True,
-            "environment": dict(service.environment),
-            "stop_signal": "SIGTERM",
-        }
-        if service.command is not None:
-            kwargs["command"] = list(service.command)
-        if service.entrypoint is not None:
-            kwargs["entrypoint"] = list(service.entrypoint)
-        if service.network_mode == "host":
-            kwargs["network_mode"] = "host"
-        else:
-            network = self._ensure_network(stack)
-            kwargs["network"] = network
-            kwargs["networking_config"] = {
-                network: self.client.api.create_endpoint_config(aliases=[service.name])
-            }
-            ports: dict[str, Any] = {}
-            for p in service.ports:
-                key = f"{p.container}/{p.protocol}"
-                host: Any = p.host
-                if p.host_ip:
-                    host = (p.host_ip, p.host) if p.host else (p.host_ip,)
-                ports[key] = host
-            kwargs["ports"] = ports
-        volumes: dict[str, dict[str, str]] = {}
-        for v in service.volumes:
-            if v.type == "stack" and not v.source.startswith("/"):
-                raise DriverError(
-                    f"service {service.name}: volume {v.source} was not placed in the stack's directory"
-                )
-            source = v.source if v.type in ("bind", "stack") else self._volume_name(stack, v.source)
-            if v.type == "volume":
-                self._ensure_volume(stack, source)
-            volumes[source] = {"bind": v.target, "mode": "ro" if v.read_only else "rw"}
-        if volumes:
-            kwargs["volumes"] = volumes
-        mounts = []
-        for mount in service.configs:  # rendered on the device (see protocol/variables.py)
-            if mount.host_path is None:
-                raise DriverError(f"service {service.name}: config {mount.source} was not rendered")
-            mounts.append(docker.types.Mount(mount.target, mount.host_path, type="bind", read_only=True))
-        if mounts:  # one file may be mounted at several targets: `volumes` is keyed by source
-            kwargs["mounts"] = mounts
-        if service.healthcheck is not None:
-            hc = service.healthcheck
-            kwargs["healthcheck"] = {
-                "test": list(hc.test),
-                "interval": int(hc.interval_s * _NS),
-                "timeout": int(hc.timeout_s * _NS),
-                "retries": hc.retries,
-                "start_period": int(hc.start_period_s * _NS),
-            }
+        plan = plan_container(self.device_id, stack, stack_spec, service, labels)
+        for volume in plan.volumes:
+            self._ensure_volume(stack, volume)
+        joins = [(net, self._ensure_network(stack, net)) for net in plan.networks]
+        api = self.client.api
+        kwargs = dict(plan.create)
         try:
-            container = self.client.containers.create(service.image, **kwargs)
+            if joins:
+                first, _ = joins[0]
+                kwargs["networking_config"] = api.create_networking_config(
+                    {first.name: api.create_endpoint_config(**self._endpoint(first))}
+                )
+            kwargs["host_config"] = api.create_host_config(
+                network_mode=plan.host.pop("network_mode", joins[0][0].name if joins else None), **plan.host
+            )
+            image = kwargs.pop("image")
+            container_id = api.create_container(image, **kwargs)["Id"]
         except docker.errors.DockerException as exc:
             raise _error(f"create {stack}/{service.name}", exc) from exc
         try:
-            container.start()
+            for net, net_id in joins[1:]:  # the engine joins one network at create (API < 1.44)
+                api.connect_container_to_network(container_id, net_id, **self._endpoint(net))
+            api.start(container_id)
         except docker.errors.DockerException as exc:
             # Leave nothing half-made: a container that cannot start is removed again.
             try:
-                container.remove(force=True)
+                api.remove_container(container_id, force=True)
             except docker.errors.DockerException:
-                log.warning("could not remove failed container %s", container.id)
+                log.warning("could not remove failed container %s", container_id)
             raise _error(f"start {stack}/{service.name}", exc) from exc
 
-    def _ensure_volume(self, stack: str, name: str) -> None:
+    @staticmethod
+    def _endpoint(net: NetworkPlan) -> dict[str, Any]:
+        out: dict[str, Any] = {"aliases": net.aliases}
+        if net.links:
+            out["links"] = net.links
+        if net.attachment.ipv4_address:
+            out["ipv4_address"] = net.attachment.ipv4_address
+        if net.attachment.ipv6_address:
+            out["ipv6_address"] = net.attachment.ipv6_address
+        return out
+
+    def _ensure_volume(self, stack: str, volume: VolumePlan) -> None:
+        name, options = volume.name, volume.options
         try:
             self.client.volumes.get(name)
         except docker.errors.NotFound:
+            if options.external:
+                raise DriverError(f"the external volume {name!r} does not exist on this device") from None
+            labels = {**options.labels, **self._labels(stack)}
+            if volume.anonymous:
+                labels["io.tether.anonymous"] = "true"
             try:
-                self.client.volumes.create(name, labels=self._labels(stack))
+                self.client.volumes.create(
+                    name,
+                    driver=options.driver or "local",
+                    driver_opts=options.driver_opts or None,
+                    labels=labels,
+                )
             except docker.errors.DockerException as exc:
                 raise _error(f"create volume {name}", exc) from exc
         except docker.errors.DockerException as exc:

@@ -12,6 +12,12 @@ bind mounts and networks do not apply (every process shares the host network, li
 A record that cannot be written (a full disk, a read-only file system) is kept in memory,
 used as if written, and written at the next :meth:`ProcessDriver.observe` that can: the
 processes stay supervised; only an agent restart before then loses track of them.
+
+Of the other Compose keys, what applies to a process is applied: ``user`` (and ``group_add``;
+the agent must run as root to switch), ``working_dir``, ``environment``, ``stop_signal``,
+``stop_grace_period``, ``ulimits``, ``healthcheck``, ``restart``, ``depends_on``, ``configs``
+and ``secrets``. A stack using a key that only means something for a container is refused on
+the device, naming every such key (:meth:`ProcessDriver.unsupported`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import codecs
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import threading
@@ -35,6 +42,8 @@ from tether.protocol.models import HealthcheckSpec, HealthState, JobSpec, Servic
 from .base import HEALTH_OUTPUT_CHARS, Observed
 
 log = logging.getLogger(__name__)
+
+_SIGTERM = signal.SIGTERM
 
 FOLLOW_POLL_S = 0.25
 """How often a followed log file is checked for growth."""
@@ -59,8 +68,77 @@ def _proc_start_ticks(pid: int) -> int | None:
         return None
 
 
+CONTAINER_ONLY = (
+    "container_name",
+    "hostname",
+    "domainname",
+    "networks",
+    "links",
+    "expose",
+    "privileged",
+    "read_only",
+    "init",
+    "tty",
+    "stdin_open",
+    "cap_add",
+    "cap_drop",
+    "security_opt",
+    "devices",
+    "device_cgroup_rules",
+    "tmpfs",
+    "dns",
+    "dns_search",
+    "dns_opt",
+    "extra_hosts",
+    "sysctls",
+    "shm_size",
+    "platform",
+    "pid",
+    "ipc",
+    "userns_mode",
+    "cgroup",
+    "runtime",
+    "mac_address",
+    "mem_limit",
+    "mem_reservation",
+    "memswap_limit",
+    "mem_swappiness",
+    "oom_kill_disable",
+    "oom_score_adj",
+    "cpus",
+    "cpu_shares",
+    "cpu_period",
+    "cpu_quota",
+    "cpuset",
+    "pids_limit",
+    "gpus",
+    "logging",
+)
+"""ServiceSpec fields that only a container runtime can apply."""
+
+
 class ProcessDriver:
     """Runs services as host processes, supervised by the agent."""
+
+    def unsupported(self, spec: StackSpec) -> list[str]:
+        """The keys of ``spec`` a host process cannot honour, each naming service and key."""
+        out = []
+        for service in spec.services:
+            keys = [k for k in CONTAINER_ONLY if getattr(service, k)]
+            keys += [
+                f"ulimits.{u.name}"
+                for u in service.ulimits
+                if not hasattr(resource, f"RLIMIT_{u.name.upper()}")
+            ]
+            keys += [f"volumes {v.target}" for v in service.volumes if v.type != "bind" and not v.source]
+            if service.network_mode not in ("bridge", "host"):
+                keys.append(f"network_mode: {service.network_mode}")
+            if keys:
+                out.append(
+                    f"service {service.name!r}: {', '.join(keys)}: not for a host process (process driver); "
+                    "run the stack on a docker device"
+                )
+        return out
 
     name = "process"
 
@@ -176,6 +254,19 @@ class ProcessDriver:
         log_path = self.dir / f"{stack}.{service.name}.log"
         workdir = self.dir.parent / "work" / stack / service.name
         workdir.mkdir(parents=True, exist_ok=True)
+        user: dict[str, Any] = {}
+        if service.user:
+            name, _, group = service.user.partition(":")
+            user["user"] = int(name) if name.isdigit() else name
+            if group:
+                user["group"] = int(group) if group.isdigit() else group
+        if service.group_add:
+            user["extra_groups"] = [int(g) if g.isdigit() else g for g in service.group_add]
+        limits = [
+            (getattr(resource, f"RLIMIT_{u.name.upper()}"), u.soft, u.hard)
+            for u in service.ulimits
+            if hasattr(resource, f"RLIMIT_{u.name.upper()}")
+        ]
         links = [(m.target, m.host_path, f"config {m.source}") for m in service.configs]
         # Relative bind mounts (the stack's directory) apply to a process too; other volumes do not.
         links += [(v.target, v.source, f"volume {v.source}") for v in service.volumes if v.type == "stack"]
@@ -204,15 +295,22 @@ class ProcessDriver:
                 child = subprocess.Popen(
                     argv,
                     env=env,
-                    cwd=workdir,
+                    cwd=service.working_dir or workdir,
                     stdin=subprocess.DEVNULL,
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    **user,
                 )
-        except OSError as exc:
+        except (OSError, KeyError, ValueError, subprocess.SubprocessError) as exc:
             raise DriverError(f"start {stack}/{service.name}: {exc}") from exc
         self._children[child.pid] = child
+        try:  # set on the new process at once (no preexec_fn: unsafe in a threaded agent)
+            for which, soft, hard in limits:
+                resource.prlimit(child.pid, which, (soft, hard))
+        except (OSError, ValueError) as exc:
+            self._terminate(child.pid, 0)
+            raise DriverError(f"start {stack}/{service.name}: ulimits: {exc}") from exc
         record = {
             "device": self.device_id,
             "stack": stack,
@@ -224,6 +322,7 @@ class ProcessDriver:
             "exit_code": None,
             "started_at": time.time(),
             "stop_grace": service.stop_grace_period_s,
+            "stop_signal": service.stop_signal or "SIGTERM",
             "healthcheck": service.healthcheck.model_dump(mode="json") if service.healthcheck else None,
         }
         self._save(self._record_path(stack, service.name), record)
@@ -251,7 +350,9 @@ class ProcessDriver:
             pid = int(rec.get("pid", 0))
             ticks = rec.get("start_ticks")
             if pid > 0 and ticks is not None and _proc_start_ticks(pid) == ticks:
-                self._terminate(pid, grace)
+                self._terminate(
+                    pid, grace, getattr(signal, rec.get("stop_signal") or "SIGTERM", signal.SIGTERM)
+                )
             elif (child := self._children.pop(pid, None)) is not None:
                 child.poll()  # reap it
         self._unsaved.pop(path, None)
@@ -267,9 +368,9 @@ class ProcessDriver:
         else:
             self._deleted.discard(path)
 
-    def _terminate(self, pid: int, grace: float) -> None:
+    def _terminate(self, pid: int, grace: float, stop_signal: int = _SIGTERM) -> None:
         try:
-            os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, stop_signal)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace
