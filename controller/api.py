@@ -14,8 +14,7 @@ import logging
 import uuid
 from typing import Any
 
-from pydantic import ValidationError
-from tether.protocol import codec, names, topics
+from tether.protocol import codec, names
 from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
@@ -24,11 +23,6 @@ from tether.protocol.commands import (
     DevicesList,
     DevicesShow,
     DevicesTop,
-    GroupsCreate,
-    GroupsList,
-    GroupsRemove,
-    GroupsShow,
-    GroupsTrust,
     JobsList,
     JobsLogs,
     JobsRemove,
@@ -48,10 +42,10 @@ from tether.protocol.variables import stack_references
 
 from . import rollout
 from .compose import parse_stack_warnings
-from .models import Device, Group, Job, Stack
+from .models import Device, Job, Stack
 from .registry import CommandRegistry
 from .scheduler import members
-from .selectors import Attributes, check_labels, parse_selector
+from .selectors import Attributes, check_labels
 
 log = logging.getLogger(__name__)
 commands = CommandRegistry()
@@ -63,7 +57,7 @@ class RequestHandlers:
 
     # --- views ---
 
-    def _all_devices(self) -> dict[str, Device]:
+    def all_devices(self) -> dict[str, Device]:
         """Devices heard from, plus devices named by groups or desired states but never seen."""
         devices = {d.id: d for d in self.store.list_devices()}
         for record in self.store.list_desired():
@@ -98,18 +92,18 @@ class RequestHandlers:
 
     @commands.command(DevicesList, read_only=True)
     def _devices_ls(self, cmd: DevicesList) -> Any:
-        return {"devices": [self._device_view(d) for d in self._all_devices().values()]}
+        return {"devices": [self._device_view(d) for d in self.all_devices().values()]}
 
     @commands.command(DevicesShow, read_only=True)
     def _devices_show(self, cmd: DevicesShow) -> Any:
-        device = self._all_devices().get(cmd.device_id)
+        device = self.all_devices().get(cmd.device_id)
         if device is None:
             raise StoreError(f"unknown device {cmd.device_id!r}")
         return {"device": self._device_view(device, full=True)}
 
     @commands.command(DevicesTop)
     def _devices_top(self, cmd: DevicesTop) -> Any:
-        devices = self._all_devices()
+        devices = self.all_devices()
         for device_id in cmd.device_ids:
             if device_id not in devices:
                 raise StoreError(f"unknown device {device_id!r}")
@@ -129,7 +123,7 @@ class RequestHandlers:
     def _devices_label(self, cmd: DevicesLabel) -> Any:
         """Operator labels: trusted, so selector groups match them. Removing a key also
         removes it where the device's enrollment pinned it."""
-        device = self._all_devices().get(cmd.device_id)
+        device = self.all_devices().get(cmd.device_id)
         if device is None and (cred := self.store.get_credential(cmd.device_id)) is not None:
             device = Device(id=cmd.device_id) if cred.device_id == cmd.device_id else None
         if device is None:
@@ -147,95 +141,10 @@ class RequestHandlers:
             self.sync()
         else:
             self.sync({cmd.device_id})
-        return {"device": self._device_view(self._all_devices()[cmd.device_id])}
+        return {"device": self._device_view(self.all_devices()[cmd.device_id])}
 
-    def _labels(self) -> dict[str, Attributes]:
+    def labels(self) -> dict[str, Attributes]:
         return {d.id: d.attributes() for d in self.store.list_devices()}
-
-    def _group_view(self, group: Group) -> dict[str, Any]:
-        return {
-            "name": group.name,
-            "kind": group.kind,
-            "devices": list(group.devices),
-            "selector": group.selector,
-            "trust_device_labels": group.trust_device_labels,
-            "members": members(group, self._labels()),
-            "stacks": [s.name for s in self.store.list_stacks() if s.group == group.name],
-        }
-
-    @commands.command(GroupsCreate)
-    def _groups_create(self, cmd: GroupsCreate) -> Any:
-        if bool(cmd.devices) == bool(cmd.selector):
-            raise StoreError("a group needs either devices or a selector (not both)")
-        if cmd.selector:
-            parse_selector(cmd.selector)
-        if cmd.trust_device_labels and not cmd.selector:
-            raise StoreError("only a selector group can trust device labels")
-        for device_id in cmd.devices:
-            topics.check_device_id(device_id)
-        try:
-            group = Group(
-                name=cmd.name,
-                devices=tuple(sorted(set(cmd.devices))),
-                selector=cmd.selector,
-                trust_device_labels=cmd.trust_device_labels,
-                created=self.clock(),
-            )
-        except ValidationError as exc:
-            raise StoreError(
-                f"invalid group name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')"
-            ) from exc
-        with self.store.transaction():
-            self.store.create_group(group)
-            self._recompute()
-        self.publish_pending()
-        return {"group": self._group_view(group)}
-
-    @commands.command(GroupsTrust)
-    def _groups_trust(self, cmd: GroupsTrust) -> Any:
-        """Whether a selector group matches what devices report about themselves: recomputed at once."""
-        group = self.store.get_group(cmd.name)
-        if group is None:
-            raise StoreError(f"unknown group {cmd.name!r}")
-        if group.selector is None:
-            raise StoreError(f"group {cmd.name!r} is static: only a selector group can trust device labels")
-        if group.trust_device_labels != cmd.trust:
-            with self.store.transaction():
-                self.store.delete_group(group.name)
-                self.store.create_group(group.model_copy(update={"trust_device_labels": cmd.trust}))
-                self._recompute()
-            self.publish_pending()
-            log.warning(
-                "group %s: %s",
-                group.name,
-                "its selector now also matches labels and facts devices report"
-                if cmd.trust
-                else "its selector now matches only labels set by an operator or at enrollment",
-            )
-        return {"group": self._group_view(self.store.get_group(cmd.name) or group)}
-
-    @commands.command(GroupsList, read_only=True)
-    def _groups_ls(self, cmd: GroupsList) -> Any:
-        return {"groups": [self._group_view(g) for g in self.store.list_groups()]}
-
-    @commands.command(GroupsShow, read_only=True)
-    def _groups_show(self, cmd: GroupsShow) -> Any:
-        group = self.store.get_group(cmd.name)
-        if group is None:
-            raise StoreError(f"unknown group {cmd.name!r}")
-        return {"group": self._group_view(group)}
-
-    @commands.command(GroupsRemove)
-    def _groups_rm(self, cmd: GroupsRemove) -> Any:
-        group = self.store.get_group(cmd.name)
-        if group is None:
-            raise StoreError(f"unknown group {cmd.name!r}")
-        used = [s.name for s in self.store.list_stacks() if s.group == cmd.name]
-        if used:
-            raise StoreError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")
-        with self.store.transaction():
-            self.store.delete_group(cmd.name)
-        return {"removed": cmd.name}
 
     @commands.command(StacksDeploy)
     def _stacks_deploy(self, cmd: StacksDeploy) -> Any:
@@ -255,7 +164,7 @@ class RequestHandlers:
             )
         refs = stack_references(spec)
         if refs:  # every device it goes to must have a value for every reference
-            self.check_stack_variables(cmd.name, refs, members(group, self._labels()), cmd.group)  # type: ignore[attr-defined]
+            self.check_stack_variables(cmd.name, refs, members(group, self.labels()), cmd.group)  # type: ignore[attr-defined]
         spec_hash = spec.spec_hash()
         size = len(codec.encode(StackDefinition(spec_hash=spec_hash, spec=spec)))
         if size > codec.MAX_PAYLOAD:  # it could never be sent to a device (YAML aliases expand)
@@ -288,7 +197,7 @@ class RequestHandlers:
                 if new_version:
                     from_hash = existing.spec_hash if existing is not None else None
                     deployment = self._start_deployment(stack, from_hash, cmd.strategy)
-                self._recompute()
+                self.recompute()
             self.publish_pending()
         else:
             stack = existing  # type: ignore[assignment]
@@ -329,7 +238,7 @@ class RequestHandlers:
             )
         if spec is not None and group is not None and (refs := stack_references(spec)):
             try:
-                self.check_stack_variables(cmd.name, refs, members(group, self._labels()), cmd.group)  # type: ignore[attr-defined]
+                self.check_stack_variables(cmd.name, refs, members(group, self.labels()), cmd.group)  # type: ignore[attr-defined]
             except StoreError as exc:
                 errors.append(str(exc))
         if errors or spec is None or placement is None or group is None:
@@ -384,7 +293,7 @@ class RequestHandlers:
 
     def _stack_devices(self, name: str, spec_hash: str | None) -> list[dict[str, Any]]:
         """Per device that should run (or still runs) stack ``name``: where it stands."""
-        devices = self._all_devices()
+        devices = self.all_devices()
         latest = self.store.latest_deployments().get(name)
         rows = []
         for record in self.store.list_desired():
@@ -452,7 +361,7 @@ class RequestHandlers:
             raise StoreError(f"job {job.name!r} already exists; remove it first")
         with self.store.transaction():
             self.store.put_job(job)
-            self._recompute()
+            self.recompute()
         self.publish_pending()
         return {"job": self._job_view(job)}
 
@@ -535,7 +444,7 @@ class RequestHandlers:
     def _jobs_status(self, cmd: JobsStatus) -> Any:
         job = self._job(cmd.name)
         group = self.store.get_group(job.group)
-        targets = members(group, self._labels()) if group else []
+        targets = members(group, self.labels()) if group else []
         latest = self._latest_results(job.name)
         rows = []
         for device_id in sorted(set(targets) | set(latest)):
@@ -559,7 +468,7 @@ class RequestHandlers:
         self._job(cmd.name)
         with self.store.transaction():
             self.store.delete_job(cmd.name)
-            self._recompute()
+            self.recompute()
         self.publish_pending()
         return {"removed": cmd.name}
 
@@ -643,7 +552,7 @@ class RequestHandlers:
                 )
                 self.store.put_stack(reverted)
                 new = self._start_deployment(reverted, stack.spec_hash, d.strategy)
-                self._recompute()
+                self.recompute()
             self.publish_pending()
             return {"deployment": self._deployment_view(new)}
         if latest is None or latest.id != d.id or not d.active:
@@ -674,6 +583,6 @@ class RequestHandlers:
             raise StoreError(f"unknown stack {cmd.name!r}")
         with self.store.transaction():
             self.store.delete_stack(cmd.name)
-            self._recompute()
+            self.recompute()
         self.publish_pending()
         return {"removed": cmd.name}

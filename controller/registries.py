@@ -199,5 +199,5 @@ class RegistryHandlers:
             if delete is not None:
                 self.store.delete_registry(*delete)
             self._registries = None
-            self._recompute()  # type: ignore[attr-defined]
+            self.recompute()  # type: ignore[attr-defined]
         self.publish_pending()  # type: ignore[attr-defined]

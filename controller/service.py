@@ -56,8 +56,9 @@ from tether.protocol.models import (
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
-from . import api, enrollment, registries, rollout, security, variables
+from . import api, enrollment, groups, registries, rollout, security, variables
 from .api import RequestHandlers
+from .context import Context
 from .enrollment import EnrollmentHandlers
 from .lease import Lease
 from .models import DesiredRecord, Device, Stack
@@ -176,7 +177,12 @@ class Seen:
 
 
 COMMANDS = CommandRegistry.of(
-    api.commands, security.commands, enrollment.commands, variables.commands, registries.commands
+    api.commands,
+    groups.commands,
+    security.commands,
+    enrollment.commands,
+    variables.commands,
+    registries.commands,
 )
 """Every command the controller answers, with its handler (see :mod:`.registry`)."""
 
@@ -376,7 +382,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
     def refresh_metrics(self) -> None:
         """Recompute the gauges that need the store (on the worker thread)."""
         counts = {"online": 0, "offline": 0, "unknown": 0, "never seen": 0}
-        for device in self._all_devices().values():
+        for device in self.all_devices().values():
             counts[device.status] = counts.get(device.status, 0) + 1
         for presence, n in counts.items():
             self.metrics.devices.labels(presence=presence).set(n)
@@ -448,7 +454,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if group is None:
             return []
         if attributes is None:
-            attributes = self._labels()
+            attributes = self.labels()
         return eligible(stack, members(group, attributes), attributes)
 
     def _fleet_view(self) -> dict[str, Seen]:
@@ -833,10 +839,10 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
     def sync(self, device_ids: set[str] | None = None) -> None:
         """Recompute desired states (of ``device_ids``, or all), store changes, publish."""
         with self.store.transaction():
-            self._recompute(device_ids)
+            self.recompute(device_ids)
         self.publish_pending(device_ids)
 
-    def _recompute(self, device_ids: set[str] | None = None) -> None:
+    def recompute(self, device_ids: set[str] | None = None) -> None:
         """Give every device whose stacks changed the next generation (in the caller's transaction).
 
         With ``device_ids`` only those devices are looked at: a device that appears or
@@ -1164,7 +1170,8 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
 
     def execute(self, command: CommandModel) -> Any:
         """Carry out one command; return its result (plain data) or raise a TetherError."""
-        return COMMANDS.handler(command).run(self, command)
+        ctx: Context = self  # what handlers may use of the controller (checked by mypy)
+        return COMMANDS.handler(command).run(ctx, command)
 
     def _on_request(self, payload: bytes) -> None:
         try:

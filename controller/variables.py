@@ -431,5 +431,5 @@ class VariableHandlers:
             for scope, path in delete:
                 self.store.delete_variable(scope, path)
             self._variables = None
-            self._recompute()  # type: ignore[attr-defined]
+            self.recompute()  # type: ignore[attr-defined]
         self.publish_pending()  # type: ignore[attr-defined]

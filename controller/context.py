@@ -1,0 +1,47 @@
+"""What a command handler may use of the running controller: :class:`Context`.
+
+Handlers are plain functions ``handler(ctx, command) -> result`` grouped by domain
+(controller/groups.py, ...), registered once in their module's
+:class:`~.registry.CommandRegistry`. They reach the controller only through this
+interface: the state store, the clock, and the scheduling that turns stored changes into
+published desired states. :class:`~.service.Controller` implements it; a unit test passes
+a controller on a real SQLite store with a recording publisher (tests/unit/).
+
+Writing a handler: read and validate first (raise a ``TetherError`` naming what is wrong,
+before anything is written), then write inside ``ctx.store.transaction()`` and call
+``ctx.recompute()`` in the same transaction when devices' desired states may change, then
+``ctx.publish_pending()`` once it is committed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from .models import Device
+from .selectors import Attributes
+from .store import Store
+
+
+class Context(Protocol):
+    """The controller, as its command handlers see it (see the module docstring)."""
+
+    store: Store
+    clock: Callable[[], float]
+    """Wall-clock seconds (injected: tests move it by hand)."""
+
+    def recompute(self, device_ids: set[str] | None = None) -> None:
+        """Give every device (of ``device_ids``) whose stacks, jobs or bindings changed the next
+        generation, in the caller's transaction."""
+
+    def publish_pending(self, device_ids: set[str] | None = None) -> None:
+        """Publish what the broker does not have yet (after the transaction is committed)."""
+
+    def sync(self, device_ids: set[str] | None = None) -> None:
+        """:meth:`recompute` in a transaction of its own, then :meth:`publish_pending`."""
+
+    def labels(self) -> dict[str, Attributes]:
+        """Every device's attributes (labels, with their provenance, and facts), by device id."""
+
+    def all_devices(self) -> dict[str, Device]:
+        """Devices heard from, plus those named by groups or desired states but never seen."""

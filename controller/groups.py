@@ -1,0 +1,113 @@
+"""Groups: static (a list of device ids) or selected by labels (``groups.*`` commands)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from tether.protocol import topics
+from tether.protocol.commands import GroupsCreate, GroupsList, GroupsRemove, GroupsShow, GroupsTrust
+from tether.protocol.errors import StoreError
+
+from .context import Context
+from .models import Group
+from .registry import CommandRegistry
+from .scheduler import members
+from .selectors import parse_selector
+
+log = logging.getLogger(__name__)
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
+
+
+def group_view(ctx: Context, group: Group) -> dict[str, Any]:
+    """A group as replies show it: its members now, and the stacks deployed to it."""
+    return {
+        "name": group.name,
+        "kind": group.kind,
+        "devices": list(group.devices),
+        "selector": group.selector,
+        "trust_device_labels": group.trust_device_labels,
+        "members": members(group, ctx.labels()),
+        "stacks": [s.name for s in ctx.store.list_stacks() if s.group == group.name],
+    }
+
+
+@commands.command(GroupsCreate)
+def groups_create(ctx: Context, cmd: GroupsCreate) -> Any:
+    if bool(cmd.devices) == bool(cmd.selector):
+        raise StoreError("a group needs either devices or a selector (not both)")
+    if cmd.selector:
+        parse_selector(cmd.selector)
+    if cmd.trust_device_labels and not cmd.selector:
+        raise StoreError("only a selector group can trust device labels")
+    for device_id in cmd.devices:
+        topics.check_device_id(device_id)
+    try:
+        group = Group(
+            name=cmd.name,
+            devices=tuple(sorted(set(cmd.devices))),
+            selector=cmd.selector,
+            trust_device_labels=cmd.trust_device_labels,
+            created=ctx.clock(),
+        )
+    except ValidationError as exc:
+        raise StoreError(
+            f"invalid group name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')"
+        ) from exc
+    with ctx.store.transaction():
+        ctx.store.create_group(group)
+        ctx.recompute()
+    ctx.publish_pending()
+    return {"group": group_view(ctx, group)}
+
+
+@commands.command(GroupsTrust)
+def groups_trust(ctx: Context, cmd: GroupsTrust) -> Any:
+    """Whether a selector group matches what devices report about themselves: recomputed at once."""
+    group = ctx.store.get_group(cmd.name)
+    if group is None:
+        raise StoreError(f"unknown group {cmd.name!r}")
+    if group.selector is None:
+        raise StoreError(f"group {cmd.name!r} is static: only a selector group can trust device labels")
+    if group.trust_device_labels != cmd.trust:
+        with ctx.store.transaction():
+            ctx.store.delete_group(group.name)
+            ctx.store.create_group(group.model_copy(update={"trust_device_labels": cmd.trust}))
+            ctx.recompute()
+        ctx.publish_pending()
+        log.warning(
+            "group %s: %s",
+            group.name,
+            "its selector now also matches labels and facts devices report"
+            if cmd.trust
+            else "its selector now matches only labels set by an operator or at enrollment",
+        )
+    return {"group": group_view(ctx, ctx.store.get_group(cmd.name) or group)}
+
+
+@commands.command(GroupsList, read_only=True)
+def groups_ls(ctx: Context, cmd: GroupsList) -> Any:
+    return {"groups": [group_view(ctx, g) for g in ctx.store.list_groups()]}
+
+
+@commands.command(GroupsShow, read_only=True)
+def groups_show(ctx: Context, cmd: GroupsShow) -> Any:
+    group = ctx.store.get_group(cmd.name)
+    if group is None:
+        raise StoreError(f"unknown group {cmd.name!r}")
+    return {"group": group_view(ctx, group)}
+
+
+@commands.command(GroupsRemove)
+def groups_rm(ctx: Context, cmd: GroupsRemove) -> Any:
+    group = ctx.store.get_group(cmd.name)
+    if group is None:
+        raise StoreError(f"unknown group {cmd.name!r}")
+    used = [s.name for s in ctx.store.list_stacks() if s.group == cmd.name]
+    if used:
+        raise StoreError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")
+    with ctx.store.transaction():
+        ctx.store.delete_group(cmd.name)
+    return {"removed": cmd.name}
