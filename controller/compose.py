@@ -1440,9 +1440,11 @@ def parse_document(
         _check_references(parsed, problems)
         ordered = _start_order(parsed, problems)
         used = {v.source for s in parsed for v in s.volumes if v.type == "stack"}
-        for path in shipped:
-            if not any(u == "." or path == u or path.startswith(u + "/") for u in used):
-                problems.add(f"shipped file {path!r} is not under any relative bind mount of the stack")
+        for shipped_path in shipped:
+            if not any(u == "." or shipped_path == u or shipped_path.startswith(u + "/") for u in used):
+                problems.add(
+                    f"shipped file {shipped_path!r} is not under any relative bind mount of the stack"
+                )
     problems.raise_if_any()
     spec = StackSpec(
         services=tuple(ordered),

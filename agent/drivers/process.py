@@ -29,6 +29,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -44,6 +45,13 @@ from .base import HEALTH_OUTPUT_CHARS, Observed
 log = logging.getLogger(__name__)
 
 _SIGTERM = signal.SIGTERM
+_SETRLIMIT_EXEC = (
+    "import json, os, resource, sys\n"
+    "for which, soft, hard in json.loads(sys.argv[1]):\n"
+    "    resource.setrlimit(which, (soft, hard))\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+"""Run by the service's own process: its ``ulimits``, then ``exec`` of its command (same pid)."""
 
 FOLLOW_POLL_S = 0.25
 """How often a followed log file is checked for growth."""
@@ -267,6 +275,9 @@ class ProcessDriver:
             for u in service.ulimits
             if hasattr(resource, f"RLIMIT_{u.name.upper()}")
         ]
+        if limits:  # set by the process itself before it becomes the command (no preexec_fn:
+            # unsafe in a threaded agent; prlimit from outside needs CAP_SYS_RESOURCE once it switched user)
+            argv = [sys.executable, "-c", _SETRLIMIT_EXEC, json.dumps(limits), *argv]
         links = [(m.target, m.host_path, f"config {m.source}") for m in service.configs]
         # Relative bind mounts (the stack's directory) apply to a process too; other volumes do not.
         links += [(v.target, v.source, f"volume {v.source}") for v in service.volumes if v.type == "stack"]
@@ -305,12 +316,6 @@ class ProcessDriver:
         except (OSError, KeyError, ValueError, subprocess.SubprocessError) as exc:
             raise DriverError(f"start {stack}/{service.name}: {exc}") from exc
         self._children[child.pid] = child
-        try:  # set on the new process at once (no preexec_fn: unsafe in a threaded agent)
-            for which, soft, hard in limits:
-                resource.prlimit(child.pid, which, (soft, hard))
-        except (OSError, ValueError) as exc:
-            self._terminate(child.pid, 0)
-            raise DriverError(f"start {stack}/{service.name}: ulimits: {exc}") from exc
         record = {
             "device": self.device_id,
             "stack": stack,
