@@ -818,24 +818,25 @@ class Resolver:
             body["environment"] = merged
 
     def _inline_configs(self, doc: dict[str, Any], env: Mapping[str, str]) -> None:
-        configs = doc.get("configs")
-        for cname, body in configs.items() if isinstance(configs, dict) else ():
-            if not isinstance(body, dict):
-                continue
-            if isinstance(body.get("file"), str):
-                path = body.pop("file")
-                data = self.fs.read(path)
-                if data is None:
-                    self.errors.append(f"config {cname!r}: file {path} not found")
+        for section, kind in (("configs", "config"), ("secrets", "secret")):  # secrets are files too
+            top = doc.get(section)
+            for cname, body in top.items() if isinstance(top, dict) else ():
+                if not isinstance(body, dict):
                     continue
-                body["content"] = _esc(_text(data, path), True)
-            elif isinstance(body.get("environment"), str):
-                var = body.pop("environment")
-                value = env.get(var)
-                if value is None:
-                    self.errors.append(f"config {cname!r}: environment variable {var} is not set")
-                    continue
-                body["content"] = _esc(value, True)
+                if isinstance(body.get("file"), str):
+                    path = body.pop("file")
+                    data = self.fs.read(path)
+                    if data is None:
+                        self.errors.append(f"{kind} {cname!r}: file {path} not found")
+                        continue
+                    body["content"] = _esc(_text(data, path), True)
+                elif isinstance(body.get("environment"), str):
+                    var = body.pop("environment")
+                    value = env.get(var)
+                    if value is None:
+                        self.errors.append(f"{kind} {cname!r}: environment variable {var} is not set")
+                        continue
+                    body["content"] = _esc(value, True)
 
     def _stack_path(self, source: str) -> str:
         rel = posixpath.relpath(source, self.root)

@@ -554,3 +554,26 @@ def test_default_file_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     write(tmp_path, {"docker-compose.yml": "services:\n  a: {image: x}\n"})
     assert resolve_files([]).doc == {"services": {"a": {"image": "x"}}}
     assert os.path.isfile(tmp_path / "docker-compose.yml")
+
+
+def test_secrets_from_files_reach_the_device_as_files(tmp_path: Path) -> None:
+    """secrets with file: are read here like configs and mounted at /run/secrets/NAME."""
+    write(
+        tmp_path,
+        {
+            "compose.yaml": """
+            services:
+              s: {image: x, secrets: [db_password]}
+            secrets:
+              db_password: {file: ./db_password.txt}
+            """,
+            "db_password.txt": "s3cret\n",
+        },
+    )
+    doc = resolve(tmp_path, "compose.yaml").doc
+    assert doc["secrets"] == {"db_password": {"content": "s3cret\n"}}
+    spec = parse_compose(dump_yaml(doc))
+    assert spec.configs == {"secret.db_password": "s3cret\n"}
+    assert [(m.source, m.target) for m in spec.services[0].configs] == [
+        ("secret.db_password", "/run/secrets/db_password")
+    ]
