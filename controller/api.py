@@ -19,10 +19,6 @@ from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
-    DevicesLabel,
-    DevicesList,
-    DevicesShow,
-    DevicesTop,
     JobsList,
     JobsLogs,
     JobsRemove,
@@ -42,10 +38,10 @@ from tether.protocol.variables import stack_references
 
 from . import rollout
 from .compose import parse_stack_warnings
+from .devices import all_devices, attributes
 from .models import Device, Job, Stack
 from .registry import CommandRegistry
 from .scheduler import members
-from .selectors import Attributes, check_labels
 
 log = logging.getLogger(__name__)
 commands = CommandRegistry()
@@ -56,95 +52,6 @@ class RequestHandlers:
     """Command handlers and views; mixed into the Controller (see the module docstring)."""
 
     # --- views ---
-
-    def all_devices(self) -> dict[str, Device]:
-        """Devices heard from, plus devices named by groups or desired states but never seen."""
-        devices = {d.id: d for d in self.store.list_devices()}
-        for record in self.store.list_desired():
-            devices.setdefault(record.device_id, Device(id=record.device_id))
-        for group in self.store.list_groups():
-            for device_id in group.devices:
-                devices.setdefault(device_id, Device(id=device_id))
-        return dict(sorted(devices.items()))
-
-    def _device_view(self, device: Device, full: bool = False) -> dict[str, Any]:
-        record = self.store.get_desired(device.id)
-        reported = device.reported
-        view: dict[str, Any] = {
-            "id": device.id,
-            "status": device.status,
-            "since": device.since,
-            "session": device.session,
-            "labels": device.labels,
-            "label_sources": device.label_sources(),
-            "desired_generation": record.generation if record else None,
-            "applied_generation": reported.generation if reported else None,
-            "stacks": {name: s.state for name, s in (reported.stacks.items() if reported else ())},
-            "storage_error": reported.storage_error if reported else None,
-        }
-        if full:
-            view["facts"] = device.facts.model_dump(mode="json") if device.facts else None
-            view["desired"] = [r.model_dump(mode="json") for r in record.stacks] if record else []
-            view["reported"] = reported.model_dump(mode="json") if reported else None
-            view["events"] = [json.loads(b) for b in self.store.list_events(device.id)]
-            view["dropped"] = self.store.dropped(device.id)
-        return view
-
-    @commands.command(DevicesList, read_only=True)
-    def _devices_ls(self, cmd: DevicesList) -> Any:
-        return {"devices": [self._device_view(d) for d in self.all_devices().values()]}
-
-    @commands.command(DevicesShow, read_only=True)
-    def _devices_show(self, cmd: DevicesShow) -> Any:
-        device = self.all_devices().get(cmd.device_id)
-        if device is None:
-            raise StoreError(f"unknown device {cmd.device_id!r}")
-        return {"device": self._device_view(device, full=True)}
-
-    @commands.command(DevicesTop)
-    def _devices_top(self, cmd: DevicesTop) -> Any:
-        devices = self.all_devices()
-        for device_id in cmd.device_ids:
-            if device_id not in devices:
-                raise StoreError(f"unknown device {device_id!r}")
-        wanted = cmd.device_ids or tuple(devices)
-        rows = [
-            {
-                "id": d,
-                "status": devices[d].status,
-                "since": devices[d].since,
-                "sample": self.device_metrics.get(d),
-            }
-            for d in wanted
-        ]
-        return {"devices": rows}
-
-    @commands.command(DevicesLabel)
-    def _devices_label(self, cmd: DevicesLabel) -> Any:
-        """Operator labels: trusted, so selector groups match them. Removing a key also
-        removes it where the device's enrollment pinned it."""
-        device = self.all_devices().get(cmd.device_id)
-        if device is None and (cred := self.store.get_credential(cmd.device_id)) is not None:
-            device = Device(id=cmd.device_id) if cred.device_id == cmd.device_id else None
-        if device is None:
-            raise StoreError(f"unknown device {cmd.device_id!r}")
-        check_labels(cmd.set)
-        labels = {k: v for k, v in device.operator_labels.items() if k not in cmd.remove}
-        labels.update(cmd.set)
-        check_labels(labels)
-        pinned = {k: v for k, v in device.pinned_labels.items() if k not in cmd.remove}
-        with self.store.transaction():
-            self.store.put_device(
-                device.model_copy(update={"operator_labels": labels, "pinned_labels": pinned})
-            )
-        if any(s.placement.mode == "replicas" for s in self.store.list_stacks()):
-            self.sync()
-        else:
-            self.sync({cmd.device_id})
-        return {"device": self._device_view(self.all_devices()[cmd.device_id])}
-
-    def labels(self) -> dict[str, Attributes]:
-        return {d.id: d.attributes() for d in self.store.list_devices()}
 
     @commands.command(StacksDeploy)
     def _stacks_deploy(self, cmd: StacksDeploy) -> Any:
@@ -164,7 +71,7 @@ class RequestHandlers:
             )
         refs = stack_references(spec)
         if refs:  # every device it goes to must have a value for every reference
-            self.check_stack_variables(cmd.name, refs, members(group, self.labels()), cmd.group)  # type: ignore[attr-defined]
+            self.check_stack_variables(cmd.name, refs, members(group, attributes(self.store)), cmd.group)  # type: ignore[attr-defined]
         spec_hash = spec.spec_hash()
         size = len(codec.encode(StackDefinition(spec_hash=spec_hash, spec=spec)))
         if size > codec.MAX_PAYLOAD:  # it could never be sent to a device (YAML aliases expand)
@@ -238,7 +145,7 @@ class RequestHandlers:
             )
         if spec is not None and group is not None and (refs := stack_references(spec)):
             try:
-                self.check_stack_variables(cmd.name, refs, members(group, self.labels()), cmd.group)  # type: ignore[attr-defined]
+                self.check_stack_variables(cmd.name, refs, members(group, attributes(self.store)), cmd.group)  # type: ignore[attr-defined]
             except StoreError as exc:
                 errors.append(str(exc))
         if errors or spec is None or placement is None or group is None:
@@ -293,7 +200,7 @@ class RequestHandlers:
 
     def _stack_devices(self, name: str, spec_hash: str | None) -> list[dict[str, Any]]:
         """Per device that should run (or still runs) stack ``name``: where it stands."""
-        devices = self.all_devices()
+        devices = all_devices(self.store)
         latest = self.store.latest_deployments().get(name)
         rows = []
         for record in self.store.list_desired():
@@ -444,7 +351,7 @@ class RequestHandlers:
     def _jobs_status(self, cmd: JobsStatus) -> Any:
         job = self._job(cmd.name)
         group = self.store.get_group(job.group)
-        targets = members(group, self.labels()) if group else []
+        targets = members(group, attributes(self.store)) if group else []
         latest = self._latest_results(job.name)
         rows = []
         for device_id in sorted(set(targets) | set(latest)):

@@ -3,7 +3,7 @@
 Handlers are plain functions ``handler(ctx, command) -> result`` grouped by domain
 (controller/groups.py, ...), registered once in their module's
 :class:`~.registry.CommandRegistry`. They reach the controller only through this
-interface: the state store, the clock, and the scheduling that turns stored changes into
+interface: the state store, the clock, the leader's in-memory view, and the scheduling that turns stored changes into
 published desired states. :class:`~.service.Controller` implements it; a unit test passes
 a controller on a real SQLite store with a recording publisher (tests/unit/).
 
@@ -16,10 +16,8 @@ before anything is written), then write inside ``ctx.store.transaction()`` and c
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-from .models import Device
-from .selectors import Attributes
 from .store import Store
 
 
@@ -29,6 +27,8 @@ class Context(Protocol):
     store: Store
     clock: Callable[[], float]
     """Wall-clock seconds (injected: tests move it by hand)."""
+    device_metrics: dict[str, dict[str, Any]]
+    """The latest metrics sample of each device (in memory, on the leader only)."""
 
     def recompute(self, device_ids: set[str] | None = None) -> None:
         """Give every device (of ``device_ids``) whose stacks, jobs or bindings changed the next
@@ -39,9 +39,3 @@ class Context(Protocol):
 
     def sync(self, device_ids: set[str] | None = None) -> None:
         """:meth:`recompute` in a transaction of its own, then :meth:`publish_pending`."""
-
-    def labels(self) -> dict[str, Attributes]:
-        """Every device's attributes (labels, with their provenance, and facts), by device id."""
-
-    def all_devices(self) -> dict[str, Device]:
-        """Devices heard from, plus those named by groups or desired states but never seen."""

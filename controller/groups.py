@@ -11,6 +11,7 @@ from tether.protocol.commands import GroupsCreate, GroupsList, GroupsRemove, Gro
 from tether.protocol.errors import StoreError
 
 from .context import Context
+from .devices import attributes
 from .models import Group
 from .registry import CommandRegistry
 from .scheduler import members
@@ -29,7 +30,7 @@ def group_view(ctx: Context, group: Group) -> dict[str, Any]:
         "devices": list(group.devices),
         "selector": group.selector,
         "trust_device_labels": group.trust_device_labels,
-        "members": members(group, ctx.labels()),
+        "members": members(group, attributes(ctx.store)),
         "stacks": [s.name for s in ctx.store.list_stacks() if s.group == group.name],
     }
 

@@ -56,9 +56,10 @@ from tether.protocol.models import (
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
-from . import api, enrollment, groups, registries, rollout, security, variables
+from . import api, devices, enrollment, groups, registries, rollout, security, variables
 from .api import RequestHandlers
 from .context import Context
+from .devices import all_devices
 from .enrollment import EnrollmentHandlers
 from .lease import Lease
 from .models import DesiredRecord, Device, Stack
@@ -178,6 +179,7 @@ class Seen:
 
 COMMANDS = CommandRegistry.of(
     api.commands,
+    devices.commands,
     groups.commands,
     security.commands,
     enrollment.commands,
@@ -382,7 +384,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
     def refresh_metrics(self) -> None:
         """Recompute the gauges that need the store (on the worker thread)."""
         counts = {"online": 0, "offline": 0, "unknown": 0, "never seen": 0}
-        for device in self.all_devices().values():
+        for device in all_devices(self.store).values():
             counts[device.status] = counts.get(device.status, 0) + 1
         for presence, n in counts.items():
             self.metrics.devices.labels(presence=presence).set(n)
@@ -454,7 +456,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if group is None:
             return []
         if attributes is None:
-            attributes = self.labels()
+            attributes = attributes(self.store)
         return eligible(stack, members(group, attributes), attributes)
 
     def _fleet_view(self) -> dict[str, Seen]:

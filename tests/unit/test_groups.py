@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from support.fleet import desired, online
 from support.recording import RecordingPublisher
 from tether.controller.service import Controller
-from tether.protocol import codec, topics
 from tether.protocol.commands import (
     CommandModel,
     GroupsCreate,
@@ -17,25 +17,8 @@ from tether.protocol.commands import (
     StacksRemove,
 )
 from tether.protocol.errors import StoreError, TetherError
-from tether.protocol.models import DesiredState, DeviceFacts, Presence
-from tether.protocol.topics import DeviceTopic
 
 COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
-
-
-def online(controller: Controller, device_id: str, labels: dict[str, str] | None = None) -> None:
-    facts = DeviceFacts(agent_version="1", driver="process", arch="x86_64", os="linux", labels=labels or {})
-    controller.handle(
-        topics.device(device_id, DeviceTopic.PRESENCE),
-        codec.encode(Presence(device_id=device_id, status="online", session=1, facts=facts)),
-    )
-
-
-def desired(publisher: RecordingPublisher, device_id: str) -> DesiredState | None:
-    """The last desired state published to ``device_id``."""
-    topic = topics.device(device_id, DeviceTopic.DESIRED)
-    found = [p for t, p, _ in publisher.published if t == topic]
-    return codec.decode(found[-1], DesiredState) if found else None
 
 
 def test_a_static_group_lists_its_devices_and_stacks(controller: Controller) -> None:

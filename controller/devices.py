@@ -1,0 +1,117 @@
+"""Devices: what the controller knows of each, and operator labels (``devices.ls|show|top|label``).
+
+Credentials, revocation and removal are in :mod:`.security`; the waiting room in :mod:`.enrollment`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tether.protocol.commands import DevicesLabel, DevicesList, DevicesShow, DevicesTop
+from tether.protocol.errors import StoreError
+
+from .context import Context
+from .models import Device
+from .registry import CommandRegistry
+from .selectors import Attributes, check_labels
+from .store import Store
+
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
+
+
+def all_devices(store: Store) -> dict[str, Device]:
+    """Devices heard from, plus devices named by groups or desired states but never seen."""
+    devices = {d.id: d for d in store.list_devices()}
+    for record in store.list_desired():
+        devices.setdefault(record.device_id, Device(id=record.device_id))
+    for group in store.list_groups():
+        for device_id in group.devices:
+            devices.setdefault(device_id, Device(id=device_id))
+    return dict(sorted(devices.items()))
+
+
+def attributes(store: Store) -> dict[str, Attributes]:
+    """Every device's attributes (labels with their provenance, and facts), by device id."""
+    return {d.id: d.attributes() for d in store.list_devices()}
+
+
+def device_view(store: Store, device: Device, full: bool = False) -> dict[str, Any]:
+    """A device as replies show it (``full``: with facts, desired and reported state, events)."""
+    record = store.get_desired(device.id)
+    reported = device.reported
+    view: dict[str, Any] = {
+        "id": device.id,
+        "status": device.status,
+        "since": device.since,
+        "session": device.session,
+        "labels": device.labels,
+        "label_sources": device.label_sources(),
+        "desired_generation": record.generation if record else None,
+        "applied_generation": reported.generation if reported else None,
+        "stacks": {name: s.state for name, s in (reported.stacks.items() if reported else ())},
+        "storage_error": reported.storage_error if reported else None,
+    }
+    if full:
+        view["facts"] = device.facts.model_dump(mode="json") if device.facts else None
+        view["desired"] = [r.model_dump(mode="json") for r in record.stacks] if record else []
+        view["reported"] = reported.model_dump(mode="json") if reported else None
+        view["events"] = [json.loads(b) for b in store.list_events(device.id)]
+        view["dropped"] = store.dropped(device.id)
+    return view
+
+
+@commands.command(DevicesList, read_only=True)
+def devices_ls(ctx: Context, cmd: DevicesList) -> Any:
+    return {"devices": [device_view(ctx.store, d) for d in all_devices(ctx.store).values()]}
+
+
+@commands.command(DevicesShow, read_only=True)
+def devices_show(ctx: Context, cmd: DevicesShow) -> Any:
+    device = all_devices(ctx.store).get(cmd.device_id)
+    if device is None:
+        raise StoreError(f"unknown device {cmd.device_id!r}")
+    return {"device": device_view(ctx.store, device, full=True)}
+
+
+@commands.command(DevicesTop)
+def devices_top(ctx: Context, cmd: DevicesTop) -> Any:
+    devices = all_devices(ctx.store)
+    for device_id in cmd.device_ids:
+        if device_id not in devices:
+            raise StoreError(f"unknown device {device_id!r}")
+    wanted = cmd.device_ids or tuple(devices)
+    rows = [
+        {
+            "id": d,
+            "status": devices[d].status,
+            "since": devices[d].since,
+            "sample": ctx.device_metrics.get(d),
+        }
+        for d in wanted
+    ]
+    return {"devices": rows}
+
+
+@commands.command(DevicesLabel)
+def devices_label(ctx: Context, cmd: DevicesLabel) -> Any:
+    """Operator labels: trusted, so selector groups match them. Removing a key also
+    removes it where the device's enrollment pinned it."""
+    device = all_devices(ctx.store).get(cmd.device_id)
+    if device is None and (cred := ctx.store.get_credential(cmd.device_id)) is not None:
+        device = Device(id=cmd.device_id) if cred.device_id == cmd.device_id else None
+    if device is None:
+        raise StoreError(f"unknown device {cmd.device_id!r}")
+    check_labels(cmd.set)
+    labels = {k: v for k, v in device.operator_labels.items() if k not in cmd.remove}
+    labels.update(cmd.set)
+    check_labels(labels)
+    pinned = {k: v for k, v in device.pinned_labels.items() if k not in cmd.remove}
+    with ctx.store.transaction():
+        ctx.store.put_device(device.model_copy(update={"operator_labels": labels, "pinned_labels": pinned}))
+    if any(s.placement.mode == "replicas" for s in ctx.store.list_stacks()):
+        ctx.sync()
+    else:
+        ctx.sync({cmd.device_id})
+    return {"device": device_view(ctx.store, all_devices(ctx.store)[cmd.device_id])}

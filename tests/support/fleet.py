@@ -1,0 +1,27 @@
+"""Device messages for the fast unit tests: what an agent would publish, handed to a controller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tether.protocol import codec, topics
+from tether.protocol.models import DesiredState, DeviceFacts, Presence
+from tether.protocol.topics import DeviceTopic
+
+from .recording import RecordingPublisher
+
+
+def online(controller: Any, device_id: str, labels: dict[str, str] | None = None, session: int = 1) -> None:
+    """``device_id`` comes online (reporting ``labels`` of its own), as its presence message says."""
+    facts = DeviceFacts(agent_version="1", driver="process", arch="x86_64", os="linux", labels=labels or {})
+    controller.handle(
+        topics.device(device_id, DeviceTopic.PRESENCE),
+        codec.encode(Presence(device_id=device_id, status="online", session=session, facts=facts)),
+    )
+
+
+def desired(publisher: RecordingPublisher, device_id: str) -> DesiredState | None:
+    """The last desired state published to ``device_id`` (None: none yet)."""
+    topic = topics.device(device_id, DeviceTopic.DESIRED)
+    found = [p for t, p, _ in publisher.published if t == topic]
+    return codec.decode(found[-1], DesiredState) if found else None

@@ -1,0 +1,73 @@
+"""Device commands on a real SQLite store: views, metrics and operator labels."""
+
+from __future__ import annotations
+
+import pytest
+from support.fleet import desired, online
+from support.recording import RecordingPublisher
+from tether.controller.service import Controller
+from tether.protocol.commands import (
+    DevicesLabel,
+    DevicesList,
+    DevicesShow,
+    DevicesTop,
+    GroupsCreate,
+    StacksDeploy,
+)
+from tether.protocol.errors import StoreError
+
+COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
+
+
+def test_devices_ls_includes_devices_named_but_never_seen(controller: Controller) -> None:
+    """A device only named by a static group is listed as never seen; one heard from is online."""
+    online(controller, "pi-1")
+    controller.execute(GroupsCreate(name="edge", devices=("pi-1", "pi-9")))
+    rows = {d["id"]: d for d in controller.execute(DevicesList())["devices"]}
+    assert (rows["pi-1"]["status"], rows["pi-9"]["status"]) == ("online", "never seen")
+    shown = controller.execute(DevicesShow(device_id="pi-1"))["device"]
+    assert shown["facts"]["driver"] == "process"
+    assert shown["events"] == [] and shown["reported"] is None
+    with pytest.raises(StoreError, match="unknown device 'pi-2'"):
+        controller.execute(DevicesShow(device_id="pi-2"))
+
+
+def test_devices_top_reads_the_latest_sample_and_refuses_unknown_ids(controller: Controller) -> None:
+    """devices.top gives each device's sample (None before one arrived) and names an unknown id."""
+    online(controller, "pi-1")
+    controller.device_metrics["pi-1"] = {"at": 1.0, "cpu": 0.5}
+    rows = controller.execute(DevicesTop())["devices"]
+    assert rows == [
+        {"id": "pi-1", "status": "online", "since": controller.clock(), "sample": {"at": 1.0, "cpu": 0.5}}
+    ]
+    with pytest.raises(StoreError, match="unknown device 'nope'"):
+        controller.execute(DevicesTop(device_ids=("pi-1", "nope")))
+
+
+def test_an_operator_label_moves_a_device_into_a_selector_group(
+    controller: Controller, publisher: RecordingPublisher
+) -> None:
+    """devices.label sets a trusted label: the selector group's stack goes to the device; removing it takes it away."""
+    online(controller, "pi-1", labels={"role": "cam"})  # its own label: not trusted
+    controller.execute(GroupsCreate(name="cams", selector="role=cam"))
+    controller.execute(StacksDeploy(name="web", group="cams", compose=COMPOSE))
+    assert desired(publisher, "pi-1") is None
+    view = controller.execute(DevicesLabel(device_id="pi-1", set={"role": "cam"}))["device"]
+    assert view["label_sources"]["role"] == "operator"
+    state = desired(publisher, "pi-1")
+    assert state is not None and [s.name for s in state.stacks] == ["web"]
+    controller.execute(DevicesLabel(device_id="pi-1", remove=("role",)))
+    state = desired(publisher, "pi-1")
+    assert state is not None and state.stacks == ()
+
+
+def test_bad_labels_are_refused_and_change_nothing(controller: Controller) -> None:
+    """An invalid label or an unknown device is one error; the device's labels stay as they were."""
+    online(controller, "pi-1")
+    controller.execute(DevicesLabel(device_id="pi-1", set={"zone": "a"}))
+    with pytest.raises(StoreError, match="label"):
+        controller.execute(DevicesLabel(device_id="pi-1", set={"Bad Key!": "x"}))
+    with pytest.raises(StoreError, match="unknown device 'pi-2'"):
+        controller.execute(DevicesLabel(device_id="pi-2", set={"zone": "a"}))
+    device = controller.store.get_device("pi-1")
+    assert device is not None and device.operator_labels == {"zone": "a"}
