@@ -3,6 +3,7 @@ controller, a docker-driver agent. The service stays up while the new image down
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.request
@@ -216,3 +217,59 @@ def test_a_held_device_stages_the_new_version_and_switches_when_released(
         wait_until(lambda: poller.last() == "v2", 60, message="v2 after the release")
     finally:
         poller.close()
+
+
+def test_private_registry_unauthorized_at_once_then_pulled_with_tether_registries(
+    docker_engine: Any, busybox_image: str, tmp_path: Path
+) -> None:
+    """An htpasswd registry: without credentials the download fails at once (unauthorized, in
+    the status); after `tether registries add`, the device opens them and the stack runs."""
+    reason = registry_available()
+    if reason:
+        skip_or_fail(reason)
+    run = uuid.uuid4().hex[:6]
+    device = f"upd-{run}"
+    procs: list[Any] = []
+    try:
+        with Registry(tmp_path / "registry", htpasswd={"edge": "s3cret"}) as registry:
+            name = f"u{run}/private:v1"
+            push_image(docker_engine, registry.host, name, 100_000, auth=("edge", "s3cret"))
+            controller = ControllerProcess(tmp_path / "controller")
+            procs.append(controller)
+            procs.append(AgentProcess(controller.url, device, tmp_path / device, driver="docker"))
+            wait_online(controller.url, device)
+            cli_json(controller.url, "groups", "create", "lab", "--device", device)
+            port = free_port()
+            stack = tmp_path / "web.yml"
+            stack.write_text(STACK.format(image=f"{registry.host}/{name}", version="v1", port=port))
+            assert _deploy(controller.url, stack, wait=False).returncode == 0
+            failed = wait_until(
+                lambda: (d := _download(controller.url, device)) and d["state"] == "failed" and d,
+                60,
+                interval=0.5,
+                message="the download fails as unauthorized",
+            )
+            assert "unauthorized" in failed["reason"] and "tether registries add" in failed["reason"]
+            added = cli(
+                controller.url,
+                "registries",
+                "add",
+                registry.host,
+                "--username",
+                "edge",
+                "--password-stdin",
+                stdin="s3cret",
+            )
+            assert added.returncode == 0, added.stderr
+            poller = Poller(port)
+            try:
+                wait_until(lambda: poller.last() == "v1", 90, message="the private image runs")
+            finally:
+                poller.close()
+            assert _download(controller.url, device) is None
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        remove_tether_containers(docker_engine, device)
+        with contextlib.suppress(Exception):
+            docker_engine.images.remove(f"{registry.host}/{name}", force=True)
