@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from tether.protocol import codec
 from tether.protocol.models import JobResult, JobSpec
@@ -25,8 +26,10 @@ from .core import PROGRESS_INTERVAL, AgentCore
 from .drivers.base import Driver
 from .enroll import load_or_create_key
 from .jobs import run_host_command, run_job
-from .staging import ImageEngine, ImageStager
 from .store import LocalStore
+
+if TYPE_CHECKING:
+    from .staging import ImageStager
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,9 @@ HOLD_FILE = "hold"
 def make_stager(config: AgentConfig, driver: Driver, on_change: Callable[[], None]) -> ImageStager | None:
     """The image stager for a driver that runs images (the docker driver), else None."""
     if not hasattr(driver, "load_image"):
-        return None
+        return None  # the process driver: no registry client (requests) loaded
     from .registry import Platform
+    from .staging import ImageEngine, ImageStager
 
     engine: ImageEngine = driver  # type: ignore[assignment]
     return ImageStager(

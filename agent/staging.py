@@ -427,6 +427,7 @@ class ImageStager:
                 if status is not None:
                     self._status[ref] = replace(status, done=status.done + n)
 
+        before = self.bytes_fetched
         try:
             for blob in layers:
                 if self.content.complete(blob).exists():
@@ -447,6 +448,8 @@ class ImageStager:
                 archive_stream(image, tag, lambda b: self.content.complete(b) if b.digest in mine else None)
             )
         except RegistryError as exc:
+            if self.bytes_fetched > before:  # the link worked until it broke: retry soon
+                self._attempts.pop(ref, None)
             self._fail(ref, exc, exc.transient)
             return False
         except DriverError as exc:
