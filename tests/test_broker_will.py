@@ -150,7 +150,7 @@ def connect(fleet: Fleet) -> Iterator[object]:
 
 
 def _forged_desired(device_id: str) -> bytes:
-    return codec.encode(DesiredState(device_id=device_id, generation=2**53))
+    return codec.encode(DesiredState(device_id=device_id, generation=2**53 - 1))
 
 
 def _nothing_before_barrier(watcher: Client, ctl: Client, topic: str) -> None:
