@@ -98,6 +98,25 @@ def io_bytes(pid: int) -> dict[str, int]:
     return out
 
 
+def peak_rss_mb(pid: int) -> float:
+    """The highest RSS ``pid`` has had (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def load_average() -> float:
+    """The 1-minute load average now (the machine is shared: every figure is read beside it)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def per_device_ms(cpu_s: float | None, devices: int) -> float | None:
+    """CPU seconds spent on ``devices`` devices, as milliseconds per device."""
+    return None if cpu_s is None or devices <= 0 else round(1000.0 * cpu_s / devices, 3)
+
+
 class CpuMeter:
     """CPU use of a process over an interval, as a percentage of one core."""
 
