@@ -9,9 +9,7 @@ docs/topics.md documents every command and the shape of its result.
 
 from __future__ import annotations
 
-import json
 import logging
-import uuid
 from typing import Any
 
 from tether.protocol import codec, names
@@ -19,12 +17,6 @@ from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
     DeploymentsStatus,
-    JobsList,
-    JobsLogs,
-    JobsRemove,
-    JobsRun,
-    JobsSchedule,
-    JobsStatus,
     StacksDeploy,
     StacksList,
     StacksPlan,
@@ -32,14 +24,13 @@ from tether.protocol.commands import (
     StacksStatus,
 )
 from tether.protocol.errors import ComposeError, StoreError
-from tether.protocol.models import JobSpec, StackDefinition
-from tether.protocol.schedule import cron_error
+from tether.protocol.models import StackDefinition
 from tether.protocol.variables import stack_references
 
 from . import rollout
 from .compose import parse_stack_warnings
 from .devices import all_devices, attributes
-from .models import Device, Job, Stack
+from .models import Device, Stack
 from .registry import CommandRegistry
 from .scheduler import members
 
@@ -256,128 +247,6 @@ class RequestHandlers:
         return {"stack": self._stack_view(stack) if stack else None, "devices": rows}
 
     # --- jobs ---
-
-    def _add_job(self, job: Job) -> Any:
-        if not names.NAME.ok(job.name):
-            raise StoreError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
-        if self.store.get_group(job.group) is None:
-            raise StoreError(f"unknown group {job.group!r}")
-        if not job.spec.command:
-            raise StoreError("a job needs a command")
-        if self.store.get_job(job.name) is not None:
-            raise StoreError(f"job {job.name!r} already exists; remove it first")
-        with self.store.transaction():
-            self.store.put_job(job)
-            self.recompute()
-        self.publish_pending()
-        return {"job": self._job_view(job)}
-
-    @commands.command(JobsRun)
-    def _jobs_run(self, cmd: JobsRun) -> Any:
-        spec = (
-            JobSpec(
-                name=cmd.name,
-                command=cmd.command,
-                image=cmd.image,
-                timeout_s=cmd.timeout_s,
-                run_id=uuid.uuid4().hex[:12],
-            )
-            if names.NAME.ok(cmd.name)
-            else None
-        )
-        if spec is None:
-            raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
-        return self._add_job(Job(name=cmd.name, group=cmd.group, spec=spec, created=self.clock()))
-
-    @commands.command(JobsSchedule)
-    def _jobs_schedule(self, cmd: JobsSchedule) -> Any:
-        if (cmd.cron is None) == (cmd.every_s is None):
-            raise StoreError("a scheduled job needs either a cron expression or an interval (not both)")
-        if cmd.cron is not None and (problem := cron_error(cmd.cron)) is not None:
-            raise StoreError(f"invalid cron expression {cmd.cron!r}: {problem}")
-        if not names.NAME.ok(cmd.name):
-            raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
-        spec = JobSpec(
-            name=cmd.name,
-            command=cmd.command,
-            image=cmd.image,
-            timeout_s=cmd.timeout_s,
-            cron=cmd.cron,
-            every_s=cmd.every_s,
-            concurrency=cmd.concurrency,
-        )
-        return self._add_job(Job(name=cmd.name, group=cmd.group, spec=spec, created=self.clock()))
-
-    def _job_view(self, job: Job) -> dict[str, Any]:
-        spec = job.spec
-        trigger = f"cron {spec.cron}" if spec.cron else f"every {spec.every_s:g}s" if spec.every_s else "once"
-        return {
-            "name": job.name,
-            "group": job.group,
-            "trigger": trigger,
-            "command": list(spec.command),
-            "image": spec.image,
-            "timeout_s": spec.timeout_s,
-            "concurrency": spec.concurrency,
-            "created": job.created,
-        }
-
-    def _job(self, name: str) -> Job:
-        job = self.store.get_job(name)
-        if job is None:
-            raise StoreError(f"unknown job {name!r}")
-        return job
-
-    @commands.command(JobsList)
-    def _jobs_ls(self, cmd: JobsList) -> Any:
-        out = []
-        for job in self.store.list_jobs():
-            view = self._job_view(job)
-            latest = self._latest_results(job.name)
-            view["devices"] = len(latest)
-            view["succeeded"] = sum(1 for r in latest.values() if r["exit_code"] == 0)
-            out.append(view)
-        return {"jobs": out}
-
-    def _latest_results(self, name: str) -> dict[str, dict[str, Any]]:
-        latest: dict[str, dict[str, Any]] = {}
-        for device_id, body in self.store.list_job_results(name, None, 100_000):
-            result = json.loads(body)
-            if device_id not in latest or result["started"] >= latest[device_id]["started"]:
-                latest[device_id] = result
-        return latest
-
-    @commands.command(JobsStatus)
-    def _jobs_status(self, cmd: JobsStatus) -> Any:
-        job = self._job(cmd.name)
-        group = self.store.get_group(job.group)
-        targets = members(group, attributes(self.store)) if group else []
-        latest = self._latest_results(job.name)
-        rows = []
-        for device_id in sorted(set(targets) | set(latest)):
-            r = latest.get(device_id)
-            rows.append(
-                {"device": device_id, "last": {k: v for k, v in r.items() if k != "output"} if r else None}
-            )
-        return {"job": self._job_view(job), "devices": rows}
-
-    @commands.command(JobsLogs)
-    def _jobs_logs(self, cmd: JobsLogs) -> Any:
-        self._job(cmd.name)
-        results = [
-            {"device": d, **json.loads(b)}
-            for d, b in self.store.list_job_results(cmd.name, cmd.device_id, cmd.limit)
-        ]
-        return {"results": results}
-
-    @commands.command(JobsRemove)
-    def _jobs_rm(self, cmd: JobsRemove) -> Any:
-        self._job(cmd.name)
-        with self.store.transaction():
-            self.store.delete_job(cmd.name)
-            self.recompute()
-        self.publish_pending()
-        return {"removed": cmd.name}
 
     # --- deployments ---
 

@@ -56,7 +56,7 @@ from tether.protocol.models import (
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
-from . import api, devices, enrollment, groups, registries, rollout, security, variables
+from . import api, devices, enrollment, groups, jobs, registries, rollout, security, variables
 from .api import RequestHandlers
 from .context import Context
 from .devices import all_devices
@@ -181,6 +181,7 @@ COMMANDS = CommandRegistry.of(
     api.commands,
     devices.commands,
     groups.commands,
+    jobs.commands,
     security.commands,
     enrollment.commands,
     variables.commands,

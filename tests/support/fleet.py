@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tether.protocol import codec, topics
-from tether.protocol.models import DesiredState, DeviceFacts, Presence
+from tether.protocol.models import DesiredState, DeviceFacts, Event, JobResult, Presence
 from tether.protocol.topics import DeviceTopic
 
 from .recording import RecordingPublisher
@@ -25,3 +25,9 @@ def desired(publisher: RecordingPublisher, device_id: str) -> DesiredState | Non
     topic = topics.device(device_id, DeviceTopic.DESIRED)
     found = [p for t, p, _ in publisher.published if t == topic]
     return codec.decode(found[-1], DesiredState) if found else None
+
+
+def job_result(controller: Any, device_id: str, seq: int, result: JobResult) -> None:
+    """``device_id`` sends ``result`` as its ``job.result`` event number ``seq``."""
+    event = Event(device_id=device_id, seq=seq, kind="job.result", message="", data=result.model_dump())
+    controller.handle(topics.device(device_id, DeviceTopic.EVENTS), codec.encode(event))

@@ -1,0 +1,159 @@
+"""Edge jobs: one-shot and scheduled commands run on every device of a group (``jobs.*``).
+
+The controller stores the job and puts it in each member's desired state; the devices run
+it (agent/jobs.py) and send each result as a ``job.result`` event (see docs/jobs.md).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from tether.protocol import names
+from tether.protocol.commands import JobsList, JobsLogs, JobsRemove, JobsRun, JobsSchedule, JobsStatus
+from tether.protocol.errors import StoreError
+from tether.protocol.models import JobSpec
+from tether.protocol.schedule import cron_error
+
+from .context import Context
+from .devices import attributes
+from .models import Job
+from .registry import CommandRegistry
+from .scheduler import members
+
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
+
+
+def _add_job(ctx: Context, job: Job) -> Any:
+    if not names.NAME.ok(job.name):
+        raise StoreError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
+    if ctx.store.get_group(job.group) is None:
+        raise StoreError(f"unknown group {job.group!r}")
+    if not job.spec.command:
+        raise StoreError("a job needs a command")
+    if ctx.store.get_job(job.name) is not None:
+        raise StoreError(f"job {job.name!r} already exists; remove it first")
+    with ctx.store.transaction():
+        ctx.store.put_job(job)
+        ctx.recompute()
+    ctx.publish_pending()
+    return {"job": job_view(job)}
+
+
+@commands.command(JobsRun)
+def jobs_run(ctx: Context, cmd: JobsRun) -> Any:
+    spec = (
+        JobSpec(
+            name=cmd.name,
+            command=cmd.command,
+            image=cmd.image,
+            timeout_s=cmd.timeout_s,
+            run_id=uuid.uuid4().hex[:12],
+        )
+        if names.NAME.ok(cmd.name)
+        else None
+    )
+    if spec is None:
+        raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+    return _add_job(ctx, Job(name=cmd.name, group=cmd.group, spec=spec, created=ctx.clock()))
+
+
+@commands.command(JobsSchedule)
+def jobs_schedule(ctx: Context, cmd: JobsSchedule) -> Any:
+    if (cmd.cron is None) == (cmd.every_s is None):
+        raise StoreError("a scheduled job needs either a cron expression or an interval (not both)")
+    if cmd.cron is not None and (problem := cron_error(cmd.cron)) is not None:
+        raise StoreError(f"invalid cron expression {cmd.cron!r}: {problem}")
+    if not names.NAME.ok(cmd.name):
+        raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+    spec = JobSpec(
+        name=cmd.name,
+        command=cmd.command,
+        image=cmd.image,
+        timeout_s=cmd.timeout_s,
+        cron=cmd.cron,
+        every_s=cmd.every_s,
+        concurrency=cmd.concurrency,
+    )
+    return _add_job(ctx, Job(name=cmd.name, group=cmd.group, spec=spec, created=ctx.clock()))
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    """A job as replies show it (its trigger in words)."""
+    spec = job.spec
+    trigger = f"cron {spec.cron}" if spec.cron else f"every {spec.every_s:g}s" if spec.every_s else "once"
+    return {
+        "name": job.name,
+        "group": job.group,
+        "trigger": trigger,
+        "command": list(spec.command),
+        "image": spec.image,
+        "timeout_s": spec.timeout_s,
+        "concurrency": spec.concurrency,
+        "created": job.created,
+    }
+
+
+def _job(ctx: Context, name: str) -> Job:
+    job = ctx.store.get_job(name)
+    if job is None:
+        raise StoreError(f"unknown job {name!r}")
+    return job
+
+
+@commands.command(JobsList)
+def jobs_ls(ctx: Context, cmd: JobsList) -> Any:
+    out = []
+    for job in ctx.store.list_jobs():
+        view = job_view(job)
+        latest = _latest_results(ctx, job.name)
+        view["devices"] = len(latest)
+        view["succeeded"] = sum(1 for r in latest.values() if r["exit_code"] == 0)
+        out.append(view)
+    return {"jobs": out}
+
+
+def _latest_results(ctx: Context, name: str) -> dict[str, dict[str, Any]]:
+    latest: dict[str, dict[str, Any]] = {}
+    for device_id, body in ctx.store.list_job_results(name, None, 100_000):
+        result = json.loads(body)
+        if device_id not in latest or result["started"] >= latest[device_id]["started"]:
+            latest[device_id] = result
+    return latest
+
+
+@commands.command(JobsStatus)
+def jobs_status(ctx: Context, cmd: JobsStatus) -> Any:
+    job = _job(ctx, cmd.name)
+    group = ctx.store.get_group(job.group)
+    targets = members(group, attributes(ctx.store)) if group else []
+    latest = _latest_results(ctx, job.name)
+    rows = []
+    for device_id in sorted(set(targets) | set(latest)):
+        r = latest.get(device_id)
+        rows.append(
+            {"device": device_id, "last": {k: v for k, v in r.items() if k != "output"} if r else None}
+        )
+    return {"job": job_view(job), "devices": rows}
+
+
+@commands.command(JobsLogs)
+def jobs_logs(ctx: Context, cmd: JobsLogs) -> Any:
+    _job(ctx, cmd.name)
+    results = [
+        {"device": d, **json.loads(b)}
+        for d, b in ctx.store.list_job_results(cmd.name, cmd.device_id, cmd.limit)
+    ]
+    return {"results": results}
+
+
+@commands.command(JobsRemove)
+def jobs_rm(ctx: Context, cmd: JobsRemove) -> Any:
+    _job(ctx, cmd.name)
+    with ctx.store.transaction():
+        ctx.store.delete_job(cmd.name)
+        ctx.recompute()
+    ctx.publish_pending()
+    return {"removed": cmd.name}
