@@ -15,9 +15,12 @@ before anything is written), then write inside ``ctx.store.transaction()`` and c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from .fleet import Seen
+from .models import Stack
+from .rollout import Deployment, Strategy
 from .store import Store
 
 
@@ -39,3 +42,20 @@ class Context(Protocol):
 
     def sync(self, device_ids: set[str] | None = None) -> None:
         """:meth:`recompute` in a transaction of its own, then :meth:`publish_pending`."""
+
+    def update_placements(self) -> None:
+        """Place every ``replicas`` stack again where its assignment changed (in the caller's transaction)."""
+
+    def fleet_view(self) -> dict[str, Seen]:
+        """Every device as deployment steps see it (kept in memory, re-read where written)."""
+
+    def start_deployment(self, stack: Stack, from_hash: str | None, strategy: Strategy) -> Deployment:
+        """Start the deployment of ``stack``'s current version (in the caller's transaction)."""
+
+    def advance_deployments(self, force: bool = True) -> None:
+        """Step every active deployment now; store, revert and publish what changed."""
+
+    def check_stack_variables(
+        self, stack: str, refs: Iterable[str], device_ids: list[str], group: str
+    ) -> None:
+        """Refuse (StoreError) a deployment whose variable references have no value on a device it targets."""

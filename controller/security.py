@@ -10,7 +10,7 @@ the live connections, through :attr:`SecurityHandlers.disconnect_users` (set by
 password file must be regenerated: see ``tether mosquitto-config``).
 
 :class:`SecurityHandlers` is mixed into :class:`~.service.Controller` like
-:class:`~.api.RequestHandlers`: its methods run on the controller's worker thread.
+the other handler mixins: its methods run on the controller's worker thread.
 """
 
 from __future__ import annotations

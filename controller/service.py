@@ -41,7 +41,6 @@ from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import PayloadError, TetherError
 from tether.protocol.models import (
     DesiredState,
-    DownloadStatus,
     Event,
     EventsAcked,
     JobResult,
@@ -51,16 +50,15 @@ from tether.protocol.models import (
     Request,
     StackDefinition,
     StackRef,
-    StackStatus,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
-from . import api, devices, enrollment, groups, jobs, registries, rollout, security, variables
-from .api import RequestHandlers
+from . import deployments, devices, enrollment, groups, jobs, registries, rollout, security, stacks, variables
 from .context import Context
 from .devices import all_devices
 from .enrollment import EnrollmentHandlers
+from .fleet import Seen
 from .lease import Lease
 from .models import DesiredRecord, Device, Stack
 from .observability import REFRESH_SECONDS, Metrics
@@ -127,61 +125,12 @@ class _Marks:
     above: set[int]
 
 
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """What a deployment step needs of one device (:meth:`Controller._fleet_view`)."""
-
-    attributes: Attributes
-    online: bool
-    held: bool
-    error: str | None
-    stacks: dict[str, StackStatus]
-    """Per stack, what the device reports (the parsed models, shared with the report)."""
-    downloads: dict[str, DownloadStatus]
-    generation: int = -1
-    """The generation the device reports having applied (-1: none reported)."""
-
-    @classmethod
-    def of(cls, device: Device) -> Seen:
-        return cls(device.attributes(), device.status == "online", False, None, {}, {}).reporting(
-            device.reported
-        )
-
-    def reporting(self, reported: ReportedState | None) -> Seen:
-        """The same device with another reported state."""
-        return Seen(
-            attributes=self.attributes,
-            online=self.online,
-            held=bool(reported and reported.held),
-            error=reported.error if reported and reported.error else None,
-            stacks=reported.stacks if reported else {},
-            downloads=reported.downloads if reported else {},
-            generation=reported.generation if reported else -1,
-        )
-
-    def observe(self, stack: str) -> Observation:
-        status = self.stacks.get(stack)
-        download = self.downloads.get(stack)
-        if status is None:
-            return Observation(online=self.online, held=self.held, error=self.error, download=download)
-        error = self.error or next((s.last_error for s in status.services.values() if s.last_error), None)
-        return Observation(
-            online=self.online,
-            spec_hash=status.spec_hash,
-            state=status.state,
-            held=self.held,
-            error=error,
-            restarts=sum(s.restarts for s in status.services.values()),
-            status=status,
-            download=download,
-        )
-
-
 COMMANDS = CommandRegistry.of(
-    api.commands,
     devices.commands,
     groups.commands,
     jobs.commands,
+    stacks.commands,
+    deployments.commands,
     security.commands,
     enrollment.commands,
     variables.commands,
@@ -190,7 +139,7 @@ COMMANDS = CommandRegistry.of(
 """Every command the controller answers, with its handler (see :mod:`.registry`)."""
 
 
-class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, VariableHandlers, RegistryHandlers):
+class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, RegistryHandlers):
     """Schedules stacks onto devices and answers requests, over one MQTT connection."""
 
     def __init__(
@@ -232,7 +181,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         self._deployments_dirty = True
         self._next_deployment_step = 0.0
         self._step_not_before = 0.0
-        self._fleet: dict[str, Seen] | None = None  # see _fleet_view
+        self._fleet: dict[str, Seen] | None = None  # see fleet_view
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self._next_refresh = 0.0
         self._publish_after: set[str] = set()  # devices to publish once the worker's transaction is committed
@@ -460,7 +409,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             attributes = attributes(self.store)
         return eligible(stack, members(group, attributes), attributes)
 
-    def _fleet_view(self) -> dict[str, Seen]:
+    def fleet_view(self) -> dict[str, Seen]:
         """Every device as a deployment step sees it: kept in memory, re-read only where written.
 
         A step looks at every device of the group, every second while devices report; parsing
@@ -509,7 +458,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if not active:
             return
         changed = False
-        fleet = self._fleet_view()
+        fleet = self.fleet_view()
         attributes = {d: seen.attributes for d, seen in fleet.items()}
         for deployment in active:
             stack = self.store.get_stack(deployment.stack)
@@ -556,7 +505,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
             )
         )
 
-    def _start_deployment(
+    def start_deployment(
         self, stack: Stack, from_hash: str | None, strategy: rollout.Strategy
     ) -> rollout.Deployment:
         """Create the deployment of ``stack``'s current version (inside the caller's transaction)."""
@@ -564,7 +513,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         previous = self.store.latest_deployments().get(stack.name)
         if previous is not None and previous.active:
             self.store.put_deployment(previous.model_copy(update={"state": "superseded", "updated": now}))
-        fleet = self._fleet_view()
+        fleet = self.fleet_view()
         targets = self._targets(stack, {d: seen.attributes for d, seen in fleet.items()})
         deployment = rollout.start(
             self.store.next_deployment_id(), stack.name, from_hash, stack.spec_hash, strategy, targets, now
@@ -801,7 +750,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         resend = self._acks_resend
         if resend:
             self._acks_resend = False
-            self._acks_due.update(self._fleet_view())
+            self._acks_due.update(self.fleet_view())
         due, self._acks_due = sorted(self._acks_due), set()
         for device_id in due:
             if not topics.DEVICE_ID_RE.match(device_id):
@@ -853,7 +802,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         """
         groups = {g.name: g for g in self.store.list_groups()}
         if device_ids is None:
-            self._update_placements()
+            self.update_placements()
         stacks = self.store.list_stacks()
         stack_groups = {s.name: s.group for s in stacks}
         applied: dict[str, int] = {}  # the generation each device reports having applied
@@ -967,7 +916,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         nxt = self._next_placements(stacks)
         return any(nxt[s.name] != s.assignment for s in stacks)
 
-    def _update_placements(self) -> None:
+    def update_placements(self) -> None:
         stacks = [s for s in self.store.list_stacks() if s.placement.mode == "replicas"]
         if not stacks:
             return
@@ -1110,7 +1059,7 @@ class Controller(RequestHandlers, SecurityHandlers, EnrollmentHandlers, Variable
         if client is None or not client.connected:
             return
         published = self._published_generations()
-        fleet = self._fleet_view()
+        fleet = self.fleet_view()
         now = time.monotonic()
         due: list[str] = []
         for device_id in list(self._behind):

@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from tether.protocol import codec, topics
-from tether.protocol.models import DesiredState, DeviceFacts, Event, JobResult, Presence
+from tether.protocol.models import (
+    DesiredState,
+    DeviceFacts,
+    Event,
+    JobResult,
+    Presence,
+    ReportedState,
+    ServiceStatus,
+    StackStatus,
+)
 from tether.protocol.topics import DeviceTopic
 
 from .recording import RecordingPublisher
@@ -31,3 +40,18 @@ def job_result(controller: Any, device_id: str, seq: int, result: JobResult) -> 
     """``device_id`` sends ``result`` as its ``job.result`` event number ``seq``."""
     event = Event(device_id=device_id, seq=seq, kind="job.result", message="", data=result.model_dump())
     controller.handle(topics.device(device_id, DeviceTopic.EVENTS), codec.encode(event))
+
+
+def report_running(controller: Any, device_id: str, generation: int, stacks: dict[str, str]) -> None:
+    """``device_id`` reports ``generation`` applied, each stack (name: spec hash) running."""
+    state = ReportedState(
+        device_id=device_id,
+        generation=generation,
+        stacks={
+            name: StackStatus(
+                spec_hash=spec_hash, state="running", services={"web": ServiceStatus(state="running")}
+            )
+            for name, spec_hash in stacks.items()
+        },
+    )
+    controller.handle(topics.device(device_id, DeviceTopic.REPORTED), codec.encode(state))

@@ -1,0 +1,127 @@
+"""Deployments: how a stack's new version reaches its devices (``deployments.*``).
+
+The rollout itself is pure (:mod:`.rollout`); the controller steps every active deployment
+(:meth:`~.service.Controller.advance_deployments`). These commands show deployments and
+pause, resume, promote, switch or roll one back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tether.protocol.commands import DeploymentsAction, DeploymentsList, DeploymentsStatus
+from tether.protocol.errors import StoreError
+
+from . import rollout
+from .context import Context
+from .registry import CommandRegistry
+
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
+
+
+def deployment_view(ctx: Context, d: rollout.Deployment, full: bool = False) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in d.devices.values():
+        counts[r.state] = counts.get(r.state, 0) + 1
+    view: dict[str, Any] = {
+        "id": d.id,
+        "stack": d.stack,
+        "state": d.state,
+        "from_hash": d.from_hash,
+        "to_hash": d.to_hash,
+        "strategy": d.strategy.model_dump(mode="json"),
+        "batch": d.batch,
+        "promoted": d.promoted,
+        "switched": d.switched,
+        "counts": counts,
+        "message": d.message,
+        "created": d.created,
+        "updated": d.updated,
+    }
+    if full:
+        fleet = ctx.fleet_view()
+        now = ctx.clock()
+        devices = {}
+        for k, r in sorted(d.devices.items()):
+            row = r.model_dump(mode="json")
+            seen = fleet.get(k)
+            download = seen.downloads.get(d.stack) if seen is not None else None
+            if (
+                download is not None
+                and download.spec_hash == d.to_hash
+                and r.state not in ("healthy", "staged")
+            ):
+                row["download"] = download.model_dump(mode="json")
+                row["progress"] = rollout.progress(download)
+            if r.state == "updating" and r.healthy_since is not None:
+                row["healthy_in"] = max(0.0, d.strategy.min_healthy_time_s - (now - r.healthy_since))
+            devices[k] = row
+        view["devices"] = devices
+    return view
+
+
+@commands.command(DeploymentsList)
+def deployments_ls(ctx: Context, cmd: DeploymentsList) -> Any:
+    return {"deployments": [deployment_view(ctx, d) for d in ctx.store.list_deployments(cmd.stack)]}
+
+
+def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
+    deployment = ctx.store.get_deployment(deployment_id)
+    if deployment is None:
+        raise StoreError(f"unknown deployment {deployment_id}")
+    return deployment
+
+
+@commands.command(DeploymentsStatus)
+def deployments_status(ctx: Context, cmd: DeploymentsStatus) -> Any:
+    return {"deployment": deployment_view(ctx, _deployment(ctx, cmd.id), full=True)}
+
+
+@commands.command(DeploymentsAction)
+def deployments_action(ctx: Context, cmd: DeploymentsAction) -> Any:
+    d = _deployment(ctx, cmd.id)
+    latest = ctx.store.latest_deployments().get(d.stack)
+    action = cmd.kind.split(".", 1)[1]
+    now = ctx.clock()
+    if action == "rollback":
+        stack = ctx.store.get_stack(d.stack)
+        if stack is None or d.from_hash is None:
+            raise StoreError(f"deployment {d.id} has no previous version to roll back to")
+        spec = ctx.store.get_spec(d.from_hash)
+        if spec is None:
+            raise StoreError(f"deployment {d.id}: previous version {d.from_hash[:12]} is unknown")
+        with ctx.store.transaction():
+            reverted = stack.model_copy(
+                update={
+                    "spec_hash": d.from_hash,
+                    "spec": spec,
+                    "version": stack.version + 1,
+                    "updated": now,
+                }
+            )
+            ctx.store.put_stack(reverted)
+            new = ctx.start_deployment(reverted, stack.spec_hash, d.strategy)
+            ctx.recompute()
+        ctx.publish_pending()
+        return {"deployment": deployment_view(ctx, new)}
+    if latest is None or latest.id != d.id or not d.active:
+        raise StoreError(
+            f"deployment {d.id} is {d.state}; only the active deployment of a stack can {action}"
+        )
+    if action == "pause":
+        d = d.model_copy(update={"state": "paused", "updated": now})
+    elif action == "resume":
+        d = d.model_copy(update={"state": "running", "updated": now})
+    elif action == "promote":
+        if d.strategy.kind != "canary":
+            raise StoreError(f"deployment {d.id} is not a canary deployment")
+        d = rollout.promote(d, now)
+    elif action == "switch":
+        if not d.strategy.stage_only or d.switched:
+            raise StoreError(f"deployment {d.id} is not waiting for a switch (deploy with --stage-only)")
+        d = rollout.switch(d, now)
+    with ctx.store.transaction():
+        ctx.store.put_deployment(d)
+    ctx.advance_deployments()
+    return {"deployment": deployment_view(ctx, _deployment(ctx, d.id))}

@@ -1,0 +1,65 @@
+"""The fleet as the controller's deployment steps see it: one :class:`Seen` per device.
+
+Kept in memory by the controller (:meth:`~.service.Controller.fleet_view`) and updated
+from what the store says it wrote, so a step over 10,000 devices parses no device row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
+
+from .models import Device
+from .rollout import Observation
+from .selectors import Attributes
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What a deployment step needs of one device (:meth:`~.service.Controller.fleet_view`)."""
+
+    attributes: Attributes
+    online: bool
+    held: bool
+    error: str | None
+    stacks: dict[str, StackStatus]
+    """Per stack, what the device reports (the parsed models, shared with the report)."""
+    downloads: dict[str, DownloadStatus]
+    generation: int = -1
+    """The generation the device reports having applied (-1: none reported)."""
+
+    @classmethod
+    def of(cls, device: Device) -> Seen:
+        return cls(device.attributes(), device.status == "online", False, None, {}, {}).reporting(
+            device.reported
+        )
+
+    def reporting(self, reported: ReportedState | None) -> Seen:
+        """The same device with another reported state."""
+        return Seen(
+            attributes=self.attributes,
+            online=self.online,
+            held=bool(reported and reported.held),
+            error=reported.error if reported and reported.error else None,
+            stacks=reported.stacks if reported else {},
+            downloads=reported.downloads if reported else {},
+            generation=reported.generation if reported else -1,
+        )
+
+    def observe(self, stack: str) -> Observation:
+        status = self.stacks.get(stack)
+        download = self.downloads.get(stack)
+        if status is None:
+            return Observation(online=self.online, held=self.held, error=self.error, download=download)
+        error = self.error or next((s.last_error for s in status.services.values() if s.last_error), None)
+        return Observation(
+            online=self.online,
+            spec_hash=status.spec_hash,
+            state=status.state,
+            held=self.held,
+            error=error,
+            restarts=sum(s.restarts for s in status.services.values()),
+            status=status,
+            download=download,
+        )

@@ -1,0 +1,247 @@
+"""Stacks: deploy a Compose file to a group, plan a deploy, list, status, remove (``stacks.*``).
+
+A deploy stores the stack's new version and starts its deployment (:mod:`.deployments`,
+:mod:`.rollout`) in the transaction that recomputes every device's desired state.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tether.protocol import codec, names
+from tether.protocol.commands import StacksDeploy, StacksList, StacksPlan, StacksRemove, StacksStatus
+from tether.protocol.errors import ComposeError, StoreError
+from tether.protocol.models import StackDefinition
+from tether.protocol.variables import stack_references
+
+from . import rollout
+from .compose import parse_stack_warnings
+from .context import Context
+from .devices import all_devices, attributes
+from .models import Device, Stack
+from .registry import CommandRegistry
+from .scheduler import members
+
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
+
+
+@commands.command(StacksDeploy)
+def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> Any:
+    if not names.NAME.ok(cmd.name):
+        raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+    try:
+        spec, placement, warnings = parse_stack_warnings(cmd.compose, cmd.files)
+    except ComposeError as exc:
+        raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
+    group = ctx.store.get_group(cmd.group)
+    if group is None:
+        raise StoreError(f"unknown group {cmd.group!r}")
+    existing = ctx.store.get_stack(cmd.name)
+    if existing is not None and existing.group != cmd.group:
+        raise StoreError(
+            f"stack {cmd.name!r} is already deployed to group {existing.group!r}; remove it first or use that group"
+        )
+    refs = stack_references(spec)
+    if refs:  # every device it goes to must have a value for every reference
+        ctx.check_stack_variables(cmd.name, refs, members(group, attributes(ctx.store)), cmd.group)
+    spec_hash = spec.spec_hash()
+    size = len(codec.encode(StackDefinition(spec_hash=spec_hash, spec=spec)))
+    if size > codec.MAX_PAYLOAD:  # it could never be sent to a device (YAML aliases expand)
+        raise ComposeError(
+            f"stack {cmd.name!r}: its definition is {size} bytes, over the {codec.MAX_PAYLOAD}-byte message limit"
+        )
+    now = ctx.clock()
+    changed = existing is None or existing.spec_hash != spec_hash or existing.placement != placement
+    if changed:
+        keep = existing.assignment if existing is not None and placement.mode == "replicas" else ()
+        new_version = existing is None or existing.spec_hash != spec_hash
+        stack = Stack(
+            name=cmd.name,
+            group=cmd.group,
+            spec_hash=spec_hash,
+            spec=spec,
+            compose=cmd.compose,
+            placement=placement,
+            assignment=keep,
+            version=(existing.version + 1) if existing else 1,
+            created=existing.created if existing else now,
+            updated=now,
+        )
+        deployment = None
+        with ctx.store.transaction():
+            ctx.store.put_spec(spec_hash, spec)
+            ctx.store.put_stack(stack)
+            ctx.update_placements()
+            stack = ctx.store.get_stack(cmd.name) or stack
+            if new_version:
+                from_hash = existing.spec_hash if existing is not None else None
+                deployment = ctx.start_deployment(stack, from_hash, cmd.strategy)
+            ctx.recompute()
+        ctx.publish_pending()
+    else:
+        stack = existing  # type: ignore[assignment]
+        deployment = None
+    stack = ctx.store.get_stack(cmd.name) or stack
+    if stack.placement.mode == "replicas":
+        targets = [a.device_id for a in stack.assignment]
+    else:  # the fleet as the deployment sees it (in memory), not every device row read again
+        fleet = ctx.fleet_view()
+        targets = members(group, {d: seen.attributes for d, seen in fleet.items()})
+    return {
+        "stack": stack_view(stack),
+        "changed": changed,
+        "devices": targets,
+        "deployment": deployment.id if deployment else None,
+        "warnings": warnings,
+    }
+
+
+@commands.command(StacksPlan)
+def stacks_plan(ctx: Context, cmd: StacksPlan) -> Any:
+    """``stacks.deploy`` checked in full and compared with what runs, nothing stored."""
+    errors: list[str] = []
+    spec = placement = group = None
+    warnings: list[str] = []
+    if not names.NAME.ok(cmd.name):
+        errors.append(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+    try:
+        spec, placement, warnings = parse_stack_warnings(cmd.compose, cmd.files)
+    except ComposeError as exc:
+        errors.append(f"stack {cmd.name!r}: {exc}")
+    group = ctx.store.get_group(cmd.group)
+    if group is None:
+        errors.append(f"unknown group {cmd.group!r}")
+    existing = ctx.store.get_stack(cmd.name) if names.NAME.ok(cmd.name) else None
+    if existing is not None and existing.group != cmd.group:
+        errors.append(
+            f"stack {cmd.name!r} is already deployed to group {existing.group!r}; remove it first or use that group"
+        )
+    if spec is not None and group is not None and (refs := stack_references(spec)):
+        try:
+            ctx.check_stack_variables(cmd.name, refs, members(group, attributes(ctx.store)), cmd.group)
+        except StoreError as exc:
+            errors.append(str(exc))
+    if errors or spec is None or placement is None or group is None:
+        raise ComposeError("\n".join(errors))
+    before = {s.name: s.spec_hash() for s in existing.spec.services} if existing is not None else {}
+    services = []
+    for service in spec.services:
+        old = before.get(service.name)
+        change = "added" if old is None else "kept" if old == service.spec_hash() else "replaced"
+        services.append({"name": service.name, "change": change})
+    services += [{"name": n, "change": "removed"} for n in before if spec.service(n) is None]
+    new_version = existing is None or existing.spec_hash != spec.spec_hash()
+    if placement.mode == "replicas":
+        targets = [a.device_id for a in existing.assignment] if existing is not None else []
+    else:
+        fleet = ctx.fleet_view()
+        targets = members(group, {d: seen.attributes for d, seen in fleet.items()})
+    return {
+        "name": cmd.name,
+        "group": cmd.group,
+        "spec_hash": spec.spec_hash(),
+        "changed": new_version or existing is None or existing.placement != placement,
+        "version": (existing.version + 1 if new_version else existing.version) if existing else 1,
+        "placement": placement.model_dump(mode="json"),
+        "devices": targets,
+        "services": services,
+        "warnings": warnings,
+    }
+
+
+def stack_view(stack: Stack) -> dict[str, Any]:
+    """A stack as replies show it."""
+    return {
+        "name": stack.name,
+        "group": stack.group,
+        "spec_hash": stack.spec_hash,
+        "version": stack.version,
+        "services": [s.name for s in stack.spec.services],
+        "placement": stack.placement.model_dump(mode="json"),
+        "assignment": [a.model_dump(mode="json") for a in stack.assignment],
+        "updated": stack.updated,
+    }
+
+
+@commands.command(StacksList, read_only=True)
+def stacks_ls(ctx: Context, cmd: StacksList) -> Any:
+    out = []
+    for stack in ctx.store.list_stacks():
+        rows = stack_devices(ctx, stack.name, stack.spec_hash)
+        view = stack_view(stack)
+        view["devices"] = len(rows)
+        view["running"] = sum(1 for r in rows if r["state"] == "running")
+        out.append(view)
+    return {"stacks": out}
+
+
+def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[dict[str, Any]]:
+    """Per device that should run (or still runs) stack ``name``: where it stands."""
+    devices = all_devices(ctx.store)
+    latest = ctx.store.latest_deployments().get(name)
+    rows = []
+    for record in ctx.store.list_desired():
+        ref = next((r for r in record.stacks if r.name == name), None)
+        device = devices.get(record.device_id) or Device(id=record.device_id)
+        reported = device.reported
+        status = reported.stacks.get(name) if reported else None
+        if ref is None and status is None:
+            continue
+        if ref is None:
+            state = "removing"
+        elif status is None or status.spec_hash != ref.spec_hash:
+            state = "pending"
+            if reported is not None and reported.error and reported.generation < record.generation:
+                state = "rejected"
+        else:
+            state = status.state
+        stack = ctx.store.get_stack(name)
+        role = (
+            next((a.role for a in stack.assignment if a.device_id == record.device_id), None)
+            if stack
+            else None
+        )
+        rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
+        download = reported.downloads.get(name) if reported else None
+        rows.append(
+            {
+                "device": record.device_id,
+                "role": role,
+                "rollout": rolling.state if rolling else None,
+                "held": bool(reported and reported.held),
+                "presence": device.status,
+                "state": state,
+                "desired_generation": record.generation,
+                "applied_generation": reported.generation if reported else None,
+                "error": reported.error if reported else None,
+                "services": {k: v.model_dump(mode="json") for k, v in status.services.items()}
+                if status
+                else {},
+                "download": download.model_dump(mode="json") if download else None,
+                "progress": rollout.progress(download) if download else None,
+                "why": rollout.explain(status) if status and status.state != "running" else None,
+            }
+        )
+    return rows
+
+
+@commands.command(StacksStatus, read_only=True)
+def stacks_status(ctx: Context, cmd: StacksStatus) -> Any:
+    stack = ctx.store.get_stack(cmd.name)
+    rows = stack_devices(ctx, cmd.name, stack.spec_hash if stack else None)
+    if stack is None and not rows:
+        raise StoreError(f"unknown stack {cmd.name!r}")
+    return {"stack": stack_view(stack) if stack else None, "devices": rows}
+
+
+@commands.command(StacksRemove)
+def stacks_rm(ctx: Context, cmd: StacksRemove) -> Any:
+    stack = ctx.store.get_stack(cmd.name)
+    if stack is None:
+        raise StoreError(f"unknown stack {cmd.name!r}")
+    with ctx.store.transaction():
+        ctx.store.delete_stack(cmd.name)
+        ctx.recompute()
+    ctx.publish_pending()
+    return {"removed": cmd.name}

@@ -1,0 +1,143 @@
+"""Stack and deployment commands on a real SQLite store: versions, plans, status, rollouts."""
+
+from __future__ import annotations
+
+import pytest
+from support.fleet import desired, online, report_running
+from support.recording import RecordingPublisher
+from tether.controller.service import Controller
+from tether.protocol.commands import (
+    CommandModel,
+    DeploymentsAction,
+    DeploymentsList,
+    DeploymentsStatus,
+    GroupsCreate,
+    RolloutStrategy,
+    StacksDeploy,
+    StacksList,
+    StacksPlan,
+    StacksRemove,
+    StacksStatus,
+)
+from tether.protocol.errors import ComposeError, StoreError, TetherError
+
+V1 = "services:\n  web:\n    image: busybox:1.36\n"
+V2 = "services:\n  web:\n    image: busybox:1.37\n  db:\n    image: busybox:1.36\n"
+
+
+@pytest.fixture
+def edge(controller: Controller) -> Controller:
+    """The controller with group ``edge`` of two online devices."""
+    online(controller, "pi-1")
+    online(controller, "pi-2")
+    controller.execute(GroupsCreate(name="edge", devices=("pi-1", "pi-2")))
+    return controller
+
+
+def test_a_deploy_reaches_every_member_and_status_follows_reports(
+    edge: Controller, publisher: RecordingPublisher
+) -> None:
+    """stacks.deploy stores version 1 and publishes it; status shows pending until a device reports it running."""
+    result = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
+    assert (result["changed"], result["devices"], result["stack"]["version"]) == (True, ["pi-1", "pi-2"], 1)
+    spec_hash = result["stack"]["spec_hash"]
+    for device_id in ("pi-1", "pi-2"):
+        state = desired(publisher, device_id)
+        assert state is not None and [(s.name, s.spec_hash) for s in state.stacks] == [("web", spec_hash)]
+    rows = {r["device"]: r for r in edge.execute(StacksStatus(name="web"))["devices"]}
+    assert {d: r["state"] for d, r in rows.items()} == {"pi-1": "pending", "pi-2": "pending"}
+    report_running(edge, "pi-1", rows["pi-1"]["desired_generation"], {"web": spec_hash})
+    rows = {r["device"]: r for r in edge.execute(StacksStatus(name="web"))["devices"]}
+    assert (rows["pi-1"]["state"], rows["pi-2"]["state"]) == ("running", "pending")
+    (listed,) = edge.execute(StacksList())["stacks"]
+    assert (listed["name"], listed["devices"], listed["running"]) == ("web", 2, 1)
+
+
+def test_the_same_file_again_changes_nothing(edge: Controller, publisher: RecordingPublisher) -> None:
+    """Deploying an unchanged file starts no deployment and publishes nothing."""
+    first = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
+    published = len(publisher.published)
+    again = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
+    assert (again["changed"], again["deployment"], again["stack"]["version"]) == (False, None, 1)
+    assert len(publisher.published) == published
+    assert [d["id"] for d in edge.execute(DeploymentsList())["deployments"]] == [first["deployment"]]
+
+
+def test_a_plan_names_each_service_change_and_stores_nothing(edge: Controller) -> None:
+    """stacks.plan against version 1: web replaced, db added, version 2 next; the stack stays at version 1."""
+    edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
+    plan = edge.execute(StacksPlan(name="web", group="edge", compose=V2))
+    assert plan["services"] == [{"name": "web", "change": "replaced"}, {"name": "db", "change": "added"}]
+    assert (plan["version"], plan["changed"], plan["devices"]) == (2, True, ["pi-1", "pi-2"])
+    stack = edge.store.get_stack("web")
+    assert stack is not None and stack.version == 1
+    back = edge.execute(StacksPlan(name="web", group="edge", compose=V1))
+    assert (back["services"], back["changed"]) == ([{"name": "web", "change": "kept"}], False)
+
+
+def test_a_plan_reports_every_problem_at_once(edge: Controller) -> None:
+    """A bad name, an unknown group and a bad file come back in one error."""
+    with pytest.raises(ComposeError) as refused:
+        edge.execute(StacksPlan(name="Bad!", group="nope", compose="services: {web: {}}\n"))
+    message = str(refused.value)
+    assert "invalid stack name 'Bad!'" in message and "unknown group 'nope'" in message
+    assert "web" in message
+    assert edge.store.list_stacks() == []
+
+
+@pytest.mark.parametrize(
+    ("command", "error"),
+    [
+        (StacksDeploy(name="Bad!", group="edge", compose=V1), "invalid stack name 'Bad!'"),
+        (StacksDeploy(name="web", group="nope", compose=V1), "unknown group 'nope'"),
+        (StacksDeploy(name="web", group="edge", compose="services: [\n"), "stack 'web'"),
+        (StacksStatus(name="nope"), "unknown stack 'nope'"),
+        (StacksRemove(name="nope"), "unknown stack 'nope'"),
+        (DeploymentsStatus(id=99), "unknown deployment 99"),
+        (DeploymentsAction(kind="deployments.pause", id=99), "unknown deployment 99"),
+    ],
+)
+def test_bad_stack_commands_are_refused_and_store_nothing(
+    edge: Controller, command: CommandModel, error: str
+) -> None:
+    """Each bad stack or deployment command is one error naming the problem; nothing is stored."""
+    with pytest.raises(TetherError, match=error):
+        edge.execute(command)
+    assert edge.store.list_stacks() == [] and edge.store.list_deployments(None) == []
+
+
+def test_a_stack_stays_in_its_group_until_removed(edge: Controller, publisher: RecordingPublisher) -> None:
+    """A stack cannot move to another group; stacks.rm takes it off every device."""
+    edge.execute(GroupsCreate(name="other", devices=("pi-3",)))
+    edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
+    with pytest.raises(StoreError, match="already deployed to group 'edge'"):
+        edge.execute(StacksDeploy(name="web", group="other", compose=V1))
+    assert edge.execute(StacksRemove(name="web")) == {"removed": "web"}
+    state = desired(publisher, "pi-1")
+    assert state is not None and state.stacks == ()
+
+
+def test_a_canary_deployment_pauses_resumes_and_rolls_back(
+    edge: Controller, publisher: RecordingPublisher
+) -> None:
+    """Pause and resume change the active deployment's state; rollback deploys version 1 again as version 3."""
+    v1 = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
+    canary = RolloutStrategy(kind="canary", canary=1)
+    v2 = edge.execute(StacksDeploy(name="web", group="edge", compose=V2, strategy=canary))
+    deployment = v2["deployment"]
+    paused = edge.execute(DeploymentsAction(kind="deployments.pause", id=deployment))["deployment"]
+    assert paused["state"] == "paused"
+    resumed = edge.execute(DeploymentsAction(kind="deployments.resume", id=deployment))["deployment"]
+    assert resumed["state"] != "paused"
+    with pytest.raises(StoreError, match="not waiting for a switch"):
+        edge.execute(DeploymentsAction(kind="deployments.switch", id=deployment))
+    with pytest.raises(StoreError, match="only the active deployment"):
+        edge.execute(DeploymentsAction(kind="deployments.pause", id=v1["deployment"]))
+    back = edge.execute(DeploymentsAction(kind="deployments.rollback", id=deployment))["deployment"]
+    assert (back["from_hash"], back["to_hash"]) == (v2["stack"]["spec_hash"], v1["stack"]["spec_hash"])
+    stack = edge.store.get_stack("web")
+    assert stack is not None and (stack.version, stack.spec_hash) == (3, v1["stack"]["spec_hash"])
+    shown = edge.execute(DeploymentsStatus(id=back["id"]))["deployment"]
+    assert set(shown["devices"]) == {"pi-1", "pi-2"}
+    superseded = edge.execute(DeploymentsStatus(id=deployment))["deployment"]
+    assert superseded["state"] == "superseded"
