@@ -93,28 +93,21 @@ class ControllerClient:
                 return reply
 
     def request(self, command: BaseModel, timeout: float | None = None) -> Any:
-        """Send ``command``; return the reply's result or raise :class:`RequestError`."""
-        request_id = uuid.uuid4().hex
-        request = Request(id=request_id, reply_to=self.reply_topic, command=command.model_dump(mode="json"))
-        if not self._mqtt.publish_confirmed(topics.REQUESTS, codec.encode(request), qos=1):
-            raise RequestError("lost the connection to the broker while sending the request")
+        """Send ``command`` to the controller; return the reply's result or raise :class:`RequestError`
+        (its ``code`` says why the controller refused it).
+
+        One deadline covers the round trip: replies to earlier requests do not extend it."""
         wait = self.timeout if timeout is None else timeout
-        while True:
-            try:
-                payload = self._replies.get(timeout=wait)
-            except queue.Empty:
-                raise RequestTimeout(
-                    f"no reply from the controller within {wait:g}s (is `tether up` running on this broker?)"
-                ) from None
-            try:
-                reply = codec.decode(payload, Reply)
-            except PayloadError:
-                continue
-            if reply.id != request_id:
-                continue  # a late reply to an earlier request
-            if not reply.ok:
-                raise RequestError(reply.error or "request failed")
-            return reply.result
+        deadline = time.monotonic() + wait
+        request_id = self.send(topics.REQUESTS, command, timeout=wait)
+        reply = self.receive(request_id, max(0.0, deadline - time.monotonic()), Reply)
+        if reply is None:
+            raise RequestTimeout(
+                f"no reply from the controller within {wait:g}s (is `tether up` running on this broker?)"
+            )
+        if not reply.ok:
+            raise RequestError(reply.error or "request failed", code=reply.code)
+        return reply.result
 
     def close(self) -> None:
         self._mqtt.stop()

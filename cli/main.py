@@ -44,7 +44,7 @@ from tether.protocol.commands import (
     StacksStatus,
 )
 from tether.protocol.durations import format_duration, parse_duration
-from tether.protocol.errors import RequestError, TetherError
+from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
 from . import enroll, output, registries, remote, variables
@@ -624,8 +624,8 @@ def _wait(
     while True:
         try:
             rows = client.request(StacksStatus(name=name))["devices"]
-        except TetherError as exc:
-            if "unknown stack" in str(exc):
+        except RequestError as exc:
+            if exc.code == ErrorCode.NOT_FOUND:  # not stored yet, or removed
                 rows = []
             else:
                 raise

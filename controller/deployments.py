@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tether.protocol.commands import DeploymentsAction, DeploymentsList, DeploymentsStatus
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import ConflictError, NotFoundError
 
 from . import rollout
 from .context import Context
@@ -69,7 +69,7 @@ def deployments_ls(ctx: Context, cmd: DeploymentsList) -> Any:
 def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
     deployment = ctx.store.get_deployment(deployment_id)
     if deployment is None:
-        raise StoreError(f"unknown deployment {deployment_id}")
+        raise NotFoundError(f"unknown deployment {deployment_id}")
     return deployment
 
 
@@ -87,10 +87,10 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> Any:
     if action == "rollback":
         stack = ctx.store.get_stack(d.stack)
         if stack is None or d.from_hash is None:
-            raise StoreError(f"deployment {d.id} has no previous version to roll back to")
+            raise ConflictError(f"deployment {d.id} has no previous version to roll back to")
         spec = ctx.store.get_spec(d.from_hash)
         if spec is None:
-            raise StoreError(f"deployment {d.id}: previous version {d.from_hash[:12]} is unknown")
+            raise ConflictError(f"deployment {d.id}: previous version {d.from_hash[:12]} is unknown")
         with ctx.store.transaction():
             reverted = stack.model_copy(
                 update={
@@ -106,7 +106,7 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> Any:
         ctx.publish_pending()
         return {"deployment": deployment_view(ctx, new)}
     if latest is None or latest.id != d.id or not d.active:
-        raise StoreError(
+        raise ConflictError(
             f"deployment {d.id} is {d.state}; only the active deployment of a stack can {action}"
         )
     if action == "pause":
@@ -115,11 +115,11 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> Any:
         d = d.model_copy(update={"state": "running", "updated": now})
     elif action == "promote":
         if d.strategy.kind != "canary":
-            raise StoreError(f"deployment {d.id} is not a canary deployment")
+            raise ConflictError(f"deployment {d.id} is not a canary deployment")
         d = rollout.promote(d, now)
     elif action == "switch":
         if not d.strategy.stage_only or d.switched:
-            raise StoreError(f"deployment {d.id} is not waiting for a switch (deploy with --stage-only)")
+            raise ConflictError(f"deployment {d.id} is not waiting for a switch (deploy with --stage-only)")
         d = rollout.switch(d, now)
     with ctx.store.transaction():
         ctx.store.put_deployment(d)

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from tether.protocol.commands import DevicesLabel, DevicesList, DevicesShow, DevicesTop
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import NotFoundError
 
 from .context import Context
 from .models import Device
@@ -71,7 +71,7 @@ def devices_ls(ctx: Context, cmd: DevicesList) -> Any:
 def devices_show(ctx: Context, cmd: DevicesShow) -> Any:
     device = all_devices(ctx.store).get(cmd.device_id)
     if device is None:
-        raise StoreError(f"unknown device {cmd.device_id!r}")
+        raise NotFoundError(f"unknown device {cmd.device_id!r}")
     return {"device": device_view(ctx.store, device, full=True)}
 
 
@@ -80,7 +80,7 @@ def devices_top(ctx: Context, cmd: DevicesTop) -> Any:
     devices = all_devices(ctx.store)
     for device_id in cmd.device_ids:
         if device_id not in devices:
-            raise StoreError(f"unknown device {device_id!r}")
+            raise NotFoundError(f"unknown device {device_id!r}")
     wanted = cmd.device_ids or tuple(devices)
     rows = [
         {
@@ -102,7 +102,7 @@ def devices_label(ctx: Context, cmd: DevicesLabel) -> Any:
     if device is None and (cred := ctx.store.get_credential(cmd.device_id)) is not None:
         device = Device(id=cmd.device_id) if cred.device_id == cmd.device_id else None
     if device is None:
-        raise StoreError(f"unknown device {cmd.device_id!r}")
+        raise NotFoundError(f"unknown device {cmd.device_id!r}")
     check_labels(cmd.set)
     labels = {k: v for k, v in device.operator_labels.items() if k not in cmd.remove}
     labels.update(cmd.set)

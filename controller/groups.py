@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import ValidationError
 from tether.protocol import topics
 from tether.protocol.commands import GroupsCreate, GroupsList, GroupsRemove, GroupsShow, GroupsTrust
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import CommandError, ConflictError, NotFoundError
 
 from .context import Context
 from .devices import attributes
@@ -38,11 +38,11 @@ def group_view(ctx: Context, group: Group) -> dict[str, Any]:
 @commands.command(GroupsCreate)
 def groups_create(ctx: Context, cmd: GroupsCreate) -> Any:
     if bool(cmd.devices) == bool(cmd.selector):
-        raise StoreError("a group needs either devices or a selector (not both)")
+        raise CommandError("a group needs either devices or a selector (not both)")
     if cmd.selector:
         parse_selector(cmd.selector)
     if cmd.trust_device_labels and not cmd.selector:
-        raise StoreError("only a selector group can trust device labels")
+        raise CommandError("only a selector group can trust device labels")
     for device_id in cmd.devices:
         topics.check_device_id(device_id)
     try:
@@ -54,7 +54,7 @@ def groups_create(ctx: Context, cmd: GroupsCreate) -> Any:
             created=ctx.clock(),
         )
     except ValidationError as exc:
-        raise StoreError(
+        raise CommandError(
             f"invalid group name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')"
         ) from exc
     with ctx.store.transaction():
@@ -69,9 +69,9 @@ def groups_trust(ctx: Context, cmd: GroupsTrust) -> Any:
     """Whether a selector group matches what devices report about themselves: recomputed at once."""
     group = ctx.store.get_group(cmd.name)
     if group is None:
-        raise StoreError(f"unknown group {cmd.name!r}")
+        raise NotFoundError(f"unknown group {cmd.name!r}")
     if group.selector is None:
-        raise StoreError(f"group {cmd.name!r} is static: only a selector group can trust device labels")
+        raise ConflictError(f"group {cmd.name!r} is static: only a selector group can trust device labels")
     if group.trust_device_labels != cmd.trust:
         with ctx.store.transaction():
             ctx.store.delete_group(group.name)
@@ -97,7 +97,7 @@ def groups_ls(ctx: Context, cmd: GroupsList) -> Any:
 def groups_show(ctx: Context, cmd: GroupsShow) -> Any:
     group = ctx.store.get_group(cmd.name)
     if group is None:
-        raise StoreError(f"unknown group {cmd.name!r}")
+        raise NotFoundError(f"unknown group {cmd.name!r}")
     return {"group": group_view(ctx, group)}
 
 
@@ -105,10 +105,10 @@ def groups_show(ctx: Context, cmd: GroupsShow) -> Any:
 def groups_rm(ctx: Context, cmd: GroupsRemove) -> Any:
     group = ctx.store.get_group(cmd.name)
     if group is None:
-        raise StoreError(f"unknown group {cmd.name!r}")
+        raise NotFoundError(f"unknown group {cmd.name!r}")
     used = [s.name for s in ctx.store.list_stacks() if s.group == cmd.name]
     if used:
-        raise StoreError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")
+        raise ConflictError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")
     with ctx.store.transaction():
         ctx.store.delete_group(cmd.name)
     return {"removed": cmd.name}

@@ -12,7 +12,7 @@ from typing import Any
 
 from tether.protocol import names
 from tether.protocol.commands import JobsList, JobsLogs, JobsRemove, JobsRun, JobsSchedule, JobsStatus
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import CommandError, ConflictError, NotFoundError
 from tether.protocol.models import JobSpec
 from tether.protocol.schedule import cron_error
 
@@ -28,13 +28,13 @@ commands = CommandRegistry()
 
 def _add_job(ctx: Context, job: Job) -> Any:
     if not names.NAME.ok(job.name):
-        raise StoreError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
+        raise CommandError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
     if ctx.store.get_group(job.group) is None:
-        raise StoreError(f"unknown group {job.group!r}")
+        raise NotFoundError(f"unknown group {job.group!r}")
     if not job.spec.command:
-        raise StoreError("a job needs a command")
+        raise CommandError("a job needs a command")
     if ctx.store.get_job(job.name) is not None:
-        raise StoreError(f"job {job.name!r} already exists; remove it first")
+        raise ConflictError(f"job {job.name!r} already exists; remove it first")
     with ctx.store.transaction():
         ctx.store.put_job(job)
         ctx.recompute()
@@ -56,18 +56,18 @@ def jobs_run(ctx: Context, cmd: JobsRun) -> Any:
         else None
     )
     if spec is None:
-        raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        raise CommandError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
     return _add_job(ctx, Job(name=cmd.name, group=cmd.group, spec=spec, created=ctx.clock()))
 
 
 @commands.command(JobsSchedule)
 def jobs_schedule(ctx: Context, cmd: JobsSchedule) -> Any:
     if (cmd.cron is None) == (cmd.every_s is None):
-        raise StoreError("a scheduled job needs either a cron expression or an interval (not both)")
+        raise CommandError("a scheduled job needs either a cron expression or an interval (not both)")
     if cmd.cron is not None and (problem := cron_error(cmd.cron)) is not None:
-        raise StoreError(f"invalid cron expression {cmd.cron!r}: {problem}")
+        raise CommandError(f"invalid cron expression {cmd.cron!r}: {problem}")
     if not names.NAME.ok(cmd.name):
-        raise StoreError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        raise CommandError(f"invalid job name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
     spec = JobSpec(
         name=cmd.name,
         command=cmd.command,
@@ -99,7 +99,7 @@ def job_view(job: Job) -> dict[str, Any]:
 def _job(ctx: Context, name: str) -> Job:
     job = ctx.store.get_job(name)
     if job is None:
-        raise StoreError(f"unknown job {name!r}")
+        raise NotFoundError(f"unknown job {name!r}")
     return job
 
 

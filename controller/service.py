@@ -38,7 +38,7 @@ from tether.protocol.backoff import Backoff
 from tether.protocol.commands import COMMAND_ADAPTER, CommandModel
 from tether.protocol.credentials import CredentialTable
 from tether.protocol.device_api import MetricsSample, merge_sample
-from tether.protocol.errors import PayloadError, TetherError
+from tether.protocol.errors import CommandError, ErrorCode, PayloadError, TetherError
 from tether.protocol.models import (
     DesiredState,
     Event,
@@ -1148,20 +1148,27 @@ class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, Registr
             reply = Reply(id=request.id, ok=True, result=result)
             self.metrics.requests.labels(command=command.kind, outcome="ok").inc()
         except ValidationError as exc:
-            reply = Reply(id=request.id, ok=False, error=f"invalid request: {codec.describe(exc)}")
-        except TetherError as exc:
-            reply = Reply(id=request.id, ok=False, error=str(exc))
+            reply = Reply(
+                id=request.id,
+                ok=False,
+                error=f"invalid request: {codec.describe(exc)}",
+                code=ErrorCode.INVALID,
+            )
+        except TetherError as exc:  # a refusal: a CommandError says why; any other is a bad request
+            code = exc.code if isinstance(exc, CommandError) else ErrorCode.INVALID
+            reply = Reply(id=request.id, ok=False, error=str(exc), code=code)
             self.metrics.requests.labels(
                 command=str(request.command.get("kind", "?"))[:40], outcome="error"
             ).inc()
         except Exception as exc:
             log.exception("request %s failed", request.id)
-            reply = Reply(id=request.id, ok=False, error=f"internal error: {exc.__class__.__name__}: {exc}")
+            error = f"internal error: {exc.__class__.__name__}: {exc}"
+            reply = Reply(id=request.id, ok=False, error=error, code=ErrorCode.INTERNAL)
         data = codec.encode(reply)
         if len(data) > codec.MAX_PAYLOAD:  # a broker would close our connection over it
             error = f"the reply ({len(data)} bytes) exceeds the {codec.MAX_PAYLOAD}-byte message limit"
             log.error("request %s: %s", request.id, error)
-            data = codec.encode(Reply(id=request.id, ok=False, error=error))
+            data = codec.encode(Reply(id=request.id, ok=False, error=error, code=ErrorCode.TOO_LARGE))
         if self.client is not None:
             self.client.publish(request.reply_to, data, qos=1)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from tether.protocol import codec, names
 from tether.protocol.commands import StacksDeploy, StacksList, StacksPlan, StacksRemove, StacksStatus
-from tether.protocol.errors import ComposeError, StoreError
+from tether.protocol.errors import CommandError, ComposeError, ConflictError, NotFoundError, StoreError
 from tether.protocol.models import StackDefinition
 from tether.protocol.variables import stack_references
 
@@ -29,17 +29,17 @@ commands = CommandRegistry()
 @commands.command(StacksDeploy)
 def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> Any:
     if not names.NAME.ok(cmd.name):
-        raise StoreError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
+        raise CommandError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
     try:
         spec, placement, warnings = parse_stack_warnings(cmd.compose, cmd.files)
     except ComposeError as exc:
         raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
     group = ctx.store.get_group(cmd.group)
     if group is None:
-        raise StoreError(f"unknown group {cmd.group!r}")
+        raise NotFoundError(f"unknown group {cmd.group!r}")
     existing = ctx.store.get_stack(cmd.name)
     if existing is not None and existing.group != cmd.group:
-        raise StoreError(
+        raise ConflictError(
             f"stack {cmd.name!r} is already deployed to group {existing.group!r}; remove it first or use that group"
         )
     refs = stack_references(spec)
@@ -231,7 +231,7 @@ def stacks_status(ctx: Context, cmd: StacksStatus) -> Any:
     stack = ctx.store.get_stack(cmd.name)
     rows = stack_devices(ctx, cmd.name, stack.spec_hash if stack else None)
     if stack is None and not rows:
-        raise StoreError(f"unknown stack {cmd.name!r}")
+        raise NotFoundError(f"unknown stack {cmd.name!r}")
     return {"stack": stack_view(stack) if stack else None, "devices": rows}
 
 
@@ -239,7 +239,7 @@ def stacks_status(ctx: Context, cmd: StacksStatus) -> Any:
 def stacks_rm(ctx: Context, cmd: StacksRemove) -> Any:
     stack = ctx.store.get_stack(cmd.name)
     if stack is None:
-        raise StoreError(f"unknown stack {cmd.name!r}")
+        raise NotFoundError(f"unknown stack {cmd.name!r}")
     with ctx.store.transaction():
         ctx.store.delete_stack(cmd.name)
         ctx.recompute()

@@ -740,3 +740,5 @@ class Reply(Message):
     ok: bool
     result: Any = None
     error: str | None = None
+    code: str | None = Field(default=None, exclude_if=_unset)
+    """Why it failed, for programs (an :class:`~.errors.ErrorCode`; absent from older controllers)."""

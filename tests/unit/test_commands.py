@@ -18,6 +18,7 @@ from tether.protocol.commands import (
     DevicesShow,
     GroupsCreate,
     GroupsList,
+    GroupsRemove,
     GroupsShow,
     StacksDeploy,
     StacksList,
@@ -31,6 +32,7 @@ from tether.protocol.commands import (
 from tether.protocol.commands import (
     COMMANDS as COMMAND_MODELS,
 )
+from tether.protocol.errors import ErrorCode
 from tether.protocol.models import Presence, Reply, Request
 from tether.protocol.topics import DeviceTopic
 
@@ -113,3 +115,41 @@ def test_a_standby_answers_reads_and_forwards_writes(
     assert codec.decode(reply, Reply).result == {"groups": []}
     assert (forward_topic, forwarded) == (topics.LEADER_REQUESTS, write)
     assert controller.store.get_group("edge") is None
+
+
+@pytest.mark.parametrize(
+    ("command", "code", "error"),
+    [
+        ({"kind": "groups.show", "name": "nope"}, ErrorCode.NOT_FOUND, "unknown group 'nope'"),
+        ({"kind": "groups.show"}, ErrorCode.INVALID, "invalid request: "),
+        (
+            {"kind": "groups.create", "name": "g"},
+            ErrorCode.INVALID,
+            "a group needs either devices or a selector",
+        ),
+        ({"kind": "devices.reboot"}, ErrorCode.INVALID, "invalid request: "),
+    ],
+)
+def test_a_refusal_comes_back_with_its_code(
+    controller: Controller,
+    publisher: RecordingPublisher,
+    command: dict[str, Any],
+    code: ErrorCode,
+    error: str,
+) -> None:
+    """A refused command's reply carries the error code programs switch on, beside the message."""
+    payload = codec.encode(Request(id="r-1", reply_to="tether/v1/clients/cli-1/replies", command=command))
+    controller.handle(topics.REQUESTS, payload)
+    ((_, data, _),) = publisher.published
+    reply = codec.decode(data, Reply)
+    assert (reply.ok, reply.code) == (False, code)
+    assert reply.error is not None and reply.error.startswith(error)
+
+
+def test_a_conflict_has_its_own_code(controller: Controller, publisher: RecordingPublisher) -> None:
+    """Removing a group that still has stacks is a conflict, not a bad request."""
+    populate(controller)
+    publisher.published.clear()
+    controller.handle(topics.REQUESTS, request(GroupsRemove(name="edge")))
+    ((_, data, _),) = publisher.published
+    assert codec.decode(data, Reply).code == ErrorCode.CONFLICT

@@ -14,7 +14,7 @@ from tether.protocol.commands import (
     GroupsCreate,
     StacksDeploy,
 )
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import NotFoundError, StoreError
 
 COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
 
@@ -28,7 +28,7 @@ def test_devices_ls_includes_devices_named_but_never_seen(controller: Controller
     shown = controller.execute(DevicesShow(device_id="pi-1"))["device"]
     assert shown["facts"]["driver"] == "process"
     assert shown["events"] == [] and shown["reported"] is None
-    with pytest.raises(StoreError, match="unknown device 'pi-2'"):
+    with pytest.raises(NotFoundError, match="unknown device 'pi-2'"):
         controller.execute(DevicesShow(device_id="pi-2"))
 
 
@@ -40,7 +40,7 @@ def test_devices_top_reads_the_latest_sample_and_refuses_unknown_ids(controller:
     assert rows == [
         {"id": "pi-1", "status": "online", "since": controller.clock(), "sample": {"at": 1.0, "cpu": 0.5}}
     ]
-    with pytest.raises(StoreError, match="unknown device 'nope'"):
+    with pytest.raises(NotFoundError, match="unknown device 'nope'"):
         controller.execute(DevicesTop(device_ids=("pi-1", "nope")))
 
 
@@ -67,7 +67,7 @@ def test_bad_labels_are_refused_and_change_nothing(controller: Controller) -> No
     controller.execute(DevicesLabel(device_id="pi-1", set={"zone": "a"}))
     with pytest.raises(StoreError, match="label"):
         controller.execute(DevicesLabel(device_id="pi-1", set={"Bad Key!": "x"}))
-    with pytest.raises(StoreError, match="unknown device 'pi-2'"):
+    with pytest.raises(NotFoundError, match="unknown device 'pi-2'"):
         controller.execute(DevicesLabel(device_id="pi-2", set={"zone": "a"}))
     device = controller.store.get_device("pi-1")
     assert device is not None and device.operator_labels == {"zone": "a"}

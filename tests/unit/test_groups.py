@@ -16,7 +16,7 @@ from tether.protocol.commands import (
     StacksDeploy,
     StacksRemove,
 )
-from tether.protocol.errors import StoreError, TetherError
+from tether.protocol.errors import ConflictError, TetherError
 
 COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
 
@@ -76,10 +76,10 @@ def test_a_selector_group_trusts_device_labels_only_when_told(
 def test_a_static_group_cannot_trust_and_a_used_group_cannot_go(controller: Controller) -> None:
     """groups.trust refuses a static group; groups.rm refuses a group with stacks, then removes it once they are gone."""
     controller.execute(GroupsCreate(name="edge", devices=("pi-1",)))
-    with pytest.raises(StoreError, match="is static"):
+    with pytest.raises(ConflictError, match="is static"):
         controller.execute(GroupsTrust(name="edge"))
     controller.execute(StacksDeploy(name="web", group="edge", compose=COMPOSE))
-    with pytest.raises(StoreError, match="still has stacks: web"):
+    with pytest.raises(ConflictError, match="still has stacks: web"):
         controller.execute(GroupsRemove(name="edge"))
     controller.execute(StacksRemove(name="web"))
     assert controller.execute(GroupsRemove(name="edge")) == {"removed": "edge"}

@@ -16,7 +16,7 @@ from tether.protocol.commands import (
     JobsSchedule,
     JobsStatus,
 )
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import CommandError, ConflictError, ErrorCode
 from tether.protocol.models import JobResult
 
 
@@ -95,15 +95,17 @@ def test_bad_job_commands_are_refused_and_store_nothing(
     edge: Controller, command: CommandModel, error: str
 ) -> None:
     """Each bad job command is one error naming the problem; no job is stored."""
-    with pytest.raises(StoreError, match=error):
+    with pytest.raises(CommandError, match=error) as refused:
         edge.execute(command)
+    expected = ErrorCode.NOT_FOUND if error.startswith("unknown") else ErrorCode.INVALID
+    assert refused.value.code == expected
     assert edge.store.list_jobs() == []
 
 
 def test_a_job_name_is_taken_until_removed(edge: Controller) -> None:
     """A second job of the same name is refused; the first stays as it was."""
     edge.execute(JobsRun(name="fsck", group="edge", command=("fsck",)))
-    with pytest.raises(StoreError, match="job 'fsck' already exists"):
+    with pytest.raises(ConflictError, match="job 'fsck' already exists"):
         edge.execute(JobsRun(name="fsck", group="edge", command=("other",)))
     job = edge.store.get_job("fsck")
     assert job is not None and job.spec.command == ("fsck",)

@@ -19,7 +19,7 @@ from tether.protocol.commands import (
     StacksRemove,
     StacksStatus,
 )
-from tether.protocol.errors import ComposeError, StoreError, TetherError
+from tether.protocol.errors import ComposeError, ConflictError, TetherError
 
 V1 = "services:\n  web:\n    image: busybox:1.36\n"
 V2 = "services:\n  web:\n    image: busybox:1.37\n  db:\n    image: busybox:1.36\n"
@@ -110,7 +110,7 @@ def test_a_stack_stays_in_its_group_until_removed(edge: Controller, publisher: R
     """A stack cannot move to another group; stacks.rm takes it off every device."""
     edge.execute(GroupsCreate(name="other", devices=("pi-3",)))
     edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
-    with pytest.raises(StoreError, match="already deployed to group 'edge'"):
+    with pytest.raises(ConflictError, match="already deployed to group 'edge'"):
         edge.execute(StacksDeploy(name="web", group="other", compose=V1))
     assert edge.execute(StacksRemove(name="web")) == {"removed": "web"}
     state = desired(publisher, "pi-1")
@@ -129,9 +129,9 @@ def test_a_canary_deployment_pauses_resumes_and_rolls_back(
     assert paused["state"] == "paused"
     resumed = edge.execute(DeploymentsAction(kind="deployments.resume", id=deployment))["deployment"]
     assert resumed["state"] != "paused"
-    with pytest.raises(StoreError, match="not waiting for a switch"):
+    with pytest.raises(ConflictError, match="not waiting for a switch"):
         edge.execute(DeploymentsAction(kind="deployments.switch", id=deployment))
-    with pytest.raises(StoreError, match="only the active deployment"):
+    with pytest.raises(ConflictError, match="only the active deployment"):
         edge.execute(DeploymentsAction(kind="deployments.pause", id=v1["deployment"]))
     back = edge.execute(DeploymentsAction(kind="deployments.rollback", id=deployment))["deployment"]
     assert (back["from_hash"], back["to_hash"]) == (v2["stack"]["spec_hash"], v1["stack"]["spec_hash"])
