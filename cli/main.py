@@ -529,15 +529,23 @@ def groups_create(
     --label, approve --label); not what devices report, unless --trust-device-labels."""
     if bool(device_ids) == bool(selector):
         raise TetherError("give either --device (one or more) or --select, not both")
-    group = client.request(
+    reply = client.request(
         GroupsCreate(
             name=name, devices=device_ids, selector=selector, trust_device_labels=trust_device_labels
         )
-    )["group"]
+    )
+    never_seen = reply.get("never_seen") or []
+    group = reply["group"]
     if fmt == "json":
         click.echo(output.to_json(group))
     else:
         click.echo(f"group {group['name']} created ({len(group['members'])} members now)")
+    if never_seen:
+        click.echo(
+            f"warning: {', '.join(output.printable(d) for d in never_seen)}: never connected to this controller "
+            "(a typo?); a device joins the group when it does",
+            err=True,
+        )
 
 
 @groups.command("trust")
@@ -909,11 +917,14 @@ def stacks_deploy(
     for warning in result.get("warnings") or ():
         click.echo(f"tether: warning: {label}: {warning}", err=True)
     stack = result["stack"]
+    never_seen = set(result.get("never_seen") or [])
+    reachable = len(result["devices"]) - len(never_seen)
     if fmt == "table":
         verb = "deployed" if result["changed"] else "unchanged"
         click.echo(
             f"stack {stack['name']} {verb}: version {stack['version']} ({stack['spec_hash'][:12]}) "
-            f"on group {stack['group']}, {len(result['devices'])} device(s)"
+            f"on group {stack['group']}: reaches {reachable} device(s)"
+            + (f" ({len(never_seen)} never connected: {', '.join(sorted(never_seen))})" if never_seen else "")
         )
     if fmt == "table" and result.get("deployment"):
         click.echo(f"deployment {result['deployment']} ({strategy})")
@@ -923,7 +934,7 @@ def stacks_deploy(
             result["final"] = d
             if d["state"] == "staged" and fmt == "table":
                 click.echo(
-                    f"stack {name} is staged on every available device of group {group}: "
+                    f"stack {name} is staged on the {reachable} device(s) of group {group} it reaches: "
                     f"switch with tether deployments switch {d['id']}"
                 )
             elif d["state"] != "succeeded" and fmt == "table":
@@ -935,15 +946,20 @@ def stacks_deploy(
         final = result.get("final", {})
         if fmt == "table" and final.get("state", "succeeded") == "succeeded":
             later = [
-                k for k, r in final.get("devices", {}).items() if r["state"] in ("held", "pending (offline)")
+                k
+                for k, r in final.get("devices", {}).items()
+                if r["state"] in ("held", "pending (offline)") and k not in never_seen
             ]
-            if later:
+            running = reachable - len(later)
+            if running <= 0 and not later:
+                click.echo(f"stack {name} runs on no device: group {group} reaches none")
+            elif later:
                 click.echo(
-                    f"stack {name} is running on every available device of group {group}; "
+                    f"stack {name} is running on {running} of {reachable} device(s) of group {group}; "
                     f"{', '.join(later)} will update when released or back online"
                 )
             else:
-                click.echo(f"stack {name} is running on every device of group {group}")
+                click.echo(f"stack {name} is running on all {running} device(s) of group {group}")
     if fmt == "json":
         click.echo(output.to_json(result))
 

@@ -6,6 +6,7 @@ Credentials, revocation and removal are in :mod:`.security`; the waiting room in
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from tether.protocol.commands import DevicesLabel, DevicesList, DevicesShow, DevicesTop
@@ -35,6 +36,11 @@ def all_devices(store: Store) -> dict[str, Device]:
 def attributes(store: Store) -> dict[str, Attributes]:
     """Every device's attributes (labels with their provenance, and facts), by device id."""
     return {d.id: d.attributes() for d in store.list_devices()}
+
+
+def never_seen(store: Store, device_ids: Iterable[str]) -> list[str]:
+    """Those of ``device_ids`` that never connected to this controller (a typo, or not yet)."""
+    return [d for d in device_ids if (device := store.get_device(d)) is None or device.status == "never seen"]
 
 
 def device_view(store: Store, device: Device, full: bool = False) -> dict[str, Any]:

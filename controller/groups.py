@@ -11,7 +11,7 @@ from tether.protocol.commands import GroupsCreate, GroupsList, GroupsRemove, Gro
 from tether.protocol.errors import CommandError, ConflictError, NotFoundError
 
 from .context import Context
-from .devices import attributes
+from .devices import attributes, never_seen
 from .models import Group
 from .registry import CommandRegistry
 from .scheduler import members
@@ -61,7 +61,10 @@ def groups_create(ctx: Context, cmd: GroupsCreate) -> Any:
         ctx.store.create_group(group)
         ctx.recompute()
     ctx.publish_pending()
-    return {"group": group_view(ctx, group)}
+    unknown = never_seen(ctx.store, group.devices)
+    if unknown:
+        log.warning("group %s names device(s) never heard from: %s", group.name, ", ".join(unknown))
+    return {"group": group_view(ctx, group), "never_seen": unknown}
 
 
 @commands.command(GroupsTrust)

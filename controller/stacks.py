@@ -17,7 +17,7 @@ from tether.protocol.variables import stack_references
 from . import rollout
 from .compose import parse_stack_warnings
 from .context import Context
-from .devices import all_devices, attributes
+from .devices import all_devices, attributes, never_seen
 from .models import Device, Stack
 from .registry import CommandRegistry
 from .scheduler import members
@@ -92,6 +92,7 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> Any:
         "stack": stack_view(stack),
         "changed": changed,
         "devices": targets,
+        "never_seen": never_seen(ctx.store, targets),
         "deployment": deployment.id if deployment else None,
         "warnings": warnings,
     }

@@ -283,6 +283,8 @@ class MqttClient:
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._gave_up = threading.Event()
+        self._session_ok = False
+        self._refused = False
         self.last_error: str | None = None
         self.current_broker: BrokerAddress | None = None
         self.session_present = False
@@ -449,12 +451,13 @@ class MqttClient:
             if will is not None:
                 self._paho.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
             self._session_ok = False
+            self._refused = False
             try:
                 self._paho.connect(broker.host, broker.port, keepalive=self.keepalive)
             except (OSError, ssl.SSLError, ValueError) as exc:
-                self.last_error = f"{broker.url()}: {exc}"
-                log.info("connect failed: %s", self.last_error)
+                self._failed(f"{broker.url()}: {exc}")
             else:
+                rc = paho.MQTT_ERR_SUCCESS
                 while not self._stop.is_set():
                     rc = self._paho.loop(timeout=0.5)
                     if rc != paho.MQTT_ERR_SUCCESS:
@@ -463,6 +466,17 @@ class MqttClient:
                     with contextlib.suppress(Exception):
                         self._paho.loop_write()
                 self._connected.clear()
+                if not self._stop.is_set() and not self._refused:
+                    reason = paho.error_string(rc)
+                    if not self._session_ok:
+                        hint = (
+                            "is the broker using TLS? use mqtts://"
+                            if not broker.tls
+                            else "a TLS or protocol mismatch, or the broker refused us"
+                        )
+                        self._failed(f"{broker.url()}: connection closed before CONNACK ({reason}; {hint})")
+                    else:
+                        log.warning("connection to %s lost: %s", broker.url(), reason)
             if self._stop.is_set():
                 break
             if not self.reconnect:
@@ -475,12 +489,21 @@ class MqttClient:
                 index += 1
             self._stop.wait(self.backoff.delay(attempt))
 
+    def _failed(self, error: str) -> None:
+        """A connection attempt failed: a warning when the reason is new, then quieter (a client
+        that does not reconnect raises it from :meth:`connect` instead)."""
+        if error != self.last_error and self.reconnect:
+            log.warning("cannot connect: %s", error)
+        else:
+            log.debug("cannot connect: %s", error)
+        self.last_error = error
+
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
         if reason_code.is_failure:
-            self.last_error = (
+            self._refused = True
+            self._failed(
                 f"{self.current_broker.url() if self.current_broker else '?'} refused: {reason_code}"
             )
-            log.warning("connection refused: %s", self.last_error)
             client.disconnect()
             return
         self._session_ok = True

@@ -270,3 +270,41 @@ def test_remote_strings_cannot_forge_log_lines_or_drive_the_terminal(fleet: dict
     assert "\x1b" not in shown.stdout and "\\x0a2025" in shown.stdout
     assert cli(url, "devices", "rm", ghost).returncode == 0
     _unchanged(fleet)
+
+
+def test_a_static_group_naming_an_unknown_device_warns_and_deploys_say_what_they_reach(
+    fleet: dict[str, Any],
+) -> None:
+    """A static group with a device id never seen (a typo) is created with a warning naming
+    it; a deploy to it says it reaches 0 devices and, with --wait, that it runs nowhere,
+    instead of "on every available device"; a deploy that reaches the real device counts it."""
+    url = fleet["url"]
+    typo = f"nosuch-{uuid.uuid4().hex[:6]}"
+    created = cli(url, "groups", "create", "typo", "--device", typo)
+    assert created.returncode == 0, created.stderr
+    assert typo in created.stderr and "never connected" in created.stderr, created.stderr
+    good = fleet["tmp"] / "good.yml"
+    args = (
+        "stacks",
+        "deploy",
+        str(good),
+        "--name",
+        "nowhere",
+        "--group",
+        "typo",
+        "--wait",
+        "--timeout",
+        "20",
+    )
+    deploy = cli(url, *args)
+    assert "reaches 0 device(s) (1 never connected: " + typo in deploy.stdout, deploy.stdout
+    assert "every" not in deploy.stdout and "running on" not in deploy.stdout, deploy.stdout
+    assert "runs on no device" in deploy.stdout or deploy.returncode != 0, deploy.stdout + deploy.stderr
+    both = cli(url, "groups", "create", "both", "--device", fleet["device"], "--device", typo)
+    assert both.returncode == 0 and typo in both.stderr and fleet["device"] not in both.stderr, both.stderr
+    shown = cli(url, "stacks", "deploy", str(good), "--name", "app", "--group", "g1")
+    assert "reaches 1 device(s)" in shown.stdout, shown.stdout
+    for name in ("nowhere",):
+        cli(url, "stacks", "rm", name)
+    for group in ("typo", "both"):
+        cli(url, "groups", "rm", group)

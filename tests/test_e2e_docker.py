@@ -95,7 +95,7 @@ def lifecycle(broker: str, docker: Any, tmp_path: Path, procs: list[Any]) -> Non
         "90",
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    assert "running on every device" in deploy.stdout
+    assert f"is running on all {len(devices)} device(s)" in deploy.stdout
     for device_id in devices:
         assert wait_until(lambda d=device_id: _get(docker, d), 30, message="v1 answers") == "v1"
         (container,) = _containers(docker, device_id)

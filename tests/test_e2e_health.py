@@ -81,7 +81,7 @@ def test_first_deploy_of_a_crash_loop_fails_wait(tmp_path: Path) -> None:
         result = _deploy(url, stack, "--min-healthy-time", "5s", "--wait", "--timeout", "150")
         assert result.returncode == 1, result.stdout + result.stderr
         assert "failed" in result.stderr and "exit code 3" in result.stderr
-        assert "running on every device" not in result.stdout
+        assert "is running on" not in result.stdout
         status = cli(url, "stacks", "status", "app")
         assert "exit code 3" in status.stdout
     finally:

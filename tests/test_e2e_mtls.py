@@ -147,7 +147,7 @@ def test_device_certificate_is_its_identity(controller: ControllerProcess, tmp_p
         assert refused(url, "tether-dev-a", ca, (cert, key))
         # The agent keeps trying with its certificate and is refused each time.
         wait_until(
-            lambda: any("connect failed" in x or "connection refused" in x for x in agent.lines[seen:]),
+            lambda: any("cannot connect" in x and "refused" in x for x in agent.lines[seen:]),
             30,
             message="the revoked agent refused",
         )

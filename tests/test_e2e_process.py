@@ -135,7 +135,7 @@ def test_process_driver_lifecycle_and_offline_autonomy(tmp_path: Path, procs: li
         lambda: (p := _pid(pidfile)) != second and _alive(p) and p, 30, message="restarted offline"
     )
     assert Path(f"{pidfile}.version").read_text().strip() == "v2"
-    assert "connect failed" in offline.output(), "the agent was expected to be offline"
+    assert "cannot connect" in offline.output(), "the agent was expected to be offline"
     assert "connected to" not in offline.output()
 
     # Broker back (same data dir): the agent reconnects by itself and the stack is removed.

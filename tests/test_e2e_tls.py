@@ -66,6 +66,22 @@ def test_wrong_ca_and_plain_mqtt_are_refused(controller: ControllerProcess, tmp_
         client.connect(5)
     plain = cli(url.replace("mqtts://", "mqtt://"), "devices", "ls", "--request-timeout", "3")
     assert plain.returncode != 0 and "Traceback" not in plain.stderr
+    assert "closed before CONNACK" in plain.stderr and "use mqtts://" in plain.stderr, plain.stderr
+
+
+def test_an_agent_given_mqtt_for_a_tls_broker_says_why_it_cannot_connect(
+    controller: ControllerProcess, tmp_path: Path
+) -> None:
+    """An agent pointed with mqtt:// at a TLS-only broker logs, at the default level, that the
+    connection closed before CONNACK and hints at mqtts://, once per reason, not silently forever."""
+    plain = controller.url.replace("mqtts://", "mqtt://")
+    agent = AgentProcess(plain, "dev-plain", tmp_path / "dev-plain")
+    try:
+        line = agent.wait_for_line(r"cannot connect: .*closed before CONNACK", 30).string
+        assert "is the broker using TLS? use mqtts://" in line, line
+        assert plain in line, line
+    finally:
+        agent.stop()
 
 
 def test_certificates_need_require_client_cert(controller: ControllerProcess, tmp_path: Path) -> None:
