@@ -15,13 +15,17 @@ before anything is written), then write inside ``ctx.store.transaction()`` and c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .fleet import Seen
 from .models import Stack
 from .rollout import Deployment, Strategy
 from .store import Store
+
+if TYPE_CHECKING:  # variables.py registers its handlers, which take a Context
+    from .registries import RegistryCredentials
+    from .variables import SecretsKey, VariableBindings
 
 
 class Context(Protocol):
@@ -32,6 +36,12 @@ class Context(Protocol):
     """Wall-clock seconds (injected: tests move it by hand)."""
     device_metrics: dict[str, dict[str, Any]]
     """The latest metrics sample of each device (in memory, on the leader only)."""
+    secrets: SecretsKey | None
+    """The key pair secrets are sealed to (None: secrets are refused)."""
+    variables: VariableBindings
+    """The variables, as desired states bind them (cached; forget() after a change)."""
+    registries: RegistryCredentials
+    """The private registries' credentials, as desired states carry them (cached likewise)."""
 
     def recompute(self, device_ids: set[str] | None = None) -> None:
         """Give every device (of ``device_ids``) whose stacks, jobs or bindings changed the next
@@ -55,7 +65,5 @@ class Context(Protocol):
     def advance_deployments(self, force: bool = True) -> None:
         """Step every active deployment now; store, revert and publish what changed."""
 
-    def check_stack_variables(
-        self, stack: str, refs: Iterable[str], device_ids: list[str], group: str
-    ) -> None:
-        """Refuse (StoreError) a deployment whose variable references have no value on a device it targets."""
+    def targets(self, stack: Stack) -> list[str]:
+        """The devices ``stack`` goes to (its group's eligible members, or its replicas' devices)."""

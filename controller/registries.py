@@ -12,8 +12,8 @@
   sealed box is reused while a keyed digest of (host, device key, credentials) is
   unchanged, so an unchanged registry republishes nothing.
 
-:class:`RegistryHandlers` is mixed into :class:`~.service.Controller`, after
-:class:`~.variables.VariableHandlers` (whose scope checks and key it uses).
+:class:`RegistryCredentials` is the controller's view of the registries (desired states'
+credentials); the ``registries.*`` handlers below use it through the :class:`~.context.Context`.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from tether.protocol.errors import PayloadError, StoreError
 from tether.protocol.models import JobSpec, RegistryAuth, StackRef
 from tether.protocol.names import REGISTRY_HOST, registry_of
 
+from .context import Context
 from .models import Registry
 from .registry import CommandRegistry
 from .store import Store
-from .variables import FLEET, SecretsKey
+from .variables import FLEET, SecretsKey, check_scope
 
 MAX_CREDENTIAL_BYTES = 4096
 
@@ -46,24 +47,29 @@ def _host(host: str) -> str:
     return host.lower()
 
 
-class RegistryHandlers:
-    """``registries.*`` commands and the registry credentials of desired states."""
+class RegistryCredentials:
+    """The registries as desired states use them: cached until one changes, credentials opened
+    once per version, each definition's registry hosts read once."""
 
-    store: Store
-    secrets: SecretsKey | None
-    _registries: dict[tuple[str, str], Registry] | None
-    _registry_items: dict[tuple[str, str, int], dict[str, str]]
-    _spec_hosts: dict[str, tuple[str, ...]]
+    def __init__(self, store: Store, secrets: SecretsKey | None) -> None:
+        self.store = store
+        self.secrets = secrets
+        self._registries: dict[tuple[str, str], Registry] | None = None
+        self._registry_items: dict[tuple[str, str, int], dict[str, str]] = {}
+        self._spec_hosts: dict[str, tuple[str, ...]] = {}
 
-    # --- state ---
+    def forget(self) -> None:
+        """Read the registries from the store again next time."""
+        self._registries = None
 
-    def registries(self) -> dict[tuple[str, str], Registry]:
-        """Every registry by (scope, host), cached until a ``registries`` command changes one."""
+    def all(self) -> dict[tuple[str, str], Registry]:
+        """Every registry by (scope, host)."""
         if self._registries is None:
             self._registries = {(r.scope, r.host): r for r in self.store.list_registries()}
         return self._registries
 
-    def _credentials(self, registry: Registry) -> dict[str, str]:
+    def credentials(self, registry: Registry) -> dict[str, str]:
+        """A registry's username and password, opened with the secrets key."""
         key = (registry.scope, registry.host, registry.version)
         items = self._registry_items.get(key)
         if items is None:
@@ -86,7 +92,7 @@ class RegistryHandlers:
             self._spec_hosts[spec_hash] = hosts
         return hosts
 
-    def registry_auths(
+    def auths(
         self,
         device_id: str,
         refs: Iterable[StackRef],
@@ -96,7 +102,7 @@ class RegistryHandlers:
         previous: tuple[RegistryAuth, ...],
     ) -> tuple[RegistryAuth, ...]:
         """The credentials a device gets: one per registry its images come from that has some."""
-        registries = self.registries()
+        registries = self.all()
         if not registries:
             return ()
         used: dict[str, set[str]] = {}  # host -> groups of the stacks that use it
@@ -118,12 +124,12 @@ class RegistryHandlers:
                 auths.append(RegistryAuth(host=host, error=error))
                 continue
             try:
-                items = self._credentials(registry)
+                items = self.credentials(registry)
             except StoreError as exc:
                 auths.append(RegistryAuth(host=host, error=f"cannot be read on the controller: {exc}"))
                 continue
             plain = json.dumps({"username": items["username"], "password": items["password"]})
-            assert self.secrets is not None  # _credentials needs it
+            assert self.secrets is not None  # credentials() needs it
             digest = self.secrets.digest("registry", host, public_key, plain)
             sealed = reuse.get((host, digest))
             if sealed is None:
@@ -135,69 +141,74 @@ class RegistryHandlers:
             auths.append(RegistryAuth(host=host, digest=digest, sealed=sealed))
         return tuple(auths)
 
-    # --- commands ---
 
-    @staticmethod
-    def _registry_view(r: Registry) -> dict[str, Any]:
-        return {"host": r.host, "scope": r.scope, "version": r.version, "updated": r.updated}
+def registry_view(r: Registry) -> dict[str, Any]:
+    """A registry as replies show it (never its credentials)."""
+    return {"host": r.host, "scope": r.scope, "version": r.version, "updated": r.updated}
 
-    @commands.command(RegistriesAdd)
-    def _registries_add(self, cmd: RegistriesAdd) -> Any:
-        host = _host(cmd.host)
-        scope = self._check_scope(cmd.group, cmd.device_id)  # type: ignore[attr-defined]
-        if self.secrets is None:
-            raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
-        try:
-            items = self.secrets.open_items(cmd.sealed, "registries add: sealed credentials")
-        except PayloadError as exc:
-            raise StoreError(str(exc)) from exc
-        problems = []
-        if set(items) != {"username", "password"}:
-            problems.append("the sealed credentials must hold exactly a username and a password")
-        for name in ("username", "password"):
-            value = items.get(name, "")
-            if not value:
-                problems.append(f"the {name} is empty")
-            elif len(value.encode()) > MAX_CREDENTIAL_BYTES:
-                problems.append(f"the {name} is longer than {MAX_CREDENTIAL_BYTES} bytes")
-        if "\n" in items.get("username", "") or ":" in items.get("username", ""):
-            problems.append("the username must not contain ':' or a line break")
-        if problems:
-            raise StoreError(f"registries add {host}: " + "; ".join(problems))
-        existing = self.store.get_registry(scope, host)
-        if existing is not None and self._credentials(existing) == items:
-            return {"registry": self._registry_view(existing), "changed": False}
-        registry = Registry(
-            scope=scope,
-            host=host,
-            sealed=self.secrets.seal_items(items),
-            version=existing.version + 1 if existing else 1,
-            updated=self.clock(),  # type: ignore[attr-defined]
-        )
-        self._save_registries(put=registry)
-        return {"registry": self._registry_view(registry), "changed": True}
 
-    @commands.command(RegistriesList)
-    def _registries_ls(self, cmd: RegistriesList) -> Any:
-        found = sorted(self.store.list_registries(), key=lambda r: (r.host, r.scope))
-        return {"registries": [self._registry_view(r) for r in found]}
+@commands.command(RegistriesAdd)
+def registries_add(ctx: Context, cmd: RegistriesAdd) -> Any:
+    host = _host(cmd.host)
+    scope = check_scope(ctx.store, cmd.group, cmd.device_id)
+    if ctx.secrets is None:
+        raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
+    try:
+        items = ctx.secrets.open_items(cmd.sealed, "registries add: sealed credentials")
+    except PayloadError as exc:
+        raise StoreError(str(exc)) from exc
+    problems = []
+    if set(items) != {"username", "password"}:
+        problems.append("the sealed credentials must hold exactly a username and a password")
+    for name in ("username", "password"):
+        value = items.get(name, "")
+        if not value:
+            problems.append(f"the {name} is empty")
+        elif len(value.encode()) > MAX_CREDENTIAL_BYTES:
+            problems.append(f"the {name} is longer than {MAX_CREDENTIAL_BYTES} bytes")
+    if "\n" in items.get("username", "") or ":" in items.get("username", ""):
+        problems.append("the username must not contain ':' or a line break")
+    if problems:
+        raise StoreError(f"registries add {host}: " + "; ".join(problems))
+    existing = ctx.store.get_registry(scope, host)
+    if existing is not None and ctx.registries.credentials(existing) == items:
+        return {"registry": registry_view(existing), "changed": False}
+    registry = Registry(
+        scope=scope,
+        host=host,
+        sealed=ctx.secrets.seal_items(items),
+        version=existing.version + 1 if existing else 1,
+        updated=ctx.clock(),
+    )
+    _save_registries(ctx, put=registry)
+    return {"registry": registry_view(registry), "changed": True}
 
-    @commands.command(RegistriesRemove)
-    def _registries_rm(self, cmd: RegistriesRemove) -> Any:
-        host = _host(cmd.host)
-        scope = self._check_scope(cmd.group, cmd.device_id)  # type: ignore[attr-defined]
-        if self.store.get_registry(scope, host) is None:
-            raise StoreError(f"no registry {host} ({scope})")
-        self._save_registries(delete=(scope, host))
-        return {"host": host, "scope": scope}
 
-    def _save_registries(self, put: Registry | None = None, delete: tuple[str, str] | None = None) -> None:
-        """Store the change and give every device whose credentials change a new generation."""
-        with self.store.transaction():
-            if put is not None:
-                self.store.put_registry(put)
-            if delete is not None:
-                self.store.delete_registry(*delete)
-            self._registries = None
-            self.recompute()  # type: ignore[attr-defined]
-        self.publish_pending()  # type: ignore[attr-defined]
+@commands.command(RegistriesList)
+def registries_ls(ctx: Context, cmd: RegistriesList) -> Any:
+    found = sorted(ctx.store.list_registries(), key=lambda r: (r.host, r.scope))
+    return {"registries": [registry_view(r) for r in found]}
+
+
+@commands.command(RegistriesRemove)
+def registries_rm(ctx: Context, cmd: RegistriesRemove) -> Any:
+    host = _host(cmd.host)
+    scope = check_scope(ctx.store, cmd.group, cmd.device_id)
+    if ctx.store.get_registry(scope, host) is None:
+        raise StoreError(f"no registry {host} ({scope})")
+    _save_registries(ctx, delete=(scope, host))
+    return {"host": host, "scope": scope}
+
+
+def _save_registries(
+    ctx: Context, put: Registry | None = None, delete: tuple[str, str] | None = None
+) -> None:
+    """Store the change and give every device whose credentials change a new generation."""
+    with ctx.store.transaction():
+        if put is not None:
+            ctx.store.put_registry(put)
+        if delete is not None:
+            ctx.store.delete_registry(*delete)
+        ctx.registries.forget()
+        ctx.recompute()
+    ctx.publish_pending()

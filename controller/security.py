@@ -286,7 +286,7 @@ class SecurityHandlers:
                     self.store.delete_credential(username)
                 self._leave_static_groups(device_id)
                 self.store.forget_device(device_id)
-            self._variables = None  # type: ignore[attr-defined]  # its own variables are gone too
+            self.variables.forget()  # type: ignore[attr-defined]  # its own variables are gone too
         self._sync_table()
         if usernames:
             self.disconnect_users(usernames)

@@ -56,21 +56,21 @@ from tether.protocol.topics import DeviceTopic
 
 from . import deployments, devices, enrollment, groups, jobs, registries, rollout, security, stacks, variables
 from .context import Context
-from .devices import all_devices
+from .devices import all_devices, attributes
 from .enrollment import EnrollmentHandlers
 from .fleet import Seen
 from .lease import Lease
 from .models import DesiredRecord, Device, Stack
 from .observability import REFRESH_SECONDS, Metrics
 from .placement import Assignment, Candidate, place
-from .registries import RegistryHandlers
+from .registries import RegistryCredentials
 from .registry import CommandRegistry
 from .rollout import Observation
 from .scheduler import desired_jobs, desired_stacks, eligible, members
 from .security import SecurityHandlers
 from .selectors import Attributes
 from .store import Store
-from .variables import SecretsKey, VariableHandlers
+from .variables import SecretsKey, VariableBindings
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ COMMANDS = CommandRegistry.of(
 """Every command the controller answers, with its handler (see :mod:`.registry`)."""
 
 
-class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, RegistryHandlers):
+class Controller(SecurityHandlers, EnrollmentHandlers):
     """Schedules stacks onto devices and answers requests, over one MQTT connection."""
 
     def __init__(
@@ -159,12 +159,8 @@ class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, Registr
         key pair secrets are sealed to (without one, secret variables are refused)."""
         self.ca_file = ca_file
         self.secrets = secrets
-        self._variables = None
-        self._secret_items = {}
-        self._spec_refs = {}
-        self._registries = None
-        self._registry_items = {}
-        self._spec_hosts = {}
+        self.variables = VariableBindings(store, secrets)
+        self.registries = RegistryCredentials(store, secrets)
         self.store = store
         self.table = table
         self.credentials = credentials
@@ -255,7 +251,8 @@ class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, Registr
         self.client.subscribe(topics.ALL_ENROLL_REQUESTS)
         if not self.ha:
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
-        self._variables = None  # another controller may have changed them while we stood by
+        self.variables.forget()  # another controller may have changed them while we stood by
+        self.registries.forget()
         self._fleet = None  # and the devices
         self._published_gen = None  # and what was published
         self._event_marks = {}  # and which events are stored
@@ -398,16 +395,16 @@ class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, Registr
                 result.setdefault(device_id, []).append(StackRef(name=name, spec_hash=spec_hash))
         return {d: tuple(refs) for d, refs in result.items()}
 
-    def _targets(self, stack: Stack, attributes: Mapping[str, Attributes] | None = None) -> list[str]:
-        """The devices ``stack`` goes to; ``attributes``: every device's (read from the store if None)."""
+    def targets(self, stack: Stack, labels: Mapping[str, Attributes] | None = None) -> list[str]:
+        """The devices ``stack`` goes to; ``labels``: every device's attributes (read from the store if None)."""
         if stack.placement.mode == "replicas":
             return sorted(a.device_id for a in stack.assignment)
         group = self.store.get_group(stack.group)
         if group is None:
             return []
-        if attributes is None:
-            attributes = attributes(self.store)
-        return eligible(stack, members(group, attributes), attributes)
+        if labels is None:
+            labels = attributes(self.store)
+        return eligible(stack, members(group, labels), labels)
 
     def fleet_view(self) -> dict[str, Seen]:
         """Every device as a deployment step sees it: kept in memory, re-read only where written.
@@ -464,7 +461,7 @@ class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, Registr
             stack = self.store.get_stack(deployment.stack)
             if stack is None:
                 continue
-            targets = self._targets(stack, attributes)
+            targets = self.targets(stack, attributes)
             nxt = rollout.step(
                 deployment,
                 targets,
@@ -514,7 +511,7 @@ class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, Registr
         if previous is not None and previous.active:
             self.store.put_deployment(previous.model_copy(update={"state": "superseded", "updated": now}))
         fleet = self.fleet_view()
-        targets = self._targets(stack, {d: seen.attributes for d, seen in fleet.items()})
+        targets = self.targets(stack, {d: seen.attributes for d, seen in fleet.items()})
         deployment = rollout.start(
             self.store.next_deployment_id(), stack.name, from_hash, stack.spec_hash, strategy, targets, now
         )
@@ -854,10 +851,10 @@ class Controller(SecurityHandlers, EnrollmentHandlers, VariableHandlers, Registr
             record = existing.get(device_id)
             if record is None and not refs and not device_jobs and not stage:
                 continue
-            bindings = self.var_bindings(
+            bindings = self.variables.bindings(
                 device_id, refs, stack_groups, public_keys.get(device_id), record.vars if record else ()
             )
-            auths = self.registry_auths(
+            auths = self.registries.auths(
                 device_id,
                 (*refs, *stage),
                 device_jobs,

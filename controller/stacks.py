@@ -44,7 +44,7 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> Any:
         )
     refs = stack_references(spec)
     if refs:  # every device it goes to must have a value for every reference
-        ctx.check_stack_variables(cmd.name, refs, members(group, attributes(ctx.store)), cmd.group)
+        ctx.variables.check_stack(cmd.name, refs, members(group, attributes(ctx.store)), cmd.group)
     spec_hash = spec.spec_hash()
     size = len(codec.encode(StackDefinition(spec_hash=spec_hash, spec=spec)))
     if size > codec.MAX_PAYLOAD:  # it could never be sent to a device (YAML aliases expand)
@@ -120,7 +120,7 @@ def stacks_plan(ctx: Context, cmd: StacksPlan) -> Any:
         )
     if spec is not None and group is not None and (refs := stack_references(spec)):
         try:
-            ctx.check_stack_variables(cmd.name, refs, members(group, attributes(ctx.store)), cmd.group)
+            ctx.variables.check_stack(cmd.name, refs, members(group, attributes(ctx.store)), cmd.group)
         except StoreError as exc:
             errors.append(str(exc))
     if errors or spec is None or placement is None or group is None:

@@ -18,7 +18,8 @@ Secrets are encrypted end to end:
   is reused while the value and the key stay the same (``VarBinding.digest``, a MAC keyed
   with the secrets key), so an unchanged secret republishes nothing.
 
-:class:`VariableHandlers` is mixed into :class:`~.service.Controller`.
+:class:`VariableBindings` is the controller's view of the variables (desired states' bindings);
+the ``vars.*`` handlers below use it through the :class:`~.context.Context`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from tether.protocol.models import StackRef, VarBinding
 from tether.protocol.secret_files import write_secret_text
 from tether.protocol.variables import KEY_RE, PATH_RE, split_ref, stack_references
 
+from .context import Context
 from .models import Variable
 from .registry import CommandRegistry
 from .store import Store
@@ -171,24 +173,29 @@ def missing_message(stack: str, missing: dict[str, list[str]]) -> str:
     )
 
 
-class VariableHandlers:
-    """``vars.*`` commands and the bindings of desired states; mixed into the Controller."""
+class VariableBindings:
+    """The variables as desired states use them: every variable cached until one changes, a
+    secret opened once per version, each definition's references read once."""
 
-    store: Store
-    secrets: SecretsKey | None
-    _variables: dict[tuple[str, str], Variable] | None
-    _secret_items: dict[tuple[str, str, int], dict[str, str]]
-    _spec_refs: dict[str, tuple[str, ...]]
+    def __init__(self, store: Store, secrets: SecretsKey | None) -> None:
+        self.store = store
+        self.secrets = secrets
+        self._variables: dict[tuple[str, str], Variable] | None = None
+        self._secret_items: dict[tuple[str, str, int], dict[str, str]] = {}
+        self._spec_refs: dict[str, tuple[str, ...]] = {}
 
-    # --- state ---
+    def forget(self) -> None:
+        """Read the variables from the store again next time (they changed, or another
+        controller may have changed them)."""
+        self._variables = None
 
-    def variables(self) -> dict[tuple[str, str], Variable]:
-        """Every variable by (scope, path), cached until a ``vars`` command changes one."""
+    def all(self) -> dict[tuple[str, str], Variable]:
+        """Every variable by (scope, path)."""
         if self._variables is None:
             self._variables = {(v.scope, v.path): v for v in self.store.list_variables()}
         return self._variables
 
-    def _items(self, variable: Variable) -> dict[str, str]:
+    def items(self, variable: Variable) -> dict[str, str]:
         """A variable's keys and values (a secret's opened with the secrets key)."""
         if not variable.secret:
             return dict(variable.items)
@@ -213,7 +220,7 @@ class VariableHandlers:
             self._spec_refs[spec_hash] = refs
         return refs
 
-    def var_bindings(
+    def bindings(
         self,
         device_id: str,
         refs: tuple[StackRef, ...],
@@ -225,7 +232,7 @@ class VariableHandlers:
         wanted = [(ref.name, r) for ref in refs for r in self.stack_refs(ref.spec_hash)]
         if not wanted:
             return ()
-        variables = self.variables()
+        variables = self.all()
         reuse = {(b.stack, b.ref, b.digest): b.sealed for b in previous if b.sealed is not None}
         bindings = []
         for stack, ref in wanted:
@@ -236,16 +243,14 @@ class VariableHandlers:
                 bindings.append(VarBinding(stack=stack, ref=ref, error=error))
                 continue
             try:
-                value = self._items(variable)[split_ref(ref)[1]]
+                value = self.items(variable)[split_ref(ref)[1]]
             except StoreError as exc:
                 bindings.append(
                     VarBinding(stack=stack, ref=ref, error=f"cannot be read on the controller: {exc}")
                 )
                 continue
             if not variable.secret:
-                bindings.append(
-                    VarBinding(stack=stack, ref=ref, value=value, digest=self._digest(ref, value))
-                )
+                bindings.append(VarBinding(stack=stack, ref=ref, value=value, digest=self.digest(ref, value)))
                 continue
             if public_key is None:
                 error = (
@@ -253,7 +258,7 @@ class VariableHandlers:
                 )
                 bindings.append(VarBinding(stack=stack, ref=ref, error=error))
                 continue
-            digest = self._digest(ref, public_key, value)
+            digest = self.digest(ref, public_key, value)
             sealed = reuse.get((stack, ref, digest))
             if sealed is None:
                 try:
@@ -266,170 +271,179 @@ class VariableHandlers:
             bindings.append(VarBinding(stack=stack, ref=ref, digest=digest, sealed=sealed))
         return tuple(bindings)
 
-    def _digest(self, *parts: str) -> str:
+    def digest(self, *parts: str) -> str:
+        """A digest of ``parts``: keyed with the secrets key when there is one."""
         if self.secrets is not None:
             return self.secrets.digest(*parts)
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]  # plain values only
 
-    def check_stack_variables(
-        self, stack: str, refs: Iterable[str], device_ids: list[str], group: str
-    ) -> None:
+    def check_stack(self, stack: str, refs: Iterable[str], device_ids: list[str], group: str) -> None:
         """Refuse a deployment whose references have no value on a device it targets."""
-        missing = unresolved(self.variables(), refs, device_ids, group)
+        missing = unresolved(self.all(), refs, device_ids, group)
         if missing:
             raise StoreError(missing_message(stack, missing))
 
-    # --- commands ---
 
-    def _variable_view(self, v: Variable, values: bool) -> dict[str, Any]:
-        view: dict[str, Any] = {
-            "path": v.path,
-            "scope": v.scope,
-            "secret": v.secret,
-            "keys": list(v.keys),
-            "version": v.version,
-            "updated": v.updated,
-        }
-        if values and not v.secret:
-            view["items"] = dict(v.items)
-        return view
+def variable_view(v: Variable, values: bool) -> dict[str, Any]:
+    """A variable as replies show it (``values``: with a plain variable's items)."""
+    view: dict[str, Any] = {
+        "path": v.path,
+        "scope": v.scope,
+        "secret": v.secret,
+        "keys": list(v.keys),
+        "version": v.version,
+        "updated": v.updated,
+    }
+    if values and not v.secret:
+        view["items"] = dict(v.items)
+    return view
 
-    def _check_scope(self, group: str | None, device_id: str | None) -> str:
-        scope = scope_of(group, device_id)
-        if group is not None and self.store.get_group(group) is None:
-            raise StoreError(f"unknown group {group!r}")
-        if device_id is not None and not names.DEVICE_ID.ok(device_id):
-            raise StoreError(f"invalid device id {device_id!r}")
-        return scope
 
-    @staticmethod
-    def _check_path(path: str) -> None:
-        if not PATH_RE.match(path) or len(path) > 200:
+def check_scope(store: Store, group: str | None, device_id: str | None) -> str:
+    """The scope ``group`` or ``device_id`` names (neither: the fleet); refused if the group is unknown."""
+    scope = scope_of(group, device_id)
+    if group is not None and store.get_group(group) is None:
+        raise StoreError(f"unknown group {group!r}")
+    if device_id is not None and not names.DEVICE_ID.ok(device_id):
+        raise StoreError(f"invalid device id {device_id!r}")
+    return scope
+
+
+def _check_path(path: str) -> None:
+    if not PATH_RE.match(path) or len(path) > 200:
+        raise StoreError(
+            f"invalid variable path {path!r}: letters, digits, '_', '.', '-', and '/' between parts"
+        )
+
+
+@commands.command(VarsKey)
+def vars_key(ctx: Context, cmd: VarsKey) -> Any:
+    if ctx.secrets is None:
+        raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
+    return {"public_key": ctx.secrets.public_key}
+
+
+@commands.command(VarsSet)
+def vars_set(ctx: Context, cmd: VarsSet) -> Any:
+    _check_path(cmd.path)
+    scope = check_scope(ctx.store, cmd.group, cmd.device_id)
+    if cmd.secret:
+        if cmd.items or cmd.sealed is None:
             raise StoreError(
-                f"invalid variable path {path!r}: letters, digits, '_', '.', '-', and '/' between parts"
+                "a secret's keys must be sealed to the controller's key (vars.key), not sent in plain"
             )
-
-    @commands.command(VarsKey)
-    def _vars_key(self, cmd: VarsKey) -> Any:
-        if self.secrets is None:
+        if ctx.secrets is None:
             raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
-        return {"public_key": self.secrets.public_key}
+        try:
+            items = ctx.secrets.open_items(cmd.sealed, "vars set: sealed keys")
+        except PayloadError as exc:
+            raise StoreError(str(exc)) from exc
+    else:
+        if cmd.sealed is not None:
+            raise StoreError("sealed keys are only for a secret (secret: true)")
+        items = dict(cmd.items)
+    if not items:
+        raise StoreError("vars set: give at least one KEY=VALUE")
+    for key, value in items.items():
+        if not KEY_RE.match(key) or len(key) > 100:
+            raise StoreError(f"invalid key {key!r} in {cmd.path}: letters, digits, '_', '.', '-'")
+        if len(value.encode()) > MAX_VALUE_BYTES:
+            raise StoreError(f"{cmd.path}/{key}: value larger than {MAX_VALUE_BYTES // 1024} KiB")
+    existing = ctx.store.get_variable(scope, cmd.path)
+    if existing is not None and existing.secret != cmd.secret:
+        kind = "a secret" if existing.secret else "not a secret"
+        raise StoreError(
+            f"variable {cmd.path} ({scope}) is {kind}: set it the same way, or remove it first (tether vars rm)"
+        )
+    current = ctx.variables.items(existing) if existing else {}
+    merged = {**current, **items}
+    if existing is not None and merged == current:
+        return {"variable": variable_view(existing, values=True), "changed": False}
+    now = ctx.clock()
+    fields: dict[str, Any] = {
+        "scope": scope,
+        "path": cmd.path,
+        "secret": cmd.secret,
+        "keys": tuple(sorted(merged)),
+        "version": existing.version + 1 if existing else 1,
+        "updated": now,
+    }
+    variable = Variable(**fields, **_holding(ctx.secrets, cmd.secret, merged))
+    _save_variables(ctx, [variable], [])
+    return {"variable": variable_view(variable, values=True), "changed": True}
 
-    @commands.command(VarsSet)
-    def _vars_set(self, cmd: VarsSet) -> Any:
-        self._check_path(cmd.path)
-        scope = self._check_scope(cmd.group, cmd.device_id)
-        if cmd.secret:
-            if cmd.items or cmd.sealed is None:
-                raise StoreError(
-                    "a secret's keys must be sealed to the controller's key (vars.key), not sent in plain"
-                )
-            if self.secrets is None:
-                raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
-            try:
-                items = self.secrets.open_items(cmd.sealed, "vars set: sealed keys")
-            except PayloadError as exc:
-                raise StoreError(str(exc)) from exc
-        else:
-            if cmd.sealed is not None:
-                raise StoreError("sealed keys are only for a secret (secret: true)")
-            items = dict(cmd.items)
-        if not items:
-            raise StoreError("vars set: give at least one KEY=VALUE")
-        for key, value in items.items():
-            if not KEY_RE.match(key) or len(key) > 100:
-                raise StoreError(f"invalid key {key!r} in {cmd.path}: letters, digits, '_', '.', '-'")
-            if len(value.encode()) > MAX_VALUE_BYTES:
-                raise StoreError(f"{cmd.path}/{key}: value larger than {MAX_VALUE_BYTES // 1024} KiB")
-        existing = self.store.get_variable(scope, cmd.path)
-        if existing is not None and existing.secret != cmd.secret:
-            kind = "a secret" if existing.secret else "not a secret"
+
+def _holding(secrets: SecretsKey | None, secret: bool, items: dict[str, str]) -> dict[str, Any]:
+    """The fields that keep ``items``: in plain, or only sealed to the secrets key."""
+    if not secret:
+        return {"items": items, "sealed": None}
+    assert secrets is not None
+    return {"items": {}, "sealed": secrets.seal_items(items)}
+
+
+def _existing(store: Store, path: str, group: str | None, device_id: str | None) -> tuple[str, Variable]:
+    """The scope and variable a ``get`` or ``rm`` names; a clear error if there is none."""
+    _check_path(path)
+    scope = check_scope(store, group, device_id)
+    variable = store.get_variable(scope, path)
+    if variable is None:
+        raise StoreError(f"no variable {path} ({scope})")
+    return scope, variable
+
+
+@commands.command(VarsGet, read_only=True)
+def vars_get(ctx: Context, cmd: VarsGet) -> Any:
+    _, variable = _existing(ctx.store, cmd.path, cmd.group, cmd.device_id)
+    return {"variable": variable_view(variable, values=True)}
+
+
+@commands.command(VarsList, read_only=True)
+def vars_ls(ctx: Context, cmd: VarsList) -> Any:
+    found = [v for v in ctx.store.list_variables() if v.path.startswith(cmd.prefix)]
+    found.sort(key=lambda v: (v.path, v.scope))
+    return {"variables": [variable_view(v, values=False) for v in found]}
+
+
+@commands.command(VarsRemove)
+def vars_rm(ctx: Context, cmd: VarsRemove) -> Any:
+    scope, variable = _existing(ctx.store, cmd.path, cmd.group, cmd.device_id)
+    unknown = [k for k in cmd.keys if k not in variable.keys]
+    if unknown:
+        raise StoreError(f"variable {cmd.path} ({scope}) has no key {unknown[0]!r}")
+    removed = set(cmd.keys) if cmd.keys else set(variable.keys)
+    after = dict(ctx.variables.all())
+    rest = {k: v for k, v in ctx.variables.items(variable).items() if k not in removed}
+    replacement: Variable | None = None
+    if rest:
+        fields: dict[str, Any] = {"keys": tuple(sorted(rest)), "version": variable.version + 1}
+        fields["updated"] = ctx.clock()
+        replacement = variable.model_copy(update={**fields, **_holding(ctx.secrets, variable.secret, rest)})
+        after[(scope, cmd.path)] = replacement
+    else:
+        after.pop((scope, cmd.path), None)
+    # Nothing in use may lose its value: each stack's targets must still resolve.
+    for stack in ctx.store.list_stacks():
+        refs = [r for r in ctx.variables.stack_refs(stack.spec_hash) if split_ref(r)[0] == cmd.path]
+        if not refs:
+            continue
+        missing = unresolved(after, refs, ctx.targets(stack), stack.group)
+        if missing:
+            ref, devices = next(iter(missing.items()))
             raise StoreError(
-                f"variable {cmd.path} ({scope}) is {kind}: set it the same way, or remove it first (tether vars rm)"
+                f"stack {stack.name!r} uses ${{var:{ref}}} on {', '.join(devices[:5])}: "
+                "remove the reference first (or set the value in another scope)"
             )
-        current = self._items(existing) if existing else {}
-        merged = {**current, **items}
-        if existing is not None and merged == current:
-            return {"variable": self._variable_view(existing, values=True), "changed": False}
-        now = self.clock()  # type: ignore[attr-defined]
-        fields: dict[str, Any] = {
-            "scope": scope,
-            "path": cmd.path,
-            "secret": cmd.secret,
-            "keys": tuple(sorted(merged)),
-            "version": existing.version + 1 if existing else 1,
-            "updated": now,
-        }
-        variable = Variable(**fields, **self._holding(cmd.secret, merged))
-        self._save_variables([variable], [])
-        return {"variable": self._variable_view(variable, values=True), "changed": True}
+    _save_variables(ctx, [replacement] if replacement else [], [] if replacement else [(scope, cmd.path)])
+    return {"removed": sorted(removed), "path": cmd.path, "scope": scope}
 
-    def _holding(self, secret: bool, items: dict[str, str]) -> dict[str, Any]:
-        """The fields that keep ``items``: in plain, or only sealed to the secrets key."""
-        if not secret:
-            return {"items": items, "sealed": None}
-        assert self.secrets is not None
-        return {"items": {}, "sealed": self.secrets.seal_items(items)}
 
-    def _existing(self, path: str, group: str | None, device_id: str | None) -> tuple[str, Variable]:
-        """The scope and variable a ``get`` or ``rm`` names; a clear error if there is none."""
-        self._check_path(path)
-        scope = self._check_scope(group, device_id)
-        variable = self.store.get_variable(scope, path)
-        if variable is None:
-            raise StoreError(f"no variable {path} ({scope})")
-        return scope, variable
-
-    @commands.command(VarsGet, read_only=True)
-    def _vars_get(self, cmd: VarsGet) -> Any:
-        _, variable = self._existing(cmd.path, cmd.group, cmd.device_id)
-        return {"variable": self._variable_view(variable, values=True)}
-
-    @commands.command(VarsList, read_only=True)
-    def _vars_ls(self, cmd: VarsList) -> Any:
-        found = [v for v in self.store.list_variables() if v.path.startswith(cmd.prefix)]
-        found.sort(key=lambda v: (v.path, v.scope))
-        return {"variables": [self._variable_view(v, values=False) for v in found]}
-
-    @commands.command(VarsRemove)
-    def _vars_rm(self, cmd: VarsRemove) -> Any:
-        scope, variable = self._existing(cmd.path, cmd.group, cmd.device_id)
-        unknown = [k for k in cmd.keys if k not in variable.keys]
-        if unknown:
-            raise StoreError(f"variable {cmd.path} ({scope}) has no key {unknown[0]!r}")
-        removed = set(cmd.keys) if cmd.keys else set(variable.keys)
-        after = dict(self.variables())
-        rest = {k: v for k, v in self._items(variable).items() if k not in removed}
-        replacement: Variable | None = None
-        if rest:
-            fields: dict[str, Any] = {"keys": tuple(sorted(rest)), "version": variable.version + 1}
-            fields["updated"] = self.clock()  # type: ignore[attr-defined]
-            replacement = variable.model_copy(update={**fields, **self._holding(variable.secret, rest)})
-            after[(scope, cmd.path)] = replacement
-        else:
-            after.pop((scope, cmd.path), None)
-        # Nothing in use may lose its value: each stack's targets must still resolve.
-        for stack in self.store.list_stacks():
-            refs = [r for r in self.stack_refs(stack.spec_hash) if split_ref(r)[0] == cmd.path]
-            if not refs:
-                continue
-            missing = unresolved(after, refs, self._targets(stack), stack.group)  # type: ignore[attr-defined]
-            if missing:
-                ref, devices = next(iter(missing.items()))
-                raise StoreError(
-                    f"stack {stack.name!r} uses ${{var:{ref}}} on {', '.join(devices[:5])}: "
-                    "remove the reference first (or set the value in another scope)"
-                )
-        self._save_variables([replacement] if replacement else [], [] if replacement else [(scope, cmd.path)])
-        return {"removed": sorted(removed), "path": cmd.path, "scope": scope}
-
-    def _save_variables(self, put: list[Variable], delete: list[tuple[str, str]]) -> None:
-        """Store the change and give every device whose values change a new generation."""
-        with self.store.transaction():
-            for variable in put:
-                self.store.put_variable(variable)
-            for scope, path in delete:
-                self.store.delete_variable(scope, path)
-            self._variables = None
-            self.recompute()  # type: ignore[attr-defined]
-        self.publish_pending()  # type: ignore[attr-defined]
+def _save_variables(ctx: Context, put: list[Variable], delete: list[tuple[str, str]]) -> None:
+    """Store the change and give every device whose values change a new generation."""
+    with ctx.store.transaction():
+        for variable in put:
+            ctx.store.put_variable(variable)
+        for scope, path in delete:
+            ctx.store.delete_variable(scope, path)
+        ctx.variables.forget()
+        ctx.recompute()
+    ctx.publish_pending()

@@ -20,9 +20,23 @@ from tether.protocol.topics import DeviceTopic
 from .recording import RecordingPublisher
 
 
-def online(controller: Any, device_id: str, labels: dict[str, str] | None = None, session: int = 1) -> None:
-    """``device_id`` comes online (reporting ``labels`` of its own), as its presence message says."""
-    facts = DeviceFacts(agent_version="1", driver="process", arch="x86_64", os="linux", labels=labels or {})
+def online(
+    controller: Any,
+    device_id: str,
+    labels: dict[str, str] | None = None,
+    session: int = 1,
+    public_key: str | None = None,
+) -> None:
+    """``device_id`` comes online (reporting ``labels`` of its own and its ``public_key``), as its
+    presence message says."""
+    facts = DeviceFacts(
+        agent_version="1",
+        driver="process",
+        arch="x86_64",
+        os="linux",
+        labels=labels or {},
+        public_key=public_key,
+    )
     controller.handle(
         topics.device(device_id, DeviceTopic.PRESENCE),
         codec.encode(Presence(device_id=device_id, status="online", session=session, facts=facts)),

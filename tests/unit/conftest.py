@@ -9,6 +9,7 @@ import pytest
 from support.recording import Clock, RecordingPublisher
 from tether.controller.service import Controller
 from tether.controller.store import Store
+from tether.controller.variables import SecretsKey
 
 
 @pytest.fixture
@@ -18,9 +19,9 @@ def publisher() -> RecordingPublisher:
 
 @pytest.fixture
 def controller(tmp_path: Path, publisher: RecordingPublisher) -> Iterator[Controller]:
-    """A leading controller on a fresh SQLite store, its publishes recorded, its clock still."""
+    """A leading controller on a fresh SQLite store with a secrets key, its publishes recorded, its clock still."""
     store = Store(tmp_path / "tether.db")
-    controller = Controller(store, clock=Clock())
+    controller = Controller(store, clock=Clock(), secrets=SecretsKey.load_or_create(tmp_path))
     controller.client = publisher  # type: ignore[assignment]
     controller.leading.set()
     yield controller
