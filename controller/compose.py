@@ -437,6 +437,11 @@ def _volume(
             source = _ANONYMOUS
     elif isinstance(value, str):
         parts = value.split(":")
+        if len(parts) > 1 and "" in parts:  # ':/data' is most often an unset ${VAR}: Compose refuses it
+            raise ComposeError(
+                f"{where}: invalid volume {value!r}: empty section between colons "
+                "(is a variable in it unset?)"
+            )
         if len(parts) == 1:
             source, target, options = _ANONYMOUS, parts[0], []
         elif len(parts) == 2 and parts[1].startswith("/"):
@@ -767,8 +772,9 @@ def _tmpfs(value: Any, where: str) -> dict[str, str]:
 
 def _logging(value: Any, where: str) -> LoggingSpec:
     options = value.get("options") or {}
+    driver = value.get("driver")
     return LoggingSpec(
-        driver=str(value.get("driver") or "json-file"),
+        driver=str(driver) if driver else None,  # none given: the engine's default driver, as in Compose
         options={str(k): _scalar(v, f"{where}.options.{k}") for k, v in options.items()},
     )
 
@@ -1046,6 +1052,14 @@ def _service(name: str, body: Any, ctx: _Context, problems: _Problems) -> Servic
         problems.run(kw, lambda k=key, v=value, w=kw: _service_key(k, v, w, fields, ctx, problems, body))
     if len(problems.items) > before:
         return None
+    if fields.get("network_mode") == "host" and fields.get("ports"):
+        # The engine discards published ports of a container on the host's network (with a
+        # warning), so docker compose runs such a file: the same here, said once.
+        problems.warnings.append(
+            f"{where}: ports are ignored with network_mode: host (the service listens on the "
+            "device's own ports; Docker discards them too)"
+        )
+        fields["ports"] = ()
     if not fields.get("image") and not fields.get("command") and not fields.get("entrypoint"):
         problems.add(f"{where}: needs an image (docker driver) or a command (process driver)")
         return None
@@ -1084,17 +1098,24 @@ def _service_key(
             ports.extend(problems.run(f"{where}.{i}", lambda p=p, i=i: _ports(p, f"{where}.{i}")) or ())
         fields["ports"] = tuple(ports)
     elif key == "volumes":
-        fields["volumes"] = tuple(
-            v
-            for i, item in enumerate(value)
-            if (
-                v := problems.run(
-                    f"{where}.{i}", lambda x=item, i=i: _volume(x, f"{where}.{i}", ctx.volumes, ctx.shipped)
-                )
+        # As docker compose: a later volume at the same target replaces the earlier one, in its
+        # place (said in a warning); targets equal only once cleaned ('/x/', '/x') are an error.
+        by_target: dict[str, tuple[int, VolumeSpec]] = {}
+        for i, item in enumerate(value):
+            v = problems.run(
+                f"{where}.{i}", lambda x=item, i=i: _volume(x, f"{where}.{i}", ctx.volumes, ctx.shipped)
             )
-        )
-        targets = [v.target for v in fields["volumes"]]
-        dupes = sorted({t for t in targets if targets.count(t) > 1})
+            if v is None:
+                continue
+            if v.target in by_target:
+                problems.warnings.append(
+                    f"{where}.{i} replaces {key}.{by_target[v.target][0]}: both are mounted at "
+                    f"{v.target!r}; the last one is used, as docker compose does"
+                )
+            by_target[v.target] = (i, v)
+        fields["volumes"] = tuple(v for _, v in by_target.values())
+        cleaned = [posixpath.normpath(t) for t in by_target]
+        dupes = sorted({t for t in cleaned if cleaned.count(t) > 1})
         if dupes:
             raise ComposeError(f"{where}: two volumes have the same target {dupes[0]!r}")
     elif key == "restart":
@@ -1104,7 +1125,7 @@ def _service_key(
     elif key == "network_mode":
         mode = _network_mode(value, where)
         fields["network_mode"] = mode
-        if mode != "bridge" and body.get("ports"):
+        if mode not in ("bridge", "host") and body.get("ports"):
             raise ComposeError(f"{where}: ports cannot be published with network_mode: {mode}")
         if mode != "bridge" and body.get("networks"):
             raise ComposeError(f"{where}: networks cannot be combined with network_mode: {mode}")

@@ -189,7 +189,8 @@ class GpuRequest(WireModel):
 class LoggingSpec(WireModel):
     """A service's log driver and its options (``logging``)."""
 
-    driver: str = Field(default="json-file", min_length=1, max_length=64)
+    driver: str | None = Field(default=None, min_length=1, max_length=64, exclude_if=_unset)
+    """None: the engine's default driver (``logging`` with options only, as docker compose reads it)."""
     options: dict[str, str] = Field(default_factory=dict)
 
 

@@ -233,7 +233,7 @@ def test_unsupported_service_keys_are_rejected(key: str, value: str, fragments: 
         ("services: {web: {image: x, volumes: ['../data:/data']}}\n", ("'web'", "'../data'", "outside")),
         ("services: {web: {image: x, volumes: ['~/data:/data']}}\n", ("'web'", "'~/data'", "tether CLI")),
         ("services: {web: {image: x, volumes: ['/data:rel']}}\n", ("'web'", "volume option 'rel'")),
-        ("services: {web: {image: x, volumes: ['/a:/b:ro', '/c:/b']}}\n", ("'web'", "same target '/b'")),
+        ("services: {web: {image: x, volumes: ['/a:/b:ro', '/c:/b/']}}\n", ("'web'", "same target '/b'")),
         ("services: {web: {image: x, depends_on: [db]}}\n", ("'web'", "unknown service 'db'")),
         ("services: {web: {image: x, depends_on: [web]}}\n", ("'web'", "itself")),
         (
@@ -253,8 +253,8 @@ def test_unsupported_service_keys_are_rejected(key: str, value: str, fragments: 
         ("services: {web: {image: x, ports: ['8000-8010:80']}}\n", ("'web'", "range must be as long")),
         ("services: {web: {image: x, ports: [{published: 80}]}}\n", ("'web'", "invalid port")),
         (
-            "services: {web: {image: x, network_mode: host, ports: ['80:80']}}\n",
-            ("'web'", "network_mode: host"),
+            "services: {web: {image: x, network_mode: none, ports: ['80:80']}}\n",
+            ("'web'", "network_mode: none"),
         ),
         ("services: {web: {image: x, network_mode: 'container:db'}}\n", ("'web'", "network_mode")),
         ("services: {web: {image: x, restart: sometimes}}\n", ("'web'", "restart", "sometimes")),

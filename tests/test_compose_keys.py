@@ -259,6 +259,90 @@ def test_what_a_device_cannot_do_is_refused_with_a_hint(text: str, fragment: str
     assert any(fragment in p for p in found), found
 
 
+def test_an_empty_volume_section_is_an_error_as_in_compose() -> None:
+    """An unset variable leaves ':/target' or 'name::ro': refused (Compose refuses it too), each
+    named at once, instead of becoming an anonymous volume."""
+    found = problems("""
+        services:
+          recorder:
+            image: x
+            volumes: [":/var/lib/recorder", "clips::ro", "/srv/media:/media"]
+        volumes: {clips: {}}
+    """)
+    assert [p for p in found if "empty section between colons" in p] == [
+        "service 'recorder': volumes.0: invalid volume ':/var/lib/recorder': empty section between colons "
+        "(is a variable in it unset?)",
+        "service 'recorder': volumes.1: invalid volume 'clips::ro': empty section between colons "
+        "(is a variable in it unset?)",
+    ]
+
+
+def test_ports_on_the_host_network_are_ignored_with_a_warning() -> None:
+    """network_mode: host with ports runs as under docker compose: the engine discards the
+    published ports, so the service gets none and the deploy says so."""
+    spec, _placement, warnings = parse_stack_warnings(
+        textwrap.dedent("""
+            services:
+              hub:
+                image: x
+                network_mode: host
+                ports: ["8123:8123", "5683:5683/udp"]
+              side:
+                image: x
+                ports: ["9000:9000"]
+        """)
+    )
+    hub, side = spec.service("hub"), spec.service("side")
+    assert hub is not None and side is not None
+    assert hub.network_mode == "host" and hub.ports == ()
+    assert side.ports == (PortSpec(container=9000, host=9000),)
+    assert warnings == [
+        "service 'hub': ports are ignored with network_mode: host (the service listens on the "
+        "device's own ports; Docker discards them too)"
+    ]
+
+
+def test_a_later_volume_at_the_same_target_replaces_the_earlier() -> None:
+    """Two volumes at one target: the last is used in the first one's place, as docker compose
+    loads it (a dashboard's bind mount shadowed by its named volume), with a warning."""
+    spec, _placement, warnings = parse_stack_warnings(
+        textwrap.dedent("""
+            services:
+              dash:
+                image: x
+                volumes:
+                  - /srv/dash/provisioning:/var/lib/dash
+                  - /srv/dash/plugins:/plugins
+                  - dash-data:/var/lib/dash
+            volumes: {dash-data: {}}
+        """)
+    )
+    dash = spec.service("dash")
+    assert dash is not None
+    assert dash.volumes == (
+        VolumeSpec(type="volume", source="dash-data", target="/var/lib/dash"),
+        VolumeSpec(type="bind", source="/srv/dash/plugins", target="/plugins"),
+    )
+    assert warnings == [
+        "service 'dash': volumes.2 replaces volumes.0: both are mounted at '/var/lib/dash'; "
+        "the last one is used, as docker compose does"
+    ]
+
+
+def test_logging_options_without_a_driver_keep_the_engine_default_driver() -> None:
+    """logging with options only means the engine's default driver with them, as in Compose;
+    an explicit driver is kept as it is."""
+    spec = parse("""
+        services:
+          quiet: {image: x, logging: {options: {max-size: 5m}}}
+          loud: {image: x, logging: {driver: json-file, options: {max-size: 5m}}}
+    """)
+    assert spec.service("quiet").logging == LoggingSpec(options={"max-size": "5m"})  # type: ignore[union-attr]
+    assert spec.service("loud").logging == LoggingSpec(driver="json-file", options={"max-size": "5m"})  # type: ignore[union-attr]
+    quiet = spec.service("quiet").model_dump(mode="json")  # type: ignore[union-attr]
+    assert quiet["logging"] == {"options": {"max-size": "5m"}}
+
+
 def test_extension_fields_are_ignored_everywhere() -> None:
     """x-* keys at the top, in services, networks, volumes and long-form entries change nothing."""
     plain = parse("""

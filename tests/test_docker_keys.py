@@ -169,7 +169,12 @@ def test_mounts(every: dict[str, Any]) -> None:
 
 
 def test_logging_given_and_default(every: dict[str, Any]) -> None:
-    """logging is honoured; a service without it gets the rotating default."""
+    """logging is honoured (options without a driver: the engine's default driver, as docker
+    compose passes them); a service without it gets the rotating default."""
+    assert every["inspect"]["cache"]["HostConfig"]["LogConfig"] == {
+        "Type": every["client"].info()["LoggingDriver"],
+        "Config": {"max-size": "2m"},
+    }
     assert every["inspect"]["app"]["HostConfig"]["LogConfig"] == {
         "Type": "json-file",
         "Config": {"max-size": "1m", "max-file": "2"},

@@ -179,7 +179,9 @@ def plan_container(
             for g in service.gpus
         ]
     if service.logging is not None:
-        host["log_config"] = {"type": service.logging.driver, "config": dict(service.logging.options)}
+        # An empty type is the engine's default driver (docker compose sends the same).
+        driver = service.logging.driver or ""
+        host["log_config"] = {"type": driver, "config": dict(service.logging.options)}
     else:
         host["log_config"] = DEFAULT_LOG_CONFIG
     plan = ContainerPlan(create, host)
