@@ -88,7 +88,16 @@ def main() -> None:
     "--log-format", default="text", type=click.Choice(["text", "json"]), help="json: one object per line."
 )
 @click.option(
-    "--http", default=None, help="Serve /healthz, /readyz and /metrics on HOST:PORT (port 0 picks one)."
+    "--http",
+    default=None,
+    help="Serve /healthz, /readyz, /metrics and the device install (/install.sh) on HOST:PORT "
+    "(port 0 picks one).",
+)
+@click.option(
+    "--wheelhouse",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
+    help="With --http: serve these wheels (the agent's dependencies) to devices without the package index.",
 )
 @click.option(
     "--allow-anonymous",
@@ -133,6 +142,7 @@ def up(
     log_level: str,
     log_format: str,
     http: str | None,
+    wheelhouse: Path | None,
     allow_anonymous: bool,
     mosquitto_dir: Path | None,
     tls: bool,
@@ -169,6 +179,7 @@ def up(
                 with_agent,
                 agent_driver,
                 http,
+                wheelhouse=wheelhouse,
                 allow_anonymous=allow_anonymous,
                 mosquitto_dir=mosquitto_dir,
                 tls=tls,

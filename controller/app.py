@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from tether.protocol.heap import tune_gc
 from tether.protocol.mqtt import BrokerAddress, MqttClient, parse_broker_url
 from tether.protocol.secret_files import private_dir, private_file, write_secret_text
 
+from .agent_install import InstallFiles
 from .dynsec import DynsecAdmin, DynsecTable
 from .lease import lease_for
 from .mosquitto import quickstart_tls, uses_dynsec, write_mosquitto_files
@@ -51,6 +53,8 @@ class UpOptions:
     with_agent: bool
     agent_driver: str | None
     http: str | None = None
+    wheelhouse: Path | None = None
+    """With ``http``: wheels of the agent's dependencies served at /wheels/ (agent_install.py)."""
     allow_anonymous: bool = False
     mosquitto_dir: Path | None = None
     """Keep Mosquitto's password and ACL files here, rewritten on every change."""
@@ -331,9 +335,17 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         tune_gc()  # after start-up: a long-lived heap, see protocol/heap.py
         if options.http:
             host, _, port_text = options.http.rpartition(":")
-            http = HealthServer(controller, host or "127.0.0.1", int(port_text))
+            install = InstallFiles.load(address, ca_file if address.tls else None, options.wheelhouse)
+            http = HealthServer(controller, host or "127.0.0.1", int(port_text), install)
             http.start()
-            echo(f"tether: health and metrics on http://{host or '127.0.0.1'}:{http.port}/metrics")
+            shown = host or "127.0.0.1"
+            if shown in ("0.0.0.0", "::"):
+                shown = socket.gethostname()
+            echo(f"tether: health and metrics on http://{shown}:{http.port}/metrics")
+            echo(
+                f"tether: device install (tether-agent {install.version}): curl -fsSL "
+                f"http://{shown}:{http.port}/install.sh | sudo sh -s -- --token TOKEN (tether tokens create)"
+            )
         controller.ready.wait(15)
         role = "leader" if controller.leading.is_set() else "standby"
         echo(

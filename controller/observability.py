@@ -4,6 +4,7 @@
 
     /healthz   200 while the process runs (liveness)
     /readyz    200 once connected to the broker and the store answers, else 503 (readiness)
+    /install.sh, /agent/..., /ca.pem, /wheels/   the device install (agent_install.py)
     /metrics   Prometheus text format: devices by presence, stacks, deployments by state, leadership,
                messages received by kind, device messages dropped or trimmed by reason, requests by
                command and outcome
@@ -25,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
+    from .agent_install import InstallFiles
     from .service import Controller
 
 REFRESH_SECONDS = 15.0
@@ -69,8 +71,11 @@ class Metrics:
 class HealthServer:
     """A tiny HTTP server for /healthz, /readyz and /metrics, on its own thread."""
 
-    def __init__(self, controller: Controller, host: str, port: int) -> None:
+    def __init__(
+        self, controller: Controller, host: str, port: int, install: InstallFiles | None = None
+    ) -> None:
         self.controller = controller
+        self.install = install
         handler = self._handler()
         self.httpd = ThreadingHTTPServer((host, port), handler)
         self.port = self.httpd.server_address[1]
@@ -85,6 +90,7 @@ class HealthServer:
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         controller = self.controller
+        install = self.install
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
@@ -95,6 +101,10 @@ class HealthServer:
                     self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain")
                 elif self.path == "/metrics":
                     self._send(200, generate_latest(controller.metrics.registry), CONTENT_TYPE_LATEST)
+                elif install is not None and (found := install.get(self.path, self.headers.get("Host", ""))):
+                    self._send(200, found.data, found.content_type)
+                elif self.path == "/install.sh":
+                    self._send(400, b"the Host header is not HOST[:PORT]\n", "text/plain")
                 else:
                     self._send(404, b"not found\n", "text/plain")
 

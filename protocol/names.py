@@ -23,6 +23,7 @@ __all__ = [
     "CLIENT_ID",
     "CONFIG_NAME",
     "DEVICE_ID",
+    "HTTP_HOST",
     "LABEL_KEY",
     "NAME",
     "REGISTRY_HOST",
@@ -119,6 +120,13 @@ REGISTRY_HOST = Identifier(
 )
 """An image registry as image references name it: ``registry.example:5000``, ``docker.io``."""
 DOCKER_HUB = "docker.io"
+HTTP_HOST = Identifier(
+    "HTTP host",
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}))*|\[[0-9A-Fa-f:.]{2,45}\])"
+    r"(?::[0-9]{1,5})?",
+    "HOST or HOST:PORT: a host name, IPv4 address or [IPv6] address",
+)
+"""An HTTP ``Host`` header: where a device reached ``tether up --http`` (the served install script's URLs)."""
 
 
 def registry_of(image: str) -> str:

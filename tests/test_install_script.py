@@ -6,6 +6,11 @@ the script has to install it with apt-get. The script installs the agent from a 
 this repository (``--from``); pip reaches PyPI for the dependencies. systemd does not run
 in the chroot, so the script installs the unit without enabling it. The chroot tests share
 one installation and run in the order they are written, each building on the last.
+
+test_one_line_install_from_the_controller does what a newcomer does, on a fresh root of
+each architecture (arm64 and armhf under qemu-user-static): ``curl .../install.sh | sh``
+from a real controller, the agent enrolls with a fleet token, runs a stack, and its logs
+come back. Not marked e2e, so that CI runs these slow tests once (not again on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from support.images import (
     chroot_run,
     copy_repo,
     ensure_debian_rootfs,
+    foreign_arch_problem,
+    host_arch,
     rootfs_dir,
     skip_or_fail,
 )
-from support.infra import docker_client
+from support.infra import docker_client, wait_until
 from support.procs import ControllerProcess, _Proc, cli, cli_json, wait_online
+from tether.protocol import __version__
 
 SCRIPT = REPO_ROOT / "packaging" / "install-agent.sh"
 AGENT_UNIT = REPO_ROOT / "packaging" / "tether-agent.service"
@@ -68,13 +76,16 @@ class Installed:
         return self.root / inside.lstrip("/")
 
 
-def _check_tools() -> None:
+def _check_tools(arch: str | None = None) -> None:
     if os.geteuid() != 0:
         skip_or_fail("the install test chroots into a Debian root filesystem, which needs root")
     for tool in ("unshare", "chroot", "mount"):
         if shutil.which(tool) is None:
             skip_or_fail(f"{tool} is not installed (util-linux / coreutils)")
-    cached = (rootfs_dir() / ".tether-rootfs-complete").exists()
+    problem = foreign_arch_problem(arch) if arch else None
+    if problem:
+        skip_or_fail(f"a {arch} root file system cannot run here: {problem}")
+    cached = (rootfs_dir(arch) / ".tether-rootfs-complete").exists()
     if not cached and shutil.which("debootstrap") is None and not os.access("/usr/sbin/debootstrap", os.X_OK):
         skip_or_fail(
             "debootstrap is not installed, so no Debian root filesystem can be made (apt-get install debootstrap)"
@@ -248,6 +259,7 @@ def _shells() -> list[list[str]]:
         (["--broker", "mqtt://x", "--label", "novalue"], "expected KEY=VALUE"),
         (["--broker", "mqtt://x", "--frobnicate", "1"], "unknown option: --frobnicate"),
         (["--broker=mqtt://x", "stray"], "unexpected argument: stray"),
+        (["--broker", "mqtt://x"], "--from PATH is needed (or run the script your controller serves"),
         (["--broker", "mqtt://x", "--username", "pi-1"], "--username and --password go together"),
         (
             ["--broker", "mqtt://x", "--username", "a", "--password", "b", "--credentials", "c.json"],
@@ -339,3 +351,94 @@ def test_agent_unit_settings() -> None:
     for key in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
         assert s[key] == ["yes"], key
     assert s["ExecStart"] == ["/opt/tether-agent/bin/tether-agent --config /etc/tether/agent.toml"]
+
+
+# --- the one-line install from the controller, per architecture -----------------------------
+
+# What `uname -m` says in a root of each architecture (under qemu-user-static for foreign ones).
+MACHINES = {"amd64": "x86_64", "arm64": "aarch64", "armhf": "armv7l"}
+STACK = """
+services:
+  where:
+    command: ["sh", "-c", "echo \\"running on $$(uname -m)\\"; exec sleep 3600"]
+    restart: always
+"""
+
+
+@pytest.mark.parametrize("arch", list(MACHINES))
+@pytest.mark.timeout(3600)  # a foreign root's first debootstrap runs under qemu
+def test_one_line_install_from_the_controller(
+    arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`curl -fsSL http://CONTROLLER/install.sh | sh -s -- --token ...` on a fresh Debian 12 root of
+    ``arch`` installs the controller's own wheel (checksum checked, Debian's msgpack/nacl/cffi),
+    and the agent enrolls with the token, comes online, runs a stack and sends its logs back."""
+    _check_tools(arch)
+    native = arch == host_arch()
+    base = ensure_debian_rootfs(docker_client() if native else None, arch=None if native else arch)
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(root)], check=True, timeout=600)
+    shutil.copyfile("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    assert chroot_run(root, ["uname", "-m"]).stdout.strip() == MACHINES[arch]
+    curl = chroot_run(
+        root, ["sh", "-c", "apt-get update -qq && apt-get install -y -qq --no-install-recommends curl"]
+    )
+    assert curl.returncode == 0, curl.stdout + curl.stderr
+
+    controller = ControllerProcess(tmp_path / "controller", auth=True, extra=["--http", "127.0.0.1:0"])
+    agent: _Proc | None = None
+    try:
+        monkeypatch.setenv("TETHER_CREDENTIALS", str(controller.operator_file))
+        url = controller.url
+        port = int(controller.wait_for_line(r"health and metrics on http://[^:]+:(\d+)/").group(1))
+        cli_json(url, "groups", "create", "edge", "--select", "fleet=one-line")
+        created = cli_json(
+            url,
+            "tokens",
+            "create",
+            "--group",
+            "edge",
+            "--label",
+            "fleet=one-line",
+            "--auto-approve",
+            "--uses",
+            "1",
+        )
+        device = f"pi-{arch}"
+        one_line = (
+            f"curl -fsSL http://127.0.0.1:{port}/install.sh | "
+            f"sh -s -- --token {created['token']} --driver process --device-id {device}"
+        )
+        started = time.monotonic()
+        installed = chroot_run(root, ["sh", "-c", one_line], timeout=1800)
+        print(f"\none-line install on {arch}: {time.monotonic() - started:.1f}s")
+        out = installed.stdout + installed.stderr
+        assert installed.returncode == 0, out
+        assert "SHA-256 checked" in out and f"installed tether-agent {__version__}" in out
+        assert "apt-get install python3-msgpack python3-nacl python3-cffi" in out
+        config = tomllib.loads(root.joinpath("etc/tether/agent.toml").read_text())
+        assert config["brokers"] == [url] and config["enrollment_token"] == created["token"]
+
+        argv = ["/opt/tether-agent/bin/tether-agent", "--config", "/etc/tether/agent.toml"]
+        agent = _Proc(chroot_command(root, argv), tmp_path / "agent.log")
+        try:
+            wait_online(url, device, timeout=300)
+        except AssertionError:
+            raise AssertionError(agent.output()) from None
+        stack = tmp_path / "where.yml"
+        stack.write_text(STACK)
+        deployed = cli(url, "stacks", "deploy", str(stack), "--name", "where", "--group", "edge", "--wait",
+                       "--min-healthy-time", "1s", timeout=600)  # fmt: skip
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr + agent.output()
+
+        def logged() -> str | None:
+            result = cli(url, "logs", device, "where", "--tail", "1", timeout=120)
+            return result.stdout if f"running on {MACHINES[arch]}" in result.stdout else None
+
+        wait_until(logged, 120, interval=1, message=f"the stack's log line from {device}")
+        assert agent.stop() == 0
+    finally:
+        if agent is not None:
+            agent.stop()
+        controller.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -29,6 +29,7 @@ GOOD = {
     "variable reference": "db/main/password",
     "signal": "SIGHUP",
     "registry host": "registry.example:5000",
+    "HTTP host": "[fd00::1]:9100",
 }
 
 

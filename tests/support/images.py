@@ -115,8 +115,37 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def rootfs_dir() -> Path:
-    return cache_dir() / f"debian-{DEBIAN_SUITE}-python"
+def host_arch() -> str:
+    """This machine's Debian architecture (amd64, arm64, ...)."""
+    return subprocess.run(
+        ["dpkg", "--print-architecture"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def rootfs_dir(arch: str | None = None) -> Path:
+    """The cached root filesystem: this machine's architecture, or ``arch`` (arm64, armhf, ...)."""
+    suffix = f"-{arch}" if arch and arch != host_arch() else ""
+    return cache_dir() / f"debian-{DEBIAN_SUITE}-python{suffix}"
+
+
+def foreign_arch_problem(arch: str) -> str | None:
+    """Why a root filesystem of ``arch`` cannot run here, or None: qemu-user-static's binfmt_misc
+    entry must be registered and enabled (``update-binfmts --enable``; the kernel's binfmt_misc
+    file system mounted on /proc/sys/fs/binfmt_misc)."""
+    qemu = {"arm64": "aarch64", "armhf": "arm", "armel": "arm", "i386": "i386"}.get(arch, arch)
+    if arch == host_arch() or (arch == "i386" and host_arch() == "amd64"):
+        return None
+    entry = Path("/proc/sys/fs/binfmt_misc") / f"qemu-{qemu}"
+    try:
+        state = entry.read_text().splitlines()[0]
+    except OSError:
+        return (
+            f"no binfmt_misc entry {entry} for {arch} (apt-get install qemu-user-static binfmt-support; "
+            "mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc; update-binfmts --enable)"
+        )
+    if state != "enabled":
+        return f"{entry} is {state} (update-binfmts --enable qemu-{qemu})"
+    return None
 
 
 def image_exists(client: Any, tag: str) -> bool:
@@ -129,12 +158,15 @@ def image_exists(client: Any, tag: str) -> bool:
         return False
 
 
-def ensure_debian_rootfs(client: Any | None = None) -> Path:
+def ensure_debian_rootfs(client: Any | None = None, arch: str | None = None) -> Path:
     """The cached Debian root filesystem with python3 (made on first use; root needed).
 
     From the image :data:`DEBIAN_PYTHON_TAG` if ``client`` has it, else with debootstrap.
+    ``arch`` (arm64, armhf): a foreign architecture's, made by debootstrap and run under
+    qemu-user-static (:func:`foreign_arch_problem` says whether it can run here).
     """
-    root = rootfs_dir()
+    foreign = arch is not None and arch != host_arch()
+    root = rootfs_dir(arch)
     done = root / ".tether-rootfs-complete"
     if done.exists():
         return root
@@ -144,10 +176,10 @@ def ensure_debian_rootfs(client: Any | None = None) -> Path:
         shutil.rmtree(root, ignore_errors=True)
         work = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
         try:
-            if client is not None and image_exists(client, DEBIAN_PYTHON_TAG):
+            if not foreign and client is not None and image_exists(client, DEBIAN_PYTHON_TAG):
                 _export_image(client, DEBIAN_PYTHON_TAG, work)
             else:
-                _debootstrap(work)
+                _debootstrap(work, arch if foreign else None)
             (work / done.name).write_text(f"{DEBIAN_SUITE} {' '.join(DEBIAN_PACKAGES)}\n")
             work.rename(root)
         finally:
@@ -155,13 +187,14 @@ def ensure_debian_rootfs(client: Any | None = None) -> Path:
     return root
 
 
-def _debootstrap(target: Path) -> None:
+def _debootstrap(target: Path, arch: str | None = None) -> None:
     debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
     argv = [
         debootstrap, "--variant=minbase", f"--include={','.join(DEBIAN_PACKAGES)}",
-        DEBIAN_SUITE, str(target), debian_mirror(),
+        *([f"--arch={arch}"] if arch else []), DEBIAN_SUITE, str(target), debian_mirror(),
     ]  # fmt: skip
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=False)
+    # A foreign architecture's second stage runs under qemu: several times slower.
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=3600, check=False)
     if result.returncode != 0:
         log = target / "debootstrap" / "debootstrap.log"
         detail = log.read_text(errors="replace")[-4000:] if log.exists() else ""
