@@ -238,9 +238,11 @@ def _follow_logs(
                 continue
             last_message = time.monotonic()
             first = False
-            if reply.seq <= seen:
+            # Stream messages count from 1; a refusal (unknown stack or service, ...) is a plain
+            # reply, seq 0, and ends the command like any other error.
+            if reply.seq and reply.seq <= seen:
                 continue  # a duplicate (QoS 1)
-            seen = reply.seq
+            seen = max(seen, reply.seq)
             if not reply.ok:
                 printer.close()
                 raise RequestError(reply.error or "the log stream failed")

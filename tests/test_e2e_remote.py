@@ -139,6 +139,10 @@ def test_logs_follow_restart_facts_and_offline_with_the_process_driver(
     }
     one_line_error(cli(url, "logs", device, "svc", "--since", "10m"), "does not timestamp output")
     one_line_error(cli(url, "logs", device, "nope"), f"stack 'nope' is not on device {device}")
+    # Following is checked the same way: one error at once, never silence and exit 0.
+    for follows in (["-f"], ["-f", "--for", "3s"]):
+        one_line_error(cli(url, "logs", device, "nope", *follows), f"stack 'nope' is not on device {device}")
+        one_line_error(cli(url, "logs", device, "svc", "nope", *follows), "has no service 'nope'")
     one_line_error(cli(url, "logs", device, "svc", "--tail", "lots"), "--tail")
 
     # --follow: the tail proves the stream is up; a line printed afterwards arrives.
