@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether.protocol import names
-from tether.protocol.errors import StoreError, TransportError
+from tether.protocol.errors import ConfigError, StoreError, TransportError
 from tether.protocol.heap import tune_gc
 from tether.protocol.mqtt import BrokerAddress, MqttClient, parse_broker_url
 from tether.protocol.secret_files import private_dir, private_file, write_secret_text
@@ -184,8 +184,46 @@ def _session(data_dir: Path) -> tuple[str, bool]:
     return session_id, False
 
 
+def _check_port_free(host: str, port: int, flag: str) -> None:
+    """Refuse a port something already listens on, before anything is written (issue 18)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            probe.bind((host or "0.0.0.0", port))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host or '0.0.0.0'}:{port} ({exc.strerror or exc}): another `tether up` "
+                f"or broker there? Choose another port with {flag} (0 picks a free one)"
+            ) from None
+
+
 def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: ignore[valid-type]
-    """Run until SIGTERM/SIGINT. Returns the exit status."""
+    """Run until SIGTERM/SIGINT. Returns the exit status.
+
+    A data directory this call made is removed again if the controller fails to start with
+    its state in it (SQLite), so a failed first `tether up` leaves nothing behind.
+    """
+    if options.broker is None:
+        _check_port_free(options.bind, options.port, "--port")
+    if options.http:
+        host, _, port_text = options.http.rpartition(":")
+        if not port_text.isdigit() or int(port_text) > 65535:
+            raise ConfigError(f"--http {options.http}: expected HOST:PORT")
+        _check_port_free(host or "127.0.0.1", int(port_text), "--http HOST:PORT")
+    fresh = not options.data_dir.exists() and options.db is None
+    started = threading.Event()
+    try:
+        return _serve(options, echo, started)
+    except BaseException:
+        if fresh and not started.is_set():
+            shutil.rmtree(options.data_dir, ignore_errors=True)
+        raise
+
+
+def _serve(options: UpOptions, echo: callable[[str], None], started: threading.Event) -> int:  # type: ignore[valid-type]
     private_dir(options.data_dir)
     target = options.db or str(options.data_dir / "tether.db")
     if options.ha and not is_postgres_url(target):
@@ -347,6 +385,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
                 f"http://{shown}:{http.port}/install.sh | sudo sh -s -- --token TOKEN (tether tokens create)"
             )
         controller.ready.wait(15)
+        started.set()
         role = "leader" if controller.leading.is_set() else "standby"
         echo(
             f"tether: controller ready ({role}; state in {'PostgreSQL' if store.kind == 'postgresql' else target})"

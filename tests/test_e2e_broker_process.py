@@ -88,17 +88,40 @@ def test_controller_exits_when_its_broker_process_dies(tmp_path: Path) -> None:
 
 
 def test_a_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
-    """The broker process's failure to listen is `tether up`'s one-line error, as before."""
+    """A busy broker or --http port is one line naming the port and the flag to change, and the
+    data directory `tether up` would have made is not left behind (issue 18)."""
+    data_dir = tmp_path / "tether-data"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "tether.cli.main", "up", "--data-dir", str(tmp_path), "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert result.returncode == 1
-    assert f"tether: error: cannot start embedded broker on 127.0.0.1:{port}: " in result.stderr
-    assert "address already in use" in result.stderr and "Traceback" not in result.stderr
+        for flags, option in (
+            (["--port", str(port)], "--port"),
+            (["--port", "0", "--http", f"127.0.0.1:{port}"], "--http"),
+        ):
+            result = subprocess.run(
+                [sys.executable, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir), *flags],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert result.returncode == 1, result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+            assert lines[0].startswith(f"tether: error: cannot listen on 127.0.0.1:{port} ("), lines[0]
+            assert f"Choose another port with {option}" in lines[0]
+            assert not data_dir.exists()
+
+
+def test_a_failed_first_start_leaves_no_data_dir(tmp_path: Path) -> None:
+    """A start that fails after the data directory was made removes it again; an existing one stays."""
+    data_dir = tmp_path / "tether-data"
+    argv = [sys.executable, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir), "--port", "0"]
+    half_tls = [*argv, "--tls-cert", str(tmp_path / "cert.pem")]
+    result = subprocess.run(half_tls, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "--tls-cert and --tls-key go together" in result.stderr
+    assert not data_dir.exists()
+    data_dir.mkdir()
+    (data_dir / "keep").write_text("x")
+    result = subprocess.run(half_tls, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and (data_dir / "keep").exists()
