@@ -649,7 +649,16 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         self.store.put_device(updated)
         self._deployments_dirty = True
         if presence.status != device.status:
-            log.info("device %s is %s (session %d)", device_id, presence.status, presence.session)
+            # Back from ``unknown`` in the same session (the broker's retained word after our
+            # restart): not news, and a whole fleet of it at once.
+            same = device.status == "unknown" and presence.session == device.session
+            log.log(
+                logging.DEBUG if same else logging.INFO,
+                "device %s is %s (session %d)",
+                device_id,
+                presence.status,
+                presence.session,
+            )
         if presence.status == "online":
             self.enrollment_seen(device_id)
         if presence.status != device.status and any(
