@@ -931,8 +931,9 @@ def _mode_ref(kind: str, allowed: tuple[str, ...]) -> Callable[[Any, str], str]:
 
 _SIMPLE: dict[str, Callable[..., None]] = {
     "container_name": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$", "container name")),
-    "hostname": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9.-]{0,252}$", "host name")),
-    "domainname": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9.-]{0,252}$", "domain name")),
+    # '_' as Docker takes it (hostname iobroker_1 runs under docker compose)
+    "hostname": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}$", "host name")),
+    "domainname": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}$", "domain name")),
     "user": _simple(_str),
     "working_dir": _simple(_abs_path),
     "platform": _simple(_name_like(r"^[a-z0-9]+(/[a-z0-9]+){0,2}$", "platform (os/arch[/variant])")),

@@ -329,6 +329,16 @@ def test_a_later_volume_at_the_same_target_replaces_the_earlier() -> None:
     ]
 
 
+def test_host_names_take_underscores_as_docker_does() -> None:
+    """hostname and domainname with '_' run under docker compose: accepted as given; a space
+    or a leading '-' is still no host name."""
+    spec = parse("services: {gw: {image: x, hostname: gateway_2, domainname: site_a.lan}}")
+    gw = spec.service("gw")
+    assert gw is not None and (gw.hostname, gw.domainname) == ("gateway_2", "site_a.lan")
+    assert any("is not a valid host name" in p for p in problems("services: {gw: {image: x, hostname: 'a b'}}"))
+    assert any("is not a valid host name" in p for p in problems("services: {gw: {image: x, hostname: -gw}}"))
+
+
 def test_logging_options_without_a_driver_keep_the_engine_default_driver() -> None:
     """logging with options only means the engine's default driver with them, as in Compose;
     an explicit driver is kept as it is."""
