@@ -95,6 +95,8 @@ INGEST_BATCH = 500
 _BATCHED = frozenset({DeviceTopic.REPORTED.value, DeviceTopic.EVENTS.value, DeviceTopic.METRICS.value})
 STALE_DEFAULT_KEEPALIVE = 60
 """The keepalive assumed for a device that does not tell its own (an older agent)."""
+ACK_MAX_DELAY = 10.0
+"""Event acknowledgements wait while the inbox holds a burst, at most this long."""
 BEHIND_GRACE = 15.0
 """Seconds an online device may report an older generation than the one published to it
 before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
@@ -189,6 +191,7 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         self._event_marks: dict[str, _Marks] = {}  # see _note_stored
         self._acks_due: set[str] = set()
         self._acks_resend = False
+        self._acks_since: float | None = None  # when the acknowledgements due began to wait
         self._presence_trusted = False  # see _presence_stale
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
@@ -753,6 +756,15 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         client = self.client
         if client is None or not client.connected or not self.leading.is_set():
             return
+        if not self._acks_due and not self._acks_resend:
+            self._acks_since = None
+            return
+        now = time.monotonic()
+        if self._acks_since is None:
+            self._acks_since = now
+        if self.inbox.qsize() > INGEST_BATCH and now - self._acks_since < ACK_MAX_DELAY:
+            return  # a burst (a deploy to a big fleet): storing reports comes first
+        self._acks_since = None
         resend = self._acks_resend
         if resend:
             self._acks_resend = False
