@@ -14,6 +14,7 @@ from support.images import skip_or_fail
 from support.infra import wait_until
 from support.linkproxy import LinkProxy
 from support.registry import Registry, layer_size, push_image, registry_available
+from support.tokenauth import TokenServer
 from tether.agent.drivers.docker import DockerDriver
 from tether.agent.staging import ImageStager
 
@@ -243,3 +244,33 @@ def test_prune_removes_only_what_the_stager_loaded_and_keeps_what_is_asked(
         assert set(stager.loaded().values()) == {new}
     finally:
         stager.close()
+
+
+def test_token_authentication_as_docker_hub_does_it(
+    engine: DockerDriver, docker_engine: Any, pushed: list[str], tmp_path: Path
+) -> None:
+    """A registry with token auth (Bearer challenge, a token server asked with basic auth):
+    without credentials the token is refused, a permanent unauthorized; with them, fetched."""
+    reason = registry_available()
+    if reason:
+        skip_or_fail(reason)
+    storage = tmp_path / "storage"
+    name = _name()
+    with Registry(tmp_path / "open", storage=storage) as open_registry:
+        pushed.append(push_image(docker_engine, open_registry.host, name, MB // 2))
+    with (
+        TokenServer(tmp_path / "tokens", {"edge": "s3cret"}) as tokens,
+        Registry(tmp_path / "token", storage=storage, auth=tokens.config()) as registry,
+    ):
+        ref = f"{registry.host}/{name}"
+        pushed.append(ref)
+        stager = _stager(tmp_path / "images", engine)
+        try:
+            stager.want({ref}, {})
+            status = wait_until(lambda: (s := stager.status()[ref]).state == "failed" and s, 30)
+            assert "unauthorized" in (status.reason or "") and tokens.refused >= 1
+            stager.want({ref}, {registry.host: ("edge", "s3cret")})
+            wait_until(lambda: stager.present(ref), 60, message="image staged with a token")
+            assert tokens.issued >= 1
+        finally:
+            stager.close()

@@ -40,12 +40,19 @@ class Registry:
     content (a registry that goes away and comes back)."""
 
     def __init__(
-        self, tmp_path: Path, htpasswd: dict[str, str] | None = None, storage: Path | None = None
+        self,
+        tmp_path: Path,
+        htpasswd: dict[str, str] | None = None,
+        storage: Path | None = None,
+        auth: str = "",
     ) -> None:
+        """``auth``: a raw ``auth:`` section instead (e.g. :meth:`TokenServer.config`);
+        ``storage``: share content with another registry (push to an open one, pull here)."""
         self.dir = Path(tmp_path)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.storage = storage or self.dir / "storage"
         self.htpasswd = htpasswd
+        self.auth = auth
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.dir / "registry.log"
@@ -55,7 +62,7 @@ class Registry:
         return f"127.0.0.1:{self.port}"
 
     def _config(self, port: int) -> Path:
-        auth = ""
+        auth = self.auth
         if self.htpasswd is not None:
             lines = []
             for user, password in self.htpasswd.items():
