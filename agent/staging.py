@@ -68,6 +68,9 @@ own copy of the archive, then the extracted layers (compression ratios of 2 to 3
 DISK_RESERVE = 64 * 1024 * 1024
 """Bytes left free on each file system after a download."""
 PERMANENT_RETRY = 300.0
+RETRY_CAP = 15.0
+"""Longest wait (jittered) before retrying a transient error: a link that comes back is used
+within 15 s (7.5 s on average), not after a minute of backoff that outlasted the cut."""
 RATE_WINDOW = 10.0
 """Seconds over which the download rate is measured."""
 
@@ -214,7 +217,7 @@ class ImageStager:
         self.clock = clock
         self.disk_usage = disk_usage
         self.reserve = reserve
-        self.backoff = backoff or Backoff(base=2.0, cap=60.0)
+        self.backoff = backoff or Backoff(base=1.0, cap=RETRY_CAP)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
