@@ -7,10 +7,9 @@ pause, resume, promote, switch or roll one back.
 
 from __future__ import annotations
 
-from typing import Any
-
 from tether.protocol.commands import DeploymentsAction, DeploymentsList, DeploymentsStatus
 from tether.protocol.errors import ConflictError, NotFoundError
+from tether.protocol.results import DeploymentList, DeploymentResult, DeploymentView
 
 from . import rollout
 from .context import Context
@@ -20,25 +19,26 @@ commands = CommandRegistry()
 """The commands handled here (see :mod:`.registry`)."""
 
 
-def deployment_view(ctx: Context, d: rollout.Deployment, full: bool = False) -> dict[str, Any]:
+def deployment_view(ctx: Context, d: rollout.Deployment, full: bool = False) -> DeploymentView:
+    """A deployment as replies show it (``full``: with each device's rollout state and download)."""
     counts: dict[str, int] = {}
     for r in d.devices.values():
         counts[r.state] = counts.get(r.state, 0) + 1
-    view: dict[str, Any] = {
-        "id": d.id,
-        "stack": d.stack,
-        "state": d.state,
-        "from_hash": d.from_hash,
-        "to_hash": d.to_hash,
-        "strategy": d.strategy.model_dump(mode="json"),
-        "batch": d.batch,
-        "promoted": d.promoted,
-        "switched": d.switched,
-        "counts": counts,
-        "message": d.message,
-        "created": d.created,
-        "updated": d.updated,
-    }
+    view = DeploymentView(
+        id=d.id,
+        stack=d.stack,
+        state=d.state,
+        from_hash=d.from_hash,
+        to_hash=d.to_hash,
+        strategy=d.strategy.model_dump(mode="json"),
+        batch=d.batch,
+        promoted=d.promoted,
+        switched=d.switched,
+        counts=counts,
+        message=d.message,
+        created=d.created,
+        updated=d.updated,
+    )
     if full:
         fleet = ctx.fleet_view()
         now = ctx.clock()
@@ -57,13 +57,15 @@ def deployment_view(ctx: Context, d: rollout.Deployment, full: bool = False) -> 
             if r.state == "updating" and r.healthy_since is not None:
                 row["healthy_in"] = max(0.0, d.strategy.min_healthy_time_s - (now - r.healthy_since))
             devices[k] = row
-        view["devices"] = devices
+        view = view.model_copy(update={"devices": devices})
     return view
 
 
 @commands.command(DeploymentsList)
-def deployments_ls(ctx: Context, cmd: DeploymentsList) -> Any:
-    return {"deployments": [deployment_view(ctx, d) for d in ctx.store.list_deployments(cmd.stack)]}
+def deployments_ls(ctx: Context, cmd: DeploymentsList) -> DeploymentList:
+    return DeploymentList(
+        deployments=[deployment_view(ctx, d) for d in ctx.store.list_deployments(cmd.stack)]
+    )
 
 
 def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
@@ -74,12 +76,12 @@ def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
 
 
 @commands.command(DeploymentsStatus)
-def deployments_status(ctx: Context, cmd: DeploymentsStatus) -> Any:
-    return {"deployment": deployment_view(ctx, _deployment(ctx, cmd.id), full=True)}
+def deployments_status(ctx: Context, cmd: DeploymentsStatus) -> DeploymentResult:
+    return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, cmd.id), full=True))
 
 
 @commands.command(DeploymentsAction)
-def deployments_action(ctx: Context, cmd: DeploymentsAction) -> Any:
+def deployments_action(ctx: Context, cmd: DeploymentsAction) -> DeploymentResult:
     d = _deployment(ctx, cmd.id)
     latest = ctx.store.latest_deployments().get(d.stack)
     action = cmd.kind.split(".", 1)[1]
@@ -104,7 +106,7 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> Any:
             new = ctx.start_deployment(reverted, stack.spec_hash, d.strategy)
             ctx.recompute()
         ctx.publish_pending()
-        return {"deployment": deployment_view(ctx, new)}
+        return DeploymentResult(deployment=deployment_view(ctx, new))
     if latest is None or latest.id != d.id or not d.active:
         raise ConflictError(
             f"deployment {d.id} is {d.state}; only the active deployment of a stack can {action}"
@@ -124,4 +126,4 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> Any:
     with ctx.store.transaction():
         ctx.store.put_deployment(d)
     ctx.advance_deployments()
-    return {"deployment": deployment_view(ctx, _deployment(ctx, d.id))}
+    return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, d.id)))

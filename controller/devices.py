@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
 
 from tether.protocol.commands import DevicesLabel, DevicesList, DevicesShow, DevicesTop
 from tether.protocol.errors import NotFoundError
+from tether.protocol.results import (
+    DeviceDetails,
+    DeviceList,
+    DeviceResult,
+    DeviceSample,
+    DeviceSamples,
+    DeviceShown,
+    DeviceView,
+)
 
 from .context import Context
 from .models import Device
@@ -43,65 +51,67 @@ def never_seen(store: Store, device_ids: Iterable[str]) -> list[str]:
     return [d for d in device_ids if (device := store.get_device(d)) is None or device.status == "never seen"]
 
 
-def device_view(store: Store, device: Device, full: bool = False) -> dict[str, Any]:
-    """A device as replies show it (``full``: with facts, desired and reported state, events)."""
+def device_view(store: Store, device: Device) -> DeviceView:
+    """A device as replies show it."""
     record = store.get_desired(device.id)
     reported = device.reported
-    view: dict[str, Any] = {
-        "id": device.id,
-        "status": device.status,
-        "since": device.since,
-        "session": device.session,
-        "labels": device.labels,
-        "label_sources": device.label_sources(),
-        "desired_generation": record.generation if record else None,
-        "applied_generation": reported.generation if reported else None,
-        "stacks": {name: s.state for name, s in (reported.stacks.items() if reported else ())},
-        "storage_error": reported.storage_error if reported else None,
-    }
-    if full:
-        view["facts"] = device.facts.model_dump(mode="json") if device.facts else None
-        view["desired"] = [r.model_dump(mode="json") for r in record.stacks] if record else []
-        view["reported"] = reported.model_dump(mode="json") if reported else None
-        view["events"] = [json.loads(b) for b in store.list_events(device.id)]
-        view["dropped"] = store.dropped(device.id)
-    return view
+    return DeviceView(
+        id=device.id,
+        status=device.status,
+        since=device.since,
+        session=device.session,
+        labels=device.labels,
+        label_sources=device.label_sources(),
+        desired_generation=record.generation if record else None,
+        applied_generation=reported.generation if reported else None,
+        stacks={name: s.state for name, s in (reported.stacks.items() if reported else ())},
+        storage_error=reported.storage_error if reported else None,
+    )
+
+
+def device_details(store: Store, device: Device) -> DeviceDetails:
+    """The view with the device's facts, desired and reported state, events and drops."""
+    record = store.get_desired(device.id)
+    reported = device.reported
+    return DeviceDetails(
+        **dict(device_view(store, device)),
+        facts=device.facts.model_dump(mode="json") if device.facts else None,
+        desired=[r.model_dump(mode="json") for r in record.stacks] if record else [],
+        reported=reported.model_dump(mode="json") if reported else None,
+        events=[json.loads(b) for b in store.list_events(device.id)],
+        dropped=store.dropped(device.id),
+    )
 
 
 @commands.command(DevicesList, read_only=True)
-def devices_ls(ctx: Context, cmd: DevicesList) -> Any:
-    return {"devices": [device_view(ctx.store, d) for d in all_devices(ctx.store).values()]}
+def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
+    return DeviceList(devices=[device_view(ctx.store, d) for d in all_devices(ctx.store).values()])
 
 
 @commands.command(DevicesShow, read_only=True)
-def devices_show(ctx: Context, cmd: DevicesShow) -> Any:
+def devices_show(ctx: Context, cmd: DevicesShow) -> DeviceShown:
     device = all_devices(ctx.store).get(cmd.device_id)
     if device is None:
         raise NotFoundError(f"unknown device {cmd.device_id!r}")
-    return {"device": device_view(ctx.store, device, full=True)}
+    return DeviceShown(device=device_details(ctx.store, device))
 
 
 @commands.command(DevicesTop)
-def devices_top(ctx: Context, cmd: DevicesTop) -> Any:
+def devices_top(ctx: Context, cmd: DevicesTop) -> DeviceSamples:
     devices = all_devices(ctx.store)
     for device_id in cmd.device_ids:
         if device_id not in devices:
             raise NotFoundError(f"unknown device {device_id!r}")
     wanted = cmd.device_ids or tuple(devices)
     rows = [
-        {
-            "id": d,
-            "status": devices[d].status,
-            "since": devices[d].since,
-            "sample": ctx.device_metrics.get(d),
-        }
+        DeviceSample(id=d, status=devices[d].status, since=devices[d].since, sample=ctx.device_metrics.get(d))
         for d in wanted
     ]
-    return {"devices": rows}
+    return DeviceSamples(devices=rows)
 
 
 @commands.command(DevicesLabel)
-def devices_label(ctx: Context, cmd: DevicesLabel) -> Any:
+def devices_label(ctx: Context, cmd: DevicesLabel) -> DeviceResult:
     """Operator labels: trusted, so selector groups match them. Removing a key also
     removes it where the device's enrollment pinned it."""
     device = all_devices(ctx.store).get(cmd.device_id)
@@ -120,4 +130,4 @@ def devices_label(ctx: Context, cmd: DevicesLabel) -> Any:
         ctx.sync()
     else:
         ctx.sync({cmd.device_id})
-    return {"device": device_view(ctx.store, all_devices(ctx.store)[cmd.device_id])}
+    return DeviceResult(device=device_view(ctx.store, all_devices(ctx.store)[cmd.device_id]))

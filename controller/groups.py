@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from pydantic import ValidationError
 from tether.protocol import topics
 from tether.protocol.commands import GroupsCreate, GroupsList, GroupsRemove, GroupsShow, GroupsTrust
 from tether.protocol.errors import CommandError, ConflictError, NotFoundError
+from tether.protocol.results import GroupCreated, GroupList, GroupResult, GroupView, Removed
 
 from .context import Context
 from .devices import attributes, never_seen
@@ -22,21 +22,21 @@ commands = CommandRegistry()
 """The commands handled here (see :mod:`.registry`)."""
 
 
-def group_view(ctx: Context, group: Group) -> dict[str, Any]:
+def group_view(ctx: Context, group: Group) -> GroupView:
     """A group as replies show it: its members now, and the stacks deployed to it."""
-    return {
-        "name": group.name,
-        "kind": group.kind,
-        "devices": list(group.devices),
-        "selector": group.selector,
-        "trust_device_labels": group.trust_device_labels,
-        "members": members(group, attributes(ctx.store)),
-        "stacks": [s.name for s in ctx.store.list_stacks() if s.group == group.name],
-    }
+    return GroupView(
+        name=group.name,
+        kind=group.kind,
+        devices=list(group.devices),
+        selector=group.selector,
+        trust_device_labels=group.trust_device_labels,
+        members=members(group, attributes(ctx.store)),
+        stacks=[s.name for s in ctx.store.list_stacks() if s.group == group.name],
+    )
 
 
 @commands.command(GroupsCreate)
-def groups_create(ctx: Context, cmd: GroupsCreate) -> Any:
+def groups_create(ctx: Context, cmd: GroupsCreate) -> GroupCreated:
     if bool(cmd.devices) == bool(cmd.selector):
         raise CommandError("a group needs either devices or a selector (not both)")
     if cmd.selector:
@@ -64,11 +64,11 @@ def groups_create(ctx: Context, cmd: GroupsCreate) -> Any:
     unknown = never_seen(ctx.store, group.devices)
     if unknown:
         log.warning("group %s names device(s) never heard from: %s", group.name, ", ".join(unknown))
-    return {"group": group_view(ctx, group), "never_seen": unknown}
+    return GroupCreated(group=group_view(ctx, group), never_seen=unknown)
 
 
 @commands.command(GroupsTrust)
-def groups_trust(ctx: Context, cmd: GroupsTrust) -> Any:
+def groups_trust(ctx: Context, cmd: GroupsTrust) -> GroupResult:
     """Whether a selector group matches what devices report about themselves: recomputed at once."""
     group = ctx.store.get_group(cmd.name)
     if group is None:
@@ -88,24 +88,24 @@ def groups_trust(ctx: Context, cmd: GroupsTrust) -> Any:
             if cmd.trust
             else "its selector now matches only labels set by an operator or at enrollment",
         )
-    return {"group": group_view(ctx, ctx.store.get_group(cmd.name) or group)}
+    return GroupResult(group=group_view(ctx, ctx.store.get_group(cmd.name) or group))
 
 
 @commands.command(GroupsList, read_only=True)
-def groups_ls(ctx: Context, cmd: GroupsList) -> Any:
-    return {"groups": [group_view(ctx, g) for g in ctx.store.list_groups()]}
+def groups_ls(ctx: Context, cmd: GroupsList) -> GroupList:
+    return GroupList(groups=[group_view(ctx, g) for g in ctx.store.list_groups()])
 
 
 @commands.command(GroupsShow, read_only=True)
-def groups_show(ctx: Context, cmd: GroupsShow) -> Any:
+def groups_show(ctx: Context, cmd: GroupsShow) -> GroupResult:
     group = ctx.store.get_group(cmd.name)
     if group is None:
         raise NotFoundError(f"unknown group {cmd.name!r}")
-    return {"group": group_view(ctx, group)}
+    return GroupResult(group=group_view(ctx, group))
 
 
 @commands.command(GroupsRemove)
-def groups_rm(ctx: Context, cmd: GroupsRemove) -> Any:
+def groups_rm(ctx: Context, cmd: GroupsRemove) -> Removed:
     group = ctx.store.get_group(cmd.name)
     if group is None:
         raise NotFoundError(f"unknown group {cmd.name!r}")
@@ -114,4 +114,4 @@ def groups_rm(ctx: Context, cmd: GroupsRemove) -> Any:
         raise ConflictError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")
     with ctx.store.transaction():
         ctx.store.delete_group(cmd.name)
-    return {"removed": cmd.name}
+    return Removed(removed=cmd.name)

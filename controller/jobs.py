@@ -14,6 +14,16 @@ from tether.protocol import names
 from tether.protocol.commands import JobsList, JobsLogs, JobsRemove, JobsRun, JobsSchedule, JobsStatus
 from tether.protocol.errors import CommandError, ConflictError, NotFoundError
 from tether.protocol.models import JobSpec
+from tether.protocol.results import (
+    JobDeviceRow,
+    JobList,
+    JobLogs,
+    JobResultView,
+    JobStatusResult,
+    JobSummary,
+    JobView,
+    Removed,
+)
 from tether.protocol.schedule import cron_error
 
 from .context import Context
@@ -26,7 +36,7 @@ commands = CommandRegistry()
 """The commands handled here (see :mod:`.registry`)."""
 
 
-def _add_job(ctx: Context, job: Job) -> Any:
+def _add_job(ctx: Context, job: Job) -> JobResultView:
     if not names.NAME.ok(job.name):
         raise CommandError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
     if ctx.store.get_group(job.group) is None:
@@ -39,11 +49,11 @@ def _add_job(ctx: Context, job: Job) -> Any:
         ctx.store.put_job(job)
         ctx.recompute()
     ctx.publish_pending()
-    return {"job": job_view(job)}
+    return JobResultView(job=job_view(job))
 
 
 @commands.command(JobsRun)
-def jobs_run(ctx: Context, cmd: JobsRun) -> Any:
+def jobs_run(ctx: Context, cmd: JobsRun) -> JobResultView:
     spec = (
         JobSpec(
             name=cmd.name,
@@ -61,7 +71,7 @@ def jobs_run(ctx: Context, cmd: JobsRun) -> Any:
 
 
 @commands.command(JobsSchedule)
-def jobs_schedule(ctx: Context, cmd: JobsSchedule) -> Any:
+def jobs_schedule(ctx: Context, cmd: JobsSchedule) -> JobResultView:
     if (cmd.cron is None) == (cmd.every_s is None):
         raise CommandError("a scheduled job needs either a cron expression or an interval (not both)")
     if cmd.cron is not None and (problem := cron_error(cmd.cron)) is not None:
@@ -80,20 +90,20 @@ def jobs_schedule(ctx: Context, cmd: JobsSchedule) -> Any:
     return _add_job(ctx, Job(name=cmd.name, group=cmd.group, spec=spec, created=ctx.clock()))
 
 
-def job_view(job: Job) -> dict[str, Any]:
+def job_view(job: Job) -> JobView:
     """A job as replies show it (its trigger in words)."""
     spec = job.spec
     trigger = f"cron {spec.cron}" if spec.cron else f"every {spec.every_s:g}s" if spec.every_s else "once"
-    return {
-        "name": job.name,
-        "group": job.group,
-        "trigger": trigger,
-        "command": list(spec.command),
-        "image": spec.image,
-        "timeout_s": spec.timeout_s,
-        "concurrency": spec.concurrency,
-        "created": job.created,
-    }
+    return JobView(
+        name=job.name,
+        group=job.group,
+        trigger=trigger,
+        command=list(spec.command),
+        image=spec.image,
+        timeout_s=spec.timeout_s,
+        concurrency=spec.concurrency,
+        created=job.created,
+    )
 
 
 def _job(ctx: Context, name: str) -> Job:
@@ -104,15 +114,13 @@ def _job(ctx: Context, name: str) -> Job:
 
 
 @commands.command(JobsList)
-def jobs_ls(ctx: Context, cmd: JobsList) -> Any:
+def jobs_ls(ctx: Context, cmd: JobsList) -> JobList:
     out = []
     for job in ctx.store.list_jobs():
-        view = job_view(job)
         latest = _latest_results(ctx, job.name)
-        view["devices"] = len(latest)
-        view["succeeded"] = sum(1 for r in latest.values() if r["exit_code"] == 0)
-        out.append(view)
-    return {"jobs": out}
+        succeeded = sum(1 for r in latest.values() if r["exit_code"] == 0)
+        out.append(JobSummary(**dict(job_view(job)), devices=len(latest), succeeded=succeeded))
+    return JobList(jobs=out)
 
 
 def _latest_results(ctx: Context, name: str) -> dict[str, dict[str, Any]]:
@@ -125,7 +133,7 @@ def _latest_results(ctx: Context, name: str) -> dict[str, dict[str, Any]]:
 
 
 @commands.command(JobsStatus)
-def jobs_status(ctx: Context, cmd: JobsStatus) -> Any:
+def jobs_status(ctx: Context, cmd: JobsStatus) -> JobStatusResult:
     job = _job(ctx, cmd.name)
     group = ctx.store.get_group(job.group)
     targets = members(group, attributes(ctx.store)) if group else []
@@ -133,27 +141,26 @@ def jobs_status(ctx: Context, cmd: JobsStatus) -> Any:
     rows = []
     for device_id in sorted(set(targets) | set(latest)):
         r = latest.get(device_id)
-        rows.append(
-            {"device": device_id, "last": {k: v for k, v in r.items() if k != "output"} if r else None}
-        )
-    return {"job": job_view(job), "devices": rows}
+        last = {k: v for k, v in r.items() if k != "output"} if r else None
+        rows.append(JobDeviceRow(device=device_id, last=last))
+    return JobStatusResult(job=job_view(job), devices=rows)
 
 
 @commands.command(JobsLogs)
-def jobs_logs(ctx: Context, cmd: JobsLogs) -> Any:
+def jobs_logs(ctx: Context, cmd: JobsLogs) -> JobLogs:
     _job(ctx, cmd.name)
     results = [
         {"device": d, **json.loads(b)}
         for d, b in ctx.store.list_job_results(cmd.name, cmd.device_id, cmd.limit)
     ]
-    return {"results": results}
+    return JobLogs(results=results)
 
 
 @commands.command(JobsRemove)
-def jobs_rm(ctx: Context, cmd: JobsRemove) -> Any:
+def jobs_rm(ctx: Context, cmd: JobsRemove) -> Removed:
     _job(ctx, cmd.name)
     with ctx.store.transaction():
         ctx.store.delete_job(cmd.name)
         ctx.recompute()
     ctx.publish_pending()
-    return {"removed": cmd.name}
+    return Removed(removed=cmd.name)

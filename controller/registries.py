@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 from tether.protocol.commands import RegistriesAdd, RegistriesList, RegistriesRemove
 from tether.protocol.enrollment import seal_text
 from tether.protocol.errors import PayloadError, StoreError
 from tether.protocol.models import JobSpec, RegistryAuth, StackRef
 from tether.protocol.names import REGISTRY_HOST, registry_of
+from tether.protocol.results import RegistryAdded, RegistryList, RegistryRemoved, RegistryView
 
 from .context import Context
 from .models import Registry
@@ -142,13 +142,13 @@ class RegistryCredentials:
         return tuple(auths)
 
 
-def registry_view(r: Registry) -> dict[str, Any]:
+def registry_view(r: Registry) -> RegistryView:
     """A registry as replies show it (never its credentials)."""
-    return {"host": r.host, "scope": r.scope, "version": r.version, "updated": r.updated}
+    return RegistryView(host=r.host, scope=r.scope, version=r.version, updated=r.updated)
 
 
 @commands.command(RegistriesAdd)
-def registries_add(ctx: Context, cmd: RegistriesAdd) -> Any:
+def registries_add(ctx: Context, cmd: RegistriesAdd) -> RegistryAdded:
     host = _host(cmd.host)
     scope = check_scope(ctx.store, cmd.group, cmd.device_id)
     if ctx.secrets is None:
@@ -172,7 +172,7 @@ def registries_add(ctx: Context, cmd: RegistriesAdd) -> Any:
         raise StoreError(f"registries add {host}: " + "; ".join(problems))
     existing = ctx.store.get_registry(scope, host)
     if existing is not None and ctx.registries.credentials(existing) == items:
-        return {"registry": registry_view(existing), "changed": False}
+        return RegistryAdded(registry=registry_view(existing), changed=False)
     registry = Registry(
         scope=scope,
         host=host,
@@ -181,23 +181,23 @@ def registries_add(ctx: Context, cmd: RegistriesAdd) -> Any:
         updated=ctx.clock(),
     )
     _save_registries(ctx, put=registry)
-    return {"registry": registry_view(registry), "changed": True}
+    return RegistryAdded(registry=registry_view(registry), changed=True)
 
 
 @commands.command(RegistriesList)
-def registries_ls(ctx: Context, cmd: RegistriesList) -> Any:
+def registries_ls(ctx: Context, cmd: RegistriesList) -> RegistryList:
     found = sorted(ctx.store.list_registries(), key=lambda r: (r.host, r.scope))
-    return {"registries": [registry_view(r) for r in found]}
+    return RegistryList(registries=[registry_view(r) for r in found])
 
 
 @commands.command(RegistriesRemove)
-def registries_rm(ctx: Context, cmd: RegistriesRemove) -> Any:
+def registries_rm(ctx: Context, cmd: RegistriesRemove) -> RegistryRemoved:
     host = _host(cmd.host)
     scope = check_scope(ctx.store, cmd.group, cmd.device_id)
     if ctx.store.get_registry(scope, host) is None:
         raise StoreError(f"no registry {host} ({scope})")
     _save_registries(ctx, delete=(scope, host))
-    return {"host": host, "scope": scope}
+    return RegistryRemoved(host=host, scope=scope)
 
 
 def _save_registries(

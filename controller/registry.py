@@ -5,10 +5,10 @@ A handler is registered where it is written, next to the other handlers of its d
     commands = CommandRegistry()
 
     @commands.command(GroupsShow, read_only=True)
-    def _groups_show(self, cmd: GroupsShow) -> Any: ...
+    def groups_show(ctx: Context, cmd: GroupsShow) -> GroupResult: ...
 
 and the controller answers with :data:`~.service.COMMANDS`, the union of every domain's
-registry. ``read_only`` means the command changes nothing and needs nothing that only the
+registry. The handler's return annotation names its result model (protocol/results.py). ``read_only`` means the command changes nothing and needs nothing that only the
 leader keeps in memory, so a standby controller (``tether up --ha``) answers it from the
 shared store; every other command is forwarded to the leader. Marking a write read-only
 would make a standby execute it: tests/unit/test_commands.py runs every read-only command
@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_type_hints
 
 from tether.protocol.commands import CommandModel
+from tether.protocol.models import WireModel
 
 C = TypeVar("C", bound=CommandModel)
 H = TypeVar("H", bound=Callable[..., Any])
@@ -34,9 +35,12 @@ class CommandHandler:
 
     model: type[CommandModel]
     run: Callable[[Any, Any], Any]
-    """``run(controller, command)``: the result (plain data), or raises a TetherError."""
+    """``run(ctx, command)``: the result, or raises a TetherError (a CommandError says why)."""
     read_only: bool
     """Changes nothing and needs only the store: a standby answers it (see the module docstring)."""
+    result: type[WireModel] | None
+    """The result model (protocol/results.py), from the handler's return annotation; None where
+    the handler still returns plain data."""
 
 
 class CommandRegistry:
@@ -49,7 +53,9 @@ class CommandRegistry:
         """Register the decorated function as ``model``'s handler."""
 
         def register(run: H) -> H:
-            self._add(CommandHandler(model, run, read_only))
+            returns = get_type_hints(run).get("return")
+            result = returns if isinstance(returns, type) and issubclass(returns, WireModel) else None
+            self._add(CommandHandler(model, run, read_only, result))
             return run
 
         return register

@@ -1139,9 +1139,13 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
     # --- requests ---
 
     def execute(self, command: CommandModel) -> Any:
-        """Carry out one command; return its result (plain data) or raise a TetherError."""
+        """Carry out one command; return its result (a model of protocol/results.py) or raise a TetherError."""
         ctx: Context = self  # what handlers may use of the controller (checked by mypy)
-        return COMMANDS.handler(command).run(ctx, command)
+        handler = COMMANDS.handler(command)
+        result = handler.run(ctx, command)
+        if handler.result is not None and not isinstance(result, handler.result):
+            raise TypeError(f"{command.kind} returned {type(result).__name__}, not {handler.result.__name__}")
+        return result
 
     def _on_request(self, payload: bytes) -> None:
         try:

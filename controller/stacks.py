@@ -6,12 +6,21 @@ A deploy stores the stack's new version and starts its deployment (:mod:`.deploy
 
 from __future__ import annotations
 
-from typing import Any
-
 from tether.protocol import codec, names
 from tether.protocol.commands import StacksDeploy, StacksList, StacksPlan, StacksRemove, StacksStatus
 from tether.protocol.errors import CommandError, ComposeError, ConflictError, NotFoundError, StoreError
 from tether.protocol.models import StackDefinition
+from tether.protocol.results import (
+    Removed,
+    ServiceChange,
+    StackDeployed,
+    StackDeviceRow,
+    StackList,
+    StackPlan,
+    StackStatusResult,
+    StackSummary,
+    StackView,
+)
 from tether.protocol.variables import stack_references
 
 from . import rollout
@@ -27,7 +36,7 @@ commands = CommandRegistry()
 
 
 @commands.command(StacksDeploy)
-def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> Any:
+def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
     if not names.NAME.ok(cmd.name):
         raise CommandError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
     try:
@@ -88,18 +97,18 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> Any:
     else:  # the fleet as the deployment sees it (in memory), not every device row read again
         fleet = ctx.fleet_view()
         targets = members(group, {d: seen.attributes for d, seen in fleet.items()})
-    return {
-        "stack": stack_view(stack),
-        "changed": changed,
-        "devices": targets,
-        "never_seen": never_seen(ctx.store, targets),
-        "deployment": deployment.id if deployment else None,
-        "warnings": warnings,
-    }
+    return StackDeployed(
+        stack=stack_view(stack),
+        changed=changed,
+        devices=targets,
+        never_seen=never_seen(ctx.store, targets),
+        deployment=deployment.id if deployment else None,
+        warnings=warnings,
+    )
 
 
 @commands.command(StacksPlan)
-def stacks_plan(ctx: Context, cmd: StacksPlan) -> Any:
+def stacks_plan(ctx: Context, cmd: StacksPlan) -> StackPlan:
     """``stacks.deploy`` checked in full and compared with what runs, nothing stored."""
     errors: list[str] = []
     spec = placement = group = None
@@ -130,54 +139,52 @@ def stacks_plan(ctx: Context, cmd: StacksPlan) -> Any:
     for service in spec.services:
         old = before.get(service.name)
         change = "added" if old is None else "kept" if old == service.spec_hash() else "replaced"
-        services.append({"name": service.name, "change": change})
-    services += [{"name": n, "change": "removed"} for n in before if spec.service(n) is None]
+        services.append(ServiceChange(name=service.name, change=change))
+    services += [ServiceChange(name=n, change="removed") for n in before if spec.service(n) is None]
     new_version = existing is None or existing.spec_hash != spec.spec_hash()
     if placement.mode == "replicas":
         targets = [a.device_id for a in existing.assignment] if existing is not None else []
     else:
         fleet = ctx.fleet_view()
         targets = members(group, {d: seen.attributes for d, seen in fleet.items()})
-    return {
-        "name": cmd.name,
-        "group": cmd.group,
-        "spec_hash": spec.spec_hash(),
-        "changed": new_version or existing is None or existing.placement != placement,
-        "version": (existing.version + 1 if new_version else existing.version) if existing else 1,
-        "placement": placement.model_dump(mode="json"),
-        "devices": targets,
-        "services": services,
-        "warnings": warnings,
-    }
+    return StackPlan(
+        name=cmd.name,
+        group=cmd.group,
+        spec_hash=spec.spec_hash(),
+        changed=new_version or existing is None or existing.placement != placement,
+        version=(existing.version + 1 if new_version else existing.version) if existing else 1,
+        placement=placement.model_dump(mode="json"),
+        devices=targets,
+        services=services,
+        warnings=warnings,
+    )
 
 
-def stack_view(stack: Stack) -> dict[str, Any]:
+def stack_view(stack: Stack) -> StackView:
     """A stack as replies show it."""
-    return {
-        "name": stack.name,
-        "group": stack.group,
-        "spec_hash": stack.spec_hash,
-        "version": stack.version,
-        "services": [s.name for s in stack.spec.services],
-        "placement": stack.placement.model_dump(mode="json"),
-        "assignment": [a.model_dump(mode="json") for a in stack.assignment],
-        "updated": stack.updated,
-    }
+    return StackView(
+        name=stack.name,
+        group=stack.group,
+        spec_hash=stack.spec_hash,
+        version=stack.version,
+        services=[s.name for s in stack.spec.services],
+        placement=stack.placement.model_dump(mode="json"),
+        assignment=[a.model_dump(mode="json") for a in stack.assignment],
+        updated=stack.updated,
+    )
 
 
 @commands.command(StacksList, read_only=True)
-def stacks_ls(ctx: Context, cmd: StacksList) -> Any:
+def stacks_ls(ctx: Context, cmd: StacksList) -> StackList:
     out = []
     for stack in ctx.store.list_stacks():
         rows = stack_devices(ctx, stack.name, stack.spec_hash)
-        view = stack_view(stack)
-        view["devices"] = len(rows)
-        view["running"] = sum(1 for r in rows if r["state"] == "running")
-        out.append(view)
-    return {"stacks": out}
+        running = sum(1 for r in rows if r.state == "running")
+        out.append(StackSummary(**dict(stack_view(stack)), devices=len(rows), running=running))
+    return StackList(stacks=out)
 
 
-def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[dict[str, Any]]:
+def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[StackDeviceRow]:
     """Per device that should run (or still runs) stack ``name``: where it stands."""
     devices = all_devices(ctx.store)
     latest = ctx.store.latest_deployments().get(name)
@@ -206,38 +213,36 @@ def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[dict[s
         rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
         download = reported.downloads.get(name) if reported else None
         rows.append(
-            {
-                "device": record.device_id,
-                "role": role,
-                "rollout": rolling.state if rolling else None,
-                "held": bool(reported and reported.held),
-                "presence": device.status,
-                "state": state,
-                "desired_generation": record.generation,
-                "applied_generation": reported.generation if reported else None,
-                "error": reported.error if reported else None,
-                "services": {k: v.model_dump(mode="json") for k, v in status.services.items()}
-                if status
-                else {},
-                "download": download.model_dump(mode="json") if download else None,
-                "progress": rollout.progress(download) if download else None,
-                "why": rollout.explain(status) if status and status.state != "running" else None,
-            }
+            StackDeviceRow(
+                device=record.device_id,
+                role=role,
+                rollout=rolling.state if rolling else None,
+                held=bool(reported and reported.held),
+                presence=device.status,
+                state=state,
+                desired_generation=record.generation,
+                applied_generation=reported.generation if reported else None,
+                error=reported.error if reported else None,
+                services={k: v.model_dump(mode="json") for k, v in status.services.items()} if status else {},
+                download=download.model_dump(mode="json") if download else None,
+                progress=rollout.progress(download) if download else None,
+                why=rollout.explain(status) if status and status.state != "running" else None,
+            )
         )
     return rows
 
 
 @commands.command(StacksStatus, read_only=True)
-def stacks_status(ctx: Context, cmd: StacksStatus) -> Any:
+def stacks_status(ctx: Context, cmd: StacksStatus) -> StackStatusResult:
     stack = ctx.store.get_stack(cmd.name)
     rows = stack_devices(ctx, cmd.name, stack.spec_hash if stack else None)
     if stack is None and not rows:
         raise NotFoundError(f"unknown stack {cmd.name!r}")
-    return {"stack": stack_view(stack) if stack else None, "devices": rows}
+    return StackStatusResult(stack=stack_view(stack) if stack else None, devices=rows)
 
 
 @commands.command(StacksRemove)
-def stacks_rm(ctx: Context, cmd: StacksRemove) -> Any:
+def stacks_rm(ctx: Context, cmd: StacksRemove) -> Removed:
     stack = ctx.store.get_stack(cmd.name)
     if stack is None:
         raise NotFoundError(f"unknown stack {cmd.name!r}")
@@ -245,4 +250,4 @@ def stacks_rm(ctx: Context, cmd: StacksRemove) -> Any:
         ctx.store.delete_stack(cmd.name)
         ctx.recompute()
     ctx.publish_pending()
-    return {"removed": cmd.name}
+    return Removed(removed=cmd.name)

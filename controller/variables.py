@@ -39,6 +39,14 @@ from tether.protocol.commands import VarsGet, VarsKey, VarsList, VarsRemove, Var
 from tether.protocol.enrollment import new_private_key, open_bytes, public_key_b64, seal_bytes, seal_text
 from tether.protocol.errors import PayloadError, StoreError
 from tether.protocol.models import StackRef, VarBinding
+from tether.protocol.results import (
+    PublicKey,
+    VariableList,
+    VariableRemoved,
+    VariableResult,
+    VariableSet,
+    VariableView,
+)
 from tether.protocol.secret_files import write_secret_text
 from tether.protocol.variables import KEY_RE, PATH_RE, split_ref, stack_references
 
@@ -284,19 +292,17 @@ class VariableBindings:
             raise StoreError(missing_message(stack, missing))
 
 
-def variable_view(v: Variable, values: bool) -> dict[str, Any]:
+def variable_view(v: Variable, values: bool) -> VariableView:
     """A variable as replies show it (``values``: with a plain variable's items)."""
-    view: dict[str, Any] = {
-        "path": v.path,
-        "scope": v.scope,
-        "secret": v.secret,
-        "keys": list(v.keys),
-        "version": v.version,
-        "updated": v.updated,
-    }
-    if values and not v.secret:
-        view["items"] = dict(v.items)
-    return view
+    return VariableView(
+        path=v.path,
+        scope=v.scope,
+        secret=v.secret,
+        keys=list(v.keys),
+        version=v.version,
+        updated=v.updated,
+        items=dict(v.items) if values and not v.secret else None,
+    )
 
 
 def check_scope(store: Store, group: str | None, device_id: str | None) -> str:
@@ -317,14 +323,14 @@ def _check_path(path: str) -> None:
 
 
 @commands.command(VarsKey)
-def vars_key(ctx: Context, cmd: VarsKey) -> Any:
+def vars_key(ctx: Context, cmd: VarsKey) -> PublicKey:
     if ctx.secrets is None:
         raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
-    return {"public_key": ctx.secrets.public_key}
+    return PublicKey(public_key=ctx.secrets.public_key)
 
 
 @commands.command(VarsSet)
-def vars_set(ctx: Context, cmd: VarsSet) -> Any:
+def vars_set(ctx: Context, cmd: VarsSet) -> VariableSet:
     _check_path(cmd.path)
     scope = check_scope(ctx.store, cmd.group, cmd.device_id)
     if cmd.secret:
@@ -358,7 +364,7 @@ def vars_set(ctx: Context, cmd: VarsSet) -> Any:
     current = ctx.variables.items(existing) if existing else {}
     merged = {**current, **items}
     if existing is not None and merged == current:
-        return {"variable": variable_view(existing, values=True), "changed": False}
+        return VariableSet(variable=variable_view(existing, values=True), changed=False)
     now = ctx.clock()
     fields: dict[str, Any] = {
         "scope": scope,
@@ -370,7 +376,7 @@ def vars_set(ctx: Context, cmd: VarsSet) -> Any:
     }
     variable = Variable(**fields, **_holding(ctx.secrets, cmd.secret, merged))
     _save_variables(ctx, [variable], [])
-    return {"variable": variable_view(variable, values=True), "changed": True}
+    return VariableSet(variable=variable_view(variable, values=True), changed=True)
 
 
 def _holding(secrets: SecretsKey | None, secret: bool, items: dict[str, str]) -> dict[str, Any]:
@@ -392,20 +398,20 @@ def _existing(store: Store, path: str, group: str | None, device_id: str | None)
 
 
 @commands.command(VarsGet, read_only=True)
-def vars_get(ctx: Context, cmd: VarsGet) -> Any:
+def vars_get(ctx: Context, cmd: VarsGet) -> VariableResult:
     _, variable = _existing(ctx.store, cmd.path, cmd.group, cmd.device_id)
-    return {"variable": variable_view(variable, values=True)}
+    return VariableResult(variable=variable_view(variable, values=True))
 
 
 @commands.command(VarsList, read_only=True)
-def vars_ls(ctx: Context, cmd: VarsList) -> Any:
+def vars_ls(ctx: Context, cmd: VarsList) -> VariableList:
     found = [v for v in ctx.store.list_variables() if v.path.startswith(cmd.prefix)]
     found.sort(key=lambda v: (v.path, v.scope))
-    return {"variables": [variable_view(v, values=False) for v in found]}
+    return VariableList(variables=[variable_view(v, values=False) for v in found])
 
 
 @commands.command(VarsRemove)
-def vars_rm(ctx: Context, cmd: VarsRemove) -> Any:
+def vars_rm(ctx: Context, cmd: VarsRemove) -> VariableRemoved:
     scope, variable = _existing(ctx.store, cmd.path, cmd.group, cmd.device_id)
     unknown = [k for k in cmd.keys if k not in variable.keys]
     if unknown:
@@ -434,7 +440,7 @@ def vars_rm(ctx: Context, cmd: VarsRemove) -> Any:
                 "remove the reference first (or set the value in another scope)"
             )
     _save_variables(ctx, [replacement] if replacement else [], [] if replacement else [(scope, cmd.path)])
-    return {"removed": sorted(removed), "path": cmd.path, "scope": scope}
+    return VariableRemoved(removed=sorted(removed), path=cmd.path, scope=scope)
 
 
 def _save_variables(ctx: Context, put: list[Variable], delete: list[tuple[str, str]]) -> None:

@@ -93,9 +93,9 @@ def test_every_read_only_command_runs_on_a_store_that_refuses_writes(controller:
     results: dict[str, Any] = {}
     for model in read_only:
         results[model.__name__] = controller.execute(READ_EXAMPLES[model])
-    assert results["DevicesShow"]["device"]["id"] == "pi-1"
-    assert results["StacksStatus"]["stack"]["name"] == "web"
-    assert results["VarsGet"]["variable"]["items"] == {"host": "db.local"}
+    assert results["DevicesShow"].device.id == "pi-1"
+    assert results["StacksStatus"].stack.name == "web"
+    assert results["VarsGet"].variable.items == {"host": "db.local"}
 
 
 def request(command: CommandModel, reply_to: str = "tether/v1/clients/cli-1/replies") -> bytes:

@@ -15,6 +15,7 @@ from tether.protocol.commands import (
     StacksDeploy,
 )
 from tether.protocol.errors import NotFoundError, StoreError
+from tether.protocol.results import DeviceSample
 
 COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
 
@@ -23,11 +24,11 @@ def test_devices_ls_includes_devices_named_but_never_seen(controller: Controller
     """A device only named by a static group is listed as never seen; one heard from is online."""
     online(controller, "pi-1")
     controller.execute(GroupsCreate(name="edge", devices=("pi-1", "pi-9")))
-    rows = {d["id"]: d for d in controller.execute(DevicesList())["devices"]}
-    assert (rows["pi-1"]["status"], rows["pi-9"]["status"]) == ("online", "never seen")
-    shown = controller.execute(DevicesShow(device_id="pi-1"))["device"]
-    assert shown["facts"]["driver"] == "process"
-    assert shown["events"] == [] and shown["reported"] is None
+    rows = {d.id: d for d in controller.execute(DevicesList()).devices}
+    assert (rows["pi-1"].status, rows["pi-9"].status) == ("online", "never seen")
+    shown = controller.execute(DevicesShow(device_id="pi-1")).device
+    assert shown.facts is not None and shown.facts["driver"] == "process"
+    assert shown.events == [] and shown.reported is None
     with pytest.raises(NotFoundError, match="unknown device 'pi-2'"):
         controller.execute(DevicesShow(device_id="pi-2"))
 
@@ -36,9 +37,9 @@ def test_devices_top_reads_the_latest_sample_and_refuses_unknown_ids(controller:
     """devices.top gives each device's sample (None before one arrived) and names an unknown id."""
     online(controller, "pi-1")
     controller.device_metrics["pi-1"] = {"at": 1.0, "cpu": 0.5}
-    rows = controller.execute(DevicesTop())["devices"]
+    rows = controller.execute(DevicesTop()).devices
     assert rows == [
-        {"id": "pi-1", "status": "online", "since": controller.clock(), "sample": {"at": 1.0, "cpu": 0.5}}
+        DeviceSample(id="pi-1", status="online", since=controller.clock(), sample={"at": 1.0, "cpu": 0.5})
     ]
     with pytest.raises(NotFoundError, match="unknown device 'nope'"):
         controller.execute(DevicesTop(device_ids=("pi-1", "nope")))
@@ -52,8 +53,8 @@ def test_an_operator_label_moves_a_device_into_a_selector_group(
     controller.execute(GroupsCreate(name="cams", selector="role=cam"))
     controller.execute(StacksDeploy(name="web", group="cams", compose=COMPOSE))
     assert desired(publisher, "pi-1") is None
-    view = controller.execute(DevicesLabel(device_id="pi-1", set={"role": "cam"}))["device"]
-    assert view["label_sources"]["role"] == "operator"
+    view = controller.execute(DevicesLabel(device_id="pi-1", set={"role": "cam"})).device
+    assert view.label_sources["role"] == "operator"
     state = desired(publisher, "pi-1")
     assert state is not None and [s.name for s in state.stacks] == ["web"]
     controller.execute(DevicesLabel(device_id="pi-1", remove=("role",)))

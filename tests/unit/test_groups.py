@@ -17,6 +17,7 @@ from tether.protocol.commands import (
     StacksRemove,
 )
 from tether.protocol.errors import ConflictError, TetherError
+from tether.protocol.results import Removed
 
 COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
 
@@ -24,12 +25,12 @@ COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
 def test_a_static_group_lists_its_devices_and_stacks(controller: Controller) -> None:
     """groups.create stores a static group (ids sorted, deduplicated); show and ls give its members and stacks."""
     result = controller.execute(GroupsCreate(name="edge", devices=("pi-2", "pi-1", "pi-2")))
-    assert result["group"]["devices"] == ["pi-1", "pi-2"]
-    assert result["group"]["members"] == ["pi-1", "pi-2"]
+    assert result.group.devices == ["pi-1", "pi-2"]
+    assert result.group.members == ["pi-1", "pi-2"]
     controller.execute(StacksDeploy(name="web", group="edge", compose=COMPOSE))
-    shown = controller.execute(GroupsShow(name="edge"))["group"]
-    assert (shown["kind"], shown["stacks"]) == ("static", ["web"])
-    assert [g["name"] for g in controller.execute(GroupsList())["groups"]] == ["edge"]
+    shown = controller.execute(GroupsShow(name="edge")).group
+    assert (shown.kind, shown.stacks) == ("static", ["web"])
+    assert [g.name for g in controller.execute(GroupsList()).groups] == ["edge"]
 
 
 @pytest.mark.parametrize(
@@ -62,10 +63,10 @@ def test_a_selector_group_trusts_device_labels_only_when_told(
     online(controller, "pi-1", labels={"role": "cam"})
     controller.execute(GroupsCreate(name="cams", selector="role=cam"))
     controller.execute(StacksDeploy(name="web", group="cams", compose=COMPOSE))
-    assert controller.execute(GroupsShow(name="cams"))["group"]["members"] == []
+    assert controller.execute(GroupsShow(name="cams")).group.members == []
     assert desired(publisher, "pi-1") is None
-    trusted = controller.execute(GroupsTrust(name="cams", trust=True))["group"]
-    assert (trusted["members"], trusted["trust_device_labels"]) == (["pi-1"], True)
+    trusted = controller.execute(GroupsTrust(name="cams", trust=True)).group
+    assert (trusted.members, trusted.trust_device_labels) == (["pi-1"], True)
     state = desired(publisher, "pi-1")
     assert state is not None and [s.name for s in state.stacks] == ["web"]
     controller.execute(GroupsTrust(name="cams", trust=False))
@@ -82,5 +83,5 @@ def test_a_static_group_cannot_trust_and_a_used_group_cannot_go(controller: Cont
     with pytest.raises(ConflictError, match="still has stacks: web"):
         controller.execute(GroupsRemove(name="edge"))
     controller.execute(StacksRemove(name="web"))
-    assert controller.execute(GroupsRemove(name="edge")) == {"removed": "edge"}
+    assert controller.execute(GroupsRemove(name="edge")) == Removed(removed="edge")
     assert controller.store.get_group("edge") is None

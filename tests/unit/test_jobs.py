@@ -18,6 +18,7 @@ from tether.protocol.commands import (
 )
 from tether.protocol.errors import CommandError, ConflictError, ErrorCode
 from tether.protocol.models import JobResult
+from tether.protocol.results import Removed
 
 
 @pytest.fixture
@@ -33,8 +34,8 @@ def test_a_job_run_goes_to_each_member_and_its_results_are_read_back(
     edge: Controller, publisher: RecordingPublisher
 ) -> None:
     """jobs.run puts the job (with a run id) in each member's desired state; results show in ls, status and logs."""
-    job = edge.execute(JobsRun(name="fsck", group="edge", command=("fsck", "-n")))["job"]
-    assert (job["trigger"], job["command"]) == ("once", ["fsck", "-n"])
+    job = edge.execute(JobsRun(name="fsck", group="edge", command=("fsck", "-n"))).job
+    assert (job.trigger, job.command) == ("once", ["fsck", "-n"])
     state = desired(publisher, "pi-1")
     assert state is not None and [(j.name, j.command) for j in state.jobs] == [("fsck", ("fsck", "-n"))]
     run = state.jobs[0].run_id
@@ -42,15 +43,15 @@ def test_a_job_run_goes_to_each_member_and_its_results_are_read_back(
     job_result(
         edge, "pi-1", 1, JobResult(job="fsck", run=run, started=5.0, duration_s=1.0, exit_code=0, output="ok")
     )
-    listed = edge.execute(JobsList())["jobs"]
-    assert [(j["name"], j["devices"], j["succeeded"]) for j in listed] == [("fsck", 1, 1)]
-    status = edge.execute(JobsStatus(name="fsck"))["devices"]
-    assert [(r["device"], r["last"] and r["last"]["exit_code"]) for r in status] == [
+    listed = edge.execute(JobsList()).jobs
+    assert [(j.name, j.devices, j.succeeded) for j in listed] == [("fsck", 1, 1)]
+    status = edge.execute(JobsStatus(name="fsck")).devices
+    assert [(r.device, r.last and r.last["exit_code"]) for r in status] == [
         ("pi-1", 0),
         ("pi-2", None),
     ]
-    assert "output" not in status[0]["last"]
-    logs = edge.execute(JobsLogs(name="fsck"))["results"]
+    assert "output" not in status[0].last
+    logs = edge.execute(JobsLogs(name="fsck")).results
     assert [(r["device"], r["output"]) for r in logs] == [("pi-1", "ok")]
 
 
@@ -63,13 +64,11 @@ def test_a_result_of_an_unknown_job_is_not_stored(edge: Controller) -> None:
 
 def test_a_scheduled_job_and_its_removal(edge: Controller, publisher: RecordingPublisher) -> None:
     """jobs.schedule with a cron goes to the devices; jobs.rm takes it out of their desired states."""
-    job = edge.execute(JobsSchedule(name="backup", group="edge", command=("backup",), cron="0 3 * * *"))[
-        "job"
-    ]
-    assert job["trigger"] == "cron 0 3 * * *"
+    job = edge.execute(JobsSchedule(name="backup", group="edge", command=("backup",), cron="0 3 * * *")).job
+    assert job.trigger == "cron 0 3 * * *"
     state = desired(publisher, "pi-2")
     assert state is not None and [j.cron for j in state.jobs] == ["0 3 * * *"]
-    assert edge.execute(JobsRemove(name="backup")) == {"removed": "backup"}
+    assert edge.execute(JobsRemove(name="backup")) == Removed(removed="backup")
     state = desired(publisher, "pi-2")
     assert state is not None and state.jobs == ()
 

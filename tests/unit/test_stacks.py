@@ -20,6 +20,7 @@ from tether.protocol.commands import (
     StacksStatus,
 )
 from tether.protocol.errors import ComposeError, ConflictError, TetherError
+from tether.protocol.results import Removed, ServiceChange
 
 V1 = "services:\n  web:\n    image: busybox:1.36\n"
 V2 = "services:\n  web:\n    image: busybox:1.37\n  db:\n    image: busybox:1.36\n"
@@ -39,18 +40,18 @@ def test_a_deploy_reaches_every_member_and_status_follows_reports(
 ) -> None:
     """stacks.deploy stores version 1 and publishes it; status shows pending until a device reports it running."""
     result = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
-    assert (result["changed"], result["devices"], result["stack"]["version"]) == (True, ["pi-1", "pi-2"], 1)
-    spec_hash = result["stack"]["spec_hash"]
+    assert (result.changed, result.devices, result.stack.version) == (True, ["pi-1", "pi-2"], 1)
+    spec_hash = result.stack.spec_hash
     for device_id in ("pi-1", "pi-2"):
         state = desired(publisher, device_id)
         assert state is not None and [(s.name, s.spec_hash) for s in state.stacks] == [("web", spec_hash)]
-    rows = {r["device"]: r for r in edge.execute(StacksStatus(name="web"))["devices"]}
-    assert {d: r["state"] for d, r in rows.items()} == {"pi-1": "pending", "pi-2": "pending"}
-    report_running(edge, "pi-1", rows["pi-1"]["desired_generation"], {"web": spec_hash})
-    rows = {r["device"]: r for r in edge.execute(StacksStatus(name="web"))["devices"]}
-    assert (rows["pi-1"]["state"], rows["pi-2"]["state"]) == ("running", "pending")
-    (listed,) = edge.execute(StacksList())["stacks"]
-    assert (listed["name"], listed["devices"], listed["running"]) == ("web", 2, 1)
+    rows = {r.device: r for r in edge.execute(StacksStatus(name="web")).devices}
+    assert {d: r.state for d, r in rows.items()} == {"pi-1": "pending", "pi-2": "pending"}
+    report_running(edge, "pi-1", rows["pi-1"].desired_generation, {"web": spec_hash})
+    rows = {r.device: r for r in edge.execute(StacksStatus(name="web")).devices}
+    assert (rows["pi-1"].state, rows["pi-2"].state) == ("running", "pending")
+    (listed,) = edge.execute(StacksList()).stacks
+    assert (listed.name, listed.devices, listed.running) == ("web", 2, 1)
 
 
 def test_the_same_file_again_changes_nothing(edge: Controller, publisher: RecordingPublisher) -> None:
@@ -58,21 +59,24 @@ def test_the_same_file_again_changes_nothing(edge: Controller, publisher: Record
     first = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
     published = len(publisher.published)
     again = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
-    assert (again["changed"], again["deployment"], again["stack"]["version"]) == (False, None, 1)
+    assert (again.changed, again.deployment, again.stack.version) == (False, None, 1)
     assert len(publisher.published) == published
-    assert [d["id"] for d in edge.execute(DeploymentsList())["deployments"]] == [first["deployment"]]
+    assert [d.id for d in edge.execute(DeploymentsList()).deployments] == [first.deployment]
 
 
 def test_a_plan_names_each_service_change_and_stores_nothing(edge: Controller) -> None:
     """stacks.plan against version 1: web replaced, db added, version 2 next; the stack stays at version 1."""
     edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
     plan = edge.execute(StacksPlan(name="web", group="edge", compose=V2))
-    assert plan["services"] == [{"name": "web", "change": "replaced"}, {"name": "db", "change": "added"}]
-    assert (plan["version"], plan["changed"], plan["devices"]) == (2, True, ["pi-1", "pi-2"])
+    assert plan.services == [
+        ServiceChange(name="web", change="replaced"),
+        ServiceChange(name="db", change="added"),
+    ]
+    assert (plan.version, plan.changed, plan.devices) == (2, True, ["pi-1", "pi-2"])
     stack = edge.store.get_stack("web")
     assert stack is not None and stack.version == 1
     back = edge.execute(StacksPlan(name="web", group="edge", compose=V1))
-    assert (back["services"], back["changed"]) == ([{"name": "web", "change": "kept"}], False)
+    assert (back.services, back.changed) == ([ServiceChange(name="web", change="kept")], False)
 
 
 def test_a_plan_reports_every_problem_at_once(edge: Controller) -> None:
@@ -112,7 +116,7 @@ def test_a_stack_stays_in_its_group_until_removed(edge: Controller, publisher: R
     edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
     with pytest.raises(ConflictError, match="already deployed to group 'edge'"):
         edge.execute(StacksDeploy(name="web", group="other", compose=V1))
-    assert edge.execute(StacksRemove(name="web")) == {"removed": "web"}
+    assert edge.execute(StacksRemove(name="web")) == Removed(removed="web")
     state = desired(publisher, "pi-1")
     assert state is not None and state.stacks == ()
 
@@ -124,20 +128,20 @@ def test_a_canary_deployment_pauses_resumes_and_rolls_back(
     v1 = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
     canary = RolloutStrategy(kind="canary", canary=1)
     v2 = edge.execute(StacksDeploy(name="web", group="edge", compose=V2, strategy=canary))
-    deployment = v2["deployment"]
-    paused = edge.execute(DeploymentsAction(kind="deployments.pause", id=deployment))["deployment"]
-    assert paused["state"] == "paused"
-    resumed = edge.execute(DeploymentsAction(kind="deployments.resume", id=deployment))["deployment"]
-    assert resumed["state"] != "paused"
+    deployment = v2.deployment
+    paused = edge.execute(DeploymentsAction(kind="deployments.pause", id=deployment)).deployment
+    assert paused.state == "paused"
+    resumed = edge.execute(DeploymentsAction(kind="deployments.resume", id=deployment)).deployment
+    assert resumed.state != "paused"
     with pytest.raises(ConflictError, match="not waiting for a switch"):
         edge.execute(DeploymentsAction(kind="deployments.switch", id=deployment))
     with pytest.raises(ConflictError, match="only the active deployment"):
-        edge.execute(DeploymentsAction(kind="deployments.pause", id=v1["deployment"]))
-    back = edge.execute(DeploymentsAction(kind="deployments.rollback", id=deployment))["deployment"]
-    assert (back["from_hash"], back["to_hash"]) == (v2["stack"]["spec_hash"], v1["stack"]["spec_hash"])
+        edge.execute(DeploymentsAction(kind="deployments.pause", id=v1.deployment))
+    back = edge.execute(DeploymentsAction(kind="deployments.rollback", id=deployment)).deployment
+    assert (back.from_hash, back.to_hash) == (v2.stack.spec_hash, v1.stack.spec_hash)
     stack = edge.store.get_stack("web")
-    assert stack is not None and (stack.version, stack.spec_hash) == (3, v1["stack"]["spec_hash"])
-    shown = edge.execute(DeploymentsStatus(id=back["id"]))["deployment"]
-    assert set(shown["devices"]) == {"pi-1", "pi-2"}
-    superseded = edge.execute(DeploymentsStatus(id=deployment))["deployment"]
-    assert superseded["state"] == "superseded"
+    assert stack is not None and (stack.version, stack.spec_hash) == (3, v1.stack.spec_hash)
+    shown = edge.execute(DeploymentsStatus(id=back.id)).deployment
+    assert set(shown.devices) == {"pi-1", "pi-2"}
+    superseded = edge.execute(DeploymentsStatus(id=deployment)).deployment
+    assert superseded.state == "superseded"

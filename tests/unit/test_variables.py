@@ -59,7 +59,7 @@ def test_a_device_gets_its_own_value_before_its_groups_and_the_fleets(
     assert bound() == "own.db"
     edge.execute(VarsRemove(path="app/db", device_id="pi-1"))
     assert bound() == "group.db"
-    scopes = [(v["path"], v["scope"]) for v in edge.execute(VarsList())["variables"]]
+    scopes = [(v.path, v.scope) for v in edge.execute(VarsList()).variables]
     assert scopes == [("app/db", "fleet"), ("app/db", "group:edge")]
 
 
@@ -67,13 +67,13 @@ def test_a_secret_is_stored_sealed_and_reaches_the_device_sealed_to_its_key(
     edge: Controller, publisher: RecordingPublisher
 ) -> None:
     """vars.set --secret: the store holds ciphertext only, replies never show values, the device opens its own copy."""
-    public_key = edge.execute(VarsKey())["public_key"]
+    public_key = edge.execute(VarsKey()).public_key
     sealed = seal_text(public_key, json.dumps({"host": "s3cret.db"}))
     result = edge.execute(VarsSet(path="app/db", secret=True, sealed=sealed))
-    assert result["changed"] and "items" not in result["variable"]
+    assert result.changed and "items" not in result.variable
     stored = edge.store.get_variable("fleet", "app/db")
     assert stored is not None and stored.items == {} and "s3cret" not in (stored.sealed or "")
-    assert "items" not in edge.execute(VarsGet(path="app/db"))["variable"]
+    assert "items" not in edge.execute(VarsGet(path="app/db")).variable
     edge.execute(StacksDeploy(name="web", group="edge", compose=USES_DB))
     state = desired(publisher, "pi-1")
     assert state is not None
@@ -91,7 +91,7 @@ def test_a_value_in_use_cannot_be_removed_and_a_deploy_needs_every_value(edge: C
     edge.execute(StacksDeploy(name="web", group="edge", compose=USES_DB))
     with pytest.raises(StoreError, match="stack 'web' uses"):
         edge.execute(VarsRemove(path="app/db"))
-    assert edge.execute(VarsGet(path="app/db"))["variable"]["items"] == {"host": "db.local"}
+    assert edge.execute(VarsGet(path="app/db")).variable.items == {"host": "db.local"}
 
 
 @pytest.mark.parametrize(
@@ -136,7 +136,7 @@ def test_without_a_secrets_key_secrets_and_registries_are_refused(tmp_path: obje
 
 
 def registry_sealed(controller: Controller, username: str = "ci", password: str = "pw") -> str:
-    public_key = controller.execute(VarsKey())["public_key"]
+    public_key = controller.execute(VarsKey()).public_key
     return seal_text(public_key, json.dumps({"username": username, "password": password}))
 
 
@@ -145,9 +145,9 @@ def test_registry_credentials_reach_only_devices_whose_images_use_the_host(
 ) -> None:
     """registries.add: a device running an image from the host gets the credentials sealed to its key; rm takes them away."""
     result = edge.execute(RegistriesAdd(host="Registry.Example.com", sealed=registry_sealed(edge)))
-    assert result["registry"]["host"] == "registry.example.com" and result["changed"]
+    assert result.registry.host == "registry.example.com" and result.changed
     again = edge.execute(RegistriesAdd(host="registry.example.com", sealed=registry_sealed(edge)))
-    assert not again["changed"]
+    assert not again.changed
     edge.execute(StacksDeploy(name="busy", group="edge", compose=USES_DB.replace("${var:app/db/host}", "x")))
     state = desired(publisher, "pi-1")
     assert state is not None and state.registries == ()
@@ -158,8 +158,8 @@ def test_registry_credentials_reach_only_devices_whose_images_use_the_host(
     assert auth.host == "registry.example.com" and auth.sealed is not None
     opened = json.loads(open_text(edge.device_key, auth.sealed, "test"))  # type: ignore[attr-defined]
     assert opened == {"username": "ci", "password": "pw"}
-    assert [r["host"] for r in edge.execute(RegistriesList())["registries"]] == ["registry.example.com"]
-    assert "sealed" not in edge.execute(RegistriesList())["registries"][0]
+    assert [r.host for r in edge.execute(RegistriesList()).registries] == ["registry.example.com"]
+    assert "sealed" not in edge.execute(RegistriesList()).registries[0]
     edge.execute(RegistriesRemove(host="registry.example.com"))
     state = desired(publisher, "pi-1")
     assert state is not None and state.registries == ()
