@@ -335,7 +335,9 @@ def test_host_names_take_underscores_as_docker_does() -> None:
     spec = parse("services: {gw: {image: x, hostname: gateway_2, domainname: site_a.lan}}")
     gw = spec.service("gw")
     assert gw is not None and (gw.hostname, gw.domainname) == ("gateway_2", "site_a.lan")
-    assert any("is not a valid host name" in p for p in problems("services: {gw: {image: x, hostname: 'a b'}}"))
+    assert any(
+        "is not a valid host name" in p for p in problems("services: {gw: {image: x, hostname: 'a b'}}")
+    )
     assert any("is not a valid host name" in p for p in problems("services: {gw: {image: x, hostname: -gw}}"))
 
 
