@@ -147,7 +147,7 @@ class MemoryStore:
         self.outbox: deque[Event] = deque()
         self.limit = limit
         self.dropped = 0
-        self.acked: int | None = None
+        self.acked: int | None = 0
         self.blobs: dict[str, Any] = {}
         self.configs: dict[tuple[str, str], bytes] = {}
         self.stack_files: dict[tuple[str, str], bytes] = {}
@@ -376,7 +376,10 @@ class LocalStore:
                 result["acked"] = int(state["acked"])
             return result
         except (OSError, ValueError, KeyError, TypeError):
-            return {"seq": 0, "dropped": 0}
+            # A new device expects the controller's acknowledgements from its first event on;
+            # one upgraded from an agent without them (a state without "acked") waits for the
+            # first before it stops trusting the broker's PUBACK.
+            return {"seq": 0, "dropped": 0, "acked": 0}
 
     def _write_outbox_state(self) -> None:
         self._write(self.outbox_dir / "state", json.dumps(self._outbox_state).encode())
@@ -406,8 +409,9 @@ class LocalStore:
         return self._outbox_state["seq"]
 
     def events_acked(self) -> int | None:
-        """The controller's last acknowledgement (every event up to it is stored); None
-        before the first (a controller that does not acknowledge: the broker's PUBACK counts)."""
+        """The controller's last acknowledgement (every event up to it is stored); None on a
+        device upgraded from an agent without them, until the first (meanwhile the broker's
+        PUBACK counts)."""
         return self._outbox_state.get("acked")
 
     def set_events_acked(self, seq: int) -> None:

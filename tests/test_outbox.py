@@ -61,7 +61,10 @@ def _events_sent(link: TrackedLink) -> list[int]:
 
 
 def test_events_stay_on_disk_until_acknowledged_and_go_again_after_reconnect(tmp_path: Path) -> None:
-    """An unacknowledged event is resent on the next connection; an acknowledged one is forgotten."""
+    """An unacknowledged event is resent on the next connection; an acknowledged one is forgotten
+    (by the broker's PUBACK: a device upgraded from an agent without controller acknowledgements)."""
+    (tmp_path / "outbox").mkdir()
+    (tmp_path / "outbox" / "state").write_text('{"seq": 0, "dropped": 0}')
     link = TrackedLink()
     core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
     core.event("one", "first")
@@ -98,9 +101,12 @@ def _ack(core: AgentCore, seq: int, last: int = 0, resend: bool = False) -> None
 def test_after_a_first_controller_acknowledgement_events_stay_until_the_controller_has_them(
     tmp_path: Path,
 ) -> None:
-    """Once the controller acknowledges events, the broker's PUBACK no longer frees one: it
-    stays queued (across a restart too) until an acknowledgement covers it; each event tells
-    the oldest one still queued."""
+    """On a device upgraded from an agent without acknowledgements the broker's PUBACK frees
+    an event until the controller's first acknowledgement; from then on an event stays
+    queued (across a restart too) until an acknowledgement covers it; each event tells the
+    oldest one still queued."""
+    (tmp_path / "outbox").mkdir()
+    (tmp_path / "outbox" / "state").write_text('{"seq": 0, "dropped": 0}')  # an older agent's
     link = TrackedLink()
     core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
     core.event("one", "first")
@@ -172,3 +178,16 @@ def test_unacknowledged_events_go_again_after_a_while(
     now[0] += core_module.RESEND_AFTER
     core.flush_events()
     assert _events_sent(link) == [1]
+
+
+def test_a_new_device_keeps_its_first_events_until_the_controller_has_them(tmp_path: Path) -> None:
+    """A fresh data directory expects the controller's acknowledgements from the first event
+    on: the broker's PUBACK does not free an event even before any acknowledgement arrived."""
+    link = TrackedLink()
+    core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
+    core.event("one", "first")
+    link.acks[1] = True
+    core.flush_events()
+    assert [e.seq for e in core.store.outbox_head(10)] == [1]
+    _ack(core, 1, last=1)
+    assert core.store.outbox_size() == 0
