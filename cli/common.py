@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,25 @@ from tether.protocol.errors import TetherError
 from tether.protocol.secret_files import read_credentials
 
 from .client import ControllerClient
+from .contexts import CONTEXT_ENV, Config, Context, lookup_order
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+# The broker's refusals for missing or wrong credentials (CONNACK 4 and 5).
+_REFUSED = re.compile(r"not authori[sz]ed|bad user ?name or password", re.I)
 DEFAULT_CREDENTIALS = Path("tether-data") / "operator.json"
 """What `tether up` writes in its default data dir: used when it exists and nothing else is given."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and as whom a command connects, and where that came from (for `Not authorized`)."""
+
+    url: str
+    username: str | None
+    password: str | None
+    ca_file: str | None
+    client_cert: tuple[str, str] | None
+    source: str
 
 
 def resolve_connection(
@@ -27,30 +44,45 @@ def resolve_connection(
     ca_file: Path | None = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
-) -> tuple[str, str | None, str | None, str | None, tuple[str, str] | None]:
-    """(broker URL, username, password, CA file, client certificate and key) from the options,
-    the credentials file and the defaults.
+    context: str | None = None,
+) -> Connection:
+    """The connection from the options, the credentials file, the contexts and the defaults.
 
-    The file is ``--credentials``/``TETHER_CREDENTIALS``, else ``./tether-data/operator.json``
-    if it exists. The broker is ``--broker``/``TETHER_BROKER``, else the file's ``broker``,
-    else :data:`DEFAULT_BROKER`. The CA (for ``mqtts://``) is ``--ca-file``/``TETHER_CA_FILE``,
-    else the file's ``ca_file`` (what ``tether up --tls`` writes), else the system's CAs. The
-    client certificate (mTLS) is ``--tls-cert``/``--tls-key`` (``TETHER_TLS_CERT``/``_KEY``),
-    else the file's ``tls_cert``/``tls_key`` (``tether up --require-client-cert``), else none.
+    The credentials file is ``--credentials``/``TETHER_CREDENTIALS``, else the context
+    ``--context``/``TETHER_CONTEXT``'s, else ``./tether-data/operator.json`` if it exists,
+    else the current context's (cli/contexts.py). The broker is ``--broker``/``TETHER_BROKER``,
+    else the context's, else the file's ``broker``, else :data:`DEFAULT_BROKER`. The CA (for
+    ``mqtts://``) is ``--ca-file``/``TETHER_CA_FILE``, else the context's, else the file's
+    ``ca_file`` (what ``tether up --tls`` writes), else the system's CAs. The client
+    certificate (mTLS) is ``--tls-cert``/``--tls-key`` (``TETHER_TLS_CERT``/``_KEY``), else
+    the file's ``tls_cert``/``tls_key`` (``tether up --require-client-cert``), else none.
     """
-    path = (
-        credentials
-        if credentials is not None
-        else (DEFAULT_CREDENTIALS if DEFAULT_CREDENTIALS.is_file() else None)
-    )
+    chosen: Context | None = None
+    if credentials is not None:
+        path: Path | None = credentials
+        source = f"--credentials/TETHER_CREDENTIALS {credentials}"
+    elif context is not None:
+        chosen = Config.load().get(context)
+        path = Path(chosen.credentials) if chosen.credentials else None
+        source = f"context {context!r} ({path})"
+    elif DEFAULT_CREDENTIALS.is_file():
+        path = DEFAULT_CREDENTIALS
+        source = f"./{DEFAULT_CREDENTIALS}"
+    else:
+        config = Config.load()
+        chosen = config.contexts.get(config.current) if config.current else None
+        path = Path(chosen.credentials) if chosen and chosen.credentials else None
+        source = f"current context {chosen.name!r} ({path})" if chosen else "none found"
     found = read_credentials(path) if path is not None else {}
-    url = broker or found.get("broker") or DEFAULT_BROKER
-    ca = str(ca_file) if ca_file is not None else found.get("ca_file")
+    url = broker or (chosen.broker if chosen else None) or found.get("broker") or DEFAULT_BROKER
+    ca = str(ca_file) if ca_file is not None else (chosen.ca_file if chosen else None) or found.get("ca_file")
     if (tls_cert is None) != (tls_key is None):
         raise TetherError("--tls-cert and --tls-key go together")
     cert = str(tls_cert) if tls_cert is not None else found.get("tls_cert")
     key = str(tls_key) if tls_key is not None else found.get("tls_key")
-    return url, found.get("username"), found.get("password"), ca, (cert, key) if cert and key else None
+    return Connection(
+        url, found.get("username"), found.get("password"), ca, (cert, key) if cert and key else None, source
+    )
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -73,7 +105,8 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
         envvar="TETHER_CREDENTIALS",
         type=click.Path(path_type=Path, dir_okay=False),
         default=None,
-        help=f"Operator credentials file (default: ./{DEFAULT_CREDENTIALS} if it exists).",
+        help=f"Operator credentials file, or TETHER_CREDENTIALS (default: ./{DEFAULT_CREDENTIALS} if it "
+        "exists, else the current context's: tether context ls).",
     )
     @click.option(
         "--ca-file",
@@ -96,6 +129,13 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
         default=None,
         help="Its private key (default: the credentials file's tls_key).",
     )
+    @click.option(
+        "--context",
+        envvar=CONTEXT_ENV,
+        default=None,
+        help="A named context of your configuration, or TETHER_CONTEXT (tether context ls; tether login "
+        "adds one).",
+    )
     @click.option("-o", "--output", "fmt", type=click.Choice(["table", "json"]), default="table")
     @click.option(
         "--request-timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for a reply."
@@ -107,25 +147,28 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
         ca_file: Path | None,
         tls_cert: Path | None,
         tls_key: Path | None,
+        context: str | None,
         fmt: str,
         request_timeout: float,
         **kwargs: Any,
     ) -> None:
+        connection: Connection | None = None
         try:
-            url, username, password, ca, cert = resolve_connection(
-                broker, credentials, ca_file, tls_cert, tls_key
-            )
+            connection = resolve_connection(broker, credentials, ca_file, tls_cert, tls_key, context)
             with ControllerClient(
-                url,
+                connection.url,
                 timeout=request_timeout,
-                username=username,
-                password=password,
-                ca_file=ca,
-                client_cert=cert,
+                username=connection.username,
+                password=connection.password,
+                ca_file=connection.ca_file,
+                client_cert=connection.client_cert,
             ) as client:
                 fn(client, fmt, **kwargs)
         except TetherError as exc:
-            fail(str(exc))
+            message = str(exc)
+            if connection is not None and _REFUSED.search(message):
+                message += f" (credentials: {connection.source}; looked at {lookup_order()})"
+            fail(message)
         except ValidationError as exc:  # a command built from out-of-bounds options
             fail(f"invalid {exc.title}: {describe(exc)}")
 

@@ -47,7 +47,7 @@ from tether.protocol.durations import format_duration, parse_duration
 from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
-from . import enroll, output, registries, remote, variables
+from . import contexts, enroll, output, registries, remote, variables
 from .client import ControllerClient
 from .common import common, fail
 
@@ -188,6 +188,7 @@ def up(
                 tls_ca=tls_ca,
                 tls_san=tls_san,
                 require_client_cert=require_client_cert,
+                remember_operator=contexts.remember_local,
             ),
             _status_line(log_format),
         )
@@ -1285,6 +1286,7 @@ remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remo
 enroll.register(main)  # tether tokens, tether devices pending|approve|reject (cli/enroll.py)
 variables.register(main)  # tether vars (cli/variables.py)
 registries.register(main)  # tether registries (cli/registries.py)
+contexts.register(main)  # tether login, tether context (cli/contexts.py)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,9 @@ class UpOptions:
     """More host names or addresses for the quick-start server certificate."""
     require_client_cert: bool = False
     """mTLS: every client presents a certificate from the quick-start CA; its CN is its username."""
+    remember_operator: Callable[[Path], Path | None] | None = None
+    """Called with the operator credentials file once written: the CLI's context ``local`` for
+    this user (cli/contexts.py); returns the configuration file it wrote, if any."""
 
 
 def _agent_env(password: str | None) -> dict[str, str]:
@@ -311,6 +315,9 @@ def _serve(options: UpOptions, echo: callable[[str], None], started: threading.E
     table.replace(store.list_credentials())
     if operator_file is not None:
         echo(f"tether: operator credentials in {operator_file.resolve()} (tether --credentials FILE)")
+        remembered = options.remember_operator(operator_file) if options.remember_operator else None
+        if remembered is not None:
+            echo(f"tether: the CLI finds them from any directory: context 'local' in {remembered}")
     controller = Controller(
         store,
         lease=lease,

@@ -62,6 +62,14 @@ def postgres_url(postgres_server: Any) -> str:
 
 
 @pytest.fixture(autouse=True)
+def _cli_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test has a CLI configuration of its own (the contexts `tether up` writes): never the
+    user's, never another test's."""
+    monkeypatch.setenv("TETHER_CLI_CONFIG", str(tmp_path / "tether-cli-config.json"))
+    monkeypatch.delenv("TETHER_CONTEXT", raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _controller_database(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """With TETHER_TEST_DB=postgres, every controller a test starts uses a fresh PostgreSQL database."""
     if os.environ.get("TETHER_TEST_DB") == "postgres":

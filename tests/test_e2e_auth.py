@@ -54,9 +54,13 @@ def test_operator_credentials_written_and_required(controller: ControllerProcess
     assert str(controller.operator_file.resolve()) in controller.output()
     assert cli_json(controller.url, "devices", "ls") == []
     monkeypatch.delenv("TETHER_CREDENTIALS")
+    monkeypatch.setenv(
+        "TETHER_CLI_CONFIG", str(data / "no-contexts.json")
+    )  # nor the context `tether up` wrote
     refused = cli(controller.url, "devices", "ls")
     assert refused.returncode != 0
     assert "refused" in refused.stderr and "Traceback" not in refused.stderr
+    assert "credentials: none found; looked at --credentials/TETHER_CREDENTIALS" in refused.stderr
     wrong = controller.operator_file.parent / "wrong.json"
     wrong.write_text(json.dumps({"username": "admin", "password": "nope"}))
     monkeypatch.setenv("TETHER_CREDENTIALS", str(wrong))
