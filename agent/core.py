@@ -617,7 +617,7 @@ class AgentCore:
         eta = (total - done) / rate if moving and rate > 0 and total is not None and total >= done else None
         return DownloadStatus(
             spec_hash=spec_hash,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             done=done,
             total=total,
             rate=round(rate, 1) if moving else 0.0,
@@ -1146,10 +1146,10 @@ class AgentCore:
             if len(self._inflight) >= EVENTS_IN_FLIGHT:
                 return
             payload = codec.encode(event.model_copy(update={"oldest": oldest}))
-            acked = self.link.publish_tracked(self.topic(DeviceTopic.EVENTS), payload, 1)
-            if acked is None:
+            check = self.link.publish_tracked(self.topic(DeviceTopic.EVENTS), payload, 1)
+            if check is None:
                 return
-            self._inflight[event.seq] = acked
+            self._inflight[event.seq] = check
 
     def _on_acked(self, payload: bytes) -> None:
         """The controller's acknowledgement: forget what it stored, resend what it lost."""

@@ -187,7 +187,7 @@ def _sample(values: Values, names: set[str], at: float, full: bool) -> MetricsSa
     fields: dict[str, object] = {name: getattr(values, name) for name in names}
     if fields.get("cpu") is not None:
         fields["cpu"] = round(float(values.cpu or 0.0), 1)
-    return MetricsSample(at=round(at, 3), full=full, **fields)  # type: ignore[arg-type]
+    return MetricsSample(at=round(at, 3), full=full, **fields)
 
 
 def full_sample(values: Values, at: float) -> MetricsSample:

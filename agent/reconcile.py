@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tether.protocol.models import ServiceSpec, ServiceStatus, StackSpec, StackStatus
+from tether.protocol.models import ServiceSpec, ServiceState, ServiceStatus, StackSpec, StackStatus
 
 from .drivers.base import Observed
 
@@ -54,7 +54,7 @@ class RestartRecord:
     def next_allowed(self) -> float:
         if self.count == 0:
             return self.last_at
-        return self.last_at + min(RESTART_BACKOFF_CAP, RESTART_BACKOFF_BASE * 2 ** (self.count - 1))
+        return self.last_at + min(RESTART_BACKOFF_CAP, RESTART_BACKOFF_BASE * 2.0 ** (self.count - 1))
 
 
 @dataclass(frozen=True)
@@ -135,11 +135,11 @@ def plan(
     waiting: set[ServiceKey] = set()
 
     # Instances of stacks or services that are no longer desired.
-    for (stack, service), instances in by_key.items():
+    for (stack, name), instances in by_key.items():
         spec = desired.get(stack)
-        if spec is None or spec.service(service) is None:
+        if spec is None or spec.service(name) is None:
             for inst in instances:
-                removals.append(Remove(inst, _grace(spec, service, inst), "not desired"))
+                removals.append(Remove(inst, _grace(spec, name, inst), "not desired"))
 
     for stack, spec in desired.items():
         replaced: set[str] = set()  # services of this stack whose instance is replaced now
@@ -240,13 +240,13 @@ def status(
     an action on a service (cleared by the caller when the action later succeeds).
     """
     by_key: dict[ServiceKey, Observed] = {}
-    for inst in observed:
-        spec = desired.get(inst.stack)
-        svc = spec.service(inst.service) if spec else None
-        if svc is not None and inst.spec_hash == svc.spec_hash():
-            prev = by_key.get((inst.stack, inst.service))
-            if prev is None or (prev.state != "running" and inst.state == "running"):
-                by_key[(inst.stack, inst.service)] = inst
+    for seen in observed:
+        spec = desired.get(seen.stack)
+        svc = spec.service(seen.service) if spec else None
+        if svc is not None and seen.spec_hash == svc.spec_hash():
+            prev = by_key.get((seen.stack, seen.service))
+            if prev is None or (prev.state != "running" and seen.state == "running"):
+                by_key[(seen.stack, seen.service)] = seen
     result: dict[str, StackStatus] = {}
     for stack, spec in desired.items():
         services: dict[str, ServiceStatus] = {}
@@ -262,7 +262,7 @@ def status(
                     state=state, spec_hash=svc.spec_hash(), last_error=err, restarts=restarted
                 )
                 continue
-            state_name: str = inst.state
+            state_name: ServiceState = inst.state
             tail = None
             if inst.state == "exited" and (
                 key in waiting or wants_restart(svc, inst.exit_code, record.count)
@@ -277,7 +277,7 @@ def status(
             if needs_tail(svc, inst) or state_name == "failed":
                 tail = (log_tails or {}).get(key)
             services[svc.name] = ServiceStatus(
-                state=state_name,  # type: ignore[arg-type]
+                state=state_name,
                 spec_hash=svc.spec_hash(),
                 health=inst.health,
                 exit_code=inst.exit_code if inst.state == "exited" else None,

@@ -186,7 +186,7 @@ def cpu_model() -> str | None:
     keys = ("model name", "Model", "Hardware", "cpu model", "Processor")
     try:
         with open("/proc/cpuinfo") as f:
-            info = {}
+            info: dict[str, str] = {}
             for line in f:
                 key, sep, value = line.partition(":")
                 if sep and key.strip() in keys and value.strip():
@@ -542,7 +542,7 @@ class RemoteOps:
             try:
                 service, text, failure = items.get(timeout=FLUSH_S / 2)
             except queue.Empty:
-                service = None
+                pass  # nothing new: flush what waits, check the deadline
             else:
                 if text is None:
                     ended += 1

@@ -38,7 +38,6 @@ _JOB = "\x00job"
 _WAKE = "\x00wake"
 LABELS_TIMEOUT = 10.0
 FAST_INTERVAL = 1.0
-LABELS_TIMEOUT = 10.0
 HOLD_FILE = "hold"
 """While ``{data_dir}/hold`` exists, the device applies no new desired state."""
 

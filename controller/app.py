@@ -204,7 +204,7 @@ def _check_port_free(host: str, port: int, flag: str) -> None:
             ) from None
 
 
-def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: ignore[valid-type]
+def serve(options: UpOptions, echo: Callable[[str], None]) -> int:
     """Run until SIGTERM/SIGINT. Returns the exit status.
 
     A data directory this call made is removed again if the controller fails to start with
@@ -227,7 +227,7 @@ def serve(options: UpOptions, echo: callable[[str], None]) -> int:  # type: igno
         raise
 
 
-def _serve(options: UpOptions, echo: callable[[str], None], started: threading.Event) -> int:  # type: ignore[valid-type]
+def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.Event) -> int:
     private_dir(options.data_dir)
     target = options.db or str(options.data_dir / "tether.db")
     if options.ha and not is_postgres_url(target):

@@ -23,7 +23,7 @@ import posixpath
 import re
 import shlex
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from pydantic import ValidationError
 from tether.protocol import names
@@ -71,6 +71,9 @@ SECRET_PREFIX = "secret."
 MAX_PROBLEMS = 50
 """At most this many problems are listed (a file that wrong needs a look, not a longer list)."""
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
 _DEVICE_HINTS = {
     "build": "devices run prebuilt images: build and push the image, then name it under image",
     "env_file": "env_file is read by the tether CLI; deploy the file with the CLI, or put the variables under environment",
@@ -116,10 +119,10 @@ class _Problems:
         if message not in self.items:
             self.items.append(message)
 
-    def run(self, where: str, fn: Callable[[], Any]) -> Any:
-        """``fn()``, or None with its ComposeError recorded."""
+    def run(self, where: str, fn: Callable[_P, _R], /, *args: _P.args, **kwargs: _P.kwargs) -> _R | None:
+        """``fn(*args, **kwargs)``, or None with its ComposeError recorded."""
         try:
-            return fn()
+            return fn(*args, **kwargs)
         except ComposeError as exc:
             text = str(exc)
             self.add(text if text.startswith(where) else f"{where}: {text}")
@@ -442,10 +445,11 @@ def _volume(
                 f"{where}: invalid volume {value!r}: empty section between colons "
                 "(is a variable in it unset?)"
             )
+        options: list[str] = []
         if len(parts) == 1:
-            source, target, options = _ANONYMOUS, parts[0], []
+            source, target = _ANONYMOUS, parts[0]
         elif len(parts) == 2 and parts[1].startswith("/"):
-            source, target, options = parts[0], parts[1], []
+            source, target = parts[0], parts[1]
         elif len(parts) == 2:  # /target:ro (an anonymous volume with options)
             source, target, options = _ANONYMOUS, parts[0], parts[1].split(",")
         elif len(parts) == 3:
@@ -611,7 +615,7 @@ def _templates(value: Any, kind: str, problems: _Problems) -> dict[str, str]:
         if not isinstance(content, str):
             problems.add(f"{where}: content must be a string (the file's text)")
             continue
-        text = problems.run(where, lambda c=content, w=where: _unescape(c, f"{w}: content", variables=True))
+        text = problems.run(where, _unescape, content, f"{where}: content", variables=True)
         if text is not None:
             out[name if kind == "config" else SECRET_PREFIX + name] = text
     return out
@@ -1018,8 +1022,7 @@ def _service(name: str, body: Any, ctx: _Context, problems: _Problems) -> Servic
         if key.startswith("x-") or key not in SERVICE_PROPERTIES or ("services", name, key) in problems.bad:
             continue  # an unknown key is a structural problem, already reported
         got = problems.run(
-            f"{where}: {key}",
-            lambda k=key, v=value: _unescape(v, f"{where}: {k}", variables=k == "environment"),
+            f"{where}: {key}", _unescape, value, f"{where}: {key}", variables=key == "environment"
         )
         if got is not None or value is None:
             clean[key] = got
@@ -1048,9 +1051,9 @@ def _service(name: str, body: Any, ctx: _Context, problems: _Problems) -> Servic
             continue
         handler = _SIMPLE.get(key)
         if handler is not None:
-            problems.run(kw, lambda h=handler, v=value, k=key, w=kw: h(v, w, fields, k))
+            problems.run(kw, handler, value, kw, fields, key)
             continue
-        problems.run(kw, lambda k=key, v=value, w=kw: _service_key(k, v, w, fields, ctx, problems, body))
+        problems.run(kw, _service_key, key, value, kw, fields, ctx, problems, body)
     if len(problems.items) > before:
         return None
     if fields.get("network_mode") == "host" and fields.get("ports"):
@@ -1096,16 +1099,14 @@ def _service_key(
     elif key == "ports":
         ports: list[PortSpec] = []
         for i, p in enumerate(value):
-            ports.extend(problems.run(f"{where}.{i}", lambda p=p, i=i: _ports(p, f"{where}.{i}")) or ())
+            ports.extend(problems.run(f"{where}.{i}", _ports, p, f"{where}.{i}") or ())
         fields["ports"] = tuple(ports)
     elif key == "volumes":
         # As docker compose: a later volume at the same target replaces the earlier one, in its
         # place (said in a warning); targets equal only once cleaned ('/x/', '/x') are an error.
         by_target: dict[str, tuple[int, VolumeSpec]] = {}
         for i, item in enumerate(value):
-            v = problems.run(
-                f"{where}.{i}", lambda x=item, i=i: _volume(x, f"{where}.{i}", ctx.volumes, ctx.shipped)
-            )
+            v = problems.run(f"{where}.{i}", _volume, item, f"{where}.{i}", ctx.volumes, ctx.shipped)
             if v is None:
                 continue
             if v.target in by_target:
@@ -1143,11 +1144,7 @@ def _service_key(
         mounts = tuple(
             m
             for i, c in enumerate(value)
-            if (
-                m := problems.run(
-                    f"{where}.{i}", lambda c=c, i=i: _config_mount(c, f"{where}.{i}", ctx.configs, kind)
-                )
-            )
+            if (m := problems.run(f"{where}.{i}", _config_mount, c, f"{where}.{i}", ctx.configs, kind))
         )
         targets = [m.target for m in (*fields.get("configs", ()), *mounts)]
         if len(set(targets)) != len(targets):
@@ -1457,7 +1454,7 @@ def parse_document(
     configs.update(_templates(doc.get("secrets"), "secret", problems))
     ctx = _Context(volumes, networks, configs, shipped)
     parsed = [s for name, body in services.items() if (s := _service(name, body, ctx, problems)) is not None]
-    placement = problems.run("x-tether", lambda: _placement(doc.get("x-tether")))
+    placement = problems.run("x-tether", _placement, doc.get("x-tether"))
     if len(parsed) == len(services):
         _check_references(parsed, problems)
         ordered = _start_order(parsed, problems)
@@ -1468,6 +1465,7 @@ def parse_document(
                     f"shipped file {shipped_path!r} is not under any relative bind mount of the stack"
                 )
     problems.raise_if_any()
+    assert placement is not None  # a refused x-tether was raised just above
     spec = StackSpec(
         services=tuple(ordered),
         volumes=tuple(sorted(volumes)),

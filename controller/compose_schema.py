@@ -19,7 +19,7 @@ from jsonschema import Draft7Validator
 from jsonschema.exceptions import ValidationError
 
 NAME_KEY = r"^[a-zA-Z0-9._-]+$"
-X = {"^x-": {}}
+X: dict[str, Any] = {"^x-": {}}
 
 STR: dict[str, Any] = {"type": "string"}
 BOOL: dict[str, Any] = {"type": ["boolean", "string"]}
@@ -375,7 +375,7 @@ def _validator() -> Draft7Validator:
     return Draft7Validator(SCHEMA)
 
 
-_TYPE_WORDS = {
+_TYPE_WORDS: dict[str, str] = {
     "string": "a string",
     "integer": "an integer",
     "number": "a number",
@@ -398,7 +398,7 @@ def _describe(error: ValidationError) -> tuple[tuple[str | int, ...], str]:
         return path, f"additional {what} {names} not allowed"
     if error.validator == "type":
         types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        return path, f"must be {' or '.join(_TYPE_WORDS.get(t, t) for t in types)}"
+        return path, f"must be {' or '.join(_TYPE_WORDS.get(t, str(t)) for t in types)}"
     if error.validator == "oneOf" and error.context:
         # The alternative of the value's own type (a map given as a map) says what is wrong in it.
         by_branch: dict[Any, list[ValidationError]] = {}
@@ -427,7 +427,7 @@ def _kind(schema: dict[str, Any]) -> str:
     if t is None and "oneOf" in schema:
         return " or ".join(k for k in (_kind(s) for s in schema["oneOf"]) if k)
     if isinstance(t, list):
-        return " or ".join(_TYPE_WORDS.get(x, x) for x in t)
+        return " or ".join(_TYPE_WORDS.get(x, str(x)) for x in t)
     return _TYPE_WORDS.get(t, "") if isinstance(t, str) else ""
 
 

@@ -116,7 +116,7 @@ def devices_label(ctx: Context, cmd: DevicesLabel) -> DeviceResult:
     removes it where the device's enrollment pinned it."""
     device = all_devices(ctx.store).get(cmd.device_id)
     if device is None and (cred := ctx.store.get_credential(cmd.device_id)) is not None:
-        device = Device(id=cmd.device_id) if cred.device_id == cmd.device_id else None
+        device = Device(id=cmd.device_id) if cred.role == "device" else None  # issued, never connected
     if device is None:
         raise NotFoundError(f"unknown device {cmd.device_id!r}")
     check_labels(cmd.set)

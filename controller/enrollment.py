@@ -38,7 +38,7 @@ from tether.protocol.credentials import (
     hash_token,
 )
 from tether.protocol.enrollment import decode_public_key, seal_grant
-from tether.protocol.errors import PayloadError, StoreError
+from tether.protocol.errors import PayloadError, StoreError, TopicError
 from tether.protocol.models import EnrollmentGrant, EnrollmentRequest, EnrollmentResponse
 from tether.protocol.mqtt import MqttClient
 
@@ -177,7 +177,7 @@ class EnrollmentHandlers:
             topics.check_device_id(device_id)
             if device_id.startswith(("cli-", "controller-", "enroll-")):
                 raise StoreError(f"device id {device_id!r} is reserved")
-        except (StoreError, topics.TopicError) as exc:
+        except (StoreError, TopicError) as exc:
             self._enroll_error(device_id, str(exc))
             return
         entry = Enrollment(

@@ -312,8 +312,12 @@ def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy,
             }
         )
     if _past_deadline(r, strategy, now):
-        why = explain(obs.status) if on_new else None
-        why = why or r.reason or (f"reports version {obs.spec_hash[:12]}" if obs.spec_hash else "no report")
+        explained = explain(obs.status) if on_new else None
+        why = (
+            explained
+            or r.reason
+            or (f"reports version {obs.spec_hash[:12]}" if obs.spec_hash else "no report")
+        )
         return _fail(r, f"not healthy within {format_duration(strategy.healthy_deadline_s)}: {why}")
     return r
 

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.protocol import codec, names, topics
 from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
@@ -164,6 +164,10 @@ class SecurityHandlers:
     table: CredentialTable | None
     disconnect_users: Callable[[set[str]], int]
     clock: Callable[[], float]
+
+    if TYPE_CHECKING:  # the Controller's own
+
+        def sync(self, device_ids: set[str] | None = None) -> None: ...
 
     client_cert: tuple[str, str] | None = None
     """Our own client certificate and key files (mTLS: ``tether up --require-client-cert``)."""

@@ -1144,7 +1144,9 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         handler = COMMANDS.handler(command)
         result = handler.run(ctx, command)
         if handler.result is not None and not isinstance(result, handler.result):
-            raise TypeError(f"{command.kind} returned {type(result).__name__}, not {handler.result.__name__}")
+            raise TypeError(
+                f"{'/'.join(command.kinds())} returned {type(result).__name__}, not {handler.result.__name__}"
+            )
         return result
 
     def _on_request(self, payload: bytes) -> None:

@@ -21,7 +21,7 @@ class Backoff:
 
     def ceiling(self, attempt: int) -> float:
         """The largest delay attempt ``attempt`` may wait."""
-        return min(self.cap, self.base * (2 ** min(attempt, 32)))
+        return min(self.cap, self.base * (2.0 ** min(attempt, 32)))
 
     def delay(self, attempt: int) -> float:
         """A jittered delay for ``attempt``."""

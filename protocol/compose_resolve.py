@@ -598,11 +598,12 @@ class Resolver:
             return {}
         if not isinstance(doc, dict):
             raise ComposeError(f"{path}: a Compose file must be a map (with a 'services' key)")
-        doc, errors = interpolate(doc, project.env.get, self.warnings, path)
+        substituted, errors = interpolate(doc, project.env.get, self.warnings, path)
         if errors:
             raise ComposeError("\n".join(errors))
-        self._paths(doc, base, path)
-        return doc
+        result: dict[str, Any] = substituted  # a map stays a map
+        self._paths(result, base, path)
+        return result
 
     def _paths(self, doc: dict[str, Any], base: str, where: str) -> None:
         """Relative paths of ``doc`` (read from a file in ``base``) made absolute on the

@@ -104,7 +104,7 @@ def _line(event: Any) -> int:
     return int(event.start_mark.line) + 1
 
 
-class _Loader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):  # type: ignore[misc, valid-type]
+class _Loader(yaml.composer.Composer, _Parser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
     """libyaml's parser (fast, iterative) under PyYAML's Python composer (so that nesting and
     alias expansion are bounded while composing), with Compose's scalar resolution and
     unique string keys."""
@@ -170,8 +170,8 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:null", _NULL, ["~", "n", "N", "
 _Loader.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
 _Loader.add_implicit_resolver("tag:yaml.org,2002:merge", re.compile(r"^(?:<<)\Z"), ["<"])
-_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: _int(node.value))  # type: ignore[type-var]
-_Loader.add_constructor("tag:yaml.org,2002:float", lambda loader, node: _float(node.value))  # type: ignore[type-var]
+_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: _int(node.value))
+_Loader.add_constructor("tag:yaml.org,2002:float", lambda loader, node: _float(node.value))
 _Loader.add_constructor(
     "tag:yaml.org,2002:bool", lambda loader, node: node.value.lower() == "true" if node.value else False
 )
@@ -195,7 +195,9 @@ def _override(loader: _Loader, node: Any) -> Override:
         return Override(loader.construct_mapping(node, deep=True))
     if isinstance(node, yaml.SequenceNode):
         return Override(loader.construct_sequence(node, deep=True))
-    tag = loader.resolve(yaml.ScalarNode, node.value, (node.style in (None, ""), False))  # "" plain (libyaml)
+    # Resolver.resolve is untyped in types-PyYAML; style "" is plain (libyaml).
+    implicit = (node.style in (None, ""), False)
+    tag: str = loader.resolve(yaml.ScalarNode, node.value, implicit)  # type: ignore[no-untyped-call]
     return Override(loader.construct_object(yaml.ScalarNode(tag, node.value, style=node.style)))
 
 

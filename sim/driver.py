@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from tether.agent.drivers.base import Observed
 from tether.protocol.errors import DriverError
-from tether.protocol.models import ServiceSpec, StackSpec
+from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
 
 LABEL_FAIL = "tether.sim/fail"
 """A service with this label fails to start on every simulated device (the value is the message)."""
@@ -105,6 +106,21 @@ class SimDriver:
 
     def logs(self, instance: Observed, tail: int) -> str:
         return ""
+
+    def log_stream(
+        self, instance: Observed, tail: int | None, since: float | None, follow: bool, stop: threading.Event
+    ) -> Iterator[str]:
+        """Simulated instances write nothing."""
+        if instance.id not in self.instances:
+            raise DriverError(f"no instance {instance.id}")
+        return iter(())
+
+    def usage(self) -> dict[str, tuple[float | None, int | None]]:
+        """Nothing measured: a simulated instance uses no CPU or memory of its own."""
+        return {}
+
+    def run_job(self, job: JobSpec) -> tuple[int | None, str, bool]:
+        raise DriverError("a simulated device runs no jobs")
 
     def prune(self, stacks: set[str]) -> None:
         return None

@@ -52,7 +52,7 @@ def install() -> None:
     """Memoise ``spec_hash`` of service and stack specs in this process (idempotent)."""
     for cls in (ServiceSpec, StackSpec):
         if not getattr(cls.spec_hash, _MARK, False):
-            cls.spec_hash = _cached(cls.spec_hash)  # type: ignore[method-assign]
+            cls.spec_hash = _cached(cls.spec_hash)  # type: ignore[method-assign, assignment]  # on purpose
 
 
 def installed() -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,13 @@ class RecordingLink:
         with self.lock:
             self.published.append((topic, payload, qos, retain))
         return True
+
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Callable[[], bool] | None:
+        """Kept like :meth:`publish`; acknowledged by the broker at once."""
+        self.publish(topic, payload, qos, retain)
+        return lambda: True
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         return None

@@ -166,14 +166,15 @@ class ProcessDriver:
         """Every record: on disk, or waiting in memory to be written."""
         return sorted({*self.dir.glob("*.json"), *list(self._unsaved)} - set(self._deleted))
 
-    def _read(self, path: Path) -> dict | None:
+    def _read(self, path: Path) -> dict[str, Any] | None:
         unsaved = self._unsaved.get(path)
         if unsaved is not None:
             return dict(unsaved)
         try:
-            return json.loads(path.read_text())
+            rec = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+        return rec if isinstance(rec, dict) else None
 
     def _save(self, path: Path, rec: dict[str, Any]) -> bool:
         """Write a record; if that fails, keep it in memory (written later). False if it failed."""
@@ -189,8 +190,8 @@ class ProcessDriver:
         return True
 
     def observe(self) -> list[Observed]:
-        for path, rec in list(self._unsaved.items()):
-            if not self._save(path, rec):
+        for path, unsaved in list(self._unsaved.items()):
+            if not self._save(path, unsaved):
                 break
         for path in list(self._deleted):
             self._delete(path)

@@ -7,6 +7,7 @@ from support.fleet import desired, online
 from support.recording import RecordingPublisher
 from tether.controller.service import Controller
 from tether.protocol.commands import (
+    DevicesCredentials,
     DevicesLabel,
     DevicesList,
     DevicesShow,
@@ -71,4 +72,13 @@ def test_bad_labels_are_refused_and_change_nothing(controller: Controller) -> No
     with pytest.raises(NotFoundError, match="unknown device 'pi-2'"):
         controller.execute(DevicesLabel(device_id="pi-2", set={"zone": "a"}))
     device = controller.store.get_device("pi-1")
+    assert device is not None and device.operator_labels == {"zone": "a"}
+
+
+def test_a_device_with_credentials_never_connected_can_be_labelled(controller: Controller) -> None:
+    """devices.label works on a device that has broker credentials but never connected (pre-labelling)."""
+    controller.execute(DevicesCredentials(device_id="pi-7"))
+    view = controller.execute(DevicesLabel(device_id="pi-7", set={"zone": "a"})).device
+    assert view.label_sources == {"zone": "operator"}
+    device = controller.store.get_device("pi-7")
     assert device is not None and device.operator_labels == {"zone": "a"}
