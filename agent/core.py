@@ -1127,6 +1127,13 @@ class AgentCore:
                     self.store.outbox_ack(seq)
                 else:
                     self._delivered[seq] = now
+        if self._delivered:  # forget what the bounded outbox dropped meanwhile
+            head = self.store.outbox_head(1)
+            first = head[0].seq if head else None
+            if first is None or min(self._delivered) < first:
+                self._delivered = {
+                    s: t for s, t in self._delivered.items() if first is not None and s >= first
+                }
         if self._delivered and now - min(self._delivered.values()) >= self._resend_wait:
             log.info(
                 "%d event(s) not acknowledged by the controller after %.0fs: sending them again",

@@ -191,3 +191,21 @@ def test_a_new_device_keeps_its_first_events_until_the_controller_has_them(tmp_p
     assert [e.seq for e in core.store.outbox_head(10)] == [1]
     _ack(core, 1, last=1)
     assert core.store.outbox_size() == 0
+
+
+def test_events_dropped_by_the_bound_do_not_hold_back_newer_ones(tmp_path: Path) -> None:
+    """Delivered events the full outbox drops before any acknowledgement covers them stop
+    counting as sent: newer events still go out."""
+    link = TrackedLink()
+    core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path, outbox_limit=3), link)
+    for i in range(3):
+        core.event("k", str(i))
+    link.acks.update({1: True, 2: True, 3: True})
+    core.flush_events()  # all three delivered, none acknowledged by the controller
+    link.connected = False
+    for i in range(3):
+        core.event("k", str(i))  # 4, 5, 6 push 1, 2, 3 out
+    link.connected = True
+    link.sent.clear()
+    core.flush_events()
+    assert _events_sent(link) == [4, 5, 6]
