@@ -127,6 +127,16 @@ class Rendering:
     error: str | None = None
 
 
+def _replaces(action: reconcile.Action, create: Create) -> bool:
+    """Whether ``action`` removes the stale instance that ``create`` replaces (the plan puts
+    one right before the other)."""
+    return (
+        isinstance(action, Remove)
+        and action.reason == "spec changed"
+        and (action.instance.stack, action.instance.service) == (create.stack, create.service.name)
+    )
+
+
 class Link(Protocol):
     """The agent's view of its MQTT session."""
 
@@ -877,7 +887,18 @@ class AgentCore:
         plan = reconcile.plan(
             runnable, [i for i in observed if i.stack not in unrendered], now, self.restarts
         )
-        for action in plan.actions:
+        actions, skip = plan.actions, set[int]()
+        for i, action in enumerate(actions):
+            successor = actions[i + 1] if i + 1 < len(actions) else None
+            if i in skip:
+                continue
+            if (
+                isinstance(successor, Create)
+                and _replaces(action, successor)
+                and not self._prepare(successor, runnable, now)
+            ):
+                skip.add(i + 1)  # its successor cannot be made: the old instance keeps running
+                continue
             self._apply(action, runnable, now)
         if self._signals:
             self._send_signals(before, desired)
@@ -965,6 +986,33 @@ class AgentCore:
         elif problem is None:
             self.event("storage.recovered", "the data directory is writable again: everything is saved")
 
+    def _prepare(self, create: Create, desired: dict[str, StackSpec], now: float) -> bool:
+        """Before a stale instance is removed: what its successor needs, made while it still
+        runs (the driver's ``prepare``: the image checked, volumes and networks made). False,
+        recorded as a failed create, if that fails: the old instance is then left running."""
+        prepare = getattr(self.driver, "prepare", None)
+        if prepare is None:
+            return True
+        key = (create.stack, create.service.name)
+        try:
+            prepare(create.stack, desired[create.stack], create.service)
+        except Exception as exc:  # noqa: BLE001 - recorded like every driver failure
+            self._failed(key, exc, now, create=True, suffix=" (the running version is kept)")
+            return False
+        return True
+
+    def _failed(self, key: ServiceKey, exc: Exception, now: float, create: bool, suffix: str = "") -> None:
+        """Record a failed action: the service's error, its backoff (a create), an event."""
+        if not isinstance(exc, DriverError):
+            log.error("driver failed unexpectedly", exc_info=exc)
+            exc = DriverError(f"{key[0]}/{key[1]}: unexpected driver error: {exc.__class__.__name__}: {exc}")
+        log.error("%s%s", exc, suffix)
+        self.errors[key] = str(exc)
+        if create:
+            rec = self.restarts.get(key, RestartRecord())
+            self.restarts[key] = RestartRecord(rec.count + 1, now, rec.total)
+        self.event("action.failed", f"{exc}{suffix}", level="error", stack=key[0], service=key[1])
+
     def _apply(self, action: reconcile.Action, desired: dict[str, StackSpec], now: float) -> None:
         if isinstance(action, Create | Start):
             key = (action.stack, action.service.name)
@@ -987,17 +1035,7 @@ class AgentCore:
                 log.info("remove %s/%s (%s)", key[0], key[1], action.reason)
                 self.driver.remove(action.instance, action.grace)
         except Exception as exc:  # a driver bug must not take the agent (and the device) down
-            if not isinstance(exc, DriverError):
-                log.exception("driver failed unexpectedly")
-                exc = DriverError(
-                    f"{key[0]}/{key[1]}: unexpected driver error: {exc.__class__.__name__}: {exc}"
-                )
-            log.error("%s", exc)
-            self.errors[key] = str(exc)
-            if isinstance(action, Create):
-                rec = self.restarts.get(key, RestartRecord())
-                self.restarts[key] = RestartRecord(rec.count + 1, now, rec.total)
-            self.event("action.failed", str(exc), level="error", stack=key[0], service=key[1])
+            self._failed(key, exc, now, create=isinstance(action, Create))
         else:
             if not isinstance(action, Remove):
                 self.errors.pop(key, None)

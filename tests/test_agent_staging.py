@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from support.links import RecordingLink
 from tether.agent.core import PROGRESS_INTERVAL, AgentCore
@@ -14,6 +15,7 @@ from tether.agent.staging import ImageStatus
 from tether.agent.store import MemoryStore
 from tether.protocol import codec, topics
 from tether.protocol.enrollment import DeviceKey, seal_text
+from tether.protocol.errors import DriverError
 from tether.protocol.models import (
     DesiredState,
     RegistryAuth,
@@ -294,3 +296,53 @@ def test_registry_credentials_sealed_to_the_device_reach_the_stager() -> None:
     )
     dev.core.reconcile_once()
     assert images.credentials == {"reg.example:5000": ("edge", "s3cret")}
+
+
+class PreparingDriver(FakeDriver):
+    """A fake driver with ``prepare`` (as the docker driver has): records calls, fails on demand."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(device_id)
+        self.calls: list[str] = []
+        self.fail: str | None = None
+
+    def prepare(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+        self.calls.append(f"prepare {service.image}")
+        if self.fail:
+            raise DriverError(self.fail)
+
+    def remove(self, instance: Any, grace: float) -> None:
+        self.calls.append("remove")
+        super().remove(instance, grace)
+
+
+def test_a_successor_is_prepared_before_its_predecessor_goes_and_if_it_cannot_be_the_old_one_stays() -> None:
+    """prepare runs before the stale instance is removed; when it fails, nothing is removed,
+    the error is reported, and the replacement is tried again after its backoff."""
+    images = ScriptedImages(present={"app:1", "app:2", "app:3"})
+    dev = Device(images)
+    driver = PreparingDriver(DEVICE)
+    dev.driver = driver
+    dev.core.driver = driver
+    v1, v2, v3 = web("app:1"), web("app:2"), web("app:3")
+    dev.deploy(("app", v1))
+    dev.core.reconcile_once()
+    dev.deploy(("app", v2))
+    dev.core.reconcile_once()
+    assert driver.calls == ["prepare app:2", "remove"]
+    assert dev.running() == {"web": v2.services[0].spec_hash()}
+
+    driver.calls.clear()
+    driver.fail = "create network: no space left on device"
+    dev.deploy(("app", v3))
+    dev.core.reconcile_once()
+    assert driver.calls == ["prepare app:3"], "nothing removed"
+    assert dev.running() == {"web": v2.services[0].spec_hash()}, "v2 keeps running"
+    report = dev.link.report()
+    assert "no space left" in (report.stacks["app"].services["web"].last_error or "")
+    assert any("the running version is kept" in e.message for e in dev.link.events("action.failed"))
+
+    driver.fail = None
+    dev.now[0] += 2  # past the first backoff (1 s)
+    dev.core.reconcile_once()
+    assert dev.running() == {"web": v3.services[0].spec_hash()}

@@ -324,3 +324,23 @@ def test_docker_container_carries_tether_labels(docker_harness: Harness) -> None
     assert labels[LABEL_SERVICE] == "app"
     assert labels[LABEL_SPEC_HASH] == svc.spec_hash()
     assert labels["team"] == "edge"
+
+
+def test_docker_prepare_makes_what_create_needs_while_the_old_instance_runs(docker_harness: Harness) -> None:
+    """prepare: the stack's network exists before anything is created; the create after it
+    runs the service; a missing image fails prepare (so the old instance is never removed)."""
+    from tether.agent.drivers.docker import DockerDriver
+
+    driver = docker_harness.driver()
+    svc = docker_harness.long_running()
+    assert isinstance(driver, DockerDriver)
+    network = f"tether-{docker_harness.device_id}-{STACK}"
+    assert not docker_harness.client.networks.list(names=[network])
+    driver.prepare(STACK, stack_of(svc), svc)
+    assert [n.name for n in docker_harness.client.networks.list(names=[network])] == [network]
+    assert driver.observe() == []
+    driver.create(STACK, stack_of(svc), svc)
+    wait_for(driver, "running", "app")
+    missing = svc.model_copy(update={"image": "tether-test/nope:1"})
+    with pytest.raises(DriverError, match="tether-test/nope:1"):
+        driver.prepare(STACK, stack_of(missing), missing)

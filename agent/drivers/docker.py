@@ -18,6 +18,7 @@ import codecs
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -40,6 +41,9 @@ from .docker_spec import NetworkPlan, VolumePlan, plan_container
 
 log = logging.getLogger(__name__)
 
+PREPARED_FOR = 60.0
+"""Seconds a :meth:`DockerDriver.prepare` stays good for the create that follows it."""
+
 
 def _float(text: str | None) -> float | None:
     try:
@@ -60,6 +64,7 @@ class DockerDriver:
 
     def __init__(self, device_id: str, client: Any = None) -> None:
         self.device_id = device_id
+        self._prepared: tuple[str, str, float, Any, list[tuple[NetworkPlan, str]]] | None = None
         try:
             self.client = client or docker.from_env(timeout=60)
             self.client.ping()
@@ -236,7 +241,10 @@ class DockerDriver:
         except docker.errors.DockerException as exc:
             raise _error(f"create network {net.name}", exc) from exc
 
-    def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+    def _resources(
+        self, stack: str, stack_spec: StackSpec, service: ServiceSpec
+    ) -> tuple[Any, list[tuple[NetworkPlan, str]]]:
+        """The container's plan, its image checked and its volumes and networks made."""
         if not service.image:
             raise DriverError(f"service {service.name}: no image (the docker driver needs one)")
         for mount in service.configs:
@@ -252,6 +260,26 @@ class DockerDriver:
         for volume in plan.volumes:
             self._ensure_volume(stack, volume)
         joins = [(net, self._ensure_network(stack, net)) for net in plan.networks]
+        return plan, joins
+
+    def prepare(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+        """While the instance ``service`` replaces still runs: check its image, make its
+        volumes and networks. If that fails the agent leaves the old instance running; if
+        not, the :meth:`create` right after its removal reuses the result."""
+        self._prepared = None
+        plan, joins = self._resources(stack, stack_spec, service)
+        self._prepared = (stack, service.spec_hash(), time.monotonic(), plan, joins)
+
+    def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+        prepared, self._prepared = self._prepared, None
+        if (
+            prepared is not None
+            and prepared[:2] == (stack, service.spec_hash())
+            and time.monotonic() - prepared[2] < PREPARED_FOR
+        ):
+            plan, joins = prepared[3], prepared[4]
+        else:
+            plan, joins = self._resources(stack, stack_spec, service)
         api = self.client.api
         kwargs = dict(plan.create)
         try:
