@@ -101,7 +101,8 @@ LOG_TAIL_LINES = 20
 EVENTS_IN_FLIGHT = 50
 """Events sent but not yet acknowledged by the broker, at most."""
 RESEND_AFTER = 60.0
-"""Events the broker has but the controller has not acknowledged go again after this long..."""
+"""While the broker has events the controller has not acknowledged, the newest goes again
+after this long (its acknowledgement shows which older ones were lost)..."""
 RESEND_MAX = 900.0
 """...doubling while nothing is acknowledged (a controller down for hours), up to this."""
 STEADY_RUN_SECONDS = 60.0
@@ -209,6 +210,7 @@ class AgentCore:
         self._inflight: dict[int, Callable[[], bool]] = {}  # event seq -> has the broker acknowledged it?
         self._delivered: dict[int, float] = {}  # event seq -> when the broker acknowledged it
         self._resend_wait = RESEND_AFTER
+        self._probe_at: float | None = None  # when the newest unacknowledged event goes again
         self.jobs = JobScheduler.from_state(store.load_json("jobs"))
         self.launch_job: Callable[[JobSpec, str], None] | None = None
         """Set by the runner: start a job run off this thread; it calls :meth:`job_finished`."""
@@ -1150,12 +1152,12 @@ class AgentCore:
         Safe means stored by the controller (its acknowledgement on ``.../acked``, see
         :meth:`_on_acked`): the broker's PUBACK alone is not enough, a broker that comes
         back empty or a controller that was not subscribed at that moment loses what it
-        acknowledged. Until this device has had a first acknowledgement (a controller that
-        does not send them) the PUBACK counts. An event the broker has (``_delivered``) but
-        the controller did not acknowledge is sent again when an acknowledgement shows it
-        lost, or when it waited :data:`RESEND_AFTER` (doubling while nothing is
-        acknowledged); one sent into a connection that died, or lost with the device's
-        power, goes out again on the next connection. Receivers drop duplicates on ``seq``.
+        acknowledged. On a device upgraded from an agent without acknowledgements the PUBACK
+        counts until the first one. An event the broker has (``_delivered``) but the
+        controller did not acknowledge is sent again when an acknowledgement shows it lost;
+        if none comes for :data:`RESEND_AFTER` (doubling while none does), the newest is sent
+        again to ask. One sent into a connection that died, or lost with the device's power,
+        goes out again on the next connection. Receivers drop duplicates on ``seq``.
         """
         now = time.monotonic()
         for seq, acked in list(self._inflight.items()):
@@ -1172,14 +1174,24 @@ class AgentCore:
                 self._delivered = {
                     s: t for s, t in self._delivered.items() if first is not None and s >= first
                 }
-        if self._delivered and now - min(self._delivered.values()) >= self._resend_wait:
+        if not self._delivered:
+            self._probe_at = None
+        elif self._probe_at is None:
+            self._probe_at = now + self._resend_wait
+        elif now >= self._probe_at:
+            # Only the newest goes again, as a question: a controller that is up stores it (or
+            # drops it as a duplicate) and answers with an acknowledgement whose ``last`` shows
+            # which of the older ones it lacks; one that is down costs one message per wait.
+            newest = max(self._delivered)
+            del self._delivered[newest]
             log.info(
-                "%d event(s) not acknowledged by the controller after %.0fs: sending them again",
-                len(self._delivered),
+                "%d event(s) not acknowledged by the controller after %.0fs: sending event %d again",
+                len(self._delivered) + 1,
                 self._resend_wait,
+                newest,
             )
-            self._delivered.clear()
             self._resend_wait = min(2 * self._resend_wait, RESEND_MAX)
+            self._probe_at = now + self._resend_wait
         sent = len(self._inflight) + len(self._delivered)
         if not self.link.connected or self.store.outbox_size() <= sent:
             return
@@ -1212,6 +1224,7 @@ class AgentCore:
             self.store.set_events_acked(ack.seq)
             self.store.outbox_ack_through(ack.seq)
             self._resend_wait = RESEND_AFTER  # progress
+            self._probe_at = None
         covered = max(ack.seq, current or 0)
         self._inflight = {s: a for s, a in self._inflight.items() if s > covered}
         if ack.resend:

@@ -153,31 +153,36 @@ def test_an_event_the_controller_missed_is_sent_again_at_once(tmp_path: Path) ->
 def test_unacknowledged_events_go_again_after_a_while(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Delivered events that no acknowledgement covers are sent again after RESEND_AFTER,
-    then after twice as long while still nothing is acknowledged."""
+    """While no acknowledgement covers delivered events, the newest is sent again after
+    RESEND_AFTER, then after twice as long; the acknowledgement it brings back shows the
+    older ones lost, and they go again at once."""
     now = [1000.0]
     monkeypatch.setattr(core_module.time, "monotonic", lambda: now[0])
     link = TrackedLink()
     core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
-    _ack(core, 0)
-    core.event("one", "first")
-    link.acks[1] = True
+    for kind in ("one", "two", "three"):
+        core.event(kind, kind)
+    link.acks.update({1: True, 2: True, 3: True})
+    core.flush_events()
     core.flush_events()
     link.sent.clear()
     now[0] += core_module.RESEND_AFTER - 1
     core.flush_events()
     assert _events_sent(link) == []
     now[0] += 1
-    core.flush_events()  # resent ...
-    core.flush_events()  # ... and delivered again
-    assert _events_sent(link) == [1]
+    core.flush_events()  # the newest goes again ...
+    core.flush_events()  # ... and is delivered again
+    assert _events_sent(link) == [3]
     link.sent.clear()
     now[0] += core_module.RESEND_AFTER
     core.flush_events()
     assert _events_sent(link) == []  # the wait doubled
     now[0] += core_module.RESEND_AFTER
     core.flush_events()
-    assert _events_sent(link) == [1]
+    assert _events_sent(link) == [3]
+    link.sent.clear()
+    _ack(core, 0, last=3)  # the controller has only 3: 1 and 2 were lost
+    assert _events_sent(link) == [1, 2]
 
 
 def test_a_new_device_keeps_its_first_events_until_the_controller_has_them(tmp_path: Path) -> None:
