@@ -82,6 +82,16 @@ def setup(docker_engine: Any, busybox_image: str, tmp_path: Path) -> Iterator[di
         for proc in reversed(procs):
             proc.stop()
         remove_tether_containers(docker_engine, f"upd-{run}")
+        _remove_images(docker_engine, f"/u{run}/")
+
+
+def _remove_images(docker: Any, marker: str) -> None:
+    """The images the agent loaded for this test (named with its run id)."""
+    for image in docker.images.list():
+        for tag in image.tags:
+            if marker in tag:
+                with contextlib.suppress(Exception):
+                    docker.images.remove(tag, force=True)
 
 
 def _download(broker: str, device: str) -> dict[str, Any] | None:
@@ -271,5 +281,4 @@ def test_private_registry_unauthorized_at_once_then_pulled_with_tether_registrie
         for proc in reversed(procs):
             proc.stop()
         remove_tether_containers(docker_engine, device)
-        with contextlib.suppress(Exception):
-            docker_engine.images.remove(f"{registry.host}/{name}", force=True)
+        _remove_images(docker_engine, f"/u{run}/")
