@@ -551,7 +551,7 @@ def groups_create(
     if fmt == "json":
         click.echo(output.to_json(group))
     else:
-        click.echo(f"group {group['name']} created ({len(group['members'])} members now)")
+        click.echo(f"group {group['name']} created ({_plural(len(group['members']), 'member')} now)")
     if never_seen:
         click.echo(
             f"warning: {', '.join(output.printable(d) for d in never_seen)}: never connected to this controller "
@@ -574,7 +574,7 @@ def groups_trust(client: ControllerClient, fmt: str, name: str, off: bool) -> No
         click.echo(output.to_json(group))
     else:
         what = "labels devices report, too" if group["trust_device_labels"] else "trusted labels only"
-        click.echo(f"group {group['name']} matches {what} ({len(group['members'])} members now)")
+        click.echo(f"group {group['name']} matches {what} ({_plural(len(group['members']), 'member')} now)")
 
 
 def _group_rows(groups: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -683,6 +683,20 @@ def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(str(exc)) from exc
 
 
+def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str | float | None) -> float | None:
+    """--timeout: a duration (5m, 90s) or, as before, a number of seconds."""
+    if value is None or isinstance(value, float):
+        return value
+    try:
+        return float(value) if value.replace(".", "", 1).isdigit() else parse_duration(value, "--timeout")
+    except TetherError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def _rollout_line(r: dict[str, Any], min_healthy: float) -> str:
     """``updating (batch 1), healthy in 8s`` or ``downloading (batch 1), downloading 43% (...)``:
     the countdown ticks in steps of a tenth of min_healthy_time (at least a second)."""
@@ -698,7 +712,23 @@ def _rollout_line(r: dict[str, Any], min_healthy: float) -> str:
 def _wait_deployment(
     client: ControllerClient, deployment_id: int, timeout: float, fmt: str
 ) -> dict[str, Any]:
-    """Follow a deployment, printing each device's progress by batch, until it settles."""
+    """Follow a deployment, printing each device's progress by batch, until it settles.
+
+    Ctrl-C stops following, not the deployment: it says so, and how to follow it again."""
+    try:
+        return _follow_deployment(client, deployment_id, timeout, fmt)
+    except KeyboardInterrupt:
+        click.echo(
+            f"\ntether: stopped following; deployment {deployment_id} goes on "
+            f"(tether deployments status {deployment_id} --follow)",
+            err=True,
+        )
+        sys.exit(130)
+
+
+def _follow_deployment(
+    client: ControllerClient, deployment_id: int, timeout: float, fmt: str
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     seen: dict[str, str] = {}
     while True:
@@ -723,7 +753,8 @@ def _wait_deployment(
                 if r["state"] not in ("healthy", "pending (offline)", "held", "staged")
             ]
             raise TetherError(
-                f"timed out after {timeout:g}s; deployment {deployment_id} still waits for {', '.join(busy)}"
+                f"timed out after {format_duration(timeout)}; deployment {deployment_id} goes on and still "
+                f"waits for {', '.join(busy)} (tether deployments status {deployment_id} --follow)"
             )
         time.sleep(0.5)
 
@@ -858,7 +889,13 @@ def stacks_config(
     help="Download the new version on every device, run nothing new: switch later (tether deployments switch ID).",
 )
 @click.option("--wait", is_flag=True, help="Follow the deployment until it succeeds or fails.")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds for --wait.")
+@click.option(
+    "--timeout",
+    callback=_wait_timeout,
+    default="5m",
+    show_default=True,
+    help="How long --wait waits (90s, 5m).",
+)
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -950,9 +987,7 @@ def stacks_deploy(
                     f"switch with tether deployments switch {d['id']}"
                 )
             elif d["state"] != "succeeded" and fmt == "table":
-                click.echo(
-                    f"deployment {d['id']} is {d['state']}: tether deployments promote|resume {d['id']}"
-                )
+                _say_next_step(d)
         else:
             _wait(client, name, lambda rows: all(r["state"] == "running" for r in rows), timeout, fmt)
         final = result.get("final", {})
@@ -1026,7 +1061,13 @@ def stacks_status(client: ControllerClient, fmt: str, name: str) -> None:
 @stacks.command("rm")
 @click.argument("name")
 @click.option("--wait", is_flag=True, help="Wait until every device has removed it.")
-@click.option("--timeout", type=float, default=300.0, show_default=True)
+@click.option(
+    "--timeout",
+    callback=_wait_timeout,
+    default="5m",
+    show_default=True,
+    help="How long --wait waits (90s, 5m).",
+)
 @common
 def stacks_rm(client: ControllerClient, fmt: str, name: str, wait: bool, timeout: float) -> None:
     """Remove a stack from every device."""
@@ -1218,9 +1259,19 @@ def deployments_ls(client: ControllerClient, fmt: str, stack: str | None) -> Non
 
 @deployments.command("status")
 @click.argument("deployment_id", type=int)
+@click.option(
+    "-f", "--follow", is_flag=True, help="Follow it until it settles (Ctrl-C stops following only)."
+)
+@click.option(
+    "--timeout", callback=_wait_timeout, default="5m", show_default=True, help="How long --follow waits."
+)
 @common
-def deployments_status(client: ControllerClient, fmt: str, deployment_id: int) -> None:
+def deployments_status(
+    client: ControllerClient, fmt: str, deployment_id: int, follow: bool, timeout: float
+) -> None:
     """Show a deployment and every device's progress."""
+    if follow:
+        _wait_deployment(client, deployment_id, timeout, fmt)
     d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
     if fmt == "json":
         click.echo(output.to_json(d))
@@ -1229,18 +1280,10 @@ def deployments_status(client: ControllerClient, fmt: str, deployment_id: int) -
     click.echo(
         f"deployment {d['id']} of {d['stack']}: {d['state']}" + (f" ({d['message']})" if d["message"] else "")
     )
-    click.echo(
-        f"strategy:   {s['kind']} (max_parallel {s['max_parallel']}, canary {s['canary']}, "
-        f"min_healthy_time {s['min_healthy_time_s']:g}s, healthy_deadline {s['healthy_deadline_s']:g}s, "
-        f"download_deadline {format_duration(s.get('download_deadline_s', 86400))}, "
-        f"auto_revert {s['auto_revert']}, auto_promote {s['auto_promote']}"
-        + (
-            f", stage_only, {'switched' if d.get('switched') else 'not switched yet'}"
-            if s.get("stage_only")
-            else ""
-        )
-        + ")"
-    )
+    strategy = _strategy_line(s)
+    if s.get("stage_only"):
+        strategy = strategy[:-1] + f", stage only, {'switched' if d.get('switched') else 'not switched yet'})"
+    click.echo(f"strategy:   {strategy}")
     click.echo(f"version:    {(d['from_hash'] or '-')[:12]} -> {d['to_hash'][:12]}, batch {d['batch']}")
     rows = [
         (
@@ -1257,15 +1300,54 @@ def deployments_status(client: ControllerClient, fmt: str, deployment_id: int) -
     click.echo(output.table(["DEVICE", "STATE", "BATCH", "PROGRESS", "WHY"], rows))
 
 
+def _say_next_step(d: dict[str, Any]) -> None:
+    """What a deployment that settled short of success waits for, and the command for it."""
+    steps = {
+        "awaiting-promotion": f"awaits promotion: tether deployments promote {d['id']} (or resume {d['id']})",
+        "paused": f"is paused: tether deployments resume {d['id']}",
+    }
+    click.echo(f"deployment {d['id']} " + steps.get(d["state"], f"is {d['state']}"))
+
+
+def _strategy_line(s: dict[str, Any]) -> str:
+    """The settings that apply to this kind of deployment, in the CLI's own words."""
+    parts = []
+    if s["kind"] != "all-at-once":
+        parts.append(f"{s['max_parallel']} at a time")
+    if s["kind"] == "canary":
+        parts.append(f"{_plural(s['canary'], 'canary')}".replace("canarys", "canaries"))
+    parts += [
+        f"healthy after {format_duration(s['min_healthy_time_s'])}",
+        f"deadline {format_duration(s['healthy_deadline_s'])}",
+        f"downloads within {format_duration(s.get('download_deadline_s', 86400))}",
+    ]
+    if s["auto_revert"]:
+        parts.append("auto-revert")
+    if s["auto_promote"]:
+        parts.append("auto-promote")
+    return f"{s['kind']} ({', '.join(parts)})"
+
+
 def _deployment_action(kind: str, verb: str) -> Callable[..., Any]:
     @click.argument("deployment_id", type=int)
+    @click.option("--wait", is_flag=True, help="Then follow the deployment until it settles.")
+    @click.option(
+        "--timeout", callback=_wait_timeout, default="5m", show_default=True, help="How long --wait waits."
+    )
     @common
-    def command(client: ControllerClient, fmt: str, deployment_id: int) -> None:
+    def command(client: ControllerClient, fmt: str, deployment_id: int, wait: bool, timeout: float) -> None:
         d = client.request(DeploymentsAction(kind=kind, id=deployment_id))["deployment"]  # type: ignore[arg-type]
+        if fmt == "table":
+            click.echo(f"deployment {d['id']} of {d['stack']}: {d['state']}")
+        if wait:
+            d = _wait_deployment(client, d["id"], timeout, fmt)
+            if fmt == "table":
+                if d["state"] == "succeeded":
+                    click.echo(f"deployment {d['id']} succeeded")
+                else:
+                    _say_next_step(d)
         if fmt == "json":
             click.echo(output.to_json(d))
-        else:
-            click.echo(f"deployment {d['id']} of {d['stack']}: {d['state']}")
 
     command.__doc__ = f"{verb} a deployment."
     return command

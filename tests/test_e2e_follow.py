@@ -1,0 +1,83 @@
+"""Deployments can be followed again: Ctrl-C during --wait leaves the deployment going, `status --follow`
+picks it up, a --wait timeout says the same, and promote/rollback wait with --wait (issue 18)."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import pytest
+from support.procs import PY, AgentProcess, ControllerProcess, _Proc, cli, wait_online
+
+pytestmark = pytest.mark.e2e
+
+STACK = """
+services:
+  app:
+    command: ["sh", "-c", "echo {mark}; exec sleep 600"]
+    restart: always
+"""
+
+
+def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
+    """Ctrl-C during --wait exits 130 saying the deployment goes on and how to follow it; following
+    it again ends in success; --timeout takes 5m-style durations and its expiry says the same."""
+    controller = ControllerProcess(tmp_path / "ctl")
+    agent = AgentProcess(controller.url, "follow-1", tmp_path / "agent")
+    try:
+        url = controller.url
+        wait_online(url, "follow-1")
+        assert cli(url, "groups", "create", "one", "--device", "follow-1").returncode == 0
+        created = cli(url, "groups", "create", "none", "--select", "nobody=here")
+        assert "(0 members now)" in created.stdout, created.stdout
+        stack = tmp_path / "app.yml"
+        stack.write_text(STACK.format(mark="v1"))
+        argv = [PY, "-m", "tether.cli.main", "stacks", "deploy", str(stack), "--name", "app", "--group", "one",
+                "--min-healthy-time", "20s", "--wait", "--broker", url]  # fmt: skip
+        waiting = _Proc(argv, tmp_path / "wait.log")
+        try:
+            waiting.wait_for_line(r"follow-1: updating \(batch 1\), healthy in", 60)
+            waiting.signal(signal.SIGINT)
+            assert waiting.proc.wait(20) == 130
+        finally:
+            waiting.stop()
+        line = waiting.wait_for_line(r"stopped following; deployment (\d+) goes on")
+        deployment = line.group(1)
+        assert f"(tether deployments status {deployment} --follow)" in waiting.output()
+
+        followed = cli(url, "deployments", "status", deployment, "--follow", "--timeout", "2m")
+        assert followed.returncode == 0, followed.stdout + followed.stderr
+        assert "follow-1: healthy (batch 1)" in followed.stdout
+        assert f"deployment {deployment} of app: succeeded" in followed.stdout
+        strategy = next(s for s in followed.stdout.splitlines() if s.startswith("strategy:"))
+        assert strategy == "strategy:   all-at-once (healthy after 20s, deadline 5m, downloads within 1d)"
+
+        stack.write_text(STACK.format(mark="v2"))
+        timed_out = cli(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "one",
+                        "--min-healthy-time", "30s", "--wait", "--timeout", "2s")  # fmt: skip
+        assert timed_out.returncode == 1
+        m = re.search(r"timed out after 2s; deployment (\d+) goes on and still waits for follow-1 "
+                      r"\(tether deployments status (\d+) --follow\)", timed_out.stderr)  # fmt: skip
+        assert m and m.group(1) == m.group(2), timed_out.stderr
+        bad = cli(
+            url,
+            "stacks",
+            "deploy",
+            str(stack),
+            "--name",
+            "app",
+            "--group",
+            "one",
+            "--wait",
+            "--timeout",
+            "soon",
+        )
+        assert bad.returncode == 2 and "--timeout: invalid duration 'soon'" in bad.stderr
+
+        rolled = cli(url, "deployments", "rollback", m.group(1), "--wait", "--timeout", "90")
+        assert rolled.returncode == 0, rolled.stdout + rolled.stderr
+        assert re.search(r"deployment \d+ succeeded", rolled.stdout), rolled.stdout
+    finally:
+        agent.stop()
+        controller.stop()
