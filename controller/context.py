@@ -25,6 +25,7 @@ from .store import Store
 
 if TYPE_CHECKING:  # variables.py registers its handlers, which take a Context
     from .registries import RegistryCredentials
+    from .security import BrokerAccess
     from .variables import SecretsKey, VariableBindings
 
 
@@ -42,6 +43,12 @@ class Context(Protocol):
     """The variables, as desired states bind them (cached; forget() after a change)."""
     registries: RegistryCredentials
     """The private registries' credentials, as desired states carry them (cached likewise)."""
+    access: BrokerAccess
+    """Who may connect, as the broker sees it: mirror credential and token changes there."""
+
+    def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """Publish a retained message (QoS 1) and wait for the broker; False if it was not
+        acknowledged or there is no connection."""
 
     def recompute(self, device_ids: set[str] | None = None) -> None:
         """Give every device (of ``device_ids``) whose stacks, jobs or bindings changed the next

@@ -38,9 +38,8 @@ class CommandHandler:
     """``run(ctx, command)``: the result, or raises a TetherError (a CommandError says why)."""
     read_only: bool
     """Changes nothing and needs only the store: a standby answers it (see the module docstring)."""
-    result: type[WireModel] | None
-    """The result model (protocol/results.py), from the handler's return annotation; None where
-    the handler still returns plain data."""
+    result: type[WireModel]
+    """The result model (protocol/results.py), from the handler's return annotation."""
 
 
 class CommandRegistry:
@@ -54,8 +53,9 @@ class CommandRegistry:
 
         def register(run: H) -> H:
             returns = get_type_hints(run).get("return")
-            result = returns if isinstance(returns, type) and issubclass(returns, WireModel) else None
-            self._add(CommandHandler(model, run, read_only, result))
+            if not (isinstance(returns, type) and issubclass(returns, WireModel)):
+                raise TypeError(f"{run.__name__} must be annotated to return a model of protocol/results.py")
+            self._add(CommandHandler(model, run, read_only, returns))
             return run
 
         return register

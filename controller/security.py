@@ -3,14 +3,15 @@
 The store holds credentials (password hashes only, never a password); the controller
 mirrors them into a :class:`~tether.protocol.credentials.CredentialTable`, which the
 embedded broker authenticates against (in its own process, a copy kept up to date by
-:class:`tether.broker.BrokerTable`). Every change here writes the
-store first, then updates the table, then (for a revocation) asks the broker to close
-the live connections, through :attr:`SecurityHandlers.disconnect_users` (set by
-``tether up`` when it runs the embedded broker; a no-op with an external broker, whose
-password file must be regenerated: see ``tether mosquitto-config``).
+:class:`tether.broker.BrokerTable`). Every change here writes the store first, then
+updates the table (:class:`BrokerAccess`, the part of the controller that owns it), then
+(for a revocation) asks the broker to close the live connections, through
+:attr:`BrokerAccess.disconnect_users` (set by ``tether up`` when it runs the embedded broker;
+a no-op with an external broker, whose password file must be regenerated: see
+``tether mosquitto-config``).
 
-:class:`SecurityHandlers` is mixed into :class:`~.service.Controller` like
-the other handler mixins: its methods run on the controller's worker thread.
+The ``devices.credentials``, ``devices.revoke`` and ``devices.rm`` handlers are functions
+over the :class:`~.context.Context`, registered in :data:`commands`.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from tether.protocol import codec, names, topics
 from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
 from tether.protocol.commands import DevicesCredentials, DevicesRemove, DevicesRevoke
 from tether.protocol.credentials import Credential, CredentialTable, TokenGrant, hash_password, new_password
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import CommandError, ConflictError, NotFoundError
 from tether.protocol.models import Presence
+from tether.protocol.results import DeviceCredentials, DevicesRemoved, DevicesRevoked
 from tether.protocol.secret_files import write_secret_json
 from tether.protocol.topics import DeviceTopic
 
+from .context import Context
 from .models import Device
 from .registry import CommandRegistry
 from .store import Store
@@ -122,10 +125,10 @@ def ensure_operator_credentials(
 def _check_new_device_user(store: Store, device_id: str) -> None:
     topics.check_device_id(device_id)
     if device_id.startswith(RESERVED_DEVICE_PREFIXES):
-        raise StoreError(f"device id {device_id!r} is reserved (starts with {device_id.split('-')[0]}-)")
+        raise CommandError(f"device id {device_id!r} is reserved (starts with {device_id.split('-')[0]}-)")
     existing = store.get_credential(device_id)
     if existing is not None and existing.role != "device":
-        raise StoreError(f"{device_id!r} is the name of a {existing.role} user, not a device")
+        raise ConflictError(f"{device_id!r} is the name of a {existing.role} user, not a device")
 
 
 def issue_device_credentials(store: Store, device_id: str, now: float) -> str:
@@ -157,159 +160,163 @@ def admit_certificate_user(store: Store, device_id: str, now: float) -> None:
             store.put_device(device.model_copy(update={"revoked": False}))
 
 
-class SecurityHandlers:
-    """Credential commands; mixed into the Controller (see the module docstring)."""
+@dataclass
+class BrokerAccess:
+    """The broker's view of who may connect, owned by the controller: the credential table
+    (None with an external broker that has none of ours) and what ``tether up`` plugs in."""
 
-    store: Store
-    table: CredentialTable | None
-    disconnect_users: Callable[[set[str]], int]
-    clock: Callable[[], float]
-
-    if TYPE_CHECKING:  # the Controller's own
-
-        def sync(self, device_ids: set[str] | None = None) -> None: ...
-
+    table: CredentialTable | None = None
+    disconnect_users: Callable[[set[str]], int] = lambda usernames: 0
+    """Close the live connections of these users; how many were closed."""
     client_cert: tuple[str, str] | None = None
     """Our own client certificate and key files (mTLS: ``tether up --require-client-cert``)."""
     issue_certificate: Callable[[str], tuple[str, str, str]] | None = None
     """Sign a client certificate for a user: (certificate, key, CA) PEMs; set by ``tether up``
     when it holds the quick-start CA."""
-
     on_credentials_changed: Callable[[], None] | None = None
     """Called after credentials or a device's stacks changed (``tether up --mosquitto-dir``)."""
 
-    def _sync_table(self) -> None:
+    def sync(self, store: Store) -> None:
         """Mirror the store's credentials into the broker's table (after a committed change)."""
         if self.table is not None:
-            self.table.replace(self.store.list_credentials())
+            self.table.replace(store.list_credentials())
         if self.on_credentials_changed is not None:
             self.on_credentials_changed()
 
-    def device_credentials(self, device_id: str) -> str:
-        """Create or rotate ``device_id``'s credentials; return the new password (shown once)."""
-        was = self.store.get_device(device_id)
-        password = issue_device_credentials(self.store, device_id, self.clock())
+    def sync_tokens(self, store: Store) -> None:
+        """Mirror the stored enrollment tokens into the broker's table (after a committed change)."""
         if self.table is not None:
-            self.table.new_secret(device_id, password)
-        self._sync_table()
-        if was is not None and was.revoked:
-            self.sync({device_id})  # matches its groups again
-        log.info("device %s: new broker credentials", device_id)
-        return password
-
-    @commands.command(DevicesCredentials)
-    def _devices_credentials(self, cmd: DevicesCredentials) -> Any:
-        if cmd.certificate:
-            return self._device_certificate(cmd.device_id)
-        password = self.device_credentials(cmd.device_id)
-        return {"device_id": cmd.device_id, "username": cmd.device_id, "password": password}
-
-    def _device_certificate(self, device_id: str) -> dict[str, Any]:
-        """A new client certificate and key for ``device_id`` (its common name), shown once."""
-        if self.issue_certificate is None:
-            raise StoreError(
-                "this controller does not sign client certificates (start it with `tether up --tls "
-                "--require-client-cert`); with your own CA, sign one with common name "
-                f"{device_id!r} and register the device with `tether devices credentials {device_id}`"
+            self.table.set_tokens(
+                {
+                    t.token_hash: TokenGrant(t.id, t.expires, t.uses_left(), frozenset(t.devices))
+                    for t in store.list_tokens()
+                }
             )
-        was = self.store.get_device(device_id)
-        admit_certificate_user(self.store, device_id, self.clock())
-        certificate, key, ca = self.issue_certificate(device_id)
-        self._sync_table()
-        if was is not None and was.revoked:
-            self.sync({device_id})  # matches its groups again
-        log.info("device %s: new client certificate", device_id)
-        return {
-            "device_id": device_id,
-            "username": device_id,
-            "certificate": certificate,
-            "key": key,
-            "ca": ca,
-        }
 
-    @commands.command(DevicesRevoke)
-    def _devices_revoke(self, cmd: DevicesRevoke) -> Any:
-        known = {d.id for d in self.store.list_devices()} | {
-            c.name for c in self.store.list_credentials() if c.role == "device"
-        }
-        for device_id in cmd.device_ids:
-            if device_id not in known:
-                raise StoreError(f"unknown device {device_id!r}")
-        usernames: set[str] = set()
-        with self.store.transaction():
-            for device_id in cmd.device_ids:
-                usernames.update(self.store.revoke_device_credentials(device_id))
-                device = self.store.get_device(device_id) or Device(id=device_id)
-                self.store.put_device(device.model_copy(update={"revoked": True}))
-                self._leave_static_groups(device_id)
-        self._sync_table()
-        closed = self.disconnect_users(usernames) if usernames else 0
-        for device_id in cmd.device_ids:
-            log.warning("device %s revoked (%d live connection(s) closed)", device_id, closed)
-            self._publish_offline(device_id)
-        self.sync()
-        return {"revoked": list(cmd.device_ids), "closed": closed}
+    def new_secret(self, username: str, secret: str) -> None:
+        """Tell the table a new password or token (it keeps a fast check of it)."""
+        if self.table is not None:
+            self.table.new_secret(username, secret)
 
-    def _publish_offline(self, device_id: str) -> None:
-        """Say a revoked device is offline: the broker no longer publishes its will (a
-        revoked identity may publish nothing, its will included)."""
-        client = getattr(self, "client", None)
-        device = self.store.get_device(device_id)
-        if (
-            client is None
-            or device is None
-            or device.status == "offline"
-            or not names.DEVICE_ID.ok(device_id)
-        ):
-            return
-        presence = Presence(device_id=device_id, status="offline", session=device.session, at=self.clock())
-        client.publish_confirmed(
-            topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(presence), retain=True
+
+def device_credentials(ctx: Context, device_id: str) -> str:
+    """Create or rotate ``device_id``'s credentials; return the new password (shown once)."""
+    was = ctx.store.get_device(device_id)
+    password = issue_device_credentials(ctx.store, device_id, ctx.clock())
+    ctx.access.new_secret(device_id, password)
+    ctx.access.sync(ctx.store)
+    if was is not None and was.revoked:
+        ctx.sync({device_id})  # matches its groups again
+    log.info("device %s: new broker credentials", device_id)
+    return password
+
+
+@commands.command(DevicesCredentials)
+def devices_credentials(ctx: Context, cmd: DevicesCredentials) -> DeviceCredentials:
+    if cmd.certificate:
+        return _device_certificate(ctx, cmd.device_id)
+    password = device_credentials(ctx, cmd.device_id)
+    return DeviceCredentials(device_id=cmd.device_id, username=cmd.device_id, password=password)
+
+
+def _device_certificate(ctx: Context, device_id: str) -> DeviceCredentials:
+    """A new client certificate and key for ``device_id`` (its common name), shown once."""
+    issue = ctx.access.issue_certificate
+    if issue is None:
+        raise ConflictError(
+            "this controller does not sign client certificates (start it with `tether up --tls "
+            "--require-client-cert`); with your own CA, sign one with common name "
+            f"{device_id!r} and register the device with `tether devices credentials {device_id}`"
         )
+    was = ctx.store.get_device(device_id)
+    admit_certificate_user(ctx.store, device_id, ctx.clock())
+    certificate, key, ca = issue(device_id)
+    ctx.access.sync(ctx.store)
+    if was is not None and was.revoked:
+        ctx.sync({device_id})  # matches its groups again
+    log.info("device %s: new client certificate", device_id)
+    return DeviceCredentials(device_id=device_id, username=device_id, certificate=certificate, key=key, ca=ca)
 
-    def _leave_static_groups(self, device_id: str) -> None:
-        for group in self.store.list_groups():
-            if group.selector is None and device_id in group.devices:
-                remaining = tuple(d for d in group.devices if d != device_id)
-                self.store.delete_group(group.name)
-                self.store.create_group(group.model_copy(update={"devices": remaining}))
 
-    @commands.command(DevicesRemove)
-    def _devices_rm(self, cmd: DevicesRemove) -> Any:
-        known = {d.id for d in self.store.list_devices()} | {
-            c.name for c in self.store.list_credentials() if c.role == "device"
-        }
+def _known_devices(store: Store) -> set[str]:
+    """Devices heard from, and devices with credentials that never connected."""
+    return {d.id for d in store.list_devices()} | {
+        c.name for c in store.list_credentials() if c.role == "device"
+    }
+
+
+@commands.command(DevicesRevoke)
+def devices_revoke(ctx: Context, cmd: DevicesRevoke) -> DevicesRevoked:
+    known = _known_devices(ctx.store)
+    unknown = [d for d in cmd.device_ids if d not in known]
+    if unknown:
+        raise NotFoundError(", ".join(f"unknown device {d!r}" for d in unknown))
+    usernames: set[str] = set()
+    with ctx.store.transaction():
         for device_id in cmd.device_ids:
-            if device_id not in known:  # a malformed id stored before it was refused may go
-                topics.check_device_id(device_id)
-        usernames: set[str] = set()
-        with self.store.transaction():
-            for device_id in cmd.device_ids:
-                usernames.update(self.store.revoke_device_credentials(device_id))
-                for username in usernames:
-                    self.store.delete_credential(username)
-                self._leave_static_groups(device_id)
-                self.store.forget_device(device_id)
-            self.variables.forget()  # type: ignore[attr-defined]  # its own variables are gone too
-        self._sync_table()
-        if usernames:
-            self.disconnect_users(usernames)
-        cleared = self._clear_retained(cmd.device_ids)
-        self.sync()
-        for device_id in cmd.device_ids:
-            log.warning("device %s forgotten", device_id)
-        return {"removed": list(cmd.device_ids), "cleared": cleared}
+            usernames.update(ctx.store.revoke_device_credentials(device_id))
+            device = ctx.store.get_device(device_id) or Device(id=device_id)
+            ctx.store.put_device(device.model_copy(update={"revoked": True}))
+            _leave_static_groups(ctx.store, device_id)
+    ctx.access.sync(ctx.store)
+    closed = ctx.access.disconnect_users(usernames) if usernames else 0
+    for device_id in cmd.device_ids:
+        log.warning("device %s revoked (%d live connection(s) closed)", device_id, closed)
+        _publish_offline(ctx, device_id)
+    ctx.sync()
+    return DevicesRevoked(revoked=list(cmd.device_ids), closed=closed)
 
-    def _clear_retained(self, device_ids: tuple[str, ...]) -> bool:
-        """Clear the devices' retained desired state and presence (empty retained publishes)."""
-        client = getattr(self, "client", None)
-        if client is None:
-            return False
-        ok = True
-        for device_id in device_ids:
-            if not names.DEVICE_ID.ok(device_id):
-                continue  # it has no topic: publishing on a malformed one gets us disconnected
-            for kind in (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REPORTED):
-                ok = client.publish_confirmed(topics.device(device_id, kind), b"", retain=True) and ok
-            ok = client.publish_confirmed(topics.enroll_response(device_id), b"", retain=True) and ok
-        return ok
+
+def _publish_offline(ctx: Context, device_id: str) -> None:
+    """Say a revoked device is offline: the broker no longer publishes its will (a
+    revoked identity may publish nothing, its will included)."""
+    device = ctx.store.get_device(device_id)
+    if device is None or device.status == "offline" or not names.DEVICE_ID.ok(device_id):
+        return
+    presence = Presence(device_id=device_id, status="offline", session=device.session, at=ctx.clock())
+    ctx.publish_retained(topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(presence))
+
+
+def _leave_static_groups(store: Store, device_id: str) -> None:
+    for group in store.list_groups():
+        if group.selector is None and device_id in group.devices:
+            remaining = tuple(d for d in group.devices if d != device_id)
+            store.delete_group(group.name)
+            store.create_group(group.model_copy(update={"devices": remaining}))
+
+
+@commands.command(DevicesRemove)
+def devices_rm(ctx: Context, cmd: DevicesRemove) -> DevicesRemoved:
+    known = _known_devices(ctx.store)
+    for device_id in cmd.device_ids:
+        if device_id not in known:  # a malformed id stored before it was refused may go
+            topics.check_device_id(device_id)
+    usernames: set[str] = set()
+    with ctx.store.transaction():
+        for device_id in cmd.device_ids:
+            usernames.update(ctx.store.revoke_device_credentials(device_id))
+            for username in usernames:
+                ctx.store.delete_credential(username)
+            _leave_static_groups(ctx.store, device_id)
+            ctx.store.forget_device(device_id)
+        ctx.variables.forget()  # its own variables are gone too
+    ctx.access.sync(ctx.store)
+    if usernames:
+        ctx.access.disconnect_users(usernames)
+    cleared = _clear_retained(ctx, cmd.device_ids)
+    ctx.sync()
+    for device_id in cmd.device_ids:
+        log.warning("device %s forgotten", device_id)
+    return DevicesRemoved(removed=list(cmd.device_ids), cleared=cleared)
+
+
+def _clear_retained(ctx: Context, device_ids: tuple[str, ...]) -> bool:
+    """Clear the devices' retained desired state and presence (empty retained publishes)."""
+    ok = True
+    for device_id in device_ids:
+        if not names.DEVICE_ID.ok(device_id):
+            continue  # it has no topic: publishing on a malformed one gets us disconnected
+        for kind in (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REPORTED):
+            ok = ctx.publish_retained(topics.device(device_id, kind), b"") and ok
+        ok = ctx.publish_retained(topics.enroll_response(device_id), b"") and ok
+    return ok

@@ -57,7 +57,6 @@ from tether.protocol.topics import DeviceTopic
 from . import deployments, devices, enrollment, groups, jobs, registries, rollout, security, stacks, variables
 from .context import Context
 from .devices import all_devices, attributes
-from .enrollment import EnrollmentHandlers
 from .fleet import Seen
 from .lease import Lease
 from .models import DesiredRecord, Device, Stack
@@ -67,7 +66,7 @@ from .registries import RegistryCredentials
 from .registry import CommandRegistry
 from .rollout import Observation
 from .scheduler import desired_jobs, desired_stacks, eligible, members
-from .security import SecurityHandlers
+from .security import BrokerAccess
 from .selectors import Attributes
 from .store import Store
 from .variables import SecretsKey, VariableBindings
@@ -141,7 +140,7 @@ COMMANDS = CommandRegistry.of(
 """Every command the controller answers, with its handler (see :mod:`.registry`)."""
 
 
-class Controller(SecurityHandlers, EnrollmentHandlers):
+class Controller:
     """Schedules stacks onto devices and answers requests, over one MQTT connection."""
 
     def __init__(
@@ -164,9 +163,8 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         self.variables = VariableBindings(store, secrets)
         self.registries = RegistryCredentials(store, secrets)
         self.store = store
-        self.table = table
+        self.access = BrokerAccess(table)
         self.credentials = credentials
-        self.disconnect_users: Callable[[set[str]], int] = lambda usernames: 0
         self.clock = clock
         self.lease = lease
         self.ha = ha
@@ -233,7 +231,7 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
             username=self.credentials[0] if self.credentials else None,
             password=self.credentials[1] if self.credentials else None,
             ca_file=str(self.ca_file) if self.ca_file else None,
-            client_cert=self.client_cert,  # mTLS (security.py)
+            client_cert=self.access.client_cert,  # mTLS
         )
         if self.ha:
             self.client.subscribe(topics.SHARED_REQUESTS)
@@ -378,9 +376,9 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         self.publish_acks()
         self.advance_deployments(force=False)
         self.repair_behind()
-        if self.table is not None:
+        if self.access.table is not None:
             try:
-                self.table.expire(self.clock())
+                self.access.table.expire(self.clock())
             except TetherError as exc:
                 log.error("%s", exc)
 
@@ -538,7 +536,7 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
                 if self.client is not None and not self.client.session_present:
                     self._acks_resend = True  # events may have been published with nobody subscribed
                 self.publish_pending()
-                self.publish_enrollment_answers()
+                enrollment.publish_answers(self)
             self.ready.set()
             return
         parsed = topics.parse(topic)
@@ -552,7 +550,7 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         elif not self.leading.is_set():
             return
         elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
-            self._on_enroll_request(parsed.device_id, payload)
+            enrollment.on_request(self, parsed.device_id, payload)
         elif parsed.kind == "device" and parsed.device_id is not None and payload:
             if parsed.device_topic == DeviceTopic.PRESENCE:
                 self._on_presence(parsed.device_id, payload)
@@ -663,7 +661,7 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
                 presence.session,
             )
         if presence.status == "online":
-            self.enrollment_seen(device_id)
+            enrollment.seen(self, device_id)
         if presence.status != device.status and any(
             s.placement.mode == "replicas" for s in self.store.list_stacks()
         ):
@@ -805,6 +803,12 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
             log.warning("device %s: %d message(s) not stored as sent: %s", device_id, count, reason)
 
     # --- scheduling and publishing ---
+
+    def publish_retained(self, topic: str, payload: bytes) -> bool:
+        """Publish a retained message (QoS 1) and wait for the broker; False if not acknowledged
+        or not connected."""
+        client = self.client
+        return client is not None and client.publish_confirmed(topic, payload, qos=1, retain=True)
 
     def sync(self, device_ids: set[str] | None = None) -> None:
         """Recompute desired states (of ``device_ids``, or all), store changes, publish."""
@@ -1016,12 +1020,13 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         False if one was not acknowledged (the rest stays unpublished)."""
         for start in range(0, len(unpublished), self.PUBLISH_BATCH):
             batch = unpublished[start : start + self.PUBLISH_BATCH]
-            if self.table is not None:  # before the device hears of them: it may subscribe to these
+            table = self.access.table
+            if table is not None:  # before the device hears of them: it may subscribe to these
                 assigned = {r.device_id: r.hashes() for r in batch}
-                if any(self.table.stacks_of(d) != h for d, h in assigned.items()):
-                    self.table.set_stacks(assigned)
-                    if self.on_credentials_changed is not None:
-                        self.on_credentials_changed()
+                if any(table.stacks_of(d) != h for d, h in assigned.items()):
+                    table.set_stacks(assigned)
+                    if self.access.on_credentials_changed is not None:
+                        self.access.on_credentials_changed()
             payloads = [
                 codec.encode(
                     DesiredState(
@@ -1143,7 +1148,7 @@ class Controller(SecurityHandlers, EnrollmentHandlers):
         ctx: Context = self  # what handlers may use of the controller (checked by mypy)
         handler = COMMANDS.handler(command)
         result = handler.run(ctx, command)
-        if handler.result is not None and not isinstance(result, handler.result):
+        if not isinstance(result, handler.result):
             raise TypeError(
                 f"{'/'.join(command.kinds())} returned {type(result).__name__}, not {handler.result.__name__}"
             )

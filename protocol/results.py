@@ -374,3 +374,97 @@ class RegistryRemoved(WireModel):
 
     host: str
     scope: str
+
+
+# --- credentials and enrollment --------------------------------------------------------------
+
+
+class DeviceCredentials(WireModel):
+    """``devices.credentials``: shown once; ``password``, or ``certificate``, ``key`` and ``ca`` (PEM)."""
+
+    device_id: str
+    username: str
+    password: str | None = Field(default=None, exclude_if=_absent)
+    certificate: str | None = Field(default=None, exclude_if=_absent)
+    key: str | None = Field(default=None, exclude_if=_absent)
+    ca: str | None = Field(default=None, exclude_if=_absent)
+
+
+class DevicesRevoked(WireModel):
+    """``devices.revoke``: the devices revoked and how many live connections were closed."""
+
+    revoked: list[str]
+    closed: int
+
+
+class DevicesRemoved(WireModel):
+    """``devices.rm``: the devices forgotten; ``cleared``: their retained messages cleared on the broker."""
+
+    removed: list[str]
+    cleared: bool
+
+
+class PendingView(WireModel):
+    """A device in the waiting room (pending or rejected)."""
+
+    id: str
+    state: str
+    token: str
+    group: str | None
+    labels: dict[str, str]
+    hostname: str
+    arch: str
+    requested: float
+    decided: float | None
+    error: str | None
+
+
+class PendingList(WireModel):
+    """``devices.pending``."""
+
+    devices: list[PendingView]
+
+
+class DevicesApproved(WireModel):
+    """``devices.approve``."""
+
+    approved: list[str]
+
+
+class DevicesRejected(WireModel):
+    """``devices.reject``."""
+
+    rejected: list[str]
+
+
+class TokenView(WireModel):
+    """An enrollment token, never its secret."""
+
+    id: str
+    group: str | None
+    labels: dict[str, str]
+    auto_approve: bool
+    expires: float | None
+    expired: bool
+    uses: int | None
+    used: int
+    devices: list[str]
+    created: float
+
+
+class TokenCreated(TokenView):
+    """``tokens.create``: the view and the token itself, shown once."""
+
+    token: str
+
+
+class TokenList(WireModel):
+    """``tokens.ls``."""
+
+    tokens: list[TokenView]
+
+
+class TokensRemoved(WireModel):
+    """``tokens.rm``."""
+
+    removed: list[str]

@@ -12,19 +12,6 @@ from tether.protocol import results
 
 TOPICS = Path(__file__).resolve().parents[2] / "docs" / "topics.md"
 
-UNTYPED = {
-    "devices.credentials",
-    "devices.revoke",
-    "devices.rm",
-    "devices.pending",
-    "devices.approve",
-    "devices.reject",
-    "tokens.create",
-    "tokens.ls",
-    "tokens.rm",
-}
-"""Commands whose handlers still return plain data (controller/security.py, controller/enrollment.py)."""
-
 VIEWS: dict[str, list[type[BaseModel]]] = {
     "DeviceView": [results.DeviceDetails],
     "GroupView": [results.GroupView],
@@ -68,13 +55,8 @@ def top_level_keys(result: str) -> set[str]:
 
 
 def test_every_command_has_a_result_model() -> None:
-    """Each registered handler names a model of protocol/results.py as its result (but the listed ones)."""
+    """Each registered handler names a model of protocol/results.py as its result."""
     for handler in COMMANDS:
-        kinds = set(handler.model.kinds())
-        if kinds <= UNTYPED:
-            assert handler.result is None, f"{kinds} has a model now: take it out of UNTYPED"
-            continue
-        assert handler.result is not None, f"{handler.model.__name__}: annotate its result model"
         assert getattr(results, handler.result.__name__, None) is handler.result
 
 
@@ -84,8 +66,6 @@ def test_the_commands_table_lists_each_result_s_fields() -> None:
     for handler in COMMANDS:
         for kind in handler.model.kinds():
             assert kind in documented, f"{kind} is missing from the commands table of docs/topics.md"
-            if handler.result is None:
-                continue
             assert top_level_keys(documented[kind]) == set(handler.result.model_fields), kind
 
 
