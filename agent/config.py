@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from tether.protocol import names
+from tether.protocol import labels as label_rules
 from tether.protocol.codec import describe
 from tether.protocol.errors import ConfigError, TopicError
 from tether.protocol.mqtt import BrokerAddress, parse_broker_url, tls_context
@@ -54,7 +54,6 @@ from .policy import HostAccess
 
 CREDENTIALS_FILE = "credentials.json"
 """The agent's own broker credentials in its data dir (0600), e.g. saved after enrollment."""
-LABEL_KEY_RE = names.LABEL_KEY.regex
 
 
 def default_data_dir() -> Path:
@@ -202,11 +201,9 @@ class AgentConfig(BaseModel):
     @field_validator("labels")
     @classmethod
     def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        for key, val in value.items():
-            if not LABEL_KEY_RE.match(key):
-                raise ValueError(f"invalid label key {key!r}")
-            if not isinstance(val, str) or len(val) > 128 or "," in val:
-                raise ValueError(f"invalid value for label {key!r}")
+        problem = label_rules.problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     def broker_addresses(self) -> list[BrokerAddress]:
@@ -214,14 +211,12 @@ class AgentConfig(BaseModel):
 
 
 def parse_labels(items: list[str] | tuple[str, ...], source: str) -> dict[str, str]:
-    """Parse ``k=v`` items; raise :class:`ConfigError` naming ``source`` on a bad one."""
-    labels = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"{source}: label {item!r} is not of the form key=value")
-        labels[key.strip()] = value.strip()
-    return labels
+    """Parse ``k=v`` items (protocol/labels.py); raise :class:`ConfigError` naming ``source``
+    and every bad item."""
+    try:
+        return label_rules.parse(items)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:

@@ -17,11 +17,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tether.protocol import codec
+from tether.protocol import labels as label_rules
 from tether.protocol.models import JobResult, JobSpec
 from tether.protocol.mqtt import MqttClient
 
 from . import remote
-from .config import LABEL_KEY_RE, AgentConfig
+from .config import AgentConfig
 from .core import PROGRESS_INTERVAL, AgentCore
 from .drivers.base import Driver
 from .enroll import load_or_create_key
@@ -121,13 +122,12 @@ class Agent:
             return
         labels = dict(self.config.labels)
         for line in result.stdout.splitlines():
-            key, sep, value = line.strip().partition("=")
             if not line.strip():
                 continue
-            if not sep or not LABEL_KEY_RE.match(key.strip()) or "," in value or len(value) > 128:
-                log.warning("labels command: ignoring %r (expected key=value)", line[:80])
-                continue
-            labels[key.strip()] = value.strip()
+            try:
+                labels.update(label_rules.parse([line]))
+            except ValueError as exc:
+                log.warning("labels command: ignoring %r: %s", line[:80], exc)
         self.core.set_labels(labels)
 
     def run(self, stop: threading.Event) -> None:

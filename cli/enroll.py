@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 import click
+from tether.protocol import labels as label_rules
 from tether.protocol.commands import (
     DevicesApprove,
     DevicesPending,
@@ -44,13 +45,10 @@ def parse_expiry(ctx: click.Context, param: click.Parameter, value: str | None) 
 
 
 def _labels(items: tuple[str, ...]) -> dict[str, str]:
-    labels = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"{item!r} is not key=value", param_hint="--label")
-        labels[key.strip()] = value.strip()
-    return labels
+    try:
+        return label_rules.parse(items)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--label") from None
 
 
 @click.group()

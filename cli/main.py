@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 from tether.protocol import __version__
+from tether.protocol import labels as label_rules
 from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsList,
@@ -410,7 +411,10 @@ def devices_label(client: ControllerClient, fmt: str, device_id: str, changes: t
         if change.endswith("-") and "=" not in change:
             to_remove.append(change[:-1])
         elif "=" in change:
-            key, _, value = change.partition("=")
+            try:
+                key, value = label_rules.split(change)  # checked by the controller, all at once
+            except ValueError as exc:
+                raise TetherError(f"{exc}: use key=value to set or key- to remove") from None
             to_set[key] = value
         else:
             raise TetherError(f"{change!r}: use key=value to set or key- to remove")

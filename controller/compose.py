@@ -30,7 +30,7 @@ from tether.protocol import names
 from tether.protocol.codec import describe
 from tether.protocol.compose_yaml import load_yaml, scalar_text
 from tether.protocol.durations import parse_duration
-from tether.protocol.errors import ComposeError, StoreError
+from tether.protocol.errors import CommandError, ComposeError
 from tether.protocol.models import (
     MAX_STACK_FILE_BYTES,
     ConfigMount,
@@ -1264,7 +1264,7 @@ def _placement(value: Any) -> Placement:
         for c in raw:
             try:
                 parse_selector(c)
-            except StoreError as exc:
+            except CommandError as exc:
                 raise ComposeError(f"x-tether.placement.constraints: {exc}") from exc
         constraints = list(raw)
         placement = placement.get("mode")

@@ -16,14 +16,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from tether.protocol import names
-from tether.protocol.errors import StoreError
+from tether.protocol import labels as label_rules
+from tether.protocol.errors import CommandError
 
-_KEY = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}"
+_KEY = label_rules.KEY.body
 MAX_LABELS = 64
 """Labels an operator or a token may set on one device (device-reported ones are the agent's)."""
 _TERM = re.compile(
-    rf"^\s*(?:(?P<not>!)\s*(?P<nkey>{_KEY})|(?P<key>{_KEY})\s*(?:(?P<op>==|!=|=)\s*(?P<value>[^,=!]*))?)\s*$"
+    rf"^\s*(?:(?P<not>!)\s*(?P<nkey>{_KEY})|(?P<key>{_KEY})\s*(?:(?P<op>==|!=|=)\s*(?P<value>[^{re.escape(label_rules.FORBIDDEN)}]*))?)\s*$"
 )
 
 
@@ -77,35 +77,25 @@ class Term:
         return labels.get(self.key) != self.value
 
 
-def _label_value_ok(value: str) -> bool:
-    return len(value) <= 128 and value.isprintable() and not any(c in value for c in ",=!")
-
-
 def check_labels(labels: Mapping[str, str]) -> None:
-    """Refuse labels a selector could not match (or a terminal would show wrongly), all named in one error."""
-    bad = [
-        f"{key}={value!r}" if names.LABEL_KEY.ok(key) else f"{key!r}"
-        for key, value in labels.items()
-        if not names.LABEL_KEY.ok(key) or not _label_value_ok(value)
-    ]
-    if bad:
-        raise StoreError(
-            f"invalid label {', '.join(bad)} (keys: letters, digits and '._/-', at most 63; "
-            "values: at most 128 printable characters, none of ',=!')"
-        )
+    """Refuse labels a selector could not match (or a terminal would show wrongly), all named in
+    one error (the rules: protocol/labels.py)."""
+    problem = label_rules.problem(labels)
+    if problem is not None:
+        raise CommandError(problem)
     if len(labels) > MAX_LABELS:
-        raise StoreError(f"too many labels ({len(labels)}; at most {MAX_LABELS})")
+        raise CommandError(f"too many labels ({len(labels)}; at most {MAX_LABELS})")
 
 
 def parse_selector(text: str) -> tuple[Term, ...]:
-    """Parse a selector; raise :class:`StoreError` naming the bad term."""
+    """Parse a selector; raise :class:`CommandError` naming the bad term."""
     if not text or not text.strip():
-        raise StoreError("empty selector")
+        raise CommandError("empty selector")
     terms = []
     for raw in text.split(","):
         m = _TERM.fullmatch(raw)
         if not m:
-            raise StoreError(
+            raise CommandError(
                 f"invalid selector term {raw.strip()!r} (use key=value, key!=value, key or !key)"
             )
         if m.group("not"):

@@ -17,6 +17,7 @@ import sys
 from typing import Any
 
 import click
+from tether.protocol import labels as label_rules
 from tether.protocol.errors import ConfigError
 from tether.protocol.logsafe import log_to_stderr
 from tether.protocol.mqtt import parse_broker_url
@@ -25,16 +26,11 @@ from .fleet import Fleet, FleetConfig
 
 
 def _labels(text: tuple[str, ...]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for chunk in text:
-        for item in chunk.split(","):
-            if not item.strip():
-                continue
-            key, sep, value = item.partition("=")
-            if not sep or not key.strip():
-                raise click.BadParameter(f"label {item!r} is not key=value")
-            labels[key.strip()] = value.strip()
-    return labels
+    items = [item for chunk in text for item in chunk.split(",") if item.strip()]
+    try:
+        return label_rules.parse(items)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--labels") from None
 
 
 def _progress(fleet: Fleet) -> None:

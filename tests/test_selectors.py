@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from tether.controller.selectors import Term, matches, parse_selector
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import CommandError
 
 
 @pytest.mark.parametrize(
@@ -52,8 +52,8 @@ def test_parse_selector_terms(text: str, terms: tuple[Term, ...]) -> None:
     ],
 )
 def test_parse_selector_errors_name_the_bad_term(text: str, fragment: str) -> None:
-    """An invalid selector raises StoreError quoting the offending term."""
-    with pytest.raises(StoreError) as info:
+    """An invalid selector raises CommandError quoting the offending term."""
+    with pytest.raises(CommandError) as info:
         parse_selector(text)
     assert fragment in str(info.value)
 

@@ -15,7 +15,7 @@ from tether.protocol.commands import (
     GroupsCreate,
     StacksDeploy,
 )
-from tether.protocol.errors import NotFoundError, StoreError
+from tether.protocol.errors import CommandError, NotFoundError
 from tether.protocol.results import DeviceSample
 
 COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
@@ -67,7 +67,7 @@ def test_bad_labels_are_refused_and_change_nothing(controller: Controller) -> No
     """An invalid label or an unknown device is one error; the device's labels stay as they were."""
     online(controller, "pi-1")
     controller.execute(DevicesLabel(device_id="pi-1", set={"zone": "a"}))
-    with pytest.raises(StoreError, match="label"):
+    with pytest.raises(CommandError, match="label"):
         controller.execute(DevicesLabel(device_id="pi-1", set={"Bad Key!": "x"}))
     with pytest.raises(NotFoundError, match="unknown device 'pi-2'"):
         controller.execute(DevicesLabel(device_id="pi-2", set={"zone": "a"}))
