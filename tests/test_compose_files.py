@@ -211,3 +211,9 @@ def test_interpolation() -> None:
     with pytest.raises(InterpolationError):
         interpolate("${EMPTY:?}", env)
     assert interpolate("${EMPTY?}", env) == ""
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_no_top_level_name(path: Path) -> None:
+    """No top-level `name:`: Debian 12's docker-compose 1.29 refuses it (the project name is -p)."""
+    assert "name" not in yaml.safe_load(path.read_text())

@@ -47,6 +47,7 @@ class _Proc:
             stderr=subprocess.STDOUT,
             text=True,
             env=_env(),
+            cwd="/",  # as cli(): never a ./tether-data/operator.json of whoever runs the tests
             start_new_session=True,
             # SIGINT as a terminal gives it, even when the suite runs in the background (where
             # the shell hands children SIGINT ignored and Ctrl-C would do nothing).
