@@ -13,7 +13,7 @@ from typing import Any
 import click
 from pydantic import ValidationError
 from tether.protocol.codec import describe
-from tether.protocol.errors import TetherError
+from tether.protocol.errors import ConfigError, TetherError
 from tether.protocol.secret_files import read_credentials
 
 from .client import ControllerClient
@@ -73,6 +73,12 @@ def resolve_connection(
         chosen = config.contexts.get(config.current) if config.current else None
         path = Path(chosen.credentials) if chosen and chosen.credentials else None
         source = f"current context {chosen.name!r} ({path})" if chosen else "none found"
+        if chosen and path is not None and not path.exists():
+            raise ConfigError(
+                f"the current context {chosen.name!r} ({config.path}) names {path}, which does not exist: "
+                f"start that `tether up` again, or tether context use OTHER, tether context rm {chosen.name}, "
+                "--credentials FILE"
+            )
     found = read_credentials(path) if path is not None else {}
     url = broker or (chosen.broker if chosen else None) or found.get("broker") or DEFAULT_BROKER
     ca = str(ca_file) if ca_file is not None else (chosen.ca_file if chosen else None) or found.get("ca_file")

@@ -681,10 +681,11 @@ def _service_errors(row: dict[str, Any]) -> str:
 def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     if value is None:
         return None
+    where = param.opts[0] if param.opts else "duration"  # --every, not the internal every_s
     try:
-        return parse_duration(value, param.name or "duration")
-    except TetherError as exc:
-        raise click.BadParameter(str(exc)) from exc
+        return parse_duration(value, where)
+    except TetherError as exc:  # click names the option already
+        raise click.BadParameter(str(exc).removeprefix(f"{where}: ")) from exc
 
 
 def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str | float | None) -> float | None:
@@ -693,8 +694,8 @@ def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str | float
         return value
     try:
         return float(value) if value.replace(".", "", 1).isdigit() else parse_duration(value, "--timeout")
-    except TetherError as exc:
-        raise click.BadParameter(str(exc)) from exc
+    except TetherError as exc:  # click names the option already
+        raise click.BadParameter(str(exc).removeprefix("--timeout: ")) from exc
 
 
 def _plural(n: int, word: str) -> str:

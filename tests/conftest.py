@@ -61,6 +61,14 @@ def postgres_url(postgres_server: Any) -> str:
     return str(postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Processes that module- and session-scoped fixtures start get a CLI configuration of the
+    session's too (the fixture below gives each test its own): never the user's."""
+    import tempfile
+
+    os.environ["TETHER_CLI_CONFIG"] = str(Path(tempfile.mkdtemp(prefix="tether-cli-config-")) / "config.json")
+
+
 @pytest.fixture(autouse=True)
 def _cli_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test has a CLI configuration of its own (the contexts `tether up` writes): never the

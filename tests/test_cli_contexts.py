@@ -73,6 +73,15 @@ def test_up_login_and_contexts(tmp_path: Path) -> None:
         assert removed.returncode == 0 and not copy.exists()
         assert set(_config()["contexts"]) == {"local"}
         assert cli(url, "context", "use", "lab").returncode == 1
+
+        # The current context's file gone (its data dir deleted): one error saying what to do.
+        moved = controller.operator_file.with_name("moved.json")
+        controller.operator_file.rename(moved)
+        gone = cli(url, "devices", "ls")
+        assert gone.returncode == 1
+        assert f"the current context 'local' ({config_file}) names " in gone.stderr
+        assert "which does not exist" in gone.stderr and "tether context rm local" in gone.stderr
+        moved.rename(controller.operator_file)
     finally:
         controller.stop()
 

@@ -73,7 +73,7 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
             "--timeout",
             "soon",
         )
-        assert bad.returncode == 2 and "--timeout: invalid duration 'soon'" in bad.stderr
+        assert bad.returncode == 2 and "Invalid value for '--timeout': invalid duration 'soon'" in bad.stderr
 
         rolled = cli(url, "deployments", "rollback", m.group(1), "--wait", "--timeout", "90")
         assert rolled.returncode == 0, rolled.stdout + rolled.stderr
