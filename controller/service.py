@@ -1081,6 +1081,8 @@ class Controller:
         client = self.client
         if client is None or not client.connected:
             return
+        if self.inbox.qsize() > INGEST_BATCH:
+            return  # a burst of reports not stored yet: devices may look behind that are not
         published = self._published_generations()
         fleet = self.fleet_view()
         now = time.monotonic()
@@ -1096,7 +1098,8 @@ class Controller:
             since, wait, next_at = self._behind.setdefault(device_id, (now, BEHIND_GRACE, now + BEHIND_GRACE))
             if now >= next_at and len(due) < self.PUBLISH_BATCH:
                 due.append(device_id)
-                self._behind[device_id] = (since, min(2 * wait, BEHIND_BACKOFF_MAX), now + wait)
+                wait = min(2 * wait, BEHIND_BACKOFF_MAX)
+                self._behind[device_id] = (since, wait, now + wait)
         if not due:
             return
         records = [r for d in due if (r := self.store.get_desired(d)) is not None and r.published]

@@ -178,3 +178,58 @@ def test_a_connection_without_our_session_asks_every_device_to_resend(tmp_path: 
     }
     assert found == {"d-1": (1, 3, True), "d-2": (0, 0, True)}
     store.close()
+
+
+def test_a_device_that_stays_behind_gets_its_desired_state_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An online device reporting an older generation than the one published to it gets its
+    desired state and definitions published again after the grace, then with a doubled wait;
+    a held device, or one that caught up, does not."""
+    from tether.controller import service
+    from tether.controller.models import DesiredRecord, Device
+    from tether.protocol.models import DesiredState, ServiceSpec, StackRef, StackSpec
+
+    now = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: now[0])
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    client = PublishingClient()
+    client.publish_many = lambda messages, timeout=30.0: [  # type: ignore[attr-defined]
+        client.publish(*m) for m in messages
+    ]
+    controller.client = client  # type: ignore[assignment]
+    spec = StackSpec(services=(ServiceSpec(name="a", command=("true",)),))
+    store.put_spec(spec.spec_hash(), spec)
+    for device_id, held in (("d-1", False), ("d-2", True)):
+        reported = ReportedState(device_id=device_id, generation=1, held=held)
+        store.put_device(Device(id=device_id, status="online", session=1, reported=reported))
+        refs = (StackRef(name="s", spec_hash=spec.spec_hash()),)
+        store.put_desired(DesiredRecord(device_id=device_id, generation=2, stacks=refs, published=True))
+
+    def republished() -> list[str]:
+        found = [t for t, p, q, r in client.published]
+        for t, p, q, r in client.published:
+            if t.endswith("/desired"):
+                assert codec.decode(p, DesiredState).generation == 2 and r
+        client.published.clear()
+        return found
+
+    controller.repair_behind()
+    assert republished() == []
+    now[0] += service.BEHIND_GRACE
+    controller.repair_behind()
+    desired = topics.device("d-1", DeviceTopic.DESIRED)
+    assert republished() == [topics.stack(spec.spec_hash()), desired]
+    now[0] += service.BEHIND_GRACE
+    controller.repair_behind()
+    assert republished() == []  # the wait doubled
+    now[0] += service.BEHIND_GRACE
+    controller.repair_behind()
+    assert republished() == [topics.stack(spec.spec_hash()), desired]
+    store.put_reported("d-1", ReportedState(device_id="d-1", generation=2))
+    now[0] += 10 * service.BEHIND_GRACE
+    controller.repair_behind()
+    assert republished() == []
+    store.close()
