@@ -1,4 +1,5 @@
-"""One scenario per failure mode of issue 4, each under a real fault (see fleet.py).
+"""One scenario per failure mode of issues 4 (1-12) and 16 (13-16), each under a real fault
+(see fleet.py).
 
 Every scenario boots a small fleet (``steady`` and ``noise`` on every device), makes one
 fault, deploys ``late`` while the fault is on, heals, and then :func:`settle` checks the
