@@ -226,7 +226,7 @@ def _float(value: Any, where: str) -> float:
     return number
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)?\s*\Z", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 
 
@@ -254,7 +254,7 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
 
 
 def _signal(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not re.match(r"^(SIG)?[A-Z0-9+-]+$", value.upper()):
+    if not isinstance(value, str) or not re.match(r"^(SIG)?[A-Z0-9+-]+\Z", value.upper()):
         raise ComposeError(f"{where}: must be a signal name such as SIGTERM, not {value!r}")
     name = value.upper()
     return name if name.startswith("SIG") else f"SIG{name}"
@@ -543,7 +543,7 @@ def _restart(value: Any, where: str) -> str:
         return "no"
     if value in ("always", "on-failure", "unless-stopped"):
         return str(value)
-    if isinstance(value, str) and re.match(r"^on-failure:\d+$", value):
+    if isinstance(value, str) and re.match(r"^on-failure:\d+\Z", value):
         return "on-failure"  # the count goes to restart_max_attempts
     raise ComposeError(f"{where}: must be no, always, on-failure or unless-stopped, not {value!r}")
 
@@ -690,7 +690,7 @@ def _device(value: Any, where: str) -> DeviceMapping:
         source = parts[0]
         target = parts[1] if len(parts) > 1 else source
         permissions = parts[2] if len(parts) > 2 else "rwm"
-        if len(parts) == 2 and re.match(r"^[rwm]{1,3}$", parts[1]):
+        if len(parts) == 2 and re.match(r"^[rwm]{1,3}\Z", parts[1]):
             target, permissions = source, parts[1]
     else:
         raise ComposeError(f"{where}: invalid device {value!r}")
@@ -934,18 +934,18 @@ def _mode_ref(kind: str, allowed: tuple[str, ...]) -> Callable[[Any, str], str]:
 
 
 _SIMPLE: dict[str, Callable[..., None]] = {
-    "container_name": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$", "container name")),
+    "container_name": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}\Z", "container name")),
     # '_' as Docker takes it (hostname iobroker_1 runs under docker compose)
-    "hostname": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}$", "host name")),
-    "domainname": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}$", "domain name")),
+    "hostname": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}\Z", "host name")),
+    "domainname": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}\Z", "domain name")),
     "user": _simple(_str),
     "working_dir": _simple(_abs_path),
-    "platform": _simple(_name_like(r"^[a-z0-9]+(/[a-z0-9]+){0,2}$", "platform (os/arch[/variant])")),
-    "runtime": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$", "runtime name")),
-    "userns_mode": _simple(_name_like(r"^host$", "userns_mode (only host)")),
+    "platform": _simple(_name_like(r"^[a-z0-9]+(/[a-z0-9]+){0,2}\Z", "platform (os/arch[/variant])")),
+    "runtime": _simple(_name_like(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}\Z", "runtime name")),
+    "userns_mode": _simple(_name_like(r"^host\Z", "userns_mode (only host)")),
     "cgroup": _simple(_str),
-    "mac_address": _simple(_name_like(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", "MAC address")),
-    "cpuset": _simple(_name_like(r"^[0-9,-]+$", "CPU set (such as 0-3 or 0,1)")),
+    "mac_address": _simple(_name_like(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z", "MAC address")),
+    "cpuset": _simple(_name_like(r"^[0-9,-]+\Z", "CPU set (such as 0-3 or 0,1)")),
     "privileged": _simple(_bool),
     "read_only": _simple(_bool),
     "init": _simple(_bool),
@@ -1311,7 +1311,7 @@ def _external(value: Any, name: Any, where: str) -> tuple[bool, str | None]:
     return (_bool(value, f"{where}.external") if value is not None else False), name
 
 
-_RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+_RESOURCE_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}\Z")
 
 
 def _networks(value: Any, problems: _Problems) -> dict[str, NetworkSpec]:
