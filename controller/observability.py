@@ -7,7 +7,8 @@
     /install.sh, /agent/..., /ca.pem, /wheels/   the device install (agent_install.py)
     /metrics   Prometheus text format: devices by presence, stacks, deployments by state, leadership,
                messages received by kind, device messages dropped or trimmed by reason, requests by
-               command and outcome
+               command and outcome, job runs by outcome, each device's CPU, memory and disk
+               (DEVICE_GAUGES: one series per device and resource, no per-service series)
 
 Gauges that need the store (devices, stacks) are refreshed by the controller's worker
 thread every :data:`REFRESH_SECONDS`, so the HTTP thread never touches the database.
@@ -20,16 +21,56 @@ import logging
 import threading
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from .agent_install import InstallFiles
     from .service import Controller
 
 REFRESH_SECONDS = 15.0
+
+
+# Per-device resource gauges, from the latest sample each agent sent (tether devices top):
+# (metric, help, sample field, scale). Base units, as Prometheus' conventions ask: bytes, and
+# CPU as a ratio (0-1). Labelled by `device` only: one series per device and resource (5 x the
+# fleet: 50,000 series for 10,000 devices, scraped from memory). Per-service usage is left out
+# on purpose: devices x services series would grow with every stack deployed; `tether devices
+# top DEVICE` shows it. A device that sent no sample yet has no series.
+DEVICE_GAUGES = (
+    ("tether_device_cpu_ratio", "CPU busy, all CPUs, 0-1, as last reported", "cpu", 0.01),
+    ("tether_device_memory_used_bytes", "Memory in use (total - available), as last reported", "mem", 1),
+    ("tether_device_memory_bytes", "Memory of the device", "mem_total", 1),
+    (
+        "tether_device_disk_used_bytes",
+        "Bytes used on the agent's data file system, as last reported",
+        "disk",
+        1,
+    ),
+    ("tether_device_disk_bytes", "Size of the agent's data file system", "disk_total", 1),
+)
+
+
+class DeviceCollector(Collector):
+    """The per-device gauges, read at scrape time from the controller's in-memory samples."""
+
+    def __init__(self, samples: Callable[[], dict[str, dict[str, Any]]]) -> None:
+        self.samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        samples = dict(self.samples())  # a copy: the worker thread keeps updating the original
+        for name, help_text, field, scale in DEVICE_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=["device"])
+            for device, sample in sorted(samples.items()):
+                value = sample.get(field)
+                if isinstance(value, int | float):
+                    family.add_metric([device], value * scale)
+            yield family
 
 
 class Metrics:
@@ -42,7 +83,7 @@ class Metrics:
         self.leader = Gauge("tether_leader", "1 if this controller leads", registry=self.registry)
         self.deployments = Gauge(
             "tether_deployments",
-            "Latest deployment of each stack, by state",
+            "Latest deployment of each stack (removed stacks not counted), by state",
             ["state"],
             registry=self.registry,
         )
@@ -57,6 +98,13 @@ class Metrics:
         )
         self.requests = Counter(
             "tether_requests", "Requests handled", ["command", "outcome"], registry=self.registry
+        )
+        # By outcome only: job names come and go (one-off runs), devices are many.
+        self.job_runs = Counter(
+            "tether_job_runs",
+            "Job runs reported by devices, by outcome (succeeded, failed, timed_out, skipped)",
+            ["outcome"],
+            registry=self.registry,
         )
         self.published = Counter(
             "tether_desired_published", "Desired states acknowledged by the broker", registry=self.registry

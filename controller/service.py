@@ -60,7 +60,7 @@ from .devices import all_devices, attributes
 from .fleet import Seen
 from .lease import Lease
 from .models import DesiredRecord, Device, Stack
-from .observability import REFRESH_SECONDS, Metrics
+from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
 from .placement import Assignment, Candidate, place
 from .registries import RegistryCredentials
 from .registry import CommandRegistry
@@ -101,6 +101,15 @@ BEHIND_GRACE = 15.0
 before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
 BEHIND_BACKOFF_MAX = 300.0
 """Republishing to a device that stays behind backs off (doubling from the grace) up to this."""
+
+
+def job_outcome(result: JobResult) -> str:
+    """A run's outcome, as /metrics counts it."""
+    if result.skipped:
+        return "skipped"
+    if result.timed_out:
+        return "timed_out"
+    return "succeeded" if result.exit_code == 0 else "failed"
 
 
 def _bounded_event(event: Event) -> tuple[Event, bool]:
@@ -179,6 +188,7 @@ class Controller:
         self._step_not_before = 0.0
         self._fleet: dict[str, Seen] | None = None  # see fleet_view
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
+        self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
         self._next_refresh = 0.0
         self._publish_after: set[str] = set()  # devices to publish once the worker's transaction is committed
         self._published_gen: dict[str, int] | None = (
@@ -339,8 +349,10 @@ class Controller:
         self.metrics.stacks.set(len(self.store.list_stacks()))
         self.metrics.leader.set(1 if self.leading.is_set() else 0)
         states: dict[str, int] = {}
-        for deployment in self.store.latest_deployments().values():
-            states[deployment.state] = states.get(deployment.state, 0) + 1
+        stacks = {s.name for s in self.store.list_stacks()}
+        for name, deployment in self.store.latest_deployments().items():
+            if name in stacks:  # a removed stack's deployments stay in the history, not here
+                states[deployment.state] = states.get(deployment.state, 0) + 1
         for state in (
             "running",
             "paused",
@@ -793,7 +805,10 @@ class Controller:
         if len(result.output) > MAX_JOB_OUTPUT:
             result = result.model_copy(update={"output": result.output[-MAX_JOB_OUTPUT:]})
             self._dropped(device_id, "job_output_trimmed")
+        known = self.store.has_job_result(result.job, device_id, result.run)  # a redelivery counts once
         self.store.add_job_result(result.job, device_id, result.run, result.started, result.model_dump_json())
+        if not known:
+            self.metrics.job_runs.labels(outcome=job_outcome(result)).inc()
 
     def _dropped(self, device_id: str, reason: str) -> None:
         """Count a message of ``device_id`` not stored as sent; log at the 1st, 10th, 100th..."""

@@ -443,6 +443,12 @@ class Store:
         self.db.execute("DELETE FROM jobs WHERE name = ?", (name,))
         self.db.execute("DELETE FROM job_results WHERE job = ?", (name,))
 
+    def has_job_result(self, job: str, device_id: str, run: str) -> bool:
+        row = self.db.execute(
+            "SELECT 1 FROM job_results WHERE job = ? AND device_id = ? AND run = ?", (job, device_id, run)
+        ).fetchone()
+        return row is not None
+
     def add_job_result(self, job: str, device_id: str, run: str, started: float, body: str) -> None:
         """Store a run's result (once per run); keep the newest JOB_RESULTS_KEPT per job and device."""
         self.db.execute(
