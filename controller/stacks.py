@@ -6,10 +6,12 @@ A deploy stores the stack's new version and starts its deployment (:mod:`.deploy
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from tether.protocol import codec, names
 from tether.protocol.commands import StacksDeploy, StacksList, StacksPlan, StacksRemove, StacksStatus
 from tether.protocol.errors import CommandError, ComposeError, ConflictError, NotFoundError, StoreError
-from tether.protocol.models import StackDefinition
+from tether.protocol.models import StackDefinition, StackSpec
 from tether.protocol.results import (
     Removed,
     ServiceChange,
@@ -27,7 +29,8 @@ from . import rollout
 from .compose import parse_stack_warnings
 from .context import Context
 from .devices import all_devices, attributes, never_seen
-from .models import Device, Stack
+from .models import Device, Group, Placement, Stack
+from .ports import port_clashes, published
 from .registry import CommandRegistry
 from .scheduler import members
 
@@ -54,6 +57,9 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
     refs = stack_references(spec)
     if refs:  # every device it goes to must have a value for every reference
         ctx.variables.check_stack(cmd.name, refs, members(group, attributes(ctx.store)), cmd.group)
+    clashes = _port_clashes(ctx, cmd.name, spec, placement, group, existing)
+    if clashes:
+        raise ConflictError(f"stack {cmd.name!r}: " + "; ".join(clashes))
     spec_hash = spec.spec_hash()
     size = len(codec.encode(StackDefinition(spec_hash=spec_hash, spec=spec)))
     if size > codec.MAX_PAYLOAD:  # it could never be sent to a device (YAML aliases expand)
@@ -107,6 +113,31 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
     )
 
 
+def _port_clashes(
+    ctx: Context, name: str, spec: StackSpec, placement: Placement, group: Group, existing: Stack | None
+) -> list[str]:
+    """The host ports stack ``name`` would take from other stacks on its docker-driver devices."""
+    if not published(spec):
+        return []
+    devices = ctx.store.list_devices()
+    docker = {d.id for d in devices if d.facts is not None and d.facts.driver == "docker"}
+    attrs = {d.id: d.attributes() for d in devices}
+    groups = {g.name: g for g in ctx.store.list_groups()}
+
+    def where(placement: Placement, group: Group | None, assignment: Iterable[str]) -> set[str]:
+        if placement.mode == "replicas":
+            return set(assignment) & docker
+        return set(members(group, attrs)) & docker if group is not None else set()
+
+    mine = where(placement, group, [a.device_id for a in existing.assignment] if existing else [])
+    others = {
+        s.name: (s.spec, where(s.placement, groups.get(s.group), [a.device_id for a in s.assignment]))
+        for s in ctx.store.list_stacks()
+        if s.name != name and published(s.spec)
+    }
+    return port_clashes(name, spec, mine, others)
+
+
 @commands.command(StacksPlan)
 def stacks_plan(ctx: Context, cmd: StacksPlan) -> StackPlan:
     """``stacks.deploy`` checked in full and compared with what runs, nothing stored."""
@@ -132,6 +163,10 @@ def stacks_plan(ctx: Context, cmd: StacksPlan) -> StackPlan:
             ctx.variables.check_stack(cmd.name, refs, members(group, attributes(ctx.store)), cmd.group)
         except StoreError as exc:
             errors.append(str(exc))
+    if spec is not None and placement is not None and group is not None:
+        errors += [
+            f"stack {cmd.name!r}: {c}" for c in _port_clashes(ctx, cmd.name, spec, placement, group, existing)
+        ]
     if errors or spec is None or placement is None or group is None:
         raise ComposeError("\n".join(errors))
     before = {s.name: s.spec_hash() for s in existing.spec.services} if existing is not None else {}

@@ -26,12 +26,13 @@ def online(
     labels: dict[str, str] | None = None,
     session: int = 1,
     public_key: str | None = None,
+    driver: str = "process",
 ) -> None:
-    """``device_id`` comes online (reporting ``labels`` of its own and its ``public_key``), as its
-    presence message says."""
+    """``device_id`` comes online (reporting ``labels`` of its own, its ``public_key`` and its
+    ``driver``), as its presence message says."""
     facts = DeviceFacts(
         agent_version="1",
-        driver="process",
+        driver=driver,
         arch="x86_64",
         os="linux",
         labels=labels or {},

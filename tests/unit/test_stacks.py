@@ -145,3 +145,33 @@ def test_a_canary_deployment_pauses_resumes_and_rolls_back(
     assert set(shown.devices) == {"pi-1", "pi-2"}
     superseded = edge.execute(DeploymentsStatus(id=deployment)).deployment
     assert superseded.state == "superseded"
+
+
+WEB = "services:\n  web:\n    image: busybox:1.36\n    ports: ['8080:80']\n"
+BOARD = "services:\n  board:\n    image: busybox:1.36\n    ports: ['127.0.0.1:8080:81', '9000:90/udp']\n"
+
+
+def test_a_port_another_stack_publishes_on_a_device_is_refused_naming_both(controller: Controller) -> None:
+    """Two stacks publishing one host port on a docker device: the second deploy (and its plan) is
+    refused naming both stacks, services and the device; other addresses, protocols and process
+    devices do not clash."""
+    for device_id, driver in (("d-1", "docker"), ("d-2", "docker"), ("p-1", "process")):
+        online(controller, device_id, driver=driver)
+    controller.execute(GroupsCreate(name="both", devices=("d-1", "d-2", "p-1")))
+    controller.execute(GroupsCreate(name="procs", devices=("p-1",)))
+    controller.execute(StacksDeploy(name="web", group="both", compose=WEB))
+    with pytest.raises(ConflictError) as refused:
+        controller.execute(StacksDeploy(name="board", group="both", compose=BOARD))
+    assert str(refused.value) == (
+        "stack 'board': port 8080/tcp of service 'board' is taken by stack 'web' (service 'web') on d-1, d-2"
+    )
+    with pytest.raises(ComposeError, match="port 8080/tcp of service 'board' is taken by stack 'web'"):
+        controller.execute(StacksPlan(name="board", group="both", compose=BOARD))
+    assert [s.name for s in controller.execute(StacksList()).stacks] == ["web"]  # nothing stored
+    # Process-driver devices publish nothing; another protocol or port is free; the stack itself may change.
+    controller.execute(StacksDeploy(name="board", group="procs", compose=BOARD))
+    udp = "services:\n  dns:\n    image: busybox:1.36\n    ports: ['8080:53/udp']\n"
+    controller.execute(StacksDeploy(name="dns", group="both", compose=udp))
+    controller.execute(
+        StacksDeploy(name="web", group="both", compose=WEB.replace("busybox:1.36", "busybox:1.37"))
+    )
