@@ -1,0 +1,284 @@
+"""The controller's own CPU per device: its worker replaying what N devices send, no broker.
+
+    .venv/bin/python bench/controller_cpu.py --devices 10000
+
+A real controller (``Controller``, its worker loop and a real SQLite store) in this
+process, whose MQTT client is replaced by one that acknowledges every publish at once.
+What N devices would send arrives on its inbox as the MQTT thread would put it there:
+
+1. *registration*: each device's presence (online, with its labels) and first report;
+2. *deploy* (a new stack, then a new version of it): a ``stacks.deploy`` request, then
+   from every device what an agent sends for the desired state it got (a report of the
+   new generation converging, an event, a report of it running), then the deployment's
+   steps until it succeeded (the controller's clock is moved past ``min_healthy_time``);
+3. *idle*: ticks with nothing to do.
+
+Only this process's CPU time is measured (``time.process_time``), so the figures do not
+depend on what else the machine runs: this is the benchmark to compare two versions of the
+controller's code with. ``deploy_latency.py`` and ``controller_capacity.py`` measure the
+same controller end to end (broker, simulated agents, wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from common import Row, compose_stack, load_average, log, per_device_ms, report, rnd
+from tether.controller.service import _STOP, Controller
+from tether.controller.store import Store
+from tether.protocol import codec, topics
+from tether.protocol.commands import GroupsCreate, StacksDeploy
+from tether.protocol.models import (
+    DesiredState,
+    DeviceFacts,
+    Event,
+    Presence,
+    Reply,
+    ReportedState,
+    Request,
+    ServiceStatus,
+    StackStatus,
+)
+from tether.protocol.topics import DeviceTopic
+
+NAME = "controller_cpu"
+REPLIES = "tether/v1/clients/bench/replies"
+
+
+class Acknowledging:
+    """The controller's MQTT client, as a broker that acknowledges everything at once."""
+
+    connected = True
+    session_present = True
+
+    def __init__(self) -> None:
+        self.desired: dict[str, bytes] = {}
+        self.reply: Reply | None = None
+        self.reply_cpu: float | None = None
+        self.messages = 0
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        self.messages += 1
+        if topic == REPLIES:
+            self.reply_cpu = time.process_time()
+            self.reply = codec.decode(payload, Reply)
+        elif topic.endswith("/desired"):
+            self.desired[topics.parse(topic).device_id or ""] = payload  # type: ignore[union-attr]
+        return True
+
+    def publish_confirmed(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        return self.publish(topic, payload, qos, retain)
+
+    def publish_many(self, messages: list[tuple[str, bytes, int, bool]], timeout: float = 30.0) -> list[bool]:
+        return [self.publish(t, p, q, r) for t, p, q, r in messages]
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def work(controller: Controller, messages: list[tuple[str, bytes]]) -> float:
+    """Run the controller's worker loop over ``messages`` (ticks included); its CPU seconds."""
+    for message in messages:
+        controller.inbox.put(message)
+    controller.inbox.put((_STOP, b""))
+    t0 = time.process_time()
+    controller._run()
+    return time.process_time() - t0
+
+
+def device_id(i: int) -> str:
+    return f"cpu-{i:06d}"
+
+
+def registration(n: int) -> list[tuple[str, bytes]]:
+    facts = DeviceFacts(
+        agent_version="0.1",
+        driver="process",
+        arch="x86_64",
+        os="linux",
+        labels={"bench": "cpu"},
+        keepalive=60,
+    )
+    out = []
+    for i in range(n):
+        d = device_id(i)
+        out.append(
+            (
+                topics.device(d, DeviceTopic.PRESENCE),
+                codec.encode(Presence(device_id=d, status="online", session=1, facts=facts)),
+            )
+        )
+        out.append(
+            (topics.device(d, DeviceTopic.REPORTED), codec.encode(ReportedState(device_id=d, generation=0)))
+        )
+    return out
+
+
+def answers(
+    client: Acknowledging, spec_services: dict[str, dict[str, str]], seq: int
+) -> list[list[tuple[str, bytes]]]:
+    """What every device sends for its new desired state: converging, an event, running."""
+    converging, events, running = [], [], []
+    for d, payload in sorted(client.desired.items()):
+        desired = codec.decode(payload, DesiredState)
+
+        def report(state: str) -> bytes:
+            stacks = {
+                ref.name: StackStatus(
+                    spec_hash=ref.spec_hash,
+                    state=state,  # type: ignore[arg-type]
+                    services={
+                        name: ServiceStatus(state="running" if state == "running" else "starting", spec_hash=h)
+                        for name, h in spec_services[ref.spec_hash].items()
+                    },
+                )
+                for ref in desired.stacks
+            }
+            return codec.encode(ReportedState(device_id=d, generation=desired.generation, stacks=stacks))
+
+        converging.append((topics.device(d, DeviceTopic.REPORTED), report("converging")))
+        event = Event(
+            device_id=d, seq=seq, kind="desired.applied", message=f"generation {desired.generation}"
+        )
+        events.append((topics.device(d, DeviceTopic.EVENTS), codec.encode(event)))
+        running.append((topics.device(d, DeviceTopic.REPORTED), report("running")))
+    return [converging + events, running]
+
+
+def deploy(
+    controller: Controller, client: Acknowledging, clock: Clock, version: int, seq: int
+) -> dict[str, Any]:
+    client.desired.clear()
+    client.reply = None
+    request = Request(
+        id=uuid.uuid4().hex,
+        reply_to=REPLIES,
+        command=StacksDeploy(name="app", group="fleet", compose=compose_stack(3, version)).model_dump(
+            mode="json"
+        ),
+    )
+    t0 = time.process_time()
+    cpu_request = work(controller, [(topics.REQUESTS, codec.encode(request))])
+    assert client.reply is not None and client.reply.ok, client.reply
+    cpu_reply = (client.reply_cpu or t0) - t0
+    stack = controller.store.get_stack("app")
+    assert stack is not None
+    spec_services = {stack.spec_hash: {s.name: s.spec_hash() for s in stack.spec.services}}
+    devices = len(client.desired)
+    cpu_ingest = 0.0
+    for wave in answers(client, spec_services, seq):
+        cpu_ingest += work(controller, wave)
+    t1 = time.process_time()
+    controller.advance_deployments(force=True)  # sees every device running: the healthy timers start
+    clock.offset += 11.0  # past min_healthy_time (10 s by default)
+    for _ in range(5):
+        controller.advance_deployments(force=True)
+        latest = controller.store.latest_deployments()["app"]
+        if latest.state == "succeeded":
+            break
+    cpu_steps = time.process_time() - t1
+    total = cpu_request + cpu_ingest + cpu_steps
+    log(f"deploy v{version}: {devices} devices, deployment {latest.state}, CPU {total:.2f} s")
+    return {
+        "version": version,
+        "devices_sent_desired": devices,
+        "deployment": latest.state,
+        "cpu_s_reply": rnd(cpu_reply),
+        "cpu_s_request": rnd(cpu_request),
+        "cpu_s_ingest": rnd(cpu_ingest),
+        "cpu_s_steps_after": rnd(cpu_steps),
+        "cpu_s": rnd(total),
+    }
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    n = args.devices
+    store = Store(workdir / "tether.db")
+    clock = Clock()
+    controller = Controller(store, clock=clock)
+    client = Acknowledging()
+    controller.client = client  # type: ignore[assignment]
+    controller.leading.set()
+    controller.execute(GroupsCreate(name="fleet", selector="bench=cpu", trust_device_labels=True))
+    load0 = load_average()
+    cpu_registration = work(controller, registration(n))
+    log(f"registration: {cpu_registration:.2f} s of CPU, {len(client.desired)} desired states")
+    deploys = [deploy(controller, client, clock, v, v) for v in (1, 2)]
+    t0 = time.process_time()
+    for _ in range(args.ticks):
+        controller.tick()
+    cpu_idle = time.process_time() - t0
+    store.close()
+    return {
+        "devices": n,
+        "registration": {
+            "cpu_s": rnd(cpu_registration),
+            "cpu_ms_per_device": per_device_ms(cpu_registration, n),
+        },
+        "deploys": deploys,
+        "idle_tick_cpu_ms": rnd(1000 * cpu_idle / max(1, args.ticks), 2),
+        "load_average": [load0, load_average()],
+    }
+
+
+def rows(data: dict[str, Any]) -> list[Row]:
+    n = data["devices"]
+    reg = data["registration"]
+    out = [
+        Row("devices (replayed)", n),
+        Row(
+            "load average, start / end (CPU time does not depend on it much)",
+            " / ".join(map(str, data["load_average"])),
+        ),
+        Row("registration: controller CPU", reg["cpu_s"], " s"),
+        Row("registration: per device", reg["cpu_ms_per_device"], " ms"),
+    ]
+    for d, label in zip(data["deploys"], ("new stack", "new version"), strict=True):
+        per_device = per_device_ms(d["cpu_s"], n)
+        out += [
+            Row(f"{label}: until the reply", d["cpu_s_reply"], " s", "<= 0.5 s at 10,000", None),
+            Row(f"{label}: the request (reply, then publishing)", d["cpu_s_request"], " s"),
+            Row(f"{label}: reports and events (3 per device)", d["cpu_s_ingest"], " s"),
+            Row(f"{label}: deployment steps after the last report", d["cpu_s_steps_after"], " s"),
+            Row(f"{label}: the deploy in all (deployment {d['deployment']})", d["cpu_s"], " s"),
+            Row(
+                f"{label}: per device",
+                per_device,
+                " ms",
+                "<= 0.2 ms",
+                per_device is not None and per_device <= 0.2,
+            ),
+        ]
+    out.append(Row("idle tick", data["idle_tick_cpu_ms"], " ms"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--devices", type=int, default=1000)
+    p.add_argument("--ticks", type=int, default=10, help="idle ticks measured")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tether-cpu-") as tmp:
+        data = run(args, Path(tmp))
+    json_path = args.json or Path(__file__).parent / "results" / f"{NAME}-{args.devices}.json"
+    report(NAME, f"Controller CPU: {args.devices} devices replayed", rows(data), data, json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
