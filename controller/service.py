@@ -883,6 +883,7 @@ class Controller:
             stages = self._stages()
             candidates = set(device_ids)
         needed: set[str] = set()
+        changed: list[DesiredRecord] = []
         for device_id in sorted(candidates):
             refs = wanted.get(device_id, ())
             device_jobs = jobs.get(device_id, ())
@@ -913,7 +914,7 @@ class Controller:
                 # Past whatever the device applied, even from a store older than the device's
                 # state (a restored backup): a lower generation would be ignored as a duplicate.
                 generation = max(record.generation + 1 if record else 1, applied.get(device_id, 0) + 1)
-                self.store.put_desired(
+                changed.append(
                     DesiredRecord(
                         device_id=device_id,
                         generation=generation,
@@ -924,6 +925,7 @@ class Controller:
                         stage=stage,
                     )
                 )
+        self.store.put_desired_many(changed)
         known = self.store.definitions()
         for spec_hash in needed - set(known):
             self.store.set_definition(spec_hash, False)
@@ -1009,8 +1011,7 @@ class Controller:
             # waited on these writes, 10,000 devices waited on them too.
             if acknowledged:
                 with self.store.transaction():
-                    for record in acknowledged:
-                        self.store.put_desired(record.model_copy(update={"published": True}))
+                    self.store.mark_published(acknowledged)
                 self.metrics.published.inc(len(acknowledged))
                 published = self._published_generations()
                 for record in acknowledged:

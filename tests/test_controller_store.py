@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from tether.controller.models import DesiredRecord, Device, Group, Stack
-from tether.controller.store import MIGRATIONS, Store, _untrust_device_labels
+from tether.controller.store import MIGRATIONS, Store, _desired_published_column, _untrust_device_labels
 from tether.protocol.errors import StoreError
 from tether.protocol.models import DeviceFacts, ReportedState, ServiceSpec, StackRef, StackSpec
 
@@ -230,6 +230,72 @@ def test_desired_records_and_definitions_and_mark_all_unpublished(store: Store) 
     assert store.definitions() == {"a" * 64: False, "b" * 64: False}
     store.delete_definition("a" * 64)
     assert store.definitions() == {"b" * 64: False}
+
+
+def test_mark_published_only_marks_the_generation_that_was_published(store: Store) -> None:
+    """Marking records published flips only those still at the acknowledged generation."""
+    one = DesiredRecord(device_id="pi-1", generation=1, stacks=(REF,))
+    two = DesiredRecord(device_id="pi-2", generation=5)
+    store.put_desired_many([one, two])
+    store.put_desired(two.model_copy(update={"generation": 6}))  # changed after it was published
+    store.mark_published([one, two])
+    assert [(r.device_id, r.generation, r.published) for r in store.list_desired()] == [
+        ("pi-1", 1, True),
+        ("pi-2", 6, False),
+    ]
+    assert store.get_desired("pi-1") == one.model_copy(update={"published": True})
+
+
+def test_rows_written_by_another_controller_are_read_afresh(db_path: str) -> None:
+    """Parsed rows are reused only while their stored text is unchanged: another store on the
+    same database (a second controller) writing a row, or a rolled-back write, is seen."""
+    first, second = Store(db_path), Store(db_path)
+    try:
+        first.put_desired(DesiredRecord(device_id="pi-1", generation=1))
+        first.put_stack(web_stack(1))
+        assert second.get_desired("pi-1") == DesiredRecord(device_id="pi-1", generation=1)
+        assert second.list_stacks() == [web_stack(1)]
+        first.put_desired(DesiredRecord(device_id="pi-1", generation=2, stacks=(REF,)))
+        first.mark_all_unpublished()
+        first.put_stack(web_stack(2))
+        assert second.list_desired() == [DesiredRecord(device_id="pi-1", generation=2, stacks=(REF,))]
+        assert second.get_stack("web") == web_stack(2)
+        with pytest.raises(RuntimeError), first.transaction():
+            first.put_stack(web_stack(3))
+            raise RuntimeError("rolled back")
+        assert first.get_stack("web") == web_stack(2)
+        first.delete_stack("web")
+        assert second.list_stacks() == []
+    finally:
+        first.close()
+        second.close()
+
+
+def test_migration_moves_the_published_flag_into_its_column(db_path: str) -> None:
+    """Upgrading: desired records written with ``published`` in their body keep their flag and
+    generation (a published one is not published again, an unpublished one still is)."""
+    old = Store(db_path)
+    version = MIGRATIONS.index(_desired_published_column) + 1
+    with old.transaction():
+        old.db.execute("DELETE FROM schema_migrations WHERE version = ?", (version,))
+        old.db.execute("DELETE FROM desired")
+        for device_id, generation, published in (("pi-1", 3, True), ("pi-2", 7, False)):
+            record = DesiredRecord(device_id=device_id, generation=generation, published=published)
+            old.db.execute(
+                "INSERT INTO desired (device_id, body) VALUES (?, ?)", (device_id, record.model_dump_json())
+            )
+    old.close()
+    new = Store(db_path)
+    try:
+        assert new.schema_version() == len(MIGRATIONS)
+        assert [(r.device_id, r.generation, r.published) for r in new.list_desired()] == [
+            ("pi-1", 3, True),
+            ("pi-2", 7, False),
+        ]
+        new.mark_published([DesiredRecord(device_id="pi-2", generation=7)])
+        assert new.get_desired("pi-2").published  # type: ignore[union-attr]
+    finally:
+        new.close()
 
 
 def test_data_survives_closing_and_reopening(db_path: str) -> None:
