@@ -28,18 +28,33 @@ class Seen:
     downloads: dict[str, DownloadStatus]
     generation: int = -1
     """The generation the device reports having applied (-1: none reported)."""
+    status: str = "never seen"
+    revoked: bool = False
+    public_key: str | None = None
+    """What scheduling needs besides (see :meth:`~.service.Controller.recompute`)."""
 
     @classmethod
     def of(cls, device: Device) -> Seen:
-        return cls(device.attributes(), device.status == "online", False, None, {}, {}).reporting(
-            device.reported
-        )
+        return cls(
+            device.attributes(),
+            device.status == "online",
+            False,
+            None,
+            {},
+            {},
+            status=device.status,
+            revoked=device.revoked,
+            public_key=device.public_key,
+        ).reporting(device.reported)
 
     def reporting(self, reported: ReportedState | None) -> Seen:
         """The same device with another reported state."""
         return Seen(
             attributes=self.attributes,
             online=self.online,
+            status=self.status,
+            revoked=self.revoked,
+            public_key=self.public_key,
             held=bool(reported and reported.held),
             error=reported.error if reported and reported.error else None,
             stacks=reported.stacks if reported else {},

@@ -91,7 +91,14 @@ MAX_JOB_OUTPUT = 16 * 1024
 MAX_RUN_ID = 128
 INGEST_BATCH = 500
 """Device messages handled in one store transaction, at most (see :meth:`Controller._ingest`)."""
-_BATCHED = frozenset({DeviceTopic.REPORTED.value, DeviceTopic.EVENTS.value, DeviceTopic.METRICS.value})
+_BATCHED = frozenset(
+    {
+        DeviceTopic.PRESENCE.value,
+        DeviceTopic.REPORTED.value,
+        DeviceTopic.EVENTS.value,
+        DeviceTopic.METRICS.value,
+    }
+)
 STALE_DEFAULT_KEEPALIVE = 60
 """The keepalive assumed for a device that does not tell its own (an older agent)."""
 ACK_MAX_DELAY = 10.0
@@ -191,6 +198,10 @@ class Controller:
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
         self._next_refresh = 0.0
         self._publish_after: set[str] = set()  # devices to publish once the worker's transaction is committed
+        self._publish_all = False  # everything, once the worker's request is answered (see _on_request)
+        self._deferring = False  # publish_pending only notes what to publish (see _on_request)
+        self._sync_devices: set[str] = set()  # devices to recompute at the end of a batch (see _flush_syncs)
+        self._sync_all = False
         self._published_gen: dict[str, int] | None = (
             None  # per device, the generation the broker acknowledged
         )
@@ -298,9 +309,7 @@ class Controller:
                         self.handle(topic, payload)
                 else:
                     held = self._ingest(topic, payload)
-                if self._publish_after:
-                    device_ids, self._publish_after = self._publish_after, set()
-                    self.publish_pending(device_ids)
+                self._publish_deferred()
                 if time.monotonic() >= next_tick:  # ticks run on time, however busy the inbox
                     self.tick()
                     # Counted from the end of the tick: a slow tick (a huge fleet) leaves the
@@ -318,11 +327,12 @@ class Controller:
         its own savepoint, so one that fails leaves nothing behind and the others still
         count. Returns the first message that is not of the kind (handled next, in order).
         """
+        held: tuple[str, bytes] | None = None
         with self.store.transaction():
             for handled in range(1, INGEST_BATCH + 1):
                 try:
                     with self.store.transaction():
-                        self.handle(topic, payload)
+                        self._dispatch(topic, payload)
                 except Exception:
                     log.exception("failed to handle a message on %s", topic)
                 if handled == INGEST_BATCH:
@@ -332,8 +342,32 @@ class Controller:
                 except queue.Empty:
                     break
                 if topic in (_STOP, _CONNECTED) or topic.rpartition("/")[2] not in _BATCHED:
-                    return (topic, payload)  # committed on the way out, then handled by the caller
-        return None
+                    held = (topic, payload)  # committed on the way out, then handled by the caller
+                    break
+            self._flush_syncs(publish=False)  # published by the caller, once committed
+        return held
+
+    def _flush_syncs(self, publish: bool = True) -> None:
+        """Recompute the devices whose presence asked for it (all of them for replicas), at
+        once: 10,000 devices registering cost one scheduling pass per batch of messages, not
+        one per device. Then publish them, or (``publish=False``, inside the batch's
+        transaction) leave them to be published once it is committed."""
+        if not self._sync_all and not self._sync_devices:
+            return
+        device_ids = None if self._sync_all else self._sync_devices
+        self._sync_all, self._sync_devices = False, set()
+        try:
+            with self.store.transaction():
+                self.recompute(device_ids)
+        except Exception:
+            log.exception("failed to schedule %s", "every device" if device_ids is None else "new devices")
+            return
+        if publish:
+            self.publish_pending(device_ids)
+        elif device_ids is None:
+            self._publish_all = True
+        else:
+            self._publish_after.update(device_ids)
 
     def is_ready(self) -> bool:
         """Connected to the broker and past the first sync (readiness)."""
@@ -342,8 +376,16 @@ class Controller:
     def refresh_metrics(self) -> None:
         """Recompute the gauges that need the store (on the worker thread)."""
         counts = {"online": 0, "offline": 0, "unknown": 0, "never seen": 0}
-        for device in all_devices(self.store).values():
-            counts[device.status] = counts.get(device.status, 0) + 1
+        if self.leading.is_set():  # from the devices kept in memory, not every row parsed again
+            fleet = self.fleet_view()
+            for seen in fleet.values():
+                counts[seen.status] = counts.get(seen.status, 0) + 1
+            named = {r.device_id for r in self.store.list_desired()}
+            named.update(d for g in self.store.list_groups() for d in g.devices)
+            counts["never seen"] += len(named.difference(fleet))
+        else:
+            for device in all_devices(self.store).values():
+                counts[device.status] = counts.get(device.status, 0) + 1
         for presence, n in counts.items():
             self.metrics.devices.labels(presence=presence).set(n)
         self.metrics.stacks.set(len(self.store.list_stacks()))
@@ -535,7 +577,19 @@ class Controller:
     # --- dispatch ---
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """Handle one incoming message (on the worker thread)."""
+        """Handle one incoming message (on the worker thread), and schedule what it changed."""
+        self._dispatch(topic, payload)
+        self._flush_syncs()
+        self._publish_deferred()
+
+    def _publish_deferred(self) -> None:
+        """Publish what a request or a batch of device messages left to publish (committed now)."""
+        if self._publish_after or self._publish_all:
+            device_ids, self._publish_after = self._publish_after, set()
+            publish_all, self._publish_all = self._publish_all, False
+            self.publish_pending(None if publish_all else device_ids)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
         if topic == _CONNECTED:
             lost = self._session_known and self.client is not None and not self.client.session_present
             self._session_known = self._session_id is not None
@@ -645,7 +699,8 @@ class Controller:
         presence = self._decode_from(device_id, payload, Presence)
         if presence is None:
             return
-        device = self.store.get_device(device_id) or Device(id=device_id)
+        stored = self.store.get_device(device_id)
+        device = stored or Device(id=device_id)
         if presence.session < device.session:
             return  # from an older connection: a late will or a stale retained message
         self._stale.pop(device_id, None)
@@ -656,7 +711,7 @@ class Controller:
         if presence.facts is not None:
             update["facts"] = presence.facts
         before = device.attributes()
-        new_device = self.store.get_device(device_id) is None
+        new_device = stored is None
         updated = device.model_copy(update=update)
         labels_changed = updated.attributes() != before or updated.public_key != device.public_key
         self.store.put_device(updated)
@@ -674,12 +729,13 @@ class Controller:
             )
         if presence.status == "online":
             enrollment.seen(self, device_id)
+        # Scheduled at the end of the batch of messages this one came in (_flush_syncs).
         if presence.status != device.status and any(
             s.placement.mode == "replicas" for s in self.store.list_stacks()
         ):
-            self.sync()  # replicas may move: a full pass restores the exact count
+            self._sync_all = True  # replicas may move: a full pass restores the exact count
         elif labels_changed or new_device:
-            self.sync({device_id})
+            self._sync_devices.add(device_id)
 
     def _on_reported(self, device_id: str, payload: bytes) -> None:
         reported = self._decode_from(device_id, payload, ReportedState)
@@ -706,8 +762,12 @@ class Controller:
                 )
             self._publish_after.add(device_id)  # once committed (reports are handled in batches)
         if known is None:  # its first report: the device row may not exist yet, or holds an old one
-            device = self.store.get_device(device_id) or Device(id=device_id)
-            self.store.put_device(device.model_copy(update={"reported": reported}))
+            device = self.store.get_device(device_id)
+            if device is None or device.reported is not None:
+                device = device or Device(id=device_id)
+                self.store.put_device(device.model_copy(update={"reported": reported}))
+            else:
+                self.store.put_reported(device_id, reported)
         else:
             self.store.put_reported(device_id, reported)
         self._deployments_dirty = True
@@ -846,10 +906,10 @@ class Controller:
         public_keys: dict[str, str | None] = {}  # secrets are sealed to them
         labels: dict[str, Attributes]
         if device_ids is None:
-            devices = self.store.list_devices()
-            labels = {d.id: d.attributes() for d in devices if not d.revoked}
-            applied = {d.id: d.reported.generation for d in devices if d.reported is not None}
-            public_keys = {d.id: d.public_key for d in devices}
+            fleet = self.fleet_view()  # the devices as stored, kept in memory (not 10,000 rows parsed)
+            labels = {d: seen.attributes for d, seen in fleet.items() if not seen.revoked}
+            applied = {d: seen.generation for d, seen in fleet.items() if seen.generation >= 0}
+            public_keys = {d: seen.public_key for d, seen in fleet.items()}
             existing = {r.device_id: r for r in self.store.list_desired()}
             wanted = desired_stacks(stacks, groups, labels, self._pins())
             jobs = desired_jobs(self.store.list_jobs(), groups, labels)
@@ -978,6 +1038,12 @@ class Controller:
         definitions no device references any more. Each message is marked published only
         once the broker acknowledged it; whatever is not stays pending for the next pass.
         """
+        if self._deferring:  # answering a request: published once the reply is sent
+            if device_ids is None:
+                self._publish_all = True
+            else:
+                self._publish_after.update(device_ids)
+            return
         client = self.client
         if client is None or not client.connected:
             return
@@ -1192,7 +1258,14 @@ class Controller:
                 if self.client is not None:
                     self.client.publish(topics.LEADER_REQUESTS, payload, qos=1)
                 return
-            result = self.execute(command)
+            # What the command changed is stored and committed when it returns; publishing it
+            # waits until the reply is on its way (handle() publishes right after), so a deploy
+            # to 10,000 devices is answered at once instead of after 10,000 acknowledgements.
+            self._deferring = True
+            try:
+                result = self.execute(command)
+            finally:
+                self._deferring = False
             reply = Reply(id=request.id, ok=True, result=result)
             self.metrics.requests.labels(command=command.kind, outcome="ok").inc()
         except ValidationError as exc:

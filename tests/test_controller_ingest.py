@@ -12,11 +12,24 @@ from pathlib import Path
 import msgpack
 import pytest
 from support.links import RecordingLink
+from support.recording import RecordingPublisher
 from tether.controller.service import INGEST_BATCH, Controller
 from tether.controller.store import Store
 from tether.protocol import codec, topics
-from tether.protocol.models import Event, EventsAcked, Presence, Reply, ReportedState, Request
+from tether.protocol.commands import GroupsCreate, StacksDeploy
+from tether.protocol.models import (
+    DesiredState,
+    DeviceFacts,
+    Event,
+    EventsAcked,
+    Presence,
+    Reply,
+    ReportedState,
+    Request,
+)
 from tether.protocol.topics import DeviceTopic
+
+COMPOSE = "services:\n  web:\n    image: busybox:1.36\n    command: [sleep, '3600']\n"
 
 
 def reported(device_id: str, generation: int) -> tuple[str, bytes]:
@@ -47,22 +60,52 @@ def test_a_burst_larger_than_a_batch_loses_nothing(tmp_path: Path) -> None:
 
 
 def test_a_bad_message_in_a_batch_leaves_no_trace_and_the_rest_count(tmp_path: Path) -> None:
-    """A malformed report is dropped alone; a presence message ends the batch and comes back in order."""
+    """A malformed report is dropped alone; a request ends the batch and comes back in order."""
     store = Store(tmp_path / "tether.db")
     controller = Controller(store)
     controller.leading.set()
-    presence = (
-        topics.device("d-2", DeviceTopic.PRESENCE),
-        codec.encode(Presence(device_id="d-2", status="online", session=1)),
-    )
+    request = (topics.REQUESTS, b"a request")
     controller.inbox.put((topics.device("d-1", DeviceTopic.REPORTED), b"\xc1 not msgpack"))
     controller.inbox.put(reported("d-1", 4))
-    controller.inbox.put(presence)
+    controller.inbox.put(request)
     controller.inbox.put(reported("d-3", 1))
     following = controller._ingest(*reported("d-0", 2))
-    assert following == presence
+    assert following == request
     assert {d.id: d.reported.generation for d in store.list_devices() if d.reported} == {"d-0": 2, "d-1": 4}
     assert controller.inbox.get_nowait() == reported("d-3", 1)
+    store.close()
+
+
+def test_devices_registering_together_are_scheduled_in_one_pass(tmp_path: Path) -> None:
+    """The presence of new devices is taken in a batch: one scheduling pass for the batch (not
+    one per device), and every device gets its desired state once the batch is committed."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.client = client = RecordingPublisher()  # type: ignore[assignment]
+    controller.leading.set()
+    controller.execute(GroupsCreate(name="edge", selector="site=a", trust_device_labels=True))
+    controller.execute(StacksDeploy(name="web", group="edge", compose=COMPOSE))
+    client.published.clear()
+    passes: list[set[str] | None] = []
+    recompute = controller.recompute
+    controller.recompute = lambda ids=None: (passes.append(ids and set(ids)), recompute(ids))[1]  # type: ignore[method-assign]
+    facts = DeviceFacts(agent_version="1", driver="process", arch="x86_64", os="linux", labels={"site": "a"})
+    messages = [
+        (
+            topics.device(f"d-{i}", DeviceTopic.PRESENCE),
+            codec.encode(Presence(device_id=f"d-{i}", status="online", session=1, facts=facts)),
+        )
+        for i in range(5)
+    ]
+    for message in messages[1:]:
+        controller.inbox.put(message)
+    assert controller._ingest(*messages[0]) is None
+    assert passes == [{f"d-{i}" for i in range(5)}]
+    assert not [t for t, *_ in client.published if t.endswith("/desired")]  # not before the commit
+    controller._publish_deferred()
+    desired = {t: codec.decode(p, DesiredState) for t, p, _r in client.published if t.endswith("/desired")}
+    assert {d.device_id for d in desired.values()} == {f"d-{i}" for i in range(5)}
+    assert all([ref.name for ref in d.stacks] == ["web"] for d in desired.values())
     store.close()
 
 
