@@ -142,7 +142,9 @@ def answers(
                     spec_hash=ref.spec_hash,
                     state=state,  # type: ignore[arg-type]
                     services={
-                        name: ServiceStatus(state="running" if state == "running" else "starting", spec_hash=h)
+                        name: ServiceStatus(
+                            state="running" if state == "running" else "starting", spec_hash=h
+                        )
                         for name, h in spec_services[ref.spec_hash].items()
                     },
                 )

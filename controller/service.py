@@ -59,7 +59,7 @@ from .context import Context
 from .devices import all_devices, attributes
 from .fleet import Seen
 from .lease import Lease
-from .models import DesiredRecord, Device, Stack
+from .models import DesiredRecord, Device, Group, Stack
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
 from .placement import Assignment, Candidate, place
 from .registries import RegistryCredentials
@@ -194,6 +194,9 @@ class Controller:
         self._next_deployment_step = 0.0
         self._step_not_before = 0.0
         self._fleet: dict[str, Seen] | None = None  # see fleet_view
+        self._fleet_version = 0  # changes when a device's attributes may have (see targets)
+        self._targeted: dict[str, tuple[Stack, Group, int, list[str]]] = {}  # see _targets
+        self._observed: dict[str, dict[str, tuple[Seen, Observation]]] = {}  # see _observe
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
         self._next_refresh = 0.0
@@ -451,15 +454,28 @@ class Controller:
         return {d: tuple(refs) for d, refs in result.items()}
 
     def targets(self, stack: Stack, labels: Mapping[str, Attributes] | None = None) -> list[str]:
-        """The devices ``stack`` goes to; ``labels``: every device's attributes (read from the store if None)."""
+        """The devices ``stack`` goes to; ``labels``: every device's attributes (the fleet's if None).
+
+        Kept while the stack, its group and every device's attributes are the same: a step
+        asks every second, and matching 10,000 devices' labels each time is fleet-wide work.
+        """
         if stack.placement.mode == "replicas":
             return sorted(a.device_id for a in stack.assignment)
         group = self.store.get_group(stack.group)
         if group is None:
             return []
-        if labels is None:
+        if labels is None and not self.leading.is_set():  # a standby has no fleet view of its own
             labels = attributes(self.store)
-        return eligible(stack, members(group, labels), labels)
+        if labels is not None:
+            return eligible(stack, members(group, labels), labels)
+        fleet = self.fleet_view()
+        hit = self._targeted.get(stack.name)
+        if hit is not None and hit[0] is stack and hit[1] is group and hit[2] == self._fleet_version:
+            return hit[3]
+        labels = {d: seen.attributes for d, seen in fleet.items()}
+        targets = eligible(stack, members(group, labels), labels)
+        self._targeted[stack.name] = (stack, group, self._fleet_version, targets)
+        return targets
 
     def fleet_view(self) -> dict[str, Seen]:
         """Every device as a deployment step sees it: kept in memory, re-read only where written.
@@ -473,6 +489,7 @@ class Controller:
         written = self.store.devices_written()
         if self._fleet is None or written is None:
             self._fleet = {d.id: Seen.of(d) for d in self.store.list_devices()}
+            self._fleet_version += 1
             return self._fleet
         for device_id, reported in written.items():
             seen = self._fleet.get(device_id)
@@ -480,17 +497,33 @@ class Controller:
                 self._fleet[device_id] = seen.reporting(reported)
                 continue
             device = self.store.get_device(device_id)
+            self._fleet_version += 1  # its attributes may have changed: group members too
             if device is None:
                 self._fleet.pop(device_id, None)
             else:
                 self._fleet[device_id] = Seen.of(device)
         return self._fleet
 
-    @staticmethod
-    def _observe(stack: str, device_ids: Iterable[str], fleet: dict[str, Seen]) -> dict[str, Observation]:
-        """What each device reports of ``stack``."""
+    def _observe(
+        self, stack: str, device_ids: Iterable[str], fleet: dict[str, Seen]
+    ) -> dict[str, Observation]:
+        """What each device reports of ``stack``: made again only for devices that changed
+        since the last step (a step looks at every device of the group, every second)."""
         unknown = Observation(online=False)
-        return {d: seen.observe(stack) if (seen := fleet.get(d)) else unknown for d in device_ids}
+        cache = self._observed.setdefault(stack, {})
+        out = {}
+        for device_id in device_ids:
+            seen = fleet.get(device_id)
+            if seen is None:
+                out[device_id] = unknown
+                continue
+            hit = cache.get(device_id)
+            if hit is not None and hit[0] is seen:
+                out[device_id] = hit[1]
+            else:
+                out[device_id] = observed = seen.observe(stack)
+                cache[device_id] = (seen, observed)
+        return out
 
     def advance_deployments(self, force: bool = True) -> None:
         """Step every active deployment; store, revert and publish what changed.
@@ -511,19 +544,19 @@ class Controller:
             return
         changed = False
         fleet = self.fleet_view()
-        attributes = {d: seen.attributes for d, seen in fleet.items()}
+        self._observed = {name: self._observed.get(name, {}) for name in (d.stack for d in active)}
         for deployment in active:
             stack = self.store.get_stack(deployment.stack)
             if stack is None:
                 continue
-            targets = self.targets(stack, attributes)
+            targets = self.targets(stack)
             nxt = rollout.step(
                 deployment,
                 targets,
                 self._observe(stack.name, set(deployment.devices).union(targets), fleet),
                 self.clock(),
             )
-            if nxt == deployment:
+            if nxt is deployment:  # nothing changed (step returns it as it is)
                 continue
             # Desired states only change when devices are let go or sent back (pins), or a
             # revert changes the stack: then a full sync; otherwise only the record is stored.
@@ -566,7 +599,7 @@ class Controller:
         if previous is not None and previous.active:
             self.store.put_deployment(previous.model_copy(update={"state": "superseded", "updated": now}))
         fleet = self.fleet_view()
-        targets = self.targets(stack, {d: seen.attributes for d, seen in fleet.items()})
+        targets = self.targets(stack)
         deployment = rollout.start(
             self.store.next_deployment_id(), stack.name, from_hash, stack.spec_hash, strategy, targets, now
         )

@@ -345,3 +345,18 @@ def test_stage_only_permanent_error_fails_before_anything_switches() -> None:
     dep = step(dep, DEVICES, bad, 3)
     assert dep.state == "reverted" and "manifest unknown" in (dep.message or "")
     assert dep.stages() == {} and dep.pins() == {d: OLD for d in DEVICES}
+
+
+def test_a_step_that_changes_nothing_returns_the_deployment_itself() -> None:
+    """Nothing observed moved and no timer ran out: the step returns the same object (the
+    controller then writes nothing); the first change makes a new one, dated."""
+    strategy = Strategy(kind="all-at-once", min_healthy_time_s=10)
+    dep = step(start(1, "s", OLD, NEW, strategy, DEVICES, 0), DEVICES, _obs(set()), 0)
+    assert step(dep, DEVICES, _obs(set(), state="converging"), 1) is dep  # still updating, same reasons
+    held = step(dep, DEVICES, _obs(set(), held=frozenset({"d1"})), 2)
+    assert held is not dep and held.devices["d1"].state == "held" and held.updated == 2
+    assert step(held, DEVICES, _obs(set(), held=frozenset({"d1"})), 3) is held  # held stays held: no copy
+    running = step(held, DEVICES, _obs(set(DEVICES)), 4)
+    assert running is not held and running.updated == 4
+    assert step(running, DEVICES, _obs(set(DEVICES)), 5) is running  # healthy timers still running
+    assert step(running, DEVICES, _obs(set(DEVICES)), 14).state == "succeeded"
