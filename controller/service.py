@@ -204,6 +204,8 @@ class Controller:
         self._publish_all = False  # everything, once the worker's request is answered (see _on_request)
         self._deferring = False  # publish_pending only notes what to publish (see _on_request)
         self._sync_devices: set[str] = set()  # devices to recompute at the end of a batch (see _flush_syncs)
+        self._reports_due: dict[str, ReportedState] = {}  # written at the end of a batch (see _flush_reports)
+        self._message_counters: dict[str, Any] = {}
         self._sync_all = False
         self._published_gen: dict[str, int] | None = (
             None  # per device, the generation the broker acknowledged
@@ -347,6 +349,7 @@ class Controller:
                 if topic in (_STOP, _CONNECTED) or topic.rpartition("/")[2] not in _BATCHED:
                     held = (topic, payload)  # committed on the way out, then handled by the caller
                     break
+            self._flush_reports()
             self._flush_syncs(publish=False)  # published by the caller, once committed
         return held
 
@@ -612,6 +615,7 @@ class Controller:
     def handle(self, topic: str, payload: bytes) -> None:
         """Handle one incoming message (on the worker thread), and schedule what it changed."""
         self._dispatch(topic, payload)
+        self._flush_reports()
         self._flush_syncs()
         self._publish_deferred()
 
@@ -641,9 +645,11 @@ class Controller:
         parsed = topics.parse(topic)
         if parsed is None:
             return
-        self.metrics.messages.labels(
-            kind=parsed.device_topic.value if parsed.device_topic else parsed.kind
-        ).inc()
+        kind = parsed.device_topic.value if parsed.device_topic else parsed.kind
+        counter = self._message_counters.get(kind)
+        if counter is None:  # a labelled child per kind, looked up once (prometheus_client's is slow)
+            counter = self._message_counters[kind] = self.metrics.messages.labels(kind=kind)
+        counter.inc()
         if parsed.kind in ("requests", "leader-requests"):
             self._on_request(payload)
         elif not self.leading.is_set():
@@ -774,7 +780,9 @@ class Controller:
         reported = self._decode_from(device_id, payload, ReportedState)
         if reported is None:
             return
-        known = self.store.reported_generation(device_id)  # not the whole device: reports are many
+        due = self._reports_due.get(device_id)
+        # Not the whole device: reports are many.
+        known = due.generation if due is not None else self.store.reported_generation(device_id)
         if known is not None and reported.generation < known:
             return  # older than what we have (QoS 1 may deliver twice, or late)
         record = self.store.get_desired(device_id) if reported.generation != known else None
@@ -802,8 +810,17 @@ class Controller:
             else:
                 self.store.put_reported(device_id, reported)
         else:
-            self.store.put_reported(device_id, reported)
+            # Written with the others of its batch (the newest per device), in one statement.
+            self._reports_due[device_id] = reported
         self._deployments_dirty = True
+
+    def _flush_reports(self) -> None:
+        """Store the reported states of the batch: the newest of each device, in one statement
+        (in the batch's transaction; a device that reports converging, then running, within
+        one batch is written once)."""
+        if self._reports_due:
+            due, self._reports_due = self._reports_due, {}
+            self.store.put_reported_many(due.items())
 
     def _on_event(self, device_id: str, payload: bytes) -> None:
         """Store an event (bounded: see :data:`MAX_EVENT_MESSAGE`) and a job's result.

@@ -398,15 +398,23 @@ class Store:
 
     def put_reported(self, device_id: str, reported: ReportedState) -> None:
         """Store a device's reported state (its device row must exist: see :meth:`put_device`)."""
-        body = reported.model_dump_json()
-        self.db.execute(
+        self.put_reported_many([(device_id, reported)])
+
+    def put_reported_many(self, items: Iterable[tuple[str, ReportedState]]) -> None:
+        """Store devices' reported states (each device row must exist), in one statement."""
+        rows = []
+        written = self._devices_written
+        for device_id, reported in items:
+            body = reported.model_dump_json()
+            rows.append((device_id, reported.generation, body))
+            self._reported.wrote(device_id, body, reported)
+            if written is not None and written.get(device_id, reported) is not None:
+                written[device_id] = reported
+        self.db.executemany(
             "INSERT INTO reported (device_id, generation, body) VALUES (?, ?, ?) ON CONFLICT(device_id) "
             "DO UPDATE SET generation = excluded.generation, body = excluded.body",
-            (device_id, reported.generation, body),
+            rows,
         )
-        self._reported.wrote(device_id, body, reported)
-        if self._devices_written is not None and self._devices_written.get(device_id, reported) is not None:
-            self._devices_written[device_id] = reported
 
     def devices_written(self) -> dict[str, ReportedState | None] | None:
         """The devices written (or forgotten) since the last call; None: any may have changed.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -275,4 +276,28 @@ def test_a_device_that_stays_behind_gets_its_desired_state_again(
     now[0] += 10 * service.BEHIND_GRACE
     controller.repair_behind()
     assert republished() == []
+
+
+def test_reports_of_a_batch_are_stored_once_per_device_newest_first(tmp_path: Path) -> None:
+    """Within one batch a device's reports are written together, the newest kept; an older
+    report arriving after a newer one (QoS 1 redelivery) never overwrites it."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    for device_id in ("d-1", "d-2"):
+        controller._ingest(*reported(device_id, 1))  # a first report creates the device's row
+    writes: list[list[str]] = []
+    put_many = store.put_reported_many
+
+    def recording(items: Any) -> None:
+        items = list(items)
+        writes.append([f"{d}@{r.generation}" for d, r in items])
+        put_many(items)
+
+    store.put_reported_many = recording  # type: ignore[method-assign]
+    for message in (reported("d-1", 3), reported("d-1", 2), reported("d-2", 5)):
+        controller.inbox.put(message)
+    assert controller._ingest(*reported("d-1", 2)) is None
+    assert writes == [["d-1@3", "d-2@5"]]
+    assert {d.id: d.reported.generation for d in store.list_devices() if d.reported} == {"d-1": 3, "d-2": 5}
     store.close()
