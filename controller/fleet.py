@@ -66,6 +66,8 @@ class Seen:
         status = self.stacks.get(stack)
         download = self.downloads.get(stack)
         if status is None:
+            if download is None and self.error is None:  # the common case, shared (Observation is frozen)
+                return _ABSENT[(self.online, self.held)]
             return Observation(online=self.online, held=self.held, error=self.error, download=download)
         error = self.error or next((s.last_error for s in status.services.values() if s.last_error), None)
         return Observation(
@@ -78,3 +80,11 @@ class Seen:
             status=status,
             download=download,
         )
+
+
+_ABSENT = {
+    (online, held): Observation(online=online, held=held)
+    for online in (False, True)
+    for held in (False, True)
+}
+"""What a device that reports nothing of a stack (no error, no download) is observed as."""

@@ -53,6 +53,7 @@ def desired_stacks(
     """
     pins = pins or {}
     result: dict[str, list[StackRef]] = {}
+    refs: dict[tuple[str, str], StackRef] = {}  # one (immutable) ref per version, not one per device
     for stack in stacks:
         group = groups.get(stack.group)
         if group is None:
@@ -62,11 +63,18 @@ def desired_stacks(
             if stack.placement.mode == "replicas"
             else eligible(stack, members(group, labels), labels)
         )
+        pinned = pins.get(stack.name, {})
         for device_id in targets:
-            spec_hash = pins.get(stack.name, {}).get(device_id, stack.spec_hash)
+            spec_hash = pinned.get(device_id, stack.spec_hash)
             if spec_hash:
-                result.setdefault(device_id, []).append(StackRef(name=stack.name, spec_hash=spec_hash))
-    return {d: tuple(sorted(refs, key=lambda r: r.name)) for d, refs in result.items()}
+                ref = refs.get((stack.name, spec_hash))
+                if ref is None:
+                    ref = refs[(stack.name, spec_hash)] = StackRef(name=stack.name, spec_hash=spec_hash)
+                result.setdefault(device_id, []).append(ref)
+    return {
+        d: (found[0],) if len(found) == 1 else tuple(sorted(found, key=lambda r: r.name))
+        for d, found in result.items()
+    }
 
 
 def desired_jobs(

@@ -28,7 +28,7 @@ from tether.protocol.variables import stack_references
 from . import rollout
 from .compose import parse_stack_warnings
 from .context import Context
-from .devices import all_devices, attributes, never_seen
+from .devices import all_devices, attributes
 from .models import Device, Group, Placement, Stack
 from .ports import port_clashes, published
 from .registry import CommandRegistry
@@ -98,16 +98,16 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
         stack = existing  # type: ignore[assignment]
         deployment = None
     stack = ctx.store.get_stack(cmd.name) or stack
+    fleet = ctx.fleet_view()  # the fleet as the deployment sees it (in memory), no device row read again
     if stack.placement.mode == "replicas":
         targets = [a.device_id for a in stack.assignment]
-    else:  # the fleet as the deployment sees it (in memory), not every device row read again
-        fleet = ctx.fleet_view()
+    else:
         targets = members(group, {d: seen.attributes for d, seen in fleet.items()})
     return StackDeployed(
         stack=stack_view(stack),
         changed=changed,
         devices=targets,
-        never_seen=never_seen(ctx.store, targets),
+        never_seen=[d for d in targets if (seen := fleet.get(d)) is None or seen.status == "never seen"],
         deployment=deployment.id if deployment else None,
         warnings=warnings,
     )
