@@ -128,6 +128,22 @@ def registration(n: int) -> list[tuple[str, bytes]]:
     return out
 
 
+def report_of(d: str, desired: DesiredState, state: str, spec_services: dict[str, dict[str, str]]) -> bytes:
+    """A device's report of its desired state, every service ``running`` or ``starting``."""
+    stacks = {
+        ref.name: StackStatus(
+            spec_hash=ref.spec_hash,
+            state=state,  # type: ignore[arg-type]
+            services={
+                name: ServiceStatus(state="running" if state == "running" else "starting", spec_hash=h)
+                for name, h in spec_services[ref.spec_hash].items()
+            },
+        )
+        for ref in desired.stacks
+    }
+    return codec.encode(ReportedState(device_id=d, generation=desired.generation, stacks=stacks))
+
+
 def answers(
     client: Acknowledging, spec_services: dict[str, dict[str, str]], seq: int
 ) -> list[list[tuple[str, bytes]]]:
@@ -135,29 +151,13 @@ def answers(
     converging, events, running = [], [], []
     for d, payload in sorted(client.desired.items()):
         desired = codec.decode(payload, DesiredState)
-
-        def report(state: str) -> bytes:
-            stacks = {
-                ref.name: StackStatus(
-                    spec_hash=ref.spec_hash,
-                    state=state,  # type: ignore[arg-type]
-                    services={
-                        name: ServiceStatus(
-                            state="running" if state == "running" else "starting", spec_hash=h
-                        )
-                        for name, h in spec_services[ref.spec_hash].items()
-                    },
-                )
-                for ref in desired.stacks
-            }
-            return codec.encode(ReportedState(device_id=d, generation=desired.generation, stacks=stacks))
-
-        converging.append((topics.device(d, DeviceTopic.REPORTED), report("converging")))
+        topic = topics.device(d, DeviceTopic.REPORTED)
+        converging.append((topic, report_of(d, desired, "converging", spec_services)))
         event = Event(
             device_id=d, seq=seq, kind="desired.applied", message=f"generation {desired.generation}"
         )
         events.append((topics.device(d, DeviceTopic.EVENTS), codec.encode(event)))
-        running.append((topics.device(d, DeviceTopic.REPORTED), report("running")))
+        running.append((topic, report_of(d, desired, "running", spec_services)))
     return [converging + events, running]
 
 

@@ -43,7 +43,7 @@ def all_devices(store: Store) -> dict[str, Device]:
 
 def attributes(store: Store) -> dict[str, Attributes]:
     """Every device's attributes (labels with their provenance, and facts), by device id."""
-    return {d.id: d.attributes() for d in store.list_devices()}
+    return {d.id: d.attributes() for d in store.list_devices(reported=False)}
 
 
 def never_seen(store: Store, device_ids: Iterable[str]) -> list[str]:

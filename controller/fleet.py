@@ -16,6 +16,42 @@ from .selectors import Attributes
 
 
 @dataclass(frozen=True, slots=True)
+class StackSeen:
+    """What a device reports of one stack, as much as a deployment step needs.
+
+    The report itself (``status``) is kept only where a step may have to explain something:
+    a stack not running, or one whose services restarted or failed. A healthy stack on
+    10,000 devices is then a handful of shared values instead of 10,000 parsed reports
+    (issue 21: the controller's memory per device).
+    """
+
+    spec_hash: str
+    state: str
+    restarts: int
+    error: str | None
+    status: StackStatus | None
+
+    @classmethod
+    def of(cls, status: StackStatus) -> StackSeen:
+        restarts = sum(s.restarts for s in status.services.values())
+        error = next((s.last_error for s in status.services.values() if s.last_error), None)
+        plain = status.state == "running" and not restarts and error is None
+        if not plain:
+            return cls(status.spec_hash, status.state, restarts, error, status)
+        key = (status.spec_hash, status.state)
+        shared = _PLAIN.get(key)
+        if shared is None:
+            if len(_PLAIN) >= 4096:  # bounded: versions come and go
+                _PLAIN.clear()
+            shared = _PLAIN[key] = cls(status.spec_hash, status.state, 0, None, None)
+        return shared
+
+
+_PLAIN: dict[tuple[str, str], StackSeen] = {}
+"""One shared :class:`StackSeen` per (version, state) of a stack that runs without a blip."""
+
+
+@dataclass(frozen=True, slots=True)
 class Seen:
     """What a deployment step needs of one device (:meth:`~.service.Controller.fleet_view`)."""
 
@@ -23,8 +59,8 @@ class Seen:
     online: bool
     held: bool
     error: str | None
-    stacks: dict[str, StackStatus]
-    """Per stack, what the device reports (the parsed models, shared with the report)."""
+    stacks: dict[str, StackSeen]
+    """Per stack, what the device reports (:class:`StackSeen`)."""
     downloads: dict[str, DownloadStatus]
     generation: int = -1
     """The generation the device reports having applied (-1: none reported)."""
@@ -40,8 +76,8 @@ class Seen:
             device.status == "online",
             False,
             None,
-            {},
-            {},
+            _NOTHING,
+            _NOTHING,
             status=device.status,
             revoked=device.revoked,
             public_key=device.public_key,
@@ -57,31 +93,32 @@ class Seen:
             public_key=self.public_key,
             held=bool(reported and reported.held),
             error=reported.error if reported and reported.error else None,
-            stacks=reported.stacks if reported else {},
-            downloads=reported.downloads if reported else {},
+            stacks={n: StackSeen.of(s) for n, s in reported.stacks.items()} if reported else _NOTHING,
+            downloads=reported.downloads if reported and reported.downloads else _NOTHING,
             generation=reported.generation if reported else -1,
         )
 
     def observe(self, stack: str) -> Observation:
-        status = self.stacks.get(stack)
+        seen = self.stacks.get(stack)
         download = self.downloads.get(stack)
-        if status is None:
+        if seen is None:
             if download is None and self.error is None:  # the common case, shared (Observation is frozen)
                 return _ABSENT[(self.online, self.held)]
             return Observation(online=self.online, held=self.held, error=self.error, download=download)
-        error = self.error or next((s.last_error for s in status.services.values() if s.last_error), None)
         return Observation(
             online=self.online,
-            spec_hash=status.spec_hash,
-            state=status.state,
+            spec_hash=seen.spec_hash,
+            state=seen.state,
             held=self.held,
-            error=error,
-            restarts=sum(s.restarts for s in status.services.values()),
-            status=status,
+            error=self.error or seen.error,
+            restarts=seen.restarts,
+            status=seen.status,
             download=download,
         )
 
 
+_NOTHING: dict = {}  # type: ignore[type-arg]
+"""Shared by every device that reports no stack or no download (never written to)."""
 _ABSENT = {
     (online, held): Observation(online=online, held=held)
     for online in (False, True)

@@ -257,8 +257,6 @@ class Store:
         self._savepoints = 0
         self._devices_written: dict[str, ReportedState | None] | None = None  # see devices_written
         self._devices = _Parsed(lambda body, _: Device.model_validate_json(body))
-        self._reported = _Parsed(lambda body, _: ReportedState.model_validate_json(body))
-        self._combined: dict[str, tuple[Device, ReportedState, Device]] = {}  # see _device
         self._desired = _Parsed(self._parse_desired)
         self._deployments = _Parsed(lambda body, _: Deployment.model_validate_json(body))
         self._stacks = _Parsed(lambda body, _: Stack.model_validate_json(body))
@@ -351,29 +349,27 @@ class Store:
     _DEVICES = "SELECT d.id, d.body, r.body FROM devices d LEFT JOIN reported r ON r.device_id = d.id"
 
     def _device(self, device_id: str, body: str, reported_body: str | None) -> Device:
+        # Reported states are parsed on every read, not kept: they are most of a device's
+        # memory, and the controller's hot paths read them from its fleet view instead.
         device = self._devices.get(device_id, body)
         if reported_body is None:
             return device
-        reported = self._reported.get(device_id, reported_body)
-        hit = self._combined.get(device_id)
-        if hit is not None and hit[0] is device and hit[1] is reported:
-            return hit[2]
-        combined = device.model_copy(update={"reported": reported})
-        self._combined[device_id] = (device, reported, combined)
-        return combined
+        return device.model_copy(update={"reported": ReportedState.model_validate_json(reported_body)})
 
     def get_device(self, device_id: str) -> Device | None:
         row = self.db.execute(f"{self._DEVICES} WHERE d.id = ?", (device_id,)).fetchone()
         return self._device(*row) if row else None
 
-    def list_devices(self) -> list[Device]:
-        rows = self.db.execute(f"{self._DEVICES} ORDER BY d.id").fetchall()
+    def list_devices(self, reported: bool = True) -> list[Device]:
+        """Every device row; without ``reported``, the devices without their reported states
+        (labels, facts and presence only: much less to parse)."""
+        if reported:
+            rows = self.db.execute(f"{self._DEVICES} ORDER BY d.id").fetchall()
+        else:
+            rows = self.db.execute("SELECT id, body, NULL FROM devices ORDER BY id").fetchall()
         devices = [self._device(*r) for r in rows]
         if len(self._devices.rows) != len(rows):  # some were deleted
-            ids = {r[0] for r in rows}
-            self._devices.keep_only(ids)
-            self._reported.keep_only(ids)
-            self._combined = {k: v for k, v in self._combined.items() if k in ids}
+            self._devices.keep_only(r[0] for r in rows)
         return devices
 
     def put_device(self, device: Device) -> None:
@@ -407,7 +403,6 @@ class Store:
         for device_id, reported in items:
             body = reported.model_dump_json()
             rows.append((device_id, reported.generation, body))
-            self._reported.wrote(device_id, body, reported)
             if written is not None and written.get(device_id, reported) is not None:
                 written[device_id] = reported
         self.db.executemany(
