@@ -256,6 +256,9 @@ class Store:
         self._in_tx = False
         self._savepoints = 0
         self._devices_written: dict[str, ReportedState | None] | None = None  # see devices_written
+        self._generations: dict[str, int] = {}
+        """Per device, the generation of the reported state this store wrote last (committed or in
+        the open transaction; forgotten with a rollback): a report's first check reads no row."""
         self._devices = _Parsed(lambda body, _: Device.model_validate_json(body))
         self._desired = _Parsed(self._parse_desired)
         self._deployments = _Parsed(lambda body, _: Deployment.model_validate_json(body))
@@ -301,6 +304,7 @@ class Store:
                 yield
             except BaseException:
                 self._devices_written = None
+                self._generations = {}
                 self.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
                 self.db.execute(f"RELEASE SAVEPOINT {name}")
                 raise
@@ -315,6 +319,7 @@ class Store:
             yield
         except BaseException:
             self._devices_written = None  # what was read inside may be gone: anything may have changed
+            self._generations = {}
             self.db.execute("ROLLBACK")
             raise
         else:
@@ -381,11 +386,15 @@ class Store:
             self.put_reported(device.id, device.reported)
         else:
             self.db.execute("DELETE FROM reported WHERE device_id = ?", (device.id,))
+            self._generations.pop(device.id, None)
         if self._devices_written is not None:
             self._devices_written[device.id] = None
 
     def reported_generation(self, device_id: str) -> int | None:
         """The generation of the device's stored reported state; None if it has none (or no row)."""
+        known = self._generations.get(device_id)
+        if known is not None:
+            return known
         row = self.db.execute("SELECT generation FROM reported WHERE device_id = ?", (device_id,)).fetchone()
         if row is not None:
             return int(row[0])
@@ -403,6 +412,7 @@ class Store:
         for device_id, reported in items:
             body = reported.model_dump_json()
             rows.append((device_id, reported.generation, body))
+            self._generations[device_id] = reported.generation
             if written is not None and written.get(device_id, reported) is not None:
                 written[device_id] = reported
         self.db.executemany(
@@ -431,6 +441,7 @@ class Store:
             self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
         if self._devices_written is not None:
             self._devices_written[device_id] = None
+        self._generations.pop(device_id, None)
         prefix = f"device:{device_id}|"  # not LIKE: '_' in a device id would be a wildcard
         self.db.execute("DELETE FROM variables WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))
         self.db.execute("DELETE FROM registries WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))

@@ -347,3 +347,19 @@ def test_migration_says_which_devices_leave_selector_groups(
     assert len(warnings) == 1, warnings
     assert "group pb" in warnings[0] and "claims" in warnings[0] and "vouched" not in warnings[0]
     assert "tether groups trust pb" in warnings[0]
+
+
+def test_reported_generation_follows_writes_rollbacks_and_removals(store: Store) -> None:
+    """The generation a report check reads is the stored one: a rolled-back write and a
+    removed device leave nothing behind (a device enrolled again starts from its own)."""
+    store.put_device(device("pi-1"))
+    store.put_reported("pi-1", ReportedState(device_id="pi-1", generation=5))
+    assert store.reported_generation("pi-1") == 5
+    with pytest.raises(RuntimeError), store.transaction():
+        store.put_reported("pi-1", ReportedState(device_id="pi-1", generation=9))
+        raise RuntimeError("rolled back")
+    assert store.reported_generation("pi-1") == 5
+    store.forget_device("pi-1")
+    assert store.reported_generation("pi-1") is None
+    store.put_device(device("pi-1").model_copy(update={"reported": None}))
+    assert store.reported_generation("pi-1") is None
