@@ -107,6 +107,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         client.request(GroupsCreate(name="fleet", selector="bench=capacity", trust_device_labels=True))
         client.request(StacksDeploy(name="app", group="fleet", compose=compose_stack(3, 1)))
         out["memory_empty"] = memory(pid)
+        out["mosquitto_rss_empty_mb"] = memory(broker.pid)["rss_mb"]
 
         # 1. registration
         load0 = load_average()
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         broker_cpu = CpuMeter(broker.pid)
         time.sleep(args.window)
         out["idle"] = {
+            "mosquitto_rss_mb": memory(broker.pid)["rss_mb"],
             "cpu_percent": rnd(cpu.percent(), 2),
             "cpu_ms_per_device_per_minute": per_device_ms(cpu.seconds() * 60 / args.window, n),
             "load_average": load_average(),
@@ -230,6 +232,21 @@ def rows(data: dict[str, Any]) -> list[Row]:
         Row(f"idle: controller CPU over {data['window_s']:g} s", idle["cpu_percent"], " %"),
         Row("idle: controller CPU per device per minute", idle["cpu_ms_per_device_per_minute"], " ms"),
         Row("idle: mosquitto CPU", idle["mosquitto_cpu_percent"], " %"),
+        Row(
+            "idle: mosquitto RSS (sessions and retained messages of every device)",
+            idle["mosquitto_rss_mb"],
+            " MB",
+        ),
+        Row(
+            "idle: controller RSS per device (above the empty controller)",
+            rnd(1024 * (idle["rss_mb"] - data["memory_empty"]["rss_mb"]) / n, 2),
+            " KB",
+        ),
+        Row(
+            "idle: mosquitto RSS per device (above the empty broker)",
+            rnd(1024 * (idle["mosquitto_rss_mb"] - data["mosquitto_rss_empty_mb"]) / n, 2),
+            " KB",
+        ),
         Row("reporting: store writes (reports, events, desired)", rep["store_writes"]),
         Row("reporting: until the controller has them all", rep["seconds"], " s"),
         Row("reporting: state-store write rate", rep["writes_per_s"], " /s"),

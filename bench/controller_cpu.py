@@ -224,8 +224,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     for _ in range(args.ticks):
         controller.tick()
     cpu_idle = time.process_time() - t0
+    rows = {
+        table: store.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+        for table in ("devices", "reported", "desired", "events", "deployments", "specs")
+    }
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store_mb = (workdir / "tether.db").stat().st_size / 1024 / 1024
     store.close()
     return {
+        "store_rows": rows,
+        "store_mb": rnd(store_mb, 2),
         "devices": n,
         "registration": {
             "cpu_s": rnd(cpu_registration),
@@ -266,6 +274,9 @@ def rows(data: dict[str, Any]) -> list[Row]:
             ),
         ]
     out.append(Row("idle tick", data["idle_tick_cpu_ms"], " ms"))
+    out.append(Row("store rows", ", ".join(f"{k} {v:,}" for k, v in data["store_rows"].items())))
+    out.append(Row("store size (SQLite, checkpointed)", data["store_mb"], " MB"))
+    out.append(Row("store size per device", rnd(1024 * data["store_mb"] / n, 2), " KB"))
     return out
 
 
