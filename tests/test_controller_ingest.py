@@ -254,7 +254,7 @@ def test_a_device_that_stays_behind_gets_its_desired_state_again(
 
     def republished() -> list[str]:
         found = [t for t, p, q, r in client.published]
-        for t, p, q, r in client.published:
+        for t, p, _q, r in client.published:
             if t.endswith("/desired"):
                 assert codec.decode(p, DesiredState).generation == 2 and r
         client.published.clear()
