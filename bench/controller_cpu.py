@@ -251,7 +251,7 @@ def rows(data: dict[str, Any]) -> list[Row]:
     out = [
         Row("devices (replayed)", n),
         Row(
-            "load average, start / end (CPU time does not depend on it much)",
+            "load average, start / end (CPU time grows with it: compare runs made side by side)",
             " / ".join(map(str, data["load_average"])),
         ),
         Row("registration: controller CPU", reg["cpu_s"], " s"),
