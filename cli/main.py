@@ -42,6 +42,7 @@ from tether.protocol.commands import (
     StacksList,
     StacksPlan,
     StacksRemove,
+    StacksShow,
     StacksStatus,
 )
 from tether.protocol.durations import format_duration, parse_duration
@@ -831,6 +832,47 @@ def _plan(plan: dict[str, Any], fmt: str) -> None:
     click.echo(output.table(["SERVICE", "CHANGE"], rows))
 
 
+def _diff_with_deployed(client: ControllerClient, name: str, text: str) -> None:
+    """`--dry-run`: the resolved file against the deployed one, as a unified diff."""
+    import difflib
+
+    try:
+        deployed = client.request(StacksShow(name=name))
+    except RequestError as exc:
+        if exc.code == ErrorCode.NOT_FOUND:
+            return  # a new stack: nothing to compare with
+        raise
+    diff = difflib.unified_diff(
+        deployed["compose"].splitlines(keepends=True),
+        text.splitlines(keepends=True),
+        f"{name} version {deployed['version']} (deployed)",
+        f"{name} (this deploy)",
+    )
+    lines = [printable(line.rstrip("\n")) for line in diff]
+    if lines:
+        click.echo("")
+        click.echo("\n".join(lines))
+
+
+@stacks.command("show")
+@click.argument("name")
+@click.option("--version", "version", type=click.IntRange(1), default=None, help="An earlier version.")
+@common
+def stacks_show(client: ControllerClient, fmt: str, name: str, version: int | None) -> None:
+    """Print the Compose file a stack runs (or ran, with --version), as the controller received it."""
+    shown = client.request(StacksShow(name=name, version=version))
+    if fmt == "json":
+        click.echo(output.to_json(shown))
+        return
+    state = "current" if shown["version"] == shown["current"] else f"current: {shown['current']}"
+    click.echo(
+        f"# stack {shown['name']} version {shown['version']} ({state}), {shown['spec_hash'][:12]}, "
+        f"group {shown['group']}, deployed {output.when(shown['updated'])}",
+        err=True,
+    )
+    click.echo("\n".join(printable(line) for line in shown["compose"].splitlines()))
+
+
 @stacks.command("config")
 @compose_options
 def stacks_config(
@@ -948,6 +990,8 @@ def stacks_deploy(
         for warning in plan.get("warnings") or ():
             click.echo(f"tether: warning: {label}: {warning}", err=True)
         _plan(plan, fmt)
+        if fmt == "table" and plan["changed"]:
+            _diff_with_deployed(client, name, text)
         return
     if healthy_deadline <= 0:
         raise TetherError("--healthy-deadline must be positive")

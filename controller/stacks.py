@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tether.protocol import codec, names
-from tether.protocol.commands import StacksDeploy, StacksList, StacksPlan, StacksRemove, StacksStatus
+from tether.protocol.commands import (
+    StacksDeploy,
+    StacksList,
+    StacksPlan,
+    StacksRemove,
+    StacksShow,
+    StacksStatus,
+)
 from tether.protocol.errors import CommandError, ComposeError, ConflictError, NotFoundError, StoreError
 from tether.protocol.models import StackDefinition, StackSpec
 from tether.protocol.results import (
@@ -19,6 +26,7 @@ from tether.protocol.results import (
     StackDeviceRow,
     StackList,
     StackPlan,
+    StackShown,
     StackStatusResult,
     StackSummary,
     StackView,
@@ -87,6 +95,7 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
         with ctx.store.transaction():
             ctx.store.put_spec(spec_hash, spec)
             ctx.store.put_stack(stack)
+            ctx.store.put_stack_version(stack)
             ctx.update_placements()
             stack = ctx.store.get_stack(cmd.name) or stack
             if new_version:
@@ -265,6 +274,26 @@ def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[StackD
             )
         )
     return rows
+
+
+@commands.command(StacksShow, read_only=True)
+def stacks_show(ctx: Context, cmd: StacksShow) -> StackShown:
+    stack = ctx.store.get_stack(cmd.name)
+    if stack is None:
+        raise NotFoundError(f"unknown stack {cmd.name!r}")
+    version = cmd.version or stack.version
+    if version == stack.version:
+        kept = {"spec_hash": stack.spec_hash, "compose": stack.compose, "updated": stack.updated}
+    elif version > stack.version:
+        raise NotFoundError(
+            f"stack {cmd.name!r} has no version {version} (the current one is {stack.version})"
+        )
+    elif (kept := ctx.store.get_stack_version(cmd.name, version)) is None:  # type: ignore[assignment]
+        raise NotFoundError(
+            f"the file of version {version} of stack {cmd.name!r} was not kept (deployed before this "
+            "controller kept versions)"
+        )
+    return StackShown(name=stack.name, group=stack.group, version=version, current=stack.version, **kept)
 
 
 @commands.command(StacksStatus, read_only=True)

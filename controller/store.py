@@ -137,6 +137,10 @@ MIGRATIONS: list[str | Callable[[Store], None]] = [
     ALTER TABLE desired ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
     """,
     _desired_published_column,
+    """
+    CREATE TABLE stack_versions (name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL,
+                                 PRIMARY KEY (name, version));
+    """,
 ]
 """SQL scripts, or functions changing data through the store (inside the migration's transaction)."""
 
@@ -481,6 +485,22 @@ class Store:
 
     def delete_stack(self, name: str) -> None:
         self.db.execute("DELETE FROM stacks WHERE name = ?", (name,))
+        self.db.execute("DELETE FROM stack_versions WHERE name = ?", (name,))
+
+    def put_stack_version(self, stack: Stack) -> None:
+        """Keep the Compose file of ``stack``'s version (`tether stacks show --version N`)."""
+        body = json.dumps({"spec_hash": stack.spec_hash, "compose": stack.compose, "updated": stack.updated})
+        self.db.execute(
+            "INSERT INTO stack_versions (name, version, body) VALUES (?, ?, ?) "
+            "ON CONFLICT (name, version) DO UPDATE SET body = excluded.body",
+            (stack.name, stack.version, body),
+        )
+
+    def get_stack_version(self, name: str, version: int) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT body FROM stack_versions WHERE name = ? AND version = ?", (name, version)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
 
     # --- desired states ---
 

@@ -306,6 +306,14 @@ class StacksStatus(CommandModel):
     name: str
 
 
+class StacksShow(CommandModel):
+    """The Compose file of a stack's current version, or of ``version``."""
+
+    kind: Literal["stacks.show"] = "stacks.show"
+    name: str
+    version: int | None = Field(default=None, ge=1, le=MAX_ID)
+
+
 class StacksRemove(CommandModel):
     kind: Literal["stacks.rm"] = "stacks.rm"
     name: str

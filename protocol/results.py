@@ -185,6 +185,18 @@ class StackPlan(WireModel):
     warnings: list[str]
 
 
+class StackShown(WireModel):
+    """``stacks.show``: the Compose file of one version of a stack, as the controller received it."""
+
+    name: str
+    group: str
+    version: int
+    current: int
+    spec_hash: str
+    compose: str
+    updated: float
+
+
 class StackDeviceRow(WireModel):
     """Where one device stands with a stack (docs/topics.md, StackDeviceRow)."""
 

@@ -54,6 +54,11 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
         assert strategy == "strategy:   all-at-once (healthy after 20s, deadline 5m, downloads within 1d)"
 
         stack.write_text(STACK.format(mark="v2"))
+        planned = cli(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "one", "--dry-run")
+        assert planned.returncode == 0, planned.stderr
+        assert "--- app version 1 (deployed)" in planned.stdout and "+++ app (this deploy)" in planned.stdout
+        assert any(ln.startswith("+") and "v2" in ln for ln in planned.stdout.splitlines()), planned.stdout
+        assert any(ln.startswith("-") and "v1" in ln for ln in planned.stdout.splitlines()), planned.stdout
         timed_out = cli(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "one",
                         "--min-healthy-time", "30s", "--wait", "--timeout", "2s")  # fmt: skip
         assert timed_out.returncode == 1
@@ -75,6 +80,11 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
         )
         assert bad.returncode == 2 and "Invalid value for '--timeout': invalid duration 'soon'" in bad.stderr
 
+        shown = cli(url, "stacks", "show", "app", "--version", "1")
+        # The file as the CLI resolved and sent it (tether stacks config): version 1's command.
+        assert shown.returncode == 0 and "echo v1; exec sleep 600" in shown.stdout, shown.stdout
+        assert "v2" not in shown.stdout and shown.stdout.startswith("services:")
+        assert "# stack app version 1 (current: 2)" in shown.stderr
         rolled = cli(url, "deployments", "rollback", m.group(1), "--wait", "--timeout", "90")
         assert rolled.returncode == 0, rolled.stdout + rolled.stderr
         assert re.search(r"deployment \d+ succeeded", rolled.stdout), rolled.stdout

@@ -17,9 +17,10 @@ from tether.protocol.commands import (
     StacksList,
     StacksPlan,
     StacksRemove,
+    StacksShow,
     StacksStatus,
 )
-from tether.protocol.errors import ComposeError, ConflictError, TetherError
+from tether.protocol.errors import ComposeError, ConflictError, NotFoundError, TetherError
 from tether.protocol.results import Removed, ServiceChange
 
 V1 = "services:\n  web:\n    image: busybox:1.36\n"
@@ -175,3 +176,22 @@ def test_a_port_another_stack_publishes_on_a_device_is_refused_naming_both(contr
     controller.execute(
         StacksDeploy(name="web", group="both", compose=WEB.replace("busybox:1.36", "busybox:1.37"))
     )
+
+
+def test_show_prints_each_versions_file(edge: Controller) -> None:
+    """stacks.show gives the current file, an earlier version's, and one error for a version that
+    does not exist; a removed and redeployed stack starts its history again."""
+    edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
+    edge.execute(StacksDeploy(name="web", group="edge", compose=V2))
+    current = edge.execute(StacksShow(name="web"))
+    assert (current.version, current.current, current.compose) == (2, 2, V2)
+    first = edge.execute(StacksShow(name="web", version=1))
+    assert (first.version, first.current, first.compose) == (1, 2, V1)
+    with pytest.raises(NotFoundError, match="stack 'web' has no version 3 \\(the current one is 2\\)"):
+        edge.execute(StacksShow(name="web", version=3))
+    with pytest.raises(NotFoundError, match="unknown stack 'nope'"):
+        edge.execute(StacksShow(name="nope"))
+    edge.execute(StacksRemove(name="web"))
+    edge.execute(StacksDeploy(name="web", group="edge", compose=V2))
+    with pytest.raises(NotFoundError, match="has no version 2"):
+        edge.execute(StacksShow(name="web", version=2))
