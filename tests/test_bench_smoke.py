@@ -67,6 +67,14 @@ def test_controller_capacity(tmp_path: Path) -> None:
     assert data["devices_ls_rows"] == 30 and data["reporting"]["store_writes"] > 30
 
 
+def test_controller_cpu(tmp_path: Path) -> None:
+    """The in-process replay registers every device and takes both deploys to succeeded."""
+    data = bench(tmp_path, "controller_cpu", "--devices", "40", "--ticks", "2")
+    assert [d["deployment"] for d in data["deploys"]] == ["succeeded", "succeeded"]
+    assert all(d["devices_sent_desired"] == 40 and d["cpu_s"] > 0 for d in data["deploys"])
+    assert data["store_rows"]["devices"] == 40 and data["store_rows"]["reported"] == 40
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_bandwidth(tmp_path: Path) -> None:
     data = bench(tmp_path, "bandwidth", "--window", "2", "--quiet", "1.5")
