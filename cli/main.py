@@ -1347,6 +1347,35 @@ def deployments_status(
     ]
     click.echo("")
     click.echo(output.table(["DEVICE", "STATE", "BATCH", "PROGRESS", "WHY"], rows))
+    _deployment_events(client, d)
+
+
+EVENT_DEVICES = 10
+"""Devices whose events `deployments status` fetches (the ones not healthy first)."""
+
+
+def _deployment_events(client: ControllerClient, d: dict[str, Any]) -> None:
+    """What each device said since the deployment began: its events about the stack, and its
+    warnings and errors (a rejected desired state, a failed download, a full disk...)."""
+    devices = sorted(d["devices"], key=lambda k: (d["devices"][k]["state"] == "healthy", k))
+    rows = []
+    for device_id in devices[:EVENT_DEVICES]:
+        try:
+            events = client.request(DevicesShow(device_id=device_id))["device"]["events"]
+        except RequestError:
+            continue  # removed meanwhile
+        for e in events:
+            ours = e.get("stack") == d["stack"] or (e.get("stack") is None and e.get("level") != "info")
+            if ours and (e.get("at") or 0) >= d["created"]:
+                where = "/".join(x for x in (e.get("stack"), e.get("service")) if x)
+                rows.append(
+                    (device_id, output.when(e["at"])[11:], e["kind"], printable(where), printable(e["message"]))
+                )
+    if rows:
+        more = f" (the first {EVENT_DEVICES} devices)" if len(devices) > EVENT_DEVICES else ""
+        click.echo("")
+        click.echo(f"events since the deployment began{more}:")
+        click.echo(output.table(["DEVICE", "AT", "EVENT", "SERVICE", "MESSAGE"], rows))
 
 
 def _say_next_step(d: dict[str, Any]) -> None:

@@ -88,6 +88,21 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
         rolled = cli(url, "deployments", "rollback", m.group(1), "--wait", "--timeout", "90")
         assert rolled.returncode == 0, rolled.stdout + rolled.stderr
         assert re.search(r"deployment \d+ succeeded", rolled.stdout), rolled.stdout
+
+        # A service that cannot start: the deployment's status lists what the device said.
+        stack.write_text('services:\n  app:\n    command: ["/nonexistent/program"]\n')
+        failed = cli(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "one", "--wait",
+                     "--healthy-deadline", "10s")  # fmt: skip
+        assert failed.returncode == 1, failed.stdout + failed.stderr
+        broken = re.search(r"deployment (\d+) \(all-at-once\)", failed.stdout)
+        assert broken, failed.stdout
+        status = cli(url, "deployments", "status", broken.group(1))
+        assert status.returncode == 0, status.stderr
+        assert "events since the deployment began:" in status.stdout, status.stdout
+        event = next(
+            ln for ln in status.stdout.splitlines() if ln.startswith("follow-1") and "action.failed" in ln
+        )
+        assert "app/app" in event and "/nonexistent/program" in event, status.stdout
     finally:
         agent.stop()
         controller.stop()
