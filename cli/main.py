@@ -1055,7 +1055,10 @@ def stacks_deploy(
                     f"{', '.join(later)} will update when released or back online"
                 )
             else:
-                click.echo(f"stack {name} is running on all {running} device(s) of group {group}")
+                if (stack.get("placement") or {}).get("mode") == "replicas":
+                    click.echo(f"stack {name} is running: {_plural(running, 'replica')} in group {group}")
+                else:
+                    click.echo(f"stack {name} is running on all {running} device(s) of group {group}")
     if fmt == "json":
         click.echo(output.to_json(result))
 

@@ -64,6 +64,8 @@ def test_replicas_replace_lost_device_and_keep_original(tmp_path: Path, mosquitt
             "60",
         )
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+        # Not "all devices of the group": 2 replicas of 3 members.
+        assert "stack rep is running: 2 replicas in group pool" in deploy.stdout, deploy.stdout
         first = wait_until(lambda: len(r := _running(mosquitto.url)) == 2 and r, 30)
         spare = next(n for n in names if n not in first)
         victim = sorted(first)[0]
