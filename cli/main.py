@@ -1372,7 +1372,13 @@ def _deployment_events(client: ControllerClient, d: dict[str, Any]) -> None:
             if ours and (e.get("at") or 0) >= d["created"]:
                 where = "/".join(x for x in (e.get("stack"), e.get("service")) if x)
                 rows.append(
-                    (device_id, output.when(e["at"])[11:], e["kind"], printable(where), printable(e["message"]))
+                    (
+                        device_id,
+                        output.when(e["at"])[11:],
+                        e["kind"],
+                        printable(where),
+                        printable(e["message"]),
+                    )
                 )
     if rows:
         more = f" (the first {EVENT_DEVICES} devices)" if len(devices) > EVENT_DEVICES else ""

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 from tether.protocol import codec, names, topics
@@ -64,7 +64,7 @@ from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
 from .placement import Assignment, Candidate, place
 from .registries import RegistryCredentials
 from .registry import CommandRegistry
-from .rollout import Observation
+from .rollout import DeploymentState, Observation
 from .scheduler import desired_jobs, desired_stacks, eligible, members
 from .security import BrokerAccess
 from .selectors import Attributes
@@ -401,15 +401,7 @@ class Controller:
         for name, deployment in self.store.latest_deployments().items():
             if name in stacks:  # a removed stack's deployments stay in the history, not here
                 states[deployment.state] = states.get(deployment.state, 0) + 1
-        for state in (
-            "running",
-            "paused",
-            "awaiting-promotion",
-            "succeeded",
-            "failed",
-            "reverted",
-            "superseded",
-        ):
+        for state in get_args(DeploymentState):  # every state, staging and staged included
             self.metrics.deployments.labels(state=state).set(states.get(state, 0))
 
     def tick(self) -> None:
