@@ -6,7 +6,7 @@ A deploy stores the stack's new version and starts its deployment (:mod:`.deploy
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from tether.protocol import codec, names
 from tether.protocol.commands import (
@@ -18,7 +18,7 @@ from tether.protocol.commands import (
     StacksStatus,
 )
 from tether.protocol.errors import CommandError, ComposeError, ConflictError, NotFoundError, StoreError
-from tether.protocol.models import StackDefinition, StackSpec
+from tether.protocol.models import StackDefinition, StackSpec, StackStatus
 from tether.protocol.results import (
     Removed,
     ServiceChange,
@@ -37,7 +37,7 @@ from . import rollout
 from .compose import parse_stack_warnings
 from .context import Context
 from .devices import all_devices, attributes
-from .models import Device, Group, Placement, Stack
+from .models import DesiredRecord, Device, Group, Placement, Stack
 from .ports import port_clashes, published
 from .registry import CommandRegistry
 from .scheduler import members
@@ -221,19 +221,29 @@ def stack_view(stack: Stack) -> StackView:
 @commands.command(StacksList, read_only=True)
 def stacks_ls(ctx: Context, cmd: StacksList) -> StackList:
     out = []
+    records = ctx.store.list_desired()
     for stack in ctx.store.list_stacks():
-        rows = stack_devices(ctx, stack.name, stack.spec_hash)
-        running = sum(1 for r in rows if r.state == "running")
-        out.append(StackSummary(**dict(stack_view(stack)), devices=len(rows), running=running))
+        # What each device reports of the stack, extracted by the database: parsing every
+        # report (as ``stacks status`` does) cost 0.7 s of CPU per request at 10,000 devices.
+        reports = ctx.store.stack_reports(stack.name)
+        devices = running = 0
+        for record in records:
+            ref = next((r for r in record.stacks if r.name == stack.name), None)
+            generation, _error, spec_hash, state = reports.get(record.device_id, (-1, None, None, None))
+            if ref is None and spec_hash is None:
+                continue
+            devices += 1
+            running += ref is not None and spec_hash == ref.spec_hash and state == "running"
+        out.append(StackSummary(**dict(stack_view(stack)), devices=devices, running=running))
     return StackList(stacks=out)
 
 
-def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[StackDeviceRow]:
-    """Per device that should run (or still runs) stack ``name``: where it stands."""
-    devices = all_devices(ctx.store)
-    latest = ctx.store.latest_deployments().get(name)
-    rows = []
-    for record in ctx.store.list_desired():
+def _states(
+    name: str, devices: dict[str, Device], records: list[DesiredRecord]
+) -> Iterator[tuple[DesiredRecord, Device, StackStatus | None, str]]:
+    """Per device that should run (or still runs) stack ``name``: its record, the device,
+    what it reports of the stack, and the stack's state on it."""
+    for record in records:
         ref = next((r for r in record.stacks if r.name == name), None)
         device = devices.get(record.device_id) or Device(id=record.device_id)
         reported = device.reported
@@ -248,18 +258,24 @@ def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[StackD
                 state = "rejected"
         else:
             state = status.state
-        stack = ctx.store.get_stack(name)
-        role = (
-            next((a.role for a in stack.assignment if a.device_id == record.device_id), None)
-            if stack
-            else None
-        )
+        yield record, device, status, state
+
+
+def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[StackDeviceRow]:
+    """Per device that should run (or still runs) stack ``name``: where it stands."""
+    devices = all_devices(ctx.store)
+    latest = ctx.store.latest_deployments().get(name)
+    stack = ctx.store.get_stack(name)
+    roles = {a.device_id: a.role for a in stack.assignment} if stack else {}
+    rows = []
+    for record, device, status, state in _states(name, devices, ctx.store.list_desired()):
+        reported = device.reported
         rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
         download = reported.downloads.get(name) if reported else None
         rows.append(
             StackDeviceRow(
                 device=record.device_id,
-                role=role,
+                role=roles.get(record.device_id),
                 rollout=rolling.state if rolling else None,
                 held=bool(reported and reported.held),
                 presence=device.status,

@@ -425,6 +425,25 @@ class Store:
             rows,
         )
 
+    def stack_reports(self, stack: str) -> dict[str, tuple[int, str | None, str | None, str | None]]:
+        """Per device with a reported state: (generation, error, the version and state it
+        reports of ``stack``), extracted by the database (no report parsed here: ``stacks ls``
+        at 10,000 devices). ``stack`` is a stack name (letters, digits, '.', '_', '-')."""
+        if self.kind == "postgresql":
+            sql = (
+                "SELECT device_id, generation, body::json->>'error', body::json->'stacks'->?->>'spec_hash', "
+                "body::json->'stacks'->?->>'state' FROM reported"
+            )
+            params: tuple[Any, ...] = (stack, stack)
+        else:
+            path = f'$.stacks."{stack}"'
+            sql = (
+                "SELECT device_id, generation, json_extract(body, '$.error'), json_extract(body, ?), "
+                "json_extract(body, ?) FROM reported"
+            )
+            params = (f"{path}.spec_hash", f"{path}.state")
+        return {row[0]: (int(row[1]), row[2], row[3], row[4]) for row in self.db.execute(sql, params)}
+
     def devices_written(self) -> dict[str, ReportedState | None] | None:
         """The devices written (or forgotten) since the last call; None: any may have changed.
 

@@ -10,7 +10,7 @@ import pytest
 from tether.controller.models import DesiredRecord, Device, Group, Stack
 from tether.controller.store import MIGRATIONS, Store, _desired_published_column, _untrust_device_labels
 from tether.protocol.errors import StoreError
-from tether.protocol.models import DeviceFacts, ReportedState, ServiceSpec, StackRef, StackSpec
+from tether.protocol.models import DeviceFacts, ReportedState, ServiceSpec, StackRef, StackSpec, StackStatus
 
 SPEC = StackSpec(services=(ServiceSpec(name="web", image="web:1"),))
 REF = StackRef(name="web", spec_hash=SPEC.spec_hash())
@@ -363,3 +363,18 @@ def test_reported_generation_follows_writes_rollbacks_and_removals(store: Store)
     assert store.reported_generation("pi-1") is None
     store.put_device(device("pi-1").model_copy(update={"reported": None}))
     assert store.reported_generation("pi-1") is None
+
+
+def test_stack_reports_are_extracted_by_the_database(store: Store) -> None:
+    """What each device reports of one stack (version, state), its generation and error, read
+    without parsing reports, on both databases; a stack name with '.' and '-' works."""
+    store.put_device(device("pi-1"))
+    store.put_device(device("pi-2"))
+    running = StackStatus(spec_hash="a" * 64, state="running")
+    store.put_reported("pi-1", ReportedState(device_id="pi-1", generation=4, stacks={"web.v-2": running}))
+    store.put_reported("pi-2", ReportedState(device_id="pi-2", generation=2, error="no space"))
+    assert store.stack_reports("web.v-2") == {
+        "pi-1": (4, None, "a" * 64, "running"),
+        "pi-2": (2, "no space", None, None),
+    }
+    assert store.stack_reports("other")["pi-1"] == (4, None, None, None)
