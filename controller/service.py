@@ -106,6 +106,8 @@ ACK_MAX_DELAY = 10.0
 BEHIND_GRACE = 15.0
 """Seconds an online device may report an older generation than the one published to it
 before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
+BEHIND_CHECK = 5.0
+"""Seconds between two looks for devices that stay behind (see :meth:`Controller.repair_behind`)."""
 BEHIND_BACKOFF_MAX = 300.0
 """Republishing to a device that stays behind backs off (doubling from the grace) up to this."""
 
@@ -200,6 +202,7 @@ class Controller:
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
         self._next_refresh = 0.0
+        self._next_repair = 0.0  # see tick
         self._publish_after: set[str] = set()  # devices to publish once the worker's transaction is committed
         self._publish_all = False  # everything, once the worker's request is answered (see _on_request)
         self._deferring = False  # publish_pending only notes what to publish (see _on_request)
@@ -427,7 +430,11 @@ class Controller:
         self.expire_stale()
         self.publish_acks()
         self.advance_deployments(force=False)
-        self.repair_behind()
+        if time.monotonic() >= self._next_repair:
+            # A pass looks at every device: every BEHIND_CHECK seconds, not every tick
+            # (the grace is BEHIND_GRACE anyway; 19 ms per tick at 50,000 devices).
+            self._next_repair = time.monotonic() + BEHIND_CHECK
+            self.repair_behind()
         if self.access.table is not None:
             try:
                 self.access.table.expire(self.clock())
