@@ -6,7 +6,7 @@ import pytest
 from tether.controller.models import Group, Stack
 from tether.controller.scheduler import desired_jobs, desired_stacks, members
 from tether.controller.selectors import Attributes
-from tether.protocol.errors import StoreError
+from tether.protocol.errors import CommandError
 from tether.protocol.models import ServiceSpec, StackRef, StackSpec
 
 SPEC = StackSpec(services=(ServiceSpec(name="web", image="web:1"),))
@@ -58,8 +58,8 @@ def test_selector_membership_follows_label_changes() -> None:
 
 
 def test_invalid_selector_in_a_stored_group_raises() -> None:
-    """A group whose selector does not parse raises StoreError rather than matching nothing."""
-    with pytest.raises(StoreError):
+    """A group whose selector does not parse raises CommandError (the refusal of a bad selector) rather than matching nothing."""
+    with pytest.raises(CommandError):
         members(Group(name="g", selector="site=a=b"), LABELS)
 
 
