@@ -194,8 +194,11 @@ def test_deploy_dry_run_validates_on_the_controller_and_changes_nothing(
     plan = cli(url, "stacks", "deploy", str(v2), "--name", "shop", "--group", "plan", "--dry-run")
     assert plan.returncode == 0, plan.stderr
     assert "would deploy version 2" in plan.stdout and "2 device(s): pi-1, pi-2" in plan.stdout
-    changes = dict(line.split() for line in plan.stdout.splitlines()[2:])
+    lines = plan.stdout.splitlines()[2:]
+    table = lines[: lines.index("")] if "" in lines else lines  # then the diff against the deployed file
+    changes = dict(line.split() for line in table)
     assert changes == {"db": "kept", "web": "replaced", "cache": "added", "old": "removed"}
+    assert any(line.startswith("+") and "web:2" in line for line in lines), plan.stdout
     same = cli_json(url, "stacks", "deploy", str(v1), "--name", "shop", "--group", "plan", "--dry-run")
     assert not same["changed"] and {s["change"] for s in same["services"]} == {"kept"}
     assert [(s["name"], s["version"]) for s in cli_json(url, "stacks", "ls")] == [("shop", 1)]
