@@ -113,8 +113,10 @@ def test_a_port_in_use_is_one_clear_error(tmp_path: Path) -> None:
             assert not data_dir.exists()
 
 
-def test_a_failed_first_start_leaves_no_data_dir(tmp_path: Path) -> None:
-    """A start that fails after the data directory was made removes it again; an existing one stays."""
+def test_a_failed_first_start_leaves_no_data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A start that fails after the data directory was made removes it again; an existing one stays
+    (the SQLite case: with a PostgreSQL store the data directory is kept on purpose)."""
+    monkeypatch.delenv("TETHER_DB", raising=False)
     data_dir = tmp_path / "tether-data"
     argv = [sys.executable, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir), "--port", "0"]
     half_tls = [*argv, "--tls-cert", str(tmp_path / "cert.pem")]
