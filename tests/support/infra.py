@@ -54,6 +54,17 @@ def accepts(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10) -> None:
+    """Terminate ``proc`` if it still runs; kill it if it has not exited within ``timeout`` s."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Mosquitto:
     """A private mosquitto broker on 127.0.0.1, logging into `tmp_path`. Use as a context manager."""
 
@@ -111,13 +122,7 @@ class Mosquitto:
         return proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> Mosquitto:
         try:

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support.infra import BUSYBOX_TAG, wait_until
+from support.infra import BUSYBOX_TAG, stop_process, wait_until
 
 REGISTRY_BIN = "/usr/bin/docker-registry"
 HTPASSWD_BIN = "/usr/bin/htpasswd"
@@ -105,13 +105,7 @@ class Registry:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> Registry:
         try:
