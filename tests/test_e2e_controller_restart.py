@@ -13,7 +13,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import Mosquitto, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli_json, wait_online
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.store]
 
 
 class Sniffer:

@@ -30,7 +30,7 @@ from tether.protocol.enrollment import new_private_key, public_key_b64
 from tether.protocol.models import DeviceFacts, EnrollmentRequest
 from tether.protocol.mqtt import MqttClient, parse_broker_url
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.store]
 
 SERVICE = """
 services:

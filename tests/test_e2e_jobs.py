@@ -10,7 +10,7 @@ import pytest
 from support.infra import wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.store]
 
 
 def _lines(path: Path) -> int:

@@ -10,7 +10,7 @@ import pytest
 from support.infra import remove_tether_containers, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.store]
 
 PROCESS = 'services:\n  app:\n    command: ["sh", "-c", "echo {v} > version; exec sleep 600"]\n    restart: always\n'
 

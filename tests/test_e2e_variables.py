@@ -23,7 +23,7 @@ from support.wiretap import Wiretap
 from tether.protocol import codec
 from tether.protocol.models import DesiredState
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.store]
 
 STACK = """
 services:

@@ -199,7 +199,9 @@ def test_a_malformed_generated_file_is_never_written(tmp_path: Path, monkeypatch
 def test_controller_keeps_mosquitto_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`tether up --mosquitto-dir` rewrites the files on a new device; after a reload it logs in.
     A device stored with a malformed id (a final newline) is left out and `devices rm` of it
-    works without ever publishing on its (malformed) topics: the controller stays connected."""
+    works without ever publishing on its (malformed) topics: the controller stays connected.
+    On SQLite: the test writes the malformed row into the database file itself."""
+    monkeypatch.delenv("TETHER_DB", raising=False)
     if not Path(MOSQUITTO_BIN).exists():
         pytest.skip("mosquitto not installed")
     from support.infra import wait_until
