@@ -61,7 +61,7 @@ def deployment_view(ctx: Context, d: rollout.Deployment, full: bool = False) -> 
     return view
 
 
-@commands.command(DeploymentsList)
+@commands.command(DeploymentsList, role="viewer")
 def deployments_ls(ctx: Context, cmd: DeploymentsList) -> DeploymentList:
     return DeploymentList(
         deployments=[deployment_view(ctx, d) for d in ctx.store.list_deployments(cmd.stack)]
@@ -75,7 +75,7 @@ def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
     return deployment
 
 
-@commands.command(DeploymentsStatus)
+@commands.command(DeploymentsStatus, role="viewer")
 def deployments_status(ctx: Context, cmd: DeploymentsStatus) -> DeploymentResult:
     return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, cmd.id), full=True))
 

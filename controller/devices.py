@@ -96,7 +96,7 @@ def devices_show(ctx: Context, cmd: DevicesShow) -> DeviceShown:
     return DeviceShown(device=device_details(ctx.store, device))
 
 
-@commands.command(DevicesTop)
+@commands.command(DevicesTop, role="viewer")
 def devices_top(ctx: Context, cmd: DevicesTop) -> DeviceSamples:
     devices = all_devices(ctx.store)
     for device_id in cmd.device_ids:

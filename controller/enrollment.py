@@ -58,7 +58,7 @@ commands = CommandRegistry()
 # --- tokens ---
 
 
-@commands.command(TokensCreate)
+@commands.command(TokensCreate, role="admin")
 def tokens_create(ctx: Context, cmd: TokensCreate) -> TokenCreated:
     if cmd.group is not None and ctx.store.get_group(cmd.group) is None:
         raise NotFoundError(f"unknown group {cmd.group!r} (create it first: tether groups create)")
@@ -104,7 +104,7 @@ def tokens_ls(ctx: Context, cmd: TokensList) -> TokenList:
     return TokenList(tokens=[_token_view(ctx, t) for t in ctx.store.list_tokens()])
 
 
-@commands.command(TokensRemove)
+@commands.command(TokensRemove, role="admin")
 def tokens_rm(ctx: Context, cmd: TokensRemove) -> TokensRemoved:
     problems = []
     for token_id in cmd.ids:

@@ -113,7 +113,7 @@ def _job(ctx: Context, name: str) -> Job:
     return job
 
 
-@commands.command(JobsList)
+@commands.command(JobsList, role="viewer")
 def jobs_ls(ctx: Context, cmd: JobsList) -> JobList:
     out = []
     for job in ctx.store.list_jobs():
@@ -132,7 +132,7 @@ def _latest_results(ctx: Context, name: str) -> dict[str, dict[str, Any]]:
     return latest
 
 
-@commands.command(JobsStatus)
+@commands.command(JobsStatus, role="viewer")
 def jobs_status(ctx: Context, cmd: JobsStatus) -> JobStatusResult:
     job = _job(ctx, cmd.name)
     group = ctx.store.get_group(job.group)
@@ -146,7 +146,7 @@ def jobs_status(ctx: Context, cmd: JobsStatus) -> JobStatusResult:
     return JobStatusResult(job=job_view(job), devices=rows)
 
 
-@commands.command(JobsLogs)
+@commands.command(JobsLogs, role="viewer")
 def jobs_logs(ctx: Context, cmd: JobsLogs) -> JobLogs:
     _job(ctx, cmd.name)
     results = [

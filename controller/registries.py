@@ -147,7 +147,7 @@ def registry_view(r: Registry) -> RegistryView:
     return RegistryView(host=r.host, scope=r.scope, version=r.version, updated=r.updated)
 
 
-@commands.command(RegistriesAdd)
+@commands.command(RegistriesAdd, role="admin")
 def registries_add(ctx: Context, cmd: RegistriesAdd) -> RegistryAdded:
     host = _host(cmd.host)
     scope = check_scope(ctx.store, cmd.group, cmd.device_id)
@@ -184,13 +184,13 @@ def registries_add(ctx: Context, cmd: RegistriesAdd) -> RegistryAdded:
     return RegistryAdded(registry=registry_view(registry), changed=True)
 
 
-@commands.command(RegistriesList)
+@commands.command(RegistriesList, role="viewer")
 def registries_ls(ctx: Context, cmd: RegistriesList) -> RegistryList:
     found = sorted(ctx.store.list_registries(), key=lambda r: (r.host, r.scope))
     return RegistryList(registries=[registry_view(r) for r in found])
 
 
-@commands.command(RegistriesRemove)
+@commands.command(RegistriesRemove, role="admin")
 def registries_rm(ctx: Context, cmd: RegistriesRemove) -> RegistryRemoved:
     host = _host(cmd.host)
     scope = check_scope(ctx.store, cmd.group, cmd.device_id)

@@ -10,7 +10,12 @@ A handler is registered where it is written, next to the other handlers of its d
 and the controller answers with :data:`~.service.COMMANDS`, the union of every domain's
 registry. The handler's return annotation names its result model (protocol/results.py). ``read_only`` means the command changes nothing and needs nothing that only the
 leader keeps in memory, so a standby controller (``tether up --ha``) answers it from the
-shared store; every other command is forwarded to the leader. Marking a write read-only
+shared store; every other command is forwarded to the leader. ``role`` is the least role
+(protocol/principals.py) a user needs to run it: by default ``viewer`` for a read-only
+command and ``operator`` for any other; reads that need the leader say ``role="viewer"``, and
+commands that manage users, API tokens, credentials, enrollment tokens or registries say
+``role="admin"``. :meth:`~.service.Controller.execute` checks it, the one place for MQTT and
+HTTP alike. Marking a write read-only
 would make a standby execute it: tests/unit/test_commands.py runs every read-only command
 on a store that refuses writes, and checks every command of protocol/commands.py has one
 handler.
@@ -24,6 +29,7 @@ from typing import Any, TypeVar, get_type_hints
 
 from tether.protocol.commands import CommandModel
 from tether.protocol.models import WireModel
+from tether.protocol.principals import Role
 
 C = TypeVar("C", bound=CommandModel)
 H = TypeVar("H", bound=Callable[..., Any])
@@ -40,6 +46,13 @@ class CommandHandler:
     """Changes nothing and needs only the store: a standby answers it (see the module docstring)."""
     result: type[WireModel]
     """The result model (protocol/results.py), from the handler's return annotation."""
+    role: Role = "operator"
+    """The least role a user needs to run it (protocol/principals.py)."""
+
+    @property
+    def writes(self) -> bool:
+        """Whether it may change something (needs more than a viewer): it is audited."""
+        return self.role != "viewer"
 
 
 class CommandRegistry:
@@ -48,14 +61,20 @@ class CommandRegistry:
     def __init__(self) -> None:
         self._handlers: dict[type[CommandModel], CommandHandler] = {}
 
-    def command(self, model: type[C], *, read_only: bool = False) -> Callable[[H], H]:
-        """Register the decorated function as ``model``'s handler."""
+    def command(
+        self, model: type[C], *, read_only: bool = False, role: Role | None = None
+    ) -> Callable[[H], H]:
+        """Register the decorated function as ``model``'s handler; ``role`` defaults to
+        ``viewer`` for a read-only command, else ``operator``."""
+        if read_only and role not in (None, "viewer"):
+            raise ValueError(f"{model.__name__}: a read-only command is for viewers")
+        needed: Role = role or ("viewer" if read_only else "operator")
 
         def register(run: H) -> H:
             returns = get_type_hints(run).get("return")
             if not (isinstance(returns, type) and issubclass(returns, WireModel)):
                 raise TypeError(f"{run.__name__} must be annotated to return a model of protocol/results.py")
-            self._add(CommandHandler(model, run, read_only, returns))
+            self._add(CommandHandler(model, run, read_only, returns, needed))
             return run
 
         return register

@@ -211,7 +211,7 @@ def device_credentials(ctx: Context, device_id: str) -> str:
     return password
 
 
-@commands.command(DevicesCredentials)
+@commands.command(DevicesCredentials, role="admin")
 def devices_credentials(ctx: Context, cmd: DevicesCredentials) -> DeviceCredentials:
     if cmd.certificate:
         return _device_certificate(ctx, cmd.device_id)
@@ -245,7 +245,7 @@ def _known_devices(store: Store) -> set[str]:
     }
 
 
-@commands.command(DevicesRevoke)
+@commands.command(DevicesRevoke, role="admin")
 def devices_revoke(ctx: Context, cmd: DevicesRevoke) -> DevicesRevoked:
     known = _known_devices(ctx.store)
     unknown = [d for d in cmd.device_ids if d not in known]

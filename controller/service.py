@@ -38,7 +38,7 @@ from tether.protocol.backoff import Backoff
 from tether.protocol.commands import COMMAND_ADAPTER, CommandModel
 from tether.protocol.credentials import CredentialTable
 from tether.protocol.device_api import MetricsSample, merge_sample
-from tether.protocol.errors import CommandError, ErrorCode, PayloadError, TetherError
+from tether.protocol.errors import CommandError, ErrorCode, ForbiddenError, PayloadError, TetherError
 from tether.protocol.models import (
     DesiredState,
     Event,
@@ -52,6 +52,7 @@ from tether.protocol.models import (
     StackRef,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
+from tether.protocol.principals import INTERNAL, Principal
 from tether.protocol.topics import DeviceTopic
 
 from . import deployments, devices, enrollment, groups, jobs, registries, rollout, security, stacks, variables
@@ -108,6 +109,8 @@ BEHIND_GRACE = 15.0
 before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
 BEHIND_CHECK = 5.0
 """Seconds between two looks for devices that stay behind (see :meth:`Controller.repair_behind`)."""
+OPERATOR = Principal(user=security.OPERATOR_USER, role="admin", via="mqtt")
+"""Who sends a request on the shared request topic: the one operator of ``tether up``."""
 BEHIND_BACKOFF_MAX = 300.0
 """Republishing to a device that stays behind backs off (doubling from the grace) up to this."""
 
@@ -1278,10 +1281,17 @@ class Controller:
 
     # --- requests ---
 
-    def execute(self, command: CommandModel) -> Any:
-        """Carry out one command; return its result (a model of protocol/results.py) or raise a TetherError."""
+    def execute(self, command: CommandModel, principal: Principal = INTERNAL) -> Any:
+        """Carry out one command for ``principal``; return its result (a model of
+        protocol/results.py) or raise a TetherError. The one place roles are checked: a
+        principal whose role is below the command's (controller/registry.py) is refused with
+        a :class:`ForbiddenError` before anything runs."""
         ctx: Context = self  # what handlers may use of the controller (checked by mypy)
         handler = COMMANDS.handler(command)
+        if not principal.may(handler.role):
+            raise ForbiddenError(
+                f"{principal.role} {principal.user!r} may not {getattr(command, 'kind', '?')} (it needs {handler.role})"
+            )
         result = handler.run(ctx, command)
         if not isinstance(result, handler.result):
             raise TypeError(
@@ -1313,7 +1323,7 @@ class Controller:
             # to 10,000 devices is answered at once instead of after 10,000 acknowledgements.
             self._deferring = True
             try:
-                result = self.execute(command)
+                result = self.execute(command, OPERATOR)
             finally:
                 self._deferring = False
             reply = Reply(id=request.id, ok=True, result=result)

@@ -147,7 +147,7 @@ def _port_clashes(
     return port_clashes(name, spec, mine, others)
 
 
-@commands.command(StacksPlan)
+@commands.command(StacksPlan, role="viewer")
 def stacks_plan(ctx: Context, cmd: StacksPlan) -> StackPlan:
     """``stacks.deploy`` checked in full and compared with what runs, nothing stored."""
     errors: list[str] = []

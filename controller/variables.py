@@ -322,7 +322,7 @@ def _check_path(path: str) -> None:
         )
 
 
-@commands.command(VarsKey)
+@commands.command(VarsKey, role="viewer")
 def vars_key(ctx: Context, cmd: VarsKey) -> PublicKey:
     if ctx.secrets is None:
         raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")

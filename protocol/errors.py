@@ -10,7 +10,8 @@ TetherError
 │   └── RequestTimeout  no reply from the controller in time
 ├── CommandError        the controller refused a command: the request is invalid
 │   ├── NotFoundError   it names something the controller does not have
-│   └── ConflictError   it clashes with the current state (exists, in use, not now)
+│   ├── ConflictError   it clashes with the current state (exists, in use, not now)
+│   └── ForbiddenError  the user's role does not allow it
 ├── StoreError          the controller's state store refused an operation
 └── DriverError         a runtime driver could not carry out an action
 
@@ -34,6 +35,8 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"
     """It clashes with the current state: the name is taken, the thing is in use, or its
     state does not allow it (only an active deployment can be paused...)."""
+    FORBIDDEN = "forbidden"
+    """The user's role does not allow the command (protocol/principals.py)."""
     TOO_LARGE = "too_large"
     """The result does not fit in one message (ask for less)."""
     INTERNAL = "internal"
@@ -100,6 +103,12 @@ class ConflictError(CommandError):
     """A command clashes with the current state (the name is taken, the thing in use...)."""
 
     code = ErrorCode.CONFLICT
+
+
+class ForbiddenError(CommandError):
+    """The user's role does not allow the command (a viewer asked for a write...)."""
+
+    code = ErrorCode.FORBIDDEN
 
 
 class StoreError(TetherError):
