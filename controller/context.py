@@ -72,5 +72,11 @@ class Context(Protocol):
     def advance_deployments(self, force: bool = True) -> None:
         """Step every active deployment now; store, revert and publish what changed."""
 
+    def emit(self, kind: str, subject: str, data: dict[str, Any]) -> None:
+        """Emit a fleet event (controller/fleet_events.py) once the current change is committed."""
+
+    def note_deployment(self, before: Deployment | None, after: Deployment) -> None:
+        """Emit the fleet event of a deployment that started or changed state."""
+
     def targets(self, stack: Stack) -> list[str]:
         """The devices ``stack`` goes to (its group's eligible members, or its replicas' devices)."""

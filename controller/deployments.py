@@ -111,6 +111,7 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> DeploymentResult
         raise ConflictError(
             f"deployment {d.id} is {d.state}; only the active deployment of a stack can {action}"
         )
+    before = d
     if action == "pause":
         d = d.model_copy(update={"state": "paused", "updated": now})
     elif action == "resume":
@@ -125,5 +126,6 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> DeploymentResult
         d = rollout.switch(d, now)
     with ctx.store.transaction():
         ctx.store.put_deployment(d)
+    ctx.note_deployment(before, d)
     ctx.advance_deployments()
     return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, d.id)))

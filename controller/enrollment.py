@@ -46,6 +46,7 @@ from tether.protocol.results import (
 )
 
 from .context import Context
+from .fleet_events import device_subject
 from .models import Device, Enrollment, EnrollmentToken
 from .registry import CommandRegistry
 from .security import issue_device_credentials
@@ -184,6 +185,7 @@ def on_request(ctx: Context, device_id: str, payload: bytes) -> None:
         ctx.store.put_token(token.model_copy(update={"devices": (*token.devices, device_id)}))
     ctx.access.sync_tokens(ctx.store)
     log.info("device %s is waiting for approval (token %s)", device_id, token.id)
+    ctx.emit("device.pending", device_subject(device_id), {"token": token.id})
     if token.auto_approve:
         _approve(ctx, [entry])
 

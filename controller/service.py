@@ -59,6 +59,15 @@ from . import deployments, devices, enrollment, groups, jobs, registries, rollou
 from .context import Context
 from .devices import all_devices, attributes
 from .fleet import Seen
+from .fleet_events import (
+    EventBus,
+    FleetEvent,
+    ReportSummary,
+    deployment_event,
+    device_subject,
+    disk_event,
+    report_events,
+)
 from .lease import Lease
 from .models import DesiredRecord, Device, Group, Stack
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
@@ -195,6 +204,11 @@ class Controller:
         self.leading = threading.Event()
         self.lost_leadership = threading.Event()
         self.metrics = Metrics()
+        self.bus = EventBus(clock)
+        """Fleet events (:mod:`.fleet_events`), emitted once the change is committed."""
+        self._events_due: list[FleetEvent] = []  # emitted by flush_events, after the commit
+        self._summaries: dict[str, ReportSummary] = {}  # each device's last report, as events see it
+        self._disk_low: set[str] = set()  # devices whose disk is low (see disk_event)
         self._deployments_dirty = True
         self._next_deployment_step = 0.0
         self._step_not_before = 0.0
@@ -328,6 +342,8 @@ class Controller:
                     next_tick = time.monotonic() + TICK_SECONDS
             except Exception:
                 log.exception("failed to handle a message on %s", topic)
+            finally:
+                self.flush_events()
 
     def _ingest(self, topic: str, payload: bytes) -> tuple[str, bytes] | None:
         """Handle a burst of device reports, events and metrics in one store transaction.
@@ -341,10 +357,12 @@ class Controller:
         held: tuple[str, bytes] | None = None
         with self.store.transaction():
             for handled in range(1, INGEST_BATCH + 1):
+                mark = len(self._events_due)
                 try:
                     with self.store.transaction():
                         self._dispatch(topic, payload)
                 except Exception:
+                    del self._events_due[mark:]  # its writes were undone: so are its events
                     log.exception("failed to handle a message on %s", topic)
                 if handled == INGEST_BATCH:
                     break
@@ -575,6 +593,7 @@ class Controller:
                 self.store.put_deployment(nxt)
                 if nxt.state != deployment.state:
                     log.info("deployment %d of %s: %s %s", nxt.id, nxt.stack, nxt.state, nxt.message or "")
+                    self.note_deployment(deployment, nxt)
                 if nxt.state == "reverted" and nxt.from_hash is not None:
                     self._revert(stack, nxt.from_hash)
         if changed:
@@ -602,14 +621,18 @@ class Controller:
         now = self.clock()
         previous = self.store.latest_deployments().get(stack.name)
         if previous is not None and previous.active:
-            self.store.put_deployment(previous.model_copy(update={"state": "superseded", "updated": now}))
+            superseded = previous.model_copy(update={"state": "superseded", "updated": now})
+            self.store.put_deployment(superseded)
+            self.note_deployment(previous, superseded)
         fleet = self.fleet_view()
         targets = self.targets(stack)
-        deployment = rollout.start(
+        started = rollout.start(
             self.store.next_deployment_id(), stack.name, from_hash, stack.spec_hash, strategy, targets, now
         )
-        deployment = rollout.step(deployment, targets, self._observe(stack.name, targets, fleet), now)
+        deployment = rollout.step(started, targets, self._observe(stack.name, targets, fleet), now)
         self.store.put_deployment(deployment)
+        self.note_deployment(None, deployment)
+        self.note_deployment(started, deployment)  # done at once (no device): said too
         return deployment
 
     # --- dispatch ---
@@ -620,6 +643,26 @@ class Controller:
         self._flush_reports()
         self._flush_syncs()
         self._publish_deferred()
+        self.flush_events()
+
+    # --- fleet events (see fleet_events.py) ---
+
+    def emit(self, kind: str, subject: str, data: dict[str, Any]) -> None:
+        """Emit a fleet event once what the worker is doing now is committed (:meth:`flush_events`)."""
+        self._events_due.append(FleetEvent(kind, subject, self.clock(), data))
+
+    def note_deployment(self, before: rollout.Deployment | None, after: rollout.Deployment) -> None:
+        """Emit the event of a deployment that started or changed state (none otherwise)."""
+        event = deployment_event(before, after, self.clock())
+        if event is not None:
+            self._events_due.append(event)
+
+    def flush_events(self) -> None:
+        """Emit the events of what is committed now (on the worker thread)."""
+        if self._events_due:
+            due, self._events_due = self._events_due, []
+            for event in due:
+                self.bus.emit(event)
 
     def _publish_deferred(self) -> None:
         """Publish what a request or a batch of device messages left to publish (committed now)."""
@@ -729,6 +772,7 @@ class Controller:
                 continue
             self.store.put_device(device.model_copy(update={"status": "offline", "since": now}))
             log.info("device %s is offline (not heard from since the restart)", device_id)
+            self.emit("device.offline", device_subject(device_id), {"session": device.session, "since": now})
             changed = True
         if changed:
             self._deployments_dirty = True
@@ -768,6 +812,12 @@ class Controller:
                 presence.status,
                 presence.session,
             )
+            if not same:
+                self.emit(
+                    f"device.{presence.status}",
+                    device_subject(device_id),
+                    {"session": presence.session, "since": now},
+                )
         if presence.status == "online":
             enrollment.seen(self, device_id)
         # Scheduled at the end of the batch of messages this one came in (_flush_syncs).
@@ -804,6 +854,7 @@ class Controller:
                     record.model_copy(update={"generation": reported.generation + 1, "published": False})
                 )
             self._publish_after.add(device_id)  # once committed (reports are handled in batches)
+        self._report_events(device_id, reported)
         if known is None:  # its first report: the device row may not exist yet, or holds an old one
             device = self.store.get_device(device_id)
             if device is None or device.reported is not None:
@@ -815,6 +866,17 @@ class Controller:
             # Written with the others of its batch (the newest per device), in one statement.
             self._reports_due[device_id] = reported
         self._deployments_dirty = True
+
+    def _report_events(self, device_id: str, reported: ReportedState) -> None:
+        """Emit what a report changed (what the device runs, a crash loop, a stuck download, a full disk)."""
+        before = self._summaries.get(device_id)
+        if before is None:  # first heard of since we started: compare with the report we stored
+            device = self.store.get_device(device_id)
+            if device is not None and device.reported is not None:
+                before = ReportSummary.of(device.reported)
+        after = ReportSummary.of(reported)
+        self._summaries[device_id] = after
+        self._events_due.extend(report_events(device_id, before, after, self.clock()))
 
     def _flush_reports(self) -> None:
         """Store the reported states of the batch: the newest of each device, in one statement
@@ -921,6 +983,16 @@ class Controller:
         self.store.add_job_result(result.job, device_id, result.run, result.started, result.model_dump_json())
         if not known:
             self.metrics.job_runs.labels(outcome=job_outcome(result)).inc()
+            self.emit(
+                "job.result",
+                device_subject(device_id),
+                {
+                    "job": result.job,
+                    "run": result.run,
+                    "outcome": job_outcome(result),
+                    "exit_code": result.exit_code,
+                },
+            )
 
     def _dropped(self, device_id: str, reason: str) -> None:
         """Count a message of ``device_id`` not stored as sent; log at the 1st, 10th, 100th..."""
@@ -1277,7 +1349,15 @@ class Controller:
             return  # bounded memory, whoever publishes on metrics topics
         if previous is not None and sample.at < previous["at"]:
             return  # older than what we have (QoS 0 may reorder across reconnects)
-        self.device_metrics[device_id] = merge_sample(previous, sample, self.clock())
+        merged = self.device_metrics[device_id] = merge_sample(previous, sample, self.clock())
+        low = device_id in self._disk_low
+        now_low, event = disk_event(
+            device_id, low, merged.get("disk"), merged.get("disk_total"), self.clock()
+        )
+        if now_low != low:
+            (self._disk_low.add if now_low else self._disk_low.discard)(device_id)
+        if event is not None:
+            self._events_due.append(event)
 
     # --- requests ---
 
@@ -1292,7 +1372,12 @@ class Controller:
             raise ForbiddenError(
                 f"{principal.role} {principal.user!r} may not {getattr(command, 'kind', '?')} (it needs {handler.role})"
             )
-        result = handler.run(ctx, command)
+        mark = len(self._events_due)
+        try:
+            result = handler.run(ctx, command)
+        except BaseException:
+            del self._events_due[mark:]  # nothing it did stays: nor do its events
+            raise
         if not isinstance(result, handler.result):
             raise TypeError(
                 f"{'/'.join(command.kinds())} returned {type(result).__name__}, not {handler.result.__name__}"
