@@ -1,0 +1,615 @@
+"""The web dashboard's pages (docs/ui.md): server-rendered, every state read through the controller's commands.
+
+Each page runs the commands the API and the CLI run (``controller.submit``, see
+:mod:`.seams`) and renders their result models (protocol/results.py) with Jinja2
+(autoescaped: device-reported strings are attacker-controlled). A page asked for with the
+``X-Tether-Fragment`` header answers with its ``<main>`` only: static/tether.js re-fetches it
+when the fleet event stream (``/api/v1/events``) says something changed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hmac
+import secrets
+import time
+from collections import Counter
+from importlib import resources
+from typing import Any
+from urllib.parse import urlencode
+
+import jinja2
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
+from tether.protocol import codec
+from tether.protocol.commands import (
+    CommandModel,
+    DeploymentsAction,
+    DeploymentsList,
+    DeploymentsStatus,
+    DevicesApprove,
+    DevicesList,
+    DevicesPending,
+    DevicesReject,
+    DevicesShow,
+    GroupsList,
+    JobsList,
+    RegistriesList,
+    RolloutStrategy,
+    StacksDeploy,
+    StacksList,
+    StacksPlan,
+    StacksShow,
+    StacksStatus,
+    TokensList,
+    VarsList,
+)
+from tether.protocol.errors import NotFoundError, TetherError
+
+from . import seams
+
+COOKIE = "tether_session"
+PAGE_SIZE = 50
+ATTENTION = ("failed", "paused", "awaiting-promotion", "staging", "staged", "running")
+"""Deployment states the overview lists (active ones, and failures)."""
+
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'; object-src 'none'"
+)
+SECURE_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+
+router = APIRouter(include_in_schema=False)
+_templates = jinja2.Environment(
+    loader=jinja2.PackageLoader("tether.controller.ui", "templates"),
+    autoescape=True,  # every template, whatever its name: device strings are escaped everywhere
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def _ago(ts: float | None) -> str:
+    if not ts:
+        return "never"
+    delta = max(0.0, time.time() - ts)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if delta >= size:
+            return f"{int(delta // size)}{unit} ago"
+    return f"{int(delta)}s ago"
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "—"
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return "?"
+
+
+_templates.filters["ago"] = _ago
+_templates.filters["when"] = _when
+_templates.filters["size"] = _size
+
+
+# --- plumbing ------------------------------------------------------------------------------
+
+
+def _controller(request: Request) -> Any:
+    return request.app.state.controller
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def _session(request: Request) -> seams.Session | None:
+    cookie = request.cookies.get(COOKIE)
+    return seams.SESSIONS.get(cookie) if cookie else None
+
+
+def _secure(response: Response) -> Response:
+    for name, value in SECURE_HEADERS.items():
+        response.headers[name] = value
+    return response
+
+
+def _login_first(request: Request) -> Response:
+    target = "/ui/login?" + urlencode({"next": request.url.path})
+    return _secure(RedirectResponse(target, status_code=303))
+
+
+def _render(
+    request: Request, template: str, session: seams.Session | None, code: int = 200, **values: Any
+) -> Response:
+    fragment = request.headers.get("X-Tether-Fragment") == "1"
+    who = session.principal if session else None
+    html = _templates.get_template(template).render(
+        fragment=fragment,
+        who=who,
+        csrf=session.csrf if session else "",
+        can_operate=who is not None and seams.can(who, "operator"),
+        can_admin=who is not None and seams.can(who, "admin"),
+        path=request.url.path,
+        **values,
+    )
+    return _secure(HTMLResponse(html, status_code=code))
+
+
+def _run(request: Request, session: seams.Session, command: CommandModel) -> Any:
+    return seams.submit(_controller(request), command, session.principal)
+
+
+def _error_page(request: Request, session: seams.Session | None, exc: Exception) -> Response:
+    status = 404 if isinstance(exc, NotFoundError) else 403 if _forbidden(exc) else 400
+    return _render(request, "error.html", session, code=status, message=str(exc))
+
+
+def _forbidden(exc: Exception) -> bool:
+    return str(getattr(exc, "code", "")) == "forbidden"
+
+
+async def _form(request: Request, session: seams.Session) -> dict[str, Any]:
+    """The posted form, its CSRF token checked (raises _Forbidden on a missing or wrong one)."""
+    form = await request.form()
+    if not seams.csrf_ok(session, form.get("csrf") if isinstance(form.get("csrf"), str) else None):  # type: ignore[arg-type]
+        raise PermissionError("the form's CSRF token is missing or wrong: reload the page and try again")
+    return {k: form.getlist(k) if k in ("device", "ids") else form.get(k) for k in form}
+
+
+def _refused(request: Request, session: seams.Session | None, message: str) -> Response:
+    return _render(request, "error.html", session, code=403, message=message)
+
+
+# --- static files and login ----------------------------------------------------------------
+
+
+@router.get("/ui/static/{name}")
+def static(name: str) -> Response:
+    suffix = name[name.rfind(".") :] if "." in name else ""
+    if "/" in name or name.startswith(".") or suffix not in STATIC_TYPES:
+        return Response("not found\n", status_code=404, media_type="text/plain")
+    try:
+        data = resources.files("tether.controller.ui").joinpath("static", name).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return Response("not found\n", status_code=404, media_type="text/plain")
+    response = _secure(Response(data, media_type=STATIC_TYPES[suffix]))
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+@router.get("/")
+def root() -> Response:
+    return _secure(RedirectResponse("/ui/", status_code=303))
+
+
+def _safe_next(target: str | None) -> str:
+    """Only a path of this UI: never another site (an open redirect)."""
+    if target and target.startswith("/ui/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/ui/"
+
+
+LOGIN_COOKIE = "tether_login"
+
+
+def _login_form(request: Request, target: str, error: str | None, status: int = 200) -> Response:
+    """The login page, its form's CSRF token doubled in a cookie (no session to keep it in yet)."""
+    token = secrets.token_urlsafe(24)
+    response = _render(request, "login.html", None, code=status, next=target, error=error, login_csrf=token)
+    response.set_cookie(
+        LOGIN_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
+        path="/ui/login", max_age=3600,
+    )  # fmt: skip
+    return response
+
+
+@router.get("/ui/login")
+def login_page(request: Request, next: str | None = None) -> Response:
+    return _login_form(request, _safe_next(next), None)
+
+
+@router.post("/ui/login")
+async def login(request: Request) -> Response:
+    form = await request.form()
+    user, password = str(form.get("user") or ""), str(form.get("password") or "")
+    target = _safe_next(str(form.get("next") or ""))
+    token, expected = str(form.get("csrf") or ""), request.cookies.get(LOGIN_COOKIE) or ""
+    if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+        return _login_form(request, target, "the login form expired: log in again", status=403)
+    who = seams.check_password(_controller(request), user, password, _address(request))
+    if who is None:
+        return _login_form(request, target, "wrong user name or password", status=401)
+    cookie, _csrf = seams.SESSIONS.create(who)
+    response = _secure(RedirectResponse(target, status_code=303))
+    response.delete_cookie(LOGIN_COOKIE, path="/ui/login")
+    response.set_cookie(
+        COOKIE,
+        cookie,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+        max_age=int(seams.SESSION_S),
+    )
+    return response
+
+
+@router.post("/ui/logout")
+async def logout(request: Request) -> Response:
+    session = _session(request)
+    if session is not None:
+        try:
+            await _form(request, session)
+        except PermissionError as exc:
+            return _refused(request, session, str(exc))
+        seams.SESSIONS.drop(request.cookies.get(COOKIE, ""))
+    response = _secure(RedirectResponse("/ui/login", status_code=303))
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+# --- overview and devices ------------------------------------------------------------------
+
+
+@router.get("/ui/")
+def overview(request: Request) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        devices = _run(request, session, DevicesList()).devices
+        deployments = _run(request, session, DeploymentsList()).deployments
+        stacks = _run(request, session, StacksList()).stacks
+        pending = [p for p in _run(request, session, DevicesPending()).devices if p.state == "pending"]
+    except TetherError as exc:
+        return _error_page(request, session, exc)
+    presence = Counter(d.status for d in devices)
+    failing = [d for d in devices if any(s == "failed" for s in d.stacks.values())]
+    offline = sorted((d for d in devices if d.status == "offline"), key=lambda d: -(d.since or 0))
+    attention = [d for d in deployments if d.state in ATTENTION][:20]
+    return _render(
+        request,
+        "overview.html",
+        session,
+        total=len(devices),
+        presence=presence,
+        failing=failing[:20],
+        failing_count=len(failing),
+        offline=offline[:10],
+        attention=attention,
+        stacks=stacks,
+        pending=pending,
+    )
+
+
+def _matches(device: Any, query: str) -> bool:
+    if not query:
+        return True
+    if "=" in query:
+        key, _, value = query.partition("=")
+        return device.labels.get(key.strip()) == value.strip()
+    q = query.lower()
+    return q in device.id.lower() or any(q in v.lower() for v in device.labels.values())
+
+
+@router.get("/ui/devices")
+def devices(
+    request: Request,
+    q: str = "",
+    presence: str = "",
+    state: str = "",
+    group: str = "",
+    page: int = 1,
+) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        found = _run(request, session, DevicesList()).devices
+        groups = _run(request, session, GroupsList()).groups
+    except TetherError as exc:
+        return _error_page(request, session, exc)
+    members = next((set(g.members) for g in groups if g.name == group), None) if group else None
+    rows = [
+        d
+        for d in found
+        if _matches(d, q)
+        and (not presence or d.status == presence)
+        and (not state or state in d.stacks.values() or (state == "none" and not d.stacks))
+        and (members is None or d.id in members)
+    ]
+    pages = max(1, -(-len(rows) // PAGE_SIZE))
+    page = min(max(1, page), pages)
+    shown = rows[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+    query = {"q": q, "presence": presence, "state": state, "group": group}
+
+    def link(to: int) -> str:
+        return "/ui/devices?" + urlencode({**{k: v for k, v in query.items() if v}, "page": to})
+
+    return _render(
+        request,
+        "devices.html",
+        session,
+        rows=shown,
+        matched=len(rows),
+        total=len(found),
+        page=page,
+        pages=pages,
+        prev_link=link(page - 1) if page > 1 else None,
+        next_link=link(page + 1) if page < pages else None,
+        query=query,
+        groups=[g.name for g in groups],
+    )
+
+
+@router.get("/ui/devices/{device_id}")
+def device(request: Request, device_id: str) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        shown = _run(request, session, DevicesShow(device_id=device_id)).device
+        groups = [g.name for g in _run(request, session, GroupsList()).groups if device_id in g.members]
+    except (TetherError, ValidationError) as exc:
+        return _error_page(request, session, exc)
+    reported = shown.reported or {}
+    return _render(
+        request,
+        "device.html",
+        session,
+        device=shown,
+        groups=groups,
+        reported=reported,
+        stacks=reported.get("stacks") or {},
+        downloads=reported.get("downloads") or {},
+        events=list(reversed(shown.events[-50:])),
+    )
+
+
+# --- stacks and deployments ----------------------------------------------------------------
+
+
+@router.get("/ui/stacks")
+def stacks(request: Request) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        found = _run(request, session, StacksList()).stacks
+    except TetherError as exc:
+        return _error_page(request, session, exc)
+    return _render(request, "stacks.html", session, stacks=found)
+
+
+@router.get("/ui/stacks/{name}")
+def stack(request: Request, name: str, version: int | None = None, against: int | None = None) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        status = _run(request, session, StacksStatus(name=name))
+        shown = _run(request, session, StacksShow(name=name, version=version))
+        other = _run(request, session, StacksShow(name=name, version=against)) if against else None
+        deployments = _run(request, session, DeploymentsList(stack=name)).deployments[:10]
+    except (TetherError, ValidationError) as exc:
+        return _error_page(request, session, exc)
+    diff = None
+    if other is not None:
+        diff = list(
+            difflib.unified_diff(
+                other.compose.splitlines(),
+                shown.compose.splitlines(),
+                f"{name} version {other.version}",
+                f"{name} version {shown.version}",
+                lineterm="",
+            )
+        )
+    return _render(
+        request,
+        "stack.html",
+        session,
+        name=name,
+        stack_status=status,
+        shown=shown,
+        other=other,
+        diff=diff,
+        deployments=deployments,
+        versions=list(range(shown.current, 0, -1)),
+    )
+
+
+def _strategy(form: dict[str, Any]) -> RolloutStrategy:
+    values: dict[str, Any] = {"kind": form.get("strategy") or "all-at-once"}
+    for field, key in (("max_parallel", "max_parallel"), ("canary", "canary")):
+        if form.get(key):
+            values[field] = form[key]
+    if form.get("min_healthy"):
+        values["min_healthy_time_s"] = form["min_healthy"]
+    values["auto_revert"] = form.get("auto_revert") == "on"
+    values["auto_promote"] = form.get("auto_promote") == "on"
+    return RolloutStrategy.model_validate(values)
+
+
+@router.get("/ui/deploy")
+def deploy_page(request: Request, name: str = "", group: str = "") -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    if not seams.can(session.principal, "operator"):
+        return _refused(request, session, "deploying needs the operator role")
+    compose = ""
+    if name:
+        try:
+            shown = _run(request, session, StacksShow(name=name))
+            compose, group = shown.compose, group or shown.group
+        except (TetherError, ValidationError):
+            pass  # a new stack
+    try:
+        groups = [g.name for g in _run(request, session, GroupsList()).groups]
+    except TetherError as exc:
+        return _error_page(request, session, exc)
+    form = {"name": name, "group": group, "compose": compose, "strategy": "all-at-once"}
+    return _render(request, "deploy.html", session, form=form, groups=groups, plan=None, errors=[])
+
+
+@router.post("/ui/deploy")
+async def deploy(request: Request) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        form = await _form(request, session)
+    except PermissionError as exc:
+        return _refused(request, session, str(exc))
+    if not seams.can(session.principal, "operator"):
+        return _refused(request, session, "deploying needs the operator role")
+    name, group, compose = (str(form.get(k) or "") for k in ("name", "group", "compose"))
+    compose = compose.replace("\r\n", "\n")
+    form = {**form, "compose": compose}
+    groups: list[str] = []
+    errors: list[str] = []
+    plan = None
+    try:
+        groups = [g.name for g in _run(request, session, GroupsList()).groups]
+        strategy = _strategy(form)
+        if form.get("action") == "deploy":
+            deployed = _run(
+                request, session, StacksDeploy(name=name, group=group, compose=compose, strategy=strategy)
+            )
+            target = f"/ui/deployments/{deployed.deployment}" if deployed.deployment else f"/ui/stacks/{name}"
+            return _secure(RedirectResponse(target, status_code=303))
+        plan = _run(request, session, StacksPlan(name=name, group=group, compose=compose))
+    except ValidationError as exc:
+        errors = [f"invalid: {codec.describe(exc)}"]
+    except TetherError as exc:
+        errors = [line for line in str(exc).splitlines() if line.strip()] or [str(exc)]
+    status = 400 if errors else 200
+    return _render(
+        request, "deploy.html", session, code=status, form=form, groups=groups, plan=plan, errors=errors
+    )
+
+
+@router.get("/ui/deployments")
+def deployments(request: Request) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        found = _run(request, session, DeploymentsList()).deployments[:100]
+    except TetherError as exc:
+        return _error_page(request, session, exc)
+    return _render(request, "deployments.html", session, deployments=found)
+
+
+@router.get("/ui/deployments/{deployment_id}")
+def deployment(request: Request, deployment_id: int) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        shown = _run(request, session, DeploymentsStatus(id=deployment_id)).deployment
+        status = _run(request, session, StacksStatus(name=shown.stack))
+    except (TetherError, ValidationError) as exc:
+        return _error_page(request, session, exc)
+    rows = {r.device: r for r in status.devices}
+    return _render(request, "deployment.html", session, deployment=shown, rows=rows)
+
+
+@router.post("/ui/deployments/{deployment_id}/{action}")
+async def deployment_action(request: Request, deployment_id: int, action: str) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        await _form(request, session)
+    except PermissionError as exc:
+        return _refused(request, session, str(exc))
+    if not seams.can(session.principal, "operator"):
+        return _refused(request, session, f"{action} needs the operator role")
+    try:
+        command = DeploymentsAction(kind=f"deployments.{action}", id=deployment_id)  # type: ignore[arg-type]
+        done = _run(request, session, command).deployment
+    except (TetherError, ValidationError) as exc:
+        return _error_page(request, session, exc)
+    return _secure(RedirectResponse(f"/ui/deployments/{done.id}", status_code=303))
+
+
+# --- waiting room and the rest -------------------------------------------------------------
+
+
+@router.get("/ui/pending")
+def pending(request: Request, done: str = "") -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        found = _run(request, session, DevicesPending()).devices
+    except TetherError as exc:
+        return _error_page(request, session, exc)
+    return _render(request, "pending.html", session, devices=found, done=done)
+
+
+@router.post("/ui/pending")
+async def decide(request: Request) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        form = await _form(request, session)
+    except PermissionError as exc:
+        return _refused(request, session, str(exc))
+    if not seams.can(session.principal, "operator"):
+        return _refused(request, session, "approving devices needs the operator role")
+    ids = tuple(str(i) for i in form.get("device") or ())
+    if not ids:
+        return _render(request, "error.html", session, code=400, message="select at least one device")
+    try:
+        if form.get("action") == "reject":
+            rejected = _run(request, session, DevicesReject(device_ids=ids)).rejected
+            done = f"rejected {len(rejected)}"
+        else:
+            approved = _run(request, session, DevicesApprove(device_ids=ids)).approved
+            done = f"approved {len(approved)}"
+    except (TetherError, ValidationError) as exc:
+        return _error_page(request, session, exc)
+    return _secure(RedirectResponse("/ui/pending?" + urlencode({"done": done}), status_code=303))
+
+
+_LISTS: dict[str, tuple[type[CommandModel], str, str]] = {
+    "groups": (GroupsList, "groups", "Groups"),
+    "tokens": (TokensList, "tokens", "Enrollment tokens"),
+    "variables": (VarsList, "variables", "Variables"),
+    "registries": (RegistriesList, "registries", "Registry credentials"),
+    "jobs": (JobsList, "jobs", "Jobs"),
+}
+
+
+@router.get("/ui/{what}")
+def listing(request: Request, what: str) -> Response:
+    if what not in _LISTS:
+        return _secure(Response("not found\n", status_code=404, media_type="text/plain"))
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    model, attribute, title = _LISTS[what]
+    try:
+        rows = getattr(_run(request, session, model()), attribute)
+    except TetherError as exc:
+        return _error_page(request, session, exc)
+    return _render(request, f"{what}.html", session, rows=rows, title=title)

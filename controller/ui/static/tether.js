@@ -1,0 +1,78 @@
+// Tether's dashboard: live pages over the fleet event stream (docs/ui.md).
+// The page's <main> is re-fetched (as a fragment, rendered by the server) when the
+// stream says something changed; a lost connection is shown and recovers by itself.
+"use strict";
+(function () {
+  var main = document.getElementById("main");
+  var badge = document.getElementById("live");
+  if (!main || !badge) return;
+  var live = main.getAttribute("data-live") !== "off";
+  var pending = null;
+  var fetching = false;
+  var again = false;
+
+  function show(state, text) {
+    badge.setAttribute("data-state", state);
+    badge.textContent = text;
+  }
+
+  function busy() {
+    // Never replace what the user is typing into or has selected.
+    var el = document.activeElement;
+    if (el && main.contains(el) && /^(INPUT|SELECT|TEXTAREA)$/.test(el.tagName)) return true;
+    return main.querySelector("input[type=checkbox]:checked") !== null;
+  }
+
+  function refresh() {
+    pending = null;
+    if (!live) return;
+    if (fetching || busy()) { again = true; if (!fetching) later(1000); return; }
+    fetching = true;
+    fetch(window.location.href, { headers: { "X-Tether-Fragment": "1" }, credentials: "same-origin" })
+      .then(function (r) {
+        if (r.redirected || r.status === 401) { window.location.reload(); return null; }
+        return r.ok ? r.text() : null;
+      })
+      .then(function (html) {
+        if (html !== null && html !== undefined && !busy()) {
+          main.innerHTML = html;
+          main.setAttribute("data-refreshed", String(Date.now()));
+        }
+      })
+      .catch(function () { /* the stream's own error shows the lost connection */ })
+      .then(function () {
+        fetching = false;
+        if (again) { again = false; later(250); }
+      });
+  }
+
+  function later(ms) {
+    if (pending === null) pending = window.setTimeout(refresh, ms);
+  }
+
+  if (!window.EventSource) { show("off", "live updates unavailable"); return; }
+  var source = null;
+  var retry = 1000;
+  var lost = false;
+
+  function connect() {
+    source = new EventSource("/api/v1/events");
+    source.onopen = function () {
+      retry = 1000;
+      show("on", "live");
+      if (lost) { lost = false; later(0); } // what happened while away
+    };
+    source.onmessage = function () { later(300); };
+    source.addEventListener("lost", function () { later(0); });
+    source.onerror = function () {
+      lost = true;
+      show("lost", "connection lost, reconnecting…");
+      if (source.readyState === EventSource.CLOSED) {
+        // The browser gave up (an HTTP error): try again ourselves, backing off.
+        window.setTimeout(connect, retry);
+        retry = Math.min(retry * 2, 30000);
+      }
+    };
+  }
+  connect();
+})();

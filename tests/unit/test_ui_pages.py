@@ -1,0 +1,197 @@
+"""The web UI's pages (controller/ui) over a real controller and store, through Starlette's test client."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from support.fleet import online
+from tether.controller.security import ensure_operator_credentials
+from tether.controller.service import Controller
+from tether.controller.ui import router
+from tether.protocol import codec, topics
+from tether.protocol.models import Event
+from tether.protocol.topics import DeviceTopic
+
+XSS = "<script>alert(1)</script>"
+
+
+def _synchronous_submit(controller: Controller) -> None:
+    """``controller.submit`` without the controller's thread (the unit controller has none)."""
+    takes_principal = len(inspect.signature(controller.execute).parameters) > 1
+
+    def submit(command: Any, principal: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        try:
+            execute: Any = controller.execute
+            done.set_result(execute(command, principal) if takes_principal else execute(command))
+        except Exception as exc:
+            done.set_exception(exc)
+        return done
+
+    controller.submit = submit
+
+
+@pytest.fixture
+def client(controller: Controller, tmp_path: Any) -> Iterator[TestClient]:
+    """The UI router on a local app over ``controller``; the admin operator's password in ``client.password``."""
+    ensure_operator_credentials(controller.store, tmp_path, "mqtt://127.0.0.1:1883", 0.0)
+    _synchronous_submit(controller)
+    app = FastAPI()
+    app.state.controller = controller
+    app.include_router(router)
+    with TestClient(app, base_url="http://127.0.0.1") as test_client:
+        test_client.password = json.loads((tmp_path / "operator.json").read_text())["password"]
+        yield test_client
+
+
+def _csrf(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, html
+    return found.group(1)
+
+
+def _login(client: TestClient, password: str | None = None) -> str:
+    """Log in as admin; the CSRF token of the session's forms."""
+    page = client.get("/ui/login")
+    answer = client.post(
+        "/ui/login",
+        data={
+            "user": "admin",
+            "password": password or client.password,
+            "csrf": _csrf(page.text),
+            "next": "/ui/",
+        },
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303, answer.text
+    return _csrf(client.get("/ui/").text)
+
+
+def test_pages_need_a_login_and_send_secure_headers(client: TestClient) -> None:
+    """Every page redirects to the login page without a session; responses carry the CSP and frame denial."""
+    for path in ("/ui/", "/ui/devices", "/ui/devices/x", "/ui/stacks", "/ui/pending", "/ui/groups"):
+        answer = client.get(path, follow_redirects=False)
+        assert answer.status_code == 303 and answer.headers["location"].startswith("/ui/login"), path
+    page = client.get("/ui/login")
+    csp = page.headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "frame-ancestors 'none'" in csp and "unsafe-inline" not in csp
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    assert "<script>" not in page.text.replace('<script src="/ui/static/tether.js" defer></script>', "")
+
+
+def test_login_sets_a_strict_httponly_cookie_and_refuses_wrong_passwords(client: TestClient) -> None:
+    """A wrong password is refused with 401; the right one sets an HttpOnly SameSite=Strict cookie; a
+    login form without its CSRF token is refused."""
+    page = client.get("/ui/login")
+    wrong = client.post("/ui/login", data={"user": "admin", "password": "nope", "csrf": _csrf(page.text)})
+    assert wrong.status_code == 401 and "wrong user name or password" in wrong.text
+    forged = client.post("/ui/login", data={"user": "admin", "password": client.password, "csrf": "x"})
+    assert forged.status_code == 403 and "tether_session" not in forged.headers.get("set-cookie", "")
+    page = client.get("/ui/login")
+    answer = client.post(
+        "/ui/login",
+        data={
+            "user": "admin",
+            "password": client.password,
+            "csrf": _csrf(page.text),
+            "next": "https://evil.example/",
+        },
+        follow_redirects=False,
+    )
+    assert answer.status_code == 303 and answer.headers["location"] == "/ui/"
+    cookie = next(c for c in answer.headers.get_list("set-cookie") if c.startswith("tether_session="))
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+
+
+def test_device_strings_are_escaped(client: TestClient, controller: Controller) -> None:
+    """A device label and an event message holding <script> are shown as text on every page."""
+    online(controller, "evil-1", labels={"note": XSS})
+    event = Event(device_id="evil-1", seq=1, kind="service.crashed", message=XSS, level="error", at=1.0)
+    controller.handle(topics.device("evil-1", DeviceTopic.EVENTS), codec.encode(event))
+    _login(client)
+    for path in ("/ui/devices", "/ui/devices/evil-1", "/ui/devices?q=alert"):
+        page = client.get(path)
+        assert page.status_code == 200, path
+        assert XSS not in page.text, path
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text, path
+
+
+def test_devices_page_searches_and_pages(client: TestClient, controller: Controller) -> None:
+    """120 devices: page 1 shows 50 with a link to page 2; a search by id and by key=value narrows them."""
+    for n in range(120):
+        online(controller, f"dev-{n:03d}", labels={"site": "north" if n % 2 else "south"})
+    _login(client)
+    first = client.get("/ui/devices")
+    assert "120 of 120 devices · page 1 of 3" in first.text
+    assert first.text.count('data-device="') == 50 and 'href="/ui/devices?page=2"' in first.text
+    found = client.get("/ui/devices", params={"q": "dev-11"})
+    assert "10 of 120 devices" in found.text
+    north = client.get("/ui/devices", params={"q": "site=north", "page": 2})
+    assert "60 of 120 devices · page 2 of 2" in north.text and north.text.count('data-device="') == 10
+    fragment = client.get("/ui/devices", headers={"X-Tether-Fragment": "1"})
+    assert "<html" not in fragment.text and "120 of 120 devices" in fragment.text
+
+
+def test_forms_need_the_csrf_token(client: TestClient, controller: Controller) -> None:
+    """A deploy posted without the session's CSRF token is refused and deploys nothing."""
+    online(controller, "d1")
+    csrf = _login(client)
+    client.post("/ui/deploy", data={"csrf": csrf, "name": "x", "group": "g", "compose": "", "action": "plan"})
+    forged = client.post(
+        "/ui/deploy",
+        data={"name": "web", "group": "g", "compose": "services: {a: {image: x}}", "action": "deploy"},
+    )
+    assert forged.status_code == 403 and "CSRF" in forged.text
+    assert controller.store.list_stacks() == []
+
+
+def test_dry_run_shows_every_error_and_deploy_goes_to_the_deployment(
+    client: TestClient, controller: Controller
+) -> None:
+    """The editor's dry run lists each problem of a bad Compose file and changes nothing; a good one
+    deploys and lands on its deployment page, which offers pause."""
+    online(controller, "d1")
+    csrf = _login(client)
+    page = client.get("/ui/deploy")
+    assert page.status_code == 200 and "Compose file" in page.text
+    from tether.protocol.commands import GroupsCreate
+
+    controller.execute(GroupsCreate(name="g", devices=("d1",)))
+    bad = "services:\n  a:\n    image: 3\n    restart: sometimes\n  b:\n    ports: nope\n"
+    planned = client.post(
+        "/ui/deploy", data={"csrf": csrf, "name": "web", "group": "g", "compose": bad, "action": "plan"}
+    )
+    assert planned.status_code == 400
+    problems = re.findall(r"<li>(.*?)</li>", planned.text.split('id="errors"')[1].split("</ul>")[0], re.S)
+    assert len(problems) >= 2, planned.text
+    assert controller.store.list_stacks() == []
+    good = "services:\n  a:\n    image: busybox\n    command: [sleep, '600']\n"
+    dry = client.post(
+        "/ui/deploy", data={"csrf": csrf, "name": "web", "group": "g", "compose": good, "action": "plan"}
+    )
+    assert dry.status_code == 200 and "a: added" in dry.text and controller.store.list_stacks() == []
+    done = client.post(
+        "/ui/deploy",
+        data={
+            "csrf": csrf,
+            "name": "web",
+            "group": "g",
+            "compose": good,
+            "action": "deploy",
+            "min_healthy": "1",
+        },
+        follow_redirects=False,
+    )
+    assert done.status_code == 303 and done.headers["location"].startswith("/ui/deployments/"), done.text
+    shown = client.get(done.headers["location"])
+    assert "Deployment 1 of" in shown.text and 'data-device="d1"' in shown.text
+    stack = client.get("/ui/stacks/web")
+    assert "image: busybox" in stack.text and 'data-device="d1"' in stack.text
