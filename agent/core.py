@@ -47,8 +47,10 @@ and keeps its files in a :class:`~.store.StateStore`.
   value, a tampered secret) leaves the stack as it was rendered last; config files are
   written under the data directory and a changed one restarts, signals or leaves the
   service as its ``change_mode`` says.
-* **Remote operations** (``.../requests``) go to :mod:`.remote`, which answers on the
-  request's reply topic and runs anything slow on worker threads, never on this one.
+* **Remote operations** (``.../requests``) are checked by :mod:`.request_gate` and carried out
+  by :attr:`AgentCore.remote` (the runner sets :class:`~.remote.RemoteOps`, which answers on
+  the request's reply topic and runs anything slow on worker threads, never on this one).
+  The core does not import them: importing it starts no thread and loads no MQTT client.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from tether.protocol import codec, topics
 from tether.protocol.enrollment import DeviceKey
@@ -76,16 +78,17 @@ from tether.protocol.models import (
     JobSpec,
     Presence,
     ReportedState,
+    Request,
     StackDefinition,
     StackSpec,
     StackStatus,
     VarBinding,
 )
-from tether.protocol.mqtt import Will
 from tether.protocol.topics import DeviceTopic
+from tether.protocol.transport import Link, Will
 from tether.protocol.variables import RenderError, render_stack
 
-from . import reconcile, remote
+from . import reconcile, request_gate
 from .drivers.base import Driver, Observed
 from .jobs import JobScheduler
 from .policy import HostAccess, refusals
@@ -138,24 +141,6 @@ def _replaces(action: reconcile.Action, create: Create) -> bool:
     )
 
 
-class Link(Protocol):
-    """The agent's view of its MQTT session."""
-
-    @property
-    def connected(self) -> bool: ...
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool: ...
-    def publish_tracked(
-        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
-    ) -> Callable[[], bool] | None:
-        """Publish without waiting; a check that is true once the broker acknowledged it, or
-        None if it could not be handed over (not connected)."""
-        ...
-
-    def subscribe(self, topic_filter: str, qos: int = 1) -> None: ...
-    def unsubscribe(self, topic_filter: str) -> None: ...
-
-
 def agent_version() -> str:
     from tether.protocol import __version__
 
@@ -171,6 +156,19 @@ def os_name() -> str:
     except OSError:
         pass
     return f"{platform.system()} {platform.release()}"
+
+
+class RemoteOperations(Protocol):
+    """What the core needs of remote operations (:class:`~.remote.RemoteOps`), reached through
+    :attr:`AgentCore.remote` so the core imports neither them nor their threads."""
+
+    def execute(self, request: Request, command: Any) -> None:
+        """Carry out a validated device command; every outcome is answered on its reply topic."""
+        ...
+
+    def extend_facts(self, facts: DeviceFacts) -> DeviceFacts:
+        """The device's facts with what the remote operations add."""
+        ...
 
 
 class AgentCore:
@@ -220,7 +218,7 @@ class AgentCore:
         self.link = link
         self.clock = clock
         self._facts = facts
-        self.remote: remote.RemoteOps | None = None  # remote operations; the runner sets it
+        self.remote: RemoteOperations | None = None  # remote operations; the runner sets it
         self.desired: DesiredState | None = store.load_desired()
         self.specs: dict[str, StackSpec] = {}
         self.pending: DesiredState | None = None
@@ -339,7 +337,10 @@ class AgentCore:
             elif parsed.device_topic == DeviceTopic.PRESENCE:
                 self._on_own_presence(payload)
             elif parsed.device_topic == DeviceTopic.REQUESTS and payload:
-                remote.handle_request(self, payload)  # answers on the request's reply_to only
+                # Answered on the request's reply_to only; refused when no remote operations are set.
+                request_gate.handle_request(
+                    payload, self.device_id, self.link, self.remote.execute if self.remote else None
+                )
             elif parsed.device_topic == DeviceTopic.ACKED:
                 self._on_acked(payload)
         elif parsed.kind == "stack" and parsed.spec_hash in self.awaiting:

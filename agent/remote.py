@@ -3,7 +3,8 @@
 Theory of operation
 -------------------
 The agent subscribes to ``tether/v1/devices/{id}/requests``; :class:`~.core.AgentCore`
-hands every message there to :func:`handle_request`, on the agent's thread. The wire
+hands every message there to :func:`.request_gate.handle_request`, on the agent's thread,
+which passes valid ones to :meth:`RemoteOps.execute` (set as ``core.remote``). The wire
 format is in :mod:`tether.protocol.device_api` and docs/topics.md ("Remote operations").
 
 * **Validation.** A payload that is not a msgpack map, or whose ``reply_to`` is not a
@@ -11,7 +12,7 @@ format is in :mod:`tether.protocol.device_api` and docs/topics.md ("Remote opera
   publishes a reply anywhere else. Anything else that is wrong (no ``id``, an unknown
   ``kind``, a bad field, a stack that is not on the device) gets ``ok: false`` with one
   line saying what.
-* **Delivery.** The agent subscribes to its requests at QoS 0 (:func:`subscription_qos`):
+* **Delivery.** The agent subscribes to its requests at QoS 0 (:func:`.request_gate.subscription_qos`):
   its MQTT session is persistent, and at QoS 1 the broker would queue a request sent while
   the device is away and deliver it on reconnect, long after the client gave up. A request
   is carried out now or never; a client that gets no answer says so and may ask again.
@@ -50,11 +51,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-from tether.protocol import codec, topics
+from tether.protocol import topics
 from tether.protocol.device_api import (
     CHUNK_BYTES,
-    DEVICE_COMMAND_ADAPTER,
     HEARTBEAT_S,
     MAX_LOG_BYTES,
     DeviceReply,
@@ -73,12 +72,13 @@ from tether.protocol.device_api import (
     StreamEnd,
     StreamEndReason,
 )
-from tether.protocol.errors import DriverError, PayloadError, TetherError
-from tether.protocol.models import DeviceFacts, Request, WireModel
+from tether.protocol.errors import DriverError, TetherError
+from tether.protocol.models import DeviceFacts, Request
 from tether.protocol.topics import DeviceTopic
 
 from . import metrics
 from .drivers.base import Observed
+from .request_gate import publish_reply
 
 if TYPE_CHECKING:
     from .config import AgentConfig
@@ -96,55 +96,6 @@ FLUSH_S = 0.2
 
 class RemoteError(TetherError):
     """A remote operation was refused: the message goes back to the client."""
-
-
-class _Envelope(WireModel):
-    """Just enough of a request to answer it when the rest is wrong."""
-
-    id: Any = None
-    reply_to: Any = None
-
-
-def _publish_reply(core: AgentCore, reply_to: str, reply: DeviceReply) -> bool:
-    return core.link.publish(reply_to, codec.encode(reply), qos=1)
-
-
-def subscription_qos(topic_filter: str) -> int:
-    """QoS 0 for the requests topic: the agent's session is persistent, and a request must
-    not be queued by the broker while the device is away and carried out long after its
-    client gave up (a restart an hour late). QoS 1 for everything else."""
-    parsed = topics.parse(topic_filter)
-    return 0 if parsed is not None and parsed.device_topic == DeviceTopic.REQUESTS else 1
-
-
-def handle_request(core: AgentCore, payload: bytes) -> None:
-    """One message from this device's requests topic (on the agent's thread)."""
-    try:
-        envelope = codec.decode(payload, _Envelope)
-    except PayloadError as exc:
-        log.warning("ignoring a device request: %s", exc)
-        return
-    reply_to = envelope.reply_to if isinstance(envelope.reply_to, str) else None
-    parsed = topics.parse(reply_to) if reply_to else None
-    if reply_to is None or parsed is None or parsed.kind != "replies":
-        log.warning("ignoring a device request: reply_to %r is not a client reply topic", envelope.reply_to)
-        return
-    request_id = envelope.id if isinstance(envelope.id, str) else ""
-    try:
-        request = codec.decode(payload, Request)
-        command = DEVICE_COMMAND_ADAPTER.validate_python(request.command)
-    except PayloadError as exc:
-        error = f"invalid request: {exc}"
-    except ValidationError as exc:
-        error = f"invalid request: command: {codec.describe(exc)}"
-    else:
-        if core.remote is None:
-            error = f"device {core.device_id} does not take remote operations (this agent has them disabled)"
-        else:
-            core.remote.execute(request, command)
-            return
-    log.warning("device request %s refused: %s", request_id or "(no id)", error)
-    _publish_reply(core, reply_to, DeviceReply(id=request_id, ok=False, error=error))
 
 
 # --- facts ----------------------------------------------------------------------------------
@@ -275,7 +226,7 @@ class RemoteOps:
     # --- plumbing ---
 
     def reply(self, request: Request, reply: DeviceReply) -> bool:
-        return _publish_reply(self.core, request.reply_to, reply)
+        return publish_reply(self.core.link, request.reply_to, reply)
 
     def execute(self, request: Request, command: Any) -> None:
         """Carry out a validated command (on the agent's thread); every failure is answered."""
@@ -700,5 +651,5 @@ def attach(core: AgentCore, config: AgentConfig) -> metrics.MetricsLoop:
 def detach(core: AgentCore, loop: metrics.MetricsLoop) -> None:
     """Stop the metrics loop and every remote operation (streams say goodbye first)."""
     loop.stop()
-    if core.remote is not None:
+    if isinstance(core.remote, RemoteOps):
         core.remote.close()

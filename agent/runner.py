@@ -21,7 +21,7 @@ from tether.protocol import labels as label_rules
 from tether.protocol.models import JobResult, JobSpec
 from tether.protocol.mqtt import MqttClient
 
-from . import remote
+from . import remote, request_gate
 from .config import AgentConfig
 from .core import PROGRESS_INTERVAL, AgentCore
 from .drivers.base import Driver
@@ -98,7 +98,7 @@ class Agent:
         self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics
         for topic_filter in self.core.subscriptions():
-            self.client.subscribe(topic_filter, remote.subscription_qos(topic_filter))
+            self.client.subscribe(topic_filter, request_gate.subscription_qos(topic_filter))
         self.stopped = threading.Event()
 
     def refresh_labels(self) -> None:

@@ -16,6 +16,7 @@ from tether.protocol import codec, topics
 from tether.protocol.errors import PayloadError, RequestError, RequestTimeout
 from tether.protocol.models import Reply, Request
 from tether.protocol.mqtt import MqttClient, parse_broker_url
+from tether.protocol.transport import Transport
 
 R = TypeVar("R", bound=Reply)
 
@@ -32,25 +33,27 @@ class ControllerClient:
         password: str | None = None,
         ca_file: str | None = None,
         client_cert: tuple[str, str] | None = None,
+        transport: Transport | None = None,
     ) -> None:
+        """``transport``: the session to use (tests), instead of a paho client to ``broker_url``."""
         self.timeout = timeout
         self.client_id = f"tether-cli-{uuid.uuid4().hex[:12]}"
         self.reply_topic = topics.replies(self.client_id)
         self._replies: queue.Queue[bytes] = queue.Queue()
         self.watched: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._watching: set[str] = set()
-        self._mqtt = MqttClient(
+        self._mqtt: Transport = transport or MqttClient(
             [parse_broker_url(broker_url)],
             client_id=self.client_id,
             clean_session=True,
             reconnect=False,
             keepalive=30,
-            on_message=self._on_message,
             username=username,
             password=password,
             ca_file=ca_file,
             client_cert=client_cert,
         )
+        self._mqtt.on_message = self._on_message
         self._mqtt.subscribe(self.reply_topic)
         self._mqtt.connect(timeout)
 

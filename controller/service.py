@@ -54,6 +54,7 @@ from tether.protocol.models import (
 from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.principals import INTERNAL, Principal
 from tether.protocol.topics import DeviceTopic
+from tether.protocol.transport import Transport
 
 from . import deployments, devices, enrollment, groups, jobs, registries, rollout, security, stacks, variables
 from .context import Context
@@ -199,7 +200,7 @@ class Controller:
         self.lease = lease
         self.ha = ha
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self.client: MqttClient | None = None
+        self.client: Transport | None = None
         self.ready = threading.Event()
         self.leading = threading.Event()
         self.lost_leadership = threading.Event()
@@ -252,8 +253,10 @@ class Controller:
         connect_timeout: float = 15.0,
         session_id: str | None = None,
         session_known: bool = False,
+        transport: Transport | None = None,
     ) -> None:
         """Connect and start the worker. ``fresh_broker``: the broker holds none of our retained state.
+        ``transport``: the session to use (tests), instead of a paho client to ``broker``.
 
         With ``session_id`` the controller keeps a persistent MQTT session under that client
         id: what devices publish while it is away (a restart, a broker restart) is queued by
@@ -267,18 +270,18 @@ class Controller:
         self._session_id = session_id
         self._session_known = session_known
         self._request_qos = 0 if session_id else 1
-        self.client = MqttClient(
+        self.client = transport or MqttClient(
             [broker],
             client_id=session_id or f"tether-controller-{uuid.uuid4().hex[:8]}",
             clean_session=session_id is None,
             keepalive=30,
-            on_message=lambda t, p, r: self.inbox.put((t, p)),
-            on_connect=lambda: self.inbox.put((_CONNECTED, b"")),
             username=self.credentials[0] if self.credentials else None,
             password=self.credentials[1] if self.credentials else None,
             ca_file=str(self.ca_file) if self.ca_file else None,
             client_cert=self.access.client_cert,  # mTLS
         )
+        self.client.on_message = lambda t, p, r: self.inbox.put((t, p))
+        self.client.on_connect = lambda: self.inbox.put((_CONNECTED, b""))
         if self.ha:
             self.client.subscribe(topics.SHARED_REQUESTS)
         if self.lease is None or self.lease.try_acquire():
@@ -1218,7 +1221,7 @@ class Controller:
 
     def _publish_desired(
         self,
-        client: MqttClient,
+        client: Transport,
         unpublished: list[DesiredRecord],
         now: float,
         acknowledged: list[DesiredRecord],

@@ -5,7 +5,7 @@ Theory of operation
 :class:`MqttClient` owns one paho client and one thread. The thread connects to the
 configured brokers in turn; after a failed attempt or a lost connection it waits a
 capped exponential backoff with full jitter (:mod:`.backoff`) and tries the next broker.
-The will is set anew before every CONNECT (MQTT 3.1.1 section 3.1.2.5), because callers
+It implements :class:`~.transport.Transport` (the contract is there). The will is set anew before every CONNECT (MQTT 3.1.1 section 3.1.2.5), because callers
 put a per-connection session number in it. Subscriptions are remembered and renewed
 on every CONNACK, whatever the broker kept of the session (section 3.2.2.2).
 
@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from .backoff import Backoff
 from .codec import MAX_PACKET_SIZE, packet_size
 from .errors import ConfigError, TransportError
+from .transport import Delivery, MessageHandler, Will
 
 log = logging.getLogger(__name__)
 
@@ -74,18 +75,6 @@ def parse_broker_url(url: str) -> BrokerAddress:
     tls = parts.scheme in ("mqtts", "ssl")
     return BrokerAddress(parts.hostname, port or (8883 if tls else 1883), tls)
 
-
-@dataclass(frozen=True)
-class Will:
-    """A last-will message, published by the broker if we vanish without DISCONNECT."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-MessageHandler = Callable[[str, bytes, bool], None]
 
 RECV_SIZE = 65536
 COALESCE_LIMIT = 65536
@@ -245,7 +234,8 @@ def _reason(exc: OSError | ssl.SSLError) -> str:
 
 
 class MqttClient:
-    """One MQTT 3.1.1 session to one of several brokers, kept alive by a background thread."""
+    """One MQTT 3.1.1 session to one of several brokers, kept alive by a background thread:
+    the paho :class:`~.transport.Transport`."""
 
     def __init__(
         self,
@@ -274,7 +264,7 @@ class MqttClient:
         self.keepalive = keepalive
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
-        self._will = will
+        self.will = will
         self.on_message = on_message
         self.on_connect = on_connect
         self.on_disconnect = on_disconnect
@@ -388,7 +378,7 @@ class MqttClient:
 
     def publish_tracked(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
-    ) -> Callable[[], bool] | None:
+    ) -> Delivery | None:
         """Publish without waiting; return a check that is true once the broker acknowledged it
         (PUBACK for QoS 1), or None if the message could not be handed over (not connected)."""
         if not self.connected or not _fits(topic, payload, qos):
@@ -446,7 +436,7 @@ class MqttClient:
         while not self._stop.is_set():
             broker = self.brokers[index % len(self.brokers)]
             self.current_broker = broker
-            will = self._will() if self._will else None
+            will = self.will() if self.will else None
             self._paho.will_clear()
             if will is not None:
                 self._paho.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)

@@ -52,8 +52,9 @@ from tether.protocol import __version__
 from tether.protocol.backoff import Backoff
 from tether.protocol.heap import tune_gc
 from tether.protocol.models import DeviceFacts
-from tether.protocol.mqtt import Will, parse_broker_url
+from tether.protocol.mqtt import parse_broker_url
 from tether.protocol.topics import DeviceTopic
+from tether.protocol.transport import Will
 
 from . import hashcache
 from .driver import SimDriver

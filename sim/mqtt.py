@@ -17,7 +17,7 @@ rescheduled timer, and everything a device sends in one loop iteration goes out 
 ``send()``.
 
 What stays real is everything above the socket: the device's :class:`AgentCore` sees the
-same :class:`~tether.agent.core.Link` contract as with :class:`~tether.protocol.mqtt.MqttClient`,
+same :class:`~tether.protocol.transport.Link` contract as with :class:`~tether.protocol.mqtt.MqttClient`,
 and this session keeps that client's semantics: a fresh will from a callback before every
 CONNECT, subscriptions remembered and renewed after every CONNACK, ``publish`` returning
 False while disconnected, and unacknowledged QoS 1 messages sent again (DUP) after a
@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tether.protocol.mqtt import Will
+from tether.protocol.transport import Will
 
 CONNECT = 0x10
 CONNACK = 0x20

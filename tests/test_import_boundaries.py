@@ -180,3 +180,17 @@ def test_agent_loads_neither_the_controllers_commands_nor_pynacl_nor_charset_det
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     assert "Warning" not in out.stderr, out.stderr
+
+
+def test_the_agent_core_imports_no_mqtt_client_and_starts_no_thread() -> None:
+    """AgentCore is I/O-free: importing it loads neither paho, the paho wrapper nor the remote
+    operations (worker threads), and no thread is running afterwards; the transport seam
+    (protocol/transport.py) is all it knows of MQTT."""
+    code = (
+        "import sys, threading, tether.agent.core, tether.protocol.transport; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'paho' or m in "
+        "('tether.protocol.mqtt', 'tether.agent.remote', 'tether.agent.runner', 'tether.agent.metrics')), "
+        "threading.active_count())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[] 1", out.stdout
