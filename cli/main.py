@@ -49,7 +49,7 @@ from tether.protocol.durations import format_duration, parse_duration
 from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
-from . import contexts, enroll, output, registries, remote, variables
+from . import contexts, enroll, notify, output, registries, remote, variables
 from .client import ControllerClient
 from .common import common, fail
 
@@ -1456,6 +1456,7 @@ enroll.register(main)  # tether tokens, tether devices pending|approve|reject (c
 variables.register(main)  # tether vars (cli/variables.py)
 registries.register(main)  # tether registries (cli/registries.py)
 contexts.register(main)  # tether login, tether context (cli/contexts.py)
+notify.register(main)  # tether notify (cli/notify.py)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

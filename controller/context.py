@@ -24,6 +24,7 @@ from .rollout import Deployment, Strategy
 from .store import Store
 
 if TYPE_CHECKING:  # variables.py registers its handlers, which take a Context
+    from .notify import Notifier
     from .registries import RegistryCredentials
     from .security import BrokerAccess
     from .variables import SecretsKey, VariableBindings
@@ -45,6 +46,8 @@ class Context(Protocol):
     """The private registries' credentials, as desired states carry them (cached likewise)."""
     access: BrokerAccess
     """Who may connect, as the broker sees it: mirror credential and token changes there."""
+    notifier: Notifier
+    """The webhooks' notifier (controller/notify.py): forget() after a webhook changed."""
 
     def publish_retained(self, topic: str, payload: bytes) -> bool:
         """Publish a retained message (QoS 1) and wait for the broker; False if it was not

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from tether.protocol.models import (
@@ -217,4 +217,35 @@ class Registry(Stored):
     host: str
     sealed: str
     version: int = 1
+    updated: float = 0.0
+
+
+class Webhook(Stored):
+    """A webhook (``tether notify add``). The signing secret is kept only in ``sealed``, a
+    sealed box to the controller's secrets key holding ``{"secret": ...}``."""
+
+    id: str
+    url: str
+    on: tuple[str, ...]
+    offline_after_s: float = 300.0
+    format: Literal["json", "slack"] = "json"
+    sealed: str | None = None
+    created: float = 0.0
+
+
+class Delivery(Stored):
+    """One message to a webhook, kept until delivered or given up (``tether notify log``)."""
+
+    id: int = 0
+    webhook: str
+    kind: str
+    subject: str = ""
+    payload: dict[str, Any]
+    """The body's content, without the delivery id (added when sent)."""
+    state: Literal["pending", "delivered", "failed"] = "pending"
+    attempts: int = 0
+    next_at: float | None = None
+    last_error: str | None = None
+    status: int | None = None
+    created: float = 0.0
     updated: float = 0.0

@@ -56,7 +56,19 @@ from tether.protocol.principals import INTERNAL, Principal
 from tether.protocol.topics import DeviceTopic
 from tether.protocol.transport import Transport
 
-from . import deployments, devices, enrollment, groups, jobs, registries, rollout, security, stacks, variables
+from . import (
+    deployments,
+    devices,
+    enrollment,
+    groups,
+    jobs,
+    notify,
+    registries,
+    rollout,
+    security,
+    stacks,
+    variables,
+)
 from .context import Context
 from .devices import all_devices, attributes
 from .fleet import Seen
@@ -167,6 +179,7 @@ COMMANDS = CommandRegistry.of(
     enrollment.commands,
     variables.commands,
     registries.commands,
+    notify.commands,
 )
 """Every command the controller answers, with its handler (see :mod:`.registry`)."""
 
@@ -207,6 +220,8 @@ class Controller:
         self.metrics = Metrics()
         self.bus = EventBus(clock)
         """Fleet events (:mod:`.fleet_events`), emitted once the change is committed."""
+        self.notifier = notify.Notifier(store, secrets, clock)
+        """Webhooks (:mod:`.notify`): told of the events emitted, sent from a thread of their own."""
         self._events_due: list[FleetEvent] = []  # emitted by flush_events, after the commit
         self._summaries: dict[str, ReportSummary] = {}  # each device's last report, as events see it
         self._disk_low: set[str] = set()  # devices whose disk is low (see disk_event)
@@ -290,6 +305,7 @@ class Controller:
             log.info("standing by: another controller leads")
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._thread.start()
+        self.notifier.start()
         self.client.connect(connect_timeout)
 
     def _become_leader(self) -> None:
@@ -315,6 +331,7 @@ class Controller:
         self.inbox.put((_STOP, b""))
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.notifier.stop()
         if self.client is not None:
             self.client.stop()
 
@@ -452,6 +469,11 @@ class Controller:
         if stacks and self._placements_changed(stacks):
             self.sync()
         self.expire_stale()
+        self.flush_events()  # what expire_stale found: webhooks count offline time from it
+        try:
+            self.notifier.tick()
+        except Exception:
+            log.exception("webhooks: failed to send")
         self.publish_acks()
         self.advance_deployments(force=False)
         if time.monotonic() >= self._next_repair:
@@ -665,7 +687,11 @@ class Controller:
         if self._events_due:
             due, self._events_due = self._events_due, []
             for event in due:
-                self.bus.emit(event)
+                emitted = self.bus.emit(event)
+                try:
+                    self.notifier.on_event(emitted)
+                except Exception:
+                    log.exception("webhooks: failed to queue %s", emitted.kind)
 
     def _publish_deferred(self) -> None:
         """Publish what a request or a batch of device messages left to publish (committed now)."""

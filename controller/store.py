@@ -23,7 +23,19 @@ from tether.protocol.errors import StoreError
 from tether.protocol.models import ReportedState, StackSpec
 from tether.protocol.secret_files import private_file
 
-from .models import DesiredRecord, Device, Enrollment, EnrollmentToken, Group, Job, Registry, Stack, Variable
+from .models import (
+    Delivery,
+    DesiredRecord,
+    Device,
+    Enrollment,
+    EnrollmentToken,
+    Group,
+    Job,
+    Registry,
+    Stack,
+    Variable,
+    Webhook,
+)
 from .rollout import Deployment
 
 log = logging.getLogger(__name__)
@@ -140,6 +152,13 @@ MIGRATIONS: list[str | Callable[[Store], None]] = [
     """
     CREATE TABLE stack_versions (name TEXT NOT NULL, version INTEGER NOT NULL, body TEXT NOT NULL,
                                  PRIMARY KEY (name, version));
+    """,
+    """
+    CREATE TABLE webhooks (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+    CREATE TABLE deliveries (id INTEGER PRIMARY KEY, webhook TEXT NOT NULL, state TEXT NOT NULL,
+                             next_at REAL, body TEXT NOT NULL);
+    CREATE INDEX deliveries_due ON deliveries (state, next_at);
+    CREATE INDEX deliveries_webhook ON deliveries (webhook, id);
     """,
 ]
 """SQL scripts, or functions changing data through the store (inside the migration's transaction)."""
@@ -835,3 +854,73 @@ class Store:
 
     def delete_registry(self, scope: str, host: str) -> None:
         self.db.execute("DELETE FROM registries WHERE id = ?", (f"{scope}|{host}",))
+
+    # --- webhooks and their deliveries (controller/notify.py) ---
+
+    def get_webhook(self, webhook_id: str) -> Webhook | None:
+        body = self._get("webhooks", "id", webhook_id)
+        return Webhook.model_validate_json(body) if body else None
+
+    def list_webhooks(self) -> list[Webhook]:
+        return [Webhook.model_validate_json(b) for b in self._all("webhooks", "id")]
+
+    def put_webhook(self, webhook: Webhook) -> None:
+        self._put("webhooks", "id", webhook.id, webhook.model_dump_json())
+
+    def delete_webhook(self, webhook_id: str) -> None:
+        self.db.execute("DELETE FROM deliveries WHERE webhook = ?", (webhook_id,))
+        self.db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
+
+    def add_delivery(self, delivery: Delivery) -> Delivery:
+        """Store a new delivery; returns it with its id."""
+        row = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM deliveries").fetchone()
+        delivery = delivery.model_copy(update={"id": int(row[0])})
+        self.db.execute(
+            "INSERT INTO deliveries (id, webhook, state, next_at, body) VALUES (?, ?, ?, ?, ?)",
+            (delivery.id, delivery.webhook, delivery.state, delivery.next_at, delivery.model_dump_json()),
+        )
+        return delivery
+
+    def get_delivery(self, delivery_id: int) -> Delivery | None:
+        row = self.db.execute("SELECT body FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+        return Delivery.model_validate_json(row[0]) if row else None
+
+    def put_delivery(self, delivery: Delivery) -> None:
+        self.db.execute(
+            "UPDATE deliveries SET state = ?, next_at = ?, body = ? WHERE id = ?",
+            (delivery.state, delivery.next_at, delivery.model_dump_json(), delivery.id),
+        )
+
+    def due_deliveries(self, now: float, limit: int = 100) -> list[Delivery]:
+        """Pending deliveries whose time has come, oldest first."""
+        rows = self.db.execute(
+            "SELECT body FROM deliveries WHERE state = 'pending' AND next_at <= ? ORDER BY id LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return [Delivery.model_validate_json(r[0]) for r in rows]
+
+    def list_deliveries(self, webhook_id: str | None, limit: int) -> list[Delivery]:
+        if webhook_id is None:
+            rows = self.db.execute("SELECT body FROM deliveries ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self.db.execute(
+                "SELECT body FROM deliveries WHERE webhook = ? ORDER BY id DESC LIMIT ?", (webhook_id, limit)
+            )
+        return [Delivery.model_validate_json(r[0]) for r in rows.fetchall()]
+
+    def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """Per webhook, its deliveries per state."""
+        counts: dict[str, dict[str, int]] = {}
+        for webhook, state, n in self.db.execute(
+            "SELECT webhook, state, COUNT(*) FROM deliveries GROUP BY webhook, state"
+        ).fetchall():
+            counts.setdefault(webhook, {})[state] = int(n)
+        return counts
+
+    def prune_deliveries(self, keep: int) -> None:
+        """Keep the newest ``keep`` deliveries that are done (pending ones always stay)."""
+        self.db.execute(
+            "DELETE FROM deliveries WHERE state != 'pending' AND id <= "
+            "(SELECT COALESCE(MAX(id), 0) FROM deliveries) - ?",
+            (keep,),
+        )

@@ -388,6 +388,67 @@ class DeploymentsAction(CommandModel):
     id: int = Field(ge=1, le=MAX_ID)
 
 
+NotifyKind = Literal[
+    "device.offline",
+    "device.online",
+    "device.pending",
+    "device.disk_low",
+    "service.crashloop",
+    "download.stuck",
+    "job.result",
+    "deployment.started",
+    "deployment.succeeded",
+    "deployment.failed",
+    "deployment.reverted",
+    "deployment.paused",
+]
+"""The fleet events a webhook may be told of (docs/notifications.md)."""
+NOTIFY_KINDS: tuple[str, ...] = get_args(NotifyKind)
+MAX_WEBHOOKS = 100
+
+
+class NotifyAdd(CommandModel):
+    """A webhook: ``url`` (http or https) is told of the fleet events ``on``.
+
+    ``sealed``: the signing secret, a sealed box to the controller's key (``vars.key``)
+    holding ``{"secret": ...}``; never shown again. ``offline_after_s``: how long a device
+    stays offline before ``device.offline`` fires (and ``device.online`` once it is back).
+    """
+
+    kind: Literal["notify.add"] = "notify.add"
+    url: str = Field(min_length=1, max_length=2048)
+    on: tuple[NotifyKind, ...] = Field(min_length=1)
+    offline_after_s: float = Field(default=300.0, ge=0, le=MAX_TIMEOUT_S)
+    format: Literal["json", "slack"] = "json"
+    sealed: str | None = Field(default=None, min_length=1, max_length=8192)
+
+
+class NotifyList(CommandModel):
+    """Every webhook (never its secret) with its deliveries' counts."""
+
+    kind: Literal["notify.ls"] = "notify.ls"
+
+
+class NotifyRemove(CommandModel):
+    kind: Literal["notify.rm"] = "notify.rm"
+    id: str = Field(min_length=1, max_length=64)
+
+
+class NotifyTest(CommandModel):
+    """Queue a ``test`` delivery to a webhook (sent like any other: signed, retried)."""
+
+    kind: Literal["notify.test"] = "notify.test"
+    id: str = Field(min_length=1, max_length=64)
+
+
+class NotifyLog(CommandModel):
+    """The newest deliveries (of one webhook, or all)."""
+
+    kind: Literal["notify.log"] = "notify.log"
+    id: str | None = Field(default=None, max_length=64)
+    limit: int = Field(default=50, ge=1, le=1000)
+
+
 Command: Any = Annotated[Union[tuple(COMMANDS)], Field(discriminator="kind")]  # noqa: UP007
 """Any command, told apart by ``kind``."""
 COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)

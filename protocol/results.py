@@ -480,3 +480,65 @@ class TokensRemoved(WireModel):
     """``tokens.rm``."""
 
     removed: list[str]
+
+
+# --- notifications (docs/notifications.md) --------------------------------------------------
+
+
+class WebhookView(WireModel):
+    """A webhook, never its secret (``signed``: it has one), with its deliveries' counts."""
+
+    id: str
+    url: str
+    on: list[str]
+    offline_after_s: float
+    format: str
+    signed: bool
+    created: float
+    deliveries: dict[str, int]
+
+
+class WebhookResult(WireModel):
+    """``notify.add``."""
+
+    webhook: WebhookView
+
+
+class WebhookList(WireModel):
+    """``notify.ls``."""
+
+    webhooks: list[WebhookView]
+
+
+class WebhookRemoved(WireModel):
+    """``notify.rm``: the webhook and its deliveries are gone."""
+
+    id: str
+
+
+class DeliveryView(WireModel):
+    """One delivery: ``state`` pending (to be sent, ``next_at``), delivered or failed (gave up)."""
+
+    id: int
+    webhook: str
+    kind: str
+    subject: str
+    state: str
+    attempts: int
+    next_at: float | None
+    last_error: str | None
+    status: int | None
+    created: float
+    updated: float
+
+
+class DeliveryResult(WireModel):
+    """``notify.test``: the delivery queued."""
+
+    delivery: DeliveryView
+
+
+class DeliveryList(WireModel):
+    """``notify.log``: newest first."""
+
+    deliveries: list[DeliveryView]

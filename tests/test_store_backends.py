@@ -67,3 +67,24 @@ def test_unreachable_postgres_is_a_clear_error() -> None:
 
     with pytest.raises(StoreError, match="cannot connect to PostgreSQL"):
         Store(f"postgresql://postgres@127.0.0.1:{free_port()}/nope")
+
+
+def test_webhook_deliveries_survive_reopen_and_come_due_in_order(target: str) -> None:
+    """Pending deliveries are kept across a reopen (a controller restart) and read back due, oldest
+    first; counts per state, pruning keeps pending ones; removing a webhook removes its deliveries."""
+    from tether.controller.models import Delivery, Webhook
+
+    store = Store(target)
+    store.put_webhook(Webhook(id="wh-1", url="http://x/", on=("device.offline",)))
+    first = store.add_delivery(Delivery(webhook="wh-1", kind="test", payload={"a": 1}, next_at=5.0))
+    second = store.add_delivery(Delivery(webhook="wh-1", kind="test", payload={"a": 2}, next_at=1.0))
+    store.put_delivery(first.model_copy(update={"state": "delivered", "next_at": None}))
+    store.close()
+    store = Store(target)
+    assert [d.id for d in store.due_deliveries(2.0)] == [second.id]
+    assert store.delivery_counts() == {"wh-1": {"delivered": 1, "pending": 1}}
+    store.prune_deliveries(0)
+    assert [d.id for d in store.list_deliveries("wh-1", 10)] == [second.id]
+    store.delete_webhook("wh-1")
+    assert store.list_deliveries(None, 10) == [] and store.get_webhook("wh-1") is None
+    store.close()
