@@ -6,6 +6,7 @@ Credentials, revocation and removal are in :mod:`.security`; the waiting room in
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 
 from tether.protocol.commands import DevicesLabel, DevicesList, DevicesShow, DevicesTop
@@ -23,6 +24,7 @@ from tether.protocol.results import (
 from .context import Context
 from .models import Device
 from .registry import CommandRegistry
+from .scheduler import members
 from .selectors import Attributes, check_labels
 from .store import Store
 
@@ -30,9 +32,10 @@ commands = CommandRegistry()
 """The commands handled here (see :mod:`.registry`)."""
 
 
-def all_devices(store: Store) -> dict[str, Device]:
-    """Devices heard from, plus devices named by groups or desired states but never seen."""
-    devices = {d.id: d for d in store.list_devices()}
+def all_devices(store: Store, reported: bool = True) -> dict[str, Device]:
+    """Devices heard from, plus devices named by groups or desired states but never seen
+    (without ``reported``: without their reported states, much less to read)."""
+    devices = {d.id: d for d in store.list_devices(reported=reported)}
     for record in store.list_desired():
         devices.setdefault(record.device_id, Device(id=record.device_id))
     for group in store.list_groups():
@@ -83,9 +86,55 @@ def device_details(store: Store, device: Device) -> DeviceDetails:
     )
 
 
+def _searched(device: Device, search: str) -> bool:
+    """``search`` is ``key=value`` (that label exactly), else a part of the id or of a label value."""
+    labels = device.labels
+    if "=" in search:
+        key, _, value = search.partition("=")
+        return labels.get(key.strip()) == value.strip()
+    needle = search.lower()
+    return needle in device.id.lower() or any(needle in v.lower() for v in labels.values())
+
+
 @commands.command(DevicesList, read_only=True)
 def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
-    return DeviceList(devices=[device_view(ctx.store, d) for d in all_devices(ctx.store).values()])
+    paged = cmd.limit is not None or any(
+        v is not None for v in (cmd.search, cmd.presence, cmd.state, cmd.group, cmd.after)
+    )
+    if not paged:
+        return DeviceList(devices=[device_view(ctx.store, d) for d in all_devices(ctx.store).values()])
+    # Reported states are most of what reading a device costs: read them only to filter by
+    # stack state, and otherwise for the page's devices alone.
+    devices = all_devices(ctx.store, reported=cmd.state is not None)
+    found = list(devices.values())
+    if cmd.group is not None:
+        group = ctx.store.get_group(cmd.group)
+        if group is None:
+            raise NotFoundError(f"unknown group {cmd.group!r}")
+        wanted = set(members(group, {d.id: d.attributes() for d in found}))
+        found = [d for d in found if d.id in wanted]
+    if cmd.search:
+        found = [d for d in found if _searched(d, cmd.search)]
+    if cmd.state == "none":
+        found = [d for d in found if not (d.reported and d.reported.stacks)]
+    elif cmd.state is not None:
+        state = cmd.state
+        found = [d for d in found if d.reported and any(s.state == state for s in d.reported.stacks.values())]
+    by_presence = Counter(d.status for d in found)
+    if cmd.presence is not None:
+        found = [d for d in found if d.status == cmd.presence]
+    after = [d for d in found if cmd.after is None or d.id > cmd.after]
+    limit = len(after) if cmd.limit is None else cmd.limit
+    page = after[:limit]
+    if cmd.state is None:  # read the page's reported states now
+        page = [ctx.store.get_device(d.id) or d for d in page]
+    return DeviceList(
+        devices=[device_view(ctx.store, d) for d in page],
+        matched=len(found),
+        total=len(devices),
+        by_presence=dict(sorted(by_presence.items())),
+        next=page[-1].id if len(after) > limit and page else None,
+    )
 
 
 @commands.command(DevicesShow, read_only=True)

@@ -55,8 +55,30 @@ class CommandModel(WireModel):
         return tuple(get_args(cls.model_fields["kind"].annotation))
 
 
+DEVICES_PAGE_MAX = 1000
+"""The most devices one ``devices.ls`` page asks for."""
+
+
 class DevicesList(CommandModel):
+    """Every device, or one page of those matching filters (the web UI's device list).
+
+    Without ``limit`` and filters every device comes back, as before paging existed. With
+    them: the devices in id order after ``after`` (the previous page's ``next``), at most
+    ``limit``, whose id or a label value contains ``search`` (or whose label is ``key=value``),
+    whose presence is ``presence``, that report a stack in ``state`` (``none``: no stack),
+    and that belong to ``group``; the reply counts every match (``matched``)."""
+
     kind: Literal["devices.ls"] = "devices.ls"
+    search: str | None = Field(default=None, max_length=256, exclude_if=lambda v: v is None)
+    presence: Literal["online", "offline", "unknown", "never seen"] | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+    state: Literal["converging", "running", "failed", "removing", "none"] | None = Field(
+        default=None, exclude_if=lambda v: v is None
+    )
+    group: str | None = Field(default=None, max_length=256, exclude_if=lambda v: v is None)
+    after: str | None = Field(default=None, max_length=256, exclude_if=lambda v: v is None)
+    limit: int | None = Field(default=None, ge=0, le=DEVICES_PAGE_MAX, exclude_if=lambda v: v is None)
 
 
 class DevicesShow(CommandModel):

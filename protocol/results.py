@@ -57,9 +57,15 @@ class DeviceDetails(DeviceView):
 
 
 class DeviceList(WireModel):
-    """``devices.ls``."""
+    """``devices.ls``; paged or filtered: how many devices match and are known, how many of
+    those matching every filter but presence have each presence, and the ``after`` of the
+    next page (None on the last)."""
 
     devices: list[DeviceView]
+    matched: int | None = Field(default=None, exclude_if=_absent)
+    total: int | None = Field(default=None, exclude_if=_absent)
+    by_presence: dict[str, int] | None = Field(default=None, exclude_if=_absent)
+    next: str | None = Field(default=None, exclude_if=_absent)
 
 
 class DeviceResult(WireModel):

@@ -13,7 +13,6 @@ import difflib
 import hmac
 import secrets
 import time
-from collections import Counter
 from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
@@ -51,6 +50,7 @@ from . import seams
 
 COOKIE = "tether_session"
 PAGE_SIZE = 50
+"""Devices per page of the device list."""
 ATTENTION = ("failed", "paused", "awaiting-promotion", "staging", "staged", "running")
 """Deployment states the overview lists (active ones, and failures)."""
 
@@ -273,39 +273,29 @@ def overview(request: Request) -> Response:
     if session is None:
         return _login_first(request)
     try:
-        devices = _run(request, session, DevicesList()).devices
+        counted = _run(request, session, DevicesList(limit=0))
+        failing = _run(request, session, DevicesList(state="failed", limit=20))
+        offline = _run(request, session, DevicesList(presence="offline", limit=10))
         deployments = _run(request, session, DeploymentsList()).deployments
         stacks = _run(request, session, StacksList()).stacks
         pending = [p for p in _run(request, session, DevicesPending()).devices if p.state == "pending"]
     except TetherError as exc:
         return _error_page(request, session, exc)
-    presence = Counter(d.status for d in devices)
-    failing = [d for d in devices if any(s == "failed" for s in d.stacks.values())]
-    offline = sorted((d for d in devices if d.status == "offline"), key=lambda d: -(d.since or 0))
     attention = [d for d in deployments if d.state in ATTENTION][:20]
     return _render(
         request,
         "overview.html",
         session,
-        total=len(devices),
-        presence=presence,
-        failing=failing[:20],
-        failing_count=len(failing),
-        offline=offline[:10],
+        total=counted.total or 0,
+        presence=counted.by_presence or {},
+        failing=failing.devices,
+        failing_count=failing.matched or 0,
+        offline=offline.devices,
+        offline_count=offline.matched or 0,
         attention=attention,
         stacks=stacks,
         pending=pending,
     )
-
-
-def _matches(device: Any, query: str) -> bool:
-    if not query:
-        return True
-    if "=" in query:
-        key, _, value = query.partition("=")
-        return device.labels.get(key.strip()) == value.strip()
-    q = query.lower()
-    return q in device.id.lower() or any(q in v.lower() for v in device.labels.values())
 
 
 @router.get("/ui/devices")
@@ -315,44 +305,45 @@ def devices(
     presence: str = "",
     state: str = "",
     group: str = "",
+    after: str = "",
     page: int = 1,
 ) -> Response:
     session = _session(request)
     if session is None:
         return _login_first(request)
-    try:
-        found = _run(request, session, DevicesList()).devices
-        groups = _run(request, session, GroupsList()).groups
-    except TetherError as exc:
-        return _error_page(request, session, exc)
-    members = next((set(g.members) for g in groups if g.name == group), None) if group else None
-    rows = [
-        d
-        for d in found
-        if _matches(d, q)
-        and (not presence or d.status == presence)
-        and (not state or state in d.stacks.values() or (state == "none" and not d.stacks))
-        and (members is None or d.id in members)
-    ]
-    pages = max(1, -(-len(rows) // PAGE_SIZE))
-    page = min(max(1, page), pages)
-    shown = rows[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
     query = {"q": q, "presence": presence, "state": state, "group": group}
-
-    def link(to: int) -> str:
-        return "/ui/devices?" + urlencode({**{k: v for k, v in query.items() if v}, "page": to})
-
+    try:
+        found = _run(
+            request,
+            session,
+            DevicesList(
+                search=q or None,
+                presence=presence or None,  # type: ignore[arg-type]
+                state=state or None,  # type: ignore[arg-type]
+                group=group or None,
+                after=after or None,
+                limit=PAGE_SIZE,
+            ),
+        )
+        groups = _run(request, session, GroupsList()).groups
+    except (TetherError, ValidationError) as exc:
+        return _error_page(request, session, exc)
+    filters = {k: v for k, v in query.items() if v}
+    matched = found.matched or 0
     return _render(
         request,
         "devices.html",
         session,
-        rows=shown,
-        matched=len(rows),
-        total=len(found),
-        page=page,
-        pages=pages,
-        prev_link=link(page - 1) if page > 1 else None,
-        next_link=link(page + 1) if page < pages else None,
+        rows=found.devices,
+        matched=matched,
+        total=found.total or 0,
+        by_presence=found.by_presence or {},
+        page=max(1, page),
+        pages=max(1, -(-matched // PAGE_SIZE)),
+        first_link="/ui/devices?" + urlencode(filters) if after else None,
+        next_link="/ui/devices?" + urlencode({**filters, "after": found.next, "page": max(1, page) + 1})
+        if found.next
+        else None,
         query=query,
         groups=[g.name for g in groups],
     )

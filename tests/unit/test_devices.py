@@ -82,3 +82,39 @@ def test_a_device_with_credentials_never_connected_can_be_labelled(controller: C
     assert view.label_sources == {"zone": "operator"}
     device = controller.store.get_device("pi-7")
     assert device is not None and device.operator_labels == {"zone": "a"}
+
+
+def test_devices_ls_pages_and_filters(controller: Controller) -> None:
+    """A paged devices.ls returns one page in id order with the next page's cursor, counts every
+    match and each presence, and filters by search, key=value, presence, stack state and group."""
+    from support.fleet import report_running
+    from tether.controller.devices import devices_ls
+
+    for n in range(7):
+        online(controller, f"d-{n}", labels={"site": "north" if n % 2 else "south"})
+    report_running(controller, "d-3", 1, {"app": "h"})
+    controller.execute(GroupsCreate(name="odd", selector="site=north", trust_device_labels=True))
+    controller.execute(GroupsCreate(name="named", devices=("d-0", "ghost")))
+    whole = controller.execute(DevicesList())
+    assert whole.matched is None and len(whole.devices) == 8  # unpaged: as before (ghost never seen)
+    first = controller.execute(DevicesList(limit=3))
+    assert [d.id for d in first.devices] == ["d-0", "d-1", "d-2"] and first.next == "d-2"
+    assert (first.matched, first.total, first.by_presence) == (8, 8, {"never seen": 1, "online": 7})
+    last = controller.execute(DevicesList(limit=3, after="d-5"))
+    assert [d.id for d in last.devices] == ["d-6", "ghost"] and last.next is None
+    assert [d.id for d in controller.execute(DevicesList(search="site=north")).devices] == [
+        "d-1",
+        "d-3",
+        "d-5",
+    ]
+    assert [d.id for d in controller.execute(DevicesList(search="SOUTH", limit=1)).devices] == ["d-0"]
+    assert [d.id for d in controller.execute(DevicesList(presence="never seen")).devices] == ["ghost"]
+    running = controller.execute(DevicesList(state="running"))
+    assert [d.id for d in running.devices] == ["d-3"] and running.devices[0].stacks == {"app": "running"}
+    assert [d.id for d in controller.execute(DevicesList(group="odd", limit=2)).devices] == ["d-1", "d-3"]
+    assert [d.id for d in controller.execute(DevicesList(group="named")).devices] == ["d-0", "ghost"]
+    assert "d-3" not in [d.id for d in controller.execute(DevicesList(state="none")).devices]
+    paged_view = devices_ls(controller, DevicesList(search="d-3")).devices[0]
+    assert paged_view == next(d for d in whole.devices if d.id == "d-3")  # the page reads reported states
+    with pytest.raises(NotFoundError, match="unknown group 'nope'"):
+        controller.execute(DevicesList(group="nope"))

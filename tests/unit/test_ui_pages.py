@@ -131,10 +131,16 @@ def test_devices_page_searches_and_pages(client: TestClient, controller: Control
     _login(client)
     first = client.get("/ui/devices")
     assert "120 of 120 devices · page 1 of 3" in first.text
-    assert first.text.count('data-device="') == 50 and 'href="/ui/devices?page=2"' in first.text
+    assert (
+        first.text.count('data-device="') == 50
+        and 'href="/ui/devices?after=dev-049&amp;page=2"' in first.text
+    )
+    second = client.get("/ui/devices", params={"after": "dev-049", "page": 2})
+    assert "page 2 of 3" in second.text and 'data-device="dev-050"' in second.text
+    assert 'data-device="dev-049"' not in second.text
     found = client.get("/ui/devices", params={"q": "dev-11"})
     assert "10 of 120 devices" in found.text
-    north = client.get("/ui/devices", params={"q": "site=north", "page": 2})
+    north = client.get("/ui/devices", params={"q": "site=north", "after": "dev-099", "page": 2})
     assert "60 of 120 devices · page 2 of 2" in north.text and north.text.count('data-device="') == 10
     fragment = client.get("/ui/devices", headers={"X-Tether-Fragment": "1"})
     assert "<html" not in fragment.text and "120 of 120 devices" in fragment.text
