@@ -248,6 +248,9 @@ class AgentCore:
         self._downloads_at = 0.0
         self._pruned_for: object = None
         self._failed_seen: set[tuple[str, str]] = set()
+        self._fetching: dict[str, str] = {}  # stack -> version whose images are being downloaded
+        self._seen: dict[str, tuple[object, object]] | None = None  # instance id -> (state, health)
+        self._versions: dict[str, str] = {}  # stack -> the version it runs (events name it)
         self.storage_error: str | None = None  # what the store could not write (see reconcile_once)
         if self.desired is not None:
             self.jobs.set_jobs(self.desired.jobs, clock())
@@ -661,19 +664,56 @@ class AgentCore:
             status = self._download_status(spec_hash, statuses, rate, switching=switching)
             if status is not None:
                 result[name] = status
-        for status in result.values():
+        for name, status in result.items():
             if (
                 status.state == "failed"
                 and status.reason
                 and (status.spec_hash, status.reason) not in self._failed_seen
             ):
                 self._failed_seen.add((status.spec_hash, status.reason))
-                self.event("download.failed", status.reason, level="error")
+                self.event(
+                    "download.failed", status.reason, level="error", stack=name, spec_hash=status.spec_hash
+                )
+        self._download_events(result)
         key = {n: (d.spec_hash, d.state, d.reason) for n, d in result.items()}
         if key == self._downloads_key and now - self._downloads_at < PROGRESS_INTERVAL:
             return self._downloads
         self._downloads, self._downloads_key, self._downloads_at = result, key, now
         return result
+
+    def _download_events(self, result: dict[str, DownloadStatus]) -> None:
+        """``stack.downloading`` when a version's images start to come, ``stack.downloaded``
+        once they are all on the device (whether it switches now or stays staged)."""
+        for name, fetching in result.items():
+            if (
+                fetching.state in ("downloading", "retrying")
+                and self._fetching.get(name) != fetching.spec_hash
+            ):
+                self._fetching[name] = fetching.spec_hash
+                self.event(
+                    "stack.downloading",
+                    f"downloading the images of version {fetching.spec_hash[:12]}"
+                    + (
+                        ""
+                        if fetching.total is None
+                        else f" ({_size(fetching.total - fetching.done)} to fetch)"
+                    ),
+                    stack=name,
+                    spec_hash=fetching.spec_hash,
+                )
+        for name, spec_hash in list(self._fetching.items()):
+            current = result.get(name)
+            if current is not None and current.spec_hash == spec_hash and current.state != "staged":
+                continue  # still on its way (or failed: download.failed says so)
+            del self._fetching[name]
+            if current is None or current.state == "staged":
+                where = "staged (not switched yet)" if current is not None else "switching to it"
+                self.event(
+                    "stack.downloaded",
+                    f"the images of version {spec_hash[:12]} are on the device: {where}",
+                    stack=name,
+                    spec_hash=spec_hash,
+                )
 
     @property
     def downloading(self) -> bool:
@@ -728,7 +768,13 @@ class AgentCore:
         message = f"stack {name}: refused on this device: " + "; ".join(refused)
         kept = "keeps running as before" if previous and previous.spec else "is not started"
         if previous is None or previous.error != message:
-            self.event("stack.refused", f"{message} (the stack {kept})", level="error", stack=name)
+            self.event(
+                "stack.refused",
+                f"{message} (the stack {kept})",
+                level="error",
+                stack=name,
+                spec_hash=self._versions.get(name),
+            )
         return Rendering(key, previous.spec if previous else None, message)
 
     def _render_stack(
@@ -765,7 +811,13 @@ class AgentCore:
             message = str(exc)
             if previous is None or previous.error != message:
                 kept = "keeps running as rendered before" if previous and previous.spec else "is not started"
-                self.event("stack.render_failed", f"{message} (the stack {kept})", level="error", stack=name)
+                self.event(
+                    "stack.render_failed",
+                    f"{message} (the stack {kept})",
+                    level="error",
+                    stack=name,
+                    spec_hash=self._versions.get(name),
+                )
             return Rendering(key, previous.spec if previous else None, message)
         modes = {m.source: m.mode for s in reversed(spec.services) for m in s.configs}
         try:
@@ -778,7 +830,13 @@ class AgentCore:
             message = f"stack {name}: cannot write config file {exc.filename}: {exc.strerror or exc}"
             if previous is None or previous.error != message:
                 kept = "keeps running as rendered before" if previous and previous.spec else "is not started"
-                self.event("stack.render_failed", f"{message} (the stack {kept})", level="error", stack=name)
+                self.event(
+                    "stack.render_failed",
+                    f"{message} (the stack {kept})",
+                    level="error",
+                    stack=name,
+                    spec_hash=self._versions.get(name),
+                )
             return Rendering(("unwritten",), previous.spec if previous else None, message)
         for service in spec_r.services:
             for mount in service.configs:
@@ -850,6 +908,7 @@ class AgentCore:
         now = self.clock()
         self._want_images()
         specs, hashes, blocked = self.choose()
+        self._versions = hashes
         self._note_applied(hashes, blocked)
         downloads = self.downloads(hashes, blocked, now)
         desired, render_errors = self.render(specs)
@@ -922,6 +981,7 @@ class AgentCore:
                 self.restarts[key] = RestartRecord(0, rec.last_at, rec.total)
                 self.log_tails.pop(key, None)
             self._keep_tail(inst, desired.get(inst.stack), rec)
+        self._instance_events(observed, desired)
         self.waiting = plan.waiting
         errors = dict(self.errors)
         for stack, message in render_errors.items():
@@ -1014,7 +1074,14 @@ class AgentCore:
         if create:
             rec = self.restarts.get(key, RestartRecord())
             self.restarts[key] = RestartRecord(rec.count + 1, now, rec.total)
-        self.event("action.failed", f"{exc}{suffix}", level="error", stack=key[0], service=key[1])
+        self.event(
+            "action.failed",
+            f"{exc}{suffix}",
+            level="error",
+            stack=key[0],
+            service=key[1],
+            spec_hash=self._versions.get(key[0]),
+        )
 
     def _apply(self, action: reconcile.Action, desired: dict[str, StackSpec], now: float) -> None:
         if isinstance(action, Create | Start):
@@ -1042,6 +1109,25 @@ class AgentCore:
         else:
             if not isinstance(action, Remove):
                 self.errors.pop(key, None)
+            version = self._versions.get(key[0])
+            if isinstance(action, Create):
+                self.event(
+                    "service.created",
+                    f"created and started (version {version[:12] if version else '?'})",
+                    stack=key[0],
+                    service=key[1],
+                    spec_hash=version,
+                )
+            elif isinstance(action, Start) and self.restarts[key].count < CRASH_LOOP_RESTARTS:
+                rec = self.restarts[key]  # from then on service.crash_loop has said it all
+                self.event(
+                    "service.restarted",
+                    f"restarted after it exited with code {action.instance.exit_code} (restart {rec.count} in a row)",
+                    level="warning",
+                    stack=key[0],
+                    service=key[1],
+                    spec_hash=version,
+                )
 
     def _keep_tail(self, inst: Observed, spec: StackSpec | None, rec: RestartRecord | None) -> None:
         """Read an instance's last log lines once when it fails without a restart (exited non-zero,
@@ -1058,6 +1144,49 @@ class AgentCore:
                     self.log_tails[key] = ""
         elif inst.state == "running" and inst.health != "unhealthy" and not (rec and rec.count):
             self.log_tails.pop(key, None)
+
+    def _instance_events(self, observed: list[Observed], desired: dict[str, StackSpec]) -> None:
+        """``service.healthy``, ``service.unhealthy`` and ``service.exited`` (non-zero, not to be
+        restarted) when an instance of a stack's current version changes so. The first
+        observation after the agent starts is taken as it is, without events."""
+        seen: dict[str, tuple[object, object]] = {inst.id: (inst.state, inst.health) for inst in observed}
+        before, self._seen = self._seen, seen
+        if before is None:
+            return
+        for inst in observed:
+            spec = desired.get(inst.stack)
+            service = spec.service(inst.service) if spec is not None else None
+            if (
+                service is None
+                or inst.spec_hash != service.spec_hash()
+                or before.get(inst.id) == seen[inst.id]
+            ):
+                continue
+            was_state, was_health = before.get(inst.id, (None, None))
+            about = (inst.stack, inst.service, self._versions.get(inst.stack))
+            if inst.health != was_health and inst.health == "healthy":
+                self._service_event(about, "service.healthy", "healthy (its healthcheck passes)", "info")
+            elif inst.health != was_health and inst.health == "unhealthy":
+                output = (inst.health_output or "").strip()
+                why = f": {output[-500:]}" if output else " (its healthcheck fails)"
+                self._service_event(about, "service.unhealthy", "unhealthy" + why, "warning")
+            if inst.state == "exited" != was_state and reconcile.needs_tail(service, inst):
+                lines = self.log_tails.get((inst.stack, inst.service), "").strip().splitlines()
+                tail = " | ".join(lines[-3:])[-500:]
+                message = f"exited with code {inst.exit_code}; not restarted (restart: {service.restart})"
+                self._service_event(
+                    about, "service.exited", message + (f"; last log lines: {tail}" if tail else ""), "error"
+                )
+
+    def _service_event(
+        self,
+        about: tuple[str, str, str | None],
+        kind: str,
+        message: str,
+        level: Literal["info", "warning", "error"],
+    ) -> None:
+        stack, service, spec_hash = about
+        self.event(kind, message, level=level, stack=stack, service=service, spec_hash=spec_hash)
 
     def watching(self) -> bool:
         """Whether an instance started in the last minute: the runner then reconciles every second,
@@ -1077,6 +1206,7 @@ class AgentCore:
                 level="error",
                 stack=action.stack,
                 service=action.service.name,
+                spec_hash=self._versions.get(action.stack),
             )
 
     # --- jobs ---
@@ -1131,8 +1261,10 @@ class AgentCore:
         stack: str | None = None,
         service: str | None = None,
         data: JobResult | None = None,
+        spec_hash: str | None = None,
     ) -> None:
-        """Queue an event (on disk) and send what the link accepts."""
+        """Queue an event (on disk) and send what the link accepts. ``spec_hash``: the stack
+        version an event about a stack is about (a deployment's events are told by it)."""
         event = Event(
             device_id=self.device_id,
             seq=self.store.next_event_seq(),
@@ -1143,6 +1275,7 @@ class AgentCore:
             service=service,
             data=data.model_dump(mode="json") if data is not None else None,
             at=self.clock(),
+            spec_hash=spec_hash,
         )
         self.store.outbox_put(event)
         self.flush_events()
@@ -1236,3 +1369,15 @@ class AgentCore:
         if lost:
             log.info("%d event(s) lost on the way to the controller: sending them again", len(lost))
         self.flush_events()
+
+
+def _size(n: int) -> str:
+    """Bytes as an operator reads them: 512 B, 3.4 MB."""
+    if n < 1000:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("kB", "MB"):
+        value /= 1000
+        if value < 1000:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1000:.1f} GB"

@@ -18,6 +18,7 @@ from tether.protocol import __version__
 from tether.protocol import labels as label_rules
 from tether.protocol.commands import (
     DeploymentsAction,
+    DeploymentsEvents,
     DeploymentsList,
     DeploymentsStatus,
     DevicesCredentials,
@@ -1354,37 +1355,61 @@ def deployments_status(
 
 
 EVENT_DEVICES = 10
-"""Devices whose events `deployments status` fetches (the ones not healthy first)."""
+"""Devices whose events `deployments status` shows (the ones not healthy first)."""
 
 
 def _deployment_events(client: ControllerClient, d: dict[str, Any]) -> None:
-    """What each device said since the deployment began: its events about the stack, and its
-    warnings and errors (a rejected desired state, a failed download, a full disk...)."""
-    devices = sorted(d["devices"], key=lambda k: (d["devices"][k]["state"] == "healthy", k))
-    rows = []
-    for device_id in devices[:EVENT_DEVICES]:
-        try:
-            events = client.request(DevicesShow(device_id=device_id))["device"]["events"]
-        except RequestError:
-            continue  # removed meanwhile
-        for e in events:
-            ours = e.get("stack") == d["stack"] or (e.get("stack") is None and e.get("level") != "info")
-            if ours and (e.get("at") or 0) >= d["created"]:
-                where = "/".join(x for x in (e.get("stack"), e.get("service")) if x)
-                rows.append(
-                    (
-                        device_id,
-                        output.when(e["at"])[11:],
-                        e["kind"],
-                        printable(where),
-                        printable(e["message"]),
-                    )
-                )
-    if rows:
-        more = f" (the first {EVENT_DEVICES} devices)" if len(devices) > EVENT_DEVICES else ""
+    """What each device said about the deployment (``deployments.events``), after its status."""
+    events = client.request(DeploymentsEvents(id=d["id"], devices=EVENT_DEVICES))
+    if any(events["devices"].values()):
+        more = f" (the first {EVENT_DEVICES} devices: tether deployments events {d['id']} --device ID)"
         click.echo("")
-        click.echo(f"events since the deployment began{more}:")
-        click.echo(output.table(["DEVICE", "AT", "EVENT", "SERVICE", "MESSAGE"], rows))
+        click.echo(f"events since the deployment began{more if events['more'] else ''}:")
+        click.echo(_events_table(events["devices"]))
+
+
+def _events_table(devices: dict[str, list[dict[str, Any]]]) -> str:
+    rows = [
+        (
+            device_id,
+            output.when(e["at"])[11:],
+            e["kind"],
+            printable("/".join(x for x in (e.get("stack"), e.get("service")) if x)),
+            printable(e["message"]),
+        )
+        for device_id, events in devices.items()
+        for e in events
+    ]
+    return output.table(["DEVICE", "AT", "EVENT", "SERVICE", "MESSAGE"], rows)
+
+
+@deployments.command("events")
+@click.argument("deployment_id", type=int)
+@click.option("--device", "device_id", help="Only this device of the deployment.")
+@click.option(
+    "--devices",
+    "count",
+    type=click.IntRange(1, 100),
+    default=EVENT_DEVICES,
+    show_default=True,
+    help="At most this many devices (those not healthy first).",
+)
+@common
+def deployments_events(
+    client: ControllerClient, fmt: str, deployment_id: int, device_id: str | None, count: int
+) -> None:
+    """What each device said about a deployment, in order: images downloaded, services created,
+    restarted (exit code), healthy, unhealthy, exited (last log lines), errors."""
+    events = client.request(DeploymentsEvents(id=deployment_id, device_id=device_id, devices=count))
+    if fmt == "json":
+        click.echo(output.to_json(events))
+        return
+    if not any(events["devices"].values()):
+        click.echo(f"no events from the devices of deployment {deployment_id} yet")
+    else:
+        click.echo(_events_table(events["devices"]))
+    if events["more"]:
+        click.echo(f"({events['more']} more device(s): --devices N or --device ID)")
 
 
 def _say_next_step(d: dict[str, Any]) -> None:

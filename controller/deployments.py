@@ -7,13 +7,22 @@ pause, resume, promote, switch or roll one back.
 
 from __future__ import annotations
 
-from tether.protocol.commands import DeploymentsAction, DeploymentsList, DeploymentsStatus
+import json
+from typing import Any
+
+from tether.protocol.commands import (
+    DeploymentsAction,
+    DeploymentsEvents,
+    DeploymentsList,
+    DeploymentsStatus,
+)
 from tether.protocol.errors import ConflictError, NotFoundError
-from tether.protocol.results import DeploymentList, DeploymentResult, DeploymentView
+from tether.protocol.results import DeploymentEvents, DeploymentList, DeploymentResult, DeploymentView
 
 from . import rollout
 from .context import Context
 from .registry import CommandRegistry
+from .store import EVENTS_KEPT
 
 commands = CommandRegistry()
 """The commands handled here (see :mod:`.registry`)."""
@@ -78,6 +87,57 @@ def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
 @commands.command(DeploymentsStatus, role="viewer")
 def deployments_status(ctx: Context, cmd: DeploymentsStatus) -> DeploymentResult:
     return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, cmd.id), full=True))
+
+
+CLOCK_SKEW_S = 300.0
+"""How far a device's clock may lag the controller's for an event about the deployment's
+version (``spec_hash``) still to count as the deployment's."""
+EVENTS_PER_DEVICE = 50
+
+
+def deployment_events(
+    d: rollout.Deployment, events: list[dict[str, Any]], until: float | None
+) -> list[dict[str, Any]]:
+    """Of a device's stored events (oldest first), those about deployment ``d``: about its stack's
+    new version (device clocks lag: see :data:`CLOCK_SKEW_S`), or its previous version (a
+    revert) or no version (older agents) from its start on; and the device's warnings and
+    errors from its start on; none from ``until`` (the next deployment of the stack) on."""
+    chosen = []
+    for e in events:
+        at = e.get("at") or 0.0
+        if until is not None and at >= until:
+            continue
+        if e.get("stack") == d.stack:
+            version = e.get("spec_hash")
+            if version == d.to_hash:
+                ours = at >= d.created - CLOCK_SKEW_S
+            else:
+                ours = version in (None, d.from_hash) and at >= d.created
+        else:
+            ours = e.get("stack") is None and e.get("level") != "info" and at >= d.created
+        if ours:
+            chosen.append(e)
+    return chosen[-EVENTS_PER_DEVICE:]
+
+
+@commands.command(DeploymentsEvents)
+def deployments_events(ctx: Context, cmd: DeploymentsEvents) -> DeploymentEvents:
+    d = _deployment(ctx, cmd.id)
+    if cmd.device_id is not None:
+        if cmd.device_id not in d.devices:
+            raise NotFoundError(f"device {cmd.device_id} is not part of deployment {d.id}")
+        devices = [cmd.device_id]
+    else:
+        devices = sorted(d.devices, key=lambda k: (d.devices[k].state == "healthy", k))
+    later = [x.created for x in ctx.store.list_deployments(d.stack) if x.id > d.id]
+    until = min(later) if later else None
+    shown = {
+        device_id: deployment_events(
+            d, [json.loads(b) for b in ctx.store.list_events(device_id, EVENTS_KEPT)], until
+        )
+        for device_id in devices[: cmd.devices]
+    }
+    return DeploymentEvents(id=d.id, stack=d.stack, devices=shown, more=max(0, len(devices) - cmd.devices))
 
 
 @commands.command(DeploymentsAction)

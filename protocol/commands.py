@@ -397,6 +397,18 @@ class DeploymentsStatus(CommandModel):
     id: int = Field(ge=1, le=MAX_ID)
 
 
+class DeploymentsEvents(CommandModel):
+    """What the devices of a deployment said about it, per device in order: the agents'
+    events about the stack (downloads, services created, restarted, healthy, unhealthy,
+    failed) and their warnings and errors, from the deployment's start until the next one."""
+
+    kind: Literal["deployments.events"] = "deployments.events"
+    id: int = Field(ge=1, le=MAX_ID)
+    device_id: str | None = None
+    """One device of the deployment; else up to ``devices`` of them, those not healthy first."""
+    devices: int = Field(default=10, ge=1, le=100)
+
+
 class DeploymentsAction(CommandModel):
     """Pause, resume, promote, switch (a staged deployment) or roll back a deployment."""
 

@@ -648,6 +648,9 @@ class Event(Message):
     oldest: int = Field(default=0, ge=0, exclude_if=_unset)
     """The oldest event the device still queued when it sent this one: every ``seq`` below
     it was acknowledged by the controller or dropped, and will not come (0: not told)."""
+    spec_hash: str | None = Field(default=None, pattern=names.SPEC_HASH.pattern, exclude_if=_unset)
+    """The stack version (:class:`StackRef` ``spec_hash``) an event about a stack is about:
+    how the controller ties a device's events to a deployment (absent from older agents)."""
 
 
 class EventsAcked(Message):

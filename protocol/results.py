@@ -256,6 +256,16 @@ class DeploymentList(WireModel):
     deployments: list[DeploymentView]
 
 
+class DeploymentEvents(WireModel):
+    """``deployments.events``: per device (those not healthy first), its events about the
+    deployment, oldest first (:class:`~.models.Event` as stored); ``more``: devices left out."""
+
+    id: int
+    stack: str
+    devices: dict[str, list[dict[str, Any]]]
+    more: int
+
+
 class DeploymentResult(WireModel):
     """``deployments.status`` and the actions (``rollback``: the new deployment)."""
 

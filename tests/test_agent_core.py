@@ -3,6 +3,7 @@ crashed instance is still seen (the driver is asked every time) and restarted.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from support.links import RecordingLink
 from tether.agent import core as core_module
 from tether.agent.core import AgentCore
 from tether.agent.drivers.base import Driver
-from tether.agent.drivers.fake import FakeDriver
+from tether.agent.drivers.fake import LABEL_EXIT_CODE, FakeDriver
 from tether.agent.drivers.process import ProcessDriver
 from tether.agent.store import MemoryStore
 from tether.protocol import codec, topics
@@ -279,3 +280,53 @@ def test_a_pending_state_whose_definition_never_arrives_is_rejected() -> None:
     assert topics.stack(forged) not in link.filters
     _legit(core, 2, "fake:2")
     assert core.desired.generation == 2
+
+
+def test_service_lifecycle_events_name_the_stack_version() -> None:
+    """created, restarted (with the exit code), unhealthy, healthy and exited events carry the
+    stack's version, the one a deployment is told by; a crash loop's later restarts say nothing more."""
+    now = [1000.0]
+    driver = FakeDriver(DEVICE)
+    link = RecordingLink()
+    services = (
+        ServiceSpec(name="web", image="fake:1", restart="always"),
+        ServiceSpec(name="once", image="fake:1", labels={LABEL_EXIT_CODE: "3"}),
+    )
+    core = deploy(driver, link, services, lambda: now[0])
+    version = StackSpec(services=services).spec_hash()
+    core.reconcile_once()
+    created = link.events("service.created")
+    assert sorted(e.service or "" for e in created) == ["once", "web"]
+    assert all(e.spec_hash == version and e.stack == "app" for e in created)
+    assert version[:12] in created[0].message
+
+    driver.crash("app", "web", exit_code=137)
+    core.reconcile_once()
+    (restarted,) = link.events("service.restarted")
+    assert restarted.spec_hash == version and "code 137" in restarted.message
+
+    web = next(i for i in driver.observe() if i.service == "web")
+    driver.add(dataclasses.replace(web, health="unhealthy", health_output="connection refused"))
+    now[0] += 1
+    core.reconcile_once()
+    (unhealthy,) = link.events("service.unhealthy")
+    assert "connection refused" in unhealthy.message and unhealthy.spec_hash == version
+    driver.add(dataclasses.replace(web, health="healthy"))
+    now[0] += 1
+    core.reconcile_once()
+    assert [e.service for e in link.events("service.healthy")] == ["web"]
+
+    once = next(i for i in driver.observe() if i.service == "once")
+    driver.add(dataclasses.replace(once, state="running", exit_code=None))
+    core.reconcile_once()
+    driver.add(dataclasses.replace(once, state="exited", exit_code=3))
+    core.reconcile_once()
+    (exited,) = link.events("service.exited")
+    assert "code 3" in exited.message and exited.level == "error"
+
+    for _ in range(8):  # a crash loop: restarts with backoff, then one crash_loop event
+        driver.crash("app", "web", exit_code=1)
+        now[0] += 400
+        core.reconcile_once()
+    assert len(link.events("service.crash_loop")) == 1
+    assert len(link.events("service.restarted")) < 8

@@ -147,6 +147,13 @@ def test_an_update_waits_for_its_images_while_the_old_version_runs_and_is_restar
     report = dev.link.report()
     assert report.stacks["app"].spec_hash == v2.spec_hash() and report.downloads == {}
     assert dev.core.applied == {"app": v2.spec_hash()} and dev.core.previous == {"app": v1.spec_hash()}
+    # The download's events, tied to the version (a deployment's events are told by it).
+    (started,) = dev.link.events("stack.downloading")
+    (done,) = dev.link.events("stack.downloaded")
+    assert started.spec_hash == done.spec_hash == v2.spec_hash() and started.stack == "app"
+    assert "5.0 MB to fetch" in started.message and "switching to it" in done.message
+    (created,) = [e for e in dev.link.events("service.created") if e.spec_hash == v2.spec_hash()]
+    assert created.service == "web"
 
 
 def test_progress_is_throttled_but_a_change_of_state_is_reported_at_once() -> None:

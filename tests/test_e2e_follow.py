@@ -52,6 +52,14 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
         assert f"deployment {deployment} of app: succeeded" in followed.stdout
         strategy = next(s for s in followed.stdout.splitlines() if s.startswith("strategy:"))
         assert strategy == "strategy:   all-at-once (healthy after 20s, deadline 5m, downloads within 1d)"
+        version = re.search(r"version:\s+- -> ([0-9a-f]{12})", followed.stdout)
+        assert version, followed.stdout
+        # What the agent said of this version, from `deployments events`: the service created.
+        events = cli(url, "deployments", "events", deployment)
+        assert events.returncode == 0, events.stderr
+        created = next(ln for ln in events.stdout.splitlines() if "service.created" in ln)
+        assert created.startswith("follow-1") and "app/app" in created, events.stdout
+        assert f"created and started (version {version.group(1)})" in created, events.stdout
 
         stack.write_text(STACK.format(mark="v2"))
         planned = cli(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "one", "--dry-run")

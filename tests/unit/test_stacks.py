@@ -9,6 +9,7 @@ from tether.controller.service import Controller
 from tether.protocol.commands import (
     CommandModel,
     DeploymentsAction,
+    DeploymentsEvents,
     DeploymentsList,
     DeploymentsStatus,
     GroupsCreate,
@@ -21,6 +22,7 @@ from tether.protocol.commands import (
     StacksStatus,
 )
 from tether.protocol.errors import ComposeError, ConflictError, NotFoundError, TetherError
+from tether.protocol.models import Event
 from tether.protocol.results import Removed, ServiceChange
 
 V1 = "services:\n  web:\n    image: busybox:1.36\n"
@@ -195,3 +197,44 @@ def test_show_prints_each_versions_file(edge: Controller) -> None:
     edge.execute(StacksDeploy(name="web", group="edge", compose=V2))
     with pytest.raises(NotFoundError, match="has no version 2"):
         edge.execute(StacksShow(name="web", version=2))
+
+
+def test_deployment_events_are_the_devices_words_about_it(edge: Controller) -> None:
+    """deployments.events gives, per device in order, its events about the deployment's stack and
+    version (a lagging device clock too) and its errors, not other stacks', earlier ones' or the
+    next deployment's; not healthy devices first; an unknown device is one clear error."""
+    clock = edge.clock
+    v1 = edge.execute(StacksDeploy(name="web", group="edge", compose=V1))
+    clock.now += 100  # type: ignore[attr-defined]
+    v2 = edge.execute(StacksDeploy(name="web", group="edge", compose=V2))
+    start = clock()
+    seq = iter(range(1, 100))
+
+    def said(device: str, at: float, kind: str, **fields: object) -> None:
+        event = Event(device_id=device, seq=next(seq), kind=kind, message=kind, at=at, **fields)  # type: ignore[arg-type]
+        edge.store.add_event(device, event.seq, event.model_dump_json())
+
+    new, old = v2.stack.spec_hash, v1.stack.spec_hash
+    said("pi-1", start - 50, "service.created", stack="web", service="web", spec_hash=old)  # v1's
+    said("pi-1", start - 10, "service.created", stack="web", service="web", spec_hash=new)  # clock lags
+    said("pi-1", start + 1, "desired.accepted")  # info, about no stack
+    said("pi-1", start + 2, "service.restarted", stack="web", service="db", spec_hash=new)
+    said("pi-1", start + 3, "service.created", stack="other", service="x")
+    said("pi-1", start + 4, "storage.error", level="error")
+    said("pi-2", start + 5, "service.healthy", stack="web", service="web", spec_hash=new)
+    events = edge.execute(DeploymentsEvents(id=v2.deployment))
+    assert [e["kind"] for e in events.devices["pi-1"]] == [
+        "service.created",
+        "service.restarted",
+        "storage.error",
+    ]
+    assert events.devices["pi-1"][0]["spec_hash"] == new
+    assert [e["kind"] for e in events.devices["pi-2"]] == ["service.healthy"]
+    assert events.more == 0
+    one = edge.execute(DeploymentsEvents(id=v2.deployment, device_id="pi-2", devices=1))
+    assert list(one.devices) == ["pi-2"]
+    assert list(edge.execute(DeploymentsEvents(id=v2.deployment, devices=1)).devices) == ["pi-1"]
+    earlier = edge.execute(DeploymentsEvents(id=v1.deployment)).devices["pi-1"]
+    assert [e["spec_hash"] for e in earlier] == [old], "the next deployment's events are not v1's"
+    with pytest.raises(NotFoundError, match="device pi-9 is not part of deployment"):
+        edge.execute(DeploymentsEvents(id=v2.deployment, device_id="pi-9"))
