@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -637,42 +638,105 @@ def stacks() -> None:
     """Stacks: Compose files deployed to groups."""
 
 
+STATUS_PAGE = 1000
+"""Rows per ``stacks.status`` request: a fleet of any size is read page by page."""
+
+FAILING = ("failed", "rejected")
+
+
+def _stack_status(client: ControllerClient, name: str, states: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``stacks.status`` with every row (of ``states``, if given), read page by page; counts
+    by state over every device. A controller from before paging answers in one reply
+    without counts: they are counted from its rows."""
+    result: dict[str, Any] = client.request(StacksStatus(name=name, limit=STATUS_PAGE, states=states))
+    rows = list(result["devices"])
+    while result.get("next"):
+        result = client.request(
+            StacksStatus(name=name, after=result["next"], limit=STATUS_PAGE, states=states)
+        )
+        rows.extend(result["devices"])
+    if "counts" not in result:
+        result["counts"] = dict(Counter(r["state"] for r in rows))
+        result["total"] = len(rows)
+        rows = [r for r in rows if not states or r["state"] in states]
+    result["devices"] = rows
+    result.pop("next", None)
+    return result
+
+
+def _counts_line(counts: dict[str, int], total: int) -> str:
+    return f"{_plural(total, 'device')}: " + (
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+    )
+
+
 def _wait(
     client: ControllerClient,
     name: str,
-    done: Callable[[list[dict[str, Any]]], bool],
+    done: Callable[[dict[str, int], int], bool],
     timeout: float,
     fmt: str,
 ) -> None:
-    """Poll the stack's status, print each device's changes, until ``done`` or failure/timeout."""
+    """Poll the stack's status until ``done(counts by state, total)`` or failure/timeout.
+
+    Each poll reads one page: the counts, and the first rows. A stack on at most one
+    page of devices prints each device's changes; a bigger one prints the counts when they
+    change, and names its failing devices when it fails."""
     deadline = time.monotonic() + timeout
     seen: dict[str, str] = {}
+    last = ""
     while True:
         try:
-            rows = client.request(StacksStatus(name=name))["devices"]
+            result = client.request(StacksStatus(name=name, limit=STATUS_PAGE))
         except RequestError as exc:
             if exc.code == ErrorCode.NOT_FOUND:  # not stored yet, or removed
-                rows = []
+                result = {"devices": [], "counts": {}, "total": 0}
             else:
                 raise
-        for row in rows:
-            line = f"{row['state']}" + (f" ({row['presence']})" if row["presence"] != "online" else "")
-            if row.get("progress"):
-                line += f", {row['progress']}"
-            if seen.get(row["device"]) != line:
-                seen[row["device"]] = line
-                detail = row.get("error") or row.get("why") or _service_errors(row)
-                if fmt == "table":
-                    click.echo(f"  {row['device']}: {line}" + (f": {detail}" if detail else ""))
-        failed = [r for r in rows if r["state"] in ("failed", "rejected")]
-        if failed:
-            raise TetherError(f"stack {name} failed on {', '.join(r['device'] for r in failed)}")
-        if done(rows):
+        rows = result["devices"]
+        if "counts" not in result:  # a controller from before paging: every row, no counts
+            result["counts"] = dict(Counter(r["state"] for r in rows))
+            result["total"] = len(rows)
+        counts, total = result["counts"], result["total"]
+        whole = not result.get("next")
+        if whole:
+            for row in rows:
+                line = f"{row['state']}" + (f" ({row['presence']})" if row["presence"] != "online" else "")
+                if row.get("progress"):
+                    line += f", {row['progress']}"
+                if seen.get(row["device"]) != line:
+                    seen[row["device"]] = line
+                    detail = row.get("error") or row.get("why") or _service_errors(row)
+                    if fmt == "table":
+                        click.echo(f"  {row['device']}: {line}" + (f": {detail}" if detail else ""))
+        elif fmt == "table" and (line := _counts_line(counts, total)) != last:
+            last = line
+            click.echo(f"  {line}")
+        if any(counts.get(s) for s in FAILING):
+            failed = rows if whole else _stack_status(client, name, FAILING)["devices"]
+            failed = [r for r in failed if r["state"] in FAILING]
+            if not whole and fmt == "table":
+                for r in failed[:20]:
+                    detail = r.get("error") or r.get("why") or _service_errors(r)
+                    click.echo(f"  {r['device']}: {r['state']}" + (f": {detail}" if detail else ""))
+            raise TetherError(f"stack {name} failed on {_some(r['device'] for r in failed)}")
+        if done(counts, total):
             return
         if time.monotonic() >= deadline:
-            waiting = [r["device"] for r in rows if not done([r])]
-            raise TetherError(f"timed out after {timeout:g}s waiting for {', '.join(waiting) or 'devices'}")
+            waiting_states = tuple(s for s in counts if not done({s: counts[s]}, counts[s]))
+            waiting = _stack_status(client, name, waiting_states)["devices"] if waiting_states else []
+            raise TetherError(
+                f"timed out after {timeout:g}s ({_counts_line(counts, total)}) waiting for "
+                f"{_some(r['device'] for r in waiting) or 'devices'}"
+            )
         time.sleep(0.5)
+
+
+def _some(names: Iterable[str], most: int = 20) -> str:
+    """Names joined by commas, at most ``most`` of them, then how many more."""
+    listed = list(names)
+    more = f" and {len(listed) - most} more" if len(listed) > most else ""
+    return ", ".join(listed[:most]) + more
 
 
 def _service_errors(row: dict[str, Any]) -> str:
@@ -1039,7 +1103,7 @@ def stacks_deploy(
             elif d["state"] != "succeeded" and fmt == "table":
                 _say_next_step(d)
         else:
-            _wait(client, name, lambda rows: all(r["state"] == "running" for r in rows), timeout, fmt)
+            _wait(client, name, lambda counts, total: counts.get("running", 0) == total, timeout, fmt)
         final = result.get("final", {})
         if fmt == "table" and final.get("state", "succeeded") == "succeeded":
             later = [
@@ -1090,13 +1154,15 @@ def stacks_ls(client: ControllerClient, fmt: str) -> None:
 @click.argument("name")
 @common
 def stacks_status(client: ControllerClient, fmt: str, name: str) -> None:
-    """Show where a stack stands on each device."""
-    result = client.request(StacksStatus(name=name))
+    """Show where a stack stands on each device: the counts by state, then each device
+    (the failing ones first)."""
+    result = _stack_status(client, name)
     if fmt == "json":
         click.echo(output.to_json(result))
         return
+    click.echo(_counts_line(result["counts"], result["total"]))
     rows = []
-    for r in result["devices"]:
+    for r in sorted(result["devices"], key=lambda r: r["state"] not in FAILING):
         services = (
             ", ".join(
                 f"{k}:{v['state']}" + (f"({v['health']})" if v.get("health") else "")
@@ -1128,7 +1194,7 @@ def stacks_rm(client: ControllerClient, fmt: str, name: str, wait: bool, timeout
     if fmt == "table":
         click.echo(f"stack {name} removed from the controller; devices are removing it")
     if wait:
-        _wait(client, name, lambda rows: not rows, timeout, fmt)
+        _wait(client, name, lambda counts, total: total == 0, timeout, fmt)
         if fmt == "table":
             click.echo(f"stack {name} is gone from every device")
     if fmt == "json":

@@ -6,7 +6,7 @@ A deploy stores the stack's new version and starts its deployment (:mod:`.deploy
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Mapping
 
 from tether.protocol import codec, names
 from tether.protocol.commands import (
@@ -18,7 +18,7 @@ from tether.protocol.commands import (
     StacksStatus,
 )
 from tether.protocol.errors import CommandError, ComposeError, ConflictError, NotFoundError, StoreError
-from tether.protocol.models import StackDefinition, StackSpec, StackStatus
+from tether.protocol.models import StackDefinition, StackRef, StackSpec
 from tether.protocol.results import (
     Removed,
     ServiceChange,
@@ -36,10 +36,11 @@ from tether.protocol.variables import stack_references
 from . import rollout
 from .compose import parse_stack_warnings
 from .context import Context
-from .devices import all_devices, attributes
+from .devices import attributes
 from .models import DesiredRecord, Device, Group, Placement, Stack
 from .ports import port_clashes, published
 from .registry import CommandRegistry
+from .rollout import Deployment
 from .scheduler import members
 
 commands = CommandRegistry()
@@ -238,58 +239,57 @@ def stacks_ls(ctx: Context, cmd: StacksList) -> StackList:
     return StackList(stacks=out)
 
 
-def _states(
-    name: str, devices: dict[str, Device], records: list[DesiredRecord]
-) -> Iterator[tuple[DesiredRecord, Device, StackStatus | None, str]]:
-    """Per device that should run (or still runs) stack ``name``: its record, the device,
-    what it reports of the stack, and the stack's state on it."""
-    for record in records:
-        ref = next((r for r in record.stacks if r.name == name), None)
-        device = devices.get(record.device_id) or Device(id=record.device_id)
-        reported = device.reported
-        status = reported.stacks.get(name) if reported else None
-        if ref is None and status is None:
-            continue
-        if ref is None:
-            state = "removing"
-        elif status is None or status.spec_hash != ref.spec_hash:
-            state = "pending"
-            if reported is not None and reported.error and reported.generation < record.generation:
-                state = "rejected"
-        else:
-            state = status.state
-        yield record, device, status, state
+def stack_state(
+    ref: StackRef | None,
+    desired_generation: int,
+    report: tuple[int | None, str | None, str | None, str | None],
+) -> str | None:
+    """The state of a stack on one device (StackDeviceRow's ``state``), from the reference its
+    desired state holds (None: not desired) and what it reports: (generation, error, the
+    version and the state it reports of the stack) as :meth:`Store.stack_reports` gives them.
+    None if the device neither should run the stack nor reports it."""
+    generation, error, spec_hash, state = report
+    if ref is None:
+        return None if spec_hash is None else "removing"
+    if spec_hash != ref.spec_hash:
+        rejected = error and generation is not None and generation < desired_generation
+        return "rejected" if rejected else "pending"
+    return str(state)
 
 
-def stack_devices(ctx: Context, name: str, spec_hash: str | None) -> list[StackDeviceRow]:
-    """Per device that should run (or still runs) stack ``name``: where it stands."""
-    devices = all_devices(ctx.store)
-    latest = ctx.store.latest_deployments().get(name)
-    stack = ctx.store.get_stack(name)
-    roles = {a.device_id: a.role for a in stack.assignment} if stack else {}
-    rows = []
-    for record, device, status, state in _states(name, devices, ctx.store.list_desired()):
-        reported = device.reported
-        rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
-        download = reported.downloads.get(name) if reported else None
-        rows.append(
-            StackDeviceRow(
-                device=record.device_id,
-                role=roles.get(record.device_id),
-                rollout=rolling.state if rolling else None,
-                held=bool(reported and reported.held),
-                presence=device.status,
-                state=state,
-                desired_generation=record.generation,
-                applied_generation=reported.generation if reported else None,
-                error=reported.error if reported else None,
-                services={k: v.model_dump(mode="json") for k, v in status.services.items()} if status else {},
-                download=download.model_dump(mode="json") if download else None,
-                progress=rollout.progress(download) if download else None,
-                why=rollout.explain(status) if status and status.state != "running" else None,
-            )
-        )
-    return rows
+NO_REPORT: tuple[int | None, str | None, str | None, str | None] = (None, None, None, None)
+
+STATUS_PAGE_BYTES = codec.MAX_PAYLOAD // 2
+"""A page of ``stacks.status`` rows ends before its rows pass this many bytes on the wire."""
+
+
+def _row(
+    name: str,
+    record: DesiredRecord,
+    device: Device,
+    state: str,
+    roles: Mapping[str, str],
+    latest: Deployment | None,
+) -> StackDeviceRow:
+    reported = device.reported
+    status = reported.stacks.get(name) if reported else None
+    rolling = latest.devices.get(record.device_id) if latest is not None and latest.active else None
+    download = reported.downloads.get(name) if reported else None
+    return StackDeviceRow(
+        device=record.device_id,
+        role=roles.get(record.device_id),
+        rollout=rolling.state if rolling else None,
+        held=bool(reported and reported.held),
+        presence=device.status,
+        state=state,
+        desired_generation=record.generation,
+        applied_generation=reported.generation if reported else None,
+        error=reported.error if reported else None,
+        services={k: v.model_dump(mode="json") for k, v in status.services.items()} if status else {},
+        download=download.model_dump(mode="json") if download else None,
+        progress=rollout.progress(download) if download else None,
+        why=rollout.explain(status) if status and status.state != "running" else None,
+    )
 
 
 @commands.command(StacksShow, read_only=True)
@@ -314,11 +314,46 @@ def stacks_show(ctx: Context, cmd: StacksShow) -> StackShown:
 
 @commands.command(StacksStatus, read_only=True)
 def stacks_status(ctx: Context, cmd: StacksStatus) -> StackStatusResult:
-    stack = ctx.store.get_stack(cmd.name)
-    rows = stack_devices(ctx, cmd.name, stack.spec_hash if stack else None)
-    if stack is None and not rows:
-        raise NotFoundError(f"unknown stack {cmd.name!r}")
-    return StackStatusResult(stack=stack_view(stack) if stack else None, devices=rows)
+    """Counts by state over every device of the stack, from what the database extracts of
+    their reports (as ``stacks ls``); rows, which need each report parsed, only for the
+    page asked for."""
+    name = cmd.name
+    stack = ctx.store.get_stack(name)
+    reports = ctx.store.stack_reports(name)
+    counts: dict[str, int] = {}
+    chosen: list[tuple[DesiredRecord, str]] = []
+    for record in ctx.store.list_desired():
+        ref = next((r for r in record.stacks if r.name == name), None)
+        state = stack_state(ref, record.generation, reports.get(record.device_id, NO_REPORT))
+        if state is None:
+            continue
+        counts[state] = counts.get(state, 0) + 1
+        if (not cmd.states or state in cmd.states) and (cmd.after is None or record.device_id > cmd.after):
+            chosen.append((record, state))
+    total = sum(counts.values())
+    if stack is None and not total:
+        raise NotFoundError(f"unknown stack {name!r}")
+    chosen.sort(key=lambda c: c[0].device_id)  # the cursor's order, whatever the database's collation
+    latest = ctx.store.latest_deployments().get(name)
+    roles = {a.device_id: a.role for a in stack.assignment} if stack else {}
+    rows: list[StackDeviceRow] = []
+    size = 0
+    for record, state in chosen if cmd.limit is None else chosen[: cmd.limit]:
+        device = ctx.store.get_device(record.device_id) or Device(id=record.device_id)
+        row = _row(name, record, device, state, roles, latest)
+        if cmd.limit is not None:
+            size += len(codec.encode(row))
+            if rows and size > STATUS_PAGE_BYTES:
+                break
+        rows.append(row)
+    more = len(rows) < len(chosen)
+    return StackStatusResult(
+        stack=stack_view(stack) if stack else None,
+        counts=dict(sorted(counts.items())),
+        total=total,
+        devices=rows,
+        next=rows[-1].device if more and rows else (cmd.after if more else None),
+    )
 
 
 @commands.command(StacksRemove)

@@ -323,9 +323,24 @@ class StacksList(CommandModel):
     kind: Literal["stacks.ls"] = "stacks.ls"
 
 
+STATUS_PAGE_MAX = 5000
+"""The most rows one ``stacks.status`` page asks for (a page also ends before its reply
+would pass about half the message limit, whatever ``limit`` says)."""
+
+
 class StacksStatus(CommandModel):
+    """Where a stack stands on its devices: counts by state over every device, and rows.
+
+    Without ``limit`` every row comes back in one reply, as before paging existed: past a
+    few thousand devices that reply is over the message limit (``too_large``). With it,
+    one page of rows in device id order, after the device ``after`` (the previous page's
+    ``next``), only of the ``states`` given (none: every state)."""
+
     kind: Literal["stacks.status"] = "stacks.status"
     name: str
+    after: str | None = Field(default=None, max_length=256, exclude_if=lambda v: v is None)
+    limit: int | None = Field(default=None, ge=0, le=STATUS_PAGE_MAX, exclude_if=lambda v: v is None)
+    states: tuple[str, ...] = Field(default=(), max_length=16, exclude_if=lambda v: not v)
 
 
 class StacksShow(CommandModel):

@@ -222,10 +222,15 @@ class StackDeviceRow(WireModel):
 
 
 class StackStatusResult(WireModel):
-    """``stacks.status``: the stack (None once removed, while devices still remove it) and its devices."""
+    """``stacks.status``: the stack (None once removed, while devices still remove it), how
+    many of its devices are in each state, and the rows asked for (all, or one page: ``next``
+    is the ``after`` of the next page, None on the last)."""
 
     stack: StackView | None
+    counts: dict[str, int] = Field(default_factory=dict)
+    total: int = 0
     devices: list[StackDeviceRow]
+    next: str | None = None
 
 
 # --- deployments ---------------------------------------------------------------------------

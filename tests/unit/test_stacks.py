@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from support.fleet import desired, online, report_running
 from support.recording import RecordingPublisher
+from tether.controller import stacks as stacks_module
 from tether.controller.service import Controller
+from tether.protocol import codec, topics
 from tether.protocol.commands import (
     CommandModel,
     DeploymentsAction,
@@ -21,8 +23,8 @@ from tether.protocol.commands import (
     StacksShow,
     StacksStatus,
 )
-from tether.protocol.errors import ComposeError, ConflictError, NotFoundError, TetherError
-from tether.protocol.models import Event
+from tether.protocol.errors import ComposeError, ConflictError, ErrorCode, NotFoundError, TetherError
+from tether.protocol.models import Event, Reply, Request
 from tether.protocol.results import Removed, ServiceChange
 
 V1 = "services:\n  web:\n    image: busybox:1.36\n"
@@ -238,3 +240,71 @@ def test_deployment_events_are_the_devices_words_about_it(edge: Controller) -> N
     assert [e["spec_hash"] for e in earlier] == [old], "the next deployment's events are not v1's"
     with pytest.raises(NotFoundError, match="device pi-9 is not part of deployment"):
         edge.execute(DeploymentsEvents(id=v2.deployment, device_id="pi-9"))
+
+
+@pytest.fixture
+def fleet12(controller: Controller) -> tuple[Controller, str]:
+    """Stack ``web`` deployed to 12 online devices, d-00 to d-04 running it; its spec hash."""
+    for i in range(12):
+        online(controller, f"d-{i:02}")
+    controller.execute(GroupsCreate(name="edge", devices=tuple(f"d-{i:02}" for i in range(12))))
+    spec_hash = controller.execute(StacksDeploy(name="web", group="edge", compose=V1)).stack.spec_hash
+    for i in range(5):
+        record = controller.store.get_desired(f"d-{i:02}")
+        assert record is not None
+        report_running(controller, f"d-{i:02}", record.generation, {"web": spec_hash})
+    return controller, spec_hash
+
+
+def test_status_pages_cover_every_device_once_with_counts_over_all(
+    fleet12: tuple[Controller, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stacks.status with a limit: pages in device id order chained by next, counts always over every device."""
+    controller, _ = fleet12
+    seen, after, pages = [], None, 0
+    while True:
+        page = controller.execute(StacksStatus(name="web", after=after, limit=5))
+        assert (page.counts, page.total) == ({"pending": 7, "running": 5}, 12)
+        seen += [r.device for r in page.devices]
+        pages += 1
+        if page.next is None:
+            break
+        after = page.next
+    assert (seen, pages) == ([f"d-{i:02}" for i in range(12)], 3)
+    running = controller.execute(StacksStatus(name="web", limit=100, states=("running",)))
+    assert [r.device for r in running.devices] == [f"d-{i:02}" for i in range(5)] and running.next is None
+    summary = controller.execute(StacksStatus(name="web", limit=0))
+    assert (summary.devices, summary.counts, summary.next) == ([], {"pending": 7, "running": 5}, None)
+    whole = controller.execute(StacksStatus(name="web"))
+    assert [r.device for r in whole.devices] == seen and whole.next is None
+    monkeypatch.setattr(stacks_module, "STATUS_PAGE_BYTES", 1)  # a page ends early rather than grow
+    small = controller.execute(StacksStatus(name="web", limit=5))
+    assert ([r.device for r in small.devices], small.next) == (["d-00"], "d-00")
+
+
+def test_a_status_past_the_message_limit_is_read_in_pages(
+    fleet12: tuple[Controller, str], publisher: RecordingPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet whose status is over the message limit: one reply is too_large, the pages of a limit all fit."""
+    controller, _ = fleet12
+    monkeypatch.setattr(codec, "MAX_PAYLOAD", 2000)  # 12 rows of this stack no longer fit
+    monkeypatch.setattr(stacks_module, "STATUS_PAGE_BYTES", 1000)
+    reply_to = topics.replies("cli-1")
+
+    def ask(command: StacksStatus) -> Reply:
+        payload = Request(id="r-1", reply_to=reply_to, command=command.model_dump(mode="json"))
+        controller.handle(topics.REQUESTS, codec.encode(payload))
+        topic, data, _ = publisher.published[-1]
+        assert topic == reply_to and len(data) <= 2000
+        return codec.decode(data, Reply)
+
+    assert ask(StacksStatus(name="web")).code == ErrorCode.TOO_LARGE
+    devices, after, pages = [], None, 0
+    while True:
+        reply = ask(StacksStatus(name="web", after=after, limit=5000))
+        assert reply.ok and reply.result is not None, reply.error
+        devices += [r["device"] for r in reply.result["devices"]]
+        pages += 1
+        if (after := reply.result.get("next")) is None:
+            break
+    assert devices == [f"d-{i:02}" for i in range(12)] and pages > 1
