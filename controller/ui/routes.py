@@ -9,18 +9,22 @@ when the fleet event stream (``/api/v1/events``) says something changed.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import hmac
+import json
 import secrets
 import time
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
 from urllib.parse import urlencode
 
 import jinja2
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from tether.controller.fleet_events import LOST
 from tether.protocol import codec
 from tether.protocol.commands import (
     CommandModel,
@@ -174,6 +178,44 @@ async def _form(request: Request, session: seams.Session) -> dict[str, Any]:
 
 def _refused(request: Request, session: seams.Session | None, message: str) -> Response:
     return _render(request, "error.html", session, code=403, message=message)
+
+
+# --- live updates ---------------------------------------------------------------------------
+
+KEEPALIVE_S = 15.0
+"""A comment line this often keeps proxies from closing a quiet stream (and finds a gone browser)."""
+
+
+@router.get("/ui/events")
+async def events(request: Request) -> Response:
+    """The fleet event bus (controller/fleet_events.py) as server-sent events, for a UI session.
+
+    Each event is the bus's JSON (``kind``, ``subject``, ``at``, ``data``); an overflow is a
+    ``lost`` event: the page re-reads everything. The stream says nothing else, so the page
+    renders state from the commands alone."""
+    session = _session(request)
+    if session is None:
+        return _secure(Response("log in first\n", status_code=401, media_type="text/plain"))
+    bus = _controller(request).bus
+    subscription = bus.subscribe(maxsize=200)
+
+    async def stream() -> AsyncIterator[bytes]:
+        try:
+            yield b"retry: 2000\n: live\n\n"
+            while not await request.is_disconnected():
+                event = await asyncio.to_thread(subscription.get, KEEPALIVE_S)
+                if event is None:
+                    yield b": keep-alive\n\n"
+                elif event.kind == LOST:
+                    yield f"event: lost\ndata: {json.dumps(event.to_json())}\n\n".encode()
+                else:
+                    yield f"data: {json.dumps(event.to_json())}\n\n".encode()
+        finally:
+            bus.unsubscribe(subscription)
+
+    response = _secure(StreamingResponse(stream(), media_type="text/event-stream"))
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
 
 
 # --- static files and login ----------------------------------------------------------------

@@ -201,3 +201,60 @@ def test_dry_run_shows_every_error_and_deploy_goes_to_the_deployment(
     assert "Deployment 1 of" in shown.text and 'data-device="d1"' in shown.text
     stack = client.get("/ui/stacks/web")
     assert "image: busybox" in stack.text and 'data-device="d1"' in stack.text
+
+
+def test_a_viewer_sees_no_mutating_buttons_and_is_refused(client: TestClient, controller: Controller) -> None:
+    """A viewer's pages have no deploy, approve or deployment buttons, and posting them anyway is
+    refused with 403 without changing anything."""
+    from tether.controller.ui import seams
+    from tether.protocol.principals import Principal
+
+    online(controller, "d1")
+    cookie, csrf = seams.SESSIONS.create(Principal(user="vera", role="viewer", via="http"))
+    client.cookies.set("tether_session", cookie)
+    for path in ("/ui/stacks", "/ui/pending", "/ui/"):
+        page = client.get(path)
+        assert page.status_code == 200 and "vera (viewer)" in page.text, path
+        assert (
+            'href="/ui/deploy"' not in page.text
+            and 'href="/ui/deploy?' not in page.text
+            and "Approve selected" not in page.text
+        ), path
+    assert client.get("/ui/deploy").status_code == 403
+    refused = client.post(
+        "/ui/deploy",
+        data={
+            "csrf": csrf,
+            "name": "web",
+            "group": "g",
+            "compose": "services: {a: {image: x}}",
+            "action": "deploy",
+        },
+    )
+    assert refused.status_code == 403 and "operator role" in refused.text
+    assert controller.store.list_stacks() == []
+    assert client.post("/ui/pending", data={"csrf": csrf, "device": "d1"}).status_code == 403
+
+
+def test_events_stream_relays_the_fleet_bus(client: TestClient, controller: Controller) -> None:
+    """/ui/events refuses a browser without a session and streams the bus's events to one with it."""
+    import threading
+
+    from tether.controller.fleet_events import FleetEvent
+
+    assert client.get("/ui/events").status_code == 401
+    _login(client)
+    with client.stream("GET", "/ui/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        assert next(lines).startswith("retry:")
+
+        def emit() -> None:
+            while not controller.bus.listening:
+                threading.Event().wait(0.01)
+            controller.bus.emit(FleetEvent("device.online", "devices/d1", 1.0, {"note": XSS}))
+
+        threading.Thread(target=emit, daemon=True).start()
+        data = next(line for line in lines if line.startswith("data:"))
+    event = json.loads(data.removeprefix("data:"))
+    assert (event["kind"], event["subject"], event["data"]["note"]) == ("device.online", "devices/d1", XSS)

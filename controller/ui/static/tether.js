@@ -50,13 +50,15 @@
     if (pending === null) pending = window.setTimeout(refresh, ms);
   }
 
+  // The fleet event bus for this session (controller/ui/routes.py, /ui/events).
+  var STREAM = "/ui/events";
   if (!window.EventSource) { show("off", "live updates unavailable"); return; }
   var source = null;
   var retry = 1000;
   var lost = false;
 
   function connect() {
-    source = new EventSource("/api/v1/events");
+    source = new EventSource(STREAM);
     source.onopen = function () {
       retry = 1000;
       show("on", "live");
