@@ -55,6 +55,12 @@ def _kinds(value: str) -> tuple[str, ...]:
     help="How long a device stays offline before device.offline fires (device.online follows when it is back).",
 )
 @click.option(
+    "--window",
+    default="30s",
+    show_default=True,
+    help="Past 3 messages of one event within this window, the rest are summed up in one message.",
+)
+@click.option(
     "--format", "body_format", type=click.Choice(["json", "slack"]), default="json", show_default=True
 )
 @click.option(
@@ -70,6 +76,7 @@ def notify_add(
     url: str,
     on: str,
     offline_after: str,
+    window: str,
     body_format: str,
     secret_file: Path | None,
 ) -> None:
@@ -88,6 +95,7 @@ def notify_add(
             url=url,
             on=kinds,  # type: ignore[arg-type]
             offline_after_s=seconds,
+            window_s=parse_duration(window, "--window"),
             format=body_format,  # type: ignore[arg-type]
             sealed=sealed,
         )

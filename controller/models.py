@@ -230,6 +230,7 @@ class Webhook(Stored):
     offline_after_s: float = 300.0
     format: Literal["json", "slack"] = "json"
     sealed: str | None = None
+    window_s: float = 30.0
     created: float = 0.0
 
 

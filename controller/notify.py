@@ -87,6 +87,7 @@ BACKOFF = Backoff(base=2.0, cap=600.0)
 BURST = 3
 """Messages of one kind a webhook gets one by one within a window; the rest are summed up."""
 WINDOW_S = 30.0
+"""The default window (a webhook's ``window_s``)."""
 SUMMARY_SUBJECTS = 50
 DELIVERIES_KEPT = 10_000
 """Finished deliveries kept (the newest); pending ones always stay."""
@@ -169,6 +170,7 @@ def check_url(url: str) -> str | None:
 @dataclass
 class _Window:
     start: float
+    length: float
     sent: int = 0
     burst: int = BURST
     extra: list[str] = field(default_factory=list)
@@ -180,10 +182,10 @@ class Limiter:
     def __init__(self) -> None:
         self.windows: dict[tuple[str, str], _Window] = {}
 
-    def admit(self, webhook: str, kind: str, subject: str, now: float) -> bool:
+    def admit(self, webhook: str, kind: str, subject: str, now: float, length: float = WINDOW_S) -> bool:
         window = self.windows.get((webhook, kind))
         if window is None:
-            window = self.windows[(webhook, kind)] = _Window(now)
+            window = self.windows[(webhook, kind)] = _Window(now, length)
         if window.sent < window.burst:
             window.sent += 1
             return True
@@ -194,12 +196,12 @@ class Limiter:
         """(webhook, kind, subjects left out) of every window that ended with some left out."""
         out = []
         for key, window in list(self.windows.items()):
-            if now - window.start < WINDOW_S:
+            if now - window.start < window.length:
                 continue
             if window.extra:
                 out.append((key[0], key[1], window.extra))
                 # Still coming: the next window is a summary too (burst 0) until one is quiet.
-                self.windows[key] = _Window(now, burst=0)
+                self.windows[key] = _Window(now, window.length, burst=0)
             else:
                 del self.windows[key]
         return out
@@ -333,7 +335,7 @@ class Notifier:
 
     def _queue(self, webhook: Webhook, kind: str, subject: str, data: dict[str, Any], at: float) -> None:
         now = self.clock()
-        if kind != "test" and not self.limiter.admit(webhook.id, kind, subject, now):
+        if kind != "test" and not self.limiter.admit(webhook.id, kind, subject, now, webhook.window_s):
             return
         self._add(webhook, kind, subject, data, at)
 
@@ -382,7 +384,7 @@ class Notifier:
                     "kind": kind,
                     "count": len(subjects),
                     "subjects": subjects[:SUMMARY_SUBJECTS],
-                    "window_s": WINDOW_S,
+                    "window_s": webhook.window_s,
                 }
                 self._add(webhook, "summary", "", data, now)
         if len(self._in_flight) < MAX_IN_FLIGHT:
@@ -450,6 +452,7 @@ def webhook_view(webhook: Webhook, counts: dict[str, int]) -> WebhookView:
         on=list(webhook.on),
         offline_after_s=webhook.offline_after_s,
         format=webhook.format,
+        window_s=webhook.window_s,
         signed=webhook.sealed is not None,
         created=webhook.created,
         deliveries={s: counts.get(s, 0) for s in ("pending", "delivered", "failed")},
@@ -513,6 +516,7 @@ def notify_add(ctx: Context, cmd: NotifyAdd) -> WebhookResult:
         offline_after_s=cmd.offline_after_s,
         format=cmd.format,
         sealed=sealed,
+        window_s=cmd.window_s,
         created=ctx.clock(),
     )
     with ctx.store.transaction():

@@ -470,6 +470,8 @@ class NotifyAdd(CommandModel):
     offline_after_s: float = Field(default=300.0, ge=0, le=MAX_TIMEOUT_S)
     format: Literal["json", "slack"] = "json"
     sealed: str | None = Field(default=None, min_length=1, max_length=8192)
+    window_s: float = Field(default=30.0, ge=1, le=DAY_S)
+    """Past 3 messages of one kind within this window, the rest of the window's are summed up in one."""
 
 
 class NotifyList(CommandModel):

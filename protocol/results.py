@@ -514,6 +514,7 @@ class WebhookView(WireModel):
     on: list[str]
     offline_after_s: float
     format: str
+    window_s: float
     signed: bool
     created: float
     deliveries: dict[str, int]
