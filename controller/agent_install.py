@@ -48,6 +48,8 @@ PACKAGES = (
     "tether.agent",
     "tether.agent.drivers",
     "tether.controller",
+    "tether.controller.ui",
+    "tether.controller.http",
     "tether.broker",
     "tether.cli",
     "tether.sim",

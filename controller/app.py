@@ -28,7 +28,6 @@ from .agent_install import InstallFiles
 from .dynsec import DynsecAdmin, DynsecTable
 from .lease import lease_for
 from .mosquitto import quickstart_tls, uses_dynsec, write_mosquitto_files
-from .observability import HealthServer
 from .security import (
     OPERATOR_USER,
     ensure_controller_credentials,
@@ -366,7 +365,7 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
         controller.access.on_credentials_changed = write_mosquitto
         write_mosquitto()
         echo(f"tether: Mosquitto password and ACL files in {mosquitto_dir.resolve()}")
-    http: HealthServer | None = None
+    http: HttpServer | None = None
     agent: subprocess.Popen[bytes] | None = None
     stop = threading.Event()
     code = 0
@@ -381,7 +380,9 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
         if options.http:
             host, _, port_text = options.http.rpartition(":")
             install = InstallFiles.load(address, ca_file if address.tls else None, options.wheelhouse)
-            http = HealthServer(controller, host or "127.0.0.1", int(port_text), install)
+            from .http import HttpServer  # FastAPI and uvicorn: imported only when serving
+
+            http = HttpServer(controller, host or "127.0.0.1", int(port_text), install)
             http.start()
             shown = host or "127.0.0.1"
             if shown in ("0.0.0.0", "::"):

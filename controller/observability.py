@@ -1,4 +1,4 @@
-"""Operations: JSON logs, liveness/readiness and Prometheus metrics over local HTTP.
+"""Operations: JSON logs and Prometheus metrics (served over HTTP by controller/http/).
 
 ``tether up --http 127.0.0.1:9100`` serves:
 
@@ -12,26 +12,23 @@
 
 Gauges that need the store (devices, stacks) are refreshed by the controller's worker
 thread every :data:`REFRESH_SECONDS`, so the HTTP thread never touches the database.
+(The HTTP server itself: controller/http/, the JSON API beside these, see app.py there.)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from .agent_install import InstallFiles
-    from .service import Controller
+    pass
 
 REFRESH_SECONDS = 15.0
 
@@ -114,59 +111,6 @@ class Metrics:
             "Desired states published again to devices that stayed behind (the broker lost them?)",
             registry=self.registry,
         )
-
-
-class HealthServer:
-    """A tiny HTTP server for /healthz, /readyz and /metrics, on its own thread."""
-
-    def __init__(
-        self, controller: Controller, host: str, port: int, install: InstallFiles | None = None
-    ) -> None:
-        self.controller = controller
-        self.install = install
-        handler = self._handler()
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        controller = self.controller
-        install = self.install
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path == "/healthz":
-                    self._send(200, b"ok\n", "text/plain")
-                elif self.path == "/readyz":
-                    ready = controller.is_ready()
-                    self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain")
-                elif self.path == "/metrics":
-                    self._send(200, generate_latest(controller.metrics.registry), CONTENT_TYPE_LATEST)
-                elif install is not None and (found := install.get(self.path, self.headers.get("Host", ""))):
-                    self._send(200, found.data, found.content_type)
-                elif self.path == "/install.sh":
-                    self._send(400, b"the Host header is not HOST[:PORT]\n", "text/plain")
-                else:
-                    self._send(404, b"not found\n", "text/plain")
-
-            def _send(self, code: int, body: bytes, content_type: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return
-
-        return Handler
 
 
 class JsonFormatter(logging.Formatter):

@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -97,9 +98,11 @@ from .variables import SecretsKey, VariableBindings
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 _CONNECTED = "\x00connected"
 _STOP = "\x00stop"
 _TICK = "\x00tick"
+_CALL = "\x00call"
 TICK_SECONDS = 1.0
 DEPLOYMENT_IDLE_STEP = 2.0
 STEP_SHARE = 3.0
@@ -184,6 +187,10 @@ COMMANDS = CommandRegistry.of(
 """Every command the controller answers, with its handler (see :mod:`.registry`)."""
 
 
+class StandbyError(TetherError):
+    """A standby controller (``tether up --ha``) was asked for a write through :meth:`Controller.submit`."""
+
+
 class Controller:
     """Schedules stacks onto devices and answers requests, over one MQTT connection."""
 
@@ -213,6 +220,7 @@ class Controller:
         self.lease = lease
         self.ha = ha
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self.client: Transport | None = None
         self.ready = threading.Event()
         self.leading = threading.Event()
@@ -701,6 +709,9 @@ class Controller:
             self.publish_pending(None if publish_all else device_ids)
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == _CALL:
+            self._run_call()
+            return
         if topic == _CONNECTED:
             lost = self._session_known and self.client is not None and not self.client.session_present
             self._session_known = self._session_id is not None
@@ -1390,6 +1401,59 @@ class Controller:
 
     # --- requests ---
 
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn()`` on the controller's worker thread, in turn with everything on its inbox
+        (thread-safe); the future holds its result or its exception. What it leaves to
+        publish is published right after, as after an MQTT request."""
+        future: Future[T] = Future()
+        self._calls.put((fn, future))
+        self.inbox.put((_CALL, b""))
+        return future
+
+    def _run_call(self) -> None:
+        fn, future = self._calls.get_nowait()  # one per _CALL on the inbox, in the same order
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn()
+        except BaseException as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def submit(self, command: CommandModel, principal: Principal) -> Future[Any]:
+        """Carry out ``command`` on the controller's thread exactly as an MQTT request is (the
+        HTTP API's way in; thread-safe): the future holds its result model or the TetherError
+        that refused it. A standby refuses a write with :class:`StandbyError` (over MQTT the
+        leader answers those; over HTTP the client asks the leader). ``principal``: who asks
+        (protocol/principals.py)."""
+
+        def run() -> Any:
+            if not self.leading.is_set() and not COMMANDS.handler(command).read_only:
+                raise StandbyError(
+                    f"this controller stands by (--ha): {getattr(command, 'kind', '?')} is a write, ask the leader"
+                )
+            return self._answer(command, principal)
+
+        return self.call(run)
+
+    def _answer(self, command: CommandModel, principal: Principal) -> Any:
+        """A request's command carried out: its result, or the TetherError that refused it.
+
+        What the command changed is stored and committed when it returns; publishing it waits
+        until the answer is on its way (the worker publishes right after), so a deploy to
+        10,000 devices is answered at once instead of after 10,000 acknowledgements."""
+        self._deferring = True
+        try:
+            result = self.execute(command, principal)
+        except TetherError:
+            self.metrics.requests.labels(command=getattr(command, "kind", "?"), outcome="error").inc()
+            raise
+        finally:
+            self._deferring = False
+        self.metrics.requests.labels(command=getattr(command, "kind", "?"), outcome="ok").inc()
+        return result
+
     def execute(self, command: CommandModel, principal: Principal = INTERNAL) -> Any:
         """Carry out one command for ``principal``; return its result (a model of
         protocol/results.py) or raise a TetherError. The one place roles are checked: a
@@ -1432,16 +1496,7 @@ class Controller:
                 if self.client is not None:
                     self.client.publish(topics.LEADER_REQUESTS, payload, qos=1)
                 return
-            # What the command changed is stored and committed when it returns; publishing it
-            # waits until the reply is on its way (handle() publishes right after), so a deploy
-            # to 10,000 devices is answered at once instead of after 10,000 acknowledgements.
-            self._deferring = True
-            try:
-                result = self.execute(command, OPERATOR)
-            finally:
-                self._deferring = False
-            reply = Reply(id=request.id, ok=True, result=result)
-            self.metrics.requests.labels(command=command.kind, outcome="ok").inc()
+            reply = Reply(id=request.id, ok=True, result=self._answer(command, OPERATOR))
         except ValidationError as exc:
             reply = Reply(
                 id=request.id,
@@ -1452,9 +1507,6 @@ class Controller:
         except TetherError as exc:  # a refusal: a CommandError says why; any other is a bad request
             code = exc.code if isinstance(exc, CommandError) else ErrorCode.INVALID
             reply = Reply(id=request.id, ok=False, error=str(exc), code=code)
-            self.metrics.requests.labels(
-                command=str(request.command.get("kind", "?"))[:40], outcome="error"
-            ).inc()
         except Exception as exc:
             log.exception("request %s failed", request.id)
             error = f"internal error: {exc.__class__.__name__}: {exc}"

@@ -1,0 +1,379 @@
+"""The ``/api/v1`` routes: one route, one command of protocol/commands.py, one result model.
+
+Every route is declared in :data:`ROUTES` and made by :func:`command_route`: the path's
+parameters, the query's and the JSON body's fields are a command model's own fields (the body
+refuses fields the command does not have); the command runs through
+:meth:`~tether.controller.service.Controller.submit`, exactly as an MQTT request does, and its
+result model is the response model. No route carries logic of its own: a new command gets a
+line here, and the OpenAPI document (docs/openapi.json) follows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi.sse import EventSourceResponse, format_sse_event
+from pydantic import ConfigDict, create_model
+from tether.controller.registry import CommandHandler
+from tether.controller.rollout import ACTIVE_STATES
+from tether.controller.service import COMMANDS
+from tether.protocol import commands as c
+from tether.protocol.commands import CommandModel
+from tether.protocol.models import WireModel
+from tether.protocol.results import DeploymentResult
+
+from .auth import Principal, request_principal
+from .problems import RESPONSES, Unavailable
+
+SUBMIT_TIMEOUT = 60.0
+"""Seconds a command may wait for the controller's thread before the answer is 503."""
+FOLLOW_POLL = 1.0
+"""Seconds between two looks at a followed deployment."""
+
+router = APIRouter(responses=RESPONSES)
+
+
+async def run(request: Request, command: CommandModel, principal: Principal) -> Any:
+    """``command`` carried out by the controller (its result model, or the TetherError raised)."""
+    future = request.app.state.controller.submit(command, principal)
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(future), SUBMIT_TIMEOUT)
+    except TimeoutError:
+        raise Unavailable(
+            f"the controller did not answer {getattr(command, 'kind', '?')} within {SUBMIT_TIMEOUT:.0f}s"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route: ``method path`` runs ``model`` with the path's, the query's and the body's fields."""
+
+    method: str
+    path: str
+    model: type[CommandModel]
+    query: Sequence[str] = ()
+    """Fields taken from the query string (the rest that are not in the path come in the body)."""
+    body: bool = True
+    fixed: dict[str, Any] = field(default_factory=dict)
+    """Fields set by the route itself (the ``kind`` of a model with several)."""
+    lists: dict[str, str] = field(default_factory=dict)
+    """A path parameter that fills a list field of one item: {parameter: field}."""
+    status: int = 200
+    summary: str = ""
+    tag: str = ""
+
+
+def _handler(model: type[CommandModel]) -> CommandHandler:
+    for handler in COMMANDS:
+        if handler.model is model:
+            return handler
+    raise KeyError(model.__name__)
+
+
+_BODIES: dict[tuple[type[CommandModel], tuple[str, ...]], type[WireModel]] = {}
+
+
+def body_model(model: type[CommandModel], left_out: Sequence[str]) -> type[WireModel]:
+    """The JSON body of a route of ``model``: its fields but ``kind`` and ``left_out`` (taken from
+    the path or the query), refusing any other field (a typo is an error, not ignored)."""
+    key = (model, tuple(sorted(left_out)))
+    if key not in _BODIES:
+        fields: dict[str, Any] = {
+            name: (info.annotation, info)
+            for name, info in model.model_fields.items()
+            if name != "kind" and name not in left_out
+        }
+        _BODIES[key] = create_model(  # type: ignore[call-overload]
+            f"{model.__name__}Body",
+            __base__=WireModel,
+            __config__=None,
+            __doc__=model.__doc__,
+            **fields,
+        )
+        _BODIES[key].model_config = ConfigDict(frozen=True, extra="forbid")
+        _BODIES[key].model_rebuild(force=True)
+    return _BODIES[key]
+
+
+def _params(route: Route) -> list[str]:
+    return [part[1:-1].split(":")[0] for part in route.path.split("/") if part.startswith("{")]
+
+
+def command_route(route: Route) -> Callable[..., Any]:
+    """The endpoint of ``route`` (its signature tells FastAPI its parameters and body)."""
+    model = route.model
+    fields = model.model_fields
+    path_params = _params(route)
+    left_out = [*path_params, *route.query, *route.lists.values(), *route.fixed]
+    has_body = route.body and any(n != "kind" and n not in left_out for n in fields)
+    parameters = [
+        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        inspect.Parameter(
+            "principal",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[Principal, Depends(request_principal)],
+        ),
+    ]
+    for name in path_params:
+        target = route.lists.get(name, name)
+        info = fields[target]
+        annotation = str if name in route.lists else info.annotation
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[annotation, Path(description=info.description)],
+            )
+        )
+    for name in route.query:
+        info = fields[name]
+        default = info.get_default(call_default_factory=True)
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[info.annotation, Query(description=info.description)],
+                default=list(default) if isinstance(default, tuple) else default,
+            )
+        )
+    if has_body:
+        parameters.append(
+            inspect.Parameter(
+                "body",
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[body_model(model, left_out), Body()],
+            )
+        )
+
+    async def endpoint(request: Request, principal: Principal, **values: Any) -> Any:
+        data: dict[str, Any] = dict(route.fixed)
+        body = values.pop("body", None)
+        if body is not None:
+            data.update(body.model_dump(exclude_unset=True))
+        for name, value in values.items():
+            target = route.lists.get(name)
+            data[target or name] = (value,) if target else value
+        return await run(request, model.model_validate(data), principal)
+
+    endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    endpoint.__name__ = (route.fixed.get("kind") or fields["kind"].default or model.__name__).replace(
+        ".", "_"
+    )
+    return endpoint
+
+
+D, G, S, J, V, R, T = "devices", "groups", "stacks", "jobs", "variables", "registries", "tokens"
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/devices", c.DevicesList, summary="Every device", tag=D),
+    Route("GET", "/devices/{device_id}", c.DevicesShow, summary="A device in detail", tag=D),
+    Route(
+        "PATCH",
+        "/devices/{device_id}/labels",
+        c.DevicesLabel,
+        summary="Set and remove operator labels",
+        tag=D,
+    ),
+    Route(
+        "POST",
+        "/devices/{device_id}/credentials",
+        c.DevicesCredentials,
+        summary="Create or rotate a device's broker credentials (shown once)",
+        tag=D,
+    ),
+    Route("POST", "/devices/revoke", c.DevicesRevoke, summary="Cut devices off", tag=D),
+    Route(
+        "DELETE",
+        "/devices/{device_id}",
+        c.DevicesRemove,
+        lists={"device_id": "device_ids"},
+        summary="Forget a device",
+        tag=D,
+    ),
+    Route(
+        "GET",
+        "/device-metrics",
+        c.DevicesTop,
+        query=("device_ids",),
+        summary="The latest metrics sample of each device",
+        tag=D,
+    ),
+    Route("GET", "/waiting-room", c.DevicesPending, summary="Devices that asked to join", tag=D),
+    Route("POST", "/waiting-room/approve", c.DevicesApprove, summary="Approve waiting devices", tag=D),
+    Route("POST", "/waiting-room/reject", c.DevicesReject, summary="Reject waiting devices", tag=D),
+    Route("GET", "/groups", c.GroupsList, summary="Every group", tag=G),
+    Route("POST", "/groups", c.GroupsCreate, status=201, summary="Create a group", tag=G),
+    Route("GET", "/groups/{name}", c.GroupsShow, summary="A group and its members", tag=G),
+    Route("DELETE", "/groups/{name}", c.GroupsRemove, summary="Remove a group", tag=G),
+    Route(
+        "PUT",
+        "/groups/{name}/trust",
+        c.GroupsTrust,
+        summary="Whether a selector group trusts device-reported labels",
+        tag=G,
+    ),
+    Route("GET", "/stacks", c.StacksList, summary="Every stack", tag=S),
+    Route("GET", "/stacks/{name}", c.StacksShow, query=("version",), summary="A stack's Compose file", tag=S),
+    Route("GET", "/stacks/{name}/status", c.StacksStatus, summary="A stack on each device", tag=S),
+    Route(
+        "POST",
+        "/stacks/{name}/deploy",
+        c.StacksDeploy,
+        summary="Deploy a Compose file as a stack (answers with the deployment started)",
+        tag=S,
+    ),
+    Route(
+        "POST",
+        "/stacks/{name}/plan",
+        c.StacksPlan,
+        summary="What a deploy would do, changing nothing",
+        tag=S,
+    ),
+    Route("DELETE", "/stacks/{name}", c.StacksRemove, summary="Remove a stack from every device", tag=S),
+    Route(
+        "GET", "/deployments", c.DeploymentsList, query=("stack",), summary="Deployments", tag="deployments"
+    ),
+    Route("GET", "/deployments/{id}", c.DeploymentsStatus, summary="A deployment", tag="deployments"),
+    *(
+        Route(
+            "POST",
+            f"/deployments/{{id}}/{action}",
+            c.DeploymentsAction,
+            fixed={"kind": f"deployments.{action}"},
+            summary=f"{action.capitalize()} a deployment",
+            tag="deployments",
+        )
+        for action in ("pause", "resume", "promote", "switch", "rollback")
+    ),
+    Route("GET", "/jobs", c.JobsList, summary="Every job", tag=J),
+    Route("POST", "/jobs", c.JobsSchedule, status=201, summary="Schedule a job (cron or interval)", tag=J),
+    Route("POST", "/jobs/{name}/run", c.JobsRun, summary="Run a job once on every device of a group", tag=J),
+    Route("GET", "/jobs/{name}", c.JobsStatus, summary="A job on each device", tag=J),
+    Route(
+        "GET",
+        "/jobs/{name}/logs",
+        c.JobsLogs,
+        query=("device_id", "limit"),
+        summary="A job's last runs",
+        tag=J,
+    ),
+    Route("DELETE", "/jobs/{name}", c.JobsRemove, summary="Remove a job", tag=J),
+    Route("GET", "/variables", c.VarsList, query=("prefix",), summary="Every variable", tag=V),
+    Route("GET", "/secrets-key", c.VarsKey, summary="The public key secrets are sealed to", tag=V),
+    Route(
+        "GET",
+        "/variables/{path:path}",
+        c.VarsGet,
+        query=("group", "device_id"),
+        summary="A variable's keys (a secret's values are never sent)",
+        tag=V,
+    ),
+    Route("PATCH", "/variables/{path:path}", c.VarsSet, summary="Set keys of a variable", tag=V),
+    Route(
+        "DELETE",
+        "/variables/{path:path}",
+        c.VarsRemove,
+        query=("keys", "group", "device_id"),
+        summary="Remove a variable or some of its keys",
+        tag=V,
+    ),
+    Route("GET", "/registries", c.RegistriesList, summary="Private registries' credentials", tag=R),
+    Route("POST", "/registries", c.RegistriesAdd, status=201, summary="Add a registry's credentials", tag=R),
+    Route(
+        "DELETE",
+        "/registries/{host}",
+        c.RegistriesRemove,
+        query=("group", "device_id"),
+        summary="Remove a registry's credentials",
+        tag=R,
+    ),
+    Route("GET", "/tokens", c.TokensList, summary="Enrollment tokens", tag=T),
+    Route(
+        "POST",
+        "/tokens",
+        c.TokensCreate,
+        status=201,
+        summary="Create an enrollment token (shown once)",
+        tag=T,
+    ),
+    Route(
+        "DELETE",
+        "/tokens/{id}",
+        c.TokensRemove,
+        lists={"id": "ids"},
+        summary="Remove an enrollment token",
+        tag=T,
+    ),
+)
+
+
+def _add(route: Route) -> None:
+    handler = _handler(route.model)
+    router.add_api_route(
+        route.path,
+        command_route(route),
+        methods=[route.method],
+        response_model=handler.result,
+        status_code=route.status,
+        summary=route.summary,
+        description=inspect.cleandoc(route.model.__doc__ or route.summary),
+        tags=[route.tag] if route.tag else None,
+        response_model_exclude_none=False,
+    )
+
+
+def sse(event: str, data: Any, id: str | None = None) -> bytes:
+    """One server-sent event, its data as JSON."""
+    return format_sse_event(data_str=json.dumps(data, separators=(",", ":")), event=event, id=id)
+
+
+FOLLOW_DOC = {
+    200: {
+        "description": "`deployment` events, each a DeploymentResult as JSON, once per change, until "
+        "the deployment is no longer active",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+# Before the generic routes: /deployments/{id}/follow must not be read as an action.
+@router.get(
+    "/deployments/{id}/follow",
+    tags=["deployments"],
+    summary="Follow a deployment (server-sent events): its view each time it changes, until it ends",
+    response_class=EventSourceResponse,
+    response_model=None,
+    responses=FOLLOW_DOC,  # type: ignore[arg-type]
+)
+async def deployments_follow(
+    request: Request,
+    principal: Annotated[Principal, Depends(request_principal)],
+    id: Annotated[int, Path(ge=1, le=c.MAX_ID)],
+) -> EventSourceResponse:
+    command = c.DeploymentsStatus(id=id)
+    first: DeploymentResult = await run(request, command, principal)  # a 404 before the stream starts
+
+    async def events() -> AsyncIterator[bytes]:
+        last: str | None = None
+        current = first
+        while True:
+            data = current.model_dump(mode="json")
+            text = json.dumps(data, sort_keys=True)
+            if text != last:
+                last = text
+                yield sse("deployment", data, str(current.deployment.updated))
+            if current.deployment.state not in ACTIVE_STATES or await request.is_disconnected():
+                return
+            await asyncio.sleep(FOLLOW_POLL)
+            current = await run(request, command, principal)
+
+    return EventSourceResponse(events())
+
+
+for _route in ROUTES:
+    _add(_route)
