@@ -1404,10 +1404,14 @@ class Controller:
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn()`` on the controller's worker thread, in turn with everything on its inbox
         (thread-safe); the future holds its result or its exception. What it leaves to
-        publish is published right after, as after an MQTT request."""
+        publish is published right after, as after an MQTT request. A controller whose worker
+        never started (a unit test's) runs it at once, on the caller's thread."""
         future: Future[T] = Future()
         self._calls.put((fn, future))
-        self.inbox.put((_CALL, b""))
+        if self._thread is None:
+            self._run_call()
+        else:
+            self.inbox.put((_CALL, b""))
         return future
 
     def _run_call(self) -> None:
