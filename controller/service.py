@@ -138,6 +138,8 @@ OPERATOR = Principal(user=security.OPERATOR_USER, role="admin", via="mqtt")
 """Who sends a request on the shared request topic: the one operator of ``tether up``."""
 BEHIND_BACKOFF_MAX = 300.0
 """Republishing to a device that stays behind backs off (doubling from the grace) up to this."""
+PROBE_LOST = 60.0
+"""A probe (see :meth:`Controller.repair_behind`) not back after this many seconds is sent again."""
 
 
 def job_outcome(result: JobResult) -> str:
@@ -255,6 +257,10 @@ class Controller:
             None  # per device, the generation the broker acknowledged
         )
         self._behind: dict[str, tuple[float, float, float]] = {}  # see repair_behind
+        self._acked_at: dict[str, float] = {}  # device -> when its desired state was acknowledged
+        self._probe: tuple[bytes, float] | None = None  # the probe in flight, and when it was sent
+        self._caught_up = float("-inf")  # every device message the broker had then is handled
+        self._lead_since = 0.0
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
         self._event_marks: dict[str, _Marks] = {}  # see _note_stored
         self._acks_due: set[str] = set()
@@ -323,12 +329,15 @@ class Controller:
             self.client.subscribe(topics.all_devices(kind))
         self.client.subscribe(topics.LEADER_REQUESTS, qos=self._request_qos)
         self.client.subscribe(topics.ALL_ENROLL_REQUESTS)
+        self.client.subscribe(topics.PROBE)
         if not self.ha:
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
         self.variables.forget()  # another controller may have changed them while we stood by
         self.registries.forget()
         self._fleet = None  # and the devices
         self._published_gen = None  # and what was published
+        self._acked_at, self._probe, self._caught_up = {}, None, float("-inf")  # and when
+        self._lead_since = time.monotonic()
         self._event_marks = {}  # and which events are stored
         self.leading.set()
         log.info("this controller leads")
@@ -723,6 +732,7 @@ class Controller:
                     self._presence_stale()
                 if self.client is not None and not self.client.session_present:
                     self._acks_resend = True  # events may have been published with nobody subscribed
+                self._probe = None  # one in flight may be lost with the connection: send another
                 self.publish_pending()
                 enrollment.publish_answers(self)
             self.ready.set()
@@ -739,6 +749,9 @@ class Controller:
             self._on_request(payload)
         elif not self.leading.is_set():
             return
+        elif parsed.kind == "probe":
+            if self._probe is not None and payload == self._probe[0]:
+                self._caught_up, self._probe = self._probe[1], None
         elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
             enrollment.on_request(self, parsed.device_id, payload)
         elif parsed.kind == "device" and parsed.device_id is not None and payload:
@@ -1245,8 +1258,10 @@ class Controller:
                     self.store.mark_published(acknowledged)
                 self.metrics.published.inc(len(acknowledged))
                 published = self._published_generations()
+                acked_at = time.monotonic()
                 for record in acknowledged:
                     published[record.device_id] = record.generation
+                    self._acked_at[record.device_id] = acked_at
         if not complete:
             return
         if device_ids is None:
@@ -1319,31 +1334,55 @@ class Controller:
         A broker can forget what it acknowledged: Mosquitto killed between two autosaves
         restarts from its last snapshot, with our session (so nothing says it lost anything)
         but older retained desired states and definitions. A device that reconnects then gets
-        an old generation and would stay on it for good. So whenever an online device, not
-        held and not rejecting, reports an older generation than the one published to it for
-        :data:`BEHIND_GRACE` seconds, its desired state and the definitions it references are
-        published again: idempotent (same generation; the agent drops what it has), and
-        rate-limited per device (the wait doubles up to :data:`BEHIND_BACKOFF_MAX`).
+        an old generation and would stay on it for good. So an online device, not held and
+        not rejecting, that still reports an older generation than the one published to it
+        gets its desired state and the definitions it references published again: idempotent
+        (same generation; the agent drops what it has), and rate-limited per device (the
+        wait doubles from :data:`BEHIND_GRACE` up to :data:`BEHIND_BACKOFF_MAX`).
+
+        Still reporting an older generation means: this controller has handled every message
+        the broker held :data:`BEHIND_GRACE` seconds after it acknowledged the desired state
+        (and after the device was first seen behind), and none said the device caught up.
+        Counting the grace from the acknowledgement alone republished to thousands of devices
+        of a 10,000-device deploy whose reports were only queued (at the broker or in the
+        inbox) behind everyone else's. What has been handled is known from a probe: a message
+        this controller sends itself through the broker (:data:`topics.PROBE`), delivered
+        after whatever the broker had before it; when it is back, everything the broker held
+        when it was sent has been handled.
         """
         client = self.client
         if client is None or not client.connected:
             return
         if self.inbox.qsize() > INGEST_BATCH:
             return  # a burst of reports not stored yet: devices may look behind that are not
+        now = time.monotonic()
+        if self._probe is None or now - self._probe[1] > PROBE_LOST:
+            token = uuid.uuid4().hex.encode()
+            if client.publish(topics.PROBE, token, qos=1):
+                self._probe = (token, now)
         published = self._published_generations()
         fleet = self.fleet_view()
-        now = time.monotonic()
         due: list[str] = []
         for device_id in list(self._behind):
             seen = fleet.get(device_id)
             if seen is None or seen.generation >= published.get(device_id, -1) or not seen.online:
                 del self._behind[device_id]
+        acked_at, caught_up = self._acked_at, self._caught_up
         for device_id, generation in published.items():
             seen = fleet.get(device_id)
-            if seen is None or not seen.online or seen.held or seen.error or seen.generation >= generation:
+            if seen is None or not seen.online or seen.held or seen.error:
+                continue
+            if seen.generation >= generation:
+                if device_id in acked_at:
+                    del acked_at[device_id]
                 continue
             since, wait, next_at = self._behind.setdefault(device_id, (now, BEHIND_GRACE, now + BEHIND_GRACE))
-            if now >= next_at and len(due) < self.PUBLISH_BATCH:
+            if (
+                now < next_at
+                or max(since, acked_at.get(device_id, self._lead_since)) + BEHIND_GRACE > caught_up
+            ):
+                continue  # not yet, or its report may still be on its way to us
+            if len(due) < self.PUBLISH_BATCH:
                 due.append(device_id)
                 wait = min(2 * wait, BEHIND_BACKOFF_MAX)
                 self._behind[device_id] = (since, wait, now + wait)
@@ -1373,7 +1412,11 @@ class Controller:
         )
         if not all(acked):
             return
-        self._publish_desired(client, records, self.clock(), [])
+        again: list[DesiredRecord] = []
+        self._publish_desired(client, records, self.clock(), again)
+        acked_now = time.monotonic()
+        for record in again:
+            self._acked_at[record.device_id] = acked_now
         self.metrics.republished.inc(len(records))
 
     # --- device metrics (latest sample per device, in memory; see protocol/device_api.py) ---

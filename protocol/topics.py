@@ -10,6 +10,7 @@
     tether/v1/stacks/{spec_hash}             retained, QoS 1, controller -> agents StackDefinition
     tether/v1/controller/requests            QoS 1,           clients -> controller Request
     tether/v1/controller/leader              QoS 1,           standby -> leader     Request
+    tether/v1/controller/probe               QoS 1,           leader -> itself      opaque token
     tether/v1/clients/{client_id}/replies    QoS 1,           controller/agent -> client Reply
     tether/v1/enroll/{device_id}/request     QoS 1,           enrolling agent -> controller EnrollmentRequest
     tether/v1/enroll/{device_id}/response    retained, QoS 1, controller -> enrolling agent EnrollmentResponse
@@ -36,6 +37,9 @@ SHARED_REQUESTS = f"$share/tether-controllers/{REQUESTS}"
 """With several controllers (``tether up --ha``) each request goes to one of them."""
 LEADER_REQUESTS = f"{ROOT}/controller/leader"
 """Write requests a standby controller hands to the leader, unchanged."""
+PROBE = f"{ROOT}/controller/probe"
+"""The leader's message to itself through the broker: once it is back, every device message
+the broker had when it was sent has been handled (see ``Controller.repair_behind``)."""
 
 
 class DeviceTopic(StrEnum):
@@ -99,7 +103,7 @@ ALL_ENROLL_REQUESTS = f"{ROOT}/enroll/+/request"
 class ParsedTopic:
     """What an incoming topic is: a device topic, a stack definition, a request or a reply."""
 
-    kind: str  # "device" | "stack" | "requests" | "leader-requests" | "replies" | "enroll-request"
+    kind: str  # "device" | "stack" | "requests" | "leader-requests" | "probe" | "replies" | "enroll-request"
     device_id: str | None = None
     device_topic: DeviceTopic | None = None
     spec_hash: str | None = None
@@ -124,6 +128,8 @@ def parse(topic: str) -> ParsedTopic | None:
         return ParsedTopic("requests")
     if rest == ["controller", "leader"]:
         return ParsedTopic("leader-requests")
+    if rest == ["controller", "probe"]:
+        return ParsedTopic("probe")
     if len(rest) == 3 and rest[0] == "clients" and rest[2] == "replies" and CLIENT_ID_RE.match(rest[1]):
         return ParsedTopic("replies", client_id=rest[1])
     if len(rest) == 3 and rest[0] == "enroll" and rest[2] == "request" and DEVICE_ID_RE.match(rest[1]):

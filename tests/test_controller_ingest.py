@@ -224,15 +224,14 @@ def test_a_connection_without_our_session_asks_every_device_to_resend(tmp_path: 
     store.close()
 
 
-def test_a_device_that_stays_behind_gets_its_desired_state_again(
+def _behind_fleet(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """An online device reporting an older generation than the one published to it gets its
-    desired state and definitions published again after the grace, then with a doubled wait;
-    a held device, or one that caught up, does not."""
+) -> tuple[Any, Any, PublishingClient, list[float], str]:
+    """A controller whose devices d-1 and d-2 (held) report generation 1 while generation 2
+    was published to them (acknowledged now), on a clock moved by hand; the spec hash."""
     from tether.controller import service
     from tether.controller.models import DesiredRecord, Device
-    from tether.protocol.models import DesiredState, ServiceSpec, StackRef, StackSpec
+    from tether.protocol.models import ServiceSpec, StackRef, StackSpec
 
     now = [1000.0]
     monkeypatch.setattr(service.time, "monotonic", lambda: now[0])
@@ -250,32 +249,81 @@ def test_a_device_that_stays_behind_gets_its_desired_state_again(
         reported = ReportedState(device_id=device_id, generation=1, held=held)
         store.put_device(Device(id=device_id, status="online", session=1, reported=reported))
         refs = (StackRef(name="s", spec_hash=spec.spec_hash()),)
-        store.put_desired(DesiredRecord(device_id=device_id, generation=2, stacks=refs, published=True))
+        store.put_desired(DesiredRecord(device_id=device_id, generation=2, stacks=refs))
+    controller.publish_pending()  # acknowledged at 1000.0
+    client.published.clear()
+    return controller, store, client, now, spec.spec_hash()
 
-    def republished() -> list[str]:
-        found = [t for t, p, q, r in client.published]
-        for t, p, _q, r in client.published:
-            if t.endswith("/desired"):
-                assert codec.decode(p, DesiredState).generation == 2 and r
-        client.published.clear()
-        return found
+
+def _republished(controller: Any, client: PublishingClient, probe_back: bool = True) -> list[str]:
+    """What repair_behind published but its probe; the probe comes back through the broker
+    (handled in order, as the inbox would hand it over) unless ``probe_back`` is False."""
+    from tether.protocol.models import DesiredState
 
     controller.repair_behind()
-    assert republished() == []
-    now[0] += service.BEHIND_GRACE
-    controller.repair_behind()
+    found = []
+    for t, p, _q, r in client.published:
+        if t == topics.PROBE:
+            if probe_back:
+                controller.handle(t, p)
+            continue
+        if t.endswith("/desired"):
+            assert codec.decode(p, DesiredState).generation == 2 and r
+        found.append(t)
+    client.published.clear()
+    return found
+
+
+def test_a_device_that_stays_behind_gets_its_desired_state_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An online device reporting an older generation than the one published to it gets its
+    desired state and definitions published again once everything the broker held a grace
+    after the publish was handled, then with a doubled wait; a held device, or one that
+    caught up, does not."""
+    from tether.controller import service
+
+    controller, store, client, now, spec_hash = _behind_fleet(tmp_path, monkeypatch)
+    assert _republished(controller, client) == []
+    now[0] += service.BEHIND_GRACE  # the probe that returns now was sent a grace after the publish
+    assert _republished(controller, client) == []
+    now[0] += service.BEHIND_CHECK
     desired = topics.device("d-1", DeviceTopic.DESIRED)
-    assert republished() == [topics.stack(spec.spec_hash()), desired]
+    assert _republished(controller, client) == [topics.stack(spec_hash), desired]
     now[0] += service.BEHIND_GRACE
-    controller.repair_behind()
-    assert republished() == []  # the wait doubled
-    now[0] += service.BEHIND_GRACE
-    controller.repair_behind()
-    assert republished() == [topics.stack(spec.spec_hash()), desired]
+    assert _republished(controller, client) == []  # the wait doubled
+    now[0] += service.BEHIND_GRACE + service.BEHIND_CHECK
+    assert _republished(controller, client) == [topics.stack(spec_hash), desired]
     store.put_reported("d-1", ReportedState(device_id="d-1", generation=2))
     now[0] += 10 * service.BEHIND_GRACE
-    controller.repair_behind()
-    assert republished() == []
+    assert _republished(controller, client) == []
+    store.close()
+
+
+def test_a_report_queued_behind_a_big_deploy_is_not_taken_for_a_device_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the probe sent after the grace has not come back (messages still queued before
+    it: a loaded deploy's reports), nothing is republished, however long it takes; once it
+    is back, a device still behind is."""
+    from tether.controller import service
+
+    controller, store, client, now, spec_hash = _behind_fleet(tmp_path, monkeypatch)
+    for _ in range(5):  # 5 checks over 4 graces: the probe sent first is still on its way
+        assert _republished(controller, client, probe_back=False) == []
+        now[0] += service.BEHIND_GRACE
+    probe = controller._probe
+    assert probe is not None and probe[1] == 1000.0  # not sent again before PROBE_LOST
+    controller.handle(topics.PROBE, b"forged")  # a token that is not ours changes nothing
+    assert _republished(controller, client, probe_back=False) == []
+    now[0] += service.PROBE_LOST + 1  # lost: sent again, and this one comes back
+    assert _republished(controller, client) == []  # it comes back after this check
+    now[0] += service.BEHIND_CHECK
+    assert _republished(controller, client) == [
+        topics.stack(spec_hash),
+        topics.device("d-1", DeviceTopic.DESIRED),
+    ]
+    store.close()
 
 
 def test_reports_of_a_batch_are_stored_once_per_device_newest_first(tmp_path: Path) -> None:
