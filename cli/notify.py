@@ -85,7 +85,7 @@ def notify_add(
     seconds = parse_duration(offline_after, "--offline-after")
     sealed = None
     if secret_file is not None:
-        secret = secret_file.read_text().strip()
+        secret = secret_file.read_text().rstrip("\r\n")
         if not secret:
             raise TetherError(f"--secret-file {secret_file}: the file is empty")
         key = client.request(VarsKey())["public_key"]

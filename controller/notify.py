@@ -261,6 +261,7 @@ class Notifier:
         self._results: queue.Queue[tuple[int, int | None, str | None]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._next_prune = 0.0
+        self._seeded = False
 
     # lifecycle (the sender thread)
 
@@ -312,6 +313,8 @@ class Notifier:
         """A fleet event was emitted: queue what webhooks are told of it."""
         if event.kind not in NOTIFY_KINDS:
             return
+        if not self._seeded:
+            self._seed(self.clock())
         device = event.subject.partition("/")[2]
         if event.kind == "device.offline":
             since = float(event.data.get("since") or event.at)
@@ -364,9 +367,29 @@ class Notifier:
     def test(self, webhook: Webhook) -> Delivery:
         return self._add(webhook, "test", "", {}, self.clock())
 
+    def _seed(self, now: float) -> None:
+        """After a (re)start: devices offline already are timed from when they went offline, and
+        those offline past a webhook's threshold count as told (so their return is told)."""
+        self._seeded = True
+        offline = {d.id: d.since for d in self.store.list_devices(reported=False) if d.status == "offline"}
+        for device, since in offline.items():
+            if device in self._offline:
+                continue  # an event told us already
+            since = since if since is not None else now
+            self._offline[device] = since
+            for webhook in self.webhooks():
+                if "device.offline" not in webhook.on:
+                    continue
+                if since + webhook.offline_after_s <= now:
+                    self._told.add((webhook.id, device))
+                else:
+                    heapq.heappush(self._timers, (since + webhook.offline_after_s, webhook.id, device, since))
+
     def tick(self) -> None:
         """Record results, fire offline timers and summaries, hand due deliveries to the sender."""
         now = self.clock()
+        if not self._seeded:
+            self._seed(now)
         self._record_results(now)
         webhooks = {w.id: w for w in self.webhooks()}
         while self._timers and self._timers[0][0] <= now:

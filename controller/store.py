@@ -156,7 +156,7 @@ MIGRATIONS: list[str | Callable[[Store], None]] = [
     """
     CREATE TABLE webhooks (id TEXT PRIMARY KEY, body TEXT NOT NULL);
     CREATE TABLE deliveries (id INTEGER PRIMARY KEY, webhook TEXT NOT NULL, state TEXT NOT NULL,
-                             next_at REAL, body TEXT NOT NULL);
+                             next_at DOUBLE PRECISION, body TEXT NOT NULL);
     CREATE INDEX deliveries_due ON deliveries (state, next_at);
     CREATE INDEX deliveries_webhook ON deliveries (webhook, id);
     """,

@@ -76,15 +76,17 @@ def test_webhook_deliveries_survive_reopen_and_come_due_in_order(target: str) ->
 
     store = Store(target)
     store.put_webhook(Webhook(id="wh-1", url="http://x/", on=("device.offline",)))
-    first = store.add_delivery(Delivery(webhook="wh-1", kind="test", payload={"a": 1}, next_at=5.0))
-    second = store.add_delivery(Delivery(webhook="wh-1", kind="test", payload={"a": 2}, next_at=1.0))
+    now = 1_765_000_000.25  # a real clock: PostgreSQL's REAL (4 bytes) would round it by a minute
+    first = store.add_delivery(Delivery(webhook="wh-1", kind="test", payload={"a": 1}, next_at=now + 5))
+    second = store.add_delivery(Delivery(webhook="wh-1", kind="test", payload={"a": 2}, next_at=now + 1))
+    third = store.add_delivery(Delivery(webhook="wh-1", kind="test", payload={"a": 3}, next_at=now + 1.5))
     store.put_delivery(first.model_copy(update={"state": "delivered", "next_at": None}))
     store.close()
     store = Store(target)
-    assert [d.id for d in store.due_deliveries(2.0)] == [second.id]
-    assert store.delivery_counts() == {"wh-1": {"delivered": 1, "pending": 1}}
+    assert [d.id for d in store.due_deliveries(now + 1.25)] == [second.id]
+    assert store.delivery_counts() == {"wh-1": {"delivered": 1, "pending": 2}}
     store.prune_deliveries(0)
-    assert [d.id for d in store.list_deliveries("wh-1", 10)] == [second.id]
+    assert [d.id for d in store.list_deliveries("wh-1", 10)] == [third.id, second.id]
     store.delete_webhook("wh-1")
     assert store.list_deliveries(None, 10) == [] and store.get_webhook("wh-1") is None
     store.close()

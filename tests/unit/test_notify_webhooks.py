@@ -7,12 +7,15 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support.fleet import online
-from support.recording import Clock
+from support.recording import Clock, RecordingPublisher
 from tether.controller import notify
 from tether.controller.service import Controller
+from tether.controller.store import Store
+from tether.controller.variables import SecretsKey
 from tether.protocol import codec, topics
 from tether.protocol.commands import NotifyAdd, NotifyList, NotifyLog, NotifyRemove, NotifyTest
 from tether.protocol.enrollment import seal_text
@@ -182,3 +185,40 @@ def test_bad_webhooks_are_refused_with_every_problem_and_the_secret_is_never_sho
     controller.execute(NotifyRemove(id=webhook))
     with pytest.raises(CommandError, match="unknown webhook"):
         controller.execute(NotifyTest(id=webhook))
+
+
+def test_a_restarted_controller_sends_what_was_pending_and_tells_a_device_s_return(
+    controller: Controller, tmp_path: Path
+) -> None:
+    """Pending deliveries outlive the controller; a device offline past the threshold before the
+    restart is not announced again, and its return after it is."""
+    clock: Clock = controller.clock  # type: ignore[assignment]
+    webhook = _add(controller, ("device.offline", "device.online"), offline_after_s=10)
+    online(controller, "pi-1", session=1)
+    _presence(controller, "pi-1", "offline", 1)
+    clock.now += 11
+    controller.notifier.tick()  # device.offline queued; the endpoint is never reached
+    queued = controller.execute(NotifyTest(id=webhook)).delivery
+    assert [d.state for d in controller.execute(NotifyLog()).deliveries] == ["pending", "pending"]
+    controller.store.close()
+
+    store = Store(tmp_path / "tether.db")
+    again = Controller(store, clock=clock, secrets=SecretsKey.load_or_create(tmp_path))
+    again.client = RecordingPublisher()  # type: ignore[assignment]
+    again.leading.set()
+    recv = Receiver()
+    again.notifier.send = recv
+    again.notifier.start()
+    try:
+        _settle(again, lambda: len(recv.bodies()) == 2)
+        assert sorted(b["kind"] for b in recv.bodies()) == ["device.offline", "test"]
+        assert queued.id in {b["delivery"] for b in recv.bodies()}
+        clock.now += 60
+        again.notifier.tick()
+        online(again, "pi-1", session=2)
+        _settle(again, lambda: len(recv.bodies()) == 3)
+        assert recv.bodies()[-1]["kind"] == "device.online"
+        assert [b["kind"] for b in recv.bodies()].count("device.offline") == 1
+    finally:
+        again.notifier.stop()
+        store.close()
