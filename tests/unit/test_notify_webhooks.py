@@ -222,3 +222,23 @@ def test_a_restarted_controller_sends_what_was_pending_and_tells_a_device_s_retu
     finally:
         again.notifier.stop()
         store.close()
+
+
+def test_the_slack_body_is_only_text_and_the_json_body_carries_the_delivery_id() -> None:
+    """--format slack posts {"text"} (what Slack's incoming webhooks take); json posts the whole message."""
+    from tether.controller.models import Delivery
+
+    data = {"stack": "web", "service": "api", "restarts": 5, "reason": "exit 1"}
+    text = notify.describe("service.crashloop", "devices/pi-1", data)
+    delivery = Delivery(
+        id=7,
+        webhook="wh-1",
+        kind="service.crashloop",
+        subject="devices/pi-1",
+        payload={"kind": "service.crashloop", "subject": "devices/pi-1", "data": data, "text": text},
+    )
+    assert json.loads(notify.render(delivery, "slack")) == {
+        "text": "device pi-1: web/api is crash looping: exit 1"
+    }
+    body = json.loads(notify.render(delivery, "json"))
+    assert body["delivery"] == 7 and body["data"] == data and body["text"] == text
