@@ -18,17 +18,21 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Path, Query, Request
-from fastapi.sse import EventSourceResponse, format_sse_event
+from fastapi.sse import format_sse_event
 from pydantic import ConfigDict, create_model
+from starlette.responses import StreamingResponse
+from tether.controller.fleet_events import KINDS
 from tether.controller.registry import CommandHandler
 from tether.controller.rollout import ACTIVE_STATES
 from tether.controller.service import COMMANDS
 from tether.protocol import commands as c
 from tether.protocol.commands import CommandModel
+from tether.protocol.errors import CommandError
 from tether.protocol.models import WireModel
 from tether.protocol.results import DeploymentResult
 
 from .auth import Principal, request_principal
+from .events import TooManyStreams, fleet_stream
 from .problems import RESPONSES, Unavailable
 
 SUBMIT_TIMEOUT = 60.0
@@ -58,7 +62,8 @@ class Route:
     path: str
     model: type[CommandModel]
     query: Sequence[str] = ()
-    """Fields taken from the query string (the rest that are not in the path come in the body)."""
+    """Fields taken from the query string (the rest that are not in the path come in the body;
+    a GET's or a DELETE's all come from the query)."""
     body: bool = True
     fixed: dict[str, Any] = field(default_factory=dict)
     """Fields set by the route itself (the ``kind`` of a model with several)."""
@@ -110,7 +115,11 @@ def command_route(route: Route) -> Callable[..., Any]:
     model = route.model
     fields = model.model_fields
     path_params = _params(route)
-    left_out = [*path_params, *route.query, *route.lists.values(), *route.fixed]
+    query = list(route.query)
+    if route.method in ("GET", "DELETE"):  # no body: every other field is a query parameter
+        taken = {*path_params, *route.lists.values(), *route.fixed, "kind"}
+        query += [n for n in fields if n not in taken and n not in query]
+    left_out = [*path_params, *query, *route.lists.values(), *route.fixed]
     has_body = route.body and any(n != "kind" and n not in left_out for n in fields)
     parameters = [
         inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
@@ -131,7 +140,7 @@ def command_route(route: Route) -> Callable[..., Any]:
                 annotation=Annotated[annotation, Path(description=info.description)],
             )
         )
-    for name in route.query:
+    for name in query:
         info = fields[name]
         default = info.get_default(call_default_factory=True)
         parameters.append(
@@ -199,7 +208,6 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/device-metrics",
         c.DevicesTop,
-        query=("device_ids",),
         summary="The latest metrics sample of each device",
         tag=D,
     ),
@@ -218,7 +226,7 @@ ROUTES: tuple[Route, ...] = (
         tag=G,
     ),
     Route("GET", "/stacks", c.StacksList, summary="Every stack", tag=S),
-    Route("GET", "/stacks/{name}", c.StacksShow, query=("version",), summary="A stack's Compose file", tag=S),
+    Route("GET", "/stacks/{name}", c.StacksShow, summary="A stack's Compose file", tag=S),
     Route("GET", "/stacks/{name}/status", c.StacksStatus, summary="A stack on each device", tag=S),
     Route(
         "POST",
@@ -235,9 +243,7 @@ ROUTES: tuple[Route, ...] = (
         tag=S,
     ),
     Route("DELETE", "/stacks/{name}", c.StacksRemove, summary="Remove a stack from every device", tag=S),
-    Route(
-        "GET", "/deployments", c.DeploymentsList, query=("stack",), summary="Deployments", tag="deployments"
-    ),
+    Route("GET", "/deployments", c.DeploymentsList, summary="Deployments", tag="deployments"),
     Route("GET", "/deployments/{id}", c.DeploymentsStatus, summary="A deployment", tag="deployments"),
     *(
         Route(
@@ -258,18 +264,16 @@ ROUTES: tuple[Route, ...] = (
         "GET",
         "/jobs/{name}/logs",
         c.JobsLogs,
-        query=("device_id", "limit"),
         summary="A job's last runs",
         tag=J,
     ),
     Route("DELETE", "/jobs/{name}", c.JobsRemove, summary="Remove a job", tag=J),
-    Route("GET", "/variables", c.VarsList, query=("prefix",), summary="Every variable", tag=V),
+    Route("GET", "/variables", c.VarsList, summary="Every variable", tag=V),
     Route("GET", "/secrets-key", c.VarsKey, summary="The public key secrets are sealed to", tag=V),
     Route(
         "GET",
         "/variables/{path:path}",
         c.VarsGet,
-        query=("group", "device_id"),
         summary="A variable's keys (a secret's values are never sent)",
         tag=V,
     ),
@@ -278,7 +282,6 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/variables/{path:path}",
         c.VarsRemove,
-        query=("keys", "group", "device_id"),
         summary="Remove a variable or some of its keys",
         tag=V,
     ),
@@ -288,7 +291,6 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/registries/{host}",
         c.RegistriesRemove,
-        query=("group", "device_id"),
         summary="Remove a registry's credentials",
         tag=R,
     ),
@@ -327,6 +329,12 @@ def _add(route: Route) -> None:
     )
 
 
+class EventStream(StreamingResponse):
+    """Server-sent events (``text/event-stream``), written by the route itself."""
+
+    media_type = "text/event-stream"
+
+
 def sse(event: str, data: Any, id: str | None = None) -> bytes:
     """One server-sent event, its data as JSON."""
     return format_sse_event(data_str=json.dumps(data, separators=(",", ":")), event=event, id=id)
@@ -346,7 +354,7 @@ FOLLOW_DOC = {
     "/deployments/{id}/follow",
     tags=["deployments"],
     summary="Follow a deployment (server-sent events): its view each time it changes, until it ends",
-    response_class=EventSourceResponse,
+    response_class=EventStream,
     response_model=None,
     responses=FOLLOW_DOC,  # type: ignore[arg-type]
 )
@@ -354,7 +362,7 @@ async def deployments_follow(
     request: Request,
     principal: Annotated[Principal, Depends(request_principal)],
     id: Annotated[int, Path(ge=1, le=c.MAX_ID)],
-) -> EventSourceResponse:
+) -> EventStream:
     command = c.DeploymentsStatus(id=id)
     first: DeploymentResult = await run(request, command, principal)  # a 404 before the stream starts
 
@@ -372,7 +380,44 @@ async def deployments_follow(
             await asyncio.sleep(FOLLOW_POLL)
             current = await run(request, command, principal)
 
-    return EventSourceResponse(events())
+    return EventStream(events())
+
+
+EVENTS_DOC = {
+    200: {
+        "description": "The fleet's events as they happen: `event:` the kind (device.online, "
+        "deployment.failed, ... see docs/architecture.md, Fleet events), `data:` the event as JSON "
+        "(seq, kind, subject, at, data); `events.lost` when the client fell behind (re-read state)",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get(
+    "/events",
+    tags=["events"],
+    summary="The fleet's events (server-sent events) from now on",
+    response_class=EventStream,
+    response_model=None,
+    responses=EVENTS_DOC,  # type: ignore[arg-type]
+)
+async def fleet_events(
+    request: Request,
+    principal: Annotated[Principal, Depends(request_principal)],
+    kinds: Annotated[
+        list[str] | None, Query(description="Only these kinds (repeat the parameter); all if absent")
+    ] = None,
+) -> EventStream:
+    unknown = sorted(set(kinds or ()) - set(KINDS))
+    if unknown:
+        raise CommandError(f"unknown event kind(s): {', '.join(unknown)} (known: {', '.join(KINDS)})")
+    try:
+        stream = await fleet_stream(request, request.app.state.controller.bus, kinds)
+    except TooManyStreams as exc:
+        raise Unavailable(str(exc)) from None
+    response = EventStream(stream)
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
 
 
 for _route in ROUTES:
