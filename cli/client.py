@@ -1,7 +1,8 @@
 """Request/response over MQTT 3.1.1: the reply topic and correlation id ride in the payload.
 
 Any integration can do the same: subscribe to ``tether/v1/clients/{client_id}/replies``,
-publish a :class:`Request` to ``tether/v1/controller/requests`` and match the reply's ``id``.
+publish a :class:`Request` to ``tether/v1/controller/requests/{user}`` (the user it logged in
+as: only that user may publish there, so the controller knows who asks) and match the reply's ``id``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class ControllerClient:
     ) -> None:
         """``transport``: the session to use (tests), instead of a paho client to ``broker_url``."""
         self.timeout = timeout
+        # Our own request topic; without a username (an anonymous broker) the shared one.
+        self.requests = topics.user_requests(username) if username else topics.REQUESTS
         self.client_id = f"tether-cli-{uuid.uuid4().hex[:12]}"
         self.reply_topic = topics.replies(self.client_id)
         self._replies: queue.Queue[bytes] = queue.Queue()
@@ -102,11 +105,12 @@ class ControllerClient:
         One deadline covers the round trip: replies to earlier requests do not extend it."""
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
-        request_id = self.send(topics.REQUESTS, command, timeout=wait)
+        request_id = self.send(self.requests, command, timeout=wait)
         reply = self.receive(request_id, max(0.0, deadline - time.monotonic()), Reply)
         if reply is None:
             raise RequestTimeout(
-                f"no reply from the controller within {wait:g}s (is `tether up` running on this broker?)"
+                f"no reply from the controller within {wait:g}s (is `tether up` running on this broker? "
+                "A controller older than this CLI does not read per-user request topics: upgrade it)"
             )
         if not reply.ok:
             raise RequestError(reply.error or "request failed", code=reply.code)

@@ -47,7 +47,7 @@ from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 from tether.protocol import names
-from tether.protocol.acl import DEVICE_READS, DEVICE_WRITES, WATCHABLE
+from tether.protocol.acl import DEVICE_READS, DEVICE_WRITES, LEGACY_USER, USER_ROLES, WATCHABLE
 from tether.protocol.credentials import TOKEN_USER_PREFIX, Credential, CredentialTable, TokenGrant
 from tether.protocol.errors import StoreError
 from tether.protocol.mqtt import MqttClient
@@ -70,7 +70,11 @@ TEXT = "tether"
 """The text name of every client and role Tether manages; others in the file are left alone."""
 CONTROLLER_ROLE = "tether-controller"
 OPERATOR_ROLE = "tether-operator"
+VIEWER_ROLE = "tether-viewer"
+USER_ROLE_PREFIX = "tether-user-"
+"""A user's own role: its request topic (``controller/requests/{user}``), which no one else may use."""
 ENROLLING_ROLE = "tether-enrolling"
+SHARED_ROLES = (CONTROLLER_ROLE, OPERATOR_ROLE, VIEWER_ROLE, ENROLLING_ROLE)
 DEVICE_ROLE_PREFIX = "tether-device-"
 BATCH = 100
 """Commands per message (a fleet's sync is many)."""
@@ -92,6 +96,19 @@ def device_role(device_id: str) -> str:
     return f"{DEVICE_ROLE_PREFIX}{device_id}"
 
 
+def user_role(username: str) -> str:
+    return f"{USER_ROLE_PREFIX}{username}"
+
+
+def own_role(c: Credential) -> str | None:
+    """The role of ``c`` alone (a device's topics, a user's request topic), or None."""
+    if c.role == "device":
+        return device_role(c.name)
+    if c.role in USER_ROLES:
+        return user_role(c.username)
+    return None
+
+
 def role_acls(role: str, hashes: Collection[str] = ()) -> set[Acl]:
     """The ACLs of one of Tether's roles: the rules of :mod:`tether.protocol.acl` (pure).
 
@@ -105,11 +122,17 @@ def role_acls(role: str, hashes: Collection[str] = ()) -> set[Acl]:
             | _send(f"{CONTROL}")
             | _read(f"{CONTROL}/#")
         )
-    if role == OPERATOR_ROLE:  # replies: Mosquitto 2.0's plugin has no %c, so every client's
-        acls = _send(f"{ROOT}/controller/requests") | _send(f"{ROOT}/devices/+/requests")
+    if role in (OPERATOR_ROLE, VIEWER_ROLE):  # replies: Mosquitto 2.0's plugin has no %c, so every client's
+        acls = _send(f"{ROOT}/devices/+/requests") if role == OPERATOR_ROLE else set()
         acls |= _read(f"{ROOT}/clients/+/replies")
         for kind in WATCHABLE:
             acls |= _read(f"{ROOT}/devices/+/{kind}")
+        return acls
+    if role.startswith(USER_ROLE_PREFIX):
+        username = role[len(USER_ROLE_PREFIX) :]
+        acls = _send(f"{ROOT}/controller/requests/{username}")
+        if username == LEGACY_USER:  # older CLIs (the controller runs them as admin)
+            acls |= _send(f"{ROOT}/controller/requests")
         return acls
     if role == ENROLLING_ROLE:  # shared by every device enrolling with one token (answers are sealed)
         return _send(f"{ROOT}/enroll/+/request") | _read(f"{ROOT}/enroll/+/response")
@@ -140,7 +163,9 @@ def client_roles(c: Credential) -> list[str]:
     if c.role == "controller":
         return [CONTROLLER_ROLE]
     if c.role == "operator":
-        return [OPERATOR_ROLE]
+        return [OPERATOR_ROLE, user_role(c.username)]
+    if c.role == "viewer":
+        return [VIEWER_ROLE, user_role(c.username)]
     return [device_role(c.name)]
 
 
@@ -172,10 +197,7 @@ DEFAULT_ACCESS = {"publishClientSend": False, "publishClientReceive": False, "su
 def seed_config(credentials: Collection[Credential], stacks: Mapping[str, Collection[str]]) -> dict[str, Any]:
     """The plugin's configuration file for the store's users (Mosquitto loads it at start)."""
     clients = []
-    roles = [
-        {"rolename": r, "textname": TEXT, "acls": _acl_json(role_acls(r))}
-        for r in (CONTROLLER_ROLE, OPERATOR_ROLE, ENROLLING_ROLE)
-    ]
+    roles = [{"rolename": r, "textname": TEXT, "acls": _acl_json(role_acls(r))} for r in SHARED_ROLES]
     for c in sorted(credentials, key=lambda c: c.username):
         if not usable(c):
             continue
@@ -184,9 +206,10 @@ def seed_config(credentials: Collection[Credential], stacks: Mapping[str, Collec
         if fields is not None:
             entry.update(fields)
         clients.append(entry)
-        if c.role == "device":
-            acls = role_acls(device_role(c.name), stacks.get(c.name, ()))
-            roles.append({"rolename": device_role(c.name), "textname": TEXT, "acls": _acl_json(acls)})
+        own = own_role(c)
+        if own is not None:
+            acls = role_acls(own, stacks.get(c.name, ()))
+            roles.append({"rolename": own, "textname": TEXT, "acls": _acl_json(acls)})
     return {
         "defaultACLAccess": {**DEFAULT_ACCESS, "unsubscribe": True},
         "clients": clients,
@@ -296,12 +319,13 @@ class DynsecTable(CredentialTable):
     def _create(self, c: Credential) -> list[dict[str, Any]]:
         """Commands making ``c``'s client (and for a device its role), with its new password if known."""
         commands: list[dict[str, Any]] = []
-        if c.role == "device":
-            acls = role_acls(device_role(c.name), self.stacks_of(c.name))
+        own = own_role(c)
+        if own is not None:
+            acls = role_acls(own, self.stacks_of(c.name) if c.role == "device" else ())
             commands.append(
                 {
                     "command": "createRole",
-                    "rolename": device_role(c.name),
+                    "rolename": own,
                     "textname": TEXT,
                     "acls": _acl_json(acls),
                 }
@@ -321,8 +345,9 @@ class DynsecTable(CredentialTable):
 
     def _delete(self, c: Credential) -> list[dict[str, Any]]:
         commands: list[dict[str, Any]] = [{"command": "deleteClient", "username": c.username}]
-        if c.role == "device":
-            commands.append({"command": "deleteRole", "rolename": device_role(c.name)})
+        own = own_role(c)
+        if own is not None:
+            commands.append({"command": "deleteRole", "rolename": own})
         return commands
 
     def replace(self, credentials: Iterable[Credential]) -> None:
@@ -344,10 +369,14 @@ class DynsecTable(CredentialTable):
                     if password is not None:
                         self._secrets[username] = password
                     commands += [*self._delete(c), *self._create(c)]  # a stale one goes first
-                elif password is not None:  # rotated
-                    commands.append(
-                        {"command": "setClientPassword", "username": username, "password": password}
-                    )
+                else:
+                    if password is not None:  # rotated
+                        commands.append(
+                            {"command": "setClientPassword", "username": username, "password": password}
+                        )
+                    if client_roles(old) != client_roles(c):  # a user's role changed (tether users passwd)
+                        roles = client_entry(c)["roles"]
+                        commands.append({"command": "modifyClient", "username": username, "roles": roles})
             self._send(commands, benign=("Client not found", "Role not found"))
 
     def set_stacks(self, assigned: Mapping[str, Collection[str]]) -> None:
@@ -425,11 +454,12 @@ class DynsecTable(CredentialTable):
                     "acls": [{"acltype": k, "allow": v} for k, v in DEFAULT_ACCESS.items()],
                 }
             ]
-            wanted_roles = {r: role_acls(r) for r in (CONTROLLER_ROLE, OPERATOR_ROLE, ENROLLING_ROLE)}
+            wanted_roles = {r: role_acls(r) for r in SHARED_ROLES}
             users = {u: c for u, c in self._users.items() if usable(c)}
             for c in users.values():
-                if c.role == "device":
-                    wanted_roles[device_role(c.name)] = role_acls(device_role(c.name), self.stacks_of(c.name))
+                own = own_role(c)
+                if own is not None:
+                    wanted_roles[own] = role_acls(own, self.stacks_of(c.name) if c.role == "device" else ())
             for role, acls in wanted_roles.items():
                 present = roles.get(role)
                 if present is None:

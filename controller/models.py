@@ -250,3 +250,39 @@ class Delivery(Stored):
     status: int | None = None
     created: float = 0.0
     updated: float = 0.0
+
+
+class User(Stored):
+    """A person or integration of ``tether users``: name and role. The password's hash is the
+    broker credential of the same name (table ``credentials``), so MQTT and HTTP check one."""
+
+    name: str
+    role: Literal["viewer", "operator", "admin"]
+    created: float = 0.0
+
+
+class ApiToken(Stored):
+    """An API token of a user (``tether users token``): only its SHA-256 is kept (the token is
+    256 random bits, shown once). ``scope``: the most it allows (a role), whatever the user's."""
+
+    id: str
+    user: str
+    token_hash: str
+    scope: Literal["viewer", "operator", "admin"] = "admin"
+    expires: float | None = None
+    created: float = 0.0
+
+
+class AuditRecord(Stored):
+    """One write asked of the controller: who, when, through which door, what, and how it ended.
+    Never a secret: ``target`` holds only the names a command acts on (see controller/audit.py)."""
+
+    id: str
+    at: float
+    user: str
+    via: Literal["mqtt", "http", "internal"]
+    address: str = ""
+    command: str
+    target: dict[str, object] = Field(default_factory=dict)
+    outcome: str
+    """``ok``, or the error code of the refusal (protocol/errors.py)."""

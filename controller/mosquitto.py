@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether.protocol import names
-from tether.protocol.acl import DEVICE_READS, DEVICE_WRITES, WATCHABLE
+from tether.protocol.acl import DEVICE_READS, DEVICE_WRITES, LEGACY_USER, USER_ROLES, WATCHABLE
 from tether.protocol.codec import MAX_PACKET_SIZE
 from tether.protocol.credentials import TOKEN_USER_PREFIX, Credential
 from tether.protocol.errors import StoreError
@@ -125,9 +125,12 @@ def render_acl(credentials: Collection[Credential], stacks: Mapping[str, Collect
         lines.append(f"user {c.username}")
         if c.role == "controller":
             lines.append(f"topic readwrite {ROOT}/#")
-        elif c.role == "operator":
-            lines.append(f"topic write {ROOT}/controller/requests")
-            lines.append(f"topic write {ROOT}/devices/+/requests")
+        elif c.role in USER_ROLES:  # its own request topic: the controller knows who asks
+            lines.append(f"topic write {ROOT}/controller/requests/{c.username}")
+            if c.username == LEGACY_USER:  # older CLIs (the controller runs them as admin)
+                lines.append(f"topic write {ROOT}/controller/requests")
+            if c.role == "operator":
+                lines.append(f"topic write {ROOT}/devices/+/requests")
             lines += [f"topic read {ROOT}/devices/+/{kind}" for kind in WATCHABLE]
             lines.append(f"topic read {ROOT}/clients/+/replies")
         else:  # a device: its own topics, replies to any client, its assigned stack definitions

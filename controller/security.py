@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tether.protocol import codec, names, topics
-from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
+from tether.protocol.acl import LEGACY_USER, RESERVED_DEVICE_PREFIXES
 from tether.protocol.commands import DevicesCredentials, DevicesRemove, DevicesRevoke
 from tether.protocol.credentials import Credential, CredentialTable, TokenGrant, hash_password, new_password
 from tether.protocol.errors import CommandError, ConflictError, NotFoundError
@@ -34,7 +34,7 @@ from tether.protocol.secret_files import write_secret_json
 from tether.protocol.topics import DeviceTopic
 
 from .context import Context
-from .models import Device
+from .models import Device, User
 from .registry import CommandRegistry
 from .store import Store
 
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 commands = CommandRegistry()
 """The commands handled here (see :mod:`.registry`)."""
 
-OPERATOR_USER = "admin"
+OPERATOR_USER = LEGACY_USER
+"""The operator ``tether up`` makes on first start (operator.json): the first admin user."""
 
 
 def load_table(
@@ -101,9 +102,12 @@ def ensure_operator_credentials(
         )
     if store.get_credential(OPERATOR_USER) is None:
         password = new_password()
-        store.put_credential(
-            Credential(OPERATOR_USER, "operator", OPERATOR_USER, hash_password(password)), now
-        )
+        with store.transaction():
+            store.put_credential(
+                Credential(OPERATOR_USER, "operator", OPERATOR_USER, hash_password(password)), now
+            )
+            if store.get_user(OPERATOR_USER) is None:  # the first admin user (tether users)
+                store.put_user(User(name=OPERATOR_USER, role="admin", created=now))
         write_secret_json(
             path, {"username": OPERATOR_USER, "password": password, "broker": broker_url, **extra}
         )

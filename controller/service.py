@@ -35,6 +35,7 @@ from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 from tether.protocol import codec, names, topics
+from tether.protocol.acl import LEGACY_USER
 from tether.protocol.backoff import Backoff
 from tether.protocol.commands import COMMAND_ADAPTER, CommandModel
 from tether.protocol.credentials import CredentialTable
@@ -68,6 +69,7 @@ from . import (
     rollout,
     security,
     stacks,
+    users,
     variables,
 )
 from .context import Context
@@ -134,8 +136,8 @@ BEHIND_GRACE = 15.0
 before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
 BEHIND_CHECK = 5.0
 """Seconds between two looks for devices that stay behind (see :meth:`Controller.repair_behind`)."""
-OPERATOR = Principal(user=security.OPERATOR_USER, role="admin", via="mqtt")
-"""Who sends a request on the shared request topic: the one operator of ``tether up``."""
+AUDIT_PRUNE_SECONDS = 3600.0
+"""How often audit records older than the retention are forgotten."""
 BEHIND_BACKOFF_MAX = 300.0
 """Republishing to a device that stays behind backs off (doubling from the grace) up to this."""
 PROBE_LOST = 60.0
@@ -185,6 +187,7 @@ COMMANDS = CommandRegistry.of(
     variables.commands,
     registries.commands,
     notify.commands,
+    users.commands,
 )
 """Every command the controller answers, with its handler (see :mod:`.registry`)."""
 
@@ -221,6 +224,9 @@ class Controller:
         self.clock = clock
         self.lease = lease
         self.ha = ha
+        self.audit_retention: float | None = None
+        """Seconds audit records are kept (``tether up --audit-retention``); None: for ever."""
+        self._next_audit_prune = 0.0
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self.client: Transport | None = None
@@ -313,6 +319,7 @@ class Controller:
         self.client.on_connect = lambda: self.inbox.put((_CONNECTED, b""))
         if self.ha:
             self.client.subscribe(topics.SHARED_REQUESTS)
+            self.client.subscribe(topics.SHARED_USER_REQUESTS)
         if self.lease is None or self.lease.try_acquire():
             self._become_leader()
         else:
@@ -328,10 +335,12 @@ class Controller:
         for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS, DeviceTopic.METRICS):
             self.client.subscribe(topics.all_devices(kind))
         self.client.subscribe(topics.LEADER_REQUESTS, qos=self._request_qos)
+        self.client.subscribe(topics.ALL_LEADER_REQUESTS, qos=self._request_qos)
         self.client.subscribe(topics.ALL_ENROLL_REQUESTS)
         self.client.subscribe(topics.PROBE)
         if not self.ha:
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
+            self.client.subscribe(topics.USER_REQUESTS, qos=self._request_qos)
         self.variables.forget()  # another controller may have changed them while we stood by
         self.registries.forget()
         self._fleet = None  # and the devices
@@ -503,6 +512,9 @@ class Controller:
                 self.access.table.expire(self.clock())
             except TetherError as exc:
                 log.error("%s", exc)
+        if self.audit_retention is not None and time.monotonic() >= self._next_audit_prune:
+            self._next_audit_prune = time.monotonic() + AUDIT_PRUNE_SECONDS
+            self.store.prune_audit(self.clock() - self.audit_retention)
 
     # --- deployments ---
 
@@ -746,7 +758,7 @@ class Controller:
             counter = self._message_counters[kind] = self.metrics.messages.labels(kind=kind)
         counter.inc()
         if parsed.kind in ("requests", "leader-requests"):
-            self._on_request(payload)
+            self._on_request(payload, parsed.user)
         elif not self.leading.is_set():
             return
         elif parsed.kind == "probe":
@@ -1503,28 +1515,54 @@ class Controller:
 
     def execute(self, command: CommandModel, principal: Principal = INTERNAL) -> Any:
         """Carry out one command for ``principal``; return its result (a model of
-        protocol/results.py) or raise a TetherError. The one place roles are checked: a
-        principal whose role is below the command's (controller/registry.py) is refused with
-        a :class:`ForbiddenError` before anything runs."""
+        protocol/results.py) or raise a TetherError. The one place roles are checked and writes
+        audited, for MQTT and HTTP alike: a principal whose role is below the command's
+        (controller/registry.py) is refused with a :class:`ForbiddenError` before anything
+        runs; every command above a viewer's is recorded with its outcome (controller/users.py)."""
         ctx: Context = self  # what handlers may use of the controller (checked by mypy)
         handler = COMMANDS.handler(command)
-        if not principal.may(handler.role):
-            raise ForbiddenError(
-                f"{principal.role} {principal.user!r} may not {getattr(command, 'kind', '?')} (it needs {handler.role})"
-            )
+        outcome = "internal"
         mark = len(self._events_due)
         try:
-            result = handler.run(ctx, command)
-        except BaseException:
-            del self._events_due[mark:]  # nothing it did stays: nor do its events
+            if not principal.may(handler.role):
+                raise ForbiddenError(
+                    f"{principal.role} {principal.user!r} may not {getattr(command, 'kind', '?')} "
+                    f"(it needs {handler.role})"
+                )
+            try:
+                result = handler.run(ctx, command)
+            except BaseException:
+                del self._events_due[mark:]  # nothing it did stays: nor do its events
+                raise
+            if not isinstance(result, handler.result):
+                raise TypeError(
+                    f"{'/'.join(command.kinds())} returned {type(result).__name__}, not {handler.result.__name__}"
+                )
+            outcome = "ok"
+            return result
+        except CommandError as exc:
+            outcome = exc.code.value
             raise
-        if not isinstance(result, handler.result):
-            raise TypeError(
-                f"{'/'.join(command.kinds())} returned {type(result).__name__}, not {handler.result.__name__}"
-            )
-        return result
+        except TetherError:
+            outcome = ErrorCode.INVALID.value
+            raise
+        finally:
+            if handler.writes:
+                try:
+                    users.audit(self.store, principal, command, outcome, self.clock())
+                except Exception:
+                    log.exception(
+                        "could not write the audit record of %s by %s", command.kinds(), principal.user
+                    )
 
-    def _on_request(self, payload: bytes) -> None:
+    def _principal(self, user: str | None, reply_to: str) -> Principal | None:
+        """Who sent a request: the user of its topic (the broker let only that user publish
+        there), or :data:`~tether.protocol.acl.LEGACY_USER` on the shared topic of older CLIs."""
+        parsed = topics.parse(reply_to)
+        address = (parsed.client_id or "") if parsed is not None else ""
+        return users.principal_of(self.store, user or LEGACY_USER, "mqtt", address)
+
+    def _on_request(self, payload: bytes, user: str | None = None) -> None:
         try:
             request = codec.decode(payload, Request)
         except PayloadError as exc:
@@ -1541,9 +1579,15 @@ class Controller:
             if not self.leading.is_set() and not COMMANDS.handler(command).read_only:
                 # A standby answers reads from the shared store; writes go to the leader.
                 if self.client is not None:
-                    self.client.publish(topics.LEADER_REQUESTS, payload, qos=1)
+                    forward = topics.LEADER_REQUESTS if user is None else topics.leader_requests(user)
+                    self.client.publish(forward, payload, qos=1)
                 return
-            reply = Reply(id=request.id, ok=True, result=self._answer(command, OPERATOR))
+            principal = self._principal(user, request.reply_to)
+            if principal is None:
+                raise ForbiddenError(
+                    f"user {user or LEGACY_USER!r} is not a user of this controller (tether users ls)"
+                )
+            reply = Reply(id=request.id, ok=True, result=self._answer(command, principal))
         except ValidationError as exc:
             reply = Reply(
                 id=request.id,

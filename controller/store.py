@@ -24,6 +24,8 @@ from tether.protocol.models import ReportedState, StackSpec
 from tether.protocol.secret_files import private_file
 
 from .models import (
+    ApiToken,
+    AuditRecord,
     Delivery,
     DesiredRecord,
     Device,
@@ -33,6 +35,7 @@ from .models import (
     Job,
     Registry,
     Stack,
+    User,
     Variable,
     Webhook,
 )
@@ -98,6 +101,21 @@ def _desired_published_column(store: Store) -> None:
         )
 
 
+def _users_from_operators(store: Store) -> None:
+    """Users (issue 19): every existing operator credential (``admin`` of ``tether up``)
+    becomes an admin user, so existing data dirs keep their one admin."""
+    for statement in (
+        "CREATE TABLE users (name TEXT PRIMARY KEY, body TEXT NOT NULL)",
+        "CREATE TABLE api_tokens (id TEXT PRIMARY KEY, body TEXT NOT NULL)",
+        "CREATE TABLE audit (id TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL, username TEXT NOT NULL, body TEXT NOT NULL)",
+        "CREATE INDEX audit_at ON audit (at)",
+    ):
+        store.db.execute(statement)
+    for credential in store.list_credentials():
+        if credential.role == "operator":
+            store.put_user(User(name=credential.username, role="admin"))
+
+
 MIGRATIONS: list[str | Callable[[Store], None]] = [
     """
     CREATE TABLE devices (id TEXT PRIMARY KEY, body TEXT NOT NULL);
@@ -160,6 +178,7 @@ MIGRATIONS: list[str | Callable[[Store], None]] = [
     CREATE INDEX deliveries_due ON deliveries (state, next_at);
     CREATE INDEX deliveries_webhook ON deliveries (webhook, id);
     """,
+    _users_from_operators,
 ]
 """SQL scripts, or functions changing data through the store (inside the migration's transaction)."""
 
@@ -796,6 +815,59 @@ class Store:
 
     def delete_credential(self, username: str) -> None:
         self.db.execute("DELETE FROM credentials WHERE username = ?", (username,))
+
+    # --- users, their API tokens (hashes only) and the audit log (issue 19) ---
+
+    def get_user(self, name: str) -> User | None:
+        body = self._get("users", "name", name)
+        return User.model_validate_json(body) if body else None
+
+    def list_users(self) -> list[User]:
+        return [User.model_validate_json(b) for b in self._all("users", "name")]
+
+    def put_user(self, user: User) -> None:
+        self._put("users", "name", user.name, user.model_dump_json())
+
+    def delete_user(self, name: str) -> None:
+        """Remove the user, its API tokens and its credential."""
+        self.db.execute("DELETE FROM users WHERE name = ?", (name,))
+        for token in self.list_api_tokens():
+            if token.user == name:
+                self.db.execute("DELETE FROM api_tokens WHERE id = ?", (token.id,))
+        self.delete_credential(name)
+
+    def get_api_token(self, token_id: str) -> ApiToken | None:
+        body = self._get("api_tokens", "id", token_id)
+        return ApiToken.model_validate_json(body) if body else None
+
+    def list_api_tokens(self) -> list[ApiToken]:
+        return [ApiToken.model_validate_json(b) for b in self._all("api_tokens", "id")]
+
+    def put_api_token(self, token: ApiToken) -> None:
+        self._put("api_tokens", "id", token.id, token.model_dump_json())
+
+    def delete_api_token(self, token_id: str) -> None:
+        self.db.execute("DELETE FROM api_tokens WHERE id = ?", (token_id,))
+
+    def add_audit(self, record: AuditRecord) -> None:
+        self.db.execute(
+            "INSERT INTO audit (id, at, username, body) VALUES (?, ?, ?, ?)",
+            (record.id, record.at, record.user, record.model_dump_json()),
+        )
+
+    def list_audit(self, since: float = 0.0, user: str | None = None, limit: int = 1000) -> list[AuditRecord]:
+        """The newest ``limit`` records at or after ``since`` (of ``user`` only, if given), oldest first."""
+        sql = "SELECT body FROM audit WHERE at >= ?"
+        args: list[Any] = [since]
+        if user is not None:
+            sql += " AND username = ?"
+            args.append(user)
+        rows = self.db.execute(f"{sql} ORDER BY at DESC, id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [AuditRecord.model_validate_json(r[0]) for r in reversed(rows)]
+
+    def prune_audit(self, before: float) -> None:
+        """Forget the records older than ``before`` (the retention, ``tether up --audit-retention``)."""
+        self.db.execute("DELETE FROM audit WHERE at < ?", (before,))
 
     # --- enrollment tokens (hashes only) and the waiting room ---
 

@@ -9,13 +9,19 @@ identity       may subscribe                                                may 
 =============  ===========================================================  ===========================================
 device D       ``devices/D/{desired,presence,requests,acked}``, the stack   ``devices/D/{presence,reported,events,
                definitions assigned to it (``stacks/{hash}``), exact only    metrics}``, ``clients/+/replies``
-operator       ``clients/C/replies``; ``devices/+/{presence,reported,       ``controller/requests``, ``devices/+/requests``
-               events,metrics}`` (or one device's)
+operator U     ``clients/C/replies``; ``devices/+/{presence,reported,       ``controller/requests/U``, ``devices/+/requests``
+               events,metrics}`` (or one device's)                           (and ``controller/requests`` if U is ``admin``)
+viewer U       as an operator                                                ``controller/requests/U`` only
 enrolling D    ``enroll/D/response``                                         ``enroll/D/request``
 controller     everything under ``tether/v1/`` (and shared subscriptions)   everything under ``tether/v1/``
 =============  ===========================================================  ===========================================
 
-(all topics under ``tether/v1/``). A subscription filter is allowed only when every topic
+(all topics under ``tether/v1/``). ``operator`` and ``viewer`` are users of ``tether users``
+(a viewer's broker role is ``viewer``; an operator's or admin's is ``operator``). Each may
+send controller requests on its own topic only, so the controller knows who asks from the
+topic (the broker enforces it, the payload never claims it). The shared ``controller/requests``
+of older CLIs is left to :data:`LEGACY_USER`, the one operator of before users existed: the
+controller takes what arrives there as coming from that user. A subscription filter is allowed only when every topic
 it can match is allowed (MQTT 3.1.1 section 4.7 wildcards).
 """
 
@@ -28,7 +34,11 @@ from typing import Literal
 from . import names
 from .topics import ROOT
 
-Role = Literal["device", "controller", "operator", "enrolling"]
+Role = Literal["device", "controller", "operator", "viewer", "enrolling"]
+USER_ROLES = ("operator", "viewer")
+"""The broker roles of people and integrations (``tether users``)."""
+LEGACY_USER = "admin"
+"""The user that may still send on the shared ``controller/requests`` (older CLIs)."""
 DEVICE_READS = ("desired", "presence", "requests", "acked")
 DEVICE_WRITES = ("presence", "reported", "events", "metrics")
 WATCHABLE = ("presence", "reported", "events", "metrics")
@@ -62,7 +72,7 @@ def client_id_allowed(identity: Identity) -> bool:
         return cid == f"tether-enroll-{identity.name}"
     if identity.role == "controller":
         return cid.startswith("tether-controller-")
-    if identity.role == "operator":
+    if identity.role in USER_ROLES:
         return cid.startswith("tether-cli-") or not cid.startswith("tether-")
     return False
 
@@ -104,7 +114,7 @@ def may_subscribe(identity: Identity, topic_filter: str, stack_hashes: Collectio
         allowed = [f"{ROOT}/devices/{identity.name}/{kind}" for kind in DEVICE_READS]
         allowed += [f"{ROOT}/stacks/{h}" for h in stack_hashes]
         return topic_filter in allowed  # exact topics only: no wildcard can reach another device
-    if identity.role == "operator":
+    if identity.role in USER_ROLES:
         cid = identity.client_id
         if names.CLIENT_ID.ok(cid) and topic_filter == f"{ROOT}/clients/{cid}/replies":
             return True  # its own replies only: a client id is never a wildcard
@@ -124,8 +134,14 @@ def may_publish(identity: Identity, topic: str) -> bool:
         if topic in {f"{ROOT}/devices/{identity.name}/{kind}" for kind in DEVICE_WRITES}:
             return True
         return covers(f"{ROOT}/clients/+/replies", topic)
-    if identity.role == "operator":
-        return topic == f"{ROOT}/controller/requests" or covers(f"{ROOT}/devices/+/requests", topic)
+    if identity.role in USER_ROLES:
+        if topic == f"{ROOT}/controller/requests/{identity.name}" and names.USERNAME.ok(identity.name):
+            return True
+        if topic == f"{ROOT}/controller/requests":
+            return identity.name == LEGACY_USER
+        if identity.role != "operator":
+            return False
+        return covers(f"{ROOT}/devices/+/requests", topic)
     if identity.role == "enrolling":
         return topic == f"{ROOT}/enroll/{identity.name}/request"
     return False

@@ -500,6 +500,69 @@ class NotifyLog(CommandModel):
     limit: int = Field(default=50, ge=1, le=1000)
 
 
+UserRole = Literal["viewer", "operator", "admin"]
+
+
+class UsersAdd(CommandModel):
+    """A new user with a new random password (in the result, shown once)."""
+
+    kind: Literal["users.add"] = "users.add"
+    name: str = Field(max_length=64)
+    role: UserRole
+
+
+class UsersList(CommandModel):
+    kind: Literal["users.ls"] = "users.ls"
+
+
+class UsersRemove(CommandModel):
+    """Remove a user, its API tokens and its broker credential (its connections are closed)."""
+
+    kind: Literal["users.rm"] = "users.rm"
+    name: str = Field(max_length=64)
+
+
+class UsersPasswd(CommandModel):
+    """A user's new random password (in the result, shown once); ``role``: also change its role."""
+
+    kind: Literal["users.passwd"] = "users.passwd"
+    name: str = Field(max_length=64)
+    role: UserRole | None = None
+
+
+class UsersToken(CommandModel):
+    """A new API token of a user (in the result, shown once): at most ``scope``'s rights,
+    valid ``expires_s`` seconds (None: until revoked)."""
+
+    kind: Literal["users.token"] = "users.token"
+    name: str = Field(max_length=64)
+    scope: UserRole = "admin"
+    expires_s: float | None = Field(default=None, gt=0, le=10 * 365 * 86400)
+
+
+class UsersTokens(CommandModel):
+    """The API tokens (never their secrets), of one user or all."""
+
+    kind: Literal["users.tokens"] = "users.tokens"
+    name: str | None = Field(default=None, max_length=64)
+
+
+class UsersRevoke(CommandModel):
+    """Revoke an API token (by its id)."""
+
+    kind: Literal["users.revoke"] = "users.revoke"
+    token_id: str = Field(max_length=64)
+
+
+class AuditList(CommandModel):
+    """Audit records at or after ``since`` (seconds since the epoch), of one ``user`` or all, newest ``limit``."""
+
+    kind: Literal["audit.ls"] = "audit.ls"
+    since: float = Field(default=0.0, ge=0)
+    user: str | None = Field(default=None, max_length=64)
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
 Command: Any = Annotated[Union[tuple(COMMANDS)], Field(discriminator="kind")]  # noqa: UP007
 """Any command, told apart by ``kind``."""
 COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)

@@ -564,3 +564,82 @@ class DeliveryList(WireModel):
     """``notify.log``: newest first."""
 
     deliveries: list[DeliveryView]
+
+
+# --- users, API tokens and the audit log -----------------------------------------------------
+
+
+class UserView(WireModel):
+    """A user (never a password)."""
+
+    name: str
+    role: str
+    created: float
+
+
+class UserList(WireModel):
+    """``users.ls``."""
+
+    users: list[UserView]
+
+
+class UserPassword(WireModel):
+    """``users.add`` and ``users.passwd``: the user and its new password, shown once."""
+
+    user: UserView
+    password: str
+
+
+class UserRemoved(WireModel):
+    """``users.rm``."""
+
+    removed: str
+    tokens: int
+    """API tokens removed with it."""
+
+
+class ApiTokenView(WireModel):
+    """An API token, never its secret."""
+
+    id: str
+    user: str
+    scope: str
+    expires: float | None
+    expired: bool
+    created: float
+
+
+class ApiTokenCreated(ApiTokenView):
+    """``users.token``: the view and the token itself (``Authorization: Bearer``), shown once."""
+
+    token: str
+
+
+class ApiTokenList(WireModel):
+    """``users.tokens``."""
+
+    tokens: list[ApiTokenView]
+
+
+class ApiTokenRevoked(WireModel):
+    """``users.revoke``."""
+
+    revoked: str
+
+
+class AuditEntry(WireModel):
+    """One audited write: who, when, through which door and from where, what, how it ended."""
+
+    at: float
+    user: str
+    via: str
+    address: str
+    command: str
+    target: dict[str, Any]
+    outcome: str
+
+
+class AuditLog(WireModel):
+    """``audit.ls``, oldest first."""
+
+    records: list[AuditEntry]

@@ -8,8 +8,9 @@
     tether/v1/devices/{device_id}/metrics    QoS 0,           agent -> anyone      MetricsSample
     tether/v1/devices/{device_id}/acked      retained, QoS 0, controller -> agent  EventsAcked
     tether/v1/stacks/{spec_hash}             retained, QoS 1, controller -> agents StackDefinition
-    tether/v1/controller/requests            QoS 1,           clients -> controller Request
-    tether/v1/controller/leader              QoS 1,           standby -> leader     Request
+    tether/v1/controller/requests/{user}     QoS 1,           clients -> controller Request (from user)
+    tether/v1/controller/requests            QoS 1,           older clients -> controller (user admin)
+    tether/v1/controller/leader[/{user}]     QoS 1,           standby -> leader     Request
     tether/v1/controller/probe               QoS 1,           leader -> itself      opaque token
     tether/v1/clients/{client_id}/replies    QoS 1,           controller/agent -> client Reply
     tether/v1/enroll/{device_id}/request     QoS 1,           enrolling agent -> controller EnrollmentRequest
@@ -36,7 +37,24 @@ REQUESTS = f"{ROOT}/controller/requests"
 SHARED_REQUESTS = f"$share/tether-controllers/{REQUESTS}"
 """With several controllers (``tether up --ha``) each request goes to one of them."""
 LEADER_REQUESTS = f"{ROOT}/controller/leader"
-"""Write requests a standby controller hands to the leader, unchanged."""
+"""Write requests a standby controller hands to the leader, unchanged (``/{user}`` after it: who sent it)."""
+USER_REQUESTS = f"{REQUESTS}/+"
+SHARED_USER_REQUESTS = f"$share/tether-controllers/{USER_REQUESTS}"
+ALL_LEADER_REQUESTS = f"{LEADER_REQUESTS}/+"
+
+
+def user_requests(user: str) -> str:
+    """Where ``user`` sends controller requests (only that user may publish there: protocol/acl.py)."""
+    if not names.USERNAME.ok(user):
+        raise TopicError(f"invalid user name {user!r}")
+    return f"{REQUESTS}/{user}"
+
+
+def leader_requests(user: str) -> str:
+    """Where a standby hands ``user``'s write request to the leader."""
+    return f"{LEADER_REQUESTS}/{user}"
+
+
 PROBE = f"{ROOT}/controller/probe"
 """The leader's message to itself through the broker: once it is back, every device message
 the broker had when it was sent has been handled (see ``Controller.repair_behind``)."""
@@ -108,6 +126,8 @@ class ParsedTopic:
     device_topic: DeviceTopic | None = None
     spec_hash: str | None = None
     client_id: str | None = None
+    user: str | None = None
+    """Who sent a request: the user of its topic (``controller/requests/{user}``), None on the shared one."""
 
 
 def parse(topic: str) -> ParsedTopic | None:
@@ -130,6 +150,10 @@ def parse(topic: str) -> ParsedTopic | None:
         return ParsedTopic("leader-requests")
     if rest == ["controller", "probe"]:
         return ParsedTopic("probe")
+    if len(rest) == 3 and rest[0] == "controller" and rest[1] in ("requests", "leader"):
+        if not names.USERNAME.ok(rest[2]):
+            return None
+        return ParsedTopic("requests" if rest[1] == "requests" else "leader-requests", user=rest[2])
     if len(rest) == 3 and rest[0] == "clients" and rest[2] == "replies" and CLIENT_ID_RE.match(rest[1]):
         return ParsedTopic("replies", client_id=rest[1])
     if len(rest) == 3 and rest[0] == "enroll" and rest[2] == "request" and DEVICE_ID_RE.match(rest[1]):

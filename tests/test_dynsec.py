@@ -14,9 +14,9 @@ from support.procs import mosquitto_dynsec_conf
 from tether.controller.dynsec import (
     CONTROLLER_ROLE,
     ENROLLING_ROLE,
-    OPERATOR_ROLE,
     DynsecAdmin,
     DynsecTable,
+    client_roles,
     device_role,
     role_acls,
     seed_config,
@@ -36,6 +36,9 @@ TOPICS = [
     f"{R}/stacks/{H1}",
     f"{R}/stacks/{H2}",
     f"{R}/controller/requests",
+    f"{R}/controller/requests/admin",
+    f"{R}/controller/requests/ann",
+    f"{R}/controller/requests/bob",
     f"{R}/clients/tether-cli-1/replies",
     f"{R}/enroll/d1/request",
     f"{R}/enroll/d1/response",
@@ -52,23 +55,32 @@ def _allows(acls: set[tuple[str, str]], kind: str, topic: str) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("identity", "role"),
+    ("identity", "roles"),
     [
-        (Identity("device", "d1", "tether-d1"), device_role("d1")),
-        (Identity("operator", "admin", "tether-cli-1"), OPERATOR_ROLE),
-        (Identity("controller", "c", "tether-controller-1"), CONTROLLER_ROLE),
+        (Identity("device", "d1", "tether-d1"), [device_role("d1")]),
+        (
+            Identity("operator", "admin", "tether-cli-1"),
+            client_roles(Credential("admin", "operator", "admin", "h")),
+        ),
+        (
+            Identity("operator", "bob", "tether-cli-1"),
+            client_roles(Credential("bob", "operator", "bob", "h")),
+        ),
+        (Identity("viewer", "ann", "tether-cli-1"), client_roles(Credential("ann", "viewer", "ann", "h"))),
+        (Identity("controller", "c", "tether-controller-1"), [CONTROLLER_ROLE]),
     ],
-    ids=["device", "operator", "controller"],
+    ids=["device", "admin", "operator", "viewer", "controller"],
 )
-def test_roles_say_what_acl_py_says(identity: Identity, role: str) -> None:
-    """On every sample topic, a role's ACLs allow publishing and subscribing exactly where
-    tether/protocol/acl.py does (the embedded broker's rules); the operator reads every
-    client's replies on Mosquitto (its plugin has no %c)."""
-    acls = role_acls(role, [H1])
+def test_roles_say_what_acl_py_says(identity: Identity, roles: list[str]) -> None:
+    """On every sample topic, a client's roles allow publishing and subscribing exactly where
+    tether/protocol/acl.py does (the embedded broker's rules): a user sends requests on its own
+    topic only, a viewer to no device; users read every client's replies on Mosquitto (its
+    plugin has no %c)."""
+    acls = set().union(*(role_acls(role, [H1]) for role in roles))
     for topic in TOPICS:
         assert _allows(acls, "publishClientSend", topic) == may_publish(identity, topic), topic
         expected = may_subscribe(identity, topic, [H1])
-        if identity.role == "operator" and topic.endswith("/replies"):
+        if identity.role in ("operator", "viewer") and topic.endswith("/replies"):
             expected = True
         assert _allows(acls, "subscribePattern", topic) == expected, topic
         assert _allows(acls, "publishClientReceive", topic) == expected, topic

@@ -294,7 +294,7 @@ def test_parse_classifies_stack_request_and_reply_topics() -> None:
         f"tether/v1/stacks/{HASH.upper()}",
         "tether/v1/stacks/abc",
         "tether/v1/stacks/+",
-        "tether/v1/controller/requests/extra",
+        "tether/v1/controller/requests/extra/more",
         "tether/v1/controller/replies",
         "tether/v1/clients/c1/replies/extra",
         "tether/v1/clients/+/replies",

@@ -12,6 +12,7 @@ from tether.controller.service import COMMANDS, Controller
 from tether.protocol import codec, topics
 from tether.protocol.commands import (
     COMMAND_ADAPTER,
+    AuditList,
     CommandModel,
     DevicesList,
     DevicesPending,
@@ -26,6 +27,8 @@ from tether.protocol.commands import (
     StacksStatus,
     TokensCreate,
     TokensList,
+    UsersList,
+    UsersTokens,
     VarsGet,
     VarsList,
     VarsSet,
@@ -51,6 +54,9 @@ READ_EXAMPLES: dict[type[CommandModel], CommandModel] = {
     TokensList: TokensList(),
     VarsGet: VarsGet(path="app/db"),
     VarsList: VarsList(),
+    UsersList: UsersList(),
+    UsersTokens: UsersTokens(),
+    AuditList: AuditList(),
 }
 """A command of each read-only model, naming what :func:`populate` stores."""
 
@@ -98,6 +104,7 @@ def test_every_read_only_command_runs_on_a_store_that_refuses_writes(controller:
     assert results["DevicesShow"].device.id == "pi-1"
     assert results["StacksStatus"].stack.name == "web"
     assert results["VarsGet"].variable.items == {"host": "db.local"}
+    assert "groups.create" in [r.command for r in results["AuditList"].records]
 
 
 def request(command: CommandModel, reply_to: str = "tether/v1/clients/cli-1/replies") -> bytes:

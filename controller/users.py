@@ -1,0 +1,348 @@
+"""Users, their roles and API tokens, and the audit log (issue 19).
+
+A user (table ``users``) has a name and a role (protocol/principals.py); its password's hash
+is the broker credential of the same name (broker role ``viewer`` for a viewer, ``operator``
+for an operator or admin: protocol/acl.py), so MQTT and HTTP check the same password.
+Passwords are made here, 256 random bits, and shown once (``users.add``, ``users.passwd``);
+API tokens likewise (``users.token``: ``tta_{id}_{secret}``, kept as a SHA-256 like the
+enrollment tokens, at most ``scope``'s rights, expiring, revocable).
+
+Every write a principal asks for is recorded by :func:`audit` (called from
+``Controller.execute``, the one place for MQTT and HTTP): who, when, the door and address,
+the command's kind, the names it acts on and the outcome. Never a secret: only the fields of
+:data:`AUDITED_FIELDS` are kept (never a variable's values, a password, a token, a Compose
+file or a job's command line).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+import threading
+import time
+import uuid
+from typing import Any
+
+from tether.protocol import names
+from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
+from tether.protocol.commands import (
+    AuditList,
+    CommandModel,
+    UsersAdd,
+    UsersList,
+    UsersPasswd,
+    UsersRemove,
+    UsersRevoke,
+    UsersToken,
+    UsersTokens,
+)
+from tether.protocol.credentials import Credential, hash_password, new_password, verify_password
+from tether.protocol.errors import CommandError, ConflictError, NotFoundError
+from tether.protocol.principals import ROLES, Principal, Role, Via
+from tether.protocol.results import (
+    ApiTokenCreated,
+    ApiTokenList,
+    ApiTokenRevoked,
+    ApiTokenView,
+    AuditEntry,
+    AuditLog,
+    UserList,
+    UserPassword,
+    UserRemoved,
+    UserView,
+)
+
+from .context import Context
+from .models import ApiToken, AuditRecord, User
+from .registry import CommandRegistry
+from .store import Store
+
+log = logging.getLogger(__name__)
+commands = CommandRegistry()
+"""The commands handled here (see :mod:`.registry`)."""
+
+TOKEN_PREFIX = "tta"
+RESERVED_USER_PREFIXES = (*RESERVED_DEVICE_PREFIXES, "tether-")
+AUDITED_FIELDS = (
+    "name",
+    "group",
+    "device_id",
+    "device_ids",
+    "path",
+    "keys",
+    "host",
+    "stack",
+    "id",
+    "token_id",
+    "role",
+    "scope",
+    "selector",
+    "secret",
+    "user",
+)
+"""The fields of a command an audit record keeps: names, never values or secrets."""
+
+
+def broker_role(role: Role) -> str:
+    """The broker role (protocol/acl.py) of a user of ``role``."""
+    return "viewer" if role == "viewer" else "operator"
+
+
+def _view(user: User) -> UserView:
+    return UserView(name=user.name, role=user.role, created=user.created)
+
+
+def _user(store: Store, name: str) -> User:
+    user = store.get_user(name)
+    if user is None:
+        raise NotFoundError(f"unknown user {name!r}")
+    return user
+
+
+def _admins(store: Store) -> list[str]:
+    return [u.name for u in store.list_users() if u.role == "admin"]
+
+
+def _set_password(ctx: Context, user: User) -> str:
+    password = new_password()
+    ctx.store.put_credential(
+        Credential(user.name, broker_role(user.role), user.name, hash_password(password)),  # type: ignore[arg-type]
+        ctx.clock(),
+    )
+    ctx.access.new_secret(user.name, password)
+    return password
+
+
+def ensure_user(store: Store, name: str, role: Role, now: float) -> None:
+    """Make ``name`` a user of ``role`` if it is none (``tether up``'s ``admin``: its credential exists)."""
+    if store.get_user(name) is None:
+        store.put_user(User(name=name, role=role, created=now))
+
+
+@commands.command(UsersAdd, role="admin")
+def users_add(ctx: Context, cmd: UsersAdd) -> UserPassword:
+    problems = []
+    if not names.NAME.ok(cmd.name):
+        problems.append(f"invalid user name {cmd.name!r}: {names.NAME.hint}")
+    elif cmd.name.startswith(RESERVED_USER_PREFIXES):
+        problems.append(f"user name {cmd.name!r} is reserved (starts with {cmd.name.split('-')[0]}-)")
+    if problems:
+        raise CommandError("; ".join(problems))
+    if ctx.store.get_user(cmd.name) is not None:
+        raise ConflictError(f"user {cmd.name!r} exists (tether users passwd {cmd.name} gives a new password)")
+    existing = ctx.store.get_credential(cmd.name)
+    if existing is not None:
+        raise ConflictError(
+            f"{cmd.name!r} is the name of a {existing.role} on the broker, not free for a user"
+        )
+    user = User(name=cmd.name, role=cmd.role, created=ctx.clock())
+    with ctx.store.transaction():
+        ctx.store.put_user(user)
+        password = _set_password(ctx, user)
+    ctx.access.sync(ctx.store)
+    log.info("user %s (%s) added", user.name, user.role)
+    return UserPassword(user=_view(user), password=password)
+
+
+@commands.command(UsersList, read_only=True)
+def users_ls(ctx: Context, cmd: UsersList) -> UserList:
+    return UserList(users=[_view(u) for u in ctx.store.list_users()])
+
+
+@commands.command(UsersRemove, role="admin")
+def users_rm(ctx: Context, cmd: UsersRemove) -> UserRemoved:
+    user = _user(ctx.store, cmd.name)
+    if user.role == "admin" and _admins(ctx.store) == [user.name]:
+        raise ConflictError(f"{user.name!r} is the last admin: make another admin first")
+    tokens = [t for t in ctx.store.list_api_tokens() if t.user == user.name]
+    with ctx.store.transaction():
+        ctx.store.delete_user(user.name)
+    ctx.access.sync(ctx.store)
+    ctx.access.disconnect_users({user.name})
+    log.info("user %s removed (and %d API token(s))", user.name, len(tokens))
+    return UserRemoved(removed=user.name, tokens=len(tokens))
+
+
+@commands.command(UsersPasswd, role="admin")
+def users_passwd(ctx: Context, cmd: UsersPasswd) -> UserPassword:
+    user = _user(ctx.store, cmd.name)
+    if cmd.role is not None and cmd.role != "admin" and _admins(ctx.store) == [user.name]:
+        raise ConflictError(f"{user.name!r} is the last admin: make another admin first")
+    if cmd.role is not None:
+        user = user.model_copy(update={"role": cmd.role})
+    with ctx.store.transaction():
+        ctx.store.put_user(user)
+        password = _set_password(ctx, user)
+    ctx.access.sync(ctx.store)
+    ctx.access.disconnect_users({user.name})  # the old password and role end with its connections
+    log.info("user %s: new password (%s)", user.name, user.role)
+    return UserPassword(user=_view(user), password=password)
+
+
+def _token_view(token: ApiToken, now: float) -> ApiTokenView:
+    expired = token.expires is not None and now >= token.expires
+    return ApiTokenView(
+        id=token.id,
+        user=token.user,
+        scope=token.scope,
+        expires=token.expires,
+        expired=expired,
+        created=token.created,
+    )
+
+
+def hash_api_token(token: str) -> str:
+    """How an API token is stored: SHA-256 (hex); it is 256 random bits, so a fast hash is enough."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@commands.command(UsersToken, role="admin")
+def users_token(ctx: Context, cmd: UsersToken) -> ApiTokenCreated:
+    user = _user(ctx.store, cmd.name)
+    now = ctx.clock()
+    token_id = secrets.token_hex(6)
+    token = f"{TOKEN_PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
+    stored = ApiToken(
+        id=token_id,
+        user=user.name,
+        token_hash=hash_api_token(token),
+        scope=cmd.scope,
+        expires=None if cmd.expires_s is None else now + cmd.expires_s,
+        created=now,
+    )
+    ctx.store.put_api_token(stored)
+    log.info("user %s: API token %s made (scope %s)", user.name, token_id, cmd.scope)
+    return ApiTokenCreated(**_token_view(stored, now).model_dump(), token=token)
+
+
+@commands.command(UsersTokens, read_only=True)
+def users_tokens(ctx: Context, cmd: UsersTokens) -> ApiTokenList:
+    now = ctx.clock()
+    found = [t for t in ctx.store.list_api_tokens() if cmd.name is None or t.user == cmd.name]
+    found.sort(key=lambda t: (t.user, t.created, t.id))
+    return ApiTokenList(tokens=[_token_view(t, now) for t in found])
+
+
+@commands.command(UsersRevoke, role="admin")
+def users_revoke(ctx: Context, cmd: UsersRevoke) -> ApiTokenRevoked:
+    if ctx.store.get_api_token(cmd.token_id) is None:
+        raise NotFoundError(f"unknown API token {cmd.token_id!r} (tether users tokens lists them)")
+    ctx.store.delete_api_token(cmd.token_id)
+    log.info("API token %s revoked", cmd.token_id)
+    return ApiTokenRevoked(revoked=cmd.token_id)
+
+
+# --- who is asking (MQTT, HTTP) ---
+
+
+def principal_of(store: Store, name: str, via: Via, address: str = "") -> Principal | None:
+    """The principal of user ``name`` as stored now (None: no such user, or its credential is revoked)."""
+    user = store.get_user(name)
+    credential = store.get_credential(name)
+    if user is None or credential is None or credential.revoked:
+        return None
+    return Principal(user=user.name, role=user.role, via=via, address=address)
+
+
+def token_principal(store: Store, token: str, now: float, address: str = "") -> Principal | None:
+    """The principal an API token stands for (None: unknown, expired, revoked, or its user is gone).
+
+    Its role is the lesser of the user's and the token's scope."""
+    prefix, _, rest = token.partition("_")
+    token_id, _, secret = rest.partition("_")
+    if prefix != TOKEN_PREFIX or not secret or len(token_id) > 64:
+        return None
+    stored = store.get_api_token(token_id)
+    if stored is None or not hmac.compare_digest(stored.token_hash, hash_api_token(token)):
+        return None
+    if stored.expires is not None and now >= stored.expires:
+        return None
+    principal = principal_of(store, stored.user, "http", address)
+    if principal is None:
+        return None
+    role = min(principal.role, stored.scope, key=ROLES.index)
+    return Principal(user=principal.user, role=role, via="http", address=address)
+
+
+class Lockout:
+    """Failed password checks per user: after ``limit`` failures in a row, the user's password
+    is not even checked for ``base`` seconds, doubling with each further failure (up to ``cap``).
+    A success clears it. Thread-safe (HTTP requests run on several threads)."""
+
+    def __init__(
+        self, limit: int = 5, base: float = 30.0, cap: float = 900.0, clock: Any = time.monotonic
+    ) -> None:
+        self.limit, self.base, self.cap, self.clock = limit, base, cap, clock
+        self._failures: dict[str, tuple[int, float]] = {}  # user -> (failures, locked until)
+        self._lock = threading.Lock()
+
+    def locked(self, user: str) -> float:
+        """Seconds ``user`` stays locked out (0: not locked)."""
+        with self._lock:
+            _, until = self._failures.get(user, (0, 0.0))
+        return max(0.0, until - self.clock())
+
+    def failed(self, user: str) -> None:
+        with self._lock:
+            if len(self._failures) > 100_000:
+                self._failures.clear()
+            count, _ = self._failures.get(user, (0, 0.0))
+            count += 1
+            until = 0.0
+            if count >= self.limit:
+                until = self.clock() + min(self.cap, self.base * 2 ** (count - self.limit))
+            self._failures[user] = (count, until)
+
+    def succeeded(self, user: str) -> None:
+        with self._lock:
+            self._failures.pop(user, None)
+
+
+def check_password(
+    store: Store, lockout: Lockout, name: str, password: str, via: Via, address: str = ""
+) -> Principal | None:
+    """The principal of ``name`` if ``password`` is its password (constant-time compare of
+    the slow KDF's output), None if not, or while the user is locked out after failures."""
+    if lockout.locked(name) > 0:
+        return None
+    credential = store.get_credential(name)
+    ok = credential is not None and verify_password(password, credential.password_hash)
+    if not ok:
+        lockout.failed(name)
+        return None
+    lockout.succeeded(name)
+    return principal_of(store, name, via, address)
+
+
+# --- the audit log ---
+
+
+def audit_target(command: CommandModel) -> dict[str, Any]:
+    """The names ``command`` acts on (:data:`AUDITED_FIELDS`), never anything else of it."""
+    fields = command.model_dump(mode="json", include=set(AUDITED_FIELDS))
+    return {k: v for k, v in fields.items() if v not in (None, "", [], ())}
+
+
+def audit(store: Store, principal: Principal, command: CommandModel, outcome: str, now: float) -> None:
+    """Append the audit record of one write (its outcome: ``ok`` or an error code)."""
+    record = AuditRecord(
+        id=f"{int(now * 1e6):020d}-{uuid.uuid4().hex[:8]}",
+        at=now,
+        user=principal.user,
+        via=principal.via,
+        address=principal.address[:200],
+        command=str(getattr(command, "kind", type(command).__name__)),
+        target=audit_target(command),
+        outcome=outcome,
+    )
+    store.add_audit(record)
+
+
+@commands.command(AuditList, read_only=True)
+def audit_ls(ctx: Context, cmd: AuditList) -> AuditLog:
+    records = ctx.store.list_audit(since=cmd.since, user=cmd.user, limit=cmd.limit)
+    return AuditLog(
+        records=[AuditEntry(**r.model_dump(exclude={"id"})) for r in records]  # type: ignore[arg-type]
+    )
