@@ -116,6 +116,15 @@ def _users_from_operators(store: Store) -> None:
             store.put_user(User(name=credential.username, role="admin"))
 
 
+def _timestamps_double_precision(store: Store) -> None:
+    """PostgreSQL's ``REAL`` is 4 bytes: a Unix time in it is rounded to about two minutes,
+    so job results started within the same two minutes had no order (and the newest-50 trim
+    kept them all). SQLite's ``REAL`` is 8 bytes already."""
+    if store.kind == "postgresql":
+        store.db.execute("ALTER TABLE job_results ALTER COLUMN started TYPE DOUBLE PRECISION")
+        store.db.execute("ALTER TABLE credentials ALTER COLUMN created TYPE DOUBLE PRECISION")
+
+
 MIGRATIONS: list[str | Callable[[Store], None]] = [
     """
     CREATE TABLE devices (id TEXT PRIMARY KEY, body TEXT NOT NULL);
@@ -179,6 +188,7 @@ MIGRATIONS: list[str | Callable[[Store], None]] = [
     CREATE INDEX deliveries_webhook ON deliveries (webhook, id);
     """,
     _users_from_operators,
+    _timestamps_double_precision,
 ]
 """SQL scripts, or functions changing data through the store (inside the migration's transaction)."""
 

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 from tether.controller.models import DesiredRecord, Device, Group, Stack
-from tether.controller.store import MIGRATIONS, Store, _desired_published_column, _untrust_device_labels
+from tether.controller.store import (
+    JOB_RESULTS_KEPT,
+    MIGRATIONS,
+    Store,
+    _desired_published_column,
+    _untrust_device_labels,
+)
 from tether.protocol.errors import StoreError
 from tether.protocol.models import DeviceFacts, ReportedState, ServiceSpec, StackRef, StackSpec, StackStatus
 
@@ -378,3 +384,13 @@ def test_stack_reports_are_extracted_by_the_database(store: Store) -> None:
         "pi-2": (2, "no space", None, None),
     }
     assert store.stack_reports("other")["pi-1"] == (4, None, None, None)
+
+
+def test_job_results_seconds_apart_keep_their_order_and_the_newest_are_kept(store: Store) -> None:
+    """Job results started a second apart list newest last and the trim keeps exactly the newest
+    JOB_RESULTS_KEPT (PostgreSQL's 4-byte REAL rounded such times together: no order, no trim)."""
+    start = 1_780_000_000.0
+    for i in range(JOB_RESULTS_KEPT + 2):
+        store.add_job_result("backup", "pi-1", f"run-{i}", start + i, f'{{"n": {i}}}')
+    listed = store.list_job_results("backup", "pi-1", limit=1000)
+    assert [body for _, body in listed] == [f'{{"n": {i}}}' for i in range(2, JOB_RESULTS_KEPT + 2)]
