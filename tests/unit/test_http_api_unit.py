@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-
 from tether.controller.http import create_app
 from tether.controller.security import ensure_operator_credentials
 from tether.controller.service import Controller
