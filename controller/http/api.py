@@ -178,6 +178,7 @@ def command_route(route: Route) -> Callable[..., Any]:
 
 
 D, G, S, J, V, R, T = "devices", "groups", "stacks", "jobs", "variables", "registries", "tokens"
+U, W = "users", "webhooks"
 ROUTES: tuple[Route, ...] = (
     Route("GET", "/devices", c.DevicesList, summary="Every device", tag=D),
     Route("GET", "/devices/{device_id}", c.DevicesShow, summary="A device in detail", tag=D),
@@ -293,6 +294,41 @@ ROUTES: tuple[Route, ...] = (
         c.RegistriesRemove,
         summary="Remove a registry's credentials",
         tag=R,
+    ),
+    Route(
+        "GET",
+        "/deployments/{id}/events",
+        c.DeploymentsEvents,
+        summary="What devices said about a deployment",
+        tag="deployments",
+    ),
+    Route("GET", "/webhooks", c.NotifyList, summary="Webhooks", tag=W),
+    Route("POST", "/webhooks", c.NotifyAdd, status=201, summary="Add a webhook", tag=W),
+    Route("DELETE", "/webhooks/{id}", c.NotifyRemove, summary="Remove a webhook", tag=W),
+    Route("POST", "/webhooks/{id}/test", c.NotifyTest, summary="Send a test event to a webhook", tag=W),
+    Route("GET", "/webhook-deliveries", c.NotifyLog, summary="The webhooks' delivery log", tag=W),
+    Route("GET", "/users", c.UsersList, summary="Users", tag=U),
+    Route("POST", "/users", c.UsersAdd, status=201, summary="Add a user (its password shown once)", tag=U),
+    Route("DELETE", "/users/{name}", c.UsersRemove, summary="Remove a user", tag=U),
+    Route(
+        "POST",
+        "/users/{name}/password",
+        c.UsersPasswd,
+        summary="A new password for a user (shown once)",
+        tag=U,
+    ),
+    Route(
+        "POST",
+        "/users/{name}/tokens",
+        c.UsersToken,
+        status=201,
+        summary="Create an API token (shown once)",
+        tag=U,
+    ),
+    Route("GET", "/api-tokens", c.UsersTokens, summary="API tokens (never the tokens themselves)", tag=U),
+    Route("DELETE", "/api-tokens/{token_id}", c.UsersRevoke, summary="Revoke an API token", tag=U),
+    Route(
+        "GET", "/audit", c.AuditList, summary="The audit log: every write, who, when, from where", tag="audit"
     ),
     Route("GET", "/tokens", c.TokensList, summary="Enrollment tokens", tag=T),
     Route(

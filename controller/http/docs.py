@@ -66,8 +66,15 @@ _CHANNELS: tuple[tuple[str, str, str, str, Any, bool, int, str], ...] = (
      Request, False, 1, "Remote operations answered by the agent itself (logs, restart, facts...)."),
     ("stackDefinitions", f"{topics.ROOT}/stacks/{{spec_hash}}", "send", "StackDefinition",
      StackDefinition, True, 1, "A stack version, sent once and referenced by its hash."),
+    ("userRequests", topics.USER_REQUESTS.replace("+", "{user}"), "receive", "ControllerRequest",
+     Request, False, 1, "Commands to the controller from user {user} (the broker lets only that "
+     "user publish here); the reply goes to the request's reply_to."),
     ("controllerRequests", topics.REQUESTS, "receive", "ControllerRequest",
-     Request, False, 1, "Commands to the controller; the reply goes to the request's reply_to."),
+     Request, False, 1, "Commands from older clients, run as user admin."),
+    ("leaderRequests", topics.LEADER_REQUESTS, "receive", "ControllerRequest",
+     Request, False, 1, "Writes a standby controller hands to the leader, unchanged (older clients')."),
+    ("userLeaderRequests", topics.LEADER_REQUESTS + "/{user}", "receive", "ControllerRequest",
+     Request, False, 1, "Writes of user {user} a standby controller hands to the leader, unchanged."),
     ("replies", f"{topics.ROOT}/clients/{{client_id}}/replies", "send", "Reply",
      Reply, False, 1, "A command's reply, on the client's own reply topic."),
     ("enrollRequests", topics.ALL_ENROLL_REQUESTS.replace("+", "{device_id}"), "receive", "EnrollmentRequest",
@@ -106,7 +113,7 @@ def asyncapi_document() -> dict[str, Any]:
             payload = {
                 "allOf": [payload, {"properties": {"command": {"$ref": f"#/components/schemas/{command}"}}}]
             }
-        messages[message] = {
+        messages[message] = {  # the same message on several channels: described once
             "name": message,
             "contentType": "application/msgpack",
             "payload": payload,
