@@ -14,10 +14,12 @@ import msgpack
 import pytest
 from support.links import RecordingLink
 from support.recording import RecordingPublisher
+from tether.controller.models import User
 from tether.controller.service import INGEST_BATCH, Controller
 from tether.controller.store import Store
 from tether.protocol import codec, topics
 from tether.protocol.commands import GroupsCreate, StacksDeploy
+from tether.protocol.credentials import Credential, hash_password
 from tether.protocol.models import (
     DesiredState,
     DeviceFacts,
@@ -133,6 +135,8 @@ def test_a_reply_too_large_for_one_message_becomes_an_error(
     """A reply that would exceed the message size limit is not sent (a broker would disconnect
     the controller); the client gets an error reply saying so."""
     store = Store(tmp_path / "tether.db")
+    store.put_user(User(name="admin", role="admin"))  # the operator `tether up` creates
+    store.put_credential(Credential("admin", "operator", "admin", hash_password("pw")))
     controller = Controller(store)
     controller.leading.set()
     link = RecordingLink()
