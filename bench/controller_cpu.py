@@ -22,6 +22,7 @@ same controller end to end (broker, simulated agents, wall time).
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -32,6 +33,7 @@ from typing import Any
 from common import Row, compose_stack, load_average, log, per_device_ms, report, rnd
 from tether.controller.service import _STOP, Controller
 from tether.controller.store import Store
+from tether.protocol.heap import tune_gc
 from tether.protocol import codec, topics
 from tether.protocol.commands import GroupsCreate, StacksDeploy
 from tether.protocol.models import (
@@ -216,6 +218,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     controller.client = client  # type: ignore[assignment]
     controller.leading.set()
     controller.execute(GroupsCreate(name="fleet", selector="bench=cpu", trust_device_labels=True))
+    thresholds = gc.get_threshold()
+    if args.tune_gc:  # as `tether up` does once started (controller/app.py)
+        tune_gc()
     load0 = load_average()
     cpu_registration = work(controller, registration(n))
     log(f"registration: {cpu_registration:.2f} s of CPU, {len(client.desired)} desired states")
@@ -228,10 +233,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         table: store.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
         for table in ("devices", "reported", "desired", "events", "deployments", "specs")
     }
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store_mb = (workdir / "tether.db").stat().st_size / 1024 / 1024
     store.close()
     return {
+        "gc": "tether up's (protocol/heap.py)" if args.tune_gc else "CPython's defaults",
         "store_rows": rows,
         "store_mb": rnd(store_mb, 2),
         "devices": n,
@@ -254,6 +262,7 @@ def rows(data: dict[str, Any]) -> list[Row]:
             "load average, start / end (CPU time grows with it: compare runs made side by side)",
             " / ".join(map(str, data["load_average"])),
         ),
+        Row("garbage collector settings", data.get("gc", "?")),
         Row("registration: controller CPU", reg["cpu_s"], " s"),
         Row("registration: per device", reg["cpu_ms_per_device"], " ms"),
     ]
@@ -284,6 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--devices", type=int, default=1000)
     p.add_argument("--ticks", type=int, default=10, help="idle ticks measured")
+    p.add_argument(
+        "--no-tune-gc",
+        dest="tune_gc",
+        action="store_false",
+        help="CPython's default collector settings, not those of `tether up` (protocol/heap.py)",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tether-cpu-") as tmp:
