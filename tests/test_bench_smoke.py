@@ -75,6 +75,13 @@ def test_controller_cpu(tmp_path: Path) -> None:
     assert data["store_rows"]["devices"] == 40 and data["store_rows"]["reported"] == 40
 
 
+def test_ui_devices(tmp_path: Path) -> None:
+    """The dashboard's device list is fetched over HTTP after logging in, each page saying what it should."""
+    data = bench(tmp_path, "ui_devices", "--devices", "30", "--repeat", "1")
+    assert data["devices"] == 30 and set(data["timings_s"]) >= {"first page", "search by id", "overview"}
+    assert all(len(v) == 1 and v[0] > 0 for v in data["timings_s"].values())
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
 def test_bandwidth(tmp_path: Path) -> None:
     data = bench(tmp_path, "bandwidth", "--window", "2", "--quiet", "1.5")

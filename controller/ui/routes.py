@@ -51,6 +51,7 @@ from tether.protocol.commands import (
 from tether.protocol.errors import NotFoundError, TetherError
 
 from . import seams
+from .logs import LogFollow
 
 COOKIE = "tether_session"
 PAGE_SIZE = 50
@@ -316,11 +317,17 @@ def overview(request: Request) -> Response:
         return _login_first(request)
     try:
         counted = _run(request, session, DevicesList(limit=0))
-        failing = _run(request, session, DevicesList(state="failed", limit=20))
         offline = _run(request, session, DevicesList(presence="offline", limit=10))
         deployments = _run(request, session, DeploymentsList()).deployments
         stacks = _run(request, session, StacksList()).stacks
         pending = [p for p in _run(request, session, DevicesPending()).devices if p.state == "pending"]
+        # Per stack, its failing devices: counted by the store, not by reading every report.
+        failing: list[tuple[str, Any]] = []
+        failing_count = 0
+        for stack in stacks:
+            status = _run(request, session, StacksStatus(name=stack.name, states=("failed",), limit=10))
+            failing_count += status.counts.get("failed", 0)
+            failing += [(stack.name, row) for row in status.devices]
     except TetherError as exc:
         return _error_page(request, session, exc)
     attention = [d for d in deployments if d.state in ATTENTION][:20]
@@ -330,8 +337,8 @@ def overview(request: Request) -> Response:
         session,
         total=counted.total or 0,
         presence=counted.by_presence or {},
-        failing=failing.devices,
-        failing_count=failing.matched or 0,
+        failing=failing[:20],
+        failing_count=failing_count,
         offline=offline.devices,
         offline_count=offline.matched or 0,
         attention=attention,
@@ -413,6 +420,46 @@ def device(request: Request, device_id: str) -> Response:
         downloads=reported.get("downloads") or {},
         events=list(reversed(shown.events[-50:])),
     )
+
+
+@router.get("/ui/devices/{device_id}/logs")
+async def follow_logs(request: Request, device_id: str, stack: str, service: str = "") -> Response:
+    """A service's logs as server-sent events: the last lines, then what it writes (``end`` last).
+
+    Needs the operator role, as ``tether logs`` does: logs may hold what a viewer should not see."""
+    session = _session(request)
+    if session is None:
+        return _secure(Response("log in first\n", status_code=401, media_type="text/plain"))
+    if not seams.can(session.principal, "operator"):
+        return _refused(request, session, "following logs needs the operator role")
+
+    def end(reason: str) -> bytes:
+        return f"event: end\ndata: {json.dumps({'end': reason})}\n\n".encode()
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"retry: 600000\n: logs\n\n"
+        try:
+            follow = await asyncio.to_thread(
+                LogFollow, _controller(request), device_id, stack, service or None
+            )
+        except (TetherError, ValidationError, OSError) as exc:
+            yield end(str(exc))
+            return
+        try:
+            while not await request.is_disconnected():
+                message = await asyncio.to_thread(follow.next, 1.0)
+                if message is None:
+                    continue
+                if "end" in message:
+                    yield end(str(message["end"]))
+                    return
+                yield f"data: {json.dumps(message)}\n\n".encode()
+        finally:
+            await asyncio.to_thread(follow.close)
+
+    response = _secure(StreamingResponse(stream(), media_type="text/event-stream"))
+    response.headers["X-Accel-Buffering"] = "no"
+    return response
 
 
 # --- stacks and deployments ----------------------------------------------------------------

@@ -78,3 +78,45 @@
   }
   connect();
 })();
+
+// Following a service's logs (the device page): the device's log stream as server-sent events.
+(function () {
+  var panel = document.getElementById("follow");
+  if (!panel) return;
+  var output = document.getElementById("follow-output");
+  var start = document.getElementById("follow-start");
+  var stop = document.getElementById("follow-stop");
+  var source = null;
+  var LIMIT = 200000;
+
+  function write(text) {
+    output.appendChild(document.createTextNode(text));
+    while (output.textContent.length > LIMIT && output.firstChild) output.removeChild(output.firstChild);
+    output.scrollTop = output.scrollHeight;
+  }
+
+  function end(reason) {
+    if (source) { source.close(); source = null; }
+    start.disabled = false;
+    stop.disabled = true;
+    if (reason) write("\n— " + reason + "\n");
+  }
+
+  start.addEventListener("click", function () {
+    end(null);
+    output.textContent = "";
+    var url = "/ui/devices/" + encodeURIComponent(panel.getAttribute("data-device")) + "/logs?stack=" +
+      encodeURIComponent(document.getElementById("follow-stack").value) + "&service=" +
+      encodeURIComponent(document.getElementById("follow-service").value);
+    source = new EventSource(url);
+    start.disabled = true;
+    stop.disabled = false;
+    source.onmessage = function (e) {
+      var m = JSON.parse(e.data);
+      if (m.text) write(m.text);
+    };
+    source.addEventListener("end", function (e) { end("stream ended: " + JSON.parse(e.data).end); });
+    source.onerror = function () { end("connection lost"); };
+  });
+  stop.addEventListener("click", function () { end("stopped"); });
+})();

@@ -1,0 +1,121 @@
+"""A service's logs followed from the dashboard: the device's ``logs`` stream, as ``tether logs -f`` reads it.
+
+A device has no inbound port: the dashboard reaches it through the broker, as the CLI does
+(docs/topics.md, "Remote operations"). Each follow opens its own short MQTT session with the
+controller's credentials, sends the device a ``logs`` request with ``follow``, extends the
+lease while the browser listens, and cancels it when the browser goes away.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from tether.protocol import codec, topics
+from tether.protocol.device_api import DeviceReply, LogsCommand, StreamCommand
+from tether.protocol.errors import PayloadError, TetherError
+from tether.protocol.models import Request
+from tether.protocol.mqtt import MqttClient
+from tether.protocol.topics import DeviceTopic
+
+LEASE_S = 60.0
+"""The stream's lease, extended every third of it while the browser listens."""
+SILENT_S = 30.0
+"""A device that sends nothing (not even the heartbeat) this long is taken as gone."""
+
+
+class LogFollow:
+    """One ``logs`` follow of ``stack`` (or one ``service``) on ``device_id``; iterate :meth:`messages`."""
+
+    def __init__(
+        self, controller: Any, device_id: str, stack: str, service: str | None, tail: int = 100
+    ) -> None:
+        brokers = getattr(controller.client, "brokers", None)
+        if not brokers:
+            raise TetherError("this controller has no broker connection to reach the device through")
+        username, password = controller.credentials or (None, None)
+        self.client_id = f"tether-controller-ui-{uuid.uuid4().hex[:12]}"
+        self.reply_topic = topics.replies(self.client_id)
+        self.requests = topics.device(device_id, DeviceTopic.REQUESTS)
+        self.device_id = device_id
+        self._replies: queue.Queue[bytes] = queue.Queue()
+        self._mqtt = MqttClient(
+            list(brokers),
+            client_id=self.client_id,
+            clean_session=True,
+            reconnect=False,
+            keepalive=30,
+            username=username,
+            password=password,
+            ca_file=str(controller.ca_file) if controller.ca_file else None,
+            client_cert=controller.access.client_cert,
+            on_message=lambda topic, payload, _retained: self._replies.put(payload),
+        )
+        self._mqtt.subscribe(self.reply_topic)
+        try:
+            self._mqtt.connect(10.0)
+        except BaseException:
+            self._mqtt.stop()
+            raise
+        command = LogsCommand(stack=stack, service=service, tail=tail, follow=True, duration=LEASE_S)
+        self._renew_at = time.monotonic() + LEASE_S / 3
+        self._heard = time.monotonic()
+        self._seen = 0
+        try:
+            self.request_id = self._send(command)
+        except BaseException:
+            self._mqtt.stop()
+            raise
+
+    def _send(self, command: Any) -> str:
+        request_id = uuid.uuid4().hex
+        request = Request(id=request_id, reply_to=self.reply_topic, command=command.model_dump(mode="json"))
+        if not self._mqtt.publish_confirmed(self.requests, codec.encode(request), qos=1, timeout=10.0):
+            raise TetherError("lost the connection to the broker while asking the device")
+        return request_id
+
+    def next(self, wait: float) -> dict[str, Any] | None:
+        """The next message of the stream (``{"text", "service"}``, or ``{"end": reason}`` last);
+        None if nothing came within ``wait`` seconds. Extends the lease as it goes."""
+        if time.monotonic() >= self._renew_at:
+            self._send(StreamCommand(request_id=self.request_id, action="extend", duration=LEASE_S))
+            self._renew_at = time.monotonic() + LEASE_S / 3
+        try:
+            payload = self._replies.get(timeout=wait)
+        except queue.Empty:
+            if time.monotonic() - self._heard > SILENT_S:
+                return {"end": f"device {self.device_id} stopped answering"}
+            return None
+        try:
+            reply = codec.decode(payload, DeviceReply)
+        except PayloadError:
+            return None
+        if reply.id != self.request_id or (reply.seq and reply.seq <= self._seen):
+            return None  # another request's, or a duplicate (QoS 1)
+        self._heard = time.monotonic()
+        self._seen = max(self._seen, reply.seq)
+        result = reply.result if isinstance(reply.result, dict) else {}
+        if not reply.ok:
+            return {"end": reply.error or "the device refused"}
+        if not reply.more:
+            return {"end": str(result.get("end") or "ended")}
+        return {"service": result.get("service") or "", "text": str(result.get("text") or "")}
+
+    def messages(self, wait: float = 1.0) -> Iterator[dict[str, Any] | None]:
+        while True:
+            message = self.next(wait)
+            yield message
+            if message is not None and "end" in message:
+                return
+
+    def close(self) -> None:
+        """Cancel the stream (a courtesy: its lease ends it anyway) and close the session."""
+        try:
+            self._send(StreamCommand(request_id=self.request_id, action="cancel"))
+        except TetherError:
+            pass
+        finally:
+            self._mqtt.stop()
