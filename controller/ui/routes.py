@@ -124,8 +124,18 @@ def _address(request: Request) -> str:
 
 
 def _session(request: Request) -> seams.Session | None:
+    """The request's session, its user checked again: a user removed since has none, a
+    changed role applies at once."""
     cookie = request.cookies.get(COOKIE)
-    return seams.SESSIONS.get(cookie) if cookie else None
+    session = seams.SESSIONS.get(cookie) if cookie else None
+    if session is None or cookie is None:
+        return None
+    now = seams.current(_controller(request), session.principal)
+    if now is None:
+        seams.SESSIONS.drop(cookie)
+        return None
+    session.principal = now
+    return session
 
 
 def _secure(response: Response) -> Response:

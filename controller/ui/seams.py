@@ -1,65 +1,39 @@
-"""What the web UI needs of the HTTP API and of users, in one place (notes: the seams of issues 19/20).
+"""What the web UI needs of the controller, its users and roles, in one place.
 
 The UI runs every command through ``controller.submit(command, principal)`` (the same
-``execute`` an MQTT request runs), logs users in through ``controller/http/auth.py``
-(``authenticate``; ``create_session``/``session_principal`` for the cookie), and streams
-the fleet event bus at ``/api/v1/events``. Where one of those has not landed yet, the
-stand-in here does the least that keeps the UI honest: the ``admin`` operator credential,
-sessions kept in memory.
+``execute``, role checks and audit as an MQTT or HTTP API request), checks passwords with
+the controller's users (controller/users.py: the same check, with a lockout after repeated
+failures), and keeps its cookie sessions here, in memory: a restart of ``tether up`` logs
+everyone out.
 """
 
 from __future__ import annotations
 
 import hmac
-import importlib
 import secrets
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from tether.protocol.credentials import verify_password
+from tether.controller import users
+from tether.controller.users import Lockout
+from tether.protocol.principals import Principal, Role
 
 SESSION_S = 12 * 3600.0
 """How long a UI session lasts without activity."""
 
-Role = Literal["viewer", "operator", "admin"]
-ROLE_RANK: dict[str, int] = {"viewer": 0, "operator": 1, "admin": 2}
+STORE_TIMEOUT_S = 30.0
 
 
-def _optional(module: str, name: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
-@dataclass(frozen=True)
-class _Principal:
-    """Stand-in for protocol/principals.py's Principal until it lands."""
-
-    user: str
-    role: Role
-    via: Literal["mqtt", "http", "internal"]
-    address: str = ""
-
-
-Principal: Any = _optional("tether.protocol.principals", "Principal") or _Principal
-
-
-def principal(user: str, role: str, address: str) -> Any:
-    """A principal of the UI (``via`` http)."""
-    return Principal(user=user, role=role, via="http", address=address)
-
-
-def can(who: Any, role: str) -> bool:
+def can(who: Principal, role: Role) -> bool:
     """``who`` has ``role`` or more."""
-    return ROLE_RANK.get(str(who.role), -1) >= ROLE_RANK[role]
+    return who.may(role)
 
 
 @dataclass
 class Session:
-    principal: Any
+    principal: Principal
     csrf: str
     expires: float
 
@@ -71,7 +45,7 @@ class LocalSessions:
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
 
-    def create(self, who: Any) -> tuple[str, str]:
+    def create(self, who: Principal) -> tuple[str, str]:
         cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self._lock:
             now = time.time()
@@ -96,27 +70,25 @@ class LocalSessions:
 SESSIONS = LocalSessions()
 
 
-def check_password(controller: Any, user: str, password: str, address: str) -> Any | None:
-    """The principal ``user`` logs in as with ``password`` (None: refused).
+LOCKOUT = Lockout()
+"""Failed dashboard logins per user: locked out for a while after several in a row."""
 
-    The users engineer's ``authenticate`` (HTTP Basic built from the form) when it is
-    there; until then the ``admin`` operator credential of the store.
-    """
-    authenticate = _optional("tether.controller.http.auth", "authenticate")
-    if authenticate is not None:
-        import base64
 
-        basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-        try:
-            return authenticate(controller, basic, None, address)
-        except Exception:  # an HTTPException(401): refused, nothing more to say
-            return None
-    credential = controller.store.get_credential(user)
-    if credential is None or credential.revoked or credential.role != "operator":
-        return None
-    if not verify_password(password, credential.password_hash):
-        return None
-    return principal(user, "admin", address)
+def check_password(controller: Any, user: str, password: str, address: str) -> Principal | None:
+    """The principal ``user`` logs in as with ``password`` (None: refused, or locked out):
+    the controller's users (controller/users.py), read on the controller's thread."""
+    found: Principal | None = controller.call(
+        lambda: users.check_password(controller.store, LOCKOUT, user, password, "http", address)
+    ).result(STORE_TIMEOUT_S)
+    return found
+
+
+def current(controller: Any, who: Principal) -> Principal | None:
+    """``who`` as the store has the user now: None once removed or revoked; its role as changed."""
+    found: Principal | None = controller.call(
+        lambda: users.principal_of(controller.store, who.user, "http", who.address)
+    ).result(STORE_TIMEOUT_S)
+    return found
 
 
 def csrf_ok(session: Session, token: str | None) -> bool:

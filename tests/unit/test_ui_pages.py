@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import re
 from collections.abc import Iterator
-from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -16,6 +14,7 @@ from support.fleet import online
 from tether.controller.security import ensure_operator_credentials
 from tether.controller.service import Controller
 from tether.controller.ui import router
+from tether.controller.users import ensure_user
 from tether.protocol import codec, topics
 from tether.protocol.models import Event
 from tether.protocol.topics import DeviceTopic
@@ -23,27 +22,11 @@ from tether.protocol.topics import DeviceTopic
 XSS = "<script>alert(1)</script>"
 
 
-def _synchronous_submit(controller: Controller) -> None:
-    """``controller.submit`` without the controller's thread (the unit controller has none)."""
-    takes_principal = len(inspect.signature(controller.execute).parameters) > 1
-
-    def submit(command: Any, principal: Any) -> Future[Any]:
-        done: Future[Any] = Future()
-        try:
-            execute: Any = controller.execute
-            done.set_result(execute(command, principal) if takes_principal else execute(command))
-        except Exception as exc:
-            done.set_exception(exc)
-        return done
-
-    controller.submit = submit
-
-
 @pytest.fixture
 def client(controller: Controller, tmp_path: Any) -> Iterator[TestClient]:
     """The UI router on a local app over ``controller``; the admin operator's password in ``client.password``."""
     ensure_operator_credentials(controller.store, tmp_path, "mqtt://127.0.0.1:1883", 0.0)
-    _synchronous_submit(controller)
+    ensure_user(controller.store, "admin", "admin", 0.0)
     app = FastAPI()
     app.state.controller = controller
     app.include_router(router)
@@ -58,13 +41,13 @@ def _csrf(html: str) -> str:
     return found.group(1)
 
 
-def _login(client: TestClient, password: str | None = None) -> str:
-    """Log in as admin; the CSRF token of the session's forms."""
+def _login(client: TestClient, user: str = "admin", password: str | None = None) -> str:
+    """Log in as ``user``; the CSRF token of the session's forms."""
     page = client.get("/ui/login")
     answer = client.post(
         "/ui/login",
         data={
-            "user": "admin",
+            "user": user,
             "password": password or client.password,
             "csrf": _csrf(page.text),
             "next": "/ui/",
@@ -204,14 +187,14 @@ def test_dry_run_shows_every_error_and_deploy_goes_to_the_deployment(
 
 
 def test_a_viewer_sees_no_mutating_buttons_and_is_refused(client: TestClient, controller: Controller) -> None:
-    """A viewer's pages have no deploy, approve or deployment buttons, and posting them anyway is
-    refused with 403 without changing anything."""
-    from tether.controller.ui import seams
-    from tether.protocol.principals import Principal
+    """A viewer (a user of the controller) logs in; its pages have no deploy, approve or deployment
+    buttons, and posting them anyway is refused with 403 without changing anything; a user removed
+    meanwhile is logged out."""
+    from tether.protocol.commands import UsersAdd, UsersRemove
 
     online(controller, "d1")
-    cookie, csrf = seams.SESSIONS.create(Principal(user="vera", role="viewer", via="http"))
-    client.cookies.set("tether_session", cookie)
+    password = controller.execute(UsersAdd(name="vera", role="viewer")).password
+    csrf = _login(client, "vera", password)
     for path in ("/ui/stacks", "/ui/pending", "/ui/"):
         page = client.get(path)
         assert page.status_code == 200 and "vera (viewer)" in page.text, path
@@ -234,6 +217,9 @@ def test_a_viewer_sees_no_mutating_buttons_and_is_refused(client: TestClient, co
     assert refused.status_code == 403 and "operator role" in refused.text
     assert controller.store.list_stacks() == []
     assert client.post("/ui/pending", data={"csrf": csrf, "device": "d1"}).status_code == 403
+    controller.execute(UsersRemove(name="vera"))
+    gone = client.get("/ui/", follow_redirects=False)
+    assert gone.status_code == 303 and gone.headers["location"].startswith("/ui/login")
 
 
 def test_events_stream_relays_the_fleet_bus(client: TestClient, controller: Controller) -> None:
