@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import logging
 import secrets
 import threading
@@ -64,6 +65,7 @@ commands = CommandRegistry()
 """The commands handled here (see :mod:`.registry`)."""
 
 TOKEN_PREFIX = "tta"
+_AUDIT_SEQ = itertools.count()
 RESERVED_USER_PREFIXES = (*RESERVED_DEVICE_PREFIXES, "tether-")
 AUDITED_FIELDS = (
     "name",
@@ -328,7 +330,7 @@ def audit_target(command: CommandModel) -> dict[str, Any]:
 def audit(store: Store, principal: Principal, command: CommandModel, outcome: str, now: float) -> None:
     """Append the audit record of one write (its outcome: ``ok`` or an error code)."""
     record = AuditRecord(
-        id=f"{int(now * 1e6):020d}-{uuid.uuid4().hex[:8]}",
+        id=f"{int(now * 1e6):020d}-{next(_AUDIT_SEQ):012d}-{uuid.uuid4().hex[:8]}",
         at=now,
         user=principal.user,
         via=principal.via,

@@ -1,10 +1,21 @@
 """Who is asking over HTTP: :func:`authenticate`, the one check every ``/api`` route runs.
 
-Until users exist (issue 19's users part) one identity is accepted: HTTP Basic with the
-operator credential of ``tether up`` (user ``admin``, the password of ``operator.json``),
-checked against the hash the store keeps, as the broker checks it. The users part replaces
-the body of :func:`authenticate` (users, API tokens, cookie sessions); routes only ever see
-the :class:`Principal` it returns.
+Three ways in, each naming a user of ``tether users`` (controller/users.py):
+
+* ``Authorization: Bearer tta_...``: an API token (``tether users token``), at most its scope's
+  rights; unknown, expired, revoked or of a removed user: 401.
+* ``Authorization: Basic``: a user's name and password, checked against the hash the store
+  keeps (the broker checks the same one) with the slow KDF and a constant-time compare.
+  Failures lock the user out for a while (:class:`~tether.controller.users.Lockout`: 5 in a
+  row, then 30 s doubling up to 15 min), so a password cannot be guessed at speed.
+* the web UI's session cookie: :func:`create_session` after a login, :func:`session_principal`
+  on each request, with a CSRF token per session that every form must carry
+  (:func:`csrf_ok`). Sessions live in the controller's memory (a restart logs everyone out)
+  and end after :data:`SESSION_S` idle seconds or :func:`drop_session`.
+
+Every principal is read from the store when the request arrives, so a user removed or given
+another role (``tether users rm``/``passwd --role``) is refused or demoted at once, sessions
+and tokens included. Routes only ever see the :class:`Principal` returned.
 """
 
 from __future__ import annotations
@@ -12,10 +23,15 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
+import secrets
 import threading
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request
+from tether.controller import users
 from tether.protocol.credentials import verify_password
 
 if TYPE_CHECKING:
@@ -23,9 +39,15 @@ if TYPE_CHECKING:
 
 from tether.protocol.principals import Principal
 
-OPERATOR_USER = "admin"
 STORE_TIMEOUT = 30.0
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="tether", charset="UTF-8"'}
+SESSION_COOKIE = "tether_session"
+SESSION_S = 12 * 3600.0
+"""How long a UI session lasts without activity."""
+MAX_SESSIONS = 10_000
+
+LOCKOUT = users.Lockout()
+"""Failed password checks over HTTP (the web UI's login included), per user."""
 _verified: dict[tuple[str, str], str] = {}  # (user, sha256 of the password) -> the hash it matched
 _verified_lock = threading.Lock()
 _MAX_VERIFIED = 64
@@ -35,10 +57,7 @@ def _unauthenticated(detail: str) -> HTTPException:
     return HTTPException(401, detail, headers=CHALLENGE)
 
 
-def _basic(authorization: str) -> tuple[str, str]:
-    scheme, _, value = authorization.partition(" ")
-    if scheme.lower() != "basic":
-        raise _unauthenticated("only HTTP Basic authentication is accepted")
+def _basic(value: str) -> tuple[str, str]:
     try:
         user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
@@ -49,11 +68,13 @@ def _basic(authorization: str) -> tuple[str, str]:
 
 
 def _check(user: str, password: str, password_hash: str) -> bool:
-    """``verify_password`` (a slow KDF), remembered for the same password and stored hash."""
+    """``verify_password`` (a slow KDF, constant-time compare), remembered for the same
+    password and stored hash (a CI job's every request would otherwise pay it)."""
     key = (user, hashlib.sha256(password.encode()).hexdigest())
     with _verified_lock:
-        if _verified.get(key) == password_hash:
-            return True
+        known = _verified.get(key)
+    if known is not None and hmac.compare_digest(known, password_hash):
+        return True
     if not verify_password(password, password_hash):
         return False
     with _verified_lock:
@@ -63,37 +84,147 @@ def _check(user: str, password: str, password_hash: str) -> bool:
     return True
 
 
+def _on_controller(ctx: Controller, fn: Any) -> Any:
+    """Run a store read on the controller's thread (the store is used from one thread)."""
+    return ctx.call(fn).result(STORE_TIMEOUT)
+
+
+def check_password(ctx: Controller, user: str, password: str, address: str) -> Principal | None:
+    """The principal ``user`` is with ``password`` (None: wrong, unknown, or locked out).
+
+    The KDF runs on the caller's thread, not the controller's."""
+    if LOCKOUT.locked(user) > 0:
+        return None
+    credential = _on_controller(ctx, lambda: ctx.store.get_credential(user))
+    if credential is None or credential.revoked or not _check(user, password, credential.password_hash):
+        LOCKOUT.failed(user)
+        return None
+    LOCKOUT.succeeded(user)
+    return _on_controller(ctx, lambda: users.principal_of(ctx.store, user, "http", address))  # type: ignore[no-any-return]
+
+
 def authenticate(
     ctx: Controller, authorization: str | None, cookie_session: str | None, address: str
 ) -> Principal:
     """The principal the request's credentials name; HTTPException(401) if they name none.
 
-    Blocking (reads the store on the controller's thread, then runs a slow KDF): FastAPI runs
-    it on its thread pool. ``cookie_session``: the UI's session cookie (not accepted yet)."""
+    Blocking (reads the store on the controller's thread, then maybe runs a slow KDF):
+    FastAPI runs it on its thread pool. ``cookie_session``: the UI's session cookie, used
+    when there is no ``Authorization`` header."""
     if not authorization:
-        raise _unauthenticated("credentials required (HTTP Basic)")
-    user, password = _basic(authorization)
-    credential: Any = ctx.call(lambda: ctx.store.get_credential(user)).result(STORE_TIMEOUT)
-    if (
-        user != OPERATOR_USER
-        or credential is None
-        or credential.revoked
-        or credential.role != "operator"
-        or not _check(user, password, credential.password_hash)
-    ):
+        if cookie_session:
+            found = session_principal(ctx, cookie_session, address)
+            if found is not None:
+                return found
+            raise _unauthenticated("the session ended: log in again")
+        raise _unauthenticated("credentials required (Authorization: Bearer API-TOKEN, or HTTP Basic)")
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        token = value.strip()
+        principal = _on_controller(ctx, lambda: users.token_principal(ctx.store, token, ctx.clock(), address))
+        if principal is None:
+            raise _unauthenticated("unknown, expired or revoked API token")
+        return principal  # type: ignore[no-any-return]
+    if scheme.lower() != "basic":
+        raise _unauthenticated("use Authorization: Bearer API-TOKEN (tether users token) or HTTP Basic")
+    user, password = _basic(value)
+    locked = LOCKOUT.locked(user)
+    if locked > 0:
+        raise _unauthenticated(f"too many failed logins: try again in {locked:.0f}s")
+    principal = check_password(ctx, user, password, address)
+    if principal is None:
         raise _unauthenticated("wrong user or password")
-    return Principal(user=user, role="admin", via="http", address=address)
+    return principal
 
 
-SESSION_COOKIE = "tether_session"
+@dataclass
+class _Session:
+    user: str
+    csrf: str
+    expires: float
+
+
+_sessions: dict[str, _Session] = {}  # sha256 of the cookie -> session
+_sessions_lock = threading.Lock()
+
+
+def _key(cookie: str) -> str:
+    return hashlib.sha256(cookie.encode()).hexdigest()
+
+
+def create_session(ctx: Controller, principal: Principal) -> tuple[str, str]:
+    """A new cookie session for ``principal`` (after its password was checked): the cookie's
+    value and the session's CSRF token (forms carry it; :func:`csrf_ok` checks it)."""
+    cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    now = time.time()
+    with _sessions_lock:
+        live = {k: s for k, s in _sessions.items() if s.expires > now}
+        if len(live) >= MAX_SESSIONS:  # the oldest idle ones go
+            for k in sorted(live, key=lambda k: live[k].expires)[: len(live) - MAX_SESSIONS + 1]:
+                del live[k]
+        live[_key(cookie)] = _Session(principal.user, csrf, now + SESSION_S)
+        _sessions.clear()
+        _sessions.update(live)
+    return cookie, csrf
+
+
+def _live_session(cookie: str) -> _Session | None:
+    now = time.time()
+    with _sessions_lock:
+        found = _sessions.get(_key(cookie))
+        if found is None or found.expires <= now:
+            _sessions.pop(_key(cookie), None)
+            return None
+        found.expires = now + SESSION_S
+        return found
+
+
+def session_principal(ctx: Controller, cookie: str, address: str = "") -> Principal | None:
+    """The principal of a session cookie, as the store has its user now (None: no such
+    session, it expired, or its user is gone)."""
+    found = _live_session(cookie)
+    if found is None:
+        return None
+    principal = _on_controller(ctx, lambda: users.principal_of(ctx.store, found.user, "http", address))
+    if principal is None:
+        drop_session(cookie)
+    return principal  # type: ignore[no-any-return]
+
+
+def session_csrf(cookie: str) -> str | None:
+    """The CSRF token of a live session (for the pages' forms)."""
+    found = _live_session(cookie)
+    return found.csrf if found is not None else None
+
+
+def csrf_ok(cookie: str, token: str | None) -> bool:
+    """Whether ``token`` is the CSRF token of the session ``cookie`` (constant-time compare)."""
+    expected = session_csrf(cookie)
+    return (
+        expected is not None and token is not None and hmac.compare_digest(expected.encode(), token.encode())
+    )
+
+
+def drop_session(cookie: str) -> None:
+    """Log out: the session ends now."""
+    with _sessions_lock:
+        _sessions.pop(_key(cookie), None)
+
+
+CSRF_HEADER = "x-tether-csrf"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def request_principal(request: Request) -> Principal:
-    """The FastAPI dependency every /api route takes: :func:`authenticate` on the request."""
+    """The FastAPI dependency every /api route takes: :func:`authenticate` on the request.
+
+    A request that changes something (not GET/HEAD/OPTIONS) authenticated by the session
+    cookie alone must carry the session's CSRF token in ``X-Tether-CSRF``: a cookie is sent
+    by the browser to any page's request, the header only by the UI's own script."""
     client = request.client
-    return authenticate(
-        request.app.state.controller,
-        request.headers.get("authorization"),
-        request.cookies.get(SESSION_COOKIE),
-        client.host if client else "",
-    )
+    authorization = request.headers.get("authorization")
+    cookie = request.cookies.get(SESSION_COOKIE)
+    unsafe = not authorization and cookie and request.method not in SAFE_METHODS
+    if unsafe and not csrf_ok(cookie or "", request.headers.get(CSRF_HEADER)):
+        raise HTTPException(403, "a cookie session's write needs its CSRF token (X-Tether-CSRF)")
+    return authenticate(request.app.state.controller, authorization, cookie, client.host if client else "")

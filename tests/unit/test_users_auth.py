@@ -1,0 +1,111 @@
+"""Users over HTTP: passwords, API tokens, lockout, cookie sessions with CSRF, roles and the audit log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+from tether.controller.http import auth, create_app
+from tether.controller.service import Controller
+from tether.protocol.commands import AuditList, UsersAdd, UsersPasswd, UsersRemove, UsersRevoke, UsersToken
+from tether.protocol.errors import ForbiddenError
+from tether.protocol.principals import Principal
+
+COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_auth_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "LOCKOUT", type(auth.LOCKOUT)())
+    monkeypatch.setattr(auth, "_sessions", {})
+    monkeypatch.setattr(auth, "_verified", {})
+
+
+def _http(controller: Controller) -> TestClient:
+    return TestClient(create_app(controller), base_url="http://127.0.0.1")
+
+
+def test_a_viewer_reads_but_changes_nothing_over_http(controller: Controller, tmp_path: Path) -> None:
+    """A viewer's password lists groups and is refused (403 forbidden) every write; the audit log has the refusal."""
+    password = controller.execute(UsersAdd(name="ann", role="viewer")).password
+    client = _http(controller)
+    client.auth = ("ann", password)
+    assert client.get("/api/v1/groups").status_code == 200
+    refused = client.post("/api/v1/groups", json={"name": "edge", "selector": "x=1"})
+    assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
+    assert client.post("/api/v1/users", json={"name": "eve", "role": "admin"}).status_code == 403
+    assert controller.store.get_group("edge") is None and controller.store.get_user("eve") is None
+    records = controller.execute(AuditList(user="ann")).records
+    assert [(r.command, r.via, r.outcome, r.address) for r in records] == [
+        ("groups.create", "http", "forbidden", "testclient"),
+        ("users.add", "http", "forbidden", "testclient"),
+    ]
+
+
+def test_api_tokens_scoped_expiring_revocable(controller: Controller) -> None:
+    """A Bearer token acts as its user within its scope, stops at expiry and at revocation; it is stored hashed."""
+    controller.execute(UsersAdd(name="ci", role="operator"))
+    made = controller.execute(UsersToken(name="ci", expires_s=60))
+    assert made.token.startswith("tta_") and all(
+        made.token not in t.model_dump_json() for t in controller.store.list_api_tokens()
+    )
+    client = _http(controller)
+    headers = {"Authorization": f"Bearer {made.token}"}
+    created = client.post("/api/v1/groups", json={"name": "edge", "selector": "x=1"}, headers=headers)
+    assert created.status_code == 201
+    assert (
+        client.post("/api/v1/users", json={"name": "eve", "role": "admin"}, headers=headers).status_code
+        == 403
+    )
+    viewer_only = controller.execute(UsersToken(name="ci", scope="viewer")).token
+    scoped = client.delete("/api/v1/groups/edge", headers={"Authorization": f"Bearer {viewer_only}"})
+    assert scoped.status_code == 403
+    wrong = client.get("/api/v1/groups", headers={"Authorization": f"Bearer {made.token}x"})
+    assert wrong.status_code == 401
+    controller.clock.now += 61  # type: ignore[attr-defined]
+    assert client.get("/api/v1/groups", headers=headers).status_code == 401  # expired
+    assert client.get("/api/v1/groups", headers={"Authorization": f"Bearer {viewer_only}"}).status_code == 200
+    controller.execute(UsersRevoke(token_id=viewer_only.split("_")[1]))
+    assert client.get("/api/v1/groups", headers={"Authorization": f"Bearer {viewer_only}"}).status_code == 401
+    audit = controller.execute(AuditList(user="ci")).records
+    assert ("groups.create", "ok") in [(r.command, r.outcome) for r in audit]
+    assert made.token not in str([r.model_dump() for r in audit])
+
+
+def test_failed_passwords_lock_the_user_out(controller: Controller) -> None:
+    """After 5 wrong passwords even the right one is refused for a while; another user is unaffected."""
+    password = controller.execute(UsersAdd(name="bob", role="operator")).password
+    other = controller.execute(UsersAdd(name="ann", role="viewer")).password
+    client = _http(controller)
+    for _ in range(5):
+        assert client.get("/api/v1/groups", auth=("bob", "guess")).status_code == 401
+    locked = client.get("/api/v1/groups", auth=("bob", password))
+    assert locked.status_code == 401 and "too many failed logins" in locked.json()["detail"]
+    assert client.get("/api/v1/groups", auth=("ann", other)).status_code == 200
+
+
+def test_a_removed_or_demoted_user_loses_its_session_and_rights_at_once(controller: Controller) -> None:
+    """A cookie session follows the stored role: demoted, its writes are refused; removed, it ends; writes need CSRF."""
+    password = controller.execute(UsersAdd(name="bob", role="operator")).password
+    who = auth.check_password(controller, "bob", password, "10.0.0.1")
+    assert who == Principal(user="bob", role="operator", via="http", address="10.0.0.1")
+    cookie, csrf = auth.create_session(controller, who)
+    assert (
+        auth.csrf_ok(cookie, csrf) and not auth.csrf_ok(cookie, "forged") and not auth.csrf_ok("nope", csrf)
+    )
+    client = _http(controller)
+    client.cookies.set(auth.SESSION_COOKIE, cookie)
+    body = {"name": "edge", "selector": "x=1"}
+    assert client.post("/api/v1/groups", json=body).status_code == 403  # no CSRF header
+    assert client.post("/api/v1/groups", json=body, headers={"X-Tether-CSRF": csrf}).status_code == 201
+    controller.execute(UsersPasswd(name="bob", role="viewer"))
+    demoted = auth.session_principal(controller, cookie)
+    assert demoted is not None and demoted.role == "viewer"
+    with pytest.raises(ForbiddenError):
+        controller.execute(UsersRemove(name="admin"), demoted)
+    controller.execute(UsersRemove(name="bob"))
+    assert auth.session_principal(controller, cookie) is None
+    with pytest.raises(HTTPException):
+        auth.authenticate(controller, None, cookie, "")
