@@ -347,30 +347,6 @@ ROUTES: tuple[Route, ...] = (
         summary="Remove an enrollment token",
         tag=T,
     ),
-    # users, API tokens and the audit log (controller/users.py)
-    Route("GET", "/users", c.UsersList, summary="Every user and role", tag="users"),
-    Route(
-        "POST", "/users", c.UsersAdd, status=201, summary="Add a user (its password shown once)", tag="users"
-    ),
-    Route("DELETE", "/users/{name}", c.UsersRemove, summary="Remove a user and its API tokens", tag="users"),
-    Route(
-        "POST",
-        "/users/{name}/password",
-        c.UsersPasswd,
-        summary="A user's new password (shown once), and maybe a new role",
-        tag="users",
-    ),
-    Route(
-        "POST",
-        "/users/{name}/tokens",
-        c.UsersToken,
-        status=201,
-        summary="A new API token of a user (shown once)",
-        tag="users",
-    ),
-    Route("GET", "/api-tokens", c.UsersTokens, summary="API tokens (never their secrets)", tag="users"),
-    Route("DELETE", "/api-tokens/{token_id}", c.UsersRevoke, summary="Revoke an API token", tag="users"),
-    Route("GET", "/audit", c.AuditList, summary="Audit records of writes, oldest first", tag="audit"),
 )
 
 
