@@ -92,7 +92,8 @@ from . import reconcile, request_gate
 from .drivers.base import Driver, Observed
 from .jobs import JobScheduler
 from .policy import HostAccess, refusals
-from .reconcile import CRASH_LOOP_RESTARTS, Create, Remove, RestartRecord, ServiceKey, Start
+from .reconcile import Create, Remove, Start
+from .restarts import CRASH_LOOP_RESTARTS, STEADY_RUN_SECONDS, RestartRecord, RestartTracker, ServiceKey
 from .store import StateStore
 
 if TYPE_CHECKING:  # the stager brings the registry client (requests): only agents with images load it
@@ -108,7 +109,6 @@ RESEND_AFTER = 60.0
 after this long (its acknowledgement shows which older ones were lost)..."""
 RESEND_MAX = 900.0
 """...doubling while nothing is acknowledged (a controller down for hours), up to this."""
-STEADY_RUN_SECONDS = 60.0
 MAX_GENERATION_STEP = 2**32
 """How far beyond the applied generation a desired state may be. The controller counts a
 device's generations up by one per change (and past a generation the device reports, by
@@ -120,6 +120,10 @@ names a definition nobody published, and the pending state is rejected."""
 PROGRESS_INTERVAL = 10.0
 """Download progress (bytes, rate, ETA) changes the reported state at most this often;
 a change of state (downloading, retrying, staged, failed) is reported at once."""
+RECONCILE_INTERVAL = 10.0
+"""Seconds between reconciles while nothing changes (the agent's ``reconcile_interval``)."""
+FAST_INTERVAL = 1.0
+"""Seconds between reconciles while something converges, waits for a backoff or just started."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ class AgentCore:
         images: ImageStager | None = None,
         definition_timeout: float = DEFINITION_TIMEOUT,
         host_access: HostAccess | None = None,
+        reconcile_interval: float = RECONCILE_INTERVAL,
     ) -> None:
         """``key``: the device's X25519 key pair (secrets are sealed to it); without one,
         stacks that use secrets cannot be rendered. ``keepalive``: the MQTT keepalive, told
@@ -197,6 +202,7 @@ class AgentCore:
         without one, images are the driver's business. ``host_access``: what stacks may do to
         the device (agent/policy.py); a stack asking for more is refused on this device."""
         self.device_id = device_id
+        self.reconcile_interval = reconcile_interval
         self.keepalive = keepalive
         self.images = images
         self.key = key
@@ -227,7 +233,7 @@ class AgentCore:
         self._pending_since = 0.0  # when the pending state (or this connection) began waiting
         self.rejection: str | None = None
         self.errors: dict[ServiceKey, str] = {}
-        self.restarts: dict[ServiceKey, RestartRecord] = {}
+        self.restarts = RestartTracker()
         self.log_tails: dict[ServiceKey, str] = {}
         self.session = 0
         self.wake = True
@@ -972,13 +978,12 @@ class AgentCore:
                 self.event("driver.error", str(exc), level="error")
         keys = {(stack, s.name) for stack, spec in desired.items() for s in spec.services}
         self.errors = {k: v for k, v in self.errors.items() if k in keys}
-        self.restarts = {k: v for k, v in self.restarts.items() if k in keys}
+        self.restarts.keep_only(keys)
         self.log_tails = {k: v for k, v in self.log_tails.items() if k in keys}
         for inst in observed:
             key = (inst.stack, inst.service)
             rec = self.restarts.get(key)
-            if rec and rec.count and inst.state == "running" and now - rec.last_at > STEADY_RUN_SECONDS:
-                self.restarts[key] = RestartRecord(0, rec.last_at, rec.total)
+            if self.restarts.observed(key, inst.state == "running", now):
                 self.log_tails.pop(key, None)
             self._keep_tail(inst, desired.get(inst.stack), rec)
         self._instance_events(observed, desired)
@@ -996,7 +1001,7 @@ class AgentCore:
             self.log_tails,
         )
         self.converging = any(s.state == "converging" for s in stacks.values()) or bool(plan.actions)
-        if not (self.converging or plan.waiting or any(r.count for r in self.restarts.values())):
+        if not (self.converging or plan.waiting or self.restarts.counting()):
             self._quiet = quiet
         self._candidate = ReportedState(
             device_id=self.device_id,
@@ -1072,8 +1077,7 @@ class AgentCore:
         log.error("%s%s", exc, suffix)
         self.errors[key] = str(exc)
         if create:
-            rec = self.restarts.get(key, RestartRecord())
-            self.restarts[key] = RestartRecord(rec.count + 1, now, rec.total)
+            self.restarts.create_failed(key, now)
         self.event(
             "action.failed",
             f"{exc}{suffix}",
@@ -1095,10 +1099,8 @@ class AgentCore:
                 log.info("create %s/%s", action.stack, action.service.name)
                 self.driver.create(action.stack, desired[action.stack], action.service)
             elif isinstance(action, Start):
-                rec = self.restarts.get(key, RestartRecord())
-                self.restarts[key] = RestartRecord(rec.count + 1, now, rec.total + 1)
-                if rec.count + 1 >= CRASH_LOOP_RESTARTS:
-                    self._crash_loop(action, rec.count + 1)
+                if self.restarts.restarted(key, now):
+                    self._crash_loop(action, self.restarts.record(key).count)
                 log.info("restart %s/%s", action.stack, action.service.name)
                 self.driver.start(action.instance, action.service)
             else:
@@ -1187,6 +1189,23 @@ class AgentCore:
     ) -> None:
         stack, service, spec_hash = about
         self.event(kind, message, level=level, stack=stack, service=service, spec_hash=spec_hash)
+
+    def next_wakeup(self, now: float) -> float:
+        """When (on :attr:`clock`) to reconcile next, given the last reconcile's outcome. Pure:
+        the runner and the simulator both schedule with it.
+
+        Within :data:`FAST_INTERVAL` while something converges, waits for a restart backoff or
+        started in the last minute (:meth:`watching`: a crash is reported at once, the
+        controller's health gate depends on it); while images download, at the next progress
+        report (:data:`PROGRESS_INTERVAL`); otherwise after :attr:`reconcile_interval`."""
+        if self.wake:
+            return now
+        if self.converging or self.waiting or now < self.watch_until:
+            return now + FAST_INTERVAL
+        interval = self.reconcile_interval
+        if self.downloading:
+            interval = min(interval, PROGRESS_INTERVAL)
+        return now + interval
 
     def watching(self) -> bool:
         """Whether an instance started in the last minute: the runner then reconciles every second,

@@ -14,9 +14,9 @@ the Compose parser sorts by ``depends_on``):
   again): one service at a time, so each service is down only for its own stop and start;
 * a second instance of the same service is removed;
 * no instance: create one (after a failed attempt, not before its backoff has passed);
-* an exited instance is started again when its restart policy asks for it
-  (``always``/``unless-stopped``; ``on-failure`` with a non-zero exit code), but not
-  before its backoff (1 s, 2 s, 4 s ... capped at :data:`RESTART_BACKOFF_CAP`) has passed.
+* an exited instance is started again when :func:`.restarts.decide` says so: its restart
+  policy asks for it and its backoff has passed (the restart state and the policy live in
+  :mod:`.restarts`; ``restarts`` here is a read-only view of its tracker).
 
 Every instance of a stack that is not desired is removed. Those removals (in reverse
 service order) and of duplicates come first, then, in service order, each service's
@@ -32,29 +32,7 @@ from typing import Literal
 from tether.protocol.models import ServiceSpec, ServiceState, ServiceStatus, StackSpec, StackStatus
 
 from .drivers.base import Observed
-
-RESTART_BACKOFF_BASE = 1.0
-RESTART_BACKOFF_CAP = 300.0
-CRASH_LOOP_RESTARTS = 5
-"""Consecutive restarts (without 60 s of running in between) after which a service is
-reported ``failed`` (a crash loop). It is still restarted, with the backoff doubling up to
-:data:`RESTART_BACKOFF_CAP` seconds between attempts, so it does not hammer the device."""
-
-ServiceKey = tuple[str, str]  # (stack, service)
-
-
-@dataclass(frozen=True)
-class RestartRecord:
-    """How often the agent restarted a service, and when it last did."""
-
-    count: int = 0
-    last_at: float = 0.0
-    total: int = 0
-
-    def next_allowed(self) -> float:
-        if self.count == 0:
-            return self.last_at
-        return self.last_at + min(RESTART_BACKOFF_CAP, RESTART_BACKOFF_BASE * 2.0 ** (self.count - 1))
+from .restarts import CRASH_LOOP_RESTARTS, RestartRecord, ServiceKey, decide, wants_restart
 
 
 @dataclass(frozen=True)
@@ -92,18 +70,6 @@ class Plan:
 
     def __bool__(self) -> bool:
         return bool(self.actions)
-
-
-def wants_restart(service: ServiceSpec, exit_code: int | None, restarted: int = 0) -> bool:
-    """Whether the restart policy restarts an instance that exited with ``exit_code``, after
-    ``restarted`` consecutive restarts (``deploy.restart_policy.max_attempts`` caps them)."""
-    if service.restart_max_attempts is not None and restarted >= service.restart_max_attempts:
-        return False
-    if service.restart in ("always", "unless-stopped"):
-        return True
-    if service.restart == "on-failure":
-        return exit_code != 0
-    return False
 
 
 def needs_tail(service: ServiceSpec, inst: Observed) -> bool:
@@ -173,10 +139,11 @@ def plan(
                     waiting.add(key)
                 continue
             keep = current[0]
-            if keep.state == "exited" and wants_restart(service, keep.exit_code, record.count):
-                if now >= record.next_allowed():
+            if keep.state == "exited":
+                decision = decide(service, keep.exit_code, record, now)
+                if decision.kind == "restart":
                     starts.append(Start(stack, service, keep))
-                else:
+                elif decision.kind == "wait":
                     waiting.add(key)
 
     order = {stack: i for i, stack in enumerate(desired)}

@@ -2,7 +2,7 @@
 
 The MQTT client thread only puts incoming messages on :attr:`Agent.inbox`; the thread in
 :meth:`Agent.run` owns the core and calls it for messages, connects and reconcile ticks
-(every ``reconcile_interval``, or every second while something is converging).
+(when :meth:`~.core.AgentCore.next_wakeup` says, or at once when the core asks).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tether.protocol.mqtt import MqttClient
 
 from . import remote, request_gate
 from .config import AgentConfig
-from .core import PROGRESS_INTERVAL, AgentCore
+from .core import AgentCore
 from .drivers.base import Driver
 from .enroll import load_or_create_key
 from .jobs import run_host_command, run_job
@@ -38,7 +38,6 @@ _CONNECTED = "\x00connected"
 _JOB = "\x00job"
 _WAKE = "\x00wake"
 LABELS_TIMEOUT = 10.0
-FAST_INTERVAL = 1.0
 HOLD_FILE = "hold"
 """While ``{data_dir}/hold`` exists, the device applies no new desired state."""
 
@@ -94,6 +93,7 @@ class Agent:
             keepalive=config.keepalive,
             images=self.images,
             host_access=config.host_access,
+            reconcile_interval=config.reconcile_interval,
         )
         self.core.launch_job = self._launch_job
         self.metrics = remote.attach(self.core, config)  # remote operations and device metrics
@@ -159,11 +159,8 @@ class Agent:
                 self.core.flush_events()  # forget what the broker acknowledged; send the rest
                 if self.core.wake or time.monotonic() >= next_reconcile:
                     self.core.reconcile_once()
-                    busy = self.core.converging or self.core.waiting or self.core.watching()
-                    interval = self.config.reconcile_interval
-                    if self.core.downloading:  # progress goes out every PROGRESS_INTERVAL
-                        interval = min(interval, PROGRESS_INTERVAL)
-                    next_reconcile = time.monotonic() + (FAST_INTERVAL if busy else interval)
+                    now = self.core.clock()
+                    next_reconcile = time.monotonic() + (self.core.next_wakeup(now) - now)
         finally:
             remote.detach(self.core, self.metrics)
             if self.images is not None:

@@ -9,9 +9,10 @@ does, event-driven instead of with a thread of its own:
 
 * before every CONNECT it takes a will from ``core.make_will()``; after CONNACK it calls
   ``core.on_connected()``; every incoming message goes to ``core.handle()``;
-* it reconciles at once when the core asks (``core.wake``), then again every
-  ``reconcile_interval`` seconds, or after at most one second while something is
-  converging - sooner if the simulated runtime says when its starting instances will all be
+* it reconciles at once when the core asks (``core.wake``), then when
+  ``core.next_wakeup`` says, as the real runner does (every ``reconcile_interval`` seconds,
+  jittered per device, or after at most one second while something is converging or just
+  started) - sooner if the simulated runtime says when its starting instances will all be
   up, which stands for the real driver's ``create`` returning once the container runs (a
   real reconcile reports the services it created all running at once);
 * a lost connection is retried after the agent's own :class:`~tether.protocol.backoff.Backoff`
@@ -46,7 +47,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tether.agent.core import AgentCore
-from tether.agent.runner import FAST_INTERVAL
 from tether.agent.store import MemoryStore
 from tether.protocol import __version__
 from tether.protocol.backoff import Backoff
@@ -138,7 +138,16 @@ class SimDevice:
             labels=labels,
             keepalive=cfg.keepalive,
         )
-        self.core = AgentCore(device_id, labels, self.driver, MemoryStore(), self, facts=facts)
+        self.core = AgentCore(
+            device_id,
+            labels,
+            self.driver,
+            MemoryStore(),
+            self,
+            facts=facts,
+            # Jittered per device, so a fleet's idle reconciles do not fall into step.
+            reconcile_interval=cfg.reconcile_interval * fleet.rng.uniform(0.9, 1.1),
+        )
         for topic_filter in self.core.subscriptions():
             self.session.subscribe(topic_filter)
         self._reported_topic = self.core.topic(DeviceTopic.REPORTED)
@@ -281,13 +290,11 @@ class SimDevice:
         except Exception:
             log.exception("%s: reconcile failed", self.device_id)
         self.fleet.reconciles += 1
-        if core.converging or core.waiting:
-            delay = FAST_INTERVAL
-            ready = self.driver.all_up_at()
-            if ready is not None:
-                delay = min(delay, max(0.0, ready - time.time()) + 0.001)
-        else:
-            delay = self.fleet.config.reconcile_interval * self.fleet.rng.uniform(0.9, 1.1)
+        now = core.clock()
+        delay = core.next_wakeup(now) - now  # as the real runner schedules
+        ready = self.driver.all_up_at()
+        if (core.converging or core.waiting) and ready is not None:
+            delay = min(delay, max(0.0, ready - time.time()) + 0.001)
         self._timer = self.fleet.loop.call_later(delay, self.reconcile)
 
     def stop(self) -> None:

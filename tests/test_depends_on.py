@@ -5,7 +5,8 @@ true``), and a service gives up after its last allowed restart."""
 from __future__ import annotations
 
 from tether.agent.drivers.base import Observed
-from tether.agent.reconcile import Create, Remove, RestartRecord, Start, plan
+from tether.agent.reconcile import Create, Remove, Start, plan
+from tether.agent.restarts import RestartRecord
 from tether.protocol.models import Dependency, HealthcheckSpec, ServiceSpec, StackSpec
 
 CHECK = HealthcheckSpec(test=("CMD", "true"))

@@ -9,19 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tether.agent.drivers.base import Observed
 from tether.agent.drivers.fake import FakeDriver
-from tether.agent.reconcile import (
-    RESTART_BACKOFF_CAP,
-    Action,
-    Create,
-    Plan,
-    Remove,
-    RestartRecord,
-    ServiceKey,
-    Start,
-    plan,
-    status,
-    wants_restart,
-)
+from tether.agent.reconcile import Action, Create, Plan, Remove, Start, plan, status
+from tether.agent.restarts import RESTART_BACKOFF_CAP, RestartRecord, ServiceKey, wants_restart
 from tether.protocol.models import RestartPolicy, ServiceSpec, StackSpec
 
 NOW = 1000.0
