@@ -127,7 +127,7 @@ class SimDevice:
             will=self._make_will,
             on_message=self._on_message,
             on_connect=self._on_connect,
-            on_lost=self._on_lost,
+            on_disconnect=self._on_lost,
         )
         facts = DeviceFacts(
             agent_version=__version__,
@@ -246,7 +246,7 @@ class SimDevice:
         if not self._stopped:
             self.fleet.loop.call_later(fleet.backoff.delay(self.attempt), self._connect_soon)
 
-    def _on_connect(self, session_present: bool) -> None:
+    def _on_connect(self) -> None:
         self.attempt = 0
         self.connects += 1
         self.connected_at = time.monotonic()
@@ -263,7 +263,7 @@ class SimDevice:
             self.attempt = 0
             self.fleet.loop.call_later(self.fleet.backoff.delay(0), self._connect_soon)
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         try:
             self.core.handle(topic, payload)
         except Exception:  # the real runner would log and go on, too

@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tether.protocol.transport import Will
+from tether.protocol.transport import Delivery, MessageHandler, Will
 
 CONNECT = 0x10
 CONNACK = 0x20
@@ -128,9 +128,11 @@ class Counters:
 class MqttSession(asyncio.Protocol):
     """One device's MQTT session. The owner connects it (:meth:`open`) and reconnects it.
 
-    Callbacks run on the event loop and must not block: ``on_message(topic, payload)``,
-    ``on_connect(session_present)``, ``on_lost()`` (after a connection that had a CONNACK, or
-    a failed handshake, is gone).
+    The callbacks, ``will`` and ``session_present`` mean what they do in
+    :class:`~tether.protocol.transport.Transport`, and run on the event loop:
+    ``on_message(topic, payload, retained)``, ``on_connect()``, ``on_disconnect()`` (a
+    connection that had a CONNACK is gone, and not by :meth:`close`). The owner connects
+    (:meth:`open`, a coroutine) and reconnects; the rest is the transport's :class:`Link`.
     """
 
     def __init__(
@@ -141,18 +143,19 @@ class MqttSession(asyncio.Protocol):
         keepalive: int = 60,
         clean_session: bool = False,
         will: Callable[[], Will | None] | None = None,
-        on_message: Callable[[str, bytes], None] | None = None,
-        on_connect: Callable[[bool], None] | None = None,
-        on_lost: Callable[[], None] | None = None,
+        on_message: MessageHandler | None = None,
+        on_connect: Callable[[], None] | None = None,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.client_id = client_id
         self.counters = counters
         self.keepalive = keepalive
         self.clean_session = clean_session
-        self._will = will
+        self.will = will
         self.on_message = on_message
         self.on_connect = on_connect
-        self.on_lost = on_lost
+        self.on_disconnect = on_disconnect
+        self.session_present = False
         self.subscriptions: dict[str, int] = {}
         self.connected = False
         self.transport: asyncio.Transport | None = None
@@ -182,7 +185,7 @@ class MqttSession(asyncio.Protocol):
         except (TimeoutError, OSError):
             self.counters.refused += 1
             return False
-        will = self._will() if self._will else None
+        will = self.will() if self.will else None
         self._connack = loop.create_future()
         self._send(
             connect_packet(
@@ -224,7 +227,7 @@ class MqttSession(asyncio.Protocol):
 
     def publish_tracked(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
-    ) -> Callable[[], bool] | None:
+    ) -> Delivery | None:
         """Publish; a check that is true once the broker acknowledged it (PUBACK; at once for
         QoS 0), or None if not connected."""
         if not self.connected:
@@ -271,8 +274,8 @@ class MqttSession(asyncio.Protocol):
             return  # the opener handles a failed handshake
         if was:
             self.counters.lost += 0 if self._closing else 1
-            if self.on_lost is not None and not self._closing:
-                self.on_lost()
+            if self.on_disconnect is not None and not self._closing:
+                self.on_disconnect()
 
     def data_received(self, data: bytes) -> None:
         self.counters.bytes_in += len(data)
@@ -365,7 +368,7 @@ class MqttSession(asyncio.Protocol):
                     self._qos2_in.add(pid)
             self.counters.messages_in += 1
             if self.on_message is not None:
-                self.on_message(topic, body[pos:])
+                self.on_message(topic, body[pos:], bool(first & 0x01))
         elif kind == PUBACK:
             self._inflight.pop(_PACK_H.unpack_from(body)[0], None)
         elif kind == PUBREL:
@@ -392,6 +395,7 @@ class MqttSession(asyncio.Protocol):
             self.abort()
             return
         self.connected = True
+        self.session_present = bool(present)
         self.counters.connacks += 1
         if self.subscriptions:
             self._send_subscribe(list(self.subscriptions.items()))
@@ -406,7 +410,7 @@ class MqttSession(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(True)
         if self.on_connect is not None:
-            self.on_connect(bool(present))
+            self.on_connect()
 
     def _keepalive(self) -> None:
         """Send PINGREQ when nothing went out for a keepalive; drop a silent broker."""

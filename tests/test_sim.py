@@ -74,7 +74,7 @@ def test_connect_packet_carries_will_and_persistent_session() -> None:
 def test_session_parses_fragmented_input_and_acknowledges_qos1() -> None:
     async def go() -> None:
         got: list[tuple[str, bytes]] = []
-        session = MqttSession("c", counters=Counters(), on_message=lambda t, p: got.append((t, p)))
+        session = MqttSession("c", counters=Counters(), on_message=lambda t, p, _retained: got.append((t, p)))
         transport = FakeTransport()
         session.connection_made(transport)  # type: ignore[arg-type]
         session.data_received(b"\x20\x02\x00\x00")  # CONNACK

@@ -1,15 +1,18 @@
 """The transport contract (protocol/transport.py), held by every implementation alike.
 
 The same tests run against the in-memory broker (tests/support/memory_broker.py), the paho
-client (protocol/mqtt.py) on the embedded broker and on Mosquitto, so the fake cannot
-drift from the real ones. A message that must not arrive is checked with a barrier: a
+client (protocol/mqtt.py) and the simulator's asyncio session (sim/mqtt.py, what every
+simulated device's core talks through) on the embedded broker and on Mosquitto, so the fake
+cannot drift from the real ones and simulated devices keep real devices' semantics. A message that must not arrive is checked with a barrier: a
 later message to the same watcher that arrives first if nothing else was coming.
 """
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,7 +23,8 @@ from support.infra import Mosquitto, wait_until
 from support.memory_broker import MemoryBroker, MemoryTransport, matches
 from tether.broker import EmbeddedBroker
 from tether.protocol.mqtt import BrokerAddress, MqttClient
-from tether.protocol.transport import Transport, Will
+from tether.protocol.transport import Delivery, MessageHandler, Transport, Will
+from tether.sim.mqtt import Counters, MqttSession
 
 
 @dataclass
@@ -106,7 +110,106 @@ def _paho_harness(port: int) -> Harness:
     return Harness(make, drop)
 
 
-@pytest.fixture(params=["memory", "embedded", pytest.param("mosquitto", marks=pytest.mark.mosquitto)])
+class SimTransport:
+    """The simulator's :class:`MqttSession`, driven from the test's thread: every call runs on
+    the session's event loop (a thread of its own), as the fleet runs it."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        port: int,
+        client_id: str,
+        will: Callable[[], Will | None] | None,
+        on_message: MessageHandler,
+    ) -> None:
+        self.loop, self.port = loop, port
+        self.session = MqttSession(
+            client_id, counters=Counters(), keepalive=30, clean_session=True, will=will, on_message=on_message
+        )
+
+    def _call(self, fn: Callable[[], object]) -> object:
+        async def run() -> object:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(15)
+
+    def start(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.session.open("127.0.0.1", self.port, 10), self.loop).result(15)
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self.connected
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._call(lambda: self.session.connected))
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        return bool(self._call(lambda: self.session.publish(topic, payload, qos, retain)))
+
+    def publish_tracked(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> Delivery | None:
+        check = self._call(lambda: self.session.publish_tracked(topic, payload, qos, retain))
+        if check is None:
+            return None
+        return lambda: bool(self._call(check))  # type: ignore[arg-type]
+
+    def publish_confirmed(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, timeout: float = 10.0
+    ) -> bool:
+        return self.publish_many([(topic, payload, qos, retain)], timeout)[0]
+
+    def publish_many(self, messages: list[tuple[str, bytes, int, bool]], timeout: float = 30.0) -> list[bool]:
+        checks = [self.publish_tracked(*m) for m in messages]
+        deadline = time.monotonic() + timeout
+        while any(c is not None and not c() for c in checks) and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling the acknowledgements, as a caller of publish_tracked does
+        return [c is not None and c() for c in checks]
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self._call(lambda: self.session.subscribe(topic_filter, qos))
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self._call(lambda: self.session.unsubscribe(topic_filter))
+
+    def stop(self, publish_first: tuple[str, bytes, int, bool] | None = None) -> None:
+        self._call(lambda: self.session.close(publish_first))
+
+    def drop(self) -> None:
+        self._call(self.session.abort)
+
+
+def _sim_harness(port: int) -> Iterator[Harness]:
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="sim-loop", daemon=True)
+    thread.start()
+
+    def make(client_id: str, will: Callable[[], Will | None] | None, inbox: Inbox) -> Transport:
+        return SimTransport(loop, port, client_id, will, inbox.put)  # type: ignore[return-value]
+
+    def drop(transport: Transport) -> None:
+        assert isinstance(transport, SimTransport)
+        transport.drop()
+
+    h = Harness(make, drop)
+    try:
+        yield h
+    finally:
+        h.close()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+@pytest.fixture(
+    params=[
+        "memory",
+        "embedded",
+        pytest.param("mosquitto", marks=pytest.mark.mosquitto),
+        "sim-embedded",
+        pytest.param("sim-mosquitto", marks=pytest.mark.mosquitto),
+    ]
+)
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     kind = request.param
     if kind == "memory":
@@ -122,22 +225,30 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         h = Harness(make, drop, lambda: None if broker.pump() else None)
         yield h
         h.close()
-    elif kind == "embedded":
+    elif kind in ("embedded", "sim-embedded"):
         embedded = EmbeddedBroker("127.0.0.1", 0)
         port = embedded.start()
-        h = _paho_harness(port)
         try:
-            yield h
+            if kind == "sim-embedded":
+                yield from _sim_harness(port)
+            else:
+                h = _paho_harness(port)
+                try:
+                    yield h
+                finally:
+                    h.close()
         finally:
-            h.close()
             embedded.stop()
     else:
         mosquitto: Mosquitto = request.getfixturevalue("mosquitto")
-        h = _paho_harness(mosquitto.port)
-        try:
-            yield h
-        finally:
-            h.close()
+        if kind == "sim-mosquitto":
+            yield from _sim_harness(mosquitto.port)
+        else:
+            h = _paho_harness(mosquitto.port)
+            try:
+                yield h
+            finally:
+                h.close()
 
 
 def test_retained_messages_reach_later_subscribers_flagged(harness: Harness) -> None:
