@@ -55,7 +55,9 @@
   if (!window.EventSource) { show("off", "live updates unavailable"); return; }
   var source = null;
   var retry = 1000;
-  var lost = false;
+  // True until the stream first opens: what changed between rendering the page and
+  // subscribing is fetched then, as after a lost connection.
+  var lost = true;
 
   function connect() {
     source = new EventSource(STREAM);
