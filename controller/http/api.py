@@ -352,9 +352,11 @@ ROUTES: tuple[Route, ...] = (
 
 def _add(route: Route) -> None:
     handler = _handler(route.model)
+    endpoint = command_route(route)
     router.add_api_route(
         route.path,
-        command_route(route),
+        endpoint,
+        operation_id=endpoint.__name__,
         methods=[route.method],
         response_model=handler.result,
         status_code=route.status,
@@ -388,6 +390,7 @@ FOLLOW_DOC = {
 # Before the generic routes: /deployments/{id}/follow must not be read as an action.
 @router.get(
     "/deployments/{id}/follow",
+    operation_id="deployments_follow",
     tags=["deployments"],
     summary="Follow a deployment (server-sent events): its view each time it changes, until it ends",
     response_class=EventStream,
@@ -431,6 +434,7 @@ EVENTS_DOC = {
 
 @router.get(
     "/events",
+    operation_id="events",
     tags=["events"],
     summary="The fleet's events (server-sent events) from now on",
     response_class=EventStream,
