@@ -33,9 +33,9 @@ from typing import Any
 from common import Row, compose_stack, load_average, log, per_device_ms, report, rnd
 from tether.controller.service import _STOP, Controller
 from tether.controller.store import Store
-from tether.protocol.heap import tune_gc
 from tether.protocol import codec, topics
 from tether.protocol.commands import GroupsCreate, StacksDeploy
+from tether.protocol.heap import tune_gc
 from tether.protocol.models import (
     DesiredState,
     DeviceFacts,

@@ -51,7 +51,7 @@ from tether.protocol.durations import format_duration, parse_duration
 from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
-from . import contexts, enroll, notify, output, registries, remote, variables
+from . import audit, contexts, enroll, notify, output, registries, remote, users, variables
 from .client import ControllerClient
 from .common import common, fail
 
@@ -134,6 +134,12 @@ def main() -> None:
     is_flag=True,
     help="mTLS: every client needs a certificate from the quick-start CA; its CN is its username.",
 )
+@click.option(
+    "--audit-retention",
+    default="90d",
+    show_default=True,
+    help="How long the audit log keeps its records (30d, 12h), or 'forever'.",
+)
 def up(
     data_dir: Path,
     db: str | None,
@@ -155,8 +161,12 @@ def up(
     tls_ca: Path | None,
     tls_san: tuple[str, ...],
     require_client_cert: bool,
+    audit_retention: str,
 ) -> None:
     """Start the controller (and the embedded broker unless --broker is given)."""
+    retention = (
+        None if audit_retention == "forever" else users.days_or_duration(audit_retention, "--audit-retention")
+    )
     import logging
 
     if log_format == "json":
@@ -193,6 +203,7 @@ def up(
                 tls_san=tls_san,
                 require_client_cert=require_client_cert,
                 remember_operator=contexts.remember_local,
+                audit_retention=retention,
             ),
             _status_line(log_format),
         )
@@ -1548,6 +1559,8 @@ variables.register(main)  # tether vars (cli/variables.py)
 registries.register(main)  # tether registries (cli/registries.py)
 contexts.register(main)  # tether login, tether context (cli/contexts.py)
 notify.register(main)  # tether notify (cli/notify.py)
+users.register(main)  # tether users (cli/users.py)
+audit.register(main)  # tether audit (cli/audit.py)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -71,6 +71,8 @@ class UpOptions:
     remember_operator: Callable[[Path], Path | None] | None = None
     """Called with the operator credentials file once written: the CLI's context ``local`` for
     this user (cli/contexts.py); returns the configuration file it wrote, if any."""
+    audit_retention: float | None = 90 * 86400.0
+    """Seconds the audit log keeps its records (None: for ever)."""
 
 
 def _agent_env(password: str | None) -> dict[str, str]:
@@ -326,6 +328,7 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
         ca_file=ca_file if address.tls else None,
         secrets=secrets,
     )
+    controller.audit_retention = options.audit_retention
     if client_cert is not None:
         from .tls import issue_client
 
