@@ -1,7 +1,7 @@
 """The web dashboard in a real browser (Debian's Chromium driven by Playwright) against a real
 controller (`tether up --http`) and a real agent: log in, approve a waiting device and see it come
 online without reloading, deploy from the editor (the dry run lists every error) and watch it
-converge, see a crash loop turn red with its log tail, follow a service's logs (issue 20)."""
+converge, see a crash loop turn red with its log tail, follow a service's logs, and a viewer who cannot deploy (issue 20)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json
+from tether.cli.client import ControllerClient
+from tether.protocol.commands import UsersAdd
 
 pytestmark = pytest.mark.e2e
 
@@ -83,7 +85,7 @@ def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], tmp_path: Pa
     online on the overview without a reload; the editor's dry run lists every error of a bad file,
     a good one deploys and its deployment page turns succeeded by itself; a crash-looping stack
     turns red on the device page with its log tail; a service's logs are followed; logging out
-    ends the session."""
+    ends the session; a viewer gets no deploy link and the editor is refused."""
     controller, base = fleet
     password = json.loads(controller.operator_file.read_text())["password"]
     token = cli_json(controller.url, "tokens", "create")["token"]
@@ -182,6 +184,7 @@ def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], tmp_path: Pa
             for name, path in (("overview", "/ui/"), ("devices", "/ui/devices"), ("stack", "/ui/stacks/web")):
                 page.goto(base + path)
                 shot(page, name)
+            assert page.locator("a[href='/ui/deploy?name=web']").count() == 1  # the admin may deploy
             page.set_viewport_size({"width": 768, "height": 1024})  # a tablet
             page.goto(f"{base}/ui/")
             assert page.locator("nav a[href='/ui/devices']").is_visible()
@@ -192,6 +195,21 @@ def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], tmp_path: Pa
             page.wait_for_url(re.compile(r".*/ui/login"))
             page.goto(f"{base}/ui/")
             assert "/ui/login" in page.url
+
+            # A viewer sees the stacks but no way to deploy, and the server refuses the editor.
+            operator = json.loads(controller.operator_file.read_text())
+            with ControllerClient(
+                controller.url, username=operator["username"], password=operator["password"]
+            ) as client:
+                viewer = client.request(UsersAdd(name="vera", role="viewer"))["password"]
+            page.fill("input[name=user]", "vera")
+            page.fill("input[name=password]", viewer)
+            page.click("button[type=submit]")
+            page.wait_for_selector("text=vera (viewer)")
+            page.goto(f"{base}/ui/stacks/web")
+            assert page.locator("a[href='/ui/deploy'], a[href^='/ui/deploy?']").count() == 0
+            assert page.goto(f"{base}/ui/deploy").status == 403
+            assert "needs the operator role" in page.inner_text("main")
             assert errors == [], errors
     finally:
         if agent is not None:
