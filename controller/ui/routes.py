@@ -13,6 +13,7 @@ import asyncio
 import difflib
 import hmac
 import json
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 from tether.controller.fleet_events import LOST
 from tether.protocol import codec
 from tether.protocol.commands import (
+    AuditList,
     CommandModel,
     DeploymentsAction,
     DeploymentsList,
@@ -36,8 +38,11 @@ from tether.protocol.commands import (
     DevicesPending,
     DevicesReject,
     DevicesShow,
+    GroupsCreate,
     GroupsList,
+    GroupsRemove,
     JobsList,
+    JobsRemove,
     RegistriesList,
     RolloutStrategy,
     StacksDeploy,
@@ -45,10 +50,15 @@ from tether.protocol.commands import (
     StacksPlan,
     StacksShow,
     StacksStatus,
+    TokensCreate,
     TokensList,
+    TokensRemove,
+    UsersAdd,
+    UsersList,
+    UsersRemove,
     VarsList,
 )
-from tether.protocol.errors import NotFoundError, TetherError
+from tether.protocol.errors import CommandError, NotFoundError, TetherError
 
 from . import seams
 from .logs import LogFollow
@@ -687,7 +697,22 @@ _LISTS: dict[str, tuple[type[CommandModel], str, str]] = {
     "variables": (VarsList, "variables", "Variables"),
     "registries": (RegistriesList, "registries", "Registry credentials"),
     "jobs": (JobsList, "jobs", "Jobs"),
+    "users": (UsersList, "users", "Users"),
+    "audit": (AuditList, "records", "Audit log"),
 }
+
+
+def _listing(request: Request, session: seams.Session, what: str, code: int = 200, **values: Any) -> Response:
+    model, attribute, title = _LISTS[what]
+    try:
+        rows = getattr(_run(request, session, model()), attribute)
+    except TetherError as exc:
+        return _error_page(request, session, exc)
+    if what == "audit":
+        rows = list(reversed(rows))
+    values.setdefault("shown_once", None)
+    values.setdefault("errors", [])
+    return _render(request, f"{what}.html", session, code=code, rows=rows, title=title, **values)
 
 
 @router.get("/ui/{what}")
@@ -697,9 +722,86 @@ def listing(request: Request, what: str) -> Response:
     session = _session(request)
     if session is None:
         return _login_first(request)
-    model, attribute, title = _LISTS[what]
+    return _listing(request, session, what)
+
+
+def _words(text: Any) -> tuple[str, ...]:
+    return tuple(w for w in re.split(r"[\s,]+", str(text or "")) if w)
+
+
+def _labels(text: Any) -> dict[str, str]:
+    """``key=value`` pairs separated by spaces or commas (a pair without ``=`` is an error)."""
+    labels = {}
+    for pair in _words(text):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CommandError(f"label {pair!r}: expected KEY=VALUE")
+        labels[key] = value
+    return labels
+
+
+def _manage(what: str, action: str, form: dict[str, Any], target: str) -> CommandModel:
+    """The command a management form asks for (pydantic and CommandError say what is wrong)."""
+    if (what, action) == ("groups", "create"):
+        selector = str(form.get("selector") or "").strip() or None
+        return GroupsCreate(
+            name=str(form.get("name") or ""),
+            devices=_words(form.get("devices")),
+            selector=selector,
+            trust_device_labels=form.get("trust") == "on",
+        )
+    if (what, action) == ("groups", "rm"):
+        return GroupsRemove(name=target)
+    if (what, action) == ("tokens", "create"):
+        return TokensCreate(
+            group=str(form.get("group") or "").strip() or None,
+            labels=_labels(form.get("labels")),
+            auto_approve=form.get("auto_approve") == "on",
+            uses=form.get("uses") or None,
+            expires_s=float(form["expires_h"]) * 3600 if form.get("expires_h") else None,
+        )
+    if (what, action) == ("tokens", "rm"):
+        return TokensRemove(ids=(target,))
+    if (what, action) == ("jobs", "rm"):
+        return JobsRemove(name=target)
+    if (what, action) == ("users", "create"):
+        return UsersAdd(name=str(form.get("name") or ""), role=form.get("role") or "viewer")  # type: ignore[arg-type]
+    if (what, action) == ("users", "rm"):
+        return UsersRemove(name=target)
+    raise CommandError(f"the dashboard cannot {action} {what}")
+
+
+async def _managed(request: Request, what: str, action: str, target: str) -> Response:
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
     try:
-        rows = getattr(_run(request, session, model()), attribute)
+        form = await _form(request, session)
+    except PermissionError as exc:
+        return _refused(request, session, str(exc))
+    if what not in _LISTS:
+        return _secure(Response("not found\n", status_code=404, media_type="text/plain"))
+    try:
+        command = _manage(what, action, form, target)
+        result = _run(request, session, command)
+    except ValidationError as exc:
+        return _listing(request, session, what, code=400, errors=[f"invalid: {codec.describe(exc)}"])
     except TetherError as exc:
-        return _error_page(request, session, exc)
-    return _render(request, f"{what}.html", session, rows=rows, title=title)
+        if _forbidden(exc):
+            return _error_page(request, session, exc)
+        return _listing(request, session, what, code=400, errors=[str(exc)])
+    # What is shown once (a token's secret, a new user's password) is rendered, never redirected to.
+    secret = getattr(result, "token", None) or getattr(result, "password", None)
+    if secret:
+        return _listing(request, session, what, shown_once=str(secret))
+    return _secure(RedirectResponse(f"/ui/{what}", status_code=303))
+
+
+@router.post("/ui/{what}")
+async def manage_create(request: Request, what: str) -> Response:
+    return await _managed(request, what, "create", "")
+
+
+@router.post("/ui/{what}/{target}/rm")
+async def manage_remove(request: Request, what: str, target: str) -> Response:
+    return await _managed(request, what, "rm", target)

@@ -217,6 +217,8 @@ def test_a_viewer_sees_no_mutating_buttons_and_is_refused(client: TestClient, co
     assert refused.status_code == 403 and "operator role" in refused.text
     assert controller.store.list_stacks() == []
     assert client.post("/ui/pending", data={"csrf": csrf, "device": "d1"}).status_code == 403
+    assert client.post("/ui/groups", data={"csrf": csrf, "name": "g2"}).status_code == 403
+    assert controller.store.list_groups() == []
     controller.execute(UsersRemove(name="vera"))
     gone = client.get("/ui/", follow_redirects=False)
     assert gone.status_code == 303 and gone.headers["location"].startswith("/ui/login")
@@ -244,3 +246,34 @@ def test_events_stream_relays_the_fleet_bus(client: TestClient, controller: Cont
         data = next(line for line in lines if line.startswith("data:"))
     event = json.loads(data.removeprefix("data:"))
     assert (event["kind"], event["subject"], event["data"]["note"]) == ("device.online", "devices/d1", XSS)
+
+
+def test_manage_groups_tokens_users_and_read_the_audit(client: TestClient, controller: Controller) -> None:
+    """An admin creates a group, a token (its secret shown once, never listed) and a user (its
+    password shown once), removes them, sees each write in the audit log; a bad form says what is
+    wrong and changes nothing."""
+    csrf = _login(client)
+    made = client.post(
+        "/ui/groups", data={"csrf": csrf, "name": "lab", "devices": "pi-1, pi-2"}, follow_redirects=False
+    )
+    assert made.status_code == 303 and [g.name for g in controller.store.list_groups()] == ["lab"]
+    bad = client.post("/ui/groups", data={"csrf": csrf, "name": "x", "devices": "a", "selector": "site=1"})
+    assert bad.status_code == 400 and 'id="errors"' in bad.text
+    assert [g.name for g in controller.store.list_groups()] == ["lab"]
+    token = client.post("/ui/tokens", data={"csrf": csrf, "group": "lab", "labels": "site=lab", "uses": "2"})
+    secret = re.search(r'id="shown-once">.*?<pre>(tet_[^<]+)</pre>', token.text, re.S)
+    assert token.status_code == 200 and secret, token.text
+    listed = client.get("/ui/tokens").text
+    assert secret.group(1) not in listed and "site=lab" in listed
+    assert client.post("/ui/tokens", data={"csrf": csrf, "labels": "nolabel"}).status_code == 400
+    user = client.post("/ui/users", data={"csrf": csrf, "name": "otto", "role": "operator"})
+    assert user.status_code == 200 and 'id="shown-once"' in user.text and "otto" in user.text
+    removed = client.post("/ui/users/otto/rm", data={"csrf": csrf}, follow_redirects=False)
+    assert removed.status_code == 303 and "otto" not in client.get("/ui/users").text
+    assert client.post("/ui/groups/lab/rm", data={"csrf": csrf}, follow_redirects=False).status_code == 303
+    assert controller.store.list_groups() == []
+    audit = client.get("/ui/audit").text
+    for kind in ("groups.create", "tokens.create", "users.add", "users.rm", "groups.rm"):
+        assert kind in audit, kind
+    assert secret.group(1) not in audit
+    assert client.post("/ui/groups/x/rm", data={}).status_code == 403  # no CSRF token
