@@ -202,9 +202,12 @@ class SimDevice:
         if mark is None:
             mark = self.marks[gen] = [now, None]
         self.failed = bool(core.errors)
-        # Settled: nothing converging, or only failed creates left (retried with backoff) and
-        # nothing still starting - the report then shows every stack running or failed.
-        settled = not core.converging or (self.failed and self.driver.all_up_at() is None)
+        # Settled: the report being published (the core's candidate) shows every stack
+        # running or failed. Not ``core.converging``: it also counts planned actions, and a
+        # report published while one was planned and not followed by another (nothing in it
+        # changes) left the device never settled: deploy_latency waited for it for good.
+        report = core._candidate
+        settled = report is not None and all(s.state != "converging" for s in report.stacks.values())
         if mark[1] is None and settled:
             mark[1] = now
 
