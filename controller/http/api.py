@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
 from fastapi.sse import format_sse_event
 from pydantic import ConfigDict, create_model
 from starlette.responses import StreamingResponse
@@ -25,15 +25,16 @@ from tether.controller.fleet_events import KINDS
 from tether.controller.registry import CommandHandler
 from tether.controller.rollout import ACTIVE_STATES
 from tether.controller.service import COMMANDS
+from tether.protocol import codec
 from tether.protocol import commands as c
-from tether.protocol.commands import CommandModel
-from tether.protocol.errors import CommandError
+from tether.protocol.commands import CommandModel, RolloutStrategy
+from tether.protocol.errors import CommandError, ConflictError
 from tether.protocol.models import WireModel
-from tether.protocol.results import DeploymentResult
+from tether.protocol.results import DeploymentResult, StackDeployed
 
 from .auth import Principal, request_principal
 from .events import TooManyStreams, fleet_stream
-from .problems import RESPONSES, Unavailable
+from .problems import RESPONSES, StillRunning, Unavailable
 
 SUBMIT_TIMEOUT = 60.0
 """Seconds a command may wait for the controller's thread before the answer is 503."""
@@ -70,6 +71,8 @@ class Route:
     lists: dict[str, str] = field(default_factory=dict)
     """A path parameter that fills a list field of one item: {parameter: field}."""
     status: int = 200
+    wait: bool = False
+    """Takes ``wait_s``: answer once the deployment the command started has ended (see :func:`wait_for`)."""
     summary: str = ""
     tag: str = ""
 
@@ -151,6 +154,8 @@ def command_route(route: Route) -> Callable[..., Any]:
                 default=list(default) if isinstance(default, tuple) else default,
             )
         )
+    if route.wait:
+        parameters.append(WAIT_PARAMETER)
     if has_body:
         parameters.append(
             inspect.Parameter(
@@ -162,19 +167,60 @@ def command_route(route: Route) -> Callable[..., Any]:
 
     async def endpoint(request: Request, principal: Principal, **values: Any) -> Any:
         data: dict[str, Any] = dict(route.fixed)
+        wait_s = values.pop("wait_s", None)
         body = values.pop("body", None)
         if body is not None:
             data.update(body.model_dump(exclude_unset=True))
         for name, value in values.items():
             target = route.lists.get(name)
             data[target or name] = (value,) if target else value
-        return await run(request, model.model_validate(data), principal)
+        result = await run(request, model.model_validate(data), principal)
+        if wait_s is not None and getattr(result, "deployment", None) is not None:
+            await wait_for(request, result.deployment, wait_s, principal)
+        return result
 
     endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     endpoint.__name__ = (route.fixed.get("kind") or fields["kind"].default or model.__name__).replace(
         ".", "_"
     )
     return endpoint
+
+
+WAIT_OK = ("succeeded", "staged")
+WAIT_DESCRIPTION = (
+    "Answer once the deployment has ended, waiting at most this many seconds: 200 when it "
+    "succeeded (or staged), 409 when it failed, was reverted, superseded, paused or awaits "
+    "promotion, 504 when it still runs (a CI job's one curl)"
+)
+WAIT_PARAMETER = inspect.Parameter(
+    "wait_s",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=Annotated[
+        float | None,
+        Query(gt=0, le=3600, description=WAIT_DESCRIPTION),
+    ],
+    default=None,
+)
+
+
+async def wait_for(request: Request, deployment: int, wait_s: float, principal: Principal) -> None:
+    """Return once deployment ``deployment`` is no longer running and succeeded (or is staged);
+    raise a ConflictError when it ended otherwise, Unavailable (504) when ``wait_s`` passed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    command = c.DeploymentsStatus(id=deployment)
+    while True:
+        view = (await run(request, command, principal)).deployment
+        if view.state not in ("staging", "running"):
+            if view.state in WAIT_OK:
+                return
+            reason = f": {view.message}" if view.message else ""
+            raise ConflictError(f"deployment {deployment} of stack {view.stack} is {view.state}{reason}")
+        if loop.time() >= deadline or await request.is_disconnected():
+            raise StillRunning(
+                f"deployment {deployment} of stack {view.stack} still {view.state} after {wait_s:g}s"
+            )
+        await asyncio.sleep(FOLLOW_POLL)
 
 
 D, G, S, J, V, R, T = "devices", "groups", "stacks", "jobs", "variables", "registries", "tokens"
@@ -233,6 +279,7 @@ ROUTES: tuple[Route, ...] = (
         "POST",
         "/stacks/{name}/deploy",
         c.StacksDeploy,
+        wait=True,
         summary="Deploy a Compose file as a stack (answers with the deployment started)",
         tag=S,
     ),
@@ -420,6 +467,50 @@ async def deployments_follow(
             current = await run(request, command, principal)
 
     return EventStream(events())
+
+
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml", "text/plain")
+
+
+@router.post(
+    "/stacks/{name}/compose",
+    tags=["stacks"],
+    operation_id="stacks_deploy_yaml",
+    summary="Deploy a Compose file sent as it is (application/yaml): stacks.deploy for curl",
+    description="The request body is the Compose file itself (`curl --data-binary @compose.yml "
+    "-H 'Content-Type: application/yaml'`); the group, the rollout strategy's fields and `wait_s` "
+    "come in the query. Otherwise exactly `POST /stacks/{name}/deploy`.",
+    response_model=StackDeployed,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {t: {"schema": {"type": "string"}} for t in YAML_TYPES},
+        }
+    },
+)
+async def stacks_deploy_yaml(
+    request: Request,
+    principal: Annotated[Principal, Depends(request_principal)],
+    name: Annotated[str, Path()],
+    group: Annotated[str, Query(description="The group to deploy to")],
+    strategy: Annotated[RolloutStrategy, Query()],
+    wait_s: Annotated[float | None, Query(gt=0, le=3600, description=WAIT_DESCRIPTION)] = None,
+) -> Any:
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media not in YAML_TYPES:
+        raise HTTPException(415, f"send the Compose file as application/yaml, not {media or 'nothing'}")
+    body = await request.body()
+    if len(body) > codec.MAX_PAYLOAD:
+        raise HTTPException(413, f"the Compose file exceeds {codec.MAX_PAYLOAD} bytes")
+    try:
+        compose = body.decode()
+    except UnicodeDecodeError:
+        raise CommandError("the Compose file is not UTF-8") from None
+    command = c.StacksDeploy(name=name, group=group, compose=compose, strategy=strategy)
+    result: StackDeployed = await run(request, command, principal)
+    if wait_s is not None and result.deployment is not None:
+        await wait_for(request, result.deployment, wait_s, principal)
+    return result
 
 
 EVENTS_DOC = {

@@ -36,6 +36,7 @@ CODE_OF_STATUS: dict[int, str] = {
     405: "method_not_allowed",
     409: ErrorCode.CONFLICT,
     413: ErrorCode.TOO_LARGE,
+    415: ErrorCode.INVALID,
     422: ErrorCode.INVALID,
     503: "unavailable",
 }
@@ -57,6 +58,10 @@ class Unavailable(TetherError):
     """The controller cannot do this now (a standby asked for a write; shutting down): 503."""
 
 
+class StillRunning(TetherError):
+    """What was waited for has not happened in time: 504."""
+
+
 def problem(status: int, detail: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
     from http import HTTPStatus
 
@@ -72,6 +77,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     """The problem answer for an error a command raised (or a validation error of its model)."""
     if isinstance(exc, Unavailable | StandbyError):
         return problem(503, str(exc), "unavailable")
+    if isinstance(exc, StillRunning):
+        return problem(504, str(exc), "timeout")
     if isinstance(exc, ValidationError):
         return problem(422, f"invalid request: {codec.describe(exc)}", ErrorCode.INVALID)
     if isinstance(exc, CommandError):
@@ -120,8 +127,10 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
         (404, "It names something the controller does not have (code not_found)"),
         (409, "It clashes with the current state (code conflict)"),
         (413, "The answer or the request is too large (code too_large)"),
+        (415, "The body is not of a media type the route takes (code invalid)"),
         (422, "The request does not fit the model (code invalid)"),
         (503, "A standby controller: writes go to the leader (code unavailable)"),
+        (504, "Waited for (wait_s) in vain: it still runs (code timeout)"),
     )
 }
 """The error answers every /api route may give, for the OpenAPI document."""
