@@ -31,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from common import Row, compose_stack, load_average, log, per_device_ms, report, rnd
+from tether.controller.models import User
 from tether.controller.service import _STOP, Controller
 from tether.controller.store import Store
 from tether.protocol import codec, topics
+from tether.protocol.acl import LEGACY_USER
 from tether.protocol.commands import GroupsCreate, StacksDeploy
+from tether.protocol.credentials import Credential, hash_password, new_password
 from tether.protocol.heap import tune_gc
 from tether.protocol.models import (
     DesiredState,
@@ -217,6 +220,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     client = Acknowledging()
     controller.client = client  # type: ignore[assignment]
     controller.leading.set()
+    with store.transaction():  # requests come from `tether up`'s first admin, as the CLI's do
+        store.put_user(User(name=LEGACY_USER, role="admin", created=clock()))
+        store.put_credential(Credential(LEGACY_USER, "operator", LEGACY_USER, hash_password(new_password())))
     controller.execute(GroupsCreate(name="fleet", selector="bench=cpu", trust_device_labels=True))
     thresholds = gc.get_threshold()
     if args.tune_gc:  # as `tether up` does once started (controller/app.py)
