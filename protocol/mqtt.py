@@ -187,6 +187,17 @@ class _Paho(paho.Client):
         return paho.MQTT_ERR_SUCCESS
 
 
+def _acknowledged(info: paho.MQTTMessageInfo, timeout: float) -> bool:
+    """Wait up to ``timeout`` for the broker's acknowledgement of one message. paho's errors are
+    mapped here, once: a ``RuntimeError`` (the connection went away) or a ``ValueError`` (the
+    message was never queued) mean it was not acknowledged."""
+    try:
+        info.wait_for_publish(timeout)
+    except (RuntimeError, ValueError):
+        return False
+    return info.is_published()
+
+
 def _joinable(packet: Any) -> bool:
     """Whether paho does nothing after writing ``packet`` but move on to the next."""
     kind = packet["command"] & 0xF0
@@ -344,8 +355,7 @@ class MqttClient:
         """
         if publish_first is not None and self.connected:
             topic, payload, qos, retain = publish_first
-            with contextlib.suppress(RuntimeError, ValueError):
-                self._paho.publish(topic, payload, qos=qos, retain=retain).wait_for_publish(2.0)
+            _acknowledged(self._paho.publish(topic, payload, qos=qos, retain=retain), 2.0)
         self._stop.set()
         self._paho.disconnect()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -395,13 +405,7 @@ class MqttClient:
         if not self.connected or not _fits(topic, payload, qos):
             return False
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            return False
-        try:
-            info.wait_for_publish(timeout)
-        except (RuntimeError, ValueError):
-            return False
-        return info.is_published()
+        return info.rc == paho.MQTT_ERR_SUCCESS and _acknowledged(info, timeout)
 
     def publish_many(self, messages: list[tuple[str, bytes, int, bool]], timeout: float = 30.0) -> list[bool]:
         """Publish a batch without waiting between messages, then await every acknowledgement.
@@ -416,15 +420,11 @@ class MqttClient:
         deadline = time.monotonic() + timeout
         results = []
         for info in infos:
-            if info is None or info.rc != paho.MQTT_ERR_SUCCESS:
-                results.append(False)
-                continue
-            try:
-                info.wait_for_publish(max(0.0, deadline - time.monotonic()))
-            except (RuntimeError, ValueError):
-                results.append(False)
-                continue
-            results.append(info.is_published())
+            results.append(
+                info is not None
+                and info.rc == paho.MQTT_ERR_SUCCESS
+                and _acknowledged(info, max(0.0, deadline - time.monotonic()))
+            )
         return results
 
     # --- internals ---
