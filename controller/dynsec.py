@@ -50,8 +50,8 @@ from tether.protocol import names
 from tether.protocol.acl import DEVICE_READS, DEVICE_WRITES, LEGACY_USER, USER_ROLES, WATCHABLE
 from tether.protocol.credentials import TOKEN_USER_PREFIX, Credential, CredentialTable, TokenGrant
 from tether.protocol.errors import StoreError
-from tether.protocol.mqtt import MqttClient
 from tether.protocol.topics import ROOT
+from tether.protocol.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class DynsecAdmin:
     A separate connection (same user as the controller), so answers are read on the paho
     thread while the worker waits; each command carries a correlation id of its own."""
 
-    def __init__(self, client: MqttClient) -> None:
+    def __init__(self, client: Transport) -> None:
         self.client = client
         self._prefix = uuid.uuid4().hex[:12]
         self._seq = 0

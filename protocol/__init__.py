@@ -1,7 +1,11 @@
-"""The shared wire protocol of Tether: topics, payload models, codec and errors.
+"""The shared wire protocol of Tether: topics, payload models, codec, errors and the transport seam.
 
 Both the agent and the controller import this package; it imports neither of them.
-Everything here except :mod:`tether.protocol.mqtt` is pure (no I/O).
+Nearly everything here is pure (no I/O). The exceptions: :mod:`tether.protocol.mqtt` (the
+paho client: sockets and a thread, behind :mod:`tether.protocol.transport`),
+:mod:`tether.protocol.secret_files` (reads and writes private files) and
+:mod:`tether.protocol.heap` (tunes the process's garbage collector).
+:mod:`tether.protocol.credentials` draws random salts and tokens.
 """
 
 from importlib.metadata import PackageNotFoundError, version
