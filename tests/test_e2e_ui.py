@@ -84,7 +84,8 @@ def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], tmp_path: Pa
     """Log in; a device enrolling shows up in the waiting room live, is approved there and comes
     online on the overview without a reload; the editor's dry run lists every error of a bad file,
     a good one deploys and its deployment page turns succeeded by itself; a crash-looping stack
-    turns red on the device page with its log tail; a service's logs are followed; logging out
+    turns red on the device page with its log tail; a service's logs are followed and the service restarted;
+    logging out
     ends the session; a viewer gets no deploy link and the editor is refused."""
     controller, base = fleet
     password = json.loads(controller.operator_file.read_text())["password"]
@@ -179,6 +180,10 @@ def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], tmp_path: Pa
             page.wait_for_selector("#follow-output:has-text('serving')")
             page.click("#follow-stop")
             page.wait_for_selector("#follow-output:has-text('stopped')")
+
+            # Restart a service: the device answers with the new instance.
+            page.click("button[aria-label='restart web/web']")
+            page.wait_for_selector("text=restarted web/web")
             page.goto(f"{base}/ui/devices?state=failed")
             assert page.locator("tr[data-device=ui-1]").count() == 1
             for name, path in (("overview", "/ui/"), ("devices", "/ui/devices"), ("stack", "/ui/stacks/web")):

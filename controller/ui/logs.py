@@ -1,9 +1,10 @@
-"""A service's logs followed from the dashboard: the device's ``logs`` stream, as ``tether logs -f`` reads it.
+"""Remote operations from the dashboard: a service's logs followed (``tether logs -f``), a restart.
 
 A device has no inbound port: the dashboard reaches it through the broker, as the CLI does
 (docs/topics.md, "Remote operations"). Each follow opens its own short MQTT session with the
 controller's credentials, sends the device a ``logs`` request with ``follow``, extends the
-lease while the browser listens, and cancels it when the browser goes away.
+lease while the browser listens, and cancels it when the browser goes away; a restart is
+one request and its reply.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import queue
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from tether.protocol import codec, topics
@@ -27,12 +27,10 @@ SILENT_S = 30.0
 """A device that sends nothing (not even the heartbeat) this long is taken as gone."""
 
 
-class LogFollow:
-    """One ``logs`` follow of ``stack`` (or one ``service``) on ``device_id``; iterate :meth:`messages`."""
+class DeviceSession:
+    """A short MQTT session with the controller's credentials to ask ``device_id`` something."""
 
-    def __init__(
-        self, controller: Any, device_id: str, stack: str, service: str | None, tail: int = 100
-    ) -> None:
+    def __init__(self, controller: Any, device_id: str) -> None:
         brokers = getattr(controller.client, "brokers", None)
         if not brokers:
             raise TetherError("this controller has no broker connection to reach the device through")
@@ -60,6 +58,47 @@ class LogFollow:
         except BaseException:
             self._mqtt.stop()
             raise
+
+    def _send(self, command: Any) -> str:
+        request_id = uuid.uuid4().hex
+        request = Request(id=request_id, reply_to=self.reply_topic, command=command.model_dump(mode="json"))
+        if not self._mqtt.publish_confirmed(self.requests, codec.encode(request), qos=1, timeout=10.0):
+            raise TetherError("lost the connection to the broker while asking the device")
+        return request_id
+
+    def _reply(self, wait: float) -> DeviceReply | None:
+        try:
+            payload = self._replies.get(timeout=wait)
+        except queue.Empty:
+            return None
+        try:
+            return codec.decode(payload, DeviceReply)
+        except PayloadError:
+            return None
+
+    def ask(self, command: Any, timeout: float = 30.0) -> dict[str, Any]:
+        """One request, its reply's result (raises TetherError if the device says no or is silent)."""
+        request_id = self._send(command)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            reply = self._reply(left)
+            if reply is not None and reply.id == request_id:
+                if not reply.ok:
+                    raise TetherError(reply.error or f"device {self.device_id} refused")
+                return reply.result if isinstance(reply.result, dict) else {}
+        raise TetherError(f"device {self.device_id} did not answer within {timeout:g}s")
+
+    def close(self) -> None:
+        self._mqtt.stop()
+
+
+class LogFollow(DeviceSession):
+    """One ``logs`` follow of ``stack`` (or one ``service``) on ``device_id``: call :meth:`next`."""
+
+    def __init__(
+        self, controller: Any, device_id: str, stack: str, service: str | None, tail: int = 100
+    ) -> None:
+        super().__init__(controller, device_id)
         command = LogsCommand(stack=stack, service=service, tail=tail, follow=True, duration=LEASE_S)
         self._renew_at = time.monotonic() + LEASE_S / 3
         self._heard = time.monotonic()
@@ -70,28 +109,16 @@ class LogFollow:
             self._mqtt.stop()
             raise
 
-    def _send(self, command: Any) -> str:
-        request_id = uuid.uuid4().hex
-        request = Request(id=request_id, reply_to=self.reply_topic, command=command.model_dump(mode="json"))
-        if not self._mqtt.publish_confirmed(self.requests, codec.encode(request), qos=1, timeout=10.0):
-            raise TetherError("lost the connection to the broker while asking the device")
-        return request_id
-
     def next(self, wait: float) -> dict[str, Any] | None:
         """The next message of the stream (``{"text", "service"}``, or ``{"end": reason}`` last);
         None if nothing came within ``wait`` seconds. Extends the lease as it goes."""
         if time.monotonic() >= self._renew_at:
             self._send(StreamCommand(request_id=self.request_id, action="extend", duration=LEASE_S))
             self._renew_at = time.monotonic() + LEASE_S / 3
-        try:
-            payload = self._replies.get(timeout=wait)
-        except queue.Empty:
+        reply = self._reply(wait)
+        if reply is None:
             if time.monotonic() - self._heard > SILENT_S:
                 return {"end": f"device {self.device_id} stopped answering"}
-            return None
-        try:
-            reply = codec.decode(payload, DeviceReply)
-        except PayloadError:
             return None
         if reply.id != self.request_id or (reply.seq and reply.seq <= self._seen):
             return None  # another request's, or a duplicate (QoS 1)
@@ -103,13 +130,6 @@ class LogFollow:
         if not reply.more:
             return {"end": str(result.get("end") or "ended")}
         return {"service": result.get("service") or "", "text": str(result.get("text") or "")}
-
-    def messages(self, wait: float = 1.0) -> Iterator[dict[str, Any] | None]:
-        while True:
-            message = self.next(wait)
-            yield message
-            if message is not None and "end" in message:
-                return
 
     def close(self) -> None:
         """Cancel the stream (a courtesy: its lease ends it anyway) and close the session."""

@@ -16,6 +16,7 @@ import json
 import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -58,10 +59,11 @@ from tether.protocol.commands import (
     UsersRemove,
     VarsList,
 )
+from tether.protocol.device_api import RestartCommand
 from tether.protocol.errors import CommandError, NotFoundError, TetherError
 
 from . import seams
-from .logs import LogFollow
+from .logs import DeviceSession, LogFollow
 
 COOKIE = "tether_session"
 PAGE_SIZE = 50
@@ -419,7 +421,7 @@ def devices(
 
 
 @router.get("/ui/devices/{device_id}")
-def device(request: Request, device_id: str) -> Response:
+def device(request: Request, device_id: str, done: str = "") -> Response:
     session = _session(request)
     if session is None:
         return _login_first(request)
@@ -439,7 +441,43 @@ def device(request: Request, device_id: str) -> Response:
         stacks=reported.get("stacks") or {},
         downloads=reported.get("downloads") or {},
         events=list(reversed(shown.events[-50:])),
+        done=done,
     )
+
+
+def _restart(controller: Any, device_id: str, stack: str, service: str | None) -> str:
+    session = DeviceSession(controller, device_id)
+    try:
+        result = session.ask(RestartCommand(stack=stack, service=service))
+    finally:
+        session.close()
+    done = []
+    for svc in result.get("services") or []:
+        if svc.get("error") or not svc.get("new"):
+            raise TetherError(f"{stack}/{svc.get('service')}: {svc.get('error') or 'no new instance yet'}")
+        done.append(f"{stack}/{svc.get('service')}")
+    return "restarted " + ", ".join(done) if done else "nothing to restart"
+
+
+@router.post("/ui/devices/{device_id}/restart")
+async def restart(request: Request, device_id: str) -> Response:
+    """Restart a stack's services (or one) on the device: new instances, as ``tether devices restart``."""
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        form = await _form(request, session)
+    except PermissionError as exc:
+        return _refused(request, session, str(exc))
+    if not seams.can(session.principal, "operator"):
+        return _refused(request, session, "restarting a service needs the operator role")
+    stack, service = str(form.get("stack") or ""), str(form.get("service") or "") or None
+    try:
+        done = await asyncio.to_thread(_restart, _controller(request), device_id, stack, service)
+    except (TetherError, ValidationError, OSError) as exc:
+        return _render(request, "error.html", session, code=502, message=f"{device_id}: {exc}")
+    target = f"/ui/devices/{urllib.parse.quote(device_id)}?" + urlencode({"done": done})
+    return _secure(RedirectResponse(target, status_code=303))
 
 
 @router.get("/ui/devices/{device_id}/logs")
