@@ -61,6 +61,31 @@ def test_device_writes_only_as_itself() -> None:
     assert not may_publish(A, f"{R}/devices/dev-a/+")
 
 
+def test_each_user_sends_controller_requests_on_its_own_topic_only() -> None:
+    """The broker, not the payload, says who asks: a user publishes requests on its own topic; a
+    viewer reaches no device; only admin keeps the shared topic of older CLIs."""
+    bob = Identity("operator", "bob", client_id="tether-cli-2")
+    ann = Identity("viewer", "ann", client_id="tether-cli-3")
+    assert may_publish(bob, f"{R}/controller/requests/bob") and may_publish(
+        ann, f"{R}/controller/requests/ann"
+    )
+    for who in (bob, ann):
+        assert not may_publish(who, f"{R}/controller/requests/admin")
+        assert not may_publish(who, f"{R}/controller/requests")
+        assert not may_publish(who, f"{R}/controller/leader/{who.name}")
+    assert may_publish(OP, f"{R}/controller/requests/admin")
+    assert may_publish(bob, f"{R}/devices/dev-a/requests") and not may_publish(
+        ann, f"{R}/devices/dev-a/requests"
+    )
+    assert may_subscribe(ann, f"{R}/clients/tether-cli-3/replies") and may_subscribe(
+        ann, f"{R}/devices/+/events"
+    )
+    assert not may_subscribe(ann, f"{R}/clients/tether-cli-2/replies")
+    assert client_id_allowed(ann) and not client_id_allowed(
+        Identity("viewer", "ann", client_id="tether-dev-a")
+    )
+
+
 def test_operator_rights() -> None:
     """Operators send requests and watch devices; they cannot write device state."""
     assert may_publish(OP, f"{R}/controller/requests")

@@ -14,7 +14,9 @@ from tether.controller.store import (
     Store,
     _desired_published_column,
     _untrust_device_labels,
+    _users_from_operators,
 )
+from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
 from tether.protocol.models import DeviceFacts, ReportedState, ServiceSpec, StackRef, StackSpec, StackStatus
 
@@ -300,6 +302,28 @@ def test_migration_moves_the_published_flag_into_its_column(db_path: str) -> Non
         ]
         new.mark_published([DesiredRecord(device_id="pi-2", generation=7)])
         assert new.get_desired("pi-2").published  # type: ignore[union-attr]
+    finally:
+        new.close()
+
+
+def test_migration_makes_the_operator_the_first_admin_user(db_path: str) -> None:
+    """Upgrading a data dir from before users: its operator credential (admin) becomes an admin
+    user with the same password hash; devices stay devices; nothing is audited yet."""
+    old = Store(db_path)
+    version = MIGRATIONS.index(_users_from_operators) + 1
+    with old.transaction():
+        for table in ("users", "api_tokens", "audit"):
+            old.db.execute(f"DROP TABLE {table}")
+        old.db.execute("DELETE FROM schema_migrations WHERE version = ?", (version,))
+        old.put_credential(Credential("admin", "operator", "admin", "$7$hash-a"), 1.0)
+        old.put_credential(Credential("pi-1", "device", "pi-1", "$7$hash-b"), 1.0)
+    old.close()
+    new = Store(db_path)
+    try:
+        assert new.schema_version() == len(MIGRATIONS)
+        assert [(u.name, u.role) for u in new.list_users()] == [("admin", "admin")]
+        assert new.get_credential("admin") == Credential("admin", "operator", "admin", "$7$hash-a")
+        assert new.list_audit() == [] and new.list_api_tokens() == []
     finally:
         new.close()
 

@@ -76,6 +76,8 @@ def secured(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-
     users = {
         "controller-1": ("controller", "controller"),
         "admin": ("operator", "admin"),
+        "bob": ("operator", "bob"),
+        "ann": ("viewer", "ann"),
         "dev-a": ("device", "dev-a"),
         "dev-b": ("device", "dev-b"),
         "dev-c": ("device", "dev-c"),
@@ -149,6 +151,34 @@ def test_mosquitto_client_ids_are_bound_to_devices(secured) -> None:  # type: ig
     assert secured("tether-dev-b", "dev-a").rc in REFUSED
     assert secured("tether-controller-1", "dev-a").rc in REFUSED
     assert secured("tether-dev-a", "dev-a").rc == 0
+
+
+def test_mosquitto_users_send_requests_on_their_own_topic_only(secured) -> None:  # type: ignore[no-untyped-def]
+    """On Mosquitto too (files and dynamic security) a user publishes controller requests only on
+    its own topic, a viewer to no device, and only admin on the shared topic of older CLIs."""
+    ctl = secured("tether-controller-1", "controller-1")
+    assert ctl.subscribe(f"{R}/controller/#") in (0, 1)
+    assert ctl.subscribe(f"{R}/devices/+/requests") in (0, 1)
+    ann = secured("tether-cli-ann", "ann")
+    for topic in (
+        f"{R}/controller/requests/admin",
+        f"{R}/controller/requests",
+        f"{R}/devices/dev-a/requests",
+    ):
+        ann.publish(topic, b"forged")
+    ann.publish(f"{R}/controller/requests/ann", b"ann")
+    assert ctl.messages.get(timeout=10) == (f"{R}/controller/requests/ann", b"ann")
+    bob = secured("tether-cli-bob", "bob")
+    bob.publish(f"{R}/controller/requests", b"forged")
+    bob.publish(f"{R}/controller/requests/admin", b"forged")
+    bob.publish(f"{R}/devices/dev-a/requests", b"bob-device")
+    bob.publish(f"{R}/controller/requests/bob", b"bob")
+    assert ctl.messages.get(timeout=10) == (f"{R}/devices/dev-a/requests", b"bob-device")
+    assert ctl.messages.get(timeout=10) == (f"{R}/controller/requests/bob", b"bob")
+    admin = secured("tether-cli-admin", "admin")
+    admin.publish(f"{R}/controller/requests", b"admin-legacy")
+    assert ctl.messages.get(timeout=10) == (f"{R}/controller/requests", b"admin-legacy")
+    assert ctl.messages.empty()
 
 
 def test_mosquitto_device_cannot_read_or_write_another(secured) -> None:  # type: ignore[no-untyped-def]
