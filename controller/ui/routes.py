@@ -57,9 +57,13 @@ from tether.protocol.commands import (
     UsersAdd,
     UsersList,
     UsersRemove,
+    VarsKey,
     VarsList,
+    VarsRemove,
+    VarsSet,
 )
 from tether.protocol.device_api import RestartCommand
+from tether.protocol.enrollment import seal_text
 from tether.protocol.errors import CommandError, NotFoundError, TetherError
 
 from . import seams
@@ -778,8 +782,39 @@ def _labels(text: Any) -> dict[str, str]:
     return labels
 
 
-def _manage(what: str, action: str, form: dict[str, Any], target: str) -> CommandModel:
-    """The command a management form asks for (pydantic and CommandError say what is wrong)."""
+def _items(text: Any) -> dict[str, str]:
+    """``KEY=VALUE`` lines (a value may hold spaces and ``=``; blank lines are skipped)."""
+    items = {}
+    for line in str(text or "").replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"line {line[:40]!r}: expected KEY=VALUE")
+        items[key.strip()] = value
+    return items
+
+
+def _scope(form: dict[str, Any]) -> dict[str, str | None]:
+    return {
+        "group": str(form.get("group") or "").strip() or None,
+        "device_id": str(form.get("device_id") or "").strip() or None,
+    }
+
+
+def _manage(
+    what: str, action: str, form: dict[str, Any], target: str, public_key: str | None = None
+) -> CommandModel:
+    """The command a management form asks for (pydantic and CommandError say what is wrong).
+    ``public_key``: the controller's, a secret variable's values are sealed to (as the CLI does)."""
+    if (what, action) == ("variables", "create"):
+        path, items = str(form.get("path") or ""), _items(form.get("items"))
+        if public_key is not None:
+            sealed = seal_text(public_key, json.dumps(items))
+            return VarsSet(path=path, secret=True, sealed=sealed, **_scope(form))
+        return VarsSet(path=path, items=items, **_scope(form))
+    if (what, action) == ("variables", "rm"):
+        return VarsRemove(path=str(form.get("path") or ""), **_scope(form))
     if (what, action) == ("groups", "create"):
         selector = str(form.get("selector") or "").strip() or None
         return GroupsCreate(
@@ -820,7 +855,9 @@ async def _managed(request: Request, what: str, action: str, target: str) -> Res
     if what not in _LISTS:
         return _secure(Response("not found\n", status_code=404, media_type="text/plain"))
     try:
-        command = _manage(what, action, form, target)
+        secret = what == "variables" and action == "create" and form.get("secret") == "on"
+        public_key = _run(request, session, VarsKey()).public_key if secret else None
+        command = _manage(what, action, form, target, public_key)
         result = _run(request, session, command)
     except ValidationError as exc:
         return _listing(request, session, what, code=400, errors=[f"invalid: {codec.describe(exc)}"])
@@ -829,9 +866,9 @@ async def _managed(request: Request, what: str, action: str, target: str) -> Res
             return _error_page(request, session, exc)
         return _listing(request, session, what, code=400, errors=[str(exc)])
     # What is shown once (a token's secret, a new user's password) is rendered, never redirected to.
-    secret = getattr(result, "token", None) or getattr(result, "password", None)
-    if secret:
-        return _listing(request, session, what, shown_once=str(secret))
+    once = getattr(result, "token", None) or getattr(result, "password", None)
+    if once:
+        return _listing(request, session, what, shown_once=str(once))
     return _secure(RedirectResponse(f"/ui/{what}", status_code=303))
 
 

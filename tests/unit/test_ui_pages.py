@@ -277,3 +277,30 @@ def test_manage_groups_tokens_users_and_read_the_audit(client: TestClient, contr
         assert kind in audit, kind
     assert secret.group(1) not in audit
     assert client.post("/ui/groups/x/rm", data={}).status_code == 403  # no CSRF token
+
+
+def test_variables_set_and_secrets_stay_write_only(client: TestClient, controller: Controller) -> None:
+    """A plain variable and a secret are set from the dashboard; the secret is stored sealed, its value
+    never appears on a page; a malformed line is refused; a variable is removed."""
+    csrf = _login(client)
+    plain = client.post(
+        "/ui/variables", data={"csrf": csrf, "path": "app/site", "items": "NAME=north pole\nLEVEL=3"}
+    )
+    assert plain.status_code == 200 and "app/site" in plain.text  # redirected to the list
+    hidden = "s3cr3t-value-never-shown"
+    secret = client.post(
+        "/ui/variables",
+        data={"csrf": csrf, "path": "app/db", "items": f"PASSWORD={hidden}", "secret": "on", "group": ""},
+        follow_redirects=False,
+    )
+    assert secret.status_code == 303, secret.text
+    page = client.get("/ui/variables").text
+    assert "app/site" in page and "app/db" in page and "PASSWORD" in page and hidden not in page
+    from tether.protocol.commands import VarsGet
+
+    stored = controller.execute(VarsGet(path="app/db")).variable
+    assert stored.secret and stored.items is None and stored.keys == ["PASSWORD"]  # sealed: no value to read
+    bad = client.post("/ui/variables", data={"csrf": csrf, "path": "app/x", "items": "no equals sign"})
+    assert bad.status_code == 400 and "expected KEY=VALUE" in bad.text
+    gone = client.post("/ui/variables/-/rm", data={"csrf": csrf, "path": "app/site"}, follow_redirects=False)
+    assert gone.status_code == 303 and "app/site" not in client.get("/ui/variables").text
