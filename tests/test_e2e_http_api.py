@@ -5,6 +5,7 @@ HTTP status codes with a problem body."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import uuid
 from pathlib import Path
@@ -131,8 +132,35 @@ def test_deploy_over_http_with_events_and_errors(tmp_path: Path) -> None:
         assert shown["compose"] == COMPOSE or "sleep" in json.dumps(shown)
         listed = cli(controller.url, "stacks", "ls", "-o", "json")  # the CLI sees what HTTP deployed
         assert listed.returncode == 0 and "web" in listed.stdout
+
+        # CI: an operator's API token and curl alone, the Compose file as it is, answered once it ended.
+        assert api.post("/users", json={"name": "ci", "role": "operator"}).status_code == 201
+        assert api.post("/users", json={"name": "watcher", "role": "viewer"}).status_code == 201
+        tokens = {u: api.post(f"/users/{u}/tokens", json={"scope": r}).json()["token"]
+                  for u, r in (("ci", "operator"), ("watcher", "viewer"))}  # fmt: skip
+        (tmp_path / "ci.yml").write_text(COMPOSE.replace("600", "601"))
+
+        def curl(token: str, *args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                ["curl", "-sS", "-w", "\n%{http_code}", "-H", f"Authorization: Bearer {token}", *args],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+
+        url = f"{base}/stacks/ci/compose?group=lab&min_healthy_time_s=1&wait_s=60"
+        yaml_args = ["-H", "Content-Type: application/yaml", "--data-binary", f"@{tmp_path / 'ci.yml'}", url]
+        refused = curl(tokens["watcher"], *yaml_args)
+        assert refused.stdout.endswith("\n403") and '"code":"forbidden"' in refused.stdout, refused.stdout
+        done = curl(tokens["ci"], *yaml_args)
+        body, _, code = done.stdout.rpartition("\n")
+        assert code == "200", done.stdout + done.stderr
+        assert json.loads(body)["stack"]["name"] == "ci"
+        ci = api.get("/deployments", params={"stack": "ci"}).json()["deployments"]
+        assert [d["state"] for d in ci] == ["succeeded"]  # answered once it had ended
+        audit = api.get("/audit", params={"user": "ci"}).json()
+        assert "stacks.deploy" in json.dumps(audit)
+
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert 'tether_requests_total{command="stacks.deploy",outcome="ok"} 1.0' in metrics
+        assert 'tether_requests_total{command="stacks.deploy",outcome="ok"} 2.0' in metrics
         assert 'tether_requests_total{command="groups.show",outcome="error"} 1.0' in metrics
     finally:
         agent.stop()

@@ -1,7 +1,7 @@
 """The README's commands, run as written and in order, so that the docs cannot drift.
 
 The sections that need neither Docker nor a device: Quick start, Variables and secrets,
-Rolling out updates, Edge jobs. Every ```sh block line runs verbatim with bash in a fresh
+Rolling out updates, Edge jobs, HTTP API. Every ```sh block line runs verbatim with bash in a fresh
 directory laid out as the repository root (``docs/`` and ``.venv`` linked), inside a network
 namespace of its own, so the README's fixed address (127.0.0.1:1883) is free and nothing
 else on this machine is reached. The harness only does what a reader does: starts
@@ -30,7 +30,7 @@ from support.procs import _Proc
 
 pytestmark = pytest.mark.e2e
 
-SECTIONS = ("Quick start", "Variables and secrets", "Rolling out updates", "Edge jobs")
+SECTIONS = ("Quick start", "Variables and secrets", "Rolling out updates", "Edge jobs", "HTTP API")
 
 
 @dataclass
