@@ -10,6 +10,7 @@ when the fleet event stream (``/api/v1/events``) says something changed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import hmac
 import json
@@ -35,15 +36,19 @@ from tether.protocol.commands import (
     DeploymentsList,
     DeploymentsStatus,
     DevicesApprove,
+    DevicesLabel,
     DevicesList,
     DevicesPending,
     DevicesReject,
     DevicesShow,
+    DevicesTop,
     GroupsCreate,
     GroupsList,
     GroupsRemove,
     JobsList,
+    JobsLogs,
     JobsRemove,
+    JobsStatus,
     RegistriesList,
     RolloutStrategy,
     StacksDeploy,
@@ -435,6 +440,10 @@ def device(request: Request, device_id: str, done: str = "") -> Response:
     except (TetherError, ValidationError) as exc:
         return _error_page(request, session, exc)
     reported = shown.reported or {}
+    sample = None
+    with contextlib.suppress(TetherError):  # a standby forwards none (the samples are the leader's)
+        rows = _run(request, session, DevicesTop(device_ids=(device_id,))).devices
+        sample = rows[0].sample if rows else None
     return _render(
         request,
         "device.html",
@@ -446,6 +455,7 @@ def device(request: Request, device_id: str, done: str = "") -> Response:
         downloads=reported.get("downloads") or {},
         events=list(reversed(shown.events[-50:])),
         done=done,
+        sample=sample,
     )
 
 
@@ -481,6 +491,28 @@ async def restart(request: Request, device_id: str) -> Response:
     except (TetherError, ValidationError, OSError) as exc:
         return _render(request, "error.html", session, code=502, message=f"{device_id}: {exc}")
     target = f"/ui/devices/{urllib.parse.quote(device_id)}?" + urlencode({"done": done})
+    return _secure(RedirectResponse(target, status_code=303))
+
+
+@router.post("/ui/devices/{device_id}/labels")
+async def label(request: Request, device_id: str) -> Response:
+    """Set and remove operator labels (trusted: selector groups match them), as ``tether devices label``."""
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        form = await _form(request, session)
+    except PermissionError as exc:
+        return _refused(request, session, str(exc))
+    try:
+        command = DevicesLabel(
+            device_id=device_id, set=_labels(form.get("set")), remove=_words(form.get("remove"))
+        )
+        _run(request, session, command)
+    except (TetherError, ValidationError) as exc:
+        message = f"invalid: {codec.describe(exc)}" if isinstance(exc, ValidationError) else str(exc)
+        return _render(request, "error.html", session, code=403 if _forbidden(exc) else 400, message=message)
+    target = f"/ui/devices/{urllib.parse.quote(device_id)}?" + urlencode({"done": "labels changed"})
     return _secure(RedirectResponse(target, status_code=303))
 
 
@@ -742,6 +774,20 @@ _LISTS: dict[str, tuple[type[CommandModel], str, str]] = {
     "users": (UsersList, "users", "Users"),
     "audit": (AuditList, "records", "Audit log"),
 }
+
+
+@router.get("/ui/jobs/{name}")
+def job(request: Request, name: str) -> Response:
+    """A job: each device's latest run, and the latest runs with their output."""
+    session = _session(request)
+    if session is None:
+        return _login_first(request)
+    try:
+        status = _run(request, session, JobsStatus(name=name))
+        runs = _run(request, session, JobsLogs(name=name, limit=50)).results
+    except (TetherError, ValidationError) as exc:
+        return _error_page(request, session, exc)
+    return _render(request, "job.html", session, status=status, runs=runs)
 
 
 def _listing(request: Request, session: seams.Session, what: str, code: int = 200, **values: Any) -> Response:

@@ -16,6 +16,7 @@ from tether.controller.service import Controller
 from tether.controller.ui import router
 from tether.controller.users import ensure_user
 from tether.protocol import codec, topics
+from tether.protocol.commands import DevicesShow
 from tether.protocol.models import Event
 from tether.protocol.topics import DeviceTopic
 
@@ -304,3 +305,55 @@ def test_variables_set_and_secrets_stay_write_only(client: TestClient, controlle
     assert bad.status_code == 400 and "expected KEY=VALUE" in bad.text
     gone = client.post("/ui/variables/-/rm", data={"csrf": csrf, "path": "app/site"}, follow_redirects=False)
     assert gone.status_code == 303 and "app/site" not in client.get("/ui/variables").text
+
+
+def test_job_page_shows_runs_and_their_output(client: TestClient, controller: Controller) -> None:
+    """A job's page lists each device's latest run (a failure shown as failed, with its exit code)
+    and the runs' output, escaped."""
+    from support.fleet import job_result
+    from tether.protocol.commands import GroupsCreate, JobsRun
+    from tether.protocol.models import JobResult
+
+    online(controller, "j1")
+    online(controller, "j2")
+    controller.execute(GroupsCreate(name="g", devices=("j1", "j2")))
+    controller.execute(JobsRun(name="probe", group="g", command=("sh", "-c", "true")))
+    job_result(
+        controller,
+        "j1",
+        1,
+        JobResult(job="probe", run="r1", started=1.0, duration_s=0.5, exit_code=0, output="all good"),
+    )
+    job_result(
+        controller,
+        "j2",
+        1,
+        JobResult(job="probe", run="r1", started=1.0, duration_s=0.5, exit_code=7, output=XSS),
+    )
+    _login(client)
+    assert 'href="/ui/jobs/probe"' in client.get("/ui/jobs").text
+    page = client.get("/ui/jobs/probe").text
+    assert "all good" in page and "exit 7" in page and XSS not in page and "&lt;script&gt;" in page
+    assert page.count("s-succeeded") >= 1 and page.count("s-failed") >= 1
+
+
+def test_device_labels_and_usage(client: TestClient, controller: Controller) -> None:
+    """An operator sets and removes a device's labels from its page (shown with their provenance);
+    the latest metrics sample shows as meters; a malformed label is refused."""
+    from tether.protocol.device_api import MetricsSample
+
+    online(controller, "m1", labels={"own": "yes"})
+    sample = MetricsSample(
+        at=1.0, full=True, cpu=42.0, mem=2 << 30, mem_total=4 << 30, disk=1 << 30, disk_total=8 << 30
+    )
+    controller.handle(topics.device("m1", DeviceTopic.METRICS), codec.encode(sample))
+    csrf = _login(client)
+    page = client.get("/ui/devices/m1").text
+    assert 'value="42.0"' in page and "2.0 GB of 4.0 GB" in page
+    done = client.post("/ui/devices/m1/labels", data={"csrf": csrf, "set": "site=north rack=4"})
+    assert done.status_code == 200 and "labels changed" in done.text
+    assert "<td>site</td><td>north</td><td>operator</td>" in done.text.replace("\n", "")
+    assert client.post("/ui/devices/m1/labels", data={"csrf": csrf, "remove": "rack"}).status_code == 200
+    labels = controller.execute(DevicesShow(device_id="m1")).device.labels
+    assert labels == {"own": "yes", "site": "north"}
+    assert client.post("/ui/devices/m1/labels", data={"csrf": csrf, "set": "oops"}).status_code == 400
