@@ -49,7 +49,9 @@ from tether.protocol.commands import (
     JobsLogs,
     JobsRemove,
     JobsStatus,
+    RegistriesAdd,
     RegistriesList,
+    RegistriesRemove,
     RolloutStrategy,
     StacksDeploy,
     StacksList,
@@ -859,6 +861,15 @@ def _manage(
             sealed = seal_text(public_key, json.dumps(items))
             return VarsSet(path=path, secret=True, sealed=sealed, **_scope(form))
         return VarsSet(path=path, items=items, **_scope(form))
+    if (what, action) == ("registries", "create"):
+        if public_key is None:
+            raise CommandError("registry credentials need the controller's key")
+        login = {"username": str(form.get("username") or ""), "password": str(form.get("password") or "")}
+        return RegistriesAdd(
+            host=str(form.get("host") or ""), sealed=seal_text(public_key, json.dumps(login)), **_scope(form)
+        )
+    if (what, action) == ("registries", "rm"):
+        return RegistriesRemove(host=str(form.get("host") or ""), **_scope(form))
     if (what, action) == ("variables", "rm"):
         return VarsRemove(path=str(form.get("path") or ""), **_scope(form))
     if (what, action) == ("groups", "create"):
@@ -901,7 +912,9 @@ async def _managed(request: Request, what: str, action: str, target: str) -> Res
     if what not in _LISTS:
         return _secure(Response("not found\n", status_code=404, media_type="text/plain"))
     try:
-        secret = what == "variables" and action == "create" and form.get("secret") == "on"
+        secret = action == "create" and (
+            (what == "variables" and form.get("secret") == "on") or what == "registries"
+        )
         public_key = _run(request, session, VarsKey()).public_key if secret else None
         command = _manage(what, action, form, target, public_key)
         result = _run(request, session, command)

@@ -357,3 +357,25 @@ def test_device_labels_and_usage(client: TestClient, controller: Controller) -> 
     labels = controller.execute(DevicesShow(device_id="m1")).device.labels
     assert labels == {"own": "yes", "site": "north"}
     assert client.post("/ui/devices/m1/labels", data={"csrf": csrf, "set": "oops"}).status_code == 400
+
+
+def test_registry_credentials_are_sealed_and_never_shown(client: TestClient, controller: Controller) -> None:
+    """An admin adds registry credentials from the dashboard: listed by host and scope, the password
+    on no page; then removed."""
+    csrf = _login(client)
+    added = client.post(
+        "/ui/registries",
+        data={
+            "csrf": csrf,
+            "host": "cr.internal.test",
+            "username": "bot",
+            "password": "hunter2-never-shown",
+        },
+    )
+    assert added.status_code == 200 and "<td>cr.internal.test</td>" in added.text
+    assert (
+        "hunter2-never-shown" not in added.text
+        and "hunter2-never-shown" not in client.get("/ui/registries").text
+    )
+    gone = client.post("/ui/registries/-/rm", data={"csrf": csrf, "host": "cr.internal.test"})
+    assert gone.status_code == 200 and "cr.internal.test" not in gone.text
