@@ -90,6 +90,7 @@ from tether.protocol.variables import RenderError, render_stack
 
 from . import reconcile, request_gate
 from .drivers.base import Driver, Observed
+from .host import agent_version, os_name
 from .jobs import JobScheduler
 from .policy import HostAccess, refusals
 from .reconcile import Create, Remove, Start
@@ -143,23 +144,6 @@ def _replaces(action: reconcile.Action, create: Create) -> bool:
         and action.reason == "spec changed"
         and (action.instance.stack, action.instance.service) == (create.stack, create.service.name)
     )
-
-
-def agent_version() -> str:
-    from tether.protocol import __version__
-
-    return __version__
-
-
-def os_name() -> str:
-    try:
-        with open("/etc/os-release") as f:
-            for line in f:
-                if line.startswith("PRETTY_NAME="):
-                    return line.split("=", 1)[1].strip().strip('"')
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.release()}"
 
 
 class RemoteOperations(Protocol):

@@ -111,7 +111,7 @@ def _generate_apart() -> DeviceKey:
 
 
 def device_facts(config: AgentConfig) -> DeviceFacts:
-    from .core import agent_version, os_name
+    from .host import agent_version, os_name
 
     return DeviceFacts(
         agent_version=agent_version(),

@@ -37,13 +37,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
-import ipaddress
 import logging
-import platform
 import queue
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -58,7 +53,6 @@ from tether.protocol.device_api import (
     MAX_LOG_BYTES,
     DeviceReply,
     FactsCommand,
-    HostFacts,
     LiveResult,
     LogChunk,
     LogsCommand,
@@ -78,6 +72,7 @@ from tether.protocol.topics import DeviceTopic
 
 from . import metrics
 from .drivers.base import Observed
+from .host import host_facts
 from .request_gate import publish_reply
 
 if TYPE_CHECKING:
@@ -96,97 +91,6 @@ FLUSH_S = 0.2
 
 class RemoteError(TetherError):
     """A remote operation was refused: the message goes back to the client."""
-
-
-# --- facts ----------------------------------------------------------------------------------
-
-_SIOCGIFADDR = 0x8915
-
-
-def addresses() -> dict[str, tuple[str, ...]]:
-    """Interface name to its IPv4 (one per interface) and global/site IPv6 addresses; no loopback."""
-    found: dict[str, list[str]] = {}
-    try:
-        names = [name for _index, name in socket.if_nameindex()]
-    except OSError:
-        names = []
-    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for name in names:
-            if name == "lo":
-                continue
-            try:
-                packed = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-            except OSError:
-                continue  # no IPv4 address
-            found.setdefault(name, []).append(socket.inet_ntoa(packed[20:24]))
-    try:
-        with open("/proc/net/if_inet6") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 6 or parts[5] == "lo" or int(parts[3], 16) & 0x30:
-                    continue  # loopback, link-local (0x20) or host (0x10) scope
-                raw = parts[0]
-                address = ipaddress.IPv6Address(":".join(raw[i : i + 4] for i in range(0, 32, 4)))
-                found.setdefault(parts[5], []).append(address.compressed)
-    except (OSError, ValueError):
-        pass
-    return {name: tuple(addrs) for name, addrs in sorted(found.items())}
-
-
-def cpu_model() -> str | None:
-    keys = ("model name", "Model", "Hardware", "cpu model", "Processor")
-    try:
-        with open("/proc/cpuinfo") as f:
-            info: dict[str, str] = {}
-            for line in f:
-                key, sep, value = line.partition(":")
-                if sep and key.strip() in keys and value.strip():
-                    info.setdefault(key.strip(), value.strip())
-    except OSError:
-        return None
-    return next((info[k] for k in keys if k in info), None) or platform.processor() or None
-
-
-def uptime() -> float | None:
-    try:
-        with open("/proc/uptime") as f:
-            return float(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def docker_version(driver: Any) -> str | None:
-    version = getattr(driver, "version", None)
-    if driver.name != "docker" or not callable(version):
-        return None
-    return str(version())
-
-
-def host_facts(core: AgentCore, data_dir: Path) -> HostFacts:
-    """What ``facts`` answers, read now."""
-    from .core import agent_version, os_name
-
-    mem_total, mem_available = metrics.memory()
-    disk_total, _used, disk_free = metrics.disk(data_dir)
-    return HostFacts(
-        hostname=socket.gethostname(),
-        os=os_name(),
-        kernel=platform.release(),
-        arch=platform.machine(),
-        cpu_count=metrics.cpu_count(),
-        cpu_model=cpu_model(),
-        memory_total=mem_total,
-        memory_available=mem_available,
-        disk_path=str(data_dir),
-        disk_total=disk_total,
-        disk_free=disk_free,
-        docker_version=docker_version(core.driver),
-        addresses=addresses(),
-        uptime_s=uptime(),
-        agent_version=agent_version(),
-        driver=core.driver.name,
-        at=core.clock(),
-    )
 
 
 # --- operations -----------------------------------------------------------------------------
@@ -310,7 +214,7 @@ class RemoteOps:
     def extend_facts(self, facts: DeviceFacts) -> DeviceFacts:
         """``facts`` with the host's static facts, read now (for the ``online`` presence)."""
         try:
-            host = host_facts(self.core, self.data_dir)
+            host = host_facts(self.core.driver, self.data_dir, self.core.clock())
         except Exception:  # noqa: BLE001 - presence must go out whatever the host says
             log.exception("could not read host facts")
             return facts
@@ -593,7 +497,11 @@ class RemoteOps:
         self.reply(request, DeviceReply(id=request.id, ok=True, result=result.model_dump()))
 
     def _facts(self, request: Request, cmd: FactsCommand) -> None:
-        self._worker(request, "facts", lambda: host_facts(self.core, self.data_dir).model_dump(mode="json"))
+        self._worker(
+            request,
+            "facts",
+            lambda: host_facts(self.core.driver, self.data_dir, self.core.clock()).model_dump(mode="json"),
+        )
 
     def _live(self, request: Request, cmd: MetricsLiveCommand) -> None:
         if self.live is None:
