@@ -379,3 +379,24 @@ def test_registry_credentials_are_sealed_and_never_shown(client: TestClient, con
     )
     gone = client.post("/ui/registries/-/rm", data={"csrf": csrf, "host": "cr.internal.test"})
     assert gone.status_code == 200 and "cr.internal.test" not in gone.text
+
+
+def test_static_files_are_served_and_shipped(client: TestClient) -> None:
+    """The stylesheet and script are served with their types and the secure headers, nothing else
+    is (no path out of static/), and pyproject's package-data ships every template and asset."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    script = client.get("/ui/static/tether.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    assert "EventSource" in script.text and script.headers["x-content-type-options"] == "nosniff"
+    assert client.get("/ui/static/tether.css").headers["content-type"].startswith("text/css")
+    for bad in ("../routes.py", "..%2Froutes.py", "routes.py", ".hidden.js", "nope.js"):
+        assert client.get(f"/ui/static/{bad}").status_code == 404, bad
+    root = Path(__file__).resolve().parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = globs["tether.controller.ui"]
+    ui = root / "controller" / "ui"
+    files = [p.relative_to(ui).as_posix() for d in ("templates", "static") for p in (ui / d).iterdir()]
+    assert files and all(any(fnmatch.fnmatch(f, g) for g in shipped) for f in files), files
