@@ -944,12 +944,10 @@ class AgentCore:
             successor = actions[i + 1] if i + 1 < len(actions) else None
             if i in skip:
                 continue
-            if (
-                isinstance(successor, Create)
-                and _replaces(action, successor)
-                and not self._prepare(successor, runnable, now)
-            ):
-                skip.add(i + 1)  # its successor cannot be made: the old instance keeps running
+            if isinstance(successor, Create) and isinstance(action, Remove) and _replaces(action, successor):
+                skip.add(i + 1)
+                if self._prepare(successor, runnable, now):  # else the old instance keeps running
+                    self._replace(action, successor, runnable, now)
                 continue
             self._apply(action, runnable, now)
         if self._signals:
@@ -1052,6 +1050,25 @@ class AgentCore:
             self._failed(key, exc, now, create=True, suffix=" (the running version is kept)")
             return False
         return True
+
+    def _replace(self, old: Remove, new: Create, desired: dict[str, StackSpec], now: float) -> None:
+        """A stale instance and its successor: the driver's ``replace`` where it has one (the
+        docker driver starts the successor it made in ``prepare`` as soon as the old one has
+        stopped), else remove, then create."""
+        replace = getattr(self.driver, "replace", None)
+        if replace is None:
+            self._apply(old, desired, now)
+            self._apply(new, desired, now)
+            return
+        key = (new.stack, new.service.name)
+        self.watch_until = now + STEADY_RUN_SECONDS
+        log.info("replace %s/%s (%s)", key[0], key[1], old.reason)
+        try:
+            replace(old.instance, old.grace, new.stack, desired[new.stack], new.service)
+        except Exception as exc:  # noqa: BLE001 - recorded like every driver failure
+            self._failed(key, exc, now, create=True)
+        else:
+            self.errors.pop(key, None)
 
     def _failed(self, key: ServiceKey, exc: Exception, now: float, create: bool, suffix: str = "") -> None:
         """Record a failed action: the service's error, its backoff (a create), an event."""

@@ -64,6 +64,8 @@ services:
 """
 COMMAND = ["sh", "-c", "mkdir -p /www && echo {version} > /www/index.html && exec httpd -f -p 8080 -h /www"]
 BASELINE_LABEL = "io.tether.bench=update-baseline"
+POLL_TIMEOUT = 0.25
+"""Seconds: a loopback GET of a static page answers in milliseconds."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,12 @@ class Scenario:
 
 
 class Poller:
-    """GET the published port every 50 ms: (time, body or None)."""
+    """GET the published port every 50 ms: (time, body or None).
+
+    Each GET gives up after :data:`POLL_TIMEOUT`: a connection made while the engine starts
+    the new container is accepted by Docker's port proxy before the container's network is
+    up and waits for TCP's one-second SYN retry; with a 1 s timeout that one request hid
+    the new version answering for up to a second."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -88,7 +95,7 @@ class Poller:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=1) as resp:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/", timeout=POLL_TIMEOUT) as resp:
                     body: str | None = resp.read().decode().strip()
             except OSError:
                 body = None

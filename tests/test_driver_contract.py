@@ -344,3 +344,45 @@ def test_docker_prepare_makes_what_create_needs_while_the_old_instance_runs(dock
     missing = svc.model_copy(update={"image": "tether-test/nope:1"})
     with pytest.raises(DriverError, match="tether-test/nope:1"):
         driver.prepare(STACK, stack_of(missing), missing)
+
+
+def test_docker_replace_starts_the_successor_made_ahead_and_cleans_up(docker_harness: Harness) -> None:
+    """replace: the successor prepare created (invisible to observe until started) runs under the
+    instance's name and the old container is gone; a successor that cannot start puts the old
+    one back; one made ahead and never used is removed by prune."""
+    from tether.agent.drivers.docker import NEXT_MARK, DockerDriver
+
+    driver = docker_harness.driver()
+    assert isinstance(driver, DockerDriver)
+    client, name = docker_harness.client, f"tether-{docker_harness.device_id}-{STACK}-app"
+    v1 = docker_harness.long_running()
+    driver.create(STACK, stack_of(v1), v1)
+    old = wait_for(driver, "running", "app")
+
+    def containers() -> dict[str, str]:
+        found = client.containers.list(
+            all=True, filters={"label": f"{LABEL_DEVICE}={docker_harness.device_id}"}
+        )
+        return {c.name: c.status for c in found}
+
+    v2 = v1.model_copy(update={"command": ("sleep", "301")})
+    driver.prepare(STACK, stack_of(v2), v2)
+    made = [n for n in containers() if NEXT_MARK in n]
+    assert len(made) == 1 and containers()[made[0]] == "created"
+    assert [i.spec_hash for i in driver.observe()] == [v1.spec_hash()], "made ahead: not an instance"
+    driver.replace(old, 1.0, STACK, stack_of(v2), v2)
+    new = wait_for(driver, "running", "app")
+    assert new.spec_hash == v2.spec_hash() and new.id != old.id
+    assert containers() == {name: "running"}
+
+    broken = v2.model_copy(update={"command": ("/no/such/binary",)})
+    driver.prepare(STACK, stack_of(broken), broken)
+    with pytest.raises(DriverError, match="start"):
+        driver.replace(new, 1.0, STACK, stack_of(broken), broken)
+    back = wait_for(driver, "running", "app")
+    assert back.id == new.id and containers() == {name: "running"}, "the old version runs again"
+
+    driver.prepare(STACK, stack_of(v1), v1)
+    assert len(containers()) == 2
+    driver.prune({STACK})
+    assert containers() == {name: "running"}, "the unused successor is gone"

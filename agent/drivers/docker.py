@@ -17,6 +17,8 @@ from __future__ import annotations
 import codecs
 import contextlib
 import logging
+import math
+import secrets
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -43,6 +45,20 @@ log = logging.getLogger(__name__)
 
 PREPARED_FOR = 60.0
 """Seconds a :meth:`DockerDriver.prepare` stays good for the create that follows it."""
+NEXT_MARK = ".next-"
+"""In the name of a successor created ahead (``{instance}.next-{random}``) by
+:meth:`DockerDriver.prepare`, until it is started and renamed: while it is only created it
+is not an instance (:meth:`DockerDriver.observe` leaves it out) and :meth:`DockerDriver.prune`
+removes it if it was never used (an agent killed between the two)."""
+
+
+class _Prepared:
+    """A successor made ahead: its plan, networks and created (not started) container."""
+
+    def __init__(self, stack: str, spec_hash: str, plan: Any, joins: list[tuple[NetworkPlan, str]]) -> None:
+        self.stack, self.spec_hash, self.plan, self.joins = stack, spec_hash, plan, joins
+        self.at = time.monotonic()
+        self.container_id: str | None = None
 
 
 def _float(text: str | None) -> float | None:
@@ -64,7 +80,7 @@ class DockerDriver:
 
     def __init__(self, device_id: str, client: Any = None) -> None:
         self.device_id = device_id
-        self._prepared: tuple[str, str, float, Any, list[tuple[NetworkPlan, str]]] | None = None
+        self._prepared: _Prepared | None = None
         try:
             self.client = client or docker.from_env(timeout=60)
             self.client.ping()
@@ -93,6 +109,8 @@ class DockerDriver:
             labels = c.labels or {}
             state = c.attrs.get("State", {})
             status = state.get("Status", "exited")
+            if status == "created" and NEXT_MARK in (c.name or ""):
+                continue  # a successor made ahead, not started yet: not an instance
             mapped: InstanceState
             if status == "running":
                 mapped = "running"
@@ -264,24 +282,45 @@ class DockerDriver:
 
     def prepare(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
         """While the instance ``service`` replaces still runs: check its image, make its
-        volumes and networks. If that fails the agent leaves the old instance running; if
-        not, the :meth:`create` right after its removal reuses the result."""
-        self._prepared = None
+        volumes and networks, and create its container (not started, under a name of its own
+        with :data:`NEXT_MARK`). If that fails the agent leaves the old instance running; if
+        not, the :meth:`replace` (or :meth:`create`) right after only has to start it: the
+        service is down for the old container's stop and the new one's start, nothing else."""
+        self._discard_prepared()
         plan, joins = self._resources(stack, stack_spec, service)
-        self._prepared = (stack, service.spec_hash(), time.monotonic(), plan, joins)
+        prepared = _Prepared(stack, service.spec_hash(), plan, joins)
+        name = f"{plan.create['name']}{NEXT_MARK}{secrets.token_hex(4)}"
+        prepared.container_id = self._create_container(stack, service, plan, joins, name)
+        self._prepared = prepared
 
-    def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+    def _take_prepared(self, stack: str, service: ServiceSpec) -> _Prepared | None:
+        """The successor :meth:`prepare` made for ``service`` if it is still good, else None
+        (and a stale one is removed)."""
         prepared, self._prepared = self._prepared, None
         if (
             prepared is not None
-            and prepared[:2] == (stack, service.spec_hash())
-            and time.monotonic() - prepared[2] < PREPARED_FOR
+            and (prepared.stack, prepared.spec_hash) == (stack, service.spec_hash())
+            and time.monotonic() - prepared.at < PREPARED_FOR
         ):
-            plan, joins = prepared[3], prepared[4]
-        else:
-            plan, joins = self._resources(stack, stack_spec, service)
+            return prepared
+        self._prepared = prepared
+        self._discard_prepared()
+        return None
+
+    def _discard_prepared(self) -> None:
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared.container_id is not None:
+            with contextlib.suppress(docker.errors.DockerException):
+                self.client.api.remove_container(prepared.container_id, force=True)
+
+    def _create_container(
+        self, stack: str, service: ServiceSpec, plan: Any, joins: list[tuple[NetworkPlan, str]], name: str
+    ) -> str:
+        """Create (not start) the container of ``plan`` under ``name``, joined to its networks."""
         api = self.client.api
         kwargs = dict(plan.create)
+        host = dict(plan.host)
+        kwargs["name"] = name
         try:
             if joins:
                 first, _ = joins[0]
@@ -289,23 +328,87 @@ class DockerDriver:
                     {first.name: api.create_endpoint_config(**self._endpoint(first))}
                 )
             kwargs["host_config"] = api.create_host_config(
-                network_mode=plan.host.pop("network_mode", joins[0][0].name if joins else None), **plan.host
+                network_mode=host.pop("network_mode", joins[0][0].name if joins else None), **host
             )
             image = kwargs.pop("image")
-            container_id = api.create_container(image, **kwargs)["Id"]
+            container_id = str(api.create_container(image, **kwargs)["Id"])
         except docker.errors.DockerException as exc:
             raise _error(f"create {stack}/{service.name}", exc) from exc
         try:
             for net, net_id in joins[1:]:  # the engine joins one network at create (API < 1.44)
                 api.connect_container_to_network(container_id, net_id, **self._endpoint(net))
-            api.start(container_id)
         except docker.errors.DockerException as exc:
-            # Leave nothing half-made: a container that cannot start is removed again.
-            try:
-                api.remove_container(container_id, force=True)
-            except docker.errors.DockerException:
-                log.warning("could not remove failed container %s", container_id)
+            self._remove_quietly(container_id)
+            raise _error(f"create {stack}/{service.name}", exc) from exc
+        return container_id
+
+    def _remove_quietly(self, container_id: str) -> None:
+        try:
+            self.client.api.remove_container(container_id, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.DockerException:
+            log.warning("could not remove container %s", container_id)
+
+    def _start(self, stack: str, service: ServiceSpec, container_id: str) -> None:
+        """Start a created container; one that cannot start is removed again (nothing is
+        left half-made)."""
+        try:
+            self.client.api.start(container_id)
+        except docker.errors.DockerException as exc:
+            self._remove_quietly(container_id)
             raise _error(f"start {stack}/{service.name}", exc) from exc
+
+    def _rename(self, container_id: str, name: str) -> None:
+        try:
+            self.client.api.rename(container_id, name)
+        except docker.errors.DockerException as exc:  # it runs under its made-ahead name: still tracked
+            log.warning("could not rename container %s to %s: %s", container_id[:12], name, exc)
+
+    def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
+        prepared = self._take_prepared(stack, service)
+        if prepared is not None and prepared.container_id is not None:
+            self._start(stack, service, prepared.container_id)
+            self._rename(prepared.container_id, prepared.plan.create["name"])
+            return
+        plan, joins = self._resources(stack, stack_spec, service)
+        self._start(stack, service, self._create_container(stack, service, plan, joins, plan.create["name"]))
+
+    def replace(
+        self, instance: Observed, grace: float, stack: str, stack_spec: StackSpec, service: ServiceSpec
+    ) -> None:
+        """Replace ``instance`` by a new instance of ``service`` with the shortest gap: the
+        successor :meth:`prepare` created is started as soon as the old container has
+        stopped (within ``grace``), and the old one is deleted after (its name goes to the
+        successor). Without a prepared successor: :meth:`remove`, then :meth:`create`."""
+        prepared = self._take_prepared(stack, service)
+        if prepared is None or prepared.container_id is None:
+            self.remove(instance, grace)
+            self.create(stack, stack_spec, service)
+            return
+        try:
+            self._stop(instance, grace)
+        except DriverError:
+            self._remove_quietly(prepared.container_id)
+            raise
+        try:
+            self._start(stack, service, prepared.container_id)
+        except DriverError:
+            with contextlib.suppress(docker.errors.DockerException):  # the old version, back up
+                self.client.api.start(instance.id)
+            raise
+        self._remove_quietly(instance.id)
+        self._rename(prepared.container_id, prepared.plan.create["name"])
+
+    def _stop(self, instance: Observed, grace: float) -> None:
+        """Stop a container: its stop signal, then SIGKILL once ``grace`` seconds (rounded up:
+        the engine counts whole seconds) have passed. Returns as soon as it has exited."""
+        try:
+            self.client.api.stop(instance.id, timeout=math.ceil(grace))
+        except docker.errors.NotFound:
+            return
+        except docker.errors.DockerException as exc:
+            raise _error(f"stop {instance.stack}/{instance.service}", exc) from exc
 
     @staticmethod
     def _endpoint(net: NetworkPlan) -> dict[str, Any]:
@@ -361,7 +464,7 @@ class DockerDriver:
             raise _error(f"inspect {instance.stack}/{instance.service}", exc) from exc
         try:
             if container.status in ("running", "restarting"):
-                container.stop(timeout=int(grace))
+                container.stop(timeout=math.ceil(grace))
             container.remove(force=True)
         except docker.errors.NotFound:
             return
@@ -475,6 +578,16 @@ class DockerDriver:
         return exit_code, output, timed_out
 
     def prune(self, stacks: set[str]) -> None:
+        self._discard_prepared()
+        try:
+            made_ahead = self.client.containers.list(
+                all=True, filters={**self._filters(), "status": "created"}
+            )
+        except docker.errors.DockerException as exc:
+            raise _error("list containers", exc) from exc
+        for c in made_ahead:  # successors made ahead and never started (an agent killed meanwhile)
+            if NEXT_MARK in (c.name or ""):
+                self._remove_quietly(c.id)
         try:
             networks = self.client.networks.list(filters=self._filters())
         except docker.errors.DockerException as exc:
