@@ -573,10 +573,23 @@ class AgentCore:
                 continue
             hashes |= {ref.spec_hash for ref in (*state.stacks, *state.stage)}
             credentials.update(self._registry_credentials(state))
-        wanted: set[str] = set()
+        wanted = self._job_images()
         for spec_hash in hashes:
             wanted |= self._images_of(spec_hash) or set()
         self.images.want(wanted, credentials)
+
+    def _job_images(self) -> set[str]:
+        return {job.image for job in self.jobs.jobs.values() if job.image}
+
+    def _job_ready(self, job: JobSpec) -> bool:
+        """Whether a job may run: its image is on the device (fetched by the stager, resumably),
+        or failed to download (the run then records the engine's reason)."""
+        if self.images is None or not job.image:
+            return True
+        if self.images.present(job.image):
+            return True
+        status = self.images.status().get(job.image)
+        return status is not None and status.state == "failed"
 
     def _registry_credentials(self, state: DesiredState) -> dict[str, tuple[str, str]]:
         """The registry credentials sealed to this device in ``state`` (those that open)."""
@@ -1009,7 +1022,7 @@ class AgentCore:
         key = (tuple(sorted(self.applied.items())), tuple(sorted(self.previous.items())))
         if key == self._pruned_for:
             return
-        keep: set[str] = set()
+        keep = self._job_images()
         for spec_hash in self._kept_hashes():
             images = self._images_of(spec_hash)
             if images is None:
@@ -1236,7 +1249,7 @@ class AgentCore:
         if self.launch_job is None or not self.jobs.jobs:
             return
         now = self.clock()
-        start, skipped = self.jobs.due(now)
+        start, skipped = self.jobs.due(now, self._job_ready)
         if start or skipped:
             self.store.save_json("jobs", self.jobs.state())
         for job, run in skipped:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,11 +63,16 @@ class JobScheduler:
             if job.run_id is None:
                 self.last.setdefault(job.name, now)
 
-    def due(self, now: float) -> tuple[list[tuple[JobSpec, str]], list[tuple[JobSpec, str]]]:
-        """(runs to start, runs skipped because the previous one still runs)."""
+    def due(
+        self, now: float, ready: Callable[[JobSpec], bool] = lambda job: True
+    ) -> tuple[list[tuple[JobSpec, str]], list[tuple[JobSpec, str]]]:
+        """(runs to start, runs skipped because the previous one still runs). A job that is not
+        ``ready`` (its image still on its way) waits: it runs once when it is, if it is due."""
         start: list[tuple[JobSpec, str]] = []
         skipped: list[tuple[JobSpec, str]] = []
         for name, job in sorted(self.jobs.items()):
+            if not ready(job):
+                continue
             if job.run_id is not None:
                 if job.run_id not in self.done and name not in self.running:
                     start.append((job, job.run_id))

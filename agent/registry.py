@@ -123,6 +123,19 @@ def parse_reference(text: str) -> ImageRef:
     return ImageRef(registry, name, tag if tag or digest else "latest", digest)
 
 
+PINNED_TAG = "tether-sha256-"
+"""How the engine names an image loaded for a digest-pinned reference (``docker load`` cannot
+give an image a digest name): ``{registry}/{repository}:tether-sha256-{hex}``."""
+
+
+def engine_name(ref: ImageRef) -> str:
+    """The name the agent loads ``ref`` under: its tag, or for a digest-pinned reference a
+    tag made of the digest (the manifest, checked against the digest, is what was loaded)."""
+    if ref.digest:
+        return f"{ref.registry}/{ref.repository}:{PINNED_TAG}{ref.digest.split(':', 1)[1]}"
+    return f"{ref.registry}/{ref.repository}:{ref.tag or 'latest'}"
+
+
 def is_loopback(host: str) -> bool:
     name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1 : host.index("]")]
     if name == "localhost":

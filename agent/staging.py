@@ -35,13 +35,16 @@ reason and retried with capped, jittered backoff, forever: the controller's
 ``failed`` at once and tried again only after :data:`PERMANENT_RETRY` seconds or when the
 wanted images or credentials change.
 
-Digest-pinned references (``image@sha256:...``) cannot be given their name by
-``docker load``; those are pulled by the engine instead, still on this thread.
+Digest-pinned references (``image@sha256:...``) are fetched the same way, the manifest
+checked against the digest; ``docker load`` cannot give an image a digest name, so they are
+loaded as ``{registry}/{repository}:tether-sha256-{hex}`` (:func:`.registry.engine_name`),
+the name the docker driver runs them by.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -57,7 +60,16 @@ from typing import Literal, Protocol
 from tether.protocol.backoff import Backoff
 from tether.protocol.errors import DriverError
 
-from .registry import Blob, Platform, RateLimit, RegistryClient, RegistryError, ResolvedImage, parse_reference
+from .registry import (
+    Blob,
+    Platform,
+    RateLimit,
+    RegistryClient,
+    RegistryError,
+    ResolvedImage,
+    engine_name,
+    parse_reference,
+)
 from .store import atomic_write
 
 log = logging.getLogger(__name__)
@@ -100,10 +112,6 @@ class ImageEngine(Protocol):
 
     def load_image(self, archive: Iterable[bytes]) -> None:
         """Load a ``docker save``-format archive, streamed."""
-        ...
-
-    def pull_image(self, ref: str, credentials: tuple[str, str] | None) -> None:
-        """Have the engine pull ``ref`` itself (digest-pinned references)."""
         ...
 
     def remove_image(self, ref: str) -> None:
@@ -367,17 +375,9 @@ class ImageStager:
             resolved: dict[str, ResolvedImage] = {}
             for ref in todo:
                 try:
-                    parsed = parse_reference(ref)
-                    if parsed.digest:
-                        self._set(ref, replace(self._get(ref), state="downloading", reason=None))
-                        self.engine.pull_image(ref, creds.get(parsed.registry.lower()))
-                        self._done(ref)
-                        continue
-                    resolved[ref] = client.resolve(parsed)
+                    resolved[ref] = client.resolve(parse_reference(ref))
                 except RegistryError as exc:
                     self._fail(ref, exc, exc.transient)
-                except DriverError as exc:
-                    self._fail(ref, exc, transient=True)
             if not resolved:
                 return
             chains = self.engine.layer_chains()
@@ -445,7 +445,7 @@ class ImageStager:
                 self._set(
                     ref, replace(self._get(ref), done=sum(self.content.have(b) for b in layers)), notify=False
                 )
-            tag = f"{image.ref.registry}/{image.ref.repository}:{image.ref.tag}"
+            tag = engine_name(image.ref)
             mine = {b.digest for b in layers}
             self.engine.load_image(
                 archive_stream(image, tag, lambda b: self.content.complete(b) if b.digest in mine else None)
@@ -513,11 +513,8 @@ class ImageStager:
     def _do_prune(self, keep: frozenset[str]) -> None:
         keep_names = set(keep)
         for name in keep:
-            try:
-                parsed = parse_reference(name)
-                keep_names.add(f"{parsed.registry}/{parsed.repository}:{parsed.tag}")
-            except RegistryError:
-                pass
+            with contextlib.suppress(RegistryError):
+                keep_names.add(engine_name(parse_reference(name)))
         keep_ids = set()
         for name in keep:
             try:

@@ -274,3 +274,57 @@ def test_token_authentication_as_docker_hub_does_it(
             assert tokens.issued >= 1
         finally:
             stager.close()
+
+
+def _manifest_digest(host: str, name: str) -> str:
+    import urllib.request
+
+    repo, _, tag = name.rpartition(":")
+    req = urllib.request.Request(
+        f"http://{host}/v2/{repo}/manifests/{tag}",
+        headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+        method="HEAD",
+    )
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return str(resp.headers["Docker-Content-Digest"])
+
+
+def test_digest_pinned_and_job_images_go_through_the_resumable_path(
+    registry: Registry, engine: DockerDriver, docker_engine: Any, pushed: list[str], tmp_path: Path
+) -> None:
+    """An image@sha256 reference is fetched by the stager (resumed after a restart, not pulled
+    by the engine), loaded under its pinned name, and runs as a service and as a job."""
+    from tether.agent.registry import engine_name, parse_reference
+    from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
+
+    name = _name()
+    push_image(docker_engine, registry.host, name, 3 * MB)
+    size = layer_size(registry.host, name)
+    ref = f"{registry.host}/{name.rpartition(':')[0]}@{_manifest_digest(registry.host, name)}"
+    local = engine_name(parse_reference(ref))
+    pushed += [ref, local]
+    first = _stager(tmp_path / "images", engine, rate_limit=1.5 * MB)
+    first.want({ref}, {})
+    wait_until(lambda: first.bytes_fetched > size * 0.3, 30, message="30% fetched")
+    first.close()
+    assert not first.present(ref) and engine.image_id(ref) is None
+    second = _stager(tmp_path / "images", engine)
+    try:
+        second.want({ref}, {})
+        wait_until(lambda: second.present(ref), 60, message="pinned image staged")
+        assert size <= first.bytes_fetched + second.bytes_fetched <= size * 1.05, "resumed, once"
+        assert engine.image_id(ref) == engine.image_id(local) == next(iter(second.loaded()))
+        assert second.loaded()[engine.image_id(local) or ""] == local
+        exit_code, output, _ = engine.run_job(JobSpec(name="size", image=ref, command=("ls", "-l", "/blob")))
+        assert exit_code == 0 and "3000000" in output
+        svc = ServiceSpec(name="app", image=ref, command=("sleep", "300"))
+        engine.create("pinned", StackSpec(services=(svc,)), svc)
+        running = wait_until(lambda: [i for i in engine.observe() if i.state == "running"], 30)
+        assert [i.spec_hash for i in running] == [svc.spec_hash()]
+        second.close()
+        second._do_prune(frozenset({ref}))  # on this thread, the stager's is stopped: kept by its pin
+        assert engine.image_id(ref) is not None and second.loaded()
+    finally:
+        second.close()
+        for inst in engine.observe():
+            engine.remove(inst, 0)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from tether.agent.registry import RegistryError, engine_name, parse_reference
 from tether.protocol.errors import DriverError
 from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
 
@@ -65,6 +66,16 @@ def _float(text: str | None) -> float | None:
     try:
         return float(text) if text is not None else None
     except ValueError:
+        return None
+
+
+def _pinned_name(image: str) -> str | None:
+    """For a digest-pinned reference, the name the agent's stager loads it under; else None."""
+    if "@" not in image:
+        return None
+    try:
+        return engine_name(parse_reference(image))
+    except RegistryError:
         return None
 
 
@@ -141,23 +152,29 @@ class DockerDriver:
             )
         return result
 
-    def _ensure_image(self, image: str) -> None:
-        try:
-            self.client.images.get(image)
-            return
-        except docker.errors.ImageNotFound:
-            pass
-        except docker.errors.DockerException as exc:
-            raise _error(f"inspect image {image}", exc) from exc
+    def _ensure_image(self, image: str) -> str:
+        """The name to run ``image`` by: itself, or the name the agent's stager loaded a
+        digest-pinned reference under; pulled by the engine if neither is here (an agent
+        without a stager)."""
+        if self.image_id(image, exact=True) is not None:
+            return image
+        local = _pinned_name(image)
+        if local is not None and self.image_id(local, exact=True) is not None:
+            return local
         try:
             log.info("pulling %s", image)
             self.client.images.pull(image)
         except docker.errors.DockerException as exc:
             raise _error(f"image {image} is not on the device and pulling it failed", exc) from exc
+        return image
 
     # --- images: what the agent's image stager needs (agent/staging.py: ImageEngine) ---
 
-    def image_id(self, ref: str) -> str | None:
+    def image_id(self, ref: str, exact: bool = False) -> str | None:
+        """The id of the local image ``ref`` names (a digest-pinned reference: also the image
+        the stager loaded for it, unless ``exact``)."""
+        if not exact and (local := _pinned_name(ref)) is not None:
+            return self.image_id(ref, exact=True) or self.image_id(local, exact=True)
         try:
             return str(self.client.api.inspect_image(ref)["Id"])
         except docker.errors.ImageNotFound:
@@ -189,13 +206,6 @@ class DockerDriver:
             self.client.images.load(iter(archive))
         except docker.errors.DockerException as exc:
             raise _error("load image", exc) from exc
-
-    def pull_image(self, ref: str, credentials: tuple[str, str] | None) -> None:
-        auth = {"username": credentials[0], "password": credentials[1]} if credentials else None
-        try:
-            self.client.images.pull(ref, auth_config=auth)
-        except docker.errors.DockerException as exc:
-            raise _error(f"pull {ref}", exc) from exc
 
     def remove_image(self, ref: str) -> None:
         try:
@@ -268,13 +278,14 @@ class DockerDriver:
         for mount in service.configs:
             if mount.host_path is None:
                 raise DriverError(f"service {service.name}: config {mount.source} was not rendered")
-        self._ensure_image(service.image)
+        image = self._ensure_image(service.image)
         labels = dict(service.labels)
         labels.update(self._labels(stack))
         labels[LABEL_SERVICE] = service.name
         labels[LABEL_SPEC_HASH] = service.spec_hash()
         labels[LABEL_STOP_GRACE] = f"{service.stop_grace_period_s:g}"
         plan = plan_container(self.device_id, stack, stack_spec, service, labels)
+        plan.create["image"] = image
         for volume in plan.volumes:
             self._ensure_volume(stack, volume)
         joins = [(net, self._ensure_network(stack, net)) for net in plan.networks]
@@ -386,19 +397,29 @@ class DockerDriver:
             self.remove(instance, grace)
             self.create(stack, stack_spec, service)
             return
+        t0 = time.monotonic()
         try:
             self._stop(instance, grace)
         except DriverError:
             self._remove_quietly(prepared.container_id)
             raise
+        t1 = time.monotonic()
         try:
             self._start(stack, service, prepared.container_id)
         except DriverError:
             with contextlib.suppress(docker.errors.DockerException):  # the old version, back up
                 self.client.api.start(instance.id)
             raise
+        t2 = time.monotonic()
         self._remove_quietly(instance.id)
         self._rename(prepared.container_id, prepared.plan.create["name"])
+        log.info(
+            "replaced %s/%s: old stopped in %.2f s, new started in %.2f s",
+            stack,
+            service.name,
+            t1 - t0,
+            t2 - t1,
+        )
 
     def _stop(self, instance: Observed, grace: float) -> None:
         """Stop a container: its stop signal, then SIGKILL once ``grace`` seconds (rounded up:
@@ -550,10 +571,10 @@ class DockerDriver:
         """Run a job's image + command in a throwaway container; (exit code, output, timed out)."""
         if not job.image:
             return None, "the docker driver runs jobs from an image: give the job an image", False
-        self._ensure_image(job.image)
+        image = self._ensure_image(job.image)
         try:
             container = self.client.containers.run(
-                job.image,
+                image,
                 list(job.command),
                 detach=True,
                 environment=dict(job.environment),
