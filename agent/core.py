@@ -607,8 +607,12 @@ class AgentCore:
     def _download_status(
         self, spec_hash: str, statuses: dict[str, ImageStatus], rate: float, *, switching: bool
     ) -> DownloadStatus | None:
-        """Where the images of one stack version stand (None: all there and switching now)."""
+        """Where the images of one stack version stand (None: all there and switching now).
+        Without a stager (the process driver) a version has nothing to fetch: staged once its
+        definition is here."""
         images = self._images_of(spec_hash)
+        if images is not None and self.images is None:
+            images = set()
         if images is None:  # definition not here yet: its images are not known
             return DownloadStatus(spec_hash=spec_hash, state="downloading")
         parts = [(ref, statuses[ref]) for ref in sorted(images) if ref in statuses]
@@ -648,10 +652,8 @@ class AgentCore:
     def downloads(self, hashes: dict[str, str], blocked: set[str], now: float) -> dict[str, DownloadStatus]:
         """Per stack, the version whose images are fetched or staged, for the report; the
         bytes, rate and ETA move at most every :data:`PROGRESS_INTERVAL` seconds."""
-        if self.images is None:
-            return {}
-        statuses = self.images.status()
-        rate = self.images.rate()
+        statuses = self.images.status() if self.images is not None else {}
+        rate = self.images.rate() if self.images is not None else 0.0
         result: dict[str, DownloadStatus] = {}
         candidates: list[tuple[str, str, bool]] = []
         if self.desired is not None:

@@ -89,3 +89,52 @@ def test_stage_only_from_a_private_registry_then_switch(
             for ref in (v1, v2):
                 with contextlib.suppress(Exception):
                     docker_engine.images.remove(ref, force=True)
+
+
+PROCESS_STACK = 'services:\n  app:\n    command: ["sh", "-c", "echo {version} > version; exec sleep 600"]\n    restart: always\n'
+
+
+def test_stage_only_on_a_process_driver_device_then_switch(tmp_path: Path) -> None:
+    """A process-driver device (nothing to download) reports the staged version `staged` at once,
+    keeps running the old one, and `deployments switch` then moves it."""
+    run = uuid.uuid4().hex[:6]
+    device = f"pstage-{run}"
+    controller = ControllerProcess(tmp_path / "controller")
+    url = controller.url
+    agent = AgentProcess(url, device, tmp_path / device, labels={"pool": run})
+    try:
+        wait_online(url, device)
+        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
+        stack = tmp_path / "app.yml"
+        deploy = ["stacks", "deploy", str(stack), "--name", "app", "--group", "pool", "--wait"]
+        deploy += ["--min-healthy-time", "1s", "--timeout", "60"]
+        stack.write_text(PROCESS_STACK.format(version="v1"))
+        first = cli(url, *deploy, timeout=90)
+        assert first.returncode == 0, first.stdout + first.stderr
+        old_hash = _running_hash(url, device)
+        assert old_hash is not None
+
+        stack.write_text(PROCESS_STACK.format(version="v2"))
+        staged = cli(url, *deploy, "--stage-only", timeout=90)
+        assert staged.returncode == 0, staged.stdout + staged.stderr
+        deployment = cli_json(url, "deployments", "ls", "--stack", "app")[0]
+        assert deployment["state"] == "staged"
+        assert (
+            cli_json(url, "deployments", "status", str(deployment["id"]))["devices"][device]["state"]
+            == "staged"
+        )
+        downloads = cli_json(url, "devices", "show", device)["reported"]["downloads"]
+        assert downloads["app"]["state"] == "staged" and downloads["app"]["spec_hash"] != old_hash
+        assert _running_hash(url, device) == old_hash, "nothing switched"
+
+        switched = cli(url, "deployments", "switch", str(deployment["id"]))
+        assert switched.returncode == 0, switched.stderr
+        wait_until(
+            lambda: cli_json(url, "deployments", "status", str(deployment["id"]))["state"] == "succeeded",
+            60,
+            message="switched deployment succeeded",
+        )
+        assert _running_hash(url, device) == downloads["app"]["spec_hash"]
+    finally:
+        agent.stop()
+        controller.stop()
