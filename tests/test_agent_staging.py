@@ -353,3 +353,24 @@ def test_a_successor_is_prepared_before_its_predecessor_goes_and_if_it_cannot_be
     dev.now[0] += 2  # past the first backoff (1 s)
     dev.core.reconcile_once()
     assert dev.running() == {"web": v3.services[0].spec_hash()}
+
+
+def test_a_jobs_image_is_staged_and_the_job_waits_for_it() -> None:
+    """A job's image is handed to the stager (resumable), the job starts only once it is present,
+    and the image is kept when unused images are pruned."""
+    from tether.protocol.models import JobSpec
+
+    images = ScriptedImages(present={"app:1"})
+    dev = Device(images)
+    launched: list[str] = []
+    dev.core.launch_job = lambda job, run: launched.append(run)
+    job = JobSpec(name="backup", image="tool:1", command=("true",), run_id="r1")
+    dev.deploy(("app", web("app:1")), jobs=(job,))
+    dev.core.reconcile_once()
+    dev.core.tick_jobs()
+    assert "tool:1" in images.wanted and launched == []
+    images.present_refs.add("tool:1")
+    dev.core.tick_jobs()
+    assert launched == ["r1"]
+    dev.core.reconcile_once()
+    assert images.pruned and all("tool:1" in keep for keep in images.pruned)

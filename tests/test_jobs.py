@@ -78,3 +78,17 @@ def test_run_job_captures_exit_output_and_timeout() -> None:
     assert slow.timed_out and slow.exit_code is None
     missing = run_job(JobSpec(name="c", command=("/nonexistent/cmd",)), "r", run_host_command)
     assert missing.exit_code is None and "nonexistent" in missing.output
+
+
+def test_a_job_whose_image_is_not_here_waits_then_runs_once() -> None:
+    """A job that is not ready (its image still downloading) does not start; once ready it
+    starts once, a scheduled one folding the runs it missed meanwhile."""
+    once = JobSpec(name="once", command=("true",), image="app:1", run_id="r1")
+    every = JobSpec(name="every", command=("true",), image="app:1", every_s=10)
+    sched = JobScheduler()
+    sched.set_jobs((once, every), T0)
+    here: set[str] = set()
+    assert sched.due(T0 + 35, lambda job: job.image in here) == ([], [])
+    here.add("app:1")
+    start, _ = sched.due(T0 + 36, lambda job: job.image in here)
+    assert sorted(r for _, r in start) == [f"every@{int(T0 + 36)}", "r1"]
