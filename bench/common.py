@@ -9,14 +9,17 @@ slow machine does not fail CI (``tests/test_bench_smoke.py`` only checks that th
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -53,9 +56,17 @@ def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.0
         raise TimeoutError(str(exc)) from None
 
 
+_CLI_DIR = tempfile.mkdtemp(prefix="tether-bench-cli-")
+atexit.register(shutil.rmtree, _CLI_DIR, True)
+_CLI_CONFIG = str(Path(_CLI_DIR) / "config.json")
+"""The CLI configuration of a benchmark's `tether up` and CLI calls: its own, so that neither
+writes the user's contexts nor picks up the credentials of another `tether up` on the machine."""
+
+
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("TETHER_BROKER", None)
+    env.setdefault("TETHER_CLI_CONFIG", _CLI_CONFIG)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

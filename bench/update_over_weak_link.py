@@ -3,6 +3,7 @@
     .venv/bin/python bench/update_over_weak_link.py                  # 8 MB at 1 Mbit/s and 128 kbit/s, and with cuts
     .venv/bin/python bench/update_over_weak_link.py --full           # also a 50 MB layer (hours at 128 kbit/s)
     .venv/bin/python bench/update_over_weak_link.py --quick          # 1 MB layer, short cuts: about 2 minutes
+    .venv/bin/python bench/update_over_weak_link.py --smoke          # 200 KB, no cuts: that it runs (CI)
 
 A real registry (Debian's ``docker-registry``) on loopback, behind a shaped link: a TCP
 proxy with a token-bucket rate limit that counts the bytes it carries and can drop the
@@ -354,16 +355,19 @@ def run_baseline(
 
 
 def scenarios(args: argparse.Namespace) -> list[Scenario]:
-    if args.quick:
-        return [
+    if args.smoke:
+        found = [Scenario("smoke", 200_000, 250_000)]
+    elif args.quick:
+        found = [
             Scenario("1MB@2mbit", MB, 250_000),
             Scenario("1MB@2mbit+cuts+restart", MB, 250_000, cuts=args.cuts, restart=True),
         ]
-    found = [
-        Scenario("8MB@1mbit", 8 * MB, 125_000),
-        Scenario("8MB@128kbit", 8 * MB, 16_000),
-        Scenario("8MB@1mbit+cuts+restart", 8 * MB, 125_000, cuts=args.cuts, restart=True),
-    ]
+    else:
+        found = [
+            Scenario("8MB@1mbit", 8 * MB, 125_000),
+            Scenario("8MB@128kbit", 8 * MB, 16_000),
+            Scenario("8MB@1mbit+cuts+restart", 8 * MB, 125_000, cuts=args.cuts, restart=True),
+        ]
     if args.full:
         found += [Scenario("50MB@1mbit", 50 * MB, 125_000), Scenario("50MB@128kbit", 50 * MB, 16_000)]
     return [s for s in found if not args.only or s.name in args.only.split(",")]
@@ -374,6 +378,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="1 MB at 2 Mbit/s, 5 s cuts (a smoke run)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="one 200 KB update at 2 Mbit/s: checks the bench runs (seconds)"
+    )
     parser.add_argument("--full", action="store_true", help="also a 50 MB layer at both rates (hours)")
     parser.add_argument("--only", help="comma-separated scenario names")
     parser.add_argument("--cuts", type=int, default=5, help="link cuts in the cut scenario (default 5)")

@@ -119,12 +119,13 @@ def test_run_all_collects_results(tmp_path: Path) -> None:
 
 @pytest.mark.docker
 def test_update_over_weak_link(tmp_path: Path, busybox_image: str) -> None:
-    """One small scenario: both contestants update, and the figures are there."""
+    """The smoke scenario (200 KB, no cuts): both contestants update, and the figures are there."""
     from support.registry import registry_available
 
     if registry_available():
         pytest.skip(str(registry_available()))
-    data = bench(tmp_path, "update_over_weak_link", "--quick", "--only", "1MB@2mbit", timeout=300)
-    run = data["results"]["1MB@2mbit"]
+    data = bench(tmp_path, "update_over_weak_link", "--smoke", timeout=120)
+    assert list(data["results"]) == ["smoke"]
+    run = data["results"]["smoke"]
     assert run["tether"]["succeeded"] and run["tether"]["bytes_ratio"] >= 1.0
     assert run["baseline"]["converge_s"] is not None and run["baseline"]["outage_longest_s"] > 0

@@ -110,7 +110,8 @@ def test_the_old_version_serves_while_the_new_image_crawls_in_and_the_switch_is_
     setup: dict[str, Any], docker_engine: Any, tmp_path: Path
 ) -> None:
     """5 MB at 300 KB/s: v1 answers throughout (a crash meanwhile is restarted), the agent is
-    killed and restarted mid-layer and resumes, the switch gap is under 2.5 s, --wait succeeds."""
+    killed (SIGKILL, as in a power cut) mid-layer and resumes from the bytes it had on disk
+    while v1 keeps answering, the switch gap is under 2.5 s, --wait succeeds."""
     registry, procs, run = setup["registry"], setup["procs"], setup["run"]
     v1_name, v2_name = f"u{run}/app:v1", f"u{run}/app:v2"
     push_image(docker_engine, registry.host, v1_name, 50_000)
@@ -163,8 +164,16 @@ def test_the_old_version_serves_while_the_new_image_crawls_in_and_the_switch_is_
             assert link.down_bytes < size, "restarted while the download still ran"
 
             # The agent dies mid-layer and comes back: the layer resumes, the service never noticed.
-            wait_until(lambda: link.down_bytes > size * 0.4, 60, message="40% of the layer fetched")
+            wait_until(
+                lambda: (d := _download(controller.url, device)) and d["done"] > size * 0.3,
+                60,
+                interval=0.5,
+                message="the report shows 30% of the layer",
+            )
             agent.kill()
+            killed_at, wire_at_kill = time.monotonic(), link.down_bytes
+            partial = sum(f.stat().st_size for f in (tmp_path / device / "images" / "partial").iterdir())
+            assert size * 0.3 < partial < size, "a partial layer on disk when the agent died"
             agent = AgentProcess(
                 controller.url, device, tmp_path / device, driver="docker", labels={"site": run}
             )
@@ -181,6 +190,15 @@ def test_the_old_version_serves_while_the_new_image_crawls_in_and_the_switch_is_
         gap = poller.gap_before("v2")
         assert gap <= 2.5, f"the switch took the service down for {gap:.2f} s"
         assert link.down_bytes <= size * 1.05 + 100_000, "the layer crossed the link about once"
+        resumed = link.down_bytes - wire_at_kill
+        assert resumed <= size - partial + 100_000, (
+            f"after the restart {resumed} bytes, {partial} were on disk"
+        )
+        gap_start = switch
+        while gap_start > 0 and served[gap_start - 1] is None:
+            gap_start -= 1
+        during = [b for t, b in poller.samples[:gap_start] if t > killed_at]
+        assert during and set(during) == {"v1"}, "v1 answered from the agent's death to the switch"
         assert _download(controller.url, device) is None
 
 
