@@ -1,9 +1,10 @@
-"""Users end to end: a viewer can change nothing through any MQTT door, every write is audited, secrets never.
+"""Users end to end: a viewer can change nothing through any door, every write is audited, secrets never.
 
 Real processes: `tether up` (embedded broker, and Mosquitto with Tether's dynamic security),
 the CLI as the admin of operator.json and as a viewer (a credentials file from `tether users
-add --write`), and a raw paho client logged in as the viewer publishing on the topics it must
-not use: the admin's request topic, the shared one of older CLIs, a device's request topic.
+add --write`), a raw paho client logged in as the viewer publishing on the topics it must
+not use (the admin's request topic, the shared one of older CLIs, a device's request topic),
+and the HTTP API (`tether up --http`) with the viewer's password and an admin API token.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import uuid
 from pathlib import Path
 
+import httpx
 import msgpack
 import paho.mqtt.client as paho
 import pytest
@@ -26,7 +28,7 @@ R = "tether/v1"
 @pytest.fixture(params=BROKERS)
 def controller(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """`tether up` with authentication, on the embedded broker and on Mosquitto (dynamic security)."""
-    with secured_controller(request.param, tmp_path) as ctl:
+    with secured_controller(request.param, tmp_path, extra=["--http", "127.0.0.1:0"]) as ctl:
         monkeypatch.setenv("TETHER_CREDENTIALS", str(ctl.operator_file))
         yield ctl
 
@@ -78,6 +80,19 @@ def test_a_viewer_changes_nothing_and_every_write_is_audited(
     assert cli(url, "users", "add", "eve", "--role", "admin").returncode != 0
     _forge(url, "ann", ann_password, [f"{R}/controller/requests/admin", f"{R}/controller/requests", f"{R}/devices/pi-1/requests", f"{R}/controller/requests/ann"])  # fmt: skip
 
+    port = int(controller.wait_for_line(r"health and metrics on http://127.0.0.1:(\d+)/").group(1))
+    api = f"http://127.0.0.1:{port}/api/v1"
+    assert httpx.get(f"{api}/groups", auth=("ann", ann_password)).status_code == 200
+    forbidden = httpx.post(
+        f"{api}/groups", json={"name": "web", "selector": "x=1"}, auth=("ann", ann_password)
+    )
+    assert forbidden.status_code == 403 and forbidden.json()["code"] == "forbidden"
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert (
+        httpx.post(f"{api}/groups", json={"name": "by-token", "selector": "x=1"}, headers=bearer).status_code
+        == 201
+    )
+
     monkeypatch.setenv("TETHER_CREDENTIALS", str(controller.operator_file))
     # ann's own topic is answered (as ann: refused); the forged ones never ran as anyone
     records = wait_until(
@@ -92,13 +107,20 @@ def test_a_viewer_changes_nothing_and_every_write_is_audited(
         ("groups.create", "edge", "forbidden", "mqtt"),
         ("users.add", "eve", "forbidden", "mqtt"),
         ("groups.create", "forged-3", "forbidden", "mqtt"),
+        ("groups.create", "web", "forbidden", "http"),
     ]
-    assert all(r["address"].startswith(("tether-cli-", "raw-")) for r in records)
+    assert [r["address"] for r in records if r["via"] == "http"] == ["127.0.0.1"]
+    assert all(r["address"].startswith(("tether-cli-", "raw-")) for r in records if r["via"] == "mqtt")
     groups = [g["name"] for g in cli_json(url, "groups", "ls")]
-    assert groups == [], groups
+    assert groups == ["by-token"], groups
     everything = cli_json(url, "audit", "--since", "all")
-    mine = [(r["user"], r["command"], r["outcome"]) for r in everything if r["user"] == "admin"]
-    assert mine == [("admin", "users.add", "ok"), ("admin", "vars.set", "ok"), ("admin", "users.token", "ok")]
+    mine = [(r["user"], r["command"], r["via"], r["outcome"]) for r in everything if r["user"] == "admin"]
+    assert mine == [
+        ("admin", "users.add", "mqtt", "ok"),
+        ("admin", "vars.set", "mqtt", "ok"),
+        ("admin", "users.token", "mqtt", "ok"),
+        ("admin", "groups.create", "http", "ok"),
+    ]
     text = json.dumps(everything)
     for secret in ("s3cret-value", ann_password, token, token.split("_")[2]):
         assert secret not in text

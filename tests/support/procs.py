@@ -232,7 +232,9 @@ def mosquitto_dynsec_conf(out: Path) -> str:
 
 
 @contextlib.contextmanager
-def secured_controller(kind: str, tmp_path: Path) -> Iterator[ControllerProcess]:
+def secured_controller(
+    kind: str, tmp_path: Path, extra: list[str] | None = None
+) -> Iterator[ControllerProcess]:
     """`tether up` with authentication on ``kind`` of broker: the embedded one, or a private
     Mosquitto running Tether's dynamic security file (`tether mosquitto-config`, then
     `tether up --broker ... --mosquitto-dir`), as an operator would set it up."""
@@ -240,7 +242,7 @@ def secured_controller(kind: str, tmp_path: Path) -> Iterator[ControllerProcess]
 
     data = tmp_path / "ctl"
     if kind == "embedded":
-        ctl = ControllerProcess(data, auth=True)
+        ctl = ControllerProcess(data, auth=True, extra=extra)
         try:
             yield ctl
         finally:
@@ -264,7 +266,9 @@ def secured_controller(kind: str, tmp_path: Path) -> Iterator[ControllerProcess]
     broker_dir = tmp_path / "mosquitto"
     broker_dir.mkdir()
     with Mosquitto(broker_dir, extra_conf=mosquitto_dynsec_conf(out)) as broker:
-        ctl = ControllerProcess(data, broker=broker.url, auth=True, extra=["--mosquitto-dir", str(out)])
+        ctl = ControllerProcess(
+            data, broker=broker.url, auth=True, extra=["--mosquitto-dir", str(out), *(extra or [])]
+        )
         ctl.broker = broker  # type: ignore[attr-defined]
         try:
             yield ctl
