@@ -264,6 +264,7 @@ class Controller:
         )
         self._behind: dict[str, tuple[float, float, float]] = {}  # see repair_behind
         self._acked_at: dict[str, float] = {}  # device -> when its desired state was acknowledged
+        self._connected_at: dict[str, float] = {}  # device -> when it last connected (see repair_behind)
         self._probe: tuple[bytes, float] | None = None  # the probe in flight, and when it was sent
         self._caught_up = float("-inf")  # every device message the broker had then is handled
         self._lead_since = 0.0
@@ -346,6 +347,7 @@ class Controller:
         self._fleet = None  # and the devices
         self._published_gen = None  # and what was published
         self._acked_at, self._probe, self._caught_up = {}, None, float("-inf")  # and when
+        self._connected_at = {}
         self._lead_since = time.monotonic()
         self._event_marks = {}  # and which events are stored
         self.leading.set()
@@ -885,6 +887,8 @@ class Controller:
                 )
         if presence.status == "online":
             enrollment.seen(self, device_id)
+            if presence.session != device.session or device.status != "online":
+                self._connected_at[device_id] = time.monotonic()  # a new connection: see repair_behind
         # Scheduled at the end of the batch of messages this one came in (_flush_syncs).
         if presence.status != device.status and any(
             s.placement.mode == "replicas" for s in self.store.list_stacks()
@@ -1352,15 +1356,19 @@ class Controller:
         (same generation; the agent drops what it has), and rate-limited per device (the
         wait doubles from :data:`BEHIND_GRACE` up to :data:`BEHIND_BACKOFF_MAX`).
 
-        Still reporting an older generation means: this controller has handled every message
-        the broker held :data:`BEHIND_GRACE` seconds after it acknowledged the desired state
-        (and after the device was first seen behind), and none said the device caught up.
-        Counting the grace from the acknowledgement alone republished to thousands of devices
-        of a 10,000-device deploy whose reports were only queued (at the broker or in the
-        inbox) behind everyone else's. What has been handled is known from a probe: a message
-        this controller sends itself through the broker (:data:`topics.PROBE`), delivered
-        after whatever the broker had before it; when it is back, everything the broker held
-        when it was sent has been handled.
+        Staying behind means: the device connected again after the broker acknowledged its
+        desired state (a broker that loses what it acknowledged has restarted, so every device
+        reconnects; one that did not reconnect gets what was published on its session), and
+        this controller has handled every message the broker held :data:`BEHIND_GRACE`
+        seconds after that connection (and after the device was first seen behind), none
+        saying the device caught up. Counting the grace from the publish alone republished
+        to thousands of devices of a loaded 10,000-device deploy that were merely slow to get
+        to it, or whose reports were queued (at the broker or in the inbox) behind everyone
+        else's. What has been handled is known from a probe: a message this controller sends
+        itself through the broker (:data:`topics.PROBE`), delivered after whatever the broker
+        had before it; when it is back, everything the broker held when it was sent has been
+        handled. (For a desired state published before this controller led, when it was
+        acknowledged is not known: the grace then counts from the start of the leadership.)
         """
         client = self.client
         if client is None or not client.connected:
@@ -1388,11 +1396,13 @@ class Controller:
                 if device_id in acked_at:
                     del acked_at[device_id]
                 continue
+            published_at = acked_at.get(device_id)
+            if published_at is None:
+                start = self._lead_since
+            elif (start := self._connected_at.get(device_id, -1.0)) < published_at:
+                continue  # connected since before the publish: it gets the desired state on that session
             since, wait, next_at = self._behind.setdefault(device_id, (now, BEHIND_GRACE, now + BEHIND_GRACE))
-            if (
-                now < next_at
-                or max(since, acked_at.get(device_id, self._lead_since)) + BEHIND_GRACE > caught_up
-            ):
+            if now < next_at or max(since, start) + BEHIND_GRACE > caught_up:
                 continue  # not yet, or its report may still be on its way to us
             if len(due) < self.PUBLISH_BATCH:
                 due.append(device_id)

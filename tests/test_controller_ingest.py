@@ -231,10 +231,11 @@ def test_a_connection_without_our_session_asks_every_device_to_resend(tmp_path: 
 
 
 def _behind_fleet(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reconnect: bool = True
 ) -> tuple[Any, Any, PublishingClient, list[float], str]:
     """A controller whose devices d-1 and d-2 (held) report generation 1 while generation 2
-    was published to them (acknowledged now), on a clock moved by hand; the spec hash."""
+    was published to them (acknowledged now), on a clock moved by hand; the spec hash. With
+    ``reconnect``, both then connect again (as after a broker restart)."""
     from tether.controller import service
     from tether.controller.models import DesiredRecord, Device
     from tether.protocol.models import ServiceSpec, StackRef, StackSpec
@@ -257,6 +258,10 @@ def _behind_fleet(
         refs = (StackRef(name="s", spec_hash=spec.spec_hash()),)
         store.put_desired(DesiredRecord(device_id=device_id, generation=2, stacks=refs))
     controller.publish_pending()  # acknowledged at 1000.0
+    if reconnect:
+        for device_id in ("d-1", "d-2"):
+            presence = Presence(device_id=device_id, status="online", session=2)
+            controller.handle(topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(presence))
     client.published.clear()
     return controller, store, client, now, spec.spec_hash()
 
@@ -283,10 +288,10 @@ def _republished(controller: Any, client: PublishingClient, probe_back: bool = T
 def test_a_device_that_stays_behind_gets_its_desired_state_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An online device reporting an older generation than the one published to it gets its
-    desired state and definitions published again once everything the broker held a grace
-    after the publish was handled, then with a doubled wait; a held device, or one that
-    caught up, does not."""
+    """An online device that connected again after its desired state was published and still
+    reports an older generation gets its desired state and definitions published again once
+    everything the broker held a grace after was handled; again only if it connects again
+    (and after a doubled wait); a held device, or one that caught up, does not."""
     from tether.controller import service
 
     controller, store, client, now, spec_hash = _behind_fleet(tmp_path, monkeypatch)
@@ -296,13 +301,31 @@ def test_a_device_that_stays_behind_gets_its_desired_state_again(
     now[0] += service.BEHIND_CHECK
     desired = topics.device("d-1", DeviceTopic.DESIRED)
     assert _republished(controller, client) == [topics.stack(spec_hash), desired]
-    now[0] += service.BEHIND_GRACE
-    assert _republished(controller, client) == []  # the wait doubled
     now[0] += service.BEHIND_GRACE + service.BEHIND_CHECK
+    assert _republished(controller, client) == []  # acknowledged again: d-1 gets it on its session
+    presence = Presence(device_id="d-1", status="online", session=3)  # unless it connects again
+    controller.handle(topics.device("d-1", DeviceTopic.PRESENCE), codec.encode(presence))
+    now[0] += service.BEHIND_GRACE + service.BEHIND_CHECK
+    assert _republished(controller, client) == []  # the probe sent a grace after is not back yet
+    now[0] += service.BEHIND_CHECK
     assert _republished(controller, client) == [topics.stack(spec_hash), desired]
     store.put_reported("d-1", ReportedState(device_id="d-1", generation=2))
     now[0] += 10 * service.BEHIND_GRACE
     assert _republished(controller, client) == []
+    store.close()
+
+
+def test_a_device_slow_to_take_a_deploy_is_not_taken_for_one_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A device connected since before the publish (slow to get to it: a loaded 10,000-device
+    deploy) is never republished to, however long it stays on the older generation."""
+    from tether.controller import service
+
+    controller, store, client, now, _ = _behind_fleet(tmp_path, monkeypatch, reconnect=False)
+    for _ in range(20):
+        assert _republished(controller, client) == []
+        now[0] += service.BEHIND_CHECK
     store.close()
 
 
