@@ -38,7 +38,7 @@ class ControllerClient:
     ) -> None:
         """``transport``: the session to use (tests), instead of a paho client to ``broker_url``."""
         self.timeout = timeout
-        self.broker_url, self.ca_file = broker_url, ca_file
+        self.broker_url, self.ca_file, self.username = broker_url, ca_file, username
         # Our own request topic; without a username (an anonymous broker) the shared one.
         self.requests = topics.user_requests(username) if username else topics.REQUESTS
         self.client_id = f"tether-cli-{uuid.uuid4().hex[:12]}"

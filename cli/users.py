@@ -120,6 +120,12 @@ def users_rm(client: ControllerClient, fmt: str, name: str) -> None:
 def users_passwd(client: ControllerClient, fmt: str, name: str, role: str | None, write: Path | None) -> None:
     """Give NAME a new password (shown once; the old one stops working)."""
     _shown_once(client, fmt, client.request(UsersPasswd(name=name, role=role)), write)  # type: ignore[arg-type]
+    if write is None and client.username == name:
+        click.echo(
+            f"tether: note: your credentials file still holds {name}'s old password: put the new one in it "
+            "(or run this with --write FILE)",
+            err=True,
+        )
 
 
 def _token_rows(rows: list[dict[str, Any]]) -> str:

@@ -302,6 +302,10 @@ class Lockout:
             self._failures.pop(user, None)
 
 
+DUMMY_HASH = hash_password(new_password())
+"""Checked against when the user does not exist, so a refusal takes as long either way."""
+
+
 def check_password(
     store: Store, lockout: Lockout, name: str, password: str, via: Via, address: str = ""
 ) -> Principal | None:
@@ -310,7 +314,8 @@ def check_password(
     if lockout.locked(name) > 0:
         return None
     credential = store.get_credential(name)
-    ok = credential is not None and verify_password(password, credential.password_hash)
+    ok = verify_password(password, credential.password_hash if credential is not None else DUMMY_HASH)
+    ok = ok and credential is not None
     if not ok:
         lockout.failed(name)
         return None

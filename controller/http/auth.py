@@ -96,6 +96,8 @@ def check_password(ctx: Controller, user: str, password: str, address: str) -> P
     if LOCKOUT.locked(user) > 0:
         return None
     credential = _on_controller(ctx, lambda: ctx.store.get_credential(user))
+    if credential is None:  # as slow as a wrong password: whether a user exists does not show
+        verify_password(password, users.DUMMY_HASH)
     if credential is None or credential.revoked or not _check(user, password, credential.password_hash):
         LOCKOUT.failed(user)
         return None
