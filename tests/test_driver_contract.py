@@ -225,6 +225,22 @@ def test_logs_return_the_tail_of_an_instances_output(harness: Harness) -> None:
     assert driver.logs(ghost, 10) == ""
 
 
+def test_a_new_instance_has_only_its_own_output(harness: Harness) -> None:
+    """The instance that replaces another (a new version) does not show its predecessor's output: the
+    last log lines of a failing new version are its own."""
+    driver = harness.driver()
+    old = harness.script("job", "echo from-the-old-one; exit 0", 0, "from-the-old-one")
+    driver.create(STACK, stack_of(old), old)
+    inst = wait_for(driver, "exited", "job")
+    wait_until(lambda: driver.logs(inst, 10), timeout=TIMEOUT, message="the old one's output")
+    driver.remove(inst, 1.0)
+    new = harness.script("job", "echo from-the-new-one; exit 3", 3, "from-the-new-one")
+    driver.create(STACK, stack_of(new), new)
+    inst = wait_for(driver, "exited", "job")
+    text = wait_until(lambda: driver.logs(inst, 10), timeout=TIMEOUT, message="the new one's output")
+    assert text.split() == ["from-the-new-one"]
+
+
 def _talker(harness: Harness) -> ServiceSpec:
     """Prints one and two, then (after a second) a tick every 0.2 s; the fake driver gets ticks by emit()."""
     if harness.kind == "fake":

@@ -2,7 +2,8 @@
 
 A service's ``entrypoint`` + ``command`` is run directly on the host with its
 ``environment`` added to the agent's, in its own session (so it outlives an agent restart),
-stdout and stderr appended to ``{data_dir}/processes/{stack}.{service}.log``. Each
+stdout and stderr appended to ``{data_dir}/processes/{stack}.{service}.log`` (a new instance,
+like a new container, starts a new log; the previous instance's is kept as ``.log.1``). Each
 instance is recorded in ``{data_dir}/processes/{stack}.{service}.json`` with its pid and the
 kernel's start time of that pid, so a restarted agent re-attaches to processes that still
 run and never mistakes a recycled pid for its own. Images, ports, named volumes, absolute
@@ -23,6 +24,7 @@ the device, naming every such key (:meth:`ProcessDriver.unsupported`).
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import logging
 import os
@@ -254,7 +256,7 @@ class ProcessDriver:
             checker.start()
         return checker.status
 
-    def _launch(self, stack: str, service: ServiceSpec) -> None:
+    def _launch(self, stack: str, service: ServiceSpec, new_log: bool = False) -> None:
         argv = list(service.entrypoint or ()) + list(service.command or ())
         if not argv:
             raise DriverError(f"service {service.name}: the process driver needs a command or entrypoint")
@@ -295,6 +297,9 @@ class ProcessDriver:
             link.parent.mkdir(parents=True, exist_ok=True)
             link.unlink(missing_ok=True)
             link.symlink_to(host_path)
+        if new_log:  # the last log lines of a failing new version are its own, not its predecessor's
+            with contextlib.suppress(OSError):
+                os.replace(log_path, log_path.with_name(log_path.name + ".1"))
         try:
             output = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as exc:  # a read-only file system: run it anyway, without its log
@@ -334,7 +339,7 @@ class ProcessDriver:
         self._save(self._record_path(stack, service.name), record)
 
     def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
-        self._launch(stack, service)
+        self._launch(stack, service, new_log=True)
 
     def start(self, instance: Observed, service: ServiceSpec) -> None:
         self._launch(instance.stack, service)
