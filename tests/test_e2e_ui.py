@@ -5,10 +5,10 @@ converge, see a crash loop turn red with its log tail, follow a service's logs, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,7 +80,14 @@ def _enroll_config(tmp_path: Path, url: str, token: str) -> Path:
     return path
 
 
-def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One browser for the module's tests (each on its own host name: their cookies stay apart)."""
+    with browser_context(tmp_path_factory.mktemp("chromium")) as context:
+        yield context
+
+
+def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], browser: Any, tmp_path: Path) -> None:
     """Log in; a device enrolling shows up in the waiting room live, is approved there and comes
     online on the overview without a reload; the editor's dry run lists every error of a bad file,
     a good one deploys and its deployment page turns succeeded by itself; a crash-looping stack
@@ -92,7 +99,7 @@ def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], tmp_path: Pa
     token = cli_json(controller.url, "tokens", "create")["token"]
     agent: AgentProcess | None = None
     try:
-        with browser_context(tmp_path / "chromium") as context:
+        with contextlib.nullcontext(browser) as context:
             page = context.new_page()
             page.set_viewport_size({"width": 1280, "height": 800})
             page.set_default_timeout(DEADLINE_MS)
@@ -219,4 +226,72 @@ def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], tmp_path: Pa
     finally:
         if agent is not None:
             agent.stop()
-        shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
+
+
+def test_lost_connection_is_shown_and_recovers(browser: Any, tmp_path: Path) -> None:
+    """The dashboard's HTTP server goes away: the page says the connection is lost; it comes back on
+    the same port: the page says live again and shows what changed meanwhile, without a reload."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+    from support.fleet import online
+    from support.infra import wait_until
+    from support.recording import RecordingPublisher
+    from tether.controller.security import ensure_operator_credentials
+    from tether.controller.service import Controller
+    from tether.controller.store import Store
+    from tether.controller.ui import router
+    from tether.controller.users import ensure_user
+
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)  # no worker thread: commands run on the caller's (the server's)
+    controller.client = RecordingPublisher()  # type: ignore[assignment]
+    controller.leading.set()
+    ensure_operator_credentials(store, tmp_path, "mqtt://127.0.0.1:1883", 0.0)
+    ensure_user(store, "admin", "admin", 0.0)
+    password = json.loads((tmp_path / "operator.json").read_text())["password"]
+    app = FastAPI()
+    app.state.controller = controller
+    app.include_router(router)
+
+    def serve(port: int) -> tuple[Any, threading.Thread]:
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1
+        )
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        wait_until(lambda: server.started, 15, message="the HTTP server to start")
+        return server, thread
+
+    def stop(server: Any, thread: threading.Thread) -> None:
+        server.should_exit = server.force_exit = True
+        thread.join(20)
+        assert not thread.is_alive()
+
+    server, thread = serve(0)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    page = browser.new_page()
+    page.set_default_timeout(DEADLINE_MS)
+    try:
+        base = f"http://localhost:{port}"
+        page.goto(f"{base}/ui/login")
+        page.fill("input[name=user]", "admin")
+        page.fill("input[name=password]", password)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#live[data-state=on]")
+        assert page.inner_text("#count-online").strip() == "0"
+        page.evaluate("window.__kept = true")
+        stop(server, thread)
+        page.wait_for_selector("#live[data-state=lost]")
+        assert "connection lost" in page.inner_text("#live")
+        online(controller, "late-1")  # happens while the page cannot hear about it
+        server, thread = serve(port)
+        page.wait_for_selector("#live[data-state=on]")
+        page.wait_for_selector("#count-online:text-is('1')")
+        assert page.evaluate("window.__kept") is True
+    finally:
+        page.close()
+        stop(server, thread)
+        store.close()
