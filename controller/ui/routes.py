@@ -622,6 +622,14 @@ def _strategy(form: dict[str, Any]) -> RolloutStrategy:
     return RolloutStrategy.model_validate(values)
 
 
+def _problems(message: str) -> tuple[str, list[str]]:
+    """A refusal as a headline and its problems: ``stack 'x': 3 problems ...:`` then ``- ...`` lines."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return lines[0].removesuffix(":"), [line.removeprefix("- ") for line in lines[1:]]
+    return "", lines or [message]
+
+
 @router.get("/ui/deploy")
 def deploy_page(request: Request, name: str = "", group: str = "") -> Response:
     session = _session(request)
@@ -641,7 +649,9 @@ def deploy_page(request: Request, name: str = "", group: str = "") -> Response:
     except TetherError as exc:
         return _error_page(request, session, exc)
     form = {"name": name, "group": group, "compose": compose, "strategy": "all-at-once"}
-    return _render(request, "deploy.html", session, form=form, groups=groups, plan=None, errors=[])
+    return _render(
+        request, "deploy.html", session, form=form, groups=groups, plan=None, errors=[], headline=""
+    )
 
 
 @router.post("/ui/deploy")
@@ -660,6 +670,7 @@ async def deploy(request: Request) -> Response:
     form = {**form, "compose": compose}
     groups: list[str] = []
     errors: list[str] = []
+    headline = ""
     plan = None
     try:
         groups = [g.name for g in _run(request, session, GroupsList()).groups]
@@ -674,10 +685,18 @@ async def deploy(request: Request) -> Response:
     except ValidationError as exc:
         errors = [f"invalid: {codec.describe(exc)}"]
     except TetherError as exc:
-        errors = [line for line in str(exc).splitlines() if line.strip()] or [str(exc)]
+        headline, errors = _problems(str(exc))
     status = 400 if errors else 200
     return _render(
-        request, "deploy.html", session, code=status, form=form, groups=groups, plan=plan, errors=errors
+        request,
+        "deploy.html",
+        session,
+        code=status,
+        form=form,
+        groups=groups,
+        plan=plan,
+        errors=errors,
+        headline=headline,
     )
 
 

@@ -162,6 +162,8 @@ def test_dry_run_shows_every_error_and_deploy_goes_to_the_deployment(
     assert planned.status_code == 400
     problems = re.findall(r"<li>(.*?)</li>", planned.text.split('id="errors"')[1].split("</ul>")[0], re.S)
     assert len(problems) >= 2, planned.text
+    assert any("restart" in p for p in problems) and any("ports" in p for p in problems), problems
+    assert not any(p.startswith("- ") or p.endswith(":") for p in problems), problems
     assert controller.store.list_stacks() == []
     good = "services:\n  a:\n    image: busybox\n    command: [sleep, '600']\n"
     dry = client.post(
