@@ -98,6 +98,12 @@ def main() -> None:
     "(port 0 picks one).",
 )
 @click.option(
+    "--http-tls",
+    is_flag=True,
+    help="Serve --http over HTTPS with the broker's certificate (--tls: the quick-start CA's; "
+    "or --tls-cert/--tls-key).",
+)
+@click.option(
     "--wheelhouse",
     type=click.Path(path_type=Path, file_okay=False, exists=True),
     default=None,
@@ -152,6 +158,7 @@ def up(
     log_level: str,
     log_format: str,
     http: str | None,
+    http_tls: bool,
     wheelhouse: Path | None,
     allow_anonymous: bool,
     mosquitto_dir: Path | None,
@@ -193,6 +200,7 @@ def up(
                 with_agent,
                 agent_driver,
                 http,
+                http_tls=http_tls,
                 wheelhouse=wheelhouse,
                 allow_anonymous=allow_anonymous,
                 mosquitto_dir=mosquitto_dir,

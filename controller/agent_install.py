@@ -166,6 +166,8 @@ class InstallFiles:
     template: str
     ca: Download | None = None
     wheelhouse: Path | None = None
+    scheme: str = "http"
+    """``https`` when ``tether up --http-tls`` serves them."""
 
     @property
     def version(self) -> str:
@@ -179,12 +181,12 @@ class InstallFiles:
         return cls(broker, build_wheel(), script_template(), ca, wheelhouse)
 
     def script(self, host_header: str) -> str | None:
-        """The script for a device that asked at ``http://{host_header}``; None for a bad header."""
+        """The script for a device that asked at ``{scheme}://{host_header}``; None for a bad header."""
         split = split_host(host_header)
         if split is None:
             return None
         host, netloc = split
-        server = f"http://{netloc}"
+        server = f"{self.scheme}://{netloc}"
         values = {
             "version": __version__,
             "server": server,

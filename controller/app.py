@@ -53,6 +53,8 @@ class UpOptions:
     with_agent: bool
     agent_driver: str | None
     http: str | None = None
+    http_tls: bool = False
+    """Serve ``http`` over HTTPS with the TLS listener's certificate (``tls`` or ``tls_cert``)."""
     wheelhouse: Path | None = None
     """With ``http``: wheels of the agent's dependencies served at /wheels/ (agent_install.py)."""
     allow_anonymous: bool = False
@@ -218,6 +220,10 @@ def serve(options: UpOptions, echo: Callable[[str], None]) -> int:
         if not port_text.isdigit() or int(port_text) > 65535:
             raise ConfigError(f"--http {options.http}: expected HOST:PORT")
         _check_port_free(host or "127.0.0.1", int(port_text), "--http HOST:PORT")
+    if options.http_tls and not options.http:
+        raise ConfigError("--http-tls needs --http HOST:PORT")
+    if options.http_tls and not (options.tls or options.tls_cert):
+        raise ConfigError("--http-tls serves the broker's certificate: add --tls (or --tls-cert/--tls-key)")
     fresh = not options.data_dir.exists() and options.db is None
     started = threading.Event()
     try:
@@ -385,15 +391,30 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
             install = InstallFiles.load(address, ca_file if address.tls else None, options.wheelhouse)
             from .http import HttpServer  # FastAPI and uvicorn: imported only when serving
 
-            http = HttpServer(controller, host or "127.0.0.1", int(port_text), install)
+            certificate = None
+            if options.http_tls:  # the TLS listener's own certificate and key
+                if options.tls_cert and options.tls_key:
+                    certificate = (options.tls_cert, options.tls_key)
+                else:
+                    certificate = (
+                        options.data_dir / "tls" / "server.pem",
+                        options.data_dir / "tls" / "server.key",
+                    )
+                install.scheme = "https"
+            http = HttpServer(
+                controller, host or "127.0.0.1", int(port_text), install, certificate=certificate
+            )
             http.start()
             shown = host or "127.0.0.1"
             if shown in ("0.0.0.0", "::"):
                 shown = socket.gethostname()
-            echo(f"tether: health and metrics on http://{shown}:{http.port}/metrics")
+            scheme = install.scheme
+            cacert = " --cacert ca.pem" if certificate is not None and ca_file is not None else ""
+            echo(f"tether: health and metrics on {scheme}://{shown}:{http.port}/metrics")
+            echo(f"tether: HTTP API on {scheme}://{shown}:{http.port}/api/v1/ (docs: /api/v1/docs)")
             echo(
-                f"tether: device install (tether-agent {install.version}): curl -fsSL "
-                f"http://{shown}:{http.port}/install.sh | sudo sh -s -- --token TOKEN (tether tokens create)"
+                f"tether: device install (tether-agent {install.version}): curl -fsSL{cacert} "
+                f"{scheme}://{shown}:{http.port}/install.sh | sudo sh -s -- --token TOKEN (tether tokens create)"
             )
         controller.ready.wait(15)
         started.set()

@@ -165,3 +165,25 @@ def test_deploy_over_http_with_events_and_errors(tmp_path: Path) -> None:
     finally:
         agent.stop()
         controller.stop()
+
+
+def test_http_tls_serves_the_api_over_https(tmp_path: Path) -> None:
+    """--http-tls serves HTTPS with the quick-start certificate (verified against its CA): the
+    health check, the API with credentials, and an install script whose URLs are https."""
+    controller = ControllerProcess(
+        tmp_path / "c", auth=True, extra=["--tls", "--http", "127.0.0.1:0", "--http-tls"]
+    )
+    try:
+        port = int(controller.wait_for_line(r"health and metrics on https://127.0.0.1:(\d+)/").group(1))
+        ca = str(tmp_path / "c" / "tls" / "ca.pem")
+        password = json.loads((tmp_path / "c" / "operator.json").read_text())["password"]
+        base = f"https://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz", verify=ca).text == "ok\n"
+        listed = httpx.get(f"{base}/api/v1/devices", auth=("admin", password), verify=ca)
+        assert listed.status_code == 200 and "devices" in listed.json()
+        script = httpx.get(f"{base}/install.sh", verify=ca).text
+        assert f"https://127.0.0.1:{port}/agent/tether-" in script and "http://127.0.0.1" not in script
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)  # plain HTTP is not served
+    finally:
+        controller.stop()

@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
@@ -44,8 +45,14 @@ class HttpServer:
     """
 
     def __init__(
-        self, controller: Controller, host: str, port: int, install: InstallFiles | None = None
+        self,
+        controller: Controller,
+        host: str,
+        port: int,
+        install: InstallFiles | None = None,
+        certificate: tuple[Path, Path] | None = None,
     ) -> None:
+        """``certificate``: (certificate, key) PEM files to serve HTTPS with (None: plain HTTP)."""
         self.app = create_app(controller, install=install)
         self._socket = _bind(host, port)
         self.port: int = self._socket.getsockname()[1]
@@ -55,6 +62,8 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=2,
+            ssl_certfile=str(certificate[0]) if certificate else None,
+            ssl_keyfile=str(certificate[1]) if certificate else None,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name="http", daemon=True)
