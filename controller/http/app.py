@@ -49,7 +49,7 @@ def create_app(controller: Controller, install: InstallFiles | None = None) -> F
             "controller's error code."
         ),
         openapi_url=f"{API_PREFIX}/openapi.json",
-        docs_url=f"{API_PREFIX}/docs",
+        docs_url=None,  # FastAPI's Swagger page loads its JavaScript from a CDN: nothing from the internet
         redoc_url=None,
     )
     app.state.controller = controller
