@@ -126,7 +126,8 @@ def test_dashboard_end_to_end(fleet: tuple[ControllerProcess, str], browser: Any
             page.wait_for_selector("input[name=device][value=ui-1]")
             assert page.evaluate("window.__kept") is True
             shot(page, "waiting-room")
-            page.check("input[name=device][value=ui-1]")
+            page.click("button[data-select-all=device]")
+            assert page.is_checked("input[name=device][value=ui-1]")
             page.click("button[value=approve]")
             page.wait_for_selector("text=approved 1")
 

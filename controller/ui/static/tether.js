@@ -35,8 +35,16 @@
       })
       .then(function (html) {
         if (html !== null && html !== undefined && !busy()) {
+          // Keep the keyboard where it was: the link or button focused before, if it is still there.
+          var focused = document.activeElement;
+          var href = focused && main.contains(focused) ? focused.getAttribute("href") : null;
+          var label = focused && main.contains(focused) ? focused.getAttribute("aria-label") : null;
           main.innerHTML = html;
           main.setAttribute("data-refreshed", String(Date.now()));
+          var back = null;
+          if (href) back = main.querySelector('[href="' + CSS.escape(href) + '"]');
+          else if (label) back = main.querySelector('[aria-label="' + CSS.escape(label) + '"]');
+          if (back) back.focus();
         }
       })
       .catch(function () { /* the stream's own error shows the lost connection */ })
@@ -80,6 +88,15 @@
   }
   connect();
 })();
+
+// "Select all" in a form with checkboxes (the waiting room's bulk approve).
+document.addEventListener("click", function (e) {
+  var button = e.target.closest ? e.target.closest("[data-select-all]") : null;
+  if (!button || !button.form) return;
+  var boxes = button.form.querySelectorAll("input[type=checkbox][name=" + button.getAttribute("data-select-all") + "]");
+  var all = Array.prototype.every.call(boxes, function (b) { return b.checked; });
+  Array.prototype.forEach.call(boxes, function (b) { b.checked = !all; });
+});
 
 // Following a service's logs (the device page): the device's log stream as server-sent events.
 (function () {
