@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from support.infra import Mosquitto, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
@@ -16,10 +18,13 @@ STACK = 'services:\n  s:\n    command: ["sh", "-c", "echo {v} > version; exec sl
 
 
 def test_failover_to_standby(tmp_path: Path, mosquitto: Mosquitto, postgres_url: str) -> None:
-    """SIGKILL the leader: the standby leads within seconds; deploys before and after apply once each."""
+    """SIGKILL the leader: the standby leads within seconds; deploys before and after apply once each.
+    Over HTTP the standby answers reads and refuses writes (503) until it leads."""
     url = mosquitto.url
     first = ControllerProcess(tmp_path / "c1", broker=url, db=postgres_url, extra=["--ha"])
-    second = ControllerProcess(tmp_path / "c2", broker=url, db=postgres_url, extra=["--ha"])
+    second = ControllerProcess(
+        tmp_path / "c2", broker=url, db=postgres_url, extra=["--ha", "--http", "127.0.0.1:0"]
+    )
     device = f"ha-{uuid.uuid4().hex[:6]}"
     agent = AgentProcess(url, device, tmp_path / "agent")
     try:
@@ -49,11 +54,18 @@ def test_failover_to_standby(tmp_path: Path, mosquitto: Mosquitto, postgres_url:
         for _ in range(6):  # reads are answered by either controller
             assert [s["name"] for s in cli_json(url, "stacks", "ls")] == ["s"]
         before = cli_json(url, "devices", "show", device)
+        port = int(second.wait_for_line(r"health and metrics on http://127.0.0.1:(\d+)/").group(1))
+        password = json.loads((tmp_path / "c1" / "operator.json").read_text())["password"]
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api/v1", auth=("admin", password), timeout=30)
+        assert [s["name"] for s in api.get("/stacks").json()["stacks"]] == ["s"]
+        refused = api.post("/groups", json={"name": "later", "selector": "x=1"})
+        assert refused.status_code == 503 and refused.json()["code"] == "unavailable", refused.text
 
         first.kill()
         killed = time.monotonic()
         second.wait_for_line(r"this controller leads", timeout=30)
         print(f"\nHA handover after SIGKILL: {time.monotonic() - killed:.2f}s")
+        assert api.post("/groups", json={"name": "later", "selector": "x=1"}).status_code == 201
 
         stack.write_text(STACK.format(v="v2"))
         update = cli(
