@@ -53,6 +53,9 @@ SKIPPED = {
     "Notifications": "its receiver is hooks.example.com, which the walk's namespace cannot reach, and "
     "`tether notify test` names a webhook id (wh-1a2b3c4d) other than the one `notify add` prints; "
     "tests/test_e2e_notify*.py post to a local receiver",
+    "Users, roles and the audit log": "not runnable as written yet: `tether --credentials ann.json "
+    "stacks deploy ...` has `...` for its arguments, and its refusal is a comment, not a "
+    "`# tether: error: ...` line the walk can expect",
     "Running the controller for real": "an HA pair needs PostgreSQL and Mosquitto at example hosts; "
     "tests/test_e2e_ha.py runs it",
     "Performance": "the benchmarks take minutes to an hour; tests/test_bench_smoke.py runs each small",
