@@ -411,7 +411,9 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
             scheme = install.scheme
             cacert = " --cacert ca.pem" if certificate is not None and ca_file is not None else ""
             echo(f"tether: health and metrics on {scheme}://{shown}:{http.port}/metrics")
-            echo(f"tether: HTTP API on {scheme}://{shown}:{http.port}/api/v1/ (its OpenAPI document: /api/v1/openapi.json)")
+            echo(
+                f"tether: HTTP API on {scheme}://{shown}:{http.port}/api/v1/ (its OpenAPI document: /api/v1/openapi.json)"
+            )
             echo(
                 f"tether: device install (tether-agent {install.version}): curl -fsSL{cacert} "
                 f"{scheme}://{shown}:{http.port}/install.sh | sudo sh -s -- --token TOKEN (tether tokens create)"

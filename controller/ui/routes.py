@@ -78,7 +78,9 @@ from .logs import DeviceSession, LogFollow
 
 COOKIE = "tether_session"
 PAGE_SIZE = 50
-"""Devices per page of the device list."""
+"""Devices per page of the device list and of a stack's devices."""
+DEPLOYMENT_ROWS = 200
+"""Devices a deployment's page lists (its counts cover them all)."""
 ATTENTION = ("failed", "paused", "awaiting-promotion", "staging", "staged", "running")
 """Deployment states the overview lists (active ones, and failures)."""
 
@@ -574,12 +576,23 @@ def stacks(request: Request) -> Response:
 
 
 @router.get("/ui/stacks/{name}")
-def stack(request: Request, name: str, version: int | None = None, against: int | None = None) -> Response:
+def stack(
+    request: Request,
+    name: str,
+    version: int | None = None,
+    against: int | None = None,
+    state: str = "",
+    after: str = "",
+) -> Response:
     session = _session(request)
     if session is None:
         return _login_first(request)
     try:
-        status = _run(request, session, StacksStatus(name=name))
+        status = _run(
+            request,
+            session,
+            StacksStatus(name=name, limit=PAGE_SIZE, after=after or None, states=(state,) if state else ()),
+        )
         shown = _run(request, session, StacksShow(name=name, version=version))
         other = _run(request, session, StacksShow(name=name, version=against)) if against else None
         deployments = _run(request, session, DeploymentsList(stack=name)).deployments[:10]
@@ -602,6 +615,11 @@ def stack(request: Request, name: str, version: int | None = None, against: int 
         session,
         name=name,
         stack_status=status,
+        state=state,
+        next_link=f"/ui/stacks/{urllib.parse.quote(name)}?"
+        + urlencode({"state": state, "after": status.next})
+        if status.next
+        else None,
         shown=shown,
         other=other,
         diff=diff,
@@ -719,11 +737,20 @@ def deployment(request: Request, deployment_id: int) -> Response:
         return _login_first(request)
     try:
         shown = _run(request, session, DeploymentsStatus(id=deployment_id)).deployment
-        status = _run(request, session, StacksStatus(name=shown.stack))
+        status = _run(request, session, StacksStatus(name=shown.stack, limit=DEPLOYMENT_ROWS))
     except (TetherError, ValidationError) as exc:
         return _error_page(request, session, exc)
     rows = {r.device: r for r in status.devices}
-    return _render(request, "deployment.html", session, deployment=shown, rows=rows)
+    devices = sorted((shown.devices or {}).items())[:DEPLOYMENT_ROWS]
+    return _render(
+        request,
+        "deployment.html",
+        session,
+        deployment=shown,
+        rows=rows,
+        devices=devices,
+        more=max(0, len(shown.devices or {}) - len(devices)),
+    )
 
 
 @router.post("/ui/deployments/{deployment_id}/{action}")

@@ -402,3 +402,22 @@ def test_static_files_are_served_and_shipped(client: TestClient) -> None:
     ui = root / "controller" / "ui"
     files = [p.relative_to(ui).as_posix() for d in ("templates", "static") for p in (ui / d).iterdir()]
     assert files and all(any(fnmatch.fnmatch(f, g) for g in shipped) for f in files), files
+
+
+def test_stack_page_pages_its_devices(client: TestClient, controller: Controller) -> None:
+    """A stack on 60 devices: its page counts them by state, lists 50 with a link to the rest, and
+    filters by state."""
+    from tether.protocol.commands import GroupsCreate, StacksDeploy
+
+    for n in range(60):
+        online(controller, f"s-{n:02d}")
+    controller.execute(GroupsCreate(name="all", devices=tuple(f"s-{n:02d}" for n in range(60))))
+    controller.execute(StacksDeploy(name="app", group="all", compose="services:\n  a:\n    image: busybox\n"))
+    _login(client)
+    page = client.get("/ui/stacks/app").text
+    assert "Devices (60)" in page and page.count('<tr data-device="') == 50
+    assert 'href="/ui/stacks/app?state=&amp;after=s-49"' in page
+    rest = client.get("/ui/stacks/app", params={"after": "s-49"}).text
+    assert rest.count('<tr data-device="') == 10 and 'data-device="s-59"' in rest
+    none = client.get("/ui/stacks/app", params={"state": "failed"}).text
+    assert none.count('<tr data-device="') == 0
