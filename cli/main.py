@@ -416,8 +416,11 @@ def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
     if d.get("events"):
         click.echo("\nrecent events:")
         for e in d["events"][-10:]:
+            about = "/".join(x for x in (e.get("stack"), e.get("service")) if x)
             click.echo(
-                f"  {output.when(e['at'])} {show(e['level']):<7} {show(e['kind'])}: {show(e['message'])}"
+                f"  {output.when(e['at'])} {show(e['level']):<7} {show(e['kind'])}"
+                + (f" {show(about)}" if about else "")
+                + f": {show(e['message'])}"
             )
 
 
@@ -788,11 +791,15 @@ def _plural(n: int, word: str) -> str:
 
 
 def _rollout_line(r: dict[str, Any], min_healthy: float) -> str:
-    """``updating (batch 1), healthy in 8s`` or ``downloading (batch 1), downloading 43% (...)``:
-    the countdown ticks in steps of a tenth of min_healthy_time (at least a second)."""
+    """``updating (batch 1), healthy in 8s`` or ``downloading (batch 1): 43% (...)`` (the state
+    said once): the countdown ticks in steps of a tenth of min_healthy_time (at least a second)."""
     line = r["state"] + (f" (batch {r['batch']})" if r["batch"] else "")
-    if r.get("progress"):
-        line += f", {r['progress']}"
+    progress = r.get("progress") or ""
+    if r["state"] == "downloading" and progress.startswith("downloading"):
+        progress = progress.removeprefix("downloading").strip()
+        line += f": {progress}" if progress else ""
+    elif progress:
+        line += f", {progress}"
     if r.get("healthy_in") is not None:
         tick = max(1.0, min_healthy / 10)
         line += f", healthy in {format_duration(math.ceil(r['healthy_in'] / tick) * tick)}"
