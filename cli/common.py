@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from tether.protocol.codec import describe
+from tether.protocol.durations import parse_duration
 from tether.protocol.errors import ConfigError, TetherError
 from tether.protocol.secret_files import read_credentials
 
+from . import output
 from .client import ControllerClient
 from .contexts import CONTEXT_ENV, Config, Context, lookup_order
 
@@ -179,3 +181,51 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(f"invalid {exc.title}: {describe(exc)}")
 
     return wrapper
+
+
+def send_and_print(
+    client: ControllerClient,
+    fmt: str,
+    command: BaseModel,
+    text: Callable[[Any], str | list[str]],
+    *,
+    key: str | None = None,
+) -> Any:
+    """Send ``command`` to the controller, then print its result: as JSON with ``-o json``,
+    else ``text(result)``: a table or a line, or a list of lines (none for an empty list).
+    With ``key``, only ``result[key]`` is shown (and given to ``text``). Returns what was shown.
+
+    The shape of most commands; those that do more between the request and the printing
+    (follow a deployment, write a file, ask a device) call :meth:`ControllerClient.request`."""
+    result = client.request(command)
+    shown = result[key] if key is not None else result
+    if fmt == "json":
+        click.echo(output.to_json(shown))
+        return shown
+    rendered = text(shown)
+    for line in [rendered] if isinstance(rendered, str) else rendered:
+        click.echo(line)
+    return shown
+
+
+def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """A click callback: a Compose duration (``30s``, ``5m``) in seconds; None stays None."""
+    if value is None:
+        return None
+    where = param.opts[0] if param.opts else "duration"  # --every, not the internal every_s
+    try:
+        return parse_duration(value, where)
+    except TetherError as exc:  # click names the option already
+        raise click.BadParameter(str(exc).removeprefix(f"{where}: ")) from exc
+
+
+def wait_timeout_option(
+    ctx: click.Context, param: click.Parameter, value: str | float | None
+) -> float | None:
+    """--timeout: a duration (5m, 90s) or, as before, a number of seconds."""
+    if value is None or isinstance(value, float):
+        return value
+    try:
+        return float(value) if value.replace(".", "", 1).isdigit() else parse_duration(value, "--timeout")
+    except TetherError as exc:  # click names the option already
+        raise click.BadParameter(str(exc).removeprefix("--timeout: ")) from exc

@@ -16,18 +16,11 @@ from typing import Any
 
 import click
 from tether.protocol import __version__
-from tether.protocol import labels as label_rules
 from tether.protocol.commands import (
     DeploymentsAction,
     DeploymentsEvents,
     DeploymentsList,
     DeploymentsStatus,
-    DevicesCredentials,
-    DevicesLabel,
-    DevicesList,
-    DevicesRemove,
-    DevicesRevoke,
-    DevicesShow,
     GroupsCreate,
     GroupsList,
     GroupsRemove,
@@ -47,13 +40,13 @@ from tether.protocol.commands import (
     StacksShow,
     StacksStatus,
 )
-from tether.protocol.durations import format_duration, parse_duration
+from tether.protocol.durations import format_duration
 from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
-from . import audit, contexts, enroll, notify, output, registries, remote, users, variables
+from . import audit, contexts, devices, enroll, notify, output, registries, remote, users, variables
 from .client import ControllerClient
-from .common import common, fail
+from .common import common, duration_option, fail, wait_timeout_option
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -331,212 +324,6 @@ def mosquitto_config(
         click.echo(f"operator credentials in {operator_file.resolve()}")
 
 
-# --- devices --------------------------------------------------------------------------------
-
-
-@main.group()
-def devices() -> None:
-    """Devices of the fleet."""
-
-
-@devices.command("ls")
-@common
-def devices_ls(client: ControllerClient, fmt: str) -> None:
-    """List devices with their presence and stacks."""
-    result = client.request(DevicesList())
-    if fmt == "json":
-        click.echo(output.to_json(result["devices"]))
-        return
-    rows = [
-        (
-            d["id"],
-            output.presence(d) + (", storage error" if d.get("storage_error") else ""),
-            output.labels(d["labels"]),
-            f"{d['applied_generation'] if (d['applied_generation'] or -1) >= 0 else '-'}/"
-            f"{d['desired_generation'] if d['desired_generation'] is not None else '-'}",
-            ", ".join(f"{k}:{v}" for k, v in sorted(d["stacks"].items())) or "-",
-        )
-        for d in result["devices"]
-    ]
-    click.echo(output.table(["DEVICE", "PRESENCE", "LABELS", "GEN (APPLIED/DESIRED)", "STACKS"], rows))
-
-
-@devices.command("show")
-@click.argument("device_id")
-@common
-def devices_show(client: ControllerClient, fmt: str, device_id: str) -> None:
-    """Show one device: facts, desired and reported state, recent events."""
-    d = client.request(DevicesShow(device_id=device_id))["device"]
-    if fmt == "json":
-        click.echo(output.to_json(d))
-        return
-    remote.add_live_facts(client, d)  # asks the device itself when it is online
-    facts = d.get("facts") or {}
-    show = output.printable
-    click.echo(f"device:     {show(d['id'])}")
-    click.echo(f"presence:   {output.presence(d)} (session {d['session']})")
-    click.echo(f"labels:     {output.labels(d['labels'], d.get('label_sources', {}))}")
-    if any(source == "device" for source in d.get("label_sources", {}).values()):
-        click.echo("            ([device] labels and facts match only groups that trust device labels)")
-    for key, title in (
-        ("agent_version", "agent"),
-        ("driver", "driver"),
-        ("arch", "arch"),
-        ("os", "os"),
-        ("hostname", "hostname"),
-    ):
-        if key in facts:
-            click.echo(f"{title + ':':<11} {show(facts[key])}")
-    remote.echo_host_facts(d)
-    click.echo(f"generation: applied {d['applied_generation']} / desired {d['desired_generation']}")
-    reported = d.get("reported") or {}
-    if reported.get("error"):
-        click.echo(f"error:      {show(reported['error'])}")
-    if reported.get("storage_error"):
-        click.echo(f"storage:    {show(reported['storage_error'])}")
-    rows = []
-    for stack, status in sorted((reported.get("stacks") or {}).items()):
-        for svc, s in status["services"].items():
-            rows.append(
-                (
-                    stack,
-                    svc,
-                    s["state"],
-                    s.get("health") or "",
-                    s.get("restarts", 0),
-                    s.get("last_error") or "",
-                )
-            )
-    if rows:
-        click.echo("")
-        click.echo(output.table(["STACK", "SERVICE", "STATE", "HEALTH", "RESTARTS", "LAST ERROR"], rows))
-    if d.get("dropped"):
-        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(d["dropped"].items()))
-        click.echo(f"dropped:    {show(counts)} (messages not stored as sent: docs/security.md)")
-    if d.get("events"):
-        click.echo("\nrecent events:")
-        for e in d["events"][-10:]:
-            about = "/".join(x for x in (e.get("stack"), e.get("service")) if x)
-            click.echo(
-                f"  {output.when(e['at'])} {show(e['level']):<7} {show(e['kind'])}"
-                + (f" {show(about)}" if about else "")
-                + f": {show(e['message'])}"
-            )
-
-
-@devices.command("label")
-@click.argument("device_id")
-@click.argument("changes", nargs=-1, required=True)
-@common
-def devices_label(client: ControllerClient, fmt: str, device_id: str, changes: tuple[str, ...]) -> None:
-    """Set labels (k=v) or remove them (k-) on a device, from the controller."""
-    to_set: dict[str, str] = {}
-    to_remove: list[str] = []
-    for change in changes:
-        if change.endswith("-") and "=" not in change:
-            to_remove.append(change[:-1])
-        elif "=" in change:
-            try:
-                key, value = label_rules.split(change)  # checked by the controller, all at once
-            except ValueError as exc:
-                raise TetherError(f"{exc}: use key=value to set or key- to remove") from None
-            to_set[key] = value
-        else:
-            raise TetherError(f"{change!r}: use key=value to set or key- to remove")
-    d = client.request(DevicesLabel(device_id=device_id, set=to_set, remove=tuple(to_remove)))["device"]
-    click.echo(output.to_json(d) if fmt == "json" else f"{d['id']}: {output.labels(d['labels'])}")
-
-
-@devices.command("credentials")
-@click.argument("device_id")
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Write them to this file (0600, the agent's credentials.json format) instead of stdout; "
-    "with --cert, a directory.",
-)
-@click.option(
-    "--cert",
-    is_flag=True,
-    help="A client certificate and key instead of a password (tether up --require-client-cert).",
-)
-@common
-def devices_credentials(
-    client: ControllerClient, fmt: str, device_id: str, out: Path | None, cert: bool
-) -> None:
-    """Create (or rotate) a device's broker credentials; the password is shown only once."""
-    if cert:
-        _device_certificate(client, fmt, device_id, out)
-        return
-    result = client.request(DevicesCredentials(device_id=device_id))
-    data = {"username": result["username"], "password": result["password"]}
-    if out is not None:
-        from tether.protocol.secret_files import write_secret_json
-
-        write_secret_json(out, data)
-        if fmt == "json":
-            click.echo(output.to_json({"device_id": device_id, "written": str(out)}))
-        else:
-            click.echo(f"{device_id}: credentials written to {out}")
-    elif fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        click.echo(f"username: {data['username']}\npassword: {data['password']}")
-
-
-def _device_certificate(client: ControllerClient, fmt: str, device_id: str, out: Path | None) -> None:
-    """`tether devices credentials ID --cert --out DIR`: DIR/ID.pem, DIR/ID.key (0600), DIR/ca.pem."""
-    if out is None:
-        raise TetherError("--cert needs --out DIR (the private key is written to a file, never printed)")
-    if out.exists() and not out.is_dir():
-        raise TetherError(f"--out {out}: not a directory (with --cert, --out names a directory)")
-    result = client.request(DevicesCredentials(device_id=device_id, certificate=True))
-    from tether.protocol.secret_files import write_secret_text
-
-    out = out.resolve()
-    cert_file, key_file, ca_file = out / f"{device_id}.pem", out / f"{device_id}.key", out / "ca.pem"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_secret_text(key_file, result["key"])
-        cert_file.write_text(result["certificate"])
-        ca_file.write_text(result["ca"])
-    except OSError as exc:
-        raise TetherError(f"cannot write the certificate files in {out}: {exc.strerror or exc}") from exc
-    if fmt == "json":
-        written = {"certificate": str(cert_file), "key": str(key_file), "ca": str(ca_file)}
-        click.echo(output.to_json({"device_id": device_id, **written}))
-        return
-    click.echo(f"{device_id}: certificate {cert_file}, key {key_file}, CA {ca_file}")
-    click.echo(f'agent config: tls_cert = "{cert_file}"  tls_key = "{key_file}"  ca_file = "{ca_file}"')
-
-
-@devices.command("revoke")
-@click.argument("device_ids", nargs=-1, required=True)
-@common
-def devices_revoke(client: ControllerClient, fmt: str, device_ids: tuple[str, ...]) -> None:
-    """Cut devices off now: credentials revoked, live session closed, out of every group."""
-    result = client.request(DevicesRevoke(device_ids=device_ids))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        for device_id in result["revoked"]:
-            click.echo(f"{device_id}: revoked")
-
-
-@devices.command("rm")
-@click.argument("device_ids", nargs=-1, required=True)
-@common
-def devices_rm(client: ControllerClient, fmt: str, device_ids: tuple[str, ...]) -> None:
-    """Forget devices: record, desired state (cleared on the broker), events and credentials."""
-    result = client.request(DevicesRemove(device_ids=device_ids))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        for device_id in result["removed"]:
-            click.echo(f"{device_id}: removed")
-
-
 # --- groups ---------------------------------------------------------------------------------
 
 
@@ -580,7 +367,7 @@ def groups_create(
     if fmt == "json":
         click.echo(output.to_json(group))
     else:
-        click.echo(f"group {group['name']} created ({_plural(len(group['members']), 'member')} now)")
+        click.echo(f"group {group['name']} created ({output.plural(len(group['members']), 'member')} now)")
     if never_seen:
         click.echo(
             f"warning: {', '.join(output.printable(d) for d in never_seen)}: never connected to this controller "
@@ -603,7 +390,9 @@ def groups_trust(client: ControllerClient, fmt: str, name: str, off: bool) -> No
         click.echo(output.to_json(group))
     else:
         what = "labels devices report, too" if group["trust_device_labels"] else "trusted labels only"
-        click.echo(f"group {group['name']} matches {what} ({_plural(len(group['members']), 'member')} now)")
+        click.echo(
+            f"group {group['name']} matches {what} ({output.plural(len(group['members']), 'member')} now)"
+        )
 
 
 def _group_rows(groups: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
@@ -687,7 +476,7 @@ def _stack_status(client: ControllerClient, name: str, states: tuple[str, ...] =
 
 
 def _counts_line(counts: dict[str, int], total: int) -> str:
-    return f"{_plural(total, 'device')}: " + (
+    return f"{output.plural(total, 'device')}: " + (
         ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
     )
 
@@ -764,30 +553,6 @@ def _some(names: Iterable[str], most: int = 20) -> str:
 def _service_errors(row: dict[str, Any]) -> str:
     errors = [f"{k}: {v['last_error']}" for k, v in row.get("services", {}).items() if v.get("last_error")]
     return "; ".join(errors)
-
-
-def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    where = param.opts[0] if param.opts else "duration"  # --every, not the internal every_s
-    try:
-        return parse_duration(value, where)
-    except TetherError as exc:  # click names the option already
-        raise click.BadParameter(str(exc).removeprefix(f"{where}: ")) from exc
-
-
-def _wait_timeout(ctx: click.Context, param: click.Parameter, value: str | float | None) -> float | None:
-    """--timeout: a duration (5m, 90s) or, as before, a number of seconds."""
-    if value is None or isinstance(value, float):
-        return value
-    try:
-        return float(value) if value.replace(".", "", 1).isdigit() else parse_duration(value, "--timeout")
-    except TetherError as exc:  # click names the option already
-        raise click.BadParameter(str(exc).removeprefix("--timeout: ")) from exc
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def _rollout_line(r: dict[str, Any], min_healthy: float) -> str:
@@ -1008,11 +773,11 @@ def stacks_config(
 @click.option(
     "--canary", "canary", type=click.IntRange(1), default=1, show_default=True, help="Canary devices."
 )
-@click.option("--min-healthy-time", callback=_duration, default="10s", show_default=True)
-@click.option("--healthy-deadline", callback=_duration, default="5m", show_default=True)
+@click.option("--min-healthy-time", callback=duration_option, default="10s", show_default=True)
+@click.option("--healthy-deadline", callback=duration_option, default="5m", show_default=True)
 @click.option(
     "--download-deadline",
-    callback=_duration,
+    callback=duration_option,
     default="24h",
     show_default=True,
     help="How long a device may take to download the new images, retrying network errors, before it fails.",
@@ -1029,7 +794,7 @@ def stacks_config(
 @click.option("--wait", is_flag=True, help="Follow the deployment until it succeeds or fails.")
 @click.option(
     "--timeout",
-    callback=_wait_timeout,
+    callback=wait_timeout_option,
     default="5m",
     show_default=True,
     help="How long --wait waits (90s, 5m).",
@@ -1147,7 +912,9 @@ def stacks_deploy(
                 )
             else:
                 if (stack.get("placement") or {}).get("mode") == "replicas":
-                    click.echo(f"stack {name} is running: {_plural(running, 'replica')} in group {group}")
+                    click.echo(
+                        f"stack {name} is running: {output.plural(running, 'replica')} in group {group}"
+                    )
                 else:
                     click.echo(f"stack {name} is running on all {running} device(s) of group {group}")
     if fmt == "json":
@@ -1208,7 +975,7 @@ def stacks_status(client: ControllerClient, fmt: str, name: str) -> None:
 @click.option("--wait", is_flag=True, help="Wait until every device has removed it.")
 @click.option(
     "--timeout",
-    callback=_wait_timeout,
+    callback=wait_timeout_option,
     default="5m",
     show_default=True,
     help="How long --wait waits (90s, 5m).",
@@ -1244,7 +1011,7 @@ def _job_line(j: dict[str, Any]) -> str:
 @click.argument("command", nargs=-1, required=True)
 @click.option("--group", required=True)
 @click.option("--image", default=None, help="Run in this image (docker driver); else a host command.")
-@click.option("--timeout", "timeout_s", callback=_duration, default="5m", show_default=True)
+@click.option("--timeout", "timeout_s", callback=duration_option, default="5m", show_default=True)
 @common
 def jobs_run(
     client: ControllerClient,
@@ -1267,9 +1034,9 @@ def jobs_run(
 @click.argument("command", nargs=-1, required=True)
 @click.option("--group", required=True)
 @click.option("--cron", default=None, help="5-field cron expression, evaluated on the device (UTC).")
-@click.option("--every", "every_s", callback=_duration, default=None, help="Or an interval, e.g. 30s.")
+@click.option("--every", "every_s", callback=duration_option, default=None, help="Or an interval, e.g. 30s.")
 @click.option("--image", default=None, help="Run in this image (docker driver); else a host command.")
-@click.option("--timeout", "timeout_s", callback=_duration, default="5m", show_default=True)
+@click.option("--timeout", "timeout_s", callback=duration_option, default="5m", show_default=True)
 @click.option("--concurrency", type=click.Choice(["skip", "queue"]), default="skip", show_default=True)
 @common
 def jobs_schedule(
@@ -1408,7 +1175,11 @@ def deployments_ls(client: ControllerClient, fmt: str, stack: str | None) -> Non
     "-f", "--follow", is_flag=True, help="Follow it until it settles (Ctrl-C stops following only)."
 )
 @click.option(
-    "--timeout", callback=_wait_timeout, default="5m", show_default=True, help="How long --follow waits."
+    "--timeout",
+    callback=wait_timeout_option,
+    default="5m",
+    show_default=True,
+    help="How long --follow waits.",
 )
 @common
 def deployments_status(
@@ -1519,7 +1290,7 @@ def _strategy_line(s: dict[str, Any]) -> str:
     if s["kind"] != "all-at-once":
         parts.append(f"{s['max_parallel']} at a time")
     if s["kind"] == "canary":
-        parts.append(f"{_plural(s['canary'], 'canary')}".replace("canarys", "canaries"))
+        parts.append(f"{output.plural(s['canary'], 'canary')}".replace("canarys", "canaries"))
     parts += [
         f"healthy after {format_duration(s['min_healthy_time_s'])}",
         f"deadline {format_duration(s['healthy_deadline_s'])}",
@@ -1536,7 +1307,11 @@ def _deployment_action(kind: str, verb: str) -> Callable[..., Any]:
     @click.argument("deployment_id", type=int)
     @click.option("--wait", is_flag=True, help="Then follow the deployment until it settles.")
     @click.option(
-        "--timeout", callback=_wait_timeout, default="5m", show_default=True, help="How long --wait waits."
+        "--timeout",
+        callback=wait_timeout_option,
+        default="5m",
+        show_default=True,
+        help="How long --wait waits.",
     )
     @common
     def command(client: ControllerClient, fmt: str, deployment_id: int, wait: bool, timeout: float) -> None:
@@ -1568,6 +1343,7 @@ deployments.command("rollback")(
 )
 
 
+devices.register(main)  # tether devices (cli/devices.py)
 remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remote.py)
 enroll.register(main)  # tether tokens, tether devices pending|approve|reject (cli/enroll.py)
 variables.register(main)  # tether vars (cli/variables.py)

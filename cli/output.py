@@ -44,3 +44,8 @@ def presence(device: dict[str, Any]) -> str:
     if device["status"] == "unknown":
         return f"unknown (not heard from since {when(device.get('since'))})"
     return str(device["status"])
+
+
+def plural(n: int, word: str) -> str:
+    """``1 device``, ``3 devices``."""
+    return f"{n} {word}" + ("" if n == 1 else "s")
