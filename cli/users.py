@@ -62,7 +62,7 @@ def _shown_once(client: ControllerClient, fmt: str, result: dict[str, Any], writ
     click.echo(f"user {user['name']} ({user['role']})")
     click.echo(f"password (shown once): {result['password']}")
     if write is not None:
-        click.echo(f"credentials written to {write} (0600): tether --credentials {write} ...")
+        click.echo(f"credentials written to {write} (0600): tether ... --credentials {write}")
 
 
 WRITE = click.option(

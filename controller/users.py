@@ -329,7 +329,7 @@ def check_password(
 def audit_target(command: CommandModel) -> dict[str, Any]:
     """The names ``command`` acts on (:data:`AUDITED_FIELDS`), never anything else of it."""
     fields = command.model_dump(mode="json", include=set(AUDITED_FIELDS))
-    return {k: v for k, v in fields.items() if v not in (None, "", [], ())}
+    return {k: v for k, v in fields.items() if v is not False and v not in (None, "", [], ())}
 
 
 def audit(store: Store, principal: Principal, command: CommandModel, outcome: str, now: float) -> None:
