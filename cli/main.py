@@ -21,11 +21,6 @@ from tether.protocol.commands import (
     DeploymentsEvents,
     DeploymentsList,
     DeploymentsStatus,
-    GroupsCreate,
-    GroupsList,
-    GroupsRemove,
-    GroupsShow,
-    GroupsTrust,
     JobsList,
     JobsLogs,
     JobsRemove,
@@ -44,7 +39,7 @@ from tether.protocol.durations import format_duration
 from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
-from . import audit, contexts, devices, enroll, notify, output, registries, remote, users, variables
+from . import audit, contexts, devices, enroll, groups, notify, output, registries, remote, users, variables
 from .client import ControllerClient
 from .common import common, duration_option, fail, wait_timeout_option
 
@@ -322,123 +317,6 @@ def mosquitto_config(
         )
     if operator_file is not None:
         click.echo(f"operator credentials in {operator_file.resolve()}")
-
-
-# --- groups ---------------------------------------------------------------------------------
-
-
-@main.group()
-def groups() -> None:
-    """Device groups: static lists or label selectors."""
-
-
-@groups.command("create")
-@click.argument("name")
-@click.option("--device", "device_ids", multiple=True, help="A member device id; repeatable.")
-@click.option("--select", "selector", help="Label selector, e.g. site=berlin,arch=arm64.")
-@click.option(
-    "--trust-device-labels",
-    is_flag=True,
-    help="The selector also matches labels and facts devices report about themselves "
-    "(any device can then join the group and get its stacks and secrets).",
-)
-@common
-def groups_create(
-    client: ControllerClient,
-    fmt: str,
-    name: str,
-    device_ids: tuple[str, ...],
-    selector: str | None,
-    trust_device_labels: bool,
-) -> None:
-    """Create a group of named devices (--device) or of devices matching labels (--select).
-
-    A selector matches labels set with `tether devices label` or pinned at enrollment (token
-    --label, approve --label); not what devices report, unless --trust-device-labels."""
-    if bool(device_ids) == bool(selector):
-        raise TetherError("give either --device (one or more) or --select, not both")
-    reply = client.request(
-        GroupsCreate(
-            name=name, devices=device_ids, selector=selector, trust_device_labels=trust_device_labels
-        )
-    )
-    never_seen = reply.get("never_seen") or []
-    group = reply["group"]
-    if fmt == "json":
-        click.echo(output.to_json(group))
-    else:
-        click.echo(f"group {group['name']} created ({output.plural(len(group['members']), 'member')} now)")
-    if never_seen:
-        click.echo(
-            f"warning: {', '.join(output.printable(d) for d in never_seen)}: never connected to this controller "
-            "(a typo?); a device joins the group when it does",
-            err=True,
-        )
-
-
-@groups.command("trust")
-@click.argument("name")
-@click.option("--off", is_flag=True, help="Match only labels set by an operator or at enrollment again.")
-@common
-def groups_trust(client: ControllerClient, fmt: str, name: str, off: bool) -> None:
-    """Let a selector group match the labels and facts devices report about themselves.
-
-    Any device can then claim the labels and join the group (its stacks, variables and
-    secrets): only for fleets whose every device is trusted."""
-    group = client.request(GroupsTrust(name=name, trust=not off))["group"]
-    if fmt == "json":
-        click.echo(output.to_json(group))
-    else:
-        what = "labels devices report, too" if group["trust_device_labels"] else "trusted labels only"
-        click.echo(
-            f"group {group['name']} matches {what} ({output.plural(len(group['members']), 'member')} now)"
-        )
-
-
-def _group_rows(groups: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [
-        (
-            g["name"],
-            g["kind"] + (" (trusts device labels)" if g.get("trust_device_labels") else ""),
-            g["selector"] or ",".join(g["devices"]),
-            len(g["members"]),
-            ",".join(g["stacks"]) or "-",
-        )
-        for g in groups
-    ]
-
-
-@groups.command("ls")
-@common
-def groups_ls(client: ControllerClient, fmt: str) -> None:
-    """List groups."""
-    result = client.request(GroupsList())["groups"]
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        click.echo(output.table(["GROUP", "KIND", "DEFINITION", "MEMBERS", "STACKS"], _group_rows(result)))
-
-
-@groups.command("show")
-@click.argument("name")
-@common
-def groups_show(client: ControllerClient, fmt: str, name: str) -> None:
-    """Show a group and its current members."""
-    g = client.request(GroupsShow(name=name))["group"]
-    if fmt == "json":
-        click.echo(output.to_json(g))
-        return
-    click.echo(output.table(["GROUP", "KIND", "DEFINITION", "MEMBERS", "STACKS"], _group_rows([g])))
-    click.echo("\nmembers: " + (", ".join(g["members"]) or "(none)"))
-
-
-@groups.command("rm")
-@click.argument("name")
-@common
-def groups_rm(client: ControllerClient, fmt: str, name: str) -> None:
-    """Remove a group (it must have no stacks)."""
-    result = client.request(GroupsRemove(name=name))
-    click.echo(output.to_json(result) if fmt == "json" else f"group {name} removed")
 
 
 # --- stacks ---------------------------------------------------------------------------------
@@ -1344,6 +1222,7 @@ deployments.command("rollback")(
 
 
 devices.register(main)  # tether devices (cli/devices.py)
+groups.register(main)  # tether groups (cli/groups.py)
 remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remote.py)
 enroll.register(main)  # tether tokens, tether devices pending|approve|reject (cli/enroll.py)
 variables.register(main)  # tether vars (cli/variables.py)
