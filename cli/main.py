@@ -1000,6 +1000,11 @@ def jobs_logs(client: ControllerClient, fmt: str, name: str, device_id: str | No
     if fmt == "json":
         click.echo(output.to_json(results))
         return
+    if not results:
+        where = f" on {device_id}" if device_id else ""
+        click.echo(
+            f"no run of job {name}{where} has reported yet: a device sends a run's output when the run ends"
+        )
     for r in results:
         click.echo(f"== {r['device']} {r['run']} ({output.when(r['started'])}, exit {r['exit_code']})")
         click.echo(r["output"].rstrip("\n"))
