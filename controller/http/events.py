@@ -38,28 +38,33 @@ async def fleet_stream(
 ) -> AsyncIterator[bytes]:
     """``bus``'s events from now on (of ``kinds``, or all) as SSE bytes, until the client goes.
 
-    Raises :class:`TooManyStreams` (before anything is sent) past :data:`MAX_STREAMS`."""
-    global _open
+    Raises :class:`TooManyStreams` (before anything is sent) past :data:`MAX_STREAMS`. The
+    subscription and its thread exist only while the stream is iterated (a response that is
+    never sent leaves nothing behind)."""
     with _open_lock:
         if _open >= MAX_STREAMS:
             raise TooManyStreams(f"{MAX_STREAMS} event streams are open already")
-        _open += 1
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[FleetEvent | None] = asyncio.Queue()
-    subscription = bus.subscribe(maxsize=QUEUE_SIZE, kinds=kinds)
-
-    def pump() -> None:
-        while not subscription.closed:
-            event = subscription.get(KEEPALIVE_S)
-            if subscription.closed:
-                return
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-    threading.Thread(target=pump, name="http-events", daemon=True).start()
 
     async def stream() -> AsyncIterator[bytes]:
         global _open
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[FleetEvent | None] = asyncio.Queue()
+        with _open_lock:
+            _open += 1
+        subscription = bus.subscribe(maxsize=QUEUE_SIZE, kinds=kinds)
+
+        def pump() -> None:
+            while not subscription.closed:
+                event = subscription.get(KEEPALIVE_S)
+                if subscription.closed:
+                    return
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+                except RuntimeError:  # the loop is closed: the server stopped
+                    return
+
         try:
+            threading.Thread(target=pump, name="http-events", daemon=True).start()
             yield format_sse_event(retry=2000, comment="tether fleet events")
             while not await request.is_disconnected():
                 event = await queue.get()
@@ -73,7 +78,7 @@ async def fleet_stream(
                     id=str(event.seq) if event.seq else None,
                 )
         finally:
-            bus.unsubscribe(subscription)
+            bus.unsubscribe(subscription)  # closes it: the pump returns within KEEPALIVE_S
             with _open_lock:
                 _open -= 1
 
