@@ -21,12 +21,6 @@ from tether.protocol.commands import (
     DeploymentsEvents,
     DeploymentsList,
     DeploymentsStatus,
-    JobsList,
-    JobsLogs,
-    JobsRemove,
-    JobsRun,
-    JobsSchedule,
-    JobsStatus,
     RolloutStrategy,
     StacksDeploy,
     StacksList,
@@ -39,7 +33,20 @@ from tether.protocol.durations import format_duration
 from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
-from . import audit, contexts, devices, enroll, groups, notify, output, registries, remote, users, variables
+from . import (
+    audit,
+    contexts,
+    devices,
+    enroll,
+    groups,
+    jobs,
+    notify,
+    output,
+    registries,
+    remote,
+    users,
+    variables,
+)
 from .client import ControllerClient
 from .common import common, duration_option, fail, wait_timeout_option
 
@@ -872,153 +879,6 @@ def stacks_rm(client: ControllerClient, fmt: str, name: str, wait: bool, timeout
         click.echo(output.to_json(result))
 
 
-# --- jobs -----------------------------------------------------------------------------------
-
-
-@main.group()
-def jobs() -> None:
-    """Edge jobs: one-shot or scheduled commands on every device of a group."""
-
-
-def _job_line(j: dict[str, Any]) -> str:
-    return f"job {j['name']} on group {j['group']} ({j['trigger']}): {' '.join(j['command'])}"
-
-
-@jobs.command("run")
-@click.argument("name")
-@click.argument("command", nargs=-1, required=True)
-@click.option("--group", required=True)
-@click.option("--image", default=None, help="Run in this image (docker driver); else a host command.")
-@click.option("--timeout", "timeout_s", callback=duration_option, default="5m", show_default=True)
-@common
-def jobs_run(
-    client: ControllerClient,
-    fmt: str,
-    name: str,
-    command: tuple[str, ...],
-    group: str,
-    image: str | None,
-    timeout_s: float,
-) -> None:
-    """Run COMMAND once on every device of a group: tether jobs run NAME --group G -- CMD..."""
-    j = client.request(JobsRun(name=name, group=group, command=command, image=image, timeout_s=timeout_s))[
-        "job"
-    ]
-    click.echo(output.to_json(j) if fmt == "json" else _job_line(j))
-
-
-@jobs.command("schedule")
-@click.argument("name")
-@click.argument("command", nargs=-1, required=True)
-@click.option("--group", required=True)
-@click.option("--cron", default=None, help="5-field cron expression, evaluated on the device (UTC).")
-@click.option("--every", "every_s", callback=duration_option, default=None, help="Or an interval, e.g. 30s.")
-@click.option("--image", default=None, help="Run in this image (docker driver); else a host command.")
-@click.option("--timeout", "timeout_s", callback=duration_option, default="5m", show_default=True)
-@click.option("--concurrency", type=click.Choice(["skip", "queue"]), default="skip", show_default=True)
-@common
-def jobs_schedule(
-    client: ControllerClient,
-    fmt: str,
-    name: str,
-    command: tuple[str, ...],
-    group: str,
-    cron: str | None,
-    every_s: float | None,
-    image: str | None,
-    timeout_s: float,
-    concurrency: str,
-) -> None:
-    """Run COMMAND on a schedule on every device of a group (runs offline too)."""
-    j = client.request(
-        JobsSchedule(
-            name=name,
-            group=group,
-            command=command,
-            cron=cron,
-            every_s=every_s,
-            image=image,
-            timeout_s=timeout_s,
-            concurrency=concurrency,  # type: ignore[arg-type]
-        )
-    )["job"]
-    click.echo(output.to_json(j) if fmt == "json" else _job_line(j))
-
-
-@jobs.command("ls")
-@common
-def jobs_ls(client: ControllerClient, fmt: str) -> None:
-    """List jobs."""
-    result = client.request(JobsList())["jobs"]
-    if fmt == "json":
-        click.echo(output.to_json(result))
-        return
-    rows = [
-        (j["name"], j["group"], j["trigger"], " ".join(j["command"]), f"{j['succeeded']}/{j['devices']}")
-        for j in result
-    ]
-    click.echo(output.table(["JOB", "GROUP", "TRIGGER", "COMMAND", "LAST OK"], rows))
-
-
-@jobs.command("status")
-@click.argument("name")
-@common
-def jobs_status(client: ControllerClient, fmt: str, name: str) -> None:
-    """The last run of a job on each device."""
-    result = client.request(JobsStatus(name=name))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-        return
-    click.echo(_job_line(result["job"]))
-    rows = []
-    for r in result["devices"]:
-        last = r["last"]
-        if last is None:
-            rows.append((r["device"], "-", "", "", ""))
-            continue
-        outcome = (
-            "skipped"
-            if last["skipped"]
-            else "timed out"
-            if last["timed_out"]
-            else f"exit {last['exit_code']}"
-        )
-        rows.append(
-            (r["device"], last["run"], output.when(last["started"]), f"{last['duration_s']:g}s", outcome)
-        )
-    click.echo(output.table(["DEVICE", "RUN", "STARTED", "DURATION", "RESULT"], rows))
-
-
-@jobs.command("logs")
-@click.argument("name")
-@click.option("--device", "device_id", default=None)
-@click.option("--limit", type=click.IntRange(1, 200), default=5, show_default=True)
-@common
-def jobs_logs(client: ControllerClient, fmt: str, name: str, device_id: str | None, limit: int) -> None:
-    """Output (a bounded tail) of a job's recent runs."""
-    results = client.request(JobsLogs(name=name, device_id=device_id, limit=limit))["results"]
-    if fmt == "json":
-        click.echo(output.to_json(results))
-        return
-    if not results:
-        where = f" on {device_id}" if device_id else ""
-        click.echo(
-            f"no run of job {name}{where} has reported yet: a device sends a run's output when the run ends"
-        )
-    for r in results:
-        click.echo(f"== {r['device']} {r['run']} ({output.when(r['started'])}, exit {r['exit_code']})")
-        click.echo(r["output"].rstrip("\n"))
-
-
-@jobs.command("rm")
-@click.argument("name")
-@common
-def jobs_rm(client: ControllerClient, fmt: str, name: str) -> None:
-    """Remove a job (devices stop scheduling it)."""
-    result = client.request(JobsRemove(name=name))
-    click.echo(output.to_json(result) if fmt == "json" else f"job {name} removed")
-
-
 # --- deployments ----------------------------------------------------------------------------
 
 
@@ -1228,6 +1088,7 @@ deployments.command("rollback")(
 
 devices.register(main)  # tether devices (cli/devices.py)
 groups.register(main)  # tether groups (cli/groups.py)
+jobs.register(main)  # tether jobs (cli/jobs.py)
 remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remote.py)
 enroll.register(main)  # tether tokens, tether devices pending|approve|reject (cli/enroll.py)
 variables.register(main)  # tether vars (cli/variables.py)
