@@ -235,14 +235,13 @@ def test_lost_connection_is_shown_and_recovers(browser: Any, tmp_path: Path) -> 
     import threading
 
     import uvicorn
-    from fastapi import FastAPI
     from support.fleet import online
     from support.infra import wait_until
     from support.recording import RecordingPublisher
+    from tether.controller.http.app import create_app
     from tether.controller.security import ensure_operator_credentials
     from tether.controller.service import Controller
     from tether.controller.store import Store
-    from tether.controller.ui import router
     from tether.controller.users import ensure_user
 
     store = Store(tmp_path / "tether.db")
@@ -252,9 +251,7 @@ def test_lost_connection_is_shown_and_recovers(browser: Any, tmp_path: Path) -> 
     ensure_operator_credentials(store, tmp_path, "mqtt://127.0.0.1:1883", 0.0)
     ensure_user(store, "admin", "admin", 0.0)
     password = json.loads((tmp_path / "operator.json").read_text())["password"]
-    app = FastAPI()
-    app.state.controller = controller
-    app.include_router(router)
+    app = create_app(controller)  # the HTTP API's app, with the dashboard and /api/v1/events
 
     def serve(port: int) -> tuple[Any, threading.Thread]:
         config = uvicorn.Config(

@@ -27,7 +27,7 @@ import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from tether.controller.fleet_events import LOST
+from tether.controller.fleet_events import KINDS, LOST
 from tether.protocol import codec
 from tether.protocol.commands import (
     AuditList,
@@ -76,7 +76,7 @@ from tether.protocol.errors import CommandError, NotFoundError, TetherError
 from . import seams
 from .logs import DeviceSession, LogFollow
 
-COOKIE = "tether_session"
+COOKIE = seams.COOKIE
 PAGE_SIZE = 50
 """Devices per page of the device list and of a stack's devices."""
 DEPLOYMENT_ROWS = 200
@@ -149,18 +149,9 @@ def _address(request: Request) -> str:
 
 
 def _session(request: Request) -> seams.Session | None:
-    """The request's session, its user checked again: a user removed since has none, a
-    changed role applies at once."""
-    cookie = request.cookies.get(COOKIE)
-    session = seams.SESSIONS.get(cookie) if cookie else None
-    if session is None or cookie is None:
-        return None
-    now = seams.current(_controller(request), session.principal)
-    if now is None:
-        seams.SESSIONS.drop(cookie)
-        return None
-    session.principal = now
-    return session
+    """The request's session, its user read again from the store: a user removed since has
+    none, a changed role applies at once."""
+    return seams.session(_controller(request), request.cookies.get(COOKIE), _address(request))
 
 
 def _secure(response: Response) -> Response:
@@ -186,6 +177,8 @@ def _render(
         can_operate=who is not None and seams.can(who, "operator"),
         can_admin=who is not None and seams.can(who, "admin"),
         path=request.url.path,
+        event_kinds=" ".join(KINDS),
+        lost_kind=LOST,
         **values,
     )
     return _secure(HTMLResponse(html, status_code=code))
@@ -214,44 +207,6 @@ async def _form(request: Request, session: seams.Session) -> dict[str, Any]:
 
 def _refused(request: Request, session: seams.Session | None, message: str) -> Response:
     return _render(request, "error.html", session, code=403, message=message)
-
-
-# --- live updates ---------------------------------------------------------------------------
-
-KEEPALIVE_S = 15.0
-"""A comment line this often keeps proxies from closing a quiet stream (and finds a gone browser)."""
-
-
-@router.get("/ui/events")
-async def events(request: Request) -> Response:
-    """The fleet event bus (controller/fleet_events.py) as server-sent events, for a UI session.
-
-    Each event is the bus's JSON (``kind``, ``subject``, ``at``, ``data``); an overflow is a
-    ``lost`` event: the page re-reads everything. The stream says nothing else, so the page
-    renders state from the commands alone."""
-    session = _session(request)
-    if session is None:
-        return _secure(Response("log in first\n", status_code=401, media_type="text/plain"))
-    bus = _controller(request).bus
-    subscription = bus.subscribe(maxsize=200)
-
-    async def stream() -> AsyncIterator[bytes]:
-        try:
-            yield b"retry: 2000\n: live\n\n"
-            while not await request.is_disconnected():
-                event = await asyncio.to_thread(subscription.get, KEEPALIVE_S)
-                if event is None:
-                    yield b": keep-alive\n\n"
-                elif event.kind == LOST:
-                    yield f"event: lost\ndata: {json.dumps(event.to_json())}\n\n".encode()
-                else:
-                    yield f"data: {json.dumps(event.to_json())}\n\n".encode()
-        finally:
-            bus.unsubscribe(subscription)
-
-    response = _secure(StreamingResponse(stream(), media_type="text/event-stream"))
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
 
 
 # --- static files and login ----------------------------------------------------------------
@@ -313,7 +268,7 @@ async def login(request: Request) -> Response:
     who = seams.check_password(_controller(request), user, password, _address(request))
     if who is None:
         return _login_form(request, target, "wrong user name or password", status=401)
-    cookie, _csrf = seams.SESSIONS.create(who)
+    cookie = seams.login(_controller(request), who)
     response = _secure(RedirectResponse(target, status_code=303))
     response.delete_cookie(LOGIN_COOKIE, path="/ui/login")
     response.set_cookie(
@@ -336,7 +291,7 @@ async def logout(request: Request) -> Response:
             await _form(request, session)
         except PermissionError as exc:
             return _refused(request, session, str(exc))
-        seams.SESSIONS.drop(request.cookies.get(COOKIE, ""))
+        seams.logout(session.cookie)
     response = _secure(RedirectResponse("/ui/login", status_code=303))
     response.delete_cookie(COOKIE, path="/")
     return response

@@ -1,29 +1,23 @@
-"""What the web UI needs of the controller, its users and roles, in one place.
+"""What the web UI needs of the controller, its users and the HTTP API, in one place.
 
 The UI runs every command through ``controller.submit(command, principal)`` (the same
-``execute``, role checks and audit as an MQTT or HTTP API request), checks passwords with
-the controller's users (controller/users.py: the same check, with a lockout after repeated
-failures), and keeps its cookie sessions here, in memory: a restart of ``tether up`` logs
-everyone out.
+``execute``, role checks and audit as an MQTT or HTTP API request), and logs users in with
+the HTTP API's sessions (controller/http/auth.py: the password check with its lockout, the
+session cookie and its CSRF token), so the cookie also opens the API's event stream
+(``/api/v1/events``) the pages listen to.
 """
 
 from __future__ import annotations
 
-import hmac
-import secrets
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
-from tether.controller import users
-from tether.controller.users import Lockout
+from tether.controller.http import auth
 from tether.protocol.principals import Principal, Role
 
-SESSION_S = 12 * 3600.0
+COOKIE = auth.SESSION_COOKIE
+SESSION_S = auth.SESSION_S
 """How long a UI session lasts without activity."""
-
-STORE_TIMEOUT_S = 30.0
 
 
 def can(who: Principal, role: Role) -> bool:
@@ -31,68 +25,41 @@ def can(who: Principal, role: Role) -> bool:
     return who.may(role)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Session:
+    """A logged-in browser: its user as the store has it now, and its forms' CSRF token."""
+
+    cookie: str
     principal: Principal
     csrf: str
-    expires: float
-
-
-class LocalSessions:
-    """Cookie sessions kept in memory (the stand-in for the users engineer's store of sessions)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sessions: dict[str, Session] = {}
-
-    def create(self, who: Principal) -> tuple[str, str]:
-        cookie, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        with self._lock:
-            now = time.time()
-            self._sessions = {k: s for k, s in self._sessions.items() if s.expires > now}
-            self._sessions[cookie] = Session(who, csrf, now + SESSION_S)
-        return cookie, csrf
-
-    def get(self, cookie: str) -> Session | None:
-        with self._lock:
-            found = self._sessions.get(cookie)
-            if found is None or found.expires <= time.time():
-                self._sessions.pop(cookie, None)
-                return None
-            found.expires = time.time() + SESSION_S
-            return found
-
-    def drop(self, cookie: str) -> None:
-        with self._lock:
-            self._sessions.pop(cookie, None)
-
-
-SESSIONS = LocalSessions()
-
-
-LOCKOUT = Lockout()
-"""Failed dashboard logins per user: locked out for a while after several in a row."""
 
 
 def check_password(controller: Any, user: str, password: str, address: str) -> Principal | None:
-    """The principal ``user`` logs in as with ``password`` (None: refused, or locked out):
-    the controller's users (controller/users.py), read on the controller's thread."""
-    found: Principal | None = controller.call(
-        lambda: users.check_password(controller.store, LOCKOUT, user, password, "http", address)
-    ).result(STORE_TIMEOUT_S)
-    return found
+    """The principal ``user`` logs in as with ``password`` (None: refused, or locked out)."""
+    return auth.check_password(controller, user, password, address)
 
 
-def current(controller: Any, who: Principal) -> Principal | None:
-    """``who`` as the store has the user now: None once removed or revoked; its role as changed."""
-    found: Principal | None = controller.call(
-        lambda: users.principal_of(controller.store, who.user, "http", who.address)
-    ).result(STORE_TIMEOUT_S)
-    return found
+def login(controller: Any, who: Principal) -> str:
+    """A new session for ``who``: the cookie's value."""
+    cookie, _csrf = auth.create_session(controller, who)
+    return cookie
+
+
+def session(controller: Any, cookie: str | None, address: str) -> Session | None:
+    """The live session of ``cookie`` (None: none, expired, or its user is gone)."""
+    if not cookie:
+        return None
+    who = auth.session_principal(controller, cookie, address)
+    csrf = auth.session_csrf(cookie) if who is not None else None
+    return Session(cookie, who, csrf) if who is not None and csrf is not None else None
+
+
+def logout(cookie: str) -> None:
+    auth.drop_session(cookie)
 
 
 def csrf_ok(session: Session, token: str | None) -> bool:
-    return token is not None and hmac.compare_digest(session.csrf.encode(), token.encode())
+    return auth.csrf_ok(session.cookie, token)
 
 
 def submit(controller: Any, command: Any, who: Any, timeout: float = 30.0) -> Any:

@@ -8,12 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from support.fleet import online
+from tether.controller.http.app import create_app
 from tether.controller.security import ensure_operator_credentials
 from tether.controller.service import Controller
-from tether.controller.ui import router
 from tether.controller.users import ensure_user
 from tether.protocol import codec, topics
 from tether.protocol.commands import DevicesShow
@@ -28,9 +27,7 @@ def client(controller: Controller, tmp_path: Any) -> Iterator[TestClient]:
     """The UI router on a local app over ``controller``; the admin operator's password in ``client.password``."""
     ensure_operator_credentials(controller.store, tmp_path, "mqtt://127.0.0.1:1883", 0.0)
     ensure_user(controller.store, "admin", "admin", 0.0)
-    app = FastAPI()
-    app.state.controller = controller
-    app.include_router(router)
+    app = create_app(controller)  # the HTTP API's app, which mounts the UI's router
     with TestClient(app, base_url="http://127.0.0.1") as test_client:
         test_client.password = json.loads((tmp_path / "operator.json").read_text())["password"]
         yield test_client
@@ -227,18 +224,21 @@ def test_a_viewer_sees_no_mutating_buttons_and_is_refused(client: TestClient, co
     assert gone.status_code == 303 and gone.headers["location"].startswith("/ui/login")
 
 
-def test_events_stream_relays_the_fleet_bus(client: TestClient, controller: Controller) -> None:
-    """/ui/events refuses a browser without a session and streams the bus's events to one with it."""
+def test_the_session_cookie_opens_the_event_stream(client: TestClient, controller: Controller) -> None:
+    """The API's /api/v1/events refuses a browser without a session, and streams the bus's events
+    (named by kind, as the pages' script listens to them) to one logged in to the dashboard."""
     import threading
 
     from tether.controller.fleet_events import FleetEvent
 
-    assert client.get("/ui/events").status_code == 401
+    assert client.get("/api/v1/events").status_code == 401
     _login(client)
-    with client.stream("GET", "/ui/events") as stream:
+    page = client.get("/ui/").text
+    assert 'data-stream="/api/v1/events"' in page and "device.online" in page and "events.lost" in page
+    with client.stream("GET", "/api/v1/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         lines = stream.iter_lines()
-        assert next(lines).startswith("retry:")
+        assert next(lines).startswith(":")  # the stream opened (its comment line)
 
         def emit() -> None:
             while not controller.bus.listening:
@@ -246,7 +246,9 @@ def test_events_stream_relays_the_fleet_bus(client: TestClient, controller: Cont
             controller.bus.emit(FleetEvent("device.online", "devices/d1", 1.0, {"note": XSS}))
 
         threading.Thread(target=emit, daemon=True).start()
+        named = next(line for line in lines if line.startswith("event:"))
         data = next(line for line in lines if line.startswith("data:"))
+    assert named.removeprefix("event:").strip() == "device.online"
     event = json.loads(data.removeprefix("data:"))
     assert (event["kind"], event["subject"], event["data"]["note"]) == ("device.online", "devices/d1", XSS)
 

@@ -58,8 +58,11 @@
     if (pending === null) pending = window.setTimeout(refresh, ms);
   }
 
-  // The fleet event bus for this session (controller/ui/routes.py, /ui/events).
-  var STREAM = "/ui/events";
+  // The HTTP API's fleet event stream (the session cookie opens it): each event is named by
+  // its kind, so the page listens to every kind the server listed.
+  var STREAM = badge.getAttribute("data-stream");
+  var KINDS = (badge.getAttribute("data-kinds") || "").split(" ").filter(Boolean);
+  var LOST = badge.getAttribute("data-lost");
   if (!window.EventSource) { show("off", "live updates unavailable"); return; }
   var source = null;
   var retry = 1000;
@@ -75,7 +78,8 @@
       if (lost) { lost = false; later(0); } // what happened while away
     };
     source.onmessage = function () { later(300); };
-    source.addEventListener("lost", function () { later(0); });
+    KINDS.forEach(function (kind) { source.addEventListener(kind, function () { later(300); }); });
+    if (LOST) source.addEventListener(LOST, function () { later(0); });
     source.onerror = function () {
       lost = true;
       show("lost", "connection lost, reconnecting…");
