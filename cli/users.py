@@ -9,6 +9,8 @@ tokens and registries. Passwords and API tokens are made by the controller and s
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,10 @@ from tether.protocol.commands import (
     UsersRevoke,
     UsersToken,
     UsersTokens,
+    VarsKey,
 )
 from tether.protocol.durations import parse_duration
+from tether.protocol.enrollment import seal_text
 from tether.protocol.errors import TetherError
 from tether.protocol.secret_files import write_secret_json
 
@@ -56,6 +60,8 @@ def _shown_once(client: ControllerClient, fmt: str, result: dict[str, Any], writ
         if client.ca_file:
             data["ca_file"] = client.ca_file
         write_secret_json(write, data)
+    if fmt == "quiet":
+        return
     if fmt == "json":
         click.echo(output.to_json(result))
         return
@@ -115,11 +121,41 @@ def users_rm(client: ControllerClient, fmt: str, name: str) -> None:
 @users.command("passwd")
 @click.argument("name")
 @click.option("--role", type=ROLES, default=None, help="Also change the role.")
+@click.option(
+    "--choose", is_flag=True, help="Set a password of your own (asked for, hidden) instead of a random one."
+)
+@click.option("--password-stdin", is_flag=True, help="With --choose: read it from stdin.")
 @WRITE
 @common
-def users_passwd(client: ControllerClient, fmt: str, name: str, role: str | None, write: Path | None) -> None:
-    """Give NAME a new password (shown once; the old one stops working)."""
-    _shown_once(client, fmt, client.request(UsersPasswd(name=name, role=role)), write)  # type: ignore[arg-type]
+def users_passwd(
+    client: ControllerClient,
+    fmt: str,
+    name: str,
+    role: str | None,
+    choose: bool,
+    password_stdin: bool,
+    write: Path | None,
+) -> None:
+    """Give NAME a new password (random and shown once, or --choose your own; the old one stops working)."""
+    sealed = None
+    if choose or password_stdin:
+        if password_stdin:
+            password = sys.stdin.read().rstrip("\r\n")
+        else:
+            password = click.prompt("New password", hide_input=True, confirmation_prompt=True)
+        key = client.request(VarsKey())["public_key"]  # sealed to the controller: never in plaintext
+        sealed = seal_text(key, json.dumps({"password": password}))
+    result = client.request(UsersPasswd(name=name, role=role, sealed=sealed))  # type: ignore[arg-type]
+    if sealed is not None:
+        result["password"] = password
+        if fmt == "json":
+            click.echo(output.to_json({**result, "password": ""}))
+        else:
+            click.echo(f"user {result['user']['name']} ({result['user']['role']}): password set")
+        if write is not None:
+            _shown_once(client, "quiet", result, write)
+    else:
+        _shown_once(client, fmt, result, write)
     if write is None and client.username == name:
         click.echo(
             f"tether: note: your credentials file still holds {name}'s old password: put the new one in it "

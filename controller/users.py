@@ -28,6 +28,7 @@ from typing import Any
 
 from tether.protocol import names
 from tether.protocol.acl import RESERVED_DEVICE_PREFIXES
+from tether.protocol.acl import Role as BrokerRole
 from tether.protocol.commands import (
     AuditList,
     CommandModel,
@@ -39,8 +40,8 @@ from tether.protocol.commands import (
     UsersToken,
     UsersTokens,
 )
-from tether.protocol.credentials import Credential, hash_password, new_password, verify_password
-from tether.protocol.errors import CommandError, ConflictError, NotFoundError
+from tether.protocol.credentials import ITERATIONS, Credential, hash_password, new_password, verify_password
+from tether.protocol.errors import CommandError, ConflictError, NotFoundError, PayloadError, StoreError
 from tether.protocol.principals import ROLES, Principal, Role, Via
 from tether.protocol.results import (
     ApiTokenCreated,
@@ -87,7 +88,7 @@ AUDITED_FIELDS = (
 """The fields of a command an audit record keeps: names, never values or secrets."""
 
 
-def broker_role(role: Role) -> str:
+def broker_role(role: Role) -> BrokerRole:
     """The broker role (protocol/acl.py) of a user of ``role``."""
     return "viewer" if role == "viewer" else "operator"
 
@@ -107,13 +108,39 @@ def _admins(store: Store) -> list[str]:
     return [u.name for u in store.list_users() if u.role == "admin"]
 
 
-def _set_password(ctx: Context, user: User) -> str:
-    password = new_password()
+def _set_password(ctx: Context, user: User, chosen: str | None = None) -> str:
+    """Store a new password of ``user``: ``chosen``, or a random one; returns it. A chosen one
+    gets :data:`CHOSEN_ITERATIONS` of the KDF (a person's password is guessable; ours are not)."""
+    password = chosen if chosen is not None else new_password()
+    iterations = CHOSEN_ITERATIONS if chosen is not None else ITERATIONS
+    password_hash = hash_password(password, iterations=iterations)
     ctx.store.put_credential(
-        Credential(user.name, broker_role(user.role), user.name, hash_password(password)),  # type: ignore[arg-type]
-        ctx.clock(),
+        Credential(user.name, broker_role(user.role), user.name, password_hash), ctx.clock()
     )
     ctx.access.new_secret(user.name, password)
+    return password
+
+
+MIN_PASSWORD = 12
+CHOSEN_ITERATIONS = 210_000
+"""PBKDF2-HMAC-SHA512 iterations for a password a person chose (OWASP's figure for it)."""
+
+
+def _chosen_password(ctx: Context, sealed: str) -> str:
+    """The password in a sealed box to the controller's key; one clear error if unusable."""
+    if ctx.secrets is None:
+        raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
+    try:
+        items = ctx.secrets.open_items(sealed, "users passwd: sealed password")
+    except PayloadError as exc:
+        raise CommandError(str(exc)) from exc
+    password = items.get("password", "")
+    if set(items) != {"password"}:
+        raise CommandError("users passwd: the sealed box must hold exactly a password")
+    if len(password) < MIN_PASSWORD or len(password) > 1024:
+        raise CommandError(f"users passwd: a password has {MIN_PASSWORD} to 1024 characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in password):
+        raise CommandError("users passwd: a password has no control characters")
     return password
 
 
@@ -172,15 +199,16 @@ def users_passwd(ctx: Context, cmd: UsersPasswd) -> UserPassword:
     user = _user(ctx.store, cmd.name)
     if cmd.role is not None and cmd.role != "admin" and _admins(ctx.store) == [user.name]:
         raise ConflictError(f"{user.name!r} is the last admin: make another admin first")
+    chosen = _chosen_password(ctx, cmd.sealed) if cmd.sealed is not None else None
     if cmd.role is not None:
         user = user.model_copy(update={"role": cmd.role})
     with ctx.store.transaction():
         ctx.store.put_user(user)
-        password = _set_password(ctx, user)
+        password = _set_password(ctx, user, chosen)
     ctx.access.sync(ctx.store)
     ctx.access.disconnect_users({user.name})  # the old password and role end with its connections
     log.info("user %s: new password (%s)", user.name, user.role)
-    return UserPassword(user=_view(user), password=password)
+    return UserPassword(user=_view(user), password="" if chosen is not None else password)
 
 
 def _token_view(token: ApiToken, now: float) -> ApiTokenView:

@@ -523,11 +523,14 @@ class UsersRemove(CommandModel):
 
 
 class UsersPasswd(CommandModel):
-    """A user's new random password (in the result, shown once); ``role``: also change its role."""
+    """A user's new password: random (in the result, shown once), or the user's own choice,
+    ``sealed`` to the controller's key (``vars.key``) as the JSON object ``{"password": ...}``
+    (it never travels in plaintext); ``role``: also change its role."""
 
     kind: Literal["users.passwd"] = "users.passwd"
     name: str = Field(max_length=64)
     role: UserRole | None = None
+    sealed: str | None = Field(default=None, min_length=1, max_length=8192)
 
 
 class UsersToken(CommandModel):

@@ -584,7 +584,8 @@ class UserList(WireModel):
 
 
 class UserPassword(WireModel):
-    """``users.add`` and ``users.passwd``: the user and its new password, shown once."""
+    """``users.add`` and ``users.passwd``: the user and its new password, shown once (empty
+    when the password was the user's own choice: it is never sent back)."""
 
     user: UserView
     password: str

@@ -109,3 +109,27 @@ def test_a_removed_or_demoted_user_loses_its_session_and_rights_at_once(controll
     assert auth.session_principal(controller, cookie) is None
     with pytest.raises(HTTPException):
         auth.authenticate(controller, None, cookie, "")
+
+
+def test_a_password_of_ones_own_travels_sealed_and_is_checked(controller: Controller) -> None:
+    """users.passwd with a sealed password: the reply never holds it, the slow KDF keeps it, a short one is refused."""
+    import json
+
+    from tether.protocol.commands import VarsKey
+    from tether.protocol.enrollment import seal_text
+    from tether.protocol.errors import CommandError
+
+    controller.execute(UsersAdd(name="bob", role="operator"))
+    key = controller.execute(VarsKey()).public_key
+    chosen = "correct horse battery staple"
+    result = controller.execute(
+        UsersPasswd(name="bob", sealed=seal_text(key, json.dumps({"password": chosen})))
+    )
+    assert result.password == "" and chosen not in result.model_dump_json()
+    assert controller.store.get_credential("bob").password_hash.startswith("$7$210000$")  # type: ignore[union-attr]
+    assert auth.check_password(controller, "bob", chosen, "") is not None
+    with pytest.raises(CommandError, match="12 to 1024 characters"):
+        controller.execute(UsersPasswd(name="bob", sealed=seal_text(key, json.dumps({"password": "short"}))))
+    assert auth.check_password(controller, "bob", chosen, "") is not None  # the refusal changed nothing
+    audit = controller.execute(AuditList(user="tether")).records
+    assert chosen not in str([r.model_dump() for r in audit])
