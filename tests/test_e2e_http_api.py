@@ -106,6 +106,7 @@ def test_deploy_over_http_with_events_and_errors(tmp_path: Path) -> None:
         )
         assert deployed.status_code == 200, deployed.text
         answer = deployed.json()
+        assert deployed.headers["location"] == f"/api/v1/deployments/{answer['deployment']}"
         assert answer["stack"]["name"] == "web" and answer["devices"] == [device] and answer["changed"]
         deployment = api.get(f"/deployments/{answer['deployment']}").json()["deployment"]
         assert deployment["stack"] == "web" and deployment["state"] in ("running", "succeeded")

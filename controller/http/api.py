@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response
 from fastapi.sse import format_sse_event
 from pydantic import ConfigDict, create_model
 from starlette.responses import StreamingResponse
@@ -126,6 +126,7 @@ def command_route(route: Route) -> Callable[..., Any]:
     has_body = route.body and any(n != "kind" and n not in left_out for n in fields)
     parameters = [
         inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        inspect.Parameter("response", inspect.Parameter.KEYWORD_ONLY, annotation=Response),
         inspect.Parameter(
             "principal",
             inspect.Parameter.KEYWORD_ONLY,
@@ -165,7 +166,7 @@ def command_route(route: Route) -> Callable[..., Any]:
             )
         )
 
-    async def endpoint(request: Request, principal: Principal, **values: Any) -> Any:
+    async def endpoint(request: Request, response: Response, principal: Principal, **values: Any) -> Any:
         data: dict[str, Any] = dict(route.fixed)
         wait_s = values.pop("wait_s", None)
         body = values.pop("body", None)
@@ -175,8 +176,7 @@ def command_route(route: Route) -> Callable[..., Any]:
             target = route.lists.get(name)
             data[target or name] = (value,) if target else value
         result = await run(request, model.model_validate(data), principal)
-        if wait_s is not None and getattr(result, "deployment", None) is not None:
-            await wait_for(request, result.deployment, wait_s, principal)
+        await _deployment_started(request, response, result, wait_s, principal)
         return result
 
     endpoint.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
@@ -201,6 +201,17 @@ WAIT_PARAMETER = inspect.Parameter(
     ],
     default=None,
 )
+
+
+async def _deployment_started(
+    request: Request, response: Response, result: Any, wait_s: float | None, principal: Principal
+) -> None:
+    """A result naming a deployment it started: ``Location`` points at it; ``wait_s`` waits for it."""
+    deployment = getattr(result, "deployment", None)
+    if isinstance(deployment, int):
+        response.headers["Location"] = f"{request.scope.get('root_path', '')}/api/v1/deployments/{deployment}"
+        if wait_s is not None:
+            await wait_for(request, deployment, wait_s, principal)
 
 
 async def wait_for(request: Request, deployment: int, wait_s: float, principal: Principal) -> None:
@@ -490,6 +501,7 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 )
 async def stacks_deploy_yaml(
     request: Request,
+    response: Response,
     principal: Annotated[Principal, Depends(request_principal)],
     name: Annotated[str, Path()],
     group: Annotated[str, Query(description="The group to deploy to")],
@@ -508,8 +520,7 @@ async def stacks_deploy_yaml(
         raise CommandError("the Compose file is not UTF-8") from None
     command = c.StacksDeploy(name=name, group=group, compose=compose, strategy=strategy)
     result: StackDeployed = await run(request, command, principal)
-    if wait_s is not None and result.deployment is not None:
-        await wait_for(request, result.deployment, wait_s, principal)
+    await _deployment_started(request, response, result, wait_s, principal)
     return result
 
 
