@@ -6,7 +6,6 @@ through the broker given by ``--broker`` or ``TETHER_BROKER``.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections import Counter
@@ -17,10 +16,6 @@ from typing import Any
 import click
 from tether.protocol import __version__
 from tether.protocol.commands import (
-    DeploymentsAction,
-    DeploymentsEvents,
-    DeploymentsList,
-    DeploymentsStatus,
     RolloutStrategy,
     StacksDeploy,
     StacksList,
@@ -29,13 +24,13 @@ from tether.protocol.commands import (
     StacksShow,
     StacksStatus,
 )
-from tether.protocol.durations import format_duration
 from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import log_to_stderr, printable
 
 from . import (
     audit,
     contexts,
+    deployments,
     devices,
     enroll,
     groups,
@@ -440,72 +435,6 @@ def _service_errors(row: dict[str, Any]) -> str:
     return "; ".join(errors)
 
 
-def _rollout_line(r: dict[str, Any], min_healthy: float) -> str:
-    """``updating (batch 1), healthy in 8s`` or ``downloading (batch 1): 43% (...)`` (the state
-    said once): the countdown ticks in steps of a tenth of min_healthy_time (at least a second)."""
-    line = r["state"] + (f" (batch {r['batch']})" if r["batch"] else "")
-    progress = r.get("progress") or ""
-    if r["state"] == "downloading" and progress.startswith("downloading"):
-        progress = progress.removeprefix("downloading").strip()
-        line += f": {progress}" if progress else ""
-    elif progress:
-        line += f", {progress}"
-    if r.get("healthy_in") is not None:
-        tick = max(1.0, min_healthy / 10)
-        line += f", healthy in {format_duration(math.ceil(r['healthy_in'] / tick) * tick)}"
-    return line
-
-
-def _wait_deployment(
-    client: ControllerClient, deployment_id: int, timeout: float, fmt: str
-) -> dict[str, Any]:
-    """Follow a deployment, printing each device's progress by batch, until it settles.
-
-    Ctrl-C stops following, not the deployment: it says so, and how to follow it again."""
-    try:
-        return _follow_deployment(client, deployment_id, timeout, fmt)
-    except KeyboardInterrupt:
-        click.echo(
-            f"\ntether: stopped following; deployment {deployment_id} goes on "
-            f"(tether deployments status {deployment_id} --follow)",
-            err=True,
-        )
-        sys.exit(130)
-
-
-def _follow_deployment(
-    client: ControllerClient, deployment_id: int, timeout: float, fmt: str
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    seen: dict[str, str] = {}
-    while True:
-        d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
-        for device, r in d["devices"].items():
-            line = _rollout_line(r, d["strategy"]["min_healthy_time_s"])
-            if seen.get(device) != line:
-                seen[device] = line
-                if fmt == "table":
-                    detail = r.get("error") or r.get("reason")
-                    click.echo(f"  {device}: {line}" + (f": {detail}" if detail else ""))
-        if d["state"] in ("failed", "reverted", "superseded"):
-            raise TetherError(
-                f"deployment {deployment_id} {d['state']}: {d.get('message') or ''}".rstrip(": ")
-            )
-        if d["state"] in ("succeeded", "awaiting-promotion", "paused", "staged"):
-            return d
-        if time.monotonic() >= deadline:
-            busy = [
-                k
-                for k, r in d["devices"].items()
-                if r["state"] not in ("healthy", "pending (offline)", "held", "staged")
-            ]
-            raise TetherError(
-                f"timed out after {format_duration(timeout)}; deployment {deployment_id} goes on and still "
-                f"waits for {', '.join(busy)} (tether deployments status {deployment_id} --follow)"
-            )
-        time.sleep(0.5)
-
-
 def compose_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The Compose file options of `stacks deploy` and `stacks config` (as docker compose's)."""
     for option in reversed(
@@ -769,7 +698,7 @@ def stacks_deploy(
         click.echo(f"deployment {result['deployment']} ({strategy})")
     if wait:
         if result.get("deployment"):
-            d = _wait_deployment(client, result["deployment"], timeout, fmt)
+            d = deployments.wait_deployment(client, result["deployment"], timeout, fmt)
             result["final"] = d
             if d["state"] == "staged" and fmt == "table":
                 click.echo(
@@ -777,7 +706,7 @@ def stacks_deploy(
                     f"switch with tether deployments switch {d['id']}"
                 )
             elif d["state"] != "succeeded" and fmt == "table":
-                _say_next_step(d)
+                deployments.say_next_step(d)
         else:
             _wait(client, name, lambda counts, total: counts.get("running", 0) == total, timeout, fmt)
         final = result.get("final", {})
@@ -879,216 +808,10 @@ def stacks_rm(client: ControllerClient, fmt: str, name: str, wait: bool, timeout
         click.echo(output.to_json(result))
 
 
-# --- deployments ----------------------------------------------------------------------------
-
-
-@main.group()
-def deployments() -> None:
-    """Deployments: versions of a stack rolling out to its group."""
-
-
-@deployments.command("ls")
-@click.option("--stack", default=None, help="Only this stack's deployments.")
-@common
-def deployments_ls(client: ControllerClient, fmt: str, stack: str | None) -> None:
-    """List recent deployments, newest first."""
-    result = client.request(DeploymentsList(stack=stack))["deployments"]
-    if fmt == "json":
-        click.echo(output.to_json(result))
-        return
-    rows = [
-        (
-            d["id"],
-            d["stack"],
-            d["state"],
-            d["strategy"]["kind"],
-            (d["from_hash"] or "-")[:12],
-            d["to_hash"][:12],
-            ", ".join(f"{k}:{v}" for k, v in sorted(d["counts"].items())),
-            output.when(d["updated"]),
-        )
-        for d in result
-    ]
-    click.echo(output.table(["ID", "STACK", "STATE", "STRATEGY", "FROM", "TO", "DEVICES", "UPDATED"], rows))
-
-
-@deployments.command("status")
-@click.argument("deployment_id", type=int)
-@click.option(
-    "-f", "--follow", is_flag=True, help="Follow it until it settles (Ctrl-C stops following only)."
-)
-@click.option(
-    "--timeout",
-    callback=wait_timeout_option,
-    default="5m",
-    show_default=True,
-    help="How long --follow waits.",
-)
-@common
-def deployments_status(
-    client: ControllerClient, fmt: str, deployment_id: int, follow: bool, timeout: float
-) -> None:
-    """Show a deployment and every device's progress."""
-    if follow:
-        _wait_deployment(client, deployment_id, timeout, fmt)
-    d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
-    if fmt == "json":
-        click.echo(output.to_json(d))
-        return
-    s = d["strategy"]
-    click.echo(
-        f"deployment {d['id']} of {d['stack']}: {d['state']}" + (f" ({d['message']})" if d["message"] else "")
-    )
-    strategy = _strategy_line(s)
-    if s.get("stage_only"):
-        strategy = strategy[:-1] + f", stage only, {'switched' if d.get('switched') else 'not switched yet'})"
-    click.echo(f"strategy:   {strategy}")
-    click.echo(f"version:    {(d['from_hash'] or '-')[:12]} -> {d['to_hash'][:12]}, batch {d['batch']}")
-    rows = [
-        (
-            k,
-            r["state"],
-            r["batch"] or "",
-            r.get("progress")
-            or (f"healthy in {format_duration(r['healthy_in'])}" if "healthy_in" in r else ""),
-            r.get("error") or r.get("reason") or "",
-        )
-        for k, r in d["devices"].items()
-    ]
-    click.echo("")
-    click.echo(output.table(["DEVICE", "STATE", "BATCH", "PROGRESS", "WHY"], rows))
-    _deployment_events(client, d)
-
-
-EVENT_DEVICES = 10
-"""Devices whose events `deployments status` shows (the ones not healthy first)."""
-
-
-def _deployment_events(client: ControllerClient, d: dict[str, Any]) -> None:
-    """What each device said about the deployment (``deployments.events``), after its status."""
-    events = client.request(DeploymentsEvents(id=d["id"], devices=EVENT_DEVICES))
-    if any(events["devices"].values()):
-        more = f" (the first {EVENT_DEVICES} devices: tether deployments events {d['id']} --device ID)"
-        click.echo("")
-        click.echo(f"events since the deployment began{more if events['more'] else ''}:")
-        click.echo(_events_table(events["devices"]))
-
-
-def _events_table(devices: dict[str, list[dict[str, Any]]]) -> str:
-    rows = [
-        (
-            device_id,
-            output.when(e["at"])[11:],
-            e["kind"],
-            printable("/".join(x for x in (e.get("stack"), e.get("service")) if x)),
-            printable(e["message"]),
-        )
-        for device_id, events in devices.items()
-        for e in events
-    ]
-    return output.table(["DEVICE", "AT", "EVENT", "SERVICE", "MESSAGE"], rows)
-
-
-@deployments.command("events")
-@click.argument("deployment_id", type=int)
-@click.option("--device", "device_id", help="Only this device of the deployment.")
-@click.option(
-    "--devices",
-    "count",
-    type=click.IntRange(1, 100),
-    default=EVENT_DEVICES,
-    show_default=True,
-    help="At most this many devices (those not healthy first).",
-)
-@common
-def deployments_events(
-    client: ControllerClient, fmt: str, deployment_id: int, device_id: str | None, count: int
-) -> None:
-    """What each device said about a deployment, in order: images downloaded, services created,
-    restarted (exit code), healthy, unhealthy, exited (last log lines), errors."""
-    events = client.request(DeploymentsEvents(id=deployment_id, device_id=device_id, devices=count))
-    if fmt == "json":
-        click.echo(output.to_json(events))
-        return
-    if not any(events["devices"].values()):
-        click.echo(f"no events from the devices of deployment {deployment_id} yet")
-    else:
-        click.echo(_events_table(events["devices"]))
-    if events["more"]:
-        click.echo(f"({events['more']} more device(s): --devices N or --device ID)")
-
-
-def _say_next_step(d: dict[str, Any]) -> None:
-    """What a deployment that settled short of success waits for, and the command for it."""
-    steps = {
-        "awaiting-promotion": f"awaits promotion: tether deployments promote {d['id']} (or resume {d['id']})",
-        "paused": f"is paused: tether deployments resume {d['id']}",
-    }
-    click.echo(f"deployment {d['id']} " + steps.get(d["state"], f"is {d['state']}"))
-
-
-def _strategy_line(s: dict[str, Any]) -> str:
-    """The settings that apply to this kind of deployment, in the CLI's own words."""
-    parts = []
-    if s["kind"] != "all-at-once":
-        parts.append(f"{s['max_parallel']} at a time")
-    if s["kind"] == "canary":
-        parts.append(f"{output.plural(s['canary'], 'canary')}".replace("canarys", "canaries"))
-    parts += [
-        f"healthy after {format_duration(s['min_healthy_time_s'])}",
-        f"deadline {format_duration(s['healthy_deadline_s'])}",
-        f"downloads within {format_duration(s.get('download_deadline_s', 86400))}",
-    ]
-    if s["auto_revert"]:
-        parts.append("auto-revert")
-    if s["auto_promote"]:
-        parts.append("auto-promote")
-    return f"{s['kind']} ({', '.join(parts)})"
-
-
-def _deployment_action(kind: str, verb: str) -> Callable[..., Any]:
-    @click.argument("deployment_id", type=int)
-    @click.option("--wait", is_flag=True, help="Then follow the deployment until it settles.")
-    @click.option(
-        "--timeout",
-        callback=wait_timeout_option,
-        default="5m",
-        show_default=True,
-        help="How long --wait waits.",
-    )
-    @common
-    def command(client: ControllerClient, fmt: str, deployment_id: int, wait: bool, timeout: float) -> None:
-        d = client.request(DeploymentsAction(kind=kind, id=deployment_id))["deployment"]  # type: ignore[arg-type]
-        if fmt == "table":
-            click.echo(f"deployment {d['id']} of {d['stack']}: {d['state']}")
-        if wait:
-            d = _wait_deployment(client, d["id"], timeout, fmt)
-            if fmt == "table":
-                if d["state"] == "succeeded":
-                    click.echo(f"deployment {d['id']} succeeded")
-                else:
-                    _say_next_step(d)
-        if fmt == "json":
-            click.echo(output.to_json(d))
-
-    command.__doc__ = f"{verb} a deployment."
-    return command
-
-
-deployments.command("pause")(_deployment_action("deployments.pause", "Pause (move no more devices)"))
-deployments.command("resume")(_deployment_action("deployments.resume", "Resume"))
-deployments.command("promote")(_deployment_action("deployments.promote", "Promote the canaries of"))
-deployments.command("switch")(
-    _deployment_action("deployments.switch", "Switch devices to the version staged by (--stage-only)")
-)
-deployments.command("rollback")(
-    _deployment_action("deployments.rollback", "Roll back (deploy the previous version of)")
-)
-
-
 devices.register(main)  # tether devices (cli/devices.py)
 groups.register(main)  # tether groups (cli/groups.py)
 jobs.register(main)  # tether jobs (cli/jobs.py)
+deployments.register(main)  # tether deployments (cli/deployments.py)
 remote.register(main)  # tether logs, tether devices restart|facts|top (cli/remote.py)
 enroll.register(main)  # tether tokens, tether devices pending|approve|reject (cli/enroll.py)
 variables.register(main)  # tether vars (cli/variables.py)
