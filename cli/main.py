@@ -84,8 +84,8 @@ def main() -> None:
 @click.option(
     "--http",
     default=None,
-    help="Serve /healthz, /readyz, /metrics and the device install (/install.sh) on HOST:PORT "
-    "(port 0 picks one).",
+    help="Serve /healthz, /readyz, /metrics, the device install (/install.sh), the HTTP API "
+    "(/api/v1) and the web UI (/ui/) on HOST:PORT (port 0 picks one).",
 )
 @click.option(
     "--http-tls",
