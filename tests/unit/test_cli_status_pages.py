@@ -35,6 +35,7 @@ class InProcessClient:
 def fleet(controller: Controller, monkeypatch: pytest.MonkeyPatch) -> InProcessClient:
     """Stack ``web`` on 12 devices (d-00..d-04 running it), read by the CLI 5 rows a page."""
     monkeypatch.setattr(cli_main, "STATUS_PAGE", 5)
+    monkeypatch.setattr(cli_main, "WAIT_PAGE", 5)
     for i in range(12):
         online(controller, f"d-{i:02}")
     controller.execute(GroupsCreate(name="edge", devices=tuple(f"d-{i:02}" for i in range(12))))
