@@ -123,7 +123,6 @@ def asyncapi_document() -> dict[str, Any]:
             "description": description,
             "messages": {message: {"$ref": f"#/components/messages/{message}"}},
             **({"parameters": parameters} if parameters else {}),
-            "bindings": {"mqtt": {"bindingVersion": "0.2.0"}},
         }
         operations[f"{action}{channel[0].upper()}{channel[1:]}"] = {
             "action": action,
