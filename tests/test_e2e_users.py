@@ -33,8 +33,8 @@ def controller(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyte
         yield ctl
 
 
-def _forge(url: str, username: str, password: str, topics: list[str]) -> None:
-    """Publish a groups.create named after each topic on it (QoS 1), as ``username``, raw paho."""
+def _forge(url: str, username: str, password: str, topics: list[str], prefix: str = "forged") -> None:
+    """Publish a groups.create named ``{prefix}-{i}`` on each topic (QoS 1), as ``username``, raw paho."""
     host, port = url.removeprefix("mqtt://").rsplit(":", 1)
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"raw-{uuid.uuid4().hex[:8]}",
@@ -49,7 +49,7 @@ def _forge(url: str, username: str, password: str, topics: list[str]) -> None:
                 "v": 1,
                 "id": uuid.uuid4().hex,
                 "reply_to": f"{R}/clients/{client._client_id.decode()}/replies",
-                "command": {"kind": "groups.create", "name": f"forged-{i}", "selector": "x=1"},
+                "command": {"kind": "groups.create", "name": f"{prefix}-{i}", "selector": "x=1"},
             }
             info = client.publish(topic, msgpack.packb(request), qos=1)
             info.wait_for_publish(10)  # Mosquitto acknowledges a denied publish; amqtt may drop it
@@ -125,3 +125,15 @@ def test_a_viewer_changes_nothing_and_every_write_is_audited(
     for secret in ("s3cret-value", ann_password, token, token.split("_")[2]):
         assert secret not in text
     assert "forged-0" not in text and "forged-1" not in text and "forged-2" not in text
+
+    # an older CLI (the shared request topic) still works as admin
+    admin_password = json.loads(controller.operator_file.read_text())["password"]
+    _forge(url, "admin", admin_password, [f"{R}/controller/requests"], prefix="legacy")
+    wait_until(lambda: "legacy-0" in [g["name"] for g in cli_json(url, "groups", "ls")], timeout=30)
+    last = cli_json(url, "audit", "--user", "admin")[-1]
+    assert (last["command"], last["target"]["name"], last["via"], last["outcome"]) == (
+        "groups.create",
+        "legacy-0",
+        "mqtt",
+        "ok",
+    )
