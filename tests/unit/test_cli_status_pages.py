@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 from support.fleet import online, report_running
-from tether.cli import main as cli_main
+from tether.cli import stacks as cli_stacks
 from tether.controller.service import Controller
 from tether.protocol import codec, topics
 from tether.protocol.commands import GroupsCreate, StacksDeploy
@@ -34,8 +34,8 @@ class InProcessClient:
 @pytest.fixture
 def fleet(controller: Controller, monkeypatch: pytest.MonkeyPatch) -> InProcessClient:
     """Stack ``web`` on 12 devices (d-00..d-04 running it), read by the CLI 5 rows a page."""
-    monkeypatch.setattr(cli_main, "STATUS_PAGE", 5)
-    monkeypatch.setattr(cli_main, "WAIT_PAGE", 5)
+    monkeypatch.setattr(cli_stacks, "STATUS_PAGE", 5)
+    monkeypatch.setattr(cli_stacks, "WAIT_PAGE", 5)
     for i in range(12):
         online(controller, f"d-{i:02}")
     controller.execute(GroupsCreate(name="edge", devices=tuple(f"d-{i:02}" for i in range(12))))
@@ -49,7 +49,7 @@ def fleet(controller: Controller, monkeypatch: pytest.MonkeyPatch) -> InProcessC
 
 def test_status_reads_every_page(fleet: InProcessClient) -> None:
     """_stack_status joins the pages: all 12 rows once, in order, with the counts; three requests."""
-    result = cli_main._stack_status(fleet, "web")  # type: ignore[arg-type]
+    result = cli_stacks._stack_status(fleet, "web")  # type: ignore[arg-type]
     assert [r["device"] for r in result["devices"]] == [f"d-{i:02}" for i in range(12)]
     assert (result["counts"], result["total"], len(fleet.requests)) == ({"pending": 7, "running": 5}, 12, 3)
     assert "next" not in result
@@ -65,7 +65,7 @@ def test_wait_on_a_big_fleet_names_its_failing_devices(
     rejected = ReportedState(device_id="d-09", generation=record.generation - 1, error="bad file")
     controller.handle(topics.device("d-09", DeviceTopic.REPORTED), codec.encode(rejected))
     with pytest.raises(TetherError, match=r"stack web failed on d-09\Z"):
-        cli_main._wait(fleet, "web", lambda counts, total: counts.get("running", 0) == total, 5, "table")  # type: ignore[arg-type]
+        cli_stacks._wait(fleet, "web", lambda counts, total: counts.get("running", 0) == total, 5, "table")  # type: ignore[arg-type]
     out = capsys.readouterr().out
     assert "12 devices: 6 pending, 1 rejected, 5 running" in out and "d-09: rejected: bad file" in out
 
@@ -73,5 +73,5 @@ def test_wait_on_a_big_fleet_names_its_failing_devices(
 def test_wait_times_out_naming_the_devices_not_done(fleet: InProcessClient) -> None:
     """--wait that runs out of time names the devices still pending, whatever page they are on."""
     with pytest.raises(TetherError) as timed_out:
-        cli_main._wait(fleet, "web", lambda counts, total: counts.get("running", 0) == total, 0, "json")  # type: ignore[arg-type]
+        cli_stacks._wait(fleet, "web", lambda counts, total: counts.get("running", 0) == total, 0, "json")  # type: ignore[arg-type]
     assert "waiting for d-05, d-06, d-07, d-08, d-09, d-10, d-11" in str(timed_out.value)
