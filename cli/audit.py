@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import click
 from tether.protocol.commands import AuditList
 
 from . import output
 from .client import ControllerClient
-from .common import common
+from .common import common, send_and_print
 from .users import days_or_duration
 
 
@@ -21,26 +22,24 @@ from .users import days_or_duration
 def audit(client: ControllerClient, fmt: str, since: str, user: str | None, limit: int) -> None:
     """The audit log: every write asked of the controller (refused ones too), oldest first."""
     start = 0.0 if since == "all" else max(0.0, time.time() - days_or_duration(since, "--since"))
-    records = client.request(AuditList(since=start, user=user, limit=limit))["records"]
-    if fmt == "json":
-        click.echo(output.to_json(records))
-        return
-    click.echo(
-        output.table(
-            ["WHEN", "USER", "VIA", "FROM", "COMMAND", "TARGET", "OUTCOME"],
-            [
-                (
-                    output.when(r["at"]),
-                    r["user"],
-                    r["via"],
-                    r["address"] or "-",
-                    r["command"],
-                    " ".join(f"{k}={v}" for k, v in sorted(r["target"].items())) or "-",
-                    r["outcome"],
-                )
-                for r in records
-            ],
-        )
+    send_and_print(client, fmt, AuditList(since=start, user=user, limit=limit), _table, key="records")
+
+
+def _table(records: list[dict[str, Any]]) -> str:
+    return output.table(
+        ["WHEN", "USER", "VIA", "FROM", "COMMAND", "TARGET", "OUTCOME"],
+        [
+            (
+                output.when(r["at"]),
+                r["user"],
+                r["via"],
+                r["address"] or "-",
+                r["command"],
+                " ".join(f"{k}={v}" for k, v in sorted(r["target"].items())) or "-",
+                r["outcome"],
+            )
+            for r in records
+        ],
     )
 
 

@@ -6,6 +6,7 @@ See docs/onboarding.md for the flow.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import click
 from tether.protocol import labels as label_rules
@@ -22,7 +23,7 @@ from tether.protocol.errors import TetherError
 
 from . import output
 from .client import ControllerClient
-from .common import common
+from .common import common, send_and_print
 
 _DAYS = re.compile(r"\A(\d+(?:\.\d+)?)([dw])\Z")
 
@@ -93,10 +94,10 @@ def tokens_create(
 @common
 def tokens_ls(client: ControllerClient, fmt: str) -> None:
     """List enrollment tokens (never the tokens themselves)."""
-    rows = client.request(TokensList())["tokens"]
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-        return
+    send_and_print(client, fmt, TokensList(), _tokens_table, key="tokens")
+
+
+def _tokens_table(rows: list[dict[str, Any]]) -> str:
     table = [
         (
             t["id"],
@@ -108,7 +109,7 @@ def tokens_ls(client: ControllerClient, fmt: str) -> None:
         )
         for t in rows
     ]
-    click.echo(output.table(["ID", "GROUP", "LABELS", "AUTO-APPROVE", "EXPIRES", "USED"], table))
+    return output.table(["ID", "GROUP", "LABELS", "AUTO-APPROVE", "EXPIRES", "USED"], table)
 
 
 @tokens.command("rm")
@@ -116,22 +117,19 @@ def tokens_ls(client: ControllerClient, fmt: str) -> None:
 @common
 def tokens_rm(client: ControllerClient, fmt: str, ids: tuple[str, ...]) -> None:
     """Remove tokens: no new device can enroll with them (enrolled devices keep their credentials)."""
-    result = client.request(TokensRemove(ids=ids))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        for token_id in result["removed"]:
-            click.echo(f"token {token_id}: removed")
+    send_and_print(
+        client, fmt, TokensRemove(ids=ids), lambda r: [f"token {t}: removed" for t in r["removed"]]
+    )
 
 
 @click.command("pending")
 @common
 def pending(client: ControllerClient, fmt: str) -> None:
     """The waiting room: devices that asked to join (pending or rejected)."""
-    rows = client.request(DevicesPending())["devices"]
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-        return
+    send_and_print(client, fmt, DevicesPending(), _pending_table, key="devices")
+
+
+def _pending_table(rows: list[dict[str, Any]]) -> str:
     table = [
         (
             d["id"],
@@ -144,7 +142,7 @@ def pending(client: ControllerClient, fmt: str) -> None:
         )
         for d in rows
     ]
-    click.echo(output.table(["DEVICE", "STATE", "TOKEN", "GROUP", "LABELS", "ASKED", "LAST ERROR"], table))
+    return output.table(["DEVICE", "STATE", "TOKEN", "GROUP", "LABELS", "ASKED", "LAST ERROR"], table)
 
 
 @click.command("approve")
@@ -173,16 +171,12 @@ def approve(
     --label, or tether devices label)."""
     if bool(device_ids) == all_:
         raise click.UsageError("name devices to approve, or use --all")
-    result = client.request(
-        DevicesApprove(device_ids=device_ids, all=all_, selector=selector, labels=_labels(labels))
+    send_and_print(
+        client,
+        fmt,
+        DevicesApprove(device_ids=device_ids, all=all_, selector=selector, labels=_labels(labels)),
+        lambda r: [f"{d}: approved" for d in r["approved"]] or "no pending device matched",
     )
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    elif not result["approved"]:
-        click.echo("no pending device matched")
-    else:
-        for device_id in result["approved"]:
-            click.echo(f"{device_id}: approved")
 
 
 @click.command("reject")
@@ -190,12 +184,9 @@ def approve(
 @common
 def reject(client: ControllerClient, fmt: str, device_ids: tuple[str, ...]) -> None:
     """Reject pending devices: they get no credentials."""
-    result = client.request(DevicesReject(device_ids=device_ids))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        for device_id in result["rejected"]:
-            click.echo(f"{device_id}: rejected")
+    send_and_print(
+        client, fmt, DevicesReject(device_ids=device_ids), lambda r: [f"{d}: rejected" for d in r["rejected"]]
+    )
 
 
 def register(main: click.Group) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 from tether.protocol.commands import RegistriesAdd, RegistriesList, RegistriesRemove, VarsKey
@@ -17,7 +18,7 @@ from tether.protocol.errors import TetherError
 
 from . import output
 from .client import ControllerClient
-from .common import common
+from .common import common, send_and_print
 from .variables import _scope_text, scoped
 
 
@@ -52,28 +53,29 @@ def registries_add(
         raise TetherError("registries add: the password is empty")
     key = client.request(VarsKey())["public_key"]
     sealed = seal_text(key, json.dumps({"username": username, "password": password}))
-    result = client.request(RegistriesAdd(host=host, sealed=sealed, group=group, device_id=device_id))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-        return
+    add = RegistriesAdd(host=host, sealed=sealed, group=group, device_id=device_id)
+    send_and_print(client, fmt, add, _added_line)
+
+
+def _added_line(result: dict[str, Any]) -> str:
     r = result["registry"]
     verb = f"set (version {r['version']})" if result["changed"] else "unchanged"
-    click.echo(f"registry {r['host']} for {_scope_text(r['scope'])}: {verb}")
+    return f"registry {r['host']} for {_scope_text(r['scope'])}: {verb}"
 
 
 @registries.command("ls")
 @common
 def registries_ls(client: ControllerClient, fmt: str) -> None:
     """List registries with credentials (never the credentials)."""
-    rows = client.request(RegistriesList())["registries"]
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-        return
-    click.echo(
-        output.table(
+    send_and_print(
+        client,
+        fmt,
+        RegistriesList(),
+        lambda rows: output.table(
             ["HOST", "SCOPE", "VERSION", "UPDATED"],
             [(r["host"], r["scope"], r["version"], output.when(r["updated"])) for r in rows],
-        )
+        ),
+        key="registries",
     )
 
 
@@ -85,11 +87,12 @@ def registries_rm(
     client: ControllerClient, fmt: str, host: str, group: str | None, device_id: str | None
 ) -> None:
     """Remove the credentials for HOST (in the fleet, --group or --device scope)."""
-    result = client.request(RegistriesRemove(host=host, group=group, device_id=device_id))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        click.echo(f"registry {result['host']} removed for {_scope_text(result['scope'])}")
+    send_and_print(
+        client,
+        fmt,
+        RegistriesRemove(host=host, group=group, device_id=device_id),
+        lambda result: f"registry {result['host']} removed for {_scope_text(result['scope'])}",
+    )
 
 
 def register(main: click.Group) -> None:

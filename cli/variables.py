@@ -17,7 +17,7 @@ from tether.protocol.enrollment import seal_text
 
 from . import output
 from .client import ControllerClient
-from .common import common
+from .common import common, send_and_print
 
 _scope = [
     click.option("--group", help="Scope: the stacks of this group (default: the whole fleet)."),
@@ -84,16 +84,15 @@ def vars_set(
         command = VarsSet(path=path, secret=True, sealed=sealed, group=group, device_id=device_id)
     else:
         command = VarsSet(path=path, items=items, group=group, device_id=device_id)
-    result = client.request(command)
-    if fmt == "json":
-        click.echo(output.to_json(result))
-        return
+    send_and_print(client, fmt, command, _set_line)
+
+
+def _set_line(result: dict[str, Any]) -> str:
     v = result["variable"]
     what = "secret" if v["secret"] else "variable"
     if result["changed"]:
-        click.echo(f"{what} {v['path']} set for {_scope_text(v['scope'])} (version {v['version']})")
-    else:
-        click.echo(f"{what} {v['path']} unchanged")
+        return f"{what} {v['path']} set for {_scope_text(v['scope'])} (version {v['version']})"
+    return f"{what} {v['path']} unchanged"
 
 
 @variables.command("get")
@@ -102,14 +101,18 @@ def vars_set(
 @common
 def vars_get(client: ControllerClient, fmt: str, path: str, group: str | None, device_id: str | None) -> None:
     """Show a variable's keys and values (a secret's values are never shown)."""
-    v = client.request(VarsGet(path=path, group=group, device_id=device_id))["variable"]
-    if fmt == "json":
-        click.echo(output.to_json(v))
-        return
+    send_and_print(
+        client, fmt, VarsGet(path=path, group=group, device_id=device_id), _get_text, key="variable"
+    )
+
+
+def _get_text(v: dict[str, Any]) -> list[str]:
     items = v.get("items") or {}
     rows = [(k, "(secret)" if v["secret"] else items.get(k, "")) for k in v["keys"]]
-    click.echo(f"{v['path']} ({_scope_text(v['scope'])}, version {v['version']})")
-    click.echo(output.table(["KEY", "VALUE"], rows))
+    return [
+        f"{v['path']} ({_scope_text(v['scope'])}, version {v['version']})",
+        output.table(["KEY", "VALUE"], rows),
+    ]
 
 
 @variables.command("ls")
@@ -117,18 +120,18 @@ def vars_get(client: ControllerClient, fmt: str, path: str, group: str | None, d
 @common
 def vars_ls(client: ControllerClient, fmt: str, prefix: str) -> None:
     """List variables (their keys, never their values)."""
-    rows = client.request(VarsList(prefix=prefix))["variables"]
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-        return
-    click.echo(
-        output.table(
+    send_and_print(
+        client,
+        fmt,
+        VarsList(prefix=prefix),
+        lambda rows: output.table(
             ["PATH", "SCOPE", "SECRET", "KEYS", "VERSION"],
             [
                 (r["path"], r["scope"], "yes" if r["secret"] else "no", ",".join(r["keys"]), r["version"])
                 for r in rows
             ],
-        )
+        ),
+        key="variables",
     )
 
 
@@ -146,11 +149,12 @@ def vars_rm(
     device_id: str | None,
 ) -> None:
     """Remove the variable PATH, or only some of its KEYS (refused while a stack needs them)."""
-    result = client.request(VarsRemove(path=path, keys=keys, group=group, device_id=device_id))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        click.echo(f"removed {path}: {', '.join(result['removed'])} ({_scope_text(result['scope'])})")
+    send_and_print(
+        client,
+        fmt,
+        VarsRemove(path=path, keys=keys, group=group, device_id=device_id),
+        lambda result: f"removed {path}: {', '.join(result['removed'])} ({_scope_text(result['scope'])})",
+    )
 
 
 def register(main: click.Group) -> None:
