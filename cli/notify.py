@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 from tether.protocol.commands import (
@@ -26,7 +27,7 @@ from tether.protocol.errors import TetherError
 
 from . import output
 from .client import ControllerClient
-from .common import common
+from .common import common, send_and_print
 
 
 @click.group("notify")
@@ -90,7 +91,9 @@ def notify_add(
             raise TetherError(f"--secret-file {secret_file}: the file is empty")
         key = client.request(VarsKey())["public_key"]
         sealed = seal_text(key, json.dumps({"secret": secret}))
-    result = client.request(
+    send_and_print(
+        client,
+        fmt,
         NotifyAdd(
             url=url,
             on=kinds,  # type: ignore[arg-type]
@@ -98,42 +101,41 @@ def notify_add(
             window_s=parse_duration(window, "--window"),
             format=body_format,  # type: ignore[arg-type]
             sealed=sealed,
-        )
+        ),
+        _added_line,
     )
-    if fmt == "json":
-        click.echo(output.to_json(result))
-        return
+
+
+def _added_line(result: dict[str, Any]) -> str:
     w = result["webhook"]
     signed = "signed" if w["signed"] else "unsigned"
-    click.echo(f"webhook {w['id']} added: {w['url']} ({signed}) on {', '.join(w['on'])}")
+    return f"webhook {w['id']} added: {w['url']} ({signed}) on {', '.join(w['on'])}"
 
 
 @notify.command("ls")
 @common
 def notify_ls(client: ControllerClient, fmt: str) -> None:
     """List webhooks (never their secrets) and their deliveries."""
-    rows = client.request(NotifyList())["webhooks"]
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-        return
-    click.echo(
-        output.table(
-            ["ID", "URL", "ON", "OFFLINE AFTER", "FORMAT", "SIGNED", "PENDING", "DELIVERED", "FAILED"],
-            [
-                (
-                    w["id"],
-                    w["url"],
-                    ",".join(w["on"]),
-                    format_duration(w["offline_after_s"]),
-                    w["format"],
-                    "yes" if w["signed"] else "no",
-                    w["deliveries"]["pending"],
-                    w["deliveries"]["delivered"],
-                    w["deliveries"]["failed"],
-                )
-                for w in rows
-            ],
-        )
+    send_and_print(client, fmt, NotifyList(), _webhooks_table, key="webhooks")
+
+
+def _webhooks_table(rows: list[dict[str, Any]]) -> str:
+    return output.table(
+        ["ID", "URL", "ON", "OFFLINE AFTER", "FORMAT", "SIGNED", "PENDING", "DELIVERED", "FAILED"],
+        [
+            (
+                w["id"],
+                w["url"],
+                ",".join(w["on"]),
+                format_duration(w["offline_after_s"]),
+                w["format"],
+                "yes" if w["signed"] else "no",
+                w["deliveries"]["pending"],
+                w["deliveries"]["delivered"],
+                w["deliveries"]["failed"],
+            )
+            for w in rows
+        ],
     )
 
 
@@ -142,8 +144,7 @@ def notify_ls(client: ControllerClient, fmt: str) -> None:
 @common
 def notify_rm(client: ControllerClient, fmt: str, webhook_id: str) -> None:
     """Remove a webhook and its delivery log."""
-    result = client.request(NotifyRemove(id=webhook_id))
-    click.echo(output.to_json(result) if fmt == "json" else f"webhook {result['id']} removed")
+    send_and_print(client, fmt, NotifyRemove(id=webhook_id), lambda result: f"webhook {result['id']} removed")
 
 
 @notify.command("test")
@@ -151,8 +152,13 @@ def notify_rm(client: ControllerClient, fmt: str, webhook_id: str) -> None:
 @common
 def notify_test(client: ControllerClient, fmt: str, webhook_id: str) -> None:
     """Send a test message to a webhook (see it arrive with tether notify log)."""
-    d = client.request(NotifyTest(id=webhook_id))["delivery"]
-    click.echo(output.to_json(d) if fmt == "json" else f"delivery {d['id']} queued for {d['webhook']}")
+    send_and_print(
+        client,
+        fmt,
+        NotifyTest(id=webhook_id),
+        lambda d: f"delivery {d['id']} queued for {d['webhook']}",
+        key="delivery",
+    )
 
 
 @notify.command("log")
@@ -161,28 +167,26 @@ def notify_test(client: ControllerClient, fmt: str, webhook_id: str) -> None:
 @common
 def notify_log(client: ControllerClient, fmt: str, webhook_id: str | None, limit: int) -> None:
     """The newest deliveries (of WEBHOOK_ID, or all): state, attempts, last error."""
-    rows = client.request(NotifyLog(id=webhook_id, limit=limit))["deliveries"]
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-        return
-    click.echo(
-        output.table(
-            ["ID", "WEBHOOK", "EVENT", "SUBJECT", "STATE", "ATTEMPTS", "NEXT", "LAST ERROR", "CREATED"],
-            [
-                (
-                    d["id"],
-                    d["webhook"],
-                    d["kind"],
-                    d["subject"] or "-",
-                    d["state"],
-                    d["attempts"],
-                    output.when(d["next_at"]) if d["next_at"] else "-",
-                    d["last_error"] or "-",
-                    output.when(d["created"]),
-                )
-                for d in rows
-            ],
-        )
+    send_and_print(client, fmt, NotifyLog(id=webhook_id, limit=limit), _deliveries_table, key="deliveries")
+
+
+def _deliveries_table(rows: list[dict[str, Any]]) -> str:
+    return output.table(
+        ["ID", "WEBHOOK", "EVENT", "SUBJECT", "STATE", "ATTEMPTS", "NEXT", "LAST ERROR", "CREATED"],
+        [
+            (
+                d["id"],
+                d["webhook"],
+                d["kind"],
+                d["subject"] or "-",
+                d["state"],
+                d["attempts"],
+                output.when(d["next_at"]) if d["next_at"] else "-",
+                d["last_error"] or "-",
+                output.when(d["created"]),
+            )
+            for d in rows
+        ],
     )
 
 

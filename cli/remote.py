@@ -44,7 +44,7 @@ from tether.protocol.topics import DeviceTopic
 
 from . import output
 from .client import ControllerClient
-from .common import common
+from .common import common, send_and_print
 
 LEASE_S = 60.0
 """Seconds a stream lasts unless renewed; the CLI renews it every third of that."""
@@ -456,19 +456,16 @@ def top(
         return
     if limit is not None:
         raise TetherError("--for goes with --follow")
-    result = client.request(DevicesTop(device_ids=(device_id,) if device_id else ()))
-    if fmt == "json":
-        click.echo(output.to_json(result["devices"]))
-        return
-    rows = [_top_row(d["id"], output.presence(d), d["sample"]) for d in result["devices"]]
-    click.echo(output.table(TOP_HEADERS, rows))
-    if (
-        device_id is not None
-        and result["devices"]
-        and (result["devices"][0]["sample"] or {}).get("containers")
-    ):
-        click.echo("")
-        click.echo(_containers_table(result["devices"][0]["sample"]))
+    top = DevicesTop(device_ids=(device_id,) if device_id else ())
+    send_and_print(client, fmt, top, lambda devices: _top_text(devices, device_id), key="devices")
+
+
+def _top_text(devices: list[dict[str, Any]], device_id: str | None) -> list[str]:
+    rows = [_top_row(d["id"], output.presence(d), d["sample"]) for d in devices]
+    lines = [output.table(TOP_HEADERS, rows)]
+    if device_id is not None and devices and (devices[0]["sample"] or {}).get("containers"):
+        lines += ["", _containers_table(devices[0]["sample"])]
+    return lines
 
 
 def _follow_top(client: ControllerClient, fmt: str, device_id: str, limit: float | None) -> None:

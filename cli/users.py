@@ -32,7 +32,7 @@ from tether.protocol.secret_files import write_secret_json
 
 from . import output
 from .client import ControllerClient
-from .common import common
+from .common import common, send_and_print
 
 ROLES = click.Choice(["viewer", "operator", "admin"])
 
@@ -95,14 +95,14 @@ def users_add(client: ControllerClient, fmt: str, name: str, role: str, write: P
 @common
 def users_ls(client: ControllerClient, fmt: str) -> None:
     """List users and their roles (never a password)."""
-    rows = client.request(UsersList())["users"]
-    if fmt == "json":
-        click.echo(output.to_json(rows))
-        return
-    click.echo(
-        output.table(
+    send_and_print(
+        client,
+        fmt,
+        UsersList(),
+        lambda rows: output.table(
             ["NAME", "ROLE", "CREATED"], [(u["name"], u["role"], output.when(u["created"])) for u in rows]
-        )
+        ),
+        key="users",
     )
 
 
@@ -111,11 +111,12 @@ def users_ls(client: ControllerClient, fmt: str) -> None:
 @common
 def users_rm(client: ControllerClient, fmt: str, name: str) -> None:
     """Remove user NAME and its API tokens (never the last admin); its connections are closed."""
-    result = client.request(UsersRemove(name=name))
-    if fmt == "json":
-        click.echo(output.to_json(result))
-    else:
-        click.echo(f"user {result['removed']} removed (and {result['tokens']} API token(s))")
+    send_and_print(
+        client,
+        fmt,
+        UsersRemove(name=name),
+        lambda result: f"user {result['removed']} removed (and {result['tokens']} API token(s))",
+    )
 
 
 @users.command("passwd")
@@ -201,8 +202,7 @@ def users_token(client: ControllerClient, fmt: str, name: str, expires: str, sco
 @common
 def users_tokens(client: ControllerClient, fmt: str, name: str | None) -> None:
     """List API tokens (of NAME, or everyone's), never the tokens themselves."""
-    rows = client.request(UsersTokens(name=name))["tokens"]
-    click.echo(output.to_json(rows) if fmt == "json" else _token_rows(rows))
+    send_and_print(client, fmt, UsersTokens(name=name), _token_rows, key="tokens")
 
 
 @users.command("revoke")
@@ -210,8 +210,9 @@ def users_tokens(client: ControllerClient, fmt: str, name: str | None) -> None:
 @common
 def users_revoke(client: ControllerClient, fmt: str, token_id: str) -> None:
     """Revoke the API token TOKEN_ID (tether users tokens lists them)."""
-    result = client.request(UsersRevoke(token_id=token_id))
-    click.echo(output.to_json(result) if fmt == "json" else f"API token {result['revoked']} revoked")
+    send_and_print(
+        client, fmt, UsersRevoke(token_id=token_id), lambda result: f"API token {result['revoked']} revoked"
+    )
 
 
 def register(main: click.Group) -> None:
