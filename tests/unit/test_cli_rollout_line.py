@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tether.cli.main import _rollout_line
+from tether.cli.deployments import _rollout_line
 
 
 def test_a_downloading_device_says_downloading_once() -> None:
