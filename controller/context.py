@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .fleet import Seen
+from .metrics_history import MetricsHistory
 from .models import Stack
 from .rollout import Deployment, Strategy
 from .store import Store
@@ -38,6 +39,8 @@ class Context(Protocol):
     """Wall-clock seconds (injected: tests move it by hand)."""
     device_metrics: dict[str, dict[str, Any]]
     """The latest metrics sample of each device (in memory, on the leader only)."""
+    device_history: MetricsHistory
+    """Each device's recent usage, downsampled (in memory, on the leader only)."""
     secrets: SecretsKey | None
     """The key pair secrets are sealed to (None: secrets are refused)."""
     variables: VariableBindings

@@ -9,11 +9,12 @@ import json
 from collections import Counter
 from collections.abc import Iterable
 
-from tether.protocol.commands import DevicesLabel, DevicesList, DevicesShow, DevicesTop
+from tether.protocol.commands import DevicesLabel, DevicesList, DevicesMetrics, DevicesShow, DevicesTop
 from tether.protocol.errors import NotFoundError
 from tether.protocol.results import (
     DeviceDetails,
     DeviceList,
+    DeviceMetricsHistory,
     DeviceResult,
     DeviceSample,
     DeviceSamples,
@@ -22,6 +23,7 @@ from tether.protocol.results import (
 )
 
 from .context import Context
+from .metrics_history import SLOTS, STEP_S
 from .models import Device
 from .registry import CommandRegistry
 from .scheduler import members
@@ -157,6 +159,23 @@ def devices_top(ctx: Context, cmd: DevicesTop) -> DeviceSamples:
         for d in wanted
     ]
     return DeviceSamples(devices=rows)
+
+
+@commands.command(DevicesMetrics, role="viewer")
+def devices_metrics(ctx: Context, cmd: DevicesMetrics) -> DeviceMetricsHistory:
+    if cmd.device_id not in all_devices(ctx.store):
+        raise NotFoundError(f"unknown device {cmd.device_id!r}")
+    now = ctx.clock()
+    found = ctx.device_history.series(cmd.device_id, now)
+    start, series = found if found is not None else (float((int(now // STEP_S) - SLOTS + 1) * STEP_S), {})
+    return DeviceMetricsHistory(
+        id=cmd.device_id,
+        step_s=STEP_S,
+        start=start,
+        cpu=series.get("cpu", []),
+        mem=series.get("mem", []),
+        disk=series.get("disk", []),
+    )
 
 
 @commands.command(DevicesLabel)

@@ -85,6 +85,7 @@ from .fleet_events import (
     report_events,
 )
 from .lease import Lease
+from .metrics_history import MetricsHistory
 from .models import DesiredRecord, Device, Group, Stack
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
 from .placement import Assignment, Candidate, place
@@ -250,6 +251,7 @@ class Controller:
         self._observed: dict[str, dict[str, tuple[Seen, Observation]]] = {}  # see _observe
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
+        self.device_history = MetricsHistory(MAX_METRICS_DEVICES)  # recent usage, downsampled, in memory only
         self._next_refresh = 0.0
         self._next_repair = 0.0  # see tick
         self._publish_after: set[str] = set()  # devices to publish once the worker's transaction is committed
@@ -1455,6 +1457,7 @@ class Controller:
         if previous is not None and sample.at < previous["at"]:
             return  # older than what we have (QoS 0 may reorder across reconnects)
         merged = self.device_metrics[device_id] = merge_sample(previous, sample, self.clock())
+        self.device_history.add(device_id, merged["received"], merged)
         low = device_id in self._disk_low
         now_low, event = disk_event(
             device_id, low, merged.get("disk"), merged.get("disk_total"), self.clock()

@@ -93,6 +93,13 @@ class DevicesTop(CommandModel):
     device_ids: tuple[str, ...] = ()
 
 
+class DevicesMetrics(CommandModel):
+    """A device's recent usage (CPU, memory, disk), downsampled, kept in memory."""
+
+    kind: Literal["devices.metrics"] = "devices.metrics"
+    device_id: str
+
+
 class DevicesLabel(CommandModel):
     """Set (``set``) and remove (``remove``) operator labels of a device."""
 

@@ -95,6 +95,19 @@ class DeviceSamples(WireModel):
     devices: list[DeviceSample]
 
 
+class DeviceMetricsHistory(WireModel):
+    """``devices.metrics``: each series' points, oldest first, one per ``step_s`` seconds from
+    ``start`` (controller clock) to now; a point is the mean of the samples received in it, in %
+    (memory and disk: of their totals), None where none was (all empty before any arrived)."""
+
+    id: str
+    step_s: float
+    start: float
+    cpu: list[float | None]
+    mem: list[float | None]
+    disk: list[float | None]
+
+
 # --- groups --------------------------------------------------------------------------------
 
 

@@ -269,6 +269,13 @@ ROUTES: tuple[Route, ...] = (
         summary="The latest metrics sample of each device",
         tag=D,
     ),
+    Route(
+        "GET",
+        "/devices/{device_id}/metrics",
+        c.DevicesMetrics,
+        summary="A device's recent usage, downsampled",
+        tag=D,
+    ),
     Route("GET", "/waiting-room", c.DevicesPending, summary="Devices that asked to join", tag=D),
     Route("POST", "/waiting-room/approve", c.DevicesApprove, summary="Approve waiting devices", tag=D),
     Route("POST", "/waiting-room/reject", c.DevicesReject, summary="Reject waiting devices", tag=D),

@@ -38,6 +38,7 @@ from tether.protocol.commands import (
     DevicesApprove,
     DevicesLabel,
     DevicesList,
+    DevicesMetrics,
     DevicesPending,
     DevicesReject,
     DevicesShow,
@@ -400,9 +401,16 @@ def device(request: Request, device_id: str, done: str = "") -> Response:
         return _error_page(request, session, exc)
     reported = shown.reported or {}
     sample = None
+    charts: list[dict[str, Any]] = []
     with contextlib.suppress(TetherError):  # a standby forwards none (the samples are the leader's)
         rows = _run(request, session, DevicesTop(device_ids=(device_id,))).devices
         sample = rows[0].sample if rows else None
+        history = _run(request, session, DevicesMetrics(device_id=device_id))
+        charts = [
+            chart
+            for name, title in (("cpu", "CPU"), ("mem", "Memory"), ("disk", "Disk"))
+            if (chart := sparkline(title, getattr(history, name), history.start, history.step_s)) is not None
+        ]
     return _render(
         request,
         "device.html",
@@ -415,7 +423,45 @@ def device(request: Request, device_id: str, done: str = "") -> Response:
         events=list(reversed(shown.events[-50:])),
         done=done,
         sample=sample,
+        charts=charts,
     )
+
+
+SPARK_W, SPARK_H = 288, 48
+"""A chart's size in SVG units (4 per point of 72)."""
+
+
+def sparkline(title: str, points: list[float | None], start: float, step: float) -> dict[str, Any] | None:
+    """A series (% from 0 to 100, None: no sample) as an inline SVG chart: its polylines (one per
+    run of points without a gap) and the numbers as text. None if the series has no point. Pure."""
+    known = [p for p in points if p is not None]
+    if not known:
+        return None
+    dx = SPARK_W / max(1, len(points) - 1)
+    lines: list[str] = []
+    run: list[tuple[float, float]] = []
+    for i, value in enumerate([*points, None]):
+        if value is not None:
+            run.append((i * dx, SPARK_H - value / 100 * SPARK_H))
+            continue
+        if len(run) == 1:  # a lone point: a short flat stroke so that it shows
+            run.append((run[0][0] + 2, run[0][1]))
+        if run:
+            lines.append(" ".join(f"{x:.1f},{y:.1f}" for x, y in run))
+        run = []
+    latest = next(p for p in reversed(points) if p is not None)
+    return {
+        "title": title,
+        "lines": lines,
+        "latest": latest,
+        "min": min(known),
+        "max": max(known),
+        "mean": sum(known) / len(known),
+        "start": start,
+        "hours": len(points) * step / 3600,
+        "width": SPARK_W,
+        "height": SPARK_H,
+    }
 
 
 def _restart(controller: Any, device_id: str, stack: str, service: str | None) -> str:

@@ -363,6 +363,33 @@ def test_device_labels_and_usage(client: TestClient, controller: Controller) -> 
     assert client.post("/ui/devices/m1/labels", data={"csrf": csrf, "set": "oops"}).status_code == 400
 
 
+def test_device_page_charts_recent_usage(client: TestClient, controller: Controller) -> None:
+    """Samples received over time show as inline SVG charts with their numbers as text; devices.metrics
+    gives the same points and names an unknown device."""
+    from tether.protocol.commands import DevicesMetrics
+    from tether.protocol.device_api import MetricsSample
+    from tether.protocol.errors import NotFoundError
+
+    online(controller, "m2")
+    _login(client)
+    assert "<svg" not in client.get("/ui/devices/m2").text  # no sample yet: no chart
+    for i, cpu in enumerate((10.0, 30.0)):
+        sample = MetricsSample(
+            at=float(i), full=True, cpu=cpu, mem=1 << 30, mem_total=4 << 30, disk=1 << 30, disk_total=2 << 30
+        )
+        controller.handle(topics.device("m2", DeviceTopic.METRICS), codec.encode(sample))
+        controller.clock.now += 300  # type: ignore[attr-defined]
+    history = controller.execute(DevicesMetrics(device_id="m2"))
+    assert [p for p in history.cpu if p is not None][-3:] == [10.0, 30.0, 30.0]  # the last carried over
+    assert history.mem[-2:] == [25.0, 25.0] and len(history.disk) == 72
+    page = client.get("/ui/devices/m2").text
+    assert page.count("<svg") == 3 and "<polyline points=" in page
+    assert "CPU: now 30.0 % · min 10.0 % · mean 23.3 % · max 30.0 %" in page
+    assert "Memory: now 25.0 %" in page and "Disk: now 50.0 %" in page
+    with pytest.raises(NotFoundError):
+        controller.execute(DevicesMetrics(device_id="nope"))
+
+
 def test_registry_credentials_are_sealed_and_never_shown(client: TestClient, controller: Controller) -> None:
     """An admin adds registry credentials from the dashboard: listed by host and scope, the password
     on no page; then removed."""
