@@ -16,6 +16,7 @@ import hmac
 import json
 import re
 import secrets
+import shlex
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -49,6 +50,7 @@ from tether.protocol.commands import (
     JobsList,
     JobsLogs,
     JobsRemove,
+    JobsRun,
     JobsStatus,
     RegistriesAdd,
     RegistriesList,
@@ -136,6 +138,7 @@ def _size(value: Any) -> str:
 _templates.filters["ago"] = _ago
 _templates.filters["when"] = _when
 _templates.filters["size"] = _size
+_templates.filters["quote_arg"] = shlex.quote
 
 
 # --- plumbing ------------------------------------------------------------------------------
@@ -939,6 +942,21 @@ def _manage(
         )
     if (what, action) == ("tokens", "rm"):
         return TokensRemove(ids=(target,))
+    if (what, action) == ("jobs", "create"):
+        try:
+            command = tuple(shlex.split(str(form.get("command") or "")))
+        except ValueError as exc:
+            raise CommandError(f"command: {exc} (quote as a shell would)") from None
+        values: dict[str, Any] = {}
+        if form.get("timeout_s"):
+            values["timeout_s"] = form["timeout_s"]
+        return JobsRun(
+            name=str(form.get("name") or "").strip(),
+            group=str(form.get("group") or "").strip(),
+            command=command,
+            image=str(form.get("image") or "").strip() or None,
+            **values,
+        )
     if (what, action) == ("jobs", "rm"):
         return JobsRemove(name=target)
     if (what, action) == ("users", "create"):
@@ -975,6 +993,8 @@ async def _managed(request: Request, what: str, action: str, target: str) -> Res
     once = getattr(result, "token", None) or getattr(result, "password", None)
     if once:
         return _listing(request, session, what, shown_once=str(once))
+    if what == "jobs" and action == "create":  # the job's page, where its results arrive
+        return _secure(RedirectResponse(f"/ui/jobs/{urllib.parse.quote(result.job.name)}", status_code=303))
     return _secure(RedirectResponse(f"/ui/{what}", status_code=303))
 
 

@@ -341,6 +341,38 @@ def test_job_page_shows_runs_and_their_output(client: TestClient, controller: Co
     assert page.count("s-succeeded") >= 1 and page.count("s-failed") >= 1
 
 
+def test_run_a_job_now_from_the_job_page(client: TestClient, controller: Controller) -> None:
+    """An operator runs a job now from the jobs page and again from a job's page (prefilled, as a
+    new job); bad quoting or an unknown group is refused and runs nothing; a viewer sees no form and
+    is refused."""
+    from tether.protocol.commands import GroupsCreate, UsersAdd
+
+    online(controller, "r1")
+    controller.execute(GroupsCreate(name="g", devices=("r1",)))
+    csrf = _login(client)
+    assert "Run now" in client.get("/ui/jobs").text
+    form = {"csrf": csrf, "name": "check", "group": "g", "command": "sh -c 'df -h /'", "timeout_s": "60"}
+    ran = client.post("/ui/jobs", data=form, follow_redirects=False)
+    assert ran.status_code == 303 and ran.headers["location"] == "/ui/jobs/check"
+    job = controller.store.get_job("check")
+    assert job is not None and job.group == "g" and job.spec.command == ("sh", "-c", "df -h /")
+    assert job.spec.timeout_s == 60
+    page = client.get("/ui/jobs/check").text
+    assert 'value="check-again"' in page and "value=\"sh -c &#39;df -h /&#39;\"" in page
+    again = client.post("/ui/jobs", data={**form, "name": "check-again"}, follow_redirects=False)
+    assert again.status_code == 303 and controller.store.get_job("check-again") is not None
+    bad = client.post("/ui/jobs", data={**form, "name": "q", "command": "sh -c 'oops"})
+    assert bad.status_code == 400 and "quote as a shell would" in bad.text
+    unknown = client.post("/ui/jobs", data={**form, "name": "u", "group": "nope"})
+    assert unknown.status_code == 400 and "unknown group" in unknown.text
+    assert controller.store.get_job("q") is None and controller.store.get_job("u") is None
+    password = controller.execute(UsersAdd(name="vic", role="viewer")).password
+    csrf = _login(client, "vic", password)
+    assert "Run now" not in client.get("/ui/jobs").text and "Run now" not in client.get("/ui/jobs/check").text
+    refused = client.post("/ui/jobs", data={**form, "csrf": csrf, "name": "v"})
+    assert refused.status_code == 403 and controller.store.get_job("v") is None
+
+
 def test_device_labels_and_usage(client: TestClient, controller: Controller) -> None:
     """An operator sets and removes a device's labels from its page (shown with their provenance);
     the latest metrics sample shows as meters; a malformed label is refused."""
