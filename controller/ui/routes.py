@@ -66,6 +66,7 @@ from tether.protocol.commands import (
     TokensRemove,
     UsersAdd,
     UsersList,
+    UsersPasswd,
     UsersRemove,
     VarsKey,
     VarsList,
@@ -851,6 +852,7 @@ def _listing(request: Request, session: seams.Session, what: str, code: int = 20
     if what == "audit":
         rows = list(reversed(rows))
     values.setdefault("shown_once", None)
+    values.setdefault("once_for", "")
     values.setdefault("errors", [])
     return _render(request, f"{what}.html", session, code=code, rows=rows, title=title, **values)
 
@@ -961,6 +963,8 @@ def _manage(
         return JobsRemove(name=target)
     if (what, action) == ("users", "create"):
         return UsersAdd(name=str(form.get("name") or ""), role=form.get("role") or "viewer")  # type: ignore[arg-type]
+    if (what, action) == ("users", "passwd"):  # a new random password; with a role, that too
+        return UsersPasswd(name=target, role=form.get("role") or None)  # type: ignore[arg-type]
     if (what, action) == ("users", "rm"):
         return UsersRemove(name=target)
     raise CommandError(f"the dashboard cannot {action} {what}")
@@ -992,7 +996,9 @@ async def _managed(request: Request, what: str, action: str, target: str) -> Res
     # What is shown once (a token's secret, a new user's password) is rendered, never redirected to.
     once = getattr(result, "token", None) or getattr(result, "password", None)
     if once:
-        return _listing(request, session, what, shown_once=str(once))
+        user = getattr(result, "user", None)
+        once_for = getattr(user, "name", "") if action == "passwd" else ""
+        return _listing(request, session, what, shown_once=str(once), once_for=once_for)
     if what == "jobs" and action == "create":  # the job's page, where its results arrive
         return _secure(RedirectResponse(f"/ui/jobs/{urllib.parse.quote(result.job.name)}", status_code=303))
     return _secure(RedirectResponse(f"/ui/{what}", status_code=303))
@@ -1001,6 +1007,12 @@ async def _managed(request: Request, what: str, action: str, target: str) -> Res
 @router.post("/ui/{what}")
 async def manage_create(request: Request, what: str) -> Response:
     return await _managed(request, what, "create", "")
+
+
+@router.post("/ui/users/{name}/passwd")
+async def users_passwd(request: Request, name: str) -> Response:
+    """A user's new random password (shown once), and its new role if one is posted (users.passwd)."""
+    return await _managed(request, "users", "passwd", name)
 
 
 @router.post("/ui/{what}/{target}/rm")

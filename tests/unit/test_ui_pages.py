@@ -284,6 +284,36 @@ def test_manage_groups_tokens_users_and_read_the_audit(client: TestClient, contr
     assert client.post("/ui/groups/x/rm", data={}).status_code == 403  # no CSRF token
 
 
+def test_admin_changes_a_role_and_resets_a_password(client: TestClient, controller: Controller) -> None:
+    """An admin changes a user's role and resets its password from the users page (the new password
+    shown once, and working); the last admin cannot be demoted; an operator sees no such button and
+    is refused."""
+    from tether.protocol.commands import UsersAdd
+
+    old = controller.execute(UsersAdd(name="otto", role="operator")).password
+    csrf = _login(client)
+    assert 'action="/ui/users/otto/passwd"' in client.get("/ui/users").text
+    changed = client.post("/ui/users/otto/passwd", data={"csrf": csrf, "role": "viewer"})
+    once = re.search(r'id="shown-once">.*?password of otto.*?<pre>([^<]+)</pre>', changed.text, re.S)
+    assert changed.status_code == 200 and once, changed.text
+    user = controller.store.get_user("otto")
+    assert user is not None and user.role == "viewer"
+    reset = client.post("/ui/users/otto/passwd", data={"csrf": csrf})
+    again = re.search(r'id="shown-once">.*?<pre>([^<]+)</pre>', reset.text, re.S)
+    assert reset.status_code == 200 and again and again.group(1) not in (once.group(1), old)
+    assert again.group(1) not in client.get("/ui/users").text  # shown once only
+    last = client.post("/ui/users/admin/passwd", data={"csrf": csrf, "role": "viewer"})
+    assert last.status_code == 400 and "last admin" in last.text
+    assert controller.store.get_user("admin").role == "admin"  # type: ignore[union-attr]
+    assert client.post("/ui/users/otto/passwd", data={"role": "admin"}).status_code == 403  # no CSRF
+    password = controller.execute(UsersAdd(name="opal", role="operator")).password
+    csrf = _login(client, "opal", password)
+    assert "Reset password" not in client.get("/ui/users").text
+    refused = client.post("/ui/users/otto/passwd", data={"csrf": csrf, "role": "admin"})
+    assert refused.status_code == 403 and controller.store.get_user("otto").role == "viewer"  # type: ignore[union-attr]
+    _login(client, "otto", again.group(1))  # the reset password logs in
+
+
 def test_variables_set_and_secrets_stay_write_only(client: TestClient, controller: Controller) -> None:
     """A plain variable and a secret are set from the dashboard; the secret is stored sealed, its value
     never appears on a page; a malformed line is refused; a variable is removed."""
@@ -358,7 +388,7 @@ def test_run_a_job_now_from_the_job_page(client: TestClient, controller: Control
     assert job is not None and job.group == "g" and job.spec.command == ("sh", "-c", "df -h /")
     assert job.spec.timeout_s == 60
     page = client.get("/ui/jobs/check").text
-    assert 'value="check-again"' in page and "value=\"sh -c &#39;df -h /&#39;\"" in page
+    assert 'value="check-again"' in page and 'value="sh -c &#39;df -h /&#39;"' in page
     again = client.post("/ui/jobs", data={**form, "name": "check-again"}, follow_redirects=False)
     assert again.status_code == 303 and controller.store.get_job("check-again") is not None
     bad = client.post("/ui/jobs", data={**form, "name": "q", "command": "sh -c 'oops"})
