@@ -23,7 +23,7 @@ from support.procs import (
     wait_online,
 )
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(params=BROKERS)

@@ -16,7 +16,7 @@ from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_o
 from tether.protocol import codec
 from tether.protocol.models import DeviceFacts, Event, Presence
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
 
 GOOD = """
 services:

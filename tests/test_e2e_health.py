@@ -10,7 +10,7 @@ import pytest
 from support.infra import remove_tether_containers, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
 
 # v1 runs; v2 crashes 2 s after every start (exit code 3), restarted by the agent each time.
 STABLE = (

@@ -14,7 +14,7 @@ from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_o
 from tether.protocol import codec
 from tether.protocol.models import DesiredState
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
 
 STACK = 'services:\n  s:\n    command: ["sleep", "600"]\n'
 CONSTRAINED = STACK + 'x-tether:\n  placement:\n    constraints: ["role == edge", "driver == process"]\n'

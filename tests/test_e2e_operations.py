@@ -12,7 +12,7 @@ import pytest
 from support.infra import wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, wait_online
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
 
 
 def _get(url: str) -> tuple[int, str]:

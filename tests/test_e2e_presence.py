@@ -15,7 +15,7 @@ from support.procs import AgentProcess, ControllerProcess, cli_json, wait_online
 from tether.protocol import codec
 from tether.protocol.models import Presence
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from tether.protocol import codec
 from tether.protocol.enrollment import DeviceKey
 from tether.protocol.models import DesiredState
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
 
 HOST = "registry.example:5000"
 PRIVATE = f'services:\n  app:\n    image: {HOST}/shop/app:2\n    command: ["sleep", "600"]\n'

@@ -11,7 +11,7 @@ import pytest
 from support.infra import Mosquitto, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
 
 STACK = """
 services:
