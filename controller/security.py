@@ -310,6 +310,8 @@ def devices_rm(ctx: Context, cmd: DevicesRemove) -> DevicesRemoved:
     cleared = _clear_retained(ctx, cmd.device_ids)
     ctx.sync()
     for device_id in cmd.device_ids:
+        ctx.device_metrics.pop(device_id, None)  # a device enrolled again under the id starts afresh
+        ctx.device_history.forget(device_id)
         log.warning("device %s forgotten", device_id)
     return DevicesRemoved(removed=list(cmd.device_ids), cleared=cleared)
 

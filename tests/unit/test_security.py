@@ -92,10 +92,18 @@ def test_revoking_closes_connections_says_offline_and_leaves_static_groups(
 def test_removing_a_device_forgets_it_and_clears_its_retained_messages(
     controller: Controller, publisher: RecordingPublisher, table: CredentialTable
 ) -> None:
-    """devices.rm deletes the credentials and the device and publishes empty retained messages on its topics."""
+    """devices.rm deletes the credentials and the device, its usage samples and history, and publishes
+    empty retained messages on its topics."""
+    from tether.protocol.device_api import MetricsSample
+
     controller.execute(DevicesCredentials(device_id="pi-1"))
     online(controller, "pi-1")
+    controller.handle(
+        topics.device("pi-1", DeviceTopic.METRICS), codec.encode(MetricsSample(at=1.0, cpu=5.0))
+    )
+    assert "pi-1" in controller.device_metrics and "pi-1" in controller.device_history.rings
     result = controller.execute(DevicesRemove(device_ids=("pi-1",)))
+    assert "pi-1" not in controller.device_metrics and "pi-1" not in controller.device_history.rings
     assert (result.removed, result.cleared) == (["pi-1"], True)
     assert controller.store.get_device("pi-1") is None and controller.store.get_credential("pi-1") is None
     assert table.get("pi-1") is None
