@@ -16,6 +16,14 @@ verified certificate's common name as the session's username, whatever the clien
 handshake proved the identity, and the table still decides whether that user exists and
 is not revoked.
 
+Password logins are throttled per username (:mod:`tether.protocol.lockout`, the policy
+HTTP logins follow too): after 5 failures in a row the username's CONNECTs are refused
+(CONNACK 5, not authorized) without running the slow KDF for 30 s, doubling up to 15 min;
+the address that last logged in as it successfully is exempt until it fails, so guessing a
+device's name elsewhere does not keep the device off. Each lockout is logged once.
+Enrollment usernames (``enroll-{token id}``) are not throttled: their password is a 256-bit
+fleet token checked by a fast hash, and throttling them would let anyone block enrollment.
+
 RECEIVE is allowed for any identity the table still knows: what a client receives was
 checked when it subscribed, and a revoked or removed user receives nothing more, even
 before :func:`disconnect_users` has closed its connection.
@@ -32,19 +40,24 @@ from amqtt.contexts import Action
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 from tether.protocol.acl import may_publish, may_subscribe
-from tether.protocol.credentials import CredentialTable
+from tether.protocol.credentials import ENROLL_PREFIX, TOKEN_USER_PREFIX, CredentialTable
+from tether.protocol.lockout import Lockout, LockoutPolicy
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TetherAuthPlugin", "TetherTopicPlugin", "auth_plugins", "disconnect_users"]
 
 
-def auth_plugins(table: CredentialTable, *, client_certs: bool = False) -> dict[str, Any]:
+def auth_plugins(
+    table: CredentialTable, *, client_certs: bool = False, lockout: LockoutPolicy | None = None
+) -> dict[str, Any]:
     """The ``plugins`` section of an amqtt configuration that enforces ``table``.
 
-    ``client_certs``: identities come from client certificates (their common names)."""
+    ``client_certs``: identities come from client certificates (their common names).
+    ``lockout``: the throttling of failed password logins (None: the default policy)."""
+    throttle = Lockout.of(lockout or LockoutPolicy())
     return {
-        f"{__name__}.TetherAuthPlugin": {"table": table, "client_certs": client_certs},
+        f"{__name__}.TetherAuthPlugin": {"table": table, "client_certs": client_certs, "lockout": throttle},
         f"{__name__}.TetherTopicPlugin": {"table": table},
     }
 
@@ -56,12 +69,29 @@ class TetherAuthPlugin(BaseAuthPlugin):
     class Config:
         table: Any = None
         client_certs: bool = False
+        lockout: Any = None
 
     async def authenticate(self, *, session: Session) -> bool | None:
         table: CredentialTable = self.context.config.table  # type: ignore[union-attr]
         if self.context.config.client_certs:  # type: ignore[union-attr]
             return self._authenticate_certificate(table, session)
-        identity = table.authenticate(session.username, session.password, session.client_id or "")
+        lockout: Lockout = self.context.config.lockout  # type: ignore[union-attr]
+        user, address = session.username, session.remote_address or ""
+        throttled = bool(user) and not user.startswith((ENROLL_PREFIX, TOKEN_USER_PREFIX))
+        if throttled and lockout.locked(user, address) > 0:
+            return False  # no KDF run; logged once when the lockout began
+        identity = table.authenticate(user, session.password, session.client_id or "")
+        if identity is None and throttled:
+            window = lockout.failed(user, address)
+            if window > 0:
+                log.warning(
+                    "locked out MQTT logins of user %r for %.0f s after repeated failures (the last from %s)",
+                    user,
+                    window,
+                    address,
+                )
+        elif throttled:
+            lockout.succeeded(user, address)
         if identity is None:
             log.warning(
                 "refused connection from %s (client %r, user %r): bad credentials or client id",

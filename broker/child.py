@@ -47,6 +47,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 from tether.protocol.credentials import CredentialTable  # authentication (issue 5)
+from tether.protocol.lockout import LockoutPolicy
 
 from .amqtt_fixes import TetherBroker, check_amqtt_version
 from .auth import auth_plugins, disconnect_users  # authentication (issue 5)
@@ -63,12 +64,14 @@ def broker_config(
     table: CredentialTable | None = None,
     tls: tuple[str, str] | None = None,
     client_ca: str | None = None,
+    lockout: LockoutPolicy | None = None,
 ) -> dict[str, Any]:
     """The amqtt configuration for one TCP listener (TLS with ``tls``: certificate and key files).
 
     Without ``table`` anonymous clients are allowed everything; with it, connections and
     topics are checked against it (broker/auth.py). ``client_ca``: every client must present
     a certificate signed by this CA, and its common name is its username (mTLS).
+    ``lockout``: the login throttling of password CONNECTs (None: the default policy).
     """
     listener: dict[str, Any] = {"type": "tcp", "bind": f"{host}:{port}", "max_connections": -1}
     if tls is not None:  # TLS (issue 5): amqtt wraps the listener in an ssl.SSLContext
@@ -78,7 +81,7 @@ def broker_config(
     return {
         "listeners": {"default": listener},
         "plugins": (
-            auth_plugins(table, client_certs=client_ca is not None)  # authentication (issue 5)
+            auth_plugins(table, client_certs=client_ca is not None, lockout=lockout)
             if table is not None
             else {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
         ),
@@ -118,6 +121,7 @@ class BrokerThread:
         table: CredentialTable | None = None,
         tls: tuple[str, str] | None = None,
         client_ca: str | None = None,
+        lockout: LockoutPolicy | None = None,
     ) -> None:
         if client_ca is not None and (tls is None or table is None):
             raise BrokerStartError("client certificates need TLS and authentication")
@@ -125,6 +129,7 @@ class BrokerThread:
         self.tls = tls  # (certificate file, key file): listen with TLS only
         self.client_ca = client_ca  # mTLS: clients need a certificate from this CA (its CN = username)
         self.table = table  # authentication (issue 5): None = anonymous clients allowed everything
+        self.lockout = lockout  # login throttling (None: the default policy)
         self.host = host
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -170,7 +175,7 @@ class BrokerThread:
             loop.close()
 
     async def _start(self) -> None:
-        config = broker_config(self.host, self.port, self.table, self.tls, self.client_ca)
+        config = broker_config(self.host, self.port, self.table, self.tls, self.client_ca, self.lockout)
         cls: type[Broker] = Broker if self.stock else TetherBroker
         if self.client_ca is not None:
             cls = _requiring_client_certs(cls)
@@ -304,6 +309,7 @@ def serve(conn: Connection) -> int:
             table=table,
             tls=options["tls"],
             client_ca=options["client_ca"],
+            lockout=options.get("lockout"),
         )
         port = broker.start()
     except BrokerStartError as exc:

@@ -38,6 +38,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from tether.protocol.credentials import Credential, CredentialTable, TokenGrant
+from tether.protocol.lockout import LockoutPolicy
 
 from .errors import BrokerStartError
 from .version import check_amqtt_version
@@ -110,7 +111,8 @@ class EmbeddedBroker:
     """An amqtt broker in a child process. :meth:`start` returns the bound port.
 
     ``table``: a :class:`BrokerTable` to authenticate against (None: anonymous clients may
-    do everything). ``stock=True`` runs amqtt's unmodified Broker (for comparisons only).
+    do everything). ``lockout``: the throttling of failed password logins (protocol/lockout.py;
+    None: 5 failures, then 30 s doubling up to 15 min). ``stock=True`` runs amqtt's unmodified Broker (for comparisons only).
     """
 
     def __init__(
@@ -122,6 +124,7 @@ class EmbeddedBroker:
         table: CredentialTable | None = None,
         tls: tuple[str, str] | None = None,
         client_ca: str | None = None,
+        lockout: LockoutPolicy | None = None,
     ) -> None:
         if client_ca is not None and (tls is None or table is None):
             raise BrokerStartError("client certificates need TLS and authentication")
@@ -131,6 +134,7 @@ class EmbeddedBroker:
         self.tls = tls  # (certificate file, key file): listen with TLS only
         self.client_ca = client_ca  # mTLS: clients need a certificate from this CA (its CN = username)
         self.table: BrokerTable | None = table  # authentication (issue 5)
+        self.lockout = lockout  # login throttling of password CONNECTs (None: the default policy)
         self.host = host
         self.port = port
         self.pid: int | None = None
@@ -175,6 +179,7 @@ class EmbeddedBroker:
             "stock": self.stock,
             "tls": self.tls,
             "client_ca": self.client_ca,
+            "lockout": self.lockout,
             "log_level": logging.getLogger().getEffectiveLevel(),
         }
         table = self.table

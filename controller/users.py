@@ -21,8 +21,6 @@ import hmac
 import itertools
 import logging
 import secrets
-import threading
-import time
 import uuid
 from typing import Any
 
@@ -42,6 +40,7 @@ from tether.protocol.commands import (
 )
 from tether.protocol.credentials import ITERATIONS, Credential, hash_password, new_password, verify_password
 from tether.protocol.errors import CommandError, ConflictError, NotFoundError, PayloadError, StoreError
+from tether.protocol.lockout import Lockout
 from tether.protocol.principals import ROLES, Principal, Role, Via
 from tether.protocol.results import (
     ApiTokenCreated,
@@ -294,40 +293,6 @@ def token_principal(store: Store, token: str, now: float, address: str = "") -> 
         return None
     role = min(principal.role, stored.scope, key=ROLES.index)
     return Principal(user=principal.user, role=role, via="http", address=address)
-
-
-class Lockout:
-    """Failed password checks per user: after ``limit`` failures in a row, the user's password
-    is not even checked for ``base`` seconds, doubling with each further failure (up to ``cap``).
-    A success clears it. Thread-safe (HTTP requests run on several threads)."""
-
-    def __init__(
-        self, limit: int = 5, base: float = 30.0, cap: float = 900.0, clock: Any = time.monotonic
-    ) -> None:
-        self.limit, self.base, self.cap, self.clock = limit, base, cap, clock
-        self._failures: dict[str, tuple[int, float]] = {}  # user -> (failures, locked until)
-        self._lock = threading.Lock()
-
-    def locked(self, user: str) -> float:
-        """Seconds ``user`` stays locked out (0: not locked)."""
-        with self._lock:
-            _, until = self._failures.get(user, (0, 0.0))
-        return max(0.0, until - self.clock())
-
-    def failed(self, user: str) -> None:
-        with self._lock:
-            if len(self._failures) > 100_000:
-                self._failures.clear()
-            count, _ = self._failures.get(user, (0, 0.0))
-            count += 1
-            until = 0.0
-            if count >= self.limit:
-                until = self.clock() + min(self.cap, self.base * 2 ** (count - self.limit))
-            self._failures[user] = (count, until)
-
-    def succeeded(self, user: str) -> None:
-        with self._lock:
-            self._failures.pop(user, None)
 
 
 DUMMY_HASH = hash_password(new_password())

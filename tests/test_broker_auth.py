@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import wait_until
 from tether.broker import BrokerTable, EmbeddedBroker
 from tether.protocol.credentials import Credential, CredentialTable, TokenGrant, hash_password, hash_token
+from tether.protocol.lockout import LockoutPolicy
 
 R = "tether/v1"
 HASH_A = "a" * 64
@@ -45,7 +46,9 @@ def _table() -> BrokerTable:
 class Client:
     """A paho client that records CONNACK, SUBACK codes and messages."""
 
-    def __init__(self, port: int, client_id: str, username: str | None, password: str | None) -> None:
+    def __init__(
+        self, port: int, client_id: str, username: str | None, password: str | None, bind: str = ""
+    ) -> None:
         self.client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311
         )
@@ -59,7 +62,7 @@ class Client:
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put([r.value for r in rcs])
         self.client.on_message = lambda c, u, m: self.messages.put((m.topic, bytes(m.payload)))
         self.client.on_disconnect = lambda *a: self.disconnected.set()
-        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.connect("127.0.0.1", port, keepalive=30, bind_address=bind)
         self.client.loop_start()
         self.rc = self.connack.get(timeout=10)
 
@@ -218,4 +221,40 @@ def test_allow_anonymous_keeps_the_open_broker() -> None:
     finally:
         for c in clients:
             c.close()
+        embedded.stop()
+
+
+def test_guessing_a_password_over_mqtt_is_throttled(caplog: pytest.LogCaptureFixture) -> None:
+    """Failed CONNECTs lock a username out (even the right password is refused) until the window
+    passes; the address that last logged in stays exempt; each lockout is logged once, escaped."""
+    caplog.set_level(logging.WARNING, logger="tether.broker")
+    policy = LockoutPolicy(limit=3, base=3.0, cap=6.0)
+    embedded = EmbeddedBroker("127.0.0.1", 0, table=_table(), lockout=policy)
+    port = embedded.start()
+
+    def attempt(user: str, password: str, bind: str = "127.0.0.1", client_id: str = "tether-dev-a") -> int:
+        c = Client(port, client_id, user, password, bind=bind)
+        c.close()
+        return c.rc
+
+    try:
+        assert attempt("dev-a", "pw-a", bind="127.0.0.2") == 0  # the device's own address, now trusted
+        assert all(attempt("dev-a", f"guess-{i}") in REFUSED for i in range(3))
+        assert attempt("dev-a", "pw-a") in REFUSED  # locked: the right password is refused too
+        assert attempt("dev-a", "pw-a", bind="127.0.0.2") == 0  # but not from the device's address
+        assert attempt("dev-a", "pw-a") in REFUSED  # and that did not lift the lockout for others
+        assert attempt("dev-b", "pw-b", client_id="tether-dev-b") == 0  # other users are not affected
+        wait_until(
+            lambda: attempt("dev-a", "pw-a") == 0, 20, interval=0.5, message="accepted after the window"
+        )
+        evil = "nobody\r\nFAKE LOG LINE"
+        assert all(attempt(evil, "guess", client_id="x") in REFUSED for _ in range(4))
+
+        def lockouts() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "locked out MQTT logins" in r.getMessage()]
+
+        wait_until(lambda: len(lockouts()) == 2, 10, message="one log line per lockout")
+        assert "'dev-a'" in lockouts()[0] and "3 s" in lockouts()[0]
+        assert "'nobody\\r\\nFAKE LOG LINE'" in lockouts()[1] and "\n" not in lockouts()[1]
+    finally:
         embedded.stop()

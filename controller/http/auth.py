@@ -6,8 +6,8 @@ Three ways in, each naming a user of ``tether users`` (controller/users.py):
   rights; unknown, expired, revoked or of a removed user: 401.
 * ``Authorization: Basic``: a user's name and password, checked against the hash the store
   keeps (the broker checks the same one) with the slow KDF and a constant-time compare.
-  Failures lock the user out for a while (:class:`~tether.controller.users.Lockout`: 5 in a
-  row, then 30 s doubling up to 15 min), so a password cannot be guessed at speed.
+  Failures lock the user out for a while (:class:`~tether.protocol.lockout.Lockout`, the policy the
+  embedded broker applies to MQTT logins too: 5 in a row, then 30 s doubling up to 15 min), so a password cannot be guessed at speed.
 * the web UI's session cookie: :func:`create_session` after a login, :func:`session_principal`
   on each request, with a CSRF token per session that every form must carry
   (:func:`csrf_ok`). Sessions live in the controller's memory (a restart logs everyone out)
@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import HTTPException, Request
 from tether.controller import users
 from tether.protocol.credentials import verify_password
+from tether.protocol.lockout import Lockout
 
 if TYPE_CHECKING:
     from tether.controller.service import Controller
@@ -46,7 +47,7 @@ SESSION_S = 12 * 3600.0
 """How long a UI session lasts without activity."""
 MAX_SESSIONS = 10_000
 
-LOCKOUT = users.Lockout()
+LOCKOUT = Lockout()
 """Failed password checks over HTTP (the web UI's login included), per user."""
 _verified: dict[tuple[str, str], str] = {}  # (user, sha256 of the password) -> the hash it matched
 _verified_lock = threading.Lock()
