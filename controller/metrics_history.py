@@ -3,8 +3,11 @@
 Pure: no I/O, no clock of its own (the caller passes the controller's receive time). Per device
 a fixed-size ring of ``SLOTS`` buckets of ``STEP_S`` seconds (6 hours of 5-minute points), three
 series (CPU %, memory in use % of total, disk in use % of total), each point the mean of the
-samples received in its bucket, stored as an unsigned 16-bit integer in hundredths of a percent
-(0xFFFF: no sample in that bucket). Nothing grows with time: a device costs the same after a year.
+samples received in its bucket, stored as one byte in half percents (``NONE``: no sample in that
+bucket); the latest bucket's sums are kept exactly (8-byte floats), so that a bucket of many
+samples (``devices top --follow`` asks for one a second) averages without rounding drift.
+Every device's rings live in a few flat arrays (a slot each; a forgotten device's slot is
+reused), so a device costs about 300 bytes, the same after a year.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ SERIES = ("cpu", "mem", "disk")
 CARRY = 3
 """Empty buckets a point carries over to (the agent sends nothing while nothing moved beyond
 its threshold, and a full sample at least every 900 s): a longer silence shows as a gap."""
-NONE = 0xFFFF
-SCALE = 100  # hundredths of a percent
+NONE = 255
+SCALE = 2  # half percents
+WIDTH = SLOTS * len(SERIES)  # bytes of one device's points
 
 
 def percents(sample: Mapping[str, Any]) -> tuple[float | None, float | None, float | None]:
@@ -42,39 +46,69 @@ def percents(sample: Mapping[str, Any]) -> tuple[float | None, float | None, flo
     )
 
 
-class Ring:
-    """One device's series: the latest bucket's index, the samples counted in it, the points."""
+class MetricsHistory:
+    """Every device's ring (``max_devices`` at most: metrics topics are device-writable)."""
 
-    __slots__ = ("bucket", "count", "points")
+    def __init__(self, max_devices: int) -> None:
+        self.max_devices = max_devices
+        self.rings: dict[str, int] = {}  # device to its slot
+        self._free: list[int] = []
+        self._points = bytearray()  # WIDTH bytes a slot: bucket b's series i at (b % SLOTS) * 3 + i
+        self._bucket = array("q")  # a slot's latest bucket (seconds // STEP_S)
+        self._sums = array("d")  # its latest bucket's sum per series
+        self._counts = array("L")  # its latest bucket's samples per series
 
-    def __init__(self) -> None:
-        self.bucket = -1
-        self.count = 0
-        self.points = array("H", [NONE]) * (SLOTS * len(SERIES))
+    def add(self, device_id: str, at: float, sample: Mapping[str, Any]) -> None:
+        """Count ``sample`` received at ``at`` (seconds); one older than the latest bucket is dropped."""
+        slot = self.rings.get(device_id)
+        if slot is None:
+            if len(self.rings) >= self.max_devices:
+                return
+            slot = self.rings[device_id] = self._allocate()
+        self._add(slot, at, percents(sample))
 
-    def add(self, at: float, values: tuple[float | None, ...]) -> None:
-        """Count a sample received at ``at`` (seconds); one older than the latest bucket is dropped."""
-        bucket = int(at // STEP_S)
-        if bucket < self.bucket:
+    def _allocate(self) -> int:
+        if self._free:
+            slot = self._free.pop()
+            self._points[slot * WIDTH : (slot + 1) * WIDTH] = bytes([NONE]) * WIDTH
+            self._bucket[slot] = -1
+            return slot
+        self._points += bytes([NONE]) * WIDTH
+        self._bucket.append(-1)
+        self._sums.extend((0.0,) * len(SERIES))
+        self._counts.extend((0,) * len(SERIES))
+        return len(self._bucket) - 1
+
+    def _add(self, slot: int, at: float, values: tuple[float | None, ...]) -> None:
+        bucket, latest = int(at // STEP_S), self._bucket[slot]
+        if bucket < latest:
             return
-        if bucket > self.bucket:
-            for b in range(max(self.bucket + 1, bucket - SLOTS + 1), bucket + 1):
-                base = (b % SLOTS) * len(SERIES)
-                self.points[base : base + len(SERIES)] = array("H", [NONE]) * len(SERIES)
-            self.bucket, self.count = bucket, 0
-        self.count += 1
-        base = (bucket % SLOTS) * len(SERIES)
+        n = len(SERIES)
+        if bucket > latest:
+            for b in range(max(latest + 1, bucket - SLOTS + 1), bucket + 1):
+                start = slot * WIDTH + (b % SLOTS) * n
+                self._points[start : start + n] = bytes([NONE]) * n
+            self._bucket[slot] = bucket
+            for i in range(n):
+                self._sums[slot * n + i], self._counts[slot * n + i] = 0.0, 0
         for i, value in enumerate(values):
             if value is None:
                 continue
-            new = min(100.0, max(0.0, value))
-            old = self.points[base + i]
-            mean = new if old == NONE else old / SCALE + (new - old / SCALE) / self.count
-            self.points[base + i] = round(mean * SCALE)
+            j = slot * n + i
+            self._sums[j] += min(100.0, max(0.0, value))
+            self._counts[j] += 1
+            self._points[slot * WIDTH + (bucket % SLOTS) * n + i] = round(
+                self._sums[j] / self._counts[j] * SCALE
+            )
 
-    def series(self, now: float) -> tuple[float, dict[str, list[float | None]]]:
+    def series(self, device_id: str, now: float) -> tuple[float, dict[str, list[float | None]]] | None:
         """The start of the oldest point and each series' ``SLOTS`` points ending at ``now``'s
-        bucket, oldest first (None: no sample; a point carried over at most ``CARRY`` buckets)."""
+        bucket, oldest first (None: no sample; a point carried over at most ``CARRY`` buckets);
+        None for a device without a ring."""
+        slot = self.rings.get(device_id)
+        if slot is None:
+            return None
+        latest, n = self._bucket[slot], len(SERIES)
         last = int(now // STEP_S)
         first = last - SLOTS + 1
         out: dict[str, list[float | None]] = {name: [] for name in SERIES}
@@ -82,8 +116,8 @@ class Ring:
             held: float | None = None
             age = 0
             for b in range(first - CARRY, last + 1):
-                kept = self.bucket - SLOTS < b <= self.bucket
-                raw = self.points[(b % SLOTS) * len(SERIES) + i] if kept else NONE
+                kept = latest - SLOTS < b <= latest
+                raw = self._points[slot * WIDTH + (b % SLOTS) * n + i] if kept else NONE
                 if raw != NONE:
                     held, age = raw / SCALE, 0
                 else:
@@ -92,25 +126,7 @@ class Ring:
                     out[name].append(held if age <= CARRY else None)
         return float(first * STEP_S), out
 
-
-class MetricsHistory:
-    """Every device's ring (``MAX`` devices at most: metrics topics are device-writable)."""
-
-    def __init__(self, max_devices: int) -> None:
-        self.max_devices = max_devices
-        self.rings: dict[str, Ring] = {}
-
-    def add(self, device_id: str, at: float, sample: Mapping[str, Any]) -> None:
-        ring = self.rings.get(device_id)
-        if ring is None:
-            if len(self.rings) >= self.max_devices:
-                return
-            ring = self.rings[device_id] = Ring()
-        ring.add(at, percents(sample))
-
-    def series(self, device_id: str, now: float) -> tuple[float, dict[str, list[float | None]]] | None:
-        ring = self.rings.get(device_id)
-        return None if ring is None else ring.series(now)
-
     def forget(self, device_id: str) -> None:
-        self.rings.pop(device_id, None)
+        slot = self.rings.pop(device_id, None)
+        if slot is not None:
+            self._free.append(slot)
