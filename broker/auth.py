@@ -49,13 +49,13 @@ __all__ = ["TetherAuthPlugin", "TetherTopicPlugin", "auth_plugins", "disconnect_
 
 
 def auth_plugins(
-    table: CredentialTable, *, client_certs: bool = False, lockout: LockoutPolicy | None = None
+    table: CredentialTable, *, client_certs: bool = False, lockout: Lockout | None = None
 ) -> dict[str, Any]:
     """The ``plugins`` section of an amqtt configuration that enforces ``table``.
 
     ``client_certs``: identities come from client certificates (their common names).
-    ``lockout``: the throttling of failed password logins (None: the default policy)."""
-    throttle = Lockout.of(lockout or LockoutPolicy())
+    ``lockout``: the throttling of failed password logins (None: one with the default policy)."""
+    throttle = lockout if lockout is not None else Lockout.of(LockoutPolicy())
     return {
         f"{__name__}.TetherAuthPlugin": {"table": table, "client_certs": client_certs, "lockout": throttle},
         f"{__name__}.TetherTopicPlugin": {"table": table},

@@ -9,7 +9,7 @@ the socket ``FD``, one :class:`multiprocessing.connection.Connection`:
   id, ok, value)``. The first request is ``start`` (the listener, and a snapshot of the
   controller's :class:`~tether.broker.embedded.BrokerTable`); then the table's updates
   (``put``, ``remove``, ``users``, ``set_stacks``, ``set_tokens``), ``disconnect_users``,
-  ``session_state`` and ``stop``.
+  ``session_state``, ``lockouts`` (how many login lockouts began) and ``stop``.
 * Log records go back as ``("log", attributes)``, so they reach the controller's own
   logging (its format, level and destination).
 * End of file on the socket (the controller exited, even by SIGKILL) stops the broker and
@@ -47,7 +47,7 @@ from typing import Any
 
 from amqtt.broker import Broker
 from tether.protocol.credentials import CredentialTable  # authentication (issue 5)
-from tether.protocol.lockout import LockoutPolicy
+from tether.protocol.lockout import Lockout, LockoutPolicy
 
 from .amqtt_fixes import TetherBroker, check_amqtt_version
 from .auth import auth_plugins, disconnect_users  # authentication (issue 5)
@@ -64,7 +64,7 @@ def broker_config(
     table: CredentialTable | None = None,
     tls: tuple[str, str] | None = None,
     client_ca: str | None = None,
-    lockout: LockoutPolicy | None = None,
+    lockout: Lockout | None = None,
 ) -> dict[str, Any]:
     """The amqtt configuration for one TCP listener (TLS with ``tls``: certificate and key files).
 
@@ -129,7 +129,7 @@ class BrokerThread:
         self.tls = tls  # (certificate file, key file): listen with TLS only
         self.client_ca = client_ca  # mTLS: clients need a certificate from this CA (its CN = username)
         self.table = table  # authentication (issue 5): None = anonymous clients allowed everything
-        self.lockout = lockout  # login throttling (None: the default policy)
+        self.lockout = Lockout.of(lockout or LockoutPolicy())  # login throttling of password CONNECTs
         self.host = host
         self.port = port
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -271,6 +271,7 @@ def _handlers(broker: BrokerThread, table: CredentialTable | None) -> dict[str, 
     handlers: dict[str, Callable[..., Any]] = {
         "disconnect_users": lambda usernames: broker.disconnect_users(set(usernames)),
         "session_state": broker.session_state,
+        "lockouts": lambda: broker.lockout.lockouts,
     }
     if table is not None:
         handlers.update(

@@ -283,6 +283,14 @@ class EmbeddedBroker:
         closed = self._request("disconnect_users", sorted(usernames), timeout=timeout)
         return int(closed or 0)
 
+    def lockouts(self, timeout: float = 2.0) -> int | None:
+        """How many login lockouts the broker has begun (None: it did not answer in time)."""
+        try:
+            count = self._request("lockouts", timeout=timeout)
+        except TimeoutError:
+            return None
+        return int(count) if count is not None else None
+
     # --- end authentication ----------------------------------------------------------------
 
     def stop(self) -> None:

@@ -343,6 +343,7 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
         controller.access.issue_certificate = lambda name: (*issue_client(options.data_dir, name), ca_pem)
     if embedded is not None:
         controller.access.disconnect_users = embedded.disconnect_users
+        controller.metrics.lockouts.doors["mqtt"] = embedded.lockouts
     elif isinstance(table, DynsecTable):  # deleting a client disconnected it: those that were online
         controller.access.disconnect_users = lambda users: sum(
             1 for d in store.list_devices() if d.id in users and d.status == "online"

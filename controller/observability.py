@@ -8,7 +8,8 @@
     /metrics   Prometheus text format: devices by presence, stacks, deployments by state, leadership,
                messages received by kind, device messages dropped or trimmed by reason, requests by
                command and outcome, job runs by outcome, each device's CPU, memory and disk
-               (DEVICE_GAUGES: one series per device and resource, no per-service series)
+               (DEVICE_GAUGES: one series per device and resource, no per-service series),
+               login lockouts begun by door (http, mqtt on the embedded broker)
 
 Gauges that need the store (devices, stacks) are refreshed by the controller's worker
 thread every :data:`REFRESH_SECONDS`, so the HTTP thread never touches the database.
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -70,6 +71,24 @@ class DeviceCollector(Collector):
             yield family
 
 
+class LockoutCollector(Collector):
+    """``tether_login_lockouts_total`` by door (http, mqtt): lockouts begun after failed logins
+    (protocol/lockout.py), read at scrape time; a door whose count is unknown has no sample."""
+
+    def __init__(self) -> None:
+        self.doors: dict[str, Callable[[], int | None]] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "tether_login_lockouts", "Logins locked out after repeated failures, by door", labels=["door"]
+        )
+        for door, count in sorted(self.doors.items()):
+            value = count()
+            if value is not None:
+                family.add_metric([door], value)
+        yield family
+
+
 class Metrics:
     """The controller's metrics, in a registry of their own."""
 
@@ -106,6 +125,8 @@ class Metrics:
         self.published = Counter(
             "tether_desired_published", "Desired states acknowledged by the broker", registry=self.registry
         )
+        self.lockouts = LockoutCollector()
+        self.registry.register(self.lockouts)
         self.republished = Counter(
             "tether_desired_republished",
             "Desired states published again to devices that stayed behind (the broker lost them?)",

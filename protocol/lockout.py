@@ -56,6 +56,8 @@ class Lockout:
         self._failures: dict[str, tuple[int, float]] = {}  # user -> (failures, locked until)
         self._trusted: dict[str, tuple[str, ...]] = {}  # user -> addresses that last succeeded
         self._lock = threading.Lock()
+        self.lockouts = 0
+        """Lockouts started so far (``tether_login_lockouts_total`` in /metrics)."""
 
     @classmethod
     def of(cls, policy: LockoutPolicy, clock: Callable[[], float] = time.monotonic) -> Lockout:
@@ -82,6 +84,7 @@ class Lockout:
             if count >= self.limit:
                 window = min(self.cap, self.base * 2 ** min(count - self.limit, 64))
             self._failures[user] = (count, self.clock() + window if window else 0.0)
+            self.lockouts += 1 if window else 0
             trusted = self._trusted.get(user, ())
             if address and address in trusted:
                 self._trusted[user] = tuple(a for a in trusted if a != address)

@@ -226,7 +226,7 @@ def test_allow_anonymous_keeps_the_open_broker() -> None:
 
 def test_guessing_a_password_over_mqtt_is_throttled(caplog: pytest.LogCaptureFixture) -> None:
     """Failed CONNECTs lock a username out (even the right password is refused) until the window
-    passes; the address that last logged in stays exempt; each lockout is logged once, escaped."""
+    passes; the address that last logged in stays exempt; each lockout is logged once (escaped) and counted."""
     caplog.set_level(logging.WARNING, logger="tether.broker")
     policy = LockoutPolicy(limit=3, base=3.0, cap=6.0)
     embedded = EmbeddedBroker("127.0.0.1", 0, table=_table(), lockout=policy)
@@ -254,6 +254,7 @@ def test_guessing_a_password_over_mqtt_is_throttled(caplog: pytest.LogCaptureFix
             return [r.getMessage() for r in caplog.records if "locked out MQTT logins" in r.getMessage()]
 
         wait_until(lambda: len(lockouts()) == 2, 10, message="one log line per lockout")
+        assert embedded.lockouts() == 2  # what /metrics shows as tether_login_lockouts_total{door="mqtt"}
         assert "'dev-a'" in lockouts()[0] and "3 s" in lockouts()[0]
         assert "'nobody\\r\\nFAKE LOG LINE'" in lockouts()[1] and "\n" not in lockouts()[1]
     finally:

@@ -24,7 +24,7 @@ def _get(url: str) -> tuple[int, str]:
 
 
 def test_health_metrics_and_json_logs(tmp_path: Path) -> None:
-    """/healthz and /readyz answer 200, /metrics counts the online device, logs are JSON lines."""
+    """/healthz and /readyz answer 200, /metrics counts the online device (and no login lockouts), logs are JSON lines."""
     controller = ControllerProcess(tmp_path / "c", extra=["--http", "127.0.0.1:0", "--log-format", "json"])
     device = f"ops-{uuid.uuid4().hex[:6]}"
     agent = AgentProcess(controller.url, device, tmp_path / "agent")
@@ -39,6 +39,8 @@ def test_health_metrics_and_json_logs(tmp_path: Path) -> None:
             lambda: 'tether_devices{presence="online"} 1.0' in (m := _get(f"{base}/metrics")[1]) and m, 30
         )
         assert "tether_leader 1.0" in metrics
+        for door in ("http", "mqtt"):  # the embedded broker's count crosses from its process
+            assert f'tether_login_lockouts_total{{door="{door}"}} 0.0' in metrics
         assert 'tether_requests_total{command="devices.ls",outcome="ok"}' in metrics
         assert 'tether_messages_received_total{kind="presence"}' in metrics
         records = [json.loads(line) for line in controller.lines if line.startswith("{")]

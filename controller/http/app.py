@@ -38,8 +38,10 @@ API_PREFIX = "/api/v1"
 
 def create_app(controller: Controller, install: InstallFiles | None = None) -> FastAPI:
     """The HTTP app of ``controller``; ``install``: the device install's files (None: not served)."""
+    from . import auth
     from .api import router as api_router
 
+    controller.metrics.lockouts.doors["http"] = lambda: auth.LOCKOUT.lockouts
     app = FastAPI(
         title="Tether controller API",
         version=__version__,

@@ -24,7 +24,7 @@ def test_five_failures_lock_for_30s_doubling_to_15_min_and_a_success_clears() ->
         assert lockout.locked("ann") == windows[-1]
         clock.now += windows[-1]  # the window passes
         assert lockout.locked("ann") == 0
-    assert windows == [30, 60, 120, 240, 480, 900, 900]
+    assert windows == [30, 60, 120, 240, 480, 900, 900] and lockout.lockouts == 7
     assert lockout.locked("bob") == 0  # per username
     lockout.succeeded("ann")
     assert [lockout.failed("ann") for _ in range(5)] == [0.0] * 4 + [30.0]

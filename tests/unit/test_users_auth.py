@@ -75,7 +75,8 @@ def test_api_tokens_scoped_expiring_revocable(controller: Controller) -> None:
 
 
 def test_failed_passwords_lock_the_user_out(controller: Controller) -> None:
-    """After 5 wrong passwords even the right one is refused for a while; another user is unaffected."""
+    """After 5 wrong passwords even the right one is refused for a while; another user is unaffected;
+    /metrics counts the lockout once."""
     password = controller.execute(UsersAdd(name="bob", role="operator")).password
     other = controller.execute(UsersAdd(name="ann", role="viewer")).password
     client = _http(controller)
@@ -84,6 +85,7 @@ def test_failed_passwords_lock_the_user_out(controller: Controller) -> None:
     locked = client.get("/api/v1/groups", auth=("bob", password))
     assert locked.status_code == 401 and "too many failed logins" in locked.json()["detail"]
     assert client.get("/api/v1/groups", auth=("ann", other)).status_code == 200
+    assert 'tether_login_lockouts_total{door="http"} 1.0' in client.get("/metrics").text
 
 
 def test_a_removed_or_demoted_user_loses_its_session_and_rights_at_once(controller: Controller) -> None:
