@@ -38,9 +38,8 @@ from tether.protocol.commands import (
     UsersToken,
     UsersTokens,
 )
-from tether.protocol.credentials import ITERATIONS, Credential, hash_password, new_password, verify_password
+from tether.protocol.credentials import ITERATIONS, Credential, hash_password, new_password
 from tether.protocol.errors import CommandError, ConflictError, NotFoundError, PayloadError, StoreError
-from tether.protocol.lockout import Lockout
 from tether.protocol.principals import ROLES, Principal, Role, Via
 from tether.protocol.results import (
     ApiTokenCreated,
@@ -297,23 +296,6 @@ def token_principal(store: Store, token: str, now: float, address: str = "") -> 
 
 DUMMY_HASH = hash_password(new_password())
 """Checked against when the user does not exist, so a refusal takes as long either way."""
-
-
-def check_password(
-    store: Store, lockout: Lockout, name: str, password: str, via: Via, address: str = ""
-) -> Principal | None:
-    """The principal of ``name`` if ``password`` is its password (constant-time compare of
-    the slow KDF's output), None if not, or while the user is locked out after failures."""
-    if lockout.locked(name) > 0:
-        return None
-    credential = store.get_credential(name)
-    ok = verify_password(password, credential.password_hash if credential is not None else DUMMY_HASH)
-    ok = ok and credential is not None
-    if not ok:
-        lockout.failed(name)
-        return None
-    lockout.succeeded(name)
-    return principal_of(store, name, via, address)
 
 
 # --- the audit log ---
