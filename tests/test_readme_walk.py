@@ -13,7 +13,8 @@ the README builds and the ports it publishes are the walk's alone. As root witho
 
 The harness only does what a reader does: starts `tether up` (terminal 1) and agents
 (``tether-agent ...``, a terminal of their own, or ``... &``) in the background and waits for
-them to be online, reads a deployment id from the output where the README says "the id
+them to be online (a helper such as the webhook receiver, ``python3 ... &``, it only starts),
+reads a deployment's or webhook's id from the output where the README says "the id
 printed above", retries a line whose comment shows its output (``# → hello``: the text before
 any `` (``; ``...`` ends it) until that output appears (the device takes a moment), and
 expects an error where the README shows one (`# tether: error: ...`).
@@ -50,12 +51,6 @@ SKIPPED = {
     "tests/test_install_script.py::test_one_line_install_from_the_controller runs the same "
     "`curl .../install.sh | sh -s -- --token ...` against a real controller in Debian roots, and "
     "tests/test_e2e_enroll.py the token, waiting room and approval",
-    "Notifications": "its receiver is hooks.example.com, which the walk's namespace cannot reach, and "
-    "`tether notify test` names a webhook id (wh-1a2b3c4d) other than the one `notify add` prints; "
-    "tests/test_e2e_notify*.py post to a local receiver",
-    "Users, roles and the audit log": "not runnable as written yet: `tether --credentials ann.json "
-    "stacks deploy ...` has `...` for its arguments, and its refusal is a comment, not a "
-    "`# tether: error: ...` line the walk can expect",
     "Running the controller for real": "an HA pair needs PostgreSQL and Mosquitto at example hosts; "
     "tests/test_e2e_ha.py runs it",
     "Performance": "the benchmarks take minutes to an hour; tests/test_bench_smoke.py runs each small",
@@ -151,6 +146,8 @@ def test_readme_parses_into_the_walk() -> None:
         "With Docker: a web server on a published port",
         "Rolling out updates",
         "Edge jobs",
+        "Notifications",
+        "Users, roles and the audit log",
         "Remote operations and metrics",
     ]
     assert [t for t in walked if t in newcomer] == newcomer
@@ -283,6 +280,9 @@ def test_readme_walk(tmp_path: Path, namespace: Namespace, monkeypatch: pytest.M
             if command.startswith("tether up") or command.endswith("&") or is_agent(command):
                 argv = namespace.argv(work, f"exec {command.removesuffix('&').strip()}")
                 background.append(_Proc(argv, tmp_path / f"background-{len(background)}.log"))
+                if not (command.startswith("tether up") or is_agent(command)):
+                    transcript.append(f"$ {command}   (in the background)")
+                    continue  # a helper (the webhook receiver): what follows waits for it
                 device = re.search(r"--device-id (\S+)", command)
                 name = device.group(1) if device else "local"
                 began = time.monotonic()
@@ -290,7 +290,11 @@ def test_readme_walk(tmp_path: Path, namespace: Namespace, monkeypatch: pytest.M
                 took = time.monotonic() - began
                 transcript.append(f"$ {command}   (in the background; {name} online after {took:.1f}s)")
                 continue
-            if "the id printed above" in line.comment:
+            if "the id printed above" in line.comment and (webhook := re.search(r"\bwh-\w+", command)):
+                printed = re.findall(r"webhook (wh-\w+)", last_output)
+                assert printed, f"no webhook id printed before `{command}`:\n{last_output}"
+                command = command.replace(webhook.group(0), printed[-1])
+            elif "the id printed above" in line.comment:
                 printed = re.findall(r"deployment (\d+)", last_output)
                 assert printed, f"no deployment id printed before `{command}`:\n{last_output}"
                 command = re.sub(r"\b\d+\b", printed[-1], command)
