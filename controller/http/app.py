@@ -86,5 +86,5 @@ def create_app(controller: Controller, install: InstallFiles | None = None) -> F
 
     app.include_router(api_router, prefix=API_PREFIX)
     if importlib.util.find_spec("tether.controller.ui") is not None:  # the web UI (issue 20)
-        app.include_router(importlib.import_module("tether.controller.ui").router)
+        importlib.import_module("tether.controller.ui").mount(app)
     return app

@@ -1,5 +1,5 @@
-"""The web dashboard (issue 20, docs/ui.md): ``router`` is mounted at ``/`` by controller/http/app.py."""
+"""The web dashboard (issue 20, docs/ui.md): controller/http/app.py mounts it at ``/`` with ``mount``."""
 
-from .routes import router
+from .routes import mount, router
 
-__all__ = ["router"]
+__all__ = ["mount", "router"]

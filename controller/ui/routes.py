@@ -21,11 +21,11 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlencode
 
 import jinja2
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from tether.controller.fleet_events import KINDS, LOST
@@ -214,6 +214,55 @@ def _refused(request: Request, session: seams.Session | None, message: str) -> R
     return _render(request, "error.html", session, code=403, message=message)
 
 
+class _LoginFirst(Exception):
+    """No session: the page answers with the login page's redirect (see :func:`mount`)."""
+
+
+class _Refused(Exception):
+    """A posted form's CSRF token is missing or wrong: the page answers 403 (see :func:`mount`)."""
+
+    def __init__(self, session: seams.Session, message: str) -> None:
+        super().__init__(message)
+        self.session = session
+
+
+def _signed_in(request: Request) -> seams.Session:
+    """Every page's first step: the request's session, or the login page's redirect."""
+    session = _session(request)
+    if session is None:
+        raise _LoginFirst
+    return session
+
+
+Signed = Annotated[seams.Session, Depends(_signed_in)]
+
+
+async def _posted(request: Request, session: Signed) -> dict[str, Any]:
+    """Every form's first step after the session: the posted form, its CSRF token checked."""
+    try:
+        return await _form(request, session)
+    except PermissionError as exc:
+        raise _Refused(session, str(exc)) from None
+
+
+Posted = Annotated[dict[str, Any], Depends(_posted)]
+
+
+def mount(app: FastAPI) -> None:
+    """Mount the pages on ``app``, with the answers of their two dependencies' refusals."""
+
+    def login_first(request: Request, exc: Exception) -> Response:
+        return _login_first(request)
+
+    def refused(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, _Refused)
+        return _refused(request, exc.session, str(exc))
+
+    app.add_exception_handler(_LoginFirst, login_first)
+    app.add_exception_handler(_Refused, refused)
+    app.include_router(router)
+
+
 # --- static files and login ----------------------------------------------------------------
 
 
@@ -306,10 +355,7 @@ async def logout(request: Request) -> Response:
 
 
 @router.get("/ui/")
-def overview(request: Request) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
+def overview(request: Request, session: Signed) -> Response:
     try:
         counted = _run(request, session, DevicesList(limit=0))
         offline = _run(request, session, DevicesList(presence="offline", limit=10))
@@ -345,6 +391,7 @@ def overview(request: Request) -> Response:
 @router.get("/ui/devices")
 def devices(
     request: Request,
+    session: Signed,
     q: str = "",
     presence: str = "",
     state: str = "",
@@ -352,9 +399,6 @@ def devices(
     after: str = "",
     page: int = 1,
 ) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
     query = {"q": q, "presence": presence, "state": state, "group": group}
     try:
         found = _run(
@@ -394,10 +438,7 @@ def devices(
 
 
 @router.get("/ui/devices/{device_id}")
-def device(request: Request, device_id: str, done: str = "") -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
+def device(request: Request, session: Signed, device_id: str, done: str = "") -> Response:
     try:
         shown = _run(request, session, DevicesShow(device_id=device_id)).device
         groups = [g.name for g in _run(request, session, GroupsList()).groups if device_id in g.members]
@@ -483,15 +524,8 @@ def _restart(controller: Any, device_id: str, stack: str, service: str | None) -
 
 
 @router.post("/ui/devices/{device_id}/restart")
-async def restart(request: Request, device_id: str) -> Response:
+async def restart(request: Request, session: Signed, form: Posted, device_id: str) -> Response:
     """Restart a stack's services (or one) on the device: new instances, as ``tether devices restart``."""
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
-    try:
-        form = await _form(request, session)
-    except PermissionError as exc:
-        return _refused(request, session, str(exc))
     if not seams.can(session.principal, "operator"):
         return _refused(request, session, "restarting a service needs the operator role")
     stack, service = str(form.get("stack") or ""), str(form.get("service") or "") or None
@@ -504,15 +538,8 @@ async def restart(request: Request, device_id: str) -> Response:
 
 
 @router.post("/ui/devices/{device_id}/labels")
-async def label(request: Request, device_id: str) -> Response:
+async def label(request: Request, session: Signed, form: Posted, device_id: str) -> Response:
     """Set and remove operator labels (trusted: selector groups match them), as ``tether devices label``."""
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
-    try:
-        form = await _form(request, session)
-    except PermissionError as exc:
-        return _refused(request, session, str(exc))
     try:
         command = DevicesLabel(
             device_id=device_id, set=_labels(form.get("set")), remove=_words(form.get("remove"))
@@ -569,10 +596,7 @@ async def follow_logs(request: Request, device_id: str, stack: str, service: str
 
 
 @router.get("/ui/stacks")
-def stacks(request: Request) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
+def stacks(request: Request, session: Signed) -> Response:
     try:
         found = _run(request, session, StacksList()).stacks
     except TetherError as exc:
@@ -583,15 +607,13 @@ def stacks(request: Request) -> Response:
 @router.get("/ui/stacks/{name}")
 def stack(
     request: Request,
+    session: Signed,
     name: str,
     version: int | None = None,
     against: int | None = None,
     state: str = "",
     after: str = "",
 ) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
     try:
         status = _run(
             request,
@@ -654,10 +676,7 @@ def _problems(message: str) -> tuple[str, list[str]]:
 
 
 @router.get("/ui/deploy")
-def deploy_page(request: Request, name: str = "", group: str = "") -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
+def deploy_page(request: Request, session: Signed, name: str = "", group: str = "") -> Response:
     if not seams.can(session.principal, "operator"):
         return _refused(request, session, "deploying needs the operator role")
     compose = ""
@@ -678,14 +697,7 @@ def deploy_page(request: Request, name: str = "", group: str = "") -> Response:
 
 
 @router.post("/ui/deploy")
-async def deploy(request: Request) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
-    try:
-        form = await _form(request, session)
-    except PermissionError as exc:
-        return _refused(request, session, str(exc))
+async def deploy(request: Request, session: Signed, form: Posted) -> Response:
     if not seams.can(session.principal, "operator"):
         return _refused(request, session, "deploying needs the operator role")
     name, group, compose = (str(form.get(k) or "") for k in ("name", "group", "compose"))
@@ -724,10 +736,7 @@ async def deploy(request: Request) -> Response:
 
 
 @router.get("/ui/deployments")
-def deployments(request: Request) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
+def deployments(request: Request, session: Signed) -> Response:
     try:
         found = _run(request, session, DeploymentsList()).deployments[:100]
     except TetherError as exc:
@@ -736,10 +745,7 @@ def deployments(request: Request) -> Response:
 
 
 @router.get("/ui/deployments/{deployment_id}")
-def deployment(request: Request, deployment_id: int) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
+def deployment(request: Request, session: Signed, deployment_id: int) -> Response:
     try:
         shown = _run(request, session, DeploymentsStatus(id=deployment_id)).deployment
         status = _run(request, session, StacksStatus(name=shown.stack, limit=DEPLOYMENT_ROWS))
@@ -759,14 +765,9 @@ def deployment(request: Request, deployment_id: int) -> Response:
 
 
 @router.post("/ui/deployments/{deployment_id}/{action}")
-async def deployment_action(request: Request, deployment_id: int, action: str) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
-    try:
-        await _form(request, session)
-    except PermissionError as exc:
-        return _refused(request, session, str(exc))
+async def deployment_action(
+    request: Request, session: Signed, form: Posted, deployment_id: int, action: str
+) -> Response:
     if not seams.can(session.principal, "operator"):
         return _refused(request, session, f"{action} needs the operator role")
     try:
@@ -781,10 +782,7 @@ async def deployment_action(request: Request, deployment_id: int, action: str) -
 
 
 @router.get("/ui/pending")
-def pending(request: Request, done: str = "") -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
+def pending(request: Request, session: Signed, done: str = "") -> Response:
     try:
         found = _run(request, session, DevicesPending()).devices
     except TetherError as exc:
@@ -793,14 +791,7 @@ def pending(request: Request, done: str = "") -> Response:
 
 
 @router.post("/ui/pending")
-async def decide(request: Request) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
-    try:
-        form = await _form(request, session)
-    except PermissionError as exc:
-        return _refused(request, session, str(exc))
+async def decide(request: Request, session: Signed, form: Posted) -> Response:
     if not seams.can(session.principal, "operator"):
         return _refused(request, session, "approving devices needs the operator role")
     ids = tuple(str(i) for i in form.get("device") or ())
@@ -830,11 +821,8 @@ _LISTS: dict[str, tuple[type[CommandModel], str, str]] = {
 
 
 @router.get("/ui/jobs/{name}")
-def job(request: Request, name: str) -> Response:
+def job(request: Request, session: Signed, name: str) -> Response:
     """A job: each device's latest run, and the latest runs with their output."""
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
     try:
         status = _run(request, session, JobsStatus(name=name))
         runs = _run(request, session, JobsLogs(name=name, limit=50)).results
@@ -970,14 +958,9 @@ def _manage(
     raise CommandError(f"the dashboard cannot {action} {what}")
 
 
-async def _managed(request: Request, what: str, action: str, target: str) -> Response:
-    session = _session(request)
-    if session is None:
-        return _login_first(request)
-    try:
-        form = await _form(request, session)
-    except PermissionError as exc:
-        return _refused(request, session, str(exc))
+async def _managed(
+    request: Request, session: seams.Session, form: dict[str, Any], what: str, action: str, target: str
+) -> Response:
     if what not in _LISTS:
         return _secure(Response("not found\n", status_code=404, media_type="text/plain"))
     try:
@@ -1005,16 +988,16 @@ async def _managed(request: Request, what: str, action: str, target: str) -> Res
 
 
 @router.post("/ui/{what}")
-async def manage_create(request: Request, what: str) -> Response:
-    return await _managed(request, what, "create", "")
+async def manage_create(request: Request, session: Signed, form: Posted, what: str) -> Response:
+    return await _managed(request, session, form, what, "create", "")
 
 
 @router.post("/ui/users/{name}/passwd")
-async def users_passwd(request: Request, name: str) -> Response:
+async def users_passwd(request: Request, session: Signed, form: Posted, name: str) -> Response:
     """A user's new random password (shown once), and its new role if one is posted (users.passwd)."""
-    return await _managed(request, "users", "passwd", name)
+    return await _managed(request, session, form, "users", "passwd", name)
 
 
 @router.post("/ui/{what}/{target}/rm")
-async def manage_remove(request: Request, what: str, target: str) -> Response:
-    return await _managed(request, what, "rm", target)
+async def manage_remove(request: Request, session: Signed, form: Posted, what: str, target: str) -> Response:
+    return await _managed(request, session, form, what, "rm", target)
