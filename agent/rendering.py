@@ -108,10 +108,23 @@ class Renderer:
         """A stack this device will not run: one error naming everything refused. What ran
         before keeps running; no other stack is touched."""
         message = f"stack {name}: refused on this device: " + "; ".join(refused)
-        kept = "keeps running as before" if previous and previous.spec else "is not started"
+        return self._failed(name, "stack.refused", message, key, previous, "keeps running as before")
+
+    def _failed(
+        self,
+        name: str,
+        kind: str,
+        message: str,
+        key: tuple[object, ...],
+        previous: Rendering | None,
+        kept_as: str = "keeps running as rendered before",
+    ) -> Rendering:
+        """A stack that cannot run as asked: its error event (once while the message is the
+        same), and the previous rendering's spec kept in force."""
         if previous is None or previous.error != message:
+            kept = kept_as if previous and previous.spec else "is not started"
             self.event(
-                "stack.refused",
+                kind,
                 f"{message} (the stack {kept})",
                 level="error",
                 stack=name,
@@ -151,16 +164,7 @@ class Renderer:
             spec_r = self._place_stack_volumes(name, spec_r)
         except RenderError as exc:
             message = str(exc)
-            if previous is None or previous.error != message:
-                kept = "keeps running as rendered before" if previous and previous.spec else "is not started"
-                self.event(
-                    "stack.render_failed",
-                    f"{message} (the stack {kept})",
-                    level="error",
-                    stack=name,
-                    spec_hash=self._versions.get(name),
-                )
-            return Rendering(key, previous.spec if previous else None, message)
+            return self._failed(name, "stack.render_failed", message, key, previous)
         modes = {m.source: m.mode for s in reversed(spec.services) for m in s.configs}
         try:
             changed = {
@@ -170,16 +174,7 @@ class Renderer:
             }
         except OSError as exc:  # a full disk: rendered again next round (a key that never matches)
             message = f"stack {name}: cannot write config file {exc.filename}: {exc.strerror or exc}"
-            if previous is None or previous.error != message:
-                kept = "keeps running as rendered before" if previous and previous.spec else "is not started"
-                self.event(
-                    "stack.render_failed",
-                    f"{message} (the stack {kept})",
-                    level="error",
-                    stack=name,
-                    spec_hash=self._versions.get(name),
-                )
-            return Rendering(("unwritten",), previous.spec if previous else None, message)
+            return self._failed(name, "stack.render_failed", message, ("unwritten",), previous)
         for service in spec_r.services:
             for mount in service.configs:
                 if mount.source not in changed or previous is None or previous.spec is None:
