@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tether.protocol import codec, topics
+from tether.protocol.commands import GroupsCreate, StacksDeploy
 from tether.protocol.models import (
     DesiredState,
     DeviceFacts,
@@ -70,3 +71,20 @@ def report_running(controller: Any, device_id: str, generation: int, stacks: dic
         },
     )
     controller.handle(topics.device(device_id, DeviceTopic.REPORTED), codec.encode(state))
+
+
+WEB = "services:\n  web:\n    image: busybox:1.36\n"
+
+
+def web_on_twelve(controller: Any) -> str:
+    """Stack ``web`` (``WEB``) deployed to group ``edge``: 12 online devices d-00 to d-11, d-00
+    to d-04 reporting it running. Its spec hash."""
+    for i in range(12):
+        online(controller, f"d-{i:02}")
+    controller.execute(GroupsCreate(name="edge", devices=tuple(f"d-{i:02}" for i in range(12))))
+    spec_hash: str = controller.execute(StacksDeploy(name="web", group="edge", compose=WEB)).stack.spec_hash
+    for i in range(5):
+        record = controller.store.get_desired(f"d-{i:02}")
+        assert record is not None
+        report_running(controller, f"d-{i:02}", record.generation, {"web": spec_hash})
+    return spec_hash

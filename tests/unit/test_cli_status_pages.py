@@ -6,11 +6,10 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from support.fleet import online, report_running
+from support.fleet import web_on_twelve
 from tether.cli import stacks as cli_stacks
 from tether.controller.service import Controller
 from tether.protocol import codec, topics
-from tether.protocol.commands import GroupsCreate, StacksDeploy
 from tether.protocol.errors import TetherError
 from tether.protocol.models import ReportedState
 from tether.protocol.topics import DeviceTopic
@@ -36,14 +35,7 @@ def fleet(controller: Controller, monkeypatch: pytest.MonkeyPatch) -> InProcessC
     """Stack ``web`` on 12 devices (d-00..d-04 running it), read by the CLI 5 rows a page."""
     monkeypatch.setattr(cli_stacks, "STATUS_PAGE", 5)
     monkeypatch.setattr(cli_stacks, "WAIT_PAGE", 5)
-    for i in range(12):
-        online(controller, f"d-{i:02}")
-    controller.execute(GroupsCreate(name="edge", devices=tuple(f"d-{i:02}" for i in range(12))))
-    spec_hash = controller.execute(StacksDeploy(name="web", group="edge", compose=V1)).stack.spec_hash
-    for i in range(5):
-        record = controller.store.get_desired(f"d-{i:02}")
-        assert record is not None
-        report_running(controller, f"d-{i:02}", record.generation, {"web": spec_hash})
+    web_on_twelve(controller)
     return InProcessClient(controller)
 
 

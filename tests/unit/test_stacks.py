@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from support.fleet import desired, online, report_running
+from support.fleet import desired, online, report_running, web_on_twelve
 from support.recording import RecordingPublisher
 from tether.controller import stacks as stacks_module
 from tether.controller.service import Controller
@@ -245,14 +245,7 @@ def test_deployment_events_are_the_devices_words_about_it(edge: Controller) -> N
 @pytest.fixture
 def fleet12(controller: Controller) -> tuple[Controller, str]:
     """Stack ``web`` deployed to 12 online devices, d-00 to d-04 running it; its spec hash."""
-    for i in range(12):
-        online(controller, f"d-{i:02}")
-    controller.execute(GroupsCreate(name="edge", devices=tuple(f"d-{i:02}" for i in range(12))))
-    spec_hash = controller.execute(StacksDeploy(name="web", group="edge", compose=V1)).stack.spec_hash
-    for i in range(5):
-        record = controller.store.get_desired(f"d-{i:02}")
-        assert record is not None
-        report_running(controller, f"d-{i:02}", record.generation, {"web": spec_hash})
+    spec_hash = web_on_twelve(controller)
     return controller, spec_hash
 
 
