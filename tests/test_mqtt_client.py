@@ -86,6 +86,16 @@ def client(port: int, **kwargs: object) -> MqttClient:
     return c
 
 
+def connected_pair(port: int, topic: str, got: Received) -> tuple[MqttClient, MqttClient]:
+    """A receiver subscribed to ``topic`` (what it gets goes to ``got``) and a sender, both connected."""
+    receiver = client(port, on_message=got)
+    receiver.subscribe(topic)
+    receiver.connect(10)
+    sender = client(port)
+    sender.connect(10)
+    return receiver, sender
+
+
 def test_reconnects_resubscribes_and_renews_the_will_after_a_broker_restart(broker: Broker) -> None:
     """After the broker restarts (losing every session), the client connects again by itself,
     subscribes again, asks for a fresh will, and that will is what others get when it dies."""
@@ -160,11 +170,7 @@ def test_large_payloads_cross_the_read_buffer_intact(broker: Broker) -> None:
     packets, a packet spread over many recvs) arrive byte for byte and in order."""
     topic = f"t/{uuid.uuid4().hex[:8]}/big"
     got = Received()
-    receiver = client(broker.port, on_message=got)
-    receiver.subscribe(topic)
-    receiver.connect(10)
-    sender = client(broker.port)
-    sender.connect(10)
+    receiver, sender = connected_pair(broker.port, topic, got)
     try:
         sizes = [1, RECV_SIZE - 20, RECV_SIZE, RECV_SIZE + 1, 3 * RECV_SIZE + 7, 1024 * 1024]
         payloads = [os.urandom(n) for n in sizes]
@@ -189,11 +195,7 @@ def test_many_small_messages_are_batched_and_arrive_in_order(broker: Broker) -> 
     messages (queued packets joined), are all acknowledged, and arrive complete and in order."""
     topic = f"t/{uuid.uuid4().hex[:8]}/small"
     got = Received()
-    receiver = client(broker.port, on_message=got)
-    receiver.subscribe(topic)
-    receiver.connect(10)
-    sender = client(broker.port)
-    sender.connect(10)
+    receiver, sender = connected_pair(broker.port, topic, got)
     sends: list[int] = []
     plain_send = sender._paho._sock_send
 
