@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support.infra import remove_tether_containers, wait_until
-from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+from support.procs import cli, cli_json, pool_device
 
 pytestmark = pytest.mark.e2e
 
@@ -38,14 +37,7 @@ def test_update_crashing_within_min_healthy_time_is_reverted(tmp_path: Path) -> 
     """An update whose service crashes every 2 s (restart: always) never counts as healthy under
     --min-healthy-time 10s; --auto-revert moves the device back, and --wait says why (exit code,
     restarts, the service's last output)."""
-    run = uuid.uuid4().hex[:6]
-    device = f"crash-{run}"
-    controller = ControllerProcess(tmp_path / "controller")
-    url = controller.url
-    agent = AgentProcess(url, device, tmp_path / device, labels={"pool": run})
-    try:
-        wait_online(url, device)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
+    with pool_device(tmp_path, "crash") as (url, device):
         stack = tmp_path / "app.yml"
         stack.write_text(STABLE)
         good = _deploy(url, stack, "--wait", "--min-healthy-time", "1s")
@@ -60,22 +52,12 @@ def test_update_crashing_within_min_healthy_time_is_reverted(tmp_path: Path) -> 
         assert [d["state"] for d in deployments[:2]] == ["reverted", "succeeded"]
         assert "healthy" not in deployments[0]["counts"]
         wait_until(lambda: _version(tmp_path / device) == "v1", 60, message="device back on v1")
-    finally:
-        agent.stop()
-        controller.stop()
 
 
 def test_first_deploy_of_a_crash_loop_fails_wait(tmp_path: Path) -> None:
     """A first deployment whose service crash-loops fails --wait (exit status 1) with the reason,
     instead of being reported running on every device."""
-    run = uuid.uuid4().hex[:6]
-    device = f"first-{run}"
-    controller = ControllerProcess(tmp_path / "controller")
-    url = controller.url
-    agent = AgentProcess(url, device, tmp_path / device, labels={"pool": run})
-    try:
-        wait_online(url, device)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
+    with pool_device(tmp_path, "first") as (url, device):
         stack = tmp_path / "app.yml"
         stack.write_text(CRASHING)
         result = _deploy(url, stack, "--min-healthy-time", "5s", "--wait", "--timeout", "150")
@@ -84,9 +66,6 @@ def test_first_deploy_of_a_crash_loop_fails_wait(tmp_path: Path) -> None:
         assert "is running on" not in result.stdout
         status = cli(url, "stacks", "status", "app")
         assert "exit code 3" in status.stdout
-    finally:
-        agent.stop()
-        controller.stop()
 
 
 DOCKER_CRASHING = """
@@ -104,25 +83,17 @@ def test_first_docker_deploy_of_a_crash_loop_fails_wait(
 ) -> None:
     """With the docker driver too, a crash-looping first deployment fails --wait, naming the exit
     code and the container's last output."""
-    run = uuid.uuid4().hex[:6]
-    device = f"dcrash-{run}"
-    controller = ControllerProcess(tmp_path / "controller")
-    url = controller.url
-    agent = AgentProcess(url, device, tmp_path / device, driver="docker", labels={"pool": run})
     try:
-        wait_online(url, device)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
-        stack = tmp_path / "web.yml"
-        stack.write_text(DOCKER_CRASHING)
-        result = cli(
-            url, "stacks", "deploy", str(stack), "--name", "web", "--group", "pool",
-            "--min-healthy-time", "5s", "--wait", "--timeout", "150", timeout=200,
-        )  # fmt: skip
-        assert result.returncode == 1, result.stdout + result.stderr
-        assert "exit code 7" in result.stderr and "port in use" in result.stderr
-        deployment = cli_json(url, "deployments", "ls", "--stack", "web")[0]
-        assert deployment["state"] == "failed"
+        with pool_device(tmp_path, "dcrash", driver="docker") as (url, device):
+            stack = tmp_path / "web.yml"
+            stack.write_text(DOCKER_CRASHING)
+            result = cli(
+                url, "stacks", "deploy", str(stack), "--name", "web", "--group", "pool",
+                "--min-healthy-time", "5s", "--wait", "--timeout", "150", timeout=200,
+            )  # fmt: skip
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "exit code 7" in result.stderr and "port in use" in result.stderr
+            deployment = cli_json(url, "deployments", "ls", "--stack", "web")[0]
+            assert deployment["state"] == "failed"
     finally:
-        agent.stop()
-        controller.stop()
         remove_tether_containers(docker_engine, "dcrash-")

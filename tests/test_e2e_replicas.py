@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from support.infra import Mosquitto, wait_until
-from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+from support.procs import AgentProcess, ControllerProcess, cli, cli_json, pool_group
 
 pytestmark = pytest.mark.e2e
 
@@ -43,11 +43,7 @@ def test_replicas_replace_lost_device_and_keep_original(tmp_path: Path, mosquitt
     controller = ControllerProcess(tmp_path / "controller", broker=mosquitto.url)
     agents = {n: AgentProcess(mosquitto.url, n, tmp_path / n, labels={"pool": run}) for n in names}
     try:
-        for n in names:
-            wait_online(mosquitto.url, n)
-        cli_json(
-            mosquitto.url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels"
-        )
+        pool_group(mosquitto.url, run, *names)
         stack = tmp_path / "rep.yml"
         stack.write_text(STACK)
         deploy = cli(

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from support.infra import remove_tether_containers, wait_until
-from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+from support.procs import AgentProcess, ControllerProcess, cli, cli_json, pool_group
 
 pytestmark = [pytest.mark.e2e, pytest.mark.store]
 
@@ -35,9 +35,7 @@ def test_rolling_hold_and_offline(tmp_path: Path) -> None:
     url = controller.url
     agents = {n: AgentProcess(url, n, tmp_path / n, labels={"pool": run}) for n in names}
     try:
-        for n in names:
-            wait_online(url, n)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
+        pool_group(url, run, *names)
         stack = tmp_path / "app.yml"
         stack.write_text(PROCESS.format(v="v1"))
         _deploy(url, stack, "--wait", "--min-healthy-time", "0s")
@@ -114,9 +112,7 @@ def test_canary_failing_healthcheck_is_reverted(
     url = controller.url
     agents = [AgentProcess(url, n, tmp_path / n, driver="docker", labels={"pool": run}) for n in names]
     try:
-        for n in names:
-            wait_online(url, n)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
+        pool_group(url, run, *names)
         stack = tmp_path / "web.yml"
         stack.write_text(WEB.format(v="v1", check="true"))
         good = cli_json(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "pool", "--wait")

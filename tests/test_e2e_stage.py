@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from support.images import skip_or_fail
 from support.infra import remove_tether_containers, wait_until
-from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+from support.procs import AgentProcess, ControllerProcess, cli, cli_json, pool_device, pool_group
 from support.registry import Registry, push_image, registry_available
 
 pytestmark = [pytest.mark.e2e, pytest.mark.docker]
@@ -46,8 +46,7 @@ def test_stage_only_from_a_private_registry_then_switch(
         url = controller.url
         agent = AgentProcess(url, device, tmp_path / device, driver="docker", labels={"pool": run})
         try:
-            wait_online(url, device)
-            cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
+            pool_group(url, run, device)
             added = cli(
                 url, "registries", "add", registry.host, "-u", "edge", "--password-stdin", stdin=password
             )
@@ -97,14 +96,7 @@ PROCESS_STACK = 'services:\n  app:\n    command: ["sh", "-c", "echo {version} > 
 def test_stage_only_on_a_process_driver_device_then_switch(tmp_path: Path) -> None:
     """A process-driver device (nothing to download) reports the staged version `staged` at once,
     keeps running the old one, and `deployments switch` then moves it."""
-    run = uuid.uuid4().hex[:6]
-    device = f"pstage-{run}"
-    controller = ControllerProcess(tmp_path / "controller")
-    url = controller.url
-    agent = AgentProcess(url, device, tmp_path / device, labels={"pool": run})
-    try:
-        wait_online(url, device)
-        cli_json(url, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
+    with pool_device(tmp_path, "pstage") as (url, device):
         stack = tmp_path / "app.yml"
         deploy = ["stacks", "deploy", str(stack), "--name", "app", "--group", "pool", "--wait"]
         deploy += ["--min-healthy-time", "1s", "--timeout", "60"]
@@ -135,6 +127,3 @@ def test_stage_only_on_a_process_driver_device_then_switch(tmp_path: Path) -> No
             message="switched deployment succeeded",
         )
         assert _running_hash(url, device) == downloads["app"]["spec_hash"]
-    finally:
-        agent.stop()
-        controller.stop()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,31 @@ def wait_online(broker: str, device_id: str, timeout: float = 30.0) -> dict[str,
         interval=0.2,
         message=f"device {device_id} online",
     )
+
+
+def pool_group(broker: str, run: str, *device_ids: str) -> None:
+    """Wait for the devices (started with the label ``pool=run``) to be online, then create the
+    group ``pool`` that selects them by that label (trusting device labels), as deploy tests do."""
+    for device_id in device_ids:
+        wait_online(broker, device_id)
+    cli_json(broker, "groups", "create", "pool", "--select", f"pool={run}", "--trust-device-labels")
+
+
+@contextlib.contextmanager
+def pool_device(tmp_path: Path, prefix: str, driver: str = "process") -> Iterator[tuple[str, str]]:
+    """A controller (`tether up` in ``tmp_path``/controller) and one agent, device
+    ``prefix-RUN``, online and the one member of group ``pool``; its URL and the device id. Both
+    stop afterwards."""
+    run = uuid.uuid4().hex[:6]
+    device = f"{prefix}-{run}"
+    controller = ControllerProcess(tmp_path / "controller")
+    agent = AgentProcess(controller.url, device, tmp_path / device, driver=driver, labels={"pool": run})
+    try:
+        pool_group(controller.url, run, device)
+        yield controller.url, device
+    finally:
+        agent.stop()
+        controller.stop()
 
 
 BROKERS = ["embedded", "mosquitto"]
