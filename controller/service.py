@@ -29,12 +29,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
-from tether.protocol import codec, names, topics
+from tether.protocol import codec, topics
 from tether.protocol.acl import LEGACY_USER
 from tether.protocol.backoff import Backoff
 from tether.protocol.commands import COMMAND_ADAPTER, CommandModel
@@ -42,15 +41,12 @@ from tether.protocol.credentials import CredentialTable
 from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import CommandError, ErrorCode, ForbiddenError, PayloadError, TetherError
 from tether.protocol.models import (
-    DesiredState,
     Event,
-    EventsAcked,
     JobResult,
     Presence,
     Reply,
     ReportedState,
     Request,
-    StackDefinition,
     StackRef,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
@@ -89,6 +85,7 @@ from .metrics_history import MetricsHistory
 from .models import DesiredRecord, Device, Group, Stack
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
 from .placement import Assignment, Candidate, place
+from .publishing import BEHIND_CHECK, Publisher
 from .registries import RegistryCredentials
 from .registry import CommandRegistry
 from .rollout import DeploymentState, Observation
@@ -130,19 +127,8 @@ _BATCHED = frozenset(
 )
 STALE_DEFAULT_KEEPALIVE = 60
 """The keepalive assumed for a device that does not tell its own (an older agent)."""
-ACK_MAX_DELAY = 10.0
-"""Event acknowledgements wait while the inbox holds a burst, at most this long."""
-BEHIND_GRACE = 15.0
-"""Seconds an online device may report an older generation than the one published to it
-before its desired state and definitions are published again (see :meth:`Controller.repair_behind`)."""
-BEHIND_CHECK = 5.0
-"""Seconds between two looks for devices that stay behind (see :meth:`Controller.repair_behind`)."""
 AUDIT_PRUNE_SECONDS = 3600.0
 """How often audit records older than the retention are forgotten."""
-BEHIND_BACKOFF_MAX = 300.0
-"""Republishing to a device that stays behind backs off (doubling from the grace) up to this."""
-PROBE_LOST = 60.0
-"""A probe (see :meth:`Controller.repair_behind`) not back after this many seconds is sent again."""
 
 
 def job_outcome(result: JobResult) -> str:
@@ -166,15 +152,6 @@ def _bounded_event(event: Event) -> tuple[Event, bool]:
     if event.data is not None and len(json.dumps(event.data, default=str)) > MAX_EVENT_DATA:
         update["data"] = {"dropped": f"more than {MAX_EVENT_DATA} bytes"}
     return (event.model_copy(update=update), True) if update else (event, False)
-
-
-@dataclass(slots=True)
-class _Marks:
-    """Which events of a device are stored: every ``seq`` up to ``acked``, and ``above`` it."""
-
-    acked: int
-    last: int
-    above: set[int]
 
 
 COMMANDS = CommandRegistry.of(
@@ -249,32 +226,27 @@ class Controller:
         self._fleet_version = 0  # changes when a device's attributes may have (see targets)
         self._targeted: dict[str, tuple[Stack, Group, int, list[str]]] = {}  # see _targets
         self._observed: dict[str, dict[str, tuple[Seen, Observation]]] = {}  # see _observe
+        self.publisher = Publisher(
+            store,
+            clock=clock,
+            metrics=self.metrics,
+            access=self.access,
+            client=lambda: self.client,
+            leading=self.leading,
+            fleet_view=lambda: self.fleet_view(),
+            busy=lambda: self.inbox.qsize() > INGEST_BATCH,
+        )
+        """What is published to devices (:mod:`.publishing`)."""
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
         self.device_history = MetricsHistory(MAX_METRICS_DEVICES)  # recent usage, downsampled, in memory only
         self._next_refresh = 0.0
         self._next_repair = 0.0  # see tick
-        self._publish_after: set[str] = set()  # devices to publish once the worker's transaction is committed
-        self._publish_all = False  # everything, once the worker's request is answered (see _on_request)
-        self._deferring = False  # publish_pending only notes what to publish (see _on_request)
         self._sync_devices: set[str] = set()  # devices to recompute at the end of a batch (see _flush_syncs)
         self._reports_due: dict[str, ReportedState] = {}  # written at the end of a batch (see _flush_reports)
         self._message_counters: dict[str, Any] = {}
         self._sync_all = False
-        self._published_gen: dict[str, int] | None = (
-            None  # per device, the generation the broker acknowledged
-        )
-        self._behind: dict[str, tuple[float, float, float]] = {}  # see repair_behind
-        self._acked_at: dict[str, float] = {}  # device -> when its desired state was acknowledged
-        self._connected_at: dict[str, float] = {}  # device -> when it last connected (see repair_behind)
-        self._probe: tuple[bytes, float] | None = None  # the probe in flight, and when it was sent
-        self._caught_up = float("-inf")  # every device message the broker had then is handled
-        self._lead_since = 0.0
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
-        self._event_marks: dict[str, _Marks] = {}  # see _note_stored
-        self._acks_due: set[str] = set()
-        self._acks_resend = False
-        self._acks_since: float | None = None  # when the acknowledgements due began to wait
         self._presence_trusted = False  # see _presence_stale
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
@@ -347,11 +319,7 @@ class Controller:
         self.variables.forget()  # another controller may have changed them while we stood by
         self.registries.forget()
         self._fleet = None  # and the devices
-        self._published_gen = None  # and what was published
-        self._acked_at, self._probe, self._caught_up = {}, None, float("-inf")  # and when
-        self._connected_at = {}
-        self._lead_since = time.monotonic()
-        self._event_marks = {}  # and which events are stored
+        self.publisher.lead()  # and what was published, when, and which events are stored
         self.leading.set()
         log.info("this controller leads")
         if self.client.connected:
@@ -444,10 +412,8 @@ class Controller:
             return
         if publish:
             self.publish_pending(device_ids)
-        elif device_ids is None:
-            self._publish_all = True
         else:
-            self._publish_after.update(device_ids)
+            self.publisher.defer(device_ids)
 
     def is_ready(self) -> bool:
         """Connected to the broker and past the first sync (readiness)."""
@@ -726,13 +692,6 @@ class Controller:
                 except Exception:
                     log.exception("webhooks: failed to queue %s", emitted.kind)
 
-    def _publish_deferred(self) -> None:
-        """Publish what a request or a batch of device messages left to publish (committed now)."""
-        if self._publish_after or self._publish_all:
-            device_ids, self._publish_after = self._publish_after, set()
-            publish_all, self._publish_all = self._publish_all, False
-            self.publish_pending(None if publish_all else device_ids)
-
     def _dispatch(self, topic: str, payload: bytes) -> None:
         if topic == _CALL:
             self._run_call()
@@ -746,9 +705,7 @@ class Controller:
                     self.store.mark_all_unpublished()
                 if lost or not self._presence_trusted:
                     self._presence_stale()
-                if self.client is not None and not self.client.session_present:
-                    self._acks_resend = True  # events may have been published with nobody subscribed
-                self._probe = None  # one in flight may be lost with the connection: send another
+                self.publisher.reconnected(self.client is None or self.client.session_present)
                 self.publish_pending()
                 enrollment.publish_answers(self)
             self.ready.set()
@@ -766,8 +723,7 @@ class Controller:
         elif not self.leading.is_set():
             return
         elif parsed.kind == "probe":
-            if self._probe is not None and payload == self._probe[0]:
-                self._caught_up, self._probe = self._probe[1], None
+            self.publisher.probe_back(payload)
         elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
             enrollment.on_request(self, parsed.device_id, payload)
         elif parsed.kind == "device" and parsed.device_id is not None and payload:
@@ -890,7 +846,7 @@ class Controller:
         if presence.status == "online":
             enrollment.seen(self, device_id)
             if presence.session != device.session or device.status != "online":
-                self._connected_at[device_id] = time.monotonic()  # a new connection: see repair_behind
+                self.publisher.device_connected(device_id)  # a new connection: see repair_behind
         # Scheduled at the end of the batch of messages this one came in (_flush_syncs).
         if presence.status != device.status and any(
             s.placement.mode == "replicas" for s in self.store.list_stacks()
@@ -924,7 +880,7 @@ class Controller:
                 self.store.put_desired(
                     record.model_copy(update={"generation": reported.generation + 1, "published": False})
                 )
-            self._publish_after.add(device_id)  # once committed (reports are handled in batches)
+            self.publisher.defer({device_id})  # once committed (reports are handled in batches)
         self._report_events(device_id, reported)
         if known is None:  # its first report: the device row may not exist yet, or holds an old one
             device = self.store.get_device(device_id)
@@ -971,7 +927,7 @@ class Controller:
         stored, trimmed = _bounded_event(event.model_copy(update={"oldest": 0}))
         added = self.store.add_event(device_id, event.seq, stored.model_dump_json())
         if event.oldest:
-            self._note_stored(device_id, event.seq, event.oldest)
+            self.publisher.note_stored(device_id, event.seq, event.oldest)
         if not added:
             return  # delivered twice (at least once on the wire): already stored
         if trimmed:
@@ -980,62 +936,6 @@ class Controller:
             self._on_job_result(device_id, event.data)
         level = logging.WARNING if event.level != "info" else logging.INFO
         log.log(level, "device %s: %s: %s", device_id, stored.kind, stored.message)
-
-    # --- acknowledging events (end to end: the agent keeps each until we have it) ---
-
-    def _note_stored(self, device_id: str, seq: int, oldest: int) -> None:
-        """Event ``seq`` of ``device_id`` is stored; ``oldest``: the device will send nothing
-        below it. Advance the device's acknowledgement: every ``seq`` up to it stored."""
-        marks = self._event_marks.get(device_id)
-        if marks is None:  # first heard of since we started: what is stored above its oldest
-            above = set(self.store.event_seqs_above(device_id, oldest - 1))
-            marks = self._event_marks[device_id] = _Marks(oldest - 1, max(above, default=0), above)
-        marks.acked = max(marks.acked, oldest - 1)
-        marks.last = max(marks.last, seq)
-        if seq > marks.acked:
-            marks.above.add(seq)
-        while marks.acked + 1 in marks.above:
-            marks.acked += 1
-        marks.above = {s for s in marks.above if s > marks.acked}
-        self._acks_due.add(device_id)  # also when unchanged: a resent event means ours was missed
-
-    def publish_acks(self) -> None:
-        """Publish the acknowledgements due (from the tick: at most one per device a second).
-
-        Retained, so an agent that reconnects has the latest at once; QoS 0: a lost one is
-        repeated when the device sends again. After a connection on which the broker had no
-        session of ours (we start, or it lost its state) every device is told to resend what
-        it delivered and we do not acknowledge: it may have reached a broker with nobody
-        subscribed.
-        """
-        client = self.client
-        if client is None or not client.connected or not self.leading.is_set():
-            return
-        if not self._acks_due and not self._acks_resend:
-            self._acks_since = None
-            return
-        now = time.monotonic()
-        if self._acks_since is None:
-            self._acks_since = now
-        if self.inbox.qsize() > INGEST_BATCH and now - self._acks_since < ACK_MAX_DELAY:
-            return  # a burst (a deploy to a big fleet): storing reports comes first
-        self._acks_since = None
-        resend = self._acks_resend
-        if resend:
-            self._acks_resend = False
-            self._acks_due.update(self.fleet_view())
-        due, self._acks_due = sorted(self._acks_due), set()
-        for device_id in due:
-            if not topics.DEVICE_ID_RE.match(device_id):
-                continue
-            marks = self._event_marks.get(device_id)
-            ack = EventsAcked(
-                device_id=device_id,
-                seq=marks.acked if marks else 0,
-                last=marks.last if marks else 0,
-                resend=resend,
-            )
-            client.publish(topics.device(device_id, DeviceTopic.ACKED), codec.encode(ack), qos=0, retain=True)
 
     def _on_job_result(self, device_id: str, data: dict[str, Any]) -> None:
         try:
@@ -1075,10 +975,24 @@ class Controller:
     # --- scheduling and publishing ---
 
     def publish_retained(self, topic: str, payload: bytes) -> bool:
-        """Publish a retained message (QoS 1) and wait for the broker; False if not acknowledged
-        or not connected."""
-        client = self.client
-        return client is not None and client.publish_confirmed(topic, payload, qos=1, retain=True)
+        """See :meth:`.publishing.Publisher.publish_retained`."""
+        return self.publisher.publish_retained(topic, payload)
+
+    def publish_pending(self, device_ids: set[str] | None = None) -> None:
+        """See :meth:`.publishing.Publisher.publish_pending`."""
+        self.publisher.publish_pending(device_ids)
+
+    def publish_acks(self) -> None:
+        """See :meth:`.publishing.Publisher.publish_acks`."""
+        self.publisher.publish_acks()
+
+    def repair_behind(self) -> None:
+        """See :meth:`.publishing.Publisher.repair_behind`."""
+        self.publisher.repair_behind()
+
+    def _publish_deferred(self) -> None:
+        """See :meth:`.publishing.Publisher.publish_deferred`."""
+        self.publisher.publish_deferred()
 
     def sync(self, device_ids: set[str] | None = None) -> None:
         """Recompute desired states (of ``device_ids``, or all), store changes, publish."""
@@ -1225,224 +1139,6 @@ class Controller:
                 )
                 self.store.put_stack(stack.model_copy(update={"assignment": nxt[stack.name]}))
 
-    PUBLISH_BATCH = 500
-
-    def publish_pending(self, device_ids: set[str] | None = None) -> None:
-        """Publish what the broker does not have yet, in acknowledged batches.
-
-        Order: stack definitions, then desired states, then (on a full pass) clearing the
-        definitions no device references any more. Each message is marked published only
-        once the broker acknowledged it; whatever is not stays pending for the next pass.
-        """
-        if self._deferring:  # answering a request: published once the reply is sent
-            if device_ids is None:
-                self._publish_all = True
-            else:
-                self._publish_after.update(device_ids)
-            return
-        client = self.client
-        if client is None or not client.connected:
-            return
-        if device_ids is None:
-            records = self.store.list_desired()
-        else:
-            records = [r for d in sorted(device_ids) if (r := self.store.get_desired(d)) is not None]
-        needed = {h for r in records for h in r.hashes()}
-        definitions = self.store.definitions()
-        to_define = sorted(h for h, published in definitions.items() if h in needed and not published)
-        if to_define:
-            specs = {h: spec for h in to_define if (spec := self.store.get_spec(h)) is not None}
-            payloads = {h: codec.encode(StackDefinition(spec_hash=h, spec=specs[h])) for h in specs}
-            to_define = [
-                h for h in to_define if h in specs and _fits(f"stack definition {h[:12]}", payloads[h])
-            ]
-            acked = client.publish_many([(topics.stack(h), payloads[h], 1, True) for h in to_define])
-            with self.store.transaction():
-                for spec_hash, ok in zip(to_define, acked, strict=True):
-                    if ok:
-                        self.store.set_definition(spec_hash, True)
-            if not all(acked):
-                return
-        unpublished = [r for r in records if not r.published and names.DEVICE_ID.ok(r.device_id)]
-        now = self.clock()
-        acknowledged: list[DesiredRecord] = []
-        try:
-            complete = self._publish_desired(client, unpublished, now, acknowledged)
-        finally:
-            # Marked once the broker has them all (or the rest failed): while the next batch
-            # waited on these writes, 10,000 devices waited on them too.
-            if acknowledged:
-                with self.store.transaction():
-                    self.store.mark_published(acknowledged)
-                self.metrics.published.inc(len(acknowledged))
-                published = self._published_generations()
-                acked_at = time.monotonic()
-                for record in acknowledged:
-                    published[record.device_id] = record.generation
-                    self._acked_at[record.device_id] = acked_at
-        if not complete:
-            return
-        if device_ids is None:
-            for spec_hash in sorted(set(definitions) - needed):
-                # No device references it any more: clear the retained definition.
-                if not client.publish_confirmed(topics.stack(spec_hash), b"", retain=True):
-                    return
-                self.store.delete_definition(spec_hash)
-
-    def _publish_desired(
-        self,
-        client: Transport,
-        unpublished: list[DesiredRecord],
-        now: float,
-        acknowledged: list[DesiredRecord],
-    ) -> bool:
-        """Publish desired states in acknowledged batches; collect the acknowledged records.
-        False if one was not acknowledged (the rest stays unpublished)."""
-        for start in range(0, len(unpublished), self.PUBLISH_BATCH):
-            batch = unpublished[start : start + self.PUBLISH_BATCH]
-            table = self.access.table
-            if table is not None:  # before the device hears of them: it may subscribe to these
-                assigned = {r.device_id: r.hashes() for r in batch}
-                if any(table.stacks_of(d) != h for d, h in assigned.items()):
-                    table.set_stacks(assigned)
-                    if self.access.on_credentials_changed is not None:
-                        self.access.on_credentials_changed()
-            payloads = [
-                codec.encode(
-                    DesiredState(
-                        device_id=r.device_id,
-                        generation=r.generation,
-                        stacks=r.stacks,
-                        jobs=r.jobs,
-                        vars=r.vars,
-                        registries=r.registries,
-                        stage=r.stage,
-                        issued_at=now,
-                    )
-                )
-                for r in batch
-            ]
-            # One that can never be sent stays unpublished (the device keeps its current
-            # state) and does not hold back the others.
-            sized = [
-                (r, p)
-                for r, p in zip(batch, payloads, strict=True)
-                if _fits(f"desired state of {r.device_id}", p)
-            ]
-            batch = [r for r, _ in sized]
-            messages = [(topics.device(r.device_id, DeviceTopic.DESIRED), p, 1, True) for r, p in sized]
-            acked = client.publish_many(messages)
-            acknowledged.extend(record for record, ok in zip(batch, acked, strict=True) if ok)
-            if not all(acked):
-                return False
-        return True
-
-    def _published_generations(self) -> dict[str, int]:
-        """Per device, the generation of the desired state the broker acknowledged (in memory,
-        read from the store once per leadership)."""
-        if self._published_gen is None:
-            self._published_gen = {
-                r.device_id: r.generation for r in self.store.list_desired() if r.published
-            }
-        return self._published_gen
-
-    def repair_behind(self) -> None:
-        """Publish again the desired state (and definitions) of online devices that stay behind.
-
-        A broker can forget what it acknowledged: Mosquitto killed between two autosaves
-        restarts from its last snapshot, with our session (so nothing says it lost anything)
-        but older retained desired states and definitions. A device that reconnects then gets
-        an old generation and would stay on it for good. So an online device, not held and
-        not rejecting, that still reports an older generation than the one published to it
-        gets its desired state and the definitions it references published again: idempotent
-        (same generation; the agent drops what it has), and rate-limited per device (the
-        wait doubles from :data:`BEHIND_GRACE` up to :data:`BEHIND_BACKOFF_MAX`).
-
-        Staying behind means: the device connected again after the broker acknowledged its
-        desired state (a broker that loses what it acknowledged has restarted, so every device
-        reconnects; one that did not reconnect gets what was published on its session), and
-        this controller has handled every message the broker held :data:`BEHIND_GRACE`
-        seconds after that connection (and after the device was first seen behind), none
-        saying the device caught up. Counting the grace from the publish alone republished
-        to thousands of devices of a loaded 10,000-device deploy that were merely slow to get
-        to it, or whose reports were queued (at the broker or in the inbox) behind everyone
-        else's. What has been handled is known from a probe: a message this controller sends
-        itself through the broker (:data:`topics.PROBE`), delivered after whatever the broker
-        had before it; when it is back, everything the broker held when it was sent has been
-        handled. (For a desired state published before this controller led, when it was
-        acknowledged is not known: the grace then counts from the start of the leadership.)
-        """
-        client = self.client
-        if client is None or not client.connected:
-            return
-        if self.inbox.qsize() > INGEST_BATCH:
-            return  # a burst of reports not stored yet: devices may look behind that are not
-        now = time.monotonic()
-        if self._probe is None or now - self._probe[1] > PROBE_LOST:
-            token = uuid.uuid4().hex.encode()
-            if client.publish(topics.PROBE, token, qos=1):
-                self._probe = (token, now)
-        published = self._published_generations()
-        fleet = self.fleet_view()
-        due: list[str] = []
-        for device_id in list(self._behind):
-            seen = fleet.get(device_id)
-            if seen is None or seen.generation >= published.get(device_id, -1) or not seen.online:
-                del self._behind[device_id]
-        acked_at, caught_up = self._acked_at, self._caught_up
-        for device_id, generation in published.items():
-            seen = fleet.get(device_id)
-            if seen is None or not seen.online or seen.held or seen.error:
-                continue
-            if seen.generation >= generation:
-                if device_id in acked_at:
-                    del acked_at[device_id]
-                continue
-            published_at = acked_at.get(device_id)
-            if published_at is None:
-                start = self._lead_since
-            elif (start := self._connected_at.get(device_id, -1.0)) < published_at:
-                continue  # connected since before the publish: it gets the desired state on that session
-            since, wait, next_at = self._behind.setdefault(device_id, (now, BEHIND_GRACE, now + BEHIND_GRACE))
-            if now < next_at or max(since, start) + BEHIND_GRACE > caught_up:
-                continue  # not yet, or its report may still be on its way to us
-            if len(due) < self.PUBLISH_BATCH:
-                due.append(device_id)
-                wait = min(2 * wait, BEHIND_BACKOFF_MAX)
-                self._behind[device_id] = (since, wait, now + wait)
-        if not due:
-            return
-        records = [r for d in due if (r := self.store.get_desired(d)) is not None and r.published]
-        hashes = sorted({h for r in records for h in r.hashes()})
-        specs = {h: spec for h in hashes if (spec := self.store.get_spec(h)) is not None}
-        example = records[0] if records else None
-        if example is not None:
-            log.warning(
-                "%d device(s) report an older generation than published to them for %.0fs or more "
-                "(%s: %d, published %d): publishing their desired state and %d definition(s) again "
-                "(did the broker lose them?)",
-                len(records),
-                BEHIND_GRACE,
-                example.device_id,
-                fleet[example.device_id].generation,
-                example.generation,
-                len(specs),
-            )
-        acked = client.publish_many(
-            [
-                (topics.stack(h), codec.encode(StackDefinition(spec_hash=h, spec=spec)), 1, True)
-                for h, spec in specs.items()
-            ]
-        )
-        if not all(acked):
-            return
-        again: list[DesiredRecord] = []
-        self._publish_desired(client, records, self.clock(), again)
-        acked_now = time.monotonic()
-        for record in again:
-            self._acked_at[record.device_id] = acked_now
-        self.metrics.republished.inc(len(records))
-
     # --- device metrics (latest sample per device, in memory; see protocol/device_api.py) ---
 
     def _on_metrics(self, device_id: str, payload: bytes) -> None:
@@ -1515,14 +1211,14 @@ class Controller:
         What the command changed is stored and committed when it returns; publishing it waits
         until the answer is on its way (the worker publishes right after), so a deploy to
         10,000 devices is answered at once instead of after 10,000 acknowledgements."""
-        self._deferring = True
+        self.publisher.deferring = True
         try:
             result = self.execute(command, principal)
         except TetherError:
             self.metrics.requests.labels(command=getattr(command, "kind", "?"), outcome="error").inc()
             raise
         finally:
-            self._deferring = False
+            self.publisher.deferring = False
         self.metrics.requests.labels(command=getattr(command, "kind", "?"), outcome="ok").inc()
         return result
 
@@ -1622,22 +1318,3 @@ class Controller:
             data = codec.encode(Reply(id=request.id, ok=False, error=error, code=ErrorCode.TOO_LARGE))
         if self.client is not None:
             self.client.publish(request.reply_to, data, qos=1)
-
-
-_TOO_LARGE: set[tuple[str, int]] = set()
-"""What :func:`_fits` refused and logged already (every publishing pass tries again)."""
-
-
-def _fits(what: str, payload: bytes) -> bool:
-    """Whether ``payload`` fits in a message (:data:`codec.MAX_PAYLOAD`); logs an error (once) if not."""
-    if len(payload) <= codec.MAX_PAYLOAD:
-        return True
-    if (what, len(payload)) in _TOO_LARGE:
-        return False
-    if len(_TOO_LARGE) > 10_000:
-        _TOO_LARGE.clear()
-    _TOO_LARGE.add((what, len(payload)))
-    log.error(
-        "%s is %d bytes, over the %d-byte message limit: not published", what, len(payload), codec.MAX_PAYLOAD
-    )
-    return False

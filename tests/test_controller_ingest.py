@@ -14,6 +14,7 @@ import msgpack
 import pytest
 from support.links import RecordingLink
 from support.recording import RecordingPublisher
+from tether.controller import publishing
 from tether.controller.models import User
 from tether.controller.service import INGEST_BATCH, Controller
 from tether.controller.store import Store
@@ -292,25 +293,24 @@ def test_a_device_that_stays_behind_gets_its_desired_state_again(
     reports an older generation gets its desired state and definitions published again once
     everything the broker held a grace after was handled; again only if it connects again
     (and after a doubled wait); a held device, or one that caught up, does not."""
-    from tether.controller import service
 
     controller, store, client, now, spec_hash = _behind_fleet(tmp_path, monkeypatch)
     assert _republished(controller, client) == []
-    now[0] += service.BEHIND_GRACE  # the probe that returns now was sent a grace after the publish
+    now[0] += publishing.BEHIND_GRACE  # the probe that returns now was sent a grace after the publish
     assert _republished(controller, client) == []
-    now[0] += service.BEHIND_CHECK
+    now[0] += publishing.BEHIND_CHECK
     desired = topics.device("d-1", DeviceTopic.DESIRED)
     assert _republished(controller, client) == [topics.stack(spec_hash), desired]
-    now[0] += service.BEHIND_GRACE + service.BEHIND_CHECK
+    now[0] += publishing.BEHIND_GRACE + publishing.BEHIND_CHECK
     assert _republished(controller, client) == []  # acknowledged again: d-1 gets it on its session
     presence = Presence(device_id="d-1", status="online", session=3)  # unless it connects again
     controller.handle(topics.device("d-1", DeviceTopic.PRESENCE), codec.encode(presence))
-    now[0] += service.BEHIND_GRACE + service.BEHIND_CHECK
+    now[0] += publishing.BEHIND_GRACE + publishing.BEHIND_CHECK
     assert _republished(controller, client) == []  # the probe sent a grace after is not back yet
-    now[0] += service.BEHIND_CHECK
+    now[0] += publishing.BEHIND_CHECK
     assert _republished(controller, client) == [topics.stack(spec_hash), desired]
     store.put_reported("d-1", ReportedState(device_id="d-1", generation=2))
-    now[0] += 10 * service.BEHIND_GRACE
+    now[0] += 10 * publishing.BEHIND_GRACE
     assert _republished(controller, client) == []
     store.close()
 
@@ -320,12 +320,11 @@ def test_a_device_slow_to_take_a_deploy_is_not_taken_for_one_behind(
 ) -> None:
     """A device connected since before the publish (slow to get to it: a loaded 10,000-device
     deploy) is never republished to, however long it stays on the older generation."""
-    from tether.controller import service
 
     controller, store, client, now, _ = _behind_fleet(tmp_path, monkeypatch, reconnect=False)
     for _ in range(20):
         assert _republished(controller, client) == []
-        now[0] += service.BEHIND_CHECK
+        now[0] += publishing.BEHIND_CHECK
     store.close()
 
 
@@ -335,19 +334,18 @@ def test_a_report_queued_behind_a_big_deploy_is_not_taken_for_a_device_behind(
     """While the probe sent after the grace has not come back (messages still queued before
     it: a loaded deploy's reports), nothing is republished, however long it takes; once it
     is back, a device still behind is."""
-    from tether.controller import service
 
     controller, store, client, now, spec_hash = _behind_fleet(tmp_path, monkeypatch)
     for _ in range(5):  # 5 checks over 4 graces: the probe sent first is still on its way
         assert _republished(controller, client, probe_back=False) == []
-        now[0] += service.BEHIND_GRACE
-    probe = controller._probe
+        now[0] += publishing.BEHIND_GRACE
+    probe = controller.publisher._probe
     assert probe is not None and probe[1] == 1000.0  # not sent again before PROBE_LOST
     controller.handle(topics.PROBE, b"forged")  # a token that is not ours changes nothing
     assert _republished(controller, client, probe_back=False) == []
-    now[0] += service.PROBE_LOST + 1  # lost: sent again, and this one comes back
+    now[0] += publishing.PROBE_LOST + 1  # lost: sent again, and this one comes back
     assert _republished(controller, client) == []  # it comes back after this check
-    now[0] += service.BEHIND_CHECK
+    now[0] += publishing.BEHIND_CHECK
     assert _republished(controller, client) == [
         topics.stack(spec_hash),
         topics.device("d-1", DeviceTopic.DESIRED),
