@@ -4,7 +4,8 @@ Handlers are plain functions ``handler(ctx, command) -> result`` grouped by doma
 (controller/groups.py, ...), registered once in their module's
 :class:`~.registry.CommandRegistry`. They reach the controller only through this
 interface: the state store, the clock, the leader's in-memory view, and the scheduling that turns stored changes into
-published desired states. :class:`~.service.Controller` implements it; a unit test passes
+published desired states. :class:`~.service.Controller` implements it, delegating scheduling
+to its :class:`~.scheduling.Scheduler` and publishing to its :class:`~.publishing.Publisher`; a unit test passes
 a controller on a real SQLite store with a recording publisher (tests/unit/).
 
 Writing a handler: read and validate first (raise a ``TetherError`` naming what is wrong,

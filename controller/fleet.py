@@ -1,6 +1,6 @@
 """The fleet as the controller's deployment steps see it: one :class:`Seen` per device.
 
-Kept in memory by the controller (:meth:`~.service.Controller.fleet_view`) and updated
+Kept in memory by the controller (:meth:`~.scheduling.Scheduler.fleet_view`) and updated
 from what the store says it wrote, so a step over 10,000 devices parses no device row.
 """
 
@@ -53,7 +53,7 @@ _PLAIN: dict[tuple[str, str], StackSeen] = {}
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """What a deployment step needs of one device (:meth:`~.service.Controller.fleet_view`)."""
+    """What a deployment step needs of one device (:meth:`~.scheduling.Scheduler.fleet_view`)."""
 
     attributes: Attributes
     online: bool
@@ -67,7 +67,7 @@ class Seen:
     status: str = "never seen"
     revoked: bool = False
     public_key: str | None = None
-    """What scheduling needs besides (see :meth:`~.service.Controller.recompute`)."""
+    """What scheduling needs besides (see :meth:`~.scheduling.Scheduler.recompute`)."""
 
     @classmethod
     def of(cls, device: Device) -> Seen:
