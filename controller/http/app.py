@@ -41,7 +41,8 @@ def create_app(controller: Controller, install: InstallFiles | None = None) -> F
     from . import auth
     from .api import router as api_router
 
-    controller.metrics.lockouts.doors["http"] = lambda: auth.LOCKOUT.lockouts
+    if controller is not None:  # None: only the routes, for the API documents (http/docs.py)
+        controller.metrics.lockouts.doors["http"] = lambda: auth.LOCKOUT.lockouts
     app = FastAPI(
         title="Tether controller API",
         version=__version__,
