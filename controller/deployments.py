@@ -1,7 +1,7 @@
 """Deployments: how a stack's new version reaches its devices (``deployments.*``).
 
 The rollout itself is pure (:mod:`.rollout`); the controller steps every active deployment
-(:meth:`~.service.Controller.advance_deployments`). These commands show deployments and
+(:meth:`~.deploying.Deployer.advance`). These commands show deployments and
 pause, resume, promote, switch or roll one back.
 """
 

@@ -15,9 +15,10 @@ states, then definitions no longer referenced are cleared. A publish that fails 
 gone) stays marked unpublished and is retried on reconnect, so nothing is lost and, after
 a restart, nothing unchanged is published again.
 
-Scheduling is the :class:`~.scheduling.Scheduler`'s and publishing the
-:class:`~.publishing.Publisher`'s; the :class:`Controller` composes them and keeps the inbox
-loop, the ingestion of device messages, deployment steps and requests.
+Scheduling is the :class:`~.scheduling.Scheduler`'s, publishing the
+:class:`~.publishing.Publisher`'s and deployment steps the :class:`~.deploying.Deployer`'s;
+the :class:`Controller` composes them and keeps the inbox loop, the ingestion of device
+messages and requests.
 
 Presence follows the agent's session numbers: an ``offline`` (the will) only counts if its
 session is not older than the last ``online``, so a late will never hides a live device.
@@ -72,6 +73,7 @@ from . import (
     variables,
 )
 from .context import Context
+from .deploying import Deployer
 from .devices import all_devices
 from .fleet import Seen
 from .fleet_events import (
@@ -106,9 +108,6 @@ _STOP = "\x00stop"
 _TICK = "\x00tick"
 _CALL = "\x00call"
 TICK_SECONDS = 1.0
-DEPLOYMENT_IDLE_STEP = 2.0
-STEP_SHARE = 3.0
-"""After a deployment step that took t seconds, the next waits at least STEP_SHARE * t."""
 MAX_METRICS_DEVICES = 100_000
 MAX_EVENT_MESSAGE = 2048
 """Characters of an event's message the controller keeps (and logs)."""
@@ -221,9 +220,6 @@ class Controller:
         self._events_due: list[FleetEvent] = []  # emitted by flush_events, after the commit
         self._summaries: dict[str, ReportSummary] = {}  # each device's last report, as events see it
         self._disk_low: set[str] = set()  # devices whose disk is low (see disk_event)
-        self._deployments_dirty = True
-        self._next_deployment_step = 0.0
-        self._step_not_before = 0.0
         self.scheduler = Scheduler(
             store,
             clock=clock,
@@ -243,6 +239,14 @@ class Controller:
             busy=lambda: self.inbox.qsize() > INGEST_BATCH,
         )
         """What is published to devices (:mod:`.publishing`)."""
+        self.deployer = Deployer(
+            store,
+            clock=clock,
+            scheduler=self.scheduler,
+            sync=lambda: self.sync(),
+            note=lambda before, after: self.note_deployment(before, after),
+        )
+        """Deployment steps (:mod:`.deploying`)."""
         self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
         self.device_history = MetricsHistory(MAX_METRICS_DEVICES)  # recent usage, downsampled, in memory only
@@ -503,91 +507,14 @@ class Controller:
         return self.scheduler.fleet_view()
 
     def advance_deployments(self, force: bool = True) -> None:
-        """Step every active deployment; store, revert and publish what changed.
-
-        From the tick (``force=False``) only when a device reported or changed presence
-        since the last step, or every :data:`DEPLOYMENT_IDLE_STEP` seconds for the clock's
-        sake (min_healthy_time, deadlines): a step reads every device of the group.
-        """
-        now = time.monotonic()
-        if not force and (
-            now < self._step_not_before or (not self._deployments_dirty and now < self._next_deployment_step)
-        ):
-            return
-        self._deployments_dirty = False
-        self._next_deployment_step = now + DEPLOYMENT_IDLE_STEP
-        active = [d for d in self.store.latest_deployments().values() if d.active]
-        if not active:
-            return
-        changed = False
-        fleet = self.fleet_view()
-        self.scheduler.keep_observed(d.stack for d in active)
-        for deployment in active:
-            stack = self.store.get_stack(deployment.stack)
-            if stack is None:
-                continue
-            targets = self.targets(stack)
-            nxt = rollout.step(
-                deployment,
-                targets,
-                self.scheduler.observe(stack.name, set(deployment.devices).union(targets), fleet),
-                self.clock(),
-            )
-            if nxt is deployment:  # nothing changed (step returns it as it is)
-                continue
-            # Desired states only change when devices are let go or sent back (pins), or a
-            # revert changes the stack: then a full sync; otherwise only the record is stored.
-            changed = (
-                changed
-                or nxt.pins() != deployment.pins()
-                or nxt.stages() != deployment.stages()
-                or nxt.state == "reverted"
-            )
-            with self.store.transaction():
-                self.store.put_deployment(nxt)
-                if nxt.state != deployment.state:
-                    log.info("deployment %d of %s: %s %s", nxt.id, nxt.stack, nxt.state, nxt.message or "")
-                    self.note_deployment(deployment, nxt)
-                if nxt.state == "reverted" and nxt.from_hash is not None:
-                    self._revert(stack, nxt.from_hash)
-        if changed:
-            self.sync()
-        # A step reads the whole group: at 10,000 devices it takes a good part of a second.
-        # Under a stream of reports, leave the inbox at least STEP_SHARE times as long.
-        self._step_not_before = time.monotonic() + STEP_SHARE * (time.monotonic() - now)
-
-    def _revert(self, stack: Stack, spec_hash: str) -> None:
-        spec = self.store.get_spec(spec_hash)
-        if spec is None:
-            log.error("cannot revert %s: version %s is unknown", stack.name, spec_hash[:12])
-            return
-        now = self.clock()
-        self.store.put_stack(
-            stack.model_copy(
-                update={"spec_hash": spec_hash, "spec": spec, "version": stack.version + 1, "updated": now}
-            )
-        )
+        """See :meth:`.deploying.Deployer.advance`."""
+        self.deployer.advance(force)
 
     def start_deployment(
         self, stack: Stack, from_hash: str | None, strategy: rollout.Strategy
     ) -> rollout.Deployment:
-        """Create the deployment of ``stack``'s current version (inside the caller's transaction)."""
-        now = self.clock()
-        previous = self.store.latest_deployments().get(stack.name)
-        if previous is not None and previous.active:
-            superseded = previous.model_copy(update={"state": "superseded", "updated": now})
-            self.store.put_deployment(superseded)
-            self.note_deployment(previous, superseded)
-        fleet = self.fleet_view()
-        targets = self.targets(stack)
-        started = rollout.start(
-            self.store.next_deployment_id(), stack.name, from_hash, stack.spec_hash, strategy, targets, now
-        )
-        deployment = rollout.step(started, targets, self.scheduler.observe(stack.name, targets, fleet), now)
-        self.store.put_deployment(deployment)
-        self.note_deployment(None, deployment)
-        self.note_deployment(started, deployment)  # done at once (no device): said too
-        return deployment
+        """See :meth:`.deploying.Deployer.start`."""
+        return self.deployer.start(stack, from_hash, strategy)
 
     # --- dispatch ---
 
@@ -703,7 +630,7 @@ class Controller:
                 self._stale[device.id] = now + self._allowance(device)
         if stale:
             log.info("%d device(s) shown online before: unknown until heard from again", stale)
-            self._deployments_dirty = True
+            self.deployer.dirty = True
             self._next_refresh = 0.0  # the gauges too, at the next tick
 
     @staticmethod
@@ -730,7 +657,7 @@ class Controller:
             self.emit("device.offline", device_subject(device_id), {"session": device.session, "since": now})
             changed = True
         if changed:
-            self._deployments_dirty = True
+            self.deployer.dirty = True
             self._next_refresh = 0.0
             if any(s.placement.mode == "replicas" for s in self.store.list_stacks()):
                 self.sync()
@@ -755,7 +682,7 @@ class Controller:
         updated = device.model_copy(update=update)
         labels_changed = updated.attributes() != before or updated.public_key != device.public_key
         self.store.put_device(updated)
-        self._deployments_dirty = True
+        self.deployer.dirty = True
         if presence.status != device.status:
             # Back from ``unknown`` in the same session (the broker's retained word after our
             # restart): not news, and a whole fleet of it at once.
@@ -822,7 +749,7 @@ class Controller:
         else:
             # Written with the others of its batch (the newest per device), in one statement.
             self._reports_due[device_id] = reported
-        self._deployments_dirty = True
+        self.deployer.dirty = True
 
     def _report_events(self, device_id: str, reported: ReportedState) -> None:
         """Emit what a report changed (what the device runs, a crash loop, a stuck download, a full disk)."""
