@@ -52,7 +52,7 @@ def test_every_key_file_parses(every: tuple[StackSpec, list[str]]) -> None:
     assert (app.container_name, app.hostname, app.domainname) == ("app-main", "app-host", "example.internal")
     assert (app.user, app.working_dir) == ("1000:1000", "/tmp")
     assert app.networks == {
-        "front": NetworkAttachment(aliases=("app-alias",), ipv4_address="172.28.5.10"),
+        "front": NetworkAttachment(aliases=("app-alias",), ipv4_address="10.213.5.10"),
         "back": NetworkAttachment(),
     }
     assert app.expose == ("8000/tcp", "8001/udp")
@@ -97,7 +97,7 @@ def test_every_key_file_parses(every: tuple[StackSpec, list[str]]) -> None:
         ("secret.token", "/run/secrets/token"),
     ]
     assert spec.configs == {"app.conf": "listen 80\n", "secret.token": "s3cret\n"}
-    assert spec.networks["front"].ipam_config[0].subnet == "172.28.5.0/24"
+    assert spec.networks["front"].ipam_config[0].subnet == "10.213.5.0/24"
     assert spec.networks["back"].internal is True
     assert spec.volume_options["data"].labels == {"purpose": "data"}
     cache, db, job = spec.service("cache"), spec.service("db"), spec.service("init-job")

@@ -203,7 +203,7 @@ def test_networks_aliases_and_namespaces(every: dict[str, Any]) -> None:
     assert set(nets) == {front, back}
     assert {"app", "app-alias", "app-main"} <= set(nets[front]["Aliases"])
     assert {"app", "app-main"} <= set(nets[back]["Aliases"])
-    assert nets[front]["IPAddress"] == "172.28.5.10"
+    assert nets[front]["IPAddress"] == "10.213.5.10"
     assert nets[back]["Links"] == [f"tether-{device}-{STACK}-db:database"]
     assert every["client"].api.inspect_network(back)["Internal"] is True
     db_id = every["inspect"]["db"]["Id"]
