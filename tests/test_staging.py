@@ -36,6 +36,10 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 def engine(docker_engine: Any, busybox_image: str) -> Iterator[DockerDriver]:
     driver = DockerDriver(f"stage-{uuid.uuid4().hex[:6]}")
     yield driver
+    with contextlib.suppress(Exception):  # its containers, then its stacks' networks
+        for instance in driver.observe():
+            driver.remove(instance, 0)
+        driver.prune(set())
     driver.close()
 
 
