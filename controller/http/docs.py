@@ -3,7 +3,7 @@
 ``docs/openapi.json`` is the HTTP API's OpenAPI 3.1 document, as ``/api/v1/openapi.json``
 serves it; ``docs/asyncapi.json`` describes the MQTT topics (docs/topics.md) in AsyncAPI 3.0
 with payload schemas made from the same pydantic models the controller and agents use.
-tests/test_api_docs.py fails when the checked-in files differ from these; regenerate them
+tests/unit/test_api_docs.py fails when the checked-in files differ from these; regenerate them
 with ``scripts/gen-api-docs``.
 """
 
