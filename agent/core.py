@@ -1031,7 +1031,7 @@ class AgentCore:
         the runner and the simulator both schedule with it.
 
         Within :data:`FAST_INTERVAL` while something converges, waits for a restart backoff or
-        started in the last minute (:meth:`watching`: a crash is reported at once, the
+        started in the last minute (:attr:`watch_until`: a crash is reported at once, the
         controller's health gate depends on it); while images download, at the next progress
         report (:data:`PROGRESS_INTERVAL`); otherwise after :attr:`reconcile_interval`."""
         if self.wake:
@@ -1042,11 +1042,6 @@ class AgentCore:
         if self.downloading:
             interval = min(interval, PROGRESS_INTERVAL)
         return now + interval
-
-    def watching(self) -> bool:
-        """Whether an instance started in the last minute: the runner then reconciles every second,
-        so a crash is reported at once (the controller's health gate depends on it)."""
-        return self.clock() < self.watch_until
 
     def _crash_loop(self, action: Start, count: int) -> None:
         key = (action.stack, action.service.name)
