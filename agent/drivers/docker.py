@@ -54,12 +54,11 @@ removes it if it was never used (an agent killed between the two)."""
 
 
 class _Prepared:
-    """A successor made ahead: its plan, networks and created (not started) container."""
+    """A successor made ahead: its created (not started) container and the name it takes."""
 
-    def __init__(self, stack: str, spec_hash: str, plan: Any, joins: list[tuple[NetworkPlan, str]]) -> None:
-        self.stack, self.spec_hash, self.plan, self.joins = stack, spec_hash, plan, joins
-        self.at = time.monotonic()
-        self.container_id: str | None = None
+    def __init__(self, stack: str, spec_hash: str, name: str, container_id: str, at: float) -> None:
+        self.stack, self.spec_hash, self.name = stack, spec_hash, name
+        self.container_id, self.at = container_id, at
 
 
 def _float(text: str | None) -> float | None:
@@ -299,10 +298,10 @@ class DockerDriver:
         service is down for the old container's stop and the new one's start, nothing else."""
         self._discard_prepared()
         plan, joins = self._resources(stack, stack_spec, service)
-        prepared = _Prepared(stack, service.spec_hash(), plan, joins)
+        at = time.monotonic()
         name = f"{plan.create['name']}{NEXT_MARK}{secrets.token_hex(4)}"
-        prepared.container_id = self._create_container(stack, service, plan, joins, name)
-        self._prepared = prepared
+        container_id = self._create_container(stack, service, plan, joins, name)
+        self._prepared = _Prepared(stack, service.spec_hash(), plan.create["name"], container_id, at)
 
     def _take_prepared(self, stack: str, service: ServiceSpec) -> _Prepared | None:
         """The successor :meth:`prepare` made for ``service`` if it is still good, else None
@@ -320,7 +319,7 @@ class DockerDriver:
 
     def _discard_prepared(self) -> None:
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared.container_id is not None:
+        if prepared is not None:
             with contextlib.suppress(docker.errors.DockerException):
                 self.client.api.remove_container(prepared.container_id, force=True)
 
@@ -378,9 +377,9 @@ class DockerDriver:
 
     def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
         prepared = self._take_prepared(stack, service)
-        if prepared is not None and prepared.container_id is not None:
+        if prepared is not None:
             self._start(stack, service, prepared.container_id)
-            self._rename(prepared.container_id, prepared.plan.create["name"])
+            self._rename(prepared.container_id, prepared.name)
             return
         plan, joins = self._resources(stack, stack_spec, service)
         self._start(stack, service, self._create_container(stack, service, plan, joins, plan.create["name"]))
@@ -393,7 +392,7 @@ class DockerDriver:
         stopped (within ``grace``), and the old one is deleted after (its name goes to the
         successor). Without a prepared successor: :meth:`remove`, then :meth:`create`."""
         prepared = self._take_prepared(stack, service)
-        if prepared is None or prepared.container_id is None:
+        if prepared is None:
             self.remove(instance, grace)
             self.create(stack, stack_spec, service)
             return
@@ -412,7 +411,7 @@ class DockerDriver:
             raise
         t2 = time.monotonic()
         self._remove_quietly(instance.id)
-        self._rename(prepared.container_id, prepared.plan.create["name"])
+        self._rename(prepared.container_id, prepared.name)
         log.info(
             "replaced %s/%s: old stopped in %.2f s, new started in %.2f s",
             stack,
