@@ -230,11 +230,11 @@ def stacks_ls(ctx: Context, cmd: StacksList) -> StackList:
         devices = running = 0
         for record in records:
             ref = next((r for r in record.stacks if r.name == stack.name), None)
-            generation, _error, spec_hash, state = reports.get(record.device_id, (-1, None, None, None))
-            if ref is None and spec_hash is None:
+            state = stack_state(ref, record.generation, reports.get(record.device_id, NO_REPORT))
+            if state is None:
                 continue
             devices += 1
-            running += ref is not None and spec_hash == ref.spec_hash and state == "running"
+            running += state == "running"
         out.append(StackSummary(**dict(stack_view(stack)), devices=devices, running=running))
     return StackList(stacks=out)
 
