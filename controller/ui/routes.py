@@ -319,7 +319,9 @@ async def login(request: Request) -> Response:
     token, expected = str(form.get("csrf") or ""), request.cookies.get(LOGIN_COOKIE) or ""
     if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
         return _login_form(request, target, "the login form expired: log in again", status=403)
-    who = seams.check_password(_controller(request), user, password, _address(request))
+    who = await asyncio.to_thread(
+        seams.check_password, _controller(request), user, password, _address(request)
+    )
     if who is None:
         return _login_form(request, target, "wrong user name or password", status=401)
     cookie = seams.login(_controller(request), who)
@@ -339,7 +341,7 @@ async def login(request: Request) -> Response:
 
 @router.post("/ui/logout")
 async def logout(request: Request) -> Response:
-    session = _session(request)
+    session = await asyncio.to_thread(_session, request)
     if session is not None:
         try:
             await _form(request, session)
@@ -538,7 +540,7 @@ async def restart(request: Request, session: Signed, form: Posted, device_id: st
 
 
 @router.post("/ui/devices/{device_id}/labels")
-async def label(request: Request, session: Signed, form: Posted, device_id: str) -> Response:
+def label(request: Request, session: Signed, form: Posted, device_id: str) -> Response:
     """Set and remove operator labels (trusted: selector groups match them), as ``tether devices label``."""
     try:
         command = DevicesLabel(
@@ -557,7 +559,7 @@ async def follow_logs(request: Request, device_id: str, stack: str, service: str
     """A service's logs as server-sent events: the last lines, then what it writes (``end`` last).
 
     Needs the operator role, as ``tether logs`` does: logs may hold what a viewer should not see."""
-    session = _session(request)
+    session = await asyncio.to_thread(_session, request)
     if session is None:
         return _secure(Response("log in first\n", status_code=401, media_type="text/plain"))
     if not seams.can(session.principal, "operator"):
@@ -697,7 +699,7 @@ def deploy_page(request: Request, session: Signed, name: str = "", group: str = 
 
 
 @router.post("/ui/deploy")
-async def deploy(request: Request, session: Signed, form: Posted) -> Response:
+def deploy(request: Request, session: Signed, form: Posted) -> Response:
     if not seams.can(session.principal, "operator"):
         return _refused(request, session, "deploying needs the operator role")
     name, group, compose = (str(form.get(k) or "") for k in ("name", "group", "compose"))
@@ -765,7 +767,7 @@ def deployment(request: Request, session: Signed, deployment_id: int) -> Respons
 
 
 @router.post("/ui/deployments/{deployment_id}/{action}")
-async def deployment_action(
+def deployment_action(
     request: Request, session: Signed, form: Posted, deployment_id: int, action: str
 ) -> Response:
     if not seams.can(session.principal, "operator"):
@@ -791,7 +793,7 @@ def pending(request: Request, session: Signed, done: str = "") -> Response:
 
 
 @router.post("/ui/pending")
-async def decide(request: Request, session: Signed, form: Posted) -> Response:
+def decide(request: Request, session: Signed, form: Posted) -> Response:
     if not seams.can(session.principal, "operator"):
         return _refused(request, session, "approving devices needs the operator role")
     ids = tuple(str(i) for i in form.get("device") or ())
@@ -958,7 +960,7 @@ def _manage(
     raise CommandError(f"the dashboard cannot {action} {what}")
 
 
-async def _managed(
+def _managed(
     request: Request, session: seams.Session, form: dict[str, Any], what: str, action: str, target: str
 ) -> Response:
     if what not in _LISTS:
@@ -988,16 +990,16 @@ async def _managed(
 
 
 @router.post("/ui/{what}")
-async def manage_create(request: Request, session: Signed, form: Posted, what: str) -> Response:
-    return await _managed(request, session, form, what, "create", "")
+def manage_create(request: Request, session: Signed, form: Posted, what: str) -> Response:
+    return _managed(request, session, form, what, "create", "")
 
 
 @router.post("/ui/users/{name}/passwd")
-async def users_passwd(request: Request, session: Signed, form: Posted, name: str) -> Response:
+def users_passwd(request: Request, session: Signed, form: Posted, name: str) -> Response:
     """A user's new random password (shown once), and its new role if one is posted (users.passwd)."""
-    return await _managed(request, session, form, "users", "passwd", name)
+    return _managed(request, session, form, "users", "passwd", name)
 
 
 @router.post("/ui/{what}/{target}/rm")
-async def manage_remove(request: Request, session: Signed, form: Posted, what: str, target: str) -> Response:
-    return await _managed(request, session, form, what, "rm", target)
+def manage_remove(request: Request, session: Signed, form: Posted, what: str, target: str) -> Response:
+    return _managed(request, session, form, what, "rm", target)
