@@ -16,7 +16,6 @@ file or a job's command line).
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import itertools
 import logging
@@ -38,7 +37,7 @@ from tether.protocol.commands import (
     UsersToken,
     UsersTokens,
 )
-from tether.protocol.credentials import ITERATIONS, Credential, hash_password, new_password
+from tether.protocol.credentials import ITERATIONS, Credential, hash_password, hash_token, new_password
 from tether.protocol.errors import CommandError, ConflictError, NotFoundError, PayloadError, StoreError
 from tether.protocol.principals import ROLES, Principal, Role, Via
 from tether.protocol.results import (
@@ -221,11 +220,6 @@ def _token_view(token: ApiToken, now: float) -> ApiTokenView:
     )
 
 
-def hash_api_token(token: str) -> str:
-    """How an API token is stored: SHA-256 (hex); it is 256 random bits, so a fast hash is enough."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 @commands.command(UsersToken, role="admin")
 def users_token(ctx: Context, cmd: UsersToken) -> ApiTokenCreated:
     user = _user(ctx.store, cmd.name)
@@ -235,7 +229,7 @@ def users_token(ctx: Context, cmd: UsersToken) -> ApiTokenCreated:
     stored = ApiToken(
         id=token_id,
         user=user.name,
-        token_hash=hash_api_token(token),
+        token_hash=hash_token(token),
         scope=cmd.scope,
         expires=None if cmd.expires_s is None else now + cmd.expires_s,
         created=now,
@@ -283,7 +277,7 @@ def token_principal(store: Store, token: str, now: float, address: str = "") -> 
     if prefix != TOKEN_PREFIX or not secret or len(token_id) > 64:
         return None
     stored = store.get_api_token(token_id)
-    if stored is None or not hmac.compare_digest(stored.token_hash, hash_api_token(token)):
+    if stored is None or not hmac.compare_digest(stored.token_hash, hash_token(token)):
         return None
     if stored.expires is not None and now >= stored.expires:
         return None
