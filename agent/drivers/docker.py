@@ -306,14 +306,14 @@ class DockerDriver:
     def _take_prepared(self, stack: str, service: ServiceSpec) -> _Prepared | None:
         """The successor :meth:`prepare` made for ``service`` if it is still good, else None
         (and a stale one is removed)."""
-        prepared, self._prepared = self._prepared, None
+        prepared = self._prepared
         if (
             prepared is not None
             and (prepared.stack, prepared.spec_hash) == (stack, service.spec_hash())
             and time.monotonic() - prepared.at < PREPARED_FOR
         ):
+            self._prepared = None
             return prepared
-        self._prepared = prepared
         self._discard_prepared()
         return None
 
