@@ -25,13 +25,13 @@ STATUS_OF_CODE: dict[str, int] = {
     ErrorCode.CONFLICT: 409,
     ErrorCode.TOO_LARGE: 413,
     ErrorCode.INTERNAL: 500,
-    "forbidden": 403,
+    ErrorCode.FORBIDDEN: 403,
 }
 """The HTTP status of each error code (an unknown code: 400)."""
 
 CODE_OF_STATUS: dict[int, str] = {
     401: "unauthenticated",
-    403: "forbidden",
+    403: ErrorCode.FORBIDDEN,
     404: ErrorCode.NOT_FOUND,
     405: "method_not_allowed",
     409: ErrorCode.CONFLICT,
