@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from tether.protocol import principals
 from tether.protocol.commands import (
     UsersAdd,
     UsersList,
@@ -34,7 +35,7 @@ from . import output
 from .client import ControllerClient
 from .common import common, send_and_print
 
-ROLES = click.Choice(["viewer", "operator", "admin"])
+ROLES = click.Choice(list(principals.ROLES))
 
 
 def days_or_duration(value: str, where: str) -> float:
