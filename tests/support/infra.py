@@ -103,6 +103,9 @@ class Mosquitto:
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
+            # What compose/mosquitto.conf and docs/scaling.md prescribe for Tether: the default
+            # (1,000) makes Mosquitto drop QoS 1 messages to a client that falls behind a burst.
+            "max_queued_messages 100000\n"
             f"log_dest file {self.log_path}\n"
             "log_type all\n"
             # As root, mosquitto would drop to its own user, which cannot write into tmp_path.
