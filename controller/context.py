@@ -17,13 +17,17 @@ before anything is written), then write inside ``ctx.store.transaction()`` and c
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from tether.protocol.errors import NotFoundError
 
 from .fleet import Seen
 from .metrics_history import MetricsHistory
 from .models import Stack
 from .rollout import Deployment, Strategy
 from .store import Store
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # variables.py registers its handlers, which take a Context
     from .notify import Notifier
@@ -87,3 +91,12 @@ class Context(Protocol):
 
     def targets(self, stack: Stack) -> list[str]:
         """The devices ``stack`` goes to (its group's eligible members, or its replicas' devices)."""
+
+
+def require(value: T | None, what: str, key: object, hint: str = "") -> T:
+    """``value``, what a lookup of ``what`` ``key`` returned; a :class:`NotFoundError`
+    ("unknown {what} {key!r}", then ``hint``) when it is None: a handler's one way of
+    refusing a name that names nothing, e.g. ``require(ctx.store.get_group(name), "group", name)``."""
+    if value is None:
+        raise NotFoundError(f"unknown {what} {key!r}{hint}")
+    return value

@@ -20,11 +20,11 @@ from tether.protocol.errors import ConflictError, NotFoundError
 from tether.protocol.results import DeploymentEvents, DeploymentList, DeploymentResult, DeploymentView
 
 from . import rollout
-from .context import Context
-from .registry import CommandRegistry
+from .context import Context, require
+from .registry import CommandRegistry, Route
 from .store import EVENTS_KEPT
 
-commands = CommandRegistry()
+commands = CommandRegistry(tag="deployments")
 """The commands handled here (see :mod:`.registry`)."""
 
 
@@ -70,7 +70,7 @@ def deployment_view(ctx: Context, d: rollout.Deployment, full: bool = False) -> 
     return view
 
 
-@commands.command(DeploymentsList, role="viewer")
+@commands.command(DeploymentsList, role="viewer", http=Route("GET", "/deployments", "Deployments"))
 def deployments_ls(ctx: Context, cmd: DeploymentsList) -> DeploymentList:
     return DeploymentList(
         deployments=[deployment_view(ctx, d) for d in ctx.store.list_deployments(cmd.stack)]
@@ -78,13 +78,11 @@ def deployments_ls(ctx: Context, cmd: DeploymentsList) -> DeploymentList:
 
 
 def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
-    deployment = ctx.store.get_deployment(deployment_id)
-    if deployment is None:
-        raise NotFoundError(f"unknown deployment {deployment_id}")
+    deployment = require(ctx.store.get_deployment(deployment_id), "deployment", deployment_id)
     return deployment
 
 
-@commands.command(DeploymentsStatus, role="viewer")
+@commands.command(DeploymentsStatus, role="viewer", http=Route("GET", "/deployments/{id}", "A deployment"))
 def deployments_status(ctx: Context, cmd: DeploymentsStatus) -> DeploymentResult:
     return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, cmd.id), full=True))
 
@@ -120,7 +118,9 @@ def deployment_events(
     return chosen[-EVENTS_PER_DEVICE:]
 
 
-@commands.command(DeploymentsEvents)
+@commands.command(
+    DeploymentsEvents, http=Route("GET", "/deployments/{id}/events", "What devices said about a deployment")
+)
 def deployments_events(ctx: Context, cmd: DeploymentsEvents) -> DeploymentEvents:
     d = _deployment(ctx, cmd.id)
     if cmd.device_id is not None:
@@ -140,7 +140,18 @@ def deployments_events(ctx: Context, cmd: DeploymentsEvents) -> DeploymentEvents
     return DeploymentEvents(id=d.id, stack=d.stack, devices=shown, more=max(0, len(devices) - cmd.devices))
 
 
-@commands.command(DeploymentsAction)
+@commands.command(
+    DeploymentsAction,
+    http=[
+        Route(
+            "POST",
+            f"/deployments/{{id}}/{action}",
+            f"{action.capitalize()} a deployment",
+            fixed={"kind": f"deployments.{action}"},
+        )
+        for action in ("pause", "resume", "promote", "switch", "rollback")
+    ],
+)
 def deployments_action(ctx: Context, cmd: DeploymentsAction) -> DeploymentResult:
     d = _deployment(ctx, cmd.id)
     latest = ctx.store.latest_deployments().get(d.stack)

@@ -22,15 +22,15 @@ from tether.protocol.results import (
     DeviceView,
 )
 
-from .context import Context
+from .context import Context, require
 from .metrics_history import SLOTS, STEP_S
 from .models import Device
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .scheduler import members
 from .selectors import Attributes, check_labels
 from .store import Store
 
-commands = CommandRegistry()
+commands = CommandRegistry(tag="devices")
 """The commands handled here (see :mod:`.registry`)."""
 
 
@@ -98,7 +98,7 @@ def _searched(device: Device, search: str) -> bool:
     return needle in device.id.lower() or any(needle in v.lower() for v in labels.values())
 
 
-@commands.command(DevicesList, read_only=True)
+@commands.command(DevicesList, read_only=True, http=Route("GET", "/devices", "Every device"))
 def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
     paged = cmd.limit is not None or any(
         v is not None for v in (cmd.search, cmd.presence, cmd.state, cmd.group, cmd.after)
@@ -110,9 +110,7 @@ def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
     devices = all_devices(ctx.store, reported=cmd.state is not None)
     found = list(devices.values())
     if cmd.group is not None:
-        group = ctx.store.get_group(cmd.group)
-        if group is None:
-            raise NotFoundError(f"unknown group {cmd.group!r}")
+        group = require(ctx.store.get_group(cmd.group), "group", cmd.group)
         wanted = set(members(group, {d.id: d.attributes() for d in found}))
         found = [d for d in found if d.id in wanted]
     if cmd.search:
@@ -139,15 +137,19 @@ def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
     )
 
 
-@commands.command(DevicesShow, read_only=True)
+@commands.command(
+    DevicesShow, read_only=True, http=Route("GET", "/devices/{device_id}", "A device in detail")
+)
 def devices_show(ctx: Context, cmd: DevicesShow) -> DeviceShown:
-    device = all_devices(ctx.store).get(cmd.device_id)
-    if device is None:
-        raise NotFoundError(f"unknown device {cmd.device_id!r}")
+    device = require(all_devices(ctx.store).get(cmd.device_id), "device", cmd.device_id)
     return DeviceShown(device=device_details(ctx.store, device))
 
 
-@commands.command(DevicesTop, role="viewer")
+@commands.command(
+    DevicesTop,
+    role="viewer",
+    http=Route("GET", "/device-metrics", "The latest metrics sample of each device"),
+)
 def devices_top(ctx: Context, cmd: DevicesTop) -> DeviceSamples:
     devices = all_devices(ctx.store)
     for device_id in cmd.device_ids:
@@ -161,7 +163,11 @@ def devices_top(ctx: Context, cmd: DevicesTop) -> DeviceSamples:
     return DeviceSamples(devices=rows)
 
 
-@commands.command(DevicesMetrics, role="viewer")
+@commands.command(
+    DevicesMetrics,
+    role="viewer",
+    http=Route("GET", "/devices/{device_id}/metrics", "A device's recent usage, downsampled"),
+)
 def devices_metrics(ctx: Context, cmd: DevicesMetrics) -> DeviceMetricsHistory:
     if cmd.device_id not in all_devices(ctx.store):
         raise NotFoundError(f"unknown device {cmd.device_id!r}")
@@ -178,15 +184,16 @@ def devices_metrics(ctx: Context, cmd: DevicesMetrics) -> DeviceMetricsHistory:
     )
 
 
-@commands.command(DevicesLabel)
+@commands.command(
+    DevicesLabel, http=Route("PATCH", "/devices/{device_id}/labels", "Set and remove operator labels")
+)
 def devices_label(ctx: Context, cmd: DevicesLabel) -> DeviceResult:
     """Operator labels: trusted, so selector groups match them. Removing a key also
     removes it where the device's enrollment pinned it."""
     device = all_devices(ctx.store).get(cmd.device_id)
     if device is None and (cred := ctx.store.get_credential(cmd.device_id)) is not None:
         device = Device(id=cmd.device_id) if cred.role == "device" else None  # issued, never connected
-    if device is None:
-        raise NotFoundError(f"unknown device {cmd.device_id!r}")
+    device = require(device, "device", cmd.device_id)
     check_labels(cmd.set)
     labels = {k: v for k, v in device.operator_labels.items() if k not in cmd.remove}
     labels.update(cmd.set)

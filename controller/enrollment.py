@@ -45,24 +45,30 @@ from tether.protocol.results import (
     TokenView,
 )
 
-from .context import Context
+from .context import Context, require
 from .fleet_events import device_subject
 from .models import Device, Enrollment, EnrollmentToken
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .security import issue_device_credentials
 from .selectors import Attributes, check_labels, matches, parse_selector
 
 log = logging.getLogger(__name__)
-commands = CommandRegistry()
+commands = CommandRegistry(tag="tokens")
 """The commands handled here (see :mod:`.registry`)."""
 
 # --- tokens ---
 
 
-@commands.command(TokensCreate, role="admin")
+@commands.command(
+    TokensCreate,
+    role="admin",
+    http=Route("POST", "/tokens", "Create an enrollment token (shown once)", status=201),
+)
 def tokens_create(ctx: Context, cmd: TokensCreate) -> TokenCreated:
-    if cmd.group is not None and ctx.store.get_group(cmd.group) is None:
-        raise NotFoundError(f"unknown group {cmd.group!r} (create it first: tether groups create)")
+    if cmd.group is not None:
+        require(
+            ctx.store.get_group(cmd.group), "group", cmd.group, " (create it first: tether groups create)"
+        )
     check_labels(cmd.labels)
     token_id = secrets.token_hex(4)
     token = f"{TOKEN_PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
@@ -100,12 +106,16 @@ def _token_view(ctx: Context, t: EnrollmentToken) -> TokenView:
     )
 
 
-@commands.command(TokensList, read_only=True)
+@commands.command(TokensList, read_only=True, http=Route("GET", "/tokens", "Enrollment tokens"))
 def tokens_ls(ctx: Context, cmd: TokensList) -> TokenList:
     return TokenList(tokens=[_token_view(ctx, t) for t in ctx.store.list_tokens()])
 
 
-@commands.command(TokensRemove, role="admin")
+@commands.command(
+    TokensRemove,
+    role="admin",
+    http=Route("DELETE", "/tokens/{id}", "Remove an enrollment token", lists={"id": "ids"}),
+)
 def tokens_rm(ctx: Context, cmd: TokensRemove) -> TokensRemoved:
     problems = []
     for token_id in cmd.ids:
@@ -232,13 +242,19 @@ def _entry_attributes(e: Enrollment, token: EnrollmentToken | None) -> Attribute
     return device.attributes()
 
 
-@commands.command(DevicesPending, read_only=True)
+@commands.command(
+    DevicesPending,
+    read_only=True,
+    http=Route("GET", "/waiting-room", "Devices that asked to join", tag="devices"),
+)
 def devices_pending(ctx: Context, cmd: DevicesPending) -> PendingList:
     rows = [_entry_view(ctx, e) for e in ctx.store.list_enrollments() if e.state != "approved"]
     return PendingList(devices=rows)
 
 
-@commands.command(DevicesApprove)
+@commands.command(
+    DevicesApprove, http=Route("POST", "/waiting-room/approve", "Approve waiting devices", tag="devices")
+)
 def devices_approve(ctx: Context, cmd: DevicesApprove) -> DevicesApproved:
     check_labels(cmd.labels)
     if bool(cmd.device_ids) == cmd.all:
@@ -272,7 +288,9 @@ def devices_approve(ctx: Context, cmd: DevicesApprove) -> DevicesApproved:
     return DevicesApproved(approved=[e.device_id for e in entries])
 
 
-@commands.command(DevicesReject)
+@commands.command(
+    DevicesReject, http=Route("POST", "/waiting-room/reject", "Reject waiting devices", tag="devices")
+)
 def devices_reject(ctx: Context, cmd: DevicesReject) -> DevicesRejected:
     entries = []
     problems = []

@@ -7,18 +7,18 @@ import logging
 from pydantic import ValidationError
 from tether.protocol import topics
 from tether.protocol.commands import GroupsCreate, GroupsList, GroupsRemove, GroupsShow, GroupsTrust
-from tether.protocol.errors import CommandError, ConflictError, NotFoundError
+from tether.protocol.errors import CommandError, ConflictError
 from tether.protocol.results import GroupCreated, GroupList, GroupResult, GroupView, Removed
 
-from .context import Context
+from .context import Context, require
 from .devices import attributes, never_seen
 from .models import Group
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .scheduler import members
 from .selectors import parse_selector
 
 log = logging.getLogger(__name__)
-commands = CommandRegistry()
+commands = CommandRegistry(tag="groups")
 """The commands handled here (see :mod:`.registry`)."""
 
 
@@ -35,7 +35,7 @@ def group_view(ctx: Context, group: Group) -> GroupView:
     )
 
 
-@commands.command(GroupsCreate)
+@commands.command(GroupsCreate, http=Route("POST", "/groups", "Create a group", status=201))
 def groups_create(ctx: Context, cmd: GroupsCreate) -> GroupCreated:
     if bool(cmd.devices) == bool(cmd.selector):
         raise CommandError("a group needs either devices or a selector (not both)")
@@ -67,12 +67,13 @@ def groups_create(ctx: Context, cmd: GroupsCreate) -> GroupCreated:
     return GroupCreated(group=group_view(ctx, group), never_seen=unknown)
 
 
-@commands.command(GroupsTrust)
+@commands.command(
+    GroupsTrust,
+    http=Route("PUT", "/groups/{name}/trust", "Whether a selector group trusts device-reported labels"),
+)
 def groups_trust(ctx: Context, cmd: GroupsTrust) -> GroupResult:
     """Whether a selector group matches what devices report about themselves: recomputed at once."""
-    group = ctx.store.get_group(cmd.name)
-    if group is None:
-        raise NotFoundError(f"unknown group {cmd.name!r}")
+    group = require(ctx.store.get_group(cmd.name), "group", cmd.name)
     if group.selector is None:
         raise ConflictError(f"group {cmd.name!r} is static: only a selector group can trust device labels")
     if group.trust_device_labels != cmd.trust:
@@ -91,24 +92,20 @@ def groups_trust(ctx: Context, cmd: GroupsTrust) -> GroupResult:
     return GroupResult(group=group_view(ctx, ctx.store.get_group(cmd.name) or group))
 
 
-@commands.command(GroupsList, read_only=True)
+@commands.command(GroupsList, read_only=True, http=Route("GET", "/groups", "Every group"))
 def groups_ls(ctx: Context, cmd: GroupsList) -> GroupList:
     return GroupList(groups=[group_view(ctx, g) for g in ctx.store.list_groups()])
 
 
-@commands.command(GroupsShow, read_only=True)
+@commands.command(GroupsShow, read_only=True, http=Route("GET", "/groups/{name}", "A group and its members"))
 def groups_show(ctx: Context, cmd: GroupsShow) -> GroupResult:
-    group = ctx.store.get_group(cmd.name)
-    if group is None:
-        raise NotFoundError(f"unknown group {cmd.name!r}")
+    group = require(ctx.store.get_group(cmd.name), "group", cmd.name)
     return GroupResult(group=group_view(ctx, group))
 
 
-@commands.command(GroupsRemove)
+@commands.command(GroupsRemove, http=Route("DELETE", "/groups/{name}", "Remove a group"))
 def groups_rm(ctx: Context, cmd: GroupsRemove) -> Removed:
-    group = ctx.store.get_group(cmd.name)
-    if group is None:
-        raise NotFoundError(f"unknown group {cmd.name!r}")
+    require(ctx.store.get_group(cmd.name), "group", cmd.name)
     used = [s.name for s in ctx.store.list_stacks() if s.group == cmd.name]
     if used:
         raise ConflictError(f"group {cmd.name!r} still has stacks: {', '.join(used)}; remove them first")

@@ -12,7 +12,7 @@ from typing import Any
 
 from tether.protocol import names
 from tether.protocol.commands import JobsList, JobsLogs, JobsRemove, JobsRun, JobsSchedule, JobsStatus
-from tether.protocol.errors import CommandError, ConflictError, NotFoundError
+from tether.protocol.errors import CommandError, ConflictError
 from tether.protocol.models import JobSpec
 from tether.protocol.results import (
     JobDeviceRow,
@@ -26,21 +26,20 @@ from tether.protocol.results import (
 )
 from tether.protocol.schedule import cron_error
 
-from .context import Context
+from .context import Context, require
 from .devices import attributes
 from .models import Job
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .scheduler import members
 
-commands = CommandRegistry()
+commands = CommandRegistry(tag="jobs")
 """The commands handled here (see :mod:`.registry`)."""
 
 
 def _add_job(ctx: Context, job: Job) -> JobResultView:
     if not names.NAME.ok(job.name):
         raise CommandError(f"invalid job name {job.name!r} (lower-case letters, digits, '.', '_', '-')")
-    if ctx.store.get_group(job.group) is None:
-        raise NotFoundError(f"unknown group {job.group!r}")
+    require(ctx.store.get_group(job.group), "group", job.group)
     if not job.spec.command:
         raise CommandError("a job needs a command")
     if ctx.store.get_job(job.name) is not None:
@@ -52,7 +51,9 @@ def _add_job(ctx: Context, job: Job) -> JobResultView:
     return JobResultView(job=job_view(job))
 
 
-@commands.command(JobsRun)
+@commands.command(
+    JobsRun, http=Route("POST", "/jobs/{name}/run", "Run a job once on every device of a group")
+)
 def jobs_run(ctx: Context, cmd: JobsRun) -> JobResultView:
     spec = (
         JobSpec(
@@ -70,7 +71,7 @@ def jobs_run(ctx: Context, cmd: JobsRun) -> JobResultView:
     return _add_job(ctx, Job(name=cmd.name, group=cmd.group, spec=spec, created=ctx.clock()))
 
 
-@commands.command(JobsSchedule)
+@commands.command(JobsSchedule, http=Route("POST", "/jobs", "Schedule a job (cron or interval)", status=201))
 def jobs_schedule(ctx: Context, cmd: JobsSchedule) -> JobResultView:
     if (cmd.cron is None) == (cmd.every_s is None):
         raise CommandError("a scheduled job needs either a cron expression or an interval (not both)")
@@ -107,13 +108,11 @@ def job_view(job: Job) -> JobView:
 
 
 def _job(ctx: Context, name: str) -> Job:
-    job = ctx.store.get_job(name)
-    if job is None:
-        raise NotFoundError(f"unknown job {name!r}")
+    job = require(ctx.store.get_job(name), "job", name)
     return job
 
 
-@commands.command(JobsList, role="viewer")
+@commands.command(JobsList, role="viewer", http=Route("GET", "/jobs", "Every job"))
 def jobs_ls(ctx: Context, cmd: JobsList) -> JobList:
     out = []
     for job in ctx.store.list_jobs():
@@ -132,7 +131,7 @@ def _latest_results(ctx: Context, name: str) -> dict[str, dict[str, Any]]:
     return latest
 
 
-@commands.command(JobsStatus, role="viewer")
+@commands.command(JobsStatus, role="viewer", http=Route("GET", "/jobs/{name}", "A job on each device"))
 def jobs_status(ctx: Context, cmd: JobsStatus) -> JobStatusResult:
     job = _job(ctx, cmd.name)
     group = ctx.store.get_group(job.group)
@@ -146,7 +145,7 @@ def jobs_status(ctx: Context, cmd: JobsStatus) -> JobStatusResult:
     return JobStatusResult(job=job_view(job), devices=rows)
 
 
-@commands.command(JobsLogs, role="viewer")
+@commands.command(JobsLogs, role="viewer", http=Route("GET", "/jobs/{name}/logs", "A job's last runs"))
 def jobs_logs(ctx: Context, cmd: JobsLogs) -> JobLogs:
     _job(ctx, cmd.name)
     results = [
@@ -156,7 +155,7 @@ def jobs_logs(ctx: Context, cmd: JobsLogs) -> JobLogs:
     return JobLogs(results=results)
 
 
-@commands.command(JobsRemove)
+@commands.command(JobsRemove, http=Route("DELETE", "/jobs/{name}", "Remove a job"))
 def jobs_rm(ctx: Context, cmd: JobsRemove) -> Removed:
     _job(ctx, cmd.name)
     with ctx.store.transaction():

@@ -54,7 +54,7 @@ from tether.protocol.commands import (
     NotifyRemove,
     NotifyTest,
 )
-from tether.protocol.errors import CommandError, NotFoundError, PayloadError
+from tether.protocol.errors import CommandError, PayloadError
 from tether.protocol.results import (
     DeliveryList,
     DeliveryResult,
@@ -65,10 +65,10 @@ from tether.protocol.results import (
     WebhookView,
 )
 
-from .context import Context
+from .context import Context, require
 from .fleet_events import FleetEvent, clip, device_subject
 from .models import Delivery, Webhook
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 
 if TYPE_CHECKING:
     from .store import Store
@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-commands = CommandRegistry()
+commands = CommandRegistry(tag="webhooks")
 """The commands handled here (see :mod:`.registry`): all admin-only (URLs may carry tokens)."""
 
 SIGNATURE_HEADER = "X-Tether-Signature"
@@ -499,13 +499,11 @@ def delivery_view(d: Delivery) -> DeliveryView:
 
 
 def _webhook(ctx: Context, webhook_id: str) -> Webhook:
-    webhook = ctx.store.get_webhook(webhook_id)
-    if webhook is None:
-        raise NotFoundError(f"unknown webhook {webhook_id!r}")
+    webhook = require(ctx.store.get_webhook(webhook_id), "webhook", webhook_id)
     return webhook
 
 
-@commands.command(NotifyAdd, role="admin")
+@commands.command(NotifyAdd, role="admin", http=Route("POST", "/webhooks", "Add a webhook", status=201))
 def notify_add(ctx: Context, cmd: NotifyAdd) -> WebhookResult:
     problems = []
     wrong = check_url(cmd.url)
@@ -548,13 +546,13 @@ def notify_add(ctx: Context, cmd: NotifyAdd) -> WebhookResult:
     return WebhookResult(webhook=webhook_view(webhook, {}))
 
 
-@commands.command(NotifyList, role="admin")
+@commands.command(NotifyList, role="admin", http=Route("GET", "/webhooks", "Webhooks"))
 def notify_ls(ctx: Context, cmd: NotifyList) -> WebhookList:
     counts = ctx.store.delivery_counts()
     return WebhookList(webhooks=[webhook_view(w, counts.get(w.id, {})) for w in ctx.store.list_webhooks()])
 
 
-@commands.command(NotifyRemove, role="admin")
+@commands.command(NotifyRemove, role="admin", http=Route("DELETE", "/webhooks/{id}", "Remove a webhook"))
 def notify_rm(ctx: Context, cmd: NotifyRemove) -> WebhookRemoved:
     _webhook(ctx, cmd.id)
     with ctx.store.transaction():
@@ -563,12 +561,16 @@ def notify_rm(ctx: Context, cmd: NotifyRemove) -> WebhookRemoved:
     return WebhookRemoved(id=cmd.id)
 
 
-@commands.command(NotifyTest, role="admin")
+@commands.command(
+    NotifyTest, role="admin", http=Route("POST", "/webhooks/{id}/test", "Send a test event to a webhook")
+)
 def notify_test(ctx: Context, cmd: NotifyTest) -> DeliveryResult:
     return DeliveryResult(delivery=delivery_view(ctx.notifier.test(_webhook(ctx, cmd.id))))
 
 
-@commands.command(NotifyLog, role="admin")
+@commands.command(
+    NotifyLog, role="admin", http=Route("GET", "/webhook-deliveries", "The webhooks' delivery log")
+)
 def notify_log(ctx: Context, cmd: NotifyLog) -> DeliveryList:
     if cmd.id is not None:
         _webhook(ctx, cmd.id)

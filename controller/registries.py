@@ -30,13 +30,13 @@ from tether.protocol.results import RegistryAdded, RegistryList, RegistryRemoved
 
 from .context import Context
 from .models import Registry
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .store import Store
 from .variables import FLEET, SecretsKey, check_scope
 
 MAX_CREDENTIAL_BYTES = 4096
 
-commands = CommandRegistry()
+commands = CommandRegistry(tag="registries")
 """The commands handled here (see :mod:`.registry`)."""
 
 
@@ -147,7 +147,9 @@ def registry_view(r: Registry) -> RegistryView:
     return RegistryView(host=r.host, scope=r.scope, version=r.version, updated=r.updated)
 
 
-@commands.command(RegistriesAdd, role="admin")
+@commands.command(
+    RegistriesAdd, role="admin", http=Route("POST", "/registries", "Add a registry's credentials", status=201)
+)
 def registries_add(ctx: Context, cmd: RegistriesAdd) -> RegistryAdded:
     host = _host(cmd.host)
     scope = check_scope(ctx.store, cmd.group, cmd.device_id)
@@ -184,13 +186,19 @@ def registries_add(ctx: Context, cmd: RegistriesAdd) -> RegistryAdded:
     return RegistryAdded(registry=registry_view(registry), changed=True)
 
 
-@commands.command(RegistriesList, role="viewer")
+@commands.command(
+    RegistriesList, role="viewer", http=Route("GET", "/registries", "Private registries' credentials")
+)
 def registries_ls(ctx: Context, cmd: RegistriesList) -> RegistryList:
     found = sorted(ctx.store.list_registries(), key=lambda r: (r.host, r.scope))
     return RegistryList(registries=[registry_view(r) for r in found])
 
 
-@commands.command(RegistriesRemove, role="admin")
+@commands.command(
+    RegistriesRemove,
+    role="admin",
+    http=Route("DELETE", "/registries/{host}", "Remove a registry's credentials"),
+)
 def registries_rm(ctx: Context, cmd: RegistriesRemove) -> RegistryRemoved:
     host = _host(cmd.host)
     scope = check_scope(ctx.store, cmd.group, cmd.device_id)

@@ -1,10 +1,11 @@
-"""Every controller command, declared once: its request model, its handler, and who may answer it.
+"""Every controller command, declared once: its request model, its handler, who may answer
+it, and its HTTP route.
 
 A handler is registered where it is written, next to the other handlers of its domain::
 
-    commands = CommandRegistry()
+    commands = CommandRegistry(tag="groups")
 
-    @commands.command(GroupsShow, read_only=True)
+    @commands.command(GroupsShow, read_only=True, http=Route("GET", "/groups/{name}", "A group"))
     def groups_show(ctx: Context, cmd: GroupsShow) -> GroupResult: ...
 
 and the controller answers with :data:`~.service.COMMANDS`, the union of every domain's
@@ -15,7 +16,9 @@ shared store; every other command is forwarded to the leader. ``role`` is the le
 command and ``operator`` for any other; reads that need the leader say ``role="viewer"``, and
 commands that manage users, API tokens, credentials, enrollment tokens or registries say
 ``role="admin"``. :meth:`~.service.Controller.execute` checks it, the one place for MQTT and
-HTTP alike. Marking a write read-only
+HTTP alike. ``http`` is the command's ``/api/v1`` route (a :class:`Route`, or several):
+controller/http/api.py makes every registered route, and docs/openapi.json is generated from
+them (``scripts/gen-api-docs``). Marking a write read-only
 would make a standby execute it: tests/unit/test_commands.py runs every read-only command
 on a store that refuses writes, and checks every command of protocol/commands.py has one
 handler.
@@ -23,8 +26,8 @@ handler.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, get_type_hints
 
 from tether.protocol.commands import CommandModel
@@ -33,6 +36,31 @@ from tether.protocol.principals import Role
 
 C = TypeVar("C", bound=CommandModel)
 H = TypeVar("H", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Route:
+    """A command's ``/api/v1`` route: ``method path`` runs the command with the path's, the
+    query's and the JSON body's fields (controller/http/api.py makes it)."""
+
+    method: str
+    path: str
+    """Below ``/api/v1``; ``{field}`` takes a field of the command (``{field:path}`` with slashes)."""
+    summary: str = ""
+    """The operation's one line in the OpenAPI document (its description is the command's docstring)."""
+    tag: str = ""
+    """The OpenAPI tag (the resource); empty: its registry's ``tag``."""
+    query: Sequence[str] = ()
+    """Fields taken from the query string (the rest that are not in the path come in the body;
+    a GET's or a DELETE's all come from the query)."""
+    body: bool = True
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    """Fields set by the route itself (the ``kind`` of a model with several)."""
+    lists: Mapping[str, str] = field(default_factory=dict)
+    """A path parameter that fills a list field of one item: {parameter: field}."""
+    status: int = 200
+    wait: bool = False
+    """Takes ``wait_s``: answer once the deployment the command started has ended."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +76,8 @@ class CommandHandler:
     """The result model (protocol/results.py), from the handler's return annotation."""
     role: Role = "operator"
     """The least role a user needs to run it (protocol/principals.py)."""
+    routes: tuple[Route, ...] = ()
+    """Its ``/api/v1`` routes (each with its tag)."""
 
     @property
     def writes(self) -> bool:
@@ -58,23 +88,32 @@ class CommandHandler:
 class CommandRegistry:
     """Command models mapped to their handlers; each model at most once."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag: str = "") -> None:
+        """``tag``: the OpenAPI tag of its routes that name none (the domain's resource)."""
+        self.tag = tag
         self._handlers: dict[type[CommandModel], CommandHandler] = {}
 
     def command(
-        self, model: type[C], *, read_only: bool = False, role: Role | None = None
+        self,
+        model: type[C],
+        *,
+        read_only: bool = False,
+        role: Role | None = None,
+        http: Route | Sequence[Route] = (),
     ) -> Callable[[H], H]:
         """Register the decorated function as ``model``'s handler; ``role`` defaults to
-        ``viewer`` for a read-only command, else ``operator``."""
+        ``viewer`` for a read-only command, else ``operator``; ``http``: its route(s)."""
         if read_only and role not in (None, "viewer"):
             raise ValueError(f"{model.__name__}: a read-only command is for viewers")
         needed: Role = role or ("viewer" if read_only else "operator")
+        routes = (http,) if isinstance(http, Route) else tuple(http)
+        routes = tuple(r if r.tag else replace(r, tag=self.tag) for r in routes)
 
         def register(run: H) -> H:
             returns = get_type_hints(run).get("return")
             if not (isinstance(returns, type) and issubclass(returns, WireModel)):
                 raise TypeError(f"{run.__name__} must be annotated to return a model of protocol/results.py")
-            self._add(CommandHandler(model, run, read_only, returns, needed))
+            self._add(CommandHandler(model, run, read_only, returns, needed, routes))
             return run
 
         return register
@@ -98,6 +137,12 @@ class CommandRegistry:
     def handler(self, command: CommandModel) -> CommandHandler:
         """The handler of ``command`` (KeyError if none is registered)."""
         return self._handlers[type(command)]
+
+    def routes(self) -> Iterator[tuple[CommandHandler, Route]]:
+        """Every route of every command, with its command's handler, in registration order."""
+        for handler in self._handlers.values():
+            for route in handler.routes:
+                yield handler, route
 
     def __iter__(self) -> Iterator[CommandHandler]:
         return iter(self._handlers.values())

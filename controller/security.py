@@ -35,11 +35,11 @@ from tether.protocol.topics import DeviceTopic
 
 from .context import Context
 from .models import Device, User
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .store import Store
 
 log = logging.getLogger(__name__)
-commands = CommandRegistry()
+commands = CommandRegistry(tag="devices")
 """The commands handled here (see :mod:`.registry`)."""
 
 OPERATOR_USER = LEGACY_USER
@@ -215,7 +215,15 @@ def device_credentials(ctx: Context, device_id: str) -> str:
     return password
 
 
-@commands.command(DevicesCredentials, role="admin")
+@commands.command(
+    DevicesCredentials,
+    role="admin",
+    http=Route(
+        "POST",
+        "/devices/{device_id}/credentials",
+        "Create or rotate a device's broker credentials (shown once)",
+    ),
+)
 def devices_credentials(ctx: Context, cmd: DevicesCredentials) -> DeviceCredentials:
     if cmd.certificate:
         return _device_certificate(ctx, cmd.device_id)
@@ -249,7 +257,7 @@ def _known_devices(store: Store) -> set[str]:
     }
 
 
-@commands.command(DevicesRevoke, role="admin")
+@commands.command(DevicesRevoke, role="admin", http=Route("POST", "/devices/revoke", "Cut devices off"))
 def devices_revoke(ctx: Context, cmd: DevicesRevoke) -> DevicesRevoked:
     known = _known_devices(ctx.store)
     unknown = [d for d in cmd.device_ids if d not in known]
@@ -289,7 +297,10 @@ def _leave_static_groups(store: Store, device_id: str) -> None:
             store.create_group(group.model_copy(update={"devices": remaining}))
 
 
-@commands.command(DevicesRemove)
+@commands.command(
+    DevicesRemove,
+    http=Route("DELETE", "/devices/{device_id}", "Forget a device", lists={"device_id": "device_ids"}),
+)
 def devices_rm(ctx: Context, cmd: DevicesRemove) -> DevicesRemoved:
     known = _known_devices(ctx.store)
     for device_id in cmd.device_ids:

@@ -189,10 +189,13 @@ class Controller:
         credentials: tuple[str, str] | None = None,
         ca_file: Path | None = None,
         secrets: SecretsKey | None = None,
+        commands: CommandRegistry | None = None,
     ) -> None:
         """``table``: the embedded broker's credentials (kept in sync); ``credentials``: our own;
         ``ca_file``: the CA that signed an ``mqtts://`` broker's certificate; ``secrets``: the
-        key pair secrets are sealed to (without one, secret variables are refused)."""
+        key pair secrets are sealed to (without one, secret variables are refused);
+        ``commands``: what it answers (:data:`COMMANDS`; a test's registry of its own)."""
+        self.commands = COMMANDS if commands is None else commands
         self.ca_file = ca_file
         self.secrets = secrets
         self.variables = VariableBindings(store, secrets)
@@ -923,7 +926,7 @@ class Controller:
         (protocol/principals.py)."""
 
         def run() -> Any:
-            if not self.leading.is_set() and not COMMANDS.handler(command).read_only:
+            if not self.leading.is_set() and not self.commands.handler(command).read_only:
                 raise StandbyError(
                     f"this controller stands by (--ha): {getattr(command, 'kind', '?')} is a write, ask the leader"
                 )
@@ -955,7 +958,7 @@ class Controller:
         (controller/registry.py) is refused with a :class:`ForbiddenError` before anything
         runs; every command above a viewer's is recorded with its outcome (controller/users.py)."""
         ctx: Context = self  # what handlers may use of the controller (checked by mypy)
-        handler = COMMANDS.handler(command)
+        handler = self.commands.handler(command)
         outcome = "internal"
         mark = len(self._events_due)
         try:
@@ -1011,7 +1014,7 @@ class Controller:
             return
         try:
             command = COMMAND_ADAPTER.validate_python(request.command)
-            if not self.leading.is_set() and not COMMANDS.handler(command).read_only:
+            if not self.leading.is_set() and not self.commands.handler(command).read_only:
                 # A standby answers reads from the shared store; writes go to the leader.
                 if self.client is not None:
                     forward = topics.LEADER_REQUESTS if user is None else topics.leader_requests(user)

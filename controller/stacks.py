@@ -35,19 +35,27 @@ from tether.protocol.variables import stack_references
 
 from . import rollout
 from .compose import parse_stack_warnings
-from .context import Context
+from .context import Context, require
 from .devices import attributes
 from .models import DesiredRecord, Device, Group, Placement, Stack
 from .ports import port_clashes, published
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .rollout import Deployment
 from .scheduler import members
 
-commands = CommandRegistry()
+commands = CommandRegistry(tag="stacks")
 """The commands handled here (see :mod:`.registry`)."""
 
 
-@commands.command(StacksDeploy)
+@commands.command(
+    StacksDeploy,
+    http=Route(
+        "POST",
+        "/stacks/{name}/deploy",
+        "Deploy a Compose file as a stack (answers with the deployment started)",
+        wait=True,
+    ),
+)
 def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
     if not names.NAME.ok(cmd.name):
         raise CommandError(f"invalid stack name {cmd.name!r} (lower-case letters, digits, '.', '_', '-')")
@@ -55,9 +63,7 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
         spec, placement, warnings = parse_stack_warnings(cmd.compose, cmd.files)
     except ComposeError as exc:
         raise ComposeError(f"stack {cmd.name!r}: {exc}") from exc
-    group = ctx.store.get_group(cmd.group)
-    if group is None:
-        raise NotFoundError(f"unknown group {cmd.group!r}")
+    group = require(ctx.store.get_group(cmd.group), "group", cmd.group)
     existing = ctx.store.get_stack(cmd.name)
     if existing is not None and existing.group != cmd.group:
         raise ConflictError(
@@ -148,7 +154,11 @@ def _port_clashes(
     return port_clashes(name, spec, mine, others)
 
 
-@commands.command(StacksPlan, role="viewer")
+@commands.command(
+    StacksPlan,
+    role="viewer",
+    http=Route("POST", "/stacks/{name}/plan", "What a deploy would do, changing nothing"),
+)
 def stacks_plan(ctx: Context, cmd: StacksPlan) -> StackPlan:
     """``stacks.deploy`` checked in full and compared with what runs, nothing stored."""
     errors: list[str] = []
@@ -219,7 +229,7 @@ def stack_view(stack: Stack) -> StackView:
     )
 
 
-@commands.command(StacksList, read_only=True)
+@commands.command(StacksList, read_only=True, http=Route("GET", "/stacks", "Every stack"))
 def stacks_ls(ctx: Context, cmd: StacksList) -> StackList:
     out = []
     records = ctx.store.list_desired()
@@ -292,11 +302,9 @@ def _row(
     )
 
 
-@commands.command(StacksShow, read_only=True)
+@commands.command(StacksShow, read_only=True, http=Route("GET", "/stacks/{name}", "A stack's Compose file"))
 def stacks_show(ctx: Context, cmd: StacksShow) -> StackShown:
-    stack = ctx.store.get_stack(cmd.name)
-    if stack is None:
-        raise NotFoundError(f"unknown stack {cmd.name!r}")
+    stack = require(ctx.store.get_stack(cmd.name), "stack", cmd.name)
     version = cmd.version or stack.version
     if version == stack.version:
         kept = {"spec_hash": stack.spec_hash, "compose": stack.compose, "updated": stack.updated}
@@ -312,7 +320,9 @@ def stacks_show(ctx: Context, cmd: StacksShow) -> StackShown:
     return StackShown(name=stack.name, group=stack.group, version=version, current=stack.version, **kept)
 
 
-@commands.command(StacksStatus, read_only=True)
+@commands.command(
+    StacksStatus, read_only=True, http=Route("GET", "/stacks/{name}/status", "A stack on each device")
+)
 def stacks_status(ctx: Context, cmd: StacksStatus) -> StackStatusResult:
     """Counts by state over every device of the stack, from what the database extracts of
     their reports (as ``stacks ls``); rows, which need each report parsed, only for the
@@ -356,11 +366,9 @@ def stacks_status(ctx: Context, cmd: StacksStatus) -> StackStatusResult:
     )
 
 
-@commands.command(StacksRemove)
+@commands.command(StacksRemove, http=Route("DELETE", "/stacks/{name}", "Remove a stack from every device"))
 def stacks_rm(ctx: Context, cmd: StacksRemove) -> Removed:
-    stack = ctx.store.get_stack(cmd.name)
-    if stack is None:
-        raise NotFoundError(f"unknown stack {cmd.name!r}")
+    require(ctx.store.get_stack(cmd.name), "stack", cmd.name)
     with ctx.store.transaction():
         ctx.store.delete_stack(cmd.name)
         ctx.recompute()

@@ -38,7 +38,7 @@ from tether.protocol.commands import (
     UsersTokens,
 )
 from tether.protocol.credentials import ITERATIONS, Credential, hash_password, hash_token, new_password
-from tether.protocol.errors import CommandError, ConflictError, NotFoundError, PayloadError, StoreError
+from tether.protocol.errors import CommandError, ConflictError, PayloadError, StoreError
 from tether.protocol.principals import ROLES, Principal, Role, Via
 from tether.protocol.results import (
     ApiTokenCreated,
@@ -53,13 +53,13 @@ from tether.protocol.results import (
     UserView,
 )
 
-from .context import Context
+from .context import Context, require
 from .models import ApiToken, AuditRecord, User
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .store import Store
 
 log = logging.getLogger(__name__)
-commands = CommandRegistry()
+commands = CommandRegistry(tag="users")
 """The commands handled here (see :mod:`.registry`)."""
 
 TOKEN_PREFIX = "tta"
@@ -95,9 +95,7 @@ def _view(user: User) -> UserView:
 
 
 def _user(store: Store, name: str) -> User:
-    user = store.get_user(name)
-    if user is None:
-        raise NotFoundError(f"unknown user {name!r}")
+    user = require(store.get_user(name), "user", name)
     return user
 
 
@@ -147,7 +145,9 @@ def ensure_user(store: Store, name: str, role: Role, now: float) -> None:
         store.put_user(User(name=name, role=role, created=now))
 
 
-@commands.command(UsersAdd, role="admin")
+@commands.command(
+    UsersAdd, role="admin", http=Route("POST", "/users", "Add a user (its password shown once)", status=201)
+)
 def users_add(ctx: Context, cmd: UsersAdd) -> UserPassword:
     problems = []
     if not names.NAME.ok(cmd.name):
@@ -172,12 +172,12 @@ def users_add(ctx: Context, cmd: UsersAdd) -> UserPassword:
     return UserPassword(user=_view(user), password=password)
 
 
-@commands.command(UsersList, read_only=True)
+@commands.command(UsersList, read_only=True, http=Route("GET", "/users", "Users"))
 def users_ls(ctx: Context, cmd: UsersList) -> UserList:
     return UserList(users=[_view(u) for u in ctx.store.list_users()])
 
 
-@commands.command(UsersRemove, role="admin")
+@commands.command(UsersRemove, role="admin", http=Route("DELETE", "/users/{name}", "Remove a user"))
 def users_rm(ctx: Context, cmd: UsersRemove) -> UserRemoved:
     user = _user(ctx.store, cmd.name)
     if user.role == "admin" and _admins(ctx.store) == [user.name]:
@@ -191,7 +191,11 @@ def users_rm(ctx: Context, cmd: UsersRemove) -> UserRemoved:
     return UserRemoved(removed=user.name, tokens=len(tokens))
 
 
-@commands.command(UsersPasswd, role="admin")
+@commands.command(
+    UsersPasswd,
+    role="admin",
+    http=Route("POST", "/users/{name}/password", "A new password for a user (shown once)"),
+)
 def users_passwd(ctx: Context, cmd: UsersPasswd) -> UserPassword:
     user = _user(ctx.store, cmd.name)
     if cmd.role is not None and cmd.role != "admin" and _admins(ctx.store) == [user.name]:
@@ -220,7 +224,11 @@ def _token_view(token: ApiToken, now: float) -> ApiTokenView:
     )
 
 
-@commands.command(UsersToken, role="admin")
+@commands.command(
+    UsersToken,
+    role="admin",
+    http=Route("POST", "/users/{name}/tokens", "Create an API token (shown once)", status=201),
+)
 def users_token(ctx: Context, cmd: UsersToken) -> ApiTokenCreated:
     user = _user(ctx.store, cmd.name)
     now = ctx.clock()
@@ -239,7 +247,9 @@ def users_token(ctx: Context, cmd: UsersToken) -> ApiTokenCreated:
     return ApiTokenCreated(**_token_view(stored, now).model_dump(), token=token)
 
 
-@commands.command(UsersTokens, read_only=True)
+@commands.command(
+    UsersTokens, read_only=True, http=Route("GET", "/api-tokens", "API tokens (never the tokens themselves)")
+)
 def users_tokens(ctx: Context, cmd: UsersTokens) -> ApiTokenList:
     now = ctx.clock()
     found = [t for t in ctx.store.list_api_tokens() if cmd.name is None or t.user == cmd.name]
@@ -247,10 +257,13 @@ def users_tokens(ctx: Context, cmd: UsersTokens) -> ApiTokenList:
     return ApiTokenList(tokens=[_token_view(t, now) for t in found])
 
 
-@commands.command(UsersRevoke, role="admin")
+@commands.command(
+    UsersRevoke, role="admin", http=Route("DELETE", "/api-tokens/{token_id}", "Revoke an API token")
+)
 def users_revoke(ctx: Context, cmd: UsersRevoke) -> ApiTokenRevoked:
-    if ctx.store.get_api_token(cmd.token_id) is None:
-        raise NotFoundError(f"unknown API token {cmd.token_id!r} (tether users tokens lists them)")
+    require(
+        ctx.store.get_api_token(cmd.token_id), "API token", cmd.token_id, " (tether users tokens lists them)"
+    )
     ctx.store.delete_api_token(cmd.token_id)
     log.info("API token %s revoked", cmd.token_id)
     return ApiTokenRevoked(revoked=cmd.token_id)
@@ -316,7 +329,11 @@ def audit(store: Store, principal: Principal, command: CommandModel, outcome: st
     store.add_audit(record)
 
 
-@commands.command(AuditList, read_only=True)
+@commands.command(
+    AuditList,
+    read_only=True,
+    http=Route("GET", "/audit", "The audit log: every write, who, when, from where", tag="audit"),
+)
 def audit_ls(ctx: Context, cmd: AuditList) -> AuditLog:
     records = ctx.store.list_audit(since=cmd.since, user=cmd.user, limit=cmd.limit)
     return AuditLog(

@@ -52,11 +52,11 @@ from tether.protocol.variables import KEY_RE, PATH_RE, split_ref, stack_referenc
 
 from .context import Context
 from .models import Variable
-from .registry import CommandRegistry
+from .registry import CommandRegistry, Route
 from .store import Store
 
 log = logging.getLogger(__name__)
-commands = CommandRegistry()
+commands = CommandRegistry(tag="variables")
 """The commands handled here (see :mod:`.registry`)."""
 
 KEY_FILE = "secrets.key"
@@ -322,14 +322,16 @@ def _check_path(path: str) -> None:
         )
 
 
-@commands.command(VarsKey, role="viewer")
+@commands.command(
+    VarsKey, role="viewer", http=Route("GET", "/secrets-key", "The public key secrets are sealed to")
+)
 def vars_key(ctx: Context, cmd: VarsKey) -> PublicKey:
     if ctx.secrets is None:
         raise StoreError("this controller has no secrets key (it is made in tether up's --data-dir)")
     return PublicKey(public_key=ctx.secrets.public_key)
 
 
-@commands.command(VarsSet)
+@commands.command(VarsSet, http=Route("PATCH", "/variables/{path:path}", "Set keys of a variable"))
 def vars_set(ctx: Context, cmd: VarsSet) -> VariableSet:
     _check_path(cmd.path)
     scope = check_scope(ctx.store, cmd.group, cmd.device_id)
@@ -397,20 +399,26 @@ def _existing(store: Store, path: str, group: str | None, device_id: str | None)
     return scope, variable
 
 
-@commands.command(VarsGet, read_only=True)
+@commands.command(
+    VarsGet,
+    read_only=True,
+    http=Route("GET", "/variables/{path:path}", "A variable's keys (a secret's values are never sent)"),
+)
 def vars_get(ctx: Context, cmd: VarsGet) -> VariableResult:
     _, variable = _existing(ctx.store, cmd.path, cmd.group, cmd.device_id)
     return VariableResult(variable=variable_view(variable, values=True))
 
 
-@commands.command(VarsList, read_only=True)
+@commands.command(VarsList, read_only=True, http=Route("GET", "/variables", "Every variable"))
 def vars_ls(ctx: Context, cmd: VarsList) -> VariableList:
     found = [v for v in ctx.store.list_variables() if v.path.startswith(cmd.prefix)]
     found.sort(key=lambda v: (v.path, v.scope))
     return VariableList(variables=[variable_view(v, values=False) for v in found])
 
 
-@commands.command(VarsRemove)
+@commands.command(
+    VarsRemove, http=Route("DELETE", "/variables/{path:path}", "Remove a variable or some of its keys")
+)
 def vars_rm(ctx: Context, cmd: VarsRemove) -> VariableRemoved:
     scope, variable = _existing(ctx.store, cmd.path, cmd.group, cmd.device_id)
     unknown = [k for k in cmd.keys if k not in variable.keys]

@@ -1,11 +1,14 @@
 """The ``/api/v1`` routes: one route, one command of protocol/commands.py, one result model.
 
-Every route is declared in :data:`ROUTES` and made by :func:`command_route`: the path's
+Every route is declared with its command, in the command registry (controller/registry.py:
+``@commands.command(Model, http=Route(...))``), and made by :func:`command_route`: the path's
 parameters, the query's and the JSON body's fields are a command model's own fields (the body
 refuses fields the command does not have); the command runs through
 :meth:`~tether.controller.service.Controller.submit`, exactly as an MQTT request does, and its
-result model is the response model. No route carries logic of its own: a new command gets a
-line here, and the OpenAPI document (docs/openapi.json) follows.
+result model is the response model. No route carries logic of its own: a new command declares
+its route where its handler is registered, and the OpenAPI document (docs/openapi.json)
+follows (``scripts/gen-api-docs``). The few routes below that are not one command each
+(streams, a YAML body) are written out.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import asyncio
 import inspect
 import json
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response
@@ -22,7 +24,7 @@ from fastapi.sse import format_sse_event
 from pydantic import ConfigDict, create_model
 from starlette.responses import StreamingResponse
 from tether.controller.fleet_events import KINDS
-from tether.controller.registry import CommandHandler
+from tether.controller.registry import CommandRegistry, Route
 from tether.controller.rollout import ACTIVE_STATES
 from tether.controller.service import COMMANDS
 from tether.protocol import codec
@@ -55,35 +57,6 @@ async def run(request: Request, command: CommandModel, principal: Principal) -> 
         ) from None
 
 
-@dataclass(frozen=True)
-class Route:
-    """One route: ``method path`` runs ``model`` with the path's, the query's and the body's fields."""
-
-    method: str
-    path: str
-    model: type[CommandModel]
-    query: Sequence[str] = ()
-    """Fields taken from the query string (the rest that are not in the path come in the body;
-    a GET's or a DELETE's all come from the query)."""
-    body: bool = True
-    fixed: dict[str, Any] = field(default_factory=dict)
-    """Fields set by the route itself (the ``kind`` of a model with several)."""
-    lists: dict[str, str] = field(default_factory=dict)
-    """A path parameter that fills a list field of one item: {parameter: field}."""
-    status: int = 200
-    wait: bool = False
-    """Takes ``wait_s``: answer once the deployment the command started has ended (see :func:`wait_for`)."""
-    summary: str = ""
-    tag: str = ""
-
-
-def _handler(model: type[CommandModel]) -> CommandHandler:
-    for handler in COMMANDS:
-        if handler.model is model:
-            return handler
-    raise KeyError(model.__name__)
-
-
 _BODIES: dict[tuple[type[CommandModel], tuple[str, ...]], type[WireModel]] = {}
 
 
@@ -110,12 +83,12 @@ def body_model(model: type[CommandModel], left_out: Sequence[str]) -> type[WireM
 
 
 def _params(route: Route) -> list[str]:
+    """The path's parameters (``{name}`` or ``{name:path}``)."""
     return [part[1:-1].split(":")[0] for part in route.path.split("/") if part.startswith("{")]
 
 
-def command_route(route: Route) -> Callable[..., Any]:
-    """The endpoint of ``route`` (its signature tells FastAPI its parameters and body)."""
-    model = route.model
+def command_route(model: type[CommandModel], route: Route) -> Callable[..., Any]:
+    """The endpoint of ``route``, running ``model`` (its signature tells FastAPI its parameters and body)."""
     fields = model.model_fields
     path_params = _params(route)
     query = list(route.query)
@@ -234,202 +207,22 @@ async def wait_for(request: Request, deployment: int, wait_s: float, principal: 
         await asyncio.sleep(FOLLOW_POLL)
 
 
-D, G, S, J, V, R, T = "devices", "groups", "stacks", "jobs", "variables", "registries", "tokens"
-U, W = "users", "webhooks"
-ROUTES: tuple[Route, ...] = (
-    Route("GET", "/devices", c.DevicesList, summary="Every device", tag=D),
-    Route("GET", "/devices/{device_id}", c.DevicesShow, summary="A device in detail", tag=D),
-    Route(
-        "PATCH",
-        "/devices/{device_id}/labels",
-        c.DevicesLabel,
-        summary="Set and remove operator labels",
-        tag=D,
-    ),
-    Route(
-        "POST",
-        "/devices/{device_id}/credentials",
-        c.DevicesCredentials,
-        summary="Create or rotate a device's broker credentials (shown once)",
-        tag=D,
-    ),
-    Route("POST", "/devices/revoke", c.DevicesRevoke, summary="Cut devices off", tag=D),
-    Route(
-        "DELETE",
-        "/devices/{device_id}",
-        c.DevicesRemove,
-        lists={"device_id": "device_ids"},
-        summary="Forget a device",
-        tag=D,
-    ),
-    Route(
-        "GET",
-        "/device-metrics",
-        c.DevicesTop,
-        summary="The latest metrics sample of each device",
-        tag=D,
-    ),
-    Route(
-        "GET",
-        "/devices/{device_id}/metrics",
-        c.DevicesMetrics,
-        summary="A device's recent usage, downsampled",
-        tag=D,
-    ),
-    Route("GET", "/waiting-room", c.DevicesPending, summary="Devices that asked to join", tag=D),
-    Route("POST", "/waiting-room/approve", c.DevicesApprove, summary="Approve waiting devices", tag=D),
-    Route("POST", "/waiting-room/reject", c.DevicesReject, summary="Reject waiting devices", tag=D),
-    Route("GET", "/groups", c.GroupsList, summary="Every group", tag=G),
-    Route("POST", "/groups", c.GroupsCreate, status=201, summary="Create a group", tag=G),
-    Route("GET", "/groups/{name}", c.GroupsShow, summary="A group and its members", tag=G),
-    Route("DELETE", "/groups/{name}", c.GroupsRemove, summary="Remove a group", tag=G),
-    Route(
-        "PUT",
-        "/groups/{name}/trust",
-        c.GroupsTrust,
-        summary="Whether a selector group trusts device-reported labels",
-        tag=G,
-    ),
-    Route("GET", "/stacks", c.StacksList, summary="Every stack", tag=S),
-    Route("GET", "/stacks/{name}", c.StacksShow, summary="A stack's Compose file", tag=S),
-    Route("GET", "/stacks/{name}/status", c.StacksStatus, summary="A stack on each device", tag=S),
-    Route(
-        "POST",
-        "/stacks/{name}/deploy",
-        c.StacksDeploy,
-        wait=True,
-        summary="Deploy a Compose file as a stack (answers with the deployment started)",
-        tag=S,
-    ),
-    Route(
-        "POST",
-        "/stacks/{name}/plan",
-        c.StacksPlan,
-        summary="What a deploy would do, changing nothing",
-        tag=S,
-    ),
-    Route("DELETE", "/stacks/{name}", c.StacksRemove, summary="Remove a stack from every device", tag=S),
-    Route("GET", "/deployments", c.DeploymentsList, summary="Deployments", tag="deployments"),
-    Route("GET", "/deployments/{id}", c.DeploymentsStatus, summary="A deployment", tag="deployments"),
-    *(
-        Route(
-            "POST",
-            f"/deployments/{{id}}/{action}",
-            c.DeploymentsAction,
-            fixed={"kind": f"deployments.{action}"},
-            summary=f"{action.capitalize()} a deployment",
-            tag="deployments",
+def add_routes(router: APIRouter, registry: CommandRegistry) -> None:
+    """Add every route declared in ``registry`` (each command's ``http``) to ``router``."""
+    for handler, route in registry.routes():
+        endpoint = command_route(handler.model, route)
+        router.add_api_route(
+            route.path,
+            endpoint,
+            operation_id=endpoint.__name__,
+            methods=[route.method],
+            response_model=handler.result,
+            status_code=route.status,
+            summary=route.summary,
+            description=inspect.cleandoc(handler.model.__doc__ or route.summary),
+            tags=[route.tag] if route.tag else None,
+            response_model_exclude_none=False,
         )
-        for action in ("pause", "resume", "promote", "switch", "rollback")
-    ),
-    Route("GET", "/jobs", c.JobsList, summary="Every job", tag=J),
-    Route("POST", "/jobs", c.JobsSchedule, status=201, summary="Schedule a job (cron or interval)", tag=J),
-    Route("POST", "/jobs/{name}/run", c.JobsRun, summary="Run a job once on every device of a group", tag=J),
-    Route("GET", "/jobs/{name}", c.JobsStatus, summary="A job on each device", tag=J),
-    Route(
-        "GET",
-        "/jobs/{name}/logs",
-        c.JobsLogs,
-        summary="A job's last runs",
-        tag=J,
-    ),
-    Route("DELETE", "/jobs/{name}", c.JobsRemove, summary="Remove a job", tag=J),
-    Route("GET", "/variables", c.VarsList, summary="Every variable", tag=V),
-    Route("GET", "/secrets-key", c.VarsKey, summary="The public key secrets are sealed to", tag=V),
-    Route(
-        "GET",
-        "/variables/{path:path}",
-        c.VarsGet,
-        summary="A variable's keys (a secret's values are never sent)",
-        tag=V,
-    ),
-    Route("PATCH", "/variables/{path:path}", c.VarsSet, summary="Set keys of a variable", tag=V),
-    Route(
-        "DELETE",
-        "/variables/{path:path}",
-        c.VarsRemove,
-        summary="Remove a variable or some of its keys",
-        tag=V,
-    ),
-    Route("GET", "/registries", c.RegistriesList, summary="Private registries' credentials", tag=R),
-    Route("POST", "/registries", c.RegistriesAdd, status=201, summary="Add a registry's credentials", tag=R),
-    Route(
-        "DELETE",
-        "/registries/{host}",
-        c.RegistriesRemove,
-        summary="Remove a registry's credentials",
-        tag=R,
-    ),
-    Route(
-        "GET",
-        "/deployments/{id}/events",
-        c.DeploymentsEvents,
-        summary="What devices said about a deployment",
-        tag="deployments",
-    ),
-    Route("GET", "/webhooks", c.NotifyList, summary="Webhooks", tag=W),
-    Route("POST", "/webhooks", c.NotifyAdd, status=201, summary="Add a webhook", tag=W),
-    Route("DELETE", "/webhooks/{id}", c.NotifyRemove, summary="Remove a webhook", tag=W),
-    Route("POST", "/webhooks/{id}/test", c.NotifyTest, summary="Send a test event to a webhook", tag=W),
-    Route("GET", "/webhook-deliveries", c.NotifyLog, summary="The webhooks' delivery log", tag=W),
-    Route("GET", "/users", c.UsersList, summary="Users", tag=U),
-    Route("POST", "/users", c.UsersAdd, status=201, summary="Add a user (its password shown once)", tag=U),
-    Route("DELETE", "/users/{name}", c.UsersRemove, summary="Remove a user", tag=U),
-    Route(
-        "POST",
-        "/users/{name}/password",
-        c.UsersPasswd,
-        summary="A new password for a user (shown once)",
-        tag=U,
-    ),
-    Route(
-        "POST",
-        "/users/{name}/tokens",
-        c.UsersToken,
-        status=201,
-        summary="Create an API token (shown once)",
-        tag=U,
-    ),
-    Route("GET", "/api-tokens", c.UsersTokens, summary="API tokens (never the tokens themselves)", tag=U),
-    Route("DELETE", "/api-tokens/{token_id}", c.UsersRevoke, summary="Revoke an API token", tag=U),
-    Route(
-        "GET", "/audit", c.AuditList, summary="The audit log: every write, who, when, from where", tag="audit"
-    ),
-    Route("GET", "/tokens", c.TokensList, summary="Enrollment tokens", tag=T),
-    Route(
-        "POST",
-        "/tokens",
-        c.TokensCreate,
-        status=201,
-        summary="Create an enrollment token (shown once)",
-        tag=T,
-    ),
-    Route(
-        "DELETE",
-        "/tokens/{id}",
-        c.TokensRemove,
-        lists={"id": "ids"},
-        summary="Remove an enrollment token",
-        tag=T,
-    ),
-)
-
-
-def _add(route: Route) -> None:
-    handler = _handler(route.model)
-    endpoint = command_route(route)
-    router.add_api_route(
-        route.path,
-        endpoint,
-        operation_id=endpoint.__name__,
-        methods=[route.method],
-        response_model=handler.result,
-        status_code=route.status,
-        summary=route.summary,
-        description=inspect.cleandoc(route.model.__doc__ or route.summary),
-        tags=[route.tag] if route.tag else None,
-        response_model_exclude_none=False,
-    )
 
 
 class EventStream(StreamingResponse):
@@ -569,5 +362,4 @@ async def fleet_events(
     return response
 
 
-for _route in ROUTES:
-    _add(_route)
+add_routes(router, COMMANDS)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import re
 
-from tether.controller.http import api, docs
+from tether.controller import service
+from tether.controller.http import docs
 from tether.protocol import topics
 from tether.protocol.commands import COMMANDS
 
@@ -21,17 +22,18 @@ def test_checked_in_documents_are_generated_from_the_code() -> None:
     )
 
 
-def test_every_command_has_one_http_route() -> None:
-    """Each command of protocol/commands.py is reachable over HTTP (a new command needs its line in api.ROUTES)."""
-    routed = [r.model for r in api.ROUTES]
-    missing = [m.__name__ for m in COMMANDS if m not in routed]
+def test_every_command_has_an_http_route() -> None:
+    """Each command of protocol/commands.py declares an /api/v1 route with its handler, each in the OpenAPI document."""
+    missing = [h.model.__name__ for h in service.COMMANDS if not h.routes]
     assert not missing, (
-        f"commands without an /api/v1 route (add one to controller/http/api.py ROUTES): {missing}"
+        f"commands without an /api/v1 route (give their registration http=Route(...)): {missing}"
     )
-    paths = {(r.method, r.path) for r in api.ROUTES}
-    assert len(paths) == len(api.ROUTES), "two routes share a method and path"
+    assert {h.model for h in service.COMMANDS} == set(COMMANDS)
+    routes = [route for _, route in service.COMMANDS.routes()]
+    assert len({(r.method, r.path) for r in routes}) == len(routes), "two routes share a method and path"
+    assert all(r.tag for r in routes), "a route without a tag"
     document = docs.openapi_document()
-    for route in api.ROUTES:
+    for route in routes:
         path = re.sub(r"\{(\w+):path\}", r"{\1}", f"/api/v1{route.path}")
         assert route.method.lower() in document["paths"][path], (
             f"{route.method} {path} not in the OpenAPI document"
