@@ -68,7 +68,7 @@ class CommandHandler:
     """One registered command."""
 
     model: type[CommandModel]
-    run: Callable[[Any, Any], Any]
+    run: Callable[..., Any]
     """``run(ctx, command)``: the result, or raises a TetherError (a CommandError says why)."""
     read_only: bool
     """Changes nothing and needs only the store: a standby answers it (see the module docstring)."""
@@ -78,6 +78,12 @@ class CommandHandler:
     """The least role a user needs to run it (protocol/principals.py)."""
     routes: tuple[Route, ...] = ()
     """Its ``/api/v1`` routes (each with its tag)."""
+    prepare: Callable[[Any, Any], Any] | None = None
+    """``prepare(ctx, command)``: slow work that needs no store (deriving a password's hash),
+    done off the controller's thread before the command reaches it; what it returns, or the
+    TetherError it raised, is given to ``run(ctx, command, prepared)``, which raises that error
+    (so the refusal is checked for its role and audited like any other). Without it (a direct
+    :meth:`~.service.Controller.execute`), ``run(ctx, command)`` prepares itself."""
 
     @property
     def writes(self) -> bool:
@@ -100,9 +106,11 @@ class CommandRegistry:
         read_only: bool = False,
         role: Role | None = None,
         http: Route | Sequence[Route] = (),
+        prepare: Callable[[Any, Any], Any] | None = None,
     ) -> Callable[[H], H]:
         """Register the decorated function as ``model``'s handler; ``role`` defaults to
-        ``viewer`` for a read-only command, else ``operator``; ``http``: its route(s)."""
+        ``viewer`` for a read-only command, else ``operator``; ``http``: its route(s);
+        ``prepare``: see :attr:`CommandHandler.prepare`."""
         if read_only and role not in (None, "viewer"):
             raise ValueError(f"{model.__name__}: a read-only command is for viewers")
         needed: Role = role or ("viewer" if read_only else "operator")
@@ -113,7 +121,7 @@ class CommandRegistry:
             returns = get_type_hints(run).get("return")
             if not (isinstance(returns, type) and issubclass(returns, WireModel)):
                 raise TypeError(f"{run.__name__} must be annotated to return a model of protocol/results.py")
-            self._add(CommandHandler(model, run, read_only, returns, needed, routes))
+            self._add(CommandHandler(model, run, read_only, returns, needed, routes, prepare))
             return run
 
         return register

@@ -33,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -107,6 +107,8 @@ _CONNECTED = "\x00connected"
 _STOP = "\x00stop"
 _TICK = "\x00tick"
 _CALL = "\x00call"
+_NO_REPLY = object()
+"""What a request's answer returns when this call does not reply to it (see ``Controller._reply``)."""
 TICK_SECONDS = 1.0
 MAX_METRICS_DEVICES = 100_000
 MAX_EVENT_MESSAGE = 2048
@@ -211,6 +213,8 @@ class Controller:
         self._next_audit_prune = 0.0
         self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-prepare")
+        """Where commands' slow preparation runs (:meth:`_prepared`), one at a time."""
         self.client: Transport | None = None
         self.ready = threading.Event()
         self.leading = threading.Event()
@@ -343,6 +347,7 @@ class Controller:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.notifier.stop()
+        self._preparing.shutdown(wait=False, cancel_futures=True)
         if self.client is not None:
             self.client.stop()
 
@@ -920,21 +925,53 @@ class Controller:
 
     def submit(self, command: CommandModel, principal: Principal) -> Future[Any]:
         """Carry out ``command`` on the controller's thread exactly as an MQTT request is (the
-        HTTP API's way in; thread-safe): the future holds its result model or the TetherError
-        that refused it. A standby refuses a write with :class:`StandbyError` (over MQTT the
-        leader answers those; over HTTP the client asks the leader). ``principal``: who asks
-        (protocol/principals.py)."""
+        HTTP API's way in; thread-safe, never blocks): the future holds its result model or the
+        TetherError that refused it. A standby refuses a write with :class:`StandbyError` (over
+        MQTT the leader answers those; over HTTP the client asks the leader). ``principal``:
+        who asks (protocol/principals.py)."""
 
-        def run() -> Any:
+        def run(prepared: Any) -> Any:
             if not self.leading.is_set() and not self.commands.handler(command).read_only:
                 raise StandbyError(
                     f"this controller stands by (--ha): {getattr(command, 'kind', '?')} is a write, ask the leader"
                 )
-            return self._answer(command, principal)
+            return self._answer(command, principal, prepared)
 
-        return self.call(run)
+        answered: Future[Any] = Future()
 
-    def _answer(self, command: CommandModel, principal: Principal) -> Any:
+        def forward(done: Future[Any]) -> None:
+            if done.cancelled():
+                answered.cancel()
+            elif (exc := done.exception()) is not None:
+                answered.set_exception(exc)
+            else:
+                answered.set_result(done.result())
+
+        self._prepared(
+            command, principal, lambda prepared: self.call(lambda: run(prepared)).add_done_callback(forward)
+        )
+        return answered
+
+    def _prepared(self, command: CommandModel, principal: Principal, then: Callable[[Any], None]) -> None:
+        """``then(prepared)``: at once (``None``) for most commands; for one whose handler has a
+        ``prepare`` (controller/registry.py: hashing a password) that ``principal`` may run,
+        once it ran on :attr:`_preparing`, so the controller's thread does not wait for it.
+        ``prepared`` is what it returned or the error it raised (the handler raises it)."""
+        prepare = self.commands.handler(command).prepare
+        if prepare is None or not principal.may(self.commands.handler(command).role):
+            then(None)
+            return
+
+        def work() -> None:
+            try:
+                prepared = prepare(self, command)
+            except Exception as exc:  # raised by the handler, on the controller's thread
+                prepared = exc
+            then(prepared)
+
+        self._preparing.submit(work)
+
+    def _answer(self, command: CommandModel, principal: Principal, prepared: Any = None) -> Any:
         """A request's command carried out: its result, or the TetherError that refused it.
 
         What the command changed is stored and committed when it returns; publishing it waits
@@ -942,7 +979,7 @@ class Controller:
         10,000 devices is answered at once instead of after 10,000 acknowledgements."""
         self.publisher.deferring = True
         try:
-            result = self.execute(command, principal)
+            result = self.execute(command, principal, prepared)
         except TetherError:
             self.metrics.requests.labels(command=getattr(command, "kind", "?"), outcome="error").inc()
             raise
@@ -951,12 +988,13 @@ class Controller:
         self.metrics.requests.labels(command=getattr(command, "kind", "?"), outcome="ok").inc()
         return result
 
-    def execute(self, command: CommandModel, principal: Principal = INTERNAL) -> Any:
+    def execute(self, command: CommandModel, principal: Principal = INTERNAL, prepared: Any = None) -> Any:
         """Carry out one command for ``principal``; return its result (a model of
         protocol/results.py) or raise a TetherError. The one place roles are checked and writes
         audited, for MQTT and HTTP alike: a principal whose role is below the command's
         (controller/registry.py) is refused with a :class:`ForbiddenError` before anything
-        runs; every command above a viewer's is recorded with its outcome (controller/users.py)."""
+        runs; every command above a viewer's is recorded with its outcome (controller/users.py).
+        ``prepared``: what the handler's ``prepare`` made of ``command`` (see :meth:`_prepared`)."""
         ctx: Context = self  # what handlers may use of the controller (checked by mypy)
         handler = self.commands.handler(command)
         outcome = "internal"
@@ -968,7 +1006,9 @@ class Controller:
                     f"(it needs {handler.role})"
                 )
             try:
-                result = handler.run(ctx, command)
+                result = (
+                    handler.run(ctx, command) if prepared is None else handler.run(ctx, command, prepared)
+                )
             except BaseException:
                 del self._events_due[mark:]  # nothing it did stays: nor do its events
                 raise
@@ -1012,20 +1052,39 @@ class Controller:
                 "ignoring request %s: reply_to %r is not a client reply topic", request.id, request.reply_to
             )
             return
-        try:
+
+        def answer() -> Any:
             command = COMMAND_ADAPTER.validate_python(request.command)
             if not self.leading.is_set() and not self.commands.handler(command).read_only:
                 # A standby answers reads from the shared store; writes go to the leader.
                 if self.client is not None:
                     forward = topics.LEADER_REQUESTS if user is None else topics.leader_requests(user)
                     self.client.publish(forward, payload, qos=1)
-                return
+                return _NO_REPLY
             principal = self._principal(user, request.reply_to)
             if principal is None:
                 raise ForbiddenError(
                     f"user {user or LEGACY_USER!r} is not a user of this controller (tether users ls)"
                 )
-            reply = Reply(id=request.id, ok=True, result=self._answer(command, principal))
+            if self.commands.handler(command).prepare is None:
+                return self._answer(command, principal)
+
+            def then(prepared: Any) -> None:
+                self.call(lambda: self._reply(request, lambda: self._answer(command, principal, prepared)))
+
+            self._prepared(command, principal, then)  # answered once prepared, off this thread
+            return _NO_REPLY
+
+        self._reply(request, answer)
+
+    def _reply(self, request: Request, answer: Callable[[], Any]) -> None:
+        """Publish the reply to ``request``: ``answer()``'s result, or the error it raised
+        (nothing if it returns ``_NO_REPLY``: another controller or a later call answers)."""
+        try:
+            result = answer()
+            if result is _NO_REPLY:
+                return
+            reply = Reply(id=request.id, ok=True, result=result)
         except ValidationError as exc:
             reply = Reply(
                 id=request.id,

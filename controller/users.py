@@ -21,6 +21,7 @@ import itertools
 import logging
 import secrets
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from tether.protocol import names
@@ -103,17 +104,45 @@ def _admins(store: Store) -> list[str]:
     return [u.name for u in store.list_users() if u.role == "admin"]
 
 
-def _set_password(ctx: Context, user: User, chosen: str | None = None) -> str:
-    """Store a new password of ``user``: ``chosen``, or a random one; returns it. A chosen one
-    gets :data:`CHOSEN_ITERATIONS` of the KDF (a person's password is guessable; ours are not)."""
-    password = chosen if chosen is not None else new_password()
-    iterations = CHOSEN_ITERATIONS if chosen is not None else ITERATIONS
-    password_hash = hash_password(password, iterations=iterations)
+@dataclass(frozen=True)
+class NewPassword:
+    """A user's next password and its hash (:func:`new_user_password`)."""
+
+    password: str
+    password_hash: str
+    chosen: bool
+    """The user's own (``users passwd`` with ``sealed``), not one made here."""
+
+
+def new_user_password(ctx: Context, cmd: UsersAdd | UsersPasswd) -> NewPassword:
+    """The password ``cmd`` gives its user: the sealed one it carries, or a random one; with
+    its hash. The slow part of ``users.add``/``users.passwd`` (a chosen password gets
+    :data:`CHOSEN_ITERATIONS` of the KDF: a person's password is guessable, ours are not), so
+    the controller runs it off its thread (the handlers' ``prepare``); it reads no store."""
+    sealed = getattr(cmd, "sealed", None)
+    if sealed is not None:
+        password = _chosen_password(ctx, sealed)
+        return NewPassword(password, hash_password(password, iterations=CHOSEN_ITERATIONS), True)
+    password = new_password()
+    return NewPassword(password, hash_password(password, iterations=ITERATIONS), False)
+
+
+def _prepared(ctx: Context, cmd: UsersAdd | UsersPasswd, prepared: object) -> NewPassword:
+    """What ``prepare`` made of ``cmd`` (its refusal raised here), or made now if nothing did."""
+    if prepared is None:
+        return new_user_password(ctx, cmd)
+    if isinstance(prepared, BaseException):
+        raise prepared
+    assert isinstance(prepared, NewPassword)
+    return prepared
+
+
+def _set_password(ctx: Context, user: User, new: NewPassword) -> None:
+    """Store ``new`` as ``user``'s password (its hash; the broker access hears the password)."""
     ctx.store.put_credential(
-        Credential(user.name, broker_role(user.role), user.name, password_hash), ctx.clock()
+        Credential(user.name, broker_role(user.role), user.name, new.password_hash), ctx.clock()
     )
-    ctx.access.new_secret(user.name, password)
-    return password
+    ctx.access.new_secret(user.name, new.password)
 
 
 MIN_PASSWORD = 12
@@ -146,9 +175,12 @@ def ensure_user(store: Store, name: str, role: Role, now: float) -> None:
 
 
 @commands.command(
-    UsersAdd, role="admin", http=Route("POST", "/users", "Add a user (its password shown once)", status=201)
+    UsersAdd,
+    role="admin",
+    http=Route("POST", "/users", "Add a user (its password shown once)", status=201),
+    prepare=new_user_password,
 )
-def users_add(ctx: Context, cmd: UsersAdd) -> UserPassword:
+def users_add(ctx: Context, cmd: UsersAdd, prepared: object = None) -> UserPassword:
     problems = []
     if not names.NAME.ok(cmd.name):
         problems.append(f"invalid user name {cmd.name!r}: {names.NAME.hint}")
@@ -163,13 +195,14 @@ def users_add(ctx: Context, cmd: UsersAdd) -> UserPassword:
         raise ConflictError(
             f"{cmd.name!r} is the name of a {existing.role} on the broker, not free for a user"
         )
+    new = _prepared(ctx, cmd, prepared)
     user = User(name=cmd.name, role=cmd.role, created=ctx.clock())
     with ctx.store.transaction():
         ctx.store.put_user(user)
-        password = _set_password(ctx, user)
+        _set_password(ctx, user, new)
     ctx.access.sync(ctx.store)
     log.info("user %s (%s) added", user.name, user.role)
-    return UserPassword(user=_view(user), password=password)
+    return UserPassword(user=_view(user), password=new.password)
 
 
 @commands.command(UsersList, read_only=True, http=Route("GET", "/users", "Users"))
@@ -195,21 +228,22 @@ def users_rm(ctx: Context, cmd: UsersRemove) -> UserRemoved:
     UsersPasswd,
     role="admin",
     http=Route("POST", "/users/{name}/password", "A new password for a user (shown once)"),
+    prepare=new_user_password,
 )
-def users_passwd(ctx: Context, cmd: UsersPasswd) -> UserPassword:
+def users_passwd(ctx: Context, cmd: UsersPasswd, prepared: object = None) -> UserPassword:
     user = _user(ctx.store, cmd.name)
     if cmd.role is not None and cmd.role != "admin" and _admins(ctx.store) == [user.name]:
         raise ConflictError(f"{user.name!r} is the last admin: make another admin first")
-    chosen = _chosen_password(ctx, cmd.sealed) if cmd.sealed is not None else None
+    new = _prepared(ctx, cmd, prepared)
     if cmd.role is not None:
         user = user.model_copy(update={"role": cmd.role})
     with ctx.store.transaction():
         ctx.store.put_user(user)
-        password = _set_password(ctx, user, chosen)
+        _set_password(ctx, user, new)
     ctx.access.sync(ctx.store)
     ctx.access.disconnect_users({user.name})  # the old password and role end with its connections
     log.info("user %s: new password (%s)", user.name, user.role)
-    return UserPassword(user=_view(user), password="" if chosen is not None else password)
+    return UserPassword(user=_view(user), password="" if new.chosen else new.password)
 
 
 def _token_view(token: ApiToken, now: float) -> ApiTokenView:

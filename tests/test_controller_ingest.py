@@ -143,7 +143,9 @@ def test_a_reply_too_large_for_one_message_becomes_an_error(
     link = RecordingLink()
     controller.client = link  # type: ignore[assignment]
     monkeypatch.setattr(
-        controller, "execute", lambda command, principal=None: {"blob": "x" * codec.MAX_PAYLOAD}
+        controller,
+        "execute",
+        lambda command, principal=None, prepared=None: {"blob": "x" * codec.MAX_PAYLOAD},
     )
     reply_to = topics.replies("tether-cli-1")
     controller._on_request(codec.encode(Request(id="r1", reply_to=reply_to, command={"kind": "devices.ls"})))

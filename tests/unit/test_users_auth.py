@@ -135,3 +135,84 @@ def test_a_password_of_ones_own_travels_sealed_and_is_checked(controller: Contro
     assert auth.check_password(controller, "bob", chosen, "") is not None  # the refusal changed nothing
     audit = controller.execute(AuditList(user="tether")).records
     assert chosen not in str([r.model_dump() for r in audit])
+
+
+def test_a_password_is_hashed_off_the_controllers_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """users.add (as HTTP and the UI submit it) and users.passwd (over MQTT) derive the hash on
+    another thread: the controller answers other commands while the KDF runs, then stores it."""
+    import threading
+    import time
+    import uuid
+
+    from support.memory_broker import MemoryBroker
+    from tether.controller import users
+    from tether.controller.security import ensure_operator_credentials
+    from tether.controller.store import Store
+    from tether.controller.variables import SecretsKey
+    from tether.protocol import codec, topics
+    from tether.protocol.commands import UsersList
+    from tether.protocol.credentials import verify_password
+    from tether.protocol.models import Reply, Request
+    from tether.protocol.mqtt import BrokerAddress
+
+    hashing, release, threads = threading.Event(), threading.Event(), []
+    real_hash = users.hash_password
+
+    def held_hash(password: str, **kwargs: int) -> str:  # the KDF, held until the test lets it go
+        threads.append(threading.current_thread().name)
+        hashing.set()
+        assert release.wait(30)
+        return real_hash(password, **kwargs)
+
+    monkeypatch.setattr(users, "hash_password", held_hash)
+    broker = MemoryBroker()
+    store = Store(tmp_path / "tether.db")
+    ensure_operator_credentials(store, tmp_path, "mqtt://127.0.0.1:1883", 0.0)
+    controller = Controller(store, secrets=SecretsKey.load_or_create(tmp_path))
+    controller.start(BrokerAddress("memory", 0), fresh_broker=True, transport=broker.client("controller"))
+    admin = Principal(user="admin", role="admin", via="http")
+    try:
+        added = controller.submit(UsersAdd(name="ann", role="viewer"), admin)
+        assert hashing.wait(10)
+        assert [u.name for u in controller.submit(UsersList(), admin).result(5).users] == ["admin"]
+        assert not added.done()
+        release.set()
+        password = added.result(10).password
+        stored = controller.call(lambda: store.get_credential("ann")).result(10)
+        assert stored is not None and verify_password(password, stored.password_hash)
+
+        hashing.clear()
+        release.clear()
+        replies: list[Reply] = []
+        cli = broker.client("tether-cli-test")
+        cli.on_message = lambda topic, payload, retained: replies.append(codec.decode(payload, Reply))
+        cli.subscribe(topics.replies("tether-cli-test"))
+        cli.start()
+        request = Request(
+            id=uuid.uuid4().hex,
+            reply_to=topics.replies("tether-cli-test"),
+            command=UsersPasswd(name="ann").model_dump(mode="json"),
+        )
+        cli.publish(topics.user_requests("admin"), codec.encode(request))
+        deadline = time.monotonic() + 10
+        while not hashing.is_set():
+            assert time.monotonic() < deadline, "users.passwd never reached the KDF"
+            broker.pump()
+            time.sleep(0.01)
+        assert controller.submit(UsersList(), admin).result(5).users  # answered meanwhile
+        release.set()
+        while not replies:
+            assert time.monotonic() < deadline + 10, "no reply to users.passwd"
+            broker.pump()
+            time.sleep(0.01)
+        assert replies[0].ok and replies[0].id == request.id, replies[0]
+        new_password = replies[0].result["password"]  # type: ignore[index]
+        stored = controller.call(lambda: store.get_credential("ann")).result(10)
+        assert stored is not None and verify_password(new_password, stored.password_hash)
+        assert threads and "controller" not in threads, threads
+    finally:
+        release.set()
+        controller.stop()
+        store.close()
