@@ -261,6 +261,7 @@ class Controller:
         self._next_repair = 0.0  # see tick
         self._sync_devices: set[str] = set()  # devices to recompute at the end of a batch (see _flush_syncs)
         self._reports_due: dict[str, ReportedState] = {}  # written at the end of a batch (see _flush_reports)
+        self._report_memo = codec.FieldMemo(ReportedState, "stacks")  # a fleet reports the same stacks
         self._message_counters: dict[str, Any] = {}
         self._sync_all = False
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
@@ -603,10 +604,13 @@ class Controller:
 
     # --- device messages ---
 
-    def _decode_from(self, device_id: str, payload: bytes, model: type[M]) -> M | None:
-        """A device's message, validated and really about that device; None (logged) otherwise."""
+    def _decode_from(
+        self, device_id: str, payload: bytes, model: type[M], memo: codec.FieldMemo[M] | None = None
+    ) -> M | None:
+        """A device's message, validated (by ``memo`` when given) and really about that device;
+        None (logged) otherwise."""
         try:
-            message = codec.decode(payload, model)
+            message = memo.decode(payload) if memo is not None else codec.decode(payload, model)
         except PayloadError as exc:
             log.warning("device %s: ignoring %s", device_id, exc)
             return None
@@ -721,7 +725,7 @@ class Controller:
             self._sync_devices.add(device_id)
 
     def _on_reported(self, device_id: str, payload: bytes) -> None:
-        reported = self._decode_from(device_id, payload, ReportedState)
+        reported = self._decode_from(device_id, payload, ReportedState, self._report_memo)
         if reported is None:
             return
         due = self._reports_due.get(device_id)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ValidationError
@@ -62,3 +62,61 @@ def describe(exc: ValidationError) -> str:
         parts.append(f"{loc}: {err['msg']}")
     more = f" (+{exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
     return "; ".join(parts) + more
+
+
+class FieldMemo(Generic[M]):
+    """Decodes ``model`` exactly as :func:`decode` does (same result, same errors), validating
+    each distinct encoding of one ``field`` only once.
+
+    For messages that many senders repeat with the same nested value: a fleet's reported
+    states differ in the device and the generation, seldom in the stacks they report, and
+    validating those (pydantic) was most of the controller's cost per report. The field's
+    raw msgpack bytes are the key; what was validated for them is reused (wire models are
+    frozen, so sharing them is safe). At most ``size`` encodings are kept (all forgotten
+    when full). Anything out of the ordinary (a payload that is not a map with text keys,
+    trailing bytes, a validation error) goes through :func:`decode`."""
+
+    def __init__(self, model: type[M], field: str, size: int = 256) -> None:
+        self.model = model
+        self.field = field
+        self.size = size
+        self._seen: dict[bytes, object] = {}
+
+    def decode(self, payload: bytes) -> M:
+        """``payload`` as ``model``; raise :class:`PayloadError` naming the problem."""
+        if len(payload) > MAX_PAYLOAD:
+            return decode(payload, self.model)
+        raw: dict[str, object] = {}
+        encoded: bytes | None = None
+        try:
+            unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+            unpacker.feed(payload)
+            for _ in range(unpacker.read_map_header()):
+                key = unpacker.unpack()
+                if type(key) is not str:
+                    return decode(payload, self.model)
+                if key == self.field:
+                    start = unpacker.tell()
+                    unpacker.skip()
+                    encoded = payload[start : unpacker.tell()]
+                else:
+                    raw[key] = unpacker.unpack()
+            if unpacker.tell() != len(payload):
+                return decode(payload, self.model)  # trailing bytes
+        except Exception:  # msgpack raises several unrelated types
+            return decode(payload, self.model)
+        if encoded is None:
+            return decode(payload, self.model)
+        known = self._seen.get(encoded)
+        try:
+            if known is not None:
+                raw[self.field] = known
+                return self.model.model_validate(raw)
+            raw[self.field] = msgpack.unpackb(encoded, raw=False, strict_map_key=True)
+            message = self.model.model_validate(raw)
+        except Exception:
+            return decode(payload, self.model)
+        if len(self._seen) >= self.size:
+            self._seen.clear()
+        self._seen[encoded] = getattr(message, self.field)
+        return message

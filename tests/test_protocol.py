@@ -228,6 +228,60 @@ def test_decode_rejects_oversize_payloads() -> None:
         codec.decode(payload, Event)
 
 
+def _report(device: str, state: str = "running", restarts: int = 0) -> ReportedState:
+    service = ServiceStatus(state="running", spec_hash=HASH, restarts=restarts)
+    stack = StackStatus(spec_hash=HASH, state=state, services={"web": service})  # type: ignore[arg-type]
+    return ReportedState(device_id=device, generation=3, stacks={"app": stack}, at=1.5)
+
+
+_REPORT = msgpack.packb(_report("pi-1").model_dump(mode="json"))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1",
+        b"",
+        _REPORT + b"\x01",  # trailing bytes
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({1: "int keys", "device_id": "pi-1", "generation": 1}),
+        msgpack.packb({"device_id": "pi-1"}),  # no generation
+        msgpack.packb({"device_id": "pi-1", "generation": -2, "stacks": {}}),
+        msgpack.packb({"device_id": "pi-1", "generation": 1, "stacks": {"app": {"state": "odd"}}}),
+        msgpack.packb({"device_id": "pi-1", "generation": 1, "stacks": [1]}),
+        msgpack.packb({"device_id": "pi-1", "generation": 1, "stacks": {1: {}}}),
+        _REPORT[:-3],  # cut short
+        msgpack.packb({"device_id": "pi-1", "generation": 1, "stacks": "x" * (codec.MAX_PAYLOAD + 1)}),
+    ],
+)
+def test_field_memo_refuses_what_decode_refuses_in_the_same_words(payload: bytes) -> None:
+    """FieldMemo raises decode's PayloadError for every bad payload, a known field value or not."""
+    memo = codec.FieldMemo(ReportedState, "stacks")
+    memo.decode(_REPORT)  # the stacks of a good report are known
+    with pytest.raises(PayloadError) as expected:
+        codec.decode(payload, ReportedState)
+    with pytest.raises(PayloadError) as got:
+        memo.decode(payload)
+    assert str(got.value) == str(expected.value)
+
+
+def test_field_memo_decodes_as_decode_and_shares_the_validated_field() -> None:
+    """Reports equal to decode's; the same stacks encoding validated once (shared), a new one anew."""
+    memo = codec.FieldMemo(ReportedState, "stacks", size=2)
+    reports = [_report("pi-1"), _report("pi-2"), _report("pi-3", "converging"), _report("pi-4", restarts=2)]
+    raw = {**reports[1].model_dump(mode="json"), "future": 1}  # a field from a newer agent
+    payloads = [codec.encode(reports[0]), msgpack.packb(raw), *map(codec.encode, reports[2:])]
+    decoded = [memo.decode(p) for p in payloads]
+    assert decoded == [codec.decode(p, ReportedState) for p in payloads] == reports
+    assert decoded[0].stacks["app"] is decoded[1].stacks["app"]  # validated once
+    assert decoded[2].stacks["app"] is not decoded[0].stacks["app"]
+    assert decoded[2].stacks["app"].state == "converging"
+    assert decoded[3].stacks["app"].services["web"].restarts == 2  # past size: forgotten, then anew
+    assert memo.decode(payloads[0]) == reports[0]
+    without = msgpack.packb({"device_id": "pi-9", "generation": 1})
+    assert memo.decode(without) == ReportedState(device_id="pi-9", generation=1)
+
+
 def test_fields_added_for_updates_are_absent_while_empty() -> None:
     """stage, registries and downloads stay off the wire when empty, so old receivers see the same payload."""
     desired = msgpack.unpackb(codec.encode(DesiredState(device_id="pi-1", generation=1)))
