@@ -26,6 +26,7 @@ session is not older than the last ``online``, so a late will never hides a live
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -90,6 +91,7 @@ from .metrics_history import MetricsHistory
 from .models import Device, Stack
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
 from .publishing import BEHIND_CHECK, Publisher
+from .reconfirm import Reconfirm
 from .registries import RegistryCredentials
 from .registry import CommandRegistry
 from .rollout import DeploymentState
@@ -266,6 +268,8 @@ class Controller:
         self._sync_all = False
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
         self._presence_trusted = False  # see _presence_stale
+        self.reconfirm = Reconfirm()  # see _reconfirm_presence
+        self._asked_topic = topics.replies(f"tether-controller-{uuid.uuid4().hex[:12]}")  # its answers
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
         self._session_known = False
@@ -331,6 +335,7 @@ class Controller:
         self.client.subscribe(topics.ALL_LEADER_REQUESTS, qos=self._request_qos)
         self.client.subscribe(topics.ALL_ENROLL_REQUESTS)
         self.client.subscribe(topics.PROBE)
+        self.client.subscribe(self._asked_topic, qos=0)  # answers to _reconfirm_presence's requests
         if not self.ha:
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
             self.client.subscribe(topics.USER_REQUESTS, qos=self._request_qos)
@@ -484,6 +489,7 @@ class Controller:
         if stacks and self.scheduler.placements_changed(stacks):
             self.sync()
         self.expire_stale()
+        self.expire_unconfirmed()
         self.flush_events()  # what expire_stale found: webhooks count offline time from it
         try:
             self.notifier.tick()
@@ -571,6 +577,8 @@ class Controller:
                     self.store.mark_all_unpublished()
                 if lost or not self._presence_trusted:
                     self._presence_stale()
+                else:
+                    self._reconfirm_presence()
                 self.publisher.reconnected(self.client is None or self.client.session_present)
                 self.publish_pending()
                 enrollment.publish_answers(self)
@@ -590,6 +598,10 @@ class Controller:
             return
         elif parsed.kind == "probe":
             self.publisher.probe_back(payload)
+        elif topic == self._asked_topic:
+            with contextlib.suppress(PayloadError):
+                if self.reconfirm.answered(codec.decode(payload, Reply).id):
+                    log.info("every device shown online has shown life since the reconnection")
         elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
             enrollment.on_request(self, parsed.device_id, payload)
         elif parsed.kind == "device" and parsed.device_id is not None and payload:
@@ -652,6 +664,42 @@ class Controller:
         keepalive = device.facts.keepalive if device.facts and device.facts.keepalive else None
         return 1.5 * (keepalive or STALE_DEFAULT_KEEPALIVE) + Backoff().cap
 
+    def _reconfirm_presence(self) -> None:
+        """The controller reconnected: the broker may have restarted and restored retained
+        ``online`` presences no will is left to correct (:mod:`.reconfirm`). Every device shown
+        online must show life again within its allowance; each is asked for its facts."""
+        assert self.client is not None
+        now = self.clock()
+        online = [d for d in self.store.list_devices() if d.status == "online"]
+        asks = self.reconfirm.start((d.id, d.session, now + self._allowance(d)) for d in online)
+        if not asks:
+            return
+        log.info("reconnected to the broker: %d device(s) shown online must show life again", len(asks))
+        for request_id, device_id in asks:
+            request = Request(id=request_id, reply_to=self._asked_topic, command={"kind": "facts"})
+            self.client.publish(topics.device(device_id, DeviceTopic.REQUESTS), codec.encode(request), qos=0)
+
+    def expire_unconfirmed(self) -> None:
+        """Devices that showed no life since the reconnection within their allowance get the
+        will the broker lost (from the tick): their retained ``offline`` presence, handled
+        like any will when it comes back."""
+        if not len(self.reconfirm) or self.client is None or not self.client.connected:
+            return
+        for device_id, session in self.reconfirm.due(self.clock()):
+            device = self.store.get_device(device_id)
+            if device is None or device.status != "online" or device.session != session:
+                continue
+            log.warning(
+                "device %s: shown online (session %d) but silent since the broker connection broke: "
+                "publishing the offline presence the broker would have (did it restart?)",
+                device_id,
+                session,
+            )
+            will = Presence(device_id=device_id, status="offline", session=session, at=self.clock())
+            self.client.publish(
+                topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(will), retain=True
+            )
+
     def expire_stale(self) -> None:
         """Devices still ``unknown`` past their allowance become ``offline`` (from the tick)."""
         if not self._stale:
@@ -683,6 +731,8 @@ class Controller:
         if presence.session < device.session:
             return  # from an older connection: a late will or a stale retained message
         self._stale.pop(device_id, None)
+        if self.reconfirm.heard(device_id, presence.session):
+            log.info("every device shown online has shown life since the reconnection")
         now = self.clock()
         update: dict[str, Any] = {"session": presence.session, "status": presence.status}
         if presence.status != device.status:

@@ -121,3 +121,36 @@ def test_never_seen_devices_are_listed(tmp_path: Path, procs: list[Any]) -> None
         30,
         interval=0.2,
     )
+
+
+def test_controller_reconnect_reconfirms_online_devices(
+    tmp_path: Path, mosquitto: Mosquitto, procs: list[Any]
+) -> None:
+    """After its connection breaks (the broker did not restart), the controller asks every
+    device shown online for a sign of life, and a connected agent's answer keeps it online."""
+    device = f"conf-{uuid.uuid4().hex[:6]}"
+    controller = ControllerProcess(tmp_path / "controller", broker=mosquitto.url)
+    procs.append(controller)
+    agent = AgentProcess(mosquitto.url, device, tmp_path / "agent")
+    procs.append(agent)
+    wait_online(mosquitto.url, device)
+    status, session = _status(mosquitto.url, device)
+    assert status == "online"
+    # Take the controller's session over (the broker closes its connection), then give it back.
+    session_id = (tmp_path / "controller" / "mqtt-session").read_text().strip()
+    thief = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=session_id,
+        clean_session=False,
+        protocol=paho.MQTTv311,
+    )
+    thief.connect("127.0.0.1", mosquitto.port)
+    thief.loop_start()
+    wait_until(thief.is_connected, 10, message="took the controller's session over")
+    thief.disconnect()
+    thief.loop_stop()
+    controller.wait_for_line(
+        r"reconnected to the broker: 1 device\(s\) shown online must show life again", 60
+    )
+    controller.wait_for_line("every device shown online has shown life since the reconnection", 30)
+    assert _status(mosquitto.url, device) == ("online", session), "the same connection, still online"

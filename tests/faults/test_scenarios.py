@@ -388,19 +388,30 @@ def test_broker_crash_between_autosaves(fleet: Fleet, record: Any) -> None:
     and a device cut off: it comes back with the controller's session (CONNACK says session
     present) but the older retained desired state and no definition of the new stack. The
     controller sees the device report an older generation than it published and publishes
-    it again: the deploy lands once, nothing running is touched."""
+    it again: the deploy lands once, nothing running is touched. The cut-off device's
+    connection died with the broker, which restored its retained ``online`` and will never
+    publish its will: the controller does not take that word for it, and shows it offline
+    once it has not shown life on the new broker run within its allowance, while the device
+    that reconnected stays online."""
     d1, d2 = fleet.boot()
     steady = {n: fleet.pid(n) for n in (d1, d2)}
     fleet.backend.partition(d1)
     fleet.broker.snapshot()  # the last autosave: before the deploy
     fleet.deploy_late()
     wait_until(lambda: fleet.converged([d2], STACKS), 30, 0.1, "the healthy device applies the deploy")
+    assert fleet.show(d1)["status"] == "online", "the broker has not noticed the cut yet (keepalive)"
     fleet.broker.crash()
     fleet.broker.start()
     restarted = time.monotonic()
+    wait_until(lambda: fleet.show(d1)["status"] == "offline", 90, 0.2,
+               f"{d1} (cut off, its retained online restored by the broker) shown offline")  # fmt: skip
+    offline_after = time.monotonic() - restarted
+    assert fleet.show(d2)["status"] == "online", f"{d2} reconnected to the new broker run: still online"
     fleet.backend.heal(d1)
+    healed = time.monotonic()
     assert fleet.controller is not None
-    settle(fleet, record, "13-broker-crash-between-autosaves", restarted, steady, [d1, d2])
+    settle(fleet, record, "13-broker-crash-between-autosaves", healed, steady, [d1, d2],
+           cut_device_offline_after_s=round(offline_after, 1))  # fmt: skip
     assert "the broker lost our session" not in fleet.controller.output(), (
         "the broker kept the session: this scenario is about retained messages it lost, not the session"
     )
