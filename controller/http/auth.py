@@ -8,9 +8,8 @@ Three ways in, each naming a user of ``tether users`` (controller/users.py):
   keeps (the broker checks the same one) with the slow KDF and a constant-time compare.
   Failures lock the user out for a while (:class:`~tether.protocol.lockout.Lockout`, the policy the
   embedded broker applies to MQTT logins too: 5 in a row, then 30 s doubling up to 15 min), so a password cannot be guessed at speed.
-* the web UI's session cookie: :func:`create_session` after a login, :func:`session_principal`
-  on each request, with a CSRF token per session that every form must carry
-  (:func:`csrf_ok`). Sessions live in the controller's memory (a restart logs everyone out)
+* the web UI's session cookie: :func:`create_session` after a login, :func:`session` on each
+  request (its principal and its CSRF token, which every form must carry: :func:`csrf_ok`). Sessions live in the controller's memory (a restart logs everyone out)
   and end after :data:`SESSION_S` idle seconds or :func:`drop_session`.
 
 Every principal is read from the store when the request arrives, so a user removed or given
@@ -116,10 +115,7 @@ def authenticate(
     when there is no ``Authorization`` header."""
     if not authorization:
         if cookie_session:
-            found = session_principal(ctx, cookie_session, address)
-            if found is not None:
-                return found
-            raise _unauthenticated("the session ended: log in again")
+            return _session_principal(session(ctx, cookie_session, address))
         raise _unauthenticated("credentials required (Authorization: Bearer API-TOKEN, or HTTP Basic)")
     scheme, _, value = authorization.partition(" ")
     if scheme.lower() == "bearer":
@@ -182,29 +178,38 @@ def _live_session(cookie: str) -> _Session | None:
         return found
 
 
-def session_principal(ctx: Controller, cookie: str, address: str = "") -> Principal | None:
-    """The principal of a session cookie, as the store has its user now (None: no such
-    session, it expired, or its user is gone)."""
-    found = _live_session(cookie)
-    if found is None:
+@dataclass(frozen=True)
+class Session:
+    """A live cookie session: its user as the store has it now, and its forms' CSRF token."""
+
+    cookie: str
+    principal: Principal
+    csrf: str
+
+
+def session(ctx: Controller, cookie: str | None, address: str = "") -> Session | None:
+    """The live session of ``cookie`` (one look-up, which extends it), its user read from the
+    store now (None: no cookie, no such session, it expired, or its user is gone)."""
+    found = _live_session(cookie) if cookie else None
+    if found is None or cookie is None:
         return None
     principal = _on_controller(ctx, lambda: users.principal_of(ctx.store, found.user, "http", address))
     if principal is None:
         drop_session(cookie)
-    return principal  # type: ignore[no-any-return]
+        return None
+    return Session(cookie, principal, found.csrf)
 
 
-def session_csrf(cookie: str) -> str | None:
-    """The CSRF token of a live session (for the pages' forms)."""
-    found = _live_session(cookie)
-    return found.csrf if found is not None else None
+def _session_principal(found: Session | None) -> Principal:
+    if found is None:
+        raise _unauthenticated("the session ended: log in again")
+    return found.principal
 
 
-def csrf_ok(cookie: str, token: str | None) -> bool:
-    """Whether ``token`` is the CSRF token of the session ``cookie`` (constant-time compare)."""
-    expected = session_csrf(cookie)
+def csrf_ok(found: Session | None, token: str | None) -> bool:
+    """Whether ``token`` is the CSRF token of the session ``found`` (constant-time compare)."""
     return (
-        expected is not None and token is not None and hmac.compare_digest(expected.encode(), token.encode())
+        found is not None and token is not None and hmac.compare_digest(found.csrf.encode(), token.encode())
     )
 
 
@@ -224,10 +229,13 @@ def request_principal(request: Request) -> Principal:
     A request that changes something (not GET/HEAD/OPTIONS) authenticated by the session
     cookie alone must carry the session's CSRF token in ``X-Tether-CSRF``: a cookie is sent
     by the browser to any page's request, the header only by the UI's own script."""
-    client = request.client
+    ctx = request.app.state.controller
+    address = request.client.host if request.client else ""
     authorization = request.headers.get("authorization")
     cookie = request.cookies.get(SESSION_COOKIE)
-    unsafe = not authorization and cookie and request.method not in SAFE_METHODS
-    if unsafe and not csrf_ok(cookie or "", request.headers.get(CSRF_HEADER)):
+    if authorization or not cookie:
+        return authenticate(ctx, authorization, None, address)
+    found = session(ctx, cookie, address)
+    if request.method not in SAFE_METHODS and not csrf_ok(found, request.headers.get(CSRF_HEADER)):
         raise HTTPException(403, "a cookie session's write needs its CSRF token (X-Tether-CSRF)")
-    return authenticate(request.app.state.controller, authorization, cookie, client.host if client else "")
+    return _session_principal(found)

@@ -1,7 +1,7 @@
 """The web dashboard's pages (docs/ui.md): server-rendered, every state read through the controller's commands.
 
-Each page runs the commands the API and the CLI run (``controller.submit``, see
-:mod:`.seams`) and renders their result models (protocol/results.py) with Jinja2
+Each page runs the commands the API and the CLI run (``controller.submit``: the same
+``execute``, role checks and audit as an MQTT or HTTP API request) and renders their result models (protocol/results.py) with Jinja2
 (autoescaped: device-reported strings are attacker-controlled). A page asked for with the
 ``X-Tether-Fragment`` header answers with its ``<main>`` only: static/tether.js re-fetches it
 when the fleet event stream (``/api/v1/events``) says something changed.
@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from tether.controller.fleet_events import KINDS, LOST
+from tether.controller.http import auth
 from tether.protocol import codec
 from tether.protocol.commands import (
     AuditList,
@@ -77,10 +78,11 @@ from tether.protocol.device_api import RestartCommand
 from tether.protocol.enrollment import seal_text
 from tether.protocol.errors import CommandError, NotFoundError, TetherError
 
-from . import seams
 from .logs import DeviceSession, LogFollow
 
-COOKIE = seams.COOKIE
+COOKIE = auth.SESSION_COOKIE
+SUBMIT_TIMEOUT = 30.0
+"""Seconds a page waits for the controller's answer to a command."""
 PAGE_SIZE = 50
 """Devices per page of the device list and of a stack's devices."""
 DEPLOYMENT_ROWS = 200
@@ -153,10 +155,11 @@ def _address(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def _session(request: Request) -> seams.Session | None:
-    """The request's session, its user read again from the store: a user removed since has
-    none, a changed role applies at once."""
-    return seams.session(_controller(request), request.cookies.get(COOKIE), _address(request))
+def _session(request: Request) -> auth.Session | None:
+    """The request's session (the HTTP API's: controller/http/auth.py, so the cookie also opens
+    the event stream the pages listen to), its user read again from the store: a user removed
+    since has none, a changed role applies at once."""
+    return auth.session(_controller(request), request.cookies.get(COOKIE), _address(request))
 
 
 def _secure(response: Response) -> Response:
@@ -171,7 +174,7 @@ def _login_first(request: Request) -> Response:
 
 
 def _render(
-    request: Request, template: str, session: seams.Session | None, code: int = 200, **values: Any
+    request: Request, template: str, session: auth.Session | None, code: int = 200, **values: Any
 ) -> Response:
     fragment = request.headers.get("X-Tether-Fragment") == "1"
     who = session.principal if session else None
@@ -179,8 +182,8 @@ def _render(
         fragment=fragment,
         who=who,
         csrf=session.csrf if session else "",
-        can_operate=who is not None and seams.can(who, "operator"),
-        can_admin=who is not None and seams.can(who, "admin"),
+        can_operate=who is not None and who.may("operator"),
+        can_admin=who is not None and who.may("admin"),
         path=request.url.path,
         event_kinds=" ".join(KINDS),
         lost_kind=LOST,
@@ -189,11 +192,13 @@ def _render(
     return _secure(HTMLResponse(html, status_code=code))
 
 
-def _run(request: Request, session: seams.Session, command: CommandModel) -> Any:
-    return seams.submit(_controller(request), command, session.principal)
+def _run(request: Request, session: auth.Session, command: CommandModel) -> Any:
+    """``command`` run as the session's user, as an MQTT or HTTP API request is: its result,
+    or raises its TetherError."""
+    return _controller(request).submit(command, session.principal).result(SUBMIT_TIMEOUT)
 
 
-def _error_page(request: Request, session: seams.Session | None, exc: Exception) -> Response:
+def _error_page(request: Request, session: auth.Session | None, exc: Exception) -> Response:
     status = 404 if isinstance(exc, NotFoundError) else 403 if _forbidden(exc) else 400
     return _render(request, "error.html", session, code=status, message=str(exc))
 
@@ -202,15 +207,15 @@ def _forbidden(exc: Exception) -> bool:
     return str(getattr(exc, "code", "")) == "forbidden"
 
 
-async def _form(request: Request, session: seams.Session) -> dict[str, Any]:
+async def _form(request: Request, session: auth.Session) -> dict[str, Any]:
     """The posted form, its CSRF token checked (raises _Forbidden on a missing or wrong one)."""
     form = await request.form()
-    if not seams.csrf_ok(session, form.get("csrf") if isinstance(form.get("csrf"), str) else None):  # type: ignore[arg-type]
+    if not auth.csrf_ok(session, form.get("csrf") if isinstance(form.get("csrf"), str) else None):  # type: ignore[arg-type]
         raise PermissionError("the form's CSRF token is missing or wrong: reload the page and try again")
     return {k: form.getlist(k) if k in ("device", "ids") else form.get(k) for k in form}
 
 
-def _refused(request: Request, session: seams.Session | None, message: str) -> Response:
+def _refused(request: Request, session: auth.Session | None, message: str) -> Response:
     return _render(request, "error.html", session, code=403, message=message)
 
 
@@ -221,12 +226,12 @@ class _LoginFirst(Exception):
 class _Refused(Exception):
     """A posted form's CSRF token is missing or wrong: the page answers 403 (see :func:`mount`)."""
 
-    def __init__(self, session: seams.Session, message: str) -> None:
+    def __init__(self, session: auth.Session, message: str) -> None:
         super().__init__(message)
         self.session = session
 
 
-def _signed_in(request: Request) -> seams.Session:
+def _signed_in(request: Request) -> auth.Session:
     """Every page's first step: the request's session, or the login page's redirect."""
     session = _session(request)
     if session is None:
@@ -234,7 +239,7 @@ def _signed_in(request: Request) -> seams.Session:
     return session
 
 
-Signed = Annotated[seams.Session, Depends(_signed_in)]
+Signed = Annotated[auth.Session, Depends(_signed_in)]
 
 
 async def _posted(request: Request, session: Signed) -> dict[str, Any]:
@@ -320,11 +325,11 @@ async def login(request: Request) -> Response:
     if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
         return _login_form(request, target, "the login form expired: log in again", status=403)
     who = await asyncio.to_thread(
-        seams.check_password, _controller(request), user, password, _address(request)
+        auth.check_password, _controller(request), user, password, _address(request)
     )
     if who is None:
         return _login_form(request, target, "wrong user name or password", status=401)
-    cookie = seams.login(_controller(request), who)
+    cookie, _csrf = auth.create_session(_controller(request), who)
     response = _secure(RedirectResponse(target, status_code=303))
     response.delete_cookie(LOGIN_COOKIE, path="/ui/login")
     response.set_cookie(
@@ -334,7 +339,7 @@ async def login(request: Request) -> Response:
         samesite="strict",
         secure=request.url.scheme == "https",
         path="/",
-        max_age=int(seams.SESSION_S),
+        max_age=int(auth.SESSION_S),
     )
     return response
 
@@ -347,7 +352,7 @@ async def logout(request: Request) -> Response:
             await _form(request, session)
         except PermissionError as exc:
             return _refused(request, session, str(exc))
-        seams.logout(session.cookie)
+        auth.drop_session(session.cookie)
     response = _secure(RedirectResponse("/ui/login", status_code=303))
     response.delete_cookie(COOKIE, path="/")
     return response
@@ -528,7 +533,7 @@ def _restart(controller: Any, device_id: str, stack: str, service: str | None) -
 @router.post("/ui/devices/{device_id}/restart")
 async def restart(request: Request, session: Signed, form: Posted, device_id: str) -> Response:
     """Restart a stack's services (or one) on the device: new instances, as ``tether devices restart``."""
-    if not seams.can(session.principal, "operator"):
+    if not session.principal.may("operator"):
         return _refused(request, session, "restarting a service needs the operator role")
     stack, service = str(form.get("stack") or ""), str(form.get("service") or "") or None
     try:
@@ -562,7 +567,7 @@ async def follow_logs(request: Request, device_id: str, stack: str, service: str
     session = await asyncio.to_thread(_session, request)
     if session is None:
         return _secure(Response("log in first\n", status_code=401, media_type="text/plain"))
-    if not seams.can(session.principal, "operator"):
+    if not session.principal.may("operator"):
         return _refused(request, session, "following logs needs the operator role")
 
     def end(reason: str) -> bytes:
@@ -679,7 +684,7 @@ def _problems(message: str) -> tuple[str, list[str]]:
 
 @router.get("/ui/deploy")
 def deploy_page(request: Request, session: Signed, name: str = "", group: str = "") -> Response:
-    if not seams.can(session.principal, "operator"):
+    if not session.principal.may("operator"):
         return _refused(request, session, "deploying needs the operator role")
     compose = ""
     if name:
@@ -700,7 +705,7 @@ def deploy_page(request: Request, session: Signed, name: str = "", group: str = 
 
 @router.post("/ui/deploy")
 def deploy(request: Request, session: Signed, form: Posted) -> Response:
-    if not seams.can(session.principal, "operator"):
+    if not session.principal.may("operator"):
         return _refused(request, session, "deploying needs the operator role")
     name, group, compose = (str(form.get(k) or "") for k in ("name", "group", "compose"))
     compose = compose.replace("\r\n", "\n")
@@ -770,7 +775,7 @@ def deployment(request: Request, session: Signed, deployment_id: int) -> Respons
 def deployment_action(
     request: Request, session: Signed, form: Posted, deployment_id: int, action: str
 ) -> Response:
-    if not seams.can(session.principal, "operator"):
+    if not session.principal.may("operator"):
         return _refused(request, session, f"{action} needs the operator role")
     try:
         command = DeploymentsAction(kind=f"deployments.{action}", id=deployment_id)  # type: ignore[arg-type]
@@ -794,7 +799,7 @@ def pending(request: Request, session: Signed, done: str = "") -> Response:
 
 @router.post("/ui/pending")
 def decide(request: Request, session: Signed, form: Posted) -> Response:
-    if not seams.can(session.principal, "operator"):
+    if not session.principal.may("operator"):
         return _refused(request, session, "approving devices needs the operator role")
     ids = tuple(str(i) for i in form.get("device") or ())
     if not ids:
@@ -833,7 +838,7 @@ def job(request: Request, session: Signed, name: str) -> Response:
     return _render(request, "job.html", session, status=status, runs=runs)
 
 
-def _listing(request: Request, session: seams.Session, what: str, code: int = 200, **values: Any) -> Response:
+def _listing(request: Request, session: auth.Session, what: str, code: int = 200, **values: Any) -> Response:
     model, attribute, title = _LISTS[what]
     try:
         rows = getattr(_run(request, session, model()), attribute)
@@ -961,7 +966,7 @@ def _manage(
 
 
 def _managed(
-    request: Request, session: seams.Session, form: dict[str, Any], what: str, action: str, target: str
+    request: Request, session: auth.Session, form: dict[str, Any], what: str, action: str, target: str
 ) -> Response:
     if what not in _LISTS:
         return _secure(Response("not found\n", status_code=404, media_type="text/plain"))

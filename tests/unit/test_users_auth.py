@@ -94,21 +94,22 @@ def test_a_removed_or_demoted_user_loses_its_session_and_rights_at_once(controll
     who = auth.check_password(controller, "bob", password, "10.0.0.1")
     assert who == Principal(user="bob", role="operator", via="http", address="10.0.0.1")
     cookie, csrf = auth.create_session(controller, who)
-    assert (
-        auth.csrf_ok(cookie, csrf) and not auth.csrf_ok(cookie, "forged") and not auth.csrf_ok("nope", csrf)
-    )
+    live = auth.session(controller, cookie, "10.0.0.1")
+    assert live == auth.Session(cookie, who, csrf)  # its user and its CSRF token, in one look-up
+    assert auth.csrf_ok(live, csrf) and not auth.csrf_ok(live, "forged") and not auth.csrf_ok(None, csrf)
+    assert auth.session(controller, "nope", "") is None and auth.session(controller, None, "") is None
     client = _http(controller)
     client.cookies.set(auth.SESSION_COOKIE, cookie)
     body = {"name": "edge", "selector": "x=1"}
     assert client.post("/api/v1/groups", json=body).status_code == 403  # no CSRF header
     assert client.post("/api/v1/groups", json=body, headers={"X-Tether-CSRF": csrf}).status_code == 201
     controller.execute(UsersPasswd(name="bob", role="viewer"))
-    demoted = auth.session_principal(controller, cookie)
-    assert demoted is not None and demoted.role == "viewer"
+    demoted = auth.session(controller, cookie)
+    assert demoted is not None and demoted.principal.role == "viewer" and demoted.csrf == csrf
     with pytest.raises(ForbiddenError):
-        controller.execute(UsersRemove(name="admin"), demoted)
+        controller.execute(UsersRemove(name="admin"), demoted.principal)
     controller.execute(UsersRemove(name="bob"))
-    assert auth.session_principal(controller, cookie) is None
+    assert auth.session(controller, cookie) is None
     with pytest.raises(HTTPException):
         auth.authenticate(controller, None, cookie, "")
 
