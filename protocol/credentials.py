@@ -13,8 +13,8 @@ Password hashes use Mosquitto 2.0's ``$7$`` format (PBKDF2-HMAC-SHA512, 12-byte 
 64-byte key: ``$7$ITERATIONS$base64(salt)$base64(key)``), so the very same hash goes into
 the Mosquitto password file Tether generates. Tether's passwords are 256-bit random
 strings, so the iteration count only adds defence in depth; verified passwords are cached
-(by a SHA-256 of username, password and hash) so that a reconnect storm does not cost a
-PBKDF2 run per connection.
+(:class:`VerifiedPasswords`, by a SHA-256 of username, password and hash) so that a
+reconnect storm does not cost a PBKDF2 run per connection.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ __all__ = [
     "Credential",
     "CredentialTable",
     "TokenGrant",
+    "VerifiedPasswords",
     "enroll_username",
     "hash_token",
     "hash_password",
@@ -129,6 +130,31 @@ def verify_password(password: str, password_hash: str) -> bool:
     return hmac.compare_digest(key, expected)
 
 
+class VerifiedPasswords:
+    """:func:`verify_password` remembered: a password once verified against a hash passes again
+    without the slow KDF (a CI job's every HTTP request, a reconnect storm of MQTT clients).
+
+    The memory is keyed by a SHA-256 of user, password and hash, never the password: a hash
+    changed (a new password) or a credential revoked or removed (the caller checks that before,
+    against what is stored now) misses it at once. At ``limit`` entries it starts afresh.
+    Thread-safe (a set's ``in`` and ``add`` are atomic in CPython)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._known: set[bytes] = set()
+
+    def verify(self, username: str, password: str, password_hash: str) -> bool:
+        key = hashlib.sha256(f"{username}\x00{password}\x00{password_hash}".encode()).digest()
+        if key in self._known:
+            return True
+        if not verify_password(password, password_hash):
+            return False
+        if len(self._known) >= self.limit:
+            self._known = set()
+        self._known.add(key)
+        return True
+
+
 @dataclass(frozen=True)
 class Credential:
     """One broker user: a device (``name`` = device id), the controller, or an operator."""
@@ -153,7 +179,7 @@ class CredentialTable:
         self.allow_anonymous = allow_anonymous
         self._users: dict[str, Credential] = {c.username: c for c in credentials}
         self._stacks: dict[str, frozenset[str]] = {}
-        self._verified: dict[bytes, str] = {}
+        self._verified = VerifiedPasswords(100_000)
         self._tokens: dict[str, TokenGrant] = {}  # token hash -> grant
         self._lock = threading.Lock()  # writers only; readers use whole-dict snapshots
 
@@ -241,14 +267,7 @@ class CredentialTable:
         identity = credential.identity(client_id)
         if not client_id_allowed(identity):
             return None
-        key = hashlib.sha256(f"{username}\x00{password}\x00{credential.password_hash}".encode()).digest()
-        if self._verified.get(key) != credential.password_hash:
-            if not verify_password(password, credential.password_hash):
-                return None
-            if len(self._verified) > 100_000:
-                self._verified = {}
-            self._verified[key] = credential.password_hash
-        return identity
+        return identity if self._verified.verify(username, password, credential.password_hash) else None
 
     def authenticate_certificate(self, name: str, client_id: str) -> Identity | None:
         """The identity of a CONNECT with a verified client certificate whose common name is

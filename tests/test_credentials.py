@@ -7,8 +7,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from tether.protocol import credentials
 from tether.protocol.acl import Identity, client_id_allowed
-from tether.protocol.credentials import Credential, CredentialTable, hash_password, verify_password
+from tether.protocol.credentials import (
+    Credential,
+    CredentialTable,
+    VerifiedPasswords,
+    hash_password,
+    verify_password,
+)
 
 
 def test_hash_round_trip_and_rejects() -> None:
@@ -45,6 +52,54 @@ def test_table_refuses_revoked_unknown_anonymous_and_foreign_client_ids() -> Non
     table.put(Credential("dev-a", "device", "dev-a", cred.password_hash, revoked=True))
     assert table.authenticate("dev-a", "pw", "tether-dev-a") is None
     assert table.identity("dev-a", "tether-dev-a") is None
+
+
+def _counting_kdf(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count the KDF runs of :class:`VerifiedPasswords` (the password of each)."""
+    runs: list[str] = []
+
+    def counted(password: str, password_hash: str) -> bool:
+        runs.append(password)
+        return verify_password(password, password_hash)
+
+    monkeypatch.setattr(credentials, "verify_password", counted)
+    return runs
+
+
+def test_the_table_remembers_a_password_until_it_changes_or_is_revoked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker runs the KDF once per verified password; a new password refuses the old one at
+    once, a revoked or removed user is refused though its password was remembered."""
+    runs = _counting_kdf(monkeypatch)
+    table = CredentialTable([Credential("dev-a", "device", "dev-a", hash_password("old", iterations=1000))])
+    for _ in range(3):
+        assert table.authenticate("dev-a", "old", "tether-dev-a") is not None
+    assert runs == ["old"]
+    table.put(Credential("dev-a", "device", "dev-a", hash_password("new", iterations=1000)))
+    assert table.authenticate("dev-a", "old", "tether-dev-a") is None
+    assert table.authenticate("dev-a", "new", "tether-dev-a") is not None
+    assert table.authenticate("dev-a", "new", "tether-dev-a") is not None
+    assert runs == ["old", "old", "new"]
+    table.put(Credential("dev-a", "device", "dev-a", table.get("dev-a").password_hash, revoked=True))  # type: ignore[union-attr]
+    assert table.authenticate("dev-a", "new", "tether-dev-a") is None
+    table.put(Credential("dev-a", "device", "dev-a", table.get("dev-a").password_hash))  # type: ignore[union-attr]
+    assert table.authenticate("dev-a", "new", "tether-dev-a") is not None
+    table.remove("dev-a")
+    assert table.authenticate("dev-a", "new", "tether-dev-a") is None
+    assert runs == ["old", "old", "new"]
+
+
+def test_remembered_passwords_start_afresh_at_their_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VerifiedPasswords keeps at most ``limit`` entries; a wrong password is never remembered."""
+    runs = _counting_kdf(monkeypatch)
+    verified = VerifiedPasswords(2)
+    hashes = {p: hash_password(p, iterations=1000) for p in ("a", "b", "c")}
+    assert not verified.verify("u", "x", hashes["a"]) and not verified.verify("u", "x", hashes["a"])
+    assert all(verified.verify("u", p, hashes[p]) for p in ("a", "b", "a", "b"))
+    assert runs == ["x", "x", "a", "b"]
+    assert verified.verify("u", "c", hashes["c"]) and verified.verify("u", "a", hashes["a"])
+    assert runs == ["x", "x", "a", "b", "c", "a"]
 
 
 def test_client_ids_belong_to_their_roles() -> None:

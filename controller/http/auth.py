@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import HTTPException, Request
 from tether.controller import users
-from tether.protocol.credentials import verify_password
+from tether.protocol.credentials import VerifiedPasswords, verify_password
 from tether.protocol.lockout import Lockout
 
 if TYPE_CHECKING:
@@ -48,9 +48,8 @@ MAX_SESSIONS = 10_000
 
 LOCKOUT = Lockout()
 """Failed password checks over HTTP (the web UI's login included), per user."""
-_verified: dict[tuple[str, str], str] = {}  # (user, sha256 of the password) -> the hash it matched
-_verified_lock = threading.Lock()
-_MAX_VERIFIED = 64
+VERIFIED = VerifiedPasswords(64)
+"""Passwords verified over HTTP (a CI job's every request would otherwise pay the KDF)."""
 
 
 def _unauthenticated(detail: str) -> HTTPException:
@@ -67,23 +66,6 @@ def _basic(value: str) -> tuple[str, str]:
     return user, password
 
 
-def _check(user: str, password: str, password_hash: str) -> bool:
-    """``verify_password`` (a slow KDF, constant-time compare), remembered for the same
-    password and stored hash (a CI job's every request would otherwise pay it)."""
-    key = (user, hashlib.sha256(password.encode()).hexdigest())
-    with _verified_lock:
-        known = _verified.get(key)
-    if known is not None and hmac.compare_digest(known, password_hash):
-        return True
-    if not verify_password(password, password_hash):
-        return False
-    with _verified_lock:
-        if len(_verified) >= _MAX_VERIFIED:
-            _verified.clear()
-        _verified[key] = password_hash
-    return True
-
-
 def _on_controller(ctx: Controller, fn: Any) -> Any:
     """Run a store read on the controller's thread (the store is used from one thread)."""
     return ctx.call(fn).result(STORE_TIMEOUT)
@@ -98,7 +80,11 @@ def check_password(ctx: Controller, user: str, password: str, address: str) -> P
     credential = _on_controller(ctx, lambda: ctx.store.get_credential(user))
     if credential is None:  # as slow as a wrong password: whether a user exists does not show
         verify_password(password, users.DUMMY_HASH)
-    if credential is None or credential.revoked or not _check(user, password, credential.password_hash):
+    if (
+        credential is None
+        or credential.revoked
+        or not VERIFIED.verify(user, password, credential.password_hash)
+    ):
         LOCKOUT.failed(user)
         return None
     LOCKOUT.succeeded(user)

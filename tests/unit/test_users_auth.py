@@ -20,7 +20,7 @@ COMPOSE = "services:\n  web:\n    image: busybox:1.36\n"
 def _fresh_auth_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(auth, "LOCKOUT", type(auth.LOCKOUT)())
     monkeypatch.setattr(auth, "_sessions", {})
-    monkeypatch.setattr(auth, "_verified", {})
+    monkeypatch.setattr(auth, "VERIFIED", type(auth.VERIFIED)(64))
 
 
 def _http(controller: Controller) -> TestClient:
@@ -217,3 +217,34 @@ def test_a_password_is_hashed_off_the_controllers_thread(
         release.set()
         controller.stop()
         store.close()
+
+
+def test_a_remembered_http_password_stops_at_a_new_password_or_removal(
+    controller: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP Basic runs the KDF once per verified password; a new password refuses the old one at
+    once, a revoked or removed user is refused though its password was remembered."""
+    from tether.protocol import credentials
+
+    runs: list[str] = []
+    real = credentials.verify_password
+    monkeypatch.setattr(credentials, "verify_password", lambda p, h: runs.append(p) or real(p, h))
+    old = controller.execute(UsersAdd(name="bob", role="operator")).password
+    client = _http(controller)
+    for _ in range(3):
+        assert client.get("/api/v1/groups", auth=("bob", old)).status_code == 200
+    assert runs == [old]
+    new = controller.execute(UsersPasswd(name="bob")).password
+    assert client.get("/api/v1/groups", auth=("bob", old)).status_code == 401
+    assert client.get("/api/v1/groups", auth=("bob", new)).status_code == 200
+    assert client.get("/api/v1/groups", auth=("bob", new)).status_code == 200
+    assert runs == [old, old, new]
+    stored = controller.store.get_credential("bob")
+    assert stored is not None
+    controller.store.put_credential(stored.__class__(**{**stored.__dict__, "revoked": True}), 0.0)
+    assert client.get("/api/v1/groups", auth=("bob", new)).status_code == 401
+    controller.store.put_credential(stored, 0.0)
+    assert client.get("/api/v1/groups", auth=("bob", new)).status_code == 200
+    controller.execute(UsersRemove(name="bob"))
+    assert client.get("/api/v1/groups", auth=("bob", new)).status_code == 401
+    assert runs == [old, old, new]
