@@ -70,9 +70,39 @@ def deployments_status(
     """Show a deployment and every device's progress."""
     if follow:
         wait_deployment(client, deployment_id, timeout, fmt)
-    d = send_and_print(client, fmt, DeploymentsStatus(id=deployment_id), _status_text, key="deployment")
-    if fmt == "table":
-        _deployment_events(client, d)
+    d = _deployment_status(client, deployment_id)
+    if fmt == "json":
+        click.echo(output.to_json(d))
+        return
+    for line in _status_text(d):
+        click.echo(line)
+    _deployment_events(client, d)
+
+
+STATUS_PAGE = 1000
+"""Devices per ``deployments.status`` request: a deployment of any size is read page by page."""
+WAIT_PAGE = 200
+"""Devices per poll of ``--wait``/``--follow``: a bigger deployment is followed by its counts."""
+SETTLED = ("healthy", "pending (offline)", "held", "staged")
+"""Device states a deployment that settles does not wait for."""
+
+
+def _deployment_status(
+    client: ControllerClient, deployment_id: int, states: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``deployments.status`` with every device (of ``states``, if given), read page by page.
+    A controller from before paging answers with every device in one reply."""
+    result = client.request(DeploymentsStatus(id=deployment_id, limit=STATUS_PAGE, states=states))
+    d: dict[str, Any] = result["deployment"]
+    devices = dict(d.get("devices") or {})
+    while result.get("next"):
+        result = client.request(
+            DeploymentsStatus(id=deployment_id, after=result["next"], limit=STATUS_PAGE, states=states)
+        )
+        d = result["deployment"]
+        devices.update(d.get("devices") or {})
+    d["devices"] = {k: r for k, r in devices.items() if not states or r["state"] in states}
+    return d
 
 
 def _status_text(d: dict[str, Any]) -> list[str]:
@@ -265,34 +295,58 @@ def wait_deployment(client: ControllerClient, deployment_id: int, timeout: float
 def _follow_deployment(
     client: ControllerClient, deployment_id: int, timeout: float, fmt: str
 ) -> dict[str, Any]:
+    """Each poll reads the counts and at most :data:`WAIT_PAGE` devices: a deployment of at
+    most that many devices prints each device's changes, a bigger one its counts when they
+    change. What it returns holds every device (read page by page once it settled)."""
     deadline = time.monotonic() + timeout
     seen: dict[str, str] = {}
+    last = ""
     while True:
-        d = client.request(DeploymentsStatus(id=deployment_id))["deployment"]
-        for device, r in d["devices"].items():
-            line = _rollout_line(r, d["strategy"]["min_healthy_time_s"])
-            if seen.get(device) != line:
-                seen[device] = line
-                if fmt == "table":
-                    detail = r.get("error") or r.get("reason")
-                    click.echo(f"  {device}: {line}" + (f": {detail}" if detail else ""))
+        result = client.request(DeploymentsStatus(id=deployment_id, limit=WAIT_PAGE))
+        d = result["deployment"]
+        whole = not result.get("next")
+        if whole:
+            for device, r in d["devices"].items():
+                line = _rollout_line(r, d["strategy"]["min_healthy_time_s"])
+                if seen.get(device) != line:
+                    seen[device] = line
+                    if fmt == "table":
+                        detail = r.get("error") or r.get("reason")
+                        click.echo(f"  {device}: {line}" + (f": {detail}" if detail else ""))
+        elif fmt == "table" and (line := _counts_line(d["counts"])) != last:
+            last = line
+            click.echo(f"  {line}")
         if d["state"] in ("failed", "reverted", "superseded"):
             raise TetherError(
                 f"deployment {deployment_id} {d['state']}: {d.get('message') or ''}".rstrip(": ")
             )
         if d["state"] in ("succeeded", "awaiting-promotion", "paused", "staged"):
-            return d
+            return d if whole else _deployment_status(client, deployment_id)
         if time.monotonic() >= deadline:
-            busy = [
-                k
-                for k, r in d["devices"].items()
-                if r["state"] not in ("healthy", "pending (offline)", "held", "staged")
-            ]
+            if whole:
+                busy = [k for k, r in d["devices"].items() if r["state"] not in SETTLED]
+            else:
+                states = tuple(s for s in d["counts"] if s not in SETTLED)
+                busy = list(_deployment_status(client, deployment_id, states)["devices"]) if states else []
             raise TetherError(
                 f"timed out after {format_duration(timeout)}; deployment {deployment_id} goes on and still "
-                f"waits for {', '.join(busy)} (tether deployments status {deployment_id} --follow)"
+                f"waits for {_some(busy)} (tether deployments status {deployment_id} --follow)"
             )
         time.sleep(0.5)
+
+
+def _counts_line(counts: dict[str, int]) -> str:
+    """``10000 devices: 9000 healthy, 1000 updating``."""
+    total = sum(counts.values())
+    return f"{output.plural(total, 'device')}: " + (
+        ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"
+    )
+
+
+def _some(names: list[str], most: int = 20) -> str:
+    """Names joined by commas, at most ``most`` of them, then how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def register(main: click.Group) -> None:

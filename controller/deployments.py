@@ -8,6 +8,7 @@ pause, resume, promote, switch or roll one back.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from tether.protocol.commands import (
@@ -17,9 +18,15 @@ from tether.protocol.commands import (
     DeploymentsStatus,
 )
 from tether.protocol.errors import ConflictError, NotFoundError
-from tether.protocol.results import DeploymentEvents, DeploymentList, DeploymentResult, DeploymentView
+from tether.protocol.results import (
+    DeploymentEvents,
+    DeploymentList,
+    DeploymentResult,
+    DeploymentStatusResult,
+    DeploymentView,
+)
 
-from . import rollout
+from . import rollout, stacks
 from .context import Context, require
 from .registry import CommandRegistry, Route
 from .store import EVENTS_KEPT
@@ -28,8 +35,11 @@ commands = CommandRegistry(tag="deployments")
 """The commands handled here (see :mod:`.registry`)."""
 
 
-def deployment_view(ctx: Context, d: rollout.Deployment, full: bool = False) -> DeploymentView:
-    """A deployment as replies show it (``full``: with each device's rollout state and download)."""
+def deployment_view(
+    ctx: Context, d: rollout.Deployment, full: bool = False, page: Iterable[str] | None = None
+) -> DeploymentView:
+    """A deployment as replies show it (``full``: with each device's rollout state and
+    download; of the devices ``page`` names, in its order, if given)."""
     counts: dict[str, int] = {}
     for r in d.devices.values():
         counts[r.state] = counts.get(r.state, 0) + 1
@@ -52,7 +62,8 @@ def deployment_view(ctx: Context, d: rollout.Deployment, full: bool = False) -> 
         fleet = ctx.fleet_view()
         now = ctx.clock()
         devices = {}
-        for k, r in sorted(d.devices.items()):
+        for k in sorted(d.devices) if page is None else page:
+            r = d.devices[k]
             row = r.model_dump(mode="json")
             seen = fleet.get(k)
             download = seen.downloads.get(d.stack) if seen is not None else None
@@ -83,8 +94,30 @@ def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
 
 
 @commands.command(DeploymentsStatus, role="viewer", http=Route("GET", "/deployments/{id}", "A deployment"))
-def deployments_status(ctx: Context, cmd: DeploymentsStatus) -> DeploymentResult:
-    return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, cmd.id), full=True))
+def deployments_status(ctx: Context, cmd: DeploymentsStatus) -> DeploymentStatusResult:
+    """Every device (without ``limit``), or one page of them in id order (as ``stacks.status``);
+    the counts by state are over every device either way."""
+    d = _deployment(ctx, cmd.id)
+    if cmd.limit is None:
+        return DeploymentStatusResult(deployment=deployment_view(ctx, d, full=True))
+    chosen = sorted(
+        k
+        for k, r in d.devices.items()
+        if (not cmd.states or r.state in cmd.states) and (cmd.after is None or k > cmd.after)
+    )
+    view = deployment_view(ctx, d, full=True, page=chosen[: cmd.limit])
+    rows: dict[str, dict[str, Any]] = {}
+    size = 0
+    for k, row in (view.devices or {}).items():
+        size += len(k) + len(json.dumps(row))
+        if rows and size > stacks.STATUS_PAGE_BYTES:  # as stacks.status pages end
+            break
+        rows[k] = row
+    more = len(rows) < len(chosen)
+    return DeploymentStatusResult(
+        deployment=view.model_copy(update={"devices": rows}),
+        next=next(reversed(rows)) if more and rows else (cmd.after if more else None),
+    )
 
 
 CLOCK_SKEW_S = 300.0

@@ -331,7 +331,7 @@ class StacksList(CommandModel):
 
 
 STATUS_PAGE_MAX = 5000
-"""The most rows one ``stacks.status`` page asks for (a page also ends before its reply
+"""The most rows one ``stacks.status`` or ``deployments.status`` page asks for (a page also ends before its reply
 would pass about half the message limit, whatever ``limit`` says)."""
 
 
@@ -415,8 +415,18 @@ class DeploymentsList(CommandModel):
 
 
 class DeploymentsStatus(CommandModel):
+    """A deployment with each device's progress; counts by state over every device.
+
+    Paged as ``stacks.status`` is: without ``limit`` every device in one reply (past some
+    20,000 devices over the message limit: ``too_large``); with it, one page of devices in
+    id order, after the device ``after`` (the previous page's ``next``), only of the rollout
+    ``states`` given (none: every state)."""
+
     kind: Literal["deployments.status"] = "deployments.status"
     id: int = Field(ge=1, le=MAX_ID)
+    after: str | None = Field(default=None, max_length=256, exclude_if=lambda v: v is None)
+    limit: int | None = Field(default=None, ge=0, le=STATUS_PAGE_MAX, exclude_if=lambda v: v is None)
+    states: tuple[str, ...] = Field(default=(), max_length=16, exclude_if=lambda v: not v)
 
 
 class DeploymentsEvents(CommandModel):

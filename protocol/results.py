@@ -285,9 +285,16 @@ class DeploymentEvents(WireModel):
 
 
 class DeploymentResult(WireModel):
-    """``deployments.status`` and the actions (``rollback``: the new deployment)."""
+    """The actions on a deployment (``rollback``: the new deployment)."""
 
     deployment: DeploymentView
+
+
+class DeploymentStatusResult(DeploymentResult):
+    """``deployments.status``: the deployment with its devices (all, or one page: ``next`` is
+    the ``after`` of the next page, absent on the last)."""
+
+    next: str | None = Field(default=None, exclude_if=_absent)
 
 
 # --- jobs ----------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ async def wait_for(request: Request, deployment: int, wait_s: float, principal: 
     raise a ConflictError when it ended otherwise, Unavailable (504) when ``wait_s`` passed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
-    command = c.DeploymentsStatus(id=deployment)
+    command = c.DeploymentsStatus(id=deployment, limit=0)  # its state: no device's row built
     while True:
         view = (await run(request, command, principal)).deployment
         if view.state not in ("staging", "running"):

@@ -754,7 +754,7 @@ def deployments(request: Request, session: Signed) -> Response:
 @router.get("/ui/deployments/{deployment_id}")
 def deployment(request: Request, session: Signed, deployment_id: int) -> Response:
     try:
-        shown = _run(request, session, DeploymentsStatus(id=deployment_id)).deployment
+        shown = _run(request, session, DeploymentsStatus(id=deployment_id, limit=DEPLOYMENT_ROWS)).deployment
         status = _run(request, session, StacksStatus(name=shown.stack, limit=DEPLOYMENT_ROWS))
     except (TetherError, ValidationError) as exc:
         return _error_page(request, session, exc)
@@ -767,7 +767,7 @@ def deployment(request: Request, session: Signed, deployment_id: int) -> Respons
         deployment=shown,
         rows=rows,
         devices=devices,
-        more=max(0, len(shown.devices or {}) - len(devices)),
+        more=max(0, sum(shown.counts.values()) - len(devices)),  # counts: over every device
     )
 
 

@@ -1,4 +1,4 @@
-"""The CLI reads a stack's status page by page: every row once, counts over all, --wait on the counts."""
+"""The CLI reads a stack's and a deployment's status page by page: every row once, counts over all, --wait on the counts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 from pydantic import BaseModel
-from support.fleet import web_on_twelve
+from support.fleet import report_running, web_on_twelve
+from tether.cli import deployments as cli_deployments
 from tether.cli import stacks as cli_stacks
 from tether.controller.service import Controller
 from tether.protocol import codec, topics
@@ -67,3 +68,54 @@ def test_wait_times_out_naming_the_devices_not_done(fleet: InProcessClient) -> N
     with pytest.raises(TetherError) as timed_out:
         cli_stacks._wait(fleet, "web", lambda counts, total: counts.get("running", 0) == total, 0, "json")  # type: ignore[arg-type]
     assert "waiting for d-05, d-06, d-07, d-08, d-09, d-10, d-11" in str(timed_out.value)
+
+
+@pytest.fixture
+def rolled(fleet: InProcessClient, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Stack web's deployment on the 12 devices: d-00..d-04 healthy, the 7 others updating,
+    read by the CLI 5 devices a page. Its id."""
+    monkeypatch.setattr(cli_deployments, "STATUS_PAGE", 5)
+    monkeypatch.setattr(cli_deployments, "WAIT_PAGE", 5)
+    controller = fleet.controller
+    controller.advance_deployments()  # d-00..d-04 report it running: their healthy timers start
+    controller.clock.now += 11  # type: ignore[attr-defined]  # past min_healthy_time
+    controller.advance_deployments()
+    fleet.requests.clear()
+    return controller.store.latest_deployments()["web"].id
+
+
+def test_deployment_status_reads_every_page(fleet: InProcessClient, rolled: int) -> None:
+    """_deployment_status joins the pages: all 12 devices once, in order, with the counts; three requests."""
+    d = cli_deployments._deployment_status(fleet, rolled)  # type: ignore[arg-type]
+    assert list(d["devices"]) == [f"d-{i:02}" for i in range(12)]
+    assert (d["counts"], len(fleet.requests)) == ({"healthy": 5, "updating": 7}, 3)
+    assert d["devices"]["d-00"]["state"] == "healthy" and d["devices"]["d-11"]["state"] == "updating"
+
+
+def test_following_a_big_deployment_prints_counts_and_names_the_devices_it_waits_for(
+    fleet: InProcessClient, rolled: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--wait past one page polls one page and prints the counts; a timeout names the devices not done."""
+    with pytest.raises(TetherError) as timed_out:
+        cli_deployments.wait_deployment(fleet, rolled, 0, "table")  # type: ignore[arg-type]
+    assert "still waits for d-05, d-06, d-07, d-08, d-09, d-10, d-11 (" in str(timed_out.value)
+    assert "12 devices: 5 healthy, 7 updating" in capsys.readouterr().out
+    polls = [r for r in fleet.requests if getattr(r, "after", None) is None and not getattr(r, "states", ())]
+    assert [getattr(r, "limit", None) for r in polls] == [5], "one poll of one page, not every device"
+
+
+def test_following_a_deployment_to_success_returns_every_device(fleet: InProcessClient, rolled: int) -> None:
+    """A followed deployment that succeeds is returned whole (every page), as the CLI prints it with -o json."""
+    controller = fleet.controller
+    stack = controller.store.get_stack("web")
+    assert stack is not None
+    for i in range(5, 12):
+        record = controller.store.get_desired(f"d-{i:02}")
+        assert record is not None
+        report_running(controller, f"d-{i:02}", record.generation, {"web": stack.spec_hash})
+    controller.advance_deployments()
+    controller.clock.now += 11  # type: ignore[attr-defined]
+    controller.advance_deployments()
+    d = cli_deployments.wait_deployment(fleet, rolled, 5, "json")  # type: ignore[arg-type]
+    assert d["state"] == "succeeded" and d["counts"] == {"healthy": 12}
+    assert list(d["devices"]) == [f"d-{i:02}" for i in range(12)]

@@ -301,3 +301,72 @@ def test_a_status_past_the_message_limit_is_read_in_pages(
         if (after := reply.result.get("next")) is None:
             break
     assert devices == [f"d-{i:02}" for i in range(12)] and pages > 1
+
+
+def _rolled(controller: Controller) -> int:
+    """Stack web's deployment moved on: d-00 to d-04 healthy, the 7 others updating. Its id."""
+    controller.advance_deployments()  # d-00..d-04 report it running: their healthy timers start
+    controller.clock.now += 11  # type: ignore[attr-defined]  # past min_healthy_time
+    controller.advance_deployments()
+    return controller.store.latest_deployments()["web"].id
+
+
+def test_deployment_status_pages_cover_every_device_once_with_counts_over_all(
+    fleet12: tuple[Controller, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deployments.status with a limit: pages in device id order chained by next, counts over every device."""
+    controller, _ = fleet12
+    deployment_id = _rolled(controller)
+    seen: list[str] = []
+    after, pages = None, 0
+    while True:
+        page = controller.execute(DeploymentsStatus(id=deployment_id, after=after, limit=5))
+        assert page.deployment.counts == {"healthy": 5, "updating": 7}
+        seen += list(page.deployment.devices or {})
+        pages += 1
+        if page.next is None:
+            break
+        after = page.next
+    assert (seen, pages) == ([f"d-{i:02}" for i in range(12)], 3)
+    updating = controller.execute(DeploymentsStatus(id=deployment_id, limit=100, states=("updating",)))
+    assert list(updating.deployment.devices or {}) == [f"d-{i:02}" for i in range(5, 12)]
+    assert updating.next is None
+    summary = controller.execute(DeploymentsStatus(id=deployment_id, limit=0))
+    assert (summary.deployment.devices, summary.next) == ({}, None)
+    whole = controller.execute(DeploymentsStatus(id=deployment_id))
+    assert list(whole.deployment.devices or {}) == seen and whole.next is None
+    assert "next" not in whole.model_dump(mode="json"), "an unpaged reply is as before paging"
+    assert whole.deployment.devices["d-00"]["state"] == "healthy"  # type: ignore[index]
+    monkeypatch.setattr(stacks_module, "STATUS_PAGE_BYTES", 1)  # a page ends early rather than grow
+    small = controller.execute(DeploymentsStatus(id=deployment_id, limit=5))
+    assert (list(small.deployment.devices or {}), small.next) == (["d-00"], "d-00")
+
+
+def test_a_deployment_past_the_message_limit_is_read_in_pages(
+    fleet12: tuple[Controller, str], publisher: RecordingPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment whose status is over the message limit: one reply is too_large, the pages of a limit all fit."""
+    controller, _ = fleet12
+    deployment_id = _rolled(controller)
+    monkeypatch.setattr(codec, "MAX_PAYLOAD", 1200)  # 12 devices' rows no longer fit
+    monkeypatch.setattr(stacks_module, "STATUS_PAGE_BYTES", 500)
+    reply_to = topics.replies("cli-1")
+
+    def ask(command: DeploymentsStatus) -> Reply:
+        payload = Request(id="r-1", reply_to=reply_to, command=command.model_dump(mode="json"))
+        controller.handle(topics.REQUESTS, codec.encode(payload))
+        topic, data, _ = publisher.published[-1]
+        assert topic == reply_to and len(data) <= 1200
+        return codec.decode(data, Reply)
+
+    assert ask(DeploymentsStatus(id=deployment_id)).code == ErrorCode.TOO_LARGE
+    devices: list[str] = []
+    after, pages = None, 0
+    while True:
+        reply = ask(DeploymentsStatus(id=deployment_id, after=after, limit=5000))
+        assert reply.ok and reply.result is not None, reply.error
+        devices += list(reply.result["deployment"]["devices"])
+        pages += 1
+        if (after := reply.result.get("next")) is None:
+            break
+    assert devices == [f"d-{i:02}" for i in range(12)] and pages > 1
