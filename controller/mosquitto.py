@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "MosquittoFileError",
     "MosquittoTls",
+    "broker_copy",
     "find_plugin",
     "uses_dynsec",
     "write_dynsec_files",
@@ -218,6 +219,21 @@ def render_conf(
     return text
 
 
+def broker_copy(directory: Path, tls: MosquittoTls) -> MosquittoTls:
+    """The listener's files copied into ``directory/tls`` (each 0600, atomically), which the
+    generated configuration names: Mosquitto, which reads them as its own user after dropping
+    root, then needs ``directory`` alone (``chown -R mosquitto``), not the controller's private
+    data directory. Running ``tether mosquitto-config`` again refreshes the copies."""
+    target = directory / "tls"
+    target.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for source, name in ((tls.cafile, "ca.pem"), (tls.certfile, "server.pem"), (tls.keyfile, "server.key")):
+        path = target / name
+        write_secret_text(path, source.read_text())
+        copies.append(path)
+    return MosquittoTls(copies[0], copies[1], copies[2], tls.require_client_cert)
+
+
 def write_mosquitto_files(
     directory: Path,
     credentials: Collection[Credential],
@@ -234,9 +250,10 @@ def write_mosquitto_files(
     acl = render_acl(credentials, stacks)
     check_files(passwords, acl)
     files = [("acl", acl), ("passwords", passwords)]
-    if conf:
-        files.append(("mosquitto.conf", render_conf(directory, port, tls, bind)))
     directory.mkdir(parents=True, exist_ok=True)
+    if conf:
+        listener = broker_copy(directory, tls) if tls is not None else None
+        files.append(("mosquitto.conf", render_conf(directory, port, listener, bind)))
     written = []
     for name, text in files:
         path = directory / name
@@ -300,5 +317,6 @@ def write_dynsec_files(
     directory.mkdir(parents=True, exist_ok=True)
     write_secret_text(path, json.dumps(seed, indent=1) + "\n")
     conf = directory / "mosquitto.conf"
-    write_secret_text(conf, render_conf(directory, port, tls, bind, plugin or find_plugin()))
+    listener = broker_copy(directory, tls) if tls is not None else None
+    write_secret_text(conf, render_conf(directory, port, listener, bind, plugin or find_plugin()))
     return [path, conf]
