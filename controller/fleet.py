@@ -68,6 +68,8 @@ class Seen:
     revoked: bool = False
     public_key: str | None = None
     """What scheduling needs besides (see :meth:`~.scheduling.Scheduler.recompute`)."""
+    storage_error: str | None = None
+    """What fleet events need besides (see :meth:`~.fleet_events.ReportSummary.of_seen`)."""
 
     @classmethod
     def of(cls, device: Device) -> Seen:
@@ -96,6 +98,7 @@ class Seen:
             stacks={n: StackSeen.of(s) for n, s in reported.stacks.items()} if reported else _NOTHING,
             downloads=reported.downloads if reported and reported.downloads else _NOTHING,
             generation=reported.generation if reported else -1,
+            storage_error=reported.storage_error if reported else None,
         )
 
     def observe(self, stack: str) -> Observation:

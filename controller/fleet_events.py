@@ -29,6 +29,7 @@ from typing import Any
 
 from tether.protocol.models import ReportedState
 
+from .fleet import Seen
 from .rollout import Deployment
 
 KINDS = (
@@ -230,6 +231,32 @@ class ReportSummary:
             stacks,
             failing,
             stuck,
+        )
+
+    @classmethod
+    def of_seen(cls, seen: Seen) -> ReportSummary:
+        """The summary of the report a device is seen with in the fleet view: the same as
+        :meth:`of` that report, without parsing it again (every service in a crash loop has
+        restarted, so its stack's status is kept: see :class:`~.fleet.StackSeen`)."""
+        stacks = tuple(sorted((n, s.spec_hash, s.state) for n, s in seen.stacks.items()))
+        failing = tuple(
+            sorted(
+                (n, svc_name, svc.restarts, clip(svc.last_error))
+                for n, s in seen.stacks.items()
+                if s.status is not None
+                for svc_name, svc in s.status.services.items()
+                if svc.state == "failed" and svc.restarts >= CRASH_LOOP_RESTARTS
+            )
+        )
+        stuck = tuple(
+            sorted(
+                (n, d.spec_hash, d.state, clip(d.reason))
+                for n, d in seen.downloads.items()
+                if d.state in ("retrying", "failed")
+            )
+        )
+        return cls(
+            seen.generation, seen.held, clip(seen.error), clip(seen.storage_error), stacks, failing, stuck
         )
 
     def changed_from(self, before: ReportSummary | None) -> bool:

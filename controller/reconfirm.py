@@ -16,7 +16,7 @@ gets the will the broker lost: the controller publishes its ``offline`` presence
 the same session), which the controller then handles like any will. An agent that is in
 fact connected takes that for a late will and publishes ``online`` again.
 
-Pure bookkeeping: :class:`~.service.Controller` does the I/O.
+Pure bookkeeping: :class:`~.ingesting.Ingestor` does the I/O.
 """
 
 from __future__ import annotations

@@ -16,18 +16,14 @@ gone) stays marked unpublished and is retried on reconnect, so nothing is lost a
 a restart, nothing unchanged is published again.
 
 Scheduling is the :class:`~.scheduling.Scheduler`'s, publishing the
-:class:`~.publishing.Publisher`'s and deployment steps the :class:`~.deploying.Deployer`'s;
-the :class:`Controller` composes them and keeps the inbox loop, the ingestion of device
-messages and requests.
-
-Presence follows the agent's session numbers: an ``offline`` (the will) only counts if its
-session is not older than the last ``online``, so a late will never hides a live device.
+:class:`~.publishing.Publisher`'s, deployment steps the :class:`~.deploying.Deployer`'s and
+what devices publish (presence, reports, events, metrics) the :class:`~.ingesting.Ingestor`'s;
+the :class:`Controller` composes them and keeps the inbox loop (device messages in batches,
+one store transaction each), the tick and requests.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import queue
 import threading
@@ -38,20 +34,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from tether.protocol import codec, topics
 from tether.protocol.acl import LEGACY_USER
-from tether.protocol.backoff import Backoff
 from tether.protocol.commands import COMMAND_ADAPTER, CommandModel
 from tether.protocol.credentials import CredentialTable
-from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import CommandError, ErrorCode, ForbiddenError, PayloadError, TetherError
 from tether.protocol.models import (
-    Event,
-    JobResult,
-    Presence,
     Reply,
-    ReportedState,
     Request,
 )
 from tether.protocol.mqtt import BrokerAddress, MqttClient
@@ -80,18 +70,13 @@ from .fleet import Seen
 from .fleet_events import (
     EventBus,
     FleetEvent,
-    ReportSummary,
     deployment_event,
-    device_subject,
-    disk_event,
-    report_events,
 )
+from .ingesting import Ingestor
 from .lease import Lease
-from .metrics_history import MetricsHistory
-from .models import Device, Stack
+from .models import Stack
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
 from .publishing import BEHIND_CHECK, Publisher
-from .reconfirm import Reconfirm
 from .registries import RegistryCredentials
 from .registry import CommandRegistry
 from .rollout import DeploymentState
@@ -103,7 +88,6 @@ from .variables import SecretsKey, VariableBindings
 
 log = logging.getLogger(__name__)
 
-M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 _CONNECTED = "\x00connected"
 _STOP = "\x00stop"
@@ -112,14 +96,6 @@ _CALL = "\x00call"
 _NO_REPLY = object()
 """What a request's answer returns when this call does not reply to it (see ``Controller._reply``)."""
 TICK_SECONDS = 1.0
-MAX_METRICS_DEVICES = 100_000
-MAX_EVENT_MESSAGE = 2048
-"""Characters of an event's message the controller keeps (and logs)."""
-MAX_EVENT_DATA = 16 * 1024
-"""Bytes (as JSON) of an event's data kept with it; larger data is left out of the stored event."""
-MAX_JOB_OUTPUT = 16 * 1024
-"""Characters of a job's output kept (the end; the agent sends at most 4096)."""
-MAX_RUN_ID = 128
 INGEST_BATCH = 500
 """Device messages handled in one store transaction, at most (see :meth:`Controller._ingest`)."""
 _BATCHED = frozenset(
@@ -130,33 +106,8 @@ _BATCHED = frozenset(
         DeviceTopic.METRICS.value,
     }
 )
-STALE_DEFAULT_KEEPALIVE = 60
-"""The keepalive assumed for a device that does not tell its own (an older agent)."""
 AUDIT_PRUNE_SECONDS = 3600.0
 """How often audit records older than the retention are forgotten."""
-
-
-def job_outcome(result: JobResult) -> str:
-    """A run's outcome, as /metrics counts it."""
-    if result.skipped:
-        return "skipped"
-    if result.timed_out:
-        return "timed_out"
-    return "succeeded" if result.exit_code == 0 else "failed"
-
-
-def _bounded_event(event: Event) -> tuple[Event, bool]:
-    """The event as stored: message and data within bounds; and whether anything was cut."""
-    update: dict[str, Any] = {}
-    if len(event.message) > MAX_EVENT_MESSAGE:
-        update["message"] = event.message[:MAX_EVENT_MESSAGE] + "..."
-    for name in ("kind", "stack", "service"):
-        value = getattr(event, name)
-        if value is not None and len(value) > MAX_RUN_ID:
-            update[name] = value[:MAX_RUN_ID]
-    if event.data is not None and len(json.dumps(event.data, default=str)) > MAX_EVENT_DATA:
-        update["data"] = {"dropped": f"more than {MAX_EVENT_DATA} bytes"}
-    return (event.model_copy(update=update), True) if update else (event, False)
 
 
 COMMANDS = CommandRegistry.of(
@@ -227,8 +178,6 @@ class Controller:
         self.notifier = notify.Notifier(store, secrets, clock)
         """Webhooks (:mod:`.notify`): told of the events emitted, sent from a thread of their own."""
         self._events_due: list[FleetEvent] = []  # emitted by flush_events, after the commit
-        self._summaries: dict[str, ReportSummary] = {}  # each device's last report, as events see it
-        self._disk_low: set[str] = set()  # devices whose disk is low (see disk_event)
         self.scheduler = Scheduler(
             store,
             clock=clock,
@@ -256,20 +205,27 @@ class Controller:
             note=lambda before, after: self.note_deployment(before, after),
         )
         """Deployment steps (:mod:`.deploying`)."""
-        self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
+        self.ingestor = Ingestor(
+            store,
+            clock=clock,
+            metrics=self.metrics,
+            publisher=self.publisher,
+            deployer=self.deployer,
+            fleet_view=lambda: self.fleet_view(),
+            stacks=store.list_stacks,
+            emit=lambda event: self._events_due.append(event),
+            sync=lambda: self.sync(),
+            online=lambda device_id: enrollment.seen(self, device_id),
+            refresh=lambda: setattr(self, "_next_refresh", 0.0),
+            client=lambda: self.client,
+        )
+        """What devices publish, stored and turned into fleet events (:mod:`.ingesting`)."""
+        self.device_metrics = self.ingestor.device_metrics  # latest sample per device, in memory only
+        self.device_history = self.ingestor.device_history  # recent usage, downsampled, in memory only
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
-        self.device_history = MetricsHistory(MAX_METRICS_DEVICES)  # recent usage, downsampled, in memory only
         self._next_refresh = 0.0
         self._next_repair = 0.0  # see tick
-        self._sync_devices: set[str] = set()  # devices to recompute at the end of a batch (see _flush_syncs)
-        self._reports_due: dict[str, ReportedState] = {}  # written at the end of a batch (see _flush_reports)
-        self._report_memo = codec.FieldMemo(ReportedState, "stacks")  # a fleet reports the same stacks
         self._message_counters: dict[str, Any] = {}
-        self._sync_all = False
-        self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
-        self._presence_trusted = False  # see _presence_stale
-        self.reconfirm = Reconfirm()  # see _reconfirm_presence
-        self._asked_topic = topics.replies(f"tether-controller-{uuid.uuid4().hex[:12]}")  # its answers
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
         self._session_known = False
@@ -335,7 +291,7 @@ class Controller:
         self.client.subscribe(topics.ALL_LEADER_REQUESTS, qos=self._request_qos)
         self.client.subscribe(topics.ALL_ENROLL_REQUESTS)
         self.client.subscribe(topics.PROBE)
-        self.client.subscribe(self._asked_topic, qos=0)  # answers to _reconfirm_presence's requests
+        self.client.subscribe(self.ingestor.asked_topic, qos=0)  # answers to its facts requests
         if not self.ha:
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
             self.client.subscribe(topics.USER_REQUESTS, qos=self._request_qos)
@@ -415,7 +371,7 @@ class Controller:
                 if topic in (_STOP, _CONNECTED) or topic.rpartition("/")[2] not in _BATCHED:
                     held = (topic, payload)  # committed on the way out, then handled by the caller
                     break
-            self._flush_reports()
+            self.ingestor.flush_reports()
             self._flush_syncs(publish=False)  # published by the caller, once committed
         return held
 
@@ -424,10 +380,10 @@ class Controller:
         once: 10,000 devices registering cost one scheduling pass per batch of messages, not
         one per device. Then publish them, or (``publish=False``, inside the batch's
         transaction) leave them to be published once it is committed."""
-        if not self._sync_all and not self._sync_devices:
+        every, due = self.ingestor.take_syncs()
+        if not every and not due:
             return
-        device_ids = None if self._sync_all else self._sync_devices
-        self._sync_all, self._sync_devices = False, set()
+        device_ids = None if every else due
         try:
             with self.store.transaction():
                 self.recompute(device_ids)
@@ -488,8 +444,8 @@ class Controller:
         ]
         if stacks and self.scheduler.placements_changed(stacks):
             self.sync()
-        self.expire_stale()
-        self.expire_unconfirmed()
+        self.ingestor.expire_stale()
+        self.ingestor.expire_unconfirmed()
         self.flush_events()  # what expire_stale found: webhooks count offline time from it
         try:
             self.notifier.tick()
@@ -536,7 +492,7 @@ class Controller:
     def handle(self, topic: str, payload: bytes) -> None:
         """Handle one incoming message (on the worker thread), and schedule what it changed."""
         self._dispatch(topic, payload)
-        self._flush_reports()
+        self.ingestor.flush_reports()
         self._flush_syncs()
         self._publish_deferred()
         self.flush_events()
@@ -575,10 +531,7 @@ class Controller:
                 if lost:
                     log.warning("the broker lost our session (restarted without persistence?): republishing")
                     self.store.mark_all_unpublished()
-                if lost or not self._presence_trusted:
-                    self._presence_stale()
-                else:
-                    self._reconfirm_presence()
+                self.ingestor.connected(lost)
                 self.publisher.reconnected(self.client is None or self.client.session_present)
                 self.publish_pending()
                 enrollment.publish_answers(self)
@@ -598,298 +551,12 @@ class Controller:
             return
         elif parsed.kind == "probe":
             self.publisher.probe_back(payload)
-        elif topic == self._asked_topic:
-            with contextlib.suppress(PayloadError):
-                if self.reconfirm.answered(codec.decode(payload, Reply).id):
-                    log.info("every device shown online has shown life since the reconnection")
+        elif topic == self.ingestor.asked_topic:
+            self.ingestor.on_answer(payload)
         elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
             enrollment.on_request(self, parsed.device_id, payload)
-        elif parsed.kind == "device" and parsed.device_id is not None and payload:
-            if parsed.device_topic == DeviceTopic.PRESENCE:
-                self._on_presence(parsed.device_id, payload)
-            elif parsed.device_topic == DeviceTopic.REPORTED:
-                self._on_reported(parsed.device_id, payload)
-            elif parsed.device_topic == DeviceTopic.EVENTS:
-                self._on_event(parsed.device_id, payload)
-            elif parsed.device_topic == DeviceTopic.METRICS:
-                self._on_metrics(parsed.device_id, payload)
-
-    # --- device messages ---
-
-    def _decode_from(
-        self, device_id: str, payload: bytes, model: type[M], memo: codec.FieldMemo[M] | None = None
-    ) -> M | None:
-        """A device's message, validated (by ``memo`` when given) and really about that device;
-        None (logged) otherwise."""
-        try:
-            message = memo.decode(payload) if memo is not None else codec.decode(payload, model)
-        except PayloadError as exc:
-            log.warning("device %s: ignoring %s", device_id, exc)
-            return None
-        if message.device_id != device_id:  # type: ignore[attr-defined]
-            log.warning("device %s: %s names another device; ignored", device_id, model.__name__)
-            return None
-        return message
-
-    def _presence_stale(self) -> None:
-        """Every device shown online becomes ``unknown`` until it is heard from again.
-
-        Called when the controller starts and when the broker lost our session: presence in
-        the store may be stale (the embedded broker died with ``tether up``, and no will was
-        ever published for the devices that were connected to it). A presence message turns
-        a device back online (a reconnecting agent sends one; a broker that kept running
-        sends the retained one, which its wills keep true); one not heard from within its
-        keepalive allowance (:meth:`_allowance`) becomes ``offline``.
-        """
-        self._presence_trusted = True
-        now = self.clock()
-        stale = 0
-        with self.store.transaction():
-            for device in self.store.list_devices():
-                if device.status not in ("online", "unknown"):
-                    continue
-                if device.status == "online":
-                    self.store.put_device(device.model_copy(update={"status": "unknown", "since": now}))
-                    stale += 1
-                self._stale[device.id] = now + self._allowance(device)
-        if stale:
-            log.info("%d device(s) shown online before: unknown until heard from again", stale)
-            self.deployer.dirty = True
-            self._next_refresh = 0.0  # the gauges too, at the next tick
-
-    @staticmethod
-    def _allowance(device: Device) -> float:
-        """How long a device may stay silent after a restart before it counts as offline: the
-        broker's 1.5 x keepalive for a dead link, plus the agent's longest reconnect backoff."""
-        keepalive = device.facts.keepalive if device.facts and device.facts.keepalive else None
-        return 1.5 * (keepalive or STALE_DEFAULT_KEEPALIVE) + Backoff().cap
-
-    def _reconfirm_presence(self) -> None:
-        """The controller reconnected: the broker may have restarted and restored retained
-        ``online`` presences no will is left to correct (:mod:`.reconfirm`). Every device shown
-        online must show life again within its allowance; each is asked for its facts."""
-        assert self.client is not None
-        now = self.clock()
-        online = [d for d in self.store.list_devices() if d.status == "online"]
-        asks = self.reconfirm.start((d.id, d.session, now + self._allowance(d)) for d in online)
-        if not asks:
-            return
-        log.info("reconnected to the broker: %d device(s) shown online must show life again", len(asks))
-        for request_id, device_id in asks:
-            request = Request(id=request_id, reply_to=self._asked_topic, command={"kind": "facts"})
-            self.client.publish(topics.device(device_id, DeviceTopic.REQUESTS), codec.encode(request), qos=0)
-
-    def expire_unconfirmed(self) -> None:
-        """Devices that showed no life since the reconnection within their allowance get the
-        will the broker lost (from the tick): their retained ``offline`` presence, handled
-        like any will when it comes back."""
-        if not len(self.reconfirm) or self.client is None or not self.client.connected:
-            return
-        for device_id, session in self.reconfirm.due(self.clock()):
-            device = self.store.get_device(device_id)
-            if device is None or device.status != "online" or device.session != session:
-                continue
-            log.warning(
-                "device %s: shown online (session %d) but silent since the broker connection broke: "
-                "publishing the offline presence the broker would have (did it restart?)",
-                device_id,
-                session,
-            )
-            will = Presence(device_id=device_id, status="offline", session=session, at=self.clock())
-            self.client.publish(
-                topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(will), retain=True
-            )
-
-    def expire_stale(self) -> None:
-        """Devices still ``unknown`` past their allowance become ``offline`` (from the tick)."""
-        if not self._stale:
-            return
-        now = self.clock()
-        expired = [d for d, deadline in self._stale.items() if now >= deadline]
-        changed = False
-        for device_id in expired:
-            del self._stale[device_id]
-            device = self.store.get_device(device_id)
-            if device is None or device.status != "unknown":
-                continue
-            self.store.put_device(device.model_copy(update={"status": "offline", "since": now}))
-            log.info("device %s is offline (not heard from since the restart)", device_id)
-            self.emit("device.offline", device_subject(device_id), {"session": device.session, "since": now})
-            changed = True
-        if changed:
-            self.deployer.dirty = True
-            self._next_refresh = 0.0
-            if any(s.placement.mode == "replicas" for s in self.store.list_stacks()):
-                self.sync()
-
-    def _on_presence(self, device_id: str, payload: bytes) -> None:
-        presence = self._decode_from(device_id, payload, Presence)
-        if presence is None:
-            return
-        stored = self.store.get_device(device_id)
-        device = stored or Device(id=device_id)
-        if presence.session < device.session:
-            return  # from an older connection: a late will or a stale retained message
-        self._stale.pop(device_id, None)
-        if self.reconfirm.heard(device_id, presence.session):
-            log.info("every device shown online has shown life since the reconnection")
-        now = self.clock()
-        update: dict[str, Any] = {"session": presence.session, "status": presence.status}
-        if presence.status != device.status:
-            update["since"] = now
-        if presence.facts is not None:
-            update["facts"] = presence.facts
-        before = device.attributes()
-        new_device = stored is None
-        updated = device.model_copy(update=update)
-        labels_changed = updated.attributes() != before or updated.public_key != device.public_key
-        self.store.put_device(updated)
-        self.deployer.dirty = True
-        if presence.status != device.status:
-            # Back from ``unknown`` in the same session (the broker's retained word after our
-            # restart): not news, and a whole fleet of it at once.
-            same = device.status == "unknown" and presence.session == device.session
-            log.log(
-                logging.DEBUG if same else logging.INFO,
-                "device %s is %s (session %d)",
-                device_id,
-                presence.status,
-                presence.session,
-            )
-            if not same:
-                self.emit(
-                    f"device.{presence.status}",
-                    device_subject(device_id),
-                    {"session": presence.session, "since": now},
-                )
-        if presence.status == "online":
-            enrollment.seen(self, device_id)
-            if presence.session != device.session or device.status != "online":
-                self.publisher.device_connected(device_id)  # a new connection: see repair_behind
-        # Scheduled at the end of the batch of messages this one came in (_flush_syncs).
-        if presence.status != device.status and any(
-            s.placement.mode == "replicas" for s in self.store.list_stacks()
-        ):
-            self._sync_all = True  # replicas may move: a full pass restores the exact count
-        elif labels_changed or new_device:
-            self._sync_devices.add(device_id)
-
-    def _on_reported(self, device_id: str, payload: bytes) -> None:
-        reported = self._decode_from(device_id, payload, ReportedState, self._report_memo)
-        if reported is None:
-            return
-        due = self._reports_due.get(device_id)
-        # Not the whole device: reports are many.
-        known = due.generation if due is not None else self.store.reported_generation(device_id)
-        if known is not None and reported.generation < known:
-            return  # older than what we have (QoS 1 may deliver twice, or late)
-        record = self.store.get_desired(device_id) if reported.generation != known else None
-        if record is not None and reported.generation > record.generation:
-            # The device applied a generation we never issued: our state is older than the
-            # device's (a restored backup). Jump past it, or the device would ignore us forever.
-            # (Checked when a generation is first reported: later reports of it change nothing.)
-            log.warning(
-                "device %s applied generation %d, newer than our %d: republishing as %d",
-                device_id,
-                reported.generation,
-                record.generation,
-                reported.generation + 1,
-            )
-            with self.store.transaction():
-                self.store.put_desired(
-                    record.model_copy(update={"generation": reported.generation + 1, "published": False})
-                )
-            self.publisher.defer({device_id})  # once committed (reports are handled in batches)
-        self._report_events(device_id, reported)
-        if known is None:  # its first report: the device row may not exist yet, or holds an old one
-            device = self.store.get_device(device_id)
-            if device is None or device.reported is not None:
-                device = device or Device(id=device_id)
-                self.store.put_device(device.model_copy(update={"reported": reported}))
-            else:
-                self.store.put_reported(device_id, reported)
-        else:
-            # Written with the others of its batch (the newest per device), in one statement.
-            self._reports_due[device_id] = reported
-        self.deployer.dirty = True
-
-    def _report_events(self, device_id: str, reported: ReportedState) -> None:
-        """Emit what a report changed (what the device runs, a crash loop, a stuck download, a full disk)."""
-        before = self._summaries.get(device_id)
-        if before is None:  # first heard of since we started: compare with the report we stored
-            device = self.store.get_device(device_id)
-            if device is not None and device.reported is not None:
-                before = ReportSummary.of(device.reported)
-        after = ReportSummary.of(reported)
-        self._summaries[device_id] = after
-        self._events_due.extend(report_events(device_id, before, after, self.clock()))
-
-    def _flush_reports(self) -> None:
-        """Store the reported states of the batch: the newest of each device, in one statement
-        (in the batch's transaction; a device that reports converging, then running, within
-        one batch is written once)."""
-        if self._reports_due:
-            due, self._reports_due = self._reports_due, {}
-            self.store.put_reported_many(due.items())
-
-    def _on_event(self, device_id: str, payload: bytes) -> None:
-        """Store an event (bounded: see :data:`MAX_EVENT_MESSAGE`) and a job's result.
-
-        What one device can make the controller keep is bounded: the newest EVENTS_KEPT
-        events, each trimmed to MAX_EVENT_MESSAGE characters and MAX_EVENT_DATA bytes of
-        data; results only of jobs the controller has, JOB_RESULTS_KEPT per job, each output
-        trimmed to MAX_JOB_OUTPUT. What is dropped or trimmed is counted per device and
-        reason (``devices show``, ``/metrics``)."""
-        event = self._decode_from(device_id, payload, Event)
-        if event is None:
-            return
-        stored, trimmed = _bounded_event(event.model_copy(update={"oldest": 0}))
-        added = self.store.add_event(device_id, event.seq, stored.model_dump_json())
-        if event.oldest:
-            self.publisher.note_stored(device_id, event.seq, event.oldest)
-        if not added:
-            return  # delivered twice (at least once on the wire): already stored
-        if trimmed:
-            self._dropped(device_id, "event_trimmed")
-        if event.kind == "job.result" and event.data is not None:
-            self._on_job_result(device_id, event.data)
-        level = logging.WARNING if event.level != "info" else logging.INFO
-        log.log(level, "device %s: %s: %s", device_id, stored.kind, stored.message)
-
-    def _on_job_result(self, device_id: str, data: dict[str, Any]) -> None:
-        try:
-            result = JobResult.model_validate(data)
-        except ValidationError as exc:
-            log.warning("device %s: ignoring malformed job result: %s", device_id, codec.describe(exc))
-            self._dropped(device_id, "job_result_malformed")
-            return
-        if len(result.run) > MAX_RUN_ID or self.store.get_job(result.job) is None:
-            self._dropped(device_id, "job_result_unknown_job")
-            return
-        if len(result.output) > MAX_JOB_OUTPUT:
-            result = result.model_copy(update={"output": result.output[-MAX_JOB_OUTPUT:]})
-            self._dropped(device_id, "job_output_trimmed")
-        known = self.store.has_job_result(result.job, device_id, result.run)  # a redelivery counts once
-        self.store.add_job_result(result.job, device_id, result.run, result.started, result.model_dump_json())
-        if not known:
-            self.metrics.job_runs.labels(outcome=job_outcome(result)).inc()
-            self.emit(
-                "job.result",
-                device_subject(device_id),
-                {
-                    "job": result.job,
-                    "run": result.run,
-                    "outcome": job_outcome(result),
-                    "exit_code": result.exit_code,
-                },
-            )
-
-    def _dropped(self, device_id: str, reason: str) -> None:
-        """Count a message of ``device_id`` not stored as sent; log at the 1st, 10th, 100th..."""
-        count = self.store.count_dropped(device_id, reason)
-        self.metrics.dropped.labels(reason=reason).inc()
-        if str(count).rstrip("0") == "1":
-            log.warning("device %s: %d message(s) not stored as sent: %s", device_id, count, reason)
+        elif parsed.kind == "device" and parsed.device_id is not None and parsed.device_topic and payload:
+            self.ingestor.on_message(parsed.device_topic, parsed.device_id, payload)
 
     # --- scheduling and publishing ---
 
@@ -926,30 +593,6 @@ class Controller:
     def update_placements(self) -> None:
         """See :meth:`.scheduling.Scheduler.update_placements`."""
         self.scheduler.update_placements()
-
-    # --- device metrics (latest sample per device, in memory; see protocol/device_api.py) ---
-
-    def _on_metrics(self, device_id: str, payload: bytes) -> None:
-        try:
-            sample = codec.decode(payload, MetricsSample)
-        except PayloadError as exc:
-            log.debug("device %s: ignoring metrics: %s", device_id, exc)
-            return
-        previous = self.device_metrics.get(device_id)
-        if previous is None and len(self.device_metrics) >= MAX_METRICS_DEVICES:
-            return  # bounded memory, whoever publishes on metrics topics
-        if previous is not None and sample.at < previous["at"]:
-            return  # older than what we have (QoS 0 may reorder across reconnects)
-        merged = self.device_metrics[device_id] = merge_sample(previous, sample, self.clock())
-        self.device_history.add(device_id, merged["received"], merged)
-        low = device_id in self._disk_low
-        now_low, event = disk_event(
-            device_id, low, merged.get("disk"), merged.get("disk_total"), self.clock()
-        )
-        if now_low != low:
-            (self._disk_low.add if now_low else self._disk_low.discard)(device_id)
-        if event is not None:
-            self._events_due.append(event)
 
     # --- requests ---
 

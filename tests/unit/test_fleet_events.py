@@ -7,8 +7,11 @@ import json
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support.fleet import job_result, online, report_running
 from support.recording import Clock
+from tether.controller.fleet import Seen
 from tether.controller.fleet_events import (
     LOST,
     EventBus,
@@ -17,6 +20,7 @@ from tether.controller.fleet_events import (
     disk_event,
     report_events,
 )
+from tether.controller.models import Device
 from tether.controller.service import Controller
 from tether.protocol import codec, topics
 from tether.protocol.commands import DeploymentsAction, GroupsCreate, JobsRun, StacksDeploy
@@ -186,3 +190,46 @@ def test_a_command_that_fails_midway_emits_nothing(
     controller.flush_events()
     assert sub.drain() == []
     assert controller.store.get_stack("web") is None  # rolled back: the event would have lied
+
+
+_TEXT = st.one_of(st.none(), st.sampled_from(["", " ", "disk full", "x " * 200]))
+
+
+@st.composite
+def _reports(draw: st.DrawFn) -> ReportedState:
+    services = st.builds(
+        ServiceStatus,
+        state=st.sampled_from(["running", "failed", "starting", "exited"]),
+        restarts=st.integers(0, 8),
+        last_error=_TEXT,
+    )
+    stacks = st.builds(
+        StackStatus,
+        spec_hash=st.sampled_from(["a" * 64, "b" * 64]),
+        state=st.sampled_from(["converging", "running", "failed"]),
+        services=st.dictionaries(st.sampled_from(["web", "db"]), services, max_size=2),
+    )
+    downloads = st.builds(
+        DownloadStatus,
+        spec_hash=st.sampled_from(["a" * 64, "b" * 64]),
+        state=st.sampled_from(["downloading", "retrying", "staged", "failed"]),
+        reason=_TEXT,
+    )
+    return ReportedState(
+        device_id="pi-1",
+        generation=draw(st.integers(-1, 5)),
+        stacks=draw(st.dictionaries(st.sampled_from(["web", "mon"]), stacks, max_size=2)),
+        downloads=draw(st.dictionaries(st.sampled_from(["web", "mon"]), downloads, max_size=2)),
+        error=draw(_TEXT.filter(lambda t: t != "")),  # "" and None are one to the fleet view
+        storage_error=draw(_TEXT),
+        held=draw(st.booleans()),
+    )
+
+
+@given(_reports())
+@settings(max_examples=200, deadline=None)
+def test_the_fleet_view_summarises_a_report_as_the_report_itself_does(reported: ReportedState) -> None:
+    """A report's summary from the fleet view (what the controller compares a first report
+    after a restart with, instead of parsing the stored one) is the report's own summary."""
+    seen = Seen.of(Device(id="pi-1", status="online", reported=reported))
+    assert ReportSummary.of_seen(seen) == ReportSummary.of(reported)

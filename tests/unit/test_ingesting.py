@@ -1,0 +1,310 @@
+"""The Ingestor on its own: device messages on a real SQLite store, with its collaborators
+(publisher, scheduler, deployer) real and its MQTT session a recorder; the fleet events it
+emits and the syncs it asks for are collected."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import pytest
+from support.recording import Clock, RecordingPublisher
+from tether.controller.deploying import Deployer
+from tether.controller.fleet_events import FleetEvent
+from tether.controller.ingesting import MAX_EVENT_MESSAGE, Ingestor, allowance
+from tether.controller.models import Device, Job
+from tether.controller.observability import Metrics
+from tether.controller.publishing import Publisher
+from tether.controller.registries import RegistryCredentials
+from tether.controller.scheduling import Scheduler
+from tether.controller.security import BrokerAccess
+from tether.controller.store import Store
+from tether.controller.variables import VariableBindings
+from tether.protocol import codec
+from tether.protocol.device_api import MetricsSample
+from tether.protocol.models import (
+    DeviceFacts,
+    Event,
+    JobResult,
+    JobSpec,
+    Presence,
+    Reply,
+    ReportedState,
+    Request,
+    ServiceStatus,
+    StackStatus,
+)
+from tether.protocol.topics import DeviceTopic
+
+
+@dataclass
+class Rig:
+    """An Ingestor and what it was handed."""
+
+    store: Store
+    client: RecordingPublisher
+    clock: Clock
+    metrics: Metrics
+    deployer: Deployer
+    ingestor: Ingestor
+    events: list[FleetEvent] = field(default_factory=list)
+    syncs: list[None] = field(default_factory=list)
+    online: list[str] = field(default_factory=list)
+    refreshes: list[None] = field(default_factory=list)
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+
+def _rig(store: Store, clock: Clock) -> Rig:
+    leading = threading.Event()
+    leading.set()
+    metrics = Metrics()
+    scheduler = Scheduler(
+        store,
+        clock=clock,
+        leading=leading,
+        variables=VariableBindings(store, None),
+        registries=RegistryCredentials(store, None),
+    )
+    client = RecordingPublisher()
+    publisher = Publisher(
+        store,
+        clock=clock,
+        metrics=metrics,
+        access=BrokerAccess(None),
+        client=lambda: client,  # type: ignore[arg-type,return-value]
+        leading=leading,
+        fleet_view=scheduler.fleet_view,
+        busy=lambda: False,
+    )
+    deployer = Deployer(store, clock=clock, scheduler=scheduler, sync=lambda: None, note=lambda b, a: None)
+    rig = Rig(store, client, clock, metrics, deployer, None)  # type: ignore[arg-type]
+    rig.ingestor = Ingestor(
+        store,
+        clock=clock,
+        metrics=metrics,
+        publisher=publisher,
+        deployer=deployer,
+        fleet_view=scheduler.fleet_view,
+        stacks=store.list_stacks,
+        emit=rig.events.append,
+        sync=lambda: rig.syncs.append(None),
+        online=rig.online.append,
+        refresh=lambda: rig.refreshes.append(None),
+        client=lambda: client,  # type: ignore[arg-type,return-value]
+    )
+    return rig
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    store = Store(tmp_path / "tether.db")
+    yield _rig(store, Clock())
+    store.close()
+
+
+def presence(rig: Rig, device_id: str, status: str, session: int, keepalive: int | None = None) -> None:
+    facts = DeviceFacts(agent_version="1", driver="process", arch="x86_64", os="linux", keepalive=keepalive)
+    message = Presence(device_id=device_id, status=status, session=session, facts=facts)  # type: ignore[arg-type]
+    with rig.store.transaction():
+        rig.ingestor.on_message(DeviceTopic.PRESENCE, device_id, codec.encode(message))
+
+
+def report(rig: Rig, device_id: str, generation: int, state: str = "running", restarts: int = 0) -> None:
+    service = ServiceStatus(state=state, restarts=restarts)  # type: ignore[arg-type]
+    stacks = {"web": StackStatus(spec_hash="a" * 64, state=state, services={"web": service})}  # type: ignore[arg-type]
+    message = ReportedState(device_id=device_id, generation=generation, stacks=stacks)
+    with rig.store.transaction():
+        rig.ingestor.on_message(DeviceTopic.REPORTED, device_id, codec.encode(message))
+        rig.ingestor.flush_reports()
+
+
+def event(rig: Rig, device_id: str, seq: int, **kw: object) -> None:
+    message = Event(device_id=device_id, seq=seq, **{"kind": "note", "message": "hello", **kw})  # type: ignore[arg-type]
+    with rig.store.transaction():
+        rig.ingestor.on_message(DeviceTopic.EVENTS, device_id, codec.encode(message))
+
+
+def status(store: Store, device_id: str) -> tuple[str, int]:
+    device = store.get_device(device_id)
+    assert device is not None
+    return device.status, device.session
+
+
+def test_presence_online_then_a_late_will_then_its_own_will(rig: Rig) -> None:
+    """Online stores the device and asks to schedule it; a will of an older session is ignored, its own counts."""
+    presence(rig, "pi-1", "online", 2)
+    assert status(rig.store, "pi-1") == ("online", 2)
+    assert rig.ingestor.take_syncs() == (False, {"pi-1"})  # new: scheduled at the end of the batch
+    assert rig.ingestor.take_syncs() == (False, set())  # taken once
+    assert rig.online == ["pi-1"] and rig.kinds() == ["device.online"]
+    assert rig.deployer.dirty
+    presence(rig, "pi-1", "offline", 1)  # the will of the previous connection, late
+    assert status(rig.store, "pi-1") == ("online", 2) and rig.kinds() == ["device.online"]
+    rig.clock.now += 5
+    presence(rig, "pi-1", "offline", 2)
+    assert status(rig.store, "pi-1") == ("offline", 2)
+    assert rig.events[-1].kind == "device.offline" and rig.events[-1].data == {
+        "session": 2,
+        "since": rig.clock.now,
+    }
+    assert rig.ingestor.take_syncs() == (False, set())  # its labels did not change
+
+
+def test_presence_stale_after_a_restart_turns_offline_past_the_allowance(rig: Rig) -> None:
+    """After a restart, devices shown online are unknown; one heard from is online again, the
+    others become offline once their keepalive allowance has passed."""
+    presence(rig, "pi-1", "online", 1, keepalive=10)
+    presence(rig, "pi-2", "online", 1, keepalive=10)
+    restarted = _rig(rig.store, rig.clock)
+    restarted.ingestor.connected(lost=False)
+    assert status(rig.store, "pi-1") == ("unknown", 1) and status(rig.store, "pi-2") == ("unknown", 1)
+    assert restarted.refreshes and not restarted.events  # gauges told; nothing is news yet
+    restarted.ingestor.connected(lost=False)  # a reconnect with the session kept: trusted now
+    presence(restarted, "pi-1", "online", 1)  # the broker's retained word: same session, not news
+    assert status(rig.store, "pi-1") == ("online", 1) and restarted.kinds() == []
+    device = rig.store.get_device("pi-2")
+    assert device is not None
+    rig.clock.now += allowance(device) - 1
+    restarted.ingestor.expire_stale()
+    assert status(rig.store, "pi-2") == ("unknown", 1)
+    rig.clock.now += 1
+    restarted.ingestor.expire_stale()
+    assert status(rig.store, "pi-1") == ("online", 1) and status(rig.store, "pi-2") == ("offline", 1)
+    assert restarted.kinds() == ["device.offline"] and restarted.events[0].subject == "devices/pi-2"
+    assert restarted.syncs == []  # no replicas stack: nothing to place again
+
+
+def test_a_report_older_than_the_stored_one_is_ignored(rig: Rig) -> None:
+    """A report of an older generation (a late redelivery) changes nothing and emits nothing."""
+    report(rig, "pi-1", 3)
+    assert rig.kinds() == ["device.changed"]
+    report(rig, "pi-1", 2, state="failed")
+    device = rig.store.get_device("pi-1")
+    assert device is not None and device.reported is not None
+    assert device.reported.generation == 3 and device.reported.stacks["web"].state == "running"
+    assert rig.kinds() == ["device.changed"]
+    report(rig, "pi-1", 4, state="failed", restarts=5)
+    assert rig.kinds() == ["device.changed", "device.changed", "service.crashloop"]
+
+
+def test_after_a_restart_a_report_is_compared_with_the_stored_one(rig: Rig) -> None:
+    """The first report after a restart emits only what changed from the report stored before it."""
+    report(rig, "pi-1", 3)
+    restarted = _rig(rig.store, rig.clock)
+    report(restarted, "pi-1", 3)
+    assert restarted.kinds() == []  # the same as stored: no news
+    report(restarted, "pi-1", 3, state="failed", restarts=6)
+    assert restarted.kinds() == ["device.changed", "service.crashloop"]
+    again = _rig(rig.store, rig.clock)
+    report(again, "pi-1", 3, state="failed", restarts=7)
+    assert again.kinds() == []  # still the same crash loop (restart counts alone are no news)
+
+
+def test_an_event_is_stored_once_and_trimmed_with_a_counted_reason(rig: Rig) -> None:
+    """An event is stored once however often it is delivered; one too long is stored trimmed and counted."""
+    event(rig, "pi-1", 1)
+    event(rig, "pi-1", 1)
+    assert len(rig.store.list_events("pi-1")) == 1
+    event(rig, "pi-1", 2, message="x" * (MAX_EVENT_MESSAGE + 10))
+    stored = [Event.model_validate_json(e) for e in rig.store.list_events("pi-1")]
+    assert [e.seq for e in stored] == [1, 2]
+    assert stored[1].message == "x" * MAX_EVENT_MESSAGE + "..."
+    assert rig.store.dropped("pi-1") == {"event_trimmed": 1}
+
+
+def test_a_job_result_is_stored_counted_and_emitted_once(rig: Rig) -> None:
+    """A job's result is stored and emitted once (a redelivery under another seq counts once)."""
+    spec = JobSpec(name="backup", command=("true",), run_id="r1")
+    rig.store.put_job(Job(name="backup", group="edge", spec=spec))
+    result = JobResult(job="backup", run="r1", started=1.0, duration_s=0.5, exit_code=3, output="oops")
+    event(rig, "pi-1", 1, kind="job.result", data=result.model_dump())
+    event(rig, "pi-1", 2, kind="job.result", data=result.model_dump())
+    assert [d for d, _ in rig.store.list_job_results("backup", None, 10)] == ["pi-1"]
+    assert rig.kinds() == ["job.result"]
+    assert rig.events[0].data == {"job": "backup", "run": "r1", "outcome": "failed", "exit_code": 3}
+    assert rig.metrics.job_runs.labels(outcome="failed")._value.get() == 1
+
+
+def test_malformed_payloads_are_dropped_alone_with_a_counted_reason(rig: Rig) -> None:
+    """Undecodable messages, messages naming another device and bad job results leave nothing
+    behind; what was not stored as sent is counted per device and reason."""
+    for kind in (DeviceTopic.PRESENCE, DeviceTopic.REPORTED, DeviceTopic.EVENTS, DeviceTopic.METRICS):
+        with rig.store.transaction():
+            rig.ingestor.on_message(kind, "pi-1", b"\xc1 not msgpack")
+    forged = msgpack.packb({"v": 1, "device_id": "pi-1", "generation": 2**64 - 1})
+    with rig.store.transaction():
+        rig.ingestor.on_message(DeviceTopic.REPORTED, "pi-1", forged)
+    report(rig, "pi-2", 1)  # on pi-1's topic below, naming pi-2
+    message = ReportedState(device_id="pi-2", generation=9)
+    with rig.store.transaction():
+        rig.ingestor.on_message(DeviceTopic.REPORTED, "pi-1", codec.encode(message))
+    assert rig.store.get_device("pi-1") is None and rig.store.reported_generation("pi-2") == 1
+    assert rig.ingestor.device_metrics == {}
+    event(rig, "pi-1", 1, kind="job.result", data={"job": "backup"})  # no run, no start
+    event(
+        rig,
+        "pi-1",
+        2,
+        kind="job.result",
+        data=JobResult(job="nope", run="r", started=0, duration_s=0).model_dump(),
+    )
+    assert rig.store.dropped("pi-1") == {"job_result_malformed": 1, "job_result_unknown_job": 1}
+    assert rig.store.list_job_results("nope", None, 10) == []
+    assert rig.metrics.dropped.labels(reason="job_result_malformed")._value.get() == 1
+    assert "job.result" not in rig.kinds()
+
+
+def test_metrics_keep_the_newest_sample_and_tell_a_full_disk_once(rig: Rig) -> None:
+    """A sample is kept per device (an older one ignored); a disk past 90% fires device.disk_low once."""
+
+    def sample(at: float, disk: int) -> None:
+        payload = codec.encode(MetricsSample(at=at, full=True, cpu=1.0, disk=disk, disk_total=100))
+        rig.ingestor.on_message(DeviceTopic.METRICS, "pi-1", payload)
+
+    sample(10.0, 50)
+    sample(5.0, 95)  # older: ignored
+    assert rig.ingestor.device_metrics["pi-1"]["disk"] == 50 and rig.kinds() == []
+    sample(11.0, 95)
+    sample(12.0, 96)
+    assert rig.kinds() == ["device.disk_low"]
+    assert "pi-1" in rig.ingestor.device_history.rings
+
+
+def test_a_device_row_from_an_enrollment_gets_its_first_report(rig: Rig) -> None:
+    """A device known before it ever reported (a row without a report) stores its first report."""
+    with rig.store.transaction():
+        rig.store.put_device(Device(id="pi-1", operator_labels={"site": "a"}))
+    report(rig, "pi-1", 1)
+    device = rig.store.get_device("pi-1")
+    assert device is not None and device.reported is not None and device.operator_labels == {"site": "a"}
+
+
+def test_after_a_reconnection_devices_shown_online_must_show_life(rig: Rig) -> None:
+    """After a reconnection every device shown online is asked for its facts; one that answers
+    or comes with a newer session is confirmed, one silent past its allowance gets its will."""
+    for device_id in ("pi-1", "pi-2", "pi-3"):
+        presence(rig, device_id, "online", 1, keepalive=10)
+    rig.ingestor.connected(lost=False)  # the first connection: presence is made stale, not asked
+    for device_id in ("pi-1", "pi-2", "pi-3"):
+        presence(rig, device_id, "online", 2, keepalive=10)
+    rig.client.published.clear()
+    rig.ingestor.connected(lost=False)  # a reconnection
+    asked = {t: codec.decode(p, Request) for t, p, _ in rig.client.published}
+    assert sorted(asked) == [f"tether/v1/devices/pi-{i}/requests" for i in (1, 2, 3)]
+    assert {r.reply_to for r in asked.values()} == {rig.ingestor.asked_topic}
+    answer = Reply(id=asked["tether/v1/devices/pi-1/requests"].id, ok=True, result={})
+    rig.ingestor.on_answer(codec.encode(answer))
+    presence(rig, "pi-2", "online", 3, keepalive=10)  # reconnected: a newer session
+    rig.client.published.clear()
+    device = rig.store.get_device("pi-3")
+    assert device is not None
+    rig.clock.now += allowance(device)
+    rig.ingestor.expire_unconfirmed()
+    [(topic, payload, retained)] = rig.client.published
+    will = codec.decode(payload, Presence)
+    assert topic.endswith("/pi-3/presence") and retained and (will.status, will.session) == ("offline", 2)
