@@ -22,32 +22,28 @@ import time
 from typing import Any
 
 import click
-from pydantic import BaseModel
 from tether.protocol import codec, topics
 from tether.protocol.commands import DevicesShow, DevicesTop
 from tether.protocol.device_api import (
     HEARTBEAT_S,
     MAX_TAIL,
-    DeviceReply,
     FactsCommand,
     LogsCommand,
     MetricsLiveCommand,
     MetricsSample,
     RestartCommand,
-    StreamCommand,
     merge_sample,
 )
 from tether.protocol.durations import format_duration as _duration
 from tether.protocol.durations import parse_duration
 from tether.protocol.errors import PayloadError, RequestError, RequestTimeout, TetherError
+from tether.protocol.log_follow import LEASE_S, Ended, Failed
 from tether.protocol.topics import DeviceTopic
 
 from . import output
-from .client import ControllerClient
+from .client import ControllerClient, LogStream, ask, send
 from .common import common, send_and_print
 
-LEASE_S = 60.0
-"""Seconds a stream lasts unless renewed; the CLI renews it every third of that."""
 LIVE_S = 30.0
 """Seconds of live samples asked for at a time by ``devices top --follow``."""
 RESTART_TIMEOUT_S = 120.0
@@ -89,27 +85,6 @@ def require_online(client: ControllerClient, device_id: str) -> dict[str, Any]:
     if device["status"] != "online":
         raise RequestError(f"device {device_id} has never connected")
     return device
-
-
-def send(client: ControllerClient, device_id: str, command: BaseModel) -> str:
-    """Publish ``command`` to the device; return the request id."""
-    return client.send(topics.device(device_id, DeviceTopic.REQUESTS), command)
-
-
-def answer(client: ControllerClient, device_id: str, request_id: str, timeout: float) -> DeviceReply:
-    """The device's next reply to ``request_id``; TetherError if it does not come or says no."""
-    reply = client.receive(request_id, timeout, DeviceReply)
-    if reply is None:
-        raise RequestTimeout(f"device {device_id} did not answer within {timeout:g}s")
-    if not reply.ok:
-        raise RequestError(reply.error or f"device {device_id}: request failed")
-    return reply
-
-
-def ask(client: ControllerClient, device_id: str, command: BaseModel, timeout: float | None = None) -> Any:
-    """One request, one reply: the result."""
-    request_id = send(client, device_id, command)
-    return answer(client, device_id, request_id, client.timeout if timeout is None else timeout).result
 
 
 # --- logs -----------------------------------------------------------------------------------
@@ -206,64 +181,34 @@ def logs(
 def _follow_logs(
     client: ControllerClient, fmt: str, device_id: str, command: LogsCommand, limit: float | None
 ) -> None:
-    request_id = send(client, device_id, command)
-    requests = topics.device(device_id, DeviceTopic.REQUESTS)
-    started = last_message = time.monotonic()
-    renew_at = started + LEASE_S / 3
     idle = max(3 * HEARTBEAT_S, client.timeout)
+    stream = LogStream(client, device_id, command, answer_s=client.timeout, idle_s=idle, limit_s=limit)
     printer = _Printer(False, 0)
-    seen = 0
-    cancelled = False
-    first = True
     try:
         while True:
-            now = time.monotonic()
-            if limit is not None and not cancelled and now - started >= limit:
-                client.send(requests, StreamCommand(request_id=request_id, action="cancel"))
-                cancelled = True
-            elif not cancelled and now >= renew_at:
-                # Its reply is not awaited: the stream's own messages say whether it goes on.
-                client.send(requests, StreamCommand(request_id=request_id, action="extend", duration=LEASE_S))
-                renew_at = now + LEASE_S / 3
-            reply = client.receive(request_id, 0.5, DeviceReply)
-            if reply is None:
-                silent = time.monotonic() - last_message
-                if cancelled and silent >= client.timeout:
-                    printer.close()
-                    return  # stopped by --for; the device's last word got lost
-                if first and silent >= client.timeout:
-                    raise RequestTimeout(f"device {device_id} did not answer within {client.timeout:g}s")
-                if silent >= idle:
-                    raise RequestTimeout(f"device {device_id} stopped answering (nothing for {idle:g}s)")
-                continue
-            last_message = time.monotonic()
-            first = False
-            # Stream messages count from 1; a refusal (unknown stack or service, ...) is a plain
-            # reply, seq 0, and ends the command like any other error.
-            if reply.seq and reply.seq <= seen:
-                continue  # a duplicate (QoS 1)
-            seen = max(seen, reply.seq)
-            if not reply.ok:
+            event = stream.next(0.5)
+            if isinstance(event, Failed):
                 printer.close()
-                raise RequestError(reply.error or "the log stream failed")
-            result = reply.result or {}
-            if result.get("services") is not None:  # the first message: what is followed
-                printer.prefix = len(result["services"]) > 1
-                printer.width = max((len(name) for name in result["services"]), default=0)
-            if not reply.more:
+                raise (RequestTimeout if event.timeout else RequestError)(event.message)
+            if isinstance(event, Ended):
                 printer.close()
-                _stream_end(device_id, result, cancelled)
+                _stream_end(device_id, event.result, event.cancelled)
                 return
-            if result.get("text"):
+            if event is None:
+                continue
+            if event.services is not None:  # the first message: what is followed
+                printer.prefix = len(event.services) > 1
+                printer.width = max((len(name) for name in event.services), default=0)
+            if event.text:
                 if fmt == "json":
-                    click.echo(json.dumps(result, sort_keys=True))
+                    click.echo(json.dumps(event.result, sort_keys=True))
                 else:
-                    printer.write(result.get("service") or "", result["text"])
+                    printer.write(event.service, event.text)
     except KeyboardInterrupt:
         # Ctrl-C exits at once: the cancel is a courtesy (the device's lease ends the stream anyway).
         printer.close()
-        with contextlib.suppress(TetherError, KeyboardInterrupt):
-            client.send(requests, StreamCommand(request_id=request_id, action="cancel"), timeout=2.0)
+        with contextlib.suppress(KeyboardInterrupt):
+            stream.cancel()
         sys.exit(130)
 
 

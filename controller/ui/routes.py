@@ -28,6 +28,7 @@ import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from tether.cli.client import ask
 from tether.controller.fleet_events import KINDS, LOST
 from tether.controller.http import auth
 from tether.protocol import codec
@@ -78,7 +79,7 @@ from tether.protocol.device_api import RestartCommand
 from tether.protocol.enrollment import seal_text
 from tether.protocol.errors import CommandError, NotFoundError, TetherError
 
-from .logs import DeviceSession, LogFollow
+from .logs import LogFollow, device_client
 
 COOKIE = auth.SESSION_COOKIE
 SUBMIT_TIMEOUT = 30.0
@@ -517,11 +518,8 @@ def sparkline(title: str, points: list[float | None], start: float, step: float)
 
 
 def _restart(controller: Any, device_id: str, stack: str, service: str | None) -> str:
-    session = DeviceSession(controller, device_id)
-    try:
-        result = session.ask(RestartCommand(stack=stack, service=service))
-    finally:
-        session.close()
+    with device_client(controller) as client:
+        result = ask(client, device_id, RestartCommand(stack=stack, service=service), timeout=30.0) or {}
     done = []
     for svc in result.get("services") or []:
         if svc.get("error") or not svc.get("new"):
