@@ -1043,6 +1043,24 @@ class AgentCore:
             interval = min(interval, PROGRESS_INTERVAL)
         return now + interval
 
+    @property
+    def idle(self) -> bool:
+        """Whether a reconcile now could only observe the runtime: the last one found nothing to
+        do and nothing waiting on the clock (the quiet case of :meth:`reconcile_once`), its report
+        went out, and nothing is pending, downloading, asked for or failing to be stored. Until a
+        message arrives or the runtime changes, reconciling again changes nothing. The agent
+        reconciles anyway (only observing tells it whether the runtime changed); the fleet
+        simulator, whose runtime only changes by its own hand, skips such reconciles."""
+        return (
+            self._quiet is not None
+            and self._report_published
+            and not self.wake
+            and self.pending is None
+            and self.images is None
+            and self.storage_error is None
+            and not self.renderer.signals
+        )
+
     def _crash_loop(self, action: Start, count: int) -> None:
         key = (action.stack, action.service.name)
         try:

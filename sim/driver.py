@@ -1,12 +1,19 @@
-"""A simulated runtime: instances are records that become ``running`` after a delay.
+"""A simulated runtime: instances are records that take a while to start.
 
 :class:`SimDriver` implements :class:`tether.agent.drivers.base.Driver` for one simulated
-device. ``create`` returns at once with the instance ``starting``; it turns ``running``
-``start_delay`` seconds later (each instance draws its delay uniformly from
-``start_delay * [1 - jitter, 1 + jitter]``), which stands for the time a real driver spends
-pulling and starting a container. A device told to fail (``fail=True``) has every create
-raise :class:`~tether.protocol.errors.DriverError`, as a device without the image or with
-a broken engine would; a service labelled ``tether.sim/fail`` fails on every device.
+device. A real driver's ``create`` (and ``start``) returns once the container runs (the
+docker driver starts it before returning; the agent's event says "created and started"),
+so a real agent's reconcile reports the services it created all running, at the end of a
+call that took the time they needed to start. The simulator cannot block its one event
+loop, so ``create`` returns at once with the instance ``running`` and records when the
+call would have returned: :meth:`SimDriver.take_busy` (each instance draws its start time
+uniformly from ``start_delay * [1 - jitter, 1 + jitter]``, standing for pulling and
+starting a container; instances a reconcile creates start side by side). The simulated
+device (:class:`~tether.sim.fleet.SimDevice`) holds back what its agent published in that
+reconcile until then, and handles what arrives meanwhile after it, as the real agent's
+busy reconcile thread would. A device told to fail (``fail=True``) has every create raise
+:class:`~tether.protocol.errors.DriverError`, as a device without the image or with a
+broken engine would; a service labelled ``tether.sim/fail`` fails on every device.
 """
 
 from __future__ import annotations
@@ -24,12 +31,6 @@ from tether.protocol.models import JobSpec, ServiceSpec, StackSpec
 
 LABEL_FAIL = "tether.sim/fail"
 """A service with this label fails to start on every simulated device (the value is the message)."""
-
-
-@dataclasses.dataclass
-class _Instance:
-    observed: Observed
-    ready_at: float
 
 
 class SimDriver:
@@ -53,28 +54,32 @@ class SimDriver:
         self.fail = fail
         self.clock = clock
         self.rng = rng or random.Random()
-        self.instances: dict[str, _Instance] = {}
+        self.instances: dict[str, Observed] = {}
         self._ids = itertools.count(1)
         self.creates = 0
+        self._busy_until: float | None = None
+        self.changes = 0
+        """Counts every change to the runtime (create, start, remove, crash)."""
 
     def observe(self) -> list[Observed]:
-        now = self.clock()
-        out = []
-        for inst in self.instances.values():
-            if inst.observed.state == "starting" and now >= inst.ready_at:
-                inst.observed = dataclasses.replace(inst.observed, state="running")
-            out.append(inst.observed)
-        return out
+        return list(self.instances.values())
 
-    def all_up_at(self) -> float | None:
-        """When every starting instance will be running (the latest start); None if none is starting.
+    def take_busy(self) -> float | None:
+        """When the creates and starts since the last call would have returned (on :attr:`clock`):
+        the latest start among them; None if there was none. Resets."""
+        busy, self._busy_until = self._busy_until, None
+        return busy
 
-        A real driver's ``create`` returns once the container runs, so a real agent's
-        reconcile creates every service and reports them all running at once: a simulated
-        device reconciles again at this moment, not once per instance.
-        """
-        pending = [i.ready_at for i in self.instances.values() if i.observed.state == "starting"]
-        return max(pending) if pending else None
+    def _starting(self) -> None:
+        """An instance starts: the call returns after its (jittered) start delay."""
+        self.changes += 1
+        delay = self.start_delay
+        if delay > 0 and self.jitter:
+            delay *= self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+        if delay > 0:
+            until = self.clock() + delay
+            if self._busy_until is None or until > self._busy_until:
+                self._busy_until = until
 
     def create(self, stack: str, stack_spec: StackSpec, service: ServiceSpec) -> None:
         self.creates += 1
@@ -82,26 +87,23 @@ class SimDriver:
             raise DriverError(f"{stack}/{service.name}: simulated failure on {self.device_id}")
         if LABEL_FAIL in service.labels:
             raise DriverError(f"{stack}/{service.name}: {service.labels[LABEL_FAIL] or 'simulated failure'}")
-        delay = self.start_delay
-        if delay > 0 and self.jitter:
-            delay *= self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+        self._starting()
         inst_id = f"sim-{self.device_id}-{next(self._ids)}"
-        state = "starting" if delay > 0 else "running"
-        observed = Observed(inst_id, stack, service.name, service.spec_hash(), state)  # type: ignore[arg-type]
-        self.instances[inst_id] = _Instance(observed, self.clock() + delay)
+        self.instances[inst_id] = Observed(inst_id, stack, service.name, service.spec_hash(), "running")
 
     def start(self, instance: Observed, service: ServiceSpec) -> None:
         inst = self.instances.get(instance.id)
         if inst is None:
             raise DriverError(f"no instance {instance.id}")
-        inst.observed = dataclasses.replace(inst.observed, state="starting", exit_code=None)
-        inst.ready_at = self.clock() + self.start_delay
+        self._starting()
+        self.instances[instance.id] = dataclasses.replace(inst, state="running", exit_code=None)
 
     def signal(self, instance: Observed, signame: str) -> None:
         if instance.id not in self.instances:
             raise DriverError(f"no instance {instance.id}")
 
     def remove(self, instance: Observed, grace: float) -> None:
+        self.changes += 1
         self.instances.pop(instance.id, None)
 
     def logs(self, instance: Observed, tail: int) -> str:
@@ -130,6 +132,7 @@ class SimDriver:
 
     def crash(self, stack: str, service: str, exit_code: int = 1) -> None:
         """Make the instances of ``stack``/``service`` exit (for tests)."""
-        for inst in self.instances.values():
-            if (inst.observed.stack, inst.observed.service) == (stack, service):
-                inst.observed = dataclasses.replace(inst.observed, state="exited", exit_code=exit_code)
+        self.changes += 1
+        for inst_id, inst in self.instances.items():
+            if (inst.stack, inst.service) == (stack, service):
+                self.instances[inst_id] = dataclasses.replace(inst, state="exited", exit_code=exit_code)

@@ -50,7 +50,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"failed attempts {summary['refused_or_failed_connects']}, lost {summary['connections_lost']})",
         f"messages:    {summary['messages_in']} in, {summary['messages_out']} out "
         f"({summary['bytes_in']} / {summary['bytes_out']} bytes)",
-        f"reconciles:  {summary['reconciles']}",
+        f"reconciles:  {summary['reconciles']} (and {summary['idle_reconciles_skipped']} skipped: nothing to see)",
         f"elapsed:     {summary['elapsed_s']:.1f} s",
         "generations (desired generation held: devices, converged, failed):",
     ]

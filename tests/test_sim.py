@@ -116,15 +116,23 @@ def test_session_renews_subscriptions_and_resends_unacknowledged_publishes() -> 
 
 
 def test_sim_driver_starts_after_a_delay_and_fails_on_demand() -> None:
+    """A create returns the instance running and says when the call would have returned; failures on demand."""
     now = [100.0]
     driver = SimDriver("d1", start_delay=2.0, jitter=0.0, clock=lambda: now[0])
-    spec = StackSpec(services=(ServiceSpec(name="web"),))
+    spec = StackSpec(services=(ServiceSpec(name="web"), ServiceSpec(name="db")))
+    assert driver.take_busy() is None
     driver.create("app", spec, spec.services[0])
-    assert [i.state for i in driver.observe()] == ["starting"]
-    assert driver.all_up_at() == 102.0
-    now[0] = 102.0
-    assert [i.state for i in driver.observe()] == ["running"]
-    assert driver.all_up_at() is None
+    now[0] = 100.5
+    driver.create("app", spec, spec.services[1])
+    assert [i.state for i in driver.observe()] == ["running", "running"]
+    assert driver.take_busy() == 102.5  # started side by side: the latest start
+    assert driver.take_busy() is None
+    driver.crash("app", "web", exit_code=3)
+    exited = next(i for i in driver.observe() if i.service == "web")
+    assert (exited.state, exited.exit_code) == ("exited", 3)
+    driver.start(exited, spec.services[0])
+    assert [i.state for i in driver.observe()] == ["running", "running"]
+    assert driver.take_busy() == 102.5
     failing = SimDriver("d2", fail=True)
     with pytest.raises(DriverError, match="simulated failure"):
         failing.create("app", spec, spec.services[0])
