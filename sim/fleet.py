@@ -440,6 +440,8 @@ class Fleet:
     def _build(self) -> None:
         cfg = self.config
         fail_rng = random.Random(cfg.seed + 1)
+        for _ in range(cfg.first_index):  # device n draws the n-th number, however the fleet is split
+            fail_rng.random()
         for i in range(cfg.devices):
             labels = cfg.device_labels(i)
             fail = fail_rng.random() < cfg.fail_fraction

@@ -6,6 +6,11 @@
 Each device is ``{prefix}-{i:05d}`` with its own MQTT session (client id ``tether-{id}``,
 persistent session, its own will) running the agent's real core. Point a controller
 (``tether up``) at the same broker and deploy to a group matching the labels.
+
+``--processes N`` splits the fleet into N processes (contiguous ranges of device numbers,
+each ``tether-sim`` with its own ``--first-index``, connect rate and concurrency divided
+among them) and prints one summary for all: one process holds one socket per device, and
+one event loop is one core.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
@@ -62,6 +70,67 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary for a fleet run as several processes: counts added, generations merged."""
+    total: dict[str, Any] = {}
+    generations: dict[str, dict[str, int]] = {}
+    for part in parts:
+        for key, value in part.items():
+            if key == "generations":
+                for gen, row in value.items():
+                    into = generations.setdefault(gen, {"devices": 0, "converged": 0, "failed": 0})
+                    for k, v in row.items():
+                        into[k] = into.get(k, 0) + v
+            elif key == "elapsed_s":
+                total[key] = max(total.get(key, 0.0), value)
+            elif isinstance(value, bool):
+                total[key] = total.get(key, True) and value
+            elif isinstance(value, int | float):
+                total[key] = total.get(key, 0) + value
+    total["generations"] = dict(sorted(generations.items(), key=lambda kv: int(kv[0])))
+    total["processes"] = len(parts)
+    return total
+
+
+def run_processes(processes: int, devices: int, first_index: int, argv: list[str]) -> dict[str, Any]:
+    """Run the fleet as ``processes`` child ``tether-sim`` processes; their merged summary.
+
+    ``argv``: the options every child gets; each is given its range of devices
+    (``--devices``, ``--first-index``) and where to write its summary. SIGINT and SIGTERM
+    are passed on: every child stops its devices cleanly."""
+    base, extra = divmod(devices, processes)
+    children: list[tuple[subprocess.Popen[bytes], Path]] = []
+    with tempfile.TemporaryDirectory(prefix="tether-sim-") as tmp:
+        start = first_index
+        for k in range(processes):
+            count = base + (1 if k < extra else 0)
+            summary_path = Path(tmp) / f"part-{k}.json"
+            child_argv = [sys.executable, "-m", "tether.sim", *argv]
+            child_argv += ["--devices", str(count), "--first-index", str(start), "--json", str(summary_path)]
+            # The child's own summary goes to its file; its progress lines stay on stderr.
+            proc = subprocess.Popen(child_argv, stdout=subprocess.DEVNULL)
+            children.append((proc, summary_path))
+            start += count
+
+        def forward(signum: int, _frame: object) -> None:
+            for proc, _ in children:
+                if proc.poll() is None:
+                    proc.send_signal(signum)
+
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            codes = [proc.wait() for proc, _ in children]
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        failed = [k for k, code in enumerate(codes) if code != 0]
+        if failed:
+            raise click.ClickException(
+                f"simulator process(es) {', '.join(map(str, failed))} of {processes} exited with an error"
+            )
+        return merge_summaries([json.loads(path.read_text()) for _, path in children])
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="Broker URL (mqtt:// only)."
@@ -84,6 +153,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 @click.option("--connect-rate", type=float, default=1000.0, show_default=True, help="New devices per second.")
 @click.option("--connect-concurrency", type=int, default=200, show_default=True, help="Handshakes in flight.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Split the fleet over this many processes (one socket per device: a process holds "
+    "at most the open-file limit).",
+)
 @click.option(
     "--hash-cache/--no-hash-cache",
     default=True,
@@ -111,6 +188,7 @@ def main(
     connect_rate: float,
     connect_concurrency: int,
     seed: int,
+    processes: int,
     hash_cache: bool,
     progress: float,
     json_path: str | None,
@@ -148,6 +226,39 @@ def main(
         seed=seed,
         cache_hashes=hash_cache,
     )
+    if processes > 1:
+        if processes > devices:
+            raise click.BadParameter(f"{processes} processes for {devices} devices", param_hint="--processes")
+        argv = ["--broker", broker, "--prefix", prefix, "--duration", str(duration)]
+        argv += ["--start-delay", str(start_delay), "--fail-fraction", str(fail_fraction)]
+        argv += ["--keepalive", str(keepalive), "--reconcile-interval", str(reconcile_interval)]
+        argv += ["--connect-rate", str(connect_rate / processes)]
+        argv += ["--connect-concurrency", str(max(1, connect_concurrency // processes))]
+        argv += ["--seed", str(seed), "--progress", str(progress), "--log-level", log_level]
+        argv += ["--hash-cache" if hash_cache else "--no-hash-cache"]
+        for chunk in labels:
+            argv += ["--labels", chunk]
+        if shard_label:
+            argv += ["--shard-label", shard_label]
+        if fail_labels:
+            argv += ["--fail-labels", fail_labels]
+        click.echo(
+            f"tether-sim: {devices} devices ({prefix}-...) in {processes} processes against "
+            f"{address.url()} for {duration:g} s",
+            err=True,
+        )
+        summary = run_processes(processes, devices, first_index, argv)
+    else:
+        summary = run_one(config, progress, duration, address.url())
+    click.echo(format_summary(summary))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(summary, f, indent=2)
+    sys.exit(0)
+
+
+def run_one(config: FleetConfig, progress: float, duration: float, url: str) -> dict[str, Any]:
+    """Run the fleet in this process; its summary."""
     fleet = Fleet(config)
 
     async def run() -> dict[str, Any]:
@@ -159,14 +270,10 @@ def main(
         )
 
     click.echo(
-        f"tether-sim: {devices} devices ({prefix}-...) against {address.url()} for {duration:g} s", err=True
+        f"tether-sim: {config.devices} devices ({config.prefix}-...) against {url} for {duration:g} s",
+        err=True,
     )
-    summary = asyncio.run(run())
-    click.echo(format_summary(summary))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(summary, f, indent=2)
-    sys.exit(0)
+    return asyncio.run(run())
 
 
 if __name__ == "__main__":  # pragma: no cover

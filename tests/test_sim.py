@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -251,10 +252,13 @@ def test_fleet_deploy_through_a_real_controller(mosquitto: Mosquitto, tmp_path: 
 
 
 @pytest.mark.mosquitto
-def test_tether_sim_command_stops_by_itself_and_summarises(mosquitto: Mosquitto) -> None:
+def test_tether_sim_command_stops_by_itself_and_summarises(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """tether-sim --processes 2 splits the fleet into two processes, stops cleanly and sums their summaries."""
+    summary_path = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "tether.sim", "--broker", mosquitto.url, "--devices", "15"]
-        + ["--labels", "site=cli", "--prefix", "cli", "--duration", "3", "--progress", "1"],
+        [sys.executable, "-m", "tether.sim", "--broker", mosquitto.url, "--devices", "15", "--processes", "2"]
+        + ["--labels", "site=cli", "--prefix", "cli", "--duration", "3", "--progress", "1"]
+        + ["--json", str(summary_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -262,7 +266,12 @@ def test_tether_sim_command_stops_by_itself_and_summarises(mosquitto: Mosquitto)
     assert result.returncode == 0, result.stderr
     assert "connected:   15" in result.stdout
     assert "none: 15 devices" in result.stdout
-    assert "15/15 connected" in result.stderr
+    assert "8/8 connected" in result.stderr and "7/7 connected" in result.stderr
+    summary = json.loads(summary_path.read_text())
+    assert (summary["processes"], summary["devices"], summary["connects"]) == (2, 15, 15)
+    log = mosquitto.log_text()
+    assert "as tether-cli-00000 " in log and "as tether-cli-00014 " in log and "cli-00015" not in log
     # Stopped cleanly: every device said goodbye (retained offline), no will needed.
-    goodbye = presence(mosquitto, "cli-00007")
-    assert goodbye is not None and goodbye.status == "offline"
+    for device_id in ("cli-00003", "cli-00012"):  # one of each process
+        goodbye = presence(mosquitto, device_id)
+        assert goodbye is not None and goodbye.status == "offline"
