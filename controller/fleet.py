@@ -33,6 +33,19 @@ class StackSeen:
 
     @classmethod
     def of(cls, status: StackStatus) -> StackSeen:
+        # Reports of a fleet share their stacks' statuses (codec.FieldMemo validates each
+        # distinct one once): what was made of one is made once, not per device.
+        known = _OF_STATUS.get(id(status))
+        if known is not None and known[0] is status:
+            return known[1]
+        seen = cls._of(status)
+        if len(_OF_STATUS) >= 4096:  # bounded: versions and states come and go
+            _OF_STATUS.clear()
+        _OF_STATUS[id(status)] = (status, seen)  # the status kept: its id is not reused meanwhile
+        return seen
+
+    @classmethod
+    def _of(cls, status: StackStatus) -> StackSeen:
         restarts = sum(s.restarts for s in status.services.values())
         error = next((s.last_error for s in status.services.values() if s.last_error), None)
         plain = status.state == "running" and not restarts and error is None
@@ -47,6 +60,8 @@ class StackSeen:
         return shared
 
 
+_OF_STATUS: dict[int, tuple[StackStatus, StackSeen]] = {}
+""":meth:`StackSeen.of` of each stack status seen lately, by identity."""
 _PLAIN: dict[tuple[str, str], StackSeen] = {}
 """One shared :class:`StackSeen` per (version, state) of a stack that runs without a blip."""
 

@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tether.protocol.models import ReportedState
+from tether.protocol.models import ReportedState, StackStatus
 
 from .fleet import Seen
 from .rollout import Deployment
@@ -190,6 +190,30 @@ class EventBus:
 # --- detecting transitions (pure) ---
 
 
+StackParts = tuple[tuple[str, str, str], tuple[tuple[str, str, int, str | None], ...]]
+_PARTS: dict[tuple[str, int], tuple[StackStatus, StackParts]] = {}
+""":func:`_stack_parts` of each stack status seen lately, by name and identity."""
+
+
+def _stack_parts(name: str, status: StackStatus) -> StackParts:
+    """What :meth:`ReportSummary.of` takes of one stack: (name, version, state) and its
+    services in a crash loop. Reports of a fleet share their stacks' statuses
+    (codec.FieldMemo): made once per status, not per device."""
+    known = _PARTS.get((name, id(status)))
+    if known is not None and known[0] is status:
+        return known[1]
+    failing = tuple(
+        (name, svc_name, svc.restarts, clip(svc.last_error))
+        for svc_name, svc in status.services.items()
+        if svc.state == "failed" and svc.restarts >= CRASH_LOOP_RESTARTS
+    )
+    parts = ((name, status.spec_hash, status.state), failing)
+    if len(_PARTS) >= 4096:  # bounded: versions and states come and go
+        _PARTS.clear()
+    _PARTS[(name, id(status))] = (status, parts)  # the status kept: its id is not reused meanwhile
+    return parts
+
+
 @dataclass(frozen=True, slots=True)
 class ReportSummary:
     """What of a report events are about (kept per device by the controller: small)."""
@@ -207,15 +231,9 @@ class ReportSummary:
 
     @classmethod
     def of(cls, reported: ReportedState) -> ReportSummary:
-        stacks = tuple(sorted((n, s.spec_hash, s.state) for n, s in reported.stacks.items()))
-        failing = tuple(
-            sorted(
-                (n, svc_name, svc.restarts, clip(svc.last_error))
-                for n, s in reported.stacks.items()
-                for svc_name, svc in s.services.items()
-                if svc.state == "failed" and svc.restarts >= CRASH_LOOP_RESTARTS
-            )
-        )
+        parts = [_stack_parts(n, s) for n, s in reported.stacks.items()]
+        stacks = tuple(sorted(p[0] for p in parts))
+        failing = tuple(sorted(f for p in parts for f in p[1]))
         stuck = tuple(
             sorted(
                 (n, d.spec_hash, d.state, clip(d.reason))

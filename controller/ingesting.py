@@ -410,8 +410,9 @@ class Ingestor:
         event = self._decode_from(device_id, payload, Event)
         if event is None:
             return
-        stored, trimmed = _bounded_event(event.model_copy(update={"oldest": 0}))
-        added = self.store.add_event(device_id, event.seq, stored.model_dump_json())
+        stored, trimmed = _bounded_event(event)
+        # Stored without ``oldest`` (what the device still queued then): no copy made for it.
+        added = self.store.add_event(device_id, event.seq, stored.model_dump_json(exclude={"oldest"}))
         if event.oldest:
             self.publisher.note_stored(device_id, event.seq, event.oldest)
         if not added:

@@ -72,6 +72,9 @@ class DeviceTopic(StrEnum):
     ACKED = "acked"
 
 
+_DEVICE_TOPICS = {kind.value: kind for kind in DeviceTopic}
+
+
 def check_device_id(device_id: str) -> str:
     """Return ``device_id`` if it is usable as a topic level, else raise :class:`TopicError`."""
     problem = names.DEVICE_ID.problem(device_id)
@@ -137,9 +140,8 @@ def parse(topic: str) -> ParsedTopic | None:
         return None
     rest = parts[2:]
     if len(rest) == 3 and rest[0] == "devices" and DEVICE_ID_RE.match(rest[1]):
-        try:
-            kind = DeviceTopic(rest[2])
-        except ValueError:
+        kind = _DEVICE_TOPICS.get(rest[2])  # not DeviceTopic(...): an enum call per message is slow
+        if kind is None:
             return None
         return ParsedTopic("device", device_id=rest[1], device_topic=kind)
     if len(rest) == 2 and rest[0] == "stacks" and SPEC_HASH_RE.match(rest[1]):
