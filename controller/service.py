@@ -95,6 +95,8 @@ _TICK = "\x00tick"
 _CALL = "\x00call"
 _NO_REPLY = object()
 """What a request's answer returns when this call does not reply to it (see ``Controller._reply``)."""
+_UNPREPARED = object()
+"""A request's command whose handler's ``prepare`` has not run yet (see ``Controller._prepared``)."""
 TICK_SECONDS = 1.0
 INGEST_BATCH = 500
 """Device messages handled in one store transaction, at most (see :meth:`Controller._ingest`)."""
@@ -750,7 +752,9 @@ class Controller:
             )
             return
 
-        def answer() -> Any:
+        def answer(prepared: Any = _UNPREPARED) -> Any:
+            """The request answered (its checks run again once ``prepared``: leadership or the
+            user may have changed meanwhile)."""
             command = COMMAND_ADAPTER.validate_python(request.command)
             if not self.leading.is_set() and not self.commands.handler(command).read_only:
                 # A standby answers reads from the shared store; writes go to the leader.
@@ -763,11 +767,11 @@ class Controller:
                 raise ForbiddenError(
                     f"user {user or LEGACY_USER!r} is not a user of this controller (tether users ls)"
                 )
-            if self.commands.handler(command).prepare is None:
-                return self._answer(command, principal)
+            if prepared is not _UNPREPARED or self.commands.handler(command).prepare is None:
+                return self._answer(command, principal, None if prepared is _UNPREPARED else prepared)
 
-            def then(prepared: Any) -> None:
-                self.call(lambda: self._reply(request, lambda: self._answer(command, principal, prepared)))
+            def then(done: Any) -> None:
+                self.call(lambda: self._reply(request, lambda: answer(done)))
 
             self._prepared(command, principal, then)  # answered once prepared, off this thread
             return _NO_REPLY
