@@ -247,10 +247,14 @@ def start(
         from_hash=from_hash,
         to_hash=to_hash,
         strategy=strategy,
-        devices={d: DeviceRollout() for d in sorted(members)},
+        devices=dict.fromkeys(sorted(members), _PENDING),
         created=now,
         updated=now,
     )
+
+
+_PENDING = DeviceRollout()
+"""A device not moved yet (frozen: every such device shares it)."""
 
 
 def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy, now: float) -> DeviceRollout:
@@ -380,7 +384,8 @@ def step(
         return dep
     devices = dict(dep.devices)
     for d in members:  # devices that joined the group during the deployment
-        devices.setdefault(d, DeviceRollout())
+        if d not in devices:  # (not setdefault: a DeviceRollout built per member and step)
+            devices[d] = _PENDING
     member_set = set(members)  # a list of 10,000 would make this loop quadratic
     for d in list(devices):
         if d not in member_set and devices[d].state in ("pending", "pending (offline)"):
@@ -451,8 +456,12 @@ def _step_state(dep: Deployment, devices: dict[str, DeviceRollout], staging: boo
     waiting = sorted(d for d, r in devices.items() if r.state in WAITING)
 
     def move(names: Sequence[str]) -> None:
+        moved: dict[DeviceRollout, DeviceRollout] = {}  # equal entries move to one (frozen) value
         for d in names:
-            devices[d] = devices[d].model_copy(update={"state": "updating", "batch": batch, "moved_at": now})
+            r = devices[d]
+            if r not in moved:
+                moved[r] = r.model_copy(update={"state": "updating", "batch": batch, "moved_at": now})
+            devices[d] = moved[r]
 
     if state == "running" and not moving and waiting:
         if strategy.kind == "all-at-once" or dep.from_hash is None:
