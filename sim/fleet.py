@@ -257,6 +257,7 @@ class SimDevice:
         settled = report is not None and all(s.state != "converging" for s in report.stacks.values())
         if mark[1] is None and settled:
             mark[1] = now
+            self.fleet.settled_marks += 1
 
     def done_at(self, generation: int) -> float | None:
         mark = self.marks.get(generation)
@@ -423,6 +424,9 @@ class Fleet:
         self.connack_times: list[float] = []
         self.reconciles = 0
         self.idle_reconciles = 0
+        self.settled_marks = 0
+        """How many (device, generation) marks got their settled time: a cheap thing to poll
+        before walking every device's marks."""
         """Reconciles skipped: nothing could have changed (:attr:`AgentCore.idle`)."""
         self.started_at = 0.0
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
