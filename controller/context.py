@@ -1,53 +1,70 @@
-"""What a command handler may use of the running controller: :class:`Context`.
+"""What a command handler may use of the running controller: :class:`Context`, its parts.
 
 Handlers are plain functions ``handler(ctx, command) -> result`` grouped by domain
 (controller/groups.py, ...), registered once in their module's
-:class:`~.registry.CommandRegistry`. They reach the controller only through this
-interface: the state store, the clock, the leader's in-memory view, and the scheduling that turns stored changes into
-published desired states. :class:`~.service.Controller` implements it, delegating scheduling
-to its :class:`~.scheduling.Scheduler` and publishing to its :class:`~.publishing.Publisher`; a unit test passes
-a controller on a real SQLite store with a recording publisher (tests/unit/).
+:class:`~.registry.CommandRegistry`. They reach the controller only through the parts a
+:class:`Context` holds, each named for what it does:
+
+* ``ctx.store``: the state store; ``ctx.clock``: wall-clock seconds (a test moves it by hand);
+* ``ctx.scheduler`` (:class:`~.scheduling.Scheduler`): ``recompute`` desired states,
+  ``update_placements``, a stack's ``targets``, the ``fleet_view``;
+* ``ctx.publisher`` (:class:`~.publishing.Publisher`): ``publish_pending``, ``publish_retained``;
+* ``ctx.deployer`` (:class:`~.deploying.Deployer`): ``start`` a deployment, ``advance``
+  the active ones, ``note`` a deployment's change as a fleet event;
+* ``ctx.events`` (:class:`~.fleet_events.DueEvents`): ``emit`` a fleet event;
+* the caches: ``variables``, ``registries`` (what desired states bind: ``forget()`` after a
+  change), ``access`` (the broker's credentials), ``notifier`` (webhooks), ``secrets``,
+  and the leader's in-memory ``device_metrics`` and ``device_history``.
+
+The :class:`~.service.Controller` builds one from its parts (``controller.context``); a unit
+test builds its own from real parts on a real SQLite store with a recording publisher
+(tests/unit/conftest.py).
 
 Writing a handler: read and validate first (raise a ``TetherError`` naming what is wrong,
-before anything is written), then write inside ``ctx.store.transaction()`` and call
-``ctx.recompute()`` in the same transaction when devices' desired states may change, then
-``ctx.publish_pending()`` once it is committed.
+before anything is written; :func:`require` for a lookup), then write inside
+``ctx.store.transaction()`` and call ``ctx.scheduler.recompute()`` in the same transaction
+when devices' desired states may change, then ``ctx.publisher.publish_pending()`` once it is
+committed (or both at once: :meth:`Context.sync`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tether.protocol.errors import NotFoundError
 
-from .fleet import Seen
-from .metrics_history import MetricsHistory
-from .models import Stack
-from .rollout import Deployment, Strategy
-from .store import Store
-
 T = TypeVar("T")
 
-if TYPE_CHECKING:  # variables.py registers its handlers, which take a Context
+if TYPE_CHECKING:  # the parts import the domain modules, which import this one
+    from .deploying import Deployer
+    from .fleet_events import DueEvents
+    from .metrics_history import MetricsHistory
     from .notify import Notifier
+    from .publishing import Publisher
     from .registries import RegistryCredentials
+    from .scheduling import Scheduler
     from .security import BrokerAccess
+    from .store import Store
     from .variables import SecretsKey, VariableBindings
 
 
-class Context(Protocol):
-    """The controller, as its command handlers see it (see the module docstring)."""
+@dataclass(frozen=True, eq=False)
+class Context:
+    """The controller, as its command handlers see it: its parts (see the module docstring)."""
 
     store: Store
     clock: Callable[[], float]
     """Wall-clock seconds (injected: tests move it by hand)."""
-    device_metrics: dict[str, dict[str, Any]]
-    """The latest metrics sample of each device (in memory, on the leader only)."""
-    device_history: MetricsHistory
-    """Each device's recent usage, downsampled (in memory, on the leader only)."""
-    secrets: SecretsKey | None
-    """The key pair secrets are sealed to (None: secrets are refused)."""
+    scheduler: Scheduler
+    """The fleet view, targets, placements and desired states."""
+    publisher: Publisher
+    """What is published to devices (desired states, retained answers)."""
+    deployer: Deployer
+    """Deployments: started, stepped, their changes noted."""
+    events: DueEvents
+    """Fleet events, emitted once the change is committed."""
     variables: VariableBindings
     """The variables, as desired states bind them (cached; forget() after a change)."""
     registries: RegistryCredentials
@@ -56,41 +73,19 @@ class Context(Protocol):
     """Who may connect, as the broker sees it: mirror credential and token changes there."""
     notifier: Notifier
     """The webhooks' notifier (controller/notify.py): forget() after a webhook changed."""
-
-    def publish_retained(self, topic: str, payload: bytes) -> bool:
-        """Publish a retained message (QoS 1) and wait for the broker; False if it was not
-        acknowledged or there is no connection."""
-
-    def recompute(self, device_ids: set[str] | None = None) -> None:
-        """Give every device (of ``device_ids``) whose stacks, jobs or bindings changed the next
-        generation, in the caller's transaction."""
-
-    def publish_pending(self, device_ids: set[str] | None = None) -> None:
-        """Publish what the broker does not have yet (after the transaction is committed)."""
+    secrets: SecretsKey | None
+    """The key pair secrets are sealed to (None: secrets are refused)."""
+    device_metrics: dict[str, dict[str, Any]]
+    """The latest metrics sample of each device (in memory, on the leader only)."""
+    device_history: MetricsHistory
+    """Each device's recent usage, downsampled (in memory, on the leader only)."""
 
     def sync(self, device_ids: set[str] | None = None) -> None:
-        """:meth:`recompute` in a transaction of its own, then :meth:`publish_pending`."""
-
-    def update_placements(self) -> None:
-        """Place every ``replicas`` stack again where its assignment changed (in the caller's transaction)."""
-
-    def fleet_view(self) -> dict[str, Seen]:
-        """Every device as deployment steps see it (kept in memory, re-read where written)."""
-
-    def start_deployment(self, stack: Stack, from_hash: str | None, strategy: Strategy) -> Deployment:
-        """Start the deployment of ``stack``'s current version (in the caller's transaction)."""
-
-    def advance_deployments(self, force: bool = True) -> None:
-        """Step every active deployment now; store, revert and publish what changed."""
-
-    def emit(self, kind: str, subject: str, data: dict[str, Any]) -> None:
-        """Emit a fleet event (controller/fleet_events.py) once the current change is committed."""
-
-    def note_deployment(self, before: Deployment | None, after: Deployment) -> None:
-        """Emit the fleet event of a deployment that started or changed state."""
-
-    def targets(self, stack: Stack) -> list[str]:
-        """The devices ``stack`` goes to (its group's eligible members, or its replicas' devices)."""
+        """Recompute desired states (of ``device_ids``, or all) in a transaction of its own,
+        then publish what changed."""
+        with self.store.transaction():
+            self.scheduler.recompute(device_ids)
+        self.publisher.publish_pending(device_ids)
 
 
 def require(value: T | None, what: str, key: object, hint: str = "") -> T:

@@ -59,7 +59,7 @@ def deployment_view(
         updated=d.updated,
     )
     if full:
-        fleet = ctx.fleet_view()
+        fleet = ctx.scheduler.fleet_view()
         now = ctx.clock()
         devices = {}
         for k in sorted(d.devices) if page is None else page:
@@ -207,9 +207,9 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> DeploymentResult
                 }
             )
             ctx.store.put_stack(reverted)
-            new = ctx.start_deployment(reverted, stack.spec_hash, d.strategy)
-            ctx.recompute()
-        ctx.publish_pending()
+            new = ctx.deployer.start(reverted, stack.spec_hash, d.strategy)
+            ctx.scheduler.recompute()
+        ctx.publisher.publish_pending()
         return DeploymentResult(deployment=deployment_view(ctx, new))
     if latest is None or latest.id != d.id or not d.active:
         raise ConflictError(
@@ -230,6 +230,6 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> DeploymentResult
         d = rollout.switch(d, now)
     with ctx.store.transaction():
         ctx.store.put_deployment(d)
-    ctx.note_deployment(before, d)
-    ctx.advance_deployments()
+    ctx.deployer.note(before, d)
+    ctx.deployer.advance()
     return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, d.id)))

@@ -195,7 +195,7 @@ def on_request(ctx: Context, device_id: str, payload: bytes) -> None:
         ctx.store.put_token(token.model_copy(update={"devices": (*token.devices, device_id)}))
     ctx.access.sync_tokens(ctx.store)
     log.info("device %s is waiting for approval (token %s)", device_id, token.id)
-    ctx.emit("device.pending", device_subject(device_id), {"token": token.id})
+    ctx.events.emit("device.pending", device_subject(device_id), {"token": token.id})
     if token.auto_approve:
         _approve(ctx, [entry])
 
@@ -384,7 +384,7 @@ def _publish_answer(ctx: Context, entry: Enrollment) -> bool:
     if entry.sealed is None:
         return False
     message = EnrollmentResponse(device_id=entry.device_id, sealed=entry.sealed)
-    return ctx.publish_retained(topics.enroll_response(entry.device_id), codec.encode(message))
+    return ctx.publisher.publish_retained(topics.enroll_response(entry.device_id), codec.encode(message))
 
 
 def publish_answers(ctx: Context) -> None:
@@ -399,7 +399,7 @@ def seen(ctx: Context, device_id: str) -> None:
     entry = ctx.store.get_enrollment(device_id)
     if entry is None or entry.state != "approved" or entry.cleared:
         return
-    if ctx.publish_retained(topics.enroll_response(device_id), b""):
+    if ctx.publisher.publish_retained(topics.enroll_response(device_id), b""):
         with ctx.store.transaction():
             ctx.store.put_enrollment(entry.model_copy(update={"cleared": True, "sealed": None}))
         log.info("device %s enrolled and online", device_id)

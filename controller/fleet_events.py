@@ -373,3 +373,30 @@ def deployment_event(before: Deployment | None, after: Deployment, now: float) -
     if after.message:
         data["message"] = clip(after.message)
     return FleetEvent(kind, stack_subject(after.stack), now, data)
+
+
+class DueEvents:
+    """The fleet events emitted while the worker handles something, held until it is committed
+    (the :class:`~.service.Controller` then hands them to its :class:`EventBus`, and drops
+    those of a command that failed)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.due: list[FleetEvent] = []
+        """Emitted, not yet on the bus (changed in place only: the controller holds it too)."""
+
+    def emit(self, kind: str, subject: str, data: dict[str, Any]) -> None:
+        """Emit a fleet event (one of :data:`KINDS`) once the current change is committed."""
+        self.due.append(FleetEvent(kind, subject, self.clock(), data))
+
+    def deployment(self, before: Deployment | None, after: Deployment) -> None:
+        """Emit the event of a deployment that started or changed state (none otherwise)."""
+        event = deployment_event(before, after, self.clock())
+        if event is not None:
+            self.due.append(event)
+
+    def take(self) -> list[FleetEvent]:
+        """The events due, in order; none are due after."""
+        due = self.due[:]
+        self.due.clear()
+        return due

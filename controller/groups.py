@@ -59,8 +59,8 @@ def groups_create(ctx: Context, cmd: GroupsCreate) -> GroupCreated:
         ) from exc
     with ctx.store.transaction():
         ctx.store.create_group(group)
-        ctx.recompute()
-    ctx.publish_pending()
+        ctx.scheduler.recompute()
+    ctx.publisher.publish_pending()
     unknown = never_seen(ctx.store, group.devices)
     if unknown:
         log.warning("group %s names device(s) never heard from: %s", group.name, ", ".join(unknown))
@@ -80,8 +80,8 @@ def groups_trust(ctx: Context, cmd: GroupsTrust) -> GroupResult:
         with ctx.store.transaction():
             ctx.store.delete_group(group.name)
             ctx.store.create_group(group.model_copy(update={"trust_device_labels": cmd.trust}))
-            ctx.recompute()
-        ctx.publish_pending()
+            ctx.scheduler.recompute()
+        ctx.publisher.publish_pending()
         log.warning(
             "group %s: %s",
             group.name,

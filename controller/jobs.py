@@ -46,8 +46,8 @@ def _add_job(ctx: Context, job: Job) -> JobResultView:
         raise ConflictError(f"job {job.name!r} already exists; remove it first")
     with ctx.store.transaction():
         ctx.store.put_job(job)
-        ctx.recompute()
-    ctx.publish_pending()
+        ctx.scheduler.recompute()
+    ctx.publisher.publish_pending()
     return JobResultView(job=job_view(job))
 
 
@@ -160,6 +160,6 @@ def jobs_rm(ctx: Context, cmd: JobsRemove) -> Removed:
     _job(ctx, cmd.name)
     with ctx.store.transaction():
         ctx.store.delete_job(cmd.name)
-        ctx.recompute()
-    ctx.publish_pending()
+        ctx.scheduler.recompute()
+    ctx.publisher.publish_pending()
     return Removed(removed=cmd.name)

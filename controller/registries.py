@@ -218,5 +218,5 @@ def _save_registries(
         if delete is not None:
             ctx.store.delete_registry(*delete)
         ctx.registries.forget()
-        ctx.recompute()
-    ctx.publish_pending()
+        ctx.scheduler.recompute()
+    ctx.publisher.publish_pending()

@@ -286,7 +286,7 @@ def _publish_offline(ctx: Context, device_id: str) -> None:
     if device is None or device.status == "offline" or not names.DEVICE_ID.ok(device_id):
         return
     presence = Presence(device_id=device_id, status="offline", session=device.session, at=ctx.clock())
-    ctx.publish_retained(topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(presence))
+    ctx.publisher.publish_retained(topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(presence))
 
 
 def _leave_static_groups(store: Store, device_id: str) -> None:
@@ -334,6 +334,6 @@ def _clear_retained(ctx: Context, device_ids: tuple[str, ...]) -> bool:
         if not names.DEVICE_ID.ok(device_id):
             continue  # it has no topic: publishing on a malformed one gets us disconnected
         for kind in (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REPORTED):
-            ok = ctx.publish_retained(topics.device(device_id, kind), b"") and ok
-        ok = ctx.publish_retained(topics.enroll_response(device_id), b"") and ok
+            ok = ctx.publisher.publish_retained(topics.device(device_id, kind), b"") and ok
+        ok = ctx.publisher.publish_retained(topics.enroll_response(device_id), b"") and ok
     return ok

@@ -29,7 +29,7 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -57,7 +57,6 @@ from . import (
     jobs,
     notify,
     registries,
-    rollout,
     security,
     stacks,
     users,
@@ -68,13 +67,11 @@ from .deploying import Deployer
 from .devices import all_devices
 from .fleet import Seen
 from .fleet_events import (
+    DueEvents,
     EventBus,
-    FleetEvent,
-    deployment_event,
 )
 from .ingesting import Ingestor
 from .lease import Lease
-from .models import Stack
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
 from .publishing import BEHIND_CHECK, Publisher
 from .registries import RegistryCredentials
@@ -82,7 +79,6 @@ from .registry import CommandRegistry
 from .rollout import DeploymentState
 from .scheduling import Scheduler
 from .security import BrokerAccess
-from .selectors import Attributes
 from .store import Store
 from .variables import SecretsKey, VariableBindings
 
@@ -179,7 +175,9 @@ class Controller:
         """Fleet events (:mod:`.fleet_events`), emitted once the change is committed."""
         self.notifier = notify.Notifier(store, secrets, clock)
         """Webhooks (:mod:`.notify`): told of the events emitted, sent from a thread of their own."""
-        self._events_due: list[FleetEvent] = []  # emitted by flush_events, after the commit
+        self.events = DueEvents(clock)
+        """Fleet events emitted, handed to :attr:`bus` once committed (:meth:`flush_events`)."""
+        self._events_due = self.events.due  # the same list, changed in place only
         self.scheduler = Scheduler(
             store,
             clock=clock,
@@ -204,7 +202,7 @@ class Controller:
             clock=clock,
             scheduler=self.scheduler,
             sync=lambda: self.sync(),
-            note=lambda before, after: self.note_deployment(before, after),
+            note=self.events.deployment,
         )
         """Deployment steps (:mod:`.deploying`)."""
         self.ingestor = Ingestor(
@@ -217,13 +215,29 @@ class Controller:
             stacks=store.list_stacks,
             emit=lambda event: self._events_due.append(event),
             sync=lambda: self.sync(),
-            online=lambda device_id: enrollment.seen(self, device_id),
+            online=lambda device_id: enrollment.seen(self.context, device_id),
             refresh=lambda: setattr(self, "_next_refresh", 0.0),
             client=lambda: self.client,
         )
         """What devices publish, stored and turned into fleet events (:mod:`.ingesting`)."""
         self.device_metrics = self.ingestor.device_metrics  # latest sample per device, in memory only
         self.device_history = self.ingestor.device_history  # recent usage, downsampled, in memory only
+        self.context = Context(
+            store=store,
+            clock=clock,
+            scheduler=self.scheduler,
+            publisher=self.publisher,
+            deployer=self.deployer,
+            events=self.events,
+            variables=self.variables,
+            registries=self.registries,
+            access=self.access,
+            notifier=self.notifier,
+            secrets=secrets,
+            device_metrics=self.device_metrics,
+            device_history=self.device_history,
+        )
+        """What command handlers use: these parts (:mod:`.context`)."""
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
         self._next_refresh = 0.0
         self._next_repair = 0.0  # see tick
@@ -471,10 +485,6 @@ class Controller:
 
     # --- deployments ---
 
-    def targets(self, stack: Stack, labels: Mapping[str, Attributes] | None = None) -> list[str]:
-        """See :meth:`.scheduling.Scheduler.targets`."""
-        return self.scheduler.targets(stack, labels)
-
     def fleet_view(self) -> dict[str, Seen]:
         """See :meth:`.scheduling.Scheduler.fleet_view`."""
         return self.scheduler.fleet_view()
@@ -482,12 +492,6 @@ class Controller:
     def advance_deployments(self, force: bool = True) -> None:
         """See :meth:`.deploying.Deployer.advance`."""
         self.deployer.advance(force)
-
-    def start_deployment(
-        self, stack: Stack, from_hash: str | None, strategy: rollout.Strategy
-    ) -> rollout.Deployment:
-        """See :meth:`.deploying.Deployer.start`."""
-        return self.deployer.start(stack, from_hash, strategy)
 
     # --- dispatch ---
 
@@ -501,21 +505,10 @@ class Controller:
 
     # --- fleet events (see fleet_events.py) ---
 
-    def emit(self, kind: str, subject: str, data: dict[str, Any]) -> None:
-        """Emit a fleet event once what the worker is doing now is committed (:meth:`flush_events`)."""
-        self._events_due.append(FleetEvent(kind, subject, self.clock(), data))
-
-    def note_deployment(self, before: rollout.Deployment | None, after: rollout.Deployment) -> None:
-        """Emit the event of a deployment that started or changed state (none otherwise)."""
-        event = deployment_event(before, after, self.clock())
-        if event is not None:
-            self._events_due.append(event)
-
     def flush_events(self) -> None:
         """Emit the events of what is committed now (on the worker thread)."""
         if self._events_due:
-            due, self._events_due = self._events_due, []
-            for event in due:
+            for event in self.events.take():
                 emitted = self.bus.emit(event)
                 try:
                     self.notifier.on_event(emitted)
@@ -536,7 +529,7 @@ class Controller:
                 self.ingestor.connected(lost)
                 self.publisher.reconnected(self.client is None or self.client.session_present)
                 self.publish_pending()
-                enrollment.publish_answers(self)
+                enrollment.publish_answers(self.context)
             self.ready.set()
             return
         parsed = topics.parse(topic)
@@ -556,15 +549,11 @@ class Controller:
         elif topic == self.ingestor.asked_topic:
             self.ingestor.on_answer(payload)
         elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
-            enrollment.on_request(self, parsed.device_id, payload)
+            enrollment.on_request(self.context, parsed.device_id, payload)
         elif parsed.kind == "device" and parsed.device_id is not None and parsed.device_topic and payload:
             self.ingestor.on_message(parsed.device_topic, parsed.device_id, payload)
 
     # --- scheduling and publishing ---
-
-    def publish_retained(self, topic: str, payload: bytes) -> bool:
-        """See :meth:`.publishing.Publisher.publish_retained`."""
-        return self.publisher.publish_retained(topic, payload)
 
     def publish_pending(self, device_ids: set[str] | None = None) -> None:
         """See :meth:`.publishing.Publisher.publish_pending`."""
@@ -584,17 +573,11 @@ class Controller:
 
     def sync(self, device_ids: set[str] | None = None) -> None:
         """Recompute desired states (of ``device_ids``, or all), store changes, publish."""
-        with self.store.transaction():
-            self.recompute(device_ids)
-        self.publish_pending(device_ids)
+        self.context.sync(device_ids)
 
     def recompute(self, device_ids: set[str] | None = None) -> None:
         """See :meth:`.scheduling.Scheduler.recompute`."""
         self.scheduler.recompute(device_ids)
-
-    def update_placements(self) -> None:
-        """See :meth:`.scheduling.Scheduler.update_placements`."""
-        self.scheduler.update_placements()
 
     # --- requests ---
 
@@ -663,7 +646,7 @@ class Controller:
 
         def work() -> None:
             try:
-                prepared = prepare(self, command)
+                prepared = prepare(self.context, command)
             except Exception as exc:  # raised by the handler, on the controller's thread
                 prepared = exc
             then(prepared)
@@ -694,7 +677,6 @@ class Controller:
         (controller/registry.py) is refused with a :class:`ForbiddenError` before anything
         runs; every command above a viewer's is recorded with its outcome (controller/users.py).
         ``prepared``: what the handler's ``prepare`` made of ``command`` (see :meth:`_prepared`)."""
-        ctx: Context = self  # what handlers may use of the controller (checked by mypy)
         handler = self.commands.handler(command)
         outcome = "internal"
         mark = len(self._events_due)
@@ -706,7 +688,9 @@ class Controller:
                 )
             try:
                 result = (
-                    handler.run(ctx, command) if prepared is None else handler.run(ctx, command, prepared)
+                    handler.run(self.context, command)
+                    if prepared is None
+                    else handler.run(self.context, command, prepared)
                 )
             except BaseException:
                 del self._events_due[mark:]  # nothing it did stays: nor do its events

@@ -103,18 +103,20 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
             ctx.store.put_spec(spec_hash, spec)
             ctx.store.put_stack(stack)
             ctx.store.put_stack_version(stack)
-            ctx.update_placements()
+            ctx.scheduler.update_placements()
             stack = ctx.store.get_stack(cmd.name) or stack
             if new_version:
                 from_hash = existing.spec_hash if existing is not None else None
-                deployment = ctx.start_deployment(stack, from_hash, cmd.strategy)
-            ctx.recompute()
-        ctx.publish_pending()
+                deployment = ctx.deployer.start(stack, from_hash, cmd.strategy)
+            ctx.scheduler.recompute()
+        ctx.publisher.publish_pending()
     else:
         stack = existing  # type: ignore[assignment]
         deployment = None
     stack = ctx.store.get_stack(cmd.name) or stack
-    fleet = ctx.fleet_view()  # the fleet as the deployment sees it (in memory), no device row read again
+    fleet = (
+        ctx.scheduler.fleet_view()
+    )  # the fleet as the deployment sees it (in memory), no device row read again
     if stack.placement.mode == "replicas":
         targets = [a.device_id for a in stack.assignment]
     else:
@@ -200,7 +202,7 @@ def stacks_plan(ctx: Context, cmd: StacksPlan) -> StackPlan:
     if placement.mode == "replicas":
         targets = [a.device_id for a in existing.assignment] if existing is not None else []
     else:
-        fleet = ctx.fleet_view()
+        fleet = ctx.scheduler.fleet_view()
         targets = members(group, {d: seen.attributes for d, seen in fleet.items()})
     return StackPlan(
         name=cmd.name,
@@ -371,6 +373,6 @@ def stacks_rm(ctx: Context, cmd: StacksRemove) -> Removed:
     require(ctx.store.get_stack(cmd.name), "stack", cmd.name)
     with ctx.store.transaction():
         ctx.store.delete_stack(cmd.name)
-        ctx.recompute()
-    ctx.publish_pending()
+        ctx.scheduler.recompute()
+    ctx.publisher.publish_pending()
     return Removed(removed=cmd.name)

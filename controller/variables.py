@@ -440,7 +440,7 @@ def vars_rm(ctx: Context, cmd: VarsRemove) -> VariableRemoved:
         refs = [r for r in ctx.variables.stack_refs(stack.spec_hash) if split_ref(r)[0] == cmd.path]
         if not refs:
             continue
-        missing = unresolved(after, refs, ctx.targets(stack), stack.group)
+        missing = unresolved(after, refs, ctx.scheduler.targets(stack), stack.group)
         if missing:
             ref, devices = next(iter(missing.items()))
             raise StoreError(
@@ -459,5 +459,5 @@ def _save_variables(ctx: Context, put: list[Variable], delete: list[tuple[str, s
         for scope, path in delete:
             ctx.store.delete_variable(scope, path)
         ctx.variables.forget()
-        ctx.recompute()
-    ctx.publish_pending()
+        ctx.scheduler.recompute()
+    ctx.publisher.publish_pending()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from support.recording import Clock, RecordingPublisher
+from tether.controller.context import Context
 from tether.controller.security import ensure_operator_credentials
 from tether.controller.service import Controller
 from tether.controller.store import Store
@@ -30,3 +31,9 @@ def controller(tmp_path: Path, publisher: RecordingPublisher) -> Iterator[Contro
     controller.leading.set()
     yield controller
     store.close()
+
+
+@pytest.fixture
+def context(controller: Controller) -> Context:
+    """What handlers get of that controller: its parts (call a handler directly with it)."""
+    return controller.context
