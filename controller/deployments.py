@@ -89,8 +89,7 @@ def deployments_ls(ctx: Context, cmd: DeploymentsList) -> DeploymentList:
 
 
 def _deployment(ctx: Context, deployment_id: int) -> rollout.Deployment:
-    deployment = require(ctx.store.get_deployment(deployment_id), "deployment", deployment_id)
-    return deployment
+    return require(ctx.store.get_deployment(deployment_id), "deployment", deployment_id)
 
 
 @commands.command(DeploymentsStatus, role="viewer", http=Route("GET", "/deployments/{id}", "A deployment"))

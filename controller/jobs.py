@@ -108,8 +108,7 @@ def job_view(job: Job) -> JobView:
 
 
 def _job(ctx: Context, name: str) -> Job:
-    job = require(ctx.store.get_job(name), "job", name)
-    return job
+    return require(ctx.store.get_job(name), "job", name)
 
 
 @commands.command(JobsList, role="viewer", http=Route("GET", "/jobs", "Every job"))

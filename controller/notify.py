@@ -499,8 +499,7 @@ def delivery_view(d: Delivery) -> DeliveryView:
 
 
 def _webhook(ctx: Context, webhook_id: str) -> Webhook:
-    webhook = require(ctx.store.get_webhook(webhook_id), "webhook", webhook_id)
-    return webhook
+    return require(ctx.store.get_webhook(webhook_id), "webhook", webhook_id)
 
 
 @commands.command(NotifyAdd, role="admin", http=Route("POST", "/webhooks", "Add a webhook", status=201))

@@ -96,8 +96,7 @@ def _view(user: User) -> UserView:
 
 
 def _user(store: Store, name: str) -> User:
-    user = require(store.get_user(name), "user", name)
-    return user
+    return require(store.get_user(name), "user", name)
 
 
 def _admins(store: Store) -> list[str]:
