@@ -179,12 +179,12 @@ class Ingestor:
 
     def connected(self, lost: bool) -> None:
         """The leading controller is connected (again); ``lost``: the broker lost our session.
-        Presence in the store is then not to be trusted (:meth:`presence_stale`); otherwise
-        the broker's retained presence is not either (:meth:`reconfirm_presence`)."""
+        Presence in the store is then not to be trusted (:meth:`presence_stale`), and the
+        broker's retained presence never is (:meth:`reconfirm_presence`): a broker that
+        restarted, alone or with the controller (a reboot), restores it with no will behind it."""
         if lost or not self._presence_trusted:
             self.presence_stale()
-        else:
-            self.reconfirm_presence()
+        self.reconfirm_presence()
 
     def presence_stale(self) -> None:
         """Every device shown online becomes ``unknown`` until it is heard from again.
@@ -213,17 +213,18 @@ class Ingestor:
             self._refresh()  # the gauges too, at the next tick
 
     def reconfirm_presence(self) -> None:
-        """The controller reconnected: the broker may have restarted and restored retained
+        """The controller (re)connected: the broker may have restarted and restored retained
         ``online`` presences no will is left to correct (:mod:`.reconfirm`). Every device shown
-        online must show life again within its allowance; each is asked for its facts."""
+        online (or ``unknown``: the retained word would turn it online) must show life again
+        within its allowance; each is asked for its facts."""
         client = self._client()
         assert client is not None
         now = self.clock()
-        online = [d for d in self.store.list_devices() if d.status == "online"]
-        asks = self.reconfirm.start((d.id, d.session, now + allowance(d)) for d in online)
+        shown = [d for d in self.store.list_devices() if d.status in ("online", "unknown")]
+        asks = self.reconfirm.start((d.id, d.session, now + allowance(d)) for d in shown)
         if not asks:
             return
-        log.info("reconnected to the broker: %d device(s) shown online must show life again", len(asks))
+        log.info("connected to the broker: %d device(s) shown online must show life again", len(asks))
         for request_id, device_id in asks:
             request = Request(id=request_id, reply_to=self.asked_topic, command={"kind": "facts"})
             client.publish(topics.device(device_id, DeviceTopic.REQUESTS), codec.encode(request), qos=0)

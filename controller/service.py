@@ -272,6 +272,8 @@ class Controller:
         if fresh_broker:
             self.store.mark_all_unpublished()
         self._session_id = session_id
+        if session_id is not None:  # the same answer topic across restarts: one subscription in the session
+            self.ingestor.asked_topic = topics.replies(session_id)
         self._session_known = session_known
         self._request_qos = 0 if session_id else 1
         self.client = transport or MqttClient(

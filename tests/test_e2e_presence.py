@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +12,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from support.infra import Mosquitto, wait_until
+from support.infra import MOSQUITTO_BIN, Mosquitto, accepts, free_port, stop_process, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli_json, wait_online
 from tether.protocol import codec
 from tether.protocol.models import Presence
@@ -149,8 +151,70 @@ def test_controller_reconnect_reconfirms_online_devices(
     wait_until(thief.is_connected, 10, message="took the controller's session over")
     thief.disconnect()
     thief.loop_stop()
-    controller.wait_for_line(
-        r"reconnected to the broker: 1 device\(s\) shown online must show life again", 60
-    )
+    controller.wait_for_line(r"connected to the broker: 1 device\(s\) shown online must show life again", 60)
     controller.wait_for_line("every device shown online has shown life since the reconnection", 30)
     assert _status(mosquitto.url, device) == ("online", session), "the same connection, still online"
+
+
+class _PersistentMosquitto:
+    """Mosquitto with persistence on a fixed port, so that it can crash and come back as after a reboot."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        (self.dir / "mosquitto.conf").write_text(
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {self.dir}/\nmax_queued_messages 100000\nuser root\n"
+        )
+
+    def start(self) -> None:
+        out = (self.dir / "mosquitto.out").open("ab")
+        self.proc = subprocess.Popen(
+            [MOSQUITTO_BIN, "-c", str(self.dir / "mosquitto.conf")], stdout=out, stderr=out
+        )
+        wait_until(lambda: accepts(self.port), 15, message="mosquitto listening")
+
+    def snapshot_and_crash(self) -> None:
+        """Write the persistence file (as an autosave would), then SIGKILL: no will is published."""
+        assert self.proc is not None
+        db = self.dir / "mosquitto.db"
+        self.proc.send_signal(signal.SIGUSR1)
+        wait_until(db.exists, 10, 0.05, "mosquitto.db written")
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+@pytest.mark.mosquitto
+def test_host_reboot_does_not_revive_a_dead_device(tmp_path: Path, procs: list[Any]) -> None:
+    """Mosquitto and the controller crash together (a reboot) while a device is frozen: the
+    broker restores its retained ``online`` and has no will for it, yet the controller shows
+    it offline within its allowance, while the device that reconnects is online."""
+    broker = _PersistentMosquitto(tmp_path / "broker")
+    broker.start()
+    procs.append(broker)
+    live, dead = f"live-{uuid.uuid4().hex[:6]}", f"dead-{uuid.uuid4().hex[:6]}"
+    controller = ControllerProcess(tmp_path / "controller", broker=broker.url)
+    procs.append(controller)
+    agents = {d: AgentProcess(broker.url, d, tmp_path / d, extra=["--keepalive", "5"]) for d in (live, dead)}
+    procs.extend(agents.values())
+    for device in (live, dead):
+        wait_online(broker.url, device)
+    _, live_session = _status(broker.url, live)
+    agents[dead].signal(signal.SIGSTOP)  # its connection stays open: no will before the crash
+    broker.snapshot_and_crash()
+    controller.kill()
+    agents[dead].kill()
+    broker.start()
+    controller = ControllerProcess(tmp_path / "controller", broker=broker.url)
+    procs.append(controller)
+    wait_until(lambda: _status(broker.url, live)[0] == "online" and _status(broker.url, live)[1] > live_session,
+               60, 0.2, f"{live} online in a new session")  # fmt: skip
+    wait_until(lambda: _status(broker.url, dead)[0] == "offline", 60, 0.5, f"{dead} shown offline")
+    assert _retained_presence(broker.url, dead).status == "offline", "the broker's word is corrected too"
+    assert _status(broker.url, live)[0] == "online"
