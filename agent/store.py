@@ -28,6 +28,7 @@ written again by :meth:`LocalStore.retry` until it succeeds; meanwhile
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -185,7 +186,7 @@ class MemoryStore:
         return self.dropped
 
     def outbox_head(self, n: int) -> list[Event]:
-        return list(self.outbox)[:n]
+        return list(itertools.islice(self.outbox, n))  # not a copy of the whole outbox per call
 
     def outbox_ack(self, seq: int) -> None:
         self.outbox = deque(e for e in self.outbox if e.seq != seq)
