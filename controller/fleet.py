@@ -39,7 +39,7 @@ class StackSeen:
         if known is not None and known[0] is status:
             return known[1]
         seen = cls._of(status)
-        if len(_OF_STATUS) >= 4096:  # bounded: versions and states come and go
+        if len(_OF_STATUS) >= 1024:  # bounded: it keeps the statuses (a failing one holds log lines)
             _OF_STATUS.clear()
         _OF_STATUS[id(status)] = (status, seen)  # the status kept: its id is not reused meanwhile
         return seen

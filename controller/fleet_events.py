@@ -208,7 +208,7 @@ def _stack_parts(name: str, status: StackStatus) -> StackParts:
         if svc.state == "failed" and svc.restarts >= CRASH_LOOP_RESTARTS
     )
     parts = ((name, status.spec_hash, status.state), failing)
-    if len(_PARTS) >= 4096:  # bounded: versions and states come and go
+    if len(_PARTS) >= 1024:  # bounded: it keeps the statuses (a failing one holds log lines)
         _PARTS.clear()
     _PARTS[(name, id(status))] = (status, parts)  # the status kept: its id is not reused meanwhile
     return parts
