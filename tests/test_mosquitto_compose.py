@@ -11,6 +11,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def test_production_broker_refuses_anonymous_and_serves_devices(
     port = free_port()
     data, broker_dir = root / "data", root / "mosquitto"
     (broker_dir / "data").mkdir(parents=True)
-    tether = str(Path(sys.executable).with_name("tether"))
+    tether = f"{shlex.quote(sys.executable)} -m tether.cli.main"  # the `tether` of this checkout
 
     def local(text: str) -> str:
         """A container's paths, owners and port as they are on this machine."""
