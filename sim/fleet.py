@@ -456,17 +456,10 @@ class Fleet:
     async def run(self, on_tick: Callable[[Fleet], None] | None = None, tick: float = 5.0) -> dict[str, Any]:
         """Build and connect the fleet, run until ``duration`` or :meth:`stop`; return :meth:`summary`."""
         raise_fd_limit()
-        self.loop = asyncio.get_running_loop()
-        self.handshakes = asyncio.Semaphore(self.config.connect_concurrency)
         self._stop = asyncio.Event()
         self.started_at = time.monotonic()
-        self._build()
         gc_before = gc.get_threshold()
-        if self.config.tune_gc:
-            # 10,000 devices are millions of long-lived objects (cores, sessions, models):
-            # out of the collector's sight once built, and again once connected (protocol/heap.py).
-            tune_gc()
-            gc.set_threshold(*GC_THRESHOLDS)
+        self.prepare()
         ramp = self.loop.create_task(self._ramp())
         deadline = None if self.config.duration is None else self.started_at + self.config.duration
         try:
@@ -492,6 +485,18 @@ class Fleet:
                 gc.unfreeze()
                 gc.set_threshold(*gc_before)
         return summary
+
+    def prepare(self) -> None:
+        """Build the devices on the running loop, not connected yet (:meth:`run` connects them;
+        ``bench/sim_cpu.py`` hands them transports of its own)."""
+        self.loop = asyncio.get_running_loop()
+        self.handshakes = asyncio.Semaphore(self.config.connect_concurrency)
+        self._build()
+        if self.config.tune_gc:
+            # 10,000 devices are millions of long-lived objects (cores, sessions, models):
+            # out of the collector's sight once built, and again once connected (protocol/heap.py).
+            tune_gc()
+            gc.set_threshold(*GC_THRESHOLDS)
 
     def wake_at(self, device: SimDevice, when: float) -> None:
         """Reconcile ``device`` at ``when`` (loop time), unless it reconciles before."""

@@ -75,6 +75,16 @@ def test_controller_cpu(tmp_path: Path) -> None:
     assert data["store_rows"]["devices"] == 40 and data["store_rows"]["reported"] == 40
 
 
+def test_sim_cpu(tmp_path: Path) -> None:
+    """A recorded deploy replayed into simulated devices: each applies it with one report, its CPU measured."""
+    data = bench(tmp_path, "sim_cpu", "--devices", "40", "--watch", "0.5")
+    assert [d["messages_per_device"] >= 2 for d in data["deploys"]] == [True, True]  # desired state, definition
+    assert all(d["cpu_s"] > 0 and d["reconciles"] >= 40 for d in data["deploys"])
+    # Per device: online presence and a report on connecting; per deploy the acceptance and three
+    # service.created events, and one report (the services running).
+    assert data["messages_out"] == 40 * (2 + 2 * 5)
+
+
 def test_ui_devices(tmp_path: Path) -> None:
     """The dashboard's device list is fetched over HTTP after logging in, each page saying what it should."""
     data = bench(tmp_path, "ui_devices", "--devices", "30", "--repeat", "1")
