@@ -334,8 +334,14 @@ class AgentCore:
             presence = codec.decode(payload, Presence)
         except PayloadError:
             return
-        if presence.session < self.session and self.link.connected:
-            # A will from an older connection arrived after our ``online``: restore it.
+        if self.link.connected and (
+            presence.session < self.session
+            or (presence.session == self.session and presence.status == "offline")
+        ):
+            # A will from an older connection arrived after our ``online``, or the controller
+            # published the will of this one that a restarted broker lost (controller/reconfirm.py)
+            # while we are in fact connected: restore it. (Our own goodbye is sent after the
+            # last message is handled.)
             self.publish_online()
 
     def _on_desired(self, payload: bytes) -> None:

@@ -14,7 +14,8 @@ agents answer it too, if only with a refusal). One that does neither within its 
 (the broker's 1.5 x keepalive for a dead link plus the agent's longest reconnect backoff)
 gets the will the broker lost: the controller publishes its ``offline`` presence (retained,
 the same session), which the controller then handles like any will. An agent that is in
-fact connected takes that for a late will and publishes ``online`` again.
+fact connected publishes ``online`` again when it sees it (agents before this one: at their
+next connection).
 
 Pure bookkeeping: :class:`~.ingesting.Ingestor` does the I/O.
 """

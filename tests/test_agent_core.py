@@ -25,6 +25,7 @@ from tether.agent.store import MemoryStore
 from tether.protocol import codec, topics
 from tether.protocol.models import (
     DesiredState,
+    Presence,
     ServiceSpec,
     StackDefinition,
     StackRef,
@@ -330,3 +331,29 @@ def test_service_lifecycle_events_name_the_stack_version() -> None:
         core.reconcile_once()
     assert len(link.events("service.crash_loop")) == 1
     assert len(link.events("service.restarted")) < 8
+
+
+def test_an_offline_presence_of_the_live_session_is_corrected() -> None:
+    """The agent answers an ``offline`` of its current session (the controller publishing a
+    will a restarted broker lost) and of an older one with ``online``; not its own ``online``."""
+    link = RecordingLink()
+    core = AgentCore(DEVICE, {}, FakeDriver(), MemoryStore(), link, clock=lambda: 1000.0)
+    core.make_will()
+    topic = topics.device(DEVICE, DeviceTopic.PRESENCE)
+
+    def onlines() -> list[Presence]:
+        return [
+            p
+            for t, raw in link.published
+            if t == topic and (p := codec.decode(raw, Presence)).status == "online"
+        ]
+
+    core.handle(topic, codec.encode(Presence(device_id=DEVICE, status="online", session=core.session)))
+    assert onlines() == []
+    core.handle(topic, codec.encode(Presence(device_id=DEVICE, status="offline", session=core.session)))
+    assert [p.session for p in onlines()] == [core.session]
+    core.handle(topic, codec.encode(Presence(device_id=DEVICE, status="offline", session=core.session - 1)))
+    assert len(onlines()) == 2
+    link.connected = False
+    core.handle(topic, codec.encode(Presence(device_id=DEVICE, status="offline", session=core.session)))
+    assert len(onlines()) == 2, "not connected: nothing to restore"
