@@ -55,6 +55,8 @@ class Scheduler:
         self._fleet_version = 0  # changes when a device's attributes may have (see targets)
         self._targeted: dict[str, tuple[Stack, Group, int, list[str]]] = {}  # see targets
         self._observed: dict[str, dict[str, tuple[Seen, Observation]]] = {}  # see observe
+        self._views: dict[str, tuple[dict[str, Seen], set[str], dict[str, Observation]]] = {}  # see observe
+        self._stale: dict[str, set[str]] = {}  # per view: devices written since it was made
 
     def forget(self) -> None:
         """Read every device again at the next :meth:`fleet_view` (another controller may have
@@ -64,6 +66,8 @@ class Scheduler:
     def keep_observed(self, stacks: Iterable[str]) -> None:
         """Keep what :meth:`observe` made only for ``stacks`` (those with an active deployment)."""
         self._observed = {name: self._observed.get(name, {}) for name in stacks}
+        self._views = {name: view for name, view in self._views.items() if name in self._observed}
+        self._stale = {name: self._stale[name] for name in self._views}
 
     def _pins(self) -> dict[str, dict[str, str]]:
         """Per stack, the devices its latest deployment keeps on the previous version."""
@@ -115,6 +119,8 @@ class Scheduler:
             self._fleet = {d.id: Seen.of(d) for d in self.store.list_devices()}
             self._fleet_version += 1
             return self._fleet
+        for stale in self._stale.values():  # observe's views: these devices are looked at again
+            stale.update(written)
         for device_id, reported in written.items():
             seen = self._fleet.get(device_id)
             if reported is not None and seen is not None:
@@ -132,7 +138,26 @@ class Scheduler:
         self, stack: str, device_ids: Iterable[str], fleet: dict[str, Seen]
     ) -> dict[str, Observation]:
         """What each device reports of ``stack``: made again only for devices that changed
-        since the last step (a step looks at every device of the group, every second)."""
+        since the last step (a step looks at every device of the group, every second).
+
+        Asked again for the same devices of the same fleet view, the mapping of the last call
+        is brought up to date where the fleet view wrote since (not rebuilt device by device:
+        a step at 10,000 devices spent 15-20 ms here); it is only valid until the next call."""
+        ids = device_ids if isinstance(device_ids, set) else set(device_ids)
+        view = self._views.get(stack)
+        if view is not None and view[0] is fleet and view[1] == ids:
+            out = view[2]
+            stale, self._stale[stack] = self._stale[stack], set()
+            out.update(self._observe(stack, stale & ids, fleet))
+            return out
+        out = self._observe(stack, ids, fleet)
+        self._views[stack] = (fleet, ids, out)
+        self._stale[stack] = set()
+        return out
+
+    def _observe(
+        self, stack: str, device_ids: Iterable[str], fleet: dict[str, Seen]
+    ) -> dict[str, Observation]:
         unknown = Observation(online=False)
         cache = self._observed.setdefault(stack, {})
         out = {}

@@ -370,3 +370,25 @@ def test_a_deployment_past_the_message_limit_is_read_in_pages(
         if (after := reply.result.get("next")) is None:
             break
     assert devices == [f"d-{i:02}" for i in range(12)] and pages > 1
+
+
+def test_observations_asked_again_are_updated_where_devices_reported(fleet12: tuple[Controller, str]) -> None:
+    """Scheduler.observe for the same devices again: the devices that reported since show it, the others
+    are kept, and every observation is what the fleet view says of its device."""
+    controller, spec_hash = fleet12
+    scheduler = controller.scheduler
+    ids = {f"d-{i:02}" for i in range(12)} | {"d-99"}  # d-99: not in the fleet
+    fleet = scheduler.fleet_view()
+    first = scheduler.observe("web", ids, fleet)
+    assert first["d-07"].state is None and first["d-00"].state == "running"
+    record = controller.store.get_desired("d-07")
+    assert record is not None
+    report_running(controller, "d-07", record.generation, {"web": spec_hash})
+    fleet = scheduler.fleet_view()
+    again = scheduler.observe("web", set(ids), fleet)
+    assert again is first, "brought up to date, not rebuilt"
+    assert again["d-07"].state == "running" and again["d-07"].spec_hash == spec_hash
+    assert again["d-99"].online is False
+    assert {d: again[d] for d in fleet} == {d: seen.observe("web") for d, seen in fleet.items()}
+    fewer = scheduler.observe("web", ids - {"d-00"}, fleet)
+    assert "d-00" not in fewer and fewer["d-07"] == again["d-07"]
