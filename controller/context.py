@@ -16,8 +16,9 @@ Handlers are plain functions ``handler(ctx, command) -> result`` grouped by doma
   change), ``access`` (the broker's credentials), ``notifier`` (webhooks), ``secrets``,
   and the leader's in-memory ``device_metrics`` and ``device_history``.
 
-The :class:`~.service.Controller` builds one from its parts (``controller.context``); a unit
-test builds its own from real parts on a real SQLite store with a recording publisher
+One function wires the parts together, :func:`~.parts.build_context`: the
+:class:`~.service.Controller` builds its own with it (``controller.context``), and a unit test
+its ``context`` fixture, on a real SQLite store with a recording publisher and no controller
 (tests/unit/conftest.py).
 
 Writing a handler: read and validate first (raise a ``TetherError`` naming what is wrong,

@@ -114,12 +114,16 @@ class Ingestor:
         online: Callable[[str], None],
         refresh: Callable[[], None],
         client: Callable[[], Transport | None],
+        device_metrics: dict[str, dict[str, Any]],
+        device_history: MetricsHistory,
     ) -> None:
         """``fleet_view``: every device as deployment steps see it (what a device reported
         before); ``stacks``: the stacks; ``emit``: emit a fleet event once the change is
         committed; ``sync``: recompute every desired state and publish; ``online``: a device
         came online (its enrollment's answer is cleared); ``refresh``: recompute the gauges
-        at the next tick; ``client``: the controller's MQTT session now (None before it starts)."""
+        at the next tick; ``client``: the controller's MQTT session now (None before it starts);
+        ``device_metrics``, ``device_history``: where each device's latest sample and recent
+        usage are kept (in memory only; the handlers' :class:`~.context.Context` holds them too)."""
         self.store = store
         self.clock = clock
         self.metrics = metrics
@@ -132,8 +136,8 @@ class Ingestor:
         self._online = online
         self._refresh = refresh
         self._client = client
-        self.device_metrics: dict[str, dict[str, Any]] = {}  # latest sample per device, in memory only
-        self.device_history = MetricsHistory(MAX_METRICS_DEVICES)  # recent usage, downsampled, in memory only
+        self.device_metrics = device_metrics
+        self.device_history = device_history
         self._summaries: dict[str, ReportSummary] = {}  # each device's last report, as events see it
         self._disk_low: set[str] = set()  # devices whose disk is low (see disk_event)
         self._sync_devices: set[str] = set()  # devices to schedule at the end of a batch (see take_syncs)

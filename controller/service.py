@@ -62,25 +62,20 @@ from . import (
     users,
     variables,
 )
-from .context import Context
-from .deploying import Deployer
 from .devices import all_devices
 from .fleet import Seen
 from .fleet_events import (
-    DueEvents,
     EventBus,
 )
 from .ingesting import Ingestor
 from .lease import Lease
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
-from .publishing import BEHIND_CHECK, Publisher
-from .registries import RegistryCredentials
+from .parts import build_context
+from .publishing import BEHIND_CHECK
 from .registry import CommandRegistry
 from .rollout import DeploymentState
-from .scheduling import Scheduler
-from .security import BrokerAccess
 from .store import Store
-from .variables import SecretsKey, VariableBindings
+from .variables import SecretsKey
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +145,7 @@ class Controller:
         ``commands``: what it answers (:data:`COMMANDS`; a test's registry of its own)."""
         self.commands = COMMANDS if commands is None else commands
         self.ca_file = ca_file
-        self.secrets = secrets
-        self.variables = VariableBindings(store, secrets)
-        self.registries = RegistryCredentials(store, secrets)
         self.store = store
-        self.access = BrokerAccess(table)
         self.credentials = credentials
         self.clock = clock
         self.lease = lease
@@ -173,38 +164,35 @@ class Controller:
         self.metrics = Metrics()
         self.bus = EventBus(clock)
         """Fleet events (:mod:`.fleet_events`), emitted once the change is committed."""
-        self.notifier = notify.Notifier(store, secrets, clock)
-        """Webhooks (:mod:`.notify`): told of the events emitted, sent from a thread of their own."""
-        self.events = DueEvents(clock)
-        """Fleet events emitted, handed to :attr:`bus` once committed (:meth:`flush_events`)."""
-        self._events_due = self.events.due  # the same list, changed in place only
-        self.scheduler = Scheduler(
+        self.context = build_context(
             store,
             clock=clock,
-            leading=self.leading,
-            variables=self.variables,
-            registries=self.registries,
-        )
-        """The fleet view, targets, placements and desired states (:mod:`.scheduling`)."""
-        self.publisher = Publisher(
-            store,
-            clock=clock,
-            metrics=self.metrics,
-            access=self.access,
             client=lambda: self.client,
             leading=self.leading,
-            fleet_view=lambda: self.fleet_view(),
+            metrics=self.metrics,
+            secrets=secrets,
+            table=table,
             busy=lambda: self.inbox.qsize() > INGEST_BATCH,
         )
+        """What command handlers use: these parts (:mod:`.context`, wired in :mod:`.parts`)."""
+        context = self.context
+        self.secrets = secrets
+        self.variables = context.variables
+        self.registries = context.registries
+        self.access = context.access
+        self.notifier = context.notifier
+        """Webhooks (:mod:`.notify`): told of the events emitted, sent from a thread of their own."""
+        self.events = context.events
+        """Fleet events emitted, handed to :attr:`bus` once committed (:meth:`flush_events`)."""
+        self._events_due = self.events.due  # the same list, changed in place only
+        self.scheduler = context.scheduler
+        """The fleet view, targets, placements and desired states (:mod:`.scheduling`)."""
+        self.publisher = context.publisher
         """What is published to devices (:mod:`.publishing`)."""
-        self.deployer = Deployer(
-            store,
-            clock=clock,
-            scheduler=self.scheduler,
-            sync=lambda: self.sync(),
-            note=self.events.deployment,
-        )
+        self.deployer = context.deployer
         """Deployment steps (:mod:`.deploying`)."""
+        self.device_metrics = context.device_metrics  # latest sample per device, in memory only
+        self.device_history = context.device_history  # recent usage, downsampled, in memory only
         self.ingestor = Ingestor(
             store,
             clock=clock,
@@ -218,26 +206,10 @@ class Controller:
             online=lambda device_id: enrollment.seen(self.context, device_id),
             refresh=lambda: setattr(self, "_next_refresh", 0.0),
             client=lambda: self.client,
-        )
-        """What devices publish, stored and turned into fleet events (:mod:`.ingesting`)."""
-        self.device_metrics = self.ingestor.device_metrics  # latest sample per device, in memory only
-        self.device_history = self.ingestor.device_history  # recent usage, downsampled, in memory only
-        self.context = Context(
-            store=store,
-            clock=clock,
-            scheduler=self.scheduler,
-            publisher=self.publisher,
-            deployer=self.deployer,
-            events=self.events,
-            variables=self.variables,
-            registries=self.registries,
-            access=self.access,
-            notifier=self.notifier,
-            secrets=secrets,
             device_metrics=self.device_metrics,
             device_history=self.device_history,
         )
-        """What command handlers use: these parts (:mod:`.context`)."""
+        """What devices publish, stored and turned into fleet events (:mod:`.ingesting`)."""
         self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
         self._next_refresh = 0.0
         self._next_repair = 0.0  # see tick

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from support.fleet import desired, online
 from support.recording import RecordingPublisher
-from tether.controller.context import Context
 from tether.controller.service import Controller
 from tether.protocol.commands import (
     DevicesCredentials,
@@ -85,7 +84,7 @@ def test_a_device_with_credentials_never_connected_can_be_labelled(controller: C
     assert device is not None and device.operator_labels == {"zone": "a"}
 
 
-def test_devices_ls_pages_and_filters(controller: Controller, context: Context) -> None:
+def test_devices_ls_pages_and_filters(controller: Controller) -> None:
     """A paged devices.ls returns one page in id order with the next page's cursor, counts every
     match and each presence, and filters by search, key=value, presence, stack state and group."""
     from support.fleet import report_running
@@ -115,7 +114,7 @@ def test_devices_ls_pages_and_filters(controller: Controller, context: Context) 
     assert [d.id for d in controller.execute(DevicesList(group="odd", limit=2)).devices] == ["d-1", "d-3"]
     assert [d.id for d in controller.execute(DevicesList(group="named")).devices] == ["d-0", "ghost"]
     assert "d-3" not in [d.id for d in controller.execute(DevicesList(state="none")).devices]
-    paged_view = devices_ls(context, DevicesList(search="d-3")).devices[0]
+    paged_view = devices_ls(controller.context, DevicesList(search="d-3")).devices[0]
     assert paged_view == next(d for d in whole.devices if d.id == "d-3")  # the page reads reported states
     with pytest.raises(NotFoundError, match="unknown group 'nope'"):
         controller.execute(DevicesList(group="nope"))

@@ -17,12 +17,8 @@ from tether.controller.fleet_events import FleetEvent
 from tether.controller.ingesting import MAX_EVENT_MESSAGE, Ingestor, allowance
 from tether.controller.models import Device, Job
 from tether.controller.observability import Metrics
-from tether.controller.publishing import Publisher
-from tether.controller.registries import RegistryCredentials
-from tether.controller.scheduling import Scheduler
-from tether.controller.security import BrokerAccess
+from tether.controller.parts import build_context
 from tether.controller.store import Store
-from tether.controller.variables import VariableBindings
 from tether.protocol import codec
 from tether.protocol.device_api import MetricsSample
 from tether.protocol.models import (
@@ -63,39 +59,30 @@ def _rig(store: Store, clock: Clock) -> Rig:
     leading = threading.Event()
     leading.set()
     metrics = Metrics()
-    scheduler = Scheduler(
-        store,
-        clock=clock,
-        leading=leading,
-        variables=VariableBindings(store, None),
-        registries=RegistryCredentials(store, None),
-    )
     client = RecordingPublisher()
-    publisher = Publisher(
+    parts = build_context(
         store,
         clock=clock,
-        metrics=metrics,
-        access=BrokerAccess(None),
         client=lambda: client,  # type: ignore[arg-type,return-value]
         leading=leading,
-        fleet_view=scheduler.fleet_view,
-        busy=lambda: False,
+        metrics=metrics,
     )
-    deployer = Deployer(store, clock=clock, scheduler=scheduler, sync=lambda: None, note=lambda b, a: None)
-    rig = Rig(store, client, clock, metrics, deployer, None)  # type: ignore[arg-type]
+    rig = Rig(store, client, clock, metrics, parts.deployer, None)  # type: ignore[arg-type]
     rig.ingestor = Ingestor(
         store,
         clock=clock,
         metrics=metrics,
-        publisher=publisher,
-        deployer=deployer,
-        fleet_view=scheduler.fleet_view,
+        publisher=parts.publisher,
+        deployer=parts.deployer,
+        fleet_view=parts.scheduler.fleet_view,
         stacks=store.list_stacks,
         emit=rig.events.append,
         sync=lambda: rig.syncs.append(None),
         online=rig.online.append,
         refresh=lambda: rig.refreshes.append(None),
         client=lambda: client,  # type: ignore[arg-type,return-value]
+        device_metrics=parts.device_metrics,
+        device_history=parts.device_history,
     )
     return rig
 

@@ -1,6 +1,6 @@
 """A command added the documented way (docs/architecture.md, Where to extend): a request model,
-a result model and one registered handler with its route, and nothing else, answers over
-Controller.execute and over HTTP."""
+a result model and one registered handler with its route, and nothing else, is answered by its
+handler on the ``context`` fixture (no controller), over Controller.execute and over HTTP."""
 
 # No ``from __future__ import annotations``: the handler below names a model defined in a
 # fixture, which only eager annotations can resolve.
@@ -56,6 +56,21 @@ def size_command(monkeypatch: pytest.MonkeyPatch) -> tuple[type[CommandModel], C
         return GroupSize(name=group.name, devices=len(group.devices))
 
     return GroupsSize, commands
+
+
+def test_a_new_handler_runs_on_the_context_fixture(
+    context: Context, size_command: tuple[type[CommandModel], CommandRegistry]
+) -> None:
+    """The handler's fast unit test needs no controller: its registered handler, called with the
+    parts of tests/unit/conftest.py on a real store, answers and refuses as registered."""
+    model, commands = size_command
+    with context.store.transaction():
+        context.store.create_group(Group(name="edge", devices=("pi-1", "pi-2", "pi-3")))
+    handler = commands.handler(model(name="edge"))
+    assert (handler.read_only, handler.result) == (True, GroupSize)
+    assert handler.run(context, model(name="edge")) == GroupSize(name="edge", devices=3)
+    with pytest.raises(NotFoundError, match="unknown group 'nope'"):
+        handler.run(context, model(name="nope"))
 
 
 @pytest.fixture
