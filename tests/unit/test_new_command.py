@@ -14,7 +14,8 @@ import pytest
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from pydantic import Field
-from support.recording import Clock
+from support.read_only import example, run_reads
+from support.recording import Clock, RecordingPublisher
 from tether.controller.context import Context, require
 from tether.controller.http import create_app
 from tether.controller.http.api import add_routes
@@ -22,7 +23,7 @@ from tether.controller.http.app import API_PREFIX
 from tether.controller.models import Group
 from tether.controller.registry import CommandRegistry, Route
 from tether.controller.security import ensure_operator_credentials
-from tether.controller.service import Controller
+from tether.controller.service import COMMANDS, Controller
 from tether.controller.store import Store
 from tether.protocol import commands as protocol_commands
 from tether.protocol.commands import CommandModel
@@ -95,6 +96,19 @@ def test_a_new_command_runs_through_execute(sized: tuple[Controller, type[Comman
     with pytest.raises(NotFoundError, match="unknown group 'nope'"):
         controller.execute(model(name="nope"))
     assert controller.commands.handler(model(name="edge")).role == "viewer"  # read_only: viewers may
+
+
+def test_a_new_read_only_command_is_checked_to_write_nothing(
+    store: Store, publisher: RecordingPublisher, size_command: tuple[type[CommandModel], CommandRegistry]
+) -> None:
+    """test_commands.py's check covers it as registered, no example written by hand: run from its
+    route (``groups/{name}`` names the group that check stores), it answers on a store that refuses writes."""
+    model, commands = size_command
+    controller = Controller(store, clock=Clock(), commands=CommandRegistry.of(COMMANDS, commands))
+    controller.client = publisher  # type: ignore[assignment]
+    controller.leading.set()
+    assert example(controller.commands.handler(model(name="x"))) == model(name="edge")
+    assert run_reads(controller)["GroupsSize"] == GroupSize(name="edge", devices=1)
 
 
 def test_a_new_command_has_its_http_route(
