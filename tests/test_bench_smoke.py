@@ -78,7 +78,8 @@ def test_controller_cpu(tmp_path: Path) -> None:
 def test_sim_cpu(tmp_path: Path) -> None:
     """A recorded deploy replayed into simulated devices: each applies it with one report, its CPU measured."""
     data = bench(tmp_path, "sim_cpu", "--devices", "40", "--watch", "0.5")
-    assert [d["messages_per_device"] >= 2 for d in data["deploys"]] == [True, True]  # desired state, definition
+    # desired state, definition
+    assert [d["messages_per_device"] >= 2 for d in data["deploys"]] == [True, True]
     assert all(d["cpu_s"] > 0 and d["reconciles"] >= 40 for d in data["deploys"])
     # Per device: online presence and a report on connecting; per deploy the acceptance and three
     # service.created events, and one report (the services running).
