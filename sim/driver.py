@@ -60,6 +60,8 @@ class SimDriver:
         self._busy_until: float | None = None
         self.changes = 0
         """Counts every change to the runtime (create, start, remove, crash)."""
+        self.on_change: Callable[[], None] | None = None
+        """Called when the runtime changes outside the agent's calls (:meth:`crash`)."""
 
     def observe(self) -> list[Observed]:
         return list(self.instances.values())
@@ -133,6 +135,8 @@ class SimDriver:
     def crash(self, stack: str, service: str, exit_code: int = 1) -> None:
         """Make the instances of ``stack``/``service`` exit (for tests)."""
         self.changes += 1
+        if self.on_change is not None:
+            self.on_change()
         for inst_id, inst in self.instances.items():
             if (inst.stack, inst.service) == (stack, service):
                 self.instances[inst_id] = dataclasses.replace(inst, state="exited", exit_code=exit_code)

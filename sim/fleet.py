@@ -189,6 +189,9 @@ class SimDevice:
         self._kick_pending = False
         self._inputs = -1
         """``driver.changes`` when the core last reconciled; -1 after a message or a CONNACK."""
+        self._parked = False
+        """Idle (see :meth:`reconcile`): no reconcile scheduled until something arrives."""
+        self.driver.on_change = self._stir
         self._connecting = False
         self._stopped = False
 
@@ -305,7 +308,7 @@ class SimDevice:
         if self._busy:
             self._inbox.append(None)
             return
-        self._inputs = -1
+        self._stir()
         self.core.on_connected()
         if self.core.wake:
             self.kick()
@@ -326,8 +329,17 @@ class SimDevice:
         if self.core.wake:
             self.kick()
 
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def _stir(self) -> None:
+        """Something arrived or the runtime changed: a parked device reconciles again when its
+        agent's schedule says (within a second while it watches what it started, else within
+        ``reconcile_interval``), as the agent's next reconcile would see it."""
         self._inputs = -1
+        if self._parked and not self._stopped:
+            self._parked = False
+            self._schedule()
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        self._stir()
         try:
             self.core.handle(topic, payload)
         except Exception:  # the real runner would log and go on, too
@@ -342,14 +354,17 @@ class SimDevice:
     def reconcile(self) -> None:
         self._kick_pending = False
         self._due = None
+        self._parked = False
         if self._stopped or self._busy:
             return  # a busy device reconciles when it is done (_done)
         core = self.core
         if self._inputs == self.driver.changes and core.idle:
             # Nothing arrived and the runtime did not change since a reconcile that left
-            # nothing to do: this one would observe the same instances and stop there.
+            # nothing to do: this one would observe the same instances and stop there, and so
+            # would every one after it until a message arrives or the runtime changes. The
+            # device sleeps until then (_stir), instead of waking every second for nothing.
             self.fleet.idle_reconciles += 1
-            self._schedule()
+            self._parked = True
             return
         held: list[_Held] = []
         self._held = held
@@ -382,7 +397,7 @@ class SimDevice:
         for item in inbox:
             if item is None:
                 if self.session.connected:
-                    self._inputs = -1
+                    self._stir()
                     self.core.on_connected()
             else:
                 self._handle(*item)

@@ -20,7 +20,7 @@ from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, Sta
 from tether.protocol.errors import DriverError
 from tether.protocol.models import Presence, ServiceSpec, StackSpec
 from tether.protocol.mqtt import Will
-from tether.sim import FleetConfig, FleetThread, SimDriver, hashcache
+from tether.sim import Fleet, FleetConfig, FleetThread, SimDriver, hashcache
 from tether.sim.mqtt import Counters, MqttSession, connect_packet, publish_packet, varint
 
 COMPOSE = """
@@ -212,6 +212,7 @@ def test_fleet_reconnects_after_the_broker_restarts(mosquitto: Mosquitto) -> Non
 @pytest.mark.mosquitto
 @pytest.mark.e2e
 def test_fleet_deploy_through_a_real_controller(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """A real controller's deploy applies on every simulated device (failures reported); a crash wakes an idle one."""
     controller = ControllerProcess(tmp_path / "controller", broker=mosquitto.url)
     try:
         with ControllerClient(mosquitto.url, timeout=30) as client:
@@ -247,6 +248,22 @@ def test_fleet_deploy_through_a_real_controller(mosquitto: Mosquitto, tmp_path: 
 
                 wait_until(lambda: list(states().values()).count("running") == 15, 20, interval=0.3)
                 assert {d for d, s in states().items() if s == "failed"} == set(failing)
+
+                # An idle device sleeps until something happens: a crashed instance wakes it,
+                # and its agent core restarts the service (restart: always).
+                def crash(f: Fleet) -> int:
+                    device = f.devices[0]
+                    device.driver.crash("app", "web", exit_code=3)
+                    return device.driver.changes
+
+                changes = sim.call(crash)
+
+                def restarted(f: Fleet) -> bool:
+                    driver = f.devices[0].driver
+                    web = [i for i in driver.observe() if i.service == "web"]
+                    return driver.changes > changes and [i.state for i in web] == ["running"]
+
+                sim.wait(restarted, 20, message="the crashed service restarted")
     finally:
         controller.stop()
 
