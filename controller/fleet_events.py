@@ -23,11 +23,11 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from tether.protocol.models import ReportedState, StackStatus
+from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
 
 from .fleet import Seen
 from .rollout import Deployment
@@ -195,6 +195,26 @@ _PARTS: dict[tuple[str, int], tuple[StackStatus, StackParts]] = {}
 """:func:`_stack_parts` of each stack status seen lately, by name and identity."""
 
 
+def _crash_looping(name: str, status: StackStatus) -> Iterator[tuple[str, str, int, str | None]]:
+    """(stack, service, restarts, reason) of each of stack ``name``'s services in a crash loop."""
+    return (
+        (name, svc_name, svc.restarts, clip(svc.last_error))
+        for svc_name, svc in status.services.items()
+        if svc.state == "failed" and svc.restarts >= CRASH_LOOP_RESTARTS
+    )
+
+
+def _stuck(downloads: dict[str, DownloadStatus]) -> tuple[tuple[str, str, str, str | None], ...]:
+    """(stack, spec_hash, state, reason) of every download retrying or failed, sorted."""
+    return tuple(
+        sorted(
+            (n, d.spec_hash, d.state, clip(d.reason))
+            for n, d in downloads.items()
+            if d.state in ("retrying", "failed")
+        )
+    )
+
+
 def _stack_parts(name: str, status: StackStatus) -> StackParts:
     """What :meth:`ReportSummary.of` takes of one stack: (name, version, state) and its
     services in a crash loop. Reports of a fleet share their stacks' statuses
@@ -202,12 +222,7 @@ def _stack_parts(name: str, status: StackStatus) -> StackParts:
     known = _PARTS.get((name, id(status)))
     if known is not None and known[0] is status:
         return known[1]
-    failing = tuple(
-        (name, svc_name, svc.restarts, clip(svc.last_error))
-        for svc_name, svc in status.services.items()
-        if svc.state == "failed" and svc.restarts >= CRASH_LOOP_RESTARTS
-    )
-    parts = ((name, status.spec_hash, status.state), failing)
+    parts = ((name, status.spec_hash, status.state), tuple(_crash_looping(name, status)))
     if len(_PARTS) >= 1024:  # bounded: it keeps the statuses (a failing one holds log lines)
         _PARTS.clear()
     _PARTS[(name, id(status))] = (status, parts)  # the status kept: its id is not reused meanwhile
@@ -234,13 +249,6 @@ class ReportSummary:
         parts = [_stack_parts(n, s) for n, s in reported.stacks.items()]
         stacks = tuple(sorted(p[0] for p in parts))
         failing = tuple(sorted(f for p in parts for f in p[1]))
-        stuck = tuple(
-            sorted(
-                (n, d.spec_hash, d.state, clip(d.reason))
-                for n, d in reported.downloads.items()
-                if d.state in ("retrying", "failed")
-            )
-        )
         return cls(
             reported.generation,
             reported.held,
@@ -248,7 +256,7 @@ class ReportSummary:
             clip(reported.storage_error),
             stacks,
             failing,
-            stuck,
+            _stuck(reported.downloads),
         )
 
     @classmethod
@@ -259,22 +267,17 @@ class ReportSummary:
         stacks = tuple(sorted((n, s.spec_hash, s.state) for n, s in seen.stacks.items()))
         failing = tuple(
             sorted(
-                (n, svc_name, svc.restarts, clip(svc.last_error))
-                for n, s in seen.stacks.items()
-                if s.status is not None
-                for svc_name, svc in s.status.services.items()
-                if svc.state == "failed" and svc.restarts >= CRASH_LOOP_RESTARTS
-            )
-        )
-        stuck = tuple(
-            sorted(
-                (n, d.spec_hash, d.state, clip(d.reason))
-                for n, d in seen.downloads.items()
-                if d.state in ("retrying", "failed")
+                f for n, s in seen.stacks.items() if s.status is not None for f in _crash_looping(n, s.status)
             )
         )
         return cls(
-            seen.generation, seen.held, clip(seen.error), clip(seen.storage_error), stacks, failing, stuck
+            seen.generation,
+            seen.held,
+            clip(seen.error),
+            clip(seen.storage_error),
+            stacks,
+            failing,
+            _stuck(seen.downloads),
         )
 
     def changed_from(self, before: ReportSummary | None) -> bool:
