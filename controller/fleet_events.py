@@ -386,7 +386,7 @@ class DueEvents:
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
         self.due: list[FleetEvent] = []
-        """Emitted, not yet on the bus (changed in place only: the controller holds it too)."""
+        """Emitted, not yet on the bus (changed in place only: the ingestor appends to it)."""
 
     def emit(self, kind: str, subject: str, data: dict[str, Any]) -> None:
         """Emit a fleet event (one of :data:`KINDS`) once the current change is committed."""

@@ -184,7 +184,6 @@ class Controller:
         """Webhooks (:mod:`.notify`): told of the events emitted, sent from a thread of their own."""
         self.events = context.events
         """Fleet events emitted, handed to :attr:`bus` once committed (:meth:`flush_events`)."""
-        self._events_due = self.events.due  # the same list, changed in place only
         self.scheduler = context.scheduler
         """The fleet view, targets, placements and desired states (:mod:`.scheduling`)."""
         self.publisher = context.publisher
@@ -199,10 +198,10 @@ class Controller:
             metrics=self.metrics,
             publisher=self.publisher,
             deployer=self.deployer,
-            fleet_view=lambda: self.fleet_view(),
+            fleet_view=self.scheduler.fleet_view,
             stacks=store.list_stacks,
-            emit=lambda event: self._events_due.append(event),
-            sync=lambda: self.sync(),
+            emit=self.events.due.append,
+            sync=context.sync,
             online=lambda device_id: enrollment.seen(self.context, device_id),
             refresh=lambda: setattr(self, "_next_refresh", 0.0),
             client=lambda: self.client,
@@ -345,12 +344,12 @@ class Controller:
         held: tuple[str, bytes] | None = None
         with self.store.transaction():
             for handled in range(1, INGEST_BATCH + 1):
-                mark = len(self._events_due)
+                mark = len(self.events.due)
                 try:
                     with self.store.transaction():
                         self._dispatch(topic, payload)
                 except Exception:
-                    del self._events_due[mark:]  # its writes were undone: so are its events
+                    del self.events.due[mark:]  # its writes were undone: so are its events
                     log.exception("failed to handle a message on %s", topic)
                 if handled == INGEST_BATCH:
                     break
@@ -481,7 +480,7 @@ class Controller:
 
     def flush_events(self) -> None:
         """Emit the events of what is committed now (on the worker thread)."""
-        if self._events_due:
+        if self.events.due:
             for event in self.events.take():
                 emitted = self.bus.emit(event)
                 try:
@@ -653,7 +652,7 @@ class Controller:
         ``prepared``: what the handler's ``prepare`` made of ``command`` (see :meth:`_prepared`)."""
         handler = self.commands.handler(command)
         outcome = "internal"
-        mark = len(self._events_due)
+        mark = len(self.events.due)
         try:
             if not principal.may(handler.role):
                 raise ForbiddenError(
@@ -667,7 +666,7 @@ class Controller:
                     else handler.run(self.context, command, prepared)
                 )
             except BaseException:
-                del self._events_due[mark:]  # nothing it did stays: nor do its events
+                del self.events.due[mark:]  # nothing it did stays: nor do its events
                 raise
             if not isinstance(result, handler.result):
                 raise TypeError(
