@@ -40,6 +40,7 @@ from tether.protocol.acl import LEGACY_USER
 from tether.protocol.commands import COMMAND_ADAPTER, CommandModel
 from tether.protocol.credentials import CredentialTable
 from tether.protocol.errors import CommandError, ErrorCode, ForbiddenError, PayloadError, TetherError
+from tether.protocol.heap import FreeMemoryReleaser
 from tether.protocol.models import (
     Reply,
     Request,
@@ -162,6 +163,8 @@ class Controller:
         self.leading = threading.Event()
         self.lost_leadership = threading.Event()
         self.metrics = Metrics()
+        self.memory = FreeMemoryReleaser()
+        """Gives back what a burst of messages took, once it is over (protocol/heap.py)."""
         self.bus = EventBus(clock)
         """Fleet events (:mod:`.fleet_events`), emitted once the change is committed."""
         self.context = build_context(
@@ -309,6 +312,8 @@ class Controller:
             if held is not None:
                 (topic, payload), held = held, None
             else:
+                if self.inbox.empty():  # a burst is over: what it took goes back (protocol/heap.py)
+                    self.memory.idle()
                 try:
                     topic, payload = self.inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
                 except queue.Empty:

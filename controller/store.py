@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
+from tether.protocol.heap import share_field_sets
 from tether.protocol.models import ReportedState, StackSpec
 from tether.protocol.secret_files import private_file
 
@@ -227,19 +228,19 @@ class _Parsed(Generic[M]):
         hit = self.rows.get(key)
         if hit is not None and hit[0] == hash(body) and hit[1] == tag:
             return hit[2]
-        model = self.parse(body, tag)
+        model = share_field_sets(self.parse(body, tag))  # kept: see protocol/heap.py
         self.rows[key] = (hash(body), tag, model)
         return model
 
     def wrote(self, key: Any, body: str, model: M, tag: Any = None) -> None:
         """``model`` was just stored as ``body``: reading it back needs no parsing."""
-        self.rows[key] = (hash(body), tag, model)
+        self.rows[key] = (hash(body), tag, share_field_sets(model))
 
     def retag(self, key: Any, tag: Any, model: M) -> None:
         """Row ``key``, its text unchanged, now has ``tag`` and reads as ``model``."""
         hit = self.rows.get(key)
         if hit is not None:
-            self.rows[key] = (hit[0], tag, model)
+            self.rows[key] = (hit[0], tag, share_field_sets(model))
 
     def keep_only(self, keys: Iterable[Any]) -> None:
         """Forget rows not among ``keys`` (after reading a whole table: deleted rows go)."""

@@ -1,0 +1,49 @@
+"""protocol/heap.py's memory habits: field-name sets shared by kept models, free memory released after a burst."""
+
+from __future__ import annotations
+
+import pytest
+from tether.controller.models import DesiredRecord, Device
+from tether.protocol import heap
+from tether.protocol.models import DeviceFacts, StackRef
+
+
+def _device(n: int) -> Device:
+    facts = DeviceFacts(agent_version="1", driver="process", arch="x86_64", os="linux", hostname=f"h{n}")
+    return Device(id=f"d{n}", status="online", session=n, facts=facts)
+
+
+def test_models_of_one_shape_share_one_field_set_and_copies_stay_apart() -> None:
+    """Kept models (nested ones too) share the set of their given field names; a copy with an
+    update gets its own set and leaves the shared one as it was; content is unchanged."""
+    a, b = heap.share_field_sets(_device(1)), heap.share_field_sets(_device(2))
+    assert a.model_fields_set is b.model_fields_set
+    assert a.facts is not None and b.facts is not None
+    assert a.facts.model_fields_set is b.facts.model_fields_set
+    names = set(a.model_fields_set)
+    c = a.model_copy(update={"since": 5.0})
+    assert "since" in c.model_fields_set and a.model_fields_set == names
+    assert a.model_dump(exclude_unset=True) == _device(1).model_dump(exclude_unset=True)
+    record = heap.share_field_sets(
+        DesiredRecord(device_id="d1", generation=1, stacks=(StackRef(name="web", spec_hash="a" * 64),))
+    )
+    other = heap.share_field_sets(
+        DesiredRecord(device_id="d2", generation=2, stacks=(StackRef(name="db", spec_hash="b" * 64),))
+    )
+    assert record.stacks[0].model_fields_set is other.stacks[0].model_fields_set
+
+
+@pytest.mark.skipif(not heap.release_free_memory(), reason="the C library has no malloc_trim")
+def test_free_memory_goes_back_after_a_burst() -> None:
+    """Memory a burst took and freed (in holes the allocator keeps) is given back when idle."""
+    releaser = heap.FreeMemoryReleaser(step=8 * 1024 * 1024)
+    burst = [bytes(8192) for _ in range(8000)]  # 64 MB from the C allocator
+    kept = burst[::4]  # holes between the survivors: not trimmed by free() alone
+    del burst
+    before = heap.resident_bytes()
+    assert before is not None
+    releaser.idle()
+    after = heap.resident_bytes()
+    assert releaser.releases == 1 and after is not None and after < before - 16 * 1024 * 1024
+    releaser.idle()  # nothing new since: nothing to do
+    assert releaser.releases == 1 and len(kept) == 2000
