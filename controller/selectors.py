@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal
 
 from tether.protocol import labels as label_rules
@@ -27,9 +28,15 @@ _TERM = re.compile(
 )
 
 
-@dataclass(frozen=True)
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
 class Attributes(Mapping[str, str]):
-    """A device's attributes; as a mapping, all of them (a trusted label wins over a reported one)."""
+    """A device's attributes; as a mapping, all of them (a trusted label wins over a reported one).
+
+    Kept per device in the controller's fleet view: no ``__dict__``, and with nothing trusted
+    (most devices) no second dict (issue 21: the controller's memory per device)."""
 
     trusted: Mapping[str, str] = field(default_factory=dict)
     """Set by an operator, or pinned by the device's enrollment token or at its approval."""
@@ -38,6 +45,11 @@ class Attributes(Mapping[str, str]):
     _merged: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not self.trusted:
+            object.__setattr__(self, "trusted", _EMPTY)
+            if type(self.reported) is dict:  # taken as given: nobody writes to it
+                object.__setattr__(self, "_merged", self.reported)
+                return
         object.__setattr__(self, "_merged", {**self.reported, **self.trusted})
 
     def __getitem__(self, key: str) -> str:
