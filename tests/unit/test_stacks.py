@@ -275,6 +275,21 @@ def test_status_pages_cover_every_device_once_with_counts_over_all(
     assert ([r.device for r in small.devices], small.next) == (["d-00"], "d-00")
 
 
+def _ask(
+    controller: Controller,
+    publisher: RecordingPublisher,
+    command: StacksStatus | DeploymentsStatus,
+    limit: int,
+) -> Reply:
+    """``command`` as a CLI's request over MQTT: its reply, in no more than ``limit`` bytes."""
+    reply_to = topics.replies("cli-1")
+    payload = Request(id="r-1", reply_to=reply_to, command=command.model_dump(mode="json"))
+    controller.handle(topics.REQUESTS, codec.encode(payload))
+    topic, data, _ = publisher.published[-1]
+    assert topic == reply_to and len(data) <= limit
+    return codec.decode(data, Reply)
+
+
 def test_a_status_past_the_message_limit_is_read_in_pages(
     fleet12: tuple[Controller, str], publisher: RecordingPublisher, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -282,19 +297,11 @@ def test_a_status_past_the_message_limit_is_read_in_pages(
     controller, _ = fleet12
     monkeypatch.setattr(codec, "MAX_PAYLOAD", 2000)  # 12 rows of this stack no longer fit
     monkeypatch.setattr(stacks_module, "STATUS_PAGE_BYTES", 1000)
-    reply_to = topics.replies("cli-1")
 
-    def ask(command: StacksStatus) -> Reply:
-        payload = Request(id="r-1", reply_to=reply_to, command=command.model_dump(mode="json"))
-        controller.handle(topics.REQUESTS, codec.encode(payload))
-        topic, data, _ = publisher.published[-1]
-        assert topic == reply_to and len(data) <= 2000
-        return codec.decode(data, Reply)
-
-    assert ask(StacksStatus(name="web")).code == ErrorCode.TOO_LARGE
+    assert _ask(controller, publisher, StacksStatus(name="web"), 2000).code == ErrorCode.TOO_LARGE
     devices, after, pages = [], None, 0
     while True:
-        reply = ask(StacksStatus(name="web", after=after, limit=5000))
+        reply = _ask(controller, publisher, StacksStatus(name="web", after=after, limit=5000), 2000)
         assert reply.ok and reply.result is not None, reply.error
         devices += [r["device"] for r in reply.result["devices"]]
         pages += 1
@@ -350,20 +357,14 @@ def test_a_deployment_past_the_message_limit_is_read_in_pages(
     deployment_id = _rolled(controller)
     monkeypatch.setattr(codec, "MAX_PAYLOAD", 1200)  # 12 devices' rows no longer fit
     monkeypatch.setattr(stacks_module, "STATUS_PAGE_BYTES", 500)
-    reply_to = topics.replies("cli-1")
 
-    def ask(command: DeploymentsStatus) -> Reply:
-        payload = Request(id="r-1", reply_to=reply_to, command=command.model_dump(mode="json"))
-        controller.handle(topics.REQUESTS, codec.encode(payload))
-        topic, data, _ = publisher.published[-1]
-        assert topic == reply_to and len(data) <= 1200
-        return codec.decode(data, Reply)
-
-    assert ask(DeploymentsStatus(id=deployment_id)).code == ErrorCode.TOO_LARGE
+    assert _ask(controller, publisher, DeploymentsStatus(id=deployment_id), 1200).code == ErrorCode.TOO_LARGE
     devices: list[str] = []
     after, pages = None, 0
     while True:
-        reply = ask(DeploymentsStatus(id=deployment_id, after=after, limit=5000))
+        reply = _ask(
+            controller, publisher, DeploymentsStatus(id=deployment_id, after=after, limit=5000), 1200
+        )
         assert reply.ok and reply.result is not None, reply.error
         devices += list(reply.result["deployment"]["devices"])
         pages += 1
