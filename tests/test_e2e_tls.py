@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
+from support.procs import AgentProcess, ControllerProcess, cli, cli_json, credentialed_agent, wait_online
 from tether.controller.tls import quickstart
 from tether.protocol.errors import TransportError
 from tether.protocol.mqtt import MqttClient, parse_broker_url
@@ -34,15 +34,7 @@ def test_agents_and_cli_over_tls(controller: ControllerProcess, tmp_path: Path) 
     assert json.loads(controller.operator_file.read_text())["ca_file"] == str(ca.resolve())
     assert cli_json(url, "devices", "ls") == []  # the CA from operator.json
 
-    creds = tmp_path / "dev-a.json"
-    cli_json(url, "devices", "credentials", "dev-a", "--out", str(creds))
-    saved = json.loads(creds.read_text())
-    agent = AgentProcess(
-        url,
-        "dev-a",
-        tmp_path / "dev-a",
-        extra=["--username", saved["username"], "--password", saved["password"], "--ca-file", str(ca)],
-    )
+    agent = credentialed_agent(url, "dev-a", tmp_path, ca)
     token = cli_json(url, "tokens", "create", "--auto-approve")["token"]
     config = tmp_path / "agent.toml"
     config.write_text(f'brokers = ["{url}"]\nenrollment_token = "{token}"\nca_file = "{ca}"\n')

@@ -7,7 +7,6 @@ check passes, and the controller and a device with credentials work over TLS.
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import re
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from support.infra import MOSQUITTO_BIN, accepts, free_port, stop_process, wait_until
-from support.procs import AgentProcess, ControllerProcess, cli_json, wait_online
+from support.procs import ControllerProcess, credentialed_agent, wait_online
 from test_e2e_mtls import Probe, refused
 from tether.controller.mosquitto import find_plugin
 from tether.protocol.errors import TransportError
@@ -115,15 +114,7 @@ def test_production_broker_refuses_anonymous_and_serves_devices(
         )
         ctl.wait_for_line("dynamic security in step with the store")
         monkeypatch.setenv("TETHER_CREDENTIALS", str(ctl.operator_file))
-        creds = root / "pi-1.json"
-        cli_json(url, "devices", "credentials", "pi-1", "--out", str(creds))
-        saved = json.loads(creds.read_text())
-        agent = AgentProcess(
-            url,
-            "pi-1",
-            root / "pi-1",
-            extra=["--username", saved["username"], "--password", saved["password"], "--ca-file", str(ca)],
-        )
+        agent = credentialed_agent(url, "pi-1", root, ca)
         assert wait_online(url, "pi-1")["status"] == "online"
     finally:
         if agent is not None:

@@ -182,6 +182,18 @@ class AgentProcess(_Proc):
         super().__init__([*(argv_prefix or []), *argv], data_dir / "agent.log")
 
 
+def credentialed_agent(broker: str, device_id: str, root: Path, ca: Path | None = None) -> AgentProcess:
+    """Issue ``device_id`` its credentials (`tether devices credentials --out`, saved under
+    ``root``) and start its agent with them (and ``--ca-file ca`` when given)."""
+    creds = root / f"{device_id}.json"
+    cli_json(broker, "devices", "credentials", device_id, "--out", str(creds))
+    saved = json.loads(creds.read_text())
+    extra = ["--username", saved["username"], "--password", saved["password"]]
+    return AgentProcess(
+        broker, device_id, root / device_id, extra=extra + (["--ca-file", str(ca)] if ca else [])
+    )
+
+
 def cli(
     broker: str, *args: str, timeout: float = 120.0, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
