@@ -246,8 +246,9 @@ def rows_json(rows: Iterable[Row]) -> list[dict[str, Any]]:
     ]
 
 
-def default_json(name: str) -> Path:
-    return RESULTS / f"{name}.json"
+def default_json(name: str, *variant: object) -> Path:
+    """bench/results/NAME[-VARIANT...].json, e.g. ``default_json("sim_cpu", 1000)``."""
+    return RESULTS / f"{'-'.join([name, *map(str, variant)])}.json"
 
 
 def source_version() -> str:
@@ -268,8 +269,8 @@ def source_version() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-def write_json(path: Path | str | None, name: str, data: dict[str, Any]) -> Path:
-    target = Path(path) if path else default_json(name)
+def write_json(path: Path | str | None, name: str, data: dict[str, Any], *variant: object) -> Path:
+    target = Path(path) if path else default_json(name, *variant)
     target.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "benchmark": name,
@@ -283,11 +284,17 @@ def write_json(path: Path | str | None, name: str, data: dict[str, Any]) -> Path
 
 
 def report(
-    name: str, title: str, rows: list[Row], data: dict[str, Any], json_path: Path | str | None
+    name: str,
+    title: str,
+    rows: list[Row],
+    data: dict[str, Any],
+    json_path: Path | str | None,
+    *variant: object,
 ) -> Path:
-    """Print the table and write the JSON (rows included)."""
+    """Print the table and write the JSON (rows included) to ``json_path``, by default
+    bench/results/NAME[-VARIANT...].json."""
     print(table(title, rows), flush=True)
-    path = write_json(json_path, name, {**data, "rows": rows_json(rows)})
+    path = write_json(json_path, name, {**data, "rows": rows_json(rows)}, *variant)
     log(f"results written to {path}")
     return path
 

@@ -309,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tether-cpu-") as tmp:
         data = run(args, Path(tmp))
-    json_path = args.json or Path(__file__).parent / "results" / f"{NAME}-{args.devices}.json"
-    report(NAME, f"Controller CPU: {args.devices} devices replayed", rows(data), data, json_path)
+    report(
+        NAME, f"Controller CPU: {args.devices} devices replayed", rows(data), data, args.json, args.devices
+    )
     return 0
 
 

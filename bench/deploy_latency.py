@@ -335,9 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tether-deploy-") as tmp:
         data = run(args, Path(tmp))
-    json_path = args.json or Path(__file__).parent / "results" / f"{NAME}-{args.devices}-{args.broker}.json"
     report(
-        NAME, f"Deploy latency: {args.devices} simulated devices, {args.broker}", rows(data), data, json_path
+        NAME,
+        f"Deploy latency: {args.devices} simulated devices, {args.broker}",
+        rows(data),
+        data,
+        args.json,
+        args.devices,
+        args.broker,
     )
     return 0
 

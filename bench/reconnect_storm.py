@@ -225,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tether-storm-") as tmp:
         data = run(args, Path(tmp))
-    json_path = args.json or Path(__file__).parent / "results" / f"{NAME}-{args.devices}.json"
     report(
         NAME,
         f"Reconnect storm: {args.devices} simulated devices, Mosquitto restarted",
         rows(data),
         data,
-        json_path,
+        args.json,
+        args.devices,
     )
     return 0
 

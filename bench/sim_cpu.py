@@ -198,13 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         "services": args.services,
         **asyncio.run(replay(args.devices, deploys, args.watch)),
     }
-    json_path = args.json or Path(__file__).parent / "results" / f"{NAME}-{args.devices}.json"
     report(
         NAME,
         f"Simulator CPU: {args.devices} simulated devices, a deploy replayed",
         rows(data),
         data,
-        json_path,
+        args.json,
+        args.devices,
     )
     return 0
 
