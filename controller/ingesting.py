@@ -224,7 +224,8 @@ class Ingestor:
         client = self._client()
         assert client is not None
         now = self.clock()
-        shown = [d for d in self.store.list_devices() if d.status in ("online", "unknown")]
+        # Presence, facts and session only: not every device's reported state parsed again.
+        shown = [d for d in self.store.list_devices(reported=False) if d.status in ("online", "unknown")]
         asks = self.reconfirm.start((d.id, d.session, now + allowance(d)) for d in shown)
         if not asks:
             return
