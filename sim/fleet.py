@@ -439,10 +439,10 @@ class Fleet:
         self.connack_times: list[float] = []
         self.reconciles = 0
         self.idle_reconciles = 0
+        """Reconciles skipped: nothing could have changed (:attr:`AgentCore.idle`)."""
         self.settled_marks = 0
         """How many (device, generation) marks got their settled time: a cheap thing to poll
         before walking every device's marks."""
-        """Reconciles skipped: nothing could have changed (:attr:`AgentCore.idle`)."""
         self.started_at = 0.0
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.handshakes: asyncio.Semaphore = None  # type: ignore[assignment]
