@@ -6,7 +6,7 @@ One worker thread owns the store and handles, in arrival order, everything the M
 thread puts on the inbox: presence, reported state, events and requests.
 
 After every change that can move stacks (a deploy, a removal, a group change, a device
-whose labels changed or that appeared) :meth:`Controller.sync` recomputes each device's
+whose labels changed or that appeared) :meth:`~.context.Context.sync` recomputes each device's
 stacks with the pure scheduler. A device whose stacks differ from its stored desired
 record gets the next generation, written in the same transaction as the change that
 caused it. Then everything not yet on the broker is published, each publish awaited
@@ -64,7 +64,6 @@ from . import (
     variables,
 )
 from .devices import all_devices
-from .fleet import Seen
 from .fleet_events import (
     EventBus,
 )
@@ -397,7 +396,7 @@ class Controller:
         """Recompute the gauges that need the store (on the worker thread)."""
         counts = {"online": 0, "offline": 0, "unknown": 0, "never seen": 0}
         if self.leading.is_set():  # from the devices kept in memory, not every row parsed again
-            fleet = self.fleet_view()
+            fleet = self.scheduler.fleet_view()
             for seen in fleet.values():
                 counts[seen.status] = counts.get(seen.status, 0) + 1
             named = {r.device_id for r in self.store.list_desired()}
@@ -437,7 +436,7 @@ class Controller:
             s for s in self.store.list_stacks() if s.placement.mode == "replicas" and s.placement.lost_after_s
         ]
         if stacks and self.scheduler.placements_changed(stacks):
-            self.sync()
+            self.context.sync()
         self.ingestor.expire_stale()
         self.ingestor.expire_unconfirmed()
         self.flush_events()  # what expire_stale found: webhooks count offline time from it
@@ -462,10 +461,6 @@ class Controller:
             self.store.prune_audit(self.clock() - self.audit_retention)
 
     # --- deployments ---
-
-    def fleet_view(self) -> dict[str, Seen]:
-        """See :meth:`.scheduling.Scheduler.fleet_view`."""
-        return self.scheduler.fleet_view()
 
     def advance_deployments(self, force: bool = True) -> None:
         """See :meth:`.deploying.Deployer.advance`."""
@@ -548,10 +543,6 @@ class Controller:
     def _publish_deferred(self) -> None:
         """See :meth:`.publishing.Publisher.publish_deferred`."""
         self.publisher.publish_deferred()
-
-    def sync(self, device_ids: set[str] | None = None) -> None:
-        """Recompute desired states (of ``device_ids``, or all), store changes, publish."""
-        self.context.sync(device_ids)
 
     def recompute(self, device_ids: set[str] | None = None) -> None:
         """See :meth:`.scheduling.Scheduler.recompute`."""
