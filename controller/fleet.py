@@ -6,13 +6,42 @@ from what the store says it wrote, so a step over 10,000 devices parses no devic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
 
 from .models import Device
 from .rollout import Observation
 from .selectors import Attributes
+
+V = TypeVar("V")
+
+
+class MadeOf(Generic[V]):
+    """What was made of each of the stack statuses seen lately, by stack name and identity.
+
+    Reports of a fleet share their stacks' statuses (codec.FieldMemo validates each distinct
+    one once): what is made of one is then made once, not per device. Bounded (forgotten
+    when full): it keeps the statuses (a failing one holds log lines), so that an identity is
+    not reused meanwhile."""
+
+    def __init__(self, make: Callable[[str, StackStatus], V], size: int = 1024) -> None:
+        self.make = make
+        self.size = size
+        self._made: dict[tuple[str, int], tuple[StackStatus, V]] = {}
+
+    def get(self, name: str, status: StackStatus) -> V:
+        """``make(name, status)``, made once for stack ``name``'s ``status``."""
+        known = self._made.get((name, id(status)))
+        if known is not None and known[0] is status:
+            return known[1]
+        made = self.make(name, status)
+        if len(self._made) >= self.size:
+            self._made.clear()
+        self._made[(name, id(status))] = (status, made)
+        return made
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,16 +62,7 @@ class StackSeen:
 
     @classmethod
     def of(cls, status: StackStatus) -> StackSeen:
-        # Reports of a fleet share their stacks' statuses (codec.FieldMemo validates each
-        # distinct one once): what was made of one is made once, not per device.
-        known = _OF_STATUS.get(id(status))
-        if known is not None and known[0] is status:
-            return known[1]
-        seen = cls._of(status)
-        if len(_OF_STATUS) >= 1024:  # bounded: it keeps the statuses (a failing one holds log lines)
-            _OF_STATUS.clear()
-        _OF_STATUS[id(status)] = (status, seen)  # the status kept: its id is not reused meanwhile
-        return seen
+        return _OF_STATUS.get("", status)
 
     @classmethod
     def _of(cls, status: StackStatus) -> StackSeen:
@@ -60,8 +80,8 @@ class StackSeen:
         return shared
 
 
-_OF_STATUS: dict[int, tuple[StackStatus, StackSeen]] = {}
-""":meth:`StackSeen.of` of each stack status seen lately, by identity."""
+_OF_STATUS: MadeOf[StackSeen] = MadeOf(lambda _, status: StackSeen._of(status))
+""":meth:`StackSeen.of` of each stack status seen lately."""
 _PLAIN: dict[tuple[str, str], StackSeen] = {}
 """One shared :class:`StackSeen` per (version, state) of a stack that runs without a blip."""
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
 
-from .fleet import Seen
+from .fleet import MadeOf, Seen
 from .rollout import Deployment
 
 KINDS = (
@@ -191,8 +191,6 @@ class EventBus:
 
 
 StackParts = tuple[tuple[str, str, str], tuple[tuple[str, str, int, str | None], ...]]
-_PARTS: dict[tuple[str, int], tuple[StackStatus, StackParts]] = {}
-""":func:`_stack_parts` of each stack status seen lately, by name and identity."""
 
 
 def _crash_looping(name: str, status: StackStatus) -> Iterator[tuple[str, str, int, str | None]]:
@@ -219,14 +217,13 @@ def _stack_parts(name: str, status: StackStatus) -> StackParts:
     """What :meth:`ReportSummary.of` takes of one stack: (name, version, state) and its
     services in a crash loop. Reports of a fleet share their stacks' statuses
     (codec.FieldMemo): made once per status, not per device."""
-    known = _PARTS.get((name, id(status)))
-    if known is not None and known[0] is status:
-        return known[1]
-    parts = ((name, status.spec_hash, status.state), tuple(_crash_looping(name, status)))
-    if len(_PARTS) >= 1024:  # bounded: it keeps the statuses (a failing one holds log lines)
-        _PARTS.clear()
-    _PARTS[(name, id(status))] = (status, parts)  # the status kept: its id is not reused meanwhile
-    return parts
+    return _PARTS.get(name, status)
+
+
+_PARTS: MadeOf[StackParts] = MadeOf(
+    lambda name, status: ((name, status.spec_hash, status.state), tuple(_crash_looping(name, status)))
+)
+""":func:`_stack_parts` of each stack status seen lately."""
 
 
 @dataclass(frozen=True, slots=True)
