@@ -110,7 +110,13 @@ async def replay(devices: int, deploys: list[list[Message]], watch: float) -> di
         device.session.connection_made(CountingTransport())  # type: ignore[arg-type]
         device.session.data_received(bytes((0x20, 2, 0, 0)))
         device.kick()
-    await asyncio.sleep(1.0)
+    # Every device's connect messages (its online presence and first report) sent before the
+    # first deploy arrives, or the deploy's report could take the place of the first one.
+    deadline = time.monotonic() + 60
+    while fleet.counters.messages_out < 2 * devices:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"only {fleet.counters.messages_out} connect messages of {2 * devices} in 60 s")
+        await asyncio.sleep(0.05)
     gc.freeze()
     results = []
     for version, messages in enumerate(deploys, 1):
@@ -130,7 +136,10 @@ async def replay(devices: int, deploys: list[list[Message]], watch: float) -> di
                 device.session.data_received(packet)
             await asyncio.sleep(0)
         settled = 0
+        deadline = time.monotonic() + 300
         while settled < devices:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"deploy v{version}: {settled} of {devices} devices applied it in 300 s")
             await asyncio.sleep(0.05)
             settled = sum(1 for d in fleet.devices if d.done_at(version) is not None)
         cpu1, t1 = time.process_time(), time.monotonic()
