@@ -10,8 +10,9 @@ Handlers are plain functions ``handler(ctx, command) -> result`` grouped by doma
   ``update_placements``, a stack's ``targets``, the ``fleet_view``;
 * ``ctx.publisher`` (:class:`~.publishing.Publisher`): ``publish_pending``, ``publish_retained``;
 * ``ctx.deployer`` (:class:`~.deploying.Deployer`): ``start`` a deployment, ``advance``
-  the active ones, ``note`` a deployment's change as a fleet event;
-* ``ctx.events`` (:class:`~.fleet_events.DueEvents`): ``emit`` a fleet event;
+  the active ones;
+* ``ctx.events`` (:class:`~.fleet_events.DueEvents`): ``emit`` a fleet event, or a
+  deployment's change as one (``deployment``);
 * the caches: ``variables``, ``registries`` (what desired states bind: ``forget()`` after a
   change), ``access`` (the broker's credentials), ``notifier`` (webhooks), ``secrets``,
   and the leader's in-memory ``device_metrics`` and ``device_history``.
@@ -63,7 +64,7 @@ class Context:
     publisher: Publisher
     """What is published to devices (desired states, retained answers)."""
     deployer: Deployer
-    """Deployments: started, stepped, their changes noted."""
+    """Deployments: started and stepped (their changes noted as fleet events)."""
     events: DueEvents
     """Fleet events, emitted once the change is committed."""
     variables: VariableBindings

@@ -52,10 +52,6 @@ class Deployer:
         self._next_deployment_step = 0.0
         self._step_not_before = 0.0
 
-    def note(self, before: Deployment | None, after: Deployment) -> None:
-        """Emit the fleet event of a deployment that started (``before`` None) or changed state."""
-        self._note(before, after)
-
     def advance(self, force: bool = True) -> None:
         """Step every active deployment; store, revert and publish what changed.
 
@@ -101,7 +97,7 @@ class Deployer:
                 self.store.put_deployment(nxt)
                 if nxt.state != deployment.state:
                     log.info("deployment %d of %s: %s %s", nxt.id, nxt.stack, nxt.state, nxt.message or "")
-                    self.note(deployment, nxt)
+                    self._note(deployment, nxt)
                 if nxt.state == "reverted" and nxt.from_hash is not None:
                     self._revert(stack, nxt.from_hash)
         if changed:

@@ -229,6 +229,6 @@ def deployments_action(ctx: Context, cmd: DeploymentsAction) -> DeploymentResult
         d = rollout.switch(d, now)
     with ctx.store.transaction():
         ctx.store.put_deployment(d)
-    ctx.deployer.note(before, d)
+    ctx.events.deployment(before, d)
     ctx.deployer.advance()
     return DeploymentResult(deployment=deployment_view(ctx, _deployment(ctx, d.id)))
