@@ -114,9 +114,8 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
         stack = existing  # type: ignore[assignment]
         deployment = None
     stack = ctx.store.get_stack(cmd.name) or stack
-    fleet = (
-        ctx.scheduler.fleet_view()
-    )  # the fleet as the deployment sees it (in memory), no device row read again
+    # The fleet as the deployment sees it (in memory), no device row read again.
+    fleet = ctx.scheduler.fleet_view()
     if stack.placement.mode == "replicas":
         targets = [a.device_id for a in stack.assignment]
     else:
