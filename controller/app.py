@@ -338,14 +338,17 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
     if client_cert is not None:
         from .tls import issue_client
 
-        controller.access.client_cert = client_cert
+        controller.context.access.client_cert = client_cert
         ca_pem = (options.data_dir / "tls" / "ca.pem").read_text()
-        controller.access.issue_certificate = lambda name: (*issue_client(options.data_dir, name), ca_pem)
+        controller.context.access.issue_certificate = lambda name: (
+            *issue_client(options.data_dir, name),
+            ca_pem,
+        )
     if embedded is not None:
-        controller.access.disconnect_users = embedded.disconnect_users
+        controller.context.access.disconnect_users = embedded.disconnect_users
         controller.metrics.lockouts.doors["mqtt"] = embedded.lockouts
     elif isinstance(table, DynsecTable):  # deleting a client disconnected it: those that were online
-        controller.access.disconnect_users = lambda users: sum(
+        controller.context.access.disconnect_users = lambda users: sum(
             1 for d in store.list_devices() if d.id in users and d.status == "online"
         )
     admin: MqttClient | None = None
@@ -372,7 +375,7 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
                 "Mosquitto password and ACL files rewritten in %s (reload Mosquitto: SIGHUP)", mosquitto_dir
             )
 
-        controller.access.on_credentials_changed = write_mosquitto
+        controller.context.access.on_credentials_changed = write_mosquitto
         write_mosquitto()
         echo(f"tether: Mosquitto password and ACL files in {mosquitto_dir.resolve()}")
     http: HttpServer | None = None

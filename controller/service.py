@@ -178,40 +178,24 @@ class Controller:
         )
         """What command handlers use: these parts (:mod:`.context`, wired in :mod:`.parts`)."""
         context = self.context
-        self.secrets = secrets
-        self.variables = context.variables
-        self.registries = context.registries
-        self.access = context.access
-        self.notifier = context.notifier
-        """Webhooks (:mod:`.notify`): told of the events emitted, sent from a thread of their own."""
-        self.events = context.events
-        """Fleet events emitted, handed to :attr:`bus` once committed (:meth:`flush_events`)."""
-        self.scheduler = context.scheduler
-        """The fleet view, targets, placements and desired states (:mod:`.scheduling`)."""
-        self.publisher = context.publisher
-        """What is published to devices (:mod:`.publishing`)."""
-        self.deployer = context.deployer
-        """Deployment steps (:mod:`.deploying`)."""
-        self.device_metrics = context.device_metrics  # latest sample per device, in memory only
-        self.device_history = context.device_history  # recent usage, downsampled, in memory only
         self.ingestor = Ingestor(
             store,
             clock=clock,
             metrics=self.metrics,
-            publisher=self.publisher,
-            deployer=self.deployer,
-            fleet_view=self.scheduler.fleet_view,
+            publisher=context.publisher,
+            deployer=context.deployer,
+            fleet_view=context.scheduler.fleet_view,
             stacks=store.list_stacks,
-            emit=self.events.due.append,
+            emit=context.events.due.append,
             sync=context.sync,
             online=lambda device_id: enrollment.seen(self.context, device_id),
             refresh=lambda: setattr(self, "_next_refresh", 0.0),
             client=lambda: self.client,
-            device_metrics=self.device_metrics,
-            device_history=self.device_history,
+            device_metrics=context.device_metrics,
+            device_history=context.device_history,
         )
         """What devices publish, stored and turned into fleet events (:mod:`.ingesting`)."""
-        self.metrics.registry.register(DeviceCollector(lambda: self.device_metrics))
+        self.metrics.registry.register(DeviceCollector(lambda: self.context.device_metrics))
         self._next_refresh = 0.0
         self._next_repair = 0.0  # see tick
         self._message_counters: dict[str, Any] = {}
@@ -257,7 +241,7 @@ class Controller:
             username=self.credentials[0] if self.credentials else None,
             password=self.credentials[1] if self.credentials else None,
             ca_file=str(self.ca_file) if self.ca_file else None,
-            client_cert=self.access.client_cert,  # mTLS
+            client_cert=self.context.access.client_cert,  # mTLS
         )
         self.client.on_message = lambda t, p, r: self.inbox.put((t, p))
         self.client.on_connect = lambda: self.inbox.put((_CONNECTED, b""))
@@ -270,7 +254,7 @@ class Controller:
             log.info("standing by: another controller leads")
         self._thread = threading.Thread(target=self._run, name="controller", daemon=True)
         self._thread.start()
-        self.notifier.start()
+        self.context.notifier.start()
         self.client.connect(connect_timeout)
 
     def _become_leader(self) -> None:
@@ -286,10 +270,10 @@ class Controller:
         if not self.ha:
             self.client.subscribe(topics.REQUESTS, qos=self._request_qos)
             self.client.subscribe(topics.USER_REQUESTS, qos=self._request_qos)
-        self.variables.forget()  # another controller may have changed them while we stood by
-        self.registries.forget()
-        self.scheduler.forget()  # and the devices
-        self.publisher.lead()  # and what was published, when, and which events are stored
+        self.context.variables.forget()  # another controller may have changed them while we stood by
+        self.context.registries.forget()
+        self.context.scheduler.forget()  # and the devices
+        self.context.publisher.lead()  # and what was published, when, and which events are stored
         self.leading.set()
         log.info("this controller leads")
         if self.client.connected:
@@ -299,7 +283,7 @@ class Controller:
         self.inbox.put((_STOP, b""))
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.notifier.stop()
+        self.context.notifier.stop()
         self._preparing.shutdown(wait=False, cancel_futures=True)
         if self.client is not None:
             self.client.stop()
@@ -348,12 +332,12 @@ class Controller:
         held: tuple[str, bytes] | None = None
         with self.store.transaction():
             for handled in range(1, INGEST_BATCH + 1):
-                mark = len(self.events.due)
+                mark = len(self.context.events.due)
                 try:
                     with self.store.transaction():
                         self._dispatch(topic, payload)
                 except Exception:
-                    del self.events.due[mark:]  # its writes were undone: so are its events
+                    del self.context.events.due[mark:]  # its writes were undone: so are its events
                     log.exception("failed to handle a message on %s", topic)
                 if handled == INGEST_BATCH:
                     break
@@ -386,7 +370,7 @@ class Controller:
         if publish:
             self.publish_pending(device_ids)
         else:
-            self.publisher.defer(device_ids)
+            self.context.publisher.defer(device_ids)
 
     def is_ready(self) -> bool:
         """Connected to the broker and past the first sync (readiness)."""
@@ -396,7 +380,7 @@ class Controller:
         """Recompute the gauges that need the store (on the worker thread)."""
         counts = {"online": 0, "offline": 0, "unknown": 0, "never seen": 0}
         if self.leading.is_set():  # from the devices kept in memory, not every row parsed again
-            fleet = self.scheduler.fleet_view()
+            fleet = self.context.scheduler.fleet_view()
             for seen in fleet.values():
                 counts[seen.status] = counts.get(seen.status, 0) + 1
             named = {r.device_id for r in self.store.list_desired()}
@@ -435,13 +419,13 @@ class Controller:
         stacks = [
             s for s in self.store.list_stacks() if s.placement.mode == "replicas" and s.placement.lost_after_s
         ]
-        if stacks and self.scheduler.placements_changed(stacks):
+        if stacks and self.context.scheduler.placements_changed(stacks):
             self.context.sync()
         self.ingestor.expire_stale()
         self.ingestor.expire_unconfirmed()
         self.flush_events()  # what expire_stale found: webhooks count offline time from it
         try:
-            self.notifier.tick()
+            self.context.notifier.tick()
         except Exception:
             log.exception("webhooks: failed to send")
         self.publish_acks()
@@ -451,9 +435,9 @@ class Controller:
             # (the grace is BEHIND_GRACE anyway; 19 ms per tick at 50,000 devices).
             self._next_repair = time.monotonic() + BEHIND_CHECK
             self.repair_behind()
-        if self.access.table is not None:
+        if self.context.access.table is not None:
             try:
-                self.access.table.expire(self.clock())
+                self.context.access.table.expire(self.clock())
             except TetherError as exc:
                 log.error("%s", exc)
         if self.audit_retention is not None and time.monotonic() >= self._next_audit_prune:
@@ -464,7 +448,7 @@ class Controller:
 
     def advance_deployments(self, force: bool = True) -> None:
         """See :meth:`.deploying.Deployer.advance`."""
-        self.deployer.advance(force)
+        self.context.deployer.advance(force)
 
     # --- dispatch ---
 
@@ -480,11 +464,11 @@ class Controller:
 
     def flush_events(self) -> None:
         """Emit the events of what is committed now (on the worker thread)."""
-        if self.events.due:
-            for event in self.events.take():
+        if self.context.events.due:
+            for event in self.context.events.take():
                 emitted = self.bus.emit(event)
                 try:
-                    self.notifier.on_event(emitted)
+                    self.context.notifier.on_event(emitted)
                 except Exception:
                     log.exception("webhooks: failed to queue %s", emitted.kind)
 
@@ -500,7 +484,7 @@ class Controller:
                     log.warning("the broker lost our session (restarted without persistence?): republishing")
                     self.store.mark_all_unpublished()
                 self.ingestor.connected(lost)
-                self.publisher.reconnected(self.client is None or self.client.session_present)
+                self.context.publisher.reconnected(self.client is None or self.client.session_present)
                 self.publish_pending()
                 enrollment.publish_answers(self.context)
             self.ready.set()
@@ -518,7 +502,7 @@ class Controller:
         elif not self.leading.is_set():
             return
         elif parsed.kind == "probe":
-            self.publisher.probe_back(payload)
+            self.context.publisher.probe_back(payload)
         elif topic == self.ingestor.asked_topic:
             self.ingestor.on_answer(payload)
         elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
@@ -530,23 +514,23 @@ class Controller:
 
     def publish_pending(self, device_ids: set[str] | None = None) -> None:
         """See :meth:`.publishing.Publisher.publish_pending`."""
-        self.publisher.publish_pending(device_ids)
+        self.context.publisher.publish_pending(device_ids)
 
     def publish_acks(self) -> None:
         """See :meth:`.publishing.Publisher.publish_acks`."""
-        self.publisher.publish_acks()
+        self.context.publisher.publish_acks()
 
     def repair_behind(self) -> None:
         """See :meth:`.publishing.Publisher.repair_behind`."""
-        self.publisher.repair_behind()
+        self.context.publisher.repair_behind()
 
     def _publish_deferred(self) -> None:
         """See :meth:`.publishing.Publisher.publish_deferred`."""
-        self.publisher.publish_deferred()
+        self.context.publisher.publish_deferred()
 
     def recompute(self, device_ids: set[str] | None = None) -> None:
         """See :meth:`.scheduling.Scheduler.recompute`."""
-        self.scheduler.recompute(device_ids)
+        self.context.scheduler.recompute(device_ids)
 
     # --- requests ---
 
@@ -628,14 +612,14 @@ class Controller:
         What the command changed is stored and committed when it returns; publishing it waits
         until the answer is on its way (the worker publishes right after), so a deploy to
         10,000 devices is answered at once instead of after 10,000 acknowledgements."""
-        self.publisher.deferring = True
+        self.context.publisher.deferring = True
         try:
             result = self.execute(command, principal, prepared)
         except TetherError:
             self.metrics.requests.labels(command=getattr(command, "kind", "?"), outcome="error").inc()
             raise
         finally:
-            self.publisher.deferring = False
+            self.context.publisher.deferring = False
         self.metrics.requests.labels(command=getattr(command, "kind", "?"), outcome="ok").inc()
         return result
 
@@ -648,7 +632,7 @@ class Controller:
         ``prepared``: what the handler's ``prepare`` made of ``command`` (see :meth:`_prepared`)."""
         handler = self.commands.handler(command)
         outcome = "internal"
-        mark = len(self.events.due)
+        mark = len(self.context.events.due)
         try:
             if not principal.may(handler.role):
                 raise ForbiddenError(
@@ -662,7 +646,7 @@ class Controller:
                     else handler.run(self.context, command, prepared)
                 )
             except BaseException:
-                del self.events.due[mark:]  # nothing it did stays: nor do its events
+                del self.context.events.due[mark:]  # nothing it did stays: nor do its events
                 raise
             if not isinstance(result, handler.result):
                 raise TypeError(

@@ -343,7 +343,7 @@ def test_a_report_queued_behind_a_big_deploy_is_not_taken_for_a_device_behind(
     for _ in range(5):  # 5 checks over 4 graces: the probe sent first is still on its way
         assert _republished(controller, client, probe_back=False) == []
         now[0] += publishing.BEHIND_GRACE
-    probe = controller.publisher._probe
+    probe = controller.context.publisher._probe
     assert probe is not None and probe[1] == 1000.0  # not sent again before PROBE_LOST
     controller.handle(topics.PROBE, b"forged")  # a token that is not ours changes nothing
     assert _republished(controller, client, probe_back=False) == []

@@ -33,7 +33,7 @@ def device_client(controller: Any) -> ControllerClient:
         username=username,
         password=password,
         ca_file=str(controller.ca_file) if controller.ca_file else None,
-        client_cert=controller.access.client_cert,
+        client_cert=controller.context.access.client_cert,
     )
 
 

@@ -37,7 +37,7 @@ def test_devices_ls_includes_devices_named_but_never_seen(controller: Controller
 def test_devices_top_reads_the_latest_sample_and_refuses_unknown_ids(controller: Controller) -> None:
     """devices.top gives each device's sample (None before one arrived) and names an unknown id."""
     online(controller, "pi-1")
-    controller.device_metrics["pi-1"] = {"at": 1.0, "cpu": 0.5}
+    controller.context.device_metrics["pi-1"] = {"at": 1.0, "cpu": 0.5}
     rows = controller.execute(DevicesTop()).devices
     assert rows == [
         DeviceSample(id="pi-1", status="online", since=controller.clock(), sample={"at": 1.0, "cpu": 0.5})

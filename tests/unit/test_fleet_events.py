@@ -184,7 +184,7 @@ def test_a_command_that_fails_midway_emits_nothing(
     def broken(device_ids: object = None) -> None:
         raise RuntimeError("scheduling broke")
 
-    monkeypatch.setattr(controller.scheduler, "recompute", broken)
+    monkeypatch.setattr(controller.context.scheduler, "recompute", broken)
     with pytest.raises(RuntimeError, match="scheduling broke"):
         controller.execute(StacksDeploy(name="web", group="edge", compose=COMPOSE))
     controller.flush_events()

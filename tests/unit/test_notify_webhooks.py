@@ -49,17 +49,19 @@ class Receiver:
 @pytest.fixture
 def receiver(controller: Controller) -> Iterator[Receiver]:
     recv = Receiver()
-    controller.notifier.send = recv
-    controller.notifier.start()
+    controller.context.notifier.send = recv
+    controller.context.notifier.start()
     yield recv
-    controller.notifier.stop()
+    controller.context.notifier.stop()
 
 
 def _add(
     controller: Controller, on: tuple[str, ...], offline_after_s: float = 60.0, secret: bool = True
 ) -> str:
-    assert controller.secrets is not None
-    sealed = seal_text(controller.secrets.public_key, json.dumps({"secret": SECRET})) if secret else None
+    assert controller.context.secrets is not None
+    sealed = (
+        seal_text(controller.context.secrets.public_key, json.dumps({"secret": SECRET})) if secret else None
+    )
     cmd = NotifyAdd(url="http://hooks.example/x", on=on, offline_after_s=offline_after_s, sealed=sealed)  # type: ignore[arg-type]
     return controller.execute(cmd).webhook.id
 
@@ -73,7 +75,7 @@ def _settle(controller: Controller, until: object, timeout: float = 5.0) -> None
     """Tick the notifier until ``until()`` holds (the sender thread answers in between)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        controller.notifier.tick()
+        controller.context.notifier.tick()
         if until():  # type: ignore[operator]
             return
         time.sleep(0.01)
@@ -94,9 +96,9 @@ def test_offline_fires_after_the_threshold_once_and_back_fires_a_flap_does_not(
     online(controller, "pi-2", session=2)
     _presence(controller, "pi-1", "offline", 1)
     clock.now += 59
-    controller.notifier.tick()
+    controller.context.notifier.tick()
     time.sleep(0.05)
-    controller.notifier.tick()
+    controller.context.notifier.tick()
     assert receiver.bodies() == []
     clock.now += 2
     _settle(controller, lambda: len(receiver.bodies()) == 1)
@@ -107,7 +109,7 @@ def test_offline_fires_after_the_threshold_once_and_back_fires_a_flap_does_not(
         61.0,
     )
     clock.now += 600
-    controller.notifier.tick()
+    controller.context.notifier.tick()
     online(controller, "pi-1", session=2)
     _settle(controller, lambda: len(receiver.bodies()) == 2)
     assert [b["kind"] for b in receiver.bodies()] == ["device.offline", "device.online"]
@@ -129,11 +131,11 @@ def test_a_fleet_wide_outage_is_a_few_posts_and_one_summary(
     for n in range(200):
         _presence(controller, f"d{n}", "offline", 1)
     clock.now += 11
-    controller.notifier.tick()
+    controller.context.notifier.tick()
     clock.now += notify.WINDOW_S
     _settle(controller, lambda: len(receiver.bodies()) == notify.BURST + 1)
     time.sleep(0.1)
-    controller.notifier.tick()
+    controller.context.notifier.tick()
     bodies = receiver.bodies()
     assert len(bodies) == notify.BURST + 1
     summary = bodies[-1]
@@ -171,8 +173,8 @@ def test_bad_webhooks_are_refused_with_every_problem_and_the_secret_is_never_sho
     controller: Controller,
 ) -> None:
     """A bad URL and an empty secret are named together; ls shows only that a secret is set; rm removes."""
-    assert controller.secrets is not None
-    empty = seal_text(controller.secrets.public_key, json.dumps({"secret": ""}))
+    assert controller.context.secrets is not None
+    empty = seal_text(controller.context.secrets.public_key, json.dumps({"secret": ""}))
     with pytest.raises(CommandError) as refused:
         controller.execute(NotifyAdd(url="ftp://x", on=("device.offline",), sealed=empty))
     assert "scheme must be http or https" in str(refused.value) and "the secret is empty" in str(
@@ -197,7 +199,7 @@ def test_a_restarted_controller_sends_what_was_pending_and_tells_a_device_s_retu
     online(controller, "pi-1", session=1)
     _presence(controller, "pi-1", "offline", 1)
     clock.now += 11
-    controller.notifier.tick()  # device.offline queued; the endpoint is never reached
+    controller.context.notifier.tick()  # device.offline queued; the endpoint is never reached
     queued = controller.execute(NotifyTest(id=webhook)).delivery
     assert [d.state for d in controller.execute(NotifyLog()).deliveries] == ["pending", "pending"]
     controller.store.close()
@@ -207,20 +209,20 @@ def test_a_restarted_controller_sends_what_was_pending_and_tells_a_device_s_retu
     again.client = RecordingPublisher()  # type: ignore[assignment]
     again.leading.set()
     recv = Receiver()
-    again.notifier.send = recv
-    again.notifier.start()
+    again.context.notifier.send = recv
+    again.context.notifier.start()
     try:
         _settle(again, lambda: len(recv.bodies()) == 2)
         assert sorted(b["kind"] for b in recv.bodies()) == ["device.offline", "test"]
         assert queued.id in {b["delivery"] for b in recv.bodies()}
         clock.now += 60
-        again.notifier.tick()
+        again.context.notifier.tick()
         online(again, "pi-1", session=2)
         _settle(again, lambda: len(recv.bodies()) == 3)
         assert recv.bodies()[-1]["kind"] == "device.online"
         assert [b["kind"] for b in recv.bodies()].count("device.offline") == 1
     finally:
-        again.notifier.stop()
+        again.context.notifier.stop()
         store.close()
 
 

@@ -18,8 +18,8 @@ from tether.protocol.topics import DeviceTopic
 @pytest.fixture
 def table(controller: Controller) -> CredentialTable:
     """The broker's credential table, kept in sync by the controller; live connections counted."""
-    controller.access.table = CredentialTable()
-    return controller.access.table
+    controller.context.access.table = CredentialTable()
+    return controller.context.access.table
 
 
 def test_credentials_are_shown_once_and_rotate(controller: Controller, table: CredentialTable) -> None:
@@ -53,7 +53,7 @@ def test_a_certificate_is_signed_by_what_tether_up_plugs_in(
     controller: Controller, table: CredentialTable
 ) -> None:
     """With a signer, devices.credentials --certificate returns its PEMs and admits the device by certificate."""
-    controller.access.issue_certificate = lambda name: (f"CERT {name}", f"KEY {name}", "CA")
+    controller.context.access.issue_certificate = lambda name: (f"CERT {name}", f"KEY {name}", "CA")
     result = controller.execute(DevicesCredentials(device_id="pi-3", certificate=True))
     assert result.model_dump() == {
         "device_id": "pi-3",
@@ -74,7 +74,7 @@ def test_revoking_closes_connections_says_offline_and_leaves_static_groups(
     online(controller, "pi-1")
     controller.execute(GroupsCreate(name="edge", devices=("pi-1", "pi-2")))
     closed: list[set[str]] = []
-    controller.access.disconnect_users = lambda users: closed.append(users) or len(users)
+    controller.context.access.disconnect_users = lambda users: closed.append(users) or len(users)
     with pytest.raises(NotFoundError) as unknown:
         controller.execute(DevicesRevoke(device_ids=("pi-1", "pi-8", "pi-9")))
     assert "'pi-8'" in str(unknown.value) and "'pi-9'" in str(unknown.value)
@@ -101,9 +101,12 @@ def test_removing_a_device_forgets_it_and_clears_its_retained_messages(
     controller.handle(
         topics.device("pi-1", DeviceTopic.METRICS), codec.encode(MetricsSample(at=1.0, cpu=5.0))
     )
-    assert "pi-1" in controller.device_metrics and "pi-1" in controller.device_history.rings
+    assert "pi-1" in controller.context.device_metrics and "pi-1" in controller.context.device_history.rings
     result = controller.execute(DevicesRemove(device_ids=("pi-1",)))
-    assert "pi-1" not in controller.device_metrics and "pi-1" not in controller.device_history.rings
+    assert (
+        "pi-1" not in controller.context.device_metrics
+        and "pi-1" not in controller.context.device_history.rings
+    )
     assert (result.removed, result.cleared) == (["pi-1"], True)
     assert controller.store.get_device("pi-1") is None and controller.store.get_credential("pi-1") is None
     assert table.get("pi-1") is None

@@ -377,7 +377,7 @@ def test_observations_asked_again_are_updated_where_devices_reported(fleet12: tu
     """Scheduler.observe for the same devices again: the devices that reported since show it, the others
     are kept, and every observation is what the fleet view says of its device."""
     controller, spec_hash = fleet12
-    scheduler = controller.scheduler
+    scheduler = controller.context.scheduler
     ids = {f"d-{i:02}" for i in range(12)} | {"d-99"}  # d-99: not in the fleet
     fleet = scheduler.fleet_view()
     first = scheduler.observe("web", ids, fleet)

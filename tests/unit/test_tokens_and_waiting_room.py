@@ -28,8 +28,8 @@ FACTS = DeviceFacts(agent_version="1", driver="process", arch="armv7l", os="linu
 @pytest.fixture
 def table(controller: Controller) -> CredentialTable:
     """The broker's credential table, kept in sync by the controller."""
-    controller.access.table = CredentialTable()
-    return controller.access.table
+    controller.context.access.table = CredentialTable()
+    return controller.context.access.table
 
 
 def ask(controller: Controller, device_id: str, token: str, key: DeviceKey | None = None) -> DeviceKey:
