@@ -17,10 +17,12 @@ The :class:`~.service.Controller` owns one, hands it every device message its in
 takes (in batches, inside the batch's transaction), and at the end of a batch stores the
 reports due (:meth:`Ingestor.flush_reports`) and schedules the devices whose presence
 asked for it (:meth:`Ingestor.take_syncs`). The Ingestor never reads the inbox, schedules
-or publishes desired states itself: it is handed the store, the clock, the metrics, the
-:class:`~.publishing.Publisher` (event acknowledgements, new connections), the
-:class:`~.deploying.Deployer` (told that devices changed) and callables for the rest (the
-MQTT session among them: it asks devices shown online for their facts after a reconnection).
+or publishes desired states itself: it is handed the controller's parts (its
+:class:`~.context.Context`: the store, the clock, the :class:`~.publishing.Publisher` for
+event acknowledgements and new connections, the :class:`~.deploying.Deployer` told that
+devices changed, the fleet view, the fleet events), the metrics, and callables for the rest
+(the MQTT session among them: it asks devices shown online for their facts after a
+reconnection).
 """
 
 from __future__ import annotations
@@ -41,15 +43,11 @@ from tether.protocol.models import Event, JobResult, Presence, Reply, ReportedSt
 from tether.protocol.topics import DeviceTopic
 from tether.protocol.transport import Transport
 
-from .deploying import Deployer
-from .fleet import Seen
+from .context import Context
 from .fleet_events import FleetEvent, ReportSummary, device_subject, disk_event, report_events
-from .metrics_history import MetricsHistory
-from .models import Device, Stack
+from .models import Device
 from .observability import Metrics
-from .publishing import Publisher
 from .reconfirm import Reconfirm
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -101,43 +99,32 @@ class Ingestor:
 
     def __init__(
         self,
-        store: Store,
+        context: Context,
         *,
-        clock: Callable[[], float],
         metrics: Metrics,
-        publisher: Publisher,
-        deployer: Deployer,
-        fleet_view: Callable[[], dict[str, Seen]],
-        stacks: Callable[[], list[Stack]],
-        emit: Callable[[FleetEvent], None],
         sync: Callable[[], None],
         online: Callable[[str], None],
         refresh: Callable[[], None],
         client: Callable[[], Transport | None],
-        device_metrics: dict[str, dict[str, Any]],
-        device_history: MetricsHistory,
     ) -> None:
-        """``fleet_view``: every device as deployment steps see it (what a device reported
-        before); ``stacks``: the stacks; ``emit``: emit a fleet event once the change is
-        committed; ``sync``: recompute every desired state and publish; ``online``: a device
-        came online (its enrollment's answer is cleared); ``refresh``: recompute the gauges
-        at the next tick; ``client``: the controller's MQTT session now (None before it starts);
-        ``device_metrics``, ``device_history``: where each device's latest sample and recent
-        usage are kept (in memory only; the handlers' :class:`~.context.Context` holds them too)."""
-        self.store = store
-        self.clock = clock
+        """``context``: the controller's parts (its store, clock, publisher, deployer, fleet
+        view, fleet events, and where each device's latest metrics sample and recent usage are
+        kept); ``sync``: recompute every desired state and publish; ``online``: a device came
+        online (its enrollment's answer is cleared); ``refresh``: recompute the gauges at the
+        next tick; ``client``: the controller's MQTT session now (None before it starts)."""
+        self.store = context.store
+        self.clock = context.clock
         self.metrics = metrics
-        self.publisher = publisher
-        self.deployer = deployer
-        self._fleet_view = fleet_view
-        self._stacks = stacks
-        self._emit = emit
+        self.publisher = context.publisher
+        self.deployer = context.deployer
+        self._fleet_view = context.scheduler.fleet_view
+        self._emit = context.events.due.append
         self._sync = sync
         self._online = online
         self._refresh = refresh
         self._client = client
-        self.device_metrics = device_metrics
-        self.device_history = device_history
+        self.device_metrics = context.device_metrics
+        self.device_history = context.device_history
         self._summaries: dict[str, ReportSummary] = {}  # each device's last report, as events see it
         self._disk_low: set[str] = set()  # devices whose disk is low (see disk_event)
         self._sync_devices: set[str] = set()  # devices to schedule at the end of a batch (see take_syncs)
@@ -279,7 +266,7 @@ class Ingestor:
         if changed:
             self.deployer.dirty = True
             self._refresh()
-            if any(s.placement.mode == "replicas" for s in self._stacks()):
+            if any(s.placement.mode == "replicas" for s in self.store.list_stacks()):
                 self._sync()
 
     def on_presence(self, device_id: str, payload: bytes) -> None:
@@ -327,7 +314,9 @@ class Ingestor:
             if presence.session != device.session or device.status != "online":
                 self.publisher.device_connected(device_id)  # a new connection: see repair_behind
         # Scheduled at the end of the batch of messages this one came in (take_syncs).
-        if presence.status != device.status and any(s.placement.mode == "replicas" for s in self._stacks()):
+        if presence.status != device.status and any(
+            s.placement.mode == "replicas" for s in self.store.list_stacks()
+        ):
             self._sync_all = True  # replicas may move: a full pass restores the exact count
         elif labels_changed or new_device:
             self._sync_devices.add(device_id)

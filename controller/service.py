@@ -179,20 +179,12 @@ class Controller:
         """What command handlers use: these parts (:mod:`.context`, wired in :mod:`.parts`)."""
         context = self.context
         self.ingestor = Ingestor(
-            store,
-            clock=clock,
+            context,
             metrics=self.metrics,
-            publisher=context.publisher,
-            deployer=context.deployer,
-            fleet_view=context.scheduler.fleet_view,
-            stacks=store.list_stacks,
-            emit=context.events.due.append,
             sync=context.sync,
-            online=lambda device_id: enrollment.seen(self.context, device_id),
+            online=lambda device_id: enrollment.seen(context, device_id),
             refresh=lambda: setattr(self, "_next_refresh", 0.0),
             client=lambda: self.client,
-            device_metrics=context.device_metrics,
-            device_history=context.device_history,
         )
         """What devices publish, stored and turned into fleet events (:mod:`.ingesting`)."""
         self.metrics.registry.register(DeviceCollector(lambda: self.context.device_metrics))

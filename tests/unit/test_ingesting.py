@@ -67,22 +67,14 @@ def _rig(store: Store, clock: Clock) -> Rig:
         leading=leading,
         metrics=metrics,
     )
-    rig = Rig(store, client, clock, metrics, parts.deployer, None)  # type: ignore[arg-type]
+    rig = Rig(store, client, clock, metrics, parts.deployer, None, events=parts.events.due)  # type: ignore[arg-type]
     rig.ingestor = Ingestor(
-        store,
-        clock=clock,
+        parts,
         metrics=metrics,
-        publisher=parts.publisher,
-        deployer=parts.deployer,
-        fleet_view=parts.scheduler.fleet_view,
-        stacks=store.list_stacks,
-        emit=rig.events.append,
         sync=lambda: rig.syncs.append(None),
         online=rig.online.append,
         refresh=lambda: rig.refreshes.append(None),
         client=lambda: client,  # type: ignore[arg-type,return-value]
-        device_metrics=parts.device_metrics,
-        device_history=parts.device_history,
     )
     return rig
 
