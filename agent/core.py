@@ -1120,11 +1120,10 @@ class AgentCore:
         candidate = self._candidate
         if candidate is None:
             return
-        comparable = candidate.model_copy(update={"at": 0.0})
-        if self._report_published and comparable == self._last_report:
+        if self._report_published and _same_report(candidate, self._last_report):
             return
         if self.link.publish(self.topic(DeviceTopic.REPORTED), codec.encode(candidate), qos=1, retain=True):
-            self._last_report = comparable
+            self._last_report = candidate
             self._report_published = True
 
     def event(
@@ -1205,13 +1204,14 @@ class AgentCore:
             return
         head = self.store.outbox_head(sent + EVENTS_IN_FLIGHT)
         oldest = head[0].seq if head else 0
+        topic = self.topic(DeviceTopic.EVENTS)
         for event in head:
             if event.seq in self._inflight or event.seq in self._delivered:
                 continue
             if len(self._inflight) >= EVENTS_IN_FLIGHT:
                 return
-            payload = codec.encode(event.model_copy(update={"oldest": oldest}))
-            check = self.link.publish_tracked(self.topic(DeviceTopic.EVENTS), payload, 1)
+            payload = codec.encode_with(event, {"oldest": oldest})  # as a copy with it would be
+            check = self.link.publish_tracked(topic, payload, 1)
             if check is None:
                 return
             self._inflight[event.seq] = check
@@ -1243,6 +1243,15 @@ class AgentCore:
         if lost:
             log.info("%d event(s) lost on the way to the controller: sending them again", len(lost))
         self.flush_events()
+
+
+def _same_report(report: ReportedState, last: ReportedState | None) -> bool:
+    """Whether ``report`` says what ``last`` said: equal but for the time it was made
+    (what ``==`` of the two with ``at`` zeroed says, without copying either)."""
+    if last is None:
+        return False
+    mine, theirs = report.__dict__, last.__dict__
+    return mine.keys() == theirs.keys() and all(v == theirs[k] for k, v in mine.items() if k != "at")
 
 
 def _size(n: int) -> str:

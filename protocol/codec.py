@@ -38,6 +38,24 @@ def encode(model: BaseModel, *, compact: bool = False) -> bytes:
     return data
 
 
+def encode_with(model: BaseModel, update: dict[str, int | float | str | bool | None]) -> bytes:
+    """The bytes :func:`encode` gives for ``model.model_copy(update=update)``, without the copy:
+    the same map, keys in field order, an updated field left out where its ``exclude_if``
+    says so. ``update``: plain values (as they are in JSON) of the model's own fields."""
+    data = model.model_dump(mode="json")
+    fields = type(model).model_fields
+    out: dict[str, object] = {}
+    for name, info in fields.items():
+        if name in update:
+            value = update[name]
+            if info.exclude_if is None or not info.exclude_if(value):
+                out[name] = value
+        elif name in data:
+            out[name] = data[name]
+    packed: bytes = msgpack.packb(out, use_bin_type=True)
+    return packed
+
+
 def decode(payload: bytes, model: type[M]) -> M:
     """Decode and validate ``payload`` as ``model``; raise :class:`PayloadError` naming the problem."""
     if len(payload) > MAX_PAYLOAD:
