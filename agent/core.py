@@ -216,6 +216,7 @@ class AgentCore:
         self._last_report: ReportedState | None = None
         self._quiet: tuple[object, ...] | None = None  # see reconcile_once
         self._report_published = False
+        self._topics: dict[DeviceTopic, str] = {}  # see topic
         saved = store.load_json("applied") or {}
         self.applied: dict[str, str] = dict(saved.get("applied", {}))
         """Stack name -> the version (hash) the device runs: the desired one once staged."""
@@ -241,7 +242,10 @@ class AgentCore:
             self.awaiting |= {ref.spec_hash for ref in self.desired.stage} - set(self.specs)
 
     def topic(self, kind: DeviceTopic) -> str:
-        return topics.device(self.device_id, kind)
+        known = self._topics.get(kind)
+        if known is None:  # made once: a report and every event are published to one
+            known = self._topics[kind] = topics.device(self.device_id, kind)
+        return known
 
     def subscriptions(self) -> list[str]:
         """The filters the agent always holds (stack definitions come and go)."""

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import msgpack
 from pydantic import BaseModel, ValidationError
@@ -38,17 +39,23 @@ def encode(model: BaseModel, *, compact: bool = False) -> bytes:
     return data
 
 
+_FIELDS: dict[type[BaseModel], list[tuple[str, Callable[[Any], bool] | None]]] = {}
+"""Per model class, its fields in order with their ``exclude_if`` (see :func:`encode_with`)."""
+
+
 def encode_with(model: BaseModel, update: dict[str, int | float | str | bool | None]) -> bytes:
     """The bytes :func:`encode` gives for ``model.model_copy(update=update)``, without the copy:
     the same map, keys in field order, an updated field left out where its ``exclude_if``
     says so. ``update``: plain values (as they are in JSON) of the model's own fields."""
     data = model.model_dump(mode="json")
-    fields = type(model).model_fields
+    fields = _FIELDS.get(type(model))
+    if fields is None:
+        fields = _FIELDS[type(model)] = [(n, f.exclude_if) for n, f in type(model).model_fields.items()]
     out: dict[str, object] = {}
-    for name, info in fields.items():
+    for name, exclude_if in fields:
         if name in update:
             value = update[name]
-            if info.exclude_if is None or not info.exclude_if(value):
+            if exclude_if is None or not exclude_if(value):
                 out[name] = value
         elif name in data:
             out[name] = data[name]

@@ -56,8 +56,12 @@ def content_hash(model: BaseModel) -> str:
     return _sha256(_canonical(model.model_dump(mode="json")))
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+"""What ``json.dumps(data, sort_keys=True, separators=(",", ":"))`` makes per call (stateless)."""
+
+
 def _canonical(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return _CANONICAL.encode(data)
 
 
 def _sha256(text: str) -> str:
