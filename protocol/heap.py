@@ -24,6 +24,7 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import sys
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -57,19 +58,45 @@ def share_field_sets(model: M) -> M:
     return model
 
 
+_MAX_SHARED_STR = 256
+"""Longer strings (messages, texts) are seldom repeated: left as they are."""
+
+
+_EMPTY: dict[Any, Any] = {}
+"""The empty dict of every kept model's empty dict field (most labels and addresses): 64
+bytes each otherwise, four per device. Never written to (tests/unit/test_heap.py checks)."""
+
+
+def _str(value: str) -> str:
+    """The one interned copy of ``value`` (equal, so nothing reads differently). Interned
+    strings still go when nothing else holds them (CPython's interned strings are mortal)."""
+    return sys.intern(value) if type(value) is str and len(value) <= _MAX_SHARED_STR else value
+
+
 def _share(value: Any) -> None:
     if isinstance(value, BaseModel):
-        if value.model_config.get("frozen"):
-            names = value.__pydantic_fields_set__
-            shared = _FIELD_SETS.get(frozenset(names))
-            if shared is None:
-                if len(_FIELD_SETS) >= _MAX_FIELD_SETS:  # bounded: shapes are few, whatever comes
-                    _FIELD_SETS.clear()
-                shared = _FIELD_SETS[frozenset(names)] = names
-            if shared is not names:
-                object.__setattr__(value, "__pydantic_fields_set__", shared)
-        for item in value.__dict__.values():
-            if isinstance(item, (BaseModel, dict, tuple, list)):
+        if not value.model_config.get("frozen"):
+            for item in value.__dict__.values():
+                if isinstance(item, (BaseModel, dict, tuple, list)):
+                    _share(item)
+            return
+        names = value.__pydantic_fields_set__
+        shared = _FIELD_SETS.get(frozenset(names))
+        if shared is None:
+            if len(_FIELD_SETS) >= _MAX_FIELD_SETS:  # bounded: shapes are few, whatever comes
+                _FIELD_SETS.clear()
+            shared = _FIELD_SETS[frozenset(names)] = names
+        if shared is not names:
+            object.__setattr__(value, "__pydantic_fields_set__", shared)
+        fields = value.__dict__
+        for name, item in fields.items():  # values replaced by equal ones: the dict keeps its size
+            if isinstance(item, str):
+                fields[name] = _str(item)
+            elif isinstance(item, dict):
+                fields[name] = _shared_dict(item)
+            elif isinstance(item, tuple):
+                fields[name] = _shared_tuple(item)
+            elif isinstance(item, (BaseModel, list)):
                 _share(item)
     elif isinstance(value, dict):
         for item in value.values():
@@ -79,6 +106,34 @@ def _share(value: Any) -> None:
         for item in value:
             if isinstance(item, (BaseModel, dict, tuple, list)):
                 _share(item)
+
+
+def _shared_dict(value: dict[Any, Any]) -> dict[Any, Any]:
+    """``value`` as an equal dict (same order) of a frozen model's field, its string keys and
+    values interned, models in it shared; a new dict, so one held elsewhere is left as it was.
+    Empty, the one :data:`_EMPTY` dict (kept models are never changed: they are read by all)."""
+    if not value:
+        return _EMPTY
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        if isinstance(item, str):
+            item = _str(item)
+        elif isinstance(item, tuple):
+            item = _shared_tuple(item)
+        elif isinstance(item, (BaseModel, dict, list)):
+            _share(item)
+        out[_str(key) if isinstance(key, str) else key] = item
+    return out
+
+
+def _shared_tuple(value: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``value`` with its strings interned (an equal tuple), models in it shared."""
+    if all(type(item) is str for item in value):
+        return tuple(_str(item) for item in value)
+    for item in value:
+        if isinstance(item, (BaseModel, dict, tuple, list)):
+            _share(item)
+    return value
 
 
 def _malloc_trim() -> Any:

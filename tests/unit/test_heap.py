@@ -47,3 +47,32 @@ def test_free_memory_goes_back_after_a_burst() -> None:
     assert releaser.releases == 1 and after is not None and after < before - 16 * 1024 * 1024
     releaser.idle()  # nothing new since: nothing to do
     assert releaser.releases == 1 and len(kept) == 2000
+
+
+def test_kept_models_share_equal_strings_and_empty_dicts_and_read_the_same() -> None:
+    """Strings of kept models (fields, dict keys and values, tuples) are one object per value
+    across devices, empty dict fields one shared (never written) dict; dumps are unchanged."""
+
+    def device(n: int) -> Device:
+        facts = DeviceFacts(
+            agent_version="".join(["1.", "2"]),  # built at run time: not one constant object
+            driver="process",
+            arch="x86_64",
+            os="linux",
+            hostname=f"h{n}",
+            labels={"".join(["ro", "le"]): "".join(["ga", "te"])},
+            addresses={"".join(["et", "h0"]): ("".join(["10.0.0.", str(n)]), "".join(["fe", "80::1"]))},
+        )
+        return Device(id=f"d{n}", status="online", session=n, facts=facts)
+
+    a, b = heap.share_field_sets(device(1)), heap.share_field_sets(device(2))
+    assert a.facts is not None and b.facts is not None
+    assert a.facts.agent_version is b.facts.agent_version
+    assert next(iter(a.facts.labels)) is next(iter(b.facts.labels))
+    assert a.facts.labels["role"] is b.facts.labels["role"]
+    assert a.facts.addresses["eth0"][1] is b.facts.addresses["eth0"][1]
+    assert a.operator_labels is b.pinned_labels and a.operator_labels == {}
+    for n, kept in ((1, a), (2, b)):
+        assert kept.model_dump() == device(n).model_dump()
+        assert kept == device(n)
+    assert heap._EMPTY == {}
