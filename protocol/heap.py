@@ -67,6 +67,12 @@ _EMPTY: dict[Any, Any] = {}
 bytes each otherwise, four per device. Never written to (tests/unit/test_heap.py checks)."""
 
 
+_STR_DICTS: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
+"""One dict per set of string items (in order) kept models have: labels repeat across a fleet."""
+_MAX_STR_DICTS = 4096
+_MAX_STR_DICT = 32
+
+
 def _str(value: str) -> str:
     """The one interned copy of ``value`` (equal, so nothing reads differently). Interned
     strings still go when nothing else holds them (CPython's interned strings are mortal)."""
@@ -111,19 +117,31 @@ def _share(value: Any) -> None:
 def _shared_dict(value: dict[Any, Any]) -> dict[Any, Any]:
     """``value`` as an equal dict (same order) of a frozen model's field, its string keys and
     values interned, models in it shared; a new dict, so one held elsewhere is left as it was.
-    Empty, the one :data:`_EMPTY` dict (kept models are never changed: they are read by all)."""
+    Empty, the one :data:`_EMPTY` dict; only strings (labels), the one dict of those items
+    (:data:`_STR_DICTS`): kept models are never changed, they are read by all."""
     if not value:
         return _EMPTY
     out: dict[Any, Any] = {}
+    strings = True
     for key, item in value.items():
         if isinstance(item, str):
             item = _str(item)
-        elif isinstance(item, tuple):
-            item = _shared_tuple(item)
-        elif isinstance(item, (BaseModel, dict, list)):
-            _share(item)
+        else:
+            strings = False
+            if isinstance(item, tuple):
+                item = _shared_tuple(item)
+            elif isinstance(item, (BaseModel, dict, list)):
+                _share(item)
         out[_str(key) if isinstance(key, str) else key] = item
-    return out
+    if not strings or len(out) > _MAX_STR_DICT or not all(type(key) is str for key in out):
+        return out
+    items = tuple(out.items())
+    shared = _STR_DICTS.get(items)
+    if shared is None:
+        if len(_STR_DICTS) >= _MAX_STR_DICTS:  # bounded: a fleet has few label sets, whatever comes
+            _STR_DICTS.clear()
+        shared = _STR_DICTS[items] = out
+    return shared
 
 
 def _shared_tuple(value: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -51,7 +51,8 @@ def test_free_memory_goes_back_after_a_burst() -> None:
 
 def test_kept_models_share_equal_strings_and_empty_dicts_and_read_the_same() -> None:
     """Strings of kept models (fields, dict keys and values, tuples) are one object per value
-    across devices, empty dict fields one shared (never written) dict; dumps are unchanged."""
+    across devices, equal label dicts and empty dict fields one shared (never written) dict
+    each; dumps are unchanged."""
 
     def device(n: int) -> Device:
         facts = DeviceFacts(
@@ -69,10 +70,12 @@ def test_kept_models_share_equal_strings_and_empty_dicts_and_read_the_same() -> 
     assert a.facts is not None and b.facts is not None
     assert a.facts.agent_version is b.facts.agent_version
     assert next(iter(a.facts.labels)) is next(iter(b.facts.labels))
-    assert a.facts.labels["role"] is b.facts.labels["role"]
+    assert a.facts.labels is b.facts.labels  # equal labels: one dict
     assert a.facts.addresses["eth0"][1] is b.facts.addresses["eth0"][1]
     assert a.operator_labels is b.pinned_labels and a.operator_labels == {}
     for n, kept in ((1, a), (2, b)):
         assert kept.model_dump() == device(n).model_dump()
         assert kept == device(n)
     assert heap._EMPTY == {}
+    c = heap.share_field_sets(Device(id="d3", operator_labels={"role": "gate", "site": "x"}))
+    assert c.operator_labels is not a.facts.labels and c.operator_labels == {"role": "gate", "site": "x"}
