@@ -39,7 +39,7 @@ from tether.protocol import codec, topics
 from tether.protocol.backoff import Backoff
 from tether.protocol.device_api import MetricsSample, merge_sample
 from tether.protocol.errors import PayloadError
-from tether.protocol.models import Event, JobResult, Presence, Reply, ReportedState, Request
+from tether.protocol.models import Event, JobResult, Presence, ReportedState, Request
 from tether.protocol.topics import DeviceTopic
 from tether.protocol.transport import Transport
 
@@ -207,24 +207,28 @@ class Ingestor:
         """The controller (re)connected: the broker may have restarted and restored retained
         ``online`` presences no will is left to correct (:mod:`.reconfirm`). Every device shown
         online (or ``unknown``: the retained word would turn it online) must show life again
-        within its allowance; each is asked for its facts."""
-        client = self._client()
-        assert client is not None
+        within its allowance; those still silent after a short grace are asked for their
+        facts, a chunk a tick (:meth:`ask_unconfirmed`)."""
         now = self.clock()
         # Presence, facts and session only: not every device's reported state parsed again.
         shown = [d for d in self.store.list_devices(reported=False) if d.status in ("online", "unknown")]
-        asks = self.reconfirm.start((d.id, d.session, now + allowance(d)) for d in shown)
-        if not asks:
+        if self.reconfirm.start(((d.id, d.session, now + allowance(d)) for d in shown), now):
+            log.info("connected to the broker: %d device(s) shown online must show life again", len(shown))
+
+    def ask_unconfirmed(self) -> None:
+        """Ask the next chunk of devices still silent since the reconnection (from the tick)."""
+        client = self._client()
+        if not len(self.reconfirm) or client is None or not client.connected:
             return
-        log.info("connected to the broker: %d device(s) shown online must show life again", len(asks))
-        for request_id, device_id in asks:
+        for request_id, device_id in self.reconfirm.asks(self.clock()):
             request = Request(id=request_id, reply_to=self.asked_topic, command={"kind": "facts"})
             client.publish(topics.device(device_id, DeviceTopic.REQUESTS), codec.encode(request), qos=0)
 
     def on_answer(self, payload: bytes) -> None:
-        """A device's answer to :meth:`reconfirm_presence`'s request: it is connected."""
+        """A device's answer to :meth:`ask_unconfirmed`'s request: it is connected. Only its
+        id matters: the facts it may carry are not decoded."""
         with contextlib.suppress(PayloadError):
-            if self.reconfirm.answered(codec.decode(payload, Reply).id):
+            if self.reconfirm.answered(codec.peek_str(payload, "id")):
                 log.info("every device shown online has shown life since the reconnection")
 
     def expire_unconfirmed(self) -> None:

@@ -10,7 +10,10 @@ The controller's own connection breaks whenever the broker restarts, so after it
 every device shown online must show life again: a presence of a newer session (an agent
 publishes one on every connection) or an answer to a ``facts`` request the controller sends
 it (which a device still connected to a broker that did *not* restart answers at once; old
-agents answer it too, if only with a refusal). One that does neither within its allowance
+agents answer it too, if only with a refusal). Only the devices not heard from after a
+short grace (:data:`GRACE_S`) are asked, at most :data:`ASK_CHUNK` a tick: in a broker
+restart most of a fleet reconnects on its own within seconds, and asking 10,000 devices at
+once at that moment is wasted work (requests, then 10,000 replies carrying facts). One that does neither within its allowance
 (the broker's 1.5 x keepalive for a dead link plus the agent's longest reconnect backoff)
 gets the will the broker lost: the controller publishes its ``offline`` presence (retained,
 the same session), which the controller then handles like any will. An agent that is in
@@ -25,7 +28,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 
-__all__ = ["Reconfirm"]
+__all__ = ["ASK_CHUNK", "GRACE_S", "Reconfirm"]
+
+GRACE_S = 5.0
+"""How long after the reconnection a device may show life on its own before it is asked
+(well within the shortest allowance: 1.5 x keepalive plus the agent's 30 s backoff cap)."""
+ASK_CHUNK = 1000
+"""Devices asked per tick at most: 10,000 are asked within 10 s, the requests and their
+answers spread out rather than all queued at once."""
 
 
 class Reconfirm:
@@ -33,17 +43,36 @@ class Reconfirm:
 
     def __init__(self) -> None:
         self._waiting: dict[str, tuple[int, float]] = {}  # device -> (session shown online, deadline)
+        self._unasked: list[str] = []  # devices to ask (if still waiting), in order, from _ask_from
+        self._ask_from = 0.0
         self._asked: dict[str, str] = {}  # request id -> device
 
     def __len__(self) -> int:
         return len(self._waiting)
 
-    def start(self, devices: Iterable[tuple[str, int, float]]) -> list[tuple[str, str]]:
+    def start(self, devices: Iterable[tuple[str, int, float]], now: float) -> int:
         """Wait for ``(device, session, deadline)`` (what was waited for before is dropped);
-        the ``(request id, device)`` pairs to ask."""
+        those still silent :data:`GRACE_S` after ``now`` are to be asked (:meth:`asks`).
+        Returns how many are waited for."""
         self._waiting = {device: (session, deadline) for device, session, deadline in devices}
-        self._asked = {uuid.uuid4().hex: device for device in self._waiting}
-        return list(self._asked.items())
+        self._unasked = list(reversed(self._waiting))  # popped from the end: asked in order
+        self._ask_from = now + GRACE_S
+        self._asked = {}
+        return len(self._waiting)
+
+    def asks(self, now: float, limit: int = ASK_CHUNK) -> list[tuple[str, str]]:
+        """The next ``(request id, device)`` pairs to ask, at most ``limit``: devices still
+        waited for once the grace is over (none before)."""
+        if now < self._ask_from:
+            return []
+        out: list[tuple[str, str]] = []
+        while self._unasked and len(out) < limit:
+            device = self._unasked.pop()
+            if device in self._waiting:
+                request_id = uuid.uuid4().hex
+                self._asked[request_id] = device
+                out.append((request_id, device))
+        return out
 
     def heard(self, device_id: str, session: int) -> bool:
         """A presence of ``session``: life if it is newer than the one shown online. True
@@ -66,6 +95,7 @@ class Reconfirm:
         if self._waiting:
             return False
         self._asked = {}
+        self._unasked = []
         return True
 
     def due(self, now: float) -> list[tuple[str, int]]:
@@ -75,4 +105,5 @@ class Reconfirm:
             del self._waiting[device]
         if not self._waiting:
             self._asked = {}
+            self._unasked = []
         return expired

@@ -97,6 +97,7 @@ _BATCHED = frozenset(
         DeviceTopic.REPORTED.value,
         DeviceTopic.EVENTS.value,
         DeviceTopic.METRICS.value,
+        "replies",  # devices' answers to the presence reconfirmation's requests (thousands after a restart)
     }
 )
 AUDIT_PRUNE_SECONDS = 3600.0
@@ -414,6 +415,7 @@ class Controller:
         if stacks and self.context.scheduler.placements_changed(stacks):
             self.context.sync()
         self.ingestor.expire_stale()
+        self.ingestor.ask_unconfirmed()
         self.ingestor.expire_unconfirmed()
         self.flush_events()  # what expire_stale found: webhooks count offline time from it
         try:

@@ -145,3 +145,25 @@ class FieldMemo(Generic[M]):
             self._seen.clear()
         self._seen[encoded] = getattr(message, self.field)
         return message
+
+
+def peek_str(payload: bytes, field: str) -> str:
+    """The text value of one top-level ``field`` of a msgpack map, the rest skipped, not
+    decoded: for a message of which only that field matters (the id of a reply that may
+    carry a device's facts). Raise :class:`PayloadError` when it is not there or not text."""
+    if len(payload) > MAX_PAYLOAD:
+        raise PayloadError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    try:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+        unpacker.feed(payload)
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key == field:
+                value = unpacker.unpack()
+                if type(value) is str:
+                    return value
+                break
+            unpacker.skip()
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise PayloadError(f"not a valid msgpack map ({exc.__class__.__name__})") from exc
+    raise PayloadError(f"{field}: missing or not text")

@@ -457,3 +457,14 @@ def test_parse_broker_url_rejects_junk(url: str) -> None:
     """Anything that is not a usable mqtt(s) address is a ConfigError naming the URL."""
     with pytest.raises(ConfigError, match="invalid broker URL"):
         parse_broker_url(url)
+
+
+def test_peek_str_reads_one_field_and_refuses_what_lacks_it() -> None:
+    """peek_str returns a reply's id wherever it is in the map, without the rest; a payload
+    that is not a map, lacks the field or has it as non-text raises PayloadError."""
+    reply = codec.encode(Reply(id="r-1", ok=True, result={"os": "linux", "nested": [1, 2, {"a": b"x"}]}))
+    assert codec.peek_str(reply, "id") == "r-1"
+    assert codec.peek_str(msgpack.packb({"ok": True, "result": {"id": 5}, "id": "r-2"}), "id") == "r-2"
+    for bad in (b"", b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"ok": True}), msgpack.packb({"id": 7})):
+        with pytest.raises(PayloadError):
+            codec.peek_str(bad, "id")

@@ -18,6 +18,7 @@ from tether.controller.ingesting import MAX_EVENT_MESSAGE, Ingestor, allowance
 from tether.controller.models import Device, Job
 from tether.controller.observability import Metrics
 from tether.controller.parts import build_context
+from tether.controller.reconfirm import GRACE_S
 from tether.controller.store import Store
 from tether.protocol import codec
 from tether.protocol.device_api import MetricsSample
@@ -264,25 +265,34 @@ def test_a_device_row_from_an_enrollment_gets_its_first_report(rig: Rig) -> None
 
 
 def test_after_a_reconnection_devices_shown_online_must_show_life(rig: Rig) -> None:
-    """After a reconnection every device shown online is asked for its facts; one that answers
-    or comes with a newer session is confirmed, one silent past its allowance gets its will."""
-    for device_id in ("pi-1", "pi-2", "pi-3"):
+    """After a (re)connection every device shown online must show life: one heard from in a
+    newer session during the grace is never asked, the others are asked for their facts from
+    the tick; one that answers is confirmed, one silent past its allowance gets its will."""
+    for device_id in ("pi-1", "pi-2", "pi-3", "pi-4"):
         presence(rig, device_id, "online", 1, keepalive=10)
-    rig.ingestor.connected(lost=False)  # the first connection: presence is made stale, not asked
-    for device_id in ("pi-1", "pi-2", "pi-3"):
-        presence(rig, device_id, "online", 2, keepalive=10)
-    rig.client.published.clear()
+    rig.ingestor.connected(lost=False)  # the first connection: made stale, and reconfirmed
+    for device_id in ("pi-1", "pi-2", "pi-3", "pi-4"):
+        presence(rig, device_id, "online", 2, keepalive=10)  # each showed life: nothing to ask
+    rig.clock.now += GRACE_S
+    rig.ingestor.ask_unconfirmed()
+    assert rig.client.published == []
     rig.ingestor.connected(lost=False)  # a reconnection
+    presence(rig, "pi-4", "online", 3, keepalive=10)  # reconnected on its own within the grace
+    rig.ingestor.ask_unconfirmed()
+    assert rig.client.published == []  # the grace first
+    rig.clock.now += GRACE_S
+    rig.ingestor.ask_unconfirmed()
     asked = {t: codec.decode(p, Request) for t, p, _ in rig.client.published}
     assert sorted(asked) == [f"tether/v1/devices/pi-{i}/requests" for i in (1, 2, 3)]
     assert {r.reply_to for r in asked.values()} == {rig.ingestor.asked_topic}
-    answer = Reply(id=asked["tether/v1/devices/pi-1/requests"].id, ok=True, result={})
+    answer = Reply(id=asked["tether/v1/devices/pi-1/requests"].id, ok=True, result={"os": "linux"})
     rig.ingestor.on_answer(codec.encode(answer))
     presence(rig, "pi-2", "online", 3, keepalive=10)  # reconnected: a newer session
     rig.client.published.clear()
     device = rig.store.get_device("pi-3")
     assert device is not None
     rig.clock.now += allowance(device)
+    rig.ingestor.ask_unconfirmed()
     rig.ingestor.expire_unconfirmed()
     [(topic, payload, retained)] = rig.client.published
     will = codec.decode(payload, Presence)
