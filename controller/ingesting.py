@@ -207,8 +207,8 @@ class Ingestor:
         """The controller (re)connected: the broker may have restarted and restored retained
         ``online`` presences no will is left to correct (:mod:`.reconfirm`). Every device shown
         online (or ``unknown``: the retained word would turn it online) must show life again
-        within its allowance; those still silent after a short grace are asked for their
-        facts, a chunk a tick (:meth:`ask_unconfirmed`)."""
+        within its allowance; those still silent after a while (:mod:`.reconfirm`) are asked
+        for their facts, a chunk a tick (:meth:`ask_unconfirmed`)."""
         now = self.clock()
         # Presence, facts and session only: not every device's reported state parsed again.
         shown = [d for d in self.store.list_devices(reported=False) if d.status in ("online", "unknown")]

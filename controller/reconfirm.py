@@ -10,11 +10,12 @@ The controller's own connection breaks whenever the broker restarts, so after it
 every device shown online must show life again: a presence of a newer session (an agent
 publishes one on every connection) or an answer to a ``facts`` request the controller sends
 it (which a device still connected to a broker that did *not* restart answers at once; old
-agents answer it too, if only with a refusal). In a broker restart most of a fleet
-reconnects on its own within seconds, and asking 10,000 devices at that moment is wasted
-work (requests, then replies carrying facts): devices are asked only once no device has
-shown life for :data:`GRACE_S` (the storm is over), at the latest half-way through the
-shortest allowance, and only those still silent, at most :data:`ASK_CHUNK` a tick. One that does neither within its allowance
+agents answer it too, if only with a refusal). In a broker restart the whole fleet
+reconnects on its own, within the agent's longest backoff, and asking 10,000 devices then
+is wasted work (requests, then replies carrying facts; those reconnected by the time they
+are asked answer too): so devices are asked only after :data:`ASK_AFTER_S` (at most a third
+of the shortest allowance, leaving the rest for the answers), and only those still silent,
+at most :data:`ASK_CHUNK` a tick. One that does neither within its allowance
 (the broker's 1.5 x keepalive for a dead link plus the agent's longest reconnect backoff)
 gets the will the broker lost: the controller publishes its ``offline`` presence (retained,
 the same session), which the controller then handles like any will. An agent that is in
@@ -29,11 +30,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable
 
-__all__ = ["ASK_CHUNK", "GRACE_S", "Reconfirm"]
+from tether.protocol.backoff import Backoff
 
-GRACE_S = 5.0
-"""How long no device must have shown life (none is reconnecting any more) before the silent
-ones are asked."""
+__all__ = ["ASK_AFTER_S", "ASK_CHUNK", "Reconfirm"]
+
+ASK_AFTER_S = Backoff().cap
+"""How long after the reconnection the devices still silent are asked: by then an agent whose
+connection broke with the broker's restart has reconnected, unless it cannot."""
 ASK_CHUNK = 1000
 """Devices asked per tick at most: 10,000 are asked within 10 s, the requests and their
 answers spread out rather than all queued at once."""
@@ -45,10 +48,7 @@ class Reconfirm:
     def __init__(self) -> None:
         self._waiting: dict[str, tuple[int, float]] = {}  # device -> (session shown online, deadline)
         self._unasked: list[str] = []  # devices to ask (if still waiting), in order, from _ask_from
-        self._quiet_since = 0.0  # when the number waited for last changed (before asking)
-        self._latest = 0.0  # when asking starts at the latest
-        self._left = 0
-        self._asking = False
+        self._ask_from = 0.0
         self._asked: dict[str, str] = {}  # request id -> device
 
     def __len__(self) -> int:
@@ -56,30 +56,20 @@ class Reconfirm:
 
     def start(self, devices: Iterable[tuple[str, int, float]], now: float) -> int:
         """Wait for ``(device, session, deadline)`` (what was waited for before is dropped);
-        those still silent once no device showed life for :data:`GRACE_S` are to be asked
-        (:meth:`asks`), at the latest half-way to the earliest deadline. Returns how many
-        are waited for."""
+        those still silent :data:`ASK_AFTER_S` after ``now`` (at most a third of the way to
+        the earliest deadline) are to be asked (:meth:`asks`). Returns how many are waited for."""
         self._waiting = {device: (session, deadline) for device, session, deadline in devices}
         self._unasked = list(reversed(self._waiting))  # popped from the end: asked in order
-        self._quiet_since = now
         earliest = min((deadline for _, deadline in self._waiting.values()), default=now)
-        self._latest = now + max(0.0, earliest - now) / 2
-        self._left = len(self._waiting)
-        self._asking = False
+        self._ask_from = now + min(ASK_AFTER_S, max(0.0, earliest - now) / 3)
         self._asked = {}
         return len(self._waiting)
 
     def asks(self, now: float, limit: int = ASK_CHUNK) -> list[tuple[str, str]]:
         """The next ``(request id, device)`` pairs to ask, at most ``limit``: devices still
-        waited for once none showed life for :data:`GRACE_S` (none before). Called every tick:
-        a device heard from between two calls restarts the grace."""
-        if not self._asking:
-            if len(self._waiting) != self._left:  # some showed life since the last look
-                self._left = len(self._waiting)
-                self._quiet_since = now
-            if now < min(self._quiet_since + GRACE_S, self._latest):
-                return []
-            self._asking = True
+        waited for once the wait is over (none before)."""
+        if now < self._ask_from:
+            return []
         out: list[tuple[str, str]] = []
         while self._unasked and len(out) < limit:
             device = self._unasked.pop()
