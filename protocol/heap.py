@@ -13,7 +13,8 @@ collected. A device agent holds one device's state and does not need it.
 Two more habits keep the controller's memory near what it holds (issue 21): every parsed
 model it keeps shares its field-name set with the models of the same shape
 (:func:`share_field_sets`: pydantic gives each instance a set of its own, 728 bytes for a
-dozen names, two thirds of a small model), and after a burst of messages the C allocator's
+dozen names, two thirds of a small model) and its equal strings, label dicts and empty
+dicts, and after a burst of messages the C allocator's
 free memory goes back to the system (:func:`release_free_memory`: glibc keeps what a burst
 took, and the process's RSS with it).
 """
