@@ -36,7 +36,8 @@ def test_models_of_one_shape_share_one_field_set_and_copies_stay_apart() -> None
 @pytest.mark.skipif(not heap.release_free_memory(), reason="the C library has no malloc_trim")
 def test_free_memory_goes_back_after_a_burst() -> None:
     """Memory a burst took and freed (in holes the allocator keeps) is given back when idle."""
-    releaser = heap.FreeMemoryReleaser(step=8 * 1024 * 1024)
+    clock = [0.0]
+    releaser = heap.FreeMemoryReleaser(step=8 * 1024 * 1024, clock=lambda: clock[0])
     burst = [bytes(8192) for _ in range(8000)]  # 64 MB from the C allocator
     kept = burst[::4]  # holes between the survivors: not trimmed by free() alone
     del burst
@@ -45,8 +46,26 @@ def test_free_memory_goes_back_after_a_burst() -> None:
     releaser.idle()
     after = heap.resident_bytes()
     assert releaser.releases == 1 and after is not None and after < before - 16 * 1024 * 1024
+    clock[0] += 1.0
     releaser.idle()  # nothing new since: nothing to do
     assert releaser.releases == 1 and len(kept) == 2000
+
+
+def test_free_memory_is_looked_at_once_a_second_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asked again within its interval, the releaser does not even read the RSS."""
+    if heap._TRIM is None:
+        pytest.skip("no malloc_trim in this C library: the releaser never looks")
+    clock = [0.0]
+    releaser = heap.FreeMemoryReleaser(clock=lambda: clock[0])
+    reads: list[int] = []
+    monkeypatch.setattr(heap, "resident_bytes", lambda: reads.append(1) or 0)
+    releaser.idle()
+    clock[0] += 0.5
+    releaser.idle()
+    assert len(reads) == 1
+    clock[0] += 0.5
+    releaser.idle()
+    assert len(reads) == 2
 
 
 def test_kept_models_share_equal_strings_and_empty_dicts_and_read_the_same() -> None:
