@@ -208,15 +208,20 @@ class Ingestor:
         ``online`` presences no will is left to correct (:mod:`.reconfirm`). Every device shown
         online (or ``unknown``: the retained word would turn it online) must show life again
         within its allowance; those still silent after a while (:mod:`.reconfirm`) are asked
-        for their facts, a chunk a tick (:meth:`ask_unconfirmed`)."""
+        for their facts, their turns spread out (:meth:`ask_unconfirmed`)."""
         now = self.clock()
         # Presence, facts and session only: not every device's reported state parsed again.
         shown = [d for d in self.store.list_devices(reported=False) if d.status in ("online", "unknown")]
         if self.reconfirm.start(((d.id, d.session, now + allowance(d)) for d in shown), now):
-            log.info("connected to the broker: %d device(s) shown online must show life again", len(shown))
+            log.info(
+                "connected to the broker: %d device(s) shown online must show life again "
+                "(those still silent are asked, %d a second)",
+                len(shown),
+                self.reconfirm.rate,
+            )
 
     def ask_unconfirmed(self) -> None:
-        """Ask the next chunk of devices still silent since the reconnection (from the tick)."""
+        """Ask the devices still silent since the reconnection whose turn has come (from the tick)."""
         client = self._client()
         if not len(self.reconfirm) or client is None or not client.connected:
             return
