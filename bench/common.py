@@ -307,12 +307,21 @@ class Mosquitto:
     ``persistence``, the retained messages and sessions, as a production broker would)."""
 
     def __init__(
-        self, workdir: Path, *, persistence: bool = False, tls: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        *,
+        persistence: bool = False,
+        tls: dict[str, str] | None = None,
+        max_queued_messages: int = 100_000,
+        extra_conf: str = "",
     ) -> None:
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.persistence = persistence
         self.tls = tls  # {"cafile":..., "certfile":..., "keyfile":...}
+        self.max_queued_messages = max_queued_messages
+        self.extra_conf = extra_conf
+        """Appended to the configuration (e.g. a bridge: support.infra.region_bridge_conf)."""
         self.port = 0
         self.tls_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
@@ -334,7 +343,8 @@ class Mosquitto:
             "allow_anonymous true",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.dir}/",
-            "max_queued_messages 100000",  # >= 3 x the fleet, as compose/mosquitto.conf says
+            # >= 3 x the fleet, as docs/scaling.md says (compose/mosquitto.conf: 100,000)
+            f"max_queued_messages {self.max_queued_messages}",
             "log_type error",
             "log_type warning",
             "log_type notice",
@@ -347,6 +357,8 @@ class Mosquitto:
                 f"certfile {self.tls['certfile']}",
                 f"keyfile {self.tls['keyfile']}",
             ]
+        if self.extra_conf:
+            lines.append(self.extra_conf)
         return "\n".join(lines) + "\n"
 
     def start(self) -> Mosquitto:

@@ -34,6 +34,7 @@ FULL: dict[str, list[tuple[str, list[str]]]] = {
     ],
     "reconnect_storm": [("reconnect_storm-10000", ["--devices", "10000"])],
     "controller_capacity": [("controller_capacity-10000", ["--devices", "10000"])],
+    "fleet_scale": [("fleet_scale-50000-e3", ["--devices", "50000", "--edge-brokers", "3"])],
     "broker_bench": [("broker_bench", ["--devices", "1000", "--broker", "embedded,mosquitto"])],
     "update_over_weak_link": [("update_over_weak_link", [])],
 }
@@ -47,6 +48,9 @@ QUICK: dict[str, list[tuple[str, list[str]]]] = {
             "controller_capacity-30",
             ["--devices", "30", "--window", "2", "--settle", "0.5", "--runs", "1", "--timeout", "60"],
         )
+    ],
+    "fleet_scale": [
+        ("fleet_scale-300-e2", ["--devices", "300", "--edge-brokers", "2", "--settle", "0.2", "--timeout", "60"])
     ],
     "broker_bench": [("broker_bench", ["--devices", "30", "--broker", "mosquitto", "--phase-timeout", "30"])],
     "update_over_weak_link": [("update_over_weak_link", ["--quick"])],

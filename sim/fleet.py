@@ -125,6 +125,14 @@ class FleetConfig:
         return labels
 
 
+def _session_from_clock(store: MemoryStore) -> MemoryStore:
+    """Session numbers from the Unix time on, as the agent's FileStore numbers them when its
+    data dir is new: a simulator process started again for the same devices (their memory
+    gone, like a wiped device) is not taken by the controller for an older session of them."""
+    store.session = int(time.time())
+    return store
+
+
 class SimDevice:
     """One simulated device: its session, its core and its simulated runtime."""
 
@@ -161,7 +169,7 @@ class SimDevice:
             device_id,
             labels,
             self.driver,
-            MemoryStore(),
+            _session_from_clock(MemoryStore()),
             self,
             facts=facts,
             # Jittered per device, so a fleet's idle reconciles do not fall into step.

@@ -45,7 +45,8 @@ def _progress(fleet: Fleet) -> None:
     gens = fleet.generation_counts()
     parts = ", ".join(f"gen {g}: {r['converged']}/{r['devices']}" for g, r in gens.items())
     click.echo(
-        f"tether-sim: {fleet.connected()}/{len(fleet.devices)} connected; {parts}; "
+        f"tether-sim: {fleet.connected()}/{len(fleet.devices)} connected "
+        f"({sum(d.connects for d in fleet.devices)} connects); {parts}; "
         f"in {fleet.counters.messages_in} / out {fleet.counters.messages_out} messages",
         err=True,
     )

@@ -140,3 +140,31 @@ def test_update_over_weak_link(tmp_path: Path, busybox_image: str) -> None:
     run = data["results"]["smoke"]
     assert run["tether"]["succeeded"] and run["tether"]["bytes_ratio"] >= 1.0
     assert run["baseline"]["converge_s"] is not None and run["baseline"]["outage_longest_s"] > 0
+
+
+def test_fleet_scale_on_bridged_edge_brokers(tmp_path: Path) -> None:
+    """300 devices on 2 edge Mosquittos bridged to the controller's: every device registers,
+    is seen online and applies both deploys, comes back after the edge brokers restart, and
+    wills and retained desired states cross the bridge (bench/fleet_scale.py)."""
+    data = bench(
+        tmp_path,
+        "fleet_scale",
+        "--devices",
+        "300",
+        "--edge-brokers",
+        "2",
+        "--settle",
+        "0.2",
+        "--timeout",
+        "60",
+    )
+    assert data["controller_shows_online"] == 300
+    assert all(d["all_applied_s"] is not None and d["controller_sees_all_running_s"] for d in data["deploys"])
+    storm = data["storm"]
+    assert storm["devices_not_connected"] == 0 and storm["controller_sees_all_back_s"] is not None
+    checks = data["bridge_checks"]
+    m = checks["devices"]
+    assert m == 150 and checks["wills_shown_offline"] == m and checks["desired_retained_on_edge"] == m
+    assert (
+        checks["restarted_converged_from_retained"] == m and checks["controller_sees_restarted_in_step"] == m
+    )

@@ -3,33 +3,18 @@ the controller on the central broker, the device on the regional one (docs/scali
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
-from support.infra import Mosquitto, wait_until
+from support.infra import Mosquitto, region_bridge_conf, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mosquitto]
 
-BRIDGE_CONF = Path(__file__).resolve().parent.parent / "packaging" / "mosquitto-region-bridge.conf"
 STACK = 'services:\n  s:\n    command: ["sh", "-c", "echo {v} > version; exec sleep 600"]\n'
-
-
-def bridge_conf(central_port: int, region: str) -> str:
-    """The shipped bridge configuration, pointed at the test's central broker.
-
-    ``persistence`` is left to the test broker (off, in its temporary directory).
-    """
-    text = BRIDGE_CONF.read_text()
-    text = re.sub(r"^persistence .*$", "", text, flags=re.M)
-    text = re.sub(r"^address .*$", f"address 127.0.0.1:{central_port}", text, flags=re.M)
-    text = text.replace("tether-bridge-region-1", f"tether-bridge-{region}")
-    # The test has no time for the production backoff when the bridge reconnects.
-    return re.sub(r"^restart_timeout .*$", "restart_timeout 1 2", text, flags=re.M)
 
 
 def bridge_state(broker: Mosquitto, region: str) -> str:
@@ -48,7 +33,9 @@ def test_device_behind_a_bridged_regional_broker(tmp_path: Path, mosquitto: Mosq
     central = mosquitto
     run = uuid.uuid4().hex[:6]
     (tmp_path / "regional").mkdir()
-    with Mosquitto(tmp_path / "regional", extra_conf=bridge_conf(central.port, run)) as regional:
+    with Mosquitto(
+        tmp_path / "regional", extra_conf=region_bridge_conf(central.port, run, "1 2")
+    ) as regional:
         wait_until(
             lambda: f"as tether-bridge-{run}" in central.log_text(), 15, message="bridge connected to central"
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import socket
 import subprocess
 import tarfile
@@ -63,6 +64,26 @@ def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 10) -> Non
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+REGION_BRIDGE_CONF = (
+    Path(__file__).resolve().parent.parent.parent / "packaging" / "mosquitto-region-bridge.conf"
+)
+
+
+def region_bridge_conf(central_port: int, region: str, restart_timeout: str | None = None) -> str:
+    """The shipped regional bridge configuration (docs/scaling.md), pointed at a central
+    broker on 127.0.0.1:``central_port`` with the client ids of ``region``.
+
+    ``persistence`` is left to the broker that includes it; ``restart_timeout`` (e.g. "1 2")
+    replaces the production backoff of the bridge's reconnects when given."""
+    text = REGION_BRIDGE_CONF.read_text()
+    text = re.sub(r"^persistence .*$", "", text, flags=re.M)
+    text = re.sub(r"^address .*$", f"address 127.0.0.1:{central_port}", text, flags=re.M)
+    text = text.replace("tether-bridge-region-1", f"tether-bridge-{region}")
+    if restart_timeout is not None:
+        text = re.sub(r"^restart_timeout .*$", f"restart_timeout {restart_timeout}", text, flags=re.M)
+    return text
 
 
 class Mosquitto:
