@@ -555,7 +555,7 @@ def cli(broker: str, *args: str, timeout: float = 300.0) -> subprocess.Completed
 
 def request(broker: str, command: Any, timeout: float = 300.0) -> Any:
     """One request to the controller from this process (no CLI start-up in the timing)."""
-    from tether.cli.client import ControllerClient
+    from tether.protocol.client import ControllerClient
 
     with ControllerClient(broker, timeout=timeout) as client:
         return client.request(command)

@@ -44,7 +44,7 @@ from common import (
     rnd,
     wait_until,
 )
-from tether.cli.client import ControllerClient
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksList
 from tether.sim import Fleet, FleetConfig, FleetThread
 

@@ -69,7 +69,7 @@ from common import (
 )
 from deploy_latency import wait_registered
 from support.infra import region_bridge_conf
-from tether.cli.client import ControllerClient
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import GroupsCreate, StacksDeploy, StacksList
 
 NAME = "fleet_scale"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Controller, CpuMeter, Mosquitto, Row, cli, compose_stack, log, report, rnd, wait_until
-from tether.cli.client import ControllerClient
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksList
 from tether.sim import Fleet, FleetConfig, FleetThread
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from common import Controller, Mosquitto, Row, compose_stack, load_average, log, report, rnd, wait_until
-from tether.cli.client import ControllerClient
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy
 from tether.sim import Fleet, FleetConfig, FleetThread
 from tether.sim.mqtt import publish_packet

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common import PY, Proc, Row, load_average, log, report, rnd, wait_until
-from tether.cli.client import ControllerClient
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import DevicesList
 from tether.sim import FleetConfig, FleetThread
 

@@ -6,10 +6,10 @@ import time
 from typing import Any
 
 import click
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import AuditList
 
 from . import output
-from .client import ControllerClient
 from .common import common, send_and_print
 from .users import days_or_duration
 

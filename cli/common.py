@@ -12,13 +12,13 @@ from typing import Any
 
 import click
 from pydantic import BaseModel, ValidationError
+from tether.protocol.client import ControllerClient
 from tether.protocol.codec import describe
 from tether.protocol.durations import parse_duration
 from tether.protocol.errors import ConfigError, TetherError
 from tether.protocol.secret_files import read_credentials
 
 from . import output
-from .client import ControllerClient
 from .contexts import CONTEXT_ENV, Config, Context, lookup_order
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import click
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import DeploymentsAction, DeploymentsEvents, DeploymentsList, DeploymentsStatus
 from tether.protocol.durations import format_duration
 from tether.protocol.errors import TetherError
 from tether.protocol.logsafe import printable
 
 from . import output
-from .client import ControllerClient
 from .common import common, send_and_print, wait_timeout_option
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 from tether.protocol import labels as label_rules
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import (
     DevicesCredentials,
     DevicesLabel,
@@ -22,7 +23,6 @@ from tether.protocol.commands import (
 from tether.protocol.errors import TetherError
 
 from . import output, remote
-from .client import ControllerClient
 from .common import common, send_and_print
 
 

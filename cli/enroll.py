@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 from tether.protocol import labels as label_rules
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import (
     DevicesApprove,
     DevicesPending,
@@ -22,7 +23,6 @@ from tether.protocol.durations import parse_duration
 from tether.protocol.errors import TetherError
 
 from . import output
-from .client import ControllerClient
 from .common import common, send_and_print
 
 _DAYS = re.compile(r"\A(\d+(?:\.\d+)?)([dw])\Z")

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import GroupsCreate, GroupsList, GroupsRemove, GroupsShow, GroupsTrust
 from tether.protocol.errors import TetherError
 
 from . import output
-from .client import ControllerClient
 from .common import common, send_and_print
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import click
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import JobsList, JobsLogs, JobsRemove, JobsRun, JobsSchedule, JobsStatus
 
 from . import output
-from .client import ControllerClient
 from .common import common, duration_option, send_and_print
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import (
     NOTIFY_KINDS,
     NotifyAdd,
@@ -26,7 +27,6 @@ from tether.protocol.enrollment import seal_text
 from tether.protocol.errors import TetherError
 
 from . import output
-from .client import ControllerClient
 from .common import common, send_and_print
 
 

@@ -12,12 +12,12 @@ import sys
 from typing import Any
 
 import click
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import RegistriesAdd, RegistriesList, RegistriesRemove, VarsKey
 from tether.protocol.enrollment import seal_text
 from tether.protocol.errors import TetherError
 
 from . import output
-from .client import ControllerClient
 from .common import common, send_and_print
 from .variables import _scope_text, scoped
 

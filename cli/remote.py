@@ -23,6 +23,7 @@ from typing import Any
 
 import click
 from tether.protocol import codec, topics
+from tether.protocol.client import ControllerClient, LogStream, ask, send
 from tether.protocol.commands import DevicesShow, DevicesTop
 from tether.protocol.device_api import (
     HEARTBEAT_S,
@@ -41,7 +42,6 @@ from tether.protocol.log_follow import LEASE_S, Ended, Failed
 from tether.protocol.topics import DeviceTopic
 
 from . import output
-from .client import ControllerClient, LogStream, ask, send
 from .common import common, send_and_print
 
 LIVE_S = 30.0

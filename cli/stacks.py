@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import click
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import (
     RolloutStrategy,
     StacksDeploy,
@@ -26,7 +27,6 @@ from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import printable
 
 from . import deployments, output
-from .client import ControllerClient
 from .common import common, duration_option, fail, send_and_print, wait_timeout_option
 
 

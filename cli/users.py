@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from tether.protocol import principals
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import (
     UsersAdd,
     UsersList,
@@ -32,7 +33,6 @@ from tether.protocol.errors import TetherError
 from tether.protocol.secret_files import write_secret_json
 
 from . import output
-from .client import ControllerClient
 from .common import common, send_and_print
 
 ROLES = click.Choice(list(principals.ROLES))

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import VarsGet, VarsKey, VarsList, VarsRemove, VarsSet
 from tether.protocol.enrollment import seal_text
 
 from . import output
-from .client import ControllerClient
 from .common import common, send_and_print
 
 _scope = [

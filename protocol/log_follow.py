@@ -5,7 +5,7 @@ Pure: :class:`LogFollower` is told the time, each reply to its ``logs`` request 
 silence, and answers with what happened (:class:`Output`, :class:`Ended`, :class:`Failed`)
 and what to send the device now (:meth:`LogFollower.due`: the lease's extension every third
 of :data:`LEASE_S`, or the cancel when ``limit_s`` is up). The I/O around it, one request
-session, is :class:`tether.cli.client.LogStream`.
+session, is :class:`tether.protocol.client.LogStream`.
 """
 
 from __future__ import annotations

@@ -204,7 +204,7 @@ def test_agent_rejects_bad_configuration(tmp_path: Path) -> None:
 
 def test_absurd_durations_and_counts_are_refused(fleet: dict[str, Any]) -> None:
     """Out-of-bounds durations and counts get one error naming the field (CLI and raw request); nothing is stored."""
-    from tether.cli.client import ControllerClient
+    from tether.protocol.client import ControllerClient
     from tether.protocol.commands import JobsSchedule, TokensCreate
     from tether.protocol.errors import TetherError
 
@@ -234,7 +234,7 @@ def test_absurd_durations_and_counts_are_refused(fleet: dict[str, Any]) -> None:
 def test_a_stack_too_large_to_send_is_refused_at_deploy(fleet: dict[str, Any]) -> None:
     """22 KB of Compose whose aliases expand to a 4.4 MB definition (sent as a raw request; the CLI
     refuses it itself) is refused with one error: it could never reach a device."""
-    from tether.cli.client import ControllerClient
+    from tether.protocol.client import ControllerClient
     from tether.protocol.commands import StacksDeploy
     from tether.protocol.errors import TetherError
 

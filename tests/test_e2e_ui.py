@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json
-from tether.cli.client import ControllerClient
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import UsersAdd
 
 pytestmark = pytest.mark.e2e

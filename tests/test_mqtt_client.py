@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from support.infra import Mosquitto, wait_until
 from tether.broker import EmbeddedBroker
-from tether.cli.client import ControllerClient
 from tether.protocol import codec
 from tether.protocol.backoff import Backoff
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import DevicesList
 from tether.protocol.errors import RequestTimeout
 from tether.protocol.models import Reply

@@ -14,8 +14,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import Mosquitto, wait_until
 from support.procs import ControllerProcess
-from tether.cli.client import ControllerClient
 from tether.protocol import codec, topics
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksStatus
 from tether.protocol.errors import DriverError
 from tether.protocol.models import Presence, ServiceSpec, StackSpec

@@ -1,17 +1,18 @@
 """Remote operations from the dashboard: a service's logs followed (``tether logs -f``), a restart.
 
 A device has no inbound port: the dashboard reaches it through the broker, as the CLI does
-(docs/topics.md, "Remote operations"), with the CLI's request session (cli/client.py) logged
-in with the controller's credentials, one per operation. A follow is the CLI's
-:class:`~tether.cli.client.LogStream` (the lease extended while the browser listens, cancelled
-when it goes away); a restart is one request and its reply.
+(docs/topics.md, "Remote operations"), with the CLI's request session (protocol/client.py)
+logged in with the controller's credentials, one per operation. A follow is
+:class:`~tether.protocol.client.LogStream`, as in ``tether logs -f`` (the lease extended
+while the browser listens, cancelled when it goes away); a restart is one request and its
+reply.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tether.cli.client import ControllerClient, LogStream
+from tether.protocol.client import ControllerClient, LogStream
 from tether.protocol.device_api import LogsCommand
 from tether.protocol.errors import TetherError
 from tether.protocol.log_follow import LEASE_S, Ended, Failed

@@ -28,10 +28,10 @@ import jinja2
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from tether.cli.client import ask
 from tether.controller.fleet_events import KINDS, LOST
 from tether.controller.http import auth
 from tether.protocol import codec
+from tether.protocol.client import ask
 from tether.protocol.commands import (
     AuditList,
     CommandModel,

@@ -44,8 +44,8 @@ from typing import Any
 
 from support.infra import MOSQUITTO_BIN, free_port, wait_until
 from support.procs import AgentProcess, ControllerProcess
-from tether.cli.client import ControllerClient
 from tether.protocol import codec, topics
+from tether.protocol.client import ControllerClient
 from tether.protocol.commands import DevicesShow, GroupsCreate, StacksDeploy, StacksStatus
 from tether.protocol.errors import RequestError, TetherError
 from tether.protocol.models import Event

@@ -5,7 +5,9 @@ publish a :class:`Request` to ``tether/v1/controller/requests/{user}`` (the user
 as: only that user may publish there, so the controller knows who asks) and match the reply's ``id``.
 
 A device is asked the same way, on its ``requests`` topic (:func:`ask`; a log stream:
-:class:`LogStream`). The dashboard (controller/ui/logs.py) uses this session too.
+:class:`LogStream`). The CLI (cli/) and the controller's dashboard (controller/ui/logs.py)
+share this session, which is why it lives here rather than in cli/ (the controller does
+not import the CLI: tests/test_import_boundaries.py).
 """
 
 from __future__ import annotations
