@@ -371,7 +371,9 @@ SCHEMA: dict[str, Any] = {
 
 @cache
 def _validator() -> Draft7Validator:
-    Draft7Validator.check_schema(SCHEMA)
+    # SCHEMA is this module's constant: that it is a valid draft-7 schema is checked by
+    # tests/test_compose_keys.py, not at run time (checking it took a controller's first
+    # deploy 20 ms, more than validating a Compose file).
     return Draft7Validator(SCHEMA)
 
 

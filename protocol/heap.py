@@ -48,6 +48,11 @@ def tune_gc() -> None:
 
 
 _FIELD_SETS: dict[frozenset[str], set[str]] = {}
+_SHARED_SETS: dict[int, set[str]] = {}
+"""The sets of :data:`_FIELD_SETS` by identity: a frozen model holding one of them was shared
+whole already (:func:`_share` gives it one, then shares everything in it; kept models are
+never changed), so sharing it again is one look-up, not a walk (a deploy's 10,000 desired
+records hold the same stack references; a deployment's devices, a few shared rollouts)."""
 _MAX_FIELD_SETS = 4096
 
 
@@ -83,6 +88,11 @@ def _str(value: str) -> str:
     return sys.intern(value) if type(value) is str and len(value) <= _MAX_SHARED_STR else value
 
 
+_PLAIN = frozenset({int, float, bool, type(None)})
+"""Field values with nothing in them to share (looked up by type: an ``isinstance`` against
+pydantic's model class costs more)."""
+
+
 def _share(value: Any) -> None:
     if isinstance(value, BaseModel):
         if not value.model_config.get("frozen"):
@@ -91,15 +101,21 @@ def _share(value: Any) -> None:
                     _share(item)
             return
         names = value.__pydantic_fields_set__
+        if _SHARED_SETS.get(id(names)) is names:
+            return  # shared whole already
         shared = _FIELD_SETS.get(frozenset(names))
         if shared is None:
             if len(_FIELD_SETS) >= _MAX_FIELD_SETS:  # bounded: shapes are few, whatever comes
                 _FIELD_SETS.clear()
+                _SHARED_SETS.clear()
             shared = _FIELD_SETS[frozenset(names)] = names
+            _SHARED_SETS[id(names)] = names
         if shared is not names:
             object.__setattr__(value, "__pydantic_fields_set__", shared)
         fields = value.__dict__
         for name, item in fields.items():  # values replaced by equal ones: the dict keeps its size
+            if type(item) in _PLAIN:
+                continue
             if isinstance(item, str):
                 fields[name] = _str(item)
             elif isinstance(item, dict):
@@ -150,12 +166,13 @@ def _shared_dict(value: dict[Any, Any]) -> dict[Any, Any]:
 
 def _shared_tuple(value: tuple[Any, ...]) -> tuple[Any, ...]:
     """``value`` with its strings interned (an equal tuple), models in it shared."""
-    if all(type(item) is str for item in value):
-        return tuple(_str(item) for item in value)
-    for item in value:
-        if isinstance(item, (BaseModel, dict, tuple, list)):
-            _share(item)
-    return value
+    strings = True
+    for item in value:  # one pass: a deploy's 10,000 desired records hold a few tuples each
+        if type(item) is not str:
+            strings = False
+            if isinstance(item, (BaseModel, dict, tuple, list)):
+                _share(item)
+    return tuple(map(_str, value)) if strings and value else value
 
 
 def _malloc_trim() -> Any:

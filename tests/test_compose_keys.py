@@ -8,7 +8,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from jsonschema import Draft7Validator
 from tether.controller.compose import parse_compose, parse_stack_warnings
+from tether.controller.compose_schema import SCHEMA
 from tether.protocol.errors import ComposeError
 from tether.protocol.models import (
     Dependency,
@@ -35,6 +37,15 @@ def problems(text: str) -> list[str]:
     with pytest.raises(ComposeError) as info:
         parse(text)
     return info.value.problems
+
+
+def test_the_compose_schema_is_a_valid_draft7_schema() -> None:
+    """The structure checked (controller/compose_schema.SCHEMA) is a valid JSON Schema: the
+    controller no longer checks it at run time."""
+    Draft7Validator.check_schema(SCHEMA)
+    broken = {**SCHEMA, "properties": {**SCHEMA["properties"], "services": {"type": "no such type"}}}
+    with pytest.raises(Exception, match="no such type"):
+        Draft7Validator.check_schema(broken)
 
 
 @pytest.fixture(scope="module")

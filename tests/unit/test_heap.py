@@ -98,3 +98,22 @@ def test_kept_models_share_equal_strings_and_empty_dicts_and_read_the_same() -> 
     assert heap._EMPTY == {}
     c = heap.share_field_sets(Device(id="d3", operator_labels={"role": "gate", "site": "x"}))
     assert c.operator_labels is not a.facts.labels and c.operator_labels == {"role": "gate", "site": "x"}
+
+
+def test_a_model_shared_already_is_not_walked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharing a model that holds a shared field set (shared whole before) looks at nothing in
+    it; a copy with an update has a set of its own until it is shared in full."""
+    ref = StackRef(name="web", spec_hash="c" * 64)
+    record = heap.share_field_sets(DesiredRecord(device_id="d9", generation=1, stacks=(ref,)))
+    walked: list[object] = []
+    real = heap._shared_tuple
+    monkeypatch.setattr(heap, "_shared_tuple", lambda value: walked.append(value) or real(value))
+    assert heap.share_field_sets(record) is record and walked == []
+    copy = record.model_copy(update={"generation": 2})
+    assert copy.model_fields_set is not record.model_fields_set
+    assert heap.share_field_sets(copy).model_fields_set is record.model_fields_set and walked
+    other = heap.share_field_sets(DesiredRecord(device_id="d10", generation=3, stacks=(ref,)))
+    assert (
+        other.model_fields_set
+        is heap.share_field_sets(DesiredRecord(device_id="d11", generation=4, stacks=(ref,))).model_fields_set
+    )
