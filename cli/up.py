@@ -82,7 +82,8 @@ from .common import fail
 @click.option(
     "--tls-ca",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="The CA clients verify the broker with (written to operator.json).",
+    help="The CA clients verify the broker with (written to operator.json). With an mqtts:// "
+    "--broker, default: the quick-start CA in DATA_DIR/tls/ if it exists, else the system's CAs.",
 )
 @click.option(
     "--tls-san", multiple=True, help="Another host name or address for the quick-start certificate."

@@ -97,6 +97,19 @@ def _check_client_cert_options(options: UpOptions) -> None:
         raise StoreError("--require-client-cert needs an mqtts:// --broker")
 
 
+def broker_ca(options: UpOptions, tls: bool) -> tuple[Path | None, str]:
+    """The CA file that verifies an external broker, and what it is (for the log): ``--tls-ca``
+    when given; else over TLS the quick-start CA in ``{data_dir}/tls/`` when it exists (the
+    one ``tether mosquitto-config --tls`` or ``tether up --tls`` made), needed with
+    ``--require-client-cert``; else None, the system's CAs."""
+    if options.tls_ca is not None:
+        return options.tls_ca, f"the CA {options.tls_ca.resolve()} (--tls-ca)"
+    quickstart_ca = options.data_dir / "tls" / "ca.pem"
+    if options.require_client_cert or (tls and quickstart_ca.is_file()):
+        return quickstart_ca, f"the quick-start CA {quickstart_ca.resolve()}"
+    return None, "the system's CAs"
+
+
 def _client_certificates(options: UpOptions, controller_user: str) -> tuple[tuple[str, str], tuple[str, str]]:
     """mTLS: (our own, the operator's) client certificate and key files, from the quick-start CA."""
     from .tls import client_files
@@ -263,8 +276,6 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
     client_ca: str | None = None
     if options.require_client_cert:
         _check_client_cert_options(options)
-        if options.broker is not None and ca_file is None:  # the CA `tether mosquitto-config` made
-            ca_file = options.data_dir / "tls" / "ca.pem"
     if options.broker is None:
         from tether.broker import EmbeddedBroker
 
@@ -304,7 +315,8 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
             echo("tether: WARNING: anonymous clients allowed (--allow-anonymous): for a local demo only")
     else:
         address = parse_broker_url(options.broker)
-        echo(f"tether: using broker {address.url()}")
+        ca_file, which_ca = broker_ca(options, address.tls)
+        echo(f"tether: using broker {address.url()}" + (f", verified with {which_ca}" if address.tls else ""))
     if options.require_client_cert:
         client_cert, operator_cert = _client_certificates(options, credentials[0])
     with store.transaction():
