@@ -252,3 +252,229 @@ def test_the_cli_reply_deadline_is_not_restarted_by_unrelated_replies(broker: Br
             stop.set()
             thread.join(5)
             noise.stop()
+
+
+class Recorded:
+    """Messages one client got, with their retained flag, in order."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, topic: str, payload: bytes, retained: bool) -> None:
+        with self.lock:
+            self.items.append((topic, payload, retained))
+
+    def copy(self) -> list[tuple[str, bytes, bool]]:
+        with self.lock:
+            return list(self.items)
+
+
+def counting_fast_path(c: MqttClient) -> list[int]:
+    """Counts what ``c``'s fast read path (``_Paho._read_publishes``) handles, per call."""
+    counts: list[int] = []
+    plain = c._paho._read_publishes
+
+    def counting(deliver: Callable[[str, bytes, bool], None]) -> int:
+        n = plain(deliver)
+        counts.append(n)
+        return n
+
+    c._paho._read_publishes = counting  # type: ignore[method-assign]
+    return counts
+
+
+def test_every_kind_of_publish_arrives_exactly_through_the_fast_read_path(broker: Broker) -> None:
+    """QoS 0 and 1, topics in multi-byte UTF-8, empty and largest payloads, a retained message
+    arrive byte for byte, in order, with their retained flag, and mostly by the fast path."""
+    base = f"t/{uuid.uuid4().hex[:8]}"
+    sender = client(broker.port)
+    sender.connect(10)
+    got = Recorded()
+    receiver = client(broker.port, on_message=got)
+    fast = counting_fast_path(receiver)
+    try:
+        assert sender.publish_confirmed(f"{base}/kept/ü", b"retained", qos=1, retain=True)
+        receiver.subscribe(f"{base}/#", 1)
+        receiver.connect(10)
+        wait_until(lambda: got.copy(), 15, message="the retained message")
+        assert got.copy()[0] == (f"{base}/kept/ü", b"retained", True)
+        wait_until(lambda: sender.publish(f"{base}/ready", b"", qos=0) and len(got.copy()) > 1, 15)
+        largest = codec.MAX_PACKET_SIZE - 5 - 2 - len(f"{base}/big".encode()) - 2
+        messages = [
+            (f"{base}/dévice-€-😀/状態", b"multi-byte topic", 1),
+            (f"{base}/q0", b"qos 0", 0),
+            (f"{base}/empty", b"", 1),
+            (f"{base}/big", os.urandom(largest), 1),
+            *[(f"{base}/n/{i}/ß", f"{i}".encode() * (i % 50), i % 2) for i in range(2000)],
+        ]
+        before = len(got.copy())
+        assert sender.publish_many([(t, p, q, False) for t, p, q in messages], timeout=60) == [True] * len(
+            messages
+        )
+        wait_until(lambda: len(got.copy()) >= before + len(messages), 60, message="every message")
+        arrived = got.copy()[before:]
+        qos_of = {t: q for t, _, q in messages}
+        for qos in (0, 1):  # a broker keeps the order of each QoS (MQTT 3.1.1 section 4.6), not across them
+            assert [m for m in arrived if qos_of[m[0]] == qos] == [
+                (t, p, False) for t, p, q in messages if q == qos
+            ]
+        assert len(arrived) == len(messages)
+        assert sum(fast) > len(messages) // 2, f"the fast path read {sum(fast)} of {len(messages)}"
+    finally:
+        sender.stop()
+        receiver.stop()
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _publish_packet(
+    topic: bytes, payload: bytes, qos: int, mid: int = 0, retain: bool = False, dup: bool = False
+) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic + (mid.to_bytes(2, "big") if qos else b"") + payload
+    return bytes([0x30 | dup << 3 | qos << 1 | retain]) + _remaining_length(len(body)) + body
+
+
+class ScriptedBroker:
+    """One end of a TCP connection that plays the broker with bytes chosen by the test: what no
+    real broker sends on purpose (packets cut anywhere, invalid topics). It answers the CONNECT
+    and records the packet id of every PUBACK it reads, in order."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.acks: list[int] = []
+        self.lock = threading.Lock()
+        self.conn: socket.socket | None = None
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _read(self, n: int) -> bytes:
+        assert self.conn is not None
+        data = b""
+        while len(data) < n:
+            chunk = self.conn.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def _serve(self) -> None:
+        self.conn, _ = self.server.accept()
+        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                header = self._read(1)[0]
+                length, shift = 0, 0
+                while True:
+                    byte = self._read(1)[0]
+                    length |= (byte & 0x7F) << shift
+                    shift += 7
+                    if not byte & 0x80:
+                        break
+                body = self._read(length)
+                if header & 0xF0 == 0x10:  # CONNECT
+                    self.conn.sendall(b"\x20\x02\x00\x00")
+                elif header & 0xF0 == 0x40:  # PUBACK
+                    with self.lock:
+                        self.acks.append(int.from_bytes(body, "big"))
+        except (EOFError, OSError):
+            pass
+
+    def acked(self) -> list[int]:
+        with self.lock:
+            return list(self.acks)
+
+    def send(self, data: bytes) -> None:
+        assert self.conn is not None
+        self.conn.sendall(data)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.server.close()
+
+
+def test_publishes_cut_anywhere_across_reads_arrive_exactly_and_are_acknowledged_after_delivery() -> None:
+    """PUBLISH packets whose bytes come in pieces cut inside every field (fixed header, a 1-
+    and a 3-byte remaining length, topic, packet id, payload) are delivered whole and in order
+    (QoS 0 and 1, duplicate and retained flags, multi-byte UTF-8 topics, other packets between
+    them); each QoS 1 message is acknowledged once, after its handler returned; a topic that is
+    not UTF-8 is dropped with the connection kept."""
+    peer = ScriptedBroker()
+    delivered: list[tuple[str, bytes, bool]] = []
+    acked_at_delivery: list[list[int]] = []
+
+    def handler(topic: str, payload: bytes, retained: bool) -> None:
+        acked_at_delivery.append(peer.acked())
+        delivered.append((topic, payload, retained))
+
+    c = MqttClient([BrokerAddress("127.0.0.1", peer.port)], "cut", on_message=handler)
+    fast = counting_fast_path(c)
+    try:
+        c.connect(10)
+        big = os.urandom(20_000)  # a 3-byte remaining length
+        script = [  # (packet, what is delivered or None, the packet id acknowledged or None)
+            (_publish_packet("a/ü/€/😀".encode(), b"one", 1, mid=1), ("a/ü/€/😀", b"one", False), 1),
+            (_publish_packet(b"a/q0", b"zero", 0), ("a/q0", b"zero", False), None),
+            (_publish_packet(b"a/r", b"kept", 1, mid=2, retain=True), ("a/r", b"kept", True), 2),
+            (b"\xd0\x00", None, None),  # a PINGRESP between them: paho's own
+            (_publish_packet(b"a/dup", b"again", 1, mid=3, dup=True), ("a/dup", b"again", False), 3),
+            (_publish_packet("b/状態".encode(), big, 1, mid=65535), ("b/状態", big, False), 65535),
+            (_publish_packet(b"a/\xff\xfe", b"bad topic", 1, mid=4), None, 4),
+            (_publish_packet(b"a/e", b"", 0), ("a/e", b"", False), None),
+            (_publish_packet(b"a/last", b"end", 1, mid=5, retain=True), ("a/last", b"end", True), 5),
+        ]
+        stream = b"".join(packet for packet, _, _ in script)
+        starts = [sum(len(p) for p, _, _ in script[:i]) for i in range(len(script) + 1)]
+        # Cut inside: the first packet's header (1), its remaining length and topic length (2, 4),
+        # its topic (8), packet id (starts[1] - 5), the big packet's remaining length and
+        # payload, the invalid topic's, and right at a packet's end.
+        cuts = sorted(
+            {
+                1,
+                2,
+                4,
+                8,
+                starts[1] - 5,
+                starts[2],
+                starts[5] + 2,
+                starts[5] + 3,
+                starts[5] + 9_000,
+                starts[6] + 5,
+                len(stream) - 2,
+            }
+        )
+
+        def expected_before(offset: int) -> list[tuple[str, bytes, bool]]:
+            return [
+                d
+                for (p, d, _), end in zip(script, starts[1:], strict=True)
+                if d is not None and end <= offset
+            ]
+
+        sent = 0
+        for cut in [*cuts, len(stream)]:
+            peer.send(stream[sent:cut])
+            sent = cut
+            want = expected_before(cut)
+            wait_until(lambda want=want: len(delivered) >= len(want), 10, message=f"what precedes byte {cut}")  # type: ignore[misc]
+            assert delivered == want
+        acks = [mid for _, _, mid in script if mid is not None]
+        wait_until(lambda: len(peer.acked()) >= len(acks), 10, message="every PUBACK")
+        assert peer.acked() == acks
+        delivered_acks = [mid for _, d, mid in script if d is not None and mid is not None]
+        for mid, seen in zip([mid for _, d, mid in script if d is not None], acked_at_delivery, strict=True):
+            assert mid is None or mid not in seen, f"packet {mid} was acknowledged before its delivery"
+        assert set(delivered_acks) < set(acks)
+        assert sum(fast) > 0, "the fast path read nothing"
+        assert c.connected
+    finally:
+        c.stop()
+        peer.close()
