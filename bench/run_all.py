@@ -50,7 +50,10 @@ QUICK: dict[str, list[tuple[str, list[str]]]] = {
         )
     ],
     "fleet_scale": [
-        ("fleet_scale-300-e2", ["--devices", "300", "--edge-brokers", "2", "--settle", "0.2", "--timeout", "60"])
+        (
+            "fleet_scale-300-e2",
+            ["--devices", "300", "--edge-brokers", "2", "--settle", "0.2", "--timeout", "60"],
+        )
     ],
     "broker_bench": [("broker_bench", ["--devices", "30", "--broker", "mosquitto", "--phase-timeout", "30"])],
     "update_over_weak_link": [("update_over_weak_link", ["--quick"])],
