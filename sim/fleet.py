@@ -55,11 +55,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tether.agent.core import AgentCore
+from tether.agent.request_gate import publish_reply
 from tether.agent.store import MemoryStore
 from tether.protocol import __version__
 from tether.protocol.backoff import Backoff
+from tether.protocol.device_api import DeviceReply, FactsCommand, HostFacts
 from tether.protocol.heap import tune_gc
-from tether.protocol.models import DeviceFacts
+from tether.protocol.models import DeviceFacts, Request
 from tether.protocol.mqtt import parse_broker_url
 from tether.protocol.topics import DeviceTopic
 from tether.protocol.transport import Will
@@ -82,6 +84,36 @@ of MB more at the peak."""
 _Held = tuple[str, bytes, int, bool, "list[Callable[[], bool] | None] | None"]
 """A publish held back during a reconcile: topic, payload, QoS, retain, and for a tracked
 one the cell that receives the session's delivery check."""
+
+
+class SimRemote:
+    """A simulated device's remote operations: ``facts`` answered as a real agent does (read
+    only, always on; the simulated host's), every other operation refused (no logs, files or
+    workloads to act on). Answered at once, on the fleet's loop."""
+
+    def __init__(self, device: SimDevice) -> None:
+        self.device = device
+
+    def execute(self, request: Request, command: Any) -> None:
+        device = self.device
+        if isinstance(command, FactsCommand):
+            facts = HostFacts(
+                hostname=device.device_id,
+                os="tether-sim",
+                kernel=platform.release(),
+                arch=platform.machine(),
+                agent_version=__version__,
+                driver=SimDriver.name,
+                at=time.time(),
+            )
+            reply = DeviceReply(id=request.id, ok=True, result=facts.model_dump(mode="json"))
+        else:
+            error = f"device {device.device_id} is simulated: only facts are answered, not {command.kind}"
+            reply = DeviceReply(id=request.id, ok=False, error=error)
+        publish_reply(device, request.reply_to, reply)
+
+    def extend_facts(self, facts: DeviceFacts) -> DeviceFacts:
+        return facts
 
 
 @dataclass
@@ -175,6 +207,7 @@ class SimDevice:
             # Jittered per device, so a fleet's idle reconciles do not fall into step.
             reconcile_interval=cfg.reconcile_interval * fleet.rng.uniform(0.9, 1.1),
         )
+        self.core.remote = SimRemote(self)
         for topic_filter in self.core.subscriptions():
             self.session.subscribe(topic_filter)
         self._reported_topic = self.core.topic(DeviceTopic.REPORTED)

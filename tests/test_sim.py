@@ -15,9 +15,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import Mosquitto, wait_until
 from support.procs import ControllerProcess
 from tether.protocol import codec, topics
-from tether.protocol.client import ControllerClient
+from tether.protocol.client import ControllerClient, ask
 from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksStatus
-from tether.protocol.errors import DriverError
+from tether.protocol.device_api import FactsCommand, HostFacts, RestartCommand
+from tether.protocol.errors import DriverError, RequestError
 from tether.protocol.models import Presence, ServiceSpec, StackSpec
 from tether.protocol.mqtt import Will
 from tether.sim import Fleet, FleetConfig, FleetThread, SimDriver, hashcache
@@ -196,6 +197,20 @@ def test_fleet_connects_each_device_with_its_own_session_and_will(mosquitto: Mos
         )
         summary = sim.stop()
     assert summary is not None and summary["devices"] == 20 and summary["connects"] == 20
+
+
+@pytest.mark.mosquitto
+def test_simulated_device_answers_facts_and_refuses_other_operations(mosquitto: Mosquitto) -> None:
+    """A simulated device answers a ``facts`` request as a real agent does (read only, always
+    on), with its own id as hostname; an operation on workloads is refused with a reason."""
+    config = FleetConfig(broker=mosquitto.url, devices=2, prefix="f")
+    with FleetThread(config) as sim:
+        sim.wait(lambda f: f.connected() == 2, 20)
+        with ControllerClient(mosquitto.url, timeout=10) as client:
+            facts = HostFacts.model_validate(ask(client, "f-00001", FactsCommand()))
+            assert (facts.hostname, facts.os, facts.driver) == ("f-00001", "tether-sim", "sim")
+            with pytest.raises(RequestError, match="simulated: only facts are answered, not restart"):
+                ask(client, "f-00000", RestartCommand(stack="app"))
 
 
 @pytest.mark.mosquitto
