@@ -125,6 +125,15 @@ class RestartTracker(Mapping[ServiceKey, RestartRecord]):
     def __len__(self) -> int:
         return len(self._records)
 
+    def get(self, key: ServiceKey, default: RestartRecord | None = None) -> RestartRecord | None:  # type: ignore[override]
+        # Mapping.get looks the key up through __getitem__ and a caught KeyError: the agent
+        # asks for services without a record on every reconcile (reconcile.status, 7 % of the
+        # simulator's CPU per deploy).
+        return self._records.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._records
+
     def record(self, key: ServiceKey) -> RestartRecord:
         return self._records.get(key, RestartRecord())
 

@@ -176,7 +176,12 @@ class SimDevice:
         self.fails = fail
         cfg = fleet.config
         self.driver = SimDriver(
-            device_id, start_delay=cfg.start_delay, jitter=cfg.start_jitter, fail=fail, rng=fleet.rng
+            device_id,
+            start_delay=cfg.start_delay,
+            jitter=cfg.start_jitter,
+            fail=fail,
+            clock=fleet.clock,
+            rng=fleet.rng,
         )
         self.session = MqttSession(
             f"tether-{device_id}",
@@ -204,6 +209,7 @@ class SimDevice:
             _session_from_clock(MemoryStore()),
             self,
             facts=facts,
+            clock=fleet.clock,
             # Jittered per device, so a fleet's idle reconciles do not fall into step.
             reconcile_interval=cfg.reconcile_interval * fleet.rng.uniform(0.9, 1.1),
         )
@@ -472,6 +478,8 @@ class Fleet:
         if self.address.tls:
             raise ValueError("the simulator speaks plain MQTT only (mqtt://)")
         self.rng = random.Random(config.seed)
+        self.clock: Callable[[], float] = time.time
+        """The devices' wall clock (their cores' and simulated runtimes'); set before :meth:`prepare`."""
         if config.cache_hashes:
             hashcache.install()
         self.counters = Counters()

@@ -185,13 +185,8 @@ class MqttSession(asyncio.Protocol):
         except (TimeoutError, OSError):
             self.counters.refused += 1
             return False
-        will = self.will() if self.will else None
         self._connack = loop.create_future()
-        self._send(
-            connect_packet(
-                self.client_id, clean_session=self.clean_session, keepalive=self.keepalive, will=will
-            )
-        )
+        self._send(self.connect_packet())
         try:
             return await asyncio.wait_for(self._connack, timeout)
         except (TimeoutError, ConnectionError):
@@ -200,6 +195,13 @@ class MqttSession(asyncio.Protocol):
             return False
         finally:
             self._connack = None
+
+    def connect_packet(self) -> bytes:
+        """The CONNECT for a new connection, with a fresh will from the owner."""
+        will = self.will() if self.will else None
+        return connect_packet(
+            self.client_id, clean_session=self.clean_session, keepalive=self.keepalive, will=will
+        )
 
     def close(self, goodbye: tuple[str, bytes, int, bool] | None = None) -> None:
         """Send ``goodbye`` (if connected) and DISCONNECT, then close: the broker drops the will."""
