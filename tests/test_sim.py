@@ -8,12 +8,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
+from click.testing import CliRunner
 from paho.mqtt.enums import CallbackAPIVersion
 from support.infra import Mosquitto, wait_until
 from support.procs import ControllerProcess
+from tether.cli import devices as cli_devices
+from tether.cli.main import main as cli_main
 from tether.protocol import codec, topics
 from tether.protocol.client import ControllerClient, ask
 from tether.protocol.commands import GroupsCreate, GroupsShow, StacksDeploy, StacksStatus
@@ -279,6 +283,37 @@ def test_fleet_deploy_through_a_real_controller(mosquitto: Mosquitto, tmp_path: 
                     return driver.changes > changes and [i.state for i in web] == ["running"]
 
                 sim.wait(restarted, 20, message="the crashed service restarted")
+    finally:
+        controller.stop()
+
+
+@pytest.mark.mosquitto
+@pytest.mark.e2e
+def test_devices_ls_reads_every_page(
+    mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tether devices ls` lists every device of a fleet spanning several pages (one reply for
+    the whole fleet passes the message limit past some 25,000 devices)."""
+    monkeypatch.setattr(cli_devices, "LS_PAGE", 3)
+    controller = ControllerProcess(tmp_path / "controller", broker=mosquitto.url)
+    try:
+        with FleetThread(FleetConfig(broker=mosquitto.url, devices=7, prefix="ls")) as sim:
+            sim.wait(lambda f: f.connected() == 7, 20)
+
+            def listed() -> list[dict[str, Any]]:
+                result = CliRunner().invoke(
+                    cli_main, ["devices", "ls", "-o", "json", "--broker", mosquitto.url]
+                )
+                assert result.exit_code == 0, result.output
+                return list(json.loads(result.stdout))
+
+            wanted = [f"ls-{i:05d}" for i in range(7)]
+            wait_until(
+                lambda: [d["id"] for d in listed() if d["status"] == "online"] == wanted,
+                20,
+                interval=0.2,
+                message="every device listed online",
+            )
     finally:
         controller.stop()
 
