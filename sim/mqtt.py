@@ -123,6 +123,8 @@ class Counters:
     connacks: int = 0
     refused: int = 0
     lost: int = 0
+    up: int = 0
+    """Sessions connected now (CONNACK received, connection not gone since)."""
 
 
 class MqttSession(asyncio.Protocol):
@@ -177,18 +179,19 @@ class MqttSession(asyncio.Protocol):
         """Connect, send CONNECT (with a fresh will) and wait for CONNACK. True on success."""
         loop = asyncio.get_running_loop()
         self._closing = False
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps what it awaits in a
+        # task of its own, two tasks per handshake (a tenth of connecting a fleet).
         try:
-            await asyncio.wait_for(
-                loop.create_connection(lambda: self, host, port),
-                timeout,
-            )
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(lambda: self, host, port)
         except (TimeoutError, OSError):
             self.counters.refused += 1
             return False
         self._connack = loop.create_future()
         self._send(self.connect_packet())
         try:
-            return await asyncio.wait_for(self._connack, timeout)
+            async with asyncio.timeout(timeout):
+                return await self._connack
         except (TimeoutError, ConnectionError):
             self.counters.refused += 1
             self.abort()
@@ -213,6 +216,7 @@ class MqttSession(asyncio.Protocol):
             self.publish(topic, payload, qos, retain)
         if self.connected:
             self._send(_DISCONNECT)
+            self.counters.up -= 1
         self._flush()
         self.connected = False
         self.transport.close()
@@ -266,6 +270,7 @@ class MqttSession(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.connected
         self.connected = False
+        self.counters.up -= was
         self.transport = None
         self._wbuf.clear()
         if self._ping_timer is not None:
@@ -396,6 +401,7 @@ class MqttSession(asyncio.Protocol):
                 waiter.set_result(False)
             self.abort()
             return
+        self.counters.up += not self.connected
         self.connected = True
         self.session_present = bool(present)
         self.counters.connacks += 1

@@ -65,6 +65,7 @@ async def _run(devices: int) -> list[bytes]:
             await asyncio.sleep(0.01)
 
     await settle(lambda: fleet.counters.messages_out >= 2 * devices)
+    assert fleet.connected() == devices
     for generation in (1, 2):
         spec = _stack(generation)
         definition = codec.encode(StackDefinition(spec_hash=spec.spec_hash(), spec=spec))
@@ -82,6 +83,7 @@ async def _run(devices: int) -> list[bytes]:
         await settle(lambda g=generation: all(d.done_at(g) is not None for d in fleet.devices))
     for device in fleet.devices:
         device.stop()
+    assert fleet.connected() == 0
     await asyncio.sleep(0)
     return [bytes(w.written) for w in wires]
 
