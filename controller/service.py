@@ -154,7 +154,9 @@ class Controller:
         self.audit_retention: float | None = None
         """Seconds audit records are kept (``tether up --audit-retention``); None: for ever."""
         self._next_audit_prune = 0.0
-        self.inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self.inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        """What the MQTT thread hands over, one put per message (SimpleQueue: about 0.1 us a put
+        or a get, against 0.6 us and more for a Queue, whose lock and condition it does not need)."""
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-prepare")
         """Where commands' slow preparation runs (:meth:`_prepared`), one at a time."""
