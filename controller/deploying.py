@@ -51,13 +51,23 @@ class Deployer:
         """A device reported or changed presence since the last step."""
         self._next_deployment_step = 0.0
         self._step_not_before = 0.0
+        self._progress: dict[int, rollout.Progress] = {}
+        """Per active deployment, what its last step kept (see :func:`.rollout.step_changed`)."""
+
+    def forget(self) -> None:
+        """Judge every device again at the next step (another controller may have led meanwhile)."""
+        self._progress = {}
 
     def advance(self, force: bool = True) -> None:
         """Step every active deployment; store, revert and publish what changed.
 
         From the tick (``force=False``) only when a device reported or changed presence
         since the last step, or every :data:`DEPLOYMENT_IDLE_STEP` seconds for the clock's
-        sake (min_healthy_time, deadlines): a step reads every device of the group.
+        sake (min_healthy_time, deadlines). A step judges only the devices whose
+        observation changed since the last (the fleet view knows which) or whose deadline
+        or healthy timer may have passed (:func:`.rollout.step_changed`); every device at
+        a deployment's first step here, after :meth:`forget`, or when the deployment or its
+        group changed otherwise.
         """
         now = time.monotonic()
         if not force and (
@@ -67,6 +77,7 @@ class Deployer:
         self.dirty = False
         self._next_deployment_step = now + DEPLOYMENT_IDLE_STEP
         active = [d for d in self.store.latest_deployments().values() if d.active]
+        self._progress = {d.id: self._progress[d.id] for d in active if d.id in self._progress}
         if not active:
             return
         changed = False
@@ -77,11 +88,12 @@ class Deployer:
             if stack is None:
                 continue
             targets = self.scheduler.targets(stack)
-            nxt = rollout.step(
-                deployment,
-                targets,
-                self.scheduler.observe(stack.name, set(deployment.devices).union(targets), fleet),
-                self.clock(),
+            observed, seen_changed = self.scheduler.observe_changes(
+                stack.name, set(deployment.devices).union(targets), fleet
+            )
+            progress = self._progress.pop(deployment.id, None)  # taken over (dropped if this fails)
+            nxt, self._progress[deployment.id] = rollout.step_changed(
+                progress, deployment, targets, observed, seen_changed, self.clock()
             )
             if nxt is deployment:  # nothing changed (step returns it as it is)
                 continue
@@ -89,8 +101,7 @@ class Deployer:
             # revert changes the stack: then a full sync; otherwise only the record is stored.
             changed = (
                 changed
-                or nxt.pins() != deployment.pins()
-                or nxt.stages() != deployment.stages()
+                or rollout.pins_changed(deployment, nxt, self._progress[deployment.id].changed)
                 or nxt.state == "reverted"
             )
             with self.store.transaction():

@@ -44,7 +44,8 @@ devices stay where they are. ``paused`` moves nobody new.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +67,8 @@ DeviceRolloutState = Literal[
 ]
 WAITING = ("pending", "staging", "staged")
 """Not moved yet: kept on the previous version (staging and staged ones download the new one)."""
+PINNED = (*WAITING, "pending (offline)")
+"""Kept on (or sent back to) the previous version while the deployment runs."""
 MOVING = ("downloading", "updating")
 """Moved and not yet judged healthy: a rolling batch waits for these."""
 REASON_CHARS = 600
@@ -133,15 +136,18 @@ class Deployment(BaseModel):
         """Devices that must stay on (or go back to) ``from_hash`` now."""
         if self.state == "reverted" and self.from_hash is not None:
             return {d: self.from_hash for d in self.devices}
-        if self.state in ("succeeded", "superseded"):
+        if not self.pins_waiting():
             return {}
-        if self.from_hash is None:  # "": a first deployment staged only runs nowhere before the switch
-            if not self.strategy.stage_only or self.switched:
-                return {}
-            return {d: "" for d, r in self.devices.items() if r.state in (*WAITING, "pending (offline)")}
-        return {
-            d: self.from_hash for d, r in self.devices.items() if r.state in (*WAITING, "pending (offline)")
-        }
+        # "": a first deployment staged only runs nowhere before the switch
+        pin = self.from_hash if self.from_hash is not None else ""
+        return {d: pin for d, r in self.devices.items() if r.state in PINNED}
+
+    def pins_waiting(self) -> bool:
+        """Whether :meth:`pins` holds the devices not moved yet (in :data:`PINNED` states),
+        unless every device goes back (``reverted``)."""
+        if self.state in ("succeeded", "superseded"):
+            return False
+        return self.from_hash is not None or (self.strategy.stage_only and not self.switched)
 
     def stages(self) -> dict[str, str]:
         """Devices that must download ``to_hash`` without running it (a stage-only deployment)."""
@@ -376,10 +382,11 @@ def step(
     observed: Mapping[str, Observation],
     now: float,
 ) -> Deployment:
-    """The next state of ``dep`` given what the controller observes now. Pure.
+    """The next state of ``dep`` given what the controller observes now: every device judged. Pure.
 
     ``dep`` itself when nothing changed (its ``updated`` time included), so a caller that
-    steps every second can tell without comparing 10,000 devices."""
+    steps every second can tell without comparing 10,000 devices. :func:`step_changed`
+    gives the same result judging only the devices that may have changed."""
     if not dep.active:
         return dep
     devices = dict(dep.devices)
@@ -390,22 +397,15 @@ def step(
     for d in list(devices):
         if d not in member_set and devices[d].state in ("pending", "pending (offline)"):
             del devices[d]
-    judged = dep.strategy  # a first deployment too: a crash-looping one must not be reported healthy
     staging = dep.strategy.stage_only and not dep.switched
     unknown = Observation(online=False)
     for d, r in devices.items():
-        obs = observed.get(d, unknown)
-        if staging and r.state in (*WAITING, "pending (offline)"):
-            devices[d] = _stage(r, obs, dep.to_hash, judged, now)
-        elif r.state in ("staging", "staged"):
-            continue  # switched: waits to be moved like a pending device, its images already there
-        elif r.state in ("pending", "pending (offline)"):
-            pending = "pending" if obs.online else "pending (offline)"
-            if r.state != pending:
-                devices[d] = r.model_copy(update={"state": pending})
-        else:
-            devices[d] = _judge(r, obs, dep.to_hash, judged, now)
-    nxt = _step_state(dep, devices, staging, now)
+        devices[d] = _next(r, observed.get(d, unknown), staging, dep.to_hash, dep.strategy, now)
+    counts: dict[str, int] = {}
+    for r in devices.values():
+        counts[r.state] = counts.get(r.state, 0) + 1
+    first_failed = min((d for d, r in devices.items() if r.state == "failed"), default=None)
+    nxt = _step_state(dep, devices, staging, now, counts, first_failed, [])
     if (
         nxt.state == dep.state
         and nxt.batch == dep.batch
@@ -418,19 +418,233 @@ def step(
     return nxt
 
 
-def _step_state(dep: Deployment, devices: dict[str, DeviceRollout], staging: bool, now: float) -> Deployment:
-    """The deployment's own state after its devices were judged: fail, move the next batch, finish."""
+def _next(
+    r: DeviceRollout, obs: Observation, staging: bool, to_hash: str, strategy: Strategy, now: float
+) -> DeviceRollout:
+    """One device's next entry (``r`` itself when it does not change)."""
+    if staging and r.state in PINNED:
+        return _stage(r, obs, to_hash, strategy, now)
+    if r.state in ("staging", "staged"):
+        return r  # switched: waits to be moved like a pending device, its images already there
+    if r.state in ("pending", "pending (offline)"):
+        pending = "pending" if obs.online else "pending (offline)"
+        return r if r.state == pending else r.model_copy(update={"state": pending})
+    # A first deployment is judged too: a crash-looping one must not be reported healthy.
+    return _judge(r, obs, to_hash, strategy, now)
 
-    failed = sorted(d for d, r in devices.items() if r.state == "failed")
-    if failed:
-        reason = devices[failed[0]].error or "failed"
+
+def _wake(r: DeviceRollout, strategy: Strategy) -> float:
+    """The earliest time at which :func:`_next` could change ``r`` with the same observation:
+    its deadlines (download, healthy) and the end of its healthy timer; ``inf`` for a device
+    whose entry only an observation changes. Never later than the real change (earlier is
+    harmless: the device is judged again, as a full step would)."""
+    wake = _NEVER
+    if r.state in ("downloading", "updating", "staging") and r.moved_at is not None:
+        wake = r.moved_at + strategy.download_deadline_s
+    if r.state in MOVING:
+        if r.healthy_since is not None:
+            wake = min(wake, r.healthy_since + strategy.min_healthy_time_s)
+        start = r.ready_at if r.ready_at is not None else r.moved_at
+        if start is not None:
+            wake = min(wake, start + strategy.healthy_deadline_s)
+    return wake - _EARLY if wake != _NEVER else wake
+
+
+_NEVER = float("inf")
+_EARLY = 0.001
+"""Seconds before a deadline its device is judged again: a deadline compared by subtraction
+(``now - since > deadline``) is not always the sum's float; judging early changes nothing."""
+
+
+@dataclass
+class Progress:
+    """What :func:`step_changed` keeps of one deployment between its steps. Pure data.
+
+    Valid for ``deployment`` (the very object the last step returned) and ``members`` (the
+    very list it was given): any other deployment (an operator's pause, promote, switch, a
+    new deployment, one another controller wrote, a controller that just started or took
+    the lease) or group gets a full judgement and a new one."""
+
+    deployment: Deployment
+    members: Sequence[str]
+    now: float
+    counts: dict[str, int]
+    """How many devices are in each state."""
+    failed: set[str]
+    wakes: list[tuple[float, str]]
+    """A heap of (time, device): when a device's deadline or healthy timer may change it."""
+    due: dict[str, float]
+    """Each device's current wake (heap entries that differ are stale)."""
+    recheck: set[str]
+    """Devices whose entry changed at the last step: judged again at the next (a moved device
+    is judged then for the first time)."""
+    changed: set[str] | None = None
+    """Devices whose entry the last step changed (None: unknown, a full judgement)."""
+
+
+def _progress(before: Deployment, dep: Deployment, members: Sequence[str], now: float) -> Progress:
+    """A :class:`Progress` made afresh for ``dep``, the full step of ``before``."""
+    counts: dict[str, int] = {}
+    failed = set()
+    due = {}
+    for d, r in dep.devices.items():
+        counts[r.state] = counts.get(r.state, 0) + 1
+        if r.state == "failed":
+            failed.add(d)
+        wake = _wake(r, dep.strategy)
+        if wake != _NEVER:
+            due[d] = wake
+    wakes = [(t, d) for d, t in due.items()]
+    heapq.heapify(wakes)
+    recheck = {d for d, r in dep.devices.items() if before.devices.get(d) is not r}
+    return Progress(dep, members, now, counts, failed, wakes, due, recheck)
+
+
+def step_changed(
+    progress: Progress | None,
+    dep: Deployment,
+    members: Sequence[str],
+    observed: Mapping[str, Observation],
+    changed: Iterable[str] | None,
+    now: float,
+) -> tuple[Deployment, Progress]:
+    """:func:`step`'s result, judging only the devices whose observation changed (``changed``:
+    every device whose observation is not the very object of the last step; None: unknown),
+    whose deadline or healthy timer may have passed, or whose entry changed at the last step.
+    Pure (no I/O): ``progress`` is what the last call returned, taken over and brought up
+    to date (not copied: that would be a copy of the group's size per step).
+
+    A step costs in proportion to those devices, not to the group (at 10,000 devices a step
+    runs about every second while devices report). Judged in full, as :func:`step` does,
+    where what was kept may not hold: the first step (no progress: a new deployment, a
+    controller that just started or took the lease over), a deployment not the one the
+    last step returned (changed by an operator or another controller), another members list
+    (the group changed), observations all made again (``changed`` None), or the clock
+    going back. tests/unit/test_rollout_incremental.py compares both on random runs."""
+    if (
+        progress is None
+        or progress.deployment is not dep
+        or progress.members is not members
+        or changed is None
+        or now < progress.now
+        or not dep.active
+    ):
+        nxt = step(dep, members, observed, now)
+        return nxt, _progress(dep, nxt, members, now)
+    counts, failed, due, wakes = progress.counts, progress.failed, progress.due, progress.wakes
+    todo = set(changed)
+    todo.update(progress.recheck)
+    while wakes and wakes[0][0] <= now:
+        t, d = heapq.heappop(wakes)
+        if due.get(d) == t:
+            del due[d]
+            todo.add(d)
+    staging = dep.strategy.stage_only and not dep.switched
+    unknown = Observation(online=False)
+    devices = dep.devices  # copied once an entry changes
+    touched: set[str] = set()
+    for d in todo:
+        r = devices.get(d)
+        if r is None:
+            continue  # not (or no longer) in the deployment
+        new = _next(r, observed.get(d, unknown), staging, dep.to_hash, dep.strategy, now)
+        wake = _wake(new, dep.strategy)
+        if wake != _NEVER:
+            due[d] = wake
+            heapq.heappush(wakes, (wake, d))
+        else:
+            due.pop(d, None)
+        if new is r:
+            continue
+        if devices is dep.devices:
+            devices = dict(devices)
+        devices[d] = new
+        touched.add(d)
+        _count(counts, failed, d, r, new)
+    moved: list[str] = []
+    nxt = _step_state(dep, devices, staging, now, counts, min(failed) if failed else None, moved)
+    for d in moved:
+        touched.add(d)
+        wake = _wake(nxt.devices[d], dep.strategy)
+        if wake != _NEVER:
+            due[d] = wake
+            heapq.heappush(wakes, (wake, d))
+    if len(wakes) > 2 * len(due) + 64:  # stale entries: made again
+        wakes[:] = [(t, d) for d, t in due.items()]
+        heapq.heapify(wakes)
+    if (
+        not touched
+        and nxt.state == dep.state
+        and nxt.batch == dep.batch
+        and nxt.promoted == dep.promoted
+        and nxt.message == dep.message
+    ):
+        nxt = dep  # nothing moved: step() returns dep itself too
+    progress.deployment, progress.now, progress.recheck, progress.changed = nxt, now, touched, touched
+    return nxt, progress
+
+
+def _count(counts: dict[str, int], failed: set[str], d: str, old: DeviceRollout, new: DeviceRollout) -> None:
+    counts[old.state] -= 1
+    counts[new.state] = counts.get(new.state, 0) + 1
+    if old.state == "failed":
+        failed.discard(d)
+    if new.state == "failed":
+        failed.add(d)
+
+
+def pins_changed(before: Deployment, after: Deployment, devices: Iterable[str] | None) -> bool:
+    """Whether ``after``'s :meth:`~Deployment.pins` or :meth:`~Deployment.stages` differ from
+    ``before``'s, knowing that only the entries of ``devices`` changed, were added or removed
+    (None: any): without comparing every device. Pure."""
+    if (
+        devices is None
+        or before.state != after.state
+        or before.id != after.id
+        or before.switched != after.switched
+    ):
+        return before.pins() != after.pins() or before.stages() != after.stages()
+    # The same deployment in the same state: pins and stages depend on these entries' states only.
+    pinning = after.pins_waiting() and not (after.state == "reverted" and after.from_hash is not None)
+    staging = after.active and after.strategy.stage_only
+    for d in devices:
+        old, new = before.devices.get(d), after.devices.get(d)
+        if old is None or new is None:
+            return before.pins() != after.pins() or before.stages() != after.stages()
+        if pinning and (old.state in PINNED) != (new.state in PINNED):
+            return True
+        if staging and (old.state in ("staging", "staged")) != (new.state in ("staging", "staged")):
+            return True
+    return False
+
+
+def _step_state(
+    dep: Deployment,
+    devices: dict[str, DeviceRollout],
+    staging: bool,
+    now: float,
+    counts: dict[str, int],
+    first_failed: str | None,
+    moved: list[str],
+) -> Deployment:
+    """The deployment's own state after its devices were judged: fail, move the next batch, finish.
+
+    ``counts``: how many of ``devices`` are in each state, kept up to date here as devices
+    move; ``first_failed``: the first failed device by id; ``moved`` gets the devices moved.
+    ``devices`` is not changed (moves go to a copy)."""
+
+    def some(*states: str) -> bool:
+        return any(counts.get(state, 0) for state in states)
+
+    if first_failed is not None:
+        reason = devices[first_failed].error or "failed"
         if dep.strategy.auto_revert and dep.from_hash is not None:
             return dep.model_copy(
                 update={
                     "devices": devices,
                     "state": "reverted",
                     "updated": now,
-                    "message": f"{failed[0]}: {reason}; every device goes back to the previous version",
+                    "message": f"{first_failed}: {reason}; every device goes back to the previous version",
                 }
             )
         return dep.model_copy(
@@ -438,32 +652,37 @@ def _step_state(dep: Deployment, devices: dict[str, DeviceRollout], staging: boo
                 "devices": devices,
                 "state": "failed",
                 "updated": now,
-                "message": f"{failed[0]}: {reason}",
+                "message": f"{first_failed}: {reason}",
             }
         )
 
     if staging:
         state = dep.state
         if state != "paused":
-            ready = all(r.state in ("staged", "pending (offline)") for r in devices.values())
+            ready = counts.get("staged", 0) + counts.get("pending (offline)", 0) == len(devices)
             state = "staged" if ready else "staging"
         return dep.model_copy(update={"devices": devices, "state": state, "updated": now})
 
     state = dep.state
     batch = dep.batch
     strategy = dep.strategy
-    moving = [d for d, r in devices.items() if r.state in MOVING]
-    waiting = sorted(d for d, r in devices.items() if r.state in WAITING)
 
     def move(names: Sequence[str]) -> None:
-        moved: dict[DeviceRollout, DeviceRollout] = {}  # equal entries move to one (frozen) value
+        copies: dict[DeviceRollout, DeviceRollout] = {}  # equal entries move to one (frozen) value
         for d in names:
             r = devices[d]
-            if r not in moved:
-                moved[r] = r.model_copy(update={"state": "updating", "batch": batch, "moved_at": now})
-            devices[d] = moved[r]
+            if r not in copies:
+                copies[r] = r.model_copy(update={"state": "updating", "batch": batch, "moved_at": now})
+            devices[d] = copies[r]
+            counts[r.state] -= 1
+            counts["updating"] = counts.get("updating", 0) + 1
+            moved.append(d)
 
-    if state == "running" and not moving and waiting:
+    if state == "running" and not some(*MOVING) and some(*WAITING):
+        # Between batches only: the one place a step reads every device (and copies them:
+        # ``devices`` may be the deployment's own).
+        devices = dict(devices)
+        waiting = sorted(d for d, r in devices.items() if r.state in WAITING)
         if strategy.kind == "all-at-once" or dep.from_hash is None:
             batch += 1
             move(waiting)
@@ -481,8 +700,8 @@ def _step_state(dep: Deployment, devices: dict[str, DeviceRollout], staging: boo
             batch += 1
             move(waiting if strategy.max_parallel == 0 else waiting[: strategy.max_parallel])
 
-    done = all(r.state in ("healthy", "held", "pending (offline)") for r in devices.values())
-    if state == "running" and done and not any(r.state in WAITING for r in devices.values()):
+    done = sum(counts.get(s, 0) for s in ("healthy", "held", "pending (offline)")) == len(devices)
+    if state == "running" and done and not some(*WAITING):
         state = "succeeded"
     return dep.model_copy(update={"devices": devices, "state": state, "batch": batch, "updated": now})
 

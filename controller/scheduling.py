@@ -143,17 +143,26 @@ class Scheduler:
         Asked again for the same devices of the same fleet view, the mapping of the last call
         is brought up to date where the fleet view wrote since (not rebuilt device by device:
         a step at 10,000 devices spent 15-20 ms here); it is only valid until the next call."""
+        return self.observe_changes(stack, device_ids, fleet)[0]
+
+    def observe_changes(
+        self, stack: str, device_ids: Iterable[str], fleet: dict[str, Seen]
+    ) -> tuple[dict[str, Observation], set[str] | None]:
+        """:meth:`observe`, and the devices whose observation may not be the very object the
+        last call gave (None: every device's was made again). What
+        :func:`.rollout.step_changed` judges again."""
         ids = device_ids if isinstance(device_ids, set) else set(device_ids)
         view = self._views.get(stack)
         if view is not None and view[0] is fleet and view[1] == ids:
             out = view[2]
             stale, self._stale[stack] = self._stale[stack], set()
-            out.update(self._observe(stack, stale & ids, fleet))
-            return out
+            stale &= ids
+            out.update(self._observe(stack, stale, fleet))
+            return out, stale
         out = self._observe(stack, ids, fleet)
         self._views[stack] = (fleet, ids, out)
         self._stale[stack] = set()
-        return out
+        return out, None
 
     def _observe(
         self, stack: str, device_ids: Iterable[str], fleet: dict[str, Seen]

@@ -268,6 +268,7 @@ class Controller:
         self.context.variables.forget()  # another controller may have changed them while we stood by
         self.context.registries.forget()
         self.context.scheduler.forget()  # and the devices
+        self.context.deployer.forget()  # and the deployments' devices
         self.context.publisher.lead()  # and what was published, when, and which events are stored
         self.leading.set()
         log.info("this controller leads")
