@@ -157,11 +157,11 @@ class FleetConfig:
         return labels
 
 
-def _session_from_clock(store: MemoryStore) -> MemoryStore:
+def _session_from_clock(store: MemoryStore, clock: Callable[[], float]) -> MemoryStore:
     """Session numbers from the Unix time on, as the agent's FileStore numbers them when its
     data dir is new: a simulator process started again for the same devices (their memory
     gone, like a wiped device) is not taken by the controller for an older session of them."""
-    store.session = int(time.time())
+    store.session = int(clock())
     return store
 
 
@@ -206,7 +206,7 @@ class SimDevice:
             device_id,
             labels,
             self.driver,
-            _session_from_clock(MemoryStore()),
+            _session_from_clock(MemoryStore(), fleet.clock),
             self,
             facts=facts,
             clock=fleet.clock,
