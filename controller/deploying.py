@@ -78,11 +78,11 @@ class Deployer:
         self._next_deployment_step = now + DEPLOYMENT_IDLE_STEP
         active = [d for d in self.store.latest_deployments().values() if d.active]
         self._progress = {d.id: self._progress[d.id] for d in active if d.id in self._progress}
+        self.scheduler.keep_observed(d.stack for d in active)  # none active: nothing kept
         if not active:
             return
         changed = False
         fleet = self.scheduler.fleet_view()
-        self.scheduler.keep_observed(d.stack for d in active)
         for deployment in active:
             stack = self.store.get_stack(deployment.stack)
             if stack is None:

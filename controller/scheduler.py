@@ -71,8 +71,11 @@ def desired_stacks(
                 if ref is None:
                     ref = refs[(stack.name, spec_hash)] = StackRef(name=stack.name, spec_hash=spec_hash)
                 result.setdefault(device_id, []).append(ref)
+    ones: dict[int, tuple[StackRef, ...]] = {}  # devices of one stack share its tuple too
     return {
-        d: (found[0],) if len(found) == 1 else tuple(sorted(found, key=lambda r: r.name))
+        d: (ones.get(id(found[0])) or ones.setdefault(id(found[0]), (found[0],)))
+        if len(found) == 1
+        else tuple(sorted(found, key=lambda r: r.name))
         for d, found in result.items()
     }
 

@@ -22,6 +22,7 @@ more than asked): :func:`parse` tells what a topic is, or ``None``.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -143,7 +144,9 @@ def parse(topic: str) -> ParsedTopic | None:
         kind = _DEVICE_TOPICS.get(rest[2])  # not DeviceTopic(...): an enum call per message is slow
         if kind is None:
             return None
-        return ParsedTopic("device", device_id=rest[1], device_topic=kind)
+        # One string object per device id, whatever topic it came on: the controller keeps it
+        # as a key in several maps per device (59 bytes each at 10,000 devices otherwise).
+        return ParsedTopic("device", device_id=sys.intern(rest[1]), device_topic=kind)
     if len(rest) == 2 and rest[0] == "stacks" and SPEC_HASH_RE.match(rest[1]):
         return ParsedTopic("stack", spec_hash=rest[1])
     if rest == ["controller", "requests"]:
