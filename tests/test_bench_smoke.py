@@ -168,3 +168,9 @@ def test_fleet_scale_on_bridged_edge_brokers(tmp_path: Path) -> None:
     assert (
         checks["restarted_converged_from_retained"] == m and checks["controller_sees_restarted_in_step"] == m
     )
+
+
+def test_mqtt_receive(tmp_path: Path) -> None:
+    """bench/mqtt_receive.py runs and reports one CPU figure per run, each above zero."""
+    data = bench(tmp_path, "mqtt_receive", "--messages", "300", "--runs", "2", timeout=60)
+    assert len(data["per_message_us"]) == 2 and all(v > 0 for v in data["per_message_us"])

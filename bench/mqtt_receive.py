@@ -1,0 +1,92 @@
+"""The MQTT client's receive path: CPU of its thread per message received (issue 21).
+
+What a controller's client does while a fleet reports: Mosquitto delivers N QoS 1
+messages (a device's report topic, ~480 bytes) published by a raw socket as fast as it
+can write them, and :class:`tether.protocol.mqtt.MqttClient` reads, parses,
+acknowledges and hands each to a queue as the controller does. Only the client thread's
+own CPU time is counted (the publisher and the consumer are other threads), so it is the
+benchmark to compare two versions of ``protocol/mqtt.py`` with, alternated: the figure
+varies with how many messages each ``recv`` brings (Mosquitto's inflight window of 20
+and the machine's load).
+
+    .venv/bin/python bench/mqtt_receive.py --messages 30000 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import queue
+import socket
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import Mosquitto, Row, load_average, log, report, rnd
+from tether.protocol.mqtt import BrokerAddress, MqttClient
+from tether.sim.mqtt import connect_packet, publish_packet
+
+
+def one_run(port: int, messages: int) -> float:
+    """Seconds of the client thread's CPU to receive ``messages``."""
+    inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+    receiver = MqttClient(
+        [BrokerAddress("127.0.0.1", port)], "bench-receiver", on_message=lambda t, p, r: inbox.put((t, p))
+    )
+    receiver.subscribe("tether/v1/devices/+/reported", 1)
+    receiver.connect(10)
+    sender = socket.create_connection(("127.0.0.1", port))
+    try:
+        sender.sendall(connect_packet("bench-sender", clean_session=True, keepalive=60))
+        sender.recv(4)  # CONNACK
+        threading.Thread(target=lambda: all(iter(lambda: sender.recv(65536), b"")), daemon=True).start()
+        # The subscription is in place once a message comes back.
+        while True:
+            sender.sendall(publish_packet("tether/v1/devices/ready/reported", b"", 1, False, 1))
+            with contextlib.suppress(queue.Empty):
+                inbox.get(timeout=0.2)
+                break
+        payload = bytes(range(256)) + b"x" * 200
+        data = b"".join(
+            publish_packet(f"tether/v1/devices/device-{i:05d}/reported", payload, 1, False, i % 65535 + 1)
+            for i in range(messages)
+        )
+        while not inbox.empty():
+            inbox.get_nowait()
+        clock = time.pthread_getcpuclockid(receiver._thread.ident)  # type: ignore[union-attr]
+        start = time.clock_gettime(clock)
+        sender.sendall(data)
+        for _ in range(messages):
+            inbox.get(timeout=60)
+        return time.clock_gettime(clock) - start
+    finally:
+        sender.close()
+        receiver.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=30000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    load_start = load_average()
+    with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp)) as broker:
+        per_message = []
+        for run in range(args.runs):
+            cpu = one_run(broker.port, args.messages)
+            per_message.append(cpu / args.messages * 1e6)
+            log(f"run {run + 1}: {cpu:.3f} s, {per_message[-1]:.1f} us per message")
+    rows = [
+        Row("messages per run (QoS 1, ~480 bytes)", args.messages),
+        Row("load average, start / end", f"{load_start:.2f} / {load_average():.2f}"),
+        Row("client thread CPU per message, median", rnd(statistics.median(per_message), 2), " us"),
+        Row("client thread CPU per message, runs", " / ".join(f"{v:.1f}" for v in per_message), " us"),
+    ]
+    report("mqtt_receive", "MQTT client receive path", rows, {"per_message_us": per_message}, args.json)
+
+
+if __name__ == "__main__":
+    main()
