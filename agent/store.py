@@ -211,6 +211,8 @@ class MemoryStore:
         return self.blobs.get(name)
 
     def save_json(self, name: str, value: Any) -> None:
+        if self.blobs.get(name) == value:
+            return  # the same content again (the agent saves its jobs and applied stacks at every accept)
         self.blobs[name] = json.loads(json.dumps(value))
 
     def config_path(self, stack: str, name: str) -> str:

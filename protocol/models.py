@@ -426,7 +426,20 @@ class StackSpec(HashedModel):
 
     def service(self, name: str) -> ServiceSpec | None:
         """The service called ``name``, if any."""
-        return next((s for s in self.services if s.name == name), None)
+        return self._by_name.get(name)
+
+    @cached_property
+    def _by_name(self) -> dict[str, ServiceSpec]:
+        # The agent looks services up by name several times per service and reconcile.
+        found: dict[str, ServiceSpec] = {}
+        for s in self.services:
+            found.setdefault(s.name, s)
+        return found
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("_by_name", None)  # a copy may have other services
+        return copied
 
 
 class StackDefinition(Message):
