@@ -200,17 +200,27 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         stack.callback(sim.stop)
         client.request(GroupsCreate(name="fleet", selector="bench=deploy", trust_device_labels=True))
         registration_cpu = CpuMeter(controller.pid)
+        registration_broker_cpu = CpuMeter(broker.pid) if broker is not None else None
         registration_load = load_average()
+        sim_cpu0 = time.process_time()  # this process: the simulator, and the waits below
         t0 = time.monotonic()
         sim.start()
         sim.wait(lambda f: f.connected() >= args.devices, args.timeout, interval=0.2, message="all connected")
         connect_s = time.monotonic() - t0
         log(f"{args.devices} devices connected in {connect_s:.1f} s")
         registered_s = wait_registered(client, args.devices, args.timeout) + connect_s
-        log(f"controller knows all {args.devices} devices after {registered_s:.1f} s")
+        sim_cpu_s = time.process_time() - sim_cpu0
+        mosquitto_cpu_s = registration_broker_cpu.seconds() if registration_broker_cpu is not None else None
+        log(
+            f"controller knows all {args.devices} devices after {registered_s:.1f} s; CPU: controller "
+            f"{registration_cpu.seconds():.2f} s, simulator {sim_cpu_s:.2f} s"
+            + (f", Mosquitto {mosquitto_cpu_s:.2f} s" if mosquitto_cpu_s is not None else "")
+        )
         registration = {
             "cpu_s": rnd(registration_cpu.seconds(), 3),
             "cpu_ms_per_device": per_device_ms(registration_cpu.seconds(), args.devices),
+            "simulator_cpu_s": rnd(sim_cpu_s, 3),
+            "mosquitto_cpu_s": rnd(mosquitto_cpu_s, 3) if mosquitto_cpu_s is not None else None,
             "load_average": [registration_load, load_average()],
         }
         cpu = CpuMeter(controller.pid)
@@ -254,6 +264,7 @@ def rows(data: dict[str, Any]) -> list[Row]:
         Row("controller knows all after", data["registered_s"], " s"),
         Row("registration: controller CPU", data["registration"]["cpu_s"], " s"),
         Row("registration: controller CPU per device", data["registration"]["cpu_ms_per_device"], " ms"),
+        Row("registration: simulator CPU (this process)", data["registration"].get("simulator_cpu_s"), " s"),
         Row(
             "registration: load average, start / end",
             " / ".join(map(str, data["registration"]["load_average"])),

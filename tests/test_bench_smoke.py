@@ -44,6 +44,7 @@ def bench(tmp_path: Path, name: str, *args: str, timeout: float = 120) -> dict[s
 
 def test_deploy_latency(tmp_path: Path) -> None:
     data = bench(tmp_path, "deploy_latency", "--devices", "30", "--timeout", "60")
+    assert data["registration"]["simulator_cpu_s"] > 0 and data["registration"]["mosquitto_cpu_s"] >= 0
     for deploy in data["deploys"]:
         assert deploy["applied"]["count"] == 30 and deploy["applied"]["missing"] == 0
         assert deploy["controller_sees_all_running_s"] is not None
