@@ -153,18 +153,30 @@ class _Paho(paho.Client):
                 # again and reports it as it always does.
                 with contextlib.suppress(OSError):
                     self._rbuf, self._rpos = super()._sock_recv(RECV_SIZE), 0
-            if self._rpos < len(self._rbuf) and self._read_publishes(self.deliver):
-                return paho.MQTT_ERR_SUCCESS
+            if self._rpos < len(self._rbuf):
+                count, rc = self._read_publishes(self.deliver)
+                if count:
+                    return rc
         return super()._packet_read()
 
-    def _read_publishes(self, deliver: Callable[[str, bytes, bool], None]) -> int:
-        """Read the PUBLISH packets (QoS 0 and 1) at the head of the buffer, up to the first
-        packet that is anything else or not whole; return how many."""
+    def _read_publishes(self, deliver: Callable[[str, bytes, bool], None]) -> tuple[int, paho.MQTTErrorCode]:
+        """Read the PUBLISH packets (QoS 0 and 1) and PUBACKs at the head of the buffer, up
+        to the first packet that is anything else or not whole; return how many, and paho's
+        result of sending what the PUBACKs let go (inflight window)."""
         buf, pos, end = self._rbuf, self._rpos, len(self._rbuf)
         acks: list[bytes] = []
+        acked: list[int] = []
         count = 0
+        rc = paho.MQTT_ERR_SUCCESS
         while pos < end and self._rbuf is buf:  # (a handler that disconnects empties the buffer)
             header = buf[pos]
+            if header == paho.PUBACK:  # for a message of ours: paho's bookkeeping, below
+                if pos + 4 > end or buf[pos + 1] != 2 or self.on_publish is not None:
+                    break
+                acked.append((buf[pos + 2] << 8) | buf[pos + 3])
+                self._rpos = pos = pos + 4
+                count += 1
+                continue
             if header & 0xF0 != paho.PUBLISH or header & 0x06 > 0x02:  # not a PUBLISH of QoS 0 or 1
                 break
             at, length, shift = pos + 1, 0, 0
@@ -190,6 +202,11 @@ class _Paho(paho.Client):
                 topic = buf[at + 2 : topic_end].decode()
             except UnicodeDecodeError:
                 break
+            if acked:  # as paho: the PUBACKs before a message are handled before it
+                rc = self._published(acked)
+                acked = []
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    break
             self._rpos = pos = stop
             deliver(topic, buf[payload_start:stop], bool(header & 0x01))
             if qos:
@@ -200,7 +217,27 @@ class _Paho(paho.Client):
                 self._last_bytes_received = paho.time_func()
             if acks:
                 self._packet_queue(paho.PUBACK, b"".join(acks), 0, 1)
-        return count
+            if acked and rc == paho.MQTT_ERR_SUCCESS:
+                rc = self._published(acked)
+        return count, rc
+
+    def _published(self, mids: list[int]) -> paho.MQTTErrorCode:
+        """What paho's ``_handle_pubackcomp`` does for each of ``mids`` (no ``on_publish``
+        set), with the inflight window refilled once rather than once per PUBACK: paho walks
+        every message kept to find the queued ones, each time."""
+        released = False
+        with self._out_message_mutex:
+            for mid in mids:
+                message = self._out_messages.pop(mid, None)
+                if message is None:
+                    continue  # not ours (any more): paho ignores it too
+                message.info._set_as_published()
+                if message.qos > 0:
+                    self._inflight_messages -= 1
+                    released = True
+            if released and self._max_inflight_messages > 0:
+                return self._update_inflight()
+        return paho.MQTT_ERR_SUCCESS
 
     def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
         rc = super().loop_read(max_packets)

@@ -26,7 +26,7 @@ from tether.protocol.client import ControllerClient
 from tether.protocol.commands import DevicesList
 from tether.protocol.errors import RequestTimeout
 from tether.protocol.models import Reply
-from tether.protocol.mqtt import RECV_SIZE, BrokerAddress, MqttClient
+from tether.protocol.mqtt import MAX_INFLIGHT, RECV_SIZE, BrokerAddress, MqttClient
 from tether.protocol.transport import Will
 
 
@@ -275,10 +275,10 @@ def counting_fast_path(c: MqttClient) -> list[int]:
     counts: list[int] = []
     plain = c._paho._read_publishes
 
-    def counting(deliver: Callable[[str, bytes, bool], None]) -> int:
-        n = plain(deliver)
+    def counting(deliver: Callable[[str, bytes, bool], None]) -> tuple[int, object]:
+        n, rc = plain(deliver)
         counts.append(n)
-        return n
+        return n, rc
 
     c._paho._read_publishes = counting  # type: ignore[method-assign]
     return counts
@@ -351,6 +351,7 @@ class ScriptedBroker:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.acks: list[int] = []
+        self.published: list[tuple[int, bytes]] = []
         self.lock = threading.Lock()
         self.conn: socket.socket | None = None
         threading.Thread(target=self._serve, daemon=True).start()
@@ -384,8 +385,16 @@ class ScriptedBroker:
                 elif header & 0xF0 == 0x40:  # PUBACK
                     with self.lock:
                         self.acks.append(int.from_bytes(body, "big"))
+                elif header & 0xF0 == 0x30:  # PUBLISH (QoS 1 in these tests): packet id, payload
+                    at = 2 + int.from_bytes(body[:2], "big")
+                    with self.lock:
+                        self.published.append((int.from_bytes(body[at : at + 2], "big"), body[at + 2 :]))
         except (EOFError, OSError):
             pass
+
+    def received(self) -> list[tuple[int, bytes]]:
+        with self.lock:
+            return list(self.published)
 
     def acked(self) -> list[int]:
         with self.lock:
@@ -475,6 +484,55 @@ def test_publishes_cut_anywhere_across_reads_arrive_exactly_and_are_acknowledged
         assert set(delivered_acks) < set(acks)
         assert sum(fast) > 0, "the fast path read nothing"
         assert c.connected
+    finally:
+        c.stop()
+        peer.close()
+
+
+def test_acknowledgements_cut_across_reads_complete_publishes_and_refill_the_inflight_window() -> None:
+    """PUBACKs for the client's QoS 1 messages, in pieces cut anywhere and mixed with incoming
+    PUBLISH packets, mark exactly those messages published and let the queued ones go: never
+    more than MAX_INFLIGHT unacknowledged, every message sent once and in order."""
+    peer = ScriptedBroker()
+    delivered: list[tuple[str, bytes, bool]] = []
+    c = MqttClient(
+        [BrokerAddress("127.0.0.1", peer.port)],
+        "acks",
+        on_message=lambda t, p, r: delivered.append((t, p, r)),
+    )
+    fast = counting_fast_path(c)
+    try:
+        c.connect(10)
+        total = MAX_INFLIGHT + 500
+        checks = [c.publish_tracked("out/x", f"{i}".encode(), qos=1) for i in range(total)]
+        assert all(check is not None for check in checks)
+        wait_until(lambda: len(peer.received()) >= MAX_INFLIGHT, 10, message="the first window")
+        assert len(peer.received()) == MAX_INFLIGHT  # the rest waits for acknowledgements
+        acked = 0
+        incoming = 0
+        while acked < total:
+            sent = peer.received()
+            window = [pid for pid, _ in sent[acked:]]
+            assert len(window) <= MAX_INFLIGHT
+            batch = window[:300]
+            stream = b"".join(b"\x40\x02" + pid.to_bytes(2, "big") for pid in batch)
+            stream += _publish_packet(b"in/y", f"{incoming}".encode(), 0)
+            incoming += 1
+            for cut in (3, 6, len(stream) // 2 + 1):  # inside a PUBACK's packet id and length
+                peer.send(stream[:cut])
+                stream = stream[cut:]
+            peer.send(stream)
+            acked += len(batch)
+            wait_until(lambda n=incoming: len(delivered) == n, 10, message="the incoming message")  # type: ignore[misc]
+            assert all(check() for check in checks[:acked])  # type: ignore[misc]
+            assert not any(check() for check in checks[acked:])  # type: ignore[misc]
+            if acked < total:
+                want = min(total, acked + MAX_INFLIGHT)
+                wait_until(lambda want=want: len(peer.received()) >= want, 10, message="refill")  # type: ignore[misc]
+        assert [p for _, p in peer.received()] == [f"{i}".encode() for i in range(total)]
+        assert len({pid for pid, _ in peer.received()}) == total
+        assert delivered == [("in/y", f"{i}".encode(), False) for i in range(incoming)]
+        assert sum(fast) > 0 and c.connected
     finally:
         c.stop()
         peer.close()

@@ -1,15 +1,18 @@
-"""The MQTT client's receive path: CPU of its thread per message received (issue 21).
+"""The MQTT client's CPU per message received and per message published (issue 21).
 
-What a controller's client does while a fleet reports: Mosquitto delivers N QoS 1
+Received: what a controller's client does while a fleet reports. Mosquitto delivers N QoS 1
 messages (a device's report topic, ~480 bytes) published by a raw socket as fast as it
 can write them, and :class:`tether.protocol.mqtt.MqttClient` reads, parses,
 acknowledges and hands each to a queue as the controller does. Only the client thread's
 own CPU time is counted (the publisher and the consumer are other threads), so it is the
 benchmark to compare two versions of ``protocol/mqtt.py`` with, alternated: the figure
 varies with how many messages each ``recv`` brings (Mosquitto's inflight window of 20
-and the machine's load).
+and the machine's load). Published: the same client publishes N retained QoS 1 messages
+(a deploy's desired states) at once (``publish_many``); the client thread's CPU until
+every one is acknowledged (writing them, reading the PUBACKs, refilling the inflight
+window of :data:`~tether.protocol.mqtt.MAX_INFLIGHT`) and the caller's are counted.
 
-    .venv/bin/python bench/mqtt_receive.py --messages 30000 --runs 3
+    .venv/bin/python bench/mqtt_client_cpu.py --messages 30000 --runs 3
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.sim.mqtt import connect_packet, publish_packet
 
 
-def one_run(port: int, messages: int) -> float:
-    """Seconds of the client thread's CPU to receive ``messages``."""
+def one_run(port: int, messages: int) -> tuple[float, float, float]:
+    """Seconds of the client thread's CPU to receive ``messages``, then its and the caller's
+    to publish as many."""
     inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
     receiver = MqttClient(
         [BrokerAddress("127.0.0.1", port)], "bench-receiver", on_message=lambda t, p, r: inbox.put((t, p))
@@ -60,7 +64,12 @@ def one_run(port: int, messages: int) -> float:
         sender.sendall(data)
         for _ in range(messages):
             inbox.get(timeout=60)
-        return time.clock_gettime(clock) - start
+        received = time.clock_gettime(clock) - start
+        batch = [(f"tether/v1/devices/device-{i:05d}/desired", payload, 1, True) for i in range(messages)]
+        start, caller = time.clock_gettime(clock), time.thread_time()
+        if not all(receiver.publish_many(batch, timeout=120)):
+            raise RuntimeError("not every message published was acknowledged")
+        return received, time.clock_gettime(clock) - start, time.thread_time() - caller
     finally:
         sender.close()
         receiver.stop()
@@ -74,18 +83,24 @@ def main() -> None:
     args = parser.parse_args()
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp)) as broker:
-        per_message = []
+        figures: dict[str, list[float]] = {"received_us": [], "published_us": [], "publish_caller_us": []}
         for run in range(args.runs):
-            cpu = one_run(broker.port, args.messages)
-            per_message.append(cpu / args.messages * 1e6)
-            log(f"run {run + 1}: {cpu:.3f} s, {per_message[-1]:.1f} us per message")
+            for key, cpu in zip(figures, one_run(broker.port, args.messages), strict=True):
+                figures[key].append(cpu / args.messages * 1e6)
+            log(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in figures.items()))
+    labels = {
+        "received_us": "received: client thread CPU per message",
+        "published_us": "published: client thread CPU per message",
+        "publish_caller_us": "published: the caller's CPU per message",
+    }
     rows = [
         Row("messages per run (QoS 1, ~480 bytes)", args.messages),
         Row("load average, start / end", f"{load_start:.2f} / {load_average():.2f}"),
-        Row("client thread CPU per message, median", rnd(statistics.median(per_message), 2), " us"),
-        Row("client thread CPU per message, runs", " / ".join(f"{v:.1f}" for v in per_message), " us"),
     ]
-    report("mqtt_receive", "MQTT client receive path", rows, {"per_message_us": per_message}, args.json)
+    for key, values in figures.items():
+        rows.append(Row(f"{labels[key]}, median", rnd(statistics.median(values), 2), " us"))
+        rows.append(Row(f"{labels[key]}, runs", " / ".join(f"{v:.1f}" for v in values), " us"))
+    report("mqtt_client_cpu", "MQTT client CPU per message", rows, figures, args.json)
 
 
 if __name__ == "__main__":
