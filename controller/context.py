@@ -85,9 +85,13 @@ class Context:
     def sync(self, device_ids: set[str] | None = None) -> None:
         """Recompute desired states (of ``device_ids``, or all) in a transaction of its own,
         then publish what changed."""
+        self.sync_now(device_ids)
+        self.publisher.publish_pending(device_ids)
+
+    def sync_now(self, device_ids: set[str] | None = None) -> None:
+        """Recompute desired states (of ``device_ids``, or all) in a transaction of its own."""
         with self.store.transaction():
             self.scheduler.recompute(device_ids)
-        self.publisher.publish_pending(device_ids)
 
 
 def require(value: T | None, what: str, key: object, hint: str = "") -> T:

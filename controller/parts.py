@@ -54,6 +54,7 @@ def build_context(
     access = BrokerAccess(table)
     events = DueEvents(clock)
     scheduler = Scheduler(store, clock=clock, leading=leading, variables=variables, registries=registries)
+    context: Context  # the publisher and the deployer sync through it, once built
     publisher = Publisher(
         store,
         clock=clock,
@@ -63,8 +64,8 @@ def build_context(
         leading=leading,
         fleet_view=scheduler.fleet_view,
         busy=busy,
+        recompute=lambda: context.sync_now(),
     )
-    context: Context  # the deployer syncs through it, once built
     deployer = Deployer(
         store, clock=clock, scheduler=scheduler, sync=lambda: context.sync(), note=events.deployment
     )

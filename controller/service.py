@@ -197,6 +197,7 @@ class Controller:
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
         self._session_known = False
+        self._resync = False  # see _become_leader
         self._request_qos = 1
 
     # --- lifecycle ---
@@ -270,6 +271,7 @@ class Controller:
         self.context.scheduler.forget()  # and the devices
         self.context.deployer.forget()  # and the deployments' devices
         self.context.publisher.lead()  # and what was published, when, and which events are stored
+        self._resync = True  # every desired state recomputed at the first connection (see _dispatch)
         self.leading.set()
         log.info("this controller leads")
         if self.client.connected:
@@ -480,6 +482,14 @@ class Controller:
                 if lost:
                     log.warning("the broker lost our session (restarted without persistence?): republishing")
                     self.store.mark_all_unpublished()
+                if self._resync:
+                    # A deploy answered just before the last leader stopped may not have had
+                    # its desired states recomputed yet (Publisher.recompute_later): now they are.
+                    self._resync = False
+                    try:
+                        self.context.sync_now()
+                    except Exception:
+                        log.exception("failed to schedule every device on taking the lead")
                 self.ingestor.connected(lost)
                 self.context.publisher.reconnected(self.client is None or self.client.session_present)
                 self.publish_pending()
@@ -540,6 +550,7 @@ class Controller:
         self._calls.put((fn, future))
         if self._thread is None:
             self._run_call()
+            self._publish_deferred()
         else:
             self.inbox.put((_CALL, b""))
         return future

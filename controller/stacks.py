@@ -108,7 +108,8 @@ def stacks_deploy(ctx: Context, cmd: StacksDeploy) -> StackDeployed:
             if new_version:
                 from_hash = existing.spec_hash if existing is not None else None
                 deployment = ctx.deployer.start(stack, from_hash, cmd.strategy)
-            ctx.scheduler.recompute()
+            if not ctx.publisher.recompute_later():  # answering a request: once the reply is sent
+                ctx.scheduler.recompute()
         ctx.publisher.publish_pending()
     else:
         stack = existing  # type: ignore[assignment]

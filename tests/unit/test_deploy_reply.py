@@ -1,0 +1,79 @@
+"""A deploy request is answered once its stack and deployment are stored; desired states follow
+the reply, and a controller that takes the lead recomputes them (a crash in between loses nothing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support.fleet import WEB, desired, online
+from support.recording import Clock, RecordingPublisher
+from tether.controller.service import Controller
+from tether.controller.store import Store
+from tether.controller.variables import SecretsKey
+from tether.protocol import codec, topics
+from tether.protocol.commands import GroupsCreate, StacksDeploy
+from tether.protocol.models import Reply, Request
+
+
+def _deploy(controller: Controller) -> None:
+    """Stack web to group edge, as a CLI's request over MQTT."""
+    command = StacksDeploy(name="web", group="edge", compose=WEB).model_dump(mode="json")
+    request = Request(id="r-1", reply_to=topics.replies("cli-1"), command=command)
+    controller.handle(topics.REQUESTS, codec.encode(request))
+
+
+def test_desired_states_are_recomputed_and_published_after_the_reply(
+    controller: Controller, publisher: RecordingPublisher
+) -> None:
+    """The reply comes before any desired state is published, every device of the group has
+    its desired state stored and published once the request is handled."""
+    controller.execute(GroupsCreate(name="edge", devices=("d-1", "d-2")))
+    for device_id in ("d-1", "d-2"):
+        online(controller, device_id)
+    start = len(publisher.published)
+    _deploy(controller)
+    published = publisher.topics()[start:]
+    reply = published.index(topics.replies("cli-1"))
+    assert codec.decode(publisher.published[start + reply][1], Reply).ok
+    firsts = [published.index(topics.device(d, topics.DeviceTopic.DESIRED)) for d in ("d-1", "d-2")]
+    assert all(i > reply for i in firsts)
+    stack = controller.store.get_stack("web")
+    assert stack is not None
+    for device_id in ("d-1", "d-2"):
+        record = controller.store.get_desired(device_id)
+        assert record is not None and [r.spec_hash for r in record.stacks] == [stack.spec_hash]
+        state = desired(publisher, device_id)
+        assert state is not None and state.generation == record.generation
+
+
+def test_a_crash_after_the_reply_still_rolls_the_deploy_out(
+    tmp_path: Path, store: Store, publisher: RecordingPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The controller stops between its reply and the recompute (it fails there): the deploy is
+    stored and answered, no desired state yet; the next controller to lead on that store
+    recomputes every device's at its first connection and publishes them."""
+    secrets = SecretsKey.load_or_create(tmp_path)
+    first = Controller(store, clock=Clock(), secrets=secrets)
+    first.client = publisher  # type: ignore[assignment]
+    first.leading.set()
+    first.execute(GroupsCreate(name="edge", devices=("d-1",)))
+    online(first, "d-1")
+    monkeypatch.setattr(first.context.scheduler, "recompute", lambda device_ids=None: 1 / 0)  # stops there
+    _deploy(first)
+    reply = [p for t, p, _ in publisher.published if t == topics.replies("cli-1")]
+    assert len(reply) == 1 and codec.decode(reply[0], Reply).ok
+    assert store.get_stack("web") is not None and store.latest_deployments()["web"].stack == "web"
+    assert store.get_desired("d-1") is None and desired(publisher, "d-1") is None
+
+    after = RecordingPublisher()
+    second = Controller(store, clock=Clock(), secrets=secrets)
+    second.client = after  # type: ignore[assignment]
+    second._become_leader()
+    second.handle("\x00connected", b"")  # its first connection (as the inbox hands it over)
+    record = store.get_desired("d-1")
+    stack = store.get_stack("web")
+    assert record is not None and stack is not None
+    assert [r.spec_hash for r in record.stacks] == [stack.spec_hash]
+    state = desired(after, "d-1")
+    assert state is not None and state.generation == record.generation
