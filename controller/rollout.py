@@ -435,21 +435,26 @@ def _next(
 
 def _wake(r: DeviceRollout, strategy: Strategy) -> float:
     """The earliest time at which :func:`_next` could change ``r`` with the same observation:
-    its deadlines (download, healthy) and the end of its healthy timer; ``inf`` for a device
+    its deadline (download, healthy) or the end of its healthy timer; ``inf`` for a device
     whose entry only an observation changes. Never later than the real change (earlier is
     harmless: the device is judged again, as a full step would)."""
-    wake = _NEVER
-    if r.state in ("downloading", "updating", "staging") and r.moved_at is not None:
-        wake = r.moved_at + strategy.download_deadline_s
-    if r.state in MOVING:
+    state = r.state
+    if state == "updating":  # unchanged: no download under way (else it would be downloading)
+        start = r.ready_at if r.ready_at is not None else r.moved_at
+        wake = start + strategy.healthy_deadline_s if start is not None else _NEVER
         if r.healthy_since is not None:
             wake = min(wake, r.healthy_since + strategy.min_healthy_time_s)
-        start = r.ready_at if r.ready_at is not None else r.moved_at
-        if start is not None:
-            wake = min(wake, start + strategy.healthy_deadline_s)
-    return wake - _EARLY if wake != _NEVER else wake
+    elif state in ("downloading", "staging") and r.moved_at is not None:
+        wake = r.moved_at + strategy.download_deadline_s  # unchanged: still downloading
+    else:
+        return _NEVER
+    return wake - _EARLY
 
 
+MASS_SHARE = 0.5
+"""The share of a group to judge above which :func:`step_changed` judges it all."""
+_TIMED = ("updating", "downloading", "staging")
+"""The states :func:`_wake` may give a time for."""
 _NEVER = float("inf")
 _EARLY = 0.001
 """Seconds before a deadline its device is judged again: a deadline compared by subtraction
@@ -461,9 +466,9 @@ class Progress:
     """What :func:`step_changed` keeps of one deployment between its steps. Pure data.
 
     Valid for ``deployment`` (the very object the last step returned) and ``members`` (the
-    very list it was given): any other deployment (an operator's pause, promote, switch, a
-    new deployment, one another controller wrote, a controller that just started or took
-    the lease) or group gets a full judgement and a new one."""
+    list it was given, or an equal one): any other deployment (an operator's pause,
+    promote, switch, a new deployment, one another controller wrote, a controller that just
+    started or took the lease) or group gets a full judgement and a new one."""
 
     deployment: Deployment
     members: Sequence[str]
@@ -487,16 +492,20 @@ def _progress(before: Deployment, dep: Deployment, members: Sequence[str], now: 
     counts: dict[str, int] = {}
     failed = set()
     due = {}
+    strategy = dep.strategy
     for d, r in dep.devices.items():
-        counts[r.state] = counts.get(r.state, 0) + 1
-        if r.state == "failed":
+        state = r.state
+        counts[state] = counts.get(state, 0) + 1
+        if state in _TIMED:
+            wake = _wake(r, strategy)
+            if wake != _NEVER:
+                due[d] = wake
+        elif state == "failed":
             failed.add(d)
-        wake = _wake(r, dep.strategy)
-        if wake != _NEVER:
-            due[d] = wake
     wakes = [(t, d) for d, t in due.items()]
     heapq.heapify(wakes)
-    recheck = {d for d, r in dep.devices.items() if before.devices.get(d) is not r}
+    old = before.devices
+    recheck = set() if before is dep else {d for d, r in dep.devices.items() if old.get(d) is not r}
     return Progress(dep, members, now, counts, failed, wakes, due, recheck)
 
 
@@ -507,6 +516,8 @@ def step_changed(
     observed: Mapping[str, Observation],
     changed: Iterable[str] | None,
     now: float,
+    *,
+    mass: float = MASS_SHARE,
 ) -> tuple[Deployment, Progress]:
     """:func:`step`'s result, judging only the devices whose observation changed (``changed``:
     every device whose observation is not the very object of the last step; None: unknown),
@@ -518,13 +529,14 @@ def step_changed(
     runs about every second while devices report). Judged in full, as :func:`step` does,
     where what was kept may not hold: the first step (no progress: a new deployment, a
     controller that just started or took the lease over), a deployment not the one the
-    last step returned (changed by an operator or another controller), another members list
-    (the group changed), observations all made again (``changed`` None), or the clock
-    going back. tests/unit/test_rollout_incremental.py compares both on random runs."""
+    last step returned (changed by an operator or another controller), other members (the
+    group changed; an equal list is compared at C speed), observations all made again (``changed`` None), or the clock
+    going back; and where more than ``mass`` of the group is to be judged anyway (cheaper).
+    tests/unit/test_rollout_incremental.py compares both on random runs."""
     if (
         progress is None
         or progress.deployment is not dep
-        or progress.members is not members
+        or (progress.members is not members and progress.members != members)
         or changed is None
         or now < progress.now
         or not dep.active
@@ -539,6 +551,11 @@ def step_changed(
         if due.get(d) == t:
             del due[d]
             todo.add(d)
+    if len(todo) > mass * len(dep.devices):
+        # Most of the group to judge (every device moved, or its timers ended, at once): the
+        # full judgement and a new Progress cost less than the bookkeeping device by device.
+        nxt = step(dep, members, observed, now)
+        return nxt, _progress(dep, nxt, members, now)
     staging = dep.strategy.stage_only and not dep.switched
     unknown = Observation(online=False)
     devices = dep.devices  # copied once an entry changes
@@ -548,19 +565,23 @@ def step_changed(
         if r is None:
             continue  # not (or no longer) in the deployment
         new = _next(r, observed.get(d, unknown), staging, dep.to_hash, dep.strategy, now)
+        if new is r:
+            if d in due:
+                continue  # its wake stands (a wake depends on the entry alone)
+        else:
+            if devices is dep.devices:
+                devices = dict(devices)
+            devices[d] = new
+            touched.add(d)
+            _count(counts, failed, d, r, new)
         wake = _wake(new, dep.strategy)
+        if wake == due.get(d):
+            continue  # its heap entry stands
         if wake != _NEVER:
             due[d] = wake
             heapq.heappush(wakes, (wake, d))
         else:
             due.pop(d, None)
-        if new is r:
-            continue
-        if devices is dep.devices:
-            devices = dict(devices)
-        devices[d] = new
-        touched.add(d)
-        _count(counts, failed, d, r, new)
     moved: list[str] = []
     nxt = _step_state(dep, devices, staging, now, counts, min(failed) if failed else None, moved)
     for d in moved:
@@ -580,7 +601,8 @@ def step_changed(
         and nxt.message == dep.message
     ):
         nxt = dep  # nothing moved: step() returns dep itself too
-    progress.deployment, progress.now, progress.recheck, progress.changed = nxt, now, touched, touched
+    progress.deployment, progress.members, progress.now = nxt, members, now
+    progress.recheck = progress.changed = touched
     return nxt, progress
 
 

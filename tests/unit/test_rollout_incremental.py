@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tether.controller.rollout import (
+    MASS_SHARE,
     Deployment,
     Observation,
     Progress,
@@ -38,6 +39,8 @@ class Case:
     rounds: list[tuple[float, dict[str, Shown], str, frozenset[str]]]
     """Per round: seconds passed, what each device shows, an operator action, devices said
     changed though they did not (a caller may say too many, never too few)."""
+    mass: float
+    """step_changed's share of the group above which it judges all (inf: never, in most runs)."""
 
 
 @st.composite
@@ -77,7 +80,8 @@ def cases(draw: st.DrawFn) -> Case:
                 frozenset(draw(st.lists(st.sampled_from(devices), max_size=2))),
             )
         )
-    return Case(devices, strategy, draw(st.integers(0, 4)) == 0, rounds)
+    mass = draw(st.sampled_from([float("inf")] * 3 + [MASS_SHARE]))
+    return Case(devices, strategy, draw(st.integers(0, 4)) == 0, rounds, mass)
 
 
 def observation(shown: Shown, restarts: int) -> Observation:
@@ -154,7 +158,7 @@ def test_an_incremental_step_gives_what_a_full_judgement_gives(case: Case) -> No
         acted_full, acted_inc = act(full, action, now), act(inc, action, now)
         assert acted_full == acted_inc
         want = step(acted_full, members, observed, now)
-        got, progress = step_changed(progress, acted_inc, members, observed, changed, now)
+        got, progress = step_changed(progress, acted_inc, members, observed, changed, now, mass=case.mass)
         assert got == want, f"at {now}: {got.devices} != {want.devices}"
         assert got.model_dump_json() == want.model_dump_json()
         assert (got is acted_inc) == (want is acted_full), "one says nothing changed, the other not"
