@@ -226,6 +226,20 @@ _PARTS: MadeOf[StackParts] = MadeOf(
 """:func:`_stack_parts` of each stack status seen lately."""
 
 
+_SUMMARIES: dict[ReportSummary, ReportSummary] = {}
+"""One of each equal summary kept (a fleet's devices mostly report alike: 136 bytes per device)."""
+
+
+def _shared_summary(summary: ReportSummary) -> ReportSummary:
+    """The one kept :class:`ReportSummary` equal to ``summary`` (frozen, so shared safely)."""
+    shared = _SUMMARIES.get(summary)
+    if shared is None:
+        if len(_SUMMARIES) >= 4096:  # bounded: generations and versions come and go
+            _SUMMARIES.clear()
+        shared = _SUMMARIES[summary] = summary
+    return shared
+
+
 @dataclass(frozen=True, slots=True)
 class ReportSummary:
     """What of a report events are about (kept per device by the controller: small)."""
@@ -246,14 +260,16 @@ class ReportSummary:
         parts = [_stack_parts(n, s) for n, s in reported.stacks.items()]
         stacks = tuple(sorted(p[0] for p in parts))
         failing = tuple(sorted(f for p in parts for f in p[1]))
-        return cls(
-            reported.generation,
-            reported.held,
-            clip(reported.error),
-            clip(reported.storage_error),
-            stacks,
-            failing,
-            _stuck(reported.downloads),
+        return _shared_summary(
+            cls(
+                reported.generation,
+                reported.held,
+                clip(reported.error),
+                clip(reported.storage_error),
+                stacks,
+                failing,
+                _stuck(reported.downloads),
+            )
         )
 
     @classmethod

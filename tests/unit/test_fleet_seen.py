@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tether.controller.fleet import Seen
+from tether.controller.fleet_events import ReportSummary
 from tether.controller.models import Device, Group, Stack
 from tether.controller.rollout import Observation
 from tether.controller.scheduler import desired_stacks
@@ -56,3 +57,16 @@ def test_devices_of_one_stack_share_its_desired_tuple() -> None:
     assert one["d1"] is one["d2"] and [r.spec_hash for r in one["d1"]] == [V1]
     two = desired_stacks(stacks, {"g": group}, {"d1": Attributes()})
     assert [r.name for r in two["d1"]] == ["db", "web"]
+
+
+def test_equal_report_summaries_are_one_object() -> None:
+    """Devices reporting alike keep one event summary between them; another generation, another."""
+
+    def summary(device_id: str, generation: int) -> ReportSummary:
+        status = StackStatus(spec_hash=V1, state="running", services={"web": ServiceStatus(state="running")})
+        return ReportSummary.of(
+            ReportedState(device_id=device_id, generation=generation, stacks={"app": status})
+        )
+
+    assert summary("d1", 3) is summary("d2", 3)
+    assert summary("d3", 4) is not summary("d1", 3) and summary("d3", 4).generation == 4
