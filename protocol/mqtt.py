@@ -156,6 +156,11 @@ class _Paho(paho.Client):
             if self._rpos < len(self._rbuf):
                 count, rc = self._read_publishes(self.deliver)
                 if count:
+                    if rc == paho.MQTT_ERR_SUCCESS and self._rpos >= len(self._rbuf):
+                        # A whole read handled: the loop writes (PUBACKs, replies) before it
+                        # reads again. paho's loop_read would read on, up to one packet per
+                        # message in flight, each a buffer's worth here.
+                        return paho.MQTT_ERR_AGAIN
                     return rc
         return super()._packet_read()
 
