@@ -176,3 +176,10 @@ def test_mqtt_client_cpu(tmp_path: Path) -> None:
     data = bench(tmp_path, "mqtt_client_cpu", "--messages", "300", "--runs", "2", timeout=60)
     for key in ("received_us", "published_us", "publish_caller_us"):
         assert len(data[key]) == 2 and all(v > 0 for v in data[key])
+
+
+def test_deployment_step(tmp_path: Path) -> None:
+    """One deployment step timed at each share of devices changed; the deployment still running."""
+    data = bench(tmp_path, "deployment_step", "--devices", "40", "--reps", "2")
+    assert [s["devices_changed"] for s in data["shares"]] == [0, 0, 4, 40]
+    assert data["deployment"] == "running" and all(s["ms_converging"] > 0 for s in data["shares"])
