@@ -8,7 +8,7 @@ device reports it running, and one step starts every healthy timer. Then, for 0 
 10 % and 100 % of the devices, those devices' reports are ingested (the worker's own
 steps held back) and one step is timed (process CPU), alternately a ``converging`` report
 (their healthy timers stop: entries change and the deployment is stored) and a
-``running`` one. End to end a step runs about every second while devices report, each
+``running`` one from the next devices (running already: no entry changes). End to end a step runs about every second while devices report, each
 seeing a fraction of the group changed: that is what this measures.
 """
 
