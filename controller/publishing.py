@@ -92,6 +92,7 @@ class Publisher:
         """Answering a request: publish_pending only notes what to publish (see Controller._answer)."""
         self._recompute = recompute
         self._recompute_all = False  # see recompute_later
+        self._recompute_failed = False  # see retry_recompute
         self._published_gen: dict[str, int] | None = (
             None  # per device, the generation the broker acknowledged
         )
@@ -426,6 +427,14 @@ class Publisher:
         self._recompute_all = True
         return True
 
+    def retry_recompute(self) -> None:
+        """From the tick (once a second, not after every message: a recompute that keeps failing
+        must not starve the worker): a recompute after a reply that failed (a store error) is
+        tried again until it succeeds, so an answered deploy still reaches its devices."""
+        if self._recompute_failed:
+            self._recompute_all = True
+            self.publish_deferred()
+
     def publish_deferred(self) -> None:
         """Publish what a request or a batch of device messages left to publish (committed now)."""
         if self._recompute_all:
@@ -433,8 +442,11 @@ class Publisher:
             self._publish_all = True
             try:
                 self._recompute()
-            except Exception:  # the next change that recomputes, or the next leader, does it
-                log.exception("failed to schedule every device after a request")
+            except Exception:  # retried by the tick (retry_recompute), or done by the next leader
+                self._recompute_failed = True
+                log.exception("failed to schedule every device after a request: retrying every second")
+            else:
+                self._recompute_failed = False
         if self._publish_after or self._publish_all:
             device_ids, self._publish_after = self._publish_after, set()
             publish_all, self._publish_all = self._publish_all, False

@@ -428,6 +428,7 @@ class Controller:
         except Exception:
             log.exception("webhooks: failed to send")
         self.publish_acks()
+        self.context.publisher.retry_recompute()
         self.advance_deployments(force=False)
         if time.monotonic() >= self._next_repair:
             # A pass looks at every device: every BEHIND_CHECK seconds, not every tick

@@ -77,3 +77,27 @@ def test_a_crash_after_the_reply_still_rolls_the_deploy_out(
     assert [r.spec_hash for r in record.stacks] == [stack.spec_hash]
     state = desired(after, "d-1")
     assert state is not None and state.generation == record.generation
+
+
+def test_a_failed_recompute_after_the_reply_is_retried_by_the_tick(
+    controller: Controller, publisher: RecordingPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recompute after an answered deploy fails once (a store error) while the controller
+    keeps leading: no desired state yet; the next tick tries again and the device gets it."""
+    controller.execute(GroupsCreate(name="edge", devices=("d-1",)))
+    online(controller, "d-1")
+    scheduler = controller.context.scheduler
+    real = scheduler.recompute
+    monkeypatch.setattr(scheduler, "recompute", lambda device_ids=None: 1 / 0)
+    _deploy(controller)
+    assert controller.store.get_desired("d-1") is None and desired(publisher, "d-1") is None
+    controller.tick()  # still failing: nothing yet, and it is not forgotten
+    assert controller.store.get_desired("d-1") is None
+    monkeypatch.setattr(scheduler, "recompute", real)
+    controller.tick()
+    record = controller.store.get_desired("d-1")
+    stack = controller.store.get_stack("web")
+    assert record is not None and stack is not None
+    assert [r.spec_hash for r in record.stacks] == [stack.spec_hash]
+    state = desired(publisher, "d-1")
+    assert state is not None and state.generation == record.generation
