@@ -6,8 +6,10 @@ Credentials, revocation and removal are in :mod:`.security`; the waiting room in
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from tether.protocol.commands import DevicesLabel, DevicesList, DevicesMetrics, DevicesShow, DevicesTop
 from tether.protocol.errors import NotFoundError
@@ -105,19 +107,65 @@ def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
     )
     if not paged:
         return DeviceList(devices=[device_view(ctx.store, d) for d in all_devices(ctx.store).values()])
-    # Reported states are most of what reading a device costs: read them only to filter by
-    # stack state, and otherwise for the page's devices alone.
-    devices = all_devices(ctx.store, reported=cmd.state is not None)
-    found = list(devices.values())
+    if cmd.state is not None:  # reported states change with every report: filter afresh
+        return _stacks_page(ctx, cmd)
     if cmd.group is not None:
-        group = require(ctx.store.get_group(cmd.group), "group", cmd.group)
+        require(ctx.store.get_group(cmd.group), "group", cmd.group)
+    # What the filters select over the whole fleet, once per listing: every page after the
+    # first (until the next write to devices, groups or desired states) is a bisection and
+    # the page's own rows.
+    listing = ctx.store.memo(
+        ("devices.ls", cmd.group, cmd.search, cmd.presence), lambda: _listing(ctx.store, cmd)
+    )
+    start = 0 if cmd.after is None else bisect_right(listing.ids, cmd.after)
+    limit = len(listing.ids) - start if cmd.limit is None else cmd.limit
+    page = listing.ids[start : start + limit]
+    return DeviceList(
+        devices=[device_view(ctx.store, ctx.store.get_device(d) or Device(id=d)) for d in page],
+        matched=len(listing.ids),
+        total=listing.total,
+        by_presence=listing.by_presence,
+        next=page[-1] if len(listing.ids) - start > limit and page else None,
+    )
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """What ``devices.ls`` filters select: the matching ids in order, and the reply's counts."""
+
+    ids: list[str]
+    total: int
+    by_presence: dict[str, int]
+
+
+def _listing(store: Store, cmd: DevicesList) -> _Listing:
+    """The devices matching ``cmd``'s group, search and presence (without reported states)."""
+    devices = all_devices(store, reported=False)
+    found = _filtered(store, cmd, list(devices.values()))
+    by_presence = Counter(d.status for d in found)
+    if cmd.presence is not None:
+        found = [d for d in found if d.status == cmd.presence]
+    return _Listing([d.id for d in found], len(devices), dict(sorted(by_presence.items())))
+
+
+def _filtered(store: Store, cmd: DevicesList, found: list[Device]) -> list[Device]:
+    """``found`` in ``cmd``'s group and matching its search."""
+    if cmd.group is not None:
+        group = require(store.get_group(cmd.group), "group", cmd.group)
         wanted = set(members(group, {d.id: d.attributes() for d in found}))
         found = [d for d in found if d.id in wanted]
     if cmd.search:
         found = [d for d in found if _searched(d, cmd.search)]
+    return found
+
+
+def _stacks_page(ctx: Context, cmd: DevicesList) -> DeviceList:
+    """A page filtered by stack state: reads every device's reported state."""
+    devices = all_devices(ctx.store, reported=True)
+    found = _filtered(ctx.store, cmd, list(devices.values()))
     if cmd.state == "none":
         found = [d for d in found if not (d.reported and d.reported.stacks)]
-    elif cmd.state is not None:
+    else:
         state = cmd.state
         found = [d for d in found if d.reported and any(s.state == state for s in d.reported.stacks.values())]
     by_presence = Counter(d.status for d in found)
@@ -126,8 +174,6 @@ def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
     after = [d for d in found if cmd.after is None or d.id > cmd.after]
     limit = len(after) if cmd.limit is None else cmd.limit
     page = after[:limit]
-    if cmd.state is None:  # read the page's reported states now
-        page = [ctx.store.get_device(d.id) or d for d in page]
     return DeviceList(
         devices=[device_view(ctx.store, d) for d in page],
         matched=len(found),

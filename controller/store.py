@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from pydantic import BaseModel
 from tether.protocol.credentials import Credential
@@ -203,6 +203,7 @@ MIGRATION_LOCK = 0x7E7E_0001
 
 
 M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
 
 
 class _Parsed(Generic[M]):
@@ -313,6 +314,11 @@ class Store:
         """Per device, the generation of the reported state this store wrote last (committed or in
         the open transaction; forgotten with a rollback): a report's first check reads no row."""
         self._devices = _Parsed(lambda body, _: Device.model_validate_json(body))
+        self._memo: dict[Hashable, Any] = {}  # see memo
+        self.sole_writer = self.kind == "sqlite"
+        """Only this process writes the database (SQLite: one controller per file, see
+        :mod:`.lease`); with PostgreSQL, other controllers (``--ha``) may, so :meth:`memo`
+        keeps nothing."""
         self._desired = _Parsed(self._parse_desired)
         self._deployments = _Parsed(lambda body, _: Deployment.model_validate_json(body))
         self._stacks = _Parsed(lambda body, _: Stack.model_validate_json(body))
@@ -358,6 +364,7 @@ class Store:
             except BaseException:
                 self._devices_written = None
                 self._generations = {}
+                self._memo.clear()
                 self.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
                 self.db.execute(f"RELEASE SAVEPOINT {name}")
                 raise
@@ -373,6 +380,7 @@ class Store:
         except BaseException:
             self._devices_written = None  # what was read inside may be gone: anything may have changed
             self._generations = {}
+            self._memo.clear()
             self.db.execute("ROLLBACK")
             raise
         else:
@@ -392,7 +400,21 @@ class Store:
     def _all(self, table: str, key: str) -> list[str]:
         return [r[0] for r in self.db.execute(f"SELECT body FROM {table} ORDER BY {key}")]
 
+    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """``compute()``, kept until this store next writes a device, group or desired state
+        (or rolls back): what a listing computes over the whole fleet, once per listing
+        instead of once per page. Only while this process is the :attr:`sole_writer`."""
+        if not self.sole_writer:
+            return compute()
+        if key not in self._memo:
+            if len(self._memo) >= 16:  # e.g. a search typed letter by letter
+                self._memo.clear()
+            self._memo[key] = compute()
+        return cast(T, self._memo[key])
+
     def _put(self, table: str, key: str, value: str, body: str) -> None:
+        if table in ("devices", "groups"):
+            self._memo.clear()
         self.db.execute(
             f"INSERT INTO {table} ({key}, body) VALUES (?, ?) ON CONFLICT({key}) DO UPDATE SET body = excluded.body",
             (value, body),
@@ -507,6 +529,7 @@ class Store:
     def forget_device(self, device_id: str) -> None:
         """Delete the device's record, desired state, events, job results, enrollment and the
         variables scoped to it."""
+        self._memo.clear()
         for table, key in (("devices", "id"), ("reported", "device_id"), ("desired", "device_id"),
                            ("events", "device_id"), ("job_results", "device_id"),
                            ("enrollments", "device_id"), ("dropped", "device_id")):  # fmt: skip
@@ -534,6 +557,7 @@ class Store:
         self._put("groups", "name", group.name, group.model_dump_json())
 
     def delete_group(self, name: str) -> None:
+        self._memo.clear()
         self.db.execute("DELETE FROM groups WHERE name = ?", (name,))
 
     # --- stacks ---
@@ -596,6 +620,7 @@ class Store:
 
     def put_desired_many(self, records: Iterable[DesiredRecord]) -> None:
         """Store desired records (one statement for all of them)."""
+        self._memo.clear()  # a desired state names a device, perhaps never seen
         rows = []
         for record in records:
             body = record.model_dump_json(exclude={"published"})
