@@ -183,3 +183,10 @@ def test_deployment_step(tmp_path: Path) -> None:
     data = bench(tmp_path, "deployment_step", "--devices", "40", "--reps", "2")
     assert [s["devices_changed"] for s in data["shares"]] == [0, 0, 4, 40]
     assert data["deployment"] == "running" and all(s["ms_converging"] > 0 for s in data["shares"])
+
+
+def test_devices_page(tmp_path: Path) -> None:
+    """bench/devices_page.py times every kind of page at a small fleet; the first page is full."""
+    data = bench(tmp_path, "devices_page", "--devices", "1200", "--repeat", "1", timeout=60)
+    (run,) = data["runs"]
+    assert run["first_page_rows"] == 1000 and len(run["ms"]) == 6 and all(ms > 0 for ms in run["ms"].values())
