@@ -3,10 +3,10 @@
     .venv/bin/python bench/devices_page.py --devices 10000 50000
 
 Fills a fresh SQLite store with ``--devices`` devices (a mix of presences, a ``site`` label,
-every tenth with a desired state, a group naming a few never-seen ids), then times (process
+and a group naming a few never-seen ids), then times (process
 CPU) the handler for a listing's first page right after a device's presence changed, then
 the first, a middle and the last page of 1,000 (the CLI's walk) and a searched page of 50
-(the dashboard's), each the median of ``--repeat`` runs. Python 3.11: ``--devices`` from 10 up.
+(the dashboard's), each the median of ``--repeat`` runs.
 """
 
 from __future__ import annotations
