@@ -111,41 +111,66 @@ def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
         return _stacks_page(ctx, cmd)
     if cmd.group is not None:
         require(ctx.store.get_group(cmd.group), "group", cmd.group)
-    # What the filters select over the whole fleet, once per listing: every page after the
-    # first (until the next write to devices, groups or desired states) is a bisection and
-    # the page's own rows.
+    # What the group and search select over the whole fleet, once per listing: every page
+    # after the first (until the next write to devices, groups or desired states other than
+    # a presence, see _Listing.moved) is a bisection, a presence filter and the page's rows.
     listing = ctx.store.memo(
-        ("devices.ls", cmd.group, cmd.search, cmd.presence), lambda: _listing(ctx.store, cmd)
+        ("devices.ls", cmd.group, cmd.search), lambda: _listing(ctx.store, cmd), _Listing.moved
     )
     start = 0 if cmd.after is None else bisect_right(listing.ids, cmd.after)
-    limit = len(listing.ids) - start if cmd.limit is None else cmd.limit
-    page = listing.ids[start : start + limit]
+    page, more = listing.page(start, cmd.presence, cmd.limit)
+    matched = len(listing.ids) if cmd.presence is None else listing.by_presence.get(cmd.presence, 0)
     return DeviceList(
         devices=[device_view(ctx.store, ctx.store.get_device(d) or Device(id=d)) for d in page],
-        matched=len(listing.ids),
+        matched=matched,
         total=listing.total,
-        by_presence=listing.by_presence,
-        next=page[-1] if len(listing.ids) - start > limit and page else None,
+        by_presence=dict(sorted((k, n) for k, n in listing.by_presence.items() if n)),
+        next=page[-1] if more and page else None,
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Listing:
-    """What ``devices.ls`` filters select: the matching ids in order, and the reply's counts."""
+    """What ``devices.ls``'s group and search select: the matching ids in order, each one's
+    presence and the count per presence (kept up to date as presences change), and the
+    fleet's size."""
 
     ids: list[str]
+    status: dict[str, str]
+    by_presence: Counter[str]
     total: int
-    by_presence: dict[str, int]
+
+    def moved(self, device_id: str, status: str) -> None:
+        """``device_id``'s presence is now ``status`` (see :meth:`.Store.memo`)."""
+        before = self.status.get(device_id)
+        if before is not None:
+            self.by_presence[before] -= 1
+            self.by_presence[status] += 1
+            self.status[device_id] = status
+
+    def page(self, start: int, presence: str | None, limit: int | None) -> tuple[list[str], bool]:
+        """Up to ``limit`` ids from ``start`` on with that ``presence`` (None: any), and
+        whether more follow."""
+        ids = self.ids[start:]
+        if presence is not None:
+            wanted: list[str] = []
+            for device_id in ids:
+                if self.status[device_id] == presence:
+                    wanted.append(device_id)
+                    if limit is not None and len(wanted) > limit:
+                        break
+            ids = wanted
+        if limit is None or len(ids) <= limit:
+            return ids, False
+        return ids[:limit], True
 
 
 def _listing(store: Store, cmd: DevicesList) -> _Listing:
-    """The devices matching ``cmd``'s group, search and presence (without reported states)."""
+    """The devices matching ``cmd``'s group and search (not its presence nor reported states)."""
     devices = all_devices(store, reported=False)
     found = _filtered(store, cmd, list(devices.values()))
-    by_presence = Counter(d.status for d in found)
-    if cmd.presence is not None:
-        found = [d for d in found if d.status == cmd.presence]
-    return _Listing([d.id for d in found], len(devices), dict(sorted(by_presence.items())))
+    status: dict[str, str] = {d.id: d.status for d in found}
+    return _Listing([d.id for d in found], status, Counter(status.values()), len(devices))
 
 
 def _filtered(store: Store, cmd: DevicesList, found: list[Device]) -> list[Device]:

@@ -206,6 +206,11 @@ M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
 
+_PRESENCE_FIELDS = frozenset({"status", "session", "since", "reported"})
+"""What a write of a device may change and keep :meth:`Store.memo`'s values (with ``moved``):
+its presence (its reported state has a table of its own)."""
+
+
 class _Parsed(Generic[M]):
     """Rows of one table as parsed models, each kept while its stored text is the same.
 
@@ -315,6 +320,7 @@ class Store:
         the open transaction; forgotten with a rollback): a report's first check reads no row."""
         self._devices = _Parsed(lambda body, _: Device.model_validate_json(body))
         self._memo: dict[Hashable, Any] = {}  # see memo
+        self._moved: dict[Hashable, Callable[[str, str], None]] = {}  # see memo
         self.sole_writer = self.kind == "sqlite"
         """Only this process writes the database (SQLite: one controller per file, see
         :mod:`.lease`); with PostgreSQL, other controllers (``--ha``) may, so :meth:`memo`
@@ -364,7 +370,7 @@ class Store:
             except BaseException:
                 self._devices_written = None
                 self._generations = {}
-                self._memo.clear()
+                self._forget_memo()
                 self.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
                 self.db.execute(f"RELEASE SAVEPOINT {name}")
                 raise
@@ -380,7 +386,7 @@ class Store:
         except BaseException:
             self._devices_written = None  # what was read inside may be gone: anything may have changed
             self._generations = {}
-            self._memo.clear()
+            self._forget_memo()
             self.db.execute("ROLLBACK")
             raise
         else:
@@ -400,21 +406,53 @@ class Store:
     def _all(self, table: str, key: str) -> list[str]:
         return [r[0] for r in self.db.execute(f"SELECT body FROM {table} ORDER BY {key}")]
 
-    def memo(self, key: Hashable, compute: Callable[[], T]) -> T:
+    def memo(
+        self, key: Hashable, compute: Callable[[], T], moved: Callable[[T, str, str], None] | None = None
+    ) -> T:
         """``compute()``, kept until this store next writes a device, group or desired state
         (or rolls back): what a listing computes over the whole fleet, once per listing
-        instead of once per page. Only while this process is the :attr:`sole_writer`."""
+        instead of once per page. Only while this process is the :attr:`sole_writer`.
+
+        A write that changes only a device's presence (its status, session, since) keeps a
+        value given ``moved``: ``moved(value, device_id, status)`` brings it up to date
+        instead (a reconnection storm writes every device's presence, while a listing is
+        paged through); a value without ``moved`` is forgotten."""
         if not self.sole_writer:
             return compute()
         if key not in self._memo:
             if len(self._memo) >= 16:  # e.g. a search typed letter by letter
-                self._memo.clear()
-            self._memo[key] = compute()
+                self._forget_memo()
+            value = compute()
+            self._memo[key] = value
+            if moved is not None:
+                self._moved[key] = lambda device_id, status: moved(value, device_id, status)
         return cast(T, self._memo[key])
 
+    def _forget_memo(self) -> None:
+        self._memo.clear()
+        self._moved.clear()
+
+    def _presence_moved(self, before: Device | None, after: Device) -> None:
+        """``after`` is written over ``before`` (the device as last read or written): keep what
+        :meth:`memo` holds if only its presence changed, else forget it."""
+        if not self._memo:
+            return
+        if before is None or any(
+            getattr(before, name) != getattr(after, name)
+            for name in Device.model_fields
+            if name not in _PRESENCE_FIELDS
+        ):
+            self._forget_memo()
+            return
+        for key in [k for k in self._memo if k not in self._moved]:
+            del self._memo[key]
+        if before.status != after.status:
+            for moved in self._moved.values():
+                moved(after.id, after.status)
+
     def _put(self, table: str, key: str, value: str, body: str) -> None:
-        if table in ("devices", "groups"):
-            self._memo.clear()
+        if table == "groups":
+            self._forget_memo()
         self.db.execute(
             f"INSERT INTO {table} ({key}, body) VALUES (?, ?) ON CONFLICT({key}) DO UPDATE SET body = excluded.body",
             (value, body),
@@ -454,8 +492,10 @@ class Store:
 
     def put_device(self, device: Device) -> None:
         body = device.model_dump_json(exclude={"reported"})
-        self._put("devices", "id", device.id, body)
         bare = device if device.reported is None else device.model_copy(update={"reported": None})
+        before = self._devices.rows.get(device.id)
+        self._presence_moved(before[2] if before is not None else None, bare)
+        self._put("devices", "id", device.id, body)
         self._devices.wrote(device.id, body, bare)
         if device.reported is not None:
             self.put_reported(device.id, device.reported)
@@ -529,7 +569,7 @@ class Store:
     def forget_device(self, device_id: str) -> None:
         """Delete the device's record, desired state, events, job results, enrollment and the
         variables scoped to it."""
-        self._memo.clear()
+        self._forget_memo()
         for table, key in (("devices", "id"), ("reported", "device_id"), ("desired", "device_id"),
                            ("events", "device_id"), ("job_results", "device_id"),
                            ("enrollments", "device_id"), ("dropped", "device_id")):  # fmt: skip
@@ -557,7 +597,7 @@ class Store:
         self._put("groups", "name", group.name, group.model_dump_json())
 
     def delete_group(self, name: str) -> None:
-        self._memo.clear()
+        self._forget_memo()
         self.db.execute("DELETE FROM groups WHERE name = ?", (name,))
 
     # --- stacks ---
@@ -620,7 +660,7 @@ class Store:
 
     def put_desired_many(self, records: Iterable[DesiredRecord]) -> None:
         """Store desired records (one statement for all of them)."""
-        self._memo.clear()  # a desired state names a device, perhaps never seen
+        self._forget_memo()  # a desired state names a device, perhaps never seen
         rows = []
         for record in records:
             body = record.model_dump_json(exclude={"published"})

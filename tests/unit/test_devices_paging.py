@@ -104,3 +104,45 @@ def test_paged_walk_equals_the_whole_list(
             assert walked == ids
         finally:
             store.close()
+
+
+def test_presence_writes_keep_the_listing_and_its_counts_true(monkeypatch: Any) -> None:
+    """A presence-only write (status, session, since) keeps devices.ls's fleet-wide listing
+    (no refiltering per page under a reconnection storm) with counts, presence filter and
+    rows as written; any other write to a device (a label) filters the fleet again."""
+    import tether.controller.devices as devices_module
+
+    computed: list[int] = []
+    real = devices_module._listing
+
+    def counting(store: Store, cmd: DevicesList) -> Any:
+        computed.append(1)
+        return real(store, cmd)
+
+    monkeypatch.setattr(devices_module, "_listing", counting)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "tether.db")
+        try:
+            for i in range(5):
+                put(store, f"d{i}", "online", "north")
+            store.create_group(Group(name="north", selector="site=north"))
+            ctx = cast(Any, SimpleNamespace(store=store))
+            first = devices_ls(ctx, DevicesList(limit=2, group="north"))
+            assert first.by_presence == {"online": 5} and len(computed) == 1
+            store.put_device(Device(id="d3", status="offline", session=2, since=7.0, operator_labels={"site": "north"}))
+            store.put_device(Device(id="d1", status="unknown", session=1, operator_labels={"site": "north"}))
+            offline = devices_ls(ctx, DevicesList(limit=2, group="north", presence="offline"))
+            assert [d.id for d in offline.devices] == ["d3"] and offline.devices[0].session == 2
+            assert (offline.matched, offline.next) == (1, None)
+            page = devices_ls(ctx, DevicesList(limit=2, group="north", after=first.next))
+            assert page.by_presence == {"offline": 1, "online": 3, "unknown": 1}
+            assert [(d.id, d.status) for d in page.devices] == [("d2", "online"), ("d3", "offline")]
+            online = devices_ls(ctx, DevicesList(limit=1, group="north", presence="online"))
+            assert ([d.id for d in online.devices], online.matched, online.next) == (["d0"], 3, "d0")
+            assert len(computed) == 1  # every page above from the one listing
+            put(store, "d4", "online", "south")  # a label: the group's members change
+            moved = devices_ls(ctx, DevicesList(limit=10, group="north"))
+            assert len(computed) == 2 and [d.id for d in moved.devices] == ["d0", "d1", "d2", "d3"]
+            assert moved.by_presence == {"offline": 1, "online": 2, "unknown": 1}
+        finally:
+            store.close()
