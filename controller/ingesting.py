@@ -284,7 +284,7 @@ class Ingestor:
         presence = self._decode_from(device_id, payload, Presence)
         if presence is None:
             return
-        stored = self.store.get_device(device_id)
+        stored = self.store.get_device(device_id, reported=False)  # a presence leaves it as it is
         device = stored or Device(id=device_id)
         if presence.session < device.session:
             return  # from an older connection: a late will or a stale retained message
@@ -301,7 +301,7 @@ class Ingestor:
         new_device = stored is None
         updated = device.model_copy(update=update)
         labels_changed = updated.attributes() != before or updated.public_key != device.public_key
-        self.store.put_device(updated)
+        self.store.put_device(updated, keep_reported=True)
         self.deployer.dirty = True
         if presence.status != device.status:
             # Back from ``unknown`` in the same session (the broker's retained word after our

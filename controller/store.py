@@ -474,8 +474,12 @@ class Store:
             return device
         return device.model_copy(update={"reported": ReportedState.model_validate_json(reported_body)})
 
-    def get_device(self, device_id: str) -> Device | None:
-        row = self.db.execute(f"{self._DEVICES} WHERE d.id = ?", (device_id,)).fetchone()
+    def get_device(self, device_id: str, reported: bool = True) -> Device | None:
+        """The device; without ``reported``, without its reported state (see :meth:`list_devices`)."""
+        if reported:
+            row = self.db.execute(f"{self._DEVICES} WHERE d.id = ?", (device_id,)).fetchone()
+        else:
+            row = self.db.execute("SELECT id, body, NULL FROM devices WHERE id = ?", (device_id,)).fetchone()
         return self._device(*row) if row else None
 
     def list_devices(self, reported: bool = True) -> list[Device]:
@@ -490,7 +494,10 @@ class Store:
             self._devices.keep_only(r[0] for r in rows)
         return devices
 
-    def put_device(self, device: Device) -> None:
+    def put_device(self, device: Device, keep_reported: bool = False) -> None:
+        """Store the device with its reported state (None: it has none); with
+        ``keep_reported`` and no reported state, the stored one stays (what a presence
+        changes, read with ``get_device(reported=False)``)."""
         body = device.model_dump_json(exclude={"reported"})
         bare = device if device.reported is None else device.model_copy(update={"reported": None})
         before = self._devices.rows.get(device.id)
@@ -499,7 +506,7 @@ class Store:
         self._devices.wrote(device.id, body, bare)
         if device.reported is not None:
             self.put_reported(device.id, device.reported)
-        else:
+        elif not keep_reported:
             self.db.execute("DELETE FROM reported WHERE device_id = ?", (device.id,))
             self._generations.pop(device.id, None)
         if self._devices_written is not None:

@@ -129,7 +129,9 @@ def test_presence_writes_keep_the_listing_and_its_counts_true(monkeypatch: Any) 
             ctx = cast(Any, SimpleNamespace(store=store))
             first = devices_ls(ctx, DevicesList(limit=2, group="north"))
             assert first.by_presence == {"online": 5} and len(computed) == 1
-            store.put_device(Device(id="d3", status="offline", session=2, since=7.0, operator_labels={"site": "north"}))
+            store.put_device(
+                Device(id="d3", status="offline", session=2, since=7.0, operator_labels={"site": "north"})
+            )
             store.put_device(Device(id="d1", status="unknown", session=1, operator_labels={"site": "north"}))
             offline = devices_ls(ctx, DevicesList(limit=2, group="north", presence="offline"))
             assert [d.id for d in offline.devices] == ["d3"] and offline.devices[0].session == 2

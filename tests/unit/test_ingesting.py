@@ -297,3 +297,23 @@ def test_after_a_reconnection_devices_shown_online_must_show_life(rig: Rig) -> N
     [(topic, payload, retained)] = rig.client.published
     will = codec.decode(payload, Presence)
     assert topic.endswith("/pi-3/presence") and retained and (will.status, will.session) == ("offline", 2)
+
+
+def test_a_presence_keeps_the_stored_report_without_rewriting_it(rig: Rig) -> None:
+    """A presence (reconnection storm: one per device) leaves the stored reported state as it
+    is, read back whole after a restart, while the device's presence and session change."""
+    presence(rig, "pi-1", "online", 1)
+    report(rig, "pi-1", 3)
+    before = rig.store.db.execute("SELECT body FROM reported WHERE device_id = 'pi-1'").fetchone()
+    presence(rig, "pi-1", "offline", 1)
+    presence(rig, "pi-1", "online", 2)
+    assert status(rig.store, "pi-1") == ("online", 2)
+    after = rig.store.db.execute("SELECT body FROM reported WHERE device_id = 'pi-1'").fetchone()
+    assert after == before
+    restarted = Store(rig.store.target)
+    try:
+        device = restarted.get_device("pi-1")
+        assert device is not None and device.reported is not None and device.reported.generation == 3
+        assert restarted.get_device("pi-1", reported=False) == device.model_copy(update={"reported": None})
+    finally:
+        restarted.close()
