@@ -209,6 +209,8 @@ T = TypeVar("T")
 _PRESENCE_FIELDS = frozenset({"status", "session", "since", "reported"})
 """What a write of a device may change and keep :meth:`Store.memo`'s values (with ``moved``):
 its presence (its reported state has a table of its own)."""
+_LISTED_FIELDS = tuple(name for name in Device.model_fields if name not in _PRESENCE_FIELDS)
+"""The others: a write changing any of them drops :meth:`Store.memo`'s values."""
 
 
 class _Parsed(Generic[M]):
@@ -437,11 +439,7 @@ class Store:
         :meth:`memo` holds if only its presence changed, else forget it."""
         if not self._memo:
             return
-        if before is None or any(
-            getattr(before, name) != getattr(after, name)
-            for name in Device.model_fields
-            if name not in _PRESENCE_FIELDS
-        ):
+        if before is None or any(getattr(before, name) != getattr(after, name) for name in _LISTED_FIELDS):
             self._forget_memo()
             return
         for key in [k for k in self._memo if k not in self._moved]:
