@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from tether.protocol.heap import Shared
 from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
 
 from .models import Device
@@ -71,18 +72,14 @@ class StackSeen:
         plain = status.state == "running" and not restarts and error is None
         if not plain:
             return cls(status.spec_hash, status.state, restarts, error, status)
-        key = (status.spec_hash, status.state)
-        shared = _PLAIN.get(key)
-        if shared is None:
-            if len(_PLAIN) >= 4096:  # bounded: versions come and go
-                _PLAIN.clear()
-            shared = _PLAIN[key] = cls(status.spec_hash, status.state, 0, None, None)
-        return shared
+        return _PLAIN.get(
+            (status.spec_hash, status.state), lambda: cls(status.spec_hash, status.state, 0, None, None)
+        )
 
 
 _OF_STATUS: MadeOf[StackSeen] = MadeOf(lambda _, status: StackSeen._of(status))
 """:meth:`StackSeen.of` of each stack status seen lately."""
-_PLAIN: dict[tuple[str, str], StackSeen] = {}
+_PLAIN: Shared[tuple[str, str], StackSeen] = Shared()
 """One shared :class:`StackSeen` per (version, state) of a stack that runs without a blip."""
 
 
@@ -146,15 +143,12 @@ class Seen:
         if seen.status is None and download is None and self.error is None:
             # A stack running without a blip: one shared Observation per (version, state,
             # presence), not one per device and deployment step (kept while a deployment is).
-            key = (seen.spec_hash, seen.state, self.online, self.held)
-            shared = _PLAIN_OBSERVED.get(key)
-            if shared is None:
-                if len(_PLAIN_OBSERVED) >= 4096:  # bounded: versions come and go
-                    _PLAIN_OBSERVED.clear()
-                shared = _PLAIN_OBSERVED[key] = Observation(
+            return _PLAIN_OBSERVED.get(
+                (seen.spec_hash, seen.state, self.online, self.held),
+                lambda: Observation(
                     online=self.online, spec_hash=seen.spec_hash, state=seen.state, held=self.held
-                )
-            return shared
+                ),
+            )
         return Observation(
             online=self.online,
             spec_hash=seen.spec_hash,
@@ -169,9 +163,9 @@ class Seen:
 
 _NOTHING: dict = {}  # type: ignore[type-arg]
 """Shared by every device that reports no stack or no download (never written to)."""
-_PLAIN_OBSERVED: dict[tuple[str, str, bool, bool], Observation] = {}
+_PLAIN_OBSERVED: Shared[tuple[str, str, bool, bool], Observation] = Shared()
 """What :meth:`Seen.observe` makes of a :class:`StackSeen` without a report kept."""
-_STACKS_SEEN: dict[tuple[tuple[str, StackSeen], ...], dict[str, StackSeen]] = {}
+_STACKS_SEEN: Shared[tuple[tuple[str, StackSeen], ...], dict[str, StackSeen]] = Shared()
 """One dict per set of plain :class:`StackSeen` a device reports (:func:`_stacks_seen`)."""
 
 
@@ -182,13 +176,8 @@ def _stacks_seen(stacks: dict[str, StackStatus]) -> dict[str, StackSeen]:
     seen = {n: StackSeen.of(s) for n, s in stacks.items()}
     if not seen or any(s.status is not None for s in seen.values()):
         return seen or _NOTHING
-    key = tuple(seen.items())  # plain StackSeen values hash by (version, state): no report in them
-    shared = _STACKS_SEEN.get(key)
-    if shared is None:
-        if len(_STACKS_SEEN) >= 4096:  # bounded: versions come and go
-            _STACKS_SEEN.clear()
-        shared = _STACKS_SEEN[key] = seen
-    return shared
+    # plain StackSeen values hash by (version, state): no report in them
+    return _STACKS_SEEN.get(tuple(seen.items()), lambda: seen)
 
 
 _ABSENT = {

@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tether.protocol.heap import Shared
 from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
 
 from .fleet import MadeOf, Seen
@@ -226,18 +227,13 @@ _PARTS: MadeOf[StackParts] = MadeOf(
 """:func:`_stack_parts` of each stack status seen lately."""
 
 
-_SUMMARIES: dict[ReportSummary, ReportSummary] = {}
+_SUMMARIES: Shared[ReportSummary, ReportSummary] = Shared()
 """One of each equal summary kept (a fleet's devices mostly report alike: 136 bytes per device)."""
 
 
 def _shared_summary(summary: ReportSummary) -> ReportSummary:
     """The one kept :class:`ReportSummary` equal to ``summary`` (frozen, so shared safely)."""
-    shared = _SUMMARIES.get(summary)
-    if shared is None:
-        if len(_SUMMARIES) >= 4096:  # bounded: generations and versions come and go
-            _SUMMARIES.clear()
-        shared = _SUMMARIES[summary] = summary
-    return shared
+    return _SUMMARIES.get(summary, lambda: summary)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,13 +29,36 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 __all__ = ["GC_THRESHOLDS", "FreeMemoryReleaser", "release_free_memory", "share_field_sets", "tune_gc"]
 
 M = TypeVar("M", bound=BaseModel)
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Shared(Generic[K, V]):
+    """One kept value per key, the one equal values share (values are never written to).
+
+    Bounded: forgotten whole when ``size`` keys are kept (what a fleet reports alike comes
+    and goes with versions and generations; a flood of distinct keys costs nothing kept)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._kept: dict[K, V] = {}
+
+    def get(self, key: K, make: Callable[[], V]) -> V:
+        """The value kept for ``key``; ``make()`` kept first if none is."""
+        kept = self._kept.get(key)
+        if kept is None:
+            if len(self._kept) >= self.size:
+                self._kept.clear()
+            kept = self._kept[key] = make()
+        return kept
+
 
 GC_THRESHOLDS = (50_000, 20, 10)
 """Young collections every 50,000 allocations (CPython's default: 700, 10, 10)."""
@@ -76,9 +99,9 @@ _EMPTY: dict[Any, Any] = {}
 bytes each otherwise, four per device. Never written to (tests/unit/test_heap.py checks)."""
 
 
-_STR_DICTS: dict[tuple[tuple[str, str], ...], dict[str, str]] = {}
-"""One dict per set of string items (in order) kept models have: labels repeat across a fleet."""
-_MAX_STR_DICTS = 4096
+_STR_DICTS: Shared[tuple[tuple[str, str], ...], dict[str, str]] = Shared()
+"""One dict per set of string items (in order) kept models have: labels repeat across a fleet
+(bounded: a fleet has few label sets, whatever comes)."""
 _MAX_STR_DICT = 32
 
 
@@ -155,13 +178,7 @@ def _shared_dict(value: dict[Any, Any]) -> dict[Any, Any]:
         out[_str(key) if isinstance(key, str) else key] = item
     if not strings or len(out) > _MAX_STR_DICT or not all(type(key) is str for key in out):
         return out
-    items = tuple(out.items())
-    shared = _STR_DICTS.get(items)
-    if shared is None:
-        if len(_STR_DICTS) >= _MAX_STR_DICTS:  # bounded: a fleet has few label sets, whatever comes
-            _STR_DICTS.clear()
-        shared = _STR_DICTS[items] = out
-    return shared
+    return _STR_DICTS.get(tuple(out.items()), lambda: out)
 
 
 def _shared_tuple(value: tuple[Any, ...]) -> tuple[Any, ...]:
