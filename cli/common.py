@@ -208,6 +208,20 @@ def send_and_print(
     return shown
 
 
+def read_pages(
+    client: ControllerClient, page: Callable[[str | None], BaseModel], key: str
+) -> tuple[dict[str, Any], list[Any]]:
+    """Every page of a paged listing: ``page(after)`` is the request for the page after that
+    cursor (None: the first); returns the last reply and the rows of every page under ``key``.
+    A controller from before paging answers with every row in one reply, no ``next``."""
+    result: dict[str, Any] = client.request(page(None))
+    rows = list(result[key])
+    while result.get("next"):
+        result = client.request(page(result["next"]))
+        rows.extend(result[key])
+    return result, rows
+
+
 def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
     """A click callback: a Compose duration (``30s``, ``5m``) in seconds; None stays None."""
     if value is None:

@@ -24,7 +24,7 @@ from tether.protocol.commands import (
 from tether.protocol.errors import TetherError
 
 from . import output, remote
-from .common import common, send_and_print
+from .common import common, read_pages, send_and_print
 
 
 @click.group()
@@ -41,11 +41,7 @@ past some 25,000 devices (about 170 bytes each): the controller answers ``too_la
 @common
 def devices_ls(client: ControllerClient, fmt: str) -> None:
     """List devices with their presence and stacks."""
-    result: dict[str, Any] = client.request(DevicesList(limit=LS_PAGE))
-    rows = list(result["devices"])
-    while result.get("next"):  # a controller from before paging answers with every device, no next
-        result = client.request(DevicesList(after=result["next"], limit=LS_PAGE))
-        rows.extend(result["devices"])
+    _, rows = read_pages(client, lambda after: DevicesList(after=after, limit=LS_PAGE), "devices")
     if fmt == "json":
         click.echo(output.to_json(rows))
     else:

@@ -27,7 +27,7 @@ from tether.protocol.errors import ErrorCode, RequestError, TetherError
 from tether.protocol.logsafe import printable
 
 from . import deployments, output
-from .common import common, duration_option, fail, send_and_print, wait_timeout_option
+from .common import common, duration_option, fail, read_pages, send_and_print, wait_timeout_option
 
 
 @click.group()
@@ -48,13 +48,11 @@ def _stack_status(client: ControllerClient, name: str, states: tuple[str, ...] =
     """``stacks.status`` with every row (of ``states``, if given), read page by page; counts
     by state over every device. A controller from before paging answers in one reply
     without counts: they are counted from its rows."""
-    result: dict[str, Any] = client.request(StacksStatus(name=name, limit=STATUS_PAGE, states=states))
-    rows = list(result["devices"])
-    while result.get("next"):
-        result = client.request(
-            StacksStatus(name=name, after=result["next"], limit=STATUS_PAGE, states=states)
-        )
-        rows.extend(result["devices"])
+    result, rows = read_pages(
+        client,
+        lambda after: StacksStatus(name=name, after=after, limit=STATUS_PAGE, states=states),
+        "devices",
+    )
     if "counts" not in result:
         result["counts"] = dict(Counter(r["state"] for r in rows))
         result["total"] = len(rows)
