@@ -463,6 +463,8 @@ class Store:
     # Rows written before the table existed keep it inside the device's body until then.
 
     _DEVICES = "SELECT d.id, d.body, r.body FROM devices d LEFT JOIN reported r ON r.device_id = d.id"
+    _DEVICES_BARE = "SELECT id, body, NULL FROM devices"
+    """Device rows without their reported states (what :meth:`_device` reads, with None)."""
 
     def _device(self, device_id: str, body: str, reported_body: str | None) -> Device:
         # Reported states are parsed on every read, not kept: they are most of a device's
@@ -477,7 +479,7 @@ class Store:
         if reported:
             row = self.db.execute(f"{self._DEVICES} WHERE d.id = ?", (device_id,)).fetchone()
         else:
-            row = self.db.execute("SELECT id, body, NULL FROM devices WHERE id = ?", (device_id,)).fetchone()
+            row = self.db.execute(f"{self._DEVICES_BARE} WHERE id = ?", (device_id,)).fetchone()
         return self._device(*row) if row else None
 
     def list_devices(self, reported: bool = True) -> list[Device]:
@@ -486,7 +488,7 @@ class Store:
         if reported:
             rows = self.db.execute(f"{self._DEVICES} ORDER BY d.id").fetchall()
         else:
-            rows = self.db.execute("SELECT id, body, NULL FROM devices ORDER BY id").fetchall()
+            rows = self.db.execute(f"{self._DEVICES_BARE} ORDER BY id").fetchall()
         devices = [self._device(*r) for r in rows]
         if len(self._devices.rows) != len(rows):  # some were deleted
             self._devices.keep_only(r[0] for r in rows)
