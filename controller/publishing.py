@@ -70,7 +70,7 @@ class Publisher:
         leading: threading.Event,
         fleet_view: Callable[[], dict[str, Seen]],
         busy: Callable[[], bool],
-        recompute: Callable[[], None] = lambda: None,
+        recompute: Callable[[], None],
     ) -> None:
         """``client``: the controller's MQTT session now (None before it starts); ``leading``:
         set while it leads; ``fleet_view``: every device as deployment steps see it; ``busy``:
