@@ -119,6 +119,12 @@ class _Paho(paho.Client):
     PUBACK once the callback returned). Anything else goes to paho: any other packet, QoS 2,
     a packet not yet whole in the buffer (split across reads), an empty topic, a length that
     does not add up, a topic that is not UTF-8.
+
+    Outgoing QoS 1 messages of :meth:`MqttClient.publish_many` (a deploy's desired states) are
+    handed over by :meth:`publish_batch` and the inflight window is refilled by
+    :meth:`_update_inflight`, with paho's bookkeeping (``_out_messages``, packet ids, states,
+    the inflight count) so that paho still resends them on a new connection; only the
+    per-message objects, locks, log formatting and wake-ups are saved.
     """
 
     _rbuf = b""
@@ -244,6 +250,28 @@ class _Paho(paho.Client):
                 return self._update_inflight()
         return paho.MQTT_ERR_SUCCESS
 
+    def _update_inflight(self) -> paho.MQTTErrorCode:
+        """paho's (the inflight window refilled with queued messages, in order; called with
+        ``_out_message_mutex`` held), the QoS 1 PUBLISH packets it sends joined into one write
+        rather than each formatted, logged and queued by ``_send_publish``."""
+        packets = bytearray()
+        for m in self._out_messages.values():
+            if self._inflight_messages >= self._max_inflight_messages:
+                break
+            if m.qos > 0 and m.state == paho.mqtt_ms_queued:
+                if m.qos != 1 or m.properties is not None:  # QoS 2 (not used here): paho's, from here on
+                    if packets:
+                        self._packet_queue(paho.PUBLISH | 0x02, bytes(packets), 0, 1)
+                    return super()._update_inflight()
+                if self._sock is None:  # as paho's _send_publish
+                    return paho.MQTT_ERR_NO_CONN
+                self._inflight_messages += 1
+                m.state = paho.mqtt_ms_wait_for_puback
+                _pack_publish(self, packets, m._topic, m.payload, m.mid, m.retain, m.dup)
+        if packets:
+            self._packet_queue(paho.PUBLISH | 0x02, bytes(packets), 0, 1)
+        return paho.MQTT_ERR_SUCCESS
+
     def loop_read(self, max_packets: int = 1) -> paho.MQTTErrorCode:
         rc = super().loop_read(max_packets)
         while rc == paho.MQTT_ERR_SUCCESS and self._sock is not None and self._rpos < len(self._rbuf):
@@ -298,8 +326,131 @@ class _Paho(paho.Client):
         )
         return paho.MQTT_ERR_SUCCESS
 
+    def publish_batch(self, messages: list[tuple[bytes, bytes, bool]]) -> list[_Tracked | None]:
+        """Publish QoS 1 messages (topic, payload, retained) as paho's ``publish`` would, in
+        one go; per message, its tracker (None: not handed over, as paho's ``MQTT_ERR_QUEUE_SIZE``).
+
+        paho's ``publish`` makes per message an :class:`MQTTMessageInfo` with a
+        ``threading.Condition`` of its own, takes three locks, formats a debug log line and
+        wakes the network thread through its socket pair (a system call): about 10 us on the
+        caller's thread, and the caller then waits on each message's condition in turn. Here the
+        same bookkeeping is done for the whole batch under one lock: each message is in
+        ``_out_messages`` with its packet id and state, the inflight count is paho's, so paho
+        itself refills the window, resends on reconnect (DUP set) and hands PUBACKs to
+        :meth:`_Tracked._set_as_published` as for any message; the packets sent now (up to the
+        inflight window) are queued as one write and the network thread woken once. Nothing is
+        handed over while there is no socket (paho would keep them for the next connection:
+        the caller publishes again instead, as it does for every message not acknowledged)."""
+        batch = _Batch()
+        out: list[_Tracked | None] = []
+        packets = bytearray()
+        now = paho.time_func()
+        with self._out_message_mutex:
+            if self._sock is None:
+                return [None] * len(messages)
+            kept = self._out_messages
+            for topic, payload, retain in messages:
+                mid = self._mid_generate()
+                if mid in kept:  # 65,535 messages unacknowledged: paho refuses it too
+                    out.append(None)
+                    continue
+                info = _Tracked(mid, batch)
+                message = _message(mid, topic, payload, retain, info, now)
+                kept[mid] = message
+                if self._max_inflight_messages == 0 or self._inflight_messages < self._max_inflight_messages:
+                    self._inflight_messages += 1
+                    message.state = paho.mqtt_ms_wait_for_puback
+                    _pack_publish(self, packets, topic, payload, mid, retain, False)
+                batch.left += 1
+                out.append(info)
+            if packets:
+                self._packet_queue(paho.PUBLISH | 0x02, bytes(packets), 0, 1)
+        if batch.left == 0:
+            batch.done.set()
+        return out
+
+
+def _pack_publish(
+    client: paho.Client,
+    packets: bytearray,
+    topic: bytes,
+    payload: bytes | bytearray,
+    mid: int,
+    retain: bool,
+    dup: bool,
+) -> None:
+    """Append the PUBLISH packet (QoS 1) paho's ``_send_publish`` makes (MQTT 3.1.1) to ``packets``."""
+    packets.append(paho.PUBLISH | (0x08 if dup else 0) | 0x02 | (1 if retain else 0))
+    client._pack_remaining_length(packets, 4 + len(topic) + len(payload))
+    packets += _MID.pack(len(topic))
+    packets += topic
+    packets += _MID.pack(mid)
+    packets += payload
+
+
+def _message(
+    mid: int, topic: bytes, payload: bytes, retain: bool, info: _Tracked, now: float
+) -> paho.MQTTMessage:
+    """paho's ``MQTTMessage`` of an outgoing QoS 1 message, as its ``publish`` fills it in,
+    without the ``MQTTMessageInfo`` (and its ``Condition``) its constructor makes."""
+    message = paho.MQTTMessage.__new__(paho.MQTTMessage)
+    message.timestamp = now
+    message.state = paho.mqtt_ms_queued
+    message.dup = False
+    message.mid = mid
+    message._topic = topic
+    message.payload = payload
+    message.qos = 1
+    message.retain = retain
+    message.info = info
+    message.properties = None
+    return message
+
+
+class _Batch:
+    """The messages of one :meth:`_Paho.publish_batch` not acknowledged yet; ``done`` once none is."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self) -> None:
+        self.left = 0
+        self.done = threading.Event()
+
+    def acknowledged(self) -> None:
+        """One more acknowledged (on the network thread: the only one that handles PUBACKs)."""
+        self.left -= 1
+        if self.left <= 0:
+            self.done.set()
+
+
+class _Tracked(paho.MQTTMessageInfo):
+    """paho's ``MQTTMessageInfo`` for a message of a :meth:`_Paho.publish_batch`: whether the
+    broker acknowledged it, its batch counting down (the batch is awaited, not each message)."""
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, mid: int, batch: _Batch) -> None:  # paho's makes a Condition: not needed
+        self.mid = mid
+        self.rc = paho.MQTT_ERR_SUCCESS
+        self._published = False
+        self._iterpos = 0
+        self._batch = batch
+
+    def _set_as_published(self) -> None:
+        if not self._published:
+            self._published = True
+            self._batch.acknowledged()
+
+    def wait_for_publish(self, timeout: float | None = None) -> None:
+        self._batch.done.wait(timeout)
+
+    def is_published(self) -> bool:
+        return self._published
+
 
 _PUBACK = struct.Struct("!BBH")
+_MID = struct.Struct("!H")
+"""A two-byte integer (MQTT 3.1.1 section 1.5.2): a packet id, a string's length."""
 
 
 def _acknowledged(info: paho.MQTTMessageInfo, timeout: float) -> bool:
@@ -526,10 +677,13 @@ class MqttClient:
     def publish_many(self, messages: list[tuple[str, bytes, int, bool]], timeout: float = 30.0) -> list[bool]:
         """Publish a batch without waiting between messages, then await every acknowledgement.
 
-        Returns, per message, whether the broker acknowledged it within ``timeout``.
+        Returns, per message, whether the broker acknowledged it within ``timeout``. A batch
+        of QoS 1 messages (a deploy's desired states) takes :meth:`_Paho.publish_batch`.
         """
         if not self.connected:
             return [False] * len(messages)
+        if all(q == 1 for _, _, q, _ in messages):
+            return self._publish_batch(messages, timeout)
         infos = [
             self._paho.publish(t, p, qos=q, retain=r) if _fits(t, p, q) else None for t, p, q, r in messages
         ]
@@ -542,6 +696,24 @@ class MqttClient:
                 and _acknowledged(info, max(0.0, deadline - time.monotonic()))
             )
         return results
+
+    def _publish_batch(self, messages: list[tuple[str, bytes, int, bool]], timeout: float) -> list[bool]:
+        """:meth:`publish_many` for QoS 1 messages: handed over at once, the batch awaited."""
+        fits = [_fits(t, p, 1) for t, p, _, _ in messages]
+        wanted = []
+        for (topic, payload, _, retain), ok in zip(messages, fits, strict=True):
+            if ok:
+                encoded = topic.encode()
+                if not encoded:
+                    raise ValueError("Invalid topic.")  # as paho's publish()
+                paho.Client._raise_for_invalid_topic(encoded)
+                wanted.append((encoded, payload, retain))
+        tracked = iter(self._paho.publish_batch(wanted))
+        infos = [next(tracked) if ok else None for ok in fits]
+        waiting = [info for info in infos if info is not None]
+        if waiting:
+            waiting[0].wait_for_publish(timeout)  # the batch's, not this message's
+        return [info is not None and info.is_published() for info in infos]
 
     # --- internals ---
 

@@ -345,16 +345,27 @@ def _publish_packet(
 class ScriptedBroker:
     """One end of a TCP connection that plays the broker with bytes chosen by the test: what no
     real broker sends on purpose (packets cut anywhere, invalid topics). It answers the CONNECT
-    and records the packet id of every PUBACK it reads, in order."""
+    and records the packet id of every PUBACK it reads, in order. A client that connects again
+    (after :meth:`drop`) is served the same way."""
 
     def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.acks: list[int] = []
         self.published: list[tuple[int, bytes]] = []
+        self.dup: list[bool] = []  # per PUBLISH received, its DUP flag
+        self.connections = 0
         self.lock = threading.Lock()
         self.conn: socket.socket | None = None
-        threading.Thread(target=self._serve, daemon=True).start()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self._serve(conn)
 
     def _read(self, n: int) -> bytes:
         assert self.conn is not None
@@ -366,9 +377,11 @@ class ScriptedBroker:
             data += chunk
         return data
 
-    def _serve(self) -> None:
-        self.conn, _ = self.server.accept()
-        self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def _serve(self, conn: socket.socket) -> None:
+        self.conn = conn
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self.lock:
+            self.connections += 1
         try:
             while True:
                 header = self._read(1)[0]
@@ -389,6 +402,7 @@ class ScriptedBroker:
                     at = 2 + int.from_bytes(body[:2], "big")
                     with self.lock:
                         self.published.append((int.from_bytes(body[at : at + 2], "big"), body[at + 2 :]))
+                        self.dup.append(bool(header & 0x08))
         except (EOFError, OSError):
             pass
 
@@ -403,6 +417,11 @@ class ScriptedBroker:
     def send(self, data: bytes) -> None:
         assert self.conn is not None
         self.conn.sendall(data)
+
+    def drop(self) -> None:
+        """Close the client's connection (as a broker that goes away would)."""
+        assert self.conn is not None
+        self.conn.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         if self.conn is not None:
@@ -536,3 +555,97 @@ def test_acknowledgements_cut_across_reads_complete_publishes_and_refill_the_inf
     finally:
         c.stop()
         peer.close()
+
+
+def test_a_batch_interrupted_by_a_lost_connection_is_redelivered_with_dup_and_acknowledged() -> None:
+    """publish_many's batch (more than MAX_INFLIGHT QoS 1 messages): after the connection is
+    lost with some acknowledged, some in flight and some queued, the client connects again and
+    sends every unacknowledged one again in order, those in flight with DUP set and their packet
+    ids, the queued ones for the first time; once the broker acknowledges them (PUBACKs cut
+    across reads: paho's own reading too), publish_many reports every message acknowledged."""
+    peer = ScriptedBroker()
+    c = MqttClient([BrokerAddress("127.0.0.1", peer.port)], "redeliver", backoff=Backoff(0.05, 0.2))
+    try:
+        c.connect(10)
+        total = MAX_INFLIGHT + 500
+        messages = [(f"out/{i % 7}", f"{i}".encode(), 1, True) for i in range(total)]
+        results: list[list[bool]] = []
+        worker = threading.Thread(target=lambda: results.append(c.publish_many(messages, timeout=30)))
+        worker.start()
+        wait_until(lambda: len(peer.received()) >= MAX_INFLIGHT, 10, message="the first window")
+        first = peer.received()
+        assert len(first) == MAX_INFLIGHT and not any(peer.dup)
+        peer.send(b"".join(b"\x40\x02" + pid.to_bytes(2, "big") for pid, _ in first[:300]))
+        wait_until(lambda: len(peer.received()) >= MAX_INFLIGHT + 300, 10, message="the refill")
+        sent = peer.received()
+        assert len(sent) == MAX_INFLIGHT + 300  # 200 still queued
+        peer.drop()
+        wait_until(lambda: len(peer.received()) >= total + 1000, 15, message="the resend")
+        again = peer.received()[len(sent) :]
+        with peer.lock:
+            dup = peer.dup[len(sent) :]
+        assert peer.connections == 2
+        assert [p for _, p in again] == [m[1] for m in messages[300:]]  # in order, none lost
+        assert [pid for pid, _ in again[:1000]] == [pid for pid, _ in sent[300:]]  # same ids
+        assert dup == [True] * 1000 + [False] * 200  # sent before: DUP; queued: first time
+        assert not results  # nothing acknowledged yet
+        stream = b"".join(b"\x40\x02" + pid.to_bytes(2, "big") for pid, _ in again)
+        for cut in (3, 1001, 2402):  # inside PUBACKs: paho reads those
+            peer.send(stream[:cut])
+            stream = stream[cut:]
+        peer.send(stream)
+        worker.join(30)
+        assert results == [[True] * total]
+        assert c.connected
+    finally:
+        c.stop()
+        peer.close()
+
+
+def test_publish_many_survives_a_connection_lost_mid_batch_on_a_real_broker(broker: Broker) -> None:
+    """A burst of retained QoS 1 messages (publish_many, as the controller publishes desired
+    states) whose connection breaks while it is being written is sent again after the client
+    reconnects: every message is reported acknowledged, each arrives (at least once), and the
+    broker retains the last of each topic byte for byte."""
+    topic = f"t/{uuid.uuid4().hex[:8]}"
+    got = Received()
+    receiver = client(broker.port, on_message=got)
+    receiver.subscribe(f"{topic}/+")
+    receiver.connect(10)
+    sender = client(broker.port, backoff=Backoff(0.05, 0.2))
+    sender.connect(10)
+    plain_send = sender._paho._sock_send
+    written, cut = [0], [False]
+
+    def breaking_send(buf: bytes | bytearray) -> int:
+        if written[0] > 50_000 and not cut[0]:  # once, inside the batch
+            cut[0] = True
+            raise ConnectionResetError("cut by the test")
+        n = plain_send(buf)
+        written[0] += n
+        return n
+
+    try:
+        wait_until(lambda: sender.publish(f"{topic}/ready", b"r") and got.on(f"{topic}/ready"), 15)
+        sender._paho._sock_send = breaking_send  # type: ignore[method-assign]
+        messages = [(f"{topic}/{i % 500}", f"{i}:".encode() + os.urandom(100), 1, True) for i in range(3000)]
+        assert sender.publish_many(messages, timeout=60) == [True] * len(messages)
+        assert cut[0], "the connection was not cut"
+        wait_until(lambda: sender.connected, 15)
+        for t, p, _, _ in messages[-500:]:
+            wait_until(lambda t=t, p=p: p in got.on(t), 30, message=f"the last message on {t}")  # type: ignore[misc]
+        late = Received()
+        reader = client(broker.port, on_message=late)
+        reader.subscribe(f"{topic}/+")
+        reader.connect(10)
+        try:
+            want = {t: p for t, p, _, _ in messages}
+            wait_until(
+                lambda: len({t for t, _ in late.items}) >= len(want), 30, message="every retained message"
+            )
+            assert dict(late.items) == want
+        finally:
+            reader.stop()
+    finally:
+        sender.stop()
+        receiver.stop()
