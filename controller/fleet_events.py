@@ -30,7 +30,7 @@ from typing import Any
 from tether.protocol.heap import Shared
 from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
 
-from .fleet import MadeOf, Seen
+from .fleet import Seen
 from .rollout import Deployment
 
 KINDS = (
@@ -191,9 +191,6 @@ class EventBus:
 # --- detecting transitions (pure) ---
 
 
-StackParts = tuple[tuple[str, str, str], tuple[tuple[str, str, int, str | None], ...]]
-
-
 def _crash_looping(name: str, status: StackStatus) -> Iterator[tuple[str, str, int, str | None]]:
     """(stack, service, restarts, reason) of each of stack ``name``'s services in a crash loop."""
     return (
@@ -214,26 +211,35 @@ def _stuck(downloads: dict[str, DownloadStatus]) -> tuple[tuple[str, str, str, s
     )
 
 
-def _stack_parts(name: str, status: StackStatus) -> StackParts:
-    """What :meth:`ReportSummary.of` takes of one stack: (name, version, state) and its
-    services in a crash loop. Reports of a fleet share their stacks' statuses
-    (codec.FieldMemo): made once per status, not per device."""
-    return _PARTS.get(name, status)
+StacksParts = tuple[tuple[tuple[str, str, str], ...], tuple[tuple[str, str, int, str | None], ...]]
 
 
-_PARTS: MadeOf[StackParts] = MadeOf(
-    lambda name, status: ((name, status.spec_hash, status.state), tuple(_crash_looping(name, status)))
-)
-""":func:`_stack_parts` of each stack status seen lately."""
+def _stacks_parts(stacks: dict[str, StackStatus]) -> StacksParts:
+    """What :meth:`ReportSummary.of` takes of a report's stacks: (name, version, state) of
+    each, sorted, and every service in a crash loop, sorted. Reports of a fleet share their
+    stacks' statuses (codec.FieldMemo validates each distinct one once): made once per set
+    of statuses, not per report (the key is their identities; the statuses are kept with
+    what was made of them, so that an identity is not reused meanwhile)."""
+    key = tuple([(name, id(status)) for name, status in stacks.items()])
+    known = _STACKS_PARTS.get(key)
+    if known is not None:  # the same statuses: kept with it, their identities are not reused
+        return known[1]
+    made = (
+        tuple(sorted((name, status.spec_hash, status.state) for name, status in stacks.items())),
+        tuple(sorted(f for name, status in stacks.items() for f in _crash_looping(name, status))),
+    )
+    if len(_STACKS_PARTS) >= 1024:
+        _STACKS_PARTS.clear()
+    _STACKS_PARTS[key] = (tuple(stacks.values()), made)
+    return made
 
 
-_SUMMARIES: Shared[ReportSummary, ReportSummary] = Shared()
+_STACKS_PARTS: dict[tuple[tuple[str, int], ...], tuple[tuple[StackStatus, ...], StacksParts]] = {}
+""":func:`_stacks_parts` of each set of stack statuses seen lately (bounded: forgotten when full)."""
+
+
+_SUMMARIES: Shared[tuple[Any, ...], ReportSummary] = Shared()
 """One of each equal summary kept (a fleet's devices mostly report alike: 136 bytes per device)."""
-
-
-def _shared_summary(summary: ReportSummary) -> ReportSummary:
-    """The one kept :class:`ReportSummary` equal to ``summary`` (frozen, so shared safely)."""
-    return _SUMMARIES.get(summary, lambda: summary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,20 +259,19 @@ class ReportSummary:
 
     @classmethod
     def of(cls, reported: ReportedState) -> ReportSummary:
-        parts = [_stack_parts(n, s) for n, s in reported.stacks.items()]
-        stacks = tuple(sorted(p[0] for p in parts))
-        failing = tuple(sorted(f for p in parts for f in p[1]))
-        return _shared_summary(
-            cls(
-                reported.generation,
-                reported.held,
-                clip(reported.error),
-                clip(reported.storage_error),
-                stacks,
-                failing,
-                _stuck(reported.downloads),
-            )
+        """The summary of ``reported``: one kept per distinct summary (shared: frozen), made
+        without building a new one for every report (a deploy brings two per device)."""
+        stacks, failing = _stacks_parts(reported.stacks)
+        fields = (
+            reported.generation,
+            reported.held,
+            clip(reported.error),
+            clip(reported.storage_error),
+            stacks,
+            failing,
+            _stuck(reported.downloads) if reported.downloads else (),
         )
+        return _SUMMARIES.get(fields, lambda: cls(*fields))
 
     @classmethod
     def of_seen(cls, seen: Seen) -> ReportSummary:

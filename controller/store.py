@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Hashable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
@@ -295,6 +294,47 @@ def _private_sqlite_files(db: Path) -> None:
             private_file(path)
 
 
+class _Transaction:
+    """:meth:`Store.transaction`: a transaction, or a savepoint inside one."""
+
+    __slots__ = ("savepoint", "store")
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.savepoint: str | None = None
+
+    def __enter__(self) -> None:
+        store = self.store
+        if store._in_tx:
+            store._savepoints += 1
+            self.savepoint = f"sp{store._savepoints}"
+            store.db.execute(f"SAVEPOINT {self.savepoint}")
+            return
+        store.db.execute("BEGIN IMMEDIATE" if store.kind == "sqlite" else "BEGIN")
+        store._in_tx = True
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
+        store = self.store
+        name = self.savepoint
+        if name is not None:
+            try:
+                if exc_type is not None:
+                    store._rolled_back()
+                    store.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
+                store.db.execute(f"RELEASE SAVEPOINT {name}")
+            finally:
+                store._savepoints -= 1
+            return
+        try:
+            if exc_type is not None:
+                store._rolled_back()
+                store.db.execute("ROLLBACK")
+            else:
+                store.db.execute("COMMIT")
+        finally:
+            store._in_tx = False
+
+
 class Store:
     """The controller's state. Use from one thread; group writes with :meth:`transaction`.
 
@@ -354,47 +394,22 @@ class Store:
         row = self.db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()
         return int(row[0] or 0)
 
-    @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self) -> _Transaction:
         """All writes inside commit together or not at all.
 
         Nested inside another, it is a savepoint: if its block raises, its own writes are
         undone and the exception goes on; the outer transaction decides about the rest. So
         a batch of messages handled in one transaction (the controller's inbox) can drop one
-        message's writes without losing the others'.
+        message's writes without losing the others'. (A class, not a generator: the inbox
+        takes one savepoint per device message.)
         """
-        if self._in_tx:
-            self._savepoints += 1
-            name = f"sp{self._savepoints}"
-            self.db.execute(f"SAVEPOINT {name}")
-            try:
-                yield
-            except BaseException:
-                self._devices_written = None
-                self._generations = {}
-                self._forget_memo()
-                self.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
-                self.db.execute(f"RELEASE SAVEPOINT {name}")
-                raise
-            else:
-                self.db.execute(f"RELEASE SAVEPOINT {name}")
-            finally:
-                self._savepoints -= 1
-            return
-        self.db.execute("BEGIN IMMEDIATE" if self.kind == "sqlite" else "BEGIN")
-        self._in_tx = True
-        try:
-            yield
-        except BaseException:
-            self._devices_written = None  # what was read inside may be gone: anything may have changed
-            self._generations = {}
-            self._forget_memo()
-            self.db.execute("ROLLBACK")
-            raise
-        else:
-            self.db.execute("COMMIT")
-        finally:
-            self._in_tx = False
+        return _Transaction(self)
+
+    def _rolled_back(self) -> None:
+        """What was read or written inside a transaction undone may be gone: forget it."""
+        self._devices_written = None
+        self._generations = {}
+        self._forget_memo()
 
     def close(self) -> None:
         self.db.close()

@@ -233,3 +233,21 @@ def test_the_fleet_view_summarises_a_report_as_the_report_itself_does(reported: 
     after a restart with, instead of parsing the stored one) is the report's own summary."""
     seen = Seen.of(Device(id="pi-1", status="online", reported=reported))
     assert ReportSummary.of_seen(seen) == ReportSummary.of(reported)
+
+
+@given(st.lists(_reports(), min_size=1, max_size=6), st.lists(st.integers(0, 5), min_size=1, max_size=12))
+@settings(max_examples=100, deadline=None)
+def test_a_summary_made_from_shared_statuses_is_the_report_s_own(
+    reports: list[ReportedState], order: list[int]
+) -> None:
+    """Reports decoded through one FieldMemo share their stack statuses, and their summary is
+    made once per set of statuses: it is still each report's own (generation, errors,
+    crash loops), whatever order reports with equal and different statuses come in."""
+    memo = codec.FieldMemo(ReportedState, "stacks")
+    for i in order:
+        report = reports[i % len(reports)]
+        shared = memo.decode(codec.encode(report))
+        fresh = ReportedState.model_validate(report.model_dump())  # new objects, nothing shared
+        assert ReportSummary.of(shared) == ReportSummary.of(fresh) == ReportSummary.of_seen(
+            Seen.of(Device(id="pi-1", status="online", reported=fresh))
+        )
