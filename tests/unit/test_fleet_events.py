@@ -248,6 +248,8 @@ def test_a_summary_made_from_shared_statuses_is_the_report_s_own(
         report = reports[i % len(reports)]
         shared = memo.decode(codec.encode(report))
         fresh = ReportedState.model_validate(report.model_dump())  # new objects, nothing shared
-        assert ReportSummary.of(shared) == ReportSummary.of(fresh) == ReportSummary.of_seen(
-            Seen.of(Device(id="pi-1", status="online", reported=fresh))
+        assert (
+            ReportSummary.of(shared)
+            == ReportSummary.of(fresh)
+            == ReportSummary.of_seen(Seen.of(Device(id="pi-1", status="online", reported=fresh)))
         )
