@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from tether.protocol import codec, names, topics
-from tether.protocol.models import DesiredState, EventsAcked, StackDefinition
+from tether.protocol.models import MAX_COUNTER, DesiredState, EventsAcked, StackDefinition
 from tether.protocol.topics import DeviceTopic
 from tether.protocol.transport import Transport
 
@@ -213,6 +213,7 @@ class Publisher:
     ) -> bool:
         """Publish desired states in acknowledged batches; collect the acknowledged records.
         False if one was not acknowledged (the rest stays unpublished)."""
+        templates: dict[tuple[int, ...], tuple[DesiredRecord, codec.Template]] = {}
         for start in range(0, len(unpublished), self.PUBLISH_BATCH):
             batch = unpublished[start : start + self.PUBLISH_BATCH]
             table = self.access.table
@@ -222,21 +223,7 @@ class Publisher:
                     table.set_stacks(assigned)
                     if self.access.on_credentials_changed is not None:
                         self.access.on_credentials_changed()
-            payloads = [
-                codec.encode(
-                    DesiredState(
-                        device_id=r.device_id,
-                        generation=r.generation,
-                        stacks=r.stacks,
-                        jobs=r.jobs,
-                        vars=r.vars,
-                        registries=r.registries,
-                        stage=r.stage,
-                        issued_at=now,
-                    )
-                )
-                for r in batch
-            ]
+            payloads = [_desired_payload(r, now, templates) for r in batch]
             # One that can never be sent stays unpublished (the device keeps its current
             # state) and does not hold back the others.
             sized = [
@@ -451,6 +438,33 @@ class Publisher:
             device_ids, self._publish_after = self._publish_after, set()
             publish_all, self._publish_all = self._publish_all, False
             self.publish_pending(None if publish_all else device_ids)
+
+
+def _desired_payload(
+    record: DesiredRecord, now: float, templates: dict[tuple[int, ...], tuple[DesiredRecord, codec.Template]]
+) -> bytes:
+    """The encoded :class:`DesiredState` of ``record`` issued at ``now``: the bytes of
+    ``codec.encode(DesiredState(...))``, made from a :class:`codec.Template` of the first record
+    with the same stacks, jobs, variables, registries and stage (the same objects: a deploy's
+    records share them), only its id and generation packed per device. ``templates``: those of
+    this pass (one ``now``)."""
+    key = (id(record.stacks), id(record.jobs), id(record.vars), id(record.registries), id(record.stage))
+    hit = templates.get(key)
+    if hit is not None and 0 <= record.generation <= MAX_COUNTER:  # DesiredState's bounds
+        return hit[1].encode(record.device_id, record.generation)
+    state = DesiredState(
+        device_id=record.device_id,
+        generation=record.generation,
+        stacks=record.stacks,
+        jobs=record.jobs,
+        vars=record.vars,
+        registries=record.registries,
+        stage=record.stage,
+        issued_at=now,
+    )
+    if hit is None:  # the record is kept with it: the objects whose ids are the key stay alive
+        templates[key] = (record, codec.Template(state, ("device_id", "generation")))
+    return codec.encode(state)
 
 
 _TOO_LARGE: set[tuple[str, int]] = set()

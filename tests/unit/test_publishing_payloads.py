@@ -1,0 +1,94 @@
+"""Desired state payloads made from a shared template (controller/publishing.py, codec.Template):
+byte for byte what encoding each DesiredState gives."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from pydantic import ValidationError
+from tether.controller.models import DesiredRecord
+from tether.controller.publishing import _desired_payload
+from tether.protocol import codec
+from tether.protocol.models import (
+    MAX_COUNTER,
+    DesiredState,
+    Event,
+    JobSpec,
+    RegistryAuth,
+    StackRef,
+    VarBinding,
+)
+
+
+def _state(record: DesiredRecord, now: float) -> bytes:
+    return codec.encode(
+        DesiredState(
+            device_id=record.device_id,
+            generation=record.generation,
+            stacks=record.stacks,
+            jobs=record.jobs,
+            vars=record.vars,
+            registries=record.registries,
+            stage=record.stage,
+            issued_at=now,
+        )
+    )
+
+
+def test_template_payloads_equal_each_encoded_desired_state() -> None:
+    """Records sharing stacks, jobs, variables, registries and stage (or not; set or left out
+    of the map while empty), with ids of every length class and generations up to the bound,
+    give the bytes of their own encoded DesiredState."""
+    rng = random.Random(21)
+    one = (StackRef(name="app", spec_hash="a" * 64),)
+    two = (StackRef(name="app", spec_hash="b" * 64), StackRef(name="db", spec_hash="c" * 64))
+    jobs = (JobSpec(name="backup", command=("sh", "-c", "true"), every_s=60),)
+    bindings = (VarBinding(stack="app", ref="db/password", digest="d" * 16, sealed="c2VhbGVk"),)
+    auths = (RegistryAuth(host="registry.example:5000", digest="e" * 16, sealed="YXV0aA=="),)
+    shapes = [
+        dict(stacks=one),
+        dict(stacks=two, jobs=jobs),
+        dict(stacks=one, vars=bindings, registries=auths),
+        dict(stacks=(), stage=two),
+        dict(),
+    ]
+    ids = ["d", "dev-1", "x" * 31, "y" * 32, "z" * 200, "ü-device"]
+    generations = [0, 1, 127, 128, 255, 256, 65_535, 65_536, 2**32, MAX_COUNTER]
+    templates: dict[tuple[int, ...], tuple[DesiredRecord, codec.Template]] = {}
+    now = 1_765_000_000.123456
+    for _ in range(300):
+        record = DesiredRecord.model_construct(
+            device_id=rng.choice(ids),
+            generation=rng.choice(generations),
+            published=False,
+            **{"stacks": (), "jobs": (), "vars": (), "registries": (), "stage": (), **rng.choice(shapes)},
+        )
+        assert _desired_payload(record, now, templates) == _state(record, now)
+    assert len(templates) == len(shapes)
+
+
+def test_a_generation_out_of_bounds_is_refused_as_before() -> None:
+    """A generation DesiredState refuses is refused with a template at hand too (validated)."""
+    templates: dict[tuple[int, ...], tuple[DesiredRecord, codec.Template]] = {}
+    stacks = (StackRef(name="app", spec_hash="a" * 64),)
+    ok = DesiredRecord(device_id="a", generation=1, stacks=stacks)
+    _desired_payload(ok, 1.0, templates)
+    for generation in (-1, MAX_COUNTER + 1):
+        bad = ok.model_copy(update={"generation": generation})
+        with pytest.raises(ValidationError):
+            _desired_payload(bad, 1.0, templates)
+
+
+def test_template_refuses_what_it_cannot_vary_and_values_of_another_type() -> None:
+    """A field left out while unset cannot vary, nor a structured one; a value of another type
+    than the model's is refused rather than encoded differently from a copy."""
+    event = Event(device_id="d", seq=1, kind="k", message="m", at=1.5)
+    with pytest.raises(ValueError, match="cannot vary"):
+        codec.Template(DesiredState(device_id="d", generation=1), ("vars",))
+    with pytest.raises(ValueError, match="not a plain value"):
+        codec.Template(DesiredState(device_id="d", generation=1), ("stacks",))
+    template = codec.Template(event, ("seq", "at"))
+    assert template.encode(7, 2.5) == codec.encode(event.model_copy(update={"seq": 7, "at": 2.5}))
+    with pytest.raises(TypeError):
+        template.encode(7, 2)  # an int where the model has a float: msgpack would differ
