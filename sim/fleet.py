@@ -56,7 +56,6 @@ from typing import Any, TypeVar
 
 from tether.agent.core import AgentCore
 from tether.agent.request_gate import publish_reply
-from tether.agent.store import MemoryStore
 from tether.protocol import __version__
 from tether.protocol.backoff import Backoff
 from tether.protocol.device_api import DeviceReply, FactsCommand, HostFacts
@@ -68,7 +67,8 @@ from tether.protocol.transport import Will
 
 from . import hashcache
 from .driver import SimDriver
-from .mqtt import Counters, MqttSession
+from .mqtt import Counters, MqttSession, WriteBatch
+from .store import SimStore
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class FleetConfig:
         return labels
 
 
-def _session_from_clock(store: MemoryStore, clock: Callable[[], float]) -> MemoryStore:
+def _session_from_clock(store: SimStore, clock: Callable[[], float]) -> SimStore:
     """Session numbers from the Unix time on, as the agent's FileStore numbers them when its
     data dir is new: a simulator process started again for the same devices (their memory
     gone, like a wiped device) is not taken by the controller for an older session of them."""
@@ -192,6 +192,7 @@ class SimDevice:
             on_message=self._on_message,
             on_connect=self._on_connect,
             on_disconnect=self._on_lost,
+            batch=fleet.writes,
         )
         facts = DeviceFacts(
             agent_version=__version__,
@@ -206,7 +207,7 @@ class SimDevice:
             device_id,
             labels,
             self.driver,
-            _session_from_clock(MemoryStore(), fleet.clock),
+            _session_from_clock(SimStore(), fleet.clock),
             self,
             facts=facts,
             clock=fleet.clock,
@@ -483,6 +484,8 @@ class Fleet:
         if config.cache_hashes:
             hashcache.install()
         self.counters = Counters()
+        self.writes = WriteBatch()
+        """The sessions' writes, made together once per loop iteration."""
         self.backoff = Backoff(config.backoff_base, config.backoff_cap, self.rng)
         self.devices: list[SimDevice] = []
         self.connack_times: list[float] = []

@@ -51,6 +51,12 @@ DISCONNECT = 0xE0
 _PINGREQ = bytes((PINGREQ, 0))
 _DISCONNECT = bytes((DISCONNECT, 0))
 _PACK_H = struct.Struct("!H")
+_ACK = struct.Struct("!BBH")
+"""PUBACK, PUBREC, PUBCOMP: the packet type, remaining length 2, the packet id."""
+_TOPIC_HEADERS_KEPT = 65_536
+_topic_headers: dict[str, bytes] = {}
+"""A topic's length-prefixed UTF-8 (``_str``), made once: a device publishes to a few topics of
+its own again and again (its reports, events, presence)."""
 
 
 class ProtocolError(Exception):
@@ -59,6 +65,10 @@ class ProtocolError(Exception):
 
 def varint(n: int) -> bytes:
     """The MQTT remaining-length encoding of ``n``."""
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -103,12 +113,46 @@ def connect_packet(
     return packet(CONNECT, header + payload)
 
 
+def _topic_header(topic: str) -> bytes:
+    header = _topic_headers.get(topic)
+    if header is None:
+        if len(_topic_headers) >= _TOPIC_HEADERS_KEPT:
+            _topic_headers.clear()
+        header = _topic_headers[topic] = _str(topic)
+    return header
+
+
 def publish_packet(
     topic: str, payload: bytes, qos: int, retain: bool, pid: int = 0, dup: bool = False
 ) -> bytes:
     first = PUBLISH | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
-    body = _str(topic) + (_PACK_H.pack(pid) if qos else b"") + payload
-    return packet(first, body)
+    header = _topic_header(topic)
+    if qos:
+        length = len(header) + 2 + len(payload)
+        return b"".join((bytes((first,)), varint(length), header, _PACK_H.pack(pid), payload))
+    return b"".join((bytes((first,)), varint(len(header) + len(payload)), header, payload))
+
+
+class WriteBatch:
+    """Sessions with bytes to send, written together once per loop iteration: one loop
+    callback for all of a fleet's sessions instead of one per session (each session still
+    writes everything it has in one ``send()``, as before)."""
+
+    def __init__(self) -> None:
+        self._dirty: list[MqttSession] = []
+
+    def add(self, session: MqttSession) -> None:
+        if not self._dirty:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._dirty.append(session)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        if not dirty:
+            return
+        now = asyncio.get_running_loop().time()
+        for session in dirty:
+            session._flush(now)
 
 
 @dataclass
@@ -148,8 +192,11 @@ class MqttSession(asyncio.Protocol):
         on_message: MessageHandler | None = None,
         on_connect: Callable[[], None] | None = None,
         on_disconnect: Callable[[], None] | None = None,
+        batch: WriteBatch | None = None,
     ) -> None:
+        """``batch``: shared by a fleet's sessions (:class:`WriteBatch`); its own by default."""
         self.client_id = client_id
+        self._batch = batch if batch is not None else WriteBatch()
         self.counters = counters
         self.keepalive = keepalive
         self.clean_session = clean_session
@@ -342,18 +389,22 @@ class MqttSession(asyncio.Protocol):
         self._wbuf.append(data)
         if not self._flush_pending:
             self._flush_pending = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._batch.add(self)
 
-    def _flush(self) -> None:
+    def _flush(self, now: float | None = None) -> None:
+        """Write what was sent since the last flush, in one ``send()``; ``now``: the loop's time."""
         self._flush_pending = False
-        if not self._wbuf or self.transport is None:
-            self._wbuf.clear()
+        wbuf = self._wbuf
+        if not wbuf:
             return
-        data = b"".join(self._wbuf) if len(self._wbuf) > 1 else self._wbuf[0]
-        self._wbuf.clear()
+        if self.transport is None:
+            wbuf.clear()
+            return
+        data = b"".join(wbuf) if len(wbuf) > 1 else wbuf[0]
+        wbuf.clear()
         self.counters.bytes_out += len(data)
         self.transport.write(data)
-        self._last_out = asyncio.get_running_loop().time()
+        self._last_out = asyncio.get_running_loop().time() if now is None else now
 
     def _packet(self, first: int, body: bytes) -> None:
         self.counters.packets_in += 1
@@ -367,9 +418,9 @@ class MqttSession(asyncio.Protocol):
                 pid = _PACK_H.unpack_from(body, pos)[0]
                 pos += 2
                 if qos == 1:
-                    self._send(bytes((PUBACK, 2)) + _PACK_H.pack(pid))
+                    self._send(_ACK.pack(PUBACK, 2, pid))
                 else:
-                    self._send(bytes((PUBREC, 2)) + _PACK_H.pack(pid))
+                    self._send(_ACK.pack(PUBREC, 2, pid))
                     if pid in self._qos2_in:
                         return
                     self._qos2_in.add(pid)
@@ -381,7 +432,7 @@ class MqttSession(asyncio.Protocol):
         elif kind == PUBREL:
             pid = _PACK_H.unpack_from(body)[0]
             self._qos2_in.discard(pid)
-            self._send(bytes((PUBCOMP, 2)) + _PACK_H.pack(pid))
+            self._send(_ACK.pack(PUBCOMP, 2, pid))
         elif kind == CONNACK:
             self._on_connack(body)
         elif kind == PINGRESP:
