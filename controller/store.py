@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar, cast
 from pydantic import BaseModel
 from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
-from tether.protocol.heap import share_field_sets
+from tether.protocol.heap import share_field_sets, shared_copy
 from tether.protocol.models import ReportedState, StackSpec
 from tether.protocol.secret_files import private_file
 
@@ -702,7 +702,7 @@ class Store:
             rows.append((record.device_id, record.generation))
             hit = self._desired.rows.get(record.device_id)
             if hit is not None and hit[2].generation == record.generation:
-                self._desired.retag(record.device_id, True, hit[2].model_copy(update={"published": True}))
+                self._desired.retag(record.device_id, True, shared_copy(hit[2], {"published": True}))
         self.db.executemany("UPDATE desired SET published = 1 WHERE device_id = ? AND generation = ?", rows)
 
     def mark_all_unpublished(self) -> None:
