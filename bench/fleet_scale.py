@@ -241,12 +241,37 @@ def deploy(
     }
 
 
+class RssSampler:
+    """The highest RSS of ``pid`` over a phase, read every ``interval`` seconds (VmHWM tells
+    only the process's peak over its whole life: the deploys' included)."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.pid, self.interval, self.peak_mb = pid, interval, 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+            self._done.wait(self.interval)
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return round(self.peak_mb, 1)
+
+
 def storm(
     sims: Sims, edges: list[Mosquitto], ctl: Controller, central: Mosquitto, n: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     before = {i: d["session"] for i, d in controller_view(central.url).items()}
     connects0 = {id(p): p.status["connects"] if p.status else 0 for p in sims.procs}
     controller, sim0, load0 = CpuMeter(ctl.pid), sims.cpu_s(), load_average()
+    rss0, sampler = memory(ctl.pid)["rss_mb"], RssSampler(ctl.pid)
     t0 = time.monotonic()
     for edge in edges:
         edge.stop()
@@ -277,6 +302,7 @@ def storm(
     except (TimeoutError, RuntimeError) as exc:
         log(f"storm: {exc}")
     log(f"storm: the controller sees every device back after {seen} s")
+    rss_peak = sampler.stop()
     not_connected = sum(max(0, p.count - p.status["connected"]) if p.status else p.count for p in sims.procs)
     return {
         "edge_restart_s": rnd(restart_s),
@@ -286,6 +312,7 @@ def storm(
         "controller_cpu_s": rnd(controller.seconds()),
         "controller_cpu_ms_per_device": per_device_ms(controller.seconds(), n),
         "simulators_cpu_s": rnd(sims.cpu_s() - sim0),
+        "controller_rss_mb": [rss0, rss_peak, memory(ctl.pid)["rss_mb"]],
         "load_average": [load0, load_average()],
     }
 
@@ -509,6 +536,9 @@ def rows(data: dict[str, Any]) -> list[Row]:
         Row("storm: controller CPU", s["controller_cpu_s"], " s"),
         Row("storm: controller CPU per device", s["controller_cpu_ms_per_device"], " ms"),
         Row("storm: simulators CPU", s["simulators_cpu_s"], " s"),
+        Row(
+            "storm: controller RSS before / peak / after", " / ".join(map(str, s["controller_rss_mb"])), " MB"
+        ),
     ]
     c = data["bridge_checks"]
     if c:
