@@ -30,7 +30,8 @@ are labelled ``bench=fleet`` and matched by one group. In order:
   must bring them to the current generation, and the controller must see them back.
 
 Controller CPU is read for each phase (and per device), its RSS once every device is
-registered and idle, and its peak (VmHWM) at the end.
+registered and idle, over the storm (sampled) and its peak (VmHWM) at the end. With
+``TETHER_BENCH_PROFILE_STORM=FILE`` py-spy samples the controller over the storm alone.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -265,6 +269,17 @@ class RssSampler:
         return round(self.peak_mb, 1)
 
 
+def storm_profile(pid: int) -> subprocess.Popen[bytes] | None:
+    """With ``TETHER_BENCH_PROFILE_STORM=FILE``: py-spy (not a project dependency) samples the
+    controller from the edge brokers' stop until it shows every device back, into FILE (raw)."""
+    out = os.environ.get("TETHER_BENCH_PROFILE_STORM")
+    if not out:
+        return None
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    argv = [spy, "record", "--pid", str(pid), "--format", "raw", "-r", "100", "-o", out]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def storm(
     sims: Sims, edges: list[Mosquitto], ctl: Controller, central: Mosquitto, n: int, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -272,6 +287,7 @@ def storm(
     connects0 = {id(p): p.status["connects"] if p.status else 0 for p in sims.procs}
     controller, sim0, load0 = CpuMeter(ctl.pid), sims.cpu_s(), load_average()
     rss0, sampler = memory(ctl.pid)["rss_mb"], RssSampler(ctl.pid)
+    spy = storm_profile(ctl.pid)
     t0 = time.monotonic()
     for edge in edges:
         edge.stop()
@@ -303,6 +319,9 @@ def storm(
         log(f"storm: {exc}")
     log(f"storm: the controller sees every device back after {seen} s")
     rss_peak = sampler.stop()
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+        spy.wait(60)
     not_connected = sum(max(0, p.count - p.status["connected"]) if p.status else p.count for p in sims.procs)
     return {
         "edge_restart_s": rnd(restart_s),
