@@ -9,7 +9,9 @@ device reports it running, and one step starts every healthy timer. Then, for 0 
 steps held back) and one step is timed (process CPU), alternately a ``converging`` report
 (their healthy timers stop: entries change and the deployment is stored) and a
 ``running`` one from the next devices (running already: no entry changes). End to end a step runs about every second while devices report, each
-seeing a fraction of the group changed: that is what this measures.
+seeing a fraction of the group changed: that is what this measures. One more converging
+step per share, not timed, gives what a step writes to the store (rows changed, and the
+bytes of the pages SQLite writes to its write-ahead log).
 """
 
 from __future__ import annotations
@@ -91,12 +93,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             t0 = time.process_time()
             controller.advance_deployments(force=True)
             (stored if rep % 2 == 0 else unstored).append(1000 * (time.process_time() - t0))
+        # One more converging step, not timed: what it writes to the store (rows, WAL pages).
+        chosen = ids if k >= n else (ids[(args.reps * k) % n :] + ids)[:k]
+        ingest(chosen, "converging")
+        rows_written, bytes_written = traced_step(controller, store)
         shares.append(
             {
                 "share": share,
                 "devices_changed": k,
                 "ms_converging": rnd(statistics.median(stored), 3),
                 "ms_running": rnd(statistics.median(unstored), 3),
+                "rows_written": rows_written,
+                "kb_written": rnd(bytes_written / 1000, 1),
             }
         )
     latest = store.latest_deployments()["app"]
@@ -110,6 +118,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+def traced_step(controller: Controller, store: Store) -> tuple[int, int]:
+    """One step, and what it wrote to the store: rows changed, and bytes written (the pages
+    SQLite appended to its write-ahead log, emptied first)."""
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = store.db.total_changes
+    controller.advance_deployments(force=True)
+    rows_written = store.db.total_changes - before
+    _, frames, _ = store.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    (page,) = store.db.execute("PRAGMA page_size").fetchone()
+    return rows_written, int(frames) * int(page)
+
+
 def rows(data: dict[str, Any]) -> list[Row]:
     out = [
         Row("devices", data["devices"]),
@@ -119,6 +139,8 @@ def rows(data: dict[str, Any]) -> list[Row]:
         label = f"{s['share']:.0%} of devices changed"
         out.append(Row(f"{label}: a step after converging reports (median)", s["ms_converging"], " ms"))
         out.append(Row(f"{label}: a step after running reports (median)", s["ms_running"], " ms"))
+        out.append(Row(f"{label}: store rows written by a converging step", s["rows_written"]))
+        out.append(Row(f"{label}: store writes of a converging step", s["kb_written"], " KB"))
     return out
 
 

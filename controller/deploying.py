@@ -105,7 +105,8 @@ class Deployer:
                 or nxt.state == "reverted"
             )
             with self.store.transaction():
-                self.store.put_deployment(nxt)
+                # only the entries this step changed are written (with the deployment's header)
+                self.store.put_deployment(nxt, deployment, self._progress[deployment.id].changed)
                 if nxt.state != deployment.state:
                     log.info("deployment %d of %s: %s %s", nxt.id, nxt.stack, nxt.state, nxt.message or "")
                     self._note(deployment, nxt)

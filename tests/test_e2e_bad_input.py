@@ -74,8 +74,6 @@ def fleet(
             "--group",
             "g1",
             "--wait",
-            "--min-healthy-time",
-            "1s",
             "--timeout",
             "60",
         )
