@@ -30,7 +30,8 @@ are labelled ``bench=fleet`` and matched by one group. In order:
   must bring them to the current generation, and the controller must see them back.
 
 Controller CPU is read for each phase (and per device), its RSS once every device is
-registered and idle, and its peak (VmHWM) at the end.
+registered and idle, over the storm (sampled) and its peak (VmHWM) at the end. With
+``TETHER_BENCH_PROFILE_STORM=FILE`` py-spy samples the controller over the storm alone.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -241,12 +245,49 @@ def deploy(
     }
 
 
+class RssSampler:
+    """The highest RSS of ``pid`` over a phase, read every ``interval`` seconds (VmHWM tells
+    only the process's peak over its whole life: the deploys' included)."""
+
+    def __init__(self, pid: int, interval: float = 0.25) -> None:
+        self.pid, self.interval, self.peak_mb = pid, interval, 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            with contextlib.suppress(OSError, ValueError), open(f"/proc/{self.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+            self._done.wait(self.interval)
+
+    def stop(self) -> float:
+        self._done.set()
+        self._thread.join()
+        return round(self.peak_mb, 1)
+
+
+def storm_profile(pid: int) -> subprocess.Popen[bytes] | None:
+    """With ``TETHER_BENCH_PROFILE_STORM=FILE``: py-spy (not a project dependency) samples the
+    controller from the edge brokers' stop until it shows every device back, into FILE (raw)."""
+    out = os.environ.get("TETHER_BENCH_PROFILE_STORM")
+    if not out:
+        return None
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    argv = [spy, "record", "--pid", str(pid), "--format", "raw", "-r", "100", "-o", out]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def storm(
     sims: Sims, edges: list[Mosquitto], ctl: Controller, central: Mosquitto, n: int, args: argparse.Namespace
 ) -> dict[str, Any]:
     before = {i: d["session"] for i, d in controller_view(central.url).items()}
     connects0 = {id(p): p.status["connects"] if p.status else 0 for p in sims.procs}
     controller, sim0, load0 = CpuMeter(ctl.pid), sims.cpu_s(), load_average()
+    rss0, sampler = memory(ctl.pid)["rss_mb"], RssSampler(ctl.pid)
+    spy = storm_profile(ctl.pid)
     t0 = time.monotonic()
     for edge in edges:
         edge.stop()
@@ -277,6 +318,10 @@ def storm(
     except (TimeoutError, RuntimeError) as exc:
         log(f"storm: {exc}")
     log(f"storm: the controller sees every device back after {seen} s")
+    rss_peak = sampler.stop()
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its samples and exits
+        spy.wait(60)
     not_connected = sum(max(0, p.count - p.status["connected"]) if p.status else p.count for p in sims.procs)
     return {
         "edge_restart_s": rnd(restart_s),
@@ -286,6 +331,7 @@ def storm(
         "controller_cpu_s": rnd(controller.seconds()),
         "controller_cpu_ms_per_device": per_device_ms(controller.seconds(), n),
         "simulators_cpu_s": rnd(sims.cpu_s() - sim0),
+        "controller_rss_mb": [rss0, rss_peak, memory(ctl.pid)["rss_mb"]],
         "load_average": [load0, load_average()],
     }
 
@@ -509,6 +555,9 @@ def rows(data: dict[str, Any]) -> list[Row]:
         Row("storm: controller CPU", s["controller_cpu_s"], " s"),
         Row("storm: controller CPU per device", s["controller_cpu_ms_per_device"], " ms"),
         Row("storm: simulators CPU", s["simulators_cpu_s"], " s"),
+        Row(
+            "storm: controller RSS before / peak / after", " / ".join(map(str, s["controller_rss_mb"])), " MB"
+        ),
     ]
     c = data["bridge_checks"]
     if c:

@@ -324,15 +324,16 @@ class Controller:
         Takes what is already waiting in the inbox, up to :data:`INGEST_BATCH` messages, and
         commits once: one write transaction per burst instead of one per message (a deploy
         to 10,000 devices brings 20,000 reports and events within seconds). Each message has
-        its own savepoint, so one that fails leaves nothing behind and the others still
-        count. Returns the first message that is not of the kind (handled next, in order).
+        its own unit of the batch's savepoint (:class:`~.store.Batch`), so one that fails
+        leaves nothing behind and the others still count. Returns the first message that is
+        not of the kind (handled next, in order).
         """
         held: tuple[str, bytes] | None = None
-        with self.store.transaction():
+        with self.store.transaction(), self.store.batch() as batch:
             for handled in range(1, INGEST_BATCH + 1):
                 mark = len(self.context.events.due)
                 try:
-                    with self.store.transaction():
+                    with batch.unit():
                         self._dispatch(topic, payload)
                 except Exception:
                     del self.context.events.due[mark:]  # its writes were undone: so are its events

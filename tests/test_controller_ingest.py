@@ -380,3 +380,54 @@ def test_reports_of_a_batch_are_stored_once_per_device_newest_first(tmp_path: Pa
     assert writes == [["d-1@3", "d-2@5"]]
     assert {d.id: d.reported.generation for d in store.list_devices() if d.reported} == {"d-1": 3, "d-2": 5}
     store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store's target: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "tether.db")
+
+
+@pytest.mark.store
+def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
+    db_target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message whose handling fails after it wrote (here once its event is stored) leaves
+    no row and no fleet event; the messages before it in the batch (their writes undone with
+    the batch's savepoint and written again) and after it count, each once."""
+    store = Store(db_target)
+    controller = Controller(store)
+    controller.leading.set()
+    note_stored = controller.context.publisher.note_stored
+
+    def failing(device_id: str, seq: int, oldest: int) -> None:
+        if device_id == "d-1":
+            raise RuntimeError("injected failure")
+        note_stored(device_id, seq, oldest)
+
+    controller.context.publisher.note_stored = failing  # type: ignore[method-assign]
+
+    def presence(device_id: str) -> tuple[str, bytes]:
+        return topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(
+            Presence(device_id=device_id, status="online", session=1)
+        )
+
+    def event(device_id: str, seq: int) -> tuple[str, bytes]:
+        return topics.device(device_id, DeviceTopic.EVENTS), codec.encode(
+            Event(device_id=device_id, seq=seq, kind="desired.applied", message="applied", oldest=seq)
+        )
+
+    for message in (presence("d-1"), event("d-0", 1), event("d-1", 1), presence("d-2"), event("d-2", 1)):
+        controller.inbox.put(message)
+    assert controller._ingest(*presence("d-0")) is None
+    assert [d.id for d in store.list_devices()] == ["d-0", "d-1", "d-2"]
+    assert {d: len(store.list_events(d)) for d in ("d-0", "d-1", "d-2")} == {"d-0": 1, "d-1": 0, "d-2": 1}
+    assert sorted((e.kind, e.subject) for e in controller.context.events.due) == [
+        ("device.online", f"devices/{d}") for d in ("d-0", "d-1", "d-2")
+    ]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
+        f"failed to handle a message on {topics.device('d-1', DeviceTopic.EVENTS)}"
+    ]
+    store.close()

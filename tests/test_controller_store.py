@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,6 +135,35 @@ def test_nested_transaction_that_fails_undoes_only_its_own_writes(store: Store) 
             store.put_device(device("pi-3"))
     assert [d.id for d in store.list_devices()] == ["pi-1", "pi-3"]
     assert store.get_group("edge") is None
+
+
+def test_a_unit_of_a_batch_that_fails_undoes_only_its_own_writes(store: Store) -> None:
+    """Units of a batch share one savepoint: one that raises leaves nothing behind, and what
+    the units before it wrote (rows, counters, reports in one statement, a savepoint of
+    their own) and after it stays, each exactly once."""
+    with store.transaction(), store.batch() as batch:
+        with batch.unit():
+            store.put_device(device("pi-1"))
+            store.put_reported_many([("pi-1", ReportedState(device_id="pi-1", generation=4))])
+            assert store.count_dropped("pi-1", "event_trimmed") == 1
+            with pytest.raises(RuntimeError), store.transaction():  # undone within the unit
+                store.put_device(device("pi-9"))
+                raise RuntimeError("inner")
+            store.add_event("pi-1", 1, '{"kind": "a"}')
+        with pytest.raises(RuntimeError, match="one message"), batch.unit():
+            store.put_device(device("pi-2"))
+            store.count_dropped("pi-1", "event_trimmed")
+            store.add_event("pi-1", 2, '{"kind": "b"}')
+            raise RuntimeError("one message")
+        assert store.reported_generation("pi-1") == 4  # read again after the rollback
+        with batch.unit():
+            store.put_device(device("pi-3"))
+            assert store.count_dropped("pi-1", "event_trimmed") == 2
+    assert [d.id for d in store.list_devices()] == ["pi-1", "pi-3"]
+    got = store.get_device("pi-1")
+    assert got is not None and got.reported is not None and got.reported.generation == 4
+    assert store.dropped("pi-1") == {"event_trimmed": 2}
+    assert [json.loads(body)["kind"] for body in store.list_events("pi-1")] == ["a"]
 
 
 def test_a_report_rewrites_only_the_reported_state(store: Store) -> None:

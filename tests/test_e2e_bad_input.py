@@ -74,6 +74,8 @@ def fleet(
             "--group",
             "g1",
             "--wait",
+            "--min-healthy-time",
+            "1s",
             "--timeout",
             "60",
         )

@@ -92,7 +92,19 @@ def test_two_devices_one_engine_and_a_locked_device(
     )
     iot.write_text(text)
     deploy = cli(
-        broker, "stacks", "deploy", str(iot), "--name", "iot", "--group", "lab", "--wait", "--timeout", "120"
+        broker,
+        "stacks",
+        "deploy",
+        str(iot),
+        "--name",
+        "iot",
+        "--group",
+        "lab",
+        "--wait",
+        "--min-healthy-time",
+        "1s",
+        "--timeout",
+        "120",
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 

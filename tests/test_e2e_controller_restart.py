@@ -64,6 +64,8 @@ def test_restart_keeps_state_and_publishes_only_changes(tmp_path: Path, mosquitt
             "--group",
             "one",
             "--wait",
+            "--min-healthy-time",
+            "1s",
             "--timeout",
             "60",
         )

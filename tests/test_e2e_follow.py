@@ -34,7 +34,7 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
         stack = tmp_path / "app.yml"
         stack.write_text(STACK.format(mark="v1"))
         argv = [PY, "-m", "tether.cli.main", "stacks", "deploy", str(stack), "--name", "app", "--group", "one",
-                "--min-healthy-time", "20s", "--wait", "--broker", url]  # fmt: skip
+                "--min-healthy-time", "8s", "--wait", "--broker", url]  # fmt: skip
         waiting = _Proc(argv, tmp_path / "wait.log")
         try:
             waiting.wait_for_line(r"follow-1: updating \(batch 1\), healthy in", 60)
@@ -51,7 +51,7 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
         assert "follow-1: healthy (batch 1)" in followed.stdout
         assert f"deployment {deployment} of app: succeeded" in followed.stdout
         strategy = next(s for s in followed.stdout.splitlines() if s.startswith("strategy:"))
-        assert strategy == "strategy:   all-at-once (healthy after 20s, deadline 5m, downloads within 1d)"
+        assert strategy == "strategy:   all-at-once (healthy after 8s, deadline 5m, downloads within 1d)"
         version = re.search(r"version:\s+- -> ([0-9a-f]{12})", followed.stdout)
         assert version, followed.stdout
         # What the agent said of this version, from `deployments events`: the service created.
@@ -68,7 +68,7 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
         assert any(ln.startswith("+") and "v2" in ln for ln in planned.stdout.splitlines()), planned.stdout
         assert any(ln.startswith("-") and "v1" in ln for ln in planned.stdout.splitlines()), planned.stdout
         timed_out = cli(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "one",
-                        "--min-healthy-time", "30s", "--wait", "--timeout", "2s")  # fmt: skip
+                        "--min-healthy-time", "8s", "--wait", "--timeout", "2s")  # fmt: skip
         assert timed_out.returncode == 1
         m = re.search(r"timed out after 2s; deployment (\d+) goes on and still waits for follow-1 "
                       r"\(tether deployments status (\d+) --follow\)", timed_out.stderr)  # fmt: skip
@@ -100,7 +100,7 @@ def test_ctrl_c_timeout_and_follow_again(tmp_path: Path) -> None:
         # A service that cannot start: the deployment's status lists what the device said.
         stack.write_text('services:\n  app:\n    command: ["/nonexistent/program"]\n')
         failed = cli(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "one", "--wait",
-                     "--healthy-deadline", "10s")  # fmt: skip
+                     "--healthy-deadline", "5s")  # fmt: skip
         assert failed.returncode == 1, failed.stdout + failed.stderr
         broken = re.search(r"deployment (\d+) \(all-at-once\)", failed.stdout)
         assert broken, failed.stdout

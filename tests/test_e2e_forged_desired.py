@@ -90,6 +90,8 @@ def _deploy(fleet: dict[str, Any], version: int) -> dict[str, Any]:
         "--group",
         "g1",
         "--wait",
+        "--min-healthy-time",
+        "1s",
         "--timeout",
         "60",
     )

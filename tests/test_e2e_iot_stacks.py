@@ -182,10 +182,14 @@ def test_three_iot_stacks_run_as_written(
     ]
     assert cli_json(url, "stacks", "ls") == []
 
-    deployed = _deploy(url, hub, "hub", busybox_image, "--wait", "--timeout", "120")
+    deployed = _deploy(
+        url, hub, "hub", busybox_image, "--wait", "--min-healthy-time", "1s", "--timeout", "120"
+    )
     assert "warning" in deployed.stderr and "ports are ignored with network_mode: host" in deployed.stderr
-    _deploy(url, zigbee, "zigbee", busybox_image, "--wait", "--timeout", "120")
-    deployed = _deploy(url, telemetry, "telemetry", busybox_image, "--wait", "--timeout", "120")
+    _deploy(url, zigbee, "zigbee", busybox_image, "--wait", "--min-healthy-time", "1s", "--timeout", "120")
+    deployed = _deploy(
+        url, telemetry, "telemetry", busybox_image, "--wait", "--min-healthy-time", "1s", "--timeout", "120"
+    )
     assert "volumes.1 replaces volumes.0: both are mounted at '/var/lib/grafana'" in deployed.stderr
 
     def inspect(stack: str, service: str) -> dict[str, Any]:

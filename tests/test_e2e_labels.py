@@ -116,7 +116,17 @@ def test_labels_and_constraints(tmp_path: Path) -> None:
         cli_json(url, "groups", "create", "north", "--select", f"zone=north-{run}", "--trust-device-labels")
         (tmp_path / "s.yml").write_text(STACK)
         cli_json(
-            url, "stacks", "deploy", str(tmp_path / "s.yml"), "--name", "s", "--group", "north", "--wait"
+            url,
+            "stacks",
+            "deploy",
+            str(tmp_path / "s.yml"),
+            "--name",
+            "s",
+            "--group",
+            "north",
+            "--wait",
+            "--min-healthy-time",
+            "1s",
         )
         assert _runs(url, "s") == {a}
 
@@ -131,7 +141,19 @@ def test_labels_and_constraints(tmp_path: Path) -> None:
 
         cli_json(url, "groups", "create", "both", "--device", a, "--device", b)
         (tmp_path / "c.yml").write_text(CONSTRAINED)
-        cli_json(url, "stacks", "deploy", str(tmp_path / "c.yml"), "--name", "c", "--group", "both", "--wait")
+        cli_json(
+            url,
+            "stacks",
+            "deploy",
+            str(tmp_path / "c.yml"),
+            "--name",
+            "c",
+            "--group",
+            "both",
+            "--wait",
+            "--min-healthy-time",
+            "1s",
+        )
         assert _runs(url, "c") == {b}
         assert {r["device"] for r in cli_json(url, "stacks", "status", "c")["devices"]} == {b}
     finally:

@@ -124,7 +124,19 @@ def test_logs_follow_restart_facts_and_offline_with_the_process_driver(
     stack = tmp_path / "svc.yml"
     stack.write_text(SERVICE.format(pidfile=pidfile, trigger=trigger))
     deploy = cli(
-        url, "stacks", "deploy", str(stack), "--name", "svc", "--group", "solo", "--wait", "--timeout", "60"
+        url,
+        "stacks",
+        "deploy",
+        str(stack),
+        "--name",
+        "svc",
+        "--group",
+        "solo",
+        "--wait",
+        "--min-healthy-time",
+        "1s",
+        "--timeout",
+        "60",
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
 

@@ -63,7 +63,19 @@ def test_container_logs_restart_facts_and_metrics(
     stack = tmp_path / "web.yml"
     stack.write_text(STACK.format(shared=shared))
     deploy = cli(
-        url, "stacks", "deploy", str(stack), "--name", "web", "--group", "dock", "--wait", "--timeout", "90"
+        url,
+        "stacks",
+        "deploy",
+        str(stack),
+        "--name",
+        "web",
+        "--group",
+        "dock",
+        "--wait",
+        "--min-healthy-time",
+        "1s",
+        "--timeout",
+        "90",
     )
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     container = wait_until(lambda: _container(docker_engine, device), 30)

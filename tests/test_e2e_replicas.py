@@ -56,6 +56,8 @@ def test_replicas_replace_lost_device_and_keep_original(tmp_path: Path, mosquitt
             "--group",
             "pool",
             "--wait",
+            "--min-healthy-time",
+            "1s",
             "--timeout",
             "60",
         )

@@ -115,7 +115,19 @@ def test_canary_failing_healthcheck_is_reverted(
         pool_group(url, run, *names)
         stack = tmp_path / "web.yml"
         stack.write_text(WEB.format(v="v1", check="true"))
-        good = cli_json(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "pool", "--wait")
+        good = cli_json(
+            url,
+            "stacks",
+            "deploy",
+            str(stack),
+            "--name",
+            "app",
+            "--group",
+            "pool",
+            "--wait",
+            "--min-healthy-time",
+            "1s",
+        )
         good_hash = good["stack"]["spec_hash"]
         stack.write_text(WEB.format(v="v2", check="false"))
         bad = cli(

@@ -261,7 +261,17 @@ def test_secrets_in_containers_on_mosquitto(
         stack = tmp_path / "web.yml"
         stack.write_text(DOCKER_STACK)
         deploy = cli(
-            mosquitto.url, "stacks", "deploy", str(stack), "--name", "web", "--group", "edge", "--wait"
+            mosquitto.url,
+            "stacks",
+            "deploy",
+            str(stack),
+            "--name",
+            "web",
+            "--group",
+            "edge",
+            "--wait",
+            "--min-healthy-time",
+            "1s",
         )
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         first, body = wait_until(lambda: _web(docker_engine, device, "env.txt"), 30, message="web serving")

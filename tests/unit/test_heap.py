@@ -117,3 +117,25 @@ def test_a_model_shared_already_is_not_walked_again(monkeypatch: pytest.MonkeyPa
         other.model_fields_set
         is heap.share_field_sets(DesiredRecord(device_id="d11", generation=4, stacks=(ref,))).model_fields_set
     )
+
+
+def test_a_shared_copy_of_a_shared_model_is_shared_without_a_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """shared_copy of a model shared whole gives what a copy shared in full gives (equal, the
+    shared set of its names, the same values inside) walking nothing; of a model not shared, or
+    with an update that is not plain, it shares the copy in full."""
+    ref = StackRef(name="web", spec_hash="d" * 64)
+    record = heap.share_field_sets(DesiredRecord(device_id="d12", generation=1, stacks=(ref,)))
+    walked: list[object] = []
+    real = heap._shared_tuple
+    monkeypatch.setattr(heap, "_shared_tuple", lambda value: walked.append(value) or real(value))
+    copy = heap.shared_copy(record, {"published": True})
+    assert walked == []
+    assert copy == record.model_copy(update={"published": True}) and copy.published and not record.published
+    assert copy.stacks is record.stacks
+    full = heap.share_field_sets(DesiredRecord(device_id="d13", generation=1, stacks=(ref,), published=True))
+    assert copy.model_fields_set is full.model_fields_set
+    seen = len(walked)  # ``full`` was walked
+    assert heap.share_field_sets(copy) is copy and len(walked) == seen
+    fresh = DesiredRecord(device_id="d14", generation=1, stacks=(ref,))
+    heap.shared_copy(fresh, {"published": True})
+    assert len(walked) > seen  # not shared before: walked in full
