@@ -357,6 +357,8 @@ class Fleet:
         self._ops: ControllerClient | None = None
         self.observer: Observer | None = None
         self.late_tag = ""
+        self.keepalive = KEEPALIVE
+        """The agents' ``--keepalive`` (a scenario about presence alone may shorten its wait)."""
 
     # --- processes ---
 
@@ -411,7 +413,10 @@ class Fleet:
             name,
             self.agent_dir(name),
             labels={"lab": self.run},
-            extra=extra,
+            extra=[
+                *(["--keepalive", str(self.keepalive)] if self.keepalive != KEEPALIVE else []),
+                *(extra or []),
+            ],
             argv_prefix=self.backend.device_prefix(name),
         )
         self.agents[name] = agent

@@ -422,8 +422,10 @@ def test_embedded_broker_restart_presence(embedded_fleet: Fleet, record: Any) ->
     will is ever published) and one device dies while it is down: after the restart no
     device is shown online before it is heard from again (``unknown``, in the CLI and in
     /metrics), the live one comes back online, and the dead one turns offline within its
-    keepalive allowance instead of staying online for good."""
+    keepalive allowance instead of staying online for good (agents on keepalive 5: the
+    allowance, 1.5 x keepalive + the 30 s reconnect backoff cap, is 37.5 s instead of 45 s)."""
     fleet = embedded_fleet
+    fleet.keepalive = 5
     d1, d2 = fleet.boot()
     assert fleet.controller is not None
     fleet.controller.kill()
