@@ -27,6 +27,10 @@ reconnect, as paho does. Only QoS 0 and 1 are sent; QoS 2 is answered if receive
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
+import os
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,6 +137,14 @@ def publish_packet(
     return b"".join((bytes((first,)), varint(len(header) + len(payload)), header, payload))
 
 
+def _numeric(host: str) -> int | None:
+    """The address family of a numeric host address; None for a name."""
+    try:
+        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+
+
 class WriteBatch:
     """Sessions with bytes to send, written together once per loop iteration: one loop
     callback for all of a fleet's sessions instead of one per session (each session still
@@ -230,11 +242,19 @@ class MqttSession(asyncio.Protocol):
         # task of its own, two tasks per handshake (a tenth of connecting a fleet).
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(lambda: self, host, port)
+                family = _numeric(host)
+                if family is None:  # a name: asyncio resolves it and tries each address
+                    await loop.create_connection(lambda: self, host, port)
+                else:
+                    await self._connect_to(loop, family, host, port)
         except (TimeoutError, OSError):
             self.counters.refused += 1
             return False
         self._connack = loop.create_future()
+        if self.transport is None:  # the handshake failed already
+            self._connack = None
+            self.counters.refused += 1
+            return False
         self._send(self.connect_packet())
         try:
             async with asyncio.timeout(timeout):
@@ -245,6 +265,23 @@ class MqttSession(asyncio.Protocol):
             return False
         finally:
             self._connack = None
+
+    async def _connect_to(self, loop: asyncio.AbstractEventLoop, family: int, host: str, port: int) -> None:
+        """Connect to a numeric address. The transport is made at once on the connecting
+        socket: ``loop.sock_connect`` would watch it for writability first (two more
+        ``epoll_ctl`` calls, a future and a wake-up per connection). The CONNECT written
+        before the handshake is done waits in the transport's buffer; a refused or failed
+        handshake ends the connection before CONNACK, which :meth:`open` counts as refused."""
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            error = sock.connect_ex((host, port))
+            if error not in (0, errno.EINPROGRESS):
+                raise OSError(error, os.strerror(error))
+            await loop.create_connection(lambda: self, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
 
     def connect_packet(self) -> bytes:
         """The CONNECT for a new connection, with a fresh will from the owner."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -114,6 +115,23 @@ def test_session_renews_subscriptions_and_resends_unacknowledged_publishes() -> 
         assert b"s/1" in again.written  # subscriptions renewed after every CONNACK
         resent = again.written[again.written.index(b"p/1") - 4 :]
         assert resent[0] & 0x08 and b"hello" in resent  # the unacknowledged QoS 1 message, DUP
+
+    asyncio.run(go())
+
+
+def test_session_counts_a_refused_connect_and_keeps_no_transport() -> None:
+    """open() to a port nothing listens on returns False, counts one refused connect, holds no socket."""
+
+    async def go() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        listener.close()  # nothing listens there now
+        counters = Counters()
+        session = MqttSession("c", counters=counters)
+        assert not await session.open("127.0.0.1", port, 5)
+        await asyncio.sleep(0)
+        assert counters.refused == 1 and session.transport is None and not session.connected
 
     asyncio.run(go())
 
