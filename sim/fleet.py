@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tether.agent.core import AgentCore
+from tether.agent.policy import HostAccess
 from tether.agent.request_gate import publish_reply
 from tether.protocol import __version__
 from tether.protocol.backoff import Backoff
@@ -194,15 +195,8 @@ class SimDevice:
             on_disconnect=self._on_lost,
             batch=fleet.writes,
         )
-        facts = DeviceFacts(
-            agent_version=__version__,
-            driver=SimDriver.name,
-            arch=platform.machine(),
-            os="tether-sim",
-            hostname=device_id,
-            labels=labels,
-            keepalive=cfg.keepalive,
-        )
+        # The fleet's facts validated once, this device's name and labels set on a copy.
+        facts = fleet.facts.model_copy(update={"hostname": device_id, "labels": labels})
         self.core = AgentCore(
             device_id,
             labels,
@@ -211,6 +205,7 @@ class SimDevice:
             self,
             facts=facts,
             clock=fleet.clock,
+            host_access=fleet.host_access,
             # Jittered per device, so a fleet's idle reconciles do not fall into step.
             reconcile_interval=cfg.reconcile_interval * fleet.rng.uniform(0.9, 1.1),
         )
@@ -486,6 +481,16 @@ class Fleet:
         self.counters = Counters()
         self.writes = WriteBatch()
         """The sessions' writes, made together once per loop iteration."""
+        self.facts = DeviceFacts(
+            agent_version=__version__,
+            driver=SimDriver.name,
+            arch=platform.machine(),
+            os="tether-sim",
+            keepalive=config.keepalive,
+        )
+        """What every device tells of itself but its name and labels (set per device)."""
+        self.host_access = HostAccess()
+        """The agent's default host access policy, one (frozen) object for every device."""
         self.backoff = Backoff(config.backoff_base, config.backoff_cap, self.rng)
         self.devices: list[SimDevice] = []
         self.connack_times: list[float] = []
