@@ -349,11 +349,15 @@ class Ingestor:
         known = due.generation if due is not None else self.store.reported_generation(device_id)
         if known is not None and reported.generation < known:
             return  # older than what we have (QoS 1 may deliver twice, or late)
-        record = self.store.get_desired(device_id) if reported.generation != known else None
+        # Checked when a generation is first reported (later reports of it change nothing),
+        # from the generation's column: the record itself only when it has to be rewritten.
+        issued = self.store.desired_generation(device_id) if reported.generation != known else None
+        record = (
+            self.store.get_desired(device_id) if issued is not None and reported.generation > issued else None
+        )
         if record is not None and reported.generation > record.generation:
             # The device applied a generation we never issued: our state is older than the
             # device's (a restored backup). Jump past it, or the device would ignore us forever.
-            # (Checked when a generation is first reported: later reports of it change nothing.)
             log.warning(
                 "device %s applied generation %d, newer than our %d: republishing as %d",
                 device_id,

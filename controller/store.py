@@ -813,6 +813,11 @@ class Store:
         ).fetchone()
         return self._desired.get(device_id, row[0], bool(row[1])) if row else None
 
+    def desired_generation(self, device_id: str) -> int | None:
+        """The generation of the device's desired record (its column: no body read); None if it has none."""
+        row = self.db.execute("SELECT generation FROM desired WHERE device_id = ?", (device_id,)).fetchone()
+        return int(row[0]) if row else None
+
     def list_desired(self) -> list[DesiredRecord]:
         rows = self.db.execute("SELECT device_id, body, published FROM desired ORDER BY device_id").fetchall()
         self._desired.keep_only(r[0] for r in rows)

@@ -15,7 +15,7 @@ from support.recording import Clock, RecordingPublisher
 from tether.controller.deploying import Deployer
 from tether.controller.fleet_events import FleetEvent
 from tether.controller.ingesting import MAX_EVENT_MESSAGE, Ingestor, allowance
-from tether.controller.models import Device, Job
+from tether.controller.models import DesiredRecord, Device, Job
 from tether.controller.observability import Metrics
 from tether.controller.parts import build_context
 from tether.controller.store import Store
@@ -317,3 +317,18 @@ def test_a_presence_keeps_the_stored_report_without_rewriting_it(rig: Rig) -> No
         assert restarted.get_device("pi-1", reported=False) == device.model_copy(update={"reported": None})
     finally:
         restarted.close()
+
+
+def test_a_generation_we_never_issued_is_published_past_only_when_newer(rig: Rig) -> None:
+    """A device that applied a generation newer than its desired record's (our state is older:
+    a restored backup) gets the record again one past it, unpublished; a report of an older
+    or the same generation leaves the record as it is."""
+    rig.store.put_desired_many([DesiredRecord(device_id="pi-1", generation=5, published=True)])
+    report(rig, "pi-1", 4)
+    report(rig, "pi-1", 5)
+    record = rig.store.get_desired("pi-1")
+    assert record is not None and (record.generation, record.published) == (5, True)
+    report(rig, "pi-1", 8)
+    record = rig.store.get_desired("pi-1")
+    assert record is not None and (record.generation, record.published) == (9, False)
+    assert rig.store.desired_generation("pi-1") == 9 and rig.store.desired_generation("pi-2") is None
