@@ -10,7 +10,10 @@ varies with how many messages each ``recv`` brings (Mosquitto's inflight window 
 and the machine's load). Published: the same client publishes N retained QoS 1 messages
 (a deploy's desired states) at once (``publish_many``); the client thread's CPU until
 every one is acknowledged (writing them, reading the PUBACKs, refilling the inflight
-window of :data:`~tether.protocol.mqtt.MAX_INFLIGHT`) and the caller's are counted.
+window of :data:`~tether.protocol.mqtt.MAX_INFLIGHT`) and the caller's are counted. Then
+N retained QoS 0 messages one ``publish`` at a time (the controller's event
+acknowledgements): the caller's CPU, and the client thread's until a QoS 1 message sent
+after them is acknowledged.
 
     .venv/bin/python bench/mqtt_client_cpu.py --messages 30000 --runs 3
 """
@@ -32,9 +35,9 @@ from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.sim.mqtt import connect_packet, publish_packet
 
 
-def one_run(port: int, messages: int) -> tuple[float, float, float]:
+def one_run(port: int, messages: int) -> tuple[float, float, float, float, float]:
     """Seconds of the client thread's CPU to receive ``messages``, then its and the caller's
-    to publish as many."""
+    to publish as many in a batch, then one at a time (QoS 0)."""
     inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
     receiver = MqttClient(
         [BrokerAddress("127.0.0.1", port)], "bench-receiver", on_message=lambda t, p, r: inbox.put((t, p))
@@ -69,7 +72,18 @@ def one_run(port: int, messages: int) -> tuple[float, float, float]:
         start, caller = time.clock_gettime(clock), time.thread_time()
         if not all(receiver.publish_many(batch, timeout=120)):
             raise RuntimeError("not every message published was acknowledged")
-        return received, time.clock_gettime(clock) - start, time.thread_time() - caller
+        published, published_caller = time.clock_gettime(clock) - start, time.thread_time() - caller
+        # One at a time, QoS 0, retained: the controller's event acknowledgements.
+        acks = [(f"tether/v1/devices/device-{i:05d}/acked", payload[:40]) for i in range(messages)]
+        start, caller = time.clock_gettime(clock), time.thread_time()
+        for topic, ack in acks:
+            if not receiver.publish(topic, ack, qos=0, retain=True):
+                raise RuntimeError("a QoS 0 message was not handed over")
+        caller_qos0 = time.thread_time() - caller
+        if not receiver.publish_confirmed("tether/v1/devices/device-00000/acked", b"end", qos=1, timeout=120):
+            raise RuntimeError("the QoS 0 burst's last message was not acknowledged")
+        qos0 = time.clock_gettime(clock) - start
+        return received, published, published_caller, qos0, caller_qos0
     finally:
         sender.close()
         receiver.stop()
@@ -83,7 +97,13 @@ def main() -> None:
     args = parser.parse_args()
     load_start = load_average()
     with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp)) as broker:
-        figures: dict[str, list[float]] = {"received_us": [], "published_us": [], "publish_caller_us": []}
+        figures: dict[str, list[float]] = {
+            "received_us": [],
+            "published_us": [],
+            "publish_caller_us": [],
+            "qos0_us": [],
+            "qos0_caller_us": [],
+        }
         for run in range(args.runs):
             for key, cpu in zip(figures, one_run(broker.port, args.messages), strict=True):
                 figures[key].append(cpu / args.messages * 1e6)
@@ -92,6 +112,8 @@ def main() -> None:
         "received_us": "received: client thread CPU per message",
         "published_us": "published: client thread CPU per message",
         "publish_caller_us": "published: the caller's CPU per message",
+        "qos0_us": "published one at a time, QoS 0: client thread CPU per message",
+        "qos0_caller_us": "published one at a time, QoS 0: the caller's CPU per message",
     }
     rows = [
         Row("messages per run (QoS 1, ~480 bytes)", args.messages),

@@ -129,6 +129,7 @@ class _Paho(paho.Client):
 
     _rbuf = b""
     _rpos = 0
+    _wake_pending = False
     _loop_thread: int | None = None
     deliver: Callable[[str, bytes, bool], None] | None = None
     """Takes each message the fast path reads (topic, payload, retained); None: paho reads all."""
@@ -309,10 +310,9 @@ class _Paho(paho.Client):
         qos: int,
         info: paho.MQTTMessageInfo | None = None,
     ) -> paho.MQTTErrorCode:
-        if self._loop_thread != threading.get_ident():
+        on_loop = self._loop_thread == threading.get_ident()
+        if not on_loop and (self._thread is None or self._on_socket_register_write is not None):
             return super()._packet_queue(command, packet, mid, qos, info)
-        # On the network thread (a PUBACK while reading, say): its loop writes what is
-        # queued before it waits again, so no wake-up byte is needed.
         self._out_packet.append(
             {
                 "command": command,
@@ -324,7 +324,37 @@ class _Paho(paho.Client):
                 "info": info,
             }
         )
+        # On the network thread (a PUBACK while reading, say) its loop writes what is queued
+        # before it waits again: no wake-up. From another thread, one wake-up byte until the
+        # loop looks at the queue again (want_write, at the start of each pass), not one per
+        # packet: a system call each, 10,000 of them for a deploy's event acknowledgements.
+        if not on_loop and not self._wake_pending and self._sockpairW is not None:
+            self._wake_pending = True
+            with contextlib.suppress(BlockingIOError):  # full: the loop wakes anyway (paho's too)
+                self._sockpairW.send(paho.sockpair_data)
         return paho.MQTT_ERR_SUCCESS
+
+    def want_write(self) -> bool:
+        if self._loop_thread == threading.get_ident():
+            # The loop's pass begins (paho's _loop asks this first): packets queued from now
+            # on are not seen by this pass's select, so they wake it again.
+            self._wake_pending = False
+        return super().want_write()
+
+    def publish_untracked(self, topic: bytes, payload: bytes, retain: bool) -> bool:
+        """Queue a QoS 0 PUBLISH as paho's ``publish`` would, without the ``MQTTMessageInfo``
+        (and its ``Condition``) nobody awaits; False without a socket (paho's ``MQTT_ERR_NO_CONN``).
+        Such packets are joined with the others in one write (:func:`_joinable`)."""
+        if self._sock is None:
+            return False
+        mid = self._mid_generate()  # paho numbers QoS 0 messages too
+        packet = bytearray((paho.PUBLISH | (1 if retain else 0),))
+        self._pack_remaining_length(packet, 2 + len(topic) + len(payload))
+        packet += _MID.pack(len(topic))
+        packet += topic
+        packet += payload
+        self._packet_queue(paho.PUBLISH, bytes(packet), mid, 0, _UNTRACKED)
+        return True
 
     def publish_batch(self, messages: list[tuple[bytes, bytes, bool]]) -> list[_Tracked | None]:
         """Publish QoS 1 messages (topic, payload, retained) as paho's ``publish`` would, in
@@ -368,6 +398,25 @@ class _Paho(paho.Client):
         if batch.left == 0:
             batch.done.set()
         return out
+
+
+class _Untracked(paho.MQTTMessageInfo):
+    """The ``MQTTMessageInfo`` of QoS 0 messages nobody awaits (:meth:`_Paho.publish_untracked`):
+    paho marks it published once the packet is written; nothing to do."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:  # paho's makes a Condition: not needed
+        self.mid = 0
+        self.rc = paho.MQTT_ERR_SUCCESS
+        self._published = True
+        self._iterpos = 0
+
+    def _set_as_published(self) -> None:
+        pass
+
+
+_UNTRACKED = _Untracked()
 
 
 def _pack_publish(
@@ -464,10 +513,21 @@ def _acknowledged(info: paho.MQTTMessageInfo, timeout: float) -> bool:
     return info.is_published()
 
 
+def _topic_bytes(topic: str) -> bytes:
+    """A topic to publish on, encoded; the ``ValueError`` paho's ``publish`` raises if it cannot be."""
+    encoded = topic.encode()
+    if not encoded:
+        raise ValueError("Invalid topic.")
+    paho.Client._raise_for_invalid_topic(encoded)
+    return encoded
+
+
 def _joinable(packet: Any) -> bool:
     """Whether paho does nothing after writing ``packet`` but move on to the next."""
-    kind = packet["command"] & 0xF0
-    return kind != paho.DISCONNECT and not (kind == paho.PUBLISH and packet["qos"] == 0)
+    kind: int = packet["command"] & 0xF0
+    if kind == paho.PUBLISH and packet["qos"] == 0:
+        return packet["info"] is _UNTRACKED  # paho marks a QoS 0 message published once written
+    return kind != paho.DISCONNECT
 
 
 def tls_context(ca_file: str | None, client_cert: tuple[str, str] | None = None) -> ssl.SSLContext:
@@ -650,6 +710,8 @@ class MqttClient:
         """Hand a message to the client; False if not connected (the caller re-publishes later)."""
         if not self.connected or not _fits(topic, payload, qos):
             return False
+        if qos == 0 and self._paho.on_publish is None:
+            return self._paho.publish_untracked(_topic_bytes(topic), payload, retain)
         info = self._paho.publish(topic, payload, qos=qos, retain=retain)
         return info.rc == paho.MQTT_ERR_SUCCESS
 
@@ -703,11 +765,7 @@ class MqttClient:
         wanted = []
         for (topic, payload, _, retain), ok in zip(messages, fits, strict=True):
             if ok:
-                encoded = topic.encode()
-                if not encoded:
-                    raise ValueError("Invalid topic.")  # as paho's publish()
-                paho.Client._raise_for_invalid_topic(encoded)
-                wanted.append((encoded, payload, retain))
+                wanted.append((_topic_bytes(topic), payload, retain))
         tracked = iter(self._paho.publish_batch(wanted))
         infos = [next(tracked) if ok else None for ok in fits]
         waiting = [info for info in infos if info is not None]

@@ -649,3 +649,45 @@ def test_publish_many_survives_a_connection_lost_mid_batch_on_a_real_broker(brok
     finally:
         sender.stop()
         receiver.stop()
+
+
+def test_qos0_publishes_from_another_thread_are_joined_arrive_in_order_and_wake_the_loop(
+    broker: Broker,
+) -> None:
+    """QoS 0 messages published one at a time from the caller's thread (the controller's event
+    acknowledgements) go out in fewer sends than messages and arrive complete and in order;
+    each one published alone wakes the client's loop at once (one wake-up per loop pass, not
+    per packet: 40 round trips take far less than the 0.5 s select timeout each)."""
+    topic = f"t/{uuid.uuid4().hex[:8]}/q0"
+    got = Received()
+    receiver, sender = connected_pair(broker.port, topic, got)
+    sends: list[int] = []
+    plain_send = sender._paho._sock_send
+
+    def counting_send(buf: bytes | bytearray) -> int:
+        sends.append(len(buf))
+        return plain_send(buf)
+
+    sender._paho._sock_send = counting_send  # type: ignore[method-assign]
+    try:
+        wait_until(
+            lambda: sender.publish(topic, b"ready", qos=0) and got.on(topic), 15, message="the subscription"
+        )
+        before = len(sends)
+        payloads = [f"{i}:".encode() + b"a" * (i % 50) for i in range(3000)]
+        assert all(sender.publish(topic, p, qos=0) for p in payloads)
+
+        def arrived() -> list[bytes]:
+            return [p for p in got.on(topic) if p != b"ready"]
+
+        wait_until(lambda: len(arrived()) >= len(payloads), 60, message="every message")
+        assert arrived() == payloads
+        assert len(sends) - before < len(payloads), "every packet was sent on its own"
+        start = time.monotonic()
+        for i in range(40):
+            assert sender.publish(topic, f"alone {i}".encode(), qos=0, retain=True)
+            wait_until(lambda i=i: f"alone {i}".encode() in got.on(topic), 10, interval=0.002)  # type: ignore[misc]
+        assert time.monotonic() - start < 10, "publishes waited for the loop's select timeout"
+    finally:
+        sender.stop()
+        receiver.stop()
