@@ -387,17 +387,19 @@ class Publisher:
             self._acks_resend = False
             self._acks_due.update(self._fleet_view())
         due, self._acks_due = sorted(self._acks_due), set()
+        template: codec.Template | None = None  # the bytes of codec.encode(EventsAcked(...)), per device
         for device_id in due:
             if not topics.DEVICE_ID_RE.match(device_id):
                 continue
             marks = self._event_marks.get(device_id)
-            ack = EventsAcked(
-                device_id=device_id,
-                seq=marks.acked if marks else 0,
-                last=marks.last if marks else 0,
-                resend=resend,
-            )
-            client.publish(topics.device(device_id, DeviceTopic.ACKED), codec.encode(ack), qos=0, retain=True)
+            seq, last = (marks.acked, marks.last) if marks else (0, 0)
+            if template is not None and seq >= 0 and last >= 0:  # EventsAcked's bounds
+                payload = template.encode(device_id, seq, last)
+            else:
+                ack = EventsAcked(device_id=device_id, seq=seq, last=last, resend=resend)
+                payload = codec.encode(ack)
+                template = codec.Template(ack, ("device_id", "seq", "last"))
+            client.publish(topics.device(device_id, DeviceTopic.ACKED), payload, qos=0, retain=True)
 
     def recompute_later(self) -> bool:
         """While a request is answered (:attr:`deferring`): every desired state is recomputed

@@ -1,24 +1,30 @@
-"""Desired state payloads made from a shared template (controller/publishing.py, codec.Template):
-byte for byte what encoding each DesiredState gives."""
+"""Desired states and event acknowledgements made from a shared template (controller/publishing.py,
+codec.Template): byte for byte what encoding each model gives."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from support.recording import RecordingPublisher
 from tether.controller.models import DesiredRecord
 from tether.controller.publishing import _desired_payload
-from tether.protocol import codec
+from tether.controller.service import Controller
+from tether.controller.store import Store
+from tether.protocol import codec, topics
 from tether.protocol.models import (
     MAX_COUNTER,
     DesiredState,
     Event,
+    EventsAcked,
     JobSpec,
     RegistryAuth,
     StackRef,
     VarBinding,
 )
+from tether.protocol.topics import DeviceTopic
 
 
 def _state(record: DesiredRecord, now: float) -> bytes:
@@ -92,3 +98,31 @@ def test_template_refuses_what_it_cannot_vary_and_values_of_another_type() -> No
     assert template.encode(7, 2.5) == codec.encode(event.model_copy(update={"seq": 7, "at": 2.5}))
     with pytest.raises(TypeError):
         template.encode(7, 2)  # an int where the model has a float: msgpack would differ
+
+
+def test_event_acknowledgements_are_the_bytes_of_each_encoded_events_acked(tmp_path: Path) -> None:
+    """Acknowledgements of several devices in one pass (made from one template) are byte for
+    byte each device's encoded EventsAcked, with its own seq and last."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    client = RecordingPublisher()
+    controller.client = client  # type: ignore[assignment]
+    for device_id, seqs in (("d-1", (1, 2)), ("d-22", (3, 5)), ("dev-333", (1, 2, 3, 200))):
+        for seq in seqs:
+            body = Event(device_id=device_id, seq=seq, kind="k", message="m", oldest=seqs[0])
+            controller.handle(topics.device(device_id, DeviceTopic.EVENTS), codec.encode(body))
+    client.published.clear()
+    controller.publish_acks()
+    acks = [(t, p) for t, p, _ in client.published if t.endswith("/acked")]
+    assert len(acks) == 3
+    for topic, payload in acks:
+        ack = codec.decode(payload, EventsAcked)
+        assert topic == topics.device(ack.device_id, DeviceTopic.ACKED)
+        assert payload == codec.encode(EventsAcked(device_id=ack.device_id, seq=ack.seq, last=ack.last))
+    assert {(a.device_id, a.seq, a.last) for a in (codec.decode(p, EventsAcked) for _, p in acks)} == {
+        ("d-1", 2, 2),
+        ("d-22", 3, 5),
+        ("dev-333", 3, 200),
+    }
+    store.close()
