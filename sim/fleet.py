@@ -143,7 +143,7 @@ class FleetConfig:
     duration: float | None = None
     seed: int = 0
     cache_hashes: bool = True
-    """Memoise spec hashes (:mod:`.hashcache`): behaviour-neutral, saves the one shared core."""
+    """Decode each stack definition once per distinct payload (:mod:`.hashcache`): behaviour-neutral."""
     tune_gc: bool = True
     """Freeze the fleet's objects and collect garbage less often (:meth:`Fleet.run`); saves CPU."""
 

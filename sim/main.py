@@ -166,7 +166,7 @@ def run_processes(processes: int, devices: int, first_index: int, argv: list[str
     "--hash-cache/--no-hash-cache",
     default=True,
     show_default=True,
-    help="Memoise spec hashes (pure, saves CPU; see tether.sim.hashcache).",
+    help="Decode a stack definition once per distinct payload (pure, saves CPU; see tether.sim.hashcache).",
 )
 @click.option(
     "--progress", type=float, default=5.0, show_default=True, help="Seconds between progress lines."

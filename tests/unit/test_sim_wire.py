@@ -89,7 +89,7 @@ async def _run(devices: int) -> list[bytes]:
 
 
 def test_simulated_devices_send_the_same_bytes_with_and_without_the_shortcuts() -> None:
-    """Memoised hashes and stack definitions decoded once per payload change no byte a device sends."""
+    """Stack definitions decoded once per payload (hashcache) change no byte a device sends."""
     was = hashcache.installed()
     try:
         hashcache.install()
