@@ -372,7 +372,8 @@ class Ingestor:
             self.publisher.defer({device_id})  # once committed (reports are handled in batches)
         self._report_events(device_id, reported, stored=known is not None)
         if known is None:  # its first report: the device row may not exist yet, or holds an old one
-            device = self.store.get_device(device_id)
+            # (in its body: there is no reported row, known would say so; none to join)
+            device = self.store.get_device(device_id, reported=False)
             if device is None or device.reported is not None:
                 device = device or Device(id=device_id)
                 self.store.put_device(device.model_copy(update={"reported": reported}))

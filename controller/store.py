@@ -676,7 +676,8 @@ class Store:
         row = self.db.execute("SELECT generation FROM reported WHERE device_id = ?", (device_id,)).fetchone()
         if row is not None:
             return int(row[0])
-        device = self.get_device(device_id)  # a row from before the table, or none
+        # A row from before the table (its report in the body), or none: no reported row to join.
+        device = self.get_device(device_id, reported=False)
         return device.reported.generation if device is not None and device.reported is not None else None
 
     def put_reported(self, device_id: str, reported: ReportedState) -> None:
