@@ -6,7 +6,7 @@
     /readyz    200 once connected to the broker and the store answers, else 503 (readiness)
     /install.sh, /agent/..., /ca.pem, /wheels/   the device install (agent_install.py)
     /metrics   Prometheus text format: devices by presence, stacks, deployments by state, leadership,
-               messages received by kind, device messages dropped or trimmed by reason, requests by
+               messages received by kind (and merged in the inbox), device messages dropped or trimmed by reason, requests by
                command and outcome, job runs by outcome, each device's CPU, memory and disk
                (DEVICE_GAUGES: one series per device and resource, no per-service series),
                login lockouts begun by door (http, mqtt on the embedded broker)
@@ -105,6 +105,12 @@ class Metrics:
         )
         self.messages = Counter(
             "tether_messages_received", "MQTT messages received", ["kind"], registry=self.registry
+        )
+        self.merged = Counter(
+            "tether_inbox_merged",
+            "Device messages merged into a newer one of the same device while both waited (controller/inbox.py)",
+            ["kind"],
+            registry=self.registry,
         )
         self.dropped = Counter(
             "tether_device_messages_dropped",

@@ -67,6 +67,7 @@ from .devices import all_devices
 from .fleet_events import (
     EventBus,
 )
+from .inbox import Inbox
 from .ingesting import Ingestor
 from .lease import Lease
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
@@ -154,9 +155,12 @@ class Controller:
         self.audit_retention: float | None = None
         """Seconds audit records are kept (``tether up --audit-retention``); None: for ever."""
         self._next_audit_prune = 0.0
-        self.inbox: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
-        """What the MQTT thread hands over, one put per message (SimpleQueue: about 0.1 us a put
-        or a get, against 0.6 us and more for a Queue, whose lock and condition it does not need)."""
+        self.metrics = Metrics()
+        self.inbox = Inbox(on_merged=self._count_merged)
+        """What the MQTT thread hands over, one put per message, a device's outdated presence
+        and report merged into its newer one while both wait (:mod:`.inbox`): a reconnection
+        burst held while the worker is behind is bounded by the devices, not their messages."""
+        self._merged_counters: dict[str, Any] = {}
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         self._preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tether-prepare")
         """Where commands' slow preparation runs (:meth:`_prepared`), one at a time."""
@@ -164,7 +168,6 @@ class Controller:
         self.ready = threading.Event()
         self.leading = threading.Event()
         self.lost_leadership = threading.Event()
-        self.metrics = Metrics()
         self.memory = FreeMemoryReleaser()
         """Gives back what a burst of messages took, once it is over (protocol/heap.py)."""
         self.bus = EventBus(clock)
@@ -199,6 +202,17 @@ class Controller:
         self._session_known = False
         self._resync = False  # see _become_leader
         self._request_qos = 1
+
+    def _count_merged(self, kind: str) -> None:
+        """A message merged in the inbox (on the MQTT thread): received, and counted as merged."""
+        counters = self._merged_counters.get(kind)
+        if counters is None:  # labelled children looked up once (prometheus_client's is slow)
+            counters = self._merged_counters[kind] = (
+                self.metrics.messages.labels(kind=kind),
+                self.metrics.merged.labels(kind=kind),
+            )
+        for counter in counters:
+            counter.inc()
 
     # --- lifecycle ---
 

@@ -116,16 +116,23 @@ class Template:
         return b"".join(out)
 
 
-def decode(payload: bytes, model: type[M]) -> M:
-    """Decode and validate ``payload`` as ``model``; raise :class:`PayloadError` naming the problem."""
+def raw_map(payload: bytes, name: str = "payload") -> dict[str, Any]:
+    """``payload`` as the plain map :func:`decode` validates (not validated); raise
+    :class:`PayloadError` naming the problem (``name``: what it should be)."""
     if len(payload) > MAX_PAYLOAD:
-        raise PayloadError(f"{model.__name__}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+        raise PayloadError(f"{name}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     try:
         raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
-        raise PayloadError(f"{model.__name__}: not valid msgpack ({exc.__class__.__name__})") from exc
+        raise PayloadError(f"{name}: not valid msgpack ({exc.__class__.__name__})") from exc
     if not isinstance(raw, dict):
-        raise PayloadError(f"{model.__name__}: expected a map, got {type(raw).__name__}")
+        raise PayloadError(f"{name}: expected a map, got {type(raw).__name__}")
+    return raw
+
+
+def decode(payload: bytes, model: type[M]) -> M:
+    """Decode and validate ``payload`` as ``model``; raise :class:`PayloadError` naming the problem."""
+    raw = raw_map(payload, model.__name__)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
