@@ -178,6 +178,23 @@ def test_hash_cache_decodes_a_definition_once_and_still_refuses_bad_ones() -> No
         codec.decode(payload[:-3], StackDefinition)
 
 
+def test_hash_cache_finds_the_same_refusals_per_policy() -> None:
+    """With the shortcut, a stack's refusals are those of the policy given (not another's), in a new list each time."""
+    from tether.agent import rendering
+    from tether.agent.policy import HostAccess, refusals
+
+    spec = StackSpec(services=(ServiceSpec(name="web", privileged=True),))
+    locked, default = HostAccess(preset="locked"), HostAccess()
+    expected = (refusals(spec, locked), refusals(spec, default))
+    assert expected[0] and not expected[1]
+    hashcache.install()
+    found = rendering.refusals(spec, locked)
+    assert found == expected[0] and rendering.refusals(spec, default) == expected[1]
+    found.append("changed by the caller")
+    assert rendering.refusals(spec, locked) == expected[0]
+    assert rendering.refusals(spec, HostAccess(preset="locked")) == expected[0]  # another object, same answer
+
+
 # --- fleets against Mosquitto -----------------------------------------------------------------
 
 
