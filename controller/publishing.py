@@ -143,7 +143,14 @@ class Publisher:
         client = self._client()
         return client is not None and client.publish_confirmed(topic, payload, qos=1, retain=True)
 
-    PUBLISH_BATCH = 500
+    PUBLISH_BATCH = 10_000
+    """Desired states handed to the client at once, then awaited. paho keeps
+    :data:`~tether.protocol.mqtt.MAX_INFLIGHT` of them in flight and sends the others as
+    PUBACKs come, so the broker's window stays full; each batch ends with a wait for its last
+    PUBACKs (about 50 ms a batch, measured with Mosquitto): 10,000 desired states took about
+    1.05 s in batches of 500, 0.4 s in one."""
+    REPUBLISH_MAX = 500
+    """Devices that stay behind published again per look, at most (see :meth:`repair_behind`)."""
 
     def publish_pending(self, device_ids: set[str] | None = None) -> None:
         """Publish what the broker does not have yet, in acknowledged batches.
@@ -308,7 +315,7 @@ class Publisher:
             since, wait, next_at = self._behind.setdefault(device_id, (now, BEHIND_GRACE, now + BEHIND_GRACE))
             if now < next_at or max(since, start) + BEHIND_GRACE > caught_up:
                 continue  # not yet, or its report may still be on its way to us
-            if len(due) < self.PUBLISH_BATCH:
+            if len(due) < self.REPUBLISH_MAX:
                 due.append(device_id)
                 wait = min(2 * wait, BEHIND_BACKOFF_MAX)
                 self._behind[device_id] = (since, wait, now + wait)
