@@ -16,6 +16,7 @@ matches one of our subscriptions; callers classify topics with :func:`topics.par
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import re
@@ -130,6 +131,12 @@ class _Paho(paho.Client):
     _rbuf = b""
     _rpos = 0
     _wake_pending = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._batch_queued: collections.deque[paho.MQTTMessage] = collections.deque()
+        """Messages :meth:`publish_batch` left queued (window full), in order."""
+
     _loop_thread: int | None = None
     deliver: Callable[[str, bytes, bool], None] | None = None
     """Takes each message the fast path reads (topic, payload, retained); None: paho reads all."""
@@ -254,8 +261,35 @@ class _Paho(paho.Client):
     def _update_inflight(self) -> paho.MQTTErrorCode:
         """paho's (the inflight window refilled with queued messages, in order; called with
         ``_out_message_mutex`` held), the QoS 1 PUBLISH packets it sends joined into one write
-        rather than each formatted, logged and queued by ``_send_publish``."""
+        rather than each formatted, logged and queued by ``_send_publish``.
+
+        paho walks every message kept, the ones in flight first (up to the window), to find
+        the queued ones, at every refill. While every message not in flight is one that
+        :meth:`publish_batch` queued (the count says so), they are taken from its own queue
+        instead, in the same order; anything else (messages paho queued, states changed by a
+        reconnect) takes the walk."""
+        queued = self._batch_queued
         packets = bytearray()
+        if queued and len(self._out_messages) - self._inflight_messages == len(queued):
+            while queued and self._inflight_messages < self._max_inflight_messages:
+                m = queued[0]
+                if m.state != paho.mqtt_ms_queued or self._sock is None:
+                    break  # not what the count says: the walk below
+                queued.popleft()
+                self._inflight_messages += 1
+                m.state = paho.mqtt_ms_wait_for_puback
+                _pack_publish(self, packets, m._topic, m.payload, m.mid, m.retain, m.dup)
+            else:
+                if packets:
+                    self._packet_queue(paho.PUBLISH | 0x02, bytes(packets), 0, 1)
+                return paho.MQTT_ERR_SUCCESS
+        rc = self._walk_inflight(packets)
+        while queued and queued[0].state != paho.mqtt_ms_queued:  # sent (in order), or reset
+            queued.popleft()
+        return rc
+
+    def _walk_inflight(self, packets: bytearray) -> paho.MQTTErrorCode:
+        """:meth:`_update_inflight` by paho's walk; ``packets``: those to send before."""
         for m in self._out_messages.values():
             if self._inflight_messages >= self._max_inflight_messages:
                 break
@@ -391,6 +425,8 @@ class _Paho(paho.Client):
                     self._inflight_messages += 1
                     message.state = paho.mqtt_ms_wait_for_puback
                     _pack_publish(self, packets, topic, payload, mid, retain, False)
+                else:
+                    self._batch_queued.append(message)  # state queued: sent by _update_inflight
                 batch.left += 1
                 out.append(info)
             if packets:
