@@ -495,6 +495,10 @@ class Store:
         self._generations: dict[str, int] = {}
         """Per device, the generation of the reported state this store wrote last (committed or in
         the open transaction; forgotten with a rollback): a report's first check reads no row."""
+        self._desired_generations: dict[str, int] = {}
+        """Per device, the generation of its desired record as this store last wrote or read it
+        (forgotten with a rollback; never above the stored one: generations only grow, and a
+        backup is restored with the controller stopped): see :meth:`desired_generation`."""
         self._devices = _Parsed(lambda body, _: Device.model_validate_json(body))
         self._memo: dict[Hashable, Any] = {}  # see memo
         self._moved: dict[Hashable, Callable[[str, str], None]] = {}  # see memo
@@ -550,6 +554,7 @@ class Store:
         """What was read or written inside a transaction undone may be gone: forget it."""
         self._devices_written = None
         self._generations = {}
+        self._desired_generations = {}
         self._forget_memo()
 
     def close(self) -> None:
@@ -741,6 +746,7 @@ class Store:
         if self._devices_written is not None:
             self._devices_written[device_id] = None
         self._generations.pop(device_id, None)
+        self._desired_generations.pop(device_id, None)
         prefix = f"device:{device_id}|"  # not LIKE: '_' in a device id would be a wildcard
         self.db.execute("DELETE FROM variables WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))
         self.db.execute("DELETE FROM registries WHERE substr(id, 1, length(?)) = ?", (prefix, prefix))
@@ -815,9 +821,18 @@ class Store:
         return self._desired.get(device_id, row[0], bool(row[1])) if row else None
 
     def desired_generation(self, device_id: str) -> int | None:
-        """The generation of the device's desired record (its column: no body read); None if it has none."""
+        """The generation of the device's desired record (its column: no body read); None if it
+        has none. As this store last wrote or read it (no row read then): with ``--ha``, another
+        controller may have written a newer one since, never an older one, so it is a lower
+        bound there (what a report's check needs: :meth:`.ingesting.Ingestor.on_reported`)."""
+        known = self._desired_generations.get(device_id)
+        if known is not None:
+            return known
         row = self.db.execute("SELECT generation FROM desired WHERE device_id = ?", (device_id,)).fetchone()
-        return int(row[0]) if row else None
+        if row is None:
+            return None
+        generation = self._desired_generations[device_id] = int(row[0])
+        return generation
 
     def list_desired(self) -> list[DesiredRecord]:
         rows = self.db.execute("SELECT device_id, body, published FROM desired ORDER BY device_id").fetchall()
@@ -835,6 +850,7 @@ class Store:
             body = record.model_dump_json(exclude={"published"})
             rows.append((record.device_id, record.generation, body, int(record.published)))
             self._desired.wrote(record.device_id, body, record, record.published)
+            self._desired_generations[record.device_id] = record.generation
         self.db.executemany(
             "INSERT INTO desired (device_id, generation, body, published) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(device_id) DO UPDATE SET generation = excluded.generation, body = excluded.body, "

@@ -166,6 +166,30 @@ def test_a_unit_of_a_batch_that_fails_undoes_only_its_own_writes(store: Store) -
     assert [json.loads(body)["kind"] for body in store.list_events("pi-1")] == ["a"]
 
 
+def test_desired_generation_follows_writes_rollbacks_and_removals(store: Store) -> None:
+    """The desired record's generation as kept by the store: what was written, read or
+    committed; a write rolled back (a savepoint too) is forgotten, so is a removed device."""
+    assert store.desired_generation("pi-1") is None
+    store.put_desired(DesiredRecord(device_id="pi-1", generation=3))
+    assert store.desired_generation("pi-1") == 3
+    with store.transaction():
+        with pytest.raises(RuntimeError), store.transaction():
+            store.put_desired(DesiredRecord(device_id="pi-1", generation=7))
+            assert store.desired_generation("pi-1") == 7
+            raise RuntimeError("rolled back")
+        assert store.desired_generation("pi-1") == 3
+    with pytest.raises(RuntimeError), store.transaction():
+        store.put_desired(DesiredRecord(device_id="pi-1", generation=8))
+        raise RuntimeError("rolled back")
+    assert store.desired_generation("pi-1") == 3
+    other = Store(store.target)  # nothing kept: read from the row
+    assert other.desired_generation("pi-1") == 3
+    other.close()
+    store.put_device(device("pi-1"))
+    store.forget_device("pi-1")
+    assert store.desired_generation("pi-1") is None
+
+
 def test_a_report_rewrites_only_the_reported_state(store: Store) -> None:
     """put_reported replaces the reported state alone; a device row from before keeps working."""
     store.put_device(device("pi-1", zone="a"))
