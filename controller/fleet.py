@@ -7,7 +7,7 @@ from what the store says it wrote, so a step over 10,000 devices parses no devic
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from tether.protocol.heap import Shared
@@ -116,6 +116,18 @@ class Seen:
             revoked=device.revoked,
             public_key=device.public_key,
         ).reporting(device.reported)
+
+    def present(self, device: Device) -> Seen:
+        """The same device with the presence, attributes and keys of ``device`` (its reported
+        state left as seen: a presence does not change it)."""
+        return replace(
+            self,
+            attributes=device.attributes(),
+            online=device.status == "online",
+            status=device.status,
+            revoked=device.revoked,
+            public_key=device.public_key,
+        )
 
     def reporting(self, reported: ReportedState | None) -> Seen:
         """The same device with another reported state."""

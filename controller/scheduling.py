@@ -16,11 +16,11 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
-from tether.protocol.models import StackRef
+from tether.protocol.models import ReportedState, StackRef
 
 from .devices import attributes
 from .fleet import Seen
-from .models import DesiredRecord, Group, Stack
+from .models import DesiredRecord, Device, Group, Stack
 from .placement import Assignment, Candidate, place
 from .registries import RegistryCredentials
 from .rollout import Observation
@@ -121,10 +121,15 @@ class Scheduler:
             return self._fleet
         for stale in self._stale.values():  # observe's views: these devices are looked at again
             stale.update(written)
-        for device_id, reported in written.items():
+        for device_id, change in written.items():
             seen = self._fleet.get(device_id)
-            if reported is not None and seen is not None:
-                self._fleet[device_id] = seen.reporting(reported)
+            if isinstance(change, ReportedState) and seen is not None:
+                self._fleet[device_id] = seen.reporting(change)
+                continue
+            if isinstance(change, Device) and seen is not None:  # a presence: not read again
+                seen = seen.present(change)
+                self._fleet[device_id] = seen if change.reported is None else seen.reporting(change.reported)
+                self._fleet_version += 1  # its attributes may have changed: group members too
                 continue
             device = self.store.get_device(device_id)
             self._fleet_version += 1  # its attributes may have changed: group members too

@@ -470,6 +470,11 @@ class _Unit:
             self.batch._undo_from(self.mark)
 
 
+Written = ReportedState | Device | None
+"""What :meth:`Store.devices_written` says of one device written."""
+_UNWRITTEN = object()
+
+
 class Store:
     """The controller's state. Use from one thread; group writes with :meth:`transaction`.
 
@@ -491,7 +496,7 @@ class Store:
             self.db.execute("PRAGMA busy_timeout=5000")
         self._in_tx = False
         self._savepoints = 0
-        self._devices_written: dict[str, ReportedState | None] | None = None  # see devices_written
+        self._devices_written: dict[str, Written] | None = None  # see devices_written
         self._generations: dict[str, int] = {}
         """Per device, the generation of the reported state this store wrote last (committed or in
         the open transaction; forgotten with a rollback): a report's first check reads no row."""
@@ -670,8 +675,18 @@ class Store:
         elif not keep_reported:
             self.db.execute("DELETE FROM reported WHERE device_id = ?", (device.id,))
             self._generations.pop(device.id, None)
-        if self._devices_written is not None:
-            self._devices_written[device.id] = None
+        written = self._devices_written
+        if written is not None:
+            if keep_reported and device.reported is None:  # its row as written, its report as it was
+                earlier = written.get(device.id, _UNWRITTEN)
+                if earlier is _UNWRITTEN:
+                    written[device.id] = bare
+                elif isinstance(earlier, ReportedState):  # a report written before it: the two
+                    written[device.id] = bare.model_copy(update={"reported": earlier})
+                elif isinstance(earlier, Device):
+                    written[device.id] = bare.model_copy(update={"reported": earlier.reported})
+            else:
+                written[device.id] = None
 
     def reported_generation(self, device_id: str) -> int | None:
         """The generation of the device's stored reported state; None if it has none (or no row)."""
@@ -697,8 +712,12 @@ class Store:
             body = reported.model_dump_json()
             rows.append((device_id, reported.generation, body))
             self._generations[device_id] = reported.generation
-            if written is not None and written.get(device_id, reported) is not None:
-                written[device_id] = reported
+            if written is not None:
+                earlier = written.get(device_id, reported)
+                if isinstance(earlier, Device):  # its row rewritten before: the row, with this report
+                    written[device_id] = earlier.model_copy(update={"reported": reported})
+                elif earlier is not None:
+                    written[device_id] = reported
         self.db.executemany(
             "INSERT INTO reported (device_id, generation, body) VALUES (?, ?, ?) ON CONFLICT(device_id) "
             "DO UPDATE SET generation = excluded.generation, body = excluded.body",
@@ -724,11 +743,14 @@ class Store:
             params = (f"{path}.spec_hash", f"{path}.state")
         return {row[0]: (int(row[1]), row[2], row[3], row[4]) for row in self.db.execute(sql, params)}
 
-    def devices_written(self) -> dict[str, ReportedState | None] | None:
+    def devices_written(self) -> dict[str, Written] | None:
         """The devices written (or forgotten) since the last call; None: any may have changed.
 
         Per device id, its new reported state if that is all that was written to it
-        (:meth:`put_reported`), else None. None on the first call and after a rollback.
+        (:meth:`put_reported`); the device as its row was written if its reported state was
+        kept (``put_device(keep_reported=True)``: a presence), with the reported state
+        written after or before it if any (else None in ``reported``: the one stored is
+        unchanged); else None. None on the first call and after a rollback.
         For a reader that keeps devices in memory (the controller's deployment steps); with
         several controllers on one database only the leader writes devices.
         """

@@ -211,7 +211,8 @@ def test_a_report_rewrites_only_the_reported_state(store: Store) -> None:
 
 def test_the_store_says_which_devices_it_wrote(store: Store) -> None:
     """devices_written: None at first and after a rollback (anything may have changed), else the
-    devices, each with its new reported state when nothing else was written to it."""
+    devices, each with its new reported state when nothing else was written to it, or its row as
+    written when its reported state was kept (a presence), with the report written since."""
     assert store.devices_written() is None
     store.put_device(device("pi-1"))
     with store.transaction():
@@ -223,6 +224,12 @@ def test_the_store_says_which_devices_it_wrote(store: Store) -> None:
     report = ReportedState(device_id="pi-2", generation=5)
     store.put_reported("pi-2", report)
     assert store.devices_written() == {"pi-2": report}
+    present = device("pi-2").model_copy(update={"status": "offline", "session": 3, "reported": None})
+    store.put_device(present, keep_reported=True)  # a presence: its row as written, its report kept
+    assert store.devices_written() == {"pi-2": present}
+    store.put_device(present, keep_reported=True)
+    store.put_reported("pi-2", report)
+    assert store.devices_written() == {"pi-2": present.model_copy(update={"reported": report})}
     with pytest.raises(RuntimeError), store.transaction():
         store.put_device(device("pi-3"))
         raise RuntimeError("rolled back")

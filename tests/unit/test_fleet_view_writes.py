@@ -1,0 +1,89 @@
+"""The fleet view kept in memory (Scheduler.fleet_view) stays what the store holds, whatever is
+written: presences taken from the row written, reports as written, anything else read again."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support.recording import Clock
+from tether.controller.fleet import Seen
+from tether.controller.models import Device
+from tether.controller.service import Controller
+from tether.controller.store import Store
+from tether.protocol.models import DeviceFacts, ReportedState, StackStatus
+
+DEVICES = ("d1", "d2", "d3")
+_facts = st.sampled_from(
+    [
+        None,
+        *(
+            DeviceFacts(agent_version="1", driver="docker", arch="x", os="linux", labels={"site": s})
+            for s in "ab"
+        ),
+    ]
+)
+_presence = st.tuples(
+    st.just("presence"),
+    st.sampled_from(DEVICES),
+    st.sampled_from(["online", "offline", "unknown"]),
+    st.integers(0, 5),
+    _facts,
+)
+_report = st.tuples(
+    st.just("report"),
+    st.sampled_from(DEVICES),
+    st.integers(0, 3),
+    st.sampled_from(["running", "failed"]),
+)
+_other = st.tuples(st.sampled_from(["whole", "forget", "view", "rollback"]), st.sampled_from(DEVICES))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.one_of(_presence, _report, _other), max_size=30))
+def test_the_kept_fleet_view_is_the_stores_whatever_is_written(ops: list[tuple]) -> None:  # type: ignore[type-arg]
+    """After any writes (a presence keeping the stored report, reports, whole devices, forgotten
+    devices, rolled back transactions), the fleet view equals every device read again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "tether.db")
+        try:
+            scheduler = Controller(store, clock=Clock()).context.scheduler
+            known = [("presence", d, "online", 1, None) for d in DEVICES[:2]]
+            for op in [*known, ("view", "d1"), *ops, ("view", "d1")]:
+                kind, device_id = op[0], op[1]
+                stored = store.get_device(device_id, reported=False)
+                if kind == "presence":
+                    _, _, status, session, facts = op
+                    device = (stored or Device(id=device_id)).model_copy(
+                        update={
+                            "status": status,
+                            "session": session,
+                            "facts": facts or (stored and stored.facts),
+                        }
+                    )
+                    store.put_device(device, keep_reported=True)
+                elif kind == "report" and stored is not None:
+                    _, _, generation, state = op
+                    stacks = {"app": StackStatus(spec_hash="a" * 12, state=state)}
+                    store.put_reported(
+                        device_id, ReportedState(device_id=device_id, generation=generation, stacks=stacks)
+                    )
+                elif kind == "whole":
+                    store.put_device(Device(id=device_id, status="online", session=9))
+                elif kind == "forget":
+                    store.forget_device(device_id)
+                elif kind == "rollback" and stored is not None:
+                    try:
+                        with store.transaction():
+                            store.put_device(
+                                stored.model_copy(update={"status": "offline"}), keep_reported=True
+                            )
+                            raise RuntimeError("undone")
+                    except RuntimeError:
+                        pass
+                elif kind == "view":
+                    assert scheduler.fleet_view() == {d.id: Seen.of(d) for d in store.list_devices()}
+        finally:
+            store.close()
