@@ -396,7 +396,7 @@ class Controller:
             fleet = self.context.scheduler.fleet_view()
             for seen in fleet.values():
                 counts[seen.status] = counts.get(seen.status, 0) + 1
-            named = {r.device_id for r in self.store.list_desired()}
+            named = self.store.desired_device_ids()
             named.update(d for g in self.store.list_groups() for d in g.devices)
             counts["never seen"] += len(named.difference(fleet))
         else:

@@ -856,6 +856,10 @@ class Store:
         generation = self._desired_generations[device_id] = int(row[0])
         return generation
 
+    def desired_device_ids(self) -> set[str]:
+        """The devices with a desired record (nothing parsed: the gauges' count of devices never seen)."""
+        return {row[0] for row in self.db.execute("SELECT device_id FROM desired")}
+
     def list_desired(self) -> list[DesiredRecord]:
         rows = self.db.execute("SELECT device_id, body, published FROM desired ORDER BY device_id").fetchall()
         self._desired.keep_only(r[0] for r in rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from support.fleet import desired, online
 from support.recording import RecordingPublisher
+from tether.controller.models import DesiredRecord
 from tether.controller.service import Controller
 from tether.protocol.commands import (
     DevicesCredentials,
@@ -118,3 +119,15 @@ def test_devices_ls_pages_and_filters(controller: Controller) -> None:
     assert paged_view == next(d for d in whole.devices if d.id == "d-3")  # the page reads reported states
     with pytest.raises(NotFoundError, match="unknown group 'nope'"):
         controller.execute(DevicesList(group="nope"))
+
+
+def test_the_presence_gauges_count_devices_named_but_never_seen(controller: Controller) -> None:
+    """/metrics' tether_devices: the fleet by presence, plus the devices only a group or a
+    desired record names, each counted once."""
+    online(controller, "pi-1")
+    controller.execute(GroupsCreate(name="edge", devices=("pi-1", "pi-9")))
+    controller.store.put_desired(DesiredRecord(device_id="pi-8", generation=1))
+    controller.store.put_desired(DesiredRecord(device_id="pi-9", generation=1))
+    controller.refresh_metrics()
+    shown = {p: controller.metrics.devices.labels(presence=p)._value.get() for p in ("online", "never seen")}
+    assert shown == {"online": 1, "never seen": 2}
