@@ -422,8 +422,9 @@ class Ingestor:
         stored, trimmed = _bounded_event(event)
         # Stored without ``oldest`` (what the device still queued then): no copy made for it.
         added = self.store.add_event(device_id, event.seq, stored.model_dump_json(exclude={"oldest"}))
-        if event.oldest:
-            self.publisher.note_stored(device_id, event.seq, event.oldest)
+        if event.oldest:  # acknowledged only once committed (the device drops what is acknowledged)
+            seq, oldest = event.seq, event.oldest
+            self.store.after_commit(lambda: self.publisher.note_stored(device_id, seq, oldest))
         if not added:
             return  # delivered twice (at least once on the wire): already stored
         if trimmed:

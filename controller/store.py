@@ -328,15 +328,17 @@ def _private_sqlite_files(db: Path) -> None:
 class _Transaction:
     """:meth:`Store.transaction`: a transaction, or a savepoint inside one."""
 
-    __slots__ = ("savepoint", "store")
+    __slots__ = ("done", "savepoint", "store")
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.savepoint: str | None = None
+        self.done = 0  # how many after_commit actions were asked before it
 
     def __enter__(self) -> None:
         store = self.store
         if store._in_tx:
+            self.done = len(store._after_commit)
             store._savepoints += 1
             self.savepoint = f"sp{store._savepoints}"
             store.db.execute(f"SAVEPOINT {self.savepoint}")
@@ -351,11 +353,13 @@ class _Transaction:
             try:
                 if exc_type is not None:
                     store._rolled_back()
+                    del store._after_commit[self.done :]
                     store.db.execute(f"ROLLBACK TO SAVEPOINT {name}")
                 store.db.execute(f"RELEASE SAVEPOINT {name}")
             finally:
                 store._savepoints -= 1
             return
+        actions, store._after_commit = store._after_commit, []
         try:
             if exc_type is not None:
                 store._rolled_back()
@@ -364,6 +368,9 @@ class _Transaction:
                 store.db.execute("COMMIT")
         finally:
             store._in_tx = False
+        if exc_type is None:
+            for action in actions:
+                action()
 
 
 class _Journal:
@@ -408,10 +415,12 @@ class Batch:
         self.store = store
         self.journal = _Journal(store.db)
         self.broken: BaseException | None = None
+        self.done = 0  # how many after_commit actions were asked before it
 
     def __enter__(self) -> Batch:
         if not self.store._in_tx:
             raise RuntimeError("a batch is opened inside a transaction")
+        self.done = len(self.store._after_commit)
         self.store.db.execute(f"SAVEPOINT {self._SAVEPOINT}")
         self.store.db = self.journal
         return self
@@ -421,6 +430,7 @@ class Batch:
         store.db = db
         if exc_type is not None:
             store._rolled_back()
+            del store._after_commit[self.done :]
             db.execute(f"ROLLBACK TO SAVEPOINT {self._SAVEPOINT}")
         db.execute(f"RELEASE SAVEPOINT {self._SAVEPOINT}")
         if exc_type is None and self.broken is not None:
@@ -454,20 +464,24 @@ class Batch:
 class _Unit:
     """:meth:`Batch.unit`."""
 
-    __slots__ = ("batch", "mark")
+    __slots__ = ("batch", "done", "mark")
 
     def __init__(self, batch: Batch) -> None:
         self.batch = batch
         self.mark = 0
+        self.done = 0
 
     def __enter__(self) -> None:
         if self.batch.broken is not None:
             raise StoreError("a batch's writes could not be restored: the rest of the batch is refused")
         self.mark = len(self.batch.journal.statements)
+        self.done = len(self.batch.store._after_commit)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: object, tb: object) -> None:
-        if exc_type is not None and self.batch.broken is None:
-            self.batch._undo_from(self.mark)
+        if exc_type is not None:
+            del self.batch.store._after_commit[self.done :]  # its writes are undone
+            if self.batch.broken is None:
+                self.batch._undo_from(self.mark)
 
 
 Written = ReportedState | Device | None
@@ -496,6 +510,7 @@ class Store:
             self.db.execute("PRAGMA busy_timeout=5000")
         self._in_tx = False
         self._savepoints = 0
+        self._after_commit: list[Callable[[], None]] = []  # see after_commit
         self._devices_written: dict[str, Written] | None = None  # see devices_written
         self._generations: dict[str, int] = {}
         """Per device, the generation of the reported state this store wrote last (committed or in
@@ -549,6 +564,16 @@ class Store:
         takes one savepoint per device message.)
         """
         return _Transaction(self)
+
+    def after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the open transaction is committed (at once outside one). Never
+        if the writes it follows are undone: forgotten with the transaction, or the savepoint
+        or batch unit it was asked in, rolled back. For what must not be told of writes that
+        may yet be undone (an event acknowledged to its device, which then drops it)."""
+        if self._in_tx:
+            self._after_commit.append(action)
+        else:
+            action()
 
     def batch(self) -> Batch:
         """Units of work (:meth:`Batch.unit`) sharing one savepoint, inside the open transaction:

@@ -400,14 +400,15 @@ def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
     store = Store(db_target)
     controller = Controller(store)
     controller.leading.set()
-    note_stored = controller.context.publisher.note_stored
+    add_event = store.add_event
 
-    def failing(device_id: str, seq: int, oldest: int) -> None:
+    def failing(device_id: str, seq: int, body: str) -> bool:
+        added = add_event(device_id, seq, body)
         if device_id == "d-1":
             raise RuntimeError("injected failure")
-        note_stored(device_id, seq, oldest)
+        return added
 
-    controller.context.publisher.note_stored = failing  # type: ignore[method-assign]
+    store.add_event = failing  # type: ignore[method-assign]
 
     def presence(device_id: str) -> tuple[str, bytes]:
         return topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(
@@ -430,4 +431,33 @@ def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
         f"failed to handle a message on {topics.device('d-1', DeviceTopic.EVENTS)}"
     ]
+    store.close()
+
+
+def test_an_event_whose_handling_failed_is_not_acknowledged(tmp_path: Path) -> None:
+    """An event noted stored, then undone because its handling failed later in its batch
+    (here its job result), is not acknowledged: the device keeps it and sends it again. The
+    event before it, in the same batch, is acknowledged once committed."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    client = PublishingClient()
+    controller.client = client  # type: ignore[assignment]
+
+    def failing(device_id: str, data: dict[str, Any]) -> None:
+        raise RuntimeError("injected failure")
+
+    controller.ingestor._on_job_result = failing  # type: ignore[method-assign]
+    failed = Event(device_id="d-1", seq=2, kind="job.result", message="done", data={"job": "j"}, oldest=1)
+    controller.inbox.put((topics.device("d-1", DeviceTopic.EVENTS), codec.encode(failed)))
+    assert controller._ingest(*event("d-1", 1, 1)) is None
+    assert [json.loads(b)["seq"] for b in store.list_events("d-1")] == [1]
+    controller.publish_acks()
+    acks = [codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked")]
+    assert [(a.seq, a.last) for a in acks] in ([], [(1, 1)]), "event 2 was not stored"
+    controller.handle(*event("d-1", 3, 1))  # the device goes on: the ack shows 2 missing
+    client.published.clear()
+    controller.publish_acks()
+    acks = [codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked")]
+    assert [(a.seq, a.last) for a in acks] == [(1, 3)]
     store.close()

@@ -190,6 +190,30 @@ def test_desired_generation_follows_writes_rollbacks_and_removals(store: Store) 
     assert store.desired_generation("pi-1") is None
 
 
+def test_after_commit_runs_only_for_writes_that_were_committed(store: Store) -> None:
+    """Actions asked with after_commit run once the transaction commits, in order; never
+    those asked inside a savepoint, a batch's unit or a transaction that was rolled back;
+    at once outside a transaction."""
+    ran: list[str] = []
+    with store.transaction(), store.batch() as batch:
+        with batch.unit():
+            store.after_commit(lambda: ran.append("unit 1"))
+        with pytest.raises(RuntimeError), batch.unit():
+            store.after_commit(lambda: ran.append("unit 2"))
+            raise RuntimeError("one message")
+        with pytest.raises(RuntimeError), store.transaction():
+            store.after_commit(lambda: ran.append("savepoint"))
+            raise RuntimeError("inner")
+        store.after_commit(lambda: ran.append("batch"))
+        assert ran == []
+    assert ran == ["unit 1", "batch"]
+    with pytest.raises(RuntimeError), store.transaction():
+        store.after_commit(lambda: ran.append("rolled back"))
+        raise RuntimeError("outer")
+    store.after_commit(lambda: ran.append("outside"))
+    assert ran == ["unit 1", "batch", "outside"]
+
+
 def test_a_report_rewrites_only_the_reported_state(store: Store) -> None:
     """put_reported replaces the reported state alone; a device row from before keeps working."""
     store.put_device(device("pi-1", zone="a"))
