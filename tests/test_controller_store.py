@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tether.controller.models import DesiredRecord, Device, Group, Stack
+from tether.controller.models import DesiredRecord, Device, Group, Job, Stack
 from tether.controller.store import (
     JOB_RESULTS_KEPT,
     MIGRATIONS,
@@ -19,7 +19,15 @@ from tether.controller.store import (
 )
 from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
-from tether.protocol.models import DeviceFacts, ReportedState, ServiceSpec, StackRef, StackSpec, StackStatus
+from tether.protocol.models import (
+    DeviceFacts,
+    JobSpec,
+    ReportedState,
+    ServiceSpec,
+    StackRef,
+    StackSpec,
+    StackStatus,
+)
 
 SPEC = StackSpec(services=(ServiceSpec(name="web", image="web:1"),))
 REF = StackRef(name="web", spec_hash=SPEC.spec_hash())
@@ -503,3 +511,30 @@ def test_job_results_seconds_apart_keep_their_order_and_the_newest_are_kept(stor
         store.add_job_result("backup", "pi-1", f"run-{i}", start + i, f'{{"n": {i}}}')
     listed = store.list_job_results("backup", "pi-1", limit=1000)
     assert [body for _, body in listed] == [f'{{"n": {i}}}' for i in range(2, JOB_RESULTS_KEPT + 2)]
+
+
+def test_jobs_and_their_results_put_get_list_delete(store: Store) -> None:
+    """Jobs are stored, listed by name and deleted with their results; a run's result is known
+    once stored (how a redelivered one is told apart), stored once per run, and listed for every
+    device or one, oldest first (what `tether jobs logs` and result ingestion ask the store)."""
+    tick = Job(name="tick", group="g", spec=JobSpec(name="tick", command=("date",), every_s=1.0), created=1.0)
+    once = Job(
+        name="hello", group="g", spec=JobSpec(name="hello", command=("true",), run_id="r1"), created=2.0
+    )
+    store.put_job(tick)
+    store.put_job(once)
+    assert store.get_job("tick") == tick and store.get_job("nope") is None
+    assert [j.name for j in store.list_jobs()] == ["hello", "tick"]
+    assert not store.has_job_result("tick", "pi-1", "run-1")
+    store.add_job_result("tick", "pi-1", "run-1", 1_780_000_000.0, '{"n": 1}')
+    store.add_job_result("tick", "pi-2", "run-1", 1_780_000_001.0, '{"n": 2}')
+    store.add_job_result("tick", "pi-1", "run-1", 1_780_000_000.0, '{"n": 1}')  # redelivered: once
+    assert store.has_job_result("tick", "pi-1", "run-1") and not store.has_job_result("tick", "pi-1", "run-2")
+    assert store.list_job_results("tick", None, limit=10) == [("pi-1", '{"n": 1}'), ("pi-2", '{"n": 2}')]
+    assert store.list_job_results("tick", None, limit=1) == [("pi-2", '{"n": 2}')]
+    assert store.list_job_results("tick", "pi-2", limit=10) == [("pi-2", '{"n": 2}')]
+    store.delete_job("tick")
+    assert store.get_job("tick") is None and [j.name for j in store.list_jobs()] == ["hello"]
+    assert store.list_job_results("tick", None, limit=10) == [] and not store.has_job_result(
+        "tick", "pi-1", "run-1"
+    )
