@@ -10,7 +10,10 @@ import pytest
 from support.infra import wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, wait_online
 
-pytestmark = [pytest.mark.e2e, pytest.mark.store]
+pytestmark = pytest.mark.e2e
+# Not the offline scenario on PostgreSQL too (scripts/test's second pass): the store paths it
+# reaches there (jobs, results, a redelivered result) are test_controller_store.py's
+# test_jobs_and_their_results_put_get_list_delete[postgresql]; the rest is the same code.
 
 
 def _lines(path: Path) -> int:
@@ -108,6 +111,7 @@ def test_jobs_run_once_and_on_schedule_offline(tmp_path: Path) -> None:
         controller.stop()
 
 
+@pytest.mark.store
 def test_job_bad_input(tmp_path: Path) -> None:
     """Bad cron, both triggers, unknown group and duplicate names are refused by name."""
     controller = ControllerProcess(tmp_path / "c")
@@ -128,6 +132,7 @@ def test_job_bad_input(tmp_path: Path) -> None:
 
 
 @pytest.mark.docker
+@pytest.mark.store
 def test_container_job_on_the_docker_driver(
     docker_engine: object, busybox_image: str, tmp_path: Path
 ) -> None:
