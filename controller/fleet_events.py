@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from tether.protocol.heap import Shared
@@ -180,7 +180,8 @@ class EventBus:
     def emit(self, event: FleetEvent) -> FleetEvent:
         """Number ``event`` and queue it for every subscriber that wants it; returns it numbered."""
         with self._lock:
-            event = replace(event, seq=next(self._seq))
+            # Not dataclasses.replace (twice the cost: one event per report of a deploy).
+            event = FleetEvent(event.kind, event.subject, event.at, event.data, next(self._seq))
             subscribers = self._subscribers
         for sub in subscribers:
             if sub.wants(event):

@@ -253,3 +253,17 @@ def test_a_summary_made_from_shared_statuses_is_the_report_s_own(
             == ReportSummary.of(fresh)
             == ReportSummary.of_seen(Seen.of(Device(id="pi-1", status="online", reported=fresh)))
         )
+
+
+def test_the_bus_numbers_an_event_and_keeps_every_other_field() -> None:
+    """EventBus.emit builds the numbered event field by field: none is lost (a field added
+    to FleetEvent later included)."""
+    import dataclasses
+
+    event = FleetEvent("device.changed", "devices/pi-1", 12.5, {"generation": 3})
+    emitted = EventBus().emit(event)
+    assert emitted.seq > 0
+    assert {f.name: getattr(emitted, f.name) for f in dataclasses.fields(FleetEvent) if f.name != "seq"} == {
+        f.name: getattr(event, f.name) for f in dataclasses.fields(FleetEvent) if f.name != "seq"
+    }
+    assert [f.name for f in dataclasses.fields(FleetEvent)] == ["kind", "subject", "at", "data", "seq"]
