@@ -11,9 +11,9 @@ from support.infra import remove_tether_containers, wait_until
 from support.procs import AgentProcess, ControllerProcess, cli, cli_json, pool_group
 
 pytestmark = pytest.mark.e2e
-# On PostgreSQL too (scripts/test's second pass) the rolling test alone: the canary's store
-# paths there (deployments, their reverts, stacks) are the rolling test's and the other
-# `store` tests' (line coverage of controller/store.py and lease.py on PostgreSQL compared).
+# Not on PostgreSQL too (scripts/test's second pass): every line of controller/store.py and
+# lease.py these run on PostgreSQL (deployments, their reverts, stacks) is run there by the
+# store-level tests and the other `store` tests (coverage compared per line).
 
 PROCESS = 'services:\n  app:\n    command: ["sh", "-c", "echo {v} > version; exec sleep 600"]\n    restart: always\n'
 
@@ -29,7 +29,6 @@ def _deploy(url: str, stack: Path, *flags: str) -> dict[str, Any]:
     return cli_json(url, "stacks", "deploy", str(stack), "--name", "app", "--group", "pool", *flags)
 
 
-@pytest.mark.store
 def test_rolling_hold_and_offline(tmp_path: Path) -> None:
     """Rolling never updates more than max_parallel devices at once; a held device waits for its
     release; an offline device does not block and gets the final version when it returns."""
