@@ -20,13 +20,13 @@ from tether.protocol.models import ReportedState, StackRef
 
 from .devices import attributes
 from .fleet import Seen
-from .models import DesiredRecord, Device, Group, Stack
+from .models import DesiredRecord, Group, Stack
 from .placement import Assignment, Candidate, place
 from .registries import RegistryCredentials
 from .rollout import Observation
 from .scheduler import desired_jobs, desired_stacks, eligible, members
 from .selectors import Attributes
-from .store import Store
+from .store import PresenceWritten, Store
 from .variables import VariableBindings
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,8 @@ class Scheduler:
             if isinstance(change, ReportedState) and seen is not None:
                 self._fleet[device_id] = seen.reporting(change)
                 continue
-            if isinstance(change, Device) and seen is not None:  # a presence: not read again
-                seen = seen.present(change)
+            if isinstance(change, PresenceWritten) and seen is not None:  # a presence: not read again
+                seen = seen.present(change.device)
                 self._fleet[device_id] = seen if change.reported is None else seen.reporting(change.reported)
                 self._fleet_version += 1  # its attributes may have changed: group members too
                 continue

@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from pydantic import BaseModel
 from tether.protocol.credentials import Credential
@@ -484,7 +484,18 @@ class _Unit:
                 self.batch._undo_from(self.mark)
 
 
-Written = ReportedState | Device | None
+class PresenceWritten(NamedTuple):
+    """:meth:`Store.devices_written` of a device whose row was written with its reported state
+    kept (a presence): the row as written (the very model the store keeps of it), and the
+    reported state written before or after it, if any (None: the stored one is unchanged).
+    A pair, not a copy of the row with the report: a registration writes 10,000 of them
+    before the fleet view takes them (a Device copy each was +20 MB of peak RSS)."""
+
+    device: Device
+    reported: ReportedState | None = None
+
+
+Written = ReportedState | PresenceWritten | None
 """What :meth:`Store.devices_written` says of one device written."""
 _UNWRITTEN = object()
 
@@ -705,11 +716,11 @@ class Store:
             if keep_reported and device.reported is None:  # its row as written, its report as it was
                 earlier = written.get(device.id, _UNWRITTEN)
                 if earlier is _UNWRITTEN:
-                    written[device.id] = bare
+                    written[device.id] = PresenceWritten(bare)
                 elif isinstance(earlier, ReportedState):  # a report written before it: the two
-                    written[device.id] = bare.model_copy(update={"reported": earlier})
-                elif isinstance(earlier, Device):
-                    written[device.id] = bare.model_copy(update={"reported": earlier.reported})
+                    written[device.id] = PresenceWritten(bare, earlier)
+                elif isinstance(earlier, PresenceWritten):
+                    written[device.id] = PresenceWritten(bare, earlier.reported)
             else:
                 written[device.id] = None
 
@@ -739,8 +750,10 @@ class Store:
             self._generations[device_id] = reported.generation
             if written is not None:
                 earlier = written.get(device_id, reported)
-                if isinstance(earlier, Device):  # its row rewritten before: the row, with this report
-                    written[device_id] = earlier.model_copy(update={"reported": reported})
+                if isinstance(
+                    earlier, PresenceWritten
+                ):  # its row rewritten before: the row, with this report
+                    written[device_id] = PresenceWritten(earlier.device, reported)
                 elif earlier is not None:
                     written[device_id] = reported
         self.db.executemany(

@@ -12,6 +12,7 @@ from tether.controller.models import DesiredRecord, Device, Group, Job, Stack
 from tether.controller.store import (
     JOB_RESULTS_KEPT,
     MIGRATIONS,
+    PresenceWritten,
     Store,
     _desired_published_column,
     _untrust_device_labels,
@@ -258,10 +259,10 @@ def test_the_store_says_which_devices_it_wrote(store: Store) -> None:
     assert store.devices_written() == {"pi-2": report}
     present = device("pi-2").model_copy(update={"status": "offline", "session": 3, "reported": None})
     store.put_device(present, keep_reported=True)  # a presence: its row as written, its report kept
-    assert store.devices_written() == {"pi-2": present}
+    assert store.devices_written() == {"pi-2": PresenceWritten(present)}
     store.put_device(present, keep_reported=True)
     store.put_reported("pi-2", report)
-    assert store.devices_written() == {"pi-2": present.model_copy(update={"reported": report})}
+    assert store.devices_written() == {"pi-2": PresenceWritten(present, report)}
     with pytest.raises(RuntimeError), store.transaction():
         store.put_device(device("pi-3"))
         raise RuntimeError("rolled back")
