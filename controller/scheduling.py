@@ -105,6 +105,14 @@ class Scheduler:
         self._targeted[stack.name] = (stack, group, self._fleet_version, targets)
         return targets
 
+    def keep_up(self) -> None:
+        """Take what the store wrote since into the kept fleet view, if there is one (the tick,
+        every second). What the store says of each device written (its report, its row) is
+        held until then: without a deployment step asking for the view, a registration of
+        10,000 devices held every one until the next metrics refresh (up to 15 s)."""
+        if self._fleet is not None and self._leading.is_set():
+            self.fleet_view()
+
     def fleet_view(self) -> dict[str, Seen]:
         """Every device as a deployment step sees it: kept in memory, re-read only where written.
 

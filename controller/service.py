@@ -445,6 +445,7 @@ class Controller:
         self.publish_acks()
         self.context.publisher.retry_recompute()
         self.advance_deployments(force=False)
+        self.context.scheduler.keep_up()
         if time.monotonic() >= self._next_repair:
             # A pass looks at every device: every BEHIND_CHECK seconds, not every tick
             # (the grace is BEHIND_GRACE anyway; 19 ms per tick at 50,000 devices).

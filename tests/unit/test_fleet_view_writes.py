@@ -87,3 +87,26 @@ def test_the_kept_fleet_view_is_the_stores_whatever_is_written(ops: list[tuple])
                     assert scheduler.fleet_view() == {d.id: Seen.of(d) for d in store.list_devices()}
         finally:
             store.close()
+
+
+def test_the_tick_takes_the_writes_into_the_view_and_the_store_lets_them_go(tmp_path: Path) -> None:
+    """keep_up (the tick) folds what the store wrote into the kept view, so the store holds
+    nothing of those writes afterwards; with no view kept yet (or not leading) it builds none."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store, clock=Clock())
+    scheduler = controller.context.scheduler
+    store.put_device(Device(id="d1", status="online", session=1))
+    scheduler.keep_up()  # neither leading nor a view: nothing read
+    controller.leading.set()
+    scheduler.keep_up()  # no view to keep up: none built
+    assert store.devices_written() is None, "nobody asked the store yet"
+    assert scheduler.fleet_view()["d1"].status == "online"
+    stored = store.get_device("d1", reported=False)
+    assert stored is not None
+    store.put_device(stored.model_copy(update={"status": "offline", "session": 2}), keep_reported=True)
+    store.put_reported("d1", ReportedState(device_id="d1", generation=3))
+    scheduler.keep_up()
+    assert store.devices_written() == {}, "the writes were taken into the view"
+    seen = scheduler.fleet_view()["d1"]
+    assert (seen.status, seen.generation) == ("offline", 3)
+    store.close()
