@@ -363,6 +363,7 @@ class Controller:
                     break
             self.ingestor.flush_reports()
             self._flush_syncs(publish=False)  # published by the caller, once committed
+        self.context.scheduler.keep_up()  # what the batch wrote, into the fleet view: not held
         return held
 
     def _flush_syncs(self, publish: bool = True) -> None:

@@ -781,6 +781,11 @@ class Store:
             params = (f"{path}.spec_hash", f"{path}.state")
         return {row[0]: (int(row[1]), row[2], row[3], row[4]) for row in self.db.execute(sql, params)}
 
+    @property
+    def tracking_writes(self) -> bool:
+        """Whether :meth:`devices_written` would name the devices written (not None)."""
+        return self._devices_written is not None
+
     def devices_written(self) -> dict[str, Written] | None:
         """The devices written (or forgotten) since the last call; None: any may have changed.
 

@@ -3,6 +3,7 @@ written: presences taken from the row written, reports as written, anything else
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from pathlib import Path
 
@@ -90,8 +91,9 @@ def test_the_kept_fleet_view_is_the_stores_whatever_is_written(ops: list[tuple])
 
 
 def test_the_tick_takes_the_writes_into_the_view_and_the_store_lets_them_go(tmp_path: Path) -> None:
-    """keep_up (the tick) folds what the store wrote into the kept view, so the store holds
-    nothing of those writes afterwards; with no view kept yet (or not leading) it builds none."""
+    """keep_up (after a batch, the tick) folds what the store wrote into the kept view, so the
+    store holds nothing of those writes afterwards; with no view kept yet (or not leading), or
+    after a rollback (every device to read again), it reads nothing."""
     store = Store(tmp_path / "tether.db")
     controller = Controller(store, clock=Clock())
     scheduler = controller.context.scheduler
@@ -109,4 +111,9 @@ def test_the_tick_takes_the_writes_into_the_view_and_the_store_lets_them_go(tmp_
     assert store.devices_written() == {}, "the writes were taken into the view"
     seen = scheduler.fleet_view()["d1"]
     assert (seen.status, seen.generation) == ("offline", 3)
+    with contextlib.suppress(RuntimeError), store.transaction():
+        store.put_device(Device(id="d2"))
+        raise RuntimeError("undone: the store no longer knows what was written")
+    scheduler.keep_up()  # a rollback: every device would be read again; left to the next reader
+    assert store.devices_written() is None
     store.close()
