@@ -278,7 +278,7 @@ class _Paho(paho.Client):
                 queued.popleft()
                 self._inflight_messages += 1
                 m.state = paho.mqtt_ms_wait_for_puback
-                _pack_publish(self, packets, m._topic, m.payload, m.mid, m.retain, m.dup)
+                _pack_publish(self, packets, m._topic, m.payload, m.retain, m.mid, m.dup)
             else:
                 if packets:
                     self._packet_queue(paho.PUBLISH | 0x02, bytes(packets), 0, 1)
@@ -302,7 +302,7 @@ class _Paho(paho.Client):
                     return paho.MQTT_ERR_NO_CONN
                 self._inflight_messages += 1
                 m.state = paho.mqtt_ms_wait_for_puback
-                _pack_publish(self, packets, m._topic, m.payload, m.mid, m.retain, m.dup)
+                _pack_publish(self, packets, m._topic, m.payload, m.retain, m.mid, m.dup)
         if packets:
             self._packet_queue(paho.PUBLISH | 0x02, bytes(packets), 0, 1)
         return paho.MQTT_ERR_SUCCESS
@@ -382,11 +382,8 @@ class _Paho(paho.Client):
         if self._sock is None:
             return False
         mid = self._mid_generate()  # paho numbers QoS 0 messages too
-        packet = bytearray((paho.PUBLISH | (1 if retain else 0),))
-        self._pack_remaining_length(packet, 2 + len(topic) + len(payload))
-        packet += _MID.pack(len(topic))
-        packet += topic
-        packet += payload
+        packet = bytearray()
+        _pack_publish(self, packet, topic, payload, retain)
         self._packet_queue(paho.PUBLISH, bytes(packet), mid, 0, _UNTRACKED)
         return True
 
@@ -424,7 +421,7 @@ class _Paho(paho.Client):
                 if self._max_inflight_messages == 0 or self._inflight_messages < self._max_inflight_messages:
                     self._inflight_messages += 1
                     message.state = paho.mqtt_ms_wait_for_puback
-                    _pack_publish(self, packets, topic, payload, mid, retain, False)
+                    _pack_publish(self, packets, topic, payload, retain, mid)
                 else:
                     self._batch_queued.append(message)  # state queued: sent by _update_inflight
                 batch.left += 1
@@ -460,16 +457,19 @@ def _pack_publish(
     packets: bytearray,
     topic: bytes,
     payload: bytes | bytearray,
-    mid: int,
     retain: bool,
-    dup: bool,
+    mid: int | None = None,
+    dup: bool = False,
 ) -> None:
-    """Append the PUBLISH packet (QoS 1) paho's ``_send_publish`` makes (MQTT 3.1.1) to ``packets``."""
-    packets.append(paho.PUBLISH | (0x08 if dup else 0) | 0x02 | (1 if retain else 0))
-    client._pack_remaining_length(packets, 4 + len(topic) + len(payload))
+    """Append the PUBLISH packet paho's ``_send_publish`` makes (MQTT 3.1.1) to ``packets``:
+    QoS 1 with packet id ``mid``, QoS 0 without one (None)."""
+    qos = 0 if mid is None else 0x02
+    packets.append(paho.PUBLISH | (0x08 if dup else 0) | qos | (1 if retain else 0))
+    client._pack_remaining_length(packets, 2 + len(topic) + len(payload) + (0 if mid is None else 2))
     packets += _MID.pack(len(topic))
     packets += topic
-    packets += _MID.pack(mid)
+    if mid is not None:
+        packets += _MID.pack(mid)
     packets += payload
 
 
