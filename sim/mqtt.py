@@ -35,6 +35,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tether.protocol.heap import Shared
 from tether.protocol.transport import Delivery, MessageHandler, Will
 
 CONNECT = 0x10
@@ -57,8 +58,7 @@ _DISCONNECT = bytes((DISCONNECT, 0))
 _PACK_H = struct.Struct("!H")
 _ACK = struct.Struct("!BBH")
 """PUBACK, PUBREC, PUBCOMP: the packet type, remaining length 2, the packet id."""
-_TOPIC_HEADERS_KEPT = 65_536
-_topic_headers: dict[str, bytes] = {}
+_topic_headers: Shared[str, bytes] = Shared(65_536)
 """A topic's length-prefixed UTF-8 (``_str``), made once: a device publishes to a few topics of
 its own again and again (its reports, events, presence)."""
 
@@ -117,20 +117,11 @@ def connect_packet(
     return packet(CONNECT, header + payload)
 
 
-def _topic_header(topic: str) -> bytes:
-    header = _topic_headers.get(topic)
-    if header is None:
-        if len(_topic_headers) >= _TOPIC_HEADERS_KEPT:
-            _topic_headers.clear()
-        header = _topic_headers[topic] = _str(topic)
-    return header
-
-
 def publish_packet(
     topic: str, payload: bytes, qos: int, retain: bool, pid: int = 0, dup: bool = False
 ) -> bytes:
     first = PUBLISH | (0x08 if dup else 0) | (qos << 1) | (1 if retain else 0)
-    header = _topic_header(topic)
+    header = _topic_headers.get(topic, lambda: _str(topic))
     if qos:
         length = len(header) + 2 + len(payload)
         return b"".join((bytes((first,)), varint(length), header, _PACK_H.pack(pid), payload))
