@@ -107,11 +107,12 @@ class Scheduler:
 
     def keep_up(self) -> None:
         """Take what the store wrote since into the kept fleet view, if there is one (after each
-        batch of device messages, and the tick). What the store says of each device written (its report, its row) is
-        held until then: without a deployment step asking for the view, a registration of
-        10,000 devices held every one until the next metrics refresh (up to 15 s). Not when
-        the store lost track (a rollback): reading every device again is left to the next
-        caller that needs the view, as before (a refused request each would not cost a re-read)."""
+        batch of device messages, and at the tick). What the store says of each device written
+        (its report, its row) is held until then: without a deployment step asking for the
+        view, a registration of 10,000 devices held every one until the next metrics refresh
+        (up to 15 s). Not when the store lost track (a rollback): reading every device again is
+        left to the next caller that needs the view, as before (a refused request each would
+        not cost a re-read)."""
         if self._fleet is not None and self._leading.is_set() and self.store.tracking_writes:
             self.fleet_view()
 

@@ -750,9 +750,7 @@ class Store:
             self._generations[device_id] = reported.generation
             if written is not None:
                 earlier = written.get(device_id, reported)
-                if isinstance(
-                    earlier, PresenceWritten
-                ):  # its row rewritten before: the row, with this report
+                if isinstance(earlier, PresenceWritten):  # its row written before: it, with this report
                     written[device_id] = PresenceWritten(earlier.device, reported)
                 elif earlier is not None:
                     written[device_id] = reported
