@@ -86,6 +86,19 @@ def client(port: int, **kwargs: object) -> MqttClient:
     return c
 
 
+def counted_sends(sender: MqttClient) -> list[int]:
+    """The sizes of the sender's socket writes from now on, appended as they happen."""
+    sends: list[int] = []
+    plain_send = sender._paho._sock_send
+
+    def counting_send(buf: bytes | bytearray) -> int:
+        sends.append(len(buf))
+        return plain_send(buf)
+
+    sender._paho._sock_send = counting_send  # type: ignore[method-assign]
+    return sends
+
+
 def connected_pair(port: int, topic: str, got: Received) -> tuple[MqttClient, MqttClient]:
     """A receiver subscribed to ``topic`` (what it gets goes to ``got``) and a sender, both connected."""
     receiver = client(port, on_message=got)
@@ -196,14 +209,7 @@ def test_many_small_messages_are_batched_and_arrive_in_order(broker: Broker) -> 
     topic = f"t/{uuid.uuid4().hex[:8]}/small"
     got = Received()
     receiver, sender = connected_pair(broker.port, topic, got)
-    sends: list[int] = []
-    plain_send = sender._paho._sock_send
-
-    def counting_send(buf: bytes | bytearray) -> int:
-        sends.append(len(buf))
-        return plain_send(buf)
-
-    sender._paho._sock_send = counting_send  # type: ignore[method-assign]
+    sends = counted_sends(sender)
     try:
         wait_until(lambda: sender.publish(topic, b"ready") and got.on(topic), 15, message="the subscription")
         before = len(sends)
@@ -661,14 +667,7 @@ def test_qos0_publishes_from_another_thread_are_joined_arrive_in_order_and_wake_
     topic = f"t/{uuid.uuid4().hex[:8]}/q0"
     got = Received()
     receiver, sender = connected_pair(broker.port, topic, got)
-    sends: list[int] = []
-    plain_send = sender._paho._sock_send
-
-    def counting_send(buf: bytes | bytearray) -> int:
-        sends.append(len(buf))
-        return plain_send(buf)
-
-    sender._paho._sock_send = counting_send  # type: ignore[method-assign]
+    sends = counted_sends(sender)
     try:
         wait_until(
             lambda: sender.publish(topic, b"ready", qos=0) and got.on(topic), 15, message="the subscription"
