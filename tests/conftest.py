@@ -61,6 +61,14 @@ def postgres_url(postgres_server: Any) -> str:
     return str(postgres_server.create_database(f"t_{uuid.uuid4().hex[:12]}"))
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store's target, once per backend: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(tmp_path / "tether.db")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Processes that module- and session-scoped fixtures start get a CLI configuration of the
     session's too (the fixture below gives each test its own): never the user's."""

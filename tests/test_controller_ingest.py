@@ -382,22 +382,14 @@ def test_reports_of_a_batch_are_stored_once_per_device_newest_first(tmp_path: Pa
     store.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The store's target: a SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))
-    return str(tmp_path / "tether.db")
-
-
 @pytest.mark.store
 def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
-    db_target: str, caplog: pytest.LogCaptureFixture
+    store_target: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A message whose handling fails after it wrote (here once its event is stored) leaves
     no row and no fleet event; the messages before it in the batch (their writes undone with
     the batch's savepoint and written again) and after it count, each once."""
-    store = Store(db_target)
+    store = Store(store_target)
     controller = Controller(store)
     controller.leading.set()
     add_event = store.add_event

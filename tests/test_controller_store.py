@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from tether.controller.models import DesiredRecord, Device, Group, Job, Stack
@@ -37,17 +36,9 @@ REF = StackRef(name="web", spec_hash=SPEC.spec_hash())
 pytestmark = pytest.mark.store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_path(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The store's target: a SQLite file, or a fresh PostgreSQL database."""
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))
-    return str(tmp_path / "tether.db")
-
-
 @pytest.fixture
-def store(db_path: str) -> Iterator[Store]:
-    s = Store(db_path)
+def store(store_target: str) -> Iterator[Store]:
+    s = Store(store_target)
     yield s
     s.close()
 
@@ -74,11 +65,11 @@ def web_stack(version: int = 1) -> Stack:
     )
 
 
-def test_migrations_run_once_and_reopening_is_harmless(db_path: str) -> None:
+def test_migrations_run_once_and_reopening_is_harmless(store_target: str) -> None:
     """Opening the same file twice (even while open) leaves the schema at the latest version."""
-    first = Store(db_path)
+    first = Store(store_target)
     first.put_device(device("pi-1"))
-    second = Store(db_path)
+    second = Store(store_target)
     try:
         assert second.schema_version() == len(MIGRATIONS)
         applied = [r[0] for r in second.db.execute("SELECT version FROM schema_migrations ORDER BY version")]
@@ -96,19 +87,19 @@ def test_migrations_run_once_and_reopening_is_harmless(db_path: str) -> None:
         first.close()
 
 
-def test_wal_mode_is_on(store: Store, db_path: str) -> None:
+def test_wal_mode_is_on(store: Store, store_target: str) -> None:
     """SQLite runs in WAL mode, persistently (another connection sees it too)."""
     if store.kind != "sqlite":
         pytest.skip("WAL is SQLite's")
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    other = sqlite3.connect(db_path)
+    other = sqlite3.connect(store_target)
     try:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         other.close()
 
 
-def test_failed_transaction_leaves_nothing_half_written(store: Store, db_path: str) -> None:
+def test_failed_transaction_leaves_nothing_half_written(store: Store, store_target: str) -> None:
     """An exception inside a transaction rolls back every write in it, nested ones included."""
     store.create_group(Group(name="kept", devices=("pi-0",)))
     with pytest.raises(RuntimeError, match="midway"), store.transaction():
@@ -125,7 +116,7 @@ def test_failed_transaction_leaves_nothing_half_written(store: Store, db_path: s
     # The connection is usable again and a fresh reader sees the same.
     with store.transaction():
         store.put_device(device("pi-2"))
-    reader = Store(db_path)
+    reader = Store(store_target)
     try:
         assert [d.id for d in reader.list_devices()] == ["pi-2"]
     finally:
@@ -348,10 +339,10 @@ def test_mark_published_only_marks_the_generation_that_was_published(store: Stor
     assert store.get_desired("pi-1") == one.model_copy(update={"published": True})
 
 
-def test_rows_written_by_another_controller_are_read_afresh(db_path: str) -> None:
+def test_rows_written_by_another_controller_are_read_afresh(store_target: str) -> None:
     """Parsed rows are reused only while their stored text is unchanged: another store on the
     same database (a second controller) writing a row, or a rolled-back write, is seen."""
-    first, second = Store(db_path), Store(db_path)
+    first, second = Store(store_target), Store(store_target)
     try:
         first.put_desired(DesiredRecord(device_id="pi-1", generation=1))
         first.put_stack(web_stack(1))
@@ -373,10 +364,10 @@ def test_rows_written_by_another_controller_are_read_afresh(db_path: str) -> Non
         second.close()
 
 
-def test_migration_moves_the_published_flag_into_its_column(db_path: str) -> None:
+def test_migration_moves_the_published_flag_into_its_column(store_target: str) -> None:
     """Upgrading: desired records written with ``published`` in their body keep their flag and
     generation (a published one is not published again, an unpublished one still is)."""
-    old = Store(db_path)
+    old = Store(store_target)
     version = MIGRATIONS.index(_desired_published_column) + 1
     with old.transaction():
         old.db.execute("DELETE FROM schema_migrations WHERE version = ?", (version,))
@@ -387,7 +378,7 @@ def test_migration_moves_the_published_flag_into_its_column(db_path: str) -> Non
                 "INSERT INTO desired (device_id, body) VALUES (?, ?)", (device_id, record.model_dump_json())
             )
     old.close()
-    new = Store(db_path)
+    new = Store(store_target)
     try:
         assert new.schema_version() == len(MIGRATIONS)
         assert [(r.device_id, r.generation, r.published) for r in new.list_desired()] == [
@@ -400,10 +391,10 @@ def test_migration_moves_the_published_flag_into_its_column(db_path: str) -> Non
         new.close()
 
 
-def test_migration_makes_the_operator_the_first_admin_user(db_path: str) -> None:
+def test_migration_makes_the_operator_the_first_admin_user(store_target: str) -> None:
     """Upgrading a data dir from before users: its operator credential (admin) becomes an admin
     user with the same password hash; devices stay devices; nothing is audited yet."""
-    old = Store(db_path)
+    old = Store(store_target)
     version = MIGRATIONS.index(_users_from_operators) + 1
     with old.transaction():
         for table in ("users", "api_tokens", "audit"):
@@ -412,7 +403,7 @@ def test_migration_makes_the_operator_the_first_admin_user(db_path: str) -> None
         old.put_credential(Credential("admin", "operator", "admin", "$7$hash-a"), 1.0)
         old.put_credential(Credential("pi-1", "device", "pi-1", "$7$hash-b"), 1.0)
     old.close()
-    new = Store(db_path)
+    new = Store(store_target)
     try:
         assert new.schema_version() == len(MIGRATIONS)
         assert [(u.name, u.role) for u in new.list_users()] == [("admin", "admin")]
@@ -422,9 +413,9 @@ def test_migration_makes_the_operator_the_first_admin_user(db_path: str) -> None
         new.close()
 
 
-def test_data_survives_closing_and_reopening(db_path: str) -> None:
+def test_data_survives_closing_and_reopening(store_target: str) -> None:
     """Everything written is there again after the store is closed and opened anew."""
-    first = Store(db_path)
+    first = Store(store_target)
     first.put_device(device("pi-1", site="x"))
     first.create_group(Group(name="edge", devices=("pi-1",)))
     first.put_stack(web_stack(3))
@@ -432,7 +423,7 @@ def test_data_survives_closing_and_reopening(db_path: str) -> None:
     first.set_definition(SPEC.spec_hash(), True)
     first.close()
 
-    again = Store(db_path)
+    again = Store(store_target)
     try:
         assert again.list_devices() == [device("pi-1", site="x")]
         assert again.list_groups() == [Group(name="edge", devices=("pi-1",))]
@@ -444,13 +435,13 @@ def test_data_survives_closing_and_reopening(db_path: str) -> None:
 
 
 def test_migration_says_which_devices_leave_selector_groups(
-    db_path: str, caplog: pytest.LogCaptureFixture
+    store_target: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Upgrading: a selector group stops matching device-reported labels, and the migration
     names each device that leaves (and keeps those an operator or a token labelled)."""
     import logging
 
-    old = Store(db_path)
+    old = Store(store_target)
     version = MIGRATIONS.index(_untrust_device_labels) + 1  # as a store from before it
     old.db.execute("DELETE FROM schema_migrations WHERE version = ?", (version,))
     with old.transaction():
@@ -460,7 +451,7 @@ def test_migration_says_which_devices_leave_selector_groups(
         old.create_group(Group(name="any-arm", selector="arch=aarch64", trust_device_labels=True))
     old.close()
     with caplog.at_level(logging.INFO, logger="tether.controller.store"):
-        new = Store(db_path)
+        new = Store(store_target)
     try:
         assert new.schema_version() == len(MIGRATIONS)
         group = new.get_group("pb")

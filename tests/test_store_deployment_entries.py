@@ -19,13 +19,6 @@ from tether.protocol.commands import DeploymentsStatus
 pytestmark = pytest.mark.store
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))
-    return str(tmp_path / "tether.db")
-
-
 def _started(n: int) -> rollout.Deployment:
     members = [f"d-{i:03}" for i in range(n)]
     return rollout.start(1, "web", "a" * 64, "b" * 64, rollout.Strategy(), members, 100.0)
@@ -38,9 +31,9 @@ def _moved(d: rollout.Deployment, names: list[str], now: float) -> rollout.Deplo
     return d.model_copy(update={"devices": devices, "updated": now})
 
 
-def _stored(target: str, deployment_id: int = 1) -> rollout.Deployment:
+def _stored(store_target: str, deployment_id: int = 1) -> rollout.Deployment:
     """The deployment as a store that never saw it reads it (nothing kept parsed)."""
-    fresh = Store(target)
+    fresh = Store(store_target)
     try:
         d = fresh.get_deployment(deployment_id)
         assert d is not None
@@ -49,14 +42,14 @@ def _stored(target: str, deployment_id: int = 1) -> rollout.Deployment:
         fresh.close()
 
 
-def test_a_step_rewrites_only_the_entries_it_changed(target: str) -> None:
+def test_a_step_rewrites_only_the_entries_it_changed(store_target: str) -> None:
     """Changed, added and removed entries are written and the rest left alone (an entry altered
     behind the store's back stays altered); the order of the devices survives a re-read."""
-    store = Store(target)
+    store = Store(store_target)
     d0 = _started(50)
     with store.transaction():
         store.put_deployment(d0)
-    assert _stored(target) == d0
+    assert _stored(store_target) == d0
     marker = d0.devices["d-007"].model_copy(update={"state": "held"})
     store.db.execute(
         "UPDATE deployment_devices SET body = ? WHERE deployment_id = 1 AND device_id = 'd-007'",
@@ -72,7 +65,7 @@ def test_a_step_rewrites_only_the_entries_it_changed(target: str) -> None:
     d2 = _moved(d1, ["d-003"], 120.0)
     with store.transaction():
         store.put_deployment(d2, d1, ["d-003"])  # the step's own list of what it changed
-    seen = _stored(target)
+    seen = _stored(store_target)
     assert seen.devices["d-007"] == marker  # untouched: not written again
     assert seen.model_copy(update={"devices": {**seen.devices, "d-007": d0.devices["d-007"]}}) == d2
     assert list(seen.devices) == list(d2.devices) and list(seen.devices)[-1] == "a-new"
@@ -80,10 +73,10 @@ def test_a_step_rewrites_only_the_entries_it_changed(target: str) -> None:
     store.close()
 
 
-def test_a_rolled_back_step_leaves_the_stored_deployment_whole(target: str) -> None:
+def test_a_rolled_back_step_leaves_the_stored_deployment_whole(store_target: str) -> None:
     """A step's transaction rolled back writes neither header nor entries; the next write, made
     from the unstored one, is stored whole; a second store on the database sees each write."""
-    store, other = Store(target), Store(target)
+    store, other = Store(store_target), Store(store_target)
     d0 = _started(20)
     with store.transaction():
         store.put_deployment(d0)
@@ -92,16 +85,16 @@ def test_a_rolled_back_step_leaves_the_stored_deployment_whole(target: str) -> N
     with pytest.raises(RuntimeError), store.transaction():
         store.put_deployment(d1, d0, ["d-000", "d-001"])
         raise RuntimeError("crash in the middle of the step")
-    assert _stored(target) == d0 and store.latest_deployments()["web"] == d0
+    assert _stored(store_target) == d0 and store.latest_deployments()["web"] == d0
     d2 = _moved(d1, ["d-002"], 120.0)
     with store.transaction():
         store.put_deployment(d2, d1, ["d-002"])  # d1 never stored: every entry written again
-    assert _stored(target) == d2
+    assert _stored(store_target) == d2
     assert other.latest_deployments()["web"] == d2  # another controller's write is read afresh
     d3 = _moved(d2, ["d-010"], 130.0)
     with other.transaction():
         other.put_deployment(d3)
-    assert store.latest_deployments()["web"] == d3 == _stored(target)
+    assert store.latest_deployments()["web"] == d3 == _stored(store_target)
     store.close()
     other.close()
 
@@ -128,11 +121,11 @@ def _controller(store: Store, tmp_path: Path, now: float) -> Controller:
 
 
 def test_a_deployment_in_progress_under_the_old_schema_is_migrated_and_continues(
-    target: str, tmp_path: Path
+    store_target: str, tmp_path: Path
 ) -> None:
     """Reopening a database of the old schema mid-deployment converts it (same deployment, same
     status output) and the controller takes the rollout to its end."""
-    store = Store(target)
+    store = Store(store_target)
     ensure_operator_credentials(store, tmp_path, "mqtt://127.0.0.1:1883", 0.0)
     controller = _controller(store, tmp_path, 1000.0)
     spec_hash = web_on_twelve(controller)  # d-00..d-04 report it running
@@ -143,7 +136,7 @@ def test_a_deployment_in_progress_under_the_old_schema_is_migrated_and_continues
     _old_schema(store)
     store.close()
 
-    store = Store(target)
+    store = Store(store_target)
     assert store.schema_version() == len(MIGRATIONS)
     migrated = store.get_deployment(deployment.id)
     assert (
@@ -160,6 +153,6 @@ def test_a_deployment_in_progress_under_the_old_schema_is_migrated_and_continues
     controller.advance_deployments()
     done = store.latest_deployments()["web"]
     assert (done.id, done.state) == (deployment.id, "succeeded")
-    assert _stored(target, deployment.id) == done
+    assert _stored(store_target, deployment.id) == done
     assert {r.state for r in done.devices.values()} == {"healthy"}
     store.close()
