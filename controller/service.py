@@ -339,8 +339,9 @@ class Controller:
         commits once: one write transaction per burst instead of one per message (a deploy
         to 10,000 devices brings 20,000 reports and events within seconds). Each message has
         its own unit of the batch's savepoint (:class:`~.store.Batch`), so one that fails
-        leaves nothing behind and the others still count. Returns the first message that is
-        not of the kind (handled next, in order).
+        leaves nothing behind and the others still count; should the batch break (its writes
+        could not be restored: the database failing), nothing more is taken off the inbox.
+        Returns the first message that is not of the kind (handled next, in order).
         """
         held: tuple[str, bytes] | None = None
         with self.store.transaction(), self.store.batch() as batch:
@@ -352,8 +353,8 @@ class Controller:
                 except Exception:
                     del self.context.events.due[mark:]  # its writes were undone: so are its events
                     log.exception("failed to handle a message on %s", topic)
-                if handled == INGEST_BATCH:
-                    break
+                if handled == INGEST_BATCH or batch.broken is not None:
+                    break  # broken: the batch is rolled back, the rest stay queued
                 try:
                     topic, payload = self.inbox.get_nowait()
                 except queue.Empty:

@@ -426,6 +426,42 @@ def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
     store.close()
 
 
+def test_a_broken_batch_takes_nothing_more_off_the_inbox(store_target: str) -> None:
+    """Once a batch's writes cannot be restored (the database failing the replay), the batch
+    stops taking messages: the ones after the failing message stay queued and count next."""
+    store = Store(store_target)
+    controller = Controller(store)
+    controller.leading.set()
+    add_event = store.add_event
+    fail = True
+
+    def failing(device_id: str, seq: int, body: str) -> bool:
+        if fail and device_id == "d-1":
+            # The batch's savepoint vanishes under it: rolling back to it (the replay) fails.
+            store.db.db.execute("RELEASE SAVEPOINT tether_batch")
+            raise RuntimeError("injected failure")
+        return add_event(device_id, seq, body)
+
+    store.add_event = failing  # type: ignore[method-assign]
+
+    def event(device_id: str) -> tuple[str, bytes]:
+        return topics.device(device_id, DeviceTopic.EVENTS), codec.encode(
+            Event(device_id=device_id, seq=1, kind="desired.applied", message="applied", oldest=1)
+        )
+
+    after = [reported(f"d-{i}", 1) for i in range(2, 12)]
+    for message in (event("d-1"), *after):
+        controller.inbox.put(message)
+    with pytest.raises(Exception):  # noqa: B017 (the database's own error, whichever the store's)
+        controller._ingest(*reported("d-0", 1))
+    assert controller.inbox.qsize() == len(after)
+    fail = False
+    assert controller._ingest(*controller.inbox.get_nowait()) is None
+    assert controller.inbox.empty()
+    assert sorted(d.id for d in store.list_devices() if d.reported) == sorted(f"d-{i}" for i in range(2, 12))
+    store.close()
+
+
 def test_an_event_whose_handling_failed_is_not_acknowledged(tmp_path: Path) -> None:
     """An event noted stored, then undone because its handling failed later in its batch
     (here its job result), is not acknowledged: the device keeps it and sends it again. The
