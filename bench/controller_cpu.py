@@ -9,7 +9,8 @@ What N devices would send arrives on its inbox as the MQTT thread would put it t
 1. *registration*: each device's presence (online, with its labels) and first report;
 2. *deploy* (a new stack, then a new version of it): a ``stacks.deploy`` request, then
    from every device what an agent sends for the desired state it got (a report of the
-   new generation converging, an event, a report of it running), then the deployment's
+   new generation converging, its events (``desired.accepted`` and one per service, as
+   tether.sim's agents send them), a report of it running), then the deployment's
    steps until it succeeded (the controller's clock is moved past ``min_healthy_time``);
 3. *idle*: ticks with nothing to do.
 
@@ -156,16 +157,42 @@ def report_of(d: str, desired: DesiredState, state: str, spec_services: dict[str
 def answers(
     client: Acknowledging, spec_services: dict[str, dict[str, str]], seq: int
 ) -> list[list[tuple[str, bytes]]]:
-    """What every device sends for its new desired state: converging, an event, running."""
+    """What every device sends for its new desired state, as an agent does on the wire
+    (captured from tether.sim): a ``desired.accepted`` event, a ``service.created`` event
+    per service (each event with ``oldest``, none acknowledged yet, and acknowledged by the
+    controller), a report converging, then a report running. Events are numbered from ``seq``."""
     converging, events, running = [], [], []
     for d, payload in sorted(client.desired.items()):
         desired = codec.decode(payload, DesiredState)
         topic = topics.device(d, DeviceTopic.REPORTED)
         converging.append((topic, report_of(d, desired, "converging", spec_services)))
-        event = Event(
-            device_id=d, seq=seq, kind="desired.applied", message=f"generation {desired.generation}"
+        event_topic = topics.device(d, DeviceTopic.EVENTS)
+        n = len(desired.stacks)
+        accepted = Event(
+            device_id=d,
+            seq=seq,
+            kind="desired.accepted",
+            message=f"generation {desired.generation} accepted ({n} stacks)",
+            at=time.time(),
+            oldest=seq,
         )
-        events.append((topics.device(d, DeviceTopic.EVENTS), codec.encode(event)))
+        events.append((event_topic, codec.encode(accepted)))
+        number = seq
+        for ref in desired.stacks:
+            for service in spec_services[ref.spec_hash]:
+                number += 1
+                created = Event(
+                    device_id=d,
+                    seq=number,
+                    kind="service.created",
+                    message=f"created and started (version {ref.spec_hash[:12]})",
+                    stack=ref.name,
+                    service=service,
+                    at=time.time(),
+                    oldest=seq,
+                    spec_hash=ref.spec_hash,
+                )
+                events.append((event_topic, codec.encode(created)))
         running.append((topic, report_of(d, desired, "running", spec_services)))
     return [converging + events, running]
 
@@ -234,7 +261,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     load0 = load_average()
     cpu_registration = work(controller, registration(n))
     log(f"registration: {cpu_registration:.2f} s of CPU, {len(client.desired)} desired states")
-    deploys = [deploy(controller, client, clock, v, v) for v in (1, 2)]
+    deploys = [deploy(controller, client, clock, v, 1 + 100 * (v - 1)) for v in (1, 2)]  # events' seq
     t0 = time.process_time()
     for _ in range(args.ticks):
         controller.tick()
@@ -284,7 +311,7 @@ def rows(data: dict[str, Any]) -> list[Row]:
         out += [
             Row(f"{label}: until the reply", d["cpu_s_reply"], " s", "<= 0.5 s at 10,000", None),
             Row(f"{label}: the request (reply, then publishing)", d["cpu_s_request"], " s"),
-            Row(f"{label}: reports and events (3 per device)", d["cpu_s_ingest"], " s"),
+            Row(f"{label}: reports and events (6 per device: as an agent)", d["cpu_s_ingest"], " s"),
             Row(f"{label}: deployment steps after the last report", d["cpu_s_steps_after"], " s"),
             Row(f"{label}: the deploy in all (deployment {d['deployment']})", d["cpu_s"], " s"),
             Row(

@@ -22,6 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,6 +178,36 @@ def deploy(
     }
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid`` so far, by name (py-spy's dump, when installed, names
+    Python's threads; else their thread ids)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    names: dict[str, str] = {}
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy:
+        dump = subprocess.run(
+            [spy, "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30
+        ).stdout
+        names = dict(re.findall(r'Thread (\d+) \(\w+\): "([^"]+)"', dump))
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[names.get(tid, tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def deploys_profile(pid: int) -> subprocess.Popen[bytes] | None:
+    """With ``TETHER_BENCH_PROFILE_DEPLOYS=FILE``: py-spy (not a project dependency) samples the
+    controller's threads over both deploys alone (not registration), into FILE (raw)."""
+    out = os.environ.get("TETHER_BENCH_PROFILE_DEPLOYS")
+    if not out:
+        return None
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
+    argv = [spy, "record", "--pid", str(pid), "--threads", "--format", "raw", "-r", "100", "-o", out]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:  # whatever started is stopped, in reverse order
         broker: Mosquitto | None = None
@@ -231,8 +266,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         if embedded_pid is not None:
             pids["embedded broker"] = embedded_pid
         broker_cpu = CpuMeter(embedded_pid) if embedded_pid is not None else None
+        spy = deploys_profile(controller.pid)
+        threads0 = thread_cpu(controller.pid)
         results = [deploy(sim, client, args.devices, v, args.services, args.timeout, pids) for v in (1, 2)]
         controller_cpu_s = cpu.seconds()
+        by_thread = {name: rnd(s - threads0.get(name, 0.0)) for name, s in thread_cpu(controller.pid).items()}
+        log(
+            "controller CPU during both deploys by thread: "
+            + ", ".join(f"{k} {v:g} s" for k, v in by_thread.items())
+        )
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+            spy.wait(60)
         broker_cpu_s = broker_cpu.seconds() if broker_cpu is not None else None
         summary = sim.call(lambda f: f.summary())
         ctl_mem = {**memory(controller.pid), "peak_rss_mb": peak_rss_mb(controller.pid)}
