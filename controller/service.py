@@ -203,6 +203,14 @@ class Controller:
         self._resync = False  # see _become_leader
         self._request_qos = 1
 
+    def _count(self, kind: str) -> None:
+        """A message received on a topic of ``kind`` (a device topic's leaf, or what
+        :func:`.topics.parse` calls it)."""
+        counter = self._message_counters.get(kind)
+        if counter is None:  # a labelled child per kind, looked up once (prometheus_client's is slow)
+            counter = self._message_counters[kind] = self.metrics.messages.labels(kind=kind)
+        counter.inc()
+
     def _count_merged(self, kind: str) -> None:
         """A message merged in the inbox (on the MQTT thread): received, and counted as merged."""
         counters = self._merged_counters.get(kind)
@@ -515,14 +523,16 @@ class Controller:
                 enrollment.publish_answers(self.context)
             self.ready.set()
             return
+        device = topics.parse_device(topic)  # most messages: without topics.parse's ParsedTopic
+        if device is not None:
+            self._count(device[1])
+            if self.leading.is_set() and payload:
+                self.ingestor.on_message(device[1], device[0], payload)
+            return
         parsed = topics.parse(topic)
         if parsed is None:
             return
-        kind = parsed.device_topic.value if parsed.device_topic else parsed.kind
-        counter = self._message_counters.get(kind)
-        if counter is None:  # a labelled child per kind, looked up once (prometheus_client's is slow)
-            counter = self._message_counters[kind] = self.metrics.messages.labels(kind=kind)
-        counter.inc()
+        self._count(parsed.kind)
         if parsed.kind in ("requests", "leader-requests"):
             self._on_request(payload, parsed.user)
         elif not self.leading.is_set():
@@ -533,8 +543,6 @@ class Controller:
             self.ingestor.on_answer(payload)
         elif parsed.kind == "enroll-request" and parsed.device_id is not None and payload:
             enrollment.on_request(self.context, parsed.device_id, payload)
-        elif parsed.kind == "device" and parsed.device_id is not None and parsed.device_topic and payload:
-            self.ingestor.on_message(parsed.device_topic, parsed.device_id, payload)
 
     # --- scheduling and publishing ---
 

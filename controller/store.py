@@ -361,11 +361,15 @@ class _Transaction:
             return
         actions, store._after_commit = store._after_commit, []
         try:
-            if exc_type is not None:
-                store._rolled_back()
-                store.db.execute("ROLLBACK")
-            else:
+            if exc_type is None:
+                try:
+                    store._trim_events()  # part of the transaction: see add_event
+                except BaseException:
+                    store._rollback()
+                    raise
                 store.db.execute("COMMIT")
+            else:
+                store._rollback()
         finally:
             store._in_tx = False
         if exc_type is None:
@@ -522,6 +526,7 @@ class Store:
         self._in_tx = False
         self._savepoints = 0
         self._after_commit: list[Callable[[], None]] = []  # see after_commit
+        self._untrimmed: set[str] = set()  # see add_event
         self._devices_written: dict[str, Written] | None = None  # see devices_written
         self._generations: dict[str, int] = {}
         """Per device, the generation of the reported state this store wrote last (committed or in
@@ -590,6 +595,12 @@ class Store:
         """Units of work (:meth:`Batch.unit`) sharing one savepoint, inside the open transaction:
         see :class:`Batch` (the controller's inbox, a batch of device messages)."""
         return Batch(self)
+
+    def _rollback(self) -> None:
+        """Roll the open transaction back (not a savepoint)."""
+        self._untrimmed.clear()
+        self._rolled_back()
+        self.db.execute("ROLLBACK")
 
     def _rolled_back(self) -> None:
         """What was read or written inside a transaction undone may be gone: forget it."""
@@ -1157,12 +1168,22 @@ class Store:
             (device_id, seq, body),
         )
         if cur.rowcount:
-            self.db.execute(
+            # Trimmed to the newest EVENTS_KEPT once per device and transaction, before it
+            # commits (a device sends its events in bursts: one per service and deploy).
+            self._untrimmed.add(device_id)
+            if not self._in_tx:
+                self._trim_events()
+        return bool(cur.rowcount)
+
+    def _trim_events(self) -> None:
+        """Keep the newest EVENTS_KEPT events of each device :meth:`add_event` stored since the last trim."""
+        if self._untrimmed:
+            devices, self._untrimmed = sorted(self._untrimmed), set()
+            self.db.executemany(
                 "DELETE FROM events WHERE device_id = ? AND seq <= ("
                 "SELECT seq FROM events WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                (device_id, device_id, EVENTS_KEPT),
+                [(d, d, EVENTS_KEPT) for d in devices],
             )
-        return bool(cur.rowcount)
 
     def count_dropped(self, device_id: str, reason: str) -> int:
         """One more message of ``device_id`` not stored (or stored trimmed) for ``reason``; the new count."""

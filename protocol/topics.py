@@ -134,6 +134,22 @@ class ParsedTopic:
     """Who sent a request: the user of its topic (``controller/requests/{user}``), None on the shared one."""
 
 
+_DEVICES = f"{ROOT}/devices/"
+
+
+def parse_device(topic: str) -> tuple[str, DeviceTopic] | None:
+    """``(device id, kind)`` when ``topic`` is a device's topic, None otherwise: what
+    :func:`parse` says of it (same checks, the same interned id), without building a
+    :class:`ParsedTopic` (the controller's path for every message a device sends)."""
+    if not topic.startswith(_DEVICES):
+        return None
+    device_id, _, leaf = topic[len(_DEVICES) :].partition("/")
+    kind = _DEVICE_TOPICS.get(leaf)  # a leaf holding "/" (more levels) is not in it
+    if kind is None or not DEVICE_ID_RE.match(device_id):
+        return None
+    return sys.intern(device_id), kind
+
+
 def parse(topic: str) -> ParsedTopic | None:
     """Classify ``topic``; ``None`` if it is not a well-formed Tether v1 topic."""
     parts = topic.split("/")

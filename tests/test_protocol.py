@@ -314,6 +314,7 @@ def test_parse_classifies_device_topics(kind: topics.DeviceTopic) -> None:
     """Every per-device topic built by topics.device parses back to its device and kind."""
     parsed = topics.parse(topics.device("pi-1.b_2", kind))
     assert parsed == topics.ParsedTopic("device", device_id="pi-1.b_2", device_topic=kind)
+    assert topics.parse_device(topics.device("pi-1.b_2", kind)) == ("pi-1.b_2", kind)
 
 
 def test_parse_classifies_stack_request_and_reply_topics() -> None:
@@ -359,6 +360,33 @@ def test_parse_classifies_stack_request_and_reply_topics() -> None:
 def test_parse_returns_none_for_foreign_or_malformed_topics(topic: str) -> None:
     """Topics outside the tree, with bad ids, wildcards or extra levels are not Tether topics."""
     assert topics.parse(topic) is None
+    assert topics.parse_device(topic) is None
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        topics.REQUESTS,
+        topics.replies("cli-7"),
+        topics.stack(HASH),
+        topics.enroll_request("pi-1"),
+        "tether/v1/controller/requests/alice",
+        "tether/v1/devices/pi-1/reported",
+        "tether/v1/devices/pi-1/reported/",
+        "tether/v1/devices/pi-1//reported",
+        "tether/v1/devices/pi-1",
+        "tether/v1/devices/",
+        "tether/v1/devicesx/pi-1/reported",
+    ],
+)
+def test_parse_device_agrees_with_parse(topic: str) -> None:
+    """parse_device (the controller's per-message path) names a device topic exactly when
+    parse says it is one, with the same device and kind."""
+    parsed = topics.parse(topic)
+    expected = (
+        (parsed.device_id, parsed.device_topic) if parsed is not None and parsed.kind == "device" else None
+    )
+    assert topics.parse_device(topic) == expected
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "a+b", "+", "#", "pi#1", "-pi", ".pi", "pi 1", "a" * 65])

@@ -61,6 +61,31 @@ def test_events_are_stored_once_and_bounded(target: str) -> None:
     store.close()
 
 
+def test_events_added_in_one_transaction_are_bounded_when_it_commits(target: str) -> None:
+    """Events stored within a transaction (trimmed once per device, as it commits) leave the
+    newest EVENTS_KEPT per device, the same as one by one; rolled back, none of them stays
+    and the next commit trims nothing it should keep."""
+    from tether.controller.store import EVENTS_KEPT
+
+    store = Store(target)
+    store.add_event("a", 1, '{"seq": 1}')
+    with store.transaction():
+        for seq in range(EVENTS_KEPT + 5, 1, -1):  # newest first: the oldest are the ones to go
+            assert store.add_event("a", seq, f'{{"seq": {seq}}}') is True
+            store.add_event("b", seq, f'{{"seq": {seq}}}')
+        assert store.add_event("a", 3, "{}") is False  # a duplicate inside the transaction
+    for device in ("a", "b"):
+        kept = store.list_events(device, limit=10_000)
+        assert kept == [f'{{"seq": {seq}}}' for seq in range(6, EVENTS_KEPT + 6)]
+    with pytest.raises(RuntimeError), store.transaction():
+        store.add_event("c", 1, '{"seq": 1}')
+        raise RuntimeError("undone")
+    with store.transaction():
+        store.add_event("c", 2, '{"seq": 2}')
+    assert store.list_events("c") == ['{"seq": 2}']
+    store.close()
+
+
 def test_unreachable_postgres_is_a_clear_error() -> None:
     """A bad PostgreSQL URL gives a StoreError naming the problem."""
     from support.infra import free_port
