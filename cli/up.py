@@ -14,7 +14,7 @@ from tether.protocol.errors import TetherError
 from tether.protocol.logsafe import log_to_stderr
 
 from . import contexts, users
-from .common import fail
+from .common import duration_option, fail
 
 
 @click.command()
@@ -99,6 +99,14 @@ from .common import fail
     show_default=True,
     help="How long the audit log keeps its records (30d, 12h), or 'forever'.",
 )
+@click.option(
+    "--presence-reread",
+    default="60s",
+    show_default=True,
+    callback=duration_option,
+    help="How often the broker's retained presence of the devices not shown online is read again "
+    "(a presence message the broker dropped is not lost for good; docs/architecture.md).",
+)
 def up(
     data_dir: Path,
     db: str | None,
@@ -122,8 +130,11 @@ def up(
     tls_san: tuple[str, ...],
     require_client_cert: bool,
     audit_retention: str,
+    presence_reread: float,
 ) -> None:
     """Start the controller (and the embedded broker unless --broker is given)."""
+    if presence_reread <= 0:
+        raise click.BadParameter("must be more than 0", param_hint="'--presence-reread'")
     retention = (
         None if audit_retention == "forever" else users.days_or_duration(audit_retention, "--audit-retention")
     )
@@ -165,6 +176,7 @@ def up(
                 require_client_cert=require_client_cert,
                 remember_operator=contexts.remember_local,
                 audit_retention=retention,
+                presence_reread=presence_reread,
             ),
             _status_line(log_format),
         )

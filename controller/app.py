@@ -75,6 +75,8 @@ class UpOptions:
     this user (cli/contexts.py); returns the configuration file it wrote, if any."""
     audit_retention: float | None = 90 * 86400.0
     """Seconds the audit log keeps its records (None: for ever)."""
+    presence_reread: float = 60.0
+    """Seconds between two re-reads of the retained presence of devices not shown online (:mod:`.reread`)."""
 
 
 def _agent_env(password: str | None) -> dict[str, str]:
@@ -347,6 +349,7 @@ def _serve(options: UpOptions, echo: Callable[[str], None], started: threading.E
         secrets=secrets,
     )
     controller.audit_retention = options.audit_retention
+    controller.ingestor.reread.every = options.presence_reread
     if client_cert is not None:
         from .tls import issue_client
 

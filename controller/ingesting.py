@@ -8,7 +8,9 @@ numbers: an ``offline`` (the will) only counts if its session is not older than 
 online is ``unknown`` until heard from again, and ``offline`` once its keepalive allowance
 has passed (:meth:`Ingestor.presence_stale`, :meth:`Ingestor.expire_stale`); after a
 reconnection, every device shown online must show life again or gets the will the broker
-lost (:mod:`.reconfirm`, :meth:`Ingestor.reconfirm_presence`).
+lost (:mod:`.reconfirm`, :meth:`Ingestor.reconfirm_presence`); and the broker's retained
+presence is read again, of the devices not shown online every minute, of every device after
+a sign that messages were lost (:mod:`.reread`, :meth:`Ingestor.reread_presence`).
 
 What a device can make the controller keep is bounded (see :meth:`Ingestor.on_event`);
 what is dropped or trimmed is counted per device and reason.
@@ -48,6 +50,7 @@ from .fleet_events import FleetEvent, ReportSummary, device_subject, disk_event,
 from .models import Device
 from .observability import Metrics
 from .reconfirm import Reconfirm
+from .reread import Reread
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +109,14 @@ class Ingestor:
         online: Callable[[str], None],
         refresh: Callable[[], None],
         client: Callable[[], Transport | None],
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         """``context``: the controller's parts (its store, clock, publisher, deployer, fleet
         view, fleet events, and where each device's latest metrics sample and recent usage are
         kept); ``sync``: recompute every desired state and publish; ``online``: a device came
         online (its enrollment's answer is cleared); ``refresh``: recompute the gauges at the
-        next tick; ``client``: the controller's MQTT session now (None before it starts)."""
+        next tick; ``client``: the controller's MQTT session now (None before it starts);
+        ``busy``: whether the inbox holds a burst of device messages."""
         self.store = context.store
         self.clock = context.clock
         self.metrics = metrics
@@ -123,6 +128,7 @@ class Ingestor:
         self._online = online
         self._refresh = refresh
         self._client = client
+        self._busy = busy
         self.device_metrics = context.device_metrics
         self.device_history = context.device_history
         self._summaries: dict[str, ReportSummary] = {}  # each device's last report, as events see it
@@ -134,6 +140,9 @@ class Ingestor:
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
         self._presence_trusted = False  # see connected
         self.reconfirm = Reconfirm()  # see reconfirm_presence
+        self.reread = Reread()  # see reread_presence
+        self._connections = 0  # see connected
+        self._probes_lost = 0  # the publisher's count, when last looked at (see reread_presence)
         self.asked_topic = topics.replies(f"tether-controller-{uuid.uuid4().hex[:12]}")
         """Where devices answer :meth:`reconfirm_presence`'s requests (the controller subscribes)."""
 
@@ -172,10 +181,15 @@ class Ingestor:
         """The leading controller is connected (again); ``lost``: the broker lost our session.
         Presence in the store is then not to be trusted (:meth:`presence_stale`), and the
         broker's retained presence never is (:meth:`reconfirm_presence`): a broker that
-        restarted, alone or with the controller (a reboot), restores it with no will behind it."""
+        restarted, alone or with the controller (a reboot), restores it with no will behind it.
+        Connected again, it has every device's retained presence again at once (its
+        subscriptions renewed): what of it the broker drops is read again (:meth:`reread_presence`)."""
         if lost or not self._presence_trusted:
             self.presence_stale()
         self.reconfirm_presence()
+        self._connections += 1
+        if self._connections > 1:
+            self.reread.suspect()
 
     def presence_stale(self) -> None:
         """Every device shown online becomes ``unknown`` until it is heard from again.
@@ -256,6 +270,32 @@ class Ingestor:
             will = Presence(device_id=device_id, status="offline", session=session, at=self.clock())
             client.publish(topics.device(device_id, DeviceTopic.PRESENCE), codec.encode(will), retain=True)
 
+    def reread_presence(self) -> None:
+        """Subscribe to the presence topics of the devices whose retained presence is to be
+        read again now, and unsubscribe those of the last step (from the tick; :mod:`.reread`).
+        A probe the controller sent itself through the broker that never came back is a sign
+        that messages were lost: every device is read again."""
+        client = self._client()
+        if client is None or not client.connected:
+            return
+        if self.publisher.probes_lost != self._probes_lost:
+            self._probes_lost = self.publisher.probes_lost
+            log.warning(
+                "a probe sent through the broker never came back: every device's presence is read again"
+            )
+            self.reread.suspect()
+        was = self.reread.sweeping
+        read, done = self.reread.step(self.clock(), self._presence_status, self._busy())
+        for device_id in done:
+            client.unsubscribe(topics.device(device_id, DeviceTopic.PRESENCE))
+        for device_id in read:
+            client.subscribe(topics.device(device_id, DeviceTopic.PRESENCE))
+        if read and not was:
+            log.debug("reading the retained presence of devices again (%d a second)", self.reread.rate)
+
+    def _presence_status(self) -> dict[str, str]:
+        return {device_id: seen.status for device_id, seen in self._fleet_view().items()}
+
     def expire_stale(self) -> None:
         """Devices still ``unknown`` past their allowance become ``offline`` (from the tick)."""
         if not self._stale:
@@ -288,6 +328,13 @@ class Ingestor:
         device = stored or Device(id=device_id)
         if presence.session < device.session:
             return  # from an older connection: a late will or a stale retained message
+        if (
+            presence.session == device.session
+            and presence.status == device.status
+            and stored is not None
+            and (presence.facts is None or presence.facts == device.facts)
+        ):
+            return  # what is shown already (a presence read again: see reread_presence)
         self._stale.pop(device_id, None)
         if self.reconfirm.heard(device_id, presence.session):
             log.info("every device shown online has shown life since the reconnection")

@@ -100,6 +100,8 @@ class Publisher:
         self._acked_at: dict[str, float] = {}  # device -> when its desired state was acknowledged
         self._connected_at: dict[str, float] = {}  # device -> when it last connected (see repair_behind)
         self._probe: tuple[bytes, float] | None = None  # the probe in flight, and when it was sent
+        self.probes_lost = 0
+        """Probes not back after :data:`PROBE_LOST` (the broker may have dropped messages for us)."""
         self._caught_up = float("-inf")  # every device message the broker had then is handled
         self._lead_since = 0.0
         self._event_marks: dict[str, _Marks] = {}  # see note_stored
@@ -288,6 +290,8 @@ class Publisher:
             return  # a burst of reports not stored yet: devices may look behind that are not
         now = time.monotonic()
         if self._probe is None or now - self._probe[1] > PROBE_LOST:
+            if self._probe is not None:
+                self.probes_lost += 1
             token = uuid.uuid4().hex.encode()
             if client.publish(topics.PROBE, token, qos=1):
                 self._probe = (token, now)

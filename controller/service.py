@@ -172,6 +172,10 @@ class Controller:
         """Gives back what a burst of messages took, once it is over (protocol/heap.py)."""
         self.bus = EventBus(clock)
         """Fleet events (:mod:`.fleet_events`), emitted once the change is committed."""
+
+        def busy() -> bool:  # a burst of device messages waits in the inbox
+            return self.inbox.qsize() > INGEST_BATCH
+
         self.context = build_context(
             store,
             clock=clock,
@@ -180,7 +184,7 @@ class Controller:
             metrics=self.metrics,
             secrets=secrets,
             table=table,
-            busy=lambda: self.inbox.qsize() > INGEST_BATCH,
+            busy=busy,
         )
         """What command handlers use: these parts (:mod:`.context`, wired in :mod:`.parts`)."""
         context = self.context
@@ -191,6 +195,7 @@ class Controller:
             online=lambda device_id: enrollment.seen(context, device_id),
             refresh=lambda: setattr(self, "_next_refresh", 0.0),
             client=lambda: self.client,
+            busy=busy,
         )
         """What devices publish, stored and turned into fleet events (:mod:`.ingesting`)."""
         self.metrics.registry.register(DeviceCollector(lambda: self.context.device_metrics))
@@ -447,6 +452,7 @@ class Controller:
         self.ingestor.expire_stale()
         self.ingestor.ask_unconfirmed()
         self.ingestor.expire_unconfirmed()
+        self.ingestor.reread_presence()
         self.flush_events()  # what expire_stale found: webhooks count offline time from it
         try:
             self.context.notifier.tick()

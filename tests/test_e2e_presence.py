@@ -220,3 +220,58 @@ def test_host_reboot_does_not_revive_a_dead_device(tmp_path: Path, procs: list[A
     wait_until(lambda: _status(broker.url, dead)[0] == "offline", 60, 0.5, f"{dead} shown offline")
     assert _retained_presence(broker.url, dead).status == "offline", "the broker's word is corrected too"
     assert _status(broker.url, live)[0] == "online"
+
+
+@pytest.mark.mosquitto
+def test_presence_the_broker_dropped_for_the_controller_is_read_again(
+    tmp_path: Path, procs: list[Any]
+) -> None:
+    """Mosquitto drops the devices' new ``online`` presences for a controller that does not
+    read (paused, its queue at the broker full): the controller still shows every device
+    online in its new session within seconds, from the broker's retained presence read again."""
+    # 20 messages in flight to a client, 2 queued: the rest is dropped (logged).
+    with Mosquitto(tmp_path, extra_conf="max_inflight_messages 20\nmax_queued_messages 2") as broker:
+        controller = ControllerProcess(
+            tmp_path / "controller", broker=broker.url, extra=["--presence-reread", "2s"]
+        )
+        procs.append(controller)
+        devices = [f"drop-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
+        agents = [AgentProcess(broker.url, d, tmp_path / d) for d in devices]
+        procs.extend(agents)
+        sessions = {d: wait_online(broker.url, d)["session"] for d in devices}
+        for agent in agents:
+            agent.kill()  # their wills: offline
+        for d in devices:
+            wait_until(lambda d=d: _status(broker.url, d)[0] == "offline", 30, 0.2, f"{d} offline")
+
+        controller.signal(signal.SIGSTOP)
+        try:
+            flood = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+            flood.connect("127.0.0.1", broker.port)
+            flood.loop_start()
+            for i in range(100):  # not a valid report: ignored, but queued for the controller first
+                flood.publish(f"tether/v1/devices/flood-{i}/reported", b"x", qos=1).wait_for_publish(10)
+            flood.disconnect()
+            flood.loop_stop()
+            agents = [AgentProcess(broker.url, d, tmp_path / d) for d in devices]
+            procs.extend(agents)
+            for d in devices:
+                wait_until(
+                    lambda d=d: (
+                        (p := _retained_presence(broker.url, d)).status == "online"
+                        and p.session > sessions[d]
+                    ),
+                    30,
+                    0.2,
+                    f"{d} online again at the broker",
+                )
+            assert "Outgoing messages are being dropped for client" in broker.log_text()
+        finally:
+            controller.signal(signal.SIGCONT)
+        for d in devices:
+            wait_until(
+                lambda d=d: (st := _status(broker.url, d))[0] == "online" and st[1] > sessions[d],
+                20,
+                0.2,
+                f"{d} shown online in its new session",
+            )

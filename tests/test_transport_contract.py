@@ -271,6 +271,26 @@ def test_retained_messages_reach_later_subscribers_flagged(harness: Harness) -> 
     assert later_inbox.on(topic) == []
 
 
+def test_a_topic_subscribed_under_a_wildcard_gets_its_retained_message_again(harness: Harness) -> None:
+    """A subscriber to a wildcard that also subscribes to one topic under it gets that topic's
+    retained message again (the controller's presence re-read, controller/reread.py), and
+    after unsubscribing that topic still gets its messages through the wildcard."""
+    publisher, _ = harness.client()
+    kept, other = f"{harness.prefix}/d-1/presence", f"{harness.prefix}/d-2/presence"
+    assert publisher.publish_confirmed(kept, b"online", 1, True)
+    assert publisher.publish_confirmed(other, b"offline", 1, True)
+    reader, inbox = harness.client()
+    reader.subscribe(f"{harness.prefix}/+/presence")
+    assert harness.wait(inbox, kept) == [(b"online", True)]
+    reader.subscribe(kept)
+    assert harness.wait(inbox, kept, 2)[1] == (b"online", True)
+    reader.unsubscribe(kept)
+    harness.barrier(reader, inbox)
+    publisher.publish(kept, b"live", 1, False)
+    assert harness.wait(inbox, kept, 3)[2] == (b"live", False)
+    assert inbox.on(other) == [(b"offline", True)], "only the topic subscribed is sent again"
+
+
 def test_tracked_publish_completes_and_nothing_is_handed_over_while_away(harness: Harness) -> None:
     """publish_tracked returns a check that turns true once the broker acknowledged the message; a
     stopped transport hands nothing over (publish False, publish_tracked None)."""
