@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import uuid
@@ -12,7 +13,15 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from support.infra import MOSQUITTO_BIN, Mosquitto, accepts, free_port, stop_process, wait_until
+from support.infra import (
+    MOSQUITTO_BIN,
+    Mosquitto,
+    accepts,
+    free_port,
+    region_bridge_conf,
+    stop_process,
+    wait_until,
+)
 from support.procs import AgentProcess, ControllerProcess, cli_json, wait_online
 from tether.protocol import codec
 from tether.protocol.models import Presence
@@ -223,54 +232,70 @@ def test_host_reboot_does_not_revive_a_dead_device(tmp_path: Path, procs: list[A
 
 
 @pytest.mark.mosquitto
+@pytest.mark.parametrize("bridged", [False, True], ids=["one-broker", "bridged"])
 def test_presence_the_broker_dropped_for_the_controller_is_read_again(
-    tmp_path: Path, procs: list[Any]
+    tmp_path: Path, procs: list[Any], bridged: bool
 ) -> None:
     """Mosquitto drops the devices' new ``online`` presences for a controller that does not
     read (paused, its queue at the broker full): the controller still shows every device
-    online in its new session within seconds, from the broker's retained presence read again."""
-    # 20 messages in flight to a client, 2 queued: the rest is dropped (logged).
-    with Mosquitto(tmp_path, extra_conf="max_inflight_messages 20\nmax_queued_messages 2") as broker:
+    online in its new session within seconds, from the broker's retained presence read again;
+    also with the devices on a regional broker bridged to the controller's."""
+    with contextlib.ExitStack() as stack:
+        # 20 messages in flight to a client, 2 queued: the rest is dropped (logged).
+        (tmp_path / "central").mkdir()
+        central = stack.enter_context(
+            Mosquitto(tmp_path / "central", extra_conf="max_inflight_messages 20\nmax_queued_messages 2")
+        )
+        devices_broker = central
+        if bridged:
+            (tmp_path / "regional").mkdir()
+            run = uuid.uuid4().hex[:6]
+            devices_broker = stack.enter_context(
+                Mosquitto(tmp_path / "regional", extra_conf=region_bridge_conf(central.port, run, "1 2"))
+            )
+            wait_until(
+                lambda: f"as tether-bridge-{run}" in central.log_text(), 15, message="bridge connected"
+            )
         controller = ControllerProcess(
-            tmp_path / "controller", broker=broker.url, extra=["--presence-reread", "2s"]
+            tmp_path / "controller", broker=central.url, extra=["--presence-reread", "2s"]
         )
         procs.append(controller)
-        devices = [f"drop-{i}-{uuid.uuid4().hex[:6]}" for i in range(3)]
-        agents = [AgentProcess(broker.url, d, tmp_path / d) for d in devices]
+        devices = [f"drop-{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
+        agents = [AgentProcess(devices_broker.url, d, tmp_path / d) for d in devices]
         procs.extend(agents)
-        sessions = {d: wait_online(broker.url, d)["session"] for d in devices}
+        sessions = {d: wait_online(central.url, d)["session"] for d in devices}
         for agent in agents:
             agent.kill()  # their wills: offline
         for d in devices:
-            wait_until(lambda d=d: _status(broker.url, d)[0] == "offline", 30, 0.2, f"{d} offline")
+            wait_until(lambda d=d: _status(central.url, d)[0] == "offline", 30, 0.2, f"{d} offline")
 
         controller.signal(signal.SIGSTOP)
         try:
             flood = paho.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
-            flood.connect("127.0.0.1", broker.port)
+            flood.connect("127.0.0.1", central.port)
             flood.loop_start()
             for i in range(100):  # not a valid report: ignored, but queued for the controller first
                 flood.publish(f"tether/v1/devices/flood-{i}/reported", b"x", qos=1).wait_for_publish(10)
             flood.disconnect()
             flood.loop_stop()
-            agents = [AgentProcess(broker.url, d, tmp_path / d) for d in devices]
+            agents = [AgentProcess(devices_broker.url, d, tmp_path / d) for d in devices]
             procs.extend(agents)
-            for d in devices:
+            for d in devices:  # the central broker's retained copy is the truth the controller reads
                 wait_until(
                     lambda d=d: (
-                        (p := _retained_presence(broker.url, d)).status == "online"
+                        (p := _retained_presence(central.url, d)).status == "online"
                         and p.session > sessions[d]
                     ),
                     30,
                     0.2,
                     f"{d} online again at the broker",
                 )
-            assert "Outgoing messages are being dropped for client" in broker.log_text()
+            assert "Outgoing messages are being dropped for client tether-controller-" in central.log_text()
         finally:
             controller.signal(signal.SIGCONT)
         for d in devices:
             wait_until(
-                lambda d=d: (st := _status(broker.url, d))[0] == "online" and st[1] > sessions[d],
+                lambda d=d: (st := _status(central.url, d))[0] == "online" and st[1] > sessions[d],
                 20,
                 0.2,
                 f"{d} shown online in its new session",
