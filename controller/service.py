@@ -202,6 +202,7 @@ class Controller:
         self._next_refresh = 0.0
         self._next_repair = 0.0  # see tick
         self._message_counters: dict[str, Any] = {}
+        self._received: dict[str, int] = {}  # see _count
         self._thread: threading.Thread | None = None
         self._session_id: str | None = None
         self._session_known = False
@@ -210,11 +211,19 @@ class Controller:
 
     def _count(self, kind: str) -> None:
         """A message received on a topic of ``kind`` (a device topic's leaf, or what
-        :func:`.topics.parse` calls it)."""
-        counter = self._message_counters.get(kind)
-        if counter is None:  # a labelled child per kind, looked up once (prometheus_client's is slow)
-            counter = self._message_counters[kind] = self.metrics.messages.labels(kind=kind)
-        counter.inc()
+        :func:`.topics.parse` calls it): counted here, added to the metric by :meth:`_flush_counts`
+        (a prometheus_client increment takes a lock: once per kind and batch, not per message)."""
+        self._received[kind] = self._received.get(kind, 0) + 1
+
+    def _flush_counts(self) -> None:
+        """Add the messages :meth:`_count` counted to ``tether_messages_received_total``."""
+        if self._received:
+            received, self._received = self._received, {}
+            for kind, n in received.items():
+                counter = self._message_counters.get(kind)
+                if counter is None:  # a labelled child per kind, looked up once (prometheus_client's is slow)
+                    counter = self._message_counters[kind] = self.metrics.messages.labels(kind=kind)
+                counter.inc(n)
 
     def _count_merged(self, kind: str) -> None:
         """A message merged in the inbox (on the MQTT thread): received, and counted as merged."""
@@ -344,6 +353,7 @@ class Controller:
                 log.exception("failed to handle a message on %s", topic)
             finally:
                 self.flush_events()
+                self._flush_counts()
 
     def _ingest(self, topic: str, payload: bytes) -> tuple[str, bytes] | None:
         """Handle a burst of device reports, events and metrics in one store transaction.
@@ -491,6 +501,7 @@ class Controller:
         self._flush_syncs()
         self._publish_deferred()
         self.flush_events()
+        self._flush_counts()
 
     # --- fleet events (see fleet_events.py) ---
 

@@ -16,7 +16,7 @@ from support.links import RecordingLink
 from support.recording import RecordingPublisher
 from tether.controller import publishing
 from tether.controller.models import User
-from tether.controller.service import INGEST_BATCH, Controller
+from tether.controller.service import _STOP, INGEST_BATCH, Controller
 from tether.controller.store import Store
 from tether.protocol import codec, topics
 from tether.protocol.commands import GroupsCreate, StacksDeploy
@@ -60,6 +60,31 @@ def test_a_burst_larger_than_a_batch_loses_nothing(tmp_path: Path) -> None:
     assert {d.id: d.reported.generation for d in store.list_devices() if d.reported} == {
         f"d-{i}": 1 for i in range(n)
     }
+    store.close()
+
+
+def test_messages_received_are_counted_per_kind_once_handled(tmp_path: Path) -> None:
+    """tether_messages_received_total counts every message the worker took, per kind (device
+    topics by their leaf), batched or not; topics that are not Tether's are not counted."""
+    store = Store(tmp_path / "tether.db")
+    controller = Controller(store)
+    controller.leading.set()
+    n = INGEST_BATCH + 3
+    for i in range(n):
+        controller.inbox.put(reported(f"d-{i}", 1))
+    controller.inbox.put((topics.device("d-0", DeviceTopic.EVENTS), b"\xc1"))  # counted, not valid
+    controller.inbox.put(("tether/v1/devices/d-0/reported/extra", b"x"))  # not a Tether topic
+    controller.inbox.put((_STOP, b""))
+    controller._run()
+
+    def received(kind: str) -> float:
+        return (
+            controller.metrics.registry.get_sample_value("tether_messages_received_total", {"kind": kind})
+            or 0
+        )
+
+    assert (received("reported"), received("events")) == (n, 1)
+    assert len(store.list_devices()) == n
     store.close()
 
 
