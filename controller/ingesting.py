@@ -76,6 +76,12 @@ def job_outcome(result: JobResult) -> str:
     return "succeeded" if result.exit_code == 0 else "failed"
 
 
+def _log_event(device_id: str, event: Event) -> None:
+    """Log an event a device sent, the first time it is stored."""
+    level = logging.WARNING if event.level != "info" else logging.INFO
+    log.log(level, "device %s: %s: %s", device_id, event.kind, event.message)
+
+
 def _bounded_event(event: Event) -> tuple[Event, bool]:
     """The event as stored: message and data within bounds; and whether anything was cut."""
     update: dict[str, Any] = {}
@@ -136,6 +142,9 @@ class Ingestor:
         self._sync_devices: set[str] = set()  # devices to schedule at the end of a batch (see take_syncs)
         self._sync_all = False
         self._reports_due: dict[str, ReportedState] = {}  # written at the end of a batch (see flush_reports)
+        self._events_due: list[
+            tuple[str, Event, str]
+        ] = []  # likewise: device, event, its JSON (see on_event)
         self._report_memo = codec.FieldMemo(ReportedState, "stacks")  # a fleet reports the same stacks
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
         self._presence_trusted = False  # see connected
@@ -448,10 +457,11 @@ class Ingestor:
     def flush_reports(self) -> None:
         """Store the reported states of the batch: the newest of each device, in one statement
         (in the batch's transaction; a device that reports converging, then running, within
-        one batch is written once)."""
+        one batch is written once); and its events (:meth:`_flush_events`)."""
         if self._reports_due:
             due, self._reports_due = self._reports_due, {}
             self.store.put_reported_many(due.items())
+        self._flush_events()
 
     # --- events and jobs' results ---
 
@@ -468,18 +478,33 @@ class Ingestor:
             return
         stored, trimmed = _bounded_event(event)
         # Stored without ``oldest`` (what the device still queued then): no copy made for it.
-        added = self.store.add_event(device_id, event.seq, stored.model_dump_json(exclude={"oldest"}))
+        body = stored.model_dump_json(exclude={"oldest"})
         if event.oldest:  # acknowledged only once committed (the device drops what is acknowledged)
             seq, oldest = event.seq, event.oldest
             self.store.after_commit(lambda: self.publisher.note_stored(device_id, seq, oldest))
+        if not trimmed and event.kind != "job.result":  # only to store and log: with the batch's
+            self._events_due.append((device_id, stored, body))  # others, in one statement
+            return
+        added = self.store.add_event(device_id, event.seq, body)
         if not added:
             return  # delivered twice (at least once on the wire): already stored
         if trimmed:
             self._dropped(device_id, "event_trimmed")
         if event.kind == "job.result" and event.data is not None:
             self._on_job_result(device_id, event.data)
-        level = logging.WARNING if event.level != "info" else logging.INFO
-        log.log(level, "device %s: %s: %s", device_id, stored.kind, stored.message)
+        _log_event(device_id, stored)
+
+    def _flush_events(self) -> None:
+        """Store the events :meth:`on_event` left due (a batch's: one statement per few
+        hundred), and log those not stored before (a device sends again what it has no
+        acknowledgement for)."""
+        if self._events_due:
+            due, self._events_due = self._events_due, []
+            added = self.store.add_events([(d, e.seq, body) for d, e, body in due])
+            for device_id, event, _ in due:
+                if (device_id, event.seq) in added:
+                    added.discard((device_id, event.seq))  # sent twice in the batch: logged once
+                    _log_event(device_id, event)
 
     def _on_job_result(self, device_id: str, data: dict[str, Any]) -> None:
         try:

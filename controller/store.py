@@ -377,6 +377,16 @@ class _Transaction:
                 action()
 
 
+_ROWS_PER_INSERT = (256, 64, 16, 4, 1)
+"""Rows per statement of :meth:`Store.add_events`: a few sizes, each statement compiled once."""
+_INSERT_EVENTS = {
+    n: "INSERT INTO events (device_id, seq, body) VALUES "
+    + ", ".join(["(?, ?, ?)"] * n)
+    + " ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq"
+    for n in _ROWS_PER_INSERT
+}
+
+
 class _Journal:
     """The store's connection while a :class:`Batch` is open: every statement but a plain
     read is also written down, to be run again should the batch's savepoint be rolled back."""
@@ -1174,6 +1184,22 @@ class Store:
             if not self._in_tx:
                 self._trim_events()
         return bool(cur.rowcount)
+
+    def add_events(self, events: list[tuple[str, int, str]]) -> set[tuple[str, int]]:
+        """:meth:`add_event` for many (device, seq, body), a few statements for them all;
+        the (device, seq) of those stored now (not duplicates)."""
+        added: set[tuple[str, int]] = set()
+        at = 0
+        while at < len(events):
+            size = next(s for s in _ROWS_PER_INSERT if s <= len(events) - at)
+            params = [value for row in events[at : at + size] for value in row]
+            at += size
+            for device_id, seq in self.db.execute(_INSERT_EVENTS[size], params).fetchall():
+                added.add((device_id, int(seq)))
+                self._untrimmed.add(device_id)
+        if added and not self._in_tx:
+            self._trim_events()
+        return added
 
     def _trim_events(self) -> None:
         """Keep the newest EVENTS_KEPT events of each device :meth:`add_event` stored since the last trim."""

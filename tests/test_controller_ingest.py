@@ -411,9 +411,10 @@ def test_reports_of_a_batch_are_stored_once_per_device_newest_first(tmp_path: Pa
 def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
     store_target: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A message whose handling fails after it wrote (here once its event is stored) leaves
-    no row and no fleet event; the messages before it in the batch (their writes undone with
-    the batch's savepoint and written again) and after it count, each once."""
+    """A message whose handling fails after it wrote (here once its event is stored: a job's
+    result, stored as it comes) leaves no row and no fleet event; the messages before it in
+    the batch (their writes undone with the batch's savepoint and written again) and after
+    it count, each once."""
     store = Store(store_target)
     controller = Controller(store)
     controller.leading.set()
@@ -432,12 +433,18 @@ def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
             Presence(device_id=device_id, status="online", session=1)
         )
 
-    def event(device_id: str, seq: int) -> tuple[str, bytes]:
+    def event(device_id: str, seq: int, kind: str = "desired.applied") -> tuple[str, bytes]:
         return topics.device(device_id, DeviceTopic.EVENTS), codec.encode(
-            Event(device_id=device_id, seq=seq, kind="desired.applied", message="applied", oldest=seq)
+            Event(device_id=device_id, seq=seq, kind=kind, message="applied", oldest=seq)
         )
 
-    for message in (presence("d-1"), event("d-0", 1), event("d-1", 1), presence("d-2"), event("d-2", 1)):
+    for message in (
+        presence("d-1"),
+        event("d-0", 1),
+        event("d-1", 1, "job.result"),
+        presence("d-2"),
+        event("d-2", 1),
+    ):
         controller.inbox.put(message)
     assert controller._ingest(*presence("d-0")) is None
     assert [d.id for d in store.list_devices()] == ["d-0", "d-1", "d-2"]
@@ -448,6 +455,42 @@ def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [
         f"failed to handle a message on {topics.device('d-1', DeviceTopic.EVENTS)}"
     ]
+    store.close()
+
+
+@pytest.mark.store
+def test_a_batchs_events_are_stored_together_each_once(
+    store_target: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Events of a batch (stored together when it ends) are stored once each and logged the
+    first time only: one already stored, one twice in the batch; more than one statement's
+    worth of a device's events leave its newest EVENTS_KEPT."""
+    store = Store(store_target)
+    controller = Controller(store)
+    controller.leading.set()
+
+    def event(device_id: str, seq: int) -> tuple[str, bytes]:
+        return topics.device(device_id, DeviceTopic.EVENTS), codec.encode(
+            Event(device_id=device_id, seq=seq, kind="note", message=f"m{seq}", oldest=seq)
+        )
+
+    assert controller._ingest(*event("d-0", 1)) is None
+    caplog.clear()
+    caplog.set_level("INFO", logger="tether.controller.ingesting")
+    for message in (
+        event("d-0", 1),
+        event("d-0", 2),
+        event("d-0", 2),
+        *(event("d-1", s) for s in range(1, 301)),
+    ):
+        controller.inbox.put(message)
+    assert controller._ingest(*event("d-0", 3)) is None
+    assert [json.loads(b)["seq"] for b in store.list_events("d-0")] == [1, 2, 3]
+    assert [json.loads(b)["seq"] for b in store.list_events("d-1", 1000)] == list(range(101, 301))
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device d-")]
+    assert sorted(logged) == sorted(
+        ["device d-0: note: m2", "device d-0: note: m3", *(f"device d-1: note: m{s}" for s in range(1, 301))]
+    )
     store.close()
 
 
@@ -469,9 +512,9 @@ def test_a_broken_batch_takes_nothing_more_off_the_inbox(store_target: str) -> N
 
     store.add_event = failing  # type: ignore[method-assign]
 
-    def event(device_id: str) -> tuple[str, bytes]:
+    def event(device_id: str) -> tuple[str, bytes]:  # a job's result: stored as it comes
         return topics.device(device_id, DeviceTopic.EVENTS), codec.encode(
-            Event(device_id=device_id, seq=1, kind="desired.applied", message="applied", oldest=1)
+            Event(device_id=device_id, seq=1, kind="job.result", message="applied", oldest=1)
         )
 
     after = [reported(f"d-{i}", 1) for i in range(2, 12)]

@@ -106,6 +106,7 @@ def event(rig: Rig, device_id: str, seq: int, **kw: object) -> None:
     message = Event(device_id=device_id, seq=seq, **{"kind": "note", "message": "hello", **kw})  # type: ignore[arg-type]
     with rig.store.transaction():
         rig.ingestor.on_message(DeviceTopic.EVENTS, device_id, codec.encode(message))
+        rig.ingestor.flush_reports()
 
 
 def status(store: Store, device_id: str) -> tuple[str, int]:
