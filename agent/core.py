@@ -754,9 +754,9 @@ class AgentCore:
             self.event("driver.error", str(exc), level="error")
             return
         # What the plan and the report are computed from. After a reconcile that left nothing
-        # to do and nothing waiting on the clock (no action, no backoff, nothing converging,
-        # no restart count to forget after a steady run), the same inputs give the same empty
-        # plan and the same report: skip them. The driver is still asked every time, so an
+        # to do and nothing waiting on the clock (no action, or actions after which planning
+        # again found none; no backoff, nothing converging, no restart count to forget after a
+        # steady run), the same inputs give the same empty plan and the same report: skip them. The driver is still asked every time, so an
         # instance that crashed, exited or changed health is seen and handled at once.
         quiet = (
             self.desired,
@@ -770,6 +770,7 @@ class AgentCore:
             blocked,
         )
         if quiet == self._quiet and not self.renderer.signals:
+            self.converging = False  # (still set by a reconcile whose actions left it quiet)
             if not self._report_published and self._candidate is not None:
                 self._candidate = self._candidate.model_copy(update={"at": now})
                 self.publish_report()
@@ -797,9 +798,11 @@ class AgentCore:
             self._apply(action, runnable, now)
         if self.renderer.signals:
             self.renderer.send_signals(before, desired)
+        seen_after = not plan.actions  # ``observed`` shows the runtime after the actions
         if plan.actions:
             try:
                 observed = self.driver.observe()
+                seen_after = True
                 self.driver.prune(set(specs))
             except Exception as exc:  # noqa: BLE001 - recorded and retried next round
                 self.event("driver.error", str(exc), level="error")
@@ -828,19 +831,47 @@ class AgentCore:
             self.log_tails,
         )
         self.converging = any(s.state == "converging" for s in stacks.values()) or bool(plan.actions)
-        if not (self.converging or plan.waiting or self.restarts.counting()):
+        settled = not (self.converging or plan.waiting or self.restarts.counting())
+        if settled:
             self._quiet = quiet
+        dropped = self.store.outbox_dropped()
         self._candidate = ReportedState(
             device_id=self.device_id,
             generation=self.desired.generation if self.desired else -1,
             stacks=stacks,
             error=self.rejection,
             held=self.held,
-            events_dropped=self.store.outbox_dropped(),
+            events_dropped=dropped,
             downloads=downloads,
             storage_error=self.storage_error,
             at=now,
         )
+        if (
+            plan.actions
+            and seen_after
+            and not (plan.waiting or self.restarts.counting())
+            and not any(s.state == "converging" for s in stacks.values())
+            and not self.renderer.signals
+        ):
+            # What the actions left: if it is settled (planned again on the runtime as it is now,
+            # nothing to do and nothing waiting), the next reconcile, on these same inputs, would
+            # plan nothing and make this report again: it is quiet (it only observes), as after a
+            # reconcile without actions. Planning once here costs less than all that.
+            after = reconcile.plan(
+                runnable, [i for i in observed if i.stack not in unrendered], now, self.restarts
+            )
+            if not (after.actions or after.waiting):
+                self._quiet = (
+                    self.desired,
+                    hashes,
+                    self.rejection,
+                    self.held,
+                    dropped,
+                    self.storage_error,
+                    observed,
+                    downloads,
+                    blocked,
+                )
         self.publish_report()
         self._prune_images(stacks, blocked)
 

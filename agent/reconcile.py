@@ -27,12 +27,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
-from tether.protocol.models import ServiceSpec, ServiceState, ServiceStatus, StackSpec, StackStatus
+from tether.protocol.heap import Shared
+from tether.protocol.models import (
+    HealthState,
+    ServiceSpec,
+    ServiceState,
+    ServiceStatus,
+    StackSpec,
+    StackStatus,
+)
 
 from .drivers.base import Observed
-from .restarts import CRASH_LOOP_RESTARTS, RestartRecord, ServiceKey, decide, wants_restart
+from .restarts import CRASH_LOOP_RESTARTS, NO_RESTARTS, RestartRecord, ServiceKey, decide, wants_restart
 
 
 @dataclass(frozen=True)
@@ -129,7 +138,7 @@ def plan(
             current.sort(key=lambda i: (i.state != "running", i.id))
             for extra in current[1:]:
                 removals.append(Remove(extra, service.stop_grace_period_s, "duplicate"))
-            record = restarts.get(key, RestartRecord())
+            record = restarts.get(key, NO_RESTARTS)
             if not current:
                 if not _dependencies_ready(stack, spec, service, by_key):
                     continue  # pending until its dependencies are healthy or done
@@ -217,48 +226,90 @@ def status(
     result: dict[str, StackStatus] = {}
     for stack, spec in desired.items():
         services: dict[str, ServiceStatus] = {}
+        described: list[tuple[str, _ServiceArgs]] = []
         for svc in spec.services:
             key = (stack, svc.name)
             inst = by_key.get(key)
             err = errors.get(key)
-            record = restarts.get(key, RestartRecord())
+            record = restarts.get(key, NO_RESTARTS)
             restarted = record.total
+            args: _ServiceArgs
             if inst is None:
-                state = "failed" if err else "pending"
-                services[svc.name] = ServiceStatus(
-                    state=state, spec_hash=svc.spec_hash(), last_error=err, restarts=restarted
+                args = (
+                    "failed" if err else "pending",
+                    svc.spec_hash(),
+                    None,
+                    None,
+                    restarted,
+                    err,
+                    None,
+                    None,
                 )
-                continue
-            state_name: ServiceState = inst.state
-            tail = None
-            if inst.state == "exited" and (
-                key in waiting or wants_restart(svc, inst.exit_code, record.count)
-            ):
-                state_name = "restarting"
-            if inst.state != "running" and record.count >= CRASH_LOOP_RESTARTS:
-                state_name = "failed"
-                err = err or f"crash loop: restarted {record.count} times, last exit code {inst.exit_code}"
-                tail = (log_tails or {}).get(key)
-            if err and inst.state != "running":
-                state_name = "failed"
-            if needs_tail(svc, inst) or state_name == "failed":
-                tail = (log_tails or {}).get(key)
-            services[svc.name] = ServiceStatus(
-                state=state_name,
-                spec_hash=svc.spec_hash(),
-                health=inst.health,
-                exit_code=inst.exit_code if inst.state == "exited" else None,
-                restarts=restarted,
-                last_error=err or inst.error,
-                log_tail=tail,
-                health_output=inst.health_output if inst.health == "unhealthy" else None,
-            )
-        result[stack] = StackStatus(
-            spec_hash=hashes[stack] if stack in hashes else spec.spec_hash(),
-            state=_stack_state(spec, services),
-            services=services,
+            else:
+                state_name: ServiceState = inst.state
+                tail = None
+                if inst.state == "exited" and (
+                    key in waiting or wants_restart(svc, inst.exit_code, record.count)
+                ):
+                    state_name = "restarting"
+                if inst.state != "running" and record.count >= CRASH_LOOP_RESTARTS:
+                    state_name = "failed"
+                    err = (
+                        err or f"crash loop: restarted {record.count} times, last exit code {inst.exit_code}"
+                    )
+                    tail = (log_tails or {}).get(key)
+                if err and inst.state != "running":
+                    state_name = "failed"
+                if needs_tail(svc, inst) or state_name == "failed":
+                    tail = (log_tails or {}).get(key)
+                args = (
+                    state_name,
+                    svc.spec_hash(),
+                    inst.health,
+                    inst.exit_code if inst.state == "exited" else None,
+                    restarted,
+                    err or inst.error,
+                    tail,
+                    inst.health_output if inst.health == "unhealthy" else None,
+                )
+            services[svc.name] = _SERVICE_STATUSES.get(args, partial(_service_status, args))
+            described.append((svc.name, args))
+        spec_hash = hashes[stack] if stack in hashes else spec.spec_hash()
+        state = _stack_state(spec, services)
+        result[stack] = _STACK_STATUSES.get(
+            (spec_hash, state, tuple(described)),
+            lambda: StackStatus(spec_hash=spec_hash, state=state, services=services),  # noqa: B023 (called at once)
         )
     return result
+
+
+_ServiceArgs = tuple[
+    ServiceState, str, "HealthState | None", "int | None", int, "str | None", "str | None", "str | None"
+]
+"""A :class:`ServiceStatus`'s fields in order: state, spec_hash, health, exit_code, restarts,
+last_error, log_tail, health_output."""
+
+_SERVICE_STATUSES: Shared[_ServiceArgs, ServiceStatus] = Shared(256)
+_STACK_STATUSES: Shared[tuple[object, ...], StackStatus] = Shared(256)
+"""Statuses made (validated) once per distinct content, shared (frozen, never written to): a
+service's status seldom changes from one reconcile to the next, and a fleet's devices that
+run one stack version report the same (the simulator runs thousands of agents in one
+process). Validating a :class:`ServiceStatus` cost about 2 µs; a look-up, a tenth of that.
+Bounded (256 each, forgotten whole when full): a crash loop's changing log tails stay few."""
+
+
+def _service_status(args: _ServiceArgs) -> ServiceStatus:
+    state, spec_hash, health, exit_code, restarts, last_error, log_tail, health_output = args
+    return ServiceStatus(
+        state=state,
+        spec_hash=spec_hash,
+        health=health,
+        exit_code=exit_code,
+        restarts=restarts,
+        last_error=last_error,
+        log_tail=log_tail,
+        health_output=health_output,
+    )
 
 
 def _stack_state(

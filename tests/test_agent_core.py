@@ -99,6 +99,58 @@ def test_an_unchanged_device_skips_planning_and_a_crash_is_still_restarted(
     assert link.reports()[-1].stacks["app"].services["web"].restarts == 1
 
 
+def test_a_reconcile_whose_actions_settle_makes_the_next_one_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After the reconcile that creates the services, the next one on the same desired state and
+    runtime plans nothing and reports nothing again; a changed desired state is planned and
+    applied at once, and a crash after it is still seen and restarted."""
+    now = [1000.0]
+    driver = FakeDriver(DEVICE)
+    link = RecordingLink()
+    core = deploy(driver, link, (ServiceSpec(name="web", image="fake:1", restart="always"),), lambda: now[0])
+    plans = CountingPlan(monkeypatch)
+    core.reconcile_once()  # creates web, then plans again what that left: nothing
+    assert plans.calls == 2 and core.idle
+    assert link.report().stacks["app"].state == "running"
+    reports, events = len(link.reports()), len(link.events())
+    now[0] += 1
+    core.reconcile_once()
+    assert plans.calls == 2, "the same desired state and runtime: not planned again"
+    assert (len(link.reports()), len(link.events())) == (reports, events)
+    assert not core.converging and core.next_wakeup(now[0]) == now[0] + 1.0  # watched a minute after a start
+
+    _legit(core, 2, "fake:2")  # a new version of the stack: accepted, the same stack name
+    assert core.desired is not None and core.desired.generation == 2 and not core.idle
+    now[0] += 1
+    core.reconcile_once()
+    assert plans.calls == 4, "a changed desired state is planned (then what it left, again)"
+    (web,) = driver.observe()
+    assert web.spec_hash == core.desired_stacks()[0]["app"].services[0].spec_hash()
+    assert link.report().generation == 2 and link.report().stacks["app"].state == "running"
+
+    driver.crash("app", "web", exit_code=1)  # version 2 has no restart policy
+    now[0] += 1
+    core.reconcile_once()
+    assert plans.calls == 5, "the runtime changed: planned"
+    assert link.report().stacks["app"].services["web"].state == "exited", "the crash is seen and told"
+
+
+def test_a_reconcile_whose_create_failed_is_not_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A create that failed waits for its backoff: the reconciles after it keep planning, and
+    the create is tried again once the backoff has passed."""
+    now = [1000.0]
+    driver = FakeDriver(DEVICE)
+    broken = ServiceSpec(name="web", image="fake:1", labels={"tether.fake/start_error": "no such image"})
+    core = deploy(driver, RecordingLink(), (broken,), lambda: now[0])
+    plans = CountingPlan(monkeypatch)
+    core.reconcile_once()
+    assert plans.calls == 1 and not core.idle
+    assert core.errors[("app", "web")] == "no such image"
+    now[0] += 5
+    core.reconcile_once()
+    assert plans.calls == 2, "planned again: the failed create is retried after its backoff"
+    assert core.restarts[("app", "web")].count == 2
+
+
 def test_quiet_reconciles_resume_planning_while_a_restart_waits_for_its_backoff(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -299,6 +299,29 @@ def test_status_says_why_a_service_failed() -> None:
     assert healthy.services["web"].health_output is None and healthy.services["job"].log_tail is None
 
 
+def test_equal_statuses_are_shared_and_a_changed_one_is_made_anew() -> None:
+    """status() hands out one (frozen) status per distinct content, whichever device or instance
+    it is computed for; a change (an error, an exit) gives a status that says so."""
+    web = svc("web", restart="no")
+    desired = {"s": stack(web)}
+    first = status(desired, {}, [inst("1", "s", web)], {}, {})["s"]
+    again = status(desired, {}, [inst("other-device-7", "s", web)], {}, {})["s"]
+    assert again is first and again.services["web"] is first.services["web"]
+    assert first.services["web"].state == "running" and first.state == "running"
+    exited = status(desired, {}, [inst("1", "s", web, state="exited", exit_code=2)], {}, {})["s"]
+    assert exited is not first
+    assert (exited.state, exited.services["web"].state, exited.services["web"].exit_code) == (
+        "failed",
+        "exited",
+        2,
+    )
+    failing = status(desired, {}, [], {("s", "web"): "no such image"}, {})["s"]
+    assert failing.services["web"].last_error == "no such image" and failing.state == "failed"
+    other = status(desired, {}, [], {("s", "web"): "disk full"}, {})["s"]
+    assert other.services["web"].last_error == "disk full"
+    assert first == status(desired, {}, [inst("1", "s", web)], {}, {})["s"], "unchanged by what came between"
+
+
 # --- properties ------------------------------------------------------------------------------
 
 STACK_NAMES = ["alpha", "beta", "gamma"]
