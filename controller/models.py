@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+from tether.protocol.heap import Kept
 from tether.protocol.models import (
     NAME_PATTERN,
     DeviceFacts,
@@ -25,7 +26,7 @@ enrollment (by its token or at approval), or reported by the device. The first t
 trusted: group selectors match them (facts, like the device's own labels, are reported)."""
 
 
-class Stored(BaseModel):
+class Stored(Kept):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 

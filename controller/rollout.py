@@ -49,9 +49,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from tether.protocol.commands import RolloutStrategy
 from tether.protocol.durations import format_duration
+from tether.protocol.heap import Kept
 from tether.protocol.models import DownloadStatus, StackStatus
 
 DeviceRolloutState = Literal[
@@ -90,7 +91,7 @@ ACTIVE_STATES = ("staging", "staged", "running", "paused", "awaiting-promotion")
 Strategy = RolloutStrategy
 
 
-class DeviceRollout(BaseModel):
+class DeviceRollout(Kept):
     """One device's progress in a deployment."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -108,7 +109,7 @@ class DeviceRollout(BaseModel):
     """Why the device is not healthy yet (the last thing that stopped its healthy timer)."""
 
 
-class Deployment(BaseModel):
+class Deployment(Kept):
     """A change of one stack's version across its group."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")

@@ -16,6 +16,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 
+from tether.protocol.heap import share_field_sets
 from tether.protocol.models import ReportedState, StackRef
 
 from .devices import attributes
@@ -282,16 +283,20 @@ class Scheduler:
                 # Past whatever the device applied, even from a store older than the device's
                 # state (a restored backup): a lower generation would be ignored as a duplicate.
                 generation = max(record.generation + 1 if record else 1, applied.get(device_id, 0) + 1)
+                # Shared at once (as the store keeps it): each record's own set of field names
+                # (720 bytes) was alive until all were stored, 36 MB at 50,000 devices.
                 changed.append(
-                    DesiredRecord.model_construct(  # from validated parts: 10,000 validations spared
-                        device_id=device_id,
-                        generation=generation,
-                        stacks=refs,
-                        jobs=device_jobs,
-                        vars=bindings,
-                        registries=auths,
-                        stage=stage,
-                        published=False,
+                    share_field_sets(
+                        DesiredRecord.model_construct(  # from validated parts: 10,000 validations spared
+                            device_id=device_id,
+                            generation=generation,
+                            stacks=refs,
+                            jobs=device_jobs,
+                            vars=bindings,
+                            registries=auths,
+                            stage=stage,
+                            published=False,
+                        )
                     )
                 )
         self.store.put_desired_many(changed)

@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -307,7 +307,7 @@ class _Postgres:
     def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
         return self.conn.execute(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
 
-    def executemany(self, sql: str, params: list[tuple[Any, ...]]) -> None:
+    def executemany(self, sql: str, params: Iterable[tuple[Any, ...]]) -> None:
         with self.conn.cursor() as cursor:
             cursor.executemany(sql.replace("?", "%s"), params)  # type: ignore[arg-type]
 
@@ -708,13 +708,10 @@ class Store:
     def list_devices(self, reported: bool = True) -> list[Device]:
         """Every device row; without ``reported``, the devices without their reported states
         (labels, facts and presence only: much less to parse)."""
-        if reported:
-            rows = self.db.execute(f"{self._DEVICES} ORDER BY d.id").fetchall()
-        else:
-            rows = self.db.execute(f"{self._DEVICES_BARE} ORDER BY id").fetchall()
-        devices = [self._device(*r) for r in rows]
-        if len(self._devices.rows) != len(rows):  # some were deleted
-            self._devices.keep_only(r[0] for r in rows)
+        sql = f"{self._DEVICES} ORDER BY d.id" if reported else f"{self._DEVICES_BARE} ORDER BY id"
+        devices = [self._device(*r) for r in self.db.execute(sql)]  # row by row: see list_desired
+        if len(self._devices.rows) != len(devices):  # some were deleted
+            self._devices.keep_only(d.id for d in devices)
         return devices
 
     def put_device(self, device: Device, keep_reported: bool = False) -> None:
@@ -923,9 +920,18 @@ class Store:
         return {row[0] for row in self.db.execute("SELECT device_id FROM desired")}
 
     def list_desired(self) -> list[DesiredRecord]:
-        rows = self.db.execute("SELECT device_id, body, published FROM desired ORDER BY device_id").fetchall()
-        self._desired.keep_only(r[0] for r in rows)
-        return [self._desired.get(device_id, body, bool(published)) for device_id, body, published in rows]
+        # Row by row, not fetchall(): the records are kept parsed, so every row's body is read
+        # only to be compared; 50,000 of them at once (about 20 MB of small strings) left the
+        # allocator holding their peak after every deploy.
+        records = [
+            self._desired.get(device_id, body, bool(published))
+            for device_id, body, published in self.db.execute(
+                "SELECT device_id, body, published FROM desired ORDER BY device_id"
+            )
+        ]
+        if len(self._desired.rows) != len(records):  # some were deleted
+            self._desired.keep_only(r.device_id for r in records)
+        return records
 
     def put_desired(self, record: DesiredRecord) -> None:
         self.put_desired_many([record])
@@ -933,28 +939,32 @@ class Store:
     def put_desired_many(self, records: Iterable[DesiredRecord]) -> None:
         """Store desired records (one statement for all of them)."""
         self._forget_memo()  # a desired state names a device, perhaps never seen
-        rows = []
-        for record in records:
-            body = record.model_dump_json(exclude={"published"})
-            rows.append((record.device_id, record.generation, body, int(record.published)))
-            self._desired.wrote(record.device_id, body, record, record.published)
-            self._desired_generations[record.device_id] = record.generation
+
+        def rows() -> Iterator[tuple[str, int, str, int]]:  # made as written: not every body at once
+            for record in records:
+                body = record.model_dump_json(exclude={"published"})
+                self._desired.wrote(record.device_id, body, record, record.published)
+                self._desired_generations[record.device_id] = record.generation
+                yield record.device_id, record.generation, body, int(record.published)
+
         self.db.executemany(
             "INSERT INTO desired (device_id, generation, body, published) VALUES (?, ?, ?, ?) "
             "ON CONFLICT(device_id) DO UPDATE SET generation = excluded.generation, body = excluded.body, "
             "published = excluded.published",
-            rows,
+            rows(),
         )
 
     def mark_published(self, records: Iterable[DesiredRecord]) -> None:
         """Mark desired records published, each only if the device still has that generation."""
-        rows = []
-        for record in records:
-            rows.append((record.device_id, record.generation))
-            hit = self._desired.rows.get(record.device_id)
-            if hit is not None and hit[2].generation == record.generation:
-                self._desired.retag(record.device_id, True, shared_copy(hit[2], {"published": True}))
-        self.db.executemany("UPDATE desired SET published = 1 WHERE device_id = ? AND generation = ?", rows)
+
+        def rows() -> Iterator[tuple[str, int]]:
+            for record in records:
+                hit = self._desired.rows.get(record.device_id)
+                if hit is not None and hit[2].generation == record.generation:
+                    self._desired.retag(record.device_id, True, shared_copy(hit[2], {"published": True}))
+                yield record.device_id, record.generation
+
+        self.db.executemany("UPDATE desired SET published = 1 WHERE device_id = ? AND generation = ?", rows())
 
     def mark_all_unpublished(self) -> None:
         """The broker lost its retained messages (a fresh embedded broker): publish all again."""

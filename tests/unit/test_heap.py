@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from tether.controller.models import DesiredRecord, Device
 from tether.protocol import heap
@@ -109,7 +111,7 @@ def test_a_model_shared_already_is_not_walked_again(monkeypatch: pytest.MonkeyPa
     real = heap._shared_tuple
     monkeypatch.setattr(heap, "_shared_tuple", lambda value: walked.append(value) or real(value))
     assert heap.share_field_sets(record) is record and walked == []
-    copy = record.model_copy(update={"generation": 2})
+    copy = record.model_copy(update={"stacks": (ref, ref)})  # not plain: walked when shared
     assert copy.model_fields_set is not record.model_fields_set
     assert heap.share_field_sets(copy).model_fields_set is record.model_fields_set and walked
     other = heap.share_field_sets(DesiredRecord(device_id="d10", generation=3, stacks=(ref,)))
@@ -139,3 +141,31 @@ def test_a_shared_copy_of_a_shared_model_is_shared_without_a_walk(monkeypatch: p
     fresh = DesiredRecord(device_id="d14", generation=1, stacks=(ref,))
     heap.shared_copy(fresh, {"published": True})
     assert len(walked) > seen  # not shared before: walked in full
+
+
+def test_a_kept_copy_of_a_shared_model_reads_as_pydantic_s_and_holds_the_shared_set() -> None:
+    """Kept.model_copy of a model shared whole, updated with plain values or strings, equals
+    pydantic's copy (fields, fields set, dumps), holds the shared set of its names and the
+    interned strings, and leaves the original as it was; with a model in the update, or of a
+    model not shared, it is pydantic's copy (a set of its own, for share_field_sets to walk)."""
+    ref = StackRef(name="web", spec_hash="e" * 64)
+    record = heap.share_field_sets(DesiredRecord(device_id="d20", generation=1, stacks=(ref,)))
+    before = record.model_dump(exclude_unset=True)
+    update = {"published": True, "generation": 2}
+    copy = record.model_copy(update=update)
+    plain = super(heap.Kept, record).model_copy(update=update)  # pydantic's own
+    assert copy == plain and copy.model_fields_set == plain.model_fields_set
+    assert copy.model_dump_json(exclude_unset=True) == plain.model_dump_json(exclude_unset=True)
+    full = heap.share_field_sets(DesiredRecord(device_id="d21", generation=2, stacks=(ref,), published=True))
+    assert copy.model_fields_set is full.model_fields_set
+    assert record.model_dump(exclude_unset=True) == before and not record.published
+    device = heap.share_field_sets(_device(30))
+    name = "".join(["gate", "way"])  # a string made at run time, not interned
+    renamed = device.model_copy(update={"status": "offline", "id": name})
+    assert renamed.id == "gateway" and renamed.id is sys.intern("gateway") and device.id == "d30"
+    assert renamed.model_fields_set is device.model_fields_set
+    facts = DeviceFacts(agent_version="2", driver="process", arch="x86_64", os="linux")
+    walked = device.model_copy(update={"facts": facts})
+    assert walked.model_fields_set is not device.model_fields_set and walked.facts is facts
+    fresh = _device(31)
+    assert fresh.model_copy(update={"session": 5}).model_fields_set is not fresh.model_fields_set
