@@ -8,11 +8,21 @@ paho client: sockets and a thread, behind :mod:`tether.protocol.transport`),
 :mod:`tether.protocol.credentials` draws random salts and tokens.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("tether")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0+unknown"
+from __future__ import annotations
 
 __all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> str:
+    """``__version__``, read from the installed distribution on first use: importing
+    :mod:`importlib.metadata` costs a CLI call some 40 ms that most commands never need."""
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("tether")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        found = "0.0.0+unknown"
+    globals()["__version__"] = found
+    return found

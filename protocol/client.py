@@ -17,17 +17,23 @@ import queue
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from tether.protocol import codec, topics
-from tether.protocol.device_api import DeviceReply, LogsCommand, StreamCommand
 from tether.protocol.errors import PayloadError, RequestError, RequestTimeout, TetherError
-from tether.protocol.log_follow import Event, LogFollower
 from tether.protocol.models import Reply, Request
 from tether.protocol.mqtt import BrokerAddress, MqttClient, parse_broker_url
 from tether.protocol.topics import DeviceTopic
 from tether.protocol.transport import Transport
+
+if TYPE_CHECKING:
+    from tether.protocol.device_api import DeviceReply, LogsCommand
+    from tether.protocol.log_follow import Event
+
+# The device API (protocol/device_api.py, protocol/log_follow.py) is imported where a device
+# is asked, not here: most CLI calls only ask the controller (docs/performance.md, "Sixth
+# pass: the CLI").
 
 R = TypeVar("R", bound=Reply)
 
@@ -155,6 +161,8 @@ def send(client: ControllerClient, device_id: str, command: BaseModel, timeout: 
 
 def answer(client: ControllerClient, device_id: str, request_id: str, timeout: float) -> DeviceReply:
     """The device's next reply to ``request_id``; TetherError if it does not come or says no."""
+    from tether.protocol.device_api import DeviceReply
+
     reply = client.receive(request_id, timeout, DeviceReply)
     if reply is None:
         raise RequestTimeout(f"device {device_id} did not answer within {timeout:g}s")
@@ -184,6 +192,8 @@ class LogStream:
         idle_s: float,
         limit_s: float | None = None,
     ) -> None:
+        from tether.protocol.log_follow import LogFollower
+
         self.client, self.device_id = client, device_id
         request_id = send(client, device_id, command)
         self.follower = LogFollower(
@@ -192,6 +202,8 @@ class LogStream:
 
     def next(self, wait: float) -> Event | None:
         """What the stream says next (None: nothing within ``wait`` seconds, or nothing new)."""
+        from tether.protocol.device_api import DeviceReply
+
         due = self.follower.due(time.monotonic())
         if due is not None:
             send(self.client, self.device_id, due)
@@ -202,6 +214,8 @@ class LogStream:
 
     def cancel(self, timeout: float = 2.0) -> None:
         """Cancel the stream: a courtesy (the device's lease ends it anyway), so no error."""
+        from tether.protocol.device_api import StreamCommand
+
         with contextlib.suppress(TetherError):
             send(
                 self.client,

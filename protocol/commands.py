@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
 from .models import MAX_STACK_FILES, StackFile, WireModel
 
@@ -585,4 +585,5 @@ class AuditList(CommandModel):
 
 Command: Any = Annotated[Union[tuple(COMMANDS)], Field(discriminator="kind")]  # noqa: UP007
 """Any command, told apart by ``kind``."""
-COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command)
+# Built on first use (see WireModel): a CLI call never validates an arbitrary command.
+COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(Command, config=ConfigDict(defer_build=True))

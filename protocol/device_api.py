@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
 from .models import NAME_PATTERN, Message, Reply, WireModel
 
@@ -100,7 +100,8 @@ DeviceCommand = Annotated[
     LogsCommand | RestartCommand | FactsCommand | MetricsLiveCommand | StreamCommand,
     Field(discriminator="kind"),
 ]
-DEVICE_COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(DeviceCommand)
+# Built on first use (see WireModel): only the agent validates an arbitrary device command.
+DEVICE_COMMAND_ADAPTER: TypeAdapter[Any] = TypeAdapter(DeviceCommand, config=ConfigDict(defer_build=True))
 
 
 # --- replies --------------------------------------------------------------------------------

@@ -32,9 +32,13 @@ NAME_PATTERN = names.NAME.pattern
 
 
 class WireModel(BaseModel):
-    """Base of every wire model: immutable, tolerant of unknown fields."""
+    """Base of every wire model: immutable, tolerant of unknown fields.
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    Each model's validator and serializer are built when first used, not on import: a CLI
+    call uses a few of these models and paid 50 ms for building them all (docs/performance.md,
+    "Sixth pass: the CLI"); a first build is thread safe (pydantic 2.14)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", defer_build=True)
 
 
 MAX_COUNTER = 2**53 - 1

@@ -195,3 +195,20 @@ def test_the_agent_core_imports_no_mqtt_client_and_starts_no_thread() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[] 1", out.stdout
+
+
+def test_a_cli_command_loads_only_what_it_uses() -> None:
+    """Every CLI call pays its imports (docs/performance.md, "Sixth pass: the CLI"): `tether
+    stacks ls` loads neither the controller, the broker (amqtt), the Docker SDK, PyYAML, the
+    device API, the package metadata (the version), nor the modules of other commands."""
+    code = (
+        "import sys; from tether.cli.main import main\n"
+        "try:\n    main(['stacks', 'ls', '--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('docker', 'amqtt', 'yaml') or m in "
+        "('tether.controller', 'tether.broker', 'tether.protocol.device_api', 'tether.protocol.log_follow', "
+        "'importlib.metadata', 'tether.cli.devices', 'tether.cli.remote', 'tether.cli.up', 'tether.cli.users')), "
+        "'tether.cli.stacks' in sys.modules, file=sys.stderr)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "Usage:" in out.stdout
+    assert out.stderr.strip() == "[] True", out.stderr
