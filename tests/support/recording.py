@@ -12,6 +12,9 @@ class RecordingPublisher:
     connected: bool = True
     session_present: bool = True
     published: list[tuple[str, bytes, bool]] = field(default_factory=list)
+    subscribed: list[str] = field(default_factory=list)
+    """Topic filters subscribed (the controller's subscriptions at its start are not called here)."""
+    unsubscribed: list[str] = field(default_factory=list)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         self.published.append((topic, payload, retain))
@@ -24,7 +27,10 @@ class RecordingPublisher:
         return [self.publish(t, p, q, r) for t, p, q, r in messages]
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        pass
+        self.subscribed.append(topic_filter)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self.unsubscribed.append(topic_filter)
 
     def topics(self) -> list[str]:
         return [t for t, _, _ in self.published]

@@ -12,6 +12,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from support.recording import Clock, RecordingPublisher
+from tether.controller import publishing
 from tether.controller.deploying import Deployer
 from tether.controller.fleet_events import FleetEvent
 from tether.controller.ingesting import MAX_EVENT_MESSAGE, Ingestor, allowance
@@ -333,3 +334,47 @@ def test_a_generation_we_never_issued_is_published_past_only_when_newer(rig: Rig
     record = rig.store.get_desired("pi-1")
     assert record is not None and (record.generation, record.published) == (9, False)
     assert rig.store.desired_generation("pi-1") == 9 and rig.store.desired_generation("pi-2") is None
+
+
+def test_retained_presence_is_read_again_after_a_reconnection_and_a_lost_probe(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first connection reads nothing again (its subscriptions just did); a reconnection,
+    and a probe that never came back, each read every device's retained presence again (those
+    not online first), each batch unsubscribed at the next step."""
+    rig.ingestor.reread.rate = 10**9  # the pace is tests/unit/test_reread.py's: all at once here
+    presence(rig, "b", "offline", 1)
+    rig.ingestor.connected(False)
+    presence(rig, "a", "online", 1)
+    topic = {d: f"tether/v1/devices/{d}/presence" for d in ("a", "b")}
+    rig.ingestor.reread_presence()
+    rig.ingestor.reread_presence()
+    assert rig.client.subscribed == [] and rig.client.unsubscribed == []
+    rig.ingestor.connected(False)  # again: a reconnection
+    rig.ingestor.reread_presence()
+    assert rig.client.subscribed == [topic["b"], topic["a"]]
+    rig.ingestor.reread_presence()
+    assert rig.client.unsubscribed == [topic["b"], topic["a"]]
+    rig.client.subscribed.clear()
+    monkeypatch.setattr(publishing, "PROBE_LOST", -1.0)  # a probe not back by the next look is lost
+    publisher = rig.ingestor.publisher
+    publisher.repair_behind()
+    assert rig.client.topics().count("tether/v1/controller/probe") == 1 and publisher.probes_lost == 0
+    publisher.repair_behind()
+    assert publisher.probes_lost == 1
+    rig.ingestor.reread_presence()
+    assert rig.client.subscribed == [topic["b"], topic["a"]]
+
+
+def test_a_presence_equal_to_what_is_shown_changes_nothing(rig: Rig) -> None:
+    """A retained presence read again that says what is shown (session, status, facts) writes
+    nothing and marks nothing changed; one with other facts is stored."""
+    presence(rig, "a", "online", 3)
+    rig.deployer.dirty = False
+    events = len(rig.events)
+    presence(rig, "a", "online", 3)
+    assert not rig.deployer.dirty and len(rig.events) == events and status(rig.store, "a") == ("online", 3)
+    presence(rig, "a", "online", 3, keepalive=5)
+    assert rig.deployer.dirty
+    device = rig.store.get_device("a")
+    assert device is not None and device.facts is not None and device.facts.keepalive == 5
