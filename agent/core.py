@@ -125,6 +125,10 @@ FAST_INTERVAL = 1.0
 """Seconds between reconciles while something converges, waits for a backoff or just started."""
 
 
+_INBOUND = (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REQUESTS, DeviceTopic.ACKED)
+"""The device's own topics the agent subscribes to and handles."""
+
+
 def _replaces(action: reconcile.Action, create: Create) -> bool:
     """Whether ``action`` removes the stale instance that ``create`` replaces (the plan puts
     one right before the other)."""
@@ -217,6 +221,7 @@ class AgentCore:
         self._quiet: tuple[object, ...] | None = None  # see reconcile_once
         self._report_published = False
         self._topics: dict[DeviceTopic, str] = {}  # see topic
+        self._inbound: dict[str, DeviceTopic] | None = None  # see handle
         saved = store.load_json("applied") or {}
         self.applied: dict[str, str] = dict(saved.get("applied", {}))
         """Stack name -> the version (hash) the device runs: the desired one once staged."""
@@ -249,8 +254,7 @@ class AgentCore:
 
     def subscriptions(self) -> list[str]:
         """The filters the agent always holds (stack definitions come and go)."""
-        kinds = (DeviceTopic.DESIRED, DeviceTopic.PRESENCE, DeviceTopic.REQUESTS, DeviceTopic.ACKED)
-        return [self.topic(k) for k in kinds]
+        return [self.topic(k) for k in _INBOUND]
 
     # --- connection ---
 
@@ -312,24 +316,29 @@ class AgentCore:
     # --- inbound ---
 
     def handle(self, topic: str, payload: bytes) -> None:
-        """One incoming message. Topics we did not ask for are ignored."""
-        parsed = topics.parse(topic)
-        if parsed is None:
-            return
-        if parsed.kind == "device" and parsed.device_id == self.device_id:
-            if parsed.device_topic == DeviceTopic.DESIRED:
-                self._on_desired(payload)
-            elif parsed.device_topic == DeviceTopic.PRESENCE:
-                self._on_own_presence(payload)
-            elif parsed.device_topic == DeviceTopic.REQUESTS and payload:
+        """One incoming message. Topics we did not ask for are ignored.
+
+        A topic is told by what it equals (the device's own topics, made once) or by the stack
+        definition it names among those awaited (valid hashes): no other topic is acted on, so
+        none needs parsing (:func:`topics.parse` says the same of these, at several times the cost)."""
+        inbound = self._inbound
+        if inbound is None:
+            inbound = self._inbound = {self.topic(k): k for k in _INBOUND}
+        kind = inbound.get(topic)
+        if kind is DeviceTopic.DESIRED:
+            self._on_desired(payload)
+        elif kind is DeviceTopic.PRESENCE:
+            self._on_own_presence(payload)
+        elif kind is DeviceTopic.REQUESTS:
+            if payload:
                 # Answered on the request's reply_to only; refused when no remote operations are set.
                 request_gate.handle_request(
                     payload, self.device_id, self.link, self.remote.execute if self.remote else None
                 )
-            elif parsed.device_topic == DeviceTopic.ACKED:
-                self._on_acked(payload)
-        elif parsed.kind == "stack" and parsed.spec_hash in self.awaiting:
-            self._on_definition(parsed.spec_hash, payload)
+        elif kind is DeviceTopic.ACKED:
+            self._on_acked(payload)
+        elif topic.startswith(topics.STACKS) and topic[len(topics.STACKS) :] in self.awaiting:
+            self._on_definition(topic[len(topics.STACKS) :], payload)
 
     def _on_own_presence(self, payload: bytes) -> None:
         if not payload:

@@ -100,7 +100,8 @@ def plan(
     restarts: Mapping[ServiceKey, RestartRecord] | None = None,
 ) -> Plan:
     """The actions that take ``observed`` to ``desired``. Pure."""
-    restarts = restarts or {}
+    if restarts is None:
+        restarts = {}
     by_key: dict[ServiceKey, list[Observed]] = {}
     for inst in observed:
         by_key.setdefault((inst.stack, inst.service), []).append(inst)
@@ -127,17 +128,21 @@ def plan(
                 if inst.spec_hash != want_hash:  # replaced right before its successor is created
                     starts.append(Remove(inst, service.stop_grace_period_s, "spec changed"))
                     replaced.add(service.name)
-            again = [d for d, dep in service.dependencies.items() if dep.restart and d in replaced]
+            again = (
+                [d for d, dep in service.dependencies.items() if dep.restart and d in replaced]
+                if service.dependencies
+                else []
+            )
             if again and current:  # depends_on ... restart: true: replaced with its dependency
                 for inst in current:
                     starts.append(Remove(inst, service.stop_grace_period_s, f"{again[0]} replaced"))
                 current = []
             if again or service.name in replaced:
                 replaced.add(service.name)
-            # Keep the best current instance: a running one if there is one.
-            current.sort(key=lambda i: (i.state != "running", i.id))
-            for extra in current[1:]:
-                removals.append(Remove(extra, service.stop_grace_period_s, "duplicate"))
+            if len(current) > 1:  # keep the best current instance: a running one if there is one
+                current.sort(key=lambda i: (i.state != "running", i.id))
+                for extra in current[1:]:
+                    removals.append(Remove(extra, service.stop_grace_period_s, "duplicate"))
             record = restarts.get(key, NO_RESTARTS)
             if not current:
                 if not _dependencies_ready(stack, spec, service, by_key):
@@ -155,18 +160,19 @@ def plan(
                 elif decision.kind == "wait":
                     waiting.add(key)
 
-    order = {stack: i for i, stack in enumerate(desired)}
-    # Reverse service order within a stack (dependents before their dependencies); instances
-    # of services no longer in the stack go first. sort(reverse=True) keeps ties stable.
-    position = {(st, s.name): i for st, sp in desired.items() for i, s in enumerate(sp.services)}
-    removals.sort(
-        key=lambda r: (
-            order.get(r.instance.stack, -1),
-            r.instance.stack,
-            position.get((r.instance.stack, r.instance.service), len(position)),
-        ),
-        reverse=True,
-    )
+    if len(removals) > 1:
+        order = {stack: i for i, stack in enumerate(desired)}
+        # Reverse service order within a stack (dependents before their dependencies); instances
+        # of services no longer in the stack go first. sort(reverse=True) keeps ties stable.
+        position = {(st, s.name): i for st, sp in desired.items() for i, s in enumerate(sp.services)}
+        removals.sort(
+            key=lambda r: (
+                order.get(r.instance.stack, -1),
+                r.instance.stack,
+                position.get((r.instance.stack, r.instance.service), len(position)),
+            ),
+            reverse=True,
+        )
     return Plan(tuple(removals) + tuple(starts), frozenset(waiting))
 
 

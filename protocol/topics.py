@@ -94,11 +94,15 @@ def all_devices(kind: DeviceTopic) -> str:
     return f"{ROOT}/devices/+/{kind.value}"
 
 
+STACKS = f"{ROOT}/stacks/"
+"""What every stack definition's topic starts with (then its content hash)."""
+
+
 def stack(spec_hash: str) -> str:
     """The retained topic holding the definition of the stack with this content hash."""
     if not SPEC_HASH_RE.match(spec_hash):
         raise TopicError(f"invalid stack hash {spec_hash!r}")
-    return f"{ROOT}/stacks/{spec_hash}"
+    return f"{STACKS}{spec_hash}"
 
 
 def replies(client_id: str) -> str:

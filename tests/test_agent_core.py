@@ -409,3 +409,27 @@ def test_an_offline_presence_of_the_live_session_is_corrected() -> None:
     link.connected = False
     core.handle(topic, codec.encode(Presence(device_id=DEVICE, status="offline", session=core.session)))
     assert len(onlines()) == 2, "not connected: nothing to restore"
+
+
+def test_only_the_devices_own_topics_and_awaited_definitions_are_acted_on() -> None:
+    """A desired state on another device's topic (or a topic with a level more), and a stack
+    definition not awaited, are ignored; the device's own desired state and the definition it
+    awaits are taken."""
+    core = AgentCore(DEVICE, {}, FakeDriver(DEVICE), MemoryStore(), RecordingLink(), clock=lambda: 1000.0)
+    spec = StackSpec(services=(ServiceSpec(name="web", image="fake:1"),))
+    definition = codec.encode(StackDefinition(spec_hash=spec.spec_hash(), spec=spec))
+    core.handle(topics.stack(spec.spec_hash()), definition)  # not awaited yet
+    assert spec.spec_hash() not in core.specs
+    for topic in (
+        topics.device("core-2", DeviceTopic.DESIRED),
+        topics.device(DEVICE, DeviceTopic.DESIRED) + "/x",
+        "x" + topics.device(DEVICE, DeviceTopic.DESIRED),
+    ):
+        core.handle(topic, _desired(1, spec))
+        assert core.pending is None and core.desired is None, topic
+    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(1, spec))
+    assert core.pending is not None and core.awaiting == {spec.spec_hash()}
+    core.handle(topics.stack(spec.spec_hash()) + "/x", definition)
+    assert core.desired is None
+    core.handle(topics.stack(spec.spec_hash()), definition)
+    assert core.desired is not None and core.desired.generation == 1
