@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from tether.protocol.commands import DevicesLabel, DevicesList, DevicesMetrics, DevicesShow, DevicesTop
@@ -58,9 +58,14 @@ def never_seen(store: Store, device_ids: Iterable[str]) -> list[str]:
     return [d for d in device_ids if (device := store.get_device(d)) is None or device.status == "never seen"]
 
 
-def device_view(store: Store, device: Device) -> DeviceView:
-    """A device as replies show it."""
-    record = store.get_desired(device.id)
+def device_views(store: Store, devices: Sequence[Device]) -> list[DeviceView]:
+    """Devices as replies show them (their desired generations read together: a page of
+    ``devices.ls`` is one query, not one per device)."""
+    generations = store.desired_generations([d.id for d in devices])
+    return [_view(d, generations.get(d.id)) for d in devices]
+
+
+def _view(device: Device, desired_generation: int | None) -> DeviceView:
     reported = device.reported
     return DeviceView(
         id=device.id,
@@ -69,7 +74,7 @@ def device_view(store: Store, device: Device) -> DeviceView:
         session=device.session,
         labels=device.labels,
         label_sources=device.label_sources(),
-        desired_generation=record.generation if record else None,
+        desired_generation=desired_generation,
         applied_generation=reported.generation if reported else None,
         stacks={name: s.state for name, s in (reported.stacks.items() if reported else ())},
         storage_error=reported.storage_error if reported else None,
@@ -81,7 +86,7 @@ def device_details(store: Store, device: Device) -> DeviceDetails:
     record = store.get_desired(device.id)
     reported = device.reported
     return DeviceDetails(
-        **dict(device_view(store, device)),
+        **dict(device_views(store, [device])[0]),
         facts=device.facts.model_dump(mode="json") if device.facts else None,
         desired=[r.model_dump(mode="json") for r in record.stacks] if record else [],
         reported=reported.model_dump(mode="json") if reported else None,
@@ -106,7 +111,7 @@ def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
         v is not None for v in (cmd.search, cmd.presence, cmd.state, cmd.group, cmd.after)
     )
     if not paged:
-        return DeviceList(devices=[device_view(ctx.store, d) for d in all_devices(ctx.store).values()])
+        return DeviceList(devices=device_views(ctx.store, list(all_devices(ctx.store).values())))
     if cmd.state is not None:  # reported states change with every report: filter afresh
         return _stacks_page(ctx, cmd)
     if cmd.group is not None:
@@ -120,8 +125,9 @@ def devices_ls(ctx: Context, cmd: DevicesList) -> DeviceList:
     start = 0 if cmd.after is None else bisect_right(listing.ids, cmd.after)
     page, more = listing.page(start, cmd.presence, cmd.limit)
     matched = len(listing.ids) if cmd.presence is None else listing.by_presence.get(cmd.presence, 0)
+    found = ctx.store.get_devices(page)
     return DeviceList(
-        devices=[device_view(ctx.store, ctx.store.get_device(d) or Device(id=d)) for d in page],
+        devices=device_views(ctx.store, [found.get(d) or Device(id=d) for d in page]),
         matched=matched,
         total=listing.total,
         by_presence=dict(sorted((k, n) for k, n in listing.by_presence.items() if n)),
@@ -200,7 +206,7 @@ def _stacks_page(ctx: Context, cmd: DevicesList) -> DeviceList:
     limit = len(after) if cmd.limit is None else cmd.limit
     page = after[:limit]
     return DeviceList(
-        devices=[device_view(ctx.store, d) for d in page],
+        devices=device_views(ctx.store, page),
         matched=len(found),
         total=len(devices),
         by_presence=dict(sorted(by_presence.items())),
@@ -276,4 +282,4 @@ def devices_label(ctx: Context, cmd: DevicesLabel) -> DeviceResult:
         ctx.sync()
     else:
         ctx.sync({cmd.device_id})
-    return DeviceResult(device=device_view(ctx.store, all_devices(ctx.store)[cmd.device_id]))
+    return DeviceResult(device=device_views(ctx.store, [all_devices(ctx.store)[cmd.device_id]])[0])

@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -285,6 +285,15 @@ class _Parsed(Generic[M]):
         keep = set(keys)
         if len(keep) != len(self.rows):
             self.rows = {k: v for k, v in self.rows.items() if k in keep}
+
+
+_IN_CHUNK = 500
+"""Most ids bound in one ``IN (...)`` query (SQLite allows 32,766 parameters since 3.32, 999 before)."""
+
+
+def _chunks(ids: Sequence[str]) -> Iterator[tuple[str, ...]]:
+    for start in range(0, len(ids), _IN_CHUNK):
+        yield tuple(ids[start : start + _IN_CHUNK])
 
 
 def is_postgres_url(target: str) -> bool:
@@ -705,6 +714,16 @@ class Store:
             row = self.db.execute(f"{self._DEVICES_BARE} WHERE id = ?", (device_id,)).fetchone()
         return self._device(*row) if row else None
 
+    def get_devices(self, device_ids: Sequence[str]) -> dict[str, Device]:
+        """The devices of ``device_ids`` that exist, with their reported states, by id: one
+        query per :data:`_IN_CHUNK` ids (a page of ``devices.ls`` read one by one was a
+        query per device, most of the page's cost)."""
+        found: dict[str, Device] = {}
+        for chunk in _chunks(device_ids):
+            sql = f"{self._DEVICES} WHERE d.id IN ({','.join('?' * len(chunk))})"
+            found.update((r[0], self._device(*r)) for r in self.db.execute(sql, chunk))
+        return found
+
     def list_devices(self, reported: bool = True) -> list[Device]:
         """Every device row; without ``reported``, the devices without their reported states
         (labels, facts and presence only: much less to parse)."""
@@ -914,6 +933,17 @@ class Store:
             return None
         generation = self._desired_generations[device_id] = int(row[0])
         return generation
+
+    def desired_generations(self, device_ids: Sequence[str]) -> dict[str, int]:
+        """The generation of each of ``device_ids``' desired record, from its column as stored
+        now (no body read; none for a device without one): one query per :data:`_IN_CHUNK` ids."""
+        found: dict[str, int] = {}
+        for chunk in _chunks(device_ids):
+            sql = (
+                f"SELECT device_id, generation FROM desired WHERE device_id IN ({','.join('?' * len(chunk))})"
+            )
+            found.update((r[0], int(r[1])) for r in self.db.execute(sql, chunk))
+        return found
 
     def desired_device_ids(self) -> set[str]:
         """The devices with a desired record (nothing parsed: the gauges' count of devices never seen)."""

@@ -279,6 +279,26 @@ def test_devices_put_get_list(store: Store) -> None:
     assert [d.id for d in store.list_devices()] == ["pi-1", "pi-2"]
 
 
+def test_devices_and_desired_generations_read_by_the_chunk_of_ids(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """get_devices and desired_generations read many ids at once (2 a query here): each id that
+    exists comes back as get_device / the desired record gives it, the others are left out."""
+    monkeypatch.setattr("tether.controller.store._IN_CHUNK", 2)
+    for n in range(5):
+        store.put_device(device(f"pi-{n}", site=str(n)))
+    store.put_reported("pi-3", ReportedState(device_id="pi-3", generation=4))
+    store.put_desired(DesiredRecord(device_id="pi-1", generation=7))
+    store.put_desired(DesiredRecord(device_id="pi-3", generation=4))
+    ids = ["pi-4", "nope", "pi-3", "pi-1", "pi-0"]
+    found = store.get_devices(ids)
+    assert sorted(found) == ["pi-0", "pi-1", "pi-3", "pi-4"]
+    assert all(found[d] == store.get_device(d) for d in found)
+    assert found["pi-3"].reported is not None and found["pi-3"].reported.generation == 4
+    assert store.desired_generations(ids) == {"pi-1": 7, "pi-3": 4}
+    assert store.get_devices([]) == {} and store.desired_generations([]) == {}
+
+
 def test_groups_put_get_list_delete(store: Store) -> None:
     """Static and selector groups round-trip, are listed by name and can be deleted."""
     static = Group(name="lab", devices=("pi-1", "pi-2"), created=5.0)
