@@ -143,9 +143,7 @@ class Ingestor:
         self._sync_devices: set[str] = set()  # devices to schedule at the end of a batch (see take_syncs)
         self._sync_all = False
         self._reports_due: dict[str, ReportedState] = {}  # written at the end of a batch (see flush_reports)
-        self._events_due: list[
-            tuple[str, Event, str]
-        ] = []  # likewise: device, event, its JSON (see on_event)
+        self._events_due: list[tuple[str, Event, str, int]] = []  # likewise (device, event, JSON, oldest)
         self._report_memo = codec.FieldMemo(ReportedState, "stacks")  # a fleet reports the same stacks
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
         self._presence_trusted = False  # see connected
@@ -481,13 +479,11 @@ class Ingestor:
         stored, trimmed = _bounded_event(event)
         # Stored without ``oldest`` (what the device still queued then): no copy made for it.
         body = stored.model_dump_json(exclude={"oldest"})
-        if event.oldest:  # acknowledged only once committed (the device drops what is acknowledged)
-            seq, oldest = event.seq, event.oldest
-            self.store.after_commit(lambda: self.publisher.note_stored(device_id, seq, oldest))
         if not trimmed and event.kind != "job.result":  # only to store and log: with the batch's
-            self._events_due.append((device_id, stored, body))  # others, in one statement
+            self._events_due.append((device_id, stored, body, event.oldest))  # others, in one statement
             return
         added = self.store.add_event(device_id, event.seq, body)
+        self._acknowledge(device_id, event.seq, event.oldest)
         if not added:
             return  # delivered twice (at least once on the wire): already stored
         if trimmed:
@@ -502,11 +498,18 @@ class Ingestor:
         acknowledgement for)."""
         if self._events_due:
             due, self._events_due = self._events_due, []
-            added = self.store.add_events([(d, e.seq, body) for d, e, body in due])
-            for device_id, event, _ in due:
+            added = self.store.add_events([(d, e.seq, body) for d, e, body, _ in due])
+            for device_id, event, _, oldest in due:
+                self._acknowledge(device_id, event.seq, oldest)
                 if (device_id, event.seq) in added:
                     added.discard((device_id, event.seq))  # sent twice in the batch: logged once
                     _log_event(device_id, event)
+
+    def _acknowledge(self, device_id: str, seq: int, oldest: int) -> None:
+        """Event ``seq`` is stored (or was before): acknowledged once committed (the device
+        drops what is acknowledged); not if the device did not say its ``oldest``."""
+        if oldest:
+            self.store.after_commit(lambda: self.publisher.note_stored(device_id, seq, oldest))
 
     def _on_job_result(self, device_id: str, data: dict[str, Any]) -> None:
         try:
