@@ -1049,35 +1049,43 @@ class Store:
                         "DELETE FROM deployment_devices WHERE deployment_id = ?", (deployment.id,)
                     )
                 top, old, todo = -1, {}, new
-            upserts: list[tuple[int, str, int, str]] = []
-            gone: list[tuple[int, str]] = []
-            bodies: dict[int, str] = {}
-            for d in todo:
-                r = new.get(d)
-                if r is None:
-                    if d in old:
-                        gone.append((deployment.id, d))
-                    continue
-                body = bodies.get(id(r))  # equal entries (moved together) are one object
-                if body is None:
-                    body = bodies[id(r)] = r.model_dump_json()
-                    share_field_sets(r)
-                if d in old:
-                    pos = 0  # unchanged by the update
-                else:
-                    top += 1
-                    pos = top
-                upserts.append((deployment.id, d, pos, body))
+            todo = todo if isinstance(todo, (list, tuple, set, dict)) else list(todo)
+            gone = [(deployment.id, d) for d in todo if d not in new and d in old]
             if gone:
                 self.db.executemany(
                     "DELETE FROM deployment_devices WHERE deployment_id = ? AND device_id = ?", gone
                 )
-            if upserts:
-                self.db.executemany(
-                    "INSERT INTO deployment_devices (deployment_id, device_id, pos, body) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (deployment_id, device_id) DO UPDATE SET body = excluded.body",
-                    upserts,
-                )
+
+            def upserts() -> Iterator[tuple[int, str, int, str]]:
+                # Made as written, not all at once: a step that moves 50,000 devices held
+                # every entry's body (and a tuple each) until the statement ran.
+                nonlocal top
+                bodies: dict[int, tuple[DeviceRollout, str]] = {}  # a few, not one per device
+                for d in todo:
+                    r = new.get(d)
+                    if r is None:
+                        continue
+                    hit = bodies.get(id(r))  # equal entries (moved together) are one object
+                    if hit is not None and hit[0] is r:
+                        body = hit[1]
+                    else:
+                        if len(bodies) >= 256:
+                            bodies.clear()
+                        body = r.model_dump_json()
+                        share_field_sets(r)
+                        bodies[id(r)] = (r, body)
+                    if d in old:
+                        pos = 0  # unchanged by the update
+                    else:
+                        top += 1
+                        pos = top
+                    yield deployment.id, d, pos, body
+
+            self.db.executemany(
+                "INSERT INTO deployment_devices (deployment_id, device_id, pos, body) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (deployment_id, device_id) DO UPDATE SET body = excluded.body",
+                upserts(),
+            )
             self.db.execute(
                 "INSERT INTO deployments (id, stack, body, rev) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET body = excluded.body, rev = excluded.rev",
