@@ -53,7 +53,11 @@ class _Marks:
 
     acked: int
     last: int
-    above: set[int]
+    above: set[int] | frozenset[int]
+    """:data:`_NO_SEQS` when none (most devices, most of the time: a set each was 216 bytes)."""
+
+
+_NO_SEQS: frozenset[int] = frozenset()
 
 
 class Publisher:
@@ -362,14 +366,20 @@ class Publisher:
         marks = self._event_marks.get(device_id)
         if marks is None:  # first heard of since we started: what is stored above its oldest
             above = set(self.store.event_seqs_above(device_id, oldest - 1))
-            marks = self._event_marks[device_id] = _Marks(oldest - 1, max(above, default=0), above)
+            marks = self._event_marks[device_id] = _Marks(
+                oldest - 1, max(above, default=0), above or _NO_SEQS
+            )
         marks.acked = max(marks.acked, oldest - 1)
         marks.last = max(marks.last, seq)
         if seq > marks.acked:
-            marks.above.add(seq)
+            if isinstance(marks.above, set):
+                marks.above.add(seq)
+            else:
+                marks.above = {seq}
         while marks.acked + 1 in marks.above:
             marks.acked += 1
-        marks.above = {s for s in marks.above if s > marks.acked}
+        if marks.above:
+            marks.above = {s for s in marks.above if s > marks.acked} or _NO_SEQS
         self._acks_due.add(device_id)  # also when unchanged: a resent event means ours was missed
 
     def publish_acks(self) -> None:

@@ -202,7 +202,8 @@ def event(device_id: str, seq: int, oldest: int) -> tuple[str, bytes]:
 def test_events_are_acknowledged_up_to_the_first_gap(tmp_path: Path) -> None:
     """The acknowledgement covers every event stored without a gap from the device's oldest
     queued one; a later arrival moves ``last``; the missing one, once stored, closes the gap;
-    acknowledgements are retained and go out from the tick, one per device."""
+    acknowledgements are retained and go out from the tick, one per device; a device with no
+    gap left holds no set of stored numbers of its own."""
     store = Store(tmp_path / "tether.db")
     controller = Controller(store)
     controller.leading.set()
@@ -226,6 +227,9 @@ def test_events_are_acknowledged_up_to_the_first_gap(tmp_path: Path) -> None:
     controller.handle(*event("d-1", 6, 4))  # a duplicate: acknowledged again all the same
     controller.publish_acks()
     assert [(a.seq, a.last) for a in acks()] == [(7, 7)]
+    assert controller.context.publisher._event_marks["d-1"].above is publishing._NO_SEQS, (
+        "no gap left: no set of its own kept"
+    )
     stored = [json.loads(b) for b in store.list_events("d-1")]
     assert [e["seq"] for e in stored] == [4, 5, 6, 7]
     assert not any("oldest" in e for e in stored), "what the device still queued is not stored with it"
