@@ -199,12 +199,14 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 def deploys_profile(pid: int) -> subprocess.Popen[bytes] | None:
     """With ``TETHER_BENCH_PROFILE_DEPLOYS=FILE``: py-spy (not a project dependency) samples the
-    controller's threads over both deploys alone (not registration), into FILE (raw)."""
+    controller's threads over both deploys alone (not registration), into FILE (raw). Only the
+    thread holding the GIL is sampled: a thread waiting for it shows on whatever line it
+    stopped at (the first after a database call, say), which is not CPU."""
     out = os.environ.get("TETHER_BENCH_PROFILE_DEPLOYS")
     if not out:
         return None
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or "py-spy"
-    argv = [spy, "record", "--pid", str(pid), "--threads", "--format", "raw", "-r", "100", "-o", out]
+    argv = [spy, "record", "--pid", str(pid), "--threads", "--gil", "--format", "raw", "-r", "100", "-o", out]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
