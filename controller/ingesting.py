@@ -303,7 +303,12 @@ class Ingestor:
             log.debug("reading the retained presence of devices again (%d a second)", self.reread.rate)
 
     def _presence_status(self) -> dict[str, str]:
-        return {device_id: seen.status for device_id, seen in self._fleet_view().items()}
+        """Every device's presence status, and devices with credentials but no row as never
+        seen: a device whose first presence was dropped is known only by its credential."""
+        shown = {device_id: seen.status for device_id, seen in self._fleet_view().items()}
+        for device_id in self.store.credentialed_devices():
+            shown.setdefault(device_id, "never seen")
+        return shown
 
     def expire_stale(self) -> None:
         """Devices still ``unknown`` past their allowance become ``offline`` (from the tick)."""

@@ -13,7 +13,8 @@ topics (a subscription gets the topic's retained message; the controller's subsc
 every device's stays as it is) a batch at a time and unsubscribing them at the next step:
 
 * every :data:`EVERY_S` (``tether up --presence-reread``), the devices not shown online
-  (offline, unknown, never seen): a device shown offline while it is online is the loss seen
+  (offline, unknown, never seen; the Ingestor counts devices with a credential but no record
+  yet among them, their first presence dropped): a device shown offline while it is online is the loss seen
   in practice (its new session's ``online`` dropped); in a healthy fleet they are few;
 * every :data:`FULL_EVERY_S`, and after a sign of loss (:meth:`Reread.suspect`: the controller
   connected again, its subscriptions renewed and the broker's whole retained presence sent

@@ -1338,6 +1338,13 @@ class Store:
         )
         return [self._credential(r) for r in rows]
 
+    def credentialed_devices(self) -> list[str]:
+        """The devices a credential not revoked names (some may have no device row yet)."""
+        rows = self.db.execute(
+            "SELECT DISTINCT device_id FROM credentials WHERE device_id IS NOT NULL AND revoked = 0"
+        )
+        return [r[0] for r in rows]
+
     def revoke_device_credentials(self, device_id: str) -> list[str]:
         """Mark every credential of ``device_id`` revoked; their usernames."""
         rows = self.db.execute(

@@ -21,6 +21,7 @@ from tether.controller.observability import Metrics
 from tether.controller.parts import build_context
 from tether.controller.store import Store
 from tether.protocol import codec
+from tether.protocol.credentials import Credential
 from tether.protocol.device_api import MetricsSample
 from tether.protocol.models import (
     DeviceFacts,
@@ -378,3 +379,16 @@ def test_a_presence_equal_to_what_is_shown_changes_nothing(rig: Rig) -> None:
     assert rig.deployer.dirty
     device = rig.store.get_device("a")
     assert device is not None and device.facts is not None and device.facts.keepalive == 5
+
+
+def test_a_device_known_only_by_its_credential_is_read_too(rig: Rig) -> None:
+    """A device with a credential but no row (its first presence dropped) is among the devices
+    whose retained presence is read again; a revoked one is not."""
+    rig.ingestor.reread.rate = 10**9
+    for name, revoked in (("fresh", False), ("gone", True)):
+        rig.store.put_credential(Credential(name, "device", name, "$7$x", revoked))
+    rig.ingestor.connected(False)
+    rig.ingestor.reread_presence()
+    rig.ingestor.connected(False)  # a reconnection: every device read again
+    rig.ingestor.reread_presence()
+    assert rig.client.subscribed == ["tether/v1/devices/fresh/presence"]
