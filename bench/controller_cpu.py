@@ -91,6 +91,9 @@ class Acknowledging:
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         pass
 
+    def unsubscribe(self, topic_filter: str) -> None:  # a presence read again (controller/reread.py)
+        pass
+
 
 class Clock:
     def __init__(self) -> None:
