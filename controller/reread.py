@@ -25,7 +25,7 @@ At most :data:`RATE` devices a second, none while the controller's inbox holds a
 re-read adds to the broker's queue for it, the very queue that overflowed), and the next
 sweep of devices not online waits at least three times as long as the last one takes at
 that pace, so that a large part of the fleet offline for good costs at most a quarter of :data:`RATE`.
-At 50,000 devices a full sweep takes 250 s, once an hour.
+At 50,000 devices a full sweep takes 250 s, every 15 minutes (some 0.6 % of a core).
 
 A retained word equal to what the controller shows changes nothing (the session number
 rules of :meth:`~.ingesting.Ingestor.on_presence` apply as to any presence message). Pure
@@ -41,7 +41,7 @@ __all__ = ["EVERY_S", "FULL_EVERY_S", "RATE", "Reread"]
 
 EVERY_S = 60.0
 """Seconds between two re-reads of the devices not shown online (the default)."""
-FULL_EVERY_S = 3600.0
+FULL_EVERY_S = 900.0
 """Seconds between two re-reads of every device, without a sign of loss."""
 RATE = 200
 """Devices re-read a second at most: a subscription, its retained presence and an
