@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -33,10 +34,32 @@ def packet_size(remaining_length: int) -> int:
     return 1 + (1 if r < 128 else 2 if r < 16_384 else 3 if r < 2_097_152 else 4) + r
 
 
+_local = threading.local()
+
+
+def packb(value: object) -> bytes:
+    """``msgpack.packb(value, use_bin_type=True)``: the same bytes, from a Packer kept per thread.
+
+    ``packb`` makes a Packer (and its buffer) per call: 0.93 us against 0.58 us reused, paid
+    on every message the agent, the simulator and the controller encode. A Packer holds its
+    buffer between calls, so one is never shared between threads (the controller encodes from
+    several); after a failed pack (a value msgpack cannot pack) its buffer is emptied, so the
+    next call starts clean."""
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        data: bytes = packer.pack(value)
+    except BaseException:
+        packer.reset()  # (msgpack empties it too; a partial map must never prefix the next)
+        raise
+    return data
+
+
 def encode(model: BaseModel, *, compact: bool = False) -> bytes:
     """Encode a wire model as msgpack (a map of its fields); ``compact`` leaves out fields that are None."""
-    data: bytes = msgpack.packb(model.model_dump(mode="json", exclude_none=compact), use_bin_type=True)
-    return data
+    return packb(model.model_dump(mode="json", exclude_none=compact))
 
 
 _FIELDS: dict[type[BaseModel], list[tuple[str, Callable[[Any], bool] | None]]] = {}
@@ -59,8 +82,7 @@ def encode_with(model: BaseModel, update: dict[str, int | float | str | bool | N
                 out[name] = value
         elif name in data:
             out[name] = data[name]
-    packed: bytes = msgpack.packb(out, use_bin_type=True)
-    return packed
+    return packb(out)
 
 
 class Template:
@@ -111,7 +133,7 @@ class Template:
             value = values[index]
             if type(value) is not kind:
                 raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
-            out.append(msgpack.packb(value))
+            out.append(packb(value))
             out.append(fixed[at + 1])
         return b"".join(out)
 
