@@ -504,8 +504,12 @@ class Ingestor:
         if self._events_due:
             due, self._events_due = self._events_due, []
             added = self.store.add_events([(d, e.seq, body) for d, e, body, _ in due])
-            for device_id, event, _, oldest in due:
-                self._acknowledge(device_id, event.seq, oldest)
+            # Acknowledged together once committed (what is stored of devices not heard of
+            # since the controller started is then read in one query: Publisher.note_stored_many).
+            stored = [(device_id, event.seq, oldest) for device_id, event, _, oldest in due if oldest]
+            if stored:
+                self.store.after_commit(lambda: self.publisher.note_stored_many(stored))
+            for device_id, event, _, _ in due:
                 if (device_id, event.seq) in added:
                     added.discard((device_id, event.seq))  # sent twice in the batch: logged once
                     _log_event(device_id, event)

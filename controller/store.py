@@ -13,7 +13,7 @@ import json
 import logging
 import secrets
 import sqlite3
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
@@ -1280,10 +1280,23 @@ class Store:
 
     def event_seqs_above(self, device_id: str, seq: int) -> list[int]:
         """The sequence numbers of the device's stored events above ``seq``, in order."""
-        rows = self.db.execute(
-            "SELECT seq FROM events WHERE device_id = ? AND seq > ? ORDER BY seq", (device_id, seq)
-        ).fetchall()
-        return [int(r[0]) for r in rows]
+        return self.event_seqs_above_many({device_id: seq}).get(device_id, [])
+
+    def event_seqs_above_many(self, bounds: Mapping[str, int]) -> dict[str, list[int]]:
+        """Per device of ``bounds`` with any, the sequence numbers of its stored events above
+        its bound, in order: one query per :data:`_IN_CHUNK` devices."""
+        found: dict[str, list[int]] = {}
+        for chunk in _chunks(list(bounds)):
+            values = ", ".join(["(?, CAST(? AS INTEGER))"] * len(chunk))
+            sql = (
+                f"WITH bounds (device_id, seq) AS (VALUES {values}) SELECT e.device_id, e.seq "
+                "FROM events e JOIN bounds b ON e.device_id = b.device_id AND e.seq > b.seq "
+                "ORDER BY e.device_id, e.seq"
+            )
+            params = [x for d in chunk for x in (d, bounds[d])]
+            for device_id, seq in self.db.execute(sql, params):
+                found.setdefault(device_id, []).append(int(seq))
+        return found
 
     def list_events(self, device_id: str, limit: int = 50) -> list[str]:
         rows = self.db.execute(

@@ -7,6 +7,7 @@ and the worker's batching (:meth:`Controller._ingest`) runs on a real SQLite sto
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -495,6 +496,41 @@ def test_a_batchs_events_are_stored_together_each_once(
     assert sorted(logged) == sorted(
         ["device d-0: note: m2", "device d-0: note: m3", *(f"device d-1: note: m{s}" for s in range(1, 301))]
     )
+    store.close()
+
+
+@pytest.mark.store
+def test_a_fresh_controller_reads_stored_events_of_a_batchs_devices_at_once(store_target: str) -> None:
+    """A controller started on a store holding events learns what is stored of the devices
+    whose events a batch brings in one read (not one query per device), and acknowledges
+    each device as the events stored say: up to the first gap above its oldest."""
+    store = Store(store_target)
+    store.add_events([("d-0", 1, "{}"), ("d-0", 2, "{}"), ("d-0", 4, "{}"), ("d-1", 5, "{}")])
+    controller = Controller(store)
+    controller.leading.set()
+    client = PublishingClient()
+    controller.client = client  # type: ignore[assignment]
+    reads: list[dict[str, int]] = []
+    read = store.event_seqs_above_many
+
+    def counted(bounds: Mapping[str, int]) -> dict[str, list[int]]:
+        reads.append(dict(bounds))
+        return read(bounds)
+
+    store.event_seqs_above_many = counted  # type: ignore[method-assign]
+    store.event_seqs_above = None  # type: ignore[assignment,method-assign]  # never device by device
+    for message in (event("d-0", 3, 1), event("d-1", 6, 6), event("d-2", 2, 1), event("d-2", 3, 1)):
+        controller.inbox.put(message)
+    assert controller._ingest(*event("d-3", 1, 1)) is None
+    assert reads == [{"d-0": 0, "d-1": 5, "d-2": 0, "d-3": 0}]
+    controller.publish_acks()
+    acks = {
+        a.device_id: (a.seq, a.last)
+        for a in (codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked"))
+    }
+    assert acks == {"d-0": (4, 4), "d-1": (6, 6), "d-2": (0, 3), "d-3": (1, 1)}
+    controller.handle(*event("d-2", 1, 1))  # known now: nothing read again
+    assert len(reads) == 1
     store.close()
 
 

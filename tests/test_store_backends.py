@@ -86,6 +86,26 @@ def test_events_added_in_one_transaction_are_bounded_when_it_commits(target: str
     store.close()
 
 
+def test_stored_event_numbers_are_read_for_many_devices_at_once(target: str) -> None:
+    """``event_seqs_above_many`` gives each device's stored sequence numbers above its own
+    bound, in order, over more devices than one query binds; devices with none are absent;
+    ``event_seqs_above`` agrees device by device."""
+    from tether.controller.store import _IN_CHUNK
+
+    store = Store(target)
+    n = _IN_CHUNK + 20
+    store.add_events([(f"d-{i}", seq, "{}") for i in range(n) for seq in (1, 2, 5, i + 10)])
+    bounds = {f"d-{i}": i % 7 for i in range(n)} | {"nobody": 0}
+    found = store.event_seqs_above_many(bounds)
+    assert set(found) == {f"d-{i}" for i in range(n)}
+    for i in range(n):
+        expected = [s for s in sorted({1, 2, 5, i + 10}) if s > i % 7]
+        assert found[f"d-{i}"] == expected
+        assert store.event_seqs_above(f"d-{i}", i % 7) == expected
+    assert store.event_seqs_above_many({}) == {}
+    store.close()
+
+
 def test_unreachable_postgres_is_a_clear_error() -> None:
     """A bad PostgreSQL URL gives a StoreError naming the problem."""
     from support.infra import free_port
