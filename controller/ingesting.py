@@ -383,6 +383,11 @@ class Ingestor:
             self._online(device_id)
             if presence.session != device.session or device.status != "online":
                 self.publisher.device_connected(device_id)  # a new connection: see repair_behind
+            if stored is not None and presence.session == device.session and device.status != "online":
+                # The ``online`` of a connection shown ended (or unconfirmed): a retained word
+                # (read again: see reread_presence) the broker may have restored with no will
+                # behind it. It must show life, or gets its will (see reconfirm_presence).
+                self.reconfirm.wait(device_id, presence.session, now + allowance(updated))
         # Scheduled at the end of the batch of messages this one came in (take_syncs).
         if presence.status != device.status and any(
             s.placement.mode == "replicas" for s in self.store.list_stacks()

@@ -103,6 +103,13 @@ class Reconfirm:
         self._asked = {}
         return len(self._waiting)
 
+    def wait(self, device: str, session: int, deadline: float) -> None:
+        """Wait for one more device shown online in ``session`` (unless it is waited for
+        already): asked after those listed before it, at once if their turns are past."""
+        if device not in self._waiting:
+            self._waiting[device] = (session, deadline)
+            self._unasked.insert(0, device)  # popped from the end: the last to ask
+
     def asks(self, now: float) -> list[tuple[str, str]]:
         """The next ``(request id, device)`` pairs to ask: devices still waited for whose turn
         has come (none before the wait is over; then :attr:`rate` a second, a second's worth

@@ -28,7 +28,10 @@ that pace, so that a large part of the fleet offline for good costs at most a qu
 At 50,000 devices a full sweep takes 250 s, every 15 minutes (some 0.6 % of a core).
 
 A retained word equal to what the controller shows changes nothing (the session number
-rules of :meth:`~.ingesting.Ingestor.on_presence` apply as to any presence message). Pure
+rules of :meth:`~.ingesting.Ingestor.on_presence` apply as to any presence message); one that
+turns a device shown offline or unknown online in the same session is shown, and that device
+must show life as after a reconnection (:mod:`.reconfirm`): a broker restarted from its
+persistence file may hold an ``online`` with no will behind it. Pure
 bookkeeping: :class:`~.ingesting.Ingestor` does the I/O.
 """
 

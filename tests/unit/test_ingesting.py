@@ -392,3 +392,34 @@ def test_a_device_known_only_by_its_credential_is_read_too(rig: Rig) -> None:
     rig.ingestor.connected(False)  # a reconnection: every device read again
     rig.ingestor.reread_presence()
     assert rig.client.subscribed == ["tether/v1/devices/fresh/presence"]
+
+
+def test_a_retained_online_read_again_for_a_device_shown_offline_must_show_life(rig: Rig) -> None:
+    """A device turned offline after a restart (its retained ``online`` never came: dropped)
+    and then turned online by that word read again (:mod:`.reread`), in the session shown
+    ended, must show life like any device shown online after a reconnection: the broker may
+    have restored that word with no will behind it. Silent past its allowance, it gets its will."""
+    presence(rig, "pi-1", "online", 1, keepalive=10)
+    device = rig.store.get_device("pi-1")
+    assert device is not None
+    restarted = _rig(rig.store, rig.clock)
+    restarted.ingestor.connected(lost=False)  # unknown until heard from; its retained word is lost
+    for _ in range(int(allowance(device)) + 1):  # the ticks of its allowance
+        rig.clock.now += 1
+        restarted.ingestor.expire_stale()
+        restarted.ingestor.ask_unconfirmed()
+        restarted.ingestor.expire_unconfirmed()
+    assert status(rig.store, "pi-1") == ("offline", 1) and not len(restarted.ingestor.reconfirm)
+    restarted.client.published.clear()
+    presence(restarted, "pi-1", "online", 1, keepalive=10)  # the retained word, read again: as it says
+    assert status(rig.store, "pi-1") == ("online", 1)
+    for _ in range(int(allowance(device)) + 1):
+        rig.clock.now += 1
+        restarted.ingestor.ask_unconfirmed()
+        restarted.ingestor.expire_unconfirmed()
+    published = [
+        (t, codec.decode(p, Presence), r) for t, p, r in restarted.client.published if t.endswith("/presence")
+    ]
+    assert [(t, w.status, w.session, r) for t, w, r in published] == [
+        ("tether/v1/devices/pi-1/presence", "offline", 1, True)
+    ]
