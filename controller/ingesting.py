@@ -508,7 +508,11 @@ class Ingestor:
         acknowledgement for)."""
         if self._events_due:
             due, self._events_due = self._events_due, []
-            added = self.store.add_events([(d, e.seq, body) for d, e, body, _ in due])
+            try:
+                with self.store.transaction():  # a savepoint: an event refused undoes only itself
+                    added = self.store.add_events([(d, e.seq, body) for d, e, body, _ in due])
+            except Exception:
+                due, added = self._add_each(due)
             # Acknowledged together once committed (what is stored of devices not heard of
             # since the controller started is then read in one query: Publisher.note_stored_many).
             stored = [(device_id, event.seq, oldest) for device_id, event, _, oldest in due if oldest]
@@ -518,6 +522,27 @@ class Ingestor:
                 if (device_id, event.seq) in added:
                     added.discard((device_id, event.seq))  # sent twice in the batch: logged once
                     _log_event(device_id, event)
+
+    def _add_each(
+        self, due: list[tuple[str, Event, str, int]]
+    ) -> tuple[list[tuple[str, Event, str, int]], set[tuple[str, int]]]:
+        """The events of ``due`` stored one by one, each in its own savepoint, once storing
+        them together failed: those the database refuses are left out, not acknowledged (the
+        device sends them again), as when each was stored with its message. The events
+        stored (now or before), and the (device, seq) of those stored now."""
+        kept: list[tuple[str, Event, str, int]] = []
+        added: set[tuple[str, int]] = set()
+        for item in due:
+            device_id, event, body, _ = item
+            try:
+                with self.store.transaction():
+                    if self.store.add_event(device_id, event.seq, body):
+                        added.add((device_id, event.seq))
+            except Exception:
+                log.exception("device %s: event %d could not be stored", device_id, event.seq)
+                continue
+            kept.append(item)
+        return kept, added
 
     def _acknowledge(self, device_id: str, seq: int, oldest: int) -> None:
         """Event ``seq`` is stored (or was before): acknowledged once committed (the device

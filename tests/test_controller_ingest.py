@@ -597,3 +597,38 @@ def test_an_event_whose_handling_failed_is_not_acknowledged(tmp_path: Path) -> N
     acks = [codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked")]
     assert [(a.seq, a.last) for a in acks] == [(1, 3)]
     store.close()
+
+
+@pytest.mark.store
+def test_an_event_the_database_refuses_undoes_nothing_else_of_its_batch(store_target: str) -> None:
+    """An event the database refuses (a ``seq`` beyond PostgreSQL's INTEGER; SQLite made to
+    refuse it too) when a batch's events are stored together is neither stored nor
+    acknowledged, as when it was stored alone in its own unit; the rest of the batch counts:
+    another device's presence, report and events, and the same device's other event."""
+    store = Store(store_target)
+    if store.kind == "sqlite":
+        store.db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.seq > 2147483647 "
+            "BEGIN SELECT RAISE(ABORT, 'integer out of range'); END"
+        )
+    controller = Controller(store)
+    controller.leading.set()
+    client = PublishingClient()
+    controller.client = client  # type: ignore[assignment]
+    presence = (
+        topics.device("d-0", DeviceTopic.PRESENCE),
+        codec.encode(Presence(device_id="d-0", status="online", session=1)),
+    )
+    for message in (event("d-0", 1, 1), event("d-1", 2**31, 1), event("d-1", 1, 1), reported("d-0", 1)):
+        controller.inbox.put(message)
+    assert controller._ingest(*presence) is None
+    assert [(d.id, d.status) for d in store.list_devices()] == [("d-0", "online")]
+    assert [json.loads(b)["seq"] for b in store.list_events("d-0")] == [1]
+    assert [json.loads(b)["seq"] for b in store.list_events("d-1")] == [1]
+    controller.publish_acks()
+    acks = {
+        a.device_id: (a.seq, a.last)
+        for a in (codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked"))
+    }
+    assert acks == {"d-0": (1, 1), "d-1": (1, 1)}
+    store.close()
