@@ -6,14 +6,14 @@ from what the store says it wrote, so a step over 10,000 devices parses no devic
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from tether.protocol.heap import Shared
-from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
+from tether.protocol.models import DownloadStatus, ReportedState, StackRef, StackStatus
 
-from .models import Device
+from .models import DesiredRecord, Device
 from .rollout import Observation
 from .selectors import Attributes
 
@@ -198,3 +198,95 @@ _ABSENT = {
     for held in (False, True)
 }
 """What a device that reports nothing of a stack (no error, no download) is observed as."""
+
+
+def stack_state(
+    ref: StackRef | None,
+    desired_generation: int,
+    report: tuple[int | None, str | None, str | None, str | None],
+) -> str | None:
+    """The state of a stack on one device (StackDeviceRow's ``state``), from the reference its
+    desired state holds (None: not desired) and what it reports: (generation, error, the
+    version and the state it reports of the stack) as :meth:`Store.stack_reports` gives them.
+    None if the device neither should run the stack nor reports it."""
+    generation, error, spec_hash, state = report
+    if ref is None:
+        return None if spec_hash is None else "removing"
+    if spec_hash != ref.spec_hash:
+        rejected = error and generation is not None and generation < desired_generation
+        return "rejected" if rejected else "pending"
+    return str(state)
+
+
+NO_REPORT: tuple[int | None, str | None, str | None, str | None] = (None, None, None, None)
+
+
+Desired = tuple[int, tuple[StackRef, ...]]
+"""Of a device's desired record, what :class:`StackCounts` needs: its generation and stacks
+(the record's own tuple, not a copy)."""
+
+
+def desired(record: DesiredRecord) -> Desired:
+    return record.generation, record.stacks
+
+
+def device_stack_states(record: Desired, seen: Seen | None) -> tuple[tuple[str, str], ...]:
+    """(stack, :func:`stack_state`) of each stack a device whose desired record says ``record``
+    should run or reports (``seen``: the device in the fleet view; None: never seen)."""
+    generation, refs = record
+    names = {r.name: r for r in refs}
+    reported = seen.stacks if seen is not None else _NOTHING
+    out = []
+    for name in sorted(names.keys() | reported.keys()):
+        stack = reported.get(name)
+        report = (  # a device without a report: generation -1, no error, no stack (the same states)
+            NO_REPORT
+            if seen is None
+            else (
+                seen.generation,
+                seen.error,
+                stack.spec_hash if stack else None,
+                stack.state if stack else None,
+            )
+        )
+        state = stack_state(names.get(name), generation, report)
+        if state is not None:
+            out.append((name, state))
+    return tuple(out)
+
+
+class StackCounts:
+    """Per stack, how many devices with a desired record should run or report it, and how many
+    of those run it (``stacks ls``), kept up to date device by device: see
+    :meth:`~.scheduling.Scheduler.stack_counts`."""
+
+    def __init__(self, records: dict[str, Desired]) -> None:
+        self.records = records
+        """Every device's desired record (what counts of it), as stored."""
+        self.counts: dict[str, tuple[int, int]] = {}
+        self._states: dict[str, tuple[tuple[str, str], ...]] = {}
+        self._shared: dict[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]] = {}
+        """One tuple per distinct content: 10,000 devices running the same stacks share one."""
+
+    def update(self, fleet: dict[str, Seen], devices: Iterable[str] | None) -> None:
+        """Count ``devices`` again (None: every device) as ``fleet`` and :attr:`records` say."""
+        if devices is None:
+            self.counts, self._states = {}, {}
+            devices = list(self.records)
+        counts = self.counts
+        for device_id in devices:
+            for name, state in self._states.pop(device_id, ()):
+                n, running = counts[name]
+                counts[name] = (n - 1, running - (state == "running"))
+            record = self.records.get(device_id)
+            if record is None:
+                continue
+            states = device_stack_states(record, fleet.get(device_id))
+            if not states:
+                continue
+            if len(self._shared) >= 4096:
+                self._shared.clear()
+            self._states[device_id] = self._shared.setdefault(states, states)
+            for name, state in states:
+                n, running = counts.get(name, (0, 0))
+                counts[name] = (n + 1, running + (state == "running"))

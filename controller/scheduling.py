@@ -20,7 +20,7 @@ from tether.protocol.heap import share_field_sets
 from tether.protocol.models import ReportedState, StackRef
 
 from .devices import attributes
-from .fleet import Seen
+from .fleet import Seen, StackCounts, desired
 from .models import DesiredRecord, Group, Stack
 from .placement import Assignment, Candidate, place
 from .registries import RegistryCredentials
@@ -58,11 +58,14 @@ class Scheduler:
         self._observed: dict[str, dict[str, tuple[Seen, Observation]]] = {}  # see observe
         self._views: dict[str, tuple[dict[str, Seen], set[str], dict[str, Observation]]] = {}  # see observe
         self._stale: dict[str, set[str]] = {}  # per view: devices written since it was made
+        self._counted: StackCounts | None = None  # see stack_counts
+        self._count_stale: set[str] | None = set()  # devices the fleet view changed since (None: any)
 
     def forget(self) -> None:
         """Read every device again at the next :meth:`fleet_view` (another controller may have
         written them while this one stood by)."""
         self._fleet = None
+        self._counted = None  # and the desired records
 
     def keep_observed(self, stacks: Iterable[str]) -> None:
         """Keep what :meth:`observe` made only for ``stacks`` (those with an active deployment)."""
@@ -130,7 +133,10 @@ class Scheduler:
         if self._fleet is None or written is None:
             self._fleet = {d.id: Seen.of(d) for d in self.store.list_devices()}
             self._fleet_version += 1
+            self._count_stale = None
             return self._fleet
+        if self._count_stale is not None and self._counted is not None:
+            self._count_stale.update(written)
         for stale in self._stale.values():  # observe's views: these devices are looked at again
             stale.update(written)
         for device_id, change in written.items():
@@ -150,6 +156,35 @@ class Scheduler:
             else:
                 self._fleet[device_id] = Seen.of(device)
         return self._fleet
+
+    def stack_counts(self) -> dict[str, tuple[int, int]] | None:
+        """Per stack, (devices, running) of ``stacks ls``: the devices with a desired record that
+        should run it or report it, and those of them that run it (:func:`.fleet.stack_state`);
+        None on a standby (it has no fleet view of its own: the caller reads the store).
+
+        Kept up to date, not counted again each call: only the devices the fleet view or a
+        desired record written changed since the last call are counted again (the desired
+        records are read once, then taken as the store writes them)."""
+        if not self._leading.is_set():
+            return None
+        fleet = self.fleet_view()
+        written = self.store.desired_written()
+        counted = self._counted
+        if counted is None or written is None:
+            counted = self._counted = StackCounts(
+                {r.device_id: desired(r) for r in self.store.list_desired()}
+            )
+            stale: set[str] | None = None
+        else:
+            for device_id, record in written.items():
+                if record is None:
+                    counted.records.pop(device_id, None)
+                else:
+                    counted.records[device_id] = desired(record)
+            stale = None if self._count_stale is None else self._count_stale | written.keys()
+        self._count_stale = set()
+        counted.update(fleet, stale)
+        return counted.counts
 
     def observe(
         self, stack: str, device_ids: Iterable[str], fleet: dict[str, Seen]

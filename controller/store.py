@@ -547,6 +547,7 @@ class Store:
         self._after_commit: list[Callable[[], None]] = []  # see after_commit
         self._untrimmed: set[str] = set()  # see add_event
         self._devices_written: dict[str, Written] | None = None  # see devices_written
+        self._desired_written: dict[str, DesiredRecord | None] | None = None  # see desired_written
         self._generations: dict[str, int] = {}
         """Per device, the generation of the reported state this store wrote last (committed or in
         the open transaction; forgotten with a rollback): a report's first check reads no row."""
@@ -624,6 +625,7 @@ class Store:
     def _rolled_back(self) -> None:
         """What was read or written inside a transaction undone may be gone: forget it."""
         self._devices_written = None
+        self._desired_written = None
         self._generations = {}
         self._desired_generations = {}
         self._forget_memo()
@@ -845,6 +847,8 @@ class Store:
             self.db.execute(f"DELETE FROM {table} WHERE {key} = ?", (device_id,))
         if self._devices_written is not None:
             self._devices_written[device_id] = None
+        if self._desired_written is not None:
+            self._desired_written[device_id] = None
         self._generations.pop(device_id, None)
         self._desired_generations.pop(device_id, None)
         prefix = f"device:{device_id}|"  # not LIKE: '_' in a device id would be a wildcard
@@ -949,6 +953,14 @@ class Store:
         """The devices with a desired record (nothing parsed: the gauges' count of devices never seen)."""
         return {row[0] for row in self.db.execute("SELECT device_id FROM desired")}
 
+    def desired_written(self) -> dict[str, DesiredRecord | None] | None:
+        """The desired records written (or deleted: None) since the last call, per device; None
+        on the first call and after a rollback: any may have changed. For a reader that keeps
+        desired records in memory (the scheduler's stack counts); with several controllers on
+        one database only the leader writes them."""
+        written, self._desired_written = self._desired_written, {}
+        return written
+
     def list_desired(self) -> list[DesiredRecord]:
         # Row by row, not fetchall(): the records are kept parsed, so every row's body is read
         # only to be compared; 50,000 of them at once (about 20 MB of small strings) left the
@@ -970,11 +982,15 @@ class Store:
         """Store desired records (one statement for all of them)."""
         self._forget_memo()  # a desired state names a device, perhaps never seen
 
+        written = self._desired_written
+
         def rows() -> Iterator[tuple[str, int, str, int]]:  # made as written: not every body at once
             for record in records:
                 body = record.model_dump_json(exclude={"published"})
                 self._desired.wrote(record.device_id, body, record, record.published)
                 self._desired_generations[record.device_id] = record.generation
+                if written is not None:
+                    written[record.device_id] = record
                 yield record.device_id, record.generation, body, int(record.published)
 
         self.db.executemany(
