@@ -1303,7 +1303,7 @@ class Store:
         its bound, in order: one query per :data:`_IN_CHUNK` devices."""
         found: dict[str, list[int]] = {}
         for chunk in _chunks(list(bounds)):
-            values = ", ".join(["(?, CAST(? AS INTEGER))"] * len(chunk))
+            values = ", ".join(["(?, CAST(? AS BIGINT))"] * len(chunk))
             sql = (
                 f"WITH bounds (device_id, seq) AS (VALUES {values}) SELECT e.device_id, e.seq "
                 "FROM events e JOIN bounds b ON e.device_id = b.device_id AND e.seq > b.seq "

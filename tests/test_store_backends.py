@@ -103,6 +103,9 @@ def test_stored_event_numbers_are_read_for_many_devices_at_once(target: str) -> 
         assert found[f"d-{i}"] == expected
         assert store.event_seqs_above(f"d-{i}", i % 7) == expected
     assert store.event_seqs_above_many({}) == {}
+    assert store.event_seqs_above_many({"d-0": 2**53 - 2, "d-1": -1}) == {
+        "d-1": [1, 2, 5, 11]
+    }  # the wire's bounds
     store.close()
 
 
