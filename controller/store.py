@@ -155,6 +155,17 @@ def _deployment_entries(store: Store) -> None:
         )
 
 
+def _counters_bigint(store: Store) -> None:
+    """The counters devices send (an event's ``seq``, a report's ``generation``) go up to
+    2**53 - 1 on the wire (``MAX_COUNTER``); PostgreSQL's ``INTEGER`` stops below 2**31, so
+    such an event could never be stored and its device sent it again for ever. The desired
+    generation counts the same way. SQLite's ``INTEGER`` holds 8 bytes already."""
+    if store.kind == "postgresql":
+        store.db.execute("ALTER TABLE events ALTER COLUMN seq TYPE BIGINT")
+        store.db.execute("ALTER TABLE reported ALTER COLUMN generation TYPE BIGINT")
+        store.db.execute("ALTER TABLE desired ALTER COLUMN generation TYPE BIGINT")
+
+
 MIGRATIONS: list[str | Callable[[Store], None]] = [
     """
     CREATE TABLE devices (id TEXT PRIMARY KEY, body TEXT NOT NULL);
@@ -220,6 +231,7 @@ MIGRATIONS: list[str | Callable[[Store], None]] = [
     _users_from_operators,
     _timestamps_double_precision,
     _deployment_entries,
+    _counters_bigint,
 ]
 """SQL scripts, or functions changing data through the store (inside the migration's transaction)."""
 

@@ -23,6 +23,7 @@ from tether.protocol import codec, topics
 from tether.protocol.commands import GroupsCreate, StacksDeploy
 from tether.protocol.credentials import Credential, hash_password
 from tether.protocol.models import (
+    MAX_COUNTER,
     DesiredState,
     DeviceFacts,
     Event,
@@ -600,16 +601,45 @@ def test_an_event_whose_handling_failed_is_not_acknowledged(tmp_path: Path) -> N
 
 
 @pytest.mark.store
+def test_counters_up_to_the_wire_limit_are_stored(store_target: str) -> None:
+    """Events with a ``seq`` up to the wire's MAX_COUNTER (2**53 - 1) are stored and
+    acknowledged on both backends (PostgreSQL's INTEGER refused them before migration 19:
+    the device sent the event again for ever)."""
+    store = Store(store_target)
+    controller = Controller(store)
+    controller.leading.set()
+    client = PublishingClient()
+    controller.client = client  # type: ignore[assignment]
+    big = MAX_COUNTER
+    controller.inbox.put(event("d-0", big, big))
+    assert controller._ingest(*event("d-0", big - 1, big - 1)) is None
+    assert [json.loads(b)["seq"] for b in store.list_events("d-0")] == [big - 1, big]
+    controller.publish_acks()
+    acks = [codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked")]
+    assert [(a.seq, a.last) for a in acks] == [(big, big)]
+    store.close()
+
+
+@pytest.mark.store
 def test_an_event_the_database_refuses_undoes_nothing_else_of_its_batch(store_target: str) -> None:
-    """An event the database refuses (a ``seq`` beyond PostgreSQL's INTEGER; SQLite made to
-    refuse it too) when a batch's events are stored together is neither stored nor
-    acknowledged, as when it was stored alone in its own unit; the rest of the batch counts:
-    another device's presence, report and events, and the same device's other event."""
+    """An event the database refuses (a trigger refusing a ``seq`` of 2**31 and more, as
+    PostgreSQL's INTEGER did before migration 19) when a batch's events are stored together
+    is neither stored nor acknowledged, as when it was stored alone in its own unit; the
+    rest of the batch counts: another device's presence, report and events, and the same
+    device's other event."""
     store = Store(store_target)
     if store.kind == "sqlite":
         store.db.execute(
             "CREATE TRIGGER refuse BEFORE INSERT ON events WHEN NEW.seq > 2147483647 "
             "BEGIN SELECT RAISE(ABORT, 'integer out of range'); END"
+        )
+    else:
+        store.db.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF NEW.seq > 2147483647 THEN "
+            "RAISE EXCEPTION 'integer out of range'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        store.db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse()"
         )
     controller = Controller(store)
     controller.leading.set()
