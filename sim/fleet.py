@@ -14,7 +14,12 @@ does, event-driven instead of with a thread of its own:
   jittered per device, or after at most one second while something is converging or just
   started). A reconcile due while nothing arrived and the simulated runtime did not change
   since one that left nothing to do (:attr:`AgentCore.idle`) is skipped: it would observe
-  the same instances and stop there (a real agent must look; the simulator knows);
+  the same instances and stop there (a real agent must look; the simulator knows). A device
+  left so (nothing waiting on the clock) is not put in the fleet's wake-up heap at all: it
+  keeps when it would reconcile, and goes into the heap for then only when a message or a
+  change of its runtime arrives first (after that time, it schedules from then, as a device
+  woken idle and parked did); the same reconciles at the same times, without an entry pushed
+  and popped per device after every deploy only to find it idle;
 * a reconcile that created or started instances took, on a real device, the time they
   needed to start (a real driver's ``create`` returns once the container runs, see
   :mod:`.driver`): the device is *busy* until then. What its core published in that
@@ -234,6 +239,12 @@ class SimDevice:
         """``driver.changes`` when the core last reconciled; -1 after a message or a CONNACK."""
         self._parked = False
         """Idle (see :meth:`reconcile`): no reconcile scheduled until something arrives."""
+        self._idle_due: float | None = None
+        """Parked by :meth:`_schedule`: when (loop time) it would have reconciled, only to find
+        itself idle; in the heap for then if something arrives before (:meth:`_stir`)."""
+        self._resume_at: float | None = None
+        """Unparked before :attr:`_idle_due`: into the heap for then at the end of the loop's
+        round (:meth:`Fleet._resume`), unless it reconciles at once (a kick) meanwhile."""
         self.driver.on_change = self._stir
         self._connecting = False
         self._stopped = False
@@ -375,11 +386,20 @@ class SimDevice:
     def _stir(self) -> None:
         """Something arrived or the runtime changed: a parked device reconciles again when its
         agent's schedule says (within a second while it watches what it started, else within
-        ``reconcile_interval``), as the agent's next reconcile would see it."""
+        ``reconcile_interval``), as the agent's next reconcile would see it. Parked before the
+        reconcile it had due (:meth:`_schedule`), it reconciles then, as it would have from the
+        heap: into the heap at the end of the loop's round, unless a kick came meanwhile (the
+        message that set the core's ``wake``, or the next in the same read, as a deploy's
+        definition after its desired state): that reconcile forgets what was due."""
         self._inputs = -1
         if self._parked and not self._stopped:
             self._parked = False
-            self._schedule()
+            due, self._idle_due = self._idle_due, None
+            if due is not None and due > self.fleet.loop.time():
+                self._resume_at = due
+                self.fleet.resume_soon(self)
+            else:
+                self._schedule()
 
     def _handle(self, topic: str, payload: bytes) -> None:
         self._stir()
@@ -398,6 +418,7 @@ class SimDevice:
         self._kick_pending = False
         self._due = None
         self._parked = False
+        self._idle_due = self._resume_at = None
         if self._stopped or self._busy:
             return  # a busy device reconciles when it is done (_done)
         core = self.core
@@ -444,24 +465,34 @@ class SimDevice:
                     self.core.on_connected()
             else:
                 self._handle(*item)
+        self._resume_at = None  # (not parked while busy: nothing to resume)
         self._schedule()
 
     def _schedule(self) -> None:
         core = self.core
         now = core.clock()
         delay = core.next_wakeup(now) - now  # as the real runner schedules
-        self.fleet.wake_at(self, self.fleet.loop.time() + delay)
+        when = self.fleet.loop.time() + delay
+        if self._inputs == self.driver.changes and core.idle:
+            # That reconcile would find the device idle and park it (see reconcile): nothing
+            # waits on the clock (no backoff, nothing converging, no restart count; the
+            # session's keepalive has its own timer). Parked now; when it was due is kept in
+            # case something arrives before (_stir).
+            self._parked = True
+            self._idle_due = when
+            return
+        self.fleet.wake_at(self, when)
 
     def stop(self) -> None:
         """Say goodbye (``offline``) and disconnect; stop reconciling."""
         self._stopped = True
-        self._due = None
+        self._due = self._idle_due = self._resume_at = None
         self.session.close(self.core.goodbye())
 
     def crash(self) -> None:
         """Drop the connection without a goodbye (the broker publishes the will); no reconnect."""
         self._stopped = True
-        self._due = None
+        self._due = self._idle_due = self._resume_at = None
         self.session.abort()
 
 
@@ -512,6 +543,8 @@ class Fleet:
         self._wake_seq = itertools.count()
         self._wake_handle: asyncio.TimerHandle | None = None
         self._wake_when = float("inf")
+        self._resumes: list[SimDevice] = []
+        """Devices unparked this round before their reconcile was due (:meth:`resume_soon`)."""
 
     def _build(self) -> None:
         cfg = self.config
@@ -581,6 +614,21 @@ class Fleet:
         heapq.heappush(self._wakeups, (when, next(self._wake_seq), device))
         if when < self._wake_when:
             self._arm(when)
+
+    def resume_soon(self, device: SimDevice) -> None:
+        """Put ``device`` in the heap for its :attr:`SimDevice._resume_at` once this round of
+        the loop is over (:meth:`_resume`)."""
+        if not self._resumes:
+            self.loop.call_soon(self._resume)
+        self._resumes.append(device)
+
+    def _resume(self) -> None:
+        devices, self._resumes = self._resumes, []
+        for device in devices:
+            due, device._resume_at = device._resume_at, None
+            # Not if a reconcile forgot it, or one is about to (kicked; call_soon order).
+            if due is not None and not device._kick_pending and not device._stopped:
+                self.wake_at(device, due)
 
     def _arm(self, when: float) -> None:
         if self._wake_handle is not None:
