@@ -766,10 +766,14 @@ class AgentCore:
         # to do and nothing waiting on the clock (no action, or actions after which planning
         # again found none; no backoff, nothing converging, no restart count to forget after a
         # steady run), the same inputs give the same empty plan and the same report: skip them. The driver is still asked every time, so an
-        # instance that crashed, exited or changed health is seen and handled at once.
+        # instance that crashed, exited or changed health is seen and handled at once. What was
+        # rendered is among the inputs: a config file that could not be written is rendered
+        # again every time, and once written its stack is planned (else it never started).
         quiet = (
             self.desired,
             hashes,
+            desired,
+            render_errors,
             self.rejection,
             self.held,
             self.store.outbox_dropped(),
@@ -873,6 +877,8 @@ class AgentCore:
                 self._quiet = (
                     self.desired,
                     hashes,
+                    desired,
+                    render_errors,
                     self.rejection,
                     self.held,
                     dropped,

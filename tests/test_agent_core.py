@@ -24,6 +24,7 @@ from tether.agent.drivers.process import ProcessDriver
 from tether.agent.store import MemoryStore
 from tether.protocol import codec, topics
 from tether.protocol.models import (
+    ConfigMount,
     DesiredState,
     Presence,
     ServiceSpec,
@@ -178,6 +179,45 @@ def test_quiet_reconciles_resume_planning_while_a_restart_waits_for_its_backoff(
     now[0] += 10
     core.reconcile_once()
     assert plans.calls == 3, "quiet again once the count is forgotten"
+
+
+class FlakyConfigStore(MemoryStore):
+    """Refuses to write config files while ``failing`` (a full disk, for the configs alone)."""
+
+    failing = True
+
+    def write_config(self, stack: str, name: str, content: bytes, mode: int) -> bool:
+        if self.failing:
+            raise OSError(28, "No space left on device", f"/data/configs/{stack}/{name}")
+        return super().write_config(stack, name, content, mode)
+
+
+def test_a_stack_whose_config_could_not_be_written_starts_once_it_can_be() -> None:
+    """A config file that could not be written is rendered again at every reconcile; the
+    reconcile after it is written plans the stack (it is not quiet: what it renders changed)
+    and the report no longer says it failed."""
+    now = [1000.0]
+    driver = FakeDriver(DEVICE)
+    link = RecordingLink()
+    store = FlakyConfigStore()
+    core = AgentCore(DEVICE, {}, driver, store, link, clock=lambda: now[0])
+    mount = ConfigMount(source="app.conf", target="/etc/app.conf")
+    spec = StackSpec(
+        services=(ServiceSpec(name="web", image="fake:1", configs=(mount,)),), configs={"app.conf": "x=1\n"}
+    )
+    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(1, spec))
+    core.handle(
+        topics.stack(spec.spec_hash()), codec.encode(StackDefinition(spec_hash=spec.spec_hash(), spec=spec))
+    )
+    core.reconcile_once()
+    assert link.report().stacks["app"].state == "failed" and driver.observe() == []
+    now[0] += 1
+    core.reconcile_once()  # the same failure: nothing new
+    store.failing = False
+    now[0] += 1
+    core.reconcile_once()
+    assert [i.service for i in driver.observe()] == ["web"], "written at last: the stack starts"
+    assert link.report().stacks["app"].state == "running"
 
 
 def test_a_report_that_could_not_be_sent_goes_out_on_a_quiet_reconcile() -> None:
