@@ -164,7 +164,12 @@ class Renderer:
             spec_r = self._place_stack_volumes(name, spec_r)
         except RenderError as exc:
             message = str(exc)
-            return self._failed(name, "stack.render_failed", message, key, previous)
+            # A directory that could not be made ready (a full disk) is tried again next round,
+            # as a config file that could not be written (a key that never matches).
+            unready = isinstance(exc.__cause__, OSError)
+            return self._failed(
+                name, "stack.render_failed", message, ("unwritten",) if unready else key, previous
+            )
         modes = {m.source: m.mode for s in reversed(spec.services) for m in s.configs}
         try:
             changed = {

@@ -29,8 +29,10 @@ from tether.protocol.models import (
     Presence,
     ServiceSpec,
     StackDefinition,
+    StackFile,
     StackRef,
     StackSpec,
+    VolumeSpec,
 )
 from tether.protocol.topics import DeviceTopic
 
@@ -217,6 +219,42 @@ def test_a_stack_whose_config_could_not_be_written_starts_once_it_can_be() -> No
     now[0] += 1
     core.reconcile_once()
     assert [i.service for i in driver.observe()] == ["web"], "written at last: the stack starts"
+    assert link.report().stacks["app"].state == "running"
+
+
+class FlakyStackDirStore(MemoryStore):
+    """Cannot make a stack's directory ready while ``failing`` (a full disk)."""
+
+    failing = True
+
+    def stack_paths(self, stack: str, sources: set[str], files: tuple[StackFile, ...]) -> dict[str, str]:
+        if self.failing:
+            raise OSError(28, "No space left on device")
+        return super().stack_paths(stack, sources, files)
+
+
+def test_a_stack_whose_directory_could_not_be_made_ready_starts_once_it_can_be() -> None:
+    """Like a config file: the stack's directory (relative bind mounts) that could not be made
+    ready is tried again at every reconcile, and the stack starts once it is."""
+    now = [1000.0]
+    driver = FakeDriver(DEVICE)
+    link = RecordingLink()
+    store = FlakyStackDirStore()
+    core = AgentCore(DEVICE, {}, driver, store, link, clock=lambda: now[0])
+    volume = VolumeSpec(type="stack", source="data", target="/data")
+    spec = StackSpec(services=(ServiceSpec(name="web", image="fake:1", volumes=(volume,)),))
+    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(1, spec))
+    core.handle(
+        topics.stack(spec.spec_hash()), codec.encode(StackDefinition(spec_hash=spec.spec_hash(), spec=spec))
+    )
+    core.reconcile_once()
+    assert link.report().stacks["app"].state == "failed" and driver.observe() == []
+    now[0] += 1
+    core.reconcile_once()
+    store.failing = False
+    now[0] += 1
+    core.reconcile_once()
+    assert [i.service for i in driver.observe()] == ["web"], "made ready at last: the stack starts"
     assert link.report().stacks["app"].state == "running"
 
 
