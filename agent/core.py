@@ -769,18 +769,8 @@ class AgentCore:
         # instance that crashed, exited or changed health is seen and handled at once. What was
         # rendered is among the inputs: a config file that could not be written is rendered
         # again every time, and once written its stack is planned (else it never started).
-        quiet = (
-            self.desired,
-            hashes,
-            desired,
-            render_errors,
-            self.rejection,
-            self.held,
-            self.store.outbox_dropped(),
-            self.storage_error,
-            observed,
-            downloads,
-            blocked,
+        quiet = self._inputs(
+            hashes, desired, render_errors, self.store.outbox_dropped(), observed, downloads, blocked
         )
         if quiet == self._quiet and not self.renderer.signals:
             self.converging = False  # (still set by a reconcile whose actions left it quiet)
@@ -874,21 +864,36 @@ class AgentCore:
                 runnable, [i for i in observed if i.stack not in unrendered], now, self.restarts
             )
             if not (after.actions or after.waiting):
-                self._quiet = (
-                    self.desired,
-                    hashes,
-                    desired,
-                    render_errors,
-                    self.rejection,
-                    self.held,
-                    dropped,
-                    self.storage_error,
-                    observed,
-                    downloads,
-                    blocked,
+                self._quiet = self._inputs(
+                    hashes, desired, render_errors, dropped, observed, downloads, blocked
                 )
         self.publish_report()
         self._prune_images(stacks, blocked)
+
+    def _inputs(
+        self,
+        hashes: dict[str, str],
+        desired: dict[str, StackSpec],
+        render_errors: dict[str, str],
+        dropped: int,
+        observed: list[Observed],
+        downloads: dict[str, DownloadStatus],
+        blocked: set[str],
+    ) -> tuple[object, ...]:
+        """What a reconcile's plan and report are computed from (see :meth:`reconcile_once`)."""
+        return (
+            self.desired,
+            hashes,
+            desired,
+            render_errors,
+            self.rejection,
+            self.held,
+            dropped,
+            self.storage_error,
+            observed,
+            downloads,
+            blocked,
+        )
 
     def _prune_images(self, stacks: dict[str, StackStatus], blocked: set[str]) -> None:
         """After a switch, once every stack runs: remove the images the stager loaded that
