@@ -471,6 +471,11 @@ class Controller(Proc):
         # The simulated devices and the benchmark's requests do not log in: the embedded
         # broker (which refuses anonymous clients by default) is told to let them.
         argv += ["--broker", broker] if broker else ["--port", "0", "--allow-anonymous"]
+        traced = os.environ.get("TETHER_BENCH_TRACEMALLOC")
+        if traced:
+            # tracemalloc snapshots on request (bench/trace_heap.py); Controller.snapshot.
+            argv = [PY, str(REPO / "bench" / "trace_heap.py"), traced, *argv[2:]]
+        self.traced = Path(traced) if traced else None
         profile = os.environ.get("TETHER_BENCH_PROFILE_CONTROLLER")
         if profile:
             # py-spy (pip install py-spy; not a project dependency) samples the controller
@@ -501,6 +506,21 @@ class Controller(Proc):
         except BaseException:
             self.stop()
             raise
+
+    def snapshot(self, label: str, timeout: float = 120.0) -> None:
+        """With ``TETHER_BENCH_TRACEMALLOC``: the controller's traced heap written as
+        ``LABEL.snap`` in that directory (nothing otherwise); ``arm`` keeps the peak."""
+        if self.traced is None:
+            return
+        if label == "arm":
+            (self.traced / "arm").touch()
+            return
+        if label == "disarm":
+            (self.traced / "arm").unlink(missing_ok=True)
+            return
+        req = self.traced / f"{label}.req"
+        req.touch()
+        wait_until(lambda: not req.exists(), timeout, interval=0.2, message=f"snapshot {label}")
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.profiled and self.proc.poll() is None:

@@ -98,6 +98,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         log("the controller sees every device running")
         before = sim.call(lambda f: {d.device_id: d.core.session for d in f.devices})
         time.sleep(args.settle)
+        controller.snapshot("before")
+        controller.snapshot("arm")
 
         ctl_cpu, sim_cpu0 = CpuMeter(controller.pid), time.process_time()
         t0 = time.monotonic()
@@ -144,6 +146,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             log(f"the controller sees all {n} devices back after {seen_s:.1f} s")
         except (TimeoutError, RuntimeError) as exc:
             log(f"controller view: {exc}")
+        controller.snapshot("disarm")
+        controller.snapshot("after")
 
         def storm_stats(f: Fleet) -> dict[str, Any]:
             back = [d for d in f.devices if d.connected_at and d.connected_at > t0]
