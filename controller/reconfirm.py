@@ -26,6 +26,9 @@ the same session), which the controller then handles like any will. An agent tha
 fact connected publishes ``online`` again when it sees it (agents before this one: at their
 next connection).
 
+None is asked, and no will published, while the controller's inbox holds a burst of messages
+(:meth:`~.ingesting.Ingestor.ask_unconfirmed`): the presences that show life may wait in it.
+
 Pure bookkeeping: :class:`~.ingesting.Ingestor` does the I/O.
 """
 

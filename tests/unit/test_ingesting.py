@@ -302,6 +302,37 @@ def test_after_a_reconnection_devices_shown_online_must_show_life(rig: Rig) -> N
     assert topic.endswith("/pi-3/presence") and retained and (will.status, will.session) == ("offline", 2)
 
 
+def test_devices_are_neither_asked_nor_given_their_will_while_the_inbox_holds_a_burst(rig: Rig) -> None:
+    """While the inbox holds a burst (the presences showing life may wait in it) no device is
+    asked and no will is published; both resume once it is over."""
+    for device_id in ("pi-1", "pi-2"):
+        presence(rig, device_id, "online", 1, keepalive=10)
+    rig.ingestor.connected(lost=False)  # the first connection: made stale
+    for device_id in ("pi-1", "pi-2"):
+        presence(rig, device_id, "online", 2, keepalive=10)
+    rig.ingestor.connected(lost=False)  # a reconnection
+    busy = [True]
+    rig.ingestor._busy = lambda: busy[0]
+    rig.clock.now += 15.0
+    rig.ingestor.ask_unconfirmed()
+    assert rig.client.published == []
+    device = rig.store.get_device("pi-1")
+    assert device is not None
+    rig.clock.now += allowance(device)
+    rig.ingestor.expire_unconfirmed()
+    assert rig.client.published == []
+    presence(rig, "pi-1", "online", 3, keepalive=10)  # its presence, handled once the burst is
+    busy[0] = False
+    rig.ingestor.ask_unconfirmed()
+    asked = [t for t, _, _ in rig.client.published]
+    assert asked == ["tether/v1/devices/pi-2/requests"]
+    rig.client.published.clear()
+    rig.clock.now += 10.0  # ANSWER_S after its turn
+    rig.ingestor.expire_unconfirmed()
+    [(topic, payload, _)] = rig.client.published
+    assert topic.endswith("/pi-2/presence") and codec.decode(payload, Presence).status == "offline"
+
+
 def test_a_presence_keeps_the_stored_report_without_rewriting_it(rig: Rig) -> None:
     """A presence (reconnection storm: one per device) leaves the stored reported state as it
     is, read back whole after a restart, while the device's presence and session change."""
