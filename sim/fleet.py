@@ -560,7 +560,7 @@ class Fleet:
 
     async def run(self, on_tick: Callable[[Fleet], None] | None = None, tick: float = 5.0) -> dict[str, Any]:
         """Build and connect the fleet, run until ``duration`` or :meth:`stop`; return :meth:`summary`."""
-        raise_fd_limit()
+        raise_fd_limit(self.config.devices)
         self._stop = asyncio.Event()
         self.started_at = time.monotonic()
         gc_before = gc.get_threshold()
@@ -728,12 +728,26 @@ class Fleet:
         }
 
 
-def raise_fd_limit() -> None:
-    """One socket per device: lift the soft limit on open files to the hard one."""
+FD_HEADROOM = 64
+"""Open files a simulator process needs besides its devices' sockets (its event loop, logs,
+the benchmarks' pipes)."""
+
+
+def raise_fd_limit(devices: int) -> None:
+    """One socket per device: lift the soft limit on open files to the hard one. A fleet
+    that needs more than that is refused at once: its devices past the limit would wait
+    for connections that never open, and the caller for a fleet that never connects."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and devices + FD_HEADROOM > soft:
+        raise ValueError(
+            f"{devices} devices need {devices + FD_HEADROOM} open files in one simulator process; "
+            f"this process may open {soft} (raise the hard limit, or split the fleet across "
+            "processes: tether-sim --processes, bench/fleet_scale.py --processes)"
+        )
 
 
 class FleetThread:
@@ -767,6 +781,7 @@ class FleetThread:
             self.loop.close()
 
     def start(self) -> FleetThread:
+        raise_fd_limit(self.fleet.config.devices)  # refused here, not after the thread started
         self._thread.start()
         self._built.wait(60)
         if self.error is not None:

@@ -30,7 +30,7 @@ from tether.protocol.errors import ConfigError
 from tether.protocol.logsafe import log_to_stderr
 from tether.protocol.mqtt import parse_broker_url
 
-from .fleet import Fleet, FleetConfig
+from .fleet import Fleet, FleetConfig, raise_fd_limit
 
 
 def _labels(text: tuple[str, ...]) -> dict[str, str]:
@@ -250,6 +250,10 @@ def main(
         )
         summary = run_processes(processes, devices, first_index, argv)
     else:
+        try:
+            raise_fd_limit(devices)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--devices") from None
         summary = run_one(config, progress, duration, address.url())
     click.echo(format_summary(summary))
     if json_path:

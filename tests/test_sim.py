@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from tether.protocol.errors import DriverError, PayloadError, RequestError
 from tether.protocol.models import Presence, ServiceSpec, StackDefinition, StackSpec
 from tether.protocol.mqtt import Will
 from tether.sim import Fleet, FleetConfig, FleetThread, SimDriver, hashcache
+from tether.sim.main import main as sim_main
 from tether.sim.mqtt import Counters, MqttSession, connect_packet, publish_packet, varint
 
 COMPOSE = """
@@ -380,3 +382,22 @@ def test_tether_sim_command_stops_by_itself_and_summarises(mosquitto: Mosquitto,
     for device_id in ("cli-00003", "cli-00012"):  # one of each process
         goodbye = presence(mosquitto, device_id)
         assert goodbye is not None and goodbye.status == "offline"
+
+
+def test_a_fleet_past_the_open_file_limit_is_refused_at_once() -> None:
+    """A simulator process asked for more devices than it may open sockets (the hard limit
+    on open files) is refused before it starts, naming the limit and the way out, in the
+    benchmarks' FleetThread and in tether-sim (it used to wait for connections that never
+    open: bench/reconnect_storm.py at 20,000 devices hung)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no hard limit on open files here")
+    too_many = hard  # plus the process's own files: past the limit
+    thread = FleetThread(FleetConfig(broker="mqtt://127.0.0.1:1", devices=too_many))
+    with pytest.raises(ValueError, match=rf"{too_many} devices need .* may open {hard}"):
+        thread.start()
+    assert not thread._thread.is_alive()
+    result = CliRunner().invoke(
+        sim_main, ["--broker", "mqtt://127.0.0.1:1", "--devices", str(too_many), "--duration", "1"]
+    )
+    assert result.exit_code == 2 and "--processes" in result.output and str(hard) in result.output
