@@ -207,10 +207,7 @@ def test_a_stack_whose_config_could_not_be_written_starts_once_it_can_be() -> No
     spec = StackSpec(
         services=(ServiceSpec(name="web", image="fake:1", configs=(mount,)),), configs={"app.conf": "x=1\n"}
     )
-    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(1, spec))
-    core.handle(
-        topics.stack(spec.spec_hash()), codec.encode(StackDefinition(spec_hash=spec.spec_hash(), spec=spec))
-    )
+    _deploy(core, 1, spec)
     core.reconcile_once()
     assert link.report().stacks["app"].state == "failed" and driver.observe() == []
     now[0] += 1
@@ -243,10 +240,7 @@ def test_a_stack_whose_directory_could_not_be_made_ready_starts_once_it_can_be()
     core = AgentCore(DEVICE, {}, driver, store, link, clock=lambda: now[0])
     volume = VolumeSpec(type="stack", source="data", target="/data")
     spec = StackSpec(services=(ServiceSpec(name="web", image="fake:1", volumes=(volume,)),))
-    core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(1, spec))
-    core.handle(
-        topics.stack(spec.spec_hash()), codec.encode(StackDefinition(spec_hash=spec.spec_hash(), spec=spec))
-    )
+    _deploy(core, 1, spec)
     core.reconcile_once()
     assert link.report().stacks["app"].state == "failed" and driver.observe() == []
     now[0] += 1
@@ -330,13 +324,18 @@ def _desired(generation: int, spec: StackSpec | None = None, spec_hash: str | No
     return msgpack.packb({"v": 1, "device_id": DEVICE, "generation": generation, "stacks": stacks})
 
 
-def _legit(core: AgentCore, generation: int, image: str) -> StackSpec:
-    """What the controller does: the definition (retained, before), then the desired state."""
-    spec = StackSpec(services=(ServiceSpec(name="web", image=image),))
+def _deploy(core: AgentCore, generation: int, spec: StackSpec) -> None:
+    """The desired state naming ``spec``, then its definition, as the device receives them."""
     core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(generation, spec))
     core.handle(
         topics.stack(spec.spec_hash()), codec.encode(StackDefinition(spec_hash=spec.spec_hash(), spec=spec))
     )
+
+
+def _legit(core: AgentCore, generation: int, image: str) -> StackSpec:
+    """What the controller does: the definition (retained, before), then the desired state."""
+    spec = StackSpec(services=(ServiceSpec(name="web", image=image),))
+    _deploy(core, generation, spec)
     return spec
 
 
