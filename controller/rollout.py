@@ -47,12 +47,12 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 from tether.protocol.commands import RolloutStrategy
 from tether.protocol.durations import format_duration
-from tether.protocol.heap import Kept
+from tether.protocol.heap import Kept, Shared
 from tether.protocol.models import DownloadStatus, StackStatus
 
 DeviceRolloutState = Literal[
@@ -263,6 +263,19 @@ def start(
 _PENDING = DeviceRollout()
 """A device not moved yet (frozen: every such device shares it)."""
 
+_ENTRIES: Shared[tuple[DeviceRollout, tuple[tuple[str, Any], ...]], DeviceRollout] = Shared(1024)
+""":func:`_entry`'s copies, one per entry and update."""
+
+
+def _entry(r: DeviceRollout, update: dict[str, Any]) -> DeviceRollout:
+    """``r.model_copy(update=update)``, one shared (frozen) copy per equal entry and update.
+
+    Devices judged alike share their entry (moved together, running since the same step,
+    healthy at the same step), as those moved together do: a step that changes 10,000
+    devices makes a few entries instead of 10,000, and the store writes each distinct
+    entry's JSON once (:meth:`~.store.Store.put_deployment`)."""
+    return _ENTRIES.get((r, tuple(update.items())), lambda: r.model_copy(update=update))
+
 
 def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy, now: float) -> DeviceRollout:
     """Advance one moved device: held, downloading, healthy, failed or still updating."""
@@ -271,9 +284,9 @@ def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy,
     if obs.held and obs.spec_hash != to_hash:
         if r.state == "held" and r.healthy_since is None:
             return r  # unchanged: no copy (a step looks at every device of the group)
-        return r.model_copy(update={"state": "held", "healthy_since": None})
+        return _entry(r, {"state": "held", "healthy_since": None})
     if r.state == "held":  # released: the deadline starts now
-        r = r.model_copy(update={"state": "updating", "moved_at": now, "ready_at": None})
+        r = _entry(r, {"state": "updating", "moved_at": now, "ready_at": None})
     on_new = obs.spec_hash == to_hash
     download = obs.download if obs.download is not None and obs.download.spec_hash == to_hash else None
     if download is not None and download.state == "failed":
@@ -290,9 +303,9 @@ def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy,
             )
         if r.state == "downloading":
             return r  # unchanged: progress is read from the reported state, not stored per step
-        return r.model_copy(update={"state": "downloading", "healthy_since": None, "restarts": None})
+        return _entry(r, {"state": "downloading", "healthy_since": None, "restarts": None})
     if r.state == "downloading":  # the images are on the device: the switch is under way
-        r = r.model_copy(update={"state": "updating", "ready_at": now})
+        r = _entry(r, {"state": "updating", "ready_at": now})
     if on_new and obs.state == "running":
         if r.state == "healthy":
             return r  # healthy for min_healthy_time: later blips are the stack's business, unless it fails
@@ -310,19 +323,18 @@ def _judge(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy,
             return _fail(r, f"not healthy within {format_duration(strategy.healthy_deadline_s)}: {why}")
         if (r.state, r.healthy_since, r.restarts, r.reason) == (state, since, restarts, reason):
             return r  # unchanged: no copy (a step looks at every device of the group)
-        return r.model_copy(
-            update={"state": state, "healthy_since": since, "restarts": restarts, "reason": reason}
-        )
+        return _entry(r, {"state": state, "healthy_since": since, "restarts": restarts, "reason": reason})
     if r.state == "healthy":
         return r  # once healthy for long enough, a later blip is the stack's business, not the rollout's
     if r.healthy_since is not None:  # it ran, and now it does not: the timer stops
         why = explain(obs.status) or f"stack {obs.state or 'not reported'}"
-        r = r.model_copy(
-            update={
+        r = _entry(
+            r,
+            {
                 "healthy_since": None,
                 "restarts": None,
                 "reason": _clip(f"not running after {now - r.healthy_since:.0f}s ({why})", REASON_CHARS),
-            }
+            },
         )
     if _past_deadline(r, strategy, now):
         explained = explain(obs.status) if on_new else None
@@ -339,10 +351,8 @@ def _stage(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy,
     """A device of a stage-only deployment before the switch: it downloads, and runs nothing new."""
     if r.state in ("pending", "pending (offline)"):
         if not obs.online:
-            return (
-                r if r.state == "pending (offline)" else r.model_copy(update={"state": "pending (offline)"})
-            )
-        r = r.model_copy(update={"state": "staging", "moved_at": now})
+            return r if r.state == "pending (offline)" else _entry(r, {"state": "pending (offline)"})
+        r = _entry(r, {"state": "staging", "moved_at": now})
     download = obs.download if obs.download is not None and obs.download.spec_hash == to_hash else None
     if download is not None and download.state == "failed":
         return _fail(r, progress(download))
@@ -354,7 +364,7 @@ def _stage(r: DeviceRollout, obs: Observation, to_hash: str, strategy: Strategy,
     elif r.moved_at is not None and now - r.moved_at > strategy.download_deadline_s:
         why = progress(download) if download is not None else "no download reported"
         return _fail(r, f"not staged within {format_duration(strategy.download_deadline_s)} ({why})")
-    return r if r.state == state else r.model_copy(update={"state": state})
+    return r if r.state == state else _entry(r, {"state": state})
 
 
 def _past_deadline(r: DeviceRollout, strategy: Strategy, now: float) -> bool:
@@ -363,7 +373,7 @@ def _past_deadline(r: DeviceRollout, strategy: Strategy, now: float) -> bool:
 
 
 def _fail(r: DeviceRollout, why: str) -> DeviceRollout:
-    return r.model_copy(update={"state": "failed", "error": _clip(why, REASON_CHARS), "healthy_since": None})
+    return _entry(r, {"state": "failed", "error": _clip(why, REASON_CHARS), "healthy_since": None})
 
 
 def _restarted(obs: Observation, before: int | None, now: float) -> str:
@@ -429,7 +439,7 @@ def _next(
         return r  # switched: waits to be moved like a pending device, its images already there
     if r.state in ("pending", "pending (offline)"):
         pending = "pending" if obs.online else "pending (offline)"
-        return r if r.state == pending else r.model_copy(update={"state": pending})
+        return r if r.state == pending else _entry(r, {"state": pending})
     # A first deployment is judged too: a crash-looping one must not be reported healthy.
     return _judge(r, obs, to_hash, strategy, now)
 

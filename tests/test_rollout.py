@@ -360,3 +360,21 @@ def test_a_step_that_changes_nothing_returns_the_deployment_itself() -> None:
     assert running is not held and running.updated == 4
     assert step(running, DEVICES, _obs(set(DEVICES)), 5) is running  # healthy timers still running
     assert step(running, DEVICES, _obs(set(DEVICES)), 14).state == "succeeded"
+
+
+def test_devices_judged_alike_share_one_entry() -> None:
+    """Devices that change alike in a step (running since the same step, healthy at the same
+    step) share one (frozen) entry, as devices moved together do: the store then writes its
+    JSON once, not once per device. A device judged otherwise gets its own, and the states
+    are those of the devices judged one by one."""
+    strategy = Strategy(kind="all-at-once", min_healthy_time_s=10)
+    dep = step(start(1, "s", OLD, NEW, strategy, DEVICES, 0), DEVICES, _obs(set()), 0)
+    running = step(dep, DEVICES, _obs({"d1", "d2", "d3"}), 4)
+    d1, d2, d3, d4 = (running.devices[d] for d in DEVICES)
+    assert d1 is d2 is d3 and d1.healthy_since == 4 and d1.state == "updating"
+    assert d4 is dep.devices["d4"] and d4.healthy_since is None
+    healthy = step(running, DEVICES, _obs(set(DEVICES)), 14)
+    h1, h2, h3, h4 = (healthy.devices[d] for d in DEVICES)
+    assert h1 is h2 is h3 and h1.state == "healthy" and h1.healthy_since == 4
+    assert h4 is not h1 and h4.state == "updating" and h4.healthy_since == 14
+    assert d1.state == "updating"  # entries shared are never changed: each step copies
