@@ -20,7 +20,9 @@ what handling both would (:mod:`.ingesting`):
 * ``reported``: the same map but for ``at`` (the retained report then the same report sent
   again on reconnection): the same generation and stacks, so no event differs.
 
-Anything else is never merged: events and jobs' results (each is history), metrics,
+Anything else is never merged: events and jobs' results (each is history), metrics (each
+sample counts in the history's mean and may start or end a low-disk event; an agent sends
+one every 300 s by default, so two of a device rarely wait together),
 requests and replies, messages of another shape, a later message whose changed fields
 are not plainly valid (so a valid earlier one is never lost to an invalid later one).
 Order is kept: a message takes the place of the first of the messages it merged, and
@@ -35,7 +37,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tether.protocol import codec
+from tether.protocol import codec, topics
 from tether.protocol.errors import PayloadError
 from tether.protocol.models import MAX_COUNTER
 from tether.protocol.topics import DeviceTopic
@@ -78,49 +80,77 @@ def supersedes(kind: str, earlier: bytes, later: bytes) -> bool:
     return old == new
 
 
+Message = tuple[str, DeviceTopic | None, bytes]
+"""What the inbox holds and hands over: a device's message as ``(device id, kind, payload)``
+(the id interned: the one string the controller keeps for that device, parsed by
+:func:`.topics.parse_device` on the putting thread); any other as ``(topic, None, payload)``."""
+
+
+def message(topic: str, payload: bytes) -> Message:
+    """A received message as the inbox keeps it (see :data:`Message`)."""
+    device = topics.parse_device(topic)
+    if device is None:
+        return topic, None, payload
+    return device[0], device[1], payload
+
+
+def topic_of(entry: Message) -> str:
+    """The topic ``entry`` came on (for logs and tests; the worker does not rebuild it)."""
+    key, kind, _ = entry
+    return key if kind is None else topics.device(key, kind)
+
+
 class Inbox:
-    """A FIFO of ``(topic, payload)`` from the MQTT thread to the worker, merging (see the module
+    """A FIFO of received messages from the MQTT thread to the worker, merging (see the module
     docstring). ``put`` from any thread, ``get``/``get_nowait`` from the one worker; the subset
-    of :class:`queue.SimpleQueue` the controller uses."""
+    of :class:`queue.SimpleQueue` the controller uses.
+
+    Kept compact (a burst of 100,000 messages waits here while the worker is behind): each
+    message is one tuple of its interned device id, its kind and its payload (no topic
+    string); a message of a merged kind a list of the same, also in its kind's map of the
+    device's waiting slot."""
 
     def __init__(self, on_merged: Callable[[str], None] | None = None) -> None:
         """``on_merged(kind)``: called (on the putting thread) for each message merged away."""
-        self._queue: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
-        self._waiting: dict[str, list[Any]] = {}
-        """Topic of a merged kind -> its slot still in the queue: [topic, payload, kind]."""
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._waiting: dict[DeviceTopic, dict[str, list[Any]]] = {DeviceTopic(kind): {} for kind in MERGED}
+        """Per merged kind, device id -> its slot still in the queue: [device id, kind, payload]."""
         self._lock = threading.Lock()
         self._on_merged = on_merged
 
     def put(self, item: tuple[str, bytes]) -> None:
-        topic, payload = item
-        kind = topic.rpartition("/")[2]
-        if kind not in MERGED:
-            self._queue.put([topic, payload, None])
+        """Queue a received ``(topic, payload)``."""
+        key, kind, payload = message(*item)
+        waiting = self._waiting.get(kind) if kind is not None else None
+        if waiting is None or kind is None:
+            self._queue.put((key, kind, payload))
             return
         with self._lock:
-            slot = self._waiting.get(topic)
-            if slot is not None and supersedes(kind, slot[1], payload):
-                slot[1] = payload
+            slot = waiting.get(key)
+            if slot is not None and supersedes(kind, slot[2], payload):
+                slot[2] = payload
             else:
-                slot = self._waiting[topic] = [topic, payload, kind]
+                slot = waiting[key] = [key, kind, payload]
                 self._queue.put(slot)
                 return
         if self._on_merged is not None:
             self._on_merged(kind)
 
-    def _taken(self, slot: list[Any]) -> tuple[str, bytes]:
-        if slot[2] is None:
-            return slot[0], slot[1]
+    def _taken(self, entry: Any) -> Message:
+        if type(entry) is tuple:
+            return entry
         with self._lock:  # no later message merges into it from now on
-            if self._waiting.get(slot[0]) is slot:
-                del self._waiting[slot[0]]
-            return slot[0], slot[1]
+            key, kind, payload = entry  # read here: until then a later one may replace its payload
+            waiting = self._waiting[kind]
+            if waiting.get(key) is entry:
+                del waiting[key]
+        return key, kind, payload
 
-    def get(self, timeout: float | None = None) -> tuple[str, bytes]:
+    def get(self, timeout: float | None = None) -> Message:
         """The next message; :class:`queue.Empty` after ``timeout`` seconds without one."""
         return self._taken(self._queue.get(timeout=timeout))
 
-    def get_nowait(self) -> tuple[str, bytes]:
+    def get_nowait(self) -> Message:
         return self._taken(self._queue.get_nowait())
 
     def empty(self) -> bool:
@@ -138,5 +168,6 @@ def merged(messages: Iterable[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
         inbox.put(message)
     out = []
     while not inbox.empty():
-        out.append(inbox.get_nowait())
+        entry = inbox.get_nowait()
+        out.append((topic_of(entry), entry[2]))
     return out

@@ -67,7 +67,7 @@ from .devices import all_devices
 from .fleet_events import (
     EventBus,
 )
-from .inbox import Inbox
+from .inbox import Inbox, Message, message, topic_of
 from .ingesting import Ingestor
 from .lease import Lease
 from .observability import REFRESH_SECONDS, DeviceCollector, Metrics
@@ -101,6 +101,13 @@ _BATCHED = frozenset(
         "replies",  # devices' answers to the presence reconfirmation's requests (thousands after a restart)
     }
 )
+
+
+def _batched(key: str, kind: DeviceTopic | None) -> bool:
+    """Whether a message as the inbox holds it is ingested in batches (:meth:`Controller._ingest`)."""
+    return (kind if kind is not None else key.rpartition("/")[2]) in _BATCHED
+
+
 AUDIT_PRUNE_SECONDS = 3600.0
 """How often audit records older than the retention are forgotten."""
 
@@ -324,25 +331,24 @@ class Controller:
 
     def _run(self) -> None:
         next_tick = time.monotonic() + TICK_SECONDS
-        held: tuple[str, bytes] | None = None  # taken off the inbox by a batch it did not belong to
+        held: Message | None = None  # taken off the inbox by a batch it did not belong to
         while True:
             if held is not None:
-                (topic, payload), held = held, None
+                (key, kind, payload), held = held, None
             else:
                 if self.inbox.empty():  # a burst is over: what it took goes back (protocol/heap.py)
                     self.memory.idle()
                 try:
-                    topic, payload = self.inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
+                    key, kind, payload = self.inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
                 except queue.Empty:
-                    topic, payload = _TICK, b""
-            if topic == _STOP:
+                    key, kind, payload = _TICK, None, b""
+            if key == _STOP and kind is None:
                 return
             try:
-                if topic in (_TICK, _CONNECTED) or topic.rpartition("/")[2] not in _BATCHED:
-                    if topic != _TICK:
-                        self.handle(topic, payload)
-                else:
-                    held = self._ingest(topic, payload)
+                if _batched(key, kind):
+                    held = self._ingest(key, kind, payload)
+                elif key != _TICK or kind is not None:
+                    self._handle(key, kind, payload)
                 self._publish_deferred()
                 if time.monotonic() >= next_tick:  # ticks run on time, however busy the inbox
                     self.tick()
@@ -350,12 +356,12 @@ class Controller:
                     # inbox a full period to drain instead of starving it.
                     next_tick = time.monotonic() + TICK_SECONDS
             except Exception:
-                log.exception("failed to handle a message on %s", topic)
+                log.exception("failed to handle a message on %s", topic_of((key, kind, payload)))
             finally:
                 self.flush_events()
                 self._flush_counts()
 
-    def _ingest(self, topic: str, payload: bytes) -> tuple[str, bytes] | None:
+    def _ingest(self, key: str, kind: DeviceTopic | None, payload: bytes) -> Message | None:
         """Handle a burst of device reports, events and metrics in one store transaction.
 
         Takes what is already waiting in the inbox, up to :data:`INGEST_BATCH` messages, and
@@ -364,26 +370,30 @@ class Controller:
         its own unit of the batch's savepoint (:class:`~.store.Batch`), so one that fails
         leaves nothing behind and the others still count; should the batch break (its writes
         could not be restored: the database failing), nothing more is taken off the inbox.
+        ``key, kind, payload``: the first message, as the inbox holds it (:data:`.inbox.Message`).
         Returns the first message that is not of the kind (handled next, in order).
         """
-        held: tuple[str, bytes] | None = None
+        held: Message | None = None
         with self.store.transaction(), self.store.batch() as batch:
             for handled in range(1, INGEST_BATCH + 1):
                 mark = len(self.context.events.due)
                 try:
                     with batch.unit():
-                        self._dispatch(topic, payload)
+                        if kind is None:
+                            self._dispatch(key, payload)
+                        else:
+                            self._on_device(key, kind, payload)
                 except Exception:
                     del self.context.events.due[mark:]  # its writes were undone: so are its events
-                    log.exception("failed to handle a message on %s", topic)
+                    log.exception("failed to handle a message on %s", topic_of((key, kind, payload)))
                 if handled == INGEST_BATCH or batch.broken is not None:
                     break  # broken: the batch is rolled back, the rest stay queued
                 try:
-                    topic, payload = self.inbox.get_nowait()
+                    key, kind, payload = self.inbox.get_nowait()
                 except queue.Empty:
                     break
-                if topic in (_STOP, _CONNECTED) or topic.rpartition("/")[2] not in _BATCHED:
-                    held = (topic, payload)  # committed on the way out, then handled by the caller
+                if not _batched(key, kind):
+                    held = (key, kind, payload)  # committed on the way out, then handled by the caller
                     break
             self.ingestor.flush_reports()
             self._flush_syncs(publish=False)  # published by the caller, once committed
@@ -496,7 +506,14 @@ class Controller:
 
     def handle(self, topic: str, payload: bytes) -> None:
         """Handle one incoming message (on the worker thread), and schedule what it changed."""
-        self._dispatch(topic, payload)
+        self._handle(*message(topic, payload))
+
+    def _handle(self, key: str, kind: DeviceTopic | None, payload: bytes) -> None:
+        """:meth:`handle` of a message as the inbox holds it (:data:`.inbox.Message`)."""
+        if kind is None:
+            self._dispatch(key, payload)
+        else:
+            self._on_device(key, kind, payload)
         self.ingestor.flush_reports()
         self._flush_syncs()
         self._publish_deferred()
@@ -515,7 +532,14 @@ class Controller:
                 except Exception:
                     log.exception("webhooks: failed to queue %s", emitted.kind)
 
+    def _on_device(self, device_id: str, kind: DeviceTopic, payload: bytes) -> None:
+        """A message a device published on its ``kind`` topic (most messages: parsed by the inbox)."""
+        self._count(kind)
+        if self.leading.is_set() and payload:
+            self.ingestor.on_message(kind, device_id, payload)
+
     def _dispatch(self, topic: str, payload: bytes) -> None:
+        """A message not on a device's topic (:meth:`_on_device`), or one of the inbox's own."""
         if topic == _CALL:
             self._run_call()
             return
@@ -539,12 +563,6 @@ class Controller:
                 self.publish_pending()
                 enrollment.publish_answers(self.context)
             self.ready.set()
-            return
-        device = topics.parse_device(topic)  # most messages: without topics.parse's ParsedTopic
-        if device is not None:
-            self._count(device[1])
-            if self.leading.is_set() and payload:
-                self.ingestor.on_message(device[1], device[0], payload)
             return
         parsed = topics.parse(topic)
         if parsed is None:

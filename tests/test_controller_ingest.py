@@ -16,6 +16,7 @@ import pytest
 from support.links import RecordingLink
 from support.recording import RecordingPublisher
 from tether.controller import publishing
+from tether.controller.inbox import message as queued
 from tether.controller.models import User
 from tether.controller.service import _STOP, INGEST_BATCH, Controller
 from tether.controller.store import Store
@@ -54,7 +55,7 @@ def test_a_burst_larger_than_a_batch_loses_nothing(tmp_path: Path) -> None:
     messages = [reported(f"d-{i}", 1) for i in range(n)]
     for message in messages[1:]:
         controller.inbox.put(message)
-    following = controller._ingest(*messages[0])
+    following = controller._ingest(*queued(*messages[0]))
     while following is None and not controller.inbox.empty():
         following = controller._ingest(*controller.inbox.get_nowait())
     assert following is None
@@ -100,10 +101,10 @@ def test_a_bad_message_in_a_batch_leaves_no_trace_and_the_rest_count(tmp_path: P
     controller.inbox.put(reported("d-1", 4))
     controller.inbox.put(request)
     controller.inbox.put(reported("d-3", 1))
-    following = controller._ingest(*reported("d-0", 2))
-    assert following == request
+    following = controller._ingest(*queued(*reported("d-0", 2)))
+    assert following == queued(*request)
     assert {d.id: d.reported.generation for d in store.list_devices() if d.reported} == {"d-0": 2, "d-1": 4}
-    assert controller.inbox.get_nowait() == reported("d-3", 1)
+    assert controller.inbox.get_nowait() == queued(*reported("d-3", 1))
     store.close()
 
 
@@ -130,7 +131,7 @@ def test_devices_registering_together_are_scheduled_in_one_pass(tmp_path: Path) 
     ]
     for message in messages[1:]:
         controller.inbox.put(message)
-    assert controller._ingest(*messages[0]) is None
+    assert controller._ingest(*queued(*messages[0])) is None
     assert passes == [{f"d-{i}" for i in range(5)}]
     assert not [t for t, *_ in client.published if t.endswith("/desired")]  # not before the commit
     controller._publish_deferred()
@@ -149,8 +150,8 @@ def test_absurd_counters_from_a_device_are_dropped_alone(tmp_path: Path) -> None
     forged = msgpack.packb({"v": 1, "device_id": "d-1", "generation": 2**64 - 1})
     forged_presence = msgpack.packb({"v": 1, "device_id": "d-1", "status": "online", "session": 2**63})
     controller.inbox.put(reported("d-1", 3))
-    assert controller._ingest(topics.device("d-1", DeviceTopic.REPORTED), forged) is None
-    assert controller._ingest(topics.device("d-1", DeviceTopic.PRESENCE), forged_presence) is None
+    assert controller._ingest(*queued(topics.device("d-1", DeviceTopic.REPORTED), forged)) is None
+    assert controller._ingest(*queued(topics.device("d-1", DeviceTopic.PRESENCE), forged_presence)) is None
     assert {d.id: (d.reported.generation, d.session) for d in store.list_devices() if d.reported} == {
         "d-1": (3, -1)
     }
@@ -395,7 +396,7 @@ def test_reports_of_a_batch_are_stored_once_per_device_newest_first(tmp_path: Pa
     controller = Controller(store)
     controller.leading.set()
     for device_id in ("d-1", "d-2"):
-        controller._ingest(*reported(device_id, 1))  # a first report creates the device's row
+        controller._ingest(*queued(*reported(device_id, 1)))  # a first report creates the device's row
     writes: list[list[str]] = []
     put_many = store.put_reported_many
 
@@ -407,7 +408,7 @@ def test_reports_of_a_batch_are_stored_once_per_device_newest_first(tmp_path: Pa
     store.put_reported_many = recording  # type: ignore[method-assign]
     for message in (reported("d-1", 3), reported("d-1", 2), reported("d-2", 5)):
         controller.inbox.put(message)
-    assert controller._ingest(*reported("d-1", 2)) is None
+    assert controller._ingest(*queued(*reported("d-1", 2))) is None
     assert writes == [["d-1@3", "d-2@5"]]
     assert {d.id: d.reported.generation for d in store.list_devices() if d.reported} == {"d-1": 3, "d-2": 5}
     store.close()
@@ -452,7 +453,7 @@ def test_a_message_failing_midway_undoes_only_itself_in_its_batch(
         event("d-2", 1),
     ):
         controller.inbox.put(message)
-    assert controller._ingest(*presence("d-0")) is None
+    assert controller._ingest(*queued(*presence("d-0"))) is None
     assert [d.id for d in store.list_devices()] == ["d-0", "d-1", "d-2"]
     assert {d: len(store.list_events(d)) for d in ("d-0", "d-1", "d-2")} == {"d-0": 1, "d-1": 0, "d-2": 1}
     assert sorted((e.kind, e.subject) for e in controller.context.events.due) == [
@@ -480,7 +481,7 @@ def test_a_batchs_events_are_stored_together_each_once(
             Event(device_id=device_id, seq=seq, kind="note", message=f"m{seq}", oldest=seq)
         )
 
-    assert controller._ingest(*event("d-0", 1)) is None
+    assert controller._ingest(*queued(*event("d-0", 1))) is None
     caplog.clear()
     caplog.set_level("INFO", logger="tether.controller.ingesting")
     for message in (
@@ -490,7 +491,7 @@ def test_a_batchs_events_are_stored_together_each_once(
         *(event("d-1", s) for s in range(1, 301)),
     ):
         controller.inbox.put(message)
-    assert controller._ingest(*event("d-0", 3)) is None
+    assert controller._ingest(*queued(*event("d-0", 3))) is None
     assert [json.loads(b)["seq"] for b in store.list_events("d-0")] == [1, 2, 3]
     assert [json.loads(b)["seq"] for b in store.list_events("d-1", 1000)] == list(range(101, 301))
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device d-")]
@@ -522,7 +523,7 @@ def test_a_fresh_controller_reads_stored_events_of_a_batchs_devices_at_once(stor
     store.event_seqs_above = None  # type: ignore[assignment,method-assign]  # never device by device
     for message in (event("d-0", 3, 1), event("d-1", 6, 6), event("d-2", 2, 1), event("d-2", 3, 1)):
         controller.inbox.put(message)
-    assert controller._ingest(*event("d-3", 1, 1)) is None
+    assert controller._ingest(*queued(*event("d-3", 1, 1))) is None
     assert reads == [{"d-0": 0, "d-1": 5, "d-2": 0, "d-3": 0}]
     controller.publish_acks()
     acks = {
@@ -562,7 +563,7 @@ def test_a_broken_batch_takes_nothing_more_off_the_inbox(store_target: str) -> N
     for message in (event("d-1"), *after):
         controller.inbox.put(message)
     with pytest.raises(Exception):  # noqa: B017 (the database's own error, whichever the store's)
-        controller._ingest(*reported("d-0", 1))
+        controller._ingest(*queued(*reported("d-0", 1)))
     assert controller.inbox.qsize() == len(after)
     fail = False
     assert controller._ingest(*controller.inbox.get_nowait()) is None
@@ -587,7 +588,7 @@ def test_an_event_whose_handling_failed_is_not_acknowledged(tmp_path: Path) -> N
     controller.ingestor._on_job_result = failing  # type: ignore[method-assign]
     failed = Event(device_id="d-1", seq=2, kind="job.result", message="done", data={"job": "j"}, oldest=1)
     controller.inbox.put((topics.device("d-1", DeviceTopic.EVENTS), codec.encode(failed)))
-    assert controller._ingest(*event("d-1", 1, 1)) is None
+    assert controller._ingest(*queued(*event("d-1", 1, 1))) is None
     assert [json.loads(b)["seq"] for b in store.list_events("d-1")] == [1]
     controller.publish_acks()
     acks = [codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked")]
@@ -612,7 +613,7 @@ def test_counters_up_to_the_wire_limit_are_stored(store_target: str) -> None:
     controller.client = client  # type: ignore[assignment]
     big = MAX_COUNTER
     controller.inbox.put(event("d-0", big, big))
-    assert controller._ingest(*event("d-0", big - 1, big - 1)) is None
+    assert controller._ingest(*queued(*event("d-0", big - 1, big - 1))) is None
     assert [json.loads(b)["seq"] for b in store.list_events("d-0")] == [big - 1, big]
     controller.publish_acks()
     acks = [codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked")]
@@ -651,7 +652,7 @@ def test_an_event_the_database_refuses_undoes_nothing_else_of_its_batch(store_ta
     )
     for message in (event("d-0", 1, 1), event("d-1", 2**31, 1), event("d-1", 1, 1), reported("d-0", 1)):
         controller.inbox.put(message)
-    assert controller._ingest(*presence) is None
+    assert controller._ingest(*queued(*presence)) is None
     assert [(d.id, d.status) for d in store.list_devices()] == [("d-0", "online")]
     assert [json.loads(b)["seq"] for b in store.list_events("d-0")] == [1]
     assert [json.loads(b)["seq"] for b in store.list_events("d-1")] == [1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from support.recording import RecordingPublisher
+from tether.controller.inbox import message as queued
 from tether.controller.service import Controller
 from tether.controller.stacks import _stack_counts_read
 from tether.controller.store import Store
@@ -41,7 +42,10 @@ def report(
         error=error,
         stacks={n: StackStatus(spec_hash=hashes[n], state=state) for n, state in stacks.items()},  # type: ignore[arg-type]
     )
-    assert controller._ingest(topics.device(device_id, DeviceTopic.REPORTED), codec.encode(body)) is None
+    assert (
+        controller._ingest(*queued(topics.device(device_id, DeviceTopic.REPORTED), codec.encode(body)))
+        is None
+    )
 
 
 def test_stacks_ls_counts_stay_true_as_reports_desired_states_and_the_controller_change(
@@ -61,7 +65,8 @@ def test_stacks_ls_counts_stay_true_as_reports_desired_states_and_the_controller
     for i in range(6):
         message = Presence(device_id=f"d-{i}", status="online", session=1, facts=FACTS)
         assert (
-            controller._ingest(topics.device(f"d-{i}", DeviceTopic.PRESENCE), codec.encode(message)) is None
+            controller._ingest(*queued(topics.device(f"d-{i}", DeviceTopic.PRESENCE), codec.encode(message)))
+            is None
         )
     controller._publish_deferred()
     generation = store.desired_generation("d-0")

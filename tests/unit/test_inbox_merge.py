@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.recording import Clock, RecordingPublisher
-from tether.controller.inbox import Inbox, merged, supersedes
+from tether.controller.inbox import Inbox, merged, message, supersedes, topic_of
 from tether.controller.service import Controller
 from tether.controller.store import Store
 from tether.controller.variables import SecretsKey
@@ -106,12 +107,26 @@ def test_a_message_taken_by_the_worker_no_longer_takes_later_ones() -> None:
     inbox = Inbox(on_merged=counted.append)
     first, second, third = (presence("d1", "online", s) for s in (1, 2, 3))
     inbox.put(first)
-    assert inbox.get_nowait() == first
+    assert inbox.get_nowait() == message(*first)
     inbox.put(second)
     inbox.put(third)
     assert inbox.qsize() == 1
-    assert inbox.get(timeout=0) == third
+    assert inbox.get(timeout=0) == message(*third)
     assert inbox.empty() and counted == ["presence"]
+
+
+def test_a_waiting_message_keeps_no_topic_string() -> None:
+    """A device's message waits as its interned id, kind and payload (the topic string, 80 bytes,
+    is not kept); any other topic, and a device topic the controller would not parse, as is."""
+    inbox = Inbox()
+    topic = "".join(["tether/v1/devices/", "d7", "/events"])  # a fresh string, as received
+    inbox.put((topic, b"e"))
+    device_id, kind, payload = inbox.get_nowait()
+    assert (device_id, kind, payload) == ("d7", DeviceTopic.EVENTS, b"e")
+    assert device_id is sys.intern("d7") and topic_of((device_id, kind, payload)) == topic
+    for other in (topics.REQUESTS, "tether/v1/devices/bad id/presence", "tether/v1/devices/d7/presence/x"):
+        assert message(other, b"x") == (other, None, b"x")
+        assert topic_of(message(other, b"x")) == other
 
 
 # --- handling what the inbox gives against handling every message (a real store and controller) ---
@@ -176,6 +191,12 @@ def _presence_sessions(fleet: list[tuple[str, str, dict[str, Any]]]) -> list[tup
     ]
 
 
+def _taken(inbox: Inbox) -> tuple[str, bytes]:
+    """The next message the worker takes, as received (topic, payload)."""
+    entry = inbox.get_nowait()
+    return topic_of(entry), entry[2]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(_message, st.just(TAKE)), max_size=24))
 def test_handling_what_the_inbox_gives_ends_as_handling_every_message(ops: list[tuple[str, bytes]]) -> None:
@@ -187,11 +208,11 @@ def test_handling_what_the_inbox_gives_ends_as_handling_every_message(ops: list[
     for op in ops:
         if op == TAKE:
             if not inbox.empty():
-                given_.append(inbox.get_nowait())
+                given_.append(_taken(inbox))
         else:
             inbox.put(op)
     while not inbox.empty():
-        given_.append(inbox.get_nowait())
+        given_.append(_taken(inbox))
     with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
         want, got = _handled(Path(a), every), _handled(Path(b), given_)
     assert got["devices"] == want["devices"]
@@ -212,15 +233,15 @@ def test_the_inbox_is_safe_across_threads() -> None:
         sent.append(event(f"d{i % 50}", i + 1))
 
     def put() -> None:
-        for message in sent:
-            inbox.put(message)
+        for sent_message in sent:
+            inbox.put(sent_message)
 
     putter = threading.Thread(target=put)
     putter.start()
     taken: list[tuple[str, bytes]] = []
     while putter.is_alive() or not inbox.empty():
         if not inbox.empty():
-            taken.append(inbox.get_nowait())
+            taken.append(_taken(inbox))
     putter.join()
     assert [m for m in taken if m[0].endswith("/events")] == [m for m in sent if m[0].endswith("/events")]
     for i in range(50):
