@@ -80,6 +80,37 @@ def test_connect_packet_carries_will_and_persistent_session() -> None:
     assert b"tether-dev" in body and b"t/w" in body and body.endswith(b"gone")
 
 
+def test_sessions_read_into_one_shared_buffer_and_keep_their_own_remainders() -> None:
+    """Sessions read into their thread's one buffer (``get_buffer``/``buffer_updated``): what one
+    keeps of a packet split across reads is its own, not overwritten by another's next read."""
+
+    async def go() -> None:
+        got: dict[str, list[tuple[str, bytes]]] = {"a": [], "b": []}
+        sessions = {
+            name: MqttSession(
+                name, counters=Counters(), on_message=lambda t, p, _r, n=name: got[n].append((t, p))
+            )
+            for name in got
+        }
+        for session in sessions.values():
+            session.connection_made(FakeTransport())  # type: ignore[arg-type]
+            session.data_received(b"\x20\x02\x00\x00")  # CONNACK
+
+        def read(session: MqttSession, data: bytes) -> None:
+            buffer = session.get_buffer(-1)
+            assert buffer is sessions["a"].get_buffer(-1)  # one buffer, not one per session
+            buffer[: len(data)] = data
+            session.buffer_updated(len(data))
+
+        streams = {name: publish_packet(f"{name}/t", name.encode() * 200, 0, False) for name in got}
+        for i in range(0, len(streams["a"]), 7):  # the two sessions' reads interleaved, packets split
+            for name, session in sessions.items():
+                read(session, streams[name][i : i + 7])
+        assert got == {name: [(f"{name}/t", name.encode() * 200)] for name in got}
+
+    asyncio.run(go())
+
+
 def test_session_parses_fragmented_input_and_acknowledges_qos1() -> None:
     async def go() -> None:
         got: list[tuple[str, bytes]] = []
