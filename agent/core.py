@@ -222,6 +222,7 @@ class AgentCore:
         self._report_published = False
         self._topics: dict[DeviceTopic, str] = {}  # see topic
         self._inbound: dict[str, DeviceTopic] | None = None  # see handle
+        self._online: bytes | None = None  # this session's last ``online`` (see _on_own_presence)
         saved = store.load_json("applied") or {}
         self.applied: dict[str, str] = dict(saved.get("applied", {}))
         """Stack name -> the version (hash) the device runs: the desired one once staged."""
@@ -261,6 +262,7 @@ class AgentCore:
     def make_will(self) -> Will:
         """Called before every CONNECT: a new session number and its ``offline`` will."""
         self.session = self.store.next_session()
+        self._online = None
         presence = Presence(device_id=self.device_id, status="offline", session=self.session, at=self.clock())
         return Will(self.topic(DeviceTopic.PRESENCE), codec.encode(presence), qos=1, retain=True)
 
@@ -300,7 +302,9 @@ class AgentCore:
             facts=self.facts(),
             at=self.clock(),
         )
-        self.link.publish(self.topic(DeviceTopic.PRESENCE), codec.encode(presence), qos=1, retain=True)
+        payload = codec.encode(presence)
+        self._online = payload
+        self.link.publish(self.topic(DeviceTopic.PRESENCE), payload, qos=1, retain=True)
 
     def on_connected(self) -> None:
         """After CONNACK: presence, pending subscriptions, queued events, the latest report."""
@@ -341,7 +345,10 @@ class AgentCore:
             self._on_definition(topic[len(topics.STACKS) :], payload)
 
     def _on_own_presence(self, payload: bytes) -> None:
-        if not payload:
+        if not payload or payload == self._online:
+            # The agent subscribes to its own presence: every ``online`` it publishes comes
+            # back (MQTT 3.1.1 has no "not my own"), once per connection. Ours, of this
+            # session, asks for nothing: not decoded.
             return
         try:
             presence = codec.decode(payload, Presence)

@@ -488,6 +488,31 @@ def test_an_offline_presence_of_the_live_session_is_corrected() -> None:
     assert len(onlines()) == 2, "not connected: nothing to restore"
 
 
+def test_the_agents_own_online_coming_back_is_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Subscribed to its own presence, the agent gets every ``online`` it publishes back: that
+    one (of this session) is known by its bytes, not decoded; after a new CONNECT (a new
+    session) the same bytes are an older session's word, decoded and answered."""
+    link = RecordingLink()
+    core = AgentCore(DEVICE, {}, FakeDriver(), MemoryStore(), link, clock=lambda: 1000.0)
+    core.make_will()
+    core.publish_online()
+    topic, own = link.published[-1][0], link.published[-1][1]
+    assert topic == topics.device(DEVICE, DeviceTopic.PRESENCE)
+    decoded: list[object] = []
+    real = codec.decode
+    monkeypatch.setattr(codec, "decode", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
+    published = len(link.published)
+    core.handle(topic, own)
+    assert decoded == [] and len(link.published) == published
+    core.make_will()
+    core.handle(topic, own)
+    assert decoded == [Presence]
+    online = codec.decode(link.published[-1][1], Presence)
+    assert (
+        len(link.published) == published + 1 and online.status == "online" and online.session == core.session
+    )
+
+
 def test_only_the_devices_own_topics_and_awaited_definitions_are_acted_on() -> None:
     """A desired state on another device's topic (or a topic with a level more), and a stack
     definition not awaited, are ignored; the device's own desired state and the definition it
