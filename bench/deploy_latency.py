@@ -72,15 +72,17 @@ CPU_TARGET_MS = 0.2
 """Issue 21: the controller's CPU per deploy, per device: 2 s for 10,000 devices."""
 
 
-def wait_registered(client: ControllerClient, devices: int, timeout: float) -> float:
-    """Until the controller's group ``fleet`` has every device as a member; seconds taken."""
+def wait_registered(client: ControllerClient, devices: int, timeout: float, interval: float = 1.0) -> float:
+    """Until the controller's group ``fleet`` has every device as a member; seconds taken, to
+    within ``interval`` (each look is a request listing the group's members: 0.1 s of the
+    controller's CPU at 10,000 devices)."""
     t0 = time.monotonic()
 
     def members() -> bool:
         group = client.request(GroupsShow(name="fleet"))["group"]
         return len(group["members"]) >= devices
 
-    wait_until(members, timeout, interval=1.0, message=f"controller to know {devices} devices")
+    wait_until(members, timeout, interval=interval, message=f"controller to know {devices} devices")
     return time.monotonic() - t0
 
 
@@ -245,7 +247,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         sim.wait(lambda f: f.connected() >= args.devices, args.timeout, interval=0.2, message="all connected")
         connect_s = time.monotonic() - t0
         log(f"{args.devices} devices connected in {connect_s:.1f} s")
-        registered_s = wait_registered(client, args.devices, args.timeout) + connect_s
+        # Looked at every 0.25 s, not every second: a controller still a few hundred messages
+        # behind when the last device connected was counted up to a second late.
+        registered_s = wait_registered(client, args.devices, args.timeout, interval=0.25) + connect_s
         sim_cpu_s = time.process_time() - sim_cpu0
         mosquitto_cpu_s = registration_broker_cpu.seconds() if registration_broker_cpu is not None else None
         log(
