@@ -117,3 +117,16 @@ def test_removing_a_device_forgets_it_and_clears_its_retained_messages(
         topics.device("pi-1", DeviceTopic.REPORTED),
         topics.enroll_response("pi-1"),
     } <= cleared
+
+
+def test_devices_with_the_same_stacks_share_one_set_in_the_access_table() -> None:
+    """The stacks each device may fetch are kept as one set per distinct set of hashes (most of
+    a fleet runs the same stacks), however they were given; a device's own change is its own."""
+    table = CredentialTable()
+    table.set_stacks({"a": {"h1"}, "b": frozenset({"h1"})})
+    table.set_stacks({"c": ["h1"], "d": {"h1", "h2"}})
+    assert table.stacks_of("a") == table.stacks_of("c") == frozenset({"h1"})
+    assert table.stacks_of("a") is table.stacks_of("b") is table.stacks_of("c")
+    assert table.stacks_of("d") == frozenset({"h1", "h2"})
+    table.set_stacks({"a": {"h2"}})
+    assert (table.stacks_of("a"), table.stacks_of("b")) == (frozenset({"h2"}), frozenset({"h1"}))
