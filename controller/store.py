@@ -17,12 +17,13 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Seq
 from pathlib import Path
 from typing import Any, Generic, NamedTuple, TypeVar, cast
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
 from tether.protocol.heap import share_field_sets, shared_copy
-from tether.protocol.models import ReportedState, StackSpec
+from tether.protocol.models import ReportedState, StackSpec, StackStatus
 from tether.protocol.secret_files import private_file
+from tether.protocol.topics import DEVICE_ID_RE
 
 from .models import (
     ApiToken,
@@ -246,6 +247,70 @@ MIGRATION_LOCK = 0x7E7E_0001
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+
+
+_STACKS_JSON = TypeAdapter(dict[str, StackStatus])
+_STACKS_MADE: dict[int, tuple[dict[str, StackStatus], str]] = {}
+"""The JSON of each reported ``stacks`` dict seen lately, by identity (kept with it, so that
+an identity is not reused meanwhile)."""
+_STACKS_KEPT = 256
+_AFTER_STACKS = ',"error":'
+"""What follows ``stacks`` in a reported state's JSON (``error`` is always written)."""
+
+
+def report_json(reported: ReportedState) -> str:
+    """``reported.model_dump_json()``, byte for byte, with the JSON of its ``stacks`` made once
+    per stacks dict: a fleet's reports share theirs (``codec.FieldMemo`` gives one per
+    distinct encoding), and dumping them was most of a report's JSON (3.6 us a report of a
+    3-service stack, 1 us so). A plain report (no error, download or storage error, a device
+    id and a time written alike by pydantic and Python) is written around them here; any
+    other, dumped without them and the stacks' JSON put in where the model has them, before
+    ``error`` (in JSON text a ``,"`` is never inside a string)."""
+    stacks = reported.stacks
+    if not stacks:
+        return reported.model_dump_json()
+    made = _STACKS_MADE.get(id(stacks))
+    if made is None or made[0] is not stacks:
+        if len(_STACKS_MADE) >= _STACKS_KEPT:
+            _STACKS_MADE.clear()
+        made = _STACKS_MADE[id(stacks)] = (stacks, _STACKS_JSON.dump_json(stacks).decode())
+    at = reported.at
+    if (
+        _PLAIN_FIELDS
+        and reported.error is None
+        and not reported.downloads
+        and reported.storage_error is None
+        and type(at) is float
+        and (at == 0.0 or 1.0 <= at < 1e15)  # Python's repr and pydantic's: no exponent, same digits
+        and type(reported.generation) is int
+        and type(reported.events_dropped) is int
+        and DEVICE_ID_RE.match(reported.device_id)  # nothing to escape
+    ):
+        return (
+            f'{{"v":{reported.v},"device_id":"{reported.device_id}","generation":{reported.generation},'
+            f'"stacks":{made[1]},"error":null,"held":{"true" if reported.held else "false"},'
+            f'"events_dropped":{reported.events_dropped},"at":{at!r}}}'
+        )
+    rest = reported.model_dump_json(exclude=_STACKS)
+    split = rest.index(_AFTER_STACKS)
+    return f'{rest[:split]},"stacks":{made[1]}{rest[split:]}'
+
+
+_PLAIN_FIELDS = tuple(ReportedState.model_fields) == (
+    "v",
+    "device_id",
+    "generation",
+    "stacks",
+    "error",
+    "held",
+    "events_dropped",
+    "downloads",
+    "storage_error",
+    "at",
+)
+"""The fields :func:`report_json` writes itself for a plain report (downloads and storage_error
+are left out while unset); a model with others is dumped by pydantic."""
+_STACKS = {"stacks"}
 
 
 _PRESENCE_FIELDS = frozenset({"status", "session", "since", "reported"})
@@ -796,8 +861,7 @@ class Store:
         rows = []
         written = self._devices_written
         for device_id, reported in items:
-            body = reported.model_dump_json()
-            rows.append((device_id, reported.generation, body))
+            rows.append((device_id, reported.generation, report_json(reported)))
             self._generations[device_id] = reported.generation
             if written is not None:
                 earlier = written.get(device_id, reported)

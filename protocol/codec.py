@@ -218,7 +218,11 @@ class FieldMemo(Generic[M]):
         try:
             if known is not None:
                 raw[self.field] = known
-                return self.model.model_validate(raw)
+                message = self.model.model_validate(raw)
+                # The very value kept, not pydantic's equal copy of it (a dict is copied): what
+                # is made of it later can then be made once per value (by identity).
+                object.__setattr__(message, self.field, known)
+                return message
             raw[self.field] = msgpack.unpackb(encoded, raw=False, strict_map_key=True)
             message = self.model.model_validate(raw)
         except Exception:

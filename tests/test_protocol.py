@@ -274,6 +274,7 @@ def test_field_memo_decodes_as_decode_and_shares_the_validated_field() -> None:
     decoded = [memo.decode(p) for p in payloads]
     assert decoded == [codec.decode(p, ReportedState) for p in payloads] == reports
     assert decoded[0].stacks["app"] is decoded[1].stacks["app"]  # validated once
+    assert decoded[0].stacks is decoded[1].stacks  # the very dict, not an equal copy of it
     assert decoded[2].stacks["app"] is not decoded[0].stacks["app"]
     assert decoded[2].stacks["app"].state == "converging"
     assert decoded[3].stacks["app"].services["web"].restarts == 2  # past size: forgotten, then anew

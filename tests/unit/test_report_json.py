@@ -1,0 +1,76 @@
+"""The JSON a reported state is stored as (controller/store.py ``report_json``): byte for
+byte ``model_dump_json``, the stacks' JSON made once per stacks dict."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tether.controller.store import report_json
+from tether.protocol.models import DownloadStatus, ReportedState, ServiceStatus, StackStatus
+
+HASH = "a" * 64
+
+
+def _stacks(state: str = "running", log: str | None = None) -> dict[str, StackStatus]:
+    services = {
+        "web": ServiceStatus(state="running", spec_hash=HASH, restarts=1, last_error=log, log_tail=log),
+        "db": ServiceStatus(state="running", spec_hash=HASH),
+    }
+    return {"app": StackStatus(spec_hash=HASH, state=state, services=services)}  # type: ignore[arg-type]
+
+
+def test_report_json_is_model_dump_json_for_every_shape() -> None:
+    """Every field set or not, strings that look like JSON keys, no stacks at all."""
+    tricky = 'x ,"error": "y", \\ \n \u00e9 \u2028 {"stacks":1}'
+    reports = [
+        ReportedState(device_id="pi-1", generation=3, stacks=_stacks(), at=1765432.123),
+        ReportedState(device_id="pi-2", generation=-1),
+        ReportedState(
+            device_id="pi-\u00e9",
+            generation=2**53 - 1,
+            stacks=_stacks("failed", tricky),
+            error=tricky,
+            held=True,
+            events_dropped=7,
+            downloads={"app": DownloadStatus(spec_hash=HASH, state="retrying", reason=tricky)},
+            storage_error=tricky,
+            at=1e-7,
+        ),
+        ReportedState(device_id="pi-3", generation=1, stacks=_stacks(), error=""),
+    ]
+    for reported in reports:
+        assert report_json(reported) == reported.model_dump_json()
+        assert ReportedState.model_validate_json(report_json(reported)) == reported
+
+
+def test_report_json_reuses_a_stacks_json_only_for_that_very_dict() -> None:
+    """Reports sharing one stacks dict share its JSON; another dict (even where a freed one
+    lived) gets its own."""
+    shared = _stacks()
+    one = ReportedState(device_id="pi-1", generation=1, stacks=shared)
+    two = ReportedState.model_construct(**{**dict(one), "device_id": "pi-2"})
+    assert two.stacks is one.stacks
+    assert report_json(one) == one.model_dump_json() and report_json(two) == two.model_dump_json()
+    for n in range(300):  # past what is kept: forgotten, then made again
+        other = ReportedState(device_id="pi-1", generation=1, stacks=_stacks("converging", str(n)))
+        assert report_json(other) == other.model_dump_json()
+    assert report_json(one) == one.model_dump_json()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    device_id=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"),
+    generation=st.integers(-1, 2**53 - 1),
+    at=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(1.0, 1e15), st.just(0.0)),
+    held=st.booleans(),
+    dropped=st.integers(0, 2**40),
+)
+def test_a_plain_report_is_written_as_pydantic_writes_it(
+    device_id: str, generation: int, at: float, held: bool, dropped: int
+) -> None:
+    """The reports written without pydantic (most of a fleet's) and those it is left to:
+    the same text, whatever the time (exponents, infinities) or the device id."""
+    reported = ReportedState(
+        device_id=device_id, generation=generation, stacks=_stacks(), at=at, held=held, events_dropped=dropped
+    )
+    assert report_json(reported) == reported.model_dump_json()
