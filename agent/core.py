@@ -24,7 +24,9 @@ and keeps its files in a :class:`~.store.StateStore`.
 * **Reported state** is published retained when it changes (not on a timer) and once after
   every (re)connect, so it converges to the latest truth whatever was missed offline.
 * **Events** go through an on-disk outbox (bounded; the oldest are dropped and counted)
-  and are delivered oldest first once connected; each carries a per-device ``seq`` so
+  and are delivered oldest first once connected, together: what one message handled or
+  one reconcile raised goes out in one message (a batch, at the end of it), a backlog in
+  batches of up to :data:`EVENT_BATCH`. Each carries a per-device ``seq`` so
   receivers can drop duplicates. An event leaves the outbox once the controller says it
   stored it (``.../acked``), not merely once the broker has it (:meth:`AgentCore.flush_events`).
 * **Stage, then switch**: with an image stager (the docker driver), a stack moves to a
@@ -101,8 +103,13 @@ if TYPE_CHECKING:  # the stager brings the registry client (requests): only agen
 log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 20
-EVENTS_IN_FLIGHT = 50
-"""Events sent but not yet acknowledged by the broker, at most."""
+EVENT_BATCH = 100
+"""Events in one message on ``.../events`` (a batch: docs/topics.md, Event), at most..."""
+EVENT_BATCH_BYTES = 32 * 1024
+"""...and bytes of them (an event larger than this goes alone)."""
+BATCHES_IN_FLIGHT = 10
+"""Batches of events sent but not yet acknowledged by the broker, at most (a whole outbox
+of 1,000 events in 10 messages)."""
 RESEND_AFTER = 60.0
 """While the broker has events the controller has not acknowledged, the newest goes again
 after this long (its acknowledgement shows which older ones were lost)..."""
@@ -190,6 +197,7 @@ class AgentCore:
         self._delivered: dict[int, float] = {}  # event seq -> when the broker acknowledged it
         self._resend_wait = RESEND_AFTER
         self._probe_at: float | None = None  # when the newest unacknowledged event goes again
+        self._events_raised = False  # queued since the last flush_events (see handle, reconcile_once)
         self.jobs = JobScheduler.from_state(store.load_json("jobs"))
         self.launch_job: Callable[[JobSpec, str], None] | None = None
         """Set by the runner: start a job run off this thread; it calls :meth:`job_finished`."""
@@ -329,6 +337,13 @@ class AgentCore:
         if inbound is None:
             inbound = self._inbound = {self.topic(k): k for k in _INBOUND}
         kind = inbound.get(topic)
+        try:
+            self._handle(kind, topic, payload)
+        finally:
+            if self._events_raised and not self.wake:
+                self.flush_events()  # else with the reconcile's own, at its end (the caller runs it next)
+
+    def _handle(self, kind: DeviceTopic | None, topic: str, payload: bytes) -> None:
         if kind is DeviceTopic.DESIRED:
             self._on_desired(payload)
         elif kind is DeviceTopic.PRESENCE:
@@ -750,7 +765,16 @@ class AgentCore:
     # --- reconcile ---
 
     def reconcile_once(self) -> None:
-        """Observe, plan, apply, report. Driver failures are recorded, never raised."""
+        """Observe, plan, apply, report. Driver failures are recorded, never raised. The
+        events it raised (and those of the message that asked for it) go out together at
+        its end, in one message (:meth:`flush_events`)."""
+        try:
+            self._reconcile()
+        finally:
+            if self._events_raised:
+                self.flush_events()
+
+    def _reconcile(self) -> None:
         self.wake = False
         self._check_storage()
         self._check_pending_timeout()
@@ -1179,6 +1203,8 @@ class AgentCore:
     # --- outbound ---
 
     def publish_report(self) -> None:
+        if self._events_raised:
+            self.flush_events()  # the events that lead to a report go before it, as they happened
         candidate = self._candidate
         if candidate is None:
             return
@@ -1198,7 +1224,9 @@ class AgentCore:
         data: JobResult | None = None,
         spec_hash: str | None = None,
     ) -> None:
-        """Queue an event (on disk) and send what the link accepts. ``spec_hash``: the stack
+        """Queue an event (on disk): it goes out with the others raised while handling the
+        same message or in the same reconcile, at its end (:meth:`handle`,
+        :meth:`reconcile_once`), or at the runner's next :meth:`flush_events`. ``spec_hash``: the stack
         version an event about a stack is about (a deployment's events are told by it)."""
         event = Event(
             device_id=self.device_id,
@@ -1213,7 +1241,7 @@ class AgentCore:
             spec_hash=spec_hash,
         )
         self.store.outbox_put(event)
-        self.flush_events()
+        self._events_raised = True
 
     def flush_events(self) -> None:
         """Send queued events, oldest first; forget each one only once it is safe.
@@ -1228,6 +1256,7 @@ class AgentCore:
         again to ask. One sent into a connection that died, or lost with the device's power,
         goes out again on the next connection. Receivers drop duplicates on ``seq``.
         """
+        self._events_raised = False
         now = time.monotonic()
         for seq, acked in list(self._inflight.items()):
             if acked():
@@ -1264,19 +1293,37 @@ class AgentCore:
         sent = len(self._inflight) + len(self._delivered)
         if not self.link.connected or self.store.outbox_size() <= sent:
             return
-        head = self.store.outbox_head(sent + EVENTS_IN_FLIGHT)
+        room = BATCHES_IN_FLIGHT - len(set(self._inflight.values()))  # (a batch's events share one check)
+        if room <= 0:
+            return
+        head = self.store.outbox_head(sent + room * EVENT_BATCH)
         oldest = head[0].seq if head else 0
-        topic = self.topic(DeviceTopic.EVENTS)
+        batch: list[int] = []
+        encoded: list[bytes] = []
+        size = 0
         for event in head:
             if event.seq in self._inflight or event.seq in self._delivered:
                 continue
-            if len(self._inflight) >= EVENTS_IN_FLIGHT:
-                return
             payload = codec.encode_with(event, {"oldest": oldest})  # as a copy with it would be
-            check = self.link.publish_tracked(topic, payload, 1)
-            if check is None:
-                return
-            self._inflight[event.seq] = check
+            if batch and (len(batch) >= EVENT_BATCH or size + len(payload) > EVENT_BATCH_BYTES):
+                room -= 1
+                if not self._send_batch(batch, encoded) or room <= 0:
+                    return
+                batch, encoded, size = [], [], 0
+            batch.append(event.seq)
+            encoded.append(payload)
+            size += len(payload)
+        if batch:
+            self._send_batch(batch, encoded)
+
+    def _send_batch(self, seqs: list[int], encoded: list[bytes]) -> bool:
+        """Publish events ``seqs`` (``encoded``) in one message; False if the link refused it."""
+        check = self.link.publish_tracked(self.topic(DeviceTopic.EVENTS), codec.array(encoded), 1)
+        if check is None:
+            return False
+        for seq in seqs:
+            self._inflight[seq] = check
+        return True
 
     def _on_acked(self, payload: bytes) -> None:
         """The controller's acknowledgement: forget what it stored, resend what it lost."""

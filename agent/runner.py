@@ -156,11 +156,13 @@ class Agent:
                     except queue.Empty:
                         item = None
                 self.core.tick_jobs()
-                self.core.flush_events()  # forget what the broker acknowledged; send the rest
                 if self.core.wake or time.monotonic() >= next_reconcile:
                     self.core.reconcile_once()
                     now = self.core.clock()
                     next_reconcile = time.monotonic() + (self.core.next_wakeup(now) - now)
+                # Forget what the broker acknowledged; send the rest: the pass's events (a
+                # message's, a job's, the reconcile's) in one batch.
+                self.core.flush_events()
         finally:
             remote.detach(self.core, self.metrics)
             if self.images is not None:

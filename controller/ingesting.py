@@ -59,6 +59,8 @@ M = TypeVar("M", bound=BaseModel)
 MAX_METRICS_DEVICES = 100_000
 MAX_EVENT_MESSAGE = 2048
 """Characters of an event's message the controller keeps (and logs)."""
+MAX_EVENT_BATCH = 1000
+"""Events in one message (a batch) at most: a whole outbox (agents send batches of 100)."""
 MAX_EVENT_DATA = 16 * 1024
 """Bytes (as JSON) of an event's data kept with it; larger data is left out of the stored event."""
 MAX_JOB_OUTPUT = 16 * 1024
@@ -485,10 +487,28 @@ class Ingestor:
         events, each trimmed to MAX_EVENT_MESSAGE characters and MAX_EVENT_DATA bytes of
         data; results only of jobs the controller has, JOB_RESULTS_KEPT per job, each output
         trimmed to MAX_JOB_OUTPUT. What is dropped or trimmed is counted per device and
-        reason (``devices show``, ``/metrics``)."""
-        event = self._decode_from(device_id, payload, Event)
-        if event is None:
+        reason (``devices show``, ``/metrics``).
+
+        ``payload`` is one event or a batch of them (a msgpack array, oldest first, agents
+        since issue 21): a batch is validated whole, then each of its events is handled as
+        one sent alone; a batch with one bad event (or naming another device) is refused
+        whole, logged naming that event and what is wrong, and nothing of it is stored or
+        acknowledged."""
+        try:
+            events = codec.decode_many(payload, Event, MAX_EVENT_BATCH, "seq")
+        except PayloadError as exc:
+            log.warning("device %s: ignoring %s", device_id, exc)
             return
+        for i, event in enumerate(events):
+            if event.device_id != device_id:
+                where = f"Event batch: item {i + 1} of {len(events)} (seq {event.seq})"
+                log.warning("device %s: %s names another device; ignored", device_id, where)
+                return
+        for event in events:
+            self._store_event(device_id, event)
+
+    def _store_event(self, device_id: str, event: Event) -> None:
+        """One event of ``device_id``, validated (see :meth:`on_event`)."""
         stored, trimmed = _bounded_event(event)
         # Stored without ``oldest`` (what the device still queued then): no copy made for it.
         body = stored.model_dump_json(exclude={"oldest"})

@@ -138,15 +138,20 @@ class Template:
         return b"".join(out)
 
 
-def raw_map(payload: bytes, name: str = "payload") -> dict[str, Any]:
-    """``payload`` as the plain map :func:`decode` validates (not validated); raise
-    :class:`PayloadError` naming the problem (``name``: what it should be)."""
+def _unpack(payload: bytes, name: str) -> Any:
+    """``payload``'s msgpack value; raise :class:`PayloadError` naming ``name`` if it is none."""
     if len(payload) > MAX_PAYLOAD:
         raise PayloadError(f"{name}: payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     try:
-        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        return msgpack.unpackb(payload, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise PayloadError(f"{name}: not valid msgpack ({exc.__class__.__name__})") from exc
+
+
+def raw_map(payload: bytes, name: str = "payload") -> dict[str, Any]:
+    """``payload`` as the plain map :func:`decode` validates (not validated); raise
+    :class:`PayloadError` naming the problem (``name``: what it should be)."""
+    raw = _unpack(payload, name)
     if not isinstance(raw, dict):
         raise PayloadError(f"{name}: expected a map, got {type(raw).__name__}")
     return raw
@@ -159,6 +164,54 @@ def decode(payload: bytes, model: type[M]) -> M:
         return model.model_validate(raw)
     except ValidationError as exc:
         raise PayloadError(f"{model.__name__}: {describe(exc)}") from exc
+
+
+def array(items: list[bytes]) -> bytes:
+    """The msgpack array of ``items`` (each already one encoded value): what :func:`packb`
+    gives for the list of their values, without decoding them again."""
+    n = len(items)
+    head = (
+        bytes((0x90 | n,))
+        if n < 16
+        else (b"\xdc" + n.to_bytes(2, "big") if n < 0x10000 else b"\xdd" + n.to_bytes(4, "big"))
+    )
+    return head + b"".join(items)
+
+
+def is_array(payload: bytes) -> bool:
+    """Whether ``payload`` starts as a msgpack array (a batch) rather than a map."""
+    return bool(payload) and (0x90 <= payload[0] <= 0x9F or payload[0] in (0xDC, 0xDD))
+
+
+def decode_array(payload: bytes, model: type[M], limit: int, key: str) -> list[M]:
+    """Decode and validate ``payload`` as a msgpack array of 1 to ``limit`` ``model`` maps, all
+    or nothing: raise :class:`PayloadError` naming the first bad one (its place and its
+    ``key`` field, e.g. an event's ``seq``) and what is wrong with it."""
+    name = f"{model.__name__} batch"
+    raw = _unpack(payload, name)
+    if not isinstance(raw, list):
+        raise PayloadError(f"{name}: expected an array, got {type(raw).__name__}")
+    if not 1 <= len(raw) <= limit:
+        raise PayloadError(f"{name}: {len(raw)} items, expected 1 to {limit}")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"{name}: item {i + 1} of {len(raw)}"
+        if isinstance(item, dict) and type(item.get(key)) is int:
+            where += f" ({key} {item[key]})"
+        if not isinstance(item, dict):
+            raise PayloadError(f"{where}: expected a map, got {type(item).__name__}")
+        try:
+            out.append(model.model_validate(item))
+        except ValidationError as exc:
+            raise PayloadError(f"{where}: {describe(exc)}") from exc
+    return out
+
+
+def decode_many(payload: bytes, model: type[M], limit: int, key: str) -> list[M]:
+    """``payload`` as one ``model`` (a map) or a batch of them (an array: :func:`decode_array`)."""
+    if is_array(payload):
+        return decode_array(payload, model, limit, key)
+    return [decode(payload, model)]
 
 
 def describe(exc: ValidationError) -> str:

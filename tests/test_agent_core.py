@@ -26,6 +26,7 @@ from tether.protocol import codec, topics
 from tether.protocol.models import (
     ConfigMount,
     DesiredState,
+    Event,
     Presence,
     ServiceSpec,
     StackDefinition,
@@ -358,6 +359,7 @@ def test_absurd_generation_is_rejected_and_the_next_real_one_applies(generation:
     core.handle(topics.device(DEVICE, DeviceTopic.DESIRED), _desired(generation, spec_hash="f" * 64))
     assert core.pending is None and core.desired is not None and core.desired.generation == 1
     assert core.rejection is not None and "generation" in core.rejection
+    core.reconcile_once()  # the reconcile the rejection asks for: its event goes out at its end
     assert link.events("desired.rejected")
     spec = _legit(core, 2, "fake:2")
     assert core.desired.generation == 2 and core.desired.stacks[0].spec_hash == spec.spec_hash()
@@ -410,6 +412,27 @@ def test_a_pending_state_whose_definition_never_arrives_is_rejected() -> None:
     assert topics.stack(forged) not in link.filters
     _legit(core, 2, "fake:2")
     assert core.desired.generation == 2
+
+
+def test_a_deploys_events_go_out_together_at_the_end_of_its_reconcile() -> None:
+    """The event the desired state raised (``desired.accepted``) waits for the reconcile it asks
+    for; that reconcile's own (one ``service.created`` per service) go with it, oldest first,
+    in one message on ``.../events``, before its report: one message per deploy, not one per event."""
+    link = RecordingLink()
+    services = tuple(ServiceSpec(name=f"s{i}", image="fake:1") for i in range(3))
+    core = deploy(FakeDriver(DEVICE), link, services, lambda: 1000.0)
+    assert not [t for t, _ in link.published if t.endswith("/events")]  # waits for the reconcile
+    core.reconcile_once()
+    sent = [(t.rpartition("/")[2], p) for t, p in link.published]
+    assert [kind for kind, _ in sent] == ["events", "reported"]
+    batch = codec.decode_many(sent[0][1], Event, 1000, "seq")
+    assert [(e.seq, e.kind) for e in batch] == [
+        (1, "desired.accepted"),
+        (2, "service.created"),
+        (3, "service.created"),
+        (4, "service.created"),
+    ]
+    assert {e.oldest for e in batch} == {1}
 
 
 def test_service_lifecycle_events_name_the_stack_version() -> None:

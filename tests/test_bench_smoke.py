@@ -82,9 +82,9 @@ def test_sim_cpu(tmp_path: Path) -> None:
     # desired state, definition
     assert [d["messages_per_device"] >= 2 for d in data["deploys"]] == [True, True]
     assert all(d["cpu_s"] > 0 and d["reconciles"] >= 40 for d in data["deploys"])
-    # Per device: online presence and a report on connecting; per deploy the acceptance and three
-    # service.created events, and one report (the services running).
-    assert data["messages_out"] == 40 * (2 + 2 * 5)
+    # Per device: online presence and a report on connecting; per deploy one message of events
+    # (a batch: the acceptance and three service.created), and one report (the services running).
+    assert data["messages_out"] == 40 * (2 + 2 * 2)
 
 
 def test_ui_devices(tmp_path: Path) -> None:

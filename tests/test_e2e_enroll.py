@@ -12,6 +12,7 @@ import stat
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 from support.infra import wait_until
 from support.procs import (
@@ -27,7 +28,7 @@ from support.procs import (
 from tether.protocol import codec, topics
 from tether.protocol.credentials import enroll_username
 from tether.protocol.enrollment import new_private_key, public_key_b64
-from tether.protocol.models import DeviceFacts, EnrollmentRequest
+from tether.protocol.models import DeviceFacts, EnrollmentRequest, Event
 from tether.protocol.mqtt import MqttClient, parse_broker_url
 
 pytestmark = pytest.mark.e2e
@@ -126,9 +127,56 @@ def test_batch_waits_then_approved_devices_run_a_stack(controller: ControllerPro
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         wait_until(lambda: out.exists() and out.read_text().count("running") == 2, 20, message="two workers")
         controller.wait_for_line(r"device batch-1 enrolled and online")
+        _events_arrive_once_and_a_bad_batch_is_refused(controller, agents)
     finally:
         for agent in agents:
             agent.stop()
+
+
+def _stored_events(url: str, device_id: str) -> list[tuple[int, str]]:
+    return [(e["seq"], e["kind"]) for e in cli_json(url, "devices", "show", device_id)["events"]]
+
+
+def _events_arrive_once_and_a_bad_batch_is_refused(
+    controller: ControllerProcess, agents: list[AgentProcess]
+) -> None:
+    """The deploy's events (sent by the agents in batches) are stored once each and acknowledged:
+    each agent's outbox empties. A batch with one bad event, published with the device's own
+    credentials, is refused whole with a warning naming that event and field: nothing of it is
+    stored; the same batch made good is stored."""
+    url = controller.url
+    for agent in agents:
+        wait_until(lambda a=agent: not list((a.data_dir / "outbox").glob("*.msgpack")), 30,
+                   message=f"{agent.device_id}: every event acknowledged by the controller")  # fmt: skip
+        stored = _stored_events(url, agent.device_id)
+        assert ("desired.accepted" in {k for _, k in stored}) and (
+            "service.created" in {k for _, k in stored}
+        )
+        assert len({seq for seq, _ in stored}) == len(stored)  # each once
+    device = agents[1]
+    device.stop()  # its identity is taken below (the broker allows one session per device)
+    before = _stored_events(url, device.device_id)
+    saved = json.loads((device.data_dir / "credentials.json").read_text())
+    client = MqttClient([parse_broker_url(url)], f"tether-{device.device_id}", username=saved["username"],
+                        password=saved["password"])  # fmt: skip
+    client.connect(10)
+    try:
+        topic = topics.device(device.device_id, topics.DeviceTopic.EVENTS)
+        good = [
+            Event(device_id=device.device_id, seq=s, kind="note", message=f"n{s}", oldest=900)
+            for s in (900, 901)
+        ]
+        bad = codec.array(
+            [codec.encode(good[0]), msgpack.packb({"v": 1, "device_id": device.device_id, "seq": 901})]
+        )
+        assert client.publish_confirmed(topic, bad)
+        controller.wait_for_line(r"Event batch: item 2 of 2 \(seq 901\): kind: Field required")
+        assert _stored_events(url, device.device_id) == before
+        assert client.publish_confirmed(topic, codec.array([codec.encode(e) for e in good]))
+        wait_until(lambda: _stored_events(url, device.device_id)[-2:] == [(900, "note"), (901, "note")], 20,
+                   message="the good batch stored")  # fmt: skip
+    finally:
+        client.stop()
 
 
 @pytest.mark.store

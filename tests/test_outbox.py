@@ -8,7 +8,7 @@ import pytest
 from tether.agent import core as core_module
 from tether.agent.core import AgentCore
 from tether.agent.drivers.fake import FakeDriver
-from tether.agent.store import LocalStore
+from tether.agent.store import LocalStore, MemoryStore
 from tether.protocol import codec, topics
 from tether.protocol.models import Event, EventsAcked, ReportedState
 from tether.protocol.topics import DeviceTopic
@@ -45,9 +45,10 @@ class TrackedLink:
 
     def publish_tracked(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):  # type: ignore[no-untyped-def]
         self.sent.append((topic, payload))
-        seq = codec.decode(payload, Event).seq
-        self.acks.setdefault(seq, False)
-        return lambda: self.acks[seq]
+        seqs = [e.seq for e in _events(payload)]  # a batch: one PUBACK, once every seq of it is marked
+        for seq in seqs:
+            self.acks.setdefault(seq, False)
+        return lambda: all(self.acks[s] for s in seqs)
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         return None
@@ -56,8 +57,12 @@ class TrackedLink:
         return None
 
 
+def _events(payload: bytes) -> list[Event]:
+    return codec.decode_many(payload, Event, 1000, "seq")
+
+
 def _events_sent(link: TrackedLink) -> list[int]:
-    return [codec.decode(p, Event).seq for t, p in link.sent if t.endswith("/events")]
+    return [e.seq for t, p in link.sent if t.endswith("/events") for e in _events(p)]
 
 
 def test_events_stay_on_disk_until_acknowledged_and_go_again_after_reconnect(tmp_path: Path) -> None:
@@ -68,8 +73,10 @@ def test_events_stay_on_disk_until_acknowledged_and_go_again_after_reconnect(tmp
     link = TrackedLink()
     core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
     core.event("one", "first")
+    core.flush_events()
     core.event("two", "second")
-    assert _events_sent(link) == [1, 2]
+    core.flush_events()
+    assert _events_sent(link) == [1, 2] and len(link.sent) == 2
     link.acks[1] = True
     core.flush_events()
     assert [e.seq for e in core.store.outbox_head(10)] == [2]  # 1 acknowledged, 2 still on disk
@@ -110,16 +117,18 @@ def test_after_a_first_controller_acknowledgement_events_stay_until_the_controll
     link = TrackedLink()
     core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
     core.event("one", "first")
+    core.flush_events()
     link.acks[1] = True
     core.flush_events()
     assert core.store.outbox_size() == 0  # no acknowledgement seen yet: the PUBACK counts
     _ack(core, 1, last=1)
     core.event("two", "second")
     core.event("three", "third")
+    core.flush_events()  # one message: [2, 3]
     link.acks.update({2: True, 3: True})
     core.flush_events()
     assert [e.seq for e in core.store.outbox_head(10)] == [2, 3]  # the broker has them; we wait
-    assert [codec.decode(p, Event).oldest for t, p in link.sent if t.endswith("/events")] == [1, 2, 2]
+    assert [e.oldest for t, p in link.sent if t.endswith("/events") for e in _events(p)] == [1, 2, 2]
     _ack(core, 2, last=2)
     assert [e.seq for e in core.store.outbox_head(10)] == [3]
     restarted = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
@@ -135,6 +144,7 @@ def test_an_event_the_controller_missed_is_sent_again_at_once(tmp_path: Path) ->
     _ack(core, 0)
     for kind in ("one", "two", "three"):
         core.event(kind, kind)
+        core.flush_events()
     link.acks.update({1: True, 2: True, 3: True})
     core.flush_events()
     link.sent.clear()
@@ -162,6 +172,7 @@ def test_unacknowledged_events_go_again_after_a_while(
     core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
     for kind in ("one", "two", "three"):
         core.event(kind, kind)
+        core.flush_events()
     link.acks.update({1: True, 2: True, 3: True})
     core.flush_events()
     core.flush_events()
@@ -191,6 +202,7 @@ def test_a_new_device_keeps_its_first_events_until_the_controller_has_them(tmp_p
     link = TrackedLink()
     core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
     core.event("one", "first")
+    core.flush_events()
     link.acks[1] = True
     core.flush_events()
     assert [e.seq for e in core.store.outbox_head(10)] == [1]
@@ -205,6 +217,7 @@ def test_events_dropped_by_the_bound_do_not_hold_back_newer_ones(tmp_path: Path)
     core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path, outbox_limit=3), link)
     for i in range(3):
         core.event("k", str(i))
+    core.flush_events()
     link.acks.update({1: True, 2: True, 3: True})
     core.flush_events()  # all three delivered, none acknowledged by the controller
     link.connected = False
@@ -214,3 +227,35 @@ def test_events_dropped_by_the_bound_do_not_hold_back_newer_ones(tmp_path: Path)
     link.sent.clear()
     core.flush_events()
     assert _events_sent(link) == [4, 5, 6]
+
+
+def test_a_backlog_goes_in_a_few_bounded_batches(tmp_path: Path) -> None:
+    """A full outbox (1,000 events queued offline) goes out on connecting in batches of
+    EVENT_BATCH, oldest first, each seq once, at most BATCHES_IN_FLIGHT messages awaiting
+    the broker's PUBACK; one PUBACK (a batch's) lets the next go; an event larger than
+    EVENT_BATCH_BYTES goes alone, smaller ones fill a batch up to that many bytes."""
+    link = TrackedLink()
+    link.connected = False
+    core = AgentCore("d", {}, FakeDriver("d"), MemoryStore(), link)  # (LocalStore: 1,000 fsyncs)
+    for i in range(1000):
+        core.event("k", str(i))
+    assert link.sent == []
+    link.connected = True
+    core.on_connected()
+    batches = [[e.seq for e in _events(p)] for t, p in link.sent if t.endswith("/events")]
+    assert len(batches) == core_module.BATCHES_IN_FLIGHT == 10
+    assert [s for b in batches for s in b] == list(range(1, 1001))
+    assert {len(b) for b in batches} == {core_module.EVENT_BATCH}
+    link.sent.clear()
+    core.event("k", "x" * core_module.EVENT_BATCH_BYTES)  # 1001: too big to share a message
+    core.event("k", "y" * (core_module.EVENT_BATCH_BYTES // 3))  # 1002, 1003: together
+    core.event("k", "z" * (core_module.EVENT_BATCH_BYTES // 3))
+    core.flush_events()
+    assert _events_sent(link) == []  # ten batches await the broker
+    link.acks.update({s: True for s in batches[0]})
+    core.flush_events()
+    assert [[e.seq for e in _events(p)] for _, p in link.sent] == [[1001]]  # one batch's room
+    link.acks.update({s: True for s in batches[1]})
+    core.flush_events()
+    assert [[e.seq for e in _events(p)] for _, p in link.sent] == [[1001], [1002, 1003]]
+    assert all(len(p) < core_module.EVENT_BATCH_BYTES for _, p in link.sent[1:])

@@ -327,9 +327,10 @@ class Observer:
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         with contextlib.suppress(TetherError):
-            event = codec.decode(payload, Event)
+            events = codec.decode_many(payload, Event, 1000, "seq")
             with self.lock:
-                self.deliveries.setdefault(event.device_id, []).append(event.seq)
+                for event in events:
+                    self.deliveries.setdefault(event.device_id, []).append(event.seq)
 
     def seqs(self, device: str) -> list[int]:
         with self.lock:

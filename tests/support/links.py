@@ -44,5 +44,10 @@ class RecordingLink:
         return reports[-1]
 
     def events(self, kind: str | None = None) -> list[Event]:
-        found = [codec.decode(p, Event) for t, p in self.published if t.endswith("/events")]
+        found = [
+            e
+            for t, p in self.published
+            if t.endswith("/events")
+            for e in codec.decode_many(p, Event, 1000, "seq")
+        ]
         return [e for e in found if kind is None or e.kind == kind]

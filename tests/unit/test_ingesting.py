@@ -199,6 +199,42 @@ def test_an_event_is_stored_once_and_trimmed_with_a_counted_reason(rig: Rig) -> 
     assert rig.store.dropped("pi-1") == {"event_trimmed": 1}
 
 
+def _batch(rig: Rig, device_id: str, payload: bytes) -> None:
+    with rig.store.transaction():
+        rig.ingestor.on_message(DeviceTopic.EVENTS, device_id, payload)
+        rig.ingestor.flush_reports()
+
+
+def test_a_batch_of_events_is_stored_each_once_and_a_bad_batch_not_at_all(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch's events are stored as if sent one by one (each once, a redelivery too); a
+    batch with one bad event, or one naming another device, is refused whole with a warning
+    naming that event and what is wrong: nothing of it is stored."""
+
+    def payload(*events: Event | dict[str, object]) -> bytes:
+        return codec.array([codec.encode(e) if isinstance(e, Event) else msgpack.packb(e) for e in events])
+
+    def note(seq: int, device_id: str = "pi-1") -> Event:
+        return Event(device_id=device_id, seq=seq, kind="note", message=str(seq), oldest=1)
+
+    def stored() -> list[int]:
+        return [Event.model_validate_json(e).seq for e in rig.store.list_events("pi-1")]
+
+    _batch(rig, "pi-1", payload(note(1), note(2), note(3)))
+    _batch(rig, "pi-1", payload(note(2), note(3)))  # delivered again
+    assert stored() == [1, 2, 3]
+    caplog.clear()
+    _batch(rig, "pi-1", payload(note(4), {"v": 1, "device_id": "pi-1", "seq": 5, "message": "m"}, note(6)))
+    assert stored() == [1, 2, 3]
+    assert "Event batch: item 2 of 3 (seq 5): kind: Field required" in caplog.text
+    _batch(rig, "pi-1", payload(note(4), note(5, device_id="pi-2")))
+    assert stored() == [1, 2, 3]
+    assert "Event batch: item 2 of 2 (seq 5) names another device" in caplog.text
+    _batch(rig, "pi-1", payload(note(4)))
+    assert stored() == [1, 2, 3, 4]
+
+
 def test_a_job_result_is_stored_counted_and_emitted_once(rig: Rig) -> None:
     """A job's result is stored and emitted once (a redelivery under another seq counts once)."""
     spec = JobSpec(name="backup", command=("true",), run_id="r1")
