@@ -363,10 +363,12 @@ class Ingestor:
             update["since"] = now
         if presence.facts is not None:
             update["facts"] = presence.facts
-        before = device.attributes()
         new_device = stored is None
         updated = device.model_copy(update=update)
-        labels_changed = updated.attributes() != before or updated.public_key != device.public_key
+        # A new device is scheduled whatever it says (below): its attributes are not compared.
+        labels_changed = not new_device and (
+            updated.attributes() != device.attributes() or updated.public_key != device.public_key
+        )
         self.store.put_device(updated, keep_reported=True)
         self.deployer.dirty = True
         if presence.status != device.status:
