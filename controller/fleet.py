@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
-from tether.protocol.heap import Shared
+from tether.protocol.heap import MadeOnce, Shared
 from tether.protocol.models import DownloadStatus, ReportedState, StackRef, StackStatus
 
 from .models import DesiredRecord, Device
@@ -184,13 +184,21 @@ _STACKS_SEEN: Shared[tuple[tuple[str, StackSeen], ...], dict[str, StackSeen]] = 
 def _stacks_seen(stacks: dict[str, StackStatus]) -> dict[str, StackSeen]:
     """Per stack, :meth:`StackSeen.of` of what a device reports: where every stack runs
     without a blip (shared values), the one dict of those values that devices reporting the
-    same share (never written to: 184 bytes per device otherwise)."""
+    same share (never written to: 184 bytes per device otherwise). Made once per stacks dict
+    (reports decoded alike share theirs: ``codec.FieldMemo``)."""
+    return _SEEN_OF_STACKS.get(stacks)
+
+
+def _make_stacks_seen(stacks: dict[str, StackStatus]) -> dict[str, StackSeen]:
     seen = {n: StackSeen.of(s) for n, s in stacks.items()}
     if not seen or any(s.status is not None for s in seen.values()):
         return seen or _NOTHING
     # plain StackSeen values hash by (version, state): no report in them
     return _STACKS_SEEN.get(tuple(seen.items()), lambda: seen)
 
+
+_SEEN_OF_STACKS: MadeOnce[dict[str, StackStatus], dict[str, StackSeen]] = MadeOnce(_make_stacks_seen)
+""":func:`_stacks_seen` of each stacks dict seen lately."""
 
 _ABSENT = {
     (online, held): Observation(online=online, held=held)

@@ -20,7 +20,7 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 from pydantic import BaseModel, TypeAdapter
 from tether.protocol.credentials import Credential
 from tether.protocol.errors import StoreError
-from tether.protocol.heap import share_field_sets, shared_copy
+from tether.protocol.heap import MadeOnce, share_field_sets, shared_copy
 from tether.protocol.models import ReportedState, StackSpec, StackStatus
 from tether.protocol.secret_files import private_file
 from tether.protocol.topics import DEVICE_ID_RE
@@ -250,10 +250,8 @@ T = TypeVar("T")
 
 
 _STACKS_JSON = TypeAdapter(dict[str, StackStatus])
-_STACKS_MADE: dict[int, tuple[dict[str, StackStatus], str]] = {}
-"""The JSON of each reported ``stacks`` dict seen lately, by identity (kept with it, so that
-an identity is not reused meanwhile)."""
-_STACKS_KEPT = 256
+_STACKS_MADE: MadeOnce[dict[str, StackStatus], str] = MadeOnce(lambda s: _STACKS_JSON.dump_json(s).decode())
+"""The JSON of each reported ``stacks`` dict seen lately."""
 _AFTER_STACKS = ',"error":'
 """What follows ``stacks`` in a reported state's JSON (``error`` is always written)."""
 
@@ -269,11 +267,7 @@ def report_json(reported: ReportedState) -> str:
     stacks = reported.stacks
     if not stacks:
         return reported.model_dump_json()
-    made = _STACKS_MADE.get(id(stacks))
-    if made is None or made[0] is not stacks:
-        if len(_STACKS_MADE) >= _STACKS_KEPT:
-            _STACKS_MADE.clear()
-        made = _STACKS_MADE[id(stacks)] = (stacks, _STACKS_JSON.dump_json(stacks).decode())
+    made = _STACKS_MADE.get(stacks)
     at = reported.at
     if (
         _PLAIN_FIELDS
@@ -288,12 +282,12 @@ def report_json(reported: ReportedState) -> str:
     ):
         return (
             f'{{"v":{reported.v},"device_id":"{reported.device_id}","generation":{reported.generation},'
-            f'"stacks":{made[1]},"error":null,"held":{"true" if reported.held else "false"},'
+            f'"stacks":{made},"error":null,"held":{"true" if reported.held else "false"},'
             f'"events_dropped":{reported.events_dropped},"at":{at!r}}}'
         )
     rest = reported.model_dump_json(exclude=_STACKS)
     split = rest.index(_AFTER_STACKS)
-    return f'{rest[:split]},"stacks":{made[1]}{rest[split:]}'
+    return f'{rest[:split]},"stacks":{made}{rest[split:]}'
 
 
 _PLAIN_FIELDS = tuple(ReportedState.model_fields) == (

@@ -67,6 +67,31 @@ class Shared(Generic[K, V]):
         return kept
 
 
+class MadeOnce(Generic[K, V]):
+    """What is made of each of the objects seen lately, made once per object (by identity).
+
+    For values many messages share (``codec.FieldMemo`` gives one per distinct encoding: a
+    fleet's reported stacks): what is made of one is then made once, not per message. Each
+    object is kept with what was made of it, so that its identity is not reused meanwhile;
+    bounded (forgotten whole when ``size`` are kept)."""
+
+    def __init__(self, make: Callable[[K], V], size: int = 256) -> None:
+        self.make = make
+        self.size = size
+        self._made: dict[int, tuple[K, V]] = {}
+
+    def get(self, value: K) -> V:
+        """``make(value)``, made once for this very ``value``."""
+        known = self._made.get(id(value))
+        if known is not None and known[0] is value:
+            return known[1]
+        made = self.make(value)
+        if len(self._made) >= self.size:
+            self._made.clear()
+        self._made[id(value)] = (value, made)
+        return made
+
+
 GC_THRESHOLDS = (50_000, 20, 10)
 """Young collections every 50,000 allocations (CPython's default: 700, 10, 10)."""
 

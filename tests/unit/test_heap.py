@@ -169,3 +169,20 @@ def test_a_kept_copy_of_a_shared_model_reads_as_pydantic_s_and_holds_the_shared_
     assert walked.model_fields_set is not device.model_fields_set and walked.facts is facts
     fresh = _device(31)
     assert fresh.model_copy(update={"session": 5}).model_fields_set is not fresh.model_fields_set
+
+
+def test_made_once_per_object_by_identity_and_bounded() -> None:
+    """MadeOnce makes once per very object (an equal one is another), keeps the object
+    alive with what was made of it, and forgets everything when full."""
+    calls: list[dict[str, int]] = []
+
+    def make(value: dict[str, int]) -> int:
+        calls.append(value)
+        return sum(value.values())
+
+    made = heap.MadeOnce(make, size=2)
+    one, equal = {"a": 1}, {"a": 1}
+    assert made.get(one) == made.get(one) == 1 and len(calls) == 1
+    assert made.get(equal) == 1 and len(calls) == 2  # equal, not the same: made again
+    assert made.get({"b": 2}) == 2 and len(calls) == 3  # full: forgotten, then kept
+    assert made.get(one) == 1 and len(calls) == 4
