@@ -7,8 +7,8 @@ from what the store says it wrote, so a step over 10,000 devices parses no devic
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, NamedTuple, TypeVar
 
 from tether.protocol.heap import MadeOnce, Shared
 from tether.protocol.models import DownloadStatus, ReportedState, StackRef, StackStatus
@@ -83,9 +83,12 @@ _PLAIN: Shared[tuple[str, str], StackSeen] = Shared()
 """One shared :class:`StackSeen` per (version, state) of a stack that runs without a blip."""
 
 
-@dataclass(frozen=True, slots=True)
-class Seen:
-    """What a deployment step needs of one device (:meth:`~.scheduling.Scheduler.fleet_view`)."""
+class Seen(NamedTuple):
+    """What a deployment step needs of one device (:meth:`~.scheduling.Scheduler.fleet_view`).
+
+    Immutable, a named tuple rather than a frozen dataclass: one is made per report (two per
+    device and deploy), and a frozen dataclass's ``__init__`` sets each of its 11 fields
+    through ``object.__setattr__`` (2.3 us against 0.9 us)."""
 
     attributes: Attributes
     online: bool
@@ -120,8 +123,7 @@ class Seen:
     def present(self, device: Device) -> Seen:
         """The same device with the presence, attributes and keys of ``device`` (its reported
         state left as seen: a presence does not change it)."""
-        return replace(
-            self,
+        return self._replace(
             attributes=device.attributes(),
             online=device.status == "online",
             status=device.status,
