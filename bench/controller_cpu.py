@@ -69,6 +69,8 @@ class Acknowledging:
 
     def __init__(self) -> None:
         self.desired: dict[str, bytes] = {}
+        """Each device's desired state, by its topic (the device id read from it outside the
+        measured work: see :meth:`desired_states`)."""
         self.reply: Reply | None = None
         self.reply_cpu: float | None = None
         self.messages = 0
@@ -79,8 +81,13 @@ class Acknowledging:
             self.reply_cpu = time.process_time()
             self.reply = codec.decode(payload, Reply)
         elif topic.endswith("/desired"):
-            self.desired[topics.parse(topic).device_id or ""] = payload  # type: ignore[union-attr]
+            self.desired[topic] = payload  # as a client hands it on: no parsing counted as the controller's
         return True
+
+    def desired_states(self) -> list[tuple[str, bytes]]:
+        """(device id, desired state) of every desired state published, by device id."""
+        parsed = ((topics.parse_device(topic), payload) for topic, payload in self.desired.items())
+        return sorted((device[0], payload) for device, payload in parsed if device is not None)
 
     def publish_confirmed(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         return self.publish(topic, payload, qos, retain)
@@ -167,7 +174,7 @@ def answers(
     acknowledged yet, and acknowledged by the controller), a report converging, then a
     report running. Events are numbered from ``seq``."""
     converging, events, running = [], [], []
-    for d, payload in sorted(client.desired.items()):
+    for d, payload in client.desired_states():
         desired = codec.decode(payload, DesiredState)
         topic = topics.device(d, DeviceTopic.REPORTED)
         converging.append((topic, report_of(d, desired, "converging", spec_services)))
