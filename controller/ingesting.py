@@ -132,7 +132,8 @@ class Ingestor:
         self.publisher = context.publisher
         self.deployer = context.deployer
         self._fleet_view = context.scheduler.fleet_view
-        self._emit = context.events.due.append
+        self._emitted = context.events.due  # the fleet events due (see on_event)
+        self._emit = self._emitted.append
         self._sync = sync
         self._online = online
         self._refresh = refresh
@@ -493,7 +494,8 @@ class Ingestor:
 
         ``payload`` is one event or a batch of them (a msgpack array, oldest first, agents
         since issue 21): a batch is validated whole, then each of its events is handled as
-        one sent alone; a batch with one bad event (or naming another device) is refused
+        one sent alone (one whose handling fails is undone alone, not acknowledged, and the
+        events after it still count); a batch with one bad event (or naming another device) is refused
         whole, logged naming that event and what is wrong, and nothing of it is stored or
         acknowledged."""
         try:
@@ -506,25 +508,37 @@ class Ingestor:
                 where = f"Event batch: item {i + 1} of {len(events)} (seq {event.seq})"
                 log.warning("device %s: %s names another device; ignored", device_id, where)
                 return
-        for event in events:
-            self._store_event(device_id, event)
+        if len(events) == 1:
+            self._store_event(device_id, events[0])  # the caller's unit undoes it if it fails
+            return
+        for event in events:  # each as if it came alone: one that fails undoes only itself
+            mark = len(self._emitted)
+            try:
+                self._store_event(device_id, event, alone=True)
+            except Exception:
+                del self._emitted[mark:]  # its writes and acknowledgement were undone: so are its events
+                log.exception("device %s: event %d could not be handled", device_id, event.seq)
 
-    def _store_event(self, device_id: str, event: Event) -> None:
-        """One event of ``device_id``, validated (see :meth:`on_event`)."""
+    def _store_event(self, device_id: str, event: Event, alone: bool = False) -> None:
+        """One event of ``device_id``, validated (see :meth:`on_event`). ``alone``: in a
+        savepoint of its own (one of a batch: if it fails, only its own writes are undone)."""
         stored, trimmed = _bounded_event(event)
         # Stored without ``oldest`` (what the device still queued then): no copy made for it.
         body = stored.model_dump_json(exclude={"oldest"})
         if not trimmed and event.kind != "job.result":  # only to store and log: with the batch's
             self._events_due.append((device_id, stored, body, event.oldest))  # others, in one statement
             return
-        added = self.store.add_event(device_id, event.seq, body)
-        self._acknowledge(device_id, event.seq, event.oldest)
-        if not added:
-            return  # delivered twice (at least once on the wire): already stored
-        if trimmed:
-            self._dropped(device_id, "event_trimmed")
-        if event.kind == "job.result" and event.data is not None:
-            self._on_job_result(device_id, event.data)
+        # One of a batch: in a savepoint of its own, so that if it fails only its own writes
+        # (and acknowledgement) are undone (not for those above: they write nothing here).
+        with self.store.transaction() if alone else contextlib.nullcontext():
+            added = self.store.add_event(device_id, event.seq, body)
+            self._acknowledge(device_id, event.seq, event.oldest)
+            if not added:
+                return  # delivered twice (at least once on the wire): already stored
+            if trimmed:
+                self._dropped(device_id, "event_trimmed")
+            if event.kind == "job.result" and event.data is not None:
+                self._on_job_result(device_id, event.data)
         _log_event(device_id, stored)
 
     def _flush_events(self) -> None:

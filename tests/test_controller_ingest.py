@@ -602,6 +602,41 @@ def test_an_event_whose_handling_failed_is_not_acknowledged(tmp_path: Path) -> N
 
 
 @pytest.mark.store
+def test_an_event_failing_in_a_batch_message_undoes_only_itself(store_target: str) -> None:
+    """Events in one message (a batch) are each handled as if they came alone: one whose
+    handling fails (its job result) is undone and not acknowledged, and the events after it
+    in the same message are stored and acknowledged all the same (not left for the device's
+    resend probe, 60 s to 15 minutes later)."""
+    store = Store(store_target)
+    controller = Controller(store)
+    controller.leading.set()
+    client = PublishingClient()
+    controller.client = client  # type: ignore[assignment]
+
+    def failing(device_id: str, data: dict[str, Any]) -> None:
+        controller.ingestor._event("job.result", device_id, {"job": "j"})  # emitted, then undone
+        raise RuntimeError("injected failure")
+
+    controller.ingestor._on_job_result = failing  # type: ignore[method-assign]
+    batch = [
+        Event(device_id="d-1", seq=1, kind="k", message="1", oldest=1),
+        Event(device_id="d-1", seq=2, kind="job.result", message="done", data={"job": "j"}, oldest=1),
+        Event(device_id="d-1", seq=3, kind="k", message="3", oldest=1),
+        Event(
+            device_id="d-1", seq=4, kind="job.result", message="x" * 5000, oldest=1
+        ),  # trimmed: stored at once
+    ]
+    payload = codec.array([codec.encode(e) for e in batch])
+    assert controller._ingest(*queued(topics.device("d-1", DeviceTopic.EVENTS), payload)) is None
+    assert [json.loads(b)["seq"] for b in store.list_events("d-1")] == [1, 3, 4]
+    assert not [e for e in controller.context.events.due if e.kind == "job.result"]
+    controller.publish_acks()
+    acks = [codec.decode(p, EventsAcked) for t, p, q, r in client.published if t.endswith("/acked")]
+    assert [(a.seq, a.last) for a in acks] == [(1, 4)], "2 is missing: the device sends it again"
+    store.close()
+
+
+@pytest.mark.store
 def test_counters_up_to_the_wire_limit_are_stored(store_target: str) -> None:
     """Events with a ``seq`` up to the wire's MAX_COUNTER (2**53 - 1) are stored and
     acknowledged on both backends (PostgreSQL's INTEGER refused them before migration 19:
