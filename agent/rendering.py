@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from tether.protocol.enrollment import DeviceKey
 from tether.protocol.errors import PayloadError
+from tether.protocol.heap import Shared
 from tether.protocol.models import StackSpec, VarBinding
 from tether.protocol.variables import RenderError, render_stack
 
@@ -38,6 +39,29 @@ class Rendering:
     key: tuple[object, ...]
     spec: StackSpec | None
     error: str | None = None
+
+
+_AS_IS: Shared[str, bool] = Shared(256)
+"""Per stack content hash: whether the stack renders as it is (see :func:`_as_is`)."""
+
+
+def _as_is(spec: StackSpec) -> bool:
+    """Whether ``spec`` renders to itself whatever the device: no config files, no variable
+    reference in an environment value, no ``stack`` volume (relative bind mounts). A pure
+    function of the stack's content, kept per content hash (a fleet's devices, a version's
+    every render) in :data:`_AS_IS`."""
+    return _AS_IS.get(
+        spec.spec_hash(),
+        lambda: (
+            not spec.configs
+            and not any(
+                s.configs
+                or any(v.type == "stack" for v in s.volumes)
+                or any("${var:" in value for value in s.environment.values())
+                for s in spec.services
+            )
+        ),
+    )
 
 
 class Renderer:
@@ -140,6 +164,10 @@ class Renderer:
         key: tuple[object, ...],
         previous: Rendering | None,
     ) -> Rendering:
+        if not bindings and _as_is(spec):
+            # Nothing to render, write or place: what render_stack and _place_stack_volumes
+            # would return (the spec itself), without their scans (every device, every version).
+            return Rendering(key, spec)
         values: dict[str, str] = {}
         problems: list[str] = []
         for b in bindings:

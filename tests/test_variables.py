@@ -32,6 +32,7 @@ from tether.protocol.models import (
     StackRef,
     StackSpec,
     VarBinding,
+    VolumeSpec,
     content_hash,
 )
 from tether.protocol.topics import DeviceTopic
@@ -853,3 +854,35 @@ def test_a_controller_key_that_cannot_open_the_stored_secrets_is_refused(tmp_pat
         assert SecretsKey.for_store(store, tmp_path / "right").public_key == right.public_key
     finally:
         store.close()
+
+
+def test_a_stack_with_nothing_to_render_runs_as_it_is() -> None:
+    """No config, no variable reference, no ``stack`` volume, no binding: the renderer hands the
+    spec itself (nothing scanned, written or placed); any one of those and it renders as before.
+    What it remembers per stack content never answers for another content (the stacks below
+    differ by one value each, asked in turn, the plain one again last)."""
+    from tether.agent.rendering import _as_is
+
+    plain_spec = StackSpec(services=(ServiceSpec(name="app", image="fake:1", environment={"MODE": "prod"}),))
+    device = Device()
+    device.deploy(plain_spec)
+    received = device.core.specs[plain_spec.spec_hash()]  # (decoded from the definition)
+    [(_, created)] = device.driver.created
+    assert created is received.services[0] and created == plain_spec.services[0]
+    assert device.core.renderer.renderings[STACK].spec is received
+    assert device.store.configs == {}
+    volume = VolumeSpec(type="stack", source="data", target="/data")
+    others = [
+        env_stack(),
+        conf_stack("restart"),
+        StackSpec(services=(ServiceSpec(name="app", image="fake:1", volumes=(volume,)),)),
+    ]
+    for other in [*others, plain_spec]:
+        assert _as_is(other) is (other is plain_spec)
+    # A binding (here one whose value failed on the controller) is always looked at.
+    device.deploy(plain_spec, VarBinding(stack=STACK, ref="db/password", error="no such variable"))
+    failed = device.link.events("stack.render_failed")
+    assert len(failed) == 1 and "no such variable" in failed[0].message
+    # And the env stack, deployed next, is rendered with its secret.
+    device.deploy(env_stack(), device.secret("db/password", "s3cret"))
+    assert device.driver.created[-1][1].environment == {"DB_PASSWORD": "s3cret", "MODE": "prod"}

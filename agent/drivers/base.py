@@ -27,7 +27,7 @@ HEALTH_OUTPUT_CHARS = 500
 InstanceState = Literal["running", "starting", "restarting", "exited"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Observed:
     """One instance of a service as the driver sees it now."""
 
@@ -43,6 +43,36 @@ class Observed:
     """The service's stop grace period, recorded at creation: used once the spec is gone."""
     health_output: str | None = None
     """The output of the last failing health check, while ``health`` is ``unhealthy``."""
+
+    def __init__(
+        self,
+        id: str,  # noqa: A002 (the field's name)
+        stack: str,
+        service: str,
+        spec_hash: str,
+        state: InstanceState,
+        exit_code: int | None = None,
+        health: HealthState | None = None,
+        error: str | None = None,
+        stop_grace: float | None = None,
+        health_output: str | None = None,
+    ) -> None:
+        # The generated __init__ of a frozen dataclass sets each field through
+        # object.__setattr__: 2.9 us for these ten, against 1.2 us for one update of the
+        # instance's dict. Drivers make one per instance at every observe (the simulator, one
+        # per create). Same fields, order and defaults (tests/unit/test_drivers_base.py).
+        self.__dict__.update(
+            id=id,
+            stack=stack,
+            service=service,
+            spec_hash=spec_hash,
+            state=state,
+            exit_code=exit_code,
+            health=health,
+            error=error,
+            stop_grace=stop_grace,
+            health_output=health_output,
+        )
 
 
 class Driver(Protocol):
