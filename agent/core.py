@@ -819,7 +819,8 @@ class AgentCore:
         plan = reconcile.plan(
             runnable, [i for i in observed if i.stack not in unrendered], now, self.restarts
         )
-        actions, skip = plan.actions, set[int]()
+        actions = plan.actions
+        skip: set[int] = set()  # (not set[int](): a generic alias made and called every reconcile)
         for i, action in enumerate(actions):
             successor = actions[i + 1] if i + 1 < len(actions) else None
             if i in skip:
