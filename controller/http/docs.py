@@ -57,7 +57,8 @@ _CHANNELS: tuple[tuple[str, str, str, str, Any, bool, int, str], ...] = (
     ("presence", _device(topics.DeviceTopic.PRESENCE), "receive", "Presence",
      Presence, True, 1, "online/offline, with the agent's session number (offline: its will)."),
     ("events", _device(topics.DeviceTopic.EVENTS), "receive", "Event",
-     Event, False, 1, "Events of a device (numbered; the controller acknowledges them on acked)."),
+     Event, False, 1, "Events of a device (numbered; the controller acknowledges them on acked): "
+     "one Event, or a batch of them, a msgpack array of Events oldest first (what agents send)."),
     ("acked", _device(topics.DeviceTopic.ACKED), "send", "EventsAcked",
      EventsAcked, True, 0, "The events of a device the controller has stored."),
     ("metrics", _device(topics.DeviceTopic.METRICS), "receive", "MetricsSample",
