@@ -231,6 +231,7 @@ class AgentCore:
         self._topics: dict[DeviceTopic, str] = {}  # see topic
         self._inbound: dict[str, DeviceTopic] | None = None  # see handle
         self._online: bytes | None = None  # this session's last ``online`` (see _on_own_presence)
+        self._answered: bytes | None = None  # the stale presence last answered in this session (likewise)
         saved = store.load_json("applied") or {}
         self.applied: dict[str, str] = dict(saved.get("applied", {}))
         """Stack name -> the version (hash) the device runs: the desired one once staged."""
@@ -270,7 +271,7 @@ class AgentCore:
     def make_will(self) -> Will:
         """Called before every CONNECT: a new session number and its ``offline`` will."""
         self.session = self.store.next_session()
-        self._online = None
+        self._online = self._answered = None
         presence = Presence(device_id=self.device_id, status="offline", session=self.session, at=self.clock())
         return Will(self.topic(DeviceTopic.PRESENCE), codec.encode(presence), qos=1, retain=True)
 
@@ -377,6 +378,13 @@ class AgentCore:
             # published the will of this one that a restarted broker lost (controller/reconfirm.py)
             # while we are in fact connected: restore it. (Our own goodbye is sent after the
             # last message is handled.)
+            if payload == self._answered:
+                # The same message again in this session: after a reconnection the will of the
+                # last connection comes twice, queued for our session while we were away, then
+                # as the retained message our SUBSCRIBE renews. Answered already, and the
+                # answer reached the broker after the will it answered, whichever copy came first.
+                return
+            self._answered = payload
             self.publish_online()
 
     def _on_desired(self, payload: bytes) -> None:

@@ -504,11 +504,18 @@ def test_an_offline_presence_of_the_live_session_is_corrected() -> None:
     assert onlines() == []
     core.handle(topic, codec.encode(Presence(device_id=DEVICE, status="offline", session=core.session)))
     assert [p.session for p in onlines()] == [core.session]
-    core.handle(topic, codec.encode(Presence(device_id=DEVICE, status="offline", session=core.session - 1)))
+    will = codec.encode(Presence(device_id=DEVICE, status="offline", session=core.session - 1))
+    core.handle(topic, will)
     assert len(onlines()) == 2
+    core.handle(topic, will)  # the same will again (queued, then retained at the SUBSCRIBE)
+    assert len(onlines()) == 2, "answered once"
     link.connected = False
     core.handle(topic, codec.encode(Presence(device_id=DEVICE, status="offline", session=core.session)))
     assert len(onlines()) == 2, "not connected: nothing to restore"
+    link.connected = True
+    core.make_will()  # a new connection: the same will is news again
+    core.handle(topic, will)
+    assert [p.session for p in onlines()][2:] == [core.session]
 
 
 def test_the_agents_own_online_coming_back_is_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
