@@ -231,7 +231,6 @@ def status(
                 by_key[(seen.stack, seen.service)] = seen
     result: dict[str, StackStatus] = {}
     for stack, spec in desired.items():
-        services: dict[str, ServiceStatus] = {}
         described: list[tuple[str, _ServiceArgs]] = []
         for svc in spec.services:
             key = (stack, svc.name)
@@ -278,15 +277,20 @@ def status(
                     tail,
                     inst.health_output if inst.health == "unhealthy" else None,
                 )
-            services[svc.name] = _SERVICE_STATUSES.get(args, partial(_service_status, args))
             described.append((svc.name, args))
         spec_hash = hashes[stack] if stack in hashes else spec.spec_hash()
-        state = _stack_state(spec, services)
+        # The stack's status, its services' and its state included, follows from what those
+        # are made of (in the spec's order): made only when that is new (the state's scans
+        # alone were 3 % of the simulator's CPU per deploy at 10,000 devices).
         result[stack] = _STACK_STATUSES.get(
-            (spec_hash, state, tuple(described)),
-            lambda: StackStatus(spec_hash=spec_hash, state=state, services=services),  # noqa: B023 (called at once)
+            (spec_hash, tuple(described)), partial(_stack_status, spec, spec_hash, described)
         )
     return result
+
+
+def _stack_status(spec: StackSpec, spec_hash: str, described: list[tuple[str, _ServiceArgs]]) -> StackStatus:
+    services = {name: _SERVICE_STATUSES.get(args, partial(_service_status, args)) for name, args in described}
+    return StackStatus(spec_hash=spec_hash, state=_stack_state(spec, services), services=services)
 
 
 _ServiceArgs = tuple[

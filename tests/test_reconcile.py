@@ -322,6 +322,39 @@ def test_equal_statuses_are_shared_and_a_changed_one_is_made_anew() -> None:
     assert first == status(desired, {}, [inst("1", "s", web)], {}, {})["s"], "unchanged by what came between"
 
 
+def test_a_kept_status_is_the_one_its_content_makes() -> None:
+    """The stack statuses kept (per version and what its services' statuses are made of: the
+    stack's state is made with them, only when new) never answer for other content: through
+    states that change one at a time, back and forth, for two versions of one stack and two
+    stacks, every status equals one made with nothing kept."""
+    from tether.agent import reconcile
+
+    web, job = svc("web"), svc("job", restart="no")
+    v1 = stack(web, job)
+    v2 = stack(svc("web", image="img:2"), job)
+    steps: list[tuple[str, str | None, int | None]] = [
+        ("running", None, None),
+        ("running", "starting", None),
+        ("running", "healthy", None),
+        ("running", "unhealthy", None),
+        ("exited", None, 0),
+        ("exited", None, 3),
+        ("running", None, None),
+    ]
+    for spec, hashes in ((v1, {}), (v2, {}), (v1, {"s": "f" * 64, "t": "e" * 64})):
+        desired = {"s": spec, "t": spec}
+        for state, health, code in [*steps, *reversed(steps)]:
+            observed = [
+                Observed("1", "s", "web", spec.services[0].spec_hash(), state, exit_code=code, health=health),  # type: ignore[arg-type]
+                inst("2", "s", job),
+                inst("3", "t", job, state="exited", exit_code=0),
+            ]
+            got = status(desired, hashes, observed, {}, {})
+            reconcile._STACK_STATUSES._kept.clear()
+            reconcile._SERVICE_STATUSES._kept.clear()
+            assert got == status(desired, hashes, observed, {}, {}), (state, health, code)
+
+
 # --- properties ------------------------------------------------------------------------------
 
 STACK_NAMES = ["alpha", "beta", "gamma"]
