@@ -1267,13 +1267,7 @@ class AgentCore:
         """
         self._events_raised = False
         now = time.monotonic()
-        for seq, acked in list(self._inflight.items()):
-            if acked():
-                del self._inflight[seq]
-                if self.store.events_acked() is None:
-                    self.store.outbox_ack(seq)
-                else:
-                    self._delivered[seq] = now
+        self._sweep_inflight(now)
         if self._delivered:  # forget what the bounded outbox dropped meanwhile
             head = self.store.outbox_head(1)
             first = head[0].seq if head else None
@@ -1325,6 +1319,17 @@ class AgentCore:
         if batch:
             self._send_batch(batch, encoded)
 
+    def _sweep_inflight(self, now: float) -> None:
+        """What the broker acknowledged (PUBACK) since the last look: delivered (forgotten,
+        on a device that has had no controller acknowledgement yet)."""
+        for seq, acked in list(self._inflight.items()):
+            if acked():
+                del self._inflight[seq]
+                if self.store.events_acked() is None:
+                    self.store.outbox_ack(seq)
+                else:
+                    self._delivered[seq] = now
+
     def _send_batch(self, seqs: list[int], encoded: list[bytes]) -> bool:
         """Publish events ``seqs`` (``encoded``) in one message; False if the link refused it."""
         check = self.link.publish_tracked(self.topic(DeviceTopic.EVENTS), codec.array(encoded), 1)
@@ -1351,6 +1356,10 @@ class AgentCore:
             self.store.outbox_ack_through(ack.seq)
             self._resend_wait = RESEND_AFTER  # progress
             self._probe_at = None
+        # A batch the broker acknowledged since the last flush is delivered: the runner waits
+        # on its inbox right after publishing, so this acknowledgement often comes first, and
+        # an event of that batch it shows lost must go again now, not at the next probe.
+        self._sweep_inflight(time.monotonic())
         covered = max(ack.seq, current or 0)
         self._inflight = {s: a for s, a in self._inflight.items() if s > covered}
         if ack.resend:

@@ -160,6 +160,32 @@ def test_an_event_the_controller_missed_is_sent_again_at_once(tmp_path: Path) ->
     assert core.store.outbox_size() == 0
 
 
+def test_an_event_of_a_batch_the_controller_missed_goes_again_at_once_without_a_flush_between(
+    tmp_path: Path,
+) -> None:
+    """The controller's acknowledgement usually comes before the agent's next flush: the
+    runner's loop waits on its inbox right after publishing a batch, and the broker's PUBACK
+    (the batch's, on the client's thread) is not looked at until a flush. An acknowledgement
+    showing an event of that batch lost (stored around it: the controller undoes a failing
+    event of a batch alone) still sends it again at once, not after RESEND_AFTER."""
+    link = TrackedLink()
+    core = AgentCore("d", {}, FakeDriver("d"), LocalStore(tmp_path), link)
+    _ack(core, 0)
+    for kind in ("one", "two", "three"):
+        core.event(kind, kind)
+    core.flush_events()  # one message: [1, 2, 3]
+    link.acks.update({1: True, 2: True, 3: True})  # its PUBACK; no flush since
+    link.sent.clear()
+    _ack(core, 1, last=3)  # 2 was not stored
+    assert _events_sent(link) == [2]
+    core.event("four", "four")
+    core.flush_events()  # [4]
+    link.acks.update({2: True, 4: True})
+    link.sent.clear()
+    _ack(core, 1, last=4, resend=True)  # the controller was away: all that seq does not cover
+    assert _events_sent(link) == [2, 3, 4]
+
+
 def test_unacknowledged_events_go_again_after_a_while(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
