@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import queue
+import uuid
 from pathlib import Path
 
 import pytest
+from support.infra import wait_until
 from tether.agent import core as core_module
 from tether.agent.core import AgentCore
 from tether.agent.drivers.fake import FakeDriver
 from tether.agent.store import LocalStore, MemoryStore
+from tether.broker import EmbeddedBroker
 from tether.protocol import codec, topics
 from tether.protocol.models import Event, EventsAcked, ReportedState
+from tether.protocol.mqtt import BrokerAddress, MqttClient
 from tether.protocol.topics import DeviceTopic
 
 
@@ -184,6 +189,44 @@ def test_an_event_of_a_batch_the_controller_missed_goes_again_at_once_without_a_
     link.sent.clear()
     _ack(core, 1, last=4, resend=True)  # the controller was away: all that seq does not cover
     assert _events_sent(link) == [2, 3, 4]
+
+
+def test_a_lost_event_of_a_batch_goes_again_at_once_through_a_real_broker() -> None:
+    """The same through the embedded broker, in the order the runner sees it: a batch is
+    published, the broker acknowledges it, and the controller's acknowledgement (showing
+    event 2 not stored) is the next message the agent handles, with no flush between."""
+    broker = EmbeddedBroker("127.0.0.1", 0)
+    port = broker.start()
+    inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    events: list[int] = []
+    device = f"d-{uuid.uuid4().hex[:8]}"
+    agent = MqttClient(
+        [BrokerAddress("127.0.0.1", port)], device, on_message=lambda t, p, r: inbox.put((t, p))
+    )
+    controller = MqttClient(
+        [BrokerAddress("127.0.0.1", port)],
+        f"c-{uuid.uuid4().hex[:8]}",
+        on_message=lambda t, p, r: events.extend(e.seq for e in _events(p)),
+    )
+    try:
+        core = AgentCore(device, {}, FakeDriver(device), MemoryStore(), agent)
+        agent.subscribe(topics.device(device, DeviceTopic.ACKED))
+        controller.subscribe(topics.device(device, DeviceTopic.EVENTS))
+        agent.connect(10)
+        controller.connect(10)
+        for kind in ("one", "two", "three"):
+            core.event(kind, kind)
+        core.flush_events()  # one message: [1, 2, 3]
+        wait_until(lambda: events == [1, 2, 3], 10)
+        wait_until(lambda: all(check() for check in core._inflight.values()), 10)  # its PUBACK
+        acked = EventsAcked(device_id=device, seq=1, last=3)
+        assert controller.publish(topics.device(device, DeviceTopic.ACKED), codec.encode(acked))
+        core.handle(*inbox.get(timeout=10))
+        wait_until(lambda: events[3:] == [2], 10)
+    finally:
+        agent.stop()
+        controller.stop()
+        broker.stop()
 
 
 def test_unacknowledged_events_go_again_after_a_while(
