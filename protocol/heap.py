@@ -233,7 +233,7 @@ class Kept(BaseModel):
         return copied
 
 
-def shared_copy(model: M, update: dict[str, int | float | bool | None]) -> M:
+def shared_copy(model: M, update: dict[str, str | int | float | bool | None]) -> M:
     """``share_field_sets(model.model_copy(update=update))``: a :class:`Kept` model shared
     whole already gives a copy shared whole, walking nothing (marking 10,000 desired records
     published walked each again)."""

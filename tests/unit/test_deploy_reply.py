@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.fleet import WEB, desired, online
+from support.fleet import WEB, desired, online, report_running
 from support.recording import Clock, RecordingPublisher
+from tether.controller.models import DesiredRecord
 from tether.controller.service import Controller
 from tether.controller.store import Store
 from tether.controller.variables import SecretsKey
@@ -101,3 +102,45 @@ def test_a_failed_recompute_after_the_reply_is_retried_by_the_tick(
     assert [r.spec_hash for r in record.stacks] == [stack.spec_hash]
     state = desired(publisher, "d-1")
     assert state is not None and state.generation == record.generation
+
+
+def test_each_device_is_published_its_own_desired_state_when_records_are_shared(
+    controller: Controller, publisher: RecordingPublisher
+) -> None:
+    """A recompute makes one record per set of parts and copies it for the devices with the
+    same parts (controller/scheduling.py): each device still gets its own id, its own next
+    generation (one reports a later one applied) and its own stacks (two groups overlapping),
+    published under its own topic, stored as a validated record would be."""
+    controller.execute(GroupsCreate(name="edge", devices=("d-1", "d-2", "d-3", "d-4")))
+    controller.execute(GroupsCreate(name="core", devices=("d-3", "d-4", "d-5", "d-6")))
+    devices = [f"d-{i}" for i in range(1, 7)]
+    for device_id in devices:
+        online(controller, device_id)
+    controller.execute(StacksDeploy(name="web", group="edge", compose=WEB))
+    controller.execute(StacksDeploy(name="api", group="core", compose=WEB.replace("web:", "api:")))
+    web1 = controller.store.get_stack("web")
+    assert web1 is not None
+    report_running(controller, "d-2", 7, {"web": web1.spec_hash})  # ahead of what was published
+    controller.execute(StacksDeploy(name="web", group="edge", compose=WEB.replace("1.36", "1.37")))
+    web, api = controller.store.get_stack("web"), controller.store.get_stack("api")
+    assert web is not None and api is not None and web.spec_hash != web1.spec_hash
+    expected = {
+        "d-1": [("web", web.spec_hash)],
+        "d-2": [("web", web.spec_hash)],
+        "d-3": [("api", api.spec_hash), ("web", web.spec_hash)],
+        "d-4": [("api", api.spec_hash), ("web", web.spec_hash)],
+        "d-5": [("api", api.spec_hash)],
+        "d-6": [("api", api.spec_hash)],
+    }
+    generations = {}
+    for device_id in devices:
+        record = controller.store.get_desired(device_id)
+        assert record is not None and record.device_id == device_id
+        assert record == DesiredRecord.model_validate(record.model_dump())
+        assert [(r.name, r.spec_hash) for r in record.stacks] == expected[device_id]
+        state = desired(publisher, device_id)
+        assert state is not None and state.device_id == device_id
+        assert state.generation == record.generation
+        assert [(r.name, r.spec_hash) for r in state.stacks] == expected[device_id]
+        generations[device_id] = record.generation
+    assert generations == {"d-1": 2, "d-2": 9, "d-3": 3, "d-4": 3, "d-5": 1, "d-6": 1}
