@@ -3,7 +3,7 @@
     {data_dir}/desired.msgpack         the last accepted DesiredState
     {data_dir}/stacks/{hash}.msgpack   definitions of the stacks it references
     {data_dir}/session                 the presence session counter
-    {data_dir}/outbox/{seq}.msgpack    events not yet handed to the broker, oldest first
+    {data_dir}/outbox/{seq}.msgpack    events not yet stored by the controller (its acknowledgement), oldest first
     {data_dir}/outbox/state            next event sequence number and events dropped
     {data_dir}/jobs.json               the job scheduler's state (finished one-shot runs...)
     {data_dir}/applied.json            per stack, the version that runs and the one it replaced
