@@ -67,7 +67,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     stack = store.get_stack("app")
     assert stack is not None
     services = {stack.spec_hash: {s.name: s.spec_hash() for s in stack.spec.services}}
-    desired = {d: codec.decode(p, DesiredState) for d, p in client.desired.items()}
+    desired = {d: codec.decode(p, DesiredState) for d, p in client.desired_states()}
     ids = sorted(desired)
     deployer = controller.context.deployer
 
