@@ -158,8 +158,16 @@ def test_the_old_version_serves_while_the_new_image_crawls_in_and_the_switch_is_
 
             # A crash during the download is restarted (the old version: the new one is not here).
             (container,) = docker_engine.containers.list(filters={"label": f"io.tether.device={device}"})
+            started = container.attrs["State"]["StartedAt"]
             container.kill()
-            wait_until(lambda: container.reload() or container.status == "exited", 10)
+            # Exited, or already started again by the agent (a fast restart can come before a look).
+            wait_until(
+                lambda: container.reload()
+                or container.status == "exited"
+                or container.attrs["State"]["StartedAt"] != started,
+                10,
+                message="the killed container exited",
+            )
             wait_until(lambda: poller.last() == "v1", 30, message="v1 restarted during the download")
             assert link.down_bytes < size, "restarted while the download still ran"
 
