@@ -162,9 +162,11 @@ def test_the_old_version_serves_while_the_new_image_crawls_in_and_the_switch_is_
             container.kill()
             # Exited, or already started again by the agent (a fast restart can come before a look).
             wait_until(
-                lambda: container.reload()
-                or container.status == "exited"
-                or container.attrs["State"]["StartedAt"] != started,
+                lambda: (
+                    container.reload()
+                    or container.status == "exited"
+                    or container.attrs["State"]["StartedAt"] != started
+                ),
                 10,
                 message="the killed container exited",
             )
