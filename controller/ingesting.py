@@ -35,7 +35,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from tether.protocol import codec, topics
@@ -99,6 +99,31 @@ def _bounded_event(event: Event) -> tuple[Event, bool]:
     return (event.model_copy(update=update), True) if update else (event, False)
 
 
+class _Kept(NamedTuple):
+    """What is stored of an event, made once per distinct content of a deploy's events (see
+    :class:`~tether.protocol.codec.BatchMemo`): alike on every device but for its id, seq and time."""
+
+    stored: Event
+    """The event as stored (:func:`_bounded_event`; its device, seq and time those of the first seen)."""
+    body: codec.Template | None
+    """Its stored JSON, but for the device, seq and time; None when it is stored otherwise
+    (trimmed, a job's result: :meth:`Ingestor._store_event`)."""
+
+
+_EVENT_VARY = ("device_id", "seq", "at", "oldest")
+"""An event's fields that differ between the devices of a deploy (checked per event)."""
+
+
+def _kept_event(event: Event) -> _Kept:
+    stored, trimmed = _bounded_event(event)
+    body = None
+    if not trimmed and event.kind != "job.result":
+        with contextlib.suppress(ValueError):  # a body pydantic writes otherwise: dumped whole
+            plain = stored.model_copy(update={"device_id": "d", "seq": 0, "at": 0.0})  # not the first's own
+            body = codec.Template(plain, ("device_id", "seq", "at"), json_exclude={"oldest"})
+    return _Kept(stored, body)
+
+
 def allowance(device: Device) -> float:
     """How long a device may stay silent after a restart before it counts as offline: the
     broker's 1.5 x keepalive for a dead link, plus the agent's longest reconnect backoff."""
@@ -146,7 +171,10 @@ class Ingestor:
         self._sync_devices: set[str] = set()  # devices to schedule at the end of a batch (see take_syncs)
         self._sync_all = False
         self._reports_due: dict[str, ReportedState] = {}  # written at the end of a batch (see flush_reports)
-        self._events_due: list[tuple[str, Event, str, int]] = []  # likewise (device, event, JSON, oldest)
+        self._events_due: list[
+            tuple[str, int, str, int, Event]
+        ] = []  # likewise (device, seq, JSON, oldest, event)
+        self._event_memo = codec.BatchMemo(Event, _EVENT_VARY, _kept_event)  # a deploy's events are alike
         self._report_memo = codec.FieldMemo(ReportedState, "stacks")  # a fleet reports the same stacks
         self._stale: dict[str, float] = {}  # device -> when its ``unknown`` presence turns offline
         self._presence_trusted = False  # see connected
@@ -499,40 +527,62 @@ class Ingestor:
         whole, logged naming that event and what is wrong, and nothing of it is stored or
         acknowledged."""
         try:
-            events = codec.decode_many(payload, Event, MAX_EVENT_BATCH, "seq")
+            events = self._event_memo.decode_many(payload, MAX_EVENT_BATCH, "seq")
         except PayloadError as exc:
             log.warning("device %s: ignoring %s", device_id, exc)
             return
-        for i, event in enumerate(events):
-            if event.device_id != device_id:
-                where = f"Event batch: item {i + 1} of {len(events)} (seq {event.seq})"
+        for i, (_, _, (named, seq, _, _)) in enumerate(events):
+            if named != device_id:
+                where = f"Event batch: item {i + 1} of {len(events)} (seq {seq})"
                 log.warning("device %s: %s names another device; ignored", device_id, where)
                 return
-        if len(events) == 1:
-            self._store_event(device_id, events[0])  # the caller's unit undoes it if it fails
-            return
-        for event in events:  # each as if it came alone: one that fails undoes only itself
+        due = self._events_due
+        for event, kept, values in events:  # each as if it came alone: one that fails undoes only itself
+            if kept is not None and kept.body is not None:  # a deploy's: made once, the rest filled in
+                try:
+                    body = kept.body.dump_json(device_id, values[1], values[2])
+                except ValueError:  # a device id or time written otherwise: by _store_event
+                    pass
+                else:  # only to store and log: with the batch's others, in one statement
+                    due.append((device_id, values[1], body, values[3], kept.stored))
+                    continue
+            if len(events) == 1:
+                self._store_event(device_id, event, kept, values)  # the caller's unit undoes it if it fails
+                return
             mark = len(self._emitted)
             try:
-                self._store_event(device_id, event, alone=True)
+                self._store_event(device_id, event, kept, values, alone=True)
             except Exception:
                 del self._emitted[mark:]  # its writes and acknowledgement were undone: so are its events
-                log.exception("device %s: event %d could not be handled", device_id, event.seq)
+                log.exception("device %s: event %d could not be handled", device_id, values[1])
 
-    def _store_event(self, device_id: str, event: Event, alone: bool = False) -> None:
-        """One event of ``device_id``, validated (see :meth:`on_event`). ``alone``: in a
-        savepoint of its own (one of a batch: if it fails, only its own writes are undone)."""
+    def _store_event(
+        self,
+        device_id: str,
+        event: Event,
+        kept: _Kept | None,
+        values: tuple[str, int, float, int],
+        alone: bool = False,
+    ) -> None:
+        """One event of ``device_id``, validated (see :meth:`on_event`): ``event`` with the
+        ``values`` of its fields that vary (:data:`_EVENT_VARY`); ``kept``: None if ``event``
+        is the event itself (validated alone), else it has the content of the first alike.
+        ``alone``: in a savepoint of its own (one of a batch: if it fails, only its own writes
+        are undone)."""
+        _, seq, _, oldest = values
+        if kept is not None:
+            event = event.model_copy(update=dict(zip(_EVENT_VARY, values, strict=True)))
         stored, trimmed = _bounded_event(event)
         # Stored without ``oldest`` (what the device still queued then): no copy made for it.
         body = stored.model_dump_json(exclude={"oldest"})
         if not trimmed and event.kind != "job.result":  # only to store and log: with the batch's
-            self._events_due.append((device_id, stored, body, event.oldest))  # others, in one statement
+            self._events_due.append((device_id, seq, body, oldest, stored))  # others, in one statement
             return
         # One of a batch: in a savepoint of its own, so that if it fails only its own writes
         # (and acknowledgement) are undone (not for those above: they write nothing here).
         with self.store.transaction() if alone else contextlib.nullcontext():
-            added = self.store.add_event(device_id, event.seq, body)
-            self._acknowledge(device_id, event.seq, event.oldest)
+            added = self.store.add_event(device_id, seq, body)
+            self._acknowledge(device_id, seq, oldest)
             if not added:
                 return  # delivered twice (at least once on the wire): already stored
             if trimmed:
@@ -549,36 +599,42 @@ class Ingestor:
             due, self._events_due = self._events_due, []
             try:
                 with self.store.transaction():  # a savepoint: an event refused undoes only itself
-                    added = self.store.add_events([(d, e.seq, body) for d, e, body, _ in due])
+                    added = self.store.add_events([(d, seq, body) for d, seq, body, _, _ in due])
             except Exception:
                 due, added = self._add_each(due)
             # Acknowledged together once committed (what is stored of devices not heard of
             # since the controller started is then read in one query: Publisher.note_stored_many).
-            stored = [(device_id, event.seq, oldest) for device_id, event, _, oldest in due if oldest]
+            stored = [(device_id, seq, oldest) for device_id, seq, _, oldest, _ in due if oldest]
             if stored:
                 self.store.after_commit(lambda: self.publisher.note_stored_many(stored))
-            for device_id, event, _, _ in due:
-                if (device_id, event.seq) in added:
-                    added.discard((device_id, event.seq))  # sent twice in the batch: logged once
-                    _log_event(device_id, event)
+            if len(added) == len(due):  # each stored now (none twice): each logged
+                info = log.isEnabledFor(logging.INFO)
+                for device_id, _, _, _, event in due:
+                    if info or event.level != "info":
+                        _log_event(device_id, event)
+            elif added:
+                for device_id, seq, _, _, event in due:
+                    if (device_id, seq) in added:
+                        added.discard((device_id, seq))  # sent twice in the batch: logged once
+                        _log_event(device_id, event)
 
     def _add_each(
-        self, due: list[tuple[str, Event, str, int]]
-    ) -> tuple[list[tuple[str, Event, str, int]], set[tuple[str, int]]]:
+        self, due: list[tuple[str, int, str, int, Event]]
+    ) -> tuple[list[tuple[str, int, str, int, Event]], set[tuple[str, int]]]:
         """The events of ``due`` stored one by one, each in its own savepoint, once storing
         them together failed: those the database refuses are left out, not acknowledged (the
         device sends them again), as when each was stored with its message. The events
         stored (now or before), and the (device, seq) of those stored now."""
-        kept: list[tuple[str, Event, str, int]] = []
+        kept: list[tuple[str, int, str, int, Event]] = []
         added: set[tuple[str, int]] = set()
         for item in due:
-            device_id, event, body, _ = item
+            device_id, seq, body, _, _ = item
             try:
                 with self.store.transaction():
-                    if self.store.add_event(device_id, event.seq, body):
-                        added.add((device_id, event.seq))
+                    if self.store.add_event(device_id, seq, body):
+                        added.add((device_id, seq))
             except Exception:
-                log.exception("device %s: event %d could not be stored", device_id, event.seq)
+                log.exception("device %s: event %d could not be stored", device_id, seq)
                 continue
             kept.append(item)
         return kept, added

@@ -379,10 +379,18 @@ class Publisher:
             for device_id, below in unknown.items():
                 above = set(found.get(device_id, ()))
                 self._event_marks[device_id] = _Marks(below, max(above, default=0), above or _NO_SEQS)
+        marks_of, due = self._event_marks, self._acks_due
         for device_id, seq, oldest in stored:
-            marks = self._event_marks[device_id]
-            marks.acked = max(marks.acked, oldest - 1)
-            marks.last = max(marks.last, seq)
+            marks = marks_of[device_id]
+            if oldest > marks.acked:
+                marks.acked = oldest - 1
+            if seq > marks.last:
+                marks.last = seq
+            if not marks.above and seq <= marks.acked + 1:  # the next (or a stored one): no set
+                if seq > marks.acked:
+                    marks.acked = seq
+                due.add(device_id)
+                continue
             if seq > marks.acked:
                 if isinstance(marks.above, set):
                     marks.above.add(seq)
@@ -392,7 +400,7 @@ class Publisher:
                 marks.acked += 1
             if marks.above:
                 marks.above = {s for s in marks.above if s > marks.acked} or _NO_SEQS
-            self._acks_due.add(device_id)  # also when unchanged: a resent event means ours was missed
+            due.add(device_id)  # also when unchanged: a resent event means ours was missed
 
     def publish_acks(self) -> None:
         """Publish the acknowledgements due (from the tick: at most one per device a second).

@@ -88,21 +88,23 @@ def encode_with(model: BaseModel, update: dict[str, int | float | str | bool | N
 
 class Template:
     """The bytes :func:`encode` gives for copies of ``model`` that differ only in the fields
-    ``vary``, the other fields packed once.
+    ``vary``, the other fields packed once; or (``json_exclude`` given) the text
+    ``model_dump_json(exclude=json_exclude)`` gives for them (:meth:`dump_json`).
 
     A msgpack map is its header, then each key and value in turn: the map of a copy is the
-    model's, with the packed values of ``vary`` in their places. For many messages alike but
-    for a few plain fields (a deploy's desired states: the same stacks for 10,000 devices,
-    each with its id and generation), where building, validating and dumping a model per
-    message cost more than the rest of publishing it. ``vary``: fields without ``exclude_if``
-    (they are always in the map) whose values are plain (str, int, float, bool); each value
-    given must have the type of ``model``'s own (a copy would validate it: the caller checks
-    any other constraint of the field).
+    model's, with the packed values of ``vary`` in their places (a JSON object likewise, with
+    their JSON). For many messages alike but for a few plain fields (a deploy's desired
+    states: the same stacks for 10,000 devices, each with its id and generation; a deploy's
+    events, stored as JSON), where building, validating and dumping a model per message cost
+    more than the rest of handling it. ``vary``: fields without ``exclude_if`` (they are
+    always in the map) whose values are plain (str, int, float, bool); each value given must
+    have the type of ``model``'s own (a copy would validate it: the caller checks any other
+    constraint of the field).
     """
 
-    __slots__ = ("_fixed", "_order", "_types")
+    __slots__ = ("_fixed", "_format", "_json", "_order", "_types")
 
-    def __init__(self, model: BaseModel, vary: tuple[str, ...]) -> None:
+    def __init__(self, model: BaseModel, vary: tuple[str, ...], json_exclude: set[str] | None = None) -> None:
         data = model.model_dump(mode="json")
         fields = type(model).model_fields
         for name in vary:
@@ -110,22 +112,44 @@ class Template:
                 raise ValueError(f"{type(model).__name__}.{name} cannot vary in a template")
             if type(data[name]) not in (str, int, float, bool):
                 raise ValueError(f"{type(model).__name__}.{name} is not a plain value")
-        packer = msgpack.Packer(use_bin_type=True)
-        fixed = [packer.pack_map_header(len(data))]
+        self._json = json_exclude is not None
+        fixed: list[Any]
         order: list[int] = []  # per slot in the map, which of ``values`` goes there
-        for name, value in data.items():  # model_dump's order: encode's
-            fixed[-1] += packer.pack(name)
-            if name in vary:
-                order.append(vary.index(name))
-                fixed.append(b"")
-            else:
-                fixed[-1] += packer.pack(value)
-        self._fixed = tuple(fixed)  # the bytes before, between and after the values
+        if json_exclude is not None:  # each field's "name":value as pydantic writes it, in order
+            parts = [(n, model.model_dump_json(include={n})[1:-1]) for n in data if n not in json_exclude]
+            fixed = ["{"]
+            for name, part in [(n, p) for n, p in parts if p]:  # empty: left out (exclude_if)
+                fixed[-1] += "," if fixed[-1] != "{" or len(fixed) > 1 else ""
+                if name in vary:
+                    fixed[-1] += part[: part.index(":") + 1]  # "name": (a field's name has no colon)
+                    order.append(vary.index(name))
+                    fixed.append("")
+                else:
+                    fixed[-1] += part
+            fixed[-1] += "}"
+        else:
+            packer = msgpack.Packer(use_bin_type=True)
+            fixed = [packer.pack_map_header(len(data))]
+            for name, value in data.items():  # model_dump's order: encode's
+                fixed[-1] += packer.pack(name)
+                if name in vary:
+                    order.append(vary.index(name))
+                    fixed.append(b"")
+                else:
+                    fixed[-1] += packer.pack(value)
+        self._fixed = tuple(fixed)  # the bytes (text) before, between and after the values
         self._order = tuple(order)
         self._types = tuple(type(data[vary[i]]) for i in order)
+        self._format = "%s".join(f.replace("%", "%%") for f in fixed) if self._json else ""
+        if self._json:
+            own = tuple(getattr(model, name) for name in vary)
+            if self.dump_json(*own) != model.model_dump_json(exclude=json_exclude):
+                raise ValueError(f"{type(model).__name__} cannot be dumped from a template")
 
     def encode(self, *values: str | int | float | bool) -> bytes:
         """The bytes of the copy whose fields ``vary`` have ``values`` (in that order)."""
+        if self._json:
+            raise TypeError("a JSON template: see dump_json")
         if len(values) != len(self._order):
             raise TypeError(f"expected {len(self._order)} values, got {len(values)}")
         fixed = self._fixed
@@ -137,6 +161,33 @@ class Template:
             out.append(packb(value))
             out.append(fixed[at + 1])
         return b"".join(out)
+
+    def dump_json(self, *values: str | int | float | bool) -> str:
+        """The JSON of the copy whose fields ``vary`` have ``values`` (in that order), as
+        ``model_dump_json(exclude=json_exclude)`` writes it. Raise :class:`ValueError` for a
+        value whose JSON is not plainly its text (a string to escape, a float pydantic writes
+        in another notation than Python's ``repr``): the caller dumps that copy whole."""
+        if not self._json:
+            raise TypeError("not a JSON template: see encode")
+        if len(values) != len(self._order):
+            raise TypeError(f"expected {len(self._order)} values, got {len(values)}")
+        texts = []
+        for index, kind in zip(self._order, self._types):  # noqa: B905 (same length)
+            value = values[index]
+            if type(value) is not kind:
+                raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+            if kind is str:
+                if not value.isascii() or not value.isprintable() or '"' in value or "\\" in value:  # type: ignore[union-attr, operator]
+                    raise ValueError(f"no plain JSON for {value!r}")
+                texts.append(f'"{value}"')
+            elif kind is float:
+                text = repr(value)
+                if "e" in text or "n" in text:  # 1e+16, inf, nan: pydantic writes those otherwise
+                    raise ValueError(f"no plain JSON for {text}")
+                texts.append(text)
+            else:  # int, bool
+                texts.append(str(value) if kind is int else "true" if value else "false")
+        return self._format % tuple(texts)
 
 
 def _unpack(payload: bytes, name: str) -> Any:
@@ -295,6 +346,129 @@ class FieldMemo(Generic[M]):
             self._seen.clear()
         self._seen[encoded] = getattr(message, self.field)
         return message
+
+
+D = TypeVar("D")
+_ABSENT = object()
+_INF = float("inf")
+
+
+class BatchMemo(Generic[M, D]):
+    """Decodes what :func:`decode_many` does (one ``model`` map or a batch of them: the same
+    items accepted, the same errors), validating each distinct content only once: the fields
+    ``vary`` are checked item by item, the rest validated once per distinct encoding.
+
+    For batches that many senders repeat but for a few plain fields (a deploy's events:
+    ``desired.accepted`` and one per service, alike on every device but for the device, the
+    sequence number, the time): validating them (pydantic) and dumping each was most of the
+    controller's cost per event. As :class:`FieldMemo` does for a field, the key is msgpack
+    bytes: here the item's map without ``vary`` (packed again: equal bytes, equal values of
+    equal types). What is kept per key is the first item validated with it and ``derive`` of
+    it (what the caller makes of the content alike for all: it must not use ``vary``); at
+    most ``size`` of them (all forgotten when full).
+
+    ``vary``: fields of type str, int or float, constrained at most by bounds (``ge``,
+    ``le``), without validators. An item's value of one is taken as it is only when of
+    exactly that type and within bounds (an absent one, its default): anything else (an int
+    given as a float, a missing required field, a bad item) goes through :func:`decode_many`,
+    which validates it or names what is wrong.
+
+    :meth:`decode_many` gives, per item, (model, derived, values): ``values`` those of
+    ``vary`` of the item (in that order), ``model`` validated with the same content (and
+    equal to the item's own once ``values`` are put in it); ``derived`` None for an item
+    validated alone (one map, not a batch; an item out of the ordinary)."""
+
+    def __init__(
+        self, model: type[M], vary: tuple[str, ...], derive: Callable[[M], D], size: int = 256
+    ) -> None:
+        self.model = model
+        self.vary = vary
+        self.derive = derive
+        self.size = size
+        self._seen: dict[bytes, tuple[M, D]] = {}
+        checks = []
+        validators = model.__pydantic_decorators__
+        if validators.model_validators or any(
+            name in d.info.fields for d in validators.field_validators.values() for name in vary
+        ):
+            raise ValueError(f"{model.__name__} has validators: its fields cannot be checked apart")
+        for name in vary:
+            field = model.model_fields[name]
+            low, high = -_INF, _INF
+            for rule in field.metadata:
+                if type(rule).__name__ == "Ge":
+                    low = rule.ge
+                elif type(rule).__name__ == "Le":
+                    high = rule.le
+                else:
+                    raise ValueError(f"{model.__name__}.{name}: only bounds can be checked apart")
+            if field.annotation not in (str, int, float):
+                raise ValueError(f"{model.__name__}.{name} is not a plain str, int or float")
+            default = _ABSENT if field.is_required() else field.default
+            checks.append((name, field.annotation, low, high, default))
+        self._checks = tuple(checks)
+        self._types = tuple(c[1] for c in checks)
+        self._absent = (_ABSENT,) * len(vary)
+        self._bounds = tuple((i, c[2], c[3]) for i, c in enumerate(checks) if c[2] > -_INF or c[3] < _INF)
+
+    def _plain(self, payload: bytes, limit: int, key: str) -> list[tuple[M, D | None, tuple[Any, ...]]]:
+        """:func:`decode_many`'s answer (or error): each item validated alone, nothing derived
+        nor kept of it (None)."""
+        vary = self.vary
+        return [
+            (m, None, tuple(getattr(m, n) for n in vary))
+            for m in decode_many(payload, self.model, limit, key)
+        ]
+
+    def _values(self, values: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        """``values`` (popped from an item) checked one by one (absent: the default); None
+        if one is not plainly valid."""
+        out = []
+        for (_, kind, low, high, default), value in zip(self._checks, values):  # noqa: B905
+            if value is _ABSENT:
+                if default is _ABSENT:
+                    return None
+                value = default
+            elif type(value) is not kind or (kind is not str and not low <= value <= high):
+                return None
+            out.append(value)
+        return tuple(out)
+
+    def decode_many(self, payload: bytes, limit: int, key: str) -> list[tuple[M, D | None, tuple[Any, ...]]]:
+        """``payload``'s items as (model, derived, values) (see the class); raise
+        :class:`PayloadError` as :func:`decode_many` does."""
+        if not is_array(payload) or len(payload) > MAX_PAYLOAD:
+            return self._plain(payload, limit, key)
+        try:
+            raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
+        except Exception:  # msgpack raises several unrelated types
+            return self._plain(payload, limit, key)
+        if type(raw) is not list or not 1 <= len(raw) <= limit:
+            return self._plain(payload, limit, key)
+        names, seen, types, bounds, absent = self.vary, self._seen, self._types, self._bounds, self._absent
+        out: list[tuple[M, D | None, tuple[Any, ...]]] = []
+        for item in raw:
+            if type(item) is not dict:
+                return self._plain(payload, limit, key)
+            popped = tuple(map(item.pop, names, absent))
+            values = popped if tuple(map(type, popped)) == types else self._values(popped)
+            if values is None:
+                return self._plain(payload, limit, key)
+            for i, low, high in bounds:
+                if not low <= values[i] <= high:
+                    return self._plain(payload, limit, key)
+            content = packb(item)
+            known = seen.get(content)
+            if known is None:
+                try:
+                    message = self.model.model_validate({**item, **dict(zip(names, values))})  # noqa: B905
+                except ValidationError:
+                    return self._plain(payload, limit, key)
+                if len(seen) >= self.size:
+                    seen.clear()
+                known = seen[content] = (message, self.derive(message))
+            out.append((known[0], known[1], values))
+        return out
 
 
 def peek_str(payload: bytes, field: str) -> str:

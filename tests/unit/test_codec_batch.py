@@ -3,6 +3,8 @@ without decoding them again, and decoded all or nothing with one error naming th
 
 from __future__ import annotations
 
+import random
+
 import msgpack
 import pytest
 from tether.protocol import codec
@@ -51,3 +53,146 @@ def test_a_bad_batch_is_refused_whole_naming_the_bad_item(payload: bytes, fragme
     with pytest.raises(PayloadError) as caught:
         codec.decode_many(payload, Event, 3, "seq")
     assert fragment in str(caught.value)
+
+
+_VARY = ("device_id", "seq", "at", "oldest")
+_ODD: dict[str, list[object]] = {
+    "device_id": ["d", "e", 7, b"d", None, 'é"\n', "x" * 300],
+    "seq": [0, 1, 2, 2**53 - 1, 2**53, -1, 1.0, 1.5, True, "3", None],
+    "at": [0.0, 1.5, 1733580000.123, 1e16, 1e-7, float("nan"), float("inf"), 2, True, "1.5", None],
+    "oldest": [0, 1, 5, -1, 2.0, False, "1"],
+    "kind": ["k", "service.created", "", 1, None],
+    "message": ["m", "100% done", "é", b"m"],
+    "level": ["info", "warning", "fatal", 1],
+    "v": [1, 1.0, True, 0, "1"],
+    "data": [None, {"a": 1}, {"a": [1, 2.5e20]}, [1], "x"],
+    "spec_hash": [None, "a" * 64, "g" * 64],
+    "extra": ["ignored", {"x": 1}],
+}
+
+
+def _odd_item(rng: random.Random) -> object:
+    """A map like an event's, often plain, sometimes with odd values or fields missing."""
+    if rng.random() < 0.02:
+        return rng.choice([1, "x", [1], None])
+    item: dict[str, object] = {"device_id": "d", "seq": rng.randrange(0, 50), "kind": "k", "message": "m"}
+    if rng.random() < 0.7:
+        item["at"] = rng.choice([1.5, 1733580000.123, float(rng.randrange(10**6)) / 7])
+    if rng.random() < 0.7:
+        item["oldest"] = rng.randrange(1, 5)
+    for name, values in _ODD.items():
+        if rng.random() < 0.08:
+            item[name] = rng.choice(values)
+        if rng.random() < 0.03:
+            item.pop(name, None)
+    return item
+
+
+def _same(a: Event, b: Event) -> bool:
+    """Equal, with values of the same types (pydantic's == takes 1 for 1.0; nan is no nan)."""
+    return (
+        repr(a) == repr(b)
+        and a.model_dump_json() == b.model_dump_json()
+        and all(type(getattr(a, f)) is type(getattr(b, f)) for f in Event.model_fields)
+    )
+
+
+def test_batch_memo_decodes_odd_input_as_decode_many_does() -> None:
+    """The same items accepted, equal (and dumped alike), the same error for a bad batch: over
+    many batches through one memo, so that contents are seen again (and kept ones reused)."""
+    rng = random.Random(21)
+    derived: list[Event] = []
+
+    def derive(event: Event) -> codec.Template:
+        derived.append(event)
+        plain = event.model_copy(update={"device_id": "d", "seq": 0, "at": 0.0})  # as the controller does
+        return codec.Template(plain, ("device_id", "seq", "at"), json_exclude={"oldest"})
+
+    memo = codec.BatchMemo(Event, _VARY, derive, size=64)
+    hits = accepted = refused = 0
+    for _ in range(3000):
+        items = [_odd_item(rng) for _ in range(rng.randrange(1, 5))]
+        payload = codec.packb(items if len(items) > 1 or rng.random() < 0.5 else items[0])
+        try:
+            expected: list[Event] | str = codec.decode_many(payload, Event, 3, "seq")
+        except PayloadError as exc:
+            expected = str(exc)
+        try:
+            got = memo.decode_many(payload, 3, "seq")
+        except PayloadError as exc:
+            assert str(exc) == expected
+            refused += 1
+            continue
+        assert not isinstance(expected, str), expected
+        accepted += 1
+        assert len(got) == len(expected)
+        for (model, template, values), event in zip(got, expected, strict=True):
+            whole = model.model_copy(update=dict(zip(_VARY, values, strict=True)))
+            assert _same(whole, event), (whole, event)
+            if template is not None:
+                hits += model is not whole
+                try:
+                    body = template.dump_json(*values[:3])
+                except ValueError:
+                    continue
+                assert body == event.model_dump_json(exclude={"oldest"})
+    assert accepted > 1000 and refused > 300 and hits > 1000
+    assert len(derived) < accepted  # contents seen again were not validated again
+
+
+def test_batch_memo_refuses_fields_it_cannot_check_apart() -> None:
+    with pytest.raises(ValueError, match="not a plain"):
+        codec.BatchMemo(Event, ("data",), lambda e: None)
+    with pytest.raises(ValueError, match="only bounds"):
+        codec.BatchMemo(Event, ("spec_hash",), lambda e: None)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "d",
+        "dev-000001",
+        "a b",
+        'a"b',
+        "a\\b",
+        "é",
+        "a\nb",
+        "\x7f",
+        "\u2028",
+        0,
+        7,
+        2**53,
+        -3,
+        1.0,
+        -0.0,
+        1733580000.123,
+        1e15,
+        1e16,
+        1e-4,
+        1e-5,
+        123456789.000001,
+        float("nan"),
+        float("inf"),
+        float("-inf"),
+    ],
+)
+def test_a_json_template_writes_what_pydantic_writes_or_refuses(value: object) -> None:
+    """Plain values are written as pydantic writes them; any other is refused (ValueError),
+    never written differently."""
+    event = Event(
+        device_id="d", seq=1, kind="k", message="100%s done", data={"x": [1, 2.5]}, at=1.5, oldest=2
+    )
+    template = codec.Template(event, ("device_id", "seq", "at"), json_exclude={"oldest"})
+    name = {str: "device_id", int: "seq", float: "at"}[type(value)]
+    values: dict[str, object] = {"device_id": "d", "seq": 1, "at": 1.5, name: value}
+    if name == "seq" and not 0 <= value <= 2**53 - 1:  # type: ignore[operator]
+        return  # not an Event's (BatchMemo checks the bounds)
+    copy = event.model_copy(update=values)
+    try:
+        body = template.dump_json(values["device_id"], values["seq"], values["at"])  # type: ignore[arg-type]
+    except ValueError:
+        assert type(value) is not int  # every int is plain
+        return
+    assert body == copy.model_dump_json(exclude={"oldest"})
+    with pytest.raises(TypeError):
+        template.dump_json("d", 1, 2)  # an int where the model has a float: pydantic writes 2.0

@@ -126,3 +126,39 @@ def test_event_acknowledgements_are_the_bytes_of_each_encoded_events_acked(tmp_p
         ("dev-333", 3, 200),
     }
     store.close()
+
+
+def _marks_as_before(marks: dict[str, list], stored: list[tuple[str, int, int]]) -> None:  # type: ignore[type-arg]
+    """Publisher.note_stored_many's bookkeeping as it was written first (every event through
+    the set of seqs above the acknowledged one): what the faster one must keep giving."""
+    for device_id, seq, oldest in stored:
+        m = marks.setdefault(device_id, [oldest - 1, 0, set()])
+        m[0] = max(m[0], oldest - 1)
+        m[1] = max(m[1], seq)
+        if seq > m[0]:
+            m[2].add(seq)
+        while m[0] + 1 in m[2]:
+            m[0] += 1
+        m[2] = {s for s in m[2] if s > m[0]}
+
+
+def test_event_marks_are_those_of_the_plain_bookkeeping(tmp_path: Path) -> None:
+    """In order, repeated, lost and resent events, older agents (oldest 0 is never noted): the
+    acknowledged seq, the last and the seqs above of each device are as the plain bookkeeping's."""
+    controller = Controller(Store(tmp_path / "tether.db"))
+    rng = random.Random(7)
+    expected: dict[str, list] = {}  # type: ignore[type-arg]
+    for _ in range(300):
+        stored = []
+        for _ in range(rng.randrange(1, 12)):
+            device_id = f"d-{rng.randrange(5)}"
+            known = expected.get(device_id, [0, 0, set()])
+            seq = max(1, known[0] + rng.choice([-2, 0, 1, 1, 1, 2, 3]))
+            oldest = rng.choice([max(1, known[0] + 1), max(1, known[0] + 1), max(1, seq - 2), 1])
+            stored.append((device_id, seq, oldest))
+        controller.context.publisher.note_stored_many(stored)
+        _marks_as_before(expected, stored)
+        got = {
+            d: [m.acked, m.last, set(m.above)] for d, m in controller.context.publisher._event_marks.items()
+        }
+        assert got == expected
