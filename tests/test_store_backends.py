@@ -109,6 +109,21 @@ def test_stored_event_numbers_are_read_for_many_devices_at_once(target: str) -> 
     store.close()
 
 
+def test_events_stored_together_say_which_are_new(target: str) -> None:
+    """``add_events`` returns the (device, seq) stored now: all of a statement's rows when
+    none was there (counted), else only the new ones (a redelivery: an event stored before,
+    or twice in the batch), the first body kept; in statements of every size."""
+    store = Store(target)
+    rows = [(f"d-{i}", seq, f'{{"n": {i}}}') for i in range(90) for seq in (1, 2, 3)]
+    assert store.add_events(rows) == {(d, s) for d, s, _ in rows}  # 270: statements of 256, 4, 4, 4, 1, 1
+    again = [("d-0", 1, '{"n": "again"}'), ("d-0", 4, "{}"), ("d-0", 4, '{"n": "twice"}')] + [
+        (f"e-{i}", 1, "{}") for i in range(300)
+    ]
+    assert store.add_events(again) == {("d-0", 4)} | {(f"e-{i}", 1) for i in range(300)}
+    assert store.list_events("d-0") == ['{"n": 0}', '{"n": 0}', '{"n": 0}', "{}"]  # seq 1 to 4
+    store.close()
+
+
 def test_unreachable_postgres_is_a_clear_error() -> None:
     """A bad PostgreSQL URL gives a StoreError naming the problem."""
     from support.infra import free_port
