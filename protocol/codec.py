@@ -115,7 +115,10 @@ class Template:
         self._json = json_exclude is not None
         fixed: list[Any]
         order: list[int] = []  # per slot in the map, which of ``values`` goes there
-        if json_exclude is not None:  # each field's "name":value as pydantic writes it, in order
+        marked = _json_marked(model, vary, json_exclude) if json_exclude is not None else None
+        if marked is not None:
+            fixed, order = marked
+        elif json_exclude is not None:  # each field's "name":value as pydantic writes it, in order
             parts = [(n, model.model_dump_json(include={n})[1:-1]) for n in data if n not in json_exclude]
             fixed = ["{"]
             for name, part in [(n, p) for n, p in parts if p]:  # empty: left out (exclude_if)
@@ -141,7 +144,7 @@ class Template:
         self._order = tuple(order)
         self._types = tuple(type(data[vary[i]]) for i in order)
         self._format = "%s".join(f.replace("%", "%%") for f in fixed) if self._json else ""
-        if self._json:
+        if self._json and marked is None:
             own = tuple(getattr(model, name) for name in vary)
             if self.dump_json(*own) != model.model_dump_json(exclude=json_exclude):
                 raise ValueError(f"{type(model).__name__} cannot be dumped from a template")
@@ -188,6 +191,43 @@ class Template:
             else:  # int, bool
                 texts.append(str(value) if kind is int else "true" if value else "false")
         return self._format % tuple(texts)
+
+
+def _json_marked(
+    model: BaseModel, vary: tuple[str, ...], exclude: set[str]
+) -> tuple[list[Any], list[int]] | None:
+    """A JSON template's text pieces and slots (see :class:`Template`) from one dump of
+    ``model`` with a mark in each field of ``vary``: the text around each ``"name":mark``,
+    which must be there exactly once (None otherwise, or for a bool: the caller dumps field
+    by field). 6 us for an event against 45 us field by field."""
+    marks: dict[str, object] = {}
+    for i, name in enumerate(vary):
+        kind = type(getattr(model, name))
+        if kind is str:
+            marks[name] = f"tether-template-slot-{i}"
+        elif kind is int:
+            marks[name] = 7_340_032_000_000_000 + i
+        elif kind is float:
+            marks[name] = 7340.03125 + i
+        else:
+            return None
+    text = model.model_copy(update=marks).model_dump_json(exclude=exclude)
+    found = []
+    for i, (name, mark) in enumerate(marks.items()):
+        piece = f'"{name}":' + (f'"{mark}"' if type(mark) is str else repr(mark))
+        if text.count(piece) != 1:
+            return None
+        at = text.index(piece)
+        found.append((at, at + len(name) + 3, at + len(piece), i))
+    fixed: list[Any] = []
+    order = []
+    end = 0
+    for _, value_at, value_end, i in sorted(found):
+        fixed.append(text[end:value_at])
+        order.append(i)
+        end = value_end
+    fixed.append(text[end:])
+    return fixed, order
 
 
 def _unpack(payload: bytes, name: str) -> Any:
@@ -376,7 +416,9 @@ class BatchMemo(Generic[M, D]):
     :meth:`decode_many` gives, per item, (model, derived, values): ``values`` those of
     ``vary`` of the item (in that order), ``model`` validated with the same content (and
     equal to the item's own once ``values`` are put in it); ``derived`` None for an item
-    validated alone (one map, not a batch; an item out of the ordinary)."""
+    validated alone (one map, not a batch; an item out of the ordinary) or whose content
+    is seen for the first time (``model`` is then the item itself): a content seen once
+    (a backlog's events, each its own) costs its validation alone."""
 
     def __init__(
         self, model: type[M], vary: tuple[str, ...], derive: Callable[[M], D], size: int = 256
@@ -385,7 +427,7 @@ class BatchMemo(Generic[M, D]):
         self.vary = vary
         self.derive = derive
         self.size = size
-        self._seen: dict[bytes, tuple[M, D]] = {}
+        self._seen: dict[bytes, tuple[M, D | None]] = {}
         checks = []
         validators = model.__pydantic_decorators__
         if validators.model_validators or any(
@@ -459,14 +501,18 @@ class BatchMemo(Generic[M, D]):
                     return self._plain(payload, limit, key)
             content = packb(item)
             known = seen.get(content)
-            if known is None:
+            if known is None:  # seen for the first time: derived from when seen again
                 try:
                     message = self.model.model_validate({**item, **dict(zip(names, values))})  # noqa: B905
                 except ValidationError:
                     return self._plain(payload, limit, key)
                 if len(seen) >= self.size:
                     seen.clear()
-                known = seen[content] = (message, self.derive(message))
+                seen[content] = (message, None)
+                out.append((message, None, values))
+                continue
+            if known[1] is None:
+                known = seen[content] = (known[0], self.derive(known[0]))
             out.append((known[0], known[1], values))
         return out
 

@@ -196,3 +196,38 @@ def test_a_json_template_writes_what_pydantic_writes_or_refuses(value: object) -
     assert body == copy.model_dump_json(exclude={"oldest"})
     with pytest.raises(TypeError):
         template.dump_json("d", 1, 2)  # an int where the model has a float: pydantic writes 2.0
+
+
+def test_batch_memo_derives_a_content_when_seen_again() -> None:
+    """A content seen once costs its validation alone (nothing derived: a backlog's events
+    are each their own); seen again, it is derived once and reused."""
+    derived: list[Event] = []
+    memo = codec.BatchMemo(Event, _VARY, lambda e: derived.append(e) or len(derived))
+
+    def batch(device: str, seq: int) -> bytes:
+        return codec.array(
+            [
+                codec.encode(Event(device_id=device, seq=s, kind="note", message=str(s), oldest=seq))
+                for s in (seq, seq + 1)
+            ]
+        )
+
+    first = memo.decode_many(batch("a", 1), 10, "seq")
+    assert [(m.device_id, m.seq, d, v) for m, d, v in first] == [
+        ("a", 1, None, ("a", 1, 0.0, 1)),
+        ("a", 2, None, ("a", 2, 0.0, 1)),
+    ]
+    again = memo.decode_many(batch("b", 1), 10, "seq")
+    assert [(d, v) for _, d, v in again] == [(1, ("b", 1, 0.0, 1)), (2, ("b", 2, 0.0, 1))]
+    assert [d for _, d, _ in memo.decode_many(batch("c", 1), 10, "seq")] == [1, 2] and len(derived) == 2
+
+
+def test_a_json_template_is_made_field_by_field_when_a_mark_is_ambiguous() -> None:
+    """The data holding what the template marks a slot with: made field by field, as exact."""
+    mark = {"seq": 7_340_032_000_000_001, "at": 7341.03125}
+    event = Event(device_id="d", seq=1, kind="k", message="m", data=mark, at=1.5)
+    template = codec.Template(event, ("device_id", "seq", "at"), json_exclude={"oldest"})
+    copy = event.model_copy(update={"device_id": "e", "seq": 9, "at": 2.5})
+    assert template.dump_json("e", 9, 2.5) == copy.model_dump_json(exclude={"oldest"})
+    assert codec._json_marked(event, ("device_id", "seq", "at"), {"oldest"}) is None
+    assert codec._json_marked(copy.model_copy(update={"data": None}), ("device_id", "seq", "at"), {"oldest"})
