@@ -336,13 +336,19 @@ class FieldMemo(Generic[M]):
     raw msgpack bytes are the key; what was validated for them is reused (wire models are
     frozen, so sharing them is safe). At most ``size`` encodings are kept (all forgotten
     when full). Anything out of the ordinary (a payload that is not a map with text keys,
-    trailing bytes, a validation error) goes through :func:`decode`."""
+    trailing bytes, a validation error) goes through :func:`decode`.
+
+    One msgpack Unpacker is kept and fed each payload in turn (making one was a quarter of
+    the parsing: 0.6 us a report): a payload read whole leaves it empty; one that is not
+    (an error, a key not text, trailing bytes) leaves bytes in it, so it is replaced. Not
+    thread safe: one memo per thread (the controller's worker has its own)."""
 
     def __init__(self, model: type[M], field: str, size: int = 256) -> None:
         self.model = model
         self.field = field
         self.size = size
         self._seen: dict[bytes, object] = {}
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
 
     def decode(self, payload: bytes) -> M:
         """``payload`` as ``model``; raise :class:`PayloadError` naming the problem."""
@@ -350,22 +356,27 @@ class FieldMemo(Generic[M]):
             return decode(payload, self.model)
         raw: dict[str, object] = {}
         encoded: bytes | None = None
+        unpacker = self._unpacker
+        whole = False
         try:
-            unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+            base = unpacker.tell()  # where this payload starts: offsets count from the first fed
             unpacker.feed(payload)
             for _ in range(unpacker.read_map_header()):
                 key = unpacker.unpack()
                 if type(key) is not str:
-                    return decode(payload, self.model)
+                    break
                 if key == self.field:
-                    start = unpacker.tell()
+                    start = unpacker.tell() - base
                     unpacker.skip()
-                    encoded = payload[start : unpacker.tell()]
+                    encoded = payload[start : unpacker.tell() - base]
                 else:
                     raw[key] = unpacker.unpack()
-            if unpacker.tell() != len(payload):
-                return decode(payload, self.model)  # trailing bytes
+            else:
+                whole = unpacker.tell() - base == len(payload)  # else trailing bytes
         except Exception:  # msgpack raises several unrelated types
+            pass
+        if not whole:
+            self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)  # bytes may be left in it
             return decode(payload, self.model)
         if encoded is None:
             return decode(payload, self.model)

@@ -263,6 +263,11 @@ def test_field_memo_refuses_what_decode_refuses_in_the_same_words(payload: bytes
     with pytest.raises(PayloadError) as got:
         memo.decode(payload)
     assert str(got.value) == str(expected.value)
+    # Nothing of it left in the memo's parser: the next good reports decode as ever, their
+    # stacks the very value kept (not decode's fresh copy: what the memo's own path gives).
+    again = memo.decode(_REPORT)
+    assert again == codec.decode(_REPORT, ReportedState)
+    assert memo.decode(_REPORT).stacks is again.stacks
 
 
 def test_field_memo_decodes_as_decode_and_shares_the_validated_field() -> None:
