@@ -25,9 +25,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
-from tether.protocol.heap import Shared
+from tether.protocol.heap import MadeOnce, Shared
 from tether.protocol.models import DownloadStatus, ReportedState, StackStatus
 
 from .fleet import Seen
@@ -165,6 +165,10 @@ class EventBus:
         """Someone subscribed (the controller skips work whose only use is an event)."""
         return bool(self._subscribers)
 
+    def wants(self, kind: str) -> bool:
+        """Whether a subscriber would get an event of ``kind`` emitted now."""
+        return any(s.kinds is None or kind in s.kinds for s in self._subscribers)
+
     def subscribe(self, maxsize: int = 1000, kinds: Collection[str] | None = None) -> Subscription:
         """A new subscription to events emitted from now on (of ``kinds``, or all)."""
         sub = Subscription(maxsize, kinds, self._clock)
@@ -215,28 +219,18 @@ def _stuck(downloads: dict[str, DownloadStatus]) -> tuple[tuple[str, str, str, s
 StacksParts = tuple[tuple[tuple[str, str, str], ...], tuple[tuple[str, str, int, str | None], ...]]
 
 
-def _stacks_parts(stacks: dict[str, StackStatus]) -> StacksParts:
-    """What :meth:`ReportSummary.of` takes of a report's stacks: (name, version, state) of
-    each, sorted, and every service in a crash loop, sorted. Reports of a fleet share their
-    stacks' statuses (codec.FieldMemo validates each distinct one once): made once per set
-    of statuses, not per report (the key is their identities; the statuses are kept with
-    what was made of them, so that an identity is not reused meanwhile)."""
-    key = tuple([(name, id(status)) for name, status in stacks.items()])
-    known = _STACKS_PARTS.get(key)
-    if known is not None:  # the same statuses: kept with it, their identities are not reused
-        return known[1]
-    made = (
+def _make_stacks_parts(stacks: dict[str, StackStatus]) -> StacksParts:
+    return (
         tuple(sorted((name, status.spec_hash, status.state) for name, status in stacks.items())),
         tuple(sorted(f for name, status in stacks.items() for f in _crash_looping(name, status))),
     )
-    if len(_STACKS_PARTS) >= 1024:
-        _STACKS_PARTS.clear()
-    _STACKS_PARTS[key] = (tuple(stacks.values()), made)
-    return made
 
 
-_STACKS_PARTS: dict[tuple[tuple[str, int], ...], tuple[tuple[StackStatus, ...], StacksParts]] = {}
-""":func:`_stacks_parts` of each set of stack statuses seen lately (bounded: forgotten when full)."""
+_STACKS_PARTS: MadeOnce[dict[str, StackStatus], StacksParts] = MadeOnce(_make_stacks_parts, size=1024)
+"""What :meth:`ReportSummary.of` takes of a report's stacks: (name, version, state) of each,
+sorted, and every service in a crash loop, sorted. Made once per stacks dict (by identity:
+``codec.FieldMemo`` gives the reports of a fleet that report alike the very same dict), not
+per report."""
 
 
 _SUMMARIES: Shared[tuple[Any, ...], ReportSummary] = Shared()
@@ -262,7 +256,7 @@ class ReportSummary:
     def of(cls, reported: ReportedState) -> ReportSummary:
         """The summary of ``reported``: one kept per distinct summary (shared: frozen), made
         without building a new one for every report (a deploy brings two per device)."""
-        stacks, failing = _stacks_parts(reported.stacks)
+        stacks, failing = _STACKS_PARTS.get(reported.stacks) if reported.stacks else ((), ())
         fields = (
             reported.generation,
             reported.held,
@@ -310,26 +304,60 @@ class ReportSummary:
         )
 
 
+def _changed_data(after: ReportSummary) -> dict[str, Any]:
+    return {
+        "generation": after.generation,
+        "stacks": {name: {"spec_hash": h, "state": state} for name, h, state in after.stacks},
+        "held": after.held,
+        "error": after.error,
+    }
+
+
+_CHANGED: MadeOnce[ReportSummary, dict[str, Any]] = MadeOnce(_changed_data, size=1024)
+"""The data of ``device.changed`` of each summary seen lately: all in the summary, which
+devices reporting alike share (:meth:`ReportSummary.of`), so one dict for their events (an
+event's data is never written to: subscribers and webhooks only read it)."""
+
+
+class DeviceChanged(NamedTuple):
+    """``device.changed`` as :func:`report_events` gives it: a :class:`FleetEvent`'s fields but
+    its data, made of ``summary`` when read (:attr:`data`), and the event itself made only
+    when it is emitted to someone who wants it (:meth:`made`, :meth:`EventBus.wants`). One
+    comes of every report that changed something (two per device and deploy), and mostly
+    nobody reads it: no webhook takes the kind, and a fleet event stream is seldom open."""
+
+    kind: str
+    device_id: str
+    at: float
+    summary: ReportSummary
+    seq: int = 0
+
+    @property
+    def subject(self) -> str:
+        return device_subject(self.device_id)
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return _CHANGED.get(self.summary)
+
+    def made(self) -> FleetEvent:
+        return FleetEvent(self.kind, self.subject, self.at, self.data)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.made().to_json()
+
+
 def report_events(
     device_id: str, before: ReportSummary | None, after: ReportSummary, now: float
-) -> list[FleetEvent]:
-    """The events a new report brings (``before``: the device's previous one, None if unknown)."""
+) -> list[FleetEvent | DeviceChanged]:
+    """The events a new report brings (``before``: the device's previous one, None if unknown);
+    its ``device.changed`` is a :class:`DeviceChanged` (made when emitted)."""
     if not after.changed_from(before):
         return []
+    events: list[FleetEvent | DeviceChanged] = [DeviceChanged("device.changed", device_id, now, after)]
+    if not (after.failing or after.stuck or after.storage_error):
+        return events  # the common case: nothing else to look for
     subject = device_subject(device_id)
-    events = [
-        FleetEvent(
-            "device.changed",
-            subject,
-            now,
-            {
-                "generation": after.generation,
-                "stacks": {name: {"spec_hash": h, "state": state} for name, h, state in after.stacks},
-                "held": after.held,
-                "error": after.error,
-            },
-        )
-    ]
     looping = {f[:2] for f in before.failing} if before else set()
     for stack, service, restarts, reason in after.failing:
         if (stack, service) not in looping:
@@ -400,7 +428,7 @@ class DueEvents:
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self.clock = clock
-        self.due: list[FleetEvent] = []
+        self.due: list[FleetEvent | DeviceChanged] = []
         """Emitted, not yet on the bus (changed in place only: the ingestor appends to it)."""
 
     def emit(self, kind: str, subject: str, data: dict[str, Any]) -> None:
@@ -413,7 +441,7 @@ class DueEvents:
         if event is not None:
             self.due.append(event)
 
-    def take(self) -> list[FleetEvent]:
+    def take(self) -> list[FleetEvent | DeviceChanged]:
         """The events due, in order; none are due after."""
         due = self.due[:]
         self.due.clear()

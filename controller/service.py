@@ -37,7 +37,7 @@ from typing import Any, TypeVar, get_args
 from pydantic import ValidationError
 from tether.protocol import codec, topics
 from tether.protocol.acl import LEGACY_USER
-from tether.protocol.commands import COMMAND_ADAPTER, CommandModel
+from tether.protocol.commands import COMMAND_ADAPTER, NOTIFY_KINDS, CommandModel
 from tether.protocol.credentials import CredentialTable
 from tether.protocol.errors import CommandError, ErrorCode, ForbiddenError, PayloadError, TetherError
 from tether.protocol.heap import FreeMemoryReleaser
@@ -64,9 +64,7 @@ from . import (
     variables,
 )
 from .devices import all_devices
-from .fleet_events import (
-    EventBus,
-)
+from .fleet_events import DeviceChanged, EventBus
 from .inbox import Inbox, Message, message, topic_of
 from .ingesting import Ingestor
 from .lease import Lease
@@ -525,8 +523,12 @@ class Controller:
     def flush_events(self) -> None:
         """Emit the events of what is committed now (on the worker thread)."""
         if self.context.events.due:
-            for event in self.context.events.take():
-                emitted = self.bus.emit(event)
+            for due in self.context.events.take():
+                if isinstance(due, DeviceChanged):
+                    if due.kind not in NOTIFY_KINDS and not self.bus.wants(due.kind):
+                        continue  # nobody would be told of it: not made
+                    due = due.made()
+                emitted = self.bus.emit(due)
                 try:
                     self.context.notifier.on_event(emitted)
                 except Exception:

@@ -173,6 +173,34 @@ def test_the_controller_emits_at_real_transitions(controller: Controller) -> Non
     json.dumps([e.to_json() for e in events])  # every event is JSON as it is
 
 
+def test_a_device_changed_is_made_only_for_a_subscriber_that_wants_it(controller: Controller) -> None:
+    """A report's ``device.changed`` is no webhook's kind: with no subscriber for it, it is
+    neither made nor emitted (no number taken); one subscribed since gets it whole."""
+    some = controller.bus.subscribe(kinds=("device.online", "device.offline"))
+    assert controller.bus.wants("device.online") and not controller.bus.wants("device.changed")
+    online(controller, "pi-1", session=1)
+    report_running(controller, "pi-1", 1, {"web": "a" * 64})
+    every = controller.bus.subscribe()
+    assert controller.bus.wants("device.changed")
+    report_running(controller, "pi-1", 2, {"web": "b" * 64})
+    will = Presence(device_id="pi-1", status="offline", session=1)
+    controller.handle(topics.device("pi-1", DeviceTopic.PRESENCE), codec.encode(will))
+    assert [(e.kind, e.seq) for e in some.drain()] == [("device.online", 1), ("device.offline", 3)]
+    changed, offline = every.drain()
+    assert type(changed) is FleetEvent and (changed.kind, changed.seq, changed.subject) == (
+        "device.changed",
+        2,
+        "devices/pi-1",
+    )
+    assert changed.data == {
+        "generation": 2,
+        "stacks": {"web": {"spec_hash": "b" * 64, "state": "running"}},
+        "held": False,
+        "error": None,
+    }
+    assert offline.kind == "device.offline"
+
+
 def test_a_command_that_fails_midway_emits_nothing(
     controller: Controller, monkeypatch: pytest.MonkeyPatch
 ) -> None:
