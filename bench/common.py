@@ -463,9 +463,10 @@ class Proc:
 
 
 class Controller(Proc):
-    """``tether up`` against ``broker`` (a URL), or with its embedded broker when None."""
+    """``tether up`` against ``broker`` (a URL), or with its embedded broker when None; at
+    ``tether up``'s default log level (what it logs is part of what it costs)."""
 
-    def __init__(self, data_dir: Path, broker: str | None = None, log_level: str = "warning") -> None:
+    def __init__(self, data_dir: Path, broker: str | None = None, log_level: str = "info") -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
         argv = [PY, "-m", "tether.cli.main", "up", "--data-dir", str(data_dir), "--log-level", log_level]
         # The simulated devices and the benchmark's requests do not log in: the embedded

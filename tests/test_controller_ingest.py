@@ -483,7 +483,7 @@ def test_a_batchs_events_are_stored_together_each_once(
 
     assert controller._ingest(*queued(*event("d-0", 1))) is None
     caplog.clear()
-    caplog.set_level("INFO", logger="tether.controller.ingesting")
+    caplog.set_level("DEBUG", logger="tether.controller.ingesting")
     for message in (
         event("d-0", 1),
         event("d-0", 2),

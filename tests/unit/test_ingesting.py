@@ -490,3 +490,27 @@ def test_a_retained_online_read_again_for_a_device_shown_offline_must_show_life(
     assert [(t, w.status, w.session, r) for t, w, r in published] == [
         ("tether/v1/devices/pi-1/presence", "offline", 1, True)
     ]
+
+
+def test_a_device_info_event_is_logged_at_debug_and_a_warning_at_warning(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At ``tether up``'s default level (info) a device's info events are stored, not logged
+    (a deploy to 10,000 devices would log 40,000 lines); its warnings and errors are logged."""
+    caplog.set_level("INFO", logger="tether.controller.ingesting")
+    events = [
+        Event(device_id="pi-1", seq=1, kind="service.started", message="web started", oldest=1),
+        Event(device_id="pi-1", seq=2, kind="service.failed", message="db exited 1", level="error", oldest=1),
+    ]
+    _batch(rig, "pi-1", codec.array([codec.encode(e) for e in events]))
+    assert len(rig.store.list_events("pi-1")) == 2
+    logged = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("device pi-1")
+    ]
+    assert logged == [("WARNING", "device pi-1: service.failed: db exited 1")]
+    caplog.clear()
+    caplog.set_level("DEBUG", logger="tether.controller.ingesting")
+    _batch(rig, "pi-1", codec.encode(Event(device_id="pi-1", seq=3, kind="note", message="hello", oldest=1)))
+    assert [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("device pi-1")
+    ] == [("DEBUG", "device pi-1: note: hello")]
