@@ -175,7 +175,7 @@ class Publisher:
             records = self.store.list_desired()
         else:
             records = [r for d in sorted(device_ids) if (r := self.store.get_desired(d)) is not None]
-        needed = {h for r in records for h in r.hashes()}
+        needed = _hashes(records)
         definitions = self.store.definitions()
         to_define = sorted(h for h, published in definitions.items() if h in needed and not published)
         if to_define:
@@ -236,18 +236,18 @@ class Publisher:
                     table.set_stacks(assigned)
                     if self.access.on_credentials_changed is not None:
                         self.access.on_credentials_changed()
-            payloads = [_desired_payload(r, now, templates) for r in batch]
-            # One that can never be sent stays unpublished (the device keeps its current
-            # state) and does not hold back the others.
-            sized = [
-                (r, p)
-                for r, p in zip(batch, payloads, strict=True)
-                if _fits(f"desired state of {r.device_id}", p)
-            ]
-            batch = [r for r, _ in sized]
-            messages = [(topics.device(r.device_id, DeviceTopic.DESIRED), p, 1, True) for r, p in sized]
+            sent: list[DesiredRecord] = []
+            messages: list[tuple[str, bytes, int, bool]] = []
+            for r in batch:  # one pass per device (the few that do not fit named by _fits)
+                payload = _desired_payload(r, now, templates)
+                # One that can never be sent stays unpublished (the device keeps its current
+                # state) and does not hold back the others.
+                if len(payload) > codec.MAX_PAYLOAD and not _fits(f"desired state of {r.device_id}", payload):
+                    continue
+                sent.append(r)
+                messages.append((topics.device(r.device_id, DeviceTopic.DESIRED), payload, 1, True))
             acked = client.publish_many(messages)
-            acknowledged.extend(record for record, ok in zip(batch, acked, strict=True) if ok)
+            acknowledged.extend(record for record, ok in zip(sent, acked, strict=True) if ok)
             if not all(acked):
                 return False
         return True
@@ -481,6 +481,13 @@ class Publisher:
             device_ids, self._publish_after = self._publish_after, set()
             publish_all, self._publish_all = self._publish_all, False
             self.publish_pending(None if publish_all else device_ids)
+
+
+def _hashes(records: Sequence[DesiredRecord]) -> set[str]:
+    """Every stack definition ``records`` reference (:meth:`DesiredRecord.hashes` of each),
+    each set of references looked at once: a deploy's records share theirs (the very tuples)."""
+    parts = {id(p): p for r in records for p in (r.stacks, r.stage) if p}
+    return {ref.spec_hash for refs in parts.values() for ref in refs}
 
 
 def _desired_payload(

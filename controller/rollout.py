@@ -405,9 +405,10 @@ def step(
         if d not in devices:  # (not setdefault: a DeviceRollout built per member and step)
             devices[d] = _PENDING
     member_set = set(members)  # a list of 10,000 would make this loop quadratic
-    for d in list(devices):
-        if d not in member_set and devices[d].state in ("pending", "pending (offline)"):
-            del devices[d]
+    if len(devices) != len(member_set):  # else every device is a member (all were added above)
+        for d in list(devices):
+            if d not in member_set and devices[d].state in ("pending", "pending (offline)"):
+                del devices[d]
     staging = dep.strategy.stage_only and not dep.switched
     unknown = Observation(online=False)
     for d, r in devices.items():
@@ -415,7 +416,11 @@ def step(
     counts: dict[str, int] = {}
     for r in devices.values():
         counts[r.state] = counts.get(r.state, 0) + 1
-    first_failed = min((d for d, r in devices.items() if r.state == "failed"), default=None)
+    first_failed = (
+        min((d for d, r in devices.items() if r.state == "failed"), default=None)
+        if counts.get("failed")
+        else None
+    )
     nxt = _step_state(dep, devices, staging, now, counts, first_failed, [])
     if (
         nxt.state == dep.state
@@ -701,12 +706,18 @@ def _step_state(
     strategy = dep.strategy
 
     def move(names: Sequence[str]) -> None:
-        copies: dict[DeviceRollout, DeviceRollout] = {}  # equal entries move to one (frozen) value
+        # The same entry (most: every pending device shares one) moves to one (frozen) value;
+        # by identity, not by hashing each device's model. Each kept with its copy: its id stays its.
+        copies: dict[int, tuple[DeviceRollout, DeviceRollout]] = {}
         for d in names:
             r = devices[d]
-            if r not in copies:
-                copies[r] = r.model_copy(update={"state": "updating", "batch": batch, "moved_at": now})
-            devices[d] = copies[r]
+            hit = copies.get(id(r))
+            if hit is None:
+                hit = copies[id(r)] = (
+                    r,
+                    r.model_copy(update={"state": "updating", "batch": batch, "moved_at": now}),
+                )
+            devices[d] = hit[1]
             counts[r.state] -= 1
             counts["updating"] = counts.get("updating", 0) + 1
             moved.append(d)

@@ -293,11 +293,16 @@ class Scheduler:
         # their ids: the others are its copies with their own id and generation, not a model
         # built and walked each (share_field_sets). Half of a deploy's recompute at 10,000.
         shaped: dict[tuple[int, ...], tuple[tuple[object, ...], DesiredRecord]] = {}
+        referenced: dict[
+            tuple[int, int], tuple[object, ...]
+        ] = {}  # refs and stage looked at (kept: ids stay theirs)
         for device_id in sorted(candidates):
             refs = wanted.get(device_id, ())
             device_jobs = jobs.get(device_id, ())
             stage = stages.get(device_id, ()) if device_id in labels else ()
-            needed.update(ref.spec_hash for ref in (*refs, *stage))
+            if (id(refs), id(stage)) not in referenced:  # a group's devices share them: once each
+                referenced[(id(refs), id(stage))] = (refs, stage)
+                needed.update(ref.spec_hash for ref in (*refs, *stage))
             record = existing.get(device_id)
             if record is None and not refs and not device_jobs and not stage:
                 continue

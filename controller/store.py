@@ -1085,14 +1085,23 @@ class Store:
     def mark_published(self, records: Iterable[DesiredRecord]) -> None:
         """Mark desired records published, each only if the device still has that generation."""
 
-        def rows() -> Iterator[tuple[str, int]]:
-            for record in records:
-                hit = self._desired.rows.get(record.device_id)
-                if hit is not None and hit[2].generation == record.generation:
-                    self._desired.retag(record.device_id, True, shared_copy(hit[2], {"published": True}))
-                yield record.device_id, record.generation
-
-        self.db.executemany("UPDATE desired SET published = 1 WHERE device_id = ? AND generation = ?", rows())
+        # One statement per generation and _IN_CHUNK devices, not one per device: a deploy's
+        # records mostly share their generation (10,000 statements were half the cost).
+        by_generation: dict[int, list[str]] = {}
+        kept = self._desired.rows
+        for record in records:
+            device_id, generation = record.device_id, record.generation
+            hit = kept.get(device_id)
+            if hit is not None and hit[2].generation == generation:
+                self._desired.retag(device_id, True, shared_copy(hit[2], {"published": True}))
+            by_generation.setdefault(generation, []).append(device_id)
+        for generation, device_ids in by_generation.items():
+            for chunk in _chunks(device_ids):
+                self.db.execute(
+                    f"UPDATE desired SET published = 1 WHERE generation = ? "
+                    f"AND device_id IN ({','.join('?' * len(chunk))})",
+                    (generation, *chunk),
+                )
 
     def mark_all_unpublished(self) -> None:
         """The broker lost its retained messages (a fresh embedded broker): publish all again."""
