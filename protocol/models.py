@@ -586,8 +586,8 @@ class DownloadStatus(WireModel):
     state: DownloadState
     done: int = Field(default=0, ge=0)
     total: int | None = Field(default=None, ge=0)
-    rate: float = Field(default=0.0, ge=0)
-    eta_s: float | None = Field(default=None, ge=0)
+    rate: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    eta_s: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     reason: str | None = None
     images: tuple[ImageDownload, ...] = ()
 
@@ -609,7 +609,10 @@ class ReportedState(Message):
     storage_error: str | None = Field(default=None, exclude_if=_unset)
     """The agent cannot write its data directory (a full disk, a read-only file system): it
     runs from memory meanwhile. Names the path, the error and the bytes free."""
-    at: float = 0.0
+    at: float = Field(default=0.0, allow_inf_nan=False)
+    """Finite, as ``rate`` and ``eta_s`` of its downloads: the controller stores a report as
+    JSON, where pydantic writes an infinity or NaN as null, which it does not read back (one
+    device's report made the stored fleet unreadable)."""
 
 
 class DeviceFacts(WireModel):

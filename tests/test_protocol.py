@@ -252,6 +252,15 @@ _REPORT = msgpack.packb(_report("pi-1").model_dump(mode="json"))
         msgpack.packb({"device_id": "pi-1", "generation": 1, "stacks": {1: {}}}),
         _REPORT[:-3],  # cut short
         msgpack.packb({"device_id": "pi-1", "generation": 1, "stacks": "x" * (codec.MAX_PAYLOAD + 1)}),
+        msgpack.packb({"device_id": "pi-1", "generation": 1, "at": float("inf")}),  # stored as null
+        msgpack.packb({"device_id": "pi-1", "generation": 1, "at": float("nan")}),
+        msgpack.packb(
+            {
+                "device_id": "pi-1",
+                "generation": 1,
+                "downloads": {"a": {"spec_hash": "a", "state": "downloading", "rate": float("inf")}},
+            }
+        ),
     ],
 )
 def test_field_memo_refuses_what_decode_refuses_in_the_same_words(payload: bytes) -> None:
