@@ -206,14 +206,25 @@ def test_a_lost_event_of_a_batch_goes_again_at_once_through_a_real_broker() -> N
     controller = MqttClient(
         [BrokerAddress("127.0.0.1", port)],
         f"c-{uuid.uuid4().hex[:8]}",
-        on_message=lambda t, p, r: events.extend(e.seq for e in _events(p)),
+        on_message=lambda t, p, r: (
+            probes.append(p) if p == b"probe" else events.extend(e.seq for e in _events(p))
+        ),
     )
+    probes: list[bytes] = []
     try:
         core = AgentCore(device, {}, FakeDriver(device), MemoryStore(), agent)
         agent.subscribe(topics.device(device, DeviceTopic.ACKED))
         controller.subscribe(topics.device(device, DeviceTopic.EVENTS))
         agent.connect(10)
         controller.connect(10)
+
+        # The controller's subscription in force before the batch goes (another connection's
+        # SUBSCRIBE may be handled after it: the batch would then reach nobody).
+        def probed() -> bool:
+            controller.publish(topics.device(device, DeviceTopic.EVENTS), b"probe", qos=0)
+            return bool(probes)
+
+        wait_until(probed, 10)
         for kind in ("one", "two", "three"):
             core.event(kind, kind)
         core.flush_events()  # one message: [1, 2, 3]
