@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
@@ -402,6 +403,7 @@ class FieldMemo(Generic[M]):
 D = TypeVar("D")
 _ABSENT = object()
 _INF = float("inf")
+_MAX_FLOAT = sys.float_info.max
 
 
 class BatchMemo(Generic[M, D]):
@@ -419,7 +421,7 @@ class BatchMemo(Generic[M, D]):
     most ``size`` of them (all forgotten when full).
 
     ``vary``: fields of type str, int or float, constrained at most by bounds (``ge``,
-    ``le``), without validators. An item's value of one is taken as it is only when of
+    ``le``) and ``allow_inf_nan=False``, without validators. An item's value of one is taken as it is only when of
     exactly that type and within bounds (an absent one, its default): anything else (an int
     given as a float, a missing required field, a bad item) goes through :func:`decode_many`,
     which validates it or names what is wrong.
@@ -447,16 +449,20 @@ class BatchMemo(Generic[M, D]):
             raise ValueError(f"{model.__name__} has validators: its fields cannot be checked apart")
         for name in vary:
             field = model.model_fields[name]
-            low, high = -_INF, _INF
+            low, high, finite = -_INF, _INF, False
             for rule in field.metadata:
                 if type(rule).__name__ == "Ge":
                     low = rule.ge
                 elif type(rule).__name__ == "Le":
                     high = rule.le
+                elif type(rule).__name__ == "AllowInfNan" and not rule.allow_inf_nan:
+                    finite = True
                 else:
                     raise ValueError(f"{model.__name__}.{name}: only bounds can be checked apart")
             if field.annotation not in (str, int, float):
                 raise ValueError(f"{model.__name__}.{name} is not a plain str, int or float")
+            if finite:  # allow_inf_nan=False: within the largest floats (NaN is within no bounds)
+                low, high = max(low, -_MAX_FLOAT), min(high, _MAX_FLOAT)
             default = _ABSENT if field.is_required() else field.default
             checks.append((name, field.annotation, low, high, default))
         self._checks = tuple(checks)

@@ -650,7 +650,8 @@ class Presence(Message):
     status: Literal["online", "offline"]
     session: int = Field(ge=0, le=MAX_COUNTER)
     facts: DeviceFacts | None = None
-    at: float = 0.0
+    at: float = Field(default=0.0, allow_inf_nan=False)
+    """Finite (as :attr:`ReportedState.at`)."""
 
 
 class Event(Message):
@@ -668,7 +669,9 @@ class Event(Message):
     stack: str | None = None
     service: str | None = None
     data: dict[str, Any] | None = None
-    at: float = 0.0
+    at: float = Field(default=0.0, allow_inf_nan=False)
+    """Finite: the controller stores an event as JSON, where pydantic writes an infinity or
+    NaN as null, which it does not read back (as :attr:`ReportedState.at`)."""
     oldest: int = Field(default=0, ge=0, exclude_if=_unset)
     """The oldest event the device still queued when it sent this one: every ``seq`` below
     it was acknowledged by the controller or dropped, and will not come (0: not told)."""
@@ -702,8 +705,9 @@ class JobResult(WireModel):
 
     job: str
     run: str
-    started: float
-    duration_s: float
+    started: float = Field(allow_inf_nan=False)
+    duration_s: float = Field(allow_inf_nan=False)
+    """Both finite: a job's results are stored as JSON (see :attr:`Event.at`)."""
     exit_code: int | None = None
     timed_out: bool = False
     skipped: bool = False

@@ -514,3 +514,20 @@ def test_a_device_info_event_is_logged_at_debug_and_a_warning_at_warning(
     assert [
         (r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("device pi-1")
     ] == [("DEBUG", "device pi-1: note: hello")]
+
+
+@pytest.mark.parametrize("at", [float("inf"), float("-inf"), float("nan")])
+def test_an_event_whose_time_is_not_a_finite_number_is_refused_naming_it(
+    rig: Rig, caplog: pytest.LogCaptureFixture, at: float
+) -> None:
+    """An event's time must be finite: stored as JSON it would be null, which is not read back
+    (the device's events could no longer be listed). Alone or in a batch whose content was seen
+    before (the memo's path), it is refused with a warning naming the field; nothing is stored."""
+    good = [Event(device_id="pi-1", seq=s, kind="note", message="m", at=1.5, oldest=1) for s in (1, 2)]
+    _batch(rig, "pi-1", codec.array([codec.encode(e) for e in good]))
+    bad = {**good[0].model_dump(), "seq": 3, "at": at}
+    for payload in (msgpack.packb(bad), codec.array([codec.encode(good[1]), msgpack.packb(bad)])):
+        caplog.clear()
+        _batch(rig, "pi-1", payload)
+        assert "at: Input should be a finite number" in caplog.text
+    assert [Event.model_validate_json(e).seq for e in rig.store.list_events("pi-1")] == [1, 2]
