@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # the parts import the domain modules, which import this one
     from .deploying import Deployer
     from .fleet_events import DueEvents
     from .metrics_history import MetricsHistory
+    from .models import DesiredRecord
     from .notify import Notifier
     from .publishing import Publisher
     from .registries import RegistryCredentials
@@ -88,10 +89,11 @@ class Context:
         self.sync_now(device_ids)
         self.publisher.publish_pending(device_ids)
 
-    def sync_now(self, device_ids: set[str] | None = None) -> None:
-        """Recompute desired states (of ``device_ids``, or all) in a transaction of its own."""
+    def sync_now(self, device_ids: set[str] | None = None) -> list[DesiredRecord] | None:
+        """Recompute desired states (of ``device_ids``, or all) in a transaction of its own;
+        of all, every desired record as committed (see :meth:`.scheduling.Scheduler.recompute`)."""
         with self.store.transaction():
-            self.scheduler.recompute(device_ids)
+            return self.scheduler.recompute(device_ids)
 
 
 def require(value: T | None, what: str, key: object, hint: str = "") -> T:

@@ -74,12 +74,13 @@ class Publisher:
         leading: threading.Event,
         fleet_view: Callable[[], dict[str, Seen]],
         busy: Callable[[], bool],
-        recompute: Callable[[], None],
+        recompute: Callable[[], list[DesiredRecord] | None],
     ) -> None:
         """``client``: the controller's MQTT session now (None before it starts); ``leading``:
         set while it leads; ``fleet_view``: every device as deployment steps see it; ``busy``:
         whether the inbox holds a burst of device messages not stored yet; ``recompute``:
-        every desired state recomputed in a transaction of its own (see :meth:`recompute_later`)."""
+        every desired state recomputed in a transaction of its own, giving every desired
+        record as committed (see :meth:`recompute_later`)."""
         self.store = store
         self.clock = clock
         self.metrics = metrics
@@ -158,12 +159,16 @@ class Publisher:
     REPUBLISH_MAX = 500
     """Devices that stay behind published again per look, at most (see :meth:`repair_behind`)."""
 
-    def publish_pending(self, device_ids: set[str] | None = None) -> None:
+    def publish_pending(
+        self, device_ids: set[str] | None = None, stored: list[DesiredRecord] | None = None
+    ) -> None:
         """Publish what the broker does not have yet, in acknowledged batches.
 
         Order: stack definitions, then desired states, then (on a full pass) clearing the
         definitions no device references any more. Each message is marked published only
         once the broker acknowledged it; whatever is not stays pending for the next pass.
+        ``stored`` (a full pass): every desired record as just committed, by device id (what
+        a recompute gave), not read back from the store.
         """
         if self.deferring:  # answering a request: published once the reply is sent
             self.defer(device_ids)
@@ -172,7 +177,7 @@ class Publisher:
         if client is None or not client.connected:
             return
         if device_ids is None:
-            records = self.store.list_desired()
+            records = stored if stored is not None else self.store.list_desired()
         else:
             records = [r for d in sorted(device_ids) if (r := self.store.get_desired(d)) is not None]
         needed = _hashes(records)
@@ -467,11 +472,12 @@ class Publisher:
 
     def publish_deferred(self) -> None:
         """Publish what a request or a batch of device messages left to publish (committed now)."""
+        stored: list[DesiredRecord] | None = None  # every record, as the recompute committed them
         if self._recompute_all:
             self._recompute_all = False
             self._publish_all = True
             try:
-                self._recompute()
+                stored = self._recompute()
             except Exception:  # retried by the tick (retry_recompute), or done by the next leader
                 self._recompute_failed = True
                 log.exception("failed to schedule every device after a request: retrying every second")
@@ -480,7 +486,9 @@ class Publisher:
         if self._publish_after or self._publish_all:
             device_ids, self._publish_after = self._publish_after, set()
             publish_all, self._publish_all = self._publish_all, False
-            self.publish_pending(None if publish_all else device_ids)
+            # At 10,000 devices reading every record back after the recompute wrote it was
+            # a tenth of publishing them.
+            self.publish_pending(None if publish_all else device_ids, stored if publish_all else None)
 
 
 def _hashes(records: Sequence[DesiredRecord]) -> set[str]:

@@ -235,11 +235,14 @@ class Scheduler:
                 cache[device_id] = (seen, observed)
         return out
 
-    def recompute(self, device_ids: set[str] | None = None) -> None:
+    def recompute(self, device_ids: set[str] | None = None) -> list[DesiredRecord] | None:
         """Give every device whose stacks changed the next generation (in the caller's transaction).
 
         With ``device_ids`` only those devices are looked at: a device that appears or
-        changes labels costs O(groups + stacks), not O(fleet).
+        changes labels costs O(groups + stacks), not O(fleet); None is returned. Without,
+        every desired record as stored now is returned (by device id, as
+        :meth:`.store.Store.list_desired` reads them): what publishing after it would
+        otherwise read back, row by row, right after writing it.
         """
         groups = {g.name: g for g in self.store.list_groups()}
         if device_ids is None:
@@ -288,14 +291,14 @@ class Scheduler:
             candidates = set(device_ids)
         needed: set[str] = set()
         changed: list[DesiredRecord] = []
+        stored: list[DesiredRecord] = []  # every record after this pass, by device id
         # The first record made from each set of parts (the very objects: a group's devices
         # share their stack references, most their empty jobs, variables and registries), by
         # their ids: the others are its copies with their own id and generation, not a model
         # built and walked each (share_field_sets). Half of a deploy's recompute at 10,000.
         shaped: dict[tuple[int, ...], tuple[tuple[object, ...], DesiredRecord]] = {}
-        referenced: dict[
-            tuple[int, int], tuple[object, ...]
-        ] = {}  # refs and stage looked at (kept: ids stay theirs)
+        # The references and stages whose definitions are counted as needed (kept: ids stay theirs).
+        referenced: dict[tuple[int, int], tuple[object, ...]] = {}
         for device_id in sorted(candidates):
             refs = wanted.get(device_id, ())
             device_jobs = jobs.get(device_id, ())
@@ -332,6 +335,7 @@ class Scheduler:
                 alike = shaped.get(tuple(map(id, parts)))
                 if alike is not None:  # a copy of a record with these very parts: nothing walked again
                     changed.append(shared_copy(alike[1], {"device_id": device_id, "generation": generation}))
+                    stored.append(changed[-1])
                     continue
                 # Shared at once (as the store keeps it): each record's own set of field names
                 # (720 bytes) was alive until all were stored, 36 MB at 50,000 devices.
@@ -349,10 +353,14 @@ class Scheduler:
                 )
                 shaped[tuple(map(id, parts))] = (parts, made)  # the parts kept: their ids stay theirs
                 changed.append(made)
+                stored.append(made)
+            else:
+                stored.append(record)  # unchanged: as stored
         self.store.put_desired_many(changed)
         known = self.store.definitions()
         for spec_hash in needed - set(known):
             self.store.set_definition(spec_hash, False)
+        return stored if device_ids is None else None
 
     def _next_placements(self, stacks: list[Stack]) -> dict[str, tuple[Assignment, ...]]:
         devices = [d for d in self.store.list_devices() if not d.revoked]
