@@ -79,13 +79,17 @@ def job_outcome(result: JobResult) -> str:
     return "succeeded" if result.exit_code == 0 else "failed"
 
 
-def _log_event(device_id: str, event: Event) -> None:
-    """Log an event a device sent, the first time it is stored: a warning or an error at
+def _event_log_level(level: str) -> int:
+    """The level a device's event of ``level`` is logged at: a warning or an error at
     ``warning``, an ``info`` one at ``debug`` (stored, and shown by ``tether devices show`` and
     the web UI: at ``tether up``'s default level a deploy to 10,000 devices would otherwise write
     40,000 lines)."""
-    level = logging.WARNING if event.level != "info" else logging.DEBUG
-    log.log(level, "device %s: %s: %s", device_id, event.kind, event.message)
+    return logging.WARNING if level != "info" else logging.DEBUG
+
+
+def _log_event(device_id: str, event: Event) -> None:
+    """Log an event a device sent, the first time it is stored (at :func:`_event_log_level`)."""
+    log.log(_event_log_level(event.level), "device %s: %s: %s", device_id, event.kind, event.message)
 
 
 def _bounded_event(event: Event) -> tuple[Event, bool]:
@@ -611,7 +615,7 @@ class Ingestor:
             if stored:
                 self.store.after_commit(lambda: self.publisher.note_stored_many(stored))
             if len(added) == len(due):  # each stored now (none twice): each logged
-                info = log.isEnabledFor(logging.DEBUG)  # where an info event is logged: _log_event
+                info = log.isEnabledFor(_event_log_level("info"))  # else an info event is not logged
                 for device_id, _, _, _, event in due:
                     if info or event.level != "info":
                         _log_event(device_id, event)
