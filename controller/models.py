@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
@@ -152,6 +153,14 @@ class DesiredRecord(Stored):
     def hashes(self) -> frozenset[str]:
         """Every stack definition the device may fetch (the broker's ACL): run or staged."""
         return frozenset(ref.spec_hash for ref in (*self.stacks, *self.stage))
+
+
+def spec_hashes(parts: Iterable[tuple[StackRef, ...]]) -> set[str]:
+    """Every stack definition the tuples of references ``parts`` name (what
+    :meth:`DesiredRecord.hashes` gives, for many), each tuple looked at once: a deploy's
+    records share theirs (the very tuples), so 10,000 records are a few tuples to walk."""
+    unique = {id(refs): refs for refs in parts if refs}
+    return {ref.spec_hash for refs in unique.values() for ref in refs}
 
 
 class EnrollmentToken(Stored):

@@ -27,7 +27,7 @@ from tether.protocol.topics import DeviceTopic
 from tether.protocol.transport import Transport
 
 from .fleet import Seen
-from .models import DesiredRecord
+from .models import DesiredRecord, spec_hashes
 from .observability import Metrics
 from .security import BrokerAccess
 from .store import Store
@@ -180,7 +180,7 @@ class Publisher:
             records = stored if stored is not None else self.store.list_desired()
         else:
             records = [r for d in sorted(device_ids) if (r := self.store.get_desired(d)) is not None]
-        needed = _hashes(records)
+        needed = spec_hashes(p for r in records for p in (r.stacks, r.stage))
         definitions = self.store.definitions()
         to_define = sorted(h for h, published in definitions.items() if h in needed and not published)
         if to_define:
@@ -489,13 +489,6 @@ class Publisher:
             # At 10,000 devices reading every record back after the recompute wrote it was
             # a tenth of publishing them.
             self.publish_pending(None if publish_all else device_ids, stored if publish_all else None)
-
-
-def _hashes(records: Sequence[DesiredRecord]) -> set[str]:
-    """Every stack definition ``records`` reference (:meth:`DesiredRecord.hashes` of each),
-    each set of references looked at once: a deploy's records share theirs (the very tuples)."""
-    parts = {id(p): p for r in records for p in (r.stacks, r.stage) if p}
-    return {ref.spec_hash for refs in parts.values() for ref in refs}
 
 
 def _desired_payload(

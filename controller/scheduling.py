@@ -21,7 +21,7 @@ from tether.protocol.models import ReportedState, StackRef
 
 from .devices import attributes
 from .fleet import Seen, StackCounts, desired
-from .models import DesiredRecord, Group, Stack
+from .models import DesiredRecord, Group, Stack, spec_hashes
 from .placement import Assignment, Candidate, place
 from .registries import RegistryCredentials
 from .rollout import Observation
@@ -289,7 +289,6 @@ class Scheduler:
             }
             stages = self._stages()
             candidates = set(device_ids)
-        needed: set[str] = set()
         changed: list[DesiredRecord] = []
         stored: list[DesiredRecord] = []  # every record after this pass, by device id
         # The first record made from each set of parts (the very objects: a group's devices
@@ -297,15 +296,13 @@ class Scheduler:
         # their ids: the others are its copies with their own id and generation, not a model
         # built and walked each (share_field_sets). Half of a deploy's recompute at 10,000.
         shaped: dict[tuple[int, ...], tuple[tuple[object, ...], DesiredRecord]] = {}
-        # The references and stages whose definitions are counted as needed (kept: ids stay theirs).
-        referenced: dict[tuple[int, int], tuple[object, ...]] = {}
+        # The references and stages whose definitions are needed (spec_hashes: each tuple once).
+        referenced: list[tuple[StackRef, ...]] = []
         for device_id in sorted(candidates):
             refs = wanted.get(device_id, ())
             device_jobs = jobs.get(device_id, ())
             stage = stages.get(device_id, ()) if device_id in labels else ()
-            if (id(refs), id(stage)) not in referenced:  # a group's devices share them: once each
-                referenced[(id(refs), id(stage))] = (refs, stage)
-                needed.update(ref.spec_hash for ref in (*refs, *stage))
+            referenced += (refs, stage)
             record = existing.get(device_id)
             if record is None and not refs and not device_jobs and not stage:
                 continue
@@ -358,7 +355,7 @@ class Scheduler:
                 stored.append(record)  # unchanged: as stored
         self.store.put_desired_many(changed)
         known = self.store.definitions()
-        for spec_hash in needed - set(known):
+        for spec_hash in spec_hashes(referenced) - set(known):
             self.store.set_definition(spec_hash, False)
         return stored if device_ids is None else None
 
