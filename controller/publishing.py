@@ -243,11 +243,11 @@ class Publisher:
                         self.access.on_credentials_changed()
             sent: list[DesiredRecord] = []
             messages: list[tuple[str, bytes, int, bool]] = []
-            for r in batch:  # one pass per device (the few that do not fit named by _fits)
+            for r in batch:  # one pass per device
                 payload = _desired_payload(r, now, templates)
                 # One that can never be sent stays unpublished (the device keeps its current
                 # state) and does not hold back the others.
-                if len(payload) > codec.MAX_PAYLOAD and not _fits(f"desired state of {r.device_id}", payload):
+                if not _fits(f"desired state of {r.device_id}", payload):
                     continue
                 sent.append(r)
                 messages.append((topics.device(r.device_id, DeviceTopic.DESIRED), payload, 1, True))
